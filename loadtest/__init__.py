@@ -1,0 +1,1 @@
+"""voicerelay load tests, benchmarks and the local development stack launcher."""
