@@ -1,0 +1,220 @@
+"""The Realtime event layer: client events parse or fail with the exact code and param."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transceiver.events import (
+    BufferCommand,
+    ConversationItemCreate,
+    EventError,
+    FunctionCallOutput,
+    ResponseCancel,
+    ResponseCreate,
+    SessionConfig,
+    SessionUpdate,
+    TurnDetection,
+    UserText,
+    error_event,
+    parse_client_event,
+    response_body,
+)
+
+
+def parse(event: dict[str, Any]) -> Any:
+    return parse_client_event(json.dumps(event))
+
+
+def rejection(data: str | bytes) -> tuple[str, str | None]:
+    with pytest.raises(EventError) as info:
+        parse_client_event(data)
+    return info.value.code, info.value.param
+
+
+def test_session_update_applies_only_the_fields_present() -> None:
+    event = parse(
+        {
+            "type": "session.update",
+            "event_id": "c1",
+            "session": {
+                "type": "realtime",
+                "instructions": "Be brief.",
+                "audio": {
+                    "input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 700}},
+                    "output": {"voice": "alloy"},
+                },
+                "tools": [{"type": "function", "name": "get_weather", "parameters": {}}],
+            },
+        }
+    )
+    assert isinstance(event, SessionUpdate) and event.event_id == "c1"
+    config = event.apply(SessionConfig(id="sess_1", tool_choice="none"))
+    assert config.instructions == "Be brief." and config.voice == "alloy"
+    assert config.turn_detection == TurnDetection(silence_duration_ms=700)
+    assert [t.name for t in config.tools] == ["get_weather"]
+    assert config.tool_choice == "none"  # untouched
+
+
+def test_turn_detection_null_switches_it_off() -> None:
+    event = parse(
+        {"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}}
+    )
+    assert isinstance(event, SessionUpdate)
+    assert event.apply(SessionConfig(id="s")).turn_detection is None
+
+
+def test_session_json_has_the_ga_shape() -> None:
+    body = SessionConfig(id="sess_1").to_json()
+    assert body["object"] == "realtime.session" and body["type"] == "realtime"
+    assert body["audio"]["input"]["turn_detection"]["type"] == "server_vad"
+    assert body["audio"]["output"]["voice"] == "joe"
+
+
+def test_conversation_items() -> None:
+    text = parse(
+        {
+            "type": "conversation.item.create",
+            "item": {
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "hi"}],
+            },
+        }
+    )
+    assert isinstance(text, ConversationItemCreate) and text.item == UserText("hi")
+    assert text.item_id.startswith("item_")
+    output = parse(
+        {
+            "type": "conversation.item.create",
+            "item": {
+                "id": "item_9",
+                "type": "function_call_output",
+                "call_id": "call_1",
+                "output": "{}",
+            },
+        }
+    )
+    assert isinstance(output, ConversationItemCreate)
+    assert output.item == FunctionCallOutput("call_1", "{}") and output.item_id == "item_9"
+
+
+def test_responses_and_buffer_commands() -> None:
+    assert parse({"type": "response.create"}) == ResponseCreate(None, None)
+    assert parse({"type": "response.cancel", "response_id": "r"}) == ResponseCancel(None, "r")
+    cleared = parse({"type": "output_audio_buffer.clear", "event_id": "e"})
+    assert cleared == BufferCommand("e", "output_audio_buffer.clear")
+
+
+TD = "session.audio.input.turn_detection"
+
+
+def session(**fields: Any) -> str:
+    return json.dumps({"type": "session.update", "session": fields})
+
+
+def turn_detection(**knobs: Any) -> str:
+    return session(audio={"input": {"turn_detection": knobs}})
+
+
+def item(**fields: Any) -> str:
+    return json.dumps({"type": "conversation.item.create", "item": fields})
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "param"),
+    [
+        ("{not json", "invalid_json", None),
+        ("[1, 2]", "invalid_event", None),
+        ('{"event_id": "x"}', "missing_required_parameter", "type"),
+        ('{"type": 7}', "invalid_type", "type"),
+        ('{"type": "session.explode"}', "unknown_event", "type"),
+        ('{"type": "session.update"}', "missing_required_parameter", "session"),
+        (session(instructions=5), "invalid_type", "session.instructions"),
+        (session(tools={}), "invalid_type", "session.tools"),
+        (
+            session(tools=[{"type": "function"}]),
+            "missing_required_parameter",
+            "session.tools[0].name",
+        ),
+        (turn_detection(threshold=2), "invalid_value", f"{TD}.threshold"),
+        (turn_detection(type="semantic_vad"), "invalid_value", f"{TD}.type"),
+        (turn_detection(create_response="yes"), "invalid_type", f"{TD}.create_response"),
+        (item(type="message", role="assistant", content=[]), "invalid_value", "item.role"),
+        (item(type="message", role="user", content=[]), "invalid_type", "item.content"),
+        (
+            item(type="function_call_output", call_id="c"),
+            "missing_required_parameter",
+            "item.output",
+        ),
+        (item(type="audio"), "invalid_value", "item.type"),
+        ('{"type": "response.create", "response": "now"}', "invalid_type", "response"),
+    ],
+)
+def test_rejections_name_the_problem(data: str, code: str, param: str | None) -> None:
+    assert rejection(data) == (code, param)
+
+
+def test_oversized_event_is_refused_before_parsing() -> None:
+    assert rejection("x" * (300 * 1024)) == ("event_too_large", None)
+
+
+def test_error_event_carries_code_param_and_client_event_id() -> None:
+    event = error_event(EventError("invalid_type", "bad", "session.tools"), "c7")
+    assert event["type"] == "error" and event["event_id"].startswith("event_")
+    assert event["error"] == {
+        "type": "invalid_request_error",
+        "code": "invalid_type",
+        "message": "bad",
+        "param": "session.tools",
+        "event_id": "c7",
+    }
+
+
+def test_response_usage_totals() -> None:
+    body = response_body("resp_1", "completed", [], {"input_tokens": 3, "output_tokens": 4})
+    assert body["usage"]["total_tokens"] == 7
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+event_types = st.sampled_from(
+    ["session.update", "conversation.item.create", "response.create", "response.cancel",
+     "input_audio_buffer.clear", "output_audio_buffer.clear", "nope"]
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    kind=event_types,
+    body=st.dictionaries(
+        st.sampled_from(
+            ["session", "item", "response", "event_id", "response_id", "audio", "tools"]
+        ),
+        json_values,
+        max_size=4,
+    ),
+)
+def test_any_json_event_parses_or_raises_event_error(kind: str, body: dict[str, Any]) -> None:
+    try:
+        parse({"type": kind, **body})
+    except EventError as exc:
+        assert exc.code and exc.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes_never_escape_as_other_exceptions(data: bytes) -> None:
+    try:
+        parse_client_event(data)
+    except EventError:
+        pass

@@ -1,0 +1,404 @@
+"""OpenAI Realtime (GA) events on the ``oai-events`` data channel: parse, validate, build.
+
+Pure protocol layer: JSON text in, dataclasses out (client events); dataclasses in, JSON-ready
+dicts out (server events). No asyncio, no aiortc. Every rejection is an ``EventError`` whose
+``code`` and ``param`` end up in an ``error`` server event, so a client learns exactly which
+field was wrong and the session goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+MAX_EVENT_BYTES = 256 * 1024
+AUDIO_RATE_HZ = 24000
+
+
+class EventError(ValueError):
+    """A client event that cannot be accepted; becomes an ``error`` event."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+# --- session configuration ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TurnDetection:
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    create_response: bool = True
+    interrupt_response: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "server_vad", **self.__dict__}
+
+
+@dataclass(frozen=True)
+class FunctionTool:
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = field(
+        default_factory=lambda: {"type": "object", "properties": {}}
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "name": self.name,
+            "description": self.description,
+            "parameters": dict(self.parameters),
+        }
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """The effective session, as session.created/updated report it."""
+
+    id: str
+    model: str = "voicerelay-local"
+    instructions: str = ""
+    voice: str = "joe"
+    turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
+    tools: tuple[FunctionTool, ...] = ()
+    tool_choice: str = "auto"
+    transcription_model: str = "pocketsphinx"
+    output_modalities: tuple[str, ...] = ("audio",)
+
+    def to_json(self) -> dict[str, Any]:
+        audio_format = {"type": "audio/pcm", "rate": AUDIO_RATE_HZ}
+        detection = None if self.turn_detection is None else self.turn_detection.to_json()
+        return {
+            "type": "realtime",
+            "object": "realtime.session",
+            "id": self.id,
+            "model": self.model,
+            "output_modalities": list(self.output_modalities),
+            "instructions": self.instructions,
+            "tool_choice": self.tool_choice,
+            "tools": [t.to_json() for t in self.tools],
+            "max_output_tokens": "inf",
+            "audio": {
+                "input": {
+                    "format": audio_format,
+                    "turn_detection": detection,
+                    "transcription": {"model": self.transcription_model},
+                },
+                "output": {"format": audio_format, "voice": self.voice, "speed": 1.0},
+            },
+        }
+
+
+# --- client events --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionUpdate:
+    event_id: str | None
+    changes: Mapping[str, Any]  # SessionConfig field name -> new value, already validated
+
+    def apply(self, config: SessionConfig) -> SessionConfig:
+        return replace(config, **self.changes)
+
+
+@dataclass(frozen=True)
+class UserText:
+    text: str
+
+
+@dataclass(frozen=True)
+class FunctionCallOutput:
+    call_id: str
+    output: str
+
+
+@dataclass(frozen=True)
+class ConversationItemCreate:
+    event_id: str | None
+    item: UserText | FunctionCallOutput
+    item_id: str
+
+
+@dataclass(frozen=True)
+class ResponseCreate:
+    event_id: str | None
+    instructions: str | None = None
+
+
+@dataclass(frozen=True)
+class ResponseCancel:
+    event_id: str | None
+    response_id: str | None = None
+
+
+@dataclass(frozen=True)
+class BufferCommand:
+    """input_audio_buffer.clear / .commit and output_audio_buffer.clear."""
+
+    event_id: str | None
+    type: str
+
+
+ClientEvent = (
+    SessionUpdate | ConversationItemCreate | ResponseCreate | ResponseCancel | BufferCommand
+)
+
+
+def parse_client_event(data: str | bytes) -> ClientEvent:
+    """Parse one data-channel message; raises EventError naming the problem."""
+    if len(data) > MAX_EVENT_BYTES:
+        raise EventError("event_too_large", f"event of {len(data)} bytes exceeds {MAX_EVENT_BYTES}")
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EventError("invalid_json", f"event is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise EventError("invalid_event", "event must be a JSON object")
+    kind = _str(raw, "type", required=True)
+    parser = _PARSERS.get(kind or "")
+    if parser is None:
+        raise EventError("unknown_event", f"unknown event type {kind!r}", "type")
+    return parser(raw, _str(raw, "event_id"))
+
+
+def _str(obj: Mapping[str, Any], key: str, *, required: bool = False, path: str = "") -> str | None:
+    value = obj.get(key)
+    name = f"{path}{key}"
+    if value is None:
+        if required:
+            raise EventError("missing_required_parameter", f"missing {name}", name)
+        return None
+    if not isinstance(value, str):
+        raise EventError("invalid_type", f"{name} must be a string", name)
+    return value
+
+
+def _obj(obj: Mapping[str, Any], key: str, path: str = "") -> Mapping[str, Any] | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise EventError("invalid_type", f"{path}{key} must be an object", f"{path}{key}")
+    return value
+
+
+def _number(obj: Mapping[str, Any], key: str, path: str, lo: float, hi: float) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise EventError(
+            "invalid_value", f"{path}{key} must be a number in [{lo}, {hi}]", f"{path}{key}"
+        )
+    return float(value)
+
+
+def _parse_session_update(raw: Mapping[str, Any], event_id: str | None) -> SessionUpdate:
+    session = _obj(raw, "session")
+    if session is None:
+        raise EventError("missing_required_parameter", "missing session", "session")
+    changes: dict[str, Any] = {}
+    for key in ("instructions", "tool_choice"):
+        if (value := _str(session, key, path="session.")) is not None:
+            changes[key] = value
+    if "tools" in session:
+        changes["tools"] = _parse_tools(session["tools"])
+    audio = _obj(session, "audio", "session.") or {}
+    changes.update(_parse_audio_input(_obj(audio, "input", "session.audio.") or {}))
+    output = _obj(audio, "output", "session.audio.") or {}
+    if (voice := _str(output, "voice", path="session.audio.output.")) is not None:
+        changes["voice"] = voice
+    return SessionUpdate(event_id, changes)
+
+
+def _parse_audio_input(audio_in: Mapping[str, Any]) -> dict[str, Any]:
+    path = "session.audio.input."
+    changes: dict[str, Any] = {}
+    if "turn_detection" in audio_in:
+        changes["turn_detection"] = _parse_turn_detection(audio_in["turn_detection"], path)
+    transcription = _obj(audio_in, "transcription", path) or {}
+    if (model := _str(transcription, "model", path=path + "transcription.")) is not None:
+        changes["transcription_model"] = model
+    return changes
+
+
+def _parse_turn_detection(value: Any, path: str) -> TurnDetection | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise EventError("invalid_type", f"{path}turn_detection must be an object or null")
+    path += "turn_detection."
+    if value.get("type", "server_vad") != "server_vad":
+        raise EventError(
+            "invalid_value", "only server_vad turn detection is supported", path + "type"
+        )
+    knobs: dict[str, Any] = {}
+    if (threshold := _number(value, "threshold", path, 0.0, 1.0)) is not None:
+        knobs["threshold"] = threshold
+    for key in ("prefix_padding_ms", "silence_duration_ms"):
+        if (ms := _number(value, key, path, 0, 10_000)) is not None:
+            knobs[key] = int(ms)
+    for key in ("create_response", "interrupt_response"):
+        if key in value and not isinstance(value[key], bool):
+            raise EventError("invalid_type", f"{path}{key} must be a boolean", path + key)
+        if key in value:
+            knobs[key] = value[key]
+    return TurnDetection(**knobs)
+
+
+def _parse_tools(value: Any) -> tuple[FunctionTool, ...]:
+    if not isinstance(value, list):
+        raise EventError("invalid_type", "session.tools must be an array", "session.tools")
+    return tuple(_parse_tool(tool, f"session.tools[{i}].") for i, tool in enumerate(value))
+
+
+def _parse_tool(tool: Any, path: str) -> FunctionTool:
+    if not isinstance(tool, dict):
+        raise EventError("invalid_type", f"{path[:-1]} must be an object", path[:-1])
+    if tool.get("type", "function") != "function":
+        raise EventError("invalid_value", "only function tools are supported", path + "type")
+    name = _str(tool, "name", required=True, path=path) or ""
+    parameters = _obj(tool, "parameters", path) or {"type": "object", "properties": {}}
+    return FunctionTool(name, _str(tool, "description", path=path) or "", parameters)
+
+
+def _parse_item_create(raw: Mapping[str, Any], event_id: str | None) -> ConversationItemCreate:
+    item = _obj(raw, "item")
+    if item is None:
+        raise EventError("missing_required_parameter", "missing item", "item")
+    item_id = _str(item, "id", path="item.") or new_id("item")
+    kind = _str(item, "type", required=True, path="item.")
+    if kind == "function_call_output":
+        call_id = _str(item, "call_id", required=True, path="item.") or ""
+        output = _str(item, "output", required=True, path="item.") or ""
+        return ConversationItemCreate(event_id, FunctionCallOutput(call_id, output), item_id)
+    if kind == "message":
+        return ConversationItemCreate(event_id, UserText(_user_text(item)), item_id)
+    raise EventError("invalid_value", f"unsupported item type {kind!r}", "item.type")
+
+
+def _user_text(item: Mapping[str, Any]) -> str:
+    if item.get("role") != "user":
+        raise EventError("invalid_value", "only user messages can be created", "item.role")
+    content = item.get("content")
+    if not isinstance(content, list) or not content:
+        raise EventError("invalid_type", "item.content must be a non-empty array", "item.content")
+    texts = []
+    for i, part in enumerate(content):
+        path = f"item.content[{i}]."
+        if not isinstance(part, dict) or part.get("type") not in ("input_text", "text"):
+            raise EventError("invalid_value", "content parts must be input_text", path + "type")
+        texts.append(_str(part, "text", required=True, path=path) or "")
+    return " ".join(texts)
+
+
+def _parse_response_create(raw: Mapping[str, Any], event_id: str | None) -> ResponseCreate:
+    response = _obj(raw, "response") or {}
+    return ResponseCreate(event_id, _str(response, "instructions", path="response."))
+
+
+def _parse_response_cancel(raw: Mapping[str, Any], event_id: str | None) -> ResponseCancel:
+    return ResponseCancel(event_id, _str(raw, "response_id"))
+
+
+def _buffer_command(kind: str) -> _Parser:
+    return lambda raw, event_id: BufferCommand(event_id, kind)
+
+
+_Parser = Callable[[Mapping[str, Any], str | None], ClientEvent]
+_PARSERS: dict[str, _Parser] = {
+    "session.update": _parse_session_update,
+    "conversation.item.create": _parse_item_create,
+    "response.create": _parse_response_create,
+    "response.cancel": _parse_response_cancel,
+    "input_audio_buffer.clear": _buffer_command("input_audio_buffer.clear"),
+    "input_audio_buffer.commit": _buffer_command("input_audio_buffer.commit"),
+    "output_audio_buffer.clear": _buffer_command("output_audio_buffer.clear"),
+}
+
+
+# --- server events --------------------------------------------------------------------------
+
+
+def server_event(kind: str, **fields: Any) -> dict[str, Any]:
+    """A server event with a fresh event_id; ``fields`` are its type-specific members."""
+    return {"type": kind, "event_id": new_id("event"), **fields}
+
+
+def error_event(error: EventError, client_event_id: str | None = None) -> dict[str, Any]:
+    body = {
+        "type": "invalid_request_error",
+        "code": error.code,
+        "message": error.message,
+        "param": error.param,
+        "event_id": client_event_id,
+    }
+    return server_event("error", error=body)
+
+
+def message_item(
+    item_id: str, role: str, text: str, *, audio: bool, status: str = "completed"
+) -> dict[str, Any]:
+    """A conversation message item; user audio carries its transcript, assistant its text."""
+    if role == "user":
+        part = {
+            "type": "input_audio" if audio else "input_text",
+            ("transcript" if audio else "text"): text,
+        }
+    else:
+        part = {
+            "type": "output_audio" if audio else "output_text",
+            ("transcript" if audio else "text"): text,
+        }
+    return {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "message",
+        "status": status,
+        "role": role,
+        "content": [part],
+    }
+
+
+def function_call_item(
+    item_id: str, call_id: str, name: str, arguments: str, status: str
+) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "function_call",
+        "status": status,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+    }
+
+
+def response_body(
+    response_id: str,
+    status: str,
+    output: list[dict[str, Any]],
+    usage: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": response_id,
+        "object": "realtime.response",
+        "status": status,
+        "output": output,
+        "output_modalities": ["audio"],
+    }
+    if usage is not None:
+        total = usage.get("input_tokens", 0) + usage.get("output_tokens", 0)
+        body["usage"] = {**usage, "total_tokens": total}
+    return body
