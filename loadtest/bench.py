@@ -1,0 +1,82 @@
+"""``make bench``: the relay benchmark, then the pipeline benchmark if it is there.
+
+Prints progress as it goes, then the tables; writes ``bench-results/bench.json`` and
+``bench-results/bench.png``. ``--quick`` is a short smoke run of the same code.
+
+    .venv/bin/python -m loadtest.bench [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from loadtest import report
+from loadtest.bench_relay import RelayBenchSettings, run_relay_bench
+
+QUICK = RelayBenchSettings(flood_s=0.5, repeats=1, worker_counts=(1,), ping_rounds=300)
+
+
+class Progress:
+    """Progress lines stamped with the seconds since the benchmark started."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {line}", flush=True)
+
+
+def run_pipeline_bench(progress: Progress) -> dict[str, Any]:
+    try:
+        module = importlib.import_module("loadtest.bench_pipeline")
+    except ImportError as error:
+        progress(f"pipeline bench: skipped, loadtest.bench_pipeline not importable ({error})")
+        return {"skipped": f"loadtest.bench_pipeline not importable: {error}"}
+    progress("pipeline bench: running")
+    result: dict[str, Any] = module.run_pipeline_bench()
+    return result
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def settings_from(args: argparse.Namespace) -> RelayBenchSettings:
+    settings = QUICK if args.quick else RelayBenchSettings()
+    return replace(settings, work_dir=args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a short run (smoke test)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="results dir")
+    args = parser.parse_args(argv)
+    progress = Progress()
+    settings = settings_from(args)
+    results = {"machine": machine(), "relay": run_relay_bench(settings, progress)}
+    results["pipeline"] = run_pipeline_bench(progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    png = report.plot(results, args.out / "bench.png")
+    print("\n" + report.render(results))
+    elapsed_s = time.monotonic() - progress.started
+    print(f"\nwrote {args.out / 'bench.json'} and {png} in {elapsed_s:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
