@@ -1,0 +1,82 @@
+"""Headless Debian Chromium driven by Playwright, set up for WebRTC on loopback.
+
+The flags are the ones DESIGN.md records as working on this machine: loopback candidates
+allowed, no mDNS hiding of local IPs, every host name but 127.0.0.1 unresolvable, a fake
+microphone playing a WAV file once, and none of Chromium's background networking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from playwright.async_api import Browser, Page, async_playwright
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+# Runs in the page: captures `seconds` of the remote audio as mono float samples.
+CAPTURE_JS = """
+async ([seconds]) => {
+  const audio = document.getElementById("remote");
+  const deadline = Date.now() + 10000;
+  while (!audio.srcObject && Date.now() < deadline) await new Promise(r => setTimeout(r, 50));
+  if (!audio.srcObject) throw new Error("no remote stream");
+  const ctx = new AudioContext();
+  const source = ctx.createMediaStreamSource(audio.srcObject);
+  const node = ctx.createScriptProcessor(4096, 1, 1);
+  const chunks = [];
+  node.onaudioprocess = (e) => chunks.push(Array.from(e.inputBuffer.getChannelData(0)));
+  source.connect(node); node.connect(ctx.destination);
+  await new Promise(r => setTimeout(r, seconds * 1000));
+  node.disconnect(); source.disconnect(); await ctx.close();
+  return { rate: ctx.sampleRate, samples: chunks.flat() };
+}
+"""
+
+
+def chromium_args(fake_audio: Path | None) -> list[str]:
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--allow-loopback-in-peer-connection",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        "--autoplay-policy=no-user-gesture-required",
+        "--disable-features=WebRtcHideLocalIpsWithMdns",
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+    ]
+    if fake_audio is not None:
+        args.append(f"--use-file-for-fake-audio-capture={fake_audio}%noloop")
+    return args
+
+
+@contextlib.asynccontextmanager
+async def chromium(fake_audio: Path | None = None) -> AsyncIterator[Browser]:
+    """A browser with a fresh profile (Playwright makes and removes it)."""
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=chromium_args(fake_audio)
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+async def capture_remote_audio(page: Page, seconds: float) -> tuple[np.ndarray[Any, Any], int]:
+    result = await page.evaluate(CAPTURE_JS, [seconds])
+    return np.asarray(result["samples"], dtype=np.float32), int(result["rate"])
+
+
+def dominant_frequency_hz(samples: np.ndarray[Any, Any], rate_hz: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.fft.rfftfreq(len(samples), 1 / rate_hz)[int(np.argmax(spectrum))])

@@ -1,0 +1,60 @@
+"""ek_ client secrets: round trip, expiry, tampering, and every rejection path."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transceiver.client_secrets import ClientSecretError, mint, signing_key, verify
+
+KEY = signing_key(b"k" * 32)
+NOW = 1_800_000_000.0
+
+
+def reason(value: str, now: float = NOW, key: bytes = KEY) -> str:
+    with pytest.raises(ClientSecretError) as info:
+        verify(key, value, now)
+    return info.value.reason
+
+
+def test_round_trip_carries_expiry_and_session() -> None:
+    secret = mint(KEY, NOW, 60, {"instructions": "Be brief."})
+    assert secret.value.startswith("ek_") and secret.expires_at == int(NOW) + 60
+    back = verify(KEY, secret.value, NOW + 59)
+    assert back.session == {"instructions": "Be brief."} and back.expires_at == secret.expires_at
+
+
+def test_expired_secret_is_refused() -> None:
+    assert reason(mint(KEY, NOW, 60).value, now=NOW + 60) == "expired"
+
+
+def test_other_deployments_secret_is_refused() -> None:
+    assert reason(mint(signing_key(b"x" * 32), NOW).value) == "signature"
+
+
+def test_tampered_payload_is_refused() -> None:
+    value = mint(KEY, NOW, 60).value
+    payload, mac = value[3:].split(".")
+    forged = mint(KEY, NOW, 7200).value[3:].split(".")[0]
+    assert reason(f"ek_{forged}.{mac}") == "signature"
+    assert reason(f"ek_{payload}") == "signature"
+
+
+@pytest.mark.parametrize("value", ["", "sk-abc", "ek_", "ek_" + "a" * 7000])
+def test_malformed_secret_is_refused(value: str) -> None:
+    assert reason(value) in {"format", "signature"}
+
+
+@pytest.mark.parametrize("ttl_s", [0, 9, 7201])
+def test_ttl_out_of_range_is_refused(ttl_s: int) -> None:
+    with pytest.raises(ClientSecretError) as info:
+        mint(KEY, NOW, ttl_s)
+    assert info.value.reason == "ttl"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_arbitrary_text_never_verifies(value: str) -> None:
+    with pytest.raises(ClientSecretError):
+        verify(KEY, value, NOW)

@@ -1,0 +1,100 @@
+"""Short-lived ``ek_`` client secrets, as OpenAI's ``POST /v1/realtime/client_secrets`` mints.
+
+Pure: bytes and numbers in, values out; the clock is passed in. A secret is stateless and
+self-contained, so any transceiver that shares the signing key accepts it, whichever one minted
+it::
+
+    ek_ + base64url(JSON {"exp": unix seconds, "session": {...} | null}) + "." + base64url(MAC)
+
+The MAC is HMAC-SHA256 (truncated to 128 bits) under a key derived from the deployment's
+secret for this purpose only. The optional session config rides inside the secret, so the
+calls endpoint can apply it without any shared store.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "ek_"
+MAC_BYTES = 16
+MIN_TTL_S = 10
+MAX_TTL_S = 7200
+DEFAULT_TTL_S = 600
+MAX_SECRET_CHARS = 6000  # fits comfortably in one HTTP header
+
+
+class ClientSecretError(ValueError):
+    """A secret that does not verify; ``reason`` is a short stable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ClientSecret:
+    value: str
+    expires_at: int
+    session: Mapping[str, Any] | None
+
+
+def signing_key(deployment_secret: bytes) -> bytes:
+    return hmac.new(deployment_secret, b"voicerelay client secret", hashlib.sha256).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(key: bytes, payload: str) -> str:
+    return _b64(hmac.new(key, payload.encode("ascii"), hashlib.sha256).digest()[:MAC_BYTES])
+
+
+def mint(
+    key: bytes, now_s: float, ttl_s: int = DEFAULT_TTL_S, session: Mapping[str, Any] | None = None
+) -> ClientSecret:
+    if not MIN_TTL_S <= ttl_s <= MAX_TTL_S:
+        raise ClientSecretError("ttl", f"expires_after.seconds must be {MIN_TTL_S}..{MAX_TTL_S}")
+    expires_at = int(now_s) + ttl_s
+    body = json.dumps({"exp": expires_at, "session": session}, separators=(",", ":"))
+    payload = _b64(body.encode())
+    value = f"{PREFIX}{payload}.{_mac(key, payload)}"
+    if len(value) > MAX_SECRET_CHARS:
+        raise ClientSecretError("too_large", "the session config is too large for a secret")
+    return ClientSecret(value, expires_at, session)
+
+
+def verify(key: bytes, value: str, now_s: float) -> ClientSecret:
+    """The secret's contents, if it is ours, intact and unexpired."""
+    if not value.startswith(PREFIX) or len(value) > MAX_SECRET_CHARS:
+        raise ClientSecretError("format", "not an ek_ client secret")
+    payload, sep, mac = value[len(PREFIX) :].partition(".")
+    if not sep or not hmac.compare_digest(_mac(key, payload), mac):
+        raise ClientSecretError("signature", "client secret signature does not verify")
+    body = _decode(payload)
+    if body["exp"] <= now_s:
+        raise ClientSecretError("expired", "client secret has expired")
+    return ClientSecret(value, body["exp"], body["session"])
+
+
+def _decode(payload: str) -> dict[str, Any]:
+    try:
+        body = json.loads(_unb64(payload))
+    except (ValueError, binascii.Error):
+        raise ClientSecretError("format", "client secret payload is unreadable") from None
+    if not isinstance(body, dict) or not isinstance(body.get("exp"), int):
+        raise ClientSecretError("format", "client secret payload lacks an expiry")
+    if body.get("session") is not None and not isinstance(body["session"], dict):
+        raise ClientSecretError("format", "client secret session is not an object")
+    return body
