@@ -1,0 +1,157 @@
+"""The relay's configuration: one frozen dataclass from ``RELAY_*`` variables or CLI flags.
+
+Policy layer. Every flag mirrors a variable (``--route-idle-s`` <-> ``RELAY_ROUTE_IDLE_S``);
+a flag wins over the variable, the variable over the default. Bad values raise ConfigError
+naming the variable and what was expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from relay.ufrag import Keyring
+
+Address = tuple[str, int]
+
+HELLO_INTERVAL_S = 1.0
+PUBLISH_INTERVAL_S = 0.5
+EXPIRY_INTERVAL_S = 1.0
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    public: tuple[Address, ...]
+    internal_host: str
+    internal_port: int
+    workers: int
+    transceivers: tuple[Address, ...]
+    keys: Keyring
+    http: Address
+    route_idle_s: float
+    stun_rate: float
+
+    @property
+    def stun_burst(self) -> float:
+        return 2 * self.stun_rate
+
+
+# variable suffix -> (default, help); None means required.
+_FIELDS: dict[str, tuple[str | None, str]] = {
+    "PUBLIC": ("0.0.0.0:3478", "comma list of public UDP addresses, e.g. 0.0.0.0:3478,[::]:3478"),
+    "INTERNAL_HOST": ("127.0.0.1", "host the workers' link sockets bind"),
+    "INTERNAL_PORT": ("0", "base link port: worker i binds base+i (0 = ephemeral)"),
+    "WORKERS": (str(os.cpu_count() or 1), "worker processes"),
+    "TRANSCEIVERS": (None, "comma list of transceiver link addresses host:port"),
+    "KEYS": (None, 'keyring "ID:HEX[,ID:HEX]", first = current'),
+    "HTTP": ("127.0.0.1:9100", "host:port serving /metrics /livez /readyz"),
+    "ROUTE_IDLE_S": ("30", "seconds before an idle route is forgotten"),
+    "STUN_RATE": ("20", "unauthenticated STUN per source per second (burst 2x)"),
+}
+
+
+def parse_address(text: str, name: str) -> Address:
+    """``host:port`` or ``[v6]:port`` with an IP literal host."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{name}: {text!r} is not host:port")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{name}: {host!r} is not an IP address") from None
+    return str(ip), _port(port_text, name, text)
+
+
+def _port(text: str, name: str, whole: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise ConfigError(f"{name}: port in {whole!r} is not 0..65535")
+    return int(text)
+
+
+def _address_list(text: str, name: str) -> tuple[Address, ...]:
+    addresses = tuple(parse_address(p, name) for p in text.split(",") if p.strip())
+    if not addresses:
+        raise ConfigError(f"{name}: expected at least one host:port")
+    return addresses
+
+
+def _number(text: str, name: str, low: float, kind: type[int] | type[float]) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not a number") from None
+    if value < low:
+        raise ConfigError(f"{name}: {value} is below {low}")
+    return value
+
+
+def _family(host: str) -> int:
+    return ipaddress.ip_address(host).version
+
+
+def _build(values: Mapping[str, str]) -> RelayConfig:
+    public = _address_list(values["PUBLIC"], "RELAY_PUBLIC")
+    if any(port == 0 for _, port in public):
+        raise ConfigError(
+            "RELAY_PUBLIC: every public address needs a fixed port (workers share it)"
+        )
+    internal_host = parse_address(values["INTERNAL_HOST"] + ":0", "RELAY_INTERNAL_HOST")[0]
+    transceivers = _address_list(values["TRANSCEIVERS"], "RELAY_TRANSCEIVERS")
+    for host, port in transceivers:
+        if _family(host) != _family(internal_host) or port == 0:
+            raise ConfigError(
+                f"RELAY_TRANSCEIVERS: {host}:{port} is not reachable from a link socket on "
+                f"RELAY_INTERNAL_HOST {internal_host} (same IP family and a nonzero port needed)"
+            )
+    try:
+        keys = Keyring.parse(values["KEYS"])
+    except ValueError as error:
+        raise ConfigError(f"RELAY_KEYS: {error}") from None
+    workers = int(_number(values["WORKERS"], "RELAY_WORKERS", 1, int))
+    internal_port = int(_number(values["INTERNAL_PORT"], "RELAY_INTERNAL_PORT", 0, int))
+    if internal_port and internal_port + workers - 1 > 65535:
+        raise ConfigError(f"RELAY_INTERNAL_PORT: {internal_port} + {workers} workers passes 65535")
+    return RelayConfig(
+        public=public,
+        internal_host=internal_host,
+        internal_port=internal_port,
+        workers=workers,
+        transceivers=transceivers,
+        keys=keys,
+        http=parse_address(values["HTTP"], "RELAY_HTTP"),
+        route_idle_s=_number(values["ROUTE_IDLE_S"], "RELAY_ROUTE_IDLE_S", 0.1, float),
+        stun_rate=_number(values["STUN_RATE"], "RELAY_STUN_RATE", 0.1, float),
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m relay", description="voicerelay UDP relay (flags mirror RELAY_* vars)"
+    )
+    for suffix, (default, text) in _FIELDS.items():
+        flag = "--" + suffix.lower().replace("_", "-")
+        shown = "required" if default is None else f"default {default}"
+        parser.add_argument(flag, dest=suffix, help=f"{text} [RELAY_{suffix}; {shown}]")
+    return parser
+
+
+def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> RelayConfig:
+    """Flags over ``RELAY_*`` variables over defaults; raises ConfigError on a bad value."""
+    flags = vars(_parser().parse_args(list(argv)))
+    values: dict[str, str] = {}
+    for suffix, (default, _) in _FIELDS.items():
+        value = flags[suffix] if flags[suffix] is not None else environ.get(f"RELAY_{suffix}")
+        value = default if value is None else value
+        if value is None:
+            flag = "--" + suffix.lower().replace("_", "-")
+            raise ConfigError(f"RELAY_{suffix} (or {flag}) is required")
+        values[suffix] = value
+    return _build(values)

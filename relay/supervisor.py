@@ -1,0 +1,164 @@
+"""The relay's parent process: spawn the workers, keep them alive, serve HTTP, stop on signal.
+
+I/O layer. Lifecycle: load config (``relay.__main__``), start the HTTP port, spawn N workers,
+wait until each has bound its sockets, print ``relay ready``, then watch the workers and
+replace any that dies. SIGTERM/SIGINT only set a flag; the main task then stops the workers
+(SIGTERM, then SIGKILL after STOP_TIMEOUT_S) and returns 0.
+
+Workers publish counters into one shared ``multiprocessing.Array`` of uint64 (a row each).
+When a worker is replaced its last counts are folded into ``retired`` so that the totals served
+on ``/metrics`` never go backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import multiprocessing.process
+import signal
+import sys
+from multiprocessing.context import SpawnProcess
+
+from relay import counters as c
+from relay.config import RelayConfig
+from relay.http import HttpEndpoints, Snapshot, start_http
+from relay.worker import run_worker
+
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 5.0
+WATCH_INTERVAL_S = 0.1
+RESTART_BACKOFF_S = 0.5
+
+
+class StartError(RuntimeError):
+    """The relay could not start; the message says why."""
+
+
+class Supervisor:
+    """Owns the worker processes and their shared counter array."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self._context = multiprocessing.get_context("spawn")
+        self.shared = self._context.Array("Q", config.workers * c.ROW, lock=False)
+        self.retired = [0] * c.ROW
+        self.restarts = 0
+        self.processes: list[SpawnProcess | None] = [None] * config.workers
+
+    def spawn(self, index: int) -> None:
+        process = self._context.Process(
+            target=run_worker,
+            args=(self.config, index, self.shared),
+            name=f"relay-worker-{index}",
+            daemon=False,
+        )
+        process.start()
+        self.processes[index] = process
+
+    def row(self, index: int) -> list[int]:
+        base = index * c.ROW
+        return list(self.shared[base : base + c.ROW])
+
+    def alive(self) -> int:
+        return sum(1 for p in self.processes if p is not None and p.is_alive())
+
+    def ready(self) -> bool:
+        return all(
+            p is not None and p.is_alive() and self.shared[i * c.ROW + c.READY] == 1
+            for i, p in enumerate(self.processes)
+        )
+
+    def snapshot(self) -> Snapshot:
+        rows = [self.row(i) for i in range(self.config.workers)]
+        totals = list(self.retired)
+        for row in rows:
+            totals = [total + value for total, value in zip(totals, row, strict=True)]
+        return totals, rows, self.alive(), self.restarts
+
+    def replace(self, index: int) -> None:
+        """Fold the dead worker's counters into ``retired``, clear its row, start another."""
+        for slot, value in enumerate(self.row(index)):
+            if slot not in c.GAUGES:
+                self.retired[slot] += value
+            self.shared[index * c.ROW + slot] = 0
+        self.restarts += 1
+        self.spawn(index)
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Until every worker has bound its sockets; StartError if one exits first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self.ready():
+            for index, process in enumerate(self.processes):
+                if process is not None and process.exitcode is not None:
+                    raise StartError(
+                        f"worker {index} exited with code {process.exitcode} before it was ready"
+                    )
+            if loop.time() > deadline:
+                raise StartError(f"workers not ready after {timeout_s:.0f} s")
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Replace dead workers until ``stop`` is set."""
+        while not stop.is_set():
+            for index, process in enumerate(self.processes):
+                if process is not None and process.exitcode is not None:
+                    print(
+                        f"relay: worker {index} exited with code {process.exitcode}; restarting",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    process.close()
+                    self.replace(index)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=RESTART_BACKOFF_S)
+            except TimeoutError:
+                pass
+
+    async def stop_workers(self) -> None:
+        """SIGTERM every worker, SIGKILL what is left after STOP_TIMEOUT_S."""
+        live = [p for p in self.processes if p is not None and p.exitcode is None]
+        for process in live:
+            process.terminate()
+        for _ in range(int(STOP_TIMEOUT_S / WATCH_INTERVAL_S)):
+            if all(p.exitcode is not None for p in live):
+                break
+            await asyncio.sleep(WATCH_INTERVAL_S)
+        for process in live:
+            if process.exitcode is None:
+                process.kill()
+                process.join(1.0)
+
+
+async def run(config: RelayConfig) -> int:
+    """The whole lifecycle; returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    supervisor = Supervisor(config)
+    endpoints = HttpEndpoints(supervisor.snapshot, supervisor.ready)
+    try:
+        server = await start_http(endpoints, *config.http)
+    except OSError as error:
+        print(f"relay: cannot serve HTTP on {config.http}: {error}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        return await _serve(supervisor, stop)
+    finally:
+        server.close()
+        await supervisor.stop_workers()
+        await server.wait_closed()
+
+
+async def _serve(supervisor: Supervisor, stop: asyncio.Event) -> int:
+    for index in range(supervisor.config.workers):
+        supervisor.spawn(index)
+    try:
+        await supervisor.wait_ready(READY_TIMEOUT_S)
+    except StartError as error:
+        print(f"relay: {error}", file=sys.stderr, flush=True)
+        return 1
+    print("relay ready", flush=True)
+    await supervisor.watch(stop)
+    return 0

@@ -1,0 +1,30 @@
+"""Binding requests as a WebRTC client sends them (built with aioice's own STUN encoder)."""
+
+from __future__ import annotations
+
+import aioice.stun
+
+from relay.ufrag import Keyring, derive_password, mint_ufrag
+
+
+def binding_request(
+    ufrag: str, password: str, client_ufrag: str = "cLnT", transaction_id: bytes | None = None
+) -> bytes:
+    message = aioice.stun.Message(
+        aioice.stun.Method.BINDING, aioice.stun.Class.REQUEST, transaction_id=transaction_id
+    )
+    message.attributes["USERNAME"] = f"{ufrag}:{client_ufrag}"
+    message.attributes["PRIORITY"] = 1853759231
+    message.attributes["ICE-CONTROLLING"] = 0x0102030405060708
+    message.attributes["USE-CANDIDATE"] = None
+    message.add_message_integrity(password.encode("ascii"))
+    message.add_fingerprint()
+    return bytes(message)
+
+
+def signed_request(
+    ring: Keyring, transceiver: tuple[str, int], nonce: bytes | None = None
+) -> bytes:
+    """A request whose ufrag names ``transceiver`` and whose MESSAGE-INTEGRITY is valid."""
+    ufrag = mint_ufrag(ring, transceiver, nonce)
+    return binding_request(ufrag, derive_password(ring, ufrag))

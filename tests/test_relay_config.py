@@ -1,0 +1,69 @@
+"""relay.config: RELAY_* variables, mirroring flags, and the errors for bad values."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.config import ConfigError, load_config
+
+KEYS = "1:" + "ab" * 16
+BASE = {"RELAY_KEYS": KEYS, "RELAY_TRANSCEIVERS": "127.0.0.1:7000"}
+
+
+def test_defaults() -> None:
+    config = load_config([], BASE)
+    assert config.public == (("0.0.0.0", 3478),)
+    assert (config.internal_host, config.internal_port) == ("127.0.0.1", 0)
+    assert config.http == ("127.0.0.1", 9100)
+    assert (config.route_idle_s, config.stun_rate, config.stun_burst) == (30.0, 20.0, 40.0)
+    assert config.workers >= 1 and config.keys.current_id == 1
+
+
+def test_environment_and_flags() -> None:
+    environ = BASE | {
+        "RELAY_PUBLIC": "127.0.0.1:3478, [::1]:3478",
+        "RELAY_WORKERS": "3",
+        "RELAY_TRANSCEIVERS": "127.0.0.1:7000,127.0.0.2:7001",
+        "RELAY_ROUTE_IDLE_S": "12.5",
+    }
+    config = load_config(["--workers", "4", "--stun-rate", "5", "--internal-port", "9000"], environ)
+    assert config.public == (("127.0.0.1", 3478), ("::1", 3478))
+    assert config.transceivers == (("127.0.0.1", 7000), ("127.0.0.2", 7001))
+    assert (config.workers, config.stun_rate, config.route_idle_s) == (4, 5.0, 12.5)
+    assert config.internal_port == 9000
+
+
+def test_v6_link() -> None:
+    config = load_config(["--internal-host", "::1", "--transceivers", "[::1]:7000"], BASE)
+    assert config.transceivers == (("::1", 7000),)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--public", "127.0.0.1:0"], "RELAY_PUBLIC: every public address needs a fixed port"),
+        (["--public", "localhost:3478"], "RELAY_PUBLIC: 'localhost' is not an IP address"),
+        (["--public", "3478"], "RELAY_PUBLIC: '3478' is not host:port"),
+        (["--public", ","], "RELAY_PUBLIC: expected at least one host:port"),
+        (["--http", "127.0.0.1:99999"], "RELAY_HTTP: port in '127.0.0.1:99999' is not 0..65535"),
+        (["--workers", "two"], "RELAY_WORKERS: 'two' is not a number"),
+        (["--workers", "0"], "RELAY_WORKERS: 0 is below 1"),
+        (["--route-idle-s", "0"], "RELAY_ROUTE_IDLE_S: 0.0 is below 0.1"),
+        (["--internal-host", "::1"], "RELAY_TRANSCEIVERS: 127.0.0.1:7000 is not reachable"),
+        (["--transceivers", "127.0.0.1:0"], "RELAY_TRANSCEIVERS: 127.0.0.1:0 is not reachable"),
+        (["--internal-port", "65535", "--workers", "2"], "RELAY_INTERNAL_PORT: 65535 + 2"),
+        (["--keys", "1:00"], "RELAY_KEYS: key 1 is shorter than 16 bytes"),
+    ],
+)
+def test_bad_values(flags: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(flags, BASE)
+    assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize("missing", ["RELAY_KEYS", "RELAY_TRANSCEIVERS"])
+def test_required(missing: str) -> None:
+    environ = {k: v for k, v in BASE.items() if k != missing}
+    flag = "--" + missing.removeprefix("RELAY_").lower()
+    with pytest.raises(ConfigError, match=f"^{missing} \\(or {flag}\\) is required$"):
+        load_config([], environ)
