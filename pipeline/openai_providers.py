@@ -1,0 +1,283 @@
+"""OpenAI (or any OpenAI-compatible server) behind the three provider Protocols.
+
+I/O layer. Each provider is one small streaming method; it maps the ``openai`` package's
+exceptions to ``ProviderError`` and nothing more. Retries, timeouts, circuit breaking and
+fallback belong to ``pipeline.resilience``: the client is therefore used with
+``max_retries=0``, so a failing call reaches the wrapper once instead of being retried twice
+inside the SDK behind the retry budget's back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import wave
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+
+import httpx
+import httpx2
+import openai
+from openai.types.chat import (
+    ChatCompletionChunk,
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageFunctionToolCallParam,
+    ChatCompletionMessageParam,
+)
+from openai.types.chat.chat_completion_message_function_tool_call_param import Function
+from openai.types.shared_params import FunctionDefinition
+
+from pipeline.providers import (
+    AudioChunk,
+    LanguageModelEvent,
+    Message,
+    ProviderError,
+    TextDelta,
+    ToolCall,
+    ToolSpec,
+    Transcript,
+    Usage,
+)
+
+SPEECH_SAMPLE_RATE_HZ = 24_000  # response_format="pcm": 24 kHz, 16-bit signed LE, mono
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+_TRANSPORT_ERRORS = (httpx2.TransportError, httpx.TransportError)
+
+
+def provider_error(provider: str, error: Exception) -> ProviderError:
+    """Map an SDK or transport exception: 408/409/429/5xx, connection errors, timeouts retry."""
+    if isinstance(error, openai.APIStatusError):
+        status = error.status_code
+        retryable = status in RETRYABLE_STATUS or status >= 500
+        return ProviderError(provider, f"HTTP {status}: {error.message}", retryable=retryable)
+    if isinstance(error, (openai.APIConnectionError, *_TRANSPORT_ERRORS)):
+        return ProviderError(provider, f"{type(error).__name__}: {error}", retryable=True)
+    # An error event inside an otherwise healthy stream is the server's failure, not ours.
+    retryable = type(error) is openai.APIError
+    return ProviderError(provider, f"{type(error).__name__}: {error}", retryable=retryable)
+
+
+def _without_sdk_retries(client: openai.AsyncOpenAI) -> openai.AsyncOpenAI:
+    return client.with_options(max_retries=0)
+
+
+# --- speech to text -------------------------------------------------------------------------
+
+
+class OpenAISpeechToText:
+    """One utterance in, one WAV upload; partials when the server streams transcript deltas."""
+
+    def __init__(self, client: openai.AsyncOpenAI, model: str = "gpt-4o-mini-transcribe") -> None:
+        self._client = _without_sdk_retries(client)
+        self.model = model
+        self.name = f"openai-stt/{model}"
+
+    async def transcribe(
+        self, audio: AsyncIterator[AudioChunk]
+    ) -> AsyncGenerator[Transcript, None]:
+        pcm, sample_rate_hz = await self._collect(audio)
+        if not pcm:
+            yield Transcript("", final=True)
+            return
+        try:
+            async for transcript in self._request(wav_bytes(pcm, sample_rate_hz)):
+                yield transcript
+        except (openai.OpenAIError, *_TRANSPORT_ERRORS) as error:
+            raise provider_error(self.name, error) from error
+
+    async def _collect(self, audio: AsyncIterator[AudioChunk]) -> tuple[bytes, int]:
+        parts: list[bytes] = []
+        rates: set[int] = set()
+        async for chunk in audio:
+            parts.append(chunk.pcm)
+            rates.add(chunk.sample_rate_hz)
+        if len(rates) > 1:
+            raise ProviderError(self.name, f"mixed sample rates {sorted(rates)}", retryable=False)
+        return b"".join(parts), rates.pop() if rates else 16_000
+
+    async def _request(self, wav: bytes) -> AsyncIterator[Transcript]:
+        stream = await self._client.audio.transcriptions.create(
+            file=("utterance.wav", wav, "audio/wav"), model=self.model, stream=True
+        )
+        async with stream:
+            content_type = stream.response.headers.get("content-type", "")
+            if "text/event-stream" not in content_type:
+                # The server ignored stream=True (whisper-1 does): one JSON or text body.
+                body = await stream.response.aread()
+                yield Transcript(_transcript_text(body, content_type), final=True)
+                return
+            text = ""
+            async for event in stream:
+                if event.type == "transcript.text.delta":
+                    text += event.delta
+                    yield Transcript(text, final=False)
+                elif event.type == "transcript.text.done":
+                    yield Transcript(event.text, final=True)
+                    return
+        raise ProviderError(self.name, "stream ended without transcript.text.done", retryable=True)
+
+
+def wav_bytes(pcm: bytes, sample_rate_hz: int) -> bytes:
+    """A RIFF/WAVE file holding 16-bit mono PCM."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(sample_rate_hz)
+        wav.writeframes(pcm)
+    return buffer.getvalue()
+
+
+def _transcript_text(body: bytes, content_type: str) -> str:
+    text = body.decode("utf-8")
+    if "json" not in content_type:
+        return text.strip()
+    value = json.loads(text)
+    return str(value["text"]) if isinstance(value, dict) and "text" in value else ""
+
+
+# --- language model -------------------------------------------------------------------------
+
+
+class OpenAILanguageModel:
+    """Chat completions, streamed: text deltas as they come, tool calls once complete, usage."""
+
+    def __init__(self, client: openai.AsyncOpenAI, model: str = "gpt-4o-mini") -> None:
+        self._client = _without_sdk_retries(client)
+        self.model = model
+        self.name = f"openai-llm/{model}"
+
+    async def generate(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+    ) -> AsyncGenerator[LanguageModelEvent, None]:
+        try:
+            stream = await self._client.chat.completions.create(
+                model=self.model,
+                messages=[message_param(message) for message in messages],
+                tools=[tool_param(tool) for tool in tools] if tools else openai.omit,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            async with stream:
+                async for event in _events(stream):
+                    yield event
+        except (openai.OpenAIError, *_TRANSPORT_ERRORS) as error:
+            raise provider_error(self.name, error) from error
+
+
+async def _events(chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[LanguageModelEvent]:
+    calls = ToolCallAssembler()
+    usage: Usage | None = None
+    async for chunk in chunks:
+        for event in _chunk_events(chunk, calls):
+            yield event
+        if chunk.usage is not None:
+            usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+    for call in calls.flush():
+        yield call
+    if usage is not None:
+        yield usage
+
+
+def _chunk_events(
+    chunk: ChatCompletionChunk, calls: ToolCallAssembler
+) -> Iterator[ToolCall | TextDelta]:
+    for choice in chunk.choices[:1]:
+        if choice.delta.content:
+            yield TextDelta(choice.delta.content)
+        for delta in choice.delta.tool_calls or ():
+            function = delta.function
+            calls.add(
+                delta.index,
+                delta.id,
+                function.name if function else None,
+                function.arguments if function else None,
+            )
+        if choice.finish_reason is not None:
+            yield from calls.flush()
+
+
+class ToolCallAssembler:
+    """Joins streamed tool-call fragments (keyed by index) into complete ``ToolCall`` values."""
+
+    def __init__(self) -> None:
+        self._parts: dict[int, list[str]] = {}  # index -> [call_id, name, arguments]
+
+    def add(self, index: int, call_id: str | None, name: str | None, arguments: str | None) -> None:
+        part = self._parts.setdefault(index, ["", "", ""])
+        part[0] = call_id or part[0]
+        part[1] = name or part[1]
+        part[2] += arguments or ""
+
+    def flush(self) -> list[ToolCall]:
+        calls = [ToolCall(*self._parts[index]) for index in sorted(self._parts)]
+        self._parts.clear()
+        return calls
+
+
+def message_param(message: Message) -> ChatCompletionMessageParam:
+    """A ``Message`` in the chat completions wire shape."""
+    if message.role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    if message.role == "assistant":
+        if not message.tool_calls:
+            return {"role": "assistant", "content": message.content}
+        return {
+            "role": "assistant",
+            "content": message.content or None,
+            "tool_calls": [_tool_call_param(call) for call in message.tool_calls],
+        }
+    if message.role == "system":
+        return {"role": "system", "content": message.content}
+    return {"role": "user", "content": message.content}
+
+
+def _tool_call_param(call: ToolCall) -> ChatCompletionMessageFunctionToolCallParam:
+    function: Function = {"name": call.name, "arguments": call.arguments}
+    return {"id": call.call_id, "type": "function", "function": function}
+
+
+def tool_param(tool: ToolSpec) -> ChatCompletionFunctionToolParam:
+    """A ``ToolSpec`` as a function tool definition."""
+    function: FunctionDefinition = {
+        "name": tool.name,
+        "description": tool.description,
+        "parameters": dict(tool.parameters),
+    }
+    return {"type": "function", "function": function}
+
+
+# --- text to speech -------------------------------------------------------------------------
+
+
+class OpenAITextToSpeech:
+    """Speech as raw 24 kHz PCM, streamed: each chunk is yielded as its bytes arrive."""
+
+    def __init__(
+        self, client: openai.AsyncOpenAI, model: str = "gpt-4o-mini-tts", voice: str = "alloy"
+    ) -> None:
+        self._client = _without_sdk_retries(client)
+        self.model = model
+        self.voice = voice
+        self.name = f"openai-tts/{model}"
+
+    async def synthesize(self, text: str) -> AsyncGenerator[AudioChunk, None]:
+        try:
+            async with self._client.audio.speech.with_streaming_response.create(
+                model=self.model, voice=self.voice, input=text, response_format="pcm"
+            ) as response:
+                async for pcm in even_length(response.iter_bytes()):
+                    yield AudioChunk(pcm, SPEECH_SAMPLE_RATE_HZ)
+        except (openai.OpenAIError, *_TRANSPORT_ERRORS) as error:
+            raise provider_error(self.name, error) from error
+
+
+async def even_length(data: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Re-cut a byte stream so no 16-bit sample is split; a dangling last byte is dropped."""
+    carry = b""
+    async for piece in data:
+        joined = carry + piece
+        cut = len(joined) - len(joined) % 2
+        carry = joined[cut:]
+        if cut:
+            yield joined[:cut]

@@ -1,0 +1,441 @@
+"""A small OpenAI-compatible HTTP server for tests, served by uvicorn on loopback.
+
+The only fake in the suite: it stands in for the paid OpenAI API. It speaks the real wire
+shapes (SSE chat chunks with tool-call deltas and usage, raw PCM speech, multipart
+transcription) and validates requests the way the API does, so a wrong mapping fails here.
+
+Control endpoints (tests drive them through ``FakeOpenAIServer``):
+  POST /__control  {"fail": {route: [status, ...]}, "hold": [route], "stall_s": {route: s},
+                    "chunk_delay_s": s, "ignore_stream": bool}
+  POST /__release  {"route": route}  -- let a held stream continue after its first chunk
+  POST /__reset
+  GET  /__stats    hits, finished and disconnected streams, last request per route
+Routes: "chat", "speech", "transcriptions"; a failure key "route:model" fails only that model.
+
+Run as a script it binds 127.0.0.1 on a free port and prints the port on stdout.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import email.parser
+import email.policy
+import io
+import json
+import math
+import select
+import socket
+import subprocess
+import sys
+import time
+import wave
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+SPEECH_SAMPLES_PER_WORD = 2_400  # 0.1 s at 24 kHz
+SPEECH_CHUNKS = 4
+
+
+@dataclass
+class ServerState:
+    failures: dict[str, deque[int]] = field(default_factory=dict)
+    hold: set[str] = field(default_factory=set)
+    released: dict[str, asyncio.Event] = field(default_factory=dict)
+    stall_s: dict[str, float] = field(default_factory=dict)
+    chunk_delay_s: float = 0.01
+    ignore_stream: bool = False
+    hits: Counter[str] = field(default_factory=Counter)
+    finished: Counter[str] = field(default_factory=Counter)
+    disconnected: Counter[str] = field(default_factory=Counter)
+    last_request: dict[str, Any] = field(default_factory=dict)
+
+    def release_event(self, route: str) -> asyncio.Event:
+        return self.released.setdefault(route, asyncio.Event())
+
+
+app = FastAPI()
+state = ServerState()
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    body = {"error": {"message": message, "type": "fake_error", "param": None, "code": None}}
+    return JSONResponse(body, status_code=status)
+
+
+def _injected_failure(route: str, model: object) -> JSONResponse | None:
+    """Count the request; answer with the next injected status for "route:model" or "route"."""
+    state.hits[route] += 1
+    state.hits[f"{route}:{model}"] += 1
+    for key in (f"{route}:{model}", route):
+        queue = state.failures.get(key)
+        if queue:
+            status = queue.popleft()
+            return _error(status, f"injected {status} on {key}")
+    return None
+
+
+async def _paced(route: str, pieces: list[bytes]) -> AsyncIterator[bytes]:
+    """Send pieces with a delay between them; stall first and hold after the first if told."""
+    try:
+        await asyncio.sleep(state.stall_s.get(route, 0.0))
+        for number, piece in enumerate(pieces):
+            if number:
+                await asyncio.sleep(state.chunk_delay_s)
+            yield piece
+            if number == 0 and route in state.hold:
+                await state.release_event(route).wait()
+        state.finished[route] += 1
+    except asyncio.CancelledError:
+        state.disconnected[route] += 1
+        raise
+
+
+def _sse(events: list[Any], done: bool) -> list[bytes]:
+    lines = [f"data: {json.dumps(event)}\n\n".encode() for event in events]
+    return [*lines, b"data: [DONE]\n\n"] if done else lines
+
+
+# --- chat completions -----------------------------------------------------------------------
+
+
+@app.post("/v1/chat/completions", response_model=None)
+async def chat_completions(request: Request) -> Response:
+    body = await request.json()
+    if (failure := _injected_failure("chat", body.get("model"))) is not None:
+        return failure
+    state.last_request["chat"] = body
+    problem = _chat_problem(body)
+    if problem:
+        return _error(400, problem)
+    chunks = list(_chat_chunks(body))
+    if body.get("stream_options", {}).get("include_usage"):
+        chunks.append(_chunk(body, [], usage=_usage(body, len(chunks))))
+    return StreamingResponse(
+        _paced("chat", _sse(chunks, done=True)), media_type="text/event-stream"
+    )
+
+
+def _chat_problem(body: dict[str, Any]) -> str:
+    if body.get("stream") is not True:
+        return "this fake serves stream=true only"
+    if not isinstance(body.get("model"), str):
+        return "model: required"
+    known_calls: dict[str, str] = {}
+    for index, message in enumerate(body.get("messages") or [None]):
+        if not isinstance(message, dict) or message.get("role") not in (
+            "system",
+            "user",
+            "assistant",
+            "tool",
+        ):
+            return f"messages[{index}]: invalid message"
+        for call in message.get("tool_calls") or []:
+            known_calls[call["id"]] = call["function"]["name"]
+        if message["role"] == "tool" and message.get("tool_call_id") not in known_calls:
+            return f"messages[{index}].tool_call_id: no preceding assistant tool call has it"
+    return ""
+
+
+def _chat_chunks(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    messages = body["messages"]
+    last = messages[-1]
+    if last["role"] == "tool":
+        name = _tool_name(messages, last["tool_call_id"])
+        yield from _text_chunks(body, f"The {name} tool says {last['content']}.")
+        return
+    tool = _requested_tool(body, str(last.get("content") or ""))
+    if tool:
+        yield from _tool_call_chunks(body, tool, json.dumps({"query": last["content"]}))
+        return
+    yield from _text_chunks(body, f"You said: {last.get('content')}")
+
+
+def _tool_name(messages: list[dict[str, Any]], call_id: str) -> str:
+    for message in messages:
+        for call in message.get("tool_calls") or []:
+            if call["id"] == call_id:
+                return str(call["function"]["name"])
+    return ""
+
+
+def _requested_tool(body: dict[str, Any], text: str) -> str:
+    for tool in body.get("tools") or []:
+        name = str(tool["function"]["name"])
+        if name in text:
+            return name
+    return ""
+
+
+def _chunk(body: dict[str, Any], choices: list[Any], usage: Any = None) -> dict[str, Any]:
+    chunk = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": body["model"],
+        "choices": choices,
+    }
+    if usage is not None:
+        chunk["usage"] = usage
+    return chunk
+
+
+def _choice(delta: dict[str, Any], finish_reason: str | None = None) -> list[Any]:
+    return [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+
+
+def _text_chunks(body: dict[str, Any], text: str) -> Iterator[dict[str, Any]]:
+    for number, word in enumerate(text.split(" ")):
+        role = {"role": "assistant"} if number == 0 else {}
+        yield _chunk(body, _choice({**role, "content": word + " "}))
+    yield _chunk(body, _choice({}, "stop"))
+
+
+def _tool_call_chunks(body: dict[str, Any], name: str, arguments: str) -> Iterator[dict[str, Any]]:
+    first = {"index": 0, "id": "call_fake_1", "type": "function"}
+    yield _chunk(
+        body,
+        _choice(
+            {
+                "role": "assistant",
+                "tool_calls": [{**first, "function": {"name": name, "arguments": ""}}],
+            }
+        ),
+    )
+    third = len(arguments) // 3 + 1
+    for start in range(0, len(arguments), third):
+        piece = {"index": 0, "function": {"arguments": arguments[start : start + third]}}
+        yield _chunk(body, _choice({"tool_calls": [piece]}))
+    yield _chunk(body, _choice({}, "tool_calls"))
+
+
+def _usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
+    words = sum(len(str(m.get("content") or "").split()) for m in body["messages"])
+    return {
+        "prompt_tokens": words,
+        "completion_tokens": completion_tokens,
+        "total_tokens": words + completion_tokens,
+    }
+
+
+# --- speech ---------------------------------------------------------------------------------
+
+
+@app.post("/v1/audio/speech", response_model=None)
+async def speech(request: Request) -> Response:
+    body = await request.json()
+    if (failure := _injected_failure("speech", body.get("model"))) is not None:
+        return failure
+    state.last_request["speech"] = body
+    if body.get("response_format") != "pcm":
+        return _error(400, "response_format: this fake serves pcm only")
+    if not body.get("input") or not body.get("voice") or not body.get("model"):
+        return _error(400, "input, voice and model are required")
+    pcm = speech_pcm(str(body["input"]))
+    # Odd-sized pieces, so the client must re-cut them on sample boundaries.
+    size = len(pcm) // SPEECH_CHUNKS + 1
+    pieces = [pcm[start : start + size] for start in range(0, len(pcm), size)]
+    return StreamingResponse(_paced("speech", pieces), media_type="application/octet-stream")
+
+
+def speech_pcm(text: str) -> bytes:
+    """A 440 Hz tone, 0.1 s per word, as 24 kHz 16-bit mono PCM."""
+    count = SPEECH_SAMPLES_PER_WORD * max(1, len(text.split()))
+    samples = (int(8000 * math.sin(2 * math.pi * 440 * n / 24_000)) for n in range(count))
+    return array.array("h", samples).tobytes()
+
+
+# --- transcription --------------------------------------------------------------------------
+
+
+@app.post("/v1/audio/transcriptions", response_model=None)
+async def transcriptions(request: Request) -> Response:
+    fields = _multipart_fields(request.headers.get("content-type", ""), await request.body())
+    model = fields.get("model", b"").decode()
+    if (failure := _injected_failure("transcriptions", model)) is not None:
+        return failure
+    state.last_request["transcriptions"] = {k: v for k, v in fields.items() if k != "file"}
+    if "file" not in fields or "model" not in fields:
+        return _error(400, "file and model are required")
+    try:
+        text = _describe_wav(fields["file"])
+    except (wave.Error, EOFError, ValueError) as error:
+        return _error(400, f"file: not a 16-bit mono WAV ({error})")
+    if fields.get("stream") == b"true" and not state.ignore_stream:
+        return StreamingResponse(
+            _paced("transcriptions", _sse(_transcript_events(text), done=False)),
+            media_type="text/event-stream",
+        )
+    state.finished["transcriptions"] += 1
+    if fields.get("response_format") == b"text":
+        return PlainTextResponse(text + "\n")
+    return JSONResponse({"text": text})
+
+
+def _multipart_fields(content_type: str, body: bytes) -> dict[str, bytes]:
+    head = f"Content-Type: {content_type}\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    fields: dict[str, bytes] = {}
+    parts: Iterator[Any] = message.iter_parts()
+    for part in parts:
+        name = part.get_param("name", header="content-disposition")
+        fields[str(name)] = part.get_payload(decode=True) or b""
+    return fields
+
+
+def _describe_wav(data: bytes) -> str:
+    with wave.open(io.BytesIO(data), "rb") as wav:
+        if wav.getnchannels() != 1 or wav.getsampwidth() != 2:
+            raise ValueError(f"{wav.getnchannels()} channels, {wav.getsampwidth()} bytes")
+        duration_ms = round(1000 * wav.getnframes() / wav.getframerate())
+        return f"heard {duration_ms} milliseconds at {wav.getframerate()} hertz"
+
+
+def _transcript_events(text: str) -> list[dict[str, str]]:
+    words = text.split(" ")
+    deltas = [
+        {"type": "transcript.text.delta", "delta": word if i == 0 else " " + word}
+        for i, word in enumerate(words)
+    ]
+    return [*deltas, {"type": "transcript.text.done", "text": text}]
+
+
+# --- control --------------------------------------------------------------------------------
+
+
+@app.post("/__control")
+async def control(request: Request) -> dict[str, bool]:
+    body = await request.json()
+    for route, statuses in body.get("fail", {}).items():
+        state.failures.setdefault(route, deque()).extend(int(s) for s in statuses)
+    state.hold.update(body.get("hold", []))
+    state.stall_s.update(body.get("stall_s", {}))
+    state.chunk_delay_s = float(body.get("chunk_delay_s", state.chunk_delay_s))
+    state.ignore_stream = bool(body.get("ignore_stream", state.ignore_stream))
+    return {"ok": True}
+
+
+@app.post("/__release")
+async def release(request: Request) -> dict[str, bool]:
+    route = (await request.json())["route"]
+    state.hold.discard(route)
+    state.release_event(route).set()
+    return {"ok": True}
+
+
+@app.post("/__reset")
+async def reset() -> dict[str, bool]:
+    for event in state.released.values():
+        event.set()  # free any stream still held by a previous test
+    state.__init__()  # type: ignore[misc]
+    return {"ok": True}
+
+
+@app.get("/__stats")
+async def stats() -> dict[str, Any]:
+    return {
+        "hits": dict(state.hits),
+        "finished": dict(state.finished),
+        "disconnected": dict(state.disconnected),
+        "last_request": state.last_request,
+    }
+
+
+# --- the process, as seen from a test -------------------------------------------------------
+
+
+class FakeOpenAIServer:
+    """Starts this module as a uvicorn subprocess on loopback; stops it by PID."""
+
+    def __init__(self, startup_timeout_s: float = 20.0) -> None:
+        self._startup_timeout_s = startup_timeout_s
+        self._process: subprocess.Popen[str] | None = None
+        self.base_url = ""
+
+    def __enter__(self) -> FakeOpenAIServer:
+        self._process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve())], stdout=subprocess.PIPE, text=True
+        )
+        self.base_url = f"http://127.0.0.1:{self._read_port()}"
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(timeout=10)
+        assert self._process.stdout is not None
+        self._process.stdout.close()
+
+    def _read_port(self) -> int:
+        assert self._process is not None and self._process.stdout is not None
+        deadline = time.monotonic() + self._startup_timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self._process.stdout], [], [], remaining)
+            if ready:
+                line = self._process.stdout.readline()
+                if not line:
+                    break
+                if line.startswith("port "):
+                    return int(line.split()[1])
+        raise RuntimeError("fake OpenAI server did not report its port")
+
+    def openai_client(self, timeout_s: float = 30.0) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=f"{self.base_url}/v1", api_key="sk-test", max_retries=0, timeout=timeout_s
+        )
+
+    async def _post(self, path: str, body: dict[str, Any]) -> None:
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=10) as http:
+            (await http.post(path, json=body)).raise_for_status()
+
+    async def control(self, **settings: Any) -> None:
+        await self._post("/__control", settings)
+
+    async def release(self, route: str) -> None:
+        await self._post("/__release", {"route": route})
+
+    async def reset(self) -> None:
+        await self._post("/__reset", {})
+
+    async def stats(self) -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=10) as http:
+            response = await http.get("/__stats")
+            response.raise_for_status()
+            result: dict[str, Any] = response.json()
+            return result
+
+    async def wait_for(self, key: str, route: str, count: int, timeout_s: float = 10.0) -> None:
+        """Poll the stats until ``stats[key][route] >= count``, or fail at the deadline."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if (await self.stats())[key].get(route, 0) >= count:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{key}[{route}] did not reach {count} within {timeout_s} s")
+
+
+def main() -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    print(f"port {sock.getsockname()[1]}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server.run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()

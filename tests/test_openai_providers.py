@@ -1,0 +1,270 @@
+"""The OpenAI providers against a real OpenAI-compatible HTTP server on loopback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+
+import openai
+import pytest
+from fake_openai import FakeOpenAIServer, speech_pcm
+
+from pipeline.openai_providers import (
+    SPEECH_SAMPLE_RATE_HZ,
+    OpenAILanguageModel,
+    OpenAISpeechToText,
+    OpenAITextToSpeech,
+    even_length,
+    wav_bytes,
+)
+from pipeline.providers import (
+    AudioChunk,
+    LanguageModel,
+    Message,
+    ProviderError,
+    SpeechToText,
+    TextDelta,
+    TextToSpeech,
+    ToolCall,
+    ToolSpec,
+    Usage,
+)
+
+LOOKUP = ToolSpec(
+    "lookup",
+    "Look a word up in the knowledge file.",
+    {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer() as running:
+        yield running
+
+
+@pytest.fixture
+async def client(server: FakeOpenAIServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    await server.reset()
+    async with server.openai_client() as opened:
+        yield opened
+
+
+async def utterance(duration_ms: int, rate_hz: int = 16_000) -> AsyncIterator[AudioChunk]:
+    frame = b"\x01\x00" * (rate_hz // 50)  # 20 ms
+    for _ in range(duration_ms // 20):
+        yield AudioChunk(frame, rate_hz)
+
+
+def test_the_providers_implement_the_protocols(client: openai.AsyncOpenAI) -> None:
+    assert isinstance(OpenAISpeechToText(client), SpeechToText)
+    assert isinstance(OpenAILanguageModel(client), LanguageModel)
+    assert isinstance(OpenAITextToSpeech(client), TextToSpeech)
+
+
+# --- chat -----------------------------------------------------------------------------------
+
+
+async def test_chat_text_deltas_arrive_while_the_server_is_still_sending(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    await server.control(hold=["chat"])
+    events = OpenAILanguageModel(client).generate([Message("user", "hello there")], [])
+    first = await anext(events)
+    # The server holds the rest of the stream until released: the first delta came early.
+    assert (await server.stats())["finished"].get("chat", 0) == 0
+    await server.release("chat")
+    rest = [event async for event in events]
+    deltas = [first, *rest[:-1]]
+    assert all(isinstance(event, TextDelta) for event in deltas)
+    assert len([d for d in deltas if isinstance(d, TextDelta) and d.text]) == 4
+    assert "".join(d.text for d in deltas if isinstance(d, TextDelta)) == "You said: hello there "
+    assert rest[-1] == Usage(input_tokens=2, output_tokens=5)
+
+
+async def test_chat_assembles_a_streamed_tool_call(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    question = "please lookup the opening hours"
+    events = [
+        e async for e in OpenAILanguageModel(client).generate([Message("user", question)], [LOOKUP])
+    ]
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    assert calls == [ToolCall("call_fake_1", "lookup", json.dumps({"query": question}))]
+    assert isinstance(events[-1], Usage)
+    sent = (await server.stats())["last_request"]["chat"]
+    assert sent["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "lookup",
+                "description": LOOKUP.description,
+                "parameters": dict(LOOKUP.parameters),
+            },
+        }
+    ]
+    assert sent["stream_options"] == {"include_usage": True}
+
+
+async def test_chat_sends_assistant_tool_calls_and_tool_results(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    call = ToolCall("call_7", "lookup", '{"query": "hours"}')
+    history = [
+        Message("system", "Be brief."),
+        Message("user", "please lookup the hours"),
+        Message("assistant", "", tool_calls=(call,)),
+        Message("tool", "nine to five", tool_call_id="call_7"),
+    ]
+    events = [e async for e in OpenAILanguageModel(client).generate(history, [LOOKUP])]
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert text.strip() == "The lookup tool says nine to five."
+    sent = (await server.stats())["last_request"]["chat"]["messages"]
+    assert sent[2] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_7",
+                "type": "function",
+                "function": {"name": "lookup", "arguments": '{"query": "hours"}'},
+            }
+        ],
+    }
+    assert sent[3] == {"role": "tool", "tool_call_id": "call_7", "content": "nine to five"}
+
+
+async def test_a_tool_result_without_its_call_is_rejected_by_the_server(
+    client: openai.AsyncOpenAI,
+) -> None:
+    history = [Message("user", "hi"), Message("tool", "orphan", tool_call_id="call_x")]
+    with pytest.raises(ProviderError) as caught:
+        _ = [e async for e in OpenAILanguageModel(client).generate(history, [])]
+    assert not caught.value.retryable
+    assert "tool_call_id" in str(caught.value)
+
+
+# --- speech ---------------------------------------------------------------------------------
+
+
+async def test_speech_streams_pcm_before_the_server_finishes(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    await server.control(hold=["speech"])
+    text = "the quick brown fox jumps"
+    chunks = OpenAITextToSpeech(client).synthesize(text)
+    first = await anext(chunks)
+    assert (await server.stats())["finished"].get("speech", 0) == 0
+    await server.release("speech")
+    received = [first, *[chunk async for chunk in chunks]]
+    assert len(received) > 1
+    assert all(c.sample_rate_hz == SPEECH_SAMPLE_RATE_HZ for c in received)
+    assert all(len(c.pcm) % 2 == 0 and c.pcm for c in received)
+    assert b"".join(c.pcm for c in received) == speech_pcm(text)
+    sent = (await server.stats())["last_request"]["speech"]
+    assert sent == {
+        "model": "gpt-4o-mini-tts",
+        "voice": "alloy",
+        "input": text,
+        "response_format": "pcm",
+    }
+
+
+async def test_closing_the_speech_iterator_closes_the_http_stream(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    await server.control(hold=["speech"])
+    chunks = OpenAITextToSpeech(client).synthesize("one two three")
+    await anext(chunks)
+    await chunks.aclose()
+    await server.wait_for("disconnected", "speech", 1)
+    assert (await server.stats())["finished"].get("speech", 0) == 0
+
+
+async def test_closing_the_chat_iterator_closes_the_http_stream(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    await server.control(hold=["chat"])
+    events = OpenAILanguageModel(client).generate([Message("user", "tell me more")], [])
+    await anext(events)
+    await events.aclose()
+    await server.wait_for("disconnected", "chat", 1)
+
+
+async def test_even_length_recuts_odd_pieces_on_sample_boundaries() -> None:
+    async def pieces() -> AsyncIterator[bytes]:
+        for piece in (b"\x01", b"\x02\x03\x04", b"\x05", b"\x06\x07"):
+            yield piece
+
+    out = [chunk async for chunk in even_length(pieces())]
+    assert out == [b"\x01\x02\x03\x04", b"\x05\x06"]
+
+
+# --- transcription --------------------------------------------------------------------------
+
+
+async def test_transcription_streams_partials_then_one_final(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    transcripts = [t async for t in OpenAISpeechToText(client).transcribe(utterance(500))]
+    assert [t.final for t in transcripts] == [False] * 6 + [True]
+    assert transcripts[0].text == "heard"
+    assert transcripts[-1].text == "heard 500 milliseconds at 16000 hertz"
+    assert (await server.stats())["last_request"]["transcriptions"] == {
+        "model": "gpt-4o-mini-transcribe",
+        "stream": "true",
+    }
+
+
+async def test_transcription_from_a_server_that_does_not_stream(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    await server.control(ignore_stream=True)
+    stt = OpenAISpeechToText(client, model="whisper-1")
+    transcripts = [t async for t in stt.transcribe(utterance(240, rate_hz=24_000))]
+    assert [(t.text, t.final) for t in transcripts] == [
+        ("heard 240 milliseconds at 24000 hertz", True)
+    ]
+
+
+async def test_an_empty_utterance_is_not_sent(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    transcripts = [t async for t in OpenAISpeechToText(client).transcribe(utterance(0))]
+    assert [(t.text, t.final) for t in transcripts] == [("", True)]
+    assert (await server.stats())["hits"] == {}
+
+
+def test_wav_bytes_is_a_mono_16_bit_wav() -> None:
+    data = wav_bytes(b"\x00\x01" * 160, 8_000)
+    assert data[:4] == b"RIFF" and data[8:16] == b"WAVEfmt "
+    assert int.from_bytes(data[24:28], "little") == 8_000
+    assert len(data) == 44 + 320
+
+
+# --- error mapping --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable"),
+    [(408, True), (409, True), (429, True), (500, True), (503, True)]
+    + [(400, False), (401, False), (404, False), (422, False)],
+)
+async def test_http_errors_map_to_provider_errors(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI, status: int, retryable: bool
+) -> None:
+    await server.control(fail={"speech": [status]})
+    tts = OpenAITextToSpeech(client)
+    with pytest.raises(ProviderError) as caught:
+        _ = [chunk async for chunk in tts.synthesize("hello")]
+    assert caught.value.retryable is retryable
+    assert caught.value.provider == tts.name
+    assert f"HTTP {status}" in str(caught.value)
+    assert (await server.stats())["hits"]["speech"] == 1  # the SDK did not retry on its own
+
+
+async def test_a_refused_connection_is_retryable() -> None:
+    async with openai.AsyncOpenAI(base_url="http://127.0.0.1:9/v1", api_key="sk-test") as closed:
+        with pytest.raises(ProviderError) as caught:
+            _ = [e async for e in OpenAILanguageModel(closed).generate([Message("user", "hi")], [])]
+    assert caught.value.retryable
