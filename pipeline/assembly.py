@@ -1,0 +1,152 @@
+"""From a PipelineConfig to started providers and a ConversationEngine.
+
+I/O layer (it starts worker processes, loads models, opens HTTP clients). Providers are shared
+by every conversation of a process; engines are per conversation::
+
+    async with open_providers(config) as providers:
+        async with build_engine(config, providers) as engine:
+            ...
+
+OpenAI classes are imported only when a stage uses them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pipeline.config import PipelineConfig
+from pipeline.engine import ConversationEngine
+from pipeline.espeak_tts import EspeakTextToSpeech
+from pipeline.knowledge import KnowledgeBase, load_knowledge
+from pipeline.local_agent import LocalRuleBasedAgent
+from pipeline.piper_tts import PiperTextToSpeech
+from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
+from pipeline.providers import LanguageModel, SpeechToText, TextToSpeech
+from pipeline.tools import ToolRegistry, builtin_tools
+from pipeline.turns import CostEstimator, TurnRecord
+
+
+@dataclass(frozen=True)
+class Providers:
+    stt: SpeechToText
+    llm: LanguageModel
+    tts: TextToSpeech
+    knowledge: KnowledgeBase
+    estimate_cost: CostEstimator
+
+
+@asynccontextmanager
+async def open_providers(config: PipelineConfig) -> AsyncIterator[Providers]:
+    if not (config.stt and config.llm and config.tts):
+        raise ValueError("open_providers needs a resolved config (PipelineConfig.resolved)")
+    knowledge = load_knowledge(config.knowledge_file or None)
+    async with AsyncExitStack() as stack:
+        client = _openai_client(stack) if "openai" in (config.stt, config.llm, config.tts) else None
+        stt = await _speech_to_text(config, stack, client)
+        llm = _language_model(config, knowledge, client)
+        tts = await _text_to_speech(config, stack, client)
+        yield Providers(stt, llm, tts, knowledge, cost_estimator(config))
+
+
+def build_engine(
+    config: PipelineConfig,
+    providers: Providers,
+    *,
+    wall_clock: Callable[[], datetime] | None = None,
+) -> ConversationEngine:
+    """A new conversation with the built-in tools (current time, knowledge lookup)."""
+    tools = ToolRegistry(builtin_tools(providers.knowledge, wall_clock))
+    return ConversationEngine(
+        config.engine_config(),
+        providers.stt,
+        providers.llm,
+        providers.tts,
+        tools,
+        estimate_cost=providers.estimate_cost,
+    )
+
+
+def _openai_client(stack: AsyncExitStack) -> Any:
+    import openai
+
+    # OPENAI_BASE_URL alone (vLLM, Ollama, llama.cpp) is enough; the SDK insists on some key.
+    client = openai.AsyncOpenAI(api_key=os.environ.get("OPENAI_API_KEY") or "not-needed")
+    stack.push_async_callback(client.close)
+    return client
+
+
+async def _started(provider: Any, stack: AsyncExitStack) -> Any:
+    await provider.start()
+    stack.push_async_callback(provider.aclose)
+    return provider
+
+
+async def _speech_to_text(
+    config: PipelineConfig, stack: AsyncExitStack, client: Any
+) -> SpeechToText:
+    def offline() -> PocketsphinxSpeechToText:
+        return PocketsphinxSpeechToText(config.pocketsphinx_config())
+
+    if config.stt != "openai":
+        return await _started(offline(), stack)  # type: ignore[no-any-return]
+    from pipeline.openai_providers import OpenAISpeechToText
+    from pipeline.resilience import harden_stt
+
+    fallback = await _started(offline(), stack) if config.fallback else None
+    return harden_stt(OpenAISpeechToText(client, config.openai_stt_model), fallback)
+
+
+def _language_model(config: PipelineConfig, knowledge: KnowledgeBase, client: Any) -> LanguageModel:
+    local = LocalRuleBasedAgent(knowledge, config.local_agent_config())
+    if config.llm != "openai":
+        return local
+    from pipeline.openai_providers import OpenAILanguageModel
+    from pipeline.resilience import harden_llm
+
+    return harden_llm(
+        OpenAILanguageModel(client, config.openai_llm_model), local if config.fallback else None
+    )
+
+
+async def _text_to_speech(
+    config: PipelineConfig, stack: AsyncExitStack, client: Any
+) -> TextToSpeech:
+    def offline() -> TextToSpeech:
+        if config.tts == "espeak":
+            return EspeakTextToSpeech(config.espeak_config())
+        return PiperTextToSpeech(config.piper_config())
+
+    if config.tts != "openai":
+        return await _started(offline(), stack)  # type: ignore[no-any-return]
+    from pipeline.openai_providers import OpenAITextToSpeech
+    from pipeline.resilience import harden_tts
+
+    primary = OpenAITextToSpeech(client, config.openai_tts_model, config.openai_tts_voice)
+    fallback = await _started(offline(), stack) if config.fallback else None
+    return harden_tts(primary, fallback)
+
+
+def cost_estimator(config: PipelineConfig) -> CostEstimator:
+    """Prices the OpenAI stages of a turn with ``pipeline.pricing``; offline stages are free."""
+    from pipeline.pricing import TurnUsage, estimate_cost_usd, load_prices
+
+    prices = load_prices()
+
+    def estimate(record: TurnRecord) -> float:
+        usage = TurnUsage(
+            stt_model=config.openai_stt_model if config.stt == "openai" else None,
+            audio_in_s=record.input_audio_s,
+            llm_model=config.openai_llm_model if config.llm == "openai" else None,
+            input_tokens=record.llm_input_tokens,
+            output_tokens=record.llm_output_tokens,
+            tts_model=config.openai_tts_model if config.tts == "openai" else None,
+            characters=record.tts_chars,
+        )
+        return estimate_cost_usd(usage, prices)
+
+    return estimate

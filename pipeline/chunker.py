@@ -1,0 +1,91 @@
+"""LLM text deltas -> speakable chunks for text-to-speech.
+
+Protocol layer, pure. Text-to-speech sounds natural only on whole phrases, but waiting for a
+whole answer costs latency, so the chunker cuts:
+
+- at a sentence end (``.``, ``!``, ``?`` followed by whitespace, not after a known
+  abbreviation or a single capital initial);
+- for the *first* chunk only, already at a clause boundary (``,``, ``;``, ``:``, dash) once it
+  has ``first_min_chars``: the first sound of the answer is what the user waits for;
+- anywhere at whitespace once a chunk reaches ``max_chars`` (a run-on sentence must not stall
+  speech).
+
+``flush()`` returns the rest at the end of the response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SENTENCE_ENDS = ".!?"
+CLAUSE_ENDS = ",;:\u2014"
+ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "st", "vs", "etc", "e.g", "i.e"})
+
+
+@dataclass(frozen=True)
+class ChunkerConfig:
+    first_min_chars: int = 12
+    min_chars: int = 2
+    max_chars: int = 200
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_chars <= self.max_chars or self.first_min_chars > self.max_chars:
+            raise ValueError(
+                "chunker sizes must satisfy 0 < min_chars <= max_chars and "
+                f"first_min_chars <= max_chars, got {self}"
+            )
+
+
+class SpeechChunker:
+    def __init__(self, config: ChunkerConfig | None = None) -> None:
+        self.config = config or ChunkerConfig()
+        self._pending = ""
+        self._chunks_out = 0
+
+    def push(self, text: str) -> list[str]:
+        """Add a delta; returns the chunks it completed, in order."""
+        self._pending += text
+        chunks: list[str] = []
+        while (cut := self._find_cut()) is not None:
+            chunk, self._pending = self._pending[:cut].strip(), self._pending[cut:].lstrip()
+            if chunk:
+                chunks.append(chunk)
+                self._chunks_out += 1
+        return chunks
+
+    def flush(self) -> list[str]:
+        rest, self._pending = self._pending.strip(), ""
+        if not rest:
+            return []
+        self._chunks_out += 1
+        return [rest]
+
+    def _find_cut(self) -> int | None:
+        text = self._pending
+        for index in range(1, min(len(text), self.config.max_chars + 1)):
+            if not text[index].isspace():
+                continue
+            if self._is_boundary(text, index - 1):
+                return index
+        if len(text) >= self.config.max_chars:
+            space = text.rfind(" ", 0, self.config.max_chars)
+            return space if space > 0 else self.config.max_chars
+        return None
+
+    def _is_boundary(self, text: str, index: int) -> bool:
+        mark = text[index]
+        length = len(text[: index + 1].strip())
+        if mark in SENTENCE_ENDS:
+            return length >= self.config.min_chars and not _ends_with_abbreviation(text[:index])
+        first = self._chunks_out == 0
+        return first and mark in CLAUSE_ENDS and length >= self.config.first_min_chars
+
+
+def _ends_with_abbreviation(text: str) -> bool:
+    words = text.split()
+    if not words:
+        return False
+    last = words[-1]
+    if len(last) == 1 and last.isupper():
+        return True  # an initial: "J. Smith"
+    return last.lower() in ABBREVIATIONS

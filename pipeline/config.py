@@ -1,0 +1,195 @@
+"""Pipeline configuration: one frozen dataclass, loaded from ``PIPELINE_*`` variables.
+
+Policy layer. Every field ``name`` is read from ``PIPELINE_<NAME>`` and mirrored by the CLI flag
+``--<name-with-dashes>`` (flags win). Values are validated at load with a message naming the
+variable. Provider choice per stage:
+
+- ``stt``: ``pocketsphinx`` | ``openai``;  ``llm``: ``local`` | ``openai``;
+  ``tts``: ``piper`` | ``espeak`` | ``openai``.
+- Unset stages default to offline (pocketsphinx, local, piper), unless ``OPENAI_API_KEY`` or
+  ``OPENAI_BASE_URL`` is set: then to ``openai``.
+- With ``fallback`` on, an OpenAI stage is hardened (timeout, retry budget, circuit breaker)
+  with the offline provider of the same stage behind it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from pipeline.chunker import ChunkerConfig
+from pipeline.engine import EngineConfig
+from pipeline.espeak_tts import EspeakConfig
+from pipeline.local_agent import LocalAgentConfig
+from pipeline.piper_tts import PiperConfig
+from pipeline.pocketsphinx_stt import PocketsphinxConfig
+from pipeline.vad import VadConfig
+
+ENV_PREFIX = "PIPELINE_"
+CHOICES = {
+    "stt": ("pocketsphinx", "openai"),
+    "llm": ("local", "openai"),
+    "tts": ("piper", "espeak", "openai"),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    stt: str = ""  # "" = the default for the environment (see module docstring)
+    llm: str = ""
+    tts: str = ""
+    fallback: bool = True
+    openai_stt_model: str = "gpt-4o-mini-transcribe"
+    openai_llm_model: str = "gpt-4o-mini"
+    openai_tts_model: str = "gpt-4o-mini-tts"
+    openai_tts_voice: str = "alloy"
+    vad_threshold: float = 0.5
+    vad_prefix_padding_ms: int = 300
+    vad_silence_duration_ms: int = 500
+    vad_min_speech_ms: int = 60
+    input_sample_rate_hz: int = 16000
+    output_sample_rate_hz: int = 24000
+    realtime_playout: bool = True
+    max_tool_rounds: int = 4
+    instructions: str = ""
+    knowledge_file: str = ""  # "" = the sample shipped in pipeline/data/knowledge.md
+    stt_workers: int = 1
+    piper_noise_scale: float | None = None
+    piper_noise_w_scale: float | None = None
+    piper_length_scale: float | None = None
+    espeak_voice: str = "en-us"
+    local_agent_tokens_per_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for stage, allowed in CHOICES.items():
+            if getattr(self, stage) not in ("", *allowed):
+                raise ConfigError(
+                    f"{ENV_PREFIX}{stage.upper()} must be one of {', '.join(allowed)}; "
+                    f"got {getattr(self, stage)!r}"
+                )
+        try:
+            self.engine_config()
+            self.pocketsphinx_config()
+            self.piper_config()
+            self.local_agent_config()
+        except ValueError as error:
+            raise ConfigError(f"invalid pipeline configuration: {error}") from None
+
+    def resolved(self, environ: Mapping[str, str]) -> PipelineConfig:
+        """Empty stage choices replaced by the environment's default."""
+        hosted = bool(environ.get("OPENAI_API_KEY") or environ.get("OPENAI_BASE_URL"))
+        return replace(
+            self,
+            stt=self.stt or ("openai" if hosted else "pocketsphinx"),
+            llm=self.llm or ("openai" if hosted else "local"),
+            tts=self.tts or ("openai" if hosted else "piper"),
+        )
+
+    def engine_config(self) -> EngineConfig:
+        vad = VadConfig(
+            self.vad_threshold,
+            self.vad_prefix_padding_ms,
+            self.vad_silence_duration_ms,
+            self.vad_min_speech_ms,
+        )
+        return EngineConfig(
+            input_sample_rate_hz=self.input_sample_rate_hz,
+            output_sample_rate_hz=self.output_sample_rate_hz,
+            realtime_playout=self.realtime_playout,
+            max_tool_rounds=self.max_tool_rounds,
+            instructions=self.instructions,
+            vad=vad,
+            chunker=ChunkerConfig(),
+        )
+
+    def pocketsphinx_config(self) -> PocketsphinxConfig:
+        return PocketsphinxConfig(workers=self.stt_workers)
+
+    def piper_config(self) -> PiperConfig:
+        return PiperConfig(
+            self.piper_noise_scale, self.piper_noise_w_scale, self.piper_length_scale
+        )
+
+    def espeak_config(self) -> EspeakConfig:
+        return EspeakConfig(voice=self.espeak_voice)
+
+    def local_agent_config(self) -> LocalAgentConfig:
+        return LocalAgentConfig(tokens_per_s=self.local_agent_tokens_per_s)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> PipelineConfig:
+        return cls.from_values(
+            {f.name: environ[env_name(f.name)] for f in fields(cls) if env_name(f.name) in environ},
+            source="environment",
+        )
+
+    @classmethod
+    def from_values(cls, raw: Mapping[str, str], source: str) -> PipelineConfig:
+        types = {f.name: str(f.type) for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for name, text in raw.items():
+            values[name] = _parse(types[name], text, f"{env_name(name)} ({source})")
+        return cls(**values)
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _parse(type_name: str, text: str, where: str) -> Any:
+    parsers: dict[str, Callable[[str], Any]] = {
+        "str": str,
+        "int": int,
+        "float": float,
+        "bool": _parse_bool,
+        "float | None": lambda value: None if value.strip() == "" else float(value),
+    }
+    try:
+        return parsers[type_name](text)
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not a valid {type_name}") from None
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field, mirroring its ``PIPELINE_*`` variable."""
+    group = parser.add_argument_group("pipeline configuration (flags override PIPELINE_* vars)")
+    for f in fields(PipelineConfig):
+        group.add_argument(
+            flag_name(f.name), dest=f"config_{f.name}", metavar=str(f.type).split()[0].upper(),
+            help=f"default from {env_name(f.name)}; built-in {f.default!r}",
+        )  # fmt: skip
+
+
+def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> PipelineConfig:
+    """Environment first, flags on top, then the stage defaults resolved."""
+    raw = {
+        f.name: environ[env_name(f.name)]
+        for f in fields(PipelineConfig)
+        if env_name(f.name) in environ
+    }
+    raw.update(_flag_values(args, [f.name for f in fields(PipelineConfig)]))
+    return PipelineConfig.from_values(raw, source="environment/flags").resolved(environ)
+
+
+def _flag_values(args: argparse.Namespace, names: Sequence[str]) -> dict[str, str]:
+    given = {name: getattr(args, f"config_{name}", None) for name in names}
+    return {name: value for name, value in given.items() if value is not None}

@@ -1,0 +1,308 @@
+"""The conversation engine: PCM frames in; events and paced 20 ms output frames out.
+
+I/O layer; knows nothing of WebRTC. Per user turn::
+
+    push_audio -> TurnDetector -> SpeechToText (streams while the user speaks)
+               -> LanguageModel (streamed; tool calls run through the ToolRegistry, results
+                  fed back, at most ``max_tool_rounds``) -> SpeechChunker
+               -> TextToSpeech (starts on the first chunk while the model still writes)
+               -> playout, one frame per ``frame_ms`` of real time
+
+Barge-in: ``SpeechStarted`` while a response is active stops playout at once (no frame is
+emitted after it) and cancels the response's LLM, TTS and playout tasks; the history keeps only
+the assistant text that was heard (``PlayoutLedger``), like OpenAI's Realtime API.
+
+Task ownership: every task is in ``self._tasks`` (one transcription per utterance, one response
+task per answer, whose stages live in a TaskGroup); ``aclose()`` cancels and awaits them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pipeline import events as ev
+from pipeline.chunker import ChunkerConfig
+from pipeline.providers import (
+    AudioChunk,
+    LanguageModel,
+    Message,
+    ProviderError,
+    SpeechToText,
+    TextToSpeech,
+)
+from pipeline.response import SpokenResponse, timed
+from pipeline.tools import ToolRegistry
+from pipeline.turns import CostEstimator, TurnRecorder, free_of_charge
+from pipeline.vad import (
+    SpeechStarted,
+    SpeechStopped,
+    TurnCommitted,
+    TurnDetector,
+    VadConfig,
+    VadEvent,
+    webrtc_classifier,
+)
+
+_CLOSED = object()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    input_sample_rate_hz: int = 16000
+    output_sample_rate_hz: int = 24000
+    frame_ms: int = 20
+    realtime_playout: bool = True  # False: emit frames as fast as produced (files, tests)
+    max_tool_rounds: int = 4
+    instructions: str = ""
+    vad: VadConfig = field(default_factory=VadConfig)
+    chunker: ChunkerConfig = field(default_factory=ChunkerConfig)
+
+    def __post_init__(self) -> None:
+        if self.frame_ms not in (10, 20, 30):
+            raise ValueError(f"engine frame_ms must be 10, 20 or 30, got {self.frame_ms}")
+        if not 8000 <= self.output_sample_rate_hz <= 48000:
+            raise ValueError(
+                f"output sample rate must be 8000..48000 Hz: {self.output_sample_rate_hz}"
+            )
+        if self.max_tool_rounds < 0:
+            raise ValueError(f"max_tool_rounds must be >= 0, got {self.max_tool_rounds}")
+
+
+class ConversationEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        stt: SpeechToText,
+        llm: LanguageModel,
+        tts: TextToSpeech,
+        tools: ToolRegistry | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
+        classify: Callable[[bytes], bool] | None = None,
+        estimate_cost: CostEstimator = free_of_charge,
+    ) -> None:
+        self.config = config
+        self.stt, self.llm, self.tts = stt, llm, tts
+        self.tools = tools or ToolRegistry()
+        self.history: list[Message] = []
+        self._clock = clock
+        self._classify = classify
+        self._estimate_cost = estimate_cost
+        self._detector: TurnDetector | None = None
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._pending_input = bytearray()
+        self._stt_audio: asyncio.Queue[AudioChunk | None] | None = None
+        self._recorder: TurnRecorder | None = None
+        self._response: SpokenResponse | None = None
+        self._response_task: asyncio.Task[None] | None = None
+        self._turns = itertools.count(1)
+        self._responses = itertools.count(1)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> ConversationEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        self._clock = self._clock or asyncio.get_running_loop().time
+        rate_hz = self.config.input_sample_rate_hz
+        classify = self._classify or webrtc_classifier(self.config.vad, rate_hz)
+        self._detector = TurnDetector(self.config.vad, rate_hz, classify, self._clock)
+        self._idle.set()
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._events.put_nowait(_CLOSED)
+
+    async def events(self) -> AsyncGenerator[ev.EngineEvent, None]:
+        """Every event in order, until ``aclose()``. One consumer."""
+        while (event := await self._events.get()) is not _CLOSED:
+            yield event
+
+    async def wait_idle(self, timeout_s: float) -> None:
+        """Until no transcription or response is running."""
+        async with asyncio.timeout(timeout_s):
+            await self._idle.wait()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._tasks)
+
+    @property
+    def user_speaking(self) -> bool:
+        return self._detector is not None and self._detector.in_speech
+
+    def resolve_tool_call(self, call_id: str, output: str) -> bool:
+        """The client's result for a ``ClientToolCallRequested``."""
+        return self.tools.resolve_client_call(call_id, output)
+
+    # --- input ----------------------------------------------------------------------------
+
+    def push_audio(self, pcm: bytes) -> None:
+        """16-bit mono PCM at ``input_sample_rate_hz``, any length; never blocks."""
+        if self._detector is None:
+            raise RuntimeError("ConversationEngine.push_audio before start()")
+        self._pending_input += pcm
+        frame_bytes = self.config.input_sample_rate_hz * self.config.frame_ms // 500
+        while len(self._pending_input) >= frame_bytes:
+            frame = bytes(self._pending_input[:frame_bytes])
+            del self._pending_input[:frame_bytes]
+            self._on_frame(frame)
+
+    def finish_input(self) -> None:
+        """End of the input stream: an utterance still open is committed."""
+        if self._detector is not None:
+            for event in self._detector.flush():
+                self._on_vad(event)
+
+    def _on_frame(self, frame: bytes) -> None:
+        assert self._detector is not None
+        feeding = self._stt_audio
+        events = self._detector.push(frame)
+        if feeding is not None and not any(isinstance(e, SpeechStarted) for e in events):
+            feeding.put_nowait(AudioChunk(frame, self.config.input_sample_rate_hz))
+        for event in events:
+            self._on_vad(event)
+
+    def _on_vad(self, event: VadEvent) -> None:
+        if isinstance(event, SpeechStarted):
+            self._emit(ev.SpeechStartedEvent(event.at_s, event.audio_start_ms))
+            self._barge_in()
+            self._begin_turn(event)
+        elif isinstance(event, SpeechStopped) and self._recorder is not None:
+            self._recorder.mark("speech_stopped", event.at_s)
+            if self._stt_audio is not None:
+                self._stt_audio.put_nowait(None)
+            self._stt_audio = None
+            self._emit(ev.SpeechStoppedEvent(event.at_s, event.audio_end_ms))
+        elif isinstance(event, TurnCommitted) and self._recorder is not None:
+            self._recorder.input_audio_s = event.duration_ms / 1000
+
+    def _begin_turn(self, event: SpeechStarted) -> None:
+        recorder = TurnRecorder(next(self._turns), self.stt.name, self.llm.name, self.tts.name)
+        recorder.mark("speech_started", event.at_s)
+        self._recorder = recorder
+        self._stt_audio = asyncio.Queue()
+        self._stt_audio.put_nowait(AudioChunk(event.prefix_pcm, self.config.input_sample_rate_hz))
+        self._spawn(self._transcribe(recorder, self._stt_audio))
+
+    def _barge_in(self) -> None:
+        response, task = self._response, self._response_task
+        if response is None or task is None:
+            return
+        response.stop()  # from now on the player emits nothing
+        if response.frames_out:
+            self._emit(ev.OutputCleared(response.response_id, response.played_ms))
+        task.cancel()
+
+    # --- speech to text -------------------------------------------------------------------
+
+    async def _transcribe(
+        self, recorder: TurnRecorder, audio: asyncio.Queue[AudioChunk | None]
+    ) -> None:
+        async def utterance() -> AsyncIterator[AudioChunk]:
+            while (chunk := await audio.get()) is not None:
+                yield chunk
+
+        final = ""
+        try:
+            transcripts = timed(self.stt.transcribe(utterance()), recorder, self._now)
+            async with aclosing(transcripts):
+                async for transcript in transcripts:
+                    self._emit(ev.InputTranscript(recorder.turn, transcript.text, transcript.final))
+                    if transcript.final:
+                        final = transcript.text.strip()
+                        recorder.mark("stt_final", self._now())
+        except Exception as error:
+            self._report(error)
+            return
+        self._after_transcript(recorder, final)
+
+    def _after_transcript(self, recorder: TurnRecorder, final: str) -> None:
+        if not final:
+            return  # nothing recognisable was said: no answer
+        recorder.transcript = final
+        self.history.append(Message("user", final))
+        if self.user_speaking:
+            return  # the user went on: the next turn answers both
+        response = SpokenResponse(
+            f"resp_{next(self._responses)}",
+            recorder,
+            self.config,
+            (self.llm, self.tts, self.tools),
+            self.history,
+            self._emit,
+            self._now,
+        )
+        self._response = response
+        self._response_task = self._spawn(self._respond(response))
+
+    # --- response -------------------------------------------------------------------------
+
+    async def _respond(self, response: SpokenResponse) -> None:
+        self._emit(ev.ResponseStarted(response.response_id, response.recorder.turn))
+        status: Literal["completed", "cancelled", "failed"] = "cancelled"
+        try:
+            await response.run()
+            status = "completed"
+        except Exception as error:
+            status = "failed"
+            self._report(error)
+        finally:
+            self._finish_response(response, status)
+
+    def _finish_response(
+        self, response: SpokenResponse, status: Literal["completed", "cancelled", "failed"]
+    ) -> None:
+        recorder = response.recorder
+        heard = response.ledger.heard_text(response.played_ms)
+        recorder.heard_text, recorder.output_audio_s = heard, response.played_ms / 1000
+        if heard:
+            self.history.append(Message("assistant", heard))
+        recorder.mark("response_done", self._now())
+        self._emit(ev.ResponseDone(response.response_id, status, heard))
+        interrupted = status == "cancelled"
+        record = recorder.finish(interrupted=interrupted, estimate_cost=self._estimate_cost)
+        self._emit(ev.TurnCompleted(record))
+        if self._response is response:
+            self._response, self._response_task = None, None
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        self._idle.clear()
+        task.add_done_callback(self._forget)
+        return task
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not self._tasks:
+            self._idle.set()
+
+    def _report(self, error: BaseException) -> None:
+        while isinstance(error, BaseExceptionGroup) and error.exceptions:
+            error = error.exceptions[0]
+        retryable = isinstance(error, ProviderError) and error.retryable
+        self._emit(ev.EngineError(f"{type(error).__name__}: {error}", retryable))
+
+    def _emit(self, event: ev.EngineEvent) -> None:
+        self._events.put_nowait(event)
+
+    def _now(self) -> float:
+        assert self._clock is not None
+        return self._clock()

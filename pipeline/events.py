@@ -1,0 +1,140 @@
+"""What the conversation engine tells its consumer, in order.
+
+Protocol layer, pure dataclasses. They map one to one onto OpenAI Realtime server events, so
+the transceiver can forward them on the ``oai-events`` data channel:
+
+=========================  ====================================================================
+SpeechStartedEvent         input_audio_buffer.speech_started
+SpeechStoppedEvent         input_audio_buffer.speech_stopped (+ committed)
+InputTranscript            conversation.item.input_audio_transcription.delta / .completed
+ResponseStarted            response.created
+ResponseTextDelta          response.output_audio_transcript.delta
+ToolCallStarted            response.function_call_arguments.done
+ClientToolCallRequested    (the client must run the tool and answer: ``resolve_tool_call``)
+ToolCallCompleted          conversation.item.create (function_call_output)
+OutputStarted / Stopped    output_audio_buffer.started / .stopped
+OutputCleared              output_audio_buffer.cleared (barge-in)
+OutputAudio                one output frame (20 ms of PCM), the media track
+ResponseDone               response.done (status completed / cancelled / failed)
+TurnCompleted              the turn's latency record
+EngineError                error
+=========================  ====================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.providers import ToolCall
+from pipeline.tools import ToolResult
+from pipeline.turns import TurnRecord
+
+
+@dataclass(frozen=True)
+class SpeechStartedEvent:
+    at_s: float
+    audio_start_ms: int
+
+
+@dataclass(frozen=True)
+class SpeechStoppedEvent:
+    at_s: float
+    audio_end_ms: int
+
+
+@dataclass(frozen=True)
+class InputTranscript:
+    turn: int
+    text: str
+    final: bool
+
+
+@dataclass(frozen=True)
+class ResponseStarted:
+    response_id: str
+    turn: int
+
+
+@dataclass(frozen=True)
+class ResponseTextDelta:
+    response_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStarted:
+    response_id: str
+    call: ToolCall
+
+
+@dataclass(frozen=True)
+class ClientToolCallRequested:
+    response_id: str
+    call: ToolCall
+
+
+@dataclass(frozen=True)
+class ToolCallCompleted:
+    response_id: str
+    result: ToolResult
+
+
+@dataclass(frozen=True)
+class OutputStarted:
+    response_id: str
+
+
+@dataclass(frozen=True)
+class OutputAudio:
+    response_id: str
+    pcm: bytes
+    sample_rate_hz: int
+
+
+@dataclass(frozen=True)
+class OutputStopped:
+    response_id: str
+
+
+@dataclass(frozen=True)
+class OutputCleared:
+    response_id: str
+    audio_end_ms: int  # how much of the answer was played before the interruption
+
+
+@dataclass(frozen=True)
+class ResponseDone:
+    response_id: str
+    status: Literal["completed", "cancelled", "failed"]
+    heard_text: str
+
+
+@dataclass(frozen=True)
+class TurnCompleted:
+    record: TurnRecord
+
+
+@dataclass(frozen=True)
+class EngineError:
+    message: str
+    retryable: bool
+
+
+EngineEvent = (
+    SpeechStartedEvent
+    | SpeechStoppedEvent
+    | InputTranscript
+    | ResponseStarted
+    | ResponseTextDelta
+    | ToolCallStarted
+    | ClientToolCallRequested
+    | ToolCallCompleted
+    | OutputStarted
+    | OutputAudio
+    | OutputStopped
+    | OutputCleared
+    | ResponseDone
+    | TurnCompleted
+    | EngineError
+)

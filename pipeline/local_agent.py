@@ -1,0 +1,180 @@
+"""LocalRuleBasedAgent: an honest, offline, rule-based agent behind the LanguageModel Protocol.
+
+It is not a language model and does not pretend to be one: it recognises a few intents by
+keywords and answers from a knowledge file (format: ``pipeline/knowledge.py`` and the sample
+``pipeline/data/knowledge.md``). It goes through the same tool path as a hosted LLM:
+
+- "what time is it" -> a ``current_time`` tool call; the answer is worded from its result;
+- any other question -> a ``lookup_knowledge`` tool call; the answer is the entry found
+  (when that tool is not offered, the agent searches its own copy of the knowledge file);
+- "what did I just ask?" -> read back from the conversation (the previous user message);
+- a greeting -> a greeting and the list of topics.
+
+Replies stream word by word. ``tokens_per_s`` paces them like a hosted model writes (0: as fast
+as they are produced); "tokens" are words here, and the Usage counts words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.knowledge import KnowledgeBase, words_of
+from pipeline.providers import LanguageModelEvent, Message, TextDelta, ToolCall, ToolSpec, Usage
+
+RECALL_VERBS = frozenset({"ask", "asked", "say", "said"})
+GREETINGS = frozenset({"hello", "hi", "hey", "morning", "evening"})
+TIME_WORDS = frozenset({"time", "clock", "hour"})
+ONES = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
+TENS = {2: "twenty", 3: "thirty", 4: "forty", 5: "fifty"}
+
+
+@dataclass(frozen=True)
+class LocalAgentConfig:
+    tokens_per_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.tokens_per_s < 0:
+            raise ValueError(f"local agent tokens_per_s must be >= 0, got {self.tokens_per_s}")
+
+
+Reply = str | ToolCall
+
+
+class LocalRuleBasedAgent:
+    name = "local-rule-based"
+
+    def __init__(
+        self,
+        knowledge: KnowledgeBase,
+        config: LocalAgentConfig | None = None,
+        *,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
+        self.knowledge = knowledge
+        self.config = config or LocalAgentConfig()
+        self._sleep = sleep
+
+    async def generate(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+    ) -> AsyncIterator[LanguageModelEvent]:
+        reply = self.decide(messages, {tool.name for tool in tools})
+        input_tokens = sum(len(message.content.split()) for message in messages)
+        if isinstance(reply, ToolCall):
+            yield reply
+            yield Usage(input_tokens, 1)
+            return
+        pieces = [f" {word}" if index else word for index, word in enumerate(reply.split())]
+        interval_s = 1 / self.config.tokens_per_s if self.config.tokens_per_s else 0.0
+        for piece in pieces:
+            if interval_s:
+                await self._sleep(interval_s)
+            yield TextDelta(piece)
+        yield Usage(input_tokens, len(pieces))
+
+    def decide(self, messages: Sequence[Message], tool_names: set[str]) -> Reply:
+        """The whole policy, pure: the next reply to this conversation."""
+        if not messages:
+            return "Hello. Ask me a question."
+        last = messages[-1]
+        if last.role == "tool":
+            return self._answer_from_tools(messages)
+        return self._answer_question(last.content, messages[:-1], tool_names)
+
+    def _answer_question(self, question: str, earlier: Sequence[Message], tools: set[str]) -> Reply:
+        words = set(words_of(question))
+        if not words:
+            return "Sorry, I did not catch that."
+        if "just" in words and words & RECALL_VERBS or {"previous", "question"} <= words:
+            return _recall(earlier)
+        if words & TIME_WORDS:
+            if "current_time" in tools:
+                return _tool_call("current_time", {})
+            return "Sorry, I have no clock to tell the time."
+        if words & GREETINGS and len(words) <= 3:
+            return f"Hello! You can ask me about {self._topics()}, or the time."
+        if "lookup_knowledge" in tools:
+            return _tool_call("lookup_knowledge", {"query": question})
+        entry = self.knowledge.search(question)
+        return entry.answer if entry else self._unknown()
+
+    def _answer_from_tools(self, messages: Sequence[Message]) -> str:
+        calls = {call.call_id: call.name for m in messages for call in m.tool_calls}
+        results = [m for m in reversed(messages) if m.role == "tool"]
+        return self._word_result(calls.get(results[0].tool_call_id, ""), results[0].content)
+
+    def _word_result(self, tool_name: str, output: str) -> str:
+        try:
+            result = json.loads(output)
+        except json.JSONDecodeError:
+            result = None
+        if not isinstance(result, dict) or "error" in result:
+            return "Sorry, I could not look that up."
+        if tool_name == "current_time":
+            return f"It is {spoken_time(int(result['hour']), int(result['minute']))}."
+        if result.get("found"):
+            return str(result["answer"])
+        return self._unknown()
+
+    def _unknown(self) -> str:
+        return f"Sorry, I do not know that. I can tell you about {self._topics()}."
+
+    def _topics(self) -> str:
+        titles = [title.lower() for title in self.knowledge.titles]
+        return ", ".join(titles[:-1]) + f" and {titles[-1]}" if len(titles) > 1 else titles[0]
+
+
+def _recall(earlier: Sequence[Message]) -> str:
+    asked = [m.content for m in earlier if m.role == "user" and m.content.strip()]
+    if not asked:
+        return "This is your first question."
+    return f"You asked: {asked[-1].rstrip('?.! ')}."
+
+
+def _tool_call(name: str, arguments: dict[str, Any]) -> ToolCall:
+    return ToolCall(f"call_{uuid.uuid4().hex[:12]}", name, json.dumps(arguments))
+
+
+def number_words(number: int) -> str:
+    if number < 20:
+        return ONES[number]
+    tens, ones = divmod(number, 10)
+    return TENS[tens] + (f" {ONES[ones]}" if ones else "")
+
+
+def spoken_time(hour: int, minute: int) -> str:
+    """13:05 -> 'one oh five in the afternoon'."""
+    twelve = hour % 12 or 12
+    if minute == 0:
+        clock = f"{number_words(twelve)} o'clock"
+    elif minute < 10:
+        clock = f"{number_words(twelve)} oh {number_words(minute)}"
+    else:
+        clock = f"{number_words(twelve)} {number_words(minute)}"
+    part = "in the morning" if hour < 12 else "in the afternoon" if hour < 18 else "in the evening"
+    return f"{clock} {part}"

@@ -1,0 +1,240 @@
+"""PocketsphinxSpeechToText: streaming offline speech recognition in worker processes.
+
+I/O layer. pocketsphinx holds the GIL while it decodes, so decoding runs in a small pool of
+persistent worker processes (``spawn``), each holding one ``Decoder`` with the English model
+the package ships. One utterance owns one worker. The event loop only writes audio to the
+worker's pipe and reads results when the pipe is readable (``loop.add_reader``); it never waits
+on a decode.
+
+Pipe messages (tuples, pickled by ``multiprocessing.Connection``)::
+
+    parent -> worker: ("start", utt) ("audio", utt, pcm16k) ("end", utt) ("stop",)
+    worker -> parent: ("ready",) ("partial", utt, text) ("final", utt, text)
+
+Workers are started with ``spawn`` (never ``fork`` a process that holds onnxruntime threads),
+so, as for any ``spawn`` user, a script must guard its entry point with
+``if __name__ == "__main__":``. Audio writes go straight to the pipe; the worker drains it
+continuously, and a pipe holds ~2 s of 16 kHz audio, so a write does not block in practice.
+
+Results carry the utterance id, so a worker whose previous utterance was abandoned mid-way
+(barge-in, cancellation) is reusable at once: stale results are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import multiprocessing
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import numpy as np
+import soxr
+
+from pipeline.providers import AudioChunk, ProviderError, Transcript
+
+DECODER_SAMPLE_RATE_HZ = 16000
+
+
+@dataclass(frozen=True)
+class PocketsphinxConfig:
+    workers: int = 1
+    partial_interval_ms: int = 200
+    start_timeout_s: float = 60.0
+    final_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"pocketsphinx workers must be within 1..64, got {self.workers}")
+        if self.partial_interval_ms <= 0:
+            raise ValueError("pocketsphinx partial_interval_ms must be > 0")
+
+
+def _decode_forever(conn: Connection, partial_interval_ms: int) -> None:
+    """Worker process main: one Decoder, one utterance at a time."""
+    from pocketsphinx import Decoder
+
+    decoder = Decoder(loglevel="FATAL")
+    conn.send(("ready",))
+    current, since_partial, last_partial = None, 0, ""
+    while True:
+        message = conn.recv()
+        kind = message[0]
+        if kind == "stop":
+            return
+        if kind == "start":
+            if current is not None:
+                decoder.end_utt()
+            decoder.start_utt()
+            current, since_partial, last_partial = message[1], 0, ""
+        elif kind == "audio" and message[1] == current:
+            decoder.process_raw(message[2], False, False)
+            since_partial += len(message[2]) * 500 // DECODER_SAMPLE_RATE_HZ
+            if since_partial >= partial_interval_ms:
+                since_partial = 0
+                text = decoder.hyp().hypstr if decoder.hyp() else ""
+                if text and text != last_partial:
+                    last_partial = text
+                    conn.send(("partial", current, text))
+        elif kind == "end" and message[1] == current:
+            decoder.end_utt()
+            conn.send(("final", current, decoder.hyp().hypstr if decoder.hyp() else ""))
+            current = None
+
+
+class _Worker:
+    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        try:
+            self.conn.send(message)
+        except (BrokenPipeError, OSError) as error:
+            raise ProviderError(
+                "pocketsphinx", f"decoder process gone: {error}", retryable=True
+            ) from None
+
+    def recv_now(self) -> tuple[Any, ...]:
+        try:
+            message: tuple[Any, ...] = self.conn.recv()
+        except (EOFError, OSError):
+            raise ProviderError("pocketsphinx", "decoder process exited", retryable=True) from None
+        return message
+
+    async def recv(self) -> tuple[Any, ...]:
+        while not self.conn.poll():
+            await self.readable(None, None)
+        return self.recv_now()
+
+    async def readable(self, wake: asyncio.Future[Any] | None, deadline_s: float | None) -> None:
+        """Until the pipe has data, ``wake`` completes or the deadline passes."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = self.conn.fileno()
+
+        def wake_up() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, wake_up)
+        waits: set[asyncio.Future[Any]] = {ready}
+        if wake is not None and not wake.done():
+            waits.add(wake)
+        timeout_s = None if deadline_s is None else max(0.0, deadline_s - loop.time())
+        try:
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_reader(fd)
+            ready.cancel()
+
+
+class PocketsphinxSpeechToText:
+    name = "pocketsphinx"
+
+    def __init__(self, config: PocketsphinxConfig | None = None) -> None:
+        self.config = config or PocketsphinxConfig()
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._all: list[_Worker] = []
+        self._utterances = itertools.count(1)
+
+    async def start(self) -> None:
+        workers = [self._spawn() for _ in range(self.config.workers)]
+        async with asyncio.timeout(self.config.start_timeout_s):
+            for worker in workers:
+                await worker.recv()  # ("ready",)
+                self._idle.put_nowait(worker)
+
+    async def aclose(self) -> None:
+        for worker in self._all:
+            with contextlib.suppress(ProviderError):
+                worker.send(("stop",))
+        await asyncio.to_thread(self._join_all)
+
+    def _join_all(self) -> None:
+        for worker in self._all:
+            worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(timeout=5)
+            worker.conn.close()
+        self._all.clear()
+
+    def _spawn(self) -> _Worker:
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        process = context.Process(
+            target=_decode_forever,
+            args=(child, self.config.partial_interval_ms),
+            name="pocketsphinx-decoder",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        worker = _Worker(process, parent)
+        self._all.append(worker)
+        return worker
+
+    async def transcribe(self, audio: AsyncIterator[AudioChunk]) -> AsyncIterator[Transcript]:
+        if not self._all:
+            raise ProviderError("pocketsphinx", "not started", retryable=False)
+        worker = await self._idle.get()
+        utterance = next(self._utterances)
+        feeder = asyncio.create_task(self._feed(worker, utterance, audio))
+        try:
+            worker.send(("start", utterance))
+            async for transcript in self._results(worker, utterance, feeder):
+                yield transcript
+        finally:
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+            self._release(worker)
+
+    async def _feed(
+        self, worker: _Worker, utterance: int, audio: AsyncIterator[AudioChunk]
+    ) -> None:
+        resampler: Any = None
+        async for chunk in audio:
+            pcm = chunk.pcm
+            if chunk.sample_rate_hz != DECODER_SAMPLE_RATE_HZ:
+                resampler = resampler or soxr.ResampleStream(
+                    chunk.sample_rate_hz, DECODER_SAMPLE_RATE_HZ, 1, dtype="int16"
+                )
+                pcm = resampler.resample_chunk(np.frombuffer(pcm, np.int16)).tobytes()
+            worker.send(("audio", utterance, pcm))
+        worker.send(("end", utterance))
+
+    async def _results(
+        self, worker: _Worker, utterance: int, feeder: asyncio.Task[None]
+    ) -> AsyncIterator[Transcript]:
+        loop = asyncio.get_running_loop()
+        deadline_s: float | None = None
+        while True:
+            if deadline_s is None and feeder.done():
+                feeder.result()  # the audio source failed: raise its error
+                deadline_s = loop.time() + self.config.final_timeout_s
+            if not worker.conn.poll():
+                if deadline_s is not None and loop.time() >= deadline_s:
+                    raise ProviderError(
+                        "pocketsphinx", "no final transcript in time", retryable=True
+                    )
+                await worker.readable(feeder, deadline_s)
+                continue
+            kind, *rest = worker.recv_now()
+            if kind == "ready" or rest[0] != utterance:
+                continue
+            yield Transcript(rest[1], final=kind == "final")
+            if kind == "final":
+                return
+
+    def _release(self, worker: _Worker) -> None:
+        if worker.process.is_alive():
+            self._idle.put_nowait(worker)
+            return
+        self._all.remove(worker)
+        worker.conn.close()
+        self._idle.put_nowait(self._spawn())  # its ("ready",) is skipped by _results

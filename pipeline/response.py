@@ -1,0 +1,213 @@
+"""One spoken answer: language model (with its tool loop) -> chunker -> TTS -> paced playout.
+
+I/O layer. A :class:`SpokenResponse` runs three stages as tasks of one TaskGroup, joined by
+queues, so TTS starts on the first chunk while the model still writes and playout starts on
+the first audio while TTS still speaks. Cancelling ``run()`` cancels all three (the provider
+iterators are closed in ``finally``). ``stop()`` is the barge-in: no frame is emitted after it,
+even before the cancellation has reached the tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
+from typing import TYPE_CHECKING, TypeVar
+
+from pipeline import events as ev
+from pipeline.chunker import SpeechChunker
+from pipeline.playout import FrameSlicer, PcmResampler, PlayoutLedger
+from pipeline.providers import LanguageModel, Message, TextDelta, TextToSpeech, ToolCall, Usage
+from pipeline.tools import ToolRegistry
+from pipeline.turns import TurnRecorder
+
+if TYPE_CHECKING:
+    from pipeline.engine import EngineConfig
+
+T = TypeVar("T")
+
+
+class SpokenResponse:
+    def __init__(
+        self,
+        response_id: str,
+        recorder: TurnRecorder,
+        config: EngineConfig,
+        providers: tuple[LanguageModel, TextToSpeech, ToolRegistry],
+        history: list[Message],
+        emit: Callable[[ev.EngineEvent], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self.response_id = response_id
+        self.recorder = recorder
+        self.config = config
+        self.llm, self.tts, self.tools = providers
+        self.history = history  # the conversation: tool calls and results are appended
+        self._emit = emit
+        self._now = clock
+        self.ledger = PlayoutLedger()
+        self.frames_out = 0
+        self.next_frame_at_s: float | None = None
+        self.stop_requested = False
+
+    @property
+    def played_ms(self) -> int:
+        return self.frames_out * self.config.frame_ms
+
+    def stop(self) -> None:
+        self.stop_requested = True
+
+    async def run(self) -> None:
+        chunks: asyncio.Queue[str | None] = asyncio.Queue()
+        audio: asyncio.Queue[bytes | None] = asyncio.Queue()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._generate(chunks))
+            group.create_task(self._speak(chunks, audio))
+            group.create_task(self._play(audio))
+
+    async def _generate(self, chunks: asyncio.Queue[str | None]) -> None:
+        chunker = SpeechChunker(self.config.chunker)
+        messages = list(self.history)
+        if self.config.instructions:
+            messages.insert(0, Message("system", self.config.instructions))
+        for round_index in range(self.config.max_tool_rounds + 1):
+            offer_tools = round_index < self.config.max_tool_rounds
+            calls = await self._generate_round(messages, chunker, chunks, offer_tools)
+            if not calls:
+                break
+            await self._run_tools(calls, messages)
+        for chunk in chunker.flush():
+            chunks.put_nowait(chunk)
+        chunks.put_nowait(None)
+
+    async def _generate_round(
+        self,
+        messages: list[Message],
+        chunker: SpeechChunker,
+        chunks: asyncio.Queue[str | None],
+        offer_tools: bool,
+    ) -> list[ToolCall]:
+        recorder, calls = self.recorder, []
+        specs = self.tools.specs() if offer_tools else []
+        stream = timed(self.llm.generate(messages, specs), recorder, self._now)
+        async with aclosing(stream):
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    self._on_text(event.text, chunker, chunks)
+                elif isinstance(event, ToolCall):
+                    calls.append(event)
+                elif isinstance(event, Usage):
+                    recorder.llm_input_tokens += event.input_tokens
+                    recorder.llm_output_tokens += event.output_tokens
+        return calls
+
+    def _on_text(
+        self,
+        text: str,
+        chunker: SpeechChunker,
+        chunks: asyncio.Queue[str | None],
+    ) -> None:
+        now = self._now()
+        self.recorder.mark("llm_first_token", now)
+        self.recorder.mark("llm_last_token", now, overwrite=True)
+        self._emit(ev.ResponseTextDelta(self.response_id, text))
+        for chunk in chunker.push(text):
+            chunks.put_nowait(chunk)
+
+    async def _run_tools(self, calls: list[ToolCall], messages: list[Message]) -> None:
+        asked = Message("assistant", "", tool_calls=tuple(calls))
+        messages.append(asked)
+        self.history.append(asked)
+        for call in calls:
+            self.recorder.tool_calls += 1
+            self._emit(ev.ToolCallStarted(self.response_id, call))
+            started_s = self._now()
+            result = await self.tools.execute(
+                call, lambda c: self._emit(ev.ClientToolCallRequested(self.response_id, c))
+            )
+            self.recorder.provider_busy(started_s, self._now())
+            self._emit(ev.ToolCallCompleted(self.response_id, result))
+            answer = Message("tool", result.output, tool_call_id=call.call_id)
+            messages.append(answer)
+            self.history.append(answer)
+
+    async def _speak(
+        self,
+        chunks: asyncio.Queue[str | None],
+        audio: asyncio.Queue[bytes | None],
+    ) -> None:
+        while (text := await chunks.get()) is not None:
+            self.recorder.mark("first_tts_request", self._now())
+            self.recorder.tts_chars += len(text)
+            self.ledger.begin(text)
+            await self._speak_chunk(text, audio)
+        audio.put_nowait(None)
+
+    async def _speak_chunk(self, text: str, audio: asyncio.Queue[bytes | None]) -> None:
+        out_rate_hz = self.config.output_sample_rate_hz
+        resampler: PcmResampler | None = None
+        stream = timed(self.tts.synthesize(text), self.recorder, self._now)
+        async with aclosing(stream):
+            async for chunk in stream:
+                self.recorder.mark("first_tts_audio", self._now())
+                resampler = resampler or PcmResampler(chunk.sample_rate_hz, out_rate_hz)
+                self._queue_audio(resampler.push(chunk.pcm), audio)
+        if resampler is not None:
+            self._queue_audio(resampler.flush(), audio)
+
+    def _queue_audio(self, pcm: bytes, audio: asyncio.Queue[bytes | None]) -> None:
+        if pcm:
+            self.ledger.add_audio(len(pcm) * 500 / self.config.output_sample_rate_hz)
+            audio.put_nowait(pcm)
+
+    async def _play(self, audio: asyncio.Queue[bytes | None]) -> None:
+        frame_bytes = self.config.output_sample_rate_hz * self.config.frame_ms // 500
+        slicer = FrameSlicer(frame_bytes)
+        while (pcm := await audio.get()) is not None:
+            for frame in slicer.push(pcm):
+                await self._play_frame(frame)
+        for frame in slicer.flush():
+            await self._play_frame(frame)
+        if self.frames_out:
+            self._emit(ev.OutputStopped(self.response_id))
+
+    async def _play_frame(self, frame: bytes) -> None:
+        if self.config.realtime_playout:
+            await self._pace()
+        if self.stop_requested:
+            return
+        if not self.frames_out:
+            self.recorder.mark("first_frame_out", self._now())
+            self._emit(ev.OutputStarted(self.response_id))
+        self.frames_out += 1
+        self._emit(ev.OutputAudio(self.response_id, frame, self.config.output_sample_rate_hz))
+
+    async def _pace(self) -> None:
+        """Hold each frame until its slot: one frame per frame_ms of the loop clock."""
+        frame_s, now = self.config.frame_ms / 1000, self._now()
+        due_s = self.next_frame_at_s
+        if due_s is None or due_s < now - frame_s:  # first frame, or an underrun: restart
+            due_s = now
+        elif due_s > now:
+            await asyncio.sleep(due_s - now)
+        self.next_frame_at_s = due_s + frame_s
+
+
+async def timed(
+    source: AsyncIterator[T], recorder: TurnRecorder, clock: Callable[[], float]
+) -> AsyncGenerator[T, None]:
+    """Pass items through, recording the time spent waiting on the provider."""
+    try:
+        while True:
+            started_s = clock()
+            try:
+                item = await anext(source)
+            except StopAsyncIteration:
+                return
+            finally:
+                recorder.provider_busy(started_s, clock())
+            yield item
+    finally:
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -1,0 +1,195 @@
+"""Tools the language model may call: a registry of Python callables with JSON-schema parameters.
+
+I/O layer (it awaits tool code and client answers). The engine hands every ``ToolCall`` of the
+model to :meth:`ToolRegistry.execute` and feeds the ``ToolResult`` back as a ``tool`` message.
+Failures never raise out of ``execute``: unknown tool, malformed or invalid arguments, an
+exception or a timeout become an error result the model can read and recover from.
+
+Client-executed tools (the seam for the browser): register a :class:`Tool` with ``run=None``.
+``execute`` then calls ``on_client_call(call)`` (the engine turns it into an event for the
+client, e.g. a WebRTC data channel message) and waits for :meth:`resolve_client_call` with the
+same ``call_id``, up to ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.knowledge import KnowledgeBase
+from pipeline.providers import ToolCall, ToolSpec
+
+ToolFunction = Callable[[dict[str, Any]], Awaitable[str] | str]
+JSON_TYPES: Mapping[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+}
+
+
+@dataclass(frozen=True)
+class Tool:
+    spec: ToolSpec
+    run: ToolFunction | None = None  # None: the client executes it
+
+    @property
+    def client_side(self) -> bool:
+        return self.run is None
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    call: ToolCall
+    output: str  # what the model reads: JSON text
+    ok: bool
+
+
+class ToolArgumentError(ValueError):
+    pass
+
+
+class ToolRegistry:
+    def __init__(self, tools: Iterable[Tool] = (), *, timeout_s: float = 10.0) -> None:
+        self.timeout_s = timeout_s
+        self._tools: dict[str, Tool] = {}
+        self._client_calls: dict[str, asyncio.Future[str]] = {}
+        for tool in tools:
+            self.register(tool)
+
+    def register(self, tool: Tool) -> None:
+        if tool.spec.name in self._tools:
+            raise ValueError(f"tool {tool.spec.name!r} is already registered")
+        self._tools[tool.spec.name] = tool
+
+    def specs(self) -> list[ToolSpec]:
+        return [tool.spec for tool in self._tools.values()]
+
+    async def execute(
+        self, call: ToolCall, on_client_call: Callable[[ToolCall], None] | None = None
+    ) -> ToolResult:
+        tool = self._tools.get(call.name)
+        if tool is None:
+            return _error(call, f"unknown tool {call.name!r}")
+        try:
+            arguments = parse_arguments(tool.spec, call.arguments)
+            async with asyncio.timeout(self.timeout_s):
+                output = await self._run(tool, call, arguments, on_client_call)
+        except ToolArgumentError as error:
+            return _error(call, str(error))
+        except TimeoutError:
+            return _error(call, f"tool {call.name!r} timed out after {self.timeout_s} s")
+        except Exception as error:  # a tool's bug must not end the conversation
+            return _error(call, f"tool {call.name!r} failed: {type(error).__name__}: {error}")
+        return ToolResult(call, output, ok=True)
+
+    def resolve_client_call(self, call_id: str, output: str) -> bool:
+        """The client's answer to a client-side call; False if no such call is waiting."""
+        future = self._client_calls.get(call_id)
+        if future is None or future.done():
+            return False
+        future.set_result(output)
+        return True
+
+    async def _run(
+        self,
+        tool: Tool,
+        call: ToolCall,
+        arguments: dict[str, Any],
+        on_client_call: Callable[[ToolCall], None] | None,
+    ) -> str:
+        if tool.run is not None:
+            result = tool.run(arguments)
+            return await result if inspect.isawaitable(result) else result
+        if on_client_call is None:
+            raise ToolArgumentError(f"tool {call.name!r} runs on the client, and none is connected")
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._client_calls[call.call_id] = future
+        try:
+            on_client_call(call)
+            return await future
+        finally:
+            del self._client_calls[call.call_id]
+
+
+def _error(call: ToolCall, message: str) -> ToolResult:
+    return ToolResult(call, json.dumps({"error": message}), ok=False)
+
+
+def parse_arguments(spec: ToolSpec, arguments: str) -> dict[str, Any]:
+    """JSON text -> dict, checked against the spec's top-level properties and required keys."""
+    try:
+        parsed = json.loads(arguments or "{}")
+    except json.JSONDecodeError as error:
+        raise ToolArgumentError(f"arguments of {spec.name!r} are not JSON: {error.msg}") from None
+    if not isinstance(parsed, dict):
+        raise ToolArgumentError(f"arguments of {spec.name!r} must be a JSON object")
+    properties: Mapping[str, Any] = spec.parameters.get("properties", {})
+    for name in spec.parameters.get("required", ()):
+        if name not in parsed:
+            raise ToolArgumentError(f"{spec.name!r} needs argument {name!r}")
+    for name, value in parsed.items():
+        _check_type(spec.name, name, value, properties.get(name, {}).get("type"))
+    return parsed
+
+
+def _check_type(tool: str, name: str, value: Any, expected: str | None) -> None:
+    if expected is None or expected not in JSON_TYPES:
+        return
+    wrong_bool = isinstance(value, bool) and expected in ("integer", "number")
+    if wrong_bool or not isinstance(value, JSON_TYPES[expected]):
+        raise ToolArgumentError(f"argument {name!r} of {tool!r} must be {expected}")
+
+
+# --- built-in tools ---------------------------------------------------------------------------
+
+
+def current_time_tool(wall_clock: Callable[[], datetime] | None = None) -> Tool:
+    """The current UTC time; ``wall_clock`` is injectable so answers are testable."""
+    now = wall_clock or (lambda: datetime.now(UTC))
+
+    def run(_: dict[str, Any]) -> str:
+        moment = now()
+        return json.dumps(
+            {
+                "time": moment.strftime("%H:%M"),
+                "hour": moment.hour,
+                "minute": moment.minute,
+                "weekday": moment.strftime("%A"),
+                "timezone": moment.tzname() or "UTC",
+            }
+        )
+
+    spec = ToolSpec("current_time", "The current time of day (24-hour clock) and weekday.")
+    return Tool(spec, run)
+
+
+def lookup_knowledge_tool(knowledge: KnowledgeBase) -> Tool:
+    """Search the knowledge file by keywords."""
+
+    def run(arguments: dict[str, Any]) -> str:
+        entry = knowledge.search(arguments["query"])
+        if entry is None:
+            return json.dumps({"found": False, "topics": knowledge.titles})
+        return json.dumps({"found": True, "title": entry.title, "answer": entry.answer})
+
+    parameters = {
+        "type": "object",
+        "properties": {"query": {"type": "string", "description": "what to look up"}},
+        "required": ["query"],
+    }
+    spec = ToolSpec("lookup_knowledge", "Look a topic up in the knowledge file.", parameters)
+    return Tool(spec, run)
+
+
+def builtin_tools(
+    knowledge: KnowledgeBase, wall_clock: Callable[[], datetime] | None = None
+) -> list[Tool]:
+    return [current_time_tool(wall_clock), lookup_knowledge_tool(knowledge)]

@@ -1,0 +1,182 @@
+"""Turn detection: voice activity per frame -> speech started / speech stopped / turn committed.
+
+Protocol layer: a pure state machine. It is fed 10, 20 or 30 ms frames of 16-bit mono PCM and
+asks an injected ``classify(frame) -> bool`` whether each frame is voiced (webrtcvad by default,
+see :func:`webrtc_classifier`). Event times come from an injected clock; durations (silence,
+padding) are counted in audio, so a file fed faster than real time is segmented the same way.
+
+The knobs are OpenAI's ``server_vad`` ones:
+
+- ``threshold`` (0..1): how sure the detector must be that a frame is speech. Mapped onto
+  webrtcvad's aggressiveness 0..3 (higher threshold = fewer false positives in noise).
+- ``prefix_padding_ms``: audio kept from before the detected onset, so the first phoneme is
+  not clipped.
+- ``silence_duration_ms``: trailing silence that ends the turn.
+
+``min_speech_ms`` is the onset window: that much consecutive voiced audio starts speech. It is
+also the barge-in reaction time: the engine stops playout on ``SpeechStarted``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+VALID_SAMPLE_RATES_HZ = (8000, 16000, 32000, 48000)
+VALID_FRAME_MS = (10, 20, 30)
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    min_speech_ms: int = 60
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"vad threshold must be within 0..1, got {self.threshold}")
+        for name in ("prefix_padding_ms", "silence_duration_ms", "min_speech_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"vad {name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def aggressiveness(self) -> int:
+        """webrtcvad mode 0..3 for this threshold."""
+        return min(3, int(self.threshold * 4))
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    at_s: float
+    audio_start_ms: int  # position in the input stream, prefix padding included
+    prefix_pcm: bytes  # padding and onset frames: the start of the utterance
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    at_s: float
+    audio_end_ms: int
+
+
+@dataclass(frozen=True)
+class TurnCommitted:
+    at_s: float
+    pcm: bytes  # the whole utterance, prefix padding included
+    duration_ms: int
+
+
+VadEvent = SpeechStarted | SpeechStopped | TurnCommitted
+
+
+def frame_duration_ms(frame: bytes, sample_rate_hz: int) -> int:
+    """Validate one frame and return its duration; a clear ValueError for anything else."""
+    if sample_rate_hz not in VALID_SAMPLE_RATES_HZ:
+        raise ValueError(
+            f"vad sample rate must be one of {VALID_SAMPLE_RATES_HZ}, got {sample_rate_hz}"
+        )
+    samples, odd = divmod(len(frame), 2)
+    duration_ms = samples * 1000 // sample_rate_hz
+    if odd or duration_ms not in VALID_FRAME_MS or samples * 1000 % sample_rate_hz:
+        raise ValueError(
+            f"vad frame must be 10, 20 or 30 ms of 16-bit PCM at {sample_rate_hz} Hz, "
+            f"got {len(frame)} bytes"
+        )
+    return duration_ms
+
+
+class TurnDetector:
+    """Segments a stream of frames into utterances. Not thread-safe; one per input stream."""
+
+    def __init__(
+        self,
+        config: VadConfig,
+        sample_rate_hz: int,
+        classify: Callable[[bytes], bool],
+        clock: Callable[[], float],
+    ) -> None:
+        frame_duration_ms(b"\0" * (sample_rate_hz // 50), sample_rate_hz)  # validates the rate
+        self.config = config
+        self.sample_rate_hz = sample_rate_hz
+        self._classify = classify
+        self._clock = clock
+        self._position_ms = 0
+        self._recent: deque[tuple[bytes, bool]] = deque()  # prefix padding + onset window
+        self._recent_ms = 0
+        self._voiced_run_ms = 0
+        self._silence_run_ms = 0
+        self._utterance: list[bytes] = []
+        self._utterance_start_ms = 0
+        self.in_speech = False
+
+    def push(self, frame: bytes) -> list[VadEvent]:
+        """Feed one frame; returns the events it caused (usually none)."""
+        duration_ms = frame_duration_ms(frame, self.sample_rate_hz)
+        voiced = self._classify(frame)
+        self._position_ms += duration_ms
+        if self.in_speech:
+            return self._push_in_speech(frame, voiced, duration_ms)
+        return self._push_in_silence(frame, voiced, duration_ms)
+
+    def flush(self) -> list[VadEvent]:
+        """End of input: close an open utterance as if silence followed."""
+        if not self.in_speech:
+            return []
+        return self._stop()
+
+    def _push_in_silence(self, frame: bytes, voiced: bool, duration_ms: int) -> list[VadEvent]:
+        self._remember(frame, voiced, duration_ms)
+        self._voiced_run_ms = self._voiced_run_ms + duration_ms if voiced else 0
+        if self._voiced_run_ms < max(self.config.min_speech_ms, duration_ms):
+            return []
+        self.in_speech = True
+        self._silence_run_ms = 0
+        self._utterance = [pcm for pcm, _ in self._recent]
+        self._utterance_start_ms = self._position_ms - self._recent_ms
+        prefix = b"".join(self._utterance)
+        self._recent.clear()
+        self._recent_ms = 0
+        return [SpeechStarted(self._clock(), self._utterance_start_ms, prefix)]
+
+    def _push_in_speech(self, frame: bytes, voiced: bool, duration_ms: int) -> list[VadEvent]:
+        self._utterance.append(frame)
+        self._silence_run_ms = 0 if voiced else self._silence_run_ms + duration_ms
+        if self._silence_run_ms < max(self.config.silence_duration_ms, duration_ms):
+            return []
+        return self._stop()
+
+    def _stop(self) -> list[VadEvent]:
+        now = self._clock()
+        pcm = b"".join(self._utterance)
+        self.in_speech = False
+        self._utterance = []
+        self._voiced_run_ms = 0
+        duration_ms = self._position_ms - self._utterance_start_ms
+        return [
+            SpeechStopped(now, self._position_ms - self._silence_run_ms),
+            TurnCommitted(now, pcm, duration_ms),
+        ]
+
+    def _remember(self, frame: bytes, voiced: bool, duration_ms: int) -> None:
+        self._recent.append((frame, voiced))
+        self._recent_ms += duration_ms
+        keep_ms = self.config.prefix_padding_ms + max(self.config.min_speech_ms, duration_ms)
+        while self._recent_ms - self._pcm_ms(self._recent[0][0]) >= keep_ms:
+            old, _ = self._recent.popleft()
+            self._recent_ms -= self._pcm_ms(old)
+
+    def _pcm_ms(self, pcm: bytes) -> int:
+        return len(pcm) * 500 // self.sample_rate_hz
+
+
+def webrtc_classifier(config: VadConfig, sample_rate_hz: int) -> Callable[[bytes], bool]:
+    """webrtcvad's GMM classifier at the aggressiveness the threshold maps to."""
+    import webrtcvad
+
+    vad = webrtcvad.Vad(config.aggressiveness)
+
+    def classify(frame: bytes) -> bool:
+        return bool(vad.is_speech(frame, sample_rate_hz))
+
+    return classify

@@ -1,0 +1,83 @@
+"""LLM deltas -> speakable chunks: early first chunk, sentence cuts, nothing lost."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.chunker import ChunkerConfig, SpeechChunker
+
+
+def chunk_all(deltas: list[str], config: ChunkerConfig | None = None) -> list[str]:
+    chunker = SpeechChunker(config)
+    chunks = [chunk for delta in deltas for chunk in chunker.push(delta)]
+    return chunks + chunker.flush()
+
+
+def words(text: str) -> list[str]:
+    return [f" {w}" if i else w for i, w in enumerate(text.split())]
+
+
+def test_sentences_become_chunks_as_soon_as_the_next_token_arrives() -> None:
+    chunker = SpeechChunker()
+    assert chunker.push("The moon is far away.") == []
+    assert chunker.push(" It") == ["The moon is far away."]
+    assert chunker.push(" has no air!") == []
+    assert chunker.flush() == ["It has no air!"]
+
+
+def test_the_first_chunk_is_cut_early_at_a_clause_boundary_later_ones_are_not() -> None:
+    text = "Well, the library opens at nine, and it closes at six. Bring a card, please."
+    assert chunk_all(words(text)) == [
+        "Well, the library opens at nine,",
+        "and it closes at six.",
+        "Bring a card, please.",
+    ]
+
+
+def test_abbreviations_initials_and_decimals_do_not_end_a_sentence() -> None:
+    text = "Dr. Smith met J. Doe at 3.5 km from St. Mary. Then they left."
+    assert chunk_all(words(text)) == [
+        "Dr. Smith met J. Doe at 3.5 km from St. Mary.",
+        "Then they left.",
+    ]
+
+
+def test_a_run_on_sentence_is_cut_at_max_chars_on_a_space() -> None:
+    config = ChunkerConfig(max_chars=30)
+    chunks = chunk_all(
+        words("one two three four five six seven eight nine ten eleven twelve"), config
+    )
+    assert all(len(chunk) <= 30 for chunk in chunks)
+    assert " ".join(chunks) == "one two three four five six seven eight nine ten eleven twelve"
+
+
+def test_empty_and_whitespace_input_gives_no_chunks() -> None:
+    assert chunk_all(["", "  ", "\n"]) == []
+
+
+def test_bad_configuration_is_refused() -> None:
+    with pytest.raises(ValueError, match="chunker sizes"):
+        ChunkerConfig(min_chars=0)
+    with pytest.raises(ValueError, match="chunker sizes"):
+        ChunkerConfig(first_min_chars=500, max_chars=100)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.text(alphabet="abc .,!?;:\n", min_size=0, max_size=12),
+        min_size=0,
+        max_size=30,
+    )
+)
+def test_chunking_loses_and_reorders_nothing(deltas: list[str]) -> None:
+    chunks = chunk_all(deltas, ChunkerConfig(max_chars=40))
+
+    def letters(text: str) -> str:
+        return "".join(text.split())
+
+    assert letters("".join(chunks)) == letters("".join(deltas))  # nothing lost or reordered
+    assert all(len(chunk) <= 40 for chunk in chunks)
+    assert all(chunk and chunk == chunk.strip() for chunk in chunks)

@@ -1,0 +1,133 @@
+"""Turn detection state machine: onset, prefix padding, end of turn, bad frames."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.vad import (
+    SpeechStarted,
+    SpeechStopped,
+    TurnCommitted,
+    TurnDetector,
+    VadConfig,
+    webrtc_classifier,
+)
+
+RATE_HZ = 16000
+FRAME_BYTES = 640  # 20 ms at 16 kHz
+VOICED = b"\x01\x00" * 320  # the fake classifier calls a frame voiced if it starts non-zero
+SILENT = b"\x00\x00" * 320
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_s = 100.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def detector(**knobs: int | float) -> tuple[TurnDetector, Clock]:
+    clock = Clock()
+    config = VadConfig(**knobs)  # type: ignore[arg-type]
+    return TurnDetector(config, RATE_HZ, lambda frame: frame[0] != 0, clock), clock
+
+
+def feed(vad: TurnDetector, clock: Clock, frames: list[bytes]) -> list[object]:
+    events: list[object] = []
+    for frame in frames:
+        clock.now_s += 0.02
+        events += vad.push(frame)
+    return events
+
+
+def test_speech_starts_after_the_onset_window_with_prefix_padding() -> None:
+    vad, clock = detector(prefix_padding_ms=100, min_speech_ms=60)
+    events = feed(vad, clock, [SILENT] * 10 + [VOICED] * 2)
+    assert events == [] and not vad.in_speech
+    (started,) = feed(vad, clock, [VOICED])
+    assert isinstance(started, SpeechStarted)
+    assert started.at_s == pytest.approx(100.26)
+    # 100 ms of padding before the 60 ms onset window: 8 frames
+    assert len(started.prefix_pcm) == 8 * FRAME_BYTES
+    assert started.audio_start_ms == 260 - 160
+    assert started.prefix_pcm.endswith(VOICED * 3)
+    assert vad.in_speech
+
+
+def test_a_short_blip_does_not_start_speech() -> None:
+    vad, clock = detector(min_speech_ms=60)
+    assert feed(vad, clock, [VOICED, VOICED, SILENT, VOICED, SILENT] * 5) == []
+
+
+def test_turn_ends_after_the_silence_duration_and_commits_the_utterance() -> None:
+    vad, clock = detector(prefix_padding_ms=0, silence_duration_ms=100, min_speech_ms=40)
+    events = feed(vad, clock, [VOICED] * 5 + [SILENT] * 4)
+    assert [type(e) for e in events] == [SpeechStarted]
+    events = feed(vad, clock, [SILENT])
+    stopped, committed = events
+    assert isinstance(stopped, SpeechStopped) and isinstance(committed, TurnCommitted)
+    assert stopped.audio_end_ms == 100  # the end of the last voiced frame
+    assert committed.duration_ms == 200 and len(committed.pcm) == 10 * FRAME_BYTES
+    assert not vad.in_speech
+
+
+def test_a_pause_shorter_than_the_silence_duration_keeps_the_turn_open() -> None:
+    vad, clock = detector(silence_duration_ms=200, min_speech_ms=20)
+    events = feed(vad, clock, [VOICED] * 3 + [SILENT] * 9 + [VOICED] * 3 + [SILENT] * 9)
+    assert [type(e) for e in events] == [SpeechStarted]
+    assert [type(e) for e in feed(vad, clock, [SILENT])] == [SpeechStopped, TurnCommitted]
+
+
+def test_flush_commits_an_open_utterance_and_is_a_no_op_otherwise() -> None:
+    vad, clock = detector(min_speech_ms=20)
+    assert vad.flush() == []
+    feed(vad, clock, [VOICED] * 4)
+    assert [type(e) for e in vad.flush()] == [SpeechStopped, TurnCommitted]
+    assert vad.flush() == []
+
+
+@pytest.mark.parametrize("frame_ms", [10, 30])
+def test_10_and_30_ms_frames_are_accepted(frame_ms: int) -> None:
+    vad, clock = detector(min_speech_ms=60, prefix_padding_ms=0)
+    frame = b"\x01\x00" * (RATE_HZ * frame_ms // 1000)
+    events = feed(vad, clock, [frame] * (60 // frame_ms))
+    assert [type(e) for e in events] == [SpeechStarted]
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (b"\x00" * 639, "got 639 bytes"),
+        (b"\x00" * 700, "must be 10, 20 or 30 ms"),
+        (b"", "got 0 bytes"),
+    ],
+)
+def test_bad_frames_are_refused_with_a_clear_error(frame: bytes, message: str) -> None:
+    vad, _ = detector()
+    with pytest.raises(ValueError, match=message):
+        vad.push(frame)
+
+
+def test_bad_configuration_is_refused() -> None:
+    with pytest.raises(ValueError, match="threshold must be within 0..1"):
+        VadConfig(threshold=1.5)
+    with pytest.raises(ValueError, match="silence_duration_ms must be >= 0"):
+        VadConfig(silence_duration_ms=-1)
+    with pytest.raises(ValueError, match="sample rate must be one of"):
+        TurnDetector(VadConfig(), 44100, bool, Clock())
+
+
+def test_threshold_maps_onto_webrtcvad_aggressiveness() -> None:
+    assert [VadConfig(threshold=t).aggressiveness for t in (0.0, 0.3, 0.5, 0.8, 1.0)] == [
+        0,
+        1,
+        2,
+        3,
+        3,
+    ]
+
+
+def test_webrtc_classifier_hears_no_speech_in_silence() -> None:
+    classify = webrtc_classifier(VadConfig(), RATE_HZ)
+    assert classify(SILENT) is False
