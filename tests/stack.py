@@ -1,0 +1,306 @@
+"""Test support: real relay and transceiver processes and a loopback relay shim.
+
+- ``Process`` starts a ``python -m ...`` process, waits for its ready line with a deadline, and
+  ends it by PID (SIGTERM or SIGKILL), never by name.
+- ``LoopbackRelay`` is a minimal in-test relay (one public socket, one link socket, header
+  on/off) for transceiver tests that need no real relay.
+- ``Stack`` is a relay (N workers) in front of M transceivers on free loopback ports with a
+  shared random keyring. Tone clients live in ``tones``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+
+from relay.header import HEADER_BYTES, HeaderError, header_for, parse_header
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_RATE_HZ = 48_000
+FRAME_SAMPLES = 960  # 20 ms
+Address = tuple[str, int]
+
+
+def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def random_keys() -> str:
+    return f"7:{os.urandom(32).hex()}"
+
+
+def text(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def eventually(
+    predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02
+) -> float:
+    """Wait until ``predicate()`` holds; returns the seconds it took; fails after the deadline."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not predicate():
+        if loop.time() - start > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(interval_s)
+    return loop.time() - start
+
+
+class Process:
+    """A child process we started; its stdout is scanned for a ready line."""
+
+    def __init__(self, name: str, argv: list[str], ready_text: str, log_dir: Path) -> None:
+        self.name, self.argv, self.ready_text = name, argv, ready_text
+        self.log_path = log_dir / f"{name}.log"
+        self.lines: list[str] = []
+        self.ready_at: float | None = None  # time.monotonic() when the ready line was read
+        self._ready = threading.Event()
+        self._popen: subprocess.Popen[str] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._popen is not None
+        return self._popen.pid
+
+    def start(self) -> Process:
+        self._ready.clear()
+        log = self.log_path.open("a")
+        self._popen = subprocess.Popen(
+            [sys.executable, *self.argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+        log.close()
+        threading.Thread(target=self._read, args=(self._popen,), daemon=True).start()
+        return self
+
+    def _read(self, popen: subprocess.Popen[str]) -> None:
+        assert popen.stdout is not None
+        for line in popen.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if line.startswith(self.ready_text) and not self._ready.is_set():
+                self.ready_at = time.monotonic()
+                self._ready.set()
+
+    async def ready(self, timeout_s: float = 20.0) -> Process:
+        return await asyncio.to_thread(self.wait_ready, timeout_s)
+
+    def wait_ready(self, timeout_s: float = 20.0) -> Process:
+        if not self._ready.wait(timeout_s):
+            raise RuntimeError(f"{self.name} not ready in {timeout_s} s:\n{self.log_tail()}")
+        return self
+
+    def ready_line(self) -> str:
+        return next(line for line in self.lines if line.startswith(self.ready_text))
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def alive(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    def send_signal(self, signum: int) -> None:
+        if self.alive():
+            os.kill(self.pid, signum)
+
+    async def exited(self, timeout_s: float) -> int:
+        """Wait for the process to exit on its own; its exit code."""
+        assert self._popen is not None
+        return await asyncio.to_thread(self._popen.wait, timeout_s)
+
+    async def stop(self, signum: int = signal.SIGTERM, timeout_s: float = 15.0) -> int | None:
+        """Signal the process by PID and wait for it; SIGKILL if it outlives the deadline."""
+        if self._popen is None:
+            return None
+        self.send_signal(signum)
+        try:
+            return await asyncio.to_thread(self._popen.wait, timeout_s)
+        except subprocess.TimeoutExpired:
+            self.send_signal(signal.SIGKILL)
+            return await asyncio.to_thread(self._popen.wait, 5)
+
+
+def transceiver_process(
+    name: str, link: Address, http: Address, public: str, keys: str, log_dir: Path, **flags: Any
+) -> Process:
+    argv = ["-m", "transceiver", "--link", text(link), "--http", text(http)]
+    argv += ["--public", public, "--keys", keys]
+    for flag, value in flags.items():
+        argv += ["--" + flag.replace("_", "-"), str(value)]
+    return Process(name, argv, "transceiver ready", log_dir)
+
+
+def relay_process(
+    public: str, transceivers: list[Address], keys: str, http: Address, log_dir: Path, **flags: Any
+) -> Process:
+    argv = ["-m", "relay", "--public", public, "--keys", keys, "--http", text(http)]
+    argv += ["--transceivers", ",".join(text(t) for t in transceivers)]
+    for flag, value in flags.items():
+        argv += ["--" + flag.replace("_", "-"), str(value)]
+    return Process("relay", argv, "relay ready", log_dir)
+
+
+class _Forward(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram: Callable[[bytes, Address], None]) -> None:
+        self.on_datagram = on_datagram
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.on_datagram(data, (addr[0], addr[1]))
+
+
+class LoopbackRelay:
+    """A one-worker relay stand-in: client datagrams get the header, link datagrams lose it."""
+
+    def __init__(self, transceiver: Address) -> None:
+        self.transceiver = transceiver
+        self.public = _Forward(self._from_client)
+        self.link = _Forward(self._from_transceiver)
+
+    async def start(self, host: str = "127.0.0.1") -> Address:
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(lambda: self.public, local_addr=(host, 0))
+        await loop.create_datagram_endpoint(lambda: self.link, local_addr=("127.0.0.1", 0))
+        assert self.public.transport is not None
+        host, port = self.public.transport.get_extra_info("sockname")[:2]
+        return host, port
+
+    def _from_client(self, data: bytes, client: Address) -> None:
+        assert self.link.transport is not None
+        self.link.transport.sendto(header_for(client) + data, self.transceiver)
+
+    def _from_transceiver(self, data: bytes, _: Address) -> None:
+        try:
+            header = parse_header(data)
+        except HeaderError:
+            return
+        if not header.is_control and self.public.transport is not None:
+            self.public.transport.sendto(data[HEADER_BYTES:], header.client)
+
+    def close(self) -> None:
+        for side in (self.public, self.link):
+            if side.transport is not None:
+                side.transport.close()
+
+
+def _free_v6(port: int) -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", port))
+    except OSError:
+        return False
+    return True
+
+
+def udp_socket_count(pid: int) -> int:
+    """UDP sockets a process holds: its socket fd inodes found in /proc/net/udp and udp6."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    udp = set()
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            udp.add(line.split()[9])
+    return len(inodes & udp)
+
+
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """``{label value or "": value}`` of one Prometheus metric in an exposition text."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, _, value = line.rpartition(" ")
+            label = head.partition('="')[2].rstrip('"}') if "{" in head else ""
+            values[label] = float(value)
+    return values
+
+
+class Stack:
+    """A relay (N workers, one public port) in front of M transceivers, on free loopback ports."""
+
+    def __init__(
+        self, log_dir: Path, transceivers: int = 2, workers: int = 2, dual_stack: bool = False
+    ) -> None:
+        self.keys = random_keys()
+        self.log_dir = log_dir
+        self.public = ("127.0.0.1", free_port())
+        # The same port on ::1 too (dual stack), when it is free there.
+        self.public_v6 = (
+            ("::1", self.public[1]) if dual_stack and _free_v6(self.public[1]) else None
+        )
+        self.public_text = ",".join(text(a) for a in self.public_addresses)
+        self.relay_http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
+        self.workers = workers
+        self.links = [("127.0.0.1", free_port()) for _ in range(transceivers)]
+        self.transceivers = [
+            transceiver_process(
+                f"transceiver{i}",
+                link,
+                ("127.0.0.1", free_port(socket.SOCK_STREAM)),
+                self.public_text,
+                self.keys,
+                log_dir,
+            )
+            for i, link in enumerate(self.links)
+        ]
+        self.relay = self._relay()
+
+    def _relay(self) -> Process:
+        return relay_process(
+            self.public_text,
+            self.links,
+            self.keys,
+            self.relay_http,
+            self.log_dir,
+            workers=self.workers,
+        )
+
+    @property
+    def public_addresses(self) -> list[Address]:
+        return [self.public] + ([self.public_v6] if self.public_v6 else [])
+
+    def base_url(self, index: int) -> str:
+        argv = self.transceivers[index].argv
+        return "http://" + argv[argv.index("--http") + 1]
+
+    async def start(self) -> Stack:
+        for process in [*self.transceivers, self.relay]:
+            process.start()
+        for process in [*self.transceivers, self.relay]:
+            await process.ready()
+        return self
+
+    async def restart_relay(self) -> Process:
+        """Start a fresh relay on the same public and HTTP ports."""
+        self.relay = self._relay()
+        return await self.relay.start().ready()
+
+    async def relay_metrics(self, http: httpx.AsyncClient) -> str:
+        return (await http.get(f"http://{text(self.relay_http)}/metrics")).text
+
+    async def stop(self) -> None:
+        for process in [self.relay, *self.transceivers]:
+            await process.stop()

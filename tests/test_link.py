@@ -1,0 +1,207 @@
+"""transceiver.link on real loopback UDP sockets: demux, route learning, worker choice, control.
+
+Two sockets in the test play two relay workers; the link's clock is injected so the 3 s
+"heard recently" window is exercised without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import pytest
+from aioice import stun
+
+from relay.header import (
+    HEADER_BYTES,
+    ControlMessage,
+    ControlType,
+    header_for,
+    parse_header,
+)
+from transceiver.link import HEARD_WINDOW_S, Link, LinkSession
+
+UFRAG = "AQcEfwAAAcI0G5fO0yrdeveSdeaXeQV+kteM"
+CLIENT = ("192.0.2.10", 40000)
+OTHER_CLIENT = ("2001:db8::10", 40001)
+PUBLIC = ("127.0.0.1", 3478)
+
+
+class Endpoint(asyncio.DatagramProtocol):
+    """A loopback socket that queues what it receives (a relay worker, or a session receiver)."""
+
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.received.put_nowait((data, (addr[0], addr[1])))
+
+    async def next(self) -> tuple[bytes, tuple[str, int]]:
+        return await asyncio.wait_for(self.received.get(), 2.0)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.transport is not None
+        host, port = self.transport.get_extra_info("sockname")[:2]
+        return host, port
+
+    def send(self, data: bytes, to: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data, to)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+@pytest.fixture
+async def parts() -> AsyncIterator[tuple[Link, Clock, Endpoint, Endpoint]]:
+    loop = asyncio.get_running_loop()
+    clock = Clock()
+    link = Link(("127.0.0.1", 0), clock=clock)
+    await link.start()
+    workers = [Endpoint(), Endpoint()]
+    for worker in workers:
+        await loop.create_datagram_endpoint(
+            functools.partial(lambda w: w, worker), local_addr=("127.0.0.1", 0)
+        )
+    yield link, clock, workers[0], workers[1]
+    await link.aclose()
+    for worker in workers:
+        assert worker.transport is not None
+        worker.transport.close()
+
+
+def attach(link: Link, ufrag: str = UFRAG) -> tuple[LinkSession, Endpoint, Endpoint]:
+    session = link.open_session(ufrag)
+    receivers = (Endpoint(), Endpoint())
+    for family, receiver in zip((4, 6), receivers, strict=True):
+        session.transport(family, PUBLIC).set_protocol(receiver)
+    return session, receivers[0], receivers[1]
+
+
+def binding(cls: stun.Class = stun.Class.REQUEST, username: str | None = None) -> stun.Message:
+    message = stun.Message(message_method=stun.Method.BINDING, message_class=cls)
+    if username is not None:
+        message.attributes["USERNAME"] = username
+    message.add_fingerprint()
+    return message
+
+
+async def routes(worker: Endpoint, link: Link) -> tuple[tuple[str, int], ...]:
+    worker.send(bytes(ControlMessage(ControlType.HELLO)), link.address)
+    data, _ = await worker.next()
+    assert parse_header(data).is_control
+    message = ControlMessage.parse(data[HEADER_BYTES:])
+    assert message.kind == ControlType.ROUTES
+    return message.routes
+
+
+async def test_stun_by_ufrag_then_media_by_learned_address(parts: Any) -> None:
+    link, _, worker, _ = parts
+    session, v4, v6 = attach(link)
+    assert await routes(worker, link) == ()
+    request = bytes(binding(username=f"{UFRAG}:abcd"))
+    worker.send(header_for(CLIENT) + request, link.address)
+    assert await v4.next() == (request, CLIENT)
+    dtls = b"\x16\xfe\xfd" + b"\x01" * 40
+    worker.send(header_for(CLIENT) + dtls, link.address)  # not yet owned: dropped
+    assert await routes(worker, link) == ()  # a HELLO round trip orders the two
+    session.send(b"\x16\xfe\xfd answer", CLIENT)  # the owner answering teaches the route
+    data, _ = await worker.next()
+    assert data == header_for(CLIENT) + b"\x16\xfe\xfd answer"
+    worker.send(header_for(CLIENT), link.address)  # an empty payload is never delivered
+    worker.send(header_for(CLIENT) + dtls, link.address)
+    assert await v4.next() == (dtls, CLIENT)
+    assert link.counters["drop_no_session"] == 2
+    assert await routes(worker, link) == (CLIENT,)
+    session.send(b"\x80media", OTHER_CLIENT)
+    await worker.next()
+    worker.send(header_for(OTHER_CLIENT) + b"\x80rtp", link.address)
+    assert await v6.next() == (b"\x80rtp", OTHER_CLIENT)
+
+
+async def test_worker_choice_follows_the_sessions_last_forwarder_while_heard(parts: Any) -> None:
+    link, clock, first, second = parts
+    session, v4, _ = attach(link)
+    first.send(header_for(CLIENT) + bytes(binding(username=f"{UFRAG}:x")), link.address)
+    await v4.next()
+    await routes(second, link)  # second is now the most recently heard worker
+    clock.now_s += HEARD_WINDOW_S - 0.5
+    session.send(b"\x17one", CLIENT)
+    assert (await first.next())[0].endswith(b"\x17one")
+    # ICE may answer on another pair: the session's last forwarder, not the address's, wins.
+    session.send(b"\x17other pair", OTHER_CLIENT)
+    assert (await first.next())[0].endswith(b"\x17other pair")
+    clock.now_s += 1.0  # first not heard for > 3 s: the most recently heard worker
+    await routes(second, link)
+    session.send(b"\x17two", CLIENT)
+    assert (await second.next())[0].endswith(b"\x17two")
+    assert first.received.empty()
+
+
+async def test_responses_by_transaction_and_errors_teach_nothing(parts: Any) -> None:
+    link, _, worker, _ = parts
+    session, v4, _ = attach(link)
+    await routes(worker, link)
+    request = binding()
+    session.send(bytes(request), CLIENT)
+    await worker.next()
+    response = binding(stun.Class.RESPONSE)
+    response.transaction_id = request.transaction_id
+    stranger = ("198.51.100.9", 5000)  # an answer from an address the session never sent to
+    worker.send(header_for(stranger) + bytes(response), link.address)
+    assert await v4.next() == (bytes(response), stranger)
+    error = binding(stun.Class.ERROR)
+    session.send(bytes(error), stranger)
+    await worker.next()
+    worker.send(header_for(stranger) + b"\x17\xfe\xfd", link.address)
+    await routes(worker, link)
+    assert link.counters["drop_no_session"] == 1
+    assert v4.received.empty()
+
+
+async def test_close_sends_gone_and_forgets(parts: Any) -> None:
+    link, _, worker, _ = parts
+    session, v4, _ = attach(link)
+    other, _, _ = attach(link, UFRAG[:-4] + "AAAA")
+    await routes(worker, link)
+    session.send(b"\x17hi", CLIENT)
+    await worker.next()
+    other.send(b"\x17mine?", CLIENT)  # already owned by session: not overwritten
+    await worker.next()
+    assert link.counters["route_conflict"] == 1
+    session.close()
+    gone, _ = await worker.next()
+    assert ControlMessage.parse(gone[HEADER_BYTES:]) == ControlMessage(ControlType.GONE, (CLIENT,))
+    assert link.session_count == 1
+    worker.send(header_for(CLIENT) + b"\x17late", link.address)
+    assert await routes(worker, link) == ()
+    assert link.counters["drop_no_session"] == 1
+    assert v4.received.empty()
+    with pytest.raises(ValueError, match="already on the link"):
+        link.open_session(UFRAG[:-4] + "AAAA")
+
+
+async def test_routes_are_chunked_by_64(parts: Any) -> None:
+    link, _, worker, _ = parts
+    await routes(worker, link)
+    for i in range(70):
+        session, _, _ = attach(link, f"{UFRAG[:-4]}{i:04d}")
+        session.send(b"\x17x", ("192.0.2.1", 10_000 + i))
+        await worker.next()
+    worker.send(bytes(ControlMessage(ControlType.HELLO)), link.address)
+    sizes = [
+        len(ControlMessage.parse((await worker.next())[0][HEADER_BYTES:]).routes) for _ in "ab"
+    ]
+    assert sizes == [64, 6]

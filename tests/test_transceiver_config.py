@@ -1,0 +1,43 @@
+"""transceiver.config: environment, mirrored flags, and errors naming the variable."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from transceiver.config import ConfigError, TransceiverConfig
+
+KEYS = "1:" + "00" * 16
+
+
+def test_defaults_environment_and_flags() -> None:
+    config = TransceiverConfig.load([], {"TRANSCEIVER_KEYS": KEYS})
+    assert config.link == ("127.0.0.1", 7000) and config.http == ("127.0.0.1", 8080)
+    assert (config.capacity, config.agent) == (100, "echo")
+    env = {"TRANSCEIVER_KEYS": KEYS, "TRANSCEIVER_CAPACITY": "5", "TRANSCEIVER_LINK": "[::1]:7001"}
+    config = TransceiverConfig.load(["--capacity", "7", "--public", "1.2.3.4:3478,[::1]:3479"], env)
+    assert config.capacity == 7 and config.link == ("::1", 7001)
+    assert config.public == (("1.2.3.4", 3478), ("::1", 3479))
+    flags = ["--connect-timeout-s", "2.5", "--drain-timeout-s", "0"]
+    config = TransceiverConfig.load(flags, env)
+    assert (config.connect_timeout_s, config.drain_timeout_s) == (2.5, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ([], "TRANSCEIVER_KEYS (--keys) is required"),
+        (["--keys", "zz"], "TRANSCEIVER_KEYS: key entry 'zz' is not ID:HEXSECRET"),
+        (["--keys", KEYS, "--capacity", "0"], "TRANSCEIVER_CAPACITY=0 is below 1"),
+        (["--keys", KEYS, "--capacity", "many"], "TRANSCEIVER_CAPACITY='many' is not a int"),
+        (["--keys", KEYS, "--link", "localhost:7000"], "'localhost' is not an IP address"),
+        (["--keys", KEYS, "--http", "127.0.0.1"], "TRANSCEIVER_HTTP='127.0.0.1' is not host:port"),
+        (["--keys", KEYS, "--public", "1.2.3.4:1,5.6.7.8:2"], "give one address per family"),
+        (["--keys", KEYS, "--public", "1.2.3.4:0"], "port 0 cannot be advertised"),
+        (["--keys", KEYS, "--agent", "parrot"], "TRANSCEIVER_AGENT='parrot' is not one of echo"),
+    ],
+)
+def test_errors_name_the_setting(flags: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TransceiverConfig.load(flags, {})

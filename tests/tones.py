@@ -1,0 +1,125 @@
+"""Test support: aiortc tone clients that hear their own echo (an FFT says which tone).
+
+``ToneClient`` is an aiortc peer (iceServers=[]) that sends its own paced sine tone and keeps
+the last second of audio it hears back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+from collections import deque
+from typing import Any
+
+import httpx
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import AudioFrame
+from stack import eventually
+
+SAMPLE_RATE_HZ = 48_000
+FRAME_SAMPLES = 960  # 20 ms
+
+
+class ToneTrack(MediaStreamTrack):
+    """A paced 20 ms sine tone at ``frequency_hz``."""
+
+    kind = "audio"
+
+    def __init__(self, frequency_hz: float) -> None:
+        super().__init__()
+        self.frequency_hz = frequency_hz
+        self._sent = 0
+        self._start: float | None = None
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        loop = asyncio.get_running_loop()
+        self._start = loop.time() if self._start is None else self._start
+        delay_s = self._start + self._sent / SAMPLE_RATE_HZ - loop.time()
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)  # pacing a real-time source, not synchronisation
+        t = (self._sent + np.arange(FRAME_SAMPLES)) / SAMPLE_RATE_HZ
+        samples = (8_000 * np.sin(2 * np.pi * self.frequency_hz * t)).astype(np.int16)
+        frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = SAMPLE_RATE_HZ
+        frame.pts = self._sent
+        frame.time_base = fractions.Fraction(1, SAMPLE_RATE_HZ)
+        self._sent += FRAME_SAMPLES
+        return frame
+
+
+class ToneClient:
+    """An aiortc client that sends a tone and keeps the last second of audio it hears."""
+
+    def __init__(self, frequency_hz: float) -> None:
+        self.frequency_hz = frequency_hz
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc.addTrack(ToneTrack(frequency_hz))
+        self.pc.on("track", self._on_track)
+        self.frames_received = 0
+        self.recent: deque[np.ndarray[Any, Any]] = deque(maxlen=50)
+        self.answer_sdp = ""
+        self.call_url = ""
+        self._reader: asyncio.Task[None] | None = None
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and self._reader is None:
+            self._reader = asyncio.create_task(self._read(track))
+
+    async def _read(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            assert isinstance(frame, AudioFrame)
+            samples = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
+            self.recent.append(samples.astype(np.float64))
+            self.frames_received += 1
+
+    async def offer(self, http: httpx.AsyncClient, base_url: str) -> httpx.Response:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        response = await http.post(
+            base_url + "/v1/realtime/calls",
+            content=self.pc.localDescription.sdp,
+            headers={"Content-Type": "application/sdp"},
+        )
+        if response.status_code == 201:
+            self.answer_sdp = response.text
+            self.call_url = base_url + response.headers["Location"]
+            answer = RTCSessionDescription(sdp=response.text, type="answer")
+            await self.pc.setRemoteDescription(answer)
+        return response
+
+    async def connected(self, timeout_s: float = 15.0) -> None:
+        await eventually(
+            lambda: self.pc.connectionState == "connected", timeout_s, f"{self} to connect"
+        )
+
+    def hears_own_tone(self, others: list[float], frames: int = 25) -> bool:
+        """In the last ``frames`` frames the loudest frequency is ours (within 15 Hz) and every
+        other test tone is at least 20 dB below ours."""
+        if len(self.recent) < frames:
+            return False
+        samples = np.concatenate(list(self.recent)[-frames:])
+        power = np.abs(np.fft.rfft(samples * np.hanning(len(samples)))) ** 2
+        freqs = np.fft.rfftfreq(len(samples), 1 / SAMPLE_RATE_HZ)
+        dominant_hz = float(freqs[int(np.argmax(power[1:])) + 1])
+
+        def band(hz: float) -> float:
+            return float(power[np.abs(freqs - hz) <= 15].sum())
+
+        own, other = band(self.frequency_hz), max((band(hz) for hz in others), default=0.0)
+        return abs(dominant_hz - self.frequency_hz) <= 15 and own > 0 and own > 100 * other
+
+    async def close(self) -> None:
+        await self.pc.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    def __repr__(self) -> str:
+        return f"ToneClient({self.frequency_hz:g} Hz)"

@@ -1,0 +1,122 @@
+"""``python -m transceiver``: load config, bind the link and HTTP, serve, drain on SIGTERM.
+
+Lifecycle (as uvicorn/stunnerd): SIGTERM or SIGINT only sets a flag; then the transceiver stops
+admitting (``/readyz`` 503, POST 503), lets sessions end for up to ``drain_timeout_s``, closes
+the rest, stops HTTP and closes the link socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+
+import uvicorn
+import uvloop
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from transceiver import ice
+from transceiver.app import create_app
+from transceiver.config import ConfigError, TransceiverConfig
+from transceiver.link import Link
+from transceiver.sessions import SessionLimits, Sessions
+
+logger = logging.getLogger("transceiver")
+STARTUP_TIMEOUT_S = 10.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: our lifecycle owns SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(config: TransceiverConfig) -> int:
+    ice.install()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    link = Link(config.link)
+    try:
+        link_address = await link.start()
+    except OSError as exc:
+        logger.error("cannot bind the link socket %s: %s", _text(config.link), exc)
+        return 1
+    registry = CollectorRegistry()
+    limits = SessionLimits(config.capacity, config.connect_timeout_s)
+    relayed = ice.RelayedIce(link, config.keyring, config.public)
+    sessions = Sessions(relayed, limits, registry, config.agent)
+    app = create_app(sessions, link, registry)
+    server = _Server(_uvicorn_config(app, config))
+    server_task = asyncio.create_task(server.serve(), name="http")
+    try:
+        if not await _started(server, server_task):
+            logger.error("HTTP listener on %s:%d did not start", *config.http)
+            return 1
+        print(f"transceiver ready link={_text(link_address)} http={_text(config.http)}", flush=True)
+        await _first(stop.wait(), server_task)
+        logger.info("draining %d sessions for up to %.1f s", len(sessions), config.drain_timeout_s)
+        await sessions.drain(config.drain_timeout_s)
+    finally:
+        await sessions.aclose()
+        server.should_exit = True
+        with contextlib.suppress(BaseException):
+            await server_task
+        await link.aclose()
+    return 0
+
+
+def _uvicorn_config(app: FastAPI, config: TransceiverConfig) -> uvicorn.Config:
+    host, port = config.http
+    return uvicorn.Config(
+        app, host=host, port=port, lifespan="off", log_level="warning", access_log=False
+    )
+
+
+async def _started(server: uvicorn.Server, task: asyncio.Task[None]) -> bool:
+    """Wait for uvicorn to bind (or fail), with a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STARTUP_TIMEOUT_S
+    # uvicorn exposes only a flag for "bound and serving", so poll it with a deadline.
+    while not server.started and not task.done() and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    return server.started and not task.done()
+
+
+async def _first(signal_wait: object, task: asyncio.Task[None]) -> None:
+    assert asyncio.iscoroutine(signal_wait)
+    waiter = asyncio.ensure_future(signal_wait)
+    try:
+        await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+
+
+def _text(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+    logging.getLogger("aiortc").setLevel(logging.WARNING)
+    try:
+        config = TransceiverConfig.load(argv)
+    except ConfigError as exc:
+        print(f"transceiver: {exc}", file=sys.stderr)
+        return 2
+    return uvloop.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Transceiver configuration: one frozen dataclass, loaded from ``TRANSCEIVER_*`` variables.
+
+Policy layer. CLI flags mirror the variables one for one (``--link`` <-> ``TRANSCEIVER_LINK``);
+a flag wins over its variable. Every value is validated at start with a message naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from relay.ufrag import Keyring
+
+Address = tuple[str, int]
+N = TypeVar("N", int, float)
+ENV_PREFIX = "TRANSCEIVER_"
+AGENTS = ("echo",)
+
+# name -> (default, help). Names are the flag without "--" and the variable without the prefix.
+_SETTINGS: dict[str, tuple[str | None, str]] = {
+    "link": ("127.0.0.1:7000", "the one UDP link socket relays forward to (host:port)"),
+    "public": ("127.0.0.1:3478", "relay public address(es), the only answer candidates"),
+    "keys": (None, "ufrag keyring ID:HEX[,ID:HEX], first is current (shared with the relay)"),
+    "http": ("127.0.0.1:8080", "HTTP signaling and metrics listener (host:port)"),
+    "capacity": ("100", "most concurrent sessions; beyond it POST answers 503"),
+    "connect_timeout_s": ("10", "close a session that has not connected within this time"),
+    "drain_timeout_s": ("30", "on SIGTERM, let sessions end for up to this long"),
+    "agent": ("echo", "what each session runs: " + ", ".join(AGENTS)),
+}
+
+
+class ConfigError(ValueError):
+    """A setting that does not validate; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class TransceiverConfig:
+    link: Address
+    public: tuple[Address, ...]
+    keyring: Keyring
+    http: Address
+    capacity: int
+    connect_timeout_s: float
+    drain_timeout_s: float
+    agent: str
+
+    @classmethod
+    def load(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> TransceiverConfig:
+        """Merge environment and flags, then validate."""
+        environ = os.environ if environ is None else environ
+        values = {
+            name: environ.get(ENV_PREFIX + name.upper(), d) for name, (d, _) in _SETTINGS.items()
+        }
+        flags = vars(_parser().parse_args(argv))
+        values.update({k: v for k, v in flags.items() if v is not None})
+        return cls.from_values(values)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, str | None]) -> TransceiverConfig:
+        return cls(
+            link=parse_address(_required(values, "link"), "link"),
+            public=parse_addresses(_required(values, "public"), "public"),
+            keyring=_keyring(_required(values, "keys")),
+            http=parse_address(_required(values, "http"), "http"),
+            capacity=_number(values, "capacity", int, minimum=1),
+            connect_timeout_s=_number(values, "connect_timeout_s", float, minimum=0.1),
+            drain_timeout_s=_number(values, "drain_timeout_s", float, minimum=0.0),
+            agent=_agent(_required(values, "agent")),
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m transceiver", description=__doc__)
+    for name, (default, text) in _SETTINGS.items():
+        variable = ENV_PREFIX + name.upper()
+        shown = "" if default is None else f", default {default}"
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, help=f"{text} [{variable}{shown}]"
+        )
+    return parser
+
+
+def _required(values: Mapping[str, str | None], name: str) -> str:
+    value = values.get(name)
+    if value is None or not value.strip():
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()} (--{name.replace('_', '-')}) is required")
+    return value.strip()
+
+
+def _number(values: Mapping[str, str | None], name: str, kind: type[N], minimum: N) -> N:
+    text = _required(values, name)
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={text!r} is not a {kind.__name__}") from None
+    if value < minimum:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={text} is below {minimum}")
+    return value
+
+
+def _keyring(spec: str) -> Keyring:
+    try:
+        return Keyring.parse(spec)
+    except ValueError as exc:
+        raise ConfigError(f"{ENV_PREFIX}KEYS: {exc}") from None
+
+
+def _agent(name: str) -> str:
+    if name not in AGENTS:
+        raise ConfigError(f"{ENV_PREFIX}AGENT={name!r} is not one of {', '.join(AGENTS)}")
+    return name
+
+
+def parse_address(text: str, name: str) -> Address:
+    """``host:port`` or ``[v6]:port`` with a literal IP (no DNS at start)."""
+    host, sep, port_text = text.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    where = f"{ENV_PREFIX}{name.upper()}={text!r}"
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{where} is not host:port")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{where}: {host!r} is not an IP address") from None
+    return str(ip), int(port_text)
+
+
+def parse_addresses(text: str, name: str) -> tuple[Address, ...]:
+    """A comma list of addresses, at most one per address family (one candidate each)."""
+    addresses = tuple(parse_address(part, name) for part in text.split(",") if part.strip())
+    families = [ipaddress.ip_address(host).version for host, _ in addresses]
+    if not addresses or len(set(families)) != len(families):
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={text!r}: give one address per family")
+    if any(port == 0 for _, port in addresses):
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={text!r}: port 0 cannot be advertised")
+    return addresses

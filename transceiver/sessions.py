@@ -1,0 +1,221 @@
+"""Live sessions: admission against capacity, negotiation, connect timeout, hang-up, drain.
+
+I/O layer over aiortc. A session is one RTCPeerConnection whose ICE agent is relayed over the
+link (see ``ice``); it runs the configured agent (``echo`` for now). Every session has one
+watcher task, owned by ``Sessions`` and awaited on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateError, OperationError
+from aiortc.mediastreams import MediaStreamTrack
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from transceiver.echo import EchoTrack
+from transceiver.ice import RelayedIce, relayed_through
+from transceiver.sdp import answer_with_candidates
+
+logger = logging.getLogger(__name__)
+# What aiortc raises for an offer it cannot negotiate (its SDP parser raises the builtins).
+NEGOTIATION_ERRORS = (
+    ValueError,
+    KeyError,
+    IndexError,
+    InternalError,
+    InvalidAccessError,
+    InvalidStateError,
+    OperationError,
+)
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    capacity: int
+    connect_timeout_s: float
+    retry_after_s: int = 5
+
+
+class AdmissionError(Exception):
+    """No room for a new session: full, or draining."""
+
+    def __init__(self, reason: str, retry_after_s: int) -> None:
+        super().__init__(f"transceiver is {reason}")
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class OfferRejected(Exception):
+    """aiortc could not negotiate the offer; the message says why."""
+
+
+@dataclass
+class Session:
+    call_id: str
+    pc: RTCPeerConnection
+    created_at_s: float
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    watcher: asyncio.Task[None] | None = None
+
+
+class SessionMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.active = Gauge("transceiver_sessions", "Live sessions", registry=registry)
+        self.started = Counter(
+            "transceiver_sessions_started", "Sessions answered", registry=registry
+        )
+        self.ended = Counter(
+            "transceiver_sessions_ended", "Sessions ended", ["reason"], registry=registry
+        )
+        self.connect_s = Histogram(
+            "transceiver_session_connect_seconds",
+            "Offer to connected",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+            registry=registry,
+        )
+
+
+AgentFactory = Callable[[MediaStreamTrack], MediaStreamTrack]
+AGENTS: dict[str, AgentFactory] = {"echo": EchoTrack}
+
+
+class Sessions:
+    def __init__(
+        self, relayed: RelayedIce, limits: SessionLimits, registry: CollectorRegistry, agent: str
+    ) -> None:
+        self._relayed = relayed
+        self._limits = limits
+        self._agent = AGENTS[agent]
+        self._metrics = SessionMetrics(registry)
+        self._sessions: dict[str, Session] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self.draining = False
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, call_id: str) -> Session | None:
+        return self._sessions.get(call_id)
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        if self.draining:
+            return "draining"
+        return "full" if len(self._sessions) >= self._limits.capacity else None
+
+    def admit(self) -> None:
+        """Raise AdmissionError when a new session would not be accepted."""
+        reason = self.not_ready_reason
+        if reason is not None:
+            raise AdmissionError(reason, self._limits.retry_after_s)
+
+    async def create(self, offer_sdp: str) -> tuple[Session, str]:
+        """Answer a (sanitised) offer; the session counts against capacity at once."""
+        self.admit()
+        loop = asyncio.get_running_loop()
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        session = Session("rtc_" + secrets.token_hex(12), pc, loop.time())
+        self._add(session)
+        try:
+            answer = await self._negotiate(session, offer_sdp)
+        except NEGOTIATION_ERRORS as exc:
+            await self._end(session, "rejected")
+            raise OfferRejected(f"{type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            await self._end(session, "error")
+            raise
+        self._metrics.started.inc()
+        self._watch(session)
+        return session, answer
+
+    def _add(self, session: Session) -> None:
+        self._sessions[session.call_id] = session
+        self._empty.clear()
+        self._metrics.active.set(len(self._sessions))
+        session.pc.on("connectionstatechange", lambda: self._state_changed(session))
+
+    async def _negotiate(self, session: Session, offer_sdp: str) -> str:
+        pc = session.pc
+        tracks: list[MediaStreamTrack] = []
+        pc.on("track", tracks.append)
+        with relayed_through(self._relayed):
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+            for track in tracks:
+                if track.kind == "audio":
+                    pc.addTrack(self._agent(track))
+            await pc.setLocalDescription(await pc.createAnswer())
+        return answer_with_candidates(pc.localDescription.sdp, self._relayed.public)
+
+    def _state_changed(self, session: Session) -> None:
+        state = session.pc.connectionState
+        if state == "connected" and not session.connected.is_set():
+            session.connected.set()
+            loop = asyncio.get_running_loop()
+            self._metrics.connect_s.observe(loop.time() - session.created_at_s)
+        elif state in ("failed", "closed"):
+            session.ended.set()
+
+    def _watch(self, session: Session) -> None:
+        task = asyncio.create_task(self._watcher(session), name=f"session {session.call_id}")
+        session.watcher = task
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _watcher(self, session: Session) -> None:
+        try:
+            async with asyncio.timeout(self._limits.connect_timeout_s):
+                await session.connected.wait()
+        except TimeoutError:
+            await self._end(session, "connect_timeout")
+            return
+        await session.ended.wait()
+        await self._end(session, session.pc.connectionState)
+
+    async def hangup(self, call_id: str) -> bool:
+        session = self._sessions.get(call_id)
+        if session is None:
+            return False
+        await self._end(session, "hangup")
+        return True
+
+    async def _end(self, session: Session, reason: str) -> None:
+        if self._sessions.pop(session.call_id, None) is None:
+            return
+        session.ended.set()
+        if session.watcher is not None and session.watcher is not asyncio.current_task():
+            session.watcher.cancel()
+        self._metrics.active.set(len(self._sessions))
+        self._metrics.ended.labels(reason).inc()
+        logger.info("session %s ended: %s", session.call_id, reason)
+        try:
+            await session.pc.close()
+        finally:
+            if not self._sessions:
+                self._empty.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting; wait up to ``timeout_s`` for sessions to end; close the rest."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._empty.wait()
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self.draining = True
+        for session in list(self._sessions.values()):
+            await self._end(session, "shutdown")
+        for task in list(self._watchers):
+            task.cancel()
+        if self._watchers:
+            await asyncio.wait(list(self._watchers))
