@@ -7,6 +7,7 @@ microphone playing a WAV file once, and none of Chromium's background networking
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import shutil
 from collections.abc import AsyncIterator
@@ -75,6 +76,14 @@ async def chromium(fake_audio: Path | None = None) -> AsyncIterator[Browser]:
 async def capture_remote_audio(page: Page, seconds: float) -> tuple[np.ndarray[Any, Any], int]:
     result = await page.evaluate(CAPTURE_JS, [seconds])
     return np.asarray(result["samples"], dtype=np.float32), int(result["rate"])
+
+
+async def recorded_audio(page: Page) -> tuple[np.ndarray[Any, Any], int]:
+    """Everything the web client heard since it connected (connect with ``record: true`` or
+    load the page with ``?record=1``), as float samples in [-1, 1] and the sample rate."""
+    result = await page.evaluate("window.voicerelay.recording()")
+    pcm = np.frombuffer(base64.b64decode(result["pcm16_b64"]), dtype="<i2")
+    return pcm.astype(np.float32) / 32768.0, int(result["rate"])
 
 
 def dominant_frequency_hz(samples: np.ndarray[Any, Any], rate_hz: int) -> float:

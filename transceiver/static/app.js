@@ -1,0 +1,162 @@
+// The voicerelay web client: wires the call, the transcripts, the latency charts and the log
+// to the page, and exposes window.voicerelay for people and for Playwright tests:
+//   connect({key, record}) / hangup() / send(evt)   drive a call (send: object or raw string)
+//   events   every server event received, in order      sent   every client event sent
+//   turns    [{item_id, response_id, metrics, heard_ms}] per turn
+//   on(type, fn) -> unsubscribe ("*" for all)   _handle(evt) feed a server event (tests)
+//   recording() -> {rate, pcm16_b64} of all remote audio (when connected with record)
+import { Call } from "./call.js";
+import { FirstSoundMeter, renderChart } from "./latency.js";
+import { Recorder } from "./recorder.js";
+import { Transcript } from "./transcript.js";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(window.location.search);
+const MAX_LOG_LINES = 1000;
+
+const events = [];
+const sent = [];
+const turns = [];
+const listeners = new Map(); // type -> Set(fn)
+const transcript = new Transcript($("transcript"));
+const meter = new FirstSoundMeter((turn, ms) => { turn.heard_ms = ms; renderTurn(turn); });
+let recorder = null;
+let call = null;
+
+function log(direction, text, cls = "") {
+  const line = document.createElement("div");
+  line.className = `log-line ${cls}`;
+  line.textContent = `${new Date().toISOString().slice(11, 23)} ${direction} ${text}`;
+  const box = $("log");
+  box.append(line);
+  while (box.childElementCount > MAX_LOG_LINES) box.firstElementChild.remove();
+  box.scrollTop = box.scrollHeight;
+  $("log-count").textContent = String(events.length);
+}
+
+function setState(name, value) {
+  const el = $(`state-${name}`);
+  if (el) el.textContent = value;
+  if (name === "connection") document.body.dataset.connection = value;
+  log("·", `${name} ${value}`);
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+// --- turns and latency -----------------------------------------------------------------------
+
+function turnFor(responseId) {
+  let turn = turns.find((t) => t.response_id === responseId);
+  if (!turn) {
+    turn = turns.findLast((t) => !t.response_id) || { item_id: null, metrics: null, heard_ms: null };
+    if (!turns.includes(turn)) turns.push(turn);
+    turn.response_id = responseId;
+  }
+  return turn;
+}
+
+function renderTurn(turn) {
+  if (!turn.metrics) return;
+  const host = transcript.forResponse(turn.response_id)[0]?.el || standaloneTurn(turn);
+  host.querySelector("svg.latency")?.remove();
+  host.append(renderChart(turn.metrics, turn.heard_ms));
+}
+
+function standaloneTurn(turn) {
+  turn.el = turn.el || Object.assign(document.createElement("li"), { className: "entry turn" });
+  if (!turn.el.isConnected) $("transcript").append(turn.el);
+  return turn.el;
+}
+
+const TURN_HANDLERS = {
+  "input_audio_buffer.speech_stopped": (e) => {
+    const turn = { item_id: e.item_id, response_id: null, metrics: null, heard_ms: null };
+    turns.push(turn);
+    meter.arm(turn);
+  },
+  "response.created": (e) => turnFor(e.response?.id),
+  "voicerelay.turn.metrics": (e) => {
+    const turn = turnFor(e.response_id);
+    turn.metrics = e;
+    renderTurn(turn);
+  },
+  "session.created": (e) => setState("session", e.session?.id || "created"),
+  error: (e) => showError(`${e.error?.code || "error"}: ${e.error?.message || JSON.stringify(e.error)}`),
+};
+
+// --- events ----------------------------------------------------------------------------------
+
+function handle(evt) {
+  events.push(evt);
+  log("⇣", `${evt.type} ${JSON.stringify(evt).slice(0, 300)}`, evt.type === "error" ? "log-error" : "");
+  transcript.handle(evt);
+  TURN_HANDLERS[evt.type]?.(evt);
+  for (const key of [evt.type, "*"]) listeners.get(key)?.forEach((fn) => fn(evt));
+}
+
+function send(evt) {
+  if (!call) throw new Error("not connected");
+  call.send(evt);
+  sent.push(evt);
+  log("⇡", typeof evt === "string" ? `(raw) ${evt.slice(0, 300)}` : `${evt.type} ${JSON.stringify(evt).slice(0, 300)}`);
+}
+
+function on(type, fn) {
+  if (!listeners.has(type)) listeners.set(type, new Set());
+  listeners.get(type).add(fn);
+  return () => listeners.get(type).delete(fn);
+}
+
+// --- connect / hang up -----------------------------------------------------------------------
+
+async function connect({ key = $("key").value.trim(), record = params.has("record") } = {}) {
+  if (call) throw new Error("already connected");
+  showError("");
+  $("talk").disabled = true;
+  recorder = record ? new Recorder() : null;
+  call = new Call({
+    onEvent: handle,
+    onRawMessage: (text) => log("⇣", `(not JSON) ${text.slice(0, 300)}`, "log-error"),
+    onState: setState,
+    onTrack: (stream) => {
+      $("remote").srcObject = stream;
+      meter.attach(stream);
+      recorder?.attach(stream);
+    },
+  });
+  setState("connection", "connecting");
+  try {
+    await call.connect({ key });
+    $("hangup").disabled = false;
+  } catch (err) {
+    showError(err.message);
+    hangup();
+    throw err;
+  }
+}
+
+function hangup() {
+  if (call) call.hangup();
+  call = null;
+  meter.close();
+  recorder?.close();
+  $("remote").srcObject = null;
+  setState("connection", "idle");
+  setState("events", "—");
+  $("hangup").disabled = true;
+  $("talk").disabled = false;
+}
+
+$("key").value = params.get("key") || "";
+$("talk").onclick = () => connect().catch((err) => log("!", err.message, "log-error"));
+$("hangup").onclick = hangup;
+document.body.dataset.connection = "idle";
+
+window.voicerelay = {
+  connect, hangup, send, on, events, sent, turns,
+  _handle: handle,
+  recording: () => (recorder ? recorder.take() : { rate: 0, pcm16_b64: "" }),
+};

@@ -1,0 +1,109 @@
+// One WebRTC call to a Realtime-shaped endpoint: POST the SDP offer to /v1/realtime/calls
+// (application/sdp, optional "Authorization: Bearer ek_..."), 201 + SDP answer + Location,
+// events as JSON on the "oai-events" data channel, remote audio on a media element.
+// No UI here: app.js owns the page.
+
+export const CALLS_PATH = "/v1/realtime/calls";
+const GATHER_TIMEOUT_MS = 1000;
+const CONNECT_TIMEOUT_MS = 15000;
+
+function gatheringDone(pc, timeoutMs) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, timeoutMs);
+    pc.addEventListener("icegatheringstatechange", () => {
+      if (pc.iceGatheringState === "complete") { clearTimeout(timer); resolve(); }
+    });
+  });
+}
+
+function connected(pc, timeoutMs) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`not connected after ${timeoutMs} ms`)), timeoutMs);
+    const check = () => {
+      if (pc.connectionState === "connected") { clearTimeout(timer); resolve(); }
+      if (pc.connectionState === "failed" || pc.connectionState === "closed") {
+        clearTimeout(timer);
+        reject(new Error(`connection ${pc.connectionState}`));
+      }
+    };
+    pc.addEventListener("connectionstatechange", check);
+    check();
+  });
+}
+
+async function refusal(resp) {
+  const body = await resp.text();
+  try {
+    const error = JSON.parse(body).error;
+    return `${resp.status} ${error.code}: ${error.message}`;
+  } catch {
+    return `${resp.status} ${body.slice(0, 200)}`;
+  }
+}
+
+export class Call {
+  // handlers: {onEvent(evt), onRawMessage(text), onState(name, value), onTrack(stream)}
+  constructor(handlers) {
+    this.handlers = handlers;
+    this.pc = null;
+    this.channel = null;
+    this.mic = null;
+    this.callUrl = null;
+    this.key = "";
+  }
+
+  async connect({ key = "", baseUrl = "" } = {}) {
+    this.mic = await navigator.mediaDevices.getUserMedia({ audio: true });
+    const pc = (this.pc = new RTCPeerConnection({ iceServers: [] }));
+    pc.addEventListener("connectionstatechange", () => this.handlers.onState("connection", pc.connectionState));
+    pc.ontrack = (e) => this.handlers.onTrack(e.streams[0] || new MediaStream([e.track]));
+    this.mic.getTracks().forEach((t) => pc.addTrack(t, this.mic));
+    this.openChannel(pc.createDataChannel("oai-events"));
+    await pc.setLocalDescription(await pc.createOffer());
+    await gatheringDone(pc, GATHER_TIMEOUT_MS);
+    this.key = key;
+    const headers = { "Content-Type": "application/sdp", ...this.auth() };
+    const resp = await fetch(baseUrl + CALLS_PATH, { method: "POST", headers, body: pc.localDescription.sdp });
+    if (resp.status !== 201) throw new Error(`offer refused: ${await refusal(resp)}`);
+    const location = resp.headers.get("Location");
+    this.callUrl = location ? new URL(location, baseUrl || window.location.href).href : null;
+    this.handlers.onState("call", this.callUrl || "(no Location)");
+    await pc.setRemoteDescription({ type: "answer", sdp: await resp.text() });
+    await connected(pc, CONNECT_TIMEOUT_MS);
+  }
+
+  auth() {
+    return this.key ? { Authorization: `Bearer ${this.key}` } : {};
+  }
+
+  openChannel(channel) {
+    this.channel = channel;
+    channel.onopen = () => this.handlers.onState("events", "open");
+    channel.onclose = () => this.handlers.onState("events", "closed");
+    channel.onmessage = (e) => {
+      let evt;
+      try {
+        evt = JSON.parse(e.data);
+      } catch {
+        this.handlers.onRawMessage(String(e.data));
+        return;
+      }
+      this.handlers.onEvent(evt);
+    };
+  }
+
+  // An object is sent as JSON; a string verbatim (tests send malformed events on purpose).
+  send(evt) {
+    if (!this.channel || this.channel.readyState !== "open") throw new Error("events channel is not open");
+    this.channel.send(typeof evt === "string" ? evt : JSON.stringify(evt));
+  }
+
+  hangup() {
+    if (this.callUrl) fetch(this.callUrl, { method: "DELETE", headers: this.auth() }).catch(() => {});
+    if (this.channel) this.channel.close();
+    if (this.pc) this.pc.close();
+    if (this.mic) this.mic.getTracks().forEach((t) => t.stop());
+    this.callUrl = this.channel = this.pc = this.mic = null;
+  }
+}
