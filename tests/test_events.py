@@ -14,6 +14,9 @@ from transceiver.events import (
     ConversationItemCreate,
     EventError,
     FunctionCallOutput,
+    ItemDelete,
+    ItemRetrieve,
+    ItemTruncate,
     ResponseCancel,
     ResponseCreate,
     SessionConfig,
@@ -103,6 +106,42 @@ def test_conversation_items() -> None:
     assert output.item == FunctionCallOutput("call_1", "{}") and output.item_id == "item_9"
 
 
+def test_the_agents_sdk_first_session_update_is_accepted() -> None:
+    """The exact first event @openai/agents-realtime 0.20 sends when the channel opens."""
+    event = parse(
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "instructions": "Be kind.",
+                "model": "gpt-realtime-2.1",
+                "output_modalities": ["audio"],
+                "tracing": "auto",
+                "audio": {
+                    "input": {
+                        "format": {"type": "audio/pcm", "rate": 24000},
+                        "noise_reduction": None,
+                        "transcription": {"model": "gpt-4o-mini-transcribe"},
+                        "turn_detection": {"type": "semantic_vad"},
+                    },
+                    "output": {"format": {"type": "audio/pcm", "rate": 24000}, "speed": 1},
+                },
+            },
+        }
+    )
+    assert isinstance(event, SessionUpdate)
+    config = event.apply(SessionConfig(id="s"))
+    assert config.instructions == "Be kind." and config.turn_detection == TurnDetection()
+    assert config.transcription_model == "gpt-4o-mini-transcribe"
+
+
+def test_item_retrieve_truncate_delete() -> None:
+    assert parse({"type": "conversation.item.retrieve", "item_id": "i"}) == ItemRetrieve(None, "i")
+    assert parse({"type": "conversation.item.delete", "item_id": "i"}) == ItemDelete(None, "i")
+    truncate = {"type": "conversation.item.truncate", "item_id": "i", "audio_end_ms": 1500}
+    assert parse(truncate) == ItemTruncate(None, "i", 0, 1500)
+
+
 def test_responses_and_buffer_commands() -> None:
     assert parse({"type": "response.create"}) == ResponseCreate(None, None)
     assert parse({"type": "response.cancel", "response_id": "r"}) == ResponseCancel(None, "r")
@@ -142,7 +181,18 @@ def item(**fields: Any) -> str:
             "session.tools[0].name",
         ),
         (turn_detection(threshold=2), "invalid_value", f"{TD}.threshold"),
-        (turn_detection(type="semantic_vad"), "invalid_value", f"{TD}.type"),
+        (turn_detection(type="near_vad"), "invalid_value", f"{TD}.type"),
+        ('{"type": "conversation.item.retrieve"}', "missing_required_parameter", "item_id"),
+        (
+            '{"type": "conversation.item.truncate", "item_id": "i"}',
+            "missing_required_parameter",
+            "audio_end_ms",
+        ),
+        (
+            '{"type": "conversation.item.truncate", "item_id": "i", "audio_end_ms": -1}',
+            "invalid_value",
+            "audio_end_ms",
+        ),
         (turn_detection(create_response="yes"), "invalid_type", f"{TD}.create_response"),
         (item(type="message", role="assistant", content=[]), "invalid_value", "item.role"),
         (item(type="message", role="user", content=[]), "invalid_type", "item.content"),

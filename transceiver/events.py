@@ -152,8 +152,35 @@ class BufferCommand:
     type: str
 
 
+@dataclass(frozen=True)
+class ItemRetrieve:
+    event_id: str | None
+    item_id: str
+
+
+@dataclass(frozen=True)
+class ItemTruncate:
+    event_id: str | None
+    item_id: str
+    content_index: int
+    audio_end_ms: int
+
+
+@dataclass(frozen=True)
+class ItemDelete:
+    event_id: str | None
+    item_id: str
+
+
 ClientEvent = (
-    SessionUpdate | ConversationItemCreate | ResponseCreate | ResponseCancel | BufferCommand
+    SessionUpdate
+    | ConversationItemCreate
+    | ResponseCreate
+    | ResponseCancel
+    | BufferCommand
+    | ItemRetrieve
+    | ItemTruncate
+    | ItemDelete
 )
 
 
@@ -239,9 +266,11 @@ def _parse_turn_detection(value: Any, path: str) -> TurnDetection | None:
     if not isinstance(value, dict):
         raise EventError("invalid_type", f"{path}turn_detection must be an object or null")
     path += "turn_detection."
-    if value.get("type", "server_vad") != "server_vad":
+    # semantic_vad (what @openai/agents-realtime asks for by default) runs on the same
+    # webrtcvad turn detector here, with its default knobs.
+    if value.get("type", "server_vad") not in ("server_vad", "semantic_vad"):
         raise EventError(
-            "invalid_value", "only server_vad turn detection is supported", path + "type"
+            "invalid_value", "turn detection must be server_vad or semantic_vad", path + "type"
         )
     knobs: dict[str, Any] = {}
     if (threshold := _number(value, "threshold", path, 0.0, 1.0)) is not None:
@@ -312,6 +341,18 @@ def _parse_response_cancel(raw: Mapping[str, Any], event_id: str | None) -> Resp
     return ResponseCancel(event_id, _str(raw, "response_id"))
 
 
+def _item_id(raw: Mapping[str, Any]) -> str:
+    return _str(raw, "item_id", required=True) or ""
+
+
+def _parse_truncate(raw: Mapping[str, Any], event_id: str | None) -> ItemTruncate:
+    index = _number(raw, "content_index", "", 0, 1_000) or 0.0
+    end_ms = _number(raw, "audio_end_ms", "", 0, 86_400_000)
+    if end_ms is None:
+        raise EventError("missing_required_parameter", "missing audio_end_ms", "audio_end_ms")
+    return ItemTruncate(event_id, _item_id(raw), int(index), int(end_ms))
+
+
 def _buffer_command(kind: str) -> _Parser:
     return lambda raw, event_id: BufferCommand(event_id, kind)
 
@@ -325,6 +366,9 @@ _PARSERS: dict[str, _Parser] = {
     "input_audio_buffer.clear": _buffer_command("input_audio_buffer.clear"),
     "input_audio_buffer.commit": _buffer_command("input_audio_buffer.commit"),
     "output_audio_buffer.clear": _buffer_command("output_audio_buffer.clear"),
+    "conversation.item.retrieve": lambda raw, event_id: ItemRetrieve(event_id, _item_id(raw)),
+    "conversation.item.delete": lambda raw, event_id: ItemDelete(event_id, _item_id(raw)),
+    "conversation.item.truncate": _parse_truncate,
 }
 
 
