@@ -19,9 +19,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# System packages the suite needs (gcc for the C reference forwarder in the benchmarks).
+# Debian packages the suite needs: gcc (the C reference forwarder in the benchmarks) and
+# chromium (the browser tests; Playwright drives Debian's build, it never downloads its own).
+SYSTEM_PACKAGES := gcc chromium
 sysdeps:
-	@command -v gcc >/dev/null || (apt-get update -q && apt-get install -y -q gcc)
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check relay transceiver pipeline loadtest tests
@@ -36,7 +43,7 @@ test: $(STAMP) sysdeps lint typecheck
 bench: $(STAMP) sysdeps
 	$(PY) -m loadtest.bench
 
-run: $(STAMP)
+run: $(STAMP) sysdeps
 	$(PY) -m loadtest.stack
 
 clean:
