@@ -21,7 +21,8 @@ venv: $(STAMP)
 
 # Debian packages the suite needs: gcc (the C reference forwarder in the benchmarks) and
 # chromium (the browser tests; Playwright drives Debian's build, it never downloads its own).
-SYSTEM_PACKAGES := gcc chromium
+# redis-server (session state; the tests start their own servers, Sentinel included).
+SYSTEM_PACKAGES := gcc chromium redis-server
 sysdeps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

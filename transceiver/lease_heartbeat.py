@@ -1,0 +1,70 @@
+"""Keep this transceiver's session leases alive: one task renews every held lease on a cadence.
+
+I/O layer. ``hold(lease)`` after a create or claim, ``drop(session_id)`` on release or end.
+Every ``interval_s`` (policy: a third of the lease, so two renewals may fail before it lapses)
+each held lease is renewed for ``lease_s``. A renewal refused as stale or missing means another
+transceiver took the session: the lease is dropped and ``on_lost`` is told, so the session can
+stop talking. A retryable failure (Redis down) keeps the lease and tries again next beat: the
+fencing token, not the lease, guards the writes, so an owner nobody replaced keeps its session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from transceiver.background import BackgroundLoop
+from transceiver.session_keys import Lease
+from transceiver.session_store import SessionStore
+from transceiver.store_errors import StoreError
+
+log = logging.getLogger(__name__)
+
+
+class LeaseHeartbeat(BackgroundLoop):
+    task_name = "lease heartbeat"
+
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        lease_s: float,
+        interval_s: float | None = None,
+        on_lost: Callable[[Lease, StoreError], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self._store = store
+        self._lease_s = lease_s
+        self._interval_s = lease_s / 3 if interval_s is None else interval_s
+        self._on_lost = on_lost
+        self._leases: dict[str, Lease] = {}
+
+    def hold(self, lease: Lease) -> None:
+        self._leases[lease.session_id] = lease
+
+    def drop(self, session_id: str) -> None:
+        self._leases.pop(session_id, None)
+
+    @property
+    def held(self) -> tuple[Lease, ...]:
+        return tuple(self._leases.values())
+
+    async def _run(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(self._interval_s)
+            for lease in self.held:
+                await self._renew(lease)
+
+    async def _renew(self, lease: Lease) -> None:
+        try:
+            await self._store.renew(lease, lease_s=self._lease_s)
+        except StoreError as error:
+            if error.retryable:
+                log.info("lease heartbeat: %s; next beat retries", error)
+                return
+            if self._leases.get(lease.session_id) == lease:
+                self.drop(lease.session_id)
+                log.warning("lease heartbeat: lost %s: %s", lease.session_id, error)
+                if self._on_lost is not None:
+                    self._on_lost(lease, error)

@@ -1,0 +1,145 @@
+"""Route cache: which transceiver link serves a client address, in Redis with a TTL.
+
+A relay that meets an unknown client address (after a restart, or a load-balancer re-hash)
+may ask this cache, off its hot path, instead of waiting for the client's next STUN check.
+Transceivers publish ``client ip:port -> link ip:port`` when a session connects, refresh it on
+a cadence (``RoutePublisher``) and withdraw it when the session ends.
+
+Layers in one small module, kept free of aiortc and the rest of the transceiver so a relay
+helper process can import it cheaply:
+- protocol (pure): ``route_key``, ``encode_route``, ``decode_route``;
+- I/O: ``lookup`` (one GET, for the relay side), ``RouteCache`` and ``RoutePublisher``.
+
+Key: ``P:route:1.2.3.4:5000`` or ``P:route:[2001:db8::1]:5000`` (IPv4-mapped IPv6 addresses
+are written as IPv4, as the relay's link header decodes them). Value: ``1 <link ip> <port>``
+(a version, then the link address). Routes are independent keys: no hash tag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable, Mapping
+
+from redis.asyncio import Redis
+
+from transceiver.background import BackgroundLoop
+from transceiver.redis_connection import unavailable_as_store_error
+from transceiver.store_errors import StoreUnavailableError
+
+Address = tuple[str, int]
+ROUTE_VERSION = b"1"
+MAX_ROUTE_BYTES = 64
+log = logging.getLogger(__name__)
+
+# Delete only a route that still names this link: never another transceiver's newer one.
+_WITHDRAW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RouteValueError(ValueError):
+    """A cached value that is not a route this version understands."""
+
+
+def canonical_ip(host: str) -> str:
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def route_key(prefix: str, client: Address) -> str:
+    host = canonical_ip(client[0])
+    shown = f"[{host}]" if ":" in host else host
+    return f"{prefix}:route:{shown}:{int(client[1])}"
+
+
+def encode_route(link: Address) -> bytes:
+    return b"%s %s %d" % (ROUTE_VERSION, canonical_ip(link[0]).encode(), link[1])
+
+
+def decode_route(raw: bytes) -> Address:
+    parts = raw.split(b" ")
+    if len(raw) > MAX_ROUTE_BYTES or len(parts) != 3 or parts[0] != ROUTE_VERSION:
+        raise RouteValueError(f"not a version-1 route: {raw[:MAX_ROUTE_BYTES]!r}")
+    host, port = parts[1].decode("ascii", "replace"), parts[2]
+    if not port.isdigit() or not 0 < int(port) <= 65535:
+        raise RouteValueError(f"route port {port!r} is out of range")
+    try:
+        return str(ipaddress.ip_address(host)), int(port)
+    except ValueError:
+        raise RouteValueError(f"route host {host!r} is not an IP address") from None
+
+
+async def lookup(redis: Redis, prefix: str, client: Address) -> Address | None:
+    """The link address serving ``client``, or None; ``StoreUnavailableError`` if Redis is down.
+
+    A malformed value counts as no route (logged): the relay then waits for STUN as before.
+    """
+    with unavailable_as_store_error("route lookup"):
+        raw = await redis.get(route_key(prefix, client))
+    if raw is None:
+        return None
+    try:
+        return decode_route(raw if isinstance(raw, bytes) else raw.encode())
+    except RouteValueError as exc:
+        log.warning("route cache: ignoring %s: %s", route_key(prefix, client), exc)
+        return None
+
+
+class RouteCache:
+    def __init__(self, redis: Redis, prefix: str, ttl_s: float) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._ttl_ms = max(1, round(ttl_s * 1000))
+        self._withdraw = redis.register_script(_WITHDRAW)
+
+    async def publish(self, client: Address, link: Address) -> None:
+        await self.publish_many({client: link})
+
+    async def publish_many(self, routes: Mapping[Address, Address]) -> None:
+        """Set (or refresh) many routes in one round trip."""
+        if not routes:
+            return
+        with unavailable_as_store_error("route publish"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for client, link in routes.items():
+                    pipe.set(route_key(self._prefix, client), encode_route(link), px=self._ttl_ms)
+                await pipe.execute()
+
+    async def withdraw(self, client: Address, link: Address) -> bool:
+        """Delete the route if it still names ``link``; True if it was deleted."""
+        key = route_key(self._prefix, client)
+        with unavailable_as_store_error("route withdraw"):
+            return bool(await self._withdraw(keys=[key], args=[encode_route(link)]))
+
+    async def lookup(self, client: Address) -> Address | None:
+        return await lookup(self._redis, self._prefix, client)
+
+
+class RoutePublisher(BackgroundLoop):
+    """Refreshes the routes ``current()`` returns every ``refresh_s`` (keep it under TTL / 2)."""
+
+    task_name = "route refresh"
+
+    def __init__(
+        self,
+        cache: RouteCache,
+        current: Callable[[], Mapping[Address, Address]],
+        refresh_s: float,
+    ) -> None:
+        super().__init__()
+        self._cache = cache
+        self._current = current
+        self._refresh_s = refresh_s
+
+    async def _run(self) -> None:
+        while not self._closing:
+            try:
+                await self._cache.publish_many(self._current())
+            except StoreUnavailableError as exc:
+                log.info("route cache: refresh skipped: %s", exc)
+            await asyncio.sleep(self._refresh_s)

@@ -1,0 +1,181 @@
+"""Keep committed session writes while Redis is unreachable; write them back, in order, later.
+
+I/O layer. ``submit`` never waits on Redis: it queues the write and wakes the one flusher task,
+which writes each session's queue oldest first. On a retryable error (Redis down, replicas
+behind) the flusher keeps the write at the head and tries again after ``retry_interval_s``, so
+nothing is lost or reordered; since every store write is idempotent (items by id, the turn as a
+maximum, the config as a whole), a write that reached Redis before its reply was lost is
+harmless to repeat. A non-retryable error (this transceiver lost the session: stale token, or
+the session is gone) drops that session's queue and reports it through ``on_dropped``.
+
+Bounded: at most ``max_pending`` writes in all. When full, ``submit`` raises ``QueueFullError``
+rather than silently dropping an older committed write; the caller decides (typically: tell the
+client, end or hand over the session). Keep ``max_pending`` below the store's item cap per
+session, so a retried append is still within reach of the store's idempotency window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from transceiver.background import BackgroundLoop
+from transceiver.session_keys import MAX_CONFIG_BYTES, Lease, encode_item, encode_json
+from transceiver.session_store import SessionStore
+from transceiver.store_errors import StoreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AppendItem:
+    item: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    config: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class AdvanceTurn:
+    turn: int
+
+
+PendingWrite = AppendItem | UpdateConfig | AdvanceTurn
+
+
+class QueueFullError(Exception):
+    """``max_pending`` writes are already waiting for Redis."""
+
+
+class WriteBehindQueue(BackgroundLoop):
+    """Per-session ordered, bounded write-back in front of a ``SessionStore``."""
+
+    task_name = "write-behind flusher"
+
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        max_pending: int = 200,
+        retry_interval_s: float = 0.2,
+        on_dropped: Callable[[str, StoreError], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self._store = store
+        self._max_pending = max_pending
+        self._retry_interval_s = retry_interval_s
+        self._on_dropped = on_dropped
+        self._queues: dict[str, deque[tuple[Lease, PendingWrite]]] = {}
+        self._pending = 0
+        self._wakeup = asyncio.Event()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._backing_off = False
+        self._failed_flushes = 0
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    @property
+    def failed_flushes(self) -> int:
+        """Flush passes Redis refused (a counter for metrics)."""
+        return self._failed_flushes
+
+    @property
+    def healthy(self) -> bool:
+        """For /readyz: Redis answered the last write, and the store has not seen it fail."""
+        return not self._backing_off and self._store.healthy
+
+    def submit(self, lease: Lease, write: PendingWrite) -> None:
+        """Queue a write; ``ValueError`` at once for one the store would never accept."""
+        _validate(write)
+        if self._pending >= self._max_pending:
+            raise QueueFullError(f"{self._pending} writes already wait for Redis")
+        self._queues.setdefault(lease.session_id, deque()).append((lease, write))
+        self._pending += 1
+        self._empty.clear()
+        self._wakeup.set()
+
+    def discard(self, session_id: str) -> int:
+        """Forget a session's pending writes (it ended); how many were dropped."""
+        dropped = len(self._queues.pop(session_id, ()))
+        self._settle(dropped)
+        return dropped
+
+    async def drained(self) -> None:
+        """Return once every submitted write is in Redis (or dropped as non-retryable)."""
+        await self._empty.wait()
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    async def _run(self) -> None:
+        while not self._closing:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending and not self._closing:
+                if await self._flush_all():
+                    self._backing_off = False
+                else:
+                    self._backing_off = True
+                    self._failed_flushes += 1
+                    await asyncio.sleep(self._retry_interval_s)
+
+    async def _flush_all(self) -> bool:
+        """One pass over every session's queue; False when Redis refused to take writes."""
+        for session_id in list(self._queues):
+            if not await self._flush_session(session_id):
+                return False
+        return True
+
+    async def _flush_session(self, session_id: str) -> bool:
+        queue = self._queues.get(session_id)
+        while queue:
+            lease, write = queue[0]
+            try:
+                await self._apply(lease, write)
+            except StoreError as error:
+                if error.retryable:
+                    log.info("write-behind: %s; retrying", error)
+                    return False
+                self._drop(session_id, error)
+                return True
+            if self._queues.get(session_id) is not queue:
+                return True  # discarded while the write was in flight
+            queue.popleft()
+            self._settle(1)
+        self._queues.pop(session_id, None)
+        return True
+
+    async def _apply(self, lease: Lease, write: PendingWrite) -> None:
+        if isinstance(write, AppendItem):
+            await self._store.append_item(lease, write.item)
+        elif isinstance(write, UpdateConfig):
+            await self._store.update_config(lease, write.config)
+        else:
+            await self._store.advance_turn(lease, write.turn)
+
+    def _drop(self, session_id: str, error: StoreError) -> None:
+        log.warning("write-behind: dropping session %s's writes: %s", session_id, error)
+        self.discard(session_id)
+        if self._on_dropped is not None:
+            self._on_dropped(session_id, error)
+
+    def _settle(self, count: int) -> None:
+        self._pending -= count
+        if self._pending == 0:
+            self._empty.set()
+
+
+def _validate(write: PendingWrite) -> None:
+    if isinstance(write, AppendItem):
+        encode_item(write.item)
+    elif isinstance(write, UpdateConfig):
+        encode_json(write.config, MAX_CONFIG_BYTES, "session config")
