@@ -1,4 +1,4 @@
-"""relay.stun against golden captures: RFC 5769, aioice and a Chrome-style request."""
+"""relay.stun against golden captures: RFC 5769, aioice, a real Chromium request, Chrome-style."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ CAPTURES = Path(__file__).parent / "data" / "stun"
 RFC5769 = (CAPTURES / "rfc5769-request.bin").read_bytes()
 AIOICE = (CAPTURES / "aioice-request.bin").read_bytes()
 CHROME = (CAPTURES / "chrome-request.bin").read_bytes()
+# Captured from Debian Chromium 156 by capture_chromium.py: its first connectivity check.
+CHROMIUM = (CAPTURES / "chromium-request.bin").read_bytes()
 RFC5769_PASSWORD = b"VOkJxbRl1RmTxUk/WvJxBt"
 CAPTURE_KEYS = Keyring.parse("7:" + "5a" * 32)  # the keyring make_captures.py used
 
@@ -75,8 +77,12 @@ def test_rfc5769_fingerprint_is_not_covered() -> None:
 
 @pytest.mark.parametrize(
     ("capture", "transceiver", "client_ufrag"),
-    [(AIOICE, ("127.0.0.1", 7000), b"Ab3d"), (CHROME, ("::1", 7001), b"pQ9x")],
-    ids=["aioice", "chrome"],
+    [
+        (AIOICE, ("127.0.0.1", 7000), b"Ab3d"),
+        (CHROME, ("::1", 7001), b"pQ9x"),
+        (CHROMIUM, ("127.0.0.1", 7000), b"7RDy"),
+    ],
+    ids=["aioice", "chrome-style", "chromium-captured"],
 )
 def test_captured_request(
     capture: bytes, transceiver: tuple[str, int], client_ufrag: bytes
@@ -92,6 +98,17 @@ def test_captured_request(
 def test_chrome_capture_walks_past_goog_network_info() -> None:
     assert struct.unpack_from("!H", CHROME, 20 + 4 + 60)[0] == 0xC057
     assert read_binding_request(CHROME).integrity_offset == len(CHROME) - 24 - 8
+
+
+def test_chromium_capture_carries_chrome_attributes_before_integrity() -> None:
+    """Walk the real capture: GOOG-NETWORK-INFO, ICE-CONTROLLING, USE-CANDIDATE, PRIORITY."""
+    offset, kinds = 20, []
+    while offset < len(CHROMIUM):
+        kind, size = struct.unpack_from("!HH", CHROMIUM, offset)
+        kinds.append(kind)
+        offset += 4 + size + (-size % 4)
+    assert kinds == [0x0006, 0xC057, 0x802A, 0x0025, 0x0024, 0x0008, 0x8028]
+    assert read_binding_request(CHROMIUM).integrity_offset == len(CHROMIUM) - 24 - 8
 
 
 def _with_length(data: bytes, length: int) -> bytes:

@@ -9,6 +9,7 @@
 - chrome-request.bin: a request laid out as Chrome sends it (USERNAME, GOOG-NETWORK-INFO
   0xC057, ICE-CONTROLLING, USE-CANDIDATE, PRIORITY, MESSAGE-INTEGRITY, FINGERPRINT), same
   ufrag scheme for transceiver [::1]:7001.
+- chromium-request.bin: a real capture from Debian Chromium; see capture_chromium.py.
 """
 
 from __future__ import annotations
