@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -76,8 +77,33 @@ def _port(text: str, name: str, whole: str) -> int:
     return int(text)
 
 
-def _address_list(text: str, name: str) -> tuple[Address, ...]:
-    addresses = tuple(parse_address(p, name) for p in text.split(",") if p.strip())
+def resolve_address(text: str, name: str, family: int) -> Address:
+    """``host:port`` where host may be a DNS name (a StatefulSet pod's, say), resolved once.
+
+    Resolved at start only: a transceiver that comes back with a new IP needs a relay restart
+    (or a relay that registers transceivers dynamically, which is not built yet).
+    """
+    host, sep, port_text = text.strip().rpartition(":")
+    try:
+        return parse_address(text, name)
+    except ConfigError:
+        if not sep or not host or host.startswith("["):
+            raise
+    port = _port(port_text, name, text)
+    inet = socket.AF_INET if family == 4 else socket.AF_INET6
+    try:
+        found = socket.getaddrinfo(host, port, inet, socket.SOCK_DGRAM)
+    except OSError as error:
+        raise ConfigError(f"{name}: cannot resolve {host!r}: {error}") from None
+    return str(found[0][4][0]), port
+
+
+def _address_list(text: str, name: str, family: int = 0) -> tuple[Address, ...]:
+    items = [p for p in text.split(",") if p.strip()]
+    if family:
+        addresses = tuple(resolve_address(p, name, family) for p in items)
+    else:
+        addresses = tuple(parse_address(p, name) for p in items)
     if not addresses:
         raise ConfigError(f"{name}: expected at least one host:port")
     return addresses
@@ -104,7 +130,9 @@ def _build(values: Mapping[str, str]) -> RelayConfig:
             "RELAY_PUBLIC: every public address needs a fixed port (workers share it)"
         )
     internal_host = parse_address(values["INTERNAL_HOST"] + ":0", "RELAY_INTERNAL_HOST")[0]
-    transceivers = _address_list(values["TRANSCEIVERS"], "RELAY_TRANSCEIVERS")
+    transceivers = _address_list(
+        values["TRANSCEIVERS"], "RELAY_TRANSCEIVERS", _family(internal_host)
+    )
     for host, port in transceivers:
         if _family(host) != _family(internal_host) or port == 0:
             raise ConfigError(

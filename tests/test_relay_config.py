@@ -67,3 +67,14 @@ def test_required(missing: str) -> None:
     flag = "--" + missing.removeprefix("RELAY_").lower()
     with pytest.raises(ConfigError, match=f"^{missing} \\(or {flag}\\) is required$"):
         load_config([], environ)
+
+
+def test_transceivers_may_be_named_by_host_name() -> None:
+    """Kubernetes names StatefulSet pods by DNS; /etc/hosts resolves localhost offline."""
+    config = load_config([], BASE | {"RELAY_TRANSCEIVERS": "localhost:7000,127.0.0.2:7001"})
+    assert config.transceivers == (("127.0.0.1", 7000), ("127.0.0.2", 7001))
+
+
+def test_public_addresses_must_stay_ip_literals() -> None:
+    with pytest.raises(ConfigError, match="RELAY_PUBLIC: 'localhost' is not an IP address"):
+        load_config([], BASE | {"RELAY_PUBLIC": "localhost:3478"})
