@@ -22,7 +22,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pipeline import events as ev
@@ -59,6 +59,9 @@ class EngineConfig:
     realtime_playout: bool = True  # False: emit frames as fast as produced (files, tests)
     max_tool_rounds: int = 4
     instructions: str = ""
+    create_response: bool = True  # answer each user turn (False: wait for create_response())
+    interrupt_response: bool = True  # speech onset during playout is a barge-in
+    defer_client_tools: bool = False  # a client-side call ends the response (OpenAI Realtime)
     vad: VadConfig = field(default_factory=VadConfig)
     chunker: ChunkerConfig = field(default_factory=ChunkerConfig)
 
@@ -102,6 +105,7 @@ class ConversationEngine:
         self._recorder: TurnRecorder | None = None
         self._response: SpokenResponse | None = None
         self._response_task: asyncio.Task[None] | None = None
+        self._transcription: asyncio.Task[None] | None = None
         self._turns = itertools.count(1)
         self._responses = itertools.count(1)
 
@@ -142,12 +146,62 @@ class ConversationEngine:
         return bool(self._tasks)
 
     @property
+    def active_response_id(self) -> str | None:
+        return None if self._response is None else self._response.response_id
+
+    @property
     def user_speaking(self) -> bool:
         return self._detector is not None and self._detector.in_speech
 
     def resolve_tool_call(self, call_id: str, output: str) -> bool:
         """The client's result for a ``ClientToolCallRequested``."""
         return self.tools.resolve_client_call(call_id, output)
+
+    # --- control (what a Realtime client may ask between turns) ---------------------------
+
+    def reconfigure(self, config: EngineConfig) -> None:
+        """New knobs (VAD, instructions, policies); a running response keeps its own."""
+        if self._detector is not None and config.vad != self.config.vad:
+            rate_hz = config.input_sample_rate_hz
+            self._detector.reconfigure(config.vad, webrtc_classifier(config.vad, rate_hz))
+        self.config = config
+
+    def add_user_text(self, text: str) -> None:
+        self.history.append(Message("user", text))
+
+    def add_tool_output(self, call_id: str, output: str) -> bool:
+        """A deferred client call's result, into the history; False for an unknown call."""
+        asked = {call.call_id for m in self.history for call in m.tool_calls}
+        answered = {m.tool_call_id for m in self.history if m.role == "tool"}
+        if call_id not in asked or call_id in answered:
+            return False
+        self.history.append(Message("tool", output, tool_call_id=call_id))
+        return True
+
+    def create_response(self, instructions: str | None = None) -> str | None:
+        """Answer the conversation as it stands now; None while a response is active."""
+        if self._response is not None:
+            return None
+        recorder = TurnRecorder(next(self._turns), self.stt.name, self.llm.name, self.tts.name)
+        config = (
+            self.config if instructions is None else replace(self.config, instructions=instructions)
+        )
+        return self._start_response(recorder, config)
+
+    def cancel_response(self) -> str | None:
+        """Stop the active response (as a barge-in would); its id, or None if there is none."""
+        response = self._response
+        self._barge_in()
+        return None if response is None else response.response_id
+
+    def clear_input(self) -> None:
+        """Drop buffered input and the utterance in progress (it gets no transcript)."""
+        self._pending_input.clear()
+        if self._detector is not None:
+            self._detector.reset()
+        if self._transcription is not None:
+            self._transcription.cancel()
+        self._stt_audio, self._recorder, self._transcription = None, None, None
 
     # --- input ----------------------------------------------------------------------------
 
@@ -179,25 +233,28 @@ class ConversationEngine:
 
     def _on_vad(self, event: VadEvent) -> None:
         if isinstance(event, SpeechStarted):
-            self._emit(ev.SpeechStartedEvent(event.at_s, event.audio_start_ms))
-            self._barge_in()
-            self._begin_turn(event)
+            turn = next(self._turns)
+            self._emit(ev.SpeechStartedEvent(event.at_s, event.audio_start_ms, turn))
+            if self.config.interrupt_response:
+                self._barge_in()
+            self._begin_turn(event, turn)
         elif isinstance(event, SpeechStopped) and self._recorder is not None:
             self._recorder.mark("speech_stopped", event.at_s)
             if self._stt_audio is not None:
                 self._stt_audio.put_nowait(None)
             self._stt_audio = None
-            self._emit(ev.SpeechStoppedEvent(event.at_s, event.audio_end_ms))
+            turn = self._recorder.turn
+            self._emit(ev.SpeechStoppedEvent(event.at_s, event.audio_end_ms, turn))
         elif isinstance(event, TurnCommitted) and self._recorder is not None:
             self._recorder.input_audio_s = event.duration_ms / 1000
 
-    def _begin_turn(self, event: SpeechStarted) -> None:
-        recorder = TurnRecorder(next(self._turns), self.stt.name, self.llm.name, self.tts.name)
+    def _begin_turn(self, event: SpeechStarted, turn: int) -> None:
+        recorder = TurnRecorder(turn, self.stt.name, self.llm.name, self.tts.name)
         recorder.mark("speech_started", event.at_s)
         self._recorder = recorder
         self._stt_audio = asyncio.Queue()
         self._stt_audio.put_nowait(AudioChunk(event.prefix_pcm, self.config.input_sample_rate_hz))
-        self._spawn(self._transcribe(recorder, self._stt_audio))
+        self._transcription = self._spawn(self._transcribe(recorder, self._stt_audio))
 
     def _barge_in(self) -> None:
         response, task = self._response, self._response_task
@@ -236,12 +293,16 @@ class ConversationEngine:
             return  # nothing recognisable was said: no answer
         recorder.transcript = final
         self.history.append(Message("user", final))
-        if self.user_speaking:
-            return  # the user went on: the next turn answers both
+        if self.user_speaking or not self.config.create_response:
+            return  # the user went on (the next turn answers both), or the client decides
+        if self._response is None or self._response.stop_requested:
+            self._start_response(recorder, self.config)
+
+    def _start_response(self, recorder: TurnRecorder, config: EngineConfig) -> str:
         response = SpokenResponse(
             f"resp_{next(self._responses)}",
             recorder,
-            self.config,
+            config,
             (self.llm, self.tts, self.tools),
             self.history,
             self._emit,
@@ -249,6 +310,7 @@ class ConversationEngine:
         )
         self._response = response
         self._response_task = self._spawn(self._respond(response))
+        return response.response_id
 
     # --- response -------------------------------------------------------------------------
 

@@ -10,7 +10,9 @@ InputTranscript            conversation.item.input_audio_transcription.delta / .
 ResponseStarted            response.created
 ResponseTextDelta          response.output_audio_transcript.delta
 ToolCallStarted            response.function_call_arguments.done
-ClientToolCallRequested    (the client must run the tool and answer: ``resolve_tool_call``)
+ClientToolCallRequested    response.function_call_arguments.done (the client runs the tool and
+                           answers: ``resolve_tool_call``, or with ``defer_client_tools``
+                           ``add_tool_output`` + ``create_response``)
 ToolCallCompleted          conversation.item.create (function_call_output)
 OutputStarted / Stopped    output_audio_buffer.started / .stopped
 OutputCleared              output_audio_buffer.cleared (barge-in)
@@ -35,12 +37,14 @@ from pipeline.turns import TurnRecord
 class SpeechStartedEvent:
     at_s: float
     audio_start_ms: int
+    turn: int = 0
 
 
 @dataclass(frozen=True)
 class SpeechStoppedEvent:
     at_s: float
     audio_end_ms: int
+    turn: int = 0
 
 
 @dataclass(frozen=True)

@@ -73,9 +73,8 @@ class SpokenResponse:
         for round_index in range(self.config.max_tool_rounds + 1):
             offer_tools = round_index < self.config.max_tool_rounds
             calls = await self._generate_round(messages, chunker, chunks, offer_tools)
-            if not calls:
+            if not calls or not await self._run_tools(calls, messages):
                 break
-            await self._run_tools(calls, messages)
         for chunk in chunker.flush():
             chunks.put_nowait(chunk)
         chunks.put_nowait(None)
@@ -114,11 +113,18 @@ class SpokenResponse:
         for chunk in chunker.push(text):
             chunks.put_nowait(chunk)
 
-    async def _run_tools(self, calls: list[ToolCall], messages: list[Message]) -> None:
+    async def _run_tools(self, calls: list[ToolCall], messages: list[Message]) -> bool:
+        """Run the calls, results into the history; False when the client now holds the turn."""
         asked = Message("assistant", "", tool_calls=tuple(calls))
         messages.append(asked)
         self.history.append(asked)
+        deferred = [call for call in calls if self._deferred(call)]
+        for call in deferred:  # the client answers later: add_tool_output + create_response
+            self.recorder.tool_calls += 1
+            self._emit(ev.ClientToolCallRequested(self.response_id, call))
         for call in calls:
+            if call in deferred:
+                continue
             self.recorder.tool_calls += 1
             self._emit(ev.ToolCallStarted(self.response_id, call))
             started_s = self._now()
@@ -130,6 +136,10 @@ class SpokenResponse:
             answer = Message("tool", result.output, tool_call_id=call.call_id)
             messages.append(answer)
             self.history.append(answer)
+        return not deferred
+
+    def _deferred(self, call: ToolCall) -> bool:
+        return self.config.defer_client_tools and self.tools.is_client_side(call.name)
 
     async def _speak(
         self,

@@ -72,6 +72,10 @@ class ToolRegistry:
     def specs(self) -> list[ToolSpec]:
         return [tool.spec for tool in self._tools.values()]
 
+    def is_client_side(self, name: str) -> bool:
+        tool = self._tools.get(name)
+        return tool is not None and tool.client_side
+
     async def execute(
         self, call: ToolCall, on_client_call: Callable[[ToolCall], None] | None = None
     ) -> ToolResult:

@@ -110,6 +110,18 @@ class TurnDetector:
         self._utterance_start_ms = 0
         self.in_speech = False
 
+    def reconfigure(self, config: VadConfig, classify: Callable[[bytes], bool]) -> None:
+        """New knobs from the next frame on; an open utterance goes on under them."""
+        self.config = config
+        self._classify = classify
+
+    def reset(self) -> None:
+        """Forget the open utterance and the onset window (input buffer cleared)."""
+        self.in_speech = False
+        self._utterance = []
+        self._recent.clear()
+        self._recent_ms = self._voiced_run_ms = self._silence_run_ms = 0
+
     def push(self, frame: bytes) -> list[VadEvent]:
         """Feed one frame; returns the events it caused (usually none)."""
         duration_ms = frame_duration_ms(frame, self.sample_rate_hz)

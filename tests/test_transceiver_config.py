@@ -14,7 +14,7 @@ KEYS = "1:" + "00" * 16
 def test_defaults_environment_and_flags() -> None:
     config = TransceiverConfig.load([], {"TRANSCEIVER_KEYS": KEYS})
     assert config.link == ("127.0.0.1", 7000) and config.http == ("127.0.0.1", 8080)
-    assert (config.capacity, config.agent) == (100, "echo")
+    assert (config.capacity, config.agent) == (100, "pipeline")
     env = {"TRANSCEIVER_KEYS": KEYS, "TRANSCEIVER_CAPACITY": "5", "TRANSCEIVER_LINK": "[::1]:7001"}
     config = TransceiverConfig.load(["--capacity", "7", "--public", "1.2.3.4:3478,[::1]:3479"], env)
     assert config.capacity == 7 and config.link == ("::1", 7001)
@@ -35,7 +35,10 @@ def test_defaults_environment_and_flags() -> None:
         (["--keys", KEYS, "--http", "127.0.0.1"], "TRANSCEIVER_HTTP='127.0.0.1' is not host:port"),
         (["--keys", KEYS, "--public", "1.2.3.4:1,5.6.7.8:2"], "give one address per family"),
         (["--keys", KEYS, "--public", "1.2.3.4:0"], "port 0 cannot be advertised"),
-        (["--keys", KEYS, "--agent", "parrot"], "TRANSCEIVER_AGENT='parrot' is not one of echo"),
+        (
+            ["--keys", KEYS, "--agent", "parrot"],
+            "TRANSCEIVER_AGENT='parrot' is not one of pipeline, echo",
+        ),
     ],
 )
 def test_errors_name_the_setting(flags: list[str], message: str) -> None:

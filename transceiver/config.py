@@ -18,7 +18,7 @@ from relay.ufrag import Keyring
 Address = tuple[str, int]
 N = TypeVar("N", int, float)
 ENV_PREFIX = "TRANSCEIVER_"
-AGENTS = ("echo",)
+AGENTS = ("pipeline", "echo")
 
 # name -> (default, help). Names are the flag without "--" and the variable without the prefix.
 _SETTINGS: dict[str, tuple[str | None, str]] = {
@@ -29,7 +29,11 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
     "capacity": ("100", "most concurrent sessions; beyond it POST answers 503"),
     "connect_timeout_s": ("10", "close a session that has not connected within this time"),
     "drain_timeout_s": ("30", "on SIGTERM, let sessions end for up to this long"),
-    "agent": ("echo", "what each session runs: " + ", ".join(AGENTS)),
+    "agent": (
+        "pipeline",
+        "what each session runs: pipeline (the voice agent; PIPELINE_* variables configure it) "
+        "or echo (plays the caller's audio back, diagnostics)",
+    ),
 }
 
 

@@ -1,8 +1,10 @@
 """Live sessions: admission against capacity, negotiation, connect timeout, hang-up, drain.
 
 I/O layer over aiortc. A session is one RTCPeerConnection whose ICE agent is relayed over the
-link (see ``ice``); it runs the configured agent (``echo`` for now). Every session has one
-watcher task, owned by ``Sessions`` and awaited on close.
+link (see ``ice``); it runs the configured agent: ``pipeline`` (``transceiver.realtime``: the
+voice pipeline and the ``oai-events`` channel) or ``echo`` (diagnostics). Every session has one
+watcher task, owned by ``Sessions`` and awaited on close; the agent owns its own tasks and
+``aclose()`` ends them.
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamTrack
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from transceiver.echo import EchoTrack
+from transceiver.events import EventError
 from transceiver.ice import RelayedIce, relayed_through
+from transceiver.rtp_tuning import lower_audio_prefetch
 from transceiver.sdp import answer_with_candidates
 
 logger = logging.getLogger(__name__)
@@ -34,6 +38,7 @@ NEGOTIATION_ERRORS = (
     InvalidStateError,
     OperationError,
 )
+FAILURE_REASONS = frozenset({"rejected", "error", "connect_timeout", "failed", "invalid_session"})
 
 
 @dataclass(frozen=True)
@@ -56,11 +61,25 @@ class OfferRejected(Exception):
     """aiortc could not negotiate the offer; the message says why."""
 
 
+class SessionAgent(Protocol):
+    """What runs in a session: gets the client's audio track and data channels."""
+
+    def attach_audio(self, track: MediaStreamTrack) -> MediaStreamTrack | None: ...
+    def attach_channel(self, channel: Any) -> None: ...
+    async def start(self) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+# requested session config (None: the defaults) -> agent; raises EventError if it is invalid
+AgentFactory = Callable[[Mapping[str, Any] | None], SessionAgent]
+
+
 @dataclass
 class Session:
     call_id: str
     pc: RTCPeerConnection
     created_at_s: float
+    agent: SessionAgent
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     watcher: asyncio.Task[None] | None = None
@@ -75,6 +94,12 @@ class SessionMetrics:
         self.ended = Counter(
             "transceiver_sessions_ended", "Sessions ended", ["reason"], registry=registry
         )
+        self.failed = Counter(
+            "transceiver_sessions_failed",
+            "Sessions that ended in failure, by reason",
+            ["reason"],
+            registry=registry,
+        )
         self.connect_s = Histogram(
             "transceiver_session_connect_seconds",
             "Offer to connected",
@@ -83,17 +108,17 @@ class SessionMetrics:
         )
 
 
-AgentFactory = Callable[[MediaStreamTrack], MediaStreamTrack]
-AGENTS: dict[str, AgentFactory] = {"echo": EchoTrack}
-
-
 class Sessions:
     def __init__(
-        self, relayed: RelayedIce, limits: SessionLimits, registry: CollectorRegistry, agent: str
+        self,
+        relayed: RelayedIce,
+        limits: SessionLimits,
+        registry: CollectorRegistry,
+        agents: AgentFactory,
     ) -> None:
         self._relayed = relayed
         self._limits = limits
-        self._agent = AGENTS[agent]
+        self._agents = agents
         self._metrics = SessionMetrics(registry)
         self._sessions: dict[str, Session] = {}
         self._watchers: set[asyncio.Task[None]] = set()
@@ -119,15 +144,24 @@ class Sessions:
         if reason is not None:
             raise AdmissionError(reason, self._limits.retry_after_s)
 
-    async def create(self, offer_sdp: str) -> tuple[Session, str]:
-        """Answer a (sanitised) offer; the session counts against capacity at once."""
+    async def create(
+        self, offer_sdp: str, requested: Mapping[str, Any] | None = None
+    ) -> tuple[Session, str]:
+        """Answer a (sanitised) offer; the session counts against capacity at once.
+        ``requested``: the session config asked for with the call (OfferRejected if invalid)."""
         self.admit()
+        try:
+            agent = self._agents(requested)
+        except EventError as exc:
+            self._metrics.failed.labels("invalid_session").inc()
+            raise OfferRejected(f"invalid session: {exc.message} ({exc.param})") from None
         loop = asyncio.get_running_loop()
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        session = Session("rtc_" + secrets.token_hex(12), pc, loop.time())
+        session = Session("rtc_" + secrets.token_hex(12), pc, loop.time(), agent)
         self._add(session)
         try:
             answer = await self._negotiate(session, offer_sdp)
+            await agent.start()
         except NEGOTIATION_ERRORS as exc:
             await self._end(session, "rejected")
             raise OfferRejected(f"{type(exc).__name__}: {exc}") from exc
@@ -145,14 +179,18 @@ class Sessions:
         session.pc.on("connectionstatechange", lambda: self._state_changed(session))
 
     async def _negotiate(self, session: Session, offer_sdp: str) -> str:
-        pc = session.pc
+        pc, agent = session.pc, session.agent
         tracks: list[MediaStreamTrack] = []
         pc.on("track", tracks.append)
+        pc.on("datachannel", agent.attach_channel)
         with relayed_through(self._relayed):
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             for track in tracks:
-                if track.kind == "audio":
-                    pc.addTrack(self._agent(track))
+                if track.kind == "audio" and (voice := agent.attach_audio(track)) is not None:
+                    pc.addTrack(voice)
+            for receiver in pc.getReceivers():
+                if receiver.track is not None and receiver.track.kind == "audio":
+                    lower_audio_prefetch(receiver)
             await pc.setLocalDescription(await pc.createAnswer())
         return answer_with_candidates(pc.localDescription.sdp, self._relayed.public)
 
@@ -196,9 +234,12 @@ class Sessions:
             session.watcher.cancel()
         self._metrics.active.set(len(self._sessions))
         self._metrics.ended.labels(reason).inc()
+        if reason in FAILURE_REASONS:
+            self._metrics.failed.labels(reason).inc()
         logger.info("session %s ended: %s", session.call_id, reason)
         try:
             await session.pc.close()
+            await session.agent.aclose()
         finally:
             if not self._sessions:
                 self._empty.set()

@@ -1,0 +1,208 @@
+"""Test support: an aiortc Realtime client (speech track + ``oai-events``) and a transceiver
+running the voice pipeline behind ``LoopbackRelay``.
+
+``RealtimeClient`` speaks PCM it is given (paced 20 ms frames, silence in between), records
+every frame it hears, and keeps every server event; ``wait_for`` waits on a condition that is
+notified per event, with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import AudioFrame
+from stack import LoopbackRelay, Process, free_port, random_keys, text, transceiver_process
+
+from pipeline.piper_tts import PiperTextToSpeech
+from pipeline.playout import PcmResampler
+from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
+from pipeline.providers import AudioChunk
+
+RATE_HZ = 48_000
+FRAME_SAMPLES = 960
+Event = dict[str, Any]
+
+
+class SpeechTrack(MediaStreamTrack):
+    """A microphone: queued speech, else silence, one paced 20 ms frame at a time."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: deque[bytes] = deque()
+        self._sent = 0
+        self._start: float | None = None
+
+    def say(self, pcm: bytes) -> None:
+        step = 2 * FRAME_SAMPLES
+        pcm += b"\0" * (-len(pcm) % step)
+        self._pending.extend(pcm[i : i + step] for i in range(0, len(pcm), step))
+
+    @property
+    def speaking(self) -> bool:
+        return bool(self._pending)
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        loop = asyncio.get_running_loop()
+        self._start = loop.time() if self._start is None else self._start
+        delay_s = self._start + self._sent / RATE_HZ - loop.time()
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)  # pacing a real-time source, not synchronisation
+        pcm = self._pending.popleft() if self._pending else bytes(2 * FRAME_SAMPLES)
+        frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
+        frame.planes[0].update(pcm)
+        frame.sample_rate, frame.pts = RATE_HZ, self._sent
+        frame.time_base = fractions.Fraction(1, RATE_HZ)
+        self._sent += FRAME_SAMPLES
+        return frame
+
+
+class RealtimeClient:
+    def __init__(self, audio: bool = True) -> None:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.mic = SpeechTrack()
+        if audio:
+            self.pc.addTrack(self.mic)
+        self.channel = self.pc.createDataChannel("oai-events")
+        self.channel.on("message", self._on_message)
+        self.pc.on("track", self._on_track)
+        self.events: list[Event] = []
+        self.heard: list[bytes] = []  # 48 kHz mono frames, in arrival order
+        self._changed = asyncio.Condition()
+        self._reader: asyncio.Task[None] | None = None
+        self._notifier: set[asyncio.Task[None]] = set()
+
+    def _on_message(self, data: str | bytes) -> None:
+        self.events.append(json.loads(data))
+        task = asyncio.get_running_loop().create_task(self._notify())
+        self._notifier.add(task)
+        task.add_done_callback(self._notifier.discard)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read(track))
+
+    async def _read(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            channels = len(frame.layout.channels)
+            samples = frame.to_ndarray().reshape(-1)[::channels].astype(np.int16)
+            self.heard.append(samples.tobytes())
+
+    async def connect(self, http: httpx.AsyncClient, base_url: str) -> None:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        response = await http.post(
+            base_url + "/v1/realtime/calls",
+            content=self.pc.localDescription.sdp,
+            headers={"Content-Type": "application/sdp"},
+        )
+        assert response.status_code == 201, response.text
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=response.text, type="answer"))
+        await self.wait_for("session.created", timeout_s=15)
+
+    def send(self, event: Event | str) -> None:
+        self.channel.send(event if isinstance(event, str) else json.dumps(event))
+
+    async def wait_for(
+        self,
+        kind: str,
+        match: Callable[[Event], bool] = lambda _: True,
+        *,
+        after: int = 0,
+        timeout_s: float = 30.0,
+    ) -> Event:
+        """The first event of ``kind`` at index >= ``after`` that matches; fails at the deadline."""
+
+        def found() -> Event | None:
+            hits = (e for e in self.events[after:] if e["type"] == kind and match(e))
+            return next(hits, None)
+
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(lambda: found() is not None)
+        event = found()
+        assert event is not None
+        return event
+
+    def index(self, event: Event) -> int:
+        return next(i for i, e in enumerate(self.events) if e is event)
+
+    def types(self, after: int = 0) -> list[str]:
+        return [e["type"] for e in self.events[after:]]
+
+    async def close(self) -> None:
+        await self.pc.close()
+        tasks = [t for t in (self._reader, *self._notifier) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class PipelineTransceiver:
+    process: Process
+    relay: LoopbackRelay
+    base_url: str
+
+
+@asynccontextmanager
+async def pipeline_transceiver(log_dir: Path) -> AsyncIterator[PipelineTransceiver]:
+    """``python -m transceiver --agent pipeline`` (offline providers) behind a LoopbackRelay."""
+    link = ("127.0.0.1", free_port())
+    http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
+    relay = LoopbackRelay(link)
+    public = await relay.start()
+    env = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}  # offline providers whatever the host
+    env |= {"PIPELINE_PIPER_NOISE_SCALE": "0", "PIPELINE_PIPER_NOISE_W_SCALE": "0"}
+    process = transceiver_process(
+        "transceiver", link, http, text(public), random_keys(), log_dir, env, agent="pipeline"
+    )
+    try:
+        await process.start().ready(timeout_s=90)
+        yield PipelineTransceiver(process, relay, f"http://{text(http)}")
+    finally:
+        await process.stop()
+        relay.close()
+
+
+async def speak(tts: PiperTextToSpeech, words: str, rate_hz: int = RATE_HZ) -> bytes:
+    resampler, pcm = None, b""
+    async for chunk in tts.synthesize(words):
+        resampler = resampler or PcmResampler(chunk.sample_rate_hz, rate_hz)
+        pcm += resampler.push(chunk.pcm)
+    assert resampler is not None
+    return pcm + resampler.flush()
+
+
+def silence(ms: int, rate_hz: int = RATE_HZ) -> bytes:
+    return bytes(2 * (rate_hz * ms // 1000))
+
+
+async def hear(stt: PocketsphinxSpeechToText, pcm: bytes, rate_hz: int = RATE_HZ) -> list[str]:
+    async def once() -> AsyncIterator[AudioChunk]:
+        yield AudioChunk(pcm, rate_hz)
+
+    finals = [t.text async for t in stt.transcribe(once()) if t.final]
+    return finals[0].split() if finals else []

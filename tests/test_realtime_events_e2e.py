@@ -1,0 +1,123 @@
+"""The ``oai-events`` protocol against a real transceiver process running the offline pipeline:
+bad input gets ``error`` events naming the problem and the session goes on; text turns, cancel,
+buffer commands and item commands answer in OpenAI's GA shapes. The client stays silent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import pytest_asyncio
+from realtime_client import PipelineTransceiver, RealtimeClient, pipeline_transceiver
+from stack import metric_values
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PipelineTransceiver]:
+    async with pipeline_transceiver(tmp_path_factory.mktemp("events")) as running:
+        yield running
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def client(server: PipelineTransceiver) -> AsyncIterator[RealtimeClient]:
+    peer = RealtimeClient()  # silent microphone: offers must carry audio
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            await peer.connect(http, server.base_url)
+        yield peer
+    finally:
+        await peer.close()
+
+
+async def error_for(client: RealtimeClient, event: dict[str, object] | str) -> dict[str, str]:
+    start = len(client.events)
+    client.send(event)
+    return (await client.wait_for("error", after=start))["error"]  # type: ignore[no-any-return]
+
+
+def user_text(words: str) -> dict[str, object]:
+    content = [{"type": "input_text", "text": words}]
+    return {"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                                                         "content": content}}  # fmt: skip
+
+
+async def test_bad_input_gets_named_errors_and_the_session_goes_on(
+    server: PipelineTransceiver, client: RealtimeClient
+) -> None:
+    invalid = await error_for(client, "{not json")
+    assert invalid["code"] == "invalid_json" and invalid["type"] == "invalid_request_error"
+    unknown = await error_for(client, {"type": "session.explode", "event_id": "evt_1"})
+    assert (unknown["code"], unknown["param"], unknown["event_id"]) == (
+        "unknown_event", "type", "evt_1"
+    )  # fmt: skip
+    wrong = await error_for(client, {"type": "session.update", "session": {"instructions": 5}})
+    assert (wrong["code"], wrong["param"]) == ("invalid_type", "session.instructions")
+    knob = {"audio": {"input": {"turn_detection": {"silence_duration_ms": "long"}}}}
+    bad_knob = await error_for(client, {"type": "session.update", "session": knob})
+    assert bad_knob["param"] == "session.audio.input.turn_detection.silence_duration_ms"
+    cancel = await error_for(client, {"type": "response.cancel"})
+    assert cancel["code"] == "response_cancel_not_active"
+    output = {"type": "function_call_output", "call_id": "call_nope", "output": "{}"}
+    orphan = await error_for(client, {"type": "conversation.item.create", "item": output})
+    assert (orphan["code"], orphan["param"]) == ("invalid_value", "item.call_id")
+    commit = await error_for(client, {"type": "input_audio_buffer.commit"})
+    assert commit["code"] == "input_audio_buffer_commit_empty"
+
+    start = len(client.events)
+    client.send(user_text("Tell me about water."))
+    added = await client.wait_for("conversation.item.added", after=start)
+    assert added["item"]["content"] == [{"type": "input_text", "text": "Tell me about water."}]
+    client.send({"type": "response.create"})
+    done = await client.wait_for("response.done", after=start, timeout_s=30)
+    (item,) = done["response"]["output"]
+    assert item["content"][0]["transcript"].startswith("Water covers")
+    async with httpx.AsyncClient(timeout=10) as http:
+        exposition = (await http.get(server.base_url + "/metrics")).text
+    counted = metric_values(exposition, "transceiver_realtime_events_total")
+    assert counted.get("client", 0) or any(counted.values()), exposition
+    assert 'type="invalid"' in exposition and 'direction="server",type="error"' in exposition
+
+
+async def test_a_text_turn_in_ga_order_then_cancel_and_item_commands(
+    client: RealtimeClient,
+) -> None:
+    start = len(client.events)
+    client.send(user_text("Tell me about the moon."))
+    client.send({"type": "response.create", "event_id": "evt_go"})
+    created = await client.wait_for("response.created", after=start)
+    busy = await error_for(client, {"type": "response.create"})
+    assert busy["code"] == "conversation_already_has_active_response"
+    await client.wait_for("response.output_audio_transcript.delta", after=start)
+    client.send({"type": "response.cancel", "response_id": created["response"]["id"]})
+    done = await client.wait_for("response.done", after=start, timeout_s=30)
+    assert done["response"]["status"] == "cancelled"
+    assert done["response"]["status_details"]["reason"] == "client_cancelled"
+    metrics = await client.wait_for("voicerelay.turn.metrics", after=start)
+    assert metrics["speech_stopped_ms"] is None  # a text turn: no speech to measure from
+    types = client.types(start)
+    order = ["conversation.item.added", "conversation.item.done", "response.created",
+             "response.output_item.added", "response.content_part.added",
+             "response.output_audio_transcript.delta", "response.output_audio_transcript.done",
+             "response.content_part.done", "response.output_item.done", "response.done",
+             "voicerelay.turn.metrics"]  # fmt: skip
+    firsts = [types.index(kind) for kind in order]
+    assert firsts == sorted(firsts), types
+
+    user_item = client.events[start + types.index("conversation.item.added")]["item"]["id"]
+    client.send({"type": "conversation.item.retrieve", "item_id": user_item})
+    retrieved = await client.wait_for("conversation.item.retrieved", after=start)
+    assert retrieved["item"]["content"][0]["text"] == "Tell me about the moon."
+    client.send({"type": "conversation.item.delete", "item_id": user_item})
+    assert (await client.wait_for("conversation.item.deleted", after=start))["item_id"] == user_item
+    gone = await error_for(client, {"type": "conversation.item.retrieve", "item_id": user_item})
+    assert gone["code"] == "item_not_found"
+    client.send({"type": "input_audio_buffer.clear"})
+    await client.wait_for("input_audio_buffer.cleared", after=start)
+    client.send({"type": "output_audio_buffer.clear"})
+    await client.wait_for("output_audio_buffer.cleared", after=start)
+    json.dumps(client.events)  # every event was plain JSON

@@ -1,0 +1,133 @@
+"""Audio between aiortc and the conversation engine: decoded frames in, paced frames out.
+
+I/O layer (aiortc tracks, av frames). No per-sample Python: numpy picks the first channel and
+soxr resamples.
+
+- :func:`pump_input` reads the client's decoded audio (aiortc's Opus decoder gives 48 kHz s16
+  stereo) and pushes 16-bit mono PCM at the engine's input rate.
+- :class:`AgentVoiceTrack` is the outgoing track: one 20 ms frame per 20 ms of the loop clock,
+  the engine's frames while an answer plays and silence otherwise; :meth:`clear` drops what is
+  queued at once (barge-in). It notes when each response's first frame left for the encoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import soxr
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import AudioFrame
+
+FIRST_FRAME_MEMORY = 64  # responses whose first-frame time is kept until the turn is reported
+MAX_QUEUED_FRAMES = 500  # 10 s: the engine paces in real time, so this is only a safety net
+
+
+class InputResampler:
+    """Decoded frames (any rate, packed s16, any channel count) -> mono PCM at one rate."""
+
+    def __init__(self, output_rate_hz: int) -> None:
+        self.output_rate_hz = output_rate_hz
+        self._input_rate_hz = 0
+        self._stream: Any = None
+
+    def convert(self, frame: AudioFrame) -> bytes:
+        channels = len(frame.layout.channels)
+        samples = np.frombuffer(bytes(frame.planes[0]), np.int16)[: frame.samples * channels]
+        mono = np.ascontiguousarray(samples[::channels])
+        if frame.sample_rate != self._input_rate_hz:
+            self._input_rate_hz = frame.sample_rate
+            self._stream = None
+            if frame.sample_rate != self.output_rate_hz:
+                self._stream = soxr.ResampleStream(
+                    frame.sample_rate, self.output_rate_hz, 1, dtype="int16"
+                )
+        if self._stream is None:
+            return mono.tobytes()
+        return bytes(self._stream.resample_chunk(mono).tobytes())
+
+
+async def pump_input(
+    track: MediaStreamTrack, push: Callable[[bytes], None], output_rate_hz: int
+) -> None:
+    """Until the track ends: every decoded frame, as mono PCM at ``output_rate_hz``."""
+    resampler = InputResampler(output_rate_hz)
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        if isinstance(frame, AudioFrame):
+            push(resampler.convert(frame))
+
+
+class AgentVoiceTrack(MediaStreamTrack):
+    """The agent's voice: queued response frames, else silence, paced by the loop clock."""
+
+    kind = "audio"
+
+    def __init__(self, sample_rate_hz: int, frame_ms: int = 20) -> None:
+        super().__init__()
+        self.sample_rate_hz = sample_rate_hz
+        self.frame_samples = sample_rate_hz * frame_ms // 1000
+        self._silence = bytes(2 * self.frame_samples)
+        self._queue: deque[tuple[str, bytes]] = deque(maxlen=MAX_QUEUED_FRAMES)
+        self._time_base = fractions.Fraction(1, sample_rate_hz)
+        self._start_s: float | None = None
+        self._sent_samples = 0
+        self.first_frame_sent_s: dict[str, float] = {}
+        self.frames_played = 0
+
+    def play(self, response_id: str, pcm: bytes) -> None:
+        """Queue one frame of ``response_id`` (16-bit mono, exactly one frame long)."""
+        if len(pcm) != len(self._silence):
+            raise ValueError(f"agent frames must be {len(self._silence)} bytes, got {len(pcm)}")
+        self._queue.append((response_id, pcm))
+
+    def clear(self) -> int:
+        """Drop every queued frame now; how many were dropped."""
+        dropped = len(self._queue)
+        self._queue.clear()
+        return dropped
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        await self._pace()
+        pcm = self._next_pcm()
+        frame = AudioFrame(format="s16", layout="mono", samples=self.frame_samples)
+        frame.planes[0].update(pcm)
+        frame.sample_rate = self.sample_rate_hz
+        frame.pts = self._sent_samples
+        frame.time_base = self._time_base
+        self._sent_samples += self.frame_samples
+        return frame
+
+    async def _pace(self) -> None:
+        loop = asyncio.get_running_loop()
+        now_s = loop.time()
+        if self._start_s is None:
+            self._start_s = now_s
+        due_s = self._start_s + self._sent_samples / self.sample_rate_hz
+        if due_s > now_s:
+            await asyncio.sleep(due_s - now_s)  # pacing a real-time source
+        elif now_s - due_s > 0.1:  # stalled (loop busy): restart the clock, do not burst
+            self._start_s = now_s - self._sent_samples / self.sample_rate_hz
+
+    def _next_pcm(self) -> bytes:
+        if not self._queue:
+            return self._silence
+        response_id, pcm = self._queue.popleft()
+        if response_id not in self.first_frame_sent_s:
+            self._remember_first_frame(response_id)
+        self.frames_played += 1
+        return pcm
+
+    def _remember_first_frame(self, response_id: str) -> None:
+        if len(self.first_frame_sent_s) >= FIRST_FRAME_MEMORY:
+            self.first_frame_sent_s.pop(next(iter(self.first_frame_sent_s)))
+        self.first_frame_sent_s[response_id] = asyncio.get_running_loop().time()

@@ -1,0 +1,108 @@
+"""Prometheus metrics of the voice sessions, in the app's registry.
+
+I/O layer (prometheus-client). Turn records feed the per-stage latency histograms; the
+resilience wrappers' ``.stats`` (retries, failures, fallbacks) are read at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pipeline.turns import TurnRecord
+
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
+# stage label -> TurnRecord field (milliseconds)
+STAGES = {
+    "stt": "stt_ms",
+    "llm_first_token": "llm_first_token_ms",
+    "tts_first_audio": "tts_first_audio_ms",
+}
+KNOWN_CLIENT_EVENTS = frozenset(
+    {
+        "session.update",
+        "conversation.item.create",
+        "response.create",
+        "response.cancel",
+        "input_audio_buffer.clear",
+        "input_audio_buffer.commit",
+        "output_audio_buffer.clear",
+        "conversation.item.retrieve",
+        "conversation.item.truncate",
+        "conversation.item.delete",
+    }
+)
+RESILIENCE_COUNTERS = ("attempts", "failures", "retries", "retries_denied", "fallbacks")
+
+
+class RealtimeMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.stage_s = Histogram(
+            "transceiver_turn_stage_seconds",
+            "Per-turn latency by stage (stt: speech end to final transcript; llm_first_token: "
+            "final transcript to first token; tts_first_audio: TTS request to first audio; "
+            "speech_end_to_audio_out: speech end to the first frame handed to the encoder)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.turns = Counter(
+            "transceiver_turns", "Answered turns", ["interrupted"], registry=registry
+        )
+        self.events = Counter(
+            "transceiver_realtime_events",
+            "oai-events data-channel events by direction and type",
+            ["direction", "type"],
+            registry=registry,
+        )
+        self.provider_errors = Counter(
+            "transceiver_provider_errors",
+            "Errors the pipeline reported by retryability",
+            ["retryable"],
+            registry=registry,
+        )
+
+    def turn(self, record: TurnRecord, first_frame_sent_s: float | None) -> None:
+        self.turns.labels(str(record.interrupted).lower()).inc()
+        for stage, name in STAGES.items():
+            value_ms = getattr(record, name)
+            if value_ms is not None:
+                self.stage_s.labels(stage).observe(value_ms / 1000)
+        first_out_s = first_frame_sent_s or record.first_frame_out_s
+        if record.speech_stopped_s is not None and first_out_s is not None:
+            waited_s = first_out_s - record.speech_stopped_s
+            self.stage_s.labels("speech_end_to_audio_out").observe(waited_s)
+
+    def client_event(self, kind: str) -> None:
+        """Counted by type; names we do not know share one label (bounded cardinality)."""
+        label = kind if kind in KNOWN_CLIENT_EVENTS else "invalid"
+        self.events.labels("client", label).inc()
+
+    def server_event(self, kind: str) -> None:
+        self.events.labels("server", kind).inc()
+
+    def provider_error(self, retryable: bool) -> None:
+        self.provider_errors.labels(str(retryable).lower()).inc()
+
+
+class ResilienceCollector(Collector):
+    """The hardened providers' counters (``pipeline.guards.ResilienceStats``), per provider."""
+
+    def __init__(self, providers: Iterable[Any]) -> None:
+        self._stats = [p.stats for p in providers if hasattr(p, "stats")]
+
+    def collect(self) -> Iterator[Metric]:
+        for counter in RESILIENCE_COUNTERS:
+            family = CounterMetricFamily(
+                f"transceiver_provider_{counter}",
+                f"Provider calls: {counter.replace('_', ' ')} (pipeline resilience wrappers)",
+                labels=["provider"],
+            )
+            for stats in self._stats:
+                for provider, count in sorted(getattr(stats, counter).items()):
+                    family.add_metric([provider], count)
+            yield family

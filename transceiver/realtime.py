@@ -1,0 +1,286 @@
+"""One Realtime session: the client's media and ``oai-events`` channel bridged to an engine.
+
+I/O layer. A :class:`RealtimeSession` owns a ``ConversationEngine``, the outgoing
+``AgentVoiceTrack`` and two tasks (input pump, engine-event forwarder), cancelled and awaited
+by ``aclose()``. Client events are parsed by ``transceiver.events``; each is handled at once
+(the engine's control methods are synchronous) and a bad one gets an ``error`` event naming
+the problem while the session goes on. Engine events become server events through
+``EngineEventTranslator``; events produced before the client opens its channel wait (bounded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Coroutine, Mapping
+from contextlib import aclosing
+from typing import Any
+
+from aiortc.mediastreams import MediaStreamTrack
+
+from pipeline import events as ev
+from pipeline.engine import ConversationEngine
+from transceiver.audio import AgentVoiceTrack, pump_input
+from transceiver.events import (
+    BufferCommand,
+    ClientEvent,
+    ConversationItemCreate,
+    EventError,
+    FunctionCallOutput,
+    ItemDelete,
+    ItemRetrieve,
+    ItemTruncate,
+    ResponseCancel,
+    ResponseCreate,
+    SessionConfig,
+    SessionUpdate,
+    error_event,
+    message_item,
+    new_id,
+    parse_client_event,
+    server_event,
+)
+from transceiver.metrics import RealtimeMetrics
+from transceiver.realtime_events import EngineEventTranslator
+from transceiver.session_config import SessionPolicy
+
+logger = logging.getLogger(__name__)
+EVENTS_LABEL = "oai-events"
+MAX_PENDING_EVENTS = 512
+Event = dict[str, Any]
+_TYPES: Mapping[type, str] = {
+    SessionUpdate: "session.update",
+    ConversationItemCreate: "conversation.item.create",
+    ResponseCreate: "response.create",
+    ResponseCancel: "response.cancel",
+    ItemRetrieve: "conversation.item.retrieve",
+    ItemTruncate: "conversation.item.truncate",
+    ItemDelete: "conversation.item.delete",
+}
+
+
+class RealtimeSession:
+    def __init__(
+        self,
+        engine: ConversationEngine,
+        policy: SessionPolicy,
+        config: SessionConfig,
+        metrics: RealtimeMetrics,
+    ) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.config = config
+        self.metrics = metrics
+        self.voice = AgentVoiceTrack(engine.config.output_sample_rate_hz, engine.config.frame_ms)
+        self.translator = EngineEventTranslator(self.voice.first_frame_sent_s.get)
+        self._remote: MediaStreamTrack | None = None
+        self._channel: Any = None
+        self._pending: list[Event] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._apply(config)
+
+    # --- wiring ---------------------------------------------------------------------------
+
+    def attach_audio(self, track: MediaStreamTrack) -> MediaStreamTrack | None:
+        """The client's microphone; the agent's voice goes back (one pair per session)."""
+        if self._remote is not None:
+            return None
+        self._remote = track
+        return self.voice
+
+    def attach_channel(self, channel: Any) -> None:
+        if channel.label != EVENTS_LABEL or self._channel is not None:
+            return
+        self._channel = channel
+        channel.on("message", self.on_message)
+        if channel.readyState == "open":
+            self._opened()
+        else:
+            channel.on("open", self._opened)
+
+    async def start(self) -> None:
+        await self.engine.start()
+        self._spawn(self._forward_engine_events())
+        if self._remote is not None:
+            rate_hz = self.engine.config.input_sample_rate_hz
+            self._spawn(pump_input(self._remote, self.engine.push_audio, rate_hz))
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.engine.aclose()
+        self.voice.stop()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- server -> client -----------------------------------------------------------------
+
+    def _opened(self) -> None:
+        pending, self._pending = self._pending, []
+        self.send(server_event("session.created", session=self.config.to_json()))
+        for event in pending:
+            self.send(event)
+
+    def send(self, event: Event) -> None:
+        channel = self._channel
+        if channel is None or channel.readyState == "connecting":
+            if len(self._pending) < MAX_PENDING_EVENTS:
+                self._pending.append(event)
+            return
+        if channel.readyState != "open":
+            return
+        channel.send(json.dumps(event))
+        self.metrics.server_event(event["type"])
+
+    async def _forward_engine_events(self) -> None:
+        async with aclosing(self.engine.events()) as events:
+            async for event in events:
+                if isinstance(event, ev.OutputAudio):
+                    if self._remote is not None:  # else the client has no audio to hear it on
+                        self.voice.play(event.response_id, event.pcm)
+                    continue
+                self._observe(event)
+                for server in self.translator.translate(event):
+                    self.send(server)
+
+    def _observe(self, event: ev.EngineEvent) -> None:
+        if isinstance(event, ev.OutputCleared):
+            self.voice.clear()
+        elif isinstance(event, ev.TurnCompleted):
+            done = self.translator.done_engine_response_id
+            self.metrics.turn(event.record, self.voice.first_frame_sent_s.get(done))
+        elif isinstance(event, ev.EngineError):
+            logger.warning("pipeline error: %s", event.message)
+            self.metrics.provider_error(event.retryable)
+
+    # --- client -> server -----------------------------------------------------------------
+
+    def on_message(self, data: str | bytes) -> None:
+        try:
+            event = parse_client_event(data)
+        except EventError as error:
+            self.metrics.client_event("invalid")
+            self.send(error_event(error, _event_id_of(data)))
+            return
+        kind = event.type if isinstance(event, BufferCommand) else _TYPES[type(event)]
+        self.metrics.client_event(kind)
+        try:
+            self._handle(event)
+        except EventError as error:
+            self.send(error_event(error, event.event_id))
+
+    def _handle(self, event: ClientEvent) -> None:
+        if isinstance(event, SessionUpdate):
+            self._apply(event.apply(self.config))
+            self.send(server_event("session.updated", session=self.config.to_json()))
+        elif isinstance(event, ConversationItemCreate):
+            self._create_item(event)
+        elif isinstance(event, ResponseCreate):
+            if self.engine.create_response(event.instructions) is None:
+                raise EventError(
+                    "conversation_already_has_active_response",
+                    "a response is in progress; cancel it or wait for response.done",
+                )
+        elif isinstance(event, ResponseCancel):
+            self._cancel(event.response_id)
+        elif isinstance(event, BufferCommand):
+            self._buffer_command(event.type)
+        else:
+            self._item_command(event)
+
+    def _apply(self, config: SessionConfig) -> None:
+        tools = self.policy.tools(config)  # may raise EventError: nothing changed yet
+        self.engine.reconfigure(self.policy.engine_config(config))
+        self.engine.tools = tools
+        self.config = config
+
+    def _create_item(self, event: ConversationItemCreate) -> None:
+        item = event.item
+        if isinstance(item, FunctionCallOutput):
+            if not self.engine.add_tool_output(item.call_id, item.output):
+                raise EventError(
+                    "invalid_value",
+                    f"no function call {item.call_id!r} is waiting for its output",
+                    "item.call_id",
+                )
+            body = function_call_output_item(event.item_id, item.call_id, item.output)
+        else:
+            self.engine.add_user_text(item.text)
+            body = message_item(event.item_id, "user", item.text, audio=False)
+        for added in self.translator.added(body):
+            self.send(added)
+
+    def _cancel(self, response_id: str | None) -> None:
+        active = self.engine.active_response_id
+        if active is None:
+            raise EventError("response_cancel_not_active", "there is no active response")
+        if response_id is not None and response_id != self.translator.response_id(active):
+            raise EventError(
+                "invalid_value", f"response {response_id!r} is not active", "response_id"
+            )
+        self.translator.cancelled_by_client(active)
+        self.engine.cancel_response()
+
+    def _item_command(self, event: ItemRetrieve | ItemTruncate | ItemDelete) -> None:
+        """On the items this session still knows (the engine's history is not rewritten)."""
+        item = self.translator.items.get(event.item_id)
+        if item is None:
+            raise EventError("item_not_found", f"no item {event.item_id!r}", "item_id")
+        if isinstance(event, ItemRetrieve):
+            self.send(server_event("conversation.item.retrieved", item=item))
+        elif isinstance(event, ItemDelete):
+            self.translator.forget(event.item_id)
+            self.send(server_event("conversation.item.deleted", item_id=event.item_id))
+        else:
+            truncated = {"content_index": event.content_index, "audio_end_ms": event.audio_end_ms}
+            self.send(
+                server_event("conversation.item.truncated", item_id=event.item_id, **truncated)
+            )
+
+    def _buffer_command(self, kind: str) -> None:
+        if kind == "input_audio_buffer.clear":
+            self.engine.clear_input()
+            self.send(server_event("input_audio_buffer.cleared"))
+        elif kind == "input_audio_buffer.commit":
+            if not self.engine.user_speaking:
+                raise EventError(
+                    "input_audio_buffer_commit_empty", "no speech is in the input audio buffer"
+                )
+            self.engine.finish_input()
+        else:
+            self._clear_output()
+
+    def _clear_output(self) -> None:
+        active = self.engine.active_response_id
+        if active is not None:
+            self.translator.cancelled_by_client(active)
+        self.engine.cancel_response()
+        self.voice.clear()
+        if active is None:
+            self.send(server_event("output_audio_buffer.cleared", response_id=None))
+
+
+def function_call_output_item(item_id: str, call_id: str, output: str) -> Event:
+    return {
+        "id": item_id or new_id("item"),
+        "object": "realtime.item",
+        "type": "function_call_output",
+        "status": "completed",
+        "call_id": call_id,
+        "output": output,
+    }
+
+
+def _event_id_of(data: str | bytes) -> str | None:
+    """The client's event_id, when the event is a JSON object that has one (for errors)."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    event_id = raw.get("event_id") if isinstance(raw, dict) else None
+    return event_id if isinstance(event_id, str) else None

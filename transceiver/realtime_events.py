@@ -1,0 +1,363 @@
+"""Engine events -> OpenAI Realtime (GA) server events, in the order and shapes OpenAI sends.
+
+Protocol layer, pure: one :class:`EngineEventTranslator` per session keeps the ids (user items
+per turn, response and output items) and turns each ``pipeline.events`` value into the server
+events it means. Audio frames are not events here (they go on the media track). Server-side
+tools (the built-ins) stay inside the server, as OpenAI's own do; client tools become
+``function_call`` output items that end their response.
+
+A user turn: speech_started, speech_stopped, committed, conversation.item.added/done (user
+audio), input_audio_transcription.delta*/completed. A response: response.created,
+output_item.added + conversation.item.added + content_part.added, output_audio_buffer.started,
+output_audio_transcript.delta*, (output_audio_buffer.stopped or .cleared), transcript.done,
+output_audio.done, content_part.done, output_item.done + conversation.item.done, response.done
+(with usage), then the ``voicerelay.turn.metrics`` extension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import events as ev
+from pipeline.turns import TurnRecord
+from transceiver.events import function_call_item, message_item, new_id, server_event
+
+Event = dict[str, Any]
+FirstFrameLookup = Callable[[str], float | None]
+MAX_ITEMS_KEPT = 256
+_STATUS_REASON = {"cancelled": "turn_detected", "failed": "error"}
+
+
+@dataclass
+class _Response:
+    id: str
+    output: list[Event] = field(default_factory=list)
+    message_id: str | None = None
+    text: str = ""
+    status: str = "in_progress"
+    cancel_reason: str = "turn_detected"
+
+    def position(self, item_id: str) -> dict[str, Any]:
+        index = next(i for i, item in enumerate(self.output) if item["id"] == item_id)
+        return {"response_id": self.id, "item_id": item_id, "output_index": index}
+
+
+class EngineEventTranslator:
+    def __init__(self, first_frame_sent_s: FirstFrameLookup = lambda _: None) -> None:
+        self._first_frame_sent_s = first_frame_sent_s
+        self._user_items: dict[int, str] = {}
+        self._partials: dict[int, str] = {}
+        self._responses: dict[str, _Response] = {}
+        self._done: _Response | None = None
+        self.done_engine_response_id = ""  # the response whose TurnCompleted comes next
+        self.last_item_id: str | None = None
+        self._previous: dict[str, str | None] = {}  # item id -> the item before it
+        self.items: dict[str, Event] = {}  # the latest body of each recent item, by id
+
+    def response_id(self, engine_response_id: str) -> str | None:
+        response = self._responses.get(engine_response_id)
+        return None if response is None else response.id
+
+    def cancelled_by_client(self, engine_response_id: str) -> None:
+        if (response := self._responses.get(engine_response_id)) is not None:
+            response.cancel_reason = "client_cancelled"
+
+    def translate(self, event: ev.EngineEvent) -> list[Event]:
+        handler = _HANDLERS.get(type(event))
+        return [] if handler is None else handler(self, event)
+
+    def added(self, item: Event) -> list[Event]:
+        """conversation.item.added + .done for an item that is complete at once."""
+        previous = self._append(item["id"])
+        self.items[item["id"]] = item
+        return [
+            server_event("conversation.item.added", previous_item_id=previous, item=item),
+            server_event("conversation.item.done", previous_item_id=previous, item=item),
+        ]
+
+    # --- the user's turn ------------------------------------------------------------------
+
+    def _append(self, item_id: str) -> str | None:
+        """The item goes last in the conversation; the id of the item before it."""
+        previous = self._previous[item_id] = self.last_item_id
+        self.last_item_id = item_id
+        if len(self._previous) > MAX_ITEMS_KEPT:
+            forgotten = next(iter(self._previous))
+            self._previous.pop(forgotten)
+            self.items.pop(forgotten, None)
+        return previous
+
+    def forget(self, item_id: str) -> bool:
+        self._previous.pop(item_id, None)
+        return self.items.pop(item_id, None) is not None
+
+    def _speech_started(self, event: ev.SpeechStartedEvent) -> list[Event]:
+        item_id = self._user_items[event.turn] = new_id("item")
+        return [
+            server_event(
+                "input_audio_buffer.speech_started",
+                audio_start_ms=event.audio_start_ms,
+                item_id=item_id,
+            )
+        ]
+
+    def _speech_stopped(self, event: ev.SpeechStoppedEvent) -> list[Event]:
+        item_id = self._user_items.get(event.turn)
+        if item_id is None:
+            return []
+        item = message_item(item_id, "user", "", audio=True)
+        item["content"][0]["transcript"] = None  # until the transcription completes
+        previous = self.last_item_id
+        return [
+            server_event(
+                "input_audio_buffer.speech_stopped",
+                audio_end_ms=event.audio_end_ms,
+                item_id=item_id,
+            ),
+            server_event(
+                "input_audio_buffer.committed", previous_item_id=previous, item_id=item_id
+            ),
+            *self.added(item),
+        ]
+
+    def _transcript(self, event: ev.InputTranscript) -> list[Event]:
+        item_id = self._user_items.get(event.turn)
+        if item_id is None:
+            return []
+        sent = self._partials.get(event.turn, "")
+        events = []
+        if event.text.startswith(sent) and len(event.text) > len(sent):
+            delta = event.text[len(sent) :]
+            self._partials[event.turn] = event.text
+            events.append(_transcription("delta", item_id, delta=delta))
+        if event.final:
+            self._partials.pop(event.turn, None)
+            if (item := self.items.get(item_id)) is not None:
+                item["content"][0]["transcript"] = event.text
+            events.append(_transcription("completed", item_id, transcript=event.text))
+        return events
+
+    # --- the response ---------------------------------------------------------------------
+
+    def _response_started(self, event: ev.ResponseStarted) -> list[Event]:
+        response = self._responses[event.response_id] = _Response(new_id("resp"))
+        return [server_event("response.created", response=_body(response))]
+
+    def _text_delta(self, event: ev.ResponseTextDelta) -> list[Event]:
+        response = self._responses.get(event.response_id)
+        if response is None:
+            return []
+        events = self._open_message(response)
+        response.text += event.text
+        assert response.message_id is not None
+        where = response.position(response.message_id)
+        delta = server_event(
+            "response.output_audio_transcript.delta", **where, content_index=0, delta=event.text
+        )
+        return [*events, delta]
+
+    def _open_message(self, response: _Response) -> list[Event]:
+        if response.message_id is not None:
+            return []
+        response.message_id = new_id("item")
+        item = message_item(response.message_id, "assistant", "", audio=True, status="in_progress")
+        item["content"] = []
+        response.output.append(item)
+        previous = self._append(response.message_id)
+        where = response.position(response.message_id)
+        part = {"type": "audio", "transcript": ""}
+        return [
+            server_event(
+                "response.output_item.added",
+                response_id=response.id,
+                output_index=where["output_index"],
+                item=item,
+            ),
+            server_event("conversation.item.added", previous_item_id=previous, item=item),
+            server_event("response.content_part.added", **where, content_index=0, part=part),
+        ]
+
+    def _client_call(self, event: ev.ClientToolCallRequested) -> list[Event]:
+        response = self._responses.get(event.response_id)
+        if response is None:
+            return []
+        call = event.call
+        item = function_call_item(new_id("item"), call.call_id, call.name, "", "in_progress")
+        response.output.append(item)
+        previous = self._append(item["id"])
+        where = response.position(item["id"])
+        done_item = {**item, "arguments": call.arguments, "status": "completed"}
+        response.output[-1] = done_item
+        args = {**where, "call_id": call.call_id}
+        return [
+            server_event(
+                "response.output_item.added",
+                response_id=response.id,
+                output_index=where["output_index"],
+                item=item,
+            ),
+            server_event("conversation.item.added", previous_item_id=previous, item=item),
+            server_event("response.function_call_arguments.delta", **args, delta=call.arguments),
+            server_event(
+                "response.function_call_arguments.done",
+                **args,
+                name=call.name,
+                arguments=call.arguments,
+            ),
+            *self._item_done(response, done_item, previous),
+        ]
+
+    def _item_done(self, response: _Response, item: Event, previous: str | None) -> list[Event]:
+        self.items[item["id"]] = item
+        index = response.position(item["id"])["output_index"]
+        return [
+            server_event(
+                "response.output_item.done", response_id=response.id, output_index=index, item=item
+            ),
+            server_event("conversation.item.done", previous_item_id=previous, item=item),
+        ]
+
+    def _audio_buffer(self, kind: str, engine_response_id: str) -> list[Event]:
+        response = self._responses.get(engine_response_id)
+        if response is None:
+            return []
+        return [server_event(f"output_audio_buffer.{kind}", response_id=response.id)]
+
+    def _cleared(self, event: ev.OutputCleared) -> list[Event]:
+        response = self._responses.get(event.response_id)
+        if response is None:
+            return []
+        events = [server_event("output_audio_buffer.cleared", response_id=response.id)]
+        if response.message_id is not None:
+            events.append(
+                server_event(
+                    "conversation.item.truncated",
+                    item_id=response.message_id,
+                    content_index=0,
+                    audio_end_ms=event.audio_end_ms,
+                )
+            )
+        return events
+
+    def _response_done(self, event: ev.ResponseDone) -> list[Event]:
+        response = self._responses.get(event.response_id)
+        if response is None:
+            return []
+        response.status = event.status
+        self._done, self.done_engine_response_id = response, event.response_id
+        if response.message_id is None:
+            return []
+        where = response.position(response.message_id)
+        heard = event.heard_text if event.status == "cancelled" else response.text
+        part = {"type": "audio", "transcript": heard}
+        status = "completed" if event.status == "completed" else "incomplete"
+        item = message_item(response.message_id, "assistant", heard, audio=True, status=status)
+        index = where["output_index"]
+        response.output[index] = item
+        return [
+            server_event(
+                "response.output_audio_transcript.done",
+                **where,
+                content_index=0,
+                transcript=response.text,
+            ),
+            server_event("response.output_audio.done", **where, content_index=0),
+            server_event("response.content_part.done", **where, content_index=0, part=part),
+            *self._item_done(response, item, self._previous.get(response.message_id)),
+        ]
+
+    def _turn_completed(self, event: ev.TurnCompleted) -> list[Event]:
+        response, engine_id = self._done, self.done_engine_response_id
+        if response is None:
+            return []
+        self._done = None
+        self._responses.pop(engine_id, None)
+        record = event.record
+        body = _body(response, record)
+        metrics = turn_metrics_event(response.id, record, self._first_frame_sent_s(engine_id))
+        return [server_event("response.done", response=body), metrics]
+
+    def _engine_error(self, event: ev.EngineError) -> list[Event]:
+        code = "provider_error_retryable" if event.retryable else "provider_error"
+        error = {"type": "server_error", "code": code, "message": event.message, "param": None}
+        return [server_event("error", error={**error, "event_id": None})]
+
+
+def _transcription(kind: str, item_id: str, **fields: Any) -> Event:
+    return server_event(
+        f"conversation.item.input_audio_transcription.{kind}",
+        item_id=item_id,
+        content_index=0,
+        **fields,
+    )
+
+
+def _body(response: _Response, record: TurnRecord | None = None) -> Event:
+    body: Event = {
+        "id": response.id,
+        "object": "realtime.response",
+        "status": response.status,
+        "status_details": None,
+        "output": list(response.output),
+        "output_modalities": ["audio"],
+        "usage": None,
+    }
+    if response.status in _STATUS_REASON:
+        reason = response.cancel_reason if response.status == "cancelled" else "error"
+        body["status_details"] = {"type": response.status, "reason": reason}
+    if record is not None:
+        body["usage"] = _usage(record)
+    return body
+
+
+def _usage(record: TurnRecord) -> dict[str, Any]:
+    inputs, outputs = record.llm_input_tokens, record.llm_output_tokens
+    return {
+        "total_tokens": inputs + outputs,
+        "input_tokens": inputs,
+        "output_tokens": outputs,
+        "input_token_details": {"text_tokens": inputs, "audio_tokens": 0, "cached_tokens": 0},
+        "output_token_details": {"text_tokens": outputs, "audio_tokens": 0},
+    }
+
+
+def turn_metrics_event(
+    response_id: str, record: TurnRecord, first_frame_sent_s: float | None
+) -> Event:
+    """voicerelay.turn.metrics: each stage in ms after speech stopped (None: did not happen)."""
+    origin = record.speech_stopped_s
+
+    def since(at_s: float | None) -> float | None:
+        return None if origin is None or at_s is None else round((at_s - origin) * 1000, 1)
+
+    first_out = first_frame_sent_s if first_frame_sent_s is not None else record.first_frame_out_s
+    return server_event(
+        "voicerelay.turn.metrics",
+        response_id=response_id,
+        turn=record.turn,
+        interrupted=record.interrupted,
+        speech_stopped_ms=since(origin),
+        stt_final_ms=since(record.stt_final_s),
+        llm_first_token_ms=since(record.llm_first_token_s),
+        first_audio_ms=since(record.first_tts_audio_s),
+        first_frame_out_ms=since(first_out),
+        overhead_ms=None if record.overhead_ms is None else round(record.overhead_ms, 1),
+    )
+
+
+_HANDLERS: dict[type, Callable[[EngineEventTranslator, Any], list[Event]]] = {
+    ev.SpeechStartedEvent: EngineEventTranslator._speech_started,
+    ev.SpeechStoppedEvent: EngineEventTranslator._speech_stopped,
+    ev.InputTranscript: EngineEventTranslator._transcript,
+    ev.ResponseStarted: EngineEventTranslator._response_started,
+    ev.ResponseTextDelta: EngineEventTranslator._text_delta,
+    ev.ClientToolCallRequested: EngineEventTranslator._client_call,
+    ev.OutputStarted: lambda t, e: t._audio_buffer("started", e.response_id),
+    ev.OutputStopped: lambda t, e: t._audio_buffer("stopped", e.response_id),
+    ev.OutputCleared: EngineEventTranslator._cleared,
+    ev.ResponseDone: EngineEventTranslator._response_done,
+    ev.TurnCompleted: EngineEventTranslator._turn_completed,
+    ev.EngineError: EngineEventTranslator._engine_error,
+}

@@ -1,0 +1,91 @@
+"""What a Realtime session config means for the engine: VAD knobs, instructions, tools.
+
+Policy layer, pure. ``SessionPolicy`` holds the process's base ``EngineConfig`` and the
+server's built-in tools; from a ``SessionConfig`` (as session.update leaves it) it derives the
+engine config and the tool registry. Client tools are executed by the client: a declared tool
+replaces a built-in of the same name, and a call to it ends the response (OpenAI's flow:
+function_call item, then the client's function_call_output and response.create).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pipeline.engine import EngineConfig
+from pipeline.providers import ToolSpec
+from pipeline.tools import Tool, ToolRegistry
+from transceiver.events import (
+    EventError,
+    SessionConfig,
+    SessionUpdate,
+    TurnDetection,
+    new_id,
+    parse_client_event,
+)
+
+
+@dataclass(frozen=True)
+class SessionPolicy:
+    base: EngineConfig
+    builtin_tools: Sequence[Tool] = ()
+    model: str = "voicerelay-local"
+    voice: str = "joe"
+
+    def initial(self, requested: Mapping[str, Any] | None = None) -> SessionConfig:
+        """The session a new call starts with; ``requested`` as in a session.update's
+        ``session`` (from the calls request or a client secret). Raises EventError."""
+        vad = self.base.vad
+        detection = TurnDetection(
+            threshold=vad.threshold,
+            prefix_padding_ms=vad.prefix_padding_ms,
+            silence_duration_ms=vad.silence_duration_ms,
+        )
+        config = SessionConfig(
+            new_id("sess"),
+            model=self.model,
+            instructions=self.base.instructions,
+            voice=self.voice,
+            turn_detection=detection,
+        )
+        return config if not requested else session_update_from(requested).apply(config)
+
+    def engine_config(self, config: SessionConfig) -> EngineConfig:
+        detection = config.turn_detection
+        vad = self.base.vad
+        if detection is not None:
+            vad = replace(
+                vad,
+                threshold=detection.threshold,
+                prefix_padding_ms=detection.prefix_padding_ms,
+                silence_duration_ms=detection.silence_duration_ms,
+            )
+        return replace(
+            self.base,
+            instructions=config.instructions,
+            vad=vad,
+            create_response=detection is not None and detection.create_response,
+            interrupt_response=detection is not None and detection.interrupt_response,
+            defer_client_tools=True,
+        )
+
+    def tools(self, config: SessionConfig) -> ToolRegistry:
+        if config.tool_choice == "none":
+            return ToolRegistry()
+        declared = {tool.name for tool in config.tools}
+        if len(declared) < len(config.tools):
+            raise EventError("invalid_value", "tool names must be unique", "session.tools")
+        client = [
+            Tool(ToolSpec(tool.name, tool.description, tool.parameters)) for tool in config.tools
+        ]
+        kept = [tool for tool in self.builtin_tools if tool.spec.name not in declared]
+        return ToolRegistry([*kept, *client])
+
+
+def session_update_from(session: Mapping[str, Any]) -> SessionUpdate:
+    """A ``session`` object validated exactly as a session.update event's (EventError)."""
+    event = parse_client_event(json.dumps({"type": "session.update", "session": dict(session)}))
+    assert isinstance(event, SessionUpdate)
+    return event
