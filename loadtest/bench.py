@@ -1,4 +1,4 @@
-"""``make bench``: the relay benchmark, then the pipeline benchmark if it is there.
+"""``make bench``: the relay benchmark, then the pipeline and browser end-to-end benchmarks.
 
 Prints progress as it goes, then the tables; writes ``bench-results/bench.json`` and
 ``bench-results/bench.png``. ``--quick`` is a short smoke run of the same code.
@@ -35,14 +35,15 @@ class Progress:
         print(f"[{time.monotonic() - self.started:6.1f}s] {line}", flush=True)
 
 
-def run_pipeline_bench(progress: Progress) -> dict[str, Any]:
+def run_optional(progress: Progress, name: str, function: str) -> dict[str, Any]:
+    """Run ``loadtest.<name>.<function>()``; a missing module is reported, not fatal."""
     try:
-        module = importlib.import_module("loadtest.bench_pipeline")
+        module = importlib.import_module(f"loadtest.{name}")
     except ImportError as error:
-        progress(f"pipeline bench: skipped, loadtest.bench_pipeline not importable ({error})")
-        return {"skipped": f"loadtest.bench_pipeline not importable: {error}"}
-    progress("pipeline bench: running")
-    result: dict[str, Any] = module.run_pipeline_bench()
+        progress(f"{name}: skipped, not importable ({error})")
+        return {"skipped": f"loadtest.{name} not importable: {error}"}
+    progress(f"{name}: running")
+    result: dict[str, Any] = getattr(module, function)()
     return result
 
 
@@ -68,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress()
     settings = settings_from(args)
     results = {"machine": machine(), "relay": run_relay_bench(settings, progress)}
-    results["pipeline"] = run_pipeline_bench(progress)
+    results["pipeline"] = run_optional(progress, "bench_pipeline", "run_pipeline_bench")
+    if not args.quick:
+        results["e2e"] = run_optional(progress, "bench_e2e", "run_e2e_bench")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     png = report.plot(results, args.out / "bench.png")

@@ -91,7 +91,11 @@ def render(results: Result) -> str:
     ]
     if relay.get("latency"):
         parts += ["", latency_title(relay["latency"]), latency_table(relay)]
-    parts += ["", pipeline_text(results.get("pipeline"))]
+    parts += ["", metrics_text("Pipeline benchmark", results.get("pipeline"))]
+    e2e = results.get("e2e")
+    if e2e is not None:
+        summary = {k: v for k, v in e2e.items() if k != "per_turn"}
+        parts += ["", metrics_text("End to end in Chromium (speech end -> first audio)", summary)]
     return "\n".join(parts)
 
 
@@ -111,13 +115,14 @@ def counters_text(check: Result) -> str:
     return f"relay /metrics, {check['workers']} worker(s): forwarded {directions}; drops: {drops}"
 
 
-def pipeline_text(pipeline: Result | None) -> str:
-    if not pipeline:
-        return "Pipeline benchmark: not run"
-    if "skipped" in pipeline:
-        return f"Pipeline benchmark: skipped ({pipeline['skipped']})"
-    return "Pipeline benchmark\n" + _table(
-        ["metric", "value"], [[str(k), _value(v)] for k, v in pipeline.items()]
+def metrics_text(title: str, metrics: Result | None) -> str:
+    """A flat result dict as a two-column table (the pipeline and end-to-end benches)."""
+    if not metrics:
+        return f"{title}: not run"
+    if "skipped" in metrics:
+        return f"{title}: skipped ({metrics['skipped']})"
+    return f"{title}\n" + _table(
+        ["metric", "value"], [[str(k), _value(v)] for k, v in metrics.items()]
     )
 
 

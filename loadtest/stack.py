@@ -1,24 +1,41 @@
-"""The local development stack behind `make run`: relay and transceiver(s) on loopback.
+"""The local development stack behind `make run`: Redis, the relay and transceiver(s) on loopback.
 
-Starts every process itself, waits for each one's ready line with a deadline, prints the URL to
-open, and on Ctrl-C (or SIGTERM) stops exactly the processes it started, by PID.
+Starts every process itself (each in its own process group, so a terminal's Ctrl-C reaches only
+this launcher), waits for each one's ready line with a deadline, prints the URL of the web
+client (served by the first transceiver) and, on Ctrl-C or SIGTERM, stops exactly the processes
+it started, by PID, in reverse order.
+
+- Redis: when ``redis-server`` is on PATH it is started on a free loopback port with no
+  persistence, and ``REDIS_URL`` is passed to the transceivers (``--no-redis`` skips it).
+- Auth: off by default (local development, ``--insecure-dev``: the transceiver prints a loud
+  warning). ``--auth required`` needs ``TRANSCEIVER_API_KEY`` in the environment.
+- Agent: the voice pipeline when the transceiver offers it, else the echo agent.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
-import selectors
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transceiver.config import AGENTS
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
+SUPERVISE_INTERVAL_S = 0.5
+URL_LINE = "voicerelay is up: open "
 
 
 @dataclass(frozen=True)
@@ -31,12 +48,27 @@ class StackConfig:
     transceivers: int
     relay_workers: int
     agent: str
+    auth: str
+    redis: bool
+    drain_timeout_s: float
 
     def link_addresses(self) -> list[str]:
         return [f"{self.host}:{self.link_port + i}" for i in range(self.transceivers)]
 
 
-def parse_args(argv: Sequence[str]) -> StackConfig:
+@dataclass(frozen=True)
+class Command:
+    name: str
+    argv: list[str]
+    ready_text: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def default_agent() -> str:
+    return os.environ.get("TRANSCEIVER_AGENT") or ("pipeline" if "pipeline" in AGENTS else "echo")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest.stack", description=__doc__)
     parser.add_argument("--host", default=os.environ.get("STACK_HOST", "127.0.0.1"))
     parser.add_argument("--public-port", type=int, default=3478)
@@ -45,88 +77,143 @@ def parse_args(argv: Sequence[str]) -> StackConfig:
     parser.add_argument("--relay-http-port", type=int, default=9100)
     parser.add_argument("--transceivers", type=int, default=1)
     parser.add_argument("--relay-workers", type=int, default=2)
-    parser.add_argument("--agent", default=os.environ.get("TRANSCEIVER_AGENT", "echo"))
+    parser.add_argument("--agent", default=default_agent(), choices=AGENTS)
+    auth = os.environ.get("TRANSCEIVER_AUTH", "off")
+    parser.add_argument("--auth", default=auth, choices=("off", "required"))
+    parser.add_argument("--no-redis", dest="redis", action="store_false")
+    parser.add_argument("--drain-timeout-s", type=float, default=2.0)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> StackConfig:
+    parser = _parser()
     args = parser.parse_args(argv)
     if not 1 <= args.transceivers <= 8:
         parser.error("--transceivers must be between 1 and 8")
-    return StackConfig(
-        args.host,
-        args.public_port,
-        args.http_port,
-        args.link_port,
-        args.relay_http_port,
-        args.transceivers,
-        args.relay_workers,
-        args.agent,
-    )
+    if args.auth == "required" and not os.environ.get("TRANSCEIVER_API_KEY"):
+        parser.error("--auth required needs TRANSCEIVER_API_KEY in the environment")
+    return StackConfig(**vars(args))
 
 
-def commands(config: StackConfig, keys: str) -> list[tuple[str, list[str]]]:
+def free_tcp_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_command(host: str, data_dir: str) -> tuple[Command, str] | None:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    port = free_tcp_port(host)
+    argv = [binary, "--port", str(port), "--bind", host, "--dir", data_dir]
+    argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+    return Command("redis", argv, "Ready to accept connections"), f"redis://{host}:{port}/0"
+
+
+def commands(config: StackConfig, keys: str, redis_url: str | None) -> list[Command]:
     py = sys.executable
     public = f"{config.host}:{config.public_port}"
     relay = [py, "-m", "relay", "--public", public, "--workers", str(config.relay_workers)]
     relay += ["--transceivers", ",".join(config.link_addresses()), "--keys", keys]
     relay += ["--http", f"{config.host}:{config.relay_http_port}"]
-    procs = [("relay", relay)]
+    procs = [Command("relay", relay, "relay ready")]
+    env = {"REDIS_URL": redis_url} if redis_url else {}
     for i, link in enumerate(config.link_addresses()):
         cmd = [py, "-m", "transceiver", "--link", link, "--public", public, "--keys", keys]
         cmd += ["--http", f"{config.host}:{config.http_port + i}", "--agent", config.agent]
-        procs.append((f"transceiver-{i}", cmd))
+        cmd += ["--drain-timeout-s", str(config.drain_timeout_s), "--auth", config.auth]
+        procs.append(Command(f"transceiver-{i}", cmd, "transceiver ready", env))
     return procs
 
 
-def start(name: str, cmd: list[str]) -> subprocess.Popen[str]:
-    print(f"[stack] starting {name}: {' '.join(cmd[1:4])} ...", flush=True)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, bufsize=1)
+@dataclass
+class Child:
+    """A process we started; a thread echoes its stdout and notices its ready line."""
+
+    name: str
+    proc: subprocess.Popen[str]
+    ready: threading.Event = field(default_factory=threading.Event)
 
 
-def wait_ready(name: str, proc: subprocess.Popen[str]) -> None:
-    """Echo the process's stdout until its `... ready` line, within READY_TIMEOUT_S."""
-    assert proc.stdout is not None
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
+def start(command: Command) -> Child:
+    proc = subprocess.Popen(
+        command.argv,
+        stdout=subprocess.PIPE,
+        stderr=None,
+        text=True,
+        bufsize=1,
+        env={**os.environ, **command.env},
+        process_group=0,  # Ctrl-C in the terminal reaches only us; we stop the children
+    )
+    print(f"[stack] started {command.name} (pid {proc.pid})", flush=True)
+    child = Child(command.name, proc)
+    threading.Thread(target=_echo, args=(child, command.ready_text), daemon=True).start()
+    return child
+
+
+def _echo(child: Child, ready_text: str) -> None:
+    """Echo every line (draining the pipe so a chatty child never blocks on it)."""
+    assert child.proc.stdout is not None
+    for line in child.proc.stdout:
+        print(f"[{child.name}] {line.rstrip()}", flush=True)
+        if ready_text in line:
+            child.ready.set()
+
+
+def wait_ready(child: Child) -> None:
+    """Wait for the child's ready line, within READY_TIMEOUT_S; fail early if it exits."""
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while (remaining := deadline - time.monotonic()) > 0:
-        if not selector.select(timeout=min(remaining, 1.0)):
-            if proc.poll() is not None:
-                break
-            continue
-        line = proc.stdout.readline()
-        if not line:
-            break
-        print(f"[{name}] {line.rstrip()}", flush=True)
-        if line.strip().endswith("ready"):
-            return
-    raise RuntimeError(f"{name} did not become ready (exit code {proc.poll()})")
+    while not child.ready.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic()))):
+        if child.proc.poll() is not None or time.monotonic() >= deadline:
+            code = child.proc.poll()
+            raise RuntimeError(f"{child.name} did not become ready (exit code {code})")
 
 
-def stop_all(procs: list[tuple[str, subprocess.Popen[str]]]) -> None:
-    for _, proc in reversed(procs):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+def stop_all(children: list[Child]) -> None:
+    for child in reversed(children):
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    for name, proc in reversed(procs):
+    for name, proc in ((c.name, c.proc) for c in reversed(children)):
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             print(f"[stack] {name} (pid {proc.pid}) ignored SIGTERM; killing", flush=True)
             proc.kill()
             proc.wait()
+        print(f"[stack] stopped {name} (pid {proc.pid}, exit {proc.returncode})", flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_args(sys.argv[1:] if argv is None else argv)
+def announce(config: StackConfig, redis_url: str | None) -> None:
+    url = f"http://{config.host}:{config.http_port}/"
+    print(f"\n  {URL_LINE}{url}", flush=True)
+    print(f"  agent: {config.agent}   auth: {config.auth}   redis: {redis_url or 'none'}")
+    if config.auth == "required":
+        print(
+            f"  mint a key: curl -XPOST -H 'Authorization: Bearer $TRANSCEIVER_API_KEY' "
+            f"{url}v1/realtime/client_secrets"
+        )
+    print("  Ctrl-C stops every process this started.\n", flush=True)
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run(config: StackConfig, data_dir: str) -> int:
+    started: list[Child] = []
+    redis = redis_command(config.host, data_dir) if config.redis else None
+    redis_url = redis[1] if redis else None
     keys = f"1:{secrets.token_hex(32)}"
-    started: list[tuple[str, subprocess.Popen[str]]] = []
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     try:
-        for name, cmd in commands(config, keys):
-            started.append((name, start(name, cmd)))
-            wait_ready(name, started[-1][1])
-        print(f"\n  voicerelay is up: open http://{config.host}:{config.http_port}/\n", flush=True)
-        print("  Ctrl-C stops every process this started.\n", flush=True)
-        while all(proc.poll() is None for _, proc in started):
-            time.sleep(0.5)  # supervising, not synchronising: poll for a dead child
+        for command in ([redis[0]] if redis else []) + commands(config, keys, redis_url):
+            started.append(start(command))
+            wait_ready(started[-1])
+        announce(config, redis_url)
+        # Supervising, not synchronising: poll for a child that died on its own.
+        while all(child.proc.poll() is None for child in started):
+            time.sleep(SUPERVISE_INTERVAL_S)
         print("[stack] a process exited; stopping the rest", flush=True)
         return 1
     except KeyboardInterrupt:
@@ -136,7 +223,107 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[stack] {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop_all(started)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    with tempfile.TemporaryDirectory(prefix="voicerelay-stack-") as data_dir:
+        return run(config, data_dir)
+
+
+# --- driving `make run` from tests and benchmarks ----------------------------------------------
+
+
+@dataclass
+class Launched:
+    """A ``python -m loadtest.stack`` we started: its output, URL and children's PIDs."""
+
+    process: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    url: str = ""
+    up: threading.Event = field(default_factory=threading.Event)
+    left_running: dict[str, int] = field(default_factory=dict)  # filled in after the stop
+
+    @property
+    def child_pids(self) -> dict[str, int]:
+        """``{name: pid}`` of every process the launcher reported starting."""
+        pids = {}
+        for line in self.lines:
+            if line.startswith("[stack] started "):
+                name, _, rest = line.removeprefix("[stack] started ").partition(" (pid ")
+                pids[name] = int(rest.rstrip(")"))
+        return pids
+
+    def read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if URL_LINE in line:
+                self.url = line.split(URL_LINE, 1)[1].strip()
+                self.up.set()
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.lines[-lines:])
+
+
+def free_port_args(host: str = "127.0.0.1") -> list[str]:
+    """Flags putting every listener of the stack on a free loopback port."""
+    udp = []
+    for _ in range(2):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((host, 0))
+            udp.append(str(sock.getsockname()[1]))
+    tcp = [str(free_tcp_port(host)) for _ in range(2)]
+    return ["--public-port", udp[0], "--link-port", udp[1]] + [
+        "--http-port",
+        tcp[0],
+        "--relay-http-port",
+        tcp[1],
+    ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def launched(
+    args: Sequence[str], env: dict[str, str] | None = None, timeout_s: float = 90.0
+) -> Iterator[Launched]:
+    """Run the stack (on free ports) until its URL line; on exit Ctrl-C it (SIGINT), wait,
+    and record in ``left_running`` any child still alive."""
+    argv = [sys.executable, "-m", "loadtest.stack", *free_port_args(), *args]
+    process = subprocess.Popen(
+        argv,
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    stack = Launched(process)
+    threading.Thread(target=stack.read, name="stack output", daemon=True).start()
+    try:
+        if not stack.up.wait(timeout_s):
+            raise RuntimeError(f"the stack did not come up in {timeout_s} s:\n{stack.tail()}")
+        yield stack
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(STOP_TIMEOUT_S * 3)
+        except subprocess.TimeoutExpired:
+            process.kill()  # the launcher itself hung: its children show up in left_running
+            process.wait()
+        stack.left_running = {n: pid for n, pid in stack.child_pids.items() if _alive(pid)}
 
 
 if __name__ == "__main__":

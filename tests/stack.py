@@ -63,8 +63,16 @@ async def eventually(
 class Process:
     """A child process we started; its stdout is scanned for a ready line."""
 
-    def __init__(self, name: str, argv: list[str], ready_text: str, log_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        ready_text: str,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name, self.argv, self.ready_text = name, argv, ready_text
+        self.env = env or {}  # added to (overriding) this process's environment
         self.log_path = log_dir / f"{name}.log"
         self.lines: list[str] = []
         self.ready_at: float | None = None  # time.monotonic() when the ready line was read
@@ -80,7 +88,12 @@ class Process:
         self._ready.clear()
         log = self.log_path.open("a")
         self._popen = subprocess.Popen(
-            [sys.executable, *self.argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True
+            [sys.executable, *self.argv],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env={**os.environ, **self.env},
         )
         log.close()
         threading.Thread(target=self._read, args=(self._popen,), daemon=True).start()
@@ -136,13 +149,24 @@ class Process:
 
 
 def transceiver_process(
-    name: str, link: Address, http: Address, public: str, keys: str, log_dir: Path, **flags: Any
+    name: str,
+    link: Address,
+    http: Address,
+    public: str,
+    keys: str,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    **flags: Any,
 ) -> Process:
+    """A transceiver; auth is off unless ``flags``/``env`` say otherwise (media and lifecycle
+    tests need no keys; tests/test_client_secrets_http.py covers auth)."""
     argv = ["-m", "transceiver", "--link", text(link), "--http", text(http)]
     argv += ["--public", public, "--keys", keys]
+    flags.setdefault("auth", (env or {}).get("TRANSCEIVER_AUTH", "off"))
+    flags.setdefault("agent", "echo")  # media tests hear their tone; pass agent="pipeline"
     for flag, value in flags.items():
         argv += ["--" + flag.replace("_", "-"), str(value)]
-    return Process(name, argv, "transceiver ready", log_dir)
+    return Process(name, argv, "transceiver ready", log_dir, env)
 
 
 def relay_process(
@@ -242,7 +266,12 @@ class Stack:
     """A relay (N workers, one public port) in front of M transceivers, on free loopback ports."""
 
     def __init__(
-        self, log_dir: Path, transceivers: int = 2, workers: int = 2, dual_stack: bool = False
+        self,
+        log_dir: Path,
+        transceivers: int = 2,
+        workers: int = 2,
+        dual_stack: bool = False,
+        agent: str = "echo",
     ) -> None:
         self.keys = random_keys()
         self.log_dir = log_dir
@@ -263,6 +292,7 @@ class Stack:
                 self.public_text,
                 self.keys,
                 log_dir,
+                agent=agent,
             )
             for i, link in enumerate(self.links)
         ]

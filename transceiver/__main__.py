@@ -10,20 +10,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import uvicorn
 import uvloop
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from transceiver import ice
+from pipeline.config import ConfigError as PipelineConfigError
+from pipeline.config import PipelineConfig
+from transceiver import ice, rtp_tuning
 from transceiver.app import create_app
+from transceiver.auth import AuthConfig, AuthConfigError, Authenticator
 from transceiver.config import ConfigError, TransceiverConfig
+from transceiver.echo import EchoAgent
 from transceiver.link import Link
-from transceiver.sessions import SessionLimits, Sessions
+from transceiver.sessions import AgentFactory, SessionLimits, Sessions
 
 logger = logging.getLogger("transceiver")
 STARTUP_TIMEOUT_S = 10.0
@@ -37,8 +42,32 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def serve(config: TransceiverConfig) -> int:
+@contextlib.asynccontextmanager
+async def open_agents(
+    config: TransceiverConfig, registry: CollectorRegistry
+) -> AsyncIterator[AgentFactory]:
+    """The agent factory; for ``pipeline`` the shared providers live as long as this context."""
+    if config.agent == "echo":
+        yield EchoAgent
+        return
+    from transceiver.pipeline_agent import pipeline_agents
+
+    pipeline = PipelineConfig.from_env(os.environ).resolved(os.environ)
+    async with pipeline_agents(pipeline, registry) as agents:
+        yield agents
+
+
+async def serve(config: TransceiverConfig, auth: AuthConfig) -> int:
     ice.install()
+    rtp_tuning.install()
+    registry = CollectorRegistry()
+    async with open_agents(config, registry) as agents:
+        return await _serve(config, auth, registry, agents)
+
+
+async def _serve(
+    config: TransceiverConfig, auth: AuthConfig, registry: CollectorRegistry, agents: AgentFactory
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -49,11 +78,10 @@ async def serve(config: TransceiverConfig) -> int:
     except OSError as exc:
         logger.error("cannot bind the link socket %s: %s", _text(config.link), exc)
         return 1
-    registry = CollectorRegistry()
     limits = SessionLimits(config.capacity, config.connect_timeout_s)
     relayed = ice.RelayedIce(link, config.keyring, config.public)
-    sessions = Sessions(relayed, limits, registry, config.agent)
-    app = create_app(sessions, link, registry)
+    sessions = Sessions(relayed, limits, registry, agents)
+    app = create_app(sessions, link, registry, Authenticator(auth, config.keyring))
     server = _Server(_uvicorn_config(app, config))
     server_task = asyncio.create_task(server.serve(), name="http")
     try:
@@ -111,11 +139,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("aioice").setLevel(logging.WARNING)
     logging.getLogger("aiortc").setLevel(logging.WARNING)
     try:
-        config = TransceiverConfig.load(argv)
-    except ConfigError as exc:
+        auth, rest = AuthConfig.load(sys.argv[1:] if argv is None else argv, os.environ)
+        config = TransceiverConfig.load(rest)
+        if config.agent == "pipeline":
+            PipelineConfig.from_env(os.environ)  # validated before anything starts
+    except (ConfigError, AuthConfigError, PipelineConfigError) as exc:
         print(f"transceiver: {exc}", file=sys.stderr)
         return 2
-    return uvloop.run(serve(config))
+    auth.warn_if_open()
+    return uvloop.run(serve(config, auth))
 
 
 if __name__ == "__main__":

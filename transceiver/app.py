@@ -2,8 +2,10 @@
 
 I/O layer (FastAPI). ``POST /v1/realtime/calls`` takes an SDP offer as ``application/sdp`` or
 as OpenAI's ``multipart/form-data`` variant (field ``sdp``, optional ``session`` JSON) and answers
-201 with the SDP answer and ``Location: /v1/realtime/calls/{call_id}``. Every error is JSON:
-``{"error": {"type": ..., "code": ..., "message": ...}}``.
+201 with the SDP answer and ``Location: /v1/realtime/calls/{call_id}``.
+``POST /v1/realtime/client_secrets`` mints a short-lived ``ek_`` secret (see ``auth``). The web
+client (``transceiver/static``) is served at ``/`` and ``/static/``. Every error is JSON:
+``{"error": {"type": ..., "code": ..., "message": ..., "param": ...}}``.
 """
 
 from __future__ import annotations
@@ -11,17 +13,24 @@ from __future__ import annotations
 import email.policy
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from email import message_from_bytes
 from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from transceiver import client_secrets
+from transceiver.auth import Authenticator, AuthError
+from transceiver.events import EventError, SessionConfig, SessionUpdate, new_id, parse_client_event
 from transceiver.link import Link
 from transceiver.sdp import SdpError, sanitise_offer
 from transceiver.sessions import AdmissionError, OfferRejected, Sessions
@@ -29,22 +38,35 @@ from transceiver.sessions import AdmissionError, OfferRejected, Sessions
 logger = logging.getLogger(__name__)
 MAX_OFFER_BYTES = 64 * 1024
 CALLS_PATH = "/v1/realtime/calls"
+SECRETS_PATH = "/v1/realtime/client_secrets"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_SECRET_REQUEST_BYTES = 64 * 1024
+T = TypeVar("T")
 
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-        self.headers = headers or {}
+        self.headers, self.param = headers or {}, param
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
     kind = "server_error" if status >= 500 else "invalid_request_error"
-    body = {"error": {"type": kind, "code": code, "message": message}}
+    body = {"error": {"type": kind, "code": code, "message": message, "param": param}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -66,16 +88,25 @@ class LinkCollector(Collector):
         )
 
 
-def create_app(sessions: Sessions, link: Link, registry: CollectorRegistry) -> FastAPI:
+def create_app(
+    sessions: Sessions, link: Link, registry: CollectorRegistry, auth: Authenticator
+) -> FastAPI:
     app = FastAPI(title="voicerelay transceiver", docs_url=None, redoc_url=None)
     registry.register(LinkCollector(link))
     _add_error_handlers(app)
+    _add_cors(app)
+    _add_web_client(app)
+    _add_client_secrets(app, auth)
 
     @app.post(CALLS_PATH, status_code=201)
     async def create_call(request: Request) -> Response:
-        offer = await read_offer(request, sessions)
+        granted = _authorise(auth.check_call, request)
+        offer, asked = await read_offer(request, sessions)
+        requested = merged_session(granted, asked)
+        if requested is not None:
+            _session_update(requested)  # 400 naming the field, as a session.update would get
         try:
-            session, answer = await sessions.create(offer)
+            session, answer = await sessions.create(offer, requested)
         except AdmissionError as exc:
             raise _unavailable(exc) from None
         except OfferRejected as exc:
@@ -83,14 +114,19 @@ def create_app(sessions: Sessions, link: Link, registry: CollectorRegistry) -> F
         location = f"{CALLS_PATH}/{session.call_id}"
         return Response(answer, 201, {"Location": location}, media_type="application/sdp")
 
-    async def hangup(call_id: str) -> Response:
+    async def hangup(call_id: str, request: Request) -> Response:
+        _authorise(auth.check_call, request)
         if not await sessions.hangup(call_id):
             raise ApiError(404, "call_not_found", f"no live call {call_id!r}")
         return Response(status_code=204)
 
     app.add_api_route(CALLS_PATH + "/{call_id}", hangup, methods=["DELETE"])
     app.add_api_route(CALLS_PATH + "/{call_id}/hangup", hangup, methods=["POST"])
+    _add_health(app, sessions, registry)
+    return app
 
+
+def _add_health(app: FastAPI, sessions: Sessions, registry: CollectorRegistry) -> None:
     @app.get("/livez")
     async def livez() -> dict[str, str]:
         return {"status": "live"}
@@ -106,7 +142,115 @@ def create_app(sessions: Sessions, link: Link, registry: CollectorRegistry) -> F
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+
+def _add_cors(app: FastAPI) -> None:
+    """Browsers on other origins may call us: credentials are bearer keys, never cookies."""
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"],
+        allow_methods=["GET", "POST", "DELETE"],
+        allow_headers=["*"],
+        expose_headers=["Location"],
+    )
+
+
+def _add_web_client(app: FastAPI) -> None:
+    """The web client: ``/`` is its page, ``/static/...`` its scripts and styles."""
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+
+def _add_client_secrets(app: FastAPI, auth: Authenticator) -> None:
+    @app.post(SECRETS_PATH)
+    async def create_client_secret(request: Request) -> JSONResponse:
+        _authorise(auth.check_api_key, request)
+        ttl_s, session = secret_request(await _json_body(request))
+        try:
+            secret = auth.mint(ttl_s, session)
+        except client_secrets.ClientSecretError as exc:
+            raise ApiError(400, exc.reason, str(exc)) from None
+        effective = _session_update(session or {}).apply(SessionConfig(id=new_id("sess")))
+        body = {"value": secret.value, "expires_at": secret.expires_at}
+        return JSONResponse({**body, "session": effective.to_json()})
+
+
+def _authorise(check: Callable[[str | None], T], request: Request) -> T:
+    try:
+        return check(request.headers.get("authorization"))
+    except AuthError as exc:
+        headers = {"WWW-Authenticate": 'Bearer realm="voicerelay"'}
+        raise ApiError(401, exc.code, exc.message, headers) from None
+
+
+async def _json_body(request: Request) -> Mapping[str, Any]:
+    """The request's JSON object; an empty body is ``{}`` (every field is optional)."""
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_SECRET_REQUEST_BYTES:
+            raise ApiError(413, "body_too_large", f"body exceeds {MAX_SECRET_REQUEST_BYTES} bytes")
+    if not raw.strip():
+        return {}
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type not in ("", "application/json"):
+        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "invalid_json", "body must be a JSON object")
+    return value
+
+
+def secret_request(body: Mapping[str, Any]) -> tuple[int, Mapping[str, Any] | None]:
+    """``(ttl_s, session)`` of a client_secrets body, as OpenAI's GA API shapes it."""
+    unknown = sorted(set(body) - {"expires_after", "session"})
+    if unknown:
+        raise ApiError(
+            400, "unknown_parameter", f"unknown parameter {unknown[0]!r}", None, unknown[0]
+        )
+    session = body.get("session")
+    if session is not None:
+        if not isinstance(session, dict):
+            raise ApiError(400, "invalid_type", "session must be an object", None, "session")
+        _session_update(session)
+    return _ttl_s(body.get("expires_after")), session
+
+
+def _ttl_s(expires_after: Any) -> int:
+    if expires_after is None:
+        return client_secrets.DEFAULT_TTL_S
+    param = "expires_after"
+    if not isinstance(expires_after, dict):
+        raise ApiError(400, "invalid_type", "expires_after must be an object", None, param)
+    anchor = expires_after.get("anchor", "created_at")
+    if anchor != "created_at":
+        raise ApiError(400, "invalid_value", "anchor must be 'created_at'", None, param + ".anchor")
+    seconds = expires_after.get("seconds", client_secrets.DEFAULT_TTL_S)
+    low, high = client_secrets.MIN_TTL_S, client_secrets.MAX_TTL_S
+    if type(seconds) is not int or not low <= seconds <= high:
+        message = f"seconds must be an integer in {low}..{high}, not {seconds!r}"
+        raise ApiError(400, "invalid_value", message, None, param + ".seconds")
+    return seconds
+
+
+def _session_update(session: Mapping[str, Any]) -> SessionUpdate:
+    """A session config validated exactly as a data-channel ``session.update`` is."""
+    kind = session.get("type", "realtime")
+    if kind != "realtime":
+        message = f"session.type must be 'realtime', not {kind!r}"
+        raise ApiError(400, "invalid_value", message, None, "session.type")
+    try:
+        update = parse_client_event(json.dumps({"type": "session.update", "session": session}))
+    except EventError as exc:
+        raise ApiError(400, exc.code, exc.message, None, exc.param) from None
+    assert isinstance(update, SessionUpdate)
+    return update
 
 
 def _unavailable(exc: AdmissionError) -> ApiError:
@@ -117,7 +261,7 @@ def _unavailable(exc: AdmissionError) -> ApiError:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return error_response(exc.status, exc.code, exc.message, exc.headers, exc.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -130,8 +274,18 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
 
-async def read_offer(request: Request, sessions: Sessions) -> str:
-    """The sanitised SDP offer of a calls request, or ApiError naming what is wrong."""
+def merged_session(
+    granted: Mapping[str, Any] | None, asked: Mapping[str, Any] | None
+) -> Mapping[str, Any] | None:
+    """The session config of a call: the ek_ secret's, then the call's own fields over it."""
+    if granted is None or asked is None:
+        return asked if granted is None else granted
+    return {**granted, **asked}
+
+
+async def read_offer(request: Request, sessions: Sessions) -> tuple[str, Mapping[str, Any] | None]:
+    """The sanitised SDP offer of a calls request and the session config sent with it (the
+    multipart ``session`` field), or ApiError naming what is wrong."""
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type not in ("application/sdp", "multipart/form-data"):
@@ -145,9 +299,13 @@ async def read_offer(request: Request, sessions: Sessions) -> str:
     except AdmissionError as exc:
         raise _unavailable(exc) from None
     body = await _read_body(request)
-    raw = body if media_type == "application/sdp" else offer_from_multipart(content_type, body)
+    raw, session = (
+        (body, None)
+        if media_type == "application/sdp"
+        else offer_from_multipart(content_type, body)
+    )
     try:
-        return sanitise_offer(_utf8(raw))
+        return sanitise_offer(_utf8(raw)), session
     except SdpError as exc:
         raise ApiError(400, exc.code, exc.message) from None
 
@@ -177,8 +335,8 @@ def _utf8(raw: bytes) -> str:
         raise ApiError(400, "invalid_encoding", f"SDP is not UTF-8 (byte {exc.start})") from None
 
 
-def offer_from_multipart(content_type: str, body: bytes) -> bytes:
-    """The ``sdp`` field of a multipart form; a ``session`` field must be a JSON object."""
+def offer_from_multipart(content_type: str, body: bytes) -> tuple[bytes, Mapping[str, Any] | None]:
+    """The ``sdp`` field of a multipart form and its ``session`` field (a JSON object)."""
     head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
     message = message_from_bytes(head + body, policy=email.policy.HTTP)
     if not isinstance(message, EmailMessage) or not message.is_multipart():
@@ -191,15 +349,15 @@ def offer_from_multipart(content_type: str, body: bytes) -> bytes:
             fields[name] = payload
     if "sdp" not in fields:
         raise ApiError(400, "missing_sdp", "multipart form has no 'sdp' field")
-    if "session" in fields:
-        _check_session_json(fields["session"])
-    return fields["sdp"]
+    session = _session_json(fields["session"]) if "session" in fields else None
+    return fields["sdp"], session
 
 
-def _check_session_json(raw: bytes) -> None:
+def _session_json(raw: bytes) -> Mapping[str, Any]:
     try:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_session", f"'session' field is not JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ApiError(400, "invalid_session", "'session' field must be a JSON object")
+    return value

@@ -1,0 +1,224 @@
+"""End-to-end turn latency as the browser sees it: end of the user's speech -> first answer audio.
+
+Everything real: `make run`'s stack (``loadtest.stack``: relay, transceiver with the offline
+voice pipeline), headless Chromium (the tests' launcher, ``tests/browser.py``) loading the web
+client from the transceiver, its fake microphone playing questions spoken by piper, each
+followed by enough silence for the answer.
+
+An init script in the page meters, on one AudioContext clock, the local microphone (speech
+segments) and the remote audio (answer onsets). Per turn: ``e2e_ms`` = first answer onset after
+a question's end - that end. The server's ``voicerelay.turn.metrics`` event gives its own
+window (speech stopped -> first frame out) and the pipeline's overhead in it, hence the provider
+time; everything else in ``e2e_ms`` (VAD end-of-speech wait, network, jitter buffers, pipeline
+overhead) is "outside providers".
+
+    .venv/bin/python -m loadtest.bench_e2e [--turns N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from loadtest.stack import launched
+from loadtest.voice_audio import Speaker, Utterance
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = (
+    "What time is it?",
+    "Tell me about coffee.",
+    "When does the library open?",
+    "Tell me about water.",
+    "Who are you?",
+    "What time is it?",
+)
+LEAD_S, GAP_S = 3.0, 9.0
+SEGMENT_HANGOVER_S = 0.4  # quieter than this for longer ends a segment
+LOUD_RMS = 0.01
+
+# Runs before the page's own scripts: meters the microphone and every remote track.
+METER_JS = """
+(() => {
+  const HANGOVER = %(hangover)s, LOUD = %(loud)s;
+  const meter = (window.__meter = { mic: [], remote: [], ctx: null });
+  function watch(kind, stream) {
+    meter.ctx = meter.ctx || new AudioContext();
+    meter.ctx.resume().catch(() => {});
+    const source = meter.ctx.createMediaStreamSource(stream);
+    const node = meter.ctx.createScriptProcessor(512, 1, 1);
+    const segments = meter[kind];
+    let last = -1;
+    node.onaudioprocess = (e) => {
+      const x = e.inputBuffer.getChannelData(0);
+      let sum = 0;
+      for (let i = 0; i < x.length; i++) sum += x[i] * x[i];
+      if (Math.sqrt(sum / x.length) < LOUD) return;
+      const t = e.playbackTime, end = t + x.length / meter.ctx.sampleRate;
+      if (last < 0 || t - last > HANGOVER) segments.push([t, end]);
+      else segments[segments.length - 1][1] = end;
+      last = end;
+    };
+    source.connect(node);
+    node.connect(meter.ctx.destination);
+  }
+  const gum = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+  navigator.mediaDevices.getUserMedia = async (c) => {
+    const s = await gum(c);
+    watch("mic", s);
+    return s;
+  };
+  const Native = window.RTCPeerConnection;
+  window.RTCPeerConnection = function (...args) {
+    const pc = new Native(...args);
+    pc.addEventListener("track", (e) =>
+      watch("remote", e.streams[0] || new MediaStream([e.track])));
+    return pc;
+  };
+  window.RTCPeerConnection.prototype = Native.prototype;
+})();
+"""
+
+
+METRICS_JS = "window.voicerelay.events.filter((e) => e.type === 'voicerelay.turn.metrics')"
+SESSION_JS = "window.voicerelay.events.find((e) => e.type === 'session.created').session"
+
+
+def _browser() -> ModuleType:
+    """tests/browser.py: the one place the Chromium flags for loopback WebRTC live."""
+    spec = importlib.util.spec_from_file_location(
+        "voicerelay_browser", ROOT / "tests" / "browser.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def _questions_wav(path: Path, turns: int) -> list[Utterance]:
+    parts: list[str | float] = [LEAD_S]
+    for i in range(turns):
+        parts += [QUESTIONS[i % len(QUESTIONS)], GAP_S]
+    async with Speaker() as speaker:
+        return await speaker.wav(path, parts)
+
+
+async def _run_page(url: str, wav: Path, turns: int, timeout_s: float) -> dict[str, Any]:
+    browser_module = _browser()
+    async with browser_module.chromium(wav) as browser:
+        page = await browser.new_page()
+        script = METER_JS % {"hangover": SEGMENT_HANGOVER_S, "loud": LOUD_RMS}
+        await page.add_init_script(script=script)
+        await page.goto(url)
+        await page.wait_for_function("window.voicerelay !== undefined", timeout=10_000)
+        await page.evaluate("window.voicerelay.connect()")
+        # The metrics event follows response.done: the answer's onset was metered before it.
+        await page.wait_for_function(
+            f"{METRICS_JS}.length >= {turns}", timeout=timeout_s * 1000, polling=250
+        )
+        result: dict[str, Any] = await page.evaluate(
+            f"({{mic: window.__meter.mic, remote: window.__meter.remote, metrics: {METRICS_JS},"
+            f" session: {SESSION_JS}}})"
+        )
+        await page.evaluate("window.voicerelay.hangup()")
+    return result
+
+
+def turn_latencies(page: dict[str, Any]) -> list[dict[str, Any]]:
+    """Pair each question (mic segment) with the first answer onset after it and its metrics."""
+    mic, remote, metrics = page["mic"], page["remote"], page["metrics"]
+    detection = page["session"]["audio"]["input"]["turn_detection"] or {}
+    vad_wait_ms = float(detection.get("silence_duration_ms", 0))
+    turns = []
+    for (_, speech_end_s), metric in zip(mic, metrics, strict=False):
+        onsets = [start for start, _ in remote if start >= speech_end_s]
+        if not onsets:
+            break
+        e2e_ms = (onsets[0] - speech_end_s) * 1000
+        turns.append(_split(e2e_ms, metric, vad_wait_ms))
+    return turns
+
+
+def _split(e2e_ms: float, metric: dict[str, Any], vad_wait_ms: float) -> dict[str, Any]:
+    """``e2e_ms`` = end-of-speech wait + server window (providers + overhead) + the rest
+    (VAD frame granularity, uplink, downlink, jitter buffers, browser playout)."""
+    server_ms = metric.get("first_frame_out_ms")
+    overhead_ms = metric.get("overhead_ms")
+    provider_ms = None if server_ms is None or overhead_ms is None else server_ms - overhead_ms
+    outside_ms = None if provider_ms is None else e2e_ms - provider_ms
+    rest_ms = None if server_ms is None else e2e_ms - vad_wait_ms - server_ms
+    return {
+        "e2e_ms": round(e2e_ms, 1),
+        "vad_silence_wait_ms": vad_wait_ms,
+        "server_window_ms": server_ms,
+        "server_overhead_ms": overhead_ms,
+        "transport_and_buffers_ms": None if rest_ms is None else round(rest_ms, 1),
+        "provider_ms": None if provider_ms is None else round(provider_ms, 1),
+        "outside_providers_ms": None if outside_ms is None else round(outside_ms, 1),
+        "outside_share": None if outside_ms is None else round(outside_ms / e2e_ms, 3),
+        "stt_final_ms": metric.get("stt_final_ms"),
+        "llm_first_token_ms": metric.get("llm_first_token_ms"),
+        "first_audio_ms": metric.get("first_audio_ms"),
+    }
+
+
+def _p90(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+
+def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
+    e2e = [t["e2e_ms"] for t in turns]
+    shares = [t["outside_share"] for t in turns if t["outside_share"] is not None]
+    outside = [t["outside_providers_ms"] for t in turns if t["outside_providers_ms"] is not None]
+    rest = [
+        t["transport_and_buffers_ms"] for t in turns if t["transport_and_buffers_ms"] is not None
+    ]
+    server = [t["server_window_ms"] for t in turns if t["server_window_ms"] is not None]
+    return {
+        "turns": len(turns),
+        "e2e_median_ms": round(statistics.median(e2e), 1) if e2e else None,
+        "e2e_p90_ms": round(_p90(e2e), 1) if e2e else None,
+        "outside_providers_median_ms": round(statistics.median(outside), 1) if outside else None,
+        "outside_providers_share_median": round(statistics.median(shares), 3) if shares else None,
+        "server_window_median_ms": round(statistics.median(server), 1) if server else None,
+        "transport_and_buffers_median_ms": round(statistics.median(rest), 1) if rest else None,
+        "per_turn": turns,
+    }
+
+
+async def _bench(turns: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="voicerelay-bench-e2e-") as tmp:
+        wav = Path(tmp) / "questions.wav"
+        spoken = await _questions_wav(wav, turns)
+        timeout_s = spoken[-1].end_s + GAP_S + 30.0
+        with launched(["--agent", "pipeline", "--no-redis"]) as stack:
+            page = await _run_page(stack.url, wav, turns, timeout_s)
+    result = summarise(turn_latencies(page))
+    result["method"] = "browser mic speech end -> first remote audio onset (one AudioContext clock)"
+    return result
+
+
+def run_e2e_bench(turns: int = 6) -> dict[str, Any]:
+    """Median and p90 of the browser-seen turn latency, and the share outside providers."""
+    return asyncio.run(_bench(turns))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_e2e", description=__doc__)
+    parser.add_argument("--turns", type=int, default=6)
+    args = parser.parse_args(argv)
+    print(json.dumps(run_e2e_bench(args.turns), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

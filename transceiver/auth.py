@@ -1,0 +1,190 @@
+"""Who may open calls and mint client secrets: the server's API key and ``ek_`` secrets.
+
+Policy layer (config) plus pure checks; no HTTP framework here (app.py maps ``AuthError`` to a
+401 JSON body). Two modes:
+
+- ``required`` (the default): ``POST /v1/realtime/client_secrets`` needs
+  ``Authorization: Bearer <TRANSCEIVER_API_KEY>``; ``POST /v1/realtime/calls`` needs that key or
+  an unexpired ``ek_`` secret. Starting in this mode without an API key fails with a clear
+  message: the server is never silently open.
+- ``off``: local development only, chosen explicitly with ``TRANSCEIVER_AUTH=off`` or
+  ``--insecure-dev``; anyone may call (a valid ``ek_`` still carries its session config; an
+  invalid one is ignored, not refused). The process prints a loud warning.
+
+``ek_`` secrets are signed with a key derived from the transceivers' shared ufrag keyring
+(``TRANSCEIVER_KEYS``), so any transceiver accepts any transceiver's secret; every key in the
+keyring verifies, the current one signs (rotation works as for ufrags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from relay.ufrag import Keyring
+from transceiver import client_secrets
+from transceiver.client_secrets import ClientSecret, ClientSecretError
+
+ENV_MODE = "TRANSCEIVER_AUTH"
+ENV_API_KEY = "TRANSCEIVER_API_KEY"
+MODES = ("required", "off")
+MIN_API_KEY_CHARS = 16
+WARNING_LINES = (
+    "transceiver: AUTHENTICATION IS OFF (TRANSCEIVER_AUTH=off / --insecure-dev).",
+    "Anyone who can reach the HTTP port can open calls and mint client secrets.",
+    "Local development only: set TRANSCEIVER_API_KEY, TRANSCEIVER_AUTH=required.",
+)
+WARNING = "\n".join(["!" * 82, *(f"!! {line:<76} !!" for line in WARNING_LINES), "!" * 82])
+
+
+class AuthConfigError(ValueError):
+    """An auth setting that does not validate; the message names the variable."""
+
+
+class AuthError(Exception):
+    """A request that is not authorised; ``code`` is a stable machine-readable reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    mode: str
+    api_key: str | None
+
+    @property
+    def required(self) -> bool:
+        return self.mode == "required"
+
+    @classmethod
+    def load(cls, argv: Sequence[str], environ: Mapping[str, str]) -> tuple[AuthConfig, list[str]]:
+        """Auth settings from ``TRANSCEIVER_AUTH``/``TRANSCEIVER_API_KEY`` and the
+        ``--auth``/``--insecure-dev`` flags (a flag wins); returns the other flags untouched.
+        The API key is read from the environment only: a flag would show it in ``ps``."""
+        parser = argparse.ArgumentParser(add_help=False)
+        parser.add_argument("--auth", choices=MODES)
+        parser.add_argument("--insecure-dev", action="store_true")
+        flags, rest = parser.parse_known_args(list(argv))
+        mode = "off" if flags.insecure_dev else flags.auth or environ.get(ENV_MODE, "required")
+        return cls.validated(mode.strip().lower(), environ.get(ENV_API_KEY)), rest
+
+    @classmethod
+    def validated(cls, mode: str, api_key: str | None) -> AuthConfig:
+        if mode not in MODES:
+            raise AuthConfigError(f"{ENV_MODE}={mode!r} is not one of {', '.join(MODES)}")
+        key = (api_key or "").strip() or None
+        if key is not None:
+            _check_api_key(key)
+        elif mode == "required":
+            raise AuthConfigError(
+                f"{ENV_MODE}=required (the default) but {ENV_API_KEY} is not set: set an API "
+                f"key, or for local development only run with --insecure-dev ({ENV_MODE}=off)"
+            )
+        return cls(mode, key)
+
+    def warn_if_open(self, stream: TextIO = sys.stderr) -> None:
+        if not self.required:
+            print(WARNING, file=stream, flush=True)
+
+
+def _check_api_key(key: str) -> None:
+    if len(key) < MIN_API_KEY_CHARS:
+        raise AuthConfigError(f"{ENV_API_KEY} is shorter than {MIN_API_KEY_CHARS} characters")
+    if key.startswith(client_secrets.PREFIX):
+        raise AuthConfigError(f"{ENV_API_KEY} must not start with {client_secrets.PREFIX!r}")
+    if any(c.isspace() for c in key):
+        raise AuthConfigError(f"{ENV_API_KEY} must not contain whitespace")
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header; None when absent."""
+    if authorization is None or not authorization.strip():
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError("invalid_authorization", "Authorization must be 'Bearer <key>'")
+    return token.strip()
+
+
+class Authenticator:
+    """Checks API keys and ``ek_`` secrets; mints secrets. ``clock`` gives unix seconds."""
+
+    def __init__(
+        self, config: AuthConfig, keyring: Keyring, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._signing_key = client_secrets.signing_key(keyring.secrets[keyring.current_id])
+        self._verify_keys = [client_secrets.signing_key(s) for s in keyring.secrets.values()]
+
+    def check_api_key(self, authorization: str | None) -> None:
+        """For minting client secrets: the API key (auth on), anything (auth off)."""
+        token = bearer_token(authorization)
+        if not self.config.required:
+            return
+        if token is None:
+            raise _missing()
+        if not self._is_api_key(token):
+            raise AuthError("invalid_api_key", "the API key is not valid for this server")
+
+    def check_call(self, authorization: str | None) -> Mapping[str, Any] | None:
+        """For opening a call: the session config carried by an ``ek_`` secret, if any."""
+        token = bearer_token(authorization) if self.config.required else _lenient(authorization)
+        if token is not None and token.startswith(client_secrets.PREFIX):
+            return self._secret_session(token)
+        if not self.config.required:
+            return None
+        if token is None:
+            raise _missing()
+        if not self._is_api_key(token):
+            raise AuthError("invalid_api_key", "neither the API key nor an ek_ client secret")
+        return None
+
+    def _secret_session(self, token: str) -> Mapping[str, Any] | None:
+        try:
+            return self.verify_secret(token).session
+        except AuthError:
+            if self.config.required:
+                raise
+            return None  # auth off: a stale or foreign secret opens the call with defaults
+
+    def verify_secret(self, value: str) -> ClientSecret:
+        now_s = self._clock()
+        last: ClientSecretError | None = None
+        for key in self._verify_keys:
+            try:
+                return client_secrets.verify(key, value, now_s)
+            except ClientSecretError as exc:
+                last = exc
+                if exc.reason != "signature":
+                    break
+        assert last is not None
+        raise AuthError(f"client_secret_{last.reason}", str(last)) from None
+
+    def mint(self, ttl_s: int, session: Mapping[str, Any] | None) -> ClientSecret:
+        return client_secrets.mint(self._signing_key, self._clock(), ttl_s, session)
+
+    def _is_api_key(self, token: str) -> bool:
+        key = self.config.api_key
+        return key is not None and hmac.compare_digest(token.encode(), key.encode())
+
+
+def _lenient(authorization: str | None) -> str | None:
+    try:
+        return bearer_token(authorization)
+    except AuthError:
+        return None
+
+
+def _missing() -> AuthError:
+    return AuthError(
+        "missing_authorization",
+        "send 'Authorization: Bearer <API key or ek_ client secret>'",
+    )
