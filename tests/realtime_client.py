@@ -9,7 +9,6 @@ notified per event, with a deadline.
 from __future__ import annotations
 
 import asyncio
-import fractions
 import json
 import socket
 from collections import deque
@@ -23,8 +22,8 @@ import httpx
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from av import AudioFrame
 from stack import LoopbackRelay, Process, free_port, random_keys, text, transceiver_process
+from tones import FRAME_SAMPLES, PacedTrack
 
 from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.playout import PcmResampler
@@ -32,20 +31,15 @@ from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 from pipeline.providers import AudioChunk
 
 RATE_HZ = 48_000
-FRAME_SAMPLES = 960
 Event = dict[str, Any]
 
 
-class SpeechTrack(MediaStreamTrack):
+class SpeechTrack(PacedTrack):
     """A microphone: queued speech, else silence, one paced 20 ms frame at a time."""
-
-    kind = "audio"
 
     def __init__(self) -> None:
         super().__init__()
         self._pending: deque[bytes] = deque()
-        self._sent = 0
-        self._start: float | None = None
 
     def say(self, pcm: bytes) -> None:
         step = 2 * FRAME_SAMPLES
@@ -56,21 +50,8 @@ class SpeechTrack(MediaStreamTrack):
     def speaking(self) -> bool:
         return bool(self._pending)
 
-    async def recv(self) -> AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        loop = asyncio.get_running_loop()
-        self._start = loop.time() if self._start is None else self._start
-        delay_s = self._start + self._sent / RATE_HZ - loop.time()
-        if delay_s > 0:
-            await asyncio.sleep(delay_s)  # pacing a real-time source, not synchronisation
-        pcm = self._pending.popleft() if self._pending else bytes(2 * FRAME_SAMPLES)
-        frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
-        frame.planes[0].update(pcm)
-        frame.sample_rate, frame.pts = RATE_HZ, self._sent
-        frame.time_base = fractions.Fraction(1, RATE_HZ)
-        self._sent += FRAME_SAMPLES
-        return frame
+    def next_pcm(self) -> bytes:
+        return self._pending.popleft() if self._pending else bytes(2 * FRAME_SAMPLES)
 
 
 class RealtimeClient:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import openai
 import pytest
@@ -35,19 +35,6 @@ LOOKUP = ToolSpec(
     "Look a word up in the knowledge file.",
     {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
 )
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as running:
-        yield running
-
-
-@pytest.fixture
-async def client(server: FakeOpenAIServer) -> AsyncIterator[openai.AsyncOpenAI]:
-    await server.reset()
-    async with server.openai_client() as opened:
-        yield opened
 
 
 async def utterance(duration_ms: int, rate_hz: int = 16_000) -> AsyncIterator[AudioChunk]:

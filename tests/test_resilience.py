@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import openai
 import pytest
@@ -73,19 +73,6 @@ def policy(
         ),
         breaker=BreakerPolicy(failure_threshold=threshold, reset_timeout_s=10.0),
     )
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as running:
-        yield running
-
-
-@pytest.fixture
-async def client(server: FakeOpenAIServer) -> AsyncIterator[openai.AsyncOpenAI]:
-    await server.reset()
-    async with server.openai_client() as opened:
-        yield opened
 
 
 async def answer(llm: LanguageModel) -> str:

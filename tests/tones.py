@@ -22,16 +22,19 @@ SAMPLE_RATE_HZ = 48_000
 FRAME_SAMPLES = 960  # 20 ms
 
 
-class ToneTrack(MediaStreamTrack):
-    """A paced 20 ms sine tone at ``frequency_hz``."""
+class PacedTrack(MediaStreamTrack):
+    """A real-time 48 kHz mono source: one 20 ms frame of ``next_pcm()`` per ``recv``."""
 
     kind = "audio"
 
-    def __init__(self, frequency_hz: float) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.frequency_hz = frequency_hz
         self._sent = 0
         self._start: float | None = None
+
+    def next_pcm(self) -> bytes:
+        """The next FRAME_SAMPLES samples as s16 little-endian bytes."""
+        raise NotImplementedError
 
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
@@ -41,14 +44,24 @@ class ToneTrack(MediaStreamTrack):
         delay_s = self._start + self._sent / SAMPLE_RATE_HZ - loop.time()
         if delay_s > 0:
             await asyncio.sleep(delay_s)  # pacing a real-time source, not synchronisation
-        t = (self._sent + np.arange(FRAME_SAMPLES)) / SAMPLE_RATE_HZ
-        samples = (8_000 * np.sin(2 * np.pi * self.frequency_hz * t)).astype(np.int16)
-        frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = SAMPLE_RATE_HZ
-        frame.pts = self._sent
+        frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
+        frame.planes[0].update(self.next_pcm())
+        frame.sample_rate, frame.pts = SAMPLE_RATE_HZ, self._sent
         frame.time_base = fractions.Fraction(1, SAMPLE_RATE_HZ)
         self._sent += FRAME_SAMPLES
         return frame
+
+
+class ToneTrack(PacedTrack):
+    """A paced 20 ms sine tone at ``frequency_hz``."""
+
+    def __init__(self, frequency_hz: float) -> None:
+        super().__init__()
+        self.frequency_hz = frequency_hz
+
+    def next_pcm(self) -> bytes:
+        t = (self._sent + np.arange(FRAME_SAMPLES)) / SAMPLE_RATE_HZ
+        return (8_000 * np.sin(2 * np.pi * self.frequency_hz * t)).astype("<i2").tobytes()
 
 
 class ToneClient:
