@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ class RelayConfig:
     http: Address
     route_idle_s: float
     stun_rate: float
+    hello: bool = True
+    redis_url: str | None = None  # the route cache; None: no Redis, routes from STUN/HELLO only
+    redis_key_prefix: str = "voicerelay"
 
     @property
     def stun_burst(self) -> float:
@@ -55,7 +59,12 @@ _FIELDS: dict[str, tuple[str | None, str]] = {
     "HTTP": ("127.0.0.1:9100", "host:port serving /metrics /livez /readyz"),
     "ROUTE_IDLE_S": ("30", "seconds before an idle route is forgotten"),
     "STUN_RATE": ("20", "unauthenticated STUN per source per second (burst 2x)"),
+    "HELLO": ("on", "ask the transceivers for their routes at start and every second: on/off"),
+    "REDIS_URL": ("", "route cache redis://host:port/db, asked about unknown clients (optional)"),
+    "REDIS_KEY_PREFIX": ("voicerelay", "key namespace of the route cache (the transceivers')"),
 }
+_SWITCH = {"on": True, "off": False}
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def parse_address(text: str, name: str) -> Address:
@@ -157,7 +166,30 @@ def _build(values: Mapping[str, str]) -> RelayConfig:
         http=parse_address(values["HTTP"], "RELAY_HTTP"),
         route_idle_s=_number(values["ROUTE_IDLE_S"], "RELAY_ROUTE_IDLE_S", 0.1, float),
         stun_rate=_number(values["STUN_RATE"], "RELAY_STUN_RATE", 0.1, float),
+        hello=_switch(values["HELLO"], "RELAY_HELLO"),
+        redis_url=_redis_url(values["REDIS_URL"]),
+        redis_key_prefix=_prefix(values["REDIS_KEY_PREFIX"]),
     )
+
+
+def _switch(text: str, name: str) -> bool:
+    value = _SWITCH.get(text.strip().lower())
+    if value is None:
+        raise ConfigError(f"{name}: {text!r} is not on or off")
+    return value
+
+
+def _redis_url(text: str) -> str | None:
+    url = text.strip()
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"RELAY_REDIS_URL: {url!r} is not a redis://, rediss:// or unix:// URL")
+    return url or None
+
+
+def _prefix(text: str) -> str:
+    if not _PREFIX_RE.fullmatch(text.strip()):
+        raise ConfigError(f"RELAY_REDIS_KEY_PREFIX: {text!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+    return text.strip()
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -41,7 +41,13 @@ ROUTES_LEARNED = 6
 HELLOS_SENT = 7
 CONTROL_RECEIVED = 8
 SEND_ERRORS = 9
-DROPS = 10  # DROP_REASONS follow, in order
+ROUTE_CACHE_LOOKUPS = 10  # addresses asked of the Redis route cache
+ROUTE_CACHE_HITS = 11  # ... answered with a configured transceiver's link
+ROUTE_CACHE_MISSES = 12  # ... with no (usable) route
+ROUTE_CACHE_ERRORS = 13  # ... not answered: Redis unavailable or too slow
+ROUTE_CACHE_QUEUE_FULL = 14  # lookups not even queued (queue at its cap)
+ROUTES_FROM_CACHE = 15  # routes installed from a cache hit
+DROPS = 16  # DROP_REASONS follow, in order
 ROW = DROPS + len(DROP_REASONS)
 
 # Slots that are gauges, not counters: not carried over when a worker is replaced.

@@ -58,6 +58,15 @@ class RelayCollector(Collector):
         yield _counter("relay_hellos_sent", "HELLO messages sent", totals[c.HELLOS_SENT])
         yield _counter("relay_control_received", "Control messages", totals[c.CONTROL_RECEIVED])
         yield _counter("relay_send_errors", "sendto failures", totals[c.SEND_ERRORS])
+        yield _route_cache(totals)
+        yield _counter(
+            "relay_route_cache_queue_full",
+            "Route cache lookups not queued (queue full)",
+            totals[c.ROUTE_CACHE_QUEUE_FULL],
+        )
+        yield _counter(
+            "relay_routes_from_cache", "Routes installed from cache", totals[c.ROUTES_FROM_CACHE]
+        )
         yield _counter("relay_worker_restarts", "Workers restarted after dying", restarts)
         yield GaugeMetricFamily("relay_workers_alive", "Worker processes alive", value=alive)
 
@@ -66,6 +75,19 @@ def _directional(name: str, text: str, totals: Sequence[int], offset: int) -> Me
     family = CounterMetricFamily(name, text, labels=["direction"])
     family.add_metric(["to_transceiver"], totals[c.TO_TRANSCEIVER_PACKETS - 1 + offset])
     family.add_metric(["to_client"], totals[c.TO_CLIENT_PACKETS - 1 + offset])
+    return family
+
+
+def _route_cache(totals: Sequence[int]) -> Metric:
+    family = CounterMetricFamily(
+        "relay_route_cache_lookups", "Unknown client addresses asked of Redis", labels=["result"]
+    )
+    for result, slot in (
+        ("hit", c.ROUTE_CACHE_HITS),
+        ("miss", c.ROUTE_CACHE_MISSES),
+        ("error", c.ROUTE_CACHE_ERRORS),
+    ):
+        family.add_metric([result], totals[slot])
     return family
 
 

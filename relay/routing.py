@@ -87,6 +87,14 @@ _DROPS = {
 }
 
 
+UNKNOWN_ADDRESS = _DROPS["unknown_address"]
+
+
+def needs_route_lookup(action: Action, data: bytes) -> bool:
+    """A DTLS or SRTP datagram from an address without a route: the route cache may know it."""
+    return action is UNKNOWN_ADDRESS and FIRST_BYTE_KINDS[data[0]] != Kind.STUN
+
+
 class Route:
     """Where a client's datagrams go: the transceiver and the cached 20-byte link header."""
 

@@ -28,6 +28,7 @@ from relay.config import (
 )
 from relay.counters import DROP_INDEX
 from relay.header import HEADER_BYTES, ControlMessage, ControlType
+from relay.route_lookup import RouteLookups
 from relay.routing import (
     Action,
     ClientKey,
@@ -38,6 +39,7 @@ from relay.routing import (
     RouteTable,
     SendToClient,
     StunRateLimit,
+    needs_route_lookup,
 )
 
 MAX_DATAGRAM_BYTES = 2048  # WebRTC keeps datagrams under the path MTU (~1,200-1,500 bytes)
@@ -96,6 +98,11 @@ class Worker:
         self.now_s = 0.0
         self._ticker: asyncio.Task[None] | None = None
         self._hello = bytes(ControlMessage(ControlType.HELLO))
+        self.lookups: RouteLookups | None = None
+        if config.redis_url is not None:
+            self.lookups = RouteLookups(
+                config.redis_url, config.redis_key_prefix, self.router, self.counts
+            )
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -107,6 +114,8 @@ class Worker:
         for number, sock in enumerate(self.public):
             loop.add_reader(sock.fileno(), self._drain_public, number)
         loop.add_reader(self.link.fileno(), self._drain_link)
+        if self.lookups is not None:
+            self.lookups.start()
         self.counts[c.READY] = 1
         self.send_hellos()
         self.publish()
@@ -118,6 +127,8 @@ class Worker:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        if self.lookups is not None:
+            await self.lookups.aclose()
         for sock in [*self.public, *([self.link] if self.link else [])]:
             loop.remove_reader(sock.fileno())
             sock.close()
@@ -182,7 +193,11 @@ class Worker:
         counts[c.TO_CLIENT_BYTES] += octets
 
     def _miss_public(self, data: bytes, source: ClientKey, number: int) -> None:
-        self._execute(self.router.on_public(data, source, number, self._clock()))
+        now = self._clock()
+        action = self.router.on_public(data, source, number, now)
+        if self.lookups is not None and needs_route_lookup(action, data):
+            self.lookups.want(source, number, now)  # queues only: the answer comes later
+        self._execute(action)
 
     def _miss_link(self, data: bytes, source: ClientKey) -> None:
         self._execute(self.router.on_link(data, source, self._clock()))
@@ -216,6 +231,8 @@ class Worker:
 
     def send_hellos(self) -> None:
         """Ask every configured transceiver for its live routes (answered with ROUTES)."""
+        if not self.config.hello:
+            return
         for transceiver in self.config.transceivers:
             if self._send(self.link, self._hello, transceiver):  # type: ignore[arg-type]
                 self.counts[c.HELLOS_SENT] += 1
@@ -245,6 +262,8 @@ class Worker:
                 last_expiry_s = now_s
                 self.routes.expire(now_s)
                 self.router.rate_limit.sweep(now_s)
+                if self.lookups is not None:
+                    self.lookups.admission.sweep(now_s)
 
 
 def _die_with_parent() -> None:

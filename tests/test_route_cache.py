@@ -11,18 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
+from relay.route_record import RouteValueError, decode_route, encode_route, route_key
 from tests.redis_server import RedisServer, free_tcp_port
 from transceiver.redis_config import RedisConfig
 from transceiver.redis_connection import open_redis
-from transceiver.route_cache import (
-    RouteCache,
-    RoutePublisher,
-    RouteValueError,
-    decode_route,
-    encode_route,
-    lookup,
-    route_key,
-)
+from transceiver.route_cache import RouteCache, RoutePublisher, lookup
 from transceiver.store_errors import StoreUnavailableError
 
 CLIENT = ("198.51.100.7", 50_123)

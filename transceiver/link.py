@@ -20,14 +20,21 @@ session", not "that client address": ICE may select a different pair in each dir
 controlling client nominates aggressively), so the address a session sends to can be one the
 client never sends from; keyed by address, it kept answering a dead worker after a relay restart
 until the 3 s window ran out (measured: 1.6-1.8 s recovery instead of ~0.1 s).
+
+With Redis configured (``REDIS_URL`` or ``REDIS_SENTINELS``, see ``redis_config``) the link also
+owns a ``RoutePublishing``: every client address it learns is published to the route cache as
+``client -> this link``, refreshed under the TTL and withdrawn when its session ends, so a relay
+that never saw the session can still route it (``relay.route_lookup``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import logging
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 from relay.header import (
@@ -41,6 +48,8 @@ from relay.header import (
     header_for,
     ip_text,
 )
+from transceiver.redis_config import RedisConfig
+from transceiver.route_publishing import RoutePublishing
 
 Address = tuple[str, int]
 Clock = Callable[[], float]
@@ -56,6 +65,7 @@ STUN_HEADER_BYTES = 20
 STUN_USERNAME = 0x0006
 _CLASS_MASK = 0x0110
 _CLASS_REQUEST, _CLASS_ERROR = 0x0000, 0x0110
+log = logging.getLogger(__name__)
 
 
 def stun_class(payload: bytes) -> int | None:
@@ -166,8 +176,15 @@ class SessionTransport(asyncio.DatagramTransport):
 class Link(asyncio.DatagramProtocol):
     """The link socket: demux in, worker choice out, HELLO/ROUTES/GONE."""
 
-    def __init__(self, address: Address, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        address: Address,
+        clock: Clock | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.address = address
+        self._environ = environ  # where REDIS_* come from (None: os.environ)
+        self.routes: RoutePublishing | None = None
         self.counters: Counter[str] = Counter()
         self._clock = clock
         self._transport: asyncio.DatagramTransport | None = None
@@ -186,7 +203,26 @@ class Link(asyncio.DatagramProtocol):
         host, port = self._transport.get_extra_info("sockname")[:2]
         self.address = (host, port)
         self._housekeeping = asyncio.create_task(self._housekeep(), name="link housekeeping")
+        self._start_route_publishing()
         return self.address
+
+    def _start_route_publishing(self) -> None:
+        config = RedisConfig.from_env(self._environ)
+        if config is None:
+            return
+        if ipaddress.ip_address(self.address[0]).is_unspecified:
+            log.warning("route cache: link bound to %s; no route to publish", self.address[0])
+            return
+        self.routes = RoutePublishing.from_config(config, self.address, self.live_routes)
+        self.routes.start()
+
+    def live_routes(self) -> dict[Address, Address]:
+        """Every client address of a live session -> this link."""
+        return {
+            client: self.address
+            for session in self._by_ufrag.values()
+            for client in session.clients.values()
+        }
 
     async def aclose(self) -> None:
         for session in list(self._by_ufrag.values()):
@@ -195,6 +231,8 @@ class Link(asyncio.DatagramProtocol):
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
+        if self.routes is not None:
+            await self.routes.aclose()
         if self._transport is not None:
             self._transport.close()
 
@@ -298,7 +336,9 @@ class Link(asyncio.DatagramProtocol):
             self.counters["route_conflict"] += 1
         elif owner is None and len(session.clients) < MAX_CLIENTS_PER_SESSION:
             self._by_key[key] = session
-            session.clients[key] = key_address(key)
+            session.clients[key] = client = key_address(key)
+            if self.routes is not None:
+                self.routes.learned(client)
 
     def _record_transaction(self, session: LinkSession, txid: bytes) -> None:
         assert self._clock is not None
@@ -313,9 +353,11 @@ class Link(asyncio.DatagramProtocol):
     def forget(self, session: LinkSession) -> None:
         """Remove a session's ufrag, routes and transactions; tell the relays GONE."""
         self._by_ufrag.pop(session.ufrag, None)
-        for key in session.clients:
+        for key, client in session.clients.items():
             if self._by_key.get(key) is session:
                 del self._by_key[key]
+                if self.routes is not None:
+                    self.routes.withdrawn(client)
         for txid in session.transactions:
             self._transactions.pop(txid, None)
         session.transactions.clear()

@@ -5,10 +5,9 @@ may ask this cache, off its hot path, instead of waiting for the client's next S
 Transceivers publish ``client ip:port -> link ip:port`` when a session connects, refresh it on
 a cadence (``RoutePublisher``) and withdraw it when the session ends.
 
-Layers in one small module, kept free of aiortc and the rest of the transceiver so a relay
-helper process can import it cheaply:
-- protocol (pure): ``route_key``, ``encode_route``, ``decode_route``;
-- I/O: ``lookup`` (one GET, for the relay side), ``RouteCache`` and ``RoutePublisher``.
+The pure record format (``route_key``, ``encode_route``, ``decode_route``) lives in
+``relay.route_record``, beside the relay's other wire formats; this module is the I/O:
+``lookup`` (one GET), ``RouteCache`` and ``RoutePublisher``.
 
 Key: ``P:route:1.2.3.4:5000`` or ``P:route:[2001:db8::1]:5000`` (IPv4-mapped IPv6 addresses
 are written as IPv4, as the relay's link header decodes them). Value: ``1 <link ip> <port>``
@@ -18,19 +17,22 @@ are written as IPv4, as the relay's link header decodes them). Value: ``1 <link 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import Callable, Mapping
 
 from redis.asyncio import Redis
 
+from relay.route_record import (
+    RouteValueError,
+    decode_route,
+    encode_route,
+    route_key,
+)
 from transceiver.background import BackgroundLoop
 from transceiver.redis_connection import unavailable_as_store_error
 from transceiver.store_errors import StoreUnavailableError
 
 Address = tuple[str, int]
-ROUTE_VERSION = b"1"
-MAX_ROUTE_BYTES = 64
 log = logging.getLogger(__name__)
 
 # Delete only a route that still names this link: never another transceiver's newer one.
@@ -38,40 +40,6 @@ _WITHDRAW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-class RouteValueError(ValueError):
-    """A cached value that is not a route this version understands."""
-
-
-def canonical_ip(host: str) -> str:
-    ip = ipaddress.ip_address(host)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
-def route_key(prefix: str, client: Address) -> str:
-    host = canonical_ip(client[0])
-    shown = f"[{host}]" if ":" in host else host
-    return f"{prefix}:route:{shown}:{int(client[1])}"
-
-
-def encode_route(link: Address) -> bytes:
-    return b"%s %s %d" % (ROUTE_VERSION, canonical_ip(link[0]).encode(), link[1])
-
-
-def decode_route(raw: bytes) -> Address:
-    parts = raw.split(b" ")
-    if len(raw) > MAX_ROUTE_BYTES or len(parts) != 3 or parts[0] != ROUTE_VERSION:
-        raise RouteValueError(f"not a version-1 route: {raw[:MAX_ROUTE_BYTES]!r}")
-    host, port = parts[1].decode("ascii", "replace"), parts[2]
-    if not port.isdigit() or not 0 < int(port) <= 65535:
-        raise RouteValueError(f"route port {port!r} is out of range")
-    try:
-        return str(ipaddress.ip_address(host)), int(port)
-    except ValueError:
-        raise RouteValueError(f"route host {host!r} is not an IP address") from None
 
 
 async def lookup(redis: Redis, prefix: str, client: Address) -> Address | None:
