@@ -2,7 +2,9 @@
 
 Lifecycle (as uvicorn/stunnerd): SIGTERM or SIGINT only sets a flag; then the transceiver stops
 admitting (``/readyz`` 503, POST 503), lets sessions end for up to ``drain_timeout_s``, closes
-the rest, stops HTTP and closes the link socket.
+the rest, stops HTTP and closes the link socket. With ``REDIS_URL`` or ``REDIS_SENTINELS``
+set (see ``redis_config``), sessions are stored in Redis and can be resumed elsewhere
+(``persistence``); draining then hands each session over to another transceiver.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 
 import uvicorn
 import uvloop
@@ -23,11 +26,13 @@ from prometheus_client import CollectorRegistry
 from pipeline.config import ConfigError as PipelineConfigError
 from pipeline.config import PipelineConfig
 from transceiver import ice, rtp_tuning
-from transceiver.app import create_app
+from transceiver.app import Resume, create_app
 from transceiver.auth import AuthConfig, AuthConfigError, Authenticator
 from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.echo import EchoAgent
 from transceiver.link import Link
+from transceiver.persistence import SessionPersistence, open_persistence
+from transceiver.redis_config import RedisConfig, RedisConfigError
 from transceiver.sessions import AgentFactory, SessionLimits, Sessions
 
 logger = logging.getLogger("transceiver")
@@ -42,31 +47,44 @@ class _Server(uvicorn.Server):
         yield
 
 
+@dataclass(frozen=True)
+class Agents:
+    """What sessions run, and (pipeline agent with Redis) how a stored session is resumed."""
+
+    factory: AgentFactory
+    persistence: SessionPersistence | None = None
+    resume: Resume | None = None
+
+
 @contextlib.asynccontextmanager
 async def open_agents(
-    config: TransceiverConfig, registry: CollectorRegistry
-) -> AsyncIterator[AgentFactory]:
+    config: TransceiverConfig, registry: CollectorRegistry, redis: RedisConfig | None
+) -> AsyncIterator[Agents]:
     """The agent factory; for ``pipeline`` the shared providers live as long as this context."""
     if config.agent == "echo":
-        yield EchoAgent
+        yield Agents(EchoAgent)
         return
     from transceiver.pipeline_agent import pipeline_agents
 
     pipeline = PipelineConfig.from_env(os.environ).resolved(os.environ)
-    async with pipeline_agents(pipeline, registry) as agents:
-        yield agents
+    async with (
+        open_persistence(redis) as persistence,
+        pipeline_agents(pipeline, registry, persistence) as agents,
+    ):
+        resume = None if persistence is None else agents.resume
+        yield Agents(agents, persistence, resume)
 
 
-async def serve(config: TransceiverConfig, auth: AuthConfig) -> int:
+async def serve(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig | None) -> int:
     ice.install()
     rtp_tuning.install()
     registry = CollectorRegistry()
-    async with open_agents(config, registry) as agents:
+    async with open_agents(config, registry, redis) as agents:
         return await _serve(config, auth, registry, agents)
 
 
 async def _serve(
-    config: TransceiverConfig, auth: AuthConfig, registry: CollectorRegistry, agents: AgentFactory
+    config: TransceiverConfig, auth: AuthConfig, registry: CollectorRegistry, agents: Agents
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -80,8 +98,9 @@ async def _serve(
         return 1
     limits = SessionLimits(config.capacity, config.connect_timeout_s)
     relayed = ice.RelayedIce(link, config.keyring, config.public)
-    sessions = Sessions(relayed, limits, registry, agents)
-    app = create_app(sessions, link, registry, Authenticator(auth, config.keyring))
+    sessions = Sessions(relayed, limits, registry, agents.factory)
+    authenticator = Authenticator(auth, config.keyring)
+    app = create_app(sessions, link, registry, authenticator, agents.persistence, agents.resume)
     server = _Server(_uvicorn_config(app, config))
     server_task = asyncio.create_task(server.serve(), name="http")
     try:
@@ -143,11 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = TransceiverConfig.load(rest)
         if config.agent == "pipeline":
             PipelineConfig.from_env(os.environ)  # validated before anything starts
-    except (ConfigError, AuthConfigError, PipelineConfigError) as exc:
+        redis = RedisConfig.from_env()
+    except (ConfigError, AuthConfigError, PipelineConfigError, RedisConfigError) as exc:
         print(f"transceiver: {exc}", file=sys.stderr)
         return 2
     auth.warn_if_open()
-    return uvloop.run(serve(config, auth))
+    return uvloop.run(serve(config, auth, redis))
 
 
 if __name__ == "__main__":

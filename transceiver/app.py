@@ -6,6 +6,17 @@ as OpenAI's ``multipart/form-data`` variant (field ``sdp``, optional ``session``
 ``POST /v1/realtime/client_secrets`` mints a short-lived ``ek_`` secret (see ``auth``). The web
 client (``transceiver/static``) is served at ``/`` and ``/static/``. Every error is JSON:
 ``{"error": {"type": ..., "code": ..., "message": ..., "param": ...}}``.
+
+Session survival (when Redis is configured): the 201 answer carries ``X-Voicerelay-Session``
+(the session id) and ``X-Voicerelay-Resume-Token`` (its resume credential; also in
+``session.created`` as ``voicerelay.session_id``/``voicerelay.resume_token``). To resume after a
+lost connection, POST a new offer to any transceiver naming the session, as the query parameter
+``?session_id=...`` or the ``X-Voicerelay-Session`` header, with ``X-Voicerelay-Resume-Token``
+(independent of ``Authorization``, which is checked as for any call). Missing token: 401;
+wrong token or unknown session: 403; Redis unreachable: 503 — the stored session is untouched
+in each case. On success the stored config (not the request's) and conversation continue.
+``/readyz`` says ``"redis": "ok"|"degraded"`` and turns 503 (``redis_unavailable``) only after
+Redis has been unreachable for ``persistence.REDIS_DOWN_GRACE_S`` (live sessions keep talking).
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ from __future__ import annotations
 import email.policy
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from email import message_from_bytes
 from email.message import EmailMessage
 from pathlib import Path
@@ -32,8 +43,14 @@ from transceiver import client_secrets
 from transceiver.auth import Authenticator, AuthError
 from transceiver.events import EventError, SessionConfig, SessionUpdate, new_id, parse_client_event
 from transceiver.link import Link
+from transceiver.persistence import (
+    RESUME_TOKEN_HEADER,
+    SESSION_HEADER,
+    ResumeRefused,
+    SessionPersistence,
+)
 from transceiver.sdp import SdpError, sanitise_offer
-from transceiver.sessions import AdmissionError, OfferRejected, Sessions
+from transceiver.sessions import AdmissionError, OfferRejected, SessionAgent, Sessions
 
 logger = logging.getLogger(__name__)
 MAX_OFFER_BYTES = 64 * 1024
@@ -42,6 +59,8 @@ SECRETS_PATH = "/v1/realtime/client_secrets"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_SECRET_REQUEST_BYTES = 64 * 1024
 T = TypeVar("T")
+# (session id, resume credential) -> the stored session's agent, claimed here; ResumeRefused
+Resume = Callable[[str, str | None], Awaitable[SessionAgent]]
 
 
 class ApiError(Exception):
@@ -89,7 +108,12 @@ class LinkCollector(Collector):
 
 
 def create_app(
-    sessions: Sessions, link: Link, registry: CollectorRegistry, auth: Authenticator
+    sessions: Sessions,
+    link: Link,
+    registry: CollectorRegistry,
+    auth: Authenticator,
+    persistence: SessionPersistence | None = None,
+    resume: Resume | None = None,
 ) -> FastAPI:
     app = FastAPI(title="voicerelay transceiver", docs_url=None, redoc_url=None)
     registry.register(LinkCollector(link))
@@ -105,14 +129,18 @@ def create_app(
         requested = merged_session(granted, asked)
         if requested is not None:
             _session_update(requested)  # 400 naming the field, as a session.update would get
+        agent = await _resumed_agent(request, resume)
         try:
-            session, answer = await sessions.create(offer, requested)
+            session, answer = await sessions.create(offer, requested, agent)
         except AdmissionError as exc:
             raise _unavailable(exc) from None
         except OfferRejected as exc:
             raise ApiError(400, "offer_rejected", str(exc)) from None
-        location = f"{CALLS_PATH}/{session.call_id}"
-        return Response(answer, 201, {"Location": location}, media_type="application/sdp")
+        headers = {"Location": f"{CALLS_PATH}/{session.call_id}"}
+        resume_headers = getattr(session.agent, "resume_headers", None)
+        if callable(resume_headers):
+            headers.update(resume_headers())
+        return Response(answer, 201, headers, media_type="application/sdp")
 
     async def hangup(call_id: str, request: Request) -> Response:
         _authorise(auth.check_call, request)
@@ -122,11 +150,30 @@ def create_app(
 
     app.add_api_route(CALLS_PATH + "/{call_id}", hangup, methods=["DELETE"])
     app.add_api_route(CALLS_PATH + "/{call_id}/hangup", hangup, methods=["POST"])
-    _add_health(app, sessions, registry)
+    _add_health(app, sessions, registry, persistence)
     return app
 
 
-def _add_health(app: FastAPI, sessions: Sessions, registry: CollectorRegistry) -> None:
+async def _resumed_agent(request: Request, resume: Resume | None) -> SessionAgent | None:
+    """The resumed session's agent when the request names a session, else None."""
+    session_id = request.query_params.get("session_id") or request.headers.get(SESSION_HEADER)
+    if not session_id:
+        return None
+    if resume is None:
+        raise ApiError(404, "resume_unavailable", "this transceiver does not resume sessions")
+    try:
+        return await resume(session_id, request.headers.get(RESUME_TOKEN_HEADER))
+    except ResumeRefused as exc:
+        headers = {"WWW-Authenticate": "X-Voicerelay-Resume-Token"} if exc.status == 401 else None
+        raise ApiError(exc.status, exc.code, exc.message, headers, "session_id") from None
+
+
+def _add_health(
+    app: FastAPI,
+    sessions: Sessions,
+    registry: CollectorRegistry,
+    persistence: SessionPersistence | None,
+) -> None:
     @app.get("/livez")
     async def livez() -> dict[str, str]:
         return {"status": "live"}
@@ -134,9 +181,14 @@ def _add_health(app: FastAPI, sessions: Sessions, registry: CollectorRegistry) -
     @app.get("/readyz")
     async def readyz() -> Response:
         reason = sessions.not_ready_reason
+        if reason is None and persistence is not None:
+            reason = persistence.not_ready_reason()
         if reason is not None:
             return error_response(503, reason, f"transceiver is {reason}")
-        return JSONResponse({"status": "ready", "sessions": len(sessions)})
+        body: dict[str, Any] = {"status": "ready", "sessions": len(sessions)}
+        if persistence is not None:
+            body["redis"] = persistence.status()
+        return JSONResponse(body)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -150,7 +202,7 @@ def _add_cors(app: FastAPI) -> None:
         allow_origins=["*"],
         allow_methods=["GET", "POST", "DELETE"],
         allow_headers=["*"],
-        expose_headers=["Location"],
+        expose_headers=["Location", SESSION_HEADER, RESUME_TOKEN_HEADER],
     )
 
 

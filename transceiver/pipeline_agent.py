@@ -2,7 +2,8 @@
 
 I/O layer. ``PipelineAgents`` is opened once by ``python -m transceiver --agent pipeline``: the
 heavy providers (one pocketsphinx worker pool, one piper model) are started here and shared by
-every session; each call gets its own engine (history, VAD state, tools).
+every session; each call gets its own engine (history, VAD state, tools). With Redis
+(``persistence``), sessions are stored as they go and ``resume`` continues a stored one.
 """
 
 from __future__ import annotations
@@ -17,14 +18,20 @@ from prometheus_client import CollectorRegistry
 from pipeline.assembly import Providers, build_engine, open_providers
 from pipeline.config import PipelineConfig
 from pipeline.tools import builtin_tools
+from transceiver.events import EventError, SessionConfig
 from transceiver.metrics import RealtimeMetrics, ResilienceCollector
+from transceiver.persistence import ResumeRefused, SessionPersistence
 from transceiver.realtime import RealtimeSession
-from transceiver.session_config import SessionPolicy
+from transceiver.session_config import SessionPolicy, session_update_from
 
 
 class PipelineAgents:
     def __init__(
-        self, config: PipelineConfig, providers: Providers, registry: CollectorRegistry
+        self,
+        config: PipelineConfig,
+        providers: Providers,
+        registry: CollectorRegistry,
+        persistence: SessionPersistence | None = None,
     ) -> None:
         self.config = replace(config, realtime_playout=True)
         self.providers = providers
@@ -32,17 +39,34 @@ class PipelineAgents:
         registry.register(ResilienceCollector([providers.stt, providers.llm, providers.tts]))
         tools = builtin_tools(providers.knowledge)
         self.policy = SessionPolicy(self.config.engine_config(), tools)
+        self.persistence = persistence
 
     def __call__(self, requested: Mapping[str, Any] | None = None) -> RealtimeSession:
         """A session for one call; EventError when ``requested`` is not a valid session."""
         session = self.policy.initial(requested)
         engine = build_engine(self.config, self.providers)
-        return RealtimeSession(engine, self.policy, session, self.metrics)
+        return RealtimeSession(engine, self.policy, session, self.metrics, self.persistence)
+
+    async def resume(self, session_id: str, credential: str | None) -> RealtimeSession:
+        """The stored session, claimed here; ResumeRefused when it may not be (or no Redis)."""
+        if self.persistence is None:
+            raise ResumeRefused(404, "resume_unavailable", "this deployment stores no sessions")
+        journal, state = await self.persistence.resume(session_id, credential)
+        try:
+            stored = session_update_from(state.config).apply(SessionConfig(session_id))
+        except EventError as exc:
+            raise ResumeRefused(409, "invalid_stored_session", exc.message) from None
+        engine = build_engine(self.config, self.providers)
+        return RealtimeSession(
+            engine, self.policy, stored, self.metrics, self.persistence, (journal, state)
+        )
 
 
 @asynccontextmanager
 async def pipeline_agents(
-    config: PipelineConfig, registry: CollectorRegistry
+    config: PipelineConfig,
+    registry: CollectorRegistry,
+    persistence: SessionPersistence | None = None,
 ) -> AsyncIterator[PipelineAgents]:
     async with open_providers(config) as providers:
-        yield PipelineAgents(config, providers, registry)
+        yield PipelineAgents(config, providers, registry, persistence)

@@ -6,11 +6,19 @@ by ``aclose()``. Client events are parsed by ``transceiver.events``; each is han
 (the engine's control methods are synchronous) and a bad one gets an ``error`` event naming
 the problem while the session goes on. Engine events become server events through
 ``EngineEventTranslator``; events produced before the client opens its channel wait (bounded).
+
+Survival (with Redis, see ``persistence``): a ``SessionJournal`` stores what the conversation
+commits; ``session.created`` carries a ``voicerelay`` field ``{"session_id", "resume_token"}``
+(a voicerelay extension). A resumed session starts from the stored config and history and
+sends ``session.created`` then ``session.updated``. ``hand_over`` (drain) lets a running turn
+finish, stores everything, releases the session and tells the client
+``{"type": "voicerelay.session.reconnect", "session_id": ..., "reason": "draining"}``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Coroutine, Mapping
@@ -42,8 +50,10 @@ from transceiver.events import (
     server_event,
 )
 from transceiver.metrics import RealtimeMetrics
+from transceiver.persistence import SessionJournal, SessionPersistence, item_to_message
 from transceiver.realtime_events import EngineEventTranslator
 from transceiver.session_config import SessionPolicy
+from transceiver.session_keys import SessionState
 
 logger = logging.getLogger(__name__)
 EVENTS_LABEL = "oai-events"
@@ -67,6 +77,8 @@ class RealtimeSession:
         policy: SessionPolicy,
         config: SessionConfig,
         metrics: RealtimeMetrics,
+        persistence: SessionPersistence | None = None,
+        resumed: tuple[SessionJournal, SessionState] | None = None,
     ) -> None:
         self.engine = engine
         self.policy = policy
@@ -78,7 +90,17 @@ class RealtimeSession:
         self._channel: Any = None
         self._pending: list[Event] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._persistence = persistence
+        self.journal: SessionJournal | None = None
+        self.resumed = resumed is not None
+        if resumed is not None:
+            self.journal, state = resumed
+            engine.history.extend(item_to_message(item) for item in state.items)
         self._apply(config)
+
+    def resume_headers(self) -> dict[str, str]:
+        """The calls response's session id and resume credential headers (with Redis)."""
+        return {} if self.journal is None else self.journal.headers()
 
     # --- wiring ---------------------------------------------------------------------------
 
@@ -100,6 +122,8 @@ class RealtimeSession:
             channel.on("open", self._opened)
 
     async def start(self) -> None:
+        if self._persistence is not None and self.journal is None:
+            self.journal = await self._persistence.create(self.config.id, self.config.to_json())
         await self.engine.start()
         self._spawn(self._forward_engine_events())
         if self._remote is not None:
@@ -112,6 +136,21 @@ class RealtimeSession:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.engine.aclose()
         self.voice.stop()
+        if self.journal is not None:
+            self.journal.history(self.engine.history)
+            self.journal.close()
+
+    async def hand_over(self, timeout_s: float) -> None:
+        """Drain: let a running turn finish, store it, release, tell the client to move."""
+        with contextlib.suppress(TimeoutError):
+            await self.engine.wait_idle(timeout_s)
+        if self.journal is not None:
+            self.journal.history(self.engine.history)
+            await self.journal.flush(timeout_s)
+            await self.journal.release()
+        session_id = self.config.id if self.journal is None else self.journal.session_id
+        reconnect = {"session_id": session_id, "reason": "draining"}
+        self.send(server_event("voicerelay.session.reconnect", **reconnect))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -122,7 +161,10 @@ class RealtimeSession:
 
     def _opened(self) -> None:
         pending, self._pending = self._pending, []
-        self.send(server_event("session.created", session=self.config.to_json()))
+        extension = {} if self.journal is None else {"voicerelay": self.journal.extension()}
+        self.send(server_event("session.created", session=self.config.to_json(), **extension))
+        if self.resumed:
+            self.send(server_event("session.updated", session=self.config.to_json()))
         for event in pending:
             self.send(event)
 
@@ -145,6 +187,7 @@ class RealtimeSession:
                         self.voice.play(event.response_id, event.pcm)
                     continue
                 self._observe(event)
+                self._journal(event)
                 for server in self.translator.translate(event):
                     self.send(server)
 
@@ -157,6 +200,13 @@ class RealtimeSession:
         elif isinstance(event, ev.EngineError):
             logger.warning("pipeline error: %s", event.message)
             self.metrics.provider_error(event.retryable)
+
+    def _journal(self, event: ev.EngineEvent) -> None:
+        if self.journal is None:
+            return
+        self.journal.history(self.engine.history)
+        if isinstance(event, ev.TurnCompleted):
+            self.journal.turn(event.record.turn)
 
     # --- client -> server -----------------------------------------------------------------
 
@@ -177,6 +227,8 @@ class RealtimeSession:
     def _handle(self, event: ClientEvent) -> None:
         if isinstance(event, SessionUpdate):
             self._apply(event.apply(self.config))
+            if self.journal is not None:
+                self.journal.config(self.config.to_json())
             self.send(server_event("session.updated", session=self.config.to_json()))
         elif isinstance(event, ConversationItemCreate):
             self._create_item(event)
@@ -214,6 +266,8 @@ class RealtimeSession:
             body = message_item(event.item_id, "user", item.text, audio=False)
         for added in self.translator.added(body):
             self.send(added)
+        if self.journal is not None:
+            self.journal.history(self.engine.history)
 
     def _cancel(self, response_id: str | None) -> None:
         active = self.engine.active_response_id

@@ -5,6 +5,10 @@ link (see ``ice``); it runs the configured agent: ``pipeline`` (``transceiver.re
 voice pipeline and the ``oai-events`` channel) or ``echo`` (diagnostics). Every session has one
 watcher task, owned by ``Sessions`` and awaited on close; the agent owns its own tasks and
 ``aclose()`` ends them.
+
+Drain (SIGTERM): admission stops at once; every agent that can ``hand_over`` (the pipeline
+agent) finishes its running turn, stores it and tells its client to reconnect elsewhere; the
+sessions then end as their clients leave, or at the drain timeout.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateError, OperationError
@@ -68,6 +72,13 @@ class SessionAgent(Protocol):
     def attach_channel(self, channel: Any) -> None: ...
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class HandsOver(Protocol):
+    """An agent whose session can move to another transceiver (see ``realtime``)."""
+
+    async def hand_over(self, timeout_s: float) -> None: ...
 
 
 # requested session config (None: the defaults) -> agent; raises EventError if it is invalid
@@ -145,16 +156,17 @@ class Sessions:
             raise AdmissionError(reason, self._limits.retry_after_s)
 
     async def create(
-        self, offer_sdp: str, requested: Mapping[str, Any] | None = None
+        self,
+        offer_sdp: str,
+        requested: Mapping[str, Any] | None = None,
+        agent: SessionAgent | None = None,
     ) -> tuple[Session, str]:
         """Answer a (sanitised) offer; the session counts against capacity at once.
-        ``requested``: the session config asked for with the call (OfferRejected if invalid)."""
+        ``requested``: the session config asked for with the call (OfferRejected if invalid);
+        ``agent``: one already made (a resumed session) instead of a new one."""
         self.admit()
-        try:
-            agent = self._agents(requested)
-        except EventError as exc:
-            self._metrics.failed.labels("invalid_session").inc()
-            raise OfferRejected(f"invalid session: {exc.message} ({exc.param})") from None
+        if agent is None:
+            agent = self._new_agent(requested)
         loop = asyncio.get_running_loop()
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         session = Session("rtc_" + secrets.token_hex(12), pc, loop.time(), agent)
@@ -171,6 +183,13 @@ class Sessions:
         self._metrics.started.inc()
         self._watch(session)
         return session, answer
+
+    def _new_agent(self, requested: Mapping[str, Any] | None) -> SessionAgent:
+        try:
+            return self._agents(requested)
+        except EventError as exc:
+            self._metrics.failed.labels("invalid_session").inc()
+            raise OfferRejected(f"invalid session: {exc.message} ({exc.param})") from None
 
     def _add(self, session: Session) -> None:
         self._sessions[session.call_id] = session
@@ -245,10 +264,15 @@ class Sessions:
                 self._empty.set()
 
     async def drain(self, timeout_s: float) -> None:
-        """Stop admitting; wait up to ``timeout_s`` for sessions to end; close the rest."""
+        """Stop admitting; hand sessions over; wait up to ``timeout_s`` for them to end; close
+        the rest."""
         self.draining = True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
+                movable = [
+                    s.agent for s in self._sessions.values() if isinstance(s.agent, HandsOver)
+                ]
+                await asyncio.gather(*(agent.hand_over(timeout_s) for agent in movable))
                 await self._empty.wait()
         await self.aclose()
 

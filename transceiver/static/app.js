@@ -5,6 +5,10 @@
 //   turns    [{item_id, response_id, metrics, heard_ms}] per turn
 //   on(type, fn) -> unsubscribe ("*" for all)   _handle(evt) feed a server event (tests)
 //   recording() -> {rate, pcm16_b64} of all remote audio (when connected with record)
+//   resumeInfo() -> {sessionId, token} | null   the stored session this page would resume
+// Auto-resume: when the connection fails (or stays "disconnected" for DISCONNECTED_GRACE_MS),
+// or the server sends voicerelay.session.reconnect (drain), the page re-offers naming its
+// session (up to RESUME_ATTEMPTS times) and shows "reconnecting…" then "resumed".
 import { Call } from "./call.js";
 import { FirstSoundMeter, renderChart } from "./latency.js";
 import { Recorder } from "./recorder.js";
@@ -13,6 +17,9 @@ import { Transcript } from "./transcript.js";
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(window.location.search);
 const MAX_LOG_LINES = 1000;
+const DISCONNECTED_GRACE_MS = 2000;
+const RESUME_ATTEMPTS = 5;
+const RESUME_BACKOFF_MS = 500;
 
 const events = [];
 const sent = [];
@@ -22,6 +29,10 @@ const transcript = new Transcript($("transcript"));
 const meter = new FirstSoundMeter((turn, ms) => { turn.heard_ms = ms; renderTurn(turn); });
 let recorder = null;
 let call = null;
+let resumeInfo = null; // {sessionId, token}
+let resuming = false;
+let disconnectedTimer = null;
+let lastKey = "";
 
 function log(direction, text, cls = "") {
   const line = document.createElement("div");
@@ -35,6 +46,7 @@ function log(direction, text, cls = "") {
 }
 
 function setState(name, value) {
+  if (name === "connection") watchConnection(value);
   const el = $(`state-${name}`);
   if (el) el.textContent = value;
   if (name === "connection") document.body.dataset.connection = value;
@@ -83,7 +95,12 @@ const TURN_HANDLERS = {
     turn.metrics = e;
     renderTurn(turn);
   },
-  "session.created": (e) => setState("session", e.session?.id || "created"),
+  "session.created": (e) => {
+    setState("session", e.session?.id || "created");
+    const ext = e.voicerelay;
+    if (ext?.session_id && ext?.resume_token) resumeInfo = { sessionId: ext.session_id, token: ext.resume_token };
+  },
+  "voicerelay.session.reconnect": () => resume("the server asked"),
   error: (e) => showError(`${e.error?.code || "error"}: ${e.error?.message || JSON.stringify(e.error)}`),
 };
 
@@ -110,14 +127,17 @@ function on(type, fn) {
   return () => listeners.get(type).delete(fn);
 }
 
-// --- connect / hang up -----------------------------------------------------------------------
+// --- resume ----------------------------------------------------------------------------------
 
-async function connect({ key = $("key").value.trim(), record = params.has("record") } = {}) {
-  if (call) throw new Error("already connected");
-  showError("");
-  $("talk").disabled = true;
-  recorder = record ? new Recorder() : null;
-  call = new Call({
+function watchConnection(state) {
+  clearTimeout(disconnectedTimer);
+  if (!call || resuming) return;
+  if (state === "failed") resume("connection failed");
+  if (state === "disconnected") disconnectedTimer = setTimeout(() => resume("connection lost"), DISCONNECTED_GRACE_MS);
+}
+
+function newCall() {
+  return new Call({
     onEvent: handle,
     onRawMessage: (text) => log("⇣", `(not JSON) ${text.slice(0, 300)}`, "log-error"),
     onState: setState,
@@ -127,9 +147,50 @@ async function connect({ key = $("key").value.trim(), record = params.has("recor
       recorder?.attach(stream);
     },
   });
+}
+
+// Re-offer naming the stored session, a bounded number of times; the conversation continues.
+async function resume(why) {
+  if (!call || resuming || !resumeInfo) return;
+  resuming = true;
+  log("!", `reconnecting: ${why}`);
+  call.close();
+  call = null;
+  setState("connection", "reconnecting…");
+  for (let attempt = 1; attempt <= RESUME_ATTEMPTS; attempt++) {
+    const next = newCall();
+    try {
+      await next.connect({ key: lastKey, resume: resumeInfo });
+      call = next;
+      resuming = false;
+      setState("connection", "resumed");
+      return;
+    } catch (err) {
+      next.close();
+      log("!", `resume attempt ${attempt} failed: ${err.message}`, "log-error");
+      if (/ (401|403) /.test(` ${err.message} `)) break;
+      await new Promise((done) => setTimeout(done, RESUME_BACKOFF_MS * attempt));
+    }
+  }
+  resuming = false;
+  showError("could not resume the session");
+  hangup();
+}
+
+// --- connect / hang up -----------------------------------------------------------------------
+
+async function connect({ key = $("key").value.trim(), record = params.has("record") } = {}) {
+  if (call) throw new Error("already connected");
+  showError("");
+  $("talk").disabled = true;
+  recorder = record ? new Recorder() : null;
+  call = newCall();
+  lastKey = key;
+  resumeInfo = null;
   setState("connection", "connecting");
   try {
     await call.connect({ key });
+    resumeInfo = call.resume || resumeInfo;
     $("hangup").disabled = false;
   } catch (err) {
     showError(err.message);
@@ -139,8 +200,10 @@ async function connect({ key = $("key").value.trim(), record = params.has("recor
 }
 
 function hangup() {
+  clearTimeout(disconnectedTimer);
   if (call) call.hangup();
   call = null;
+  resumeInfo = null;
   meter.close();
   recorder?.close();
   $("remote").srcObject = null;
@@ -158,5 +221,6 @@ document.body.dataset.connection = "idle";
 window.voicerelay = {
   connect, hangup, send, on, events, sent, turns,
   _handle: handle,
+  resumeInfo: () => resumeInfo,
   recording: () => (recorder ? recorder.take() : { rate: 0, pcm16_b64: "" }),
 };

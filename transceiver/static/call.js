@@ -2,10 +2,15 @@
 // (application/sdp, optional "Authorization: Bearer ek_..."), 201 + SDP answer + Location,
 // events as JSON on the "oai-events" data channel, remote audio on a media element.
 // No UI here: app.js owns the page.
+// Session survival: with Redis, the 201 carries X-Voicerelay-Session and
+// X-Voicerelay-Resume-Token (also session.created's "voicerelay" field); connect({resume})
+// re-offers naming that session so any transceiver continues the conversation.
 
 export const CALLS_PATH = "/v1/realtime/calls";
 const GATHER_TIMEOUT_MS = 1000;
 const CONNECT_TIMEOUT_MS = 15000;
+export const SESSION_HEADER = "X-Voicerelay-Session";
+export const RESUME_TOKEN_HEADER = "X-Voicerelay-Resume-Token";
 
 function gatheringDone(pc, timeoutMs) {
   if (pc.iceGatheringState === "complete") return Promise.resolve();
@@ -51,9 +56,11 @@ export class Call {
     this.mic = null;
     this.callUrl = null;
     this.key = "";
+    this.resume = null; // {sessionId, token} once the server stored the session
   }
 
-  async connect({ key = "", baseUrl = "" } = {}) {
+  // resume: {sessionId, token} of an earlier call to continue (null: a new session).
+  async connect({ key = "", baseUrl = "", resume = null } = {}) {
     this.mic = await navigator.mediaDevices.getUserMedia({ audio: true });
     const pc = (this.pc = new RTCPeerConnection({ iceServers: [] }));
     pc.addEventListener("connectionstatechange", () => this.handlers.onState("connection", pc.connectionState));
@@ -64,8 +71,15 @@ export class Call {
     await gatheringDone(pc, GATHER_TIMEOUT_MS);
     this.key = key;
     const headers = { "Content-Type": "application/sdp", ...this.auth() };
+    if (resume) {
+      headers[SESSION_HEADER] = resume.sessionId;
+      headers[RESUME_TOKEN_HEADER] = resume.token;
+    }
     const resp = await fetch(baseUrl + CALLS_PATH, { method: "POST", headers, body: pc.localDescription.sdp });
     if (resp.status !== 201) throw new Error(`offer refused: ${await refusal(resp)}`);
+    const sessionId = resp.headers.get(SESSION_HEADER);
+    const token = resp.headers.get(RESUME_TOKEN_HEADER);
+    if (sessionId && token) this.resume = { sessionId, token };
     const location = resp.headers.get("Location");
     this.callUrl = location ? new URL(location, baseUrl || window.location.href).href : null;
     this.handlers.onState("call", this.callUrl || "(no Location)");
@@ -101,6 +115,11 @@ export class Call {
 
   hangup() {
     if (this.callUrl) fetch(this.callUrl, { method: "DELETE", headers: this.auth() }).catch(() => {});
+    this.close();
+  }
+
+  // Drop this connection without hanging up (the session is resumed elsewhere).
+  close() {
     if (this.channel) this.channel.close();
     if (this.pc) this.pc.close();
     if (this.mic) this.mic.getTracks().forEach((t) => t.stop());

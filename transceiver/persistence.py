@@ -1,0 +1,294 @@
+"""Session survival: each session's record in Redis, written behind its conversation, and its
+restore when a client resumes on another transceiver.
+
+I/O layer over ``session_store`` (fenced writes), ``write_behind`` (never wait on Redis) and
+``lease_heartbeat``. Only used when ``RedisConfig.from_env()`` finds Redis configured.
+
+- A new call: ``create`` stores the session (config, hashed resume credential) and takes the
+  first fencing token. Redis down at that moment: the call still runs, without persistence (and
+  without resume headers); a voice session never waits for Redis beyond one short timeout.
+- While it runs: a ``SessionJournal`` turns the engine's append-only history into stored items
+  (user transcripts, assistant text as finally heard, tool calls and outputs), the config on
+  every session.update and the turn counter, all through the ``WriteBehindQueue``: a Redis
+  outage queues them (bounded) and they are caught up, in order, when it returns.
+- Resume: ``resume`` checks the credential (missing: 401, wrong or unknown session: 403), then
+  claims the session with force (the client proved it is the session's client; the old owner's
+  later writes are refused by the fencing token) and loads config and items.
+- Health: a ping every ``HEALTH_INTERVAL_S``; ``/readyz`` turns 503 only once Redis has been
+  unreachable for ``REDIS_DOWN_GRACE_S`` in a row (live sessions keep talking meanwhile, and a
+  short blip should not pull every transceiver out of the load balancer at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import socket
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from pipeline.providers import Message, ToolCall
+from transceiver.background import BackgroundLoop
+from transceiver.lease_heartbeat import LeaseHeartbeat
+from transceiver.redis_config import RedisConfig
+from transceiver.session_keys import Lease, SessionState, check_id, new_credential
+from transceiver.session_store import RedisSessionStore, SessionStore
+from transceiver.store_errors import StoreError
+from transceiver.write_behind import (
+    AdvanceTurn,
+    AppendItem,
+    PendingWrite,
+    QueueFullError,
+    UpdateConfig,
+    WriteBehindQueue,
+)
+
+log = logging.getLogger(__name__)
+LEASE_S = 6.0  # a SIGKILLed owner's lease lapses in this long (resume forces anyway)
+HEALTH_INTERVAL_S = 1.0
+REDIS_DOWN_GRACE_S = 10.0
+SESSION_HEADER = "X-Voicerelay-Session"
+RESUME_TOKEN_HEADER = "X-Voicerelay-Resume-Token"
+Json = dict[str, Any]
+
+
+def new_owner_id() -> str:
+    """Unique per process incarnation: host name plus a random suffix."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "transceiver"
+    return f"{host}-{secrets.token_hex(6)}"
+
+
+class ResumeRefused(Exception):
+    """A resume the transceiver will not do; ``status`` and ``code`` for the HTTP answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def message_to_item(item_id: str, message: Message) -> Json:
+    item: Json = {"id": item_id, "type": "message", "role": message.role}
+    item["content"] = message.content
+    if message.tool_calls:
+        item["tool_calls"] = [
+            {"call_id": c.call_id, "name": c.name, "arguments": c.arguments}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id:
+        item["tool_call_id"] = message.tool_call_id
+    return item
+
+
+def item_to_message(item: Mapping[str, Any]) -> Message:
+    calls = tuple(
+        ToolCall(str(c["call_id"]), str(c["name"]), str(c["arguments"]))
+        for c in item.get("tool_calls", ())
+    )
+    return Message(
+        item["role"], str(item.get("content", "")), calls, str(item.get("tool_call_id", ""))
+    )
+
+
+class SessionJournal:
+    """One session's writes, submitted behind its back; never waits on Redis."""
+
+    def __init__(
+        self,
+        persistence: SessionPersistence,
+        lease: Lease,
+        credential: str,
+        *,
+        stored_messages: int = 0,
+        id_offset: int = 0,
+        base_turn: int = 0,
+    ) -> None:
+        self.persistence = persistence
+        self.lease = lease
+        self.credential = credential
+        self._written = stored_messages  # history messages already in Redis
+        self._id_offset = id_offset  # items trimmed by the store's cap before them
+        self._base_turn = base_turn
+        self.lost = False
+
+    @property
+    def session_id(self) -> str:
+        return self.lease.session_id
+
+    def headers(self) -> dict[str, str]:
+        return {SESSION_HEADER: self.session_id, RESUME_TOKEN_HEADER: self.credential}
+
+    def extension(self) -> Json:
+        """The ``voicerelay`` field of session.created: what the client needs to resume."""
+        return {"session_id": self.session_id, "resume_token": self.credential}
+
+    def history(self, messages: Sequence[Message]) -> None:
+        """Store the messages appended to the (append-only) history since the last call."""
+        for index in range(self._written, len(messages)):
+            item_id = f"h{self._id_offset + index + 1}"
+            self._submit(AppendItem(message_to_item(item_id, messages[index])))
+        self._written = max(self._written, len(messages))
+
+    def config(self, config: Mapping[str, Any]) -> None:
+        self._submit(UpdateConfig(config))
+
+    def turn(self, turn: int) -> None:
+        self._submit(AdvanceTurn(self._base_turn + turn))
+
+    def _submit(self, write: PendingWrite) -> None:
+        if self.lost:
+            return
+        try:
+            self.persistence.queue.submit(self.lease, write)
+        except (QueueFullError, ValueError) as error:
+            log.warning("session %s: write not stored: %s", self.session_id, error)
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait (bounded) until the queued writes are in Redis; False at the deadline."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.persistence.queue.drained()
+        except TimeoutError:
+            return False
+        return True
+
+    async def release(self) -> None:
+        """Hand the session back (drain): the next owner claims it without waiting."""
+        self.persistence.heartbeat.drop(self.session_id)
+        try:
+            await self.persistence.store.release(self.lease)
+        except StoreError as error:
+            log.info("session %s: release failed: %s", self.session_id, error)
+
+    def close(self) -> None:
+        """The session ended here: stop renewing (queued writes still flush)."""
+        self.persistence.heartbeat.drop(self.session_id)
+        self.persistence.journals.pop(self.session_id, None)
+
+
+class RedisHealth(BackgroundLoop):
+    """Pings Redis; ``down_for_s`` is how long it has been unreachable (0 when up)."""
+
+    task_name = "redis health"
+
+    def __init__(self, store: RedisSessionStore, interval_s: float = HEALTH_INTERVAL_S) -> None:
+        super().__init__()
+        self._store = store
+        self._interval_s = interval_s
+        self._down_since: float | None = None
+
+    def down_for_s(self) -> float:
+        if self._down_since is None:
+            return 0.0
+        return asyncio.get_running_loop().time() - self._down_since
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            if await self._store.ping():
+                self._down_since = None
+            elif self._down_since is None:
+                self._down_since = loop.time()
+            await asyncio.sleep(self._interval_s)
+
+
+class SessionPersistence:
+    """The process-wide store, write-behind queue, lease heartbeat and health check."""
+
+    def __init__(self, store: RedisSessionStore, lease_s: float = LEASE_S) -> None:
+        self.store: SessionStore = store
+        self.owner_id = new_owner_id()
+        self.lease_s = lease_s
+        self.journals: dict[str, SessionJournal] = {}
+        self.queue = WriteBehindQueue(store, on_dropped=self._dropped)
+        self.heartbeat = LeaseHeartbeat(store, lease_s=lease_s, on_lost=self._lost)
+        self.health = RedisHealth(store)
+
+    def not_ready_reason(self) -> str | None:
+        return "redis_unavailable" if self.health.down_for_s() > REDIS_DOWN_GRACE_S else None
+
+    def status(self) -> str:
+        return "ok" if self.health.down_for_s() == 0.0 and self.queue.healthy else "degraded"
+
+    async def create(self, session_id: str, config: Mapping[str, Any]) -> SessionJournal | None:
+        credential = new_credential()
+        try:
+            lease = await self.store.create(
+                session_id, self.owner_id, config=config, credential=credential,
+                lease_s=self.lease_s,
+            )  # fmt: skip
+        except StoreError as error:
+            log.warning("session %s runs without persistence: %s", session_id, error)
+            return None
+        return self._held(SessionJournal(self, lease, credential))
+
+    async def resume(
+        self, session_id: str, credential: str | None
+    ) -> tuple[SessionJournal, SessionState]:
+        """Verify, claim with force, load. ResumeRefused says why not."""
+        try:
+            check_id("session id", session_id)
+        except ValueError as exc:
+            raise ResumeRefused(400, "invalid_session_id", str(exc)) from None
+        if not credential:
+            raise ResumeRefused(401, "missing_resume_token", f"{RESUME_TOKEN_HEADER} is required")
+        try:
+            if not await self.store.verify_credential(session_id, credential):
+                raise ResumeRefused(403, "invalid_resume_token", "wrong resume token or session")
+            lease = await self.store.claim(
+                session_id, self.owner_id, lease_s=self.lease_s, force=True
+            )
+            state = await self.store.load(session_id)
+        except StoreError as error:
+            raise ResumeRefused(503, "store_unavailable", str(error)) from None
+        journal = SessionJournal(
+            self, lease, credential, stored_messages=len(state.items),
+            id_offset=state.first_seq - 1, base_turn=state.turn,
+        )  # fmt: skip
+        return self._held(journal), state
+
+    def _held(self, journal: SessionJournal) -> SessionJournal:
+        self.journals[journal.session_id] = journal
+        self.heartbeat.hold(journal.lease)
+        return journal
+
+    def _lost(self, lease: Lease, error: StoreError) -> None:
+        journal = self.journals.get(lease.session_id)
+        if journal is not None and journal.lease == lease:
+            journal.lost = True
+            log.warning("session %s taken over elsewhere: %s", lease.session_id, error)
+
+    def _dropped(self, session_id: str, error: StoreError) -> None:
+        journal = self.journals.get(session_id)
+        if journal is not None:
+            journal.lost = True
+
+    async def start(self) -> None:
+        for loop in (self.queue, self.heartbeat, self.health):
+            loop.start()
+
+    async def aclose(self, flush_timeout_s: float = 2.0) -> None:
+        try:
+            async with asyncio.timeout(flush_timeout_s):
+                await self.queue.drained()
+        except TimeoutError:
+            log.warning("%d session writes not stored at exit", self.queue.pending)
+        for loop in (self.health, self.heartbeat, self.queue):
+            await loop.aclose()
+
+
+@asynccontextmanager
+async def open_persistence(config: RedisConfig | None) -> AsyncIterator[SessionPersistence | None]:
+    """Persistence when Redis is configured, else ``None`` (sessions live and die here)."""
+    if config is None:
+        yield None
+        return
+    async with RedisSessionStore.from_config(config) as store:
+        persistence = SessionPersistence(store)
+        await persistence.start()
+        try:
+            yield persistence
+        finally:
+            await persistence.aclose()
