@@ -20,6 +20,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from relay.counters import DROP_REASONS
 from relay.header import HEADER_BYTES, ControlMessage, ControlType, HeaderError, header_for
 from relay.header import parse_header as parse_link_header
 from relay.stun import FIRST_BYTE_KINDS, Kind, StunError, integrity_ok, read_binding_request
@@ -74,17 +75,7 @@ class Control:
 
 Action = Forward | SendToClient | Drop | Control
 
-_DROPS = {
-    reason: Drop(reason)
-    for reason in (
-        "not_webrtc",
-        "unknown_address",
-        "unknown_transceiver",
-        "rate_limited",
-        "malformed_link",
-        "unknown_link_source",
-    )
-}
+_DROPS = {reason: Drop(reason) for reason in DROP_REASONS}
 
 
 UNKNOWN_ADDRESS = _DROPS["unknown_address"]

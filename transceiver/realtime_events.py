@@ -16,7 +16,7 @@ output_audio.done, content_part.done, output_item.done + conversation.item.done,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,13 +169,7 @@ class EngineEventTranslator:
         where = response.position(response.message_id)
         part = {"type": "audio", "transcript": ""}
         return [
-            server_event(
-                "response.output_item.added",
-                response_id=response.id,
-                output_index=where["output_index"],
-                item=item,
-            ),
-            server_event("conversation.item.added", previous_item_id=previous, item=item),
+            *_item_added(response.id, where, previous, item),
             server_event("response.content_part.added", **where, content_index=0, part=part),
         ]
 
@@ -192,13 +186,7 @@ class EngineEventTranslator:
         response.output[-1] = done_item
         args = {**where, "call_id": call.call_id}
         return [
-            server_event(
-                "response.output_item.added",
-                response_id=response.id,
-                output_index=where["output_index"],
-                item=item,
-            ),
-            server_event("conversation.item.added", previous_item_id=previous, item=item),
+            *_item_added(response.id, where, previous, item),
             server_event("response.function_call_arguments.delta", **args, delta=call.arguments),
             server_event(
                 "response.function_call_arguments.done",
@@ -361,3 +349,18 @@ _HANDLERS: dict[type, Callable[[EngineEventTranslator, Any], list[Event]]] = {
     ev.TurnCompleted: EngineEventTranslator._turn_completed,
     ev.EngineError: EngineEventTranslator._engine_error,
 }
+
+
+def _item_added(
+    response_id: str, where: Mapping[str, Any], previous: str | None, item: Event
+) -> list[Event]:
+    """An output item joins the response and the conversation (GA sends both, in this order)."""
+    return [
+        server_event(
+            "response.output_item.added",
+            response_id=response_id,
+            output_index=where["output_index"],
+            item=item,
+        ),
+        server_event("conversation.item.added", previous_item_id=previous, item=item),
+    ]
