@@ -23,10 +23,9 @@ from transceiver.events import (
     SessionUpdate,
     TurnDetection,
     UserText,
-    error_event,
     parse_client_event,
-    response_body,
 )
+from transceiver.server_events import error_event
 
 
 def parse(event: dict[str, Any]) -> Any:
@@ -223,11 +222,6 @@ def test_error_event_carries_code_param_and_client_event_id() -> None:
         "param": "session.tools",
         "event_id": "c7",
     }
-
-
-def test_response_usage_totals() -> None:
-    body = response_body("resp_1", "completed", [], {"input_tokens": 3, "output_tokens": 4})
-    assert body["usage"]["total_tokens"] == 7
 
 
 json_values = st.recursive(

@@ -1,7 +1,7 @@
-"""OpenAI Realtime (GA) events on the ``oai-events`` data channel: parse, validate, build.
+"""OpenAI Realtime (GA) client events on the ``oai-events`` data channel: parse and validate.
 
-Pure protocol layer: JSON text in, dataclasses out (client events); dataclasses in, JSON-ready
-dicts out (server events). No asyncio, no aiortc. Every rejection is an ``EventError`` whose
+Pure protocol layer: JSON text in, dataclasses out (the server events the session sends back
+are built in ``server_events``). No asyncio, no aiortc. Every rejection is an ``EventError`` whose
 ``code`` and ``param`` end up in an ``error`` server event, so a client learns exactly which
 field was wrong and the session goes on.
 """
@@ -370,79 +370,3 @@ _PARSERS: dict[str, _Parser] = {
     "conversation.item.delete": lambda raw, event_id: ItemDelete(event_id, _item_id(raw)),
     "conversation.item.truncate": _parse_truncate,
 }
-
-
-# --- server events --------------------------------------------------------------------------
-
-
-def server_event(kind: str, **fields: Any) -> dict[str, Any]:
-    """A server event with a fresh event_id; ``fields`` are its type-specific members."""
-    return {"type": kind, "event_id": new_id("event"), **fields}
-
-
-def error_event(error: EventError, client_event_id: str | None = None) -> dict[str, Any]:
-    body = {
-        "type": "invalid_request_error",
-        "code": error.code,
-        "message": error.message,
-        "param": error.param,
-        "event_id": client_event_id,
-    }
-    return server_event("error", error=body)
-
-
-def message_item(
-    item_id: str, role: str, text: str, *, audio: bool, status: str = "completed"
-) -> dict[str, Any]:
-    """A conversation message item; user audio carries its transcript, assistant its text."""
-    if role == "user":
-        part = {
-            "type": "input_audio" if audio else "input_text",
-            ("transcript" if audio else "text"): text,
-        }
-    else:
-        part = {
-            "type": "output_audio" if audio else "output_text",
-            ("transcript" if audio else "text"): text,
-        }
-    return {
-        "id": item_id,
-        "object": "realtime.item",
-        "type": "message",
-        "status": status,
-        "role": role,
-        "content": [part],
-    }
-
-
-def function_call_item(
-    item_id: str, call_id: str, name: str, arguments: str, status: str
-) -> dict[str, Any]:
-    return {
-        "id": item_id,
-        "object": "realtime.item",
-        "type": "function_call",
-        "status": status,
-        "call_id": call_id,
-        "name": name,
-        "arguments": arguments,
-    }
-
-
-def response_body(
-    response_id: str,
-    status: str,
-    output: list[dict[str, Any]],
-    usage: Mapping[str, int] | None = None,
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": response_id,
-        "object": "realtime.response",
-        "status": status,
-        "output": output,
-        "output_modalities": ["audio"],
-    }
-    if usage is not None:
-        total = usage.get("input_tokens", 0) + usage.get("output_tokens", 0)
-        body["usage"] = {**usage, "total_tokens": total}
-    return body

@@ -43,15 +43,17 @@ from transceiver.events import (
     ResponseCreate,
     SessionConfig,
     SessionUpdate,
-    error_event,
-    message_item,
-    new_id,
     parse_client_event,
-    server_event,
 )
 from transceiver.metrics import RealtimeMetrics
 from transceiver.persistence import SessionJournal, SessionPersistence, item_to_message
 from transceiver.realtime_events import EngineEventTranslator
+from transceiver.server_events import (
+    error_event,
+    function_call_output_item,
+    message_item,
+    server_event,
+)
 from transceiver.session_config import SessionPolicy
 from transceiver.session_keys import SessionState
 
@@ -317,17 +319,6 @@ class RealtimeSession:
         self.voice.clear()
         if active is None:
             self.send(server_event("output_audio_buffer.cleared", response_id=None))
-
-
-def function_call_output_item(item_id: str, call_id: str, output: str) -> Event:
-    return {
-        "id": item_id or new_id("item"),
-        "object": "realtime.item",
-        "type": "function_call_output",
-        "status": "completed",
-        "call_id": call_id,
-        "output": output,
-    }
 
 
 def _event_id_of(data: str | bytes) -> str | None:

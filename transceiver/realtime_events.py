@@ -22,7 +22,8 @@ from typing import Any
 
 from pipeline import events as ev
 from pipeline.turns import TurnRecord
-from transceiver.events import function_call_item, message_item, new_id, server_event
+from transceiver.events import new_id
+from transceiver.server_events import function_call_item, message_item, server_event
 
 Event = dict[str, Any]
 FirstFrameLookup = Callable[[str], float | None]

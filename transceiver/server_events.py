@@ -1,0 +1,76 @@
+"""OpenAI Realtime (GA) server events and the item and response bodies they carry.
+
+Pure protocol layer: plain values in, JSON-ready dicts out. Client events are parsed in
+``events``; the engine's events are translated to these in ``realtime_events``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transceiver.events import EventError, new_id
+
+
+def server_event(kind: str, **fields: Any) -> dict[str, Any]:
+    """A server event with a fresh event_id; ``fields`` are its type-specific members."""
+    return {"type": kind, "event_id": new_id("event"), **fields}
+
+
+def error_event(error: EventError, client_event_id: str | None = None) -> dict[str, Any]:
+    body = {
+        "type": "invalid_request_error",
+        "code": error.code,
+        "message": error.message,
+        "param": error.param,
+        "event_id": client_event_id,
+    }
+    return server_event("error", error=body)
+
+
+def message_item(
+    item_id: str, role: str, text: str, *, audio: bool, status: str = "completed"
+) -> dict[str, Any]:
+    """A conversation message item; user audio carries its transcript, assistant its text."""
+    if role == "user":
+        part = {
+            "type": "input_audio" if audio else "input_text",
+            ("transcript" if audio else "text"): text,
+        }
+    else:
+        part = {
+            "type": "output_audio" if audio else "output_text",
+            ("transcript" if audio else "text"): text,
+        }
+    return {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "message",
+        "status": status,
+        "role": role,
+        "content": [part],
+    }
+
+
+def function_call_item(
+    item_id: str, call_id: str, name: str, arguments: str, status: str
+) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "function_call",
+        "status": status,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+    }
+
+
+def function_call_output_item(item_id: str, call_id: str, output: str) -> dict[str, Any]:
+    return {
+        "id": item_id or new_id("item"),
+        "object": "realtime.item",
+        "type": "function_call_output",
+        "status": "completed",
+        "call_id": call_id,
+        "output": output,
+    }
