@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+from transceiver.__main__ import main
+from transceiver.auth import AuthConfig, AuthConfigError, auth_flags
 from transceiver.config import ConfigError, TransceiverConfig
 
 KEYS = "1:" + "00" * 16
@@ -44,3 +46,21 @@ def test_defaults_environment_and_flags() -> None:
 def test_errors_name_the_setting(flags: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         TransceiverConfig.load(flags, {})
+
+
+def test_help_lists_every_flag_including_auth(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])  # no keys, no API key: help is shown before anything is validated
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    for flag in ("--auth", "--insecure-dev", "--link", "--keys", "--drain-timeout-s"):
+        assert flag in shown, flag
+
+
+def test_auth_flags_win_over_the_environment() -> None:
+    flags, rest = auth_flags().parse_known_args(["--insecure-dev", "--capacity", "3"])
+    assert rest == ["--capacity", "3"]
+    assert AuthConfig.from_flags(flags, {"TRANSCEIVER_AUTH": "required"}).mode == "off"
+    required, _ = auth_flags().parse_known_args(["--auth", "required"])
+    with pytest.raises(AuthConfigError, match="TRANSCEIVER_API_KEY is not set"):
+        AuthConfig.from_flags(required, {"TRANSCEIVER_AUTH": "off"})

@@ -27,7 +27,7 @@ from pipeline.config import ConfigError as PipelineConfigError
 from pipeline.config import PipelineConfig
 from transceiver import ice, rtp_tuning
 from transceiver.app import Resume, create_app
-from transceiver.auth import AuthConfig, AuthConfigError, Authenticator
+from transceiver.auth import AuthConfig, AuthConfigError, Authenticator, auth_flags
 from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.echo import EchoAgent
 from transceiver.link import Link
@@ -158,8 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("aioice").setLevel(logging.WARNING)
     logging.getLogger("aiortc").setLevel(logging.WARNING)
     try:
-        auth, rest = AuthConfig.load(sys.argv[1:] if argv is None else argv, os.environ)
-        config = TransceiverConfig.load(rest)
+        auth_args, rest = auth_flags().parse_known_args(sys.argv[1:] if argv is None else argv)
+        config = TransceiverConfig.load(rest, parents=[auth_flags()])  # --help lists both
+        auth = AuthConfig.from_flags(auth_args, os.environ)
         if config.agent == "pipeline":
             PipelineConfig.from_env(os.environ)  # validated before anything starts
         redis = RedisConfig.from_env()

@@ -22,7 +22,7 @@ import argparse
 import hmac
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -64,16 +64,12 @@ class AuthConfig:
         return self.mode == "required"
 
     @classmethod
-    def load(cls, argv: Sequence[str], environ: Mapping[str, str]) -> tuple[AuthConfig, list[str]]:
+    def from_flags(cls, flags: argparse.Namespace, environ: Mapping[str, str]) -> AuthConfig:
         """Auth settings from ``TRANSCEIVER_AUTH``/``TRANSCEIVER_API_KEY`` and the
-        ``--auth``/``--insecure-dev`` flags (a flag wins); returns the other flags untouched.
-        The API key is read from the environment only: a flag would show it in ``ps``."""
-        parser = argparse.ArgumentParser(add_help=False)
-        parser.add_argument("--auth", choices=MODES)
-        parser.add_argument("--insecure-dev", action="store_true")
-        flags, rest = parser.parse_known_args(list(argv))
+        ``auth_flags()`` (a flag wins). The API key is read from the environment only: a flag
+        would show it in ``ps``."""
         mode = "off" if flags.insecure_dev else flags.auth or environ.get(ENV_MODE, "required")
-        return cls.validated(mode.strip().lower(), environ.get(ENV_API_KEY)), rest
+        return cls.validated(mode.strip().lower(), environ.get(ENV_API_KEY))
 
     @classmethod
     def validated(cls, mode: str, api_key: str | None) -> AuthConfig:
@@ -92,6 +88,23 @@ class AuthConfig:
     def warn_if_open(self, stream: TextIO = sys.stderr) -> None:
         if not self.required:
             print(WARNING, file=stream, flush=True)
+
+
+def auth_flags() -> argparse.ArgumentParser:
+    """The auth flags, also shown by the transceiver's ``--help`` (as a parent parser)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--auth",
+        choices=MODES,
+        help=f"who may call: required (an API key or ek_ secret) or off [{ENV_MODE}, "
+        f"default required; the key comes from {ENV_API_KEY} only]",
+    )
+    parser.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        help="local development only: authentication off (same as --auth off)",
+    )
+    return parser
 
 
 def _check_api_key(key: str) -> None:

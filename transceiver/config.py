@@ -54,15 +54,19 @@ class TransceiverConfig:
 
     @classmethod
     def load(
-        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+        cls,
+        argv: Sequence[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        parents: Sequence[argparse.ArgumentParser] = (),
     ) -> TransceiverConfig:
-        """Merge environment and flags, then validate."""
+        """Merge environment and flags, then validate. ``parents``: flags parsed elsewhere
+        (auth), listed by ``--help`` too."""
         environ = os.environ if environ is None else environ
         values = {
             name: environ.get(ENV_PREFIX + name.upper(), d) for name, (d, _) in _SETTINGS.items()
         }
-        flags = vars(_parser().parse_args(argv))
-        values.update({k: v for k, v in flags.items() if v is not None})
+        flags = vars(_parser(parents).parse_args(argv))
+        values.update({k: v for k, v in flags.items() if k in _SETTINGS and v is not None})
         return cls.from_values(values)
 
     @classmethod
@@ -79,8 +83,10 @@ class TransceiverConfig:
         )
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m transceiver", description=__doc__)
+def _parser(parents: Sequence[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m transceiver", description=__doc__, parents=list(parents)
+    )
     for name, (default, text) in _SETTINGS.items():
         variable = ENV_PREFIX + name.upper()
         shown = "" if default is None else f", default {default}"
