@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.providers import Message, ToolCall
 from transceiver.events import (
     BufferCommand,
     ConversationItemCreate,
@@ -25,7 +26,8 @@ from transceiver.events import (
     UserText,
     parse_client_event,
 )
-from transceiver.server_events import error_event
+from transceiver.persistence import message_to_item
+from transceiver.server_events import error_event, stored_item_bodies
 
 
 def parse(event: dict[str, Any]) -> Any:
@@ -222,6 +224,34 @@ def test_error_event_carries_code_param_and_client_event_id() -> None:
         "param": "session.tools",
         "event_id": "c7",
     }
+
+
+def test_stored_history_replays_as_ga_items() -> None:
+    call = ToolCall("call_1", "get_weather", '{"city": "Oslo"}')
+    history = [
+        Message("user", "What is the weather in Oslo?"),
+        Message("assistant", "", (call,)),
+        Message("tool", '{"sky": "clear"}', (), "call_1"),
+        Message("assistant", "It is clear in Oslo."),
+        Message("system", "never shown"),
+    ]
+    bodies = [
+        b
+        for n, m in enumerate(history)
+        for b in stored_item_bodies(message_to_item(f"h{n + 1}", m))
+    ]
+    assert [(b["id"], b["type"]) for b in bodies] == [
+        ("h1", "message"),
+        ("h2_call_1", "function_call"),
+        ("h3", "function_call_output"),
+        ("h4", "message"),
+    ]
+    assert bodies[0]["content"] == [{"type": "input_text", "text": "What is the weather in Oslo?"}]
+    assert (bodies[1]["name"], bodies[1]["arguments"]) == ("get_weather", '{"city": "Oslo"}')
+    assert (bodies[2]["call_id"], bodies[2]["output"]) == ("call_1", '{"sky": "clear"}')
+    assert bodies[3]["role"] == "assistant"
+    assert bodies[3]["content"] == [{"type": "output_audio", "transcript": "It is clear in Oslo."}]
+    assert all(b["status"] == "completed" and b["object"] == "realtime.item" for b in bodies)
 
 
 json_values = st.recursive(

@@ -14,6 +14,8 @@ I/O layer over ``session_store`` (fenced writes), ``write_behind`` (never wait o
 - Resume: ``resume`` checks the credential (missing: 401, wrong or unknown session: 403), then
   claims the session with force (the client proved it is the session's client; the old owner's
   later writes are refused by the fencing token) and loads config and items.
+- Lost: when a renewal or write is refused (another transceiver took the session over, or its
+  record is gone) the journal stops writing and calls its ``on_lost`` once; the session hangs up.
 - Health: a ping every ``HEALTH_INTERVAL_S``; ``/readyz`` turns 503 only once Redis has been
   unreachable for ``REDIS_DOWN_GRACE_S`` in a row (live sessions keep talking meanwhile, and a
   short blip should not pull every transceiver out of the load balancer at once).
@@ -26,7 +28,7 @@ import logging
 import re
 import secrets
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -112,6 +114,8 @@ class SessionJournal:
         self._id_offset = id_offset  # items trimmed by the store's cap before them
         self._base_turn = base_turn
         self.lost = False
+        # Told once when the session is lost here (taken over elsewhere, or its record gone).
+        self.on_lost: Callable[[str], None] | None = None
 
     @property
     def session_id(self) -> str:
@@ -136,6 +140,15 @@ class SessionJournal:
 
     def turn(self, turn: int) -> None:
         self._submit(AdvanceTurn(self._base_turn + turn))
+
+    def mark_lost(self, why: str) -> None:
+        """Stop writing; tell the session (once) so it can hang up."""
+        if self.lost:
+            return
+        self.lost = True
+        log.warning("session %s lost here: %s", self.session_id, why)
+        if self.on_lost is not None:
+            self.on_lost(why)
 
     def _submit(self, write: PendingWrite) -> None:
         if self.lost:
@@ -257,13 +270,12 @@ class SessionPersistence:
     def _lost(self, lease: Lease, error: StoreError) -> None:
         journal = self.journals.get(lease.session_id)
         if journal is not None and journal.lease == lease:
-            journal.lost = True
-            log.warning("session %s taken over elsewhere: %s", lease.session_id, error)
+            journal.mark_lost(f"taken over elsewhere ({error})")
 
     def _dropped(self, session_id: str, error: StoreError) -> None:
         journal = self.journals.get(session_id)
         if journal is not None:
-            journal.lost = True
+            journal.mark_lost(f"a write was refused ({error})")
 
     async def start(self) -> None:
         for loop in (self.queue, self.heartbeat, self.health):

@@ -10,7 +10,10 @@ the problem while the session goes on. Engine events become server events throug
 Survival (with Redis, see ``persistence``): a ``SessionJournal`` stores what the conversation
 commits; ``session.created`` carries a ``voicerelay`` field ``{"session_id", "resume_token"}``
 (a voicerelay extension). A resumed session starts from the stored config and history and
-sends ``session.created`` then ``session.updated``. ``hand_over`` (drain) lets a running turn
+sends ``session.created``, ``session.updated``, then the stored conversation as
+``conversation.item.added``/``.done`` (ids ``h1``, ``h2``, ... as stored). A session taken over
+by another connection (its fencing token refused here) gets an ``error`` with code
+``session_taken_over`` and is hung up. ``hand_over`` (drain) lets a running turn
 finish, stores everything, releases the session and tells the client
 ``{"type": "voicerelay.session.reconnect", "session_id": ..., "reason": "draining"}``.
 """
@@ -53,6 +56,7 @@ from transceiver.server_events import (
     function_call_output_item,
     message_item,
     server_event,
+    stored_item_bodies,
 )
 from transceiver.session_config import SessionPolicy
 from transceiver.session_keys import SessionState
@@ -60,6 +64,7 @@ from transceiver.session_keys import SessionState
 logger = logging.getLogger(__name__)
 EVENTS_LABEL = "oai-events"
 MAX_PENDING_EVENTS = 512
+LOST_NOTICE_S = 0.25
 Event = dict[str, Any]
 _TYPES: Mapping[type, str] = {
     SessionUpdate: "session.update",
@@ -95,9 +100,14 @@ class RealtimeSession:
         self._persistence = persistence
         self.journal: SessionJournal | None = None
         self.resumed = resumed is not None
+        # Set when this session must end here (taken over elsewhere); ``Sessions`` hangs up.
+        self.hangup_requested = asyncio.Event()
+        self._restored: tuple[Event, ...] = ()
         if resumed is not None:
-            self.journal, state = resumed
+            journal, state = resumed
+            self._hold(journal)
             engine.history.extend(item_to_message(item) for item in state.items)
+            self._restored = state.items
         self._apply(config)
 
     def resume_headers(self) -> dict[str, str]:
@@ -125,7 +135,9 @@ class RealtimeSession:
 
     async def start(self) -> None:
         if self._persistence is not None and self.journal is None:
-            self.journal = await self._persistence.create(self.config.id, self.config.to_json())
+            journal = await self._persistence.create(self.config.id, self.config.to_json())
+            if journal is not None:
+                self._hold(journal)
         await self.engine.start()
         self._spawn(self._forward_engine_events())
         if self._remote is not None:
@@ -154,6 +166,20 @@ class RealtimeSession:
         reconnect = {"session_id": session_id, "reason": "draining"}
         self.send(server_event("voicerelay.session.reconnect", **reconnect))
 
+    def _hold(self, journal: SessionJournal) -> None:
+        self.journal = journal
+        journal.on_lost = self._lost
+
+    def _lost(self, why: str) -> None:
+        """Another transceiver owns the session now: say so, then hang up this connection."""
+        message = f"this session continues on another connection; this one is closed: {why}"
+        self.send(error_event(EventError("session_taken_over", message)))
+        self._spawn(self._hang_up_soon())
+
+    async def _hang_up_soon(self) -> None:
+        await asyncio.sleep(LOST_NOTICE_S)  # let the error event leave before the close
+        self.hangup_requested.set()
+
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
@@ -167,6 +193,11 @@ class RealtimeSession:
         self.send(server_event("session.created", session=self.config.to_json(), **extension))
         if self.resumed:
             self.send(server_event("session.updated", session=self.config.to_json()))
+            for stored in self._restored:  # the conversation so far, as the store has it
+                for body in stored_item_bodies(stored):
+                    for added in self.translator.added(body):
+                        self.send(added)
+            self._restored = ()
         for event in pending:
             self.send(event)
 

@@ -6,6 +6,7 @@ Pure protocol layer: plain values in, JSON-ready dicts out. Client events are pa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from transceiver.events import EventError, new_id
@@ -74,3 +75,26 @@ def function_call_output_item(item_id: str, call_id: str, output: str) -> dict[s
         "call_id": call_id,
         "output": output,
     }
+
+
+def stored_item_bodies(item: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The conversation items a stored history item (``persistence.message_to_item``) shows
+    as when a resumed session replays its conversation; its id is kept (one id per call for
+    an assistant's tool calls). Unknown roles show as nothing."""
+    item_id, role = str(item.get("id", "")), item.get("role")
+    text = str(item.get("content", ""))
+    if role == "user":
+        return [message_item(item_id, "user", text, audio=False)]
+    if role == "tool":
+        return [function_call_output_item(item_id, str(item.get("tool_call_id", "")), text)]
+    if role != "assistant":
+        return []
+    bodies = [message_item(item_id, "assistant", text, audio=True)] if text else []
+    for call in item.get("tool_calls", ()):
+        call_id = str(call.get("call_id", ""))
+        body = function_call_item(
+            f"{item_id}_{call_id}", call_id, str(call.get("name", "")),
+            str(call.get("arguments", "")), "completed",
+        )  # fmt: skip
+        bodies.append(body)
+    return bodies

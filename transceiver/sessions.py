@@ -81,6 +81,13 @@ class HandsOver(Protocol):
     async def hand_over(self, timeout_s: float) -> None: ...
 
 
+@runtime_checkable
+class HangsUp(Protocol):
+    """An agent that can end its own session (e.g. taken over by another transceiver)."""
+
+    hangup_requested: asyncio.Event
+
+
 # requested session config (None: the defaults) -> agent; raises EventError if it is invalid
 AgentFactory = Callable[[Mapping[str, Any] | None], SessionAgent]
 
@@ -235,8 +242,20 @@ class Sessions:
         except TimeoutError:
             await self._end(session, "connect_timeout")
             return
-        await session.ended.wait()
-        await self._end(session, session.pc.connectionState)
+        agent = session.agent
+        if not isinstance(agent, HangsUp):
+            await session.ended.wait()
+            await self._end(session, session.pc.connectionState)
+            return
+        ended = asyncio.ensure_future(session.ended.wait())
+        hangup = asyncio.ensure_future(agent.hangup_requested.wait())
+        try:
+            await asyncio.wait([ended, hangup], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (ended, hangup):
+                waiter.cancel()
+        reason = "taken_over" if agent.hangup_requested.is_set() else session.pc.connectionState
+        await self._end(session, reason)
 
     async def hangup(self, call_id: str) -> bool:
         session = self._sessions.get(call_id)
