@@ -5,8 +5,10 @@ I/O layer over ``session_store`` (fenced writes), ``write_behind`` (never wait o
 ``lease_heartbeat``. Only used when ``RedisConfig.from_env()`` finds Redis configured.
 
 - A new call: ``create`` stores the session (config, hashed resume credential) and takes the
-  first fencing token. Redis down at that moment: the call still runs, without persistence (and
-  without resume headers); a voice session never waits for Redis beyond one short timeout.
+  first fencing token. Redis down at that moment: the call still runs (a voice session never
+  waits for Redis beyond one short timeout) with its resume headers, and ``DeferredCreates``
+  stores it once Redis answers again, then catches its history, config and turn up; until
+  then a resume of it is refused as unknown (403).
 - While it runs: a ``SessionJournal`` turns the engine's append-only history into stored items
   (user transcripts, assistant text as finally heard, tool calls and outputs), the config on
   every session.update and the turn counter, all through the ``WriteBehindQueue``: a Redis
@@ -38,7 +40,7 @@ from transceiver.lease_heartbeat import LeaseHeartbeat
 from transceiver.redis_config import RedisConfig
 from transceiver.session_keys import Lease, SessionState, check_id, new_credential
 from transceiver.session_store import RedisSessionStore, SessionStore
-from transceiver.store_errors import StoreError
+from transceiver.store_errors import SessionExistsError, StoreError
 from transceiver.write_behind import (
     AdvanceTurn,
     AppendItem,
@@ -100,16 +102,21 @@ class SessionJournal:
     def __init__(
         self,
         persistence: SessionPersistence,
-        lease: Lease,
+        session_id: str,
         credential: str,
+        lease: Lease | None,
         *,
         stored_messages: int = 0,
         id_offset: int = 0,
         base_turn: int = 0,
     ) -> None:
         self.persistence = persistence
-        self.lease = lease
+        self._session_id = session_id
+        self.lease = lease  # None: not stored yet (Redis was down when the call began)
         self.credential = credential
+        self._messages: Sequence[Message] = ()  # the engine's (append-only) history
+        self.latest_config: Mapping[str, Any] = {}
+        self._latest_turn = base_turn
         self._written = stored_messages  # history messages already in Redis
         self._id_offset = id_offset  # items trimmed by the store's cap before them
         self._base_turn = base_turn
@@ -119,7 +126,7 @@ class SessionJournal:
 
     @property
     def session_id(self) -> str:
-        return self.lease.session_id
+        return self._session_id
 
     def headers(self) -> dict[str, str]:
         return {SESSION_HEADER: self.session_id, RESUME_TOKEN_HEADER: self.credential}
@@ -130,16 +137,28 @@ class SessionJournal:
 
     def history(self, messages: Sequence[Message]) -> None:
         """Store the messages appended to the (append-only) history since the last call."""
+        self._messages = messages
+        if self.lease is None:
+            return  # written by ``stored`` once the session is in Redis
         for index in range(self._written, len(messages)):
             item_id = f"h{self._id_offset + index + 1}"
             self._submit(AppendItem(message_to_item(item_id, messages[index])))
         self._written = max(self._written, len(messages))
 
     def config(self, config: Mapping[str, Any]) -> None:
+        self.latest_config = config
         self._submit(UpdateConfig(config))
 
     def turn(self, turn: int) -> None:
-        self._submit(AdvanceTurn(self._base_turn + turn))
+        self._latest_turn = self._base_turn + turn
+        self._submit(AdvanceTurn(self._latest_turn))
+
+    def stored(self, lease: Lease) -> None:
+        """The session is in Redis now (with ``latest_config``): catch up what it missed."""
+        self.lease = lease
+        self.history(self._messages)
+        if self._latest_turn:
+            self._submit(AdvanceTurn(self._latest_turn))
 
     def mark_lost(self, why: str) -> None:
         """Stop writing; tell the session (once) so it can hang up."""
@@ -151,7 +170,7 @@ class SessionJournal:
             self.on_lost(why)
 
     def _submit(self, write: PendingWrite) -> None:
-        if self.lost:
+        if self.lost or self.lease is None:
             return
         try:
             self.persistence.queue.submit(self.lease, write)
@@ -170,6 +189,9 @@ class SessionJournal:
     async def release(self) -> None:
         """Hand the session back (drain): the next owner claims it without waiting."""
         self.persistence.heartbeat.drop(self.session_id)
+        self.persistence.unstored.pop(self.session_id, None)
+        if self.lease is None:
+            return
         try:
             await self.persistence.store.release(self.lease)
         except StoreError as error:
@@ -179,6 +201,25 @@ class SessionJournal:
         """The session ended here: stop renewing (queued writes still flush)."""
         self.persistence.heartbeat.drop(self.session_id)
         self.persistence.journals.pop(self.session_id, None)
+        self.persistence.unstored.pop(self.session_id, None)
+
+
+class DeferredCreates(BackgroundLoop):
+    """Stores the sessions that began while Redis was down, once it answers again."""
+
+    task_name = "deferred session creates"
+
+    def __init__(self, persistence: SessionPersistence, interval_s: float = HEALTH_INTERVAL_S):
+        super().__init__()
+        self._persistence = persistence
+        self._interval_s = interval_s
+
+    async def _run(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(self._interval_s)
+            for journal in list(self._persistence.unstored.values()):
+                if not await self._persistence.store_new(journal):
+                    break  # Redis still down: the next pass tries again
 
 
 class RedisHealth(BackgroundLoop):
@@ -215,9 +256,11 @@ class SessionPersistence:
         self.owner_id = new_owner_id()
         self.lease_s = lease_s
         self.journals: dict[str, SessionJournal] = {}
+        self.unstored: dict[str, SessionJournal] = {}  # began while Redis was down
         self.queue = WriteBehindQueue(store, on_dropped=self._dropped)
         self.heartbeat = LeaseHeartbeat(store, lease_s=lease_s, on_lost=self._lost)
         self.health = RedisHealth(store)
+        self.deferred = DeferredCreates(self)
 
     def not_ready_reason(self) -> str | None:
         return "redis_unavailable" if self.health.down_for_s() > REDIS_DOWN_GRACE_S else None
@@ -225,17 +268,45 @@ class SessionPersistence:
     def status(self) -> str:
         return "ok" if self.health.down_for_s() == 0.0 and self.queue.healthy else "degraded"
 
-    async def create(self, session_id: str, config: Mapping[str, Any]) -> SessionJournal | None:
-        credential = new_credential()
+    async def create(self, session_id: str, config: Mapping[str, Any]) -> SessionJournal:
+        """A new session's journal; stored now, or by ``DeferredCreates`` when Redis is back."""
+        journal = SessionJournal(self, session_id, new_credential(), None)
+        journal.latest_config = config
+        self.journals[session_id] = journal
+        if not await self.store_new(journal):
+            log.warning("session %s: Redis unavailable; stored once it is back", session_id)
+            self.unstored[session_id] = journal
+        return journal
+
+    async def store_new(self, journal: SessionJournal) -> bool:
+        """Create the journal's session in Redis; False while Redis is unreachable."""
+        session_id = journal.session_id
+        lease: Lease | None
         try:
-            lease = await self.store.create(
-                session_id, self.owner_id, config=config, credential=credential,
-                lease_s=self.lease_s,
-            )  # fmt: skip
+            try:
+                lease = await self.store.create(
+                    session_id, self.owner_id, config=journal.latest_config,
+                    credential=journal.credential, lease_s=self.lease_s,
+                )  # fmt: skip
+            except SessionExistsError:
+                lease = await self._adopt(session_id)  # an earlier try landed, its reply lost
         except StoreError as error:
-            log.warning("session %s runs without persistence: %s", session_id, error)
-            return None
-        return self._held(SessionJournal(self, lease, credential))
+            if error.retryable:
+                return False
+            journal.mark_lost(f"could not be stored ({error})")
+            lease = None
+        self.unstored.pop(session_id, None)
+        if lease is not None and self.journals.get(session_id) is journal:
+            self.heartbeat.hold(lease)
+            journal.stored(lease)
+        return True
+
+    async def _adopt(self, session_id: str) -> Lease:
+        """The stored session's lease if this transceiver created it (else it is not ours)."""
+        state = await self.store.load(session_id)
+        if state.owner_id != self.owner_id:
+            raise SessionExistsError(session_id)
+        return Lease(session_id, self.owner_id, state.token)
 
     async def resume(
         self, session_id: str, credential: str | None
@@ -257,15 +328,12 @@ class SessionPersistence:
         except StoreError as error:
             raise ResumeRefused(503, "store_unavailable", str(error)) from None
         journal = SessionJournal(
-            self, lease, credential, stored_messages=len(state.items),
+            self, session_id, credential, lease, stored_messages=len(state.items),
             id_offset=state.first_seq - 1, base_turn=state.turn,
         )  # fmt: skip
-        return self._held(journal), state
-
-    def _held(self, journal: SessionJournal) -> SessionJournal:
-        self.journals[journal.session_id] = journal
-        self.heartbeat.hold(journal.lease)
-        return journal
+        self.journals[session_id] = journal
+        self.heartbeat.hold(lease)
+        return journal, state
 
     def _lost(self, lease: Lease, error: StoreError) -> None:
         journal = self.journals.get(lease.session_id)
@@ -278,7 +346,7 @@ class SessionPersistence:
             journal.mark_lost(f"a write was refused ({error})")
 
     async def start(self) -> None:
-        for loop in (self.queue, self.heartbeat, self.health):
+        for loop in (self.queue, self.heartbeat, self.health, self.deferred):
             loop.start()
 
     async def aclose(self, flush_timeout_s: float = 2.0) -> None:
@@ -287,7 +355,7 @@ class SessionPersistence:
                 await self.queue.drained()
         except TimeoutError:
             log.warning("%d session writes not stored at exit", self.queue.pending)
-        for loop in (self.health, self.heartbeat, self.queue):
+        for loop in (self.deferred, self.health, self.heartbeat, self.queue):
             await loop.aclose()
 
 

@@ -135,9 +135,7 @@ class RealtimeSession:
 
     async def start(self) -> None:
         if self._persistence is not None and self.journal is None:
-            journal = await self._persistence.create(self.config.id, self.config.to_json())
-            if journal is not None:
-                self._hold(journal)
+            self._hold(await self._persistence.create(self.config.id, self.config.to_json()))
         await self.engine.start()
         self._spawn(self._forward_engine_events())
         if self._remote is not None:

@@ -1,0 +1,127 @@
+"""transceiver.persistence against a real redis-server: a session that began while Redis was down
+is stored once Redis is back, with the history, config and turn it had meanwhile; a create whose
+reply was lost is adopted, not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from pipeline.providers import Message
+from tests.redis_server import RedisServer, redis_server_binary
+from transceiver.persistence import SessionPersistence
+from transceiver.redis_config import RedisConfig
+from transceiver.session_keys import SessionState
+from transceiver.session_store import RedisSessionStore
+from transceiver.store_errors import SessionNotFoundError, StoreError
+
+pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server")
+CONFIG = {"instructions": "Be brief.", "voice": "joe"}
+
+
+def fresh_config(server: RedisServer) -> RedisConfig:
+    return RedisConfig(
+        url=server.url, key_prefix=f"p{uuid.uuid4().hex[:10]}",
+        connect_timeout_s=0.2, socket_timeout_s=0.5,
+    )  # fmt: skip
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await check():
+        assert loop.time() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def stored(store: RedisSessionStore, session_id: str) -> SessionState | None:
+    try:
+        return await store.load(session_id)
+    except (SessionNotFoundError, StoreError):
+        return None
+
+
+@pytest.fixture
+async def persistence(tmp_path: Path) -> AsyncIterator[tuple[SessionPersistence, RedisServer]]:
+    server = RedisServer(tmp_path, "redis").start()
+    try:
+        async with RedisSessionStore.from_config(fresh_config(server)) as store:
+            persistence = SessionPersistence(store)
+            await persistence.start()
+            try:
+                yield persistence, server
+            finally:
+                await persistence.aclose(flush_timeout_s=1.0)
+    finally:
+        server.stop()
+
+
+async def test_a_session_begun_while_redis_is_down_is_stored_when_it_returns(
+    persistence: tuple[SessionPersistence, RedisServer],
+) -> None:
+    manager, server = persistence
+    server.stop()
+    session_id = f"rtc_{uuid.uuid4().hex}"
+    journal = await manager.create(session_id, CONFIG)
+    assert journal.lease is None and session_id in manager.unstored
+    assert set(journal.headers().values()) == {session_id, journal.credential}
+
+    history = [Message("user", "Tell me about water."), Message("assistant", "Water is wet.")]
+    journal.history(history)
+    journal.config({**CONFIG, "voice": "amy"})
+    journal.turn(1)
+    await asyncio.sleep(1.5)  # the deferred create tries (and fails) meanwhile
+    history.append(Message("user", "And the moon?"))
+    journal.history(history)
+
+    server.start()  # empty: nothing of the session was ever in Redis
+    store = manager.store
+    assert isinstance(store, RedisSessionStore)
+
+    async def caught_up() -> bool:
+        state = await stored(store, session_id)
+        return state is not None and len(state.items) == 3 and state.turn == 1
+
+    await until(caught_up, 10.0, "the session to be stored and caught up")
+    state = await store.load(session_id)
+    assert [(i["id"], i["role"], i["content"]) for i in state.items] == [
+        ("h1", "user", "Tell me about water."),
+        ("h2", "assistant", "Water is wet."),
+        ("h3", "user", "And the moon?"),
+    ]
+    assert state.config == {**CONFIG, "voice": "amy"}
+    assert state.owner_id == manager.owner_id and journal.lease is not None
+    assert await store.verify_credential(session_id, journal.credential)
+    assert manager.unstored == {} and not journal.lost
+    assert journal.lease in manager.heartbeat.held
+
+
+async def test_a_create_whose_reply_was_lost_is_adopted(
+    persistence: tuple[SessionPersistence, RedisServer],
+) -> None:
+    manager, _ = persistence
+    session_id = f"rtc_{uuid.uuid4().hex}"
+    journal = await manager.create(session_id, CONFIG)
+    first = journal.lease
+    assert first is not None
+    journal.lease = None  # as if the create landed but its reply never came back
+    assert await manager.store_new(journal)
+    assert journal.lease == first and not journal.lost
+
+
+async def test_a_session_id_someone_else_stored_is_not_taken(
+    persistence: tuple[SessionPersistence, RedisServer],
+) -> None:
+    manager, _ = persistence
+    session_id = f"rtc_{uuid.uuid4().hex}"
+    await manager.store.create(session_id, "someone-else", config=CONFIG, credential="c", lease_s=5)
+    journal = await manager.create(session_id, CONFIG)
+    assert journal.lost and journal.lease is None and session_id not in manager.unstored
+    journal.history([Message("user", "hello")])  # nothing is written for a lost journal
+    state = await manager.store.load(session_id)
+    assert state.owner_id == "someone-else" and state.items == ()
