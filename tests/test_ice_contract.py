@@ -11,6 +11,7 @@ import inspect
 
 import aioice
 import aioice.ice
+import aioice.stun
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, rtcicetransport
 
 from relay.ufrag import Keyring, decode_ufrag, derive_password
@@ -105,3 +106,22 @@ async def test_only_peer_connections_inside_relayed_through_are_relayed() -> Non
         await offerer.close()
         await answerer.close()
         await link.aclose()
+
+
+async def test_recheck_hooks_are_where_relayed_connection_expects_them() -> None:
+    assert list(inspect.signature(aioice.Connection.check_incoming).parameters) == [
+        "self",
+        "message",
+        "addr",
+        "protocol",
+    ]
+    assert "self.check_incoming(" in inspect.getsource(aioice.Connection.request_received)
+    assert "self.transactions[request.transaction_id] = transaction" in inspect.getsource(
+        aioice.ice.StunProtocol.request
+    )
+    request = aioice.stun.Message(
+        message_method=aioice.stun.Method.BINDING, message_class=aioice.stun.Class.REQUEST
+    )
+    transaction = aioice.stun.Transaction(request, ("127.0.0.1", 9), aioice.ice.StunProtocol(None))
+    assert getattr(transaction, "_Transaction__request") is request  # noqa: B009
+    assert getattr(transaction, "_Transaction__addr") == ("127.0.0.1", 9)  # noqa: B009

@@ -16,6 +16,9 @@ Hooks used (aiortc 1.16.0 / aioice 0.13.0; ``tests/test_ice_contract.py`` fails 
   list ``Connection._protocols`` that pairs local candidates with remote ones.
 - ``aioice.ice.StunProtocol(receiver)``, its ``local_candidate`` attribute and
   ``connection_made(transport)``; it calls ``transport.sendto`` and ``transport.close``.
+- ``aioice.Connection.check_incoming(message, addr, protocol)`` (an authenticated check came
+  in), ``StunProtocol.transactions`` (transaction id -> ``aioice.stun.Transaction``) and the
+  transaction's private ``__request``/``__addr``: see ``RelayedConnection.check_incoming``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 import aioice
 import aioice.ice
+import aioice.stun
 from aioice.candidate import candidate_foundation, candidate_priority
 from aiortc import rtcicetransport
 
@@ -37,6 +41,7 @@ from transceiver.link import Link, LinkSession
 
 Address = tuple[str, int]
 PINNED_VERSIONS = {"aiortc": "1.16.0", "aioice": "0.13.0"}
+MAX_RECHECKS = 16  # per connection; the checks that matter come in its first second
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class RelayedConnection(aioice.Connection):
         super().__init__(*args, **kwargs)
         self._relayed = relayed
         self._link_session: LinkSession | None = None
+        self._rechecked: set[bytes] = set()  # transactions already resent by check_incoming
 
     async def get_component_candidates(
         self,
@@ -97,6 +103,29 @@ class RelayedConnection(aioice.Connection):
         )
         self._protocols.append(protocol)
         return protocol.local_candidate
+
+    def check_incoming(
+        self, message: aioice.stun.Message, addr: Address, protocol: aioice.ice.StunProtocol
+    ) -> None:
+        """An authenticated check from the client: also resend our own check to it, if one is
+        still waiting for its answer (RFC 8445 §7.3.1.4 triggers a new check for such a pair;
+        aioice instead waits for the retransmission, 500 ms later).
+
+        Through the relay this is the common case: our first check often reaches the client
+        before the client's first check has reached the relay, so the relay, which does not
+        know the client's address yet, drops the answer. The client's check that just arrived
+        taught the relay the route, so the resent request (same transaction) is answered now.
+        """
+        super().check_incoming(message, addr, protocol)
+        if len(self._rechecked) >= MAX_RECHECKS:
+            return  # connected long ago: only consent checks are left
+        for transaction in list(protocol.transactions.values()):
+            request = getattr(transaction, "_Transaction__request", None)
+            target = getattr(transaction, "_Transaction__addr", None)
+            if request is None or target != addr or request.transaction_id in self._rechecked:
+                continue
+            self._rechecked.add(request.transaction_id)  # once per transaction: no storm
+            protocol.send_stun(request, target)
 
     async def close(self) -> None:
         await super().close()
