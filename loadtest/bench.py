@@ -1,7 +1,9 @@
-"""``make bench``: the relay benchmark, then the pipeline and browser end-to-end benchmarks.
+"""``make bench``: the relay benchmark, then the pipeline, failover and browser end-to-end
+benchmarks.
 
 Prints progress as it goes, then the tables; writes ``bench-results/bench.json`` and
-``bench-results/bench.png``. ``--quick`` is a short smoke run of the same code.
+``bench-results/bench.png``. ``--quick`` is a short smoke run of the same code (one failover
+run per figure, no browser).
 
     .venv/bin/python -m loadtest.bench [--quick] [--out DIR]
 """
@@ -35,15 +37,15 @@ class Progress:
         print(f"[{time.monotonic() - self.started:6.1f}s] {line}", flush=True)
 
 
-def run_optional(progress: Progress, name: str, function: str) -> dict[str, Any]:
-    """Run ``loadtest.<name>.<function>()``; a missing module is reported, not fatal."""
+def run_optional(progress: Progress, name: str, function: str, /, **kwargs: Any) -> dict[str, Any]:
+    """Run ``loadtest.<name>.<function>(**kwargs)``; a missing module is reported, not fatal."""
     try:
         module = importlib.import_module(f"loadtest.{name}")
     except ImportError as error:
         progress(f"{name}: skipped, not importable ({error})")
         return {"skipped": f"loadtest.{name} not importable: {error}"}
     progress(f"{name}: running")
-    result: dict[str, Any] = getattr(module, function)()
+    result: dict[str, Any] = getattr(module, function)(**kwargs)
     return result
 
 
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from(args)
     results = {"machine": machine(), "relay": run_relay_bench(settings, progress)}
     results["pipeline"] = run_optional(progress, "bench_pipeline", "run_pipeline_bench")
+    results["failover"] = run_optional(
+        progress, "bench_failover", "run_failover_bench", quick=args.quick, progress=progress
+    )
     if not args.quick:
         results["e2e"] = run_optional(progress, "bench_e2e", "run_e2e_bench")
     args.out.mkdir(parents=True, exist_ok=True)

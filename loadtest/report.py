@@ -15,6 +15,16 @@ ARROWS = {
 }
 
 
+FAILOVER_SCENARIOS = {
+    "transceiver_kill": "transceiver SIGKILLed, session resumed on another (Redis)",
+    "relay_kill_hello": "relay SIGKILLed and restarted, routes recovered by HELLO",
+    "relay_kill_cache": "relay SIGKILLed and restarted with HELLO off, routes from Redis",
+    "relay_kill": "relay SIGKILLed and restarted",
+}
+READY_LINE_NOTE = (
+    "  (relay_ready_to_media < 0: the new workers carried media before the supervisor printed"
+    " its ready line; it looks at the workers every 0.1 s)"
+)
 BUSY_NOTE = (
     "(cores busy: forwarder CPU / wall time. Below 1 per worker the forwarder was waiting for the"
     " load generator or for a core on this shared machine; pkt/CPU-s counts only the"
@@ -96,7 +106,39 @@ def render(results: Result) -> str:
     if e2e is not None:
         summary = {k: v for k, v in e2e.items() if k != "per_turn"}
         parts += ["", metrics_text("End to end in Chromium (speech end -> first audio)", summary)]
+    if "failover" in results:
+        parts += ["", failover_text(results["failover"])]
     return "\n".join(parts)
+
+
+def failover_text(failover: Result) -> str:
+    """The failover figures: per scenario, each metric's median, min, max and samples (ms)."""
+    if "skipped" in failover:
+        return f"Failover: skipped ({failover['skipped']})"
+    title = f"Failover, ms over {failover['runs']} run(s) each (samples in run order)"
+    rows, notes = [], []
+    for name, scenario in failover["scenarios"].items():
+        notes.append(f"  {name}: {FAILOVER_SCENARIOS.get(name, name)}")
+        if "error" in scenario:
+            rows.append([name, "FAILED: " + scenario["error"], "", "", "", ""])
+        rows += _failover_rows(name, scenario.get("metrics", {}))
+        if "recalled" in scenario:
+            recalled = sum(scenario["recalled"])
+            notes.append(f"    the resumed session recalled the question: {recalled}/"
+                         f"{len(scenario['recalled'])} runs")  # fmt: skip
+    if any(name.startswith("relay_kill") for name in failover["scenarios"]):
+        notes.append(READY_LINE_NOTE)
+    header = ["scenario", "metric", "median", "min", "max", "samples"]
+    return "\n".join([title, _table(header, rows), *notes])
+
+
+def _failover_rows(name: str, metrics: Result) -> list[list[str]]:
+    rows = []
+    for i, (metric, s) in enumerate(metrics.items()):
+        samples = " ".join(f"{v:.0f}" for v in s["samples"])
+        numbers = [f"{s[k]:.0f}" for k in ("median", "min", "max")]
+        rows.append([name if i == 0 else "", metric.removesuffix("_ms"), *numbers, samples])
+    return rows
 
 
 def latency_title(latency: Result) -> str:
@@ -137,10 +179,14 @@ def plot(results: Result, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     relay = results["relay"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5), width_ratios=(3, 2))
-    _plot_throughput(left, relay["throughput"])
+    failover = _failover_bars(results.get("failover"))
+    ratios = (3, 2, 3) if failover else (3, 2)
+    figure, axes = plt.subplots(1, len(ratios), figsize=(6.5 * len(ratios), 5), width_ratios=ratios)
+    _plot_throughput(axes[0], relay["throughput"])
     if relay.get("latency"):
-        _plot_latency(right, relay["latency"])
+        _plot_latency(axes[1], relay["latency"])
+    if failover:
+        _plot_failover(axes[2], failover)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -202,3 +248,24 @@ def _plot_latency(axes: Any, latency: Result) -> None:
     axes.set_ylabel("round trip, microseconds")
     axes.set_title(f"Loopback RTT, {latency['rounds']} interleaved rounds")
     axes.legend()
+
+
+def _failover_bars(failover: Result | None) -> list[tuple[str, Result]]:
+    """``(label, summary)`` of each measured scenario's headline (first) metric."""
+    bars = []
+    for name, scenario in (failover or {}).get("scenarios", {}).items():
+        for metric, summary in list(scenario.get("metrics", {}).items())[:1]:
+            bars.append((f"{name}\n{metric.removesuffix('_ms')}", summary))
+    return bars
+
+
+def _plot_failover(axes: Any, bars: list[tuple[str, Result]]) -> None:
+    labels = [label for label, _ in bars]
+    medians = [s["median"] for _, s in bars]
+    spread = [[s["median"] - s["min"] for _, s in bars], [s["max"] - s["median"] for _, s in bars]]
+    positions = list(range(len(bars)))[::-1]  # first metric on top
+    axes.barh(positions, medians, xerr=spread, capsize=3)
+    axes.set_yticks(positions)
+    axes.set_yticklabels(labels, fontsize=8)
+    axes.set_xlabel("milliseconds (bar: median, whiskers: min-max)")
+    axes.set_title("Failover: kill -> audio / media again")

@@ -298,7 +298,7 @@ class Stack:
         ]
         self.relay = self._relay()
 
-    def _relay(self) -> Process:
+    def _relay(self, **flags: Any) -> Process:
         return relay_process(
             self.public_text,
             self.links,
@@ -306,6 +306,7 @@ class Stack:
             self.relay_http,
             self.log_dir,
             workers=self.workers,
+            **flags,
         )
 
     @property
@@ -323,9 +324,9 @@ class Stack:
             await process.ready()
         return self
 
-    async def restart_relay(self) -> Process:
-        """Start a fresh relay on the same public and HTTP ports."""
-        self.relay = self._relay()
+    async def restart_relay(self, **flags: Any) -> Process:
+        """Start a fresh relay on the same public and HTTP ports (extra relay ``flags``)."""
+        self.relay = self._relay(**flags)
         return await self.relay.start().ready()
 
     async def relay_metrics(self, http: httpx.AsyncClient) -> str:

@@ -1,4 +1,5 @@
-"""Smoke test of the relay benchmark: a tiny run with real processes on loopback.
+"""Smoke tests of the benchmarks: a tiny relay run with real processes on loopback, and the
+whole ``python -m loadtest.bench --quick`` (relay, pipeline and one run of each failover).
 
 Asserts the shape of the results and that packets really went through every forwarder; no
 timing assertions (timings belong to ``make bench``).
@@ -7,6 +8,9 @@ timing assertions (timings belong to ``make bench``).
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,7 @@ import pytest
 from loadtest.bench_relay import DIRECT, DIRECTIONS, RelayBenchSettings, run_relay_bench
 from loadtest.forwarders import BARE_PYTHON, C_REFERENCE, RELAY
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = RelayBenchSettings(
     flood_s=0.3,
     repeats=1,
@@ -65,3 +70,21 @@ def test_latency_has_direct_and_relayed_samples(result: dict[str, Any]) -> None:
         assert stats["median_us"] > 0, name
         if name != DIRECT:
             assert "added_median_us" in stats and "added_p99_us" in stats
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
+def test_quick_bench_measures_each_failover_once(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "loadtest.bench", "--quick", "--out", str(tmp_path)]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    failover = json.loads((tmp_path / "bench.json").read_text())["failover"]
+    scenarios = failover["scenarios"]
+    assert set(scenarios) == {"transceiver_kill", "relay_kill_hello", "relay_kill_cache"}, failover
+    for name, scenario in scenarios.items():
+        assert scenario["metrics"], name
+        assert all(len(m["samples"]) == 1 for m in scenario["metrics"].values()), name
+    assert scenarios["transceiver_kill"]["recalled"] == [True]
+    assert "Failover, ms over 1 run(s)" in run.stdout
+    assert (tmp_path / "bench.png").stat().st_size > 0
