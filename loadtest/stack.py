@@ -2,8 +2,15 @@
 
 Starts every process itself (each in its own process group, so a terminal's Ctrl-C reaches only
 this launcher), waits for each one's ready line with a deadline, prints the URL of the web
-client (served by the first transceiver) and, on Ctrl-C or SIGTERM, stops exactly the processes
-it started, by PID, in reverse order.
+client and, on Ctrl-C or SIGTERM, stops exactly the processes it started, by PID, in reverse
+order.
+
+- One transceiver (the default): it serves the web client and signalling on ``--http-port``.
+- ``--transceivers N`` (N > 1, or ``STACK_TRANSCEIVERS``): a front door
+  (``loadtest.front_door``, what the Kubernetes Service is in production) listens on
+  ``--http-port`` and balances over the transceivers on the ports after it, skipping dead and
+  unavailable ones. A transceiver that dies then does not stop the stack while another one
+  runs: its sessions can be resumed on the others through the front door.
 
 - Redis: when ``redis-server`` is on PATH it is started on a free loopback port with no
   persistence, and ``REDIS_URL`` is passed to the transceivers (``--no-redis`` skips it).
@@ -30,12 +37,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtest import front_door
 from transceiver.config import AGENTS
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 SUPERVISE_INTERVAL_S = 0.5
 URL_LINE = "voicerelay is up: open "
+TRANSCEIVERS_LINE = "transceivers: "
+LAST_LINE = "Ctrl-C stops every process this started."
+FRONT_DOOR = "front-door"
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,19 @@ class StackConfig:
 
     def link_addresses(self) -> list[str]:
         return [f"{self.host}:{self.link_port + i}" for i in range(self.transceivers)]
+
+    @property
+    def front_door(self) -> bool:
+        return self.transceivers > 1
+
+    def transceiver_http_addresses(self) -> list[str]:
+        """The transceivers' HTTP listeners: ``--http-port`` itself when there is one, else
+        the ports after the front door's."""
+        first = self.http_port + (1 if self.front_door else 0)
+        return [f"{self.host}:{first + i}" for i in range(self.transceivers)]
+
+    def url(self, address: str | None = None) -> str:
+        return f"http://{address or f'{self.host}:{self.http_port}'}/"
 
 
 @dataclass(frozen=True)
@@ -75,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--http-port", type=int, default=int(os.environ.get("PORT", "8080")))
     parser.add_argument("--link-port", type=int, default=7000)
     parser.add_argument("--relay-http-port", type=int, default=9100)
-    parser.add_argument("--transceivers", type=int, default=1)
+    transceivers = os.environ.get("STACK_TRANSCEIVERS", "1")  # argparse applies type= to it
+    parser.add_argument("--transceivers", type=int, default=transceivers)
     parser.add_argument("--relay-workers", type=int, default=2)
     parser.add_argument("--agent", default=default_agent(), choices=AGENTS)
     auth = os.environ.get("TRANSCEIVER_AUTH", "off")
@@ -119,11 +144,16 @@ def commands(config: StackConfig, keys: str, redis_url: str | None) -> list[Comm
     relay += ["--http", f"{config.host}:{config.relay_http_port}"]
     procs = [Command("relay", relay, "relay ready")]
     env = {"REDIS_URL": redis_url} if redis_url else {}
+    http = config.transceiver_http_addresses()
     for i, link in enumerate(config.link_addresses()):
         cmd = [py, "-m", "transceiver", "--link", link, "--public", public, "--keys", keys]
-        cmd += ["--http", f"{config.host}:{config.http_port + i}", "--agent", config.agent]
+        cmd += ["--http", http[i], "--agent", config.agent]
         cmd += ["--drain-timeout-s", str(config.drain_timeout_s), "--auth", config.auth]
         procs.append(Command(f"transceiver-{i}", cmd, "transceiver ready", env))
+    if config.front_door:
+        door = [py, "-m", "loadtest.front_door", "--host", config.host]
+        door += ["--port", str(config.http_port), "--backends", ",".join(http)]
+        procs.append(Command(FRONT_DOOR, door, front_door.READY_LINE))
     return procs
 
 
@@ -186,15 +216,42 @@ def stop_all(children: list[Child]) -> None:
 
 
 def announce(config: StackConfig, redis_url: str | None) -> None:
-    url = f"http://{config.host}:{config.http_port}/"
+    url = config.url()
     print(f"\n  {URL_LINE}{url}", flush=True)
+    backends = " ".join(config.url(address) for address in config.transceiver_http_addresses())
+    via = " (behind the front door: round-robin, skips dead ones)" if config.front_door else ""
+    print(f"  {TRANSCEIVERS_LINE}{backends}{via}")
     print(f"  agent: {config.agent}   auth: {config.auth}   redis: {redis_url or 'none'}")
     if config.auth == "required":
         print(
             f"  mint a key: curl -XPOST -H 'Authorization: Bearer $TRANSCEIVER_API_KEY' "
             f"{url}v1/realtime/client_secrets"
         )
-    print("  Ctrl-C stops every process this started.\n", flush=True)
+    print(f"  {LAST_LINE}\n", flush=True)
+
+
+def supervise(started: list[Child]) -> None:
+    """Return once a child the stack cannot run without has exited: Redis, the relay, the front
+    door, or the last transceiver. (Supervising, not synchronising: it polls.)"""
+    reported: set[str] = set()
+    while True:
+        exited = [child for child in started if child.proc.poll() is not None]
+        for child in (c for c in exited if c.name not in reported):
+            reported.add(child.name)
+            code = child.proc.returncode
+            print(f"[stack] {child.name} (pid {child.proc.pid}) exited with {code}", flush=True)
+        if _fatal(exited, started):
+            return
+        time.sleep(SUPERVISE_INTERVAL_S)
+
+
+def _fatal(exited: list[Child], started: list[Child]) -> bool:
+    def transceiver(child: Child) -> bool:
+        return child.name.startswith("transceiver-")
+
+    if any(not transceiver(child) for child in exited):
+        return True
+    return sum(map(transceiver, exited)) == sum(map(transceiver, started))
 
 
 def _interrupt(*_: object) -> None:
@@ -211,10 +268,8 @@ def run(config: StackConfig, data_dir: str) -> int:
             started.append(start(command))
             wait_ready(started[-1])
         announce(config, redis_url)
-        # Supervising, not synchronising: poll for a child that died on its own.
-        while all(child.proc.poll() is None for child in started):
-            time.sleep(SUPERVISE_INTERVAL_S)
-        print("[stack] a process exited; stopping the rest", flush=True)
+        supervise(started)
+        print("[stack] a process the stack needs exited; stopping the rest", flush=True)
         return 1
     except KeyboardInterrupt:
         print("\n[stack] stopping", flush=True)
@@ -265,26 +320,54 @@ class Launched:
             self.lines.append(line.rstrip("\n"))
             if URL_LINE in line:
                 self.url = line.split(URL_LINE, 1)[1].strip()
+            if LAST_LINE in line:  # the whole announcement has been read
                 self.up.set()
+
+    @property
+    def transceiver_urls(self) -> list[str]:
+        """The transceivers' own HTTP URLs (behind the front door when there are several)."""
+        for line in self.lines:
+            if line.strip().startswith(TRANSCEIVERS_LINE):
+                return line.strip().removeprefix(TRANSCEIVERS_LINE).split(" (")[0].split()
+        return []
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.lines[-lines:])
 
 
+MAX_PORT_RUN = 9  # 8 transceivers and the front door use consecutive ports
+
+
 def free_port_args(host: str = "127.0.0.1") -> list[str]:
-    """Flags putting every listener of the stack on a free loopback port."""
-    udp = []
-    for _ in range(2):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind((host, 0))
-            udp.append(str(sock.getsockname()[1]))
-    tcp = [str(free_tcp_port(host)) for _ in range(2)]
-    return ["--public-port", udp[0], "--link-port", udp[1]] + [
-        "--http-port",
-        tcp[0],
-        "--relay-http-port",
-        tcp[1],
-    ]
+    """Flags putting every listener of the stack on free loopback ports: the link and HTTP
+    ports start runs of MAX_PORT_RUN free ports (one per transceiver, and the front door)."""
+    with contextlib.ExitStack() as held:  # held open until all are chosen: no port twice
+        public = _hold(held, host, socket.SOCK_DGRAM, 1)
+        link = _hold(held, host, socket.SOCK_DGRAM, MAX_PORT_RUN)
+        http = _hold(held, host, socket.SOCK_STREAM, MAX_PORT_RUN)
+        relay_http = _hold(held, host, socket.SOCK_STREAM, 1)
+    ports = {"--public-port": public, "--link-port": link, "--http-port": http}
+    ports["--relay-http-port"] = relay_http
+    return [arg for flag, port in ports.items() for arg in (flag, str(port))]
+
+
+def _hold(held: contextlib.ExitStack, host: str, kind: int, count: int) -> int:
+    """The first of ``count`` consecutive free ports, bound (and kept) in ``held``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(100):
+        run = contextlib.ExitStack()
+        first = run.enter_context(socket.socket(family, kind))
+        first.bind((host, 0))
+        base = int(first.getsockname()[1])
+        try:
+            for port in range(base + 1, base + count):
+                run.enter_context(socket.socket(family, kind)).bind((host, port))
+        except (OSError, OverflowError):  # taken, or past 65535
+            run.close()
+            continue
+        held.enter_context(run)
+        return base
+    raise RuntimeError(f"no run of {count} free ports on {host}")
 
 
 def _alive(pid: int) -> bool:

@@ -1,0 +1,469 @@
+"""The local stack's front door against real uvicorn backends on loopback.
+
+Each backend is a small FastAPI app that reports what it received and counts its hits; one can
+be "busy" (503 to offers, as a full or draining transceiver is). A dead backend is a loopback
+port nobody listens on. The front door runs in-process for most tests and as the real
+``python -m loadtest.front_door`` process for its lifecycle. Malformed requests go over a raw
+socket, so the parser sees exactly the bytes under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loadtest.front_door import READY_LINE, BackendRing, FrontDoor, FrontDoorConfig
+from loadtest.http_wire import HttpError, body_length, parse_head
+
+ROOT = Path(__file__).resolve().parents[1]
+CALLS = "/v1/realtime/calls"
+START_TIMEOUT_S = 15.0
+
+
+# --- backends ----------------------------------------------------------------------------------
+
+
+class Backend:
+    """A transceiver-shaped app: offers make calls (or 503 when busy), calls can be hung up."""
+
+    def __init__(self, name: str, busy: bool = False) -> None:
+        self.name, self.busy = name, busy
+        self.hits: list[str] = []
+        self.calls: set[str] = set()
+        self.app = FastAPI()
+        self.app.add_api_route("/echo", self.echo, methods=["GET", "POST", "PUT", "DELETE"])
+        self.app.add_api_route("/who", self.who, methods=["GET", "HEAD"])
+        self.app.add_api_route("/slow", self.slow, methods=["GET"])
+        self.app.add_api_route(CALLS, self.offer, methods=["POST"])
+        self.app.add_api_route(CALLS + "/{call_id}", self.hangup, methods=["DELETE"])
+
+    async def echo(self, request: Request) -> Response:
+        self.hits.append("echo")
+        seen = {
+            "backend": self.name,
+            "method": request.method,
+            "path": request.url.path,
+            "query": request.url.query,
+            "headers": dict(request.headers),
+            "body_b64": base64.b64encode(await request.body()).decode(),
+        }
+        headers = {
+            "Location": "/somewhere/else",
+            "X-Voicerelay-Session": "sess_echo",
+            "X-Voicerelay-Resume-Token": "tok_echo",
+            "Retry-After": "4",
+            "X-Internal-Detail": "must not leak",
+            "Set-Cookie": "a=b",
+        }
+        return JSONResponse(seen, status_code=207, headers=headers)
+
+    async def who(self) -> dict[str, str]:
+        self.hits.append("who")
+        return {"backend": self.name}
+
+    async def slow(self) -> dict[str, str]:
+        self.hits.append("slow")
+        await asyncio.sleep(1.5)
+        return {"backend": self.name}
+
+    async def offer(self, request: Request) -> Response:
+        self.hits.append("offer")
+        if self.busy:
+            body = {"error": {"code": "transceiver_full", "message": "full"}}
+            return JSONResponse(body, status_code=503, headers={"Retry-After": "3"})
+        call_id = f"rtc_{self.name}_{len(self.calls)}"
+        self.calls.add(call_id)
+        headers = {"Location": f"{CALLS}/{call_id}", "X-Voicerelay-Session": f"sess_{self.name}"}
+        return Response(b"v=0 answer from " + self.name.encode(), 201, headers, "application/sdp")
+
+    async def hangup(self, call_id: str) -> Response:
+        self.hits.append("hangup")
+        if call_id not in self.calls:
+            return JSONResponse({"error": {"code": "call_not_found"}}, status_code=404)
+        self.calls.discard(call_id)
+        return Response(status_code=204)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn in the test's loop, leaving the process's signal handlers alone."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def until(predicate: Any, timeout_s: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def serving(backend: Backend) -> AsyncIterator[str]:
+    """The backend on a free loopback port; yields its ``host:port``."""
+    config = uvicorn.Config(backend.app, host="127.0.0.1", port=0, log_level="warning")
+    server = _Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        await until(lambda: server.started or task.done(), START_TIMEOUT_S, "uvicorn to start")
+        assert server.started, "uvicorn did not start"
+        yield f"127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, START_TIMEOUT_S)
+
+
+def dead_address() -> str:
+    """A loopback port that was free a moment ago: connecting to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@contextlib.asynccontextmanager
+async def front_door(backends: list[str], **settings: Any) -> AsyncIterator[FrontDoor]:
+    door = FrontDoor(FrontDoorConfig("127.0.0.1", 0, tuple(backends), **settings))
+    await door.start()
+    try:
+        yield door
+    finally:
+        await door.aclose()
+
+
+def base_url(door: FrontDoor) -> str:
+    return f"http://127.0.0.1:{door.port}"
+
+
+@contextlib.asynccontextmanager
+async def two_backends(*, busy: bool = False) -> AsyncIterator[tuple[Backend, Backend, FrontDoor]]:
+    a, b = Backend("a", busy=busy), Backend("b")
+    async with serving(a) as at_a, serving(b) as at_b, front_door([at_a, at_b]) as door:
+        yield a, b, door
+
+
+async def raw_exchange(door: FrontDoor, data: bytes) -> tuple[int, dict[str, Any]]:
+    """Send ``data`` as is; the status and JSON body of the answer (read until close)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), answer[:300]
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+# --- forwarding --------------------------------------------------------------------------------
+
+
+async def test_method_path_query_body_and_relevant_headers_pass_both_ways() -> None:
+    async with two_backends() as (_, _, door), httpx.AsyncClient() as http:
+        response = await http.put(
+            base_url(door) + "/echo?session_id=sess_1&x=%20y",
+            content=b"\x00binary\xffbody",
+            headers={
+                "Content-Type": "application/sdp",
+                "Authorization": "Bearer ek_abc",
+                "X-Voicerelay-Resume-Token": "tok_1",
+                "X-Unlisted": "dropped",
+                "Cookie": "c=d",
+            },
+        )
+    assert response.status_code == 207, response.text
+    seen = response.json()
+    assert (seen["method"], seen["path"]) == ("PUT", "/echo")
+    assert seen["query"] == "session_id=sess_1&x=%20y"
+    assert base64.b64decode(seen["body_b64"]) == b"\x00binary\xffbody"
+    sent = seen["headers"]
+    assert sent["content-type"] == "application/sdp"
+    assert sent["authorization"] == "Bearer ek_abc"
+    assert sent["x-voicerelay-resume-token"] == "tok_1"
+    assert sent["x-forwarded-for"] == "127.0.0.1"
+    assert sent["x-forwarded-host"] == f"127.0.0.1:{door.port}"
+    assert "x-unlisted" not in sent and "cookie" not in sent
+    assert response.headers["location"] == "/somewhere/else"
+    assert response.headers["x-voicerelay-session"] == "sess_echo"
+    assert response.headers["x-voicerelay-resume-token"] == "tok_echo"
+    assert response.headers["retry-after"] == "4"
+    assert response.headers["content-type"] == "application/json"
+    assert "x-internal-detail" not in response.headers and "set-cookie" not in response.headers
+
+
+async def test_backends_take_turns() -> None:
+    async with two_backends() as (_, _, door), httpx.AsyncClient() as http:
+        names = [(await http.get(base_url(door) + "/who")).json()["backend"] for _ in range(4)]
+    assert names in (["a", "b", "a", "b"], ["b", "a", "b", "a"]), names
+
+
+async def test_head_gets_the_status_and_headers_without_a_body() -> None:
+    async with two_backends() as (_, _, door), httpx.AsyncClient() as http:
+        response = await http.head(base_url(door) + "/who")
+    assert response.status_code == 200
+    assert response.content == b""
+
+
+async def test_a_dead_backend_is_skipped() -> None:
+    alive = Backend("alive")
+    async with (
+        serving(alive) as at_alive,
+        front_door([dead_address(), at_alive]) as door,
+        httpx.AsyncClient() as http,
+    ):
+        answers = [await http.get(base_url(door) + "/who") for _ in range(4)]
+    assert [r.status_code for r in answers] == [200] * 4
+    assert {r.json()["backend"] for r in answers} == {"alive"}
+    assert alive.hits == ["who"] * 4
+
+
+async def test_no_reachable_backend_is_a_json_502() -> None:
+    async with front_door([dead_address(), dead_address()]) as door, httpx.AsyncClient() as http:
+        response = await http.post(base_url(door) + CALLS, content=b"v=0")
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "no_backend"
+    assert response.json()["error"]["type"] == "server_error"
+
+
+async def test_503_is_retried_on_the_next_backend() -> None:
+    async with two_backends(busy=True) as (busy, ok, door), httpx.AsyncClient() as http:
+        answers = [await http.post(base_url(door) + CALLS, content=b"v=0") for _ in range(2)]
+    assert [r.status_code for r in answers] == [201, 201]
+    assert {r.content for r in answers} == {b"v=0 answer from b"}
+    assert busy.hits == ["offer"]  # asked once (its turn came once), passed over
+    assert ok.hits == ["offer", "offer"]
+
+
+async def test_when_every_backend_is_busy_the_503_and_retry_after_come_through() -> None:
+    a, b = Backend("a", busy=True), Backend("b", busy=True)
+    async with (
+        serving(a) as at_a,
+        serving(b) as at_b,
+        front_door([at_a, at_b]) as door,
+        httpx.AsyncClient() as http,
+    ):
+        response = await http.post(base_url(door) + CALLS, content=b"v=0")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "3"
+    assert response.json()["error"]["code"] == "transceiver_full"
+    assert a.hits == b.hits == ["offer"]
+
+
+async def test_hang_up_reaches_the_backend_that_owns_the_call() -> None:
+    async with two_backends() as (a, b, door), httpx.AsyncClient() as http:
+        created = [await http.post(base_url(door) + CALLS, content=b"v=0") for _ in range(2)]
+        locations = [r.headers["location"] for r in created]
+        await http.get(base_url(door) + "/who")  # turn the ring: a plain turn would miss now
+        gone = [await http.delete(base_url(door) + location) for location in locations]
+        unknown = await http.delete(base_url(door) + CALLS + "/rtc_nobody")
+    assert [r.status_code for r in gone] == [204, 204]
+    assert a.calls == b.calls == set()
+    # Each hang-up went straight to its call's backend; only the unknown call asked both.
+    assert a.hits.count("hangup") == b.hits.count("hangup") == 2
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "call_not_found"
+
+
+async def test_a_backend_that_times_out_is_a_504_and_not_retried() -> None:
+    a, b = Backend("a"), Backend("b")
+    async with (
+        serving(a) as at_a,
+        serving(b) as at_b,
+        front_door([at_a, at_b], upstream_timeout_s=0.3) as door,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        response = await http.get(base_url(door) + "/slow")
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "upstream_timeout"
+    assert sorted(a.hits + b.hits) == ["slow"]
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, "invalid_request_line"),
+    (b"GET /who\r\n\r\n", 400, "invalid_request_line"),
+    (b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n", 400, "invalid_target"),
+    (b"GET /who#fragment HTTP/1.1\r\n\r\n", 400, "invalid_target"),
+    (b"GET /caf\xe9 HTTP/1.1\r\n\r\n", 400, "invalid_target"),
+    (b"GET * HTTP/1.1\r\n\r\n", 400, "invalid_target"),
+    (b"CONNECT example.com:443 HTTP/1.1\r\n\r\n", 405, "method_not_allowed"),
+    (b"BREW /pot HTTP/1.1\r\n\r\n", 405, "method_not_allowed"),
+    (b"GET /who HTTP/2.0\r\n\r\n", 400, "unsupported_http_version"),
+    (b"GET /who HTTP/1.1\r\nno colon here\r\n\r\n", 400, "invalid_header"),
+    (b"GET /who HTTP/1.1\r\n folded: header\r\n\r\n", 400, "invalid_header"),
+    (b"GET /who HTTP/1.1\r\nX-A: bell\x07\r\n\r\n", 400, "invalid_header"),
+    (b"POST /v1/realtime/calls HTTP/1.1\r\nContent-Length: 12x\r\n\r\n", 400,
+     "invalid_content_length"),
+    (b"POST /v1/realtime/calls HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+     400, "invalid_content_length"),
+    (b"POST /v1/realtime/calls HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+     411, "length_required"),
+    (b"POST /v1/realtime/calls HTTP/1.1\r\nContent-Length: 999999999\r\n\r\nv=0", 413,
+     "body_too_large"),
+    (b"GET /who HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431, "headers_too_large"),
+    (b"GET /who HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431, "too_many_headers"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("data", "status", "code"), BAD_REQUESTS)
+async def test_malformed_requests_get_a_json_error(data: bytes, status: int, code: str) -> None:
+    a = Backend("a")
+    async with serving(a) as at_a, front_door([at_a]) as door:
+        got_status, body = await raw_exchange(door, data)
+    assert (got_status, body["error"]["code"]) == (status, code), body
+    assert body["error"]["message"]
+    assert a.hits == []  # nothing malformed reaches a transceiver
+
+
+async def test_an_oversize_body_is_refused_and_the_client_still_reads_the_answer() -> None:
+    async with two_backends() as (a, b, door), httpx.AsyncClient() as http:
+        door_config = door.config
+        response = await http.post(base_url(door) + CALLS, content=b"x" * (300 * 1024))
+        after = await http.get(base_url(door) + "/who")  # and the front door goes on
+    assert door_config.max_body_bytes < 300 * 1024
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+    assert after.status_code == 200
+    assert "offer" not in a.hits + b.hits
+
+
+async def test_a_client_that_stalls_mid_request_gets_a_408() -> None:
+    a = Backend("a")
+    async with serving(a) as at_a, front_door([at_a], read_timeout_s=0.3) as door:
+        status, body = await raw_exchange(door, b"GET /who HTTP/1.1\r\nHost: x\r\n")
+    assert (status, body["error"]["code"]) == (408, "request_timeout")
+
+
+async def test_a_client_that_disconnects_early_costs_nothing() -> None:
+    a = Backend("a")
+    async with serving(a) as at_a, front_door([at_a]) as door:
+        for data in (b"", b"POST /v1/realtime/calls HTTP/1.1\r\nContent-Length: 10\r\n\r\nv="):
+            _, writer = await asyncio.open_connection("127.0.0.1", door.port)
+            writer.write(data)
+            writer.close()
+            await writer.wait_closed()
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(base_url(door) + "/who")).status_code == 200
+    assert a.hits == ["who"]
+
+
+# --- pure parts ----------------------------------------------------------------------------------
+
+
+def test_parse_head_keeps_the_target_and_lower_cases_header_names() -> None:
+    head = parse_head(
+        b"POST /a?b=c HTTP/1.1\r\nX-Voicerelay-Session: S\r\nContent-Length: 3\r\n\r\n"
+    )
+    assert (head.method, head.target) == ("POST", "/a?b=c")
+    assert head.get("x-voicerelay-session") == "S"
+    assert body_length(head, max_body_bytes=3) == 3
+    with pytest.raises(HttpError) as raised:
+        body_length(head, max_body_bytes=2)
+    assert (raised.value.status, raised.value.code) == (413, "body_too_large")
+
+
+def test_ring_rotates_and_puts_a_calls_owner_first() -> None:
+    ring = BackendRing(["a", "b", "c"])
+    assert [ring.order() for _ in range(4)] == [
+        ["a", "b", "c"],
+        ["b", "c", "a"],
+        ["c", "a", "b"],
+        ["a", "b", "c"],
+    ]
+    ring.remember("rtc_1", "c")
+    assert ring.order("rtc_1") == ["c", "b", "a"]
+    assert ring.order("rtc_other") == ["c", "a", "b"]
+
+
+def test_config_refuses_no_backends_or_a_malformed_one() -> None:
+    with pytest.raises(ValueError, match="at least one backend"):
+        FrontDoorConfig("127.0.0.1", 0, ())
+    with pytest.raises(ValueError, match="not host:port"):
+        FrontDoorConfig("127.0.0.1", 0, ("127.0.0.1",))
+
+
+# --- the process ---------------------------------------------------------------------------------
+
+
+async def ready_url(process: asyncio.subprocess.Process, timeout_s: float = 30.0) -> str:
+    """The URL on the front door's ready line (it binds port 0 here)."""
+    assert process.stdout is not None
+    async with asyncio.timeout(timeout_s):
+        while line := (await process.stdout.readline()).decode():
+            if READY_LINE in line:
+                return line.split()[3]
+    raise AssertionError(f"the front door exited with {await process.wait()} before its ready line")
+
+
+async def test_the_process_prints_its_ready_line_forwards_and_stops_on_sigterm() -> None:
+    a = Backend("a")
+    async with serving(a) as at_a:
+        argv = ["-m", "loadtest.front_door", "--port", "0", "--backends", at_a]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+        )
+        try:
+            url = await ready_url(process)
+            async with httpx.AsyncClient() as http:
+                response = await http.get(url + "who")
+            assert response.json() == {"backend": "a"}
+            process.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(process.wait(), 15)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert code == 0
+
+
+def test_the_process_refuses_a_missing_backend_list_with_a_message() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.front_door", "--backends", ""],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "at least one backend" in done.stderr
+
+
+HEAD_PIECES = st.sampled_from(
+    [b"GET", b"POST", b" ", b"/v1/realtime/calls", b"?x=1", b"HTTP/1.1", b"HTTP/2", b"\r\n",
+     b"Content-Length: ", b"12", b"-1", b"Transfer-Encoding: chunked", b":", b"\x00", b"\xff",
+     b"Host: a", b"\t", b"#"]
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.lists(HEAD_PIECES, max_size=30).map(b"".join)))
+def test_any_request_head_parses_or_is_refused_with_an_http_error(raw: bytes) -> None:
+    try:
+        head = parse_head(raw + b"\r\n\r\n")
+        length = body_length(head, 1000)
+    except HttpError as error:
+        assert 400 <= error.status < 500 and error.code and error.message
+        return
+    assert head.target.startswith("/") and 0 <= length <= 1000
