@@ -2,13 +2,19 @@
 // to the page, and exposes window.voicerelay for people and for Playwright tests:
 //   connect({key, record}) / hangup() / send(evt)   drive a call (send: object or raw string)
 //   events   every server event received, in order      sent   every client event sent
-//   turns    [{item_id, response_id, metrics, heard_ms}] per turn
+//   states   [{at_ms, name, value}] every status change (connection, events, session, call),
+//            at_ms = Date.now(); the last MAX_STATES kept
+//   turns    [{item_id, response_id, metrics, heard_ms, heard_at_ms}] per turn (heard_at_ms:
+//            Date.now() when the answer's first audible sample arrived)
 //   on(type, fn) -> unsubscribe ("*" for all)   _handle(evt) feed a server event (tests)
 //   recording() -> {rate, pcm16_b64} of all remote audio (when connected with record)
+//   recordedSamples() -> how many samples recording() would return now (cheap)
 //   resumeInfo() -> {sessionId, token} | null   the stored session this page would resume
 // Auto-resume: when the connection fails (or stays "disconnected" for DISCONNECTED_GRACE_MS),
-// or the server sends voicerelay.session.reconnect (drain), the page re-offers naming its
-// session (up to RESUME_ATTEMPTS times) and shows "reconnecting…" then "resumed".
+// goes silent (no audio packet for SILENT_RESUME_MS: the server sends frames without pause), or
+// the server sends voicerelay.session.reconnect (drain), the page re-offers naming its session
+// (up to RESUME_ATTEMPTS times) and shows "reconnecting…" then "resumed". The resumed session
+// replays its stored conversation, which replaces the transcript shown.
 import { Call } from "./call.js";
 import { FirstSoundMeter, renderChart } from "./latency.js";
 import { Recorder } from "./recorder.js";
@@ -17,21 +23,30 @@ import { Transcript } from "./transcript.js";
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(window.location.search);
 const MAX_LOG_LINES = 1000;
+const MAX_STATES = 1000;
 const DISCONNECTED_GRACE_MS = 2000;
+const SILENT_RESUME_MS = 2500;
+const SILENCE_POLL_MS = 250;
 const RESUME_ATTEMPTS = 5;
 const RESUME_BACKOFF_MS = 500;
 
 const events = [];
 const sent = [];
+const states = [];
 const turns = [];
 const listeners = new Map(); // type -> Set(fn)
 const transcript = new Transcript($("transcript"));
-const meter = new FirstSoundMeter((turn, ms) => { turn.heard_ms = ms; renderTurn(turn); });
+const meter = new FirstSoundMeter((turn, ms) => {
+  Object.assign(turn, { heard_ms: ms, heard_at_ms: Date.now() });
+  renderTurn(turn);
+});
 let recorder = null;
 let call = null;
 let resumeInfo = null; // {sessionId, token}
 let resuming = false;
 let disconnectedTimer = null;
+let silenceTimer = null;
+let replaceTranscript = false; // set by resume: the replayed conversation replaces the shown one
 let lastKey = "";
 
 function log(direction, text, cls = "") {
@@ -46,6 +61,8 @@ function log(direction, text, cls = "") {
 }
 
 function setState(name, value) {
+  states.push({ at_ms: Date.now(), name, value });
+  if (states.length > MAX_STATES) states.shift();
   if (name === "connection") watchConnection(value);
   const el = $(`state-${name}`);
   if (el) el.textContent = value;
@@ -60,10 +77,14 @@ function showError(message) {
 
 // --- turns and latency -----------------------------------------------------------------------
 
+function newTurn(itemId) {
+  return { item_id: itemId, response_id: null, metrics: null, heard_ms: null, heard_at_ms: null };
+}
+
 function turnFor(responseId) {
   let turn = turns.find((t) => t.response_id === responseId);
   if (!turn) {
-    turn = turns.findLast((t) => !t.response_id) || { item_id: null, metrics: null, heard_ms: null };
+    turn = turns.findLast((t) => !t.response_id) || newTurn(null);
     if (!turns.includes(turn)) turns.push(turn);
     turn.response_id = responseId;
   }
@@ -85,7 +106,7 @@ function standaloneTurn(turn) {
 
 const TURN_HANDLERS = {
   "input_audio_buffer.speech_stopped": (e) => {
-    const turn = { item_id: e.item_id, response_id: null, metrics: null, heard_ms: null };
+    const turn = newTurn(e.item_id);
     turns.push(turn);
     meter.arm(turn);
   },
@@ -96,6 +117,8 @@ const TURN_HANDLERS = {
     renderTurn(turn);
   },
   "session.created": (e) => {
+    if (replaceTranscript) transcript.clear();
+    replaceTranscript = false;
     setState("session", e.session?.id || "created");
     const ext = e.voicerelay;
     if (ext?.session_id && ext?.resume_token) resumeInfo = { sessionId: ext.session_id, token: ext.resume_token };
@@ -136,6 +159,26 @@ function watchConnection(state) {
   if (state === "disconnected") disconnectedTimer = setTimeout(() => resume("connection lost"), DISCONNECTED_GRACE_MS);
 }
 
+// Resume when no audio packet arrived for SILENT_RESUME_MS (a dead transceiver is noticed
+// long before the browser's ICE gives up on it).
+function watchSilence() {
+  clearInterval(silenceTimer);
+  let last = null;
+  let changedAt = performance.now();
+  silenceTimer = setInterval(async () => {
+    const watched = call;
+    if (!watched || resuming) return;
+    const packets = await watched.audioPacketsReceived().catch(() => null);
+    if (watched !== call || packets === null) return;
+    if (packets !== last) {
+      last = packets;
+      changedAt = performance.now();
+    } else if (performance.now() - changedAt > SILENT_RESUME_MS) {
+      resume(`no audio from the server for ${SILENT_RESUME_MS / 1000} s`);
+    }
+  }, SILENCE_POLL_MS);
+}
+
 function newCall() {
   return new Call({
     onEvent: handle,
@@ -160,10 +203,12 @@ async function resume(why) {
   for (let attempt = 1; attempt <= RESUME_ATTEMPTS; attempt++) {
     const next = newCall();
     try {
+      replaceTranscript = true;
       await next.connect({ key: lastKey, resume: resumeInfo });
       call = next;
       resuming = false;
       setState("connection", "resumed");
+      watchSilence();
       return;
     } catch (err) {
       next.close();
@@ -191,6 +236,7 @@ async function connect({ key = $("key").value.trim(), record = params.has("recor
   try {
     await call.connect({ key });
     resumeInfo = call.resume || resumeInfo;
+    watchSilence();
     $("hangup").disabled = false;
   } catch (err) {
     showError(err.message);
@@ -201,6 +247,7 @@ async function connect({ key = $("key").value.trim(), record = params.has("recor
 
 function hangup() {
   clearTimeout(disconnectedTimer);
+  clearInterval(silenceTimer);
   if (call) call.hangup();
   call = null;
   resumeInfo = null;
@@ -219,8 +266,9 @@ $("hangup").onclick = hangup;
 document.body.dataset.connection = "idle";
 
 window.voicerelay = {
-  connect, hangup, send, on, events, sent, turns,
+  connect, hangup, send, on, events, sent, states, turns,
   _handle: handle,
   resumeInfo: () => resumeInfo,
   recording: () => (recorder ? recorder.take() : { rate: 0, pcm16_b64: "" }),
+  recordedSamples: () => (recorder ? recorder.length : 0),
 };

@@ -87,6 +87,17 @@ export class Call {
     await connected(pc, CONNECT_TIMEOUT_MS);
   }
 
+  // Audio RTP packets received so far (the server sends 20 ms frames without pause, silence
+  // included), or null before any arrived / when the stats do not say.
+  async audioPacketsReceived() {
+    if (!this.pc) return null;
+    const stats = await this.pc.getStats();
+    for (const report of stats.values()) {
+      if (report.type === "inbound-rtp" && report.kind === "audio") return report.packetsReceived || null;
+    }
+    return null;
+  }
+
   auth() {
     return this.key ? { Authorization: `Bearer ${this.key}` } : {};
   }

@@ -1,17 +1,25 @@
 // Opt-in (?record=1 or connect({record: true})): keeps every sample of the remote audio since
-// the track arrived, so a test can run speech recognition on what the browser really heard.
+// the first track arrived, so a test can run speech recognition on what the browser really heard.
+// One AudioContext for the whole call: a resumed call's new stream is recorded after the old
+// one (the gap while reconnecting is recorded as the silence it was).
 // ScriptProcessorNode is deprecated but needs no separate worklet file and works headless.
 
 const MAX_SECONDS = 300;
 
 export class Recorder {
   attach(stream) {
-    this.ctx = new AudioContext();
+    if (!this.ctx) this.open();
     this.ctx.resume().catch(() => {});
+    if (this.source) this.source.disconnect();
+    this.source = this.ctx.createMediaStreamSource(stream);
+    this.source.connect(this.node);
+  }
+
+  open() {
+    this.ctx = new AudioContext();
     this.rate = this.ctx.sampleRate;
     this.chunks = [];
     this.samples = 0;
-    const source = this.ctx.createMediaStreamSource(stream);
     this.node = this.ctx.createScriptProcessor(4096, 1, 1);
     this.node.onaudioprocess = (e) => {
       if (this.samples > MAX_SECONDS * this.rate) return;
@@ -19,7 +27,6 @@ export class Recorder {
       this.chunks.push(chunk);
       this.samples += chunk.length;
     };
-    source.connect(this.node);
     this.node.connect(this.ctx.destination); // a processor only runs when connected
   }
 
@@ -38,9 +45,15 @@ export class Recorder {
     return { rate: this.rate, pcm16_b64: btoa(binary) };
   }
 
+  // Samples recorded so far (cheap, unlike take()).
+  get length() {
+    return this.samples || 0;
+  }
+
   close() {
+    if (this.source) this.source.disconnect();
     if (this.node) this.node.disconnect();
     if (this.ctx) this.ctx.close().catch(() => {});
-    this.ctx = this.node = null;
+    this.ctx = this.node = this.source = null;
   }
 }

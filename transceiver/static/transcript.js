@@ -11,6 +11,12 @@ export class Transcript {
     this.entries = new Map(); // item_id -> entry
   }
 
+  // Forget every entry (a resumed session replays its stored conversation).
+  clear() {
+    this.list.replaceChildren();
+    this.entries.clear();
+  }
+
   entry(itemId, role, responseId) {
     let entry = this.entries.get(itemId);
     if (!entry) {
