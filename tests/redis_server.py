@@ -2,9 +2,11 @@
 
 - ``RedisServer`` starts one server (optionally ``--replicaof`` another, with an append-only
   file), waits for PING with a deadline, and stops it by PID (SIGKILL or SIGTERM). ``restart``
-  brings it back on the same port and directory, so its AOF/RDB is reloaded.
-- ``SentinelTopology``: a primary, a replica and three sentinels (quorum 2, down after 1 s);
-  ``wait_ready`` waits until the replica is in sync and every sentinel knows the others.
+  brings it back on the same port and directory, so its AOF/RDB is reloaded. ``pause`` and
+  ``unpause`` (SIGSTOP, SIGCONT) make it hang, connected but silent, and then carry on.
+- ``SentinelTopology``: a primary, one replica (or more) and three sentinels (quorum 2, down
+  after 1 s); ``wait_ready`` waits until every replica is in sync and every sentinel knows the
+  others. Two replicas keep ``WAIT 1`` satisfiable after a failover promotes one of them.
 
 The binary is Debian's ``redis-server`` (``apt-get install redis-server``; ``redis-server
 --sentinel`` is Sentinel, so the ``redis-sentinel`` package is not needed), or whatever
@@ -123,6 +125,15 @@ class RedisServer:
         self.stop()
         return self.start()
 
+    def pause(self) -> None:
+        """SIGSTOP by PID: connections are still accepted (by the kernel), never answered."""
+        assert self.process is not None and self.process.poll() is None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def unpause(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
     def info(self, section: str) -> dict[str, str]:
         with self.client() as client:
             return {k: str(v) for k, v in client.info(section).items()}
@@ -152,12 +163,14 @@ class SentinelServer(RedisServer):
 
 
 class SentinelTopology:
-    """A primary, one replica, three sentinels; ``stop_all`` ends every process by PID."""
+    """A primary, ``replicas`` replicas, three sentinels; ``stop_all`` ends every process by PID."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, replicas: int = 1) -> None:
         self.primary = RedisServer(workdir, "primary")
         replica_of = ("--replicaof", "127.0.0.1", str(self.primary.port))
-        self.replica = RedisServer(workdir, "replica", replica_of)
+        names = ["replica", *(f"replica{i}" for i in range(1, replicas))]
+        self.replicas = [RedisServer(workdir, name, replica_of) for name in names]
+        self.replica = self.replicas[0]
         self.sentinels = [SentinelServer(workdir, f"sentinel{i}") for i in range(3)]
 
     @property
@@ -166,17 +179,18 @@ class SentinelTopology:
 
     def start(self) -> SentinelTopology:
         self.primary.start()
-        self.replica.start()
+        for replica in self.replicas:
+            replica.start()
         for sentinel in self.sentinels:
             sentinel.configure(self.primary).start()
         return self
 
     def wait_ready(self, timeout_s: float = 20.0) -> None:
-        wait_until(self._replica_in_sync, timeout_s, "the replica to sync")
+        wait_until(self._replicas_in_sync, timeout_s, "the replicas to sync")
         wait_until(self._sentinels_ready, timeout_s, "sentinels to know each other and the replica")
 
-    def _replica_in_sync(self) -> bool:
-        return self.replica.info("replication").get("master_link_status") == "up"
+    def _replicas_in_sync(self) -> bool:
+        return all(r.info("replication").get("master_link_status") == "up" for r in self.replicas)
 
     def _sentinels_ready(self) -> bool:
         for sentinel in self.sentinels:
@@ -184,7 +198,7 @@ class SentinelTopology:
             replicas = sentinel.ask("SENTINEL", "REPLICAS", SERVICE)
             if not isinstance(peers, list) or len(peers) != len(self.sentinels) - 1:
                 return False
-            if not isinstance(replicas, list) or len(replicas) != 1:
+            if not isinstance(replicas, list) or len(replicas) != len(self.replicas):
                 return False
         return True
 
@@ -194,5 +208,5 @@ class SentinelTopology:
         return int(reply[1])
 
     def stop_all(self) -> None:
-        for server in [*self.sentinels, self.replica, self.primary]:
+        for server in [*self.sentinels, *self.replicas, self.primary]:
             server.stop()

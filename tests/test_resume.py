@@ -46,25 +46,59 @@ class Survival:
 
 
 @asynccontextmanager
-async def survival_stack(log_dir: Path, transceivers: int = 2) -> AsyncIterator[Survival]:
+async def survival_stack(
+    log_dir: Path, transceivers: int = 2, redis_args: tuple[str, ...] = ()
+) -> AsyncIterator[Survival]:
     """redis-server, then a relay in front of pipeline transceivers that store sessions in it."""
-    redis = RedisServer(log_dir, "redis").start()
+    redis = RedisServer(log_dir, "redis", redis_args).start()
+    try:
+        async with pipeline_stack(log_dir, RedisConfig(url=redis.url), transceivers) as running:
+            yield Survival(redis, *running)
+    finally:
+        redis.stop()
+
+
+@asynccontextmanager
+async def pipeline_stack(
+    log_dir: Path, config: RedisConfig, transceivers: int = 2
+) -> AsyncIterator[tuple[Stack, RedisSessionStore]]:
+    """A relay in front of pipeline transceivers storing sessions per ``config``; a store to
+    read what they stored."""
     stack = Stack(log_dir, transceivers=transceivers, workers=1, agent="pipeline")
-    env = {"REDIS_URL": redis.url, "OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}
+    env = {**redis_env(config), "OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}
     env |= {"PIPELINE_PIPER_NOISE_SCALE": "0", "PIPELINE_PIPER_NOISE_W_SCALE": "0"}
     for process in stack.transceivers:
         process.env.update(env)
-    store = RedisSessionStore.from_config(RedisConfig(url=redis.url))
+    store = RedisSessionStore.from_config(config)
     try:
         for process in [*stack.transceivers, stack.relay]:
             process.start()
         for process in [*stack.transceivers, stack.relay]:
             await process.ready(timeout_s=90)
-        yield Survival(redis, stack, store)
+        yield stack, store
     finally:
         await stack.stop()
         await store.aclose()
-        redis.stop()
+
+
+def redis_env(config: RedisConfig) -> dict[str, str]:
+    """The ``REDIS_*`` variables from which a transceiver loads exactly ``config``."""
+    env = {
+        "REDIS_URL": config.url or "",
+        "REDIS_SENTINELS": ",".join(f"{host}:{port}" for host, port in config.sentinels),
+        "REDIS_SENTINEL_SERVICE": config.sentinel_service or "",
+        "REDIS_PASSWORD": config.password or "",
+        "REDIS_KEY_PREFIX": config.key_prefix,
+        "REDIS_SESSION_TTL_S": str(config.session_ttl_s),
+        "REDIS_MAX_ITEMS": str(config.max_items),
+        "REDIS_WAIT_REPLICAS": str(config.wait_replicas),
+        "REDIS_WAIT_TIMEOUT_MS": str(config.wait_timeout_ms),
+        "REDIS_CONNECT_TIMEOUT_S": str(config.connect_timeout_s),
+        "REDIS_SOCKET_TIMEOUT_S": str(config.socket_timeout_s),
+        "REDIS_ROUTE_TTL_S": str(config.route_ttl_s),
+    }
+    assert RedisConfig.from_env(env) == config, env
+    return env
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -122,7 +156,7 @@ async def stored_until(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while not predicate(state := await stored(survival, session_id)):
-        assert loop.time() < deadline, f"stored session never matched: {contents(state)}"
+        assert loop.time() < deadline, f"never matched: turn {state.turn}, {contents(state)}"
         await asyncio.sleep(0.05)
     return state
 

@@ -1,0 +1,383 @@
+"""Sessions survive Redis failures in the middle of a live conversation.
+
+Real processes throughout: redis-server (a Sentinel topology, or one server with an append-only
+file), a relay, pipeline transceivers and an aiortc Realtime client that asks question after
+question while Redis fails under it.
+
+- Sentinel failover: the primary is SIGKILLed between two turns; the conversation goes on
+  through the failover; every acknowledged item ends up in the promoted replica, in order; the
+  session then resumes on the other transceiver and is answered from the stored history.
+- Outage: the only redis-server is SIGKILLed and later restarted on the same port (its AOF
+  brings the data back), or SIGSTOPped and later continued; it is away for longer than the
+  session's lease and than ``/readyz``'s grace. The conversation goes on, ``/readyz`` says
+  "degraded" then 503, and once Redis is back the turns spoken meanwhile are caught up in order,
+  with the same owner and fencing token.
+
+"Acknowledged": a message the server told the client is part of the conversation: every
+``conversation.item.done`` message item the client received (its own text messages, and the
+assistant's answers as heard). The stored conversation's messages (the agent's server-side tool
+calls and their outputs are never shown to the client, so they are left out) must equal that
+list exactly: nothing lost, repeated or reordered; and the stored ids run h1, h2, ... with no
+gap. With Sentinel the transceivers write with ``REDIS_WAIT_REPLICAS=1``: a write leaves the
+write-behind queue only once a replica has it, so a SIGKILLed primary cannot take an
+acknowledged item with it; the topology has two replicas so that ``WAIT 1`` can still be met
+once one of them is promoted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from realtime_client import RealtimeClient
+from redis_server import (
+    SERVICE,
+    RedisServer,
+    SentinelTopology,
+    redis_server_binary,
+    wait_until,
+)
+from stack import Process, Stack
+from test_resume import (
+    SESSION_HEADER,
+    TOKEN_HEADER,
+    Survival,
+    ask,
+    call,
+    pipeline_stack,
+    stored_until,
+    survival_stack,
+)
+
+from transceiver.persistence import LEASE_S, REDIS_DOWN_GRACE_S
+from transceiver.redis_config import RedisConfig
+from transceiver.session_keys import SessionState
+from transceiver.store_errors import StoreUnavailableError
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server"),
+]
+Event = dict[str, Any]
+Conversation = list[tuple[str, str]]
+
+# Questions the offline agent answers from pipeline/data/knowledge.md, and how each answer begins.
+ANSWERS = {
+    "Tell me about water.": "Water covers",
+    "Tell me about coffee.": "Coffee is made",
+    "When does the library open?": "The library opens",
+    "Tell me about yourself.": "I am voicerelay",
+    "Tell me about the sea.": "Water covers",
+}
+QUESTIONS = list(ANSWERS)
+CATCH_UP_TIMEOUT_S = 60.0  # generous: the machine is shared with other work
+APPEND_ONLY = ("--appendonly", "yes", "--appendfsync", "always")
+
+
+# --- what the client was told, what the store holds ---------------------------------------
+
+
+def acknowledged(client: RealtimeClient) -> Conversation:
+    """(role, text) of every message the server told the client is done, in that order."""
+    told: Conversation = []
+    for event in client.events:
+        item = event.get("item", {})
+        if event["type"] == "conversation.item.done" and item["type"] == "message":
+            part = item["content"][0]
+            told.append((item["role"], part.get("text", part.get("transcript", ""))))
+    return told
+
+
+def conversation(state: SessionState) -> Conversation:
+    """(role, text) of the stored messages a client is shown: not the server-side tool calls."""
+    return [
+        (item["role"], item["content"])
+        for item in state.items
+        if item["role"] in ("user", "assistant") and item["content"]
+    ]
+
+
+async def stored_when_caught_up(
+    survival: Survival, session_id: str, told: Conversation, turns: int, timeout_s: float
+) -> SessionState:
+    """The stored session once it holds exactly ``told`` and has reached turn ``turns``."""
+    try:
+        return await stored_until(
+            survival,
+            session_id,
+            lambda state: conversation(state) == told and state.turn == turns,
+            timeout_s,
+        )
+    except AssertionError as error:
+        raise AssertionError(f"{error}\nacknowledged to the client: {told}") from None
+
+
+def assert_items_numbered_in_order(state: SessionState) -> None:
+    """SessionJournal ids history message n as 'h<n>': no gap, no repeat, no reordering."""
+    ids = [item["id"] for item in state.items]
+    assert ids == [f"h{n}" for n in range(1, len(ids) + 1)], ids
+
+
+async def answered(client: RealtimeClient, question: str) -> None:
+    answer = await ask(client, question)
+    assert answer.startswith(ANSWERS[question]), (question, answer)
+
+
+@asynccontextmanager
+async def answering(client: RealtimeClient, question: str) -> AsyncIterator[asyncio.TaskGroup]:
+    """Ask ``question``; the body runs as soon as the response has begun (the turn's items are
+    being written behind it); leaving waits for the answer and for tasks the body added."""
+    start = len(client.events)
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(answered(client, question))
+        await client.wait_for("response.created", after=start, timeout_s=60)
+        yield tasks
+
+
+async def recalls(client: RealtimeClient, question: str) -> None:
+    """The agent reads the previous question back (as a sentence: "?" becomes ".")."""
+    answer = await ask(client, "What did I just ask?")
+    assert answer == f"You asked: {question[:-1]}.", answer
+
+
+# --- process health -------------------------------------------------------------------------
+
+
+def assert_no_crash(stack: Stack) -> None:
+    for process in [stack.relay, *stack.transceivers]:
+        assert process.alive(), f"{process.name} exited:\n{process.log_tail()}"
+        assert "Traceback" not in process.log_path.read_text(), process.log_tail(80)
+
+
+def log_since(process: Process, offset: int) -> str:
+    return process.log_path.read_text()[offset:]
+
+
+def log_size(process: Process) -> int:
+    return len(process.log_path.read_text())
+
+
+async def readyz(http: httpx.AsyncClient, base_url: str) -> tuple[int, Event]:
+    response = await http.get(base_url + "/readyz")
+    return response.status_code, response.json()
+
+
+async def readyz_until(
+    http: httpx.AsyncClient, base_url: str, want: Callable[[int, Event], bool], timeout_s: float
+) -> tuple[int, Event]:
+    """The first /readyz answer ``want`` accepts, polled with a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not want(*(seen := await readyz(http, base_url))):
+        assert loop.time() < deadline, f"/readyz never matched; last {seen}"
+        await asyncio.sleep(0.1)
+    return seen
+
+
+def redis_status(wanted: str) -> Callable[[int, Event], bool]:
+    return lambda status, body: status == 200 and body.get("redis") == wanted
+
+
+# --- Sentinel failover ----------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def sentinel_survival(log_dir: Path) -> AsyncIterator[tuple[SentinelTopology, Survival]]:
+    topology = SentinelTopology(log_dir, replicas=2)
+    try:
+        topology.start()
+        await asyncio.to_thread(topology.wait_ready)
+        config = RedisConfig(
+            sentinels=tuple(("127.0.0.1", s.port) for s in topology.sentinels),
+            sentinel_service=SERVICE,
+            wait_replicas=1,
+            wait_timeout_ms=500,
+        )
+        async with pipeline_stack(log_dir, config) as (stack, store):
+            yield topology, Survival(topology.primary, stack, store)
+    finally:
+        topology.stop_all()
+
+
+async def test_a_conversation_goes_on_through_a_sentinel_failover_and_resumes(
+    tmp_path: Path,
+) -> None:
+    async with sentinel_survival(tmp_path) as (topology, survival):
+        first, second = RealtimeClient(), RealtimeClient()
+        try:
+            async with httpx.AsyncClient(timeout=30) as http:
+                await failover_conversation(topology, survival, http, first, second)
+        finally:
+            await first.close()
+            await second.close()
+
+
+async def failover_conversation(
+    topology: SentinelTopology,
+    survival: Survival,
+    http: httpx.AsyncClient,
+    first: RealtimeClient,
+    second: RealtimeClient,
+) -> None:
+    """Two turns; one cut by a SIGKILL of the primary; two after the failover; then resume."""
+    stack = survival.stack
+    created = await call(first, http, stack.base_url(0))
+    assert created.status_code == 201, created.text
+    session_id, token = created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
+    for question in QUESTIONS[:2]:
+        await answered(first, question)
+    before = await stored_when_caught_up(survival, session_id, acknowledged(first), 2, 30)
+
+    log_offset = log_size(stack.transceivers[0])
+    await converse_through_failover(topology, survival, first, session_id)
+    state = await stored_when_caught_up(
+        survival, session_id, acknowledged(first), len(QUESTIONS), CATCH_UP_TIMEOUT_S
+    )
+    assert await asyncio.to_thread(topology.primary_port) in {r.port for r in topology.replicas}
+    assert_items_numbered_in_order(state)
+    assert (state.owner_id, state.token) == (before.owner_id, before.token)
+    # Not vacuous: the transceiver did meet the dead primary with writes of this conversation.
+    assert "write-behind: " in log_since(stack.transceivers[0], log_offset)
+    await readyz_until(http, stack.base_url(0), redis_status("ok"), 30)
+
+    await first.close()  # the client moves to the other transceiver, as after a network change
+    resumed = await call(
+        second, http, stack.base_url(1), {TOKEN_HEADER: token}, {"session_id": session_id}
+    )
+    assert resumed.status_code == 201, resumed.text
+    await recalls(second, QUESTIONS[-1])  # answered from the history the new primary holds
+    replayed = acknowledged(second)  # the resumed client is told the conversation so far
+    assert replayed[: len(conversation(state))] == conversation(state)
+    final = await stored_when_caught_up(survival, session_id, replayed, len(QUESTIONS) + 1, 30)
+    assert_items_numbered_in_order(final)
+    assert final.owner_id != state.owner_id and final.token > state.token
+    assert_no_crash(stack)
+
+
+async def converse_through_failover(
+    topology: SentinelTopology, survival: Survival, client: RealtimeClient, session_id: str
+) -> None:
+    """A turn during which the primary is SIGKILLed (its writes meet the failover); two more."""
+    old_primary, loop, question = topology.primary.port, asyncio.get_running_loop(), QUESTIONS[2]
+    asked = holds(("user", question))
+    async with answering(client, question) as tasks:
+        topology.primary.stop(signal.SIGKILL)
+        killed_at = loop.time()
+        promoted = tasks.create_task(asyncio.to_thread(wait_for_promotion, topology, old_primary))
+        question_stored = tasks.create_task(seconds_until_stored(survival, session_id, asked))
+        turn_stored = tasks.create_task(seconds_until_stored(survival, session_id, reached(3)))
+    print(
+        f"\nsentinel failover, seconds after the kill: {promoted.result():.2f} a replica promoted;"
+        f" {question_stored.result():.2f} the question asked just before it readable there;"
+        f" {loop.time() - killed_at:.2f} the answer heard; {turn_stored.result():.2f} the whole"
+        " turn stored"
+    )
+    for question in QUESTIONS[3:]:
+        await answered(client, question)
+
+
+def holds(message: tuple[str, str]) -> Callable[[SessionState], bool]:
+    return lambda state: message in conversation(state)
+
+
+def reached(turn: int) -> Callable[[SessionState], bool]:
+    return lambda state: state.turn >= turn
+
+
+async def seconds_until_stored(
+    survival: Survival,
+    session_id: str,
+    predicate: Callable[[SessionState], bool],
+    timeout_s: float = 60.0,
+) -> float:
+    """Seconds until the stored session matches, read through whichever primary Redis has."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while loop.time() - start < timeout_s:
+        with contextlib.suppress(StoreUnavailableError):
+            if predicate(await survival.store.load(session_id)):
+                return loop.time() - start
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the stored session did not match within {timeout_s} s")
+
+
+def wait_for_promotion(topology: SentinelTopology, old_primary: int) -> float:
+    """Seconds until the sentinels name another primary (blocking: run it in a thread)."""
+    return wait_until(lambda: topology.primary_port() != old_primary, 45.0, "a failover")
+
+
+# --- Redis down and restarted ---------------------------------------------------------------
+
+
+# How Redis goes away and comes back: SIGKILL then a restart on the same port (connections
+# refused meanwhile), or SIGSTOP then SIGCONT (connections hang until the client times out, and
+# the commands they left behind run late, when it continues).
+OUTAGES: dict[str, tuple[Callable[[RedisServer], object], Callable[[RedisServer], object]]] = {
+    "killed-restarted": (lambda redis: redis.stop(signal.SIGKILL), RedisServer.start),
+    "stopped-continued": (RedisServer.pause, RedisServer.unpause),
+}
+
+
+@pytest.mark.parametrize("outage", list(OUTAGES))
+async def test_a_conversation_goes_on_while_redis_is_down_and_then_catches_up(
+    tmp_path: Path, outage: str
+) -> None:
+    async with survival_stack(tmp_path, transceivers=1, redis_args=APPEND_ONLY) as survival:
+        client = RealtimeClient()
+        try:
+            async with httpx.AsyncClient(timeout=30) as http:
+                await outage_conversation(survival, http, client, outage)
+        finally:
+            await client.close()
+
+
+async def outage_conversation(
+    survival: Survival, http: httpx.AsyncClient, client: RealtimeClient, outage: str
+) -> None:
+    """Two turns; one cut by Redis going away; one more and /readyz checks; Redis back; catch up."""
+    go_away, come_back = OUTAGES[outage]
+    stack, loop = survival.stack, asyncio.get_running_loop()
+    base_url = stack.base_url(0)
+    created = await call(client, http, base_url)
+    assert created.status_code == 201, created.text
+    session_id = created.headers[SESSION_HEADER]
+    for question in QUESTIONS[:2]:
+        await answered(client, question)
+    before = await stored_when_caught_up(survival, session_id, acknowledged(client), 2, 30)
+    assert redis_status("ok")(*await readyz(http, base_url))
+
+    async with answering(client, QUESTIONS[2]) as tasks:
+        go_away(survival.redis)
+        gone_at = loop.time()
+        degraded = readyz_until(http, base_url, redis_status("degraded"), REDIS_DOWN_GRACE_S - 1)
+        tasks.create_task(degraded)
+    await recalls(client, QUESTIONS[2])  # answered from the history Redis has not got yet
+    # Down past the lease (it lapses unrenewed) and past the grace (/readyz turns 503).
+    unready = await readyz_until(
+        http, base_url, lambda status, _: status == 503, REDIS_DOWN_GRACE_S + 10
+    )
+    assert unready[1]["error"]["code"] == "redis_unavailable", unready
+    assert loop.time() - gone_at > LEASE_S
+    down_s = loop.time() - gone_at
+
+    come_back(survival.redis)  # a restart reloads the append-only file (same port, same dir)
+    back_at = loop.time()
+    told = acknowledged(client)
+    state = await stored_when_caught_up(survival, session_id, told, 4, CATCH_UP_TIMEOUT_S)
+    print(
+        f"\nredis {outage}: down {down_s:.1f} s; the outage's turns stored "
+        f"{loop.time() - back_at:.2f} s after it came back"
+    )
+    assert_items_numbered_in_order(state)
+    assert (state.owner_id, state.token) == (before.owner_id, before.token)  # lease lapse: no loss
+    await readyz_until(http, base_url, redis_status("ok"), 30)
+    await answered(client, QUESTIONS[3])  # and the session keeps writing after catching up
+    await stored_when_caught_up(survival, session_id, acknowledged(client), 5, 30)
+    assert_no_crash(stack)
