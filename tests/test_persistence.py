@@ -1,6 +1,7 @@
 """transceiver.persistence against a real redis-server: a session that began while Redis was down
 is stored once Redis is back, with the history, config and turn it had meanwhile; a create whose
-reply was lost is adopted, not lost.
+reply was lost is adopted, not lost; a Redis that comes back empty gets the live session again
+from memory (it is not hung up); writes a full queue refused are queued again later, in order.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 from pipeline.providers import Message
 from tests.redis_server import RedisServer, redis_server_binary
-from transceiver.persistence import SessionPersistence
+from transceiver.persistence import SessionJournal, SessionPersistence
 from transceiver.redis_config import RedisConfig
 from transceiver.session_keys import SessionState
 from transceiver.session_store import RedisSessionStore
@@ -47,11 +48,23 @@ async def stored(store: RedisSessionStore, session_id: str) -> SessionState | No
 
 
 @pytest.fixture
-async def persistence(tmp_path: Path) -> AsyncIterator[tuple[SessionPersistence, RedisServer]]:
-    server = RedisServer(tmp_path, "redis").start()
+def max_pending() -> int:
+    return 200
+
+
+@pytest.fixture
+def redis_args() -> tuple[str, ...]:
+    return ()  # no AOF, no RDB: a restarted server comes back empty
+
+
+@pytest.fixture
+async def persistence(
+    tmp_path: Path, max_pending: int, redis_args: tuple[str, ...]
+) -> AsyncIterator[tuple[SessionPersistence, RedisServer]]:
+    server = RedisServer(tmp_path, "redis", redis_args).start()
     try:
         async with RedisSessionStore.from_config(fresh_config(server)) as store:
-            persistence = SessionPersistence(store)
+            persistence = SessionPersistence(store, max_pending=max_pending)
             await persistence.start()
             try:
                 yield persistence, server
@@ -125,3 +138,69 @@ async def test_a_session_id_someone_else_stored_is_not_taken(
     journal.history([Message("user", "hello")])  # nothing is written for a lost journal
     state = await manager.store.load(session_id)
     assert state.owner_id == "someone-else" and state.items == ()
+
+
+async def new_session(manager: SessionPersistence) -> tuple[RedisSessionStore, str, SessionJournal]:
+    """A fresh session created through ``manager``: the store, its id and its journal."""
+    store = manager.store
+    assert isinstance(store, RedisSessionStore)
+    session_id = f"rtc_{uuid.uuid4().hex}"
+    return store, session_id, await manager.create(session_id, CONFIG)
+
+
+def spoken(state: SessionState) -> list[tuple[str, str, str]]:
+    return [(i["id"], i["role"], i["content"]) for i in state.items]
+
+
+async def test_a_redis_that_comes_back_empty_gets_the_live_session_again(
+    persistence: tuple[SessionPersistence, RedisServer],
+) -> None:
+    manager, server = persistence
+    store, session_id, journal = await new_session(manager)
+    lost: list[str] = []
+    journal.on_lost = lost.append
+    history = [Message("user", "Tell me about water."), Message("assistant", "Water is wet.")]
+    journal.history(history)
+    journal.turn(1)
+    await until(lambda: stored_items(store, session_id, 2), 5.0, "the first turn stored")
+
+    server.restart()  # no AOF, no RDB: it comes back empty
+    history.append(Message("user", "And the moon?"))
+    journal.history(history)  # refused (no such session): stored again from memory
+    await until(lambda: stored_items(store, session_id, 3), 15.0, "the session stored again")
+    state = await store.load(session_id)
+    assert spoken(state) == [
+        ("h1", "user", "Tell me about water."),
+        ("h2", "assistant", "Water is wet."),
+        ("h3", "user", "And the moon?"),
+    ]
+    assert state.turn == 1 and state.config == CONFIG
+    assert await store.verify_credential(session_id, journal.credential)
+    assert lost == [] and not journal.lost and journal.lease is not None
+
+
+async def stored_items(store: RedisSessionStore, session_id: str, count: int) -> bool:
+    state = await stored(store, session_id)
+    return state is not None and len(state.items) == count
+
+
+@pytest.mark.parametrize("max_pending", [3])
+@pytest.mark.parametrize("redis_args", [("--appendonly", "yes", "--appendfsync", "always")])
+async def test_writes_a_full_queue_refused_are_queued_again_in_order(
+    persistence: tuple[SessionPersistence, RedisServer],
+) -> None:
+    manager, server = persistence
+    store, session_id, journal = await new_session(manager)
+    server.stop()
+    history = [Message("user" if n % 2 == 0 else "assistant", f"line {n}") for n in range(7)]
+    journal.history(history)  # 3 queued, 4 refused by the full queue
+    journal.turn(3)
+    assert manager.queue.pending == 3 and journal.behind
+
+    server.start()  # from its append-only file: the session is still there
+    await until(lambda: stored_items(store, session_id, 7), 15.0, "every line stored")
+    state = await store.load(session_id)
+    assert spoken(state) == [
+        (f"h{n + 1}", "user" if n % 2 == 0 else "assistant", f"line {n}") for n in range(7)
+    ]
+    assert state.turn == 3 and not journal.behind and not journal.lost

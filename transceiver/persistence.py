@@ -6,7 +6,7 @@ I/O layer over ``session_store`` (fenced writes), ``write_behind`` (never wait o
 
 - A new call: ``create`` stores the session (config, hashed resume credential) and takes the
   first fencing token. Redis down at that moment: the call still runs (a voice session never
-  waits for Redis beyond one short timeout) with its resume headers, and ``DeferredCreates``
+  waits for Redis beyond one short timeout) with its resume headers, and ``CatchUp``
   stores it once Redis answers again, then catches its history, config and turn up; until
   then a resume of it is refused as unknown (403).
 - While it runs: a ``SessionJournal`` turns the engine's append-only history into stored items
@@ -40,7 +40,7 @@ from transceiver.lease_heartbeat import LeaseHeartbeat
 from transceiver.redis_config import RedisConfig
 from transceiver.session_keys import Lease, SessionState, check_id, new_credential
 from transceiver.session_store import RedisSessionStore, SessionStore
-from transceiver.store_errors import SessionExistsError, StoreError
+from transceiver.store_errors import SessionExistsError, SessionNotFoundError, StoreError
 from transceiver.write_behind import (
     AdvanceTurn,
     AppendItem,
@@ -53,6 +53,7 @@ from transceiver.write_behind import (
 log = logging.getLogger(__name__)
 LEASE_S = 6.0  # a SIGKILLed owner's lease lapses in this long (resume forces anyway)
 HEALTH_INTERVAL_S = 1.0
+MAX_PENDING = 200  # session writes queued while Redis is away, in all
 REDIS_DOWN_GRACE_S = 10.0
 SESSION_HEADER = "X-Voicerelay-Session"
 RESUME_TOKEN_HEADER = "X-Voicerelay-Resume-Token"
@@ -114,12 +115,13 @@ class SessionJournal:
         self._session_id = session_id
         self.lease = lease  # None: not stored yet (Redis was down when the call began)
         self.credential = credential
-        self._messages: Sequence[Message] = ()  # the engine's (append-only) history
+        self.messages: Sequence[Message] = ()  # the engine's (append-only) history
         self.latest_config: Mapping[str, Any] = {}
         self._latest_turn = base_turn
         self._written = stored_messages  # history messages already in Redis
         self._id_offset = id_offset  # items trimmed by the store's cap before them
         self._base_turn = base_turn
+        self._config_behind = self._turn_behind = False
         self.lost = False
         # Told once when the session is lost here (taken over elsewhere, or its record gone).
         self.on_lost: Callable[[str], None] | None = None
@@ -135,30 +137,47 @@ class SessionJournal:
         """The ``voicerelay`` field of session.created: what the client needs to resume."""
         return {"session_id": self.session_id, "resume_token": self.credential}
 
+    @property
+    def behind(self) -> bool:
+        """Some of what this session committed is not queued yet (a full queue refused it)."""
+        pending = self._written < len(self.messages) or self._config_behind or self._turn_behind
+        return pending and self.lease is not None and not self.lost
+
     def history(self, messages: Sequence[Message]) -> None:
-        """Store the messages appended to the (append-only) history since the last call."""
-        self._messages = messages
+        """Store the messages appended to the (append-only) history since the last call, and
+        whatever a full queue refused before (in order: a refused item stops the rest)."""
+        self.messages = messages
         if self.lease is None:
             return  # written by ``stored`` once the session is in Redis
-        for index in range(self._written, len(messages)):
-            item_id = f"h{self._id_offset + index + 1}"
-            self._submit(AppendItem(message_to_item(item_id, messages[index])))
-        self._written = max(self._written, len(messages))
+        if self._config_behind:
+            self._config_behind = not self._submit(UpdateConfig(self.latest_config))
+        while self._written < len(messages):
+            item_id = f"h{self._id_offset + self._written + 1}"
+            if not self._submit(AppendItem(message_to_item(item_id, messages[self._written]))):
+                break
+            self._written += 1
+        if self._turn_behind:
+            self._turn_behind = not self._submit(AdvanceTurn(self._latest_turn))
 
     def config(self, config: Mapping[str, Any]) -> None:
         self.latest_config = config
-        self._submit(UpdateConfig(config))
+        self._config_behind = not self._submit(UpdateConfig(config))
 
     def turn(self, turn: int) -> None:
         self._latest_turn = self._base_turn + turn
-        self._submit(AdvanceTurn(self._latest_turn))
+        self._turn_behind = not self._submit(AdvanceTurn(self._latest_turn))
 
     def stored(self, lease: Lease) -> None:
         """The session is in Redis now (with ``latest_config``): catch up what it missed."""
         self.lease = lease
-        self.history(self._messages)
-        if self._latest_turn:
-            self._submit(AdvanceTurn(self._latest_turn))
+        self._config_behind = False
+        self._turn_behind = self._latest_turn > 0
+        self.history(self.messages)
+
+    def restart_from_memory(self) -> None:
+        """Its record is gone from Redis (emptied, or expired): write it all again later."""
+        self.lease = None
+        self._written = 0
 
     def mark_lost(self, why: str) -> None:
         """Stop writing; tell the session (once) so it can hang up."""
@@ -169,13 +188,18 @@ class SessionJournal:
         if self.on_lost is not None:
             self.on_lost(why)
 
-    def _submit(self, write: PendingWrite) -> None:
+    def _submit(self, write: PendingWrite) -> bool:
+        """Queue a write; False if it must be submitted again later (queue full, not stored)."""
         if self.lost or self.lease is None:
-            return
+            return False
         try:
             self.persistence.queue.submit(self.lease, write)
-        except (QueueFullError, ValueError) as error:
+        except QueueFullError as error:
+            log.warning("session %s: write deferred: %s", self.session_id, error)
+            return False
+        except ValueError as error:  # never storable (too large): skipped, not retried
             log.warning("session %s: write not stored: %s", self.session_id, error)
+        return True
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait (bounded) until the queued writes are in Redis; False at the deadline."""
@@ -204,10 +228,11 @@ class SessionJournal:
         self.persistence.unstored.pop(self.session_id, None)
 
 
-class DeferredCreates(BackgroundLoop):
-    """Stores the sessions that began while Redis was down, once it answers again."""
+class CatchUp(BackgroundLoop):
+    """Stores the sessions that began while Redis was down (or whose record it lost) once it
+    answers again, and queues again what a full write-behind queue refused."""
 
-    task_name = "deferred session creates"
+    task_name = "session catch-up"
 
     def __init__(self, persistence: SessionPersistence, interval_s: float = HEALTH_INTERVAL_S):
         super().__init__()
@@ -220,6 +245,9 @@ class DeferredCreates(BackgroundLoop):
             for journal in list(self._persistence.unstored.values()):
                 if not await self._persistence.store_new(journal):
                     break  # Redis still down: the next pass tries again
+            for journal in list(self._persistence.journals.values()):
+                if journal.behind:
+                    journal.history(journal.messages)
 
 
 class RedisHealth(BackgroundLoop):
@@ -251,16 +279,18 @@ class RedisHealth(BackgroundLoop):
 class SessionPersistence:
     """The process-wide store, write-behind queue, lease heartbeat and health check."""
 
-    def __init__(self, store: RedisSessionStore, lease_s: float = LEASE_S) -> None:
+    def __init__(
+        self, store: RedisSessionStore, lease_s: float = LEASE_S, max_pending: int = MAX_PENDING
+    ) -> None:
         self.store: SessionStore = store
         self.owner_id = new_owner_id()
         self.lease_s = lease_s
         self.journals: dict[str, SessionJournal] = {}
         self.unstored: dict[str, SessionJournal] = {}  # began while Redis was down
-        self.queue = WriteBehindQueue(store, on_dropped=self._dropped)
+        self.queue = WriteBehindQueue(store, max_pending=max_pending, on_dropped=self._dropped)
         self.heartbeat = LeaseHeartbeat(store, lease_s=lease_s, on_lost=self._lost)
         self.health = RedisHealth(store)
-        self.deferred = DeferredCreates(self)
+        self.catch_up = CatchUp(self)
 
     def not_ready_reason(self) -> str | None:
         return "redis_unavailable" if self.health.down_for_s() > REDIS_DOWN_GRACE_S else None
@@ -269,7 +299,7 @@ class SessionPersistence:
         return "ok" if self.health.down_for_s() == 0.0 and self.queue.healthy else "degraded"
 
     async def create(self, session_id: str, config: Mapping[str, Any]) -> SessionJournal:
-        """A new session's journal; stored now, or by ``DeferredCreates`` when Redis is back."""
+        """A new session's journal; stored now, or by ``CatchUp`` when Redis is back."""
         journal = SessionJournal(self, session_id, new_credential(), None)
         journal.latest_config = config
         self.journals[session_id] = journal
@@ -331,6 +361,7 @@ class SessionPersistence:
             self, session_id, credential, lease, stored_messages=len(state.items),
             id_offset=state.first_seq - 1, base_turn=state.turn,
         )  # fmt: skip
+        journal.latest_config = state.config
         self.journals[session_id] = journal
         self.heartbeat.hold(lease)
         return journal, state
@@ -338,15 +369,30 @@ class SessionPersistence:
     def _lost(self, lease: Lease, error: StoreError) -> None:
         journal = self.journals.get(lease.session_id)
         if journal is not None and journal.lease == lease:
-            journal.mark_lost(f"taken over elsewhere ({error})")
+            self._refused(journal, error)
 
     def _dropped(self, session_id: str, error: StoreError) -> None:
         journal = self.journals.get(session_id)
         if journal is not None:
-            journal.mark_lost(f"a write was refused ({error})")
+            self._refused(journal, error)
+
+    def _refused(self, journal: SessionJournal, error: StoreError) -> None:
+        """A renewal or write refused for good. Record gone (Redis came back empty, or it
+        expired): nobody else can own the session, so this transceiver stores it again from
+        memory. Otherwise another transceiver took it over: the session here is lost."""
+        if not isinstance(error, SessionNotFoundError):
+            journal.mark_lost(f"taken over elsewhere ({error})")
+            return
+        log.warning(
+            "session %s: its record is gone from Redis; storing it again", journal.session_id
+        )
+        self.heartbeat.drop(journal.session_id)
+        self.queue.discard(journal.session_id)
+        journal.restart_from_memory()
+        self.unstored[journal.session_id] = journal
 
     async def start(self) -> None:
-        for loop in (self.queue, self.heartbeat, self.health, self.deferred):
+        for loop in (self.queue, self.heartbeat, self.health, self.catch_up):
             loop.start()
 
     async def aclose(self, flush_timeout_s: float = 2.0) -> None:
@@ -355,7 +401,7 @@ class SessionPersistence:
                 await self.queue.drained()
         except TimeoutError:
             log.warning("%d session writes not stored at exit", self.queue.pending)
-        for loop in (self.deferred, self.health, self.heartbeat, self.queue):
+        for loop in (self.catch_up, self.health, self.heartbeat, self.queue):
             await loop.aclose()
 
 

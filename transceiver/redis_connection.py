@@ -1,9 +1,12 @@
 """Open a Redis client from ``RedisConfig`` (plain URL or Sentinel), and map its failures.
 
-I/O layer. Timeouts are short so a down server fails a write in about a second, not the
-redis-py defaults of 5 s: the caller (a live voice session) queues and carries on. One retry
-with a tiny backoff lets a pooled connection that died with a restarted or failed-over server
-reconnect transparently; with Sentinel, the reconnect asks the sentinels for the new primary.
+I/O layer. Timeouts are short so a down server fails a write quickly instead of after
+redis-py's 5 s defaults: a refused connection fails at once; a server that accepts but never
+answers (paused, partitioned) costs the reply timeout twice, ~2.4 s with the defaults, because
+the one retry also covers timeouts. The caller (a live voice session) never waits for it: its
+writes are queued (``write_behind``). The retry, with a tiny backoff, lets a pooled connection
+that died with a restarted or failed-over server reconnect transparently; with Sentinel, the
+reconnect asks the sentinels for the new primary.
 """
 
 from __future__ import annotations
