@@ -51,6 +51,26 @@ def tone_pcm(frequency_hz: float, seconds: float, rate_hz: int = WAV_RATE_HZ) ->
     return (8_000 * np.sin(2 * np.pi * frequency_hz * t)).astype("<i2").tobytes()
 
 
+async def spoken_pcm(tts: PiperTextToSpeech, text: str, rate_hz: int) -> bytes:
+    """``text`` spoken by a started ``tts``, as 16-bit mono PCM at ``rate_hz``."""
+    resampler: PcmResampler | None = None
+    pcm = b""
+    async for chunk in tts.synthesize(text):
+        resampler = resampler or PcmResampler(chunk.sample_rate_hz, rate_hz)
+        pcm += resampler.push(chunk.pcm)
+    assert resampler is not None, f"piper said nothing for {text!r}"
+    return pcm + resampler.flush()
+
+
+async def recognised(stt: PocketsphinxSpeechToText, pcm: bytes, rate_hz: int) -> list[str]:
+    """The final transcripts a started ``stt`` makes of 16-bit mono PCM (one stream)."""
+
+    async def once() -> AsyncIterator[AudioChunk]:
+        yield AudioChunk(pcm, rate_hz)
+
+    return [t.text async for t in stt.transcribe(once()) if t.final]
+
+
 class Speaker:
     """piper, started once, writing spoken WAVs: ``async with Speaker() as s: await s.wav()``."""
 
@@ -67,13 +87,7 @@ class Speaker:
         await self._tts.aclose()
 
     async def speak(self, text: str, rate_hz: int = WAV_RATE_HZ) -> bytes:
-        resampler: PcmResampler | None = None
-        pcm = b""
-        async for chunk in self._tts.synthesize(text):
-            resampler = resampler or PcmResampler(chunk.sample_rate_hz, rate_hz)
-            pcm += resampler.push(chunk.pcm)
-        assert resampler is not None, f"piper said nothing for {text!r}"
-        return pcm + resampler.flush()
+        return await spoken_pcm(self._tts, text, rate_hz)
 
     async def wav(self, path: Path, parts: Sequence[Part]) -> list[Utterance]:
         """Write ``parts`` (text spoken, numbers as silence) to ``path``; the utterances."""
@@ -106,14 +120,10 @@ def voiced(
 async def hear(samples: np.ndarray[Any, Any], rate_hz: int) -> list[str]:
     """The words pocketsphinx recognises in float samples (one utterance)."""
     pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
-
-    async def once() -> AsyncIterator[AudioChunk]:
-        yield AudioChunk(pcm, rate_hz)
-
     stt = PocketsphinxSpeechToText()
     await stt.start()
     try:
-        finals = [t.text async for t in stt.transcribe(once()) if t.final]
+        finals = await recognised(stt, pcm, rate_hz)
     finally:
         await stt.aclose()
     return " ".join(finals).split()

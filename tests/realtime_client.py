@@ -25,10 +25,9 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from stack import LoopbackRelay, Process, free_port, random_keys, text, transceiver_process
 from tones import FRAME_SAMPLES, PacedTrack
 
+from loadtest.voice_audio import recognised, silence_pcm, spoken_pcm
 from pipeline.piper_tts import PiperTextToSpeech
-from pipeline.playout import PcmResampler
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
-from pipeline.providers import AudioChunk
 
 RATE_HZ = 48_000
 Event = dict[str, Any]
@@ -169,21 +168,13 @@ async def pipeline_transceiver(log_dir: Path) -> AsyncIterator[PipelineTransceiv
 
 
 async def speak(tts: PiperTextToSpeech, words: str, rate_hz: int = RATE_HZ) -> bytes:
-    resampler, pcm = None, b""
-    async for chunk in tts.synthesize(words):
-        resampler = resampler or PcmResampler(chunk.sample_rate_hz, rate_hz)
-        pcm += resampler.push(chunk.pcm)
-    assert resampler is not None
-    return pcm + resampler.flush()
+    return await spoken_pcm(tts, words, rate_hz)
 
 
 def silence(ms: int, rate_hz: int = RATE_HZ) -> bytes:
-    return bytes(2 * (rate_hz * ms // 1000))
+    return silence_pcm(ms / 1000, rate_hz)
 
 
 async def hear(stt: PocketsphinxSpeechToText, pcm: bytes, rate_hz: int = RATE_HZ) -> list[str]:
-    async def once() -> AsyncIterator[AudioChunk]:
-        yield AudioChunk(pcm, rate_hz)
-
-    finals = [t.text async for t in stt.transcribe(once()) if t.final]
+    finals = await recognised(stt, pcm, rate_hz)
     return finals[0].split() if finals else []

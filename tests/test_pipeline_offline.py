@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from loadtest.voice_audio import recognised, silence_pcm, spoken_pcm
 from pipeline import events as ev
 from pipeline.engine import ConversationEngine, EngineConfig
 from pipeline.knowledge import load_knowledge
@@ -29,7 +30,7 @@ from pipeline.local_agent import LocalAgentConfig, LocalRuleBasedAgent
 from pipeline.piper_tts import PiperConfig, PiperTextToSpeech
 from pipeline.playout import PcmResampler
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
-from pipeline.providers import AudioChunk, LanguageModelEvent, Message, ToolSpec
+from pipeline.providers import LanguageModelEvent, Message, ToolSpec
 from pipeline.tools import ToolRegistry, builtin_tools
 from pipeline.turns import MOMENTS, TurnRecord
 
@@ -61,23 +62,15 @@ async def sphinx() -> AsyncIterator[PocketsphinxSpeechToText]:
 
 
 async def speak(tts: PiperTextToSpeech, text: str, rate_hz: int = RATE_HZ) -> bytes:
-    resampler, pcm = None, b""
-    async for chunk in tts.synthesize(text):
-        resampler = resampler or PcmResampler(chunk.sample_rate_hz, rate_hz)
-        pcm += resampler.push(chunk.pcm)
-    assert resampler is not None
-    return pcm + resampler.flush()
+    return await spoken_pcm(tts, text, rate_hz)
 
 
 def silence(ms: int, rate_hz: int = RATE_HZ) -> bytes:
-    return b"\0\0" * (rate_hz * ms // 1000)
+    return silence_pcm(ms / 1000, rate_hz)
 
 
 async def hear(stt: PocketsphinxSpeechToText, pcm: bytes, rate_hz: int) -> str:
-    async def once() -> AsyncIterator[AudioChunk]:
-        yield AudioChunk(pcm, rate_hz)
-
-    finals = [t.text async for t in stt.transcribe(once()) if t.final]
+    finals = await recognised(stt, pcm, rate_hz)
     assert len(finals) == 1
     return finals[0]
 
