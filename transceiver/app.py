@@ -250,13 +250,7 @@ async def _json_body(request: Request) -> Mapping[str, Any]:
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type not in ("", "application/json"):
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ApiError(400, "invalid_json", "body must be a JSON object")
-    return value
+    return json_object(bytes(raw), "invalid_json", "body")
 
 
 def secret_request(body: Mapping[str, Any]) -> tuple[int, Mapping[str, Any] | None]:
@@ -401,15 +395,18 @@ def offer_from_multipart(content_type: str, body: bytes) -> tuple[bytes, Mapping
             fields[name] = payload
     if "sdp" not in fields:
         raise ApiError(400, "missing_sdp", "multipart form has no 'sdp' field")
-    session = _session_json(fields["session"]) if "session" in fields else None
+    session = None
+    if "session" in fields:
+        session = json_object(fields["session"], "invalid_session", "'session' field")
     return fields["sdp"], session
 
 
-def _session_json(raw: bytes) -> Mapping[str, Any]:
+def json_object(raw: bytes, code: str, what: str) -> Mapping[str, Any]:
+    """``raw`` as a JSON object; else a 400 with ``code`` naming ``what`` was wrong."""
     try:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_session", f"'session' field is not JSON: {exc}") from None
+        raise ApiError(400, code, f"{what} is not JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise ApiError(400, "invalid_session", "'session' field must be a JSON object")
+        raise ApiError(400, code, f"{what} must be a JSON object")
     return value
