@@ -46,11 +46,12 @@ from redis_server import (
 )
 from stack import Process, Stack
 from test_resume import (
-    SESSION_HEADER,
     TOKEN_HEADER,
     Survival,
+    acknowledged,
     ask,
     call,
+    opened,
     pipeline_stack,
     stored_until,
     survival_stack,
@@ -82,17 +83,6 @@ APPEND_ONLY = ("--appendonly", "yes", "--appendfsync", "always")
 
 
 # --- what the client was told, what the store holds ---------------------------------------
-
-
-def acknowledged(client: RealtimeClient) -> Conversation:
-    """(role, text) of every message the server told the client is done, in that order."""
-    told: Conversation = []
-    for event in client.events:
-        item = event.get("item", {})
-        if event["type"] == "conversation.item.done" and item["type"] == "message":
-            part = item["content"][0]
-            told.append((item["role"], part.get("text", part.get("transcript", ""))))
-    return told
 
 
 def conversation(state: SessionState) -> Conversation:
@@ -228,9 +218,7 @@ async def failover_conversation(
 ) -> None:
     """Two turns; one cut by a SIGKILL of the primary; two after the failover; then resume."""
     stack = survival.stack
-    created = await call(first, http, stack.base_url(0))
-    assert created.status_code == 201, created.text
-    session_id, token = created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
+    session_id, token = await opened(first, http, stack.base_url(0))
     for question in QUESTIONS[:2]:
         await answered(first, question)
     before = await stored_when_caught_up(survival, session_id, acknowledged(first), 2, 30)
@@ -345,9 +333,7 @@ async def outage_conversation(
     go_away, come_back = OUTAGES[outage]
     stack, loop = survival.stack, asyncio.get_running_loop()
     base_url = stack.base_url(0)
-    created = await call(client, http, base_url)
-    assert created.status_code == 201, created.text
-    session_id = created.headers[SESSION_HEADER]
+    session_id, _ = await opened(client, http, base_url)
     for question in QUESTIONS[:2]:
         await answered(client, question)
     before = await stored_when_caught_up(survival, session_id, acknowledged(client), 2, 30)

@@ -130,6 +130,25 @@ async def call(
     return response
 
 
+async def opened(client: RealtimeClient, http: httpx.AsyncClient, base_url: str) -> tuple[str, str]:
+    """A new call from ``client``: its session id and resume token."""
+    created = await call(client, http, base_url)
+    assert created.status_code == 201, created.text
+    return created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
+
+
+def acknowledged(client: RealtimeClient, after: int = 0) -> list[tuple[str, str]]:
+    """(role, text) of every message the server told the client is done (from event index
+    ``after``), in that order."""
+    told = []
+    for event in client.events[after:]:
+        item = event.get("item", {})
+        if event["type"] == "conversation.item.done" and item["type"] == "message":
+            part = item["content"][0]
+            told.append((item["role"], part.get("text", part.get("transcript", ""))))
+    return told
+
+
 async def ask(client: RealtimeClient, words: str) -> str:
     """A text turn; the answer's transcript as heard."""
     start = len(client.events)
@@ -175,9 +194,7 @@ async def test_a_killed_transceivers_session_resumes_elsewhere_with_its_conversa
     first, second = RealtimeClient(), RealtimeClient()
     try:
         async with httpx.AsyncClient(timeout=30) as http:
-            created = await call(first, http, survival.stack.base_url(0))
-            assert created.status_code == 201, created.text
-            session_id, token = created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
+            session_id, token = await opened(first, http, survival.stack.base_url(0))
             hello = await first.wait_for("session.created")
             assert hello["voicerelay"] == {"session_id": session_id, "resume_token": token}
             answer = await ask(first, "Tell me about water.")

@@ -16,12 +16,13 @@ from realtime_client import RealtimeClient
 from redis_server import redis_server_binary
 from stack import eventually, metric_values
 from test_resume import (
-    SESSION_HEADER,
     TOKEN_HEADER,
     Survival,
+    acknowledged,
     ask,
     call,
     contents,
+    opened,
     stored_until,
     survival_stack,
 )
@@ -40,26 +41,13 @@ async def survival(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Su
         yield running
 
 
-def replayed(client: RealtimeClient, after: int) -> list[tuple[str, str]]:
-    """(role, text) of the conversation.item.done events at index >= ``after``."""
-    items = [e["item"] for e in client.events[after:] if e["type"] == "conversation.item.done"]
-    return [
-        (item["role"], part.get("text") or part.get("transcript") or "")
-        for item in items
-        if item["type"] == "message"
-        for part in item["content"]
-    ]
-
-
 async def test_a_session_taken_over_hangs_up_the_old_connection_and_replays_the_items(
     survival: Survival,
 ) -> None:
     first, second = RealtimeClient(), RealtimeClient()
     try:
         async with httpx.AsyncClient(timeout=30) as http:
-            created = await call(first, http, survival.stack.base_url(0))
-            assert created.status_code == 201, created.text
-            session_id, token = created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
+            session_id, token = await opened(first, http, survival.stack.base_url(0))
             answer = await ask(first, "Tell me about water.")
             await stored_until(
                 survival, session_id, lambda st: ("assistant", answer) in contents(st)
@@ -76,7 +64,7 @@ async def test_a_session_taken_over_hangs_up_the_old_connection_and_replays_the_
                 lambda e: e["item"].get("role") == "assistant",
                 after=second.index(updated),
             )
-            assert replayed(second, second.index(updated)) == [
+            assert acknowledged(second, second.index(updated)) == [
                 ("user", "Tell me about water."),
                 ("assistant", answer),
             ]
