@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 class LeaseHeartbeat(BackgroundLoop):
     task_name = "lease heartbeat"
+    # Crash-looping: red. Unrenewed leases lapse, so any resume takes these sessions from under
+    # this transceiver; it should take no new ones until it can hold them.
+    unready_when_failing = True
 
     def __init__(
         self,

@@ -31,6 +31,9 @@ class RoutePublishing(BackgroundLoop):
     """Publishes ``client -> link`` for every live client of one link; owns its Redis client."""
 
     task_name = "route publishing"
+    # Crash-looping: counted only. Unpublished routes cost a relay that never saw a session one
+    # STUN check to relearn it; refusing calls over it would cost more than it saves.
+    unready_when_failing = False
 
     def __init__(
         self,

@@ -57,6 +57,9 @@ class WriteBehindQueue(BackgroundLoop):
     """Per-session ordered, bounded write-back in front of a ``SessionStore``."""
 
     task_name = "write-behind flusher"
+    # Crash-looping: red. Committed writes pile up unstored until the queue refuses more, and a
+    # write that crashes the flusher each time (a poison write) never leaves: take no new calls.
+    unready_when_failing = True
 
     def __init__(
         self,
