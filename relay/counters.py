@@ -47,7 +47,9 @@ ROUTE_CACHE_MISSES = 12  # ... with no (usable) route
 ROUTE_CACHE_ERRORS = 13  # ... not answered: Redis unavailable or too slow
 ROUTE_CACHE_QUEUE_FULL = 14  # lookups not even queued (queue at its cap)
 ROUTES_FROM_CACHE = 15  # routes installed from a cache hit
-DROPS = 16  # DROP_REASONS follow, in order
+ROUTE_LOOKUP_CRASHES = 16  # the route-cache lookup task crashed (it is restarted)
+TICKER_CRASHES = 17  # the worker's ticker crashed (it is restarted)
+DROPS = 18  # DROP_REASONS follow, in order
 ROW = DROPS + len(DROP_REASONS)
 
 # Slots that are gauges, not counters: not carried over when a worker is replaced.

@@ -68,6 +68,7 @@ class RelayCollector(Collector):
             "relay_routes_from_cache", "Routes installed from cache", totals[c.ROUTES_FROM_CACHE]
         )
         yield _counter("relay_worker_restarts", "Workers restarted after dying", restarts)
+        yield _task_crashes(totals)
         yield GaugeMetricFamily("relay_workers_alive", "Worker processes alive", value=alive)
 
 
@@ -88,6 +89,18 @@ def _route_cache(totals: Sequence[int]) -> Metric:
         ("error", c.ROUTE_CACHE_ERRORS),
     ):
         family.add_metric([result], totals[slot])
+    return family
+
+
+def _task_crashes(totals: Sequence[int]) -> Metric:
+    family = CounterMetricFamily(
+        "relay_task_crashes", "Worker tasks that crashed (each logged and restarted)", ["task"]
+    )
+    for task, slot in (
+        ("route cache lookups", c.ROUTE_LOOKUP_CRASHES),
+        ("ticker", c.TICKER_CRASHES),
+    ):
+        family.add_metric([task], totals[slot])
     return family
 
 

@@ -14,7 +14,8 @@ wire contract of the cache, as ``relay.header`` is of the link.
 Bounds: one lookup per source per ``RETRY_AFTER_S`` (dedupes in-flight lookups, caches misses
 and rate-limits each source), at most ``MAX_RECENT_SOURCES`` remembered, a queue of at most
 ``QUEUE_MAX`` addresses (overflow counted), short Redis timeouts and no retries: a Redis that is
-down costs failed lookups, never forwarding of known routes.
+down costs failed lookups, never forwarding of known routes. A crash of the lookup task (a bug,
+not Redis being away) is logged, counted and the task restarted (``relay.restarts``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from relay import counters as c
+from relay.restarts import run_restarting
 from relay.route_record import RouteValueError, decode_route, route_key
 from relay.routing import Address, ClientKey, Router, normalize_address
 
@@ -83,7 +85,10 @@ class RouteLookups:
             socket_timeout=REDIS_TIMEOUT_S,
             retry=Retry(NoBackoff(), 0),
         )
-        self._task = asyncio.create_task(self._run(), name="route cache lookups")
+        self._task = asyncio.create_task(
+            run_restarting("route cache lookups", self._run, self._crashed),
+            name="route cache lookups",
+        )
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -100,6 +105,9 @@ class RouteLookups:
             self._queue.put_nowait((source, socket_index))
         except asyncio.QueueFull:
             self.counts[c.ROUTE_CACHE_QUEUE_FULL] += 1
+
+    def _crashed(self) -> None:
+        self.counts[c.ROUTE_LOOKUP_CRASHES] += 1
 
     async def _run(self) -> None:
         assert self._redis is not None

@@ -28,6 +28,7 @@ from relay.config import (
 )
 from relay.counters import DROP_INDEX
 from relay.header import HEADER_BYTES, ControlMessage, ControlType
+from relay.restarts import run_restarting
 from relay.route_lookup import RouteLookups
 from relay.routing import (
     Action,
@@ -119,7 +120,12 @@ class Worker:
         self.counts[c.READY] = 1
         self.send_hellos()
         self.publish()
-        self._ticker = asyncio.create_task(self._tick())
+        self._ticker = asyncio.create_task(
+            run_restarting("ticker", self._tick, self._ticker_crashed), name="ticker"
+        )
+
+    def _ticker_crashed(self) -> None:
+        self.counts[c.TICKER_CRASHES] += 1
 
     async def aclose(self) -> None:
         loop = asyncio.get_running_loop()
