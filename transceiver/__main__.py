@@ -31,6 +31,7 @@ from transceiver.auth import AuthConfig, AuthConfigError, Authenticator, auth_fl
 from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.echo import EchoAgent
 from transceiver.link import Link
+from transceiver.metrics import RedisHealthCollector, TaskCrashCollector
 from transceiver.persistence import SessionPersistence, open_persistence
 from transceiver.redis_config import RedisConfig, RedisConfigError
 from transceiver.sessions import AgentFactory, SessionLimits, Sessions
@@ -71,6 +72,8 @@ async def open_agents(
         open_persistence(redis) as persistence,
         pipeline_agents(pipeline, registry, persistence) as agents,
     ):
+        if persistence is not None:
+            registry.register(RedisHealthCollector(persistence.health.down_for_s))
         resume = None if persistence is None else agents.resume
         yield Agents(agents, persistence, resume)
 
@@ -79,6 +82,7 @@ async def serve(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig 
     ice.install()
     rtp_tuning.install()
     registry = CollectorRegistry()
+    registry.register(TaskCrashCollector())
     async with open_agents(config, registry, redis) as agents:
         return await _serve(config, auth, registry, agents)
 

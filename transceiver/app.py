@@ -15,8 +15,8 @@ lost connection, POST a new offer to any transceiver naming the session, as the 
 (independent of ``Authorization``, which is checked as for any call). Missing token: 401;
 wrong token or unknown session: 403; Redis unreachable: 503 — the stored session is untouched
 in each case. On success the stored config (not the request's) and conversation continue.
-``/readyz`` says ``"redis": "ok"|"degraded"`` and turns 503 (``redis_unavailable``) only after
-Redis has been unreachable for ``persistence.REDIS_DOWN_GRACE_S`` (live sessions keep talking).
+``/readyz`` says ``"redis": "ok"|"degraded"`` and stays 200 while Redis is away (calls work
+without it, see ``persistence``); it turns 503 ``task_failing`` when an owned loop keeps crashing.
 """
 
 from __future__ import annotations

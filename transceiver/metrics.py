@@ -1,19 +1,21 @@
 """Prometheus metrics of the voice sessions, in the app's registry.
 
 I/O layer (prometheus-client). Turn records feed the per-stage latency histograms; the
-resilience wrappers' ``.stats`` (retries, failures, fallbacks) are read at scrape time.
+resilience wrappers' ``.stats`` (retries, failures, fallbacks), the owned loops' crash counts
+and Redis's health are read at scrape time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pipeline.turns import TurnRecord
+from transceiver import background
 
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 # stage label -> TurnRecord field (milliseconds)
@@ -106,3 +108,31 @@ class ResilienceCollector(Collector):
                 for provider, count in sorted(getattr(stats, counter).items()):
                     family.add_metric([provider], count)
             yield family
+
+
+class TaskCrashCollector(Collector):
+    """Crashes of the owned background loops (``transceiver.background``), by task name."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "transceiver_task_crashes",
+            "Owned background loops that crashed (each is logged and restarted)",
+            labels=["task"],
+        )
+        for task, count in sorted(background.crash_counts.items()):
+            family.add_metric([task], count)
+        yield family
+
+
+class RedisHealthCollector(Collector):
+    """How long Redis has been unreachable in a row (0 while it answers)."""
+
+    def __init__(self, down_for_s: Callable[[], float]) -> None:
+        self._down_for_s = down_for_s
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "transceiver_redis_unreachable_seconds",
+            "Seconds Redis has been unreachable in a row (0 while it answers); calls go on",
+            value=self._down_for_s(),
+        )

@@ -18,9 +18,12 @@ I/O layer over ``session_store`` (fenced writes), ``write_behind`` (never wait o
   later writes are refused by the fencing token) and loads config and items.
 - Lost: when a renewal or write is refused (another transceiver took the session over, or its
   record is gone) the journal stops writing and calls its ``on_lost`` once; the session hangs up.
-- Health: a ping every ``HEALTH_INTERVAL_S``; ``/readyz`` turns 503 only once Redis has been
-  unreachable for ``REDIS_DOWN_GRACE_S`` in a row (live sessions keep talking meanwhile, and a
-  short blip should not pull every transceiver out of the load balancer at once).
+- Health: a ping every ``HEALTH_INTERVAL_S``. A Redis outage never makes the transceiver
+  unready: calls work without Redis (their writes wait in the queue and new sessions are
+  caught up), and every transceiver shares the one Redis, so a 503 here would refuse new calls
+  across the whole fleet at once, an outage of its own. ``/readyz`` reports it instead
+  (``"redis": "degraded"``), as does the gauge ``transceiver_redis_unreachable_seconds``.
+  What does turn it red is one of this transceiver's own loops crash-looping (``background``).
 """
 
 from __future__ import annotations
@@ -54,7 +57,6 @@ log = logging.getLogger(__name__)
 LEASE_S = 6.0  # a SIGKILLed owner's lease lapses in this long (resume forces anyway)
 HEALTH_INTERVAL_S = 1.0
 MAX_PENDING = 200  # session writes queued while Redis is away, in all
-REDIS_DOWN_GRACE_S = 10.0
 SESSION_HEADER = "X-Voicerelay-Session"
 RESUME_TOKEN_HEADER = "X-Voicerelay-Resume-Token"
 Json = dict[str, Any]
@@ -233,6 +235,8 @@ class CatchUp(BackgroundLoop):
     answers again, and queues again what a full write-behind queue refused."""
 
     task_name = "session catch-up"
+    # Crash-looping: red. Calls begun during an outage would never be stored (nor resumable).
+    unready_when_failing = True
 
     def __init__(self, persistence: SessionPersistence, interval_s: float = HEALTH_INTERVAL_S):
         super().__init__()
@@ -254,6 +258,9 @@ class RedisHealth(BackgroundLoop):
     """Pings Redis; ``down_for_s`` is how long it has been unreachable (0 when up)."""
 
     task_name = "redis health"
+    # Crash-looping: counted only. Its answer is reported, never a reason to refuse calls
+    # (see ``SessionPersistence.not_ready_reason``), so its failure is not one either.
+    unready_when_failing = False
 
     def __init__(self, store: RedisSessionStore, interval_s: float = HEALTH_INTERVAL_S) -> None:
         super().__init__()
@@ -292,8 +299,16 @@ class SessionPersistence:
         self.health = RedisHealth(store)
         self.catch_up = CatchUp(self)
 
+    @property
+    def loops(self) -> tuple[BackgroundLoop, ...]:
+        return (self.queue, self.heartbeat, self.health, self.catch_up)
+
     def not_ready_reason(self) -> str | None:
-        return "redis_unavailable" if self.health.down_for_s() > REDIS_DOWN_GRACE_S else None
+        """``task_failing`` while a loop readiness depends on keeps crashing; Redis being
+        unreachable is never a reason (see the module docstring)."""
+        if any(loop.unready_when_failing and loop.failing for loop in self.loops):
+            return "task_failing"
+        return None
 
     def status(self) -> str:
         return "ok" if self.health.down_for_s() == 0.0 and self.queue.healthy else "degraded"
@@ -392,7 +407,7 @@ class SessionPersistence:
         self.unstored[journal.session_id] = journal
 
     async def start(self) -> None:
-        for loop in (self.queue, self.heartbeat, self.health, self.catch_up):
+        for loop in self.loops:
             loop.start()
 
     async def aclose(self, flush_timeout_s: float = 2.0) -> None:
