@@ -4,7 +4,9 @@ Lifecycle (as uvicorn/stunnerd): SIGTERM or SIGINT only sets a flag; then the tr
 admitting (``/readyz`` 503, POST 503), lets sessions end for up to ``drain_timeout_s``, closes
 the rest, stops HTTP and closes the link socket. With ``REDIS_URL`` or ``REDIS_SENTINELS``
 set (see ``redis_config``), sessions are stored in Redis and can be resumed elsewhere
-(``persistence``); draining then hands each session over to another transceiver.
+(``persistence``); draining then hands each session over to another transceiver. An HTTP
+server that fails (cannot bind, or raises) or stops by itself is logged with its traceback and
+the process exits 1 after the same shutdown.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ async def _serve(
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    link = Link(config.link)
+    link = Link(config.link, config.keyring)
     try:
         link_address = await link.start()
     except OSError as exc:
@@ -106,22 +108,47 @@ async def _serve(
     authenticator = Authenticator(auth, config.keyring)
     app = create_app(sessions, link, registry, authenticator, agents.persistence, agents.resume)
     server = _Server(_uvicorn_config(app, config))
-    server_task = asyncio.create_task(server.serve(), name="http")
+    server_task = asyncio.create_task(_serve_http(server), name="http")
     try:
         if not await _started(server, server_task):
             logger.error("HTTP listener on %s:%d did not start", *config.http)
             return 1
         print(f"transceiver ready link={_text(link_address)} http={_text(config.http)}", flush=True)
         await _first(stop.wait(), server_task)
+        if server_task.done():
+            logger.error("the HTTP server stopped by itself")
+            return 1
         logger.info("draining %d sessions for up to %.1f s", len(sessions), config.drain_timeout_s)
         await sessions.drain(config.drain_timeout_s)
     finally:
         await sessions.aclose()
         server.should_exit = True
-        with contextlib.suppress(BaseException):
-            await server_task
+        failed = await _http_failed(server_task)
         await link.aclose()
-    return 0
+    return 1 if failed else 0
+
+
+class HttpServerExit(RuntimeError):
+    """uvicorn asked to exit the process (it does so when it cannot start)."""
+
+
+async def _serve_http(server: uvicorn.Server) -> None:
+    """``server.serve()``, with uvicorn's ``sys.exit`` turned into an error of this task: a
+    ``SystemExit`` would escape the event loop and skip our shutdown."""
+    try:
+        await server.serve()
+    except SystemExit as exc:
+        raise HttpServerExit(f"uvicorn exited with code {exc.code}") from exc
+
+
+async def _http_failed(task: asyncio.Task[None]) -> bool:
+    """Wait for the HTTP server to end; True, logged with its traceback, if it raised."""
+    try:
+        await task
+    except Exception:
+        logger.exception("the HTTP server failed")
+        return True
+    return False
 
 
 def _uvicorn_config(app: FastAPI, config: TransceiverConfig) -> uvicorn.Config:
