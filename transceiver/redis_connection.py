@@ -58,7 +58,7 @@ def open_redis(config: RedisConfig) -> RedisConnection:
         "socket_connect_timeout": config.connect_timeout_s,
         "socket_timeout": config.socket_timeout_s,
     }
-    manager = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves __init__ untyped
+    manager = Sentinel(  # redis-py leaves __init__ untyped
         list(config.sentinels),
         sentinel_kwargs=sentinel_options,
         password=config.password,
