@@ -7,25 +7,56 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-deps
 PYTEST_ARGS ?=
 
-.PHONY: all run test lint typecheck bench clean venv sysdeps
+# Every Python dependency is locked, exact versions with hashes (see README, "Dependencies"):
+#   requirements/dev.lock      everything make run/test/bench need (runtime + dev tools + build)
+#   requirements/runtime.lock  the image's subset, resolved under dev.lock's pins (same versions)
+#   requirements/lock-tools.lock  pip-tools, which writes the two above
+LOCK := requirements/dev.lock
+RUNTIME_LOCK := requirements/runtime.lock
+LOCK_TOOLS := build/lock-tools
+# Locks are resolved against PyPI alone, so their hashes are PyPI's files, whatever wheel
+# caches or extra indexes the machine that ran `make lock` has configured.
+PYPI_ONLY := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL PIP_CONFIG_FILE=/dev/null
+COMPILE = $(PYPI_ONLY) $(LOCK_TOOLS)/bin/pip-compile -q --generate-hashes --allow-unsafe \
+	--strip-extras --no-emit-index-url --no-emit-find-links
+# make lock                 re-resolve after editing pyproject.toml, keeping every other pin
+# make lock UPGRADE=redis   move one package (space-separated names for several) to its newest
+# make lock UPGRADE=all     move everything to its newest
+UPGRADE ?=
+UPGRADE_FLAGS = $(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p)))
+
+.PHONY: all run test lint typecheck bench clean venv sysdeps lock
 
 all: test
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml requirements/sync.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) requirements/sync.py $(PY) $(LOCK) --editable .
 	touch $(STAMP)
 
 venv: $(STAMP)
 
+$(LOCK_TOOLS)/.stamp: requirements/lock-tools.lock
+	test -x $(LOCK_TOOLS)/bin/python || $(PYTHON) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/python requirements/sync.py $(LOCK_TOOLS)/bin/python $<
+	touch $@
+
+lock: $(LOCK_TOOLS)/.stamp
+	$(COMPILE) $(UPGRADE_FLAGS) -o $(LOCK) --extra dev pyproject.toml requirements/build.in
+	grep -E '^[A-Za-z0-9][^ ]*==' $(LOCK) | sed 's/ .*//' > build/dev-pins.txt
+	rm -f $(RUNTIME_LOCK)
+	$(COMPILE) -c build/dev-pins.txt -o $(RUNTIME_LOCK) pyproject.toml requirements/build.in
+
 # Debian packages the suite needs: gcc (the C reference forwarder in the benchmarks) and
 # chromium (the browser tests; Playwright drives Debian's build, it never downloads its own).
 # redis-server (session state; the tests start their own servers, Sentinel included).
+# npm (the @openai/agents-realtime browser tests, installed with `npm ci` from their lock) only
+# where no npm is on PATH already.
 SYSTEM_PACKAGES := gcc chromium redis-server
 sysdeps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
@@ -48,4 +79,4 @@ run: $(STAMP) sysdeps
 	$(PY) -m loadtest.stack
 
 clean:
-	rm -rf $(VENV) bench-results .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build bench-results .pytest_cache .mypy_cache .ruff_cache
