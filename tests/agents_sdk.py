@@ -1,9 +1,10 @@
 """OpenAI's ``@openai/agents-realtime`` bundled for Chromium at test time.
 
-``build_agents_bundle()`` runs ``npm install`` (into ``tests/agents_sdk/node_modules``, which is
-gitignored) and esbuild, and returns one browser IIFE exposing ``window.runAgent`` (see
-``tests/agents_sdk/entry.js``). Both steps are cached: npm runs again only when package.json
-changes, esbuild only when package.json or entry.js changes, so a second run costs nothing.
+``build_agents_bundle()`` runs ``npm ci`` (exactly the committed ``package-lock.json``, with its
+integrity hashes, into ``tests/agents_sdk/node_modules``, which is gitignored) and esbuild, and
+returns one browser IIFE exposing ``window.runAgent`` (see ``tests/agents_sdk/entry.js``). Both
+steps are cached: npm runs again only when the lock changes, esbuild only when the lock or
+entry.js changes, so a second run costs nothing.
 ``agents_page_html(bundle_js)`` is a page that carries the bundle inline, to be served from the
 origin under test so the SDK's calls POST is same-origin.
 """
@@ -18,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 SDK_DIR = Path(__file__).resolve().parent / "agents_sdk"
+LOCK = SDK_DIR / "package-lock.json"
 NODE_MODULES = SDK_DIR / "node_modules"
 CACHE_DIR = NODE_MODULES / ".voicerelay-cache"
 INSTALL_TIMEOUT_S = 300.0
@@ -44,14 +46,14 @@ def _run(argv: list[str], timeout_s: float) -> None:
 
 
 def npm_install() -> None:
-    """Install package.json's dependencies unless this package.json is already installed."""
+    """Install exactly the lock's packages unless this lock is already installed."""
     npm = shutil.which("npm")
     if npm is None:
         raise NodeUnavailable("npm is not on PATH")
-    stamp = CACHE_DIR / f"installed-{_digest(SDK_DIR / 'package.json')}"
+    stamp = CACHE_DIR / f"installed-{_digest(LOCK)}"
     if stamp.exists():
         return
-    argv = [npm, "install", "--no-audit", "--no-fund", "--no-package-lock", "--loglevel=error"]
+    argv = [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"]
     _run(argv, INSTALL_TIMEOUT_S)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     stamp.touch()
@@ -60,7 +62,7 @@ def npm_install() -> None:
 def build_agents_bundle() -> Path:
     """The path of the browser bundle, building it (and installing npm packages) if needed."""
     npm_install()
-    key = _digest(SDK_DIR / "package.json", SDK_DIR / "entry.js")
+    key = _digest(LOCK, SDK_DIR / "entry.js")
     bundle = CACHE_DIR / f"agents-realtime-{key}.js"
     if bundle.exists():
         return bundle
