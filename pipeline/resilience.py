@@ -4,7 +4,8 @@ I/O layer (asyncio); the policies are frozen dataclasses. Each hardened provider
 the same Protocol as what it wraps, so the engine never knows. ``harden_stt``/``harden_llm``/
 ``harden_tts`` stack the guards of ``pipeline.guards`` around the primary, from the inside out
 count -> timeout -> circuit breaker -> retry, and put the fallback (counted) behind them. The
-fallback takes over only when the primary failed before yielding anything.
+fallback takes over only when the primary failed (a ``ProviderError``, never a bug of ours)
+before yielding anything.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pipeline.providers import (
     LanguageModel,
     LanguageModelEvent,
     Message,
+    ProviderError,
     SpeechToText,
     TextToSpeech,
     ToolSpec,
@@ -110,7 +112,12 @@ class Tier(Generic[T]):
 async def first_to_answer(
     calls: Sequence[tuple[str, Attempt[T]]], stats: ResilienceStats
 ) -> AsyncGenerator[T, None]:
-    """Try each call in order; move on when one fails before yielding anything."""
+    """Try each call in order; move on when one fails with a ``ProviderError`` before yielding
+    anything. Any ``ProviderError`` moves on, retryable or not: ``retryable`` says whether the
+    *same* provider may answer a second try, while a refusal for good (a revoked key, a model
+    gone) is exactly when another provider helps. Any other exception is a bug in our code or
+    in the provider's adapter (the adapters map every provider failure to ``ProviderError``):
+    it propagates unchanged, so it is seen instead of hidden behind a working fallback."""
     for position, (name, attempt) in enumerate(calls):
         yielded = False
         iterator = attempt()
@@ -121,7 +128,7 @@ async def first_to_answer(
                     stats.served[name] += 1
                 yield item
             return
-        except Exception as error:
+        except ProviderError as error:
             if yielded or position == len(calls) - 1:
                 raise
             stats.fallbacks[name] += 1

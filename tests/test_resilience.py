@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from typing import Any
 
 import openai
 import pytest
@@ -417,3 +418,32 @@ def test_backoff_is_full_jitter_under_a_cap(client: openai.AsyncOpenAI) -> None:
         delays = [llm.retry.backoff_s(number) for _ in range(200)]
         assert all(0 <= d <= ceiling_s for d in delays)
         assert max(delays) > 0.8 * ceiling_s and min(delays) < 0.2 * ceiling_s
+
+
+async def test_a_bug_in_our_code_propagates_instead_of_falling_back(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    """A programming error (here: a tool that is not a ToolSpec reaches the adapter) is raised
+    as is; the fallback is never asked, so the bug is not hidden behind its answer."""
+    primary, second = OpenAILanguageModel(client, PRIMARY), OpenAILanguageModel(client, SECOND)
+    llm = harden_llm(primary, fallback=second, policy=policy())
+    not_a_tool: Any = object()
+    with pytest.raises(AttributeError):
+        [event async for event in llm.generate(QUESTION, [not_a_tool])]
+    hits = (await server.stats())["hits"]
+    assert (hits.get(f"chat:{PRIMARY}", 0), hits.get(f"chat:{SECOND}", 0)) == (0, 0)
+    assert llm.stats.fallbacks[primary.name] == 0
+    assert llm.stats.retries[primary.name] == 0
+
+
+async def test_a_refusal_for_good_still_falls_back(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    """A non-retryable provider error (401: a revoked key) is not retried, but another provider
+    may well answer: the fallback does."""
+    await server.control(fail={f"chat:{PRIMARY}": [401]})
+    primary, second = OpenAILanguageModel(client, PRIMARY), OpenAILanguageModel(client, SECOND)
+    llm = harden_llm(primary, fallback=second, policy=policy())
+    assert await answer(llm) == "You said: what time is it"
+    assert llm.stats.retries[primary.name] == 0
+    assert llm.stats.fallbacks[primary.name] == 1
