@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
@@ -48,6 +49,7 @@ from pipeline.vad import (
     webrtc_classifier,
 )
 
+log = logging.getLogger(__name__)
 _CLOSED = object()
 
 
@@ -357,8 +359,14 @@ class ConversationEngine:
             self._idle.set()
 
     def _report(self, error: BaseException) -> None:
+        """Log the turn's error with its traceback (a provider's failure as a warning, anything
+        else as the bug it is) and tell the session."""
         while isinstance(error, BaseExceptionGroup) and error.exceptions:
             error = error.exceptions[0]
+        if isinstance(error, ProviderError):
+            log.warning("turn failed: %s", error, exc_info=error)
+        else:
+            log.error("turn failed on a bug: %s: %s", type(error).__name__, error, exc_info=error)
         retryable = isinstance(error, ProviderError) and error.retryable
         self._emit(ev.EngineError(f"{type(error).__name__}: {error}", retryable))
 
