@@ -25,6 +25,7 @@ from typing import Any
 
 from pipeline.knowledge import KnowledgeBase, words_of
 from pipeline.providers import LanguageModelEvent, Message, TextDelta, ToolCall, ToolSpec, Usage
+from pipeline.untrusted_json import JsonInputError, decode
 
 RECALL_VERBS = frozenset({"ask", "asked", "say", "said"})
 GREETINGS = frozenset({"hello", "hi", "hey", "morning", "evening"})
@@ -130,8 +131,8 @@ class LocalRuleBasedAgent:
 
     def _word_result(self, tool_name: str, output: str) -> str:
         try:
-            result = json.loads(output)
-        except json.JSONDecodeError:
+            result = decode(output)  # a client's tool may have answered: untrusted text
+        except JsonInputError:
             result = None
         if not isinstance(result, dict) or "error" in result:
             return "Sorry, I could not look that up."

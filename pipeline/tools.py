@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline.knowledge import KnowledgeBase
 from pipeline.providers import ToolCall, ToolSpec
+from pipeline.untrusted_json import JsonInputError, decode
 
 ToolFunction = Callable[[dict[str, Any]], Awaitable[str] | str]
 JSON_TYPES: Mapping[str, tuple[type, ...]] = {
@@ -130,9 +131,9 @@ def _error(call: ToolCall, message: str) -> ToolResult:
 def parse_arguments(spec: ToolSpec, arguments: str) -> dict[str, Any]:
     """JSON text -> dict, checked against the spec's top-level properties and required keys."""
     try:
-        parsed = json.loads(arguments or "{}")
-    except json.JSONDecodeError as error:
-        raise ToolArgumentError(f"arguments of {spec.name!r} are not JSON: {error.msg}") from None
+        parsed = decode(arguments or "{}")
+    except JsonInputError as error:
+        raise ToolArgumentError(f"arguments of {spec.name!r} are not JSON: {error}") from None
     if not isinstance(parsed, dict):
         raise ToolArgumentError(f"arguments of {spec.name!r} must be a JSON object")
     properties: Mapping[str, Any] = spec.parameters.get("properties", {})

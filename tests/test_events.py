@@ -6,11 +6,13 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sized_inputs import around, mutated, padded_json
 
 from pipeline.providers import Message, ToolCall
 from transceiver.events import (
+    MAX_EVENT_BYTES,
     BufferCommand,
     ConversationItemCreate,
     EventError,
@@ -292,3 +294,56 @@ def test_arbitrary_bytes_never_escape_as_other_exceptions(data: bytes) -> None:
         parse_client_event(data)
     except EventError:
         pass
+
+
+def user_text_event(size: int) -> bytes:
+    """A valid conversation.item.create of exactly ``size`` bytes."""
+    prefix = '{"type": "conversation.item.create", "item": {"type": "message", "role": "user", '
+    return padded_json(prefix + '"content": [{"type": "input_text", "text": ', "}]}}", size)
+
+
+def test_an_event_of_exactly_the_limit_parses_and_one_byte_more_is_refused() -> None:
+    event = parse_client_event(user_text_event(MAX_EVENT_BYTES))
+    assert isinstance(event, ConversationItemCreate) and isinstance(event.item, UserText)
+    assert rejection(user_text_event(MAX_EVENT_BYTES + 1)) == ("event_too_large", None)
+    assert rejection(user_text_event(MAX_EVENT_BYTES + 1).decode()) == ("event_too_large", None)
+
+
+def test_text_counts_its_utf8_bytes_not_its_characters() -> None:
+    prefix = '{"type": "response.create", "response": {"instructions": "'
+    wide = prefix + "é" * ((MAX_EVENT_BYTES - len(prefix)) // 2) + '"}}'
+    assert len(wide) < MAX_EVENT_BYTES < len(wide.encode())
+    assert rejection(wide) == ("event_too_large", None)
+    assert isinstance(parse_client_event(wide[: MAX_EVENT_BYTES // 3] + '"}}'), ResponseCreate)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "[" * 1000,
+        '{"type": "session.update", "session": ' + "[" * 100_000,
+        '{"type": "session.update", "session": {"tools": [{"name": "t", "parameters": '
+        + '{"a":' * 70
+        + "1"
+        + "}" * 70
+        + "}]}}",
+        '{"a":' * (MAX_EVENT_BYTES // 5),
+    ],
+)
+def test_deeply_nested_events_get_the_json_error(data: str) -> None:
+    with pytest.raises(EventError) as info:
+        parse_client_event(data)
+    assert (info.value.code, info.value.param) == ("invalid_json", None)
+    assert "nested deeper than 64 levels" in info.value.message
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(around(MAX_EVENT_BYTES).flatmap(lambda size: mutated(user_text_event(size))))
+def test_mutated_events_at_the_size_limit_parse_or_get_their_error(data: bytes) -> None:
+    try:
+        parse_client_event(data)
+    except EventError as exc:
+        assert exc.code and exc.message
+        assert (exc.code == "event_too_large") == (len(data) > MAX_EVENT_BYTES)
+    else:
+        assert len(data) <= MAX_EVENT_BYTES

@@ -39,6 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.untrusted_json import JsonInputError, decode
 from transceiver import client_secrets
 from transceiver.auth import Authenticator, AuthError
 from transceiver.events import EventError, SessionConfig, SessionUpdate, new_id, parse_client_event
@@ -384,7 +385,10 @@ def _utf8(raw: bytes) -> str:
 def offer_from_multipart(content_type: str, body: bytes) -> tuple[bytes, Mapping[str, Any] | None]:
     """The ``sdp`` field of a multipart form and its ``session`` field (a JSON object)."""
     head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
-    message = message_from_bytes(head + body, policy=email.policy.HTTP)
+    try:
+        message = message_from_bytes(head + body, policy=email.policy.HTTP)
+    except RecursionError:  # the parser recurses into each nested multipart part
+        raise ApiError(400, "invalid_multipart", "multipart parts nested too deeply") from None
     if not isinstance(message, EmailMessage) or not message.is_multipart():
         raise ApiError(400, "invalid_multipart", "multipart body does not parse (boundary?)")
     fields: dict[str, bytes] = {}
@@ -404,9 +408,9 @@ def offer_from_multipart(content_type: str, body: bytes) -> tuple[bytes, Mapping
 def json_object(raw: bytes, code: str, what: str) -> Mapping[str, Any]:
     """``raw`` as a JSON object; else a 400 with ``code`` naming ``what`` was wrong."""
     try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, code, f"{what} is not JSON: {exc}") from None
+        value = decode(raw)
+    except JsonInputError as exc:
+        raise ApiError(400, code, f"{what} is not JSON we accept: {exc}") from None
     if not isinstance(value, dict):
         raise ApiError(400, code, f"{what} must be a JSON object")
     return value

@@ -8,11 +8,12 @@ field was wrong and the session goes on.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from pipeline.untrusted_json import JsonInputError, decode
 
 MAX_EVENT_BYTES = 256 * 1024
 AUDIO_RATE_HZ = 24000
@@ -186,11 +187,12 @@ ClientEvent = (
 
 def parse_client_event(data: str | bytes) -> ClientEvent:
     """Parse one data-channel message; raises EventError naming the problem."""
-    if len(data) > MAX_EVENT_BYTES:
-        raise EventError("event_too_large", f"event of {len(data)} bytes exceeds {MAX_EVENT_BYTES}")
+    size = _size_bytes(data)
+    if size > MAX_EVENT_BYTES:
+        raise EventError("event_too_large", f"event of {size} bytes exceeds {MAX_EVENT_BYTES}")
     try:
-        raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        raw = decode(data)
+    except JsonInputError as exc:
         raise EventError("invalid_json", f"event is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise EventError("invalid_event", "event must be a JSON object")
@@ -199,6 +201,13 @@ def parse_client_event(data: str | bytes) -> ClientEvent:
     if parser is None:
         raise EventError("unknown_event", f"unknown event type {kind!r}", "type")
     return parser(raw, _str(raw, "event_id"))
+
+
+def _size_bytes(data: str | bytes) -> int:
+    """As it came over the channel: text counts its UTF-8 bytes, not its characters."""
+    if isinstance(data, bytes) or len(data) <= MAX_EVENT_BYTES // 4 or len(data) > MAX_EVENT_BYTES:
+        return len(data)
+    return len(data.encode("utf-8", "surrogatepass"))
 
 
 def _str(obj: Mapping[str, Any], key: str, *, required: bool = False, path: str = "") -> str | None:

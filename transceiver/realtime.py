@@ -32,6 +32,8 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from pipeline import events as ev
 from pipeline.engine import ConversationEngine
+from pipeline.providers import Message
+from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.audio import AgentVoiceTrack, pump_input
 from transceiver.events import (
     BufferCommand,
@@ -49,7 +51,12 @@ from transceiver.events import (
     parse_client_event,
 )
 from transceiver.metrics import RealtimeMetrics
-from transceiver.persistence import SessionJournal, SessionPersistence, item_to_message
+from transceiver.persistence import (
+    SessionJournal,
+    SessionPersistence,
+    item_to_message,
+    message_to_item,
+)
 from transceiver.realtime_events import EngineEventTranslator
 from transceiver.server_events import (
     error_event,
@@ -58,13 +65,14 @@ from transceiver.server_events import (
     server_event,
     stored_item_bodies,
 )
-from transceiver.session_config import SessionPolicy
-from transceiver.session_keys import SessionState
+from transceiver.session_config import SessionPolicy, check_storable
+from transceiver.session_keys import SessionState, encode_item
 
 logger = logging.getLogger(__name__)
 EVENTS_LABEL = "oai-events"
 MAX_PENDING_EVENTS = 512
 LOST_NOTICE_S = 0.25
+LONGEST_STORED_ITEM_ID = "h" + "9" * 19  # the journal names items h1, h2, ...
 Event = dict[str, Any]
 _TYPES: Mapping[type, str] = {
     SessionUpdate: "session.update",
@@ -102,6 +110,8 @@ class RealtimeSession:
         self.resumed = resumed is not None
         # Set when this session must end here (taken over elsewhere); ``Sessions`` hangs up.
         self.hangup_requested = asyncio.Event()
+        self._answered = False  # start() ran: the call was answered
+        self._hung_up = False  # the caller hung up: the stored session ends with the call
         self._restored: tuple[Event, ...] = ()
         if resumed is not None:
             journal, state = resumed
@@ -141,6 +151,10 @@ class RealtimeSession:
         if self._remote is not None:
             rate_hz = self.engine.config.input_sample_rate_hz
             self._spawn(pump_input(self._remote, self.engine.push_audio, rate_hz))
+        self._answered = True
+
+    def caller_hung_up(self) -> None:
+        self._hung_up = True
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -150,7 +164,17 @@ class RealtimeSession:
         self.voice.stop()
         if self.journal is not None:
             self.journal.history(self.engine.history)
-            self.journal.close()
+            await self._close_journal(self.journal)
+
+    async def _close_journal(self, journal: SessionJournal) -> None:
+        """Hung up: the stored session ends. Never answered (a resume whose offer failed): the
+        claim is handed back. Otherwise it stays resumable (see ``persistence``)."""
+        if self._hung_up:
+            journal.end()
+            return
+        if not self._answered:
+            await journal.release()
+        journal.close()
 
     async def hand_over(self, timeout_s: float) -> None:
         """Drain: let a running turn finish, store it, release, tell the client to move."""
@@ -257,7 +281,9 @@ class RealtimeSession:
 
     def _handle(self, event: ClientEvent) -> None:
         if isinstance(event, SessionUpdate):
-            self._apply(event.apply(self.config))
+            config = event.apply(self.config)
+            check_storable(config)
+            self._apply(config)
             if self.journal is not None:
                 self.journal.config(self.config.to_json())
             self.send(server_event("session.updated", session=self.config.to_json()))
@@ -284,6 +310,7 @@ class RealtimeSession:
 
     def _create_item(self, event: ConversationItemCreate) -> None:
         item = event.item
+        _check_storable(event)
         if isinstance(item, FunctionCallOutput):
             if not self.engine.add_tool_output(item.call_id, item.output):
                 raise EventError(
@@ -350,11 +377,25 @@ class RealtimeSession:
             self.send(server_event("output_audio_buffer.cleared", response_id=None))
 
 
+def _check_storable(event: ConversationItemCreate) -> None:
+    """Refuse an item larger than the session store keeps, when it arrives (not once the
+    journal finds it unstorable); the same limit holds with or without Redis."""
+    item = event.item
+    if isinstance(item, FunctionCallOutput):
+        message, param = Message("tool", item.output, tool_call_id=item.call_id), "item.output"
+    else:
+        message, param = Message("user", item.text), "item.content"
+    try:
+        encode_item(message_to_item(LONGEST_STORED_ITEM_ID, message))
+    except ValueError as exc:
+        raise EventError("item_too_large", str(exc), param) from None
+
+
 def _event_id_of(data: str | bytes) -> str | None:
     """The client's event_id, when the event is a JSON object that has one (for errors)."""
     try:
-        raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+        raw = decode(data)
+    except JsonInputError:
         return None
     event_id = raw.get("event_id") if isinstance(raw, dict) else None
     return event_id if isinstance(event_id, str) else None

@@ -25,6 +25,7 @@ from transceiver.events import (
     new_id,
     parse_client_event,
 )
+from transceiver.session_keys import MAX_CONFIG_BYTES, encode_json
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,10 @@ class SessionPolicy:
             voice=self.voice,
             turn_detection=detection,
         )
-        return config if not requested else session_update_from(requested).apply(config)
+        if requested:
+            config = session_update_from(requested).apply(config)
+            check_storable(config)
+        return config
 
     def engine_config(self, config: SessionConfig) -> EngineConfig:
         detection = config.turn_detection
@@ -89,3 +93,12 @@ def session_update_from(session: Mapping[str, Any]) -> SessionUpdate:
     event = parse_client_event(json.dumps({"type": "session.update", "session": dict(session)}))
     assert isinstance(event, SessionUpdate)
     return event
+
+
+def check_storable(config: SessionConfig) -> None:
+    """Refuse (EventError) a session larger than the session store keeps. The same limit holds
+    with or without Redis, so a call behaves alike on every deployment."""
+    try:
+        encode_json(config.to_json(), MAX_CONFIG_BYTES, "session config")
+    except ValueError as exc:
+        raise EventError("session_too_large", str(exc), "session") from None
