@@ -63,11 +63,12 @@ sysdeps:
 	fi
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check relay transceiver pipeline loadtest tests
-	$(VENV)/bin/ruff format --check relay transceiver pipeline loadtest tests
+	$(VENV)/bin/ruff check relay transceiver pipeline loadtest tests requirements
+	$(VENV)/bin/ruff format --check relay transceiver pipeline loadtest tests requirements
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy requirements/sync.py
 
 test: $(STAMP) sysdeps lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
