@@ -29,7 +29,7 @@ UPGRADE_FLAGS = $(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),-
 
 all: test
 
-$(STAMP): $(LOCK) pyproject.toml requirements/sync.py
+$(STAMP): $(LOCK) pyproject.toml requirements/sync.py | sysdeps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) requirements/sync.py $(PY) $(LOCK) --editable .
 	touch $(STAMP)
@@ -51,12 +51,13 @@ lock: $(LOCK_TOOLS)/.stamp
 # chromium (the browser tests; Playwright drives Debian's build, it never downloads its own).
 # redis-server (session state; the tests start their own servers, Sentinel included).
 # npm (the @openai/agents-realtime browser tests, installed with `npm ci` from their lock) only
-# where no npm is on PATH already.
+# where no npm is on PATH already; python3-venv where Debian's Python lacks ensurepip.
 SYSTEM_PACKAGES := gcc chromium redis-server
 sysdeps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
+	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
