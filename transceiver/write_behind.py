@@ -121,7 +121,8 @@ class WriteBehindQueue(BackgroundLoop):
 
     async def _run(self) -> None:
         while not self._closing:
-            await self._wakeup.wait()
+            if not self._pending:  # a restarted run (after a crash) first flushes what waits
+                await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending and not self._closing:
                 if await self._flush_all():
