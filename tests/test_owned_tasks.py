@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -330,3 +334,26 @@ async def test_the_relays_route_lookups_are_restarted(
         await lookups.aclose()
     record = next(r for r in caplog.records if r.name == "relay.restarts")
     assert record.exc_info is not None and isinstance(record.exc_info[1], Bug)
+
+
+# --- the transceiver's HTTP server ----------------------------------------------------------
+
+
+def test_a_transceiver_whose_http_server_fails_exits_1_with_the_traceback() -> None:
+    """The HTTP port is taken: uvicorn gives up (it calls sys.exit); the transceiver logs the
+    failure with its traceback, shuts down as usual and exits 1 (not 0, not uvicorn's code)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "TRANSCEIVER_KEYS": "1:" + "5a" * 32, "TRANSCEIVER_AUTH": "off"}
+        env = {k: v for k, v in env.items() if not k.startswith("REDIS_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "transceiver", "--agent", "echo", "--link", "127.0.0.1:0",
+             "--http", f"127.0.0.1:{port}"],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "the HTTP server failed" in done.stderr, done.stderr
+    assert "Traceback (most recent call last)" in done.stderr
+    assert "address already in use" in done.stderr
