@@ -94,7 +94,9 @@ def _route_cache(totals: Sequence[int]) -> Metric:
 
 def _task_crashes(totals: Sequence[int]) -> Metric:
     family = CounterMetricFamily(
-        "relay_task_crashes", "Worker tasks that crashed (each logged and restarted)", ["task"]
+        "relay_task_crashes",
+        "Worker tasks that crashed (each logged and restarted)",
+        labels=["task"],
     )
     for task, slot in (
         ("route cache lookups", c.ROUTE_LOOKUP_CRASHES),
