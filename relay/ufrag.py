@@ -16,10 +16,15 @@ lookup, no registry and no shared state between its SO_REUSEPORT workers. The MA
 address unforgeable, so the relay is never an open proxy; it still checks the address against
 its set of known transceivers, as defence in depth and to count "unknown transceiver" drops.
 
-One configured secret per key id yields two independent subkeys: one signs ufrags, the other
-derives the ICE password from the ufrag, so the relay can check a STUN request's
-MESSAGE-INTEGRITY without any per-session state. The relay accepts every key in its keyring
-(the current one and the previous one during a rotation); transceivers mint with the current.
+One configured secret per key id yields independent subkeys: one signs ufrags, one derives the
+ICE password from the ufrag, so the relay can check a STUN request's MESSAGE-INTEGRITY without
+any per-session state, and one signs the relay's HELLO on the link (``relay.hello``). The relay
+accepts every key in its keyring (the current one and the previous one during a rotation);
+transceivers mint with the current.
+
+A secret must be at least ``MIN_SECRET_BYTES`` (32) bytes and not all zeros: HMAC-SHA256 keys
+shorter than its 32-byte output weaken it (RFC 2104 §3), and an all-zero key is a placeholder
+that anybody can guess.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ UFRAG_VERSION = 1
 NONCE_BYTES = 8
 MAC_BYTES = 10
 PASSWORD_CHARS = 32
+MIN_SECRET_BYTES = 32
+GENERATE_HINT = (
+    "generate one with: python -c 'import secrets; print(\"1:\" + secrets.token_hex(32))'"
+)
 _V4_LEN = 3 + 4 + 2 + NONCE_BYTES + MAC_BYTES
 _V6_LEN = 3 + 16 + 2 + NONCE_BYTES + MAC_BYTES
 _ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
@@ -66,8 +75,12 @@ class Keyring:
         for key_id, secret in self.secrets.items():
             if not 0 <= key_id <= 255:
                 raise ValueError(f"key id {key_id} is outside 0..255")
-            if len(secret) < 16:
-                raise ValueError(f"key {key_id} is shorter than 16 bytes")
+            if len(secret) < MIN_SECRET_BYTES:
+                raise ValueError(
+                    f"key {key_id} is shorter than {MIN_SECRET_BYTES} bytes; {GENERATE_HINT}"
+                )
+            if not any(secret):
+                raise ValueError(f"key {key_id} is all zeros (a placeholder); {GENERATE_HINT}")
 
     @classmethod
     def parse(cls, spec: str) -> Keyring:
@@ -90,6 +103,10 @@ class Keyring:
         secret = self.secrets.get(key_id)
         return None if secret is None else _subkey(secret, b"voicerelay ice pwd")
 
+    def link_key(self, key_id: int) -> bytes | None:
+        secret = self.secrets.get(key_id)
+        return None if secret is None else _subkey(secret, b"voicerelay link hello")
+
 
 def _parse_key(part: str) -> tuple[int, bytes]:
     key_id_text, sep, hex_secret = part.partition(":")
@@ -98,7 +115,7 @@ def _parse_key(part: str) -> tuple[int, bytes]:
     try:
         return int(key_id_text), bytes.fromhex(hex_secret)
     except ValueError:
-        raise ValueError(f"key {key_id_text} secret is not hex") from None
+        raise ValueError(f"key {key_id_text} secret is not hex; {GENERATE_HINT}") from None
 
 
 def _subkey(secret: bytes, label: bytes) -> bytes:

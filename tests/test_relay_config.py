@@ -6,7 +6,7 @@ import pytest
 
 from relay.config import ConfigError, load_config
 
-KEYS = "1:" + "ab" * 16
+KEYS = "1:" + "ab" * 32
 BASE = {"RELAY_KEYS": KEYS, "RELAY_TRANSCEIVERS": "127.0.0.1:7000"}
 
 
@@ -52,7 +52,9 @@ def test_v6_link() -> None:
         (["--internal-host", "::1"], "RELAY_TRANSCEIVERS: 127.0.0.1:7000 is not reachable"),
         (["--transceivers", "127.0.0.1:0"], "RELAY_TRANSCEIVERS: 127.0.0.1:0 is not reachable"),
         (["--internal-port", "65535", "--workers", "2"], "RELAY_INTERNAL_PORT: 65535 + 2"),
-        (["--keys", "1:00"], "RELAY_KEYS: key 1 is shorter than 16 bytes"),
+        (["--keys", "1:" + "ab" * 31], "RELAY_KEYS: key 1 is shorter than 32 bytes"),
+        (["--keys", "1:" + "00" * 32], "RELAY_KEYS: key 1 is all zeros (a placeholder)"),
+        (["--keys", "1:CHANGE-ME"], "RELAY_KEYS: key 1 secret is not hex; generate one with"),
     ],
 )
 def test_bad_values(flags: list[str], message: str) -> None:

@@ -10,7 +10,7 @@ from transceiver.__main__ import main
 from transceiver.auth import AuthConfig, AuthConfigError, auth_flags
 from transceiver.config import ConfigError, TransceiverConfig
 
-KEYS = "1:" + "00" * 16
+KEYS = "1:" + "5b" * 32
 
 
 def test_defaults_environment_and_flags() -> None:
@@ -31,6 +31,8 @@ def test_defaults_environment_and_flags() -> None:
     [
         ([], "TRANSCEIVER_KEYS (--keys) is required"),
         (["--keys", "zz"], "TRANSCEIVER_KEYS: key entry 'zz' is not ID:HEXSECRET"),
+        (["--keys", "1:" + "00" * 32], "TRANSCEIVER_KEYS: key 1 is all zeros (a placeholder)"),
+        (["--keys", "1:" + "5b" * 16], "TRANSCEIVER_KEYS: key 1 is shorter than 32 bytes"),
         (["--keys", KEYS, "--capacity", "0"], "TRANSCEIVER_CAPACITY=0 is below 1"),
         (["--keys", KEYS, "--capacity", "many"], "TRANSCEIVER_CAPACITY='many' is not a int"),
         (["--keys", KEYS, "--link", "localhost:7000"], "'localhost' is not an IP address"),

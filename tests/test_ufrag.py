@@ -142,8 +142,9 @@ def test_password_is_ice_chars_and_bound_to_ufrag() -> None:
         ("1", "is not ID:HEXSECRET"),
         ("x:00", "is not ID:HEXSECRET"),
         ("1:zz", "key 1 secret is not hex"),
-        ("1:00", "key 1 is shorter than 16 bytes"),
-        ("300:" + "00" * 16, "key id 300 is outside 0..255"),
+        ("1:" + "ab" * 31, "key 1 is shorter than 32 bytes; generate one with: python -c"),
+        ("1:" + "00" * 32, "key 1 is all zeros (a placeholder); generate one with"),
+        ("300:" + "ab" * 32, "key id 300 is outside 0..255"),
     ],
 )
 def test_keyring_rejects(spec: str, message: str) -> None:
