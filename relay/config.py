@@ -55,11 +55,15 @@ _FIELDS: dict[str, tuple[str | None, str]] = {
     "INTERNAL_PORT": ("0", "base link port: worker i binds base+i (0 = ephemeral)"),
     "WORKERS": (str(os.cpu_count() or 1), "worker processes"),
     "TRANSCEIVERS": (None, "comma list of transceiver link addresses host:port"),
-    "KEYS": (None, 'keyring "ID:HEX[,ID:HEX]", first = current'),
+    "KEYS": (None, 'keyring "ID:HEX[,ID:HEX]" (32+ random bytes each), first = current'),
     "HTTP": ("127.0.0.1:9100", "host:port serving /metrics /livez /readyz"),
     "ROUTE_IDLE_S": ("30", "seconds before an idle route is forgotten"),
     "STUN_RATE": ("20", "unauthenticated STUN per source per second (burst 2x)"),
-    "HELLO": ("on", "ask the transceivers for their routes at start and every second: on/off"),
+    "HELLO": (
+        "on",
+        "ask the transceivers for their routes at start and every second: on/off (the keyed "
+        "HELLO that admits this relay's link sockets is sent either way)",
+    ),
     "REDIS_URL": ("", "route cache redis://host:port/db, asked about unknown clients (optional)"),
     "REDIS_KEY_PREFIX": ("voicerelay", "key namespace of the route cache (the transceivers')"),
 }

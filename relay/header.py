@@ -11,8 +11,10 @@ From the relay it means "this payload came from that client"; from a transceiver
 payload to that client". With ``FLAG_CONTROL`` set the payload is a control message, never
 forwarded to a client, and the address fields are zero::
 
-    HELLO   relay worker -> transceiver: "I am a relay worker; tell me your live routes".
-            body: empty. The transceiver answers every HELLO with ROUTES (possibly empty).
+    HELLO   relay worker -> transceiver: "I am a relay worker, here is proof I hold the keyring;
+            tell me your live routes". body: signed, see ``relay.hello``. The transceiver takes
+            data only from link addresses whose HELLO verified, and answers a HELLO that asks
+            for routes with ROUTES (possibly empty).
     ROUTES  transceiver -> relay worker: the client addresses of its live sessions.
             body: count:2 | count x (client IP:16 | client port:2)
     GONE    transceiver -> relay worker: these sessions ended; forget their routes.

@@ -17,7 +17,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import MutableSequence
+import time
+from collections.abc import Callable, MutableSequence
 
 from relay import counters as c
 from relay.config import (
@@ -27,7 +28,8 @@ from relay.config import (
     RelayConfig,
 )
 from relay.counters import DROP_INDEX
-from relay.header import HEADER_BYTES, ControlMessage, ControlType
+from relay.header import HEADER_BYTES
+from relay.hello import seal_hello
 from relay.restarts import run_restarting
 from relay.route_lookup import RouteLookups
 from relay.routing import (
@@ -98,7 +100,7 @@ class Worker:
         self.link: socket.socket | None = None
         self.now_s = 0.0
         self._ticker: asyncio.Task[None] | None = None
-        self._hello = bytes(ControlMessage(ControlType.HELLO))
+        self.wall_clock: Callable[[], float] = time.time  # HELLO timestamps compare across hosts
         self.lookups: RouteLookups | None = None
         if config.redis_url is not None:
             self.lookups = RouteLookups(
@@ -236,11 +238,13 @@ class Worker:
         return True
 
     def send_hellos(self) -> None:
-        """Ask every configured transceiver for its live routes (answered with ROUTES)."""
-        if not self.config.hello:
-            return
+        """Prove the keyring to every configured transceiver (it takes no data from this link
+        socket otherwise) and, with ``hello`` on, ask for its live routes (answered with
+        ROUTES). One sealed HELLO per transceiver: each names its addressee."""
+        now_s = self.wall_clock()
         for transceiver in self.config.transceivers:
-            if self._send(self.link, self._hello, transceiver):  # type: ignore[arg-type]
+            hello = seal_hello(self.config.keys, transceiver, now_s, self.config.hello)
+            if self._send(self.link, hello, transceiver):  # type: ignore[arg-type]
                 self.counts[c.HELLOS_SENT] += 1
 
     def publish(self) -> None:

@@ -152,12 +152,13 @@ async def pipeline_transceiver(log_dir: Path) -> AsyncIterator[PipelineTransceiv
     """``python -m transceiver --agent pipeline`` (offline providers) behind a LoopbackRelay."""
     link = ("127.0.0.1", free_port())
     http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
-    relay = LoopbackRelay(link)
+    keys = random_keys()
+    relay = LoopbackRelay(link, keys)
     public = await relay.start()
     env = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}  # offline providers whatever the host
     env |= {"PIPELINE_PIPER_NOISE_SCALE": "0", "PIPELINE_PIPER_NOISE_W_SCALE": "0"}
     process = transceiver_process(
-        "transceiver", link, http, text(public), random_keys(), log_dir, env, agent="pipeline"
+        "transceiver", link, http, text(public), keys, log_dir, env, agent="pipeline"
     )
     try:
         await process.start().ready(timeout_s=90)

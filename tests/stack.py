@@ -3,9 +3,9 @@
 - ``Process`` starts a ``python -m ...`` process, waits for its ready line with a deadline, and
   ends it by PID (SIGTERM or SIGKILL), never by name.
 - ``LoopbackRelay`` is a minimal in-test relay (one public socket, one link socket, header
-  on/off) for transceiver tests that need no real relay.
+  on/off, a keyed HELLO like a real worker's) for transceiver tests that need no real relay.
 - ``Stack`` is a relay (N workers) in front of M transceivers on free loopback ports with a
-  shared random keyring. Tone clients live in ``tones``.
+  shared random keyring (and a random client-secret keyring). Tone clients live in ``tones``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ from typing import Any, cast
 
 import httpx
 
+from relay.config import HELLO_INTERVAL_S
 from relay.header import HEADER_BYTES, HeaderError, header_for, parse_header
+from relay.hello import seal_hello
+from relay.ufrag import Keyring
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_RATE_HZ = 48_000
@@ -40,6 +43,11 @@ def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
 
 def random_keys() -> str:
     return f"7:{os.urandom(32).hex()}"
+
+
+def random_secret_keys() -> str:
+    """A client-secret keyring (TRANSCEIVER_SECRET_KEYS), never the ufrag one."""
+    return f"4:{os.urandom(32).hex()}"
 
 
 def text(address: Address) -> str:
@@ -192,12 +200,18 @@ class _Forward(asyncio.DatagramProtocol):
 
 
 class LoopbackRelay:
-    """A one-worker relay stand-in: client datagrams get the header, link datagrams lose it."""
+    """A one-worker relay stand-in: client datagrams get the header, link datagrams lose it.
 
-    def __init__(self, transceiver: Address) -> None:
+    Like a relay worker it proves the keyring (``keys``, the transceiver's) with a HELLO: before
+    the first datagram it forwards, then again when HELLO_INTERVAL_S has passed (checked as
+    datagrams pass, so no timer task)."""
+
+    def __init__(self, transceiver: Address, keys: str) -> None:
         self.transceiver = transceiver
+        self.keyring = Keyring.parse(keys)
         self.public = _Forward(self._from_client)
         self.link = _Forward(self._from_transceiver)
+        self._hello_at_s = -HELLO_INTERVAL_S
 
     async def start(self, host: str = "127.0.0.1") -> Address:
         loop = asyncio.get_running_loop()
@@ -207,8 +221,17 @@ class LoopbackRelay:
         host, port = self.public.transport.get_extra_info("sockname")[:2]
         return host, port
 
+    def hello(self) -> None:
+        """A keyed HELLO asking for no routes (this stand-in has nothing to learn)."""
+        assert self.link.transport is not None
+        hello = seal_hello(self.keyring, self.transceiver, time.time(), want_routes=False)
+        self.link.transport.sendto(hello, self.transceiver)
+        self._hello_at_s = time.monotonic()
+
     def _from_client(self, data: bytes, client: Address) -> None:
         assert self.link.transport is not None
+        if time.monotonic() - self._hello_at_s >= HELLO_INTERVAL_S:
+            self.hello()  # same socket, sent first: the transceiver reads it first
         self.link.transport.sendto(header_for(client) + data, self.transceiver)
 
     def _from_transceiver(self, data: bytes, _: Address) -> None:
@@ -262,6 +285,11 @@ def metric_values(text: str, name: str) -> dict[str, float]:
     return values
 
 
+async def _keyed_relays(http: httpx.AsyncClient, metrics_url: str) -> float:
+    text = (await http.get(metrics_url)).text
+    return metric_values(text, "transceiver_link_keyed_relays").get("", 0.0)
+
+
 class Stack:
     """A relay (N workers, one public port) in front of M transceivers, on free loopback ports."""
 
@@ -274,6 +302,7 @@ class Stack:
         agent: str = "echo",
     ) -> None:
         self.keys = random_keys()
+        self.secret_keys = random_secret_keys()
         self.log_dir = log_dir
         self.public = ("127.0.0.1", free_port())
         # The same port on ::1 too (dual stack), when it is free there.
@@ -292,6 +321,7 @@ class Stack:
                 self.public_text,
                 self.keys,
                 log_dir,
+                {"TRANSCEIVER_SECRET_KEYS": self.secret_keys},
                 agent=agent,
             )
             for i, link in enumerate(self.links)
@@ -322,7 +352,21 @@ class Stack:
             process.start()
         for process in [*self.transceivers, self.relay]:
             await process.ready()
+        await self.keyed()
         return self
+
+    async def keyed(self, timeout_s: float = 5.0) -> None:
+        """Wait until every transceiver takes data from every relay worker: a worker's first
+        HELLO is lost if it went out before that transceiver bound its link (the next follows
+        within HELLO_INTERVAL_S)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        async with httpx.AsyncClient(timeout=timeout_s) as http:
+            for index in range(len(self.transceivers)):
+                url = self.base_url(index) + "/metrics"
+                while await _keyed_relays(http, url) < self.workers:
+                    assert loop.time() < deadline, f"transceiver{index} never keyed the relay"
+                    await asyncio.sleep(0.05)
 
     async def restart_relay(self, **flags: Any) -> Process:
         """Start a fresh relay on the same public and HTTP ports (extra relay ``flags``)."""

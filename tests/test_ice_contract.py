@@ -62,7 +62,7 @@ def test_protocol_io_goes_through_its_transport() -> None:
 
 
 async def test_relayed_connection_mints_credentials_and_uses_the_link() -> None:
-    link = Link(("127.0.0.1", 0))
+    link = Link(("127.0.0.1", 0), KEYRING)
     address = await link.start()
     try:
         connection = ice.RelayedConnection(
@@ -83,7 +83,7 @@ async def test_relayed_connection_mints_credentials_and_uses_the_link() -> None:
 
 async def test_only_peer_connections_inside_relayed_through_are_relayed() -> None:
     ice.install()
-    link = Link(("127.0.0.1", 0))
+    link = Link(("127.0.0.1", 0), KEYRING)
     address = await link.start()
     offerer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     answerer = RTCPeerConnection(RTCConfiguration(iceServers=[]))

@@ -17,12 +17,12 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from stack import Address, LoopbackRelay, eventually
 
-from relay.header import ControlMessage, ControlType
 from relay.ufrag import Keyring
 from transceiver import ice
 from transceiver.link import Link
 
-KEYRING = Keyring.parse("5:" + "cd" * 32)
+KEYS = "5:" + "cd" * 32
+KEYRING = Keyring.parse(KEYS)
 STUN_SUCCESS = b"\x01\x01"
 STUN_REQUEST = b"\x00\x01"
 CONNECT_TIMEOUT_S = 10.0
@@ -32,8 +32,8 @@ class LearningRelay(LoopbackRelay):
     """Like the real relay: a client is known once its binding request came through; a STUN
     response from an address not known yet is dropped."""
 
-    def __init__(self, transceiver: Address) -> None:
-        super().__init__(transceiver)
+    def __init__(self, transceiver: Address, keys: str) -> None:
+        super().__init__(transceiver, keys)
         self.known: set[Address] = set()
         self.dropped_responses = 0
 
@@ -45,18 +45,14 @@ class LearningRelay(LoopbackRelay):
             return
         super()._from_client(data, client)
 
-    def hello(self) -> None:
-        assert self.link.transport is not None
-        self.link.transport.sendto(bytes(ControlMessage(ControlType.HELLO)), self.transceiver)
-
 
 async def test_a_check_answered_into_the_void_is_resent_when_the_client_checks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(aioice.stun, "RETRY_RTO", 30.0)
     ice.install()
-    link = Link(("127.0.0.1", 0))
-    relay = LearningRelay(await link.start())
+    link = Link(("127.0.0.1", 0), KEYRING)
+    relay = LearningRelay(await link.start(), KEYS)
     public = await relay.start()
     relay.hello()  # as the real relay does: the link now knows where to send
     client = RTCPeerConnection(RTCConfiguration(iceServers=[]))

@@ -1,13 +1,15 @@
 """transceiver.link on real loopback UDP sockets: demux, route learning, worker choice, control.
 
-Two sockets in the test play two relay workers; the link's clock is injected so the 3 s
-"heard recently" window is exercised without waiting.
+Two sockets in the test play two relay workers (keyed by a signed HELLO, as real workers are),
+a third a stranger; the link's clock is injected so the 3 s "heard recently" window and the
+keyed relays' expiry are exercised without waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -21,12 +23,16 @@ from relay.header import (
     header_for,
     parse_header,
 )
+from relay.hello import seal_hello
+from relay.ufrag import Keyring
+from transceiver.keyed_relays import KEYED_TTL_S
 from transceiver.link import HEARD_WINDOW_S, Link, LinkSession
 
 UFRAG = "AQcEfwAAAcI0G5fO0yrdeveSdeaXeQV+kteM"
 CLIENT = ("192.0.2.10", 40000)
 OTHER_CLIENT = ("2001:db8::10", 40001)
 PUBLIC = ("127.0.0.1", 3478)
+KEYRING = Keyring.parse("9:" + "5e" * 32)
 
 
 class Endpoint(asyncio.DatagramProtocol):
@@ -68,7 +74,7 @@ class Clock:
 async def parts() -> AsyncIterator[tuple[Link, Clock, Endpoint, Endpoint]]:
     loop = asyncio.get_running_loop()
     clock = Clock()
-    link = Link(("127.0.0.1", 0), clock=clock)
+    link = Link(("127.0.0.1", 0), KEYRING, clock=clock)
     await link.start()
     workers = [Endpoint(), Endpoint()]
     for worker in workers:
@@ -98,8 +104,13 @@ def binding(cls: stun.Class = stun.Class.REQUEST, username: str | None = None) -
     return message
 
 
+def hello(link: Link, keyring: Keyring = KEYRING, **flags: Any) -> bytes:
+    return seal_hello(keyring, link.address, time.time(), **flags)
+
+
 async def routes(worker: Endpoint, link: Link) -> tuple[tuple[str, int], ...]:
-    worker.send(bytes(ControlMessage(ControlType.HELLO)), link.address)
+    """A keyed HELLO (which also admits ``worker``'s data) and the ROUTES it is answered with."""
+    worker.send(hello(link), link.address)
     data, _ = await worker.next()
     assert parse_header(data).is_control
     message = ControlMessage.parse(data[HEADER_BYTES:])
@@ -134,6 +145,7 @@ async def test_stun_by_ufrag_then_media_by_learned_address(parts: Any) -> None:
 async def test_worker_choice_follows_the_sessions_last_forwarder_while_heard(parts: Any) -> None:
     link, clock, first, second = parts
     session, v4, _ = attach(link)
+    await routes(first, link)
     first.send(header_for(CLIENT) + bytes(binding(username=f"{UFRAG}:x")), link.address)
     await v4.next()
     await routes(second, link)  # second is now the most recently heard worker
@@ -200,8 +212,84 @@ async def test_routes_are_chunked_by_64(parts: Any) -> None:
         session, _, _ = attach(link, f"{UFRAG[:-4]}{i:04d}")
         session.send(b"\x17x", ("192.0.2.1", 10_000 + i))
         await worker.next()
-    worker.send(bytes(ControlMessage(ControlType.HELLO)), link.address)
+    worker.send(hello(link), link.address)
     sizes = [
         len(ControlMessage.parse((await worker.next())[0][HEADER_BYTES:]).routes) for _ in "ab"
     ]
     assert sizes == [64, 6]
+
+
+async def endpoint() -> Endpoint:
+    stranger = Endpoint()
+    await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: stranger, local_addr=("127.0.0.1", 0)
+    )
+    return stranger
+
+
+async def test_data_from_an_unkeyed_address_is_refused_and_never_answered(parts: Any) -> None:
+    link, _, worker, _ = parts
+    session, v4, _ = attach(link)
+    await routes(worker, link)
+    stranger = await endpoint()
+    try:
+        stranger.send(header_for(CLIENT) + bytes(binding(username=f"{UFRAG}:x")), link.address)
+        stranger.send(header_for(CLIENT) + b"\x17\xfe\xfd" + b"\x00" * 30, link.address)
+        assert await routes(worker, link) == ()  # the round trip orders the stranger's two
+        assert link.refused == {"unkeyed_source": 2}
+        assert v4.received.empty()
+        session.send(b"\x17answer", CLIENT)  # the keyed worker, not the last sender, gets it
+        assert (await worker.next())[0].endswith(b"\x17answer")
+        assert stranger.received.empty()
+    finally:
+        assert stranger.transport is not None
+        stranger.transport.close()
+
+
+async def test_hellos_that_do_not_verify_get_no_routes_and_key_nothing(parts: Any) -> None:
+    link, _, worker, _ = parts
+    attach(link)
+    stranger = await endpoint()
+    valid = hello(link)
+    worker.send(valid, link.address)
+    await worker.next()  # ROUTES for the real worker
+    refused = {
+        "hello_length": bytes(ControlMessage(ControlType.HELLO)),  # the old, unsigned HELLO
+        "hello_mac": hello(link, Keyring.parse("9:" + "77" * 32)),
+        "hello_key_id": hello(link, Keyring.parse("3:" + "77" * 32)),
+        "hello_stale": seal_hello(KEYRING, link.address, time.time() - 31),
+        "hello_future": seal_hello(KEYRING, link.address, time.time() + 31),
+        "hello_address": seal_hello(KEYRING, ("127.0.0.1", 9), time.time()),
+        "hello_replay": valid,
+    }
+    try:
+        for datagram in refused.values():
+            stranger.send(datagram, link.address)
+        stranger.send(header_for(CLIENT) + bytes(binding(username=f"{UFRAG}:x")), link.address)
+        await routes(worker, link)  # orders everything the stranger sent
+        assert link.refused == dict.fromkeys([*refused, "unkeyed_source"], 1)
+        assert link.counters["sent_routes"] == 2  # both to the worker
+        assert stranger.received.empty()
+        assert set(link.keyed.sources) == {worker.address}
+    finally:
+        assert stranger.transport is not None
+        stranger.transport.close()
+
+
+async def test_a_hello_without_the_routes_flag_keys_quietly_until_it_expires(parts: Any) -> None:
+    link, clock, worker, other = parts
+    _, v4, _ = attach(link)
+    worker.send(hello(link, want_routes=False), link.address)
+    request = bytes(binding(username=f"{UFRAG}:x"))
+    worker.send(header_for(CLIENT) + request, link.address)
+    assert await v4.next() == (request, CLIENT)
+    assert link.counters["hello"] == 1 and link.counters["sent_routes"] == 0
+    await routes(other, link)
+    clock.now_s += KEYED_TTL_S + 1  # worker's last HELLO is now too old; other HELLOs again
+    await routes(other, link)
+    link.expire()
+    assert set(link.keyed.sources) == {other.address}
+    worker.send(header_for(CLIENT) + request, link.address)
+    await routes(other, link)
+    assert link.refused == {"unkeyed_source": 1}
+    assert v4.received.empty()

@@ -21,7 +21,8 @@ from typing import TypeVar
 import pytest
 from stun_samples import binding_request, signed_request
 
-from relay.header import ControlMessage, ControlType, header_for, parse_header
+from relay.header import HEADER_BYTES, ControlMessage, ControlType, header_for, parse_header
+from relay.hello import open_hello
 from relay.ufrag import Keyring, derive_password, mint_ufrag
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +112,7 @@ class RelayProcess:
         while len(seen) < 2 and time.monotonic() < deadline:
             self.link.settimeout(max(deadline - time.monotonic(), 0.01))
             data, source = self.link.recvfrom(4096)
-            if data[20:] == b"\x01" and parse_header(data).is_control:
+            if data[20:21] == b"\x01" and parse_header(data).is_control:
                 seen.add(source)
         assert len(seen) == 2, f"HELLO from {len(seen)} workers"
         return seen
@@ -237,6 +238,33 @@ def test_link_datagrams_only_from_transceivers(relay: RelayProcess) -> None:
             client.recvfrom(2048)
 
 
+def next_hello(link: socket.socket) -> tuple[bytes, tuple[str, int]]:
+    deadline = time.monotonic() + WAIT_S
+    while (left := deadline - time.monotonic()) > 0:
+        link.settimeout(left)
+        data, source = link.recvfrom(4096)
+        if parse_header(data).is_control and data[HEADER_BYTES : HEADER_BYTES + 1] == b"\x01":
+            return data[HEADER_BYTES:], source[:2]
+    raise TimeoutError("no HELLO on the link")
+
+
+@pytest.mark.parametrize(("flag", "want_routes"), [("on", True), ("off", False)])
+def test_hellos_are_keyed_for_their_transceiver_with_hello_on_or_off(
+    flag: str, want_routes: bool
+) -> None:
+    """Every worker proves the keyring to each transceiver; RELAY_HELLO only decides whether
+    it asks for ROUTES too."""
+    with udp() as link:
+        process, _, _ = start_relay("--transceivers", link_text(link), "--hello", flag, workers=1)
+        try:
+            body, _ = next_hello(link)
+            opened = open_hello(RING, body, link.getsockname()[:2], time.time())
+            assert (opened.key_id, opened.want_routes) == (3, want_routes)
+            assert next_hello(link)[0] != body  # a fresh nonce and timestamp every time
+        finally:
+            stop(process)
+
+
 def test_health_and_worker_restart(relay: RelayProcess) -> None:
     assert relay.status("/livez") == 200 and relay.status("/readyz") == 200
     assert relay.status("/nope") == 404
@@ -327,6 +355,14 @@ def test_http_rejects_bad_requests(relay: RelayProcess) -> None:
             "RELAY_TRANSCEIVERS: cannot resolve 'nohost'",
         ),
         (["--keys", KEYS, "--transceivers", "127.0.0.1:9", "--workers", "0"], "RELAY_WORKERS"),
+        (
+            ["--keys", "1:" + "00" * 32, "--transceivers", "127.0.0.1:9"],
+            "RELAY_KEYS: key 1 is all zeros (a placeholder); generate one with: python -c",
+        ),
+        (
+            ["--keys", "1:" + "ab" * 31, "--transceivers", "127.0.0.1:9"],
+            "RELAY_KEYS: key 1 is shorter than 32 bytes",
+        ),
     ],
 )
 def test_bad_configuration_exits_2(args: list[str], message: str) -> None:

@@ -40,10 +40,13 @@ class Running:
     link: tuple[str, int]
 
 
-def start(tmp_path: Path, public: str, name: str = "transceiver", **flags: Any) -> Running:
+def start(
+    tmp_path: Path, public: str, name: str = "transceiver", keys: str = "", **flags: Any
+) -> Running:
     link = ("127.0.0.1", free_port())
     http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
-    process = transceiver_process(name, link, http, public, random_keys(), tmp_path, **flags)
+    keys = keys or random_keys()
+    process = transceiver_process(name, link, http, public, keys, tmp_path, **flags)
     process.start().wait_ready()
     return Running(process, f"http://{text(http)}", link)
 
@@ -167,9 +170,10 @@ async def test_capacity_media_and_garbage_on_the_link(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     """--capacity 1: one real session echoes its tone; a second offer gets 503 + Retry-After."""
-    shim = LoopbackRelay(("127.0.0.1", 0))
+    keys = random_keys()
+    shim = LoopbackRelay(("127.0.0.1", 0), keys)
     public = await shim.start()
-    running = start(tmp_path, text(public), capacity=1)
+    running = start(tmp_path, text(public), keys=keys, capacity=1)
     shim.transceiver = running.link
     client = ToneClient(523.0)
     try:
@@ -186,7 +190,7 @@ async def test_capacity_media_and_garbage_on_the_link(
         assert client.hears_own_tone([])
         metrics = (await http.get(running.base_url + "/metrics")).text
         assert 'transceiver_link_events_total{kind="drop_header"} 3.0' in metrics
-        assert 'transceiver_link_events_total{kind="drop_no_session"}' in metrics
+        assert 'transceiver_link_refused_total{reason="unkeyed_source"} 1.0' in metrics
         assert (await http.delete(client.call_url)).status_code == 204
         assert (await http.get(running.base_url + "/readyz")).status_code == 200
     finally:
@@ -196,7 +200,8 @@ async def test_capacity_media_and_garbage_on_the_link(
 
 
 async def send_garbage(link: tuple[str, int]) -> None:
-    """Short, wrong-version, unknown-client and bad-control datagrams to the link socket."""
+    """Short, wrong-version, unknown-client and bad-control datagrams to the link socket, from
+    an address that sent no keyed HELLO."""
     from relay.header import FLAG_CONTROL, header_for
 
     datagrams = [b"", b"\x01\x00", b"\x09" + b"\x00" * 40]  # three header drops
@@ -230,9 +235,10 @@ async def test_connect_timeout_frees_capacity(tmp_path: Path, http: httpx.AsyncC
 
 async def test_sigterm_drains_then_exits(tmp_path: Path, http: httpx.AsyncClient) -> None:
     """SIGTERM: readyz 503 and no new calls while the live call goes on; exit once it ends."""
-    shim = LoopbackRelay(("127.0.0.1", 0))
+    keys = random_keys()
+    shim = LoopbackRelay(("127.0.0.1", 0), keys)
     public = await shim.start()
-    running = start(tmp_path, text(public), drain_timeout_s=60)
+    running = start(tmp_path, text(public), keys=keys, drain_timeout_s=60)
     shim.transceiver = running.link
     client = ToneClient(659.0)
     try:

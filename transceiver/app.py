@@ -106,6 +106,24 @@ class LinkCollector(Collector):
         yield GaugeMetricFamily(
             "transceiver_link_sessions", "Sessions on the link", value=self._link.session_count
         )
+        yield from self._trust()
+
+    def _trust(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            "transceiver_link_refused",
+            "Link datagrams refused as not from a keyed relay, by reason (unkeyed_source: data "
+            "from an address without a verified HELLO; hello_*: a HELLO that did not verify)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._link.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        yield GaugeMetricFamily(
+            "transceiver_link_keyed_relays",
+            "Relay link addresses whose HELLO verified (data is taken from these only)",
+            value=len(self._link.keyed.sources),
+        )
+
 
 
 def create_app(

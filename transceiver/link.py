@@ -3,6 +3,12 @@
 I/O layer. Relay workers forward client datagrams here behind the 20-byte header of
 ``relay.header`` ("came from"); sessions send through here behind the same header ("send to").
 
+Only relays that prove the keyring are heard: a HELLO must verify (``relay.hello``: MAC,
+timestamp window, nonce not seen before, addressed to this link) before the link takes data
+from the address it came from, and no ROUTES go to anyone else. Data from any other address is
+dropped with one dict membership test and counted in ``refused`` (by reason, with the refused
+HELLOs).
+
 Demux of an inbound datagram (after the header):
 
 - STUN request: by the server ufrag, the first half of USERNAME (RFC 8445 §7.2.2);
@@ -33,6 +39,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
@@ -48,6 +55,9 @@ from relay.header import (
     header_for,
     ip_text,
 )
+from relay.hello import HelloError
+from relay.ufrag import Keyring
+from transceiver.keyed_relays import KeyedRelays
 from transceiver.redis_config import RedisConfig
 from transceiver.route_publishing import RoutePublishing
 
@@ -179,14 +189,20 @@ class Link(asyncio.DatagramProtocol):
     def __init__(
         self,
         address: Address,
+        keyring: Keyring,
         clock: Clock | None = None,
         environ: Mapping[str, str] | None = None,
+        wall_clock: Clock = time.time,
     ) -> None:
         self.address = address
         self._environ = environ  # where REDIS_* come from (None: os.environ)
         self.routes: RoutePublishing | None = None
         self.counters: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()  # reason -> datagrams refused as not from a relay
+        self.keyed = KeyedRelays(keyring)
+        self._keyed_sources = self.keyed.sources  # the hot path's membership test
         self._clock = clock
+        self._wall_clock = wall_clock  # HELLO timestamps are the relay host's wall clock
         self._transport: asyncio.DatagramTransport | None = None
         self._by_ufrag: dict[bytes, LinkSession] = {}
         self._by_key: dict[bytes, LinkSession] = {}
@@ -263,6 +279,9 @@ class Link(asyncio.DatagramProtocol):
         if data[1] & FLAG_CONTROL:
             self._control(data[HEADER_BYTES:], src)
             return
+        if src not in self._keyed_sources:
+            self.refused["unkeyed_source"] += 1
+            return
         key, payload = data[2:HEADER_BYTES], data[HEADER_BYTES:]
         session = self._owner(key, payload)
         if session is None:
@@ -294,18 +313,28 @@ class Link(asyncio.DatagramProtocol):
         return self._by_key.get(key)
 
     def _control(self, body: bytes, src: Address) -> None:
+        if body[:1] == bytes([ControlType.HELLO]):
+            self._hello(body, src)
+            return
         try:
-            message = ControlMessage.parse(body)
+            ControlMessage.parse(body)
         except HeaderError:
             self.counters["drop_control"] += 1
             return
-        if message.kind != ControlType.HELLO:
-            self.counters["drop_unexpected_control"] += 1
+        self.counters["drop_unexpected_control"] += 1
+
+    def _hello(self, body: bytes, src: Address) -> None:
+        assert self._clock is not None
+        try:
+            hello = self.keyed.admit(body, src, self.address, self._wall_clock(), self._clock())
+        except HelloError as exc:
+            self.refused[exc.reason] += 1
             return
         self.counters["hello"] += 1
         self._heard(src)
-        live = [session.clients.values() for session in self._by_ufrag.values()]
-        self._send_control(ControlType.ROUTES, live, [src])
+        if hello.want_routes:
+            live = [session.clients.values() for session in self._by_ufrag.values()]
+            self._send_control(ControlType.ROUTES, live, [src])
 
     # outbound
 
@@ -386,9 +415,11 @@ class Link(asyncio.DatagramProtocol):
             self.expire()
 
     def expire(self) -> None:
-        """Forget old transactions and silent workers."""
+        """Forget old transactions, silent workers and relays that stopped proving a key."""
         assert self._clock is not None
         now = self._clock()
+        for relay in self.keyed.expire(now):
+            self._workers.pop(relay, None)
         for txid in [t for t, (_, until) in self._transactions.items() if until < now]:
             self._transactions.pop(txid)[0].transactions.discard(txid)
         for worker in [w for w, heard in self._workers.items() if now - heard > WORKER_FORGET_S]:
