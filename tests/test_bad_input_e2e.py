@@ -61,7 +61,10 @@ async def still_answers(client: RealtimeClient) -> None:
         "[" * 1000,
         '{"type": "session.update", "event_id": "evt_deep", "session": ' + "[" * 100_000,
         '{"type": "session.update", "session": {"tools": [{"name": "t", "parameters": '
-        + '{"a":' * 200 + "1" + "}" * 200 + "}]}}",
+        + '{"a":' * 200
+        + "1"
+        + "}" * 200
+        + "}]}}",
     ],
 )
 async def test_deeply_nested_events_get_an_error_and_the_session_goes_on(
