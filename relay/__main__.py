@@ -6,8 +6,14 @@ import os
 import sys
 from collections.abc import Sequence
 
+# One BLAS/OpenMP thread, as pipeline/native_threads.py explains (the relay imports nothing from
+# the pipeline). The relay loads no numpy today; its spawned workers inherit this if it ever does.
+NATIVE_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for name in NATIVE_THREAD_VARIABLES:
+        os.environ.setdefault(name, "1")  # an operator's explicit setting still wins
     import uvloop
 
     from relay.config import ConfigError, load_config

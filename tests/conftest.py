@@ -8,6 +8,10 @@ import openai
 import pytest
 from fake_openai import FakeOpenAIServer
 
+from pipeline.native_threads import pin_native_threads
+
+pin_native_threads()  # the test process too, before any test module imports numpy
+
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[FakeOpenAIServer]:

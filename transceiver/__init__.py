@@ -3,3 +3,7 @@
 May import ``relay.ufrag`` and ``relay.header`` (the wire contract) and ``pipeline``; never the
 relay's I/O modules. The aioice/aiortc internals it touches are confined to ``ice``.
 """
+
+from pipeline.native_threads import pin_native_threads
+
+pin_native_threads()  # before numpy is first imported: see pipeline/native_threads.py
