@@ -25,6 +25,7 @@ from transceiver.session_store import RedisSessionStore
 from transceiver.store_errors import (
     LeaseHeldError,
     ReplicationError,
+    SessionEndedError,
     SessionExistsError,
     SessionNotFoundError,
     StaleOwnerError,
@@ -153,13 +154,42 @@ async def test_missing_and_duplicate_sessions(store: RedisSessionStore) -> None:
         await store.create(
             lease.session_id, "tx-b", config={}, credential=credential, lease_s=LEASE_S
         )
+    with pytest.raises(SessionNotFoundError):
+        await store.load("rtc_never_created")
+    with pytest.raises(SessionNotFoundError):
+        await store.claim("rtc_never_created", "tx-b", lease_s=LEASE_S, force=True)
+
+
+async def test_an_ended_session_is_a_tombstone_nobody_can_claim(server: RedisServer) -> None:
+    config = config_for(server, session_ttl_s=60)
+    async with RedisSessionStore.from_config(config) as store:
+        await ended_session_is_a_tombstone(store, server, config.key_prefix)
+
+
+async def ended_session_is_a_tombstone(
+    store: RedisSessionStore, server: RedisServer, prefix: str
+) -> None:
+    lease, credential = await new_session(store)
+    await store.append_item(lease, item(1))
     await store.end(lease)
-    with pytest.raises(SessionNotFoundError):
+    await store.end(lease)  # a retried end (lost reply) is harmless
+    with pytest.raises(SessionEndedError):
         await store.load(lease.session_id)
-    with pytest.raises(SessionNotFoundError):
-        await store.append_item(lease, item(1))
-    with pytest.raises(SessionNotFoundError):
+    with pytest.raises(SessionEndedError):
         await store.claim(lease.session_id, "tx-b", lease_s=LEASE_S, force=True)
+    with pytest.raises(SessionNotFoundError):  # no owner any more: every write is refused
+        await store.append_item(lease, item(2))
+    with pytest.raises(SessionExistsError):  # the id is never reused
+        await store.create(
+            lease.session_id, "tx-a", config=CONFIG, credential=credential, lease_s=LEASE_S
+        )
+    assert await store.verify_credential(lease.session_id, credential)
+    assert not await store.verify_credential(lease.session_id, "not-the-credential")
+    keys = SessionKeys.of(prefix, lease.session_id)
+    with server.client() as redis:
+        assert redis.hgetall(keys.meta).keys() == {b"ended", b"credential"}
+        assert not redis.exists(keys.items, keys.ids, keys.lease)
+        assert 0 < redis.pttl(keys.meta) <= 60_000
 
 
 # --- fencing ----------------------------------------------------------------------------------

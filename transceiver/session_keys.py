@@ -7,7 +7,8 @@ may touch them all):
 - ``P:sess:{S}:meta``  hash: ``config`` (JSON), ``turn``, ``fence`` (last token issued),
   ``owner`` and ``token`` (the current owner and its fencing token; both ``""`` after release),
   ``credential`` (SHA-256 hex of the resume credential), ``seq`` (last item sequence number),
-  ``trimmed`` (how many of the oldest items were dropped by the cap).
+  ``trimmed`` (how many of the oldest items were dropped by the cap). An ended session's meta
+  is a tombstone: only ``ended`` and ``credential``, and no other key.
 - ``P:sess:{S}:items`` list of JSON items, oldest first, at most ``max_items``.
 - ``P:sess:{S}:ids``   sorted set item id -> sequence number, the same items as the list: it
   makes an append idempotent by item id (a retry returns the first append's sequence number).

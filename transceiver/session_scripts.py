@@ -12,6 +12,9 @@ Fencing rules:
   (STALE_OWNER otherwise). The lease key gates claims only: an owner whose lease ran out but whom
   nobody replaced may still write (its token is still current) and may renew.
 - ``release`` clears owner and token, so every token the session ever issued is stale.
+- ``end`` (the caller hung up) deletes the conversation and leaves a tombstone without owner or
+  token: every later write finds no session (NO_SESSION), and ``claim`` is refused for good
+  (SESSION_ENDED).
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ CLAIM = _script(
     "claim",
     """
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NO_SESSION') end
+if redis.call('HEXISTS', KEYS[1], 'ended') == 1 then return redis.error_reply('SESSION_ENDED') end
 local holder = redis.call('GET', KEYS[4])
 if holder and holder ~= ARGV[1] and ARGV[4] ~= '1' then
   return redis.error_reply('LEASE_HELD ' .. holder .. ' ' .. redis.call('PTTL', KEYS[4]))
@@ -115,8 +119,23 @@ return 1
 """,
 )
 
-# ARGV: owner, token, ttl_ms
-END = _script("end", "redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])\nreturn 1\n")
+# ARGV: owner, token, ttl_ms. Leaves a tombstone (meta with ``ended`` and the credential hash
+# only, for the session TTL): a resume with the right credential learns the session ended. A
+# repeated end (its reply was lost) succeeds again.
+END = _script(
+    "end",
+    """
+if redis.call('HEXISTS', KEYS[1], 'ended') == 1 then return 1 end
+local refused = fenced(ARGV[1], ARGV[2])
+if refused then return redis.error_reply(refused) end
+local credential = redis.call('HGET', KEYS[1], 'credential')
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('HSET', KEYS[1], 'ended', 1, 'credential', credential or '')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+""",
+    fenced=False,
+)
 
 # ARGV: owner, token, ttl_ms, max_items, item_id, item_json -> {appended 0|1, seq}
 # Cap policy: keep the newest max_items; the oldest leave the list and the id set together,

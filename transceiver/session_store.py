@@ -64,6 +64,7 @@ from transceiver.session_scripts import (
 )
 from transceiver.store_errors import (
     ReplicationError,
+    SessionEndedError,
     SessionNotFoundError,
     StoreError,
     StoreUnavailableError,
@@ -181,7 +182,10 @@ class RedisSessionStore:
         return WriteAck(acked)
 
     async def end(self, lease: Lease) -> WriteAck:
-        """Delete the session (its conversation is over); only its current owner may."""
+        """End the session (its caller hung up); only its current owner may. The conversation
+        is deleted; a tombstone keeps the credential hash for the session TTL, so a resume
+        with it is told the session ended (``SessionEndedError`` from ``claim`` and ``load``)
+        rather than that it never existed."""
         _, acked = await self._fenced(END, lease, [])
         return WriteAck(acked)
 
@@ -212,6 +216,8 @@ class RedisSessionStore:
                 meta, items = await pipe.execute()
         if not meta:
             raise SessionNotFoundError(session_id)
+        if b"ended" in meta:
+            raise SessionEndedError(session_id)
         return decode_state(session_id, meta, items)
 
     async def verify_credential(self, session_id: str, credential: str | None) -> bool:

@@ -68,6 +68,14 @@ class SessionNotFoundError(StoreError):
         self.session_id = session_id
 
 
+class SessionEndedError(StoreError):
+    """The session was ended (its caller hung up): it can never be claimed or written again."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id} has ended")
+        self.session_id = session_id
+
+
 class SessionExistsError(StoreError):
     """``create`` for a session id that is already stored."""
 
@@ -81,6 +89,7 @@ STALE_OWNER = "STALE_OWNER"
 LEASE_HELD = "LEASE_HELD"
 NO_SESSION = "NO_SESSION"
 SESSION_EXISTS = "SESSION_EXISTS"
+SESSION_ENDED = "SESSION_ENDED"
 
 
 def from_script_error(message: str, session_id: str, token: int = 0) -> StoreError | None:
@@ -95,4 +104,6 @@ def from_script_error(message: str, session_id: str, token: int = 0) -> StoreErr
         return SessionNotFoundError(session_id)
     if code == SESSION_EXISTS:
         return SessionExistsError(session_id)
+    if code == SESSION_ENDED:
+        return SessionEndedError(session_id)
     return None
