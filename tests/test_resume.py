@@ -47,12 +47,17 @@ class Survival:
 
 @asynccontextmanager
 async def survival_stack(
-    log_dir: Path, transceivers: int = 2, redis_args: tuple[str, ...] = ()
+    log_dir: Path,
+    transceivers: int = 2,
+    redis_args: tuple[str, ...] = (),
+    capacity: int | None = None,
 ) -> AsyncIterator[Survival]:
-    """redis-server, then a relay in front of pipeline transceivers that store sessions in it."""
+    """redis-server, then a relay in front of pipeline transceivers that store sessions in it
+    (each taking at most ``capacity`` sessions, when given)."""
     redis = RedisServer(log_dir, "redis", redis_args).start()
+    config = RedisConfig(url=redis.url)
     try:
-        async with pipeline_stack(log_dir, RedisConfig(url=redis.url), transceivers) as running:
+        async with pipeline_stack(log_dir, config, transceivers, capacity) as running:
             yield Survival(redis, *running)
     finally:
         redis.stop()
@@ -60,7 +65,7 @@ async def survival_stack(
 
 @asynccontextmanager
 async def pipeline_stack(
-    log_dir: Path, config: RedisConfig, transceivers: int = 2
+    log_dir: Path, config: RedisConfig, transceivers: int = 2, capacity: int | None = None
 ) -> AsyncIterator[tuple[Stack, RedisSessionStore]]:
     """A relay in front of pipeline transceivers storing sessions per ``config``; a store to
     read what they stored."""
@@ -69,6 +74,7 @@ async def pipeline_stack(
     env |= {"PIPELINE_PIPER_NOISE_SCALE": "0", "PIPELINE_PIPER_NOISE_W_SCALE": "0"}
     for process in stack.transceivers:
         process.env.update(env)
+        process.argv += [] if capacity is None else ["--capacity", str(capacity)]
     store = RedisSessionStore.from_config(config)
     try:
         for process in [*stack.transceivers, stack.relay]:

@@ -33,7 +33,7 @@ from transceiver.auth import AuthConfig, AuthConfigError, Authenticator, auth_fl
 from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.echo import EchoAgent
 from transceiver.link import Link
-from transceiver.metrics import RedisHealthCollector, TaskCrashCollector
+from transceiver.metrics import LeaseCollector, RedisHealthCollector, TaskCrashCollector
 from transceiver.persistence import SessionPersistence, open_persistence
 from transceiver.redis_config import RedisConfig, RedisConfigError
 from transceiver.sessions import AgentFactory, SessionLimits, Sessions
@@ -76,6 +76,7 @@ async def open_agents(
     ):
         if persistence is not None:
             registry.register(RedisHealthCollector(persistence.health.down_for_s))
+            registry.register(LeaseCollector(persistence.heartbeat.held_count))
         resume = None if persistence is None else agents.resume
         yield Agents(agents, persistence, resume)
 

@@ -13,8 +13,10 @@ Session survival (when Redis is configured): the 201 answer carries ``X-Voicerel
 lost connection, POST a new offer to any transceiver naming the session, as the query parameter
 ``?session_id=...`` or the ``X-Voicerelay-Session`` header, with ``X-Voicerelay-Resume-Token``
 (independent of ``Authorization``, which is checked as for any call). Missing token: 401;
-wrong token or unknown session: 403; Redis unreachable: 503 — the stored session is untouched
-in each case. On success the stored config (not the request's) and conversation continue.
+wrong token or unknown session: 403; Redis unreachable, or no room here: 503 — the stored
+session is untouched in each case (capacity is reserved before the session is claimed). A
+session whose caller hung up (``DELETE``) is ended: its resume answers 410 ``session_ended``.
+On success the stored config (not the request's) and conversation continue.
 ``/readyz`` says ``"redis": "ok"|"degraded"`` and stays 200 while Redis is away (calls work
 without it, see ``persistence``); it turns 503 ``task_failing`` when an owned loop keeps crashing.
 """
@@ -148,9 +150,10 @@ def create_app(
         requested = merged_session(granted, asked)
         if requested is not None:
             _session_update(requested)  # 400 naming the field, as a session.update would get
-        agent = await _resumed_agent(request, resume)
         try:
-            session, answer = await sessions.create(offer, requested, agent)
+            with sessions.reserve() as slot:  # before a resumed session is claimed
+                agent = await _resumed_agent(request, resume)
+                session, answer = await sessions.create(slot, offer, requested, agent)
         except AdmissionError as exc:
             raise _unavailable(exc) from None
         except OfferRejected as exc:

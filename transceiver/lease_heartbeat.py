@@ -53,6 +53,9 @@ class LeaseHeartbeat(BackgroundLoop):
     def held(self) -> tuple[Lease, ...]:
         return tuple(self._leases.values())
 
+    def held_count(self) -> int:
+        return len(self._leases)
+
     async def _run(self) -> None:
         while not self._closing:
             await asyncio.sleep(self._interval_s)

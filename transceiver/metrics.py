@@ -136,3 +136,17 @@ class RedisHealthCollector(Collector):
             "Seconds Redis has been unreachable in a row (0 while it answers); calls go on",
             value=self._down_for_s(),
         )
+
+
+class LeaseCollector(Collector):
+    """How many stored sessions this transceiver holds the lease of (and renews)."""
+
+    def __init__(self, held: Callable[[], int]) -> None:
+        self._held = held
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "transceiver_session_leases",
+            "Stored sessions whose lease this transceiver holds and renews",
+            value=self._held(),
+        )

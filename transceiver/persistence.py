@@ -16,6 +16,11 @@ I/O layer over ``session_store`` (fenced writes), ``write_behind`` (never wait o
 - Resume: ``resume`` checks the credential (missing: 401, wrong or unknown session: 403), then
   claims the session with force (the client proved it is the session's client; the old owner's
   later writes are refused by the fencing token) and loads config and items.
+- Ended: only a hang-up by the caller (``DELETE /v1/realtime/calls/{id}`` or its ``/hangup``
+  POST) ends a stored session (``SessionJournal.end``, queued behind its earlier writes); a
+  resume of it is then refused with 410. Every other close leaves it resumable: the transceiver
+  killed or drained (hand-over), the connection lost or closed by the peer (a client that moves
+  to another transceiver closes its old connection exactly so), and a take-over elsewhere.
 - Lost: when a renewal or write is refused (another transceiver took the session over, or its
   record is gone) the journal stops writing and calls its ``on_lost`` once; the session hangs up.
 - Health: a ping every ``HEALTH_INTERVAL_S``. A Redis outage never makes the transceiver
@@ -43,10 +48,16 @@ from transceiver.lease_heartbeat import LeaseHeartbeat
 from transceiver.redis_config import RedisConfig
 from transceiver.session_keys import Lease, SessionState, check_id, new_credential
 from transceiver.session_store import RedisSessionStore, SessionStore
-from transceiver.store_errors import SessionExistsError, SessionNotFoundError, StoreError
+from transceiver.store_errors import (
+    SessionEndedError,
+    SessionExistsError,
+    SessionNotFoundError,
+    StoreError,
+)
 from transceiver.write_behind import (
     AdvanceTurn,
     AppendItem,
+    EndSession,
     PendingWrite,
     QueueFullError,
     UpdateConfig,
@@ -223,6 +234,16 @@ class SessionJournal:
         except StoreError as error:
             log.info("session %s: release failed: %s", self.session_id, error)
 
+    def end(self) -> None:
+        """The caller hung up: end the stored session (it cannot be resumed), then ``close``.
+        Its queued writes are dropped (the end deletes them anyway); the end is queued, so it
+        reaches Redis after an outage too. Never stored (Redis was down throughout): nothing
+        to end."""
+        if self.lease is not None and not self.lost:
+            self.persistence.queue.discard(self.session_id)
+            self.persistence.queue.submit(self.lease, EndSession())
+        self.close()
+
     def close(self) -> None:
         """The session ended here: stop renewing (queued writes still flush)."""
         self.persistence.heartbeat.drop(self.session_id)
@@ -370,6 +391,10 @@ class SessionPersistence:
                 session_id, self.owner_id, lease_s=self.lease_s, force=True
             )
             state = await self.store.load(session_id)
+        except SessionEndedError:
+            raise ResumeRefused(410, "session_ended", "the session was hung up") from None
+        except SessionNotFoundError:  # expired (or ended) since its credential was checked
+            raise ResumeRefused(404, "session_not_found", "the session is gone") from None
         except StoreError as error:
             raise ResumeRefused(503, "store_unavailable", str(error)) from None
         journal = SessionJournal(

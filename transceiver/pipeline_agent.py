@@ -55,6 +55,8 @@ class PipelineAgents:
         try:
             stored = session_update_from(state.config).apply(SessionConfig(session_id))
         except EventError as exc:
+            await journal.release()  # claimed for nothing: hand it back, stop renewing
+            journal.close()
             raise ResumeRefused(409, "invalid_stored_session", exc.message) from None
         engine = build_engine(self.config, self.providers)
         return RealtimeSession(

@@ -110,6 +110,8 @@ class RealtimeSession:
         self.resumed = resumed is not None
         # Set when this session must end here (taken over elsewhere); ``Sessions`` hangs up.
         self.hangup_requested = asyncio.Event()
+        self._answered = False  # start() ran: the call was answered
+        self._hung_up = False  # the caller hung up: the stored session ends with the call
         self._restored: tuple[Event, ...] = ()
         if resumed is not None:
             journal, state = resumed
@@ -149,6 +151,10 @@ class RealtimeSession:
         if self._remote is not None:
             rate_hz = self.engine.config.input_sample_rate_hz
             self._spawn(pump_input(self._remote, self.engine.push_audio, rate_hz))
+        self._answered = True
+
+    def caller_hung_up(self) -> None:
+        self._hung_up = True
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -158,7 +164,17 @@ class RealtimeSession:
         self.voice.stop()
         if self.journal is not None:
             self.journal.history(self.engine.history)
-            self.journal.close()
+            await self._close_journal(self.journal)
+
+    async def _close_journal(self, journal: SessionJournal) -> None:
+        """Hung up: the stored session ends. Never answered (a resume whose offer failed): the
+        claim is handed back. Otherwise it stays resumable (see ``persistence``)."""
+        if self._hung_up:
+            journal.end()
+            return
+        if not self._answered:
+            await journal.release()
+        journal.close()
 
     async def hand_over(self, timeout_s: float) -> None:
         """Drain: let a running turn finish, store it, release, tell the client to move."""

@@ -6,6 +6,14 @@ voice pipeline and the ``oai-events`` channel) or ``echo`` (diagnostics). Every 
 watcher task, owned by ``Sessions`` and awaited on close; the agent owns its own tasks and
 ``aclose()`` ends them.
 
+Capacity: a call holds a slot from ``reserve`` on, before anything is done for it elsewhere
+(a resumed session is claimed in Redis only once it has one), and ``create`` turns the slot
+into the session; ``create`` owns the agent it is given and closes it on every failure.
+
+Hang-up: only ``hangup`` (the caller's ``DELETE``) is one; an agent that ``EndsOnHangUp`` is
+told before it closes, so its stored session ends too. A connection that fails or that the peer
+closes is not a hang-up (a client moving to another transceiver closes its old connection).
+
 Drain (SIGTERM): admission stops at once; every agent that can ``hand_over`` (the pipeline
 agent) finishes its running turn, stores it and tells its client to reconnect elsewhere; the
 sessions then end as their clients leave, or at the drain timeout.
@@ -17,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -65,6 +73,13 @@ class OfferRejected(Exception):
     """aiortc could not negotiate the offer; the message says why."""
 
 
+class Reservation:
+    """A slot of capacity held for a call being set up (see ``Sessions.reserve``)."""
+
+    def __init__(self) -> None:
+        self.held = True
+
+
 class SessionAgent(Protocol):
     """What runs in a session: gets the client's audio track and data channels."""
 
@@ -86,6 +101,13 @@ class HangsUp(Protocol):
     """An agent that can end its own session (e.g. taken over by another transceiver)."""
 
     hangup_requested: asyncio.Event
+
+
+@runtime_checkable
+class EndsOnHangUp(Protocol):
+    """An agent whose session outlives its connection (stored) unless the caller hangs up."""
+
+    def caller_hung_up(self) -> None: ...
 
 
 # requested session config (None: the defaults) -> agent; raises EventError if it is invalid
@@ -139,6 +161,7 @@ class Sessions:
         self._agents = agents
         self._metrics = SessionMetrics(registry)
         self._sessions: dict[str, Session] = {}
+        self._reserved = 0  # slots held by calls being set up
         self._watchers: set[asyncio.Task[None]] = set()
         self._empty = asyncio.Event()
         self._empty.set()
@@ -154,7 +177,8 @@ class Sessions:
     def not_ready_reason(self) -> str | None:
         if self.draining:
             return "draining"
-        return "full" if len(self._sessions) >= self._limits.capacity else None
+        taken = len(self._sessions) + self._reserved
+        return "full" if taken >= self._limits.capacity else None
 
     def admit(self) -> None:
         """Raise AdmissionError when a new session would not be accepted."""
@@ -162,18 +186,46 @@ class Sessions:
         if reason is not None:
             raise AdmissionError(reason, self._limits.retry_after_s)
 
+    @contextlib.contextmanager
+    def reserve(self) -> Iterator[Reservation]:
+        """Hold a slot for a call being set up; AdmissionError when there is none. ``create``
+        uses it; leaving the block without a session frees it."""
+        self.admit()
+        reservation = Reservation()
+        self._reserved += 1
+        try:
+            yield reservation
+        finally:
+            self._release(reservation)
+
+    def _release(self, reservation: Reservation) -> None:
+        if reservation.held:
+            reservation.held = False
+            self._reserved -= 1
+
     async def create(
         self,
+        reservation: Reservation,
         offer_sdp: str,
         requested: Mapping[str, Any] | None = None,
         agent: SessionAgent | None = None,
     ) -> tuple[Session, str]:
-        """Answer a (sanitised) offer; the session counts against capacity at once.
+        """Answer a (sanitised) offer in the reserved slot (AdmissionError if draining began).
         ``requested``: the session config asked for with the call (OfferRejected if invalid);
-        ``agent``: one already made (a resumed session) instead of a new one."""
-        self.admit()
-        if agent is None:
-            agent = self._new_agent(requested)
+        ``agent``: one already made (a resumed session) instead of a new one; closed here on
+        every failure."""
+        try:
+            if not reservation.held:
+                raise ValueError("a reservation makes one session")
+            if self.draining:
+                raise AdmissionError("draining", self._limits.retry_after_s)
+            self._release(reservation)  # the session takes the slot at once (no await between)
+            if agent is None:
+                agent = self._new_agent(requested)
+        except BaseException:
+            if agent is not None:
+                await agent.aclose()
+            raise
         loop = asyncio.get_running_loop()
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         session = Session("rtc_" + secrets.token_hex(12), pc, loop.time(), agent)
@@ -261,6 +313,8 @@ class Sessions:
         session = self._sessions.get(call_id)
         if session is None:
             return False
+        if isinstance(session.agent, EndsOnHangUp):
+            session.agent.caller_hung_up()
         await self._end(session, "hangup")
         return True
 

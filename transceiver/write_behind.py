@@ -46,7 +46,12 @@ class AdvanceTurn:
     turn: int
 
 
-PendingWrite = AppendItem | UpdateConfig | AdvanceTurn
+@dataclass(frozen=True)
+class EndSession:
+    """The caller hung up: the session ends in the store (after its earlier writes)."""
+
+
+PendingWrite = AppendItem | UpdateConfig | AdvanceTurn | EndSession
 
 
 class QueueFullError(Exception):
@@ -97,9 +102,10 @@ class WriteBehindQueue(BackgroundLoop):
         return not self._backing_off and self._store.healthy
 
     def submit(self, lease: Lease, write: PendingWrite) -> None:
-        """Queue a write; ``ValueError`` at once for one the store would never accept."""
+        """Queue a write; ``ValueError`` at once for one the store would never accept. An
+        ``EndSession`` is taken even when full (one per session, and it ends its writes)."""
         _validate(write)
-        if self._pending >= self._max_pending:
+        if self._pending >= self._max_pending and not isinstance(write, EndSession):
             raise QueueFullError(f"{self._pending} writes already wait for Redis")
         self._queues.setdefault(lease.session_id, deque()).append((lease, write))
         self._pending += 1
@@ -163,8 +169,10 @@ class WriteBehindQueue(BackgroundLoop):
             await self._store.append_item(lease, write.item)
         elif isinstance(write, UpdateConfig):
             await self._store.update_config(lease, write.config)
-        else:
+        elif isinstance(write, AdvanceTurn):
             await self._store.advance_turn(lease, write.turn)
+        else:
+            await self._store.end(lease)
 
     def _drop(self, session_id: str, error: StoreError) -> None:
         log.warning("write-behind: dropping session %s's writes: %s", session_id, error)
