@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from relay import counters as c
 from relay.route_lookup import RouteLookups
+from relay.route_record import encode_route, route_key
 from relay.routing import Router, RouteTable, StunRateLimit
 from relay.ufrag import Keyring
 from tests.redis_server import RedisServer, redis_server_binary
@@ -233,7 +234,8 @@ async def test_route_publishing_is_restarted(
     publishing = RoutePublishing(connection, cache, link, lambda: {client: link}, 0.05)
 
     async def published() -> bool:
-        return cache.faults.calls["publish_many"] >= 2 and await cache.lookup(client) == link
+        raw = await connection.client.get(route_key(redis_config.key_prefix, client))
+        return cache.faults.calls["publish_many"] >= 2 and raw == encode_route(link)
 
     await assert_crash_seen_and_restarted(publishing, registry, caplog, published)
 

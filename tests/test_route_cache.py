@@ -1,10 +1,11 @@
-"""The route cache: pure key/value codec, then publish/lookup/expire/withdraw on a real Redis."""
+"""The route cache: pure key/value codec; the transceiver's publishing (``RouteCache``,
+``RoutePublishing``) on a real Redis, read back as a relay reads it."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 from hypothesis import given
@@ -15,12 +16,15 @@ from relay.route_record import RouteValueError, decode_route, encode_route, rout
 from tests.redis_server import RedisServer, free_tcp_port
 from transceiver.redis_config import RedisConfig
 from transceiver.redis_connection import open_redis
-from transceiver.route_cache import RouteCache, RoutePublisher, lookup
+from transceiver.route_cache import RouteCache
+from transceiver.route_publishing import RoutePublishing
 from transceiver.store_errors import StoreUnavailableError
 
 CLIENT = ("198.51.100.7", 50_123)
 LINK = ("10.0.0.5", 7000)
 OTHER_LINK = ("10.0.0.6", 7000)
+SECOND = ("2001:db8::9", 4000)
+Address = tuple[str, int]
 
 
 def unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -73,64 +77,79 @@ async def client(server: RedisServer) -> AsyncIterator[Redis]:
     await connection.aclose()
 
 
-async def until_gone(cache: RouteCache, timeout_s: float) -> None:
+async def route_of(redis: Redis, prefix: str, client: Address) -> Address | None:
+    """What a relay reads for ``client`` (``relay.route_lookup``: the raw value, decoded)."""
+    raw = await redis.get(route_key(prefix, client))
+    return None if raw is None else decode_route(raw)
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    while await cache.lookup(CLIENT) is not None:
-        assert loop.time() < deadline, "the route did not expire"
+    while not await check():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
 
 
-async def test_publish_lookup_expire(client: Redis) -> None:
+async def test_publish_expire_and_withdraw_only_its_own_route(client: Redis) -> None:
     cache = RouteCache(client, "rt1", ttl_s=0.3)
-    assert await cache.lookup(CLIENT) is None
-    await cache.publish(CLIENT, LINK)
-    assert await cache.lookup(CLIENT) == LINK
-    assert await lookup(client, "rt1", CLIENT) == LINK  # the relay helper's entry point
+    await cache.publish_many({CLIENT: LINK, SECOND: OTHER_LINK})
+    assert await route_of(client, "rt1", CLIENT) == LINK
+    assert await route_of(client, "rt1", SECOND) == OTHER_LINK
     assert 0 < await client.pttl(route_key("rt1", CLIENT)) <= 300
-    await until_gone(cache, 3.0)
+    await until(lambda: gone(client, "rt1", CLIENT), 3.0, "the route to expire")
 
-
-async def test_withdraw_deletes_only_its_own_route(client: Redis) -> None:
     cache = RouteCache(client, "rt2", ttl_s=30)
-    await cache.publish(CLIENT, OTHER_LINK)  # the client moved to another transceiver
+    await cache.publish_many({CLIENT: OTHER_LINK})  # the client moved to another transceiver
     assert not await cache.withdraw(CLIENT, LINK)
-    assert await cache.lookup(CLIENT) == OTHER_LINK
+    assert await route_of(client, "rt2", CLIENT) == OTHER_LINK
     assert await cache.withdraw(CLIENT, OTHER_LINK)
-    assert await cache.lookup(CLIENT) is None
+    assert await route_of(client, "rt2", CLIENT) is None
 
 
-async def test_publisher_refreshes_until_closed(client: Redis) -> None:
-    cache = RouteCache(client, "rt3", ttl_s=0.3)
-    routes = {CLIENT: LINK, ("2001:db8::9", 4000): OTHER_LINK}
-    async with RoutePublisher(cache, lambda: routes, refresh_s=0.05):
+async def gone(client: Redis, prefix: str, address: Address) -> bool:
+    return await route_of(client, prefix, address) is None
+
+
+async def test_publishing_follows_the_links_sessions(server: RedisServer, client: Redis) -> None:
+    config = RedisConfig(url=server.url, key_prefix="rt3", route_ttl_s=0.3)
+    live: dict[Address, Address] = {}
+    async with RoutePublishing.from_config(config, LINK, lambda: live) as routes:
+        live[CLIENT] = LINK
+        routes.learned(CLIENT)  # published at once, not at the next refresh
+        await until(lambda: has(client, CLIENT), 3.0, "the learned route")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 3.0
-        while await cache.lookup(CLIENT) is None:  # the first publish
-            assert loop.time() < deadline, "the route was never published"
-            await asyncio.sleep(0.01)
-        until = loop.time() + 1.0  # over three TTLs: alive only because it is refreshed
-        while loop.time() < until:
-            assert await cache.lookup(CLIENT) == LINK
+        until_s = loop.time() + 1.0  # over three TTLs: alive only because it is refreshed
+        while loop.time() < until_s:
+            assert await route_of(client, "rt3", CLIENT) == LINK
             await asyncio.sleep(0.05)
-        assert await cache.lookup(("2001:db8::9", 4000)) == OTHER_LINK
-    await until_gone(cache, 3.0)
+        del live[CLIENT]
+        routes.withdrawn(CLIENT)
+        await until(lambda: gone(client, "rt3", CLIENT), 3.0, "the withdrawn route")
+        live[SECOND] = LINK
+        routes.learned(SECOND)
+        await until(lambda: has(client, SECOND), 3.0, "the second route")
+    assert await route_of(client, "rt3", SECOND) == LINK  # closing withdraws only what ended
 
 
-async def test_a_malformed_value_is_no_route(client: Redis) -> None:
-    await client.set(route_key("rt4", CLIENT), b"garbage")
-    assert await lookup(client, "rt4", CLIENT) is None
+async def has(client: Redis, address: Address) -> bool:
+    return await route_of(client, "rt3", address) == LINK
 
 
-async def test_redis_down_is_a_retryable_error() -> None:
-    config = RedisConfig(url=f"redis://127.0.0.1:{free_tcp_port()}/0", connect_timeout_s=0.2)
+async def test_redis_down_is_a_retryable_error_and_publishing_closes() -> None:
+    config = RedisConfig(
+        url=f"redis://127.0.0.1:{free_tcp_port()}/0", connect_timeout_s=0.2, route_ttl_s=0.3
+    )
     connection = open_redis(config)
     try:
         with pytest.raises(StoreUnavailableError) as down:
-            await lookup(connection.client, "rt5", CLIENT)
+            await RouteCache(connection.client, "rt4", ttl_s=0.3).publish_many({CLIENT: LINK})
         assert down.value.retryable
     finally:
         await connection.aclose()
+    async with RoutePublishing.from_config(config, LINK, lambda: {CLIENT: LINK}) as routes:
+        routes.learned(CLIENT)
+        routes.withdrawn(CLIENT)  # its close tries this once, bounded, and leaves it to the TTL
 
 
 def test_ipv6_clients_are_normalised() -> None:

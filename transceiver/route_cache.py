@@ -3,11 +3,12 @@
 A relay that meets an unknown client address (after a restart, or a load-balancer re-hash)
 may ask this cache, off its hot path, instead of waiting for the client's next STUN check.
 Transceivers publish ``client ip:port -> link ip:port`` when a session connects, refresh it on
-a cadence (``RoutePublisher``) and withdraw it when the session ends.
+a cadence and withdraw it when the session ends (``route_publishing``); relays read it with
+one MGET per batch (``relay.route_lookup``).
 
 The pure record format (``route_key``, ``encode_route``, ``decode_route``) lives in
-``relay.route_record``, beside the relay's other wire formats; this module is the I/O:
-``lookup`` (one GET), ``RouteCache`` and ``RoutePublisher``.
+``relay.route_record``, beside the relay's other wire formats; this module is the transceiver's
+writes: ``RouteCache``.
 
 Key: ``P:route:1.2.3.4:5000`` or ``P:route:[2001:db8::1]:5000`` (IPv4-mapped IPv6 addresses
 are written as IPv4, as the relay's link header decodes them). Value: ``1 <link ip> <port>``
@@ -16,24 +17,14 @@ are written as IPv4, as the relay's link header decodes them). Value: ``1 <link 
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from redis.asyncio import Redis
 
-from relay.route_record import (
-    RouteValueError,
-    decode_route,
-    encode_route,
-    route_key,
-)
-from transceiver.background import BackgroundLoop
+from relay.route_record import encode_route, route_key
 from transceiver.redis_connection import unavailable_as_store_error
-from transceiver.store_errors import StoreUnavailableError
 
 Address = tuple[str, int]
-log = logging.getLogger(__name__)
 
 # Delete only a route that still names this link: never another transceiver's newer one.
 _WITHDRAW = """
@@ -42,31 +33,12 @@ return 0
 """
 
 
-async def lookup(redis: Redis, prefix: str, client: Address) -> Address | None:
-    """The link address serving ``client``, or None; ``StoreUnavailableError`` if Redis is down.
-
-    A malformed value counts as no route (logged): the relay then waits for STUN as before.
-    """
-    with unavailable_as_store_error("route lookup"):
-        raw = await redis.get(route_key(prefix, client))
-    if raw is None:
-        return None
-    try:
-        return decode_route(raw if isinstance(raw, bytes) else raw.encode())
-    except RouteValueError as exc:
-        log.warning("route cache: ignoring %s: %s", route_key(prefix, client), exc)
-        return None
-
-
 class RouteCache:
     def __init__(self, redis: Redis, prefix: str, ttl_s: float) -> None:
         self._redis = redis
         self._prefix = prefix
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._withdraw = redis.register_script(_WITHDRAW)
-
-    async def publish(self, client: Address, link: Address) -> None:
-        await self.publish_many({client: link})
 
     async def publish_many(self, routes: Mapping[Address, Address]) -> None:
         """Set (or refresh) many routes in one round trip."""
@@ -83,31 +55,3 @@ class RouteCache:
         key = route_key(self._prefix, client)
         with unavailable_as_store_error("route withdraw"):
             return bool(await self._withdraw(keys=[key], args=[encode_route(link)]))
-
-    async def lookup(self, client: Address) -> Address | None:
-        return await lookup(self._redis, self._prefix, client)
-
-
-class RoutePublisher(BackgroundLoop):
-    """Refreshes the routes ``current()`` returns every ``refresh_s`` (keep it under TTL / 2)."""
-
-    task_name = "route refresh"
-
-    def __init__(
-        self,
-        cache: RouteCache,
-        current: Callable[[], Mapping[Address, Address]],
-        refresh_s: float,
-    ) -> None:
-        super().__init__()
-        self._cache = cache
-        self._current = current
-        self._refresh_s = refresh_s
-
-    async def _run(self) -> None:
-        while not self._closing:
-            try:
-                await self._cache.publish_many(self._current())
-            except StoreUnavailableError as exc:
-                log.info("route cache: refresh skipped: %s", exc)
-            await asyncio.sleep(self._refresh_s)
