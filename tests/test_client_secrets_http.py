@@ -2,8 +2,9 @@
 
 ``POST /v1/realtime/client_secrets`` (authenticated with the server's API key) mints ``ek_``
 secrets; ``POST /v1/realtime/calls`` accepts such a secret or the API key; any transceiver
-sharing the keyring accepts any transceiver's secret; auth off is explicit and loud; auth
-required without an API key does not start.
+sharing the secret keyring accepts any transceiver's secret, and only that keyring (never the
+ufrag keyring, which every relay holds) signs them; auth off is explicit and loud; auth
+required without an API key or a secret keyring, or with a weak key, does not start.
 """
 
 from __future__ import annotations
@@ -20,13 +21,22 @@ from typing import Any
 
 import httpx
 import pytest
-from stack import ROOT, Process, free_port, random_keys, text, transceiver_process
+from stack import (
+    ROOT,
+    Process,
+    free_port,
+    random_keys,
+    random_secret_keys,
+    text,
+    transceiver_process,
+)
 from test_sdp import CHROME_OFFER
 
 from relay.ufrag import Keyring
 from transceiver import client_secrets
 
 API_KEY = "vr-test-" + os.urandom(12).hex()
+UFRAG_KEYS = random_keys()
 CALLS = "/v1/realtime/calls"
 SECRETS = "/v1/realtime/client_secrets"
 SESSION = {
@@ -51,10 +61,20 @@ def keys() -> str:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory, keys: str) -> Iterator[list[str]]:
-    """Two auth-required transceivers sharing one keyring and one API key."""
+def secret_keys() -> str:
+    """The transceivers' own keyring for ek_ secrets: a current key and a previous one."""
+    return f"{random_secret_keys()},{random_secret_keys().replace('4:', '3:', 1)}"
+
+
+@pytest.fixture(scope="module")
+def servers(
+    tmp_path_factory: pytest.TempPathFactory, keys: str, secret_keys: str
+) -> Iterator[list[str]]:
+    """Two auth-required transceivers sharing the ufrag keyring, the secret keyring and one API
+    key."""
     log_dir = tmp_path_factory.mktemp("auth")
     env = {"TRANSCEIVER_AUTH": "required", "TRANSCEIVER_API_KEY": API_KEY}
+    env["TRANSCEIVER_SECRET_KEYS"] = secret_keys
     running = [start(log_dir, f"transceiver{i}", keys, env) for i in range(2)]
     yield [url for _, url in running]
     for process, _ in running:
@@ -111,7 +131,7 @@ async def test_minting_needs_the_api_key(servers: list[str], http: httpx.AsyncCl
 
 
 async def test_minted_secret_has_expiry_and_carries_the_session(
-    servers: list[str], http: httpx.AsyncClient, keys: str
+    servers: list[str], http: httpx.AsyncClient, secret_keys: str
 ) -> None:
     before = int(time.time())
     body = {"expires_after": {"anchor": "created_at", "seconds": 120}, "session": SESSION}
@@ -122,7 +142,7 @@ async def test_minted_secret_has_expiry_and_carries_the_session(
     assert session["type"] == "realtime" and session["id"].startswith("sess_")
     assert session["instructions"] == SESSION["instructions"]
     assert [tool["name"] for tool in session["tools"]] == ["get_weather"]
-    key = client_secrets.signing_key(_current_secret(keys))
+    key = client_secrets.signing_key(_secret(secret_keys))
     assert client_secrets.verify(key, minted["value"], time.time()).session == SESSION
     defaults = await mint(http, servers[0])
     assert defaults["expires_at"] - before in range(600, 602 + int(time.time()) - before)
@@ -200,20 +220,40 @@ async def test_the_api_key_itself_opens_calls(servers: list[str], http: httpx.As
 
 
 async def test_expired_and_foreign_secrets_are_refused(
-    servers: list[str], http: httpx.AsyncClient, keys: str
+    servers: list[str], http: httpx.AsyncClient, secret_keys: str
 ) -> None:
-    key = client_secrets.signing_key(_current_secret(keys))
+    key = client_secrets.signing_key(_secret(secret_keys))
     expired = client_secrets.mint(key, time.time() - 3600, ttl_s=60)
     assert_error(await call(http, servers[0], bearer(expired.value)), 401, "client_secret_expired")
-    foreign_key = client_secrets.signing_key(_current_secret(random_keys()))
+    foreign_key = client_secrets.signing_key(_secret(random_secret_keys()))
     foreign = client_secrets.mint(foreign_key, time.time())
     response = await call(http, servers[0], bearer(foreign.value))
     assert_error(response, 401, "client_secret_signature")
 
 
-def _current_secret(keys: str) -> bytes:
+async def test_only_the_secret_keyring_signs_secrets_not_the_relays_ufrag_keyring(
+    servers: list[str], http: httpx.AsyncClient, keys: str, secret_keys: str
+) -> None:
+    """A relay holds the ufrag keyring: a secret it could mint with it opens nothing. The
+    current and the previous secret key both do (rotation)."""
+    from_relay_key = client_secrets.mint(client_secrets.signing_key(_secret(keys)), time.time())
+    response = await call(http, servers[0], bearer(from_relay_key.value))
+    assert_error(response, 401, "client_secret_signature")
+    for key_id in Keyring.parse(secret_keys).secrets:
+        signed = client_secrets.mint(
+            client_secrets.signing_key(_secret(secret_keys, key_id)), time.time()
+        )
+        response = await call(http, servers[1], bearer(signed.value))
+        assert response.status_code == 201, response.text
+        location = response.headers["Location"]
+        assert (
+            await http.delete(servers[1] + location, headers=bearer(API_KEY))
+        ).status_code == 204
+
+
+def _secret(keys: str, key_id: int | None = None) -> bytes:
     keyring = Keyring.parse(keys)
-    return keyring.secrets[keyring.current_id]
+    return keyring.secrets[keyring.current_id if key_id is None else key_id]
 
 
 async def test_auth_off_is_explicit_and_loud(tmp_path: Path, http: httpx.AsyncClient) -> None:
@@ -241,13 +281,31 @@ async def test_auth_off_is_explicit_and_loud(tmp_path: Path, http: httpx.AsyncCl
         ({"TRANSCEIVER_AUTH": "maybe"}, [], ["TRANSCEIVER_AUTH='maybe'"]),
         ({"TRANSCEIVER_API_KEY": "short"}, [], ["shorter than 16"]),
         ({"TRANSCEIVER_AUTH": "off"}, ["--auth", "required"], ["is not set"]),
+        ({"TRANSCEIVER_API_KEY": API_KEY}, [], ["TRANSCEIVER_SECRET_KEYS is not set"]),
+        (
+            {"TRANSCEIVER_API_KEY": API_KEY, "TRANSCEIVER_SECRET_KEYS": "1:" + "00" * 32},
+            [],
+            ["TRANSCEIVER_SECRET_KEYS: key 1 is all zeros", "secrets.token_hex(32)"],
+        ),
+        (
+            {"TRANSCEIVER_API_KEY": API_KEY, "TRANSCEIVER_SECRET_KEYS": "1:" + "ab" * 20},
+            [],
+            ["TRANSCEIVER_SECRET_KEYS: key 1 is shorter than 32 bytes"],
+        ),
+        (
+            {"TRANSCEIVER_API_KEY": API_KEY, "TRANSCEIVER_SECRET_KEYS": UFRAG_KEYS},
+            [],
+            ["TRANSCEIVER_SECRET_KEYS reuses a secret of TRANSCEIVER_KEYS"],
+        ),
+        ({"TRANSCEIVER_AUTH": "off"}, ["--keys", "2:" + "00" * 32], ["TRANSCEIVER_KEYS: key 2"]),
+        ({"TRANSCEIVER_AUTH": "off"}, ["--keys", "2:" + "ab" * 16], ["shorter than 32 bytes"]),
     ],
 )
-def test_auth_required_without_a_key_does_not_start(
+def test_a_missing_or_weak_key_does_not_start(
     env: dict[str, str], flags: list[str], words: list[str]
 ) -> None:
     base = {k: v for k, v in os.environ.items() if not k.startswith("TRANSCEIVER_")}
-    argv = [sys.executable, "-m", "transceiver", "--keys", random_keys(), *flags]
+    argv = [sys.executable, "-m", "transceiver", "--keys", UFRAG_KEYS, *flags]
     result = subprocess.run(
         argv, cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=60
     )

@@ -6,8 +6,9 @@ import re
 
 import pytest
 
+from relay.ufrag import Keyring
 from transceiver.__main__ import main
-from transceiver.auth import AuthConfig, AuthConfigError, auth_flags
+from transceiver.auth import AuthConfig, AuthConfigError, Authenticator, AuthError, auth_flags
 from transceiver.config import ConfigError, TransceiverConfig
 
 KEYS = "1:" + "5b" * 32
@@ -66,3 +67,42 @@ def test_auth_flags_win_over_the_environment() -> None:
     required, _ = auth_flags().parse_known_args(["--auth", "required"])
     with pytest.raises(AuthConfigError, match="TRANSCEIVER_API_KEY is not set"):
         AuthConfig.from_flags(required, {"TRANSCEIVER_AUTH": "off"})
+
+
+SECRET_KEYS = "2:" + "c4" * 32 + ",1:" + "c5" * 32
+API_KEY = "vr-config-test-key"
+
+
+def test_secret_keys_are_their_own_keyring() -> None:
+    config = AuthConfig.validated("required", API_KEY, SECRET_KEYS)
+    assert config.secret_keys is not None and config.secret_keys.current_id == 2
+    config.check_apart_from(Keyring.parse(KEYS))
+    with pytest.raises(AuthConfigError, match="reuses a secret of TRANSCEIVER_KEYS"):
+        config.check_apart_from(Keyring.parse("7:" + "c5" * 32))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (None, "TRANSCEIVER_SECRET_KEYS is not set: ek_ client secrets are signed with"),
+        ("  ", "TRANSCEIVER_SECRET_KEYS is not set"),
+        ("1:" + "00" * 32, "TRANSCEIVER_SECRET_KEYS: key 1 is all zeros (a placeholder)"),
+        ("1:" + "c4" * 31, "TRANSCEIVER_SECRET_KEYS: key 1 is shorter than 32 bytes"),
+        ("c4", "TRANSCEIVER_SECRET_KEYS: key entry 'c4' is not ID:HEXSECRET"),
+    ],
+)
+def test_auth_required_needs_a_strong_secret_keyring(spec: str | None, message: str) -> None:
+    with pytest.raises(AuthConfigError, match=re.escape(message)):
+        AuthConfig.validated("required", API_KEY, spec)
+
+
+def test_auth_off_without_secret_keys_signs_with_a_key_of_its_own() -> None:
+    config = AuthConfig.validated("off", None, None)
+    assert config.secret_keys is None
+    first, second = Authenticator(config), Authenticator(config)
+    secret = first.mint(60, None)
+    assert first.verify_secret(secret.value).expires_at == secret.expires_at
+    with pytest.raises(AuthError, match="signature"):
+        second.verify_secret(secret.value)
+    with pytest.raises(AuthConfigError, match="TRANSCEIVER_SECRET_KEYS: key 1 is all zeros"):
+        AuthConfig.validated("off", None, "1:" + "00" * 32)  # checked whenever it is set

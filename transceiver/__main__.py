@@ -106,7 +106,7 @@ async def _serve(
     limits = SessionLimits(config.capacity, config.connect_timeout_s)
     relayed = ice.RelayedIce(link, config.keyring, config.public)
     sessions = Sessions(relayed, limits, registry, agents.factory)
-    authenticator = Authenticator(auth, config.keyring)
+    authenticator = Authenticator(auth)
     app = create_app(sessions, link, registry, authenticator, agents.persistence, agents.resume)
     server = _Server(_uvicorn_config(app, config))
     server_task = asyncio.create_task(_serve_http(server), name="http")
@@ -193,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         auth_args, rest = auth_flags().parse_known_args(sys.argv[1:] if argv is None else argv)
         config = TransceiverConfig.load(rest, parents=[auth_flags()])  # --help lists both
         auth = AuthConfig.from_flags(auth_args, os.environ)
+        auth.check_apart_from(config.keyring)
         if config.agent == "pipeline":
             PipelineConfig.from_env(os.environ)  # validated before anything starts
         redis = RedisConfig.from_env()

@@ -11,27 +11,32 @@ Policy layer (config) plus pure checks; no HTTP framework here (app.py maps ``Au
   ``--insecure-dev``; anyone may call (a valid ``ek_`` still carries its session config; an
   invalid one is ignored, not refused). The process prints a loud warning.
 
-``ek_`` secrets are signed with a key derived from the transceivers' shared ufrag keyring
-(``TRANSCEIVER_KEYS``), so any transceiver accepts any transceiver's secret; every key in the
-keyring verifies, the current one signs (rotation works as for ufrags).
+``ek_`` secrets are signed with their own keyring, ``TRANSCEIVER_SECRET_KEYS`` (``ID:HEX[,ID:HEX]``
+as for ufrags: the first signs, every key verifies, so keys rotate), shared by the transceivers
+and by nobody else. It is not the ufrag keyring (``TRANSCEIVER_KEYS``) because every relay holds
+that one: a compromised relay could otherwise mint secrets. Required when auth is on; with auth
+off and no keyring set, each process signs with a random key of its own (a secret then opens
+calls with its session config only on the transceiver that minted it).
 """
 
 from __future__ import annotations
 
 import argparse
 import hmac
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from relay.ufrag import Keyring
+from relay.ufrag import GENERATE_HINT, MIN_SECRET_BYTES, Keyring
 from transceiver import client_secrets
 from transceiver.client_secrets import ClientSecret, ClientSecretError
 
 ENV_MODE = "TRANSCEIVER_AUTH"
 ENV_API_KEY = "TRANSCEIVER_API_KEY"
+ENV_SECRET_KEYS = "TRANSCEIVER_SECRET_KEYS"
 MODES = ("required", "off")
 MIN_API_KEY_CHARS = 16
 WARNING_LINES = (
@@ -58,6 +63,7 @@ class AuthError(Exception):
 class AuthConfig:
     mode: str
     api_key: str | None
+    secret_keys: Keyring | None = None  # signs ek_ secrets; None only with auth off
 
     @property
     def required(self) -> bool:
@@ -65,14 +71,17 @@ class AuthConfig:
 
     @classmethod
     def from_flags(cls, flags: argparse.Namespace, environ: Mapping[str, str]) -> AuthConfig:
-        """Auth settings from ``TRANSCEIVER_AUTH``/``TRANSCEIVER_API_KEY`` and the
-        ``auth_flags()`` (a flag wins). The API key is read from the environment only: a flag
-        would show it in ``ps``."""
+        """Auth settings from ``TRANSCEIVER_AUTH``/``TRANSCEIVER_API_KEY``/
+        ``TRANSCEIVER_SECRET_KEYS`` and the ``auth_flags()`` (a flag wins). The keys are read
+        from the environment only: a flag would show them in ``ps``."""
         mode = "off" if flags.insecure_dev else flags.auth or environ.get(ENV_MODE, "required")
-        return cls.validated(mode.strip().lower(), environ.get(ENV_API_KEY))
+        mode = mode.strip().lower()
+        return cls.validated(mode, environ.get(ENV_API_KEY), environ.get(ENV_SECRET_KEYS))
 
     @classmethod
-    def validated(cls, mode: str, api_key: str | None) -> AuthConfig:
+    def validated(
+        cls, mode: str, api_key: str | None, secret_keys: str | None = None
+    ) -> AuthConfig:
         if mode not in MODES:
             raise AuthConfigError(f"{ENV_MODE}={mode!r} is not one of {', '.join(MODES)}")
         key = (api_key or "").strip() or None
@@ -83,11 +92,35 @@ class AuthConfig:
                 f"{ENV_MODE}=required (the default) but {ENV_API_KEY} is not set: set an API "
                 f"key, or for local development only run with --insecure-dev ({ENV_MODE}=off)"
             )
-        return cls(mode, key)
+        return cls(mode, key, _secret_keyring(mode, secret_keys))
+
+    def check_apart_from(self, ufrag_keyring: Keyring) -> None:
+        """Refuse a secret keyring that shares a secret with the ufrag keyring (relays hold it)."""
+        shared = set(ufrag_keyring.secrets.values())
+        if self.secret_keys is not None and shared & set(self.secret_keys.secrets.values()):
+            raise AuthConfigError(
+                f"{ENV_SECRET_KEYS} reuses a secret of TRANSCEIVER_KEYS, which every relay "
+                "holds: give ek_ client secrets a keyring of their own"
+            )
 
     def warn_if_open(self, stream: TextIO = sys.stderr) -> None:
         if not self.required:
             print(WARNING, file=stream, flush=True)
+
+
+def _secret_keyring(mode: str, spec: str | None) -> Keyring | None:
+    if spec is None or not spec.strip():
+        if mode == "required":
+            raise AuthConfigError(
+                f"{ENV_MODE}=required (the default) but {ENV_SECRET_KEYS} is not set: ek_ "
+                f"client secrets are signed with a keyring of their own, ID:HEX[,ID:HEX], "
+                f"shared by the transceivers only; {GENERATE_HINT}"
+            )
+        return None
+    try:
+        return Keyring.parse(spec)
+    except ValueError as exc:
+        raise AuthConfigError(f"{ENV_SECRET_KEYS}: {exc}") from None
 
 
 def auth_flags() -> argparse.ArgumentParser:
@@ -97,7 +130,7 @@ def auth_flags() -> argparse.ArgumentParser:
         "--auth",
         choices=MODES,
         help=f"who may call: required (an API key or ek_ secret) or off [{ENV_MODE}, "
-        f"default required; the key comes from {ENV_API_KEY} only]",
+        f"default required; the keys come from {ENV_API_KEY} and {ENV_SECRET_KEYS} only]",
     )
     parser.add_argument(
         "--insecure-dev",
@@ -129,11 +162,10 @@ def bearer_token(authorization: str | None) -> str | None:
 class Authenticator:
     """Checks API keys and ``ek_`` secrets; mints secrets. ``clock`` gives unix seconds."""
 
-    def __init__(
-        self, config: AuthConfig, keyring: Keyring, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, config: AuthConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self._clock = clock
+        keyring = config.secret_keys or Keyring(0, {0: os.urandom(MIN_SECRET_BYTES)})
         self._signing_key = client_secrets.signing_key(keyring.secrets[keyring.current_id])
         self._verify_keys = [client_secrets.signing_key(s) for s in keyring.secrets.values()]
 

@@ -6,9 +6,10 @@ it::
 
     ek_ + base64url(JSON {"exp": unix seconds, "session": {...} | null}) + "." + base64url(MAC)
 
-The MAC is HMAC-SHA256 (truncated to 128 bits) under a key derived from the deployment's
-secret for this purpose only. The optional session config rides inside the secret, so the
-calls endpoint can apply it without any shared store.
+The MAC is HMAC-SHA256 (truncated to 128 bits) under a key derived, for this purpose only, from
+a secret of ``TRANSCEIVER_SECRET_KEYS`` (``transceiver.auth``), which the relays never hold.
+The optional session config rides inside the secret, so the calls endpoint can apply it without
+any shared store.
 """
 
 from __future__ import annotations
