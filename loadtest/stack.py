@@ -16,6 +16,10 @@ order.
   persistence, and ``REDIS_URL`` is passed to the transceivers (``--no-redis`` skips it).
 - Auth: off by default (local development, ``--insecure-dev``: the transceiver prints a loud
   warning). ``--auth required`` needs ``TRANSCEIVER_API_KEY`` in the environment.
+- Keys: every run makes fresh random ones, the ufrag keyring shared by the relay and the
+  transceivers and the transceivers' own ``TRANSCEIVER_SECRET_KEYS`` for ``ek_`` secrets.
+- Order: the transceivers first, so the relay's first keyed HELLO finds their link sockets
+  bound (they take no media from the relay before it), then the relay, then the front door.
 - Agent: the voice pipeline when the transceiver offers it, else the echo agent.
 """
 
@@ -136,20 +140,26 @@ def redis_command(host: str, data_dir: str) -> tuple[Command, str] | None:
     return Command("redis", argv, "Ready to accept connections"), f"redis://{host}:{port}/0"
 
 
+def random_keyring() -> str:
+    return f"1:{secrets.token_hex(32)}"
+
+
 def commands(config: StackConfig, keys: str, redis_url: str | None) -> list[Command]:
     py = sys.executable
     public = f"{config.host}:{config.public_port}"
-    relay = [py, "-m", "relay", "--public", public, "--workers", str(config.relay_workers)]
-    relay += ["--transceivers", ",".join(config.link_addresses()), "--keys", keys]
-    relay += ["--http", f"{config.host}:{config.relay_http_port}"]
-    procs = [Command("relay", relay, "relay ready")]
-    env = {"REDIS_URL": redis_url} if redis_url else {}
+    env = {"TRANSCEIVER_SECRET_KEYS": random_keyring()}  # never given to the relay
+    env |= {"REDIS_URL": redis_url} if redis_url else {}
     http = config.transceiver_http_addresses()
+    procs: list[Command] = []
     for i, link in enumerate(config.link_addresses()):
         cmd = [py, "-m", "transceiver", "--link", link, "--public", public, "--keys", keys]
         cmd += ["--http", http[i], "--agent", config.agent]
         cmd += ["--drain-timeout-s", str(config.drain_timeout_s), "--auth", config.auth]
         procs.append(Command(f"transceiver-{i}", cmd, "transceiver ready", env))
+    relay = [py, "-m", "relay", "--public", public, "--workers", str(config.relay_workers)]
+    relay += ["--transceivers", ",".join(config.link_addresses()), "--keys", keys]
+    relay += ["--http", f"{config.host}:{config.relay_http_port}"]
+    procs.append(Command("relay", relay, "relay ready"))
     if config.front_door:
         door = [py, "-m", "loadtest.front_door", "--host", config.host]
         door += ["--port", str(config.http_port), "--backends", ",".join(http)]
@@ -262,7 +272,7 @@ def run(config: StackConfig, data_dir: str) -> int:
     started: list[Child] = []
     redis = redis_command(config.host, data_dir) if config.redis else None
     redis_url = redis[1] if redis else None
-    keys = f"1:{secrets.token_hex(32)}"
+    keys = random_keyring()
     try:
         for command in ([redis[0]] if redis else []) + commands(config, keys, redis_url):
             started.append(start(command))

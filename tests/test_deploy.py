@@ -6,7 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+from relay.config import ConfigError as RelayConfigError
+from relay.config import load_config as load_relay_config
+from transceiver.auth import AuthConfig, AuthConfigError
+from transceiver.config import ConfigError as TransceiverConfigError
+from transceiver.config import TransceiverConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -44,3 +51,34 @@ def test_every_pod_has_liveness_readiness_and_metrics_annotations() -> None:
 def test_dockerfile_passes_hadolint() -> None:
     checked = run(str(BIN / "hadolint"), str(ROOT / "deploy" / "Dockerfile"))
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def env_file(name: str) -> dict[str, str]:
+    lines = (ROOT / "k8s" / name).read_text().splitlines()
+    entries = [line.partition("=") for line in lines if line.strip() and not line.startswith("#")]
+    return {key: value for key, _, value in entries}
+
+
+def test_shipped_keys_are_placeholders_that_neither_process_accepts() -> None:
+    shared, own = env_file("keys.env"), env_file("transceiver-keys.env")
+    assert shared["RELAY_KEYS"] == shared["TRANSCEIVER_KEYS"]
+    with pytest.raises(RelayConfigError, match="^RELAY_KEYS: key 1 secret is not hex"):
+        load_relay_config([], {**shared, "RELAY_TRANSCEIVERS": "127.0.0.1:7000"})
+    with pytest.raises(TransceiverConfigError, match="^TRANSCEIVER_KEYS: key 1 secret is not"):
+        TransceiverConfig.load([], shared)
+    with pytest.raises(AuthConfigError, match="^TRANSCEIVER_SECRET_KEYS: key 1 secret is not"):
+        AuthConfig.validated("required", "k8s-test-api-key-0123", own["TRANSCEIVER_SECRET_KEYS"])
+
+
+def test_only_the_transceivers_get_the_client_secret_keys() -> None:
+    built = run(str(BIN / "kubectl"), "kustomize", str(ROOT / "k8s"))
+    docs = [d for d in yaml.safe_load_all(built.stdout) if d]
+    secrets = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "Secret"}
+    holders = {}
+    for workload in (d for d in docs if d["kind"] in ("Deployment", "StatefulSet")):
+        (container,) = workload["spec"]["template"]["spec"]["containers"]
+        refs = [e["secretRef"]["name"] for e in container["envFrom"] if "secretRef" in e]
+        holders[workload["metadata"]["name"]] = {key for ref in refs for key in secrets[ref]}
+    assert "TRANSCEIVER_SECRET_KEYS" in holders["transceiver"]
+    assert "TRANSCEIVER_SECRET_KEYS" not in holders["relay"]
+    assert "RELAY_KEYS" in holders["relay"]
