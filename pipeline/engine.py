@@ -63,7 +63,6 @@ class EngineConfig:
     instructions: str = ""
     create_response: bool = True  # answer each user turn (False: wait for create_response())
     interrupt_response: bool = True  # speech onset during playout is a barge-in
-    defer_client_tools: bool = False  # a client-side call ends the response (OpenAI Realtime)
     vad: VadConfig = field(default_factory=VadConfig)
     chunker: ChunkerConfig = field(default_factory=ChunkerConfig)
 
@@ -154,10 +153,6 @@ class ConversationEngine:
     @property
     def user_speaking(self) -> bool:
         return self._detector is not None and self._detector.in_speech
-
-    def resolve_tool_call(self, call_id: str, output: str) -> bool:
-        """The client's result for a ``ClientToolCallRequested``."""
-        return self.tools.resolve_client_call(call_id, output)
 
     # --- control (what a Realtime client may ask between turns) ---------------------------
 

@@ -10,9 +10,8 @@ InputTranscript            conversation.item.input_audio_transcription.delta / .
 ResponseStarted            response.created
 ResponseTextDelta          response.output_audio_transcript.delta
 ToolCallStarted            response.function_call_arguments.done
-ClientToolCallRequested    response.function_call_arguments.done (the client runs the tool and
-                           answers: ``resolve_tool_call``, or with ``defer_client_tools``
-                           ``add_tool_output`` + ``create_response``)
+ClientToolCallRequested    response.function_call_arguments.done (the response ends; the client
+                           runs the tool and answers: ``add_tool_output`` + ``create_response``)
 ToolCallCompleted          conversation.item.create (function_call_output)
 OutputStarted / Stopped    output_audio_buffer.started / .stopped
 OutputCleared              output_audio_buffer.cleared (barge-in)

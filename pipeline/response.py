@@ -128,9 +128,7 @@ class SpokenResponse:
             self.recorder.tool_calls += 1
             self._emit(ev.ToolCallStarted(self.response_id, call))
             started_s = self._now()
-            result = await self.tools.execute(
-                call, lambda c: self._emit(ev.ClientToolCallRequested(self.response_id, c))
-            )
+            result = await self.tools.execute(call)
             self.recorder.provider_busy(started_s, self._now())
             self._emit(ev.ToolCallCompleted(self.response_id, result))
             answer = Message("tool", result.output, tool_call_id=call.call_id)
@@ -139,7 +137,7 @@ class SpokenResponse:
         return not deferred
 
     def _deferred(self, call: ToolCall) -> bool:
-        return self.config.defer_client_tools and self.tools.is_client_side(call.name)
+        return self.tools.is_client_side(call.name)
 
     async def _speak(
         self,

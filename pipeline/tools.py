@@ -5,10 +5,10 @@ model to :meth:`ToolRegistry.execute` and feeds the ``ToolResult`` back as a ``t
 Failures never raise out of ``execute``: unknown tool, malformed or invalid arguments, an
 exception or a timeout become an error result the model can read and recover from.
 
-Client-executed tools (the seam for the browser): register a :class:`Tool` with ``run=None``.
-``execute`` then calls ``on_client_call(call)`` (the engine turns it into an event for the
-client, e.g. a WebRTC data channel message) and waits for :meth:`resolve_client_call` with the
-same ``call_id``, up to ``timeout_s``.
+Client-executed tools: a :class:`Tool` with ``run=None``. The engine never executes one: a
+call to it ends the response (OpenAI Realtime's flow), and the client's answer comes back as a
+``function_call_output`` item (``ConversationEngine.add_tool_output``) before its next
+``response.create``. ``execute`` answers such a call with an error result.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ class ToolRegistry:
     def __init__(self, tools: Iterable[Tool] = (), *, timeout_s: float = 10.0) -> None:
         self.timeout_s = timeout_s
         self._tools: dict[str, Tool] = {}
-        self._client_calls: dict[str, asyncio.Future[str]] = {}
         for tool in tools:
             self.register(tool)
 
@@ -77,16 +76,16 @@ class ToolRegistry:
         tool = self._tools.get(name)
         return tool is not None and tool.client_side
 
-    async def execute(
-        self, call: ToolCall, on_client_call: Callable[[ToolCall], None] | None = None
-    ) -> ToolResult:
+    async def execute(self, call: ToolCall) -> ToolResult:
         tool = self._tools.get(call.name)
         if tool is None:
             return _error(call, f"unknown tool {call.name!r}")
+        if tool.run is None:
+            return _error(call, f"tool {call.name!r} runs on the client")
         try:
             arguments = parse_arguments(tool.spec, call.arguments)
             async with asyncio.timeout(self.timeout_s):
-                output = await self._run(tool, call, arguments, on_client_call)
+                output = await _run(tool.run, arguments)
         except ToolArgumentError as error:
             return _error(call, str(error))
         except TimeoutError:
@@ -95,33 +94,10 @@ class ToolRegistry:
             return _error(call, f"tool {call.name!r} failed: {type(error).__name__}: {error}")
         return ToolResult(call, output, ok=True)
 
-    def resolve_client_call(self, call_id: str, output: str) -> bool:
-        """The client's answer to a client-side call; False if no such call is waiting."""
-        future = self._client_calls.get(call_id)
-        if future is None or future.done():
-            return False
-        future.set_result(output)
-        return True
 
-    async def _run(
-        self,
-        tool: Tool,
-        call: ToolCall,
-        arguments: dict[str, Any],
-        on_client_call: Callable[[ToolCall], None] | None,
-    ) -> str:
-        if tool.run is not None:
-            result = tool.run(arguments)
-            return await result if inspect.isawaitable(result) else result
-        if on_client_call is None:
-            raise ToolArgumentError(f"tool {call.name!r} runs on the client, and none is connected")
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._client_calls[call.call_id] = future
-        try:
-            on_client_call(call)
-            return await future
-        finally:
-            del self._client_calls[call.call_id]
+async def _run(run: ToolFunction, arguments: dict[str, Any]) -> str:
+    result = run(arguments)
+    return await result if inspect.isawaitable(result) else result
 
 
 def _error(call: ToolCall, message: str) -> ToolResult:

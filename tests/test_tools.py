@@ -1,4 +1,4 @@
-"""Tool registry: server tools, argument checks, failures as results, the client-side seam."""
+"""Tool registry: server tools, argument checks, failures as results, client-side tools."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ async def test_a_server_tool_runs_and_its_result_is_returned() -> None:
         ("add", '{"a": 1, "b": "2"}', "argument 'b' of 'add' must be integer"),
         ("add", '{"a": true, "b": 2}', "argument 'a' of 'add' must be integer"),
         ("broken", "{}", "tool 'broken' failed: KeyError: 'missing'"),
-        ("geolocate", "{}", "tool 'geolocate' runs on the client, and none is connected"),
+        ("geolocate", "{}", "tool 'geolocate' runs on the client"),
     ],
 )
 async def test_failures_become_error_results_the_model_can_read(
@@ -86,23 +86,13 @@ async def test_a_tool_that_overruns_its_timeout_is_reported() -> None:
     assert json.loads(result.output) == {"error": "tool 'slow' timed out after 0.05 s"}
 
 
-async def test_a_client_side_tool_waits_for_the_client_answer() -> None:
+def test_a_client_side_tool_is_known_as_such() -> None:
+    """The engine ends the response at a call to it and never executes it; the client's
+    function_call_output comes back through add_tool_output (end to end with a real client:
+    test_realtime_session's client-executed tool round trip)."""
     tools = registry()
-    asked: list[ToolCall] = []
-
-    def on_client_call(request: ToolCall) -> None:
-        asked.append(request)
-        asyncio.get_running_loop().call_soon(tools.resolve_client_call, request.call_id, '"Paris"')
-
-    result = await tools.execute(call("geolocate"), on_client_call)
-    assert asked == [call("geolocate")]
-    assert result.ok and result.output == '"Paris"'
-    assert not tools.resolve_client_call("call_1", "late")  # no longer waiting
-
-
-async def test_a_client_side_tool_times_out_without_an_answer() -> None:
-    result = await registry(timeout_s=0.05).execute(call("geolocate"), lambda _: None)
-    assert "timed out" in json.loads(result.output)["error"]
+    assert tools.is_client_side("geolocate")
+    assert not tools.is_client_side("add") and not tools.is_client_side("nope")
 
 
 def test_duplicate_names_are_refused() -> None:

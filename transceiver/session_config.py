@@ -72,7 +72,6 @@ class SessionPolicy:
             vad=vad,
             create_response=detection is not None and detection.create_response,
             interrupt_response=detection is not None and detection.interrupt_response,
-            defer_client_tools=True,
         )
 
     def tools(self, config: SessionConfig) -> ToolRegistry:
