@@ -77,6 +77,7 @@ def test_a_decoded_frame_is_measured_without_its_padding() -> None:
         source.pts, source.time_base = index * 960, fractions.Fraction(1, 48_000)
         payloads, timestamp = encoder.encode(source)
         (decoded,) = decoder.decode(JitterFrame(data=payloads[0], timestamp=timestamp))
+    assert isinstance(decoded, AudioFrame)
     plane = bytes(decoded.planes[0])
     assert (decoded.samples, len(plane)) == (960, 23_040)
     real = struct.unpack("<1920h", plane[:3840])
