@@ -222,9 +222,10 @@ class LoopbackRelay:
         return host, port
 
     def hello(self) -> None:
-        """A keyed HELLO asking for no routes (this stand-in has nothing to learn)."""
+        """A keyed HELLO as a relay worker's: the transceiver now answers this link socket
+        (the ROUTES it sends back are ignored)."""
         assert self.link.transport is not None
-        hello = seal_hello(self.keyring, self.transceiver, time.time(), want_routes=False)
+        hello = seal_hello(self.keyring, self.transceiver, time.time())
         self.link.transport.sendto(hello, self.transceiver)
         self._hello_at_s = time.monotonic()
 

@@ -5,9 +5,10 @@ Real redis-server, a real transceiver publishing its routes (``REDIS_URL``), rea
 aiortc tone client. The load-balancer re-hash is simulated by SIGKILLing the relay that carried
 the session and starting a fresh one on the same public port with ``--hello off``: the client
 keeps sending from the same address to the same public address, and it lands on a relay whose
-route table is empty. With HELLO off that relay cannot ask the transceiver for its routes, and
-the transceiver keeps answering the dead relay's link sockets (it has never heard from the new
-relay's workers), so no outbound media teaches the route either. What remains is the route
+route table is empty. With HELLO off that relay cannot ask the transceiver for its routes (its
+keyed HELLOs only prove the keyring), and the transceiver keeps answering the dead relay's link
+sockets (a HELLO that asks for nothing does not draw media), so no outbound media teaches the
+route either. What remains is the route
 cache — or the client's next ICE consent check, seconds later, which the metrics rule out:
 every route the new relay learned was installed from the cache.
 
@@ -149,24 +150,24 @@ async def rehash(deployment: Deployment, client: ToneClient, **flags: Any) -> tu
 
 
 async def learned_only_from_cache(deployment: Deployment, http: httpx.AsyncClient) -> None:
-    """The new relay's routes all came from Redis hits; it never sent HELLO."""
+    """The new relay's routes all came from Redis hits (its HELLOs asked for no ROUTES)."""
 
     async def counts() -> tuple[float, float, float, float]:
         page = await deployment.metrics(http)
         hits = metric_values(page, "relay_route_cache_lookups_total").get("hit", 0.0)
         learned = metric_values(page, "relay_routes_learned_total")[""]
         cached = metric_values(page, "relay_routes_from_cache_total")[""]
-        return hits, learned, cached, metric_values(page, "relay_hellos_sent_total")[""]
+        return hits, learned, cached, metric_values(page, "relay_control_received_total")[""]
 
     latest = await counts()
     deadline = time.monotonic() + MEDIA_TIMEOUT_S
     while latest[2] < 1 and time.monotonic() < deadline:  # counters publish every 0.5 s
         await asyncio.sleep(0.05)  # polling interval
         latest = await counts()
-    hits, learned, cached, hellos = latest
+    hits, learned, cached, control = latest
     assert hits >= 1 and cached >= 1, latest
     assert learned == cached, f"routes learned otherwise than from the cache: {latest}"
-    assert hellos == 0
+    assert control == 0  # no ROUTES came back to its HELLOs
 
 
 async def test_relay_that_never_saw_the_session_routes_it_from_the_cache(

@@ -331,8 +331,8 @@ class Link(asyncio.DatagramProtocol):
             self.refused[exc.reason] += 1
             return
         self.counters["hello"] += 1
-        self._heard(src)
-        if hello.want_routes:
+        if hello.want_routes:  # a relay that asks for nothing gets media once it forwards some
+            self._heard(src)
             live = [session.clients.values() for session in self._by_ufrag.values()]
             self._send_control(ControlType.ROUTES, live, [src])
 
