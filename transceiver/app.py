@@ -127,7 +127,6 @@ class LinkCollector(Collector):
         )
 
 
-
 def create_app(
     sessions: Sessions,
     link: Link,
