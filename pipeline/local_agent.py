@@ -134,12 +134,16 @@ class LocalRuleBasedAgent:
             result = decode(output)  # a client's tool may have answered: untrusted text
         except JsonInputError:
             result = None
+        if tool_name == "current_time":
+            clock = clock_of(result)
+            if clock is None:
+                return "Sorry, I could not read the time."
+            return f"It is {spoken_time(*clock)}."
         if not isinstance(result, dict) or "error" in result:
             return "Sorry, I could not look that up."
-        if tool_name == "current_time":
-            return f"It is {spoken_time(int(result['hour']), int(result['minute']))}."
         if result.get("found"):
-            return str(result["answer"])
+            answer = result.get("answer")
+            return answer if isinstance(answer, str) and answer.strip() else self._unknown()
         return self._unknown()
 
     def _unknown(self) -> str:
@@ -159,6 +163,31 @@ def _recall(earlier: Sequence[Message]) -> str:
 
 def _tool_call(name: str, arguments: dict[str, Any]) -> ToolCall:
     return ToolCall(f"call_{uuid.uuid4().hex[:12]}", name, json.dumps(arguments))
+
+
+def clock_of(result: object) -> tuple[int, int] | None:
+    """Hour and minute from a ``current_time`` result, which a client's tool may have written:
+    ``{"hour": 15, "minute": 30}`` as ours does, or ``{"time": "15:30"}``; None otherwise."""
+    if not isinstance(result, dict):
+        return None
+    parts: tuple[object, object] = (result.get("hour"), result.get("minute"))
+    if isinstance(result.get("time"), str) and parts == (None, None):
+        hour, _, minute = result["time"].strip().partition(":")
+        parts = (hour, minute)
+    hour, minute = (_whole(part) for part in parts)
+    if hour is None or minute is None or not (0 <= hour < 24 and 0 <= minute < 60):
+        return None
+    return hour, minute
+
+
+def _whole(value: object) -> int | None:
+    """An integer given as a JSON number or a string of digits; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return int(value)
+    except (ValueError, OverflowError):
+        return None
 
 
 def number_words(number: int) -> str:

@@ -69,6 +69,49 @@ async def test_the_time_comes_from_the_current_time_tool() -> None:
     assert text_of(await reply(agent, messages)) == "It is nine thirty in the evening."
 
 
+@pytest.mark.parametrize(
+    ("output", "answer"),
+    [
+        ('{"time": "07:05"}', "It is seven oh five in the morning."),
+        ('{"hour": "15", "minute": 0}', "It is three o'clock in the afternoon."),
+        ('{"time": "15:30", "weekday": "Friday"}', "It is three thirty in the afternoon."),
+        ('{"minute": 30}', "Sorry, I could not read the time."),
+        ('{"hour": 25, "minute": 0}', "Sorry, I could not read the time."),
+        ('{"hour": true, "minute": 1e400}', "Sorry, I could not read the time."),
+        ('{"hour": [], "minute": {}}', "Sorry, I could not read the time."),
+        ('{"time": "noon"}', "Sorry, I could not read the time."),
+        ('{"error": "no clock"}', "Sorry, I could not read the time."),
+        ('"half past three"', "Sorry, I could not read the time."),
+        ("half past three", "Sorry, I could not read the time."),
+        ("", "Sorry, I could not read the time."),
+    ],
+)
+async def test_any_current_time_output_from_a_client_gets_a_clear_answer(
+    output: str, answer: str
+) -> None:
+    """A client's ``current_time`` tool may answer anything; the agent never raises on it."""
+    agent = LocalRuleBasedAgent(KNOWLEDGE)
+    call = ToolCall("c1", "current_time", "{}")
+    messages = [
+        user("what time is it"),
+        Message("assistant", tool_calls=(call,)),
+        Message("tool", output, tool_call_id="c1"),
+    ]
+    assert text_of(await reply(agent, messages)) == answer
+
+
+@pytest.mark.parametrize("output", ['{"found": true}', '{"found": true, "answer": 7}'])
+async def test_a_found_lookup_without_an_answer_is_not_known(output: str) -> None:
+    agent = LocalRuleBasedAgent(KNOWLEDGE)
+    call = ToolCall("c1", "lookup_knowledge", '{"query": "coffee"}')
+    messages = [
+        user("coffee"),
+        Message("assistant", tool_calls=(call,)),
+        Message("tool", output, tool_call_id="c1"),
+    ]
+    assert text_of(await reply(agent, messages)).startswith("Sorry, I do not know that.")
+
+
 async def test_remembers_the_previous_question() -> None:
     agent = LocalRuleBasedAgent(KNOWLEDGE)
     history = [user("tell me about coffee"), Message("assistant", "Coffee is made from beans.")]
