@@ -30,6 +30,11 @@ from enum import IntEnum
 
 HEADER_VERSION = 1
 HEADER_BYTES = 20
+# The largest client payload either end carries (WebRTC keeps datagrams under the path MTU,
+# ~1,200-1,500 bytes), so a link datagram is at most HEADER_BYTES + MAX_PAYLOAD_BYTES. Both
+# ends drop and count a larger datagram; neither forwards it truncated.
+MAX_PAYLOAD_BYTES = 2048
+MAX_LINK_DATAGRAM_BYTES = HEADER_BYTES + MAX_PAYLOAD_BYTES
 FLAG_CONTROL = 0x01
 ENTRY_BYTES = 18
 # Keeps a ROUTES datagram under a 1,200-byte path MTU: 20 + 1 + 2 + 64 * 18 = 1,175 bytes.

@@ -28,7 +28,7 @@ from relay.config import (
     RelayConfig,
 )
 from relay.counters import DROP_INDEX
-from relay.header import HEADER_BYTES
+from relay.header import HEADER_BYTES, MAX_LINK_DATAGRAM_BYTES, MAX_PAYLOAD_BYTES
 from relay.hello import seal_hello
 from relay.restarts import run_restarting
 from relay.route_lookup import RouteLookups
@@ -45,8 +45,10 @@ from relay.routing import (
     needs_route_lookup,
 )
 
-MAX_DATAGRAM_BYTES = 2048  # WebRTC keeps datagrams under the path MTU (~1,200-1,500 bytes)
-MAX_LINK_DATAGRAM_BYTES = HEADER_BYTES + MAX_DATAGRAM_BYTES
+# Datagrams are read one byte past the limit: a longer one shows as such and is dropped and
+# counted (recvfrom would otherwise truncate it silently, and the rest would be forwarded).
+OVERSIZED = c.DROPS + DROP_INDEX["oversized"]
+OVERSIZED_LINK = c.DROPS + DROP_INDEX["oversized_link"]
 DRAIN_BATCH = 256  # datagrams per readiness callback, so one busy socket cannot starve another
 SOCKET_BUFFER_BYTES = 4 << 20
 CLOCK_INTERVAL_S = 0.25  # resolution of the "last seen" stamp on routes
@@ -150,12 +152,16 @@ class Worker:
         routes_get = self.routes.inbound.get
         sendto = self.link.sendto  # type: ignore[union-attr]
         now_s = self.now_s
+        limit = MAX_PAYLOAD_BYTES
         packets = octets = 0
         for _ in range(DRAIN_BATCH):
             try:
-                data, source = recvfrom(MAX_DATAGRAM_BYTES)
+                data, source = recvfrom(limit + 1)
             except OSError:  # BlockingIOError: drained; anything else: try again on readiness
                 break
+            if len(data) > limit:
+                self.counts[OVERSIZED] += 1
+                continue
             route = routes_get(source)
             if route is None:
                 self._miss_public(data, source, number)
@@ -179,12 +185,16 @@ class Worker:
         sources = self.router.link_sources
         outbound_get = self.routes.outbound.get
         senders = [sock.sendto for sock in self.public]
+        limit = MAX_LINK_DATAGRAM_BYTES
         packets = octets = 0
         for _ in range(DRAIN_BATCH):
             try:
-                data, source = recvfrom(MAX_LINK_DATAGRAM_BYTES)
+                data, source = recvfrom(limit + 1)
             except OSError:
                 break
+            if len(data) > limit:
+                self.counts[OVERSIZED_LINK] += 1
+                continue
             hit = outbound_get(data[:HEADER_BYTES]) if source in sources else None
             if hit is None:
                 self._miss_link(data, source)

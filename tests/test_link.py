@@ -18,6 +18,7 @@ from aioice import stun
 
 from relay.header import (
     HEADER_BYTES,
+    MAX_PAYLOAD_BYTES,
     ControlMessage,
     ControlType,
     header_for,
@@ -292,4 +293,22 @@ async def test_a_hello_without_the_routes_flag_keys_quietly_until_it_expires(par
     worker.send(header_for(CLIENT) + request, link.address)
     await routes(other, link)
     assert link.refused == {"unkeyed_source": 1}
+    assert v4.received.empty()
+
+
+async def test_a_datagram_at_the_size_limit_is_delivered_and_one_byte_more_is_dropped(
+    parts: Any,
+) -> None:
+    """The link takes what a relay sends at most (header + MAX_PAYLOAD_BYTES); a larger
+    datagram is dropped and counted, even from a keyed relay for a known client."""
+    link, _, worker, _ = parts
+    session, v4, _ = attach(link)
+    await routes(worker, link)
+    session.send(b"\x17\xfe\xfd answer", CLIENT)  # the owner answering teaches the route
+    await worker.next()
+    at_limit = b"\x17" + b"a" * (MAX_PAYLOAD_BYTES - 1)
+    worker.send(header_for(CLIENT) + b"\x17" + b"o" * MAX_PAYLOAD_BYTES, link.address)
+    worker.send(header_for(CLIENT) + at_limit, link.address)  # the same socket: in order
+    assert await v4.next() == (at_limit, CLIENT)
+    assert link.counters["drop_oversized"] == 1
     assert v4.received.empty()

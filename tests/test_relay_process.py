@@ -21,7 +21,14 @@ from typing import TypeVar
 import pytest
 from stun_samples import binding_request, signed_request
 
-from relay.header import HEADER_BYTES, ControlMessage, ControlType, header_for, parse_header
+from relay.header import (
+    HEADER_BYTES,
+    MAX_PAYLOAD_BYTES,
+    ControlMessage,
+    ControlType,
+    header_for,
+    parse_header,
+)
 from relay.hello import open_hello
 from relay.ufrag import Keyring, derive_password, mint_ufrag
 
@@ -236,6 +243,32 @@ def test_link_datagrams_only_from_transceivers(relay: RelayProcess) -> None:
         client.settimeout(0.3)
         with pytest.raises(TimeoutError):
             client.recvfrom(2048)
+
+
+def test_a_datagram_at_the_size_limit_passes_and_one_byte_more_is_dropped(
+    relay: RelayProcess,
+) -> None:
+    """Both directions: a payload of MAX_PAYLOAD_BYTES is forwarded whole; one byte more is
+    dropped and counted, not read truncated and forwarded. Each oversized datagram is sent
+    just before one at the limit from the same socket, so the first to arrive tells which
+    passed."""
+    at_limit = b"\x80" + b"a" * (MAX_PAYLOAD_BYTES - 1)
+    over = b"\x80" + b"o" * MAX_PAYLOAD_BYTES
+    with udp() as client:
+        worker = authenticate(relay, client)
+        header = header_for(client.getsockname())
+        before = relay.drop_count("oversized"), relay.drop_count("oversized_link")
+        client.sendto(over, ("127.0.0.1", relay.public_port))
+        client.sendto(at_limit, ("127.0.0.1", relay.public_port))
+        assert relay.receive_data() == (header + at_limit, worker)
+        relay.link.sendto(header + over, worker)
+        relay.link.sendto(header + at_limit, worker)
+        assert client.recvfrom(4096)[0] == at_limit
+    expected = (before[0] + 1, before[1] + 1)
+    wait_for(
+        lambda: (relay.drop_count("oversized"), relay.drop_count("oversized_link")) == expected,
+        "both oversized datagrams to be counted",
+    )
 
 
 def next_hello(link: socket.socket) -> tuple[bytes, tuple[str, int]]:

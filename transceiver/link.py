@@ -48,6 +48,7 @@ from relay.header import (
     FLAG_CONTROL,
     HEADER_BYTES,
     HEADER_VERSION,
+    MAX_LINK_DATAGRAM_BYTES,
     MAX_ROUTES_PER_MESSAGE,
     ControlMessage,
     ControlType,
@@ -272,6 +273,9 @@ class Link(asyncio.DatagramProtocol):
         self.counters["socket_error"] += 1
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if len(data) > MAX_LINK_DATAGRAM_BYTES:  # larger than any relay forwards: dropped whole
+            self.counters["drop_oversized"] += 1
+            return
         if len(data) < HEADER_BYTES or data[0] != HEADER_VERSION:
             self.counters["drop_header"] += 1
             return
