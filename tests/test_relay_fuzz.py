@@ -1,15 +1,36 @@
-"""Property tests: random and mutated datagrams never raise and never forward unauthenticated."""
+"""Property tests: random and mutated datagrams never raise and never forward unauthenticated.
+
+Sizes go up to and just past the datagram limits of the wire contract (``MAX_PAYLOAD_BYTES``
+from a client, ``MAX_LINK_DATAGRAM_BYTES`` on the link): the parsers see what the sockets can
+hand them, and the worker drops anything longer before a parser sees it.
+"""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from stun_samples import binding_request, signed_request
+from sized_inputs import around
+from stun_samples import binding_request, signed_request, signed_request_of_size
 
 from relay.counters import DROP_REASONS
-from relay.header import ControlMessage, ControlType, header_for
+from relay.header import (
+    ENTRY_BYTES,
+    FLAG_CONTROL,
+    HEADER_BYTES,
+    MAX_LINK_DATAGRAM_BYTES,
+    MAX_PAYLOAD_BYTES,
+    ControlMessage,
+    ControlType,
+    HeaderError,
+    encode_header,
+    header_for,
+    pack_address,
+    parse_header,
+)
+from relay.hello import HelloError, open_hello, seal_hello
 from relay.routing import Control, Drop, Forward, Router, RouteTable, SendToClient, StunRateLimit
-from relay.stun import StunError, classify, integrity_ok, read_binding_request
+from relay.stun import MAGIC_COOKIE, StunError, classify, integrity_ok, read_binding_request
 from relay.ufrag import Keyring, UfragError, decode_ufrag, derive_password, mint_ufrag
 
 RING = Keyring.parse("2:" + "22" * 32 + ",1:" + "11" * 32)
@@ -37,8 +58,10 @@ def authenticated(data: bytes) -> bool:
 
 
 @st.composite
-def mutated_requests(draw: st.DrawFn) -> bytes:
-    data = bytearray(draw(st.sampled_from(VALID)))
+def edited(draw: st.DrawFn, valid: st.SearchStrategy[bytes]) -> bytes:
+    """A valid datagram with 1-4 edits: a bit flipped, a byte set, cut short, bytes inserted
+    (up to 8, so a datagram at a limit ends up just past it) or deleted."""
+    data = bytearray(draw(valid))
     for _ in range(draw(st.integers(1, 4))):
         op = draw(st.sampled_from(["flip", "set", "truncate", "insert", "delete"]))
         at = draw(st.integers(0, max(len(data) - 1, 0)))
@@ -67,15 +90,19 @@ def check_public(data: bytes) -> None:
         assert router.routes.inbound == {}
 
 
+def mutated_requests() -> st.SearchStrategy[bytes]:
+    return edited(st.sampled_from(VALID))
+
+
 @FUZZ
-@given(st.binary(max_size=300))
+@given(st.binary(max_size=MAX_PAYLOAD_BYTES + 1))
 def test_random_public_datagrams(data: bytes) -> None:
     classify(data)
     check_public(data)
 
 
 @FUZZ
-@given(st.binary(max_size=200).map(lambda tail: b"\x00\x01" + tail))
+@given(st.binary(max_size=MAX_PAYLOAD_BYTES - 1).map(lambda tail: b"\x00\x01" + tail))
 def test_random_stun_looking_datagrams(data: bytes) -> None:
     check_public(data)
 
@@ -103,7 +130,7 @@ def test_unmutated_requests_do_forward() -> None:
 
 
 @FUZZ
-@given(st.binary(max_size=120), st.booleans())
+@given(st.binary(max_size=MAX_PAYLOAD_BYTES + 1), st.booleans())
 def test_random_link_datagrams(data: bytes, with_header: bool) -> None:
     router = fresh_router()
     datagram = header_for(CLIENT) + data if with_header else data
@@ -112,6 +139,97 @@ def test_random_link_datagrams(data: bytes, with_header: bool) -> None:
     if isinstance(action, Drop):
         assert action.reason in DROP_REASONS
     assert router.on_link(datagram, ("127.0.0.1", 9), 0.0) == Drop("unknown_link_source")
+
+
+# --- at the datagram size limits ------------------------------------------------------------
+
+# Every size a well-formed STUN message (a multiple of 4) has near the limit, signed and valid.
+BIG = {size: signed_request_of_size(RING, T1, size) for size in range(1984, 2116, 4)}
+NOW_S = 1_700_000_000.0
+HELLO_DATAGRAM = seal_hello(RING, T1, NOW_S)
+CONTROL_HEADER = encode_header(b"\x00" * ENTRY_BYTES, FLAG_CONTROL)
+# As many routes as fit in a link datagram (113): more than a transceiver sends in one (64).
+MOST_ROUTES = (MAX_LINK_DATAGRAM_BYTES - HEADER_BYTES - 3) // ENTRY_BYTES
+# The largest link datagram of each kind (a HELLO has only one size).
+LINK_LARGEST = [
+    header_for(CLIENT) + b"\x80" + b"m" * (MAX_PAYLOAD_BYTES - 1),
+    header_for(CLIENT) + BIG[MAX_PAYLOAD_BYTES],
+    bytes(ControlMessage(ControlType.ROUTES, tuple(("10.0.0.1", p) for p in range(1, 65)))),
+    CONTROL_HEADER
+    + bytes([ControlType.GONE])
+    + MOST_ROUTES.to_bytes(2, "big")
+    + b"".join(pack_address(("2001:db8::1", p)) for p in range(1, MOST_ROUTES + 1)),
+    HELLO_DATAGRAM,
+]
+
+
+def exactly(size: int) -> st.SearchStrategy[bytes]:
+    return st.binary(min_size=size, max_size=size)
+
+
+def stun_shaped(size: int) -> st.SearchStrategy[bytes]:
+    """A binding request header whose length field is right, random attributes after it."""
+    head = b"\x00\x01" + (size - 20).to_bytes(2, "big") + MAGIC_COOKIE.to_bytes(4, "big")
+    return exactly(size - len(head)).map(lambda rest: head + rest)
+
+
+@pytest.mark.parametrize("size", [MAX_PAYLOAD_BYTES - 4, MAX_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES + 4])
+def test_signed_requests_at_the_size_limit_authenticate(size: int) -> None:
+    """The properties below are not vacuous at these sizes: the unedited requests forward."""
+    assert len(BIG[size]) == size and authenticated(BIG[size])
+    assert isinstance(fresh_router().on_public(BIG[size], CLIENT, 0, 0.0), Forward)
+
+
+@FUZZ
+@given(edited(st.sampled_from(list(BIG.values()))))
+def test_edited_requests_at_the_size_limit(data: bytes) -> None:
+    check_public(data)
+
+
+@FUZZ
+@given(around(MAX_PAYLOAD_BYTES).flatmap(lambda n: exactly(n) | stun_shaped(n - n % 4)))
+def test_random_datagrams_at_the_size_limit(data: bytes) -> None:
+    classify(data)
+    check_public(data)
+
+
+def check_link(datagram: bytes) -> None:
+    """The link's parsers raise only their own errors; the router answers with an action."""
+    try:
+        header = parse_header(datagram)
+        if header.is_control and datagram[HEADER_BYTES : HEADER_BYTES + 1] == b"\x01":
+            open_hello(RING, datagram[HEADER_BYTES:], T1, NOW_S)
+        elif header.is_control:
+            ControlMessage.parse(datagram[HEADER_BYTES:])
+    except (HeaderError, HelloError):
+        pass
+    action = fresh_router().on_link(datagram, T1, 0.0)
+    assert isinstance(action, SendToClient | Drop | Control)
+    if isinstance(action, Drop):
+        assert action.reason in DROP_REASONS
+
+
+def test_link_datagrams_at_the_size_limit_parse() -> None:
+    assert len(LINK_LARGEST[0]) == MAX_LINK_DATAGRAM_BYTES
+    assert len(ControlMessage.parse(LINK_LARGEST[3][HEADER_BYTES:]).routes) == MOST_ROUTES
+    assert open_hello(RING, HELLO_DATAGRAM[HEADER_BYTES:], T1, NOW_S).to == T1
+    for datagram in LINK_LARGEST:
+        check_link(datagram)
+
+
+@FUZZ
+@given(edited(st.sampled_from(LINK_LARGEST)))
+def test_edited_link_datagrams_at_the_size_limit(datagram: bytes) -> None:
+    check_link(datagram)
+
+
+@FUZZ
+@given(
+    around(MAX_LINK_DATAGRAM_BYTES).flatmap(exactly),
+    st.sampled_from([b"", header_for(CLIENT), CONTROL_HEADER + b"\x01", CONTROL_HEADER + b"\x02"]),
+)
+def test_random_link_datagrams_at_the_size_limit(data: bytes, prefix: bytes) -> None:
+    check_link(prefix + data[len(prefix) :])
 
 
 clients = st.tuples(st.sampled_from(["10.0.0.1", "10.0.0.2", "::5"]), st.integers(1, 3))
