@@ -3,11 +3,11 @@ transceivers, standing in for the Kubernetes Service that balances signalling in
 
 I/O layer: asyncio streams towards the client, httpx towards the transceivers. Per request:
 
-- Read and check it: the request line, headers (at most ``max_head_bytes``) and a
-  ``Content-Length`` body (at most ``max_body_bytes``; chunked bodies are refused). Anything
-  wrong gets a JSON error shaped like the transceivers' own,
-  ``{"error": {"type", "code", "message", "param"}}``. Only origin-form targets
-  (``/path?query``) are accepted: this is never a forward proxy.
+- Read and check it: the request line and headers (at most ``max_head_bytes``, the blank
+  line that ends them included) and a ``Content-Length`` body (at most ``max_body_bytes``;
+  chunked bodies are refused). Anything wrong gets a JSON error shaped like the transceivers'
+  own, ``{"error": {"type", "code", "message", "param"}}``. Only origin-form targets
+  (``/path?query``) are accepted: this is never a forward proxy. No JSON is parsed here.
 - Forward it to a backend picked round-robin: method, path and query, body, and the headers that
   matter (Content-Type, Authorization, Accept, Origin, X-Voicerelay-*, CORS preflight), plus
   X-Forwarded-For/-Host/-Proto. A backend that refuses the connection or answers 503 is passed
@@ -59,6 +59,7 @@ MAX_REMEMBERED_CALLS = 10_000
 LINGER_S = 1.0  # after an early error, drain what the client still sends before closing
 LINGER_BYTES = 1 << 20
 CALL_TARGET = re.compile(re.escape(CALLS_PATH) + r"/([^/?#]+)")
+HEAD_END = b"\r\n\r\n"
 
 
 # --- config ------------------------------------------------------------------------------------
@@ -169,8 +170,10 @@ class FrontDoor:
         )
         limits = httpx.Limits(max_keepalive_connections=0)
         self._http = httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
+        # The reader's limit counts the bytes before the separator readuntil looks for.
+        head_limit = self.config.max_head_bytes - len(HEAD_END)
         self._server = await asyncio.start_server(
-            self._connection, self.config.host, self.config.port, limit=self.config.max_head_bytes
+            self._connection, self.config.host, self.config.port, limit=head_limit
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
 
@@ -221,7 +224,7 @@ class FrontDoor:
 
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Request:
         try:
-            raw = await reader.readuntil(b"\r\n\r\n")
+            raw = await reader.readuntil(HEAD_END)
         except asyncio.LimitOverrunError:
             limit = self.config.max_head_bytes
             raise HttpError(

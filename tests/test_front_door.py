@@ -349,6 +349,49 @@ async def test_an_oversize_body_is_refused_and_the_client_still_reads_the_answer
     assert "offer" not in a.hits + b.hits
 
 
+def head_of_size(size: int) -> bytes:
+    """A GET /who head of exactly ``size`` bytes, its blank line included."""
+    start, end = b"GET /who HTTP/1.1\r\nHost: x\r\nX-Pad: ", b"\r\n\r\n"
+    return start + b"p" * (size - len(start) - len(end)) + end
+
+
+async def test_a_request_head_at_the_limit_is_forwarded_and_one_byte_more_is_a_431() -> None:
+    a = Backend("a")
+    async with serving(a) as at_a, front_door([at_a]) as door:
+        limit = door.config.max_head_bytes
+        at_limit = await raw_exchange(door, head_of_size(limit))
+        over = await raw_exchange(door, head_of_size(limit + 1))
+    assert at_limit == (200, {"backend": "a"})
+    assert (over[0], over[1]["error"]["code"]) == (431, "headers_too_large")
+    assert over[1]["error"]["message"] == f"request head exceeds {limit} bytes"
+    assert a.hits == ["who"]
+
+
+def nested_json_of_size(size: int) -> bytes:
+    """Arrays nested ``size // 2`` deep: valid JSON far past any parser's recursion limit."""
+    return b"[" * (size // 2) + b"]" * (size // 2) + b" " * (size % 2)
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+async def test_a_body_at_the_limit_is_forwarded_whole_and_one_byte_more_is_a_413(
+    extra: int,
+) -> None:
+    """The front door parses no JSON: a body of deeply nested JSON at the limit reaches the
+    backend byte for byte (the transceiver answers it); one byte more is refused."""
+    async with two_backends() as (a, b, door), httpx.AsyncClient() as http:
+        body = nested_json_of_size(door.config.max_body_bytes + extra)
+        response = await http.post(
+            base_url(door) + "/echo", content=body, headers={"Content-Type": "application/json"}
+        )
+    if extra:
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "body_too_large"
+        assert a.hits + b.hits == []
+    else:
+        assert response.status_code == 207
+        assert base64.b64decode(response.json()["body_b64"]) == body
+
+
 async def test_a_client_that_stalls_mid_request_gets_a_408() -> None:
     a = Backend("a")
     async with serving(a) as at_a, front_door([at_a], read_timeout_s=0.3) as door:
