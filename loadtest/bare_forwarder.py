@@ -71,6 +71,7 @@ def pump_to_clients(public: socket.socket, link: socket.socket, transceiver: Add
 
 
 def say_hello(link: socket.socket, transceiver: Address) -> None:
+    # Unsigned: only the bench's stand-in transceiver (loadtest.sessions.LinkPeer) hears it.
     hello = bytes(ControlMessage(ControlType.HELLO))
     while True:
         link.sendto(hello, transceiver)

@@ -164,6 +164,7 @@ static void pump_to_clients(int public_fd, int link_fd, struct sockaddr_in *trx,
     if (out > 0) send_all(public_fd, b->tx, out);
 }
 
+/* Unsigned: only the bench's stand-in transceiver (loadtest.sessions.LinkPeer) hears it. */
 static void send_hello(int link_fd, struct sockaddr_in *trx) {
     uint8_t hello[HEADER_BYTES + 1] = {1, FLAG_CONTROL};
     hello[HEADER_BYTES] = 1; /* ControlType.HELLO */
