@@ -14,6 +14,10 @@ the assistant text that was heard (``PlayoutLedger``), like OpenAI's Realtime AP
 
 Task ownership: every task is in ``self._tasks`` (one transcription per utterance, one response
 task per answer, whose stages live in a TaskGroup); ``aclose()`` cancels and awaits them all.
+A provider's failure or a turn's error is reported as an ``EngineError`` event and the engine
+goes on; a task that crashes anyway (a bug outside those handlers) cannot be answered here, so
+``events()`` raises ``EngineTaskCrashed`` (caused by the error) to its consumer, who owns the
+conversation and ends it.
 """
 
 from __future__ import annotations
@@ -51,6 +55,16 @@ from pipeline.vad import (
 
 log = logging.getLogger(__name__)
 _CLOSED = object()
+
+
+class EngineTaskCrashed(RuntimeError):
+    """One of the engine's own tasks raised; the error is the ``__cause__``."""
+
+
+@dataclass(frozen=True)
+class _Crash:
+    task_name: str
+    error: BaseException
 
 
 @dataclass(frozen=True)
@@ -133,8 +147,11 @@ class ConversationEngine:
         self._events.put_nowait(_CLOSED)
 
     async def events(self) -> AsyncGenerator[ev.EngineEvent, None]:
-        """Every event in order, until ``aclose()``. One consumer."""
+        """Every event in order, until ``aclose()``. One consumer. Raises EngineTaskCrashed
+        when one of the engine's tasks crashed (after the events it emitted before)."""
         while (event := await self._events.get()) is not _CLOSED:
+            if isinstance(event, _Crash):
+                raise EngineTaskCrashed(f"engine task {event.task_name} crashed") from event.error
             yield event
 
     async def wait_idle(self, timeout_s: float) -> None:
@@ -251,7 +268,9 @@ class ConversationEngine:
         self._recorder = recorder
         self._stt_audio = asyncio.Queue()
         self._stt_audio.put_nowait(AudioChunk(event.prefix_pcm, self.config.input_sample_rate_hz))
-        self._transcription = self._spawn(self._transcribe(recorder, self._stt_audio))
+        self._transcription = self._spawn(
+            self._transcribe(recorder, self._stt_audio), f"transcription {recorder.turn}"
+        )
 
     def _barge_in(self) -> None:
         response, task = self._response, self._response_task
@@ -306,7 +325,7 @@ class ConversationEngine:
             self._now,
         )
         self._response = response
-        self._response_task = self._spawn(self._respond(response))
+        self._response_task = self._spawn(self._respond(response), response.response_id)
         return response.response_id
 
     # --- response -------------------------------------------------------------------------
@@ -341,8 +360,8 @@ class ConversationEngine:
 
     # --- plumbing -------------------------------------------------------------------------
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(work)
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work, name=name)
         self._tasks.add(task)
         self._idle.clear()
         task.add_done_callback(self._forget)
@@ -350,6 +369,8 @@ class ConversationEngine:
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self._events.put_nowait(_Crash(task.get_name(), error))
         if not self._tasks:
             self._idle.set()
 

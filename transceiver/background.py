@@ -14,6 +14,10 @@ the object, not in the task, and each pass is idempotent, so a new run picks up 
 one stopped. A loop that keeps crashing (``FAILING_AFTER_CRASHES`` in a row, none healthy) is
 ``failing``; whether that turns ``/readyz`` red is each loop's ``unready_when_failing``,
 decided (with the reason) on the subclass.
+
+An owned task that is not restarted (a session's tasks: their owner ends what they served)
+reports its crash with ``report_crash``: the same log line with its traceback and the same
+counter.
 """
 
 from __future__ import annotations
@@ -31,6 +35,13 @@ FAILING_AFTER_CRASHES = 3
 
 # Process-wide, by task name; only grows (a Prometheus counter reads it at scrape time).
 crash_counts: collections.Counter[str] = collections.Counter()
+
+
+def report_crash(task_name: str, error: BaseException, logger: logging.Logger, then: str) -> None:
+    """Log an owned task's crash with its traceback and count it under ``task_name`` (a label
+    of few values: never a session id); ``then`` says what happens next."""
+    crash_counts[task_name] += 1
+    logger.error("%s crashed; %s", task_name, then, exc_info=error)
 
 
 class RestartBackoff:

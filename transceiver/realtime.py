@@ -2,7 +2,12 @@
 
 I/O layer. A :class:`RealtimeSession` owns a ``ConversationEngine``, the outgoing
 ``AgentVoiceTrack`` and two tasks (input pump, engine-event forwarder), cancelled and awaited
-by ``aclose()``. Client events are parsed by ``transceiver.events``; each is handled at once
+by ``aclose()``. A task that crashes (a bug here or in the engine, whose own task crashes
+reach the forwarder through ``events()``) is logged with its traceback and counted in
+``transceiver_task_crashes_total{task}``; the session cannot go on without it, so the client
+gets an ``error`` (type ``server_error``, code ``session_failed``) and the session is hung up
+as a failure (``crashed``): it is not the caller's hang-up, so a stored session stays
+resumable. Client events are parsed by ``transceiver.events``; each is handled at once
 (the engine's control methods are synchronous) and a bad one gets an ``error`` event naming
 the problem while the session goes on. Engine events become server events through
 ``EngineEventTranslator``; events produced before the client opens its channel wait (bounded).
@@ -35,6 +40,7 @@ from pipeline.engine import ConversationEngine
 from pipeline.providers import Message
 from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.audio import AgentVoiceTrack, pump_input
+from transceiver.background import report_crash
 from transceiver.events import (
     BufferCommand,
     ClientEvent,
@@ -108,8 +114,11 @@ class RealtimeSession:
         self._persistence = persistence
         self.journal: SessionJournal | None = None
         self.resumed = resumed is not None
-        # Set when this session must end here (taken over elsewhere); ``Sessions`` hangs up.
+        # Set when this session must end here (taken over elsewhere, or one of its tasks
+        # crashed); ``Sessions`` hangs up and records ``hangup_reason``.
         self.hangup_requested = asyncio.Event()
+        self.hangup_reason: str | None = None
+        self._closing = False
         self._answered = False  # start() ran: the call was answered
         self._hung_up = False  # the caller hung up: the stored session ends with the call
         self._restored: tuple[Event, ...] = ()
@@ -147,16 +156,19 @@ class RealtimeSession:
         if self._persistence is not None and self.journal is None:
             self._hold(await self._persistence.create(self.config.id, self.config.to_json()))
         await self.engine.start()
-        self._spawn(self._forward_engine_events())
+        self._spawn(self._forward_engine_events(), "session engine events")
         if self._remote is not None:
             rate_hz = self.engine.config.input_sample_rate_hz
-            self._spawn(pump_input(self._remote, self.engine.push_audio, rate_hz))
+            self._spawn(
+                pump_input(self._remote, self.engine.push_audio, rate_hz), "session audio input"
+            )
         self._answered = True
 
     def caller_hung_up(self) -> None:
         self._hung_up = True
 
     async def aclose(self) -> None:
+        self._closing = True  # a task that fails while cancelled spawns no hang-up
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -196,16 +208,37 @@ class RealtimeSession:
         """Another transceiver owns the session now: say so, then hang up this connection."""
         message = f"this session continues on another connection; this one is closed: {why}"
         self.send(error_event(EventError("session_taken_over", message)))
-        self._spawn(self._hang_up_soon())
+        self._hang_up("taken_over")
+
+    def _hang_up(self, reason: str) -> None:
+        if self._closing or self.hangup_reason is not None:
+            return  # already ending: the first reason stands
+        self.hangup_reason = reason
+        self._spawn(self._hang_up_soon(), "session hang-up")
 
     async def _hang_up_soon(self) -> None:
         await asyncio.sleep(LOST_NOTICE_S)  # let the error event leave before the close
         self.hangup_requested.set()
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
+    def _spawn(self, work: Coroutine[Any, Any, None], task_name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=task_name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A task that ended by raising: seen, counted, and the session ends as a failure."""
+        self._tasks.discard(task)
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        session_id = self.config.id if self.journal is None else self.journal.session_id
+        report_crash(task.get_name(), error, logger, f"session {session_id} ends")
+        if self._closing:
+            return
+        message = "the server failed on an internal error and closed this session"
+        if self.journal is not None:
+            message += "; resume it with its session_id and resume_token"
+        self.send(error_event(EventError("session_failed", message), error_type="server_error"))
+        self._hang_up("crashed")
 
     # --- server -> client -----------------------------------------------------------------
 
@@ -252,8 +285,7 @@ class RealtimeSession:
         elif isinstance(event, ev.TurnCompleted):
             done = self.translator.done_engine_response_id
             self.metrics.turn(event.record, self.voice.first_frame_sent_s.get(done))
-        elif isinstance(event, ev.EngineError):
-            logger.warning("pipeline error: %s", event.message)
+        elif isinstance(event, ev.EngineError):  # the engine logged it, with its traceback
             self.metrics.provider_error(event.retryable)
 
     def _journal(self, event: ev.EngineEvent) -> None:

@@ -17,9 +17,15 @@ def server_event(kind: str, **fields: Any) -> dict[str, Any]:
     return {"type": kind, "event_id": new_id("event"), **fields}
 
 
-def error_event(error: EventError, client_event_id: str | None = None) -> dict[str, Any]:
+def error_event(
+    error: EventError,
+    client_event_id: str | None = None,
+    *,
+    error_type: str = "invalid_request_error",
+) -> dict[str, Any]:
+    """An ``error`` event; ``error_type`` is ``server_error`` when the fault is ours."""
     body = {
-        "type": "invalid_request_error",
+        "type": error_type,
         "code": error.code,
         "message": error.message,
         "param": error.param,

@@ -50,7 +50,9 @@ NEGOTIATION_ERRORS = (
     InvalidStateError,
     OperationError,
 )
-FAILURE_REASONS = frozenset({"rejected", "error", "connect_timeout", "failed", "invalid_session"})
+FAILURE_REASONS = frozenset(
+    {"rejected", "error", "connect_timeout", "failed", "invalid_session", "crashed"}
+)
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,11 @@ class HandsOver(Protocol):
 
 @runtime_checkable
 class HangsUp(Protocol):
-    """An agent that can end its own session (e.g. taken over by another transceiver)."""
+    """An agent that can end its own session (taken over by another transceiver, or broken:
+    ``hangup_reason`` says which, e.g. ``taken_over`` or ``crashed``)."""
 
     hangup_requested: asyncio.Event
+    hangup_reason: str | None
 
 
 @runtime_checkable
@@ -306,7 +310,8 @@ class Sessions:
         finally:
             for waiter in (ended, hangup):
                 waiter.cancel()
-        reason = "taken_over" if agent.hangup_requested.is_set() else session.pc.connectionState
+        asked = agent.hangup_requested.is_set()
+        reason = (agent.hangup_reason or "taken_over") if asked else session.pc.connectionState
         await self._end(session, reason)
 
     async def hangup(self, call_id: str) -> bool:
