@@ -36,7 +36,6 @@ that never saw the session can still route it (``relay.route_lookup``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import time
@@ -58,6 +57,7 @@ from relay.header import (
 )
 from relay.hello import HelloError
 from relay.ufrag import Keyring
+from transceiver.background import BackgroundLoop
 from transceiver.keyed_relays import KeyedRelays
 from transceiver.redis_config import RedisConfig
 from transceiver.route_publishing import RoutePublishing
@@ -210,7 +210,7 @@ class Link(asyncio.DatagramProtocol):
         self._transactions: dict[bytes, tuple[LinkSession, float]] = {}
         self._workers: dict[Address, float] = {}
         self._latest: Address | None = None
-        self._housekeeping: asyncio.Task[None] | None = None
+        self.housekeeping = LinkHousekeeping(self.expire)
 
     async def start(self) -> Address:
         loop = asyncio.get_running_loop()
@@ -219,7 +219,7 @@ class Link(asyncio.DatagramProtocol):
         assert self._transport is not None
         host, port = self._transport.get_extra_info("sockname")[:2]
         self.address = (host, port)
-        self._housekeeping = asyncio.create_task(self._housekeep(), name="link housekeeping")
+        self.housekeeping.start()
         self._start_route_publishing()
         return self.address
 
@@ -244,10 +244,7 @@ class Link(asyncio.DatagramProtocol):
     async def aclose(self) -> None:
         for session in list(self._by_ufrag.values()):
             session.close()
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeping
+        await self.housekeeping.aclose()
         if self.routes is not None:
             await self.routes.aclose()
         if self._transport is not None:
@@ -413,11 +410,6 @@ class Link(asyncio.DatagramProtocol):
                 self._transport.sendto(message, worker)
         self.counters[f"sent_{kind.name.lower()}"] += len(workers) * len(messages)
 
-    async def _housekeep(self) -> None:
-        while True:
-            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
-            self.expire()
-
     def expire(self) -> None:
         """Forget old transactions, silent workers and relays that stopped proving a key."""
         assert self._clock is not None
@@ -430,3 +422,22 @@ class Link(asyncio.DatagramProtocol):
             del self._workers[worker]
         if self._latest is not None and self._latest not in self._workers:
             self._latest = None
+
+
+class LinkHousekeeping(BackgroundLoop):
+    """``expire`` every ``interval_s``. Restarted when it crashes: ``expire`` keeps its state on
+    the link and each pass is idempotent, and without it old transactions, silent workers and
+    lapsed relays would never be forgotten. Readiness does not follow it (a link that forgets
+    late still forwards every call); the crash counter shows a loop that keeps crashing."""
+
+    task_name = "link housekeeping"
+
+    def __init__(self, expire: Callable[[], None], interval_s: float = HOUSEKEEPING_INTERVAL_S):
+        super().__init__()
+        self._expire = expire
+        self.interval_s = interval_s
+
+    async def _run(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(self.interval_s)
+            self._expire()

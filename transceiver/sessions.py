@@ -4,7 +4,10 @@ I/O layer over aiortc. A session is one RTCPeerConnection whose ICE agent is rel
 link (see ``ice``); it runs the configured agent: ``pipeline`` (``transceiver.realtime``: the
 voice pipeline and the ``oai-events`` channel) or ``echo`` (diagnostics). Every session has one
 watcher task, owned by ``Sessions`` and awaited on close; the agent owns its own tasks and
-``aclose()`` ends them.
+``aclose()`` ends them. A watcher that crashes is logged with its traceback, counted in
+``transceiver_task_crashes_total{task="session watcher"}`` and its session ended (``crashed``):
+not restarted, since its one job is to end that session at the right moment, and a session no
+watcher ends would hold its capacity forever.
 
 Capacity: a call holds a slot from ``reserve`` on, before anything is done for it elsewhere
 (a resumed session is claimed in Redis only once it has one), and ``create`` turns the slot
@@ -34,6 +37,7 @@ from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateErr
 from aiortc.mediastreams import MediaStreamTrack
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from transceiver.background import report_crash
 from transceiver.events import EventError
 from transceiver.ice import RelayedIce, relayed_through
 from transceiver.rtp_tuning import lower_audio_prefetch
@@ -293,6 +297,13 @@ class Sessions:
 
     async def _watcher(self, session: Session) -> None:
         try:
+            await self._watch_until_ended(session)
+        except Exception as error:  # a bug: seen, counted, and the session does not linger
+            report_crash("session watcher", error, logger, f"session {session.call_id} ends")
+            await self._end(session, "crashed")
+
+    async def _watch_until_ended(self, session: Session) -> None:
+        try:
             async with asyncio.timeout(self._limits.connect_timeout_s):
                 await session.connected.wait()
         except TimeoutError:
@@ -335,8 +346,10 @@ class Sessions:
             self._metrics.failed.labels(reason).inc()
         logger.info("session %s ended: %s", session.call_id, reason)
         try:
-            await session.pc.close()
-            await session.agent.aclose()
+            try:
+                await session.pc.close()
+            finally:
+                await session.agent.aclose()  # whatever the peer connection did
         finally:
             if not self._sessions:
                 self._empty.set()
