@@ -20,7 +20,7 @@ import pytest
 from agents_sdk import NodeUnavailable, agents_page_html, build_agents_bundle
 from browser import chromium, recorded_audio
 from playwright.async_api import Browser, Page
-from stack import Stack, eventually
+from stack import Stack, eventually, metric_values
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "transceiver" / "static"
 CALLS_PATH = "/v1/realtime/calls"
@@ -329,10 +329,16 @@ async def test_echo_mode_call_through_the_relay(tmp_path: Path) -> None:
                 stopped = ev("input_audio_buffer.speech_stopped", item_id="item_1", audio_end_ms=0)
                 await inject(page, [stopped])
                 await page.wait_for_function("window.voicerelay.turns[0].heard_ms !== null")
-                await page.evaluate("window.voicerelay.hangup()")
+                await page.evaluate("window.voicerelay.hangup()")  # resolves once answered
                 assert await page.text_content("#state-connection") == "idle"
                 await eventually(lambda: len(forwarded) == 2, 5.0, "the hang-up DELETE")
                 assert errors.errors == []
+                # The page closed its connection after the DELETE, not before: a peer that
+                # just leaves is not a hang-up (its stored session would stay resumable).
+                async with httpx.AsyncClient(timeout=5) as http:
+                    metrics = (await http.get(stack.base_url(0) + "/metrics")).text
+                ended = metric_values(metrics, "transceiver_sessions_ended_total")
+                assert ended == {"hangup": 1.0}, ended
     finally:
         await stack.stop()
     (post, path, headers), (delete, call_path, _) = forwarded

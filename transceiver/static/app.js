@@ -1,6 +1,7 @@
 // The voicerelay web client: wires the call, the transcripts, the latency charts and the log
 // to the page, and exposes window.voicerelay for people and for Playwright tests:
-//   connect({key, record}) / hangup() / send(evt)   drive a call (send: object or raw string)
+//   connect({key, record}) / hangup() / send(evt)   drive a call (send: object or raw string;
+//            hangup resolves once the server has ended the call)
 //   events   every server event received, in order      sent   every client event sent
 //   states   [{at_ms, name, value}] every status change (connection, events, session, call),
 //            at_ms = Date.now(); the last MAX_STATES kept
@@ -213,7 +214,7 @@ async function resume(why) {
     } catch (err) {
       next.close();
       log("!", `resume attempt ${attempt} failed: ${err.message}`, "log-error");
-      if (/ (401|403) /.test(` ${err.message} `)) break;
+      if (/ (401|403|410) /.test(` ${err.message} `)) break; // refused for good
       await new Promise((done) => setTimeout(done, RESUME_BACKOFF_MS * attempt));
     }
   }
@@ -245,10 +246,12 @@ async function connect({ key = $("key").value.trim(), record = params.has("recor
   }
 }
 
+// The user hangs up (the session ends, it cannot be resumed); a resume that moves the session
+// only closes its old connection (call.close()). Resolves once the server has the hang-up.
 function hangup() {
   clearTimeout(disconnectedTimer);
   clearInterval(silenceTimer);
-  if (call) call.hangup();
+  const over = call ? call.hangup() : Promise.resolve();
   call = null;
   resumeInfo = null;
   meter.close();
@@ -258,6 +261,7 @@ function hangup() {
   setState("events", "—");
   $("hangup").disabled = true;
   $("talk").disabled = false;
+  return over;
 }
 
 $("key").value = params.get("key") || "";

@@ -9,6 +9,8 @@
 export const CALLS_PATH = "/v1/realtime/calls";
 const GATHER_TIMEOUT_MS = 1000;
 const CONNECT_TIMEOUT_MS = 15000;
+const HANGUP_TIMEOUT_MS = 5000;
+const QUIET = { onEvent() {}, onRawMessage() {}, onState() {}, onTrack() {} };
 export const SESSION_HEADER = "X-Voicerelay-Session";
 export const RESUME_TOKEN_HEADER = "X-Voicerelay-Resume-Token";
 
@@ -124,8 +126,18 @@ export class Call {
     this.channel.send(typeof evt === "string" ? evt : JSON.stringify(evt));
   }
 
-  hangup() {
-    if (this.callUrl) fetch(this.callUrl, { method: "DELETE", headers: this.auth() }).catch(() => {});
+  // The caller hangs up: the server ends the call and its stored session. Quiet at once (no
+  // more events or states, microphone off), but the connection is closed only once the DELETE
+  // is answered (or failed): the server takes a peer that leaves without it for a client
+  // moving elsewhere, and keeps the session resumable. Resolves when it is over.
+  async hangup() {
+    const url = this.callUrl;
+    this.handlers = QUIET;
+    if (this.mic) this.mic.getTracks().forEach((t) => t.stop());
+    if (url) {
+      const signal = AbortSignal.timeout(HANGUP_TIMEOUT_MS);
+      await fetch(url, { method: "DELETE", headers: this.auth(), signal }).catch(() => {});
+    }
     this.close();
   }
 
