@@ -8,6 +8,8 @@ SIGKILLed by PID; the page must notice, re-offer naming its session through the 
 land on the surviving transceiver and show "resumed" with the same session id. Then it asks
 "What did I just ask?", which only the stored conversation can answer, and must hear the answer.
 The time from the kill to the first audible sample of that answer in the page is printed.
+Moving the session did not end it (the stored session is live, under the new owner); the
+page's **Hang up** button does (a resume with its token then answers 410 ``session_ended``).
 
 The microphone: Chromium's file-backed fake device plays one WAV from the moment the page opens
 the microphone, and the page opens it again when it resumes (restarting the file). So the page's
@@ -34,12 +36,15 @@ import pytest
 from browser import chromium, recorded_audio
 from playwright.async_api import Page
 from redis_server import redis_server_binary
+from test_sdp import CHROME_OFFER
 
 from loadtest.stack import Launched, launched
 from loadtest.voice_audio import Speaker, hear, voiced, write_wav
+from transceiver.persistence import RESUME_TOKEN_HEADER, SESSION_HEADER
 from transceiver.redis_config import RedisConfig
 from transceiver.session_keys import SessionState
 from transceiver.session_store import RedisSessionStore
+from transceiver.store_errors import SessionEndedError
 
 pytestmark = [
     pytest.mark.slow,
@@ -55,6 +60,7 @@ TRANSCRIPT_JS = (
 ANSWER_WORDS = {"you", "asked", "tell", "about", "water"}
 TURN_TIMEOUT_S = 60.0
 RESUME_TIMEOUT_S = 90.0  # ICE notices the loss, the grace period, up to 5 attempts with backoff
+HANG_UP_TIMEOUT_S = 10.0
 STACK_ENV = {
     "TRANSCEIVER_API_KEY": API_KEY,
     "OPENAI_API_KEY": "",  # the offline agent, whatever the environment says
@@ -224,6 +230,31 @@ async def stored(stack: Launched, session_id: str) -> SessionState:
         await store.aclose()
 
 
+async def ended(stack: Launched, session_id: str) -> None:
+    """Wait until the stored session has ended (its end is written behind, as every write)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + HANG_UP_TIMEOUT_S
+    while True:
+        try:
+            await stored(stack, session_id)
+        except SessionEndedError:
+            return
+        assert loop.time() < deadline, f"the hung-up session never ended:\n{stack.tail()}"
+        await asyncio.sleep(0.05)
+
+
+async def resume_offer(stack: Launched, session_id: str, token: str) -> httpx.Response:
+    """A resume of the session through the front door, as the page would send it."""
+    headers = {
+        "Authorization": f"Bearer {await mint(stack)}",
+        "Content-Type": "application/sdp",
+        SESSION_HEADER: session_id,
+        RESUME_TOKEN_HEADER: token,
+    }
+    async with httpx.AsyncClient(timeout=10) as http:
+        return await http.post(stack.url + CALLS_PATH[1:], content=CHROME_OFFER, headers=headers)
+
+
 def contents(state: SessionState) -> list[tuple[str, str]]:
     return [(item["role"], item["content"]) for item in state.items]
 
@@ -309,7 +340,11 @@ async def test_page_resumes_its_session_on_another_transceiver_after_a_sigkill(
             samples, rate_hz = await recorded_audio(page)
             timeline = await connection_states_since(page, kill.at_ms)
             shown = await page.evaluate(TRANSCRIPT_JS)
-        after = await stored(stack, session_id)
+            after = await stored(stack, session_id)  # moving it did not end it
+            token = await page.evaluate("window.voicerelay.resumeInfo().token")
+            await page.click("#hangup")  # the user hangs up: now it ends
+            await ended(stack, session_id)
+            refused = await resume_offer(stack, session_id, token)
     assert stack.process.returncode == 0, stack.tail()
     assert not stack.left_running, f"left running after Ctrl-C: {stack.left_running}"
 
@@ -334,3 +369,5 @@ async def test_page_resumes_its_session_on_another_transceiver_after_a_sigkill(
     # The transcript is the replayed conversation plus the new turn: nothing shown twice.
     assert shown.count(first.answer) == 1 and shown.count(second.answer) == 1, shown
     assert shown.index(first.answer) < shown.index(second.answer), shown
+    assert refused.status_code == 410, refused.text
+    assert refused.json()["error"]["code"] == "session_ended", refused.text
