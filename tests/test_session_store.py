@@ -434,13 +434,28 @@ def async_value(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
 async def test_a_stale_queue_is_dropped_and_reported(store: RedisSessionStore) -> None:
     old, _ = await new_session(store)
     await store.claim(old.session_id, "tx-b", lease_s=LEASE_S, force=True)
-    dropped: list[tuple[str, StoreError]] = []
+    dropped: list[tuple[Lease, StoreError]] = []
     async with WriteBehindQueue(store, on_dropped=lambda s, e: dropped.append((s, e))) as queue:
         queue.submit(old, AppendItem(item(1)))
         queue.submit(old, AppendItem(item(2)))
         await asyncio.wait_for(queue.drained(), 5.0)
-    assert [(s, type(e)) for s, e in dropped] == [(old.session_id, StaleOwnerError)]
+    assert [(s, type(e)) for s, e in dropped] == [(old, StaleOwnerError)]
     assert (await store.load(old.session_id)).items == ()
+
+
+async def test_a_refused_lease_drops_only_its_own_writes(store: RedisSessionStore) -> None:
+    """Resumed again by the same transceiver: the old lease's writes are refused and dropped,
+    the new lease's writes queued behind them are still stored."""
+    old, _ = await new_session(store)
+    new = await store.claim(old.session_id, "tx-a", lease_s=LEASE_S, force=True)
+    dropped: list[tuple[Lease, StoreError]] = []
+    async with WriteBehindQueue(store, on_dropped=lambda s, e: dropped.append((s, e))) as queue:
+        queue.submit(old, AppendItem(item(1)))
+        queue.submit(new, AppendItem(item(2)))
+        queue.submit(old, AppendItem(item(3)))
+        await asyncio.wait_for(queue.drained(), 5.0)
+    assert [(s, type(e)) for s, e in dropped] == [(old, StaleOwnerError)]
+    assert (await store.load(old.session_id)).items == (item(2),)
 
 
 async def test_heartbeat_keeps_the_lease_and_reports_a_takeover(

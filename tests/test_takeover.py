@@ -1,6 +1,8 @@
 """A session resumed elsewhere while its first connection is still up: the new connection gets
 the conversation replayed as ``conversation.item.*`` events, and the old owner, refused by the
-fencing token, tells its client (``error`` ``session_taken_over``) and hangs up.
+fencing token, tells its client (``error`` ``session_taken_over``) and hangs up. The same when
+the resume lands on the transceiver that holds the old connection. A late hang-up of the old
+connection never ends the session that moved on (the store refuses the old token's end).
 
 Real redis-server, relay, two pipeline transceivers and aiortc clients (``test_resume``'s stack).
 """
@@ -14,8 +16,9 @@ import pytest
 import pytest_asyncio
 from realtime_client import RealtimeClient
 from redis_server import redis_server_binary
-from stack import eventually, metric_values
+from stack import Process, eventually, metric_values
 from test_resume import (
+    SESSION_HEADER,
     TOKEN_HEADER,
     Survival,
     acknowledged,
@@ -103,3 +106,83 @@ async def test_a_session_taken_over_hangs_up_the_old_connection_and_replays_the_
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_session_resumed_on_its_own_transceiver_outlives_its_old_connection(
+    survival: Survival,
+) -> None:
+    """The client moves while its old connection is still up, and the resume lands on the
+    transceiver that already holds the session: the old connection is told and hung up as after
+    a take-over, and its late hang-up leaves the session now live there alone (its lease still
+    renewed, its writes stored)."""
+    first, second = RealtimeClient(), RealtimeClient()
+    base = survival.stack.base_url(0)
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            created = await call(first, http, base)
+            session_id, token = created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
+            resumed = await call(
+                second, http, base, {TOKEN_HEADER: token}, {"session_id": session_id}
+            )
+            assert resumed.status_code == 201, resumed.text
+            await first.wait_for(
+                "error",
+                lambda e: e["error"]["code"] == "session_taken_over",
+                timeout_s=HANG_UP_TIMEOUT_S,
+            )
+            stale = await http.delete(base + created.headers["Location"])
+            assert stale.status_code in (204, 404), stale.text  # 404: already hung up
+            assert await leases(http, base) == 1.0  # the live session's, still renewed
+            answer = await ask(second, "Tell me about water.")
+        state = await stored_until(
+            survival, session_id, lambda st: ("assistant", answer) in contents(st)
+        )
+        assert state.token == 2
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_late_hang_up_of_the_old_connection_does_not_end_a_moved_session(
+    survival: Survival,
+) -> None:
+    """The old connection's hang-up reaches its transceiver after the session moved on (before
+    or after that transceiver noticed): the store refuses the old token's end, and the session
+    goes on where it is now."""
+    first, second = RealtimeClient(), RealtimeClient()
+    old, new = survival.stack.base_url(0), survival.stack.base_url(1)
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            created = await call(first, http, old)
+            session_id, token = created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
+            resumed = await call(
+                second, http, new, {TOKEN_HEADER: token}, {"session_id": session_id}
+            )
+            assert resumed.status_code == 201, resumed.text
+            stale = await http.delete(old + created.headers["Location"])
+            assert stale.status_code in (204, 404), stale.text  # 404: already hung up
+            await let_go(survival.stack.transceivers[0], session_id)
+            answer = await ask(second, "Tell me about water.")
+        state = await stored_until(
+            survival, session_id, lambda st: ("assistant", answer) in contents(st)
+        )
+        assert state.token == 2
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def leases(http: httpx.AsyncClient, base_url: str) -> float:
+    text = (await http.get(base_url + "/metrics")).text
+    return metric_values(text, "transceiver_session_leases").get("", 0.0)
+
+
+async def let_go(process: Process, session_id: str) -> None:
+    """Wait until the old owner is done with the session: it noticed the take-over, or the
+    store refused one of its writes (the late hang-up's end among them)."""
+    marks = (f"session {session_id} lost here", f"dropping session {session_id}'s writes")
+    await eventually(
+        lambda: any(mark in process.log_path.read_text() for mark in marks),
+        HANG_UP_TIMEOUT_S,
+        f"the old owner to let {session_id} go",
+    )

@@ -23,6 +23,10 @@ I/O layer over ``session_store`` (fenced writes), ``write_behind`` (never wait o
   to another transceiver closes its old connection exactly so), and a take-over elsewhere.
 - Lost: when a renewal or write is refused (another transceiver took the session over, or its
   record is gone) the journal stops writing and calls its ``on_lost`` once; the session hangs up.
+  A resume that lands on the transceiver still holding the session's old connection loses that
+  connection's journal at once; only the journal of the newest claim (``current``) renews,
+  releases, ends or unregisters the session, so the old connection's close or late hang-up
+  leaves the live one alone.
 - Health: a ping every ``HEALTH_INTERVAL_S``. A Redis outage never makes the transceiver
   unready: calls work without Redis (their writes wait in the queue and new sessions are
   caught up), and every transceiver shares the one Redis, so a 503 here would refuse new calls
@@ -143,6 +147,11 @@ class SessionJournal:
     def session_id(self) -> str:
         return self._session_id
 
+    @property
+    def current(self) -> bool:
+        """This journal speaks for its session here (no newer resume here replaced it)."""
+        return self.persistence.journals.get(self.session_id) is self
+
     def headers(self) -> dict[str, str]:
         return {SESSION_HEADER: self.session_id, RESUME_TOKEN_HEADER: self.credential}
 
@@ -225,6 +234,8 @@ class SessionJournal:
 
     async def release(self) -> None:
         """Hand the session back (drain): the next owner claims it without waiting."""
+        if not self.current:
+            return
         self.persistence.heartbeat.drop(self.session_id)
         self.persistence.unstored.pop(self.session_id, None)
         if self.lease is None:
@@ -239,13 +250,15 @@ class SessionJournal:
         Its queued writes are dropped (the end deletes them anyway); the end is queued, so it
         reaches Redis after an outage too. Never stored (Redis was down throughout): nothing
         to end."""
-        if self.lease is not None and not self.lost:
+        if self.lease is not None and not self.lost and self.current:
             self.persistence.queue.discard(self.session_id)
             self.persistence.queue.submit(self.lease, EndSession())
         self.close()
 
     def close(self) -> None:
         """The session ended here: stop renewing (queued writes still flush)."""
+        if not self.current:
+            return
         self.persistence.heartbeat.drop(self.session_id)
         self.persistence.journals.pop(self.session_id, None)
         self.persistence.unstored.pop(self.session_id, None)
@@ -315,7 +328,7 @@ class SessionPersistence:
         self.lease_s = lease_s
         self.journals: dict[str, SessionJournal] = {}
         self.unstored: dict[str, SessionJournal] = {}  # began while Redis was down
-        self.queue = WriteBehindQueue(store, max_pending=max_pending, on_dropped=self._dropped)
+        self.queue = WriteBehindQueue(store, max_pending=max_pending, on_dropped=self._lost)
         self.heartbeat = LeaseHeartbeat(store, lease_s=lease_s, on_lost=self._lost)
         self.health = RedisHealth(store)
         self.catch_up = CatchUp(self)
@@ -402,18 +415,18 @@ class SessionPersistence:
             id_offset=state.first_seq - 1, base_turn=state.turn,
         )  # fmt: skip
         journal.latest_config = state.config
+        superseded = self.journals.get(session_id)
+        if superseded is not None:  # its old connection is still up here
+            superseded.mark_lost("resumed on a newer connection here")
         self.journals[session_id] = journal
         self.heartbeat.hold(lease)
         return journal, state
 
     def _lost(self, lease: Lease, error: StoreError) -> None:
+        """A renewal or write under ``lease`` was refused for good (an older lease's refusal
+        says nothing about the journal holding a newer one)."""
         journal = self.journals.get(lease.session_id)
         if journal is not None and journal.lease == lease:
-            self._refused(journal, error)
-
-    def _dropped(self, session_id: str, error: StoreError) -> None:
-        journal = self.journals.get(session_id)
-        if journal is not None:
             self._refused(journal, error)
 
     def _refused(self, journal: SessionJournal, error: StoreError) -> None:

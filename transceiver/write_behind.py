@@ -6,7 +6,9 @@ behind) the flusher keeps the write at the head and tries again after ``retry_in
 nothing is lost or reordered; since every store write is idempotent (items by id, the turn as a
 maximum, the config as a whole), a write that reached Redis before its reply was lost is
 harmless to repeat. A non-retryable error (this transceiver lost the session: stale token, or
-the session is gone) drops that session's queue and reports it through ``on_dropped``.
+the session is gone) drops the writes made under that lease and reports it through
+``on_dropped``; writes under a newer lease of the same session (resumed again on this
+transceiver) stay queued.
 
 Bounded: at most ``max_pending`` writes in all. When full, ``submit`` raises ``QueueFullError``
 rather than silently dropping an older committed write; the caller decides (typically: tell the
@@ -72,7 +74,7 @@ class WriteBehindQueue(BackgroundLoop):
         *,
         max_pending: int = 200,
         retry_interval_s: float = 0.2,
-        on_dropped: Callable[[str, StoreError], None] | None = None,
+        on_dropped: Callable[[Lease, StoreError], None] | None = None,
     ) -> None:
         super().__init__()
         self._store = store
@@ -155,7 +157,7 @@ class WriteBehindQueue(BackgroundLoop):
                 if error.retryable:
                     log.info("write-behind: %s; retrying", error)
                     return False
-                self._drop(session_id, error)
+                self._drop(lease, error)
                 return True
             if self._queues.get(session_id) is not queue:
                 return True  # discarded while the write was in flight
@@ -174,11 +176,15 @@ class WriteBehindQueue(BackgroundLoop):
         else:
             await self._store.end(lease)
 
-    def _drop(self, session_id: str, error: StoreError) -> None:
-        log.warning("write-behind: dropping session %s's writes: %s", session_id, error)
-        self.discard(session_id)
+    def _drop(self, lease: Lease, error: StoreError) -> None:
+        log.warning("write-behind: dropping session %s's writes: %s", lease.session_id, error)
+        queue = self._queues.pop(lease.session_id, deque())
+        kept = deque(entry for entry in queue if entry[0] != lease)
+        if kept:
+            self._queues[lease.session_id] = kept
+        self._settle(len(queue) - len(kept))
         if self._on_dropped is not None:
-            self._on_dropped(session_id, error)
+            self._on_dropped(lease, error)
 
     def _settle(self, count: int) -> None:
         self._pending -= count
