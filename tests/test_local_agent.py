@@ -30,6 +30,12 @@ def user(text: str) -> Message:
     return Message("user", text)
 
 
+def tool_round(question: str, call: ToolCall, output: str) -> list[Message]:
+    """``question``, the assistant's tool ``call`` for it and the client's ``output``."""
+    answered = Message("tool", output, tool_call_id=call.call_id)
+    return [user(question), Message("assistant", tool_calls=(call,)), answered]
+
+
 async def test_answers_from_the_sample_knowledge_file_without_tools() -> None:
     agent = LocalRuleBasedAgent(KNOWLEDGE)
     events = await reply(agent, [user("tell me about the moon")], tools=False)
@@ -49,11 +55,7 @@ async def test_a_knowledge_question_goes_through_the_lookup_tool_and_back() -> N
     assert isinstance(call, ToolCall) and call.name == "lookup_knowledge"
     assert json.loads(call.arguments) == {"query": "what about coffee"}
     result = json.dumps({"found": True, "title": "Coffee", "answer": "Coffee keeps you awake."})
-    messages = [
-        user("what about coffee"),
-        Message("assistant", tool_calls=(call,)),
-        Message("tool", result, tool_call_id=call.call_id),
-    ]
+    messages = tool_round("what about coffee", call, result)
     assert text_of(await reply(agent, messages)) == "Coffee keeps you awake."
 
 
@@ -61,11 +63,7 @@ async def test_the_time_comes_from_the_current_time_tool() -> None:
     agent = LocalRuleBasedAgent(KNOWLEDGE)
     (call, _) = await reply(agent, [user("what time is it")])
     assert isinstance(call, ToolCall) and call.name == "current_time"
-    messages = [
-        user("what time is it"),
-        Message("assistant", tool_calls=(call,)),
-        Message("tool", '{"hour": 21, "minute": 30}', tool_call_id=call.call_id),
-    ]
+    messages = tool_round("what time is it", call, '{"hour": 21, "minute": 30}')
     assert text_of(await reply(agent, messages)) == "It is nine thirty in the evening."
 
 
@@ -92,11 +90,7 @@ async def test_any_current_time_output_from_a_client_gets_a_clear_answer(
     """A client's ``current_time`` tool may answer anything; the agent never raises on it."""
     agent = LocalRuleBasedAgent(KNOWLEDGE)
     call = ToolCall("c1", "current_time", "{}")
-    messages = [
-        user("what time is it"),
-        Message("assistant", tool_calls=(call,)),
-        Message("tool", output, tool_call_id="c1"),
-    ]
+    messages = tool_round("what time is it", call, output)
     assert text_of(await reply(agent, messages)) == answer
 
 
@@ -104,11 +98,7 @@ async def test_any_current_time_output_from_a_client_gets_a_clear_answer(
 async def test_a_found_lookup_without_an_answer_is_not_known(output: str) -> None:
     agent = LocalRuleBasedAgent(KNOWLEDGE)
     call = ToolCall("c1", "lookup_knowledge", '{"query": "coffee"}')
-    messages = [
-        user("coffee"),
-        Message("assistant", tool_calls=(call,)),
-        Message("tool", output, tool_call_id="c1"),
-    ]
+    messages = tool_round("coffee", call, output)
     assert text_of(await reply(agent, messages)).startswith("Sorry, I do not know that.")
 
 
@@ -127,11 +117,7 @@ async def test_unknown_topics_and_failed_tools_get_an_honest_answer() -> None:
     agent = LocalRuleBasedAgent(KNOWLEDGE)
     unknown = text_of(await reply(agent, [user("explain quantum chromodynamics")], tools=False))
     assert unknown.startswith("Sorry, I do not know that. I can tell you about the moon, coffee")
-    failed = [
-        user("coffee"),
-        Message("assistant", tool_calls=(ToolCall("c1", "lookup_knowledge", "{}"),)),
-        Message("tool", '{"error": "boom"}', tool_call_id="c1"),
-    ]
+    failed = tool_round("coffee", ToolCall("c1", "lookup_knowledge", "{}"), '{"error": "boom"}')
     assert text_of(await reply(agent, failed)) == "Sorry, I could not look that up."
     assert text_of(await reply(agent, [user("")])) == "Sorry, I did not catch that."
 
