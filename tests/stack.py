@@ -286,6 +286,10 @@ def metric_values(text: str, name: str) -> dict[str, float]:
     return values
 
 
+async def gauge(http: httpx.AsyncClient, base_url: str, name: str) -> float:
+    return metric_values((await http.get(base_url + "/metrics")).text, name).get("", 0.0)
+
+
 async def _keyed_relays(http: httpx.AsyncClient, metrics_url: str) -> float:
     text = (await http.get(metrics_url)).text
     return metric_values(text, "transceiver_link_keyed_relays").get("", 0.0)

@@ -143,6 +143,12 @@ async def opened(client: RealtimeClient, http: httpx.AsyncClient, base_url: str)
     return created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
 
 
+async def resume(
+    client: RealtimeClient, http: httpx.AsyncClient, base_url: str, session_id: str, token: str
+) -> httpx.Response:
+    return await call(client, http, base_url, {TOKEN_HEADER: token}, {"session_id": session_id})
+
+
 def acknowledged(client: RealtimeClient, after: int = 0) -> list[tuple[str, str]]:
     """(role, text) of every message the server told the client is done (from event index
     ``after``), in that order."""

@@ -22,8 +22,8 @@ import pytest
 import pytest_asyncio
 from realtime_client import RealtimeClient
 from redis_server import redis_server_binary
-from stack import metric_values
-from test_resume import TOKEN_HEADER, Survival, call, opened, stored, survival_stack
+from stack import gauge
+from test_resume import TOKEN_HEADER, Survival, call, opened, resume, stored, survival_stack
 from test_sdp import CHROME_OFFER
 
 from transceiver.session_keys import SessionKeys
@@ -53,10 +53,6 @@ async def http(survival: Survival) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def gauge(http: httpx.AsyncClient, base_url: str, name: str) -> float:
-    return metric_values((await http.get(base_url + "/metrics")).text, name).get("", 0.0)
-
-
 async def settled(http: httpx.AsyncClient, base_url: str, sessions: int) -> None:
     """Wait until the transceiver has ``sessions`` live sessions."""
     loop = asyncio.get_running_loop()
@@ -64,12 +60,6 @@ async def settled(http: httpx.AsyncClient, base_url: str, sessions: int) -> None
     while (live := await gauge(http, base_url, "transceiver_sessions")) != sessions:
         assert loop.time() < deadline, f"{base_url}: {live} live sessions, not {sessions}"
         await asyncio.sleep(0.1)
-
-
-async def resume(
-    client: RealtimeClient, http: httpx.AsyncClient, base_url: str, session_id: str, token: str
-) -> httpx.Response:
-    return await call(client, http, base_url, {TOKEN_HEADER: token}, {"session_id": session_id})
 
 
 def lease_holder(survival: Survival, session_id: str) -> bytes | None:
