@@ -140,6 +140,32 @@ class RealtimeClient:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@asynccontextmanager
+async def connected(base_url: str) -> AsyncIterator[RealtimeClient]:
+    """A ``RealtimeClient`` on a new call to the transceiver at ``base_url``; closed at exit."""
+    peer = RealtimeClient()
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            await peer.connect(http, base_url)
+        yield peer
+    finally:
+        await peer.close()
+
+
+async def error_for(client: RealtimeClient, event: Event | str) -> dict[str, str]:
+    """Send ``event``; the ``error`` object of the next ``error`` event."""
+    start = len(client.events)
+    client.send(event)
+    return (await client.wait_for("error", after=start))["error"]  # type: ignore[no-any-return]
+
+
+def user_text(text: str) -> Event:
+    """A ``conversation.item.create`` of a user message saying ``text``."""
+    content = [{"type": "input_text", "text": text}]
+    return {"type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": content}}  # fmt: skip
+
+
 @dataclass
 class PipelineTransceiver:
     process: Process

@@ -9,10 +9,16 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 import pytest_asyncio
-from realtime_client import PipelineTransceiver, RealtimeClient, pipeline_transceiver
+from realtime_client import (
+    PipelineTransceiver,
+    RealtimeClient,
+    connected,
+    error_for,
+    pipeline_transceiver,
+    user_text,
+)
 
 from transceiver.session_keys import MAX_CONFIG_BYTES, MAX_ITEM_BYTES
 
@@ -27,25 +33,8 @@ async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pipe
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def client(server: PipelineTransceiver) -> AsyncIterator[RealtimeClient]:
-    peer = RealtimeClient()
-    try:
-        async with httpx.AsyncClient(timeout=10) as http:
-            await peer.connect(http, server.base_url)
+    async with connected(server.base_url) as peer:
         yield peer
-    finally:
-        await peer.close()
-
-
-async def error_for(client: RealtimeClient, event: dict[str, object] | str) -> dict[str, str]:
-    start = len(client.events)
-    client.send(event)
-    return (await client.wait_for("error", after=start))["error"]  # type: ignore[no-any-return]
-
-
-def user_text(text: str) -> dict[str, object]:
-    content = [{"type": "input_text", "text": text}]
-    return {"type": "conversation.item.create",
-            "item": {"type": "message", "role": "user", "content": content}}  # fmt: skip
 
 
 async def still_answers(client: RealtimeClient) -> None:

@@ -11,7 +11,14 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import pytest_asyncio
-from realtime_client import PipelineTransceiver, RealtimeClient, pipeline_transceiver
+from realtime_client import (
+    PipelineTransceiver,
+    RealtimeClient,
+    connected,
+    error_for,
+    pipeline_transceiver,
+    user_text,
+)
 from stack import metric_values
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -25,25 +32,8 @@ async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pipe
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def client(server: PipelineTransceiver) -> AsyncIterator[RealtimeClient]:
-    peer = RealtimeClient()  # silent microphone: offers must carry audio
-    try:
-        async with httpx.AsyncClient(timeout=10) as http:
-            await peer.connect(http, server.base_url)
+    async with connected(server.base_url) as peer:  # silent microphone: offers must carry audio
         yield peer
-    finally:
-        await peer.close()
-
-
-async def error_for(client: RealtimeClient, event: dict[str, object] | str) -> dict[str, str]:
-    start = len(client.events)
-    client.send(event)
-    return (await client.wait_for("error", after=start))["error"]  # type: ignore[no-any-return]
-
-
-def user_text(words: str) -> dict[str, object]:
-    content = [{"type": "input_text", "text": words}]
-    return {"type": "conversation.item.create", "item": {"type": "message", "role": "user",
-                                                         "content": content}}  # fmt: skip
 
 
 async def test_bad_input_gets_named_errors_and_the_session_goes_on(

@@ -15,6 +15,7 @@ import pytest_asyncio
 from realtime_client import (
     PipelineTransceiver,
     RealtimeClient,
+    connected,
     hear,
     pipeline_transceiver,
     silence,
@@ -54,13 +55,8 @@ async def sphinx() -> AsyncIterator[PocketsphinxSpeechToText]:
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def client(server: PipelineTransceiver) -> AsyncIterator[RealtimeClient]:
-    peer = RealtimeClient()
-    try:
-        async with httpx.AsyncClient(timeout=10) as http:
-            await peer.connect(http, server.base_url)
+    async with connected(server.base_url) as peer:
         yield peer
-    finally:
-        await peer.close()
 
 
 async def configure(client: RealtimeClient, **session: object) -> dict[str, object]:
