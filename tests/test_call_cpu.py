@@ -19,12 +19,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 from process_cpu import ProcessUsage, Snapshot, descendants, snapshot, usage
-from realtime_client import RealtimeClient, silence, speak
+from realtime_client import connected, silence, speak
 from stack import Stack, eventually
-from tones import ToneClient
+from tones import tone_call
 
 from pipeline.piper_tts import PiperConfig, PiperTextToSpeech
 
@@ -95,19 +94,13 @@ def assert_within_bound(used: Usage) -> None:
 
 
 async def test_an_echo_call_costs_each_part_at_most_a_fifth_of_a_core(tmp_path: Path) -> None:
-    async with running_stack(tmp_path, "echo") as stack:
-        client = ToneClient(440.0)
-        try:
-            async with httpx.AsyncClient(timeout=10) as http:
-                response = await client.offer(http, stack.base_url(0))
-            assert response.status_code == 201, response.text
-            await client.connected(MEDIA_TIMEOUT_S)
-            await eventually(lambda: client.hears_own_tone([]), MEDIA_TIMEOUT_S, "the echo")
-            received = client.frames_received
-            used = await measured(stack, lambda: asyncio.sleep(0))  # the tone plays all along
-            assert client.hears_own_tone([]) and client.frames_received - received >= 400
-        finally:
-            await client.close()
+    async with (
+        running_stack(tmp_path, "echo") as stack,
+        tone_call(stack.base_url(0), 440.0, MEDIA_TIMEOUT_S) as client,
+    ):
+        received = client.frames_received
+        used = await measured(stack, lambda: asyncio.sleep(0))  # the tone plays all along
+        assert client.hears_own_tone([]) and client.frames_received - received >= 400
     assert_within_bound(used)
 
 
@@ -125,22 +118,19 @@ async def question() -> bytes:
 async def test_a_pipeline_call_costs_each_part_at_most_a_fifth_of_a_core(
     tmp_path: Path, question: bytes
 ) -> None:
-    async with running_stack(tmp_path, "pipeline") as stack:
-        client = RealtimeClient()
-        try:
-            async with httpx.AsyncClient(timeout=10) as http:
-                await client.connect(http, stack.base_url(0))
-            await eventually(lambda: len(client.heard) >= 25, MEDIA_TIMEOUT_S, "audio")
-            assert descendants(stack.transceivers[0].pid), "the pipeline started no worker"
-            asked = len(client.events)
+    async with (
+        running_stack(tmp_path, "pipeline") as stack,
+        connected(stack.base_url(0)) as client,
+    ):
+        await eventually(lambda: len(client.heard) >= 25, MEDIA_TIMEOUT_S, "audio")
+        assert descendants(stack.transceivers[0].pid), "the pipeline started no worker"
+        asked = len(client.events)
 
-            async def ask() -> None:
-                client.mic.say(question)
-                await client.wait_for("output_audio_buffer.started", after=asked)
+        async def ask() -> None:
+            client.mic.say(question)
+            await client.wait_for("output_audio_buffer.started", after=asked)
 
-            used = await measured(stack, ask)  # asked, recognised, answered within the window
-        finally:
-            await client.close()
+        used = await measured(stack, ask)  # asked, recognised, answered within the window
     heard = await client.wait_for("conversation.item.input_audio_transcription.completed")
     assert "coffee" in heard["transcript"].split(), heard
     assert_within_bound(used)

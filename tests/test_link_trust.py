@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from stack import Stack, eventually, metric_values
-from tones import ToneClient
+from tones import ToneClient, tone_call
 
 from relay.header import ControlMessage, ControlType, header_for
 from relay.hello import MAX_SKEW_S, seal_hello
@@ -42,16 +42,8 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
 
 @pytest.fixture
 async def call(stack: Stack) -> AsyncIterator[ToneClient]:
-    client = ToneClient(TONE_HZ)
-    try:
-        async with httpx.AsyncClient(timeout=10) as http:
-            response = await client.offer(http, stack.base_url(0))
-        assert response.status_code == 201, response.text
-        await client.connected(MEDIA_TIMEOUT_S)
-        await eventually(lambda: client.hears_own_tone([]), MEDIA_TIMEOUT_S, "the own tone")
+    async with tone_call(stack.base_url(0), TONE_HZ, MEDIA_TIMEOUT_S) as client:
         yield client
-    finally:
-        await client.close()
 
 
 def stranger_datagrams(stack: Stack, link: tuple[str, int]) -> dict[str, list[bytes]]:

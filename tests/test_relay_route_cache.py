@@ -39,7 +39,7 @@ from stack import (
     text,
     transceiver_process,
 )
-from tones import ToneClient
+from tones import ToneClient, tone_call
 
 from relay import counters as c
 from relay.route_lookup import LookupAdmission, RouteLookups
@@ -120,17 +120,11 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-async def client(deployment: Deployment, http: httpx.AsyncClient) -> AsyncIterator[ToneClient]:
-    tone = ToneClient(440.0)
-    try:
-        argv = deployment.transceiver.argv
-        response = await tone.offer(http, "http://" + argv[argv.index("--http") + 1])
-        assert response.status_code == 201, response.text
-        await tone.connected(MEDIA_TIMEOUT_S)
-        await eventually(lambda: tone.hears_own_tone([]), MEDIA_TIMEOUT_S, "the tone")
+async def client(deployment: Deployment) -> AsyncIterator[ToneClient]:
+    argv = deployment.transceiver.argv
+    base_url = "http://" + argv[argv.index("--http") + 1]
+    async with tone_call(base_url, 440.0, MEDIA_TIMEOUT_S) as tone:
         yield tone
-    finally:
-        await tone.close()
 
 
 async def rehash(deployment: Deployment, client: ToneClient, **flags: Any) -> tuple[float, float]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import fractions
 from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -136,3 +138,21 @@ class ToneClient:
 
     def __repr__(self) -> str:
         return f"ToneClient({self.frequency_hz:g} Hz)"
+
+
+@asynccontextmanager
+async def tone_call(
+    base_url: str, frequency_hz: float, timeout_s: float = 15.0
+) -> AsyncIterator[ToneClient]:
+    """A ``ToneClient`` on a new call to the transceiver at ``base_url``, connected and hearing
+    its own tone echoed; closed at exit."""
+    client = ToneClient(frequency_hz)
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await client.offer(http, base_url)
+        assert response.status_code == 201, response.text
+        await client.connected(timeout_s)
+        await eventually(lambda: client.hears_own_tone([]), timeout_s, f"{client} to hear its tone")
+        yield client
+    finally:
+        await client.close()
