@@ -290,11 +290,6 @@ async def gauge(http: httpx.AsyncClient, base_url: str, name: str) -> float:
     return metric_values((await http.get(base_url + "/metrics")).text, name).get("", 0.0)
 
 
-async def _keyed_relays(http: httpx.AsyncClient, metrics_url: str) -> float:
-    text = (await http.get(metrics_url)).text
-    return metric_values(text, "transceiver_link_keyed_relays").get("", 0.0)
-
-
 class Stack:
     """A relay (N workers, one public port) in front of M transceivers, on free loopback ports."""
 
@@ -368,8 +363,8 @@ class Stack:
         deadline = loop.time() + timeout_s
         async with httpx.AsyncClient(timeout=timeout_s) as http:
             for index in range(len(self.transceivers)):
-                url = self.base_url(index) + "/metrics"
-                while await _keyed_relays(http, url) < self.workers:
+                url = self.base_url(index)
+                while await gauge(http, url, "transceiver_link_keyed_relays") < self.workers:
                     assert loop.time() < deadline, f"transceiver{index} never keyed the relay"
                     await asyncio.sleep(0.05)
 

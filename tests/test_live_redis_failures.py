@@ -46,13 +46,12 @@ from redis_server import (
 )
 from stack import Process, Stack
 from test_resume import (
-    TOKEN_HEADER,
     Survival,
     acknowledged,
     ask,
-    call,
     opened,
     pipeline_stack,
+    resume,
     stored_until,
     survival_stack,
 )
@@ -236,9 +235,7 @@ async def failover_conversation(
     await readyz_until(http, stack.base_url(0), redis_status("ok"), 30)
 
     await first.close()  # the client moves to the other transceiver, as after a network change
-    resumed = await call(
-        second, http, stack.base_url(1), {TOKEN_HEADER: token}, {"session_id": session_id}
-    )
+    resumed = await resume(second, http, stack.base_url(1), session_id, token)
     assert resumed.status_code == 201, resumed.text
     await recalls(second, QUESTIONS[-1])  # answered from the history the new primary holds
     replayed = acknowledged(second)  # the resumed client is told the conversation so far

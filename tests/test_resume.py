@@ -192,6 +192,17 @@ async def stored_until(
     return state
 
 
+async def answered_and_stored(
+    survival: Survival, client: RealtimeClient, session_id: str, words: str
+) -> tuple[str, SessionState]:
+    """A text turn (see ``ask``) and the stored session once its answer is stored."""
+    answer = await ask(client, words)
+    state = await stored_until(
+        survival, session_id, lambda st: ("assistant", answer) in contents(st)
+    )
+    return answer, state
+
+
 def contents(state: SessionState) -> list[tuple[str, str]]:
     return [(item["role"], item["content"]) for item in state.items]
 
@@ -220,10 +231,7 @@ async def test_a_killed_transceivers_session_resumes_elsewhere_with_its_conversa
             killed_at = time.monotonic()
             survival.stack.transceivers[0].send_signal(signal.SIGKILL)
             await survival.stack.transceivers[0].exited(10)
-            resumed = await call(
-                second, http, survival.stack.base_url(1), {TOKEN_HEADER: token},
-                {"session_id": session_id},
-            )  # fmt: skip
+            resumed = await resume(second, http, survival.stack.base_url(1), session_id, token)
             assert resumed.status_code == 201, resumed.text
             assert resumed.headers[SESSION_HEADER] == session_id
             await second.wait_for("session.updated")

@@ -16,16 +16,18 @@ import pytest
 import pytest_asyncio
 from realtime_client import RealtimeClient
 from redis_server import redis_server_binary
-from stack import Process, eventually, metric_values
+from stack import Process, eventually, gauge, metric_values
 from test_resume import (
     SESSION_HEADER,
     TOKEN_HEADER,
     Survival,
     acknowledged,
+    answered_and_stored,
     ask,
     call,
     contents,
     opened,
+    resume,
     stored_until,
     survival_stack,
 )
@@ -51,15 +53,11 @@ async def test_a_session_taken_over_hangs_up_the_old_connection_and_replays_the_
     try:
         async with httpx.AsyncClient(timeout=30) as http:
             session_id, token = await opened(first, http, survival.stack.base_url(0))
-            answer = await ask(first, "Tell me about water.")
-            await stored_until(
-                survival, session_id, lambda st: ("assistant", answer) in contents(st)
+            answer, _ = await answered_and_stored(
+                survival, first, session_id, "Tell me about water."
             )
 
-            resumed = await call(
-                second, http, survival.stack.base_url(1), {TOKEN_HEADER: token},
-                {"session_id": session_id},
-            )  # fmt: skip
+            resumed = await resume(second, http, survival.stack.base_url(1), session_id, token)
             assert resumed.status_code == 201, resumed.text
             updated = await second.wait_for("session.updated")
             await second.wait_for(
@@ -121,9 +119,7 @@ async def test_a_session_resumed_on_its_own_transceiver_outlives_its_old_connect
         async with httpx.AsyncClient(timeout=30) as http:
             created = await call(first, http, base)
             session_id, token = created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
-            resumed = await call(
-                second, http, base, {TOKEN_HEADER: token}, {"session_id": session_id}
-            )
+            resumed = await resume(second, http, base, session_id, token)
             assert resumed.status_code == 201, resumed.text
             await first.wait_for(
                 "error",
@@ -133,10 +129,9 @@ async def test_a_session_resumed_on_its_own_transceiver_outlives_its_old_connect
             stale = await http.delete(base + created.headers["Location"])
             assert stale.status_code in (204, 404), stale.text  # 404: already hung up
             assert await leases(http, base) == 1.0  # the live session's, still renewed
-            answer = await ask(second, "Tell me about water.")
-        state = await stored_until(
-            survival, session_id, lambda st: ("assistant", answer) in contents(st)
-        )
+            _, state = await answered_and_stored(
+                survival, second, session_id, "Tell me about water."
+            )
         assert state.token == 2
     finally:
         await first.close()
@@ -155,17 +150,14 @@ async def test_a_late_hang_up_of_the_old_connection_does_not_end_a_moved_session
         async with httpx.AsyncClient(timeout=30) as http:
             created = await call(first, http, old)
             session_id, token = created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
-            resumed = await call(
-                second, http, new, {TOKEN_HEADER: token}, {"session_id": session_id}
-            )
+            resumed = await resume(second, http, new, session_id, token)
             assert resumed.status_code == 201, resumed.text
             stale = await http.delete(old + created.headers["Location"])
             assert stale.status_code in (204, 404), stale.text  # 404: already hung up
             await let_go(survival.stack.transceivers[0], session_id)
-            answer = await ask(second, "Tell me about water.")
-        state = await stored_until(
-            survival, session_id, lambda st: ("assistant", answer) in contents(st)
-        )
+            _, state = await answered_and_stored(
+                survival, second, session_id, "Tell me about water."
+            )
         assert state.token == 2
     finally:
         await first.close()
@@ -173,8 +165,7 @@ async def test_a_late_hang_up_of_the_old_connection_does_not_end_a_moved_session
 
 
 async def leases(http: httpx.AsyncClient, base_url: str) -> float:
-    text = (await http.get(base_url + "/metrics")).text
-    return metric_values(text, "transceiver_session_leases").get("", 0.0)
+    return await gauge(http, base_url, "transceiver_session_leases")
 
 
 async def let_go(process: Process, session_id: str) -> None:
