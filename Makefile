@@ -64,8 +64,8 @@ sysdeps:
 	fi
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check relay transceiver pipeline loadtest tests requirements
-	$(VENV)/bin/ruff format --check relay transceiver pipeline loadtest tests requirements
+	$(VENV)/bin/ruff check relay transceiver pipeline loadtest deploy tests requirements
+	$(VENV)/bin/ruff format --check relay transceiver pipeline loadtest deploy tests requirements
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -78,7 +78,7 @@ bench: $(STAMP) sysdeps
 	$(PY) -m loadtest.bench
 
 run: $(STAMP) sysdeps
-	$(PY) -m loadtest.stack
+	$(PY) -m deploy.local
 
 clean:
 	rm -rf $(VENV) build bench-results .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""``python -m loadtest.front_door``: one HTTP address in front of the local stack's
+"""``python -m deploy.front_door``: one HTTP address in front of the local stack's
 transceivers, standing in for the Kubernetes Service that balances signalling in production.
 
 I/O layer: asyncio streams towards the client, httpx towards the transceivers. Per request:
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from loadtest.http_wire import (
+from deploy.http_wire import (
     CALLS_PATH,
     HttpError,
     Reply,
@@ -90,7 +90,7 @@ class FrontDoorConfig:
 
 def parse_args(argv: Sequence[str]) -> FrontDoorConfig:
     env = os.environ
-    parser = argparse.ArgumentParser(prog="python -m loadtest.front_door", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m deploy.front_door", description=__doc__)
     parser.add_argument("--host", default=env.get("FRONT_DOOR_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env.get("FRONT_DOOR_PORT", "8080")))
     parser.add_argument(

@@ -7,7 +7,7 @@ order.
 
 - One transceiver (the default): it serves the web client and signalling on ``--http-port``.
 - ``--transceivers N`` (N > 1, or ``STACK_TRANSCEIVERS``): a front door
-  (``loadtest.front_door``, what the Kubernetes Service is in production) listens on
+  (``deploy.front_door``, what the Kubernetes Service is in production) listens on
   ``--http-port`` and balances over the transceivers on the ports after it, skipping dead and
   unavailable ones. A transceiver that dies then does not stop the stack while another one
   runs: its sessions can be resumed on the others through the front door.
@@ -41,7 +41,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtest import front_door
+from deploy import front_door
 from transceiver.config import AGENTS
 
 READY_TIMEOUT_S = 60.0
@@ -97,7 +97,7 @@ def default_agent() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.stack", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__)
     parser.add_argument("--host", default=os.environ.get("STACK_HOST", "127.0.0.1"))
     parser.add_argument("--public-port", type=int, default=3478)
     parser.add_argument("--http-port", type=int, default=int(os.environ.get("PORT", "8080")))
@@ -161,7 +161,7 @@ def commands(config: StackConfig, keys: str, redis_url: str | None) -> list[Comm
     relay += ["--http", f"{config.host}:{config.relay_http_port}"]
     procs.append(Command("relay", relay, "relay ready"))
     if config.front_door:
-        door = [py, "-m", "loadtest.front_door", "--host", config.host]
+        door = [py, "-m", "deploy.front_door", "--host", config.host]
         door += ["--port", str(config.http_port), "--backends", ",".join(http)]
         procs.append(Command(FRONT_DOOR, door, front_door.READY_LINE))
     return procs
@@ -306,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @dataclass
 class Launched:
-    """A ``python -m loadtest.stack`` we started: its output, URL and children's PIDs."""
+    """A ``python -m deploy.local`` we started: its output, URL and children's PIDs."""
 
     process: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
@@ -394,7 +394,7 @@ def launched(
 ) -> Iterator[Launched]:
     """Run the stack (on free ports) until its URL line; on exit Ctrl-C it (SIGINT), wait,
     and record in ``left_running`` any child still alive."""
-    argv = [sys.executable, "-m", "loadtest.stack", *free_port_args(), *args]
+    argv = [sys.executable, "-m", "deploy.local", *free_port_args(), *args]
     process = subprocess.Popen(
         argv,
         cwd=Path(__file__).resolve().parents[1],

@@ -25,9 +25,9 @@ from typing import Any, cast
 import httpx
 
 from relay.config import HELLO_INTERVAL_S
-from relay.header import HEADER_BYTES, HeaderError, header_for, parse_header
-from relay.hello import seal_hello
-from relay.ufrag import Keyring
+from relay.wire.header import HEADER_BYTES, HeaderError, header_for, parse_header
+from relay.wire.hello import seal_hello
+from relay.wire.ufrag import Keyring
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_RATE_HZ = 48_000

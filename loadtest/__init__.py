@@ -1,4 +1,8 @@
-"""voicerelay load tests, benchmarks and the local development stack launcher."""
+"""voicerelay load generation and benchmarks (``make bench``), and the clients they drive (an
+aiortc Realtime client, tone clients, headless Chromium).
+
+May import: relay, transceiver, pipeline, deploy
+"""
 
 from pipeline.native_threads import pin_native_threads
 

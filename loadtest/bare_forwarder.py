@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 
-from relay.header import HEADER_BYTES, ControlMessage, ControlType, header_for, parse_header
+from relay.wire.header import HEADER_BYTES, ControlMessage, ControlType, header_for, parse_header
 
 MAX_DATAGRAM_BYTES = 2048
 SOCKET_BUFFER_BYTES = 4 << 20

@@ -1,7 +1,7 @@
 """End-to-end turn latency as the browser sees it: end of the user's speech -> first answer audio.
 
-Everything real: `make run`'s stack (``loadtest.stack``: relay, transceiver with the offline
-voice pipeline), headless Chromium (the tests' launcher, ``tests/browser.py``) loading the web
+Everything real: `make run`'s stack (``deploy.local``: relay, transceiver with the offline
+voice pipeline), headless Chromium (the tests' launcher, ``loadtest/browser.py``) loading the web
 client from the transceiver, its fake microphone playing questions spoken by piper, each
 followed by enough silence for the answer.
 
@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from loadtest.stack import launched
+from deploy.local import launched
+from loadtest.browser import chromium
 from loadtest.voice_audio import Speaker, Utterance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,17 +91,6 @@ METRICS_JS = "window.voicerelay.events.filter((e) => e.type === 'voicerelay.turn
 SESSION_JS = "window.voicerelay.events.find((e) => e.type === 'session.created').session"
 
 
-def _browser() -> ModuleType:
-    """tests/browser.py: the one place the Chromium flags for loopback WebRTC live."""
-    spec = importlib.util.spec_from_file_location(
-        "voicerelay_browser", ROOT / "tests" / "browser.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 async def _questions_wav(path: Path, turns: int) -> list[Utterance]:
     parts: list[str | float] = [LEAD_S]
     for i in range(turns):
@@ -112,8 +100,7 @@ async def _questions_wav(path: Path, turns: int) -> list[Utterance]:
 
 
 async def _run_page(url: str, wav: Path, turns: int, timeout_s: float) -> dict[str, Any]:
-    browser_module = _browser()
-    async with browser_module.chromium(wav) as browser:
+    async with chromium(wav) as browser:
         page = await browser.new_page()
         script = METER_JS % {"hangover": SEGMENT_HANGOVER_S, "loud": LOUD_RMS}
         await page.add_init_script(script=script)

@@ -1,7 +1,7 @@
 """Failover benchmarks: how long a conversation goes quiet when a process under it dies.
 
 - **Transceiver kill.** redis-server, a relay and two transceivers running the offline voice
-  pipeline (the stack of ``tests/test_resume.py``). An aiortc Realtime client asks transceiver A
+  pipeline (``deploy.survival``). An aiortc Realtime client asks transceiver A
   "Tell me about water." and hears the answer; A is SIGKILLed; the client at once posts a resume
   offer for its session (its resume token in ``X-Voicerelay-Resume-Token``) to transceiver B,
   media through the relay, and asks "What did I just ask?". Measured: kill -> first non-silent
@@ -14,10 +14,9 @@
   the first RTP packet the client receives after the outage, and the new relay's ready line ->
   that packet.
 
-Each figure is the median (with min, max and every sample) of several runs. The processes are
-the tests' launchers (``tests/stack.py`` and friends, loaded from ``tests/`` as ``bench_e2e``
-loads the browser launcher): each started here, ended by PID; every wait has a deadline. Times
-are printed and returned, never asserted.
+Each figure is the median (with min, max and every sample) of several runs. The processes are the
+local deployment's launchers (``deploy.processes``, ``deploy.survival``): each started here, ended
+by PID; every wait has a deadline. Times are printed and returned, never asserted.
 
     .venv/bin/python -m loadtest.bench_failover [--runs N | --quick]
 """
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import signal
 import statistics
 import sys
@@ -36,11 +34,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
 import numpy as np
+
+from deploy.processes import Stack, eventually
+from deploy.redis_server import RedisServer
+from deploy.survival import contents, stored_until, survival_stack
+from loadtest.realtime_client import TOKEN_HEADER, RealtimeClient, ask, call
+from loadtest.tones import ToneClient
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS, QUICK_RUNS = 5, 1
@@ -107,20 +110,12 @@ class OutageWatch:
         return quiet_s >= self.gap_s
 
 
-# --- the tests' launchers ---------------------------------------------------------------------
-
-
-def _support(name: str) -> ModuleType:
-    """A module of tests/ (they import one another by bare name, so tests/ joins sys.path)."""
-    tests_dir = str(ROOT / "tests")
-    if tests_dir not in sys.path:
-        sys.path.append(tests_dir)
-    return importlib.import_module(name)
+# --- the local deployment's launchers --------------------------------------------------------
 
 
 async def _eventually(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """``tests/stack.eventually`` polled every POLL_S; the monotonic time the predicate held."""
-    await _support("stack").eventually(predicate, timeout_s, what, interval_s=POLL_S)
+    """``deploy.processes.eventually`` every POLL_S; the monotonic time the predicate held."""
+    await eventually(predicate, timeout_s, what, interval_s=POLL_S)
     return time.monotonic()
 
 
@@ -136,7 +131,7 @@ class Killed:
 
 @asynccontextmanager
 async def _realtime_clients(count: int) -> AsyncIterator[list[Any]]:
-    clients = [_support("realtime_client").RealtimeClient() for _ in range(count)]
+    clients = [RealtimeClient() for _ in range(count)]
     try:
         yield clients
     finally:
@@ -146,16 +141,15 @@ async def _realtime_clients(count: int) -> AsyncIterator[list[Any]]:
 async def _talk_then_kill(survival: Any, http: httpx.AsyncClient, client: Any) -> Killed:
     """A session on transceiver A has asked its question, heard the answer and stored it; then
     A is SIGKILLed. The client stays open (a real client has not noticed yet)."""
-    resume = _support("test_resume")
     await client.connect(http, survival.stack.base_url(0))
     ids = (await client.wait_for("session.created"))["voicerelay"]
-    answer = await resume.ask(client, QUESTION)
+    answer = await ask(client, QUESTION)
     await _eventually(FirstSound(client.heard).heard, ANSWER_TIMEOUT_S, "the first answer")
 
     def answer_stored(state: Any) -> bool:
-        return ("assistant", answer) in resume.contents(state)
+        return ("assistant", answer) in contents(state)
 
-    await resume.stored_until(survival, ids["session_id"], answer_stored)
+    await stored_until(survival, ids["session_id"], answer_stored)
     transceiver = survival.stack.transceivers[0]
     killed_at = time.monotonic()
     transceiver.send_signal(signal.SIGKILL)
@@ -168,16 +162,15 @@ async def _resume_on_b(
 ) -> tuple[Sample, bool]:
     """Resume the killed session on transceiver B and ask about the conversation so far: the
     split timings and whether B recalled the question."""
-    resume = _support("test_resume")
     await client.pc.setLocalDescription(await client.pc.createOffer())
     offered_at = time.monotonic()
-    headers, params = {resume.TOKEN_HEADER: killed.resume_token}, {"session_id": killed.session_id}
-    response = await resume.call(client, http, survival.stack.base_url(1), headers, params)
+    headers, params = {TOKEN_HEADER: killed.resume_token}, {"session_id": killed.session_id}
+    response = await call(client, http, survival.stack.base_url(1), headers, params)
     created_at = time.monotonic()  # call() returns once session.created has arrived
     if response.status_code != 201:
         raise RuntimeError(f"resume answered {response.status_code}: {response.text}")
     async with asyncio.TaskGroup() as group:
-        asking = group.create_task(resume.ask(client, RECALL_QUESTION))
+        asking = group.create_task(ask(client, RECALL_QUESTION))
         sounded_at = await _eventually(
             FirstSound(client.heard).heard, ANSWER_TIMEOUT_S, "first audio after the resume"
         )
@@ -211,7 +204,7 @@ async def _transceiver_kill(runs: int, log_dir: Path, progress: Progress) -> dic
 
     hooks = {"response": [stamp]}
     async with (
-        _support("test_resume").survival_stack(log_dir) as survival,
+        survival_stack(log_dir) as survival,
         httpx.AsyncClient(timeout=30, event_hooks=hooks) as http,
     ):
         for run in range(runs):
@@ -233,8 +226,8 @@ async def _transceiver_kill(runs: int, log_dir: Path, progress: Progress) -> dic
 async def _echo_deployment(log_dir: Path) -> AsyncIterator[tuple[Any, Any]]:
     """redis-server, then a relay (2 workers) in front of one echo transceiver that publishes
     its client routes to Redis."""
-    redis = await asyncio.to_thread(_support("redis_server").RedisServer(log_dir, "redis").start)
-    stack = _support("stack").Stack(log_dir, transceivers=1, workers=2, agent="echo")
+    redis = await asyncio.to_thread(RedisServer(log_dir, "redis").start)
+    stack = Stack(log_dir, transceivers=1, workers=2, agent="echo")
     stack.transceivers[0].env["REDIS_URL"] = redis.url
     try:
         yield redis, await stack.start()
@@ -246,7 +239,7 @@ async def _echo_deployment(log_dir: Path) -> AsyncIterator[tuple[Any, Any]]:
 @asynccontextmanager
 async def _tone_session(stack: Any) -> AsyncIterator[Any]:
     """A connected tone client that hears its own tone back through the relay."""
-    client = _support("tones").ToneClient(TONE_HZ)
+    client = ToneClient(TONE_HZ)
     try:
         async with httpx.AsyncClient(timeout=10) as http:
             response = await client.offer(http, stack.base_url(0))

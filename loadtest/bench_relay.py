@@ -50,8 +50,8 @@ from loadtest.sessions import (
     open_sessions,
     udp_socket,
 )
-from relay.header import HEADER_BYTES, header_for
-from relay.ufrag import Keyring
+from relay.wire.header import HEADER_BYTES, header_for
+from relay.wire.ufrag import Keyring
 
 CLIENT_TO_TRANSCEIVER = "client_to_transceiver"
 TRANSCEIVER_TO_CLIENT = "transceiver_to_client"

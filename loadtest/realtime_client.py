@@ -22,12 +22,22 @@ import httpx
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from stack import LoopbackRelay, Process, free_port, random_keys, text, transceiver_process
-from tones import FRAME_SAMPLES, PacedTrack
+from av import AudioFrame
 
+from deploy.processes import (
+    LoopbackRelay,
+    Process,
+    free_port,
+    random_keys,
+    text,
+    transceiver_process,
+)
+from deploy.survival import Survival, contents, stored_until
+from loadtest.tones import FRAME_SAMPLES, PacedTrack
 from loadtest.voice_audio import recognised, silence_pcm, spoken_pcm
 from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
+from transceiver.store.keys import SessionState
 
 RATE_HZ = 48_000
 Event = dict[str, Any]
@@ -88,6 +98,8 @@ class RealtimeClient:
                 frame = await track.recv()
             except MediaStreamError:
                 return
+            if not isinstance(frame, AudioFrame):
+                continue
             channels = len(frame.layout.channels)
             samples = frame.to_ndarray().reshape(-1)[::channels].astype(np.int16)
             self.heard.append(samples.tobytes())
@@ -205,3 +217,84 @@ def silence(ms: int, rate_hz: int = RATE_HZ) -> bytes:
 async def hear(stt: PocketsphinxSpeechToText, pcm: bytes, rate_hz: int = RATE_HZ) -> list[str]:
     finals = await recognised(stt, pcm, rate_hz)
     return finals[0].split() if finals else []
+
+
+# --- Realtime turns and resume, over a RealtimeClient ---
+
+SESSION_HEADER = "X-Voicerelay-Session"
+TOKEN_HEADER = "X-Voicerelay-Resume-Token"
+
+
+async def call(
+    client: RealtimeClient,
+    http: httpx.AsyncClient,
+    base_url: str,
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+) -> httpx.Response:
+    """POST the client's offer; on 201 apply the answer and wait for session.created."""
+    if client.pc.localDescription is None:
+        await client.pc.setLocalDescription(await client.pc.createOffer())
+    response = await http.post(
+        base_url + "/v1/realtime/calls",
+        content=client.pc.localDescription.sdp,
+        headers={"Content-Type": "application/sdp", **(headers or {})},
+        params=params,
+    )
+    if response.status_code == 201:
+        answer = RTCSessionDescription(sdp=response.text, type="answer")
+        await client.pc.setRemoteDescription(answer)
+        await client.wait_for("session.created", timeout_s=15)
+    return response
+
+
+async def opened(client: RealtimeClient, http: httpx.AsyncClient, base_url: str) -> tuple[str, str]:
+    """A new call from ``client``: its session id and resume token."""
+    created = await call(client, http, base_url)
+    assert created.status_code == 201, created.text
+    return created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
+
+
+async def resume(
+    client: RealtimeClient, http: httpx.AsyncClient, base_url: str, session_id: str, token: str
+) -> httpx.Response:
+    return await call(client, http, base_url, {TOKEN_HEADER: token}, {"session_id": session_id})
+
+
+def acknowledged(client: RealtimeClient, after: int = 0) -> list[tuple[str, str]]:
+    """(role, text) of every message the server told the client is done (from event index
+    ``after``), in that order."""
+    told = []
+    for event in client.events[after:]:
+        item = event.get("item", {})
+        if event["type"] == "conversation.item.done" and item["type"] == "message":
+            part = item["content"][0]
+            told.append((item["role"], part.get("text", part.get("transcript", ""))))
+    return told
+
+
+async def ask(client: RealtimeClient, words: str) -> str:
+    """A text turn; the answer's transcript as heard."""
+    start = len(client.events)
+    content = [{"type": "input_text", "text": words}]
+    item = {"type": "message", "role": "user", "content": content}
+    client.send({"type": "conversation.item.create", "item": item})
+    client.send({"type": "response.create"})
+    done = await client.wait_for("response.done", after=start, timeout_s=60)
+    output = done["response"]["output"]
+    return " ".join(part["transcript"] for i in output for part in i.get("content", ()))
+
+
+async def answered_and_stored(
+    survival: Survival, client: RealtimeClient, session_id: str, words: str
+) -> tuple[str, SessionState]:
+    """A text turn (see ``ask``) and the stored session once its answer is stored."""
+    answer = await ask(client, words)
+    state = await stored_until(
+        survival, session_id, lambda st: ("assistant", answer) in contents(st)
+    )
+    return answer, state
+
+
+def audible(client: RealtimeClient) -> bool:
+    return any(np.frombuffer(frame, dtype=np.int16).any() for frame in client.heard)

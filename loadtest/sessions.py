@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from aioice import stun
 
-from relay.header import (
+from relay.wire.header import (
     HEADER_BYTES,
     MAX_ROUTES_PER_MESSAGE,
     ControlMessage,
@@ -26,7 +26,7 @@ from relay.header import (
     HeaderError,
     parse_header,
 )
-from relay.ufrag import Keyring, derive_password, mint_ufrag
+from relay.wire.ufrag import Keyring, derive_password, mint_ufrag
 
 Address = tuple[str, int]
 LOOPBACK = "127.0.0.1"

@@ -18,7 +18,8 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
-from stack import eventually
+
+from deploy.processes import eventually
 
 SAMPLE_RATE_HZ = 48_000
 FRAME_SAMPLES = 960  # 20 ms

@@ -1,7 +1,13 @@
 """voicerelay pipeline: the voice agent, independent of WebRTC (PCM in, PCM and events out).
 
-Imports nothing from ``relay`` or ``transceiver``. ``providers`` is the pure protocol layer;
-provider implementations and wrappers are the I/O layer; ``config`` is policy.
+Layers: protocol (``providers``, the roles a provider plays; ``events``; ``turns``;
+``chunker``; pure), I/O (the providers' implementations and the wrappers that retry and fall
+back; ``engine``, which runs a conversation) and policy (``config``, every setting as frozen
+dataclasses). Imports nothing from ``relay`` or ``transceiver``.
+
+May import: (nothing of ours)
+Pure: providers, events, turns, chunker, pricing, knowledge, untrusted_json, native_threads,
+    config
 """
 
 from pipeline.native_threads import pin_native_threads

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from relay.ufrag import Keyring
+from relay.wire.ufrag import Keyring
 
 Address = tuple[str, int]
 

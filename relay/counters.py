@@ -26,8 +26,8 @@ DROP_REASONS: tuple[str, ...] = (
     "rate_limited",
     "malformed_link",
     "unknown_link_source",
-    "oversized",  # public socket: over relay.header.MAX_PAYLOAD_BYTES
-    "oversized_link",  # link socket: over relay.header.MAX_LINK_DATAGRAM_BYTES
+    "oversized",  # public socket: over relay.wire.header.MAX_PAYLOAD_BYTES
+    "oversized_link",  # link socket: over relay.wire.header.MAX_LINK_DATAGRAM_BYTES
     *(f"bad_ufrag_{r}" for r in UFRAG_REASONS + STUN_REASONS),
 )
 DROP_INDEX = {reason: i for i, reason in enumerate(DROP_REASONS)}

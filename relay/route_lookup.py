@@ -8,8 +8,8 @@ one MGET per batch and installs each hit through ``RouteTable.learn``, so the ne
 rule holds and only configured transceivers are ever named. The datagram that triggered the
 lookup is dropped (counted as ``unknown_address``); the client's next one is forwarded.
 
-The keys and values are the transceivers' (``transceiver.route_cache``): that module is the
-wire contract of the cache, as ``relay.header`` is of the link.
+The keys and values are the transceivers' (``transceiver.store.route_cache``): that module is the
+wire contract of the cache, as ``relay.wire.header`` is of the link.
 
 Bounds: one lookup per source per ``RETRY_AFTER_S`` (dedupes in-flight lookups, caches misses
 and rate-limits each source), at most ``MAX_RECENT_SOURCES`` remembered, a queue of at most
@@ -31,8 +31,8 @@ from redis.exceptions import RedisError
 
 from relay import counters as c
 from relay.restarts import run_restarting
-from relay.route_record import RouteValueError, decode_route, route_key
 from relay.routing import Address, ClientKey, Router, normalize_address
+from relay.wire.route_record import RouteValueError, decode_route, route_key
 
 RETRY_AFTER_S = 1.0
 MAX_RECENT_SOURCES = 100_000

@@ -21,10 +21,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from relay.counters import DROP_REASONS
-from relay.header import HEADER_BYTES, ControlMessage, ControlType, HeaderError, header_for
-from relay.header import parse_header as parse_link_header
-from relay.stun import FIRST_BYTE_KINDS, Kind, StunError, integrity_ok, read_binding_request
-from relay.ufrag import Keyring, UfragError, decode_ufrag, derive_password
+from relay.wire.header import HEADER_BYTES, ControlMessage, ControlType, HeaderError, header_for
+from relay.wire.header import parse_header as parse_link_header
+from relay.wire.stun import FIRST_BYTE_KINDS, Kind, StunError, integrity_ok, read_binding_request
+from relay.wire.ufrag import Keyring, UfragError, decode_ufrag, derive_password
 
 Address = tuple[str, int]
 # How a socket names a peer: (host, port) for IPv4, (host, port, flowinfo, scope_id) for IPv6.

@@ -28,8 +28,6 @@ from relay.config import (
     RelayConfig,
 )
 from relay.counters import DROP_INDEX
-from relay.header import HEADER_BYTES, MAX_LINK_DATAGRAM_BYTES, MAX_PAYLOAD_BYTES
-from relay.hello import seal_hello
 from relay.restarts import run_restarting
 from relay.route_lookup import RouteLookups
 from relay.routing import (
@@ -44,6 +42,8 @@ from relay.routing import (
     StunRateLimit,
     needs_route_lookup,
 )
+from relay.wire.header import HEADER_BYTES, MAX_LINK_DATAGRAM_BYTES, MAX_PAYLOAD_BYTES
+from relay.wire.hello import seal_hello
 
 # Datagrams are read one byte past the limit: a longer one shows as such and is dropped and
 # counted (recvfrom would otherwise truncate it silently, and the rest would be forwarded).

@@ -78,7 +78,7 @@ def build_agents_bundle() -> Path:
 
 
 def agents_page_html(bundle_js: str) -> str:
-    """A page with an ``<audio id="remote">`` (for tests/browser.py) and the bundle inline."""
+    """A page with an ``<audio id="remote">`` (for loadtest/browser.py) and the bundle inline."""
     # Inline script: only "</script" could end it early; esbuild output never needs it, but
     # escape it anyway so the page is well-formed whatever the bundle holds.
     safe = bundle_js.replace("</script", "<\\/script")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aioice.stun
 
-from relay.ufrag import Keyring, derive_password, mint_ufrag
+from relay.wire.ufrag import Keyring, derive_password, mint_ufrag
 
 
 def binding_request(

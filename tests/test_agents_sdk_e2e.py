@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import pytest
 from agents_sdk import NodeUnavailable, agents_page_html, build_agents_bundle
-from browser import chromium
 from playwright.async_api import Page, Route
 
-from loadtest.stack import Launched, launched
+from deploy.local import Launched, launched
+from loadtest.browser import chromium
 from loadtest.voice_audio import Speaker
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-from realtime_client import (
+
+from loadtest.realtime_client import (
     PipelineTransceiver,
     RealtimeClient,
     connected,
@@ -19,8 +20,7 @@ from realtime_client import (
     pipeline_transceiver,
     user_text,
 )
-
-from transceiver.session_keys import MAX_CONFIG_BYTES, MAX_ITEM_BYTES
+from transceiver.store.keys import MAX_CONFIG_BYTES, MAX_ITEM_BYTES
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 

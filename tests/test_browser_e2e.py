@@ -1,6 +1,6 @@
 """The product in a real browser: `make run`'s stack, headless Chromium, the web client.
 
-Everything is real: ``python -m loadtest.stack`` (what `make run` runs) starts Redis, the relay
+Everything is real: ``python -m deploy.local`` (what `make run` runs) starts Redis, the relay
 and a transceiver; Chromium loads the web client from the transceiver, its fake microphone plays
 a WAV (a tone, or questions spoken by piper), and the call goes through the relay. The stack is
 stopped with SIGINT (Ctrl-C) and every process it started must be gone.
@@ -22,10 +22,10 @@ import httpx
 import numpy as np
 import pytest
 import pytest_asyncio
-from browser import chromium, dominant_frequency_hz, recorded_audio
 from playwright.async_api import Browser, Page
 
-from loadtest.stack import Launched, launched
+from deploy.local import Launched, launched
+from loadtest.browser import chromium, dominant_frequency_hz, recorded_audio
 from loadtest.voice_audio import Speaker, hear, silence_pcm, tone_pcm, voiced, write_wav
 
 pytestmark = pytest.mark.slow

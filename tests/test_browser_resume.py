@@ -1,6 +1,6 @@
 """Acceptance: the web client resumes its session by itself after its transceiver is SIGKILLed.
 
-Everything is real: ``python -m loadtest.stack --transceivers 2`` (Redis, the relay, two
+Everything is real: ``python -m deploy.local --transceivers 2`` (Redis, the relay, two
 pipeline transceivers and the front door the page is served by and signals to), headless
 Chromium running the web client, speech in and out. The page asks "Tell me about water." and
 hears the answer; the transceiver that owns the session (the one whose ``/readyz`` counts it) is
@@ -33,18 +33,18 @@ from typing import Any
 
 import httpx
 import pytest
-from browser import chromium, recorded_audio
 from playwright.async_api import Page
-from redis_server import redis_server_binary
 from test_sdp import CHROME_OFFER
 
-from loadtest.stack import Launched, launched
+from deploy.local import Launched, launched
+from deploy.redis_server import redis_server_binary
+from loadtest.browser import chromium, recorded_audio
 from loadtest.voice_audio import Speaker, hear, voiced, write_wav
-from transceiver.persistence import RESUME_TOKEN_HEADER, SESSION_HEADER
-from transceiver.redis_config import RedisConfig
-from transceiver.session_keys import SessionState
-from transceiver.session_store import RedisSessionStore
-from transceiver.store_errors import SessionEndedError
+from transceiver.store.errors import SessionEndedError
+from transceiver.store.keys import SessionState
+from transceiver.store.persistence import RESUME_TOKEN_HEADER, SESSION_HEADER
+from transceiver.store.redis_config import RedisConfig
+from transceiver.store.sessions import RedisSessionStore
 
 pytestmark = [
     pytest.mark.slow,

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 from process_cpu import ProcessUsage, Snapshot, descendants, snapshot, usage
-from realtime_client import connected, silence, speak
-from stack import Stack, eventually
-from tones import tone_call
 
+from deploy.processes import Stack, eventually
+from loadtest.realtime_client import connected, silence, speak
+from loadtest.tones import tone_call
 from pipeline.piper_tts import PiperConfig, PiperTextToSpeech
 
 pytestmark = pytest.mark.slow

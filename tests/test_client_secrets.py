@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transceiver.client_secrets import ClientSecretError, mint, signing_key, verify
+from transceiver.http.client_secrets import ClientSecretError, mint, signing_key, verify
 
 KEY = signing_key(b"k" * 32)
 NOW = 1_800_000_000.0

@@ -21,7 +21,9 @@ from typing import Any
 
 import httpx
 import pytest
-from stack import (
+from test_sdp import CHROME_OFFER
+
+from deploy.processes import (
     ROOT,
     Process,
     free_port,
@@ -30,10 +32,8 @@ from stack import (
     text,
     transceiver_process,
 )
-from test_sdp import CHROME_OFFER
-
-from relay.ufrag import Keyring
-from transceiver import client_secrets
+from relay.wire.ufrag import Keyring
+from transceiver.http import client_secrets
 
 API_KEY = "vr-test-" + os.urandom(12).hex()
 UFRAG_KEYS = random_keys()

@@ -11,9 +11,9 @@ import yaml
 
 from relay.config import ConfigError as RelayConfigError
 from relay.config import load_config as load_relay_config
-from transceiver.auth import AuthConfig, AuthConfigError
 from transceiver.config import ConfigError as TransceiverConfigError
 from transceiver.config import TransceiverConfig
+from transceiver.http.auth import AuthConfig, AuthConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

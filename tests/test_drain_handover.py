@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import pytest_asyncio
-from realtime_client import RealtimeClient
-from redis_server import redis_server_binary
-from stack import eventually
-from test_resume import SESSION_HEADER, TOKEN_HEADER, Survival, ask, call, stored, survival_stack
+
+from deploy.processes import eventually
+from deploy.redis_server import redis_server_binary
+from deploy.survival import Survival, stored, survival_stack
+from loadtest.realtime_client import SESSION_HEADER, TOKEN_HEADER, RealtimeClient, ask, call
 
 pytestmark = [
     pytest.mark.slow,

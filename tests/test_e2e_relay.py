@@ -19,11 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 from aioice import stun
-from stack import Stack, eventually, metric_values, udp_socket_count
-from tones import ToneClient
 
-from relay.ufrag import Keyring, mint_ufrag
-from transceiver.sdp import candidate_addresses
+from deploy.processes import Stack, eventually, metric_values, udp_socket_count
+from loadtest.tones import ToneClient
+from relay.wire.ufrag import Keyring, mint_ufrag
+from transceiver.webrtc.sdp import candidate_addresses
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from sized_inputs import around, mutated, padded_json
 
 from pipeline.providers import Message, ToolCall
-from transceiver.events import (
+from transceiver.realtime.client_events import (
     MAX_EVENT_BYTES,
     BufferCommand,
     ConversationItemCreate,
@@ -28,8 +28,8 @@ from transceiver.events import (
     UserText,
     parse_client_event,
 )
-from transceiver.persistence import message_to_item
-from transceiver.server_events import error_event, stored_item_bodies
+from transceiver.realtime.server_events import error_event, stored_item_bodies
+from transceiver.store.persistence import message_to_item
 
 
 def parse(event: dict[str, Any]) -> Any:

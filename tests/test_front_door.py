@@ -3,7 +3,7 @@
 Each backend is a small FastAPI app that reports what it received and counts its hits; one can
 be "busy" (503 to offers, as a full or draining transceiver is). A dead backend is a loopback
 port nobody listens on. The front door runs in-process for most tests and as the real
-``python -m loadtest.front_door`` process for its lifecycle. Malformed requests go over a raw
+``python -m deploy.front_door`` process for its lifecycle. Malformed requests go over a raw
 socket, so the parser sees exactly the bytes under test.
 """
 
@@ -29,8 +29,8 @@ from fastapi.responses import JSONResponse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loadtest.front_door import READY_LINE, BackendRing, FrontDoor, FrontDoorConfig
-from loadtest.http_wire import HttpError, body_length, parse_head
+from deploy.front_door import READY_LINE, BackendRing, FrontDoor, FrontDoorConfig
+from deploy.http_wire import HttpError, body_length, parse_head
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLS = "/v1/realtime/calls"
@@ -463,7 +463,7 @@ async def ready_url(process: asyncio.subprocess.Process, timeout_s: float = 30.0
 async def test_the_process_prints_its_ready_line_forwards_and_stops_on_sigterm() -> None:
     a = Backend("a")
     async with serving(a) as at_a:
-        argv = ["-m", "loadtest.front_door", "--port", "0", "--backends", at_a]
+        argv = ["-m", "deploy.front_door", "--port", "0", "--backends", at_a]
         process = await asyncio.create_subprocess_exec(
             sys.executable, *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE
         )
@@ -483,7 +483,7 @@ async def test_the_process_prints_its_ready_line_forwards_and_stops_on_sigterm()
 
 def test_the_process_refuses_a_missing_backend_list_with_a_message() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "loadtest.front_door", "--backends", ""],
+        [sys.executable, "-m", "deploy.front_door", "--backends", ""],
         cwd=ROOT,
         capture_output=True,
         text=True,

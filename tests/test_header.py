@@ -1,10 +1,10 @@
-"""relay.header: the 20-byte link header and the HELLO/ROUTES/GONE control messages."""
+"""relay.wire.header: the 20-byte link header and the HELLO/ROUTES/GONE control messages."""
 
 from __future__ import annotations
 
 import pytest
 
-from relay.header import (
+from relay.wire.header import (
     FLAG_CONTROL,
     HEADER_BYTES,
     MAX_ROUTES_PER_MESSAGE,

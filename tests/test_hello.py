@@ -1,4 +1,5 @@
-"""relay.hello: the keyed HELLO a relay worker proves the keyring with, and its replay guard."""
+"""relay.wire.hello: the keyed HELLO a relay worker proves the keyring with, and its replay
+guard."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import hmac
 
 import pytest
 
-from relay.header import HEADER_BYTES, parse_header
-from relay.hello import (
+from relay.wire.header import HEADER_BYTES, parse_header
+from relay.wire.hello import (
     HELLO_BYTES,
     MAX_SKEW_S,
     Hello,
@@ -17,7 +18,7 @@ from relay.hello import (
     open_hello,
     seal_hello,
 )
-from relay.ufrag import Keyring
+from relay.wire.ufrag import Keyring
 
 SECRET_1 = bytes.fromhex("11" * 32)
 OLD = Keyring.parse("1:" + SECRET_1.hex())

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sized_inputs import around, mutated, padded_json
-from stack import Process, free_port, random_keys, text, transceiver_process
 from test_sdp import CHROME_OFFER
 
-from transceiver.app import MAX_OFFER_BYTES, MAX_SECRET_REQUEST_BYTES
+from deploy.processes import Process, free_port, random_keys, text, transceiver_process
+from transceiver.http.app import MAX_OFFER_BYTES, MAX_SECRET_REQUEST_BYTES
 
 API_KEY = "vr-test-" + os.urandom(12).hex()
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

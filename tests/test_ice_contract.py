@@ -1,7 +1,7 @@
-"""The aiortc/aioice internals transceiver/ice.py relies on are still where it expects them.
+"""The aiortc/aioice internals transceiver/webrtc/ice.py relies on are still where it expects them.
 
-Fails loudly on an upgrade that moves them: read transceiver/ice.py's docstring, re-check each
-hook against the new source, then update the pins and this test together.
+Fails loudly on an upgrade that moves them: read transceiver/webrtc/ice.py's docstring, re-check
+each hook against the new source, then update the pins and this test together.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import aioice.ice
 import aioice.stun
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, rtcicetransport
 
-from relay.ufrag import Keyring, decode_ufrag, derive_password
-from transceiver import ice
-from transceiver.link import Link
+from relay.wire.ufrag import Keyring, decode_ufrag, derive_password
+from transceiver.webrtc import ice
+from transceiver.webrtc.link import Link
 
 KEYRING = Keyring.parse("3:" + "ab" * 32)
 PUBLIC = (("127.0.0.1", 3478), ("::1", 3478))

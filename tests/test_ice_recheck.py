@@ -15,11 +15,11 @@ import asyncio
 import aioice.stun
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from stack import Address, LoopbackRelay, eventually
 
-from relay.ufrag import Keyring
-from transceiver import ice
-from transceiver.link import Link
+from deploy.processes import Address, LoopbackRelay, eventually
+from relay.wire.ufrag import Keyring
+from transceiver.webrtc import ice
+from transceiver.webrtc.link import Link
 
 KEYS = "5:" + "cd" * 32
 KEYRING = Keyring.parse(KEYS)

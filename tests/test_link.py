@@ -1,4 +1,5 @@
-"""transceiver.link on real loopback UDP sockets: demux, route learning, worker choice, control.
+"""transceiver.webrtc.link on real loopback UDP sockets: demux, route learning, worker choice,
+control.
 
 Two sockets in the test play two relay workers (keyed by a signed HELLO, as real workers are),
 a third a stranger; the link's clock is injected so the 3 s "heard recently" window and the
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from sized_inputs import around
 from stun_samples import signed_request_of_size
 
-from relay.header import (
+from relay.wire.header import (
     HEADER_BYTES,
     MAX_PAYLOAD_BYTES,
     ControlMessage,
@@ -28,10 +29,10 @@ from relay.header import (
     header_for,
     parse_header,
 )
-from relay.hello import seal_hello
-from relay.ufrag import Keyring
-from transceiver.keyed_relays import KEYED_TTL_S
-from transceiver.link import (
+from relay.wire.hello import seal_hello
+from relay.wire.ufrag import Keyring
+from transceiver.webrtc.keyed_relays import KEYED_TTL_S
+from transceiver.webrtc.link import (
     HEARD_WINDOW_S,
     STUN_MAGIC_COOKIE,
     Link,

@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 from aiortc import RTCSessionDescription
 from prometheus_client import CollectorRegistry
-from realtime_client import RealtimeClient
-from stack import LoopbackRelay, eventually, random_keys
 
-from relay.ufrag import Keyring
-from transceiver import ice
-from transceiver.echo import EchoAgent
-from transceiver.link import Link
+from deploy.processes import LoopbackRelay, eventually, random_keys
+from loadtest.realtime_client import RealtimeClient
+from relay.wire.ufrag import Keyring
 from transceiver.metrics import TaskCrashCollector
-from transceiver.sessions import SessionLimits, Sessions
+from transceiver.webrtc import ice
+from transceiver.webrtc.calls import SessionLimits, Sessions
+from transceiver.webrtc.echo import EchoAgent
+from transceiver.webrtc.link import Link
 
 TIMEOUT_S = 15.0  # the first restart pauses 0.5 s
 KEYS = random_keys()
@@ -133,5 +133,5 @@ async def test_a_session_watcher_that_crashes_is_seen_and_its_session_ends(
     await eventually(
         lambda: crashes(registry, "session watcher") == 1, TIMEOUT_S, "the watcher's crash"
     )
-    crash_logged(caplog, "transceiver.sessions", "session watcher")
+    crash_logged(caplog, "transceiver.webrtc.calls", "session watcher")
     assert len(sessions) == 0 and FaultyEchoAgent.closed == 1

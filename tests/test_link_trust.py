@@ -18,12 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from stack import Stack, eventually, metric_values
-from tones import ToneClient, tone_call
 
-from relay.header import ControlMessage, ControlType, header_for
-from relay.hello import MAX_SKEW_S, seal_hello
-from relay.ufrag import Keyring
+from deploy.processes import Stack, eventually, metric_values
+from loadtest.tones import ToneClient, tone_call
+from relay.wire.header import ControlMessage, ControlType, header_for
+from relay.wire.hello import MAX_SKEW_S, seal_hello
+from relay.wire.ufrag import Keyring
 
 pytestmark = pytest.mark.slow
 

@@ -36,30 +36,21 @@ from typing import Any
 
 import httpx
 import pytest
-from realtime_client import RealtimeClient
-from redis_server import (
+
+from deploy.processes import Process, Stack
+from deploy.redis_server import (
     SERVICE,
     RedisServer,
     SentinelTopology,
     redis_server_binary,
     wait_until,
 )
-from stack import Process, Stack
-from test_resume import (
-    Survival,
-    acknowledged,
-    ask,
-    opened,
-    pipeline_stack,
-    resume,
-    stored_until,
-    survival_stack,
-)
-
-from transceiver.persistence import LEASE_S
-from transceiver.redis_config import RedisConfig
-from transceiver.session_keys import SessionState
-from transceiver.store_errors import StoreUnavailableError
+from deploy.survival import Survival, pipeline_stack, stored_until, survival_stack
+from loadtest.realtime_client import RealtimeClient, acknowledged, ask, opened, resume
+from transceiver.store.errors import StoreUnavailableError
+from transceiver.store.keys import SessionState
+from transceiver.store.persistence import LEASE_S
+from transceiver.store.redis_config import RedisConfig
 
 pytestmark = [
     pytest.mark.slow,

@@ -22,24 +22,24 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from deploy.redis_server import RedisServer, redis_server_binary
 from relay import counters as c
 from relay.route_lookup import RouteLookups
-from relay.route_record import encode_route, route_key
 from relay.routing import Router, RouteTable, StunRateLimit
-from relay.ufrag import Keyring
-from tests.redis_server import RedisServer, redis_server_binary
+from relay.wire.route_record import encode_route, route_key
+from relay.wire.ufrag import Keyring
 from transceiver.background import BackgroundLoop
-from transceiver.lease_heartbeat import LeaseHeartbeat
 from transceiver.metrics import RedisHealthCollector, TaskCrashCollector
-from transceiver.persistence import CatchUp, RedisHealth, SessionPersistence
-from transceiver.redis_config import RedisConfig
-from transceiver.redis_connection import open_redis
-from transceiver.route_cache import RouteCache
-from transceiver.route_publishing import RoutePublishing
-from transceiver.session_keys import Lease, new_credential
-from transceiver.session_store import RedisSessionStore
-from transceiver.store_errors import StoreUnavailableError
-from transceiver.write_behind import AppendItem, WriteBehindQueue
+from transceiver.store.connection import open_redis
+from transceiver.store.errors import StoreUnavailableError
+from transceiver.store.heartbeat import LeaseHeartbeat
+from transceiver.store.keys import Lease, new_credential
+from transceiver.store.persistence import CatchUp, RedisHealth, SessionPersistence
+from transceiver.store.redis_config import RedisConfig
+from transceiver.store.route_cache import RouteCache
+from transceiver.store.route_publishing import RoutePublishing
+from transceiver.store.sessions import RedisSessionStore
+from transceiver.store.write_behind import AppendItem, WriteBehindQueue
 
 pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server")
 Address = tuple[str, int]

@@ -1,6 +1,6 @@
-"""transceiver.persistence against a real redis-server: a session that began while Redis was down
-is stored once Redis is back, with the history, config and turn it had meanwhile; a create whose
-reply was lost is adopted, not lost; a Redis that comes back empty gets the live session again
+"""transceiver.store.persistence against a real redis-server: a session that began while Redis was
+down is stored once Redis is back, with the history, config and turn it had meanwhile; a create
+whose reply was lost is adopted, not lost; a Redis that comes back empty gets the live session again
 from memory (it is not hung up); writes a full queue refused are queued again later, in order.
 """
 
@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from deploy.redis_server import RedisServer, redis_server_binary
 from pipeline.providers import Message
-from tests.redis_server import RedisServer, redis_server_binary
-from transceiver.persistence import SessionJournal, SessionPersistence
-from transceiver.redis_config import RedisConfig
-from transceiver.session_keys import SessionState
-from transceiver.session_store import RedisSessionStore
-from transceiver.store_errors import SessionNotFoundError, StoreError
+from transceiver.store.errors import SessionNotFoundError, StoreError
+from transceiver.store.keys import SessionState
+from transceiver.store.persistence import SessionJournal, SessionPersistence
+from transceiver.store.redis_config import RedisConfig
+from transceiver.store.sessions import RedisSessionStore
 
 pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server")
 CONFIG = {"instructions": "Be brief.", "voice": "joe"}

@@ -11,7 +11,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import pytest_asyncio
-from realtime_client import (
+
+from deploy.processes import metric_values
+from loadtest.realtime_client import (
     PipelineTransceiver,
     RealtimeClient,
     connected,
@@ -19,7 +21,6 @@ from realtime_client import (
     pipeline_transceiver,
     user_text,
 )
-from stack import metric_values
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 

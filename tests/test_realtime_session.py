@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import pytest_asyncio
-from realtime_client import (
+
+from deploy.processes import metric_values
+from loadtest.realtime_client import (
     PipelineTransceiver,
     RealtimeClient,
     connected,
@@ -21,8 +23,6 @@ from realtime_client import (
     silence,
     speak,
 )
-from stack import metric_values
-
 from pipeline.piper_tts import PiperConfig, PiperTextToSpeech
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 

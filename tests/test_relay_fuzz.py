@@ -14,7 +14,8 @@ from sized_inputs import around
 from stun_samples import binding_request, signed_request, signed_request_of_size
 
 from relay.counters import DROP_REASONS
-from relay.header import (
+from relay.routing import Control, Drop, Forward, Router, RouteTable, SendToClient, StunRateLimit
+from relay.wire.header import (
     ENTRY_BYTES,
     FLAG_CONTROL,
     HEADER_BYTES,
@@ -28,10 +29,9 @@ from relay.header import (
     pack_address,
     parse_header,
 )
-from relay.hello import HelloError, open_hello, seal_hello
-from relay.routing import Control, Drop, Forward, Router, RouteTable, SendToClient, StunRateLimit
-from relay.stun import MAGIC_COOKIE, StunError, classify, integrity_ok, read_binding_request
-from relay.ufrag import Keyring, UfragError, decode_ufrag, derive_password, mint_ufrag
+from relay.wire.hello import HelloError, open_hello, seal_hello
+from relay.wire.stun import MAGIC_COOKIE, StunError, classify, integrity_ok, read_binding_request
+from relay.wire.ufrag import Keyring, UfragError, decode_ufrag, derive_password, mint_ufrag
 
 RING = Keyring.parse("2:" + "22" * 32 + ",1:" + "11" * 32)
 T1, T2 = ("127.0.0.1", 7000), ("::1", 7001)

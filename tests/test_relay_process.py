@@ -21,7 +21,7 @@ from typing import TypeVar
 import pytest
 from stun_samples import binding_request, signed_request
 
-from relay.header import (
+from relay.wire.header import (
     HEADER_BYTES,
     MAX_PAYLOAD_BYTES,
     ControlMessage,
@@ -29,8 +29,8 @@ from relay.header import (
     header_for,
     parse_header,
 )
-from relay.hello import open_hello
-from relay.ufrag import Keyring, derive_password, mint_ufrag
+from relay.wire.hello import open_hello
+from relay.wire.ufrag import Keyring, derive_password, mint_ufrag
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = "3:" + "c3" * 32

@@ -29,7 +29,8 @@ from typing import Any
 
 import httpx
 import pytest
-from stack import (
+
+from deploy.processes import (
     Process,
     eventually,
     free_port,
@@ -39,14 +40,13 @@ from stack import (
     text,
     transceiver_process,
 )
-from tones import ToneClient, tone_call
-
+from deploy.redis_server import RedisServer
+from loadtest.tones import ToneClient, tone_call
 from relay import counters as c
 from relay.route_lookup import LookupAdmission, RouteLookups
-from relay.route_record import encode_route
 from relay.routing import Router, RouteTable, StunRateLimit, needs_route_lookup
-from relay.ufrag import Keyring
-from tests.redis_server import RedisServer
+from relay.wire.route_record import encode_route
+from relay.wire.ufrag import Keyring
 
 pytestmark = pytest.mark.slow
 

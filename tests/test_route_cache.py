@@ -12,13 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from relay.route_record import RouteValueError, decode_route, encode_route, route_key
-from tests.redis_server import RedisServer, free_tcp_port
-from transceiver.redis_config import RedisConfig
-from transceiver.redis_connection import open_redis
-from transceiver.route_cache import RouteCache
-from transceiver.route_publishing import RoutePublishing
-from transceiver.store_errors import StoreUnavailableError
+from deploy.redis_server import RedisServer, free_tcp_port
+from relay.wire.route_record import RouteValueError, decode_route, encode_route, route_key
+from transceiver.store.connection import open_redis
+from transceiver.store.errors import StoreUnavailableError
+from transceiver.store.redis_config import RedisConfig
+from transceiver.store.route_cache import RouteCache
+from transceiver.store.route_publishing import RoutePublishing
 
 CLIENT = ("198.51.100.7", 50_123)
 LINK = ("10.0.0.5", 7000)

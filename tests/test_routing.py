@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from stun_samples import binding_request, signed_request
 
-from relay.header import ControlMessage, ControlType, header_for
 from relay.routing import (
     MAX_RATE_SOURCES,
     Control,
@@ -16,7 +15,8 @@ from relay.routing import (
     SendToClient,
     StunRateLimit,
 )
-from relay.ufrag import Keyring, derive_password, mint_ufrag
+from relay.wire.header import ControlMessage, ControlType, header_for
+from relay.wire.ufrag import Keyring, derive_password, mint_ufrag
 
 RING = Keyring.parse("2:" + "22" * 32 + ",1:" + "11" * 32)
 OLD_RING = Keyring.parse("1:" + "11" * 32)

@@ -1,5 +1,5 @@
-"""Contract test for transceiver/rtp_tuning.py: the aiortc internals it replaces still exist and
-behave as it assumes (aiortc is pinned; an upgrade that moves them fails here, loudly)."""
+"""Contract test for transceiver/webrtc/rtp_tuning.py: the aiortc internals it replaces still exist
+and behave as it assumes (aiortc is pinned; an upgrade that moves them fails here, loudly)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtp import RtpPacket
 from av import AudioFrame
 
-from transceiver import rtp_tuning
+from transceiver.webrtc import rtp_tuning
 
 
 def frame(samples: np.ndarray, layout: str) -> AudioFrame:

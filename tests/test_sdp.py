@@ -1,4 +1,4 @@
-"""transceiver.sdp: offer sanitising and validation, answer candidate rewriting (pure)."""
+"""transceiver.webrtc.sdp: offer sanitising and validation, answer candidate rewriting (pure)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transceiver.sdp import (
+from transceiver.webrtc.sdp import (
     HOST_PRIORITY,
     SdpError,
     answer_with_candidates,

@@ -20,14 +20,14 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import pytest_asyncio
-from realtime_client import RealtimeClient
-from redis_server import redis_server_binary
-from stack import gauge
-from test_resume import TOKEN_HEADER, Survival, call, opened, resume, stored, survival_stack
 from test_sdp import CHROME_OFFER
 
-from transceiver.session_keys import SessionKeys
-from transceiver.store_errors import SessionEndedError
+from deploy.processes import gauge
+from deploy.redis_server import redis_server_binary
+from deploy.survival import Survival, stored, survival_stack
+from loadtest.realtime_client import TOKEN_HEADER, RealtimeClient, call, opened, resume
+from transceiver.store.errors import SessionEndedError
+from transceiver.store.keys import SessionKeys
 
 pytestmark = [
     pytest.mark.slow,

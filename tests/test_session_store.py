@@ -1,4 +1,4 @@
-"""The Redis session store against real redis-server processes (tests/redis_server.py).
+"""The Redis session store against real redis-server processes (deploy/redis_server.py).
 
 Round trip, idempotent append, expiry of every key, the item cap, fencing (takeover, lease
 expiry, renew, release), resume credentials, WAIT with a real replica, Sentinel failover with
@@ -17,12 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.redis_server import SERVICE, RedisServer, SentinelTopology, wait_until
-from transceiver.lease_heartbeat import LeaseHeartbeat
-from transceiver.redis_config import RedisConfig, RedisConfigError
-from transceiver.session_keys import Lease, SessionKeys, new_credential
-from transceiver.session_store import RedisSessionStore
-from transceiver.store_errors import (
+from deploy.redis_server import SERVICE, RedisServer, SentinelTopology, wait_until
+from transceiver.store.errors import (
     LeaseHeldError,
     ReplicationError,
     SessionEndedError,
@@ -32,7 +28,11 @@ from transceiver.store_errors import (
     StoreError,
     StoreUnavailableError,
 )
-from transceiver.write_behind import AdvanceTurn, AppendItem, WriteBehindQueue
+from transceiver.store.heartbeat import LeaseHeartbeat
+from transceiver.store.keys import Lease, SessionKeys, new_credential
+from transceiver.store.redis_config import RedisConfig, RedisConfigError
+from transceiver.store.sessions import RedisSessionStore
+from transceiver.store.write_behind import AdvanceTurn, AppendItem, WriteBehindQueue
 
 CONFIG = {"instructions": "Be brief.", "voice": "joe", "turn_detection": {"type": "server_vad"}}
 LEASE_S = 10.0

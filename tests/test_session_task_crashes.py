@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 from aiortc import RTCSessionDescription
 from prometheus_client import CollectorRegistry
-from realtime_client import RealtimeClient
-from redis_server import RedisServer, redis_server_binary
-from stack import LoopbackRelay, eventually, random_keys
 
+from deploy.processes import LoopbackRelay, eventually, random_keys
+from deploy.redis_server import RedisServer, redis_server_binary
+from loadtest.realtime_client import RealtimeClient
 from pipeline.engine import ConversationEngine, EngineConfig, EngineTaskCrashed
 from pipeline.espeak_tts import EspeakTextToSpeech
 from pipeline.knowledge import load_knowledge
@@ -34,15 +34,15 @@ from pipeline.local_agent import LocalRuleBasedAgent
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 from pipeline.providers import ProviderError
 from pipeline.turns import TurnRecord
-from relay.ufrag import Keyring
-from transceiver import ice
-from transceiver.link import Link
+from relay.wire.ufrag import Keyring
 from transceiver.metrics import RealtimeMetrics, TaskCrashCollector
-from transceiver.persistence import SessionPersistence, open_persistence
-from transceiver.realtime import RealtimeSession
-from transceiver.redis_config import RedisConfig
-from transceiver.session_config import SessionPolicy
-from transceiver.sessions import SessionLimits, Sessions
+from transceiver.realtime.policy import SessionPolicy
+from transceiver.realtime.session import RealtimeSession
+from transceiver.store.persistence import SessionPersistence, open_persistence
+from transceiver.store.redis_config import RedisConfig
+from transceiver.webrtc import ice
+from transceiver.webrtc.calls import SessionLimits, Sessions
+from transceiver.webrtc.link import Link
 
 TIMEOUT_S = 15.0
 CONFIG = EngineConfig(input_sample_rate_hz=16000, output_sample_rate_hz=24000)
@@ -186,7 +186,7 @@ async def call(stack: Stack, client: RealtimeClient) -> dict[str, Any]:
 
 def crash_logged(caplog: pytest.LogCaptureFixture, task: str) -> logging.LogRecord:
     for record in caplog.records:
-        if record.name == "transceiver.realtime" and record.getMessage().startswith(task):
+        if record.name == "transceiver.realtime.session" and record.getMessage().startswith(task):
             assert record.levelno == logging.ERROR
             assert record.exc_info is not None and record.exc_info[1] is not None
             assert "Traceback" in caplog.text and "Bug: " in caplog.text

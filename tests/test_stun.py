@@ -1,4 +1,5 @@
-"""relay.stun against golden captures: RFC 5769, aioice, a real Chromium request, Chrome-style."""
+"""relay.wire.stun against golden captures: RFC 5769, aioice, a real Chromium request,
+Chrome-style."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.stun import (
+from relay.wire.stun import (
     BindingRequest,
     Kind,
     StunError,
@@ -15,7 +16,7 @@ from relay.stun import (
     integrity_ok,
     read_binding_request,
 )
-from relay.ufrag import Keyring, decode_ufrag, derive_password
+from relay.wire.ufrag import Keyring, decode_ufrag, derive_password
 
 CAPTURES = Path(__file__).parent / "data" / "stun"
 RFC5769 = (CAPTURES / "rfc5769-request.bin").read_bytes()

@@ -14,22 +14,20 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import pytest_asyncio
-from realtime_client import RealtimeClient
-from redis_server import redis_server_binary
-from stack import Process, eventually, gauge, metric_values
-from test_resume import (
+
+from deploy.processes import Process, eventually, gauge, metric_values
+from deploy.redis_server import redis_server_binary
+from deploy.survival import Survival, contents, stored_until, survival_stack
+from loadtest.realtime_client import (
     SESSION_HEADER,
     TOKEN_HEADER,
-    Survival,
+    RealtimeClient,
     acknowledged,
     answered_and_stored,
     ask,
     call,
-    contents,
     opened,
     resume,
-    stored_until,
-    survival_stack,
 )
 
 pytestmark = [

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from relay.ufrag import Keyring
+from relay.wire.ufrag import Keyring
 from transceiver.__main__ import main
-from transceiver.auth import AuthConfig, AuthConfigError, Authenticator, AuthError, auth_flags
 from transceiver.config import ConfigError, TransceiverConfig
+from transceiver.http.auth import AuthConfig, AuthConfigError, Authenticator, AuthError, auth_flags
 
 KEYS = "1:" + "5b" * 32
 

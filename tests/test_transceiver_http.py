@@ -16,7 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
-from stack import (
+from test_sdp import CHROME_OFFER
+
+from deploy.processes import (
     LoopbackRelay,
     Process,
     eventually,
@@ -25,10 +27,8 @@ from stack import (
     text,
     transceiver_process,
 )
-from test_sdp import CHROME_OFFER
-from tones import ToneClient
-
-from transceiver.sdp import candidate_addresses
+from loadtest.tones import ToneClient
+from transceiver.webrtc.sdp import candidate_addresses
 
 PUBLIC = "127.0.0.1:3478"
 
@@ -202,7 +202,7 @@ async def test_capacity_media_and_garbage_on_the_link(
 async def send_garbage(link: tuple[str, int]) -> None:
     """Short, wrong-version, unknown-client and bad-control datagrams to the link socket, from
     an address that sent no keyed HELLO."""
-    from relay.header import FLAG_CONTROL, header_for
+    from relay.wire.header import FLAG_CONTROL, header_for
 
     datagrams = [b"", b"\x01\x00", b"\x09" + b"\x00" * 40]  # three header drops
     datagrams += [header_for(("198.51.100.1", 9)) + b"\x17\xfe\xfd" + b"\x00" * 30]

@@ -1,4 +1,4 @@
-"""relay.ufrag: the signed ufrag codec and the derived ICE password."""
+"""relay.wire.ufrag: the signed ufrag codec and the derived ICE password."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from relay.ufrag import (
+from relay.wire.ufrag import (
     Keyring,
     UfragError,
     decode_ufrag,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from sized_inputs import mutated, nested_json, padded_json
 
 from pipeline.untrusted_json import MAX_DEPTH, JsonInputError, decode
-from transceiver.events import MAX_EVENT_BYTES
+from transceiver.realtime.client_events import MAX_EVENT_BYTES
 
 BIG = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

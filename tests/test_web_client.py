@@ -1,4 +1,4 @@
-"""The web client (transceiver/static) in headless Chromium, without a voice pipeline.
+"""The web client (transceiver/http/static) in headless Chromium, without a voice pipeline.
 
 A tiny static server in the test serves the page the way the transceiver does (``/`` and
 ``/static/...``) and can forward the calls endpoint to a real transceiver. Scripted GA server
@@ -18,11 +18,12 @@ import httpx
 import numpy as np
 import pytest
 from agents_sdk import NodeUnavailable, agents_page_html, build_agents_bundle
-from browser import chromium, recorded_audio
 from playwright.async_api import Browser, Page
-from stack import Stack, eventually, metric_values
 
-STATIC_DIR = Path(__file__).resolve().parents[1] / "transceiver" / "static"
+from deploy.processes import Stack, eventually, metric_values
+from loadtest.browser import chromium, recorded_audio
+
+STATIC_DIR = Path(__file__).resolve().parents[1] / "transceiver" / "http" / "static"
 CALLS_PATH = "/v1/realtime/calls"
 
 

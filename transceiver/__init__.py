@@ -1,8 +1,17 @@
 """voicerelay transceiver: the stateful WebRTC endpoint (aiortc owns ICE, DTLS and SRTP).
 
-May import ``relay.ufrag``, ``relay.header``, ``relay.hello`` and ``relay.route_record`` (the
-wire contract) and ``pipeline``; never the relay's I/O modules. The aioice/aiortc internals it
-touches are confined to ``ice``.
+Sub-packages, one concern each: ``http`` (signalling, client secrets, auth, health, static
+files), ``webrtc`` (the link to the relays, ICE, SDP, calls and admission, audio), ``realtime``
+(the Realtime session over the data channel, driving the pipeline) and ``store`` (session state
+in Redis). The modules here: ``__main__`` (the lifecycle: load config, bind, serve, drain),
+``config`` (``TRANSCEIVER_*``), ``metrics`` and ``background`` (owned, supervised loops).
+
+It imports the relay's wire contract (``relay.wire``), never the relay's I/O modules, and the
+pipeline. The aioice/aiortc internals it touches are confined to ``webrtc.ice`` and
+``webrtc.rtp_tuning``.
+
+May import: relay.wire, pipeline
+Pure: config
 """
 
 from pipeline.native_threads import pin_native_threads

@@ -27,16 +27,16 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.config import ConfigError as PipelineConfigError
 from pipeline.config import PipelineConfig
-from transceiver import ice, rtp_tuning
-from transceiver.app import Resume, create_app
-from transceiver.auth import AuthConfig, AuthConfigError, Authenticator, auth_flags
 from transceiver.config import ConfigError, TransceiverConfig
-from transceiver.echo import EchoAgent
-from transceiver.link import Link
+from transceiver.http.app import Resume, create_app
+from transceiver.http.auth import AuthConfig, AuthConfigError, Authenticator, auth_flags
 from transceiver.metrics import LeaseCollector, RedisHealthCollector, TaskCrashCollector
-from transceiver.persistence import SessionPersistence, open_persistence
-from transceiver.redis_config import RedisConfig, RedisConfigError
-from transceiver.sessions import AgentFactory, SessionLimits, Sessions
+from transceiver.store.persistence import SessionPersistence, open_persistence
+from transceiver.store.redis_config import RedisConfig, RedisConfigError
+from transceiver.webrtc import ice, rtp_tuning
+from transceiver.webrtc.calls import AgentFactory, SessionLimits, Sessions
+from transceiver.webrtc.echo import EchoAgent
+from transceiver.webrtc.link import Link
 
 logger = logging.getLogger("transceiver")
 STARTUP_TIMEOUT_S = 10.0
@@ -67,7 +67,7 @@ async def open_agents(
     if config.agent == "echo":
         yield Agents(EchoAgent)
         return
-    from transceiver.pipeline_agent import pipeline_agents
+    from transceiver.realtime.pipeline_agent import pipeline_agents
 
     pipeline = PipelineConfig.from_env(os.environ).resolved(os.environ)
     async with (

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from relay.ufrag import Keyring
+from relay.wire.ufrag import Keyring
 
 Address = tuple[str, int]
 N = TypeVar("N", int, float)

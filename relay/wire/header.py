@@ -12,7 +12,7 @@ payload to that client". With ``FLAG_CONTROL`` set the payload is a control mess
 forwarded to a client, and the address fields are zero::
 
     HELLO   relay worker -> transceiver: "I am a relay worker, here is proof I hold the keyring;
-            tell me your live routes". body: signed, see ``relay.hello``. The transceiver takes
+            tell me your live routes". body: signed, see ``relay.wire.hello``. The transceiver takes
             data only from link addresses whose HELLO verified, and answers a HELLO that asks
             for routes with ROUTES (possibly empty).
     ROUTES  transceiver -> relay worker: the client addresses of its live sessions.

@@ -5,7 +5,7 @@ Pure: bytes, a keyring and a wall-clock reading in, a verdict out. The relay sea
 Only after a HELLO opens does a transceiver take data from the address it came from, so a host
 that merely reaches the link port learns no routes and never becomes a worker it answers.
 
-A HELLO is a control datagram (``relay.header``): the 20-byte header with the control flag, the
+A HELLO is a control datagram (``relay.wire.header``): the 20-byte header with the control flag, the
 control type ``HELLO`` (1), then::
 
     version:1 | flags:1 | key_id:1 | sent_ms:8 | nonce:8 | to:18 | mac:16
@@ -35,8 +35,8 @@ import os
 import struct
 from dataclasses import dataclass
 
-from relay.header import FLAG_CONTROL, ControlType, encode_header, pack_address, unpack_address
-from relay.ufrag import Keyring
+from relay.wire.header import FLAG_CONTROL, ControlType, encode_header, pack_address, unpack_address
+from relay.wire.ufrag import Keyring
 
 Address = tuple[str, int]
 

@@ -1,7 +1,7 @@
 """The route cache's record: ``client ip:port -> transceiver link ip:port`` in Redis.
 
 Pure protocol layer, beside the relay's other wire formats (``ufrag``, ``header``). The
-transceiver writes these records (``transceiver.route_cache``); a relay that meets an unknown
+transceiver writes these records (``transceiver.store.route_cache``); a relay that meets an unknown
 client address reads them (``relay.route_lookup``), off its hot path.
 
 Key: ``P:route:1.2.3.4:5000`` or ``P:route:[2001:db8::1]:5000`` (IPv4-mapped IPv6 addresses

@@ -18,7 +18,7 @@ its set of known transceivers, as defence in depth and to count "unknown transce
 
 One configured secret per key id yields independent subkeys: one signs ufrags, one derives the
 ICE password from the ufrag, so the relay can check a STUN request's MESSAGE-INTEGRITY without
-any per-session state, and one signs the relay's HELLO on the link (``relay.hello``). The relay
+any per-session state, and one signs the relay's HELLO on the link (``relay.wire.hello``). The relay
 accepts every key in its keyring (the current one and the previous one during a rotation);
 transceivers mint with the current.
 

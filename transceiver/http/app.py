@@ -4,7 +4,7 @@ I/O layer (FastAPI). ``POST /v1/realtime/calls`` takes an SDP offer as ``applica
 as OpenAI's ``multipart/form-data`` variant (field ``sdp``, optional ``session`` JSON) and answers
 201 with the SDP answer and ``Location: /v1/realtime/calls/{call_id}``.
 ``POST /v1/realtime/client_secrets`` mints a short-lived ``ek_`` secret (see ``auth``). The web
-client (``transceiver/static``) is served at ``/`` and ``/static/``. Every error is JSON:
+client (``transceiver/http/static``) is served at ``/`` and ``/static/``. Every error is JSON:
 ``{"error": {"type": ..., "code": ..., "message": ..., "param": ...}}``.
 
 Session survival (when Redis is configured): the 201 answer carries ``X-Voicerelay-Session``
@@ -42,18 +42,24 @@ from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.untrusted_json import JsonInputError, decode
-from transceiver import client_secrets
-from transceiver.auth import Authenticator, AuthError
-from transceiver.events import EventError, SessionConfig, SessionUpdate, new_id, parse_client_event
-from transceiver.link import Link
-from transceiver.persistence import (
+from transceiver.http import client_secrets
+from transceiver.http.auth import Authenticator, AuthError
+from transceiver.realtime.client_events import (
+    EventError,
+    SessionConfig,
+    SessionUpdate,
+    new_id,
+    parse_client_event,
+)
+from transceiver.store.persistence import (
     RESUME_TOKEN_HEADER,
     SESSION_HEADER,
     ResumeRefused,
     SessionPersistence,
 )
-from transceiver.sdp import SdpError, sanitise_offer
-from transceiver.sessions import AdmissionError, OfferRejected, SessionAgent, Sessions
+from transceiver.webrtc.calls import AdmissionError, OfferRejected, SessionAgent, Sessions
+from transceiver.webrtc.link import Link
+from transceiver.webrtc.sdp import SdpError, sanitise_offer
 
 logger = logging.getLogger(__name__)
 MAX_OFFER_BYTES = 64 * 1024

@@ -30,9 +30,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from relay.ufrag import GENERATE_HINT, MIN_SECRET_BYTES, Keyring
-from transceiver import client_secrets
-from transceiver.client_secrets import ClientSecret, ClientSecretError
+from relay.wire.ufrag import GENERATE_HINT, MIN_SECRET_BYTES, Keyring
+from transceiver.http import client_secrets
+from transceiver.http.client_secrets import ClientSecret, ClientSecretError
 
 ENV_MODE = "TRANSCEIVER_AUTH"
 ENV_API_KEY = "TRANSCEIVER_API_KEY"

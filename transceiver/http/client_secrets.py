@@ -7,7 +7,7 @@ it::
     ek_ + base64url(JSON {"exp": unix seconds, "session": {...} | null}) + "." + base64url(MAC)
 
 The MAC is HMAC-SHA256 (truncated to 128 bits) under a key derived, for this purpose only, from
-a secret of ``TRANSCEIVER_SECRET_KEYS`` (``transceiver.auth``), which the relays never hold.
+a secret of ``TRANSCEIVER_SECRET_KEYS`` (``transceiver.http.auth``), which the relays never hold.
 The optional session config rides inside the secret, so the calls endpoint can apply it without
 any shared store.
 """

@@ -18,11 +18,11 @@ from prometheus_client import CollectorRegistry
 from pipeline.assembly import Providers, build_engine, open_providers
 from pipeline.config import PipelineConfig
 from pipeline.tools import builtin_tools
-from transceiver.events import EventError, SessionConfig
 from transceiver.metrics import RealtimeMetrics, ResilienceCollector
-from transceiver.persistence import ResumeRefused, SessionPersistence
-from transceiver.realtime import RealtimeSession
-from transceiver.session_config import SessionPolicy, session_update_from
+from transceiver.realtime.client_events import EventError, SessionConfig
+from transceiver.realtime.policy import SessionPolicy, session_update_from
+from transceiver.realtime.session import RealtimeSession
+from transceiver.store.persistence import ResumeRefused, SessionPersistence
 
 
 class PipelineAgents:

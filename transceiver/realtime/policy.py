@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.engine import EngineConfig
 from pipeline.providers import ToolSpec
 from pipeline.tools import Tool, ToolRegistry
-from transceiver.events import (
+from transceiver.realtime.client_events import (
     EventError,
     SessionConfig,
     SessionUpdate,
@@ -25,7 +25,7 @@ from transceiver.events import (
     new_id,
     parse_client_event,
 )
-from transceiver.session_keys import MAX_CONFIG_BYTES, encode_json
+from transceiver.store.keys import MAX_CONFIG_BYTES, encode_json
 
 
 @dataclass(frozen=True)

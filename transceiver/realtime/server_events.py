@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from transceiver.events import EventError, new_id
+from transceiver.realtime.client_events import EventError, new_id
 
 
 def server_event(kind: str, **fields: Any) -> dict[str, Any]:

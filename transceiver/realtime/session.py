@@ -1,16 +1,16 @@
 """One Realtime session: the client's media and ``oai-events`` channel bridged to an engine.
 
 I/O layer. A :class:`RealtimeSession` owns a ``ConversationEngine``, the outgoing
-``AgentVoiceTrack`` and two tasks (input pump, engine-event forwarder), cancelled and awaited
-by ``aclose()``. A task that crashes (a bug here or in the engine, whose own task crashes
-reach the forwarder through ``events()``) is logged with its traceback and counted in
-``transceiver_task_crashes_total{task}``; the session cannot go on without it, so the client
-gets an ``error`` (type ``server_error``, code ``session_failed``) and the session is hung up
-as a failure (``crashed``): it is not the caller's hang-up, so a stored session stays
-resumable. Client events are parsed by ``transceiver.events``; each is handled at once
-(the engine's control methods are synchronous) and a bad one gets an ``error`` event naming
-the problem while the session goes on. Engine events become server events through
-``EngineEventTranslator``; events produced before the client opens its channel wait (bounded).
+``AgentVoiceTrack`` and two tasks (input pump, engine-event forwarder), cancelled and awaited by
+``aclose()``. A task that crashes (a bug here or in the engine, whose own task crashes reach the
+forwarder through ``events()``) is logged with its traceback and counted in
+``transceiver_task_crashes_total{task}``; the session cannot go on without it, so the client gets an
+``error`` (type ``server_error``, code ``session_failed``) and the session is hung up as a failure
+(``crashed``): it is not the caller's hang-up, so a stored session stays resumable. Client events
+are parsed by ``transceiver.realtime.client_events``; each is handled at once (the engine's control
+methods are synchronous) and a bad one gets an ``error`` event naming the problem while the session
+goes on. Engine events become server events through ``EngineEventTranslator``; events produced
+before the client opens its channel wait (bounded).
 
 Survival (with Redis, see ``persistence``): a ``SessionJournal`` stores what the conversation
 commits; ``session.created`` carries a ``voicerelay`` field ``{"session_id", "resume_token"}``
@@ -39,9 +39,9 @@ from pipeline import events as ev
 from pipeline.engine import ConversationEngine
 from pipeline.providers import Message
 from pipeline.untrusted_json import JsonInputError, decode
-from transceiver.audio import AgentVoiceTrack, pump_input
 from transceiver.background import report_crash
-from transceiver.events import (
+from transceiver.metrics import RealtimeMetrics
+from transceiver.realtime.client_events import (
     BufferCommand,
     ClientEvent,
     ConversationItemCreate,
@@ -56,23 +56,23 @@ from transceiver.events import (
     SessionUpdate,
     parse_client_event,
 )
-from transceiver.metrics import RealtimeMetrics
-from transceiver.persistence import (
-    SessionJournal,
-    SessionPersistence,
-    item_to_message,
-    message_to_item,
-)
-from transceiver.realtime_events import EngineEventTranslator
-from transceiver.server_events import (
+from transceiver.realtime.policy import SessionPolicy, check_storable
+from transceiver.realtime.server_events import (
     error_event,
     function_call_output_item,
     message_item,
     server_event,
     stored_item_bodies,
 )
-from transceiver.session_config import SessionPolicy, check_storable
-from transceiver.session_keys import SessionState, encode_item
+from transceiver.realtime.translation import EngineEventTranslator
+from transceiver.store.keys import SessionState, encode_item
+from transceiver.store.persistence import (
+    SessionJournal,
+    SessionPersistence,
+    item_to_message,
+    message_to_item,
+)
+from transceiver.webrtc.audio import AgentVoiceTrack, pump_input
 
 logger = logging.getLogger(__name__)
 EVENTS_LABEL = "oai-events"

@@ -22,8 +22,8 @@ from typing import Any
 
 from pipeline import events as ev
 from pipeline.turns import TurnRecord
-from transceiver.events import new_id
-from transceiver.server_events import function_call_item, message_item, server_event
+from transceiver.realtime.client_events import new_id
+from transceiver.realtime.server_events import function_call_item, message_item, server_event
 
 Event = dict[str, Any]
 FirstFrameLookup = Callable[[str], float | None]

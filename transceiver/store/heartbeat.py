@@ -15,9 +15,9 @@ import logging
 from collections.abc import Callable
 
 from transceiver.background import BackgroundLoop
-from transceiver.session_keys import Lease
-from transceiver.session_store import SessionStore
-from transceiver.store_errors import StoreError
+from transceiver.store.errors import StoreError
+from transceiver.store.keys import Lease
+from transceiver.store.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 

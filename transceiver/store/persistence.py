@@ -48,17 +48,17 @@ from typing import Any
 
 from pipeline.providers import Message, ToolCall
 from transceiver.background import BackgroundLoop
-from transceiver.lease_heartbeat import LeaseHeartbeat
-from transceiver.redis_config import RedisConfig
-from transceiver.session_keys import Lease, SessionState, check_id, new_credential
-from transceiver.session_store import RedisSessionStore, SessionStore
-from transceiver.store_errors import (
+from transceiver.store.errors import (
     SessionEndedError,
     SessionExistsError,
     SessionNotFoundError,
     StoreError,
 )
-from transceiver.write_behind import (
+from transceiver.store.heartbeat import LeaseHeartbeat
+from transceiver.store.keys import Lease, SessionState, check_id, new_credential
+from transceiver.store.redis_config import RedisConfig
+from transceiver.store.sessions import RedisSessionStore, SessionStore
+from transceiver.store.write_behind import (
     AdvanceTurn,
     AppendItem,
     EndSession,

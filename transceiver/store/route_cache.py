@@ -7,7 +7,7 @@ a cadence and withdraw it when the session ends (``route_publishing``); relays r
 one MGET per batch (``relay.route_lookup``).
 
 The pure record format (``route_key``, ``encode_route``, ``decode_route``) lives in
-``relay.route_record``, beside the relay's other wire formats; this module is the transceiver's
+``relay.wire.route_record``, beside the relay's other wire formats; this module is the transceiver's
 writes: ``RouteCache``.
 
 Key: ``P:route:1.2.3.4:5000`` or ``P:route:[2001:db8::1]:5000`` (IPv4-mapped IPv6 addresses
@@ -21,8 +21,8 @@ from collections.abc import Mapping
 
 from redis.asyncio import Redis
 
-from relay.route_record import encode_route, route_key
-from transceiver.redis_connection import unavailable_as_store_error
+from relay.wire.route_record import encode_route, route_key
+from transceiver.store.connection import unavailable_as_store_error
 
 Address = tuple[str, int]
 

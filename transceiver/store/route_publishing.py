@@ -16,10 +16,10 @@ import logging
 from collections.abc import Callable, Mapping
 
 from transceiver.background import BackgroundLoop
-from transceiver.redis_config import RedisConfig
-from transceiver.redis_connection import RedisConnection, open_redis
-from transceiver.route_cache import RouteCache
-from transceiver.store_errors import StoreUnavailableError
+from transceiver.store.connection import RedisConnection, open_redis
+from transceiver.store.errors import StoreUnavailableError
+from transceiver.store.redis_config import RedisConfig
+from transceiver.store.route_cache import RouteCache
 
 Address = tuple[str, int]
 MAX_PENDING = 10_000  # more changes than this between two wake-ups wait for the next refresh

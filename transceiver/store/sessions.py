@@ -30,14 +30,21 @@ from typing import Any, Protocol
 
 from redis import exceptions as redis_errors
 
-from transceiver.redis_config import RedisConfig
-from transceiver.redis_connection import (
+from transceiver.store.connection import (
     UNAVAILABLE,
     RedisConnection,
     open_redis,
     unavailable_as_store_error,
 )
-from transceiver.session_keys import (
+from transceiver.store.errors import (
+    ReplicationError,
+    SessionEndedError,
+    SessionNotFoundError,
+    StoreError,
+    StoreUnavailableError,
+    from_script_error,
+)
+from transceiver.store.keys import (
     MAX_CONFIG_BYTES,
     AppendAck,
     Lease,
@@ -51,7 +58,8 @@ from transceiver.session_keys import (
     encode_json,
     hash_credential,
 )
-from transceiver.session_scripts import (
+from transceiver.store.redis_config import RedisConfig
+from transceiver.store.scripts import (
     ADVANCE_TURN,
     APPEND_ITEM,
     CLAIM,
@@ -61,14 +69,6 @@ from transceiver.session_scripts import (
     RENEW,
     UPDATE_CONFIG,
     LuaScript,
-)
-from transceiver.store_errors import (
-    ReplicationError,
-    SessionEndedError,
-    SessionNotFoundError,
-    StoreError,
-    StoreUnavailableError,
-    from_script_error,
 )
 
 Arg = str | bytes | int

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from transceiver.background import BackgroundLoop
-from transceiver.session_keys import MAX_CONFIG_BYTES, Lease, encode_item, encode_json
-from transceiver.session_store import SessionStore
-from transceiver.store_errors import StoreError
+from transceiver.store.errors import StoreError
+from transceiver.store.keys import MAX_CONFIG_BYTES, Lease, encode_item, encode_json
+from transceiver.store.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
 """Live sessions: admission against capacity, negotiation, connect timeout, hang-up, drain.
 
-I/O layer over aiortc. A session is one RTCPeerConnection whose ICE agent is relayed over the
-link (see ``ice``); it runs the configured agent: ``pipeline`` (``transceiver.realtime``: the
+I/O layer over aiortc. A session is one RTCPeerConnection whose ICE agent is relayed over the link
+(see ``ice``); it runs the configured agent: ``pipeline`` (``transceiver.realtime.session``: the
 voice pipeline and the ``oai-events`` channel) or ``echo`` (diagnostics). Every session has one
 watcher task, owned by ``Sessions`` and awaited on close; the agent owns its own tasks and
 ``aclose()`` ends them. A watcher that crashes is logged with its traceback, counted in
-``transceiver_task_crashes_total{task="session watcher"}`` and its session ended (``crashed``):
-not restarted, since its one job is to end that session at the right moment, and a session no
-watcher ends would hold its capacity forever.
+``transceiver_task_crashes_total{task="session watcher"}`` and its session ended (``crashed``): not
+restarted, since its one job is to end that session at the right moment, and a session no watcher
+ends would hold its capacity forever.
 
 Capacity: a call holds a slot from ``reserve`` on, before anything is done for it elsewhere
 (a resumed session is claimed in Redis only once it has one), and ``create`` turns the slot
@@ -38,10 +38,10 @@ from aiortc.mediastreams import MediaStreamTrack
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from transceiver.background import report_crash
-from transceiver.events import EventError
-from transceiver.ice import RelayedIce, relayed_through
-from transceiver.rtp_tuning import lower_audio_prefetch
-from transceiver.sdp import answer_with_candidates
+from transceiver.realtime.client_events import EventError
+from transceiver.webrtc.ice import RelayedIce, relayed_through
+from transceiver.webrtc.rtp_tuning import lower_audio_prefetch
+from transceiver.webrtc.sdp import answer_with_candidates
 
 logger = logging.getLogger(__name__)
 # What aiortc raises for an offer it cannot negotiate (its SDP parser raises the builtins).

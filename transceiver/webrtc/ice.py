@@ -36,8 +36,8 @@ import aioice.stun
 from aioice.candidate import candidate_foundation, candidate_priority
 from aiortc import rtcicetransport
 
-from relay.ufrag import Keyring, derive_password, mint_ufrag
-from transceiver.link import Link, LinkSession
+from relay.wire.ufrag import Keyring, derive_password, mint_ufrag
+from transceiver.webrtc.link import Link, LinkSession
 
 Address = tuple[str, int]
 PINNED_VERSIONS = {"aiortc": "1.16.0", "aioice": "0.13.0"}

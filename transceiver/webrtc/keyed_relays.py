@@ -1,6 +1,6 @@
 """Which relay link addresses the link takes data from: those whose keyed HELLO verified.
 
-No sockets and no asyncio; both clocks are passed in. The link (``transceiver.link``) asks
+No sockets and no asyncio; both clocks are passed in. The link (``transceiver.webrtc.link``) asks
 ``admit`` for every HELLO and checks ``sources`` (one dict membership test) for every data
 datagram. A relay worker sends a HELLO every second (``relay.config.HELLO_INTERVAL_S``); an
 address whose last good HELLO is older than ``KEYED_TTL_S`` is forgotten, as silent workers
@@ -9,8 +9,8 @@ are.
 
 from __future__ import annotations
 
-from relay.hello import Hello, ReplayGuard, open_hello
-from relay.ufrag import Keyring
+from relay.wire.hello import Hello, ReplayGuard, open_hello
+from relay.wire.ufrag import Keyring
 
 Address = tuple[str, int]
 KEYED_TTL_S = 30.0
@@ -28,7 +28,7 @@ class KeyedRelays:
         self, payload: bytes, source: Address, own: Address, wall_s: float, now_s: float
     ) -> Hello:
         """Verify the HELLO ``payload`` (after the header) sent to ``own``; on success ``source``
-        is keyed until ``now_s + KEYED_TTL_S``. Raises ``relay.hello.HelloError``."""
+        is keyed until ``now_s + KEYED_TTL_S``. Raises ``relay.wire.hello.HelloError``."""
         hello = open_hello(self.keyring, payload, own, wall_s)
         self._replays.check(hello, wall_s)
         self.sources[source] = now_s

@@ -1,9 +1,9 @@
 """The one UDP link socket a transceiver shares between all of its sessions.
 
 I/O layer. Relay workers forward client datagrams here behind the 20-byte header of
-``relay.header`` ("came from"); sessions send through here behind the same header ("send to").
+``relay.wire.header`` ("came from"); sessions send through here behind the same header ("send to").
 
-Only relays that prove the keyring are heard: a HELLO must verify (``relay.hello``: MAC,
+Only relays that prove the keyring are heard: a HELLO must verify (``relay.wire.hello``: MAC,
 timestamp window, nonce not seen before, addressed to this link) before the link takes data
 from the address it came from, and no ROUTES go to anyone else. Data from any other address is
 dropped with one dict membership test and counted in ``refused`` (by reason, with the refused
@@ -43,7 +43,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
-from relay.header import (
+from relay.wire.header import (
     FLAG_CONTROL,
     HEADER_BYTES,
     HEADER_VERSION,
@@ -55,12 +55,12 @@ from relay.header import (
     header_for,
     ip_text,
 )
-from relay.hello import HelloError
-from relay.ufrag import Keyring
+from relay.wire.hello import HelloError
+from relay.wire.ufrag import Keyring
 from transceiver.background import BackgroundLoop
-from transceiver.keyed_relays import KeyedRelays
-from transceiver.redis_config import RedisConfig
-from transceiver.route_publishing import RoutePublishing
+from transceiver.store.redis_config import RedisConfig
+from transceiver.store.route_publishing import RoutePublishing
+from transceiver.webrtc.keyed_relays import KeyedRelays
 
 Address = tuple[str, int]
 Clock = Callable[[], float]

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from make_captures import TEST_KEYS  # noqa: E402
 
-from relay.ufrag import Keyring, derive_password, mint_ufrag  # noqa: E402
-from tests.browser import chromium  # noqa: E402
+from loadtest.browser import chromium  # noqa: E402
+from relay.wire.ufrag import Keyring, derive_password, mint_ufrag  # noqa: E402
 
 HERE = Path(__file__).parent
 FINGERPRINT = ":".join(["AB"] * 32)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aioice.stun
 
-from relay.ufrag import Keyring, derive_password, mint_ufrag
+from relay.wire.ufrag import Keyring, derive_password, mint_ufrag
 
 HERE = Path(__file__).parent
 TEST_KEYS = "7:" + "5a" * 32

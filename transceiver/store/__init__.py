@@ -1,0 +1,11 @@
+"""Session state in Redis, so sessions survive their transceiver.
+
+``redis_config`` and ``connection`` reach Redis (URL or Sentinel); ``keys`` and ``scripts`` are
+the record's layout and its fenced Lua updates; ``sessions`` is the store (claim, load, append,
+end); ``errors`` what it raises; ``write_behind`` queues writes while Redis is away;
+``heartbeat`` renews leases; ``persistence`` is what a live session talks to (journal,
+catch-up, health); ``route_cache`` and ``route_publishing`` publish client routes for relays.
+
+May import: relay.wire, transceiver.background, pipeline.providers
+Pure: keys, errors, redis_config, scripts
+"""
