@@ -27,8 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.providers import ToolCall
-from pipeline.tools import ToolResult
+from pipeline.providers import ToolCall, ToolResult
 from pipeline.turns import TurnRecord
 
 

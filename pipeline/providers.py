@@ -65,6 +65,13 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
+class ToolResult:
+    call: ToolCall
+    output: str  # what the model reads: JSON text
+    ok: bool
+
+
+@dataclass(frozen=True)
 class Message:
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.knowledge import KnowledgeBase
-from pipeline.providers import ToolCall, ToolSpec
+from pipeline.providers import ToolCall, ToolResult, ToolSpec
 from pipeline.untrusted_json import JsonInputError, decode
 
 ToolFunction = Callable[[dict[str, Any]], Awaitable[str] | str]
@@ -44,13 +44,6 @@ class Tool:
     @property
     def client_side(self) -> bool:
         return self.run is None
-
-
-@dataclass(frozen=True)
-class ToolResult:
-    call: ToolCall
-    output: str  # what the model reads: JSON text
-    ok: bool
 
 
 class ToolArgumentError(ValueError):
