@@ -1,0 +1,40 @@
+"""Catch-up: store the sessions that began while Redis was away, once it answers again.
+
+I/O layer (an owned, restarted loop; see ``background``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from transceiver.background import BackgroundLoop
+
+if TYPE_CHECKING:
+    from transceiver.store.persistence import SessionPersistence
+
+HEALTH_INTERVAL_S = 1.0
+
+
+class CatchUp(BackgroundLoop):
+    """Stores the sessions that began while Redis was down (or whose record it lost) once it
+    answers again, and queues again what a full write-behind queue refused."""
+
+    task_name = "session catch-up"
+    # Crash-looping: red. Calls begun during an outage would never be stored (nor resumable).
+    unready_when_failing = True
+
+    def __init__(self, persistence: SessionPersistence, interval_s: float = HEALTH_INTERVAL_S):
+        super().__init__()
+        self._persistence = persistence
+        self._interval_s = interval_s
+
+    async def _run(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(self._interval_s)
+            for journal in list(self._persistence.unstored.values()):
+                if not await self._persistence.store_new(journal):
+                    break  # Redis still down: the next pass tries again
+            for journal in list(self._persistence.journals.values()):
+                if journal.behind:
+                    journal.history(journal.messages)

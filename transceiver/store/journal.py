@@ -1,0 +1,207 @@
+"""One session's journal: what it committed, turned into stored writes behind its back.
+
+I/O layer over the write-behind queue. ``message_to_item`` and ``item_to_message`` convert the
+engine's history to stored items and back; ``SessionJournal`` queues a session's items, config
+and turn (never waiting on Redis), catches up what a full queue refused, and is told when the
+session is lost here. ``persistence`` owns the journals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pipeline.providers import Message, ToolCall
+from transceiver.store.errors import StoreError
+from transceiver.store.keys import Lease
+from transceiver.store.write_behind import (
+    AdvanceTurn,
+    AppendItem,
+    EndSession,
+    PendingWrite,
+    QueueFullError,
+    UpdateConfig,
+)
+
+if TYPE_CHECKING:
+    from transceiver.store.persistence import SessionPersistence
+
+log = logging.getLogger(__name__)
+SESSION_HEADER = "X-Voicerelay-Session"
+RESUME_TOKEN_HEADER = "X-Voicerelay-Resume-Token"
+Json = dict[str, Any]
+
+
+def message_to_item(item_id: str, message: Message) -> Json:
+    item: Json = {"id": item_id, "type": "message", "role": message.role}
+    item["content"] = message.content
+    if message.tool_calls:
+        item["tool_calls"] = [
+            {"call_id": c.call_id, "name": c.name, "arguments": c.arguments}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id:
+        item["tool_call_id"] = message.tool_call_id
+    return item
+
+
+def item_to_message(item: Mapping[str, Any]) -> Message:
+    calls = tuple(
+        ToolCall(str(c["call_id"]), str(c["name"]), str(c["arguments"]))
+        for c in item.get("tool_calls", ())
+    )
+    return Message(
+        item["role"], str(item.get("content", "")), calls, str(item.get("tool_call_id", ""))
+    )
+
+
+class SessionJournal:
+    """One session's writes, submitted behind its back; never waits on Redis."""
+
+    def __init__(
+        self,
+        persistence: SessionPersistence,
+        session_id: str,
+        credential: str,
+        lease: Lease | None,
+        *,
+        stored_messages: int = 0,
+        id_offset: int = 0,
+        base_turn: int = 0,
+    ) -> None:
+        self.persistence = persistence
+        self._session_id = session_id
+        self.lease = lease  # None: not stored yet (Redis was down when the call began)
+        self.credential = credential
+        self.messages: Sequence[Message] = ()  # the engine's (append-only) history
+        self.latest_config: Mapping[str, Any] = {}
+        self._latest_turn = base_turn
+        self._written = stored_messages  # history messages already in Redis
+        self._id_offset = id_offset  # items trimmed by the store's cap before them
+        self._base_turn = base_turn
+        self._config_behind = self._turn_behind = False
+        self.lost = False
+        # Told once when the session is lost here (taken over elsewhere, or its record gone).
+        self.on_lost: Callable[[str], None] | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self._session_id
+
+    @property
+    def current(self) -> bool:
+        """This journal speaks for its session here (no newer resume here replaced it)."""
+        return self.persistence.journals.get(self.session_id) is self
+
+    def headers(self) -> dict[str, str]:
+        return {SESSION_HEADER: self.session_id, RESUME_TOKEN_HEADER: self.credential}
+
+    def extension(self) -> Json:
+        """The ``voicerelay`` field of session.created: what the client needs to resume."""
+        return {"session_id": self.session_id, "resume_token": self.credential}
+
+    @property
+    def behind(self) -> bool:
+        """Some of what this session committed is not queued yet (a full queue refused it)."""
+        pending = self._written < len(self.messages) or self._config_behind or self._turn_behind
+        return pending and self.lease is not None and not self.lost
+
+    def history(self, messages: Sequence[Message]) -> None:
+        """Store the messages appended to the (append-only) history since the last call, and
+        whatever a full queue refused before (in order: a refused item stops the rest)."""
+        self.messages = messages
+        if self.lease is None:
+            return  # written by ``stored`` once the session is in Redis
+        if self._config_behind:
+            self._config_behind = not self._submit(UpdateConfig(self.latest_config))
+        while self._written < len(messages):
+            item_id = f"h{self._id_offset + self._written + 1}"
+            if not self._submit(AppendItem(message_to_item(item_id, messages[self._written]))):
+                break
+            self._written += 1
+        if self._turn_behind:
+            self._turn_behind = not self._submit(AdvanceTurn(self._latest_turn))
+
+    def config(self, config: Mapping[str, Any]) -> None:
+        self.latest_config = config
+        self._config_behind = not self._submit(UpdateConfig(config))
+
+    def turn(self, turn: int) -> None:
+        self._latest_turn = self._base_turn + turn
+        self._turn_behind = not self._submit(AdvanceTurn(self._latest_turn))
+
+    def stored(self, lease: Lease) -> None:
+        """The session is in Redis now (with ``latest_config``): catch up what it missed."""
+        self.lease = lease
+        self._config_behind = False
+        self._turn_behind = self._latest_turn > 0
+        self.history(self.messages)
+
+    def restart_from_memory(self) -> None:
+        """Its record is gone from Redis (emptied, or expired): write it all again later."""
+        self.lease = None
+        self._written = 0
+
+    def mark_lost(self, why: str) -> None:
+        """Stop writing; tell the session (once) so it can hang up."""
+        if self.lost:
+            return
+        self.lost = True
+        log.warning("session %s lost here: %s", self.session_id, why)
+        if self.on_lost is not None:
+            self.on_lost(why)
+
+    def _submit(self, write: PendingWrite) -> bool:
+        """Queue a write; False if it must be submitted again later (queue full, not stored)."""
+        if self.lost or self.lease is None:
+            return False
+        try:
+            self.persistence.queue.submit(self.lease, write)
+        except QueueFullError as error:
+            log.warning("session %s: write deferred: %s", self.session_id, error)
+            return False
+        except ValueError as error:  # never storable (too large): skipped, not retried
+            log.warning("session %s: write not stored: %s", self.session_id, error)
+        return True
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait (bounded) until the queued writes are in Redis; False at the deadline."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.persistence.queue.drained()
+        except TimeoutError:
+            return False
+        return True
+
+    async def release(self) -> None:
+        """Hand the session back (drain): the next owner claims it without waiting."""
+        if not self.current:
+            return
+        self.persistence.heartbeat.drop(self.session_id)
+        self.persistence.unstored.pop(self.session_id, None)
+        if self.lease is None:
+            return
+        try:
+            await self.persistence.store.release(self.lease)
+        except StoreError as error:
+            log.info("session %s: release failed: %s", self.session_id, error)
+
+    def end(self) -> None:
+        """The caller hung up: end the stored session (it cannot be resumed), then ``close``.
+        Its queued writes are dropped (the end deletes them anyway); the end is queued, so it
+        reaches Redis after an outage too. Never stored (Redis was down throughout): nothing
+        to end."""
+        if self.lease is not None and not self.lost and self.current:
+            self.persistence.queue.discard(self.session_id)
+            self.persistence.queue.submit(self.lease, EndSession())
+        self.close()
+
+    def close(self) -> None:
+        """The session ended here: stop renewing (queued writes still flush)."""
+        if not self.current:
+            return
+        self.persistence.heartbeat.drop(self.session_id)
+        self.persistence.journals.pop(self.session_id, None)
+        self.persistence.unstored.pop(self.session_id, None)
