@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from transceiver.http.auth import AuthConfig, AuthConfigError, Authenticator, au
 from transceiver.metrics import LeaseCollector, RedisHealthCollector, TaskCrashCollector
 from transceiver.store.persistence import SessionPersistence, open_persistence
 from transceiver.store.redis_config import RedisConfig, RedisConfigError
+from transceiver.store.route_publishing import RoutePublishing
 from transceiver.webrtc import ice, rtp_tuning
 from transceiver.webrtc.calls import AgentFactory, SessionLimits, Sessions
 from transceiver.webrtc.echo import EchoAgent
@@ -87,17 +89,22 @@ async def serve(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig 
     registry = CollectorRegistry()
     registry.register(TaskCrashCollector())
     async with open_agents(config, registry, redis) as agents:
-        return await _serve(config, auth, registry, agents)
+        return await _serve(config, auth, registry, agents, redis)
 
 
 async def _serve(
-    config: TransceiverConfig, auth: AuthConfig, registry: CollectorRegistry, agents: Agents
+    config: TransceiverConfig,
+    auth: AuthConfig,
+    registry: CollectorRegistry,
+    agents: Agents,
+    redis: RedisConfig | None,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    link = Link(config.link, config.keyring)
+    routes = None if redis is None else functools.partial(RoutePublishing.from_config, redis)
+    link = Link(config.link, config.keyring, routes=routes)
     try:
         link_address = await link.start()
     except OSError as exc:

@@ -27,10 +27,10 @@ controlling client nominates aggressively), so the address a session sends to ca
 client never sends from; keyed by address, it kept answering a dead worker after a relay restart
 until the 3 s window ran out (measured: 1.6-1.8 s recovery instead of ~0.1 s).
 
-With Redis configured (``REDIS_URL`` or ``REDIS_SENTINELS``, see ``redis_config``) the link also
-owns a ``RoutePublishing``: every client address it learns is published to the route cache as
-``client -> this link``, refreshed under the TTL and withdrawn when its session ends, so a relay
-that never saw the session can still route it (``relay.route_lookup``).
+Given a ``RoutePublisher`` (with Redis: ``transceiver.store.route_publishing``, built by
+``python -m transceiver``), the link tells it every client address it learns and every one it
+forgets, so the route cache holds ``client -> this link`` and a relay that never saw the session
+can still route it (``relay.route_lookup``). The link knows no Redis.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from relay.wire.header import (
     FLAG_CONTROL,
@@ -58,8 +58,6 @@ from relay.wire.header import (
 from relay.wire.hello import HelloError
 from relay.wire.ufrag import Keyring
 from transceiver.background import BackgroundLoop
-from transceiver.store.redis_config import RedisConfig
-from transceiver.store.route_publishing import RoutePublishing
 from transceiver.webrtc.keyed_relays import KeyedRelays
 
 Address = tuple[str, int]
@@ -77,6 +75,20 @@ STUN_USERNAME = 0x0006
 _CLASS_MASK = 0x0110
 _CLASS_REQUEST, _CLASS_ERROR = 0x0000, 0x0110
 log = logging.getLogger(__name__)
+
+
+class RoutePublisher(Protocol):
+    """Where the link's client routes go: told of each client address a session learns and
+    each it forgets, never waited on (``transceiver.store.route_publishing``)."""
+
+    def learned(self, client: Address) -> None: ...
+    def withdrawn(self, client: Address) -> None: ...
+    def start(self) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+# (the link's bound address, its live routes: client -> link) -> the publisher of those routes
+RoutePublisherFactory = Callable[[Address, Callable[[], Mapping[Address, Address]]], RoutePublisher]
 
 
 def stun_class(payload: bytes) -> int | None:
@@ -192,12 +204,12 @@ class Link(asyncio.DatagramProtocol):
         address: Address,
         keyring: Keyring,
         clock: Clock | None = None,
-        environ: Mapping[str, str] | None = None,
+        routes: RoutePublisherFactory | None = None,
         wall_clock: Clock = time.time,
     ) -> None:
         self.address = address
-        self._environ = environ  # where REDIS_* come from (None: os.environ)
-        self.routes: RoutePublishing | None = None
+        self._route_publisher = routes  # made once the link is bound (it names the address)
+        self.routes: RoutePublisher | None = None
         self.counters: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()  # reason -> datagrams refused as not from a relay
         self.keyed = KeyedRelays(keyring)
@@ -224,13 +236,12 @@ class Link(asyncio.DatagramProtocol):
         return self.address
 
     def _start_route_publishing(self) -> None:
-        config = RedisConfig.from_env(self._environ)
-        if config is None:
+        if self._route_publisher is None:
             return
         if ipaddress.ip_address(self.address[0]).is_unspecified:
             log.warning("route cache: link bound to %s; no route to publish", self.address[0])
             return
-        self.routes = RoutePublishing.from_config(config, self.address, self.live_routes)
+        self.routes = self._route_publisher(self.address, self.live_routes)
         self.routes.start()
 
     def live_routes(self) -> dict[Address, Address]:
