@@ -29,7 +29,7 @@ from transceiver.realtime.client_events import (
     parse_client_event,
 )
 from transceiver.realtime.server_events import error_event, stored_item_bodies
-from transceiver.store.persistence import message_to_item
+from transceiver.store.journal import message_to_item
 
 
 def parse(event: dict[str, Any]) -> Any:

@@ -30,11 +30,13 @@ from relay.wire.route_record import encode_route, route_key
 from relay.wire.ufrag import Keyring
 from transceiver.background import BackgroundLoop
 from transceiver.metrics import RedisHealthCollector, TaskCrashCollector
+from transceiver.store.catch_up import CatchUp
 from transceiver.store.connection import open_redis
 from transceiver.store.errors import StoreUnavailableError
+from transceiver.store.health import RedisHealth
 from transceiver.store.heartbeat import LeaseHeartbeat
 from transceiver.store.keys import Lease, new_credential
-from transceiver.store.persistence import CatchUp, RedisHealth, SessionPersistence
+from transceiver.store.persistence import SessionPersistence
 from transceiver.store.redis_config import RedisConfig
 from transceiver.store.route_cache import RouteCache
 from transceiver.store.route_publishing import RoutePublishing

@@ -51,12 +51,8 @@ from transceiver.realtime.client_events import (
     new_id,
     parse_client_event,
 )
-from transceiver.store.persistence import (
-    RESUME_TOKEN_HEADER,
-    SESSION_HEADER,
-    ResumeRefused,
-    SessionPersistence,
-)
+from transceiver.store.journal import RESUME_TOKEN_HEADER, SESSION_HEADER
+from transceiver.store.persistence import ResumeRefused, SessionPersistence
 from transceiver.webrtc.calls import AdmissionError, OfferRejected, SessionAgent, Sessions
 from transceiver.webrtc.link import Link
 from transceiver.webrtc.sdp import SdpError, sanitise_offer

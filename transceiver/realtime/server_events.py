@@ -84,7 +84,7 @@ def function_call_output_item(item_id: str, call_id: str, output: str) -> dict[s
 
 
 def stored_item_bodies(item: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The conversation items a stored history item (``persistence.message_to_item``) shows
+    """The conversation items a stored history item (``journal.message_to_item``) shows
     as when a resumed session replays its conversation; its id is kept (one id per call for
     an assistant's tool calls). Unknown roles show as nothing."""
     item_id, role = str(item.get("id", "")), item.get("role")

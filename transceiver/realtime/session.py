@@ -65,13 +65,9 @@ from transceiver.realtime.server_events import (
     stored_item_bodies,
 )
 from transceiver.realtime.translation import EngineEventTranslator
+from transceiver.store.journal import SessionJournal, item_to_message, message_to_item
 from transceiver.store.keys import SessionState, encode_item
-from transceiver.store.persistence import (
-    SessionJournal,
-    SessionPersistence,
-    item_to_message,
-    message_to_item,
-)
+from transceiver.store.persistence import SessionPersistence
 from transceiver.webrtc.audio import AgentVoiceTrack, pump_input
 
 logger = logging.getLogger(__name__)

@@ -6,14 +6,21 @@ I/O layer (an owned, restarted loop; see ``background``).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from transceiver.background import BackgroundLoop
-
-if TYPE_CHECKING:
-    from transceiver.store.persistence import SessionPersistence
+from transceiver.store.journal import SessionJournal
 
 HEALTH_INTERVAL_S = 1.0
+
+
+class Unstored(Protocol):
+    """What catch-up needs of the persistence it serves (``persistence`` implements it)."""
+
+    journals: dict[str, SessionJournal]
+    unstored: dict[str, SessionJournal]
+
+    async def store_new(self, journal: SessionJournal) -> bool: ...
 
 
 class CatchUp(BackgroundLoop):
@@ -24,7 +31,7 @@ class CatchUp(BackgroundLoop):
     # Crash-looping: red. Calls begun during an outage would never be stored (nor resumable).
     unready_when_failing = True
 
-    def __init__(self, persistence: SessionPersistence, interval_s: float = HEALTH_INTERVAL_S):
+    def __init__(self, persistence: Unstored, interval_s: float = HEALTH_INTERVAL_S):
         super().__init__()
         self._persistence = persistence
         self._interval_s = interval_s

@@ -3,7 +3,7 @@
 I/O layer over the write-behind queue. ``message_to_item`` and ``item_to_message`` convert the
 engine's history to stored items and back; ``SessionJournal`` queues a session's items, config
 and turn (never waiting on Redis), catches up what a full queue refused, and is told when the
-session is lost here. ``persistence`` owns the journals.
+session is lost here. ``persistence`` owns the journals (``JournalOwner``).
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pipeline.providers import Message, ToolCall
 from transceiver.store.errors import StoreError
+from transceiver.store.heartbeat import LeaseHeartbeat
 from transceiver.store.keys import Lease
+from transceiver.store.sessions import SessionStore
 from transceiver.store.write_behind import (
     AdvanceTurn,
     AppendItem,
@@ -23,10 +25,8 @@ from transceiver.store.write_behind import (
     PendingWrite,
     QueueFullError,
     UpdateConfig,
+    WriteBehindQueue,
 )
-
-if TYPE_CHECKING:
-    from transceiver.store.persistence import SessionPersistence
 
 log = logging.getLogger(__name__)
 SESSION_HEADER = "X-Voicerelay-Session"
@@ -57,12 +57,23 @@ def item_to_message(item: Mapping[str, Any]) -> Message:
     )
 
 
+class JournalOwner(Protocol):
+    """What a journal needs of the process-wide persistence that owns it (``persistence``
+    implements it; named here so the journal need not import its owner)."""
+
+    store: SessionStore
+    queue: WriteBehindQueue
+    heartbeat: LeaseHeartbeat
+    journals: dict[str, SessionJournal]
+    unstored: dict[str, SessionJournal]  # began while Redis was down
+
+
 class SessionJournal:
     """One session's writes, submitted behind its back; never waits on Redis."""
 
     def __init__(
         self,
-        persistence: SessionPersistence,
+        persistence: JournalOwner,
         session_id: str,
         credential: str,
         lease: Lease | None,

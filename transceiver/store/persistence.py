@@ -1,8 +1,10 @@
 """Session survival: each session's record in Redis, written behind its conversation, and its
 restore when a client resumes on another transceiver.
 
-I/O layer over ``session_store`` (fenced writes), ``write_behind`` (never wait on Redis) and
-``lease_heartbeat``. Only used when ``RedisConfig.from_env()`` finds Redis configured.
+I/O layer: the facade a live session talks to, over ``sessions`` (fenced writes),
+``write_behind`` (never wait on Redis), ``heartbeat`` (leases), ``journal`` (one session's
+writes), ``catch_up`` (sessions begun while Redis was away) and ``health`` (the ping). Only used
+when ``RedisConfig.from_env()`` finds Redis configured.
 
 - A new call: ``create`` stores the session (config, hashed resume credential) and takes the
   first fencing token. Redis down at that moment: the call still runs (a voice session never
@@ -42,39 +44,30 @@ import logging
 import re
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from pipeline.providers import Message, ToolCall
 from transceiver.background import BackgroundLoop
+from transceiver.store.catch_up import CatchUp
 from transceiver.store.errors import (
     SessionEndedError,
     SessionExistsError,
     SessionNotFoundError,
     StoreError,
 )
+from transceiver.store.health import RedisHealth
 from transceiver.store.heartbeat import LeaseHeartbeat
+from transceiver.store.journal import RESUME_TOKEN_HEADER, SessionJournal
 from transceiver.store.keys import Lease, SessionState, check_id, new_credential
 from transceiver.store.redis_config import RedisConfig
 from transceiver.store.sessions import RedisSessionStore, SessionStore
-from transceiver.store.write_behind import (
-    AdvanceTurn,
-    AppendItem,
-    EndSession,
-    PendingWrite,
-    QueueFullError,
-    UpdateConfig,
-    WriteBehindQueue,
-)
+from transceiver.store.write_behind import WriteBehindQueue
 
 log = logging.getLogger(__name__)
 LEASE_S = 6.0  # a SIGKILLed owner's lease lapses in this long (resume forces anyway)
 HEALTH_INTERVAL_S = 1.0
 MAX_PENDING = 200  # session writes queued while Redis is away, in all
-SESSION_HEADER = "X-Voicerelay-Session"
-RESUME_TOKEN_HEADER = "X-Voicerelay-Resume-Token"
-Json = dict[str, Any]
 
 
 def new_owner_id() -> str:
