@@ -3,6 +3,10 @@
 Policy layer. Every flag mirrors a variable (``--route-idle-s`` <-> ``RELAY_ROUTE_IDLE_S``);
 a flag wins over the variable, the variable over the default. Bad values raise ConfigError
 naming the variable and what was expected.
+
+Its number parser (``_number``) is the relay's own, not the transceiver's
+(``transceiver.store.redis_config.parse_number``): the relay may import only ``relay.wire``,
+and configuration is no part of that wire contract.
 """
 
 from __future__ import annotations

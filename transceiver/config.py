@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from relay.wire.ufrag import Keyring
+from transceiver.store.redis_config import parse_number
 
 Address = tuple[str, int]
 N = TypeVar("N", int, float)
@@ -105,13 +106,7 @@ def _required(values: Mapping[str, str | None], name: str) -> str:
 
 def _number(values: Mapping[str, str | None], name: str, kind: type[N], minimum: N) -> N:
     text = _required(values, name)
-    try:
-        value = kind(text)
-    except ValueError:
-        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={text!r} is not a {kind.__name__}") from None
-    if value < minimum:
-        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={text} is below {minimum}")
-    return value
+    return parse_number(text, f"{ENV_PREFIX}{name.upper()}", kind, minimum, ConfigError)
 
 
 def _keyring(spec: str) -> Keyring:

@@ -118,11 +118,18 @@ def parse_sentinels(text: str) -> tuple[HostPort, ...]:
 
 
 def _number(env: Mapping[str, str], name: str, kind: type[N], minimum: N) -> N:
-    text = env[name].strip()
+    return parse_number(env[name].strip(), name, kind, minimum, RedisConfigError)
+
+
+def parse_number(text: str, name: str, kind: type[N], minimum: N, error: type[ValueError]) -> N:
+    """``text`` as a ``kind`` of at least ``minimum``, or ``error`` naming the variable ``name``.
+
+    The transceiver's own settings (``transceiver.config``) are read with it too: one message
+    shape for every number a transceiver is configured with."""
     try:
         value = kind(text)
     except ValueError:
-        raise RedisConfigError(f"{name}={text!r} is not a {kind.__name__}") from None
+        raise error(f"{name}={text!r} is not a {kind.__name__}") from None
     if value < minimum:
-        raise RedisConfigError(f"{name}={text} is below {minimum}")
+        raise error(f"{name}={text} is below {minimum}")
     return value
