@@ -4,7 +4,8 @@ Sub-packages, one concern each: ``http`` (signalling, client secrets, auth, heal
 files), ``webrtc`` (the link to the relays, ICE, SDP, calls and admission, audio), ``realtime``
 (the Realtime session over the data channel, driving the pipeline) and ``store`` (session state
 in Redis). The modules here: ``__main__`` (the lifecycle: load config, bind, serve, drain),
-``config`` (``TRANSCEIVER_*``), ``metrics`` and ``background`` (owned, supervised loops).
+``agents`` (what calls run: echo, or the Realtime session and its storage), ``config``
+(``TRANSCEIVER_*``), ``metrics`` and ``background`` (owned, supervised loops).
 
 It imports the relay's wire contract (``relay.wire``), never the relay's I/O modules, and the
 pipeline. The aioice/aiortc internals it touches are confined to ``webrtc.ice`` and

@@ -18,8 +18,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import uvicorn
 import uvloop
@@ -28,16 +27,15 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.config import ConfigError as PipelineConfigError
 from pipeline.config import PipelineConfig
+from transceiver.agents import Agents, open_agents
 from transceiver.config import ConfigError, TransceiverConfig
-from transceiver.http.app import Resume, create_app
+from transceiver.http.app import create_app
 from transceiver.http.auth import AuthConfig, AuthConfigError, Authenticator, auth_flags
-from transceiver.metrics import LeaseCollector, RedisHealthCollector, TaskCrashCollector
-from transceiver.store.persistence import SessionPersistence, open_persistence
+from transceiver.metrics import TaskCrashCollector
 from transceiver.store.redis_config import RedisConfig, RedisConfigError
 from transceiver.store.route_publishing import RoutePublishing
 from transceiver.webrtc import ice, rtp_tuning
-from transceiver.webrtc.calls import AgentFactory, SessionLimits, Sessions
-from transceiver.webrtc.echo import EchoAgent
+from transceiver.webrtc.calls import SessionLimits, Sessions
 from transceiver.webrtc.link import Link
 
 logger = logging.getLogger("transceiver")
@@ -50,37 +48,6 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-@dataclass(frozen=True)
-class Agents:
-    """What sessions run, and (pipeline agent with Redis) how a stored session is resumed."""
-
-    factory: AgentFactory
-    persistence: SessionPersistence | None = None
-    resume: Resume | None = None
-
-
-@contextlib.asynccontextmanager
-async def open_agents(
-    config: TransceiverConfig, registry: CollectorRegistry, redis: RedisConfig | None
-) -> AsyncIterator[Agents]:
-    """The agent factory; for ``pipeline`` the shared providers live as long as this context."""
-    if config.agent == "echo":
-        yield Agents(EchoAgent)
-        return
-    from transceiver.realtime.pipeline_agent import pipeline_agents
-
-    pipeline = PipelineConfig.from_env(os.environ).resolved(os.environ)
-    async with (
-        open_persistence(redis) as persistence,
-        pipeline_agents(pipeline, registry, persistence) as agents,
-    ):
-        if persistence is not None:
-            registry.register(RedisHealthCollector(persistence.health.down_for_s))
-            registry.register(LeaseCollector(persistence.heartbeat.held_count))
-        resume = None if persistence is None else agents.resume
-        yield Agents(agents, persistence, resume)
 
 
 async def serve(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig | None) -> int:

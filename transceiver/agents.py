@@ -1,0 +1,55 @@
+"""What the transceiver's calls run: the echo agent, or the Realtime session over the pipeline.
+
+``open_agents`` is opened once by ``python -m transceiver``: for ``--agent pipeline`` it starts
+the shared providers, opens session storage when Redis is configured (``transceiver.store``) and
+registers the collectors that read them; everything it opens lives as long as its context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from pipeline.config import PipelineConfig
+from transceiver.config import TransceiverConfig
+from transceiver.http.app import Resume
+from transceiver.metrics import LeaseCollector, RedisHealthCollector
+from transceiver.store.persistence import SessionPersistence, open_persistence
+from transceiver.store.redis_config import RedisConfig
+from transceiver.webrtc.calls import AgentFactory
+from transceiver.webrtc.echo import EchoAgent
+
+
+@dataclass(frozen=True)
+class Agents:
+    """What calls run, and (pipeline agent with Redis) how a stored session is resumed."""
+
+    factory: AgentFactory
+    persistence: SessionPersistence | None = None
+    resume: Resume | None = None
+
+
+@contextlib.asynccontextmanager
+async def open_agents(
+    config: TransceiverConfig, registry: CollectorRegistry, redis: RedisConfig | None
+) -> AsyncIterator[Agents]:
+    """The agent factory; for ``pipeline`` the shared providers live as long as this context."""
+    if config.agent == "echo":
+        yield Agents(EchoAgent)
+        return
+    from transceiver.realtime.pipeline_agent import pipeline_agents
+
+    pipeline = PipelineConfig.from_env(os.environ).resolved(os.environ)
+    async with (
+        open_persistence(redis) as persistence,
+        pipeline_agents(pipeline, registry, persistence) as agents,
+    ):
+        if persistence is not None:
+            registry.register(RedisHealthCollector(persistence.health.down_for_s))
+            registry.register(LeaseCollector(persistence.heartbeat.held_count))
+        resume = None if persistence is None else agents.resume
+        yield Agents(agents, persistence, resume)
