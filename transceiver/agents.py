@@ -3,14 +3,17 @@
 ``open_agents`` is opened once by ``python -m transceiver``: for ``--agent pipeline`` it starts
 the shared providers, opens session storage when Redis is configured (``transceiver.store``) and
 registers the collectors that read them; everything it opens lives as long as its context.
+A session config the Realtime policy refuses (``EventError``) reaches the call as the
+call-level ``AgentRequestError``: ``webrtc`` knows no Realtime event.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -18,9 +21,10 @@ from pipeline.config import PipelineConfig
 from transceiver.config import TransceiverConfig
 from transceiver.http.app import Resume
 from transceiver.metrics import LeaseCollector, RedisHealthCollector
+from transceiver.realtime.client_events import EventError
 from transceiver.store.persistence import SessionPersistence, open_persistence
 from transceiver.store.redis_config import RedisConfig
-from transceiver.webrtc.calls import AgentFactory
+from transceiver.webrtc.calls import AgentFactory, AgentRequestError, SessionAgent
 from transceiver.webrtc.echo import EchoAgent
 
 
@@ -52,4 +56,19 @@ async def open_agents(
             registry.register(RedisHealthCollector(persistence.health.down_for_s))
             registry.register(LeaseCollector(persistence.heartbeat.held_count))
         resume = None if persistence is None else agents.resume
-        yield Agents(agents, persistence, resume)
+        yield Agents(invalid_session_refused(agents), persistence, resume)
+
+
+def invalid_session_refused(
+    make: Callable[[Mapping[str, Any] | None], SessionAgent],
+) -> AgentFactory:
+    """``make``, reporting a session config it refuses (``EventError``) as ``AgentRequestError``
+    with the same words."""
+
+    def agent(requested: Mapping[str, Any] | None) -> SessionAgent:
+        try:
+            return make(requested)
+        except EventError as exc:
+            raise AgentRequestError(f"{exc.message} ({exc.param})") from None
+
+    return agent

@@ -38,7 +38,6 @@ from aiortc.mediastreams import MediaStreamTrack
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from transceiver.background import report_crash
-from transceiver.realtime.client_events import EventError
 from transceiver.webrtc.ice import RelayedIce, relayed_through
 from transceiver.webrtc.rtp_tuning import lower_audio_prefetch
 from transceiver.webrtc.sdp import answer_with_candidates
@@ -77,6 +76,11 @@ class AdmissionError(Exception):
 
 class OfferRejected(Exception):
     """aiortc could not negotiate the offer; the message says why."""
+
+
+class AgentRequestError(Exception):
+    """The agent cannot be made from what the call asked for (its session config); the message
+    names the field and why. ``create`` answers it as a rejected offer."""
 
 
 class Reservation:
@@ -118,7 +122,7 @@ class EndsOnHangUp(Protocol):
     def caller_hung_up(self) -> None: ...
 
 
-# requested session config (None: the defaults) -> agent; raises EventError if it is invalid
+# requested session config (None: the defaults) -> agent; AgentRequestError if it is invalid
 AgentFactory = Callable[[Mapping[str, Any] | None], SessionAgent]
 
 
@@ -254,9 +258,9 @@ class Sessions:
     def _new_agent(self, requested: Mapping[str, Any] | None) -> SessionAgent:
         try:
             return self._agents(requested)
-        except EventError as exc:
+        except AgentRequestError as exc:
             self._metrics.failed.labels("invalid_session").inc()
-            raise OfferRejected(f"invalid session: {exc.message} ({exc.param})") from None
+            raise OfferRejected(f"invalid session: {exc}") from None
 
     def _add(self, session: Session) -> None:
         self._sessions[session.call_id] = session
