@@ -23,16 +23,17 @@ from contextlib import aclosing
 from typing import Any
 
 from pipeline.chunker import SpeechChunker
-from pipeline.engine import ConversationEngine, EngineConfig
+from pipeline.config import EngineConfig, PiperConfig, VadConfig
+from pipeline.engine import ConversationEngine
 from pipeline.events import OutputAudio, TurnCompleted
 from pipeline.knowledge import load_knowledge
 from pipeline.local_agent import LocalRuleBasedAgent
-from pipeline.piper_tts import PiperConfig, PiperTextToSpeech
+from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.playout import PcmResampler
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 from pipeline.tools import ToolRegistry, builtin_tools
 from pipeline.turns import TurnRecord
-from pipeline.vad import TurnDetector, VadConfig, webrtc_classifier
+from pipeline.vad import TurnDetector, webrtc_classifier
 
 RATE_HZ = 16000
 FRAME_BYTES = 640  # 20 ms at 16 kHz

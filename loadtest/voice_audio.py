@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.piper_tts import PiperConfig, PiperTextToSpeech
+from pipeline.config import PiperConfig
+from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.playout import PcmResampler
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 from pipeline.providers import AudioChunk

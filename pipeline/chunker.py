@@ -15,25 +15,11 @@ whole answer costs latency, so the chunker cuts:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pipeline.config import ChunkerConfig
 
 SENTENCE_ENDS = ".!?"
 CLAUSE_ENDS = ",;:\u2014"
 ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "st", "vs", "etc", "e.g", "i.e"})
-
-
-@dataclass(frozen=True)
-class ChunkerConfig:
-    first_min_chars: int = 12
-    min_chars: int = 2
-    max_chars: int = 200
-
-    def __post_init__(self) -> None:
-        if not 0 < self.min_chars <= self.max_chars or self.first_min_chars > self.max_chars:
-            raise ValueError(
-                "chunker sizes must satisfy 0 < min_chars <= max_chars and "
-                f"first_min_chars <= max_chars, got {self}"
-            )
 
 
 class SpeechChunker:

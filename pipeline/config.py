@@ -1,8 +1,12 @@
-"""Pipeline configuration: one frozen dataclass, loaded from ``PIPELINE_*`` variables.
+"""Pipeline configuration: one frozen dataclass per component, and ``PipelineConfig`` over
+them, loaded from ``PIPELINE_*`` variables.
 
-Policy layer. Every field ``name`` is read from ``PIPELINE_<NAME>`` and mirrored by the CLI flag
-``--<name-with-dashes>`` (flags win). Values are validated at load with a message naming the
-variable. Provider choice per stage:
+Policy layer, pure. The components' settings (``VadConfig``, ``ChunkerConfig``,
+``EngineConfig``, ``PocketsphinxConfig``, ``PiperConfig``, ``EspeakConfig``,
+``LocalAgentConfig``) are validated when built; the modules that run the components import
+them from here. ``PipelineConfig`` is what an operator sets: every field ``name`` is read from
+``PIPELINE_<NAME>`` and mirrored by the CLI flag ``--<name-with-dashes>`` (flags win). Values
+are validated at load with a message naming the variable. Provider choice per stage:
 
 - ``stt``: ``pocketsphinx`` | ``openai``;  ``llm``: ``local`` | ``openai``;
   ``tts``: ``piper`` | ``espeak`` | ``openai``.
@@ -16,16 +20,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
-
-from pipeline.chunker import ChunkerConfig
-from pipeline.engine import EngineConfig
-from pipeline.espeak_tts import EspeakConfig
-from pipeline.local_agent import LocalAgentConfig
-from pipeline.piper_tts import PiperConfig
-from pipeline.pocketsphinx_stt import PocketsphinxConfig
-from pipeline.vad import VadConfig
 
 ENV_PREFIX = "PIPELINE_"
 CHOICES = {
@@ -37,6 +33,117 @@ CHOICES = {
 
 class ConfigError(ValueError):
     pass
+
+
+# --- components ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    min_speech_ms: int = 60
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"vad threshold must be within 0..1, got {self.threshold}")
+        for name in ("prefix_padding_ms", "silence_duration_ms", "min_speech_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"vad {name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def aggressiveness(self) -> int:
+        """webrtcvad mode 0..3 for this threshold."""
+        return min(3, int(self.threshold * 4))
+
+
+@dataclass(frozen=True)
+class ChunkerConfig:
+    first_min_chars: int = 12
+    min_chars: int = 2
+    max_chars: int = 200
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_chars <= self.max_chars or self.first_min_chars > self.max_chars:
+            raise ValueError(
+                "chunker sizes must satisfy 0 < min_chars <= max_chars and "
+                f"first_min_chars <= max_chars, got {self}"
+            )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    input_sample_rate_hz: int = 16000
+    output_sample_rate_hz: int = 24000
+    frame_ms: int = 20
+    realtime_playout: bool = True  # False: emit frames as fast as produced (files, tests)
+    max_tool_rounds: int = 4
+    instructions: str = ""
+    create_response: bool = True  # answer each user turn (False: wait for create_response())
+    interrupt_response: bool = True  # speech onset during playout is a barge-in
+    vad: VadConfig = field(default_factory=VadConfig)
+    chunker: ChunkerConfig = field(default_factory=ChunkerConfig)
+
+    def __post_init__(self) -> None:
+        if self.frame_ms not in (10, 20, 30):
+            raise ValueError(f"engine frame_ms must be 10, 20 or 30, got {self.frame_ms}")
+        if not 8000 <= self.output_sample_rate_hz <= 48000:
+            raise ValueError(
+                f"output sample rate must be 8000..48000 Hz: {self.output_sample_rate_hz}"
+            )
+        if self.max_tool_rounds < 0:
+            raise ValueError(f"max_tool_rounds must be >= 0, got {self.max_tool_rounds}")
+
+
+@dataclass(frozen=True)
+class PocketsphinxConfig:
+    workers: int = 1
+    partial_interval_ms: int = 200
+    start_timeout_s: float = 60.0
+    final_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"pocketsphinx workers must be within 1..64, got {self.workers}")
+        if self.partial_interval_ms <= 0:
+            raise ValueError("pocketsphinx partial_interval_ms must be > 0")
+
+
+@dataclass(frozen=True)
+class PiperConfig:
+    noise_scale: float | None = None  # None: the voice's default
+    noise_w_scale: float | None = None
+    length_scale: float | None = None
+    onnx_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.onnx_threads < 1:
+            raise ValueError(f"piper onnx_threads must be >= 1, got {self.onnx_threads}")
+
+
+@dataclass(frozen=True)
+class EspeakConfig:
+    voice: str = "en-us"
+    words_per_minute: int = 175
+
+    def __post_init__(self) -> None:
+        if not 80 <= self.words_per_minute <= 450:
+            raise ValueError(
+                f"espeak words_per_minute must be within 80..450: {self.words_per_minute}"
+            )
+
+
+@dataclass(frozen=True)
+class LocalAgentConfig:
+    tokens_per_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.tokens_per_s < 0:
+            raise ValueError(f"local agent tokens_per_s must be >= 0, got {self.tokens_per_s}")
+
+
+# --- the pipeline, as an operator sets it ----------------------------------------------------
 
 
 @dataclass(frozen=True)

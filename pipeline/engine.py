@@ -27,11 +27,11 @@ import itertools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pipeline import events as ev
-from pipeline.chunker import ChunkerConfig
+from pipeline.config import EngineConfig
 from pipeline.providers import (
     AudioChunk,
     LanguageModel,
@@ -48,7 +48,6 @@ from pipeline.vad import (
     SpeechStopped,
     TurnCommitted,
     TurnDetector,
-    VadConfig,
     VadEvent,
     webrtc_classifier,
 )
@@ -65,30 +64,6 @@ class EngineTaskCrashed(RuntimeError):
 class _Crash:
     task_name: str
     error: BaseException
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    input_sample_rate_hz: int = 16000
-    output_sample_rate_hz: int = 24000
-    frame_ms: int = 20
-    realtime_playout: bool = True  # False: emit frames as fast as produced (files, tests)
-    max_tool_rounds: int = 4
-    instructions: str = ""
-    create_response: bool = True  # answer each user turn (False: wait for create_response())
-    interrupt_response: bool = True  # speech onset during playout is a barge-in
-    vad: VadConfig = field(default_factory=VadConfig)
-    chunker: ChunkerConfig = field(default_factory=ChunkerConfig)
-
-    def __post_init__(self) -> None:
-        if self.frame_ms not in (10, 20, 30):
-            raise ValueError(f"engine frame_ms must be 10, 20 or 30, got {self.frame_ms}")
-        if not 8000 <= self.output_sample_rate_hz <= 48000:
-            raise ValueError(
-                f"output sample rate must be 8000..48000 Hz: {self.output_sample_rate_hz}"
-            )
-        if self.max_tool_rounds < 0:
-            raise ValueError(f"max_tool_rounds must be >= 0, got {self.max_tool_rounds}")
 
 
 class ConversationEngine:

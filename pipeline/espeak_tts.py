@@ -14,9 +14,9 @@ import ctypes
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
+from pipeline.config import EspeakConfig
 from pipeline.providers import AudioChunk, ProviderError
 
 AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -27,18 +27,6 @@ SYNTH_CALLBACK = ctypes.CFUNCTYPE(
 )
 _LIBRARY_LOCK = threading.RLock()
 _library: dict[str, Any] = {}
-
-
-@dataclass(frozen=True)
-class EspeakConfig:
-    voice: str = "en-us"
-    words_per_minute: int = 175
-
-    def __post_init__(self) -> None:
-        if not 80 <= self.words_per_minute <= 450:
-            raise ValueError(
-                f"espeak words_per_minute must be within 80..450: {self.words_per_minute}"
-            )
 
 
 def _load_library() -> tuple[Any, int]:

@@ -20,9 +20,9 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from pipeline.config import LocalAgentConfig
 from pipeline.knowledge import KnowledgeBase, words_of
 from pipeline.providers import LanguageModelEvent, Message, TextDelta, ToolCall, ToolSpec, Usage
 from pipeline.untrusted_json import JsonInputError, decode
@@ -53,15 +53,6 @@ ONES = [
     "nineteen",
 ]
 TENS = {2: "twenty", 3: "thirty", 4: "forty", 5: "fifty"}
-
-
-@dataclass(frozen=True)
-class LocalAgentConfig:
-    tokens_per_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.tokens_per_s < 0:
-            raise ValueError(f"local agent tokens_per_s must be >= 0, got {self.tokens_per_s}")
 
 
 Reply = str | ToolCall

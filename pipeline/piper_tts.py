@@ -16,22 +16,10 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
+from pipeline.config import PiperConfig
 from pipeline.providers import AudioChunk, ProviderError
-
-
-@dataclass(frozen=True)
-class PiperConfig:
-    noise_scale: float | None = None  # None: the voice's default
-    noise_w_scale: float | None = None
-    length_scale: float | None = None
-    onnx_threads: int = 1
-
-    def __post_init__(self) -> None:
-        if self.onnx_threads < 1:
-            raise ValueError(f"piper onnx_threads must be >= 1, got {self.onnx_threads}")
 
 
 def load_piper_voice(onnx_threads: int) -> Any:

@@ -27,7 +27,6 @@ import contextlib
 import itertools
 import multiprocessing
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -35,23 +34,10 @@ from typing import Any
 import numpy as np
 import soxr
 
+from pipeline.config import PocketsphinxConfig
 from pipeline.providers import AudioChunk, ProviderError, Transcript
 
 DECODER_SAMPLE_RATE_HZ = 16000
-
-
-@dataclass(frozen=True)
-class PocketsphinxConfig:
-    workers: int = 1
-    partial_interval_ms: int = 200
-    start_timeout_s: float = 60.0
-    final_timeout_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.workers <= 64:
-            raise ValueError(f"pocketsphinx workers must be within 1..64, got {self.workers}")
-        if self.partial_interval_ms <= 0:
-            raise ValueError("pocketsphinx partial_interval_ms must be > 0")
 
 
 def _decode_forever(conn: Connection, partial_interval_ms: int) -> None:

@@ -12,17 +12,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from pipeline import events as ev
 from pipeline.chunker import SpeechChunker
+from pipeline.config import EngineConfig
 from pipeline.playout import FrameSlicer, PcmResampler, PlayoutLedger
 from pipeline.providers import LanguageModel, Message, TextDelta, TextToSpeech, ToolCall, Usage
 from pipeline.tools import ToolRegistry
 from pipeline.turns import TurnRecorder
-
-if TYPE_CHECKING:
-    from pipeline.engine import EngineConfig
 
 T = TypeVar("T")
 

@@ -23,28 +23,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pipeline.config import VadConfig
+
 VALID_SAMPLE_RATES_HZ = (8000, 16000, 32000, 48000)
 VALID_FRAME_MS = (10, 20, 30)
-
-
-@dataclass(frozen=True)
-class VadConfig:
-    threshold: float = 0.5
-    prefix_padding_ms: int = 300
-    silence_duration_ms: int = 500
-    min_speech_ms: int = 60
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"vad threshold must be within 0..1, got {self.threshold}")
-        for name in ("prefix_padding_ms", "silence_duration_ms", "min_speech_ms"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"vad {name} must be >= 0, got {getattr(self, name)}")
-
-    @property
-    def aggressiveness(self) -> int:
-        """webrtcvad mode 0..3 for this threshold."""
-        return min(3, int(self.threshold * 4))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from process_cpu import ProcessUsage, Snapshot, descendants, snapshot, usage
 from deploy.processes import Stack, eventually
 from loadtest.realtime_client import connected, silence, speak
 from loadtest.tones import tone_call
-from pipeline.piper_tts import PiperConfig, PiperTextToSpeech
+from pipeline.config import PiperConfig
+from pipeline.piper_tts import PiperTextToSpeech
 
 pytestmark = pytest.mark.slow
 

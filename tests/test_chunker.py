@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.chunker import ChunkerConfig, SpeechChunker
+from pipeline.chunker import SpeechChunker
+from pipeline.config import ChunkerConfig
 
 
 def chunk_all(deltas: list[str], config: ChunkerConfig | None = None) -> list[str]:

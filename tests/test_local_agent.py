@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import LocalAgentConfig
 from pipeline.knowledge import KnowledgeBase, KnowledgeFormatError, load_knowledge
-from pipeline.local_agent import LocalAgentConfig, LocalRuleBasedAgent, spoken_time
+from pipeline.local_agent import LocalRuleBasedAgent, spoken_time
 from pipeline.providers import LanguageModelEvent, Message, TextDelta, ToolCall, Usage
 from pipeline.tools import builtin_tools
 

@@ -24,10 +24,11 @@ import pytest_asyncio
 
 from loadtest.voice_audio import recognised, silence_pcm, spoken_pcm
 from pipeline import events as ev
-from pipeline.engine import ConversationEngine, EngineConfig
+from pipeline.config import EngineConfig, LocalAgentConfig, PiperConfig
+from pipeline.engine import ConversationEngine
 from pipeline.knowledge import load_knowledge
-from pipeline.local_agent import LocalAgentConfig, LocalRuleBasedAgent
-from pipeline.piper_tts import PiperConfig, PiperTextToSpeech
+from pipeline.local_agent import LocalRuleBasedAgent
+from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.playout import PcmResampler
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 from pipeline.providers import LanguageModelEvent, Message, ToolSpec
@@ -272,8 +273,9 @@ async def test_a_failing_provider_ends_the_response_with_an_error_not_a_crash(
 
 @on_module_loop
 async def test_espeak_streams_speech_the_vad_hears_and_survives_abandonment() -> None:
+    from pipeline.config import VadConfig
     from pipeline.espeak_tts import EspeakTextToSpeech
-    from pipeline.vad import VadConfig, webrtc_classifier
+    from pipeline.vad import webrtc_classifier
 
     espeak = EspeakTextToSpeech()
     await espeak.start()

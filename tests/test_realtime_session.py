@@ -23,7 +23,8 @@ from loadtest.realtime_client import (
     silence,
     speak,
 )
-from pipeline.piper_tts import PiperConfig, PiperTextToSpeech
+from pipeline.config import PiperConfig
+from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]

@@ -27,7 +27,8 @@ from prometheus_client import CollectorRegistry
 from deploy.processes import LoopbackRelay, eventually, random_keys
 from deploy.redis_server import RedisServer, redis_server_binary
 from loadtest.realtime_client import RealtimeClient
-from pipeline.engine import ConversationEngine, EngineConfig, EngineTaskCrashed
+from pipeline.config import EngineConfig
+from pipeline.engine import ConversationEngine, EngineTaskCrashed
 from pipeline.espeak_tts import EspeakTextToSpeech
 from pipeline.knowledge import load_knowledge
 from pipeline.local_agent import LocalRuleBasedAgent

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.config import VadConfig
 from pipeline.vad import (
     SpeechStarted,
     SpeechStopped,
     TurnCommitted,
     TurnDetector,
-    VadConfig,
     webrtc_classifier,
 )
 

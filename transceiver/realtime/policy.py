@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline.engine import EngineConfig
+from pipeline.config import EngineConfig
 from pipeline.providers import ToolSpec
 from pipeline.tools import Tool, ToolRegistry
 from transceiver.realtime.client_events import (
