@@ -8,7 +8,6 @@ runs pocketsphinx on recorded audio (float samples) and returns the words it rec
 
 from __future__ import annotations
 
-import wave
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+import pipeline.wav
 from pipeline.config import PiperConfig
 from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.playout import PcmResampler
@@ -35,12 +35,8 @@ class Utterance:
 
 
 def write_wav(path: Path, pcm: bytes, rate_hz: int = WAV_RATE_HZ) -> Path:
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate_hz)
-        out.writeframes(pcm)
-    return path
+    """A fake microphone's WAV file: ``pipeline.wav.write_wav`` at its rate unless told."""
+    return pipeline.wav.write_wav(path, pcm, rate_hz)
 
 
 def silence_pcm(seconds: float, rate_hz: int = WAV_RATE_HZ) -> bytes:

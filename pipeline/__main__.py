@@ -26,6 +26,7 @@ from pipeline.config import ConfigError, PipelineConfig, add_config_flags, confi
 from pipeline.engine import ConversationEngine
 from pipeline.events import EngineError, OutputAudio, TurnCompleted
 from pipeline.playout import PcmResampler
+from pipeline.wav import write_wav
 
 TURN_TIMEOUT_S = 120.0
 
@@ -50,14 +51,6 @@ def read_wav(path: Path, sample_rate_hz: int) -> bytes:
     if not samples.size:
         raise WavError(f"{path}: contains no audio")
     return PcmResampler(rate_hz, sample_rate_hz).push(samples.tobytes(), last=True)
-
-
-def write_wav(path: Path, pcm: bytes, sample_rate_hz: int) -> None:
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(sample_rate_hz)
-        wav.writeframes(pcm)
 
 
 async def converse(engine: ConversationEngine, pcm: bytes, frame_bytes: int) -> list[object]:

@@ -9,9 +9,7 @@ inside the SDK behind the retry budget's back.
 
 from __future__ import annotations
 
-import io
 import json
-import wave
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 
 import httpx
@@ -37,6 +35,7 @@ from pipeline.providers import (
     Transcript,
     Usage,
 )
+from pipeline.wav import wav_bytes
 
 SPEECH_SAMPLE_RATE_HZ = 24_000  # response_format="pcm": 24 kHz, 16-bit signed LE, mono
 RETRYABLE_STATUS = frozenset({408, 409, 429})
@@ -115,17 +114,6 @@ class OpenAISpeechToText:
                     yield Transcript(event.text, final=True)
                     return
         raise ProviderError(self.name, "stream ended without transcript.text.done", retryable=True)
-
-
-def wav_bytes(pcm: bytes, sample_rate_hz: int) -> bytes:
-    """A RIFF/WAVE file holding 16-bit mono PCM."""
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(sample_rate_hz)
-        wav.writeframes(pcm)
-    return buffer.getvalue()
 
 
 def _transcript_text(body: bytes, content_type: str) -> str:

@@ -15,7 +15,6 @@ from pipeline.openai_providers import (
     OpenAISpeechToText,
     OpenAITextToSpeech,
     even_length,
-    wav_bytes,
 )
 from pipeline.providers import (
     AudioChunk,
@@ -29,6 +28,7 @@ from pipeline.providers import (
     ToolSpec,
     Usage,
 )
+from pipeline.wav import wav_bytes
 
 LOOKUP = ToolSpec(
     "lookup",

@@ -34,6 +34,7 @@ from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 from pipeline.providers import LanguageModelEvent, Message, ToolSpec
 from pipeline.tools import ToolRegistry, builtin_tools
 from pipeline.turns import MOMENTS, TurnRecord
+from pipeline.wav import write_wav
 
 on_module_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -309,14 +310,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         timeout=180,
         check=False,
     )
-
-
-def write_wav(path: Path, pcm: bytes, rate_hz: int) -> None:
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(rate_hz)
-        wav.writeframes(pcm)
 
 
 @on_module_loop
