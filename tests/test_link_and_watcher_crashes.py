@@ -3,7 +3,7 @@
 Housekeeping is restarted (its passes are idempotent); a watcher is not (its one job is to end
 its session), but its crash is seen and the session still ends. Both are logged with their
 traceback and counted in ``transceiver_task_crashes_total{task}``. Real link sockets, a
-``LoopbackRelay`` and an aiortc client calling in-process ``Sessions``.
+``LoopbackRelay`` and an aiortc client calling in-process ``Calls``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from loadtest.realtime_client import RealtimeClient
 from relay.wire.ufrag import Keyring
 from transceiver.metrics import TaskCrashCollector
 from transceiver.webrtc import ice
-from transceiver.webrtc.calls import SessionLimits, Sessions
+from transceiver.webrtc.calls import CallLimits, Calls
 from transceiver.webrtc.echo import EchoAgent
 from transceiver.webrtc.link import Link
 
@@ -98,7 +98,7 @@ async def test_link_housekeeping_that_crashes_is_seen_and_restarted(
 
 
 @pytest.fixture
-async def sessions(registry: CollectorRegistry) -> AsyncIterator[Sessions]:
+async def sessions(registry: CollectorRegistry) -> AsyncIterator[Calls]:
     ice.install()
     link = Link(("127.0.0.1", 0), KEYRING)
     relay = LoopbackRelay(await link.start(), KEYS)
@@ -108,8 +108,8 @@ async def sessions(registry: CollectorRegistry) -> AsyncIterator[Sessions]:
     def agents(requested: Mapping[str, Any] | None) -> FaultyEchoAgent:
         return FaultyEchoAgent(requested)
 
-    limits = SessionLimits(capacity=2, connect_timeout_s=TIMEOUT_S)
-    running = Sessions(ice.RelayedIce(link, KEYRING, (public,)), limits, registry, agents)
+    limits = CallLimits(capacity=2, connect_timeout_s=TIMEOUT_S)
+    running = Calls(ice.RelayedIce(link, KEYRING, (public,)), limits, registry, agents)
     try:
         yield running
     finally:
@@ -119,7 +119,7 @@ async def sessions(registry: CollectorRegistry) -> AsyncIterator[Sessions]:
 
 
 async def test_a_session_watcher_that_crashes_is_seen_and_its_session_ends(
-    sessions: Sessions, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    sessions: Calls, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = RealtimeClient()
     try:

@@ -53,7 +53,7 @@ from transceiver.realtime.client_events import (
 )
 from transceiver.store.journal import RESUME_TOKEN_HEADER, SESSION_HEADER
 from transceiver.store.persistence import ResumeRefused, SessionPersistence
-from transceiver.webrtc.calls import AdmissionError, OfferRejected, SessionAgent, Sessions
+from transceiver.webrtc.calls import AdmissionError, CallAgent, Calls, OfferRejected
 from transceiver.webrtc.link import Link
 from transceiver.webrtc.sdp import SdpError, sanitise_offer
 
@@ -65,7 +65,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_SECRET_REQUEST_BYTES = 64 * 1024
 T = TypeVar("T")
 # (session id, resume credential) -> the stored session's agent, claimed here; ResumeRefused
-Resume = Callable[[str, str | None], Awaitable[SessionAgent]]
+Resume = Callable[[str, str | None], Awaitable[CallAgent]]
 
 
 class ApiError(Exception):
@@ -130,7 +130,7 @@ class LinkCollector(Collector):
 
 
 def create_app(
-    sessions: Sessions,
+    calls: Calls,
     link: Link,
     registry: CollectorRegistry,
     auth: Authenticator,
@@ -147,37 +147,37 @@ def create_app(
     @app.post(CALLS_PATH, status_code=201)
     async def create_call(request: Request) -> Response:
         granted = _authorise(auth.check_call, request)
-        offer, asked = await read_offer(request, sessions)
+        offer, asked = await read_offer(request, calls)
         requested = merged_session(granted, asked)
         if requested is not None:
             _session_update(requested)  # 400 naming the field, as a session.update would get
         try:
-            with sessions.reserve() as slot:  # before a resumed session is claimed
+            with calls.reserve() as slot:  # before a resumed session is claimed
                 agent = await _resumed_agent(request, resume)
-                session, answer = await sessions.create(slot, offer, requested, agent)
+                call, answer = await calls.create(slot, offer, requested, agent)
         except AdmissionError as exc:
             raise _unavailable(exc) from None
         except OfferRejected as exc:
             raise ApiError(400, "offer_rejected", str(exc)) from None
-        headers = {"Location": f"{CALLS_PATH}/{session.call_id}"}
-        resume_headers = getattr(session.agent, "resume_headers", None)
+        headers = {"Location": f"{CALLS_PATH}/{call.call_id}"}
+        resume_headers = getattr(call.agent, "resume_headers", None)
         if callable(resume_headers):
             headers.update(resume_headers())
         return Response(answer, 201, headers, media_type="application/sdp")
 
     async def hangup(call_id: str, request: Request) -> Response:
         _authorise(auth.check_call, request)
-        if not await sessions.hangup(call_id):
+        if not await calls.hangup(call_id):
             raise ApiError(404, "call_not_found", f"no live call {call_id!r}")
         return Response(status_code=204)
 
     app.add_api_route(CALLS_PATH + "/{call_id}", hangup, methods=["DELETE"])
     app.add_api_route(CALLS_PATH + "/{call_id}/hangup", hangup, methods=["POST"])
-    _add_health(app, sessions, registry, persistence)
+    _add_health(app, calls, registry, persistence)
     return app
 
 
-async def _resumed_agent(request: Request, resume: Resume | None) -> SessionAgent | None:
+async def _resumed_agent(request: Request, resume: Resume | None) -> CallAgent | None:
     """The resumed session's agent when the request names a session, else None."""
     session_id = request.query_params.get("session_id") or request.headers.get(SESSION_HEADER)
     if not session_id:
@@ -193,7 +193,7 @@ async def _resumed_agent(request: Request, resume: Resume | None) -> SessionAgen
 
 def _add_health(
     app: FastAPI,
-    sessions: Sessions,
+    calls: Calls,
     registry: CollectorRegistry,
     persistence: SessionPersistence | None,
 ) -> None:
@@ -203,12 +203,12 @@ def _add_health(
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        reason = sessions.not_ready_reason
+        reason = calls.not_ready_reason
         if reason is None and persistence is not None:
             reason = persistence.not_ready_reason()
         if reason is not None:
             return error_response(503, reason, f"transceiver is {reason}")
-        body: dict[str, Any] = {"status": "ready", "sessions": len(sessions)}
+        body: dict[str, Any] = {"status": "ready", "sessions": len(calls)}
         if persistence is not None:
             body["redis"] = persistence.status()
         return JSONResponse(body)
@@ -352,7 +352,7 @@ def merged_session(
     return {**granted, **asked}
 
 
-async def read_offer(request: Request, sessions: Sessions) -> tuple[str, Mapping[str, Any] | None]:
+async def read_offer(request: Request, calls: Calls) -> tuple[str, Mapping[str, Any] | None]:
     """The sanitised SDP offer of a calls request and the session config sent with it (the
     multipart ``session`` field), or ApiError naming what is wrong."""
     content_type = request.headers.get("content-type", "")
@@ -364,7 +364,7 @@ async def read_offer(request: Request, sessions: Sessions) -> tuple[str, Mapping
             f"Content-Type must be application/sdp or multipart/form-data, not {content_type!r}",
         )
     try:
-        sessions.admit()
+        calls.admit()
     except AdmissionError as exc:
         raise _unavailable(exc) from None
     body = await _read_body(request)

@@ -111,7 +111,7 @@ class RealtimeSession:
         self.journal: SessionJournal | None = None
         self.resumed = resumed is not None
         # Set when this session must end here (taken over elsewhere, or one of its tasks
-        # crashed); ``Sessions`` hangs up and records ``hangup_reason``.
+        # crashed); ``Calls`` hangs up and records ``hangup_reason``.
         self.hangup_requested = asyncio.Event()
         self.hangup_reason: str | None = None
         self._closing = False

@@ -1,17 +1,18 @@
-"""Live sessions: admission against capacity, negotiation, connect timeout, hang-up, drain.
+"""Live calls: admission against capacity, negotiation, connect timeout, hang-up, drain.
 
-I/O layer over aiortc. A session is one RTCPeerConnection whose ICE agent is relayed over the link
-(see ``ice``); it runs the configured agent: ``pipeline`` (``transceiver.realtime.session``: the
-voice pipeline and the ``oai-events`` channel) or ``echo`` (diagnostics). Every session has one
-watcher task, owned by ``Sessions`` and awaited on close; the agent owns its own tasks and
-``aclose()`` ends them. A watcher that crashes is logged with its traceback, counted in
-``transceiver_task_crashes_total{task="session watcher"}`` and its session ended (``crashed``): not
-restarted, since its one job is to end that session at the right moment, and a session no watcher
+I/O layer over aiortc. A call (``rtc_…``) is one RTCPeerConnection whose ICE agent is relayed
+over the link (see ``ice``); it runs the configured agent: ``pipeline``
+(``transceiver.realtime.session``: the voice pipeline and the ``oai-events`` channel, a Realtime
+session ``sess_…``) or ``echo`` (diagnostics). Every call has one watcher task, owned by
+``Calls`` and awaited on close; the agent owns its own tasks and ``aclose()`` ends them. A
+watcher that crashes is logged with its traceback, counted in
+``transceiver_task_crashes_total{task="session watcher"}`` and its call ended (``crashed``): not
+restarted, since its one job is to end that call at the right moment, and a call no watcher
 ends would hold its capacity forever.
 
 Capacity: a call holds a slot from ``reserve`` on, before anything is done for it elsewhere
 (a resumed session is claimed in Redis only once it has one), and ``create`` turns the slot
-into the session; ``create`` owns the agent it is given and closes it on every failure.
+into the call; ``create`` owns the agent it is given and closes it on every failure.
 
 Hang-up: only ``hangup`` (the caller's ``DELETE``) is one; an agent that ``EndsOnHangUp`` is
 told before it closes, so its stored session ends too. A connection that fails or that the peer
@@ -19,7 +20,9 @@ closes is not a hang-up (a client moving to another transceiver closes its old c
 
 Drain (SIGTERM): admission stops at once; every agent that can ``hand_over`` (the pipeline
 agent) finishes its running turn, stores it and tells its client to reconnect elsewhere; the
-sessions then end as their clients leave, or at the drain timeout.
+calls then end as their clients leave, or at the drain timeout.
+
+The metric names (``transceiver_sessions…``) predate the name ``Calls`` and are kept.
 """
 
 from __future__ import annotations
@@ -59,14 +62,14 @@ FAILURE_REASONS = frozenset(
 
 
 @dataclass(frozen=True)
-class SessionLimits:
+class CallLimits:
     capacity: int
     connect_timeout_s: float
     retry_after_s: int = 5
 
 
 class AdmissionError(Exception):
-    """No room for a new session: full, or draining."""
+    """No room for a new call: full, or draining."""
 
     def __init__(self, reason: str, retry_after_s: int) -> None:
         super().__init__(f"transceiver is {reason}")
@@ -84,14 +87,14 @@ class AgentRequestError(Exception):
 
 
 class Reservation:
-    """A slot of capacity held for a call being set up (see ``Sessions.reserve``)."""
+    """A slot of capacity held for a call being set up (see ``Calls.reserve``)."""
 
     def __init__(self) -> None:
         self.held = True
 
 
-class SessionAgent(Protocol):
-    """What runs in a session: gets the client's audio track and data channels."""
+class CallAgent(Protocol):
+    """What runs in a call: gets the client's audio track and data channels."""
 
     def attach_audio(self, track: MediaStreamTrack) -> MediaStreamTrack | None: ...
     def attach_channel(self, channel: Any) -> None: ...
@@ -123,21 +126,21 @@ class EndsOnHangUp(Protocol):
 
 
 # requested session config (None: the defaults) -> agent; AgentRequestError if it is invalid
-AgentFactory = Callable[[Mapping[str, Any] | None], SessionAgent]
+AgentFactory = Callable[[Mapping[str, Any] | None], CallAgent]
 
 
 @dataclass
-class Session:
+class Call:
     call_id: str
     pc: RTCPeerConnection
     created_at_s: float
-    agent: SessionAgent
+    agent: CallAgent
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     watcher: asyncio.Task[None] | None = None
 
 
-class SessionMetrics:
+class CallMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.active = Gauge("transceiver_sessions", "Live sessions", registry=registry)
         self.started = Counter(
@@ -160,19 +163,19 @@ class SessionMetrics:
         )
 
 
-class Sessions:
+class Calls:
     def __init__(
         self,
         relayed: RelayedIce,
-        limits: SessionLimits,
+        limits: CallLimits,
         registry: CollectorRegistry,
         agents: AgentFactory,
     ) -> None:
         self._relayed = relayed
         self._limits = limits
         self._agents = agents
-        self._metrics = SessionMetrics(registry)
-        self._sessions: dict[str, Session] = {}
+        self._metrics = CallMetrics(registry)
+        self._calls: dict[str, Call] = {}
         self._reserved = 0  # slots held by calls being set up
         self._watchers: set[asyncio.Task[None]] = set()
         self._empty = asyncio.Event()
@@ -180,20 +183,20 @@ class Sessions:
         self.draining = False
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        return len(self._calls)
 
-    def get(self, call_id: str) -> Session | None:
-        return self._sessions.get(call_id)
+    def get(self, call_id: str) -> Call | None:
+        return self._calls.get(call_id)
 
     @property
     def not_ready_reason(self) -> str | None:
         if self.draining:
             return "draining"
-        taken = len(self._sessions) + self._reserved
+        taken = len(self._calls) + self._reserved
         return "full" if taken >= self._limits.capacity else None
 
     def admit(self) -> None:
-        """Raise AdmissionError when a new session would not be accepted."""
+        """Raise AdmissionError when a new call would not be accepted."""
         reason = self.not_ready_reason
         if reason is not None:
             raise AdmissionError(reason, self._limits.retry_after_s)
@@ -201,7 +204,7 @@ class Sessions:
     @contextlib.contextmanager
     def reserve(self) -> Iterator[Reservation]:
         """Hold a slot for a call being set up; AdmissionError when there is none. ``create``
-        uses it; leaving the block without a session frees it."""
+        uses it; leaving the block without a call frees it."""
         self.admit()
         reservation = Reservation()
         self._reserved += 1
@@ -220,18 +223,18 @@ class Sessions:
         reservation: Reservation,
         offer_sdp: str,
         requested: Mapping[str, Any] | None = None,
-        agent: SessionAgent | None = None,
-    ) -> tuple[Session, str]:
+        agent: CallAgent | None = None,
+    ) -> tuple[Call, str]:
         """Answer a (sanitised) offer in the reserved slot (AdmissionError if draining began).
         ``requested``: the session config asked for with the call (OfferRejected if invalid);
         ``agent``: one already made (a resumed session) instead of a new one; closed here on
         every failure."""
         try:
             if not reservation.held:
-                raise ValueError("a reservation makes one session")
+                raise ValueError("a reservation makes one call")
             if self.draining:
                 raise AdmissionError("draining", self._limits.retry_after_s)
-            self._release(reservation)  # the session takes the slot at once (no await between)
+            self._release(reservation)  # the call takes the slot at once (no await between)
             if agent is None:
                 agent = self._new_agent(requested)
         except BaseException:
@@ -240,36 +243,36 @@ class Sessions:
             raise
         loop = asyncio.get_running_loop()
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        session = Session("rtc_" + secrets.token_hex(12), pc, loop.time(), agent)
-        self._add(session)
+        call = Call("rtc_" + secrets.token_hex(12), pc, loop.time(), agent)
+        self._add(call)
         try:
-            answer = await self._negotiate(session, offer_sdp)
+            answer = await self._negotiate(call, offer_sdp)
             await agent.start()
         except NEGOTIATION_ERRORS as exc:
-            await self._end(session, "rejected")
+            await self._end(call, "rejected")
             raise OfferRejected(f"{type(exc).__name__}: {exc}") from exc
         except BaseException:
-            await self._end(session, "error")
+            await self._end(call, "error")
             raise
         self._metrics.started.inc()
-        self._watch(session)
-        return session, answer
+        self._watch(call)
+        return call, answer
 
-    def _new_agent(self, requested: Mapping[str, Any] | None) -> SessionAgent:
+    def _new_agent(self, requested: Mapping[str, Any] | None) -> CallAgent:
         try:
             return self._agents(requested)
         except AgentRequestError as exc:
             self._metrics.failed.labels("invalid_session").inc()
             raise OfferRejected(f"invalid session: {exc}") from None
 
-    def _add(self, session: Session) -> None:
-        self._sessions[session.call_id] = session
+    def _add(self, call: Call) -> None:
+        self._calls[call.call_id] = call
         self._empty.clear()
-        self._metrics.active.set(len(self._sessions))
-        session.pc.on("connectionstatechange", lambda: self._state_changed(session))
+        self._metrics.active.set(len(self._calls))
+        call.pc.on("connectionstatechange", lambda: self._state_changed(call))
 
-    async def _negotiate(self, session: Session, offer_sdp: str) -> str:
-        pc, agent = session.pc, session.agent
+    async def _negotiate(self, call: Call, offer_sdp: str) -> str:
+        pc, agent = call.pc, call.agent
         tracks: list[MediaStreamTrack] = []
         pc.on("track", tracks.append)
         pc.on("datachannel", agent.attach_channel)
@@ -284,41 +287,41 @@ class Sessions:
             await pc.setLocalDescription(await pc.createAnswer())
         return answer_with_candidates(pc.localDescription.sdp, self._relayed.public)
 
-    def _state_changed(self, session: Session) -> None:
-        state = session.pc.connectionState
-        if state == "connected" and not session.connected.is_set():
-            session.connected.set()
+    def _state_changed(self, call: Call) -> None:
+        state = call.pc.connectionState
+        if state == "connected" and not call.connected.is_set():
+            call.connected.set()
             loop = asyncio.get_running_loop()
-            self._metrics.connect_s.observe(loop.time() - session.created_at_s)
+            self._metrics.connect_s.observe(loop.time() - call.created_at_s)
         elif state in ("failed", "closed"):
-            session.ended.set()
+            call.ended.set()
 
-    def _watch(self, session: Session) -> None:
-        task = asyncio.create_task(self._watcher(session), name=f"session {session.call_id}")
-        session.watcher = task
+    def _watch(self, call: Call) -> None:
+        task = asyncio.create_task(self._watcher(call), name=f"session {call.call_id}")
+        call.watcher = task
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
 
-    async def _watcher(self, session: Session) -> None:
+    async def _watcher(self, call: Call) -> None:
         try:
-            await self._watch_until_ended(session)
-        except Exception as error:  # a bug: seen, counted, and the session does not linger
-            report_crash("session watcher", error, logger, f"session {session.call_id} ends")
-            await self._end(session, "crashed")
+            await self._watch_until_ended(call)
+        except Exception as error:  # a bug: seen, counted, and the call does not linger
+            report_crash("session watcher", error, logger, f"session {call.call_id} ends")
+            await self._end(call, "crashed")
 
-    async def _watch_until_ended(self, session: Session) -> None:
+    async def _watch_until_ended(self, call: Call) -> None:
         try:
             async with asyncio.timeout(self._limits.connect_timeout_s):
-                await session.connected.wait()
+                await call.connected.wait()
         except TimeoutError:
-            await self._end(session, "connect_timeout")
+            await self._end(call, "connect_timeout")
             return
-        agent = session.agent
+        agent = call.agent
         if not isinstance(agent, HangsUp):
-            await session.ended.wait()
-            await self._end(session, session.pc.connectionState)
+            await call.ended.wait()
+            await self._end(call, call.pc.connectionState)
             return
-        ended = asyncio.ensure_future(session.ended.wait())
+        ended = asyncio.ensure_future(call.ended.wait())
         hangup = asyncio.ensure_future(agent.hangup_requested.wait())
         try:
             await asyncio.wait([ended, hangup], return_when=asyncio.FIRST_COMPLETED)
@@ -326,55 +329,53 @@ class Sessions:
             for waiter in (ended, hangup):
                 waiter.cancel()
         asked = agent.hangup_requested.is_set()
-        reason = (agent.hangup_reason or "taken_over") if asked else session.pc.connectionState
-        await self._end(session, reason)
+        reason = (agent.hangup_reason or "taken_over") if asked else call.pc.connectionState
+        await self._end(call, reason)
 
     async def hangup(self, call_id: str) -> bool:
-        session = self._sessions.get(call_id)
-        if session is None:
+        call = self._calls.get(call_id)
+        if call is None:
             return False
-        if isinstance(session.agent, EndsOnHangUp):
-            session.agent.caller_hung_up()
-        await self._end(session, "hangup")
+        if isinstance(call.agent, EndsOnHangUp):
+            call.agent.caller_hung_up()
+        await self._end(call, "hangup")
         return True
 
-    async def _end(self, session: Session, reason: str) -> None:
-        if self._sessions.pop(session.call_id, None) is None:
+    async def _end(self, call: Call, reason: str) -> None:
+        if self._calls.pop(call.call_id, None) is None:
             return
-        session.ended.set()
-        if session.watcher is not None and session.watcher is not asyncio.current_task():
-            session.watcher.cancel()
-        self._metrics.active.set(len(self._sessions))
+        call.ended.set()
+        if call.watcher is not None and call.watcher is not asyncio.current_task():
+            call.watcher.cancel()
+        self._metrics.active.set(len(self._calls))
         self._metrics.ended.labels(reason).inc()
         if reason in FAILURE_REASONS:
             self._metrics.failed.labels(reason).inc()
-        logger.info("session %s ended: %s", session.call_id, reason)
+        logger.info("session %s ended: %s", call.call_id, reason)
         try:
             try:
-                await session.pc.close()
+                await call.pc.close()
             finally:
-                await session.agent.aclose()  # whatever the peer connection did
+                await call.agent.aclose()  # whatever the peer connection did
         finally:
-            if not self._sessions:
+            if not self._calls:
                 self._empty.set()
 
     async def drain(self, timeout_s: float) -> None:
-        """Stop admitting; hand sessions over; wait up to ``timeout_s`` for them to end; close
-        the rest."""
+        """Stop admitting; hand sessions over; wait up to ``timeout_s`` for the calls to end;
+        close the rest."""
         self.draining = True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
-                movable = [
-                    s.agent for s in self._sessions.values() if isinstance(s.agent, HandsOver)
-                ]
+                movable = [c.agent for c in self._calls.values() if isinstance(c.agent, HandsOver)]
                 await asyncio.gather(*(agent.hand_over(timeout_s) for agent in movable))
                 await self._empty.wait()
         await self.aclose()
 
     async def aclose(self) -> None:
         self.draining = True
-        for session in list(self._sessions.values()):
-            await self._end(session, "shutdown")
+        for call in list(self._calls.values()):
+            await self._end(call, "shutdown")
         for task in list(self._watchers):
             task.cancel()
         if self._watchers:
