@@ -49,8 +49,8 @@ from deploy.survival import Survival, pipeline_stack, stored_until, survival_sta
 from loadtest.realtime_client import RealtimeClient, acknowledged, ask, opened, resume
 from transceiver.store.errors import StoreUnavailableError
 from transceiver.store.keys import SessionState
-from transceiver.store.persistence import LEASE_S
 from transceiver.store.redis_config import RedisConfig
+from transceiver.store.survival import SurvivalPolicy
 
 pytestmark = [
     pytest.mark.slow,
@@ -330,11 +330,11 @@ async def outage_conversation(
     async with answering(client, QUESTIONS[2]) as tasks:
         go_away(survival.redis)
         gone_at = loop.time()
-        degraded = readyz_until(http, base_url, redis_status("degraded"), LEASE_S)
+        degraded = readyz_until(http, base_url, redis_status("degraded"), SurvivalPolicy().lease_s)
         tasks.create_task(degraded)
     await recalls(client, QUESTIONS[2])  # answered from the history Redis has not got yet
     # Down past the lease (it lapses unrenewed) and past the old 10 s grace: /readyz stays 200.
-    while loop.time() - gone_at < max(LEASE_S, 10.0) + 1:
+    while loop.time() - gone_at < max(SurvivalPolicy().lease_s, 10.0) + 1:
         assert redis_status("degraded")(*(seen := await readyz(http, base_url))), seen
         await asyncio.sleep(0.2)
     down_s = loop.time() - gone_at

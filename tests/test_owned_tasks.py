@@ -41,6 +41,7 @@ from transceiver.store.redis_config import RedisConfig
 from transceiver.store.route_cache import RouteCache
 from transceiver.store.route_publishing import RoutePublishing
 from transceiver.store.sessions import RedisSessionStore
+from transceiver.store.survival import SurvivalPolicy
 from transceiver.store.write_behind import AppendItem, WriteBehindQueue
 
 pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server")
@@ -215,7 +216,7 @@ async def test_the_redis_health_check_is_restarted(
 async def test_catch_up_is_restarted_and_stores_the_session_begun_during_an_outage(
     store: FaultyStore, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    persistence = SessionPersistence(store)
+    persistence = SessionPersistence(store, SurvivalPolicy())
     store.creates_while_away, store.faults = 1, Faults(create=1)
     journal = await persistence.create(f"s{uuid.uuid4().hex[:8]}", {"voice": "joe"})
     assert journal.session_id in persistence.unstored
@@ -248,7 +249,7 @@ async def test_route_publishing_is_restarted(
 async def test_a_heartbeat_that_keeps_crashing_turns_readiness_red(
     store: FaultyStore, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    persistence = SessionPersistence(store)
+    persistence = SessionPersistence(store, SurvivalPolicy())
     persistence.heartbeat = LeaseHeartbeat(store, lease_s=6.0, interval_s=0.05)
     persistence.heartbeat.hold(await stored_lease(store))
     store.faults = Faults(renew=-1)  # always
@@ -265,7 +266,7 @@ async def test_a_heartbeat_that_keeps_crashing_turns_readiness_red(
 async def test_a_health_check_that_keeps_crashing_is_counted_but_stays_ready(
     store: FaultyStore, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    persistence = SessionPersistence(store)
+    persistence = SessionPersistence(store, SurvivalPolicy())
     persistence.health = RedisHealth(store, interval_s=0.05)
     store.faults = Faults(ping=-1)
     await persistence.start()
@@ -283,7 +284,7 @@ async def test_redis_away_is_reported_not_a_readiness_failure(
     server = RedisServer(tmp_path, "away").start()
     config = RedisConfig(url=server.url, key_prefix="away", connect_timeout_s=0.2)
     async with RedisSessionStore.from_config(config) as store:
-        persistence = SessionPersistence(store)
+        persistence = SessionPersistence(store, SurvivalPolicy())
         persistence.health = RedisHealth(store, interval_s=0.05)
         registry.register(RedisHealthCollector(persistence.health.down_for_s))
         await persistence.start()

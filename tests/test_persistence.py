@@ -21,6 +21,7 @@ from transceiver.store.keys import SessionState
 from transceiver.store.persistence import SessionPersistence
 from transceiver.store.redis_config import RedisConfig
 from transceiver.store.sessions import RedisSessionStore
+from transceiver.store.survival import SurvivalPolicy
 
 pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server")
 CONFIG = {"instructions": "Be brief.", "voice": "joe"}
@@ -65,7 +66,7 @@ async def persistence(
     server = RedisServer(tmp_path, "redis", redis_args).start()
     try:
         async with RedisSessionStore.from_config(fresh_config(server)) as store:
-            persistence = SessionPersistence(store, max_pending=max_pending)
+            persistence = SessionPersistence(store, SurvivalPolicy(max_pending_writes=max_pending))
             await persistence.start()
             try:
                 yield persistence, server

@@ -1,6 +1,6 @@
 """A session's own tasks that crash are seen and end the session as our failure.
 
-In-process and real: a ``Link`` behind a ``LoopbackRelay``, ``Calls`` answering an aiortc
+In-process and real: a ``Link`` behind a ``LoopbackRelay``, ``Sessions`` answering an aiortc
 client's offer, a ``RealtimeSession`` over a ``ConversationEngine`` with the offline agent and
 espeak, and (when a redis-server is installed) real session persistence. A crash is caused by
 a dependency that raises a bug once the call is up: the engine's ``push_audio`` (the audio
@@ -27,8 +27,7 @@ from prometheus_client import CollectorRegistry
 from deploy.processes import LoopbackRelay, eventually, random_keys
 from deploy.redis_server import RedisServer, redis_server_binary
 from loadtest.realtime_client import RealtimeClient
-from pipeline.config import EngineConfig
-from pipeline.engine import ConversationEngine, EngineTaskCrashed
+from pipeline.engine import ConversationEngine, EngineConfig, EngineTaskCrashed
 from pipeline.espeak_tts import EspeakTextToSpeech
 from pipeline.knowledge import load_knowledge
 from pipeline.local_agent import LocalRuleBasedAgent
@@ -41,8 +40,9 @@ from transceiver.realtime.policy import SessionPolicy
 from transceiver.realtime.session import RealtimeSession
 from transceiver.store.persistence import SessionPersistence, open_persistence
 from transceiver.store.redis_config import RedisConfig
+from transceiver.store.survival import SurvivalPolicy
 from transceiver.webrtc import ice
-from transceiver.webrtc.calls import CallLimits, Calls
+from transceiver.webrtc.calls import SessionLimits, Sessions
 from transceiver.webrtc.link import Link
 
 TIMEOUT_S = 15.0
@@ -87,7 +87,7 @@ class FailingModel:
 
 @dataclass
 class Stack:
-    sessions: Calls
+    sessions: Sessions
     registry: CollectorRegistry
     agents: list[RealtimeSession]
     engines: list[FaultyEngine]
@@ -128,7 +128,8 @@ async def stack(redis_config: RedisConfig | None) -> AsyncIterator[Stack]:
     await tts.start()
     async with AsyncExitStack() as closing:
         closing.push_async_callback(tts.aclose)
-        persistence = await closing.enter_async_context(open_persistence(redis_config))
+        opened = open_persistence(redis_config, SurvivalPolicy())
+        persistence = await closing.enter_async_context(opened)
         link = Link(("127.0.0.1", 0), keyring)
         relay = LoopbackRelay(await link.start(), keys)
         closing.push_async_callback(link.aclose)
@@ -136,9 +137,9 @@ async def stack(redis_config: RedisConfig | None) -> AsyncIterator[Stack]:
         public = await relay.start()
         relay.hello()
         built = Stack(
-            Calls(
+            Sessions(
                 ice.RelayedIce(link, keyring, (public,)),
-                CallLimits(capacity=4, connect_timeout_s=TIMEOUT_S),
+                SessionLimits(capacity=4, connect_timeout_s=TIMEOUT_S),
                 registry,
                 lambda requested: new_session(built, requested, tts, metrics),
             ),

@@ -10,6 +10,8 @@ from relay.wire.ufrag import Keyring
 from transceiver.__main__ import main
 from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.http.auth import AuthConfig, AuthConfigError, Authenticator, AuthError, auth_flags
+from transceiver.restarts import RestartPolicy
+from transceiver.store.survival import SurvivalPolicy
 
 KEYS = "1:" + "5b" * 32
 
@@ -25,6 +27,19 @@ def test_defaults_environment_and_flags() -> None:
     flags = ["--connect-timeout-s", "2.5", "--drain-timeout-s", "0"]
     config = TransceiverConfig.load(flags, env)
     assert (config.connect_timeout_s, config.drain_timeout_s) == (2.5, 0.0)
+
+
+def test_survival_policy_from_environment_and_flags() -> None:
+    assert TransceiverConfig.load([], {"TRANSCEIVER_KEYS": KEYS}).survival == SurvivalPolicy()
+    env = {"TRANSCEIVER_KEYS": KEYS, "TRANSCEIVER_LEASE_S": "2", "TRANSCEIVER_RESTART_MAX_S": "4"}
+    flags = ["--max-pending-writes", "9", "--restart-failing-after", "5"]
+    survival = TransceiverConfig.load(flags, env).survival
+    assert (survival.lease_s, survival.max_pending_writes) == (2.0, 9)
+    assert survival.restarts == RestartPolicy(max_s=4.0, failing_after_crashes=5)
+    with pytest.raises(ConfigError, match="TRANSCEIVER_RESTART_MAX_S=0.1 is below 0.5"):
+        TransceiverConfig.load(["--restart-max-s", "0.1"], {"TRANSCEIVER_KEYS": KEYS})
+    with pytest.raises(ConfigError, match="TRANSCEIVER_HEALTH_INTERVAL_S='x' is not a float"):
+        TransceiverConfig.load(["--health-interval-s", "x"], {"TRANSCEIVER_KEYS": KEYS})
 
 
 @pytest.mark.parametrize(

@@ -5,14 +5,15 @@ files), ``webrtc`` (the link to the relays, ICE, SDP, calls and admission, audio
 (the Realtime session over the data channel, driving the pipeline) and ``store`` (session state
 in Redis). The modules here: ``__main__`` (the lifecycle: load config, bind, serve, drain),
 ``agents`` (what calls run: echo, or the Realtime session and its storage), ``config``
-(``TRANSCEIVER_*``), ``metrics`` and ``background`` (owned, supervised loops).
+(``TRANSCEIVER_*``), ``metrics``, ``background`` (owned, supervised loops) and ``restarts``
+(their restart policy).
 
 It imports the relay's wire contract (``relay.wire``), never the relay's I/O modules, and the
 pipeline. The aioice/aiortc internals it touches are confined to ``webrtc.ice`` and
 ``webrtc.rtp_tuning``.
 
 May import: relay.wire, pipeline
-Pure: config
+Pure: config, restarts
 """
 
 from pipeline.native_threads import pin_native_threads

@@ -70,7 +70,11 @@ async def _serve(
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    routes = None if redis is None else functools.partial(RoutePublishing.from_config, redis)
+    routes = (
+        None
+        if redis is None
+        else functools.partial(RoutePublishing.from_config, redis, policy=config.survival)
+    )
     link = Link(config.link, config.keyring, routes=routes)
     try:
         link_address = await link.start()

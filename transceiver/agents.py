@@ -49,7 +49,7 @@ async def open_agents(
 
     pipeline = PipelineConfig.from_env(os.environ).resolved(os.environ)
     async with (
-        open_persistence(redis) as persistence,
+        open_persistence(redis, config.survival) as persistence,
         pipeline_agents(pipeline, registry, persistence) as agents,
     ):
         if persistence is not None:

@@ -7,11 +7,11 @@ issues #2028, #2551), so every ``_run`` loop also checks the flag and ends on it
 
 A loop that crashes (``_run`` raises) is never lost silently: the crash is logged with its
 traceback, counted in ``crash_counts`` (served as ``transceiver_task_crashes_total{task}``) and
-the loop is started again after a pause that grows from ``RESTART_FIRST_S`` to
-``RESTART_MAX_S`` and starts over once a run has lasted ``HEALTHY_AFTER_S``. Restarting is
+the loop is started again after a pause that grows and starts over as its ``RestartPolicy``
+(``transceiver.restarts``, given to the loop's constructor) says. Restarting is
 right for every loop here: each keeps its state (held leases, queued writes, pending routes) on
 the object, not in the task, and each pass is idempotent, so a new run picks up where the dead
-one stopped. A loop that keeps crashing (``FAILING_AFTER_CRASHES`` in a row, none healthy) is
+one stopped. A loop that keeps crashing (the policy's ``failing_after_crashes`` in a row) is
 ``failing``; whether that turns ``/readyz`` red is each loop's ``unready_when_failing``,
 decided (with the reason) on the subclass.
 
@@ -27,11 +27,9 @@ import collections
 import logging
 from typing import Self
 
+from transceiver.restarts import RestartPolicy
+
 log = logging.getLogger(__name__)
-RESTART_FIRST_S = 0.5
-RESTART_MAX_S = 30.0
-HEALTHY_AFTER_S = 60.0  # a run this long resets the pause and the crash streak
-FAILING_AFTER_CRASHES = 3
 
 # Process-wide, by task name; only grows (a Prometheus counter reads it at scrape time).
 crash_counts: collections.Counter[str] = collections.Counter()
@@ -47,23 +45,16 @@ def report_crash(task_name: str, error: BaseException, logger: logging.Logger, t
 class RestartBackoff:
     """Pure: the pause before restarting a crashed loop, given how long its run lasted."""
 
-    def __init__(
-        self,
-        first_s: float = RESTART_FIRST_S,
-        max_s: float = RESTART_MAX_S,
-        healthy_after_s: float = HEALTHY_AFTER_S,
-    ) -> None:
-        self.first_s = first_s
-        self.max_s = max_s
-        self.healthy_after_s = healthy_after_s
+    def __init__(self, policy: RestartPolicy) -> None:
+        self.policy = policy
         self.in_a_row = 0
 
     def crashed(self, ran_s: float) -> float:
         """Record a crash after a run of ``ran_s``; the seconds to wait before the next run."""
-        if ran_s >= self.healthy_after_s:
+        if ran_s >= self.policy.healthy_after_s:
             self.in_a_row = 0
         self.in_a_row += 1
-        return min(self.max_s, self.first_s * 2.0 ** (self.in_a_row - 1))
+        return min(self.policy.max_s, self.policy.first_s * 2.0 ** (self.in_a_row - 1))
 
 
 class BackgroundLoop:
@@ -71,10 +62,11 @@ class BackgroundLoop:
     # Whether a loop that keeps crashing turns /readyz red; subclasses say why they choose.
     unready_when_failing = False
 
-    def __init__(self) -> None:
+    def __init__(self, restarts: RestartPolicy | None = None) -> None:
+        """``restarts``: how this loop is restarted after a crash (``None``: the defaults)."""
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self.backoff = RestartBackoff()
+        self.backoff = RestartBackoff(restarts or RestartPolicy())
         self._run_started_s = 0.0
 
     async def __aenter__(self) -> Self:
@@ -99,11 +91,11 @@ class BackgroundLoop:
 
     @property
     def failing(self) -> bool:
-        """Crashed ``FAILING_AFTER_CRASHES`` times in a row and not yet running healthy."""
-        if self.backoff.in_a_row < FAILING_AFTER_CRASHES:
+        """Crashed ``failing_after_crashes`` times in a row and not yet running healthy."""
+        if self.backoff.in_a_row < self.backoff.policy.failing_after_crashes:
             return False
         ran_s = asyncio.get_running_loop().time() - self._run_started_s
-        return ran_s < self.backoff.healthy_after_s
+        return ran_s < self.backoff.policy.healthy_after_s
 
     async def _supervise(self) -> None:
         loop = asyncio.get_running_loop()

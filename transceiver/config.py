@@ -2,6 +2,8 @@
 
 Policy layer. CLI flags mirror the variables one for one (``--link`` <-> ``TRANSCEIVER_LINK``);
 a flag wins over its variable. Every value is validated at start with a message naming it.
+The survival timings and bounds (leases, Redis health, queues, restarts) load into a
+``SurvivalPolicy`` (``transceiver.store.survival``) under ``survival``.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import argparse
 import ipaddress
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from relay.wire.ufrag import Keyring
+from transceiver.restarts import RestartPolicy
 from transceiver.store.redis_config import parse_number
+from transceiver.store.survival import SurvivalPolicy
 
 Address = tuple[str, int]
 N = TypeVar("N", int, float)
@@ -35,6 +39,15 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
         "what each session runs: pipeline (the voice agent; PIPELINE_* variables configure it) "
         "or echo (plays the caller's audio back, diagnostics)",
     ),
+    "lease_s": ("6", "a session's Redis lease; a killed owner's sessions lapse after it"),
+    "health_interval_s": ("1", "seconds between Redis pings and catch-up passes"),
+    "max_pending_writes": ("200", "session writes queued while Redis is away, in all"),
+    "max_pending_routes": ("10000", "route changes kept between two publishing wake-ups"),
+    "route_flush_timeout_s": ("1", "at exit, withdrawing published routes may take this long"),
+    "restart_first_s": ("0.5", "first pause before a crashed background loop restarts"),
+    "restart_max_s": ("30", "longest pause before a crashed background loop restarts"),
+    "restart_healthy_after_s": ("60", "a loop run this long resets its pause and crash streak"),
+    "restart_failing_after": ("3", "crashes in a row that make a loop failing (/readyz)"),
 }
 
 
@@ -52,6 +65,7 @@ class TransceiverConfig:
     connect_timeout_s: float
     drain_timeout_s: float
     agent: str
+    survival: SurvivalPolicy = field(default_factory=SurvivalPolicy)
 
     @classmethod
     def load(
@@ -81,7 +95,31 @@ class TransceiverConfig:
             connect_timeout_s=_number(values, "connect_timeout_s", float, minimum=0.1),
             drain_timeout_s=_number(values, "drain_timeout_s", float, minimum=0.0),
             agent=_agent(_required(values, "agent")),
+            survival=_survival(values),
         )
+
+
+def _survival(values: Mapping[str, str | None]) -> SurvivalPolicy:
+    restarts = _restarts(values)
+    return SurvivalPolicy(
+        lease_s=_number(values, "lease_s", float, minimum=0.3),
+        health_interval_s=_number(values, "health_interval_s", float, minimum=0.01),
+        max_pending_writes=_number(values, "max_pending_writes", int, minimum=1),
+        max_pending_routes=_number(values, "max_pending_routes", int, minimum=1),
+        route_flush_timeout_s=_number(values, "route_flush_timeout_s", float, minimum=0.01),
+        restarts=restarts,
+    )
+
+
+def _restarts(values: Mapping[str, str | None]) -> RestartPolicy:
+    first_s = _number(values, "restart_first_s", float, minimum=0.01)
+    max_s = _number(values, "restart_max_s", float, minimum=first_s)
+    return RestartPolicy(
+        first_s=first_s,
+        max_s=max_s,
+        healthy_after_s=_number(values, "restart_healthy_after_s", float, minimum=0.01),
+        failing_after_crashes=_number(values, "restart_failing_after", int, minimum=1),
+    )
 
 
 def _parser(parents: Sequence[argparse.ArgumentParser]) -> argparse.ArgumentParser:

@@ -9,9 +9,8 @@ import asyncio
 from typing import Protocol
 
 from transceiver.background import BackgroundLoop
+from transceiver.restarts import RestartPolicy
 from transceiver.store.journal import SessionJournal
-
-HEALTH_INTERVAL_S = 1.0
 
 
 class Unstored(Protocol):
@@ -31,8 +30,10 @@ class CatchUp(BackgroundLoop):
     # Crash-looping: red. Calls begun during an outage would never be stored (nor resumable).
     unready_when_failing = True
 
-    def __init__(self, persistence: Unstored, interval_s: float = HEALTH_INTERVAL_S):
-        super().__init__()
+    def __init__(
+        self, persistence: Unstored, interval_s: float, restarts: RestartPolicy | None = None
+    ) -> None:
+        super().__init__(restarts)
         self._persistence = persistence
         self._interval_s = interval_s
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 
 from transceiver.background import BackgroundLoop
+from transceiver.restarts import RestartPolicy
 from transceiver.store.sessions import RedisSessionStore
-
-HEALTH_INTERVAL_S = 1.0
 
 
 class RedisHealth(BackgroundLoop):
@@ -23,8 +22,10 @@ class RedisHealth(BackgroundLoop):
     # (see ``SessionPersistence.not_ready_reason``), so its failure is not one either.
     unready_when_failing = False
 
-    def __init__(self, store: RedisSessionStore, interval_s: float = HEALTH_INTERVAL_S) -> None:
-        super().__init__()
+    def __init__(
+        self, store: RedisSessionStore, interval_s: float, restarts: RestartPolicy | None = None
+    ) -> None:
+        super().__init__(restarts)
         self._store = store
         self._interval_s = interval_s
         self._down_since: float | None = None

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 
 from transceiver.background import BackgroundLoop
+from transceiver.restarts import RestartPolicy
 from transceiver.store.errors import StoreError
 from transceiver.store.keys import Lease
 from transceiver.store.sessions import SessionStore
@@ -35,8 +36,9 @@ class LeaseHeartbeat(BackgroundLoop):
         lease_s: float,
         interval_s: float | None = None,
         on_lost: Callable[[Lease, StoreError], None] | None = None,
+        restarts: RestartPolicy | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(restarts)
         self._store = store
         self._lease_s = lease_s
         self._interval_s = lease_s / 3 if interval_s is None else interval_s

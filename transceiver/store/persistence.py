@@ -29,8 +29,8 @@ when ``RedisConfig.from_env()`` finds Redis configured.
   connection's journal at once; only the journal of the newest claim (``current``) renews,
   releases, ends or unregisters the session, so the old connection's close or late hang-up
   leaves the live one alone.
-- Health: a ping every ``HEALTH_INTERVAL_S``. A Redis outage never makes the transceiver
-  unready: calls work without Redis (their writes wait in the queue and new sessions are
+- Health: a ping every ``SurvivalPolicy.health_interval_s``. A Redis outage never makes the
+  transceiver unready: calls work without Redis (their writes wait in the queue and new sessions are
   caught up), and every transceiver shares the one Redis, so a 503 here would refuse new calls
   across the whole fleet at once, an outage of its own. ``/readyz`` reports it instead
   (``"redis": "degraded"``), as does the gauge ``transceiver_redis_unreachable_seconds``.
@@ -62,12 +62,10 @@ from transceiver.store.journal import RESUME_TOKEN_HEADER, SessionJournal
 from transceiver.store.keys import Lease, SessionState, check_id, new_credential
 from transceiver.store.redis_config import RedisConfig
 from transceiver.store.sessions import RedisSessionStore, SessionStore
+from transceiver.store.survival import SurvivalPolicy
 from transceiver.store.write_behind import WriteBehindQueue
 
 log = logging.getLogger(__name__)
-LEASE_S = 6.0  # a SIGKILLed owner's lease lapses in this long (resume forces anyway)
-HEALTH_INTERVAL_S = 1.0
-MAX_PENDING = 200  # session writes queued while Redis is away, in all
 
 
 def new_owner_id() -> str:
@@ -87,18 +85,21 @@ class ResumeRefused(Exception):
 class SessionPersistence:
     """The process-wide store, write-behind queue, lease heartbeat and health check."""
 
-    def __init__(
-        self, store: RedisSessionStore, lease_s: float = LEASE_S, max_pending: int = MAX_PENDING
-    ) -> None:
+    def __init__(self, store: RedisSessionStore, policy: SurvivalPolicy) -> None:
         self.store: SessionStore = store
         self.owner_id = new_owner_id()
-        self.lease_s = lease_s
+        self.lease_s = policy.lease_s
         self.journals: dict[str, SessionJournal] = {}
         self.unstored: dict[str, SessionJournal] = {}  # began while Redis was down
-        self.queue = WriteBehindQueue(store, max_pending=max_pending, on_dropped=self._lost)
-        self.heartbeat = LeaseHeartbeat(store, lease_s=lease_s, on_lost=self._lost)
-        self.health = RedisHealth(store)
-        self.catch_up = CatchUp(self)
+        restarts, every_s = policy.restarts, policy.health_interval_s
+        self.queue = WriteBehindQueue(
+            store, max_pending=policy.max_pending_writes, on_dropped=self._lost, restarts=restarts
+        )
+        self.heartbeat = LeaseHeartbeat(
+            store, lease_s=policy.lease_s, on_lost=self._lost, restarts=restarts
+        )
+        self.health = RedisHealth(store, every_s, restarts)
+        self.catch_up = CatchUp(self, every_s, restarts)
 
     @property
     def loops(self) -> tuple[BackgroundLoop, ...]:
@@ -226,13 +227,15 @@ class SessionPersistence:
 
 
 @asynccontextmanager
-async def open_persistence(config: RedisConfig | None) -> AsyncIterator[SessionPersistence | None]:
+async def open_persistence(
+    config: RedisConfig | None, policy: SurvivalPolicy
+) -> AsyncIterator[SessionPersistence | None]:
     """Persistence when Redis is configured, else ``None`` (sessions live and die here)."""
     if config is None:
         yield None
         return
     async with RedisSessionStore.from_config(config) as store:
-        persistence = SessionPersistence(store)
+        persistence = SessionPersistence(store, policy)
         await persistence.start()
         try:
             yield persistence

@@ -20,10 +20,9 @@ from transceiver.store.connection import RedisConnection, open_redis
 from transceiver.store.errors import StoreUnavailableError
 from transceiver.store.redis_config import RedisConfig
 from transceiver.store.route_cache import RouteCache
+from transceiver.store.survival import SurvivalPolicy
 
 Address = tuple[str, int]
-MAX_PENDING = 10_000  # more changes than this between two wake-ups wait for the next refresh
-CLOSE_FLUSH_TIMEOUT_S = 1.0
 log = logging.getLogger(__name__)
 
 
@@ -42,8 +41,11 @@ class RoutePublishing(BackgroundLoop):
         link: Address,
         current: Callable[[], Mapping[Address, Address]],
         refresh_s: float,
+        policy: SurvivalPolicy | None = None,
     ) -> None:
-        super().__init__()
+        """``policy``: the pending-change bound, exit flush and restarts (``None``: defaults)."""
+        self._policy = policy or SurvivalPolicy()
+        super().__init__(self._policy.restarts)
         self._connection = connection
         self._cache = cache
         self._link = link
@@ -55,21 +57,25 @@ class RoutePublishing(BackgroundLoop):
 
     @classmethod
     def from_config(
-        cls, config: RedisConfig, link: Address, current: Callable[[], Mapping[Address, Address]]
+        cls,
+        config: RedisConfig,
+        link: Address,
+        current: Callable[[], Mapping[Address, Address]],
+        policy: SurvivalPolicy | None = None,
     ) -> RoutePublishing:
         connection = open_redis(config)
         cache = RouteCache(connection.client, config.key_prefix, config.route_ttl_s)
-        return cls(connection, cache, link, current, config.route_ttl_s / 3)
+        return cls(connection, cache, link, current, config.route_ttl_s / 3, policy)
 
     def learned(self, client: Address) -> None:
-        if len(self._learned) < MAX_PENDING:
+        if len(self._learned) < self._policy.max_pending_routes:
             self._learned.add(client)
             self._withdrawn.discard(client)
             self._event.set()
 
     def withdrawn(self, client: Address) -> None:
         self._learned.discard(client)
-        if len(self._withdrawn) < MAX_PENDING:
+        if len(self._withdrawn) < self._policy.max_pending_routes:
             self._withdrawn.add(client)
             self._event.set()
 
@@ -79,7 +85,7 @@ class RoutePublishing(BackgroundLoop):
     async def aclose(self) -> None:
         await super().aclose()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT_S):
+            async with asyncio.timeout(self._policy.route_flush_timeout_s):
                 await self._flush_withdrawn()  # best effort: the TTL removes what is left
         await self._connection.aclose()
 

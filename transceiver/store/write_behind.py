@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from transceiver.background import BackgroundLoop
+from transceiver.restarts import RestartPolicy
 from transceiver.store.errors import StoreError
 from transceiver.store.keys import MAX_CONFIG_BYTES, Lease, encode_item, encode_json
 from transceiver.store.sessions import SessionStore
@@ -75,8 +76,9 @@ class WriteBehindQueue(BackgroundLoop):
         max_pending: int = 200,
         retry_interval_s: float = 0.2,
         on_dropped: Callable[[Lease, StoreError], None] | None = None,
+        restarts: RestartPolicy | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(restarts)
         self._store = store
         self._max_pending = max_pending
         self._retry_interval_s = retry_interval_s
