@@ -1,7 +1,7 @@
 """``python -m transceiver``: load config, bind the link and HTTP, serve, drain on SIGTERM.
 
 Lifecycle (as uvicorn/stunnerd): SIGTERM or SIGINT only sets a flag; then the transceiver stops
-admitting (``/readyz`` 503, POST 503), lets sessions end for up to ``drain_timeout_s``, closes
+admitting (``/readyz`` 503, POST 503), lets calls end for up to ``drain_timeout_s``, closes
 the rest, stops HTTP and closes the link socket. With ``REDIS_URL`` or ``REDIS_SENTINELS``
 set (see ``redis_config``), sessions are stored in Redis and can be resumed elsewhere
 (``persistence``); draining then hands each session over to another transceiver. An HTTP
@@ -35,7 +35,7 @@ from transceiver.metrics import TaskCrashCollector
 from transceiver.store.redis_config import RedisConfig, RedisConfigError
 from transceiver.store.route_publishing import RoutePublishing
 from transceiver.webrtc import ice, rtp_tuning
-from transceiver.webrtc.calls import SessionLimits, Sessions
+from transceiver.webrtc.calls import CallLimits, Calls
 from transceiver.webrtc.link import Link
 
 logger = logging.getLogger("transceiver")
@@ -81,11 +81,11 @@ async def _serve(
     except OSError as exc:
         logger.error("cannot bind the link socket %s: %s", _text(config.link), exc)
         return 1
-    limits = SessionLimits(config.capacity, config.connect_timeout_s)
+    limits = CallLimits(config.capacity, config.connect_timeout_s)
     relayed = ice.RelayedIce(link, config.keyring, config.public)
-    sessions = Sessions(relayed, limits, registry, agents.factory)
+    calls = Calls(relayed, limits, registry, agents.factory)
     authenticator = Authenticator(auth)
-    app = create_app(sessions, link, registry, authenticator, agents.persistence, agents.resume)
+    app = create_app(calls, link, registry, authenticator, agents.persistence, agents.resume)
     server = _Server(_uvicorn_config(app, config))
     server_task = asyncio.create_task(_serve_http(server), name="http")
     try:
@@ -97,10 +97,10 @@ async def _serve(
         if server_task.done():
             logger.error("the HTTP server stopped by itself")
             return 1
-        logger.info("draining %d sessions for up to %.1f s", len(sessions), config.drain_timeout_s)
-        await sessions.drain(config.drain_timeout_s)
+        logger.info("draining %d calls for up to %.1f s", len(calls), config.drain_timeout_s)
+        await calls.drain(config.drain_timeout_s)
     finally:
-        await sessions.aclose()
+        await calls.aclose()
         server.should_exit = True
         failed = await _http_failed(server_task)
         await link.aclose()

@@ -24,7 +24,7 @@ from transceiver.metrics import LeaseCollector, RedisHealthCollector
 from transceiver.realtime.client_events import EventError
 from transceiver.store.persistence import SessionPersistence, open_persistence
 from transceiver.store.redis_config import RedisConfig
-from transceiver.webrtc.calls import AgentFactory, AgentRequestError, SessionAgent
+from transceiver.webrtc.calls import AgentFactory, AgentRequestError, CallAgent
 from transceiver.webrtc.echo import EchoAgent
 
 
@@ -60,12 +60,12 @@ async def open_agents(
 
 
 def invalid_session_refused(
-    make: Callable[[Mapping[str, Any] | None], SessionAgent],
+    make: Callable[[Mapping[str, Any] | None], CallAgent],
 ) -> AgentFactory:
     """``make``, reporting a session config it refuses (``EventError``) as ``AgentRequestError``
     with the same words."""
 
-    def agent(requested: Mapping[str, Any] | None) -> SessionAgent:
+    def agent(requested: Mapping[str, Any] | None) -> CallAgent:
         try:
             return make(requested)
         except EventError as exc:
