@@ -1,6 +1,6 @@
 """A session's own tasks that crash are seen and end the session as our failure.
 
-In-process and real: a ``Link`` behind a ``LoopbackRelay``, ``Sessions`` answering an aiortc
+In-process and real: a ``Link`` behind a ``LoopbackRelay``, ``Calls`` answering an aiortc
 client's offer, a ``RealtimeSession`` over a ``ConversationEngine`` with the offline agent and
 espeak, and (when a redis-server is installed) real session persistence. A crash is caused by
 a dependency that raises a bug once the call is up: the engine's ``push_audio`` (the audio
@@ -27,7 +27,8 @@ from prometheus_client import CollectorRegistry
 from deploy.processes import LoopbackRelay, eventually, random_keys
 from deploy.redis_server import RedisServer, redis_server_binary
 from loadtest.realtime_client import RealtimeClient
-from pipeline.engine import ConversationEngine, EngineConfig, EngineTaskCrashed
+from pipeline.config import EngineConfig
+from pipeline.engine import ConversationEngine, EngineTaskCrashed
 from pipeline.espeak_tts import EspeakTextToSpeech
 from pipeline.knowledge import load_knowledge
 from pipeline.local_agent import LocalRuleBasedAgent
@@ -42,7 +43,7 @@ from transceiver.store.persistence import SessionPersistence, open_persistence
 from transceiver.store.redis_config import RedisConfig
 from transceiver.store.survival import SurvivalPolicy
 from transceiver.webrtc import ice
-from transceiver.webrtc.calls import SessionLimits, Sessions
+from transceiver.webrtc.calls import CallLimits, Calls
 from transceiver.webrtc.link import Link
 
 TIMEOUT_S = 15.0
@@ -87,7 +88,7 @@ class FailingModel:
 
 @dataclass
 class Stack:
-    sessions: Sessions
+    sessions: Calls
     registry: CollectorRegistry
     agents: list[RealtimeSession]
     engines: list[FaultyEngine]
@@ -137,9 +138,9 @@ async def stack(redis_config: RedisConfig | None) -> AsyncIterator[Stack]:
         public = await relay.start()
         relay.hello()
         built = Stack(
-            Sessions(
+            Calls(
                 ice.RelayedIce(link, keyring, (public,)),
-                SessionLimits(capacity=4, connect_timeout_s=TIMEOUT_S),
+                CallLimits(capacity=4, connect_timeout_s=TIMEOUT_S),
                 registry,
                 lambda requested: new_session(built, requested, tts, metrics),
             ),
