@@ -4,6 +4,7 @@
 ``front_door`` (with ``http_wire``) is the local stand-in for the Kubernetes signalling
 Service; ``processes`` starts relay and transceiver processes and waits for them (``Stack``,
 ``Process``, a loopback relay shim); ``redis_server`` starts redis-server and Sentinel;
+``waiting`` waits for a condition with a deadline;
 ``survival`` is the Redis-backed stack the resume tests and failover benchmarks share. The
 container image and the Prometheus configuration live beside it (``Dockerfile``,
 ``prometheus.yml``).

@@ -55,19 +55,6 @@ def text(address: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def eventually(
-    predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02
-) -> float:
-    """Wait until ``predicate()`` holds; returns the seconds it took; fails after the deadline."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not predicate():
-        if loop.time() - start > timeout_s:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(interval_s)
-    return loop.time() - start
-
-
 class Process:
     """A child process we started; its stdout is scanned for a ready line."""
 

@@ -22,11 +22,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
+
+from deploy.waiting import wait_until
 
 SERVICE = "voicerelay-test"
 START_TIMEOUT_S = 10.0
@@ -41,16 +41,6 @@ def free_tcp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Poll ``predicate`` until it holds; the seconds it took; AssertionError at the deadline."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def _die_with_parent() -> None:

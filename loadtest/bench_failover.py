@@ -39,9 +39,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from deploy.processes import Stack, eventually
+from deploy.processes import Stack
 from deploy.redis_server import RedisServer
 from deploy.survival import contents, stored_until, survival_stack
+from deploy.waiting import eventually
 from loadtest.realtime_client import TOKEN_HEADER, RealtimeClient, ask, call
 from loadtest.tones import ToneClient
 
@@ -114,7 +115,7 @@ class OutageWatch:
 
 
 async def _eventually(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """``deploy.processes.eventually`` every POLL_S; the monotonic time the predicate held."""
+    """``deploy.waiting.eventually`` every POLL_S; the monotonic time the predicate held."""
     await eventually(predicate, timeout_s, what, interval_s=POLL_S)
     return time.monotonic()
 

@@ -19,7 +19,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
-from deploy.processes import eventually
+from deploy.waiting import eventually
 
 SAMPLE_RATE_HZ = 48_000
 FRAME_SAMPLES = 960  # 20 ms

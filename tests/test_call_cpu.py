@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from process_cpu import ProcessUsage, Snapshot, descendants, snapshot, usage
 
-from deploy.processes import Stack, eventually
+from deploy.processes import Stack
+from deploy.waiting import eventually
 from loadtest.realtime_client import connected, silence, speak
 from loadtest.tones import tone_call
 from pipeline.config import PiperConfig

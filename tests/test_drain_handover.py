@@ -14,9 +14,9 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from deploy.processes import eventually
 from deploy.redis_server import redis_server_binary
 from deploy.survival import Survival, stored, survival_stack
+from deploy.waiting import eventually
 from loadtest.realtime_client import SESSION_HEADER, TOKEN_HEADER, RealtimeClient, ask, call
 
 pytestmark = [

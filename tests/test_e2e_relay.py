@@ -20,7 +20,8 @@ import httpx
 import pytest
 from aioice import stun
 
-from deploy.processes import Stack, eventually, metric_values, udp_socket_count
+from deploy.processes import Stack, metric_values, udp_socket_count
+from deploy.waiting import eventually
 from loadtest.tones import ToneClient
 from relay.wire.ufrag import Keyring, mint_ufrag
 from transceiver.webrtc.sdp import candidate_addresses

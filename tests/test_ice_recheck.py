@@ -16,7 +16,8 @@ import aioice.stun
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from deploy.processes import Address, LoopbackRelay, eventually
+from deploy.processes import Address, LoopbackRelay
+from deploy.waiting import eventually
 from relay.wire.ufrag import Keyring
 from transceiver.webrtc import ice
 from transceiver.webrtc.link import Link

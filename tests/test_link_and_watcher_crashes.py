@@ -16,7 +16,8 @@ import pytest
 from aiortc import RTCSessionDescription
 from prometheus_client import CollectorRegistry
 
-from deploy.processes import LoopbackRelay, eventually, random_keys
+from deploy.processes import LoopbackRelay, random_keys
+from deploy.waiting import eventually
 from loadtest.realtime_client import RealtimeClient
 from relay.wire.ufrag import Keyring
 from transceiver.metrics import TaskCrashCollector

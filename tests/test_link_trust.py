@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.processes import Stack, eventually, metric_values
+from deploy.processes import Stack, metric_values
+from deploy.waiting import eventually
 from loadtest.tones import ToneClient, tone_call
 from relay.wire.header import ControlMessage, ControlType, header_for
 from relay.wire.hello import MAX_SKEW_S, seal_hello

@@ -43,9 +43,9 @@ from deploy.redis_server import (
     RedisServer,
     SentinelTopology,
     redis_server_binary,
-    wait_until,
 )
 from deploy.survival import Survival, pipeline_stack, stored_until, survival_stack
+from deploy.waiting import wait_until
 from loadtest.realtime_client import RealtimeClient, acknowledged, ask, opened, resume
 from transceiver.store.errors import StoreUnavailableError
 from transceiver.store.keys import SessionState

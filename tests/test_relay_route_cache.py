@@ -32,7 +32,6 @@ import pytest
 
 from deploy.processes import (
     Process,
-    eventually,
     free_port,
     metric_values,
     random_keys,
@@ -41,6 +40,7 @@ from deploy.processes import (
     transceiver_process,
 )
 from deploy.redis_server import RedisServer
+from deploy.waiting import eventually
 from loadtest.tones import ToneClient, tone_call
 from relay import counters as c
 from relay.route_lookup import LookupAdmission, RouteLookups

@@ -15,7 +15,6 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from deploy.processes import eventually
 from deploy.redis_server import redis_server_binary
 from deploy.survival import (
     Survival,
@@ -24,6 +23,7 @@ from deploy.survival import (
     stored_until,
     survival_stack,
 )
+from deploy.waiting import eventually
 from loadtest.realtime_client import (
     SESSION_HEADER,
     TOKEN_HEADER,

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from deploy.redis_server import SERVICE, RedisServer, SentinelTopology, wait_until
+from deploy.redis_server import SERVICE, RedisServer, SentinelTopology
+from deploy.waiting import wait_until
 from transceiver.store.errors import (
     LeaseHeldError,
     ReplicationError,

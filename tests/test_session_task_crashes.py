@@ -24,8 +24,9 @@ import pytest
 from aiortc import RTCSessionDescription
 from prometheus_client import CollectorRegistry
 
-from deploy.processes import LoopbackRelay, eventually, random_keys
+from deploy.processes import LoopbackRelay, random_keys
 from deploy.redis_server import RedisServer, redis_server_binary
+from deploy.waiting import eventually
 from loadtest.realtime_client import RealtimeClient
 from pipeline.config import EngineConfig
 from pipeline.engine import ConversationEngine, EngineTaskCrashed

@@ -15,9 +15,10 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from deploy.processes import Process, eventually, gauge, metric_values
+from deploy.processes import Process, gauge, metric_values
 from deploy.redis_server import redis_server_binary
 from deploy.survival import Survival, contents, stored_until, survival_stack
+from deploy.waiting import eventually
 from loadtest.realtime_client import (
     SESSION_HEADER,
     TOKEN_HEADER,

@@ -21,12 +21,12 @@ from test_sdp import CHROME_OFFER
 from deploy.processes import (
     LoopbackRelay,
     Process,
-    eventually,
     free_port,
     random_keys,
     text,
     transceiver_process,
 )
+from deploy.waiting import eventually
 from loadtest.tones import ToneClient
 from transceiver.webrtc.sdp import candidate_addresses
 

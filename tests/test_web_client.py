@@ -20,7 +20,8 @@ import pytest
 from agents_sdk import NodeUnavailable, agents_page_html, build_agents_bundle
 from playwright.async_api import Browser, Page
 
-from deploy.processes import Stack, eventually, metric_values
+from deploy.processes import Stack, metric_values
+from deploy.waiting import eventually
 from loadtest.browser import chromium, recorded_audio
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "transceiver" / "http" / "static"
