@@ -36,7 +36,7 @@ from transceiver.store.redis_config import RedisConfig, RedisConfigError
 from transceiver.store.route_publishing import RoutePublishing
 from transceiver.webrtc import ice, rtp_tuning
 from transceiver.webrtc.calls import CallLimits, Calls
-from transceiver.webrtc.link import Link
+from transceiver.webrtc.link import Address, Link, RoutePublisherFactory
 
 logger = logging.getLogger("transceiver")
 STARTUP_TIMEOUT_S = 10.0
@@ -56,43 +56,60 @@ async def serve(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig 
     registry = CollectorRegistry()
     registry.register(TaskCrashCollector())
     async with open_agents(config, registry, redis) as agents:
-        return await _serve(config, auth, registry, agents, redis)
+        stop = _stop_on_signals()
+        link = Link(config.link, config.keyring, routes=_route_publisher(config, redis))
+        try:
+            link_address = await link.start()
+        except OSError as exc:
+            logger.error("cannot bind the link socket %s: %s", _text(config.link), exc)
+            return 1
+        try:
+            calls = _calls(config, link, registry, agents)
+            app = create_app(
+                calls, link, registry, Authenticator(auth), agents.persistence, agents.resume
+            )
+            return await _serve(config, calls, app, link_address, stop)
+        finally:
+            await link.aclose()
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM and SIGINT set, and nothing more."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+def _route_publisher(
+    config: TransceiverConfig, redis: RedisConfig | None
+) -> RoutePublisherFactory | None:
+    """With Redis, the link publishes its client routes to the route cache."""
+    if redis is None:
+        return None
+    return functools.partial(RoutePublishing.from_config, redis, policy=config.survival)
+
+
+def _calls(
+    config: TransceiverConfig, link: Link, registry: CollectorRegistry, agents: Agents
+) -> Calls:
+    relayed = ice.RelayedIce(link, config.keyring, config.public)
+    limits = CallLimits(config.capacity, config.connect_timeout_s)
+    return Calls(relayed, limits, registry, agents.factory)
 
 
 async def _serve(
-    config: TransceiverConfig,
-    auth: AuthConfig,
-    registry: CollectorRegistry,
-    agents: Agents,
-    redis: RedisConfig | None,
+    config: TransceiverConfig, calls: Calls, app: FastAPI, link: Address, stop: asyncio.Event
 ) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    routes = (
-        None
-        if redis is None
-        else functools.partial(RoutePublishing.from_config, redis, policy=config.survival)
-    )
-    link = Link(config.link, config.keyring, routes=routes)
-    try:
-        link_address = await link.start()
-    except OSError as exc:
-        logger.error("cannot bind the link socket %s: %s", _text(config.link), exc)
-        return 1
-    limits = CallLimits(config.capacity, config.connect_timeout_s)
-    relayed = ice.RelayedIce(link, config.keyring, config.public)
-    calls = Calls(relayed, limits, registry, agents.factory)
-    authenticator = Authenticator(auth)
-    app = create_app(calls, link, registry, authenticator, agents.persistence, agents.resume)
+    """Serve HTTP until a signal (or the server's own end), drain the calls, stop HTTP."""
     server = _Server(_uvicorn_config(app, config))
     server_task = asyncio.create_task(_serve_http(server), name="http")
     try:
         if not await _started(server, server_task):
             logger.error("HTTP listener on %s:%d did not start", *config.http)
             return 1
-        print(f"transceiver ready link={_text(link_address)} http={_text(config.http)}", flush=True)
+        print(f"transceiver ready link={_text(link)} http={_text(config.http)}", flush=True)
         await _first(stop.wait(), server_task)
         if server_task.done():
             logger.error("the HTTP server stopped by itself")
@@ -103,7 +120,6 @@ async def _serve(
         await calls.aclose()
         server.should_exit = True
         failed = await _http_failed(server_task)
-        await link.aclose()
     return 1 if failed else 0
 
 
