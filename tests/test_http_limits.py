@@ -19,7 +19,8 @@ from sized_inputs import around, mutated, padded_json
 from test_sdp import CHROME_OFFER
 
 from deploy.processes import Process, free_port, random_keys, text, transceiver_process
-from transceiver.http.app import MAX_OFFER_BYTES, MAX_SECRET_REQUEST_BYTES
+from transceiver.http.app import MAX_SECRET_REQUEST_BYTES
+from transceiver.http.offers import MAX_OFFER_BYTES
 
 API_KEY = "vr-test-" + os.urandom(12).hex()
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

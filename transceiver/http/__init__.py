@@ -2,8 +2,9 @@
 /v1/realtime/calls``, hang-up), ``ek_`` client secrets, bearer auth, ``/livez``, ``/readyz``,
 ``/metrics`` and the web client's static files.
 
-Layers: protocol (``client_secrets``, ``auth``: pure) and I/O (``app``: FastAPI). It is the top
-of the transceiver: it turns requests into calls on ``webrtc``, ``realtime`` and ``store``.
+Layers: protocol (``client_secrets``, ``auth``: pure) and I/O (FastAPI): ``app`` (the routes),
+``offers`` (a calls request's SDP offer and session), ``errors`` (every error as JSON). It is the
+top of the transceiver: it turns requests into calls on ``webrtc``, ``realtime`` and ``store``.
 
 May import: transceiver, relay.wire, pipeline.untrusted_json
 Pure: auth, client_secrets

@@ -23,12 +23,8 @@ without it, see ``persistence``); it turns 503 ``task_failing`` when an owned lo
 
 from __future__ import annotations
 
-import email.policy
 import json
-import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from email import message_from_bytes
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,11 +35,11 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.http import client_secrets
 from transceiver.http.auth import Authenticator, AuthError
+from transceiver.http.errors import ApiError, add_error_handlers, error_response, unavailable
+from transceiver.http.offers import json_object, read_offer
 from transceiver.realtime.client_events import (
     EventError,
     SessionConfig,
@@ -55,10 +51,7 @@ from transceiver.store.journal import RESUME_TOKEN_HEADER, SESSION_HEADER
 from transceiver.store.persistence import ResumeRefused, SessionPersistence
 from transceiver.webrtc.calls import AdmissionError, CallAgent, Calls, OfferRejected
 from transceiver.webrtc.link import Link
-from transceiver.webrtc.sdp import SdpError, sanitise_offer
 
-logger = logging.getLogger(__name__)
-MAX_OFFER_BYTES = 64 * 1024
 CALLS_PATH = "/v1/realtime/calls"
 SECRETS_PATH = "/v1/realtime/client_secrets"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -66,32 +59,6 @@ MAX_SECRET_REQUEST_BYTES = 64 * 1024
 T = TypeVar("T")
 # (session id, resume credential) -> the stored session's agent, claimed here; ResumeRefused
 Resume = Callable[[str, str | None], Awaitable[CallAgent]]
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        headers: dict[str, str] | None = None,
-        param: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.headers, self.param = headers or {}, param
-
-
-def error_response(
-    status: int,
-    code: str,
-    message: str,
-    headers: dict[str, str] | None = None,
-    param: str | None = None,
-) -> JSONResponse:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    body = {"error": {"type": kind, "code": code, "message": message, "param": param}}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class LinkCollector(Collector):
@@ -139,7 +106,7 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(title="voicerelay transceiver", docs_url=None, redoc_url=None)
     registry.register(LinkCollector(link))
-    _add_error_handlers(app)
+    add_error_handlers(app)
     _add_cors(app)
     _add_web_client(app)
     _add_client_secrets(app, auth)
@@ -156,7 +123,7 @@ def create_app(
                 agent = await _resumed_agent(request, resume)
                 call, answer = await calls.create(slot, offer, requested, agent)
         except AdmissionError as exc:
-            raise _unavailable(exc) from None
+            raise unavailable(exc) from None
         except OfferRejected as exc:
             raise ApiError(400, "offer_rejected", str(exc)) from None
         headers = {"Location": f"{CALLS_PATH}/{call.call_id}"}
@@ -322,27 +289,6 @@ def _session_update(session: Mapping[str, Any]) -> SessionUpdate:
     return update
 
 
-def _unavailable(exc: AdmissionError) -> ApiError:
-    headers = {"Retry-After": str(exc.retry_after_s)}
-    return ApiError(503, f"transceiver_{exc.reason}", str(exc), headers)
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers, exc.param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("request failed")
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
-
-
 def merged_session(
     granted: Mapping[str, Any] | None, asked: Mapping[str, Any] | None
 ) -> Mapping[str, Any] | None:
@@ -350,89 +296,3 @@ def merged_session(
     if granted is None or asked is None:
         return asked if granted is None else granted
     return {**granted, **asked}
-
-
-async def read_offer(request: Request, calls: Calls) -> tuple[str, Mapping[str, Any] | None]:
-    """The sanitised SDP offer of a calls request and the session config sent with it (the
-    multipart ``session`` field), or ApiError naming what is wrong."""
-    content_type = request.headers.get("content-type", "")
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type not in ("application/sdp", "multipart/form-data"):
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            f"Content-Type must be application/sdp or multipart/form-data, not {content_type!r}",
-        )
-    try:
-        calls.admit()
-    except AdmissionError as exc:
-        raise _unavailable(exc) from None
-    body = await _read_body(request)
-    raw, session = (
-        (body, None)
-        if media_type == "application/sdp"
-        else offer_from_multipart(content_type, body)
-    )
-    try:
-        return sanitise_offer(_utf8(raw)), session
-    except SdpError as exc:
-        raise ApiError(400, exc.code, exc.message) from None
-
-
-async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_OFFER_BYTES:
-        raise _too_large(int(declared))
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_OFFER_BYTES:
-            raise _too_large(len(body))
-    if not body:
-        raise ApiError(400, "empty_body", "the request body is empty; send an SDP offer")
-    return bytes(body)
-
-
-def _too_large(size: int) -> ApiError:
-    return ApiError(413, "offer_too_large", f"body of {size}+ bytes exceeds {MAX_OFFER_BYTES}")
-
-
-def _utf8(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ApiError(400, "invalid_encoding", f"SDP is not UTF-8 (byte {exc.start})") from None
-
-
-def offer_from_multipart(content_type: str, body: bytes) -> tuple[bytes, Mapping[str, Any] | None]:
-    """The ``sdp`` field of a multipart form and its ``session`` field (a JSON object)."""
-    head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
-    try:
-        message = message_from_bytes(head + body, policy=email.policy.HTTP)
-    except RecursionError:  # the parser recurses into each nested multipart part
-        raise ApiError(400, "invalid_multipart", "multipart parts nested too deeply") from None
-    if not isinstance(message, EmailMessage) or not message.is_multipart():
-        raise ApiError(400, "invalid_multipart", "multipart body does not parse (boundary?)")
-    fields: dict[str, bytes] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        payload = part.get_payload(decode=True)
-        if isinstance(name, str) and isinstance(payload, bytes):
-            fields[name] = payload
-    if "sdp" not in fields:
-        raise ApiError(400, "missing_sdp", "multipart form has no 'sdp' field")
-    session = None
-    if "session" in fields:
-        session = json_object(fields["session"], "invalid_session", "'session' field")
-    return fields["sdp"], session
-
-
-def json_object(raw: bytes, code: str, what: str) -> Mapping[str, Any]:
-    """``raw`` as a JSON object; else a 400 with ``code`` naming ``what`` was wrong."""
-    try:
-        value = decode(raw)
-    except JsonInputError as exc:
-        raise ApiError(400, code, f"{what} is not JSON we accept: {exc}") from None
-    if not isinstance(value, dict):
-        raise ApiError(400, code, f"{what} must be a JSON object")
-    return value
