@@ -21,6 +21,10 @@ by another connection (its fencing token refused here) gets an ``error`` with co
 ``session_taken_over`` and is hung up. ``hand_over`` (drain) lets a running turn
 finish, stores everything, releases the session and tells the client
 ``{"type": "voicerelay.session.reconnect", "session_id": ..., "reason": "draining"}``.
+
+Size (over 400 lines): one class of short methods whose tasks, channel, client-event handlers
+and journal all act on the same live state (engine, journal, channel, events waiting for it);
+the rules themselves live apart (``client_events``, ``translation``, ``policy``).
 """
 
 from __future__ import annotations
