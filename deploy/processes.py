@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import httpx
 
+from deploy.waiting import poll
 from relay.config import HELLO_INTERVAL_S
 from relay.wire.header import HEADER_BYTES, HeaderError, header_for, parse_header
 from relay.wire.hello import seal_hello
@@ -346,14 +347,17 @@ class Stack:
         """Wait until every transceiver takes data from every relay worker: a worker's first
         HELLO is lost if it went out before that transceiver bound its link (the next follows
         within HELLO_INTERVAL_S)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
         async with httpx.AsyncClient(timeout=timeout_s) as http:
-            for index in range(len(self.transceivers)):
-                url = self.base_url(index)
-                while await gauge(http, url, "transceiver_link_keyed_relays") < self.workers:
-                    assert loop.time() < deadline, f"transceiver{index} never keyed the relay"
-                    await asyncio.sleep(0.05)
+
+            async def keyed() -> list[float]:
+                urls = [self.base_url(index) for index in range(len(self.transceivers))]
+                return [await gauge(http, url, "transceiver_link_keyed_relays") for url in urls]
+
+            def unkeyed(counts: list[float]) -> str:
+                index = next(i for i, n in enumerate(counts) if n < self.workers)
+                return f"transceiver{index} never keyed the relay"
+
+            await poll(keyed, lambda counts: min(counts) >= self.workers, timeout_s, unkeyed, 0.05)
 
     async def restart_relay(self, **flags: Any) -> Process:
         """Start a fresh relay on the same public and HTTP ports (extra relay ``flags``)."""

@@ -4,7 +4,6 @@ drain and failover tests and benchmarks share it)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from deploy.processes import Stack
 from deploy.redis_server import RedisServer
+from deploy.waiting import poll
 from transceiver.store.keys import SessionState
 from transceiver.store.redis_config import RedisConfig
 from transceiver.store.sessions import RedisSessionStore
@@ -97,12 +97,13 @@ async def stored_until(
     timeout_s: float = 10.0,
 ) -> SessionState:
     """The stored session once ``predicate`` holds (polled with a deadline)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate(state := await stored(survival, session_id)):
-        assert loop.time() < deadline, f"never matched: turn {state.turn}, {contents(state)}"
-        await asyncio.sleep(0.05)
-    return state
+    return await poll(
+        lambda: stored(survival, session_id),
+        predicate,
+        timeout_s,
+        lambda state: f"never matched: turn {state.turn}, {contents(state)}",
+        0.05,
+    )
 
 
 def contents(state: SessionState) -> list[tuple[str, str]]:

@@ -5,7 +5,7 @@ deployment helpers wait (no sleep stands in for synchronisation).
   until it holds and returns the seconds that took; ``wait_until`` does the same, blocking, for
   code without a loop. At the deadline both fail with an AssertionError naming what they waited
   for.
-- ``settled`` polls a reading until ``accept`` takes it and returns that reading; its failure
+- ``poll`` reads a value until ``accept`` takes it and returns that reading; its failure
   message is made from the last reading, so it can say what was seen instead.
 """
 
@@ -29,11 +29,11 @@ async def eventually(
     """Wait until ``check()`` holds; the seconds it took; AssertionError after ``timeout_s``."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    await settled(check, bool, timeout_s, lambda _: _timed_out(timeout_s, what), interval_s)
+    await poll(check, bool, timeout_s, lambda _: _timed_out(timeout_s, what), interval_s)
     return loop.time() - start
 
 
-async def settled(
+async def poll(
     read: Callable[[], T | Awaitable[T]],
     accept: Callable[[T], bool],
     timeout_s: float,

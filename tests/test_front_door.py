@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from deploy.front_door import READY_LINE, BackendRing, FrontDoor, FrontDoorConfig
 from deploy.http_wire import HttpError, body_length, parse_head
+from deploy.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLS = "/v1/realtime/calls"
@@ -109,14 +110,6 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def until(predicate: Any, timeout_s: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 @contextlib.asynccontextmanager
 async def serving(backend: Backend) -> AsyncIterator[str]:
     """The backend on a free loopback port; yields its ``host:port``."""
@@ -124,7 +117,7 @@ async def serving(backend: Backend) -> AsyncIterator[str]:
     server = _Server(config)
     task = asyncio.create_task(server.serve())
     try:
-        await until(lambda: server.started or task.done(), START_TIMEOUT_S, "uvicorn to start")
+        await eventually(lambda: server.started or task.done(), START_TIMEOUT_S, "uvicorn to start")
         assert server.started, "uvicorn did not start"
         yield f"127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     finally:

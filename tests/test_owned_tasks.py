@@ -23,6 +23,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from deploy.redis_server import RedisServer, redis_server_binary
+from deploy.waiting import eventually
 from relay import counters as c
 from relay.route_lookup import RouteLookups
 from relay.routing import Router, RouteTable, StunRateLimit
@@ -99,18 +100,6 @@ class FaultyRouteCache(RouteCache):
         await super().publish_many(routes)
 
 
-async def until(check: Callable[[], Awaitable[bool] | bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + TIMEOUT_S
-    while not await _value(check()):
-        assert loop.time() < deadline, f"timed out after {TIMEOUT_S} s waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
-async def _value(result: Awaitable[bool] | bool) -> bool:
-    return await result if isinstance(result, Awaitable) else result
-
-
 def crashes(registry: CollectorRegistry, task: str) -> float:
     return registry.get_sample_value("transceiver_task_crashes_total", {"task": task}) or 0.0
 
@@ -165,9 +154,11 @@ async def assert_crash_seen_and_restarted(
 ) -> None:
     before = crashes(registry, loop.task_name)
     async with loop:
-        await until(lambda: crashes(registry, loop.task_name) == before + 1, "the crash count")
+        await eventually(
+            lambda: crashes(registry, loop.task_name) == before + 1, TIMEOUT_S, "the crash count"
+        )
         crash_logged(caplog, loop.task_name)
-        await until(ran_again, f"{loop.task_name} to run again after its crash")
+        await eventually(ran_again, TIMEOUT_S, f"{loop.task_name} to run again after its crash")
         assert not loop.failing
 
 
@@ -256,7 +247,9 @@ async def test_a_heartbeat_that_keeps_crashing_turns_readiness_red(
     await persistence.start()
     try:
         assert persistence.not_ready_reason() is None
-        await until(lambda: persistence.not_ready_reason() == "task_failing", "red readiness")
+        await eventually(
+            lambda: persistence.not_ready_reason() == "task_failing", TIMEOUT_S, "red readiness"
+        )
         assert crashes(registry, "lease heartbeat") >= 3
         crash_logged(caplog, "lease heartbeat")
     finally:
@@ -271,7 +264,9 @@ async def test_a_health_check_that_keeps_crashing_is_counted_but_stays_ready(
     store.faults = Faults(ping=-1)
     await persistence.start()
     try:
-        await until(lambda: persistence.health.failing, "the health check to crash-loop")
+        await eventually(
+            lambda: persistence.health.failing, TIMEOUT_S, "the health check to crash-loop"
+        )
         assert crashes(registry, "redis health") >= 3
         assert persistence.not_ready_reason() is None  # its answer never costs readiness
     finally:
@@ -290,11 +285,14 @@ async def test_redis_away_is_reported_not_a_readiness_failure(
         await persistence.start()
         try:
             server.stop()
-            await until(lambda: persistence.status() == "degraded", "Redis seen as away")
-            await until(
+            await eventually(
+                lambda: persistence.status() == "degraded", TIMEOUT_S, "Redis seen as away"
+            )
+            await eventually(
                 lambda: (
                     (registry.get_sample_value("transceiver_redis_unreachable_seconds") or 0) > 0.5
                 ),
+                TIMEOUT_S,
                 "the unreachable gauge to grow",
             )
             assert persistence.not_ready_reason() is None
@@ -332,9 +330,11 @@ async def test_the_relays_route_lookups_are_restarted(
     try:
         now = asyncio.get_running_loop().time()
         lookups.want(("192.0.2.1", 5000), 0, now)
-        await until(lambda: counts[c.ROUTE_LOOKUP_CRASHES] == 1, "the crash count")
+        await eventually(lambda: counts[c.ROUTE_LOOKUP_CRASHES] == 1, TIMEOUT_S, "the crash count")
         lookups.want(("192.0.2.2", 5000), 0, now)
-        await until(lambda: counts[c.ROUTES_FROM_CACHE] == 1, "a lookup after the restart")
+        await eventually(
+            lambda: counts[c.ROUTES_FROM_CACHE] == 1, TIMEOUT_S, "a lookup after the restart"
+        )
     finally:
         await lookups.aclose()
     record = next(r for r in caplog.records if r.name == "relay.restarts")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from deploy.redis_server import RedisServer, redis_server_binary
+from deploy.waiting import eventually
 from pipeline.providers import Message
 from transceiver.store.errors import SessionNotFoundError, StoreError
 from transceiver.store.journal import SessionJournal
@@ -32,14 +33,6 @@ def fresh_config(server: RedisServer) -> RedisConfig:
         url=server.url, key_prefix=f"p{uuid.uuid4().hex[:10]}",
         connect_timeout_s=0.2, socket_timeout_s=0.5,
     )  # fmt: skip
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await check():
-        assert loop.time() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def stored(store: RedisSessionStore, session_id: str) -> SessionState | None:
@@ -102,7 +95,7 @@ async def test_a_session_begun_while_redis_is_down_is_stored_when_it_returns(
         state = await stored(store, session_id)
         return state is not None and len(state.items) == 3 and state.turn == 1
 
-    await until(caught_up, 10.0, "the session to be stored and caught up")
+    await eventually(caught_up, 10.0, "the session to be stored and caught up")
     state = await store.load(session_id)
     assert [(i["id"], i["role"], i["content"]) for i in state.items] == [
         ("h1", "user", "Tell me about water."),
@@ -164,12 +157,12 @@ async def test_a_redis_that_comes_back_empty_gets_the_live_session_again(
     history = [Message("user", "Tell me about water."), Message("assistant", "Water is wet.")]
     journal.history(history)
     journal.turn(1)
-    await until(lambda: stored_items(store, session_id, 2), 5.0, "the first turn stored")
+    await eventually(lambda: stored_items(store, session_id, 2), 5.0, "the first turn stored")
 
     server.restart()  # no AOF, no RDB: it comes back empty
     history.append(Message("user", "And the moon?"))
     journal.history(history)  # refused (no such session): stored again from memory
-    await until(lambda: stored_items(store, session_id, 3), 15.0, "the session stored again")
+    await eventually(lambda: stored_items(store, session_id, 3), 15.0, "the session stored again")
     state = await store.load(session_id)
     assert spoken(state) == [
         ("h1", "user", "Tell me about water."),
@@ -200,7 +193,7 @@ async def test_writes_a_full_queue_refused_are_queued_again_in_order(
     assert manager.queue.pending == 3 and journal.behind
 
     server.start()  # from its append-only file: the session is still there
-    await until(lambda: stored_items(store, session_id, 7), 15.0, "every line stored")
+    await eventually(lambda: stored_items(store, session_id, 7), 15.0, "every line stored")
     state = await store.load(session_id)
     assert spoken(state) == [
         (f"h{n + 1}", "user" if n % 2 == 0 else "assistant", f"line {n}") for n in range(7)

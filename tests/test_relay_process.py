@@ -13,14 +13,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from stun_samples import binding_request, signed_request
 
+from deploy.waiting import wait_until
 from relay.wire.header import (
     HEADER_BYTES,
     MAX_PAYLOAD_BYTES,
@@ -38,7 +38,6 @@ RING = Keyring.parse(KEYS)
 START_TIMEOUT_S = 20.0
 WAIT_S = 5.0
 SRTP = b"\x80\x6f\x00\x01" + b"m" * 196
-T = TypeVar("T")
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
@@ -65,17 +64,6 @@ def udp(host: str = "127.0.0.1") -> socket.socket:
     sock.bind((host, 0))
     sock.settimeout(WAIT_S)
     return sock
-
-
-def wait_for(condition: Callable[[], T | None], what: str, timeout_s: float = WAIT_S) -> T:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 @dataclass
@@ -194,7 +182,7 @@ def test_hello_then_routes_are_learned(relay: RelayProcess) -> None:
         for worker in relay.worker_links():  # the kernel may hash the client to either one
             routes = ControlMessage(ControlType.ROUTES, (client.getsockname(),))
             relay.link.sendto(bytes(routes), worker)
-        wait_for(lambda: relay.metrics()["relay_control_received_total"] >= 2, "ROUTES")
+        wait_until(lambda: relay.metrics()["relay_control_received_total"] >= 2, WAIT_S, "ROUTES")
         client.sendto(SRTP, ("127.0.0.1", relay.public_port))  # no STUN first
         data, _ = relay.receive_data()
         assert data == header_for(client.getsockname()) + SRTP
@@ -228,7 +216,9 @@ def test_forged_traffic_dropped_and_counted(relay: RelayProcess) -> None:
     expected = {reason: before[reason] + 1 for reason in forgeries}
     expected["bad_ufrag_mac"] = hint_before + 2  # wrong MAC and the changed hint
     expected["unknown_address"] += 1  # SRTP and DTLS
-    wait_for(lambda: all(relay.drop_count(r) >= n for r, n in expected.items()), "drop counts")
+    wait_until(
+        lambda: all(relay.drop_count(r) >= n for r, n in expected.items()), WAIT_S, "drop counts"
+    )
     assert {r: relay.drop_count(r) for r in expected} == expected
     with pytest.raises(TimeoutError):
         relay.receive_data(timeout_s=0.3)
@@ -239,7 +229,9 @@ def test_link_datagrams_only_from_transceivers(relay: RelayProcess) -> None:
         worker = authenticate(relay, client)
         before = relay.drop_count("unknown_link_source")
         stranger.sendto(header_for(client.getsockname()) + SRTP, worker)
-        wait_for(lambda: relay.drop_count("unknown_link_source") == before + 1, "the drop")
+        wait_until(
+            lambda: relay.drop_count("unknown_link_source") == before + 1, WAIT_S, "the drop"
+        )
         client.settimeout(0.3)
         with pytest.raises(TimeoutError):
             client.recvfrom(2048)
@@ -265,8 +257,9 @@ def test_a_datagram_at_the_size_limit_passes_and_one_byte_more_is_dropped(
         relay.link.sendto(header + at_limit, worker)
         assert client.recvfrom(4096)[0] == at_limit
     expected = (before[0] + 1, before[1] + 1)
-    wait_for(
+    wait_until(
         lambda: (relay.drop_count("oversized"), relay.drop_count("oversized_link")) == expected,
+        WAIT_S,
         "both oversized datagrams to be counted",
     )
 
@@ -305,8 +298,10 @@ def test_health_and_worker_restart(relay: RelayProcess) -> None:
     assert len(workers) == 2
     restarts = relay.metrics()["relay_worker_restarts_total"]
     os.kill(workers[0], signal.SIGKILL)  # a worker this test's relay started
-    wait_for(lambda: relay.metrics()["relay_worker_restarts_total"] == restarts + 1, "restart")
-    wait_for(lambda: relay.status("/readyz") == 200, "ready again")
+    wait_until(
+        lambda: relay.metrics()["relay_worker_restarts_total"] == restarts + 1, WAIT_S, "restart"
+    )
+    wait_until(lambda: relay.status("/readyz") == 200, WAIT_S, "ready again")
     assert relay.metrics()["relay_workers_alive"] == 2
     with udp() as client:
         authenticate(relay, client)
@@ -319,7 +314,7 @@ def test_signal_stops_workers_and_exits_zero(signum: signal.Signals) -> None:
         (worker,) = worker_pids(process.pid)
         process.send_signal(signum)
         assert process.wait(10) == 0
-        wait_for(lambda: not Path(f"/proc/{worker}").exists(), "the worker to be gone")
+        wait_until(lambda: not Path(f"/proc/{worker}").exists(), WAIT_S, "the worker to be gone")
 
 
 def gone(pid: int) -> bool:
@@ -340,7 +335,9 @@ def test_restart_recovery_from_routes() -> None:
         workers = worker_pids(process.pid)
         process.send_signal(signal.SIGKILL)
         process.wait(5)
-        wait_for(lambda: all(gone(pid) for pid in workers), "workers to die with the relay")
+        wait_until(
+            lambda: all(gone(pid) for pid in workers), WAIT_S, "workers to die with the relay"
+        )
         started = time.monotonic()
         process, _, _ = start_relay("--transceivers", transceivers, workers=1, ports=(public, http))
         try:

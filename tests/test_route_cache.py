@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from hypothesis import given
@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from deploy.redis_server import RedisServer, free_tcp_port
+from deploy.waiting import eventually
 from relay.wire.route_record import RouteValueError, decode_route, encode_route, route_key
 from transceiver.store.connection import open_redis
 from transceiver.store.errors import StoreUnavailableError
@@ -83,21 +84,13 @@ async def route_of(redis: Redis, prefix: str, client: Address) -> Address | None
     return None if raw is None else decode_route(raw)
 
 
-async def until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await check():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 async def test_publish_expire_and_withdraw_only_its_own_route(client: Redis) -> None:
     cache = RouteCache(client, "rt1", ttl_s=0.3)
     await cache.publish_many({CLIENT: LINK, SECOND: OTHER_LINK})
     assert await route_of(client, "rt1", CLIENT) == LINK
     assert await route_of(client, "rt1", SECOND) == OTHER_LINK
     assert 0 < await client.pttl(route_key("rt1", CLIENT)) <= 300
-    await until(lambda: gone(client, "rt1", CLIENT), 3.0, "the route to expire")
+    await eventually(lambda: gone(client, "rt1", CLIENT), 3.0, "the route to expire")
 
     cache = RouteCache(client, "rt2", ttl_s=30)
     await cache.publish_many({CLIENT: OTHER_LINK})  # the client moved to another transceiver
@@ -117,7 +110,7 @@ async def test_publishing_follows_the_links_sessions(server: RedisServer, client
     async with RoutePublishing.from_config(config, LINK, lambda: live) as routes:
         live[CLIENT] = LINK
         routes.learned(CLIENT)  # published at once, not at the next refresh
-        await until(lambda: has(client, CLIENT), 3.0, "the learned route")
+        await eventually(lambda: has(client, CLIENT), 3.0, "the learned route")
         loop = asyncio.get_running_loop()
         until_s = loop.time() + 1.0  # over three TTLs: alive only because it is refreshed
         while loop.time() < until_s:
@@ -125,10 +118,10 @@ async def test_publishing_follows_the_links_sessions(server: RedisServer, client
             await asyncio.sleep(0.05)
         del live[CLIENT]
         routes.withdrawn(CLIENT)
-        await until(lambda: gone(client, "rt3", CLIENT), 3.0, "the withdrawn route")
+        await eventually(lambda: gone(client, "rt3", CLIENT), 3.0, "the withdrawn route")
         live[SECOND] = LINK
         routes.learned(SECOND)
-        await until(lambda: has(client, SECOND), 3.0, "the second route")
+        await eventually(lambda: has(client, SECOND), 3.0, "the second route")
     assert await route_of(client, "rt3", SECOND) == LINK  # closing withdraws only what ended
 
 

@@ -11,14 +11,14 @@ import asyncio
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from deploy.redis_server import SERVICE, RedisServer, SentinelTopology
-from deploy.waiting import wait_until
+from deploy.waiting import eventually, wait_until
 from transceiver.store.errors import (
     LeaseHeldError,
     ReplicationError,
@@ -46,16 +46,6 @@ def item(n: int, text: str = "") -> dict[str, Any]:
 
 def config_for(server: RedisServer, **overrides: Any) -> RedisConfig:
     return RedisConfig(url=server.url, key_prefix=f"t{uuid.uuid4().hex[:12]}", **overrides)
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> float:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not await check():
-        if loop.time() - start > timeout_s:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
-    return loop.time() - start
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +229,7 @@ async def test_an_expired_lease_lets_a_new_owner_claim_without_force(
             return False
         return True
 
-    await until(claim, 5.0, "the 0.3 s lease to expire")
+    await eventually(claim, 5.0, "the 0.3 s lease to expire")
     assert claimed[0].token == 2
     with pytest.raises(StaleOwnerError):
         await store.append_item(old, item(1))
@@ -373,7 +363,7 @@ async def failover_scenario(topology: SentinelTopology) -> None:
             outcome.append(None)
             return True
 
-        await until(write_reaches_new_primary, 20.0, "the store to reach the promoted replica")
+        await eventually(write_reaches_new_primary, 20.0, "the store to reach the promoted replica")
         took_s = time.monotonic() - started
         print(f"failover: first write on the promoted replica {took_s:.2f} s after the kill")
         assert topology.primary_port() == topology.replica.port
@@ -411,9 +401,9 @@ async def restart_scenario(server: RedisServer) -> None:
         for n in range(6, 16):
             queue.submit(lease, AppendItem(item(n)))
         queue.submit(lease, AdvanceTurn(7))
-        await until(async_value(lambda: not queue.healthy), 5.0, "/readyz to see Redis down")
+        await eventually(lambda: not queue.healthy, 5.0, "/readyz to see Redis down")
         # Down for a few seconds, longer than the 1 s lease: ~15 failed flushes of 0.2 s.
-        await until(async_value(lambda: queue.failed_flushes >= 15), 10.0, "retries")
+        await eventually(lambda: queue.failed_flushes >= 15, 10.0, "retries")
         assert queue.pending == 11  # kept, not dropped
 
         server.start()  # same port, same directory: the AOF comes back
@@ -423,13 +413,6 @@ async def restart_scenario(server: RedisServer) -> None:
     assert state.items == tuple(item(n) for n in range(1, 16))  # nothing lost, order kept
     assert state.turn == 7
     assert (state.owner_id, state.token) == ("tx-a", 1)  # the lapsed lease cost no ownership
-
-
-def async_value(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return predicate()
-
-    return check
 
 
 async def test_a_stale_queue_is_dropped_and_reported(store: RedisSessionStore) -> None:
@@ -479,7 +462,7 @@ async def test_heartbeat_keeps_the_lease_and_reports_a_takeover(
                 await store.claim(sid, "tx-b", lease_s=LEASE_S)
             await asyncio.sleep(0.1)
         await store.claim(sid, "tx-b", lease_s=LEASE_S, force=True)
-        await until(async_value(lambda: lost == [lease]), 3.0, "the heartbeat to see the takeover")
+        await eventually(lambda: lost == [lease], 3.0, "the heartbeat to see the takeover")
         assert beat.held == ()
 
 
