@@ -30,7 +30,15 @@ from relay.wire.header import (
     parse_header,
 )
 from relay.wire.hello import HelloError, open_hello, seal_hello
-from relay.wire.stun import MAGIC_COOKIE, StunError, classify, integrity_ok, read_binding_request
+from relay.wire.stun import (
+    MAGIC_COOKIE,
+    StunError,
+    classify,
+    integrity_ok,
+    message_class,
+    peek_server_ufrag,
+    read_binding_request,
+)
 from relay.wire.ufrag import Keyring, UfragError, decode_ufrag, derive_password, mint_ufrag
 
 RING = Keyring.parse("2:" + "22" * 32 + ",1:" + "11" * 32)
@@ -191,6 +199,29 @@ def test_edited_requests_at_the_size_limit(data: bytes) -> None:
 def test_random_datagrams_at_the_size_limit(data: bytes) -> None:
     classify(data)
     check_public(data)
+
+
+def stun_looking(size: int) -> st.SearchStrategy[bytes]:
+    """First byte and magic cookie of STUN, anything else random: the peek walks it."""
+    cookie = MAGIC_COOKIE.to_bytes(4, "big")
+    return exactly(size - 4).map(lambda rest: rest[:1] + b"\x01" + rest[1:3] + cookie + rest[3:])
+
+
+@settings(max_examples=200, deadline=None)
+@given(around(MAX_PAYLOAD_BYTES).flatmap(lambda n: stun_looking(n) | exactly(n)))
+def test_the_stun_peek_takes_any_payload_up_to_the_size_limit(payload: bytes) -> None:
+    """What demuxes a forwarded datagram on the transceiver's link never raises, at the largest
+    sizes a relay forwards."""
+    kind = message_class(payload)
+    assert kind is None or kind in (0x0000, 0x0010, 0x0100, 0x0110)
+    ufrag = peek_server_ufrag(payload)
+    assert ufrag is None or len(ufrag) < len(payload)
+
+
+def test_the_stun_peek_finds_the_ufrag_of_a_request_at_the_size_limit() -> None:
+    request = signed_request_of_size(RING, ("127.0.0.1", 7000), MAX_PAYLOAD_BYTES)
+    assert message_class(request) == 0x0000
+    assert peek_server_ufrag(request) == request[24:60]  # USERNAME comes first
 
 
 def check_link(datagram: bytes) -> None:

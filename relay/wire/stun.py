@@ -1,10 +1,14 @@
-"""Just enough STUN for a relay: first-byte demux, USERNAME, MESSAGE-INTEGRITY.
+"""Just enough STUN for both sides of the link: first-byte demux, USERNAME, MESSAGE-INTEGRITY.
 
 Pure: bytes in, decisions out. The relay never builds or answers STUN; it reads the USERNAME
 of a binding request from an unknown address (to find the transceiver) and checks the
 request's MESSAGE-INTEGRITY against the password derived from the ufrag. It does not parse the
 message fully: it validates the 20-byte header and walks the attributes up to
 MESSAGE-INTEGRITY, bounded by the message length.
+
+The transceiver's link demuxes every forwarded datagram with the lighter peek: ``message_class``
+(request, indication, success or error; None when not STUN) and ``peek_server_ufrag`` (the
+server half of a request's USERNAME), which never raise; aioice validates what it is handed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ ATTR_USERNAME = 0x0006
 ATTR_MESSAGE_INTEGRITY = 0x0008
 INTEGRITY_BYTES = 20
 MAX_USERNAME_BYTES = 513  # RFC 8489 §14.3: "MUST contain a UTF-8 encoded sequence of < 509 bytes"
+# RFC 8489 §5: the class bits of the message type.
+CLASS_MASK = 0x0110
+CLASS_REQUEST, CLASS_INDICATION, CLASS_SUCCESS, CLASS_ERROR = 0x0000, 0x0010, 0x0100, 0x0110
+_COOKIE_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
+_PEEK_BYTES = 1_500  # the peek reads attributes within this many bytes after the header
+_PEEK_ATTRIBUTES = 64  # and walks at most this many of them
 
 _HEADER = struct.Struct("!HHI")
 _TLV = struct.Struct("!HH")
@@ -51,6 +61,28 @@ FIRST_BYTE_KINDS = _first_byte_kinds()
 def classify(datagram: bytes) -> Kind:
     """RFC 7983 demux: 0-3 STUN, 20-63 DTLS, 128-191 RTP/RTCP, anything else (or empty) OTHER."""
     return Kind(FIRST_BYTE_KINDS[datagram[0]]) if datagram else Kind.OTHER
+
+
+def message_class(datagram: bytes) -> int | None:
+    """The class bits of a STUN message (RFC 8489 §5), or None when it is not STUN."""
+    if len(datagram) < HEADER_BYTES or datagram[4:8] != _COOKIE_BYTES or datagram[0] > 3:
+        return None
+    return int.from_bytes(datagram[0:2], "big") & CLASS_MASK
+
+
+def peek_server_ufrag(datagram: bytes) -> bytes | None:
+    """The recipient's half of a request's USERNAME (``server:client``, RFC 8445 §7.2.2),
+    without a full parse: a bounded walk over the attribute TLVs; None when there is none."""
+    offset, end = HEADER_BYTES, min(len(datagram), HEADER_BYTES + _PEEK_BYTES)
+    for _ in range(_PEEK_ATTRIBUTES):
+        if offset + 4 > end:
+            return None
+        kind, size = _TLV.unpack_from(datagram, offset)
+        if kind == ATTR_USERNAME:
+            value = datagram[offset + 4 : offset + 4 + size]
+            return value.partition(b":")[0] if len(value) == size else None
+        offset += 4 + (size + 3) // 4 * 4
+    return None
 
 
 class StunError(ValueError):

@@ -11,7 +11,8 @@ HELLOs).
 
 Demux of an inbound datagram (after the header):
 
-- STUN request: by the server ufrag, the first half of USERNAME (RFC 8445 §7.2.2);
+- STUN request: by the server ufrag, the first half of USERNAME (RFC 8445 §7.2.2), read with
+  the wire contract's peek (``relay.wire.stun.peek_server_ufrag``);
 - STUN response or error: by transaction id (recorded when a session sent the request), falling
   back to the client address;
 - anything else (DTLS, SRTP/SRTCP): by client address, one dict lookup on the raw header bytes.
@@ -60,6 +61,7 @@ from relay.wire.header import (
     ip_text,
 )
 from relay.wire.hello import HelloError
+from relay.wire.stun import CLASS_ERROR, CLASS_REQUEST, message_class, peek_server_ufrag
 from relay.wire.ufrag import Keyring
 from transceiver.background import BackgroundLoop
 from transceiver.webrtc.keyed_relays import KeyedRelays
@@ -73,11 +75,6 @@ TRANSACTION_TTL_S = 40.0
 MAX_TRANSACTIONS = 65_536
 MAX_CLIENTS_PER_SESSION = 16
 HOUSEKEEPING_INTERVAL_S = 1.0
-STUN_MAGIC_COOKIE = b"\x21\x12\xa4\x42"
-STUN_HEADER_BYTES = 20
-STUN_USERNAME = 0x0006
-_CLASS_MASK = 0x0110
-_CLASS_REQUEST, _CLASS_ERROR = 0x0000, 0x0110
 log = logging.getLogger(__name__)
 
 
@@ -93,28 +90,6 @@ class RoutePublisher(Protocol):
 
 # (the link's bound address, its live routes: client -> link) -> the publisher of those routes
 RoutePublisherFactory = Callable[[Address, Callable[[], Mapping[Address, Address]]], RoutePublisher]
-
-
-def stun_class(payload: bytes) -> int | None:
-    """The STUN class bits of a datagram (RFC 8489 §5), or None when it is not STUN."""
-    if len(payload) < STUN_HEADER_BYTES or payload[4:8] != STUN_MAGIC_COOKIE or payload[0] > 3:
-        return None
-    return int.from_bytes(payload[0:2], "big") & _CLASS_MASK
-
-
-def stun_server_ufrag(payload: bytes) -> bytes | None:
-    """Our half of a request's USERNAME (``server:client``) without a full parse."""
-    offset, end = STUN_HEADER_BYTES, min(len(payload), STUN_HEADER_BYTES + 1_500)
-    for _ in range(64):  # bounded walk over the attribute TLVs
-        if offset + 4 > end:
-            return None
-        kind = int.from_bytes(payload[offset : offset + 2], "big")
-        length = int.from_bytes(payload[offset + 2 : offset + 4], "big")
-        if kind == STUN_USERNAME:
-            value = payload[offset + 4 : offset + 4 + length]
-            return value.partition(b":")[0] if len(value) == length else None
-        offset += 4 + (length + 3) // 4 * 4
-    return None
 
 
 def key_address(key: bytes) -> Address:
@@ -318,9 +293,9 @@ class Link(asyncio.DatagramProtocol):
             return None
         if payload[0] > 3:
             return self._by_key.get(key)
-        kind = stun_class(payload)
-        if kind == _CLASS_REQUEST:
-            ufrag = stun_server_ufrag(payload)
+        kind = message_class(payload)
+        if kind == CLASS_REQUEST:
+            ufrag = peek_server_ufrag(payload)
             return None if ufrag is None else self._by_ufrag.get(ufrag)
         if kind is not None and kind & 0x0100:  # success or error response
             entry = self._transactions.get(payload[8:20])
@@ -360,10 +335,10 @@ class Link(asyncio.DatagramProtocol):
         if worker is None or self._transport is None:
             self.counters["drop_no_relay"] += 1
             return
-        kind = stun_class(payload) if payload[:1] < b"\x04" else None
-        if kind != _CLASS_ERROR and key not in session.clients:
+        kind = message_class(payload) if payload[:1] < b"\x04" else None
+        if kind != CLASS_ERROR and key not in session.clients:
             self._learn(session, key)
-        if kind == _CLASS_REQUEST:
+        if kind == CLASS_REQUEST:
             self._record_transaction(session, payload[8:20])
         self.counters["datagrams_out"] += 1
         self._transport.sendto(header + payload, worker)
