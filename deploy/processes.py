@@ -25,7 +25,7 @@ from typing import Any, cast
 import httpx
 
 from deploy.waiting import poll
-from relay.config import HELLO_INTERVAL_S
+from relay.timing import RelayTiming
 from relay.wire.header import HEADER_BYTES, HeaderError, header_for, parse_header
 from relay.wire.hello import seal_hello
 from relay.wire.ufrag import Keyring
@@ -191,15 +191,18 @@ class LoopbackRelay:
     """A one-worker relay stand-in: client datagrams get the header, link datagrams lose it.
 
     Like a relay worker it proves the keyring (``keys``, the transceiver's) with a HELLO: before
-    the first datagram it forwards, then again when HELLO_INTERVAL_S has passed (checked as
-    datagrams pass, so no timer task)."""
+    the first datagram it forwards, then again when ``hello_interval_s`` has passed (checked as
+    datagrams pass, so no timer task; a relay's own by default)."""
 
-    def __init__(self, transceiver: Address, keys: str) -> None:
+    def __init__(
+        self, transceiver: Address, keys: str, hello_interval_s: float | None = None
+    ) -> None:
         self.transceiver = transceiver
+        self.hello_interval_s = hello_interval_s or RelayTiming().hello_interval_s
         self.keyring = Keyring.parse(keys)
         self.public = _Forward(self._from_client)
         self.link = _Forward(self._from_transceiver)
-        self._hello_at_s = -HELLO_INTERVAL_S
+        self._hello_at_s = -self.hello_interval_s
 
     async def start(self, host: str = "127.0.0.1") -> Address:
         loop = asyncio.get_running_loop()
@@ -219,7 +222,7 @@ class LoopbackRelay:
 
     def _from_client(self, data: bytes, client: Address) -> None:
         assert self.link.transport is not None
-        if time.monotonic() - self._hello_at_s >= HELLO_INTERVAL_S:
+        if time.monotonic() - self._hello_at_s >= self.hello_interval_s:
             self.hello()  # same socket, sent first: the transceiver reads it first
         self.link.transport.sendto(header_for(client) + data, self.transceiver)
 
@@ -346,7 +349,7 @@ class Stack:
     async def keyed(self, timeout_s: float = 5.0) -> None:
         """Wait until every transceiver takes data from every relay worker: a worker's first
         HELLO is lost if it went out before that transceiver bound its link (the next follows
-        within HELLO_INTERVAL_S)."""
+        within the relay's ``hello_interval_s``)."""
         async with httpx.AsyncClient(timeout=timeout_s) as http:
 
             async def keyed() -> list[float]:

@@ -2,9 +2,10 @@
 
 Layers: protocol (``wire``, the contract with the transceivers; ``routing``, ``counters``:
 pure, no sockets or asyncio), I/O (``worker``, ``supervisor``, ``http``, ``route_lookup``,
-``restarts``: sockets, processes, uvloop, Redis) and policy (``config``). Nothing here imports
+``restarts``: sockets, processes, uvloop, Redis) and policy (``config``; ``timing``, its
+timings as data). Nothing here imports
 the transceiver or the pipeline.
 
 May import: (nothing of ours)
-Pure: routing, counters
+Pure: routing, counters, timing
 """

@@ -17,15 +17,15 @@ import os
 import re
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from relay.timing import RelayTiming, RestartPauses
 from relay.wire.ufrag import Keyring
 
 Address = tuple[str, int]
 
-HELLO_INTERVAL_S = 1.0
-PUBLISH_INTERVAL_S = 0.5
-EXPIRY_INTERVAL_S = 1.0
+_TIMING = RelayTiming()
+_PAUSES = RestartPauses()
 
 
 class ConfigError(ValueError):
@@ -46,6 +46,7 @@ class RelayConfig:
     hello: bool = True
     redis_url: str | None = None  # the route cache; None: no Redis, routes from STUN/HELLO only
     redis_key_prefix: str = "voicerelay"
+    timing: RelayTiming = field(default_factory=RelayTiming)
 
     @property
     def stun_burst(self) -> float:
@@ -70,6 +71,19 @@ _FIELDS: dict[str, tuple[str | None, str]] = {
     ),
     "REDIS_URL": ("", "route cache redis://host:port/db, asked about unknown clients (optional)"),
     "REDIS_KEY_PREFIX": ("voicerelay", "key namespace of the route cache (the transceivers')"),
+    # Timings (relay.timing.RelayTiming); the defaults are the dataclass's own.
+    "HELLO_INTERVAL_S": (str(_TIMING.hello_interval_s), "seconds between HELLOs to transceivers"),
+    "PUBLISH_INTERVAL_S": (str(_TIMING.publish_interval_s), "seconds between counter copies"),
+    "EXPIRY_INTERVAL_S": (str(_TIMING.expiry_interval_s), "seconds between idle-route sweeps"),
+    "CLOCK_INTERVAL_S": (str(_TIMING.clock_interval_s), "worker ticker period (route clock)"),
+    "LOOKUP_RETRY_S": (str(_TIMING.lookup_retry_s), "one route-cache lookup per source per this"),
+    "READY_TIMEOUT_S": (str(_TIMING.ready_timeout_s), "workers must be ready within this"),
+    "STOP_TIMEOUT_S": (str(_TIMING.stop_timeout_s), "at exit, SIGKILL workers after this"),
+    "WATCH_INTERVAL_S": (str(_TIMING.watch_interval_s), "poll of workers starting, stopping"),
+    "RESPAWN_PAUSE_S": (str(_TIMING.respawn_pause_s), "poll of dead workers to replace"),
+    "RESTART_FIRST_S": (str(_PAUSES.first_s), "first pause before a crashed task restarts"),
+    "RESTART_MAX_S": (str(_PAUSES.max_s), "longest pause before a crashed task restarts"),
+    "RESTART_HEALTHY_AFTER_S": (str(_PAUSES.healthy_after_s), "a run this long resets it"),
 }
 _SWITCH = {"on": True, "off": False}
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -177,6 +191,32 @@ def _build(values: Mapping[str, str]) -> RelayConfig:
         hello=_switch(values["HELLO"], "RELAY_HELLO"),
         redis_url=_redis_url(values["REDIS_URL"]),
         redis_key_prefix=_prefix(values["REDIS_KEY_PREFIX"]),
+        timing=_timing(values),
+    )
+
+
+def _seconds(values: Mapping[str, str], suffix: str, low: float = 0.01) -> float:
+    return _number(values[suffix], f"RELAY_{suffix}", low, float)
+
+
+def _timing(values: Mapping[str, str]) -> RelayTiming:
+    first_s = _seconds(values, "RESTART_FIRST_S")
+    pauses = RestartPauses(
+        first_s=first_s,
+        max_s=_seconds(values, "RESTART_MAX_S", first_s),
+        healthy_after_s=_seconds(values, "RESTART_HEALTHY_AFTER_S"),
+    )
+    return RelayTiming(
+        hello_interval_s=_seconds(values, "HELLO_INTERVAL_S"),
+        publish_interval_s=_seconds(values, "PUBLISH_INTERVAL_S"),
+        expiry_interval_s=_seconds(values, "EXPIRY_INTERVAL_S"),
+        clock_interval_s=_seconds(values, "CLOCK_INTERVAL_S"),
+        lookup_retry_s=_seconds(values, "LOOKUP_RETRY_S"),
+        ready_timeout_s=_seconds(values, "READY_TIMEOUT_S", 0.1),
+        stop_timeout_s=_seconds(values, "STOP_TIMEOUT_S"),
+        watch_interval_s=_seconds(values, "WATCH_INTERVAL_S"),
+        respawn_pause_s=_seconds(values, "RESPAWN_PAUSE_S"),
+        restarts=pauses,
     )
 
 

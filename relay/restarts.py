@@ -1,8 +1,9 @@
 """Keep a worker's owned task running: a crash is logged, counted and followed by a restart.
 
 I/O layer (asyncio). ``run_restarting`` awaits the task's coroutine function again after each
-crash (an exception other than cancellation), after a pause that grows from ``FIRST_S`` to
-``MAX_S`` and starts over once a run lasted ``HEALTHY_AFTER_S``. Each crash is logged with its
+crash (an exception other than cancellation), after a pause that grows from ``first_s`` to
+``max_s`` and starts over once a run lasted ``healthy_after_s`` (``relay.timing.RestartPauses``,
+from the relay's configuration). Each crash is logged with its
 traceback and reported through ``crashed`` (the worker counts it in its shared counter row,
 served as ``relay_task_crashes_total{task}``). The relay's owned tasks keep their state on the
 worker (routes, admission, queue), so a new run carries on where the dead one stopped.
@@ -19,14 +20,16 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from relay.timing import RestartPauses
+
 log = logging.getLogger(__name__)
-FIRST_S = 0.5
-MAX_S = 30.0
-HEALTHY_AFTER_S = 60.0
 
 
 async def run_restarting(
-    name: str, run: Callable[[], Awaitable[None]], crashed: Callable[[], None]
+    name: str,
+    run: Callable[[], Awaitable[None]],
+    crashed: Callable[[], None],
+    pauses: RestartPauses,
 ) -> None:
     """Await ``run()`` until it returns or this task is cancelled; restart it when it raises."""
     loop = asyncio.get_running_loop()
@@ -37,8 +40,9 @@ async def run_restarting(
             await run()
             return
         except Exception:
-            in_a_row = 1 if loop.time() - started_s >= HEALTHY_AFTER_S else in_a_row + 1
-            delay_s = min(MAX_S, FIRST_S * 2.0 ** (in_a_row - 1))
+            healthy = loop.time() - started_s >= pauses.healthy_after_s
+            in_a_row = 1 if healthy else in_a_row + 1
+            delay_s = pauses.delay_s(in_a_row)
             crashed()
             log.exception("%s crashed (%d in a row); restarting in %.1f s", name, in_a_row, delay_s)
         await asyncio.sleep(delay_s)

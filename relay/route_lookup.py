@@ -11,8 +11,8 @@ lookup is dropped (counted as ``unknown_address``); the client's next one is for
 The keys and values are the transceivers' (``transceiver.store.route_cache``): that module is the
 wire contract of the cache, as ``relay.wire.header`` is of the link.
 
-Bounds: one lookup per source per ``RETRY_AFTER_S`` (dedupes in-flight lookups, caches misses
-and rate-limits each source), at most ``MAX_RECENT_SOURCES`` remembered, a queue of at most
+Bounds: one lookup per source per ``timing.lookup_retry_s`` (dedupes in-flight lookups, caches
+misses and rate-limits each source), at most ``MAX_RECENT_SOURCES`` remembered, a queue of at most
 ``QUEUE_MAX`` addresses (overflow counted), short Redis timeouts and no retries: a Redis that is
 down costs failed lookups, never forwarding of known routes. A crash of the lookup task (a bug,
 not Redis being away) is logged, counted and the task restarted (``relay.restarts``).
@@ -32,9 +32,9 @@ from redis.exceptions import RedisError
 from relay import counters as c
 from relay.restarts import run_restarting
 from relay.routing import Address, ClientKey, Router, normalize_address
+from relay.timing import RelayTiming
 from relay.wire.route_record import RouteValueError, decode_route, route_key
 
-RETRY_AFTER_S = 1.0
 MAX_RECENT_SOURCES = 100_000
 QUEUE_MAX = 1024
 BATCH_MAX = 64
@@ -44,7 +44,7 @@ REDIS_TIMEOUT_S = 0.25
 class LookupAdmission:
     """Pure: whether an unknown source may be looked up now (one per ``retry_after_s``)."""
 
-    def __init__(self, retry_after_s: float = RETRY_AFTER_S) -> None:
+    def __init__(self, retry_after_s: float) -> None:
         self.retry_after_s = retry_after_s
         self.asked: dict[ClientKey, float] = {}  # source -> when it was last looked up
 
@@ -68,12 +68,20 @@ class LookupAdmission:
 class RouteLookups:
     """One worker's route-cache client: ``start()``, ``want()`` from the miss path, ``aclose()``."""
 
-    def __init__(self, url: str, prefix: str, router: Router, counts: MutableSequence[int]) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        router: Router,
+        counts: MutableSequence[int],
+        timing: RelayTiming,
+    ) -> None:
         self.url = url
         self.prefix = prefix
         self.router = router
         self.counts = counts
-        self.admission = LookupAdmission()
+        self.timing = timing
+        self.admission = LookupAdmission(timing.lookup_retry_s)
         self._queue: asyncio.Queue[tuple[ClientKey, int]] = asyncio.Queue(QUEUE_MAX)
         self._redis: Redis | None = None
         self._task: asyncio.Task[None] | None = None
@@ -86,7 +94,7 @@ class RouteLookups:
             retry=Retry(NoBackoff(), 0),
         )
         self._task = asyncio.create_task(
-            run_restarting("route cache lookups", self._run, self._crashed),
+            run_restarting("route cache lookups", self._run, self._crashed, self.timing.restarts),
             name="route cache lookups",
         )
 

@@ -3,7 +3,7 @@
 I/O layer. Lifecycle: load config (``relay.__main__``), start the HTTP port, spawn N workers,
 wait until each has bound its sockets, print ``relay ready``, then watch the workers and
 replace any that dies. SIGTERM/SIGINT only set a flag; the main task then stops the workers
-(SIGTERM, then SIGKILL after STOP_TIMEOUT_S) and returns 0.
+(SIGTERM, then SIGKILL after ``timing.stop_timeout_s``) and returns 0.
 
 Workers publish counters into one shared ``multiprocessing.Array`` of uint64 (a row each).
 When a worker is replaced its last counts are folded into ``retired`` so that the totals served
@@ -24,11 +24,6 @@ from relay.config import RelayConfig
 from relay.http import HttpEndpoints, Snapshot, start_http
 from relay.worker import run_worker
 
-READY_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 5.0
-WATCH_INTERVAL_S = 0.1
-RESTART_BACKOFF_S = 0.5
-
 
 class StartError(RuntimeError):
     """The relay could not start; the message says why."""
@@ -39,6 +34,7 @@ class Supervisor:
 
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
+        self.timing = config.timing
         self._context = multiprocessing.get_context("spawn")
         self.shared = self._context.Array("Q", config.workers * c.ROW, lock=False)
         self.retired = [0] * c.ROW
@@ -96,7 +92,7 @@ class Supervisor:
                     )
             if loop.time() > deadline:
                 raise StartError(f"workers not ready after {timeout_s:.0f} s")
-            await asyncio.sleep(WATCH_INTERVAL_S)
+            await asyncio.sleep(self.timing.watch_interval_s)
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Replace dead workers until ``stop`` is set."""
@@ -111,19 +107,20 @@ class Supervisor:
                     process.close()
                     self.replace(index)
             try:
-                await asyncio.wait_for(stop.wait(), timeout=RESTART_BACKOFF_S)
+                await asyncio.wait_for(stop.wait(), timeout=self.timing.respawn_pause_s)
             except TimeoutError:
                 pass
 
     async def stop_workers(self) -> None:
-        """SIGTERM every worker, SIGKILL what is left after STOP_TIMEOUT_S."""
+        """SIGTERM every worker, SIGKILL what is left after ``timing.stop_timeout_s``."""
         live = [p for p in self.processes if p is not None and p.exitcode is None]
         for process in live:
             process.terminate()
-        for _ in range(int(STOP_TIMEOUT_S / WATCH_INTERVAL_S)):
+        watch_s = self.timing.watch_interval_s
+        for _ in range(int(self.timing.stop_timeout_s / watch_s)):
             if all(p.exitcode is not None for p in live):
                 break
-            await asyncio.sleep(WATCH_INTERVAL_S)
+            await asyncio.sleep(watch_s)
         for process in live:
             if process.exitcode is None:
                 process.kill()
@@ -155,7 +152,7 @@ async def _serve(supervisor: Supervisor, stop: asyncio.Event) -> int:
     for index in range(supervisor.config.workers):
         supervisor.spawn(index)
     try:
-        await supervisor.wait_ready(READY_TIMEOUT_S)
+        await supervisor.wait_ready(supervisor.timing.ready_timeout_s)
     except StartError as error:
         print(f"relay: {error}", file=sys.stderr, flush=True)
         return 1

@@ -5,7 +5,8 @@ I/O layer. Each socket is read with ``loop.add_reader`` and a bounded drain loop
 BlockingIOError): asyncio's DatagramProtocol costs one epoll round per datagram and measured
 0.34x of a C forwarder here, a plain loop ~0.6x (DESIGN.md). The hot paths are inlined and keep
 their lookups in local variables; everything else goes through ``relay.routing.Router``.
-Counters are plain ints, copied into the supervisor's shared array every PUBLISH_INTERVAL_S.
+Counters are plain ints, copied into the supervisor's shared array every
+``timing.publish_interval_s`` (``relay.timing``).
 """
 
 from __future__ import annotations
@@ -21,12 +22,7 @@ import time
 from collections.abc import Callable, MutableSequence
 
 from relay import counters as c
-from relay.config import (
-    EXPIRY_INTERVAL_S,
-    HELLO_INTERVAL_S,
-    PUBLISH_INTERVAL_S,
-    RelayConfig,
-)
+from relay.config import RelayConfig
 from relay.counters import DROP_INDEX
 from relay.restarts import run_restarting
 from relay.route_lookup import RouteLookups
@@ -51,7 +47,6 @@ OVERSIZED = c.DROPS + DROP_INDEX["oversized"]
 OVERSIZED_LINK = c.DROPS + DROP_INDEX["oversized_link"]
 DRAIN_BATCH = 256  # datagrams per readiness callback, so one busy socket cannot starve another
 SOCKET_BUFFER_BYTES = 4 << 20
-CLOCK_INTERVAL_S = 0.25  # resolution of the "last seen" stamp on routes
 _PR_SET_PDEATHSIG = 1
 
 
@@ -106,7 +101,7 @@ class Worker:
         self.lookups: RouteLookups | None = None
         if config.redis_url is not None:
             self.lookups = RouteLookups(
-                config.redis_url, config.redis_key_prefix, self.router, self.counts
+                config.redis_url, config.redis_key_prefix, self.router, self.counts, config.timing
             )
 
     def start(self) -> None:
@@ -125,7 +120,8 @@ class Worker:
         self.send_hellos()
         self.publish()
         self._ticker = asyncio.create_task(
-            run_restarting("ticker", self._tick, self._ticker_crashed), name="ticker"
+            run_restarting("ticker", self._tick, self._ticker_crashed, self.config.timing.restarts),
+            name="ticker",
         )
 
     def _ticker_crashed(self) -> None:
@@ -267,18 +263,18 @@ class Worker:
 
     async def _tick(self) -> None:
         """Clock stamp, counter publishing, HELLO, expiry: timers, never per packet."""
-        loop = asyncio.get_running_loop()
+        loop, timing = asyncio.get_running_loop(), self.config.timing
         last_publish_s = last_hello_s = last_expiry_s = loop.time()
         while True:
-            await asyncio.sleep(CLOCK_INTERVAL_S)
+            await asyncio.sleep(timing.clock_interval_s)
             self.now_s = now_s = loop.time()
-            if now_s - last_publish_s >= PUBLISH_INTERVAL_S:
+            if now_s - last_publish_s >= timing.publish_interval_s:
                 last_publish_s = now_s
                 self.publish()
-            if now_s - last_hello_s >= HELLO_INTERVAL_S:
+            if now_s - last_hello_s >= timing.hello_interval_s:
                 last_hello_s = now_s
                 self.send_hellos()
-            if now_s - last_expiry_s >= EXPIRY_INTERVAL_S:
+            if now_s - last_expiry_s >= timing.expiry_interval_s:
                 last_expiry_s = now_s
                 self.routes.expire(now_s)
                 self.router.rate_limit.sweep(now_s)

@@ -27,6 +27,7 @@ from deploy.waiting import eventually
 from relay import counters as c
 from relay.route_lookup import RouteLookups
 from relay.routing import Router, RouteTable, StunRateLimit
+from relay.timing import RelayTiming
 from relay.wire.route_record import encode_route, route_key
 from relay.wire.ufrag import Keyring
 from transceiver.background import BackgroundLoop
@@ -325,7 +326,9 @@ async def test_the_relays_route_lookups_are_restarted(
     keyring = Keyring.parse("1:" + "ab" * 32)
     router = Router(keyring, [link], [4], routes, StunRateLimit(20, 40))
     counts = [0] * c.ROW
-    lookups = RouteLookups(redis_config.url or "", redis_config.key_prefix, router, counts)
+    lookups = RouteLookups(
+        redis_config.url or "", redis_config.key_prefix, router, counts, RelayTiming()
+    )
     lookups.start()
     try:
         now = asyncio.get_running_loop().time()

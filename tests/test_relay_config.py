@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relay.config import ConfigError, load_config
+from relay.timing import RelayTiming
 
 KEYS = "1:" + "ab" * 32
 BASE = {"RELAY_KEYS": KEYS, "RELAY_TRANSCEIVERS": "127.0.0.1:7000"}
@@ -80,3 +81,15 @@ def test_transceivers_may_be_named_by_host_name() -> None:
 def test_public_addresses_must_stay_ip_literals() -> None:
     with pytest.raises(ConfigError, match="RELAY_PUBLIC: 'localhost' is not an IP address"):
         load_config([], BASE | {"RELAY_PUBLIC": "localhost:3478"})
+
+
+def test_timing_defaults_flags_and_limits() -> None:
+    assert load_config([], BASE).timing == RelayTiming()
+    environ = BASE | {"RELAY_HELLO_INTERVAL_S": "0.2", "RELAY_RESTART_MAX_S": "2"}
+    timing = load_config(["--restart-first-s", "0.1", "--ready-timeout-s", "3"], environ).timing
+    assert (timing.hello_interval_s, timing.ready_timeout_s) == (0.2, 3.0)
+    assert (timing.restarts.first_s, timing.restarts.max_s) == (0.1, 2.0)
+    with pytest.raises(ConfigError, match="RELAY_RESTART_MAX_S: 0.1 is below 0.5"):
+        load_config(["--restart-max-s", "0.1"], BASE)
+    with pytest.raises(ConfigError, match="RELAY_CLOCK_INTERVAL_S: 'x' is not a number"):
+        load_config(["--clock-interval-s", "x"], BASE)

@@ -2,9 +2,9 @@
 
 No sockets and no asyncio; both clocks are passed in. The link (``transceiver.webrtc.link``) asks
 ``admit`` for every HELLO and checks ``sources`` (one dict membership test) for every data
-datagram. A relay worker sends a HELLO every second (``relay.config.HELLO_INTERVAL_S``); an
-address whose last good HELLO is older than ``KEYED_TTL_S`` is forgotten, as silent workers
-are.
+datagram. A relay worker sends a HELLO every second by default
+(``relay.timing.RelayTiming.hello_interval_s``); an address whose last good HELLO is older than
+``KEYED_TTL_S`` is forgotten, as silent workers are.
 """
 
 from __future__ import annotations
