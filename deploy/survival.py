@@ -12,8 +12,8 @@ from pathlib import Path
 from deploy.processes import Stack
 from deploy.redis_server import RedisServer
 from deploy.waiting import poll
+from relay.wire.redis_config import RedisConfig
 from transceiver.store.keys import SessionState
-from transceiver.store.redis_config import RedisConfig
 from transceiver.store.sessions import RedisSessionStore
 
 

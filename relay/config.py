@@ -5,7 +5,7 @@ a flag wins over the variable, the variable over the default. Bad values raise C
 naming the variable and what was expected.
 
 Its number parser (``_number``) is the relay's own, not the transceiver's
-(``transceiver.store.redis_config.parse_number``): the relay may import only ``relay.wire``,
+(``relay.wire.redis_config.parse_number``): the relay may import only ``relay.wire``,
 and configuration is no part of that wire contract.
 """
 

@@ -40,10 +40,10 @@ from deploy.local import Launched, launched
 from deploy.redis_server import redis_server_binary
 from loadtest.browser import chromium, recorded_audio
 from loadtest.voice_audio import Speaker, hear, voiced, write_wav
+from relay.wire.redis_config import RedisConfig
 from transceiver.store.errors import SessionEndedError
 from transceiver.store.journal import RESUME_TOKEN_HEADER, SESSION_HEADER
 from transceiver.store.keys import SessionState
-from transceiver.store.redis_config import RedisConfig
 from transceiver.store.sessions import RedisSessionStore
 
 pytestmark = [

@@ -47,9 +47,9 @@ from deploy.redis_server import (
 from deploy.survival import Survival, pipeline_stack, stored_until, survival_stack
 from deploy.waiting import wait_until
 from loadtest.realtime_client import RealtimeClient, acknowledged, ask, opened, resume
+from relay.wire.redis_config import RedisConfig
 from transceiver.store.errors import StoreUnavailableError
 from transceiver.store.keys import SessionState
-from transceiver.store.redis_config import RedisConfig
 from transceiver.store.survival import SurvivalPolicy
 
 pytestmark = [

@@ -28,6 +28,7 @@ from relay import counters as c
 from relay.route_lookup import RouteLookups
 from relay.routing import Router, RouteTable, StunRateLimit
 from relay.timing import RelayTiming
+from relay.wire.redis_config import RedisConfig
 from relay.wire.route_record import encode_route, route_key
 from relay.wire.ufrag import Keyring
 from transceiver.background import BackgroundLoop
@@ -39,7 +40,6 @@ from transceiver.store.health import RedisHealth
 from transceiver.store.heartbeat import LeaseHeartbeat
 from transceiver.store.keys import Lease, new_credential
 from transceiver.store.persistence import SessionPersistence
-from transceiver.store.redis_config import RedisConfig
 from transceiver.store.route_cache import RouteCache
 from transceiver.store.route_publishing import RoutePublishing
 from transceiver.store.sessions import RedisSessionStore

@@ -16,11 +16,11 @@ import pytest
 from deploy.redis_server import RedisServer, redis_server_binary
 from deploy.waiting import eventually
 from pipeline.providers import Message
+from relay.wire.redis_config import RedisConfig
 from transceiver.store.errors import SessionNotFoundError, StoreError
 from transceiver.store.journal import SessionJournal
 from transceiver.store.keys import SessionState
 from transceiver.store.persistence import SessionPersistence
-from transceiver.store.redis_config import RedisConfig
 from transceiver.store.sessions import RedisSessionStore
 from transceiver.store.survival import SurvivalPolicy
 

@@ -14,10 +14,10 @@ from redis.asyncio import Redis
 
 from deploy.redis_server import RedisServer, free_tcp_port
 from deploy.waiting import eventually
+from relay.wire.redis_config import RedisConfig
 from relay.wire.route_record import RouteValueError, decode_route, encode_route, route_key
 from transceiver.store.connection import open_redis
 from transceiver.store.errors import StoreUnavailableError
-from transceiver.store.redis_config import RedisConfig
 from transceiver.store.route_cache import RouteCache
 from transceiver.store.route_publishing import RoutePublishing
 

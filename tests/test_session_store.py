@@ -19,6 +19,7 @@ import pytest
 
 from deploy.redis_server import SERVICE, RedisServer, SentinelTopology
 from deploy.waiting import eventually, wait_until
+from relay.wire.redis_config import RedisConfig, RedisConfigError
 from transceiver.store.errors import (
     LeaseHeldError,
     ReplicationError,
@@ -31,7 +32,6 @@ from transceiver.store.errors import (
 )
 from transceiver.store.heartbeat import LeaseHeartbeat
 from transceiver.store.keys import Lease, SessionKeys, new_credential
-from transceiver.store.redis_config import RedisConfig, RedisConfigError
 from transceiver.store.sessions import RedisSessionStore
 from transceiver.store.write_behind import AdvanceTurn, AppendItem, WriteBehindQueue
 

@@ -36,12 +36,12 @@ from pipeline.local_agent import LocalRuleBasedAgent
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 from pipeline.providers import ProviderError
 from pipeline.turns import TurnRecord
+from relay.wire.redis_config import RedisConfig
 from relay.wire.ufrag import Keyring
 from transceiver.metrics import RealtimeMetrics, TaskCrashCollector
 from transceiver.realtime.policy import SessionPolicy
 from transceiver.realtime.session import RealtimeSession
 from transceiver.store.persistence import SessionPersistence, open_persistence
-from transceiver.store.redis_config import RedisConfig
 from transceiver.store.survival import SurvivalPolicy
 from transceiver.webrtc import ice
 from transceiver.webrtc.calls import CallLimits, Calls

@@ -27,12 +27,12 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.config import ConfigError as PipelineConfigError
 from pipeline.config import PipelineConfig
+from relay.wire.redis_config import RedisConfig, RedisConfigError
 from transceiver.agents import Agents, open_agents
 from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.http.app import create_app
 from transceiver.http.auth import AuthConfig, AuthConfigError, Authenticator, auth_flags
 from transceiver.metrics import TaskCrashCollector
-from transceiver.store.redis_config import RedisConfig, RedisConfigError
 from transceiver.store.route_publishing import RoutePublishing
 from transceiver.webrtc import ice, rtp_tuning
 from transceiver.webrtc.calls import CallLimits, Calls

@@ -18,12 +18,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from pipeline.config import PipelineConfig
+from relay.wire.redis_config import RedisConfig
 from transceiver.config import TransceiverConfig
 from transceiver.http.app import Resume
 from transceiver.metrics import LeaseCollector, RedisHealthCollector
 from transceiver.realtime.client_events import EventError
 from transceiver.store.persistence import SessionPersistence, open_persistence
-from transceiver.store.redis_config import RedisConfig
 from transceiver.webrtc.calls import AgentFactory, AgentRequestError, CallAgent
 from transceiver.webrtc.echo import EchoAgent
 

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from relay.wire.redis_config import parse_number
 from relay.wire.ufrag import Keyring
 from transceiver.restarts import RestartPolicy
-from transceiver.store.redis_config import parse_number
 from transceiver.store.survival import SurvivalPolicy
 
 Address = tuple[str, int]

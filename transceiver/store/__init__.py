@@ -1,13 +1,13 @@
 """Session state in Redis, so sessions survive their transceiver.
 
-``redis_config`` and ``connection`` reach Redis (URL or Sentinel); ``keys`` and ``scripts`` are
-the record's layout and its fenced Lua updates; ``sessions`` is the store (claim, load, append,
-end); ``errors`` what it raises; ``write_behind`` queues writes while Redis is away;
-``heartbeat`` renews leases; ``journal`` turns one session's history into stored writes;
-``catch_up`` stores the sessions begun while Redis was away; ``health`` pings Redis;
+``connection`` reaches Redis (URL or Sentinel, as ``relay.wire.redis_config`` says); ``keys``
+and ``scripts`` are the record's layout and its fenced Lua updates; ``sessions`` is the store
+(claim, load, append, end); ``errors`` what it raises; ``write_behind`` queues writes while
+Redis is away; ``heartbeat`` renews leases; ``journal`` turns one session's history into stored
+writes; ``catch_up`` stores the sessions begun while Redis was away; ``health`` pings Redis;
 ``persistence`` is the facade a live session talks to; ``survival`` its policy as data;
 ``route_cache`` and ``route_publishing`` publish client routes for relays.
 
 May import: relay.wire, transceiver.background, transceiver.restarts, pipeline.providers
-Pure: keys, errors, redis_config, scripts, survival
+Pure: keys, errors, scripts, survival
 """

@@ -22,8 +22,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 
+from relay.wire.redis_config import RedisConfig
 from transceiver.store.errors import StoreUnavailableError
-from transceiver.store.redis_config import RedisConfig
 
 RETRIES = 1
 BACKOFF_BASE_S = 0.01

@@ -48,6 +48,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+from relay.wire.redis_config import RedisConfig
 from transceiver.background import BackgroundLoop
 from transceiver.store.catch_up import CatchUp
 from transceiver.store.errors import (
@@ -60,7 +61,6 @@ from transceiver.store.health import RedisHealth
 from transceiver.store.heartbeat import LeaseHeartbeat
 from transceiver.store.journal import RESUME_TOKEN_HEADER, SessionJournal
 from transceiver.store.keys import Lease, SessionState, check_id, new_credential
-from transceiver.store.redis_config import RedisConfig
 from transceiver.store.sessions import RedisSessionStore, SessionStore
 from transceiver.store.survival import SurvivalPolicy
 from transceiver.store.write_behind import WriteBehindQueue

@@ -15,10 +15,10 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 
+from relay.wire.redis_config import RedisConfig
 from transceiver.background import BackgroundLoop
 from transceiver.store.connection import RedisConnection, open_redis
 from transceiver.store.errors import StoreUnavailableError
-from transceiver.store.redis_config import RedisConfig
 from transceiver.store.route_cache import RouteCache
 from transceiver.store.survival import SurvivalPolicy
 

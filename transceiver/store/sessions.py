@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from redis import exceptions as redis_errors
 
+from relay.wire.redis_config import RedisConfig
 from transceiver.store.connection import (
     UNAVAILABLE,
     RedisConnection,
@@ -58,7 +59,6 @@ from transceiver.store.keys import (
     encode_json,
     hash_credential,
 )
-from transceiver.store.redis_config import RedisConfig
 from transceiver.store.scripts import (
     ADVANCE_TURN,
     APPEND_ITEM,
