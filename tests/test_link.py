@@ -27,14 +27,15 @@ from relay.wire.header import (
 )
 from relay.wire.hello import seal_hello
 from relay.wire.ufrag import Keyring
-from transceiver.webrtc.keyed_relays import KEYED_TTL_S
-from transceiver.webrtc.link import HEARD_WINDOW_S, Link, LinkSession
+from transceiver.webrtc.link import Link, LinkSession
+from transceiver.webrtc.link_policy import LinkPolicy
 
 UFRAG = "AQcEfwAAAcI0G5fO0yrdeveSdeaXeQV+kteM"
 CLIENT = ("192.0.2.10", 40000)
 OTHER_CLIENT = ("2001:db8::10", 40001)
 PUBLIC = ("127.0.0.1", 3478)
 KEYRING = Keyring.parse("9:" + "5e" * 32)
+POLICY = LinkPolicy()  # the defaults: the windows below are the ones a transceiver runs with
 
 
 class Endpoint(asyncio.DatagramProtocol):
@@ -76,7 +77,7 @@ class Clock:
 async def parts() -> AsyncIterator[tuple[Link, Clock, Endpoint, Endpoint]]:
     loop = asyncio.get_running_loop()
     clock = Clock()
-    link = Link(("127.0.0.1", 0), KEYRING, clock=clock)
+    link = Link(("127.0.0.1", 0), KEYRING, clock=clock, policy=POLICY)
     await link.start()
     workers = [Endpoint(), Endpoint()]
     for worker in workers:
@@ -151,7 +152,7 @@ async def test_worker_choice_follows_the_sessions_last_forwarder_while_heard(par
     first.send(header_for(CLIENT) + bytes(binding(username=f"{UFRAG}:x")), link.address)
     await v4.next()
     await routes(second, link)  # second is now the most recently heard worker
-    clock.now_s += HEARD_WINDOW_S - 0.5
+    clock.now_s += POLICY.heard_window_s - 0.5
     session.send(b"\x17one", CLIENT)
     assert (await first.next())[0].endswith(b"\x17one")
     # ICE may answer on another pair: the session's last forwarder, not the address's, wins.
@@ -287,7 +288,7 @@ async def test_a_hello_without_the_routes_flag_keys_quietly_until_it_expires(par
     assert await v4.next() == (request, CLIENT)
     assert link.counters["hello"] == 1 and link.counters["sent_routes"] == 0
     await routes(other, link)
-    clock.now_s += KEYED_TTL_S + 1  # worker's last HELLO is now too old; other HELLOs again
+    clock.now_s += POLICY.keyed_ttl_s + 1  # worker's last HELLO is now too old; other HELLOs again
     await routes(other, link)
     link.expire()
     assert set(link.keyed.sources) == {other.address}

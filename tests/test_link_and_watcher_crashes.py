@@ -21,10 +21,12 @@ from deploy.waiting import eventually
 from loadtest.realtime_client import RealtimeClient
 from relay.wire.ufrag import Keyring
 from transceiver.metrics import TaskCrashCollector
+from transceiver.restarts import RestartPolicy
 from transceiver.webrtc import ice
 from transceiver.webrtc.calls import CallLimits, Calls
 from transceiver.webrtc.echo import EchoAgent
 from transceiver.webrtc.link import Link
+from transceiver.webrtc.link_policy import LinkPolicy
 
 TIMEOUT_S = 15.0  # the first restart pauses 0.5 s
 KEYS = random_keys()
@@ -84,8 +86,9 @@ def crash_logged(caplog: pytest.LogCaptureFixture, logger: str, task: str) -> No
 async def test_link_housekeeping_that_crashes_is_seen_and_restarted(
     registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    link = FaultyLink(("127.0.0.1", 0), KEYRING)
-    link.housekeeping.interval_s = 0.01
+    short = LinkPolicy(housekeeping_interval_s=0.01)
+    restarts = RestartPolicy(first_s=0.01)  # the link hands it to its housekeeping loop
+    link = FaultyLink(("127.0.0.1", 0), KEYRING, policy=short, restarts=restarts)
     before = crashes(registry, "link housekeeping")
     await link.start()
     try:

@@ -12,6 +12,7 @@ from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.http.auth import AuthConfig, AuthConfigError, Authenticator, AuthError, auth_flags
 from transceiver.restarts import RestartPolicy
 from transceiver.store.survival import SurvivalPolicy
+from transceiver.webrtc.link_policy import LinkPolicy
 
 KEYS = "1:" + "5b" * 32
 
@@ -40,6 +41,18 @@ def test_survival_policy_from_environment_and_flags() -> None:
         TransceiverConfig.load(["--restart-max-s", "0.1"], {"TRANSCEIVER_KEYS": KEYS})
     with pytest.raises(ConfigError, match="TRANSCEIVER_HEALTH_INTERVAL_S='x' is not a float"):
         TransceiverConfig.load(["--health-interval-s", "x"], {"TRANSCEIVER_KEYS": KEYS})
+
+
+def test_link_policy_from_environment_and_flags() -> None:
+    assert TransceiverConfig.load([], {"TRANSCEIVER_KEYS": KEYS}).link_policy == LinkPolicy()
+    env = {"TRANSCEIVER_KEYS": KEYS, "TRANSCEIVER_LINK_HEARD_WINDOW_S": "0.5"}
+    flags = ["--link-keyed-ttl-s", "5", "--link-max-rechecks", "0"]
+    policy = TransceiverConfig.load(flags, env).link_policy
+    assert policy == LinkPolicy(heard_window_s=0.5, keyed_ttl_s=5.0, max_rechecks=0)
+    with pytest.raises(ConfigError, match="TRANSCEIVER_LINK_MAX_TRANSACTIONS=0 is below 1"):
+        TransceiverConfig.load(["--link-max-transactions", "0"], {"TRANSCEIVER_KEYS": KEYS})
+    with pytest.raises(ValueError, match="link policy: keyed_ttl_s must be above 0"):
+        LinkPolicy(keyed_ttl_s=0)
 
 
 @pytest.mark.parametrize(

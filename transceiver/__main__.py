@@ -57,7 +57,13 @@ async def serve(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig 
     registry.register(TaskCrashCollector())
     async with open_agents(config, registry, redis) as agents:
         stop = _stop_on_signals()
-        link = Link(config.link, config.keyring, routes=_route_publisher(config, redis))
+        link = Link(
+            config.link,
+            config.keyring,
+            routes=_route_publisher(config, redis),
+            policy=config.link_policy,
+            restarts=config.survival.restarts,
+        )
         try:
             link_address = await link.start()
         except OSError as exc:

@@ -3,7 +3,9 @@
 Policy layer. CLI flags mirror the variables one for one (``--link`` <-> ``TRANSCEIVER_LINK``);
 a flag wins over its variable. Every value is validated at start with a message naming it.
 The survival timings and bounds (leases, Redis health, queues, restarts) load into a
-``SurvivalPolicy`` (``transceiver.store.survival``) under ``survival``.
+``SurvivalPolicy`` (``transceiver.store.survival``) under ``survival``; the link's (worker
+choice, forgetting, relay trust, ICE rechecks) into a ``LinkPolicy``
+(``transceiver.webrtc.link_policy``) under ``link_policy``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from relay.wire.redis_config import parse_number
 from relay.wire.ufrag import Keyring
 from transceiver.restarts import RestartPolicy
 from transceiver.store.survival import SurvivalPolicy
+from transceiver.webrtc.link_policy import LinkPolicy
 
 Address = tuple[str, int]
 N = TypeVar("N", int, float)
@@ -48,6 +51,14 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
     "restart_max_s": ("30", "longest pause before a crashed background loop restarts"),
     "restart_healthy_after_s": ("60", "a loop run this long resets its pause and crash streak"),
     "restart_failing_after": ("3", "crashes in a row that make a loop failing (/readyz)"),
+    "link_heard_window_s": ("3", "answer through a session's own relay worker if heard this late"),
+    "link_worker_forget_s": ("30", "forget a relay worker not heard for this long"),
+    "link_transaction_ttl_s": ("40", "a sent STUN request's id routes its answer this long"),
+    "link_max_transactions": ("65536", "STUN transactions the link remembers, in all"),
+    "link_max_clients_per_session": ("16", "client addresses one session may learn"),
+    "link_housekeeping_interval_s": ("1", "seconds between the link's forgetting passes"),
+    "link_keyed_ttl_s": ("30", "stop hearing a relay whose last good HELLO is this old"),
+    "link_max_rechecks": ("16", "ICE checks resent early, per connection (0: none)"),
 }
 
 
@@ -66,6 +77,7 @@ class TransceiverConfig:
     drain_timeout_s: float
     agent: str
     survival: SurvivalPolicy = field(default_factory=SurvivalPolicy)
+    link_policy: LinkPolicy = field(default_factory=LinkPolicy)
 
     @classmethod
     def load(
@@ -96,6 +108,7 @@ class TransceiverConfig:
             drain_timeout_s=_number(values, "drain_timeout_s", float, minimum=0.0),
             agent=_agent(_required(values, "agent")),
             survival=_survival(values),
+            link_policy=_link_policy(values),
         )
 
 
@@ -119,6 +132,22 @@ def _restarts(values: Mapping[str, str | None]) -> RestartPolicy:
         max_s=max_s,
         healthy_after_s=_number(values, "restart_healthy_after_s", float, minimum=0.01),
         failing_after_crashes=_number(values, "restart_failing_after", int, minimum=1),
+    )
+
+
+def _link_policy(values: Mapping[str, str | None]) -> LinkPolicy:
+    def number(name: str, kind: type[N], minimum: N) -> N:
+        return _number(values, "link_" + name, kind, minimum)
+
+    return LinkPolicy(
+        heard_window_s=number("heard_window_s", float, minimum=0.01),
+        worker_forget_s=number("worker_forget_s", float, minimum=0.01),
+        transaction_ttl_s=number("transaction_ttl_s", float, minimum=0.01),
+        max_transactions=number("max_transactions", int, minimum=1),
+        max_clients_per_session=number("max_clients_per_session", int, minimum=1),
+        housekeeping_interval_s=number("housekeeping_interval_s", float, minimum=0.01),
+        keyed_ttl_s=number("keyed_ttl_s", float, minimum=0.01),
+        max_rechecks=number("max_rechecks", int, minimum=0),
     )
 
 

@@ -3,10 +3,11 @@
 ``link`` is the one UDP socket a process shares with the relays (demux by client address, keyed
 HELLO, routes); ``ice`` confines the aioice hooks; ``sdp`` rewrites answers to carry the relay's
 candidate; ``calls`` owns every call, its admission and its watcher; ``audio`` bridges Opus and
-PCM in 20 ms frames; ``rtp_tuning`` holds the aiortc tunings; ``echo`` is the diagnostic agent.
+PCM in 20 ms frames; ``rtp_tuning`` holds the aiortc tunings; ``echo`` is the diagnostic agent;
+``link_policy`` holds the link's timings and bounds as data.
 A call runs an agent given to it (the Realtime session, or echo): this package knows no agent,
 no Redis and no Realtime event.
 
-May import: relay.wire, transceiver.background
-Pure: sdp, keyed_relays
+May import: relay.wire, transceiver.background, transceiver.restarts
+Pure: sdp, keyed_relays, link_policy
 """

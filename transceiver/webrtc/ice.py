@@ -41,7 +41,6 @@ from transceiver.webrtc.link import Link, LinkSession
 
 Address = tuple[str, int]
 PINNED_VERSIONS = {"aiortc": "1.16.0", "aioice": "0.13.0"}
-MAX_RECHECKS = 16  # per connection; the checks that matter come in its first second
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,7 @@ class RelayedConnection(aioice.Connection):
         self._relayed = relayed
         self._link_session: LinkSession | None = None
         self._rechecked: set[bytes] = set()  # transactions already resent by check_incoming
+        self._max_rechecks = relayed.link.policy.max_rechecks  # the checks that matter come first
 
     async def get_component_candidates(
         self,
@@ -109,7 +109,8 @@ class RelayedConnection(aioice.Connection):
     ) -> None:
         """An authenticated check from the client: also resend our own check to it, if one is
         still waiting for its answer (RFC 8445 §7.3.1.4 triggers a new check for such a pair;
-        aioice instead waits for the retransmission, 500 ms later).
+        aioice instead waits for the retransmission, 500 ms later). At most the link policy's
+        ``max_rechecks`` per connection.
 
         Through the relay this is the common case: our first check often reaches the client
         before the client's first check has reached the relay, so the relay, which does not
@@ -117,7 +118,7 @@ class RelayedConnection(aioice.Connection):
         taught the relay the route, so the resent request (same transaction) is answered now.
         """
         super().check_incoming(message, addr, protocol)
-        if len(self._rechecked) >= MAX_RECHECKS:
+        if len(self._rechecked) >= self._max_rechecks:
             return  # connected long ago: only consent checks are left
         for transaction in list(protocol.transactions.values()):
             request = getattr(transaction, "_Transaction__request", None)

@@ -21,12 +21,13 @@ A client address belongs to the session that first *sent* to it (the owner answe
 stranger writing); STUN error responses teach nothing, as aioice sends them to strangers.
 
 Which relay worker gets a session's datagram: the worker that last forwarded that session's
-packets, if it was heard within ``HEARD_WINDOW_S``; otherwise the most recently heard worker.
-Each worker has its own socket, so answering the right one keeps flows on one worker. "That
-session", not "that client address": ICE may select a different pair in each direction (the
-controlling client nominates aggressively), so the address a session sends to can be one the
-client never sends from; keyed by address, it kept answering a dead worker after a relay restart
-until the 3 s window ran out (measured: 1.6-1.8 s recovery instead of ~0.1 s).
+packets, if it was heard within the policy's ``heard_window_s``; otherwise the most recently
+heard worker. Each worker has its own socket, so answering the right one keeps flows on one
+worker. "That session", not "that client address": ICE may select a different pair in each
+direction (the controlling client nominates aggressively), so the address a session sends to can
+be one the client never sends from; keyed by address, it kept answering a dead worker after a
+relay restart until the window (3 s by default) ran out (measured: 1.6-1.8 s recovery instead of
+~0.1 s).
 
 Given a ``RoutePublisher`` (with Redis: ``transceiver.store.route_publishing``, built by
 ``python -m transceiver``), the link tells it every client address it learns and every one it
@@ -64,17 +65,13 @@ from relay.wire.hello import HelloError
 from relay.wire.stun import CLASS_ERROR, CLASS_REQUEST, message_class, peek_server_ufrag
 from relay.wire.ufrag import Keyring
 from transceiver.background import BackgroundLoop
+from transceiver.restarts import RestartPolicy
 from transceiver.webrtc.keyed_relays import KeyedRelays
+from transceiver.webrtc.link_policy import LinkPolicy
 
 Address = tuple[str, int]
 Clock = Callable[[], float]
 
-HEARD_WINDOW_S = 3.0
-WORKER_FORGET_S = 30.0
-TRANSACTION_TTL_S = 40.0
-MAX_TRANSACTIONS = 65_536
-MAX_CLIENTS_PER_SESSION = 16
-HOUSEKEEPING_INTERVAL_S = 1.0
 log = logging.getLogger(__name__)
 
 
@@ -176,7 +173,8 @@ class SessionTransport(asyncio.DatagramTransport):
 
 
 class Link(asyncio.DatagramProtocol):
-    """The link socket: demux in, worker choice out, HELLO/ROUTES/GONE."""
+    """The link socket: demux in, worker choice out, HELLO/ROUTES/GONE. ``policy``: its timings
+    and bounds; ``restarts``: how its housekeeping loop is restarted after a crash."""
 
     def __init__(
         self,
@@ -185,13 +183,16 @@ class Link(asyncio.DatagramProtocol):
         clock: Clock | None = None,
         routes: RoutePublisherFactory | None = None,
         wall_clock: Clock = time.time,
+        policy: LinkPolicy | None = None,
+        restarts: RestartPolicy | None = None,
     ) -> None:
         self.address = address
+        self.policy = policy = policy or LinkPolicy()
         self._route_publisher = routes  # made once the link is bound (it names the address)
         self.routes: RoutePublisher | None = None
         self.counters: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()  # reason -> datagrams refused as not from a relay
-        self.keyed = KeyedRelays(keyring)
+        self.keyed = KeyedRelays(keyring, policy.keyed_ttl_s)
         self._keyed_sources = self.keyed.sources  # the hot path's membership test
         self._clock = clock
         self._wall_clock = wall_clock  # HELLO timestamps are the relay host's wall clock
@@ -201,7 +202,7 @@ class Link(asyncio.DatagramProtocol):
         self._transactions: dict[bytes, tuple[LinkSession, float]] = {}
         self._workers: dict[Address, float] = {}
         self._latest: Address | None = None
-        self.housekeeping = LinkHousekeeping(self.expire)
+        self.housekeeping = LinkHousekeeping(self.expire, policy.housekeeping_interval_s, restarts)
 
     async def start(self) -> Address:
         loop = asyncio.get_running_loop()
@@ -346,7 +347,8 @@ class Link(asyncio.DatagramProtocol):
     def _worker_for(self, session: LinkSession) -> Address | None:
         assert self._clock is not None
         worker = session.worker
-        if worker is not None and self._clock() - self._workers.get(worker, -1e9) <= HEARD_WINDOW_S:
+        window_s = self.policy.heard_window_s
+        if worker is not None and self._clock() - self._workers.get(worker, -1e9) <= window_s:
             return worker
         return self._latest
 
@@ -354,7 +356,7 @@ class Link(asyncio.DatagramProtocol):
         owner = self._by_key.get(key)
         if owner is not None and owner is not session:
             self.counters["route_conflict"] += 1
-        elif owner is None and len(session.clients) < MAX_CLIENTS_PER_SESSION:
+        elif owner is None and len(session.clients) < self.policy.max_clients_per_session:
             self._by_key[key] = session
             session.clients[key] = client = key_address(key)
             if self.routes is not None:
@@ -362,10 +364,10 @@ class Link(asyncio.DatagramProtocol):
 
     def _record_transaction(self, session: LinkSession, txid: bytes) -> None:
         assert self._clock is not None
-        if len(self._transactions) >= MAX_TRANSACTIONS:
+        if len(self._transactions) >= self.policy.max_transactions:
             oldest = next(iter(self._transactions))
             self._transactions.pop(oldest)[0].transactions.discard(oldest)
-        self._transactions[txid] = (session, self._clock() + TRANSACTION_TTL_S)
+        self._transactions[txid] = (session, self._clock() + self.policy.transaction_ttl_s)
         session.transactions.add(txid)
 
     # control and lifecycle
@@ -408,7 +410,8 @@ class Link(asyncio.DatagramProtocol):
             self._workers.pop(relay, None)
         for txid in [t for t, (_, until) in self._transactions.items() if until < now]:
             self._transactions.pop(txid)[0].transactions.discard(txid)
-        for worker in [w for w, heard in self._workers.items() if now - heard > WORKER_FORGET_S]:
+        forget_s = self.policy.worker_forget_s
+        for worker in [w for w, heard in self._workers.items() if now - heard > forget_s]:
             del self._workers[worker]
         if self._latest is not None and self._latest not in self._workers:
             self._latest = None
@@ -422,8 +425,10 @@ class LinkHousekeeping(BackgroundLoop):
 
     task_name = "link housekeeping"
 
-    def __init__(self, expire: Callable[[], None], interval_s: float = HOUSEKEEPING_INTERVAL_S):
-        super().__init__()
+    def __init__(
+        self, expire: Callable[[], None], interval_s: float, restarts: RestartPolicy | None = None
+    ) -> None:
+        super().__init__(restarts)
         self._expire = expire
         self.interval_s = interval_s
 

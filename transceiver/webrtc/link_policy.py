@@ -1,0 +1,38 @@
+"""The link's timings and bounds as data: worker choice, forgetting, relay trust, ICE rechecks.
+
+Policy layer (pure). ``transceiver.config`` loads it from ``TRANSCEIVER_LINK_*`` variables and
+their flags; ``python -m transceiver`` hands it to the ``Link``, which passes each value on to
+``KeyedRelays`` and its housekeeping loop, and the relayed ICE agents (``ice``) read it from the
+link they run on. Tests pass a short policy where they want a short wait.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LinkPolicy:
+    # Answer through the worker that last forwarded a session's packets if heard this recently;
+    # otherwise through the most recently heard worker.
+    heard_window_s: float = 3.0
+    worker_forget_s: float = 30.0  # a worker not heard for this long is forgotten
+    transaction_ttl_s: float = 40.0  # a sent STUN request's id routes its answer this long
+    max_transactions: int = 65_536  # STUN transactions remembered, in all (oldest goes first)
+    max_clients_per_session: int = 16  # client addresses one session may learn
+    housekeeping_interval_s: float = 1.0  # forgetting runs this often
+    # A relay whose last good HELLO is older than this is no longer heard (a relay worker sends
+    # one a second).
+    keyed_ttl_s: float = 30.0
+    max_rechecks: int = 16  # ICE checks resent per connection; those that matter come first
+
+    def __post_init__(self) -> None:
+        times = ("heard_window_s", "worker_forget_s", "transaction_ttl_s")
+        for name in (*times, "housekeeping_interval_s", "keyed_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"link policy: {name} must be above 0, got {self}")
+        for name in ("max_transactions", "max_clients_per_session"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"link policy: {name} must be at least 1, got {self}")
+        if self.max_rechecks < 0:
+            raise ValueError(f"link policy: max_rechecks must be at least 0, got {self}")
