@@ -4,9 +4,10 @@ Policy layer. Every flag mirrors a variable (``--route-idle-s`` <-> ``RELAY_ROUT
 a flag wins over the variable, the variable over the default. Bad values raise ConfigError
 naming the variable and what was expected.
 
-Its number parser (``_number``) is the relay's own, not the transceiver's
-(``relay.wire.redis_config.parse_number``): the relay may import only ``relay.wire``,
-and configuration is no part of that wire contract.
+The route cache's Redis is the exception: it is read from the ``REDIS_*`` variables (and
+``--redis-*`` flags) the transceivers read, through ``relay.wire.redis_config``, the one shape
+both components share (URL or Sentinel). Its number parser (``_number``) keeps the relay's own
+message shape (``RELAY_X: 'v' is not a number``).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import re
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from relay.timing import RelayTiming, RestartPauses
+from relay.wire.redis_config import RedisConfig, RedisConfigError, redis_flags, with_flags
 from relay.wire.ufrag import Keyring
 
 Address = tuple[str, int]
@@ -44,8 +45,7 @@ class RelayConfig:
     route_idle_s: float
     stun_rate: float
     hello: bool = True
-    redis_url: str | None = None  # the route cache; None: no Redis, routes from STUN/HELLO only
-    redis_key_prefix: str = "voicerelay"
+    redis: RedisConfig | None = None  # the route cache; None: routes from STUN/HELLO only
     timing: RelayTiming = field(default_factory=RelayTiming)
 
     @property
@@ -69,8 +69,6 @@ _FIELDS: dict[str, tuple[str | None, str]] = {
         "ask the transceivers for their routes at start and every second: on/off (the keyed "
         "HELLO that admits this relay's link sockets is sent either way)",
     ),
-    "REDIS_URL": ("", "route cache redis://host:port/db, asked about unknown clients (optional)"),
-    "REDIS_KEY_PREFIX": ("voicerelay", "key namespace of the route cache (the transceivers')"),
     # Timings (relay.timing.RelayTiming); the defaults are the dataclass's own.
     "HELLO_INTERVAL_S": (str(_TIMING.hello_interval_s), "seconds between HELLOs to transceivers"),
     "PUBLISH_INTERVAL_S": (str(_TIMING.publish_interval_s), "seconds between counter copies"),
@@ -86,7 +84,21 @@ _FIELDS: dict[str, tuple[str | None, str]] = {
     "RESTART_HEALTHY_AFTER_S": (str(_PAUSES.healthy_after_s), "a run this long resets it"),
 }
 _SWITCH = {"on": True, "off": False}
-_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# The route cache, asked about unknown clients: the transceivers' REDIS_* variables (flags
+# --redis-url etc.), the ones a reader needs. Lookups are dropped, never waited for: shorter
+# timeouts than the transceiver's by default. RELAY_REDIS_URL and RELAY_REDIS_KEY_PREFIX, the
+# names before, still work when the new ones are unset (deprecated).
+REDIS_VARIABLES = (
+    "REDIS_URL",
+    "REDIS_SENTINELS",
+    "REDIS_SENTINEL_SERVICE",
+    "REDIS_PASSWORD",
+    "REDIS_KEY_PREFIX",
+    "REDIS_CONNECT_TIMEOUT_S",
+    "REDIS_SOCKET_TIMEOUT_S",
+)
+REDIS_DEFAULTS = {"REDIS_CONNECT_TIMEOUT_S": "0.25", "REDIS_SOCKET_TIMEOUT_S": "0.25"}
+_DEPRECATED = {"RELAY_REDIS_URL": "REDIS_URL", "RELAY_REDIS_KEY_PREFIX": "REDIS_KEY_PREFIX"}
 
 
 def parse_address(text: str, name: str) -> Address:
@@ -189,8 +201,6 @@ def _build(values: Mapping[str, str]) -> RelayConfig:
         route_idle_s=_number(values["ROUTE_IDLE_S"], "RELAY_ROUTE_IDLE_S", 0.1, float),
         stun_rate=_number(values["STUN_RATE"], "RELAY_STUN_RATE", 0.1, float),
         hello=_switch(values["HELLO"], "RELAY_HELLO"),
-        redis_url=_redis_url(values["REDIS_URL"]),
-        redis_key_prefix=_prefix(values["REDIS_KEY_PREFIX"]),
         timing=_timing(values),
     )
 
@@ -227,22 +237,25 @@ def _switch(text: str, name: str) -> bool:
     return value
 
 
-def _redis_url(text: str) -> str | None:
-    url = text.strip()
-    if url and not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"RELAY_REDIS_URL: {url!r} is not a redis://, rediss:// or unix:// URL")
-    return url or None
-
-
-def _prefix(text: str) -> str:
-    if not _PREFIX_RE.fullmatch(text.strip()):
-        raise ConfigError(f"RELAY_REDIS_KEY_PREFIX: {text!r}: use 1-64 of A-Z a-z 0-9 _ . -")
-    return text.strip()
+def _redis(flags: argparse.Namespace, environ: Mapping[str, str]) -> RedisConfig | None:
+    """The route cache's Redis from ``REDIS_*`` (or the deprecated ``RELAY_REDIS_*``) and flags."""
+    env = {new: environ[old] for old, new in _DEPRECATED.items() if old in environ}
+    env |= {name: environ[name] for name in REDIS_VARIABLES if name in environ}
+    try:
+        config = RedisConfig.from_env(with_flags(flags, env), REDIS_DEFAULTS)
+    except RedisConfigError as error:
+        raise ConfigError(str(error)) from None
+    url = config.url if config is not None else None
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"REDIS_URL: {url!r} is not a redis://, rediss:// or unix:// URL")
+    return config
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m relay", description="voicerelay UDP relay (flags mirror RELAY_* vars)"
+        prog="python -m relay",
+        description="voicerelay UDP relay (flags mirror RELAY_* vars)",
+        parents=[redis_flags(REDIS_VARIABLES)],
     )
     for suffix, (default, text) in _FIELDS.items():
         flag = "--" + suffix.lower().replace("_", "-")
@@ -253,7 +266,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> RelayConfig:
     """Flags over ``RELAY_*`` variables over defaults; raises ConfigError on a bad value."""
-    flags = vars(_parser().parse_args(list(argv)))
+    namespace = _parser().parse_args(list(argv))
+    flags = vars(namespace)
     values: dict[str, str] = {}
     for suffix, (default, _) in _FIELDS.items():
         value = flags[suffix] if flags[suffix] is not None else environ.get(f"RELAY_{suffix}")
@@ -262,4 +276,4 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> RelayConfig:
             flag = "--" + suffix.lower().replace("_", "-")
             raise ConfigError(f"RELAY_{suffix} (or {flag}) is required")
         values[suffix] = value
-    return _build(values)
+    return replace(_build(values), redis=_redis(namespace, environ))

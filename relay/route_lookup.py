@@ -14,8 +14,11 @@ wire contract of the cache, as ``relay.wire.header`` is of the link.
 Bounds: one lookup per source per ``timing.lookup_retry_s`` (dedupes in-flight lookups, caches
 misses and rate-limits each source), at most ``MAX_RECENT_SOURCES`` remembered, a queue of at most
 ``QUEUE_MAX`` addresses (overflow counted), short Redis timeouts and no retries: a Redis that is
-down costs failed lookups, never forwarding of known routes. A crash of the lookup task (a bug,
-not Redis being away) is logged, counted and the task restarted (``relay.restarts``).
+down costs failed lookups, never forwarding of known routes. The Redis is the transceivers'
+(``relay.wire.redis_config``): a plain URL, or the primary the Sentinels name, asked again on
+each reconnect. The transceiver's client (``transceiver.store.connection``) is not shared: the
+relay may not import it, and this one differs (no retries, no ``WAIT``). A crash of the lookup
+task (a bug, not Redis being away) is logged, counted and the task restarted (``relay.restarts``).
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import MutableSequence
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
@@ -33,12 +38,12 @@ from relay import counters as c
 from relay.restarts import run_restarting
 from relay.routing import Address, ClientKey, Router, normalize_address
 from relay.timing import RelayTiming
+from relay.wire.redis_config import RedisConfig
 from relay.wire.route_record import RouteValueError, decode_route, route_key
 
 MAX_RECENT_SOURCES = 100_000
 QUEUE_MAX = 1024
 BATCH_MAX = 64
-REDIS_TIMEOUT_S = 0.25
 
 
 class LookupAdmission:
@@ -70,29 +75,24 @@ class RouteLookups:
 
     def __init__(
         self,
-        url: str,
-        prefix: str,
+        redis: RedisConfig,
         router: Router,
         counts: MutableSequence[int],
         timing: RelayTiming,
     ) -> None:
-        self.url = url
-        self.prefix = prefix
+        self.redis_config = redis
+        self.prefix = redis.key_prefix
         self.router = router
         self.counts = counts
         self.timing = timing
         self.admission = LookupAdmission(timing.lookup_retry_s)
         self._queue: asyncio.Queue[tuple[ClientKey, int]] = asyncio.Queue(QUEUE_MAX)
         self._redis: Redis | None = None
+        self._sentinels: tuple[Redis, ...] = ()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._redis = Redis.from_url(
-            self.url,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-            socket_timeout=REDIS_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._redis, self._sentinels = _open_redis(self.redis_config)
         self._task = asyncio.create_task(
             run_restarting("route cache lookups", self._run, self._crashed, self.timing.restarts),
             name="route cache lookups",
@@ -102,8 +102,8 @@ class RouteLookups:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._redis is not None:
-            await self._redis.aclose()
+        for client in (*([self._redis] if self._redis is not None else []), *self._sentinels):
+            await client.aclose()
 
     def want(self, source: ClientKey, socket_index: int, now: float) -> None:
         """Queue a lookup of ``source`` unless it was asked about lately; never waits."""
@@ -148,6 +148,26 @@ class RouteLookups:
         self.counts[c.ROUTE_CACHE_HITS] += 1
         if self.router.routes.learn(source, link, socket_index, now):
             self.counts[c.ROUTES_FROM_CACHE] += 1
+
+
+def _open_redis(config: RedisConfig) -> tuple[Redis, tuple[Redis, ...]]:
+    """A client that fails fast and never retries; with Sentinel, the sentinel clients too."""
+    options: dict[str, Any] = {
+        "socket_connect_timeout": config.connect_timeout_s,
+        "socket_timeout": config.socket_timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if config.url is not None:
+        return Redis.from_url(config.url, **options), ()
+    assert config.sentinel_service is not None  # RedisConfig validates this pairing
+    sentinel_options = {k: options[k] for k in ("socket_connect_timeout", "socket_timeout")}
+    manager = Sentinel(
+        list(config.sentinels),
+        sentinel_kwargs=sentinel_options,
+        password=config.password,
+        **options,
+    )
+    return manager.master_for(config.sentinel_service), tuple(manager.sentinels)
 
 
 def _usable_link(raw: object, router: Router) -> Address | None:

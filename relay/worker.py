@@ -99,10 +99,8 @@ class Worker:
         self._ticker: asyncio.Task[None] | None = None
         self.wall_clock: Callable[[], float] = time.time  # HELLO timestamps compare across hosts
         self.lookups: RouteLookups | None = None
-        if config.redis_url is not None:
-            self.lookups = RouteLookups(
-                config.redis_url, config.redis_key_prefix, self.router, self.counts, config.timing
-            )
+        if config.redis is not None:
+            self.lookups = RouteLookups(config.redis, self.router, self.counts, config.timing)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()

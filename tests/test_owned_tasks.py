@@ -326,9 +326,7 @@ async def test_the_relays_route_lookups_are_restarted(
     keyring = Keyring.parse("1:" + "ab" * 32)
     router = Router(keyring, [link], [4], routes, StunRateLimit(20, 40))
     counts = [0] * c.ROW
-    lookups = RouteLookups(
-        redis_config.url or "", redis_config.key_prefix, router, counts, RelayTiming()
-    )
+    lookups = RouteLookups(redis_config, router, counts, RelayTiming())
     lookups.start()
     try:
         now = asyncio.get_running_loop().time()

@@ -6,6 +6,7 @@ import pytest
 
 from relay.config import ConfigError, load_config
 from relay.timing import RelayTiming
+from relay.wire.redis_config import RedisConfig
 
 KEYS = "1:" + "ab" * 32
 BASE = {"RELAY_KEYS": KEYS, "RELAY_TRANSCEIVERS": "127.0.0.1:7000"}
@@ -93,3 +94,25 @@ def test_timing_defaults_flags_and_limits() -> None:
         load_config(["--restart-max-s", "0.1"], BASE)
     with pytest.raises(ConfigError, match="RELAY_CLOCK_INTERVAL_S: 'x' is not a number"):
         load_config(["--clock-interval-s", "x"], BASE)
+
+
+def test_route_cache_redis_is_read_as_the_transceivers_read_it() -> None:
+    assert load_config([], BASE).redis is None
+    redis = load_config(["--redis-url", "redis://r:6379/0"], BASE).redis
+    assert redis == RedisConfig(
+        url="redis://r:6379/0", connect_timeout_s=0.25, socket_timeout_s=0.25
+    )
+    environ = BASE | {"REDIS_SENTINELS": "s1:26379,s2:26379", "REDIS_SENTINEL_SERVICE": "main"}
+    sentinel = load_config(["--redis-key-prefix", "vr"], environ).redis
+    assert sentinel is not None and sentinel.sentinels == (("s1", 26379), ("s2", 26379))
+    assert (sentinel.sentinel_service, sentinel.key_prefix) == ("main", "vr")
+    old = BASE | {"RELAY_REDIS_URL": "redis://old:6379/0", "RELAY_REDIS_KEY_PREFIX": "p"}
+    deprecated = load_config([], old).redis
+    assert deprecated is not None and (deprecated.url, deprecated.key_prefix) == (
+        "redis://old:6379/0",
+        "p",
+    )
+    with pytest.raises(ConfigError, match="REDIS_URL: 'http://r' is not a redis://"):
+        load_config(["--redis-url", "http://r"], BASE)
+    with pytest.raises(ConfigError, match="REDIS_SENTINELS needs REDIS_SENTINEL_SERVICE"):
+        load_config(["--redis-sentinels", "s1:26379"], BASE)

@@ -46,6 +46,7 @@ from relay import counters as c
 from relay.route_lookup import LookupAdmission, RouteLookups
 from relay.routing import Router, RouteTable, StunRateLimit, needs_route_lookup
 from relay.timing import RelayTiming
+from relay.wire.redis_config import RedisConfig
 from relay.wire.route_record import encode_route
 from relay.wire.ufrag import Keyring
 
@@ -198,7 +199,8 @@ CLIENT = ("192.0.2.1", 5000)
 def lookups() -> RouteLookups:
     ring = Keyring.parse("2:" + "22" * 32)
     router = Router(ring, [T1, T2], [4], RouteTable(30.0), StunRateLimit(20.0, 40.0))
-    return RouteLookups("redis://127.0.0.1:1/0", "p", router, [0] * c.ROW, RelayTiming())
+    redis = RedisConfig(url="redis://127.0.0.1:1/0", key_prefix="p")
+    return RouteLookups(redis, router, [0] * c.ROW, RelayTiming())
 
 
 def test_only_dtls_and_srtp_from_unknown_addresses_are_looked_up() -> None:

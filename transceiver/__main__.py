@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.config import ConfigError as PipelineConfigError
 from pipeline.config import PipelineConfig
-from relay.wire.redis_config import RedisConfig, RedisConfigError
+from relay.wire.redis_config import RedisConfig, RedisConfigError, redis_flags, with_flags
 from transceiver.agents import Agents, open_agents
 from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.http.app import create_app
@@ -191,12 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("aiortc").setLevel(logging.WARNING)
     try:
         auth_args, rest = auth_flags().parse_known_args(sys.argv[1:] if argv is None else argv)
-        config = TransceiverConfig.load(rest, parents=[auth_flags()])  # --help lists both
+        redis_args, rest = redis_flags().parse_known_args(rest)
+        config = TransceiverConfig.load(rest, parents=[auth_flags(), redis_flags()])  # --help: all
         auth = AuthConfig.from_flags(auth_args, os.environ)
         auth.check_apart_from(config.keyring)
         if config.agent == "pipeline":
             PipelineConfig.from_env(os.environ)  # validated before anything starts
-        redis = RedisConfig.from_env()
+        redis = RedisConfig.from_env(with_flags(redis_args, os.environ))
     except (ConfigError, AuthConfigError, PipelineConfigError, RedisConfigError) as exc:
         print(f"transceiver: {exc}", file=sys.stderr)
         return 2

@@ -1,9 +1,17 @@
 """Redis configuration for the session store and the route cache: one frozen dataclass.
 
-Policy layer (pure: no sockets, no redis import). Loaded from ``REDIS_*`` variables; every value
-is validated with a message naming the variable. Either ``REDIS_URL`` (a plain server) or
-``REDIS_SENTINELS`` + ``REDIS_SENTINEL_SERVICE`` (Sentinel-managed primary); neither means the
-deployment runs without Redis (``RedisConfig.from_env`` returns ``None``).
+Policy layer (pure: no sockets, no redis import). Loaded from ``REDIS_*`` variables, or the
+flags that mirror them (``--redis-url`` <-> ``REDIS_URL``, see ``redis_flags``; a flag wins);
+every value is validated with a message naming the variable. Either ``REDIS_URL`` (a plain
+server) or ``REDIS_SENTINELS`` + ``REDIS_SENTINEL_SERVICE`` (Sentinel-managed primary); neither
+means the deployment runs without Redis (``RedisConfig.from_env`` returns ``None``).
+
+Why it lives in the wire contract: relays and transceivers share one Redis, the route cache
+(``route_record``) that transceivers write and relays read, so where that Redis is, its key
+prefix and how long to wait for it must be said one way to both; the relay may import nothing
+of ours outside ``relay/``. The relay reads what it needs of it (URL or Sentinel, prefix,
+timeouts) with shorter timeout defaults of its own (``relay.config``); the TTLs and ``WAIT``
+are the transceiver's.
 
 | variable | default | meaning |
 | --- | --- | --- |
@@ -23,6 +31,7 @@ deployment runs without Redis (``RedisConfig.from_env`` returns ``None``).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from collections.abc import Mapping
@@ -83,9 +92,12 @@ class RedisConfig:
         return self.socket_timeout_s + self.wait_timeout_ms / 1000
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> RedisConfig | None:
-        """The configuration, or ``None`` when neither REDIS_URL nor REDIS_SENTINELS is set."""
-        env = {**_DEFAULTS, **(os.environ if environ is None else environ)}
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, defaults: Mapping[str, str] | None = None
+    ) -> RedisConfig | None:
+        """The configuration, or ``None`` when neither REDIS_URL nor REDIS_SENTINELS is set.
+        ``defaults``: a component's own defaults for some variables (the relay's timeouts)."""
+        env = {**_DEFAULTS, **(defaults or {}), **(os.environ if environ is None else environ)}
         url, sentinels = env.get("REDIS_URL", "").strip(), env.get("REDIS_SENTINELS", "").strip()
         if not url and not sentinels:
             return None
@@ -103,6 +115,39 @@ class RedisConfig:
             socket_timeout_s=_number(env, "REDIS_SOCKET_TIMEOUT_S", float, 0.01),
             route_ttl_s=_number(env, "REDIS_ROUTE_TTL_S", float, 1.0),
         )
+
+
+# Variables a flag mirrors, with what they mean (the table above has the defaults).
+_FLAGS: dict[str, str] = {
+    "REDIS_URL": "redis://[:password@]host:port/db of a plain server",
+    "REDIS_SENTINELS": "host:port,... of the Sentinels (instead of REDIS_URL)",
+    "REDIS_SENTINEL_SERVICE": "the Sentinel-monitored service name",
+    "REDIS_PASSWORD": "password of the Sentinel-managed primary",
+    "REDIS_KEY_PREFIX": "namespace of every key",
+    "REDIS_SESSION_TTL_S": "a session's keys expire after this long idle",
+    "REDIS_MAX_ITEMS": "conversation items kept per session",
+    "REDIS_WAIT_REPLICAS": "writes wait for this many replica acknowledgements",
+    "REDIS_WAIT_TIMEOUT_MS": "how long WAIT may block",
+    "REDIS_CONNECT_TIMEOUT_S": "TCP connect timeout",
+    "REDIS_SOCKET_TIMEOUT_S": "reply timeout",
+    "REDIS_ROUTE_TTL_S": "route cache entries expire after this long unless refreshed",
+}
+
+
+def redis_flags(names: tuple[str, ...] = tuple(_FLAGS)) -> argparse.ArgumentParser:
+    """A parent parser of ``--redis-*`` flags mirroring the ``names`` variables."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("Redis (flags mirror REDIS_* variables)")
+    for name in names:
+        flag = "--" + name.lower().replace("_", "-")
+        group.add_argument(flag, dest=name, help=f"{_FLAGS[name]} [{name}]")
+    return parser
+
+
+def with_flags(flags: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables with every flag that was given laid over them."""
+    given = {k: v for k, v in vars(flags).items() if k in _FLAGS and v is not None}
+    return {**environ, **given}
 
 
 def parse_sentinels(text: str) -> tuple[HostPort, ...]:
