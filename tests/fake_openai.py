@@ -42,6 +42,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from deploy.waiting import poll
+
 SPEECH_SAMPLES_PER_WORD = 2_400  # 0.1 s at 24 kHz
 SPEECH_CHUNKS = 4
 
@@ -420,12 +422,12 @@ class FakeOpenAIServer:
 
     async def wait_for(self, key: str, route: str, count: int, timeout_s: float = 10.0) -> None:
         """Poll the stats until ``stats[key][route] >= count``, or fail at the deadline."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if (await self.stats())[key].get(route, 0) >= count:
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"{key}[{route}] did not reach {count} within {timeout_s} s")
+        await poll(
+            self.stats,
+            lambda stats: stats[key].get(route, 0) >= count,
+            timeout_s,
+            lambda _: f"{key}[{route}] did not reach {count} within {timeout_s} s",
+        )
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import pytest
 from aioice import stun
 
 from deploy.processes import Stack, metric_values, udp_socket_count
-from deploy.waiting import eventually
+from deploy.waiting import eventually, poll
 from loadtest.tones import ToneClient
 from relay.wire.ufrag import Keyring, mint_ufrag
 from transceiver.webrtc.sdp import candidate_addresses
@@ -200,11 +200,13 @@ async def test_forged_traffic_is_dropped_and_counted(
         return metric_values(await stack.relay_metrics(http), "relay_dropped_packets_total")
 
     expected = {"not_webrtc", "unknown_address", "unknown_transceiver", "bad_ufrag_mac"}
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while not expected <= {reason for reason, n in (await drops()).items() if n > 0}:
-        assert loop.time() < deadline, f"drops by reason: {await drops()}"
-        await asyncio.sleep(0.1)
+    await poll(
+        drops,
+        lambda seen: expected <= {reason for reason, n in seen.items() if n > 0},
+        5,
+        lambda seen: f"drops by reason: {seen}",
+        0.1,
+    )
     counted = await drops()
     print("\nrelay drops by reason:", {r: int(n) for r, n in counted.items() if n})
     truncated = sum(n for r, n in counted.items() if r.startswith("bad_ufrag_stun"))

@@ -9,7 +9,6 @@ carrying its own tone through the real relay.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import time
@@ -20,7 +19,7 @@ import httpx
 import pytest
 
 from deploy.processes import Stack, metric_values
-from deploy.waiting import eventually
+from deploy.waiting import eventually, poll
 from loadtest.tones import ToneClient, tone_call
 from relay.wire.header import ControlMessage, ControlType, header_for
 from relay.wire.hello import MAX_SKEW_S, seal_hello
@@ -86,15 +85,13 @@ async def test_a_stranger_on_the_link_port_gets_nothing_and_is_counted(
                 reason: before.get(reason, 0) + len(group) for reason, group in datagrams.items()
             }
 
-            async def all_counted() -> bool:
-                counted = await refused(http, stack)
-                return all(counted.get(r, 0) >= n for r, n in expected.items())
-
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 5
-            while not await all_counted():
-                assert loop.time() < deadline, f"refusals: {await refused(http, stack)}"
-                await asyncio.sleep(0.05)
+            await poll(
+                lambda: refused(http, stack),
+                lambda counted: all(counted.get(r, 0) >= n for r, n in expected.items()),
+                5,
+                lambda counted: f"refusals: {counted}",
+                0.05,
+            )
             # Any answer would have been sent before the refusal was counted: look, don't wait.
             stranger.setblocking(False)
             with pytest.raises(BlockingIOError):

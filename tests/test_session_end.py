@@ -25,6 +25,7 @@ from test_sdp import CHROME_OFFER
 from deploy.processes import gauge
 from deploy.redis_server import redis_server_binary
 from deploy.survival import Survival, stored, survival_stack
+from deploy.waiting import poll
 from loadtest.realtime_client import TOKEN_HEADER, RealtimeClient, call, opened, resume
 from transceiver.store.errors import SessionEndedError
 from transceiver.store.keys import SessionKeys
@@ -55,11 +56,13 @@ async def http(survival: Survival) -> AsyncIterator[httpx.AsyncClient]:
 
 async def settled(http: httpx.AsyncClient, base_url: str, sessions: int) -> None:
     """Wait until the transceiver has ``sessions`` live sessions."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + SETTLE_TIMEOUT_S
-    while (live := await gauge(http, base_url, "transceiver_sessions")) != sessions:
-        assert loop.time() < deadline, f"{base_url}: {live} live sessions, not {sessions}"
-        await asyncio.sleep(0.1)
+    await poll(
+        lambda: gauge(http, base_url, "transceiver_sessions"),
+        lambda live: live == sessions,
+        SETTLE_TIMEOUT_S,
+        lambda live: f"{base_url}: {live} live sessions, not {sessions}",
+        0.1,
+    )
 
 
 def lease_holder(survival: Survival, session_id: str) -> bytes | None:
@@ -167,11 +170,8 @@ async def test_a_hung_up_session_cannot_be_resumed(
                 return True
             return False
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while not await ended():  # the end is written behind, as every session write
-            assert loop.time() < deadline, "the hung-up session was never ended in the store"
-            await asyncio.sleep(0.05)
+        failure = "the hung-up session was never ended in the store"
+        await poll(ended, bool, 10, lambda _: failure, 0.05)  # the end is written behind
         assert await gauge(http, base_a, "transceiver_session_leases") == 0
         refused = await resume(again, http, base_b, session_id, token)
         assert refused.status_code == 410, refused.text

@@ -26,7 +26,7 @@ from deploy.processes import (
     text,
     transceiver_process,
 )
-from deploy.waiting import eventually
+from deploy.waiting import eventually, poll
 from loadtest.tones import ToneClient
 from transceiver.webrtc.sdp import candidate_addresses
 
@@ -222,11 +222,8 @@ async def test_connect_timeout_frees_capacity(tmp_path: Path, http: httpx.AsyncC
         async def ready() -> bool:
             return (await http.get(running.base_url + "/readyz")).status_code == 200
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while not await ready():
-            assert loop.time() < deadline, "a session that never connected was not closed"
-            await asyncio.sleep(0.05)
+        failure = "a session that never connected was not closed"
+        await poll(ready, bool, 5, lambda _: failure, 0.05)
         metrics = (await http.get(running.base_url + "/metrics")).text
         assert 'transceiver_sessions_ended_total{reason="connect_timeout"} 1.0' in metrics
     finally:
@@ -260,8 +257,10 @@ async def test_sigterm_drains_then_exits(tmp_path: Path, http: httpx.AsyncClient
 
 
 async def eventually_status(http: httpx.AsyncClient, url: str, status: int) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while (await http.get(url)).status_code != status:
-        assert loop.time() < deadline, f"{url} never answered {status}"
-        await asyncio.sleep(0.05)
+    await poll(
+        lambda: http.get(url),
+        lambda response: response.status_code == status,
+        5,
+        lambda _: f"{url} never answered {status}",
+        0.05,
+    )
