@@ -1,6 +1,7 @@
 """The local deployment: what ``make run``, the tests and the benchmarks start on one machine.
 
-``local`` is the ``make run`` launcher (Redis, relay, transceivers, front door; prints the URL);
+``local`` is the ``make run`` launcher (Redis, relay, transceivers, front door; prints the URL)
+and ``launched`` drives it from tests and benchmarks;
 ``front_door`` (with ``http_wire``) is the local stand-in for the Kubernetes signalling
 Service; ``processes`` starts relay and transceiver processes and waits for them (``Stack``,
 ``Process``, a loopback relay shim); ``redis_server`` starts redis-server and Sentinel;

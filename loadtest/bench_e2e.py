@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deploy.local import launched
+from deploy.launched import launched
 from loadtest.browser import chromium
 from loadtest.voice_audio import Speaker, Utterance
 

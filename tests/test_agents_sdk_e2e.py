@@ -20,7 +20,7 @@ import pytest
 from agents_sdk import NodeUnavailable, agents_page_html, build_agents_bundle
 from playwright.async_api import Page, Route
 
-from deploy.local import Launched, launched
+from deploy.launched import Launched, launched
 from loadtest.browser import chromium
 from loadtest.voice_audio import Speaker
 

@@ -24,7 +24,7 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page
 
-from deploy.local import Launched, launched
+from deploy.launched import Launched, launched
 from loadtest.browser import chromium, dominant_frequency_hz, recorded_audio
 from loadtest.voice_audio import Speaker, hear, silence_pcm, tone_pcm, voiced, write_wav
 

@@ -36,7 +36,7 @@ import pytest
 from playwright.async_api import Page
 from test_sdp import CHROME_OFFER
 
-from deploy.local import Launched, launched
+from deploy.launched import Launched, launched
 from deploy.redis_server import redis_server_binary
 from loadtest.browser import chromium, recorded_audio
 from loadtest.voice_audio import Speaker, hear, voiced, write_wav
