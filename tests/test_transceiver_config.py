@@ -10,6 +10,7 @@ from relay.wire.ufrag import Keyring
 from transceiver.__main__ import main
 from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.http.auth import AuthConfig, AuthConfigError, Authenticator, AuthError, auth_flags
+from transceiver.realtime.limits import RealtimeLimits
 from transceiver.restarts import RestartPolicy
 from transceiver.store.survival import SurvivalPolicy
 from transceiver.webrtc.link_policy import LinkPolicy
@@ -53,6 +54,20 @@ def test_link_policy_from_environment_and_flags() -> None:
         TransceiverConfig.load(["--link-max-transactions", "0"], {"TRANSCEIVER_KEYS": KEYS})
     with pytest.raises(ValueError, match="link policy: keyed_ttl_s must be above 0"):
         LinkPolicy(keyed_ttl_s=0)
+
+
+def test_realtime_limits_from_environment_and_flags() -> None:
+    assert TransceiverConfig.load([], {"TRANSCEIVER_KEYS": KEYS}).realtime == RealtimeLimits()
+    env = {"TRANSCEIVER_KEYS": KEYS, "TRANSCEIVER_REALTIME_LOST_NOTICE_S": "0"}
+    limits = TransceiverConfig.load(["--realtime-max-pending-events", "8"], env).realtime
+    assert limits == RealtimeLimits(lost_notice_s=0.0, max_pending_events=8)
+    env["TRANSCEIVER_REALTIME_MAX_PENDING_EVENTS"] = "0"
+    with pytest.raises(ConfigError, match="TRANSCEIVER_REALTIME_MAX_PENDING_EVENTS=0 is below 1"):
+        TransceiverConfig.load([], env)
+    with pytest.raises(ConfigError, match="TRANSCEIVER_REALTIME_LOST_NOTICE_S=-1 is below 0.0"):
+        TransceiverConfig.load(["--realtime-lost-notice-s", "-1"], {"TRANSCEIVER_KEYS": KEYS})
+    with pytest.raises(ValueError, match="realtime limits: lost_notice_s must be 0 or above"):
+        RealtimeLimits(lost_notice_s=-1)
 
 
 @pytest.mark.parametrize(

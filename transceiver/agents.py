@@ -50,7 +50,7 @@ async def open_agents(
     pipeline = PipelineConfig.from_env(os.environ).resolved(os.environ)
     async with (
         open_persistence(redis, config.survival) as persistence,
-        pipeline_agents(pipeline, registry, persistence) as agents,
+        pipeline_agents(pipeline, registry, persistence, config.realtime) as agents,
     ):
         if persistence is not None:
             registry.register(RedisHealthCollector(persistence.health.down_for_s))

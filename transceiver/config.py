@@ -5,7 +5,9 @@ a flag wins over its variable. Every value is validated at start with a message 
 The survival timings and bounds (leases, Redis health, queues, restarts) load into a
 ``SurvivalPolicy`` (``transceiver.store.survival``) under ``survival``; the link's (worker
 choice, forgetting, relay trust, ICE rechecks) into a ``LinkPolicy``
-(``transceiver.webrtc.link_policy``) under ``link_policy``.
+(``transceiver.webrtc.link_policy``) under ``link_policy``; a Realtime session's (error notice
+before a hang-up, events kept for a channel not yet open) into a ``RealtimeLimits``
+(``transceiver.realtime.limits``) under ``realtime``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TypeVar
 
 from relay.wire.redis_config import parse_number
 from relay.wire.ufrag import Keyring
+from transceiver.realtime.limits import RealtimeLimits
 from transceiver.restarts import RestartPolicy
 from transceiver.store.survival import SurvivalPolicy
 from transceiver.webrtc.link_policy import LinkPolicy
@@ -59,6 +62,8 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
     "link_housekeeping_interval_s": ("1", "seconds between the link's forgetting passes"),
     "link_keyed_ttl_s": ("30", "stop hearing a relay whose last good HELLO is this old"),
     "link_max_rechecks": ("16", "ICE checks resent early, per connection (0: none)"),
+    "realtime_lost_notice_s": ("0.25", "an ending session lets its error event leave this long"),
+    "realtime_max_pending_events": ("512", "server events kept until the client opens its channel"),
 }
 
 
@@ -78,6 +83,7 @@ class TransceiverConfig:
     agent: str
     survival: SurvivalPolicy = field(default_factory=SurvivalPolicy)
     link_policy: LinkPolicy = field(default_factory=LinkPolicy)
+    realtime: RealtimeLimits = field(default_factory=RealtimeLimits)
 
     @classmethod
     def load(
@@ -109,6 +115,7 @@ class TransceiverConfig:
             agent=_agent(_required(values, "agent")),
             survival=_survival(values),
             link_policy=_link_policy(values),
+            realtime=_realtime(values),
         )
 
 
@@ -148,6 +155,13 @@ def _link_policy(values: Mapping[str, str | None]) -> LinkPolicy:
         housekeeping_interval_s=number("housekeeping_interval_s", float, minimum=0.01),
         keyed_ttl_s=number("keyed_ttl_s", float, minimum=0.01),
         max_rechecks=number("max_rechecks", int, minimum=0),
+    )
+
+
+def _realtime(values: Mapping[str, str | None]) -> RealtimeLimits:
+    return RealtimeLimits(
+        lost_notice_s=_number(values, "realtime_lost_notice_s", float, minimum=0.0),
+        max_pending_events=_number(values, "realtime_max_pending_events", int, minimum=1),
     )
 
 

@@ -4,10 +4,11 @@ the voice pipeline of one call.
 ``client_events`` parses and validates what the client sends; ``server_events`` builds what it
 is sent; ``translation`` turns pipeline events into server events; ``policy`` holds the
 session's configuration rules (defaults, limits, what ``session.update`` may change);
+``limits`` the session's own timings and bounds (``TRANSCEIVER_REALTIME_*``);
 ``session`` is the live session (engine, tasks, persistence); ``pipeline_agent`` makes one
 per call.
 
 May import: pipeline, transceiver.metrics, transceiver.background, transceiver.store,
     transceiver.webrtc.audio
-Pure: client_events, server_events, translation
+Pure: client_events, server_events, translation, limits
 """

@@ -3,7 +3,8 @@
 I/O layer. ``PipelineAgents`` is opened once by ``python -m transceiver --agent pipeline``: the
 heavy providers (one pocketsphinx worker pool, one piper model) are started here and shared by
 every session; each call gets its own engine (history, VAD state, tools). With Redis
-(``persistence``), sessions are stored as they go and ``resume`` continues a stored one.
+(``persistence``), sessions are stored as they go and ``resume`` continues a stored one. Every
+session gets the process's ``RealtimeLimits``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pipeline.config import PipelineConfig
 from pipeline.tools import builtin_tools
 from transceiver.metrics import RealtimeMetrics, ResilienceCollector
 from transceiver.realtime.client_events import EventError, SessionConfig
+from transceiver.realtime.limits import RealtimeLimits
 from transceiver.realtime.policy import SessionPolicy, session_update_from
 from transceiver.realtime.session import RealtimeSession
 from transceiver.store.persistence import ResumeRefused, SessionPersistence
@@ -32,6 +34,7 @@ class PipelineAgents:
         providers: Providers,
         registry: CollectorRegistry,
         persistence: SessionPersistence | None = None,
+        limits: RealtimeLimits | None = None,
     ) -> None:
         self.config = replace(config, realtime_playout=True)
         self.providers = providers
@@ -40,12 +43,15 @@ class PipelineAgents:
         tools = builtin_tools(providers.knowledge)
         self.policy = SessionPolicy(self.config.engine_config(), tools)
         self.persistence = persistence
+        self.limits = limits or RealtimeLimits()
 
     def __call__(self, requested: Mapping[str, Any] | None = None) -> RealtimeSession:
         """A session for one call; EventError when ``requested`` is not a valid session."""
         session = self.policy.initial(requested)
         engine = build_engine(self.config, self.providers)
-        return RealtimeSession(engine, self.policy, session, self.metrics, self.persistence)
+        return RealtimeSession(
+            engine, self.policy, session, self.metrics, self.persistence, limits=self.limits
+        )
 
     async def resume(self, session_id: str, credential: str | None) -> RealtimeSession:
         """The stored session, claimed here; ResumeRefused when it may not be (or no Redis)."""
@@ -59,8 +65,9 @@ class PipelineAgents:
             journal.close()
             raise ResumeRefused(409, "invalid_stored_session", exc.message) from None
         engine = build_engine(self.config, self.providers)
+        resumed = (journal, state)
         return RealtimeSession(
-            engine, self.policy, stored, self.metrics, self.persistence, (journal, state)
+            engine, self.policy, stored, self.metrics, self.persistence, resumed, self.limits
         )
 
 
@@ -69,6 +76,7 @@ async def pipeline_agents(
     config: PipelineConfig,
     registry: CollectorRegistry,
     persistence: SessionPersistence | None = None,
+    limits: RealtimeLimits | None = None,
 ) -> AsyncIterator[PipelineAgents]:
     async with open_providers(config) as providers:
-        yield PipelineAgents(config, providers, registry, persistence)
+        yield PipelineAgents(config, providers, registry, persistence, limits)

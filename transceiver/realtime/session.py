@@ -10,7 +10,7 @@ forwarder through ``events()``) is logged with its traceback and counted in
 are parsed by ``transceiver.realtime.client_events``; each is handled at once (the engine's control
 methods are synchronous) and a bad one gets an ``error`` event naming the problem while the session
 goes on. Engine events become server events through ``EngineEventTranslator``; events produced
-before the client opens its channel wait (bounded).
+before the client opens its channel wait (bounded by its ``RealtimeLimits``).
 
 Survival (with Redis, see ``persistence``): a ``SessionJournal`` stores what the conversation
 commits; ``session.created`` carries a ``voicerelay`` field ``{"session_id", "resume_token"}``
@@ -60,6 +60,7 @@ from transceiver.realtime.client_events import (
     SessionUpdate,
     parse_client_event,
 )
+from transceiver.realtime.limits import RealtimeLimits
 from transceiver.realtime.policy import SessionPolicy, check_storable
 from transceiver.realtime.server_events import (
     error_event,
@@ -76,8 +77,6 @@ from transceiver.webrtc.audio import AgentVoiceTrack, pump_input
 
 logger = logging.getLogger(__name__)
 EVENTS_LABEL = "oai-events"
-MAX_PENDING_EVENTS = 512
-LOST_NOTICE_S = 0.25
 LONGEST_STORED_ITEM_ID = "h" + "9" * 19  # the journal names items h1, h2, ...
 Event = dict[str, Any]
 _TYPES: Mapping[type, str] = {
@@ -100,9 +99,11 @@ class RealtimeSession:
         metrics: RealtimeMetrics,
         persistence: SessionPersistence | None = None,
         resumed: tuple[SessionJournal, SessionState] | None = None,
+        limits: RealtimeLimits | None = None,
     ) -> None:
         self.engine = engine
         self.policy = policy
+        self.limits = limits or RealtimeLimits()
         self.config = config
         self.metrics = metrics
         self.voice = AgentVoiceTrack(engine.config.output_sample_rate_hz, engine.config.frame_ms)
@@ -217,7 +218,7 @@ class RealtimeSession:
         self._spawn(self._hang_up_soon(), "session hang-up")
 
     async def _hang_up_soon(self) -> None:
-        await asyncio.sleep(LOST_NOTICE_S)  # let the error event leave before the close
+        await asyncio.sleep(self.limits.lost_notice_s)  # let the error event leave before the close
         self.hangup_requested.set()
 
     def _spawn(self, work: Coroutine[Any, Any, None], task_name: str) -> None:
@@ -259,7 +260,7 @@ class RealtimeSession:
     def send(self, event: Event) -> None:
         channel = self._channel
         if channel is None or channel.readyState == "connecting":
-            if len(self._pending) < MAX_PENDING_EVENTS:
+            if len(self._pending) < self.limits.max_pending_events:
                 self._pending.append(event)
             return
         if channel.readyState != "open":
