@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from relay.wire.redis_config import RedisConfig, redis_flags, with_flags
 from relay.wire.ufrag import Keyring
 from transceiver.__main__ import main
 from transceiver.config import ConfigError, TransceiverConfig
@@ -16,6 +21,7 @@ from transceiver.store.survival import SurvivalPolicy
 from transceiver.webrtc.link_policy import LinkPolicy
 
 KEYS = "1:" + "5b" * 32
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_environment_and_flags() -> None:
@@ -110,6 +116,47 @@ def test_auth_flags_win_over_the_environment() -> None:
     required, _ = auth_flags().parse_known_args(["--auth", "required"])
     with pytest.raises(AuthConfigError, match="TRANSCEIVER_API_KEY is not set"):
         AuthConfig.from_flags(required, {"TRANSCEIVER_AUTH": "off"})
+
+
+def test_redis_flags_win_over_the_variables_and_leave_the_rest() -> None:
+    """Parsed as ``python -m transceiver`` parses them: the Redis flags first, the rest after."""
+    argv = ["--redis-url", "redis://flag:6379/0", "--capacity", "3", "--redis-key-prefix", "f"]
+    redis_args, rest = redis_flags().parse_known_args(argv)
+    assert TransceiverConfig.load(rest, {"TRANSCEIVER_KEYS": KEYS}).capacity == 3
+    environ = {"REDIS_URL": "redis://env:6379/0", "REDIS_KEY_PREFIX": "e", "REDIS_MAX_ITEMS": "7"}
+    redis = RedisConfig.from_env(with_flags(redis_args, environ))
+    assert redis is not None and (redis.url, redis.key_prefix) == ("redis://flag:6379/0", "f")
+    assert redis.max_items == 7  # a variable no flag overrode still counts
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "message"),
+    [
+        ({}, ["--redis-sentinels", "x:1"], "REDIS_SENTINELS needs REDIS_SENTINEL_SERVICE"),
+        (
+            {"REDIS_URL": "redis://env:6379/0"},
+            ["--redis-sentinels", "x:1", "--redis-sentinel-service", "main"],
+            "set exactly one of REDIS_URL and REDIS_SENTINELS",
+        ),
+        ({}, ["--redis-sentinels", "x"], "REDIS_SENTINELS: 'x' is not host:port"),
+    ],
+)
+def test_a_bad_redis_flag_stops_the_transceiver_naming_the_variable(
+    env: dict[str, str], flags: list[str], message: str
+) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSCEIVER_", "REDIS_"))}
+    argv = [sys.executable, "-m", "transceiver", "--keys", KEYS, "--agent", "echo"]
+    result = subprocess.run(
+        [*argv, "--insecure-dev", *flags],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"transceiver: {message}" in result.stderr
+    assert "ready" not in result.stdout
 
 
 SECRET_KEYS = "2:" + "c4" * 32 + ",1:" + "c5" * 32
