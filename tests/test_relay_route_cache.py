@@ -17,7 +17,6 @@ The same kill/restart is timed with HELLO recovery (no Redis on the new relay) s
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import socket
 import statistics
@@ -40,7 +39,7 @@ from deploy.processes import (
     transceiver_process,
 )
 from deploy.redis_server import RedisServer
-from deploy.waiting import eventually
+from deploy.waiting import eventually, poll
 from loadtest.tones import ToneClient, tone_call
 from relay import counters as c
 from relay.route_lookup import LookupAdmission, RouteLookups
@@ -155,11 +154,8 @@ async def learned_only_from_cache(deployment: Deployment, http: httpx.AsyncClien
         cached = metric_values(page, "relay_routes_from_cache_total")[""]
         return hits, learned, cached, metric_values(page, "relay_control_received_total")[""]
 
-    latest = await counts()
-    deadline = time.monotonic() + MEDIA_TIMEOUT_S
-    while latest[2] < 1 and time.monotonic() < deadline:  # counters publish every 0.5 s
-        await asyncio.sleep(0.05)  # polling interval
-        latest = await counts()
+    # counters publish every 0.5 s; a timeout fails with the counts, as the first assert would
+    latest = await poll(counts, lambda seen: seen[2] >= 1, MEDIA_TIMEOUT_S, str, interval_s=0.05)
     hits, learned, cached, control = latest
     assert hits >= 1 and cached >= 1, latest
     assert learned == cached, f"routes learned otherwise than from the cache: {latest}"
