@@ -21,8 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from av import AudioFrame
+from aiortc.mediastreams import MediaStreamTrack
 
 from deploy.processes import (
     LoopbackRelay,
@@ -33,7 +32,7 @@ from deploy.processes import (
     transceiver_process,
 )
 from deploy.survival import Survival, contents, stored_until
-from loadtest.tones import FRAME_SAMPLES, PacedTrack
+from loadtest.tones import FRAME_SAMPLES, PacedTrack, first_channel_frames
 from loadtest.voice_audio import recognised, silence_pcm, spoken_pcm
 from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
@@ -93,16 +92,8 @@ class RealtimeClient:
             self._reader = asyncio.get_running_loop().create_task(self._read(track))
 
     async def _read(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if not isinstance(frame, AudioFrame):
-                continue
-            channels = len(frame.layout.channels)
-            samples = frame.to_ndarray().reshape(-1)[::channels].astype(np.int16)
-            self.heard.append(samples.tobytes())
+        async for samples in first_channel_frames(track):
+            self.heard.append(samples.astype(np.int16).tobytes())
 
     async def connect(self, http: httpx.AsyncClient, base_url: str) -> None:
         await self.pc.setLocalDescription(await self.pc.createOffer())

@@ -21,6 +21,18 @@ from av import AudioFrame
 
 from deploy.waiting import eventually
 
+
+async def first_channel_frames(track: MediaStreamTrack) -> AsyncIterator[np.ndarray]:
+    """The first channel of every audio frame ``track`` delivers, until the track ends."""
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        if isinstance(frame, AudioFrame):
+            yield frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
+
+
 SAMPLE_RATE_HZ = 48_000
 FRAME_SAMPLES = 960  # 20 ms
 
@@ -86,13 +98,7 @@ class ToneClient:
             self._reader = asyncio.create_task(self._read(track))
 
     async def _read(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            assert isinstance(frame, AudioFrame)
-            samples = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
+        async for samples in first_channel_frames(track):
             self.recent.append(samples.astype(np.float64))
             self.frames_received += 1
 
