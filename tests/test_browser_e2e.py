@@ -25,6 +25,7 @@ import pytest_asyncio
 from playwright.async_api import Browser, Page
 
 from deploy.launched import Launched, launched
+from deploy.waiting import poll
 from loadtest.browser import chromium, dominant_frequency_hz, recorded_audio
 from loadtest.voice_audio import Speaker, hear, silence_pcm, tone_pcm, voiced, write_wav
 
@@ -140,12 +141,13 @@ async def recorded_seconds(page: Page) -> float:
 
 
 async def wait_recorded(page: Page, seconds: float, timeout_s: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while (got := await recorded_seconds(page)) < seconds:
-        if loop.time() > deadline:
-            raise AssertionError(f"only {got:.1f} s of remote audio after {timeout_s} s")
-        await asyncio.sleep(0.2)
+    await poll(
+        lambda: recorded_seconds(page),
+        lambda got: got >= seconds,
+        timeout_s,
+        lambda got: f"only {got:.1f} s of remote audio after {timeout_s} s",
+        interval_s=0.2,
+    )
 
 
 def loud_part(samples: np.ndarray[Any, Any], rate_hz: int) -> np.ndarray[Any, Any]:
