@@ -38,6 +38,7 @@ from test_sdp import CHROME_OFFER
 
 from deploy.launched import Launched, launched
 from deploy.redis_server import redis_server_binary
+from deploy.waiting import poll
 from loadtest.browser import chromium, recorded_audio
 from loadtest.voice_audio import Speaker, hear, voiced, write_wav
 from relay.wire.redis_config import RedisConfig
@@ -208,11 +209,13 @@ async def aim_next_request_at(stack: Launched, dead: str) -> None:
 
 
 async def wait_lines(stack: Launched, text: str, count: int, timeout_s: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while sum(text in line for line in stack.lines) < count:
-        assert loop.time() < deadline, f"no {text!r} from the stack:\n{stack.tail()}"
-        await asyncio.sleep(0.05)
+    await poll(
+        lambda: sum(text in line for line in stack.lines),
+        lambda seen: seen >= count,
+        timeout_s,
+        lambda _: f"no {text!r} from the stack:\n{stack.tail()}",
+        interval_s=0.05,
+    )
 
 
 def redis_url(stack: Launched) -> str:
@@ -232,15 +235,21 @@ async def stored(stack: Launched, session_id: str) -> SessionState:
 
 async def ended(stack: Launched, session_id: str) -> None:
     """Wait until the stored session has ended (its end is written behind, as every write)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + HANG_UP_TIMEOUT_S
-    while True:
+
+    async def has_ended() -> bool:
         try:
             await stored(stack, session_id)
         except SessionEndedError:
-            return
-        assert loop.time() < deadline, f"the hung-up session never ended:\n{stack.tail()}"
-        await asyncio.sleep(0.05)
+            return True
+        return False
+
+    await poll(
+        has_ended,
+        bool,
+        HANG_UP_TIMEOUT_S,
+        lambda _: f"the hung-up session never ended:\n{stack.tail()}",
+        interval_s=0.05,
+    )
 
 
 async def resume_offer(stack: Launched, session_id: str, token: str) -> httpx.Response:
