@@ -45,7 +45,7 @@ from deploy.redis_server import (
     redis_server_binary,
 )
 from deploy.survival import Survival, pipeline_stack, stored_until, survival_stack
-from deploy.waiting import wait_until
+from deploy.waiting import poll, wait_until
 from loadtest.realtime_client import RealtimeClient, acknowledged, ask, opened, resume
 from relay.wire.redis_config import RedisConfig
 from transceiver.store.errors import StoreUnavailableError
@@ -153,12 +153,13 @@ async def readyz_until(
     http: httpx.AsyncClient, base_url: str, want: Callable[[int, Event], bool], timeout_s: float
 ) -> tuple[int, Event]:
     """The first /readyz answer ``want`` accepts, polled with a deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not want(*(seen := await readyz(http, base_url))):
-        assert loop.time() < deadline, f"/readyz never matched; last {seen}"
-        await asyncio.sleep(0.1)
-    return seen
+    return await poll(
+        lambda: readyz(http, base_url),
+        lambda seen: want(*seen),
+        timeout_s,
+        lambda seen: f"/readyz never matched; last {seen}",
+        interval_s=0.1,
+    )
 
 
 def redis_status(wanted: str) -> Callable[[int, Event], bool]:
@@ -274,14 +275,17 @@ async def seconds_until_stored(
     timeout_s: float = 60.0,
 ) -> float:
     """Seconds until the stored session matches, read through whichever primary Redis has."""
+
+    async def matches() -> bool:
+        with contextlib.suppress(StoreUnavailableError):
+            return predicate(await survival.store.load(session_id))
+        return False
+
     loop = asyncio.get_running_loop()
     start = loop.time()
-    while loop.time() - start < timeout_s:
-        with contextlib.suppress(StoreUnavailableError):
-            if predicate(await survival.store.load(session_id)):
-                return loop.time() - start
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the stored session did not match within {timeout_s} s")
+    failure = f"the stored session did not match within {timeout_s} s"
+    await poll(matches, bool, timeout_s, lambda _: failure, interval_s=0.05)
+    return loop.time() - start
 
 
 def wait_for_promotion(topology: SentinelTopology, old_primary: int) -> float:
