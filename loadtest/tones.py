@@ -20,17 +20,13 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
 from deploy.waiting import eventually
+from transceiver.webrtc.audio import audio_frames
 
 
 async def first_channel_frames(track: MediaStreamTrack) -> AsyncIterator[np.ndarray]:
     """The first channel of every audio frame ``track`` delivers, until the track ends."""
-    while True:
-        try:
-            frame = await track.recv()
-        except MediaStreamError:
-            return
-        if isinstance(frame, AudioFrame):
-            yield frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
+    async for frame in audio_frames(track):
+        yield frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
 
 
 SAMPLE_RATE_HZ = 48_000

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -56,13 +56,19 @@ async def pump_input(
 ) -> None:
     """Until the track ends: every decoded frame, as mono PCM at ``output_rate_hz``."""
     resampler = InputResampler(output_rate_hz)
+    async for frame in audio_frames(track):
+        push(resampler.convert(frame))
+
+
+async def audio_frames(track: MediaStreamTrack) -> AsyncIterator[AudioFrame]:
+    """Every audio frame ``track`` delivers, until it ends."""
     while True:
         try:
             frame = await track.recv()
         except MediaStreamError:
             return
         if isinstance(frame, AudioFrame):
-            push(resampler.convert(frame))
+            yield frame
 
 
 class AgentVoiceTrack(MediaStreamTrack):
