@@ -10,14 +10,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "ARCHITECTURE.md"
+FILE_ENDINGS = (".txt", ".md", ".toml", ".py", ".yaml", ".json")
 OURS = ("relay", "transceiver", "pipeline", "loadtest", "deploy", "tests", "requirements")
 
 
 def named(text: str) -> tuple[list[str], list[str]]:
     """(dotted names, paths) of our code in backticks."""
     refs = set(re.findall(r"`([^`\s]+)`", text))
-    dotted = sorted(r for r in refs if re.fullmatch(r"[a-z_]+(\.[A-Za-z_]+)+", r))
-    paths = sorted(r for r in refs if "/" in r and r.split("/")[0] in OURS)
+    files = {r for r in refs if r.endswith(FILE_ENDINGS)}
+    dotted = sorted(r for r in refs - files if re.fullmatch(r"[a-z_]+(\.[A-Za-z_]+)+", r))
+    paths = sorted(r for r in refs if ("/" in r or r in files) and re.split(r"[/.]", r)[0] in OURS)
     return [d for d in dotted if d.split(".")[0] in OURS], paths
 
 
