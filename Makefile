@@ -8,11 +8,11 @@ STAMP := $(VENV)/.stamp-deps
 PYTEST_ARGS ?=
 
 # Every Python dependency is locked, exact versions with hashes (see README, "Dependencies"):
-#   requirements/dev.lock      everything make run/test/bench need (runtime + dev tools + build)
-#   requirements/runtime.lock  the image's subset, resolved under dev.lock's pins (same versions)
-#   requirements/lock-tools.lock  pip-tools, which writes the two above
-LOCK := requirements/dev.lock
-RUNTIME_LOCK := requirements/runtime.lock
+#   requirements.txt             everything make run/test/bench need (runtime + dev tools + build)
+#   requirements/runtime.txt     the image's subset, resolved under requirements.txt's pins (same versions)
+#   requirements/lock-tools.txt  pip-tools, which writes the two above
+LOCK := requirements.txt
+RUNTIME_LOCK := requirements/runtime.txt
 LOCK_TOOLS := build/lock-tools
 # Locks are resolved against PyPI alone, so their hashes are PyPI's files, whatever wheel
 # caches or extra indexes the machine that ran `make lock` has configured.
@@ -36,7 +36,7 @@ $(STAMP): $(LOCK) pyproject.toml requirements/sync.py | sysdeps
 
 venv: $(STAMP)
 
-$(LOCK_TOOLS)/.stamp: requirements/lock-tools.lock
+$(LOCK_TOOLS)/.stamp: requirements/lock-tools.txt
 	test -x $(LOCK_TOOLS)/bin/python || $(PYTHON) -m venv $(LOCK_TOOLS)
 	$(LOCK_TOOLS)/bin/python requirements/sync.py $(LOCK_TOOLS)/bin/python $<
 	touch $@

@@ -1,7 +1,7 @@
 """The locks are what runs: the environment, the image and the npm bundle install exactly them.
 
-``requirements/dev.lock`` pins every Python distribution ``make run``/``test``/``bench`` use,
-``requirements/runtime.lock`` the image's subset (resolved under dev.lock's pins), both with
+``requirements.txt`` pins every Python distribution ``make run``/``test``/``bench`` use,
+``requirements/runtime.txt`` the image's subset (resolved under requirements.txt's pins), both with
 hashes. The declared dependencies in pyproject.toml are what the code imports, and the locks
 satisfy them, so a ``pyproject.toml`` edited without ``make lock`` fails here.
 """
@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "requirements"))
 from sync import canonical, installed, pins  # noqa: E402
 
-DEV_LOCK = ROOT / "requirements" / "dev.lock"
-RUNTIME_LOCK = ROOT / "requirements" / "runtime.lock"
+DEV_LOCK = ROOT / "requirements.txt"
+RUNTIME_LOCK = ROOT / "requirements" / "runtime.txt"
 SERVICES = ("relay", "transceiver", "pipeline")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
@@ -87,7 +87,7 @@ def source_files(*folders: str) -> list[Path]:
 
 
 def test_the_environment_is_exactly_the_lock() -> None:
-    """``pip freeze`` of the environment running the tests equals dev.lock, nothing more."""
+    """``pip freeze`` of the environment running the tests equals requirements.txt, nothing more."""
     assert installed(sys.executable) == pins(DEV_LOCK.read_text())
 
 
@@ -151,7 +151,7 @@ def test_the_image_installs_from_the_runtime_lock_alone() -> None:
     assert commands, "the Dockerfile installs nothing with pip"
     for command in commands:
         argv = shlex.split(command)
-        from_lock = "--require-hashes" in argv and "requirements/runtime.lock" in argv
+        from_lock = "--require-hashes" in argv and "requirements/runtime.txt" in argv
         assert from_lock or "--no-deps" in argv, command
         assert "--no-deps" in argv, command
 
