@@ -52,7 +52,7 @@ lock: $(LOCK_TOOLS)/.stamp
 # redis-server (session state; the tests start their own servers, Sentinel included).
 # npm (the @openai/agents-realtime browser tests, installed with `npm ci` from their lock) only
 # where no npm is on PATH already; python3-venv where Debian's Python lacks ensurepip.
-SYSTEM_PACKAGES := gcc chromium redis-server
+SYSTEM_PACKAGES := gcc chromium redis-server iptables iproute2
 sysdeps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
