@@ -1,4 +1,4 @@
-"""A small OpenAI-compatible HTTP server for tests, served by uvicorn on loopback.
+"""A small OpenAI-compatible HTTP server for tests and local load runs, on loopback (uvicorn).
 
 The only fake in the suite: it stands in for the paid OpenAI API. It speaks the real wire
 shapes (SSE chat chunks with tool-call deltas and usage, raw PCM speech, multipart
@@ -422,9 +422,13 @@ class FakeOpenAIServer:
 
     async def wait_for(self, key: str, route: str, count: int, timeout_s: float = 10.0) -> None:
         """Poll the stats until ``stats[key][route] >= count``, or fail at the deadline."""
+
+        def reached(stats: dict[str, Any]) -> bool:
+            return int(stats[key].get(route, 0)) >= count
+
         await poll(
             self.stats,
-            lambda stats: stats[key].get(route, 0) >= count,
+            reached,
             timeout_s,
             lambda _: f"{key}[{route}] did not reach {count} within {timeout_s} s",
         )

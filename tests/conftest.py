@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import openai
 import pytest
-from fake_openai import FakeOpenAIServer
 
+from deploy.fake_openai import FakeOpenAIServer
 from pipeline.native_threads import pin_native_threads
 
 pin_native_threads()  # the test process too, before any test module imports numpy

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import openai
 import pytest
-from fake_openai import FakeOpenAIServer, speech_pcm
 
+from deploy.fake_openai import FakeOpenAIServer, speech_pcm
 from pipeline.openai_providers import (
     SPEECH_SAMPLE_RATE_HZ,
     OpenAILanguageModel,

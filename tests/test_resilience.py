@@ -9,8 +9,8 @@ from typing import Any
 
 import openai
 import pytest
-from fake_openai import FakeOpenAIServer
 
+from deploy.fake_openai import FakeOpenAIServer
 from pipeline.circuit_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError
 from pipeline.openai_providers import OpenAILanguageModel, OpenAISpeechToText, OpenAITextToSpeech
 from pipeline.providers import (
