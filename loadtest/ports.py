@@ -13,10 +13,12 @@ out, one per N so conntrack starts empty), each design in turn:
   table is walked) to the Service IP, spread over all the exposed ports, and more to the last
   rule; the RTT of each first packet against a C echo behind the DNAT.
 - **server CPU per packet**: the same packet rate into N echo sockets or into one, sent
-  straight to the pod (the nat table is not in this figure), CPU of the echo processes from
-  ``/proc/PID/schedstat`` (``/proc/PID/stat`` where the kernel lacks it); several echo
-  processes when N is over ``MAX_PORTS_PER_ECHO``, as RLIMIT_NOFILE is 20,000 here and cannot
-  be raised.
+  straight to the pod with the rules flushed first (packets of established flows skip the nat
+  table; the load's own new flows would each walk all N rules, which is the first-packet
+  figure, and at 30k rules would hold the generator far below the rate). CPU of the echo
+  processes from ``/proc/PID/schedstat`` (``/proc/PID/stat`` where the kernel lacks it);
+  several echo processes when N is over ``MAX_PORTS_PER_ECHO``, as RLIMIT_NOFILE is 20,000
+  here and cannot be raised.
 - kernel memory (``Slab`` from ``/proc/meminfo``: machine-wide, so other work on the machine
   shows in it) and the conntrack entries each design added.
 
@@ -185,6 +187,14 @@ def nat_rules(ports: Sequence[int]) -> str:
     return "\n".join([*lines, "COMMIT", ""])
 
 
+# kube-proxy's own filter rule; it also keeps conntrack on in the namespace in every phase
+# (nf_tables takes conntrack only while a rule needs it), as it is on a node.
+CONNTRACK_RULES = "\n".join(
+    ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
+    + ["-A INPUT -m conntrack --ctstate INVALID -j DROP", "COMMIT", ""]
+)
+
+
 def timed_restore(netns: Netns, rules: str) -> float:
     started = time.perf_counter()
     netns.run(["iptables-restore"], rules)
@@ -279,29 +289,41 @@ def _wait_ready(process: subprocess.Popen[str]) -> None:
     raise ScenarioError(f"echo not ready after {READY_TIMEOUT_S} s")
 
 
-def probe_plan(ports: Sequence[int], settings: PortsSettings, seed: int) -> list[tuple[str, int]]:
-    """Labelled first-packet targets: ports spread over the rules (first and last included)
-    and the last rule again, shuffled together so both see the same conditions."""
-    k = settings.probes
-    spread = [ports[round(i * (len(ports) - 1) / max(1, k - 1))] for i in range(k)]
-    plan = [("spread", p) for p in spread] + [("last_rule", ports[-1])] * settings.last_rule_probes
-    random.Random(seed).shuffle(plan)
+Plan = list[tuple[str, int]]  # (label, port) per new flow, in the order they are sent
+
+
+def spread_ports(ports: Sequence[int], count: int) -> list[int]:
+    """``count`` ports spread evenly over ``ports``, the first and the last included."""
+    return [ports[round(i * (len(ports) - 1) / max(1, count - 1))] for i in range(count)]
+
+
+def through_rules_plan(ports: Sequence[int], settings: PortsSettings) -> Plan:
+    """Flows spread over the rules and flows to the last rule, shuffled together so both see
+    the same conditions, after a few warm-up flows that are not counted."""
+    plan = [("spread", p) for p in spread_ports(ports, settings.probes)]
+    plan += [("last_rule", ports[-1])] * settings.last_rule_probes
+    random.Random(len(ports)).shuffle(plan)
     return [("warmup", ports[0])] * WARMUP_PROBES + plan
 
 
-def first_packets(
-    netns: Netns, binary: Path, ports: Sequence[int], settings: PortsSettings
-) -> Result:
-    plan = probe_plan(ports, settings, seed=len(ports))
-    argv = [str(binary), "probe", "--dest", SERVICE_IP, "--timeout-ms", str(PROBE_TIMEOUT_MS)]
-    argv += ["--payload-bytes", str(settings.payload_bytes)]
+def no_rules_plan(ports: Sequence[int], settings: PortsSettings) -> Plan:
+    """The same spread straight to the pod with the rules flushed: the control that has the
+    same sockets and conntrack but no rules to walk."""
+    spread = [("no_rules", p) for p in spread_ports(ports, settings.probes)]
+    return [("warmup", ports[0])] * WARMUP_PROBES + spread
+
+
+def first_packets(netns: Netns, binary: Path, dest: str, plan: Plan, payload_bytes: int) -> Result:
+    """Send the plan's new flows to ``dest``; RTT summaries by label (warm-up left out)."""
+    argv = [str(binary), "probe", "--dest", dest, "--timeout-ms", str(PROBE_TIMEOUT_MS)]
+    argv += ["--payload-bytes", str(payload_bytes)]
     argv += chain.from_iterable(("--port", str(port)) for _, port in plan)
     timeout_s = len(plan) * PROBE_TIMEOUT_MS / 1000 + 30
     rtt_ns: list[int] = json.loads(netns.run(argv, timeout_s=timeout_s))["rtt_ns"]
-    by_label: dict[str, list[int]] = {"spread": [], "last_rule": []}
+    by_label: dict[str, list[int]] = {}
     for (label, _), rtt in zip(plan, rtt_ns, strict=True):
         by_label.setdefault(label, []).append(rtt)
-    return {label: rtt_summary(by_label[label]) for label in ("spread", "last_rule")}
+    return {label: rtt_summary(rtts) for label, rtts in by_label.items() if label != "warmup"}
 
 
 def rtt_summary(rtt_ns: Sequence[int]) -> Result:
@@ -335,40 +357,57 @@ def server_cpu(
     }
 
 
+def programme(netns: Netns, ports: Sequence[int], repeats: int) -> Result:
+    """Each repeat times restoring the empty table, then the design's rules into it."""
+    restores = [program_rules(netns, nat_rules(ports)) for _ in range(repeats)]
+    return {
+        "rules_programmed": len(ports),
+        "rules_read_back": rules_read_back(netns),
+        "restore_s": [round(full, 4) for _, full in restores],
+        "restore_ms_median": round(float(np.median([f for _, f in restores])) * 1e3, 1),
+        "restore_empty_ms_median": round(float(np.median([e for e, _ in restores])) * 1e3, 1),
+    }
+
+
+def traffic(netns: Netns, binary: Path, ports: Sequence[int], settings: PortsSettings) -> Result:
+    """First packets through the rules; then, with the rules flushed (so that the load's new
+    flows do not walk them), first packets straight to the pod and the echo CPU per packet.
+    Slab is read again once the echo sockets are bound."""
+    slab_rules = slab_kb()
+    echo = EchoServers.start(netns, binary, ports[0], len(ports))
+    try:
+        slab_sockets = slab_kb()
+        size = settings.payload_bytes
+        plan = through_rules_plan(ports, settings)
+        first_packet = first_packets(netns, binary, SERVICE_IP, plan, size)
+        flush_s = timed_restore(netns, nat_rules([]))
+        first_packet |= first_packets(netns, binary, POD_IP, no_rules_plan(ports, settings), size)
+        cpu = server_cpu(netns, binary, echo, ports, settings)
+    finally:
+        echoed_total = echo.stop()
+    return {
+        "first_packet": first_packet,
+        "flush_ms": round(flush_s * 1e3, 1),
+        "server_cpu": cpu,
+        "echoed_total": echoed_total,
+        "slab_sockets_added_kb": slab_sockets - slab_rules,
+    }
+
+
 def measure_design(
     netns: Netns, binary: Path, design: str, sessions: int, settings: PortsSettings
 ) -> Result:
     ports = session_ports(design, sessions)
-    rules = nat_rules(ports)
     slab_before = slab_kb()
-    restores = [program_rules(netns, rules) for _ in range(settings.restore_repeats)]
-    read_back = rules_read_back(netns)
+    result: Result = {"ports": len(ports)}
+    result |= programme(netns, ports, settings.restore_repeats)
     slab_rules, conntrack_before = slab_kb(), conntrack_entries(netns)
-    echo = EchoServers.start(netns, binary, ports[0], len(ports))
-    try:
-        slab_sockets = slab_kb()
-        first_packet = first_packets(netns, binary, ports, settings)
-        cpu = server_cpu(netns, binary, echo, ports, settings)
-    finally:
-        echoed_total = echo.stop()
-    conntrack_after = conntrack_entries(netns)
-    return {
-        "ports": len(ports),
-        "rules_programmed": len(ports),
-        "rules_read_back": read_back,
-        "restore_s": [round(full, 4) for _, full in restores],
-        "restore_ms_median": round(float(np.median([f for _, f in restores])) * 1e3, 1),
-        "restore_empty_ms_median": round(float(np.median([e for e, _ in restores])) * 1e3, 1),
-        "first_packet": first_packet,
-        "server_cpu": cpu,
-        "echoed_total": echoed_total,
-        "slab_kb": {
-            "before": slab_before,
-            "rules_added": slab_rules - slab_before,
-            "sockets_added": slab_sockets - slab_rules,
-        },
-        "conntrack_entries": conntrack_counts(conntrack_before, conntrack_after),
-    }
+    result |= traffic(netns, binary, ports, settings)
+    slab = {"before": slab_before, "rules_added": slab_rules - slab_before}
+    slab["sockets_added"] = result.pop("slab_sockets_added_kb")
+    result["slab_kb"] = slab
+    result["conntrack_entries"] = conntrack_counts(conntrack_before, conntrack_entries(netns))
+    return result
 
 
 def conntrack_counts(before: int | None, after: int | None) -> Result:
@@ -383,19 +422,29 @@ def measure_point(
     point: Result = {"sessions": sessions, "order": list(order), "designs": {}}
     with Netns(new_netns_name()) as netns:
         point["netns"] = netns.name
+        netns.run(["iptables-restore"], CONNTRACK_RULES)
         for design in order:
             result = measure_design(netns, binary, design, sessions, settings)
             point["designs"][design] = result
             progress(f"N={sessions} {design}: {design_line(result)}")
+    point["walk_ns_per_rule"] = walk_ns_per_rule(point["designs"][PORT_PER_SESSION], sessions)
     return point
 
 
+def walk_ns_per_rule(design: Result, rules: int) -> float | None:
+    """What each rule adds to a new flow: last-rule RTT less the no-rules RTT, per rule."""
+    last, control = (design["first_packet"][k]["p50_us"] for k in ("last_rule", "no_rules"))
+    return None if last is None or control is None else round((last - control) * 1e3 / rules, 1)
+
+
 def design_line(result: Result) -> str:
-    spread, last = result["first_packet"]["spread"], result["first_packet"]["last_rule"]
+    first = result["first_packet"]
+    spread, last, control = first["spread"], first["last_rule"], first["no_rules"]
+    echoed, flows = (sum(summary[k] for summary in first.values()) for k in ("echoed", "flows"))
     return (
         f"{result['rules_read_back']} rule(s) read back, restore {result['restore_ms_median']} ms,"
-        f" first packet p50 {spread['p50_us']} µs (last rule {last['p50_us']} µs),"
-        f" {spread['echoed'] + last['echoed']}/{spread['flows'] + last['flows']} echoed,"
+        f" first packet p50 {spread['p50_us']} µs (last rule {last['p50_us']} µs,"
+        f" no rules {control['p50_us']} µs), {echoed}/{flows} echoed,"
         f" server {result['server_cpu']['us_per_packet']} µs/packet"
     )
 
@@ -447,7 +496,7 @@ def _cell(value: object) -> str:
 def table(report: Result) -> str:
     """Rows: N; columns: each measure for port per session, then for the one relay port."""
     header = ["N", "rules", "restore ms", "1st pkt p50 µs", "1st pkt p99 µs", "last rule µs"]
-    header += ["CPU µs/pkt", "conntrack +"]
+    header += ["no rules µs", "CPU µs/pkt", "conntrack +"]
     rows = [header, ["", *["ports | relay"] * (len(header) - 1)]]
     for point in report["points"]:
         pair = [point["designs"][d] for d in DESIGNS]
@@ -458,14 +507,15 @@ def table(report: Result) -> str:
 
 
 def _table_values(design: Result) -> list[object]:
-    spread, last = design["first_packet"]["spread"], design["first_packet"]["last_rule"]
+    first = design["first_packet"]
     conntrack = design["conntrack_entries"]["added"]
     return [
         design["rules_read_back"],
         design["restore_ms_median"],
-        spread["p50_us"],
-        spread["p99_us"],
-        last["p50_us"],
+        first["spread"]["p50_us"],
+        first["spread"]["p99_us"],
+        first["last_rule"]["p50_us"],
+        first["no_rules"]["p50_us"],
         design["server_cpu"]["us_per_packet"],
         conntrack,
     ]
@@ -480,20 +530,28 @@ def plot(report: Result, path: Path) -> Path:
 
     sessions = [p["sessions"] for p in report["points"]]
     figure, (restore_axes, rtt_axes) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for design, marker in zip(DESIGNS, "os", strict=True):
+    for design, marker, color in zip(DESIGNS, "os", ("C3", "C0"), strict=True):
         rows = [p["designs"][design] for p in report["points"]]
         restore_ms = [r["restore_ms_median"] for r in rows]
-        restore_axes.plot(sessions, restore_ms, marker=marker, label=design)
-        for label, style in (("spread", "-"), ("last_rule", "--")):
+        restore_axes.plot(sessions, restore_ms, marker=marker, color=color, label=design)
+        for label, style in (("spread", "-"), ("last_rule", "--"), ("no_rules", ":")):
             p50 = [r["first_packet"][label]["p50_us"] for r in rows]
-            rtt_axes.plot(sessions, p50, style, marker=marker, label=f"{design}, {label} p50")
+            rtt_axes.plot(
+                sessions, p50, style, marker=marker, color=color, label=f"{design}, {label} p50"
+            )
     restore_axes.set(xscale="log", yscale="log", xlabel="sessions N", ylabel="iptables-restore ms")
     restore_axes.set_title("Rule programming (one iptables-restore)")
-    rtt_axes.set(xscale="log", xlabel="sessions N", ylabel="first-packet RTT µs")
+    rtt_axes.set(xscale="log", yscale="log", xlabel="sessions N", ylabel="first-packet RTT µs")
     rtt_axes.set_title("First packet of a new flow through the DNAT rules")
     for axes in (restore_axes, rtt_axes):
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize=8)
+    config = report["config"]
+    figure.suptitle(
+        f"ports: kube-proxy-style DNAT, one rule per port, vs one relay port"
+        f" ({config['probes']} + {config['last_rule_probes']} new flows per point;"
+        f" load average {report['loadavg_before'][0]} at the start)"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -554,6 +612,8 @@ def main(argv: list[str]) -> int:
     png = plot(report, settings.report_dir / "ports.png")
     print("\nport per session (ports) | one relay port (relay), by session count N\n")
     print(table(report))
+    walks = ", ".join(f"N={p['sessions']}: {p['walk_ns_per_rule']}" for p in report["points"])
+    print(f"\nns each rule adds to a new flow (last rule less no rules, per rule): {walks}")
     print(f"\nload average before {report['loadavg_before']}, after {report['loadavg_after']}")
     print(f"wrote {out} and {png} in {time.monotonic() - started:.0f} s")
     return 0
