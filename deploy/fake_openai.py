@@ -382,6 +382,11 @@ class FakeOpenAIServer:
         assert self._process.stdout is not None
         self._process.stdout.close()
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
     def _read_port(self) -> int:
         assert self._process is not None and self._process.stdout is not None
         deadline = time.monotonic() + self._startup_timeout_s

@@ -1,0 +1,534 @@
+"""Lean WebRTC voice calls for the load tester, and the driver process that runs many of them.
+
+A ``VoiceCall`` is a real aiortc peer (ICE, DTLS, SRTP, Opus, the ``oai-events`` channel) made
+cheap where a load generator can be:
+
+- It sends **pre-encoded Opus**: every question is spoken by piper and encoded once per run
+  (``Questions``); the track hands aiortc ``av.Packet`` s, so aiortc packs them (no encoder,
+  no executor hop, no audio-level loop). Between questions it sends one pre-encoded silence
+  packet per 20 ms, as a browser's microphone would: the server's VAD needs the silence to end
+  a turn.
+- Sending is **batched on one clock**: every call's track waits on the same ``Metronome`` tick,
+  so the loop wakes once per 20 ms for all calls, not once per call.
+- It **decodes nothing**: aiortc's receive path (jitter buffer, decoder thread, frame queue)
+  is bypassed per receiver. The answer's onset is read from the RFC 6465 audio level the
+  server puts in every RTP header; only when a packet lacks it is that packet decoded (and
+  only while a turn waits for its answer).
+
+A turn: speak a question, then silence; latency = the first loud packet after the last speech
+packet left, at the client (loop clock). The user transcript and the answer's transcript come
+from the channel's events; a turn is over at ``response.done`` once the answer's audio has
+gone quiet again.
+
+**Why a driver process** (Locust cannot run asyncio code inside its gevent-patched process,
+locust#1251): ``python -m loadtest.voice_calls`` is one asyncio process per Locust worker,
+spoken to over its stdin/stdout in JSON lines (``{"op": "call", ...}`` in, ``{"ev": "turn",
+...}`` out). A thread with its own loop would share the patched ``socket``/``select``/
+``threading`` modules and the worker's GIL (aiortc's per-receiver threads under gevent's
+patches); a non-asyncio handshake would mean rewriting aiortc. A child process has its own
+GIL, its CPU is exactly the client's cost (read from /proc by the worker), and a crash in it
+is a counted failure, not a dead worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import fractions
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import httpx
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import RtpPacket
+
+from loadtest.hosts import process_tree, rss_mb
+
+RATE_HZ = 48_000
+FRAME_SAMPLES = 960  # 20 ms
+FRAME_S = FRAME_SAMPLES / RATE_HZ
+TIME_BASE = fractions.Fraction(1, RATE_HZ)
+LOUD_LEVEL = 40  # RFC 6465 level (-dBov): 40 and below is louder than -40 dBov (RMS 0.01)
+QUIET_PACKETS = 10  # this many quiet packets in a row: the answer has stopped playing
+QUESTIONS = ("What time is it?", "Tell me about coffee.", "When does the library open?")
+API_KEY_ENV = "TRANSCEIVER_API_KEY"  # sent as Authorization: Bearer, when set
+SETUP_TIMEOUT_S = 20.0
+TURN_TIMEOUT_S = 60.0
+Event = dict[str, Any]
+
+
+# --- the questions, spoken and encoded once ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    packets: list[bytes]  # 20 ms Opus packets
+
+
+@dataclass(frozen=True)
+class Questions:
+    questions: list[Question]
+    silence: bytes  # one 20 ms Opus packet of digital silence
+
+    def to_json(self) -> str:
+        def b64(data: bytes) -> str:
+            return base64.b64encode(data).decode()
+
+        spoken = [{"text": q.text, "packets": [b64(p) for p in q.packets]} for q in self.questions]
+        return json.dumps({"questions": spoken, "silence": b64(self.silence)})
+
+    @classmethod
+    def from_json(cls, text: str) -> Questions:
+        data = json.loads(text)
+        spoken = [
+            Question(q["text"], [base64.b64decode(p) for p in q["packets"]])
+            for q in data["questions"]
+        ]
+        return cls(spoken, base64.b64decode(data["silence"]))
+
+
+def opus_packets(pcm: bytes, bitrate: int = 32_000) -> list[bytes]:
+    """48 kHz mono s16 PCM as 20 ms Opus packets (as a browser sends: mono voip)."""
+    codec: Any = av.CodecContext.create("libopus", "w")
+    codec.bit_rate, codec.format, codec.layout = bitrate, "s16", "mono"
+    codec.sample_rate, codec.time_base = RATE_HZ, TIME_BASE
+    codec.options = {"application": "voip"}
+    step = 2 * FRAME_SAMPLES
+    pcm += b"\0" * (-len(pcm) % step)
+    packets: list[bytes] = []
+    for start in range(0, len(pcm), step):
+        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
+        frame.planes[0].update(pcm[start : start + step])
+        frame.sample_rate, frame.pts = RATE_HZ, start // 2
+        packets += [bytes(p) for p in codec.encode(frame)]
+    return packets + [bytes(p) for p in codec.encode(None)]
+
+
+async def spoken_questions(texts: Sequence[str] = QUESTIONS) -> Questions:
+    """Each text spoken by piper (noise off: the same audio every run), encoded once."""
+    from loadtest.voice_audio import Speaker
+
+    async with Speaker() as speaker:
+        spoken = [Question(text, opus_packets(await speaker.speak(text))) for text in texts]
+    silence = opus_packets(b"\0" * 2 * FRAME_SAMPLES * 10)[5]  # past the encoder's start-up
+    return Questions(spoken, silence)
+
+
+# --- sending: one clock for every call ----------------------------------------------------
+
+
+class Metronome:
+    """A 20 ms tick shared by every call's track: one timer wakes the loop for all of them."""
+
+    def __init__(self) -> None:
+        self._tick: asyncio.Future[float] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._next_s = 0.0
+
+    def next_tick(self) -> asyncio.Future[float]:
+        """A future resolved (with the loop time) at the next tick."""
+        if self._tick is None:
+            loop = asyncio.get_running_loop()
+            self._tick = loop.create_future()
+            self._next_s = max(self._next_s + FRAME_S, loop.time())
+            self._handle = loop.call_at(self._next_s, self._fire)
+        return self._tick
+
+    def _fire(self) -> None:
+        tick, self._tick = self._tick, None  # the next recv() asks for a new one
+        if tick is not None and not tick.done():
+            tick.set_result(asyncio.get_running_loop().time())
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._tick is not None and not self._tick.done():
+            self._tick.cancel()
+
+
+class OpusSpeechTrack(MediaStreamTrack):
+    """A microphone of pre-encoded packets: a queued question, else silence, one per tick."""
+
+    kind = "audio"
+
+    def __init__(self, metronome: Metronome, silence: bytes) -> None:
+        super().__init__()
+        self._metronome, self._silence = metronome, silence
+        self._speech: list[bytes] = []
+        self._next = 0
+        self._pts = 0
+        self.speech_ended: asyncio.Future[float] | None = None
+
+    def say(self, packets: list[bytes]) -> asyncio.Future[float]:
+        """Queue a question; the future resolves when its last packet has gone out."""
+        self._speech, self._next = packets, 0
+        self.speech_ended = asyncio.get_running_loop().create_future()
+        return self.speech_ended
+
+    async def recv(self) -> av.Packet[Any]:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now_s = await self._metronome.next_tick()
+        packet = av.Packet(self._next_payload(now_s))
+        packet.pts, packet.time_base = self._pts, TIME_BASE
+        self._pts += FRAME_SAMPLES
+        return packet
+
+    def _next_payload(self, now_s: float) -> bytes:
+        if self._next >= len(self._speech):
+            return self._silence
+        payload = self._speech[self._next]
+        self._next += 1
+        if self._next == len(self._speech) and self.speech_ended and not self.speech_ended.done():
+            self.speech_ended.set_result(now_s)  # sent in this loop iteration
+        return payload
+
+
+# --- receiving: the answer's onset without decoding ---------------------------------------
+
+
+class AnswerMeter:
+    """Stands in for an audio receiver's RTP path: notes loud and quiet packets, decodes none
+    unless a packet carries no audio level and a turn is waiting for its answer."""
+
+    def __init__(self) -> None:
+        self.onset: asyncio.Future[float] | None = None  # the next loud packet's arrival
+        self.quiet = asyncio.Event()  # QUIET_PACKETS quiet packets in a row
+        self.packets = 0
+        self._quiet_run = 0
+        self._decoder: Any = None
+
+    def expect_answer(self) -> asyncio.Future[float]:
+        self.onset = asyncio.get_running_loop().create_future()
+        return self.onset
+
+    async def handle_rtp_packet(self, packet: RtpPacket, arrival_time_ms: int = 0) -> None:
+        self.packets += 1
+        waiting = self.onset is not None and not self.onset.done()
+        if self._loud(packet, decode=waiting):
+            self._quiet_run = 0
+            self.quiet.clear()
+            if self.onset is not None and not self.onset.done():
+                self.onset.set_result(asyncio.get_running_loop().time())
+        else:
+            self._quiet_run += 1
+            if self._quiet_run >= QUIET_PACKETS:
+                self.quiet.set()
+
+    def _loud(self, packet: RtpPacket, decode: bool) -> bool:
+        level = packet.extensions.audio_level
+        if level is not None:
+            return bool(level[1] <= LOUD_LEVEL)
+        return decode and self._decoded_rms(packet.payload) > 10 ** (-LOUD_LEVEL / 20)
+
+    def _decoded_rms(self, payload: bytes) -> float:
+        if self._decoder is None:
+            self._decoder = av.CodecContext.create("libopus", "r")
+            self._decoder.sample_rate, self._decoder.layout = RATE_HZ, "mono"
+        frames = self._decoder.decode(av.Packet(payload))
+        if not frames:
+            return 0.0
+        samples = np.concatenate([f.to_ndarray().ravel() for f in frames]).astype(np.float64)
+        scale = 32768.0 if frames[0].format.name.startswith("s16") else 1.0
+        return math.sqrt(float(np.mean(np.square(samples / scale)))) if samples.size else 0.0
+
+
+# --- one call -----------------------------------------------------------------------------
+
+
+class CallFailed(Exception):
+    """A call or turn failed; the message is the reason counted in the report."""
+
+
+@dataclass
+class TurnResult:
+    turn: int
+    latency_ms: float
+    heard: str  # the server's transcript of the question
+    answer: str  # the answer's transcript
+    server_first_frame_ms: float | None = None  # the server's own speech-stopped -> first frame
+
+
+@dataclass
+class _Waits:
+    """What a turn waits for on the channel, resolved by ``VoiceCall._on_message``."""
+
+    heard: asyncio.Future[str]
+    done: asyncio.Future[Event]
+    metrics: asyncio.Future[Event]
+
+    @classmethod
+    def new(cls) -> _Waits:
+        loop = asyncio.get_running_loop()
+        return cls(loop.create_future(), loop.create_future(), loop.create_future())
+
+    def fail(self, reason: str) -> None:
+        for future in (self.heard, self.done, self.metrics):
+            if not future.done():
+                future.set_exception(CallFailed(reason))
+
+
+@dataclass
+class VoiceCall:
+    """One lean call: connect (POST the offer, wait for session.created), turns, close."""
+
+    metronome: Metronome
+    questions: Questions
+    headers: dict[str, str] = field(default_factory=dict)
+    turns_done: int = 0
+
+    def __post_init__(self) -> None:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.track = OpusSpeechTrack(self.metronome, self.questions.silence)
+        self.meter = AnswerMeter()
+        transceiver = self.pc.addTransceiver(self.track, direction="sendrecv")
+        transceiver.receiver._handle_rtp_packet = self.meter.handle_rtp_packet  # type: ignore[method-assign]
+        self.channel = self.pc.createDataChannel("oai-events")
+        self.channel.on("message", self._on_message)
+        self._created: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._waits: _Waits | None = None
+
+    def _on_message(self, data: str | bytes) -> None:
+        event = json.loads(data)
+        kind = event.get("type")
+        if kind == "session.created" and not self._created.done():
+            self._created.set_result(event)
+        waits = self._waits
+        if waits is None:
+            return
+        if kind == "conversation.item.input_audio_transcription.completed":
+            _resolve(waits.heard, str(event.get("transcript", "")))
+        elif kind == "response.done":
+            _resolve(waits.done, event)
+        elif kind == "voicerelay.turn.metrics":
+            _resolve(waits.metrics, event)
+        elif kind == "error":
+            waits.fail("error_event:" + str(event.get("error", {}).get("code")))
+
+    async def connect(self, http: httpx.AsyncClient, base_url: str) -> None:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        response = await http.post(
+            base_url.rstrip("/") + "/v1/realtime/calls",
+            content=self.pc.localDescription.sdp,
+            headers={"Content-Type": "application/sdp", **self.headers},
+        )
+        if response.status_code != 201:
+            raise CallFailed(f"http_{response.status_code}")
+        await self.pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
+        try:
+            async with asyncio.timeout(SETUP_TIMEOUT_S):
+                await self._created
+        except TimeoutError:
+            raise CallFailed(f"no_session_created:{self.pc.connectionState}") from None
+
+    async def turn(self, question: Question) -> TurnResult:
+        """Speak ``question``; the latency to the answer's first loud packet, and transcripts."""
+        self._waits = waits = _Waits.new()
+        onset = self.meter.expect_answer()
+        ended = self.track.say(question.packets)
+        try:
+            async with asyncio.timeout(TURN_TIMEOUT_S):
+                speech_end_s = await ended
+                await _first(onset, waits.done, "no_answer_audio")
+                latency_ms = (onset.result() - speech_end_s) * 1000
+                done = await waits.done
+                if (status := done.get("response", {}).get("status")) != "completed":
+                    raise CallFailed(f"response_{status}")
+                heard = await _within(waits.heard, 1.0, "")
+                metrics = await _within(waits.metrics, 1.0, {})
+                await self.meter.quiet.wait()  # the answer has finished playing
+        except TimeoutError:
+            raise CallFailed(_timeout_reason(onset, waits)) from None
+        finally:
+            self._waits = None
+        self.turns_done += 1
+        server_ms = metrics.get("first_frame_out_ms")
+        return TurnResult(self.turns_done, latency_ms, heard, _answer(done), server_ms)
+
+    async def close(self) -> None:
+        await self.pc.close()
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+async def _first(onset: asyncio.Future[float], done: asyncio.Future[Event], reason: str) -> None:
+    """Wait for the answer's onset; a response done (or failed) before any loud packet fails."""
+    waiting: list[asyncio.Future[Any]] = [onset, done]
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if done.done() and done.exception() is not None:
+        raise done.exception()  # type: ignore[misc]
+    if not onset.done():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):  # the done event may overtake the last packets
+                await onset
+    if not onset.done():
+        raise CallFailed(reason)
+
+
+async def _within(future: asyncio.Future[Any], timeout_s: float, default: Any) -> Any:
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await future
+    except TimeoutError:
+        return default
+
+
+def _timeout_reason(onset: asyncio.Future[float], waits: _Waits) -> str:
+    if not onset.done():
+        return "timeout_no_answer_audio"
+    return "timeout_no_response_done" if not waits.done.done() else "timeout_answer_not_quiet"
+
+
+def _answer(done: Event) -> str:
+    output = done.get("response", {}).get("output", [])
+    parts = (p for item in output for p in item.get("content", ()))
+    return " ".join(str(p.get("transcript") or p.get("text") or "") for p in parts).strip()
+
+
+# --- the driver: many calls in one loop, spoken to in JSON lines --------------------------
+
+
+def server_rss_mb(pids: Sequence[int]) -> float | None:
+    """Resident memory (MiB) of ``pids`` and their descendants; None when none is alive."""
+    tree = [pid for root in pids for pid in process_tree(root)]
+    return round(sum(rss_mb(pid) for pid in tree), 2) if tree else None
+
+
+class Driver:
+    """Runs calls as told on stdin (``call``, ``hangup``, ``quit``), reports on stdout."""
+
+    def __init__(
+        self,
+        base_url: str,
+        questions: Questions,
+        headers: dict[str, str],
+        server_pids: Sequence[int] = (),
+    ) -> None:
+        self.base_url, self.questions, self.headers = base_url, questions, headers
+        self.server_pids = list(server_pids)
+        self.metronome = Metronome()
+        self.calls: dict[int, asyncio.Task[None]] = {}
+        self._http: httpx.AsyncClient | None = None
+
+    def emit(self, event: str, **fields: Any) -> None:
+        sys.stdout.write(json.dumps({"ev": event, "t": round(time.time(), 3), **fields}) + "\n")
+        sys.stdout.flush()
+
+    async def run(self, lines: asyncio.StreamReader) -> None:
+        async with httpx.AsyncClient(timeout=SETUP_TIMEOUT_S) as self._http:
+            self.emit("ready", pid=os.getpid())
+            while line := await lines.readline():
+                order = json.loads(line)
+                if order["op"] == "quit":
+                    break
+                self._obey(order)
+            await self._hang_up_all()
+        self.metronome.close()
+
+    def _obey(self, order: dict[str, Any]) -> None:
+        call_id = int(order["id"])
+        if order["op"] == "call":
+            task = asyncio.get_running_loop().create_task(self._call(call_id, order))
+            self.calls[call_id] = task
+            task.add_done_callback(lambda _: self.calls.pop(call_id, None))
+        elif order["op"] == "hangup" and (running := self.calls.get(call_id)) is not None:
+            running.cancel()
+
+    async def _hang_up_all(self) -> None:
+        tasks = list(self.calls.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _call(self, call_id: int, order: dict[str, Any]) -> None:
+        turns, first = int(order.get("turns", 0)), int(order.get("first_question", call_id))
+        call = VoiceCall(self.metronome, self.questions, self.headers)
+        try:
+            await self._set_up(call_id, call)
+            while turns == 0 or call.turns_done < turns:
+                question = self.questions.questions[
+                    (first + call.turns_done) % len(self.questions.questions)
+                ]
+                self._report_turn(call_id, await call.turn(question))
+            self.emit("ended", id=call_id, ok=True, reason="")
+        except CallFailed as failure:
+            stage = "setup" if call.turns_done == 0 and not call._created.done() else "turn"
+            self.emit(stage, id=call_id, ok=False, reason=str(failure), turn=call.turns_done + 1)
+            self.emit("ended", id=call_id, ok=False, reason=str(failure))
+        except asyncio.CancelledError:
+            self.emit("ended", id=call_id, ok=True, reason="hangup")
+        finally:
+            await call.close()
+
+    async def _set_up(self, call_id: int, call: VoiceCall) -> None:
+        assert self._http is not None
+        started_s = asyncio.get_running_loop().time()
+        try:
+            await call.connect(self._http, self.base_url)
+        except (httpx.HTTPError, OSError) as error:
+            raise CallFailed(f"http_error:{type(error).__name__}") from None
+        setup_ms = (asyncio.get_running_loop().time() - started_s) * 1000
+        self.emit("setup", id=call_id, ok=True, ms=round(setup_ms, 1))
+
+    def _report_turn(self, call_id: int, result: TurnResult) -> None:
+        self.emit(
+            "turn",
+            id=call_id,
+            ok=True,
+            turn=result.turn,
+            ms=round(result.latency_ms, 1),
+            heard=result.heard,
+            answer=result.answer,
+            server_ms=result.server_first_frame_ms,
+            server_rss_mb=server_rss_mb(self.server_pids) if self.server_pids else None,
+        )
+
+
+async def _stdin() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+async def _drive(args: argparse.Namespace) -> None:
+    if args.questions:
+        questions = Questions.from_json(await asyncio.to_thread(Path(args.questions).read_text))
+    else:
+        questions = await spoken_questions()
+    api_key = os.environ.get(args.api_key_env, "")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    pids = [int(p) for p in args.server_pids.split(",") if p]
+    await Driver(args.url, questions, headers, pids).run(await _stdin())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.voice_calls", description=__doc__)
+    parser.add_argument("--url", required=True, help="the stack's base URL")
+    parser.add_argument("--questions", default="", help="a Questions JSON file (else: piper)")
+    parser.add_argument(
+        "--api-key-env", default=API_KEY_ENV, help="the variable holding the stack's API key"
+    )
+    parser.add_argument("--server-pids", default="", help="PIDs whose RSS each turn reports")
+    asyncio.run(_drive(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The ``voice`` scenario's figures: histograms, run totals, the knee's steps, the server's
+processes sampled from /proc, and the report JSON built from them.
+
+No Locust here (the locustfile imports this; tests may too): HdrHistograms in milliseconds,
+merged through ``encode()``/``decode_and_add()``; run totals that workers ship whole (the
+master sums the latest of each worker); ``Knee``, the step logic behind ``VoiceShape``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+from loadtest.hosts import ProcessCpu, read_stat
+
+HIGHEST_MS = 600_000
+SIGNIFICANT_DIGITS = 3
+PERCENTILES = {"p50": 50.0, "p95": 95.0, "p99": 99.0}
+
+
+class Hist:
+    """Latencies in whole milliseconds (1 ms .. 10 min)."""
+
+    def __init__(self) -> None:
+        self.h = HdrHistogram(1, HIGHEST_MS, SIGNIFICANT_DIGITS)
+
+    def record(self, ms: float) -> None:
+        self.h.record_value(min(HIGHEST_MS, max(1, round(ms))))
+
+    def add(self, encoded: str | bytes) -> None:
+        if encoded:
+            self.h.decode_and_add(encoded)
+
+    def take(self) -> str:
+        """Encoded, then reset ("" when empty)."""
+        if self.h.get_total_count() == 0:
+            return ""
+        encoded: bytes = self.h.encode()
+        self.h.reset()
+        return encoded.decode()
+
+    def percentiles(self, with_max: bool = False) -> dict[str, float] | None:
+        if self.h.get_total_count() == 0:
+            return None
+        values = {k: float(self.h.get_value_at_percentile(p)) for k, p in PERCENTILES.items()}
+        return values | ({"max": float(self.h.get_max_value())} if with_max else {})
+
+
+class Histograms:
+    """Turn latency and call set-up time."""
+
+    def __init__(self) -> None:
+        self.turn, self.setup = Hist(), Hist()
+
+    def take(self) -> dict[str, str]:
+        return {"turn": self.turn.take(), "setup": self.setup.take()}
+
+    def add(self, encoded: dict[str, str]) -> None:
+        self.turn.add(encoded.get("turn", ""))
+        self.setup.add(encoded.get("setup", ""))
+
+    def take_turn_percentiles(self) -> dict[str, float] | None:
+        turn = self.turn.percentiles()
+        self.turn.h.reset()
+        self.setup.h.reset()
+        return turn
+
+
+@dataclass
+class RunTotals:
+    """Counts since the start of the run (a worker's, or the sum of every worker's)."""
+
+    setup_attempted: int = 0
+    setup_ok: int = 0
+    setup_failed: Counter[str] = field(default_factory=Counter)
+    turns_answered: int = 0
+    turns_failed: Counter[str] = field(default_factory=Counter)
+    ended: int = 0
+    call_s: float = 0.0
+    keep_rows: bool = True  # one row per turn answered (long calls; not the knee's thousands)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    transcripts: list[dict[str, Any]] = field(default_factory=list)  # the first few turns
+
+    def setup(self, ok: bool, reason: str) -> None:
+        self.setup_attempted += 1
+        self.setup_ok += ok
+        if not ok:
+            self.setup_failed[reason] += 1
+
+    def turn(self, ok: bool, reason: str, event: dict[str, Any]) -> None:
+        if not ok:
+            self.turns_failed[reason] += 1
+            return
+        self.turns_answered += 1
+        if self.keep_rows:
+            row = {"turn": event["turn"], "latency_ms": event["ms"]}
+            self.rows.append(row | {"server_rss_mb": event.get("server_rss_mb")})
+        if len(self.transcripts) < 20:
+            keys = ("id", "turn", "heard", "answer", "ms", "server_ms")
+            self.transcripts.append({k: event.get(k) for k in keys})
+
+    def as_dict(self, running_s: float = 0.0) -> dict[str, Any]:
+        return {
+            "setup_attempted": self.setup_attempted,
+            "setup_ok": self.setup_ok,
+            "setup_failed": dict(self.setup_failed),
+            "turns_answered": self.turns_answered,
+            "turns_failed": dict(self.turns_failed),
+            "ended": self.ended,
+            "call_s": self.call_s + running_s,
+            "rows": self.rows,
+            "transcripts": self.transcripts,
+        }
+
+    def merge(self, other: dict[str, Any]) -> None:
+        self.setup_attempted += other["setup_attempted"]
+        self.setup_ok += other["setup_ok"]
+        self.setup_failed.update(other["setup_failed"])
+        self.turns_answered += other["turns_answered"]
+        self.turns_failed.update(other["turns_failed"])
+        self.ended += other["ended"]
+        self.call_s += other["call_s"]
+        self.rows += other["rows"]
+        self.transcripts += other["transcripts"]
+
+    @property
+    def failures(self) -> int:
+        return sum(self.setup_failed.values()) + sum(self.turns_failed.values())
+
+
+class ProcessSampler:
+    """CPU cores (since the last sample) and RSS of named process trees on this host."""
+
+    def __init__(self, named_pids: str) -> None:
+        pairs = (item.split("=", 1) for item in named_pids.split(",") if "=" in item)
+        self.trees = {name: ProcessCpu([int(pid)], descendants=True) for name, pid in pairs}
+
+    def sample(self) -> dict[str, dict[str, float]]:
+        cores = {name: round(tree.sample(), 3) for name, tree in self.trees.items()}
+        rss = {name: round(tree.rss_mb(), 1) for name, tree in self.trees.items()}
+        return {"cpu_cores": cores, "rss_mb": rss}
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (0 when it is gone)."""
+    stat = read_stat(pid)
+    return stat.cpu_s if stat is not None else 0.0
+
+
+# --- the knee -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KneePlan:
+    sessions: list[int]  # one step each
+    step_s: float  # how long each step holds
+    settle_s: float  # the start of a step not measured (calls setting up)
+    spawn_rate: float
+    threshold: float  # a step fails when its turn p95 > threshold x the one-call p95
+    baseline_ms: float | None  # the one-call p95, if known; else the first step's
+
+    @property
+    def threshold_ms(self) -> float | None:
+        return None if self.baseline_ms is None else self.threshold * self.baseline_ms
+
+
+@dataclass
+class _Step:
+    sessions: int
+    started_s: float
+    failures_at_start: int
+    hist: Hist = field(default_factory=Hist)
+    cpu_cores: list[float] = field(default_factory=list)
+
+    def measuring(self, now_s: float, settle_s: float) -> bool:
+        return now_s >= self.started_s + settle_s
+
+
+class Knee:
+    """Steps of sessions, each held ``step_s``; stops at the first step whose turn p95 passes
+    the threshold or that saw any failure. The knee is the last step that held."""
+
+    def __init__(self, plan: KneePlan) -> None:
+        self.plan = plan
+        self.baseline_ms = plan.baseline_ms
+        self.steps: list[dict[str, Any]] = []
+        self._step: _Step | None = None
+        self._index = 0
+
+    def add(self, encoded: dict[str, str], now_s: float) -> None:
+        if self._step is not None and self._step.measuring(now_s, self.plan.settle_s):
+            self._step.hist.add(encoded.get("turn", ""))
+
+    def sample(self, server: dict[str, dict[str, float]], now_s: float) -> None:
+        if self._step is not None and self._step.measuring(now_s, self.plan.settle_s):
+            cores = server.get("cpu_cores", {})
+            self._step.cpu_cores.append(sum(v for k, v in cores.items() if "transceiver" in k))
+
+    def tick(self, now_s: float, failures: int) -> tuple[int, float] | None:
+        """The sessions to hold now; None once the knee is found (or the plan is done)."""
+        if self._step is None:
+            if self._index >= len(self.plan.sessions):
+                return None
+            self._step = _Step(self.plan.sessions[self._index], now_s, failures)
+        elif now_s - self._step.started_s >= self.plan.step_s:
+            if not self._finish(failures):
+                self._index = len(self.plan.sessions)  # stop here
+            self._index += 1
+            self._step = None
+            return self.tick(now_s, failures)
+        return self._step.sessions, self.plan.spawn_rate
+
+    def _finish(self, failures: int) -> bool:
+        assert self._step is not None
+        step, turn = self._step, self._step.hist.percentiles()
+        failed = failures - step.failures_at_start
+        if self.baseline_ms is None and turn is not None:
+            self.baseline_ms = turn["p95"]  # the first step: the one-call figure
+        limit_ms = None if self.baseline_ms is None else self.plan.threshold * self.baseline_ms
+        ok = turn is not None and failed == 0 and limit_ms is not None and turn["p95"] <= limit_ms
+        cores = statistics.mean(step.cpu_cores) if step.cpu_cores else None
+        self.steps.append(
+            {
+                "sessions": step.sessions,
+                "turn_ms": None if turn is None else {"p50": turn["p50"], "p95": turn["p95"]},
+                "turns": step.hist.h.get_total_count(),
+                "failures": failed,
+                "server_cpu_cores": None if cores is None else round(cores, 3),
+                "sessions_per_core": round(step.sessions / cores, 2) if cores else None,
+                "ok": ok,
+            }
+        )
+        return ok
+
+    @property
+    def knee(self) -> dict[str, Any] | None:
+        held = [step for step in self.steps if step["ok"]]
+        if not held:
+            return None
+        last = held[-1]
+        keys = ("sessions", "sessions_per_core", "turn_ms", "server_cpu_cores")
+        return {k: last[k] for k in keys}
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def build_report(
+    config: dict[str, Any],
+    hist: Histograms,
+    totals: RunTotals,
+    snapshots: Sequence[dict[str, Any]],
+    series: list[dict[str, Any]],
+    knee: Knee | None,
+) -> dict[str, Any]:
+    """The report JSON (key names read by ``loadtest.figures``)."""
+    if knee is not None:
+        config = config | {"knee_threshold_ms": knee.plan.threshold * (knee.baseline_ms or 0)}
+    return {
+        "scenario": "voice",
+        "config": config,
+        "setup": {
+            "attempted": totals.setup_attempted,
+            "succeeded": totals.setup_ok,
+            "failed": dict(totals.setup_failed),
+            "ms": hist.setup.percentiles(with_max=True),
+        },
+        "turns": {
+            "answered": totals.turns_answered,
+            "failed": dict(totals.turns_failed),
+            "ms": hist.turn.percentiles(with_max=True),
+        },
+        "series": series,
+        "steps": knee.steps if knee is not None else [],
+        "knee": knee.knee if knee is not None else None,
+        "turns_by_number": sorted(totals.rows, key=lambda row: int(row["turn"])),
+        "transcripts": totals.transcripts,
+        "client": client_cost(totals, snapshots),
+    }
+
+
+def client_cost(totals: RunTotals, snapshots: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """CPU per second of call: the driver children (the calls themselves) and the Locust
+    worker processes (users, stats, messaging), each in ms of CPU per call-second."""
+    driver_s = sum(float(s.get("driver_cpu_s", 0.0)) for s in snapshots)
+    worker_s = sum(float(s.get("worker_cpu_s", 0.0)) for s in snapshots)
+    call_s = totals.call_s
+
+    def per_call_s(cpu_s: float) -> float | None:
+        return round(1000 * cpu_s / call_s, 2) if call_s > 0 else None
+
+    return {
+        "cpu_ms_per_call_s": per_call_s(driver_s),
+        "locust_worker_cpu_ms_per_call_s": per_call_s(worker_s),
+        "driver_cpu_s": round(driver_s, 2),
+        "call_s": round(call_s, 1),
+    }

@@ -1,0 +1,96 @@
+"""The ``voice`` load-test scenario, really run: ``python -m loadtest.voice_scenario`` starts a
+local stack, Locust (a master and one worker process) and its driver child, and real WebRTC
+calls speak piper's questions to the pipeline. Behaviour only (calls set up, turns answered
+with transcripts, the report and Locust's CSV written), never timings."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest.voice_report import Hist, Knee, KneePlan
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORT_KEYS = {"scenario", "config", "setup", "turns", "series", "steps", "knee"}
+REPORT_KEYS |= {"turns_by_number", "client"}
+RUN_TIMEOUT_S = 240
+
+
+def _scenario(report_dir: Path, *args: str) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "loadtest.voice_scenario", *args]
+    argv += ["--processes", "1", "--report-dir", str(report_dir)]
+    done = subprocess.run(
+        argv, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report: dict[str, Any] = json.loads((report_dir / "voice.json").read_text())
+    return report
+
+
+@pytest.mark.slow
+def test_calls_to_the_offline_pipeline_are_set_up_and_answered(tmp_path: Path) -> None:
+    report = _scenario(tmp_path, "--local", "offline", "--calls", "2", "--turns", "2")
+    assert set(report) >= REPORT_KEYS
+    assert report["scenario"] == "voice"
+    assert report["setup"]["attempted"] == report["setup"]["succeeded"] == 2
+    assert report["turns"]["answered"] == 4 and report["turns"]["failed"] == {}
+    assert set(report["turns"]["ms"]) == {"p50", "p95", "p99", "max"}
+    for said in report["transcripts"]:
+        assert said["heard"], said  # pocketsphinx heard the question
+        assert said["answer"], said  # and the agent answered it
+    assert report["client"]["cpu_ms_per_call_s"] is not None
+    assert any(row["server"]["cpu_cores"] for row in report["series"])
+    with (tmp_path / "locust_stats.csv").open() as stats:
+        rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(stats)}
+    assert rows[("CALL", "setup")]["Request Count"] == "2"
+    assert rows[("TURN", "turn")]["Request Count"] == "4"
+    assert rows[("TURN", "turn")]["Failure Count"] == "0"
+
+
+@pytest.mark.slow
+def test_a_long_call_reports_every_turn_with_server_memory(tmp_path: Path) -> None:
+    report = _scenario(tmp_path, "--local", "api", "--long-call", "3")
+    turns = report["turns_by_number"]
+    assert [row["turn"] for row in turns] == [1, 2, 3]
+    assert all(row["server_rss_mb"] and row["latency_ms"] > 0 for row in turns)
+    assert all(said["answer"].startswith("You said: heard") for said in report["transcripts"])
+
+
+def _step(knee: Knee, at_s: float, latencies_ms: list[float], failures: int = 0) -> None:
+    hist = Hist()
+    for ms in latencies_ms:
+        hist.record(ms)
+    knee.add({"turn": hist.take()}, at_s)
+    knee.sample({"cpu_cores": {"transceiver-0": 0.5, "relay": 0.2}}, at_s)
+    knee.tick(at_s, failures)
+
+
+def test_the_knee_is_the_last_step_under_the_threshold() -> None:
+    plan = KneePlan([1, 2, 4, 8], step_s=10, settle_s=2, spawn_rate=1, threshold=1.5,
+                    baseline_ms=None)  # fmt: skip
+    knee = Knee(plan)
+    assert knee.tick(0.0, 0) == (1, 1)
+    _step(knee, 5.0, [600, 700])  # one call: the baseline, p95 700
+    assert knee.tick(10.0, 0) == (2, 1)
+    _step(knee, 15.0, [800, 1000])  # within 1.5 x 700
+    assert knee.tick(20.0, 0) == (4, 1)
+    _step(knee, 25.0, [900, 1200])  # past 1050
+    assert knee.tick(30.0, 0) is None
+    assert [step["ok"] for step in knee.steps] == [True, True, False]
+    assert knee.knee is not None and knee.knee["sessions"] == 2
+    assert knee.knee["sessions_per_core"] == 4.0  # transceiver cores only
+
+
+def test_a_failure_ends_the_steps() -> None:
+    plan = KneePlan([1, 2], step_s=10, settle_s=0, spawn_rate=1, threshold=1.5, baseline_ms=500)
+    knee = Knee(plan)
+    knee.tick(0.0, 0)
+    _step(knee, 5.0, [400], failures=1)
+    assert knee.tick(10.0, 1) is None
+    assert knee.knee is None and knee.steps[0]["failures"] == 1
