@@ -2,7 +2,8 @@
 relay port, measured side by side in one run.
 
 For each session count N, in a private network namespace (``ip netns add``, deleted on the way
-out, one per N so conntrack starts empty), each design in turn:
+out, one per N so conntrack starts empty) with the echo servers of both designs running, and
+the designs in turn (their order alternating from one N to the next):
 
 - **rules**: the nat table a kube-proxy in iptables mode would hold: PREROUTING and OUTPUT jump
   to KUBE-SERVICES, which holds one DNAT rule per exposed service port (N for port per session,
@@ -12,15 +13,20 @@ out, one per N so conntrack starts empty), each design in turn:
 - **first packet**: new flows (a new socket each, so conntrack sees a new flow and the nat
   table is walked) to the Service IP, spread over all the exposed ports, and more to the last
   rule; the RTT of each first packet against a C echo behind the DNAT.
+  The same spread is then sent straight to the pod with the rules flushed: the control with
+  the same sockets and conntrack but no rules to walk.
 - **server CPU per packet**: the same packet rate into N echo sockets or into one, sent
-  straight to the pod with the rules flushed first (packets of established flows skip the nat
+  straight to the pod with the rules flushed (packets of established flows skip the nat
   table; the load's own new flows would each walk all N rules, which is the first-packet
-  figure, and at 30k rules would hold the generator far below the rate). CPU of the echo
-  processes from ``/proc/PID/schedstat`` (``/proc/PID/stat`` where the kernel lacks it);
-  several echo processes when N is over ``MAX_PORTS_PER_ECHO``, as RLIMIT_NOFILE is 20,000
-  here and cannot be raised.
+  figure, and at 30k rules would hold the generator far below the rate), in short runs
+  alternating between the designs; the median run counts. CPU of the echo processes from
+  ``/proc/PID/schedstat`` (``/proc/PID/stat`` where the kernel lacks it); several echo
+  processes when N is over ``MAX_PORTS_PER_ECHO``, as RLIMIT_NOFILE is 20,000 here and cannot
+  be raised.
 - kernel memory (``Slab`` from ``/proc/meminfo``: machine-wide, so other work on the machine
-  shows in it) and the conntrack entries each design added.
+  shows in it) added by the rules and by the echo sockets, and the conntrack entries each
+  load run added (one per flow: max(N, ``load_sockets``) for N ports, ``load_sockets`` for
+  one port).
 
 Writes ``ports.json`` and ``ports.png`` to the report directory and prints a table. Needs root,
 ``ip``, ``iptables-restore``, ``iptables-save`` and gcc.
@@ -67,6 +73,7 @@ WARMUP_PROBES = 8
 PROBE_TIMEOUT_MS = 500
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
+LOAD_SOURCE_FIRST_PORT = 4000  # the generator's source ports: below the session ports
 CLONE_NEWNET = 0x40000000
 TOOLS = {"ip": "iproute2", "iptables-restore": "iptables", "iptables-save": "iptables"}
 ECHO_PROGRAM = "udpecho"
@@ -84,7 +91,8 @@ class PortsSettings:
     probes: int = 400
     last_rule_probes: int = 100
     restore_repeats: int = 3
-    cpu_s: float = 3.0
+    cpu_s: float = 3.0  # of load per design and session count, in cpu_repeats runs
+    cpu_repeats: int = 3
     cpu_pps: int = 20000
     load_sockets: int = 256
     payload_bytes: int = 200
@@ -335,31 +343,73 @@ def rtt_summary(rtt_ns: Sequence[int]) -> Result:
     return summary
 
 
-def server_cpu(
-    netns: Netns, binary: Path, echo: EchoServers, ports: Sequence[int], settings: PortsSettings
-) -> Result:
-    """Echo CPU per packet while the C generator sends ``cpu_pps`` to the pod's ports."""
+@dataclass(frozen=True)
+class Load:
+    """One load run: the echo servers it feeds, their ports, the generator's source ports."""
+
+    echo: EchoServers
+    ports: Sequence[int]
+    source_first: int
+
+
+def load_run(netns: Netns, binary: Path, load: Load, settings: PortsSettings) -> Result:
+    """One run of the C generator at ``cpu_pps`` straight to the pod's ports, and the echo
+    CPU it cost; each run sends from source ports no earlier run used, so all its flows are
+    new to conntrack."""
+    echo, ports = load.echo, load.ports
+    duration_s = settings.cpu_s / settings.cpu_repeats
     argv = [str(binary), "load", "--dest", POD_IP, "--first", str(ports[0])]
     argv += ["--count", str(len(ports)), "--sockets", str(settings.load_sockets)]
-    argv += ["--pps", str(settings.cpu_pps), "--duration-ms", str(int(settings.cpu_s * 1000))]
+    argv += ["--pps", str(settings.cpu_pps), "--duration-ms", str(int(duration_s * 1000))]
     argv += ["--payload-bytes", str(settings.payload_bytes)]
-    before_s = echo.cpu_s()
-    load = json.loads(netns.run(argv, timeout_s=settings.cpu_s + 30))
-    cpu_s = echo.cpu_s() - before_s
-    received = int(load["received"])
+    argv += ["--src-first", str(load.source_first)]
+    conntrack_before, cpu_before_s = conntrack_entries(netns), echo.cpu_s()
+    done = json.loads(netns.run(argv, timeout_s=duration_s + 30))
+    cpu_s = echo.cpu_s() - cpu_before_s
+    received = int(done["received"])
+    return {
+        "sent": done["sent"],
+        "echoed": received,
+        "pps_sent": round(done["sent"] / done["elapsed_s"]),
+        "server_cpu_s": round(cpu_s, 4),
+        "us_per_packet": round(cpu_s / received * 1e6, 2) if received else None,
+        "conntrack_added": _added(conntrack_before, conntrack_entries(netns)),
+    }
+
+
+def server_cpu(
+    netns: Netns,
+    binary: Path,
+    echoes: dict[str, EchoServers],
+    sessions: int,
+    settings: PortsSettings,
+) -> dict[str, Result]:
+    """Load runs alternating between the designs (A B A B ...); the median run counts."""
+    runs: dict[str, list[Result]] = {design: [] for design in echoes}
+    source_first = LOAD_SOURCE_FIRST_PORT
+    for _ in range(settings.cpu_repeats):
+        for design, echo in echoes.items():
+            load = Load(echo, session_ports(design, sessions), source_first)
+            runs[design].append(load_run(netns, binary, load, settings))
+            source_first += settings.load_sockets
+    return {design: cpu_summary(runs[design], echoes[design], settings) for design in echoes}
+
+
+def cpu_summary(runs: list[Result], echo: EchoServers, settings: PortsSettings) -> Result:
+    per_packet = [run["us_per_packet"] for run in runs if run["us_per_packet"] is not None]
     return {
         "pps_target": settings.cpu_pps,
-        "pps_sent": round(load["sent"] / load["elapsed_s"]),
-        "sent": load["sent"],
-        "echoed": received,
-        "server_cpu_s": round(cpu_s, 3),
-        "us_per_packet": round(cpu_s / received * 1e6, 2) if received else None,
         "echo_processes": len(echo.processes),
+        "us_per_packet": round(float(np.median(per_packet)), 2) if per_packet else None,
+        "sent": sum(run["sent"] for run in runs),
+        "echoed": sum(run["echoed"] for run in runs),
+        "runs": runs,
     }
 
 
 def programme(netns: Netns, ports: Sequence[int], repeats: int) -> Result:
     """Each repeat times restoring the empty table, then the design's rules into it."""
+    slab_before = slab_kb()
     restores = [program_rules(netns, nat_rules(ports)) for _ in range(repeats)]
     return {
         "rules_programmed": len(ports),
@@ -367,69 +417,72 @@ def programme(netns: Netns, ports: Sequence[int], repeats: int) -> Result:
         "restore_s": [round(full, 4) for _, full in restores],
         "restore_ms_median": round(float(np.median([f for _, f in restores])) * 1e3, 1),
         "restore_empty_ms_median": round(float(np.median([e for e, _ in restores])) * 1e3, 1),
+        "slab_rules_added_kb": slab_kb() - slab_before,
     }
 
 
-def traffic(netns: Netns, binary: Path, ports: Sequence[int], settings: PortsSettings) -> Result:
-    """First packets through the rules; then, with the rules flushed (so that the load's new
-    flows do not walk them), first packets straight to the pod and the echo CPU per packet.
-    Slab is read again once the echo sockets are bound."""
-    slab_rules = slab_kb()
-    echo = EchoServers.start(netns, binary, ports[0], len(ports))
-    try:
-        slab_sockets = slab_kb()
-        size = settings.payload_bytes
-        plan = through_rules_plan(ports, settings)
-        first_packet = first_packets(netns, binary, SERVICE_IP, plan, size)
-        flush_s = timed_restore(netns, nat_rules([]))
-        first_packet |= first_packets(netns, binary, POD_IP, no_rules_plan(ports, settings), size)
-        cpu = server_cpu(netns, binary, echo, ports, settings)
-    finally:
-        echoed_total = echo.stop()
-    return {
-        "first_packet": first_packet,
-        "flush_ms": round(flush_s * 1e3, 1),
-        "server_cpu": cpu,
-        "echoed_total": echoed_total,
-        "slab_sockets_added_kb": slab_sockets - slab_rules,
-    }
-
-
-def measure_design(
-    netns: Netns, binary: Path, design: str, sessions: int, settings: PortsSettings
+def rules_and_first_packets(
+    netns: Netns, binary: Path, ports: Sequence[int], settings: PortsSettings
 ) -> Result:
-    ports = session_ports(design, sessions)
-    slab_before = slab_kb()
-    result: Result = {"ports": len(ports)}
-    result |= programme(netns, ports, settings.restore_repeats)
-    slab_rules, conntrack_before = slab_kb(), conntrack_entries(netns)
-    result |= traffic(netns, binary, ports, settings)
-    slab = {"before": slab_before, "rules_added": slab_rules - slab_before}
-    slab["sockets_added"] = result.pop("slab_sockets_added_kb")
-    result["slab_kb"] = slab
-    result["conntrack_entries"] = conntrack_counts(conntrack_before, conntrack_entries(netns))
+    """The design's rules programmed and read back, first packets through them; then, the
+    rules flushed, first packets straight to the pod."""
+    result = programme(netns, ports, settings.restore_repeats)
+    conntrack_before, size = conntrack_entries(netns), settings.payload_bytes
+    plan = through_rules_plan(ports, settings)
+    first_packet = first_packets(netns, binary, SERVICE_IP, plan, size)
+    result["flush_ms"] = round(timed_restore(netns, nat_rules([])) * 1e3, 1)
+    first_packet |= first_packets(netns, binary, POD_IP, no_rules_plan(ports, settings), size)
+    result["first_packet"] = first_packet
+    result["conntrack_probes_added"] = _added(conntrack_before, conntrack_entries(netns))
     return result
 
 
-def conntrack_counts(before: int | None, after: int | None) -> Result:
-    added = None if before is None or after is None else after - before
-    return {"before": before, "after": after, "added": added}
+def _added(before: int | None, after: int | None) -> int | None:
+    return None if before is None or after is None else after - before
+
+
+def start_echo(netns: Netns, binary: Path, ports: Sequence[int]) -> tuple[EchoServers, int]:
+    """Echo servers on ``ports``, and the slab kB that binding their sockets added."""
+    slab_before = slab_kb()
+    echo = EchoServers.start(netns, binary, ports[0], len(ports))
+    return echo, slab_kb() - slab_before
 
 
 def measure_point(
     binary: Path, sessions: int, order: Sequence[str], settings: PortsSettings, progress: Progress
 ) -> Result:
-    """Both designs for one session count, in a namespace of their own."""
-    point: Result = {"sessions": sessions, "order": list(order), "designs": {}}
+    """Both designs for one session count, in a namespace of their own: the echo servers of
+    both, then each design's rules and first packets, then the CPU runs, alternating."""
+    designs: dict[str, Result] = {d: {"ports": len(session_ports(d, sessions))} for d in order}
+    echoes: dict[str, EchoServers] = {}
     with Netns(new_netns_name()) as netns:
-        point["netns"] = netns.name
         netns.run(["iptables-restore"], CONNTRACK_RULES)
-        for design in order:
-            result = measure_design(netns, binary, design, sessions, settings)
-            point["designs"][design] = result
-            progress(f"N={sessions} {design}: {design_line(result)}")
-    point["walk_ns_per_rule"] = walk_ns_per_rule(point["designs"][PORT_PER_SESSION], sessions)
+        try:
+            for design in order:
+                ports = session_ports(design, sessions)
+                echoes[design], slab_added_kb = start_echo(netns, binary, ports)
+                designs[design]["slab_sockets_added_kb"] = slab_added_kb
+            for design in order:
+                ports = session_ports(design, sessions)
+                designs[design] |= rules_and_first_packets(netns, binary, ports, settings)
+                progress(f"N={sessions} {design}: {design_line(designs[design])}")
+            for design, cpu in server_cpu(netns, binary, echoes, sessions, settings).items():
+                designs[design]["server_cpu"] = cpu
+        finally:
+            for design, echo in echoes.items():
+                designs[design]["echoed_total"] = echo.stop()
+    progress(f"N={sessions} server CPU per echoed packet: {cpu_line(designs)}")
+    point = {"sessions": sessions, "order": list(order), "netns": netns.name, "designs": designs}
+    point["walk_ns_per_rule"] = walk_ns_per_rule(designs[PORT_PER_SESSION], sessions)
     return point
+
+
+def cpu_line(designs: dict[str, Result]) -> str:
+    return ", ".join(
+        f"{design} {result['server_cpu']['us_per_packet']} µs"
+        f" (runs {[run['us_per_packet'] for run in result['server_cpu']['runs']]})"
+        for design, result in designs.items()
+    )
 
 
 def walk_ns_per_rule(design: Result, rules: int) -> float | None:
@@ -445,8 +498,7 @@ def design_line(result: Result) -> str:
     return (
         f"{result['rules_read_back']} rule(s) read back, restore {result['restore_ms_median']} ms,"
         f" first packet p50 {spread['p50_us']} µs (last rule {last['p50_us']} µs,"
-        f" no rules {control['p50_us']} µs), {echoed}/{flows} echoed,"
-        f" server {result['server_cpu']['us_per_packet']} µs/packet"
+        f" no rules {control['p50_us']} µs), {echoed}/{flows} echoed"
     )
 
 
@@ -497,7 +549,7 @@ def _cell(value: object) -> str:
 def table(report: Result) -> str:
     """Rows: N; columns: each measure for port per session, then for the one relay port."""
     header = ["N", "rules", "restore ms", "1st pkt p50 µs", "1st pkt p99 µs", "last rule µs"]
-    header += ["no rules µs", "CPU µs/pkt", "conntrack +"]
+    header += ["no rules µs", "CPU µs/pkt", "load flows"]
     rows = [header, ["", *["ports | relay"] * (len(header) - 1)]]
     for point in report["points"]:
         pair = [point["designs"][d] for d in DESIGNS]
@@ -509,7 +561,7 @@ def table(report: Result) -> str:
 
 def _table_values(design: Result) -> list[object]:
     first = design["first_packet"]
-    conntrack = design["conntrack_entries"]["added"]
+    conntrack = design["server_cpu"]["runs"][0]["conntrack_added"]
     return [
         design["rules_read_back"],
         design["restore_ms_median"],
@@ -582,16 +634,20 @@ def settings_from(argv: list[str]) -> PortsSettings:
     add("--last-rule-probes", type=int, default=defaults.last_rule_probes)
     add("--restore-repeats", type=int, default=defaults.restore_repeats)
     add("--cpu-s", type=float, default=defaults.cpu_s, help="seconds of load per CPU point")
+    add("--cpu-repeats", type=int, default=defaults.cpu_repeats, help="runs per CPU point")
     add("--cpu-pps", type=int, default=defaults.cpu_pps, help="packets/s for the CPU points")
     add("--report-dir", type=Path, default=defaults.report_dir)
     add("--build-dir", type=Path, default=defaults.build_dir, help="where udpecho is built")
     args = parser.parse_args(argv)
-    if args.probes < 1 or args.last_rule_probes < 1 or args.restore_repeats < 1:
-        parser.error("--probes, --last-rule-probes and --restore-repeats must be at least 1")
+    if min(args.probes, args.last_rule_probes, args.restore_repeats, args.cpu_repeats) < 1:
+        parser.error("--probes, --last-rule-probes and the repeats must be at least 1")
     if args.probes + args.last_rule_probes + WARMUP_PROBES > MAX_PROBES:
         parser.error(f"--probes + --last-rule-probes must be at most {MAX_PROBES - WARMUP_PROBES}")
     if args.cpu_s <= 0 or args.cpu_pps < 1:
         parser.error("--cpu-s and --cpu-pps must be positive")
+    source_ports = len(DESIGNS) * args.cpu_repeats * defaults.load_sockets
+    if LOAD_SOURCE_FIRST_PORT + source_ports > FIRST_SESSION_PORT:
+        parser.error("--cpu-repeats is too large: the load would run out of source ports")
     return replace(defaults, **vars(args))
 
 

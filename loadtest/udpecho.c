@@ -19,7 +19,9 @@
  *        max(N, S) slots sends from socket j % S to port j % N, so there are max(N, S) flows
  *        (N ports from S <= N sockets: N flows; one port: S flows). Echoes are counted, not timed.
  *   udpecho load --dest IP --first PORT --count N --sockets S --pps R --duration-ms D
- *                --payload-bytes P
+ *                --payload-bytes P [--src-first PORT]
+ *   (--src-first binds the sockets to S consecutive source ports from PORT instead of
+ *   ephemeral ones, so that no flow of one run is taken for a flow of an earlier run)
  *   prints {"sent": n, "received": n, "elapsed_s": s}
  *
  * IPv4 only. Built by loadtest/native.py with gcc -O2.
@@ -49,7 +51,7 @@
 
 struct options {
     struct in_addr addr;
-    long first, count, sockets, pps, duration_ms, payload_bytes, timeout_ms;
+    long first, count, sockets, pps, duration_ms, payload_bytes, timeout_ms, src_first;
     long probe_ports[MAX_PROBES];
     int n_probes;
 };
@@ -192,7 +194,8 @@ static int run_load(void) {
     if (!fds) die("calloc");
     struct in_addr any = {.s_addr = htonl(INADDR_ANY)};
     for (long s = 0; s < n_sockets; s++)
-        if (add_to_epoll(ep, fds[s] = udp_socket(any, 0)) < 0) die("epoll_ctl");
+        if (add_to_epoll(ep, fds[s] = udp_socket(any, opt.src_first ? opt.src_first + s : 0)) < 0)
+            die("epoll_ctl");
     long long sent = 0, received = 0;
     int64_t start = now_ns(), end = start + opt.duration_ms * 1000000;
     for (int64_t t = start; t < end; t = now_ns()) {
@@ -234,6 +237,7 @@ static void parse(int argc, char **argv) {
             }
         } else if (!strcmp(flag, "--first")) opt.first = number(flag, value, 1, 65535);
         else if (!strcmp(flag, "--count")) opt.count = number(flag, value, 1, 65535);
+        else if (!strcmp(flag, "--src-first")) opt.src_first = number(flag, value, 1, 65535);
         else if (!strcmp(flag, "--sockets")) opt.sockets = number(flag, value, 1, 10000);
         else if (!strcmp(flag, "--pps")) opt.pps = number(flag, value, 1, 10000000);
         else if (!strcmp(flag, "--duration-ms")) opt.duration_ms = number(flag, value, 1, 600000);
@@ -247,8 +251,8 @@ static void parse(int argc, char **argv) {
             exit(2);
         }
     }
-    if (opt.first + opt.count - 1 > 65535) {
-        fprintf(stderr, "udpecho: --first + --count runs past port 65535\n");
+    if (opt.first + opt.count - 1 > 65535 || opt.src_first + opt.sockets - 1 > 65535) {
+        fprintf(stderr, "udpecho: --first + --count or --src-first + --sockets runs past 65535\n");
         exit(2);
     }
 }
