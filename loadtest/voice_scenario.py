@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ from typing import Any
 
 from deploy.fake_openai import FakeOpenAIServer
 from deploy.launched import launched
+from deploy.processes import free_port
 from loadtest.voice_calls import spoken_questions
 
 LOCUSTFILE = Path(__file__).resolve().with_name("locust_voice.py")
@@ -82,7 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--expect-workers", type=int, default=1)
     parser.add_argument("--worker", action="store_true", help="Locust worker only")
     parser.add_argument("--master-host", default="127.0.0.1")
+    parser.add_argument("--master-port", type=int, default=5557, help="--master/--worker")
     parser.add_argument("--report-dir", type=Path, default=Path("loadtest-reports/voice"))
+    parser.add_argument("--loglevel", default="WARNING", help="Locust's")
     parser.add_argument("--run-time-s", type=float, default=0.0, help="bound (default: fitted)")
     return parser
 
@@ -102,13 +106,17 @@ def locust_argv(args: argparse.Namespace, target: Target, questions: Path) -> li
     argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless"]
     argv += ["--csv", str(out / "locust"), "--html", str(out / "locust.html")]
     argv += ["--run-time", f"{int(run_time_s(args))}s", "--stop-timeout", "10"]
-    argv += ["--loglevel", "WARNING"]
+    argv += ["--loglevel", args.loglevel]
     if args.worker:
         argv += ["--worker", "--master-host", args.master_host]
+        argv += ["--master-port", str(args.master_port)]
     elif args.master:
         argv += ["--master", "--expect-workers", str(args.expect_workers)]
-    else:
+        argv += ["--master-bind-port", str(args.master_port)]
+    else:  # a master and its forked workers, on a port of their own (not another run's)
+        port = str(free_port(socket.SOCK_STREAM))
         argv += ["--processes", str(args.processes)]
+        argv += ["--master-bind-port", port, "--master-port", port]
     config = {
         "url": target.url,
         "local": args.local or "",
