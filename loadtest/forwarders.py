@@ -43,6 +43,7 @@ class ForwarderSpec:
     transceiver: Address
     keys: str
     http: Address = (LOOPBACK, 0)  # the relay's /metrics port; 0 = not served
+    extra: tuple[str, ...] = ()  # more relay flags (e.g. --redis-url)
 
 
 Command = Callable[[ForwarderSpec], list[str]]
@@ -54,6 +55,7 @@ def _relay_command(spec: ForwarderSpec) -> list[str]:
         *("--internal-host", LOOPBACK, "--internal-port", "0", "--workers", str(spec.workers)),
         *("--transceivers", _text(spec.transceiver), "--keys", spec.keys),
         *("--http", _text(spec.http)),
+        *spec.extra,
     ]
 
 

@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import redis
 
 from loadtest.mmsg import Messages
 from loadtest.stun_messages import StunError, binding_success, read_username
@@ -42,6 +43,7 @@ from relay.wire.header import (
     parse_header,
 )
 from relay.wire.hello import HelloError, ReplayGuard, open_hello
+from relay.wire.route_record import encode_route, route_key
 from relay.wire.ufrag import Keyring, derive_password
 
 Address = tuple[str, int]
@@ -49,6 +51,35 @@ BATCH = 256
 KEYED_FOR_S = 120.0
 CLIENT_IDLE_S = 60.0
 SOCKET_BUFFER_BYTES = 8 << 20
+
+
+class RoutePublisher:
+    """Writes ``client -> this transceiver`` into the relays' Redis route cache, as a
+    transceiver's route publishing does: new routes at once (one pipeline per poll), every live
+    route again each third of the TTL."""
+
+    def __init__(self, url: str, prefix: str, link: Address, ttl_s: float) -> None:
+        self.redis = redis.Redis.from_url(url)
+        self.prefix = prefix
+        self.value = encode_route(link)
+        self.ttl_ms = max(1, round(ttl_s * 1000))
+        self.refresh_s = ttl_s / 3
+        self.pending: list[Address] = []
+        self.refreshed_at = time.monotonic()
+        self.published = 0
+
+    def publish(self, clients: dict[Address, float], now: float) -> None:
+        if now - self.refreshed_at >= self.refresh_s:
+            self.refreshed_at = now
+            self.pending = list(clients)
+        if not self.pending:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for client in self.pending:
+            pipe.set(route_key(self.prefix, client), self.value, px=self.ttl_ms)
+        pipe.execute()
+        self.published += len(self.pending)
+        self.pending = []
 
 
 class LabTransceiver:
@@ -81,6 +112,7 @@ class LabTransceiver:
             0,
         )
         self.stopping = False
+        self.routes: RoutePublisher | None = None
 
     def serve(self, duration_s: float | None = None, stats_s: float = 0.0) -> None:
         poller = select.poll()
@@ -94,6 +126,8 @@ class LabTransceiver:
                 if count == 0:
                     break
                 self.handle(count)
+            if self.routes is not None:
+                self.routes.publish(self.clients, time.monotonic())
             if stats_s and time.monotonic() >= next_stats:
                 next_stats += stats_s
                 print(json.dumps(self.counts), flush=True)
@@ -163,6 +197,8 @@ class LabTransceiver:
         except (HeaderError, StunError, UnicodeDecodeError, ValueError):
             self.counts["stun_refused"] += 1
             return
+        if self.routes is not None and header.client not in self.clients:
+            self.routes.pending.append(header.client)
         self.clients[header.client] = now
         answer = binding_success(request[8:20], header.client, password)
         self.sock.sendto(datagram[:HEADER_BYTES] + answer, source)
@@ -192,10 +228,17 @@ def main(argv: Sequence[str]) -> int:
         default=None,
         help="the address relays know this transceiver by (default: --listen)",
     )
+    parser.add_argument("--redis-url", help="publish routes to this Redis (the relays' cache)")
+    parser.add_argument("--redis-key-prefix", default="voicerelay")
+    parser.add_argument("--route-ttl-s", type=float, default=60.0)
     parser.add_argument("--duration-s", type=float, default=None)
     parser.add_argument("--stats-s", type=float, default=0.0)
     args = parser.parse_args(argv)
     lab = LabTransceiver(keyring_from_env(), args.listen, args.advertise)
+    if args.redis_url:
+        lab.routes = RoutePublisher(
+            args.redis_url, args.redis_key_prefix, lab.address, args.route_ttl_s
+        )
 
     def stop(*_: object) -> None:
         lab.stopping = True

@@ -133,6 +133,17 @@ class SessionEngine:
         self.jitter_ns = np.zeros(m, np.float64)
         self.last_transit = np.zeros(m, np.int64)
         self.has_transit = np.zeros(m, bool)
+        # the longest silence of each canary's echoes across which packets were lost, for fault
+        # runs: its length, when it began
+        # (receive stamp of the echo before it), the first sequence number after it, and how
+        # many echoes arrived from then on
+        self.last_arrival = np.zeros(m, np.int64)
+        self.max_gap_ns = np.zeros(m, np.int64)
+        self.gap_began_ns = np.zeros(m, np.int64)
+        self.seq_after_gap = np.zeros(m, np.int64)
+        self.received_after_gap = np.zeros(m, np.int64)
+        self.last_seq = np.zeros(m, np.int64)
+        self.lost_in_gap = np.zeros(m, np.int64)  # sequence numbers skipped across that silence
         self.counters = dict.fromkeys(
             (
                 "setups_sent",
@@ -350,6 +361,9 @@ class SessionEngine:
         self.media_seq[index] = self.media_sent[index] = self.media_received[index] = 0
         self.jitter_ns[index] = 0.0
         self.has_transit[index] = False
+        self.max_gap_ns[index] = self.gap_began_ns[index] = 0
+        self.seq_after_gap[index] = self.received_after_gap[index] = 0
+        self.last_seq[index] = self.lost_in_gap[index] = 0
         self.media_on[index] = False  # starts when the session is up
 
     # -- sending -----------------------------------------------------------------------------
@@ -478,6 +492,21 @@ class SessionEngine:
             d = np.abs(t - self.last_transit[i]).astype(np.float64)
             self.jitter_ns[i] = np.where(seen, self.jitter_ns[i] + (d - self.jitter_ns[i]) / 16, 0)
             self.last_transit[i] = t
+            arrived = stamps[take]
+            gap = np.where(seen, arrived - self.last_arrival[i], 0)
+            seq = fields["seq"][take].astype(np.int64)
+            skipped = seq - self.last_seq[i] - 1
+            # only silences that lost packets count: a stall of the generator delays, not loses
+            longer = (gap > self.max_gap_ns[i]) & (skipped > 0)
+            j = i[longer]
+            self.max_gap_ns[j] = gap[longer]
+            self.gap_began_ns[j] = self.last_arrival[j]
+            self.seq_after_gap[j] = seq[longer]
+            self.lost_in_gap[j] = skipped[longer]
+            self.received_after_gap[j] = 0
+            self.received_after_gap[i] += 1
+            self.last_seq[i] = np.maximum(self.last_seq[i], seq)
+            self.last_arrival[i] = arrived
             self.has_transit[i] = True
             order = np.setdiff1d(order, take, assume_unique=True)
 
@@ -523,6 +552,12 @@ class SessionEngine:
             "media_sent": sent.tolist(),
             "media_received": received.tolist(),
             "jitter_ms": (self.jitter_ns[canaries] / 1e6).round(4).tolist(),
+            "max_gap_ms": (self.max_gap_ns[canaries] / 1e6).round(3).tolist(),
+            "gap_began_unix_s": (self.gap_began_ns[canaries] / 1e9).round(4).tolist(),
+            "sent_after_gap": np.maximum(sent - self.seq_after_gap[canaries], 0).tolist(),
+            "received_after_gap": self.received_after_gap[canaries].tolist(),
+            "lost_in_gap": self.lost_in_gap[canaries].tolist(),
+            "last_echo_unix_s": (self.last_arrival[canaries] / 1e9).round(4).tolist(),
             "consents_sent": int(self.consent_sent.sum()),
             "consents_answered": int(self.consent_answered.sum()),
             "gauges": self.gauges(),

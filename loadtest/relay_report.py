@@ -86,6 +86,7 @@ class RelayReport:
         self.finals: dict[str, dict[str, Any]] = {}
         self.expected_finals = 0
         self.started = time.monotonic()
+        self.started_unix = time.time()
         self.last_row_at = self.started
         self.locust_setup: dict[str, int] = {}
         self.written = False
@@ -93,7 +94,11 @@ class RelayReport:
         self.udp_reported: dict[str, int] = {}
 
     def start(self) -> None:
+        """The test starts: a driver timing a fault from this moment reads ``started.json``."""
         self.started = self.last_row_at = time.monotonic()
+        self.started_unix = time.time()
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        (self.report_dir / "started.json").write_text(json.dumps({"unix_s": self.started_unix}))
         for server in self.servers:
             server.cores()
 
@@ -204,6 +209,49 @@ class RelayReport:
             "rtt_ms": hdr.summary_ms(self.total.rtt),
         }
 
+    def faults(self) -> list[dict[str, Any]]:
+        """For a run with a fault (``fault.json`` written by the driver when it killed a relay):
+        which canaries lost their echoes at that moment, how long until media flowed again
+        through the survivor, and whether anything was lost after that."""
+        path = self.report_dir / "fault.json"
+        if not path.exists():
+            return []
+        fault = json.loads(path.read_text())
+        killed = float(fault["killed_unix_s"])
+        began = np.array([x for f in self.finals.values() for x in f["gap_began_unix_s"]])
+        gap = np.array([x for f in self.finals.values() for x in f["max_gap_ms"]])
+        sent_after = np.array([x for f in self.finals.values() for x in f["sent_after_gap"]])
+        got_after = np.array([x for f in self.finals.values() for x in f["received_after_gap"]])
+        lost = np.array([x for f in self.finals.values() for x in f["lost_in_gap"]])
+        last_echo = np.array([x for f in self.finals.values() for x in f["last_echo_unix_s"]])
+        # a canary was cut by the kill when its longest silence lost packets (a stall only
+        # delays them) and began around the kill: its last echo through the dead relay came at
+        # most a packet time before it, or in flight just after it. Canaries whose route the
+        # survivor already had (ROUTES answering its periodic HELLO) lose nothing at all.
+        affected = (lost > 0) & (began > killed - 0.05) & (began < killed + 0.3)
+        recovered = affected & (got_after > 0)
+        back_ms = (began + gap / 1000 - killed) * 1000  # kill -> first echo through the survivor
+        row: dict[str, Any] = {
+            "kind": fault["kind"],
+            "at_s": round(killed - self.started_unix, 2),
+            "canaries": int(gap.size),
+            "affected": int(affected.sum()),
+            "recovered": int(recovered.sum()),
+            "lost_in_gap": int(lost[affected].sum()),
+            # canaries that never heard an echo again after the kill: media did not come back
+            "cut_off": int((last_echo < killed).sum()),
+            "lost_after": int(np.maximum(sent_after - got_after, 0)[recovered].sum()),
+            "unaffected_longest_gap_ms": float(gap[~affected].max()) if (~affected).any() else None,
+        }
+        if affected.any():
+            for name, values in (("gap_ms", gap[affected]), ("media_back_ms", back_ms[affected])):
+                row[name] = {
+                    "p50": round(float(np.percentile(values, 50)), 2),
+                    "p99": round(float(np.percentile(values, 99)), 2),
+                    "max": round(float(values.max()), 2),
+                }
+        return [row]
+
     def verdict(self) -> dict[str, Any]:
         """Whether the generator kept up (``loadtest.hosts.generator_verdict`` over the run:
         tick lag, its host's UDP buffer drops, its busiest worker), and whether every worker's
@@ -296,6 +344,7 @@ class RelayReport:
                 "workers_final": f"{len(self.finals)}/{self.expected_finals}",
             },
             "series": self.series,
+            "faults": self.faults(),
             "histograms": {
                 "rtt_us": self.total.rtt.encode().decode("ascii")
                 if self.total.rtt.get_total_count()

@@ -333,3 +333,40 @@ def test_a_short_real_run_through_a_relay_on_a_locust_master_and_two_workers(
     assert stats["setup"]["Failure Count"] == "0"
     assert (report_dir / "locust.html").stat().st_size > 0
     assert report["config"]["payload_bytes"] >= MIN_PAYLOAD_BYTES
+
+
+@pytest.mark.slow
+def test_killing_one_of_two_relays_moves_media_to_the_survivor_and_loses_nothing_after(
+    tmp_path: Path,
+) -> None:
+    report_dir = tmp_path / "report"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "loadtest", "relay", "--sessions", "200"),
+            *("--canaries", "40", "--spawn-rate", "200", "--hold-s", "7"),
+            *("--relays", "2", "--fault", "relay@4", "--report-dir", str(report_dir)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["setup"]["succeeded"] == 200
+    (fault,) = report["faults"]
+    assert fault["kind"] == "relay", fault
+    # Both relays carried sessions (the kernel hashes flows over their sockets) until the kill.
+    before = report["series"][0]["server"]["cpu_cores"]
+    assert before["relay0"] > 0 and before["relay1"] > 0, report["series"]
+    assert report["series"][-1]["server"]["cpu_cores"]["relay0"] == 0
+    # Every canary's media came back through the survivor (routes it had from ROUTES or found
+    # in the route cache), and nothing was lost after that.
+    assert fault["cut_off"] == 0, fault
+    assert fault["recovered"] == fault["affected"], fault
+    assert fault["lost_after"] == 0, fault
+    assert report["media"]["packets_received"] > 0.9 * report["media"]["packets_sent"]
+    if fault["affected"]:
+        assert fault["media_back_ms"]["max"] > 0
+        assert (report_dir / "faults.png").exists()
