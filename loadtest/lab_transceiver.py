@@ -18,6 +18,7 @@ Prints ``lab-transceiver listening on HOST:PORT`` when ready and a JSON line of 
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import os
 import select
@@ -31,15 +32,22 @@ import numpy as np
 import redis
 
 from loadtest.mmsg import Messages
-from loadtest.stun_messages import StunError, binding_success, read_username
+from loadtest.stun_messages import (
+    StunError,
+    binding_success,
+    integrity_key,
+    mapped_address,
+    read_username,
+)
 from relay.wire.header import (
     FLAG_CONTROL,
     HEADER_BYTES,
     MAX_LINK_DATAGRAM_BYTES,
     MAX_ROUTES_PER_MESSAGE,
-    ControlMessage,
     ControlType,
     HeaderError,
+    encode_header,
+    pack_address,
     parse_header,
 )
 from relay.wire.hello import HelloError, ReplayGuard, open_hello
@@ -48,6 +56,9 @@ from relay.wire.ufrag import Keyring, derive_password
 
 Address = tuple[str, int]
 BATCH = 256
+SMALL_BATCH = 24
+MAX_CACHED = 1_000_000  # per-client caches are cleared (and refilled) past this many entries
+ROUTES_HEADER = encode_header(b"\x00" * 18, FLAG_CONTROL) + bytes([ControlType.ROUTES])
 KEYED_FOR_S = 120.0
 CLIENT_IDLE_S = 60.0
 SOCKET_BUFFER_BYTES = 8 << 20
@@ -97,8 +108,10 @@ class LabTransceiver:
         self.inbox = Messages(BATCH, MAX_LINK_DATAGRAM_BYTES, names=True)
         self.keyed: dict[bytes, float] = {}  # relay link sockaddr bytes -> keyed until
         self.replays = ReplayGuard()
-        self.passwords: dict[bytes, bytes] = {}
+        self.passwords: dict[bytes, hmac.HMAC] = {}  # server ufrag -> its integrity key
+        self.by_header: dict[bytes, tuple[Address, bytes]] = {}  # -> client, XOR-MAPPED-ADDRESS
         self.clients: dict[Address, float] = {}
+        self.packed: dict[Address, bytes] = {}  # client -> its 18-byte ROUTES entry
         self.counts = dict.fromkeys(
             (
                 "echoed",
@@ -133,8 +146,39 @@ class LabTransceiver:
                 print(json.dumps(self.counts), flush=True)
 
     def handle(self, count: int) -> None:
-        """The first ``count`` datagrams of the inbox: control first (a HELLO keys its sender
-        for the data behind it in the same batch), then echoes in one batch, then STUN."""
+        """The first ``count`` datagrams of the inbox. Small batches (the common case at
+        keepalive rates: a wakeup or two per consent check) one by one in Python, where numpy's
+        fixed cost per call would dominate; large ones with numpy."""
+        if count < SMALL_BATCH:
+            self._handle_each(count, time.monotonic())
+        else:
+            self._handle_batch(count)
+
+    def _handle_each(self, count: int, now: float) -> None:
+        lengths = self.inbox.headers["len"][:count].tolist()
+        names = self.inbox.names[:count, :8].tobytes()
+        rows = self.inbox.data
+        echo: list[int] = []
+        for slot in range(count):
+            name, length, row = names[8 * slot : 8 * slot + 8], lengths[slot], rows[slot]
+            if row[1] & FLAG_CONTROL:
+                self._control(row[:length].tobytes(), name, now)
+            elif self.keyed.get(name, 0.0) <= now:
+                self.counts["unkeyed_dropped"] += 1
+            elif length > HEADER_BYTES and row[HEADER_BYTES] & 0xC0 == 0x80:
+                echo.append(slot)
+            else:
+                source = (socket.inet_ntoa(name[4:8]), int.from_bytes(name[2:4], "big"))
+                self._stun(row[:length].tobytes(), source, now)
+        if echo:
+            slots = np.array(echo, np.intp)
+            self.counts["echoed"] += self.inbox.send(
+                self.sock.fileno(), slots, self.inbox.headers["len"][slots]
+            )
+
+    def _handle_batch(self, count: int) -> None:
+        """Control first (a HELLO keys its sender for the data behind it in the same batch),
+        then echoes in one batch, then STUN."""
         now = time.monotonic()
         data = self.inbox.data[:count]
         lengths = self.inbox.lengths(count).astype(np.int64)
@@ -176,32 +220,48 @@ class LabTransceiver:
             self._send_routes(source, now)
 
     def _send_routes(self, relay: Address, now: float) -> None:
-        live = [c for c, seen in self.clients.items() if now - seen < CLIENT_IDLE_S]
-        self.clients = dict.fromkeys(live, now)
-        for start in range(0, len(live), MAX_ROUTES_PER_MESSAGE):
-            chunk = tuple(live[start : start + MAX_ROUTES_PER_MESSAGE])
-            self.sock.sendto(bytes(ControlMessage(ControlType.ROUTES, chunk)), relay)
+        """ROUTES naming every client seen within ``CLIENT_IDLE_S`` (as a transceiver answers a
+        HELLO that asks), built from entries packed once per client."""
+        stale = [c for c, seen in self.clients.items() if now - seen >= CLIENT_IDLE_S]
+        for client in stale:
+            del self.clients[client]
+            self.packed.pop(client, None)
+        entries = [self.packed[c] for c in self.clients]
+        head = ROUTES_HEADER
+        for start in range(0, len(entries), MAX_ROUTES_PER_MESSAGE):
+            chunk = entries[start : start + MAX_ROUTES_PER_MESSAGE]
+            self.sock.sendto(head + len(chunk).to_bytes(2, "big") + b"".join(chunk), relay)
 
     def _stun(self, datagram: bytes, source: Address, now: float) -> None:
+        link_header = datagram[:HEADER_BYTES]
         try:
-            header = parse_header(datagram)
+            known = self.by_header.get(link_header)
+            if known is None:
+                client = parse_header(datagram).client
+                known = (client, mapped_address(client))
+                if len(self.by_header) > MAX_CACHED:
+                    self.by_header.clear()
+                self.by_header[link_header] = known
             request = datagram[HEADER_BYTES:]
-            username = read_username(request)
-            server_ufrag = username.split(b":", 1)[0]
-            password = self.passwords.get(server_ufrag)
-            if password is None:
-                password = derive_password(self.keyring, server_ufrag.decode("ascii")).encode()
-                if len(self.passwords) > 1_000_000:
+            server_ufrag = read_username(request).split(b":", 1)[0]
+            key = self.passwords.get(server_ufrag)
+            if key is None:
+                password = derive_password(self.keyring, server_ufrag.decode("ascii"))
+                key = integrity_key(password.encode())
+                if len(self.passwords) > MAX_CACHED:
                     self.passwords.clear()
-                self.passwords[server_ufrag] = password
+                self.passwords[server_ufrag] = key
         except (HeaderError, StunError, UnicodeDecodeError, ValueError):
             self.counts["stun_refused"] += 1
             return
-        if self.routes is not None and header.client not in self.clients:
-            self.routes.pending.append(header.client)
-        self.clients[header.client] = now
-        answer = binding_success(request[8:20], header.client, password)
-        self.sock.sendto(datagram[:HEADER_BYTES] + answer, source)
+        client, mapped = known
+        if client not in self.clients:
+            self.packed[client] = pack_address(client)
+            if self.routes is not None:
+                self.routes.pending.append(client)
+        self.clients[client] = now
+        answer = binding_success(request[8:20], client, key, mapped)
+        self.sock.sendto(link_header + answer, source)
         self.counts["stun_answered"] += 1
 
 

@@ -29,11 +29,19 @@ def _attribute(kind: int, value: bytes) -> bytes:
     return struct.pack("!HH", kind, len(value)) + value + b"\0" * (-len(value) % 4)
 
 
-def _sealed(kind: int, transaction: bytes, body: bytes, password: bytes) -> bytes:
+def integrity_key(password: bytes) -> hmac.HMAC:
+    """An HMAC-SHA1 keyed with ``password``, copied per message (keying it costs more than
+    hashing a short message)."""
+    return hmac.new(password, digestmod=hashlib.sha1)
+
+
+def _sealed(kind: int, transaction: bytes, body: bytes, password: bytes | hmac.HMAC) -> bytes:
     """``body`` followed by MESSAGE-INTEGRITY and FINGERPRINT, each over what precedes it with
     the length field counting it (RFC 8489 §14.5, §14.7)."""
     header = struct.pack("!HHI", kind, len(body) + 24, MAGIC_COOKIE) + transaction
-    integrity = hmac.new(password, header + body, hashlib.sha1).digest()
+    mac = integrity_key(password) if isinstance(password, bytes) else password.copy()
+    mac.update(header + body)
+    integrity = mac.digest()
     body += struct.pack("!HH", MESSAGE_INTEGRITY, 20) + integrity
     header = struct.pack("!HHI", kind, len(body) + 8, MAGIC_COOKIE) + transaction
     crc = (zlib.crc32(header + body) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
@@ -52,11 +60,22 @@ def binding_request(
     return _sealed(BINDING_REQUEST, transaction, body, password)
 
 
-def binding_success(transaction: bytes, client: tuple[str, int], password: bytes) -> bytes:
-    """A binding success response telling an IPv4 ``client`` its address."""
+def mapped_address(client: tuple[str, int]) -> bytes:
+    """The XOR-MAPPED-ADDRESS attribute telling an IPv4 ``client`` its address."""
     port = client[1] ^ (MAGIC_COOKIE >> 16)
     ip = int.from_bytes(socket.inet_aton(client[0]), "big") ^ MAGIC_COOKIE
-    body = _attribute(XOR_MAPPED_ADDRESS, struct.pack("!BBHI", 0, 1, port, ip))
+    return _attribute(XOR_MAPPED_ADDRESS, struct.pack("!BBHI", 0, 1, port, ip))
+
+
+def binding_success(
+    transaction: bytes,
+    client: tuple[str, int],
+    password: bytes | hmac.HMAC,
+    mapped: bytes | None = None,
+) -> bytes:
+    """A binding success response telling an IPv4 ``client`` its address (``mapped``: that
+    attribute, when the caller has it already; ``password``: or its ``integrity_key``)."""
+    body = mapped_address(client) if mapped is None else mapped
     return _sealed(BINDING_SUCCESS, transaction, body, password)
 
 
