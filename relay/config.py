@@ -66,18 +66,14 @@ _FIELDS: dict[str, tuple[str | None, str]] = {
     "STUN_RATE": ("20", "unauthenticated STUN per source per second (burst 2x)"),
     "HELLO": (
         "on",
-        "ask the transceivers for their routes at start (and once per routes refresh): on/off "
-        "(the keyed HELLO that admits this relay's link sockets is sent either way)",
+        "ask the transceivers for their routes while a worker is new: on/off (the keyed HELLO "
+        "that admits this relay's link sockets is sent either way)",
     ),
     # Timings (relay.timing.RelayTiming); the defaults are the dataclass's own.
     "HELLO_INTERVAL_S": (str(_TIMING.hello_interval_s), "seconds between HELLOs to transceivers"),
     "ROUTES_REQUEST_S": (
         str(_TIMING.routes_request_s),
         "seconds after a worker starts during which every HELLO asks for ROUTES",
-    ),
-    "ROUTES_REFRESH_S": (
-        str(_TIMING.routes_refresh_s),
-        "after that, one HELLO per this many seconds asks for ROUTES",
     ),
     "PUBLISH_INTERVAL_S": (str(_TIMING.publish_interval_s), "seconds between counter copies"),
     "EXPIRY_INTERVAL_S": (str(_TIMING.expiry_interval_s), "seconds between idle-route sweeps"),
@@ -227,7 +223,6 @@ def _timing(values: Mapping[str, str]) -> RelayTiming:
     return RelayTiming(
         hello_interval_s=_seconds(values, "HELLO_INTERVAL_S"),
         routes_request_s=_seconds(values, "ROUTES_REQUEST_S"),
-        routes_refresh_s=_seconds(values, "ROUTES_REFRESH_S"),
         publish_interval_s=_seconds(values, "PUBLISH_INTERVAL_S"),
         expiry_interval_s=_seconds(values, "EXPIRY_INTERVAL_S"),
         clock_interval_s=_seconds(values, "CLOCK_INTERVAL_S"),

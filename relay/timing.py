@@ -37,12 +37,13 @@ class RestartPauses:
 @dataclass(frozen=True)
 class RelayTiming:
     hello_interval_s: float = 1.0  # keyed HELLO to every transceiver
-    # A worker asks for ROUTES in every HELLO for its first ``routes_request_s`` (restart
-    # recovery), then in one HELLO per ``routes_refresh_s``: each answer names every client of
-    # the transceiver, so asking every second made every worker re-learn the whole fleet's
-    # routes each second (0.8 of a core for 100,000 sessions in the relay load test).
+    # A worker asks for ROUTES in its HELLOs for its first ``routes_request_s`` only (restart
+    # recovery). Each answer names every client of the transceiver: asking every second made
+    # every worker re-learn the whole fleet's routes each second (0.8 of a core at 100,000
+    # sessions in the relay load test), and even a once-a-minute refresh stalled a worker for
+    # most of a second while it learned them. Later clients are learned from their own STUN,
+    # from the transceiver's outbound media, or from the Redis route cache.
     routes_request_s: float = 10.0
-    routes_refresh_s: float = 60.0
     publish_interval_s: float = 0.5  # a worker's counters into the shared array
     expiry_interval_s: float = 1.0  # idle routes, STUN rate buckets, lookup admissions swept
     clock_interval_s: float = 0.25  # the ticker's period: resolution of "last seen"

@@ -98,7 +98,7 @@ class Worker:
         self.now_s = 0.0
         self._ticker: asyncio.Task[None] | None = None
         self.wall_clock: Callable[[], float] = time.time  # HELLO timestamps compare across hosts
-        self.started_s = self.routes_asked_s = time.monotonic()  # route requests: see timing
+        self.started_s = time.monotonic()  # HELLOs ask for ROUTES while the worker is new
         self.lookups: RouteLookups | None = None
         if config.redis is not None:
             self.lookups = RouteLookups(config.redis, self.router, self.counts, config.timing)
@@ -245,23 +245,15 @@ class Worker:
     def send_hellos(self) -> None:
         """Prove the keyring to every configured transceiver (it takes no data from this link
         socket otherwise) and, with ``hello`` on, ask for its live routes (answered with
-        ROUTES) while the worker is new and then once per ``routes_refresh_s``. One sealed
-        HELLO per transceiver: each names its addressee."""
+        ROUTES) while the worker is new (``timing.routes_request_s``). One sealed HELLO per
+        transceiver: each names its addressee."""
         now_s = self.wall_clock()
-        want_routes = self.config.hello and self._routes_due(time.monotonic())
+        new = time.monotonic() - self.started_s < self.config.timing.routes_request_s
+        want_routes = self.config.hello and new
         for transceiver in self.config.transceivers:
             hello = seal_hello(self.config.keys, transceiver, now_s, want_routes)
             if self._send(self.link, hello, transceiver):  # type: ignore[arg-type]
                 self.counts[c.HELLOS_SENT] += 1
-
-    def _routes_due(self, now_s: float) -> bool:
-        timing = self.config.timing
-        if now_s - self.started_s < timing.routes_request_s:
-            return True
-        if now_s - self.routes_asked_s >= timing.routes_refresh_s:
-            self.routes_asked_s = now_s
-            return True
-        return False
 
     def publish(self) -> None:
         """Copy this worker's counters into its row of the shared array."""
