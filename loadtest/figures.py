@@ -394,6 +394,7 @@ def summary(report: Report) -> str:
         _config_lines,
         _verdict_lines,
         _setup_lines,
+        _hold_lines,
         _latency_lines,
         _turn_lines,
         _loss_lines,
@@ -430,12 +431,32 @@ def _verdict_lines(report: Report) -> list[str]:
     verdict = report.get("verdict") or {}
     if "valid" not in verdict:
         return ["verdict: not given"]
+    notes = [f"  note: {note}" for note in verdict.get("notes") or []]
+    judged = f" during the {verdict['judged']}" if verdict.get("judged") else ""
     if verdict["valid"]:
-        return ["verdict: valid (the generator kept up)"]
+        return [f"verdict: valid (the generator kept up{judged})", *notes]
     rule = "!" * 72
     reasons = [f"  - {reason}" for reason in verdict.get("reasons") or ["(no reason given)"]]
-    banner = "INVALID: generator saturated (these figures may describe the generator)"
-    return [rule, banner, *reasons, rule]
+    banner = f"INVALID: generator saturated{judged} (these figures may describe the generator)"
+    return [rule, banner, *reasons, *notes, rule]
+
+
+def _hold_lines(report: Report) -> list[str]:
+    hold = report.get("hold")
+    if not hold:
+        return []
+    loss = hold.get("loss_ratio")
+    lines = [
+        f"hold: {hold['seconds']:g} s at {hold['sessions']:,} sessions "
+        f"({hold['intervals']} intervals); canary loss "
+        + ("-" if loss is None else f"{loss:.3%} of {hold['media_sent']:,} packets")
+        + f"; consent checks answered {hold['consents_answered']:,}/{hold['consents_sent']:,}"
+    ]
+    if hold.get("rtt_ms"):
+        lines.append(f"  hold RTT (ms): {_pcts(hold['rtt_ms'], (*PERCENTILES, 'max'))}")
+    if hold.get("tick_lag_ms"):
+        lines.append(f"  hold generator tick lag (ms): {_pcts(hold['tick_lag_ms'])}")
+    return lines
 
 
 def _setup_lines(report: Report) -> list[str]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ from loadtest.relay_report import RelayReport, parse_servers
 from relay.wire.ufrag import Keyring
 
 _real_sleep = monkey.get_original("time", "sleep")
+# The engine thread needs the GIL every tick; gevent's thread hands it over after at most this.
+sys.setswitchinterval(0.001)
 _start_thread = monkey.get_original("_thread", "start_new_thread")
 POLL_S = 0.05
 INTERVAL_S = 1.0
@@ -294,6 +297,7 @@ def _sample_forever() -> None:
     while report is not None:
         gevent.sleep(report.interval_s)
         report.close_interval()
+        print(report.progress(), flush=True)
 
 
 @events.test_start.add_listener

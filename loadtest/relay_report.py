@@ -92,6 +92,8 @@ class RelayReport:
         self.written = False
         self.peak_sessions = 0
         self.udp_reported: dict[str, int] = {}
+        self.hold = Window()
+        self.hold_udp: dict[str, int] = {}
 
     def start(self) -> None:
         """The test starts: a driver timing a fault from this moment reads ``started.json``."""
@@ -156,9 +158,22 @@ class RelayReport:
         udp_total = self._udp_delta()
         udp = {k: v - self.udp_reported.get(k, 0) for k, v in udp_total.items()}
         self.udp_reported = udp_total
+        # A hold interval: every session of a level up for the whole interval, none being set
+        # up. Ramps stall the generator (Locust spawns users on the same core); the hold's
+        # figures and the verdict are kept apart from them.
+        previous = self.series[-1]["sessions"] if self.series else -1
+        holding = sessions > 0 and sessions == previous and self._gauge("sessions_setting_up") == 0
+        if holding:
+            for name in ("rtt", "setup", "tick_lag"):
+                getattr(self.hold, name).add(getattr(window, name))
+            for name, value in counters.items():
+                self.hold.counters[name] = self.hold.counters.get(name, 0) + value
+            for name, value in udp.items():
+                self.hold_udp[name] = self.hold_udp.get(name, 0) + value
         self.series.append(
             {
                 "t_s": round(now - self.started, 2),
+                "phase": "hold" if holding else "ramp",
                 "sessions": sessions,
                 "media_sessions": self._gauge("media_sessions"),
                 "setting_up": self._gauge("sessions_setting_up"),
@@ -176,6 +191,24 @@ class RelayReport:
                     "send_short": counters.get("send_short", 0),
                 },
             }
+        )
+
+    def progress(self) -> str:
+        """One line about the latest interval, printed while the test runs."""
+        if not self.series:
+            return "relay load: starting"
+        row = self.series[-1]
+        rtt = row["rtt_ms"]["p99"] if row["rtt_ms"] else None
+        loss = row["loss_ratio"]
+        servers = " ".join(f"{k} {v:.2f}" for k, v in row["server"]["cpu_cores"].items())
+        lag = row["generator"]["tick_lag_p99_ms"]
+        return (
+            f"relay load +{row['t_s']:.0f} s [{row['phase']}]: {row['sessions']:,} sessions up,"
+            f" {row['setting_up']:,} setting up, {row['media_sessions']:,} canaries;"
+            f" RTT p99 {'-' if rtt is None else f'{rtt:.1f} ms'},"
+            f" loss {'-' if loss is None else f'{loss:.3%}'}; server cores: {servers or '-'};"
+            f" generator {row['generator']['cpu_cores']:.2f} cores,"
+            f" tick lag p99 {'-' if lag is None else f'{lag:.1f} ms'}"
         )
 
     def _udp_delta(self) -> dict[str, int]:
@@ -253,31 +286,71 @@ class RelayReport:
         return [row]
 
     def verdict(self) -> dict[str, Any]:
-        """Whether the generator kept up (``loadtest.hosts.generator_verdict`` over the run:
-        tick lag, its host's UDP buffer drops, its busiest worker), and whether every worker's
-        engine ran to the end and sent its final data."""
-        lag = hdr.summary_ms(self.total.tick_lag)
-        udp = self._udp_delta()
+        """Whether the generator kept up (``loadtest.hosts.generator_verdict``: tick lag, its
+        host's UDP buffer drops, its busiest worker) while the load was held, and whether
+        every worker's engine ran to the end and sent its final data. Without a hold phase
+        the whole run is judged. A ramp that stalled the generator is noted, not failed."""
+        held = [row for row in self.series if row.get("phase") == "hold"]
+        judged = held or self.series
+        window = self.hold if held else self.total
+        lag = hdr.summary_ms(window.tick_lag)
+        udp = self.hold_udp if held else self._udp_delta()
         workers = max(len(self.gauges), 1)
         busiest = max(
-            (row["generator"]["cpu_cores"] / workers for row in self.series if row["sessions"]),
+            (row["generator"]["cpu_cores"] / workers for row in judged if row["sessions"]),
             default=0.0,
         )
         _, reasons = generator_verdict(
             0.0 if lag is None else lag["p99"],
-            udp["RcvbufErrors"],
-            udp["SndbufErrors"],
+            udp.get("RcvbufErrors", 0),
+            udp.get("SndbufErrors", 0),
             busiest,
             1.0,
         )
-        short = self.total.counters.get("send_short", 0)
+        short = window.counters.get("send_short", 0)
         if short:
             reasons.append(f"{short} datagrams could not be sent (socket buffer full)")
         if self.crashed:
             reasons.append(f"engine crashed on {sorted(self.crashed)}: {self.crashed}")
         if self.expected_finals and len(self.finals) < self.expected_finals:
             reasons.append(f"final data from {len(self.finals)}/{self.expected_finals} workers")
-        return {"valid": not reasons, "reasons": reasons}
+        notes = []
+        ramp_lag = [
+            row["generator"]["tick_lag_p99_ms"]
+            for row in self.series
+            if row.get("phase") == "ramp" and row["generator"]["tick_lag_p99_ms"] is not None
+        ]
+        if held and ramp_lag and max(ramp_lag) > 20.0:
+            notes.append(
+                f"ramp: generator tick lag p99 up to {max(ramp_lag):.0f} ms while Locust "
+                "spawned users; the hold figures exclude the ramp"
+            )
+        return {
+            "valid": not reasons,
+            "reasons": reasons,
+            "judged": "hold" if held else "whole run",
+            "notes": notes,
+        }
+
+    def hold_summary(self) -> dict[str, Any] | None:
+        held = [row for row in self.series if row.get("phase") == "hold"]
+        if not held:
+            return None
+        sent = self.hold.counters.get("media_sent", 0)
+        received = self.hold.counters.get("media_received", 0)
+        return {
+            "intervals": len(held),
+            "seconds": round(held[-1]["t_s"] - held[0]["t_s"] + INTERVAL_S, 1),
+            "sessions": held[-1]["sessions"],
+            "rtt_ms": hdr.summary_ms(self.hold.rtt),
+            "tick_lag_ms": hdr.summary_ms(self.hold.tick_lag),
+            "media_sent": sent,
+            "media_received": received,
+            "loss_ratio": None if not sent else max(0.0, 1 - received / sent),
+            "consents_sent": self.hold.counters.get("consents_sent", 0),
+            "consents_answered": self.hold.counters.get("consents_answered", 0),
+            "udp_errors": self.hold_udp,
+        }
 
     def server_per_session(self) -> dict[str, Any]:
         """At the peak: server cores and RSS per session, and the relay's full-rate capacity
@@ -328,6 +401,7 @@ class RelayReport:
                 "locust": setup_total,
             },
             "peak_sessions": self.peak_sessions,
+            "hold": self.hold_summary(),
             "media": self.media(),
             "consent": {
                 "sent": sum(f.get("consents_sent", 0) for f in self.finals.values()),
