@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import gevent  # type: ignore[import-untyped]
+import gevent
 from gevent import subprocess
-from gevent.event import AsyncResult  # type: ignore[import-untyped]
+from gevent.event import AsyncResult
 from locust import LoadTestShape, User, constant, events, task
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
