@@ -25,7 +25,7 @@ COMPILE = $(PYPI_ONLY) $(LOCK_TOOLS)/bin/pip-compile -q --generate-hashes --allo
 UPGRADE ?=
 UPGRADE_FLAGS = $(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p)))
 
-.PHONY: all run test lint typecheck bench clean venv sysdeps lock
+.PHONY: all run test lint typecheck bench clean venv sysdeps lock loadtest
 
 all: test
 
@@ -79,6 +79,13 @@ bench: $(STAMP) sysdeps
 
 run: $(STAMP) sysdeps
 	$(PY) -m deploy.local
+
+# make loadtest SCENARIO=relay ARGS="--sessions 10000 --canaries 300 --processes 2"
+# SCENARIO: relay | voice | ports (README, "Load testing"); ARGS: that scenario's options (-h)
+SCENARIO ?= relay
+ARGS ?=
+loadtest: $(STAMP) sysdeps
+	$(PY) -m loadtest $(SCENARIO) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build bench-results .pytest_cache .mypy_cache .ruff_cache

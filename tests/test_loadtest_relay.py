@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -216,14 +217,18 @@ def test_the_engine_counts_whatever_arrives_and_never_crashes(rows: list[bytes])
         engine._close_transport()
 
 
-def test_canaries_measure_every_echo_and_keepalives_keep_sessions_up() -> None:
-    """The engine against a lab transceiver with no relay between (the lab is the relay's
-    peer, so the engine's datagrams carry the link header here: a local stand-in)."""
+@pytest.mark.parametrize("mode", ["pktinfo", "sockets"])
+def test_canaries_measure_every_echo_and_keepalives_keep_sessions_up(mode: str) -> None:
+    """The engine against a lab transceiver through a stand-in relay (a loop that adds and
+    strips the link header), with a source address per session either way: IP_PKTINFO on
+    one socket, or a socket per session (a pod's one IP)."""
     with Lab() as lab:
         lab.keyed()
         relay = _MiniRelay(lab)
         engine = SessionEngine(
-            EngineConfig(relay.public, lab.lab.address, lab.keys, 50, 10, consent_s=0.5)
+            EngineConfig(
+                relay.public, lab.lab.address, lab.keys, 50, 10, consent_s=0.5, address_mode=mode
+            )
         )
         runner = threading.Thread(target=engine.run)
         runner.start()
@@ -253,6 +258,7 @@ def test_canaries_measure_every_echo_and_keepalives_keep_sessions_up() -> None:
     assert final["gauges"]["sessions_up"] == 50
     assert final["interval"].rtt_us.get_total_count() == sum(final["media_received"])
     assert engine.counters["unknown_received"] == 0
+    assert len(relay.clients) == 50  # a distinct source address per session
 
 
 class _MiniRelay:
@@ -266,6 +272,7 @@ class _MiniRelay:
         self.sock.setblocking(False)
         lab.link.setblocking(False)
         self.public = self.sock.getsockname()
+        self.clients: set[tuple[str, int]] = set()
 
     def forward_for(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -273,6 +280,7 @@ class _MiniRelay:
             moved = False
             try:
                 data, client = self.sock.recvfrom(4096)
+                self.clients.add(client)
                 self.lab.send(header_for(client) + data)
                 moved = True
             except BlockingIOError:
@@ -298,17 +306,10 @@ def _locust_csv(path: Path) -> dict[str, dict[str, str]]:
         return {row["Name"]: row for row in csv.DictReader(handle)}
 
 
-@pytest.mark.slow
-def test_a_short_real_run_through_a_relay_on_a_locust_master_and_two_workers(
-    tmp_path: Path,
-) -> None:
-    report_dir = tmp_path / "report"
+def run_relay_scenario(report_dir: Path, *options: str) -> dict[str, Any]:
+    """``python -m loadtest relay`` with a local lab, as a user runs it; its report."""
     done = subprocess.run(
-        [
-            *(sys.executable, "-m", "loadtest", "relay", "--sessions", "300"),
-            *("--canaries", "20", "--spawn-rate", "300", "--hold-s", "4", "--consent-s", "1"),
-            *("--processes", "2", "--report-dir", str(report_dir)),
-        ],
+        [sys.executable, "-m", "loadtest", "relay", *options, "--report-dir", str(report_dir)],
         capture_output=True,
         text=True,
         timeout=180,
@@ -316,7 +317,21 @@ def test_a_short_real_run_through_a_relay_on_a_locust_master_and_two_workers(
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads((report_dir / "report.json").read_text())
+    assert "relay load +" in done.stdout  # progress while it ran
+    report: dict[str, Any] = json.loads((report_dir / "report.json").read_text())
+    return report
+
+
+@pytest.mark.slow
+def test_a_short_real_run_through_a_relay_on_a_locust_master_and_two_workers(
+    tmp_path: Path,
+) -> None:
+    report_dir = tmp_path / "report"
+    report = run_relay_scenario(
+        report_dir,
+        *("--sessions", "300", "--canaries", "20", "--spawn-rate", "300", "--hold-s", "4"),
+        *("--consent-s", "1", "--processes", "2"),
+    )
     assert report["setup"]["attempted"] == report["setup"]["succeeded"] == 300
     assert report["peak_sessions"] == 300
     assert report["generator"]["workers_final"] == "2/2"
@@ -340,20 +355,11 @@ def test_killing_one_of_two_relays_moves_media_to_the_survivor_and_loses_nothing
     tmp_path: Path,
 ) -> None:
     report_dir = tmp_path / "report"
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "loadtest", "relay", "--sessions", "200"),
-            *("--canaries", "40", "--spawn-rate", "200", "--hold-s", "7"),
-            *("--relays", "2", "--fault", "relay@4", "--report-dir", str(report_dir)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-        check=False,
+    report = run_relay_scenario(
+        report_dir,
+        *("--sessions", "200", "--canaries", "40", "--spawn-rate", "200", "--hold-s", "7"),
+        *("--relays", "2", "--fault", "relay@4"),
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads((report_dir / "report.json").read_text())
     assert report["setup"]["succeeded"] == 200
     (fault,) = report["faults"]
     assert fault["kind"] == "relay", fault
