@@ -35,6 +35,7 @@ from loadtest.forwarders import (
     ForwarderSpec,
     RunningForwarder,
     free_udp_port,
+    scrape_counters,
     start_forwarder,
 )
 from loadtest.sessions import new_keyring_spec
@@ -184,6 +185,7 @@ def start_lab(args: argparse.Namespace, stack: ExitStack, env: dict[str, str]) -
             public,
             (host, port),
             env["LOADTEST_KEYS"],
+            http=(LOOPBACK, free_tcp_port()),
             extra=relay_flags,
         )
         relay = start_forwarder(spec, Path("/nonexistent"), workdir / f"relay-{number}")
@@ -201,11 +203,43 @@ class Lab:
         self.lab_pid = lab_pid
         self.relays = relays
 
+    def drops(self) -> dict[str, float]:
+        """The live relays' dropped datagrams by reason, summed (a dead relay counts no more)."""
+        total: dict[str, float] = {}
+        for relay in self.relays:
+            if relay.process.poll() is not None:
+                continue
+            with contextlib.suppress(OSError):
+                for name, value in scrape_counters(relay.spec.http).items():
+                    if name.startswith("relay_dropped_packets"):
+                        reason = name.partition("reason=")[2].rstrip("}")
+                        total[reason] = total.get(reason, 0.0) + value
+        return total
+
     def servers(self) -> str:
         names = [f"relay{i}:{r.process.pid}" for i, r in enumerate(self.relays)]
         if len(self.relays) == 1:
             names = [f"relay:{self.relays[0].process.pid}"]
         return ",".join([*names, f"lab:{self.lab_pid}"])
+
+
+def add_relay_drops(report_dir: Path, before: dict[str, float], after: dict[str, float]) -> None:
+    """Put the lab relays' drops during the run, by reason, into the report the master wrote
+    (the relay counts them; the master has no address for its /metrics)."""
+    path = report_dir / "report.json"
+    if not path.exists():
+        return
+    report = json.loads(path.read_text())
+    report["relay_drops"] = {
+        reason: int(value - before.get(reason, 0.0))
+        for reason, value in sorted(after.items())
+        if value - before.get(reason, 0.0) > 0
+    }
+    path.write_text(json.dumps(report, indent=1))
+    shown = ", ".join(f"{k} {v:,}" for k, v in report["relay_drops"].items()) or "none"
+    print(f"relay drops during the run: {shown}", flush=True)
+    with (report_dir / "summary.txt").open("a") as summary:
+        summary.write(f"relay drops during the run: {shown}\n")
 
 
 def parse_fault(text: str) -> tuple[str, float] | None:
@@ -274,12 +308,15 @@ def main(argv: Sequence[str]) -> int:
                 target=kill_relay_later, args=(lab, fault[1], args.report_dir, done), daemon=True
             )
             killer.start()
+        before = lab.drops()
         try:
-            return subprocess.call(
+            code = subprocess.call(
                 locust_command(args, lab.target, lab.transceiver, servers), env=env
             )
         finally:
             done.set()
+        add_relay_drops(args.report_dir, before, lab.drops())
+        return code
 
 
 if __name__ == "__main__":

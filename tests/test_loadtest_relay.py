@@ -348,6 +348,7 @@ def test_a_short_real_run_through_a_relay_on_a_locust_master_and_two_workers(
     assert stats["setup"]["Failure Count"] == "0"
     assert (report_dir / "locust.html").stat().st_size > 0
     assert report["config"]["payload_bytes"] >= MIN_PAYLOAD_BYTES
+    assert report["relay_drops"] == {}  # the relay's own counters: nothing dropped
 
 
 @pytest.mark.slow
@@ -373,6 +374,7 @@ def test_killing_one_of_two_relays_moves_media_to_the_survivor_and_loses_nothing
     assert fault["recovered"] == fault["affected"], fault
     assert fault["lost_after"] == 0, fault
     assert report["media"]["packets_received"] > 0.9 * report["media"]["packets_sent"]
+    assert set(report["relay_drops"]) <= {"unknown_address"}  # the survivor, before its lookup
     if fault["affected"]:
         assert fault["media_back_ms"]["max"] > 0
         assert (report_dir / "faults.png").exists()
