@@ -175,6 +175,10 @@ class SessionEngine:
         c = self.config
         self.stun_out = Messages(c.capacity, STUN_ROW_BYTES, PKTINFO_SPACE)
         self.media_out = Messages(c.media_capacity, c.payload_bytes, PKTINFO_SPACE)
+        # each canary's RTP and trailer fields, seen in place in its send buffer row
+        self.media_fields = np.ndarray(
+            (c.media_capacity,), MEDIA_DTYPE, buffer=self.media_out.data, strides=(c.payload_bytes,)
+        )
         self.inbox = Messages(RECEIVE_BATCH, RECEIVE_ROW_BYTES, TIMESTAMP_SPACE)
         self.sock: socket.socket | None = None
         if c.address_mode == "pktinfo":
@@ -403,14 +407,11 @@ class SessionEngine:
         if due.size == 0:
             return
         seq = self.media_seq[due]
-        rows = self.media_out.data[due, :MIN_PAYLOAD_BYTES].copy().view(MEDIA_DTYPE)[:, 0]
-        rows["rtp_seq"] = (seq & 0xFFFF).astype(np.uint16)
-        rows["rtp_ts"] = ((seq * 960) & 0xFFFFFFFF).astype(np.uint32)
-        rows["seq"] = seq.astype(np.uint32)
-        rows["send_ns"] = time.time_ns()
-        self.media_out.data[due, :MIN_PAYLOAD_BYTES] = rows.view(np.uint8).reshape(
-            len(due), MIN_PAYLOAD_BYTES
-        )
+        fields = self.media_fields  # views into the send buffers: written in place
+        fields["rtp_seq"][due] = seq & 0xFFFF
+        fields["rtp_ts"][due] = (seq * 960) & 0xFFFFFFFF
+        fields["seq"][due] = seq
+        fields["send_ns"][due] = time.time_ns()
         sent = self._send(self.media_out, due, self.config.payload_bytes)
         self.media_seq[due] += 1
         self.media_sent[due[:sent]] += 1
