@@ -22,8 +22,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.hosts import process_tree, read_stat
+
 Address = tuple[str, int]
-CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
 LOOPBACK = "127.0.0.1"
@@ -109,12 +110,12 @@ class RunningForwarder:
 
     def refresh_pids(self) -> None:
         """Record the current process tree (call once the workers are up)."""
-        self.pids = (self.process.pid, *descendants(self.process.pid))
+        self.pids = tuple(process_tree(self.process.pid)) or (self.process.pid,)
         self.start_ticks = {pid: _start_ticks(pid) for pid in self.pids}
 
     def cpu_s(self) -> float:
         """utime+stime of the supervisor and its workers, in CPU-seconds."""
-        return sum(process_cpu_s(pid) for pid in self.pids)
+        return sum(stat.cpu_s for pid in self.pids if (stat := read_stat(pid)) is not None)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -130,12 +131,9 @@ class RunningForwarder:
 
 
 def _start_ticks(pid: int) -> str:
-    """Field 22 of proc(5), the start time: tells our process from a later one with its PID."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return "gone"
-    return "gone" if fields[0] == "Z" else fields[19]
+    """The start time in /proc: tells our process from a later one with its PID."""
+    stat = read_stat(pid)
+    return "gone" if stat is None else str(stat.start_ticks)
 
 
 def start_forwarder(spec: ForwarderSpec, reference_binary: Path, log_dir: Path) -> RunningForwarder:
@@ -170,36 +168,3 @@ def scrape_counters(http: Address, prefix: str = "relay_") -> dict[str, float]:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return samples
-
-
-def process_cpu_s(pid: int) -> float:
-    """utime+stime of one process (all its threads); 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    # Fields 14 and 15 of proc(5); fields[0] here is field 3 (state).
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
-
-
-def descendants(root: int) -> list[int]:
-    """Every live descendant of ``root``, from the parent links in /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            parent = _parent_pid(entry / "stat")
-            if parent is not None:
-                children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def _parent_pid(stat_path: Path) -> int | None:
-    try:
-        return int(stat_path.read_text().rpartition(")")[2].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
