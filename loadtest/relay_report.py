@@ -69,6 +69,15 @@ class Window:
     counters: dict[str, int] = field(default_factory=dict)
     worker_cpu_s: dict[str, float] = field(default_factory=dict)
 
+    def add(self, other: Window) -> None:
+        """Fold ``other`` (a closed window) into this one: the run's totals, the hold's."""
+        for name in ("rtt", "setup", "tick_lag"):
+            getattr(self, name).add(getattr(other, name))
+        for name, value in other.counters.items():
+            self.counters[name] = self.counters.get(name, 0) + value
+        for worker, cpu_s in other.worker_cpu_s.items():
+            self.worker_cpu_s[worker] = self.worker_cpu_s.get(worker, 0.0) + cpu_s
+
 
 class RelayReport:
     def __init__(self, report_dir: Path, config: dict[str, Any], servers: list[Server]) -> None:
@@ -107,19 +116,18 @@ class RelayReport:
     def _add_interval(self, wire: dict[str, Any] | None) -> None:
         if not wire:
             return
-        for window in (self.window, self.total):
-            window.rtt.decode_and_add(wire["rtt"])
-            window.setup.decode_and_add(wire["setup"])
-            window.tick_lag.decode_and_add(wire["tick_lag"])
-            for name, value in wire["counters"].items():
-                window.counters[name] = window.counters.get(name, 0) + value
+        window = self.window  # decoded once; closing the window folds it into the totals
+        window.rtt.decode_and_add(wire["rtt"])
+        window.setup.decode_and_add(wire["setup"])
+        window.tick_lag.decode_and_add(wire["tick_lag"])
+        for name, value in wire["counters"].items():
+            window.counters[name] = window.counters.get(name, 0) + value
 
     def add_worker_report(self, worker: str, lt: dict[str, Any]) -> None:
         self._add_interval(lt.get("interval"))
         if lt.get("interval"):
             self.gauges[worker] = lt["interval"]["gauges"]
         self.window.worker_cpu_s[worker] = self.window.worker_cpu_s.get(worker, 0.0) + lt["cpu_s"]
-        self.total.worker_cpu_s[worker] = self.total.worker_cpu_s.get(worker, 0.0) + lt["cpu_s"]
         self.udp_start.setdefault(lt["host"], lt["udp"])
         self.udp_now[lt["host"]] = lt["udp"]
         if lt.get("crashed"):
@@ -163,11 +171,9 @@ class RelayReport:
         # figures and the verdict are kept apart from them.
         previous = self.series[-1]["sessions"] if self.series else -1
         holding = sessions > 0 and sessions == previous and self._gauge("sessions_setting_up") == 0
+        self.total.add(window)
         if holding:
-            for name in ("rtt", "setup", "tick_lag"):
-                getattr(self.hold, name).add(getattr(window, name))
-            for name, value in counters.items():
-                self.hold.counters[name] = self.hold.counters.get(name, 0) + value
+            self.hold.add(window)
             for name, value in udp.items():
                 self.hold_udp[name] = self.hold_udp.get(name, 0) + value
         self.series.append(
