@@ -186,7 +186,9 @@ class LabTransceiver:
         is_control = (data[:, 1] & FLAG_CONTROL) != 0
         for slot in np.flatnonzero(is_control):
             self._control(bytes(data[slot, : lengths[slot]]), bytes(names[slot, :8]), now)
-        keyed = np.array([self.keyed.get(bytes(n[:8]), 0.0) > now for n in names], bool)
+        # the first 8 bytes of a sockaddr_in (family, port, address) as one number per datagram
+        live = [int.from_bytes(name, "little") for name, until in self.keyed.items() if until > now]
+        keyed = np.isin(names[:, :8].copy().view("<u8")[:, 0], np.array(live, np.uint64))
         first = data[:, HEADER_BYTES]
         echo = keyed & ~is_control & ((first & 0xC0) == 0x80) & (lengths > HEADER_BYTES)
         echo_slots = np.flatnonzero(echo)
