@@ -20,9 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from loadtest.hosts import process_tree, read_stat
+from loadtest.hosts import metric_samples, process_tree, read_stat
 
 Address = tuple[str, int]
 READY_TIMEOUT_S = 20.0
@@ -160,11 +158,4 @@ def scrape_counters(http: Address, prefix: str = "relay_") -> dict[str, float]:
     """Every sample of the relay's /metrics whose name starts with ``prefix``, by name{labels}."""
     url = f"http://{http[0]}:{http[1]}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode("utf-8")
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.startswith(prefix):
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
+        return metric_samples(response.read().decode("utf-8"), prefix)

@@ -17,13 +17,13 @@ change since the previous one. MB here means MiB (2**20 bytes), as ``top`` and `
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 PROC = Path("/proc")
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -185,9 +185,6 @@ class ProcessCpu:
 
 CPU_METRIC = "process_cpu_seconds_total"
 RSS_METRIC = "process_resident_memory_bytes"
-# A sample line: name, optional {labels}, value, optional timestamp. The labels end at the last
-# "}" of the line: neither a value nor a timestamp holds one.
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)")
 
 
 def scrape_process_metrics(url: str, timeout_s: float = SCRAPE_TIMEOUT_S) -> dict[str, float]:
@@ -202,13 +199,25 @@ def scrape_process_metrics(url: str, timeout_s: float = SCRAPE_TIMEOUT_S) -> dic
     return {"cpu_seconds": sums[CPU_METRIC], "rss_bytes": sums[RSS_METRIC]}
 
 
+def metric_samples(text: str, prefix: str = "") -> dict[str, float]:
+    """Every sample of an exposition text whose name starts with ``prefix``, by
+    ``name{label=value,...}`` (Prometheus's own parser)."""
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(prefix):
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
 def process_metrics(text: str) -> dict[str, float]:
-    """The sums of the ``CPU_METRIC`` and ``RSS_METRIC`` lines of an exposition text."""
+    """The sums of the ``CPU_METRIC`` and ``RSS_METRIC`` samples of an exposition text."""
     sums: dict[str, float] = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is not None and match.group(1) in (CPU_METRIC, RSS_METRIC):
-            sums[match.group(1)] = sums.get(match.group(1), 0.0) + float(match.group(3))
+    for key, value in metric_samples(text, "process_").items():
+        name = key.partition("{")[0]
+        if name in (CPU_METRIC, RSS_METRIC):
+            sums[name] = sums.get(name, 0.0) + value
     return sums
 
 
