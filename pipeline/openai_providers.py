@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import httpx
 import httpx2
 import openai
 from openai.types.chat import (
+    ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionFunctionToolParam,
     ChatCompletionMessageFunctionToolCallParam,
@@ -138,13 +140,25 @@ class OpenAILanguageModel:
     async def generate(
         self, messages: Sequence[Message], tools: Sequence[ToolSpec]
     ) -> AsyncGenerator[LanguageModelEvent, None]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [message_param(message) for message in messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if tools:
+            body["tools"] = [tool_param(tool) for tool in tools]
         try:
-            stream = await self._client.chat.completions.create(
-                model=self.model,
-                messages=[message_param(message) for message in messages],
-                tools=[tool_param(tool) for tool in tools] if tools else openai.omit,
+            # The SDK's ``chat.completions.create`` first walks the whole body through its
+            # TypedDict transformer: ~0.2 ms of CPU per message on this machine, 130 ms on the
+            # event loop at turn 300. The body is already in wire shape, so it is posted as is
+            # (same client, auth, base URL and stream parsing).
+            stream = await self._client.post(
+                "/chat/completions",
+                body=body,
+                cast_to=ChatCompletion,
                 stream=True,
-                stream_options={"include_usage": True},
+                stream_cls=openai.AsyncStream[ChatCompletionChunk],
             )
             async with stream:
                 async for event in _events(stream):

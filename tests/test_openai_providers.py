@@ -15,6 +15,8 @@ from pipeline.openai_providers import (
     OpenAISpeechToText,
     OpenAITextToSpeech,
     even_length,
+    message_param,
+    tool_param,
 )
 from pipeline.providers import (
     AudioChunk,
@@ -119,6 +121,36 @@ async def test_chat_sends_assistant_tool_calls_and_tool_results(
         ],
     }
     assert sent[3] == {"role": "tool", "tool_call_id": "call_7", "content": "nine to five"}
+
+
+async def test_chat_posts_the_body_the_sdks_own_create_would_send(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    """The request skips the SDK's per-message transformer (its cost grows with the history):
+    what reaches the server is byte for byte what ``chat.completions.create`` sends."""
+    call = ToolCall("call_7", "lookup", '{"query": "hours"}')
+    history = [Message("system", "Be brief.")]
+    for turn in range(40):
+        history += [Message("user", f"question {turn}"), Message("assistant", f"answer {turn}")]
+    history += [
+        Message("user", "please lookup the hours"),
+        Message("assistant", "", tool_calls=(call,)),
+        Message("tool", "nine to five", tool_call_id="call_7"),
+    ]
+    _ = [e async for e in OpenAILanguageModel(client, "gpt-test").generate(history, [LOOKUP])]
+    ours = (await server.stats())["last_request"]["chat"]
+    stream = await client.chat.completions.create(
+        model="gpt-test",
+        messages=[message_param(message) for message in history],
+        tools=[tool_param(LOOKUP)],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async with stream:
+        _ = [chunk async for chunk in stream]
+    sdks = (await server.stats())["last_request"]["chat"]
+    assert ours == sdks
+    assert len(ours["messages"]) == len(history)
 
 
 async def test_a_tool_result_without_its_call_is_rejected_by_the_server(
