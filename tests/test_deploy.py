@@ -24,7 +24,7 @@ def run(*cmd: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_kustomize_builds_and_validates_against_kubernetes_schemas(tmp_path: Path) -> None:
-    built = run(str(BIN / "kubectl"), "kustomize", str(ROOT / "k8s"))
+    built = run(str(BIN / "kubectl"), "kustomize", str(ROOT / "k8s" / "base"))
     assert built.returncode == 0, built.stderr
     manifest = tmp_path / "voicerelay.yaml"
     manifest.write_text(built.stdout)
@@ -35,7 +35,7 @@ def test_kustomize_builds_and_validates_against_kubernetes_schemas(tmp_path: Pat
 
 
 def test_every_pod_has_liveness_readiness_and_metrics_annotations() -> None:
-    built = run(str(BIN / "kubectl"), "kustomize", str(ROOT / "k8s"))
+    built = run(str(BIN / "kubectl"), "kustomize", str(ROOT / "k8s" / "base"))
     workloads = [
         d for d in yaml.safe_load_all(built.stdout) if d and "template" in d.get("spec", {})
     ]
@@ -54,7 +54,7 @@ def test_dockerfile_passes_hadolint() -> None:
 
 
 def env_file(name: str) -> dict[str, str]:
-    lines = (ROOT / "k8s" / name).read_text().splitlines()
+    lines = (ROOT / "k8s" / "base" / name).read_text().splitlines()
     entries = [line.partition("=") for line in lines if line.strip() and not line.startswith("#")]
     return {key: value for key, _, value in entries}
 
@@ -71,7 +71,7 @@ def test_shipped_keys_are_placeholders_that_neither_process_accepts() -> None:
 
 
 def test_only_the_transceivers_get_the_client_secret_keys() -> None:
-    built = run(str(BIN / "kubectl"), "kustomize", str(ROOT / "k8s"))
+    built = run(str(BIN / "kubectl"), "kustomize", str(ROOT / "k8s" / "base"))
     docs = [d for d in yaml.safe_load_all(built.stdout) if d]
     secrets = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "Secret"}
     holders = {}

@@ -58,7 +58,7 @@ def docs() -> list[Doc]:
 
 @pytest.fixture(scope="module")
 def base() -> list[Doc]:
-    return documents(kustomize(ROOT / "k8s"))
+    return documents(kustomize(ROOT / "k8s" / "base"))
 
 
 def one(docs: list[Doc], kind: str, name: str) -> Doc:
@@ -249,7 +249,7 @@ def test_the_relay_under_test_knows_the_lab_transceiver(
     assert flag(args(container(docs, MASTER)), "--transceiver") == lab_address
     relay = container(patched_relay(base, tmp_path), "relay")
     (listed,) = [e["value"] for e in relay["env"] if e["name"] == "RELAY_TRANSCEIVERS"]
-    shipped = env_file(ROOT / "k8s" / "voicerelay.env")["RELAY_TRANSCEIVERS"]
+    shipped = env_file(ROOT / "k8s" / "base" / "voicerelay.env")["RELAY_TRANSCEIVERS"]
     assert listed.split(",") == [*shipped.split(","), lab_address]
 
 
