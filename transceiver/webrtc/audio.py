@@ -4,10 +4,13 @@ I/O layer (aiortc tracks, av frames). No per-sample Python: numpy picks the firs
 soxr resamples.
 
 - :func:`pump_input` reads the client's decoded audio (aiortc's Opus decoder gives 48 kHz s16
-  stereo) and pushes 16-bit mono PCM at the engine's input rate.
+  stereo) and pushes 16-bit mono PCM at the engine's input rate; a track that decodes to PCM
+  itself (a :class:`PcmSource`: the lean media path's) pushes straight to it instead.
 - :class:`AgentVoiceTrack` is the outgoing track: one 20 ms frame per 20 ms of the loop clock,
   the engine's frames while an answer plays and silence otherwise; :meth:`clear` drops what is
   queued at once (barge-in). It notes when each response's first frame left for the encoder.
+  The lean media path's tick takes its frames with :meth:`AgentVoiceTrack.take` instead of
+  ``recv`` (nothing while no answer plays), with the same bookkeeping.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import asyncio
 import fractions
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import soxr
@@ -51,10 +54,22 @@ class InputResampler:
         return bytes(self._stream.resample_chunk(mono).tobytes())
 
 
+@runtime_checkable
+class PcmSource(Protocol):
+    """A track that decodes to mono PCM itself (``lean_media.LeanInputTrack``)."""
+
+    async def feed_pcm(self, push: Callable[[bytes], None], rate_hz: int) -> None:
+        """Push mono PCM at ``rate_hz`` to ``push`` until the track ends."""
+        ...
+
+
 async def pump_input(
     track: MediaStreamTrack, push: Callable[[bytes], None], output_rate_hz: int
 ) -> None:
     """Until the track ends: every decoded frame, as mono PCM at ``output_rate_hz``."""
+    if isinstance(track, PcmSource):
+        await track.feed_pcm(push, output_rate_hz)
+        return
     resampler = InputResampler(output_rate_hz)
     async for frame in audio_frames(track):
         push(resampler.convert(frame))
@@ -125,8 +140,13 @@ class AgentVoiceTrack(MediaStreamTrack):
             self._start_s = now_s - self._sent_samples / self.sample_rate_hz
 
     def _next_pcm(self) -> bytes:
+        pcm = self.take()
+        return self._silence if pcm is None else pcm
+
+    def take(self) -> bytes | None:
+        """The next queued frame, now, counted as played; None while nothing is queued."""
         if not self._queue:
-            return self._silence
+            return None
         response_id, pcm = self._queue.popleft()
         if response_id not in self.first_frame_sent_s:
             self._remember_first_frame(response_id)
