@@ -9,8 +9,8 @@ in Redis). The modules here: ``__main__`` (the lifecycle: load config, bind, ser
 (their restart policy).
 
 It imports the relay's wire contract (``relay.wire``), never the relay's I/O modules, and the
-pipeline. The aioice/aiortc internals it touches are confined to ``webrtc.ice`` and
-``webrtc.rtp_tuning``.
+pipeline. The aioice/aiortc internals it touches are confined to ``webrtc.ice``,
+``webrtc.rtp_tuning`` and ``webrtc.lean_media``.
 
 May import: relay.wire, pipeline
 Pure: config, restarts

@@ -3,7 +3,8 @@
 ``link`` is the one UDP socket a process shares with the relays (demux by client address, keyed
 HELLO, routes); ``ice`` confines the aioice hooks; ``sdp`` rewrites answers to carry the relay's
 candidate; ``calls`` owns every call, its admission and its watcher; ``audio`` bridges Opus and
-PCM in 20 ms frames; ``rtp_tuning`` holds the aiortc tunings; ``echo`` is the diagnostic agent;
+PCM in 20 ms frames; ``rtp_tuning`` holds the aiortc tunings; ``lean_media`` carries a call's
+audio itself once DTLS is up (``TRANSCEIVER_MEDIA_PATH=lean``); ``echo`` is the diagnostic agent;
 ``link_policy`` holds the link's timings and bounds as data.
 A call runs an agent given to it (the Realtime session, or echo): this package knows no agent,
 no Redis and no Realtime event.
