@@ -102,7 +102,7 @@ def _calls(
 ) -> Calls:
     relayed = ice.RelayedIce(link, config.keyring, config.public)
     limits = CallLimits(config.capacity, config.connect_timeout_s)
-    return Calls(relayed, limits, registry, agents.factory)
+    return Calls(relayed, limits, registry, agents.factory, config.media_path)
 
 
 async def _serve(

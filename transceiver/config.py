@@ -30,6 +30,7 @@ Address = tuple[str, int]
 N = TypeVar("N", int, float)
 ENV_PREFIX = "TRANSCEIVER_"
 AGENTS = ("pipeline", "echo")
+MEDIA_PATHS = ("aiortc", "lean")  # transceiver.webrtc.calls.MEDIA_PATHS (tests hold them equal)
 
 # name -> (default, help). Names are the flag without "--" and the variable without the prefix.
 _SETTINGS: dict[str, tuple[str | None, str]] = {
@@ -44,6 +45,12 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
         "pipeline",
         "what each session runs: pipeline (the voice agent; PIPELINE_* variables configure it) "
         "or echo (plays the caller's audio back, diagnostics)",
+    ),
+    "media_path": (
+        "aiortc",
+        "what carries a call's audio once DTLS is up: aiortc (its RTP tasks, codec threads and "
+        "jitter buffer) or lean (transceiver.webrtc.lean_media: one shared 20 ms tick, inline "
+        "Opus with FEC/PLC, minimal RTCP)",
     ),
     "lease_s": ("6", "a session's Redis lease; a killed owner's sessions lapse after it"),
     "health_interval_s": ("1", "seconds between Redis pings and catch-up passes"),
@@ -81,6 +88,7 @@ class TransceiverConfig:
     connect_timeout_s: float
     drain_timeout_s: float
     agent: str
+    media_path: str = "aiortc"
     survival: SurvivalPolicy = field(default_factory=SurvivalPolicy)
     link_policy: LinkPolicy = field(default_factory=LinkPolicy)
     realtime: RealtimeLimits = field(default_factory=RealtimeLimits)
@@ -113,6 +121,7 @@ class TransceiverConfig:
             connect_timeout_s=_number(values, "connect_timeout_s", float, minimum=0.1),
             drain_timeout_s=_number(values, "drain_timeout_s", float, minimum=0.0),
             agent=_agent(_required(values, "agent")),
+            media_path=_media_path(values.get("media_path") or "aiortc"),
             survival=_survival(values),
             link_policy=_link_policy(values),
             realtime=_realtime(values),
@@ -200,6 +209,13 @@ def _keyring(spec: str) -> Keyring:
 def _agent(name: str) -> str:
     if name not in AGENTS:
         raise ConfigError(f"{ENV_PREFIX}AGENT={name!r} is not one of {', '.join(AGENTS)}")
+    return name
+
+
+def _media_path(name: str) -> str:
+    name = name.strip()
+    if name not in MEDIA_PATHS:
+        raise ConfigError(f"{ENV_PREFIX}MEDIA_PATH={name!r} is not one of {', '.join(MEDIA_PATHS)}")
     return name
 
 

@@ -22,6 +22,10 @@ Drain (SIGTERM): admission stops at once; every agent that can ``hand_over`` (th
 agent) finishes its running turn, stores it and tells its client to reconnect elsewhere; the
 calls then end as their clients leave, or at the drain timeout.
 
+Media path (``media_path``, per process): ``aiortc`` (its RTP tasks, codec threads and jitter
+buffer carry the audio) or ``lean`` (``lean_media``: once DTLS is up, one shared tick and inline
+Opus carry every call's audio; the agent gets a ``LeanInputTrack`` as the caller's audio).
+
 The metric names (``transceiver_sessions…``) predate the name ``Calls`` and are kept.
 """
 
@@ -42,6 +46,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from transceiver.background import report_crash
 from transceiver.webrtc.ice import RelayedIce, relayed_through
+from transceiver.webrtc.lean_media import LeanInputTrack, LeanMedia
 from transceiver.webrtc.rtp_tuning import lower_audio_prefetch
 from transceiver.webrtc.sdp import answer_with_candidates
 
@@ -59,6 +64,7 @@ NEGOTIATION_ERRORS = (
 FAILURE_REASONS = frozenset(
     {"rejected", "error", "connect_timeout", "failed", "invalid_session", "crashed"}
 )
+MEDIA_PATHS = ("aiortc", "lean")
 
 
 @dataclass(frozen=True)
@@ -170,10 +176,14 @@ class Calls:
         limits: CallLimits,
         registry: CollectorRegistry,
         agents: AgentFactory,
+        media_path: str = "aiortc",
     ) -> None:
+        if media_path not in MEDIA_PATHS:
+            raise ValueError(f"media path {media_path!r} is not one of {', '.join(MEDIA_PATHS)}")
         self._relayed = relayed
         self._limits = limits
         self._agents = agents
+        self.lean_media = LeanMedia() if media_path == "lean" else None
         self._metrics = CallMetrics(registry)
         self._calls: dict[str, Call] = {}
         self._reserved = 0  # slots held by calls being set up
@@ -279,13 +289,23 @@ class Calls:
         with relayed_through(self._relayed):
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             for track in tracks:
-                if track.kind == "audio" and (voice := agent.attach_audio(track)) is not None:
-                    pc.addTrack(voice)
+                if track.kind == "audio":
+                    self._attach_audio(pc, agent, track)
             for receiver in pc.getReceivers():
                 if receiver.track is not None and receiver.track.kind == "audio":
                     lower_audio_prefetch(receiver)
             await pc.setLocalDescription(await pc.createAnswer())
         return answer_with_candidates(pc.localDescription.sdp, self._relayed.public)
+
+    def _attach_audio(self, pc: RTCPeerConnection, agent: CallAgent, track: Any) -> None:
+        lean = self.lean_media
+        heard = track if lean is None else LeanInputTrack()
+        voice = agent.attach_audio(heard)
+        if voice is not None:
+            pc.addTrack(voice)
+        if lean is not None:
+            transceiver = next(t for t in pc.getTransceivers() if t.receiver.track is track)
+            lean.take_over(transceiver, heard, voice)
 
     def _state_changed(self, call: Call) -> None:
         state = call.pc.connectionState
@@ -380,3 +400,5 @@ class Calls:
             task.cancel()
         if self._watchers:
             await asyncio.wait(list(self._watchers))
+        if self.lean_media is not None:
+            await self.lean_media.aclose()
