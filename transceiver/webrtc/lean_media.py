@@ -17,9 +17,9 @@ Inbound, per datagram, straight from the nominated aioice ``StunProtocol.datagra
 transport's own pylibsrtp session (``_rx_srtp``), the RTP header read (:func:`parse_rtp`), the
 packet put in order by a small reorder window (:class:`Reorder`); a lost packet is rebuilt with
 Opus in-band FEC from the next one when it carries LBRR data, else concealed (Opus PLC); the
-payload is decoded inline by libopus (PyAV's bundled copy, through ctypes) straight at the
-consumer's rate and pushed to it: the same ``push`` that ``audio.pump_input`` feeds (see
-``audio.PcmSource``), or queued as frames for a ``recv()`` consumer (the echo agent).
+payload is decoded inline by libopus (PyAV's bundled copy, through ctypes) at 48 kHz, resampled
+by soxr to the consumer's rate and pushed to it: the same ``push`` that ``audio.pump_input``
+feeds (see ``audio.PcmSource``), or queued as frames for a ``recv()`` consumer (the echo agent).
 
 Outbound: one process-wide 20 ms loop timer (:class:`LeanMedia`) sends for every lean call: the
 next frame of the agent's voice (``AgentVoiceTrack.take``, whose bookkeeping of
@@ -31,9 +31,9 @@ has the marker bit. RTCP: every ~2 s an SR (an RR before anything was sent) with
 block for the caller's stream, plus SDES CNAME; inbound SR/RR give the round-trip time and the
 caller's reported loss, which sets the encoder's expected loss (its FEC).
 
-Why ctypes libopus and not PyAV's codec API (measured here, 2 vCPUs, load ~1.2): encode 76 vs
-102 us a frame, decode 25 us (at 16 kHz) vs 39 us (48 kHz, still to be resampled); and PyAV
-offers no FEC decode.
+Why ctypes libopus and not PyAV's codec API (measured here, 2 vCPUs, load ~1.2, a µ-benchmark
+of 2 000 frames): encode 76 vs 102 us a frame, decode 25 us (16 kHz out) vs 39 us (48 kHz out);
+PyAV builds a frame object per packet and offers no FEC decode.
 
 Not carried: NACK/RTX, BWE, jitter-buffer playout, header extensions other than MID,
 renegotiation (the first parameters stay), more than one audio track. A bug here is logged
@@ -771,10 +771,12 @@ class LeanCall:
             self._deliver(pcm)
 
     def _new_decoder(self, rate_hz: int) -> OpusDecoder:
-        decoder_rate = rate_hz if rate_hz in OPUS_RATES_HZ else RTP_CLOCK_HZ
-        if decoder_rate != rate_hz:
-            self._resampler = soxr.ResampleStream(decoder_rate, rate_hz, 1, dtype="int16")
-        self._decoder = OpusDecoder(decoder_rate)
+        # At 48 kHz, then soxr, as aiortc's path does (``audio.InputResampler``): libopus
+        # decoding straight at 16 kHz is cheaper, but pocketsphinx heard "moment" for "moon"
+        # in it, twice, in the Chromium and Agents SDK tests (48 kHz + soxr: "moon", both).
+        if rate_hz != RTP_CLOCK_HZ:
+            self._resampler = soxr.ResampleStream(RTP_CLOCK_HZ, rate_hz, 1, dtype="int16")
+        self._decoder = OpusDecoder(RTP_CLOCK_HZ)
         return self._decoder
 
     def _deliver(self, pcm: bytes | None) -> None:
