@@ -131,32 +131,42 @@ async def spoken_questions(texts: Sequence[str] = QUESTIONS) -> Questions:
 
 
 class Metronome:
-    """A 20 ms tick shared by every call's track: one timer wakes the loop for all of them."""
+    """A 20 ms tick shared by every call's track: one timer wakes the loop for all of them.
+
+    Each waiter gets a future of its own: a call's sender task cancelled while it waits (its
+    peer connection closing) cancels that future only. (One future shared by all would be
+    cancelled with it, and every other call's sender would end on that CancelledError: aiortc
+    takes it as its own stop, silently.)"""
 
     def __init__(self) -> None:
-        self._tick: asyncio.Future[float] | None = None
+        self._waiters: list[asyncio.Future[float]] = []
         self._handle: asyncio.TimerHandle | None = None
         self._next_s = 0.0
 
     def next_tick(self) -> asyncio.Future[float]:
         """A future resolved (with the loop time) at the next tick."""
-        if self._tick is None:
-            loop = asyncio.get_running_loop()
-            self._tick = loop.create_future()
+        loop = asyncio.get_running_loop()
+        if self._handle is None:
             self._next_s = max(self._next_s + FRAME_S, loop.time())
             self._handle = loop.call_at(self._next_s, self._fire)
-        return self._tick
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        return waiter
 
     def _fire(self) -> None:
-        tick, self._tick = self._tick, None  # the next recv() asks for a new one
-        if tick is not None and not tick.done():
-            tick.set_result(asyncio.get_running_loop().time())
+        waiters, self._waiters, self._handle = self._waiters, [], None  # the next ask re-arms
+        now_s = asyncio.get_running_loop().time()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(now_s)
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
-        if self._tick is not None and not self._tick.done():
-            self._tick.cancel()
+            self._handle = None
+        for waiter in self._waiters:
+            waiter.cancel()
+        self._waiters = []
 
 
 class OpusSpeechTrack(MediaStreamTrack):

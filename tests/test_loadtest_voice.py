@@ -5,6 +5,7 @@ with transcripts, the report and Locust's CSV written), never timings."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import subprocess
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from loadtest.voice_calls import Metronome
 from loadtest.voice_report import Hist, Knee, KneePlan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,3 +96,16 @@ def test_a_failure_ends_the_steps() -> None:
     _step(knee, 5.0, [400], failures=1)
     assert knee.tick(10.0, 1) is None
     assert knee.knee is None and knee.steps[0]["failures"] == 1
+
+
+async def test_a_track_that_stops_waiting_leaves_the_others_their_tick() -> None:
+    """A call's sender cancelled while it waits (its connection closing) must not cancel the
+    tick every other call's track waits on."""
+    metronome = Metronome()
+    try:
+        leaving, staying = metronome.next_tick(), metronome.next_tick()
+        leaving.cancel()
+        async with asyncio.timeout(1.0):
+            assert isinstance(await staying, float)
+    finally:
+        metronome.close()
