@@ -1,11 +1,11 @@
 """voicerelay relay: a stateless UDP forwarder that routes WebRTC by the signed ICE ufrag.
 
-Layers: protocol (``wire``, the contract with the transceivers; ``routing``, ``counters``:
-pure, no sockets or asyncio), I/O (``worker``, ``supervisor``, ``http``, ``route_lookup``,
-``restarts``: sockets, processes, uvloop, Redis) and policy (``config``; ``timing``, its
-timings as data). Nothing here imports
+Layers: protocol (``wire``, the contract with the transceivers; ``routing``, ``counters``,
+``transceivers``: pure, no sockets or asyncio), I/O (``worker``, ``supervisor``, ``http``,
+``route_lookup``, ``discovery``, ``restarts``: sockets, processes, uvloop, DNS, Redis) and
+policy (``config``; ``timing``, its timings as data). Nothing here imports
 the transceiver or the pipeline.
 
 May import: (nothing of ours)
-Pure: routing, counters, timing
+Pure: routing, counters, timing, transceivers
 """

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import socket
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -39,6 +39,8 @@ class RelayConfig:
     internal_host: str
     internal_port: int
     workers: int
+    # As configured: IP literals (normalised) and DNS names, looked up by each worker at run time
+    # (relay.discovery, relay.transceivers); never resolved here.
     transceivers: tuple[Address, ...]
     keys: Keyring
     http: Address
@@ -59,7 +61,11 @@ _FIELDS: dict[str, tuple[str | None, str]] = {
     "INTERNAL_HOST": ("127.0.0.1", "host the workers' link sockets bind"),
     "INTERNAL_PORT": ("0", "base link port: worker i binds base+i (0 = ephemeral)"),
     "WORKERS": (str(os.cpu_count() or 1), "worker processes"),
-    "TRANSCEIVERS": (None, "comma list of transceiver link addresses host:port"),
+    "TRANSCEIVERS": (
+        None,
+        "comma list of transceiver link addresses host:port; a host may be a DNS name (a "
+        "headless Service: one address per pod), looked up again every TRANSCEIVERS_REFRESH_S",
+    ),
     "KEYS": (None, 'keyring "ID:HEX[,ID:HEX]" (32+ random bytes each), first = current'),
     "HTTP": ("127.0.0.1:9100", "host:port serving /metrics /livez /readyz"),
     "ROUTE_IDLE_S": ("30", "seconds before an idle route is forgotten"),
@@ -83,6 +89,15 @@ _FIELDS: dict[str, tuple[str | None, str]] = {
     "STOP_TIMEOUT_S": (str(_TIMING.stop_timeout_s), "at exit, SIGKILL workers after this"),
     "WATCH_INTERVAL_S": (str(_TIMING.watch_interval_s), "poll of workers starting, stopping"),
     "RESPAWN_PAUSE_S": (str(_TIMING.respawn_pause_s), "poll of dead workers to replace"),
+    "TRANSCEIVERS_REFRESH_S": (
+        str(_TIMING.transceivers_refresh_s),
+        "seconds between lookups of the RELAY_TRANSCEIVERS names",
+    ),
+    "TRANSCEIVERS_GRACE_S": (
+        str(_TIMING.transceivers_grace_s),
+        "seconds an address no lookup names any more stays a transceiver (and longer while a "
+        "route points to it)",
+    ),
     "RESTART_FIRST_S": (str(_PAUSES.first_s), "first pause before a crashed task restarts"),
     "RESTART_MAX_S": (str(_PAUSES.max_s), "longest pause before a crashed task restarts"),
     "RESTART_HEALTHY_AFTER_S": (str(_PAUSES.healthy_after_s), "a run this long resets it"),
@@ -124,31 +139,31 @@ def _port(text: str, name: str, whole: str) -> int:
     return int(text)
 
 
-def resolve_address(text: str, name: str, family: int) -> Address:
-    """``host:port`` where host may be a DNS name (a StatefulSet pod's, say), resolved once.
+# A DNS name as RFC 1123 allows it (letters, digits, hyphens; dot-separated labels of at most
+# 63), with a trailing dot for an absolute name; underscores too, as some resolvers serve them.
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}\.?$)(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?"
+)
 
-    Resolved at start only: a transceiver that comes back with a new IP needs a relay restart
-    (or a relay that registers transceivers dynamically, which is not built yet).
-    """
-    host, sep, port_text = text.strip().rpartition(":")
+
+def transceiver_address(text: str, name: str) -> Address:
+    """``host:port`` where host is an IP literal or a DNS name (a headless Service's, say),
+    kept as written: each relay worker looks names up at run time (``relay.discovery``)."""
     try:
         return parse_address(text, name)
     except ConfigError:
+        host, sep, port_text = text.strip().rpartition(":")
         if not sep or not host or host.startswith("["):
             raise
-    port = _port(port_text, name, text)
-    inet = socket.AF_INET if family == 4 else socket.AF_INET6
-    try:
-        found = socket.getaddrinfo(host, port, inet, socket.SOCK_DGRAM)
-    except OSError as error:
-        raise ConfigError(f"{name}: cannot resolve {host!r}: {error}") from None
-    return str(found[0][4][0]), port
+    if _HOST_NAME.fullmatch(host) is None:
+        raise ConfigError(f"{name}: {host!r} is neither an IP address nor a DNS name")
+    return host.lower(), _port(port_text, name, text)
 
 
-def _address_list(text: str, name: str, family: int = 0) -> tuple[Address, ...]:
+def _address_list(text: str, name: str, named: bool = False) -> tuple[Address, ...]:
     items = [p for p in text.split(",") if p.strip()]
-    if family:
-        addresses = tuple(resolve_address(p, name, family) for p in items)
+    if named:
+        addresses = tuple(transceiver_address(p, name) for p in items)
     else:
         addresses = tuple(parse_address(p, name) for p in items)
     if not addresses:
@@ -170,6 +185,14 @@ def _family(host: str) -> int:
     return ipaddress.ip_address(host).version
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _build(values: Mapping[str, str]) -> RelayConfig:
     public = _address_list(values["PUBLIC"], "RELAY_PUBLIC")
     if any(port == 0 for _, port in public):
@@ -177,11 +200,10 @@ def _build(values: Mapping[str, str]) -> RelayConfig:
             "RELAY_PUBLIC: every public address needs a fixed port (workers share it)"
         )
     internal_host = parse_address(values["INTERNAL_HOST"] + ":0", "RELAY_INTERNAL_HOST")[0]
-    transceivers = _address_list(
-        values["TRANSCEIVERS"], "RELAY_TRANSCEIVERS", _family(internal_host)
-    )
+    transceivers = _address_list(values["TRANSCEIVERS"], "RELAY_TRANSCEIVERS", named=True)
     for host, port in transceivers:
-        if _family(host) != _family(internal_host) or port == 0:
+        family = _family(host) if _is_ip(host) else _family(internal_host)  # names: looked up so
+        if family != _family(internal_host) or port == 0:
             raise ConfigError(
                 f"RELAY_TRANSCEIVERS: {host}:{port} is not reachable from a link socket on "
                 f"RELAY_INTERNAL_HOST {internal_host} (same IP family and a nonzero port needed)"
@@ -231,6 +253,8 @@ def _timing(values: Mapping[str, str]) -> RelayTiming:
         stop_timeout_s=_seconds(values, "STOP_TIMEOUT_S"),
         watch_interval_s=_seconds(values, "WATCH_INTERVAL_S"),
         respawn_pause_s=_seconds(values, "RESPAWN_PAUSE_S"),
+        transceivers_refresh_s=_seconds(values, "TRANSCEIVERS_REFRESH_S"),
+        transceivers_grace_s=_seconds(values, "TRANSCEIVERS_GRACE_S"),
         restarts=pauses,
     )
 

@@ -51,8 +51,14 @@ ROUTE_CACHE_QUEUE_FULL = 14  # lookups not even queued (queue at its cap)
 ROUTES_FROM_CACHE = 15  # routes installed from a cache hit
 ROUTE_LOOKUP_CRASHES = 16  # the route-cache lookup task crashed (it is restarted)
 TICKER_CRASHES = 17  # the worker's ticker crashed (it is restarted)
-DROPS = 18  # DROP_REASONS follow, in order
+TRANSCEIVERS = 18  # a gauge: transceiver addresses this worker forwards to (relay.transceivers)
+NAMES_UNRESOLVED = 19  # a gauge: RELAY_TRANSCEIVERS names whose last lookup failed
+LOOKUPS_FAILED = 20  # lookups of those names that failed
+TRANSCEIVERS_ADDED = 21  # addresses that became transceivers after the worker started
+TRANSCEIVERS_REMOVED = 22  # addresses removed (gone from every answer, grace over, no route)
+DISCOVERY_CRASHES = 23  # the lookup task crashed (it is restarted)
+DROPS = 24  # DROP_REASONS follow, in order
 ROW = DROPS + len(DROP_REASONS)
 
 # Slots that are gauges, not counters: not carried over when a worker is replaced.
-GAUGES = (READY, ROUTES)
+GAUGES = (READY, ROUTES, TRANSCEIVERS, NAMES_UNRESOLVED)

@@ -50,10 +50,8 @@ class RelayCollector(Collector):
         for i, reason in enumerate(c.DROP_REASONS):
             drops.add_metric([reason], totals[c.DROPS + i])
         yield drops
-        routes = GaugeMetricFamily("relay_routes", "Route table entries", labels=["worker"])
-        for index, row in enumerate(rows):
-            routes.add_metric([str(index)], row[c.ROUTES])
-        yield routes
+        yield _per_worker("relay_routes", "Route table entries", rows, c.ROUTES)
+        yield from _transceivers(totals, rows)
         yield _counter("relay_routes_learned", "Routes learned", totals[c.ROUTES_LEARNED])
         yield _counter("relay_hellos_sent", "HELLO messages sent", totals[c.HELLOS_SENT])
         yield _counter("relay_control_received", "Control messages", totals[c.CONTROL_RECEIVED])
@@ -70,6 +68,39 @@ class RelayCollector(Collector):
         yield _counter("relay_worker_restarts", "Workers restarted after dying", restarts)
         yield _task_crashes(totals)
         yield GaugeMetricFamily("relay_workers_alive", "Worker processes alive", value=alive)
+
+
+def _per_worker(name: str, text: str, rows: Sequence[Sequence[int]], slot: int) -> Metric:
+    family = GaugeMetricFamily(name, text, labels=["worker"])
+    for index, row in enumerate(rows):
+        family.add_metric([str(index)], row[slot])
+    return family
+
+
+def _transceivers(totals: Sequence[int], rows: Sequence[Sequence[int]]) -> Iterator[Metric]:
+    """What each worker knows of RELAY_TRANSCEIVERS (relay.discovery, relay.transceivers)."""
+    yield _per_worker(
+        "relay_transceivers", "Transceiver addresses a worker forwards to", rows, c.TRANSCEIVERS
+    )
+    yield _per_worker(
+        "relay_transceiver_names_unresolved",
+        "RELAY_TRANSCEIVERS names whose last lookup failed (their last answer stands)",
+        rows,
+        c.NAMES_UNRESOLVED,
+    )
+    yield _counter(
+        "relay_transceiver_lookup_failures",
+        "Lookups of RELAY_TRANSCEIVERS names that failed, over all workers",
+        totals[c.LOOKUPS_FAILED],
+    )
+    changes = CounterMetricFamily(
+        "relay_transceiver_changes",
+        "Transceiver addresses added to or removed from a worker's set, over all workers",
+        labels=["change"],
+    )
+    changes.add_metric(["added"], totals[c.TRANSCEIVERS_ADDED])
+    changes.add_metric(["removed"], totals[c.TRANSCEIVERS_REMOVED])
+    yield changes
 
 
 def _directional(name: str, text: str, totals: Sequence[int], offset: int) -> Metric:
@@ -101,6 +132,7 @@ def _task_crashes(totals: Sequence[int]) -> Metric:
     for task, slot in (
         ("route cache lookups", c.ROUTE_LOOKUP_CRASHES),
         ("ticker", c.TICKER_CRASHES),
+        ("transceiver discovery", c.DISCOVERY_CRASHES),
     ):
         family.add_metric([task], totals[slot])
     return family
@@ -111,12 +143,19 @@ def _counter(name: str, text: str, value: int) -> Metric:
 
 
 class HttpEndpoints:
-    """Maps a path to a response; ``ready`` says whether /readyz is 200."""
+    """Maps a path to a response; ``ready`` says whether /readyz is 200 and ``status`` (when
+    given) what its body says, either way."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot], ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        ready: Callable[[], bool],
+        status: Callable[[], str] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(RelayCollector(snapshot))
         self.ready = ready
+        self.status = status
 
     def respond(self, method: str, path: str) -> Response:
         if method not in ("GET", "HEAD"):
@@ -127,11 +166,11 @@ class HttpEndpoints:
         if path == "/livez":
             return 200, "text/plain", b"ok\n"
         if path == "/readyz":
-            return (
-                (200, "text/plain", b"ready\n")
-                if self.ready()
-                else (503, "text/plain", b"not ready\n")
-            )
+            ready = self.ready()
+            said = "ready" if ready else "not ready"
+            if self.status is not None:
+                said = self.status()
+            return (200 if ready else 503), "text/plain", f"{said}\n".encode()
         return 404, "text/plain", b"not found: try /metrics, /livez, /readyz\n"
 
 

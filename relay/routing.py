@@ -8,9 +8,10 @@ everything else; ``Router.on_public`` also handles the hot path so the rules can
 
 Learning rules (DESIGN.md, relay section):
 - a binding request from an unknown address whose USERNAME carries our ufrag with a valid MAC,
-  naming a configured transceiver, with a MESSAGE-INTEGRITY valid under the derived password;
-- ROUTES from a configured transceiver (restart recovery);
-- a configured transceiver's outbound DTLS/SRTP to an address without a route.
+  naming a known transceiver (``Router.transceivers``, kept by ``relay.transceivers``), with a
+  MESSAGE-INTEGRITY valid under the derived password;
+- ROUTES from a known transceiver (restart recovery);
+- a known transceiver's outbound DTLS/SRTP to an address without a route.
 A live route pointing to another transceiver is never overwritten.
 """
 
@@ -79,6 +80,8 @@ _DROPS = {reason: Drop(reason) for reason in DROP_REASONS}
 
 
 UNKNOWN_ADDRESS = _DROPS["unknown_address"]
+# A signed ufrag naming a transceiver this worker does not know (yet: a new pod, say).
+UNKNOWN_TRANSCEIVER = _DROPS["unknown_transceiver"]
 
 
 def needs_route_lookup(action: Action, data: bytes) -> bool:
@@ -189,14 +192,21 @@ class Router:
         rate_limit: StunRateLimit,
     ) -> None:
         self.keyring = keyring
-        self.transceivers = frozenset(normalize_address(t) for t in transceivers)
-        # The link socket reports IPv6 peers as 4-tuples; accept both spellings.
-        self.link_sources = self.transceivers | {(h, p, 0, 0) for h, p in self.transceivers}
+        self.transceivers: frozenset[Address] = frozenset()
+        self.link_sources: frozenset[ClientKey] = frozenset()
+        self.set_transceivers(transceivers)
         self.family_socket: dict[int, int] = {}
         for index, family in enumerate(public_families):
             self.family_socket.setdefault(family, index)
         self.routes = routes
         self.rate_limit = rate_limit
+
+    def set_transceivers(self, transceivers: Iterable[Address]) -> None:
+        """The transceivers this worker forwards to and takes link datagrams from, as of now
+        (``relay.transceivers`` decides; routes are not touched)."""
+        self.transceivers = frozenset(normalize_address(t) for t in transceivers)
+        # The link socket reports IPv6 peers as 4-tuples; accept both spellings.
+        self.link_sources = self.transceivers | {(h, p, 0, 0) for h, p in self.transceivers}
 
     def on_public(self, data: bytes, source: ClientKey, socket_index: int, now: float) -> Action:
         """A datagram from a client arrived on public socket ``socket_index``."""
@@ -224,7 +234,7 @@ class Router:
         except UfragError as error:
             return Drop(f"bad_ufrag_{error.reason}")
         if link not in self.transceivers:
-            return _DROPS["unknown_transceiver"]
+            return UNKNOWN_TRANSCEIVER
         if not integrity_ok(data, request, password.encode("ascii")):
             return Drop("bad_ufrag_integrity")
         self.routes.learn(source, link, index, now)

@@ -59,10 +59,28 @@ class Supervisor:
         return sum(1 for p in self.processes if p is not None and p.is_alive())
 
     def ready(self) -> bool:
+        """Every worker alive with its sockets bound (what start waits for)."""
         return all(
             p is not None and p.is_alive() and self.shared[i * c.ROW + c.READY] == 1
             for i, p in enumerate(self.processes)
         )
+
+    def serving(self) -> bool:
+        """Ready, and every worker knows a transceiver to forward to: /readyz is 200."""
+        return self.ready() and all(
+            self.shared[i * c.ROW + c.TRANSCEIVERS] > 0 for i in range(self.config.workers)
+        )
+
+    def status(self) -> str:
+        """The body of /readyz: why not ready, or ready and what is missing."""
+        if not self.ready():
+            return "not ready: workers starting"
+        rows = range(self.config.workers)
+        unresolved = max(self.shared[i * c.ROW + c.NAMES_UNRESOLVED] for i in rows)
+        names = f"{unresolved} RELAY_TRANSCEIVERS name(s) do not resolve (asked again)"
+        if not self.serving():
+            return f"not ready: no transceiver address known yet; {names}"
+        return f"ready; {names}" if unresolved else "ready"
 
     def snapshot(self) -> Snapshot:
         rows = [self.row(i) for i in range(self.config.workers)]
@@ -134,7 +152,7 @@ async def run(config: RelayConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     supervisor = Supervisor(config)
-    endpoints = HttpEndpoints(supervisor.snapshot, supervisor.ready)
+    endpoints = HttpEndpoints(supervisor.snapshot, supervisor.serving, supervisor.status)
     try:
         server = await start_http(endpoints, *config.http)
     except OSError as error:

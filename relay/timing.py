@@ -52,6 +52,12 @@ class RelayTiming:
     stop_timeout_s: float = 5.0  # SIGTERM to SIGKILL for workers at exit
     watch_interval_s: float = 0.1  # supervisor's poll of worker exits while starting, stopping
     respawn_pause_s: float = 0.5  # supervisor's poll of worker deaths while serving
+    # RELAY_TRANSCEIVERS names (a headless Service, say) are looked up again this often, and
+    # sooner (at most once a second) when a client names a transceiver the worker does not know.
+    transceivers_refresh_s: float = 5.0
+    # An address no answer names any more stays a transceiver this long, and longer while a
+    # route of the worker still points to it (relay.transceivers explains why).
+    transceivers_grace_s: float = 60.0
     restarts: RestartPauses = field(default_factory=RestartPauses)
 
     def __post_init__(self) -> None:

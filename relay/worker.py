@@ -6,7 +6,9 @@ BlockingIOError): asyncio's DatagramProtocol costs one epoll round per datagram 
 0.34x of a C forwarder here, a plain loop ~0.6x (DESIGN.md). The hot paths are inlined and keep
 their lookups in local variables; everything else goes through ``relay.routing.Router``.
 Counters are plain ints, copied into the supervisor's shared array every
-``timing.publish_interval_s`` (``relay.timing``).
+``timing.publish_interval_s`` (``relay.timing``). Which transceivers the worker forwards to
+changes at run time when ``RELAY_TRANSCEIVERS`` names DNS names: ``relay.discovery`` looks them
+up on this loop and ``relay.transceivers`` decides; ``Worker.transceivers_changed`` applies it.
 """
 
 from __future__ import annotations
@@ -14,19 +16,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, MutableSequence
+from collections.abc import Callable, Iterable, MutableSequence
 
 from relay import counters as c
 from relay.config import RelayConfig
 from relay.counters import DROP_INDEX
+from relay.discovery import Resolve, TransceiverDiscovery, getaddrinfo_addresses
 from relay.restarts import run_restarting
 from relay.route_lookup import RouteLookups
 from relay.routing import (
+    UNKNOWN_TRANSCEIVER,
     Action,
     ClientKey,
     Control,
@@ -38,6 +43,7 @@ from relay.routing import (
     StunRateLimit,
     needs_route_lookup,
 )
+from relay.transceivers import Address, Change, TransceiverDirectory
 from relay.wire.header import HEADER_BYTES, MAX_LINK_DATAGRAM_BYTES, MAX_PAYLOAD_BYTES
 from relay.wire.hello import seal_hello
 
@@ -80,28 +86,55 @@ def _finish_socket(sock: socket.socket, host: str, port: int) -> socket.socket:
 class Worker:
     """Owns its sockets and its ticker task: ``start()`` binds and serves, ``aclose()`` stops."""
 
-    def __init__(self, config: RelayConfig, index: int, shared: MutableSequence[int]) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        index: int,
+        shared: MutableSequence[int],
+        resolve: Resolve = getaddrinfo_addresses,
+    ) -> None:
         self.config = config
         self.index = index
         self.shared = shared
         self.counts = [0] * c.ROW
         self.routes = RouteTable(config.route_idle_s)
+        self.directory = TransceiverDirectory(
+            config.transceivers, config.timing.transceivers_grace_s
+        )
         self.router = Router(
             config.keys,
-            config.transceivers,
+            self.directory.current,
             (6 if ":" in host else 4 for host, _ in config.public),
             self.routes,
             StunRateLimit(config.stun_rate, config.stun_burst),
         )
+        self.counts[c.TRANSCEIVERS] = len(self.directory.current)
+        self.counts[c.NAMES_UNRESOLVED] = len(self.directory.failing)
         self.public: list[socket.socket] = []
         self.link: socket.socket | None = None
         self.now_s = 0.0
         self._ticker: asyncio.Task[None] | None = None
+        self._discovery_task: asyncio.Task[None] | None = None
         self.wall_clock: Callable[[], float] = time.time  # HELLO timestamps compare across hosts
-        self.started_s = time.monotonic()  # HELLOs ask for ROUTES while the worker is new
+        self.started_s = time.monotonic()
+        # HELLOs ask a transceiver for its ROUTES while it is new to this worker
+        self.known_since = dict.fromkeys(self.router.transceivers, self.started_s)
         self.lookups: RouteLookups | None = None
         if config.redis is not None:
             self.lookups = RouteLookups(config.redis, self.router, self.counts, config.timing)
+        self.discovery: TransceiverDiscovery | None = None
+        if self.directory.names:
+            family = socket.AF_INET6 if ":" in config.internal_host else socket.AF_INET
+            self.discovery = TransceiverDiscovery(
+                self.directory,
+                family,
+                config.timing,
+                self.counts,
+                self.transceivers_changed,
+                self.links_in_use,
+                resolve,
+                f"relay worker {index}",
+            )
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -122,16 +155,46 @@ class Worker:
             run_restarting("ticker", self._tick, self._ticker_crashed, self.config.timing.restarts),
             name="ticker",
         )
+        if self.discovery is not None:
+            self._discovery_task = asyncio.create_task(
+                run_restarting(
+                    "transceiver discovery",
+                    self.discovery.run,
+                    self._discovery_crashed,
+                    self.config.timing.restarts,
+                ),
+                name="transceiver discovery",
+            )
 
     def _ticker_crashed(self) -> None:
         self.counts[c.TICKER_CRASHES] += 1
 
+    def _discovery_crashed(self) -> None:
+        self.counts[c.DISCOVERY_CRASHES] += 1
+
+    def links_in_use(self) -> set[Address]:
+        """The transceivers this worker's routes point to (asked only when one may go)."""
+        return {route.link for route in self.routes.inbound.values()}
+
+    def transceivers_changed(self, change: Change) -> None:
+        """Forward to (and take link datagrams from) the new set; HELLO each newcomer now, so
+        it takes this worker's datagrams from the first one."""
+        self.router.set_transceivers(self.directory.current)
+        now_s = time.monotonic()
+        for address in change.removed:
+            self.known_since.pop(address, None)
+        for address in change.added:
+            self.known_since[address] = now_s
+        self.send_hellos(change.added)
+        self.publish()
+
     async def aclose(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+        for task in (self._ticker, self._discovery_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.lookups is not None:
             await self.lookups.aclose()
         for sock in [*self.public, *([self.link] if self.link else [])]:
@@ -210,6 +273,8 @@ class Worker:
         action = self.router.on_public(data, source, number, now)
         if self.lookups is not None and needs_route_lookup(action, data):
             self.lookups.want(source, number, now)  # queues only: the answer comes later
+        elif action is UNKNOWN_TRANSCEIVER and self.discovery is not None:
+            self.discovery.wake()  # a transceiver the names may stand for by now
         self._execute(action)
 
     def _miss_link(self, data: bytes, source: ClientKey) -> None:
@@ -242,15 +307,18 @@ class Worker:
             return False
         return True
 
-    def send_hellos(self) -> None:
-        """Prove the keyring to every configured transceiver (it takes no data from this link
+    def send_hellos(self, transceivers: Iterable[Address] | None = None) -> None:
+        """Prove the keyring to every known transceiver (it takes no data from this link
         socket otherwise) and, with ``hello`` on, ask for its live routes (answered with
-        ROUTES) while the worker is new (``timing.routes_request_s``). One sealed HELLO per
-        transceiver: each names its addressee."""
+        ROUTES) while it is new to this worker (``timing.routes_request_s`` from the worker's
+        start, or from when a lookup first named it). One sealed HELLO per transceiver: each
+        names its addressee."""
         now_s = self.wall_clock()
-        new = time.monotonic() - self.started_s < self.config.timing.routes_request_s
-        want_routes = self.config.hello and new
-        for transceiver in self.config.transceivers:
+        monotonic_s = time.monotonic()
+        window_s = self.config.timing.routes_request_s
+        for transceiver in self.router.transceivers if transceivers is None else transceivers:
+            known_s = self.known_since.get(transceiver, self.started_s)
+            want_routes = self.config.hello and monotonic_s - known_s < window_s
             hello = seal_hello(self.config.keys, transceiver, now_s, want_routes)
             if self._send(self.link, hello, transceiver):  # type: ignore[arg-type]
                 self.counts[c.HELLOS_SENT] += 1
@@ -314,6 +382,7 @@ def run_worker(config: RelayConfig, index: int, shared: MutableSequence[int]) ->
     import uvloop
 
     _die_with_parent()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # Ctrl-C reaches the whole process group; the supervisor alone decides, then SIGTERMs us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     uvloop.run(_serve(config, index, shared))

@@ -73,10 +73,39 @@ def test_required(missing: str) -> None:
         load_config([], environ)
 
 
-def test_transceivers_may_be_named_by_host_name() -> None:
-    """Kubernetes names StatefulSet pods by DNS; /etc/hosts resolves localhost offline."""
-    config = load_config([], BASE | {"RELAY_TRANSCEIVERS": "localhost:7000,127.0.0.2:7001"})
-    assert config.transceivers == (("127.0.0.1", 7000), ("127.0.0.2", 7001))
+def test_transceivers_may_be_named_by_dns_names_kept_for_the_workers_to_look_up() -> None:
+    """A headless Service's name stands for every transceiver pod; the workers look names up
+    at run time (relay.discovery), so loading never resolves one and never fails on one that
+    does not resolve yet."""
+    environ = BASE | {
+        "RELAY_TRANSCEIVERS": "Transceiver.voicerelay.svc:7000,127.0.0.2:7001,nowhere.invalid:9"
+    }
+    config = load_config(["--transceivers-refresh-s", "2"], environ)
+    assert config.transceivers == (
+        ("transceiver.voicerelay.svc", 7000),
+        ("127.0.0.2", 7001),
+        ("nowhere.invalid", 9),
+    )
+    assert config.timing.transceivers_refresh_s == 2.0
+    assert config.timing.transceivers_grace_s == RelayTiming().transceivers_grace_s == 60.0
+    v6 = load_config(["--internal-host", "::1", "--transceivers", "localhost:7000"], BASE)
+    assert v6.transceivers == (("localhost", 7000),)  # looked up as IPv6 by the workers
+
+
+@pytest.mark.parametrize(
+    ("listed", "message"),
+    [
+        ("bad name:7000", "RELAY_TRANSCEIVERS: 'bad name' is neither an IP address nor a DNS"),
+        ("a..b:7000", "RELAY_TRANSCEIVERS: 'a..b' is neither an IP address nor a DNS name"),
+        ("-a.b:7000", "RELAY_TRANSCEIVERS: '-a.b' is neither an IP address nor a DNS name"),
+        ("name.svc:0", "RELAY_TRANSCEIVERS: name.svc:0 is not reachable"),
+        ("name.svc", "RELAY_TRANSCEIVERS: 'name.svc' is not host:port"),
+    ],
+)
+def test_names_that_can_never_resolve_are_refused_at_start(listed: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config([], BASE | {"RELAY_TRANSCEIVERS": listed})
+    assert str(caught.value).startswith(message)
 
 
 def test_public_addresses_must_stay_ip_literals() -> None:
