@@ -6,13 +6,17 @@ never imported by the test process (Locust patches the process with gevent on im
 - **Worker** (or a local runner): the calls run in one ``loadtest.voice_calls`` driver child
   per worker process (asyncio; see that module for why), spoken to in JSON lines. Call set-up
   and every turn are Locust requests (``CALL``/``setup``, ``TURN``/``turn``) and go into
-  HdrHistograms, shipped every report interval through ``report_to_master``.
+  HdrHistograms, shipped every report interval through ``report_to_master``; so is a call's
+  resume after its transceiver went away (``CALL``/``resume``, the silence noticed ->
+  ``session.created``), whose row goes into the totals whole.
 - **Master**: merges them (``worker_report``), samples the server's processes from /proc
   (``--voice-server-pids name=pid,...``: CPU cores and RSS of each process tree), keeps a
   time series and drives ``VoiceShape``: a fixed number of calls, one long call, or the knee
   (steps of sessions until turn p95 passes ``--voice-threshold`` x the one-call figure or
   anything fails). From ``test_stopping`` it asks every worker for its last figures and
-  writes the report (``--voice-report``).
+  writes the report (``--voice-report``). Beside it, it writes ``started.json`` when the test
+  starts, and reads ``fault.json`` (the transceiver the scenario killed) for the report's
+  ``faults``.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from loadtest.voice_report import (
 FLUSH_TIMEOUT_S = 10.0
 SAMPLE_S = 3.0
 CALL_WAIT_S = 24 * 3600.0  # a call is bounded by the run, and by the driver's own timeouts
+STARTED_FILE = "started.json"  # beside the report: when the test started (a fault counts from it)
+FAULT_FILE = "fault.json"  # beside the report: the transceiver the scenario killed, if any
 
 
 def _options(parser: Any) -> None:
@@ -63,6 +69,9 @@ def _options(parser: Any) -> None:
     group.add_argument("--voice-server-pids", default="", help="name=pid,... on this host")
     group.add_argument("--voice-report", default="", help="the report JSON to write")
     group.add_argument("--voice-config", default="{}", help="JSON echoed in the report")
+    group.add_argument(
+        "--voice-silence-s", type=float, default=1.0, help="no media this long: resume (0: never)"
+    )
 
 
 # --- worker side: the driver child and the figures it produces -------------------------------
@@ -76,6 +85,7 @@ class DriverLink:
         options = options_of(environment)
         argv = [sys.executable, "-m", "loadtest.voice_calls", "--url", options.voice_url]
         argv += ["--questions", options.voice_questions] if options.voice_questions else []
+        argv += ["--silence-s", str(options.voice_silence_s)]
         if options.voice_long_call:
             argv += ["--server-pids", _pids_text(options.voice_server_pids, "transceiver")]
         self.process = subprocess.Popen(
@@ -113,6 +123,12 @@ class DriverLink:
         if event["ok"]:
             self.hist.turn.record(ms)
         _fire(self.environment, "TURN", "turn", ms, event)
+
+    def _on_resume(self, event: dict[str, Any]) -> None:
+        self.totals.resume(event)
+        created, detected = event.get("created_unix_s"), event["detected_unix_s"]
+        ms = 1000 * (created - detected) if created is not None else 0.0  # noticed -> created
+        _fire(self.environment, "CALL", "resume", ms, event)
 
     def _on_ended(self, event: dict[str, Any]) -> None:
         started = self.started_s.pop(event["id"], None)
@@ -289,7 +305,10 @@ class Master:
         snapshots = list({**self.workers, **self.finals}.values())
         config = json.loads(options.voice_config)
         knee = self.knee if options.voice_knee else None
-        report = build_report(config, self.hist, self.totals(), snapshots, self.series, knee)
+        fault_path = Path(options.voice_report).with_name(FAULT_FILE)
+        fault = json.loads(fault_path.read_text()) if fault_path.exists() else None
+        totals = self.totals()
+        report = build_report(config, self.hist, totals, snapshots, self.series, knee, fault)
         report["config"]["final_from_workers"] = f"{len(self.finals)}/{len(self.workers)}"
         path = Path(options.voice_report)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -320,6 +339,17 @@ def _init(environment: Environment, **_: Any) -> None:
     _master = Master(environment)
     if isinstance(runner, MasterRunner):
         runner.register_message("voice_final", _on_final)
+
+
+def _test_start(environment: Environment, **_: Any) -> None:
+    """The master notes when the test started, beside the report: the scenario's fault is
+    timed from this moment."""
+    options = options_of(environment)
+    if _master is None or not options.voice_report:
+        return
+    path = Path(options.voice_report).with_name(STARTED_FILE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"unix_s": time.time()}))
 
 
 def _on_flush(environment: Environment, msg: Any, **_: Any) -> None:
@@ -382,3 +412,4 @@ hooks.quitting.add_listener(_quit)
 hooks.init.add_listener(_init)
 hooks.worker_report.add_listener(_on_worker_report)
 hooks.test_stopping.add_listener(_flush)
+hooks.test_start.add_listener(_test_start)

@@ -18,7 +18,14 @@ cheap where a load generator can be:
 A turn: speak a question, then silence; latency = the first loud packet after the last speech
 packet left, at the client (loop clock). The user transcript and the answer's transcript come
 from the channel's events; a turn is over at ``response.done`` once the answer's audio has
-gone quiet again.
+gone quiet again. A failed turn is reported with what the client saw of it: the server events
+of the turn (types and ms from the speech end), packets received, the connection's state.
+
+**Resume.** The server sends a packet every 20 ms, answer or silence; a call that hears none
+for ``--silence-s`` (1 s) takes its transceiver for gone, cuts the turn in flight, resumes the
+session on a new peer connection (its session id and resume token, through the front door)
+and asks the cut question again (``VoiceCall``, which says why silence and not aiortc's
+connection state; ``Driver``). Each resume is one ``{"ev": "resume", ...}`` line.
 
 **Why a driver process** (Locust cannot run asyncio code inside its gevent-patched process,
 locust#1251): ``python -m loadtest.voice_calls`` is one asyncio process per Locust worker,
@@ -66,6 +73,15 @@ QUESTIONS = ("What time is it?", "Tell me about coffee.", "When does the library
 API_KEY_ENV = "TRANSCEIVER_API_KEY"  # sent as Authorization: Bearer, when set
 SETUP_TIMEOUT_S = 20.0
 TURN_TIMEOUT_S = 60.0
+CLOSE_TIMEOUT_S = 5.0
+SILENCE_RESUME_S = 1.0  # no RTP from the server for this long: its transceiver is gone
+WATCH_S = 0.1  # how often the driver looks at every call's last packet
+STALL_S = 0.3  # a look this late: the driver's own loop stalled, packets may wait unread
+RESUME_ATTEMPTS = 3  # a refused connection, 502 or 503 is tried again, RESUME_RETRY_S apart
+RESUME_RETRY_S = 0.5
+MAX_TURN_EVENTS = 60  # server events kept per turn for a failed turn's report row
+SESSION_HEADER = "X-Voicerelay-Session"
+TOKEN_HEADER = "X-Voicerelay-Resume-Token"
 Event = dict[str, Any]
 
 
@@ -218,6 +234,8 @@ class AnswerMeter:
         self.onset: asyncio.Future[float] | None = None  # the next loud packet's arrival
         self.quiet = asyncio.Event()  # QUIET_PACKETS quiet packets in a row
         self.packets = 0
+        self.first_packet_s: float | None = None  # loop time of the first packet, the last
+        self.last_packet_s: float | None = None
         self._quiet_run = 0
         self._decoder: Any = None
 
@@ -227,12 +245,15 @@ class AnswerMeter:
 
     async def handle_rtp_packet(self, packet: RtpPacket, arrival_time_ms: int = 0) -> None:
         self.packets += 1
+        self.last_packet_s = now_s = asyncio.get_running_loop().time()
+        if self.first_packet_s is None:
+            self.first_packet_s = now_s
         waiting = self.onset is not None and not self.onset.done()
         if self._loud(packet, decode=waiting):
             self._quiet_run = 0
             self.quiet.clear()
             if self.onset is not None and not self.onset.done():
-                self.onset.set_result(asyncio.get_running_loop().time())
+                self.onset.set_result(now_s)
         else:
             self._quiet_run += 1
             if self._quiet_run >= QUIET_PACKETS:
@@ -263,6 +284,15 @@ class CallFailed(Exception):
     """A call or turn failed; the message is the reason counted in the report."""
 
 
+class MediaLost(Exception):
+    """The transceiver under the call went silent (or its connection failed): resume."""
+
+    def __init__(self, stage: str, last_packet_s: float) -> None:
+        super().__init__(f"media lost while the turn was at {stage}")
+        self.stage = stage  # how far the cut turn had got (``VoiceCall.stage``)
+        self.last_packet_s = last_packet_s  # loop time of the last packet heard
+
+
 @dataclass
 class TurnResult:
     turn: int
@@ -270,6 +300,7 @@ class TurnResult:
     heard: str  # the server's transcript of the question
     answer: str  # the answer's transcript
     server_first_frame_ms: float | None = None  # the server's own speech-stopped -> first frame
+    onset_s: float = 0.0  # loop time of the answer's first loud packet
 
 
 @dataclass
@@ -291,31 +322,118 @@ class _Waits:
                 future.set_exception(CallFailed(reason))
 
 
+class EventLog:
+    """The server events of one turn, for the report row of a turn that fails: (loop time,
+    type), a run of one type (transcript deltas) folded into one entry with its count; past
+    ``MAX_TURN_EVENTS`` entries the rest are only counted."""
+
+    def __init__(self, started_s: float) -> None:
+        self.started_s = started_s
+        self.speech_end_s: float | None = None
+        self.entries: list[list[Any]] = []  # [loop time, type, count]
+        self.not_kept = 0
+
+    def add(self, now_s: float, kind: str) -> None:
+        if self.entries and self.entries[-1][1] == kind:
+            self.entries[-1][2] += 1
+        elif len(self.entries) < MAX_TURN_EVENTS:
+            self.entries.append([now_s, kind, 1])
+        else:
+            self.not_kept += 1
+
+    def as_json(self) -> dict[str, Any]:
+        """``events``: ``[ms, type, count]``, ms from the speech end (before it: negative), or
+        from the turn's start when the question never finished (``from`` says which)."""
+        zero = self.started_s if self.speech_end_s is None else self.speech_end_s
+        return {
+            "from": "turn_start" if self.speech_end_s is None else "speech_end",
+            "events": [[round((t - zero) * 1000, 1), kind, n] for t, kind, n in self.entries],
+            "not_kept": self.not_kept,
+        }
+
+
 @dataclass
 class VoiceCall:
-    """One lean call: connect (POST the offer, wait for session.created), turns, close."""
+    """One lean call: connect (POST the offer, wait for session.created), turns, close; and,
+    when its transceiver goes away, ``resume`` on another one over a new peer connection.
+
+    Each peer connection (a *leg*) has its own track, meter, channel and ``lost`` future. The
+    driver resolves ``lost`` when no RTP has come for ``silence_s`` (``check_media``): the
+    transceiver's outgoing track sends a packet every 20 ms, answer or silence, so a gap of a
+    second is a dead server, and it is seen within that second. aiortc's own signal,
+    ``connectionState`` turning ``failed``, is watched too but comes much later (aioice's
+    consent checks give up after about 30 s), and a SIGKILLed peer sends no DTLS or SCTP
+    close. A turn in flight when ``lost`` resolves is cut (``MediaLost``)."""
 
     metronome: Metronome
     questions: Questions
     headers: dict[str, str] = field(default_factory=dict)
     turns_done: int = 0
+    session_id: str = ""
+    resume_token: str = ""
+    ever_connected: bool = False
+    legs: int = 0
+    stage: str = "idle"  # of the turn in flight: question, answer_wait, answer; else idle
 
     def __post_init__(self) -> None:
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self._closing: set[asyncio.Task[None]] = set()  # legs left behind, closing
+        self._open_leg()
+
+    def _open_leg(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.legs += 1
+        leg = self.legs
+        self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.track = OpusSpeechTrack(self.metronome, self.questions.silence)
         self.meter = AnswerMeter()
-        transceiver = self.pc.addTransceiver(self.track, direction="sendrecv")
+        transceiver = pc.addTransceiver(self.track, direction="sendrecv")
         transceiver.receiver._handle_rtp_packet = self.meter.handle_rtp_packet  # type: ignore[method-assign]
-        self.channel = self.pc.createDataChannel("oai-events")
-        self.channel.on("message", self._on_message)
-        self._created: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self.channel = pc.createDataChannel("oai-events")
+        self.channel.on("message", lambda data: self._on_message(leg, data))
+        self._created: asyncio.Future[Event] = loop.create_future()
+        self.lost: asyncio.Future[float] = loop.create_future()  # the last packet's loop time
+        self.connected_s: float | None = None  # this leg's session.created
+        self.restored_items = 0  # stored conversation items replayed on this leg
+        self.log = EventLog(loop.time())
+        self._excused_s = 0.0
         self._waits: _Waits | None = None
 
-    def _on_message(self, data: str | bytes) -> None:
+        @pc.on("connectionstatechange")
+        def _state() -> None:
+            if pc.connectionState == "failed" and leg == self.legs:
+                self._lose(loop.time())
+
+    def _lose(self, now_s: float) -> None:
+        if self.connected_s is not None and not self.lost.done():
+            self.lost.set_result(self.meter.last_packet_s or self.connected_s or now_s)
+
+    def check_media(self, now_s: float, silence_s: float, stalled: bool) -> None:
+        """Resolve ``lost`` when nothing has come for ``silence_s`` (0: never). After a stall
+        of the driver's own loop (``stalled``) packets may wait unread: the clock restarts."""
+        if self.connected_s is None or self.lost.done() or silence_s <= 0:
+            return
+        if stalled:
+            self._excused_s = now_s
+            return
+        heard_s = max(self.meter.last_packet_s or self.connected_s, self._excused_s)
+        if now_s - heard_s > silence_s:
+            self._lose(now_s)
+
+    def _on_message(self, leg: int, data: str | bytes) -> None:
+        if leg != self.legs:
+            return  # a leg left behind (e.g. its session_taken_over error)
         event = json.loads(data)
         kind = event.get("type")
+        now_s = asyncio.get_running_loop().time()
+        self.log.add(now_s, str(kind))
         if kind == "session.created" and not self._created.done():
+            ids = event.get("voicerelay") or {}
+            self.session_id = str(ids.get("session_id") or self.session_id)
+            self.resume_token = str(ids.get("resume_token") or self.resume_token)
+            self.connected_s, self.ever_connected = now_s, True
             self._created.set_result(event)
+        elif kind == "conversation.item.added" and _stored_item(event):
+            self.restored_items += 1
         waits = self._waits
         if waits is None:
             return
@@ -331,28 +449,97 @@ class VoiceCall:
     async def connect(self, http: httpx.AsyncClient, base_url: str) -> None:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         response = await http.post(
-            base_url.rstrip("/") + "/v1/realtime/calls",
+            _calls_url(base_url),
             content=self.pc.localDescription.sdp,
             headers={"Content-Type": "application/sdp", **self.headers},
         )
         if response.status_code != 201:
             raise CallFailed(f"http_{response.status_code}")
-        await self.pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
+        self.session_id = response.headers.get(SESSION_HEADER, "")
+        self.resume_token = response.headers.get(TOKEN_HEADER, "")
+        await self._answered(response.text, "no_session_created")
+
+    async def _answered(self, sdp: str, reason: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
         try:
             async with asyncio.timeout(SETUP_TIMEOUT_S):
                 await self._created
         except TimeoutError:
-            raise CallFailed(f"no_session_created:{self.pc.connectionState}") from None
+            raise CallFailed(f"{reason}:{self.pc.connectionState}") from None
+
+    async def resume(self, http: httpx.AsyncClient, base_url: str) -> dict[str, float]:
+        """Move the session to a new leg: a new offer POSTed with the session id and resume
+        token (to ``base_url``, i.e. the front door, which skips a dead transceiver; a refused
+        connection, 502 or 503 is tried again), then its ``session.created``. Returns the loop
+        times ``answered`` (the 201) and ``created``, and ``attempts``."""
+        if not (self.session_id and self.resume_token):
+            raise CallFailed("resume_no_token")  # no Redis behind the stack: nothing to resume
+        old = self.pc
+        self._open_leg()
+        closing = asyncio.get_running_loop().create_task(_close_quietly(old))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        headers = {"Content-Type": "application/sdp", TOKEN_HEADER: self.resume_token}
+        response, attempts = None, 0
+        while response is None:
+            attempts += 1
+            try:
+                answer = await http.post(
+                    _calls_url(base_url),
+                    params={"session_id": self.session_id},
+                    content=self.pc.localDescription.sdp,
+                    headers={**headers, **self.headers},
+                )
+            except httpx.ConnectError as error:
+                reason = f"resume_http_error:{type(error).__name__}"
+            except httpx.HTTPError as error:  # reached a server: not tried again
+                raise CallFailed(f"resume_http_error:{type(error).__name__}") from None
+            else:
+                if answer.status_code == 201:
+                    response = answer
+                    break
+                reason = f"resume_http_{answer.status_code}:{_error_code(answer)}"
+                if answer.status_code not in (502, 503):
+                    raise CallFailed(reason)
+            if attempts >= RESUME_ATTEMPTS:
+                raise CallFailed(reason)
+            await asyncio.sleep(RESUME_RETRY_S)  # bounded: RESUME_ATTEMPTS tries in all
+        answered_s = asyncio.get_running_loop().time()
+        self.resume_token = response.headers.get(TOKEN_HEADER, self.resume_token)
+        await self._answered(response.text, "resume_no_session_created")
+        assert self.connected_s is not None
+        return {"answered": answered_s, "created": self.connected_s, "attempts": attempts}
 
     async def turn(self, question: Question) -> TurnResult:
-        """Speak ``question``; the latency to the answer's first loud packet, and transcripts."""
+        """Speak ``question``; the latency to the answer's first loud packet, and transcripts.
+        Raises ``MediaLost`` (the turn cut) when the leg's media stops first."""
+        lost = self.lost
+        body = asyncio.get_running_loop().create_task(self._turn(question))
+        try:
+            await asyncio.wait((body, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not body.done():
+                body.cancel()
+                with contextlib.suppress(asyncio.CancelledError, CallFailed):
+                    await body
+        if lost.done() and (body.cancelled() or body.exception() is not None):
+            raise MediaLost(self.stage, lost.result())
+        return body.result()
+
+    async def _turn(self, question: Question) -> TurnResult:
+        loop = asyncio.get_running_loop()
+        self.log = EventLog(loop.time())
         self._waits = waits = _Waits.new()
         onset = self.meter.expect_answer()
         ended = self.track.say(question.packets)
+        self.stage = "question"
         try:
             async with asyncio.timeout(TURN_TIMEOUT_S):
-                speech_end_s = await ended
+                speech_end_s = self.log.speech_end_s = await ended
+                self.stage = "answer_wait"
                 await _first(onset, waits.done, "no_answer_audio")
+                self.stage = "answer"
                 latency_ms = (onset.result() - speech_end_s) * 1000
                 done = await waits.done
                 if (status := done.get("response", {}).get("status")) != "completed":
@@ -365,11 +552,51 @@ class VoiceCall:
         finally:
             self._waits = None
         self.turns_done += 1
+        self.stage = "idle"
         server_ms = metrics.get("first_frame_out_ms")
-        return TurnResult(self.turns_done, latency_ms, heard, _answer(done), server_ms)
+        answer = _answer(done)
+        return TurnResult(self.turns_done, latency_ms, heard, answer, server_ms, onset.result())
+
+    def diagnosis(self) -> dict[str, Any]:
+        """What the client saw of the turn in flight: for the report row of a failed turn."""
+        last = self.meter.last_packet_s
+        now_s = asyncio.get_running_loop().time()
+        return {
+            "stage": self.stage,
+            "server_events": self.log.as_json(),
+            "packets": self.meter.packets,
+            "since_last_packet_ms": None if last is None else round((now_s - last) * 1000, 1),
+            "connection": self.pc.connectionState,
+            "leg": self.legs,
+        }
 
     async def close(self) -> None:
-        await self.pc.close()
+        await _close_quietly(self.pc)
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def _close_quietly(pc: RTCPeerConnection) -> None:
+    """Close a peer connection, within CLOSE_TIMEOUT_S (its peer may be long gone)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            await pc.close()
+
+
+def _calls_url(base_url: str) -> str:
+    return base_url.rstrip("/") + "/v1/realtime/calls"
+
+
+def _error_code(response: httpx.Response) -> str:
+    with contextlib.suppress(ValueError, AttributeError):
+        return str(response.json()["error"]["code"])
+    return ""
+
+
+def _stored_item(event: Event) -> bool:
+    """A ``conversation.item.added`` replaying a stored item (ids ``h1``, ``h2``, ... on
+    resume), not one of the live conversation."""
+    item_id = str((event.get("item") or {}).get("id", ""))
+    return item_id[:1] == "h" and item_id[1:].isdigit()
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:
@@ -421,7 +648,12 @@ def server_rss_mb(pids: Sequence[int]) -> float | None:
 
 
 class Driver:
-    """Runs calls as told on stdin (``call``, ``hangup``, ``quit``), reports on stdout."""
+    """Runs calls as told on stdin (``call``, ``hangup``, ``quit``), reports on stdout.
+
+    A call whose media stops (``VoiceCall.check_media``, looked at every ``WATCH_S`` for
+    every call at once) is resumed through ``base_url`` and its cut turn asked again; when
+    that turn is over (or the call is) an ``{"ev": "resume", ...}`` line gives the moments
+    (Unix time) and what was lost. A call that cannot resume fails with the reason."""
 
     def __init__(
         self,
@@ -429,18 +661,27 @@ class Driver:
         questions: Questions,
         headers: dict[str, str],
         server_pids: Sequence[int] = (),
+        silence_s: float = SILENCE_RESUME_S,
     ) -> None:
         self.base_url, self.questions, self.headers = base_url, questions, headers
         self.server_pids = list(server_pids)
+        self.silence_s = silence_s
         self.metronome = Metronome()
         self.calls: dict[int, asyncio.Task[None]] = {}
+        self.live: dict[int, VoiceCall] = {}
         self._http: httpx.AsyncClient | None = None
+        self._unix_offset_s = 0.0  # Unix time - loop time
 
     def emit(self, event: str, **fields: Any) -> None:
         sys.stdout.write(json.dumps({"ev": event, "t": round(time.time(), 3), **fields}) + "\n")
         sys.stdout.flush()
 
+    def unix(self, loop_s: float | None) -> float | None:
+        return None if loop_s is None else round(loop_s + self._unix_offset_s, 4)
+
     async def run(self, lines: asyncio.StreamReader) -> None:
+        self._unix_offset_s = time.time() - asyncio.get_running_loop().time()
+        watcher = asyncio.get_running_loop().create_task(self._watch())
         async with httpx.AsyncClient(timeout=SETUP_TIMEOUT_S) as self._http:
             self.emit("ready", pid=os.getpid())
             while line := await lines.readline():
@@ -449,7 +690,22 @@ class Driver:
                     break
                 self._obey(order)
             await self._hang_up_all()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
         self.metronome.close()
+
+    async def _watch(self) -> None:
+        """Every WATCH_S: has any call's media stopped? (One timer for all calls.)"""
+        loop = asyncio.get_running_loop()
+        due_s = loop.time() + WATCH_S
+        while True:
+            await asyncio.sleep(max(0.0, due_s - loop.time()))
+            now_s = loop.time()
+            stalled = now_s - due_s > STALL_S
+            due_s = now_s + WATCH_S
+            for call in list(self.live.values()):
+                call.check_media(now_s, self.silence_s, stalled)
 
     def _obey(self, order: dict[str, Any]) -> None:
         call_id = int(order["id"])
@@ -469,22 +725,82 @@ class Driver:
     async def _call(self, call_id: int, order: dict[str, Any]) -> None:
         turns, first = int(order.get("turns", 0)), int(order.get("first_question", call_id))
         call = VoiceCall(self.metronome, self.questions, self.headers)
+        self.live[call_id] = call
+        resumed: dict[str, Any] | None = None  # a resume whose re-asked turn is not over yet
+        outcome = "call_ended"  # what became of that turn, if the call ends first
         try:
             await self._set_up(call_id, call)
             while turns == 0 or call.turns_done < turns:
                 question = self.questions.questions[
                     (first + call.turns_done) % len(self.questions.questions)
                 ]
-                self._report_turn(call_id, await call.turn(question))
+                try:
+                    result = await call.turn(question)
+                except MediaLost as lost:
+                    if resumed is not None:
+                        self._emit_resume(call, resumed, None, "lost_again")
+                    resumed = None
+                    resumed = await self._resume(call_id, call, lost)
+                    continue
+                if resumed is not None:
+                    self._emit_resume(call, resumed, result, "answered")
+                    resumed = None
+                self._report_turn(call_id, result)
             self.emit("ended", id=call_id, ok=True, reason="")
         except CallFailed as failure:
-            stage = "setup" if call.turns_done == 0 and not call._created.done() else "turn"
-            self.emit(stage, id=call_id, ok=False, reason=str(failure), turn=call.turns_done + 1)
+            outcome = f"failed:{failure}"
+            stage = "turn" if call.ever_connected else "setup"
+            row = {"turn": call.turns_done + 1} | (call.diagnosis() if stage == "turn" else {})
+            self.emit(stage, id=call_id, ok=False, reason=str(failure), **row)
             self.emit("ended", id=call_id, ok=False, reason=str(failure))
         except asyncio.CancelledError:
+            outcome = "hangup"
             self.emit("ended", id=call_id, ok=True, reason="hangup")
         finally:
+            self.live.pop(call_id, None)
+            if resumed is not None:
+                self._emit_resume(call, resumed, None, outcome)
             await call.close()
+
+    async def _resume(self, call_id: int, call: VoiceCall, lost: MediaLost) -> dict[str, Any]:
+        """Resume ``call`` after ``lost``: the row so far (the Unix times of the last packet,
+        the detection, the 201, ``session.created``); a failed resume is emitted and raised."""
+        now_s = asyncio.get_running_loop().time()
+        row: dict[str, Any] = {
+            "id": call_id,
+            "cut_stage": lost.stage,  # "idle": between turns, nothing was cut
+            "cut_turn": call.turns_done + 1 if lost.stage != "idle" else None,
+            "turns_before": call.turns_done,
+            "history_expected": 2 * call.turns_done,  # a question and its answer per turn
+            "last_packet_unix_s": self.unix(lost.last_packet_s),
+            "detected_unix_s": self.unix(now_s),
+            "cut_events": call.log.as_json() if lost.stage != "idle" else None,
+        }
+        assert self._http is not None
+        try:
+            marks = await call.resume(self._http, self.base_url)
+        except CallFailed as failure:
+            self.emit("resume", ok=False, reason=str(failure), **row)
+            raise
+        row["answered_unix_s"] = self.unix(marks["answered"])
+        row["created_unix_s"] = self.unix(marks["created"])
+        row["attempts"] = int(marks["attempts"])
+        return row
+
+    def _emit_resume(
+        self, call: VoiceCall, row: dict[str, Any], result: TurnResult | None, outcome: str
+    ) -> None:
+        """The resume's row, once its re-asked turn is over: media and answer times too."""
+        self.emit(
+            "resume",
+            ok=True,
+            reason="",
+            **row,
+            media_unix_s=self.unix(call.meter.first_packet_s),
+            answer_unix_s=self.unix(result.onset_s) if result is not None else None,
+            reasked=outcome,
+            history_items=call.restored_items,
+        )
 
     async def _set_up(self, call_id: int, call: VoiceCall) -> None:
         assert self._http is not None
@@ -525,7 +841,8 @@ async def _drive(args: argparse.Namespace) -> None:
     api_key = os.environ.get(args.api_key_env, "")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     pids = [int(p) for p in args.server_pids.split(",") if p]
-    await Driver(args.url, questions, headers, pids).run(await _stdin())
+    driver = Driver(args.url, questions, headers, pids, args.silence_s)
+    await driver.run(await _stdin())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -536,6 +853,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--api-key-env", default=API_KEY_ENV, help="the variable holding the stack's API key"
     )
     parser.add_argument("--server-pids", default="", help="PIDs whose RSS each turn reports")
+    parser.add_argument(
+        "--silence-s",
+        type=float,
+        default=SILENCE_RESUME_S,
+        help="no media from the server this long: resume the session elsewhere (0: never)",
+    )
     asyncio.run(_drive(parser.parse_args(argv)))
     return 0
 

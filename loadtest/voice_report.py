@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from hdrh.histogram import HdrHistogram
 
 from loadtest.hosts import ProcessCpu, read_stat
@@ -21,6 +22,9 @@ from loadtest.hosts import ProcessCpu, read_stat
 HIGHEST_MS = 600_000
 SIGNIFICANT_DIGITS = 3
 PERCENTILES = {"p50": 50.0, "p95": 95.0, "p99": 99.0}
+MAX_FAILED_ROWS = 50
+MAX_RESUME_ROWS = 10_000
+AFTER_KILL_S = 0.5  # a packet heard this long after a kill was in flight, not sent later
 
 
 class Hist:
@@ -85,6 +89,8 @@ class RunTotals:
     keep_rows: bool = True  # one row per turn answered (long calls; not the knee's thousands)
     rows: list[dict[str, Any]] = field(default_factory=list)
     transcripts: list[dict[str, Any]] = field(default_factory=list)  # the first few turns
+    failed_rows: list[dict[str, Any]] = field(default_factory=list)  # the first few failures
+    resumes: list[dict[str, Any]] = field(default_factory=list)  # every resume's row
 
     def setup(self, ok: bool, reason: str) -> None:
         self.setup_attempted += 1
@@ -95,6 +101,8 @@ class RunTotals:
     def turn(self, ok: bool, reason: str, event: dict[str, Any]) -> None:
         if not ok:
             self.turns_failed[reason] += 1
+            if len(self.failed_rows) < MAX_FAILED_ROWS:  # what the client saw, to diagnose it
+                self.failed_rows.append({k: v for k, v in event.items() if k not in ("ev", "ok")})
             return
         self.turns_answered += 1
         if self.keep_rows:
@@ -115,6 +123,8 @@ class RunTotals:
             "call_s": self.call_s + running_s,
             "rows": self.rows,
             "transcripts": self.transcripts,
+            "failed_rows": self.failed_rows,
+            "resumes": self.resumes,
         }
 
     def merge(self, other: dict[str, Any]) -> None:
@@ -127,10 +137,19 @@ class RunTotals:
         self.call_s += other["call_s"]
         self.rows += other["rows"]
         self.transcripts += other["transcripts"]
+        self.failed_rows += other.get("failed_rows", [])
+        self.resumes += other.get("resumes", [])
+
+    def resume(self, event: dict[str, Any]) -> None:
+        if len(self.resumes) < MAX_RESUME_ROWS:
+            self.resumes.append({k: v for k, v in event.items() if k != "ev"})
 
     @property
     def failures(self) -> int:
-        return sum(self.setup_failed.values()) + sum(self.turns_failed.values())
+        """What fails a knee step: failed set-ups and turns, and calls that lost their media
+        (resumed: a turn cut, even when the call went on)."""
+        lost = len(self.resumes)
+        return sum(self.setup_failed.values()) + sum(self.turns_failed.values()) + lost
 
 
 class ProcessSampler:
@@ -257,8 +276,10 @@ def build_report(
     snapshots: Sequence[dict[str, Any]],
     series: list[dict[str, Any]],
     knee: Knee | None,
+    fault: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The report JSON (key names read by ``loadtest.figures``)."""
+    """The report JSON (key names read by ``loadtest.figures``); ``fault``: the record of a
+    transceiver the scenario killed (``fault.json``), which adds the ``faults`` section."""
     if knee is not None:
         config = config | {"knee_threshold_ms": knee.plan.threshold * (knee.baseline_ms or 0)}
     return {
@@ -274,6 +295,7 @@ def build_report(
             "answered": totals.turns_answered,
             "failed": dict(totals.turns_failed),
             "ms": hist.turn.percentiles(with_max=True),
+            "failures": totals.failed_rows,  # the first few, with the server events seen
         },
         "series": series,
         "steps": knee.steps if knee is not None else [],
@@ -281,6 +303,8 @@ def build_report(
         "turns_by_number": sorted(totals.rows, key=lambda row: int(row["turn"])),
         "transcripts": totals.transcripts,
         "client": client_cost(totals, snapshots),
+        "resumes": totals.resumes,
+        "faults": [fault_section(fault, totals.resumes)] if fault is not None else [],
     }
 
 
@@ -299,4 +323,82 @@ def client_cost(totals: RunTotals, snapshots: Sequence[dict[str, Any]]) -> dict[
         "locust_worker_cpu_ms_per_call_s": per_call_s(worker_s),
         "driver_cpu_s": round(driver_s, 2),
         "call_s": round(call_s, 1),
+    }
+
+
+# --- a transceiver killed during the run ----------------------------------------------------
+
+
+def fault_section(fault: dict[str, Any], resumes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The kill (``fault``: ``kind``, ``name``, ``pid``, ``at_s``, ``killed_unix_s``,
+    ``sessions``) and the calls it cut: those whose last packet came before the kill (or in
+    flight just after it) and which noticed the silence after it. Per call, in ms from the
+    kill: silence noticed, resume answered (201), ``session.created``, media again (the first
+    packet from the new transceiver) and the first answer audio of the re-asked question; what
+    was lost: the turn cut, the stored conversation replayed or not. Any other resume (a
+    silence not caused by the kill) is counted apart."""
+    killed = float(fault["killed_unix_s"])
+
+    def cut_by_kill(row: dict[str, Any]) -> bool:
+        last, noticed = row.get("last_packet_unix_s"), float(row["detected_unix_s"])
+        return last is not None and float(last) <= killed + AFTER_KILL_S and noticed >= killed
+
+    def since_kill(value: float | None) -> float | None:
+        return None if value is None else round((value - killed) * 1000, 1)
+
+    calls = []
+    for row in sorted(filter(cut_by_kill, resumes), key=lambda r: float(r["detected_unix_s"])):
+        expected, items = int(row.get("history_expected", 0)), row.get("history_items")
+        calls.append(
+            {
+                "id": row["id"],
+                "resumed": bool(row["ok"]),
+                "reason": row.get("reason", ""),
+                "cut_turn": row.get("cut_turn"),
+                "cut_stage": row.get("cut_stage"),
+                "turns_before": row.get("turns_before"),
+                "detected_ms": since_kill(row.get("detected_unix_s")),
+                "resume_answered_ms": since_kill(row.get("answered_unix_s")),
+                "session_created_ms": since_kill(row.get("created_unix_s")),
+                "media_ms": since_kill(row.get("media_unix_s")),
+                "answer_ms": since_kill(row.get("answer_unix_s")),
+                "reasked": row.get("reasked"),
+                "attempts": row.get("attempts"),
+                "history_items": items,
+                "history_expected": expected,
+                "history_kept": None if items is None else items >= expected,
+                "cut_events": row.get("cut_events"),
+            }
+        )
+    resumed = [c for c in calls if c["resumed"]]
+    section: dict[str, Any] = {
+        **{k: fault.get(k) for k in ("kind", "name", "pid", "at_s", "sessions")},
+        "killed_unix_s": killed,
+        "affected": len(calls),
+        "resumed": len(resumed),
+        "recovered": sum(c["reasked"] == "answered" for c in calls),  # answered after it
+        "not_resumed": dict(Counter(c["reason"] for c in calls if not c["resumed"])),
+        "turns_cut": sum(c["cut_turn"] is not None for c in calls),
+        "history_kept": sum(bool(c["history_kept"]) for c in resumed),
+        "history_lost": sum(c["history_kept"] is False for c in resumed),
+        "other_resumes": len(resumes) - len(calls),
+    }
+    for key, name in (
+        ("gap_ms", "media_ms"),  # kill -> media flows again: the figure's "gap"
+        ("answer_gap_ms", "answer_ms"),
+        ("detected_ms", "detected_ms"),
+        ("session_created_ms", "session_created_ms"),
+    ):
+        section[key] = _spread([c[name] for c in resumed if c[name] is not None])
+    return section | {"calls": calls}
+
+
+def _spread(values: Sequence[float]) -> dict[str, float] | None:
+    """p50, p99 and max of a few values (numpy's interpolated percentiles)."""
+    if not values:
+        return None
+    return {
+        "p50": round(float(np.percentile(values, 50)), 1),
+        "p99": round(float(np.percentile(values, 99)), 1),
+        "max": round(float(max(values)), 1),
     }

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from loadtest.voice_calls import Metronome
-from loadtest.voice_report import Hist, Knee, KneePlan
+from loadtest.voice_report import Hist, Knee, KneePlan, fault_section
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT_KEYS = {"scenario", "config", "setup", "turns", "series", "steps", "knee"}
@@ -109,3 +109,24 @@ async def test_a_track_that_stops_waiting_leaves_the_others_their_tick() -> None
             assert isinstance(await staying, float)
     finally:
         metronome.close()
+
+
+def test_the_faults_section_counts_the_calls_the_kill_cut() -> None:
+    killed = 1000.0
+    resumed = {"ok": True, "reason": "", "cut_turn": 2, "turns_before": 1, "history_expected": 2}
+    resumes = [
+        resumed | {"id": 1, "last_packet_unix_s": 999.99, "detected_unix_s": 1001.0,
+                   "created_unix_s": 1001.1, "media_unix_s": 1001.2, "answer_unix_s": 1003.0,
+                   "reasked": "answered", "history_items": 3},
+        {"id": 2, "ok": False, "reason": "resume_http_503:no_capacity", "cut_turn": 1,
+         "last_packet_unix_s": 999.98, "detected_unix_s": 1001.0},
+        resumed | {"id": 3, "last_packet_unix_s": 990.0, "detected_unix_s": 991.0,
+                   "reasked": "answered", "history_items": 2},  # silent before the kill
+    ]  # fmt: skip
+    fault = {"kind": "transceiver", "name": "transceiver-0", "at_s": 5.0, "sessions": 2}
+    section = fault_section(fault | {"killed_unix_s": killed}, resumes)
+    assert [call["id"] for call in section["calls"]] == [1, 2]
+    assert (section["affected"], section["resumed"], section["recovered"]) == (2, 1, 1)
+    assert section["not_resumed"] == {"resume_http_503:no_capacity": 1}
+    assert section["other_resumes"] == 1 and section["history_kept"] == 1
+    assert section["gap_ms"] == {"p50": 1200.0, "p99": 1200.0, "max": 1200.0}
