@@ -345,10 +345,14 @@ def faults_figure(report: Report) -> Any | None:
 
 
 def _fault_label(fault: Row) -> str:
+    lost = (
+        f"{fault.get('turns_cut', 0):,} turns cut"  # the voice scenario's calls
+        if "calls" in fault
+        else f"{fault.get('lost_after', 0):,} lost"
+    )
     return (
         f"{fault.get('kind', '?')} killed at {fault.get('at_s', 0):.0f} s\n"
-        f"{fault.get('recovered', 0):,}/{fault.get('affected', 0):,} recovered, "
-        f"{fault.get('lost_after', 0):,} lost"
+        f"{fault.get('recovered', 0):,}/{fault.get('affected', 0):,} recovered, {lost}"
     )
 
 
@@ -618,12 +622,70 @@ def _long_call_lines(report: Report) -> list[str]:
 
 
 def _fault_lines(report: Report) -> list[str]:
-    return [
-        f"fault: {f.get('kind')} killed at {f.get('at_s', 0):.0f} s, {f.get('affected', 0):,} "
-        f"sessions affected, media gap (ms) {_pcts(f.get('gap_ms'), ('p50', 'p99', 'max'))}, "
-        f"{f.get('recovered', 0):,} recovered, {f.get('lost_after', 0):,} lost"
-        for f in report.get("faults") or []
+    lines = []
+    for f in report.get("faults") or []:
+        if "calls" in f:
+            lines += _call_fault_lines(f)
+            continue
+        lines.append(
+            f"fault: {f.get('kind')} killed at {f.get('at_s', 0):.0f} s, {f.get('affected', 0):,} "
+            f"sessions affected, media gap (ms) {_pcts(f.get('gap_ms'), ('p50', 'p99', 'max'))}, "
+            f"{f.get('recovered', 0):,} recovered, {f.get('lost_after', 0):,} lost"
+        )
+    asked = (report.get("config") or {}).get("fault")
+    if asked and not report.get("faults"):
+        lines.append(f"fault: {asked} asked, none injected (no call was running by then)")
+    resumes = list(report.get("resumes") or [])
+    if resumes and not report.get("faults"):
+        failed = sum(not row.get("ok") for row in resumes)
+        lines.append(
+            f"media lost with no fault injected: {len(resumes):,} resumes "
+            f"({failed:,} could not resume; rows in the report's resumes)"
+        )
+    return lines
+
+
+SHOWN_FAULT_CALLS = 20
+
+
+def _call_fault_lines(f: Row) -> list[str]:
+    """A transceiver killed under voice calls: the resumes' figures, what was lost, and a row
+    per call (ms from the kill)."""
+    spread = ("p50", "p99", "max")
+    not_resumed = ", ".join(f"{why} {n:,}" for why, n in (f.get("not_resumed") or {}).items())
+    lines = [
+        f"fault: {f.get('kind')} {f.get('name', '')} (pid {f.get('pid')}) killed at "
+        f"{f.get('at_s', 0):.1f} s holding {f.get('sessions', '?')} sessions: "
+        f"{f.get('affected', 0):,} calls affected, {f.get('resumed', 0):,} resumed, "
+        f"{f.get('recovered', 0):,} answered again",
+        f"  kill -> media again (ms): {_pcts(f.get('gap_ms'), spread) or '-'}; -> answer to "
+        f"the re-asked question: {_pcts(f.get('answer_gap_ms'), spread) or '-'}",
+        f"  kill -> silence noticed (ms): {_pcts(f.get('detected_ms'), spread) or '-'}; -> "
+        f"session.created: {_pcts(f.get('session_created_ms'), spread) or '-'}",
+        f"  lost: {f.get('turns_cut', 0):,} turns cut (asked again); conversation history kept "
+        f"by {f.get('history_kept', 0):,} of {f.get('resumed', 0):,} resumed calls; not "
+        f"resumed: {not_resumed or 'none'}; other resumes: {f.get('other_resumes', 0):,}",
     ]
+    calls = list(f.get("calls") or [])
+    header = ["call", "cut turn", "noticed", "201", "created", "media", "answer", "history"]
+    table = [
+        [
+            str(c.get("id")),
+            f"{c.get('cut_turn') or '-'} ({c.get('cut_stage')})",
+            *(_ms(c.get(k)) for k in ("detected_ms", "resume_answered_ms")),
+            *(_ms(c.get(k)) for k in ("session_created_ms", "media_ms", "answer_ms")),
+            f"{c.get('history_items')}/{c.get('history_expected')}"
+            if c.get("resumed")
+            else f"NOT RESUMED: {c.get('reason')}",
+        ]
+        for c in calls[:SHOWN_FAULT_CALLS]
+    ]
+    if table:
+        lines += ["  per call, ms from the kill (history: items replayed/expected):"]
+        lines += _table(header, table)
+    if len(calls) > SHOWN_FAULT_CALLS:
+        lines.append(f"  ... {len(calls) - SHOWN_FAULT_CALLS:,} more calls in the report")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

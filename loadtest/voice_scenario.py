@@ -10,9 +10,23 @@ providers against the fake OpenAI server on loopback). Three shapes:
   ``--threshold`` x the one-call figure or anything fails; the last good step in sessions per
   transceiver core (server CPU from /proc).
 
+A transceiver fault (``--fault transceiver@S``, with ``--local``; the stack then has
+``--transceivers`` 2 or more behind its front door): S seconds after the test starts, the
+scenario SIGKILLs (by PID, with its child processes) the transceiver holding the most calls
+(waiting, if none holds one yet, for one that has sent a ``session.created``). Each call on
+it notices its media stop (``--silence-s`` without a packet), posts a resume offer with its
+session id and resume token through the front door, which passes over the dead transceiver,
+waits for ``session.created`` and asks the cut question again. The report's ``faults``
+section gives, per affected call, the ms from the kill to the resume's 201, its
+``session.created``, the first packet from the new transceiver (media again: the gap) and
+the first answer audio of the re-asked question; what was lost: the turn cut, whether the
+stored conversation came back (``conversation.item.added`` replayed on resume, against two
+items per answered turn), the calls that could not resume and why. Its p50/p99 are printed.
+
 Locust runs as a subprocess (``python -m locust -f loadtest/locust_voice.py --headless``); this
 module never imports it. The questions are spoken by piper and encoded to Opus once per run.
-Writes ``--report-dir``: ``voice.json`` (the report), Locust's CSV and HTML, the figures.
+Writes ``--report-dir``: ``voice.json`` (the report), Locust's CSV and HTML, the figures and
+``summary.txt`` (the summary it prints).
 """
 
 from __future__ import annotations
@@ -22,23 +36,42 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from deploy.fake_openai import FakeOpenAIServer
 from deploy.launched import launched
 from deploy.processes import free_port
-from loadtest.voice_calls import spoken_questions
+from loadtest.hosts import metric_samples, process_tree
+from loadtest.voice_calls import SILENCE_RESUME_S, spoken_questions
 
 LOCUSTFILE = Path(__file__).resolve().with_name("locust_voice.py")
 REPORT_NAME = "voice.json"
 SERVER_NAMES = ("transceiver", "relay", "redis")  # the stack's processes measured as the server
 MARGIN_S = 120  # run-time bound beyond what the shape itself needs
+STARTED_FILE, FAULT_FILE = "started.json", "fault.json"  # beside the report (locust_voice)
+START_TIMEOUT_S = 180.0  # Locust starts its test within this
+HOLDER_TIMEOUT_S = 60.0  # after S, a transceiver holds a call within this, or nothing is killed
+POLL_S = 0.1
+SESSIONS_METRIC = "transceiver_link_sessions"
+CREATED_METRIC = "transceiver_realtime_events_total{direction=server,type=session.created}"
+
+
+@dataclass(frozen=True)
+class Transceiver:
+    name: str  # as deploy.local names it: transceiver-0, transceiver-1, ...
+    pid: int
+    url: str  # its own HTTP listener (behind the front door)
 
 
 @dataclass(frozen=True)
@@ -46,22 +79,29 @@ class Target:
     url: str
     server_pids: str  # "name=pid,..." of processes on this host, or ""
     providers_pid: int | None = None  # the fake OpenAI server's, when we started one
+    transceivers: tuple[Transceiver, ...] = ()  # when we started the stack
 
 
 @contextlib.contextmanager
-def local_stack(mode: str) -> Iterator[Target]:
+def local_stack(mode: str, transceivers: int = 1) -> Iterator[Target]:
     """``make run``'s stack on free loopback ports, the pipeline agent offline or against the
-    fake OpenAI server (which is then a provider, not part of the server measured)."""
+    fake OpenAI server (which is then a provider, not part of the server measured); with
+    several transceivers, behind deploy.local's front door (``Target.url``)."""
     with contextlib.ExitStack() as held:
         env = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}
         fake = None
         if mode == "api":
             fake = held.enter_context(FakeOpenAIServer())
             env = {"OPENAI_API_KEY": "sk-local-load", "OPENAI_BASE_URL": fake.base_url + "/v1"}
-        stack = held.enter_context(launched(["--agent", "pipeline"], env=env))
+        flags = ["--agent", "pipeline", "--transceivers", str(transceivers)]
+        stack = held.enter_context(launched(flags, env=env))
         named = {n: p for n, p in stack.child_pids.items() if n.startswith(SERVER_NAMES)}
         pids = ",".join(f"{name}={pid}" for name, pid in named.items())
-        yield Target(stack.url, pids, fake.pid if fake else None)
+        own = tuple(
+            Transceiver(f"transceiver-{i}", stack.child_pids[f"transceiver-{i}"], url)
+            for i, url in enumerate(stack.transceiver_urls)
+        )
+        yield Target(stack.url, pids, fake.pid if fake else None, own)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,6 +128,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-dir", type=Path, default=Path("loadtest-reports/voice"))
     parser.add_argument("--loglevel", default="WARNING", help="Locust's")
     parser.add_argument("--run-time-s", type=float, default=0.0, help="bound (default: fitted)")
+    parser.add_argument(
+        "--transceivers", type=int, default=0, help="with --local (default: 1, 2 with --fault)"
+    )
+    parser.add_argument(
+        "--fault",
+        default="",
+        metavar="transceiver@S",
+        help="with --local: SIGKILL a transceiver holding calls S s into the test",
+    )
+    parser.add_argument(
+        "--silence-s",
+        type=float,
+        default=SILENCE_RESUME_S,
+        help="a call resumes elsewhere after this long without media (0: never)",
+    )
     return parser
 
 
@@ -127,12 +182,17 @@ def locust_argv(args: argparse.Namespace, target: Target, questions: Path) -> li
         "server_pids": target.server_pids,
         "load_average": _load_average(),
     }
+    if target.transceivers:
+        config["transceivers"] = len(target.transceivers)
+    if args.fault:
+        config |= {"fault": args.fault, "silence_s": args.silence_s}
     argv += ["--voice-url", target.url, "--voice-questions", str(questions)]
     argv += ["--voice-turns", str(args.turns), "--voice-calls", str(args.calls)]
     argv += ["--voice-spawn-rate", str(args.spawn_rate)]
     argv += ["--voice-long-call", str(args.long_call), "--voice-steps", args.steps]
     argv += ["--voice-step-s", str(args.step_s), "--voice-threshold", str(args.threshold)]
     argv += ["--voice-baseline-ms", str(args.baseline_ms)]
+    argv += ["--voice-silence-s", str(args.silence_s)]
     argv += ["--voice-server-pids", target.server_pids, "--voice-config", json.dumps(config)]
     argv += ["--voice-report", str(out / REPORT_NAME)] + (["--voice-knee"] if args.knee else [])
     return argv
@@ -172,19 +232,142 @@ def summarise(report_dir: Path) -> None:
         return
     for drawn in figures.draw(report, report_dir):
         print(f"wrote {drawn}")
-    print(figures.summary(report))
+    text = figures.summary(report)
+    (report_dir / "summary.txt").write_text(text + "\n")
+    print(text)
+
+
+# --- the transceiver fault ------------------------------------------------------------------
+
+
+def parse_fault(text: str) -> float | None:
+    """``transceiver@S`` -> S (seconds after the test starts); "" -> None."""
+    if not text:
+        return None
+    kind, _, at = text.partition("@")
+    try:
+        at_s = float(at)
+    except ValueError:
+        at_s = -1.0
+    if kind != "transceiver" or at_s < 0:
+        raise SystemExit(f"--fault: expected transceiver@SECONDS, got {text!r}")
+    return at_s
+
+
+def holding_calls(transceivers: Sequence[Transceiver]) -> tuple[Transceiver, int] | None:
+    """The live transceiver with the most sessions on its link, among those that have sent a
+    ``session.created`` (from each one's /metrics); None while none has, or while it would be
+    the last one alive."""
+    found: list[tuple[int, Transceiver]] = []
+    for transceiver in transceivers:
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            text = httpx.get(transceiver.url.rstrip("/") + "/metrics", timeout=1.0).text
+            samples = metric_samples(text, "transceiver_")
+            sessions = int(samples.get(SESSIONS_METRIC, 0))
+            found.append((sessions if samples.get(CREATED_METRIC, 0) else 0, transceiver))
+    holders = [(n, t) for n, t in found if n > 0]
+    if len(found) < 2 or not holders:
+        return None
+    sessions, transceiver = max(holders, key=lambda pair: pair[0])
+    return transceiver, sessions
+
+
+def kill_transceiver_later(
+    transceivers: Sequence[Transceiver], at_s: float, report_dir: Path, done: threading.Event
+) -> None:
+    """``at_s`` after the test started (the master's ``started.json``), SIGKILL the transceiver
+    holding the most calls and its child processes, by PID, unless the run ends first; write
+    ``fault.json`` (read by the master for the report) and say so."""
+    began = _started_unix_s(report_dir / STARTED_FILE, done)
+    if began is None or done.wait(max(0.0, began + at_s - time.time())):
+        print(f"fault: the run ended before +{at_s:g} s; no transceiver killed", flush=True)
+        return
+    deadline = time.monotonic() + HOLDER_TIMEOUT_S
+    while (holder := holding_calls(transceivers)) is None:
+        if done.wait(POLL_S) or time.monotonic() > deadline:
+            print("fault: no transceiver held a call any more; none killed", flush=True)
+            return
+    victim, sessions = holder
+    pids = process_tree(victim.pid)  # the transceiver first, then its children
+    killed_at = time.time()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    record = {
+        "kind": "transceiver",
+        "name": victim.name,
+        "pid": victim.pid,
+        "pids": pids,
+        "sessions": sessions,
+        "killed_unix_s": killed_at,
+        "at_s": round(killed_at - began, 2),
+    }
+    (report_dir / FAULT_FILE).write_text(json.dumps(record))
+    print(
+        f"fault: killed {victim.name} (pid {victim.pid}, {sessions} sessions) at "
+        f"+{killed_at - began:.1f} s",
+        flush=True,
+    )
+
+
+def _started_unix_s(path: Path, done: threading.Event) -> float | None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not done.wait(POLL_S) and time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return float(json.loads(path.read_text())["unix_s"])
+    return None
+
+
+@contextlib.contextmanager
+def fault_injected(args: argparse.Namespace, target: Target) -> Iterator[None]:
+    """With ``--fault``: the killer thread for the run's duration (told to stop at its end)."""
+    (args.report_dir / STARTED_FILE).unlink(missing_ok=True)
+    (args.report_dir / FAULT_FILE).unlink(missing_ok=True)
+    at_s = parse_fault(args.fault)
+    if at_s is None:
+        yield
+        return
+    args.report_dir.mkdir(parents=True, exist_ok=True)
+    done = threading.Event()
+    killer = threading.Thread(
+        target=kill_transceiver_later,
+        args=(target.transceivers, at_s, args.report_dir, done),
+        name="transceiver fault",
+        daemon=True,
+    )
+    killer.start()
+    try:
+        yield
+    finally:
+        done.set()
+        killer.join(timeout=5.0)
+
+
+def _check(args: argparse.Namespace) -> None:
+    parser = _parser()
+    if not (args.url or args.local or args.master):
+        parser.error("give --url of a running stack or --local offline|api")
+    if args.transceivers and not args.local:
+        parser.error("--transceivers is for the stack --local starts")
+    if args.fault:
+        parse_fault(args.fault)
+        if not args.local or args.worker or args.master:
+            parser.error("--fault kills a process this starts: it needs --local")
+        if args.transceivers == 1:
+            parser.error("--fault needs --transceivers 2 or more (a survivor to resume on)")
 
 
 def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
-    if not (args.url or args.local or args.master):
-        _parser().error("give --url of a running stack or --local offline|api")
+    _check(args)
+    transceivers = args.transceivers or (2 if args.fault else 1)
     with contextlib.ExitStack() as held:
         if args.local and not args.worker:
-            target = held.enter_context(local_stack(args.local))
+            target = held.enter_context(local_stack(args.local, transceivers))
         else:
             target = Target(args.url, args.server_pids)
-        code = run_locust(args, target)
+        with fault_injected(args, target):
+            code = run_locust(args, target)
     if not args.worker:
         summarise(args.report_dir)
     return code

@@ -1,7 +1,8 @@
 """The ``voice`` load-test scenario, really run: ``python -m loadtest.voice_scenario`` starts a
 local stack, Locust (a master and one worker process) and its driver child, and real WebRTC
-calls speak piper's questions to the pipeline. Behaviour only (calls set up, turns answered
-with transcripts, the report and Locust's CSV written), never timings."""
+calls speak piper's questions to the pipeline; in the same run a transceiver is killed under
+them and its calls resume on the other one. Behaviour only (calls set up, turns answered with
+transcripts, the resumes and the report and Locust's CSV written), never timings."""
 
 from __future__ import annotations
 
@@ -53,15 +54,31 @@ def test_calls_to_the_offline_pipeline_are_set_up_and_answered(tmp_path: Path) -
     assert rows[("CALL", "setup")]["Request Count"] == "2"
     assert rows[("TURN", "turn")]["Request Count"] == "4"
     assert rows[("TURN", "turn")]["Failure Count"] == "0"
+    assert report["faults"] == [] and report["resumes"] == []
 
 
 @pytest.mark.slow
-def test_a_long_call_reports_every_turn_with_server_memory(tmp_path: Path) -> None:
-    report = _scenario(tmp_path, "--local", "api", "--long-call", "3")
+def test_a_long_call_reports_every_turn_and_survives_its_transceiver(tmp_path: Path) -> None:
+    """One call of three turns on the first of two transceivers; 5 s into the run (its first
+    or second turn) that transceiver is killed: the call resumes on the other one, asks the
+    cut question again and finishes its turns."""
+    report = _scenario(tmp_path, "--local", "api", "--long-call", "3", "--fault", "transceiver@5")
     turns = report["turns_by_number"]
     assert [row["turn"] for row in turns] == [1, 2, 3]
     assert all(row["server_rss_mb"] and row["latency_ms"] > 0 for row in turns)
     assert all(said["answer"].startswith("You said: heard") for said in report["transcripts"])
+    assert report["turns"]["failed"] == {} and report["setup"]["failed"] == {}
+    (fault,) = report["faults"]
+    assert fault["kind"] == "transceiver" and fault["name"].startswith("transceiver-")
+    assert fault["affected"] == fault["resumed"] == fault["recovered"] == 1
+    (call,) = fault["calls"]
+    assert call["resumed"] and call["reasked"] == "answered", call  # turns went on after it
+    assert call["history_kept"], call  # every answered turn replayed by the new transceiver
+    with (tmp_path / "locust_stats.csv").open() as stats:
+        rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(stats)}
+    assert rows[("CALL", "resume")]["Request Count"] == "1"
+    assert rows[("CALL", "resume")]["Failure Count"] == "0"
+    assert "1 calls affected, 1 resumed" in (tmp_path / "summary.txt").read_text()
 
 
 def _step(knee: Knee, at_s: float, latencies_ms: list[float], failures: int = 0) -> None:
