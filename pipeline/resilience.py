@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
-from pipeline.circuit_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, Clock
+from pipeline.circuit_breaker import (
+    BreakerPolicy,
+    BreakerState,
+    CircuitBreaker,
+    CircuitOpenError,
+    Clock,
+)
 from pipeline.guards import (
     Attempt,
     BreakerGuard,
@@ -163,7 +169,10 @@ class _Hardened(Generic[P]):
         policy = policy or ResiliencePolicy()
         self.name = primary.name
         self.stats = ResilienceStats()
-        self.breaker = CircuitBreaker(primary.name, policy.breaker, clock, self.stats.moved)
+        # The breaker's state as of its last transition, for export only (metrics read it at
+        # scrape time; ``breaker.state`` would move an expired open circuit to half-open).
+        self.circuit: BreakerState = "closed"
+        self.breaker = CircuitBreaker(primary.name, policy.breaker, clock, self._moved)
         self.retry = RetryGuard(
             primary.name, policy.retry, self.stats, sleep or asyncio.sleep, rng or random.Random()
         )
@@ -178,6 +187,10 @@ class _Hardened(Generic[P]):
         if fallback is not None:
             self._providers.append(fallback)
             self._tiers.append(Tier[Any](fallback.name, [CountGuard(fallback.name, self.stats)]))
+
+    def _moved(self, provider: str, state: BreakerState) -> None:
+        self.circuit = state
+        self.stats.moved(provider, state)
 
     def _run(self, attempts: Sequence[Attempt[T]], input_end: InputEnd) -> AsyncGenerator[T, None]:
         calls = [

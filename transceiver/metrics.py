@@ -1,8 +1,9 @@
 """Prometheus metrics of the voice sessions, in the app's registry.
 
 I/O layer (prometheus-client). Turn records feed the per-stage latency histograms; the
-resilience wrappers' ``.stats`` (retries, failures, fallbacks), the owned loops' crash counts
-and Redis's health are read at scrape time.
+resilience wrappers' ``.stats`` (retries, failures, fallbacks, calls refused by an open
+circuit, breaker transitions) and circuit state, the owned loops' crash counts, Redis's health
+and the calls' capacity and draining are read at scrape time.
 """
 
 from __future__ import annotations
@@ -38,7 +39,15 @@ KNOWN_CLIENT_EVENTS = frozenset(
         "conversation.item.delete",
     }
 )
-RESILIENCE_COUNTERS = ("attempts", "failures", "retries", "retries_denied", "fallbacks")
+RESILIENCE_COUNTERS = (
+    "attempts",
+    "failures",
+    "retries",
+    "retries_denied",
+    "short_circuited",
+    "fallbacks",
+)
+BREAKER_STATES = ("closed", "open", "half_open")
 
 
 class RealtimeMetrics:
@@ -92,10 +101,14 @@ class RealtimeMetrics:
 
 
 class ResilienceCollector(Collector):
-    """The hardened providers' counters (``pipeline.guards.ResilienceStats``), per provider."""
+    """The hardened providers' counters (``pipeline.guards.ResilienceStats``) and circuit
+    breakers (``pipeline.resilience``: ``circuit``, the state of the last transition), per
+    provider."""
 
     def __init__(self, providers: Iterable[Any]) -> None:
-        self._stats = [p.stats for p in providers if hasattr(p, "stats")]
+        hardened = [p for p in providers if hasattr(p, "stats")]
+        self._stats = [p.stats for p in hardened]
+        self._circuits = [p for p in hardened if hasattr(p, "circuit")]
 
     def collect(self) -> Iterator[Metric]:
         for counter in RESILIENCE_COUNTERS:
@@ -108,6 +121,28 @@ class ResilienceCollector(Collector):
                 for provider, count in sorted(getattr(stats, counter).items()):
                     family.add_metric([provider], count)
             yield family
+        yield from self._breakers()
+
+    def _breakers(self) -> Iterator[Metric]:
+        circuit_open = GaugeMetricFamily(
+            "transceiver_provider_circuit_open",
+            "1 while a provider's circuit breaker is not closed (open: calls refused and passed "
+            "to the fallback; half-open: one probe at a time), else 0",
+            labels=["provider"],
+        )
+        for hardened in self._circuits:
+            circuit_open.add_metric([hardened.name], float(hardened.circuit != "closed"))
+        yield circuit_open
+        transitions = CounterMetricFamily(
+            "transceiver_provider_circuit_transitions",
+            "Circuit breaker transitions, by provider and the state entered",
+            labels=["provider", "state"],
+        )
+        for stats in self._stats:
+            for key, count in sorted(stats.breaker_transitions.items()):
+                provider, _, state = key.rpartition(":")
+                transitions.add_metric([provider, state], count)
+        yield transitions
 
 
 class TaskCrashCollector(Collector):
@@ -135,6 +170,27 @@ class RedisHealthCollector(Collector):
             "transceiver_redis_unreachable_seconds",
             "Seconds Redis has been unreachable in a row (0 while it answers); calls go on",
             value=self._down_for_s(),
+        )
+
+
+class CapacityCollector(Collector):
+    """How many calls this transceiver takes (``TRANSCEIVER_CAPACITY``) and whether it is
+    draining: what the autoscalers and alerts compare ``transceiver_sessions`` with."""
+
+    def __init__(self, capacity: Callable[[], int], draining: Callable[[], bool]) -> None:
+        self._capacity = capacity
+        self._draining = draining
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "transceiver_capacity",
+            "Calls this transceiver takes at most (TRANSCEIVER_CAPACITY); beyond, offers get 503",
+            value=self._capacity(),
+        )
+        yield GaugeMetricFamily(
+            "transceiver_draining",
+            "1 from SIGTERM on: no new calls, the live ones handed over to other transceivers",
+            value=float(self._draining()),
         )
 
 

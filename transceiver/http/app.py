@@ -40,6 +40,7 @@ from transceiver.http import client_secrets
 from transceiver.http.auth import Authenticator, AuthError
 from transceiver.http.errors import ApiError, add_error_handlers, error_response, unavailable
 from transceiver.http.offers import json_object, read_offer
+from transceiver.metrics import CapacityCollector
 from transceiver.realtime.client_events import (
     EventError,
     SessionConfig,
@@ -106,6 +107,7 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(title="voicerelay transceiver", docs_url=None, redoc_url=None)
     registry.register(LinkCollector(link))
+    registry.register(_capacity_collector(calls))
     add_error_handlers(app)
     _add_cors(app)
     _add_web_client(app)
@@ -183,6 +185,12 @@ def _add_health(
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _capacity_collector(calls: Calls) -> CapacityCollector:
+    # Calls keeps its CallLimits (the configured TRANSCEIVER_CAPACITY) to itself; read, never set.
+    limits = calls._limits
+    return CapacityCollector(lambda: limits.capacity, lambda: calls.draining)
 
 
 def _add_cors(app: FastAPI) -> None:
