@@ -27,8 +27,8 @@ METRIC_SOURCES = (
     "transceiver/http/app.py",
 )
 SUFFIXES = ("", "_total", "_bucket", "_sum", "_count")
-# Read from kube-state-metrics, not from us.
-EXTERNAL = {"kube_pod_deletion_timestamp"}
+# Read from other exporters (kube-state-metrics and the like), not from us: none today.
+EXTERNAL: set[str] = set()
 GRID_COLUMNS = 24
 # The part of Grafana's dashboard model (schemaVersion 39) the dashboard relies on.
 DASHBOARD_SCHEMA: dict[str, Any] = {
@@ -183,13 +183,42 @@ def test_a_metric_the_code_does_not_serve_is_found() -> None:
     assert unknown_metrics(broken) == ["alert X: transceiver_calls_active"]
 
 
-def test_capacity_in_the_rules_is_the_configured_capacity() -> None:
+def capacity_findings(expressions: dict[str, str], capacity: str) -> list[str]:
+    """Queries that weigh live calls against a capacity written into them instead of the one
+    each transceiver serves (transceiver_capacity, its TRANSCEIVER_CAPACITY)."""
+    found = []
+    for where, expr in expressions.items():
+        if "transceiver_sessions" not in expr or "kube_" in expr:
+            continue
+        weighed = "/" in expr or where.startswith("ScaledObject")
+        if re.search(rf"(?<![\w.]){capacity}(?![\w.])", expr):
+            found.append(f"{where}: writes the capacity ({capacity})")
+        elif weighed and "transceiver_capacity" not in expr:
+            found.append(f"{where}: weighs calls without transceiver_capacity")
+    return found
+
+
+def test_capacity_in_rules_and_autoscalers_is_the_capacity_the_transceivers_serve() -> None:
     docs = rendered("production")
     capacity = settings(docs)["TRANSCEIVER_CAPACITY"]
-    (rule,) = [
-        r for g in rule_groups(docs) for r in g["rules"] if r["alert"] == "TransceiversNearCapacity"
+    expressions = queries(docs)
+    assert capacity_findings(expressions, capacity) == []
+    assert "transceiver_capacity" in expressions["alert TransceiversNearCapacity"]
+    assert "transceiver_capacity" in expressions["ScaledObject transceiver"]
+    assert "transceiver_draining" in expressions["alert TransceiverDrainStuck"]
+    assert "transceiver_provider_circuit_open" in expressions["alert ProviderCircuitOpen"]
+
+
+def test_a_capacity_written_into_a_query_is_found() -> None:
+    written = {
+        "alert A": "sum(transceiver_sessions) / (100 * count(transceiver_sessions)) > 0.8",
+        "ScaledObject t": "sum(transceiver_sessions{namespace='voicerelay'})",
+        "panel Calls A": "sum(transceiver_sessions)",  # a plain count of calls is fine
+    }
+    assert capacity_findings(written, "100") == [
+        "alert A: writes the capacity (100)",
+        "ScaledObject t: weighs calls without transceiver_capacity",
     ]
-    assert f"({capacity} * count(transceiver_sessions))" in rule["expr"]
 
 
 def dashboard_findings(dashboard: Any) -> list[str]:

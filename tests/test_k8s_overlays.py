@@ -317,8 +317,6 @@ def container_environment(docs: list[Doc], container: Doc) -> dict[str, str]:
             env[variable["name"]] = re.sub(
                 r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), variable["value"]
             )
-    # Names the relay would resolve at start: any address will do for its timings.
-    env["RELAY_TRANSCEIVERS"] = "10.0.0.2:7000"
     return env
 
 
@@ -431,21 +429,61 @@ def test_liveness_never_depends_on_redis_or_any_dependency() -> None:
 # --- overlays ----------------------------------------------------------------------------------
 
 
-def transceiver_names(docs: list[Doc]) -> list[str]:
-    return settings(docs)["RELAY_TRANSCEIVERS"].split(",")
+def discovery_findings(docs: list[Doc]) -> list[str]:
+    """The relay must find every transceiver pod that may hold calls, whatever their count: its
+    RELAY_TRANSCEIVERS names a headless Service selecting them all, ready or not, on the link
+    port (relay.transceivers: a relay lets go of an address the answers drop)."""
+    stateful = ours(docs)["transceiver"]
+    labels = stateful["spec"]["template"]["metadata"]["labels"]
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    found = []
+    for entry in settings(docs)["RELAY_TRANSCEIVERS"].split(","):
+        host, _, port = entry.rpartition(":")
+        service = services.get(host)
+        if service is None:
+            found.append(f"{entry}: not a Service of the overlay")
+            continue
+        spec = service["spec"]
+        if spec.get("clusterIP") != "None":
+            found.append(f"{entry}: not headless (one address, not one per pod)")
+        if spec.get("publishNotReadyAddresses") is not True:
+            found.append(f"{entry}: drops pods that are not ready (full, draining)")
+        if not spec["selector"].items() <= labels.items():
+            found.append(f"{entry}: does not select the transceiver pods")
+        if not any(p["port"] == int(port) and p["protocol"] == "UDP" for p in spec["ports"]):
+            found.append(f"{entry}: no UDP port {port}")
+    (container,) = stateful["spec"]["template"]["spec"]["containers"]
+    link = {e["name"]: e.get("value") for e in container["env"]}.get("TRANSCEIVER_LINK")
+    if link != "$(POD_IP):7000":
+        found.append(f"transceiver: TRANSCEIVER_LINK {link} is not the pod IP on the link port")
+    return found
 
 
 @pytest.mark.parametrize("overlay", ["dev", "production"])
-def test_the_relay_lists_every_transceiver_pod_by_its_stable_name(overlay: str) -> None:
+def test_the_relay_finds_every_transceiver_pod_through_the_headless_service(overlay: str) -> None:
     docs = rendered(overlay)
-    stateful = ours(docs)["transceiver"]
-    service = one(docs, "Service", stateful["spec"]["serviceName"])
-    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"]
-    (link,) = [p for p in service["spec"]["ports"] if p["name"] == "link"]
-    expected = [
-        f"transceiver-{i}.transceiver:{link['port']}" for i in range(stateful["spec"]["replicas"])
+    assert settings(docs)["RELAY_TRANSCEIVERS"] == "transceiver:7000"
+    assert discovery_findings(docs) == []
+    env = container_environment(
+        docs, ours(docs)["relay"]["spec"]["template"]["spec"]["containers"][0]
+    )
+    config = load_relay_config([], env)  # the relay takes the name as it is, to look up later
+    assert config.transceivers == (("transceiver", 7000),)
+
+
+def test_a_service_that_hides_pods_from_the_relay_is_found() -> None:
+    docs = rendered("production")
+    service = one(docs, "Service", "transceiver")
+    service["spec"]["publishNotReadyAddresses"] = False
+    service["spec"]["clusterIP"] = "10.0.0.10"
+    settings(docs)["RELAY_TRANSCEIVERS"] = "transceiver:7000,signalling:7000"
+    assert discovery_findings(docs) == [
+        "transceiver:7000: not headless (one address, not one per pod)",
+        "transceiver:7000: drops pods that are not ready (full, draining)",
+        "signalling:7000: not headless (one address, not one per pod)",
+        "signalling:7000: drops pods that are not ready (full, draining)",
+        "signalling:7000: no UDP port 7000",
     ]
-    assert transceiver_names(docs) == expected
 
 
 def test_dev_fits_a_laptop() -> None:
@@ -505,14 +543,30 @@ def per_pod_target(spec: Doc) -> tuple[str, float]:
         return trigger["metadata"]["query"], float(trigger["metadata"]["threshold"])
     (metric,) = spec["metrics"]
     assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
-    value = metric["pods"]["target"]["averageValue"]
-    return metric["pods"]["metric"]["name"], float(value.rstrip("k")) * (
-        1000 if value.endswith("k") else 1
+    value = str(metric["pods"]["target"]["averageValue"])
+    scale = {"k": 1000.0, "m": 0.001}.get(value[-1], 1.0)
+    return metric["pods"]["metric"]["name"], float(value.rstrip("km")) * scale
+
+
+@functools.cache
+def adapter_queries() -> dict[str, str]:
+    """prometheus-adapter's metric names -> the PromQL behind each (series and query)."""
+    values = yaml.safe_load(
+        (K8S / "components" / "autoscale-hpa" / "prometheus-adapter-values.yaml").read_text()
     )
+    return {
+        rule["name"]["as"]: rule["seriesQuery"] + " " + rule["metricsQuery"]
+        for rule in values["rules"]["custom"]
+    }
+
+
+def calls_over_capacity(metric: str) -> bool:
+    """A KEDA query, or an adapter metric, of live calls over the capacity the pods serve."""
+    query = adapter_queries().get(metric, metric)
+    return "transceiver_sessions" in query and "transceiver_capacity" in query
 
 
 def scaling_findings(docs: list[Doc]) -> list[str]:
-    capacity = int(settings(docs)["TRANSCEIVER_CAPACITY"])
     found = []
     targets = {}
     for target, spec, behavior in scaling(docs):
@@ -525,10 +579,10 @@ def scaling_findings(docs: list[Doc]) -> list[str]:
             found.append(f"{target}: does not scale up at once")
         down = behavior["scaleDown"]
         if target == "transceiver":
-            if "transceiver_sessions" not in metric:
-                found.append(f"transceiver: scales on {metric}, not live calls")
-            if per_pod > capacity:
-                found.append(f"transceiver: {per_pod:g} calls per pod > capacity {capacity}")
+            if not calls_over_capacity(metric):
+                found.append(f"transceiver: scales on {metric}, not live calls over capacity")
+            if not 0 < per_pod < 1:
+                found.append(f"transceiver: a target of {per_pod:g} of capacity leaves no room")
             if down["stabilizationWindowSeconds"] < 600 or any(
                 p["type"] != "Pods" or p["value"] > 1 for p in down["policies"]
             ):
@@ -564,7 +618,8 @@ def test_the_adapter_serves_the_metrics_the_autoscalers_read() -> None:
 def test_autoscaling_that_could_cut_calls_is_found() -> None:
     docs = rendered("production+keda")
     scaled = one(docs, "ScaledObject", "transceiver")
-    scaled["spec"]["triggers"][0]["metadata"]["threshold"] = "150"
+    scaled["spec"]["triggers"][0]["metadata"]["threshold"] = "1.5"
+    scaled["spec"]["triggers"][0]["metadata"]["query"] = "sum(transceiver_sessions)"
     scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"] = {
         "stabilizationWindowSeconds": 0,
         "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}],
@@ -572,7 +627,8 @@ def test_autoscaling_that_could_cut_calls_is_found() -> None:
     scaled["spec"]["fallback"]["behavior"] = "static"
     ours(docs)["transceiver"]["spec"]["replicas"] = 3
     assert scaling_findings(copy.deepcopy(docs)) == [
-        "transceiver: 150 calls per pod > capacity 100",
+        "transceiver: scales on sum(transceiver_sessions), not live calls over capacity",
+        "transceiver: a target of 1.5 of capacity leaves no room",
         "transceiver: scales down faster than one pod at a time, slowly",
         "transceiver: a metrics outage may scale it down",
         "transceiver: an apply would reset the autoscaler's replica count",
