@@ -25,7 +25,7 @@ COMPILE = $(PYPI_ONLY) $(LOCK_TOOLS)/bin/pip-compile -q --generate-hashes --allo
 UPGRADE ?=
 UPGRADE_FLAGS = $(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p)))
 
-.PHONY: all run test lint typecheck bench clean venv sysdeps lock loadtest
+.PHONY: all run test lint typecheck bench clean venv sysdeps lock loadtest image-smoke
 
 all: test
 
@@ -74,6 +74,12 @@ typecheck: $(STAMP)
 
 test: $(STAMP) sysdeps lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The image's entry points (ENTRYPOINT + CMD of deploy/Dockerfile), run from a fresh venv that the
+# Dockerfile's own build-stage commands install from requirements/runtime.txt: what the image
+# would run, where no base image can be pulled. About a minute, so not part of `make test`.
+image-smoke: $(STAMP)
+	VOICERELAY_IMAGE_SMOKE=1 $(PY) -m pytest tests/test_deploy.py -k fresh_venv -ra
 
 bench: $(STAMP) sysdeps
 	$(PY) -m loadtest.bench
