@@ -69,6 +69,7 @@ FRAME_S = FRAME_SAMPLES / RATE_HZ
 TIME_BASE = fractions.Fraction(1, RATE_HZ)
 LOUD_LEVEL = 40  # RFC 6465 level (-dBov): 40 and below is louder than -40 dBov (RMS 0.01)
 QUIET_PACKETS = 10  # this many quiet packets in a row: the answer has stopped playing
+QUIET_GAP_S = 0.2  # or no packet at all for this long (a sender that pauses while silent)
 QUESTIONS = ("What time is it?", "Tell me about coffee.", "When does the library open?")
 API_KEY_ENV = "TRANSCEIVER_API_KEY"  # sent as Authorization: Bearer, when set
 SETUP_TIMEOUT_S = 20.0
@@ -227,8 +228,11 @@ class OpusSpeechTrack(MediaStreamTrack):
 
 
 class AnswerMeter:
-    """Stands in for an audio receiver's RTP path: notes loud and quiet packets, decodes none
-    unless a packet carries no audio level and a turn is waiting for its answer."""
+    """Stands in for an audio receiver's RTP path: notes loud and quiet packets. A packet
+    without the audio-level extension is decoded only while it matters: a turn waits for its
+    answer, or the answer is playing. The answer has stopped when ``QUIET_PACKETS`` quiet packets
+    came in a row, or none for ``QUIET_GAP_S`` (a sender that stays silent between talkspurts,
+    as with Opus DTX, sends nothing: see ``idle``)."""
 
     def __init__(self) -> None:
         self.onset: asyncio.Future[float] | None = None  # the next loud packet's arrival
@@ -249,7 +253,7 @@ class AnswerMeter:
         if self.first_packet_s is None:
             self.first_packet_s = now_s
         waiting = self.onset is not None and not self.onset.done()
-        if self._loud(packet, decode=waiting):
+        if self._loud(packet, decode=waiting or not self.quiet.is_set()):
             self._quiet_run = 0
             self.quiet.clear()
             if self.onset is not None and not self.onset.done():
@@ -258,6 +262,11 @@ class AnswerMeter:
             self._quiet_run += 1
             if self._quiet_run >= QUIET_PACKETS:
                 self.quiet.set()
+
+    def idle(self, now_s: float) -> None:
+        """Nothing came for ``QUIET_GAP_S``: whatever was playing has stopped."""
+        if self.last_packet_s is not None and now_s - self.last_packet_s >= QUIET_GAP_S:
+            self.quiet.set()
 
     def _loud(self, packet: RtpPacket, decode: bool) -> bool:
         level = packet.extensions.audio_level
@@ -410,6 +419,7 @@ class VoiceCall:
     def check_media(self, now_s: float, silence_s: float, stalled: bool) -> None:
         """Resolve ``lost`` when nothing has come for ``silence_s`` (0: never). After a stall
         of the driver's own loop (``stalled``) packets may wait unread: the clock restarts."""
+        self.meter.idle(now_s)
         if self.connected_s is None or self.lost.done() or silence_s <= 0:
             return
         if stalled:

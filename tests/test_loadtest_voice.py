@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiortc.rtp import RtpPacket
 
-from loadtest.voice_calls import Metronome
+from loadtest.voice_calls import QUIET_GAP_S, QUIET_PACKETS, AnswerMeter, Metronome
 from loadtest.voice_report import Hist, Knee, KneePlan, fault_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +127,34 @@ async def test_a_track_that_stops_waiting_leaves_the_others_their_tick() -> None
             assert isinstance(await staying, float)
     finally:
         metronome.close()
+
+
+def _rtp(level: int | None) -> RtpPacket:
+    packet = RtpPacket(payload_type=111, sequence_number=1, timestamp=960, payload=b"\xf8")
+    if level is not None:
+        packet.extensions.audio_level = (True, level)
+    return packet
+
+
+async def test_an_answer_ends_when_packets_stop_as_well_as_when_they_go_quiet() -> None:
+    """A sender that sends nothing while silent (Opus DTX, the lean media path) ends an
+    answer by its silence: no quiet packets ever come."""
+    meter = AnswerMeter()
+    onset = meter.expect_answer()
+    await meter.handle_rtp_packet(_rtp(10))
+    assert onset.done() and not meter.quiet.is_set()
+    assert meter.last_packet_s is not None
+    meter.idle(meter.last_packet_s + QUIET_GAP_S / 2)
+    assert not meter.quiet.is_set()  # a gap shorter than the rule: still playing
+    meter.idle(meter.last_packet_s + QUIET_GAP_S)
+    assert meter.quiet.is_set()
+    for _ in range(QUIET_PACKETS):  # and the packet rule still holds on its own
+        await meter.handle_rtp_packet(_rtp(10))
+        await meter.handle_rtp_packet(_rtp(127))
+    assert not meter.quiet.is_set()
+    for _ in range(QUIET_PACKETS):
+        await meter.handle_rtp_packet(_rtp(127))
+    assert meter.quiet.is_set()
 
 
 def test_the_faults_section_counts_the_calls_the_kill_cut() -> None:
