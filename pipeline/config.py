@@ -3,7 +3,8 @@ them, loaded from ``PIPELINE_*`` variables.
 
 Policy layer, pure. The components' settings (``VadConfig``, ``ChunkerConfig``,
 ``EngineConfig``, ``PocketsphinxConfig``, ``PiperConfig``, ``EspeakConfig``,
-``LocalAgentConfig``) are validated when built; the modules that run the components import
+``LocalAgentConfig``, ``PoolPolicy``: the process's pool for the heavy offline stages) are
+validated when built; the modules that run the components import
 them from here. ``PipelineConfig`` is what an operator sets: every field ``name`` is read from
 ``PIPELINE_<NAME>`` and mirrored by the CLI flag ``--<name-with-dashes>`` (flags win). Values
 are validated at load with a message naming the variable. Provider choice per stage:
@@ -19,6 +20,7 @@ are validated at load with a message naming the variable. Provider choice per st
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -102,12 +104,46 @@ class PocketsphinxConfig:
     partial_interval_ms: int = 200
     start_timeout_s: float = 60.0
     final_timeout_s: float = 10.0
+    # An utterance whose audio stops arriving for this long (a stalled client; no end of
+    # speech) hands its decoder to an utterance waiting for one; it replays its audio on a
+    # decoder when its audio comes back.
+    stall_release_ms: int = 1000
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= 64:
             raise ValueError(f"pocketsphinx workers must be within 1..64, got {self.workers}")
         if self.partial_interval_ms <= 0:
             raise ValueError("pocketsphinx partial_interval_ms must be > 0")
+        if self.stall_release_ms <= 0:
+            raise ValueError("pocketsphinx stall_release_ms must be > 0")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class PoolPolicy:
+    size: int = 0  # 0: usable_cores()
+    max_wait_s: float = 0.5
+    max_queue: int = 0  # 0: 2 * size
+    window_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.size <= 256:
+            raise ValueError(f"pool size must be within 0..256 (0: the cores), got {self.size}")
+        if self.max_wait_s <= 0 or self.window_s <= 0:
+            raise ValueError("pool max_wait_s and window_s must be > 0")
+        if self.max_queue < 0:
+            raise ValueError(f"pool max_queue must be >= 0, got {self.max_queue}")
+
+    def resolved(self) -> PoolPolicy:
+        size = self.size or usable_cores()
+        return PoolPolicy(size, self.max_wait_s, self.max_queue or 2 * size, self.window_s)
 
 
 @dataclass(frozen=True)
@@ -166,7 +202,11 @@ class PipelineConfig:
     max_tool_rounds: int = 4
     instructions: str = ""
     knowledge_file: str = ""  # "" = the sample shipped in pipeline/data/knowledge.md
-    stt_workers: int = 1
+    stt_workers: int = 0  # pocketsphinx decoder processes; 0: pool_size
+    stt_stall_release_ms: int = 1000
+    pool_size: int = 0  # slots per heavy offline stage (STT, TTS); 0: the usable cores
+    pool_max_wait_ms: int = 500  # a job waited longer for a slot: the pool is saturated
+    pool_max_queue: int = 0  # more jobs wait than this: saturated; 0: 2 * pool_size
     piper_noise_scale: float | None = None
     piper_noise_w_scale: float | None = None
     piper_length_scale: float | None = None
@@ -183,6 +223,7 @@ class PipelineConfig:
         try:
             self.engine_config()
             self.pocketsphinx_config()
+            self.pool_policy()
             self.piper_config()
             self.local_agent_config()
         except ValueError as error:
@@ -215,8 +256,12 @@ class PipelineConfig:
             chunker=ChunkerConfig(),
         )
 
+    def pool_policy(self) -> PoolPolicy:
+        return PoolPolicy(self.pool_size, self.pool_max_wait_ms / 1000, self.pool_max_queue)
+
     def pocketsphinx_config(self) -> PocketsphinxConfig:
-        return PocketsphinxConfig(workers=self.stt_workers)
+        workers = self.stt_workers or min(64, self.pool_policy().resolved().size)
+        return PocketsphinxConfig(workers=workers, stall_release_ms=self.stt_stall_release_ms)
 
     def piper_config(self) -> PiperConfig:
         return PiperConfig(

@@ -47,7 +47,7 @@ def test_values_are_parsed_and_mirrored_by_flags() -> None:
             "PIPELINE_FALLBACK (environment): 'maybe' is not a valid bool",
         ),
         ({"PIPELINE_VAD_THRESHOLD": "2"}, "vad threshold must be within 0..1, got 2.0"),
-        ({"PIPELINE_STT_WORKERS": "0"}, "pocketsphinx workers must be within 1..64, got 0"),
+        ({"PIPELINE_STT_WORKERS": "-1"}, "pocketsphinx workers must be within 1..64, got -1"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(environ: dict[str, str], message: str) -> None:
