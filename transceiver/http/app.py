@@ -176,7 +176,8 @@ def _add_health(
         if reason is None and persistence is not None:
             reason = persistence.not_ready_reason()
         if reason is not None:
-            return error_response(503, reason, f"transceiver is {reason}")
+            message = calls.not_ready_message or f"transceiver is {reason}"
+            return error_response(503, reason, message)
         body: dict[str, Any] = {"status": "ready", "sessions": len(calls)}
         if persistence is not None:
             body["redis"] = persistence.status()
@@ -188,9 +189,7 @@ def _add_health(
 
 
 def _capacity_collector(calls: Calls) -> CapacityCollector:
-    # Calls keeps its CallLimits (the configured TRANSCEIVER_CAPACITY) to itself; read, never set.
-    limits = calls._limits
-    return CapacityCollector(lambda: limits.capacity, lambda: calls.draining)
+    return CapacityCollector(lambda: calls.capacity, lambda: calls.draining)
 
 
 def _add_cors(app: FastAPI) -> None:

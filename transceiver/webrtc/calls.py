@@ -10,6 +10,10 @@ watcher that crashes is logged with its traceback, counted in
 restarted, since its one job is to end that call at the right moment, and a call no watcher
 ends would hold its capacity forever.
 
+Admission: a new call is refused while draining, when the calls fill ``capacity``, or while
+``overload`` (the agents' shared work: the offline pipeline's pool) says calls would be slowed
+down by one more; the calls in progress go on.
+
 Capacity: a call holds a slot from ``reserve`` on, before anything is done for it elsewhere
 (a resumed session is claimed in Redis only once it has one), and ``create`` turns the slot
 into the call; ``create`` owns the agent it is given and closes it on every failure.
@@ -75,10 +79,10 @@ class CallLimits:
 
 
 class AdmissionError(Exception):
-    """No room for a new call: full, or draining."""
+    """No room for a new call: full, draining, or overloaded (``detail`` says by what)."""
 
-    def __init__(self, reason: str, retry_after_s: int) -> None:
-        super().__init__(f"transceiver is {reason}")
+    def __init__(self, reason: str, retry_after_s: int, detail: str | None = None) -> None:
+        super().__init__(f"transceiver is {reason}" + (f": {detail}" if detail else ""))
         self.reason = reason
         self.retry_after_s = retry_after_s
 
@@ -177,12 +181,14 @@ class Calls:
         registry: CollectorRegistry,
         agents: AgentFactory,
         media_path: str = "aiortc",
+        overload: Callable[[], str | None] | None = None,
     ) -> None:
         if media_path not in MEDIA_PATHS:
             raise ValueError(f"media path {media_path!r} is not one of {', '.join(MEDIA_PATHS)}")
         self._relayed = relayed
         self._limits = limits
         self._agents = agents
+        self._overload = overload
         self.lean_media = LeanMedia() if media_path == "lean" else None
         self._metrics = CallMetrics(registry)
         self._calls: dict[str, Call] = {}
@@ -199,17 +205,36 @@ class Calls:
         return self._calls.get(call_id)
 
     @property
+    def capacity(self) -> int:
+        """Calls this process takes at most (``TRANSCEIVER_CAPACITY``)."""
+        return self._limits.capacity
+
+    @property
     def not_ready_reason(self) -> str | None:
+        refusal = self._refusal()
+        return None if refusal is None else refusal.reason
+
+    @property
+    def not_ready_message(self) -> str | None:
+        refusal = self._refusal()
+        return None if refusal is None else str(refusal)
+
+    def _refusal(self) -> AdmissionError | None:
+        retry_after_s = self._limits.retry_after_s
         if self.draining:
-            return "draining"
-        taken = len(self._calls) + self._reserved
-        return "full" if taken >= self._limits.capacity else None
+            return AdmissionError("draining", retry_after_s)
+        if len(self._calls) + self._reserved >= self._limits.capacity:
+            return AdmissionError("full", retry_after_s)
+        overload = None if self._overload is None else self._overload()
+        if overload is not None:  # the agents' shared work is behind: calls here would be slow
+            return AdmissionError("overloaded", retry_after_s, overload)
+        return None
 
     def admit(self) -> None:
         """Raise AdmissionError when a new call would not be accepted."""
-        reason = self.not_ready_reason
-        if reason is not None:
-            raise AdmissionError(reason, self._limits.retry_after_s)
+        refusal = self._refusal()
+        if refusal is not None:
+            raise refusal
 
     @contextlib.contextmanager
     def reserve(self) -> Iterator[Reservation]:
