@@ -259,7 +259,7 @@ async def test_bad_input_gets_error_events_and_the_session_goes_on(voice_page: P
     page = voice_page
     bad: list[tuple[dict[str, Any] | str, str, str | None]] = [
         ("{not json", "invalid_json", None),
-        ({"type": "no.such.event"}, "unknown_event", "type"),
+        ({"type": "no.such.event"}, "invalid_value", "type"),
         (
             {"type": "session.update", "session": {"instructions": 7}},
             "invalid_type",

@@ -174,7 +174,7 @@ def item(**fields: Any) -> str:
         ("[1, 2]", "invalid_event", None),
         ('{"event_id": "x"}', "missing_required_parameter", "type"),
         ('{"type": 7}', "invalid_type", "type"),
-        ('{"type": "session.explode"}', "unknown_event", "type"),
+        ('{"type": "session.explode"}', "invalid_value", "type"),
         ('{"type": "session.update"}', "missing_required_parameter", "session"),
         (session(instructions=5), "invalid_type", "session.instructions"),
         (session(tools={}), "invalid_type", "session.tools"),

@@ -44,7 +44,7 @@ async def test_bad_input_gets_named_errors_and_the_session_goes_on(
     assert invalid["code"] == "invalid_json" and invalid["type"] == "invalid_request_error"
     unknown = await error_for(client, {"type": "session.explode", "event_id": "evt_1"})
     assert (unknown["code"], unknown["param"], unknown["event_id"]) == (
-        "unknown_event", "type", "evt_1"
+        "invalid_value", "type", "evt_1"
     )  # fmt: skip
     wrong = await error_for(client, {"type": "session.update", "session": {"instructions": 5}})
     assert (wrong["code"], wrong["param"]) == ("invalid_type", "session.instructions")

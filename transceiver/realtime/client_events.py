@@ -8,6 +8,7 @@ field was wrong and the session goes on.
 
 from __future__ import annotations
 
+import binascii
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -16,6 +17,9 @@ from typing import Any
 from pipeline.untrusted_json import JsonInputError, decode
 
 MAX_EVENT_BYTES = 256 * 1024
+# Over WebSocket the client's audio rides in the events (base64 PCM16 in
+# ``input_audio_buffer.append``): 4 MiB holds about 60 s of 24 kHz audio in one event.
+MAX_WEBSOCKET_EVENT_BYTES = 4 * 1024 * 1024
 AUDIO_RATE_HZ = 24000
 
 
@@ -154,6 +158,14 @@ class BufferCommand:
 
 
 @dataclass(frozen=True)
+class AudioAppend:
+    """input_audio_buffer.append: PCM16 mono at ``AUDIO_RATE_HZ`` (WebSocket sessions)."""
+
+    event_id: str | None
+    pcm: bytes
+
+
+@dataclass(frozen=True)
 class ItemRetrieve:
     event_id: str | None
     item_id: str
@@ -179,17 +191,19 @@ ClientEvent = (
     | ResponseCreate
     | ResponseCancel
     | BufferCommand
+    | AudioAppend
     | ItemRetrieve
     | ItemTruncate
     | ItemDelete
 )
 
 
-def parse_client_event(data: str | bytes) -> ClientEvent:
-    """Parse one data-channel message; raises EventError naming the problem."""
-    size = _size_bytes(data)
-    if size > MAX_EVENT_BYTES:
-        raise EventError("event_too_large", f"event of {size} bytes exceeds {MAX_EVENT_BYTES}")
+def parse_client_event(data: str | bytes, max_bytes: int = MAX_EVENT_BYTES) -> ClientEvent:
+    """Parse one message (a data-channel message, a WebSocket frame of at most ``max_bytes``);
+    raises EventError naming the problem."""
+    size = _size_bytes(data, max_bytes)
+    if size > max_bytes:
+        raise EventError("event_too_large", f"event of {size} bytes exceeds {max_bytes}")
     try:
         raw = decode(data)
     except JsonInputError as exc:
@@ -198,14 +212,16 @@ def parse_client_event(data: str | bytes) -> ClientEvent:
         raise EventError("invalid_event", "event must be a JSON object")
     kind = _str(raw, "type", required=True)
     parser = _PARSERS.get(kind or "")
-    if parser is None:
-        raise EventError("unknown_event", f"unknown event type {kind!r}", "type")
+    if parser is None:  # OpenAI's code and wording for an unknown type
+        supported = ", ".join(repr(name) for name in _PARSERS)
+        message = f"Invalid value: {kind!r}. Supported values are: {supported}."
+        raise EventError("invalid_value", message, "type")
     return parser(raw, _str(raw, "event_id"))
 
 
-def _size_bytes(data: str | bytes) -> int:
+def _size_bytes(data: str | bytes, max_bytes: int) -> int:
     """As it came over the channel: text counts its UTF-8 bytes, not its characters."""
-    if isinstance(data, bytes) or len(data) <= MAX_EVENT_BYTES // 4 or len(data) > MAX_EVENT_BYTES:
+    if isinstance(data, bytes) or len(data) <= max_bytes // 4 or len(data) > max_bytes:
         return len(data)
     return len(data.encode("utf-8", "surrogatepass"))
 
@@ -362,6 +378,17 @@ def _parse_truncate(raw: Mapping[str, Any], event_id: str | None) -> ItemTruncat
     return ItemTruncate(event_id, _item_id(raw), int(index), int(end_ms))
 
 
+def _parse_append(raw: Mapping[str, Any], event_id: str | None) -> AudioAppend:
+    encoded = _str(raw, "audio", required=True) or ""
+    try:
+        pcm = binascii.a2b_base64(encoded, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise EventError(
+            "invalid_value", "Invalid 'audio'. Expected base64-encoded audio bytes.", "audio"
+        ) from None
+    return AudioAppend(event_id, pcm)
+
+
 def _buffer_command(kind: str) -> _Parser:
     return lambda raw, event_id: BufferCommand(event_id, kind)
 
@@ -372,6 +399,7 @@ _PARSERS: dict[str, _Parser] = {
     "conversation.item.create": _parse_item_create,
     "response.create": _parse_response_create,
     "response.cancel": _parse_response_cancel,
+    "input_audio_buffer.append": _parse_append,
     "input_audio_buffer.clear": _buffer_command("input_audio_buffer.clear"),
     "input_audio_buffer.commit": _buffer_command("input_audio_buffer.commit"),
     "output_audio_buffer.clear": _buffer_command("output_audio_buffer.clear"),
