@@ -53,6 +53,23 @@ class PipelineAgents:
             engine, self.policy, session, self.metrics, self.persistence, limits=self.limits
         )
 
+    def websocket(self, requested: Mapping[str, Any] | None = None) -> RealtimeSession:
+        """A session whose audio rides in its events (WebSocket): the same engine, with its
+        frames made as fast as they come (the client plays them) instead of paced."""
+        config = replace(self.config, realtime_playout=False)
+        policy = replace(self.policy, base=replace(self.policy.base, realtime_playout=False))
+        engine = build_engine(config, self.providers)
+        session = RealtimeSession(
+            engine,
+            policy,
+            policy.initial(requested),
+            self.metrics,
+            self.persistence,
+            limits=self.limits,
+        )
+        session.use_websocket()
+        return session
+
     async def resume(self, session_id: str, credential: str | None) -> RealtimeSession:
         """The stored session, claimed here; ResumeRefused when it may not be (or no Redis)."""
         if self.persistence is None:

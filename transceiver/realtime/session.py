@@ -22,6 +22,12 @@ by another connection (its fencing token refused here) gets an ``error`` with co
 finish, stores everything, releases the session and tells the client
 ``{"type": "voicerelay.session.reconnect", "session_id": ..., "reason": "draining"}``.
 
+WebSocket (``use_websocket``): the same session with its audio in the events. Appended
+base64 PCM16 at 24 kHz is resampled to the engine's input rate and feeds the same VAD; the
+engine's frames go out as ``response.output_audio.delta`` as fast as they are made (the client
+plays them, as with OpenAI), so ``response.done`` marks the end of generation; a client's
+``conversation.item.truncate`` of an answer cuts the model's history to the words heard.
+
 Size (over 400 lines): one class of short methods whose tasks, channel, client-event handlers
 and journal all act on the same live state (engine, journal, channel, events waiting for it);
 the rules themselves live apart (``client_events``, ``translation``, ``policy``).
@@ -35,17 +41,23 @@ import json
 import logging
 from collections.abc import Coroutine, Mapping
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 from aiortc.mediastreams import MediaStreamTrack
 
 from pipeline import events as ev
 from pipeline.engine import ConversationEngine
+from pipeline.playout import PcmResampler
 from pipeline.providers import Message
 from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.background import report_crash
 from transceiver.metrics import RealtimeMetrics
 from transceiver.realtime.client_events import (
+    AUDIO_RATE_HZ,
+    MAX_EVENT_BYTES,
+    MAX_WEBSOCKET_EVENT_BYTES,
+    AudioAppend,
     BufferCommand,
     ClientEvent,
     ConversationItemCreate,
@@ -87,6 +99,7 @@ _TYPES: Mapping[type, str] = {
     ItemRetrieve: "conversation.item.retrieve",
     ItemTruncate: "conversation.item.truncate",
     ItemDelete: "conversation.item.delete",
+    AudioAppend: "input_audio_buffer.append",
 }
 
 
@@ -123,6 +136,10 @@ class RealtimeSession:
         self._answered = False  # start() ran: the call was answered
         self._hung_up = False  # the caller hung up: the stored session ends with the call
         self._restored: tuple[Event, ...] = ()
+        self.max_event_bytes = MAX_EVENT_BYTES
+        self._pcm_in: PcmResampler | None = None  # WebSocket: appended audio -> the engine
+        self._pcm_out: PcmResampler | None = None  # WebSocket: the engine's frames -> deltas
+        self._odd_byte = b""  # an appended chunk's odd last byte, until the next one
         if resumed is not None:
             journal, state = resumed
             self._hold(journal)
@@ -152,6 +169,14 @@ class RealtimeSession:
             self._opened()
         else:
             channel.on("open", self._opened)
+
+    def use_websocket(self) -> None:
+        """This session's audio rides in its events (WebSocket), not on a media track."""
+        config = self.engine.config
+        self._pcm_in = PcmResampler(AUDIO_RATE_HZ, config.input_sample_rate_hz)
+        self._pcm_out = PcmResampler(config.output_sample_rate_hz, AUDIO_RATE_HZ)
+        self.translator.media_track = False
+        self.max_event_bytes = MAX_WEBSOCKET_EVENT_BYTES
 
     async def start(self) -> None:
         if self._persistence is not None and self.journal is None:
@@ -272,7 +297,11 @@ class RealtimeSession:
         async with aclosing(self.engine.events()) as events:
             async for event in events:
                 if isinstance(event, ev.OutputAudio):
-                    if self._remote is not None:  # else the client has no audio to hear it on
+                    if self._pcm_out is not None:
+                        pcm = self._pcm_out.push(event.pcm)
+                        for delta in self.translator.audio_delta(event.response_id, pcm):
+                            self.send(delta)
+                    elif self._remote is not None:  # else the client has no audio to hear it on
                         self.voice.play(event.response_id, event.pcm)
                     continue
                 self._observe(event)
@@ -300,7 +329,7 @@ class RealtimeSession:
 
     def on_message(self, data: str | bytes) -> None:
         try:
-            event = parse_client_event(data)
+            event = parse_client_event(data, self.max_event_bytes)
         except EventError as error:
             self.metrics.client_event("invalid")
             self.send(error_event(error, _event_id_of(data)))
@@ -332,6 +361,8 @@ class RealtimeSession:
             self._cancel(event.response_id)
         elif isinstance(event, BufferCommand):
             self._buffer_command(event.type)
+        elif isinstance(event, AudioAppend):
+            self._append_audio(event.pcm)
         else:
             self._item_command(event)
 
@@ -382,10 +413,37 @@ class RealtimeSession:
             self.translator.forget(event.item_id)
             self.send(server_event("conversation.item.deleted", item_id=event.item_id))
         else:
+            cut = self.translator.truncate(event.item_id, event.audio_end_ms)
+            if cut is not None:
+                self._heard(*cut)
             truncated = {"content_index": event.content_index, "audio_end_ms": event.audio_end_ms}
             self.send(
                 server_event("conversation.item.truncated", item_id=event.item_id, **truncated)
             )
+
+    def _heard(self, full: str, heard: str) -> None:
+        """The model's history keeps only the heard words of an answer (its latest copy)."""
+        history = self.engine.history
+        for index in range(len(history) - 1, -1, -1):
+            message = history[index]
+            if message.role == "assistant" and message.content.split() == full.split():
+                history[index] = replace(message, content=heard)
+                if self.journal is not None:
+                    self.journal.history(history)
+                return
+
+    def _append_audio(self, pcm: bytes) -> None:
+        if self._pcm_in is None:
+            raise EventError(
+                "invalid_value",
+                "input_audio_buffer.append is for WebSocket sessions; over WebRTC the audio "
+                "goes on the media track",
+                "type",
+            )
+        pcm = self._odd_byte + pcm
+        self._odd_byte = pcm[len(pcm) & ~1 :]
+        if len(pcm) > 1:
+            self.engine.push_audio(self._pcm_in.push(pcm[: len(pcm) & ~1]))
 
     def _buffer_command(self, kind: str) -> None:
         if kind == "input_audio_buffer.clear":

@@ -12,17 +12,24 @@ output_item.added + conversation.item.added + content_part.added, output_audio_b
 output_audio_transcript.delta*, (output_audio_buffer.stopped or .cleared), transcript.done,
 output_audio.done, content_part.done, output_item.done + conversation.item.done, response.done
 (with usage), then the ``voicerelay.turn.metrics`` extension.
+
+Over WebSocket (``media_track=False``) the audio rides in the events: ``audio_delta`` makes
+``response.output_audio.delta`` (base64 PCM16 at 24 kHz) and there is no output audio buffer,
+so no ``output_audio_buffer.*`` events and no automatic truncation on barge-in: as with
+OpenAI, the client plays the audio and says what it heard with ``conversation.item.truncate``
+(``truncate`` answers what text that leaves).
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import events as ev
 from pipeline.turns import TurnRecord
-from transceiver.realtime.client_events import new_id
+from transceiver.realtime.client_events import AUDIO_RATE_HZ, EventError, new_id
 from transceiver.realtime.server_events import function_call_item, message_item, server_event
 
 Event = dict[str, Any]
@@ -46,8 +53,12 @@ class _Response:
 
 
 class EngineEventTranslator:
-    def __init__(self, first_frame_sent_s: FirstFrameLookup = lambda _: None) -> None:
+    def __init__(
+        self, first_frame_sent_s: FirstFrameLookup = lambda _: None, *, media_track: bool = True
+    ) -> None:
         self._first_frame_sent_s = first_frame_sent_s
+        self.media_track = media_track  # False: WebSocket, the audio is in the events
+        self.audio_ms: dict[str, float] = {}  # assistant item id -> audio sent in deltas
         self._user_items: dict[int, str] = {}
         self._partials: dict[int, str] = {}
         self._responses: dict[str, _Response] = {}
@@ -92,7 +103,42 @@ class EngineEventTranslator:
 
     def forget(self, item_id: str) -> bool:
         self._previous.pop(item_id, None)
+        self.audio_ms.pop(item_id, None)
         return self.items.pop(item_id, None) is not None
+
+    def audio_delta(self, engine_response_id: str, pcm: bytes) -> list[Event]:
+        """``response.output_audio.delta`` for PCM16 at 24 kHz (WebSocket sessions)."""
+        response = self._responses.get(engine_response_id)
+        if response is None or not pcm:
+            return []
+        events = self._open_message(response)
+        assert response.message_id is not None
+        item_id = response.message_id
+        self.audio_ms[item_id] = self.audio_ms.get(item_id, 0.0) + len(pcm) * 500 / AUDIO_RATE_HZ
+        where = response.position(item_id)
+        delta = base64.b64encode(pcm).decode("ascii")
+        return [
+            *events,
+            server_event("response.output_audio.delta", **where, content_index=0, delta=delta),
+        ]
+
+    def truncate(self, item_id: str, audio_end_ms: int) -> tuple[str, str] | None:
+        """(full text, text heard in ``audio_end_ms``) of an assistant item whose audio went out
+        in deltas; None for any other item. The cut is proportional to the audio (at a word
+        boundary): the text-to-audio ledger ends with its response. Raises EventError when
+        ``audio_end_ms`` is past the item's audio."""
+        sent_ms = self.audio_ms.get(item_id)
+        item = self.items.get(item_id)
+        if sent_ms is None or item is None or item.get("role") != "assistant":
+            return None
+        if audio_end_ms > sent_ms + 1:
+            message = f"audio_end_ms {audio_end_ms} is past the item's {int(sent_ms)} ms of audio"
+            raise EventError("invalid_value", message, "audio_end_ms")
+        full = str(item["content"][0].get("transcript") or "") if item["content"] else ""
+        heard = _heard_part(full, audio_end_ms / sent_ms if sent_ms else 0.0)
+        if item["content"]:
+            item["content"][0]["transcript"] = heard
+        return full, heard
 
     def _speech_started(self, event: ev.SpeechStartedEvent) -> list[Event]:
         item_id = self._user_items[event.turn] = new_id("item")
@@ -210,13 +256,13 @@ class EngineEventTranslator:
 
     def _audio_buffer(self, kind: str, engine_response_id: str) -> list[Event]:
         response = self._responses.get(engine_response_id)
-        if response is None:
+        if response is None or not self.media_track:
             return []
         return [server_event(f"output_audio_buffer.{kind}", response_id=response.id)]
 
     def _cleared(self, event: ev.OutputCleared) -> list[Event]:
         response = self._responses.get(event.response_id)
-        if response is None:
+        if response is None or not self.media_track:
             return []
         events = [server_event("output_audio_buffer.cleared", response_id=response.id)]
         if response.message_id is not None:
@@ -272,6 +318,21 @@ class EngineEventTranslator:
         code = "provider_error_retryable" if event.retryable else "provider_error"
         error = {"type": "server_error", "code": code, "message": event.message, "param": None}
         return [server_event("error", error={**error, "event_id": None})]
+
+
+def _heard_part(text: str, fraction: float) -> str:
+    """The words of ``text`` that end within ``fraction`` of its length."""
+    if fraction >= 1:
+        return text
+    cut = int(len(text) * max(0.0, fraction))
+    words: list[str] = []
+    end = 0
+    for word in text.split(" "):
+        end += len(word) + (1 if words else 0)
+        if end > cut:
+            break
+        words.append(word)
+    return " ".join(words)
 
 
 def _transcription(kind: str, item_id: str, **fields: Any) -> Event:
