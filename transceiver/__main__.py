@@ -72,7 +72,13 @@ async def serve(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig 
         try:
             calls = _calls(config, link, registry, agents)
             app = create_app(
-                calls, link, registry, Authenticator(auth), agents.persistence, agents.resume
+                calls,
+                link,
+                registry,
+                Authenticator(auth),
+                agents.persistence,
+                agents.resume,
+                agents.websocket,
             )
             return await _serve(config, calls, app, link_address, stop)
         finally:

@@ -21,6 +21,7 @@ from pipeline.config import PipelineConfig
 from relay.wire.redis_config import RedisConfig
 from transceiver.config import TransceiverConfig
 from transceiver.http.app import Resume
+from transceiver.http.websocket import WebSocketSessions
 from transceiver.metrics import LeaseCollector, RedisHealthCollector
 from transceiver.realtime.client_events import EventError
 from transceiver.store.persistence import SessionPersistence, open_persistence
@@ -35,6 +36,7 @@ class Agents:
     factory: AgentFactory
     persistence: SessionPersistence | None = None
     resume: Resume | None = None
+    websocket: WebSocketSessions | None = None  # Realtime sessions over WebSocket (pipeline)
 
 
 @contextlib.asynccontextmanager
@@ -56,7 +58,7 @@ async def open_agents(
             registry.register(RedisHealthCollector(persistence.health.down_for_s))
             registry.register(LeaseCollector(persistence.heartbeat.held_count))
         resume = None if persistence is None else agents.resume
-        yield Agents(invalid_session_refused(agents), persistence, resume)
+        yield Agents(invalid_session_refused(agents), persistence, resume, agents.websocket)
 
 
 def invalid_session_refused(
