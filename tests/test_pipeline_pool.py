@@ -13,16 +13,28 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.voice_audio import silence_pcm, spoken_pcm
 from pipeline import events as ev
-from pipeline.config import EngineConfig, LocalAgentConfig, PiperConfig, PocketsphinxConfig
+from pipeline.config import (
+    EngineConfig,
+    LocalAgentConfig,
+    PipelineConfig,
+    PiperConfig,
+    PocketsphinxConfig,
+)
 from pipeline.engine import ConversationEngine
 from pipeline.knowledge import load_knowledge
 from pipeline.local_agent import LocalRuleBasedAgent
 from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 from pipeline.tools import ToolRegistry, builtin_tools
+from transceiver.http.app import _capacity_collector
+from transceiver.http.errors import unavailable
+from transceiver.realtime.pipeline_agent import pipeline_agents
+from transceiver.webrtc.calls import AdmissionError, CallLimits, Calls
 
 on_module_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -77,3 +89,57 @@ async def test_a_call_stalled_mid_utterance_does_not_hold_up_another_calls_answe
         record = (await first(asking, ev.TurnCompleted)).record
         assert "moon" in record.transcript.split() and not record.interrupted
         assert stalled.user_speaking  # still mid-utterance: it was not cut short for the other
+
+
+def served(registry: CollectorRegistry) -> dict[str, float]:
+    found = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return found
+
+
+@on_module_loop
+async def test_a_saturated_pool_refuses_new_calls_and_says_why_while_its_calls_go_on() -> None:
+    config = PipelineConfig(
+        stt="pocketsphinx", llm="local", tts="piper", pool_size=1, pool_max_queue=1,
+        pool_max_wait_ms=600_000,  # only the queue's depth decides here: no timing in the test
+    )  # fmt: skip
+    registry = CollectorRegistry()
+    async with pipeline_agents(config, registry) as agents:
+        assert agents.pool is not None and agents.pool.size == 1
+        limits = CallLimits(capacity=10, connect_timeout_s=1.0)
+        calls = Calls(None, limits, registry, agents, overload=agents.overload)  # type: ignore[arg-type]
+        registry.register(_capacity_collector(calls))
+        assert calls.not_ready_reason is None
+        assert served(registry)["transceiver_pipeline_pool_saturated"] == 0.0
+
+        tts = agents.providers.tts
+        text = "The moon is about three hundred and eighty four thousand kilometres away."
+        speaking = [asyncio.create_task(spoken_pcm(tts, text, RATE_HZ)) for _ in range(3)]
+        for _ in range(BOUND_S * 100):  # one thread: two of the three wait
+            if agents.pool.tts.queue_depth == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert agents.pool.tts.queue_depth == 2 and agents.pool.tts.busy == 1
+        assert calls.not_ready_reason == "overloaded"
+        with pytest.raises(AdmissionError) as refused, calls.reserve():
+            pass
+        error = unavailable(refused.value)
+        assert (error.status, error.code) == (503, "transceiver_overloaded")
+        assert "2 tts jobs wait for a slot (over 1)" in error.message
+        metrics = served(registry)
+        assert metrics["transceiver_pipeline_pool_saturated"] == 1.0
+        assert metrics['transceiver_pipeline_pool_queue_depth{stage="tts"}'] == 2.0
+        assert metrics['transceiver_pipeline_pool_busy{stage="tts"}'] == 1.0
+
+        async with asyncio.timeout(BOUND_S):
+            voices = await asyncio.gather(*speaking)  # the work in progress still completes
+        assert all(len(voice) > RATE_HZ for voice in voices)  # a second of speech, or more
+        assert calls.not_ready_reason is None
+        metrics = served(registry)
+        assert metrics["transceiver_pipeline_pool_saturated"] == 0.0
+        assert metrics['transceiver_pipeline_pool_wait_seconds_count{stage="tts"}'] >= 3
+        assert metrics["transceiver_pipeline_pool_size"] == 1.0
+        assert metrics["transceiver_capacity"] == 10.0

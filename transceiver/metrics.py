@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pipeline.pool import PipelinePool
 from pipeline.turns import TurnRecord
 from transceiver import background
 
@@ -205,4 +206,56 @@ class LeaseCollector(Collector):
             "transceiver_session_leases",
             "Stored sessions whose lease this transceiver holds and renews",
             value=self._held(),
+        )
+
+
+POOL_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class PipelinePoolCollector(Collector):
+    """The offline pipeline's shared pool (``pipeline.pool``): its size, jobs running and
+    waiting per stage, whether it refuses new calls, and (a histogram observed as jobs start)
+    how long jobs waited for a slot."""
+
+    def __init__(self, pool: PipelinePool, registry: CollectorRegistry) -> None:
+        self._pool = pool
+        wait_s = Histogram(
+            "transceiver_pipeline_pool_wait_seconds",
+            "How long a heavy offline job waited for a slot of the pool, by stage (stt: an "
+            "utterance for a decoder; tts: a sentence for a synthesis thread)",
+            ["stage"],
+            buckets=POOL_WAIT_BUCKETS_S,
+            registry=registry,
+        )
+        for stage in pool.stages:
+            wait_s.labels(stage.stage)  # served at 0 before the first job
+        pool.observe_waits(lambda stage, waited: wait_s.labels(stage).observe(waited))
+
+    def collect(self) -> Iterator[Metric]:
+        pool = self._pool
+        yield GaugeMetricFamily(
+            "transceiver_pipeline_pool_size",
+            "Slots per heavy offline stage (PIPELINE_POOL_SIZE; default the usable cores)",
+            value=pool.size,
+        )
+        busy = GaugeMetricFamily(
+            "transceiver_pipeline_pool_busy",
+            "Heavy offline jobs running, by stage",
+            labels=["stage"],
+        )
+        depth = GaugeMetricFamily(
+            "transceiver_pipeline_pool_queue_depth",
+            "Heavy offline jobs waiting for a slot, by stage",
+            labels=["stage"],
+        )
+        for stage in pool.stages:
+            busy.add_metric([stage.stage], stage.busy)
+            depth.add_metric([stage.stage], stage.queue_depth)
+        yield busy
+        yield depth
+        yield GaugeMetricFamily(
+            "transceiver_pipeline_pool_saturated",
+            "1 while the pool is saturated (a job waited over PIPELINE_POOL_MAX_WAIT_MS lately, "
+            "or more than PIPELINE_POOL_MAX_QUEUE wait): new calls get 503 and /readyz is red",
+            value=float(pool.saturation() is not None),
         )

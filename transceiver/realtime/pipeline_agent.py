@@ -1,9 +1,10 @@
 """The voice-pipeline agent: one ``RealtimeSession`` per call over providers shared per process.
 
 I/O layer. ``PipelineAgents`` is opened once by ``python -m transceiver --agent pipeline``: the
-heavy providers (one pocketsphinx worker pool, one piper model) are started here and shared by
-every session; each call gets its own engine (history, VAD state, tools). With Redis
-(``persistence``), sessions are stored as they go and ``resume`` continues a stored one. Every
+heavy providers (pocketsphinx decoders and one piper model, in the process's pool) are started
+here and shared by every session, and ``overload`` says when that pool cannot take another
+call; each call gets its own engine (history, VAD state, tools). With Redis (``persistence``),
+sessions are stored as they go and ``resume`` continues a stored one. Every
 session gets the process's ``RealtimeLimits``.
 """
 
@@ -19,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from pipeline.assembly import Providers, build_engine, open_providers
 from pipeline.config import PipelineConfig
 from pipeline.tools import builtin_tools
-from transceiver.metrics import RealtimeMetrics, ResilienceCollector
+from transceiver.metrics import PipelinePoolCollector, RealtimeMetrics, ResilienceCollector
 from transceiver.realtime.client_events import EventError, SessionConfig
 from transceiver.realtime.limits import RealtimeLimits
 from transceiver.realtime.policy import SessionPolicy, session_update_from
@@ -40,10 +41,18 @@ class PipelineAgents:
         self.providers = providers
         self.metrics = RealtimeMetrics(registry)
         registry.register(ResilienceCollector([providers.stt, providers.llm, providers.tts]))
+        self.pool = providers.pool
+        if self.pool is not None:
+            registry.register(PipelinePoolCollector(self.pool, registry))
         tools = builtin_tools(providers.knowledge)
         self.policy = SessionPolicy(self.config.engine_config(), tools)
         self.persistence = persistence
         self.limits = limits or RealtimeLimits()
+
+    def overload(self) -> str | None:
+        """Why one more call would slow the others down (the pool is saturated), or None."""
+        reason = None if self.pool is None else self.pool.saturation()
+        return None if reason is None else f"pipeline pool saturated: {reason}"
 
     def __call__(self, requested: Mapping[str, Any] | None = None) -> RealtimeSession:
         """A session for one call; EventError when ``requested`` is not a valid session."""
