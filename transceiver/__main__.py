@@ -108,7 +108,7 @@ def _calls(
 ) -> Calls:
     relayed = ice.RelayedIce(link, config.keyring, config.public)
     limits = CallLimits(config.capacity, config.connect_timeout_s)
-    return Calls(relayed, limits, registry, agents.factory, config.media_path)
+    return Calls(relayed, limits, registry, agents.factory, config.media_path, agents.overload)
 
 
 async def _serve(

@@ -37,6 +37,7 @@ class Agents:
     persistence: SessionPersistence | None = None
     resume: Resume | None = None
     websocket: WebSocketSessions | None = None  # Realtime sessions over WebSocket (pipeline)
+    overload: Callable[[], str | None] | None = None  # why calls are refused now (pipeline pool)
 
 
 @contextlib.asynccontextmanager
@@ -58,7 +59,8 @@ async def open_agents(
             registry.register(RedisHealthCollector(persistence.health.down_for_s))
             registry.register(LeaseCollector(persistence.heartbeat.held_count))
         resume = None if persistence is None else agents.resume
-        yield Agents(invalid_session_refused(agents), persistence, resume, agents.websocket)
+        factory = invalid_session_refused(agents)
+        yield Agents(factory, persistence, resume, agents.websocket, agents.overload)
 
 
 def invalid_session_refused(
