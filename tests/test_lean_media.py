@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from aiortc import RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.processes import Address, LoopbackRelay, random_keys
 from deploy.waiting import eventually
@@ -130,7 +131,9 @@ class LossyRelay(LoopbackRelay):
 
 @asynccontextmanager
 async def lean_calls(
-    agents: Callable[[Mapping[str, Any] | None], CallAgent], loss: float = 0.0
+    agents: Callable[[Mapping[str, Any] | None], CallAgent],
+    loss: float = 0.0,
+    registry: CollectorRegistry | None = None,
 ) -> AsyncIterator[Calls]:
     ice.install()
     link = Link(("127.0.0.1", 0), KEYRING)
@@ -139,9 +142,8 @@ async def lean_calls(
     public = await relay.start()
     relay.hello()
     limits = CallLimits(capacity=4, connect_timeout_s=TIMEOUT_S)
-    calls = Calls(
-        ice.RelayedIce(link, KEYRING, (public,)), limits, CollectorRegistry(), agents, "lean"
-    )
+    registry = registry or CollectorRegistry()
+    calls = Calls(ice.RelayedIce(link, KEYRING, (public,)), limits, registry, agents, "lean")
     try:
         yield calls
     finally:
@@ -225,7 +227,8 @@ async def test_five_percent_loss_is_recovered_by_fec_and_concealed(
     client_sends_fec: None,
 ) -> None:
     VoiceAgent.made.clear()
-    async with lean_calls(VoiceAgent, loss=LOSS) as calls, tone_client(calls) as client:
+    registry = CollectorRegistry()
+    async with lean_calls(VoiceAgent, LOSS, registry) as calls, tone_client(calls) as client:
         (agent,) = VoiceAgent.made
         counters = media(calls).counters
         await eventually(
@@ -238,3 +241,25 @@ async def test_five_percent_loss_is_recovered_by_fec_and_concealed(
         lost = counters["lost"]
         assert lost >= 2 and counters["recovered_fec"] + counters["concealed_plc"] >= lost
         assert counters["decode_errors"] == 0
+        await eventually(
+            lambda: served(registry).get("transceiver_lean_media_rtt_seconds_count", 0) >= 1,
+            TIMEOUT_S,
+            "a round trip measured from RTCP",
+        )
+        metrics = served(registry)  # /metrics as the app serves it: the calls' registry
+        for kind in ("lost", "recovered_fec", "concealed_plc", "srtp_rejected"):
+            assert (
+                metrics[f'transceiver_lean_media_events_total{{kind="{kind}"}}'] <= counters[kind]
+            )
+        assert metrics['transceiver_lean_media_events_total{kind="lost"}'] >= 2
+        assert metrics['transceiver_lean_media_events_total{kind="recovered_fec"}'] >= 2
+        assert metrics['transceiver_lean_media_events_total{kind="srtp_rejected"}'] == 0
+
+
+def served(registry: CollectorRegistry) -> dict[str, float]:
+    found = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return found

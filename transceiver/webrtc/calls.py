@@ -47,6 +47,8 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamTrack
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from transceiver.background import report_crash
 from transceiver.webrtc.ice import RelayedIce, relayed_through
@@ -69,6 +71,8 @@ FAILURE_REASONS = frozenset(
     {"rejected", "error", "connect_timeout", "failed", "invalid_session", "crashed"}
 )
 MEDIA_PATHS = ("aiortc", "lean")
+# served at 0 before the first occurrence; other counters appear once they move
+LEAN_MEDIA_KINDS = ("lost", "recovered_fec", "concealed_plc", "srtp_rejected", "rtp_in", "rtp_out")
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,29 @@ class CallMetrics:
         )
 
 
+class LeanMediaCollector(Collector):
+    """The lean media path's counters (one set per process), read at scrape time: packets in
+    and out, lost, recovered from FEC, concealed by PLC, refused by SRTP, and the rest."""
+
+    def __init__(self, media: LeanMedia) -> None:
+        self._media = media
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "transceiver_lean_media_events",
+            "Lean media path events by kind (lost: inbound packets never received; "
+            "recovered_fec: rebuilt from the next packet's in-band FEC; concealed_plc: "
+            "concealed by Opus PLC; srtp_rejected: packets SRTP refused; rtp_in, rtp_out, ...)",
+            labels=["kind"],
+        )
+        for kind in LEAN_MEDIA_KINDS:
+            family.add_metric([kind], self._media.counters[kind])
+        for kind, count in sorted(self._media.counters.items()):
+            if kind not in LEAN_MEDIA_KINDS:
+                family.add_metric([kind], count)
+        yield family
+
+
 class Calls:
     def __init__(
         self,
@@ -189,8 +216,17 @@ class Calls:
         self._limits = limits
         self._agents = agents
         self._overload = overload
-        self.lean_media = LeanMedia() if media_path == "lean" else None
         self._metrics = CallMetrics(registry)
+        self.lean_media = None
+        if media_path == "lean":
+            rtt_s = Histogram(
+                "transceiver_lean_media_rtt_seconds",
+                "RTCP round trips measured on the lean media path (our SR, the caller's report)",
+                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6),
+                registry=registry,
+            )
+            self.lean_media = LeanMedia(on_rtt=rtt_s.observe)
+            registry.register(LeanMediaCollector(self.lean_media))
         self._calls: dict[str, Call] = {}
         self._reserved = 0  # slots held by calls being set up
         self._watchers: set[asyncio.Task[None]] = set()

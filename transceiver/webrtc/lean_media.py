@@ -805,6 +805,8 @@ class LeanCall:
         if block.last_sr:
             middle = (now_ntp >> 16) & 0xFFFFFFFF
             self.rtt_s = ((middle - block.last_sr - block.delay_since_last_sr) & 0xFFFFFFFF) / 65536
+            if self.media.on_rtt is not None:
+                self.media.on_rtt(self.rtt_s)
         if block.fraction_lost != self.remote_fraction_lost and self._encoder is not None:
             self._encoder.expect_loss(block.fraction_lost * 100 // 256)
         self.remote_fraction_lost = block.fraction_lost
@@ -913,9 +915,10 @@ def _resample(stream: Any, pcm: bytes) -> bytes:
 class LeanMedia:
     """Every lean call of this process, and the one 20 ms tick that sends for all of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_rtt: Callable[[float], None] | None = None) -> None:
         self.calls: list[LeanCall] = []
         self.counters: Counter[str] = Counter()
+        self.on_rtt = on_rtt  # each RTCP round trip measured (seconds), for the metrics
         self.ticks = 0
         self._timer: asyncio.TimerHandle | None = None
         self._next_s = 0.0
