@@ -46,7 +46,6 @@ from transceiver.background import report_crash
 from transceiver.http.auth import Authenticator, AuthError
 from transceiver.http.errors import error_response
 from transceiver.realtime.client_events import EventError
-from transceiver.realtime.server_events import error_event
 from transceiver.realtime.session import EVENTS_LABEL, RealtimeSession
 from transceiver.webrtc.calls import AdmissionError, Calls
 
@@ -120,19 +119,19 @@ def add_realtime_websocket(
     @app.websocket(REALTIME_PATH)
     async def realtime(websocket: WebSocket) -> None:
         try:
-            granted = _admitted(websocket, auth, sessions)
+            granted = admitted(websocket, auth, sessions)
             with calls.reserve():  # held while the session is open: it counts as a call
                 session = _session(sessions, granted)
-                await _run(websocket, session)
+                await run_session(websocket, session)
         except AdmissionError as exc:
             retry = {"Retry-After": str(exc.retry_after_s)}
             full = error_response(503, f"transceiver_{exc.reason}", str(exc), retry)
-            await _refuse(websocket, full)
+            await refuse(websocket, full)
         except Refused as refused:
-            await _refuse(websocket, refused.response)
+            await refuse(websocket, refused.response)
 
 
-def _admitted(
+def admitted(
     websocket: WebSocket, auth: Authenticator, sessions: WebSocketSessions | None
 ) -> Mapping[str, Any] | None:
     """The ek_ secret's session config (or None); Refused when the upgrade may not go on."""
@@ -183,20 +182,22 @@ def _session(
         raise Refused(error_response(400, exc.code, exc.message, param=exc.param)) from None
 
 
-async def _refuse(websocket: WebSocket, response: JSONResponse) -> None:
+async def refuse(websocket: WebSocket, response: JSONResponse) -> None:
     try:
         await websocket.send_denial_response(response)
     except RuntimeError:  # a server without the denial extension: close before accepting
         await websocket.close(1008)
 
 
-async def _run(websocket: WebSocket, session: RealtimeSession) -> None:
-    """Accept, run the session until either side ends it, close both."""
+async def run_session(websocket: WebSocket, session: RealtimeSession) -> None:
+    """Accept (unless accepted already), run the session until either side ends it, close
+    both. The GPT-Live socket (``live_websocket``) runs its sessions here too."""
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in _subprotocols(websocket) else None
     face = EventSocket()
     tasks: list[asyncio.Task[Any]] = []
     try:
-        await websocket.accept(subprotocol)
+        if websocket.application_state == WebSocketState.CONNECTING:
+            await websocket.accept(subprotocol)
         await session.start()
         session.attach_channel(face)
         tasks = [
@@ -228,7 +229,7 @@ async def _read(websocket: WebSocket, face: EventSocket, session: RealtimeSessio
                 raise HandlerCrashed("handling a client event failed") from exc
         else:
             error = EventError("invalid_event", "binary frames are not events: send JSON text")
-            session.send(error_event(error))
+            session.send_error(error)
 
 
 async def _close(
@@ -250,7 +251,7 @@ async def _close(
                 return  # the socket went away under a receive or a send
             report_crash("websocket session", error, logger, "its WebSocket session ends")
             failed = EventError("session_failed", "the server failed on an internal error")
-            session.send(error_event(failed, error_type="server_error"))
+            session.send_error(failed, error_type="server_error")
             code, reason = 1011, "session failed"
     if session.hangup_reason == "crashed":
         code = 1011

@@ -28,6 +28,12 @@ engine's frames go out as ``response.output_audio.delta`` as fast as they are ma
 plays them, as with OpenAI), so ``response.done`` marks the end of generation; a client's
 ``conversation.item.truncate`` of an answer cuts the model's history to the words heard.
 
+Another contract (``use_contract``): the same session and engine speaking a different event
+vocabulary at its edge (GPT-Live, ``transceiver.live``). A ``ClientContract`` then makes the
+events sent on open, translates the engine's events and audio, handles the client's messages
+(through the public controls here: ``reconfigure``, ``append_audio``, ``hang_up``) and shapes
+errors (``send_error``); the Realtime translator and handlers stand aside.
+
 Size (over 400 lines): one class of short methods whose tasks, channel, client-event handlers
 and journal all act on the same live state (engine, journal, channel, events waiting for it);
 the rules themselves live apart (``client_events``, ``translation``, ``policy``).
@@ -42,7 +48,7 @@ import logging
 from collections.abc import Coroutine, Mapping
 from contextlib import aclosing
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from aiortc.mediastreams import MediaStreamTrack
 
@@ -103,6 +109,27 @@ _TYPES: Mapping[type, str] = {
 }
 
 
+class ClientContract(Protocol):
+    """The events a session speaks with its client when they are not Realtime's."""
+
+    @property
+    def done_engine_response_id(self) -> str: ...
+
+    def opened(self) -> list[Event]:
+        """What the client is sent first, when its channel opens."""
+        ...
+
+    def translate(self, event: ev.EngineEvent) -> list[Event]: ...
+
+    def audio_delta(self, engine_response_id: str, pcm: bytes) -> list[Event]: ...
+
+    def on_message(self, data: str | bytes) -> None:
+        """One client message: parsed and handled, or answered with an error."""
+        ...
+
+    def error(self, error: EventError, client_event_id: str | None, error_type: str) -> Event: ...
+
+
 class RealtimeSession:
     def __init__(
         self,
@@ -140,6 +167,7 @@ class RealtimeSession:
         self._pcm_in: PcmResampler | None = None  # WebSocket: appended audio -> the engine
         self._pcm_out: PcmResampler | None = None  # WebSocket: the engine's frames -> deltas
         self._odd_byte = b""  # an appended chunk's odd last byte, until the next one
+        self.contract: ClientContract | None = None  # None: the Realtime events
         if resumed is not None:
             journal, state = resumed
             self._hold(journal)
@@ -177,6 +205,10 @@ class RealtimeSession:
         self._pcm_out = PcmResampler(config.output_sample_rate_hz, AUDIO_RATE_HZ)
         self.translator.media_track = False
         self.max_event_bytes = MAX_WEBSOCKET_EVENT_BYTES
+
+    def use_contract(self, contract: ClientContract) -> None:
+        """Speak ``contract``'s events with the client instead of Realtime's."""
+        self.contract = contract
 
     async def start(self) -> None:
         if self._persistence is not None and self.journal is None:
@@ -233,10 +265,11 @@ class RealtimeSession:
     def _lost(self, why: str) -> None:
         """Another transceiver owns the session now: say so, then hang up this connection."""
         message = f"this session continues on another connection; this one is closed: {why}"
-        self.send(error_event(EventError("session_taken_over", message)))
-        self._hang_up("taken_over")
+        self.send_error(EventError("session_taken_over", message))
+        self.hang_up("taken_over")
 
-    def _hang_up(self, reason: str) -> None:
+    def hang_up(self, reason: str) -> None:
+        """End this session here, once the events sent so far have had time to leave."""
         if self._closing or self.hangup_reason is not None:
             return  # already ending: the first reason stands
         self.hangup_reason = reason
@@ -263,24 +296,27 @@ class RealtimeSession:
         message = "the server failed on an internal error and closed this session"
         if self.journal is not None:
             message += "; resume it with its session_id and resume_token"
-        self.send(error_event(EventError("session_failed", message), error_type="server_error"))
-        self._hang_up("crashed")
+        self.send_error(EventError("session_failed", message), error_type="server_error")
+        self.hang_up("crashed")
 
     # --- server -> client -----------------------------------------------------------------
 
     def _opened(self) -> None:
         pending, self._pending = self._pending, []
+        greeting = self._greeting() if self.contract is None else self.contract.opened()
+        for event in [*greeting, *pending]:
+            self.send(event)
+
+    def _greeting(self) -> list[Event]:
         extension = {} if self.journal is None else {"voicerelay": self.journal.extension()}
-        self.send(server_event("session.created", session=self.config.to_json(), **extension))
+        events = [server_event("session.created", session=self.config.to_json(), **extension)]
         if self.resumed:
-            self.send(server_event("session.updated", session=self.config.to_json()))
+            events.append(server_event("session.updated", session=self.config.to_json()))
             for stored in self._restored:  # the conversation so far, as the store has it
                 for body in stored_item_bodies(stored):
-                    for added in self.translator.added(body):
-                        self.send(added)
+                    events += self.translator.added(body)
             self._restored = ()
-        for event in pending:
-            self.send(event)
+        return events
 
     def send(self, event: Event) -> None:
         channel = self._channel
@@ -293,27 +329,41 @@ class RealtimeSession:
         channel.send(json.dumps(event))
         self.metrics.server_event(event["type"])
 
+    def send_error(
+        self,
+        error: EventError,
+        client_event_id: str | None = None,
+        *,
+        error_type: str = "invalid_request_error",
+    ) -> None:
+        """An ``error`` event in the client's contract; ``server_error`` when the fault is ours."""
+        if self.contract is None:
+            self.send(error_event(error, client_event_id, error_type=error_type))
+        else:
+            self.send(self.contract.error(error, client_event_id, error_type))
+
     async def _forward_engine_events(self) -> None:
+        edge = self.contract or self.translator
         async with aclosing(self.engine.events()) as events:
             async for event in events:
                 if isinstance(event, ev.OutputAudio):
                     if self._pcm_out is not None:
                         pcm = self._pcm_out.push(event.pcm)
-                        for delta in self.translator.audio_delta(event.response_id, pcm):
+                        for delta in edge.audio_delta(event.response_id, pcm):
                             self.send(delta)
                     elif self._remote is not None:  # else the client has no audio to hear it on
                         self.voice.play(event.response_id, event.pcm)
                     continue
                 self._observe(event)
                 self._journal(event)
-                for server in self.translator.translate(event):
+                for server in edge.translate(event):
                     self.send(server)
 
     def _observe(self, event: ev.EngineEvent) -> None:
         if isinstance(event, ev.OutputCleared):
             self.voice.clear()
         elif isinstance(event, ev.TurnCompleted):
-            done = self.translator.done_engine_response_id
+            done = (self.contract or self.translator).done_engine_response_id
             self.metrics.turn(event.record, self.voice.first_frame_sent_s.get(done))
         elif isinstance(event, ev.EngineError):  # the engine logged it, with its traceback
             self.metrics.provider_error(event.retryable)
@@ -328,26 +378,25 @@ class RealtimeSession:
     # --- client -> server -----------------------------------------------------------------
 
     def on_message(self, data: str | bytes) -> None:
+        if self.contract is not None:
+            self.contract.on_message(data)
+            return
         try:
             event = parse_client_event(data, self.max_event_bytes)
         except EventError as error:
             self.metrics.client_event("invalid")
-            self.send(error_event(error, _event_id_of(data)))
+            self.send_error(error, _event_id_of(data))
             return
         kind = event.type if isinstance(event, BufferCommand) else _TYPES[type(event)]
         self.metrics.client_event(kind)
         try:
             self._handle(event)
         except EventError as error:
-            self.send(error_event(error, event.event_id))
+            self.send_error(error, event.event_id)
 
     def _handle(self, event: ClientEvent) -> None:
         if isinstance(event, SessionUpdate):
-            config = event.apply(self.config)
-            check_storable(config)
-            self._apply(config)
-            if self.journal is not None:
-                self.journal.config(self.config.to_json())
+            self.reconfigure(event.apply(self.config))
             self.send(server_event("session.updated", session=self.config.to_json()))
         elif isinstance(event, ConversationItemCreate):
             self._create_item(event)
@@ -362,9 +411,16 @@ class RealtimeSession:
         elif isinstance(event, BufferCommand):
             self._buffer_command(event.type)
         elif isinstance(event, AudioAppend):
-            self._append_audio(event.pcm)
+            self.append_audio(event.pcm)
         else:
             self._item_command(event)
+
+    def reconfigure(self, config: SessionConfig) -> None:
+        """The session from now on (EventError, nothing changed, when it may not be)."""
+        check_storable(config)
+        self._apply(config)
+        if self.journal is not None:
+            self.journal.config(self.config.to_json())
 
     def _apply(self, config: SessionConfig) -> None:
         tools = self.policy.tools(config)  # may raise EventError: nothing changed yet
@@ -432,7 +488,8 @@ class RealtimeSession:
                     self.journal.history(history)
                 return
 
-    def _append_audio(self, pcm: bytes) -> None:
+    def append_audio(self, pcm: bytes) -> None:
+        """The client's PCM16 at ``AUDIO_RATE_HZ`` into the engine (WebSocket sessions)."""
         if self._pcm_in is None:
             raise EventError(
                 "invalid_value",
