@@ -3,8 +3,10 @@
 ``/metrics`` and the web client's static files.
 
 Layers: protocol (``client_secrets``, ``auth``: pure) and I/O (FastAPI): ``app`` (the routes),
-``offers`` (a calls request's SDP offer and session), ``errors`` (every error as JSON). It is the
-top of the transceiver: it turns requests into calls on ``webrtc``, ``realtime`` and ``store``.
+``offers`` (a calls request's SDP offer and session), ``errors`` (every error as JSON),
+``websocket`` (the Realtime WebSocket) and ``live_websocket`` (GPT-Live's). It is the top of
+the transceiver: it turns requests into calls on ``webrtc``, ``realtime``, ``live`` and
+``store``.
 
 May import: transceiver, relay.wire, pipeline.untrusted_json
 Pure: auth, client_secrets

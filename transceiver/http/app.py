@@ -4,6 +4,8 @@ I/O layer (FastAPI). ``POST /v1/realtime/calls`` takes an SDP offer as ``applica
 as OpenAI's ``multipart/form-data`` variant (field ``sdp``, optional ``session`` JSON) and answers
 201 with the SDP answer and ``Location: /v1/realtime/calls/{call_id}``.
 ``GET /v1/realtime`` upgraded to a WebSocket is OpenAI's WebSocket transport (``websocket``).
+``GET /v1/live/sessions`` upgraded to a WebSocket is GPT-Live's primary WebSocket
+(``live_websocket``: the same sessions speaking the Live contract, ``transceiver.live``).
 ``POST /v1/realtime/client_secrets`` mints a short-lived ``ek_`` secret (see ``auth``). The web
 client (``transceiver/http/static``) is served at ``/`` and ``/static/``. Every error is JSON:
 ``{"error": {"type": ..., "code": ..., "message": ..., "param": ...}}``.
@@ -40,6 +42,7 @@ from prometheus_client.registry import Collector
 from transceiver.http import client_secrets
 from transceiver.http.auth import Authenticator, AuthError
 from transceiver.http.errors import ApiError, add_error_handlers, error_response, unavailable
+from transceiver.http.live_websocket import add_live_websocket
 from transceiver.http.offers import json_object, read_offer
 from transceiver.http.websocket import WebSocketSessions, add_realtime_websocket
 from transceiver.metrics import CapacityCollector
@@ -116,6 +119,7 @@ def create_app(
     _add_web_client(app)
     _add_client_secrets(app, auth)
     add_realtime_websocket(app, calls, auth, websocket_sessions)
+    add_live_websocket(app, calls, auth, websocket_sessions)
 
     @app.post(CALLS_PATH, status_code=201)
     async def create_call(request: Request) -> Response:
