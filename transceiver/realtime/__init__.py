@@ -6,9 +6,9 @@ is sent; ``translation`` turns pipeline events into server events; ``policy`` ho
 session's configuration rules (defaults, limits, what ``session.update`` may change);
 ``limits`` the session's own timings and bounds (``TRANSCEIVER_REALTIME_*``);
 ``session`` is the live session (engine, tasks, persistence); ``pipeline_agent`` makes one
-per call.
+per call; ``call_recording`` turns a session's events and turns into its call record.
 
 May import: pipeline, transceiver.metrics, transceiver.background, transceiver.store,
     transceiver.webrtc.audio
-Pure: client_events, server_events, translation, limits
+Pure: client_events, server_events, translation, limits, call_recording
 """

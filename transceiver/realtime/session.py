@@ -21,6 +21,8 @@ by another connection (its fencing token refused here) gets an ``error`` with co
 ``session_taken_over`` and is hung up. ``hand_over`` (drain) lets a running turn
 finish, stores everything, releases the session and tells the client
 ``{"type": "voicerelay.session.reconnect", "session_id": ..., "reason": "draining"}``.
+Each session also keeps its call record (``call_recording``): told its call id and end reason
+by ``Calls``, it hands its legs, turns and config versions to the process's record writer.
 
 WebSocket (``use_websocket``): the same session with its audio in the events. Appended
 base64 PCM16 at 24 kHz is resampled to the engine's input rate and feeds the same VAD; the
@@ -45,6 +47,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Coroutine, Mapping
 from contextlib import aclosing
 from dataclasses import replace
@@ -59,6 +62,7 @@ from pipeline.providers import Message
 from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.background import report_crash
 from transceiver.metrics import RealtimeMetrics
+from transceiver.realtime.call_recording import end_reason, recorder_for
 from transceiver.realtime.client_events import (
     AUDIO_RATE_HZ,
     MAX_EVENT_BYTES,
@@ -167,6 +171,10 @@ class RealtimeSession:
         self._pcm_in: PcmResampler | None = None  # WebSocket: appended audio -> the engine
         self._pcm_out: PcmResampler | None = None  # WebSocket: the engine's frames -> deltas
         self._odd_byte = b""  # an appended chunk's odd last byte, until the next one
+        # The call record (``call_recording``; discarded without Redis) and why the call ended.
+        self.recorder = recorder_for(persistence, config.id, _loop_time, time.time)
+        self._call_end: str | None = None
+        self._handed_over = False
         self.contract: ClientContract | None = None  # None: the Realtime events
         if resumed is not None:
             journal, state = resumed
@@ -214,6 +222,7 @@ class RealtimeSession:
         if self._persistence is not None and self.journal is None:
             self._hold(await self._persistence.create(self.config.id, self.config.to_json()))
         await self.engine.start()
+        self.recorder.start(self.config.to_json(), self._stages())
         self._spawn(self._forward_engine_events(), "session engine events")
         if self._remote is not None:
             rate_hz = self.engine.config.input_sample_rate_hz
@@ -225,6 +234,12 @@ class RealtimeSession:
     def caller_hung_up(self) -> None:
         self._hung_up = True
 
+    def call_began(self, call_id: str) -> None:
+        self.recorder.began(call_id)
+
+    def call_ended(self, reason: str) -> None:
+        self._call_end = reason
+
     async def aclose(self) -> None:
         self._closing = True  # a task that fails while cancelled spawns no hang-up
         for task in list(self._tasks):
@@ -235,6 +250,8 @@ class RealtimeSession:
         if self.journal is not None:
             self.journal.history(self.engine.history)
             await self._close_journal(self.journal)
+        told = self._call_end or ("hangup" if self._hung_up else self.hangup_reason)
+        self.recorder.end(end_reason(told, self._handed_over))
 
     async def _close_journal(self, journal: SessionJournal) -> None:
         """Hung up: the stored session ends. Never answered (a resume whose offer failed): the
@@ -248,6 +265,7 @@ class RealtimeSession:
 
     async def hand_over(self, timeout_s: float) -> None:
         """Drain: let a running turn finish, store it, release, tell the client to move."""
+        self._handed_over = True
         with contextlib.suppress(TimeoutError):
             await self.engine.wait_idle(timeout_s)
         if self.journal is not None:
@@ -360,11 +378,14 @@ class RealtimeSession:
                     self.send(server)
 
     def _observe(self, event: ev.EngineEvent) -> None:
+        self.recorder.observe(event)
         if isinstance(event, ev.OutputCleared):
             self.voice.clear()
         elif isinstance(event, ev.TurnCompleted):
             done = (self.contract or self.translator).done_engine_response_id
             self.metrics.turn(event.record, self.voice.first_frame_sent_s.get(done))
+            sent_s = self.voice.first_frame_sent_s.get(done)
+            self.recorder.turn(event.record, done, sent_s, self.engine.history)
         elif isinstance(event, ev.EngineError):  # the engine logged it, with its traceback
             self.metrics.provider_error(event.retryable)
 
@@ -421,6 +442,11 @@ class RealtimeSession:
         self._apply(config)
         if self.journal is not None:
             self.journal.config(self.config.to_json())
+        self.recorder.configured(self.config.to_json(), self._stages())
+
+    def _stages(self) -> dict[str, str]:
+        engine = self.engine
+        return {"stt": engine.stt.name, "llm": engine.llm.name, "tts": engine.tts.name}
 
     def _apply(self, config: SessionConfig) -> None:
         tools = self.policy.tools(config)  # may raise EventError: nothing changed yet
@@ -439,6 +465,7 @@ class RealtimeSession:
                     "item.call_id",
                 )
             body = function_call_output_item(event.item_id, item.call_id, item.output)
+            self.recorder.tool_output(item.call_id)
         else:
             self.engine.add_user_text(item.text)
             body = message_item(event.item_id, "user", item.text, audio=False)
@@ -456,6 +483,7 @@ class RealtimeSession:
                 "invalid_value", f"response {response_id!r} is not active", "response_id"
             )
         self.translator.cancelled_by_client(active)
+        self.recorder.client_cancelled(active)
         self.engine.cancel_response()
 
     def _item_command(self, event: ItemRetrieve | ItemTruncate | ItemDelete) -> None:
@@ -519,6 +547,7 @@ class RealtimeSession:
         active = self.engine.active_response_id
         if active is not None:
             self.translator.cancelled_by_client(active)
+            self.recorder.client_cancelled(active)
         self.engine.cancel_response()
         self.voice.clear()
         if active is None:
@@ -537,6 +566,10 @@ def _check_storable(event: ConversationItemCreate) -> None:
         encode_item(message_to_item(LONGEST_STORED_ITEM_ID, message))
     except ValueError as exc:
         raise EventError("item_too_large", str(exc), param) from None
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
 
 def _event_id_of(data: str | bytes) -> str | None:

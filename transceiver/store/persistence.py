@@ -3,8 +3,9 @@ restore when a client resumes on another transceiver.
 
 I/O layer: the facade a live session talks to, over ``sessions`` (fenced writes),
 ``write_behind`` (never wait on Redis), ``heartbeat`` (leases), ``journal`` (one session's
-writes), ``catch_up`` (sessions begun while Redis was away) and ``health`` (the ping). Only used
-when ``RedisConfig.from_env()`` finds Redis configured.
+writes), ``catch_up`` (sessions begun while Redis was away) and ``health`` (the ping); it also
+owns the call-record writer (``call_log``, ``records``). Only used when
+``RedisConfig.from_env()`` finds Redis configured.
 
 - A new call: ``create`` stores the session (config, hashed resume credential) and takes the
   first fencing token. Redis down at that moment: the call still runs (a voice session never
@@ -50,6 +51,7 @@ from typing import Any
 
 from relay.wire.redis_config import RedisConfig
 from transceiver.background import BackgroundLoop
+from transceiver.store.call_log import CallRecordLog
 from transceiver.store.catch_up import CatchUp
 from transceiver.store.errors import (
     SessionEndedError,
@@ -85,8 +87,14 @@ class ResumeRefused(Exception):
 class SessionPersistence:
     """The process-wide store, write-behind queue, lease heartbeat and health check."""
 
-    def __init__(self, store: RedisSessionStore, policy: SurvivalPolicy) -> None:
+    def __init__(
+        self,
+        store: RedisSessionStore,
+        policy: SurvivalPolicy,
+        records: CallRecordLog | None = None,
+    ) -> None:
         self.store: SessionStore = store
+        self.records = records  # call records (``call_log``), written behind the calls
         self.owner_id = new_owner_id()
         self.lease_s = policy.lease_s
         self.journals: dict[str, SessionJournal] = {}
@@ -103,7 +111,8 @@ class SessionPersistence:
 
     @property
     def loops(self) -> tuple[BackgroundLoop, ...]:
-        return (self.queue, self.heartbeat, self.health, self.catch_up)
+        records = () if self.records is None else (self.records,)
+        return (self.queue, self.heartbeat, self.health, self.catch_up, *records)
 
     def not_ready_reason(self) -> str | None:
         """``task_failing`` while a loop readiness depends on keeps crashing; Redis being
@@ -222,7 +231,10 @@ class SessionPersistence:
                 await self.queue.drained()
         except TimeoutError:
             log.warning("%d session writes not stored at exit", self.queue.pending)
-        for loop in (self.catch_up, self.health, self.heartbeat, self.queue):
+        if self.records is not None and not await self.records.drained(flush_timeout_s):
+            log.warning("%d call-record writes not stored at exit", self.records.pending)
+        records = () if self.records is None else (self.records,)
+        for loop in (self.catch_up, self.health, self.heartbeat, self.queue, *records):
             await loop.aclose()
 
 
@@ -235,7 +247,8 @@ async def open_persistence(
         yield None
         return
     async with RedisSessionStore.from_config(config) as store:
-        persistence = SessionPersistence(store, policy)
+        records = CallRecordLog.from_config(config, policy.records, policy.restarts)
+        persistence = SessionPersistence(store, policy, records)
         await persistence.start()
         try:
             yield persistence

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from transceiver.restarts import RestartPolicy
+from transceiver.store.call_records import CallRecordPolicy
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class SurvivalPolicy:
     max_pending_routes: int = 10_000  # route changes kept between two publishing wake-ups
     route_flush_timeout_s: float = 1.0  # at exit, withdrawing routes may take this long
     restarts: RestartPolicy = field(default_factory=RestartPolicy)
+    records: CallRecordPolicy = field(default_factory=CallRecordPolicy)  # what calls leave
 
     def __post_init__(self) -> None:
         for name in ("lease_s", "health_interval_s", "route_flush_timeout_s"):

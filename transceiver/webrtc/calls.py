@@ -139,6 +139,15 @@ class EndsOnHangUp(Protocol):
     def caller_hung_up(self) -> None: ...
 
 
+@runtime_checkable
+class Recorded(Protocol):
+    """An agent that keeps a record of its call: told the call's id before it starts, and why
+    the call ended before it closes."""
+
+    def call_began(self, call_id: str) -> None: ...
+    def call_ended(self, reason: str) -> None: ...
+
+
 # requested session config (None: the defaults) -> agent; AgentRequestError if it is invalid
 AgentFactory = Callable[[Mapping[str, Any] | None], CallAgent]
 
@@ -315,6 +324,8 @@ class Calls:
         loop = asyncio.get_running_loop()
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         call = Call("rtc_" + secrets.token_hex(12), pc, loop.time(), agent)
+        if isinstance(agent, Recorded):
+            agent.call_began(call.call_id)
         self._add(call)
         try:
             answer = await self._negotiate(call, offer_sdp)
@@ -433,6 +444,8 @@ class Calls:
         if reason in FAILURE_REASONS:
             self._metrics.failed.labels(reason).inc()
         logger.info("session %s ended: %s", call.call_id, reason)
+        if isinstance(call.agent, Recorded):
+            call.agent.call_ended(reason)
         try:
             try:
                 await call.pc.close()
