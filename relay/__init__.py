@@ -2,9 +2,9 @@
 
 Layers: protocol (``wire``, the contract with the transceivers; ``routing``, ``counters``,
 ``transceivers``: pure, no sockets or asyncio), I/O (``worker``, ``supervisor``, ``http``,
-``route_lookup``, ``discovery``, ``restarts``: sockets, processes, uvloop, DNS, Redis) and
-policy (``config``; ``timing``, its timings as data). Nothing here imports
-the transceiver or the pipeline.
+``route_lookup``, ``discovery``, ``restarts``: sockets, processes, uvloop, DNS, Redis;
+``loop_lag``: event-loop stall watch, which the transceiver uses too) and policy (``config``;
+``timing``, its timings as data). Nothing here imports the transceiver or the pipeline.
 
 May import: (nothing of ours)
 Pure: routing, counters, timing, transceivers

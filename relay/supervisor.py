@@ -7,21 +7,38 @@ replace any that dies. SIGTERM/SIGINT only set a flag; the main task then stops 
 
 Workers publish counters into one shared ``multiprocessing.Array`` of uint64 (a row each).
 When a worker is replaced its last counts are folded into ``retired`` so that the totals served
-on ``/metrics`` never go backwards.
+on ``/metrics`` never go backwards. Each process watches its own event loop
+(``relay.loop_lag``): a row each of a second shared array (row 0 this process's, then one per
+worker: a replacement goes on counting in its predecessor's row) is served as the histogram
+``relay_event_loop_lag_seconds{process}``; a stall is logged by the process it stalled, naming
+what blocked it. ``RELAY_LOOP_LAG_WARN_MS`` (100) is the stall threshold.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import multiprocessing.process
+import os
 import signal
 import sys
+from collections.abc import Iterator, Sequence
 from multiprocessing.context import SpawnProcess
+
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from relay import counters as c
 from relay.config import RelayConfig
 from relay.http import HttpEndpoints, Snapshot, start_http
+from relay.loop_lag import (
+    SHARED_ROW,
+    LoopLagMonitor,
+    LoopLagPolicy,
+    shared_histogram,
+    shared_observer,
+)
 from relay.worker import run_worker
 
 
@@ -32,11 +49,13 @@ class StartError(RuntimeError):
 class Supervisor:
     """Owns the worker processes and their shared counter array."""
 
-    def __init__(self, config: RelayConfig) -> None:
+    def __init__(self, config: RelayConfig, lag_policy: LoopLagPolicy | None = None) -> None:
         self.config = config
         self.timing = config.timing
         self._context = multiprocessing.get_context("spawn")
         self.shared = self._context.Array("Q", config.workers * c.ROW, lock=False)
+        self.lag_policy = lag_policy or LoopLagPolicy()
+        self.lag = self._context.Array("Q", (config.workers + 1) * SHARED_ROW, lock=False)
         self.retired = [0] * c.ROW
         self.restarts = 0
         self.processes: list[SpawnProcess | None] = [None] * config.workers
@@ -44,7 +63,7 @@ class Supervisor:
     def spawn(self, index: int) -> None:
         process = self._context.Process(
             target=run_worker,
-            args=(self.config, index, self.shared),
+            args=(self.config, index, self.shared, self.lag, self.lag_policy),
             name=f"relay-worker-{index}",
             daemon=False,
         )
@@ -145,22 +164,52 @@ class Supervisor:
                 process.join(1.0)
 
 
+class LoopLagCollector(Collector):
+    """Every relay process's event-loop lag, from the shared rows, at scrape time."""
+
+    def __init__(self, lag: Sequence[int], workers: int) -> None:
+        self._lag = lag
+        self._names = ["supervisor", *(f"worker{index}" for index in range(workers))]
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "relay_event_loop_lag_seconds",
+            "How late each relay process's event loop ran a 50 ms tick",
+            labels=["process"],
+        )
+        for row, name in enumerate(self._names):
+            buckets, total_s = shared_histogram(self._lag, row)
+            family.add_metric([name], buckets, total_s)
+        yield family
+
+
 async def run(config: RelayConfig) -> int:
     """The whole lifecycle; returns the exit code."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    supervisor = Supervisor(config)
+    try:
+        lag_policy = LoopLagPolicy.from_env(os.environ, "RELAY_")
+    except ValueError as error:
+        print(f"relay: bad configuration: {error}", file=sys.stderr, flush=True)
+        return 2
+    supervisor = Supervisor(config, lag_policy)
     endpoints = HttpEndpoints(supervisor.snapshot, supervisor.serving, supervisor.status)
+    endpoints.registry.register(LoopLagCollector(supervisor.lag, config.workers))
     try:
         server = await start_http(endpoints, *config.http)
     except OSError as error:
         print(f"relay: cannot serve HTTP on {config.http}: {error}", file=sys.stderr, flush=True)
         return 1
+    observe = shared_observer(supervisor.lag, 0)
+    logger = logging.getLogger("relay.supervisor")
+    monitor = LoopLagMonitor(lag_policy, observe, logger, "relay supervisor event loop")
+    monitor.start()
     try:
         return await _serve(supervisor, stop)
     finally:
+        await monitor.aclose()
         server.close()
         await supervisor.stop_workers()
         await server.wait_closed()

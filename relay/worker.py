@@ -28,6 +28,7 @@ from relay import counters as c
 from relay.config import RelayConfig
 from relay.counters import DROP_INDEX
 from relay.discovery import Resolve, TransceiverDiscovery, getaddrinfo_addresses
+from relay.loop_lag import LoopLagMonitor, LoopLagPolicy, shared_observer
 from relay.restarts import run_restarting
 from relay.route_lookup import RouteLookups
 from relay.routing import (
@@ -358,7 +359,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-async def _serve(config: RelayConfig, index: int, shared: MutableSequence[int]) -> None:
+async def _serve(
+    config: RelayConfig,
+    index: int,
+    shared: MutableSequence[int],
+    lag: MutableSequence[int] | None = None,
+    lag_policy: LoopLagPolicy | None = None,
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -369,20 +376,36 @@ async def _serve(config: RelayConfig, index: int, shared: MutableSequence[int]) 
     except OSError as error:
         print(f"relay worker {index}: cannot bind: {error}", file=sys.stderr, flush=True)
         raise SystemExit(3) from None
+    monitor = None
+    if lag is not None:  # row 0 is the supervisor's
+        observe = shared_observer(lag, index + 1)
+        logger = logging.getLogger("relay.worker")
+        name = f"relay worker {index} event loop"
+        monitor = LoopLagMonitor(lag_policy or LoopLagPolicy(), observe, logger, name)
+        monitor.start()
     try:
         while not stop.is_set() and os.getppid() == parent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
     finally:
+        if monitor is not None:
+            await monitor.aclose()
         await worker.aclose()
 
 
-def run_worker(config: RelayConfig, index: int, shared: MutableSequence[int]) -> None:
-    """Entry point of a worker process (spawned by the supervisor)."""
+def run_worker(
+    config: RelayConfig,
+    index: int,
+    shared: MutableSequence[int],
+    lag: MutableSequence[int] | None = None,
+    lag_policy: LoopLagPolicy | None = None,
+) -> None:
+    """Entry point of a worker process (spawned by the supervisor); ``lag``: the shared
+    event-loop lag histogram (``relay.loop_lag``), this worker's row ``index + 1``."""
     import uvloop
 
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # Ctrl-C reaches the whole process group; the supervisor alone decides, then SIGTERMs us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    uvloop.run(_serve(config, index, shared))
+    uvloop.run(_serve(config, index, shared, lag, lag_policy))

@@ -4,16 +4,18 @@ Sub-packages, one concern each: ``http`` (signalling, client secrets, auth, heal
 files), ``webrtc`` (the link to the relays, ICE, SDP, calls and admission, audio), ``realtime``
 (the Realtime session over the data channel, driving the pipeline) and ``store`` (session state
 in Redis). The modules here: ``__main__`` (the lifecycle: load config, bind, serve, drain),
-``agents`` (what calls run: echo, or the Realtime session and its storage), ``config``
+``agents`` (what calls run: echo, or the Realtime session and its storage), ``webhooks``
+(``call.ended`` events, signed by ``webhook_signing``), ``config``
 (``TRANSCEIVER_*``), ``metrics``, ``background`` (owned, supervised loops) and ``restarts``
 (their restart policy).
 
-It imports the relay's wire contract (``relay.wire``), never the relay's I/O modules, and the
-pipeline. The aioice/aiortc internals it touches are confined to ``webrtc.ice``,
+It imports the relay's wire contract (``relay.wire``) and its event-loop stall watch
+(``relay.loop_lag``: process plumbing both share), no other relay module, and the pipeline.
+The aioice/aiortc internals it touches are confined to ``webrtc.ice``,
 ``webrtc.rtp_tuning`` and ``webrtc.lean_media``.
 
-May import: relay.wire, pipeline
-Pure: config, restarts
+May import: relay.wire, relay.loop_lag, pipeline
+Pure: config, restarts, webhook_signing
 """
 
 from pipeline.native_threads import pin_native_threads

@@ -6,34 +6,48 @@ the rest, stops HTTP and closes the link socket. With ``REDIS_URL`` or ``REDIS_S
 set (see ``redis_config``), sessions are stored in Redis and can be resumed elsewhere
 (``persistence``); draining then hands each session over to another transceiver. An HTTP
 server that fails (cannot bind, or raises) or stops by itself is logged with its traceback and
-the process exits 1 after the same shutdown.
+the process exits 1 after the same shutdown. An event-loop lag monitor (``relay.loop_lag``)
+runs throughout: ``transceiver_event_loop_lag_seconds`` and a warning naming what blocked the
+loop. With call records, ``call.ended`` webhooks go out as calls end (``webhooks``).
+
+``python -m transceiver export [--since S] [--until S] [--output FILE]`` writes the stored
+call records (``transceiver.store.call_log``) as JSON Lines, oldest first, and exits.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import TextIO
 
 import uvicorn
 import uvloop
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 
 from pipeline.config import ConfigError as PipelineConfigError
 from pipeline.config import PipelineConfig
+from relay.loop_lag import BUCKETS_S, LoopLagMonitor, LoopLagPolicy
 from relay.wire.redis_config import RedisConfig, RedisConfigError, redis_flags, with_flags
 from transceiver.agents import Agents, open_agents
 from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.http.app import create_app
 from transceiver.http.auth import AuthConfig, AuthConfigError, Authenticator, auth_flags
 from transceiver.metrics import TaskCrashCollector
+from transceiver.store.call_log import CallRecordStore
+from transceiver.store.call_records import CallRecordPolicy
+from transceiver.store.connection import open_redis
+from transceiver.store.errors import StoreError
 from transceiver.store.route_publishing import RoutePublishing
+from transceiver.webhooks import call_ended_webhooks
 from transceiver.webrtc import ice, rtp_tuning
 from transceiver.webrtc.calls import CallLimits, Calls
 from transceiver.webrtc.link import Address, Link, RoutePublisherFactory
@@ -55,7 +69,16 @@ async def serve(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig 
     rtp_tuning.install()
     registry = CollectorRegistry()
     registry.register(TaskCrashCollector())
-    async with open_agents(config, registry, redis) as agents:
+    async with (
+        _loop_lag(config, registry),
+        open_agents(config, registry, redis) as agents,
+        call_ended_webhooks(
+            config.webhook,
+            None if agents.persistence is None else agents.persistence.records,
+            registry,
+            config.survival.restarts,
+        ),
+    ):
         stop = _stop_on_signals()
         link = Link(
             config.link,
@@ -83,6 +106,20 @@ async def serve(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig 
             return await _serve(config, calls, app, link_address, stop)
         finally:
             await link.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _loop_lag(config: TransceiverConfig, registry: CollectorRegistry) -> AsyncIterator[None]:
+    """The event-loop lag histogram, and warnings naming what blocked the loop."""
+    lag = Histogram(
+        "transceiver_event_loop_lag_seconds",
+        "How late the event loop ran a 50 ms tick (a stall: everything on the loop waited)",
+        buckets=BUCKETS_S,
+        registry=registry,
+    )
+    policy = LoopLagPolicy(warn_s=config.loop_lag_warn_s)
+    async with LoopLagMonitor(policy, lag.observe, logger, "transceiver event loop"):
+        yield
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -191,12 +228,60 @@ def _text(address: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def export_main(argv: Sequence[str], out: TextIO = sys.stdout) -> int:
+    """``python -m transceiver export``: the call records as JSON Lines."""
+    parser = argparse.ArgumentParser(
+        prog="python -m transceiver export",
+        description="Write the call records in Redis as JSON Lines, oldest first.",
+        parents=[redis_flags()],
+    )
+    parser.add_argument("--since", type=float, help="calls started at or after (unix seconds)")
+    parser.add_argument("--until", type=float, help="calls started at or before (unix seconds)")
+    parser.add_argument("--output", help="write here instead of standard output")
+    args = parser.parse_args(argv)
+    try:
+        redis = RedisConfig.from_env(with_flags(args, os.environ))
+    except RedisConfigError as exc:
+        print(f"transceiver export: {exc}", file=sys.stderr)
+        return 2
+    if redis is None:
+        print("transceiver export: set REDIS_URL (or --redis-url)", file=sys.stderr)
+        return 2
+    since = None if args.since is None else round(args.since * 1000)
+    until = None if args.until is None else round(args.until * 1000)
+    with contextlib.ExitStack() as files:
+        target = out if args.output is None else files.enter_context(open(args.output, "w"))
+        try:
+            count = asyncio.run(_export(redis, since, until, target))
+        except StoreError as exc:
+            print(f"transceiver export: {exc}", file=sys.stderr)
+            return 1
+    print(f"transceiver export: {count} call records", file=sys.stderr)
+    return 0
+
+
+async def _export(redis: RedisConfig, since: int | None, until: int | None, out: TextIO) -> int:
+    connection = open_redis(redis)
+    count = 0
+    try:
+        store = CallRecordStore(connection.client, redis.key_prefix, CallRecordPolicy())
+        async for record in store.export(since, until):
+            out.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n")
+            count += 1
+    finally:
+        await connection.aclose()
+    return count
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["export"]:
+        return export_main(args[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("aioice").setLevel(logging.WARNING)
     logging.getLogger("aiortc").setLevel(logging.WARNING)
     try:
-        auth_args, rest = auth_flags().parse_known_args(sys.argv[1:] if argv is None else argv)
+        auth_args, rest = auth_flags().parse_known_args(args)
         redis_args, rest = redis_flags().parse_known_args(rest)
         config = TransceiverConfig.load(rest, parents=[auth_flags(), redis_flags()])  # --help: all
         auth = AuthConfig.from_flags(auth_args, os.environ)

@@ -7,7 +7,11 @@ The survival timings and bounds (leases, Redis health, queues, restarts) load in
 choice, forgetting, relay trust, ICE rechecks) into a ``LinkPolicy``
 (``transceiver.webrtc.link_policy``) under ``link_policy``; a Realtime session's (error notice
 before a hang-up, events kept for a channel not yet open) into a ``RealtimeLimits``
-(``transceiver.realtime.limits``) under ``realtime``.
+(``transceiver.realtime.limits``) under ``realtime``. What calls leave behind: a
+``CallRecordPolicy`` (``transceiver.store.call_records``, retention and bounds) under
+``survival.records``, and the ``call.ended`` webhook's ``WebhookPolicy``
+(``transceiver.webhook_signing``; its secret from ``TRANSCEIVER_WEBHOOK_SECRET`` only) under
+``webhook``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from relay.wire.redis_config import parse_number
 from relay.wire.ufrag import Keyring
 from transceiver.realtime.limits import RealtimeLimits
 from transceiver.restarts import RestartPolicy
+from transceiver.store.call_records import TRANSCRIPT_MODES, CallRecordPolicy
 from transceiver.store.survival import SurvivalPolicy
+from transceiver.webhook_signing import WebhookPolicy
 from transceiver.webrtc.link_policy import LinkPolicy
 
 Address = tuple[str, int]
@@ -71,7 +77,26 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
     "link_max_rechecks": ("16", "ICE checks resent early, per connection (0: none)"),
     "realtime_lost_notice_s": ("0.25", "an ending session lets its error event leave this long"),
     "realtime_max_pending_events": ("512", "server events kept until the client opens its channel"),
+    "call_record_ttl_s": ("604800", "a call record expires this long after its last write"),
+    "call_record_max_turns": ("500", "turns kept per call record; the oldest are trimmed"),
+    "call_record_transcripts": (
+        "full",
+        "transcripts in call records: full, redacted (numbers, e-mail addresses masked) or off",
+    ),
+    "call_record_max_pending": ("1000", "call-record writes waiting for Redis; more are dropped"),
+    "webhook_url": (
+        None,
+        "POST a signed call.ended event here as each call ends (empty: none; the HMAC secret "
+        "comes from TRANSCEIVER_WEBHOOK_SECRET only)",
+    ),
+    "webhook_max_attempts": ("8", "tries per call.ended event, then it is given up (counted)"),
+    "webhook_retry_first_s": ("1", "pause after a failed webhook attempt; doubles each time"),
+    "webhook_retry_max_s": ("60", "longest pause between webhook attempts"),
+    "webhook_timeout_s": ("10", "one webhook attempt may take this long"),
+    "webhook_max_pending": ("1000", "call.ended events waiting for delivery; more are dropped"),
+    "loop_lag_warn_ms": ("100", "warn, with what blocked it, of an event-loop tick this late"),
 }
+ENV_WEBHOOK_SECRET = ENV_PREFIX + "WEBHOOK_SECRET"
 
 
 class ConfigError(ValueError):
@@ -92,6 +117,8 @@ class TransceiverConfig:
     survival: SurvivalPolicy = field(default_factory=SurvivalPolicy)
     link_policy: LinkPolicy = field(default_factory=LinkPolicy)
     realtime: RealtimeLimits = field(default_factory=RealtimeLimits)
+    webhook: WebhookPolicy | None = None
+    loop_lag_warn_s: float = 0.1
 
     @classmethod
     def load(
@@ -108,6 +135,7 @@ class TransceiverConfig:
         }
         flags = vars(_parser(parents).parse_args(argv))
         values.update({k: v for k, v in flags.items() if k in _SETTINGS and v is not None})
+        values["webhook_secret"] = environ.get(ENV_WEBHOOK_SECRET)  # never a flag (ps shows those)
         return cls.from_values(values)
 
     @classmethod
@@ -125,6 +153,8 @@ class TransceiverConfig:
             survival=_survival(values),
             link_policy=_link_policy(values),
             realtime=_realtime(values),
+            webhook=_webhook(values),
+            loop_lag_warn_s=_number(values, "loop_lag_warn_ms", float, minimum=1.0) / 1000,
         )
 
 
@@ -137,7 +167,48 @@ def _survival(values: Mapping[str, str | None]) -> SurvivalPolicy:
         max_pending_routes=_number(values, "max_pending_routes", int, minimum=1),
         route_flush_timeout_s=_number(values, "route_flush_timeout_s", float, minimum=0.01),
         restarts=restarts,
+        records=_records(values),
     )
+
+
+def _records(values: Mapping[str, str | None]) -> CallRecordPolicy:
+    transcripts = _required(values, "call_record_transcripts").lower()
+    if transcripts not in TRANSCRIPT_MODES:
+        raise ConfigError(
+            f"{ENV_PREFIX}CALL_RECORD_TRANSCRIPTS={transcripts!r} is not one of "
+            + ", ".join(TRANSCRIPT_MODES)
+        )
+    return CallRecordPolicy(
+        ttl_s=_number(values, "call_record_ttl_s", float, minimum=1.0),
+        max_turns=_number(values, "call_record_max_turns", int, minimum=1),
+        transcripts=transcripts,
+        max_pending=_number(values, "call_record_max_pending", int, minimum=1),
+    )
+
+
+def _webhook(values: Mapping[str, str | None]) -> WebhookPolicy | None:
+    url = (values.get("webhook_url") or "").strip()
+    if not url:
+        return None
+    secret = (values.get("webhook_secret") or "").strip()
+    if not secret:
+        raise ConfigError(f"{ENV_PREFIX}WEBHOOK_URL is set but {ENV_WEBHOOK_SECRET} is not")
+
+    def number(name: str, kind: type[N], minimum: N) -> N:
+        return _number(values, "webhook_" + name, kind, minimum)
+
+    try:
+        return WebhookPolicy(
+            url=url,
+            secret=secret,
+            max_attempts=number("max_attempts", int, minimum=1),
+            retry_first_s=number("retry_first_s", float, minimum=0.001),
+            retry_max_s=number("retry_max_s", float, minimum=0.001),
+            timeout_s=number("timeout_s", float, minimum=0.001),
+            max_pending=number("max_pending", int, minimum=1),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{ENV_PREFIX}WEBHOOK_*: {exc}") from None
 
 
 def _restarts(values: Mapping[str, str | None]) -> RestartPolicy:

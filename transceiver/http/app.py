@@ -6,7 +6,8 @@ as OpenAI's ``multipart/form-data`` variant (field ``sdp``, optional ``session``
 ``GET /v1/realtime`` upgraded to a WebSocket is OpenAI's WebSocket transport (``websocket``).
 ``GET /v1/live/sessions`` upgraded to a WebSocket is GPT-Live's primary WebSocket
 (``live_websocket``: the same sessions speaking the Live contract, ``transceiver.live``).
-``POST /v1/realtime/client_secrets`` mints a short-lived ``ek_`` secret (see ``auth``). The web
+``POST /v1/realtime/client_secrets`` mints a short-lived ``ek_`` secret (see ``auth``).
+``GET /v1/calls`` and ``GET /v1/calls/{id}`` read call records (``calls_api``). The web
 client (``transceiver/http/static``) is served at ``/`` and ``/static/``. Every error is JSON:
 ``{"error": {"type": ..., "code": ..., "message": ..., "param": ...}}``.
 
@@ -41,6 +42,7 @@ from prometheus_client.registry import Collector
 
 from transceiver.http import client_secrets
 from transceiver.http.auth import Authenticator, AuthError
+from transceiver.http.calls_api import add_call_records
 from transceiver.http.errors import ApiError, add_error_handlers, error_response, unavailable
 from transceiver.http.live_websocket import add_live_websocket
 from transceiver.http.offers import json_object, read_offer
@@ -151,6 +153,9 @@ def create_app(
     app.add_api_route(CALLS_PATH + "/{call_id}", hangup, methods=["DELETE"])
     app.add_api_route(CALLS_PATH + "/{call_id}/hangup", hangup, methods=["POST"])
     _add_health(app, calls, registry, persistence)
+    records = None if persistence is None else persistence.records
+    store = None if records is None else records.store
+    add_call_records(app, lambda request: _authorise(auth.check_api_key, request), store)
     return app
 
 
