@@ -42,7 +42,7 @@ from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.http.app import create_app
 from transceiver.http.auth import AuthConfig, AuthConfigError, Authenticator, auth_flags
 from transceiver.metrics import TaskCrashCollector
-from transceiver.store.call_log import CallRecordStore
+from transceiver.store.call_log import CallRecordCollector, CallRecordStore
 from transceiver.store.call_records import CallRecordPolicy
 from transceiver.store.connection import open_redis
 from transceiver.store.errors import StoreError
@@ -79,6 +79,9 @@ async def serve(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig 
             config.survival.restarts,
         ),
     ):
+        records = None if agents.persistence is None else agents.persistence.records
+        if records is not None:
+            registry.register(CallRecordCollector(records))
         stop = _stop_on_signals()
         link = Link(
             config.link,

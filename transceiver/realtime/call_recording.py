@@ -13,7 +13,10 @@ the recorder hands ``transceiver.store.call_records`` writes to a sink (the proc
   synthesis request to its first audio; ``voice_to_voice``: speech stopped to the first frame
   sent), the provider time and the pipeline's own overhead on that path, and ``vad_silence``
   (the silence the VAD waits for before it calls the speech over, from the turn detection);
-- ``timeline_ms``: each moment in ms after speech stopped (the live page's waterfall);
+- ``timeline_ms``: each moment in ms after ``origin`` (the live page's waterfall):
+  ``speech_stopped``, or for a turn without speech (typed, or a tool's continuation)
+  ``response_created``, when the session started the response; ``voice_to_voice`` is then
+  measured from there too;
 - ``interrupted``: ``null`` or who cut the answer (``user``: a barge-in; ``client``: a
   ``response.cancel`` or ``output_audio_buffer.clear``), when (unix ms) and how much was played;
 - ``tools``: each call that completed in the turn: name, side (server: a built-in; client: its
@@ -180,16 +183,21 @@ class CallRecorder:
     _cleared: dict[str, tuple[int, float]] = field(default_factory=dict)  # response -> cut
     _client_cancelled: set[str] = field(default_factory=set)
     _history_seen: int = 0  # history messages already looked at for a text turn's words
+    _responses: dict[str, float] = field(default_factory=dict)  # engine response -> started
 
     def began(self, call_id: str) -> None:
         """The call (connection) id, from ``Calls`` when it answers the offer."""
         self.call_id = call_id
 
-    def start(self, session: Mapping[str, Any], stages: Mapping[str, str]) -> None:
-        """The call was answered: its leg begins, with the config it starts with."""
+    def start(
+        self, session: Mapping[str, Any], stages: Mapping[str, str], history_length: int = 0
+    ) -> None:
+        """The call was answered: its leg begins, with the config it starts with (and, when
+        resumed, the history it restored: no turn of this leg said that)."""
         if self._begun:
             return
         self._begun = True
+        self._history_seen = history_length
         self.call_id = self.call_id or f"ws_{self.session_id}"
         self._submit(BeginLeg(self.session_id, self.call_id, self.transceiver, self._now_ms()))
         self.configured(session, stages)
@@ -217,6 +225,10 @@ class CallRecorder:
                 self._open_tools[call.call_id] = _Tool(call.name, call.call_id, side, now)
         elif isinstance(event, ev.ToolCallCompleted):
             self._tool_done(event.result.call.call_id, event.result.ok)
+        elif isinstance(event, ev.ResponseStarted):
+            self._responses[event.response_id] = now
+            while len(self._responses) > 8:
+                self._responses.pop(next(iter(self._responses)))
         elif isinstance(event, ev.OutputCleared):
             self._cleared[event.response_id] = (event.audio_end_ms, self.wall())
             while len(self._cleared) > 8:
@@ -248,7 +260,9 @@ class CallRecorder:
         """A finished turn (``TurnCompleted``) becomes the record's next turn."""
         if not self._begun or self._ended:
             return
-        origin = record.speech_stopped_s
+        origin, origin_name = record.speech_stopped_s, "speech_stopped"
+        if origin is None:
+            origin, origin_name = self._responses.get(engine_response_id), "response_created"
         first_out = record.first_frame_out_s if first_frame_sent_s is None else first_frame_sent_s
 
         def since(at_s: float | None) -> float | None:
@@ -275,6 +289,7 @@ class CallRecorder:
                 "provider": _round(record.provider_ms),
                 "overhead": _round(record.overhead_ms),
             },
+            "origin": origin_name,
             "timeline_ms": {
                 **{name: since(getattr(record, name + "_s")) for name in _TIMELINE},
                 "first_frame_out": voice_to_voice,

@@ -222,7 +222,7 @@ class RealtimeSession:
         if self._persistence is not None and self.journal is None:
             self._hold(await self._persistence.create(self.config.id, self.config.to_json()))
         await self.engine.start()
-        self.recorder.start(self.config.to_json(), self._stages())
+        self.recorder.start(self.config.to_json(), self._stages(), len(self.engine.history))
         self._spawn(self._forward_engine_events(), "session engine events")
         if self._remote is not None:
             rate_hz = self.engine.config.input_sample_rate_hz
