@@ -14,7 +14,6 @@ import asyncio
 import base64
 import json
 import os
-import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -25,19 +24,21 @@ import pytest
 import websockets
 from openai.resources.live.live import AsyncLiveConnection
 from openai.types.live.server_event import ServerEvent
+from websocket_harness import (
+    RATE_HZ,
+    EventLog,
+    error_for,
+    openai_client,
+    spoken_question,
+    transceiver_process_with,
+)
 
 from deploy.fake_openai import FakeOpenAIServer
-from deploy.processes import Process, free_port, random_keys, text, transceiver_process
-from loadtest.voice_audio import silence_pcm, spoken_pcm
-from pipeline.config import PiperConfig
-from pipeline.piper_tts import PiperTextToSpeech
 from transceiver.live.client_events import MAX_LIVE_EVENT_BYTES
 
 pytestmark = pytest.mark.slow
 API_KEY = "vr-live-" + os.urandom(12).hex()
 CAPACITY = 2
-EVENT_TIMEOUT_S = 30.0
-RATE_HZ = 24_000
 SERVER_EVENT = pydantic.TypeAdapter(ServerEvent)
 # The fake model calls a tool whose name the user says: "moon" is in the spoken question.
 MOON_TOOL = {
@@ -59,72 +60,27 @@ def transceiver(
     fake_openai: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """The transceiver's HTTP base URL."""
-    link = ("127.0.0.1", free_port())
-    http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
-    env = {
-        "OPENAI_API_KEY": "sk-test",
-        "OPENAI_BASE_URL": fake_openai.base_url + "/v1",
-        "PIPELINE_STT": "pocketsphinx",
-        "PIPELINE_LLM": "openai",
-        "PIPELINE_TTS": "openai",
-        "TRANSCEIVER_API_KEY": API_KEY,
-        "TRANSCEIVER_SECRET_KEYS": random_keys(),
-        "TRANSCEIVER_CAPACITY": str(CAPACITY),
-    }
     log_dir = tmp_path_factory.mktemp("live")
-    process: Process = transceiver_process(
-        "transceiver", link, http, "127.0.0.1:3478", random_keys(), log_dir, env,
-        agent="pipeline", auth="required",
-    )  # fmt: skip
-    process.start()
-    try:
-        process.wait_ready(timeout_s=60)
-        yield f"http://{text(http)}"
-    finally:
-        returncode = asyncio.run(process.stop())
-    assert returncode == 0, process.log_tail()
-    assert "Traceback" not in (log_dir / "transceiver.log").read_text(), process.log_tail()
+    with transceiver_process_with(fake_openai.base_url, API_KEY, CAPACITY, log_dir) as base_url:
+        yield base_url
 
 
 @pytest.fixture(scope="module")
 def question() -> bytes:
     """A spoken question (piper, noise off) between silences, PCM16 at 24 kHz."""
-
-    async def speak() -> bytes:
-        tts = PiperTextToSpeech(PiperConfig(noise_scale=0.0, noise_w_scale=0.0))
-        await tts.start()
-        try:
-            words = await spoken_pcm(tts, "Tell me about the moon.", RATE_HZ)
-        finally:
-            await tts.aclose()
-        return silence_pcm(0.5, RATE_HZ) + words + silence_pcm(1.5, RATE_HZ)
-
-    return asyncio.run(speak())
+    return spoken_question()
 
 
 def sdk(base_url: str, api_key: str = API_KEY) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(api_key=api_key, base_url=base_url + "/v1", max_retries=0)
+    return openai_client(base_url, api_key)
 
 
-class Events:
+class Events(EventLog[AsyncLiveConnection]):
     """Every event the connection receives, kept and checked against the SDK's types; waits
     are on a type (never on a time)."""
 
-    def __init__(self, connection: AsyncLiveConnection) -> None:
-        self.connection = connection
-        self.seen: list[dict[str, Any]] = []
-
-    async def next(self, kind: str, timeout_s: float = EVENT_TIMEOUT_S) -> dict[str, Any]:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                event = json.loads(await self.connection.recv_bytes())
-                assert SERVER_EVENT.validate_python(event).type == event["type"], event
-                self.seen.append(event)
-                if event["type"] == kind:
-                    return event
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.seen if e["type"] == kind]
+    def check(self, event: dict[str, Any]) -> None:
+        assert SERVER_EVENT.validate_python(event).type == event["type"], event
 
     def nested(self, kind: str) -> list[dict[str, Any]]:
         return [e["event"] for e in self.of("response.event") if e["event"]["type"] == kind]
@@ -241,12 +197,6 @@ async def test_an_unknown_field_in_session_start_gets_an_error_and_no_session(
             "unsupported_parameter",
             "session.delegation.type",
         )
-
-
-async def error_for(events: Events, data: str | bytes) -> dict[str, Any]:
-    await events.connection.send_raw(data)
-    error: dict[str, Any] = (await events.next("error"))["error"]
-    return error
 
 
 async def test_bad_input_gets_errors_and_the_session_goes_on(live: Events) -> None:
