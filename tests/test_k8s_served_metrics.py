@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from metric_samples import served_samples
+from prometheus_client import CollectorRegistry
 
 from pipeline.providers import LanguageModelEvent, Message, ProviderError, TextDelta, ToolSpec
 from pipeline.resilience import (
@@ -23,23 +23,14 @@ from transceiver.metrics import ResilienceCollector
 from transceiver.webrtc.calls import CallLimits, Calls
 
 
-def samples(registry: CollectorRegistry) -> dict[str, float]:
-    found = {}
-    for family in text_string_to_metric_families(generate_latest(registry).decode()):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return found
-
-
 async def test_capacity_and_draining_come_from_the_calls() -> None:
     registry = CollectorRegistry()
     calls = Calls(None, CallLimits(capacity=7, connect_timeout_s=1.0), registry, None)  # type: ignore[arg-type]
     registry.register(_capacity_collector(calls))
-    served = samples(registry)
+    served = served_samples(registry)
     assert (served["transceiver_capacity"], served["transceiver_draining"]) == (7.0, 0.0)
     await calls.drain(0.1)  # no calls: the drain only stops admission
-    assert samples(registry)["transceiver_draining"] == 1.0
+    assert served_samples(registry)["transceiver_draining"] == 1.0
 
 
 class Model:
@@ -78,21 +69,21 @@ async def test_the_circuit_state_its_transitions_and_refused_calls_are_served() 
     registry = CollectorRegistry()
     registry.register(ResilienceCollector([llm]))
     provider = '{provider="primary-llm"}'
-    assert samples(registry)[f"transceiver_provider_circuit_open{provider}"] == 0.0
+    assert served_samples(registry)[f"transceiver_provider_circuit_open{provider}"] == 0.0
 
     assert await answer(llm) == "hello"  # two failures open the circuit; the fallback answers
     assert await answer(llm) == "hello"  # refused at once by the open circuit
-    served = samples(registry)
+    served = served_samples(registry)
     assert served[f"transceiver_provider_circuit_open{provider}"] == 1.0
     assert served[f"transceiver_provider_short_circuited_total{provider}"] == 1.0
     opened = 'transceiver_provider_circuit_transitions_total{provider="primary-llm",state="open"}'
     assert served[opened] == 1.0
 
     now[0] = 11.0  # past the reset timeout: still "open" until a call probes it
-    assert samples(registry)[f"transceiver_provider_circuit_open{provider}"] == 1.0
+    assert served_samples(registry)[f"transceiver_provider_circuit_open{provider}"] == 1.0
     primary.failing = False
     assert await answer(llm) == "hello"  # the probe succeeds: closed
-    served = samples(registry)
+    served = served_samples(registry)
     assert served[f"transceiver_provider_circuit_open{provider}"] == 0.0
     moved = {k: v for k, v in served.items() if k.startswith("transceiver_provider_circuit_tr")}
     assert moved == {

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from aiortc import RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from metric_samples import served_samples
+from prometheus_client import CollectorRegistry
 
 from deploy.processes import Address, LoopbackRelay, random_keys
 from deploy.waiting import eventually
@@ -248,11 +248,13 @@ async def test_five_percent_loss_is_recovered_by_fec_and_concealed(
         assert lost >= 2 and counters["recovered_fec"] + counters["concealed_plc"] >= lost
         assert counters["decode_errors"] == 0
         await eventually(
-            lambda: served(registry).get("transceiver_lean_media_rtt_seconds_count", 0) >= 1,
+            lambda: (
+                served_samples(registry).get("transceiver_lean_media_rtt_seconds_count", 0) >= 1
+            ),
             TIMEOUT_S,
             "a round trip measured from RTCP",
         )
-        metrics = served(registry)  # /metrics as the app serves it: the calls' registry
+        metrics = served_samples(registry)  # /metrics as the app serves it: the calls' registry
         for kind in ("lost", "recovered_fec", "concealed_plc", "srtp_rejected"):
             assert (
                 metrics[f'transceiver_lean_media_events_total{{kind="{kind}"}}'] <= counters[kind]
@@ -260,12 +262,3 @@ async def test_five_percent_loss_is_recovered_by_fec_and_concealed(
         assert metrics['transceiver_lean_media_events_total{kind="lost"}'] >= 2
         assert metrics['transceiver_lean_media_events_total{kind="recovered_fec"}'] >= 2
         assert metrics['transceiver_lean_media_events_total{kind="srtp_rejected"}'] == 0
-
-
-def served(registry: CollectorRegistry) -> dict[str, float]:
-    found = {}
-    for family in text_string_to_metric_families(generate_latest(registry).decode()):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return found

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from metric_samples import served_samples
+from prometheus_client import CollectorRegistry
 
 from loadtest.voice_audio import silence_pcm, spoken_pcm
 from pipeline import events as ev
@@ -91,15 +91,6 @@ async def test_a_call_stalled_mid_utterance_does_not_hold_up_another_calls_answe
         assert stalled.user_speaking  # still mid-utterance: it was not cut short for the other
 
 
-def served(registry: CollectorRegistry) -> dict[str, float]:
-    found = {}
-    for family in text_string_to_metric_families(generate_latest(registry).decode()):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return found
-
-
 @on_module_loop
 async def test_a_saturated_pool_refuses_new_calls_and_says_why_while_its_calls_go_on() -> None:
     config = PipelineConfig(
@@ -113,7 +104,7 @@ async def test_a_saturated_pool_refuses_new_calls_and_says_why_while_its_calls_g
         calls = Calls(None, limits, registry, agents, overload=agents.overload)  # type: ignore[arg-type]
         registry.register(_capacity_collector(calls))
         assert calls.not_ready_reason is None
-        assert served(registry)["transceiver_pipeline_pool_saturated"] == 0.0
+        assert served_samples(registry)["transceiver_pipeline_pool_saturated"] == 0.0
 
         tts = agents.providers.tts
         text = "The moon is about three hundred and eighty four thousand kilometres away."
@@ -129,7 +120,7 @@ async def test_a_saturated_pool_refuses_new_calls_and_says_why_while_its_calls_g
         error = unavailable(refused.value)
         assert (error.status, error.code) == (503, "transceiver_overloaded")
         assert "2 tts jobs wait for a slot (over 1)" in error.message
-        metrics = served(registry)
+        metrics = served_samples(registry)
         assert metrics["transceiver_pipeline_pool_saturated"] == 1.0
         assert metrics['transceiver_pipeline_pool_queue_depth{stage="tts"}'] == 2.0
         assert metrics['transceiver_pipeline_pool_busy{stage="tts"}'] == 1.0
@@ -138,7 +129,7 @@ async def test_a_saturated_pool_refuses_new_calls_and_says_why_while_its_calls_g
             voices = await asyncio.gather(*speaking)  # the work in progress still completes
         assert all(len(voice) > RATE_HZ for voice in voices)  # a second of speech, or more
         assert calls.not_ready_reason is None
-        metrics = served(registry)
+        metrics = served_samples(registry)
         assert metrics["transceiver_pipeline_pool_saturated"] == 0.0
         assert metrics['transceiver_pipeline_pool_wait_seconds_count{stage="tts"}'] >= 3
         assert metrics["transceiver_pipeline_pool_size"] == 1.0
