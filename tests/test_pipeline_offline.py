@@ -24,7 +24,7 @@ import pytest_asyncio
 
 from loadtest.voice_audio import recognised, silence_pcm, spoken_pcm
 from pipeline import events as ev
-from pipeline.config import EngineConfig, LocalAgentConfig, PiperConfig
+from pipeline.config import EngineConfig, LocalAgentConfig
 from pipeline.engine import ConversationEngine
 from pipeline.knowledge import load_knowledge
 from pipeline.local_agent import LocalRuleBasedAgent
@@ -45,14 +45,6 @@ KNOWLEDGE = load_knowledge()
 MOON = KNOWLEDGE.entries[0]
 assert MOON.title == "The moon"
 NINE_AM = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def piper() -> AsyncIterator[PiperTextToSpeech]:
-    tts = PiperTextToSpeech(PiperConfig(noise_scale=0.0, noise_w_scale=0.0))
-    await tts.start()
-    yield tts
-    await tts.aclose()
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

@@ -22,7 +22,6 @@ from pipeline.config import (
     EngineConfig,
     LocalAgentConfig,
     PipelineConfig,
-    PiperConfig,
     PocketsphinxConfig,
 )
 from pipeline.engine import ConversationEngine
@@ -41,14 +40,6 @@ on_module_loop = pytest.mark.asyncio(loop_scope="module")
 RATE_HZ = 16000
 KNOWLEDGE = load_knowledge()
 BOUND_S = 20  # a bound for a hang, never a latency claim
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def piper() -> AsyncIterator[PiperTextToSpeech]:
-    tts = PiperTextToSpeech(PiperConfig(noise_scale=0.0, noise_w_scale=0.0))
-    await tts.start()
-    yield tts
-    await tts.aclose()
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
