@@ -417,3 +417,23 @@ def test_record_and_webhook_settings_load_and_the_webhook_secret_is_never_a_flag
         TransceiverConfig.load(["--webhook-secret", "x" * 20], keys)
     with pytest.raises(ConfigError, match="TRANSCEIVER_CALL_RECORD_TRANSCRIPTS"):
         TransceiverConfig.load([], {**keys, "TRANSCEIVER_CALL_RECORD_TRANSCRIPTS": "some"})
+
+
+async def test_only_the_end_of_a_calls_last_leg_is_announced(redis_server: RedisServer) -> None:
+    log = CallRecordLog.from_config(RedisConfig(url=redis_server.url), CallRecordPolicy())
+    announced: list[tuple[str, str]] = []
+    log.on_ended = lambda record, end: announced.append((record["id"], end.call_id))
+    clocks = Clocks()
+    old, new = recorder(clocks, "sess_x", "rtc_old"), recorder(clocks, "sess_x", "rtc_new")
+    old.start(SESSION, STAGES)
+    new.start(SESSION, STAGES)  # the call moved to a newer connection...
+    old.end("taken_over")  # ...and the old one's end comes later
+    new.end("hangup")
+    async with log:
+        for write in clocks.writes:
+            assert log.submit(write)
+        assert await log.drained(10)
+        record = await log.store.get("sess_x")
+    assert announced == [("sess_x", "rtc_new")]
+    assert record is not None
+    assert [leg["end_reason"] for leg in record["legs"]] == ["taken_over", "hangup"]

@@ -7,7 +7,8 @@ leg's end, it hands the whole record to ``WebhookSender.call_ended``, which queu
      "data": <the record, as GET /v1/calls/{id} shows it>}
 
 The event's id is the idempotency key (one per leg: a call resumed after a drain hand-over
-sends one event per leg, the last with the whole call). Delivery is at least once while the
+sends one event per leg, the last with the whole call; a leg that ends after its call moved on
+to another connection sends none). Delivery is at least once while the
 process runs: any answer but 2xx, or no answer within ``timeout_s``, is tried again after a
 pause that doubles from ``retry_first_s`` to ``retry_max_s`` (with jitter), up to
 ``max_attempts``; then the event is given up, logged and counted. Events wait in a bounded

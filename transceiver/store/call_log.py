@@ -5,7 +5,8 @@ record at a time; ``CallRecordLog`` is the process's writer, in the journal's wr
 style: ``submit`` never waits (a bounded queue; a write that does not fit is dropped and
 counted), one owned loop (``background``) writes them in order, tries a write Redis cannot
 take ``write_attempts`` times and then drops it, counted and logged: a record is worth less than
-a call, so nothing here ever waits for Redis on a call's behalf. Once a leg's end is stored,
+a call, so nothing here ever waits for Redis on a call's behalf. Once a leg's end is stored
+and that leg is still the record's last (the call did not move on to another connection),
 ``on_ended`` gets the whole record (the webhook, ``transceiver.webhooks``).
 """
 
@@ -25,7 +26,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from relay.wire.redis_config import RedisConfig
-from transceiver.background import BackgroundLoop
+from transceiver.background import BackgroundLoop, report_crash
 from transceiver.restarts import RestartPolicy
 from transceiver.store.call_records import (
     APPEND_TURN,
@@ -337,6 +338,10 @@ class CallRecordLog(BackgroundLoop):
                 self.outcomes["failed"] += 1
                 log.warning("call record %s: %s", write.session_id, error)
                 return
+            except Exception as error:  # a bug: seen and counted, and it cannot jam the queue
+                self.outcomes["failed"] += 1
+                report_crash(self.task_name, error, log, "the write is dropped")
+                return
             self.outcomes["written"] += 1
             if isinstance(write, EndLeg) and self.on_ended is not None:
                 await self._ended(write)
@@ -351,7 +356,7 @@ class CallRecordLog(BackgroundLoop):
                         write.session_id, error)  # fmt: skip
             self.outcomes["unannounced"] += 1
             return
-        if record is not None:
+        if record is not None and record["status"] == "ended":  # not moved on since
             self.on_ended(record, write)
 
     async def aclose(self) -> None:
