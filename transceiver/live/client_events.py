@@ -15,7 +15,6 @@ answers, so the Live instructions and the backend's are joined.
 
 from __future__ import annotations
 
-import binascii
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -26,6 +25,8 @@ from transceiver.realtime.client_events import (
     MAX_WEBSOCKET_EVENT_BYTES,
     EventError,
     FunctionTool,
+    audio_bytes,
+    event_object,
 )
 
 MAX_LIVE_EVENT_BYTES = MAX_WEBSOCKET_EVENT_BYTES
@@ -182,15 +183,7 @@ LiveClientEvent = (
 
 def parse_live_event(data: str | bytes, max_bytes: int = MAX_LIVE_EVENT_BYTES) -> LiveClientEvent:
     """One WebSocket message of at most ``max_bytes``; raises EventError naming the problem."""
-    size = _size_bytes(data, max_bytes)
-    if size > max_bytes:
-        raise EventError("event_too_large", f"event of {size} bytes exceeds {max_bytes}")
-    try:
-        raw = decode(data)
-    except JsonInputError as exc:
-        raise EventError("invalid_json", f"event is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise EventError("invalid_event", "event must be a JSON object")
+    raw = event_object(data, max_bytes)
     kind = _str(raw, "type", "", required=True)
     if kind in LATER_EVENTS:
         raise EventError(
@@ -215,12 +208,6 @@ def event_id_of(data: str | bytes) -> str | None:
         return None
     event_id = raw.get("event_id") if isinstance(raw, dict) else None
     return event_id if isinstance(event_id, str) else None
-
-
-def _size_bytes(data: str | bytes, max_bytes: int) -> int:
-    if isinstance(data, bytes) or len(data) <= max_bytes // 4 or len(data) > max_bytes:
-        return len(data)
-    return len(data.encode("utf-8", "surrogatepass"))
 
 
 # --- fields ---------------------------------------------------------------------------------
@@ -456,14 +443,7 @@ def _parse_update(raw: Json, event_id: str | None) -> SessionUpdate:
 
 
 def _parse_append(raw: Json, event_id: str | None) -> AudioAppend:
-    encoded = _str(raw, "audio", "", required=True) or ""
-    try:
-        pcm = binascii.a2b_base64(encoded, strict_mode=True)
-    except (binascii.Error, ValueError):
-        raise EventError(
-            "invalid_value", "Invalid 'audio'. Expected base64-encoded audio bytes.", "audio"
-        ) from None
-    return AudioAppend(event_id, pcm)
+    return AudioAppend(event_id, audio_bytes(_str(raw, "audio", "", required=True) or ""))
 
 
 def _parse_instructions(raw: Json, event_id: str | None) -> InstructionsAppend:

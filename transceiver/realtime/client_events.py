@@ -201,6 +201,19 @@ ClientEvent = (
 def parse_client_event(data: str | bytes, max_bytes: int = MAX_EVENT_BYTES) -> ClientEvent:
     """Parse one message (a data-channel message, a WebSocket frame of at most ``max_bytes``);
     raises EventError naming the problem."""
+    raw = event_object(data, max_bytes)
+    kind = _str(raw, "type", required=True)
+    parser = _PARSERS.get(kind or "")
+    if parser is None:  # OpenAI's code and wording for an unknown type
+        supported = ", ".join(repr(name) for name in _PARSERS)
+        message = f"Invalid value: {kind!r}. Supported values are: {supported}."
+        raise EventError("invalid_value", message, "type")
+    return parser(raw, _str(raw, "event_id"))
+
+
+def event_object(data: str | bytes, max_bytes: int) -> dict[str, Any]:
+    """The JSON object a message of at most ``max_bytes`` holds (the GPT-Live events' too);
+    raises EventError: too large, not JSON, not an object."""
     size = _size_bytes(data, max_bytes)
     if size > max_bytes:
         raise EventError("event_too_large", f"event of {size} bytes exceeds {max_bytes}")
@@ -210,13 +223,17 @@ def parse_client_event(data: str | bytes, max_bytes: int = MAX_EVENT_BYTES) -> C
         raise EventError("invalid_json", f"event is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise EventError("invalid_event", "event must be a JSON object")
-    kind = _str(raw, "type", required=True)
-    parser = _PARSERS.get(kind or "")
-    if parser is None:  # OpenAI's code and wording for an unknown type
-        supported = ", ".join(repr(name) for name in _PARSERS)
-        message = f"Invalid value: {kind!r}. Supported values are: {supported}."
-        raise EventError("invalid_value", message, "type")
-    return parser(raw, _str(raw, "event_id"))
+    return raw
+
+
+def audio_bytes(encoded: str) -> bytes:
+    """The PCM of an audio append's base64 ``audio`` (strict: no stray characters)."""
+    try:
+        return binascii.a2b_base64(encoded, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise EventError(
+            "invalid_value", "Invalid 'audio'. Expected base64-encoded audio bytes.", "audio"
+        ) from None
 
 
 def _size_bytes(data: str | bytes, max_bytes: int) -> int:
@@ -379,14 +396,7 @@ def _parse_truncate(raw: Mapping[str, Any], event_id: str | None) -> ItemTruncat
 
 
 def _parse_append(raw: Mapping[str, Any], event_id: str | None) -> AudioAppend:
-    encoded = _str(raw, "audio", required=True) or ""
-    try:
-        pcm = binascii.a2b_base64(encoded, strict_mode=True)
-    except (binascii.Error, ValueError):
-        raise EventError(
-            "invalid_value", "Invalid 'audio'. Expected base64-encoded audio bytes.", "audio"
-        ) from None
-    return AudioAppend(event_id, pcm)
+    return AudioAppend(event_id, audio_bytes(_str(raw, "audio", required=True) or ""))
 
 
 def _buffer_command(kind: str) -> _Parser:
