@@ -225,20 +225,17 @@ def _unsupported(name: str, why: str) -> EventError:
 
 
 def _str(obj: Json, key: str, path: str, *, required: bool = False) -> str | None:
-    value = obj.get(key)
-    name = f"{path}{key}"
-    if value is None:
-        if required:
-            raise EventError(
-                "missing_required_parameter", f"Missing required parameter: {name!r}.", name
-            )
-        return None
-    if not isinstance(value, str):
-        raise EventError("invalid_type", f"{name} must be a string", name)
+    value: str | None = _typed(obj, key, path, str, "a string", required)
     return value
 
 
 def _obj(obj: Json, key: str, path: str, *, required: bool = False) -> Json | None:
+    value: Json | None = _typed(obj, key, path, dict, "an object", required)
+    return value
+
+
+def _typed(obj: Json, key: str, path: str, kind: type, what: str, required: bool) -> Any:
+    """``obj[key]`` if it is a ``kind``; None if absent or null (refused if ``required``)."""
     value = obj.get(key)
     name = f"{path}{key}"
     if value is None:
@@ -247,8 +244,8 @@ def _obj(obj: Json, key: str, path: str, *, required: bool = False) -> Json | No
                 "missing_required_parameter", f"Missing required parameter: {name!r}.", name
             )
         return None
-    if not isinstance(value, dict):
-        raise EventError("invalid_type", f"{name} must be an object", name)
+    if not isinstance(value, kind):
+        raise EventError("invalid_type", f"{name} must be {what}", name)
     return value
 
 
