@@ -25,12 +25,10 @@ from fastapi import FastAPI, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
 from transceiver.http.auth import Authenticator
-from transceiver.http.errors import error_response
 from transceiver.http.websocket import (
-    Refused,
     WebSocketSessions,
     admitted,
-    refuse,
+    refusals,
     run_session,
 )
 from transceiver.live.client_events import (
@@ -43,7 +41,7 @@ from transceiver.live.contract import LiveContract
 from transceiver.live.translation import live_error
 from transceiver.realtime.client_events import EventError
 from transceiver.realtime.session import RealtimeSession
-from transceiver.webrtc.calls import AdmissionError, Calls
+from transceiver.webrtc.calls import Calls
 
 LIVE_PATH = "/v1/live/sessions"
 START_TIMEOUT_S = 10.0
@@ -55,7 +53,7 @@ def add_live_websocket(
 ) -> None:
     @app.websocket(LIVE_PATH)
     async def live(websocket: WebSocket) -> None:
-        try:
+        async with refusals(websocket):
             granted = admitted(websocket, auth, sessions)
             assert sessions is not None
             with calls.reserve():  # held while the socket is open: it counts as a call
@@ -63,12 +61,6 @@ def add_live_websocket(
                 session = await _start(websocket, sessions, granted)
                 if session is not None:
                     await run_session(websocket, session)
-        except AdmissionError as exc:
-            retry = {"Retry-After": str(exc.retry_after_s)}
-            full = error_response(503, f"transceiver_{exc.reason}", str(exc), retry)
-            await refuse(websocket, full)
-        except Refused as refused:
-            await refuse(websocket, refused.response)
 
 
 async def _start(

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, WebSocket
@@ -118,17 +118,26 @@ def add_realtime_websocket(
 ) -> None:
     @app.websocket(REALTIME_PATH)
     async def realtime(websocket: WebSocket) -> None:
-        try:
+        async with refusals(websocket):
             granted = admitted(websocket, auth, sessions)
             with calls.reserve():  # held while the session is open: it counts as a call
                 session = _session(sessions, granted)
                 await run_session(websocket, session)
-        except AdmissionError as exc:
-            retry = {"Retry-After": str(exc.retry_after_s)}
-            full = error_response(503, f"transceiver_{exc.reason}", str(exc), retry)
-            await refuse(websocket, full)
-        except Refused as refused:
-            await refuse(websocket, refused.response)
+
+
+@contextlib.asynccontextmanager
+async def refusals(websocket: WebSocket) -> AsyncIterator[None]:
+    """A refusal in the block answered as the HTTP JSON error it is (``refuse``): ``Refused``'s
+    response, or 503 with ``Retry-After`` for an ``AdmissionError`` (full or draining). The
+    GPT-Live socket (``live_websocket``) refuses through it too."""
+    try:
+        yield
+    except AdmissionError as exc:
+        retry = {"Retry-After": str(exc.retry_after_s)}
+        full = error_response(503, f"transceiver_{exc.reason}", str(exc), retry)
+        await refuse(websocket, full)
+    except Refused as refused:
+        await refuse(websocket, refused.response)
 
 
 def admitted(
