@@ -30,6 +30,7 @@ from typing import Any
 from pipeline import events as ev
 from pipeline.turns import TurnRecord
 from transceiver.realtime.client_events import EventError, new_id
+from transceiver.realtime.translation import ResponseLedger
 
 Event = dict[str, Any]
 Clock = Callable[[], int]  # milliseconds since the session started
@@ -70,15 +71,13 @@ class _Response:
     called: bool = False  # it asked for a function call: its delegation waits for the output
 
 
-class LiveTranslator:
+class LiveTranslator(ResponseLedger[_Response]):
     def __init__(self, clock_ms: Clock, *, delegated: bool, model: str, epoch_s: int) -> None:
+        super().__init__()
         self._clock_ms = clock_ms
         self.delegated = delegated
         self.model = model  # the backend model named in the Responses events
         self._epoch_s = epoch_s  # wall-clock second the session started (created_at)
-        self._responses: dict[str, _Response] = {}
-        self._done: _Response | None = None
-        self.done_engine_response_id = ""
         self._waiting: str | None = None  # delegation whose function call awaits its output
         self._turn_start_ms: dict[int, int] = {}
         self._heard_any = False
@@ -218,11 +217,9 @@ class LiveTranslator:
         ]
 
     def _response_done(self, event: ev.ResponseDone) -> list[Event]:
-        response = self._responses.get(event.response_id)
+        response = self._ended(event)
         if response is None:
             return []
-        response.status = event.status
-        self._done, self.done_engine_response_id = response, event.response_id
         message = response.message
         if message is None or response.delegation_id is None:
             return []
@@ -246,12 +243,10 @@ class LiveTranslator:
         ]
 
     def _turn_completed(self, event: ev.TurnCompleted) -> list[Event]:
-        response, engine_id = self._done, self.done_engine_response_id
+        response, _ = self._completed()
         usage = live_event("session.usage.updated", usage=self.usage())
         if response is None:
             return [usage]
-        self._done = None
-        self._responses.pop(engine_id, None)
         if response.delegation_id is None:
             return [usage]
         if response.called and response.status == "completed":

@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from pipeline import events as ev
 from pipeline.turns import TurnRecord
@@ -52,18 +52,50 @@ class _Response:
         return {"response_id": self.id, "item_id": item_id, "output_index": index}
 
 
-class EngineEventTranslator:
+class _Ending(Protocol):
+    status: str
+
+
+R = TypeVar("R", bound=_Ending)
+
+
+class ResponseLedger(Generic[R]):
+    """A translator's responses by engine response id, and the one that ended (``ResponseDone``)
+    whose ``TurnCompleted`` comes next. The GPT-Live translator keeps its responses here too."""
+
+    def __init__(self) -> None:
+        self._responses: dict[str, R] = {}
+        self._done: R | None = None
+        self.done_engine_response_id = ""  # the response whose TurnCompleted comes next
+
+    def _ended(self, event: ev.ResponseDone) -> R | None:
+        """The response ``event`` ends, with its status, kept as done (None: not known)."""
+        response = self._responses.get(event.response_id)
+        if response is None:
+            return None
+        response.status = event.status
+        self._done, self.done_engine_response_id = response, event.response_id
+        return response
+
+    def _completed(self) -> tuple[R | None, str]:
+        """The done response (None: none) and its engine id, forgotten: its turn completed."""
+        response, engine_id = self._done, self.done_engine_response_id
+        if response is not None:
+            self._done = None
+            self._responses.pop(engine_id, None)
+        return response, engine_id
+
+
+class EngineEventTranslator(ResponseLedger[_Response]):
     def __init__(
         self, first_frame_sent_s: FirstFrameLookup = lambda _: None, *, media_track: bool = True
     ) -> None:
+        super().__init__()
         self._first_frame_sent_s = first_frame_sent_s
         self.media_track = media_track  # False: WebSocket, the audio is in the events
         self.audio_ms: dict[str, float] = {}  # assistant item id -> audio sent in deltas
         self._user_items: dict[int, str] = {}
         self._partials: dict[int, str] = {}
-        self._responses: dict[str, _Response] = {}
-        self._done: _Response | None = None
-        self.done_engine_response_id = ""  # the response whose TurnCompleted comes next
         self.last_item_id: str | None = None
         self._previous: dict[str, str | None] = {}  # item id -> the item before it
         self.items: dict[str, Event] = {}  # the latest body of each recent item, by id
@@ -277,12 +309,8 @@ class EngineEventTranslator:
         return events
 
     def _response_done(self, event: ev.ResponseDone) -> list[Event]:
-        response = self._responses.get(event.response_id)
-        if response is None:
-            return []
-        response.status = event.status
-        self._done, self.done_engine_response_id = response, event.response_id
-        if response.message_id is None:
+        response = self._ended(event)
+        if response is None or response.message_id is None:
             return []
         where = response.position(response.message_id)
         heard = event.heard_text if event.status == "cancelled" else response.text
@@ -304,11 +332,9 @@ class EngineEventTranslator:
         ]
 
     def _turn_completed(self, event: ev.TurnCompleted) -> list[Event]:
-        response, engine_id = self._done, self.done_engine_response_id
+        response, engine_id = self._completed()
         if response is None:
             return []
-        self._done = None
-        self._responses.pop(engine_id, None)
         record = event.record
         body = _body(response, record)
         metrics = turn_metrics_event(response.id, record, self._first_frame_sent_s(engine_id))
