@@ -34,6 +34,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 USED_WITHOUT_IMPORT = {
     "pytest-asyncio": "a pytest plugin (asyncio_mode = auto)",
     "pytest-timeout": "a pytest plugin (timeout = 300)",
+    "pytest-xdist": "a pytest plugin (make test runs the suite with -n)",
     "ruff": "the linter, run by make lint",
     "mypy": "the type checker, run by make typecheck",
     "types-pyyaml": "type information for mypy",
