@@ -85,6 +85,21 @@ def test_v6_client_learns_with_socket_index() -> None:
         (binding_request("AQIE" + "A" * 32, "x" * 22), "bad_ufrag_mac"),
         (binding_request("A-" * 18, "x" * 22), "bad_ufrag_charset"),
     ],
+    # named, not shown: the requests carry random transaction ids, and every test worker must
+    # collect the same test names
+    ids=[
+        "srtp",
+        "dtls",
+        "empty",
+        "0x40",
+        "0xff",
+        "stun_response",
+        "truncated",
+        "header_only",
+        "ufrag_length",
+        "ufrag_mac",
+        "ufrag_charset",
+    ],
 )
 def test_public_drops(data: bytes, reason: str) -> None:
     router = make_router()
