@@ -1,6 +1,7 @@
 // Per-turn latency: the server's voicerelay.turn.metrics record (milliseconds after speech
 // stopped) as a small waterfall of 4 bars, plus what this browser measured itself: from the
-// speech_stopped event to the first audible sample of the answer ("heard").
+// speech_stopped event to the first audible sample of the answer ("heard"). The history page
+// draws stored turns with the same chart, without the "heard here" row (heardRow: false).
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 export const STAGES = [
@@ -34,11 +35,11 @@ export function stages(metrics) {
   });
 }
 
-export function renderChart(metrics, heardMs) {
+export function renderChart(metrics, heardMs, { heardRow = true } = {}) {
   const rows = stages(metrics);
   const ends = rows.map((r) => r.end ?? 0).concat([ms(heardMs) ?? 0, 1]);
   const scale = (WIDTH - LABEL - VALUE) / Math.max(...ends);
-  const height = ROW * (rows.length + 1);
+  const height = ROW * (rows.length + (heardRow ? 1 : 0));
   const svg = node("svg", { class: "latency", width: WIDTH, height, viewBox: `0 0 ${WIDTH} ${height}`, role: "img" });
   svg.append(node("title", {}, "latency after speech end, ms"));
   rows.forEach((row, i) => {
@@ -52,6 +53,7 @@ export function renderChart(metrics, heardMs) {
     const value = row.end === null ? "—" : `${Math.round(row.end)} ms`;
     svg.append(node("text", { x: WIDTH - VALUE + 4, y: y + 12, class: "lat-value" }, value));
   });
+  if (!heardRow) return svg;
   const heard = ms(heardMs);
   const y = rows.length * ROW;
   svg.append(node("text", { x: 0, y: y + 12, class: "lat-label" }, "heard here"));
