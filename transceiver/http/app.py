@@ -5,7 +5,9 @@ as OpenAI's ``multipart/form-data`` variant (field ``sdp``, optional ``session``
 201 with the SDP answer and ``Location: /v1/realtime/calls/{call_id}``.
 ``GET /v1/realtime`` upgraded to a WebSocket is OpenAI's WebSocket transport (``websocket``).
 ``GET /v1/live/sessions`` upgraded to a WebSocket is GPT-Live's primary WebSocket
-(``live_websocket``: the same sessions speaking the Live contract, ``transceiver.live``).
+(``live_websocket``: the same sessions speaking the Live contract, ``transceiver.live``; its
+sideband attaches at ``/v1/live/sessions/{id}/attach``). ``POST /v1/live/sessions`` is a Live
+session over WebRTC (``live_calls``: a call, made and run as the Realtime ones below).
 ``POST /v1/realtime/client_secrets`` mints a short-lived ``ek_`` secret (see ``auth``).
 ``GET /v1/calls`` and ``GET /v1/calls/{id}`` read call records (``calls_api``). The web
 client (``transceiver/http/static``) is served at ``/`` and ``/static/``. Every error is JSON:
@@ -44,9 +46,11 @@ from transceiver.http import client_secrets
 from transceiver.http.auth import Authenticator, AuthError
 from transceiver.http.calls_api import add_call_records
 from transceiver.http.errors import ApiError, add_error_handlers, error_response, unavailable
+from transceiver.http.live_calls import add_live_calls
 from transceiver.http.live_websocket import add_live_websocket
 from transceiver.http.offers import json_object, read_offer
 from transceiver.http.websocket import WebSocketSessions, add_realtime_websocket
+from transceiver.live.sessions import LiveSessions
 from transceiver.metrics import CapacityCollector
 from transceiver.realtime.client_events import (
     EventError,
@@ -121,7 +125,16 @@ def create_app(
     _add_web_client(app)
     _add_client_secrets(app, auth)
     add_realtime_websocket(app, calls, auth, websocket_sessions)
-    add_live_websocket(app, calls, auth, websocket_sessions)
+    live = LiveSessions()
+    add_live_websocket(app, calls, auth, websocket_sessions, live)
+    add_live_calls(
+        app,
+        calls,
+        live,
+        lambda request: _authorise(auth.check_call, request),
+        lambda request: _resumed_agent(request, resume),
+        websocket_sessions is not None,
+    )
 
     @app.post(CALLS_PATH, status_code=201)
     async def create_call(request: Request) -> Response:

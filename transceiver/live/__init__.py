@@ -6,7 +6,9 @@ client sends (strictly: an unknown field is refused) and holds the Live session 
 it maps onto a Realtime one; ``translation`` turns the engine's events into Live server events;
 ``contract`` is the ``ClientContract`` a ``transceiver.realtime.session.RealtimeSession`` speaks
 through (``use_contract``), handling the client's commands with the session's own controls.
-The WebSocket that carries it is ``transceiver.http.live_websocket``.
+``sessions`` finds a running Live session by its id (for a sideband). The WebSockets that carry
+it (primary and sideband) are ``transceiver.http.live_websocket``; a WebRTC call, made by
+``POST /v1/live/sessions``, is ``transceiver.http.live_calls``.
 
 May import: pipeline, transceiver.realtime
 Pure: client_events, translation

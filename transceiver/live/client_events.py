@@ -72,7 +72,7 @@ class ResponsesDelegation:
 class LiveConfig:
     model: str
     instructions: str | None = None
-    voice: str = DEFAULT_VOICE
+    voice: str | None = None  # None: not asked for, the deployment's own
     delegation: ResponsesDelegation | None = None
     input: tuple[tuple[str, str], ...] = ()  # (role, text): developer, user, assistant
     safety_identifier: str | None = None
@@ -86,7 +86,7 @@ class LiveConfig:
             "status": "active",
             "audio": {
                 "format": {"type": "audio/pcm", "rate": AUDIO_RATE_HZ},
-                "output": {"voice": self.voice},
+                "output": {"voice": self.voice or DEFAULT_VOICE},
             },
             "delegation": None if self.delegation is None else self.delegation.to_json(),
             "instructions": self.instructions,
@@ -99,7 +99,9 @@ class LiveConfig:
 
     def realtime(self) -> dict[str, Any]:
         """The same session as a Realtime ``session`` object (``policy.session_update_from``)."""
-        session: dict[str, Any] = {"audio": {"output": {"voice": self.voice}}}
+        session: dict[str, Any] = {}
+        if self.voice is not None:
+            session["audio"] = {"output": {"voice": self.voice}}
         delegation = self.delegation
         parts = [self.instructions, None if delegation is None else delegation.instructions]
         joined = "\n\n".join(part for part in parts if part and part.strip())
@@ -198,6 +200,35 @@ def parse_live_event(data: str | bytes, max_bytes: int = MAX_LIVE_EVENT_BYTES) -
     allowed, parse = parser
     _only(raw, "", ("type", "event_id", *allowed))
     return parse(raw, _str(raw, "event_id", ""))
+
+
+def parse_webrtc_create(raw: Json) -> tuple[LiveConfig, str]:
+    """The body of ``POST /v1/live/sessions`` (``client.live.create``): ``{session, transport:
+    {type: "webrtc", sdp}}``, as strictly as ``session.start``; the config and the SDP offer.
+    The media session's own fields: no ``audio.format`` (WebRTC negotiates it); ``client``,
+    ``idle_timeout_s`` and ``wake_policy`` are refused as not supported yet."""
+    _only(raw, "", ("session", "transport"))
+    transport = _obj(raw, "transport", "", required=True) or {}
+    _only(transport, "transport.", ("type", "sdp"))
+    kind = _str(transport, "type", "transport.", required=True)
+    if kind != "webrtc":
+        message = f"Invalid value: {kind!r}. Supported values are: 'webrtc'."
+        raise EventError("invalid_value", message, "transport.type")
+    sdp = _str(transport, "sdp", "transport.", required=True) or ""
+    session = _obj(raw, "session", "", required=True) or {}
+    audio = _obj(session, "audio", "session.")
+    if audio is not None:
+        _only(audio, "session.audio.", ("output",))
+    for name, why in (
+        ("client", "frontend data-channel permissions are not supported yet"),
+        ("idle_timeout_s", "idle pauses are not supported yet"),
+        ("wake_policy", "speech wake policies are not supported yet"),
+    ):
+        if session.get(name) is not None:
+            raise _unsupported("session." + name, why)
+    media_only = ("idle_timeout_s", "wake_policy")  # null here: not session.start fields
+    start = {key: value for key, value in session.items() if key not in media_only}
+    return _parse_start({"session": start}, None).config, sdp
 
 
 def event_id_of(data: str | bytes) -> str | None:
@@ -303,9 +334,9 @@ def _parse_start(raw: Json, event_id: str | None) -> SessionStart:
     )
 
 
-def _parse_audio(audio: Json | None, path: str) -> str:
+def _parse_audio(audio: Json | None, path: str) -> str | None:
     if audio is None:
-        return DEFAULT_VOICE
+        return None
     _only(audio, path, ("format", "output"))
     audio_format = _obj(audio, "format", path)
     if audio_format is not None:
@@ -318,12 +349,12 @@ def _parse_audio(audio: Json | None, path: str) -> str:
             raise _unsupported(where + "rate", f"PCM audio is {AUDIO_RATE_HZ} Hz only")
     output = _obj(audio, "output", path)
     if output is None:
-        return DEFAULT_VOICE
+        return None
     _only(output, path + "output.", ("voice",))
     voice = output.get("voice")
     if isinstance(voice, dict):
         raise _unsupported(path + "output.voice", "custom voices are not supported")
-    return _str(output, "voice", path + "output.") or DEFAULT_VOICE
+    return _str(output, "voice", path + "output.")
 
 
 def _parse_delegation(value: Any, path: str) -> ResponsesDelegation | None:

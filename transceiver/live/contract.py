@@ -18,11 +18,19 @@ session's:
 - ``session.close``: ``session.closed`` (``close_requested``, the final usage), then the socket
   is closed 1000; the session ends as a caller's hang-up.
 - A second ``session.start`` is refused (``session_already_started``).
+
+Over WebRTC (``POST /v1/live/sessions``, ``media="webrtc"``) the caller's audio is the media
+track: ``session.input_audio.append`` is refused (as on Realtime calls), and so are ``.mute`` and
+``.unmute`` (not built for the media track yet: refused, never acknowledged and ignored).
+
+Observers (a sideband, ``transceiver.http.live_websocket``): every event the contract makes for
+the client is also given to each function in ``observers``, as it is made.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Literal
 
 from pipeline import events as ev
@@ -55,8 +63,16 @@ _ROLES: dict[str, Literal["system", "user", "assistant"]] = {
 
 
 class LiveContract:
-    def __init__(self, session: RealtimeSession, config: LiveConfig, start_event_id: str | None):
+    def __init__(
+        self,
+        session: RealtimeSession,
+        config: LiveConfig,
+        start_event_id: str | None,
+        media: Literal["websocket", "webrtc"] = "websocket",
+    ):
         self.session = session
+        self.media = media
+        self.observers: set[Callable[[Event], None]] = set()
         self.config = config
         self._start_event_id = start_event_id
         self._started_s = time.monotonic()
@@ -88,21 +104,36 @@ class LiveContract:
         return self.config.model if self.config.delegation is None else self.config.delegation.model
 
     def resource(self) -> Event:
-        return self.config.resource(self.session_id, self._epoch_s + SESSION_LIFETIME_S)
+        resource = self.config.resource(self.session_id, self._epoch_s + SESSION_LIFETIME_S)
+        resource["audio"]["output"]["voice"] = self.session.config.voice  # the one speaking
+        if self.media == "webrtc":  # the media transport negotiated the format, not the config
+            resource["audio"].pop("format", None)
+        return resource
 
     # --- ClientContract -------------------------------------------------------------------
 
     def opened(self) -> list[Event]:
-        return [live_event("session.started", self._start_event_id, session=self.resource())]
+        return self._observed(
+            [live_event("session.started", self._start_event_id, session=self.resource())]
+        )
 
     def translate(self, event: ev.EngineEvent) -> list[Event]:
-        return self.translator.translate(event)
+        return self._observed(self.translator.translate(event))
 
     def audio_delta(self, engine_response_id: str, pcm: bytes) -> list[Event]:
-        return self.translator.audio_delta(engine_response_id, pcm)
+        return self._observed(self.translator.audio_delta(engine_response_id, pcm))
 
     def error(self, error: EventError, client_event_id: str | None, error_type: str) -> Event:
-        return live_error(error, client_event_id, error_type)
+        return self._observed([live_error(error, client_event_id, error_type)])[0]
+
+    def _observed(self, events: list[Event]) -> list[Event]:
+        for observe in list(self.observers):
+            for event in events:
+                observe(event)
+        return events
+
+    def _send(self, event: Event) -> None:
+        self.session.send(self._observed([event])[0])
 
     def on_message(self, data: str | bytes) -> None:
         try:
@@ -122,6 +153,9 @@ class LiveContract:
         if self.closing:
             raise EventError("session_closing", "the session is closing")
         if isinstance(event, AudioAppend):
+            if self.media == "webrtc":
+                message = "session.input_audio.append is for WebSockets: over WebRTC the audio "
+                raise EventError("unsupported_event", message + "is the media track", "type")
             self.session.append_audio(bytes(len(event.pcm)) if self.muted else event.pcm)
         elif isinstance(event, Command):
             self._command(event)
@@ -136,12 +170,18 @@ class LiveContract:
             raise EventError("session_already_started", "session.start comes once, first", "type")
 
     def _command(self, event: Command) -> None:
+        if event.type.startswith("session.input_audio.") and self.media == "webrtc":
+            raise EventError(
+                "unsupported_event",
+                f"{event.type!r} is not supported over WebRTC yet: the audio is the media track",
+                "type",
+            )
         if event.type == "session.input_audio.mute":
             self.muted = True
-            self.session.send(live_event("session.input_audio.muted", event.event_id))
+            self._send(live_event("session.input_audio.muted", event.event_id))
         elif event.type == "session.input_audio.unmute":
             self.muted = False
-            self.session.send(live_event("session.input_audio.unmuted", event.event_id))
+            self._send(live_event("session.input_audio.unmuted", event.event_id))
         elif event.type == "response.create":
             self._require_delegation()
             if self.session.engine.create_response() is None:
@@ -153,7 +193,7 @@ class LiveContract:
             self.closing = True
             closed = {"reason": "close_requested", "session": self.resource()}
             usage = self.translator.usage()
-            self.session.send(live_event("session.closed", event.event_id, **closed, usage=usage))
+            self._send(live_event("session.closed", event.event_id, **closed, usage=usage))
             self.session.caller_hung_up()
             self.session.hang_up("closed")
 
@@ -162,7 +202,7 @@ class LiveContract:
         self._reconfigure(config, self._appended)
         self.config = config
         self.translator.model = self._backend_model()
-        self.session.send(live_event("session.updated", event.event_id, session=self.resource()))
+        self._send(live_event("session.updated", event.event_id, session=self.resource()))
 
     def _append_instructions(self, event: InstructionsAppend) -> None:
         self._reconfigure(self.config, [*self._appended, event.content])
@@ -171,7 +211,7 @@ class LiveContract:
         appended = live_event(
             "session.instructions.appended", event.event_id, start_ms=now, end_ms=now
         )
-        self.session.send(appended)
+        self._send(appended)
 
     def _reconfigure(self, config: LiveConfig, appended: list[str]) -> None:
         """The session's Realtime config for ``config`` and the instructions appended since

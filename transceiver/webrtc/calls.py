@@ -316,7 +316,7 @@ class Calls:
                 raise AdmissionError("draining", self._limits.retry_after_s)
             self._release(reservation)  # the call takes the slot at once (no await between)
             if agent is None:
-                agent = self._new_agent(requested)
+                agent = self.new_agent(requested)
         except BaseException:
             if agent is not None:
                 await agent.aclose()
@@ -340,7 +340,9 @@ class Calls:
         self._watch(call)
         return call, answer
 
-    def _new_agent(self, requested: Mapping[str, Any] | None) -> CallAgent:
+    def new_agent(self, requested: Mapping[str, Any] | None) -> CallAgent:
+        """The agent a call asking for ``requested`` runs (OfferRejected if it is invalid), for
+        a caller that sets it up before ``create``, which then owns it."""
         try:
             return self._agents(requested)
         except AgentRequestError as exc:
