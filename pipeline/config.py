@@ -84,6 +84,10 @@ class EngineConfig:
     instructions: str = ""
     create_response: bool = True  # answer each user turn (False: wait for create_response())
     interrupt_response: bool = True  # speech onset during playout is a barge-in
+    turn_detection: bool = True  # False: no VAD; the client commits the input (push-to-talk)
+    voice: str | None = None  # one of the TTS's voices; None: its default
+    speak: bool = True  # False: answers are text only (no TTS, no audio)
+    max_output_tokens: int | None = None  # None: no limit
     vad: VadConfig = field(default_factory=VadConfig)
     chunker: ChunkerConfig = field(default_factory=ChunkerConfig)
 
@@ -96,6 +100,8 @@ class EngineConfig:
             )
         if self.max_tool_rounds < 0:
             raise ValueError(f"max_tool_rounds must be >= 0, got {self.max_tool_rounds}")
+        if self.max_output_tokens is not None and self.max_output_tokens < 1:
+            raise ValueError(f"max_output_tokens must be >= 1, got {self.max_output_tokens}")
 
 
 @dataclass(frozen=True)

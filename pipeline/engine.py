@@ -8,6 +8,11 @@ I/O layer; knows nothing of WebRTC. Per user turn::
                -> TextToSpeech (starts on the first chunk while the model still writes)
                -> playout, one frame per ``frame_ms`` of real time
 
+Push-to-talk (``turn_detection`` off): no VAD runs; the input is kept (the newest
+``MAX_UNCOMMITTED_INPUT_S`` of it) until ``commit_input()`` makes it a user turn
+(``InputCommitted``, then its transcription). A response waits for the transcriptions of
+the turns committed before it started, so it answers the words just spoken.
+
 Barge-in: ``SpeechStarted`` while a response is active stops playout at once (no frame is
 emitted after it) and cancels the response's LLM, TTS and playout tasks; the history keeps only
 the assistant text that was heard (``PlayoutLedger``), like OpenAI's Realtime API.
@@ -54,6 +59,8 @@ from pipeline.vad import (
 
 log = logging.getLogger(__name__)
 _CLOSED = object()
+MAX_UNCOMMITTED_INPUT_S = 480  # push-to-talk input kept until a commit (OpenAI: 15 MiB)
+MIN_COMMIT_MS = 100  # OpenAI's least committable input
 
 
 class EngineTaskCrashed(RuntimeError):
@@ -96,6 +103,9 @@ class ConversationEngine:
         self._response: SpokenResponse | None = None
         self._response_task: asyncio.Task[None] | None = None
         self._transcription: asyncio.Task[None] | None = None
+        self._committed: set[asyncio.Task[None]] = set()  # transcriptions of committed turns
+        self._uncommitted = bytearray()  # push-to-talk input since the last commit
+        self._overflowed = False  # push-to-talk input over its bound: its start was dropped
         self._turns = itertools.count(1)
         self._responses = itertools.count(1)
 
@@ -149,7 +159,13 @@ class ConversationEngine:
     # --- control (what a Realtime client may ask between turns) ---------------------------
 
     def reconfigure(self, config: EngineConfig) -> None:
-        """New knobs (VAD, instructions, policies); a running response keeps its own."""
+        """New knobs (VAD, instructions, policies); a running response keeps its own. Turning
+        turn detection off commits an utterance the VAD is in; turning it on drops the
+        uncommitted push-to-talk input."""
+        if self.config.turn_detection and not config.turn_detection:
+            self.finish_input()
+        if config.turn_detection:
+            self._uncommitted.clear()
         if self._detector is not None and config.vad != self.config.vad:
             rate_hz = config.input_sample_rate_hz
             self._detector.reconfigure(config.vad, webrtc_classifier(config.vad, rate_hz))
@@ -186,6 +202,7 @@ class ConversationEngine:
     def clear_input(self) -> None:
         """Drop buffered input and the utterance in progress (it gets no transcript)."""
         self._pending_input.clear()
+        self._uncommitted.clear()
         if self._detector is not None:
             self._detector.reset()
         if self._transcription is not None:
@@ -198,12 +215,55 @@ class ConversationEngine:
         """16-bit mono PCM at ``input_sample_rate_hz``, any length; never blocks."""
         if self._detector is None:
             raise RuntimeError("ConversationEngine.push_audio before start()")
+        if not self.config.turn_detection:
+            self._keep_uncommitted(pcm)
+            return
         self._pending_input += pcm
         frame_bytes = self.config.input_sample_rate_hz * self.config.frame_ms // 500
         while len(self._pending_input) >= frame_bytes:
             frame = bytes(self._pending_input[:frame_bytes])
             del self._pending_input[:frame_bytes]
             self._on_frame(frame)
+
+    def _keep_uncommitted(self, pcm: bytes) -> None:
+        self._uncommitted += pcm
+        limit = 2 * self.config.input_sample_rate_hz * MAX_UNCOMMITTED_INPUT_S
+        if len(self._uncommitted) > limit:
+            del self._uncommitted[: len(self._uncommitted) - limit]
+            if not self._overflowed:  # said once per commit
+                self._overflowed = True
+                message = f"uncommitted input over {MAX_UNCOMMITTED_INPUT_S} s: its start dropped"
+                self._emit(ev.EngineError(message, retryable=False))
+
+    @property
+    def uncommitted_ms(self) -> int:
+        return len(self._uncommitted) * 500 // self.config.input_sample_rate_hz
+
+    def commit_input(self) -> bool:
+        """Push-to-talk: the input since the last commit becomes a user turn (its transcription
+        starts); False (nothing done) when there is less than ``MIN_COMMIT_MS`` of it."""
+        if self.config.turn_detection or self.uncommitted_ms < MIN_COMMIT_MS:
+            return False
+        pcm, audio_ms = bytes(self._uncommitted), self.uncommitted_ms
+        self._uncommitted.clear()
+        self._overflowed = False
+        turn = next(self._turns)
+        recorder = TurnRecorder(turn, self.stt.name, self.llm.name, self.tts.name)
+        recorder.mark("speech_stopped", self._now())  # the commit ends the user's speech
+        recorder.input_audio_s = audio_ms / 1000
+        self._recorder = recorder
+        self._emit(ev.InputCommitted(audio_ms, turn))
+        audio: asyncio.Queue[AudioChunk | None] = asyncio.Queue()
+        audio.put_nowait(AudioChunk(pcm, self.config.input_sample_rate_hz))
+        audio.put_nowait(None)
+        task = self._spawn(self._transcribe(recorder, audio), f"transcription {turn}")
+        self._commit(task)
+        return True
+
+    def _commit(self, transcription: asyncio.Task[None]) -> None:
+        """A turn's input ended: responses started from now on wait for its transcription."""
+        self._committed.add(transcription)
+        transcription.add_done_callback(self._committed.discard)
 
     def finish_input(self) -> None:
         """End of the input stream: an utterance still open is committed."""
@@ -232,6 +292,8 @@ class ConversationEngine:
             if self._stt_audio is not None:
                 self._stt_audio.put_nowait(None)
             self._stt_audio = None
+            if self._transcription is not None:
+                self._commit(self._transcription)
             turn = self._recorder.turn
             self._emit(ev.SpeechStoppedEvent(event.at_s, event.audio_end_ms, turn))
         elif isinstance(event, TurnCommitted) and self._recorder is not None:
@@ -306,11 +368,14 @@ class ConversationEngine:
     # --- response -------------------------------------------------------------------------
 
     async def _respond(self, response: SpokenResponse) -> None:
-        self._emit(ev.ResponseStarted(response.response_id, response.recorder.turn))
-        status: Literal["completed", "cancelled", "failed"] = "cancelled"
+        turn, audio = response.recorder.turn, response.config.speak
+        self._emit(ev.ResponseStarted(response.response_id, turn, audio))
+        status: Literal["completed", "cancelled", "failed", "incomplete"] = "cancelled"
         try:
+            if self._committed:  # the words just committed are part of what this answers
+                await asyncio.wait(list(self._committed))
             await response.run()
-            status = "completed"
+            status = "incomplete" if response.limited else "completed"
         except Exception as error:
             status = "failed"
             self._report(error)
@@ -318,16 +383,18 @@ class ConversationEngine:
             self._finish_response(response, status)
 
     def _finish_response(
-        self, response: SpokenResponse, status: Literal["completed", "cancelled", "failed"]
+        self,
+        response: SpokenResponse,
+        status: Literal["completed", "cancelled", "failed", "incomplete"],
     ) -> None:
         recorder = response.recorder
-        heard = response.ledger.heard_text(response.played_ms)
+        heard = response.heard_text()
         recorder.heard_text, recorder.output_audio_s = heard, response.played_ms / 1000
         if heard:
             self.history.append(Message("assistant", heard))
         recorder.mark("response_done", self._now())
         self._emit(ev.ResponseDone(response.response_id, status, heard))
-        interrupted = status == "cancelled"
+        interrupted = status == "cancelled"  # (incomplete: cut by its own token limit)
         record = recorder.finish(interrupted=interrupted, estimate_cost=self._estimate_cost)
         self._emit(ev.TurnCompleted(record))
         if self._response is response:

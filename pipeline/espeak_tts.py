@@ -61,6 +61,7 @@ class EspeakTextToSpeech:
 
     def __init__(self, config: EspeakConfig | None = None) -> None:
         self.config = config or EspeakConfig()
+        self.voices = (self.config.voice,)
         self._executor: ThreadPoolExecutor | None = None
         self.sample_rate_hz = 0
 
@@ -74,7 +75,9 @@ class EspeakTextToSpeech:
             await asyncio.to_thread(self._executor.shutdown, wait=True)
             self._executor = None
 
-    async def synthesize(self, text: str) -> AsyncIterator[AudioChunk]:
+    async def synthesize(self, text: str, voice: str | None = None) -> AsyncIterator[AudioChunk]:
+        if voice not in (None, *self.voices):
+            raise ProviderError(self.name, f"no voice {voice!r}", retryable=False)
         if self._executor is None:
             raise ProviderError(self.name, "not started", retryable=False)
         loop = asyncio.get_running_loop()

@@ -6,6 +6,7 @@ the transceiver can forward them on the ``oai-events`` data channel:
 =========================  ====================================================================
 SpeechStartedEvent         input_audio_buffer.speech_started
 SpeechStoppedEvent         input_audio_buffer.speech_stopped (+ committed)
+InputCommitted             input_audio_buffer.committed (the client's commit, push-to-talk)
 InputTranscript            conversation.item.input_audio_transcription.delta / .completed
 ResponseStarted            response.created
 ResponseTextDelta          response.output_audio_transcript.delta
@@ -46,6 +47,14 @@ class SpeechStoppedEvent:
 
 
 @dataclass(frozen=True)
+class InputCommitted:
+    """The client committed the input heard since its last commit (no VAD): a user turn."""
+
+    audio_ms: int
+    turn: int
+
+
+@dataclass(frozen=True)
 class InputTranscript:
     turn: int
     text: str
@@ -56,6 +65,7 @@ class InputTranscript:
 class ResponseStarted:
     response_id: str
     turn: int
+    audio: bool = True  # False: a text-only answer (no audio, no output audio events)
 
 
 @dataclass(frozen=True)
@@ -108,7 +118,8 @@ class OutputCleared:
 @dataclass(frozen=True)
 class ResponseDone:
     response_id: str
-    status: Literal["completed", "cancelled", "failed"]
+    # incomplete: stopped at the response's max_output_tokens
+    status: Literal["completed", "cancelled", "failed", "incomplete"]
     heard_text: str
 
 
@@ -126,6 +137,7 @@ class EngineError:
 EngineEvent = (
     SpeechStartedEvent
     | SpeechStoppedEvent
+    | InputCommitted
     | InputTranscript
     | ResponseStarted
     | ResponseTextDelta

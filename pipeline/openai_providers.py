@@ -39,6 +39,11 @@ from pipeline.providers import (
 )
 from pipeline.wav import wav_bytes
 
+# The built-in voices of the speech endpoint (``openai.types.audio.speech_create_params``).
+SPEECH_VOICES = (
+    "alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer",
+    "verse", "marin", "cedar",
+)  # fmt: skip
 SPEECH_SAMPLE_RATE_HZ = 24_000  # response_format="pcm": 24 kHz, 16-bit signed LE, mono
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 
@@ -261,12 +266,17 @@ class OpenAITextToSpeech:
         self._client = _without_sdk_retries(client)
         self.model = model
         self.voice = voice
+        self.voices = (voice, *(name for name in SPEECH_VOICES if name != voice))
         self.name = f"openai-tts/{model}"
 
-    async def synthesize(self, text: str) -> AsyncGenerator[AudioChunk, None]:
+    async def synthesize(
+        self, text: str, voice: str | None = None
+    ) -> AsyncGenerator[AudioChunk, None]:
+        if voice not in (None, *self.voices):
+            raise ProviderError(self.name, f"no voice {voice!r}", retryable=False)
         try:
             async with self._client.audio.speech.with_streaming_response.create(
-                model=self.model, voice=self.voice, input=text, response_format="pcm"
+                model=self.model, voice=voice or self.voice, input=text, response_format="pcm"
             ) as response:
                 async for pcm in even_length(response.iter_bytes()):
                     yield AudioChunk(pcm, SPEECH_SAMPLE_RATE_HZ)

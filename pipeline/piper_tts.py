@@ -87,6 +87,7 @@ class PiperTextToSpeech:
     own."""
 
     name = "piper"
+    voices: tuple[str, ...] = ("joe",)  # the joe-us voice package
 
     def __init__(self, config: PiperConfig | None = None, pool: PipelinePool | None = None):
         self.config = config or PiperConfig()
@@ -124,7 +125,9 @@ class PiperTextToSpeech:
         if executor is not None and self._pool is None:  # a pool is closed by its owner
             await asyncio.to_thread(executor.shutdown, wait=True)
 
-    async def synthesize(self, text: str) -> AsyncIterator[AudioChunk]:
+    async def synthesize(self, text: str, voice: str | None = None) -> AsyncIterator[AudioChunk]:
+        if voice not in (None, *self.voices):
+            raise ProviderError(self.name, f"no voice {voice!r}", retryable=False)
         if self._executor is None or self._voice is None:
             raise ProviderError(self.name, "not started", retryable=False)
         rate_hz = self.sample_rate_hz

@@ -120,6 +120,12 @@ class LanguageModel(Protocol):
 class TextToSpeech(Protocol):
     name: str
 
-    def synthesize(self, text: str) -> AsyncIterator[AudioChunk]:
-        """Speak one chunk of text, streaming audio as it is produced."""
+    @property
+    def voices(self) -> tuple[str, ...]:
+        """The voices it speaks in, its default first."""
+        ...
+
+    def synthesize(self, text: str, voice: str | None = None) -> AsyncIterator[AudioChunk]:
+        """Speak one chunk of text in ``voice`` (one of ``voices``; None: the default),
+        streaming audio as it is produced."""
         ...

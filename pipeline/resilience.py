@@ -220,8 +220,17 @@ class HardenedLanguageModel(_Hardened[LanguageModel]):
 
 
 class HardenedTextToSpeech(_Hardened[TextToSpeech]):
-    def synthesize(self, text: str) -> AsyncGenerator[AudioChunk, None]:
-        attempts = [partial(p.synthesize, text) for p in self._providers]
+    """The primary's voices; a fallback without the asked voice speaks in its own default."""
+
+    @property
+    def voices(self) -> tuple[str, ...]:
+        return self._providers[0].voices
+
+    def synthesize(self, text: str, voice: str | None = None) -> AsyncGenerator[AudioChunk, None]:
+        attempts = [
+            partial(p.synthesize, text, voice if voice in p.voices else None)
+            for p in self._providers
+        ]
         return self._run(attempts, InputEnd(ended=True))
 
 

@@ -5,6 +5,12 @@ queues, so TTS starts on the first chunk while the model still writes and playou
 the first audio while TTS still speaks. Cancelling ``run()`` cancels all three (the provider
 iterators are closed in ``finally``). ``stop()`` is the barge-in: no frame is emitted after it,
 even before the cancellation has reached the tasks.
+
+Per response (``EngineConfig``): ``voice`` is handed to the TTS; ``speak=False`` answers in text
+only (the TTS and playout stages see no text, no frame is made); ``max_output_tokens`` stops
+reading the model after that many tokens, counted as the stream's text deltas and tool calls
+(a chat-completions stream sends one token per delta), closing the stream (the generation
+stops upstream) and marking the response ``limited``.
 """
 
 from __future__ import annotations
@@ -47,10 +53,19 @@ class SpokenResponse:
         self.frames_out = 0
         self.next_frame_at_s: float | None = None
         self.stop_requested = False
+        self.text = ""  # everything the model wrote
+        self.tokens = 0  # text deltas and tool calls read from the model
+        self.limited = False  # stopped at max_output_tokens
 
     @property
     def played_ms(self) -> int:
         return self.frames_out * self.config.frame_ms
+
+    def heard_text(self) -> str:
+        """What the client got: the words played so far, or all the text of a text answer."""
+        if not self.config.speak:
+            return self.text.strip()
+        return self.ledger.heard_text(self.played_ms)
 
     def stop(self) -> None:
         self.stop_requested = True
@@ -71,7 +86,7 @@ class SpokenResponse:
         for round_index in range(self.config.max_tool_rounds + 1):
             offer_tools = round_index < self.config.max_tool_rounds
             calls = await self._generate_round(messages, chunker, chunks, offer_tools)
-            if not calls or not await self._run_tools(calls, messages):
+            if not calls or self.limited or not await self._run_tools(calls, messages):
                 break
         for chunk in chunker.flush():
             chunks.put_nowait(chunk)
@@ -86,16 +101,24 @@ class SpokenResponse:
     ) -> list[ToolCall]:
         recorder, calls = self.recorder, []
         specs = self.tools.specs() if offer_tools else []
+        limit = self.config.max_output_tokens
         stream = timed(self.llm.generate(messages, specs), recorder, self._now)
+        counted = self.tokens
         async with aclosing(stream):
             async for event in stream:
+                if isinstance(event, Usage):
+                    recorder.llm_input_tokens += event.input_tokens
+                    recorder.llm_output_tokens += event.output_tokens
+                    continue
+                if limit is not None and self.tokens >= limit:
+                    self.limited = True
+                    recorder.llm_output_tokens += self.tokens - counted  # no usage comes now
+                    break
+                self.tokens += 1
                 if isinstance(event, TextDelta):
                     self._on_text(event.text, chunker, chunks)
                 elif isinstance(event, ToolCall):
                     calls.append(event)
-                elif isinstance(event, Usage):
-                    recorder.llm_input_tokens += event.input_tokens
-                    recorder.llm_output_tokens += event.output_tokens
         return calls
 
     def _on_text(
@@ -107,7 +130,10 @@ class SpokenResponse:
         now = self._now()
         self.recorder.mark("llm_first_token", now)
         self.recorder.mark("llm_last_token", now, overwrite=True)
+        self.text += text
         self._emit(ev.ResponseTextDelta(self.response_id, text))
+        if not self.config.speak:
+            return
         for chunk in chunker.push(text):
             chunks.put_nowait(chunk)
 
@@ -152,7 +178,9 @@ class SpokenResponse:
     async def _speak_chunk(self, text: str, audio: asyncio.Queue[bytes | None]) -> None:
         out_rate_hz = self.config.output_sample_rate_hz
         resampler: PcmResampler | None = None
-        stream = timed(self.tts.synthesize(text), self.recorder, self._now)
+        voice = self.config.voice
+        speech = self.tts.synthesize(text) if voice is None else self.tts.synthesize(text, voice)
+        stream = timed(speech, self.recorder, self._now)
         async with aclosing(stream):
             async for chunk in stream:
                 self.recorder.mark("first_tts_audio", self._now())
