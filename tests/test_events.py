@@ -135,7 +135,8 @@ def test_the_agents_sdk_first_session_update_is_accepted() -> None:
     assert isinstance(event, SessionUpdate)
     config = event.apply(SessionConfig(id="s"))
     assert config.instructions == "Be kind." and config.turn_detection == TurnDetection()
-    assert config.transcription_model == "gpt-4o-mini-transcribe"
+    assert config.transcription is not None
+    assert config.transcription.model == "gpt-4o-mini-transcribe"
 
 
 def test_item_retrieve_truncate_delete() -> None:
@@ -347,3 +348,82 @@ def test_mutated_events_at_the_size_limit_parse_or_get_their_error(data: bytes) 
         assert (exc.code == "event_too_large") == (len(data) > MAX_EVENT_BYTES)
     else:
         assert len(data) <= MAX_EVENT_BYTES
+
+
+def test_the_known_session_fields_are_the_sdks() -> None:
+    """What ``unknown_parameter`` refuses is exactly what OpenAI's GA session does not have."""
+    from openai.types.realtime import (
+        audio_transcription_param,
+        realtime_audio_config_input_param,
+        realtime_audio_config_output_param,
+        realtime_audio_config_param,
+        realtime_audio_input_turn_detection_param,
+        realtime_function_tool_param,
+        realtime_session_create_request_param,
+    )
+
+    from transceiver.realtime import client_events as ce
+
+    def keys(typed: Any) -> frozenset[str]:
+        return frozenset(typed.__required_keys__ | typed.__optional_keys__)
+
+    detection = realtime_audio_input_turn_detection_param
+    assert (
+        keys(realtime_session_create_request_param.RealtimeSessionCreateRequestParam)
+        == ce.SESSION_KEYS
+    )
+    assert keys(realtime_audio_config_param.RealtimeAudioConfigParam) == ce.AUDIO_KEYS
+    assert (
+        keys(realtime_audio_config_input_param.RealtimeAudioConfigInputParam) == ce.AUDIO_INPUT_KEYS
+    )
+    assert (
+        keys(realtime_audio_config_output_param.RealtimeAudioConfigOutputParam)
+        == ce.AUDIO_OUTPUT_KEYS
+    )
+    assert keys(audio_transcription_param.AudioTranscriptionParam) == ce.TRANSCRIPTION_KEYS
+    assert keys(detection.ServerVad) == ce.SERVER_VAD_KEYS
+    assert keys(detection.SemanticVad) == ce.SEMANTIC_VAD_KEYS
+    assert keys(realtime_function_tool_param.RealtimeFunctionToolParam) == ce.FUNCTION_TOOL_KEYS
+
+
+def test_an_unknown_session_field_is_named_by_its_path() -> None:
+    for session, param in [
+        ({"voice": "alloy"}, "session.voice"),
+        ({"turn_detection": None}, "session.turn_detection"),
+        ({"max_response_output_tokens": 5}, "session.max_response_output_tokens"),
+        ({"audio": {"output": {"voice": "alloy", "pitch": 1}}}, "session.audio.output.pitch"),
+        ({"audio": {"input": {"transcription": {"model": "m", "x": 1}}}},
+         "session.audio.input.transcription.x"),
+        ({"audio": {"input": {"turn_detection": {"type": "semantic_vad", "threshold": 0.5}}}},
+         "session.audio.input.turn_detection.threshold"),
+        ({"tools": [{"type": "function", "name": "f", "strict": True}]}, "session.tools[0].strict"),
+    ]:  # fmt: skip
+        with pytest.raises(EventError) as refused:
+            parse({"type": "session.update", "session": session})
+        assert (refused.value.code, refused.value.param) == ("unknown_parameter", param)
+    with pytest.raises(EventError) as extra:
+        parse({"type": "session.update", "session": {}, "sesion": {}})
+    assert (extra.value.code, extra.value.param) == ("unknown_parameter", "sesion")
+
+
+def test_modalities_token_limit_and_transcription_parse() -> None:
+    def config(session: dict[str, Any]) -> SessionConfig:
+        event = parse({"type": "session.update", "session": session})
+        assert isinstance(event, SessionUpdate)
+        return event.apply(SessionConfig(id="s"))
+
+    assert config({"output_modalities": ["text"]}).output_modalities == ("text",)
+    assert config({"max_output_tokens": 7}).max_output_tokens == 7
+    assert config({"max_output_tokens": "inf"}).to_json()["max_output_tokens"] == "inf"
+    off = config({"audio": {"input": {"transcription": None}}})
+    assert off.transcription is None and off.to_json()["audio"]["input"]["transcription"] is None
+    hints = config({"audio": {"input": {"transcription": {"language": "fr", "prompt": "p"}}}})
+    assert hints.to_json()["audio"]["input"]["transcription"]["language"] == "fr"
+    for session, param in [
+        ({"output_modalities": ["text", "audio"]}, "session.output_modalities"),
+        ({"max_output_tokens": 4097}, "session.max_output_tokens"),
+        ({"max_output_tokens": True}, "session.max_output_tokens"),
+    ]:
+        with pytest.raises(EventError) as refused:
+            parse({"type": "session.update", "session": session})
+        assert (refused.value.code, refused.value.param) == ("invalid_value", param)

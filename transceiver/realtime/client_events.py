@@ -53,6 +53,23 @@ class TurnDetection:
 
 
 @dataclass(frozen=True)
+class Transcription:
+    """Input transcription as the client asked for it (``model`` is reported, the deployment's
+    speech-to-text runs); ``language`` and ``prompt`` go to a speech-to-text that takes them."""
+
+    model: str = "pocketsphinx"
+    language: str | None = None
+    prompt: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model}
+        for key in ("language", "prompt"):
+            if getattr(self, key) is not None:
+                body[key] = getattr(self, key)
+        return body
+
+
+@dataclass(frozen=True)
 class FunctionTool:
     name: str
     description: str = ""
@@ -80,8 +97,9 @@ class SessionConfig:
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
     tools: tuple[FunctionTool, ...] = ()
     tool_choice: str = "auto"
-    transcription_model: str = "pocketsphinx"
+    transcription: Transcription | None = field(default_factory=Transcription)  # None: off
     output_modalities: tuple[str, ...] = ("audio",)
+    max_output_tokens: int | None = None  # None: "inf"
 
     def to_json(self) -> dict[str, Any]:
         audio_format = {"type": "audio/pcm", "rate": AUDIO_RATE_HZ}
@@ -95,12 +113,14 @@ class SessionConfig:
             "instructions": self.instructions,
             "tool_choice": self.tool_choice,
             "tools": [t.to_json() for t in self.tools],
-            "max_output_tokens": "inf",
+            "max_output_tokens": self.max_output_tokens or "inf",
             "audio": {
                 "input": {
                     "format": audio_format,
                     "turn_detection": detection,
-                    "transcription": {"model": self.transcription_model},
+                    "transcription": None
+                    if self.transcription is None
+                    else self.transcription.to_json(),
                 },
                 "output": {"format": audio_format, "voice": self.voice, "speed": 1.0},
             },
@@ -273,33 +293,102 @@ def _number(obj: Mapping[str, Any], key: str, path: str, lo: float, hi: float) -
     return float(value)
 
 
+# The fields of OpenAI's GA session (``openai.types.realtime``'s request TypedDicts; the tests
+# hold these to the SDK). Any other key, e.g. a beta-shaped ``session.voice``, is an
+# ``unknown_parameter`` error naming it, and the whole update is discarded, as OpenAI does.
+SESSION_KEYS = frozenset({
+    "type", "model", "instructions", "output_modalities", "audio", "tools", "tool_choice",
+    "max_output_tokens", "tracing", "truncation", "prompt", "include", "parallel_tool_calls",
+    "reasoning",
+})  # fmt: skip
+AUDIO_KEYS = frozenset({"input", "output"})
+AUDIO_INPUT_KEYS = frozenset({"format", "noise_reduction", "transcription", "turn_detection"})
+AUDIO_OUTPUT_KEYS = frozenset({"format", "voice", "speed"})
+TRANSCRIPTION_KEYS = frozenset({"model", "language", "prompt", "keywords", "languages", "delay"})
+SERVER_VAD_KEYS = frozenset({
+    "type", "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response",
+    "interrupt_response", "idle_timeout_ms",
+})  # fmt: skip
+SEMANTIC_VAD_KEYS = frozenset({"type", "eagerness", "create_response", "interrupt_response"})
+FUNCTION_TOOL_KEYS = frozenset({"type", "name", "description", "parameters"})
+MAX_OUTPUT_TOKENS = 4096  # OpenAI's bound: an integer in [1, 4096], or "inf"
+
+
+def _known(obj: Mapping[str, Any], keys: frozenset[str], path: str) -> None:
+    for key in obj:
+        if key not in keys:
+            name = f"{path}{key}"
+            raise EventError("unknown_parameter", f"Unknown parameter: '{name}'.", name)
+
+
 def _parse_session_update(raw: Mapping[str, Any], event_id: str | None) -> SessionUpdate:
+    _known(raw, frozenset({"type", "event_id", "session"}), "")
     session = _obj(raw, "session")
     if session is None:
         raise EventError("missing_required_parameter", "missing session", "session")
+    _known(session, SESSION_KEYS, "session.")
     changes: dict[str, Any] = {}
     for key in ("instructions", "tool_choice"):
         if (value := _str(session, key, path="session.")) is not None:
             changes[key] = value
     if "tools" in session:
         changes["tools"] = _parse_tools(session["tools"])
+    if "output_modalities" in session:
+        changes["output_modalities"] = _parse_modalities(session["output_modalities"])
+    if "max_output_tokens" in session:
+        changes["max_output_tokens"] = _parse_max_tokens(session["max_output_tokens"])
     audio = _obj(session, "audio", "session.") or {}
+    _known(audio, AUDIO_KEYS, "session.audio.")
     changes.update(_parse_audio_input(_obj(audio, "input", "session.audio.") or {}))
     output = _obj(audio, "output", "session.audio.") or {}
+    _known(output, AUDIO_OUTPUT_KEYS, "session.audio.output.")
     if (voice := _str(output, "voice", path="session.audio.output.")) is not None:
         changes["voice"] = voice
     return SessionUpdate(event_id, changes)
 
 
+def _parse_modalities(value: Any) -> tuple[str, ...]:
+    path = "session.output_modalities"
+    if value not in (["audio"], ["text"]):
+        message = "output_modalities must be ['audio'] or ['text'] (one of them, not both)"
+        raise EventError("invalid_value", message, path)
+    return tuple(value)
+
+
+def _parse_max_tokens(value: Any) -> int | None:
+    if value == "inf":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_OUTPUT_TOKENS:
+        message = f"max_output_tokens must be an integer in [1, {MAX_OUTPUT_TOKENS}] or 'inf'"
+        raise EventError("invalid_value", message, "session.max_output_tokens")
+    return value
+
+
 def _parse_audio_input(audio_in: Mapping[str, Any]) -> dict[str, Any]:
     path = "session.audio.input."
+    _known(audio_in, AUDIO_INPUT_KEYS, path)
     changes: dict[str, Any] = {}
     if "turn_detection" in audio_in:
         changes["turn_detection"] = _parse_turn_detection(audio_in["turn_detection"], path)
-    transcription = _obj(audio_in, "transcription", path) or {}
-    if (model := _str(transcription, "model", path=path + "transcription.")) is not None:
-        changes["transcription_model"] = model
+    if "transcription" in audio_in:
+        changes["transcription"] = _parse_transcription(audio_in["transcription"], path)
     return changes
+
+
+def _parse_transcription(value: Any, path: str) -> Transcription | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        message = f"{path}transcription must be an object or null"
+        raise EventError("invalid_type", message, path + "transcription")
+    transcription: Mapping[str, Any] = value
+    path += "transcription."
+    _known(transcription, TRANSCRIPTION_KEYS, path)
+    return Transcription(
+        _str(transcription, "model", path=path) or Transcription.model,
+        _str(transcription, "language", path=path),
+        _str(transcription, "prompt", path=path),
+    )
 
 
 def _parse_turn_detection(value: Any, path: str) -> TurnDetection | None:
@@ -310,10 +399,12 @@ def _parse_turn_detection(value: Any, path: str) -> TurnDetection | None:
     path += "turn_detection."
     # semantic_vad (what @openai/agents-realtime asks for by default) runs on the same
     # webrtcvad turn detector here, with its default knobs.
-    if value.get("type", "server_vad") not in ("server_vad", "semantic_vad"):
+    kind = value.get("type", "server_vad")
+    if kind not in ("server_vad", "semantic_vad"):
         raise EventError(
             "invalid_value", "turn detection must be server_vad or semantic_vad", path + "type"
         )
+    _known(value, SERVER_VAD_KEYS if kind == "server_vad" else SEMANTIC_VAD_KEYS, path)
     knobs: dict[str, Any] = {}
     if (threshold := _number(value, "threshold", path, 0.0, 1.0)) is not None:
         knobs["threshold"] = threshold
@@ -339,6 +430,7 @@ def _parse_tool(tool: Any, path: str) -> FunctionTool:
         raise EventError("invalid_type", f"{path[:-1]} must be an object", path[:-1])
     if tool.get("type", "function") != "function":
         raise EventError("invalid_value", "only function tools are supported", path + "type")
+    _known(tool, FUNCTION_TOOL_KEYS, path)
     name = _str(tool, "name", required=True, path=path) or ""
     parameters = _obj(tool, "parameters", path) or {"type": "object", "properties": {}}
     return FunctionTool(name, _str(tool, "description", path=path) or "", parameters)

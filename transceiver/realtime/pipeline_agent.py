@@ -23,7 +23,7 @@ from pipeline.tools import builtin_tools
 from transceiver.metrics import PipelinePoolCollector, RealtimeMetrics, ResilienceCollector
 from transceiver.realtime.client_events import EventError, SessionConfig
 from transceiver.realtime.limits import RealtimeLimits
-from transceiver.realtime.policy import SessionPolicy, session_update_from
+from transceiver.realtime.policy import SessionPolicy, stored_session_update
 from transceiver.realtime.session import RealtimeSession
 from transceiver.store.persistence import ResumeRefused, SessionPersistence
 
@@ -45,7 +45,7 @@ class PipelineAgents:
         if self.pool is not None:
             registry.register(PipelinePoolCollector(self.pool, registry))
         tools = builtin_tools(providers.knowledge)
-        self.policy = SessionPolicy(self.config.engine_config(), tools)
+        self.policy = SessionPolicy(self.config.engine_config(), tools, voices=providers.tts.voices)
         self.persistence = persistence
         self.limits = limits or RealtimeLimits()
 
@@ -85,7 +85,7 @@ class PipelineAgents:
             raise ResumeRefused(404, "resume_unavailable", "this deployment stores no sessions")
         journal, state = await self.persistence.resume(session_id, credential)
         try:
-            stored = session_update_from(state.config).apply(SessionConfig(session_id))
+            stored = stored_session_update(state.config).apply(SessionConfig(session_id))
         except EventError as exc:
             await journal.release()  # claimed for nothing: hand it back, stop renewing
             journal.close()

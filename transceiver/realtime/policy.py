@@ -2,9 +2,11 @@
 
 Policy layer, pure. ``SessionPolicy`` holds the process's base ``EngineConfig`` and the
 server's built-in tools; from a ``SessionConfig`` (as session.update leaves it) it derives the
-engine config and the tool registry. Client tools are executed by the client: a declared tool
-replaces a built-in of the same name, and a call to it ends the response (OpenAI's flow:
-function_call item, then the client's function_call_output and response.create).
+engine config and the tool registry, and checks what the deployment decides: the voice must
+be one the TTS has (``voices``, its default first). Client tools are executed by the client: a
+declared tool replaces a built-in of the same name, and a call to it ends the response
+(OpenAI's flow: function_call item, then the client's function_call_output and
+response.create).
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ class SessionPolicy:
     base: EngineConfig
     builtin_tools: Sequence[Tool] = ()
     model: str = "voicerelay-local"
-    voice: str = "joe"
+    voices: tuple[str, ...] = ("joe",)  # the TTS's, its default first
+
+    def check_voice(self, config: SessionConfig) -> None:
+        """EventError unless the session's voice is one the TTS speaks in."""
+        if config.voice not in self.voices:
+            supported = ", ".join(repr(voice) for voice in self.voices)
+            message = f"Invalid value: {config.voice!r}. Supported values are: {supported}."
+            raise EventError("invalid_value", message, "session.audio.output.voice")
 
     def initial(self, requested: Mapping[str, Any] | None = None) -> SessionConfig:
         """The session a new call starts with; ``requested`` as in a session.update's
@@ -48,11 +57,12 @@ class SessionPolicy:
             new_id("sess"),
             model=self.model,
             instructions=self.base.instructions,
-            voice=self.voice,
+            voice=self.voices[0],
             turn_detection=detection,
         )
         if requested:
             config = session_update_from(requested).apply(config)
+            self.check_voice(config)
             check_storable(config)
         return config
 
@@ -70,8 +80,13 @@ class SessionPolicy:
             self.base,
             instructions=config.instructions,
             vad=vad,
+            turn_detection=detection is not None,
             create_response=detection is not None and detection.create_response,
             interrupt_response=detection is not None and detection.interrupt_response,
+            # A voice the TTS lacks (a GPT-Live name on a one-voice TTS): its default.
+            voice=config.voice if config.voice in self.voices else None,
+            speak="audio" in config.output_modalities,
+            max_output_tokens=config.max_output_tokens,
         )
 
     def tools(self, config: SessionConfig) -> ToolRegistry:
@@ -92,6 +107,15 @@ def session_update_from(session: Mapping[str, Any]) -> SessionUpdate:
     event = parse_client_event(json.dumps({"type": "session.update", "session": dict(session)}))
     assert isinstance(event, SessionUpdate)
     return event
+
+
+RESPONSE_ONLY_KEYS = ("object", "id")  # in a session as reported, never in a request
+
+
+def stored_session_update(stored: Mapping[str, Any]) -> SessionUpdate:
+    """A session as ``SessionConfig.to_json`` reported it (the session store's copy), validated
+    as a request (EventError)."""
+    return session_update_from({k: v for k, v in stored.items() if k not in RESPONSE_ONLY_KEYS})
 
 
 def check_storable(config: SessionConfig) -> None:

@@ -176,11 +176,13 @@ class RealtimeSession:
         self._call_end: str | None = None
         self._handed_over = False
         self.contract: ClientContract | None = None  # None: the Realtime events
+        self.spoke = False  # assistant audio went out: the voice is fixed (OpenAI's rule)
         if resumed is not None:
             journal, state = resumed
             self._hold(journal)
             engine.history.extend(item_to_message(item) for item in state.items)
             self._restored = state.items
+            self.spoke = any(m.role == "assistant" and m.content for m in engine.history)
         self._apply(config)
 
     def resume_headers(self) -> dict[str, str]:
@@ -379,7 +381,9 @@ class RealtimeSession:
 
     def _observe(self, event: ev.EngineEvent) -> None:
         self.recorder.observe(event)
-        if isinstance(event, ev.OutputCleared):
+        if isinstance(event, ev.OutputStarted):
+            self.spoke = True
+        elif isinstance(event, ev.OutputCleared):
             self.voice.clear()
         elif isinstance(event, ev.TurnCompleted):
             done = (self.contract or self.translator).done_engine_response_id
@@ -417,7 +421,12 @@ class RealtimeSession:
 
     def _handle(self, event: ClientEvent) -> None:
         if isinstance(event, SessionUpdate):
-            self.reconfigure(event.apply(self.config))
+            config = event.apply(self.config)
+            self.policy.check_voice(config)
+            if self.spoke and config.voice != self.config.voice:  # OpenAI's code and words
+                message = "Cannot update a conversation's voice if assistant audio is present."
+                raise EventError("cannot_update_voice", message)
+            self.reconfigure(config)
             self.send(server_event("session.updated", session=self.config.to_json()))
         elif isinstance(event, ConversationItemCreate):
             self._create_item(event)
@@ -452,6 +461,7 @@ class RealtimeSession:
         tools = self.policy.tools(config)  # may raise EventError: nothing changed yet
         self.engine.reconfigure(self.policy.engine_config(config))
         self.engine.tools = tools
+        self.translator.transcription = config.transcription is not None
         self.config = config
 
     def _create_item(self, event: ConversationItemCreate) -> None:
@@ -535,13 +545,27 @@ class RealtimeSession:
             self.engine.clear_input()
             self.send(server_event("input_audio_buffer.cleared"))
         elif kind == "input_audio_buffer.commit":
-            if not self.engine.user_speaking:
-                raise EventError(
-                    "input_audio_buffer_commit_empty", "no speech is in the input audio buffer"
-                )
-            self.engine.finish_input()
+            self._commit()
         else:
             self._clear_output()
+
+    def _commit(self) -> None:
+        """Push-to-talk: the input since the last commit; with VAD: the utterance it is in."""
+        engine = self.engine
+        if self.config.turn_detection is None:
+            heard_ms = engine.uncommitted_ms
+            if not engine.commit_input():  # OpenAI's code and words
+                message = (
+                    "Error committing input audio buffer: buffer too small. Expected at least "
+                    f"100ms of audio, but buffer only has {heard_ms:.2f}ms of audio."
+                )
+                raise EventError("input_audio_buffer_commit_empty", message)
+            return
+        if not engine.user_speaking:
+            raise EventError(
+                "input_audio_buffer_commit_empty", "no speech is in the input audio buffer"
+            )
+        engine.finish_input()
 
     def _clear_output(self) -> None:
         active = self.engine.active_response_id

@@ -18,6 +18,14 @@ Over WebSocket (``media_track=False``) the audio rides in the events: ``audio_de
 so no ``output_audio_buffer.*`` events and no automatic truncation on barge-in: as with
 OpenAI, the client plays the audio and says what it heard with ``conversation.item.truncate``
 (``truncate`` answers what text that leaves).
+
+A text-only response (``output_modalities: ["text"]``) has an ``output_text`` part:
+``response.output_text.delta``/``.done`` instead of the audio transcript events, and no
+``response.output_audio.*``. A response stopped at its ``max_output_tokens`` is ``incomplete``
+(``status_details.reason: "max_output_tokens"``). With input transcription off
+(``transcription = False``) the transcription events are not sent and a user audio item's
+transcript stays null. A push-to-talk commit (``InputCommitted``) is
+``input_audio_buffer.committed`` and the user audio item, without speech events.
 """
 
 from __future__ import annotations
@@ -35,7 +43,11 @@ from transceiver.realtime.server_events import function_call_item, message_item,
 Event = dict[str, Any]
 FirstFrameLookup = Callable[[str], float | None]
 MAX_ITEMS_KEPT = 256
-_STATUS_REASON = {"cancelled": "turn_detected", "failed": "error"}
+_STATUS_REASON = {
+    "cancelled": "turn_detected",
+    "failed": "error",
+    "incomplete": "max_output_tokens",
+}
 
 
 @dataclass
@@ -46,6 +58,7 @@ class _Response:
     text: str = ""
     status: str = "in_progress"
     cancel_reason: str = "turn_detected"
+    audio: bool = True  # False: a text-only answer
 
     def position(self, item_id: str) -> dict[str, Any]:
         index = next(i for i, item in enumerate(self.output) if item["id"] == item_id)
@@ -93,6 +106,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         super().__init__()
         self._first_frame_sent_s = first_frame_sent_s
         self.media_track = media_track  # False: WebSocket, the audio is in the events
+        self.transcription = True  # False: no input transcription events
         self.audio_ms: dict[str, float] = {}  # assistant item id -> audio sent in deltas
         self._user_items: dict[int, str] = {}
         self._partials: dict[int, str] = {}
@@ -186,15 +200,20 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         item_id = self._user_items.get(event.turn)
         if item_id is None:
             return []
+        stopped = server_event(
+            "input_audio_buffer.speech_stopped", audio_end_ms=event.audio_end_ms, item_id=item_id
+        )
+        return [stopped, *self._committed(item_id)]
+
+    def _input_committed(self, event: ev.InputCommitted) -> list[Event]:
+        item_id = self._user_items[event.turn] = new_id("item")
+        return self._committed(item_id)
+
+    def _committed(self, item_id: str) -> list[Event]:
         item = message_item(item_id, "user", "", audio=True)
         item["content"][0]["transcript"] = None  # until the transcription completes
         previous = self.last_item_id
         return [
-            server_event(
-                "input_audio_buffer.speech_stopped",
-                audio_end_ms=event.audio_end_ms,
-                item_id=item_id,
-            ),
             server_event(
                 "input_audio_buffer.committed", previous_item_id=previous, item_id=item_id
             ),
@@ -203,7 +222,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
 
     def _transcript(self, event: ev.InputTranscript) -> list[Event]:
         item_id = self._user_items.get(event.turn)
-        if item_id is None:
+        if item_id is None or not self.transcription:
             return []
         sent = self._partials.get(event.turn, "")
         events = []
@@ -221,7 +240,8 @@ class EngineEventTranslator(ResponseLedger[_Response]):
     # --- the response ---------------------------------------------------------------------
 
     def _response_started(self, event: ev.ResponseStarted) -> list[Event]:
-        response = self._responses[event.response_id] = _Response(new_id("resp"))
+        response = _Response(new_id("resp"), audio=event.audio)
+        self._responses[event.response_id] = response
         return [server_event("response.created", response=_body(response))]
 
     def _text_delta(self, event: ev.ResponseTextDelta) -> list[Event]:
@@ -232,21 +252,22 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         response.text += event.text
         assert response.message_id is not None
         where = response.position(response.message_id)
-        delta = server_event(
-            "response.output_audio_transcript.delta", **where, content_index=0, delta=event.text
-        )
+        kind = "output_audio_transcript" if response.audio else "output_text"
+        delta = server_event(f"response.{kind}.delta", **where, content_index=0, delta=event.text)
         return [*events, delta]
 
     def _open_message(self, response: _Response) -> list[Event]:
         if response.message_id is not None:
             return []
         response.message_id = new_id("item")
-        item = message_item(response.message_id, "assistant", "", audio=True, status="in_progress")
+        item = message_item(
+            response.message_id, "assistant", "", audio=response.audio, status="in_progress"
+        )
         item["content"] = []
         response.output.append(item)
         previous = self._append(response.message_id)
         where = response.position(response.message_id)
-        part = {"type": "audio", "transcript": ""}
+        part = _part(response.audio, "")
         return [
             *_item_added(response.id, where, previous, item),
             server_event("response.content_part.added", **where, content_index=0, part=part),
@@ -314,19 +335,30 @@ class EngineEventTranslator(ResponseLedger[_Response]):
             return []
         where = response.position(response.message_id)
         heard = event.heard_text if event.status == "cancelled" else response.text
-        part = {"type": "audio", "transcript": heard}
+        audio = response.audio
         status = "completed" if event.status == "completed" else "incomplete"
-        item = message_item(response.message_id, "assistant", heard, audio=True, status=status)
+        item = message_item(response.message_id, "assistant", heard, audio=audio, status=status)
         index = where["output_index"]
         response.output[index] = item
+        if audio:
+            ends = [
+                server_event(
+                    "response.output_audio_transcript.done",
+                    **where,
+                    content_index=0,
+                    transcript=response.text,
+                ),
+                server_event("response.output_audio.done", **where, content_index=0),
+            ]
+        else:
+            ends = [
+                server_event(
+                    "response.output_text.done", **where, content_index=0, text=response.text
+                )
+            ]
+        part = _part(audio, heard)
         return [
-            server_event(
-                "response.output_audio_transcript.done",
-                **where,
-                content_index=0,
-                transcript=response.text,
-            ),
-            server_event("response.output_audio.done", **where, content_index=0),
+            *ends,
             server_event("response.content_part.done", **where, content_index=0, part=part),
             *self._item_done(response, item, self._previous.get(response.message_id)),
         ]
@@ -361,6 +393,10 @@ def _heard_part(text: str, fraction: float) -> str:
     return " ".join(words)
 
 
+def _part(audio: bool, text: str) -> Event:
+    return {"type": "audio", "transcript": text} if audio else {"type": "text", "text": text}
+
+
 def _transcription(kind: str, item_id: str, **fields: Any) -> Event:
     return server_event(
         f"conversation.item.input_audio_transcription.{kind}",
@@ -377,11 +413,12 @@ def _body(response: _Response, record: TurnRecord | None = None) -> Event:
         "status": response.status,
         "status_details": None,
         "output": list(response.output),
-        "output_modalities": ["audio"],
+        "output_modalities": ["audio" if response.audio else "text"],
         "usage": None,
     }
     if response.status in _STATUS_REASON:
-        reason = response.cancel_reason if response.status == "cancelled" else "error"
+        reason = _STATUS_REASON[response.status]
+        reason = response.cancel_reason if response.status == "cancelled" else reason
         body["status_details"] = {"type": response.status, "reason": reason}
     if record is not None:
         body["usage"] = _usage(record)
@@ -426,6 +463,7 @@ def turn_metrics_event(
 _HANDLERS: dict[type, Callable[[EngineEventTranslator, Any], list[Event]]] = {
     ev.SpeechStartedEvent: EngineEventTranslator._speech_started,
     ev.SpeechStoppedEvent: EngineEventTranslator._speech_stopped,
+    ev.InputCommitted: EngineEventTranslator._input_committed,
     ev.InputTranscript: EngineEventTranslator._transcript,
     ev.ResponseStarted: EngineEventTranslator._response_started,
     ev.ResponseTextDelta: EngineEventTranslator._text_delta,

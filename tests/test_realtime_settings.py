@@ -1,0 +1,220 @@
+"""Session settings that are accepted do something, and push-to-talk, over the Realtime
+WebSocket, driven by the official ``openai`` Python SDK (unchanged but for its base URL).
+
+One transceiver process for the module (``websocket_harness``): pocketsphinx hears the spoken
+question, the fake OpenAI server writes the answers ("You said: ...", one word per delta) and
+speaks them (0.1 s of tone per word) in the voice it is asked for. Every event received is
+checked against the SDK's own ``RealtimeServerEvent`` type (``voicerelay.*`` extensions aside).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pydantic
+import pytest
+from openai.resources.realtime.realtime import AsyncRealtimeConnection
+from openai.types.realtime import RealtimeServerEvent
+from websocket_harness import (
+    RATE_HZ,
+    EventLog,
+    error_for,
+    openai_client,
+    spoken_question,
+    transceiver_process_with,
+)
+
+from deploy.fake_openai import FakeOpenAIServer
+
+pytestmark = pytest.mark.slow
+API_KEY = "vr-settings-" + os.urandom(12).hex()
+SERVER_EVENT = pydantic.TypeAdapter(RealtimeServerEvent)
+# A known gap (docs/realtime-compat.md): transcription.completed has no ``usage`` yet.
+NOT_CHECKED = {"conversation.item.input_audio_transcription.completed"}
+
+
+class Events(EventLog[AsyncRealtimeConnection]):
+    def check(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if not kind.startswith("voicerelay.") and kind not in NOT_CHECKED:
+            SERVER_EVENT.validate_python(event)
+
+
+@pytest.fixture(scope="module")
+def fake_openai() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def transceiver(
+    fake_openai: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    log_dir = tmp_path_factory.mktemp("settings")
+    with transceiver_process_with(fake_openai.base_url, API_KEY, 2, log_dir) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def question() -> bytes:
+    return spoken_question()
+
+
+@pytest.fixture
+async def events(transceiver: str) -> AsyncIterator[Events]:
+    client = openai_client(transceiver, API_KEY)
+    async with client.realtime.connect(model="gpt-realtime") as connection:
+        log = Events(connection)
+        await log.next("session.created")
+        yield log
+
+
+async def say(events: Events, text: str) -> dict[str, Any]:
+    """A typed user turn and the response.done that answers it."""
+    await events.connection.conversation.item.create(
+        item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    )
+    await events.connection.response.create()
+    return await events.next("response.done")
+
+
+async def test_the_voice_is_one_the_tts_has_and_is_fixed_once_spoken(
+    events: Events, fake_openai: FakeOpenAIServer
+) -> None:
+    created = events.of("session.created")[0]
+    assert created["session"]["audio"]["output"]["voice"] == "alloy"  # the deployment's default
+    unknown = await error_for(events, _update({"audio": {"output": {"voice": "nobody"}}}))
+    assert (unknown["code"], unknown["param"]) == ("invalid_value", "session.audio.output.voice")
+    assert "'coral'" in unknown["message"], unknown  # the voices it has are listed
+    await events.connection.session.update(
+        session={"type": "realtime", "audio": {"output": {"voice": "coral"}}}
+    )
+    updated = await events.next("session.updated")
+    assert updated["session"]["audio"]["output"]["voice"] == "coral"
+    done = await say(events, "hi there")
+    assert done["response"]["status"] == "completed", done
+    assert (await fake_openai.stats())["last_request"]["speech"]["voice"] == "coral"
+    change = _update({"instructions": "Changed.", "audio": {"output": {"voice": "ash"}}})
+    refused = await error_for(events, change)
+    assert (refused["code"], refused["param"]) == ("cannot_update_voice", None)
+    assert refused["message"] == (
+        "Cannot update a conversation's voice if assistant audio is present."
+    )
+    same = {"type": "realtime", "instructions": "Kept.", "audio": {"output": {"voice": "coral"}}}
+    await events.connection.session.update(session=same)  # type: ignore[arg-type]
+    kept = await events.next("session.updated")
+    assert kept["session"]["instructions"] == "Kept."  # the refused update changed nothing
+    assert kept["session"]["audio"]["output"]["voice"] == "coral"
+
+
+async def test_text_output_answers_in_text_without_speaking(
+    events: Events, fake_openai: FakeOpenAIServer
+) -> None:
+    await events.connection.session.update(
+        session={"type": "realtime", "output_modalities": ["text"]}
+    )
+    assert (await events.next("session.updated"))["session"]["output_modalities"] == ["text"]
+    spoken_before = (await fake_openai.stats())["hits"].get("speech", 0)
+    done = await say(events, "hi there")
+    response = done["response"]
+    assert (response["status"], response["output_modalities"]) == ("completed", ["text"])
+    (item,) = response["output"]
+    ((part,),) = [item["content"]]
+    assert (part["type"], part["text"].strip()) == ("output_text", "You said: hi there"), item
+    kinds = events.types()
+    text = "".join(e["delta"] for e in events.of("response.output_text.delta"))
+    assert text.split() == ["You", "said:", "hi", "there"]
+    assert events.of("response.output_text.done")[0]["text"].strip() == "You said: hi there"
+    assert not [k for k in kinds if "audio" in k], kinds
+    assert (await fake_openai.stats())["hits"].get("speech", 0) == spoken_before
+
+
+async def test_max_output_tokens_stops_the_answer(events: Events) -> None:
+    await events.connection.session.update(session={"type": "realtime", "max_output_tokens": 3})
+    assert (await events.next("session.updated"))["session"]["max_output_tokens"] == 3
+    done = await say(events, "one two three four five")
+    response = done["response"]
+    assert response["status"] == "incomplete", response
+    assert response["status_details"] == {"type": "incomplete", "reason": "max_output_tokens"}
+    transcript = response["output"][0]["content"][0]["transcript"]
+    assert transcript.split() == ["You", "said:", "one"], transcript  # one token per delta
+    bad = await error_for(events, _update({"max_output_tokens": 0}))
+    assert (bad["code"], bad["param"]) == ("invalid_value", "session.max_output_tokens")
+
+
+async def test_transcription_off_sends_no_transcription_events(
+    events: Events, question: bytes
+) -> None:
+    session = {"type": "realtime", "audio": {"input": {"transcription": None}}}
+    await events.connection.session.update(session=session)  # type: ignore[arg-type]
+    updated = await events.next("session.updated")
+    assert updated["session"]["audio"]["input"]["transcription"] is None
+    await _append(events, question)
+    committed = await events.next("input_audio_buffer.committed")
+    done = await events.next("response.done")
+    transcript = done["response"]["output"][0]["content"][0]["transcript"]
+    assert "moon" in transcript.lower(), transcript  # the words still reach the model
+    assert not [k for k in events.types() if "input_audio_transcription" in k], events.types()
+    user_item = next(e for e in events.of("conversation.item.done") if e["item"]["role"] == "user")
+    assert user_item["item"]["id"] == committed["item_id"]
+    assert user_item["item"]["content"][0]["transcript"] is None
+
+
+async def test_unknown_and_beta_shaped_fields_are_refused_and_the_update_discarded(
+    events: Events,
+) -> None:
+    for session, param in [
+        ({"instructions": "Lost.", "voice": "alloy"}, "session.voice"),
+        ({"instructions": "Lost.", "modalities": ["text"]}, "session.modalities"),
+        ({"input_audio_transcription": {"model": "w"}}, "session.input_audio_transcription"),
+        ({"audio": {"input": {"turn_detection": {"type": "server_vad", "x": 1}}}},
+         "session.audio.input.turn_detection.x"),
+    ]:  # fmt: skip
+        error = await error_for(events, _update(session))
+        assert (error["code"], error["param"]) == ("unknown_parameter", param), error
+        assert error["message"] == f"Unknown parameter: '{param}'."
+    await events.connection.session.update(session={"type": "realtime"})
+    updated = await events.next("session.updated")
+    assert updated["session"]["instructions"] != "Lost."
+    assert updated["session"]["output_modalities"] == ["audio"]
+
+
+async def test_push_to_talk_commits_what_was_heard_and_answers_it(
+    events: Events, question: bytes
+) -> None:
+    session = {"type": "realtime", "audio": {"input": {"turn_detection": None}}}
+    await events.connection.session.update(session=session)  # type: ignore[arg-type]
+    assert (await events.next("session.updated"))["session"]["audio"]["input"][
+        "turn_detection"
+    ] is None
+    await events.connection.input_audio_buffer.commit()
+    empty = await events.next("error")
+    assert empty["error"]["code"] == "input_audio_buffer_commit_empty", empty
+    await _append(events, question)
+    await events.connection.input_audio_buffer.commit()
+    committed = await events.next("input_audio_buffer.committed")
+    await events.connection.response.create()  # at once: not after the transcript
+    done = await events.next("response.done")
+    transcript = done["response"]["output"][0]["content"][0]["transcript"]
+    assert "moon" in transcript.lower(), transcript
+    heard = events.of("conversation.item.input_audio_transcription.completed")
+    assert [e["item_id"] for e in heard] == [committed["item_id"]]
+    kinds = events.types()
+    assert not [k for k in kinds if k.startswith("input_audio_buffer.speech_")], kinds
+    assert kinds.count("input_audio_buffer.committed") == 1
+    assert kinds.count("response.created") == 1  # no response of its own accord
+
+
+def _update(session: dict[str, Any]) -> str:
+    return json.dumps({"type": "session.update", "session": {"type": "realtime", **session}})
+
+
+async def _append(events: Events, pcm: bytes) -> None:
+    step = RATE_HZ * 2 // 5  # 200 ms per append, as a microphone would send
+    for start in range(0, len(pcm), step):
+        chunk = base64.b64encode(pcm[start : start + step]).decode()
+        await events.connection.input_audio_buffer.append(audio=chunk)
