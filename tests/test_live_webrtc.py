@@ -157,6 +157,10 @@ async def test_a_sideband_drives_the_session_and_is_closed_with_it(
         appended = await side.next("session.instructions.appended")
         assert appended["client_event_id"] == "i1"
         await peer.wait_for("session.instructions.appended")  # the client sees it too
+        peer.send({"type": "session.input_audio.mute", "event_id": "m"})  # the track is the mic
+        muted = await peer.wait_for("error", lambda e: e["error"]["client_event_id"] == "m")
+        assert muted["error"]["code"] == "unsupported_event"
+        assert (await side.next("error"))["error"]["client_event_id"] == "m"  # it sees that too
         await connection.send_raw(json.dumps({"type": "session.explode", "event_id": "x"}))
         error = (await side.next("error"))["error"]
         assert (error["code"], error["client_event_id"]) == ("invalid_value", "x")
