@@ -116,20 +116,21 @@ class LossyRelay(LoopbackRelay):
         # rebuilt depends on which packets are dropped. Seed 7 drops, within seconds, packets
         # whose successors carry FEC (others were seen to need longer than the test waits).
         self.inbound, self.outbound = random.Random(7), random.Random(8)
-        self.dropped = 0
+        self.dropped_from_client = self.dropped_to_client = 0
 
     def _lost(self, media: bytes, draw: random.Random) -> bool:
-        if media and 127 < media[0] < 192 and draw.random() < self.loss:
-            self.dropped += 1
-            return True
-        return False
+        return bool(media) and 127 < media[0] < 192 and draw.random() < self.loss
 
     def _from_client(self, data: bytes, client: Address) -> None:
-        if not self._lost(data, self.inbound):
+        if self._lost(data, self.inbound):
+            self.dropped_from_client += 1
+        else:
             super()._from_client(data, client)
 
     def _from_transceiver(self, data: bytes, source: Address) -> None:
-        if not self._lost(data[20:], self.outbound):
+        if self._lost(data[20:], self.outbound):
+            self.dropped_to_client += 1
+        else:
             super()._from_transceiver(data, source)
 
 
