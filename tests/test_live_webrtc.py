@@ -61,7 +61,12 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         )
     ]  # fmt: skip
     try:
-        yield await running.start()
+        for process in [*running.transceivers, running.relay]:
+            process.start()
+        await running.transceivers[0].ready(timeout_s=90)  # the pipeline loads its models
+        await running.relay.ready()
+        await running.keyed()
+        yield running
     finally:
         await running.stop()
     assert "Traceback" not in (log_dir / "transceiver0.log").read_text()
