@@ -22,7 +22,7 @@ from pipeline.turns import TurnRecord, TurnRecorder
 from relay.wire.redis_config import RedisConfig
 from transceiver.background import crash_counts
 from transceiver.config import ConfigError, TransceiverConfig
-from transceiver.realtime.call_recording import CallRecorder, end_reason
+from transceiver.realtime.call_recording import CallRecorder, Untraced, end_reason
 from transceiver.restarts import RestartPolicy
 from transceiver.store.call_log import CallRecordLog, CallRecordStore
 from transceiver.store.call_records import (
@@ -95,6 +95,16 @@ class Clocks:
         self.wall_s += seconds
 
 
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+class Traced(Untraced):
+    """A leg's trace as the recorder sees it: the trace id its call span began."""
+
+    def begin(self, session_id: str, call_id: str, transceiver: str) -> str:
+        return TRACE_ID
+
+
 def recorder(
     clocks: Clocks, session_id: str, call_id: str, transcripts: str = "full"
 ) -> CallRecorder:
@@ -153,6 +163,7 @@ async def test_a_call_resumed_elsewhere_is_one_record_with_both_legs_and_every_t
     # The transceiver dies (no end); the client resumes on another one, with a new instruction.
     second = recorder(clocks, "sess_one", "rtc_second")
     second.transceiver = "host-b2"
+    second.trace = Traced()  # the second transceiver traces its calls (OTEL_*)
     second.start(SESSION, STAGES)
     second.configured({**SESSION, "instructions": "Answer in French."}, STAGES)
     talk(clocks, second, 1)
@@ -165,6 +176,7 @@ async def test_a_call_resumed_elsewhere_is_one_record_with_both_legs_and_every_t
     assert record["transceivers"] == ["host-a1", "host-b2"]
     assert [leg["end_reason"] for leg in record["legs"]] == ["resumed_elsewhere", "hangup"]
     assert record["legs"][1]["resumed_from"] == "rtc_first"
+    assert [leg["trace_id"] for leg in record["legs"]] == [None, TRACE_ID]
     assert record["resumed_from"] == "rtc_first"
     assert (record["status"], record["end_reason"]) == ("ended", "hangup")
     assert [t["index"] for t in record["turns"]] == [1, 2, 3]

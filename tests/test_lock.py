@@ -65,22 +65,46 @@ def locked_blocks(text: str) -> dict[str, str]:
     return blocks
 
 
-def imported_top_levels(paths: list[Path]) -> set[str]:
+def imported_modules(paths: list[Path]) -> set[str]:
+    """Every dotted name imported (``from a.b import c``: ``a.b.c``, a module or not)."""
     names: set[str] = set()
     for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
-                names.update(alias.name.split(".")[0] for alias in node.names)
+                names.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module.split(".")[0])
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
+
+
+def providers(module: str, dists: list[str]) -> list[str]:
+    """Of the distributions sharing a namespace package (every ``opentelemetry-*`` fills
+    ``opentelemetry``), those holding ``module`` or the nearest package above it that one holds."""
+    parts = module.split(".")
+    while len(parts) > 1:
+        prefix = "/".join(parts)
+        holding = [
+            dist
+            for dist in dists
+            if any(
+                str(file).startswith(prefix + "/") or str(file) == prefix + ".py"
+                for file in importlib.metadata.distribution(dist).files or []
+            )
+        ]
+        if holding:
+            return holding
+        parts.pop()
+    return dists
 
 
 def distributions_imported(paths: list[Path]) -> set[str]:
     by_module = importlib.metadata.packages_distributions()
     found: set[str] = set()
-    for module in imported_top_levels(paths):
-        found.update(canonical(dist) for dist in by_module.get(module, []))
+    for module in imported_modules(paths):
+        dists = by_module.get(module.split(".")[0], [])
+        if len(set(dists)) > 1:
+            dists = providers(module, sorted(set(dists)))
+        found.update(canonical(dist) for dist in dists)
     return found
 
 

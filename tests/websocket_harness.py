@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -31,9 +31,13 @@ RATE_HZ = 24_000  # the PCM16 of the events, both ways
 
 @contextmanager
 def transceiver_process_with(
-    fake_openai_url: str, api_key: str, capacity: int, log_dir: Path
+    fake_openai_url: str,
+    api_key: str,
+    capacity: int,
+    log_dir: Path,
+    more_env: Mapping[str, str] | None = None,
 ) -> Iterator[str]:
-    """The transceiver's HTTP base URL while it runs."""
+    """The transceiver's HTTP base URL while it runs (``more_env``: added to its environment)."""
     link = ("127.0.0.1", free_port())
     http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
     env = {
@@ -45,6 +49,7 @@ def transceiver_process_with(
         "TRANSCEIVER_API_KEY": api_key,
         "TRANSCEIVER_SECRET_KEYS": random_keys(),
         "TRANSCEIVER_CAPACITY": str(capacity),
+        **(more_env or {}),
     }
     process: Process = transceiver_process(
         "transceiver", link, http, "127.0.0.1:3478", random_keys(), log_dir, env,

@@ -6,7 +6,8 @@ is sent; ``translation`` turns pipeline events into server events; ``policy`` ho
 session's configuration rules (defaults, limits, what ``session.update`` may change);
 ``limits`` the session's own timings and bounds (``TRANSCEIVER_REALTIME_*``);
 ``session`` is the live session (engine, tasks, persistence); ``pipeline_agent`` makes one
-per call; ``call_recording`` turns a session's events and turns into its call record.
+per call; ``call_recording`` turns a session's events and turns into its call record,
+and ``call_tracing`` into OpenTelemetry spans (when ``OTEL_*`` asks).
 
 May import: pipeline, transceiver.metrics, transceiver.background, transceiver.store,
     transceiver.webrtc.audio

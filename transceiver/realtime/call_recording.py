@@ -101,6 +101,42 @@ class RecordingHost(Protocol):
     def records(self) -> RecordLog | None: ...
 
 
+class CallTrace(Protocol):
+    """A leg's trace (``call_tracing``: OpenTelemetry spans), fed what the recorder sees."""
+
+    def begin(self, session_id: str, call_id: str, transceiver: str) -> str:
+        """The call span starts; its trace id (hex; empty: not traced)."""
+        ...
+
+    def tool(
+        self, name: str, call_id: str, side: str, started_s: float, ended_s: float, ok: bool
+    ) -> None: ...
+
+    def turn(
+        self, record: TurnRecord, origin_s: float | None, first_out_s: float | None
+    ) -> None: ...
+
+    def end(self, reason: str) -> None: ...
+
+
+class Untraced:
+    """The trace of a process that traces nothing (no ``OTEL_*`` asks for it)."""
+
+    def begin(self, session_id: str, call_id: str, transceiver: str) -> str:
+        return ""
+
+    def tool(
+        self, name: str, call_id: str, side: str, started_s: float, ended_s: float, ok: bool
+    ) -> None:
+        pass
+
+    def turn(self, record: TurnRecord, origin_s: float | None, first_out_s: float | None) -> None:
+        pass
+
+    def end(self, reason: str) -> None:
+        pass
+
+
 class Discard:
     """The sink of a session that keeps no record (no Redis)."""
 
@@ -113,13 +149,17 @@ def recorder_for(
     session_id: str,
     clock: Callable[[], float],
     wall: Callable[[], float],
+    traced: CallTrace | None = None,
 ) -> CallRecorder:
-    """The session's recorder: writing to the process's record log, or discarding."""
+    """The session's recorder: writing to the process's record log, or discarding (and
+    feeding the leg's trace, if it has one)."""
     records = None if host is None else host.records
+    trace = Untraced() if traced is None else traced
     if host is None or records is None:
-        return CallRecorder(Discard(), session_id, "", CallRecordPolicy(), clock, wall)
+        policy = CallRecordPolicy()
+        return CallRecorder(Discard(), session_id, "", policy, clock, wall, trace=trace)
     return CallRecorder(
-        records, session_id, host.owner_id, records.policy, clock, wall, process_prices()
+        records, session_id, host.owner_id, records.policy, clock, wall, process_prices(), trace
     )
 
 
@@ -172,6 +212,7 @@ class CallRecorder:
     clock: Callable[[], float]  # the loop's clock (turn records use it)
     wall: Callable[[], float]  # unix seconds
     prices: PriceTable | None = None
+    trace: CallTrace = field(default_factory=Untraced)
     call_id: str = ""
     _config_hash: str = ""
     _vad_silence_ms: float | None = None
@@ -199,7 +240,9 @@ class CallRecorder:
         self._begun = True
         self._history_seen = history_length
         self.call_id = self.call_id or f"ws_{self.session_id}"
-        self._submit(BeginLeg(self.session_id, self.call_id, self.transceiver, self._now_ms()))
+        trace_id = self.trace.begin(self.session_id, self.call_id, self.transceiver)
+        write = BeginLeg(self.session_id, self.call_id, self.transceiver, self._now_ms(), trace_id)
+        self._submit(write)
         self.configured(session, stages)
 
     def configured(self, session: Mapping[str, Any], stages: Mapping[str, str]) -> None:
@@ -245,7 +288,9 @@ class CallRecorder:
         tool = self._open_tools.pop(call_id, None)
         if tool is None or len(self._done_tools) >= MAX_TOOLS_PER_TURN:
             return
-        ms = round((self.clock() - tool.started_s) * 1000, 1)
+        now = self.clock()
+        self.trace.tool(tool.name, tool.call_id, tool.side, tool.started_s, now, ok)
+        ms = round((now - tool.started_s) * 1000, 1)
         self._done_tools.append(
             {"name": tool.name, "call_id": tool.call_id, "side": tool.side, "ms": ms, "ok": ok}
         )
@@ -269,6 +314,7 @@ class CallRecorder:
             return None if origin is None or at_s is None else round((at_s - origin) * 1000, 1)
 
         voice_to_voice = since(first_out)
+        self.trace.turn(record, origin, first_out)
         said = record.transcript or _user_text(history[self._history_seen :])
         self._history_seen = len(history)
         tools, self._done_tools = self._done_tools, []
@@ -354,6 +400,7 @@ class CallRecorder:
         if not self._begun or self._ended:
             return
         self._ended = True
+        self.trace.end(reason)
         self._submit(EndLeg(self.session_id, self.call_id, reason, self._now_ms()))
 
     def _submit(self, write: RecordWrite) -> None:

@@ -63,6 +63,7 @@ from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.background import report_crash
 from transceiver.metrics import RealtimeMetrics
 from transceiver.realtime.call_recording import end_reason, recorder_for
+from transceiver.realtime.call_tracing import call_trace
 from transceiver.realtime.client_events import (
     AUDIO_RATE_HZ,
     MAX_EVENT_BYTES,
@@ -172,7 +173,9 @@ class RealtimeSession:
         self._pcm_out: PcmResampler | None = None  # WebSocket: the engine's frames -> deltas
         self._odd_byte = b""  # an appended chunk's odd last byte, until the next one
         # The call record (``call_recording``; discarded without Redis) and why the call ended.
-        self.recorder = recorder_for(persistence, config.id, _loop_time, time.time)
+        # Its OpenTelemetry trace (``call_tracing``) is built from what the recorder sees.
+        traced = call_trace(_loop_time, time.time)
+        self.recorder = recorder_for(persistence, config.id, _loop_time, time.time, traced)
         self._call_end: str | None = None
         self._handed_over = False
         self.contract: ClientContract | None = None  # None: the Realtime events

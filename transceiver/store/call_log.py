@@ -104,7 +104,7 @@ class CallRecordStore:
             return await self._script(END_LEG, keys, [write.call_id, write.reason, write.at_ms])
 
     async def _begin(self, keys: CallRecordKeys, write: BeginLeg) -> int:
-        args = [write.session_id, write.call_id, write.transceiver, write.at_ms]
+        args = [write.session_id, write.call_id, write.transceiver, write.at_ms, write.trace_id]
         started_ms = int(await self._script(BEGIN_LEG, keys, args))
         ttl, index = self.policy.ttl_ms, index_key(self._prefix)
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -7,8 +7,9 @@ session ``S`` (a call resumed on another transceiver continues it), under prefix
 - ``P:call:{S}`` hash: ``session_id``, ``started_at`` and ``ended_at`` (unix ms; ``ended_at``
   empty while a leg runs), ``end_reason`` (the last leg's), ``legs`` (JSON list: one entry per
   connection that served the session: ``call_id``, ``transceiver``, ``started_at``,
-  ``ended_at``, ``end_reason``, ``resumed_from``), ``versions`` (JSON list of the session configs
-  that produced its answers: ``hash``, ``from_turn``, ``call_id``, ``at``), counters ``turns``,
+  ``ended_at``, ``end_reason``, ``resumed_from``, ``trace_id``: its OpenTelemetry trace, when
+  traces are on), ``versions`` (JSON list of the session configs that produced its answers:
+  ``hash``, ``from_turn``, ``call_id``, ``at``), counters ``turns``,
   ``trimmed``, ``tool_calls``, ``interruptions``, ``cost_usd``, the worst turn latency
   ``max_latency_ms``, and ``seq:<call_id>`` (each leg's last appended turn: a retried append
   changes nothing).
@@ -124,6 +125,7 @@ class BeginLeg:
     call_id: str
     transceiver: str
     at_ms: int
+    trace_id: str = ""  # the leg's OpenTelemetry trace (hex), when traces are on
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,7 @@ def decode_record(
     legs = _json_list(text("legs", "[]"))
     versions = _json_list(text("versions", "[]"))
     for leg in legs:
-        for name in ("ended_at", "end_reason", "resumed_from"):
+        for name in ("ended_at", "end_reason", "resumed_from", "trace_id"):
             leg.setdefault(name, None)
     latency = float(text("max_latency_ms", "-1"))
     ended_at = number("ended_at")
@@ -267,8 +269,9 @@ local function encoded(items)
 end
 """
 
-# ARGV: ttl_ms, session_id, call_id, transceiver, at_ms -> the record's started_at (ms). A leg
-# already there (a retry) changes nothing; a previous leg still open ended when this one began.
+# ARGV: ttl_ms, session_id, call_id, transceiver, at_ms, trace_id ('' when untraced) -> the
+# record's started_at (ms). A leg already there (a retry) changes nothing; a previous leg still
+# open ended when this one began.
 BEGIN_LEG = LuaScript(
     "call_begin_leg",
     _TOUCH
@@ -286,6 +289,7 @@ for _, leg in ipairs(legs) do
   end
 end
 local leg = {call_id = ARGV[3], transceiver = ARGV[4], started_at = tonumber(ARGV[5])}
+if ARGV[6] and ARGV[6] ~= '' then leg.trace_id = ARGV[6] end
 local previous = legs[#legs]
 if previous then
   leg.resumed_from = previous.call_id
