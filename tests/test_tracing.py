@@ -149,35 +149,34 @@ def question() -> bytes:
 async def test_a_call_sends_its_span_tree_to_the_otlp_receiver(
     receiver: Receiver, traced: str, question: bytes
 ) -> None:
-    if True:
-        client = openai_client(traced, API_KEY)
-        async with client.realtime.connect(model="gpt-realtime") as connection:
-            events = EventLog(connection)
-            await events.next("session.created")
-            await connection.session.update(session={"type": "realtime", "tools": [TOOL]})
-            await events.next("session.updated")
-            step = 24_000 * 2 // 5  # 200 ms per append
-            for start in range(0, len(question), step):
-                chunk = base64.b64encode(question[start : start + step]).decode()
-                await connection.input_audio_buffer.append(audio=chunk)
-            await events.next("conversation.item.input_audio_transcription.completed")
-            assert (await events.next("response.done"))["response"]["status"] == "completed"
-            await connection.conversation.item.create(
-                item={
-                    "type": "message",
-                    "role": "user",
-                    "content": [{"type": "input_text", "text": "Use get_weather for Oslo"}],
-                }
-            )
-            await connection.response.create()
-            called = await events.next("response.function_call_arguments.done")
-            await events.next("response.done")
-            output = {"type": "function_call_output", "call_id": called["call_id"], "output": "ok"}
-            await connection.conversation.item.create(item=output)
-            await connection.response.create()
-            await events.next("response.done")
-        # the call span ends when the connection closes
-        call = await asyncio.to_thread(receiver.wait_for, "voicerelay.call")
+    client = openai_client(traced, API_KEY)
+    async with client.realtime.connect(model="gpt-realtime") as connection:
+        events = EventLog(connection)
+        await events.next("session.created")
+        await connection.session.update(session={"type": "realtime", "tools": [TOOL]})
+        await events.next("session.updated")
+        step = 24_000 * 2 // 5  # 200 ms per append
+        for start in range(0, len(question), step):
+            chunk = base64.b64encode(question[start : start + step]).decode()
+            await connection.input_audio_buffer.append(audio=chunk)
+        await events.next("conversation.item.input_audio_transcription.completed")
+        assert (await events.next("response.done"))["response"]["status"] == "completed"
+        await connection.conversation.item.create(
+            item={
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "Use get_weather for Oslo"}],
+            }
+        )
+        await connection.response.create()
+        called = await events.next("response.function_call_arguments.done")
+        await events.next("response.done")
+        output = {"type": "function_call_output", "call_id": called["call_id"], "output": "ok"}
+        await connection.conversation.item.create(item=output)
+        await connection.response.create()
+        await events.next("response.done")
+    # the call span ends when the connection closes
+    call = await asyncio.to_thread(receiver.wait_for, "voicerelay.call")
 
     spans = [s for s in receiver.spans if s["trace_id"] == call["trace_id"]]
     assert {s["trace_id"] for s in receiver.spans} == {call["trace_id"]}  # one leg, one trace
