@@ -32,7 +32,7 @@ from transceiver.webrtc import ice
 from transceiver.webrtc.audio import AgentVoiceTrack, pump_input
 from transceiver.webrtc.calls import CallAgent, CallLimits, Calls
 from transceiver.webrtc.echo import EchoAgent
-from transceiver.webrtc.lean_media import LeanMedia
+from transceiver.webrtc.lean_media import TICK_SAMPLES, LeanMedia, OpusDecoder, parse_rtp
 from transceiver.webrtc.link import Link
 
 TIMEOUT_S = 15.0
@@ -180,11 +180,48 @@ def media(calls: Calls) -> LeanMedia:
     return calls.lean_media
 
 
+def captured(lean: LeanMedia) -> list[bytes]:
+    """Every RTP packet the call sends from now on, before SRTP (its RTCP is not kept)."""
+    (call,) = lean.calls
+    sent: list[bytes] = []
+    send = call._send
+
+    def keep(packet: bytes, protected: bool = False) -> None:
+        if not protected:
+            sent.append(packet)
+        send(packet, protected)
+
+    call._send = keep  # type: ignore[method-assign]
+    return sent
+
+
+def keepalives_after_the_last_talkspurt(sent: list[bytes]) -> list[float]:
+    """The RMS (of full scale) of each keepalive after the last talkspurt, all packets decoded
+    in order as a receiver would; a keepalive is a packet after a gap in RTP time (the frames of
+    a talkspurt, its last frame of silence included, are 20 ms apart)."""
+    decoder = OpusDecoder(SAMPLE_RATE_HZ)
+    levels: list[tuple[bool, float]] = []
+    previous: int | None = None
+    for packet in sent:
+        view = parse_rtp(packet)
+        assert view is not None
+        pcm = decoder.decode(packet[view.start : view.end])
+        assert pcm is not None
+        samples = np.frombuffer(pcm, np.int16) / 32768
+        if view.marker:  # a talkspurt's first packet
+            levels.clear()
+        gap = not view.marker and previous is not None and view.timestamp - previous > TICK_SAMPLES
+        levels.append((gap, float(np.sqrt(np.mean(samples**2)))))
+        previous = view.timestamp
+    return [level for gap, level in levels if gap]
+
+
 async def test_audio_both_ways_barge_in_and_the_next_answer() -> None:
     VoiceAgent.made.clear()
     async with lean_calls(VoiceAgent) as calls, tone_client(calls) as client:
         (agent,) = VoiceAgent.made
         lean = media(calls)
+        packets = captured(lean)
         await eventually(lambda: agent_hears(agent, CALLER_HZ), TIMEOUT_S, "the caller's tone")
         assert lean.counters["rtp_out"] == 0  # the agent is silent: no voice is sent...
         await eventually(lambda: lean.counters["rtp_keepalive"] >= 2, TIMEOUT_S, "keepalives")
@@ -206,6 +243,14 @@ async def test_audio_both_ways_barge_in_and_the_next_answer() -> None:
         agent.say("resp_2", 1.0, hz=880.0)  # the next answer is a new talkspurt
         await eventually(lambda: client_hears(client, 880.0), TIMEOUT_S, "the next answer")
         assert client.frames_received > received and "resp_2" in agent.voice.first_frame_sent_s
+
+        # Its end: one frame of silence carries the encoder's tail of the answer out at once,
+        # so the keepalives after it decode silent (not a blip of the answer 400 ms later).
+        await eventually(lambda: lean.counters["rtp_talkspurt_end"] >= 2, TIMEOUT_S, "its end")
+        keepalives = lean.counters["rtp_keepalive"]
+        await eventually(lambda: lean.counters["rtp_keepalive"] >= keepalives + 2, TIMEOUT_S, "")
+        after = keepalives_after_the_last_talkspurt(packets)
+        assert len(after) >= 2 and max(after) < 0.01, after
         assert lean.counters["srtp_rejected"] == 0
     assert not lean.calls  # the call's media ended with it
 
