@@ -165,7 +165,7 @@ def new_session(
         classify=lambda _: False,
         estimate_cost=stack.cost,
     )
-    policy = SessionPolicy(CONFIG)
+    policy = SessionPolicy(CONFIG, voices=tts.voices)  # the voices of the TTS it speaks with
     session = RealtimeSession(engine, policy, policy.initial(requested), metrics, stack.persistence)
     stack.engines.append(engine)
     stack.agents.append(session)
@@ -251,11 +251,11 @@ async def test_a_failed_turn_is_logged_once_with_its_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     registry = CollectorRegistry()
+    tts = EspeakTextToSpeech()
     engine = ConversationEngine(
-        CONFIG, PocketsphinxSpeechToText(), FailingModel(), EspeakTextToSpeech(),
-        classify=lambda _: False,
-    )  # fmt: skip
-    policy = SessionPolicy(CONFIG)
+        CONFIG, PocketsphinxSpeechToText(), FailingModel(), tts, classify=lambda _: False
+    )
+    policy = SessionPolicy(CONFIG, voices=tts.voices)
     session = RealtimeSession(engine, policy, policy.initial(None), RealtimeMetrics(registry))
     caplog.set_level(logging.INFO)
     await session.start()
