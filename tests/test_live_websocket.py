@@ -1,7 +1,7 @@
 """GPT-Live's primary WebSocket, driven by the official ``openai`` SDK's ``client.live.connect()``.
 
 One transceiver process (``--agent pipeline``, auth required) whose language model and speech
-are the fake OpenAI server (``deploy/fake_openai.py``: it answers "You said: …" and calls a tool
+are the fake OpenAI server (``deploy/server.py``: it answers "You said: …" and calls a tool
 whose name the user says) and whose speech-to-text is pocketsphinx, so the spoken question is
 really heard. The SDK is unchanged but for its base URL: it sends ``Authorization: Bearer`` on a
 plain WebSocket to ``/v1/live/sessions``. Every event received must validate as the SDK's own
@@ -50,18 +50,12 @@ MOON_TOOL = {
 
 
 @pytest.fixture(scope="module")
-def fake_openai() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def transceiver(
-    fake_openai: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
+    server: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """The transceiver's HTTP base URL."""
     log_dir = tmp_path_factory.mktemp("live")
-    with transceiver_process_with(fake_openai.base_url, API_KEY, CAPACITY, log_dir) as base_url:
+    with transceiver_process_with(server.base_url, API_KEY, CAPACITY, log_dir) as base_url:
         yield base_url
 
 

@@ -45,17 +45,11 @@ class Events(EventLog[AsyncRealtimeConnection]):
 
 
 @pytest.fixture(scope="module")
-def fake_openai() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def transceiver(
-    fake_openai: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
+    server: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     log_dir = tmp_path_factory.mktemp("settings")
-    with transceiver_process_with(fake_openai.base_url, API_KEY, 2, log_dir) as base_url:
+    with transceiver_process_with(server.base_url, API_KEY, 2, log_dir) as base_url:
         yield base_url
 
 
@@ -83,7 +77,7 @@ async def say(events: Events, text: str) -> dict[str, Any]:
 
 
 async def test_the_voice_is_one_the_tts_has_and_is_fixed_once_spoken(
-    events: Events, fake_openai: FakeOpenAIServer
+    events: Events, server: FakeOpenAIServer
 ) -> None:
     created = events.of("session.created")[0]
     assert created["session"]["audio"]["output"]["voice"] == "alloy"  # the deployment's default
@@ -97,7 +91,7 @@ async def test_the_voice_is_one_the_tts_has_and_is_fixed_once_spoken(
     assert updated["session"]["audio"]["output"]["voice"] == "coral"
     done = await say(events, "hi there")
     assert done["response"]["status"] == "completed", done
-    assert (await fake_openai.stats())["last_request"]["speech"]["voice"] == "coral"
+    assert (await server.stats())["last_request"]["speech"]["voice"] == "coral"
     change = _update({"instructions": "Changed.", "audio": {"output": {"voice": "ash"}}})
     refused = await error_for(events, change)
     assert (refused["code"], refused["param"]) == ("cannot_update_voice", None)
@@ -112,13 +106,13 @@ async def test_the_voice_is_one_the_tts_has_and_is_fixed_once_spoken(
 
 
 async def test_text_output_answers_in_text_without_speaking(
-    events: Events, fake_openai: FakeOpenAIServer
+    events: Events, server: FakeOpenAIServer
 ) -> None:
     await events.connection.session.update(
         session={"type": "realtime", "output_modalities": ["text"]}
     )
     assert (await events.next("session.updated"))["session"]["output_modalities"] == ["text"]
-    spoken_before = (await fake_openai.stats())["hits"].get("speech", 0)
+    spoken_before = (await server.stats())["hits"].get("speech", 0)
     done = await say(events, "hi there")
     response = done["response"]
     assert (response["status"], response["output_modalities"]) == ("completed", ["text"])
@@ -130,7 +124,7 @@ async def test_text_output_answers_in_text_without_speaking(
     assert text.split() == ["You", "said:", "hi", "there"]
     assert events.of("response.output_text.done")[0]["text"].strip() == "You said: hi there"
     assert not [k for k in kinds if "audio" in k], kinds
-    assert (await fake_openai.stats())["hits"].get("speech", 0) == spoken_before
+    assert (await server.stats())["hits"].get("speech", 0) == spoken_before
 
 
 async def test_max_output_tokens_stops_the_answer(events: Events) -> None:

@@ -1,7 +1,7 @@
 """OpenAI's Realtime WebSocket transport, driven by the official ``openai`` Python SDK.
 
 One transceiver process (``--agent pipeline``, auth required) whose language model and speech
-are the fake OpenAI server (``deploy/fake_openai.py``: it answers "You said: …" and calls a
+are the fake OpenAI server (``deploy/server.py``: it answers "You said: …" and calls a
 tool whose name the user says) and whose speech-to-text is pocketsphinx, so a spoken question
 is really heard. The SDK is unchanged but for its base URL: ``client.realtime.connect()``
 sends ``Authorization: Bearer`` on a plain WebSocket to ``/v1/realtime?model=…``.
@@ -44,18 +44,12 @@ TOOL = {
 
 
 @pytest.fixture(scope="module")
-def fake_openai() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def transceiver(
-    fake_openai: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
+    server: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """The transceiver's HTTP base URL."""
     log_dir = tmp_path_factory.mktemp("websocket")
-    with transceiver_process_with(fake_openai.base_url, API_KEY, CAPACITY, log_dir) as base_url:
+    with transceiver_process_with(server.base_url, API_KEY, CAPACITY, log_dir) as base_url:
         yield base_url
 
 
@@ -271,11 +265,11 @@ async def test_sessions_count_against_capacity(transceiver: str) -> None:
 
 
 async def test_speech_while_a_response_is_generated_cancels_it(
-    events: Events, fake_openai: FakeOpenAIServer, question: bytes
+    events: Events, server: FakeOpenAIServer, question: bytes
 ) -> None:
     await events.next("session.created")
     connection = events.connection
-    await fake_openai.control(hold=["chat"])  # the answer stops after its first word
+    await server.control(hold=["chat"])  # the answer stops after its first word
     try:
         await connection.conversation.item.create(
             item={
@@ -292,10 +286,10 @@ async def test_speech_while_a_response_is_generated_cancels_it(
         cancelled = await events.next("response.done")
         assert cancelled["response"]["status"] == "cancelled", cancelled
         assert cancelled["response"]["status_details"]["reason"] == "turn_detected"
-        await fake_openai.release("chat")
+        await server.release("chat")
         answered = await events.next("response.done")
         assert answered["response"]["status"] == "completed", answered
         transcript = answered["response"]["output"][0]["content"][0]["transcript"]
         assert "moon" in transcript.lower(), transcript
     finally:
-        await fake_openai.reset()
+        await server.reset()
