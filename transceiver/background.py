@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Awaitable
 from typing import Self
 
 from transceiver.restarts import RestartPolicy
@@ -40,6 +41,16 @@ def report_crash(task_name: str, error: BaseException, logger: logging.Logger, t
     of few values: never a session id); ``then`` says what happens next."""
     crash_counts[task_name] += 1
     logger.error("%s crashed; %s", task_name, then, exc_info=error)
+
+
+async def done_within(awaitable: Awaitable[object], timeout_s: float) -> bool:
+    """Await ``awaitable`` for at most ``timeout_s``; whether it finished (a queue drained)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await awaitable
+    except TimeoutError:
+        return False
+    return True
 
 
 class RestartBackoff:

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from transceiver.background import BackgroundLoop
+from transceiver.background import BackgroundLoop, done_within
 from transceiver.restarts import RestartPolicy
 from transceiver.store.call_log import CallRecordLog
 from transceiver.store.call_records import EndLeg
@@ -107,12 +107,7 @@ class WebhookSender(BackgroundLoop):
 
     async def drained(self, timeout_s: float) -> bool:
         """Wait (bounded) until no event waits; False at the deadline."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await done_within(self._idle.wait(), timeout_s)
 
     def _wake(self) -> None:
         self._wakeup.set()

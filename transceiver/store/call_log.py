@@ -26,7 +26,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from relay.wire.redis_config import RedisConfig
-from transceiver.background import BackgroundLoop, report_crash
+from transceiver.background import BackgroundLoop, done_within, report_crash
 from transceiver.restarts import RestartPolicy
 from transceiver.store.call_records import (
     APPEND_TURN,
@@ -299,12 +299,7 @@ class CallRecordLog(BackgroundLoop):
         return True
 
     async def drained(self, timeout_s: float) -> bool:
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._empty.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await done_within(self._empty.wait(), timeout_s)
 
     def _wake(self) -> None:
         self._wakeup.set()

@@ -8,12 +8,12 @@ session is lost here. ``persistence`` owns the journals (``JournalOwner``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from pipeline.providers import Message, ToolCall
+from transceiver.background import done_within
 from transceiver.store.errors import StoreError
 from transceiver.store.heartbeat import LeaseHeartbeat
 from transceiver.store.keys import Lease
@@ -179,12 +179,7 @@ class SessionJournal:
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait (bounded) until the queued writes are in Redis; False at the deadline."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self.persistence.queue.drained()
-        except TimeoutError:
-            return False
-        return True
+        return await done_within(self.persistence.queue.drained(), timeout_s)
 
     async def release(self) -> None:
         """Hand the session back (drain): the next owner claims it without waiting."""

@@ -40,7 +40,6 @@ owns the call-record writer (``call_log``, ``records``). Only used when
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import secrets
@@ -50,7 +49,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from relay.wire.redis_config import RedisConfig
-from transceiver.background import BackgroundLoop
+from transceiver.background import BackgroundLoop, done_within
 from transceiver.store.call_log import CallRecordLog
 from transceiver.store.catch_up import CatchUp
 from transceiver.store.errors import (
@@ -226,10 +225,7 @@ class SessionPersistence:
             loop.start()
 
     async def aclose(self, flush_timeout_s: float = 2.0) -> None:
-        try:
-            async with asyncio.timeout(flush_timeout_s):
-                await self.queue.drained()
-        except TimeoutError:
+        if not await done_within(self.queue.drained(), flush_timeout_s):
             log.warning("%d session writes not stored at exit", self.queue.pending)
         if self.records is not None and not await self.records.drained(flush_timeout_s):
             log.warning("%d call-record writes not stored at exit", self.records.pending)
