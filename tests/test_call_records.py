@@ -25,13 +25,12 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from records_stack import recording_stack
 
 from deploy.processes import Stack, metric_values
 from deploy.redis_server import RedisServer, redis_server_binary
-from deploy.survival import redis_env
 from deploy.waiting import poll
 from loadtest.realtime_client import TOKEN_HEADER, RealtimeClient, ask, call
-from relay.wire.redis_config import RedisConfig
 from transceiver.__main__ import main as transceiver_main
 from transceiver.store.call_records import CallRecordKeys
 from transceiver.webhook_signing import ID_HEADER, verify
@@ -97,24 +96,13 @@ async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Run
     log_dir = tmp_path_factory.mktemp("call-records")
     receiver = await Receiver().start()
     redis = RedisServer(log_dir, "redis").start()
-    stack = Stack(log_dir, transceivers=2, workers=1, agent="pipeline")
-    env = {**redis_env(RedisConfig(url=redis.url)), "OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}
-    env |= {"PIPELINE_PIPER_NOISE_SCALE": "0", "PIPELINE_PIPER_NOISE_W_SCALE": "0"}
-    env |= {"TRANSCEIVER_API_KEY": API_KEY, "TRANSCEIVER_WEBHOOK_URL": receiver.url,
-            "TRANSCEIVER_WEBHOOK_SECRET": WEBHOOK_SECRET,
-            "TRANSCEIVER_WEBHOOK_RETRY_FIRST_S": "0.05"}  # fmt: skip
-    for process in stack.transceivers:
-        process.env.update(env)
-        process.argv[process.argv.index("--auth") + 1] = "required"
+    env = {"TRANSCEIVER_API_KEY": API_KEY, "TRANSCEIVER_WEBHOOK_URL": receiver.url,
+           "TRANSCEIVER_WEBHOOK_SECRET": WEBHOOK_SECRET,
+           "TRANSCEIVER_WEBHOOK_RETRY_FIRST_S": "0.05"}  # fmt: skip
     try:
-        for process in [*stack.transceivers, stack.relay]:
-            process.start()
-        for process in [*stack.transceivers, stack.relay]:
-            await process.ready(timeout_s=90)
-        await stack.keyed()
-        yield Running(stack, redis, receiver)
+        async with recording_stack(log_dir, redis, 2, env) as stack:
+            yield Running(stack, redis, receiver)
     finally:
-        await stack.stop()
         redis.stop()
         receiver.close()
 

@@ -22,14 +22,13 @@ import httpx
 import pytest
 import pytest_asyncio
 from playwright.async_api import Page
+from records_stack import recording_stack
 
 from deploy.processes import Stack
 from deploy.redis_server import RedisServer, redis_server_binary
-from deploy.survival import redis_env
 from deploy.waiting import poll
 from loadtest.browser import chromium
 from loadtest.voice_audio import silence_pcm, write_wav
-from relay.wire.redis_config import RedisConfig
 
 pytestmark = [
     pytest.mark.slow,
@@ -51,22 +50,10 @@ class Running:
 async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
     log_dir = tmp_path_factory.mktemp("history")
     redis = RedisServer(log_dir, "redis").start()
-    stack = Stack(log_dir, transceivers=1, workers=1, agent="pipeline")
-    env = {**redis_env(RedisConfig(url=redis.url)), "OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}
-    env |= {"PIPELINE_PIPER_NOISE_SCALE": "0", "PIPELINE_PIPER_NOISE_W_SCALE": "0"}
-    env |= {"TRANSCEIVER_API_KEY": API_KEY}
-    for process in stack.transceivers:
-        process.env.update(env)
-        process.argv[process.argv.index("--auth") + 1] = "required"
     try:
-        for process in [*stack.transceivers, stack.relay]:
-            process.start()
-        for process in [*stack.transceivers, stack.relay]:
-            await process.ready(timeout_s=90)
-        await stack.keyed()
-        yield Running(stack, stack.base_url(0))
+        async with recording_stack(log_dir, redis, 1, {"TRANSCEIVER_API_KEY": API_KEY}) as stack:
+            yield Running(stack, stack.base_url(0))
     finally:
-        await stack.stop()
         redis.stop()
 
 
