@@ -196,3 +196,18 @@ def test_auth_off_without_secret_keys_signs_with_a_key_of_its_own() -> None:
         second.verify_secret(secret.value)
     with pytest.raises(AuthConfigError, match="TRANSCEIVER_SECRET_KEYS: key 1 is all zeros"):
         AuthConfig.validated("off", None, "1:" + "00" * 32)  # checked whenever it is set
+
+
+def test_workers_and_cpu_budget() -> None:
+    config = TransceiverConfig.load([], {"TRANSCEIVER_KEYS": KEYS})
+    assert (config.workers, config.cpu_budget_cores, config.cpu_window_s) == (1, 0.85, 10.0)
+    env = {"TRANSCEIVER_KEYS": KEYS, "TRANSCEIVER_WORKERS": "auto"}
+    config = TransceiverConfig.load(["--cpu-budget-cores", "0", "--cpu-window-s", "3"], env)
+    assert (config.workers, config.cpu_budget_cores, config.cpu_window_s) == (0, 0.0, 3.0)
+    assert TransceiverConfig.load(["--workers", "4"], env).workers == 4
+    with pytest.raises(ConfigError, match="TRANSCEIVER_WORKERS=0 is below 1"):
+        TransceiverConfig.load(["--workers", "0"], env)
+    with pytest.raises(ConfigError, match="TRANSCEIVER_WORKERS=256 is above 255"):
+        TransceiverConfig.load(["--workers", "256"], env)
+    with pytest.raises(ConfigError, match="TRANSCEIVER_CPU_BUDGET_CORES=-1 is below 0.0"):
+        TransceiverConfig.load(["--cpu-budget-cores", "-1"], env)

@@ -22,6 +22,7 @@ from deploy.processes import (
     LoopbackRelay,
     Process,
     free_port,
+    metric_values,
     random_keys,
     text,
     transceiver_process,
@@ -31,6 +32,14 @@ from loadtest.tones import ToneClient
 from transceiver.webrtc.sdp import candidate_addresses
 
 PUBLIC = "127.0.0.1:3478"
+CAPACITY_GAUGES = (
+    "transceiver_sessions",
+    "transceiver_capacity",
+    "transceiver_cpu_cores",
+    "transceiver_cpu_cores_per_call",
+    "transceiver_cpu_budget_cores",
+    "transceiver_load",
+)
 
 
 @dataclass
@@ -226,6 +235,34 @@ async def test_connect_timeout_frees_capacity(tmp_path: Path, http: httpx.AsyncC
         await poll(ready, bool, 5, lambda _: failure, 0.05)
         metrics = (await http.get(running.base_url + "/metrics")).text
         assert 'transceiver_sessions_ended_total{reason="connect_timeout"} 1.0' in metrics
+    finally:
+        await running.process.stop()
+
+
+async def test_measured_cpu_refuses_a_call_over_the_budget(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """A budget of 0.0001 cores: the first call is taken (no cost measured yet); once its cost
+    is measured, the next offer gets 503 transceiver_overloaded and /readyz is red although the
+    fixed capacity has room. /metrics shows the measurement and a load of 1 or more."""
+    flags = {"capacity": 5, "connect_timeout_s": 60, "cpu_budget_cores": 0.0001}
+    running = start(tmp_path, PUBLIC, cpu_window_s=2, **flags)
+    try:
+        first = await post_offer(http, running.base_url, CHROME_OFFER, "application/sdp")
+        assert first.status_code == 201, first.text
+        await eventually_status(http, running.base_url + "/readyz", 503)
+        assert_error(await http.get(running.base_url + "/readyz"), 503, "overloaded", "budget")
+        second = await post_offer(http, running.base_url, CHROME_OFFER, "application/sdp")
+        assert_error(second, 503, "transceiver_overloaded", "cores per call", "2 calls")
+        text = (await http.get(running.base_url + "/metrics")).text
+        value = {name: metric_values(text, name).get("") for name in CAPACITY_GAUGES}
+        assert (value["transceiver_sessions"], value["transceiver_capacity"]) == (1, 5)
+        assert value["transceiver_cpu_budget_cores"] == 0.0001
+        cores, per_call = value["transceiver_cpu_cores"], value["transceiver_cpu_cores_per_call"]
+        assert cores is not None and per_call is not None and per_call >= cores > 0
+        assert value["transceiver_load"] is not None and value["transceiver_load"] >= 1
+        assert (await http.delete(running.base_url + first.headers["Location"])).status_code == 204
+        await eventually_status(http, running.base_url + "/readyz", 200)  # no call: no cost
     finally:
         await running.process.stop()
 

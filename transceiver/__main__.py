@@ -39,7 +39,8 @@ from relay.loop_lag import BUCKETS_S, LoopLagMonitor, LoopLagPolicy
 from relay.wire.redis_config import RedisConfig, RedisConfigError, redis_flags, with_flags
 from transceiver.agents import Agents, open_agents
 from transceiver.config import ConfigError, TransceiverConfig
-from transceiver.http.app import create_app
+from transceiver.cpu_cost import CpuBudget, CpuMeter
+from transceiver.http.app import capacity_collector, create_app
 from transceiver.http.auth import AuthConfig, AuthConfigError, Authenticator, auth_flags
 from transceiver.metrics import TaskCrashCollector
 from transceiver.store.call_log import CallRecordCollector, CallRecordStore
@@ -144,11 +145,22 @@ def _route_publisher(
 
 
 def _calls(
-    config: TransceiverConfig, link: Link, registry: CollectorRegistry, agents: Agents
+    config: TransceiverConfig,
+    link: Link,
+    registry: CollectorRegistry,
+    agents: Agents,
+    worker: int | None = None,
 ) -> Calls:
     relayed = ice.RelayedIce(link, config.keyring, config.public)
     limits = CallLimits(config.capacity, config.connect_timeout_s)
-    return Calls(relayed, limits, registry, agents.factory, config.media_path, agents.overload)
+    meter = CpuMeter(CpuBudget(config.cpu_budget_cores, config.cpu_window_s))
+    overload = agents.overload
+    calls = Calls(
+        relayed, limits, registry, agents.factory, config.media_path, overload, meter, worker
+    )
+    overloaded = None if overload is None else (lambda: overload() is not None)
+    registry.register(capacity_collector(calls, meter, overloaded))
+    return calls
 
 
 async def _serve(

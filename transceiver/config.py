@@ -44,7 +44,24 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
     "public": ("127.0.0.1:3478", "relay public address(es), the only answer candidates"),
     "keys": (None, "ufrag keyring ID:HEX[,ID:HEX], first is current (shared with the relay)"),
     "http": ("127.0.0.1:8080", "HTTP signaling and metrics listener (host:port)"),
+    "http_advertise": (
+        None,
+        "host:port other transceivers reach this one's HTTP at, to forward a sideband to the "
+        "sessions it runs (transceiver.http.sideband); default: --http unless it is a wildcard",
+    ),
     "capacity": ("100", "most concurrent sessions; beyond it POST answers 503"),
+    "workers": (
+        "1",
+        "worker processes in this pod, each with its own calls and link socket (worker i binds "
+        "the link port + i; list each in the relay's RELAY_TRANSCEIVERS); auto: the cores this "
+        "process may use (affinity, cgroup quota). Capacity and CPU budget are per worker",
+    ),
+    "cpu_budget_cores": (
+        "0.85",
+        "refuse a call (503 transceiver_overloaded) when the measured CPU per call times one "
+        "call more would exceed this many cores (0: off)",
+    ),
+    "cpu_window_s": ("10", "CPU per call is measured over this window"),
     "connect_timeout_s": ("10", "close a session that has not connected within this time"),
     "drain_timeout_s": ("30", "on SIGTERM, let sessions end for up to this long"),
     "agent": (
@@ -119,6 +136,10 @@ class TransceiverConfig:
     realtime: RealtimeLimits = field(default_factory=RealtimeLimits)
     webhook: WebhookPolicy | None = None
     loop_lag_warn_s: float = 0.1
+    http_advertise: Address | None = None  # None: sidebands are not forwarded here
+    workers: int = 1  # 0: the cores this process may use (transceiver.workers)
+    cpu_budget_cores: float = 0.85
+    cpu_window_s: float = 10.0
 
     @classmethod
     def load(
@@ -155,7 +176,26 @@ class TransceiverConfig:
             realtime=_realtime(values),
             webhook=_webhook(values),
             loop_lag_warn_s=_number(values, "loop_lag_warn_ms", float, minimum=1.0) / 1000,
+            http_advertise=_http_advertise(values),
+            workers=_workers(values.get("workers") or "1"),
+            cpu_budget_cores=_number(values, "cpu_budget_cores", float, minimum=0.0),
+            cpu_window_s=_number(values, "cpu_window_s", float, minimum=1.0),
         )
+
+
+def _http_advertise(values: Mapping[str, str | None]) -> Address | None:
+    """The address given, else the HTTP listener's unless it listens on every address (a
+    wildcard names no one host: forwarding to this transceiver then needs the setting)."""
+    text = (values.get("http_advertise") or "").strip()
+    if text:
+        address = parse_address(text, "http_advertise")
+    else:
+        address = parse_address(_required(values, "http"), "http")
+    if ipaddress.ip_address(address[0]).is_unspecified or address[1] == 0:
+        if text:
+            raise ConfigError(f"{ENV_PREFIX}HTTP_ADVERTISE={text!r} names no one host and port")
+        return None
+    return address
 
 
 def _survival(values: Mapping[str, str | None]) -> SurvivalPolicy:
@@ -281,6 +321,18 @@ def _agent(name: str) -> str:
     if name not in AGENTS:
         raise ConfigError(f"{ENV_PREFIX}AGENT={name!r} is not one of {', '.join(AGENTS)}")
     return name
+
+
+def _workers(text: str) -> int:
+    """A count of worker processes (1..255), or ``auto`` (0: decided at start)."""
+    text = text.strip().lower()
+    if text == "auto":
+        return 0
+    name = f"{ENV_PREFIX}WORKERS"
+    workers = parse_number(text, name, int, 1, ConfigError)
+    if workers > 255:
+        raise ConfigError(f"{name}={workers} is above 255 (a call id names its worker in a byte)")
+    return workers
 
 
 def _media_path(name: str) -> str:

@@ -2,13 +2,14 @@
 
 I/O layer (prometheus-client). Turn records feed the per-stage latency histograms; the
 resilience wrappers' ``.stats`` (retries, failures, fallbacks, calls refused by an open
-circuit, breaker transitions) and circuit state, the owned loops' crash counts, Redis's health
-and the calls' capacity and draining are read at scrape time.
+circuit, breaker transitions) and circuit state, the owned loops' crash counts, Redis's health,
+the calls' capacity and draining, the measured CPU and the load gauge are read at scrape time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -18,6 +19,7 @@ from prometheus_client.registry import Collector
 from pipeline.pool import PipelinePool
 from pipeline.turns import TurnRecord
 from transceiver import background
+from transceiver.cpu_cost import CpuMeter
 
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 # stage label -> TurnRecord field (milliseconds)
@@ -174,25 +176,79 @@ class RedisHealthCollector(Collector):
         )
 
 
-class CapacityCollector(Collector):
-    """How many calls this transceiver takes (``TRANSCEIVER_CAPACITY``) and whether it is
-    draining: what the autoscalers and alerts compare ``transceiver_sessions`` with."""
+@dataclass(frozen=True)
+class CapacityReadings:
+    """What ``CapacityCollector`` reads at scrape time (callables: read when scraped)."""
 
-    def __init__(self, capacity: Callable[[], int], draining: Callable[[], bool]) -> None:
-        self._capacity = capacity
-        self._draining = draining
+    calls: Callable[[], int]
+    capacity: Callable[[], int]
+    draining: Callable[[], bool]
+    meter: CpuMeter | None = None
+    overloaded: Callable[[], bool] = lambda: False  # the agents' shared work (pipeline pool)
+
+
+class CapacityCollector(Collector):
+    """How many calls this transceiver takes (``TRANSCEIVER_CAPACITY``), whether it is
+    draining, its measured CPU (``transceiver.cpu_cost``: cores, cores per call, the budget)
+    and ``transceiver_load``, the one number an autoscaler reads: the larger of calls over
+    capacity and measured CPU over the budget, 1 while the pipeline pool is saturated (1.0:
+    no room for another call)."""
+
+    def __init__(self, readings: CapacityReadings) -> None:
+        self._readings = readings
 
     def collect(self) -> Iterator[Metric]:
+        readings = self._readings
         yield GaugeMetricFamily(
             "transceiver_capacity",
             "Calls this transceiver takes at most (TRANSCEIVER_CAPACITY); beyond, offers get 503",
-            value=self._capacity(),
+            value=readings.capacity(),
         )
         yield GaugeMetricFamily(
             "transceiver_draining",
             "1 from SIGTERM on: no new calls, the live ones handed over to other transceivers",
-            value=float(self._draining()),
+            value=float(readings.draining()),
         )
+        if readings.meter is not None:
+            yield from _cpu(readings.meter)
+        yield GaugeMetricFamily(
+            "transceiver_load",
+            "Room in use, 0..1 and beyond: the larger of calls over capacity and measured CPU "
+            "over TRANSCEIVER_CPU_BUDGET_CORES; 1 while the pipeline pool is saturated",
+            value=_load(readings),
+        )
+
+
+def _load(readings: CapacityReadings) -> float:
+    if readings.overloaded():
+        return 1.0
+    calls, capacity = readings.calls(), readings.capacity()
+    if readings.meter is None:
+        return calls / capacity
+    return readings.meter.load(calls, capacity)
+
+
+def _cpu(meter: CpuMeter) -> Iterator[Metric]:
+    """The measured CPU; per call only once calls have run in the window."""
+    reading = meter.measure()
+    if reading.cores is not None:
+        yield GaugeMetricFamily(
+            "transceiver_cpu_cores",
+            "CPU this process used over the last TRANSCEIVER_CPU_WINDOW_S, in cores",
+            value=reading.cores,
+        )
+    if reading.cores_per_call is not None:
+        yield GaugeMetricFamily(
+            "transceiver_cpu_cores_per_call",
+            "Measured CPU per call over the window, in cores (the process's idle cost "
+            "included, so pessimistic at few calls); admission projects with it",
+            value=reading.cores_per_call,
+        )
+    yield GaugeMetricFamily(
+        "transceiver_cpu_budget_cores",
+        "CPU a worker may use, in cores (TRANSCEIVER_CPU_BUDGET_CORES; 0: not enforced)",
+        value=meter.budget.budget_cores,
+    )
 
 
 class LeaseCollector(Collector):

@@ -42,6 +42,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from transceiver.cpu_cost import CpuMeter
 from transceiver.http import client_secrets
 from transceiver.http.auth import Authenticator, AuthError
 from transceiver.http.calls_api import add_call_records
@@ -51,7 +52,7 @@ from transceiver.http.live_websocket import add_live_websocket
 from transceiver.http.offers import json_object, read_offer
 from transceiver.http.websocket import WebSocketSessions, add_realtime_websocket
 from transceiver.live.sessions import LiveSessions
-from transceiver.metrics import CapacityCollector
+from transceiver.metrics import CapacityCollector, CapacityReadings
 from transceiver.realtime.client_events import (
     EventError,
     SessionConfig,
@@ -119,7 +120,6 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(title="voicerelay transceiver", docs_url=None, redoc_url=None)
     registry.register(LinkCollector(link))
-    registry.register(_capacity_collector(calls))
     add_error_handlers(app)
     _add_cors(app)
     _add_web_client(app)
@@ -214,8 +214,22 @@ def _add_health(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _capacity_collector(calls: Calls) -> CapacityCollector:
-    return CapacityCollector(lambda: calls.capacity, lambda: calls.draining)
+def capacity_collector(
+    calls: Calls, meter: CpuMeter | None = None, overloaded: Callable[[], bool] | None = None
+) -> CapacityCollector:
+    """The calls' capacity, draining, measured CPU and load (``python -m transceiver``
+    registers it with the process's meter and the pipeline pool's saturation)."""
+    readings = CapacityReadings(
+        lambda: len(calls),
+        lambda: calls.capacity,
+        lambda: calls.draining,
+        meter,
+        overloaded or (lambda: False),
+    )
+    return CapacityCollector(readings)
+
+
+_capacity_collector = capacity_collector  # its older name
 
 
 def _add_cors(app: FastAPI) -> None:

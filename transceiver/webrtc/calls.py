@@ -10,9 +10,15 @@ watcher that crashes is logged with its traceback, counted in
 restarted, since its one job is to end that call at the right moment, and a call no watcher
 ends would hold its capacity forever.
 
-Admission: a new call is refused while draining, when the calls fill ``capacity``, or while
+Admission: a new call is refused while draining, when the calls fill ``capacity``, when the
+process's measured CPU (``cost``, ``transceiver.cpu_cost``: told every change of the number of
+calls) would exceed its budget with one more call at the measured cost per call, or while
 ``overload`` (the agents' shared work: the offline pipeline's pool) says calls would be slowed
-down by one more; the calls in progress go on.
+down by one more; the calls in progress go on. The fixed capacity stays the upper bound.
+
+Call ids: ``rtc_`` and 24 hex digits; in a pod of worker processes (``transceiver.workers``)
+the first two digits are the index of the worker that owns the call (``worker``), so a
+follow-up request that reaches another worker is forwarded to the owner with no lookup.
 
 Capacity: a call holds a slot from ``reserve`` on, before anything is done for it elsewhere
 (a resumed session is claimed in Redis only once it has one), and ``create`` turns the slot
@@ -98,6 +104,22 @@ class OfferRejected(Exception):
 class AgentRequestError(Exception):
     """The agent cannot be made from what the call asked for (its session config); the message
     names the field and why. ``create`` answers it as a rejected offer."""
+
+
+class CallCost(Protocol):
+    """Measured cost per call (``transceiver.cpu_cost.CpuMeter``): why one more call is refused."""
+
+    def calls_changed(self, count: int) -> None: ...
+    def refusal(self, calls: int) -> str | None: ...
+
+
+def new_call_id(worker: int | None) -> str:
+    """``rtc_`` + 24 hex digits; in a pod the first two name the owning worker (0..255)."""
+    if worker is None:
+        return "rtc_" + secrets.token_hex(12)
+    if not 0 <= worker <= 0xFF:
+        raise ValueError(f"worker index {worker} is not within 0..255")
+    return f"rtc_{worker:02x}" + secrets.token_hex(11)
 
 
 class Reservation:
@@ -218,6 +240,8 @@ class Calls:
         agents: AgentFactory,
         media_path: str = "aiortc",
         overload: Callable[[], str | None] | None = None,
+        cost: CallCost | None = None,
+        worker: int | None = None,
     ) -> None:
         if media_path not in MEDIA_PATHS:
             raise ValueError(f"media path {media_path!r} is not one of {', '.join(MEDIA_PATHS)}")
@@ -225,6 +249,8 @@ class Calls:
         self._limits = limits
         self._agents = agents
         self._overload = overload
+        self._cost = cost
+        self._worker = worker
         self._metrics = CallMetrics(registry)
         self.lean_media = None
         if media_path == "lean":
@@ -268,8 +294,12 @@ class Calls:
         retry_after_s = self._limits.retry_after_s
         if self.draining:
             return AdmissionError("draining", retry_after_s)
-        if len(self._calls) + self._reserved >= self._limits.capacity:
+        held = len(self._calls) + self._reserved
+        if held >= self._limits.capacity:
             return AdmissionError("full", retry_after_s)
+        costly = None if self._cost is None else self._cost.refusal(held)
+        if costly is not None:  # one more call would take this process over its CPU budget
+            return AdmissionError("overloaded", retry_after_s, costly)
         overload = None if self._overload is None else self._overload()
         if overload is not None:  # the agents' shared work is behind: calls here would be slow
             return AdmissionError("overloaded", retry_after_s, overload)
@@ -323,7 +353,7 @@ class Calls:
             raise
         loop = asyncio.get_running_loop()
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        call = Call("rtc_" + secrets.token_hex(12), pc, loop.time(), agent)
+        call = Call(new_call_id(self._worker), pc, loop.time(), agent)
         if isinstance(agent, Recorded):
             agent.call_began(call.call_id)
         self._add(call)
@@ -352,8 +382,13 @@ class Calls:
     def _add(self, call: Call) -> None:
         self._calls[call.call_id] = call
         self._empty.clear()
-        self._metrics.active.set(len(self._calls))
+        self._counted()
         call.pc.on("connectionstatechange", lambda: self._state_changed(call))
+
+    def _counted(self) -> None:
+        self._metrics.active.set(len(self._calls))
+        if self._cost is not None:
+            self._cost.calls_changed(len(self._calls))
 
     async def _negotiate(self, call: Call, offer_sdp: str) -> str:
         pc, agent = call.pc, call.agent
@@ -441,7 +476,7 @@ class Calls:
         call.ended.set()
         if call.watcher is not None and call.watcher is not asyncio.current_task():
             call.watcher.cancel()
-        self._metrics.active.set(len(self._calls))
+        self._counted()
         self._metrics.ended.labels(reason).inc()
         if reason in FAILURE_REASONS:
             self._metrics.failed.labels(reason).inc()
