@@ -17,6 +17,9 @@ Barge-in: ``SpeechStarted`` while a response is active stops playout at once (no
 emitted after it) and cancels the response's LLM, TTS and playout tasks; the history keeps only
 the assistant text that was heard (``PlayoutLedger``), like OpenAI's Realtime API.
 
+Detours: with ``on_detour`` set, a turn's provider calls go through ``resilience.reporting``
+views, so each retry or fallback a call took reaches ``on_detour`` with the turn's number.
+
 Task ownership: every task is in ``self._tasks`` (one transcription per utterance, one response
 task per answer, whose stages live in a TaskGroup); ``aclose()`` cancels and awaits them all.
 A provider's failure or a turn's error is reported as an ``EngineError`` event and the engine
@@ -33,7 +36,8 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, TypeVar
 
 from pipeline import events as ev
 from pipeline.config import EngineConfig
@@ -45,6 +49,7 @@ from pipeline.providers import (
     SpeechToText,
     TextToSpeech,
 )
+from pipeline.resilience import Detour, reporting
 from pipeline.response import SpokenResponse, timed
 from pipeline.tools import ToolRegistry
 from pipeline.turns import CostEstimator, TurnRecorder, free_of_charge
@@ -61,6 +66,7 @@ log = logging.getLogger(__name__)
 _CLOSED = object()
 MAX_UNCOMMITTED_INPUT_S = 480  # push-to-talk input kept until a commit (OpenAI: 15 MiB)
 MIN_COMMIT_MS = 100  # OpenAI's least committable input
+P = TypeVar("P")
 
 
 class EngineTaskCrashed(RuntimeError):
@@ -108,6 +114,7 @@ class ConversationEngine:
         self._overflowed = False  # push-to-talk input over its bound: its start was dropped
         self._turns = itertools.count(1)
         self._responses = itertools.count(1)
+        self.on_detour: Callable[[int, Detour], None] | None = None  # (turn, retry or fallback)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -329,7 +336,8 @@ class ConversationEngine:
 
         final = ""
         try:
-            transcripts = timed(self.stt.transcribe(utterance()), recorder, self._now)
+            stt = self._reporting(self.stt, recorder.turn)
+            transcripts = timed(stt.transcribe(utterance()), recorder, self._now)
             async with aclosing(transcripts):
                 async for transcript in transcripts:
                     self._emit(ev.InputTranscript(recorder.turn, transcript.text, transcript.final))
@@ -356,7 +364,11 @@ class ConversationEngine:
             f"resp_{next(self._responses)}",
             recorder,
             config,
-            (self.llm, self.tts, self.tools),
+            (
+                self._reporting(self.llm, recorder.turn),
+                self._reporting(self.tts, recorder.turn),
+                self.tools,
+            ),
             self.history,
             self._emit,
             self._now,
@@ -401,6 +413,12 @@ class ConversationEngine:
             self._response, self._response_task = None, None
 
     # --- plumbing -------------------------------------------------------------------------
+
+    def _reporting(self, provider: P, turn: int) -> P:
+        """``provider``, telling ``on_detour`` of the retries and fallbacks of ``turn``'s calls."""
+        if self.on_detour is None:
+            return provider
+        return reporting(provider, partial(self.on_detour, turn))
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work, name=name)

@@ -6,14 +6,20 @@ the same Protocol as what it wraps, so the engine never knows. ``harden_stt``/``
 count -> timeout -> circuit breaker -> retry, and put the fallback (counted) behind them. The
 fallback takes over only when the primary failed (a ``ProviderError``, never a bug of ours)
 before yielding anything.
+
+Per call, the detours it took: ``reporting(provider, sink)`` is a view of a hardened provider
+(the same breaker, budget and counters) that hands ``sink`` one :class:`Detour` for each call
+that was retried or passed on to the fallback (stage, from and to, the last failure, attempts).
+The engine gives each turn's calls a sink of that turn's (``pipeline.engine``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
@@ -54,6 +60,7 @@ from pipeline.providers import (
 
 __all__ = [
     "BreakerPolicy",
+    "Detour",
     "CircuitBreaker",
     "CircuitOpenError",
     "ResiliencePolicy",
@@ -64,6 +71,7 @@ __all__ = [
     "harden_llm",
     "harden_stt",
     "harden_tts",
+    "reporting",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,98 @@ class ResiliencePolicy:
     timeout: TimeoutPolicy = field(default_factory=TimeoutPolicy)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+
+
+# --- detours: what one call took besides its first provider's first answer --------------------
+
+MAX_REASON_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Detour:
+    """One call that did not go as planned. ``retry``: ``to_provider`` (the same) answered, or
+    with ``served`` False finally failed, after ``attempts`` tries; ``fallback``: ``from_provider``
+    failed ``attempts`` times and the call passed on to ``to_provider`` (``served``: it answered).
+    ``reason`` is the last failure before that."""
+
+    stage: str  # stt, llm or tts
+    kind: str  # retry or fallback
+    from_provider: str
+    to_provider: str
+    reason: str
+    attempts: int
+    served: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage, "kind": self.kind, "from": self.from_provider,
+            "to": self.to_provider, "reason": self.reason, "attempts": self.attempts,
+            "served": self.served,
+        }  # fmt: skip
+
+
+DetourSink = Callable[[Detour], None]
+
+
+class AttemptLog:
+    """A guard just inside the retry: one call's attempts on its primary, and the last failure."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.reason = ""
+
+    async def run(self, attempt: Attempt[T], input_end: InputEnd) -> AsyncIterator[T]:
+        self.attempts += 1
+        iterator = attempt()
+        try:
+            async for item in iterator:
+                yield item
+        except ProviderError as error:
+            self.reason = str(error)[:MAX_REASON_CHARS]
+            raise
+        finally:
+            await close_iterator(iterator)
+
+
+@dataclass
+class CallNotes:
+    """What one call of a reporting provider took, told to its sink as it becomes known."""
+
+    stage: str
+    names: Sequence[str]  # the tiers' providers, primary first
+    sink: DetourSink
+    primary: AttemptLog = field(default_factory=AttemptLog)
+    _reasons: dict[int, str] = field(default_factory=dict)  # tier -> why it failed
+
+    def served(self, position: int) -> None:
+        """Tier ``position`` yielded its first item."""
+        if position > 0:
+            self._fallback(position, served=True)
+        elif self.primary.attempts > 1:
+            self._retry(served=True)
+
+    def failed(self, position: int, error: ProviderError, last: bool) -> None:
+        """Tier ``position`` failed before yielding anything (``last``: no tier after it)."""
+        self._reasons[position] = str(error)[:MAX_REASON_CHARS]
+        if last and position > 0:
+            self._fallback(position, served=False)
+        elif last and self.primary.attempts > 1:
+            self._retry(served=False)
+
+    def _attempts(self, position: int) -> int:
+        return self.primary.attempts if position == 0 else 1
+
+    def _retry(self, served: bool) -> None:
+        primary, log = self.names[0], self.primary
+        self.sink(Detour(self.stage, "retry", primary, primary, log.reason, log.attempts, served))
+
+    def _fallback(self, position: int, served: bool) -> None:
+        before = position - 1
+        detour = Detour(
+            self.stage, "fallback", self.names[before], self.names[position],
+            self._reasons.get(before, ""), self._attempts(before), served,
+        )  # fmt: skip
+        self.sink(detour)
 
 
 # --- the utterance, recorded for replays ------------------------------------------------------
@@ -116,14 +216,17 @@ class Tier(Generic[T]):
 
 
 async def first_to_answer(
-    calls: Sequence[tuple[str, Attempt[T]]], stats: ResilienceStats
+    calls: Sequence[tuple[str, Attempt[T]]],
+    stats: ResilienceStats,
+    notes: CallNotes | None = None,
 ) -> AsyncGenerator[T, None]:
     """Try each call in order; move on when one fails with a ``ProviderError`` before yielding
     anything. Any ``ProviderError`` moves on, retryable or not: ``retryable`` says whether the
     *same* provider may answer a second try, while a refusal for good (a revoked key, a model
     gone) is exactly when another provider helps. Any other exception is a bug in our code or
     in the provider's adapter (the adapters map every provider failure to ``ProviderError``):
-    it propagates unchanged, so it is seen instead of hidden behind a working fallback."""
+    it propagates unchanged, so it is seen instead of hidden behind a working fallback.
+    ``notes`` (a reporting call) hears of each tier that served or failed."""
     for position, (name, attempt) in enumerate(calls):
         yielded = False
         iterator = attempt()
@@ -132,10 +235,15 @@ async def first_to_answer(
                 if not yielded:
                     yielded = True
                     stats.served[name] += 1
+                    if notes is not None:
+                        notes.served(position)
                 yield item
             return
         except ProviderError as error:
-            if yielded or position == len(calls) - 1:
+            last = position == len(calls) - 1
+            if notes is not None and not yielded:
+                notes.failed(position, error, last)
+            if yielded or last:
                 raise
             stats.fallbacks[name] += 1
             log.warning("%s failed, falling back: %s", name, error)
@@ -184,6 +292,7 @@ class _Hardened(Generic[P]):
         ]
         self._providers = [primary]
         self._tiers = [Tier[Any](primary.name, guards)]
+        self._sink: DetourSink | None = None  # a reporting view's (``reporting``)
         if fallback is not None:
             self._providers.append(fallback)
             self._tiers.append(Tier[Any](fallback.name, [CountGuard(fallback.name, self.stats)]))
@@ -192,12 +301,25 @@ class _Hardened(Generic[P]):
         self.circuit = state
         self.stats.moved(provider, state)
 
+    def reporting(self, sink: DetourSink) -> _Hardened[P]:
+        """This provider (its breaker, budget and counters shared), telling ``sink`` the
+        detours of each call made through the view."""
+        view = copy.copy(self)
+        view._sink = sink
+        return view
+
     def _run(self, attempts: Sequence[Attempt[T]], input_end: InputEnd) -> AsyncGenerator[T, None]:
+        tiers, notes = self._tiers, None
+        if self._sink is not None:
+            notes = CallNotes(_stage(self), [tier.name for tier in tiers], self._sink)
+            primary = tiers[0]
+            guards = [*primary.guards[:-1], notes.primary, primary.guards[-1]]
+            tiers = [Tier[Any](primary.name, guards), *tiers[1:]]
         calls = [
             (tier.name, partial(tier.run, attempt, input_end))
-            for tier, attempt in zip(self._tiers, attempts, strict=True)
+            for tier, attempt in zip(tiers, attempts, strict=True)
         ]
-        return first_to_answer(calls, self.stats)
+        return first_to_answer(calls, self.stats, notes)
 
 
 class HardenedSpeechToText(_Hardened[SpeechToText]):
@@ -276,3 +398,17 @@ def harden_tts(
 ) -> HardenedTextToSpeech:
     """As ``harden_stt``, for text to speech (e.g. OpenAI speech, then piper)."""
     return HardenedTextToSpeech(primary, fallback, policy, clock=clock, sleep=sleep, rng=rng)
+
+
+def _stage(provider: _Hardened[Any]) -> str:
+    if isinstance(provider, HardenedSpeechToText):
+        return "stt"
+    return "llm" if isinstance(provider, HardenedLanguageModel) else "tts"
+
+
+def reporting(provider: T, sink: DetourSink) -> T:
+    """``provider`` telling ``sink`` the detours of its calls; a provider that is not hardened
+    (it takes none) as it is."""
+    if isinstance(provider, _Hardened):
+        return provider.reporting(sink)  # type: ignore[return-value]
+    return provider

@@ -23,7 +23,14 @@ the recorder hands ``transceiver.store.call_records`` writes to a sink (the proc
   output came from the client, timed from the request), duration and outcome;
 - ``stages``: provider and model per stage; ``usage`` (audio seconds in and out, tokens,
   characters) and ``cost_usd`` (``total`` as the engine priced it, and per stage with
-  ``pipeline.pricing``).
+  ``pipeline.pricing``);
+- ``detours``: each retry or fallback the turn's provider calls took (``pipeline.resilience``:
+  stage, kind, from, to, reason, attempts, served), told by the engine (``on_detour``);
+- ``heard`` (always the last field): ``null``, or when the client itself first heard the answer
+  (``voicerelay.turn.heard``): its own ``after_speech_stopped_ms`` and
+  ``after_output_started_ms`` as it sent them, and ``after_origin_ms`` on the timeline's axis
+  (after speech stopped: the client's own; otherwise first frame out plus its playout delay).
+  A report that comes after its turn was stored patches the stored turn (``HeardTime``).
 
 Configuration versions: the settings that produce the answers (instructions, tools, tool
 choice, model, voice, turn detection, transcription model, modalities, and the provider of each
@@ -42,12 +49,14 @@ from pipeline import events as ev
 from pipeline.pricing import PriceTable, TurnUsage, estimate_cost_usd, load_prices
 from pipeline.providers import Message
 from pipeline.turns import TurnRecord
+from transceiver.realtime.client_events import EventError, TurnHeard
 from transceiver.store.call_records import (
     AppendTurn,
     BeginLeg,
     CallRecordPolicy,
     ConfigVersion,
     EndLeg,
+    HeardTime,
     RecordWrite,
     config_hash,
     transcript,
@@ -55,6 +64,8 @@ from transceiver.store.call_records import (
 
 Json = dict[str, Any]
 MAX_TOOLS_PER_TURN = 16
+MAX_DETOURS_PER_TURN = 8
+RECENT = 8  # responses (and turns) a late report or detour may still name
 MAX_TRANSCRIPT_CHARS = 4000  # per side; a record turn stays a few KiB at worst
 # Calls' end reasons (``transceiver.webrtc.calls``) as a record says them.
 END_REASONS = {
@@ -78,6 +89,12 @@ _TIMELINE = (
     "response_done",
 )
 _CONFIG_FIELDS = ("model", "instructions", "tools", "tool_choice", "output_modalities")
+
+
+class Detour(Protocol):
+    """A retry or fallback of a provider call (``pipeline.resilience.Detour``)."""
+
+    def to_json(self) -> dict[str, Any]: ...
 
 
 class RecordSink(Protocol):
@@ -196,6 +213,21 @@ def split_provider(name: str) -> tuple[str, str | None]:
 
 
 @dataclass
+class _Written:
+    """A stored turn a late ``voicerelay.turn.heard`` may still name."""
+
+    call_id: str
+    turn: int
+    origin: str
+    first_out_ms: float | None
+    heard: bool
+
+
+def _no_client_ids(engine_response_id: str) -> str | None:
+    return None
+
+
+@dataclass
 class _Tool:
     name: str
     call_id: str
@@ -225,6 +257,11 @@ class CallRecorder:
     _client_cancelled: set[str] = field(default_factory=set)
     _history_seen: int = 0  # history messages already looked at for a text turn's words
     _responses: dict[str, float] = field(default_factory=dict)  # engine response -> started
+    # The client's id of an engine response, while the session's translator knows it.
+    client_response_id: Callable[[str], str | None] = _no_client_ids
+    _detours: dict[int, list[Json]] = field(default_factory=dict)  # engine turn -> its detours
+    _heard: dict[str, TurnHeard] = field(default_factory=dict)  # engine response -> report
+    _written: dict[str, _Written] = field(default_factory=dict)  # client response -> its turn
 
     def began(self, call_id: str) -> None:
         """The call (connection) id, from ``Calls`` when it answers the offer."""
@@ -276,6 +313,34 @@ class CallRecorder:
             self._cleared[event.response_id] = (event.audio_end_ms, self.wall())
             while len(self._cleared) > 8:
                 self._cleared.pop(next(iter(self._cleared)))
+
+    def detour(self, turn: int, detour: Detour) -> None:
+        """A provider call of engine turn ``turn`` was retried or passed on to its fallback."""
+        taken = self._detours.setdefault(turn, [])
+        if len(taken) < MAX_DETOURS_PER_TURN:
+            taken.append(detour.to_json())
+        _keep_newest(self._detours, RECENT)
+
+    def heard(self, report: TurnHeard) -> None:
+        """The client's own heard time of a response; EventError when it names no recent
+        response of this call, or one whose time was reported already."""
+        name = report.response_id
+        written = self._written.get(name)
+        if written is not None:
+            if written.heard:
+                raise _reported_already(name)
+            written.heard = True
+            entry = _heard_entry(report, written.origin, written.first_out_ms)
+            self._submit(HeardTime(self.session_id, written.call_id, written.turn, entry))
+            return
+        engine_id = next((e for e in self._responses if self.client_response_id(e) == name), None)
+        if engine_id is None:
+            message = f"no recent response {name!r} in this call"
+            raise EventError("invalid_value", message, "response_id")
+        if engine_id in self._heard:
+            raise _reported_already(name)
+        self._heard[engine_id] = report
+        _keep_newest(self._heard, RECENT)
 
     def client_cancelled(self, engine_response_id: str) -> None:
         self._client_cancelled.add(engine_response_id)
@@ -354,6 +419,8 @@ class CallRecorder:
                 "tts_chars": record.tts_chars,
             },
             "cost_usd": self._cost(record),
+            "detours": self._detours.pop(record.turn, []),
+            "heard": self._heard_now(engine_response_id, record.turn, origin_name, voice_to_voice),
         }
         self._seq += 1
         write = AppendTurn(
@@ -361,6 +428,18 @@ class CallRecorder:
             record.cost_usd, entry["interrupted"] is not None, len(tools),
         )  # fmt: skip
         self._submit(write)
+
+    def _heard_now(
+        self, engine_response_id: str, turn: int, origin: str, first_out_ms: float | None
+    ) -> Json | None:
+        """The turn's heard entry if its report came first; the turn kept for a later one."""
+        report = self._heard.pop(engine_response_id, None)
+        name = self.client_response_id(engine_response_id)
+        if name is not None:
+            written = _Written(self.call_id, turn, origin, first_out_ms, report is not None)
+            self._written[name] = written
+            _keep_newest(self._written, RECENT)
+        return None if report is None else _heard_entry(report, origin, first_out_ms)
 
     def _interruption(self, record: TurnRecord, engine_response_id: str) -> Json | None:
         if not record.interrupted:
@@ -426,3 +505,28 @@ def _round(value: float | None) -> float | None:
 def _user_text(new_messages: Sequence[Message]) -> str:
     """What the caller typed since the last turn (a text turn has no transcript)."""
     return " ".join(m.content for m in new_messages if m.role == "user")
+
+
+def _heard_entry(report: TurnHeard, origin: str, first_out_ms: float | None) -> Json:
+    """A turn's ``heard``: the client's times, and where it falls on the turn's timeline."""
+    stopped, started = report.after_speech_stopped_ms, report.after_output_started_ms
+    at_ms: float | None = None
+    if origin == "speech_stopped" and stopped is not None:
+        at_ms = stopped
+    elif started is not None and first_out_ms is not None:
+        at_ms = first_out_ms + started
+    return {
+        "after_origin_ms": _round(at_ms),
+        "after_speech_stopped_ms": _round(stopped),
+        "after_output_started_ms": _round(started),
+    }
+
+
+def _reported_already(response_id: str) -> EventError:
+    message = f"{response_id!r}: its heard time was reported already"
+    return EventError("invalid_value", message, "response_id")
+
+
+def _keep_newest(entries: dict[Any, Any], count: int) -> None:
+    while len(entries) > count:
+        entries.pop(next(iter(entries)))

@@ -205,6 +205,18 @@ class ItemDelete:
     item_id: str
 
 
+@dataclass(frozen=True)
+class TurnHeard:
+    """``voicerelay.turn.heard``: when the client itself first heard a response's audio, in ms
+    after it received that turn's ``input_audio_buffer.speech_stopped`` and/or the response's
+    ``output_audio_buffer.started`` (at least one of them)."""
+
+    event_id: str | None
+    response_id: str
+    after_speech_stopped_ms: float | None
+    after_output_started_ms: float | None
+
+
 ClientEvent = (
     SessionUpdate
     | ConversationItemCreate
@@ -215,6 +227,7 @@ ClientEvent = (
     | ItemRetrieve
     | ItemTruncate
     | ItemDelete
+    | TurnHeard
 )
 
 
@@ -491,6 +504,27 @@ def _parse_append(raw: Mapping[str, Any], event_id: str | None) -> AudioAppend:
     return AudioAppend(event_id, audio_bytes(_str(raw, "audio", required=True) or ""))
 
 
+MAX_HEARD_MS = 600_000.0  # a heard time over 10 minutes is no measurement
+HEARD_KEYS = frozenset(
+    {"type", "event_id", "response_id", "after_speech_stopped_ms", "after_output_started_ms"}
+)
+_RESPONSE_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def _parse_turn_heard(raw: Mapping[str, Any], event_id: str | None) -> TurnHeard:
+    _known(raw, HEARD_KEYS, "")
+    response_id = _str(raw, "response_id", required=True) or ""
+    if not 0 < len(response_id) <= 64 or not set(response_id) <= _RESPONSE_ID_CHARS:
+        message = "response_id must be 1-64 of A-Z a-z 0-9 _ -"
+        raise EventError("invalid_value", message, "response_id")
+    stopped = _number(raw, "after_speech_stopped_ms", "", 0.0, MAX_HEARD_MS)
+    started = _number(raw, "after_output_started_ms", "", 0.0, MAX_HEARD_MS)
+    if stopped is None and started is None:
+        message = "give after_speech_stopped_ms or after_output_started_ms (or both)"
+        raise EventError("missing_required_parameter", message, "after_output_started_ms")
+    return TurnHeard(event_id, response_id, stopped, started)
+
+
 def _buffer_command(kind: str) -> _Parser:
     return lambda raw, event_id: BufferCommand(event_id, kind)
 
@@ -508,4 +542,5 @@ _PARSERS: dict[str, _Parser] = {
     "conversation.item.retrieve": lambda raw, event_id: ItemRetrieve(event_id, _item_id(raw)),
     "conversation.item.delete": lambda raw, event_id: ItemDelete(event_id, _item_id(raw)),
     "conversation.item.truncate": _parse_truncate,
+    "voicerelay.turn.heard": _parse_turn_heard,
 }

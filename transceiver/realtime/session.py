@@ -81,6 +81,7 @@ from transceiver.realtime.client_events import (
     ResponseCreate,
     SessionConfig,
     SessionUpdate,
+    TurnHeard,
     parse_client_event,
 )
 from transceiver.realtime.limits import RealtimeLimits
@@ -111,6 +112,7 @@ _TYPES: Mapping[type, str] = {
     ItemTruncate: "conversation.item.truncate",
     ItemDelete: "conversation.item.delete",
     AudioAppend: "input_audio_buffer.append",
+    TurnHeard: "voicerelay.turn.heard",
 }
 
 
@@ -176,6 +178,8 @@ class RealtimeSession:
         # Its OpenTelemetry trace (``call_tracing``) is built from what the recorder sees.
         traced = call_trace(_loop_time, time.time)
         self.recorder = recorder_for(persistence, config.id, _loop_time, time.time, traced)
+        self.recorder.client_response_id = self.translator.response_id
+        engine.on_detour = self.recorder.detour  # each turn's retries and fallbacks
         self._call_end: str | None = None
         self._handed_over = False
         self.contract: ClientContract | None = None  # None: the Realtime events
@@ -445,6 +449,8 @@ class RealtimeSession:
             self._buffer_command(event.type)
         elif isinstance(event, AudioAppend):
             self.append_audio(event.pcm)
+        elif isinstance(event, TurnHeard):
+            self.recorder.heard(event)  # the client's own heard time, into the call record
         else:
             self._item_command(event)
 

@@ -33,19 +33,23 @@ from transceiver.store.call_records import (
     BEGIN_LEG,
     CONFIG_VERSION,
     END_LEG,
+    HEARD_WINDOW,
     MAX_VERSIONS,
+    TURN_HEARD,
     AppendTurn,
     BeginLeg,
     CallRecordKeys,
     CallRecordPolicy,
     ConfigVersion,
     EndLeg,
+    HeardTime,
     Json,
     RecordWrite,
     alias_key,
     compact,
     config_key,
     decode_record,
+    encode_heard,
     encode_turn,
     index_key,
     index_member,
@@ -95,6 +99,10 @@ class CallRecordStore:
                     await pipe.execute()
                 args = [write.config_hash, write.call_id, write.at_ms, MAX_VERSIONS]
                 return await self._script(CONFIG_VERSION, keys, args)
+            if isinstance(write, HeardTime):
+                args = [check_id("call id", write.call_id), write.turn,
+                        encode_heard(write.heard), HEARD_WINDOW]  # fmt: skip
+                return await self._script(TURN_HEARD, keys, args)
             if isinstance(write, AppendTurn):
                 latency = "" if write.latency_ms is None else f"{write.latency_ms:.1f}"
                 args = [self.policy.max_turns, write.call_id, write.seq, encode_turn(write.turn),

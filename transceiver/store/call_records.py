@@ -152,6 +152,16 @@ class AppendTurn:
 
 
 @dataclass(frozen=True)
+class HeardTime:
+    """The client's heard time of a turn already stored (its report came after the turn)."""
+
+    session_id: str
+    call_id: str
+    turn: int  # the engine's turn number in that leg (the stored turn's ``turn``)
+    heard: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class EndLeg:
     session_id: str
     call_id: str
@@ -159,13 +169,22 @@ class EndLeg:
     at_ms: int
 
 
-RecordWrite = BeginLeg | ConfigVersion | AppendTurn | EndLeg
+RecordWrite = BeginLeg | ConfigVersion | AppendTurn | HeardTime | EndLeg
+HEARD_WINDOW = 8  # a late heard time finds its turn among the record's newest this many
 
 
 def encode_turn(turn: Mapping[str, Any]) -> bytes:
     raw = compact(turn)
     if len(raw) > MAX_RECORD_TURN_BYTES:
         raise ValueError(f"turn is {len(raw)} bytes, over {MAX_RECORD_TURN_BYTES}")
+    return raw
+
+
+def encode_heard(heard: Mapping[str, Any]) -> bytes:
+    """A late heard time, as it goes into its stored turn (its size is bounded: three numbers)."""
+    raw = compact(heard)
+    if len(raw) > 256:
+        raise ValueError(f"heard time of {len(raw)} bytes is not three numbers")
     return raw
 
 
@@ -357,6 +376,31 @@ redis.call('HINCRBY', KEYS[1], 'interruptions', ARGV[8])
 redis.call('HINCRBY', KEYS[1], 'tool_calls', ARGV[9])
 touch()
 return index
+""",
+)
+
+# ARGV: ttl_ms, call_id, turn, heard_json, window -> 1 stored, 0 the turn is not among the newest
+# ``window`` (trimmed, or never stored) or has its heard time already. A stored turn starts
+# ``{"index":N,"call_id":"<call_id>","turn":<turn>,`` and ends ``,"heard":null}`` until then.
+TURN_HEARD = LuaScript(
+    "call_turn_heard",
+    _TOUCH
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NO_RECORD') end
+local needle = ',"call_id":"' .. ARGV[2] .. '","turn":' .. ARGV[3] .. ','
+local tail = ',"heard":null}'
+local length = redis.call('LLEN', KEYS[2])
+touch()
+for i = length - 1, math.max(0, length - tonumber(ARGV[5])), -1 do
+  local entry = redis.call('LINDEX', KEYS[2], i)
+  if string.find(entry, needle, 1, true) then
+    if string.sub(entry, -#tail) ~= tail then return 0 end
+    local heard = string.sub(entry, 1, -#tail - 1) .. ',"heard":' .. ARGV[4] .. '}'
+    redis.call('LSET', KEYS[2], i, heard)
+    return 1
+  end
+end
+return 0
 """,
 )
 
