@@ -9,7 +9,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,10 +19,8 @@ from pipeline.pricing import DEFAULT_PRICES, PriceTable
 from pipeline.providers import Message, ToolCall, ToolResult
 from pipeline.turns import TurnRecord, TurnRecorder
 from relay.wire.redis_config import RedisConfig
-from transceiver.background import crash_counts
 from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.realtime.call_recording import CallRecorder, Untraced, end_reason
-from transceiver.restarts import RestartPolicy
 from transceiver.store.call_log import CallRecordLog, CallRecordStore
 from transceiver.store.call_records import (
     AppendTurn,
@@ -33,8 +30,6 @@ from transceiver.store.call_records import (
     index_key,
 )
 from transceiver.store.connection import open_redis
-from transceiver.webhook_signing import ID_HEADER, WebhookPolicy
-from transceiver.webhooks import WebhookSender
 
 pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server")
 OPENAI = (
@@ -348,62 +343,6 @@ async def test_the_writer_never_waits_a_full_queue_drops_and_a_dead_redis_fails_
         assert log.submit(writes[0])
         await eventually(lambda: log.outcomes["failed"] == 1, 10, "the write to fail")
     await asyncio.sleep(0)
-
-
-class Hook:
-    """A loopback receiver answering each request with the next status (then 200)."""
-
-    def __init__(self, statuses: list[int]) -> None:
-        self.statuses = statuses
-        self.ids: list[str] = []
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/hook"
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
-        length = int(head.split("content-length:")[1].split("\r\n")[0])
-        await reader.readexactly(length)
-        self.ids.append(head.split(ID_HEADER.lower() + ":")[1].split("\r\n")[0].strip())
-        status = self.statuses.pop(0) if self.statuses else 200
-        writer.write(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % status)
-        await writer.drain()
-        writer.close()
-
-
-async def test_webhook_delivery_retries_gives_up_counted_and_survives_a_crash_of_its_loop(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    hook = Hook([503, 500, 502])
-    async with hook as url:
-        policy = WebhookPolicy(url, "s" * 16, max_attempts=2, retry_first_s=0.01)
-        restarts = RestartPolicy(first_s=0.01, max_s=0.01)
-        sender = WebhookSender(policy, restarts, jitter=lambda: 1.0)
-        crashed = crash_counts["webhook delivery"]
-        real_attempt = sender._attempt
-        calls = 0
-
-        async def crash_once(*args: Any) -> None:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise RuntimeError("a bug in delivery")
-            await real_attempt(*args)
-
-        monkeypatch.setattr(sender, "_attempt", crash_once)
-        async with sender:
-            sender.submit("evt_given_up", b"{}")  # 503, 500: given up after two attempts
-            sender.submit("evt_kept", b"{}")  # 502, then 200
-            assert await sender.drained(10)
-    assert crash_counts["webhook delivery"] == crashed + 1  # logged, counted, restarted
-    assert sender.outcomes == {"failed": 1, "retried": 2, "delivered": 1}
-    assert sorted(set(hook.ids)) == ["evt_given_up", "evt_kept"] and len(hook.ids) == 4
 
 
 def test_record_and_webhook_settings_load_and_the_webhook_secret_is_never_a_flag() -> None:

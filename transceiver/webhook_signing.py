@@ -35,7 +35,12 @@ class WebhookPolicy:
     retry_first_s: float = 1.0  # the pause after the first failure; it doubles each time
     retry_max_s: float = 60.0
     timeout_s: float = 10.0  # one attempt, connect to answer
-    max_pending: int = 1000  # events waiting for delivery; more are dropped and counted
+    max_pending: int = 1000  # events in the outbox (all transceivers'); more are dropped, counted
+    # A claimed event not acknowledged by then is claimed again, by any transceiver (its sender
+    # died mid-attempt); an event whose leg's writer died before it read the record back waits
+    # as long before another sender builds its body from the record.
+    claim_timeout_s: float = 60.0
+    poll_s: float = 2.0  # how often a sender looks for events other transceivers left
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -46,6 +51,8 @@ class WebhookPolicy:
             raise ValueError("webhook: max_attempts and max_pending must be at least 1")
         if not 0 < self.retry_first_s <= self.retry_max_s or self.timeout_s <= 0:
             raise ValueError("webhook: need 0 < retry_first_s <= retry_max_s and timeout_s > 0")
+        if self.claim_timeout_s <= self.timeout_s or self.poll_s <= 0:
+            raise ValueError("webhook: need claim_timeout_s > timeout_s and poll_s > 0")
 
     def __repr__(self) -> str:  # never print the secret
         return f"WebhookPolicy(url={self.url!r}, max_attempts={self.max_attempts})"

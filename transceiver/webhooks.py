@@ -1,38 +1,39 @@
 """``call.ended`` webhooks: each stored end of a call, POSTed signed to the operator's URL.
 
-I/O layer (httpx). When the call-record writer (``transceiver.store.call_log``) has stored a
-leg's end, it hands the whole record to ``WebhookSender.call_ended``, which queues one event::
+I/O layer (httpx). One event per stored end of a leg whose call did not move on since::
 
     {"id": "evt_<call id>", "object": "event", "type": "call.ended", "created_at": <unix s>,
      "data": <the record, as GET /v1/calls/{id} shows it>}
 
 The event's id is the idempotency key (one per leg: a call resumed after a drain hand-over
 sends one event per leg, the last with the whole call; a leg that ends after its call moved on
-to another connection sends none). Delivery is at least once while the
-process runs: any answer but 2xx, or no answer within ``timeout_s``, is tried again after a
-pause that doubles from ``retry_first_s`` to ``retry_max_s`` (with jitter), up to
-``max_attempts``; then the event is given up, logged and counted. Events wait in a bounded
-heap (``max_pending``: more are dropped, logged and counted), so a slow receiver never holds
-anything else up, and events still waiting when the process exits are lost (logged with their
-count). One owned loop (``background``) delivers: a crash of it is logged, counted in
-``transceiver_task_crashes_total{task="webhook delivery"}`` and it starts again with the same
-heap. Signing: ``webhook_signing``.
+to another connection sends none). Events wait in Redis, in the outbox every transceiver shares
+(``transceiver.store.outbox``), not in a process: the write that ends a leg reserves its event in
+the same transaction, so delivery is at least once across processes. A transceiver that exits,
+is SIGKILLed or crashes leaves its events to the next sender (another transceiver, or itself
+restarted), with the same id, body, attempt count and next-due time.
+
+Each transceiver's ``WebhookSender`` (one owned loop, ``background``) claims one due event at a
+time and POSTs it. A 2xx acknowledges it; any other answer, or none within ``timeout_s``, makes
+it due again after a pause that doubles from ``retry_first_s`` to ``retry_max_s`` (with jitter),
+up to ``max_attempts``; then it is given up, logged and counted. An attempt cut short (the
+process died) is made again once its claim times out (``claim_timeout_s``). A full outbox
+(``max_pending``) drops new events, logged and counted. A crash of the loop is logged with its
+traceback, counted in ``transceiver_task_crashes_total{task="webhook delivery"}`` and the loop
+starts again; what it held waits in Redis. Signing: ``webhook_signing``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import json
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -42,128 +43,165 @@ from prometheus_client.registry import Collector
 
 from transceiver.background import BackgroundLoop, done_within
 from transceiver.restarts import RestartPolicy
-from transceiver.store.call_log import CallRecordLog
+from transceiver.store.call_log import CallRecordLog, CallRecordStore
 from transceiver.store.call_records import EndLeg
+from transceiver.store.errors import StoreError
+from transceiver.store.outbox import Claimed, WebhookOutbox, event_id
 from transceiver.webhook_signing import WebhookPolicy, signed_headers
 
 log = logging.getLogger(__name__)
 EVENT_TYPE = "call.ended"
-OUTCOMES = ("delivered", "retried", "failed", "dropped")
+OUTCOMES = ("delivered", "retried", "failed", "dropped", "skipped")
 
 
-@dataclass(order=True)
-class _Delivery:
-    due_s: float
-    seq: int
-    event_id: str = field(compare=False)
-    body: bytes = field(compare=False)
-    attempts: int = field(default=0, compare=False)
+def event_body(record: dict[str, Any], call_id: str, ended_at_ms: int) -> bytes:
+    """The event announcing ``record``'s end of the leg ``call_id``, as sent."""
+    event = {"id": event_id(call_id), "object": "event", "type": EVENT_TYPE,
+             "created_at": ended_at_ms // 1000, "data": record}  # fmt: skip
+    return json.dumps(event, separators=(",", ":")).encode()
+
+
+def announces(record: dict[str, Any] | None, call_id: str) -> bool:
+    """Whether the end of leg ``call_id`` is announced: the call ended with that leg."""
+    if record is None or record["status"] != "ended" or not record["legs"]:
+        return False
+    return bool(record["legs"][-1]["call_id"] == call_id)
 
 
 class WebhookSender(BackgroundLoop):
     task_name = "webhook delivery"
-    # Crash-looping: counted and logged only. Events wait; calls go on.
+    # Crash-looping: counted and logged only. Events wait in Redis; calls go on.
     unready_when_failing = False
 
     def __init__(
         self,
         policy: WebhookPolicy,
+        outbox: WebhookOutbox,
+        records: CallRecordStore,
         restarts: RestartPolicy | None = None,
         jitter: Callable[[], float] = lambda: random.uniform(0.5, 1.0),
     ) -> None:
         super().__init__(restarts)
         self.policy = policy
+        self.outbox = outbox
+        self._records = records
         self._jitter = jitter
-        self._heap: list[_Delivery] = []
-        self._seq = itertools.count()
+        self._bodies: deque[tuple[str, bytes]] = deque()  # read back here, not yet in Redis
+        self._next_due_s: float | None = None  # from the last look at the outbox
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._client: httpx.AsyncClient | None = None
         self.outcomes: Counter[str] = Counter()
-
-    @property
-    def pending(self) -> int:
-        return len(self._heap)
+        self.depth = 0  # the outbox's entries at the last look (every transceiver's)
+        outbox.on_reserved = self._wake_up
 
     def call_ended(self, record: dict[str, Any], end: EndLeg) -> None:
-        """The record writer's ``on_ended``: one event per stored end of a leg."""
-        event_id = f"evt_{end.call_id}"
-        event = {"id": event_id, "object": "event", "type": EVENT_TYPE,
-                 "created_at": end.at_ms // 1000, "data": record}  # fmt: skip
-        self.submit(event_id, json.dumps(event, separators=(",", ":")).encode())
-
-    def submit(self, event_id: str, body: bytes) -> bool:
-        """Queue an event; False (dropped, logged and counted) when the heap is full."""
-        if len(self._heap) >= self.policy.max_pending:
-            self.outcomes["dropped"] += 1
-            log.warning("webhook: %d events wait already; %s dropped", len(self._heap), event_id)
-            return False
-        due_s = asyncio.get_running_loop().time()
-        heapq.heappush(self._heap, _Delivery(due_s, next(self._seq), event_id, body))
-        self._idle.clear()
-        self._wakeup.set()
-        return True
+        """The record writer's ``on_ended``: the body of ``end``'s event, to freeze at once.
+        Bounded: past ``max_pending`` the event's body is built by its first claim instead."""
+        if len(self._bodies) < self.policy.max_pending:
+            self._bodies.append((event_id(end.call_id), event_body(record, end.call_id, end.at_ms)))
+            self._wake_up()
 
     async def drained(self, timeout_s: float) -> bool:
-        """Wait (bounded) until no event waits; False at the deadline."""
+        """Wait (bounded) until nothing is due now; False at the deadline."""
         return await done_within(self._idle.wait(), timeout_s)
+
+    def _wake_up(self) -> None:
+        self._idle.clear()
+        self._wakeup.set()
 
     def _wake(self) -> None:
         self._wakeup.set()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self.policy.timeout_s)
         while not self._closing:
             self._wakeup.clear()
-            if not self._heap:
-                self._idle.set()
-                await self._wakeup.wait()
-                continue
-            delay_s = self._heap[0].due_s - loop.time()
-            if delay_s > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay_s):
-                        await self._wakeup.wait()
-                continue
-            delivery = heapq.heappop(self._heap)
             try:
-                await self._attempt(self._client, delivery)
-            except BaseException:
-                heapq.heappush(self._heap, delivery)  # a crash or a close: it is not lost here
-                raise
+                if await self._step(self._client):
+                    continue
+            except StoreError as error:
+                log.warning("webhook outbox: %s; looking again soon", error)
+                self._next_due_s = None
+            if not self._bodies:
+                self._idle.set()
+            await self._pause()
 
-    async def _attempt(self, client: httpx.AsyncClient, delivery: _Delivery) -> None:
-        headers = signed_headers(
-            self.policy.secret, delivery.event_id, int(time.time()), delivery.body
-        )
-        try:
-            response = await client.post(self.policy.url, content=delivery.body, headers=headers)
-            failure = None if response.is_success else f"HTTP {response.status_code}"
-        except httpx.HTTPError as error:
-            failure = f"{type(error).__name__}: {error}"
+    async def _step(self, client: httpx.AsyncClient) -> bool:
+        """Freeze the bodies read back, then deliver one due event; whether there was one."""
+        while self._bodies:
+            await self.outbox.freeze(*self._bodies[0])
+            self._bodies.popleft()
+        claimed = await self.outbox.claim(round(self.policy.claim_timeout_s * 1000))
+        if claimed is None:
+            state = await self.outbox.state()
+            self.depth = state.depth
+            self._next_due_s = None if state.next_due_ms is None else state.next_due_ms / 1000
+            return False
+        await self._deliver(client, claimed)
+        return True
+
+    async def _pause(self) -> None:
+        """Until the next event is due, a wake-up, or the next look for others' events."""
+        pause_s = self.policy.poll_s
+        if self._next_due_s is not None:
+            pause_s = min(pause_s, self._next_due_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(pause_s):
+                await self._wakeup.wait()
+
+    async def _deliver(self, client: httpx.AsyncClient, claimed: Claimed) -> None:
+        body = claimed.body or await self._body_from_record(claimed)
+        if body is None:
+            self.outcomes["skipped"] += 1
+            log.info("webhook %s: its call moved on or its record is gone; not sent",
+                     claimed.event_id)  # fmt: skip
+            await self.outbox.ack(claimed.event_id)
+            return
+        failure = await self._attempt(client, claimed.event_id, body)
         if failure is None:
             self.outcomes["delivered"] += 1
-            return
-        delivery.attempts += 1
-        if delivery.attempts >= self.policy.max_attempts:
+            await self.outbox.ack(claimed.event_id)
+        elif claimed.attempts >= self.policy.max_attempts:
             self.outcomes["failed"] += 1
             log.error("webhook %s given up after %d attempts: %s",
-                      delivery.event_id, delivery.attempts, failure)  # fmt: skip
-            return
+                      claimed.event_id, claimed.attempts, failure)  # fmt: skip
+            await self.outbox.ack(claimed.event_id)
+        else:
+            await self._retry(claimed, failure)
+
+    async def _retry(self, claimed: Claimed, failure: str) -> None:
         self.outcomes["retried"] += 1
-        pause_s = self.policy.pause_s(delivery.attempts, self._jitter())
+        pause_s = self.policy.pause_s(claimed.attempts, self._jitter())
         log.warning("webhook %s attempt %d failed (%s); again in %.1f s",
-                    delivery.event_id, delivery.attempts, failure, pause_s)  # fmt: skip
-        delivery.due_s = asyncio.get_running_loop().time() + pause_s
-        heapq.heappush(self._heap, delivery)
+                    claimed.event_id, claimed.attempts, failure, pause_s)  # fmt: skip
+        if not await self.outbox.retry(claimed, round(pause_s * 1000), failure):
+            log.warning("webhook %s: claimed again elsewhere meanwhile", claimed.event_id)
+
+    async def _body_from_record(self, claimed: Claimed) -> bytes | None:
+        """The body of an event whose leg's writer died before it read the record back."""
+        record = await self._records.get(claimed.session_id)
+        if not announces(record, claimed.call_id):
+            return None
+        assert record is not None
+        body = event_body(record, claimed.call_id, claimed.ended_at_ms)
+        return await self.outbox.freeze(claimed.event_id, body)
+
+    async def _attempt(self, client: httpx.AsyncClient, event: str, body: bytes) -> str | None:
+        """POST the event once; None on a 2xx, else what went wrong."""
+        headers = signed_headers(self.policy.secret, event, int(time.time()), body)
+        try:
+            response = await client.post(self.policy.url, content=body, headers=headers)
+        except httpx.HTTPError as error:
+            return f"{type(error).__name__}: {error}"
+        return None if response.is_success else f"HTTP {response.status_code}"
 
     async def aclose(self) -> None:
         await super().aclose()
-        if self._heap:
-            log.warning("webhook: %d events not delivered at exit", len(self._heap))
+        if self.depth:
+            log.info("webhook: %d events wait in the outbox for the next sender", self.depth)
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -176,17 +214,24 @@ class WebhookCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         counts = CounterMetricFamily(
             "transceiver_webhook_deliveries",
-            "call.ended webhook attempts by outcome (delivered; retried: an attempt failed and "
-            "another follows; failed: given up after the last attempt; dropped: the queue was "
-            "full)",
+            "call.ended webhook attempts and events by outcome (delivered; retried: an attempt "
+            "failed and another follows; failed: given up after the last attempt; dropped: the "
+            "outbox was full; skipped: the call moved on before its event was built)",
             labels=["outcome"],
         )
         for outcome in OUTCOMES:
-            counts.add_metric([outcome], self._sender.outcomes[outcome])
+            counts.add_metric([outcome], self._count(outcome))
         yield counts
         yield GaugeMetricFamily(
-            "transceiver_webhook_pending", "call.ended events waiting", value=self._sender.pending
+            "transceiver_webhook_pending",
+            "call.ended events in the outbox, every transceiver's (at this sender's last look)",
+            value=self._sender.depth,
         )
+
+    def _count(self, outcome: str) -> int:
+        if outcome == "dropped":
+            return self._sender.outbox.dropped
+        return self._sender.outcomes[outcome]
 
 
 @asynccontextmanager
@@ -197,8 +242,9 @@ async def call_ended_webhooks(
     restarts: RestartPolicy | None = None,
     flush_timeout_s: float = 2.0,
 ) -> AsyncIterator[WebhookSender | None]:
-    """The sender, fed by ``records``, while the context lasts; at exit the last records and
-    their events get ``flush_timeout_s`` each to leave."""
+    """The sender, fed by ``records``, while the context lasts; at exit the last records get
+    ``flush_timeout_s`` to be written, and the events due then as long to leave (the rest wait
+    in the outbox)."""
     if policy is None:
         yield None
         return
@@ -206,7 +252,9 @@ async def call_ended_webhooks(
         log.warning("a webhook URL is set but no call is recorded (no Redis, or the echo agent)")
         yield None
         return
-    sender = WebhookSender(policy, restarts)
+    grace_ms = round(policy.claim_timeout_s * 1000)
+    outbox = records.store.open_outbox(policy.max_pending, grace_ms)
+    sender = WebhookSender(policy, outbox, records.store, restarts)
     registry.register(WebhookCollector(sender))
     records.on_ended = sender.call_ended
     try:
@@ -215,4 +263,4 @@ async def call_ended_webhooks(
             await records.drained(flush_timeout_s)
             await sender.drained(flush_timeout_s)
     finally:
-        records.on_ended = None
+        records.on_ended = None  # the outbox stays: ends written later still reserve events

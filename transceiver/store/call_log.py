@@ -60,6 +60,7 @@ from transceiver.store.call_records import (
 from transceiver.store.connection import RedisConnection, open_redis, unavailable_as_store_error
 from transceiver.store.errors import StoreError
 from transceiver.store.keys import check_id
+from transceiver.store.outbox import WebhookOutbox
 from transceiver.store.scripts import LuaScript
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,13 @@ class CallRecordStore:
         self._redis = redis
         self._prefix = prefix
         self.policy = policy
+        self.outbox: WebhookOutbox | None = None  # call.ended events, reserved as legs end
+
+    def open_outbox(self, max_pending: int, grace_ms: int) -> WebhookOutbox:
+        """The webhook outbox on this store's Redis: from now on each leg's end reserves its
+        ``call.ended`` event in the same transaction (``transceiver.store.outbox``)."""
+        self.outbox = WebhookOutbox(self._redis, self._prefix, max_pending, grace_ms)
+        return self.outbox
 
     # --- writes ---------------------------------------------------------------------------
 
@@ -109,7 +117,7 @@ class CallRecordStore:
                         latency, f"{write.cost_usd:.10f}", int(write.interrupted),
                         write.tool_calls]  # fmt: skip
                 return await self._script(APPEND_TURN, keys, args)
-            return await self._script(END_LEG, keys, [write.call_id, write.reason, write.at_ms])
+            return await self._end(keys, write)
 
     async def _begin(self, keys: CallRecordKeys, write: BeginLeg) -> int:
         args = [write.session_id, write.call_id, write.transceiver, write.at_ms, write.trace_id]
@@ -122,6 +130,20 @@ class CallRecordStore:
             pipe.set(alias_key(self._prefix, write.call_id), write.session_id, px=ttl)
             await pipe.execute()
         return started_ms
+
+    async def _end(self, keys: CallRecordKeys, write: EndLeg) -> Any:
+        args: list[Any] = [write.call_id, write.reason, write.at_ms]
+        if self.outbox is None:
+            return await self._script(END_LEG, keys, args)
+        async with self._redis.pipeline(transaction=True) as pipe:  # both or neither
+            pipe.eval(END_LEG.text, 2, *keys.all(), self.policy.ttl_ms, *args)
+            self.outbox.reserve_in(pipe, write)
+            try:
+                ended, reserved = await pipe.execute()
+            except redis_errors.ResponseError as error:
+                raise StoreError(f"{END_LEG.name}: {error}") from None
+        self.outbox.reserved(write, reserved)
+        return ended
 
     async def _script(self, script: LuaScript, keys: CallRecordKeys, args: list[Any]) -> Any:
         try:

@@ -143,3 +143,33 @@ def credential_matches(given: str | None, stored_hash: str | None) -> bool:
     expected = stored_hash or _ABSENT_HASH
     ok = hmac.compare_digest(hash_credential(given or ""), expected)
     return ok and bool(given) and bool(stored_hash)
+
+
+@dataclass(frozen=True)
+class OutboxKeys:
+    """The ``call.ended`` webhook outbox under prefix ``P``, one for every transceiver
+    (``transceiver.store.outbox``). The ``{outbox}`` hash tag keeps its keys in one Redis
+    Cluster slot, so one script touches them all.
+
+    - ``P:webhooks:{outbox}:due`` sorted set: event id -> when it may next be claimed (unix ms,
+      Redis's clock): a new event's, a retry's, or the end of the lease a sender holds on it.
+    - ``P:webhooks:{outbox}:entries`` hash: event id -> JSON: ``session_id``, ``call_id``,
+      ``ended_at`` (unix ms), ``attempts`` (claims so far), ``last_error``.
+    - ``P:webhooks:{outbox}:bodies`` hash: event id -> the event's JSON, set once: every
+      attempt, by any transceiver, sends the same bytes.
+
+    No TTL: an entry leaves when it is delivered or given up; ``max_pending`` bounds them.
+    """
+
+    due: str
+    entries: str
+    bodies: str
+
+    @classmethod
+    def of(cls, prefix: str) -> OutboxKeys:
+        base = f"{prefix}:webhooks:{{outbox}}"
+        return cls(f"{base}:due", f"{base}:entries", f"{base}:bodies")
+
+    def all(self) -> list[str]:
+        """In the order every outbox script takes them as KEYS."""
+        return [self.due, self.entries, self.bodies]
