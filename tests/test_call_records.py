@@ -18,14 +18,14 @@ import json
 import signal
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import pytest_asyncio
-from records_stack import recording_stack
+from records_stack import Receiver, recording_stack
 
 from deploy.processes import Stack, metric_values
 from deploy.redis_server import RedisServer, redis_server_binary
@@ -43,45 +43,6 @@ pytestmark = [
 API_KEY = "test-api-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 WEBHOOK_SECRET = "whsec-test-0123456789abcdef"
-
-
-@dataclass
-class Receiver:
-    """A webhook receiver on loopback: answers 500 to its first request, 200 after."""
-
-    requests: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)
-    server: asyncio.Server | None = None
-
-    async def start(self) -> Receiver:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}/hooks/voicerelay"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            lines = head.decode("latin-1").split("\r\n")[1:]
-            headers = {
-                k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines if x)
-            }
-            body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
-            status = 500 if not self.requests else 200
-            self.requests.append((status, headers, body))
-            reason = b"OK" if status == 200 else b"Internal Server Error"
-            writer.write(b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                         % (status, reason))  # fmt: skip
-            await writer.drain()
-        finally:
-            writer.close()
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
 
 
 @dataclass
