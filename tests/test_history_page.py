@@ -1,18 +1,23 @@
-"""The call history page (transceiver/http/static/history.html) in headless Chromium.
+"""The call records' acceptance call, and the history page (``/static/history.html``) showing it,
+in headless Chromium.
 
-Everything is real: a redis-server, a relay and a pipeline transceiver (API key required).
-Chromium loads the live page from the transceiver, opens a call with an ``ek_`` secret (its
-microphone plays silence), types two questions over the events channel (the first answered
-through the knowledge tool, the second cancelled once its audio started) and hangs up. The
-call leaves a record; the history page, opened with the API key typed into its field, lists
-it and shows its turns: transcripts, each turn's latency waterfall, the tool call, the
-interruption, the cost and the latency plot. Without the key it asks for one, and the key is
-never kept in the address or the browser's storage.
+Everything is real: a redis-server, a relay and a pipeline transceiver (API key required, a
+signed ``call.ended`` webhook to a receiver on loopback that fails its first delivery). Chromium
+loads the live page and opens a call with an ``ek_`` secret; its microphone plays piper's speech:
+"Tell me about the moon." (answered through the knowledge tool) and, while that answer plays,
+"What time is it?": a spoken barge-in, then a second answer. The page reports when it heard
+each answer (``voicerelay.turn.heard``) and hangs up. The call's record at ``GET /v1/calls/{id}``
+has every field the record promises; the webhook receiver gets it again after its refusal, one
+idempotency id; the history page, opened with the API key typed into its field, lists the call
+and shows its turns: transcripts, the waterfall with the client's heard time, the tool call, the
+barge-in and the latency plot. Without the key it asks for one, and the key is never kept in the
+address or the browser's storage. The page's screenshot goes to ``SCREENSHOT`` (not the repo).
 """
 
 from __future__ import annotations
 
-import shutil
+import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +27,14 @@ import httpx
 import pytest
 import pytest_asyncio
 from playwright.async_api import Page
-from records_stack import recording_stack
+from records_stack import Receiver, recording_stack
 
 from deploy.processes import Stack
 from deploy.redis_server import RedisServer, redis_server_binary
 from deploy.waiting import poll
 from loadtest.browser import chromium
-from loadtest.voice_audio import silence_pcm, write_wav
+from loadtest.voice_audio import Speaker
+from transceiver.webhook_signing import ID_HEADER, verify
 
 pytestmark = [
     pytest.mark.slow,
@@ -37,46 +43,47 @@ pytestmark = [
 ]
 API_KEY = "history-api-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-NOTE_COPY = Path("/tmp/notes/history.png")  # a copy for the change's note, outside the repo
+WEBHOOK_SECRET = "whsec-history-0123456789abcdef"
+SCREENSHOT = Path("/tmp/history-acceptance.png")  # for the change's note, outside the repo
+# The microphone: the second question starts 5 s after the first ends, while its answer plays.
+SPOKEN: list[str | float] = [3.0, "Tell me about the moon.", 5.0, "What time is it?", 16.0]
+TURN_TIMEOUT_S = 60.0
 
 
 @dataclass
 class Running:
     stack: Stack
     base_url: str
+    receiver: Receiver
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
     log_dir = tmp_path_factory.mktemp("history")
+    receiver = await Receiver().start()
     redis = RedisServer(log_dir, "redis").start()
+    env = {"TRANSCEIVER_API_KEY": API_KEY, "TRANSCEIVER_WEBHOOK_URL": receiver.url,
+           "TRANSCEIVER_WEBHOOK_SECRET": WEBHOOK_SECRET,
+           "TRANSCEIVER_WEBHOOK_RETRY_FIRST_S": "0.05"}  # fmt: skip
     try:
-        async with recording_stack(log_dir, redis, 1, {"TRANSCEIVER_API_KEY": API_KEY}) as stack:
-            yield Running(stack, stack.base_url(0))
+        async with recording_stack(log_dir, redis, 1, env) as stack:
+            yield Running(stack, stack.base_url(0), receiver)
     finally:
         redis.stop()
+        receiver.close()
 
 
-async def wait_event(page: Page, predicate: str, timeout_s: float = 30.0) -> Any:
+async def wait_event(page: Page, predicate: str, timeout_s: float = TURN_TIMEOUT_S) -> Any:
     script = f"window.voicerelay.events.find((e) => {predicate}) || null"
     handle = await page.wait_for_function(script, timeout=timeout_s * 1000, polling=50)
     return await handle.json_value()
 
 
-async def type_question(page: Page, text: str) -> None:
-    content = [{"type": "input_text", "text": text}]
-    item = {"type": "message", "role": "user", "content": content}
-    await page.evaluate(
-        "(events) => events.forEach((e) => window.voicerelay.send(e))",
-        [{"type": "conversation.item.create", "item": item}, {"type": "response.create"}],
-    )
-
-
-async def make_a_call(page: Page, http: httpx.AsyncClient, base_url: str) -> str:
-    """Two typed turns (a tool turn, a cancelled one), then a hang-up; the session id."""
+async def make_the_call(page: Page, http: httpx.AsyncClient, base_url: str) -> str:
+    """The spoken call (a barge-in, then an answer heard), hung up; the session id."""
     minted = await http.post(
         base_url + "/v1/realtime/client_secrets",
-        json={"session": {"type": "realtime"}},
+        json={"session": {"type": "realtime", "instructions": "Answer from the knowledge file."}},
         headers=AUTH,
     )
     assert minted.status_code == 200, minted.text
@@ -84,99 +91,179 @@ async def make_a_call(page: Page, http: httpx.AsyncClient, base_url: str) -> str
     await wait_event(page, "e.type === 'session.created'", 10)
     session_id: str = await page.evaluate("window.voicerelay.resumeInfo().sessionId")
 
-    await type_question(page, "Tell me about water.")
-    first = await wait_event(page, "e.type === 'response.done'")
-    await type_question(page, "Tell me about the moon.")
-    started = (
-        f"e.type === 'output_audio_buffer.started' && e.response_id !== '{first['response']['id']}'"
-    )
-    second = await wait_event(page, started)
-    await page.evaluate("window.voicerelay.send({type: 'response.cancel'})")
+    first = (await wait_event(page, "e.type === 'response.created'"))["response"]["id"]
     await wait_event(
-        page, f"e.type === 'response.done' && e.response.id === '{second['response_id']}'"
+        page, f"e.type === 'response.done' && e.response.id === '{first}'"
+        " && e.response.status === 'cancelled'",
+    )  # fmt: skip
+    answered = await wait_event(
+        page, f"e.type === 'response.done' && e.response.id !== '{first}'"
+        " && e.response.status === 'completed'",
+    )  # fmt: skip
+    # The page told the server when it heard both answers, and nothing it sent was refused.
+    both = f"['{first}', '{answered['response']['id']}']"
+    await page.wait_for_function(
+        f"{both}.every((id) => window.voicerelay.sent.some("
+        "(e) => e.type === 'voicerelay.turn.heard' && e.response_id === id))",
+        timeout=10_000,
     )
     await page.evaluate("window.voicerelay.hangup()")  # resolves once the server has it
+    errors = await page.evaluate("window.voicerelay.events.filter((e) => e.type === 'error')")
+    assert errors == [], errors
+    return session_id
 
+
+async def ended_record(http: httpx.AsyncClient, base_url: str, session_id: str) -> dict[str, Any]:
     async def read() -> dict[str, Any]:
         response = await http.get(f"{base_url}/v1/calls/{session_id}", headers=AUTH)
         return response.json()  # type: ignore[no-any-return]
 
     def done(record: dict[str, Any]) -> bool:
-        return record.get("status") == "ended" and record.get("turn_count") == 2
+        turns = record.get("turns") or []
+        heard = [t for t in turns if t["heard"] is not None]
+        return record.get("status") == "ended" and len(turns) >= 2 and len(heard) >= 2
 
-    await poll(read, done, 15, lambda last: f"the record never got there: {last}", 0.05)
-    return session_id
+    return await poll(read, done, 20, lambda last: f"the record never got there: {last}", 0.05)
 
 
-async def test_a_call_is_listed_and_shown_on_the_history_page(
+async def test_a_spoken_call_with_a_barge_in_and_a_tool_is_recorded_announced_and_shown(
     running: Running, tmp_path: Path
 ) -> None:
     base = running.base_url
-    silence = write_wav(tmp_path / "silence.wav", silence_pcm(30.0))
-    async with chromium(silence) as browser, httpx.AsyncClient(timeout=30) as http:
+    wav = tmp_path / "questions.wav"
+    async with Speaker() as speaker:
+        await speaker.wav(wav, SPOKEN)
+    called_s = time.time()
+    async with chromium(wav) as browser, httpx.AsyncClient(timeout=30) as http:
         live = await browser.new_page()
         live_errors: list[str] = []
         live.on("pageerror", lambda exc: live_errors.append(str(exc)))
         await live.goto(base + "/")
         await live.wait_for_function("window.voicerelay !== undefined", timeout=10_000)
-        session_id = await make_a_call(live, http, base)
+        session_id = await make_the_call(live, http, base)
         assert live_errors == []
         await live.close()
+        record = await ended_record(http, base, session_id)
+        check_the_record(record, session_id, called_s)
+        await check_the_history_page(browser, base, record)
+    await check_the_webhook(running.receiver, record)
 
-        page = await browser.new_page(viewport={"width": 900, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        await page.goto(base + "/static/history.html")
-        # Without the key the server refuses and the page asks for it.
-        await page.wait_for_selector("#error:not([hidden])", timeout=10_000)
-        assert "API key" in (await page.text_content("#error") or "")
-        assert await page.locator("#calls tbody tr").count() == 0
 
-        await page.fill("#api-key", API_KEY)
-        await page.click("#load")
-        row = page.locator(f'#calls tr[data-id="{session_id}"]')
-        await row.wait_for(timeout=10_000)
-        cells = [c.strip() for c in await row.locator("td").all_text_contents()]
-        assert cells[2:4] == ["2", "hangup"] and cells[5] == "1", cells  # turns, end, cut
-        assert await page.is_hidden("#error")
+def check_the_record(record: dict[str, Any], session_id: str, called_s: float) -> None:
+    """Every field the issue lists: ids, times, end, transceivers, config, and per turn."""
+    assert (record["id"], record["session_id"]) == (session_id, session_id)
+    (call_id,) = record["call_ids"]
+    assert call_id.startswith("rtc_") and record["resumed_from"] is None
+    assert called_s * 1000 - 1 <= record["started_at"] <= record["ended_at"] <= time.time() * 1000
+    assert (record["status"], record["end_reason"]) == ("ended", "hangup")
+    assert len(record["transceivers"]) == 1 and record["legs"][0]["transceiver"]
+    (version,) = record["config_versions"]
+    assert len(version["hash"]) == 16 and version["from_turn"] == 1
+    assert version["config"]["instructions"] == "Answer from the knowledge file."
+    turns = record["turns"]
+    cut = [t for t in turns if t["interrupted"] is not None]
+    assert len(cut) == 1 == record["interruptions"], turns
+    moon = cut[0]
+    asked = [t for t in turns if "time" in t["user"].lower().split()]
+    assert "moon" in moon["user"].lower() and asked, turns
+    time_turn = asked[-1]
+    assert time_turn["index"] > moon["index"], turns
+    interrupted = moon["interrupted"]
+    assert interrupted["by"] == "user" and interrupted["played_ms"] > 0, interrupted
+    assert record["started_at"] <= interrupted["at"] <= record["ended_at"]
+    assert moon["assistant"] and time_turn["assistant"] and time_turn["interrupted"] is None
+    assert moon["tools"][0]["name"] == "lookup_knowledge", moon["tools"]
+    assert moon["tools"][0]["side"] == "server" and moon["tools"][0]["ok"]
+    assert moon["tools"][0]["ms"] >= 0 and record["tool_calls"] >= 1
+    for turn in (moon, time_turn):
+        check_a_spoken_turn(turn)
 
-        await row.locator("button").click()
-        turns = page.locator("#turns > li.turn")
-        await page.wait_for_function("document.querySelectorAll('#turns > li.turn').length === 2")
-        first, second = turns.nth(0), turns.nth(1)
-        assert await first.locator(".entry.user .text").text_content() == "Tell me about water."
-        assert await second.locator(".entry.user .text").text_content() == "Tell me about the moon."
-        answer = await first.locator(".entry.assistant .text").text_content() or ""
-        assert answer.strip() and not await first.locator(".entry.assistant.cut").count()
-        tool = await first.locator(".entry.tool").text_content() or ""
-        assert tool.startswith("lookup_knowledge (server)"), tool
-        badge = await second.locator(".entry.assistant.cut .badge").text_content() or ""
-        assert badge.startswith("interrupted (cancelled by the client)"), badge
-        for turn in (first, second):  # typed turns: no STT bar, the rest drawn
-            chart = turn.locator("svg.latency")
-            assert await chart.get_attribute("data-origin") == "response_created"
-            fields = await chart.locator("rect.lat-bar").evaluate_all(
-                "(bars) => bars.map((b) => b.dataset.field)"
-            )
-            assert "llm_first_token_ms" in fields and "stt_final_ms" not in fields, fields
-            assert "heard here" not in (await chart.text_content() or "")
-            assert (await turn.locator(".turn-cost").text_content() or "").startswith("cost $")
-            assert "llm local-rule-based" in (
-                await turn.locator(".turn-stages").text_content() or ""
-            )
-        plot = page.locator("#plot svg.latency-plot")
-        assert await plot.locator("circle.point").count() == 2
-        assert await plot.locator("circle.point.cut").count() == 1
-        assert await page.text_content("#call-id") == session_id
 
-        # The key stayed in the page's memory: not in the address, not in the browser's storage.
-        assert API_KEY not in page.url
-        stored = await page.evaluate(
-            "JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage)])"
+def check_a_spoken_turn(turn: dict[str, Any]) -> None:
+    latency, heard = turn["latency_ms"], turn["heard"]
+    assert turn["origin"] == "speech_stopped", turn
+    assert latency["vad_silence"] == 500, latency
+    for stage in ("stt", "llm_first_token", "tts_first_audio", "voice_to_voice"):
+        assert latency[stage] is not None and latency[stage] >= 0, (stage, latency)
+    assert heard["after_speech_stopped_ms"] > 0 and heard["after_output_started_ms"] >= 0, heard
+    assert heard["after_origin_ms"] == heard["after_speech_stopped_ms"], heard
+    assert turn["timeline_ms"]["first_frame_out"] == latency["voice_to_voice"]
+    stages = turn["stages"]
+    assert stages["stt"] == {"provider": "pocketsphinx", "model": None}, stages
+    assert stages["llm"] == {"provider": "local-rule-based", "model": None}, stages
+    assert stages["tts"]["provider"].startswith("piper"), stages
+    usage = turn["usage"]
+    assert usage["audio_in_s"] > 0 and usage["audio_out_s"] > 0 and usage["tts_chars"] > 0
+    assert turn["cost_usd"] == {"total": 0, "stt": 0, "llm": 0, "tts": 0}  # offline stages
+    assert turn["detours"] == []  # nothing was retried or fell back
+
+
+async def check_the_history_page(browser: Any, base: str, record: dict[str, Any]) -> None:
+    page = await browser.new_page(viewport={"width": 900, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(base + "/static/history.html")
+    # Without the key the server refuses and the page asks for it.
+    await page.wait_for_selector("#error:not([hidden])", timeout=10_000)
+    assert "API key" in (await page.text_content("#error") or "")
+    assert await page.locator("#calls tbody tr").count() == 0
+
+    await page.fill("#api-key", API_KEY)
+    await page.click("#load")
+    row = page.locator(f'#calls tr[data-id="{record["id"]}"]')
+    await row.wait_for(timeout=10_000)
+    cells = [c.strip() for c in await row.locator("td").all_text_contents()]
+    assert cells[2:4] == [str(len(record["turns"])), "hangup"] and cells[5] == "1", cells
+    assert await page.is_hidden("#error")
+
+    await row.locator("button").click()
+    count = len(record["turns"])
+    shown = f"document.querySelectorAll('#turns > li.turn').length === {count}"
+    await page.wait_for_function(shown)
+    assert await page.text_content("#call-id") == record["id"]
+    moon = page.locator("#turns > li.turn").filter(has=page.locator(".entry.assistant.cut"))
+    badge = await moon.locator(".entry.assistant.cut .badge").text_content() or ""
+    assert badge.startswith("interrupted (barge-in) after"), badge
+    tool = await moon.locator(".entry.tool").first.text_content() or ""
+    assert tool.startswith("lookup_knowledge (server)"), tool
+    for turn in await page.locator("#turns > li.turn").all():  # spoken turns: every bar drawn
+        chart = turn.locator("svg.latency")
+        assert await chart.get_attribute("data-origin") == "speech_stopped"
+        fields = await chart.locator("rect.lat-bar").evaluate_all(
+            "(bars) => bars.map((b) => b.dataset.field)"
         )
-        assert API_KEY not in stored
-        shot = tmp_path / "history.png"
-        await page.screenshot(path=str(shot), full_page=True)
-        assert errors == []
-    NOTE_COPY.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(shot, NOTE_COPY)
+        assert {"stt_final_ms", "llm_first_token_ms", "heard_ms"} <= set(fields), fields
+        assert "heard by client" in (await chart.text_content() or "")
+        assert (await turn.locator(".turn-cost").text_content() or "").startswith("cost $0")
+        assert "llm local-rule-based" in (await turn.locator(".turn-stages").text_content() or "")
+    plot = page.locator("#plot svg.latency-plot")
+    assert await plot.locator("circle.point").count() == count
+    assert await plot.locator("circle.point.cut").count() == 1
+
+    # The key stayed in the page's memory: not in the address, not in the browser's storage.
+    assert API_KEY not in page.url
+    stored = await page.evaluate(
+        "JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage)])"
+    )
+    assert API_KEY not in stored
+    await page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert errors == []
+
+
+async def check_the_webhook(receiver: Receiver, record: dict[str, Any]) -> None:
+    """Refused once, delivered once more: one idempotency id, signed, the record it carries."""
+    await poll(
+        lambda: receiver.requests,
+        lambda got: any(status == 200 for status, _, _ in got),
+        20,
+        lambda got: f"no delivery answered 200: {[s for s, _, _ in got]}",
+        0.05,
+    )
+    assert [status for status, _, _ in receiver.requests] == [500, 200]
+    ids = {headers[ID_HEADER.lower()] for _, headers, _ in receiver.requests}
+    assert ids == {f"evt_{record['call_ids'][0]}"}
+    for _, headers, body in receiver.requests:
+        assert verify(WEBHOOK_SECRET, headers, body, time.time())
+    event = json.loads(receiver.requests[-1][2])
+    assert (event["type"], event["data"]["id"]) == ("call.ended", record["id"])
+    assert len(event["data"]["turns"]) == len(record["turns"])

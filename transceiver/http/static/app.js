@@ -5,8 +5,12 @@
 //   events   every server event received, in order      sent   every client event sent
 //   states   [{at_ms, name, value}] every status change (connection, events, session, call),
 //            at_ms = Date.now(); the last MAX_STATES kept
-//   turns    [{item_id, response_id, metrics, heard_ms, heard_at_ms}] per turn (heard_at_ms:
-//            Date.now() when the answer's first audible sample arrived)
+//   turns    [{item_id, response_id, metrics, heard_ms, heard_at_ms, heard}] per turn
+//            (heard_at_ms: Date.now() when the answer's first audible sample arrived; heard: the
+//            voicerelay.turn.heard event this page sent the server for it, or null)
+// The heard time goes to the server (voicerelay.turn.heard, into the call record): in ms after
+// this page received the turn's speech_stopped (spoken turns) and the response's
+// output_audio_buffer.started; a typed turn's meter is armed by the latter.
 //   on(type, fn) -> unsubscribe ("*" for all)   _handle(evt) feed a server event (tests)
 //   recording() -> {rate, pcm16_b64} of all remote audio (when connected with record)
 //   recordedSamples() -> how many samples recording() would return now (cheap)
@@ -38,8 +42,10 @@ const turns = [];
 const listeners = new Map(); // type -> Set(fn)
 const transcript = new Transcript($("transcript"));
 const meter = new FirstSoundMeter((turn, ms) => {
-  Object.assign(turn, { heard_ms: ms, heard_at_ms: Date.now() });
+  const spoken = turn.stopped_at !== null;
+  Object.assign(turn, { heard_ms: spoken ? ms : null, heard_at_ms: Date.now(), heard_at: performance.now() });
   renderTurn(turn);
+  reportHeard(turn);
 });
 let recorder = null;
 let call = null;
@@ -78,8 +84,31 @@ function showError(message) {
 
 // --- turns and latency -----------------------------------------------------------------------
 
-function newTurn(itemId) {
-  return { item_id: itemId, response_id: null, metrics: null, heard_ms: null, heard_at_ms: null };
+function newTurn(itemId, stoppedAt = null) {
+  return {
+    item_id: itemId, response_id: null, metrics: null, heard_ms: null, heard_at_ms: null,
+    stopped_at: stoppedAt, started_at: null, heard_at: null, heard: null,
+  };
+}
+
+const since = (from, to) => (from === null || to < from ? null : Math.round((to - from) * 10) / 10);
+
+// The server keeps this page's heard time in the turn's call record (once per response).
+function reportHeard(turn) {
+  if (!call || !turn.response_id || turn.heard_at === null || turn.heard) return;
+  const heard = {
+    type: "voicerelay.turn.heard",
+    response_id: turn.response_id,
+    after_speech_stopped_ms: since(turn.stopped_at, turn.heard_at),
+    after_output_started_ms: since(turn.started_at, turn.heard_at),
+  };
+  if (heard.after_speech_stopped_ms === null && heard.after_output_started_ms === null) return;
+  turn.heard = heard;
+  try {
+    send(heard);
+  } catch (err) {
+    log("!", `heard time not sent: ${err.message}`, "log-error");
+  }
 }
 
 function turnFor(responseId) {
@@ -107,11 +136,16 @@ function standaloneTurn(turn) {
 
 const TURN_HANDLERS = {
   "input_audio_buffer.speech_stopped": (e) => {
-    const turn = newTurn(e.item_id);
+    const turn = newTurn(e.item_id, performance.now());
     turns.push(turn);
     meter.arm(turn);
   },
-  "response.created": (e) => turnFor(e.response?.id),
+  "response.created": (e) => reportHeard(turnFor(e.response?.id)),
+  "output_audio_buffer.started": (e) => {
+    const turn = turnFor(e.response_id);
+    turn.started_at = performance.now();
+    if (turn.stopped_at === null && turn.heard_at === null) meter.arm(turn); // a typed turn
+  },
   "voicerelay.turn.metrics": (e) => {
     const turn = turnFor(e.response_id);
     turn.metrics = e;

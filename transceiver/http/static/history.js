@@ -1,6 +1,7 @@
 // The call history page: recent call records (GET /v1/calls) and, per call (GET /v1/calls/{id}),
-// its transcript with each turn's latency waterfall (the live page's chart), interruptions,
-// tool calls, cost, and a plot of voice-to-voice latency over the call.
+// its transcript with each turn's latency waterfall (the live page's chart, its last row the
+// client's own heard time when the client reported one), interruptions, tool calls, the
+// retries and fallbacks its providers took, cost, and a plot of voice-to-voice latency.
 //
 // Trust: call records hold every caller's words, so the server serves them to its API key only
 // (an ek_ client secret opens one call, it reads no records). The operator types the key; it is
@@ -181,10 +182,20 @@ function turnItem(turn) {
     const line = `${tool.name} (${tool.side}) ${msText(tool.ms)}${tool.ok ? "" : " · failed"}`;
     item.append(el("div", { class: "entry tool" }, line));
   }
-  const chart = renderChart(chartMetrics(turn), null, { heardRow: false });
+  for (const d of turn.detours || []) item.append(detourLine(d));
+  const heard = num(turn.heard?.after_origin_ms);
+  const chart = renderChart(chartMetrics(turn), heard, { heardRow: heard !== null, heardLabel: "heard by client" });
   chart.dataset.origin = turn.origin || "";
   item.append(chart, stageLine(turn), costLine(turn));
   return item;
+}
+
+// A retry or fallback one of the turn's provider calls took.
+function detourLine(d) {
+  const path = d.kind === "fallback" ? `${d.from} → ${d.to}` : d.from;
+  const tries = `${d.attempts} attempt${d.attempts === 1 ? "" : "s"}`;
+  const outcome = d.served ? "" : " · failed";
+  return el("div", { class: `entry detour ${d.kind}` }, `${d.stage} ${d.kind}: ${path} after ${tries} (${d.reason})${outcome}`);
 }
 
 // Voice-to-voice latency per turn: points on a line, interrupted turns in red.

@@ -1,7 +1,8 @@
 // Per-turn latency: the server's voicerelay.turn.metrics record (milliseconds after speech
 // stopped) as a small waterfall of 4 bars, plus what this browser measured itself: from the
-// speech_stopped event to the first audible sample of the answer ("heard"). The history page
-// draws stored turns with the same chart, without the "heard here" row (heardRow: false).
+// speech_stopped event to the first audible sample of the answer ("heard"), a bar from the
+// first frame out to it. The history page draws stored turns with the same chart, its heard
+// row the client's own report kept in the record (heardLabel "heard by client").
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 export const STAGES = [
@@ -35,7 +36,7 @@ export function stages(metrics) {
   });
 }
 
-export function renderChart(metrics, heardMs, { heardRow = true } = {}) {
+export function renderChart(metrics, heardMs, { heardRow = true, heardLabel = "heard here" } = {}) {
   const rows = stages(metrics);
   const ends = rows.map((r) => r.end ?? 0).concat([ms(heardMs) ?? 0, 1]);
   const scale = (WIDTH - LABEL - VALUE) / Math.max(...ends);
@@ -56,7 +57,12 @@ export function renderChart(metrics, heardMs, { heardRow = true } = {}) {
   if (!heardRow) return svg;
   const heard = ms(heardMs);
   const y = rows.length * ROW;
-  svg.append(node("text", { x: 0, y: y + 12, class: "lat-label" }, "heard here"));
+  svg.append(node("text", { x: 0, y: y + 12, class: "lat-label" }, heardLabel));
+  const out = rows.map((r) => r.end).filter((end) => end !== null).pop() ?? 0;
+  if (heard !== null && heard > out) {
+    const bar = { x: LABEL + out * scale, y: y + 3, width: Math.max(1, (heard - out) * scale), height: ROW - 6 };
+    svg.append(node("rect", { ...bar, class: "lat-bar lat-heard-bar", "data-field": "heard_ms" }));
+  }
   if (heard !== null) svg.append(node("line", { x1: LABEL + heard * scale, x2: LABEL + heard * scale, y1: 0, y2: y + ROW, class: "lat-heard" }));
   svg.append(node("text", { x: WIDTH - VALUE + 4, y: y + 12, class: "lat-value" }, heard === null ? "—" : `${Math.round(heard)} ms`));
   return svg;
