@@ -145,7 +145,21 @@ def _chat_problem(body: dict[str, Any]) -> str:
             known_calls[call["id"]] = call["function"]["name"]
         if message["role"] == "tool" and message.get("tool_call_id") not in known_calls:
             return f"messages[{index}].tool_call_id: no preceding assistant tool call has it"
-    return ""
+    return _tool_choice_problem(body)
+
+
+def _tool_choice_problem(body: dict[str, Any]) -> str:
+    choice = body.get("tool_choice")
+    if choice is None:
+        return ""
+    if not body.get("tools"):
+        return "tool_choice is only allowed when tools are specified"
+    names = {tool["function"]["name"] for tool in body["tools"]}
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or choice.get("function", {}).get("name") not in names:
+            return "tool_choice: a function among the tools"
+        return ""
+    return "" if choice in ("auto", "none", "required") else "tool_choice: invalid"
 
 
 def _chat_chunks(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -171,11 +185,15 @@ def _tool_name(messages: list[dict[str, Any]], call_id: str) -> str:
 
 
 def _requested_tool(body: dict[str, Any], text: str) -> str:
-    for tool in body.get("tools") or []:
-        name = str(tool["function"]["name"])
-        if name in text:
-            return name
-    return ""
+    """The tool the last message names, or the one ``tool_choice`` makes it call."""
+    choice = body.get("tool_choice", "auto")
+    if isinstance(choice, dict):
+        return str(choice["function"]["name"])
+    tools = [str(tool["function"]["name"]) for tool in body.get("tools") or []]
+    named = [name for name in tools if name in text and choice != "none"]
+    if not named and choice == "required":
+        named = tools
+    return named[0] if named else ""
 
 
 def _chunk(body: dict[str, Any], choices: list[Any], usage: Any = None) -> dict[str, Any]:

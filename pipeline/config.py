@@ -3,15 +3,18 @@ them, loaded from ``PIPELINE_*`` variables.
 
 Policy layer, pure. The components' settings (``VadConfig``, ``ChunkerConfig``,
 ``EngineConfig``, ``PocketsphinxConfig``, ``PiperConfig``, ``EspeakConfig``,
-``LocalAgentConfig``, ``PoolPolicy``: the process's pool for the heavy offline stages) are
-validated when built; the modules that run the components import
+``LocalAgentConfig``, ``LocalLlmConfig``, ``PoolPolicy``: the process's pool for the heavy
+offline stages) are validated when built; the modules that run the components import
 them from here. ``PipelineConfig`` is what an operator sets: every field ``name`` is read from
 ``PIPELINE_<NAME>`` and mirrored by the CLI flag ``--<name-with-dashes>`` (flags win). Values
 are validated at load with a message naming the variable. Provider choice per stage:
 
-- ``stt``: ``pocketsphinx`` | ``openai``;  ``llm``: ``local`` | ``openai``;
-  ``tts``: ``piper`` | ``espeak`` | ``openai``.
-- Unset stages default to offline (pocketsphinx, local, piper), unless ``OPENAI_API_KEY`` or
+- ``stt``: ``pocketsphinx`` | ``openai``;  ``llm``: ``rule`` | ``local`` | ``openai``;
+  ``tts``: ``piper`` | ``espeak`` | ``openai``. ``rule`` is the rule-based agent
+  (``pipeline.local_agent``); ``local`` a language model run in the process
+  (``pipeline.llama_llm``, the ``local-llm`` install extra), with the rule-based agent in its
+  place when the extra is missing or the model does not load.
+- Unset stages default to offline (pocketsphinx, rule, piper), unless ``OPENAI_API_KEY`` or
   ``OPENAI_BASE_URL`` is set: then to ``openai``.
 - With ``fallback`` on, an OpenAI stage is hardened (timeout, retry budget, circuit breaker)
   with the offline provider of the same stage behind it.
@@ -25,10 +28,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from pipeline.providers import NO_HINTS, ToolChoice, TranscriptionHints
+
 ENV_PREFIX = "PIPELINE_"
 CHOICES = {
     "stt": ("pocketsphinx", "openai"),
-    "llm": ("local", "openai"),
+    "llm": ("rule", "local", "openai"),
     "tts": ("piper", "espeak", "openai"),
 }
 
@@ -88,6 +93,9 @@ class EngineConfig:
     voice: str | None = None  # one of the TTS's voices; None: its default
     speak: bool = True  # False: answers are text only (no TTS, no audio)
     max_output_tokens: int | None = None  # None: no limit
+    tool_choice: ToolChoice = "auto"  # of the first round of a response (tools offered)
+    speed: float = 1.0  # the TTS's speaking rate, a multiple of its normal one
+    transcription: TranscriptionHints = NO_HINTS  # language and prompt for the STT
     vad: VadConfig = field(default_factory=VadConfig)
     chunker: ChunkerConfig = field(default_factory=ChunkerConfig)
 
@@ -185,6 +193,37 @@ class LocalAgentConfig:
             raise ValueError(f"local agent tokens_per_s must be >= 0, got {self.tokens_per_s}")
 
 
+@dataclass(frozen=True)
+class LocalLlmConfig:
+    cache_dir: str = ""  # where the model file is assembled; "": ~/.cache/voicerelay/models
+    threads: int = 0  # 0: the usable cores, at most 8
+    context_tokens: int = 4096  # per conversation generating at once
+    parallel: int = 1  # conversations generating at once (more wait their turn)
+    max_tokens: int = 200  # per answer
+    temperature: float = 0.0  # 0: always the likeliest token (the same answer every time)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threads <= 64:
+            raise ValueError(f"local llm threads must be within 0..64, got {self.threads}")
+        if not 512 <= self.context_tokens <= 32768:
+            raise ValueError(
+                f"local llm context_tokens must be within 512..32768, got {self.context_tokens}"
+            )
+        if not 1 <= self.parallel <= 16:
+            raise ValueError(f"local llm parallel must be within 1..16, got {self.parallel}")
+        if not 1 <= self.max_tokens < self.context_tokens // 2:
+            raise ValueError(
+                "local llm max_tokens must be >= 1 and under half of context_tokens, "
+                f"got {self.max_tokens}"
+            )
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"local llm temperature must be within 0..2, got {self.temperature}")
+
+    @property
+    def resolved_threads(self) -> int:
+        return self.threads or min(8, usable_cores())
+
+
 # --- the pipeline, as an operator sets it ----------------------------------------------------
 
 
@@ -218,6 +257,12 @@ class PipelineConfig:
     piper_length_scale: float | None = None
     espeak_voice: str = "en-us"
     local_agent_tokens_per_s: float = 0.0
+    local_llm_cache_dir: str = ""
+    local_llm_threads: int = 0
+    local_llm_context_tokens: int = 4096
+    local_llm_parallel: int = 1
+    local_llm_max_tokens: int = 200
+    local_llm_temperature: float = 0.0
 
     def __post_init__(self) -> None:
         for stage, allowed in CHOICES.items():
@@ -232,6 +277,7 @@ class PipelineConfig:
             self.pool_policy()
             self.piper_config()
             self.local_agent_config()
+            self.local_llm_config()
         except ValueError as error:
             raise ConfigError(f"invalid pipeline configuration: {error}") from None
 
@@ -241,7 +287,7 @@ class PipelineConfig:
         return replace(
             self,
             stt=self.stt or ("openai" if hosted else "pocketsphinx"),
-            llm=self.llm or ("openai" if hosted else "local"),
+            llm=self.llm or ("openai" if hosted else "rule"),
             tts=self.tts or ("openai" if hosted else "piper"),
         )
 
@@ -279,6 +325,16 @@ class PipelineConfig:
 
     def local_agent_config(self) -> LocalAgentConfig:
         return LocalAgentConfig(tokens_per_s=self.local_agent_tokens_per_s)
+
+    def local_llm_config(self) -> LocalLlmConfig:
+        return LocalLlmConfig(
+            self.local_llm_cache_dir,
+            self.local_llm_threads,
+            self.local_llm_context_tokens,
+            self.local_llm_parallel,
+            self.local_llm_max_tokens,
+            self.local_llm_temperature,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> PipelineConfig:

@@ -48,6 +48,7 @@ from pipeline.providers import (
     ProviderError,
     SpeechToText,
     TextToSpeech,
+    transcribe_with,
 )
 from pipeline.resilience import Detour, reporting
 from pipeline.response import SpokenResponse, timed
@@ -337,7 +338,8 @@ class ConversationEngine:
         final = ""
         try:
             stt = self._reporting(self.stt, recorder.turn)
-            transcripts = timed(stt.transcribe(utterance()), recorder, self._now)
+            heard = transcribe_with(stt, utterance(), self.config.transcription)
+            transcripts = timed(heard, recorder, self._now)
             async with aclosing(transcripts):
                 async for transcript in transcripts:
                     self._emit(ev.InputTranscript(recorder.turn, transcript.text, transcript.final))

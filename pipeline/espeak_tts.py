@@ -75,7 +75,10 @@ class EspeakTextToSpeech:
             await asyncio.to_thread(self._executor.shutdown, wait=True)
             self._executor = None
 
-    async def synthesize(self, text: str, voice: str | None = None) -> AsyncIterator[AudioChunk]:
+    async def synthesize(
+        self, text: str, voice: str | None = None, speed: float = 1.0
+    ) -> AsyncIterator[AudioChunk]:
+        """``speed`` multiplies the configured words per minute (within espeak's 80..450)."""
         if voice not in (None, *self.voices):
             raise ProviderError(self.name, f"no voice {voice!r}", retryable=False)
         if self._executor is None:
@@ -83,7 +86,8 @@ class EspeakTextToSpeech:
         loop = asyncio.get_running_loop()
         blocks: asyncio.Queue[bytes | None] = asyncio.Queue()
         abort = threading.Event()
-        done = loop.run_in_executor(self._executor, self._speak, text, loop, blocks, abort)
+        rate = min(450, max(80, round(self.config.words_per_minute * speed)))
+        done = loop.run_in_executor(self._executor, self._speak, text, rate, loop, blocks, abort)
         try:
             while (block := await blocks.get()) is not None:
                 yield AudioChunk(block, self.sample_rate_hz)
@@ -94,6 +98,7 @@ class EspeakTextToSpeech:
     def _speak(
         self,
         text: str,
+        words_per_minute: int,
         loop: asyncio.AbstractEventLoop,
         blocks: asyncio.Queue[bytes | None],
         abort: threading.Event,
@@ -111,7 +116,7 @@ class EspeakTextToSpeech:
                 lib, _ = _load_library()
                 lib.espeak_SetSynthCallback(callback)
                 lib.espeak_SetVoiceByName(self.config.voice.encode())
-                lib.espeak_SetParameter(1, self.config.words_per_minute, 0)  # espeakRATE
+                lib.espeak_SetParameter(1, words_per_minute, 0)  # espeakRATE
                 status = lib.espeak_Synth(encoded, len(encoded), 0, POSITION_CHARACTER, 0,
                                           ESPEAK_CHARS_UTF8, None, None)  # fmt: skip
             if status != 0:

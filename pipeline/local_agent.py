@@ -24,7 +24,16 @@ from typing import Any
 
 from pipeline.config import LocalAgentConfig
 from pipeline.knowledge import KnowledgeBase, words_of
-from pipeline.providers import LanguageModelEvent, Message, TextDelta, ToolCall, ToolSpec, Usage
+from pipeline.providers import (
+    ForcedTool,
+    LanguageModelEvent,
+    Message,
+    TextDelta,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
+    Usage,
+)
 from pipeline.untrusted_json import JsonInputError, decode
 
 RECALL_VERBS = frozenset({"ask", "asked", "say", "said"})
@@ -73,9 +82,9 @@ class LocalRuleBasedAgent:
         self._sleep = sleep
 
     async def generate(
-        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec], choice: ToolChoice = "auto"
     ) -> AsyncIterator[LanguageModelEvent]:
-        reply = self.decide(messages, {tool.name for tool in tools})
+        reply = _chosen(self.decide(messages, {tool.name for tool in tools}), tools, choice)
         input_tokens = sum(len(message.content.split()) for message in messages)
         if isinstance(reply, ToolCall):
             yield reply
@@ -150,6 +159,17 @@ def _recall(earlier: Sequence[Message]) -> str:
     if not asked:
         return "This is your first question."
     return f"You asked: {asked[-1].rstrip('?.! ')}."
+
+
+def _chosen(reply: Reply, tools: Sequence[ToolSpec], choice: ToolChoice) -> Reply:
+    """The reply the tool choice allows: a call of the forced tool, or of some tool when one
+    is required (with no arguments: the tool says what it lacks)."""
+    if isinstance(choice, ForcedTool):
+        keep = isinstance(reply, ToolCall) and reply.name == choice.name
+        return reply if keep else _tool_call(choice.name, {})
+    if choice == "required" and not isinstance(reply, ToolCall) and tools:
+        return _tool_call(tools[0].name, {})
+    return reply
 
 
 def _tool_call(name: str, arguments: dict[str, Any]) -> ToolCall:

@@ -20,6 +20,7 @@ import json
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -125,15 +126,21 @@ class PiperTextToSpeech:
         if executor is not None and self._pool is None:  # a pool is closed by its owner
             await asyncio.to_thread(executor.shutdown, wait=True)
 
-    async def synthesize(self, text: str, voice: str | None = None) -> AsyncIterator[AudioChunk]:
+    async def synthesize(
+        self, text: str, voice: str | None = None, speed: float = 1.0
+    ) -> AsyncIterator[AudioChunk]:
+        """``speed`` (a multiple of the normal rate) divides piper's ``length_scale``."""
         if voice not in (None, *self.voices):
             raise ProviderError(self.name, f"no voice {voice!r}", retryable=False)
         if self._executor is None or self._voice is None:
             raise ProviderError(self.name, "not started", retryable=False)
         rate_hz = self.sample_rate_hz
+        synthesis = self._synthesis
+        if speed != 1.0:
+            synthesis = replace(synthesis, length_scale=synthesis.length_scale / speed)
         sentences = await self._job(_phonemize, self._voice, text)
         for phonemes in sentences:
-            pcm = await self._job(_sentence_pcm, self._voice, phonemes, self._synthesis)
+            pcm = await self._job(_sentence_pcm, self._voice, phonemes, synthesis)
             yield AudioChunk(pcm, rate_hz)
 
     async def _job(self, work: Callable[..., T], *args: Any) -> T:

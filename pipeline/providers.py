@@ -45,13 +45,37 @@ class Transcript:
     final: bool
 
 
+@dataclass(frozen=True)
+class TranscriptionHints:
+    """What the client said about its speech: ``language`` (ISO-639-1, e.g. "en") and a
+    ``prompt`` (words or style to expect). A speech-to-text that cannot use one ignores it."""
+
+    language: str | None = None
+    prompt: str | None = None
+
+
+NO_HINTS = TranscriptionHints()
+
+
 @runtime_checkable
 class SpeechToText(Protocol):
     name: str
 
     def transcribe(self, audio: AsyncIterator[AudioChunk]) -> AsyncIterator[Transcript]:
-        """Partials as the audio arrives; exactly one final Transcript after the input ends."""
+        """Partials as the audio arrives; exactly one final Transcript after the input ends.
+        One that takes hints takes them as a second argument (``transcribe_with``)."""
         ...
+
+
+def transcribe_with(
+    stt: SpeechToText, audio: AsyncIterator[AudioChunk], hints: TranscriptionHints = NO_HINTS
+) -> AsyncIterator[Transcript]:
+    """``stt.transcribe``, with the hints as its second argument when there are any."""
+    if hints == NO_HINTS:
+        return stt.transcribe(audio)
+    transcribe: Any = stt.transcribe
+    transcripts: AsyncIterator[Transcript] = transcribe(audio, hints)
+    return transcripts
 
 
 # --- language model -------------------------------------------------------------------------
@@ -102,6 +126,17 @@ class Usage:
 LanguageModelEvent = TextDelta | ToolCall | Usage
 
 
+@dataclass(frozen=True)
+class ForcedTool:
+    """A tool choice: the model must call this tool."""
+
+    name: str
+
+
+# "auto": the model decides; "required": it must call one of the tools; ForcedTool: that one.
+ToolChoice = Literal["auto", "required"] | ForcedTool
+
+
 @runtime_checkable
 class LanguageModel(Protocol):
     name: str
@@ -109,8 +144,24 @@ class LanguageModel(Protocol):
     def generate(
         self, messages: Sequence[Message], tools: Sequence[ToolSpec]
     ) -> AsyncIterator[LanguageModelEvent]:
-        """Stream text deltas and complete tool calls; at most one Usage, last."""
+        """Stream text deltas and complete tool calls; at most one Usage, last. A model that
+        honours a tool choice takes it as a third argument (``generate_with``)."""
         ...
+
+
+def generate_with(
+    llm: LanguageModel,
+    messages: Sequence[Message],
+    tools: Sequence[ToolSpec],
+    tool_choice: ToolChoice = "auto",
+) -> AsyncIterator[LanguageModelEvent]:
+    """``llm.generate`` with a tool choice: "auto" (or no tools) is the two-argument call every
+    model takes; any other choice is passed on as the third argument."""
+    if tool_choice == "auto" or not tools:
+        return llm.generate(messages, tools)
+    generate: Any = llm.generate  # a model that honours choices takes it third
+    stream: AsyncIterator[LanguageModelEvent] = generate(messages, tools, tool_choice)
+    return stream
 
 
 # --- text to speech -------------------------------------------------------------------------
@@ -127,5 +178,17 @@ class TextToSpeech(Protocol):
 
     def synthesize(self, text: str, voice: str | None = None) -> AsyncIterator[AudioChunk]:
         """Speak one chunk of text in ``voice`` (one of ``voices``; None: the default),
-        streaming audio as it is produced."""
+        streaming audio as it is produced. One that changes its pace takes a speed (a multiple
+        of its normal rate) as a third argument (``synthesize_with``)."""
         ...
+
+
+def synthesize_with(
+    tts: TextToSpeech, text: str, voice: str | None = None, speed: float = 1.0
+) -> AsyncIterator[AudioChunk]:
+    """``tts.synthesize``: with the speed as its third argument unless it is the normal 1.0."""
+    if speed == 1.0:
+        return tts.synthesize(text) if voice is None else tts.synthesize(text, voice)
+    synthesize: Any = tts.synthesize
+    audio: AsyncIterator[AudioChunk] = synthesize(text, voice, speed)
+    return audio

@@ -47,6 +47,7 @@ from pipeline.guards import (
     close_iterator,
 )
 from pipeline.providers import (
+    NO_HINTS,
     AudioChunk,
     LanguageModel,
     LanguageModelEvent,
@@ -54,8 +55,13 @@ from pipeline.providers import (
     ProviderError,
     SpeechToText,
     TextToSpeech,
+    ToolChoice,
     ToolSpec,
     Transcript,
+    TranscriptionHints,
+    generate_with,
+    synthesize_with,
+    transcribe_with,
 )
 
 __all__ = [
@@ -323,21 +329,25 @@ class _Hardened(Generic[P]):
 
 
 class HardenedSpeechToText(_Hardened[SpeechToText]):
-    def transcribe(self, audio: AsyncIterator[AudioChunk]) -> AsyncGenerator[Transcript, None]:
+    def transcribe(
+        self, audio: AsyncIterator[AudioChunk], hints: TranscriptionHints = NO_HINTS
+    ) -> AsyncGenerator[Transcript, None]:
         replay = AudioReplay(audio)
-        attempts = [partial(_transcribe, p, replay) for p in self._providers]
+        attempts = [partial(_transcribe, p, replay, hints) for p in self._providers]
         return self._run(attempts, replay.input_end)
 
 
-def _transcribe(provider: SpeechToText, replay: AudioReplay) -> AsyncIterator[Transcript]:
-    return provider.transcribe(replay.fresh())
+def _transcribe(
+    provider: SpeechToText, replay: AudioReplay, hints: TranscriptionHints
+) -> AsyncIterator[Transcript]:
+    return transcribe_with(provider, replay.fresh(), hints)
 
 
 class HardenedLanguageModel(_Hardened[LanguageModel]):
     def generate(
-        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec], choice: ToolChoice = "auto"
     ) -> AsyncGenerator[LanguageModelEvent, None]:
-        attempts = [partial(p.generate, messages, tools) for p in self._providers]
+        attempts = [partial(generate_with, p, messages, tools, choice) for p in self._providers]
         return self._run(attempts, InputEnd(ended=True))
 
 
@@ -348,9 +358,11 @@ class HardenedTextToSpeech(_Hardened[TextToSpeech]):
     def voices(self) -> tuple[str, ...]:
         return self._providers[0].voices
 
-    def synthesize(self, text: str, voice: str | None = None) -> AsyncGenerator[AudioChunk, None]:
+    def synthesize(
+        self, text: str, voice: str | None = None, speed: float = 1.0
+    ) -> AsyncGenerator[AudioChunk, None]:
         attempts = [
-            partial(p.synthesize, text, voice if voice in p.voices else None)
+            partial(synthesize_with, p, text, voice if voice in p.voices else None, speed)
             for p in self._providers
         ]
         return self._run(attempts, InputEnd(ended=True))

@@ -24,7 +24,16 @@ from pipeline import events as ev
 from pipeline.chunker import SpeechChunker
 from pipeline.config import EngineConfig
 from pipeline.playout import FrameSlicer, PcmResampler, PlayoutLedger
-from pipeline.providers import LanguageModel, Message, TextDelta, TextToSpeech, ToolCall, Usage
+from pipeline.providers import (
+    LanguageModel,
+    Message,
+    TextDelta,
+    TextToSpeech,
+    ToolCall,
+    Usage,
+    generate_with,
+    synthesize_with,
+)
 from pipeline.tools import ToolRegistry
 from pipeline.turns import TurnRecorder
 
@@ -84,8 +93,7 @@ class SpokenResponse:
         if self.config.instructions:
             messages.insert(0, Message("system", self.config.instructions))
         for round_index in range(self.config.max_tool_rounds + 1):
-            offer_tools = round_index < self.config.max_tool_rounds
-            calls = await self._generate_round(messages, chunker, chunks, offer_tools)
+            calls = await self._generate_round(messages, chunker, chunks, round_index)
             if not calls or self.limited or not await self._run_tools(calls, messages):
                 break
         for chunk in chunker.flush():
@@ -97,12 +105,16 @@ class SpokenResponse:
         messages: list[Message],
         chunker: SpeechChunker,
         chunks: asyncio.Queue[str | None],
-        offer_tools: bool,
+        round_index: int,
     ) -> list[ToolCall]:
         recorder, calls = self.recorder, []
+        offer_tools = round_index < self.config.max_tool_rounds
         specs = self.tools.specs() if offer_tools else []
+        # The choice holds for the first round: a forced call is made once, then the model
+        # answers from its result.
+        choice = self.config.tool_choice if round_index == 0 else "auto"
         limit = self.config.max_output_tokens
-        stream = timed(self.llm.generate(messages, specs), recorder, self._now)
+        stream = timed(generate_with(self.llm, messages, specs, choice), recorder, self._now)
         counted = self.tokens
         async with aclosing(stream):
             async for event in stream:
@@ -178,8 +190,7 @@ class SpokenResponse:
     async def _speak_chunk(self, text: str, audio: asyncio.Queue[bytes | None]) -> None:
         out_rate_hz = self.config.output_sample_rate_hz
         resampler: PcmResampler | None = None
-        voice = self.config.voice
-        speech = self.tts.synthesize(text) if voice is None else self.tts.synthesize(text, voice)
+        speech = synthesize_with(self.tts, text, self.config.voice, self.config.speed)
         stream = timed(speech, self.recorder, self._now)
         async with aclosing(stream):
             async for chunk in stream:

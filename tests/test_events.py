@@ -134,7 +134,9 @@ def test_the_agents_sdk_first_session_update_is_accepted() -> None:
     )
     assert isinstance(event, SessionUpdate)
     config = event.apply(SessionConfig(id="s"))
-    assert config.instructions == "Be kind." and config.turn_detection == TurnDetection()
+    assert config.instructions == "Be kind."
+    assert config.turn_detection == TurnDetection(type="semantic_vad")  # eagerness "auto"
+    assert (config.noise_reduction, config.speed) == (None, 1.0)
     assert config.transcription is not None
     assert config.transcription.model == "gpt-4o-mini-transcribe"
 

@@ -212,3 +212,86 @@ async def _append(events: Events, pcm: bytes) -> None:
     for start in range(0, len(pcm), step):
         chunk = base64.b64encode(pcm[start : start + step]).decode()
         await events.connection.input_audio_buffer.append(audio=chunk)
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather."}
+CLOCK = {"type": "function", "name": "get_clock", "description": "The clock."}
+
+
+async def test_tools_are_the_sessions_and_the_builtins_are_listed_and_opt_in(
+    events: Events, server: FakeOpenAIServer
+) -> None:
+    listed = events.of("session.created")[0]["session"]["tools"]
+    assert [tool["name"] for tool in listed] == ["current_time", "lookup_knowledge"]
+    await _session(events, {"tools": []})
+    done = await say(events, "what does current_time say")
+    assert done["response"]["output"][0]["type"] == "message", done
+    assert "tools" not in (await server.stats())["last_request"]["chat"]  # none offered
+    clock = next(tool for tool in listed if tool["name"] == "current_time")
+    updated = await _session(events, {"tools": [clock, WEATHER]})
+    assert updated["tools"] == [clock, {**WEATHER, "parameters": _NO_PARAMETERS}]
+    done = await say(events, "what does current_time say")  # the server runs its built-in
+    (item,) = done["response"]["output"]
+    assert item["type"] == "message", item
+    assert "current_time tool says" in item["content"][0]["transcript"], item
+    sent = (await server.stats())["last_request"]["chat"]
+    assert [tool["function"]["name"] for tool in sent["tools"]] == ["current_time", "get_weather"]
+
+
+async def test_tool_choice_required_forced_and_none(
+    events: Events, server: FakeOpenAIServer
+) -> None:
+    await _session(events, {"tools": [WEATHER, CLOCK], "tool_choice": "required"})
+    call = await _function_call(events, "hello there")  # names no tool: the choice forces one
+    assert call["name"] == "get_weather", call
+    assert (await server.stats())["last_request"]["chat"]["tool_choice"] == "required"
+    forced = {"type": "function", "name": "get_clock"}
+    assert (await _session(events, {"tool_choice": forced}))["tool_choice"] == forced
+    call = await _function_call(events, "what is the get_weather")
+    assert call["name"] == "get_clock", call
+    sent = (await server.stats())["last_request"]["chat"]["tool_choice"]
+    assert sent == {"type": "function", "function": {"name": "get_clock"}}
+    await _session(events, {"tool_choice": "none"})
+    done = await say(events, "what is the get_weather")
+    assert [item["type"] for item in done["response"]["output"]] == ["message"], done
+    assert "tools" not in (await server.stats())["last_request"]["chat"]
+
+
+async def test_mcp_tools_and_bad_tool_choices_are_refused_and_the_update_discarded(
+    events: Events,
+) -> None:
+    mcp = {"type": "mcp", "server_label": "docs", "server_url": "https://example.com/mcp"}
+    for session, code, param in [
+        ({"tools": [WEATHER, mcp]}, "invalid_value", "session.tools[1].type"),
+        ({"tool_choice": {"type": "mcp", "server_label": "docs"}}, "invalid_value",
+         "session.tool_choice.type"),
+        ({"tool_choice": "sometimes"}, "invalid_value", "session.tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}},
+         "invalid_value", "session.tool_choice.name"),
+    ]:  # fmt: skip
+        error = await error_for(events, _update({"instructions": "Lost.", **session}))
+        assert (error["code"], error["param"]) == (code, param), error
+        if session.get("tools") == [WEATHER, mcp]:  # OpenAI's words for a value outside a set
+            assert error["message"] == "Invalid value: 'mcp'. Supported values are: 'function'."
+    updated = await _session(events, {})
+    assert updated["instructions"] != "Lost."
+    assert [tool["name"] for tool in updated["tools"]] == ["current_time", "lookup_knowledge"]
+
+
+_NO_PARAMETERS = {"type": "object", "properties": {}}
+
+
+async def _session(events: Events, session: dict[str, Any]) -> dict[str, Any]:
+    """The session after a session.update of ``session``, as session.updated reports it."""
+    await events.connection.send_raw(_update(session))
+    updated: dict[str, Any] = (await events.next("session.updated"))["session"]
+    return updated
+
+
+async def _function_call(events: Events, text: str) -> dict[str, Any]:
+    """The function call that answers ``text`` (its response completed; left unanswered)."""
+    done = await say(events, text)
+    assert done["response"]["status"] == "completed", done
+    (call,) = done["response"]["output"]
+    assert call["type"] == "function_call", call
+    return dict(call)

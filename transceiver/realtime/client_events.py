@@ -42,14 +42,31 @@ def new_id(prefix: str) -> str:
 
 @dataclass(frozen=True)
 class TurnDetection:
+    """``server_vad`` knobs, or ``semantic_vad`` (its ``eagerness``; the policy maps it onto
+    the detector's silence window)."""
+
     threshold: float = 0.5
     prefix_padding_ms: int = 300
     silence_duration_ms: int = 500
     create_response: bool = True
     interrupt_response: bool = True
+    type: str = "server_vad"
+    idle_timeout_ms: int | None = None  # server_vad: answer after this much silence
+    eagerness: str = "auto"  # semantic_vad
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": "server_vad", **self.__dict__}
+        common = {"create_response": self.create_response}
+        common["interrupt_response"] = self.interrupt_response
+        if self.type == "semantic_vad":
+            return {"type": self.type, "eagerness": self.eagerness, **common}
+        return {
+            "type": self.type,
+            "threshold": self.threshold,
+            "prefix_padding_ms": self.prefix_padding_ms,
+            "silence_duration_ms": self.silence_duration_ms,
+            "idle_timeout_ms": self.idle_timeout_ms,
+            **common,
+        }
 
 
 @dataclass(frozen=True)
@@ -87,6 +104,19 @@ class FunctionTool:
 
 
 @dataclass(frozen=True)
+class ForcedFunction:
+    """``tool_choice`` ``{"type": "function", "name": ...}``: the model must call it."""
+
+    name: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "function", "name": self.name}
+
+
+ToolChoiceSetting = str | ForcedFunction  # "auto", "none", "required", or a forced function
+
+
+@dataclass(frozen=True)
 class SessionConfig:
     """The effective session, as session.created/updated report it."""
 
@@ -96,10 +126,12 @@ class SessionConfig:
     voice: str = "joe"
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
     tools: tuple[FunctionTool, ...] = ()
-    tool_choice: str = "auto"
+    tool_choice: ToolChoiceSetting = "auto"
     transcription: Transcription | None = field(default_factory=Transcription)  # None: off
     output_modalities: tuple[str, ...] = ("audio",)
     max_output_tokens: int | None = None  # None: "inf"
+    speed: float = 1.0
+    noise_reduction: str | None = None  # "near_field", "far_field"; None: off
 
     def to_json(self) -> dict[str, Any]:
         audio_format = {"type": "audio/pcm", "rate": AUDIO_RATE_HZ}
@@ -111,20 +143,27 @@ class SessionConfig:
             "model": self.model,
             "output_modalities": list(self.output_modalities),
             "instructions": self.instructions,
-            "tool_choice": self.tool_choice,
+            "tool_choice": tool_choice_json(self.tool_choice),
             "tools": [t.to_json() for t in self.tools],
             "max_output_tokens": self.max_output_tokens or "inf",
             "audio": {
                 "input": {
                     "format": audio_format,
+                    "noise_reduction": None
+                    if self.noise_reduction is None
+                    else {"type": self.noise_reduction},
                     "turn_detection": detection,
                     "transcription": None
                     if self.transcription is None
                     else self.transcription.to_json(),
                 },
-                "output": {"format": audio_format, "voice": self.voice, "speed": 1.0},
+                "output": {"format": audio_format, "voice": self.voice, "speed": self.speed},
             },
         }
+
+
+def tool_choice_json(choice: ToolChoiceSetting) -> str | dict[str, Any]:
+    return choice.to_json() if isinstance(choice, ForcedFunction) else choice
 
 
 # --- client events --------------------------------------------------------------------------
@@ -159,8 +198,11 @@ class ConversationItemCreate:
 
 @dataclass(frozen=True)
 class ResponseCreate:
+    """``response`` as sent (an object); its fields are read by ``responses.plan_response``."""
+
     event_id: str | None
     instructions: str | None = None
+    response: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -317,6 +359,12 @@ SESSION_KEYS = frozenset({
 AUDIO_KEYS = frozenset({"input", "output"})
 AUDIO_INPUT_KEYS = frozenset({"format", "noise_reduction", "transcription", "turn_detection"})
 AUDIO_OUTPUT_KEYS = frozenset({"format", "voice", "speed"})
+NOISE_REDUCTION_KEYS = frozenset({"type", "strength"})
+NOISE_REDUCTION_TYPES = ("near_field", "far_field")
+EAGERNESS = ("low", "medium", "high", "auto")
+TOOL_CHOICES = ("auto", "none", "required")
+SPEED_RANGE = (0.25, 1.5)  # OpenAI's bounds for audio.output.speed
+IDLE_TIMEOUT_MS_RANGE = (5_000, 30_000)  # OpenAI's bounds for idle_timeout_ms
 TRANSCRIPTION_KEYS = frozenset({"model", "language", "prompt", "keywords", "languages", "delay"})
 SERVER_VAD_KEYS = frozenset({
     "type", "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response",
@@ -341,9 +389,10 @@ def _parse_session_update(raw: Mapping[str, Any], event_id: str | None) -> Sessi
         raise EventError("missing_required_parameter", "missing session", "session")
     _known(session, SESSION_KEYS, "session.")
     changes: dict[str, Any] = {}
-    for key in ("instructions", "tool_choice"):
-        if (value := _str(session, key, path="session.")) is not None:
-            changes[key] = value
+    if (value := _str(session, "instructions", path="session.")) is not None:
+        changes["instructions"] = value
+    if session.get("tool_choice") is not None:
+        changes["tool_choice"] = _parse_tool_choice(session["tool_choice"])
     if "tools" in session:
         changes["tools"] = _parse_tools(session["tools"])
     if "output_modalities" in session:
@@ -357,7 +406,31 @@ def _parse_session_update(raw: Mapping[str, Any], event_id: str | None) -> Sessi
     _known(output, AUDIO_OUTPUT_KEYS, "session.audio.output.")
     if (voice := _str(output, "voice", path="session.audio.output.")) is not None:
         changes["voice"] = voice
+    if (speed := _number(output, "speed", "session.audio.output.", *SPEED_RANGE)) is not None:
+        changes["speed"] = speed
     return SessionUpdate(event_id, changes)
+
+
+def _parse_tool_choice(value: Any) -> ToolChoiceSetting:
+    path = "session.tool_choice"
+    if isinstance(value, str):
+        if value not in TOOL_CHOICES:
+            raise EventError("invalid_value", _invalid(value, TOOL_CHOICES), path)
+        return value
+    if not isinstance(value, dict):
+        raise EventError("invalid_type", f"{path} must be a string or an object", path)
+    if value.get("type") != "function":  # an MCP tool choice, like MCP tools, is refused
+        raise EventError(
+            "invalid_value", _invalid(value.get("type"), ("function",)), path + ".type"
+        )
+    _known(value, frozenset({"type", "name"}), path + ".")
+    return ForcedFunction(_str(value, "name", required=True, path=path + ".") or "")
+
+
+def _invalid(value: Any, supported: tuple[str, ...]) -> str:
+    """OpenAI's words for a value outside a set."""
+    names = ", ".join(repr(name) for name in supported)
+    return f"Invalid value: {value!r}. Supported values are: {names}."
 
 
 def _parse_modalities(value: Any) -> tuple[str, ...]:
@@ -385,7 +458,23 @@ def _parse_audio_input(audio_in: Mapping[str, Any]) -> dict[str, Any]:
         changes["turn_detection"] = _parse_turn_detection(audio_in["turn_detection"], path)
     if "transcription" in audio_in:
         changes["transcription"] = _parse_transcription(audio_in["transcription"], path)
+    if "noise_reduction" in audio_in:
+        changes["noise_reduction"] = _parse_noise_reduction(audio_in["noise_reduction"], path)
     return changes
+
+
+def _parse_noise_reduction(value: Any, path: str) -> str | None:
+    if value is None:
+        return None
+    path += "noise_reduction"
+    if not isinstance(value, dict):
+        raise EventError("invalid_type", f"{path} must be an object or null", path)
+    _known(value, NOISE_REDUCTION_KEYS, path + ".")
+    _number(value, "strength", path + ".", 0.0, 1.0)  # accepted; see docs/realtime-compat.md
+    kind = value.get("type")
+    if kind not in NOISE_REDUCTION_TYPES:
+        raise EventError("invalid_value", _invalid(kind, NOISE_REDUCTION_TYPES), path + ".type")
+    return str(kind)
 
 
 def _parse_transcription(value: Any, path: str) -> Transcription | None:
@@ -411,7 +500,7 @@ def _parse_turn_detection(value: Any, path: str) -> TurnDetection | None:
         raise EventError("invalid_type", f"{path}turn_detection must be an object or null")
     path += "turn_detection."
     # semantic_vad (what @openai/agents-realtime asks for by default) runs on the same
-    # webrtcvad turn detector here, with its default knobs.
+    # webrtcvad turn detector here, its eagerness setting the silence that ends a turn.
     kind = value.get("type", "server_vad")
     if kind not in ("server_vad", "semantic_vad"):
         raise EventError(
@@ -429,7 +518,13 @@ def _parse_turn_detection(value: Any, path: str) -> TurnDetection | None:
             raise EventError("invalid_type", f"{path}{key} must be a boolean", path + key)
         if key in value:
             knobs[key] = value[key]
-    return TurnDetection(**knobs)
+    if (idle_ms := _number(value, "idle_timeout_ms", path, *IDLE_TIMEOUT_MS_RANGE)) is not None:
+        knobs["idle_timeout_ms"] = int(idle_ms)
+    if (eagerness := value.get("eagerness")) is not None:
+        if eagerness not in EAGERNESS:
+            raise EventError("invalid_value", _invalid(eagerness, EAGERNESS), path + "eagerness")
+        knobs["eagerness"] = eagerness
+    return TurnDetection(**knobs, type=kind)
 
 
 def _parse_tools(value: Any) -> tuple[FunctionTool, ...]:
@@ -441,8 +536,8 @@ def _parse_tools(value: Any) -> tuple[FunctionTool, ...]:
 def _parse_tool(tool: Any, path: str) -> FunctionTool:
     if not isinstance(tool, dict):
         raise EventError("invalid_type", f"{path[:-1]} must be an object", path[:-1])
-    if tool.get("type", "function") != "function":
-        raise EventError("invalid_value", "only function tools are supported", path + "type")
+    if tool.get("type", "function") != "function":  # e.g. "mcp": no MCP client here
+        raise EventError("invalid_value", _invalid(tool.get("type"), ("function",)), path + "type")
     _known(tool, FUNCTION_TOOL_KEYS, path)
     name = _str(tool, "name", required=True, path=path) or ""
     parameters = _obj(tool, "parameters", path) or {"type": "object", "properties": {}}
@@ -480,8 +575,9 @@ def _user_text(item: Mapping[str, Any]) -> str:
 
 
 def _parse_response_create(raw: Mapping[str, Any], event_id: str | None) -> ResponseCreate:
+    _known(raw, frozenset({"type", "event_id", "response"}), "")
     response = _obj(raw, "response") or {}
-    return ResponseCreate(event_id, _str(response, "instructions", path="response."))
+    return ResponseCreate(event_id, _str(response, "instructions", path="response."), response)
 
 
 def _parse_response_cancel(raw: Mapping[str, Any], event_id: str | None) -> ResponseCancel:

@@ -3,10 +3,21 @@
 Policy layer, pure. ``SessionPolicy`` holds the process's base ``EngineConfig`` and the
 server's built-in tools; from a ``SessionConfig`` (as session.update leaves it) it derives the
 engine config and the tool registry, and checks what the deployment decides: the voice must
-be one the TTS has (``voices``, its default first). Client tools are executed by the client: a
-declared tool replaces a built-in of the same name, and a call to it ends the response
-(OpenAI's flow: function_call item, then the client's function_call_output and
-response.create).
+be one the TTS has (``voices``, its default first).
+
+Tools are the session's ``tools``, no others (``tools: []``: none). The server's built-ins are
+listed there like any other function tool: a new session starts with them, as
+``session.created`` shows, and a client keeps one by declaring it exactly as listed (name,
+description, parameters); then the server runs it. Any other declared tool is the client's: a
+call to it ends the response (OpenAI's flow: function_call item, then the client's
+function_call_output and response.create). ``tool_choice``: "none" offers no tools, "required"
+makes the first model call of a response call one, a forced function makes it call that one.
+
+Turn detection: ``semantic_vad`` runs the same webrtcvad detector, its ``eagerness`` choosing
+the silence that ends a turn (``EAGERNESS_SILENCE_MS``). ``noise_reduction`` filters nothing
+here: it makes the detector one webrtcvad step stricter (``threshold`` + 0.25), so noise
+starts fewer turns. ``speed`` and the transcription's ``language``/``prompt`` go to the TTS and
+the speech-to-text that take them.
 """
 
 from __future__ import annotations
@@ -17,10 +28,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline.config import EngineConfig
-from pipeline.providers import ToolSpec
+from pipeline.providers import ForcedTool, ToolChoice, ToolSpec, TranscriptionHints
 from pipeline.tools import Tool, ToolRegistry
 from transceiver.realtime.client_events import (
     EventError,
+    ForcedFunction,
+    FunctionTool,
     SessionConfig,
     SessionUpdate,
     TurnDetection,
@@ -28,6 +41,11 @@ from transceiver.realtime.client_events import (
     parse_client_event,
 )
 from transceiver.store.keys import MAX_CONFIG_BYTES, encode_json
+
+# semantic_vad's eagerness -> the silence that ends a turn (OpenAI's own waits at most 8, 4
+# and 2 s for low, medium and high; a fixed window here).
+EAGERNESS_SILENCE_MS = {"low": 1200, "medium": 700, "auto": 700, "high": 350}
+NOISE_REDUCTION_THRESHOLD_STEP = 0.25  # one webrtcvad aggressiveness step
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,7 @@ class SessionPolicy:
             instructions=self.base.instructions,
             voice=self.voices[0],
             turn_detection=detection,
+            tools=tuple(_listed(tool) for tool in self.builtin_tools),
         )
         if requested:
             config = session_update_from(requested).apply(config)
@@ -70,12 +89,22 @@ class SessionPolicy:
         detection = config.turn_detection
         vad = self.base.vad
         if detection is not None:
+            silence_ms = detection.silence_duration_ms
+            if detection.type == "semantic_vad":
+                silence_ms = EAGERNESS_SILENCE_MS[detection.eagerness]
+            threshold = detection.threshold
+            if config.noise_reduction is not None:
+                threshold = min(1.0, threshold + NOISE_REDUCTION_THRESHOLD_STEP)
             vad = replace(
                 vad,
-                threshold=detection.threshold,
+                threshold=threshold,
                 prefix_padding_ms=detection.prefix_padding_ms,
-                silence_duration_ms=detection.silence_duration_ms,
+                silence_duration_ms=silence_ms,
             )
+        transcription = config.transcription
+        hints = TranscriptionHints()
+        if transcription is not None:
+            hints = TranscriptionHints(transcription.language, transcription.prompt)
         return replace(
             self.base,
             instructions=config.instructions,
@@ -87,19 +116,45 @@ class SessionPolicy:
             voice=config.voice if config.voice in self.voices else None,
             speak="audio" in config.output_modalities,
             max_output_tokens=config.max_output_tokens,
+            tool_choice=_engine_choice(config),
+            speed=config.speed,
+            transcription=hints,
         )
 
     def tools(self, config: SessionConfig) -> ToolRegistry:
-        if config.tool_choice == "none":
-            return ToolRegistry()
+        """The session's tools: a built-in where one is declared as listed, else the client's
+        (EventError: names not unique, or a forced function that is not among them)."""
         declared = {tool.name for tool in config.tools}
         if len(declared) < len(config.tools):
             raise EventError("invalid_value", "tool names must be unique", "session.tools")
-        client = [
-            Tool(ToolSpec(tool.name, tool.description, tool.parameters)) for tool in config.tools
-        ]
-        kept = [tool for tool in self.builtin_tools if tool.spec.name not in declared]
-        return ToolRegistry([*kept, *client])
+        choice = config.tool_choice
+        if isinstance(choice, ForcedFunction) and choice.name not in declared:
+            message = f"tool_choice names {choice.name!r}, which is not among the tools"
+            raise EventError("invalid_value", message, "session.tool_choice.name")
+        if choice == "none":
+            return ToolRegistry()
+        return ToolRegistry(self._builtin(tool) or _client_tool(tool) for tool in config.tools)
+
+    def _builtin(self, declared: FunctionTool) -> Tool | None:
+        listed = (tool for tool in self.builtin_tools if _listed(tool) == declared)
+        return next(listed, None)
+
+
+def _listed(tool: Tool) -> FunctionTool:
+    """A built-in as the session lists it."""
+    spec = tool.spec
+    return FunctionTool(spec.name, spec.description, spec.parameters)
+
+
+def _client_tool(tool: FunctionTool) -> Tool:
+    return Tool(ToolSpec(tool.name, tool.description, tool.parameters))
+
+
+def _engine_choice(config: SessionConfig) -> ToolChoice:
+    choice = config.tool_choice
+    if isinstance(choice, ForcedFunction):
+        return ForcedTool(choice.name)
+    return "required" if choice == "required" else "auto"  # "none": no tools are offered
 
 
 def session_update_from(session: Mapping[str, Any]) -> SessionUpdate:
