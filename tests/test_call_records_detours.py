@@ -6,7 +6,8 @@ The fake refuses the turn's first chat request with a 503 (retryable: the same m
 retry) and its first speech request with a 400 (a refusal for good: piper takes over). The
 record at ``GET /v1/calls/{id}`` lists both, in order, with the stage, from and to, the reason,
 the attempts and that they were served; and, as this client never reports a heard time, the
-turn's ``heard`` is null.
+turn's ``heard`` is null. In process, against the same fake: what a reporting view tells of a
+call whose retries run out, with a fallback and without, and of a fallback that fails too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from openai.resources.realtime.realtime import AsyncRealtimeConnection
 from websocket_harness import EventLog, openai_client, transceiver_process_with
@@ -23,6 +25,9 @@ from deploy.fake_openai import FakeOpenAIServer
 from deploy.redis_server import RedisServer, redis_server_binary
 from deploy.survival import redis_env
 from deploy.waiting import poll
+from pipeline.openai_providers import OpenAILanguageModel
+from pipeline.providers import Message, ProviderError
+from pipeline.resilience import Detour, harden_llm, reporting
 from relay.wire.redis_config import RedisConfig
 
 pytestmark = [
@@ -102,3 +107,50 @@ async def turned(http: httpx.AsyncClient, url: str) -> dict[str, Any]:
         return bool(record.get("turns"))
 
     return await poll(read, stored, 15, lambda last: f"no turn stored: {last}", 0.05)
+
+
+async def no_pause(_: float) -> None:
+    pass
+
+
+async def detours_of(llm: Any, failing: bool = False) -> list[Detour]:
+    """The detours one call through a reporting view of ``llm`` tells."""
+    told: list[Detour] = []
+    stream = reporting(llm, told.append).generate([Message("user", "hello")], [])
+    if failing:
+        with pytest.raises(ProviderError):
+            [event async for event in stream]
+    else:
+        assert [event async for event in stream]
+    return told
+
+
+async def test_a_view_tells_each_calls_retries_and_fallbacks(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    first, second = OpenAILanguageModel(client, "m1"), OpenAILanguageModel(client, "m2")
+    both = harden_llm(first, second, sleep=no_pause)
+    assert await detours_of(both) == []  # answered at once: nothing to tell
+    await server.control(fail={"chat:m1": [503, 503, 503]})
+    (told,) = await detours_of(both)
+    assert told == Detour("llm", "fallback", first.name, second.name, told.reason, 3, True)
+    assert told.reason == f"{first.name}: HTTP 503: Error code: 503 - injected 503 on chat:m1"
+
+    await server.control(fail={"chat:m1": [503, 503, 503]})
+    (told,) = await detours_of(harden_llm(first, sleep=no_pause), failing=True)
+    assert (told.kind, told.to_provider, told.attempts, told.served) == (
+        "retry",
+        first.name,
+        3,
+        False,
+    )
+
+    await server.control(fail={"chat:m1": [400], "chat:m2": [400]})
+    (told,) = await detours_of(both, failing=True)
+    assert (told.kind, told.from_provider, told.to_provider) == (
+        "fallback",
+        first.name,
+        second.name,
+    )
+    assert (told.attempts, told.served) == (1, False) and "400" in told.reason, told
+    assert await detours_of(second) == []  # not hardened: it takes no detours, tells none
