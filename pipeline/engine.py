@@ -161,6 +161,11 @@ class ConversationEngine:
         return None if self._response is None else self._response.response_id
 
     @property
+    def input_position_ms(self) -> int:
+        """The input heard by the turn detector so far (its audio offsets count from here)."""
+        return 0 if self._detector is None else self._detector.position_ms
+
+    @property
     def user_speaking(self) -> bool:
         return self._detector is not None and self._detector.in_speech
 

@@ -92,6 +92,11 @@ class TurnDetector:
         self._utterance_start_ms = 0
         self.in_speech = False
 
+    @property
+    def position_ms(self) -> int:
+        """How much audio it has been fed."""
+        return self._position_ms
+
     def reconfigure(self, config: VadConfig, classify: Callable[[bytes], bool]) -> None:
         """New knobs from the next frame on; an open utterance goes on under them."""
         self.config = config

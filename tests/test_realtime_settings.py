@@ -295,3 +295,30 @@ async def _function_call(events: Events, text: str) -> dict[str, Any]:
     (call,) = done["response"]["output"]
     assert call["type"] == "function_call", call
     return dict(call)
+
+
+async def test_idle_timeout_commits_the_silence_and_answers(events: Events) -> None:
+    detection = {"type": "server_vad", "idle_timeout_ms": 5000}
+    session = await _session(events, {"audio": {"input": {"turn_detection": detection}}})
+    assert session["audio"]["input"]["turn_detection"]["idle_timeout_ms"] == 5000
+    first = await say(events, "hi there")
+    # No speech follows the answer: after its audio and 5 s, the server takes the turn.
+    triggered = await events.next("input_audio_buffer.timeout_triggered")
+    assert triggered["audio_end_ms"] >= triggered["audio_start_ms"] >= 0, triggered
+    committed = await events.next("input_audio_buffer.committed")
+    assert committed["item_id"] == triggered["item_id"]
+    added = await events.next("conversation.item.added")
+    assert (added["item"]["id"], added["item"]["role"]) == (triggered["item_id"], "user")
+    assert added["item"]["content"][0]["type"] == "input_audio"
+    done = await events.next("response.done")
+    assert done["response"]["id"] != first["response"]["id"]
+    assert done["response"]["status"] == "completed", done
+    for value, code in [(4999, "invalid_value"), (30001, "invalid_value")]:
+        bad = {**detection, "idle_timeout_ms": value}
+        error = await error_for(events, _update({"audio": {"input": {"turn_detection": bad}}}))
+        assert (error["code"], error["param"]) == (
+            code, "session.audio.input.turn_detection.idle_timeout_ms"
+        ), error  # fmt: skip
+    semantic = {"type": "semantic_vad", "idle_timeout_ms": 5000}  # server_vad's alone
+    error = await error_for(events, _update({"audio": {"input": {"turn_detection": semantic}}}))
+    assert error["code"] == "unknown_parameter", error

@@ -84,6 +84,7 @@ from transceiver.realtime.client_events import (
     TurnHeard,
     parse_client_event,
 )
+from transceiver.realtime.idle import IdleTimeout
 from transceiver.realtime.limits import RealtimeLimits
 from transceiver.realtime.policy import SessionPolicy, check_storable
 from transceiver.realtime.server_events import (
@@ -184,6 +185,7 @@ class RealtimeSession:
         self._handed_over = False
         self.contract: ClientContract | None = None  # None: the Realtime events
         self.spoke = False  # assistant audio went out: the voice is fixed (OpenAI's rule)
+        self.idle = IdleTimeout(self._idle_turn, self._quiet, lambda: engine.input_position_ms)
         if resumed is not None:
             journal, state = resumed
             self._hold(journal)
@@ -222,6 +224,7 @@ class RealtimeSession:
         self._pcm_out = PcmResampler(config.output_sample_rate_hz, AUDIO_RATE_HZ)
         self.translator.media_track = False
         self.max_event_bytes = MAX_WEBSOCKET_EVENT_BYTES
+        self.idle.audio_after_done = True
 
     def use_contract(self, contract: ClientContract) -> None:
         """Speak ``contract``'s events with the client instead of Realtime's."""
@@ -254,6 +257,7 @@ class RealtimeSession:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.idle.cancel()
         await self.engine.aclose()
         self.voice.stop()
         if self.journal is not None:
@@ -388,6 +392,7 @@ class RealtimeSession:
 
     def _observe(self, event: ev.EngineEvent) -> None:
         self.recorder.observe(event)
+        self.idle.observe(event)
         if isinstance(event, ev.OutputStarted):
             self.spoke = True
         elif isinstance(event, ev.OutputCleared):
@@ -471,7 +476,18 @@ class RealtimeSession:
         self.engine.reconfigure(self.policy.engine_config(config))
         self.engine.tools = tools
         self.translator.transcription = config.transcription is not None
+        detection = config.turn_detection
+        self.idle.configure(None if detection is None else detection.idle_timeout_ms)
         self.config = config
+
+    def _quiet(self) -> bool:
+        return self.engine.active_response_id is None and not self.engine.user_speaking
+
+    def _idle_turn(self, audio_start_ms: int, audio_end_ms: int) -> None:
+        """The idle timeout ran out: the silence is committed and answered (OpenAI's rule)."""
+        for event in self.translator.timed_out(audio_start_ms, audio_end_ms):
+            self.send(event)
+        self.engine.create_response()
 
     def _create_item(self, event: ConversationItemCreate) -> None:
         item = event.item

@@ -209,6 +209,18 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         item_id = self._user_items[event.turn] = new_id("item")
         return self._committed(item_id)
 
+    def timed_out(self, audio_start_ms: int, audio_end_ms: int) -> list[Event]:
+        """The idle timeout ran out: ``input_audio_buffer.timeout_triggered``, then the silent
+        input committed as a user audio item (no transcript), as OpenAI does."""
+        item_id = new_id("item")
+        triggered = server_event(
+            "input_audio_buffer.timeout_triggered",
+            audio_start_ms=audio_start_ms,
+            audio_end_ms=audio_end_ms,
+            item_id=item_id,
+        )
+        return [triggered, *self._committed(item_id)]
+
     def _committed(self, item_id: str) -> list[Event]:
         item = message_item(item_id, "user", "", audio=True)
         item["content"][0]["transcript"] = None  # until the transcription completes
