@@ -6,7 +6,8 @@ signed ``call.ended`` webhook to a receiver on loopback that fails its first del
 loads the live page and opens a call with an ``ek_`` secret; its microphone plays piper's speech:
 "Tell me about the moon." (answered through the knowledge tool) and, while that answer plays,
 "What time is it?": a spoken barge-in, then a second answer. The page reports when it heard
-each answer (``voicerelay.turn.heard``) and hangs up. The call's record at ``GET /v1/calls/{id}``
+each answer (``voicerelay.turn.heard``; a report naming no response of the call, or one
+reported already, gets an ``error`` event) and hangs up. The call's record at ``GET /v1/calls/{id}``
 has every field the record promises; the webhook receiver gets it again after its refusal, one
 idempotency id; the history page, opened with the API key typed into its field, lists the call
 and shows its turns: transcripts, the waterfall with the client's heard time, the tool call, the
@@ -107,9 +108,17 @@ async def make_the_call(page: Page, http: httpx.AsyncClient, base_url: str) -> s
         "(e) => e.type === 'voicerelay.turn.heard' && e.response_id === id))",
         timeout=10_000,
     )
-    await page.evaluate("window.voicerelay.hangup()")  # resolves once the server has it
     errors = await page.evaluate("window.voicerelay.events.filter((e) => e.type === 'error')")
     assert errors == [], errors
+    # Strict: a response the call does not have, or one reported again, is an error event.
+    for response_id in ("resp_nobody", first):
+        heard = {"type": "voicerelay.turn.heard", "response_id": response_id}
+        await page.evaluate("(e) => window.voicerelay.send(e)", {**heard, "event_id": response_id,
+                            "after_output_started_ms": 5})  # fmt: skip
+        refused = f"e.type === 'error' && e.error.event_id === '{response_id}'"
+        error = await wait_event(page, refused, 10)
+        assert error["error"]["param"] == "response_id", error
+    await page.evaluate("window.voicerelay.hangup()")  # resolves once the server has it
     return session_id
 
 
