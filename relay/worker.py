@@ -44,6 +44,7 @@ from relay.routing import (
     StunRateLimit,
     needs_route_lookup,
 )
+from relay.tracing import RouteTracer, route_tracer
 from relay.transceivers import Address, Change, TransceiverDirectory
 from relay.wire.header import HEADER_BYTES, MAX_LINK_DATAGRAM_BYTES, MAX_PAYLOAD_BYTES
 from relay.wire.hello import seal_hello
@@ -120,6 +121,7 @@ class Worker:
         self.started_s = time.monotonic()
         # HELLOs ask a transceiver for its ROUTES while it is new to this worker
         self.known_since = dict.fromkeys(self.router.transceivers, self.started_s)
+        self.route_tracer: RouteTracer | None = None  # OTEL_* on: a span per route verdict
         self.lookups: RouteLookups | None = None
         if config.redis is not None:
             self.lookups = RouteLookups(config.redis, self.router, self.counts, config.timing)
@@ -272,6 +274,8 @@ class Worker:
     def _miss_public(self, data: bytes, source: ClientKey, number: int) -> None:
         now = self._clock()
         action = self.router.on_public(data, source, number, now)
+        if self.route_tracer is not None:
+            self.route_tracer.verdict(data, source, action)
         if self.lookups is not None and needs_route_lookup(action, data):
             self.lookups.want(source, number, now)  # queues only: the answer comes later
         elif action is UNKNOWN_TRANSCEIVER and self.discovery is not None:
@@ -371,6 +375,7 @@ async def _serve(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     parent = os.getppid()
     worker = Worker(config, index, shared)
+    worker.route_tracer = route_tracer(os.environ, index)
     try:
         worker.start()
     except OSError as error:
@@ -391,6 +396,8 @@ async def _serve(
         if monitor is not None:
             await monitor.aclose()
         await worker.aclose()
+        if worker.route_tracer is not None:
+            await asyncio.to_thread(worker.route_tracer.shutdown)
 
 
 def run_worker(

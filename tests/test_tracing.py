@@ -6,6 +6,8 @@ on loopback, which decodes each ``ExportTraceServiceRequest`` with ``opentelemet
 classes. One session speaks a question and makes a client tool call; the receiver gets the call
 span, a turn span per turn under it, and STT, LLM (with the GenAI attributes), TTS and tool spans
 under those. Without ``OTEL_*`` a process never loads the SDK nor starts an exporter thread.
+
+Without ``OTEL_*`` the relay's worker loads no trace SDK and no exporter.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def wait_for(self, name: str) -> dict[str, Any]:
+        """The first span named ``name``, once it has come."""
         with self.changed:
             found = self.changed.wait_for(
                 lambda: [s for s in self.spans if s["name"] == name], RECEIVE_TIMEOUT_S
@@ -110,6 +113,7 @@ def _span(span: Any) -> dict[str, Any]:
         "end": span.end_time_unix_nano,
         "attributes": _attributes(span.attributes),
         "error": span.status.code == span.status.STATUS_CODE_ERROR,
+        "events": [event.name for event in span.events],
     }
 
 
@@ -252,3 +256,28 @@ def test_without_otel_variables_nothing_is_set_up() -> None:
     )  # fmt: skip
     found = json.loads(done.stdout)
     assert found == {"untraced": True, "sdk": [], "threads": ["MainThread"]}, done.stderr
+
+
+UNTRACED_RELAY = """
+import json, os, sys, threading
+from relay.tracing import route_tracer
+import relay.worker, relay.supervisor
+tracing = ("opentelemetry.sdk.trace", "opentelemetry.exporter")
+print(json.dumps({
+    "tracer": route_tracer(os.environ, 0) is None,
+    "sdk": sorted(m for m in sys.modules if m.startswith(tracing)),
+    "threads": [t.name for t in threading.enumerate()],
+}))
+"""
+
+
+def test_without_otel_variables_the_relay_loads_no_tracing_sdk() -> None:
+    """(redis-py 8 imports OpenTelemetry's API and metrics SDK on its own when they are
+    installed; the trace SDK and the exporter are ours to load, and stay out.)"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run(
+        [sys.executable, "-c", UNTRACED_RELAY],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    found = json.loads(done.stdout)
+    assert found == {"tracer": True, "sdk": [], "threads": ["MainThread"]}, done.stderr

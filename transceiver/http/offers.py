@@ -17,6 +17,7 @@ from fastapi import Request
 
 from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.http.errors import ApiError, unavailable
+from transceiver.realtime.call_tracing import offer_step
 from transceiver.webrtc.calls import AdmissionError, Calls
 from transceiver.webrtc.sdp import SdpError, sanitise_offer
 
@@ -34,10 +35,7 @@ async def read_offer(request: Request, calls: Calls) -> tuple[str, Mapping[str, 
             "unsupported_media_type",
             f"Content-Type must be application/sdp or multipart/form-data, not {content_type!r}",
         )
-    try:
-        calls.admit()
-    except AdmissionError as exc:
-        raise unavailable(exc) from None
+    admit(calls)
     body = await _read_body(request)
     raw, session = (
         (body, None)
@@ -48,6 +46,20 @@ async def read_offer(request: Request, calls: Calls) -> tuple[str, Mapping[str, 
         return sanitise_offer(_utf8(raw)), session
     except SdpError as exc:
         raise ApiError(400, exc.code, exc.message) from None
+
+
+def admit(calls: Calls) -> None:
+    """Room for one more call, or ApiError 503 (its span, ``voicerelay.admission``, says which
+    when traces are on)."""
+    with offer_step("voicerelay.admission") as span:
+        try:
+            calls.admit()
+        except AdmissionError as exc:
+            if span is not None:
+                span.set_attribute("voicerelay.verdict", exc.reason)
+            raise unavailable(exc) from None
+        if span is not None:
+            span.set_attribute("voicerelay.verdict", "admitted")
 
 
 async def _read_body(request: Request) -> bytes:

@@ -10,8 +10,14 @@ itself (``OTEL_EXPORTER_OTLP_*`` headers, timeout, ``OTEL_BSP_*`` batching,
 exporter thread starts.
 
 One trace per leg of a call (a connection serving a session): its ``voicerelay.call`` span runs
-from the answer to the hang-up. Spans of a turn are not threaded through the engine: when a
-turn ends, its ``pipeline.turns.TurnRecord`` (each stage's moment on the loop clock) becomes a
+from the answer to the hang-up. A leg answered over WebRTC signalling is a child of the offer's
+``voicerelay.offer`` span (``transceiver.http.offer_tracing``), which continues the client's
+W3C ``traceparent`` when the offer carries one; its connection phases are events on the call
+span (``voicerelay.ice.connected``, ``voicerelay.dtls.connected``, or ``.failed``). A session
+over WebSocket has no offer: its call span is the trace's root.
+
+Spans of a turn are not threaded through the engine: when a turn ends, its
+``pipeline.turns.TurnRecord`` (each stage's moment on the loop clock) becomes a
 ``voicerelay.turn`` span under the call, with explicit start and end times, and under it
 ``voicerelay.stt``, the LLM's ``chat <model>`` (GenAI semantic conventions: ``gen_ai.*``),
 ``voicerelay.tts`` and each tool call's ``execute_tool <name>``. Transcripts stay out of spans
@@ -20,12 +26,16 @@ turn ends, its ``pipeline.turns.TurnRecord`` (each stage's moment on the loop cl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 
@@ -83,9 +93,39 @@ def start_tracing(env: Mapping[str, str]) -> trace.Tracer | None:
 
 
 def call_trace(clock: Callable[[], float], wall: Callable[[], float]) -> CallTrace:
-    """A new leg's trace (``clock``: the loop clock turn records use; ``wall``: unix s)."""
+    """A new leg's trace (``clock``: the loop clock turn records use; ``wall``: unix s), under
+    the span current where it is made (an offer's, or none)."""
     tracer = process_tracer()
-    return Untraced() if tracer is None else LegTrace(tracer, clock, wall)
+    if tracer is None:
+        return Untraced()
+    leg = LegTrace(tracer, clock, wall, otel_context.get_current())
+    _LEG.set(leg)  # the offer that made it watches its connection (``leg_made_here``)
+    return leg
+
+
+def leg_made_here() -> LegTrace | None:
+    """The leg trace made last in this context (an offer's handler), if any."""
+    return _LEG.get()
+
+
+@contextlib.contextmanager
+def offer_step(name: str, attributes: _Attributes | None = None) -> Iterator[trace.Span | None]:
+    """A child span of the current one while the block runs (admission, a resume's claim, the
+    SDP answer); nothing at all when no recording span is current (traces off). The step does
+    not become the current span: a leg's call span made during the answer is the offer's."""
+    tracer = process_tracer()
+    if tracer is None or not trace.get_current_span().is_recording():
+        yield None
+        return
+    span = tracer.start_span(name, attributes=attributes)
+    try:
+        yield span
+    except BaseException as error:
+        span.record_exception(error)
+        span.set_status(trace.StatusCode.ERROR, type(error).__name__)
+        raise
+    finally:
+        span.end()
 
 
 @dataclass(frozen=True)
@@ -102,11 +142,19 @@ class LegTrace:
     """The spans of one leg, built from what its call recorder sees."""
 
     def __init__(
-        self, tracer: trace.Tracer, clock: Callable[[], float], wall: Callable[[], float]
+        self,
+        tracer: trace.Tracer,
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+        parent: Context | None = None,
     ) -> None:
         self._tracer = tracer
         self._clock = clock
         self._wall = wall
+        self._parent = parent  # the offer's span, or the empty context: a root
+        self.call_id = ""
+        self.session_id = ""
+        self._phases: set[str] = set()
         self._call: trace.Span | None = None
         self._context: Context | None = None
         self._tools: list[_Tool] = []
@@ -124,8 +172,10 @@ class LegTrace:
             attributes["voicerelay.transceiver"] = transceiver
         now_s = self._clock()
         self._offset_s = self._wall() - now_s
+        self.call_id, self.session_id = call_id, session_id
         self._call = self._tracer.start_span(
             "voicerelay.call",
+            self._parent,
             kind=trace.SpanKind.SERVER,
             attributes=attributes,
             start_time=self._ns(now_s),
@@ -134,6 +184,22 @@ class LegTrace:
         trace_id = _trace_id(self._call)
         log.info("call %s (session %s): trace %s", call_id, session_id, trace_id)
         return trace_id
+
+    def watch(self, pc: Any) -> None:
+        """Mark the peer connection's phases on the call span: ICE connected, DTLS up (aiortc's
+        connection state turns ``connected`` once every DTLS transport is), or failed."""
+        pc.on("iceconnectionstatechange", lambda: self._phase("ice", pc.iceConnectionState))
+        pc.on("connectionstatechange", lambda: self._phase("dtls", pc.connectionState))
+
+    def _phase(self, layer: str, state: str) -> None:
+        outcome = {"completed": "connected", "connected": "connected", "failed": "failed"}
+        name = f"voicerelay.{layer}.{outcome[state]}" if state in outcome else ""
+        if self._call is None or not name or name in self._phases:
+            return
+        self._phases.add(name)
+        self._call.add_event(name, timestamp=self._ns(self._clock()))
+        if outcome[state] == "failed":
+            log.warning("call %s: %s (trace %s)", self.call_id, name, _trace_id(self._call))
 
     def tool(
         self, name: str, call_id: str, side: str, started_s: float, ended_s: float, ok: bool
@@ -226,6 +292,9 @@ class LegTrace:
         if reason in ("error", "connect_timeout"):
             call.set_status(trace.StatusCode.ERROR, reason)
         call.end(end_time=self._ns(self._clock()))
+
+
+_LEG: ContextVar[LegTrace | None] = ContextVar("voicerelay_leg_trace", default=None)
 
 
 def _trace_id(span: trace.Span) -> str:
