@@ -42,6 +42,24 @@ def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_run(count: int, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive free UDP ports (a pod's workers bind link + i)."""
+    for _ in range(200):
+        first = free_port(socket.SOCK_DGRAM, host)
+        if first + count <= 65536 and all(_free_udp(host, first + i) for i in range(count)):
+            return first
+    raise RuntimeError(f"no {count} consecutive free UDP ports on {host}")
+
+
+def _free_udp(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def random_keys() -> str:
     return f"7:{os.urandom(32).hex()}"
 
