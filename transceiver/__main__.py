@@ -48,6 +48,7 @@ from transceiver.store.call_records import CallRecordPolicy
 from transceiver.store.connection import open_redis
 from transceiver.store.errors import StoreError
 from transceiver.store.route_publishing import RoutePublishing
+from transceiver.store.sideband_directory import open_sideband_directory
 from transceiver.webhooks import call_ended_webhooks
 from transceiver.webrtc import ice, rtp_tuning
 from transceiver.webrtc.calls import CallLimits, Calls
@@ -79,6 +80,12 @@ async def serve(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig 
             registry,
             config.survival.restarts,
         ),
+        open_sideband_directory(
+            redis,
+            None if agents.persistence is None else agents.persistence.owner_id,
+            config.http_advertise,
+            config.survival,
+        ) as sideband_directory,
     ):
         records = None if agents.persistence is None else agents.persistence.records
         if records is not None:
@@ -106,6 +113,7 @@ async def serve(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig 
                 agents.persistence,
                 agents.resume,
                 agents.websocket,
+                sideband_directory,
             )
             return await _serve(config, calls, app, link_address, stop)
         finally:

@@ -3,7 +3,10 @@
 I/O layer (FastAPI). ``POST /v1/realtime/calls`` takes an SDP offer as ``application/sdp`` or
 as OpenAI's ``multipart/form-data`` variant (field ``sdp``, optional ``session`` JSON) and answers
 201 with the SDP answer and ``Location: /v1/realtime/calls/{call_id}``.
-``GET /v1/realtime`` upgraded to a WebSocket is OpenAI's WebSocket transport (``websocket``).
+``GET /v1/realtime`` upgraded to a WebSocket is OpenAI's WebSocket transport (``websocket``);
+with ``?call_id=`` it is the sideband of a running call (``sideband``, which also serves Live's
+``/v1/live/sessions/{id}/attach`` and forwards a sideband to the transceiver running its
+session, found in ``sideband_directory``).
 ``GET /v1/live/sessions`` upgraded to a WebSocket is GPT-Live's primary WebSocket
 (``live_websocket``: the same sessions speaking the Live contract, ``transceiver.live``; its
 sideband attaches at ``/v1/live/sessions/{id}/attach``). ``POST /v1/live/sessions`` is a Live
@@ -47,11 +50,12 @@ from transceiver.http import client_secrets
 from transceiver.http.auth import Authenticator, AuthError
 from transceiver.http.calls_api import add_call_records
 from transceiver.http.errors import ApiError, add_error_handlers, error_response, unavailable
+from transceiver.http.hop_signature import HopKeys
 from transceiver.http.live_calls import add_live_calls
 from transceiver.http.live_websocket import add_live_websocket
 from transceiver.http.offers import json_object, read_offer
+from transceiver.http.sideband import Sidebands
 from transceiver.http.websocket import WebSocketSessions, add_realtime_websocket
-from transceiver.live.sessions import LiveSessions
 from transceiver.metrics import CapacityCollector, CapacityReadings
 from transceiver.realtime.client_events import (
     EventError,
@@ -62,6 +66,7 @@ from transceiver.realtime.client_events import (
 )
 from transceiver.store.journal import RESUME_TOKEN_HEADER, SESSION_HEADER
 from transceiver.store.persistence import ResumeRefused, SessionPersistence
+from transceiver.store.sideband_directory import SidebandDirectory
 from transceiver.webrtc.calls import AdmissionError, CallAgent, Calls, OfferRejected
 from transceiver.webrtc.link import Link
 
@@ -117,6 +122,7 @@ def create_app(
     persistence: SessionPersistence | None = None,
     resume: Resume | None = None,
     websocket_sessions: WebSocketSessions | None = None,
+    sideband_directory: SidebandDirectory | None = None,
 ) -> FastAPI:
     app = FastAPI(title="voicerelay transceiver", docs_url=None, redoc_url=None)
     registry.register(LinkCollector(link))
@@ -124,13 +130,15 @@ def create_app(
     _add_cors(app)
     _add_web_client(app)
     _add_client_secrets(app, auth)
-    add_realtime_websocket(app, calls, auth, websocket_sessions)
-    live = LiveSessions()
-    add_live_websocket(app, calls, auth, websocket_sessions, live)
+    secret_keys = auth.config.secret_keys  # shared by the transceivers: hops are signed with it
+    hops = None if secret_keys is None else HopKeys(secret_keys)
+    sidebands = Sidebands(calls, auth, sideband_directory, hops)
+    add_realtime_websocket(app, calls, auth, websocket_sessions, sidebands.attach_realtime)
+    add_live_websocket(app, calls, auth, websocket_sessions, sidebands)
     add_live_calls(
         app,
         calls,
-        live,
+        sidebands.live,
         lambda request: _authorise(auth.check_call, request),
         lambda request: _resumed_agent(request, resume),
         websocket_sessions is not None,
@@ -151,6 +159,7 @@ def create_app(
             raise unavailable(exc) from None
         except OfferRejected as exc:
             raise ApiError(400, "offer_rejected", str(exc)) from None
+        sidebands.call_began(call)
         headers = {"Location": f"{CALLS_PATH}/{call.call_id}"}
         resume_headers = getattr(call.agent, "resume_headers", None)
         if callable(resume_headers):

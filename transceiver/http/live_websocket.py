@@ -15,22 +15,14 @@ Realtime WebSocket session does (``websocket.run_session``).
 
 The sideband: ``wss://HOST/v1/live/sessions/{session_id}/attach`` (``client.live.sideband
 .connect(session_id=...)``), a trusted server joining a running Live session (WebRTC or
-WebSocket). Only the API key may attach (an ``ek_`` secret is a browser's: 401), and only to a
-session running on this transceiver (else 404 ``session_not_found`` before the upgrade; a
-session on another transceiver is not reached yet). No ``session.start``: from the upgrade on,
-the sideband gets every event the session makes for its client (``LiveContract.observers``)
-and its commands are the session's (``session.update``, ``session.instructions.append``,
-``response.item.create``, ``response.create``, ``session.close``...: their errors go to the
-session's client and the sideband alike). The sideband leaving leaves the session running; the
-session ending closes the sideband (1000). ``graceful_close`` is taken (the close is always the
-WebSocket's closing handshake).
+WebSocket), here or on another transceiver: ``transceiver.http.sideband``, the attach path the
+Realtime sideband shares. Each Live session is put in ``Sidebands.live`` for as long as it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -38,19 +30,9 @@ from typing import Any
 from fastapi import FastAPI, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
-from transceiver.background import report_crash
-from transceiver.http.auth import Authenticator, AuthError
-from transceiver.http.errors import error_response
-from transceiver.http.websocket import (
-    NORMAL_CLOSE,
-    EventSocket,
-    HandlerCrashed,
-    Refused,
-    WebSocketSessions,
-    admitted,
-    refusals,
-    run_session,
-)
+from transceiver.http.auth import Authenticator
+from transceiver.http.sideband import Sidebands
+from transceiver.http.websocket import WebSocketSessions, admitted, refusals, run_session
 from transceiver.live.client_events import (
     MAX_LIVE_EVENT_BYTES,
     SessionStart,
@@ -58,7 +40,6 @@ from transceiver.live.client_events import (
     parse_live_event,
 )
 from transceiver.live.contract import LiveContract
-from transceiver.live.sessions import LiveSessions, RunningLive
 from transceiver.live.translation import live_error
 from transceiver.realtime.client_events import EventError
 from transceiver.realtime.session import RealtimeSession
@@ -75,8 +56,10 @@ def add_live_websocket(
     calls: Calls,
     auth: Authenticator,
     sessions: WebSocketSessions | None,
-    live: LiveSessions,
+    sidebands: Sidebands,
 ) -> None:
+    live = sidebands.live
+
     @app.websocket(LIVE_PATH)
     async def primary(websocket: WebSocket) -> None:
         async with refusals(websocket):
@@ -97,85 +80,7 @@ def add_live_websocket(
 
     @app.websocket(LIVE_PATH + "/{session_id}/attach")
     async def sideband(websocket: WebSocket, session_id: str) -> None:
-        async with refusals(websocket):
-            running = _attachable(websocket, auth, live, session_id)
-            await websocket.accept()
-            await _observe(websocket, running)
-
-
-def _attachable(
-    websocket: WebSocket, auth: Authenticator, live: LiveSessions, session_id: str
-) -> RunningLive:
-    """The running session a sideband may attach to; Refused (401, 404) if none."""
-    unknown = sorted(set(websocket.query_params) - {"graceful_close"})
-    if unknown:
-        message = f"unknown query parameter {unknown[0]!r}"
-        raise Refused(error_response(400, "unknown_parameter", message, param=unknown[0]))
-    try:
-        auth.check_api_key(websocket.headers.get("authorization"))
-    except AuthError as exc:
-        headers = {"WWW-Authenticate": 'Bearer realm="voicerelay"'}
-        raise Refused(error_response(401, exc.code, exc.message, headers)) from None
-    running = live.get(session_id)
-    if running is None:
-        message = f"no Live session {session_id!r} is running on this transceiver"
-        raise Refused(error_response(404, "session_not_found", message, param="session_id"))
-    return running
-
-
-async def _observe(websocket: WebSocket, running: RunningLive) -> None:
-    """The session's events to the sideband, its commands to the session, until either ends."""
-    contract, face = running.contract, EventSocket()
-
-    def observe(event: dict[str, Any]) -> None:
-        face.send(json.dumps(event))
-
-    contract.observers.add(observe)
-    tasks = [
-        asyncio.create_task(_commands(websocket, contract), name="sideband reader"),
-        asyncio.create_task(face.pump(websocket), name="sideband writer"),
-        asyncio.create_task(running.ended.wait(), name="sideband session end"),
-        asyncio.create_task(face.overflowed.wait(), name="sideband overflow"),
-    ]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        reader, writer, ended, overflow = tasks
-        if reader in done and reader.exception() is None:
-            return  # the sideband left; the session goes on
-        for task in (reader, writer):
-            if task in done and (error := task.exception()) is not None:
-                if not isinstance(error, HandlerCrashed):
-                    return  # the socket went away under a receive or a send
-                report_crash("live sideband", error, logger, "the sideband is closed")
-        code = 1008 if overflow in done else NORMAL_CLOSE
-        with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):
-            if overflow not in done:
-                await face.flush(websocket)  # what the session said last (session.closed)
-            reason = "events were not read fast enough" if code == 1008 else "session ended"
-            await websocket.close(code, reason)
-    finally:
-        contract.observers.discard(observe)
-        face.readyState = "closed"
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _commands(websocket: WebSocket, contract: LiveContract) -> None:
-    """Every frame the sideband sends, to the session as its client's, until it leaves."""
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        data = message.get("text")
-        if data is None:
-            error = EventError("invalid_event", "binary frames are not events: send JSON text")
-            contract.session.send_error(error)
-            continue
-        try:
-            contract.on_message(data)
-        except Exception as exc:
-            raise HandlerCrashed("handling a sideband event failed") from exc
+        await sidebands.attach_live(websocket, session_id)
 
 
 async def _start(

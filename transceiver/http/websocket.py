@@ -12,8 +12,9 @@ The handshake, as OpenAI's and as the official SDKs make it:
   browsers that cannot set headers, the subprotocol ``openai-insecure-api-key.<key>`` next to
   ``realtime`` (the server then answers ``realtime``). Checked as for ``POST /v1/realtime/calls``;
   an ``ek_`` secret's session config is the session's start. Refused before the upgrade: ``401``.
-- ``model`` is a hint (ignored, like the calls endpoint's); ``call_id`` (the sideband) and
-  ``intent=transcription`` are refused with ``400`` until they are built.
+- ``model`` is a hint (ignored, like the calls endpoint's); ``intent=transcription`` is refused
+  with ``400`` until it is built. With ``call_id`` the socket is not a new session but the
+  sideband of a running call (``sideband``: joined, not admitted here).
 - Capacity: a session holds one of the transceiver's call slots (``Calls.reserve``) for as long
   as it is open, so WebSocket sessions and calls share ``TRANSCEIVER_CAPACITY``; full or
   draining: ``503`` with ``Retry-After`` before the upgrade.
@@ -35,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, WebSocket
@@ -58,6 +59,8 @@ NORMAL_CLOSE = 1000
 # requested session config (an ek_ secret's, or None) -> a session in WebSocket mode; raises
 # EventError when the config is not a valid session
 WebSocketSessions = Callable[[Mapping[str, Any] | None], RealtimeSession]
+# a socket whose query names a call_id -> that call's sideband, run to its end (``sideband``)
+JoinCall = Callable[[WebSocket], Awaitable[None]]
 
 
 class Refused(Exception):
@@ -114,10 +117,17 @@ class EventSocket:
 
 
 def add_realtime_websocket(
-    app: FastAPI, calls: Calls, auth: Authenticator, sessions: WebSocketSessions | None
+    app: FastAPI,
+    calls: Calls,
+    auth: Authenticator,
+    sessions: WebSocketSessions | None,
+    join_call: JoinCall,
 ) -> None:
     @app.websocket(REALTIME_PATH)
     async def realtime(websocket: WebSocket) -> None:
+        if "call_id" in websocket.query_params:
+            await join_call(websocket)
+            return
         async with refusals(websocket):
             granted = admitted(websocket, auth, sessions)
             with calls.reserve():  # held while the session is open: it counts as a call
@@ -145,18 +155,11 @@ def admitted(
 ) -> Mapping[str, Any] | None:
     """The ek_ secret's session config (or None); Refused when the upgrade may not go on."""
     query = websocket.query_params
-    if "call_id" in query:
-        raise Refused(
-            error_response(
-                400, "unsupported_parameter", "joining a call (call_id) is not supported yet",
-                param="call_id",
-            )
-        )  # fmt: skip
     if query.get("intent", "") not in ("", "conversation", "realtime"):
         message = f"intent {query.get('intent')!r} is not supported: realtime sessions only"
         raise Refused(error_response(400, "invalid_value", message, param="intent"))
     try:
-        granted = auth.check_call(_authorization(websocket))
+        granted = auth.check_call(authorization_of(websocket))
     except AuthError as exc:
         headers = {"WWW-Authenticate": 'Bearer realm="voicerelay"'}
         raise Refused(error_response(401, exc.code, exc.message, headers)) from None
@@ -166,7 +169,7 @@ def admitted(
     return granted
 
 
-def _authorization(websocket: WebSocket) -> str | None:
+def authorization_of(websocket: WebSocket) -> str | None:
     """The Authorization header, else the key a browser put in a subprotocol."""
     header = websocket.headers.get("authorization")
     if header is not None:

@@ -36,6 +36,9 @@ events sent on open, translates the engine's events and audio, handles the clien
 (through the public controls here: ``reconfigure``, ``append_audio``, ``hang_up``) and shapes
 errors (``send_error``); the Realtime translator and handlers stand aside.
 
+Observers (``observers``, a sideband: ``transceiver.http.sideband``): every event sent to the
+client is also given to each, as it is sent, whether or not the client's channel is open yet.
+
 Size (over 400 lines): one class of short methods whose tasks, channel, client-event handlers
 and journal all act on the same live state (engine, journal, channel, events waiting for it);
 the rules themselves live apart (``client_events``, ``translation``, ``policy``).
@@ -48,7 +51,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any, Protocol
@@ -184,6 +187,7 @@ class RealtimeSession:
         self._call_end: str | None = None
         self._handed_over = False
         self.contract: ClientContract | None = None  # None: the Realtime events
+        self.observers: set[Callable[[Event], None]] = set()  # sidebands: each event as sent
         self.spoke = False  # assistant audio went out: the voice is fixed (OpenAI's rule)
         self.idle = IdleTimeout(self._idle_turn, self._quiet, lambda: engine.input_position_ms)
         if resumed is not None:
@@ -335,8 +339,10 @@ class RealtimeSession:
     def _opened(self) -> None:
         pending, self._pending = self._pending, []
         greeting = self._greeting() if self.contract is None else self.contract.opened()
-        for event in [*greeting, *pending]:
+        for event in greeting:
             self.send(event)
+        for event in pending:  # the observers saw these when they were sent
+            self._to_channel(event)
 
     def _greeting(self) -> list[Event]:
         extension = {} if self.journal is None else {"voicerelay": self.journal.extension()}
@@ -350,6 +356,12 @@ class RealtimeSession:
         return events
 
     def send(self, event: Event) -> None:
+        """To the client, and to each of the ``observers`` (a sideband) at once."""
+        for observe in list(self.observers):
+            observe(event)
+        self._to_channel(event)
+
+    def _to_channel(self, event: Event) -> None:
         channel = self._channel
         if channel is None or channel.readyState == "connecting":
             if len(self._pending) < self.limits.max_pending_events:

@@ -1,0 +1,77 @@
+"""The signed header a transceiver puts on a sideband it forwards to the session's owner.
+
+Protocol layer (pure). A sideband that lands on a transceiver not running its session is
+forwarded to the one that does (``owner_hop``); the owner must tell that hop from a client's
+own request, because a hop is never forwarded again (a stale directory record could otherwise
+bounce a sideband between transceivers). A client could write any header, so the hop proves
+itself: ``X-Voicerelay-Sideband-Hop: 1.<key id>.<expires, unix s>.<MAC>``, an HMAC-SHA256
+over the key id, the expiry, the target (``realtime:<call id>`` or ``live:<session id>``) and
+the SHA-256 of the forwarded ``Authorization`` header, so a captured header opens nothing else
+and lapses within ``HOP_TTL_S``. It proves where the request came from, not who the caller
+is: the owner checks the forwarded credential itself, as for any sideband.
+
+The key is derived from the ``ek_`` secret keyring (``TRANSCEIVER_SECRET_KEYS``), which the
+transceivers share and nobody else holds (not the relays: see ``auth``); it is a key of its own
+(HMAC of each secret with a fixed label), never the secret's own signing key. Every key of the
+ring verifies, the current one signs, so the ring rotates as it does for secrets.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Mapping
+
+from relay.wire.ufrag import Keyring
+
+HOP_HEADER = "x-voicerelay-sideband-hop"
+HOP_TTL_S = 30
+VERSION = "1"
+_LABEL = b"voicerelay sideband hop"
+
+
+class HopError(Exception):
+    """A hop header that does not verify; ``reason`` is short and stable."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"sideband hop refused: {reason}")
+        self.reason = reason
+
+
+class HopKeys:
+    def __init__(self, keyring: Keyring) -> None:
+        self._current_id = keyring.current_id
+        self._keys: Mapping[int, bytes] = {
+            key_id: hmac.new(secret, _LABEL, hashlib.sha256).digest()
+            for key_id, secret in keyring.secrets.items()
+        }
+
+    def sign(self, target: str, authorization: str | None, now_s: float) -> str:
+        expires_s = int(now_s) + HOP_TTL_S
+        mac = _mac(self._keys[self._current_id], self._current_id, expires_s, target, authorization)
+        return f"{VERSION}.{self._current_id}.{expires_s}.{mac}"
+
+    def verify(self, header: str, target: str, authorization: str | None, now_s: float) -> None:
+        """HopError unless ``header`` is a fresh hop for ``target`` and this credential."""
+        parts = header.strip().split(".")
+        if len(parts) != 4 or parts[0] != VERSION:
+            raise HopError("malformed")
+        key_text, expires_text, mac = parts[1:]
+        if not key_text.isdigit() or not expires_text.isdigit():
+            raise HopError("malformed")
+        key = self._keys.get(int(key_text))
+        if key is None:
+            raise HopError("unknown_key")
+        expected = _mac(key, int(key_text), int(expires_text), target, authorization)
+        if not hmac.compare_digest(expected.encode(), mac.encode()):
+            raise HopError("signature")
+        if not now_s <= int(expires_text) <= now_s + 2 * HOP_TTL_S:
+            raise HopError("expired")
+
+
+def _mac(key: bytes, key_id: int, expires_s: int, target: str, authorization: str | None) -> str:
+    credential = hashlib.sha256((authorization or "").encode()).hexdigest()
+    signed = f"{VERSION}\n{key_id}\n{expires_s}\n{target}\n{credential}".encode()
+    digest = hmac.new(key, signed, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()

@@ -1,0 +1,294 @@
+"""The sideband: a trusted server joins a running session over a WebSocket, for both contracts.
+
+I/O layer (Starlette WebSocket). Two endpoints, one attach path:
+
+- Realtime: ``wss://HOST/v1/realtime?call_id=rtc_…`` (``client.realtime.connect(call_id=...)``
+  of the official SDKs), OpenAI's server-side control of a WebRTC call: the ``call_id`` is the
+  one in the call's ``Location`` header. ``model`` may be given (a hint, ignored); any other
+  query parameter is ``400 unknown_parameter``. The call's Realtime session must be running
+  here or on another transceiver (below); a Realtime WebSocket session has no call id and is
+  not joined (as with OpenAI), nor is a GPT-Live call (its own sideband, next).
+- GPT-Live: ``wss://HOST/v1/live/sessions/{session_id}/attach``
+  (``client.live.sideband.connect(session_id=...)``), a running Live session (WebRTC or primary
+  WebSocket); ``graceful_close`` is taken, any other query parameter refused.
+
+Either way: only the API key may attach (``Authorization: Bearer``; for Realtime also the
+browser's key subprotocol), never an ``ek_`` secret, which is a browser's (``401``). No
+greeting: from the upgrade on, the sideband gets every event the session sends its client
+(``RealtimeSession.observers``: the same events, in the same order, in the session's contract;
+over WebRTC that excludes the audio, which is the media track) and each of its frames is the
+session's as if its client had sent it (``RealtimeSession.on_message``: ``session.update``,
+``conversation.item.create`` with a ``function_call_output``, ``response.create``, the Live
+commands...; a bad one's ``error`` goes to the client and every sideband alike, as the session
+sends it). The sideband leaving leaves the session running; the session ending closes the
+sideband (1000, ``session ended``); a sideband reading too slowly is closed 1008.
+
+Across transceivers: with Redis, each transceiver announces the sessions it runs in the
+``SidebandDirectory`` (``transceiver.store.sideband_directory``) under their sideband id. A
+sideband that lands on a transceiver that does not run its session is forwarded to the one that
+does (``owner_hop``: why a proxy and not pub/sub, and how closes and failures pass), carrying a
+hop header signed with a key the transceivers share (``hop_signature``); the owner checks the
+forwarded credential again and never forwards a hop on. A hop header that does not verify is
+``403 invalid_hop``. No session here, none announced: ``404`` (Realtime ``call_not_found``,
+Live ``session_not_found``); Redis unreachable for the lookup: ``503 store_unavailable``.
+Without Redis, or without ``TRANSCEIVER_SECRET_KEYS`` to sign hops with, sidebands reach the
+sessions of the transceiver they land on only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import WebSocket
+from starlette.websockets import WebSocketDisconnect
+from websockets.asyncio.client import ClientConnection
+
+from transceiver.background import report_crash
+from transceiver.http.auth import Authenticator, AuthError
+from transceiver.http.errors import error_response
+from transceiver.http.hop_signature import HOP_HEADER, HopError, HopKeys
+from transceiver.http.owner_hop import HopRefused, OwnerUnreachable, open_hop, relay_frames
+from transceiver.http.websocket import (
+    NORMAL_CLOSE,
+    SUBPROTOCOL,
+    EventSocket,
+    HandlerCrashed,
+    Refused,
+    authorization_of,
+    refusals,
+)
+from transceiver.live.contract import LiveContract
+from transceiver.live.sessions import LiveSessions, RunningLive
+from transceiver.realtime.client_events import EventError
+from transceiver.realtime.session import RealtimeSession
+from transceiver.store.errors import StoreUnavailableError
+from transceiver.store.sideband_directory import SidebandDirectory
+from transceiver.webrtc.calls import Call, Calls
+
+logger = logging.getLogger(__name__)
+SLOW_READER_CLOSE = 1008
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What one endpoint calls its target, and the query parameters it takes."""
+
+    name: str  # "realtime" or "live": the hop's signed target is "<name>:<id>"
+    not_found: str  # the 404's code
+    param: str  # the parameter that names the target
+    query: frozenset[str]
+
+
+REALTIME = Kind("realtime", "call_not_found", "call_id", frozenset({"call_id", "model"}))
+LIVE = Kind("live", "session_not_found", "session_id", frozenset({"graceful_close"}))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A session running here, and the event set when it ends."""
+
+    session: RealtimeSession
+    ended: asyncio.Event
+
+
+class AnnouncedLiveSessions(LiveSessions):
+    """The Live sessions running here, each also announced in the sideband directory."""
+
+    def __init__(self, directory: SidebandDirectory | None) -> None:
+        super().__init__()
+        self._directory = directory
+
+    def add(self, contract: LiveContract, ended: asyncio.Event) -> RunningLive:
+        running = super().add(contract, ended)
+        if self._directory is not None:
+            self._directory.announce(contract.session_id, ended)
+        return running
+
+
+class Sidebands:
+    """Where a sideband finds its session: here, or through the directory on its owner."""
+
+    def __init__(
+        self,
+        calls: Calls,
+        auth: Authenticator,
+        directory: SidebandDirectory | None = None,
+        hops: HopKeys | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._calls, self._auth = calls, auth
+        self._directory, self._hops, self._clock = directory, hops, clock
+        self.live = AnnouncedLiveSessions(directory)
+
+    def call_began(self, call: Call) -> None:
+        """A Realtime call was answered here: announce it (with Redis)."""
+        if self._directory is not None and self._realtime(call.call_id) is not None:
+            self._directory.announce(call.call_id, call.ended)
+
+    async def attach_realtime(self, websocket: WebSocket) -> None:
+        await self._attach(websocket, REALTIME, websocket.query_params.get("call_id", ""))
+
+    async def attach_live(self, websocket: WebSocket, session_id: str) -> None:
+        await self._attach(websocket, LIVE, session_id)
+
+    def _local(self, kind: Kind, target_id: str) -> Target | None:
+        if kind is REALTIME:
+            return self._realtime(target_id)
+        running = self.live.get(target_id)
+        return None if running is None else Target(running.contract.session, running.ended)
+
+    def _realtime(self, call_id: str) -> Target | None:
+        call = self._calls.get(call_id)
+        if call is None or call.ended.is_set() or not isinstance(call.agent, RealtimeSession):
+            return None
+        if call.agent.contract is not None:  # a GPT-Live call: its own sideband
+            return None
+        return Target(call.agent, call.ended)
+
+    async def _attach(self, websocket: WebSocket, kind: Kind, target_id: str) -> None:
+        upstream: ClientConnection | None = None
+        async with refusals(websocket):
+            authorization, hopped = self._admitted(websocket, kind, target_id)
+            target = self._local(kind, target_id)
+            if target is not None:
+                subprotocols = websocket.scope.get("subprotocols", [])
+                await websocket.accept(SUBPROTOCOL if SUBPROTOCOL in subprotocols else None)
+                await observe(websocket, target)
+                return
+            if hopped:  # forwarded here because the directory names us: not again
+                raise self._not_found(kind, target_id, "is not running on its transceiver")
+            upstream = await self._hop(websocket, kind, target_id, authorization)
+        if upstream is not None:
+            await relay_frames(websocket, upstream)
+
+    def _admitted(
+        self, websocket: WebSocket, kind: Kind, target_id: str
+    ) -> tuple[str | None, bool]:
+        """The credential (checked: the API key) and whether this is a verified hop."""
+        unknown = sorted(set(websocket.query_params) - kind.query)
+        if unknown:
+            message = f"unknown query parameter {unknown[0]!r}"
+            raise Refused(error_response(400, "unknown_parameter", message, param=unknown[0]))
+        headers = websocket.headers
+        authorization = headers.get("authorization")
+        if kind is REALTIME:  # or the key a browser put in a subprotocol
+            authorization = authorization_of(websocket)
+        try:
+            self._auth.check_api_key(authorization)
+        except AuthError as exc:
+            challenge = {"WWW-Authenticate": 'Bearer realm="voicerelay"'}
+            raise Refused(error_response(401, exc.code, exc.message, challenge)) from None
+        hop = headers.get(HOP_HEADER)
+        if hop is not None:
+            self._verified_hop(hop, f"{kind.name}:{target_id}", authorization)
+        return authorization, hop is not None
+
+    def _verified_hop(self, hop: str, target: str, authorization: str | None) -> None:
+        try:
+            if self._hops is None:
+                raise HopError("no_hop_keys")
+            self._hops.verify(hop, target, authorization, self._clock())
+        except HopError as exc:
+            message = f"the {HOP_HEADER} header does not verify ({exc.reason})"
+            raise Refused(error_response(403, "invalid_hop", message)) from None
+
+    async def _hop(
+        self, websocket: WebSocket, kind: Kind, target_id: str, authorization: str | None
+    ) -> ClientConnection:
+        """The sideband's hop to the session's owner, open; Refused if there is none."""
+        if self._directory is None or self._hops is None or not target_id:
+            raise self._not_found(kind, target_id, "is not running on this transceiver")
+        try:
+            owner = await self._directory.locate(target_id)
+        except StoreUnavailableError as exc:
+            raise Refused(error_response(503, "store_unavailable", str(exc))) from None
+        if owner is None or owner.owner_id == self._directory.me.owner_id:
+            raise self._not_found(kind, target_id, "is not running")
+        path = websocket.url.path + (f"?{websocket.url.query}" if websocket.url.query else "")
+        hop = self._hops.sign(f"{kind.name}:{target_id}", authorization, self._clock())
+        wanted = [p for p in websocket.scope.get("subprotocols", []) if p == SUBPROTOCOL]
+        try:
+            return await open_hop(owner, path, authorization, hop, wanted)
+        except HopRefused as refused:
+            raise Refused(refused.response) from None
+        except OwnerUnreachable:
+            why = "ran on a transceiver that does not answer"
+            raise self._not_found(kind, target_id, why) from None
+
+    @staticmethod
+    def _not_found(kind: Kind, target_id: str, why: str) -> Refused:
+        what = "call" if kind is REALTIME else "Live session"
+        message = f"{what} {target_id!r} {why}"
+        return Refused(error_response(404, kind.not_found, message, param=kind.param))
+
+
+async def observe(websocket: WebSocket, target: Target) -> None:
+    """The session's events to the sideband, its frames to the session, until either ends."""
+    session, face = target.session, EventSocket()
+
+    def observed(event: dict[str, Any]) -> None:
+        face.send(json.dumps(event))
+
+    session.observers.add(observed)
+    tasks = [
+        asyncio.create_task(_commands(websocket, session), name="sideband reader"),
+        asyncio.create_task(face.pump(websocket), name="sideband writer"),
+        asyncio.create_task(target.ended.wait(), name="sideband session end"),
+        asyncio.create_task(face.overflowed.wait(), name="sideband overflow"),
+    ]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await _ended(websocket, face, done, tasks)
+    finally:
+        session.observers.discard(observed)
+        face.readyState = "closed"
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _ended(
+    websocket: WebSocket,
+    face: EventSocket,
+    done: set[asyncio.Task[Any]],
+    tasks: list[asyncio.Task[Any]],
+) -> None:
+    """Close the sideband as what ended says: nothing when it left, else 1000 or 1008."""
+    reader, writer, _, overflow = tasks
+    if reader in done and reader.exception() is None:
+        return  # the sideband left; the session goes on
+    for task in (reader, writer):
+        if task in done and (error := task.exception()) is not None:
+            if not isinstance(error, HandlerCrashed):
+                return  # the socket went away under a receive or a send
+            report_crash("sideband", error, logger, "the sideband is closed")
+    slow = overflow in done
+    with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):
+        if not slow:
+            await face.flush(websocket)  # what the session said last (session.closed)
+        reason = "events were not read fast enough" if slow else "session ended"
+        await websocket.close(SLOW_READER_CLOSE if slow else NORMAL_CLOSE, reason)
+
+
+async def _commands(websocket: WebSocket, session: RealtimeSession) -> None:
+    """Every frame the sideband sends, to the session as its client's, until it leaves."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        data = message.get("text")
+        if data is None:
+            error = EventError("invalid_event", "binary frames are not events: send JSON text")
+            session.send_error(error)
+            continue
+        try:
+            session.on_message(data)
+        except Exception as exc:
+            raise HandlerCrashed("handling a sideband event failed") from exc
