@@ -136,8 +136,9 @@ class PiperTextToSpeech:
             raise ProviderError(self.name, "not started", retryable=False)
         rate_hz = self.sample_rate_hz
         synthesis = self._synthesis
-        if speed != 1.0:
-            synthesis = replace(synthesis, length_scale=synthesis.length_scale / speed)
+        if speed != 1.0:  # unset: the voice's own length_scale
+            scale = synthesis.length_scale or self._voice.config.length_scale
+            synthesis = replace(synthesis, length_scale=scale / speed)
         sentences = await self._job(_phonemize, self._voice, text)
         for phonemes in sentences:
             pcm = await self._job(_sentence_pcm, self._voice, phonemes, synthesis)

@@ -29,6 +29,8 @@ from websocket_harness import (
 )
 
 from deploy.fake_openai import FakeOpenAIServer
+from pipeline.config import PiperConfig
+from pipeline.piper_tts import PiperTextToSpeech
 
 pytestmark = pytest.mark.slow
 API_KEY = "vr-settings-" + os.urandom(12).hex()
@@ -50,6 +52,17 @@ def transceiver(
 ) -> Iterator[str]:
     log_dir = tmp_path_factory.mktemp("settings")
     with transceiver_process_with(server.base_url, API_KEY, 2, log_dir) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def heard_by_openai(
+    server: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A transceiver whose speech-to-text is OpenAI's too (the fake's), with no fallback."""
+    log_dir = tmp_path_factory.mktemp("openai-stt")
+    env = {"PIPELINE_STT": "openai", "PIPELINE_FALLBACK": "false"}
+    with transceiver_process_with(server.base_url, API_KEY, 1, log_dir, env) as base_url:
         yield base_url
 
 
@@ -322,3 +335,50 @@ async def test_idle_timeout_commits_the_silence_and_answers(events: Events) -> N
     semantic = {"type": "semantic_vad", "idle_timeout_ms": 5000}  # server_vad's alone
     error = await error_for(events, _update({"audio": {"input": {"turn_detection": semantic}}}))
     assert error["code"] == "unknown_parameter", error
+
+
+async def test_transcription_hints_and_speed_reach_the_providers(
+    heard_by_openai: str, server: FakeOpenAIServer, question: bytes
+) -> None:
+    client = openai_client(heard_by_openai, API_KEY)
+    async with client.realtime.connect(model="gpt-realtime") as connection:
+        events = Events(connection)
+        await events.next("session.created")
+        transcription = {"model": "gpt-4o-mini-transcribe", "language": "en", "prompt": "Moon."}
+        audio_in = {"transcription": transcription, "noise_reduction": {"type": "far_field"}}
+        audio = {"input": audio_in, "output": {"speed": 1.25}}
+        session = (await _session(events, {"audio": audio}))["audio"]
+        assert session["input"]["transcription"] == transcription
+        assert session["input"]["noise_reduction"] == {"type": "far_field"}
+        assert session["output"]["speed"] == 1.25
+        await _append(events, question)
+        heard = await events.next("conversation.item.input_audio_transcription.completed")
+        assert heard["transcript"].startswith("heard "), heard  # the fake's words for a WAV
+        await events.next("response.done")
+        sent = (await server.stats())["last_request"]
+        assert (sent["transcriptions"]["language"], sent["transcriptions"]["prompt"]) == (
+            "en", "Moon."
+        )  # fmt: skip
+        assert sent["speech"]["speed"] == 1.25
+        for value in (0.2, 1.6):
+            bad = _update({"audio": {"output": {"speed": value}}})
+            error = await error_for(events, bad)
+            assert (error["code"], error["param"]) == (
+                "invalid_value", "session.audio.output.speed"
+            ), error  # fmt: skip
+        noise = _update({"audio": {"input": {"noise_reduction": {"type": "loud"}}}})
+        error = await error_for(events, noise)
+        assert error["param"] == "session.audio.input.noise_reduction.type", error
+
+
+async def test_piper_speaks_faster_at_a_higher_speed() -> None:
+    tts = PiperTextToSpeech(PiperConfig(noise_scale=0.0, noise_w_scale=0.0))
+    await tts.start()
+    try:
+        lengths = []
+        for speed in (0.5, 1.0, 1.5):
+            speech = tts.synthesize("Tell me about the moon.", None, speed)
+            lengths.append(sum([len(chunk.pcm) async for chunk in speech]))
+    finally:
+        await tts.aclose()
+    assert lengths[0] > lengths[1] > lengths[2], lengths
