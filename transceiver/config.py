@@ -110,7 +110,12 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
     "webhook_retry_first_s": ("1", "pause after a failed webhook attempt; doubles each time"),
     "webhook_retry_max_s": ("60", "longest pause between webhook attempts"),
     "webhook_timeout_s": ("10", "one webhook attempt may take this long"),
-    "webhook_max_pending": ("1000", "call.ended events waiting for delivery; more are dropped"),
+    "webhook_max_pending": ("1000", "call.ended events in the outbox in Redis; more are dropped"),
+    "webhook_claim_timeout_s": (
+        "60",
+        "a webhook attempt not acknowledged by then is made again, by any transceiver",
+    ),
+    "webhook_poll_s": ("2", "how often a transceiver looks for webhooks others left"),
     "loop_lag_warn_ms": ("100", "warn, with what blocked it, of an event-loop tick this late"),
 }
 ENV_WEBHOOK_SECRET = ENV_PREFIX + "WEBHOOK_SECRET"
@@ -246,6 +251,8 @@ def _webhook(values: Mapping[str, str | None]) -> WebhookPolicy | None:
             retry_max_s=number("retry_max_s", float, minimum=0.001),
             timeout_s=number("timeout_s", float, minimum=0.001),
             max_pending=number("max_pending", int, minimum=1),
+            claim_timeout_s=number("claim_timeout_s", float, minimum=0.001),
+            poll_s=number("poll_s", float, minimum=0.001),
         )
     except ValueError as exc:
         raise ConfigError(f"{ENV_PREFIX}WEBHOOK_*: {exc}") from None
