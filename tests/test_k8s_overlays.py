@@ -462,13 +462,15 @@ def discovery_findings(docs: list[Doc]) -> list[str]:
 @pytest.mark.parametrize("overlay", ["dev", "production"])
 def test_the_relay_finds_every_transceiver_pod_through_the_headless_service(overlay: str) -> None:
     docs = rendered(overlay)
-    assert settings(docs)["RELAY_TRANSCEIVERS"] == "transceiver:7000"
+    workers = int(settings(docs)["TRANSCEIVER_WORKERS"])  # worker i of a pod: link port 7000 + i
+    links = tuple(("transceiver", 7000 + index) for index in range(workers))
+    assert settings(docs)["RELAY_TRANSCEIVERS"] == ",".join(f"{h}:{p}" for h, p in links)
     assert discovery_findings(docs) == []
     env = container_environment(
         docs, ours(docs)["relay"]["spec"]["template"]["spec"]["containers"][0]
     )
     config = load_relay_config([], env)  # the relay takes the name as it is, to look up later
-    assert config.transceivers == (("transceiver", 7000),)
+    assert config.transceivers == links
 
 
 def test_a_service_that_hides_pods_from_the_relay_is_found() -> None:
