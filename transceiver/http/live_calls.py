@@ -29,10 +29,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from transceiver.http.errors import ApiError, unavailable
-from transceiver.http.offers import MAX_OFFER_BYTES, json_object
+from transceiver.http.offer_tracing import traced_offer
+from transceiver.http.offers import MAX_OFFER_BYTES, admit, json_object
 from transceiver.live.client_events import LiveConfig, parse_webrtc_create
 from transceiver.live.contract import LiveContract
 from transceiver.live.sessions import LiveSessions
+from transceiver.realtime.call_tracing import offer_step
 from transceiver.realtime.client_events import EventError
 from transceiver.realtime.session import RealtimeSession
 from transceiver.webrtc.calls import AdmissionError, CallAgent, Calls, OfferRejected
@@ -55,15 +57,13 @@ def add_live_calls(
     runs_sessions: bool,
 ) -> None:
     @app.post(LIVE_PATH, status_code=201)
+    @traced_offer("live", calls)
     async def create_live_session(request: Request) -> JSONResponse:
         granted = authorise(request)
         if not runs_sessions:
             message = "this transceiver runs no Live sessions (it runs the echo agent)"
             raise ApiError(404, "live_unavailable", message)
-        try:
-            calls.admit()  # refused before the body is read, as a Realtime call is
-        except AdmissionError as exc:
-            raise unavailable(exc) from None
+        admit(calls)  # refused before the body is read, as a Realtime call is
         config, raw_offer = _parsed(await _body(request))
         try:
             offer = sanitise_offer(raw_offer)
@@ -82,7 +82,8 @@ def add_live_calls(
                 except BaseException:
                     await agent.aclose()
                     raise
-                call, answer = await calls.create(slot, offer, None, agent)
+                with offer_step("voicerelay.answer"):
+                    call, answer = await calls.create(slot, offer, None, agent)
         except AdmissionError as exc:
             raise unavailable(exc) from None
         except OfferRejected as exc:
