@@ -24,8 +24,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import replace
 from typing import TextIO
 
 import uvicorn
@@ -42,6 +44,7 @@ from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.cpu_cost import CpuBudget, CpuMeter
 from transceiver.http.app import capacity_collector, create_app
 from transceiver.http.auth import AuthConfig, AuthConfigError, Authenticator, auth_flags
+from transceiver.http.worker_routing import WorkerRouting
 from transceiver.metrics import TaskCrashCollector
 from transceiver.store.call_log import CallRecordCollector, CallRecordStore
 from transceiver.store.call_records import CallRecordPolicy
@@ -53,6 +56,8 @@ from transceiver.webhooks import call_ended_webhooks
 from transceiver.webrtc import ice, rtp_tuning
 from transceiver.webrtc.calls import CallLimits, Calls
 from transceiver.webrtc.link import Address, Link, RoutePublisherFactory
+from transceiver.workers.seats import SEAT_ENV, Seat, SeatError, worker_link
+from transceiver.workers.supervisor import WORKER_READY, Pod, usable_cpus
 
 logger = logging.getLogger("transceiver")
 STARTUP_TIMEOUT_S = 10.0
@@ -66,7 +71,10 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def serve(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig | None) -> int:
+async def serve(
+    config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig | None, seat: Seat | None = None
+) -> int:
+    """One transceiver process: alone, or worker ``seat`` of a pod (``transceiver.workers``)."""
     ice.install()
     rtp_tuning.install()
     registry = CollectorRegistry()
@@ -104,7 +112,8 @@ async def serve(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig 
             logger.error("cannot bind the link socket %s: %s", _text(config.link), exc)
             return 1
         try:
-            calls = _calls(config, link, registry, agents)
+            calls = _calls(config, link, registry, agents, None if seat is None else seat.index)
+            routing = None if seat is None else WorkerRouting(seat)
             app = create_app(
                 calls,
                 link,
@@ -114,8 +123,13 @@ async def serve(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig 
                 agents.resume,
                 agents.websocket,
                 sideband_directory,
+                routing=routing,
             )
-            return await _serve(config, calls, app, link_address, stop)
+            try:
+                return await _serve(config, calls, app, link_address, stop, seat)
+            finally:
+                if routing is not None:
+                    await routing.aclose()
         finally:
             await link.aclose()
 
@@ -172,16 +186,26 @@ def _calls(
 
 
 async def _serve(
-    config: TransceiverConfig, calls: Calls, app: FastAPI, link: Address, stop: asyncio.Event
+    config: TransceiverConfig,
+    calls: Calls,
+    app: FastAPI,
+    link: Address,
+    stop: asyncio.Event,
+    seat: Seat | None = None,
 ) -> int:
     """Serve HTTP until a signal (or the server's own end), drain the calls, stop HTTP."""
     server = _Server(_uvicorn_config(app, config))
-    server_task = asyncio.create_task(_serve_http(server), name="http")
+    try:
+        sockets = None if seat is None else _worker_sockets(config, seat)
+    except OSError as exc:
+        logger.error("cannot bind the HTTP listener %s: %s", _text(config.http), exc)
+        return 1
+    server_task = asyncio.create_task(_serve_http(server, sockets), name="http")
     try:
         if not await _started(server, server_task):
             logger.error("HTTP listener on %s:%d did not start", *config.http)
             return 1
-        print(f"transceiver ready link={_text(link)} http={_text(config.http)}", flush=True)
+        print(_ready_line(link, config, seat), flush=True)
         await _first(stop.wait(), server_task)
         if server_task.done():
             logger.error("the HTTP server stopped by itself")
@@ -199,11 +223,23 @@ class HttpServerExit(RuntimeError):
     """uvicorn asked to exit the process (it does so when it cannot start)."""
 
 
-async def _serve_http(server: uvicorn.Server) -> None:
+def _worker_sockets(config: TransceiverConfig, seat: Seat) -> list[socket.socket]:
+    """A pod worker's listeners: the public port, shared with the other workers
+    (SO_REUSEPORT), and its private loopback one, held by the supervisor across restarts."""
+    host, port = config.http
+    public = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    public.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    public.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    public.bind((host, port))
+    public.listen(2048)
+    return [public, socket.socket(fileno=seat.private_fd)]
+
+
+async def _serve_http(server: uvicorn.Server, sockets: list[socket.socket] | None = None) -> None:
     """``server.serve()``, with uvicorn's ``sys.exit`` turned into an error of this task: a
     ``SystemExit`` would escape the event loop and skip our shutdown."""
     try:
-        await server.serve()
+        await server.serve(sockets)
     except SystemExit as exc:
         raise HttpServerExit(f"uvicorn exited with code {exc.code}") from exc
 
@@ -216,6 +252,16 @@ async def _http_failed(task: asyncio.Task[None]) -> bool:
         logger.exception("the HTTP server failed")
         return True
     return False
+
+
+def _ready_line(link: Address, config: TransceiverConfig, seat: Seat | None) -> str:
+    """What the process prints once serving; a pod worker adds its index, pid and private
+    port (read by its supervisor, and by tests that speak to one worker)."""
+    line = f"ready link={_text(link)} http={_text(config.http)}"
+    if seat is None:
+        return "transceiver " + line
+    private = _text(seat.private_address(seat.index))
+    return f"{WORKER_READY}{seat.index} {line} pid={os.getpid()} private={private}"
 
 
 def _uvicorn_config(app: FastAPI, config: TransceiverConfig) -> uvicorn.Config:
@@ -303,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("aioice").setLevel(logging.WARNING)
     logging.getLogger("aiortc").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a pod's loopback requests
     try:
         auth_args, rest = auth_flags().parse_known_args(args)
         redis_args, rest = redis_flags().parse_known_args(rest)
@@ -316,7 +363,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"transceiver: {exc}", file=sys.stderr)
         return 2
     auth.warn_if_open()
-    return uvloop.run(serve(config, auth, redis))
+    return _run(config, auth, redis, args)
+
+
+def _run(
+    config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig | None, args: list[str]
+) -> int:
+    """One process, a pod's supervisor (``TRANSCEIVER_WORKERS`` > 1), or a pod's worker (its
+    seat handed down by the supervisor)."""
+    seat_text = os.environ.get(SEAT_ENV)
+    if seat_text is None:
+        count = config.workers or usable_cpus()
+        if count == 1:
+            return uvloop.run(serve(config, auth, redis))
+        last_port = worker_link(config.link, count - 1)[1]
+        if last_port > 65535:
+            print(f"transceiver: {count} workers need link ports to {last_port}", file=sys.stderr)
+            return 2
+        return uvloop.run(_run_pod(config, args, count))
+    try:
+        seat = Seat.from_env(seat_text)
+    except SeatError as exc:
+        print(f"transceiver: {exc}", file=sys.stderr)
+        return 2
+    worker = replace(config, link=worker_link(config.link, seat.index))
+    return uvloop.run(serve(worker, auth, redis, seat))
+
+
+async def _run_pod(config: TransceiverConfig, args: list[str], count: int) -> int:
+    return await Pod(config, args, count).run(_stop_on_signals())
 
 
 if __name__ == "__main__":

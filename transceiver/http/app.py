@@ -26,6 +26,10 @@ wrong token or unknown session: 403; Redis unreachable, or no room here: 503 —
 session is untouched in each case (capacity is reserved before the session is claimed). A
 session whose caller hung up (``DELETE``) is ended: its resume answers 410 ``session_ended``.
 On success the stored config (not the request's) and conversation continue.
+
+In a pod of worker processes (``routing``, ``worker_routing``): a hang-up for another worker's
+call is forwarded to it, ``/readyz`` and ``/metrics`` answer for the whole pod, and an offer
+this worker has no room for is offered to the others.
 ``/readyz`` says ``"redis": "ok"|"degraded"`` and stays 200 while Redis is away (calls work
 without it, see ``persistence``); it turns 503 ``task_failing`` when an owned loop keeps crashing.
 """
@@ -56,6 +60,7 @@ from transceiver.http.live_websocket import add_live_websocket
 from transceiver.http.offers import json_object, read_offer
 from transceiver.http.sideband import Sidebands
 from transceiver.http.websocket import WebSocketSessions, add_realtime_websocket
+from transceiver.http.worker_routing import WorkerRouting
 from transceiver.metrics import CapacityCollector, CapacityReadings
 from transceiver.realtime.client_events import (
     EventError,
@@ -74,6 +79,7 @@ CALLS_PATH = "/v1/realtime/calls"
 SECRETS_PATH = "/v1/realtime/client_secrets"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_SECRET_REQUEST_BYTES = 64 * 1024
+SPILLED = frozenset({"full", "overloaded"})  # refusals another worker of a pod may not share
 T = TypeVar("T")
 # (session id, resume credential) -> the stored session's agent, claimed here; ResumeRefused
 Resume = Callable[[str, str | None], Awaitable[CallAgent]]
@@ -123,6 +129,7 @@ def create_app(
     resume: Resume | None = None,
     websocket_sessions: WebSocketSessions | None = None,
     sideband_directory: SidebandDirectory | None = None,
+    routing: WorkerRouting | None = None,
 ) -> FastAPI:
     app = FastAPI(title="voicerelay transceiver", docs_url=None, redoc_url=None)
     registry.register(LinkCollector(link))
@@ -146,6 +153,10 @@ def create_app(
 
     @app.post(CALLS_PATH, status_code=201)
     async def create_call(request: Request) -> Response:
+        if routing is not None and calls.not_ready_reason in SPILLED:
+            spilled = await routing.spill(request)  # another worker of the pod has room
+            if spilled is not None:
+                return spilled
         granted = _authorise(auth.check_call, request)
         offer, asked = await read_offer(request, calls)
         requested = merged_session(granted, asked)
@@ -167,6 +178,9 @@ def create_app(
         return Response(answer, 201, headers, media_type="application/sdp")
 
     async def hangup(call_id: str, request: Request) -> Response:
+        owner = None if routing is None else routing.owner_elsewhere(call_id, request)
+        if routing is not None and owner is not None:
+            return await routing.forward(request, owner)  # the call is another worker's
         _authorise(auth.check_call, request)
         if not await calls.hangup(call_id):
             raise ApiError(404, "call_not_found", f"no live call {call_id!r}")
@@ -174,7 +188,7 @@ def create_app(
 
     app.add_api_route(CALLS_PATH + "/{call_id}", hangup, methods=["DELETE"])
     app.add_api_route(CALLS_PATH + "/{call_id}/hangup", hangup, methods=["POST"])
-    _add_health(app, calls, registry, persistence)
+    _add_health(app, calls, registry, persistence, routing)
     records = None if persistence is None else persistence.records
     store = None if records is None else records.store
     add_call_records(app, lambda request: _authorise(auth.check_api_key, request), store)
@@ -200,13 +214,16 @@ def _add_health(
     calls: Calls,
     registry: CollectorRegistry,
     persistence: SessionPersistence | None,
+    routing: WorkerRouting | None = None,
 ) -> None:
     @app.get("/livez")
     async def livez() -> dict[str, str]:
         return {"status": "live"}
 
     @app.get("/readyz")
-    async def readyz() -> Response:
+    async def readyz(request: Request) -> Response:
+        if routing is not None and not routing.is_hop(request):
+            return await routing.ask_pod(request)  # the pod's readiness: any worker's room
         reason = calls.not_ready_reason
         if reason is None and persistence is not None:
             reason = persistence.not_ready_reason()
@@ -219,7 +236,9 @@ def _add_health(
         return JSONResponse(body)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if routing is not None and not routing.is_hop(request):
+            return await routing.ask_pod(request)  # every worker's, folded
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
