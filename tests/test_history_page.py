@@ -5,14 +5,16 @@ Everything is real: a redis-server, a relay and a pipeline transceiver (API key 
 signed ``call.ended`` webhook to a receiver on loopback that fails its first delivery). Chromium
 loads the live page and opens a call with an ``ek_`` secret; its microphone plays piper's speech:
 "Tell me about the moon." (answered through the knowledge tool) and, while that answer plays,
-"What time is it?": a spoken barge-in, then a second answer. The page reports when it heard
-each answer (``voicerelay.turn.heard``; a report naming no response of the call, or one
-reported already, gets an ``error`` event) and hangs up. The call's record at ``GET /v1/calls/{id}``
-has every field the record promises; the webhook receiver gets it again after its refusal, one
+"What time is it?": a spoken barge-in, then a second answer. Then a typed question, whose answer
+the client cancels once heard. The page reports when it heard each answer
+(``voicerelay.turn.heard``; a report naming no response of the call, or one reported already,
+gets an ``error`` event) and hangs up. The call's record at ``GET /v1/calls/{id}`` has every
+field the record promises; the webhook receiver gets it again after its refusal, one
 idempotency id; the history page, opened with the API key typed into its field, lists the call
-and shows its turns: transcripts, the waterfall with the client's heard time, the tool call, the
-barge-in and the latency plot. Without the key it asks for one, and the key is never kept in the
-address or the browser's storage. The page's screenshot goes to ``SCREENSHOT`` (not the repo).
+and shows its turns: transcripts, the waterfall with the client's heard time, the tool calls,
+both interruptions and the latency plot. Without the key it asks for one, and the key is never
+kept in the address or the browser's storage. Its screenshot goes to ``SCREENSHOT`` (not the
+repo).
 """
 
 from __future__ import annotations
@@ -101,13 +103,8 @@ async def make_the_call(page: Page, http: httpx.AsyncClient, base_url: str) -> s
         page, f"e.type === 'response.done' && e.response.id !== '{first}'"
         " && e.response.status === 'completed'",
     )  # fmt: skip
-    # The page told the server when it heard both answers, and nothing it sent was refused.
-    both = f"['{first}', '{answered['response']['id']}']"
-    await page.wait_for_function(
-        f"{both}.every((id) => window.voicerelay.sent.some("
-        "(e) => e.type === 'voicerelay.turn.heard' && e.response_id === id))",
-        timeout=10_000,
-    )
+    await heard_reported(page, first, answered["response"]["id"])
+    await typed_and_cancelled(page)
     errors = await page.evaluate("window.voicerelay.events.filter((e) => e.type === 'error')")
     assert errors == [], errors
     # Strict: a response the call does not have, or one reported again, is an error event.
@@ -122,6 +119,35 @@ async def make_the_call(page: Page, http: httpx.AsyncClient, base_url: str) -> s
     return session_id
 
 
+async def heard_reported(page: Page, *response_ids: str) -> None:
+    """Until the page has told the server when it heard each of these answers."""
+    await page.wait_for_function(
+        f"{list(response_ids)!r}.every((id) => window.voicerelay.sent.some("
+        "(e) => e.type === 'voicerelay.turn.heard' && e.response_id === id))",
+        timeout=10_000,
+    )
+
+
+async def typed_and_cancelled(page: Page) -> None:
+    """A typed question whose answer the client cancels once the page has heard it."""
+    item = {"type": "message", "role": "user"}
+    item["content"] = [{"type": "input_text", "text": "Tell me about coffee."}]
+    before = await page.evaluate(
+        "window.voicerelay.events.filter((e) => e.type === 'response.created')"
+        ".map((e) => e.response.id)"
+    )
+    await page.evaluate(
+        "(events) => events.forEach((e) => window.voicerelay.send(e))",
+        [{"type": "conversation.item.create", "item": item}, {"type": "response.create"}],
+    )
+    created = f"e.type === 'response.created' && !{before!r}.includes(e.response.id)"
+    typed = (await wait_event(page, created))["response"]["id"]
+    await heard_reported(page, typed)  # armed by its output_audio_buffer.started
+    await page.evaluate("window.voicerelay.send({type: 'response.cancel'})")
+    await wait_event(page, f"e.type === 'response.done' && e.response.id === '{typed}'"
+                     " && e.response.status === 'cancelled'")  # fmt: skip
+
+
 async def ended_record(http: httpx.AsyncClient, base_url: str, session_id: str) -> dict[str, Any]:
     async def read() -> dict[str, Any]:
         response = await http.get(f"{base_url}/v1/calls/{session_id}", headers=AUTH)
@@ -130,7 +156,7 @@ async def ended_record(http: httpx.AsyncClient, base_url: str, session_id: str) 
     def done(record: dict[str, Any]) -> bool:
         turns = record.get("turns") or []
         heard = [t for t in turns if t["heard"] is not None]
-        return record.get("status") == "ended" and len(turns) >= 2 and len(heard) >= 2
+        return record.get("status") == "ended" and len(turns) >= 3 and len(heard) >= 3
 
     return await poll(read, done, 20, lambda last: f"the record never got there: {last}", 0.05)
 
@@ -170,9 +196,9 @@ def check_the_record(record: dict[str, Any], session_id: str, called_s: float) -
     assert len(version["hash"]) == 16 and version["from_turn"] == 1
     assert version["config"]["instructions"] == "Answer from the knowledge file."
     turns = record["turns"]
-    cut = [t for t in turns if t["interrupted"] is not None]
-    assert len(cut) == 1 == record["interruptions"], turns
-    moon = cut[0]
+    cut = {t["interrupted"]["by"]: t for t in turns if t["interrupted"] is not None}
+    assert len(cut) == 2 == record["interruptions"], turns
+    moon, coffee = cut["user"], cut["client"]
     asked = [t for t in turns if "time" in t["user"].lower().split()]
     assert "moon" in moon["user"].lower() and asked, turns
     time_turn = asked[-1]
@@ -186,6 +212,17 @@ def check_the_record(record: dict[str, Any], session_id: str, called_s: float) -
     assert moon["tools"][0]["ms"] >= 0 and record["tool_calls"] >= 1
     for turn in (moon, time_turn):
         check_a_spoken_turn(turn)
+    check_the_typed_turn(coffee)
+
+
+def check_the_typed_turn(turn: dict[str, Any]) -> None:
+    """Typed, and cancelled by the client once heard: timed from its response's creation, its
+    heard time from the page's output_audio_buffer.started."""
+    assert turn["user"] == "Tell me about coffee." and turn["origin"] == "response_created"
+    assert turn["interrupted"]["played_ms"] > 0 and turn["latency_ms"]["stt"] is None, turn
+    heard, first_out = turn["heard"], turn["timeline_ms"]["first_frame_out"]
+    assert heard["after_speech_stopped_ms"] is None and heard["after_output_started_ms"] >= 0
+    assert heard["after_origin_ms"] == round(first_out + heard["after_output_started_ms"], 1)
 
 
 def check_a_spoken_turn(turn: dict[str, Any]) -> None:
@@ -222,7 +259,7 @@ async def check_the_history_page(browser: Any, base: str, record: dict[str, Any]
     row = page.locator(f'#calls tr[data-id="{record["id"]}"]')
     await row.wait_for(timeout=10_000)
     cells = [c.strip() for c in await row.locator("td").all_text_contents()]
-    assert cells[2:4] == [str(len(record["turns"])), "hangup"] and cells[5] == "1", cells
+    assert cells[2:4] == [str(len(record["turns"])), "hangup"] and cells[5] == "2", cells
     assert await page.is_hidden("#error")
 
     await row.locator("button").click()
@@ -230,24 +267,34 @@ async def check_the_history_page(browser: Any, base: str, record: dict[str, Any]
     shown = f"document.querySelectorAll('#turns > li.turn').length === {count}"
     await page.wait_for_function(shown)
     assert await page.text_content("#call-id") == record["id"]
-    moon = page.locator("#turns > li.turn").filter(has=page.locator(".entry.assistant.cut"))
-    badge = await moon.locator(".entry.assistant.cut .badge").text_content() or ""
-    assert badge.startswith("interrupted (barge-in) after"), badge
-    tool = await moon.locator(".entry.tool").first.text_content() or ""
-    assert tool.startswith("lookup_knowledge (server)"), tool
-    for turn in await page.locator("#turns > li.turn").all():  # spoken turns: every bar drawn
-        chart = turn.locator("svg.latency")
-        assert await chart.get_attribute("data-origin") == "speech_stopped"
+    turns = {t["index"]: page.locator(f'#turns > li.turn[data-index="{t["index"]}"]')
+             for t in record["turns"]}  # fmt: skip
+    for turn in record["turns"]:
+        shown_turn = turns[turn["index"]]
+        chart = shown_turn.locator("svg.latency")
+        assert await chart.get_attribute("data-origin") == turn["origin"]
         fields = await chart.locator("rect.lat-bar").evaluate_all(
             "(bars) => bars.map((b) => b.dataset.field)"
         )
-        assert {"stt_final_ms", "llm_first_token_ms", "heard_ms"} <= set(fields), fields
+        spoken = turn["origin"] == "speech_stopped"  # every bar; typed: no STT bar
+        assert ({"stt_final_ms", "heard_ms"} <= set(fields)) == spoken, fields
+        assert "llm_first_token_ms" in fields, fields
         assert "heard by client" in (await chart.text_content() or "")
-        assert (await turn.locator(".turn-cost").text_content() or "").startswith("cost $0")
-        assert "llm local-rule-based" in (await turn.locator(".turn-stages").text_content() or "")
+        assert (await shown_turn.locator(".turn-cost").text_content() or "").startswith("cost $0")
+        stages = await shown_turn.locator(".turn-stages").text_content() or ""
+        assert "llm local-rule-based" in stages, stages
+        cut = turn["interrupted"]
+        badges = await shown_turn.locator(".entry.assistant.cut .badge").all_text_contents()
+        if cut is None:
+            assert badges == []
+        else:
+            by = "barge-in" if cut["by"] == "user" else "cancelled by the client"
+            assert badges[0].startswith(f"interrupted ({by}) after"), badges
+        tools = await shown_turn.locator(".entry.tool").all_text_contents()
+        assert [t.split(" (")[0] for t in tools] == [t["name"] for t in turn["tools"]], tools
     plot = page.locator("#plot svg.latency-plot")
     assert await plot.locator("circle.point").count() == count
-    assert await plot.locator("circle.point.cut").count() == 1
+    assert await plot.locator("circle.point.cut").count() == 2
 
     # The key stayed in the page's memory: not in the address, not in the browser's storage.
     assert API_KEY not in page.url
