@@ -6,9 +6,10 @@ Real processes: redis-server, a relay, two pipeline transceivers (offline provid
 required, sessions announced in Redis). The calls are aiortc peers through the relay: a
 Realtime call (``POST /v1/realtime/calls``) whose tool call is answered by a sideband
 (``client.realtime.connect(call_id=...)``) and the answer spoken on the call; a GPT-Live call
-(``client.live.create``) watched and steered by ``client.live.sideband.connect``. Then the bad
-input (``ek_`` secret, wrong key, unknown call, forged hop header, unknown parameter) and,
-last, the owner killed under a forwarded sideband.
+(``client.live.create``) watched and steered by ``client.live.sideband.connect``; the web client
+in headless Chromium, whose tool a sideband answers. Then the bad input (``ek_`` secret, wrong
+key, unknown call, forged hop header, unknown parameter) and, last, the owner killed under a
+forwarded sideband.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import json
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pydantic
 import pytest
@@ -31,13 +34,16 @@ from openai.resources.live.sideband import AsyncSidebandConnection
 from openai.resources.realtime.realtime import AsyncRealtimeConnection
 from openai.types.live.connect_server_event import ConnectServerEvent
 from openai.types.realtime.realtime_server_event import RealtimeServerEvent
+from playwright.async_api import Page
 from records_stack import recording_stack
 from websocket_harness import EventLog
 
 from deploy.processes import Stack
 from deploy.redis_server import RedisServer, redis_server_binary
 from deploy.waiting import poll
-from loadtest.realtime_client import RealtimeClient, audible, call, silence, speak
+from loadtest.browser import chromium, recorded_audio
+from loadtest.realtime_client import RealtimeClient, audible, call, silence, speak, user_text
+from loadtest.voice_audio import silence_pcm, write_wav
 from pipeline.config import PiperConfig
 from pipeline.piper_tts import PiperTextToSpeech
 from relay.wire.redis_config import RedisConfig
@@ -146,6 +152,20 @@ def spoken(events: list[dict[str, Any]], response_id: str) -> str:
     return "".join(e["delta"] for e in deltas if e["response_id"] == response_id)
 
 
+async def answer_the_tool(side: RealtimeSideband) -> str:
+    """Wait for the call's ``lookup_knowledge`` call, answer it as the sideband; the id of the
+    response that answers with it."""
+    called = await side.next("response.function_call_arguments.done", TURN_TIMEOUT_S)
+    assert called["name"] == "lookup_knowledge", called
+    await side.next("response.done")  # the tool call ends its response: answer after it
+    output = json.dumps({"found": True, "answer": SIDEBAND_ANSWER})
+    item = {"type": "function_call_output", "call_id": called["call_id"], "output": output}
+    await side.connection.conversation.item.create(item=item)
+    await side.connection.response.create()
+    response_id: str = (await side.next("response.created"))["response"]["id"]
+    return response_id
+
+
 async def test_a_sideband_on_another_transceiver_answers_the_calls_tool(
     running: Running, peer: RealtimeClient, question: bytes
 ) -> None:
@@ -156,22 +176,13 @@ async def test_a_sideband_on_another_transceiver_answers_the_calls_tool(
         assert (await side.next("session.updated"))["session"]["tools"][0]["name"] == TOOL["name"]
         await peer.wait_for("session.updated")  # the call's client is told too
         peer.mic.say(question)
-        called = await side.next("response.function_call_arguments.done", TURN_TIMEOUT_S)
-        assert called["name"] == "lookup_knowledge", called
-        await side.next("response.done")  # the tool call ends the response: answer it after
+        response_id = await answer_the_tool(side)
         heard = await peer.wait_for("conversation.item.input_audio_transcription.completed")
         assert "moon" in heard["transcript"].lower().split(), heard
-        output = json.dumps({"found": True, "answer": SIDEBAND_ANSWER})
-        await connection.conversation.item.create(
-            item={"type": "function_call_output", "call_id": called["call_id"], "output": output}
-        )
-        await connection.response.create()
-        created = await side.next("response.created")
         answered = await side.next("response.done", TURN_TIMEOUT_S)
         # the sideband saw the call's events: the words heard, and the answer it caused
         assert heard in side.of("conversation.item.input_audio_transcription.completed")
-        assert answered["response"]["id"] == created["response"]["id"]
-    response_id = created["response"]["id"]
+        assert answered["response"]["id"] == response_id
     await peer.wait_for("response.done", lambda e: e["response"]["id"] == response_id)
     assert spoken(peer.events, response_id) == SIDEBAND_ANSWER  # the call spoke it
     await peer.wait_for("output_audio_buffer.stopped", lambda e: e["response_id"] == response_id)
@@ -246,6 +257,55 @@ async def test_bad_sidebands_are_refused_before_the_upgrade(
     async with sdk(base_b).realtime.connect(call_id=call_id) as connection:  # and it is there
         await connection.session.update(session={"type": "realtime", "instructions": "Hi."})
         assert (await RealtimeSideband(connection).next("session.updated"))["session"]
+
+
+async def test_a_sideband_answers_the_tool_of_a_chromium_call(
+    running: Running, tmp_path: Path
+) -> None:
+    """The web client in headless Chromium calls transceiver A (an ``ek_`` secret from A); the
+    sideband, through B, declares the tool and answers it; the page hears the answer."""
+    base_a = running.stack.base_url(0)
+    async with httpx.AsyncClient(timeout=10) as http:
+        minted = await http.post(base_a + "/v1/realtime/client_secrets", headers=AUTH)
+    assert minted.status_code == 200, minted.text
+    quiet = write_wav(tmp_path / "silence.wav", silence_pcm(60.0))  # the question is typed
+    async with chromium(quiet) as browser:
+        page = await browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        await page.goto(base_a + "/")
+        await page.wait_for_function("window.voicerelay !== undefined", timeout=10_000)
+        connect = "(key) => window.voicerelay.connect({key, record: true})"
+        await page.evaluate(connect, minted.json()["value"])
+        await page_event(page, "e.type === 'session.created'")
+        call_id = str(await page.text_content("#state-call")).rsplit("/", 1)[1]
+        await announced(running, call_id)
+        async with sdk(running.stack.base_url(1)).realtime.connect(call_id=call_id) as connection:
+            side = RealtimeSideband(connection)
+            await connection.session.update(session={"type": "realtime", "tools": [TOOL]})
+            await side.next("session.updated")
+            await page.evaluate("(e) => window.voicerelay.send(e)", user_text("The moon?"))
+            await page.evaluate("window.voicerelay.send({type: 'response.create'})")
+            response_id = await answer_the_tool(side)
+        stopped = f"e.type === 'output_audio_buffer.stopped' && e.response_id === '{response_id}'"
+        await page_event(page, stopped)
+        said = await page.evaluate(
+            "(id) => window.voicerelay.events.filter((e) => e.response_id === id &&"
+            " e.type === 'response.output_audio_transcript.delta').map((e) => e.delta).join('')",
+            response_id,
+        )
+        assert said == SIDEBAND_ANSWER
+        samples, _ = await recorded_audio(page)
+        assert np.abs(samples).max() > 0.05, "the page heard no answer"
+        await page.evaluate("window.voicerelay.hangup()")
+    assert errors == []
+
+
+async def page_event(page: Page, predicate: str) -> Any:
+    """The first event the page received satisfying the JS ``predicate`` on ``e``."""
+    script = f"window.voicerelay.events.find((e) => {predicate}) || null"
+    handle = await page.wait_for_function(script, timeout=TURN_TIMEOUT_S * 1000, polling=100)
+    return await handle.json_value()
 
 
 async def test_the_owner_dying_closes_a_forwarded_sideband_with_a_reason(
