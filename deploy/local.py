@@ -12,6 +12,10 @@ order.
   unavailable ones. A transceiver that dies then does not stop the stack while another one
   runs: its sessions can be resumed on the others through the front door.
 
+- ``--workers W`` (or ``STACK_WORKERS``, default 1): each transceiver is a pod of W worker
+  processes (``transceiver.workers``); transceiver i's worker w binds the link port
+  ``--link-port + i * W + w``, and the relay is given every worker's.
+
 - Redis: when ``redis-server`` is on PATH it is started on a free loopback port with no
   persistence, and ``REDIS_URL`` is passed to the transceivers (``--no-redis`` skips it).
 - Auth: off by default (local development, ``--insecure-dev``: the transceiver prints a loud
@@ -64,9 +68,17 @@ class StackConfig:
     auth: str
     redis: bool
     drain_timeout_s: float
+    workers: int = 1
 
     def link_addresses(self) -> list[str]:
-        return [f"{self.host}:{self.link_port + i}" for i in range(self.transceivers)]
+        """Each transceiver's ``--link`` (its first worker's; worker w binds the port + w)."""
+        step = self.workers
+        return [f"{self.host}:{self.link_port + i * step}" for i in range(self.transceivers)]
+
+    def worker_link_addresses(self) -> list[str]:
+        """Every worker's link socket, for the relay."""
+        count = self.transceivers * self.workers
+        return [f"{self.host}:{self.link_port + n}" for n in range(count)]
 
     @property
     def front_door(self) -> bool:
@@ -104,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     transceivers = os.environ.get("STACK_TRANSCEIVERS", "1")  # argparse applies type= to it
     parser.add_argument("--transceivers", type=int, default=transceivers)
     parser.add_argument("--relay-workers", type=int, default=2)
+    workers = os.environ.get("STACK_WORKERS", "1")  # transceiver worker processes
+    parser.add_argument("--workers", type=int, default=workers)
     parser.add_argument("--agent", default=default_agent(), choices=AGENTS)
     auth = os.environ.get("TRANSCEIVER_AUTH", "off")
     parser.add_argument("--auth", default=auth, choices=("off", "required"))
@@ -117,6 +131,8 @@ def parse_args(argv: Sequence[str]) -> StackConfig:
     args = parser.parse_args(argv)
     if not 1 <= args.transceivers <= 8:
         parser.error("--transceivers must be between 1 and 8")
+    if not 1 <= args.workers <= 16:
+        parser.error("--workers must be between 1 and 16")
     if args.auth == "required" and not os.environ.get("TRANSCEIVER_API_KEY"):
         parser.error("--auth required needs TRANSCEIVER_API_KEY in the environment")
     return StackConfig(**vars(args))
@@ -153,9 +169,10 @@ def commands(config: StackConfig, keys: str, redis_url: str | None) -> list[Comm
         cmd = [py, "-m", "transceiver", "--link", link, "--public", public, "--keys", keys]
         cmd += ["--http", http[i], "--agent", config.agent]
         cmd += ["--drain-timeout-s", str(config.drain_timeout_s), "--auth", config.auth]
+        cmd += ["--workers", str(config.workers)]
         procs.append(Command(f"transceiver-{i}", cmd, "transceiver ready", env))
     relay = [py, "-m", "relay", "--public", public, "--workers", str(config.relay_workers)]
-    relay += ["--transceivers", ",".join(config.link_addresses()), "--keys", keys]
+    relay += ["--transceivers", ",".join(config.worker_link_addresses()), "--keys", keys]
     relay += ["--http", f"{config.host}:{config.relay_http_port}"]
     procs.append(Command("relay", relay, "relay ready"))
     if config.front_door:
