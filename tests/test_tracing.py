@@ -7,6 +7,12 @@ classes. One session speaks a question and makes a client tool call; the receive
 span, a turn span per turn under it, and STT, LLM (with the GenAI attributes), TTS and tool spans
 under those. Without ``OTEL_*`` a process never loads the SDK nor starts an exporter thread.
 
+The signalling and the relay: an aiortc client sends its offer with a W3C ``traceparent``
+through a real relay to a pipeline transceiver, both tracing. The ``voicerelay.offer`` span
+continues the client's trace, with the admission and the SDP answer under it; the call span is
+its child and carries the ICE and DTLS phases as events; the relay worker's
+``voicerelay.relay.route`` span names the transceiver it learned the client's route for. A
+resume with a wrong credential has its own offer span (403) with the failed claim under it.
 Without ``OTEL_*`` the relay's worker loads no trace SDK and no exporter.
 """
 
@@ -24,6 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -37,6 +44,11 @@ from websocket_harness import (
 )
 
 from deploy.fake_openai import FakeOpenAIServer
+from deploy.processes import Stack, text
+from deploy.redis_server import RedisServer
+from deploy.survival import redis_env
+from loadtest.realtime_client import TOKEN_HEADER, RealtimeClient, call
+from relay.wire.redis_config import RedisConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "vr-otel-" + os.urandom(12).hex()
@@ -256,6 +268,87 @@ def test_without_otel_variables_nothing_is_set_up() -> None:
     )  # fmt: skip
     found = json.loads(done.stdout)
     assert found == {"untraced": True, "sdk": [], "threads": ["MainThread"]}, done.stderr
+
+
+CLIENT_TRACE_ID = os.urandom(16).hex()
+CLIENT_SPAN_ID = os.urandom(8).hex()
+
+
+async def test_the_offer_the_call_and_the_relays_route_are_one_traced_story(
+    receiver: Receiver, server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    redis = RedisServer(tmp_path, "redis").start()
+    stack = Stack(tmp_path, transceivers=1, workers=1, agent="pipeline")
+    stack.transceivers[0].env.update({
+        **redis_env(RedisConfig(url=redis.url)),
+        "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url + "/v1",
+        "PIPELINE_STT": "pocketsphinx", "PIPELINE_LLM": "openai", "PIPELINE_TTS": "openai",
+        "OTEL_SERVICE_NAME": "voicerelay-test", **otel,
+        "TRANSCEIVER_CPU_BUDGET_CORES": "0",  # admission by capacity alone: the host is busy
+    })  # fmt: skip
+    stack.relay.env.update(otel)
+    client, intruder = RealtimeClient(), RealtimeClient()
+    try:
+        for process in [*stack.transceivers, stack.relay]:
+            process.start()
+        for process in [*stack.transceivers, stack.relay]:
+            await process.ready(timeout_s=90)
+        await stack.keyed()
+        parent = {"traceparent": f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"}
+        async with httpx.AsyncClient(timeout=30) as http:
+            created = await call(client, http, stack.base_url(0), parent)
+            assert created.status_code == 201, created.text
+            session_id = created.headers["X-Voicerelay-Session"]
+            wrong = {TOKEN_HEADER: "not-the-token"}
+            refused = await call(
+                intruder, http, stack.base_url(0), wrong, {"session_id": session_id}
+            )
+            assert refused.status_code == 403, refused.text
+            hung_up = await http.delete(stack.base_url(0) + created.headers["Location"])
+            assert hung_up.status_code == 204
+    finally:
+        await client.close()
+        await intruder.close()
+        await stack.stop()
+        redis.stop()
+    call_span = await asyncio.to_thread(receiver.wait_for, "voicerelay.call")
+    offer = receiver.wait_for("voicerelay.offer")
+    route = receiver.wait_for("voicerelay.relay.route")
+    call_id = created.headers["Location"].rsplit("/", 1)[1]
+
+    assert (offer["trace_id"], offer["parent"]) == (CLIENT_TRACE_ID, CLIENT_SPAN_ID)
+    assert offer["attributes"] == {
+        "http.request.method": "POST",
+        "url.path": "/v1/realtime/calls",
+        "voicerelay.endpoint": "realtime",
+        "http.response.status_code": 201,
+        "voicerelay.call_id": call_id,
+        "voicerelay.session_id": session_id,
+    }
+    steps = {s["name"]: s for s in receiver.spans if s["parent"] == offer["span_id"]}
+    assert set(steps) == {"voicerelay.admission", "voicerelay.answer", "voicerelay.call"}
+    assert steps["voicerelay.admission"]["attributes"] == {"voicerelay.verdict": "admitted"}
+    for step in steps.values():
+        assert step["trace_id"] == CLIENT_TRACE_ID and offer["start"] <= step["start"]
+    assert call_span["span_id"] == steps["voicerelay.call"]["span_id"]
+    assert call_span["attributes"]["voicerelay.call_id"] == call_id
+    phases = call_span["events"]
+    assert phases.index("voicerelay.ice.connected") < phases.index("voicerelay.dtls.connected")
+
+    assert route["service"]["service.name"] == "voicerelay-relay"
+    assert route["trace_id"] != CLIENT_TRACE_ID  # the relay knows no call: its own trace
+    assert route["attributes"]["voicerelay.verdict"] == "learned"
+    assert route["attributes"]["voicerelay.transceiver"] == text(stack.links[0])
+    assert route["attributes"]["voicerelay.relay.worker"] == 0
+
+    (attempt,) = [s for s in receiver.spans if s["attributes"].get("error.type")]
+    assert attempt["name"] == "voicerelay.offer" and attempt["trace_id"] != CLIENT_TRACE_ID
+    assert attempt["attributes"]["http.response.status_code"] == 403 and not attempt["error"]
+    claims = [s for s in receiver.spans if s["parent"] == attempt["span_id"]]
+    assert [(s["name"], s["error"]) for s in claims] == [("voicerelay.admission", False),
+                                                         ("voicerelay.resume", True)]  # fmt: skip
+    assert claims[1]["attributes"] == {"voicerelay.session_id": session_id}
 
 
 UNTRACED_RELAY = """

@@ -57,11 +57,13 @@ from transceiver.http.errors import ApiError, add_error_handlers, error_response
 from transceiver.http.hop_signature import HopKeys
 from transceiver.http.live_calls import add_live_calls
 from transceiver.http.live_websocket import add_live_websocket
+from transceiver.http.offer_tracing import traced_offer
 from transceiver.http.offers import json_object, read_offer
 from transceiver.http.sideband import Sidebands
 from transceiver.http.websocket import WebSocketSessions, add_realtime_websocket
 from transceiver.http.worker_routing import WorkerRouting
 from transceiver.metrics import CapacityCollector, CapacityReadings
+from transceiver.realtime.call_tracing import offer_step
 from transceiver.realtime.client_events import (
     EventError,
     SessionConfig,
@@ -152,6 +154,7 @@ def create_app(
     )
 
     @app.post(CALLS_PATH, status_code=201)
+    @traced_offer("realtime", calls)
     async def create_call(request: Request) -> Response:
         if routing is not None and calls.not_ready_reason in SPILLED:
             spilled = await routing.spill(request)  # another worker of the pod has room
@@ -165,7 +168,8 @@ def create_app(
         try:
             with calls.reserve() as slot:  # before a resumed session is claimed
                 agent = await _resumed_agent(request, resume)
-                call, answer = await calls.create(slot, offer, requested, agent)
+                with offer_step("voicerelay.answer"):
+                    call, answer = await calls.create(slot, offer, requested, agent)
         except AdmissionError as exc:
             raise unavailable(exc) from None
         except OfferRejected as exc:
@@ -203,7 +207,8 @@ async def _resumed_agent(request: Request, resume: Resume | None) -> CallAgent |
     if resume is None:
         raise ApiError(404, "resume_unavailable", "this transceiver does not resume sessions")
     try:
-        return await resume(session_id, request.headers.get(RESUME_TOKEN_HEADER))
+        with offer_step("voicerelay.resume", {"voicerelay.session_id": session_id}):
+            return await resume(session_id, request.headers.get(RESUME_TOKEN_HEADER))
     except ResumeRefused as exc:
         headers = {"WWW-Authenticate": "X-Voicerelay-Resume-Token"} if exc.status == 401 else None
         raise ApiError(exc.status, exc.code, exc.message, headers, "session_id") from None
