@@ -99,6 +99,21 @@ def test_the_first_call_and_a_zero_budget_are_never_refused_by_cost() -> None:
     assert off.load(3, capacity=4) == pytest.approx(0.75)  # by count alone
 
 
+def test_a_call_just_begun_says_nothing_of_its_cost() -> None:
+    """One call for the last 2 s of a 10 s window: a mean of 0.2 calls, too few to divide by
+    (the window's CPU would all be charged to it)."""
+    clocks = Clocks()
+    cpu = meter(clocks, budget_cores=0.5, window_s=10.0)
+    for _ in range(16):
+        clocks.run(0.5, cores=0.05)
+        cpu.measure()
+    cpu.calls_changed(1)
+    clocks.run(2.0, cores=0.1)
+    reading = cpu.measure()
+    assert reading.mean_calls == pytest.approx(0.2) and reading.cores_per_call is None
+    assert cpu.refusal(1) is None
+
+
 def test_load_is_the_count_until_cpu_is_measured() -> None:
     clocks = Clocks()
     assert meter(clocks).load(25, capacity=100) == pytest.approx(0.25)

@@ -250,7 +250,9 @@ async def test_measured_cpu_refuses_a_call_over_the_budget(
     try:
         first = await post_offer(http, running.base_url, CHROME_OFFER, "application/sdp")
         assert first.status_code == 201, first.text
-        await eventually_status(http, running.base_url + "/readyz", 503)
+        ready_url = running.base_url + "/readyz"
+        never = "the measured cost never refused a call"
+        await poll(lambda: http.get(ready_url), lambda r: r.status_code == 503, 20, lambda _: never)
         assert_error(await http.get(running.base_url + "/readyz"), 503, "overloaded", "budget")
         second = await post_offer(http, running.base_url, CHROME_OFFER, "application/sdp")
         assert_error(second, 503, "transceiver_overloaded", "cores per call", "2 calls")

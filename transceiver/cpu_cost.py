@@ -6,9 +6,12 @@ meter integrates call-seconds exactly; a reading (``measure``) takes a sample at
 ``sample_s`` and compares the newest with the oldest one inside ``window_s``:
 
 - ``cores``: CPU seconds per wall second over the window (1.0: one core busy);
-- ``cores_per_call``: ``cores`` over the time-weighted mean number of calls in the window. The
-  process's idle cost (its loops and timers) is counted in it, so at few calls the figure is
-  pessimistic: admission errs towards refusing, never towards overloading.
+- ``cores_per_call``: ``cores`` over the time-weighted mean number of calls in the window,
+  known once that mean is ``MIN_MEAN_CALLS`` (a call that has just begun would otherwise carry
+  the whole window's CPU: a second call was refused at "0.8 cores per call" on the aiortc
+  path before this rule). The process's idle cost (its loops and timers) and each call's
+  set-up (negotiation, DTLS) are counted in it, so at few calls the figure is pessimistic:
+  admission errs towards refusing, never towards overloading.
 
 Admission (``refusal``): with ``n`` calls running, one more is refused when ``cores_per_call x
 (n + 1)`` would exceed ``budget_cores``. The first call is never refused by cost (nothing
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 
 Clock = Callable[[], float]
 MIN_SPAN_S = 1.0  # a window shorter than this says nothing yet
+MIN_MEAN_CALLS = 0.5  # fewer calls on average in the window say nothing of a call's cost
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ class CpuMeter:
             return CpuReading(None, float(self._calls), None)
         cores = max(0.0, now[1] - first[1]) / span_s
         mean_calls = (now[2] - first[2]) / span_s
-        per_call = cores / mean_calls if mean_calls > 0.01 else None
+        per_call = cores / mean_calls if mean_calls >= MIN_MEAN_CALLS else None
         return CpuReading(cores, mean_calls, per_call)
 
     def _sample(self) -> tuple[float, float, float]:
