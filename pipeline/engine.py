@@ -196,15 +196,22 @@ class ConversationEngine:
         self.history.append(Message("tool", output, tool_call_id=call_id))
         return True
 
-    def create_response(self, instructions: str | None = None) -> str | None:
-        """Answer the conversation as it stands now; None while a response is active."""
+    def create_response(
+        self,
+        instructions: str | None = None,
+        *,
+        config: EngineConfig | None = None,
+        tools: ToolRegistry | None = None,
+    ) -> str | None:
+        """Answer the conversation as it stands now (with this response's own ``config`` and
+        ``tools``, if given); None while a response is active."""
         if self._response is not None:
             return None
         recorder = TurnRecorder(next(self._turns), self.stt.name, self.llm.name, self.tts.name)
-        config = (
-            self.config if instructions is None else replace(self.config, instructions=instructions)
-        )
-        return self._start_response(recorder, config)
+        config = config or self.config
+        if instructions is not None:
+            config = replace(config, instructions=instructions)
+        return self._start_response(recorder, config, tools)
 
     def cancel_response(self) -> str | None:
         """Stop the active response (as a barge-in would); its id, or None if there is none."""
@@ -366,7 +373,9 @@ class ConversationEngine:
         if self._response is None or self._response.stop_requested:
             self._start_response(recorder, self.config)
 
-    def _start_response(self, recorder: TurnRecorder, config: EngineConfig) -> str:
+    def _start_response(
+        self, recorder: TurnRecorder, config: EngineConfig, tools: ToolRegistry | None = None
+    ) -> str:
         response = SpokenResponse(
             f"resp_{next(self._responses)}",
             recorder,
@@ -374,7 +383,7 @@ class ConversationEngine:
             (
                 self._reporting(self.llm, recorder.turn),
                 self._reporting(self.tts, recorder.turn),
-                self.tools,
+                self.tools if tools is None else tools,
             ),
             self.history,
             self._emit,

@@ -382,3 +382,89 @@ async def test_piper_speaks_faster_at_a_higher_speed() -> None:
     finally:
         await tts.aclose()
     assert lengths[0] > lengths[1] > lengths[2], lengths
+
+
+def _user(text: str) -> dict[str, Any]:
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+async def test_a_response_has_its_own_settings_and_metadata(
+    events: Events, server: FakeOpenAIServer
+) -> None:
+    spoken_before = (await server.stats())["hits"].get("speech", 0)
+    await events.connection.conversation.item.create(item=_user("one two three four"))  # type: ignore[arg-type]
+    await events.connection.response.create(
+        response={
+            "instructions": "Count.",
+            "output_modalities": ["text"],
+            "max_output_tokens": 2,
+            "metadata": {"topic": "counting"},
+        }  # fmt: skip
+    )
+    created = (await events.next("response.created"))["response"]
+    assert (created["metadata"], created["max_output_tokens"]) == ({"topic": "counting"}, 2)
+    assert created["conversation_id"].startswith("conv_"), created
+    done = (await events.next("response.done"))["response"]
+    assert (done["status"], done["output_modalities"]) == ("incomplete", ["text"]), done
+    assert done["output"][0]["content"][0]["text"].split() == ["You", "said:"]
+    assert (await server.stats())["last_request"]["chat"]["messages"][0] == {
+        "role": "system", "content": "Count."
+    }  # fmt: skip
+    assert (await server.stats())["hits"].get("speech", 0) == spoken_before
+    after = (await say(events, "hi there"))["response"]  # the session's settings again
+    assert (after["output_modalities"], after["metadata"]) == (["audio"], None), after
+    await events.connection.conversation.item.create(item=_user("hello"))  # type: ignore[arg-type]
+    await events.connection.response.create(
+        response={"tools": [WEATHER], "tool_choice": "required"}  # type: ignore[list-item]
+    )
+    (call,) = (await events.next("response.done"))["response"]["output"]
+    assert (call["type"], call["name"]) == ("function_call", "get_weather"), call
+    sent = (await server.stats())["last_request"]["chat"]
+    assert [tool["function"]["name"] for tool in sent["tools"]] == ["get_weather"]
+    for response, code, param in [
+        ({"tools": [{"type": "mcp", "server_label": "x"}]}, "invalid_value",
+         "response.tools[0].type"),
+        ({"modalities": ["text"]}, "unknown_parameter", "response.modalities"),
+        ({"input": []}, "invalid_value", "response.input"),  # its own context: out of band
+        ({"conversation": "other"}, "invalid_value", "response.conversation"),
+    ]:  # fmt: skip
+        event = json.dumps({"type": "response.create", "response": response})
+        error = await error_for(events, event)
+        assert (error["code"], error["param"]) == (code, param), error
+
+
+async def test_out_of_band_responses_run_beside_the_conversation(
+    events: Events, server: FakeOpenAIServer
+) -> None:
+    await say(events, "remember apples")
+    await server.control(hold=["speech"])  # the next spoken answer stays in progress
+    try:
+        await events.connection.conversation.item.create(item=_user("tell me more"))  # type: ignore[arg-type]
+        await events.connection.response.create()
+        in_band = (await events.next("response.created"))["response"]
+        await events.next("response.output_audio.delta")  # its model call is over
+        question = [_user("classify: tell me more")]
+        await events.connection.response.create(
+            response={"conversation": "none", "output_modalities": ["text"],
+                      "metadata": {"purpose": "classify"}, "input": question}  # type: ignore[typeddict-item]
+        )  # fmt: skip
+        aside = (await events.next("response.created"))["response"]
+        assert (aside["conversation_id"], aside["metadata"]) == (None, {"purpose": "classify"})
+        done = (await events.next("response.done"))["response"]  # while the other speaks
+        assert done["id"] == aside["id"], done
+        assert done["output"][0]["content"][0]["text"].strip() == "You said: classify: tell me more"
+        sent = (await server.stats())["last_request"]["chat"]["messages"]
+        assert sent[-1] == {"role": "user", "content": "classify: tell me more"}
+        assert not [m for m in sent if "apples" in str(m["content"])], sent  # its own context
+    finally:
+        await server.release("speech")
+    assert (await events.next("response.done"))["response"]["id"] == in_band["id"]
+    aside_items = {item["id"] for item in done["output"]}
+    joined = [e for e in events.seen if e["type"].startswith("conversation.item.")]
+    assert not [e for e in joined if e["item"]["id"] in aside_items], joined
+    await say(events, "and now")  # the conversation never had the out-of-band exchange
+    sent = (await server.stats())["last_request"]["chat"]["messages"]
+    assert not [m for m in sent if "classify" in str(m["content"])], sent
+    assert [m["content"] for m in sent if m["role"] == "user"][:2] == [
+        "remember apples", "tell me more"
+    ]  # fmt: skip

@@ -90,6 +90,7 @@ from transceiver.realtime.client_events import (
 from transceiver.realtime.idle import IdleTimeout
 from transceiver.realtime.limits import RealtimeLimits
 from transceiver.realtime.policy import SessionPolicy, check_storable
+from transceiver.realtime.responses import ItemReference, as_response_error, plan_response
 from transceiver.realtime.server_events import (
     error_event,
     function_call_output_item,
@@ -97,7 +98,8 @@ from transceiver.realtime.server_events import (
     server_event,
     stored_item_bodies,
 )
-from transceiver.realtime.translation import EngineEventTranslator
+from transceiver.realtime.side_responses import SideResponses
+from transceiver.realtime.translation import EngineEventTranslator, ResponseShape
 from transceiver.store.journal import SessionJournal, item_to_message, message_to_item
 from transceiver.store.keys import SessionState, encode_item
 from transceiver.store.persistence import SessionPersistence
@@ -190,6 +192,8 @@ class RealtimeSession:
         self.observers: set[Callable[[Event], None]] = set()  # sidebands: each event as sent
         self.spoke = False  # assistant audio went out: the voice is fixed (OpenAI's rule)
         self.idle = IdleTimeout(self._idle_turn, self._quiet, lambda: engine.input_position_ms)
+        self.side = SideResponses(engine, self._side_event)  # out-of-band responses
+        self._side_pcm: dict[str, PcmResampler] = {}  # WebSocket: their audio -> deltas
         if resumed is not None:
             journal, state = resumed
             self._hold(journal)
@@ -262,6 +266,7 @@ class RealtimeSession:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.idle.cancel()
+        await self.side.aclose()
         await self.engine.aclose()
         self.voice.stop()
         if self.journal is not None:
@@ -455,11 +460,7 @@ class RealtimeSession:
         elif isinstance(event, ConversationItemCreate):
             self._create_item(event)
         elif isinstance(event, ResponseCreate):
-            if self.engine.create_response(event.instructions) is None:
-                raise EventError(
-                    "conversation_already_has_active_response",
-                    "a response is in progress; cancel it or wait for response.done",
-                )
+            self._create_response(event)
         elif isinstance(event, ResponseCancel):
             self._cancel(event.response_id)
         elif isinstance(event, BufferCommand):
@@ -490,6 +491,7 @@ class RealtimeSession:
         self.translator.transcription = config.transcription is not None
         detection = config.turn_detection
         self.idle.configure(None if detection is None else detection.idle_timeout_ms)
+        self.translator.shape = ResponseShape(True, None, config.voice, config.max_output_tokens)
         self.config = config
 
     def _quiet(self) -> bool:
@@ -521,7 +523,64 @@ class RealtimeSession:
         if self.journal is not None:
             self.journal.history(self.engine.history)
 
+    def _create_response(self, event: ResponseCreate) -> None:
+        """A response with its own settings (``responses``): in the conversation, or beside it
+        (out of band) on the conversation's context or its own ``input``."""
+        plan = plan_response(event.response)
+        config = replace(self.config, **plan.changes)
+        try:
+            self.policy.check_voice(config)
+            tools = self.policy.tools(config)
+        except EventError as error:
+            raise as_response_error(error) from None
+        engine_config = self.policy.engine_config(config)
+        if plan.out_of_band:
+            context = self.engine.history if plan.input is None else self._context(plan.input)
+            response_id: str | None = self.side.start(engine_config, tools, context)
+        else:
+            response_id = self.engine.create_response(config=engine_config, tools=tools)
+        if response_id is None:
+            raise EventError(
+                "conversation_already_has_active_response",
+                "a response is in progress; cancel it or wait for response.done",
+            )
+        shape = (not plan.out_of_band, plan.metadata, config.voice, config.max_output_tokens)
+        self.translator.shape_response(response_id, ResponseShape(*shape))
+
+    def _context(self, entries: tuple[Message | ItemReference, ...]) -> list[Message]:
+        """An out-of-band response's ``input``, its references read from the session's items."""
+        return [e if isinstance(e, Message) else self._referenced(e) for e in entries]
+
+    def _referenced(self, reference: ItemReference) -> Message:
+        item = self.translator.items.get(reference.id)
+        if item is None or item.get("type") != "message" or not item.get("content"):
+            message = f"no message item {reference.id!r} in this session"
+            raise EventError("invalid_value", message, reference.path)
+        part = item["content"][0]
+        text = part.get("text") or part.get("transcript") or ""
+        return Message(item["role"], str(text))
+
+    def _side_event(self, event: ev.EngineEvent) -> None:
+        """An out-of-band response's event: to the client only (no journal, record or voice);
+        its audio goes out in deltas over WebSocket, and is not played into a call."""
+        if isinstance(event, ev.OutputAudio):
+            if self._pcm_out is not None:
+                out = self.engine.config.output_sample_rate_hz
+                resampler = self._side_pcm.setdefault(
+                    event.response_id, PcmResampler(out, AUDIO_RATE_HZ)
+                )
+                pcm = resampler.push(event.pcm)
+                for delta in self.translator.audio_delta(event.response_id, pcm):
+                    self.send(delta)
+            return
+        if isinstance(event, ev.ResponseDone):
+            self._side_pcm.pop(event.response_id, None)
+        for server in self.translator.translate(event):
+            self.send(server)
+
     def _cancel(self, response_id: str | None) -> None:
+        if response_id is not None and self._cancel_side(response_id):
+            return
         active = self.engine.active_response_id
         if active is None:
             raise EventError("response_cancel_not_active", "there is no active response")
@@ -532,6 +591,14 @@ class RealtimeSession:
         self.translator.cancelled_by_client(active)
         self.recorder.client_cancelled(active)
         self.engine.cancel_response()
+
+    def _cancel_side(self, response_id: str) -> bool:
+        """Cancel the out-of-band response ``response_id`` names; False when none does."""
+        for engine_id in self.side.running():
+            if self.translator.response_id(engine_id) == response_id:
+                self.translator.cancelled_by_client(engine_id)
+                return self.side.cancel(engine_id)
+        return False
 
     def _item_command(self, event: ItemRetrieve | ItemTruncate | ItemDelete) -> None:
         """On the items this session still knows (the engine's history is not rewritten)."""

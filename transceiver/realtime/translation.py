@@ -19,6 +19,12 @@ so no ``output_audio_buffer.*`` events and no automatic truncation on barge-in: 
 OpenAI, the client plays the audio and says what it heard with ``conversation.item.truncate``
 (``truncate`` answers what text that leaves).
 
+A response's body carries the conversation's id, its ``metadata``, its audio output format and
+voice and its ``max_output_tokens`` (``shape``: what a ``response.create`` asked for; else the
+session's). An out-of-band response (``conversation: "none"``) has ``conversation_id: null``:
+its output items are the response's only (``response.output_item.*``, no
+``conversation.item.*``, not kept for retrieve or truncate) and no output audio buffer events.
+
 A text-only response (``output_modalities: ["text"]``) has an ``output_text`` part:
 ``response.output_text.delta``/``.done`` instead of the audio transcript events, and no
 ``response.output_audio.*``. A response stopped at its ``max_output_tokens`` is ``incomplete``
@@ -32,7 +38,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 from pipeline import events as ev
@@ -43,6 +49,7 @@ from transceiver.realtime.server_events import function_call_item, message_item,
 Event = dict[str, Any]
 FirstFrameLookup = Callable[[str], float | None]
 MAX_ITEMS_KEPT = 256
+AUDIO_FORMAT = {"type": "audio/pcm", "rate": AUDIO_RATE_HZ}
 _STATUS_REASON = {
     "cancelled": "turn_detected",
     "failed": "error",
@@ -50,9 +57,20 @@ _STATUS_REASON = {
 }
 
 
+@dataclass(frozen=True)
+class ResponseShape:
+    """What one response reports of itself beyond its output."""
+
+    in_conversation: bool = True  # False: out of band (conversation "none")
+    metadata: Mapping[str, str] | None = None
+    voice: str | None = None  # None: the session's
+    max_output_tokens: int | None = None  # None: "inf"
+
+
 @dataclass
 class _Response:
     id: str
+    shape: ResponseShape = field(default_factory=ResponseShape)
     output: list[Event] = field(default_factory=list)
     message_id: str | None = None
     text: str = ""
@@ -113,6 +131,13 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         self.last_item_id: str | None = None
         self._previous: dict[str, str | None] = {}  # item id -> the item before it
         self.items: dict[str, Event] = {}  # the latest body of each recent item, by id
+        self.conversation_id = new_id("conv")
+        self.shape = ResponseShape()  # of responses no response.create shaped: the session's
+        self._shapes: dict[str, ResponseShape] = {}  # engine response id -> its own
+
+    def shape_response(self, engine_response_id: str, shape: ResponseShape) -> None:
+        """How the response the engine is starting reports itself (before it starts)."""
+        self._shapes[engine_response_id] = shape
 
     def response_id(self, engine_response_id: str) -> str | None:
         response = self._responses.get(engine_response_id)
@@ -252,9 +277,13 @@ class EngineEventTranslator(ResponseLedger[_Response]):
     # --- the response ---------------------------------------------------------------------
 
     def _response_started(self, event: ev.ResponseStarted) -> list[Event]:
-        response = _Response(new_id("resp"), audio=event.audio)
+        shape = self._shapes.pop(event.response_id, self.shape)
+        if shape.voice is None:
+            shape = replace(shape, voice=self.shape.voice)
+        response = _Response(new_id("resp"), shape, audio=event.audio)
         self._responses[event.response_id] = response
-        return [server_event("response.created", response=_body(response))]
+        body = _body(response, self.conversation_id)
+        return [server_event("response.created", response=body)]
 
     def _text_delta(self, event: ev.ResponseTextDelta) -> list[Event]:
         response = self._responses.get(event.response_id)
@@ -277,11 +306,12 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         )
         item["content"] = []
         response.output.append(item)
-        previous = self._append(response.message_id)
+        joins = response.shape.in_conversation
+        previous = self._append(response.message_id) if joins else None
         where = response.position(response.message_id)
         part = _part(response.audio, "")
         return [
-            *_item_added(response.id, where, previous, item),
+            *_item_added(response.id, where, previous, item, joins),
             server_event("response.content_part.added", **where, content_index=0, part=part),
         ]
 
@@ -292,13 +322,14 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         call = event.call
         item = function_call_item(new_id("item"), call.call_id, call.name, "", "in_progress")
         response.output.append(item)
-        previous = self._append(item["id"])
+        joins = response.shape.in_conversation
+        previous = self._append(item["id"]) if joins else None
         where = response.position(item["id"])
         done_item = {**item, "arguments": call.arguments, "status": "completed"}
         response.output[-1] = done_item
         args = {**where, "call_id": call.call_id}
         return [
-            *_item_added(response.id, where, previous, item),
+            *_item_added(response.id, where, previous, item, joins),
             server_event("response.function_call_arguments.delta", **args, delta=call.arguments),
             server_event(
                 "response.function_call_arguments.done",
@@ -310,24 +341,24 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         ]
 
     def _item_done(self, response: _Response, item: Event, previous: str | None) -> list[Event]:
-        self.items[item["id"]] = item
         index = response.position(item["id"])["output_index"]
-        return [
-            server_event(
-                "response.output_item.done", response_id=response.id, output_index=index, item=item
-            ),
-            server_event("conversation.item.done", previous_item_id=previous, item=item),
-        ]
+        done = server_event(
+            "response.output_item.done", response_id=response.id, output_index=index, item=item
+        )
+        if not response.shape.in_conversation:
+            return [done]
+        self.items[item["id"]] = item
+        return [done, server_event("conversation.item.done", previous_item_id=previous, item=item)]
 
     def _audio_buffer(self, kind: str, engine_response_id: str) -> list[Event]:
         response = self._responses.get(engine_response_id)
-        if response is None or not self.media_track:
+        if response is None or not self.media_track or not response.shape.in_conversation:
             return []
         return [server_event(f"output_audio_buffer.{kind}", response_id=response.id)]
 
     def _cleared(self, event: ev.OutputCleared) -> list[Event]:
         response = self._responses.get(event.response_id)
-        if response is None or not self.media_track:
+        if response is None or not self.media_track or not response.shape.in_conversation:
             return []
         events = [server_event("output_audio_buffer.cleared", response_id=response.id)]
         if response.message_id is not None:
@@ -380,7 +411,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         if response is None:
             return []
         record = event.record
-        body = _body(response, record)
+        body = _body(response, self.conversation_id, record)
         metrics = turn_metrics_event(response.id, record, self._first_frame_sent_s(engine_id))
         return [server_event("response.done", response=body), metrics]
 
@@ -418,14 +449,19 @@ def _transcription(kind: str, item_id: str, **fields: Any) -> Event:
     )
 
 
-def _body(response: _Response, record: TurnRecord | None = None) -> Event:
+def _body(response: _Response, conversation_id: str, record: TurnRecord | None = None) -> Event:
+    shape = response.shape
     body: Event = {
         "id": response.id,
         "object": "realtime.response",
+        "conversation_id": conversation_id if shape.in_conversation else None,
         "status": response.status,
         "status_details": None,
         "output": list(response.output),
         "output_modalities": ["audio" if response.audio else "text"],
+        "audio": {"output": {"format": AUDIO_FORMAT, "voice": shape.voice}},
+        "max_output_tokens": shape.max_output_tokens or "inf",
+        "metadata": None if shape.metadata is None else dict(shape.metadata),
         "usage": None,
     }
     if response.status in _STATUS_REASON:
@@ -490,15 +526,16 @@ _HANDLERS: dict[type, Callable[[EngineEventTranslator, Any], list[Event]]] = {
 
 
 def _item_added(
-    response_id: str, where: Mapping[str, Any], previous: str | None, item: Event
+    response_id: str, where: Mapping[str, Any], previous: str | None, item: Event, joins: bool
 ) -> list[Event]:
-    """An output item joins the response and the conversation (GA sends both, in this order)."""
-    return [
-        server_event(
-            "response.output_item.added",
-            response_id=response_id,
-            output_index=where["output_index"],
-            item=item,
-        ),
-        server_event("conversation.item.added", previous_item_id=previous, item=item),
-    ]
+    """An output item joins the response and (``joins``) the conversation (GA sends both, in
+    this order)."""
+    added = server_event(
+        "response.output_item.added",
+        response_id=response_id,
+        output_index=where["output_index"],
+        item=item,
+    )
+    if not joins:
+        return [added]
+    return [added, server_event("conversation.item.added", previous_item_id=previous, item=item)]
