@@ -207,3 +207,22 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+async def test_a_pod_whose_workers_cannot_start_exits_1(tmp_path: Path) -> None:
+    """The HTTP port is held by a socket without SO_REUSEPORT: no worker can bind it, and the
+    pod gives up at once (every restart would fail alike) instead of restarting them."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        http = ("127.0.0.1", taken.getsockname()[1])
+        link = ("127.0.0.1", free_port_run(2))
+        pod = transceiver_process("pod", link, http, "127.0.0.1:3478", random_keys(), tmp_path,
+                                  workers=2)  # fmt: skip
+        pod.start()
+        try:
+            assert await pod.exited(timeout_s=40) == 1
+        finally:
+            await pod.stop()
+    assert "cannot bind the HTTP listener" in pod.log_tail()
+    assert "before it was ready" in pod.log_tail()

@@ -84,6 +84,7 @@ class Pod:
         self.deaths: collections.Counter[tuple[int, str]] = collections.Counter()
         self.restarts: collections.Counter[int] = collections.Counter()
         self._own: socket.socket | None = None
+        self._failed = asyncio.Event()  # a worker ended before its first ready line
         self._http = httpx.AsyncClient(
             timeout=ASK_TIMEOUT_S, headers={HOP_HEADER: "pod"}, verify=False, trust_env=False
         )
@@ -119,12 +120,16 @@ class Pod:
             await self._http.aclose()
 
     async def _all_ready(self) -> bool:
-        waits = [asyncio.ensure_future(worker.ready.wait()) for worker in self.workers]
-        done, pending = await asyncio.wait(waits, timeout=STARTUP_TIMEOUT_S)
-        for waiter in pending:
+        """Every worker printed its ready line (False: one failed first, or the deadline)."""
+        waiters = [asyncio.ensure_future(w.ready.wait()) for w in self.workers]
+        failed = asyncio.ensure_future(self._failed.wait())
+        ready = asyncio.ensure_future(asyncio.wait(waiters))
+        first = asyncio.FIRST_COMPLETED
+        await asyncio.wait([ready, failed], timeout=STARTUP_TIMEOUT_S, return_when=first)
+        for waiter in (ready, failed, *waiters):
             waiter.cancel()
         alive = all(w.process is not None and w.process.returncode is None for w in self.workers)
-        if not pending and alive:
+        if all(w.ready.is_set() for w in self.workers) and alive:
             return True
         logger.error("the pod's workers did not all start (see their log lines above)")
         return False
@@ -144,6 +149,7 @@ class Pod:
                 logger.error("worker %d (pid %d) exited %s before it was ready", worker.index,
                              process.pid, code)  # fmt: skip
                 self.draining = True
+                self._failed.set()
                 return
             self.deaths[(worker.index, _cause(code))] += 1
             pause_s = backoff.crashed(loop.time() - worker.started_s)
