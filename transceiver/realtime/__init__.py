@@ -4,12 +4,13 @@ the voice pipeline of one call.
 ``client_events`` parses and validates what the client sends; ``server_events`` builds what it
 is sent; ``translation`` turns pipeline events into server events; ``policy`` holds the
 session's configuration rules (defaults, limits, what ``session.update`` may change);
-``limits`` the session's own timings and bounds (``TRANSCEIVER_REALTIME_*``);
+``responses`` reads what a ``response.create`` asks of its response, ``side_responses`` runs
+the out-of-band ones, ``idle`` is the idle timeout (``idle_timeout_ms``); ``limits`` the session's own timings and bounds (``TRANSCEIVER_REALTIME_*``);
 ``session`` is the live session (engine, tasks, persistence); ``pipeline_agent`` makes one
 per call; ``call_recording`` turns a session's events and turns into its call record,
 and ``call_tracing`` into OpenTelemetry spans (when ``OTEL_*`` asks).
 
 May import: pipeline, transceiver.metrics, transceiver.background, transceiver.store,
     transceiver.webrtc.audio
-Pure: client_events, server_events, translation, limits, call_recording
+Pure: client_events, server_events, translation, limits, call_recording, responses
 """

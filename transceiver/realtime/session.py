@@ -39,6 +39,11 @@ errors (``send_error``); the Realtime translator and handlers stand aside.
 Observers (``observers``, a sideband: ``transceiver.http.sideband``): every event sent to the
 client is also given to each, as it is sent, whether or not the client's channel is open yet.
 
+Responses a client creates (``response.create``): each with its own settings
+(``responses``), in the conversation (the engine's) or out of band beside it
+(``side_responses``: their events go to the client only, their audio only in WebSocket deltas).
+The idle timeout (``idle``) commits the silence after an answer and answers it.
+
 Size (over 400 lines): one class of short methods whose tasks, channel, client-event handlers
 and journal all act on the same live state (engine, journal, channel, events waiting for it);
 the rules themselves live apart (``client_events``, ``translation``, ``policy``).
