@@ -23,14 +23,13 @@ Over WebRTC (``POST /v1/live/sessions``, ``media="webrtc"``) the caller's audio 
 track: ``session.input_audio.append`` is refused (as on Realtime calls), and so are ``.mute`` and
 ``.unmute`` (not built for the media track yet: refused, never acknowledged and ignored).
 
-Observers (a sideband, ``transceiver.http.live_websocket``): every event the contract makes for
-the client is also given to each function in ``observers``, as it is made.
+A sideband (``transceiver.http.sideband``) sees these events as the session sends them
+(``RealtimeSession.observers``), whatever the contract.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Literal
 
 from pipeline import events as ev
@@ -72,7 +71,6 @@ class LiveContract:
     ):
         self.session = session
         self.media = media
-        self.observers: set[Callable[[Event], None]] = set()
         self.config = config
         self._start_event_id = start_event_id
         self._started_s = time.monotonic()
@@ -113,27 +111,19 @@ class LiveContract:
     # --- ClientContract -------------------------------------------------------------------
 
     def opened(self) -> list[Event]:
-        return self._observed(
-            [live_event("session.started", self._start_event_id, session=self.resource())]
-        )
+        return [live_event("session.started", self._start_event_id, session=self.resource())]
 
     def translate(self, event: ev.EngineEvent) -> list[Event]:
-        return self._observed(self.translator.translate(event))
+        return self.translator.translate(event)
 
     def audio_delta(self, engine_response_id: str, pcm: bytes) -> list[Event]:
-        return self._observed(self.translator.audio_delta(engine_response_id, pcm))
+        return self.translator.audio_delta(engine_response_id, pcm)
 
     def error(self, error: EventError, client_event_id: str | None, error_type: str) -> Event:
-        return self._observed([live_error(error, client_event_id, error_type)])[0]
-
-    def _observed(self, events: list[Event]) -> list[Event]:
-        for observe in list(self.observers):
-            for event in events:
-                observe(event)
-        return events
+        return live_error(error, client_event_id, error_type)
 
     def _send(self, event: Event) -> None:
-        self.session.send(self._observed([event])[0])
+        self.session.send(event)
 
     def on_message(self, data: str | bytes) -> None:
         try:
