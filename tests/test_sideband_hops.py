@@ -1,0 +1,130 @@
+"""The pieces of a forwarded sideband on their own: the hop header (pure) and the directory of
+session owners on a real redis-server (announce, refresh, withdraw, another owner's record)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from deploy.redis_server import RedisServer, redis_server_binary
+from deploy.waiting import poll
+from relay.wire.redis_config import RedisConfig
+from relay.wire.ufrag import Keyring
+from transceiver.http.hop_signature import HOP_TTL_S, HopError, HopKeys
+from transceiver.store.connection import open_redis
+from transceiver.store.sideband_directory import Owner, SidebandDirectory, directory_key
+
+OLD, NEW = Keyring(1, {1: b"o" * 32}), Keyring(2, {2: b"n" * 32, 1: b"o" * 32})
+TARGET, AUTH, NOW_S = "realtime:rtc_0011", "Bearer key-0123456789abcdef", 1_000_000.0
+ME = Owner("host-a-1234", ("10.0.0.5", 8080))
+PREFIX = "vr"
+
+
+def refusal(keys: HopKeys, header: str, target: str = TARGET, auth: str = AUTH) -> str:
+    with pytest.raises(HopError) as refused:
+        keys.verify(header, target, auth, NOW_S)
+    return refused.value.reason
+
+
+def test_a_hop_verifies_for_its_target_credential_and_time_only() -> None:
+    keys = HopKeys(OLD)
+    header = keys.sign(TARGET, AUTH, NOW_S)
+    keys.verify(header, TARGET, AUTH, NOW_S)
+    keys.verify(header, TARGET, AUTH, NOW_S + HOP_TTL_S)
+    assert refusal(keys, header, target="realtime:rtc_0012") == "signature"
+    assert refusal(keys, header, target="live:rtc_0011") == "signature"
+    assert refusal(keys, header, auth="Bearer another-key-0123456789") == "signature"
+    with pytest.raises(HopError) as late:
+        keys.verify(header, TARGET, AUTH, NOW_S + HOP_TTL_S + 1)
+    assert late.value.reason == "expired"
+    forged_expiry = header.split(".")
+    forged_expiry[2] = str(int(NOW_S) + 10 * HOP_TTL_S)
+    assert refusal(keys, ".".join(forged_expiry)) == "signature"
+
+
+def test_the_keyring_rotates_and_a_stranger_s_key_is_refused() -> None:
+    assert HopKeys(NEW).verify(HopKeys(OLD).sign(TARGET, AUTH, NOW_S), TARGET, AUTH, NOW_S) is None
+    assert refusal(HopKeys(OLD), HopKeys(NEW).sign(TARGET, AUTH, NOW_S)) == "unknown_key"
+    stranger = HopKeys(Keyring(1, {1: b"s" * 32}))
+    assert refusal(HopKeys(OLD), stranger.sign(TARGET, AUTH, NOW_S)) == "signature"
+
+
+@pytest.mark.parametrize(
+    "header", ["", "1.1.2", "2.1.1000030.x", "1.x.1000030.x", "1.1.-5.x", "1.1.1000030.x.y"]
+)
+def test_malformed_hops_are_refused(header: str) -> None:
+    assert refusal(HopKeys(OLD), header) == "malformed"
+
+
+def test_an_owner_record_round_trips_and_a_bad_one_is_refused() -> None:
+    for owner in (ME, Owner("h-1", ("2001:db8::5", 443))):
+        assert Owner.parse(owner.value()) == owner
+    for bad in ("", "h-1", "h-1 10.0.0.5", "h-1 10.0.0.5:0", "h-1 10.0.0.5:x"):
+        with pytest.raises(ValueError):
+            Owner.parse(bad)
+
+
+needs_redis = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    redis = RedisServer(tmp_path_factory.mktemp("sidebands"), "sidebands").start()
+    yield redis
+    redis.stop()
+
+
+@pytest.fixture
+async def client(server: RedisServer) -> AsyncIterator[Redis]:
+    connection = open_redis(RedisConfig(url=server.url))
+    await connection.client.flushdb()
+    yield connection.client
+    await connection.aclose()
+
+
+def directory(server: RedisServer, me: Owner = ME, ttl_s: float = 0.6) -> SidebandDirectory:
+    return SidebandDirectory(open_redis(RedisConfig(url=server.url)), PREFIX, me, ttl_s)
+
+
+async def owner_of(published: SidebandDirectory, target: str, owner: Owner | None) -> None:
+    """Wait until the directory names ``owner`` (None: nobody) for ``target``."""
+    await poll(lambda: published.locate(target), lambda found: found == owner, 5, repr, 0.02)
+
+
+@needs_redis
+async def test_announced_sessions_are_found_refreshed_and_withdrawn_when_they_end(
+    server: RedisServer, client: Redis
+) -> None:
+    ended = asyncio.Event()
+    async with directory(server) as published:
+        published.announce("rtc_1", ended)
+        await owner_of(published, "rtc_1", ME)
+        assert await published.locate("rtc_2") is None
+        key = directory_key(PREFIX, "rtc_1")
+        first_ms = await client.pttl(key)
+        assert 0 < first_ms <= 600  # the time to live
+        await poll(lambda: client.pttl(key), lambda ms: ms > first_ms, 5, repr, 0.02)  # renewed
+        ended.set()
+        await owner_of(published, "rtc_1", None)  # withdrawn
+
+
+@needs_redis
+async def test_another_owners_record_is_left_alone(server: RedisServer, client: Redis) -> None:
+    """A Live session resumed on another transceiver is that one's: its old owner's end does
+    not withdraw it, and neither does its old owner's exit."""
+    other = Owner("host-b-5678", ("10.0.0.6", 8080))
+    ended = asyncio.Event()
+    async with directory(server, other, ttl_s=30) as new:
+        async with directory(server, ttl_s=30) as old:
+            old.announce("sess_1", ended)
+            await owner_of(old, "sess_1", ME)
+            new.announce("sess_1", asyncio.Event())
+            await owner_of(old, "sess_1", other)
+            ended.set()
+            old.announce("sess_2", asyncio.Event())  # a pass after the end has run
+            await owner_of(old, "sess_2", ME)
+        assert await new.locate("sess_1") == other
+        assert await new.locate("sess_2") is None  # withdrawn at the old owner's exit
