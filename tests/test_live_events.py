@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
 from typing import Any
 
 import pydantic
@@ -26,9 +27,12 @@ from transceiver.live.client_events import (
     SessionUpdate,
     ToolOutput,
     parse_live_event,
+    parse_stored,
 )
 from transceiver.live.translation import LiveTranslator
+from transceiver.realtime.client_events import ForcedFunction
 from transceiver.realtime.policy import session_update_from
+from transceiver.store.contracts import CONTRACT_KEY, contract_type, split_contract, with_contract
 
 LIMIT = MAX_LIVE_EVENT_BYTES
 PREFIX, SUFFIX = '{"type": "session.input_audio.append", "audio": ', "}"
@@ -129,12 +133,15 @@ def test_an_unknown_field_is_refused_by_its_path(event: dict[str, Any], param: s
         (start(audio={"format": {"type": "audio/pcm", "rate": 16000}}), FORMAT + "rate"),
         (start(audio={"output": {"voice": {"id": "v1"}}}), "session.audio.output.voice"),
         (start(delegation={"type": "client"}), "session.delegation.type"),
-        (start(delegation={"type": "responses", "responses": {"model": "m",
-               "max_output_tokens": 5}}), "session.delegation.responses.max_output_tokens"),
+        *[(start(delegation={"type": "responses", "responses": {"model": "m", key: value}}),
+           "session.delegation.responses." + key) for key, value in (
+            ("parallel_tool_calls", True), ("reasoning", {"effort": "low"}),
+            ("service_tier", "flex"), ("text", {"verbosity": "low"}))],
         (start(delegation={"type": "responses", "responses": {"model": "m",
                "tools": [{"type": "web_search"}]}}), "session.delegation.responses.tools[0].type"),
-        (start(delegation={"type": "responses", "responses": {"model": "m",
-               "tool_choice": "required"}}), "session.delegation.responses.tool_choice"),
+        (start(delegation={"type": "responses", "responses": {"model": "m", "tool_choice": {
+               "type": "allowed_tools", "tools": []}}}),
+         "session.delegation.responses.tool_choice.type"),
         (start(store=True), "session.store"),
         (start(triggers=[{"type": "x"}]), "session.triggers"),
     ],
@@ -226,3 +233,86 @@ def test_a_delegated_tool_turn_and_its_continuation_are_sdk_shaped() -> None:
     assert len(delegations) == 1  # the answer to the tool output continues the delegation
     assert base64.b64decode(second[4]["delta"]) == b"\x01\x00" * 240
     assert second[-1]["usage"] == {"seconds": 2.0}
+
+
+def test_the_stored_live_session_reads_back_as_it_was_without_its_input() -> None:
+    responses = {"model": "gpt-5-mini", "instructions": "Use tools.", "tools": [TOOL]}
+    delegation = {"type": "responses", "responses": {**responses, "max_output_tokens": 40}}
+    audio = {"output": {"voice": "cedar"}}
+    message = {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}
+    event = parse_live_event(json.dumps(start(
+        instructions="Be brief.", audio=audio, delegation=delegation, input=[message],
+        safety_identifier="user-1",
+    )))  # fmt: skip
+    assert isinstance(event, SessionStart) and event.config.input == (("user", "hi"),)
+    part = {"type": "live", "session": event.config.stored(), "instructions_appended": ["x"]}
+    stored = json.loads(json.dumps(with_contract({"type": "realtime", "id": "s"}, part)))
+    realtime, contract = split_contract(stored)
+    assert realtime == {"type": "realtime", "id": "s"} and contract_type(contract) == "live"
+    assert contract is not None
+    config, appended = parse_stored(contract)
+    assert config == replace(event.config, input=()) and appended == ("x",)
+    assert config.delegation is not None and config.delegation.max_output_tokens == 40
+    assert contract_type(split_contract({"id": "s"})[1]) == "realtime"
+    with pytest.raises(EventError) as unknown:
+        parse_stored({**contract, "extra": 1})
+    assert unknown.value.param == "voicerelay_contract.extra"
+    with pytest.raises(ValueError, match=CONTRACT_KEY):
+        split_contract({CONTRACT_KEY: "live"})
+    with pytest.raises(ValueError, match="type"):
+        with_contract({}, {"session": {}})
+
+
+def test_the_delegations_max_output_tokens_limits_each_answer() -> None:
+    responses = {"model": "m", "max_output_tokens": 25}
+    event = parse_live_event(
+        json.dumps(start(delegation={"type": "responses", "responses": responses}))
+    )
+    assert isinstance(event, SessionStart)
+    assert session_update_from(event.config.realtime()).changes["max_output_tokens"] == 25
+    assert event.config.resource("s", 0)["delegation"]["responses"]["max_output_tokens"] == 25
+    lifted = parse_live_event(json.dumps({"type": "session.update", "session": {"delegation": {
+        "type": "responses", "responses": {"max_output_tokens": None}}}}))  # fmt: skip
+    assert isinstance(lifted, SessionUpdate)
+    unlimited = lifted.apply(event.config).realtime()
+    assert session_update_from(unlimited).changes["max_output_tokens"] is None
+    too_many = {"model": "m", "max_output_tokens": 4097}
+    delegated = start(delegation={"type": "responses", "responses": too_many})
+    assert refused(delegated) == ("invalid_value", "session.delegation.responses.max_output_tokens")
+
+
+def test_an_answer_stopped_at_max_output_tokens_is_an_sdk_shaped_incomplete_response() -> None:
+    translator = LiveTranslator(lambda: 0, delegated=True, model="m", epoch_s=1_700_000_000)
+    record = TurnRecorder(1, llm_input_tokens=5, llm_output_tokens=2).finish(interrupted=False)
+    events = [
+        *translator.translate(ev.ResponseStarted("r1", 1)),
+        *translator.translate(ev.ResponseTextDelta("r1", "Water covers")),
+        *translator.translate(ev.ResponseDone("r1", "incomplete", "Water covers")),
+        *translator.translate(ev.TurnCompleted(record)),
+    ]
+    assert sdk_shaped(events)[-2] == "response.incomplete"
+    response = events[-2]["event"]["response"]
+    assert response["status"] == "incomplete"
+    assert response["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_the_delegations_tool_choice_is_the_language_model_stages() -> None:
+    def delegated(choice: Any, tools: list[Any] = [TOOL]) -> dict[str, Any]:  # noqa: B006
+        responses = {"model": "m", "tools": tools, "tool_choice": choice}
+        return start(delegation={"type": "responses", "responses": responses})
+
+    forced = {"type": "function", "name": "lookup"}
+    for choice, engine in (("required", "required"), (forced, ForcedFunction("lookup"))):
+        event = parse_live_event(json.dumps(delegated(choice)))
+        assert isinstance(event, SessionStart)
+        assert session_update_from(event.config.realtime()).changes["tool_choice"] == engine
+        resource = event.config.resource("s", 0)
+        assert resource["delegation"]["responses"]["tool_choice"] == choice
+        assert SERVER_EVENT.validate_python(
+            {"type": "session.started", "event_id": "e", "session": resource}
+        )
+    path = "session.delegation.responses.tool_choice"
+    assert refused(delegated("always")) == ("invalid_value", path)
+    assert refused(delegated({**forced, "name": "other"})) == ("invalid_value", path + ".name")
+    assert refused(delegated({**forced, "strict": True})) == ("unknown_parameter", path + ".strict")
+    assert refused(delegated(forced, tools=[])) == ("invalid_value", path + ".name")

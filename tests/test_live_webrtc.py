@@ -7,7 +7,8 @@ its base URL, posts it to ``/v1/live/sessions`` and gets the answer, whose candi
 relay's public port. Piper's spoken question goes on the track and must be heard and answered
 (the transcripts on the data channel). A trusted server attaches with
 ``client.live.sideband.connect(session_id=...)`` and sees the session's events and drives it.
-Every event either side receives must validate as the SDK's own type.
+Mute works on the media track: speech while muted is never heard or answered, speech after
+the unmute is. Every event either side receives must validate as the SDK's own type.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from openai.types.live.server_event import ServerEvent
 from websocket_harness import EventLog
 
 from deploy.processes import Stack, free_port, transceiver_process
+from deploy.waiting import eventually
 from loadtest.realtime_client import RealtimeClient, silence, speak
 from pipeline.config import PiperConfig
 from pipeline.piper_tts import PiperTextToSpeech
@@ -73,14 +75,22 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def question() -> bytes:
-    """A spoken question (piper, noise off) between silences, at the peer's 48 kHz."""
+async def questions() -> dict[str, bytes]:
+    """Spoken questions (piper, noise off) between silences, at the peer's 48 kHz, by topic."""
     tts = PiperTextToSpeech(PiperConfig(noise_scale=0.0, noise_w_scale=0.0))
     await tts.start()
     try:
-        return silence(500) + await speak(tts, "Tell me about the moon.") + silence(1500)
+        return {
+            topic: silence(500) + await speak(tts, f"Tell me about {topic}.") + silence(1500)
+            for topic in ("the moon", "water")
+        }
     finally:
         await tts.aclose()
+
+
+@pytest.fixture
+def question(questions: dict[str, bytes]) -> bytes:
+    return questions["the moon"]
 
 
 def sdk(stack: Stack, api_key: str = API_KEY) -> openai.AsyncOpenAI:
@@ -162,10 +172,11 @@ async def test_a_sideband_drives_the_session_and_is_closed_with_it(
         appended = await side.next("session.instructions.appended")
         assert appended["client_event_id"] == "i1"
         await peer.wait_for("session.instructions.appended")  # the client sees it too
-        peer.send({"type": "session.input_audio.mute", "event_id": "m"})  # the track is the mic
-        muted = await peer.wait_for("error", lambda e: e["error"]["client_event_id"] == "m")
-        assert muted["error"]["code"] == "unsupported_event"
-        assert (await side.next("error"))["error"]["client_event_id"] == "m"  # it sees that too
+        append = {"type": "session.input_audio.append", "audio": "AAAA", "event_id": "a"}
+        peer.send(append)  # over WebRTC the audio is the media track
+        refused = await peer.wait_for("error", lambda e: e["error"]["client_event_id"] == "a")
+        assert refused["error"]["code"] == "unsupported_event"
+        assert (await side.next("error"))["error"]["client_event_id"] == "a"  # it sees that too
         await connection.send_raw(json.dumps({"type": "session.explode", "event_id": "x"}))
         error = (await side.next("error"))["error"]
         assert (error["code"], error["client_event_id"]) == ("invalid_value", "x")
@@ -182,6 +193,33 @@ async def test_a_sideband_drives_the_session_and_is_closed_with_it(
             pass
     assert gone.value.response.status_code == 404
     assert json.loads(gone.value.response.body)["error"]["code"] == "session_not_found"
+
+
+async def test_speech_while_muted_is_not_heard_and_after_the_unmute_it_is(
+    stack: Stack, peer: RealtimeClient, questions: dict[str, bytes]
+) -> None:
+    await created(stack, peer, {"model": "gpt-live-1"})
+    peer.send({"type": "session.input_audio.mute", "event_id": "m1"})
+    assert (await peer.wait_for("session.input_audio.muted"))["client_event_id"] == "m1"
+    peer.mic.say(questions["the moon"] + silence(1500))  # ends in 3 s of silence
+    await eventually(lambda: not peer.mic.speaking, TURN_TIMEOUT_S, "the muted question sent")
+    peer.send({"type": "session.input_audio.unmute", "event_id": "u1"})
+    unmuted = await peer.wait_for("session.input_audio.unmuted")
+    assert unmuted["client_event_id"] == "u1"
+    peer.mic.say(questions["water"])
+    # The track's audio reaches the engine in order: had the muted question been heard, its
+    # transcript (and answer) would come before the one spoken after the unmute.
+    heard = await peer.wait_for("session.input_transcript.delta", timeout_s=TURN_TIMEOUT_S)
+    assert "water" in heard["delta"].lower().split() and "moon" not in heard["delta"].lower()
+    await peer.wait_for("session.usage.updated", timeout_s=TURN_TIMEOUT_S)
+    kinds = [event["type"] for event in peer.events]
+    assert kinds.count("session.input_transcript.delta") == 1, peer.events
+    first_answer = kinds.index("session.output_transcript.delta")
+    assert peer.index(unmuted) < peer.index(heard) < first_answer  # nothing answered before
+    said = "".join(e["delta"] for e in peer.events if e["type"].endswith("output_transcript.delta"))
+    assert "water" in said.lower(), said
+    assert not [e for e in peer.events if e["type"] == "error"], peer.events
+    checked(peer)
 
 
 async def test_refusals_are_http_errors_before_anything_starts(stack: Stack) -> None:

@@ -29,7 +29,9 @@ On success the stored config (not the request's) and conversation continue.
 
 In a pod of worker processes (``routing``, ``worker_routing``): a hang-up for another worker's
 call is forwarded to it, ``/readyz`` and ``/metrics`` answer for the whole pod, and an offer
-this worker has no room for is offered to the others.
+this worker has no room for is offered to the others. A session resumes
+through its own contract's endpoint only (a GPT-Live session at ``POST /v1/live/sessions``, a
+Realtime one here): the other answers 409 ``session_contract_mismatch``.
 ``/readyz`` says ``"redis": "ok"|"degraded"`` and stays 200 while Redis is away (calls work
 without it, see ``persistence``); it turns 503 ``task_failing`` when an owned loop keeps crashing.
 """
@@ -62,6 +64,7 @@ from transceiver.http.offers import json_object, read_offer
 from transceiver.http.sideband import Sidebands
 from transceiver.http.websocket import WebSocketSessions, add_realtime_websocket
 from transceiver.http.worker_routing import WorkerRouting
+from transceiver.live.contract import LIVE_CONTRACT
 from transceiver.metrics import CapacityCollector, CapacityReadings
 from transceiver.realtime.call_tracing import offer_step
 from transceiver.realtime.client_events import (
@@ -71,6 +74,7 @@ from transceiver.realtime.client_events import (
     new_id,
     parse_client_event,
 )
+from transceiver.store.contracts import REALTIME
 from transceiver.store.journal import RESUME_TOKEN_HEADER, SESSION_HEADER
 from transceiver.store.persistence import ResumeRefused, SessionPersistence
 from transceiver.store.sideband_directory import SidebandDirectory
@@ -83,8 +87,9 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_SECRET_REQUEST_BYTES = 64 * 1024
 SPILLED = frozenset({"full", "overloaded"})  # refusals another worker of a pod may not share
 T = TypeVar("T")
-# (session id, resume credential) -> the stored session's agent, claimed here; ResumeRefused
-Resume = Callable[[str, str | None], Awaitable[CallAgent]]
+# (session id, resume credential, client contract) -> the stored session's agent, claimed
+# here; ResumeRefused (also when the session was stored with another contract)
+Resume = Callable[[str, str | None, str], Awaitable[CallAgent]]
 
 
 class LinkCollector(Collector):
@@ -149,7 +154,7 @@ def create_app(
         calls,
         sidebands.live,
         lambda request: _authorise(auth.check_call, request),
-        lambda request: _resumed_agent(request, resume),
+        lambda request: _resumed_agent(request, resume, LIVE_CONTRACT),
         websocket_sessions is not None,
     )
 
@@ -167,7 +172,7 @@ def create_app(
             _session_update(requested)  # 400 naming the field, as a session.update would get
         try:
             with calls.reserve() as slot:  # before a resumed session is claimed
-                agent = await _resumed_agent(request, resume)
+                agent = await _resumed_agent(request, resume, REALTIME)
                 with offer_step("voicerelay.answer"):
                     call, answer = await calls.create(slot, offer, requested, agent)
         except AdmissionError as exc:
@@ -199,8 +204,11 @@ def create_app(
     return app
 
 
-async def _resumed_agent(request: Request, resume: Resume | None) -> CallAgent | None:
-    """The resumed session's agent when the request names a session, else None."""
+async def _resumed_agent(
+    request: Request, resume: Resume | None, contract: str
+) -> CallAgent | None:
+    """The resumed session's agent when the request names a session, else None. A session
+    is resumed only through its own contract's endpoint (Realtime or GPT-Live): 409 otherwise."""
     session_id = request.query_params.get("session_id") or request.headers.get(SESSION_HEADER)
     if not session_id:
         return None
@@ -208,7 +216,7 @@ async def _resumed_agent(request: Request, resume: Resume | None) -> CallAgent |
         raise ApiError(404, "resume_unavailable", "this transceiver does not resume sessions")
     try:
         with offer_step("voicerelay.resume", {"voicerelay.session_id": session_id}):
-            return await resume(session_id, request.headers.get(RESUME_TOKEN_HEADER))
+            return await resume(session_id, request.headers.get(RESUME_TOKEN_HEADER), contract)
     except ResumeRefused as exc:
         headers = {"WWW-Authenticate": "X-Voicerelay-Resume-Token"} if exc.status == 401 else None
         raise ApiError(exc.status, exc.code, exc.message, headers, "session_id") from None

@@ -12,9 +12,13 @@ port, connect timeout, drain and hand-over), the same session with the Live cont
 
 Resume (with Redis): the answer carries ``X-Voicerelay-Session`` and
 ``X-Voicerelay-Resume-Token`` as a call's does; a new offer naming the session
-(``?session_id=`` or the header) with the token continues it on any transceiver. The Live
-config is not stored: a resume sends it again (its ``input`` is not added twice; the stored
-history is the conversation).
+(``?session_id=`` or the header) with the token continues it on any transceiver, after its
+transceiver died or handed it over (drain). The Live config is stored with the session
+(``LiveContract.stored``): a resume continues with the stored config, instructions appended and
+conversation, and ``session.started`` reports them; the request's ``session`` is checked as
+strictly as ever but does not change the session (``session.update`` does). Naming a Realtime
+session here is refused (409 ``session_contract_mismatch``), as is a stored Live config that no
+longer parses (409 ``invalid_stored_session``).
 
 Each session is put in ``LiveSessions`` for as long as its call runs (a sideband finds it there).
 """
@@ -22,7 +26,6 @@ Each session is put in ``LiveSessions`` for as long as its call runs (a sideband
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,7 +34,7 @@ from fastapi.responses import JSONResponse
 from transceiver.http.errors import ApiError, unavailable
 from transceiver.http.offer_tracing import traced_offer
 from transceiver.http.offers import MAX_OFFER_BYTES, admit, json_object
-from transceiver.live.client_events import LiveConfig, parse_webrtc_create
+from transceiver.live.client_events import LiveConfig, parse_stored, parse_webrtc_create
 from transceiver.live.contract import LiveContract
 from transceiver.live.sessions import LiveSessions
 from transceiver.realtime.call_tracing import offer_step
@@ -73,9 +76,7 @@ def add_live_calls(
         try:
             with calls.reserve() as slot:  # before a resumed session is claimed
                 agent = await resumed(request)
-                if agent is not None:
-                    config = replace(config, input=())  # the stored history has it
-                else:
+                if agent is None:
                     agent = calls.new_agent(requested)
                 try:
                     contract = _live_contract(agent, config)
@@ -95,10 +96,19 @@ def add_live_calls(
         return JSONResponse(body, 201, headers)
 
 
-def _live_contract(agent: CallAgent, config: LiveConfig) -> LiveContract:
+def _live_contract(agent: CallAgent, requested: LiveConfig) -> LiveContract:
+    """The Live contract on a new session (``requested``) or a resumed one (its stored part)."""
     if not isinstance(agent, RealtimeSession):  # the factory makes sessions when runs_sessions
         raise TypeError(f"a Live call needs a RealtimeSession, not {type(agent).__name__}")
-    contract = LiveContract(agent, config, None, media="webrtc")
+    appended: tuple[str, ...] = ()
+    config = requested
+    if agent.stored_contract is not None:
+        try:
+            config, appended = parse_stored(agent.stored_contract)
+        except EventError as exc:
+            message = f"the stored Live session does not parse: {exc.message}"
+            raise ApiError(409, "invalid_stored_session", message, None, "session_id") from None
+    contract = LiveContract(agent, config, None, media="webrtc", appended=appended)
     agent.use_contract(contract)
     return contract
 

@@ -22,6 +22,7 @@ from typing import Any
 from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.realtime.client_events import (
     AUDIO_RATE_HZ,
+    MAX_OUTPUT_TOKENS,
     MAX_WEBSOCKET_EVENT_BYTES,
     EventError,
     FunctionTool,
@@ -33,6 +34,9 @@ MAX_LIVE_EVENT_BYTES = MAX_WEBSOCKET_EVENT_BYTES
 DEFAULT_VOICE = "marin"
 MAX_INPUT_ITEMS = 128
 Json = Mapping[str, Any]
+# "auto", "none", "required", or {"type": "function", "name": ...} (the Realtime session's)
+ToolChoice = str | Mapping[str, str]
+TOOL_CHOICES = ("auto", "none", "required")
 # Types the SDK defines that this server refuses for now (with a clear error, not "unknown").
 LATER_EVENTS = (
     "session.output_audio.fixture.play",
@@ -54,13 +58,25 @@ class ResponsesDelegation:
     model: str
     instructions: str | None = None
     tools: tuple[FunctionTool, ...] = ()
-    tool_choice: str = "auto"
+    tool_choice: ToolChoice = "auto"
     acknowledgement_delay_ms: int | None = None
+    max_output_tokens: int | None = None  # per answer; None: no limit
+
+    def __post_init__(self) -> None:
+        forced = self.tool_choice
+        if isinstance(forced, Mapping) and forced["name"] not in {t.name for t in self.tools}:
+            path = "session.delegation.responses.tool_choice.name"
+            message = f"tool_choice names {forced['name']!r}, which is not one of the tools"
+            raise EventError("invalid_value", message, path)
 
     def to_json(self) -> dict[str, Any]:
-        responses: dict[str, Any] = {"model": self.model, "tool_choice": self.tool_choice}
+        choice = self.tool_choice
+        responses: dict[str, Any] = {"model": self.model}
+        responses["tool_choice"] = choice if isinstance(choice, str) else dict(choice)
         if self.instructions is not None:
             responses["instructions"] = self.instructions
+        if self.max_output_tokens is not None:
+            responses["max_output_tokens"] = self.max_output_tokens
         responses["tools"] = [tool.to_json() for tool in self.tools]
         body: dict[str, Any] = {"type": "responses", "responses": responses}
         if self.acknowledgement_delay_ms is not None:
@@ -97,6 +113,20 @@ class LiveConfig:
             body["safety_identifier"] = self.safety_identifier
         return body
 
+    def stored(self) -> dict[str, Any]:
+        """This config as a ``session.start``'s ``session`` (``parse_stored``), without its
+        ``input``: the stored conversation holds it."""
+        session: dict[str, Any] = {"model": self.model}
+        if self.instructions is not None:
+            session["instructions"] = self.instructions
+        if self.voice is not None:
+            session["audio"] = {"output": {"voice": self.voice}}
+        if self.delegation is not None:
+            session["delegation"] = self.delegation.to_json()
+        if self.safety_identifier is not None:
+            session["safety_identifier"] = self.safety_identifier
+        return session
+
     def realtime(self) -> dict[str, Any]:
         """The same session as a Realtime ``session`` object (``policy.session_update_from``)."""
         session: dict[str, Any] = {}
@@ -109,7 +139,8 @@ class LiveConfig:
             session["instructions"] = joined
         if delegation is not None:
             session["tools"] = [tool.to_json() for tool in delegation.tools]
-            session["tool_choice"] = delegation.tool_choice
+            session["tool_choice"] = delegation.to_json()["responses"]["tool_choice"]
+            session["max_output_tokens"] = delegation.max_output_tokens or "inf"
         return session
 
 
@@ -231,6 +262,18 @@ def parse_webrtc_create(raw: Json) -> tuple[LiveConfig, str]:
     return _parse_start({"session": start}, None).config, sdp
 
 
+def parse_stored(contract: Json) -> tuple[LiveConfig, tuple[str, ...]]:
+    """The contract part a Live session stored (``LiveContract.stored``): its config, checked
+    as a ``session.start``'s, and the instructions appended; EventError when it is not one."""
+    _only(contract, "voicerelay_contract.", ("type", "session", "instructions_appended"))
+    session = _obj(contract, "session", "voicerelay_contract.", required=True) or {}
+    appended = _list(contract, "instructions_appended", "voicerelay_contract.") or []
+    if not all(isinstance(text, str) for text in appended):
+        where = "voicerelay_contract.instructions_appended"
+        raise EventError("invalid_type", f"{where} must be strings", where)
+    return _parse_start({"session": session}, None).config, tuple(appended)
+
+
 def event_id_of(data: str | bytes) -> str | None:
     """The client's event_id, when the message is a JSON object that has one (for errors)."""
     try:
@@ -307,7 +350,7 @@ _RESPONSES_FIELDS = (
     "model", "instructions", "max_output_tokens", "parallel_tool_calls", "reasoning",
     "service_tier", "text", "tool_choice", "tools",
 )  # fmt: skip
-_RESPONSES_LATER = ("max_output_tokens", "parallel_tool_calls", "reasoning", "service_tier", "text")
+_RESPONSES_LATER = ("parallel_tool_calls", "reasoning", "service_tier", "text")
 
 
 def _parse_start(raw: Json, event_id: str | None) -> SessionStart:
@@ -387,14 +430,31 @@ def _parse_responses(responses: Json, path: str, *, required: bool) -> dict[str,
         changes["model"] = model
     if "instructions" in responses:
         changes["instructions"] = _str(responses, "instructions", path)
+    if "max_output_tokens" in responses:  # null: no limit
+        limit = _int(responses, "max_output_tokens", path, 1, MAX_OUTPUT_TOKENS)
+        changes["max_output_tokens"] = limit
     if (tools := _list(responses, "tools", path)) is not None:
         changes["tools"] = _parse_tools(tools, path + "tools")
-    choice = responses.get("tool_choice")
-    if choice is not None:
-        if choice not in ("auto", "none"):
-            raise _unsupported(path + "tool_choice", "only 'auto' and 'none' are supported")
-        changes["tool_choice"] = choice
+    if responses.get("tool_choice") is not None:
+        changes["tool_choice"] = _parse_tool_choice(responses["tool_choice"], path + "tool_choice")
     return changes
+
+
+def _parse_tool_choice(choice: Any, path: str) -> ToolChoice:
+    """A mode, or a function the model must call; other tool kinds are refused as unsupported."""
+    if isinstance(choice, str):
+        if choice not in TOOL_CHOICES:
+            supported = ", ".join(repr(mode) for mode in TOOL_CHOICES)
+            message = f"Invalid value: {choice!r}. Supported values are: {supported}."
+            raise EventError("invalid_value", message, path)
+        return choice
+    if not isinstance(choice, dict):
+        raise EventError("invalid_type", f"{path} must be a string or an object", path)
+    kind = _str(choice, "type", path + ".", required=True)
+    if kind != "function":
+        raise _unsupported(path + ".type", f"{kind} tool choices are not supported (function only)")
+    _only(choice, path + ".", ("type", "name"))
+    return {"type": "function", "name": _str(choice, "name", path + ".", required=True) or ""}
 
 
 def _parse_tools(tools: list[Any], path: str) -> tuple[FunctionTool, ...]:

@@ -20,8 +20,14 @@ session's:
 - A second ``session.start`` is refused (``session_already_started``).
 
 Over WebRTC (``POST /v1/live/sessions``, ``media="webrtc"``) the caller's audio is the media
-track: ``session.input_audio.append`` is refused (as on Realtime calls), and so are ``.mute`` and
-``.unmute`` (not built for the media track yet: refused, never acknowledged and ignored).
+track: ``session.input_audio.append`` is refused (as on Realtime calls); ``.mute`` and
+``.unmute`` work on the track (``RealtimeSession.input_muted``: while muted its audio reaches the
+engine as silence, so no speech is detected and an utterance in progress ends).
+
+Stored (with Redis): ``stored`` is the contract's part of the session's stored config
+(``transceiver.store.contracts``): ``{"type": "live", "session": ..., "instructions_appended":
+[...]}``, written with every change (start, ``session.update``, instructions appended).
+``restored`` reads it back, so a resume on another transceiver speaks Live with the same config.
 
 A sideband (``transceiver.http.sideband``) sees these events as the session sends them
 (``RealtimeSession.observers``), whatever the contract.
@@ -30,7 +36,7 @@ A sideband (``transceiver.http.sideband``) sees these events as the session send
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline import events as ev
 from pipeline.providers import Message
@@ -53,6 +59,7 @@ from transceiver.realtime.client_events import EventError
 from transceiver.realtime.policy import session_update_from
 from transceiver.realtime.session import RealtimeSession
 
+LIVE_CONTRACT = "live"  # the ``type`` of the stored contract part
 SESSION_LIFETIME_S = 3600  # the expires_at reported; sessions are not cut off here
 _ROLES: dict[str, Literal["system", "user", "assistant"]] = {
     "developer": "system",
@@ -68,6 +75,7 @@ class LiveContract:
         config: LiveConfig,
         start_event_id: str | None,
         media: Literal["websocket", "webrtc"] = "websocket",
+        appended: tuple[str, ...] = (),
     ):
         self.session = session
         self.media = media
@@ -81,15 +89,23 @@ class LiveContract:
             model=self._backend_model(),
             epoch_s=self._epoch_s,
         )
-        self.muted = False
         self.closing = False
-        self._appended: list[str] = []  # session.instructions.append, in order
+        self._appended: list[str] = list(appended)  # session.instructions.append, in order
         session.engine.history.extend(Message(_ROLES[role], text) for role, text in config.input)
 
     @property
     def session_id(self) -> str:
         journal = self.session.journal
         return self.session.config.id if journal is None else journal.session_id
+
+    @property
+    def muted(self) -> bool:
+        return self.session.input_muted
+
+    def stored(self) -> dict[str, Any]:
+        """What a resume needs to speak Live again (``transceiver.store.contracts``)."""
+        body = {"type": LIVE_CONTRACT, "session": self.config.stored()}
+        return body | {"instructions_appended": list(self._appended)}
 
     @property
     def done_engine_response_id(self) -> str:
@@ -160,17 +176,11 @@ class LiveContract:
             raise EventError("session_already_started", "session.start comes once, first", "type")
 
     def _command(self, event: Command) -> None:
-        if event.type.startswith("session.input_audio.") and self.media == "webrtc":
-            raise EventError(
-                "unsupported_event",
-                f"{event.type!r} is not supported over WebRTC yet: the audio is the media track",
-                "type",
-            )
         if event.type == "session.input_audio.mute":
-            self.muted = True
+            self.session.input_muted = True
             self._send(live_event("session.input_audio.muted", event.event_id))
         elif event.type == "session.input_audio.unmute":
-            self.muted = False
+            self.session.input_muted = False
             self._send(live_event("session.input_audio.unmuted", event.event_id))
         elif event.type == "response.create":
             self._require_delegation()
@@ -188,15 +198,23 @@ class LiveContract:
             self.session.hang_up("closed")
 
     def _update(self, event: SessionUpdate) -> None:
-        config = event.apply(self.config)
-        self._reconfigure(config, self._appended)
-        self.config = config
+        config, previous = event.apply(self.config), self.config
+        self.config = config  # first: the session stores it with the Realtime config
+        try:
+            self._reconfigure(config, self._appended)
+        except EventError:
+            self.config = previous
+            raise
         self.translator.model = self._backend_model()
         self._send(live_event("session.updated", event.event_id, session=self.resource()))
 
     def _append_instructions(self, event: InstructionsAppend) -> None:
-        self._reconfigure(self.config, [*self._appended, event.content])
-        self._appended.append(event.content)
+        self._appended.append(event.content)  # first: stored with the Realtime config
+        try:
+            self._reconfigure(self.config, self._appended)
+        except EventError:
+            self._appended.pop()
+            raise
         now = self._now_ms()
         appended = live_event(
             "session.instructions.appended", event.event_id, start_ms=now, end_ms=now

@@ -34,7 +34,11 @@ from transceiver.realtime.translation import ResponseLedger
 
 Event = dict[str, Any]
 Clock = Callable[[], int]  # milliseconds since the session started
-_TERMINAL = {"completed": "response.completed", "cancelled": "response.incomplete"}
+_TERMINAL = {
+    "completed": "response.completed",
+    "cancelled": "response.incomplete",  # interrupted
+    "incomplete": "response.incomplete",  # stopped at the delegation's max_output_tokens
+}
 
 
 def live_event(kind: str, client_event_id: str | None = None, **fields: Any) -> Event:
@@ -289,6 +293,8 @@ class LiveTranslator(ResponseLedger[_Response]):
         if status == "cancelled":
             body["status"] = "incomplete"
             body["incomplete_details"] = {"reason": "interrupted"}
+        elif status == "incomplete":
+            body["incomplete_details"] = {"reason": "max_output_tokens"}
         return body
 
 

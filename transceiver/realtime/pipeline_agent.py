@@ -25,6 +25,7 @@ from transceiver.realtime.client_events import EventError, SessionConfig
 from transceiver.realtime.limits import RealtimeLimits
 from transceiver.realtime.policy import SessionPolicy, stored_session_update
 from transceiver.realtime.session import RealtimeSession
+from transceiver.store.contracts import REALTIME, split_contract
 from transceiver.store.persistence import ResumeRefused, SessionPersistence
 
 
@@ -79,17 +80,22 @@ class PipelineAgents:
         session.use_websocket()
         return session
 
-    async def resume(self, session_id: str, credential: str | None) -> RealtimeSession:
-        """The stored session, claimed here; ResumeRefused when it may not be (or no Redis)."""
+    async def resume(
+        self, session_id: str, credential: str | None, contract: str = REALTIME
+    ) -> RealtimeSession:
+        """The stored session, claimed here; ResumeRefused when it may not be (or no Redis),
+        e.g. when it was stored with another client ``contract`` than the one asking."""
         if self.persistence is None:
             raise ResumeRefused(404, "resume_unavailable", "this deployment stores no sessions")
-        journal, state = await self.persistence.resume(session_id, credential)
+        journal, state = await self.persistence.resume(session_id, credential, contract)
         try:
-            stored = stored_session_update(state.config).apply(SessionConfig(session_id))
-        except EventError as exc:
+            realtime, _ = split_contract(state.config)  # the contract's part: the caller's
+            stored = stored_session_update(realtime).apply(SessionConfig(session_id))
+        except (EventError, ValueError) as exc:
             await journal.release()  # claimed for nothing: hand it back, stop renewing
             journal.close()
-            raise ResumeRefused(409, "invalid_stored_session", exc.message) from None
+            message = exc.message if isinstance(exc, EventError) else str(exc)
+            raise ResumeRefused(409, "invalid_stored_session", message) from None
         engine = build_engine(self.config, self.providers)
         resumed = (journal, state)
         return RealtimeSession(

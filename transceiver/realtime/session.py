@@ -34,7 +34,10 @@ Another contract (``use_contract``): the same session and engine speaking a diff
 vocabulary at its edge (GPT-Live, ``transceiver.live``). A ``ClientContract`` then makes the
 events sent on open, translates the engine's events and audio, handles the client's messages
 (through the public controls here: ``reconfigure``, ``append_audio``, ``hang_up``) and shapes
-errors (``send_error``); the Realtime translator and handlers stand aside.
+errors (``send_error``); the Realtime translator and handlers stand aside. Its part of the
+session is stored with the Realtime config (``stored``, ``transceiver.store.contracts``), and a
+resumed session holds what was stored (``stored_contract``) for the contract to be rebuilt;
+``input_muted`` feeds the media track's audio to the engine as silence.
 
 Observers (``observers``, a sideband: ``transceiver.http.sideband``): every event sent to the
 client is also given to each, as it is sent, whether or not the client's channel is open yet.
@@ -105,6 +108,7 @@ from transceiver.realtime.server_events import (
 )
 from transceiver.realtime.side_responses import SideResponses
 from transceiver.realtime.translation import EngineEventTranslator, ResponseShape
+from transceiver.store.contracts import split_contract, with_contract
 from transceiver.store.journal import SessionJournal, item_to_message, message_to_item
 from transceiver.store.keys import SessionState, encode_item
 from transceiver.store.persistence import SessionPersistence
@@ -146,6 +150,11 @@ class ClientContract(Protocol):
         ...
 
     def error(self, error: EventError, client_event_id: str | None, error_type: str) -> Event: ...
+
+    def stored(self) -> Mapping[str, Any]:
+        """The contract's part of the stored session (``transceiver.store.contracts``): what
+        a resume elsewhere needs to speak it again, with its ``type``."""
+        ...
 
 
 class RealtimeSession:
@@ -195,6 +204,8 @@ class RealtimeSession:
         self._handed_over = False
         self.contract: ClientContract | None = None  # None: the Realtime events
         self.observers: set[Callable[[Event], None]] = set()  # sidebands: each event as sent
+        self.stored_contract: Mapping[str, Any] | None = None  # resumed: its contract's part
+        self.input_muted = False  # the media track's audio reaches the engine as silence
         self.spoke = False  # assistant audio went out: the voice is fixed (OpenAI's rule)
         self.idle = IdleTimeout(self._idle_turn, self._quiet, lambda: engine.input_position_ms)
         self.side = SideResponses(engine, self._side_event)  # out-of-band responses
@@ -204,6 +215,7 @@ class RealtimeSession:
             self._hold(journal)
             engine.history.extend(item_to_message(item) for item in state.items)
             self._restored = state.items
+            self.stored_contract = split_contract(state.config)[1]
             self.spoke = any(m.role == "assistant" and m.content for m in engine.history)
         self._apply(config)
 
@@ -245,16 +257,23 @@ class RealtimeSession:
 
     async def start(self) -> None:
         if self._persistence is not None and self.journal is None:
-            self._hold(await self._persistence.create(self.config.id, self.config.to_json()))
+            self._hold(await self._persistence.create(self.config.id, self.stored_config()))
         await self.engine.start()
         self.recorder.start(self.config.to_json(), self._stages(), len(self.engine.history))
         self._spawn(self._forward_engine_events(), "session engine events")
         if self._remote is not None:
             rate_hz = self.engine.config.input_sample_rate_hz
-            self._spawn(
-                pump_input(self._remote, self.engine.push_audio, rate_hz), "session audio input"
-            )
+            self._spawn(pump_input(self._remote, self._track_audio, rate_hz), "session audio input")
         self._answered = True
+
+    def _track_audio(self, pcm: bytes) -> None:
+        self.engine.push_audio(bytes(len(pcm)) if self.input_muted else pcm)
+
+    def stored_config(self) -> dict[str, Any]:
+        """What the session store keeps as this session's config: the Realtime session, and
+        its contract's part when another contract is at its edge."""
+        contract = None if self.contract is None else self.contract.stored()
+        return with_contract(self.config.to_json(), contract)
 
     def caller_hung_up(self) -> None:
         self._hung_up = True
@@ -482,7 +501,7 @@ class RealtimeSession:
         check_storable(config)
         self._apply(config)
         if self.journal is not None:
-            self.journal.config(self.config.to_json())
+            self.journal.config(self.stored_config())
         self.recorder.configured(self.config.to_json(), self._stages())
 
     def _stages(self) -> dict[str, str]:

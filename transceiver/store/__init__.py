@@ -6,10 +6,11 @@ and ``scripts`` are the record's layout and its fenced Lua updates; ``sessions``
 Redis is away; ``heartbeat`` renews leases; ``journal`` turns one session's history into stored
 writes; ``catch_up`` stores the sessions begun while Redis was away; ``health`` pings Redis;
 ``persistence`` is the facade a live session talks to; ``survival`` its policy as data;
+``contracts`` the client contract a stored session speaks (GPT-Live's config beside Realtime's);
 ``route_cache`` and ``route_publishing`` publish client routes for relays;
 ``sideband_directory`` where each session a sideband may attach to runs. ``call_records``
 (keys, Lua, shapes) and ``call_log`` (the writer and the reads) keep a record of every call.
 
 May import: relay.wire, transceiver.background, transceiver.restarts, pipeline.providers
-Pure: keys, errors, scripts, survival, call_records
+Pure: keys, errors, scripts, survival, call_records, contracts
 """

@@ -52,6 +52,7 @@ from relay.wire.redis_config import RedisConfig
 from transceiver.background import BackgroundLoop, done_within
 from transceiver.store.call_log import CallRecordLog
 from transceiver.store.catch_up import CatchUp
+from transceiver.store.contracts import contract_type, split_contract
 from transceiver.store.errors import (
     SessionEndedError,
     SessionExistsError,
@@ -164,9 +165,11 @@ class SessionPersistence:
         return Lease(session_id, self.owner_id, state.token)
 
     async def resume(
-        self, session_id: str, credential: str | None
+        self, session_id: str, credential: str | None, contract: str | None = None
     ) -> tuple[SessionJournal, SessionState]:
-        """Verify, claim with force, load. ResumeRefused says why not."""
+        """Verify, claim with force, load. ResumeRefused says why not. With ``contract``, a
+        session stored with another client contract (``contracts``) is refused (409) before
+        it is claimed: its running connection, if any, keeps it."""
         try:
             check_id("session id", session_id)
         except ValueError as exc:
@@ -176,6 +179,8 @@ class SessionPersistence:
         try:
             if not await self.store.verify_credential(session_id, credential):
                 raise ResumeRefused(403, "invalid_resume_token", "wrong resume token or session")
+            if contract is not None:
+                _check_contract(session_id, await self.store.load(session_id), contract)
             lease = await self.store.claim(
                 session_id, self.owner_id, lease_s=self.lease_s, force=True
             )
@@ -232,6 +237,16 @@ class SessionPersistence:
         records = () if self.records is None else (self.records,)
         for loop in (self.catch_up, self.health, self.heartbeat, self.queue, *records):
             await loop.aclose()
+
+
+def _check_contract(session_id: str, state: SessionState, contract: str) -> None:
+    try:
+        stored = contract_type(split_contract(state.config)[1])
+    except ValueError as exc:
+        raise ResumeRefused(409, "invalid_stored_session", str(exc)) from None
+    if stored != contract:
+        message = f"session {session_id!r} is a {stored} session; resume it at its own endpoint"
+        raise ResumeRefused(409, "session_contract_mismatch", message)
 
 
 @asynccontextmanager
