@@ -42,7 +42,7 @@ from deploy.processes import Stack
 from deploy.redis_server import RedisServer, redis_server_binary
 from deploy.waiting import poll
 from loadtest.browser import chromium, recorded_audio
-from loadtest.realtime_client import RealtimeClient, audible, call, silence, speak, user_text
+from loadtest.realtime_client import RealtimeClient, audible, silence, speak, user_text
 from loadtest.voice_audio import silence_pcm, write_wav
 from pipeline.config import PiperConfig
 from pipeline.piper_tts import PiperTextToSpeech
@@ -59,6 +59,7 @@ pytestmark = [
 API_KEY = "test-sideband-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TURN_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = 60.0
 REALTIME_EVENT = pydantic.TypeAdapter(RealtimeServerEvent)
 LIVE_EVENT = pydantic.TypeAdapter(ConnectServerEvent)
 # A known gap (docs/realtime-compat.md): transcription.completed has no ``usage`` yet.
@@ -138,10 +139,18 @@ async def announced(running: Running, target_id: str) -> None:
 
 
 async def realtime_call(running: Running, peer: RealtimeClient) -> str:
-    """A Realtime call from ``peer`` on transceiver A; its call id, once announced."""
+    """A Realtime call from ``peer`` on transceiver A; its call id, once connected (a generous
+    deadline: ICE and DTLS through the relay take seconds on a loaded machine) and announced."""
+    await peer.pc.setLocalDescription(await peer.pc.createOffer())
     async with httpx.AsyncClient(timeout=30) as http:
-        created = await call(peer, http, running.stack.base_url(0), AUTH)
+        created = await http.post(
+            running.stack.base_url(0) + "/v1/realtime/calls",
+            content=peer.pc.localDescription.sdp,
+            headers={"Content-Type": "application/sdp", **AUTH},
+        )
     assert created.status_code == 201, created.text
+    await peer.pc.setRemoteDescription(RTCSessionDescription(created.text, "answer"))
+    await peer.wait_for("session.created", timeout_s=CONNECT_TIMEOUT_S)
     call_id = created.headers["Location"].rsplit("/", 1)[1]
     await announced(running, call_id)
     return call_id
@@ -199,7 +208,7 @@ async def test_a_live_sideband_through_another_transceiver_sees_and_steers_the_s
         session={"model": "gpt-live-1"}, transport=transport
     )
     await peer.pc.setRemoteDescription(RTCSessionDescription(answer.transport.sdp, "answer"))
-    await peer.wait_for("session.started", timeout_s=15)
+    await peer.wait_for("session.started", timeout_s=CONNECT_TIMEOUT_S)
     session_id = answer.session.id
     await announced(running, session_id)
     sideband = sdk(running.stack.base_url(1)).live.sideband
