@@ -9,7 +9,7 @@ Realtime call (``POST /v1/realtime/calls``) whose tool call is answered by a sid
 (``client.live.create``) watched and steered by ``client.live.sideband.connect``; the web client
 in headless Chromium, whose tool a sideband answers. Then the bad input (``ek_`` secret, wrong
 key, unknown call, forged hop header, unknown parameter) and, last, the owner killed under a
-forwarded sideband.
+forwarded sideband, which attaches again once the client resumed the session elsewhere.
 """
 
 from __future__ import annotations
@@ -42,7 +42,14 @@ from deploy.processes import Stack
 from deploy.redis_server import RedisServer, redis_server_binary
 from deploy.waiting import poll
 from loadtest.browser import chromium, recorded_audio
-from loadtest.realtime_client import RealtimeClient, audible, silence, speak, user_text
+from loadtest.realtime_client import (
+    TOKEN_HEADER,
+    RealtimeClient,
+    audible,
+    silence,
+    speak,
+    user_text,
+)
 from loadtest.voice_audio import silence_pcm, write_wav
 from pipeline.config import PiperConfig
 from pipeline.piper_tts import PiperTextToSpeech
@@ -199,17 +206,31 @@ async def test_a_sideband_on_another_transceiver_answers_the_calls_tool(
     assert not [e for e in peer.events if e["type"] == "error"], peer.events
 
 
+async def live_call(
+    running: Running, index: int, peer: RealtimeClient, resumed: tuple[str, str] | None = None
+) -> tuple[str, str]:
+    """A GPT-Live WebRTC session from ``peer`` on transceiver ``index`` (or the one ``resumed``
+    names, with its token), once started: its id and resume token."""
+    await peer.pc.setLocalDescription(await peer.pc.createOffer())
+    transport = {"type": "webrtc", "sdp": peer.pc.localDescription.sdp}
+    extra: dict[str, Any] = {}
+    if resumed is not None:
+        extra = {"extra_query": {"session_id": resumed[0]}}
+        extra["extra_headers"] = {TOKEN_HEADER: resumed[1]}
+    raw = await sdk(running.stack.base_url(index)).live.with_raw_response.create(
+        session={"model": "gpt-live-1"}, transport=transport, **extra
+    )
+    assert raw.status_code == 201, raw.text
+    answer = raw.parse()
+    await peer.pc.setRemoteDescription(RTCSessionDescription(answer.transport.sdp, "answer"))
+    await peer.wait_for("session.started", timeout_s=CONNECT_TIMEOUT_S)
+    return answer.session.id, raw.headers[TOKEN_HEADER]
+
+
 async def test_a_live_sideband_through_another_transceiver_sees_and_steers_the_session(
     running: Running, peer: RealtimeClient
 ) -> None:
-    await peer.pc.setLocalDescription(await peer.pc.createOffer())
-    transport = {"type": "webrtc", "sdp": peer.pc.localDescription.sdp}
-    answer = await sdk(running.stack.base_url(0)).live.create(
-        session={"model": "gpt-live-1"}, transport=transport
-    )
-    await peer.pc.setRemoteDescription(RTCSessionDescription(answer.transport.sdp, "answer"))
-    await peer.wait_for("session.started", timeout_s=CONNECT_TIMEOUT_S)
-    session_id = answer.session.id
+    session_id, _ = await live_call(running, 0, peer)
     await announced(running, session_id)
     sideband = sdk(running.stack.base_url(1)).live.sideband
     async with sideband.connect(session_id=session_id) as connection:
@@ -317,21 +338,34 @@ async def page_event(page: Page, predicate: str) -> Any:
     return await handle.json_value()
 
 
-async def test_the_owner_dying_closes_a_forwarded_sideband_with_a_reason(
+async def test_the_owner_dying_closes_a_forwarded_sideband_which_attaches_again_once_resumed(
     running: Running, peer: RealtimeClient
 ) -> None:
-    """Last: transceiver A is killed under a sideband forwarded by B."""
-    call_id = await realtime_call(running, peer)
-    async with sdk(running.stack.base_url(1)).realtime.connect(call_id=call_id) as connection:
-        await connection.session.update(session={"type": "realtime", "instructions": "Hi."})
-        await RealtimeSideband(connection).next("session.updated")  # the hop is through
+    """Last: transceiver A is killed under a Live session's sideband forwarded by B; the client
+    resumes the session on B, and the sideband attaches to it again."""
+    session_id, token = await live_call(running, 0, peer)
+    await announced(running, session_id)
+    sideband = sdk(running.stack.base_url(1)).live.sideband
+    async with sideband.connect(session_id=session_id) as connection:
+        await connection.session.instructions.append(content="Hi.", delegation_id=None)
+        await LiveSideband(connection).next("session.instructions.appended")  # through the hop
         running.stack.transceivers[0].send_signal(signal.SIGKILL)
         with pytest.raises(websockets.ConnectionClosedError) as gone:
-            await RealtimeSideband(connection).next("never")
+            await LiveSideband(connection).next("never")
     assert gone.value.rcvd is not None, gone.value
     assert (gone.value.rcvd.code, gone.value.rcvd.reason) == (BAD_GATEWAY, OWNER_GONE)
     with pytest.raises(websockets.InvalidStatus) as again:  # until the session runs again
-        async with sdk(running.stack.base_url(1)).realtime.connect(call_id=call_id):
+        async with sideband.connect(session_id=session_id):
             pass
     assert again.value.response.status_code == 404
-    assert json.loads(again.value.response.body)["error"]["code"] == "call_not_found"
+    assert json.loads(again.value.response.body)["error"]["code"] == "session_not_found"
+    resumed = RealtimeClient()
+    try:
+        await live_call(running, 1, resumed, (session_id, token))
+        async with sideband.connect(session_id=session_id) as connection:
+            await connection.session.instructions.append(content="Again.", delegation_id=None)
+            appended = await LiveSideband(connection).next("session.instructions.appended")
+            assert appended["type"] == "session.instructions.appended"
+            await resumed.wait_for("session.instructions.appended")  # the resumed client's
+    finally:
+        await resumed.close()
