@@ -468,3 +468,33 @@ async def test_out_of_band_responses_run_beside_the_conversation(
     assert [m["content"] for m in sent if m["role"] == "user"][:2] == [
         "remember apples", "tell me more"
     ]  # fmt: skip
+
+
+async def test_an_out_of_band_response_answers_spoken_words_in_its_own_voice(
+    events: Events, server: FakeOpenAIServer, question: bytes
+) -> None:
+    detection = {"type": "server_vad", "create_response": False}  # the client decides
+    await _session(events, {"audio": {"input": {"turn_detection": detection}}})
+    await _append(events, question)
+    heard = await events.next("conversation.item.input_audio_transcription.completed")
+    assert "moon" in heard["transcript"].lower(), heard
+    reference = {"type": "item_reference", "id": heard["item_id"]}
+    await events.connection.response.create(
+        response={
+            "conversation": "none",
+            "input": [reference],  # type: ignore[list-item]
+            "audio": {"output": {"voice": "ash"}},
+            "metadata": {"step": "1"},
+        }  # fmt: skip
+    )
+    created = (await events.next("response.created"))["response"]
+    assert created["conversation_id"] is None and created["audio"]["output"]["voice"] == "ash"
+    done = (await events.next("response.done"))["response"]
+    assert (done["status"], done["output_modalities"]) == ("completed", ["audio"]), done
+    transcript = done["output"][0]["content"][0]["transcript"]
+    assert "moon" in transcript.lower(), transcript  # the spoken words it was given
+    deltas = events.of("response.output_audio.delta")
+    assert deltas and {delta["response_id"] for delta in deltas} == {done["id"]}
+    assert (await server.stats())["last_request"]["speech"]["voice"] == "ash"
+    joined = [e["item"]["id"] for e in events.seen if e["type"] == "conversation.item.added"]
+    assert joined == [heard["item_id"]]  # the user's words only: the answer stayed aside
