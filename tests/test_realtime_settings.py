@@ -498,3 +498,24 @@ async def test_an_out_of_band_response_answers_spoken_words_in_its_own_voice(
     assert (await server.stats())["last_request"]["speech"]["voice"] == "ash"
     joined = [e["item"]["id"] for e in events.seen if e["type"] == "conversation.item.added"]
     assert joined == [heard["item_id"]]  # the user's words only: the answer stayed aside
+
+
+async def test_an_out_of_band_response_is_cancelled_by_its_id(
+    events: Events, server: FakeOpenAIServer
+) -> None:
+    await server.control(hold=["chat"])  # the model writes one word, then waits
+    try:
+        await events.connection.response.create(
+            response={"conversation": "none", "output_modalities": ["text"],
+                      "input": [_user("count to ten")]}  # type: ignore[typeddict-item]
+        )  # fmt: skip
+        aside = (await events.next("response.created"))["response"]
+        await events.next("response.output_text.delta")
+        await events.connection.response.cancel(response_id=aside["id"])
+        done = (await events.next("response.done"))["response"]
+    finally:
+        await server.release("chat")
+    assert (done["id"], done["status"]) == (aside["id"], "cancelled"), done
+    assert done["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
+    await events.connection.response.cancel(response_id=aside["id"])  # it is over
+    assert (await events.next("error"))["error"]["code"] == "response_cancel_not_active"
