@@ -157,6 +157,39 @@ async def test_a_spoken_question_calls_a_function_tool_that_the_client_answers(
     assert not live.of("error"), live.seen
 
 
+async def test_the_delegations_tool_choice_and_output_limit_reach_the_model(
+    live: Events, server: FakeOpenAIServer
+) -> None:
+    connection = live.connection
+    forced = {"type": "function", "name": "moon"}
+    responses = {"model": "gpt-5-mini", "tools": [MOON_TOOL], "tool_choice": forced}
+    delegation = {"type": "responses", "responses": responses}
+    await connection.session.start(session={"model": "gpt-live-1", "delegation": delegation})
+    started = await live.next("session.started")
+    assert started["session"]["delegation"]["responses"]["tool_choice"] == forced
+    ask = {"type": "message", "role": "user", "content": "What is new?"}
+    await connection.response.item.create(item=ask)
+    await connection.response.create()
+    await live.next("session.usage.updated")
+    (call,) = [e["item"] for e in live.nested("response.output_item.done")]
+    assert call["name"] == "moon"  # forced: the question does not name it
+    sent = (await server.stats())["last_request"]["chat"]
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "moon"}}
+    limit = {"type": "responses", "responses": {"tool_choice": "auto", "max_output_tokens": 2}}
+    await connection.session.update(session={"delegation": limit})
+    updated = (await live.next("session.updated"))["session"]["delegation"]["responses"]
+    assert (updated["tool_choice"], updated["max_output_tokens"]) == ("auto", 2)
+    output = {"type": "function_call_output", "call_id": call["call_id"], "output": "full"}
+    await connection.response.item.create(item=output)
+    await connection.response.create()
+    await live.next("session.usage.updated")
+    (stopped,) = live.nested("response.incomplete")
+    assert stopped["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    said = "".join(e["delta"] for e in live.of("session.output_transcript.delta"))
+    assert said.split() == ["The", "moon"], said  # "The moon tool says full.", cut at 2
+    assert not live.of("error"), live.seen
+
+
 async def test_an_unknown_field_in_session_start_gets_an_error_and_no_session(
     transceiver: str,
 ) -> None:
