@@ -60,9 +60,10 @@ def test_malformed_hops_are_refused(header: str) -> None:
 
 
 def test_an_owner_record_round_trips_and_a_bad_one_is_refused() -> None:
-    for owner in (ME, Owner("h-1", ("2001:db8::5", 443))):
+    for owner in (ME, Owner("h-1", ("2001:db8::5", 443)), Owner("h-2", ("10.0.0.5", 80), 3)):
         assert Owner.parse(owner.value()) == owner
-    for bad in ("", "h-1", "h-1 10.0.0.5", "h-1 10.0.0.5:0", "h-1 10.0.0.5:x"):
+    assert Owner("h-2", ("10.0.0.5", 80), 3).value() == "h-2 10.0.0.5:80 3"
+    for bad in ("", "h-1", "h-1 10.0.0.5", "h-1 10.0.0.5:0", "h-1 10.0.0.5:x", "h-1 1.2.3.4:5 x"):
         with pytest.raises(ValueError):
             Owner.parse(bad)
 

@@ -93,6 +93,7 @@ async def serve(
             None if agents.persistence is None else agents.persistence.owner_id,
             config.http_advertise,
             config.survival,
+            None if seat is None else seat.index,
         ) as sideband_directory,
     ):
         records = None if agents.persistence is None else agents.persistence.records

@@ -146,7 +146,8 @@ def create_app(
     _add_client_secrets(app, auth)
     secret_keys = auth.config.secret_keys  # shared by the transceivers: hops are signed with it
     hops = None if secret_keys is None else HopKeys(secret_keys)
-    sidebands = Sidebands(calls, auth, sideband_directory, hops)
+    seat = None if routing is None else routing.seat  # a pod's worker: sidebands go on to siblings
+    sidebands = Sidebands(calls, auth, sideband_directory, hops, seat)
     add_realtime_websocket(app, calls, auth, websocket_sessions, sidebands.attach_realtime)
     add_live_websocket(app, calls, auth, websocket_sessions, sidebands)
     add_live_calls(

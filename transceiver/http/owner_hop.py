@@ -43,7 +43,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from transceiver.http.errors import error_response
 from transceiver.http.hop_signature import HOP_HEADER
-from transceiver.store.sideband_directory import Owner
 
 logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
@@ -52,6 +51,7 @@ MAX_QUEUED_FRAMES = 16
 BAD_GATEWAY = 1014
 OWNER_GONE = "the session's transceiver went away; resume the session, then attach again"
 UNSENDABLE_CODES = frozenset({1005, 1006, 1015})  # reserved: never put in a close frame
+Address = tuple[str, int]
 
 
 class HopRefused(Exception):
@@ -67,10 +67,11 @@ class OwnerUnreachable(Exception):
 
 
 async def open_hop(
-    owner: Owner, path: str, authorization: str | None, hop: str, subprotocols: list[str]
+    address: Address, path: str, authorization: str | None, hop: str, subprotocols: list[str]
 ) -> ClientConnection:
-    """A WebSocket to the owner's ``path`` (with its query); HopRefused, OwnerUnreachable."""
-    host, port = owner.address
+    """A WebSocket to ``path`` (with its query) at the owner's ``address``; HopRefused,
+    OwnerUnreachable."""
+    host, port = address
     url = f"ws://[{host}]:{port}{path}" if ":" in host else f"ws://{host}:{port}{path}"
     headers = {HOP_HEADER: hop} | (
         {} if authorization is None else {"Authorization": authorization}
@@ -84,7 +85,7 @@ async def open_hop(
     except InvalidStatus as refused:
         raise HopRefused(_passed_on(refused)) from None
     except (OSError, TimeoutError, InvalidHandshake) as exc:
-        logger.info("sideband hop to %s failed: %s", owner.value(), exc)
+        logger.info("sideband hop to %s:%d failed: %s", host, port, exc)
         raise OwnerUnreachable(f"{type(exc).__name__}: {exc}") from None
 
 

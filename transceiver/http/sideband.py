@@ -33,6 +33,13 @@ forwarded credential again and never forwards a hop on. A hop header that does n
 Live ``session_not_found``); Redis unreachable for the lookup: ``503 store_unavailable``.
 Without Redis, or without ``TRANSCEIVER_SECRET_KEYS`` to sign hops with, sidebands reach the
 sessions of the transceiver they land on only.
+
+In a pod of workers (``transceiver.workers``: they share the public port and the advertised
+address, each has a private loopback port) a sideband may reach a worker that does not run its
+session: a Realtime call's id names its worker, the directory's record names a Live session's,
+and the sideband goes on to that worker's private port, a hop of the stage ``WITHIN_POD``. The
+stage is part of what the hop header signs: a hop between transceivers may go on once within
+the pod it reached; a hop within a pod never goes further (404), so no sideband loops.
 """
 
 from __future__ import annotations
@@ -69,11 +76,14 @@ from transceiver.live.sessions import LiveSessions, RunningLive
 from transceiver.realtime.client_events import EventError
 from transceiver.realtime.session import RealtimeSession
 from transceiver.store.errors import StoreUnavailableError
-from transceiver.store.sideband_directory import SidebandDirectory
+from transceiver.store.sideband_directory import Owner, SidebandDirectory
 from transceiver.webrtc.calls import Call, Calls
+from transceiver.workers.seats import Seat
 
 logger = logging.getLogger(__name__)
 SLOW_READER_CLOSE = 1008
+BETWEEN_TRANSCEIVERS, WITHIN_POD = "", ":pod"  # a hop's stage, the end of what it signs
+Address = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -121,10 +131,12 @@ class Sidebands:
         auth: Authenticator,
         directory: SidebandDirectory | None = None,
         hops: HopKeys | None = None,
+        seat: Seat | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``seat``: this worker's place in a pod of workers (``transceiver.workers``)."""
         self._calls, self._auth = calls, auth
-        self._directory, self._hops, self._clock = directory, hops, clock
+        self._directory, self._hops, self._seat, self._clock = directory, hops, seat, clock
         self.live = AnnouncedLiveSessions(directory)
 
     def call_began(self, call: Call) -> None:
@@ -155,23 +167,22 @@ class Sidebands:
     async def _attach(self, websocket: WebSocket, kind: Kind, target_id: str) -> None:
         upstream: ClientConnection | None = None
         async with refusals(websocket):
-            authorization, hopped = self._admitted(websocket, kind, target_id)
+            authorization, stage = self._admitted(websocket, kind, target_id)
             target = self._local(kind, target_id)
             if target is not None:
                 subprotocols = websocket.scope.get("subprotocols", [])
                 await websocket.accept(SUBPROTOCOL if SUBPROTOCOL in subprotocols else None)
                 await observe(websocket, target)
                 return
-            if hopped:  # forwarded here because the directory names us: not again
-                raise self._not_found(kind, target_id, "is not running on its transceiver")
-            upstream = await self._hop(websocket, kind, target_id, authorization)
+            upstream = await self._forward(websocket, kind, target_id, authorization, stage)
         if upstream is not None:
             await relay_frames(websocket, upstream)
 
     def _admitted(
         self, websocket: WebSocket, kind: Kind, target_id: str
-    ) -> tuple[str | None, bool]:
-        """The credential (checked: the API key) and whether this is a verified hop."""
+    ) -> tuple[str | None, str | None]:
+        """The credential (checked: the API key) and the stage of a verified hop (None: the
+        client's own request)."""
         unknown = sorted(set(websocket.query_params) - kind.query)
         if unknown:
             message = f"unknown query parameter {unknown[0]!r}"
@@ -186,41 +197,76 @@ class Sidebands:
             challenge = {"WWW-Authenticate": 'Bearer realm="voicerelay"'}
             raise Refused(error_response(401, exc.code, exc.message, challenge)) from None
         hop = headers.get(HOP_HEADER)
-        if hop is not None:
-            self._verified_hop(hop, f"{kind.name}:{target_id}", authorization)
-        return authorization, hop is not None
+        if hop is None:
+            return authorization, None
+        return authorization, self._stage(hop, kind, target_id, authorization)
 
-    def _verified_hop(self, hop: str, target: str, authorization: str | None) -> None:
-        try:
-            if self._hops is None:
-                raise HopError("no_hop_keys")
-            self._hops.verify(hop, target, authorization, self._clock())
-        except HopError as exc:
-            message = f"the {HOP_HEADER} header does not verify ({exc.reason})"
-            raise Refused(error_response(403, "invalid_hop", message)) from None
+    def _stage(self, hop: str, kind: Kind, target_id: str, authorization: str | None) -> str:
+        """The stage a hop header verifies for; Refused (403) when it verifies for none."""
+        hops, now_s, reason = self._hops, self._clock(), "no_hop_keys"
+        for stage in (BETWEEN_TRANSCEIVERS, WITHIN_POD):
+            try:
+                if hops is not None:
+                    hops.verify(hop, _signed(kind, target_id, stage), authorization, now_s)
+                    return stage
+            except HopError as exc:
+                reason = exc.reason
+        message = f"the {HOP_HEADER} header does not verify ({reason})"
+        raise Refused(error_response(403, "invalid_hop", message))
 
-    async def _hop(
-        self, websocket: WebSocket, kind: Kind, target_id: str, authorization: str | None
+    async def _forward(
+        self,
+        websocket: WebSocket,
+        kind: Kind,
+        target_id: str,
+        authorization: str | None,
+        came: str | None,
     ) -> ClientConnection:
-        """The sideband's hop to the session's owner, open; Refused if there is none."""
-        if self._directory is None or self._hops is None or not target_id:
-            raise self._not_found(kind, target_id, "is not running on this transceiver")
-        try:
-            owner = await self._directory.locate(target_id)
-        except StoreUnavailableError as exc:
-            raise Refused(error_response(503, "store_unavailable", str(exc))) from None
-        if owner is None or owner.owner_id == self._directory.me.owner_id:
-            raise self._not_found(kind, target_id, "is not running")
+        """The sideband's hop towards the session, open; Refused (404) if there is none. A hop
+        between transceivers may go on once within the pod it reached, never further."""
+        if self._hops is None or not target_id or came == WITHIN_POD:
+            raise self._not_found(kind, target_id, "is not running here")
+        address, stage = await self._route(kind, target_id)
+        if came == BETWEEN_TRANSCEIVERS and stage != WITHIN_POD:
+            raise self._not_found(kind, target_id, "is not running on its transceiver")
         path = websocket.url.path + (f"?{websocket.url.query}" if websocket.url.query else "")
-        hop = self._hops.sign(f"{kind.name}:{target_id}", authorization, self._clock())
+        hop = self._hops.sign(_signed(kind, target_id, stage), authorization, self._clock())
         wanted = [p for p in websocket.scope.get("subprotocols", []) if p == SUBPROTOCOL]
         try:
-            return await open_hop(owner, path, authorization, hop, wanted)
+            return await open_hop(address, path, authorization, hop, wanted)
         except HopRefused as refused:
             raise Refused(refused.response) from None
         except OwnerUnreachable:
             why = "ran on a transceiver that does not answer"
             raise self._not_found(kind, target_id, why) from None
+
+    async def _route(self, kind: Kind, target_id: str) -> tuple[Address, str]:
+        """Where the session runs, and the stage of the hop there: a sibling worker of this
+        pod (a call id names its worker; the directory names a Live session's) or another
+        transceiver (the directory)."""
+        seat = self._seat
+        if kind is REALTIME and seat is not None:
+            worker = seat.owner_of(target_id)
+            if worker is not None and worker != seat.index:
+                return seat.private_address(worker), WITHIN_POD
+        owner = await self._owner(kind, target_id)
+        assert self._directory is not None  # _owner found one
+        if owner.address != self._directory.me.address:
+            return owner.address, BETWEEN_TRANSCEIVERS
+        if seat is None or owner.worker is None or owner.worker == seat.index:
+            raise self._not_found(kind, target_id, "is not running")  # a stale record of ours
+        return seat.private_address(owner.worker), WITHIN_POD
+
+    async def _owner(self, kind: Kind, target_id: str) -> Owner:
+        if self._directory is None:
+            raise self._not_found(kind, target_id, "is not running on this transceiver")
+        try:
+            owner = await self._directory.locate(target_id)
+        except StoreUnavailableError as exc:
+            raise Refused(error_response(503, "store_unavailable", str(exc))) from None
+        if owner is None:
+            raise self._not_found(kind, target_id, "is not running")
+        return owner
 
     @staticmethod
     def _not_found(kind: Kind, target_id: str, why: str) -> Refused:
@@ -292,3 +338,8 @@ async def _commands(websocket: WebSocket, session: RealtimeSession) -> None:
             session.on_message(data)
         except Exception as exc:
             raise HandlerCrashed("handling a sideband event failed") from exc
+
+
+def _signed(kind: Kind, target_id: str, stage: str) -> str:
+    """What a hop's header signs: the endpoint, the session and the hop's stage."""
+    return f"{kind.name}:{target_id}{stage}"

@@ -4,7 +4,9 @@ I/O layer (Redis). A sideband (``transceiver.http.sideband``) names a session by
 Realtime call's ``rtc_…`` id, a GPT-Live session's id) and may land on any transceiver; the one
 it lands on finds the session's owner here and forwards the sideband there
 (``transceiver.http.owner_hop``). Key ``P:sideband:{id}`` (prefix ``P``), value
-``"{owner_id} {host}:{port}"``, with the lease's time to live (``SurvivalPolicy.lease_s``).
+``"{owner_id} {host}:{port}"``, with `` {worker}`` after it in a pod of workers (they share
+the address; ``sideband`` goes on to the worker within the pod), and the lease's time to live
+(``SurvivalPolicy.lease_s``).
 
 Why a key per session, refreshed, and not the session's lease record: a Realtime call's id is
 not its stored session's id (a resume makes a new call), sessions without Redis persistence have
@@ -51,23 +53,30 @@ return 0
 
 @dataclass(frozen=True)
 class Owner:
-    """The transceiver that runs a session: its owner id and internal HTTP address."""
+    """The transceiver that runs a session: its owner id and internal HTTP address, and in a
+    pod of workers (``transceiver.workers``, one address for all) the worker's index."""
 
     owner_id: str
     address: Address
+    worker: int | None = None
 
     def value(self) -> str:
         host, port = self.address
-        return f"{self.owner_id} " + (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return f"{self.owner_id} {address}" + ("" if self.worker is None else f" {self.worker}")
 
     @classmethod
     def parse(cls, value: str) -> Owner:
         """ValueError when ``value`` is not what ``value()`` writes."""
-        owner_id, _, address = value.partition(" ")
+        owner_id, _, rest = value.partition(" ")
+        address, _, worker = rest.partition(" ")
         host, sep, port = address.rpartition(":")
         if not owner_id or not sep or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"not an owner record: {value!r}")
-        return cls(owner_id, (host.removeprefix("[").removesuffix("]"), int(port)))
+        if worker and not worker.isdigit():
+            raise ValueError(f"not an owner record: {value!r}")
+        index = int(worker) if worker else None
+        return cls(owner_id, (host.removeprefix("[").removesuffix("]"), int(port)), index)
 
 
 def directory_key(prefix: str, target_id: str) -> str:
@@ -181,6 +190,7 @@ async def open_sideband_directory(
     owner_id: str | None,
     advertise: Address | None,
     policy: SurvivalPolicy,
+    worker: int | None = None,
 ) -> AsyncIterator[SidebandDirectory | None]:
     """The directory, running, when sessions here are stored (Redis, an ``owner_id``) and other
     transceivers can reach this one (``advertise``); else None, said once in the log."""
@@ -194,5 +204,6 @@ async def open_sideband_directory(
         )
         yield None
         return
-    async with SidebandDirectory.from_config(config, Owner(owner_id, advertise), policy) as found:
+    me = Owner(owner_id, advertise, worker)
+    async with SidebandDirectory.from_config(config, me, policy) as found:
         yield found

@@ -1,0 +1,208 @@
+"""A sideband that reaches the wrong worker of a pod goes on to the worker running its session.
+
+Real processes: redis-server, a relay and a transceiver pod of two pipeline workers
+(``--workers 2``, offline providers, the API key required). Every worker takes requests on the
+pod's public port, and on a private loopback port of its own, which the test uses to pick the
+worker a sideband reaches. A Realtime call's id names its worker; a Live session's worker is in
+its directory record. Each sideband, sent to the other worker, is forwarded within the pod
+(``transceiver.http.sideband``) and drives its session; so is one that arrives as a hop between
+transceivers; a hop already within the pod is never forwarded again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import pytest_asyncio
+import websockets
+from aiortc import RTCSessionDescription
+from redis.asyncio import Redis
+
+from deploy.processes import (
+    free_port,
+    free_port_run,
+    metric_values,
+    random_keys,
+    random_secret_keys,
+    relay_process,
+    text,
+    transceiver_process,
+)
+from deploy.redis_server import RedisServer, redis_server_binary
+from deploy.survival import redis_env
+from deploy.waiting import poll
+from loadtest.realtime_client import RealtimeClient
+from relay.wire.redis_config import RedisConfig
+from relay.wire.ufrag import Keyring
+from transceiver.http.hop_signature import HOP_HEADER, HopKeys
+from transceiver.store.sideband_directory import Owner, directory_key
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server"),
+]
+API_KEY = "test-pod-sideband-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+WORKER_LINE = re.compile(r"transceiver worker (\d+) ready .* private=(\S+)")
+CONNECT_TIMEOUT_S = 60.0
+EVENT_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Pod:
+    base_url: str
+    private_urls: dict[int, str]  # worker index -> its private base URL
+    redis: RedisServer
+    hops: HopKeys
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def pod(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
+    log_dir = tmp_path_factory.mktemp("sideband-pod")
+    redis = RedisServer(log_dir, "redis").start()
+    keys, secret_keys = random_keys(), random_secret_keys()
+    public = ("127.0.0.1", free_port())
+    first_link = free_port_run(2)
+    links = [("127.0.0.1", first_link), ("127.0.0.1", first_link + 1)]
+    http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
+    relay_http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
+    relay = relay_process(text(public), links, keys, relay_http, log_dir, workers=1)
+    env = {**redis_env(RedisConfig(url=redis.url)), "OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}
+    env |= {"TRANSCEIVER_API_KEY": API_KEY, "TRANSCEIVER_SECRET_KEYS": secret_keys}
+    transceiver = transceiver_process(
+        "pod", links[0], http, text(public), keys, log_dir, env,
+        agent="pipeline", auth="required", workers=2, capacity=2,
+    )  # fmt: skip
+    try:
+        for process in (transceiver, relay):
+            process.start()
+        await transceiver.ready(timeout_s=120)  # two workers load their models
+        await relay.ready()
+        running = Pod(f"http://{text(http)}", {}, redis, HopKeys(Keyring.parse(secret_keys)))
+        for line in transceiver.lines:
+            if match := WORKER_LINE.match(line):
+                running.private_urls[int(match[1])] = "http://" + match[2]
+        assert sorted(running.private_urls) == [0, 1], transceiver.lines
+        await keyed(running)
+        yield running
+    finally:
+        for process in (relay, transceiver):
+            await process.stop()
+        redis.stop()
+    assert "Traceback" not in (log_dir / "pod.log").read_text()
+
+
+async def keyed(pod: Pod) -> None:
+    """Every worker takes data from the relay (a first HELLO may precede a worker's bind)."""
+    async with httpx.AsyncClient(timeout=10) as http:
+
+        async def relays() -> list[float]:
+            found = []
+            for url in pod.private_urls.values():
+                metrics = (await http.get(url + "/metrics")).text
+                found.append(metric_values(metrics, "transceiver_link_keyed_relays").get("", 0))
+            return found
+
+        await poll(relays, lambda n: min(n) >= 1, 15, lambda _: "a worker never keyed", 0.1)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def peer() -> AsyncIterator[RealtimeClient]:
+    client = RealtimeClient()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def sdk(base_url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(api_key=API_KEY, base_url=base_url + "/v1", max_retries=0)
+
+
+async def realtime_call(pod: Pod, peer: RealtimeClient) -> str:
+    """A Realtime call from ``peer`` on the pod's public port; its id once it began."""
+    await peer.pc.setLocalDescription(await peer.pc.createOffer())
+    offer = peer.pc.localDescription.sdp
+    headers = {"Content-Type": "application/sdp", **AUTH}
+    async with httpx.AsyncClient(timeout=30) as http:
+        created = await http.post(
+            pod.base_url + "/v1/realtime/calls", content=offer, headers=headers
+        )
+    assert created.status_code == 201, created.text
+    await peer.pc.setRemoteDescription(RTCSessionDescription(created.text, "answer"))
+    await peer.wait_for("session.created", timeout_s=CONNECT_TIMEOUT_S)
+    return str(created.headers["Location"]).rsplit("/", 1)[1]
+
+
+async def live_call(pod: Pod, peer: RealtimeClient) -> str:
+    """A GPT-Live session from ``peer`` on the pod's public port; its id once it started."""
+    await peer.pc.setLocalDescription(await peer.pc.createOffer())
+    transport = {"type": "webrtc", "sdp": peer.pc.localDescription.sdp}
+    answer = await sdk(pod.base_url).live.create(
+        session={"model": "gpt-live-1"}, transport=transport
+    )
+    await peer.pc.setRemoteDescription(RTCSessionDescription(answer.transport.sdp, "answer"))
+    await peer.wait_for("session.started", timeout_s=CONNECT_TIMEOUT_S)
+    return answer.session.id
+
+
+async def next_event(connection: Any, kind: str) -> dict[str, Any]:
+    async with asyncio.timeout(EVENT_TIMEOUT_S):
+        while True:
+            event: dict[str, Any] = json.loads(await connection.recv_bytes())
+            if event["type"] == kind:
+                return event
+
+
+async def test_a_realtime_sideband_on_the_other_worker_reaches_the_call(
+    pod: Pod, peer: RealtimeClient
+) -> None:
+    call_id = await realtime_call(pod, peer)
+    owner = int(call_id[4:6], 16)  # the call id names its worker
+    other = pod.private_urls[1 - owner]
+    async with sdk(other).realtime.connect(call_id=call_id) as connection:
+        await connection.session.update(session={"type": "realtime", "instructions": "Hi."})
+        updated = await next_event(connection, "session.updated")
+        assert updated["session"]["instructions"] == "Hi."
+    await peer.wait_for("session.updated")  # the call's client is told: the same session
+    between = pod.hops.sign(f"realtime:{call_id}", AUTH["Authorization"], time.time())
+    async with sdk(other).realtime.connect(
+        call_id=call_id, extra_headers={HOP_HEADER: between}
+    ) as connection:  # a hop from another transceiver that reached the wrong worker
+        await connection.session.update(session={"type": "realtime", "instructions": "Again."})
+        assert (await next_event(connection, "session.updated"))["session"]["instructions"]
+    within = pod.hops.sign(f"realtime:{call_id}:pod", AUTH["Authorization"], time.time())
+    with pytest.raises(websockets.InvalidStatus) as refused:  # within the pod already: no further
+        async with sdk(other).realtime.connect(call_id=call_id, extra_headers={HOP_HEADER: within}):
+            pass
+    assert refused.value.response.status_code == 404
+
+
+async def test_a_live_sideband_on_the_other_worker_reaches_the_session(
+    pod: Pod, peer: RealtimeClient
+) -> None:
+    session_id = await live_call(pod, peer)
+    client = Redis.from_url(pod.redis.url)
+    try:
+        key = directory_key(RedisConfig(url=pod.redis.url).key_prefix, session_id)
+        record = await poll(lambda: client.get(key), lambda v: v is not None, 10, repr, 0.02)
+    finally:
+        await client.aclose()
+    owner = Owner.parse(record.decode())
+    assert owner.worker in (0, 1), owner
+    other = pod.private_urls[1 - owner.worker]
+    async with sdk(other).live.sideband.connect(session_id=session_id) as connection:
+        await connection.session.instructions.append(content="Hi.", delegation_id=None)
+        await next_event(connection, "session.instructions.appended")
+    await peer.wait_for("session.instructions.appended")  # the session's client saw it too
