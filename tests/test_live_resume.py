@@ -3,12 +3,12 @@ transceivers (offline providers), and the official ``openai`` SDK's ``client.liv
 unchanged but for its base URL, posting aiortc offers.
 
 - SIGKILL: a Live session with Responses delegation (a function tool, backend instructions,
-  instructions appended) is asked a spoken question on transceiver A; A is killed. The same
-  session cannot be resumed as a Realtime call (409, and nothing is claimed). The client's new
-  offer names the session (``?session_id=`` and its resume token) and lands on B:
+  instructions appended) is asked a spoken question on transceiver A; A is killed. The client's
+  new offer names the session (``?session_id=`` and its resume token) and lands on B:
   ``session.started`` reports the stored config, not the resume request's; the data channel
   speaks Live (every event validates as the SDK's type); a spoken "what did I just ask?" is
-  answered from the stored conversation.
+  answered from the stored conversation. The same session cannot then be resumed as a Realtime
+  call (409), and B keeps it (nothing is claimed).
 - SIGTERM (drain): B's Live session finishes its answer, is told
   ``voicerelay.session.reconnect`` and resumes on C with its conversation; B exits.
 """
@@ -16,6 +16,7 @@ unchanged but for its base URL, posting aiortc offers.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -157,19 +158,12 @@ async def test_a_killed_transceivers_live_session_resumes_elsewhere_speaking_liv
     assert live["type"] == "live" and live["instructions_appended"] == ["Be kind."]
     assert live["session"]["delegation"]["responses"]["tools"][0]["name"] == "get_weather"
 
+    killed_at = time.monotonic()
     survival.stack.transceivers[0].send_signal(signal.SIGKILL)
     await survival.stack.transceivers[0].exited(10)
-    async with httpx.AsyncClient(timeout=30) as http:  # a Realtime resume of a Live session
-        wrong = await call(
-            stranger, http, survival.stack.base_url(1), {TOKEN_HEADER: token},
-            {"session_id": session_id},
-        )  # fmt: skip
-    assert wrong.status_code == 409, wrong.text
-    assert wrong.json()["error"]["code"] == "session_contract_mismatch"
-    untouched = await stored(survival, session_id)
-    assert (untouched.owner_id, untouched.token) == (state.owner_id, state.token)
-
     await created(survival, 1, second, {"model": "another-model"}, (session_id, token))
+    resumed_ms = (time.monotonic() - killed_at) * 1000  # reported, not asserted
+    print(f"\ntransceiver kill to the Live session started again elsewhere: {resumed_ms:.0f} ms")
     started = second.events[0]["session"]
     assert started["model"] == "gpt-live-1"  # the stored config, not the resume request's
     assert started["delegation"] == first.events[0]["session"]["delegation"]
@@ -182,6 +176,15 @@ async def test_a_killed_transceivers_live_session_resumes_elsewhere_speaking_liv
     assert contents(after)[: len(contents(state))] == contents(state)  # nothing lost
     assert after.owner_id != state.owner_id and after.token > state.token
     assert after.config[CONTRACT_KEY] == live  # stored on, unchanged
+    async with httpx.AsyncClient(timeout=30) as http:  # a Realtime resume of a Live session
+        wrong = await call(
+            stranger, http, survival.stack.base_url(2), {TOKEN_HEADER: token},
+            {"session_id": session_id},
+        )  # fmt: skip
+    assert wrong.status_code == 409, wrong.text
+    assert wrong.json()["error"]["code"] == "session_contract_mismatch"
+    untouched = await stored(survival, session_id)  # B keeps it: nothing was claimed
+    assert (untouched.owner_id, untouched.token) == (after.owner_id, after.token)
 
 
 async def test_a_draining_transceiver_hands_its_live_session_over(
