@@ -154,7 +154,7 @@ TABLE: dict[tuple[str, int, str], set[str]] = {
     ("relay", 7100, "UDP"): {"transceiver"},  # the link's answers
     ("relay", 9100, "TCP"): {"prometheus"},
     ("transceiver", 7000, "UDP"): {"relay"},  # the link
-    ("transceiver", 8080, "TCP"): {"ingress", "prometheus"},  # signalling, and /metrics
+    ("transceiver", 8080, "TCP"): {"ingress", "prometheus", "transceiver"},  # and sidebands
     ("transceiver", 7000, "TCP"): set(),
     ("redis", 6379, "TCP"): {"relay", "transceiver", "redis?"},
 }
