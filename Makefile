@@ -53,7 +53,7 @@ lock: $(LOCK_TOOLS)/.stamp
 # npm (the @openai/agents-realtime browser tests, installed with `npm ci` from their lock) only
 # where no npm is on PATH already; python3-venv where Debian's Python lacks ensurepip.
 # prometheus: its promtool runs the alert rules' unit tests (tests/test_k8s_monitoring.py).
-SYSTEM_PACKAGES := gcc chromium redis-server iptables iproute2 prometheus
+SYSTEM_PACKAGES := gcc chromium redis-server iptables iproute2 prometheus nftables
 sysdeps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
