@@ -26,6 +26,8 @@ ATTRIBUTE_HEADER = struct.Struct("=HH")  # length, type
 ALIGN_BYTES = 4
 MAX_DATAGRAM_BYTES = 65_536 + 4_096  # a whole packet (at most 64 KiB) and its metadata
 MAX_QUEUE = 65_535  # res_id is 16 bits
+MAX_ATTRIBUTE_BYTES = 65_535  # nla_len is 16 bits, header included
+MAX_ATTRIBUTE_VALUE_BYTES = MAX_ATTRIBUTE_BYTES - 4
 
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
@@ -96,6 +98,8 @@ def _align(length: int) -> int:
 
 def _attribute(kind: int, value: bytes) -> bytes:
     length = ATTRIBUTE_HEADER.size + len(value)
+    if length > MAX_ATTRIBUTE_BYTES:
+        raise ValueError(f"an attribute of {len(value)} bytes is over {MAX_ATTRIBUTE_VALUE_BYTES}")
     return ATTRIBUTE_HEADER.pack(length, kind) + value + b"\0" * (_align(length) - length)
 
 
