@@ -11,6 +11,8 @@ unchanged but for its base URL, posting aiortc offers.
   call (409), and B keeps it (nothing is claimed).
 - SIGTERM (drain): B's Live session finishes its answer, is told
   ``voicerelay.session.reconnect`` and resumes on C with its conversation; B exits.
+- The other way round: a Realtime call's session named in ``POST /v1/live/sessions`` is refused
+  (409 ``session_contract_mismatch``) and the call goes on.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from loadtest.realtime_client import (
     SESSION_HEADER,
     TOKEN_HEADER,
     RealtimeClient,
+    ask,
     call,
+    opened,
     silence,
     speak,
 )
@@ -211,3 +215,15 @@ async def test_a_draining_transceiver_hands_its_live_session_over(
     checked(second)
     await eventually(lambda: not draining.alive(), 30, "the drained transceiver to exit")
     assert await draining.exited(1) == 0
+
+
+async def test_a_realtime_session_is_not_resumed_as_a_live_one(
+    survival: Survival, peers: list[RealtimeClient]
+) -> None:
+    realtime, live, _ = peers
+    async with httpx.AsyncClient(timeout=30) as http:
+        session_id, token = await opened(realtime, http, survival.stack.base_url(2))
+    with pytest.raises(openai.ConflictError) as refused:
+        await created(survival, 2, live, SESSION, (session_id, token))
+    assert refused.value.code == "session_contract_mismatch"
+    assert (await ask(realtime, "Tell me about water.")).startswith("Water covers")
