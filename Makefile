@@ -42,7 +42,7 @@ $(LOCK_TOOLS)/.stamp: requirements/lock-tools.txt
 	touch $@
 
 lock: $(LOCK_TOOLS)/.stamp
-	$(COMPILE) $(UPGRADE_FLAGS) -o $(LOCK) --extra dev pyproject.toml requirements/build.in
+	$(COMPILE) $(UPGRADE_FLAGS) -o $(LOCK) --extra dev --extra local-llm pyproject.toml requirements/build.in
 	grep -E '^[A-Za-z0-9][^ ]*==' $(LOCK) | sed 's/ .*//' > build/dev-pins.txt
 	rm -f $(RUNTIME_LOCK)
 	$(COMPILE) -c build/dev-pins.txt -o $(RUNTIME_LOCK) pyproject.toml requirements/build.in

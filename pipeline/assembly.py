@@ -14,10 +14,11 @@ OpenAI classes are imported only when a stage uses them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -33,6 +34,8 @@ from pipeline.providers import LanguageModel, SpeechToText, TextToSpeech
 from pipeline.tools import ToolRegistry, builtin_tools
 from pipeline.turns import CostEstimator, TurnRecord
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Providers:
@@ -42,6 +45,9 @@ class Providers:
     knowledge: KnowledgeBase
     estimate_cost: CostEstimator
     pool: PipelinePool | None = None  # the offline heavy stages' (STT, TTS) shared pool
+    # stage -> why it does not run the provider configured for it (PIPELINE_LLM=local without
+    # its model: the rule-based agent answers)
+    substitutes: dict[str, str] = field(default_factory=dict)
 
 
 @asynccontextmanager
@@ -54,9 +60,10 @@ async def open_providers(config: PipelineConfig) -> AsyncIterator[Providers]:
         pool = PipelinePool(config.pool_policy())
         stack.push_async_callback(asyncio.to_thread, pool.close)
         stt = await _speech_to_text(config, stack, client, pool)
-        llm = _language_model(config, knowledge, client)
+        substitutes: dict[str, str] = {}
+        llm = await _language_model(config, knowledge, client, stack, substitutes)
         tts = await _text_to_speech(config, stack, client, pool)
-        yield Providers(stt, llm, tts, knowledge, cost_estimator(config), pool)
+        yield Providers(stt, llm, tts, knowledge, cost_estimator(config), pool, substitutes)
 
 
 def build_engine(
@@ -107,8 +114,16 @@ async def _speech_to_text(
     return harden_stt(OpenAISpeechToText(client, config.openai_stt_model), fallback)
 
 
-def _language_model(config: PipelineConfig, knowledge: KnowledgeBase, client: Any) -> LanguageModel:
+async def _language_model(
+    config: PipelineConfig,
+    knowledge: KnowledgeBase,
+    client: Any,
+    stack: AsyncExitStack,
+    substitutes: dict[str, str],
+) -> LanguageModel:
     local = LocalRuleBasedAgent(knowledge, config.local_agent_config())
+    if config.llm == "local":
+        return await _local_model(config, knowledge, stack, substitutes) or local
     if config.llm != "openai":
         return local
     from pipeline.openai_providers import OpenAILanguageModel
@@ -117,6 +132,35 @@ def _language_model(config: PipelineConfig, knowledge: KnowledgeBase, client: An
     return harden_llm(
         OpenAILanguageModel(client, config.openai_llm_model), local if config.fallback else None
     )
+
+
+async def _local_model(
+    config: PipelineConfig,
+    knowledge: KnowledgeBase,
+    stack: AsyncExitStack,
+    substitutes: dict[str, str],
+) -> LanguageModel | None:
+    """The local language model, started; None when it cannot be (its extra is not installed,
+    its file fails the check, it does not load): logged, and noted in ``substitutes``."""
+    from pipeline.llama_llm import LlamaCppLanguageModel
+    from pipeline.local_llm_file import ModelFileError
+    from pipeline.providers import ProviderError
+
+    tools = [tool.spec for tool in builtin_tools(knowledge)]
+    facts = [f"{entry.title}: {entry.answer}" for entry in knowledge.entries]
+    model = LlamaCppLanguageModel(
+        config.local_llm_config(), topics=knowledge.titles, facts=facts, warm_tools=tools
+    )
+    try:
+        await model.start()
+    except (ImportError, ModelFileError, ProviderError) as error:
+        await model.aclose()
+        substitutes["llm"] = f"local model unavailable: {error}"
+        log.error("PIPELINE_LLM=local: %s; the rule-based agent answers instead", error)
+        return None
+    stack.push_async_callback(model.aclose)
+    log.info("PIPELINE_LLM=local: %s loaded and warm", model.name)
+    return model
 
 
 async def _text_to_speech(

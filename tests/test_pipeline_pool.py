@@ -85,7 +85,7 @@ async def test_a_call_stalled_mid_utterance_does_not_hold_up_another_calls_answe
 @on_module_loop
 async def test_a_saturated_pool_refuses_new_calls_and_says_why_while_its_calls_go_on() -> None:
     config = PipelineConfig(
-        stt="pocketsphinx", llm="local", tts="piper", pool_size=1, pool_max_queue=1,
+        stt="pocketsphinx", llm="rule", tts="piper", pool_size=1, pool_max_queue=1,
         pool_max_wait_ms=600_000,  # only the queue's depth decides here: no timing in the test
     )  # fmt: skip
     registry = CollectorRegistry()

@@ -1,0 +1,222 @@
+"""What the local language model reads and what we read back from it.
+
+Pure protocol layer: our ``Message``/``ToolSpec`` values become the OpenAI-style chat request
+that llama.cpp renders through the model's own Jinja template, and the model's text becomes
+text or tool calls again.
+
+Qwen2.5-Coder's template asks for ``<tool_call>{...}</tool_call>``, but the model often writes
+the call its own way: in a Markdown fence (```json ... ```), bare, or with every brace doubled
+(``{{"name": ...}}``, as if it were a format string). ``parse_tool_calls`` accepts each of
+these; ``ToolCallGate`` decides, from the first characters of an answer, whether it is text to
+speak at once or a call to hold until it is complete.
+
+The system prompt says what the model cannot do: a coder model otherwise claims abilities it
+has not got ("yes, I can set a timer").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.providers import Message, ToolCall, ToolSpec
+from pipeline.untrusted_json import JsonInputError, decode
+
+SYSTEM_PROMPT = (
+    "You are a helpful voice assistant. Your replies are spoken: one or two short sentences, "
+    "no lists or code. You can only talk: you cannot set timers or alarms, make calls, send "
+    "messages or browse the web; say so plainly when asked. For the time, call current_time."
+)
+# Worded, and the facts placed after it, as measured best on Qwen2.5-Coder-1.5B: with the facts
+# first it guessed the time instead of calling the tool; without them it seldom looked up
+# the knowledge file and made up its answers.
+TOOLS_PROMPT = (
+    " For questions about {topics}, call lookup_knowledge. Answer anything else yourself."
+)
+FACTS_PROMPT = "\n\nNotes for lookup_knowledge: {facts}"
+MAX_FACTS_CHARS = 3000  # a larger knowledge file is only searched, not read out to the model
+# Characters per token of English text for Qwen's tokenizer, rounded down: a safe estimate
+# when trimming the history to the context window.
+CHARS_PER_TOKEN = 3
+_OPENERS = ("```", "<tool_call>", "{", "[")
+_FENCE = re.compile(r"```[a-zA-Z]*\s*(.*?)\s*```", re.DOTALL)
+_TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def system_prompt(
+    topics: Sequence[str] = (), facts: Sequence[str] = (), instructions: str = ""
+) -> str:
+    """Ours first (the same for every call, so its tokens stay cached), the session's after.
+    ``facts`` (the knowledge file's entries) go in whole when they are short."""
+    prompt = SYSTEM_PROMPT
+    if topics:
+        prompt += TOOLS_PROMPT.format(topics=_spoken_list([topic.lower() for topic in topics]))
+    notes = " ".join(facts)
+    if notes and len(notes) <= MAX_FACTS_CHARS:
+        prompt += FACTS_PROMPT.format(facts=notes)
+    return f"{prompt}\n\n{instructions.strip()}" if instructions.strip() else prompt
+
+
+def _spoken_list(items: Sequence[str]) -> str:
+    return ", ".join(items[:-1]) + f" or {items[-1]}" if len(items) > 1 else "".join(items)
+
+
+def chat_messages(messages: Sequence[Message], system: str) -> list[dict[str, Any]]:
+    """The request's ``messages``: one system message (``system`` plus any of the
+    conversation's), then the conversation as the chat template expects it."""
+    extra = [m.content for m in messages if m.role == "system" and m.content.strip()]
+    head = "\n\n".join([system, *extra])
+    return [{"role": "system", "content": head}] + [
+        _chat_message(m) for m in messages if m.role != "system"
+    ]
+
+
+def _chat_message(message: Message) -> dict[str, Any]:
+    if message.role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    item: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        item["tool_calls"] = [
+            {
+                "id": call.call_id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for call in message.tool_calls
+        ]
+    return item
+
+
+def chat_tools(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": dict(tool.parameters),
+            },
+        }
+        for tool in tools
+    ]
+
+
+def recent_history(messages: Sequence[Message], budget_tokens: int) -> list[Message]:
+    """The newest messages whose text fits ``budget_tokens`` (system messages always kept),
+    starting at a user message so no tool result is left without its call."""
+    system = [m for m in messages if m.role == "system"]
+    rest = [m for m in messages if m.role != "system"]
+    budget_chars = budget_tokens * CHARS_PER_TOKEN - sum(_size(m) for m in system)
+    kept: list[Message] = []
+    for message in reversed(rest):
+        budget_chars -= _size(message)
+        if budget_chars < 0 and kept:
+            break
+        kept.insert(0, message)
+    while len(kept) > 1 and kept[0].role != "user":
+        kept.pop(0)
+    return system + kept
+
+
+def _size(message: Message) -> int:
+    calls = sum(len(call.name) + len(call.arguments) for call in message.tool_calls)
+    return len(message.content) + calls + 16  # the template's role markers
+
+
+# --- reading the answer ---------------------------------------------------------------------
+
+
+@dataclass
+class ToolCallGate:
+    """Holds an answer's first characters until they show whether it is a tool call.
+
+    ``push`` returns the text that may be spoken now ("" while undecided or holding a call);
+    once the answer is complete, ``finish`` returns what is left to speak and ``held`` is the
+    whole answer if it looked like a call."""
+
+    tools_offered: bool
+    decided: bool = False
+    holding: bool = False
+    held: str = ""
+
+    def push(self, text: str) -> str:
+        if self.decided and not self.holding:
+            return text
+        self.held += text
+        start = self.held.lstrip()
+        if self.decided or not start:
+            return ""
+        if self.tools_offered and start.startswith(_OPENERS):
+            self.decided = self.holding = True
+            return ""
+        if self.tools_offered and any(opener.startswith(start) for opener in _OPENERS):
+            return ""  # too short to tell: "`", "<tool"
+        self.decided = True
+        return self.finish()
+
+    def finish(self) -> str:
+        """The text not yet spoken, unless it is held as a call."""
+        if self.holding:
+            return ""
+        text, self.held = self.held, ""
+        return text
+
+
+def parse_tool_calls(text: str, tool_names: Sequence[str]) -> list[ToolCall] | None:
+    """The calls of the offered tools written in ``text``; None when ``text`` holds no call.
+
+    Accepts ``<tool_call>`` tags, Markdown fences, bare JSON, a list of calls, doubled braces,
+    ``arguments`` (or ``parameters``) as an object or as JSON text."""
+    found = [call for value in _json_values(text) for call in _calls_in(value)]
+    if not found:
+        return None
+    return [call for call in found if call.name in tool_names]
+
+
+def _json_values(text: str) -> Iterator[Any]:
+    bodies = _TAGGED.findall(text) or _FENCE.findall(text) or [text.strip()]
+    for body in bodies:
+        value = _lenient_json(body)
+        if value is not None:
+            yield value
+
+
+def _lenient_json(body: str) -> Any:
+    for candidate in (body, _undoubled(body)):
+        try:
+            return decode(candidate)
+        except JsonInputError:
+            continue
+    return None
+
+
+def _undoubled(body: str) -> str:
+    """``{{"a": {{}}}}`` -> ``{"a": {}}``: a template's escaping written out by the model."""
+    return body.replace("{{", "{").replace("}}", "}")
+
+
+def _calls_in(value: Any) -> Iterator[ToolCall]:
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        if isinstance(item.get("function"), dict):  # the OpenAI shape
+            item = item["function"]
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            continue
+        yield ToolCall(f"call_{uuid.uuid4().hex[:12]}", name, _arguments(item))
+
+
+def _arguments(item: dict[str, Any]) -> str:
+    arguments = item.get("arguments", item.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = decode(arguments or "{}")
+        except JsonInputError:
+            return "{}"
+    return json.dumps(arguments if isinstance(arguments, dict) else {})

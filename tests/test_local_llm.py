@@ -1,0 +1,209 @@
+"""The local language model for real: Qwen2.5-Coder-1.5B from the lock's ``local-llm`` extra,
+assembled, verified and loaded once for the module, answering through the voice pipeline
+(webrtcvad, pocketsphinx, piper; nothing faked).
+
+A spoken question is answered ("Paris"), a follow-up needs the previous turn, a question about
+the time goes through the tool, a barge-in stops the generation, and the process rests between
+turns (no native thread left spinning).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from loadtest.voice_audio import recognised, silence_pcm, spoken_pcm
+from pipeline import events as ev
+from pipeline.assembly import build_engine, open_providers
+from pipeline.config import EngineConfig, LocalLlmConfig, PipelineConfig
+from pipeline.engine import ConversationEngine
+from pipeline.knowledge import load_knowledge
+from pipeline.llama_llm import LlamaCppLanguageModel
+from pipeline.piper_tts import PiperTextToSpeech
+from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
+from pipeline.providers import Message, TextDelta, ToolCall
+from pipeline.tools import ToolRegistry, builtin_tools
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+RATE_HZ = 16000
+OUT_RATE_HZ = 24000
+KNOWLEDGE = load_knowledge()
+NINE_AM = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def model() -> AsyncIterator[LlamaCppLanguageModel]:
+    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
+    facts = [f"{entry.title}: {entry.answer}" for entry in KNOWLEDGE.entries]
+    llm = LlamaCppLanguageModel(
+        LocalLlmConfig(), topics=KNOWLEDGE.titles, facts=facts, warm_tools=tools
+    )
+    await llm.start()
+    yield llm
+    await llm.aclose()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def sphinx() -> AsyncIterator[PocketsphinxSpeechToText]:
+    stt = PocketsphinxSpeechToText()
+    await stt.start()
+    yield stt
+    await stt.aclose()
+
+
+def make_engine(
+    stt: PocketsphinxSpeechToText, llm: LlamaCppLanguageModel, tts: PiperTextToSpeech
+) -> ConversationEngine:
+    config = EngineConfig(RATE_HZ, OUT_RATE_HZ, realtime_playout=False)
+    tools = ToolRegistry(builtin_tools(KNOWLEDGE, lambda: NINE_AM))
+    return ConversationEngine(config, stt, llm, tts, tools)
+
+
+async def collect_until(
+    engine: ConversationEngine, done: Callable[[Any], bool], timeout_s: float = 120
+) -> list[Any]:
+    seen: list[Any] = []
+    async with asyncio.timeout(timeout_s), aclosing(engine.events()) as stream:
+        async for event in stream:
+            seen.append(event)
+            if done(event):
+                return seen
+    raise AssertionError(f"engine closed before the awaited event; saw {seen[-5:]}")
+
+
+def turn_done(turn: int) -> Callable[[Any], bool]:
+    return lambda e: isinstance(e, ev.TurnCompleted) and e.record.turn == turn
+
+
+def answer_audio(seen: list[Any], response_id: str) -> bytes:
+    return b"".join(
+        e.pcm for e in seen if isinstance(e, ev.OutputAudio) and e.response_id == response_id
+    )
+
+
+async def test_the_system_prompt_stays_warm_between_conversations(
+    model: LlamaCppLanguageModel,
+) -> None:
+    """The first conversation after start computes only its own tokens: the system prompt and
+    the tools' definitions (hundreds of tokens) were put in the KV cache by start()."""
+    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
+    events = [e async for e in model.generate([Message("user", "Say hello.")], tools)]
+    assert not any(isinstance(e, ToolCall) for e in events)
+    assert model.last_prompt_tokens.cached > 300
+    assert model.last_prompt_tokens.computed < 40
+
+
+async def test_a_spoken_question_is_answered_and_a_follow_up_uses_the_previous_turn(
+    model: LlamaCppLanguageModel, piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText
+) -> None:
+    question = await spoken_pcm(piper, "What is the capital of France?", RATE_HZ)
+    engine = make_engine(sphinx, model, piper)
+    async with engine:
+        engine.push_audio(silence_pcm(0.3, RATE_HZ) + question + silence_pcm(1.0, RATE_HZ))
+        seen = await collect_until(engine, turn_done(1))
+        engine.add_user_text("And of Germany?")
+        engine.create_response()
+        seen += await collect_until(engine, turn_done(2))
+    first, second = [e.record for e in seen if isinstance(e, ev.TurnCompleted)]
+    assert "france" in first.transcript.lower().split()
+    assert "Paris" in first.heard_text and not first.interrupted
+    assert "Berlin" in second.heard_text
+    # The answer is spoken: pocketsphinx hears its words, if not well ("The capital of France
+    # is Paris." came back as "the cap pope francis parents").
+    heard = " ".join(await recognised(sphinx, answer_audio(seen, "resp_1"), OUT_RATE_HZ))
+    assert len(heard.split()) >= 3, heard
+
+
+async def test_the_time_is_asked_of_the_tool_and_its_result_spoken(
+    model: LlamaCppLanguageModel, piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText
+) -> None:
+    engine = make_engine(sphinx, model, piper)
+    async with engine:
+        engine.add_user_text("What time is it?")
+        engine.create_response()
+        seen = await collect_until(engine, turn_done(1))
+    (started,) = [e for e in seen if isinstance(e, ev.ToolCallStarted)]
+    (completed,) = [e for e in seen if isinstance(e, ev.ToolCallCompleted)]
+    assert started.call.name == "current_time"
+    assert json.loads(completed.result.output)["time"] == "09:00"
+    (record,) = [e.record for e in seen if isinstance(e, ev.TurnCompleted)]
+    assert "9" in record.heard_text or "nine" in record.heard_text.lower(), record.heard_text
+    assert "```" not in record.heard_text and "{" not in record.heard_text
+
+
+async def test_a_barge_in_stops_the_generation_and_the_process_rests(
+    model: LlamaCppLanguageModel,
+) -> None:
+    """Closing the stream after its first words stops llama.cpp: the process goes quiet long
+    before a 1000-token answer could have been written, and stays quiet (no thread spins)."""
+    story = [Message("user", "Tell me a very long story about a dragon and a knight.")]
+    stream = model.generate(story, [], max_tokens=1000)
+    async with aclosing(stream):
+        first = await anext(stream)
+    assert isinstance(first, TextDelta)
+    await until_quiet(deadline_s=20)
+    busiest = [await cpu_share_of_busiest_thread(window_s=1.0) for _ in range(3)]
+    assert max(share for share, _ in busiest) < 0.1, busiest
+
+
+async def test_without_its_model_the_pipeline_falls_back_to_the_rule_based_agent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The model file cannot be written (its cache folder is under a file): refused, logged,
+    noted, and the rule-based agent answers."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    config = PipelineConfig(
+        stt="pocketsphinx", llm="local", tts="espeak", local_llm_cache_dir=str(blocker / "models")
+    )
+    async with open_providers(config) as providers:
+        assert providers.llm.name == "local-rule-based"
+        engine = build_engine(config, providers)
+        assert engine.llm is providers.llm
+    assert providers.substitutes["llm"].startswith("local model unavailable: cannot write")
+    assert "the rule-based agent answers instead" in caplog.text
+
+
+# --- the process's CPU, thread by thread ------------------------------------------------------
+
+
+def thread_ticks() -> dict[str, int]:
+    ticks = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        ticks[task.name] = int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks
+
+
+async def cpu_share_of_busiest_thread(window_s: float) -> tuple[float, str]:
+    """The busiest thread's share of one core over ``window_s``, and its id."""
+    before = thread_ticks()
+    await asyncio.sleep(window_s)  # the measuring window itself, not a synchronisation
+    after = thread_ticks()
+    used = {tid: after[tid] - before.get(tid, 0) for tid in after}
+    tid = max(used, key=lambda key: used[key])
+    return used[tid] / CLOCK_TICKS_PER_S / window_s, tid
+
+
+async def until_quiet(deadline_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while loop.time() < end:
+        share, _ = await cpu_share_of_busiest_thread(window_s=0.5)
+        if share < 0.1:
+            return
+    raise AssertionError(f"a thread still works {deadline_s} s after the stream was closed")

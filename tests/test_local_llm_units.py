@@ -1,0 +1,254 @@
+"""The local language model's pure parts and its file: the lenient tool-call parser, the gate
+that holds a possible call back from the voice, the history kept to the context, and the model
+file assembled from its parts, verified, and refused when it is not the file it must be.
+
+No model is loaded here (tests/test_local_llm.py loads the real one)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, LocalLlmConfig, PipelineConfig
+from pipeline.local_llm_chat import (
+    ToolCallGate,
+    chat_messages,
+    parse_tool_calls,
+    recent_history,
+    system_prompt,
+)
+from pipeline.local_llm_file import (
+    QWEN_CODER_1_5B,
+    ModelFile,
+    ModelFileError,
+    assemble,
+    cached_model,
+    verify,
+)
+from pipeline.providers import Message, ToolCall
+
+TOOLS = ["current_time", "lookup_knowledge"]
+
+
+# --- the parser -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '```json\n{\n  "name": "current_time",\n  "arguments": {}\n}\n```',
+        '```\n{"name": "current_time", "arguments": {}}\n```',
+        '<tool_call>\n{"name": "current_time", "arguments": {}}\n</tool_call>',
+        '{"name": "current_time", "arguments": {}}',
+        '{{"name": "current_time", "arguments": {{}}}}',
+        '```json\n{{"name": "current_time", "arguments": {{}}}}\n```',
+        '[{"name": "current_time", "arguments": "{}"}]',
+        '{"type": "function", "function": {"name": "current_time", "arguments": "{}"}}',
+        '<tool_call>\n{"name": "current_time", "arguments": {}}',  # the closing tag cut off
+    ],
+    ids=[
+        "json-fence",
+        "bare-fence",
+        "tags",
+        "bare",
+        "doubled-braces",
+        "doubled-in-fence",
+        "list-with-string-arguments",
+        "openai-shape",
+        "unclosed-tag",
+    ],
+)
+def test_every_shape_the_model_writes_a_call_in_is_read(text: str) -> None:
+    calls = parse_tool_calls(text, TOOLS)
+    assert calls is not None and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("current_time", {})
+    ]
+
+
+def test_arguments_survive_doubled_braces_and_the_parameters_key() -> None:
+    doubled = '{{"name": "lookup_knowledge", "arguments": {{"query": "library hours"}}}}'
+    named = '{"name": "lookup_knowledge", "parameters": {"query": "coffee"}}'
+    for text, query in ((doubled, "library hours"), (named, "coffee")):
+        (call,) = parse_tool_calls(text, TOOLS) or []
+        assert json.loads(call.arguments) == {"query": query}
+
+
+def test_two_calls_in_two_tags_are_both_read() -> None:
+    text = (
+        '<tool_call>{"name": "current_time", "arguments": {}}</tool_call>\n'
+        '<tool_call>{"name": "lookup_knowledge", "arguments": {"query": "moon"}}</tool_call>'
+    )
+    assert [call.name for call in parse_tool_calls(text, TOOLS) or []] == TOOLS
+
+
+def test_a_call_of_a_tool_not_offered_is_dropped_and_text_is_no_call() -> None:
+    assert parse_tool_calls('{"name": "set_timer", "arguments": {"minutes": 5}}', TOOLS) == []
+    assert parse_tool_calls("The capital of France is Paris.", TOOLS) is None
+    assert parse_tool_calls("```python\nprint(1)\n```", TOOLS) is None
+    assert parse_tool_calls('{"name": "current_time", "arguments": {', TOOLS) is None
+
+
+def test_unreadable_arguments_become_an_empty_object() -> None:
+    (call,) = parse_tool_calls('{"name": "current_time", "arguments": "not json"}', TOOLS) or []
+    assert call.arguments == "{}"
+
+
+# --- the gate -------------------------------------------------------------------------------
+
+
+def pushed(gate: ToolCallGate, pieces: list[str]) -> str:
+    return "".join(gate.push(piece) for piece in pieces) + gate.finish()
+
+
+def test_text_passes_the_gate_as_soon_as_it_cannot_be_a_call() -> None:
+    gate = ToolCallGate(tools_offered=True)
+    assert gate.push("The") == "The"
+    assert gate.push(" capital") == " capital"
+    assert not gate.holding
+
+
+def test_the_gate_holds_a_fence_a_tag_or_json_until_the_end() -> None:
+    for pieces in (["``", "`json\n{", '"name"'], ["<", "tool", "_call>"], [" ", "{", "{"]):
+        gate = ToolCallGate(tools_offered=True)
+        assert pushed(gate, pieces) == ""
+        assert gate.holding and gate.held == "".join(pieces)
+
+
+def test_an_undecided_start_is_spoken_when_it_turns_out_to_be_text() -> None:
+    gate = ToolCallGate(tools_offered=True)
+    assert gate.push("<") == ""
+    assert gate.push("3 is a heart") == "<3 is a heart"
+    assert pushed(ToolCallGate(tools_offered=True), ["`"]) == "`"
+
+
+def test_without_tools_nothing_is_held() -> None:
+    gate = ToolCallGate(tools_offered=False)
+    assert gate.push("{not a call}") == "{not a call}"
+
+
+# --- the request ----------------------------------------------------------------------------
+
+
+def test_our_system_prompt_comes_first_and_says_what_the_model_cannot_do() -> None:
+    prompt = system_prompt(["The moon", "Coffee", "Water"], ["Coffee: It is made of beans."])
+    assert "cannot set timers" in prompt and "the moon, coffee or water" in prompt
+    assert prompt.endswith("Notes for lookup_knowledge: Coffee: It is made of beans.")
+    assert "Notes" not in system_prompt(["Big"], ["x" * 5000])
+    messages = chat_messages([Message("system", "Be brief."), Message("user", "Hi")], prompt)
+    assert messages[0] == {"role": "system", "content": prompt + "\n\nBe brief."}
+    assert messages[1:] == [{"role": "user", "content": "Hi"}]
+
+
+def test_tool_calls_and_results_keep_their_ids() -> None:
+    call = ToolCall("call_1", "current_time", "{}")
+    messages = chat_messages(
+        [
+            Message("user", "Time?"),
+            Message("assistant", "", (call,)),
+            Message("tool", '{"time": "10:00"}', tool_call_id="call_1"),
+        ],
+        "S",
+    )
+    assert messages[2]["tool_calls"][0]["id"] == "call_1"
+    assert messages[3] == {"role": "tool", "tool_call_id": "call_1", "content": '{"time": "10:00"}'}
+
+
+def test_the_history_is_cut_from_the_oldest_and_starts_at_a_user_message() -> None:
+    call = ToolCall("call_1", "current_time", "{}")
+    old = [Message("user", "x" * 3000), Message("assistant", "y" * 3000)]
+    recent = [
+        Message("user", "Time?"),
+        Message("assistant", "", (call,)),
+        Message("tool", "{}", tool_call_id="call_1"),
+    ]
+    kept = recent_history([Message("system", "S"), *old, *recent], budget_tokens=500)
+    assert kept == [Message("system", "S"), *recent]
+    assert recent_history([Message("user", "z" * 9000)], 10) == [Message("user", "z" * 9000)]
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+def test_the_llm_choices_are_rule_local_and_openai() -> None:
+    assert PipelineConfig().resolved({}).llm == "rule"
+    assert PipelineConfig.from_env({"PIPELINE_LLM": "local"}).llm == "local"
+    with pytest.raises(ConfigError, match="must be one of rule, local, openai"):
+        PipelineConfig.from_env({"PIPELINE_LLM": "llama"})
+    with pytest.raises(ConfigError, match="max_tokens must be >= 1 and under half"):
+        PipelineConfig.from_env({"PIPELINE_LOCAL_LLM_MAX_TOKENS": "4000"})
+    config = PipelineConfig.from_env({"PIPELINE_LOCAL_LLM_THREADS": "3"})
+    assert config.local_llm_config() == LocalLlmConfig(threads=3)
+
+
+# --- the model file -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> tuple[list[Path], ModelFile]:
+    """Three small parts and the model file they must join into."""
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    slices = [bytes([index]) * (1000 + index) for index in range(3)]
+    paths = []
+    for index, data in enumerate(slices):
+        paths.append(folder / f"part{index:02d}.bin")
+        paths[-1].write_bytes(data)
+    whole = b"".join(slices)
+    model = ModelFile("small.gguf", len(whole), hashlib.sha256(whole).hexdigest(), ("a", "b", "c"))
+    return paths, model
+
+
+def test_the_parts_join_into_the_model_file(
+    parts: tuple[list[Path], ModelFile], tmp_path: Path
+) -> None:
+    paths, model = parts
+    target = tmp_path / "cache" / model.file_name
+    assemble(paths, target, model)
+    verify(target, model)
+    assert target.read_bytes() == b"".join(path.read_bytes() for path in paths)
+    assert [path.name for path in target.parent.iterdir()] == [model.file_name]  # no leftovers
+
+
+def test_a_tampered_part_is_refused_and_leaves_nothing_behind(
+    parts: tuple[list[Path], ModelFile], tmp_path: Path
+) -> None:
+    paths, model = parts
+    data = bytearray(paths[1].read_bytes())
+    data[10] ^= 1
+    paths[1].write_bytes(bytes(data))
+    target = tmp_path / "cache" / model.file_name
+    with pytest.raises(ModelFileError, match=r"sha256 [0-9a-f]{64}, expected .*refusing"):
+        assemble(paths, target, model)
+    assert list(target.parent.iterdir()) == []
+
+
+def test_a_truncated_or_altered_file_is_refused(
+    parts: tuple[list[Path], ModelFile], tmp_path: Path
+) -> None:
+    paths, model = parts
+    target = tmp_path / model.file_name
+    assemble(paths, target, model)
+    whole = target.read_bytes()
+    target.write_bytes(whole[:-1])
+    with pytest.raises(ModelFileError, match=rf"{len(whole) - 1} bytes, expected {len(whole)}"):
+        verify(target, model)
+    target.write_bytes(whole[:-1] + b"\xff")
+    with pytest.raises(ModelFileError, match=f"expected {model.sha256}: refusing to load it"):
+        verify(target, model)
+    with pytest.raises(ModelFileError, match="no such file"):
+        verify(tmp_path / "absent.gguf", model)
+
+
+def test_a_missing_part_distribution_names_the_extra(tmp_path: Path) -> None:
+    absent = ModelFile("x.gguf", 1, "0" * 64, ("voicerelay-no-such-model-part",))
+    with pytest.raises(ModelFileError, match="not installed: install the local-llm extra"):
+        cached_model(tmp_path, absent)
+
+
+def test_the_real_model_is_pinned_to_qwens_release() -> None:
+    assert QWEN_CODER_1_5B.size_bytes == 1_117_320_768
+    assert QWEN_CODER_1_5B.sha256.startswith("cc324af070c2ecbf")
+    assert len(QWEN_CODER_1_5B.part_distributions) == 22
