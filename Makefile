@@ -87,8 +87,12 @@ image-smoke: $(STAMP)
 bench: $(STAMP) sysdeps
 	$(PY) -m loadtest.bench
 
+# make run LLM=local: the voice pipeline answers with the local language model (README, "The
+# local language model"); LLM=rule (the default offline) | local | openai. The model comes with
+# the lock (requirements.txt), which $(STAMP) installs.
+LLM ?=
 run: $(STAMP) sysdeps
-	$(PY) -m deploy.local
+	$(PY) -m deploy.local $(if $(LLM),--llm $(LLM))
 
 # make loadtest SCENARIO=relay ARGS="--sessions 10000 --canaries 300 --processes 2"
 # SCENARIO: relay | voice | ports (README, "Load testing"); ARGS: that scenario's options (-h)

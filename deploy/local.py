@@ -25,6 +25,10 @@ order.
 - Order: the transceivers first, so the relay's first keyed HELLO finds their link sockets
   bound (they take no media from the relay before it), then the relay, then the front door.
 - Agent: the voice pipeline when the transceiver offers it, else the echo agent.
+- ``--llm rule|local|openai`` (or ``PIPELINE_LLM``; ``make run LLM=local``): the pipeline's
+  language model, passed to the transceivers as ``PIPELINE_LLM``. ``local`` loads the local
+  model in each transceiver worker (about 1.2 GB of memory each, and its first start assembles
+  the model file), so their ready lines are awaited longer.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from deploy import front_door
 from transceiver.config import AGENTS
 
 READY_TIMEOUT_S = 60.0
+LOCAL_LLM_READY_TIMEOUT_S = 300.0  # assembling (once), checking, loading and warming the model
+LLM_CHOICES = ("rule", "local", "openai")
 STOP_TIMEOUT_S = 10.0
 SUPERVISE_INTERVAL_S = 0.5
 URL_LINE = "voicerelay is up: open "
@@ -69,6 +75,7 @@ class StackConfig:
     redis: bool
     drain_timeout_s: float
     workers: int = 1
+    llm: str = ""  # "": the pipeline's default (rule offline, openai with OPENAI_* set)
 
     def link_addresses(self) -> list[str]:
         """Each transceiver's ``--link`` (its first worker's; worker w binds the port + w)."""
@@ -100,6 +107,7 @@ class Command:
     argv: list[str]
     ready_text: str
     env: dict[str, str] = field(default_factory=dict)
+    ready_timeout_s: float = READY_TIMEOUT_S
 
 
 def default_agent() -> str:
@@ -123,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth", default=auth, choices=("off", "required"))
     parser.add_argument("--no-redis", dest="redis", action="store_false")
     parser.add_argument("--drain-timeout-s", type=float, default=2.0)
+    llm = os.environ.get("PIPELINE_LLM", "")
+    parser.add_argument("--llm", default=llm, choices=("", *LLM_CHOICES), help="PIPELINE_LLM")
     return parser
 
 
@@ -163,6 +173,8 @@ def commands(config: StackConfig, keys: str, redis_url: str | None) -> list[Comm
     public = f"{config.host}:{config.public_port}"
     env = {"TRANSCEIVER_SECRET_KEYS": random_keyring()}  # never given to the relay
     env |= {"REDIS_URL": redis_url} if redis_url else {}
+    env |= {"PIPELINE_LLM": config.llm} if config.llm else {}
+    ready_s = LOCAL_LLM_READY_TIMEOUT_S if config.llm == "local" else READY_TIMEOUT_S
     http = config.transceiver_http_addresses()
     procs: list[Command] = []
     for i, link in enumerate(config.link_addresses()):
@@ -170,7 +182,7 @@ def commands(config: StackConfig, keys: str, redis_url: str | None) -> list[Comm
         cmd += ["--http", http[i], "--agent", config.agent]
         cmd += ["--drain-timeout-s", str(config.drain_timeout_s), "--auth", config.auth]
         cmd += ["--workers", str(config.workers)]
-        procs.append(Command(f"transceiver-{i}", cmd, "transceiver ready", env))
+        procs.append(Command(f"transceiver-{i}", cmd, "transceiver ready", env, ready_s))
     relay = [py, "-m", "relay", "--public", public, "--workers", str(config.relay_workers)]
     relay += ["--transceivers", ",".join(config.worker_link_addresses()), "--keys", keys]
     relay += ["--http", f"{config.host}:{config.relay_http_port}"]
@@ -216,9 +228,9 @@ def _echo(child: Child, ready_text: str) -> None:
             child.ready.set()
 
 
-def wait_ready(child: Child) -> None:
-    """Wait for the child's ready line, within READY_TIMEOUT_S; fail early if it exits."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
+def wait_ready(child: Child, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Wait for the child's ready line, within ``timeout_s``; fail early if it exits."""
+    deadline = time.monotonic() + timeout_s
     while not child.ready.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic()))):
         if child.proc.poll() is not None or time.monotonic() >= deadline:
             code = child.proc.poll()
@@ -246,7 +258,10 @@ def announce(config: StackConfig, redis_url: str | None) -> None:
     backends = " ".join(config.url(address) for address in config.transceiver_http_addresses())
     via = " (behind the front door: round-robin, skips dead ones)" if config.front_door else ""
     print(f"  {TRANSCEIVERS_LINE}{backends}{via}")
-    print(f"  agent: {config.agent}   auth: {config.auth}   redis: {redis_url or 'none'}")
+    llm = config.llm or "default"
+    print(
+        f"  agent: {config.agent}   llm: {llm}   auth: {config.auth}   redis: {redis_url or 'none'}"
+    )
     if config.auth == "required":
         print(
             f"  mint a key: curl -XPOST -H 'Authorization: Bearer $TRANSCEIVER_API_KEY' "
@@ -291,7 +306,7 @@ def run(config: StackConfig, data_dir: str) -> int:
     try:
         for command in ([redis[0]] if redis else []) + commands(config, keys, redis_url):
             started.append(start(command))
-            wait_ready(started[-1])
+            wait_ready(started[-1], command.ready_timeout_s)
         announce(config, redis_url)
         supervise(started)
         print("[stack] a process the stack needs exited; stopping the rest", flush=True)

@@ -122,10 +122,10 @@ class LlamaCppLanguageModel:
     async def aclose(self) -> None:
         for answer in self._answers:
             answer.stop.set()
-        server, self._server = self._server, None
+        held, self._server = [self._server], None
         await asyncio.to_thread(self._threads.shutdown, wait=True)
-        del server
-        gc.collect()  # the server's native threads end when the object is freed
+        # Freed off the loop: the server's threads end when it is (under a second, GIL held).
+        await asyncio.to_thread(_free, held)
 
     async def _warm(self) -> None:
         """The fixed start of every request, computed once into the KV cache."""
@@ -186,8 +186,14 @@ class LlamaCppLanguageModel:
             answer.done()
 
 
+def _free(held: list[Any]) -> None:
+    held.clear()
+    gc.collect()
+
+
 def _load_server(path: Path, config: LocalLlmConfig) -> Any:
-    """The llama.cpp server with the model loaded (seconds: run it off the event loop)."""
+    """The llama.cpp server with the model loaded. Seconds, run off the event loop, though it
+    holds the GIL for most of them (measured: the loop stalled ~4 s at a transceiver's start)."""
     import xllamacpp
 
     params = xllamacpp.CommonParams()

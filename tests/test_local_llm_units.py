@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,18 @@ def test_the_real_model_is_pinned_to_qwens_release() -> None:
     assert QWEN_CODER_1_5B.size_bytes == 1_117_320_768
     assert QWEN_CODER_1_5B.sha256.startswith("cc324af070c2ecbf")
     assert len(QWEN_CODER_1_5B.part_distributions) == 22
+
+
+# --- make run LLM=local -----------------------------------------------------------------------
+
+
+def test_make_run_passes_the_llm_choice_to_the_transceivers() -> None:
+    from deploy import local
+
+    chosen = local.parse_args(["--llm", "local", "--no-redis"])
+    (transceiver, relay) = local.commands(chosen, local.random_keyring(), None)
+    assert transceiver.env["PIPELINE_LLM"] == "local" and "PIPELINE_LLM" not in relay.env
+    assert transceiver.ready_timeout_s == local.LOCAL_LLM_READY_TIMEOUT_S
+    assert local.parse_args(["--no-redis"]).llm == os.environ.get("PIPELINE_LLM", "")
+    with pytest.raises(SystemExit):
+        local.parse_args(["--llm", "llama"])
