@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from prometheus_client import CollectorRegistry, generate_latest
 
 from loadtest.voice_audio import recognised, silence_pcm, spoken_pcm
 from pipeline import events as ev
@@ -32,6 +33,7 @@ from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 from pipeline.providers import Message, TextDelta, ToolCall
 from pipeline.tools import ToolRegistry, builtin_tools
+from transceiver.metrics import SubstitutesCollector
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -173,6 +175,12 @@ async def test_without_its_model_the_pipeline_falls_back_to_the_rule_based_agent
         assert engine.llm is providers.llm
     assert providers.substitutes["llm"].startswith("local model unavailable: cannot write")
     assert "the rule-based agent answers instead" in caplog.text
+    registry = CollectorRegistry()
+    registry.register(SubstitutesCollector(providers.substitutes))
+    exposed = generate_latest(registry).decode()
+    assert (
+        'transceiver_pipeline_stage_substituted{reason="local model unavailable: cannot' in exposed
+    )
 
 
 # --- the process's CPU, thread by thread ------------------------------------------------------

@@ -8,7 +8,7 @@ the calls' capacity and draining, the measured CPU and the load gauge are read a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,6 +266,26 @@ class LeaseCollector(Collector):
 
 
 POOL_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class SubstitutesCollector(Collector):
+    """The pipeline's stages that run another provider than the one configured for them
+    (``pipeline.assembly.Providers.substitutes``: PIPELINE_LLM=local whose model did not load
+    answers with the rule-based agent), with the reason."""
+
+    def __init__(self, substitutes: Mapping[str, str]) -> None:
+        self._substitutes = substitutes
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "transceiver_pipeline_stage_substituted",
+            "1 for a pipeline stage whose configured provider could not start, so another "
+            "answers (reason: why)",
+            labels=["stage", "reason"],
+        )
+        for stage, reason in sorted(self._substitutes.items()):
+            family.add_metric([stage, reason[:300]], 1.0)
+        yield family
 
 
 class PipelinePoolCollector(Collector):

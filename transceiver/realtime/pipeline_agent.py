@@ -20,7 +20,12 @@ from prometheus_client import CollectorRegistry
 from pipeline.assembly import Providers, build_engine, open_providers
 from pipeline.config import PipelineConfig
 from pipeline.tools import builtin_tools
-from transceiver.metrics import PipelinePoolCollector, RealtimeMetrics, ResilienceCollector
+from transceiver.metrics import (
+    PipelinePoolCollector,
+    RealtimeMetrics,
+    ResilienceCollector,
+    SubstitutesCollector,
+)
 from transceiver.realtime.client_events import EventError, SessionConfig
 from transceiver.realtime.limits import RealtimeLimits
 from transceiver.realtime.policy import SessionPolicy, stored_session_update
@@ -42,6 +47,7 @@ class PipelineAgents:
         self.providers = providers
         self.metrics = RealtimeMetrics(registry)
         registry.register(ResilienceCollector([providers.stt, providers.llm, providers.tts]))
+        registry.register(SubstitutesCollector(providers.substitutes))
         self.pool = providers.pool
         if self.pool is not None:
             registry.register(PipelinePoolCollector(self.pool, registry))
