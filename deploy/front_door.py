@@ -19,10 +19,22 @@ I/O layer: asyncio streams towards the client, httpx towards the transceivers. P
 - Answer with the backend's status and body and its relevant headers (Content-Type, Location,
   Retry-After, WWW-Authenticate, Cache-Control, Vary, X-Voicerelay-*, Access-Control-*).
 
+WebSockets (RFC 6455; the Realtime and GPT-Live sockets and their sidebands): a request whose
+``Upgrade`` names ``websocket`` is checked as a handshake (``websocket_wire``: a GET with no
+body, Connection: Upgrade, one Host, a 16-byte key, version 13) and sent, with its handshake
+headers and the ones above, to a backend picked the same way (a Realtime sideband's call first
+to the backend that made it). Refused or 503 is passed over: a handshake has no body and no
+effect before its ``101``. The ``101`` is relayed and the bytes are copied both ways until both
+sides have closed (``websocket_tunnel``); any other answer (401, 404, 400 and its JSON body) is
+relayed as one. ``tunnels`` counts them (open, total, bytes each way) and each is logged when it
+opens and closes.
+
 One request per connection (``Connection: close``): loopback connections are cheap, and no
 keep-alive connection to a backend outlives the backend (a dead one must refuse, not reset).
-Lifecycle as the transceiver's: SIGTERM/SIGINT set a flag, the listener closes, requests in
-flight get ``drain_timeout_s`` to finish and the rest are cancelled.
+Lifecycle as the transceiver's: SIGTERM/SIGINT set a flag, the listener closes, requests and
+tunnels in flight get ``drain_timeout_s`` to finish and the rest are cancelled (a tunnel's
+sockets are then closed: the clients reconnect, as to a transceiver that went away). A tunnel
+with no byte either way for ``tunnel_idle_timeout_s`` is closed too.
 """
 
 from __future__ import annotations
@@ -52,6 +64,23 @@ from deploy.http_wire import (
     parse_head,
     upstream_headers,
 )
+from deploy.websocket_tunnel import (
+    BackendRefused,
+    TunnelCounts,
+    Upstream,
+    handshake,
+    pump,
+    refusal,
+)
+from deploy.websocket_wire import (
+    HandshakeError,
+    UpstreamError,
+    check_handshake,
+    request_version,
+    sideband_call_id,
+    upstream_handshake,
+    websocket_requested,
+)
 
 log = logging.getLogger("front_door")
 READY_LINE = "front door ready"
@@ -74,6 +103,7 @@ class FrontDoorConfig:
     upstream_timeout_s: float = 30.0
     read_timeout_s: float = 10.0
     drain_timeout_s: float = 5.0
+    tunnel_idle_timeout_s: float = 300.0
     max_head_bytes: int = 16 * 1024
     max_body_bytes: int = 256 * 1024
 
@@ -86,6 +116,9 @@ class FrontDoorConfig:
                 raise ValueError(f"front door: backend {backend!r} is not host:port")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"front door: port {self.port} is out of range")
+        for name in ("drain_timeout_s", "tunnel_idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"front door: {name} must be positive")
 
 
 def parse_args(argv: Sequence[str]) -> FrontDoorConfig:
@@ -98,10 +131,24 @@ def parse_args(argv: Sequence[str]) -> FrontDoorConfig:
         default=env.get("FRONT_DOOR_BACKENDS", ""),
         help="comma-separated host:port of the transceivers (env FRONT_DOOR_BACKENDS)",
     )
+    parser.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=float(env.get("FRONT_DOOR_DRAIN_TIMEOUT_S", "5")),
+        help="after SIGTERM, how long requests and WebSockets in flight may go on",
+    )
+    parser.add_argument(
+        "--tunnel-idle-timeout-s",
+        type=float,
+        default=float(env.get("FRONT_DOOR_TUNNEL_IDLE_TIMEOUT_S", "300")),
+        help="a WebSocket with no byte either way for this long is closed",
+    )
     args = parser.parse_args(argv)
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    timeouts = {"drain_timeout_s": args.drain_timeout_s}
+    timeouts["tunnel_idle_timeout_s"] = args.tunnel_idle_timeout_s
     try:
-        return FrontDoorConfig(args.host, args.port, backends)
+        return FrontDoorConfig(args.host, args.port, backends, **timeouts)
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -147,6 +194,7 @@ class Request:
     head: RequestHead
     body: bytes
     client_host: str
+    websocket: bool = False  # a checked WebSocket handshake (no body)
 
 
 class ClientGoneError(Exception):
@@ -162,6 +210,7 @@ class FrontDoor:
         self._server: asyncio.Server | None = None
         self._http: httpx.AsyncClient | None = None
         self._active: set[asyncio.Task[None]] = set()
+        self.tunnels = TunnelCounts()
         self.port = 0  # the bound port, once started (config.port may be 0)
 
     async def start(self) -> None:
@@ -183,6 +232,13 @@ class FrontDoor:
             self._server.close()
         if self._active:
             _, late = await asyncio.wait(set(self._active), timeout=self.config.drain_timeout_s)
+            if late:
+                log.info(
+                    "front door: drained for %s s; closing %d connections (%d WebSockets)",
+                    self.config.drain_timeout_s,
+                    len(late),
+                    self.tunnels.open,
+                )
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
@@ -208,12 +264,15 @@ class FrontDoor:
         try:
             request = await asyncio.wait_for(self._read(reader, writer), self.config.read_timeout_s)
         except HttpError as exc:
-            await self._send(writer, error_reply(exc.status, exc.code, exc.message))
+            await self._send(writer, _error_of(exc))
             await _linger(reader, writer)
             return
         except TimeoutError:
             message = f"no complete request within {self.config.read_timeout_s} s"
             await self._send(writer, error_reply(408, "request_timeout", message))
+            return
+        if request.websocket:
+            await self._websocket(request, reader, writer)
             return
         try:
             reply = await self.forward(request)
@@ -233,7 +292,10 @@ class FrontDoor:
         except asyncio.IncompleteReadError:
             raise ClientGoneError from None
         head = parse_head(raw)
-        length = body_length(head, self.config.max_body_bytes)
+        websocket = websocket_requested(head)
+        if websocket:
+            check_handshake(head, request_version(raw))
+        length = 0 if websocket else body_length(head, self.config.max_body_bytes)
         if length and (head.get("expect") or "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
@@ -241,7 +303,7 @@ class FrontDoor:
         except asyncio.IncompleteReadError:
             raise ClientGoneError from None
         peer = writer.get_extra_info("peername")
-        return Request(head, body, str(peer[0]) if peer else "")
+        return Request(head, body, str(peer[0]) if peer else "", websocket)
 
     async def _send(
         self, writer: asyncio.StreamWriter, reply: Reply, head_only: bool = False
@@ -299,6 +361,91 @@ class FrontDoor:
             self.ring.remember(call_id, backend)
             session = response.headers.get("x-voicerelay-session", "-")
             log.info("front door: call %s (session %s) on %s", call_id, session, backend)
+
+    # --- WebSockets ------------------------------------------------------------------------------
+
+    async def _websocket(
+        self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Forward a checked handshake; carry the tunnel after a ``101``, else relay the answer."""
+        try:
+            answer = await self.upgrade(request)
+        except Exception:  # a bug of ours must cost one request, not the connection unanswered
+            log.exception("front door: %s failed", _what(request))
+            answer = error_reply(502, "front_door_error", "the front door failed; see its log")
+        if isinstance(answer, Reply):
+            await self._send(writer, answer)
+            return
+        await self._carry(request, answer, reader, writer)
+
+    async def upgrade(self, request: Request) -> Upstream | Reply:
+        """The first backend's ``101`` (its stream open), or the first answer that is not a
+        pass-over, trying each backend at most once."""
+        refused: list[str] = []
+        passed: Reply | None = None
+        for backend in self.ring.order(sideband_call_id(request.head.target)):
+            try:
+                answer = await self._try_upgrade(backend, request)
+            except BackendRefused as exc:
+                log.warning("front door: %s; trying the next for %s", exc, _what(request))
+                refused.append(backend)
+                continue
+            except TimeoutError:
+                return error_reply(504, "upstream_timeout", f"{backend} did not answer in time")
+            except (UpstreamError, ConnectionError, asyncio.IncompleteReadError) as exc:
+                return error_reply(502, "upstream_failed", f"{backend} failed: {exc!r}"[:300])
+            if isinstance(answer, Upstream) or answer.status != 503:
+                return answer
+            log.warning(
+                "front door: %s answered 503 to %s; trying the next", backend, _what(request)
+            )
+            passed = answer
+        return passed or error_reply(
+            502, "no_backend", f"no backend reachable (tried {', '.join(refused)})"
+        )
+
+    async def _try_upgrade(self, backend: str, request: Request) -> Upstream | Reply:
+        config = self.config
+        data = upstream_handshake(request.head, backend, request.client_host)
+        timeouts = (config.connect_timeout_s, config.upstream_timeout_s)
+        upstream = await handshake(backend, data, *timeouts, limit=config.max_head_bytes)
+        if upstream.head.status == 101:
+            return upstream
+        body = await refusal(upstream, config.max_body_bytes, config.upstream_timeout_s)
+        return Reply(upstream.head.status, upstream.head.reply_headers(), body)
+
+    async def _carry(
+        self,
+        request: Request,
+        upstream: Upstream,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """Relay the ``101``, then the bytes both ways until the tunnel ends."""
+        mine, counts = TunnelCounts(open=1, total=1), self.tunnels
+        counts.open, counts.total = counts.open + 1, counts.total + 1
+        what = f"WebSocket {_what(request)} via {upstream.backend}"
+        log.info("front door: %s opened (%d open, %d so far)", what, counts.open, counts.total)
+        ended = "cancelled (the drain ended)"
+        try:
+            writer.write(upstream.head.switch_head())
+            await writer.drain()
+            ended = await pump(
+                (reader, writer), upstream, self.config.tunnel_idle_timeout_s, (mine, counts)
+            )
+        finally:
+            counts.open -= 1
+            await upstream.aclose()
+            log.info(
+                "front door: %s %s; %d bytes up, %d down (%d open)",
+                what, ended, mine.bytes_up, mine.bytes_down, counts.open,
+            )  # fmt: skip
+
+
+def _error_of(exc: HttpError) -> Reply:
+    reply = error_reply(exc.status, exc.code, exc.message)
+    extra = exc.headers if isinstance(exc, HandshakeError) else []
+    return Reply(reply.status, reply.headers + extra, reply.body)
 
 
 def url_host(host: str) -> str:

@@ -1,10 +1,12 @@
 """The local stack's front door against real uvicorn backends on loopback.
 
 Each backend is a small FastAPI app that reports what it received and counts its hits; one can
-be "busy" (503 to offers, as a full or draining transceiver is). A dead backend is a loopback
-port nobody listens on. The front door runs in-process for most tests and as the real
-``python -m deploy.front_door`` process for its lifecycle. Malformed requests go over a raw
-socket, so the parser sees exactly the bytes under test.
+be "busy" (503 to offers and WebSockets, as a full or draining transceiver is); its ``/ws``
+WebSocket echoes what it gets. A dead backend is a loopback port nobody listens on. The front
+door runs in-process for most tests and as the real ``python -m deploy.front_door`` process for
+its lifecycle. Malformed requests go over a raw socket, so the parser sees exactly the bytes
+under test. The WebSocket tests at the end drive a real transceiver process (the fake OpenAI
+server its models) through the front door with the official ``openai`` SDK.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -24,18 +27,33 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI, Request, Response
+import websockets
+from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette.websockets import WebSocketDisconnect
+from websocket_harness import EventLog, openai_client, transceiver_process_with
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
 
+from deploy.fake_openai import FakeOpenAIServer
 from deploy.front_door import READY_LINE, BackendRing, FrontDoor, FrontDoorConfig
 from deploy.http_wire import HttpError, body_length, parse_head
 from deploy.waiting import eventually
+from deploy.websocket_wire import (
+    HandshakeError,
+    check_handshake,
+    request_version,
+    sideband_call_id,
+    upstream_handshake,
+    websocket_requested,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLS = "/v1/realtime/calls"
 START_TIMEOUT_S = 15.0
+MAX_ECHOES = 1000
 
 
 # --- backends ----------------------------------------------------------------------------------
@@ -54,6 +72,8 @@ class Backend:
         self.app.add_api_route("/slow", self.slow, methods=["GET"])
         self.app.add_api_route(CALLS, self.offer, methods=["POST"])
         self.app.add_api_route(CALLS + "/{call_id}", self.hangup, methods=["DELETE"])
+        self.app.add_api_websocket_route("/ws", self.websocket)
+        self.handshakes: list[dict[str, str]] = []
 
     async def echo(self, request: Request) -> Response:
         self.hits.append("echo")
@@ -93,6 +113,28 @@ class Backend:
         self.calls.add(call_id)
         headers = {"Location": f"{CALLS}/{call_id}", "X-Voicerelay-Session": f"sess_{self.name}"}
         return Response(b"v=0 answer from " + self.name.encode(), 201, headers, "application/sdp")
+
+    async def websocket(self, websocket: WebSocket) -> None:
+        """Echo each message back; ``?refuse=404`` (or being busy: 503) refuses the upgrade."""
+        self.hits.append("ws")
+        self.handshakes.append(dict(websocket.headers))
+        refuse = 503 if self.busy else int(websocket.query_params.get("refuse", "0"))
+        if refuse:
+            body = {"error": {"code": f"refused_{refuse}", "message": "no"}}
+            denial = JSONResponse(body, status_code=refuse, headers={"Retry-After": "3"})
+            await websocket.send_denial_response(denial)
+            return
+        offered = websocket.scope["subprotocols"]
+        await websocket.accept(subprotocol=offered[0] if offered else None)
+        with contextlib.suppress(WebSocketDisconnect):
+            for _ in range(MAX_ECHOES):
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                if message.get("text") is not None:
+                    await websocket.send_text(message["text"])
+                else:
+                    await websocket.send_bytes(message["bytes"])
 
     async def hangup(self, call_id: str) -> Response:
         self.hits.append("hangup")
@@ -153,17 +195,22 @@ async def two_backends(*, busy: bool = False) -> AsyncIterator[tuple[Backend, Ba
         yield a, b, door
 
 
-async def raw_exchange(door: FrontDoor, data: bytes) -> tuple[int, dict[str, Any]]:
-    """Send ``data`` as is; the status and JSON body of the answer (read until close)."""
+async def raw_answer(door: FrontDoor, data: bytes, head_only: bool = False) -> bytes:
+    """Send ``data`` as is; the answer, read until close (or only its head)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
     try:
         writer.write(data)
         await writer.drain()
         async with asyncio.timeout(10):
-            answer = await reader.read()
+            return await (reader.readuntil(b"\r\n\r\n") if head_only else reader.read())
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def raw_exchange(door: FrontDoor, data: bytes) -> tuple[int, dict[str, Any]]:
+    """Send ``data`` as is; the status and JSON body of the answer (read until close)."""
+    answer = await raw_answer(door, data)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"content-type: application/json" in head.lower(), answer[:300]
     return int(head.split(b" ")[1]), json.loads(body)
@@ -503,3 +550,333 @@ def test_any_request_head_parses_or_is_refused_with_an_http_error(raw: bytes) ->
         assert 400 <= error.status < 500 and error.code and error.message
         return
     assert head.target.startswith("/") and 0 <= length <= 1000
+
+
+# --- WebSockets ----------------------------------------------------------------------------------
+
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3's sample nonce
+
+
+def ws_url(door: FrontDoor, target: str = "/ws") -> str:
+    return f"ws://127.0.0.1:{door.port}{target}"
+
+
+def upgrade(first: bytes = b"GET /ws HTTP/1.1", drop: str = "", more: bytes = b"") -> bytes:
+    """A WebSocket handshake, less the header named ``drop``, plus the lines ``more``."""
+    fields = {
+        "host": b"Host: x",
+        "connection": b"Connection: keep-alive, Upgrade",
+        "upgrade": b"Upgrade: websocket",
+        "key": b"Sec-WebSocket-Key: " + KEY,
+        "version": b"Sec-WebSocket-Version: 13",
+    }
+    lines = [first, *(line for name, line in fields.items() if name != drop)]
+    return b"\r\n".join(lines) + b"\r\n" + more + b"\r\n"
+
+
+async def echoed(connection: ClientConnection, message: str | bytes) -> bool:
+    await connection.send(message)
+    return await asyncio.wait_for(connection.recv(), 30) == message
+
+
+async def test_a_websocket_is_carried_both_ways_with_its_handshake_headers() -> None:
+    a = Backend("a")
+    big = os.urandom(3 * 1024 * 1024)  # far more than any buffer on the way: back-pressure
+    async with serving(a) as at_a, front_door([at_a]) as door:
+        async with ws_connect(
+            ws_url(door, "/ws?model=m"),
+            subprotocols=[websockets.Subprotocol("realtime")],
+            additional_headers={"Authorization": "Bearer k", "X-Voicerelay-Resume-Token": "t"},
+            origin=websockets.Origin("http://page.example"),
+            max_size=None,
+        ) as connection:
+            assert connection.subprotocol == "realtime"
+            assert await echoed(connection, "hello")
+            assert await echoed(connection, big)
+            counts = door.tunnels
+            assert (counts.open, counts.total) == (1, 1)
+        await eventually(lambda: door.tunnels.open == 0, 30, "the tunnel to be closed")
+    (seen,) = a.handshakes
+    assert seen["authorization"] == "Bearer k" and seen["x-voicerelay-resume-token"] == "t"
+    assert seen["origin"] == "http://page.example"
+    assert seen["sec-websocket-protocol"] == "realtime"
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-host"] == f"127.0.0.1:{door.port}"
+    assert counts.bytes_up > len(big) + 5 and counts.bytes_down > len(big) + 5
+
+
+async def test_a_refused_upgrade_comes_back_as_the_backends_answer() -> None:
+    a = Backend("a")
+    async with serving(a) as at_a, front_door([at_a]) as door:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with ws_connect(ws_url(door, "/ws?refuse=404")):
+                pass
+    response = refused.value.response
+    assert response.status_code == 404
+    assert json.loads(response.body)["error"]["code"] == "refused_404"
+    assert response.headers["retry-after"] == "3"
+    assert door.tunnels.total == 0
+
+
+async def test_a_websocket_passes_over_dead_and_busy_backends() -> None:
+    busy, alive = Backend("busy", busy=True), Backend("alive")
+    async with (
+        serving(busy) as at_busy,
+        serving(alive) as at_alive,
+        front_door([dead_address(), at_busy, at_alive]) as door,
+        ws_connect(ws_url(door)) as connection,
+    ):
+        assert await echoed(connection, "through")
+    assert busy.hits == ["ws"] and alive.hits == ["ws"]
+
+
+async def test_when_every_backend_is_busy_their_503_comes_through() -> None:
+    a, b = Backend("a", busy=True), Backend("b", busy=True)
+    async with serving(a) as at_a, serving(b) as at_b, front_door([at_a, at_b]) as door:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with ws_connect(ws_url(door)):
+                pass
+    assert refused.value.response.status_code == 503
+    assert refused.value.response.headers["retry-after"] == "3"
+    assert json.loads(refused.value.response.body)["error"]["code"] == "refused_503"
+    assert a.hits == b.hits == ["ws"]
+
+
+BAD_UPGRADES = [
+    (upgrade(b"POST /ws HTTP/1.1"), 405, "websocket_not_get"),
+    (upgrade(b"GET /ws HTTP/1.0"), 400, "websocket_http_version"),
+    (upgrade(more=b"Content-Length: 2\r\n") + b"hi", 400, "websocket_body"),
+    (upgrade(more=b"Transfer-Encoding: chunked\r\n") + b"0\r\n\r\n", 400, "websocket_body"),
+    (upgrade(drop="connection"), 400, "websocket_connection"),
+    (upgrade(drop="host"), 400, "websocket_host"),
+    (upgrade(drop="key"), 400, "websocket_key"),
+    (upgrade(more=b"Sec-WebSocket-Key: " + KEY + b"\r\n"), 400, "websocket_key"),
+    (upgrade(drop="key", more=b"Sec-WebSocket-Key: c2hvcnQ=\r\n"), 400, "websocket_key"),
+    (upgrade(drop="key", more=b"Sec-WebSocket-Key: not base64!\r\n"), 400, "websocket_key"),
+    (upgrade(drop="version"), 400, "websocket_version"),
+    (upgrade(drop="version", more=b"Sec-WebSocket-Version: 8\r\n"), 426, "websocket_version"),
+]
+
+
+@pytest.mark.parametrize(("data", "status", "code"), BAD_UPGRADES)
+async def test_a_malformed_upgrade_gets_its_specific_error(
+    data: bytes, status: int, code: str
+) -> None:
+    a = Backend("a")
+    async with serving(a) as at_a, front_door([at_a]) as door:
+        answer = await raw_answer(door, data)
+        got_status, body = await raw_exchange(door, data)
+    assert (got_status, body["error"]["code"]) == (status, code), body
+    assert body["error"]["message"]
+    if status == 426:  # RFC 6455 section 4.4: name the version spoken
+        assert b"\r\nsec-websocket-version: 13\r\n" in answer.lower()
+    assert a.hits == []
+
+
+async def test_an_upgrade_at_the_head_limit_is_carried_and_one_byte_more_is_a_431() -> None:
+    a = Backend("a")
+    async with serving(a) as at_a, front_door([at_a]) as door:
+        limit = door.config.max_head_bytes
+        pad = b"X-Pad: " + b"p" * (limit - len(upgrade()) - len(b"X-Pad: \r\n")) + b"\r\n"
+        at_limit = upgrade(more=pad)
+        switched = await raw_answer(door, at_limit, head_only=True)
+        over = await raw_exchange(door, upgrade(more=b"p" + pad))
+    assert len(at_limit) == limit
+    assert switched.startswith(b"HTTP/1.1 101 ")
+    assert (over[0], over[1]["error"]["code"]) == (431, "headers_too_large")
+    assert a.hits == ["ws"]
+
+
+async def test_an_idle_tunnel_is_closed() -> None:
+    a = Backend("a")
+    async with (
+        serving(a) as at_a,
+        front_door([at_a], tunnel_idle_timeout_s=0.5) as door,
+        ws_connect(ws_url(door), ping_interval=None) as connection,
+    ):
+        assert await echoed(connection, "once")
+        await asyncio.wait_for(connection.wait_closed(), 30)
+        assert connection.close_code == 1006  # its sockets closed: no close frame in between
+        await eventually(lambda: door.tunnels.open == 0, 30, "the tunnel to be counted closed")
+
+
+async def test_sigterm_leaves_a_tunnel_the_drain_timeout_then_closes_it() -> None:
+    a = Backend("a")
+    async with serving(a) as at_a:
+        argv = ["-m", "deploy.front_door", "--port", "0", "--backends", at_a]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, *argv, "--drain-timeout-s", "5", cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            url = (await ready_url(process)).replace("http://", "ws://")
+            async with ws_connect(url + "ws") as connection:
+                assert await echoed(connection, "before")
+                process.send_signal(signal.SIGTERM)
+                await eventually(lambda: refuses(url), 30, "the listener to close")
+                assert await echoed(connection, "during the drain")
+                await asyncio.wait_for(connection.wait_closed(), 30)
+            code = await asyncio.wait_for(process.wait(), 30)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert code == 0
+    assert connection.close_code == 1006
+    assert process.stderr is not None
+    log = (await process.stderr.read()).decode()
+    assert "closing 1 connections (1 WebSockets)" in log, log
+    assert "cancelled (the drain ended)" in log, log
+
+
+def refuses(url: str) -> bool:
+    host, port = url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
+    with socket.socket() as sock:
+        return sock.connect_ex((host, int(port))) != 0
+
+
+# --- the handshake check (pure) ------------------------------------------------------------------
+
+WEBSOCKET_BREAKS: dict[str, tuple[str, bytes | None, str]] = {  # field, new line or none, code
+    "not a GET": ("first", b"PUT /v1/realtime HTTP/1.1", "websocket_not_get"),
+    "HTTP/1.0": ("first", b"GET /v1/realtime HTTP/1.0", "websocket_http_version"),
+    "a body": ("body", b"Content-Length: 1", "websocket_body"),
+    "no Connection": ("connection", None, "websocket_connection"),
+    "no Host": ("host", None, "websocket_host"),
+    "no key": ("key", None, "websocket_key"),
+    "an odd key": ("key", b"Sec-WebSocket-Key: AAAA", "websocket_key"),
+    "no version": ("version", None, "websocket_version"),
+    "version 8": ("version", b"Sec-WebSocket-Version: 8", "websocket_version"),
+}
+SUBPROTOCOLS = st.lists(st.from_regex(r"[a-z0-9.-]{1,40}", fullmatch=True), max_size=3)
+
+
+def handshake_of_size(size: int, fields: dict[str, bytes]) -> bytes:
+    """The lines of ``fields`` as a request head of ``size`` bytes (padded), if they fit."""
+    raw = b"\r\n".join(fields.values()) + b"\r\nX-Pad: "
+    return raw + b"p" * max(0, size - len(raw) - 4) + b"\r\n\r\n"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    nonce=st.binary(min_size=16, max_size=16),
+    protocols=SUBPROTOCOLS,
+    voicerelay=st.from_regex(r"[!-~]{0,200}", fullmatch=True),
+    size=st.integers(min_value=0, max_value=16 * 1024),
+    broken=st.sampled_from([None, *WEBSOCKET_BREAKS]),
+)
+def test_a_handshake_up_to_the_head_limit_is_checked_and_forwarded_faithfully(
+    nonce: bytes, protocols: list[str], voicerelay: str, size: int, broken: str | None
+) -> None:
+    """Any handshake up to the front door's head limit (16 KiB) is refused with its break's
+    code, or accepted and forwarded as a handshake with the same key and subprotocols and only
+    the headers a transceiver is given."""
+    key = base64.b64encode(nonce)
+    fields = {
+        "first": b"GET /v1/realtime?model=m HTTP/1.1",
+        "host": b"Host: x",
+        "connection": b"Connection: Upgrade",
+        "upgrade": b"Upgrade: websocket",
+        "key": b"Sec-WebSocket-Key: " + key,
+        "version": b"Sec-WebSocket-Version: 13",
+        "protocols": b"Sec-WebSocket-Protocol: " + ", ".join(protocols).encode(),
+        "voicerelay": b"X-Voicerelay-Test: " + voicerelay.encode(),
+        "cookie": b"Cookie: c",
+    }
+    if broken:
+        name, line, code = WEBSOCKET_BREAKS[broken]
+        fields = {n: v for n, v in ({**fields, name: line}).items() if v is not None}
+    raw = handshake_of_size(size, fields)
+    head = parse_head(raw)
+    assert websocket_requested(head)
+    if broken:
+        with pytest.raises(HandshakeError) as refused:
+            check_handshake(head, request_version(raw))
+        assert refused.value.code == code and refused.value.message
+        return
+    check_handshake(head, request_version(raw))
+    sent = parse_head(upstream_handshake(head, "10.0.0.7:8080", "127.0.0.1"))
+    check_handshake(sent, "HTTP/1.1")
+    assert (sent.method, sent.target) == ("GET", "/v1/realtime?model=m")
+    assert sent.all("sec-websocket-key") == [key.decode()]
+    assert sent.all("sec-websocket-protocol") == [", ".join(protocols)]
+    assert sent.all("x-voicerelay-test") == [voicerelay.strip(" \t")]
+    assert sent.all("host") == ["10.0.0.7:8080"] and sent.all("x-forwarded-host") == ["x"]
+    assert not sent.all("cookie") and not sent.all("x-pad")
+
+
+def test_a_sideband_names_its_call_and_other_targets_none() -> None:
+    assert sideband_call_id("/v1/realtime?call_id=rtc_1") == "rtc_1"
+    assert sideband_call_id("/v1/realtime?model=m") is None
+    assert sideband_call_id("/v1/realtime?call_id=a&call_id=b") is None
+    assert sideband_call_id("/v1/live/sessions/x/attach?call_id=rtc_1") is None
+
+
+# --- the official SDK through the front door to a real transceiver --------------------------------
+
+SDK_KEY = "vr-door-" + os.urandom(12).hex()
+
+
+@pytest.fixture(scope="module")
+def transceiver(
+    server: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A transceiver process's ``host:port`` (auth required; its models the fake server)."""
+    log_dir = tmp_path_factory.mktemp("front-door")
+    with transceiver_process_with(server.base_url, SDK_KEY, 2, log_dir) as url:
+        yield url.removeprefix("http://")
+
+
+@pytest.mark.slow
+async def test_the_sdk_talks_to_a_transceiver_through_the_front_door(transceiver: str) -> None:
+    """A text turn over ``client.realtime.connect()``; the backend that refuses is skipped."""
+    async with front_door([dead_address(), transceiver]) as door:
+        client = openai_client(base_url(door), SDK_KEY)
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            events = EventLog(connection)
+            await events.next("session.created")
+            await connection.conversation.item.create(
+                item={
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "hi there"}],
+                }
+            )
+            await connection.response.create()
+            done = await events.next("response.done")
+        counts = door.tunnels
+        await eventually(lambda: counts.open == 0, 30, "the tunnel to be closed")
+    assert done["response"]["status"] == "completed", done
+    transcript = done["response"]["output"][0]["content"][0]["transcript"]
+    assert transcript.split() == ["You", "said:", "hi", "there"]
+    assert "error" not in events.types(), events.seen
+    assert counts.total == 1 and counts.bytes_up > 0 and counts.bytes_down > 0
+
+
+@pytest.mark.slow
+async def test_a_live_session_starts_and_closes_through_the_front_door(transceiver: str) -> None:
+    async with front_door([transceiver]) as door:
+        client = openai_client(base_url(door), SDK_KEY)
+        async with client.live.connect() as connection:
+            events = EventLog(connection)
+            await connection.session.start(session={"model": "gpt-live-1"})
+            started = await events.next("session.started")
+            await connection.session.close(event_id="bye")
+            closed = await events.next("session.closed")
+    assert closed["session"]["id"] == started["session"]["id"]
+
+
+@pytest.mark.slow
+async def test_sidebands_for_unknown_sessions_get_the_transceivers_404(transceiver: str) -> None:
+    async with front_door([transceiver]) as door:
+        client = openai_client(base_url(door), SDK_KEY)
+        with pytest.raises(websockets.InvalidStatus) as realtime:
+            async with client.realtime.connect(call_id="rtc_" + "0" * 24):
+                pass
+        with pytest.raises(websockets.InvalidStatus) as live:
+            async with client.live.sideband.connect(session_id="sess_" + "0" * 24):
+                pass
+    refusals = [realtime.value.response, live.value.response]
+    assert [r.status_code for r in refusals] == [404, 404]
+    codes = [json.loads(r.body)["error"]["code"] for r in refusals]
+    assert codes == ["call_not_found", "session_not_found"]
