@@ -200,7 +200,19 @@ def item(**fields: Any) -> str:
             "audio_end_ms",
         ),
         (turn_detection(create_response="yes"), "invalid_type", f"{TD}.create_response"),
-        (item(type="message", role="assistant", content=[]), "invalid_value", "item.role"),
+        (item(type="message", role="tool", content=[]), "invalid_value", "item.role"),
+        (item(type="message", role="assistant", content=[]), "invalid_type", "item.content"),
+        (
+            item(type="message", role="system", content=[{"type": "output_text", "text": "x"}]),
+            "invalid_value",
+            "item.content[0].type",
+        ),
+        (
+            item(type="message", role="user", content=[{"type": "input_audio", "audio": "%"}]),
+            "invalid_value",
+            "item.content[0].audio",
+        ),
+        (item(type="function_call", call_id="c"), "missing_required_parameter", "item.name"),
         (item(type="message", role="user", content=[]), "invalid_type", "item.content"),
         (
             item(type="function_call_output", call_id="c"),

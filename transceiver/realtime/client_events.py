@@ -190,10 +190,41 @@ class FunctionCallOutput:
 
 
 @dataclass(frozen=True)
+class SystemText:
+    text: str
+
+
+@dataclass(frozen=True)
+class AssistantText:
+    text: str
+    audio: bool  # an ``output_audio`` part (its transcript), else ``output_text``
+
+
+@dataclass(frozen=True)
+class FunctionCall:
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class UserAudio:
+    """A user ``input_audio`` item: PCM16 mono at ``AUDIO_RATE_HZ``; its ``transcript`` is the
+    client's note (OpenAI does not send it to the model)."""
+
+    pcm: bytes
+    transcript: str | None
+
+
+NewItem = UserText | SystemText | AssistantText | FunctionCall | FunctionCallOutput | UserAudio
+
+
+@dataclass(frozen=True)
 class ConversationItemCreate:
     event_id: str | None
-    item: UserText | FunctionCallOutput
+    item: NewItem
     item_id: str
+    previous_item_id: str | None = None  # None: last; "root": first
 
 
 @dataclass(frozen=True)
@@ -549,29 +580,79 @@ def _parse_item_create(raw: Mapping[str, Any], event_id: str | None) -> Conversa
     if item is None:
         raise EventError("missing_required_parameter", "missing item", "item")
     item_id = _str(item, "id", path="item.") or new_id("item")
+    previous = _str(raw, "previous_item_id")
+    return ConversationItemCreate(event_id, _new_item(item), item_id, previous)
+
+
+def _new_item(item: Mapping[str, Any]) -> NewItem:
     kind = _str(item, "type", required=True, path="item.")
     if kind == "function_call_output":
         call_id = _str(item, "call_id", required=True, path="item.") or ""
-        output = _str(item, "output", required=True, path="item.") or ""
-        return ConversationItemCreate(event_id, FunctionCallOutput(call_id, output), item_id)
+        return FunctionCallOutput(call_id, _str(item, "output", required=True, path="item.") or "")
+    if kind == "function_call":
+        call_id = _str(item, "call_id", required=True, path="item.") or ""
+        name = _str(item, "name", required=True, path="item.") or ""
+        return FunctionCall(call_id, name, _str(item, "arguments", path="item.") or "{}")
     if kind == "message":
-        return ConversationItemCreate(event_id, UserText(_user_text(item)), item_id)
-    raise EventError("invalid_value", f"unsupported item type {kind!r}", "item.type")
+        return _message(item)
+    supported = ("message", "function_call", "function_call_output")
+    raise EventError("invalid_value", _invalid(kind, supported), "item.type")
 
 
-def _user_text(item: Mapping[str, Any]) -> str:
-    if item.get("role") != "user":
-        raise EventError("invalid_value", "only user messages can be created", "item.role")
+_PART_TYPES = {
+    "user": ("input_text", "input_audio", "text"),
+    "system": ("input_text",),
+    "assistant": ("output_text", "output_audio"),
+}
+
+
+def _message(item: Mapping[str, Any]) -> NewItem:
+    role = item.get("role")
+    if role not in _PART_TYPES:
+        raise EventError("invalid_value", _invalid(role, tuple(_PART_TYPES)), "item.role")
+    parts = _parts(item, _PART_TYPES[role])
+    kinds = {part["type"] for part in parts}
+    if "input_audio" in kinds:
+        if len(kinds) > 1:
+            message = "a user message is either input_audio or input_text parts"
+            raise EventError("invalid_value", message, "item.content")
+        return _user_audio(parts)
+    texts = [_part_text(part, f"item.content[{i}].") for i, part in enumerate(parts)]
+    if role == "system":
+        return SystemText(" ".join(texts))
+    if role == "assistant":
+        return AssistantText(" ".join(texts), "output_audio" in kinds)
+    return UserText(" ".join(texts))
+
+
+def _parts(item: Mapping[str, Any], allowed: tuple[str, ...]) -> list[Mapping[str, Any]]:
     content = item.get("content")
     if not isinstance(content, list) or not content:
         raise EventError("invalid_type", "item.content must be a non-empty array", "item.content")
-    texts = []
     for i, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in allowed:
+            kind = part.get("type") if isinstance(part, dict) else part
+            raise EventError("invalid_value", _invalid(kind, allowed), f"item.content[{i}].type")
+    return content
+
+
+def _part_text(part: Mapping[str, Any], path: str) -> str:
+    """An ``output_audio`` part's words are its transcript; any other part's, its text."""
+    key = "transcript" if part["type"] == "output_audio" else "text"
+    return _str(part, key, required=True, path=path) or ""
+
+
+def _user_audio(parts: list[Mapping[str, Any]]) -> UserAudio:
+    pcm, notes = b"", []
+    for i, part in enumerate(parts):
         path = f"item.content[{i}]."
-        if not isinstance(part, dict) or part.get("type") not in ("input_text", "text"):
-            raise EventError("invalid_value", "content parts must be input_text", path + "type")
-        texts.append(_str(part, "text", required=True, path=path) or "")
-    return " ".join(texts)
+        try:
+            pcm += audio_bytes(_str(part, "audio", required=True, path=path) or "")
+        except EventError as error:
+            raise EventError(error.code, error.message, path + "audio") from None
+        if (note := _str(part, "transcript", path=path)) is not None:
+            notes.append(note)
+    return UserAudio(pcm, " ".join(notes) if notes else None)
 
 
 def _parse_response_create(raw: Mapping[str, Any], event_id: str | None) -> ResponseCreate:

@@ -37,8 +37,9 @@ def error_event(
 def message_item(
     item_id: str, role: str, text: str, *, audio: bool, status: str = "completed"
 ) -> dict[str, Any]:
-    """A conversation message item; user audio carries its transcript, assistant its text."""
-    if role == "user":
+    """A conversation message item; user audio carries its transcript, assistant its text (or
+    its audio's transcript), a system message its text."""
+    if role in ("user", "system"):
         part = {
             "type": "input_audio" if audio else "input_text",
             ("transcript" if audio else "text"): text,

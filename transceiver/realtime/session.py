@@ -84,6 +84,7 @@ from transceiver.realtime.client_events import (
     ClientEvent,
     ConversationItemCreate,
     EventError,
+    FunctionCall,
     FunctionCallOutput,
     ItemDelete,
     ItemRetrieve,
@@ -93,26 +94,21 @@ from transceiver.realtime.client_events import (
     SessionConfig,
     SessionUpdate,
     TurnHeard,
+    UserAudio,
     parse_client_event,
 )
 from transceiver.realtime.idle import IdleTimeout
+from transceiver.realtime.item_edits import ItemEdits
 from transceiver.realtime.limits import RealtimeLimits
 from transceiver.realtime.policy import SessionPolicy, check_storable
 from transceiver.realtime.responses import ItemReference, as_response_error, plan_response
-from transceiver.realtime.server_events import (
-    error_event,
-    function_call_output_item,
-    message_item,
-    server_event,
-    stored_item_bodies,
-)
+from transceiver.realtime.server_events import error_event, server_event, stored_item_bodies
 from transceiver.realtime.side_responses import SideResponses
 from transceiver.realtime.translation import EngineEventTranslator, ResponseShape
 from transceiver.store.contracts import split_contract, with_contract
 from transceiver.store.journal import SessionJournal, item_to_message, message_to_item
 from transceiver.store.keys import SessionState, encode_item
 from transceiver.store.persistence import SessionPersistence
-from transceiver.store.rate_limits import RateMeter
 from transceiver.webrtc.audio import AgentVoiceTrack, pump_input
 
 logger = logging.getLogger(__name__)
@@ -211,7 +207,7 @@ class RealtimeSession:
         self.idle = IdleTimeout(self._idle_turn, self._quiet, lambda: engine.input_position_ms)
         self.side = SideResponses(engine, self._side_event)  # out-of-band responses
         self._side_pcm: dict[str, PcmResampler] = {}  # WebSocket: their audio -> deltas
-        self.rate_meter: RateMeter | None = None  # its API key's limits (http.rate_limiting)
+        self.edits = ItemEdits(engine, self.translator, self.send, self._history_changed)
         if resumed is not None:
             journal, state = resumed
             self._hold(journal)
@@ -293,6 +289,7 @@ class RealtimeSession:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.idle.cancel()
         await self.side.aclose()
+        await self.edits.aclose()
         await self.engine.aclose()
         self.voice.stop()
         if self.journal is not None:
@@ -432,20 +429,6 @@ class RealtimeSession:
                 self._journal(event)
                 for server in edge.translate(event):
                     self.send(server)
-                    self._rate_limits_after(server)
-
-    def _rate_limits_after(self, event: Event) -> None:
-        """After each ``response.done``: its tokens spent, then ``rate_limits.updated``."""
-        if self.rate_meter is None or event.get("type") != "response.done":
-            return
-        usage = event["response"].get("usage") or {}
-        tokens = int(usage.get("total_tokens") or 0)
-        self._spawn(self._rate_limits_updated(self.rate_meter, tokens), "session rate limits")
-
-    async def _rate_limits_updated(self, meter: RateMeter, tokens: int) -> None:
-        rate_limits = await meter.spent(tokens)
-        if rate_limits:
-            self.send(server_event("rate_limits.updated", rate_limits=rate_limits))
 
     def _observe(self, event: ev.EngineEvent) -> None:
         self.recorder.observe(event)
@@ -544,31 +527,23 @@ class RealtimeSession:
         self.engine.create_response()
 
     def _create_item(self, event: ConversationItemCreate) -> None:
-        item = event.item
         _check_storable(event)
-        if isinstance(item, FunctionCallOutput):
-            if not self.engine.add_tool_output(item.call_id, item.output):
-                raise EventError(
-                    "invalid_value",
-                    f"no function call {item.call_id!r} is waiting for its output",
-                    "item.call_id",
-                )
-            body = function_call_output_item(event.item_id, item.call_id, item.output)
-            self.recorder.tool_output(item.call_id)
-        else:
-            self.engine.add_user_text(item.text)
-            body = message_item(event.item_id, "user", item.text, audio=False)
-        for added in self.translator.added(body):
-            self.send(added)
+        self.edits.create(event)  # what the model sees next (``item_edits``)
+        if isinstance(event.item, FunctionCallOutput):
+            self.recorder.tool_output(event.item.call_id)
+
+    def _history_changed(self) -> None:
         if self.journal is not None:
             self.journal.history(self.engine.history)
 
     def _create_response(self, event: ResponseCreate) -> None:
         """A response with its own settings (``responses``): in the conversation, or beside it
-        (out of band) on the conversation's context or its own ``input``."""
-        if self.rate_meter is not None and (refused := self.rate_meter.refusal()) is not None:
-            raise EventError("rate_limit_exceeded", refused)
+        (out of band) on the conversation's context or its own ``input``. One in the
+        conversation waits for the created audio items' words."""
         plan = plan_response(event.response)
+        if self.edits.hearing and not plan.out_of_band:
+            self._spawn(self._create_when_heard(event), "response after item audio")
+            return
         config = replace(self.config, **plan.changes)
         try:
             self.policy.check_voice(config)
@@ -588,6 +563,13 @@ class RealtimeSession:
             )
         shape = (not plan.out_of_band, plan.metadata, config.voice, config.max_output_tokens)
         self.translator.shape_response(response_id, ResponseShape(*shape))
+
+    async def _create_when_heard(self, event: ResponseCreate) -> None:
+        await self.edits.heard()
+        try:
+            self._create_response(event)
+        except EventError as error:
+            self.send_error(error, event.event_id)
 
     def _context(self, entries: tuple[Message | ItemReference, ...]) -> list[Message]:
         """An out-of-band response's ``input``, its references read from the session's items."""
@@ -643,34 +625,22 @@ class RealtimeSession:
         return False
 
     def _item_command(self, event: ItemRetrieve | ItemTruncate | ItemDelete) -> None:
-        """On the items this session still knows (the engine's history is not rewritten)."""
+        """On the items this session still knows; delete and truncate change what the model is
+        sent next (``item_edits``)."""
         item = self.translator.items.get(event.item_id)
         if item is None:
             raise EventError("item_not_found", f"no item {event.item_id!r}", "item_id")
         if isinstance(event, ItemRetrieve):
             self.send(server_event("conversation.item.retrieved", item=item))
         elif isinstance(event, ItemDelete):
-            self.translator.forget(event.item_id)
+            self.edits.delete(event.item_id)
             self.send(server_event("conversation.item.deleted", item_id=event.item_id))
         else:
-            cut = self.translator.truncate(event.item_id, event.audio_end_ms)
-            if cut is not None:
-                self._heard(*cut)
+            self.edits.truncate(event.item_id, event.audio_end_ms)
             truncated = {"content_index": event.content_index, "audio_end_ms": event.audio_end_ms}
             self.send(
                 server_event("conversation.item.truncated", item_id=event.item_id, **truncated)
             )
-
-    def _heard(self, full: str, heard: str) -> None:
-        """The model's history keeps only the heard words of an answer (its latest copy)."""
-        history = self.engine.history
-        for index in range(len(history) - 1, -1, -1):
-            message = history[index]
-            if message.role == "assistant" and message.content.split() == full.split():
-                history[index] = replace(message, content=heard)
-                if self.journal is not None:
-                    self.journal.history(history)
-                return
 
     def append_audio(self, pcm: bytes) -> None:
         """The client's PCM16 at ``AUDIO_RATE_HZ`` into the engine (WebSocket sessions)."""
@@ -730,6 +700,10 @@ def _check_storable(event: ConversationItemCreate) -> None:
     item = event.item
     if isinstance(item, FunctionCallOutput):
         message, param = Message("tool", item.output, tool_call_id=item.call_id), "item.output"
+    elif isinstance(item, FunctionCall):
+        message, param = Message("assistant", item.arguments), "item.arguments"
+    elif isinstance(item, UserAudio):
+        return  # its words are checked by the journal once heard
     else:
         message, param = Message("user", item.text), "item.content"
     try:

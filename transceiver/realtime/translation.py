@@ -128,8 +128,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         self.audio_ms: dict[str, float] = {}  # assistant item id -> audio sent in deltas
         self._user_items: dict[int, str] = {}
         self._partials: dict[int, str] = {}
-        self.last_item_id: str | None = None
-        self._previous: dict[str, str | None] = {}  # item id -> the item before it
+        self.order: list[str] = []  # the conversation's item ids, in order
         self.items: dict[str, Event] = {}  # the latest body of each recent item, by id
         self.conversation_id = new_id("conv")
         self.shape = ResponseShape()  # of responses no response.create shaped: the session's
@@ -151,9 +150,22 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         handler = _HANDLERS.get(type(event))
         return [] if handler is None else handler(self, event)
 
-    def added(self, item: Event) -> list[Event]:
-        """conversation.item.added + .done for an item that is complete at once."""
-        previous = self._append(item["id"])
+    @property
+    def last_item_id(self) -> str | None:
+        return self.order[-1] if self.order else None
+
+    def previous_of(self, item_id: str) -> str | None:
+        """The id of the item before ``item_id`` in the conversation (None: it is first)."""
+        index = self.order.index(item_id) if item_id in self.order else 0
+        return self.order[index - 1] if index > 0 else None
+
+    def added(self, item: Event, previous: str | None = None, *, last: bool = True) -> list[Event]:
+        """conversation.item.added + .done for an item that is complete at once: last in the
+        conversation, or (``last`` False) right after ``previous`` (None: first)."""
+        if last:
+            previous = self._append(item["id"])
+        else:
+            self.order.insert(0 if previous is None else self.order.index(previous) + 1, item["id"])
         self.items[item["id"]] = item
         return [
             server_event("conversation.item.added", previous_item_id=previous, item=item),
@@ -164,16 +176,17 @@ class EngineEventTranslator(ResponseLedger[_Response]):
 
     def _append(self, item_id: str) -> str | None:
         """The item goes last in the conversation; the id of the item before it."""
-        previous = self._previous[item_id] = self.last_item_id
-        self.last_item_id = item_id
-        if len(self._previous) > MAX_ITEMS_KEPT:
-            forgotten = next(iter(self._previous))
-            self._previous.pop(forgotten)
+        previous = self.last_item_id
+        self.order.append(item_id)
+        if len(self.order) > MAX_ITEMS_KEPT:
+            forgotten = self.order.pop(0)
             self.items.pop(forgotten, None)
+            self.audio_ms.pop(forgotten, None)
         return previous
 
     def forget(self, item_id: str) -> bool:
-        self._previous.pop(item_id, None)
+        if item_id in self.order:
+            self.order.remove(item_id)
         self.audio_ms.pop(item_id, None)
         return self.items.pop(item_id, None) is not None
 
@@ -403,7 +416,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         return [
             *ends,
             server_event("response.content_part.done", **where, content_index=0, part=part),
-            *self._item_done(response, item, self._previous.get(response.message_id)),
+            *self._item_done(response, item, self.previous_of(response.message_id)),
         ]
 
     def _turn_completed(self, event: ev.TurnCompleted) -> list[Event]:
