@@ -185,3 +185,23 @@ async def test_bad_items_are_refused_by_name(events: Events) -> None:
             event["previous_item_id"] = previous
         error = await error_for(events, json.dumps(event))
         assert (error["code"], error["param"]) == (code, param), error
+
+
+async def test_a_response_while_one_is_active_is_refused_as_openai_does(
+    events: Events, server: FakeOpenAIServer
+) -> None:
+    await server.control(hold=["chat"])  # the answer stays in progress after its first word
+    try:
+        await _create(events, _text("user", "one two three"))
+        await events.connection.response.create()
+        created = (await events.next("response.created"))["response"]
+        await events.next("response.output_text.delta")
+        error = await error_for(events, json.dumps({"type": "response.create"}))
+    finally:
+        await server.release("chat")
+    assert error["code"] == "conversation_already_has_active_response", error
+    assert error["message"] == (
+        f"Conversation already has an active response in progress: {created['id']}."
+    )
+    done = (await events.next("response.done"))["response"]
+    assert (done["id"], done["status"]) == (created["id"], "completed")

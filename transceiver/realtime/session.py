@@ -557,10 +557,9 @@ class RealtimeSession:
         else:
             response_id = self.engine.create_response(config=engine_config, tools=tools)
         if response_id is None:
-            raise EventError(
-                "conversation_already_has_active_response",
-                "a response is in progress; cancel it or wait for response.done",
-            )
+            active = self.translator.response_id(self.engine.active_response_id or "")
+            message = f"Conversation already has an active response in progress: {active}."
+            raise EventError("conversation_already_has_active_response", message)
         shape = (not plan.out_of_band, plan.metadata, config.voice, config.max_output_tokens)
         self.translator.shape_response(response_id, ResponseShape(*shape))
 
