@@ -51,11 +51,16 @@ class VadConfig:
     prefix_padding_ms: int = 300
     silence_duration_ms: int = 500
     min_speech_ms: int = 60
+    # semantic_vad: at a pause this long the end-of-turn model decides (pipeline.end_of_turn);
+    # "not done" waits on up to silence_duration_ms
+    semantic: bool = False
+    decision_pause_ms: int = 200
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"vad threshold must be within 0..1, got {self.threshold}")
-        for name in ("prefix_padding_ms", "silence_duration_ms", "min_speech_ms"):
+        names = ("prefix_padding_ms", "silence_duration_ms", "min_speech_ms", "decision_pause_ms")
+        for name in names:
             if getattr(self, name) < 0:
                 raise ValueError(f"vad {name} must be >= 0, got {getattr(self, name)}")
 

@@ -41,6 +41,7 @@ from typing import Any, Literal, TypeVar
 
 from pipeline import events as ev
 from pipeline.config import EngineConfig
+from pipeline.end_of_turn import end_of_turn_asker
 from pipeline.providers import (
     AudioChunk,
     LanguageModel,
@@ -130,7 +131,8 @@ class ConversationEngine:
         self._clock = self._clock or asyncio.get_running_loop().time
         rate_hz = self.config.input_sample_rate_hz
         classify = self._classify or webrtc_classifier(self.config.vad, rate_hz)
-        self._detector = TurnDetector(self.config.vad, rate_hz, classify, self._clock)
+        ask = end_of_turn_asker(self.config.vad.semantic, rate_hz)  # semantic_vad's model
+        self._detector = TurnDetector(self.config.vad, rate_hz, classify, self._clock, ask)
         self._idle.set()
 
     async def aclose(self) -> None:
@@ -181,7 +183,8 @@ class ConversationEngine:
             self._uncommitted.clear()
         if self._detector is not None and config.vad != self.config.vad:
             rate_hz = config.input_sample_rate_hz
-            self._detector.reconfigure(config.vad, webrtc_classifier(config.vad, rate_hz))
+            ask = end_of_turn_asker(config.vad.semantic, rate_hz)
+            self._detector.reconfigure(config.vad, webrtc_classifier(config.vad, rate_hz), ask)
         self.config = config
 
     def add_user_text(self, text: str) -> None:

@@ -15,6 +15,14 @@ The knobs are OpenAI's ``server_vad`` ones:
 
 ``min_speech_ms`` is the onset window: that much consecutive voiced audio starts speech. It is
 also the barge-in reaction time: the engine stops playout on ``SpeechStarted``.
+
+Semantic end of turn (``semantic_vad``; ``VadConfig.semantic``): at a pause of
+``decision_pause_ms`` the detector asks an injected ``ask_end_of_turn(pcm)`` whether the user
+is done, passing the last ``DECISION_WINDOW_MS`` of the utterance. It answers with a poll,
+which the detector reads on each following frame of that pause: "complete" ends the turn at
+that frame; "not yet" (or speech coming back) leaves it to ``silence_duration_ms``, the longer
+window. Asked once per pause. The poll keeps the model's ~50 ms off the caller's thread; a poll
+that answers at once makes segmentation a function of the audio alone.
 """
 
 from __future__ import annotations
@@ -27,6 +35,10 @@ from pipeline.config import VadConfig
 
 VALID_SAMPLE_RATES_HZ = (8000, 16000, 32000, 48000)
 VALID_FRAME_MS = (10, 20, 30)
+DECISION_WINDOW_MS = 8000  # what the end-of-turn model listens to (pipeline.log_mel)
+
+Verdict = Callable[[], bool | None]  # True: complete, False: not yet, None: still deciding
+AskEndOfTurn = Callable[[bytes], Verdict]
 
 
 @dataclass(frozen=True)
@@ -77,11 +89,15 @@ class TurnDetector:
         sample_rate_hz: int,
         classify: Callable[[bytes], bool],
         clock: Callable[[], float],
+        ask_end_of_turn: AskEndOfTurn | None = None,
     ) -> None:
         frame_duration_ms(b"\0" * (sample_rate_hz // 50), sample_rate_hz)  # validates the rate
         self.config = config
         self.sample_rate_hz = sample_rate_hz
         self._classify = classify
+        self._ask_end_of_turn = ask_end_of_turn
+        self._verdict: Verdict | None = None  # the pause's decision, while it is pending
+        self._pause_judged = False  # asked once per pause
         self._clock = clock
         self._position_ms = 0
         self._recent: deque[tuple[bytes, bool]] = deque()  # prefix padding + onset window
@@ -97,10 +113,16 @@ class TurnDetector:
         """How much audio it has been fed."""
         return self._position_ms
 
-    def reconfigure(self, config: VadConfig, classify: Callable[[bytes], bool]) -> None:
+    def reconfigure(
+        self,
+        config: VadConfig,
+        classify: Callable[[bytes], bool],
+        ask_end_of_turn: AskEndOfTurn | None = None,
+    ) -> None:
         """New knobs from the next frame on; an open utterance goes on under them."""
         self.config = config
         self._classify = classify
+        self._ask_end_of_turn = ask_end_of_turn
 
     def reset(self) -> None:
         """Forget the open utterance and the onset window (input buffer cleared)."""
@@ -108,6 +130,7 @@ class TurnDetector:
         self._utterance = []
         self._recent.clear()
         self._recent_ms = self._voiced_run_ms = self._silence_run_ms = 0
+        self._verdict, self._pause_judged = None, False
 
     def push(self, frame: bytes) -> list[VadEvent]:
         """Feed one frame; returns the events it caused (usually none)."""
@@ -141,9 +164,40 @@ class TurnDetector:
     def _push_in_speech(self, frame: bytes, voiced: bool, duration_ms: int) -> list[VadEvent]:
         self._utterance.append(frame)
         self._silence_run_ms = 0 if voiced else self._silence_run_ms + duration_ms
-        if self._silence_run_ms < max(self.config.silence_duration_ms, duration_ms):
-            return []
-        return self._stop()
+        if voiced:
+            self._verdict, self._pause_judged = None, False  # a pause ended: its question too
+        if self._silence_run_ms >= max(self.config.silence_duration_ms, duration_ms):
+            return self._stop()
+        if self._judged_complete():
+            return self._stop()
+        return []
+
+    def _judged_complete(self) -> bool:
+        """Semantic end of turn: asks at the pause's start, then reads the verdict."""
+        ask = self._ask_end_of_turn
+        if ask is None or not self.config.semantic or not self._silence_run_ms:
+            return False
+        if self._silence_run_ms < max(self.config.decision_pause_ms, 1):
+            return False
+        if not self._pause_judged:
+            self._pause_judged = True
+            self._verdict = ask(self._decision_pcm())
+        verdict = self._verdict() if self._verdict is not None else None
+        if verdict is not None:
+            self._verdict = None
+        return bool(verdict)
+
+    def _decision_pcm(self) -> bytes:
+        """The utterance's last ``DECISION_WINDOW_MS`` (joined from its newest frames only)."""
+        keep_bytes = DECISION_WINDOW_MS * self.sample_rate_hz // 500
+        tail: list[bytes] = []
+        held_bytes = 0
+        for pcm in reversed(self._utterance):
+            if held_bytes >= keep_bytes:
+                break
+            tail.append(pcm)
+            held_bytes += len(pcm)
+        return b"".join(reversed(tail))[-keep_bytes:]
 
     def _stop(self) -> list[VadEvent]:
         now = self._clock()
@@ -151,6 +205,7 @@ class TurnDetector:
         self.in_speech = False
         self._utterance = []
         self._voiced_run_ms = 0
+        self._verdict, self._pause_judged = None, False
         duration_ms = self._position_ms - self._utterance_start_ms
         return [
             SpeechStopped(now, self._position_ms - self._silence_run_ms),

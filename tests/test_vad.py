@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from pipeline.config import VadConfig
 from pipeline.vad import (
+    DECISION_WINDOW_MS,
     SpeechStarted,
     SpeechStopped,
     TurnCommitted,
@@ -131,3 +134,85 @@ def test_threshold_maps_onto_webrtcvad_aggressiveness() -> None:
 def test_webrtc_classifier_hears_no_speech_in_silence() -> None:
     classify = webrtc_classifier(VadConfig(), RATE_HZ)
     assert classify(SILENT) is False
+
+
+# --- semantic end of turn: the detector asks at a short pause and reads a poll -----------------
+
+
+class Judge:
+    """An ``ask_end_of_turn`` whose verdicts the test hands out: None (deciding) until told."""
+
+    def __init__(self) -> None:
+        self.asked: list[bytes] = []
+        self.verdict: bool | None = None
+
+    def __call__(self, pcm: bytes) -> Callable[[], bool | None]:
+        self.asked.append(pcm)
+        return lambda: self.verdict
+
+
+def semantic_detector(judge: Judge, **knobs: int) -> tuple[TurnDetector, Clock]:
+    clock = Clock()
+    config = VadConfig(semantic=True, decision_pause_ms=200, silence_duration_ms=700, **knobs)
+    vad = TurnDetector(config, RATE_HZ, lambda frame: frame[0] != 0, clock, judge)
+    return vad, clock
+
+
+def test_a_complete_verdict_ends_the_turn_at_the_short_pause() -> None:
+    judge = Judge()
+    judge.verdict = True  # answers at once
+    vad, clock = semantic_detector(judge)
+    speech = [VOICED] * 20
+    assert feed(vad, clock, speech + [SILENT] * 9) and judge.asked == []  # started; 180 ms
+    stopped, committed = feed(vad, clock, [SILENT])  # the 200 ms frame
+    assert isinstance(stopped, SpeechStopped) and isinstance(committed, TurnCommitted)
+    assert vad.position_ms == (20 + 10) * 20 and stopped.audio_end_ms == 20 * 20
+    (asked,) = judge.asked
+    assert asked.endswith(VOICED + SILENT * 10) and asked == committed.pcm
+
+
+def test_a_pending_verdict_is_read_on_the_following_frames_and_asked_once() -> None:
+    judge = Judge()
+    vad, clock = semantic_detector(judge)
+    feed(vad, clock, [VOICED] * 20 + [SILENT] * 12)
+    assert len(judge.asked) == 1 and vad.in_speech  # asked at 200 ms, still deciding
+    judge.verdict = True
+    stopped, _ = feed(vad, clock, [SILENT])
+    assert isinstance(stopped, SpeechStopped) and vad.position_ms == (20 + 13) * 20
+    assert len(judge.asked) == 1
+
+
+def test_not_yet_waits_for_the_silence_window() -> None:
+    judge = Judge()
+    judge.verdict = False
+    vad, clock = semantic_detector(judge)
+    assert len(feed(vad, clock, [VOICED] * 20 + [SILENT] * 34)) == 1  # started only
+    stopped, _ = feed(vad, clock, [SILENT])  # 700 ms of silence
+    assert isinstance(stopped, SpeechStopped) and len(judge.asked) == 1
+
+
+def test_speech_coming_back_drops_the_question_and_the_next_pause_asks_again() -> None:
+    judge = Judge()
+    vad, clock = semantic_detector(judge)
+    feed(vad, clock, [VOICED] * 20 + [SILENT] * 11 + [VOICED] * 5)
+    judge.verdict = True  # the first pause's answer comes too late: speech resumed
+    assert feed(vad, clock, [SILENT] * 9) == [] and len(judge.asked) == 1
+    assert len(feed(vad, clock, [SILENT])) == 2 and len(judge.asked) == 2
+
+
+def test_the_model_hears_at_most_the_last_eight_seconds() -> None:
+    judge = Judge()
+    judge.verdict = True
+    vad, clock = semantic_detector(judge, prefix_padding_ms=0)
+    feed(vad, clock, [VOICED] * 500 + [SILENT] * 10)  # 10 s of speech
+    (asked,) = judge.asked
+    assert len(asked) == DECISION_WINDOW_MS * RATE_HZ // 500
+
+
+def test_server_vad_never_asks() -> None:
+    judge = Judge()
+    judge.verdict = True
+    clock = Clock()
+    vad = TurnDetector(VadConfig(), RATE_HZ, lambda frame: frame[0] != 0, clock, judge)
+    events = feed(vad, clock, [VOICED] * 20 + [SILENT] * 25)
+    assert len(events) == 3 and judge.asked == []  # ended by the 500 ms window alone

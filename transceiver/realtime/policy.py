@@ -14,7 +14,9 @@ function_call_output and response.create). ``tool_choice``: "none" offers no too
 makes the first model call of a response call one, a forced function makes it call that one.
 
 Turn detection: ``semantic_vad`` runs the same webrtcvad detector, its ``eagerness`` choosing
-the silence that ends a turn (``EAGERNESS_SILENCE_MS``). ``noise_reduction`` filters nothing
+the silence that ends a turn (``EAGERNESS_SILENCE_MS``), and asks the end-of-turn model at a
+shorter pause (``VadConfig.semantic``, ``pipeline.end_of_turn``): a turn it calls complete
+ends there. ``noise_reduction`` filters nothing
 here: it makes the detector one webrtcvad step stricter (``threshold`` + 0.25), so noise
 starts fewer turns. ``speed`` and the transcription's ``language``/``prompt`` go to the TTS and
 the speech-to-text that take them.
@@ -100,6 +102,7 @@ class SessionPolicy:
                 threshold=threshold,
                 prefix_padding_ms=detection.prefix_padding_ms,
                 silence_duration_ms=silence_ms,
+                semantic=detection.type == "semantic_vad",
             )
         transcription = config.transcription
         hints = TranscriptionHints()
