@@ -44,12 +44,14 @@ from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.cpu_cost import CpuBudget, CpuMeter
 from transceiver.http.app import capacity_collector, create_app
 from transceiver.http.auth import AuthConfig, AuthConfigError, Authenticator, auth_flags
+from transceiver.http.rate_limiting import RateLimiting
 from transceiver.http.worker_routing import WorkerRouting
 from transceiver.metrics import TaskCrashCollector
 from transceiver.store.call_log import CallRecordCollector, CallRecordStore
 from transceiver.store.call_records import CallRecordPolicy
 from transceiver.store.connection import open_redis
 from transceiver.store.errors import StoreError
+from transceiver.store.rate_limit_store import open_rate_limits
 from transceiver.store.route_publishing import RoutePublishing
 from transceiver.store.sideband_directory import open_sideband_directory
 from transceiver.webhooks import call_ended_webhooks
@@ -95,6 +97,7 @@ async def serve(
             config.survival,
             None if seat is None else seat.index,
         ) as sideband_directory,
+        open_rate_limits(redis if config.rate_limits.enabled else None) as rate_limit_store,
     ):
         records = None if agents.persistence is None else agents.persistence.records
         if records is not None:
@@ -125,6 +128,7 @@ async def serve(
                 agents.websocket,
                 sideband_directory,
                 routing=routing,
+                rate_limits=RateLimiting(config.rate_limits, rate_limit_store),
             )
             try:
                 return await _serve(config, calls, app, link_address, stop, seat)
@@ -268,7 +272,13 @@ def _ready_line(link: Address, config: TransceiverConfig, seat: Seat | None) -> 
 def _uvicorn_config(app: FastAPI, config: TransceiverConfig) -> uvicorn.Config:
     host, port = config.http
     return uvicorn.Config(
-        app, host=host, port=port, lifespan="off", log_level="warning", access_log=False
+        app,
+        host=host,
+        port=port,
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,  # the peer is the client; X-Forwarded-For: http.rate_limiting
     )
 
 

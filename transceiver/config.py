@@ -11,7 +11,8 @@ before a hang-up, events kept for a channel not yet open) into a ``RealtimeLimit
 ``CallRecordPolicy`` (``transceiver.store.call_records``, retention and bounds) under
 ``survival.records``, and the ``call.ended`` webhook's ``WebhookPolicy``
 (``transceiver.webhook_signing``; its secret from ``TRANSCEIVER_WEBHOOK_SECRET`` only) under
-``webhook``.
+``webhook``. Rate limits and the trusted proxies into a ``RateLimitPolicy``
+(``transceiver.store.rate_limits``) under ``rate_limits``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from relay.wire.ufrag import Keyring
 from transceiver.realtime.limits import RealtimeLimits
 from transceiver.restarts import RestartPolicy
 from transceiver.store.call_records import TRANSCRIPT_MODES, CallRecordPolicy
+from transceiver.store.rate_limits import Network, RateLimitPolicy
 from transceiver.store.survival import SurvivalPolicy
 from transceiver.webhook_signing import WebhookPolicy
 from transceiver.webrtc.link_policy import LinkPolicy
@@ -117,6 +119,17 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
     ),
     "webhook_poll_s": ("2", "how often a transceiver looks for webhooks others left"),
     "loop_lag_warn_ms": ("100", "warn, with what blocked it, of an event-loop tick this late"),
+    "rate_limit_requests": (
+        "0",
+        "requests per window per API key: offers, client secrets, WebSocket handshakes (0: off)",
+    ),
+    "rate_limit_sessions": ("0", "sessions begun per window per client address (0: off)"),
+    "rate_limit_tokens": ("0", "model tokens per window per API key (0: off)"),
+    "rate_limit_window_s": ("60", "the window the rate limits count over (a refilling bucket)"),
+    "trusted_proxies": (
+        "",
+        "CIDRs of proxies whose X-Forwarded-For names the client address (empty: none)",
+    ),
 }
 ENV_WEBHOOK_SECRET = ENV_PREFIX + "WEBHOOK_SECRET"
 
@@ -145,6 +158,7 @@ class TransceiverConfig:
     workers: int = 1  # 0: the cores this process may use (transceiver.workers)
     cpu_budget_cores: float = 0.85
     cpu_window_s: float = 10.0
+    rate_limits: RateLimitPolicy = field(default_factory=RateLimitPolicy)
 
     @classmethod
     def load(
@@ -185,7 +199,34 @@ class TransceiverConfig:
             workers=_workers(values.get("workers") or "1"),
             cpu_budget_cores=_number(values, "cpu_budget_cores", float, minimum=0.0),
             cpu_window_s=_number(values, "cpu_window_s", float, minimum=1.0),
+            rate_limits=_rate_limits(values),
         )
+
+
+def _rate_limits(values: Mapping[str, str | None]) -> RateLimitPolicy:
+    def number(name: str) -> int:
+        return _number(values, "rate_limit_" + name, int, minimum=0)
+
+    return RateLimitPolicy(
+        requests_per_window=number("requests"),
+        sessions_per_window=number("sessions"),
+        tokens_per_window=number("tokens"),
+        window_s=_number(values, "rate_limit_window_s", float, minimum=0.1),
+        trusted_proxies=_networks(values.get("trusted_proxies") or ""),
+    )
+
+
+def _networks(text: str) -> tuple[Network, ...]:
+    """A comma list of CIDRs (a bare address is its /32 or /128)."""
+    networks = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(f"{ENV_PREFIX}TRUSTED_PROXIES: {part!r} is not a CIDR") from None
+    return tuple(networks)
 
 
 def _http_advertise(values: Mapping[str, str | None]) -> Address | None:

@@ -61,6 +61,13 @@ from transceiver.http.live_calls import add_live_calls
 from transceiver.http.live_websocket import add_live_websocket
 from transceiver.http.offer_tracing import traced_offer
 from transceiver.http.offers import json_object, read_offer
+from transceiver.http.rate_limiting import (
+    EXPOSED_HEADERS,
+    RateLimitCollector,
+    RateLimiting,
+    add_rate_limit_errors,
+    metered,
+)
 from transceiver.http.sideband import Sidebands
 from transceiver.http.websocket import WebSocketSessions, add_realtime_websocket
 from transceiver.http.worker_routing import WorkerRouting
@@ -77,6 +84,7 @@ from transceiver.realtime.client_events import (
 from transceiver.store.contracts import REALTIME
 from transceiver.store.journal import RESUME_TOKEN_HEADER, SESSION_HEADER
 from transceiver.store.persistence import ResumeRefused, SessionPersistence
+from transceiver.store.rate_limits import RateLimitPolicy
 from transceiver.store.sideband_directory import SidebandDirectory
 from transceiver.webrtc.calls import AdmissionError, CallAgent, Calls, OfferRejected
 from transceiver.webrtc.link import Link
@@ -137,19 +145,23 @@ def create_app(
     websocket_sessions: WebSocketSessions | None = None,
     sideband_directory: SidebandDirectory | None = None,
     routing: WorkerRouting | None = None,
+    rate_limits: RateLimiting | None = None,
 ) -> FastAPI:
     app = FastAPI(title="voicerelay transceiver", docs_url=None, redoc_url=None)
     registry.register(LinkCollector(link))
+    limits = rate_limits or RateLimiting(RateLimitPolicy(), None)  # transceiver.http.rate_limiting
+    registry.register(RateLimitCollector(limits))
     add_error_handlers(app)
+    add_rate_limit_errors(app)
     _add_cors(app)
     _add_web_client(app)
-    _add_client_secrets(app, auth)
+    _add_client_secrets(app, auth, limits)
     secret_keys = auth.config.secret_keys  # shared by the transceivers: hops are signed with it
     hops = None if secret_keys is None else HopKeys(secret_keys)
     seat = None if routing is None else routing.seat  # a pod's worker: sidebands go on to siblings
     sidebands = Sidebands(calls, auth, sideband_directory, hops, seat)
-    add_realtime_websocket(app, calls, auth, websocket_sessions, sidebands.attach_realtime)
-    add_live_websocket(app, calls, auth, websocket_sessions, sidebands)
+    add_realtime_websocket(app, calls, auth, websocket_sessions, sidebands.attach_realtime, limits)
+    add_live_websocket(app, calls, auth, websocket_sessions, sidebands, limits)
     add_live_calls(
         app,
         calls,
@@ -157,6 +169,7 @@ def create_app(
         lambda request: _authorise(auth.check_call, request),
         lambda request: _resumed_agent(request, resume, LIVE_CONTRACT),
         websocket_sessions is not None,
+        limits,
     )
 
     @app.post(CALLS_PATH, status_code=201)
@@ -167,6 +180,7 @@ def create_app(
             if spilled is not None:
                 return spilled
         granted = _authorise(auth.check_call, request)
+        admission = await limits.admit_connection(request, request.headers.get("authorization"))
         offer, asked = await read_offer(request, calls)
         requested = merged_session(granted, asked)
         if requested is not None:
@@ -181,7 +195,8 @@ def create_app(
         except OfferRejected as exc:
             raise ApiError(400, "offer_rejected", str(exc)) from None
         sidebands.call_began(call)
-        headers = {"Location": f"{CALLS_PATH}/{call.call_id}"}
+        metered(call.agent, limits.meter(admission.subject))
+        headers = {"Location": f"{CALLS_PATH}/{call.call_id}", **admission.headers}
         resume_headers = getattr(call.agent, "resume_headers", None)
         if callable(resume_headers):
             headers.update(resume_headers())
@@ -281,7 +296,7 @@ def _add_cors(app: FastAPI) -> None:
         allow_origins=["*"],
         allow_methods=["GET", "POST", "DELETE"],
         allow_headers=["*"],
-        expose_headers=["Location", SESSION_HEADER, RESUME_TOKEN_HEADER],
+        expose_headers=["Location", SESSION_HEADER, RESUME_TOKEN_HEADER, *EXPOSED_HEADERS],
     )
 
 
@@ -295,10 +310,12 @@ def _add_web_client(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
-def _add_client_secrets(app: FastAPI, auth: Authenticator) -> None:
+def _add_client_secrets(app: FastAPI, auth: Authenticator, limits: RateLimiting) -> None:
     @app.post(SECRETS_PATH)
     async def create_client_secret(request: Request) -> JSONResponse:
         _authorise(auth.check_api_key, request)
+        authorization = request.headers.get("authorization")
+        admission = await limits.admit_connection(request, authorization, session=False)
         ttl_s, session = secret_request(await _json_body(request))
         try:
             secret = auth.mint(ttl_s, session)
@@ -306,7 +323,7 @@ def _add_client_secrets(app: FastAPI, auth: Authenticator) -> None:
             raise ApiError(400, exc.reason, str(exc)) from None
         effective = _session_update(session or {}).apply(SessionConfig(id=new_id("sess")))
         body = {"value": secret.value, "expires_at": secret.expires_at}
-        return JSONResponse({**body, "session": effective.to_json()})
+        return JSONResponse({**body, "session": effective.to_json()}, 200, admission.headers)
 
 
 def _authorise(check: Callable[[str | None], T], request: Request) -> T:

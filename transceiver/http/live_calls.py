@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse
 from transceiver.http.errors import ApiError, unavailable
 from transceiver.http.offer_tracing import traced_offer
 from transceiver.http.offers import MAX_OFFER_BYTES, admit, json_object
+from transceiver.http.rate_limiting import RateLimiting, metered
 from transceiver.live.client_events import LiveConfig, parse_stored, parse_webrtc_create
 from transceiver.live.contract import LiveContract
 from transceiver.live.sessions import LiveSessions
@@ -58,11 +59,13 @@ def add_live_calls(
     authorise: Authorise,
     resumed: Resumed,
     runs_sessions: bool,
+    limits: RateLimiting,
 ) -> None:
     @app.post(LIVE_PATH, status_code=201)
     @traced_offer("live", calls)
     async def create_live_session(request: Request) -> JSONResponse:
         granted = authorise(request)
+        admission = await limits.admit_connection(request, request.headers.get("authorization"))
         if not runs_sessions:
             message = "this transceiver runs no Live sessions (it runs the echo agent)"
             raise ApiError(404, "live_unavailable", message)
@@ -90,7 +93,8 @@ def add_live_calls(
         except OfferRejected as exc:
             raise ApiError(400, "offer_rejected", str(exc)) from None
         live.add(contract, call.ended)
-        headers = contract.session.resume_headers()
+        metered(contract.session, limits.meter(admission.subject))
+        headers = {**contract.session.resume_headers(), **admission.headers}
         body = {"session": {"id": contract.session_id}, "transport": {"type": "webrtc"}}
         body["transport"]["sdp"] = answer
         return JSONResponse(body, 201, headers)

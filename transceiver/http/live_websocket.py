@@ -31,8 +31,15 @@ from fastapi import FastAPI, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
 from transceiver.http.auth import Authenticator
+from transceiver.http.rate_limiting import RateLimiting, metered
 from transceiver.http.sideband import Sidebands
-from transceiver.http.websocket import WebSocketSessions, admitted, refusals, run_session
+from transceiver.http.websocket import (
+    WebSocketSessions,
+    admitted,
+    rate_limited,
+    refusals,
+    run_session,
+)
 from transceiver.live.client_events import (
     MAX_LIVE_EVENT_BYTES,
     SessionStart,
@@ -57,6 +64,7 @@ def add_live_websocket(
     auth: Authenticator,
     sessions: WebSocketSessions | None,
     sidebands: Sidebands,
+    limits: RateLimiting,
 ) -> None:
     live = sidebands.live
 
@@ -64,6 +72,7 @@ def add_live_websocket(
     async def primary(websocket: WebSocket) -> None:
         async with refusals(websocket):
             granted = admitted(websocket, auth, sessions)
+            subject = await rate_limited(websocket, limits)
             assert sessions is not None
             with calls.reserve():  # held while the socket is open: it counts as a call
                 await websocket.accept()
@@ -71,6 +80,7 @@ def add_live_websocket(
                 if session is None:
                     return
                 assert isinstance(session.contract, LiveContract)
+                metered(session, limits.meter(subject))
                 ended = asyncio.Event()
                 live.add(session.contract, ended)
                 try:

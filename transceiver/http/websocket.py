@@ -46,6 +46,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from transceiver.background import report_crash
 from transceiver.http.auth import Authenticator, AuthError
 from transceiver.http.errors import error_response
+from transceiver.http.rate_limiting import RateLimited, RateLimiting, metered
 from transceiver.realtime.client_events import EventError
 from transceiver.realtime.session import EVENTS_LABEL, RealtimeSession
 from transceiver.webrtc.calls import AdmissionError, Calls
@@ -122,6 +123,7 @@ def add_realtime_websocket(
     auth: Authenticator,
     sessions: WebSocketSessions | None,
     join_call: JoinCall,
+    limits: RateLimiting,
 ) -> None:
     @app.websocket(REALTIME_PATH)
     async def realtime(websocket: WebSocket) -> None:
@@ -130,8 +132,10 @@ def add_realtime_websocket(
             return
         async with refusals(websocket):
             granted = admitted(websocket, auth, sessions)
+            subject = await rate_limited(websocket, limits)
             with calls.reserve():  # held while the session is open: it counts as a call
                 session = _session(sessions, granted)
+                metered(session, limits.meter(subject))
                 await run_session(websocket, session)
 
 
@@ -167,6 +171,16 @@ def admitted(
         message = "this transceiver runs no Realtime sessions (it runs the echo agent)"
         raise Refused(error_response(404, "realtime_unavailable", message))
     return granted
+
+
+async def rate_limited(websocket: WebSocket, limits: RateLimiting) -> str:
+    """Take the handshake from its key's and address's limits: the key's subject, or Refused
+    with the 429 (before the upgrade)."""
+    try:
+        admission = await limits.admit_connection(websocket, authorization_of(websocket))
+    except RateLimited as exc:
+        raise Refused(exc.response()) from None
+    return admission.subject
 
 
 def authorization_of(websocket: WebSocket) -> str | None:

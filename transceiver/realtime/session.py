@@ -109,6 +109,7 @@ from transceiver.store.contracts import split_contract, with_contract
 from transceiver.store.journal import SessionJournal, item_to_message, message_to_item
 from transceiver.store.keys import SessionState, encode_item
 from transceiver.store.persistence import SessionPersistence
+from transceiver.store.rate_limits import RateMeter
 from transceiver.webrtc.audio import AgentVoiceTrack, pump_input
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,7 @@ class RealtimeSession:
         self.idle = IdleTimeout(self._idle_turn, self._quiet, lambda: engine.input_position_ms)
         self.side = SideResponses(engine, self._side_event)  # out-of-band responses
         self._side_pcm: dict[str, PcmResampler] = {}  # WebSocket: their audio -> deltas
+        self.rate_meter: RateMeter | None = None  # its API key's limits (http.rate_limiting)
         self.edits = ItemEdits(engine, self.translator, self.send, self._history_changed)
         if resumed is not None:
             journal, state = resumed
@@ -429,6 +431,20 @@ class RealtimeSession:
                 self._journal(event)
                 for server in edge.translate(event):
                     self.send(server)
+                    self._rate_limits_after(server)
+
+    def _rate_limits_after(self, event: Event) -> None:
+        """After each ``response.done``: its tokens spent, then ``rate_limits.updated``."""
+        if self.rate_meter is None or event.get("type") != "response.done":
+            return
+        usage = event["response"].get("usage") or {}
+        tokens = int(usage.get("total_tokens") or 0)
+        self._spawn(self._rate_limits_updated(self.rate_meter, tokens), "session rate limits")
+
+    async def _rate_limits_updated(self, meter: RateMeter, tokens: int) -> None:
+        rate_limits = await meter.spent(tokens)
+        if rate_limits:
+            self.send(server_event("rate_limits.updated", rate_limits=rate_limits))
 
     def _observe(self, event: ev.EngineEvent) -> None:
         self.recorder.observe(event)
@@ -540,6 +556,8 @@ class RealtimeSession:
         """A response with its own settings (``responses``): in the conversation, or beside it
         (out of band) on the conversation's context or its own ``input``. One in the
         conversation waits for the created audio items' words."""
+        if self.rate_meter is not None and (refused := self.rate_meter.refusal()) is not None:
+            raise EventError("rate_limit_exceeded", refused)
         plan = plan_response(event.response)
         if self.edits.hearing and not plan.out_of_band:
             self._spawn(self._create_when_heard(event), "response after item audio")

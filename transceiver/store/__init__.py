@@ -10,7 +10,9 @@ writes; ``catch_up`` stores the sessions begun while Redis was away; ``health`` 
 ``route_cache`` and ``route_publishing`` publish client routes for relays;
 ``sideband_directory`` where each session a sideband may attach to runs. ``call_records``
 (keys, Lua, shapes) and ``call_log`` (the writer and the reads) keep a record of every call.
+``rate_limits`` (the limits, token-bucket arithmetic and keys) and ``rate_limit_store`` (its
+Lua run on Redis) are the rate limits every transceiver shares.
 
 May import: relay.wire, transceiver.background, transceiver.restarts, pipeline.providers
-Pure: keys, errors, scripts, survival, call_records, contracts
+Pure: keys, errors, scripts, survival, call_records, contracts, rate_limits
 """

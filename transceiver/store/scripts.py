@@ -186,3 +186,52 @@ touch(ARGV[3])
 return turn
 """,
 )
+
+# Rate limits (``transceiver.store.rate_limits``): token buckets, one hash per bucket
+# (``level`` tokens at ``at_ms``, Redis's own clock, shared by every transceiver). KEYS: the
+# buckets. ARGV[1] mode: 'take' (every bucket gives its cost, or none gives any) or 'spend'
+# (tokens already used: taken even below zero); then per bucket: limit, window_ms, cost.
+# -> per bucket {allowed 0|1, remaining, reset_ms, retry_after_ms}. The arithmetic is
+# ``rate_limits.refilled``/``taken``'s, which tests hold to it.
+TAKE_BUCKETS = LuaScript(
+    "take_buckets",
+    """
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local spend = ARGV[1] == 'spend'
+local levels, all_allowed = {}, true
+for i, key in ipairs(KEYS) do
+  local limit = tonumber(ARGV[i * 3 - 1])
+  local window_ms = tonumber(ARGV[i * 3])
+  local cost = tonumber(ARGV[i * 3 + 1])
+  local stored = redis.call('HMGET', key, 'level', 'at_ms')
+  local level = limit
+  if stored[1] then
+    local elapsed_ms = math.max(0, now_ms - tonumber(stored[2]))
+    level = math.min(limit, tonumber(stored[1]) + elapsed_ms * limit / window_ms)
+  end
+  levels[i] = level
+  if level < cost and not spend then all_allowed = false end
+end
+local replies = {}
+for i, key in ipairs(KEYS) do
+  local limit = tonumber(ARGV[i * 3 - 1])
+  local window_ms = tonumber(ARGV[i * 3])
+  local cost = tonumber(ARGV[i * 3 + 1])
+  local level = levels[i]
+  local allowed = spend or level >= cost
+  if all_allowed or spend then
+    level = level - cost
+  end
+  local reset_ms = math.ceil((limit - level) * window_ms / limit)
+  local retry_ms = 0
+  if not allowed then retry_ms = math.ceil((cost - level) * window_ms / limit) end
+  if all_allowed or spend then
+    redis.call('HSET', key, 'level', tostring(level), 'at_ms', now_ms)
+    redis.call('PEXPIRE', key, reset_ms + 1)
+  end
+  replies[i] = {allowed and 1 or 0, math.max(0, math.floor(level)), reset_ms, retry_ms}
+end
+return replies
+""",
+)
