@@ -422,17 +422,23 @@ class FrontDoor:
         writer: asyncio.StreamWriter,
     ) -> None:
         """Relay the ``101``, then the bytes both ways until the tunnel ends."""
-        mine, counts = TunnelCounts(open=1, total=1), self.tunnels
+        mine, counts = TunnelCounts(), self.tunnels  # this tunnel's bytes, and everyone's
         counts.open, counts.total = counts.open + 1, counts.total + 1
         what = f"WebSocket {_what(request)} via {upstream.backend}"
         log.info("front door: %s opened (%d open, %d so far)", what, counts.open, counts.total)
-        ended = "cancelled (the drain ended)"
+        ended = "ended"
         try:
             writer.write(upstream.head.switch_head())
             await writer.drain()
             ended = await pump(
                 (reader, writer), upstream, self.config.tunnel_idle_timeout_s, (mine, counts)
             )
+        except asyncio.CancelledError:
+            ended = "closed: the front door stopped and its drain timeout passed"
+            raise
+        except ConnectionError as exc:
+            ended = f"closed: the client went away before the 101 ({exc!r})"
+            raise
         finally:
             counts.open -= 1
             await upstream.aclose()

@@ -73,7 +73,9 @@ class Backend:
         self.app.add_api_route(CALLS, self.offer, methods=["POST"])
         self.app.add_api_route(CALLS + "/{call_id}", self.hangup, methods=["DELETE"])
         self.app.add_api_websocket_route("/ws", self.websocket)
+        self.app.add_api_websocket_route("/v1/realtime", self.websocket)  # sidebands
         self.handshakes: list[dict[str, str]] = []
+        self.targets: list[str] = []  # the query of each WebSocket
 
     async def echo(self, request: Request) -> Response:
         self.hits.append("echo")
@@ -118,6 +120,7 @@ class Backend:
         """Echo each message back; ``?refuse=404`` (or being busy: 503) refuses the upgrade."""
         self.hits.append("ws")
         self.handshakes.append(dict(websocket.headers))
+        self.targets.append(websocket.url.query)
         refuse = 503 if self.busy else int(websocket.query_params.get("refuse", "0"))
         if refuse:
             body = {"error": {"code": f"refused_{refuse}", "message": "no"}}
@@ -630,6 +633,18 @@ async def test_a_websocket_passes_over_dead_and_busy_backends() -> None:
     assert busy.hits == ["ws"] and alive.hits == ["ws"]
 
 
+async def test_a_sideband_goes_first_to_the_backend_that_made_its_call() -> None:
+    async with two_backends() as (a, b, door), httpx.AsyncClient() as http:
+        created = [await http.post(base_url(door) + CALLS, content=b"v=0") for _ in range(2)]
+        calls = [r.headers["location"].rsplit("/", 1)[1] for r in created]
+        await http.get(base_url(door) + "/who")  # turn the ring: a plain turn would miss now
+        for call_id in calls * 2:
+            async with ws_connect(ws_url(door, f"/v1/realtime?call_id={call_id}")) as connection:
+                assert await echoed(connection, call_id)
+    assert sorted(calls) == ["rtc_a_0", "rtc_b_0"]
+    assert a.targets == ["call_id=rtc_a_0"] * 2 and b.targets == ["call_id=rtc_b_0"] * 2
+
+
 async def test_when_every_backend_is_busy_their_503_comes_through() -> None:
     a, b = Backend("a", busy=True), Backend("b", busy=True)
     async with serving(a) as at_a, serving(b) as at_b, front_door([at_a, at_b]) as door:
@@ -726,7 +741,7 @@ async def test_sigterm_leaves_a_tunnel_the_drain_timeout_then_closes_it() -> Non
     assert process.stderr is not None
     log = (await process.stderr.read()).decode()
     assert "closing 1 connections (1 WebSockets)" in log, log
-    assert "cancelled (the drain ended)" in log, log
+    assert "closed: the front door stopped and its drain timeout passed" in log, log
 
 
 def refuses(url: str) -> bool:
