@@ -1,0 +1,295 @@
+"""The semantic end-of-turn model: our log-mel features, the pinned file and its refusal, the
+threads it leaves, and its decisions on piper speech (a finished sentence, a cut-off phrase).
+
+The model file comes out of the pinned wheel (``python -m pipeline.smart_turn_file``; the
+fixture fetches it when the checkout has none)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loadtest.voice_audio import silence_pcm, spoken_pcm, tone_pcm
+from pipeline.config import VadConfig
+from pipeline.end_of_turn import EndOfTurn, Verdict
+from pipeline.log_mel import (
+    FRAMES,
+    MEL_BANDS,
+    SAMPLE_RATE_HZ,
+    log_mel_features,
+    mel_band_of,
+    pcm16_to_float,
+)
+from pipeline.piper_tts import PiperTextToSpeech
+from pipeline.smart_turn_file import (
+    PINS_FILE,
+    SMART_TURN_V3_2,
+    WHEELS_DIR,
+    SmartTurnFileError,
+    default_model_path,
+    extract,
+    fetch,
+    read_verified,
+)
+from pipeline.vad import TurnCommitted, TurnDetector, webrtc_classifier
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return fetch(PINS_FILE, WHEELS_DIR, default_model_path())
+
+
+@pytest.fixture(scope="module")
+def end_of_turn(model_path: Path) -> Iterator[EndOfTurn]:
+    model = EndOfTurn(model_path)
+    yield model
+    model.close()
+
+
+# --- features ------------------------------------------------------------------------------
+
+
+def tone(frequency_hz: float, seconds: float) -> np.ndarray:
+    return pcm16_to_float(tone_pcm(frequency_hz, seconds, SAMPLE_RATE_HZ))
+
+
+def test_features_are_80_bands_by_800_frames_within_eight_decades() -> None:
+    noise = np.random.default_rng(7).standard_normal(3 * SAMPLE_RATE_HZ) * 0.1
+    features = log_mel_features(noise)
+    assert features.shape == (MEL_BANDS, FRAMES) == (80, 800)
+    assert features.dtype == np.float32
+    assert features.max() - features.min() <= 8.0 / 4 + 1e-6  # clipped, then divided by 4
+
+
+@pytest.mark.parametrize("frequency_hz", [300.0, 1000.0, 3000.0])
+def test_a_tone_peaks_in_its_own_mel_band(frequency_hz: float) -> None:
+    features = log_mel_features(tone(frequency_hz, 2.0))
+    loudest = np.argmax(features[:, -100:].mean(axis=1))
+    assert abs(int(loudest) - mel_band_of(frequency_hz)) <= 1
+
+
+def test_a_short_utterance_sits_at_the_right_edge_and_a_long_one_keeps_its_end() -> None:
+    features = log_mel_features(tone(1000.0, 1.0))
+    band = mel_band_of(1000.0)
+    assert features[band, -50:].min() > features[band, :600].max()  # silence in front
+    long = np.concatenate([tone(300.0, 9.0), tone(3000.0, 1.0)])
+    assert np.argmax(features_of_last(long, frames=50)) in range(mel_band_of(3000.0) - 1, 80)
+    assert np.argmax(features_of_last(long[: 9 * SAMPLE_RATE_HZ], frames=50)) <= band
+
+
+def features_of_last(samples: np.ndarray, frames: int) -> np.ndarray:
+    mean: np.ndarray = log_mel_features(samples)[:, -frames:].mean(axis=1)
+    return mean
+
+
+def test_pcm_with_an_odd_byte_is_refused() -> None:
+    with pytest.raises(ValueError, match="even number of bytes, got 3"):
+        pcm16_to_float(b"\0\0\0")
+
+
+# --- the file: pinned, extracted, refused when it differs --------------------------------------
+
+
+def test_the_fetched_model_is_the_pinned_file(model_path: Path) -> None:
+    content = read_verified(model_path)
+    assert hashlib.sha256(content).hexdigest() == SMART_TURN_V3_2.sha256
+    assert (model_path.parent / "smart-turn-v3.2-cpu.LICENSE").read_text().startswith("BSD 2")
+
+
+def test_a_tampered_copy_is_refused_and_never_loaded(model_path: Path, tmp_path: Path) -> None:
+    tampered = tmp_path / "tampered.onnx"
+    content = bytearray(model_path.read_bytes())
+    content[len(content) // 2] ^= 0x01
+    tampered.write_bytes(bytes(content))
+    with pytest.raises(SmartTurnFileError, match=r"tampered.onnx: sha256 [0-9a-f]{64}, the pinn"):
+        EndOfTurn(tampered)
+    tampered.write_bytes(bytes(content[:-1]))
+    with pytest.raises(SmartTurnFileError, match="8679181 bytes, the pinned"):
+        EndOfTurn(tampered)
+    with pytest.raises(SmartTurnFileError, match="no such file"):
+        EndOfTurn(tmp_path / "absent.onnx")
+
+
+def test_a_wheel_holding_another_file_is_refused(tmp_path: Path) -> None:
+    wheel = tmp_path / "pipecat_ai-1.14.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(SMART_TURN_V3_2.member, b"not the model")
+        archive.writestr(SMART_TURN_V3_2.licence_member, b"BSD 2-Clause License")
+    with pytest.raises(SmartTurnFileError, match=r"any.whl!pipecat/.*: 13 bytes, the pinned"):
+        extract(wheel, tmp_path / "models")
+    assert not (tmp_path / "models" / SMART_TURN_V3_2.file_name).exists()
+    wheel.write_bytes(b"PK not a zip")
+    with pytest.raises(SmartTurnFileError, match="not a wheel holding"):
+        extract(wheel, tmp_path / "models")
+
+
+def test_the_real_wheel_extracts_to_the_same_file(model_path: Path, tmp_path: Path) -> None:
+    (wheel,) = WHEELS_DIR.glob("pipecat_ai-1.14.0-*.whl")
+    extracted = extract(wheel, tmp_path)
+    assert extracted.read_bytes() == model_path.read_bytes()
+
+
+# --- threads -------------------------------------------------------------------------------
+
+THREADS_PROBE = """
+import os, sys
+from pathlib import Path
+import numpy, onnxruntime  # onnxruntime's import starts a thread of its own (asleep)
+from pipeline.end_of_turn import EndOfTurn
+
+def threads():
+    states = {}
+    for task in os.listdir("/proc/self/task"):
+        stat = Path(f"/proc/self/task/{task}/stat").read_text()
+        states[task] = stat[stat.rindex(")") + 2]
+    return states
+
+before = threads()
+model = EndOfTurn(Path(sys.argv[1]))
+loaded = threads()
+verdicts = [model.ask(b"\\0\\0" * 16000 * n) for n in (1, 2, 3)]
+while any(verdict() is None for verdict in verdicts):
+    os.sched_yield()
+after = threads()
+new = {task: state for task, state in after.items() if task not in before}
+others = {task: state for task, state in after.items() if task != str(os.getpid())}
+print(len(before), len(loaded), len(after), "".join(new.values()), "".join(others.values()))
+"""
+
+
+def test_decisions_run_on_one_thread_that_sleeps_between_them(model_path: Path) -> None:
+    """onnxruntime starts no pool (one thread per run) and its one decision thread is asleep
+    (``S``, not running ``R``) once the decisions are done: nothing spins between them."""
+    done = subprocess.run(
+        [sys.executable, "-c", THREADS_PROBE, str(model_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    before, loaded, after, new_states, other_states = done.stdout.split()
+    assert int(loaded) == int(before)  # loading started no thread
+    assert int(after) == int(before) + 1 and new_states == "S"  # the decision thread
+    assert set(other_states) == {"S"}  # no thread but the main one is running
+
+
+# --- decisions on piper's speech -------------------------------------------------------------
+
+on_module_loop = pytest.mark.asyncio(loop_scope="module")
+PAUSE_S = 0.2  # the pause at which the detector asks
+
+
+@on_module_loop
+@pytest.mark.parametrize(
+    ("text", "complete"),
+    [
+        ("What's the weather like in Berlin today?", True),
+        ("Please book me a table for two at seven tonight.", True),
+        ("Where is the nearest train station?", True),
+        ("I would like to order a large pizza and", False),
+        ("So I was thinking that maybe we could", False),
+        ("Let me think about it, I need", False),
+    ],
+)
+async def test_a_finished_sentence_is_complete_and_a_cut_off_one_is_not(
+    piper: PiperTextToSpeech, end_of_turn: EndOfTurn, text: str, complete: bool
+) -> None:
+    """Examples the model gets right. It calls these cut-off phrases complete (piper's
+    intonation falls at their end as at a full stop): "I would like to order a", "My name
+    is", "Can you tell me about the", "Could you please", "The meeting is at"."""
+    pcm = await spoken_pcm(piper, text, SAMPLE_RATE_HZ) + silence_pcm(PAUSE_S, SAMPLE_RATE_HZ)
+    assert end_of_turn.is_complete(pcm) is complete
+    verdict = end_of_turn.ask(pcm)  # the same, from the decision thread
+    assert wait_for_verdict(verdict) is complete
+
+
+def wait_for_verdict(verdict: Verdict, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while (answer := verdict()) is None:
+        assert time.monotonic() < deadline, "no verdict within the deadline"
+        time.sleep(0.005)  # polling a condition with a deadline
+    return answer
+
+
+# --- whole turns, measured in audio: the frame at which the turn ends -------------------------
+
+SERVER_VAD = VadConfig()  # the 500 ms window
+SEMANTIC_VAD = VadConfig(semantic=True, decision_pause_ms=200, silence_duration_ms=700)  # auto
+
+
+@dataclass
+class Segmented:
+    ends_ms: list[int]  # the input position at each TurnCommitted
+    verdicts: list[bool]  # what the model said at each pause it was asked about
+
+
+def segment(pcm: bytes, config: VadConfig, end_of_turn: EndOfTurn) -> Segmented:
+    """Feeds ``pcm`` in 20 ms frames to a detector whose model answers at once (so where a
+    turn ends depends on the audio alone)."""
+    result = Segmented([], [])
+
+    def ask(utterance: bytes) -> Verdict:
+        verdict = end_of_turn.is_complete(utterance)
+        result.verdicts.append(verdict)
+        return lambda: verdict
+
+    classify = webrtc_classifier(config, SAMPLE_RATE_HZ)
+    detector = TurnDetector(config, SAMPLE_RATE_HZ, classify, time.monotonic, ask)
+    frame_bytes = SAMPLE_RATE_HZ * 20 // 500
+    for start in range(0, len(pcm) - frame_bytes + 1, frame_bytes):
+        events = detector.push(pcm[start : start + frame_bytes])
+        if any(isinstance(event, TurnCommitted) for event in events):
+            result.ends_ms.append(detector.position_ms)
+    return result
+
+
+async def utterance(piper: PiperTextToSpeech, *parts: str, pause_s: float = 0.6) -> bytes:
+    """Silence, the parts with ``pause_s`` between them, 1.5 s of silence."""
+    spoken = [await spoken_pcm(piper, part, SAMPLE_RATE_HZ) for part in parts]
+    pause = silence_pcm(pause_s, SAMPLE_RATE_HZ)
+    edge = silence_pcm(0.3, SAMPLE_RATE_HZ)
+    return edge + pause.join(spoken) + edge * 5
+
+
+@on_module_loop
+@pytest.mark.parametrize(
+    "text", ["What's the weather like in Berlin today?", "Tell me a joke.", "What time is it?"]
+)
+async def test_a_complete_turn_ends_sooner_than_with_the_500_ms_window(
+    piper: PiperTextToSpeech, end_of_turn: EndOfTurn, text: str
+) -> None:
+    pcm = await utterance(piper, text)
+    (window_end_ms,) = segment(pcm, SERVER_VAD, end_of_turn).ends_ms
+    semantic = segment(pcm, SEMANTIC_VAD, end_of_turn)
+    assert semantic.verdicts == [True]
+    (semantic_end_ms,) = semantic.ends_ms
+    assert semantic_end_ms == window_end_ms - 500 + 200  # 300 ms of audio sooner
+
+
+@on_module_loop
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("So I was thinking that maybe we could", "go to the beach tomorrow."),
+        ("I would like to order a large pizza and", "a salad."),
+    ],
+)
+async def test_a_pause_the_model_calls_incomplete_does_not_cut_the_turn(
+    piper: PiperTextToSpeech, end_of_turn: EndOfTurn, parts: tuple[str, str]
+) -> None:
+    """A 600 ms pause mid-sentence: the 500 ms window cuts the sentence in two turns; semantic
+    turn detection asks at the pause, hears "not done", and keeps one turn."""
+    pcm = await utterance(piper, *parts)
+    assert len(segment(pcm, SERVER_VAD, end_of_turn).ends_ms) == 2
+    semantic = segment(pcm, SEMANTIC_VAD, end_of_turn)
+    assert semantic.verdicts[0] is False  # asked at the mid-sentence pause first
+    assert len(semantic.ends_ms) == 1
