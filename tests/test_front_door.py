@@ -43,7 +43,9 @@ from deploy.http_wire import HttpError, body_length, parse_head
 from deploy.waiting import eventually
 from deploy.websocket_wire import (
     HandshakeError,
+    UpstreamError,
     check_handshake,
+    parse_response_head,
     request_version,
     sideband_call_id,
     upstream_handshake,
@@ -744,6 +746,54 @@ async def test_sigterm_leaves_a_tunnel_the_drain_timeout_then_closes_it() -> Non
     assert "closed: the front door stopped and its drain timeout passed" in log, log
 
 
+@contextlib.asynccontextmanager
+async def raw_backend(answer: bytes | None) -> AsyncIterator[str]:
+    """A backend that reads the handshake head, then writes ``answer`` and closes (or, for
+    None, says nothing until the test ends); yields its ``host:port``."""
+    done = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            if answer is None:
+                await done.wait()
+            writer.write(answer or b"")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        done.set()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "code"),
+    [
+        (b"", 502, "upstream_failed"),  # closed before answering
+        (b"SSH-2.0-OpenSSH\r\n\r\n", 502, "upstream_failed"),
+        (b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 502,
+         "upstream_failed"),
+        (None, 504, "upstream_timeout"),
+    ],
+)  # fmt: skip
+async def test_a_backend_that_fails_the_handshake_is_a_json_error_and_not_retried(
+    answer: bytes | None, status: int, code: str
+) -> None:
+    alive = Backend("alive")
+    async with (
+        raw_backend(answer) as at_raw,
+        serving(alive) as at_alive,
+        front_door([at_raw, at_alive], upstream_timeout_s=0.5) as door,
+    ):
+        got = await raw_exchange(door, upgrade())
+    assert (got[0], got[1]["error"]["code"]) == (status, code), got
+    assert alive.hits == []  # the handshake reached a backend: its failure is the answer
+
+
 def refuses(url: str) -> bool:
     host, port = url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
     with socket.socket() as sock:
@@ -818,6 +868,47 @@ def test_a_handshake_up_to_the_head_limit_is_checked_and_forwarded_faithfully(
     assert sent.all("x-voicerelay-test") == [voicerelay.strip(" \t")]
     assert sent.all("host") == ["10.0.0.7:8080"] and sent.all("x-forwarded-host") == ["x"]
     assert not sent.all("cookie") and not sent.all("x-pad")
+
+
+UVICORN_DENIAL = (  # a transceiver's 404 to a sideband, as uvicorn writes it
+    b"HTTP/1.1 404 Not Found\r\ncontent-length: 35\r\ncontent-type: application/json\r\n"
+    b"Date: Sat, 05 Dec 2026 17:50:28 GMT\r\nConnection: close\r\n\r\n"
+)
+UVICORN_SWITCH = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: realtime\r\n"
+    b"date: Sat, 05 Dec 2026 17:50:28 GMT\r\nserver: uvicorn\r\n"
+    b"X-Voicerelay-Session: sess_1\r\n\r\n"
+)
+
+
+def test_a_transceivers_answers_to_a_handshake_parse_and_relay_what_they_should() -> None:
+    denial = parse_response_head(UVICORN_DENIAL)
+    assert (denial.status, denial.body_bytes(1000)) == (404, 35)
+    assert denial.reply_headers() == [(b"content-type", b"application/json")]
+    with pytest.raises(UpstreamError, match="oversized"):
+        denial.body_bytes(34)
+    switched = parse_response_head(UVICORN_SWITCH).switch_head()
+    assert switched == (
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+        b"sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+        b"sec-websocket-protocol: realtime\r\nx-voicerelay-session: sess_1\r\n\r\n"
+    )
+    closing = parse_response_head(b"HTTP/1.0 401 Unauthorized\r\n\r\n")
+    assert closing.body_bytes(1000) is None  # the body ends with the connection
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_answer_head_parses_or_is_an_upstream_error(raw: bytes) -> None:
+    for head in (raw, UVICORN_DENIAL[:-4] + raw):
+        try:
+            parsed = parse_response_head(head + b"\r\n\r\n")
+            parsed.body_bytes(1000)
+        except UpstreamError as error:
+            assert str(error)
+            continue
+        assert 100 <= parsed.status <= 599
 
 
 def test_a_sideband_names_its_call_and_other_targets_none() -> None:
