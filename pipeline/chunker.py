@@ -5,8 +5,10 @@ whole answer costs latency, so the chunker cuts:
 
 - at a sentence end (``.``, ``!``, ``?`` followed by whitespace, not after a known
   abbreviation or a single capital initial);
-- for the *first* chunk only, already at a clause boundary (``,``, ``;``, ``:``, dash) once it
-  has ``first_min_chars``: the first sound of the answer is what the user waits for;
+- for the *first* chunk only, already at a clause boundary once it has ``first_min_chars``: after
+  ``,``, ``;``, ``:`` or a dash, or before a conjunction that opens a clause (``and``, ``but``,
+  ``because``, ``which``...; cut once the word is whole). The first sound of the answer is what
+  the user waits for, and text-to-speech takes time in proportion to the chunk's length;
 - anywhere at whitespace once a chunk reaches ``max_chars`` (a run-on sentence must not stall
   speech).
 
@@ -15,11 +17,17 @@ whole answer costs latency, so the chunker cuts:
 
 from __future__ import annotations
 
+import re
+
 from pipeline.config import ChunkerConfig
 
 SENTENCE_ENDS = ".!?"
 CLAUSE_ENDS = ",;:\u2014"
 ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "st", "vs", "etc", "e.g", "i.e"})
+CLAUSE_CONJUNCTIONS = frozenset(
+    {"and", "but", "because", "which", "while", "although", "though", "whereas", "unless"}
+)
+NEXT_WHOLE_WORD = re.compile(r"\s+([A-Za-z]+)\s")  # a word with whitespace after it
 
 
 class SpeechChunker:
@@ -51,7 +59,7 @@ class SpeechChunker:
         for index in range(1, min(len(text), self.config.max_chars + 1)):
             if not text[index].isspace():
                 continue
-            if self._is_boundary(text, index - 1):
+            if self._is_boundary(text, index - 1) or self._before_conjunction(text, index):
                 return index
         if len(text) >= self.config.max_chars:
             space = text.rfind(" ", 0, self.config.max_chars)
@@ -65,6 +73,13 @@ class SpeechChunker:
             return length >= self.config.min_chars and not _ends_with_abbreviation(text[:index])
         first = self._chunks_out == 0
         return first and mark in CLAUSE_ENDS and length >= self.config.first_min_chars
+
+    def _before_conjunction(self, text: str, index: int) -> bool:
+        """The first chunk may end at ``index`` (whitespace) when a conjunction follows."""
+        if self._chunks_out or len(text[:index].strip()) < self.config.first_min_chars:
+            return False
+        word = NEXT_WHOLE_WORD.match(text, index)
+        return word is not None and word[1].lower() in CLAUSE_CONJUNCTIONS
 
 
 def _ends_with_abbreviation(text: str) -> bool:

@@ -37,6 +37,29 @@ def test_the_first_chunk_is_cut_early_at_a_clause_boundary_later_ones_are_not() 
     ]
 
 
+def test_the_first_chunk_may_end_before_a_clause_conjunction_once_the_word_is_whole() -> None:
+    chunker = SpeechChunker()
+    assert chunker.push("The library opens at nine in the morning") == []
+    assert chunker.push(" and") == []  # "and" or "android": not yet known
+    assert chunker.push(" closes") == ["The library opens at nine in the morning"]
+    assert chunker.push(" at six and then it shuts.") == []  # later chunks: sentences only
+    assert chunker.flush() == ["and closes at six and then it shuts."]
+
+
+def test_no_conjunction_cut_for_a_short_head_or_a_word_that_only_starts_like_one() -> None:
+    assert chunk_all(words("It is cold and wet. Bring a coat.")) == [
+        "It is cold and wet.",
+        "Bring a coat.",
+    ]
+    assert chunk_all(words("Sand is made of rock and android is not.")) == [
+        "Sand is made of rock",
+        "and android is not.",
+    ]
+    assert chunk_all(words("Two hundred robots andante android.")) == [
+        "Two hundred robots andante android."
+    ]
+
+
 def test_abbreviations_initials_and_decimals_do_not_end_a_sentence() -> None:
     text = "Dr. Smith met J. Doe at 3.5 km from St. Mary. Then they left."
     assert chunk_all(words(text)) == [
