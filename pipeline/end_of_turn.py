@@ -77,6 +77,11 @@ class EndOfTurn:
         decision = self._thread.submit(self.is_complete, pcm)
         return functools.partial(_verdict_of, decision)
 
+    def wait_decided(self, timeout_s: float) -> None:
+        """Returns once every decision asked before this call is done (one thread, in order);
+        ``TimeoutError`` after ``timeout_s``."""
+        self._thread.submit(int).result(timeout=timeout_s)
+
     def close(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
 

@@ -11,16 +11,22 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import pytest_asyncio
 
 from loadtest.voice_audio import silence_pcm, spoken_pcm, tone_pcm
-from pipeline.config import VadConfig
-from pipeline.end_of_turn import EndOfTurn, Verdict
+from pipeline.config import EngineConfig, VadConfig
+from pipeline.end_of_turn import EndOfTurn, Verdict, shared_end_of_turn
+from pipeline.engine import ConversationEngine
+from pipeline.espeak_tts import EspeakTextToSpeech
+from pipeline.knowledge import load_knowledge
+from pipeline.local_agent import LocalRuleBasedAgent
 from pipeline.log_mel import (
     FRAMES,
     MEL_BANDS,
@@ -30,6 +36,7 @@ from pipeline.log_mel import (
     pcm16_to_float,
 )
 from pipeline.piper_tts import PiperTextToSpeech
+from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 from pipeline.smart_turn_file import (
     PINS_FILE,
     SMART_TURN_V3_2,
@@ -41,6 +48,7 @@ from pipeline.smart_turn_file import (
     read_verified,
 )
 from pipeline.vad import TurnCommitted, TurnDetector, webrtc_classifier
+from transceiver.realtime.policy import SessionPolicy, session_update_from
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -293,3 +301,58 @@ async def test_a_pause_the_model_calls_incomplete_does_not_cut_the_turn(
     semantic = segment(pcm, SEMANTIC_VAD, end_of_turn)
     assert semantic.verdicts[0] is False  # asked at the mid-sentence pause first
     assert len(semantic.ends_ms) == 1
+
+
+# --- the engine, as a Realtime session sets it ----------------------------------------------
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def sphinx() -> AsyncIterator[PocketsphinxSpeechToText]:
+    stt = PocketsphinxSpeechToText()
+    await stt.start()
+    yield stt
+    await stt.aclose()
+
+
+def engine_config(turn_detection: dict[str, Any]) -> EngineConfig:
+    policy = SessionPolicy(EngineConfig(realtime_playout=False))
+    update = {"type": "realtime", "audio": {"input": {"turn_detection": turn_detection}}}
+    return policy.engine_config(session_update_from(update).apply(policy.initial()))
+
+
+def turn_end_ms(engine: ConversationEngine, pcm: bytes, model: EndOfTurn) -> int:
+    """Feeds ``pcm`` frame by frame, each after the decisions asked before it are done (so
+    the turn ends at the same frame however loaded the machine); where in ``pcm`` the turn
+    ended."""
+    frame_bytes = SAMPLE_RATE_HZ * 20 // 500
+    start_ms = engine.input_position_ms
+    was_speaking = False
+    for start in range(0, len(pcm) - frame_bytes + 1, frame_bytes):
+        model.wait_decided(timeout_s=60)
+        engine.push_audio(pcm[start : start + frame_bytes])
+        if was_speaking and not engine.user_speaking:
+            return engine.input_position_ms - start_ms
+        was_speaking = engine.user_speaking
+    raise AssertionError("the turn did not end")
+
+
+@on_module_loop
+async def test_a_semantic_vad_session_update_ends_the_engines_turn_at_the_short_pause(
+    piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText, model_path: Path
+) -> None:
+    """server_vad first, then session.update's semantic_vad: the engine's detector asks the
+    process's model (on its decision thread) and ends the same sentence's turn sooner."""
+    server = engine_config({"type": "server_vad", "create_response": False})
+    semantic = engine_config({"type": "semantic_vad", "create_response": False})
+    assert semantic.vad.semantic and semantic.vad.silence_duration_ms == 700
+    pcm = await utterance(piper, "Where is the nearest train station?")
+    model = shared_end_of_turn(model_path)
+    agent = LocalRuleBasedAgent(load_knowledge())
+    engine = ConversationEngine(server, sphinx, agent, EspeakTextToSpeech())
+    async with engine:
+        window_end_ms = turn_end_ms(engine, pcm, model)
+        engine.reconfigure(semantic)
+        semantic_end_ms = turn_end_ms(engine, pcm, model)
+        await engine.wait_idle(timeout_s=60)
+    # asked at the 200 ms pause, its verdict read on the next frame or the one after
+    assert window_end_ms - 300 <= semantic_end_ms <= window_end_ms - 260
