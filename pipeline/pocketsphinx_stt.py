@@ -44,7 +44,13 @@ import soxr
 
 from pipeline.config import PocketsphinxConfig
 from pipeline.pool import StageLoad
-from pipeline.providers import AudioChunk, ProviderError, Transcript
+from pipeline.providers import (
+    NO_HINTS,
+    AudioChunk,
+    ProviderError,
+    Transcript,
+    TranscriptionHints,
+)
 
 DECODER_SAMPLE_RATE_HZ = 16000
 
@@ -209,7 +215,10 @@ class PocketsphinxSpeechToText:
         self._all.append(worker)
         return worker
 
-    async def transcribe(self, audio: AsyncIterator[AudioChunk]) -> AsyncIterator[Transcript]:
+    async def transcribe(
+        self, audio: AsyncIterator[AudioChunk], hints: TranscriptionHints = NO_HINTS
+    ) -> AsyncIterator[Transcript]:
+        """``hints`` are taken and not used: one English model, which takes no prompt."""
         if not self._all:
             raise ProviderError("pocketsphinx", "not started", retryable=False)
         utterance = _Utterance()
