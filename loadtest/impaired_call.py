@@ -7,6 +7,7 @@ agent answers, piper speaks; its HTTP on the same address, so the client reaches
 namespace). ``ImpairedStack.call`` opens an aiortc Realtime call from inside the namespace
 (``NetnsLoop``), and ``spoken_turn`` asks one spoken question on it, starting the condition's
 outage once the answer has been heard for a while, and returns what the client heard.
+``chromium_in`` runs headless Chromium in the namespace: the web client makes the call there.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from playwright.async_api import Browser, async_playwright
 
 from deploy.processes import (
     Process,
@@ -30,6 +32,7 @@ from deploy.processes import (
     transceiver_process,
 )
 from deploy.waiting import eventually
+from loadtest.browser import CHROMIUM, chromium_args
 from loadtest.impairment import ImpairedPath, NetnsLoop
 from loadtest.realtime_client import Event, RealtimeClient
 
@@ -148,3 +151,31 @@ async def _say(client: RealtimeClient, pcm: bytes) -> None:
 
 def _loud_frames(frames: list[bytes]) -> int:
     return sum(1 for frame in frames if np.abs(np.frombuffer(frame, np.int16)).max() > 500)
+
+
+@asynccontextmanager
+async def chromium_in(path: ImpairedPath, fake_audio: Path, origin: str) -> AsyncIterator[Browser]:
+    """Headless Chromium running in the path's namespace (``ip netns exec`` in front of it;
+    Playwright drives it over pipes, which cross namespaces), its microphone playing
+    ``fake_audio``; the web client's ``origin`` (plain HTTP, not loopback) counts as secure,
+    as getUserMedia requires."""
+    wrapper = path.log_dir / "chromium-in-netns"
+    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {path.netns} {CHROMIUM} "$@"\n')
+    wrapper.chmod(0o755)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(wrapper), headless=True, args=_args(fake_audio, path.host, origin)
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+def _args(fake_audio: Path, host: str, origin: str) -> list[str]:
+    """``loadtest.browser``'s flags; the host's address reachable as 127.0.0.1 is there."""
+    rules = "--host-resolver-rules="
+    args = [
+        a + f" , EXCLUDE {host}" if a.startswith(rules) else a for a in chromium_args(fake_audio)
+    ]
+    return [*args, f"--unsafely-treat-insecure-origin-as-secure={origin}"]
