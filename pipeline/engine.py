@@ -362,7 +362,7 @@ class ConversationEngine:
                         final = transcript.text.strip()
                         recorder.mark("stt_final", self._now())
         except Exception as error:
-            self._report(error)
+            self._report(error, recorder.turn)
             return
         self._after_transcript(recorder, final)
 
@@ -453,9 +453,10 @@ class ConversationEngine:
         if not self._tasks:
             self._idle.set()
 
-    def _report(self, error: BaseException) -> None:
+    def _report(self, error: BaseException, transcribing: int | None = None) -> None:
         """Log the turn's error with its traceback (a provider's failure as a warning, anything
-        else as the bug it is) and tell the session."""
+        else as the bug it is) and tell the session (``transcribing``: the turn whose
+        transcription failed)."""
         while isinstance(error, BaseExceptionGroup) and error.exceptions:
             error = error.exceptions[0]
         if isinstance(error, ProviderError):
@@ -463,7 +464,7 @@ class ConversationEngine:
         else:
             log.error("turn failed on a bug: %s: %s", type(error).__name__, error, exc_info=error)
         retryable = isinstance(error, ProviderError) and error.retryable
-        self._emit(ev.EngineError(f"{type(error).__name__}: {error}", retryable))
+        self._emit(ev.EngineError(f"{type(error).__name__}: {error}", retryable, transcribing))
 
     def _emit(self, event: ev.EngineEvent) -> None:
         self._events.put_nowait(event)

@@ -132,6 +132,7 @@ class TurnCompleted:
 class EngineError:
     message: str
     retryable: bool
+    turn: int | None = None  # a transcription's failure: its turn (None: anything else)
 
 
 EngineEvent = (

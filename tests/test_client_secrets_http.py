@@ -148,6 +148,9 @@ async def test_minted_secret_has_expiry_and_carries_the_session(
     assert defaults["expires_at"] - before in range(600, 602 + int(time.time()) - before)
 
 
+LOGPROBS = "item.input_audio_transcription.logprobs"
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code", "param"),
     [
@@ -157,7 +160,19 @@ async def test_minted_secret_has_expiry_and_carries_the_session(
         ({"expires_after": 60}, 400, "invalid_type", "expires_after"),
         ({"expiry": 60}, 400, "unknown_parameter", "expiry"),
         ({"session": []}, 400, "invalid_type", "session"),
-        ({"session": {"type": "transcription"}}, 400, "invalid_value", "session.type"),
+        ({"session": {"type": "translation"}}, 400, "invalid_value", "session.type"),
+        (
+            {"session": {"type": "transcription", "instructions": "Hi"}},
+            400,
+            "unknown_parameter",
+            "session.instructions",
+        ),
+        (
+            {"session": {"type": "transcription", "include": [LOGPROBS]}},
+            400,
+            "invalid_value",
+            "session.include",
+        ),
         ({"session": {"tools": {}}}, 400, "invalid_type", "session.tools"),
         ({"session": {"instructions": 7}}, 400, "invalid_type", "session.instructions"),
     ],

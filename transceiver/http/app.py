@@ -81,6 +81,14 @@ from transceiver.realtime.client_events import (
     new_id,
     parse_client_event,
 )
+from transceiver.realtime.session import RealtimeSession
+from transceiver.realtime.transcription import (
+    TRANSCRIPTION,
+    as_realtime,
+    is_transcription,
+    transcribing,
+)
+from transceiver.realtime.transcription import session_json as transcription_json
 from transceiver.store.contracts import REALTIME
 from transceiver.store.journal import RESUME_TOKEN_HEADER, SESSION_HEADER
 from transceiver.store.persistence import ResumeRefused, SessionPersistence
@@ -188,6 +196,8 @@ def create_app(
         try:
             with calls.reserve() as slot:  # before a resumed session is claimed
                 agent = await _resumed_agent(request, resume, REALTIME)
+                if agent is None and is_transcription(requested):
+                    agent, requested = await _transcription_agent(calls, requested), None
                 with offer_step("voicerelay.answer"):
                     call, answer = await calls.create(slot, offer, requested, agent)
         except AdmissionError as exc:
@@ -322,8 +332,11 @@ def _add_client_secrets(app: FastAPI, auth: Authenticator, limits: RateLimiting)
         except client_secrets.ClientSecretError as exc:
             raise ApiError(400, exc.reason, str(exc)) from None
         effective = _session_update(session or {}).apply(SessionConfig(id=new_id("sess")))
+        reported = effective.to_json()
+        if is_transcription(session):
+            reported = transcription_json(effective)
         body = {"value": secret.value, "expires_at": secret.expires_at}
-        return JSONResponse({**body, "session": effective.to_json()}, 200, admission.headers)
+        return JSONResponse({**body, "session": reported}, 200, admission.headers)
 
 
 def _authorise(check: Callable[[str | None], T], request: Request) -> T:
@@ -384,15 +397,32 @@ def _ttl_s(expires_after: Any) -> int:
 def _session_update(session: Mapping[str, Any]) -> SessionUpdate:
     """A session config validated exactly as a data-channel ``session.update`` is."""
     kind = session.get("type", "realtime")
-    if kind != "realtime":
-        message = f"session.type must be 'realtime', not {kind!r}"
+    if kind not in ("realtime", TRANSCRIPTION):
+        message = f"session.type must be 'realtime' or 'transcription', not {kind!r}"
         raise ApiError(400, "invalid_value", message, None, "session.type")
     try:
+        if kind == TRANSCRIPTION:  # read as the Realtime fields it sets
+            session = as_realtime(session)
         update = parse_client_event(json.dumps({"type": "session.update", "session": session}))
     except EventError as exc:
         raise ApiError(400, exc.code, exc.message, None, exc.param) from None
     assert isinstance(update, SessionUpdate)
     return update
+
+
+async def _transcription_agent(calls: Calls, requested: Mapping[str, Any]) -> CallAgent:
+    """A new call's agent speaking as a transcription session (ApiError when it cannot)."""
+    try:
+        fields = as_realtime(requested)
+    except EventError as exc:
+        raise ApiError(400, exc.code, exc.message, None, exc.param) from None
+    agent = calls.new_agent(fields)
+    if not isinstance(agent, RealtimeSession):
+        await agent.aclose()
+        message = "this transceiver runs no transcription sessions (it runs the echo agent)"
+        raise ApiError(404, "transcription_unavailable", message)
+    transcribing(agent)
+    return agent
 
 
 def merged_session(

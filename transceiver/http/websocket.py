@@ -12,8 +12,10 @@ The handshake, as OpenAI's and as the official SDKs make it:
   browsers that cannot set headers, the subprotocol ``openai-insecure-api-key.<key>`` next to
   ``realtime`` (the server then answers ``realtime``). Checked as for ``POST /v1/realtime/calls``;
   an ``ek_`` secret's session config is the session's start. Refused before the upgrade: ``401``.
-- ``model`` is a hint (ignored, like the calls endpoint's); ``intent=transcription`` is refused
-  with ``400`` until it is built. With ``call_id`` the socket is not a new session but the
+- ``model`` is a hint (ignored, like the calls endpoint's). ``intent=transcription``, or an
+  ``ek_`` secret minted for a transcription session, makes a transcription session
+  (``transceiver.realtime.transcription``); a secret for a realtime session with that intent is
+  refused with ``400``. With ``call_id`` the socket is not a new session but the
   sideband of a running call (``sideband``: joined, not admitted here).
 - Capacity: a session holds one of the transceiver's call slots (``Calls.reserve``) for as long
   as it is open, so WebSocket sessions and calls share ``TRANSCEIVER_CAPACITY``; full or
@@ -49,6 +51,11 @@ from transceiver.http.errors import error_response
 from transceiver.http.rate_limiting import RateLimited, RateLimiting, metered
 from transceiver.realtime.client_events import EventError
 from transceiver.realtime.session import EVENTS_LABEL, RealtimeSession
+from transceiver.realtime.transcription import (
+    TRANSCRIPTION,
+    is_transcription,
+    transcription_session,
+)
 from transceiver.webrtc.calls import AdmissionError, Calls
 
 logger = logging.getLogger(__name__)
@@ -134,7 +141,7 @@ def add_realtime_websocket(
             granted = admitted(websocket, auth, sessions)
             subject = await rate_limited(websocket, limits)
             with calls.reserve():  # held while the session is open: it counts as a call
-                session = _session(sessions, granted)
+                session = _session(sessions, granted, websocket.query_params.get("intent", ""))
                 metered(session, limits.meter(subject))
                 await run_session(websocket, session)
 
@@ -159,8 +166,8 @@ def admitted(
 ) -> Mapping[str, Any] | None:
     """The ek_ secret's session config (or None); Refused when the upgrade may not go on."""
     query = websocket.query_params
-    if query.get("intent", "") not in ("", "conversation", "realtime"):
-        message = f"intent {query.get('intent')!r} is not supported: realtime sessions only"
+    if query.get("intent", "") not in ("", "conversation", "realtime", TRANSCRIPTION):
+        message = f"intent {query.get('intent')!r} is not supported: realtime or transcription"
         raise Refused(error_response(400, "invalid_value", message, param="intent"))
     try:
         granted = auth.check_call(authorization_of(websocket))
@@ -199,10 +206,16 @@ def _subprotocols(websocket: WebSocket) -> list[str]:
 
 
 def _session(
-    sessions: WebSocketSessions | None, granted: Mapping[str, Any] | None
+    sessions: WebSocketSessions | None, granted: Mapping[str, Any] | None, intent: str
 ) -> RealtimeSession:
+    """A Realtime session, or a transcription session (the intent's or the secret's)."""
     assert sessions is not None
     try:
+        if intent == TRANSCRIPTION and granted is not None and not is_transcription(granted):
+            message = "the client secret is for a realtime session, not a transcription session"
+            raise EventError("invalid_value", message, "intent")
+        if intent == TRANSCRIPTION or is_transcription(granted):
+            return transcription_session(sessions, granted)
         return sessions(granted)
     except EventError as exc:
         raise Refused(error_response(400, exc.code, exc.message, param=exc.param)) from None

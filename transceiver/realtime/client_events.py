@@ -418,6 +418,9 @@ def _parse_session_update(raw: Mapping[str, Any], event_id: str | None) -> Sessi
     session = _obj(raw, "session")
     if session is None:
         raise EventError("missing_required_parameter", "missing session", "session")
+    if session.get("type") == "transcription":  # OpenAI's words: a session's type is fixed
+        message = "Passing a transcription session update event to a realtime session is "
+        raise EventError("invalid_value", message + "not allowed.", "session.type")
     _known(session, SESSION_KEYS, "session.")
     changes: dict[str, Any] = {}
     if (value := _str(session, "instructions", path="session.")) is not None:

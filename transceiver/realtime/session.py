@@ -487,6 +487,11 @@ class RealtimeSession:
         except EventError as error:
             self.send_error(error, event.event_id)
 
+    def handle(self, event: ClientEvent) -> None:
+        """One parsed Realtime client event (EventError when it may not be): for a contract
+        that takes some of Realtime's events as they are (``transcription``)."""
+        self._handle(event)
+
     def _handle(self, event: ClientEvent) -> None:
         if isinstance(event, SessionUpdate):
             config = event.apply(self.config)

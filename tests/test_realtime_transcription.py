@@ -1,0 +1,268 @@
+"""Transcription sessions (``type: "transcription"``), with real speech, over both transports.
+
+A real relay process (one worker) in front of a real pipeline transceiver (offline providers:
+pocketsphinx hears, auth required). The official ``openai`` SDK, unchanged but for its base URL,
+opens a transcription session over the WebSocket (``client.realtime.connect`` with
+``intent=transcription``) and mints a client secret for one, with which an aiortc peer makes a
+WebRTC call through the relay. Piper's spoken sentence must come back as transcription deltas
+and a completed transcript with the right words and a duration ``usage``, and nothing may
+answer: no ``response.*`` event, and ``response.create`` is refused. A second transceiver whose
+speech-to-text is the fake OpenAI server's, told to fail, shows ``.failed`` on the item, and the
+session going on. Every event received must validate as the SDK's ``RealtimeServerEvent``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydantic
+import pytest
+import pytest_asyncio
+from openai.resources.realtime.realtime import AsyncRealtimeConnection
+from openai.types.realtime.realtime_server_event import RealtimeServerEvent
+from websocket_harness import EventLog, openai_client, spoken_question
+
+from deploy.fake_openai import FakeOpenAIServer
+from deploy.processes import Stack, free_port, random_keys, text, transceiver_process
+from loadtest.realtime_client import RealtimeClient, call, silence, speak
+from pipeline.config import PiperConfig
+from pipeline.piper_tts import PiperTextToSpeech
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+API_KEY = "vr-transcribe-" + os.urandom(12).hex()
+SERVER_EVENT = pydantic.TypeAdapter(RealtimeServerEvent)
+TRANSCRIBED = "conversation.item.input_audio_transcription"
+TRANSCRIPTION_SESSION = {
+    "type": "transcription",
+    "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe", "language": "en"}}},
+}
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """One relay worker in front of one pipeline transceiver that requires the API key."""
+    log_dir: Path = tmp_path_factory.mktemp("transcription")
+    running = Stack(log_dir, transceivers=1, workers=1, agent="pipeline")
+    env = {"TRANSCEIVER_SECRET_KEYS": running.secret_keys, "TRANSCEIVER_API_KEY": API_KEY}
+    env |= {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}  # offline providers whatever the host
+    env |= {"PIPELINE_PIPER_NOISE_SCALE": "0", "PIPELINE_PIPER_NOISE_W_SCALE": "0"}
+    http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
+    running.transceivers = [
+        transceiver_process(
+            "transceiver0", running.links[0], http, running.public_text, running.keys, log_dir,
+            env, agent="pipeline", auth="required",
+        )
+    ]  # fmt: skip
+    try:
+        for process in [*running.transceivers, running.relay]:
+            process.start()
+        await running.transceivers[0].ready(timeout_s=90)  # the pipeline loads its models
+        await running.relay.ready()
+        await running.keyed()
+        yield running
+    finally:
+        await running.stop()
+    assert "Traceback" not in (log_dir / "transceiver0.log").read_text()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def failing_stt(
+    server: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
+    """A transceiver whose speech-to-text is the fake OpenAI server's: its HTTP base URL. Its
+    log may hold the injected failure's traceback (a provider failure is logged with it), and
+    no other."""
+    log_dir = tmp_path_factory.mktemp("transcription-openai-stt")
+    link, http = ("127.0.0.1", free_port()), ("127.0.0.1", free_port(socket.SOCK_STREAM))
+    env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url + "/v1"}
+    env |= {"PIPELINE_STT": "openai", "PIPELINE_FALLBACK": "false", "PIPELINE_LLM": "openai"}
+    env |= {"TRANSCEIVER_API_KEY": API_KEY, "TRANSCEIVER_SECRET_KEYS": random_keys()}
+    process = transceiver_process(
+        "transceiver", link, http, "127.0.0.1:3478", random_keys(), log_dir, env,
+        agent="pipeline", auth="required",
+    )  # fmt: skip
+    try:
+        await process.start().ready(timeout_s=90)
+        yield f"http://{text(http)}"
+    finally:
+        assert await process.stop() == 0, process.log_tail()
+    records = re.split(r"\n(?=\d{4}-\d\d-\d\d )", (log_dir / "transceiver.log").read_text())
+    for record in records:
+        assert "Traceback" not in record or "injected 400 on transcriptions" in record, record
+
+
+@pytest.fixture(scope="module")
+def question() -> bytes:
+    """ "Tell me about the moon." (piper, noise off) between silences, PCM16 at 24 kHz."""
+    return spoken_question()
+
+
+class Events(EventLog[AsyncRealtimeConnection]):
+    def check(self, event: dict[str, Any]) -> None:
+        assert SERVER_EVENT.validate_python(event).type == event["type"], event
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def transcribing(stack: Stack) -> AsyncIterator[Events]:
+    """A transcription session over the SDK's WebSocket, its session.created read."""
+    client = openai_client(stack.base_url(0), API_KEY)
+    intent = {"intent": "transcription"}
+    async with client.realtime.connect(extra_query=intent) as connection:
+        events = Events(connection)
+        created = await events.next("session.created")
+        assert created["session"]["type"] == "transcription", created
+        assert created["session"]["object"] == "realtime.transcription_session"
+        yield events
+
+
+async def append(connection: AsyncRealtimeConnection, pcm: bytes) -> None:
+    step = 24_000 * 2 // 5  # 200 ms per append, as a microphone would send
+    for start in range(0, len(pcm), step):
+        chunk = base64.b64encode(pcm[start : start + step]).decode()
+        await connection.input_audio_buffer.append(audio=chunk)
+
+
+def answered(events: list[dict[str, Any]]) -> list[str]:
+    """The types of any events of a response or its audio (a transcription session has none)."""
+    kinds = (e["type"] for e in events)
+    return [k for k in kinds if k.startswith(("response.", "output_audio_buffer."))]
+
+
+async def test_a_spoken_sentence_is_transcribed_in_deltas_and_never_answered(
+    transcribing: Events, question: bytes
+) -> None:
+    events, connection = transcribing, transcribing.connection
+    await connection.session.update(session=TRANSCRIPTION_SESSION)  # type: ignore[arg-type]
+    updated = (await events.next("session.updated"))["session"]
+    assert updated["audio"]["input"]["transcription"]["language"] == "en", updated
+    assert "create_response" not in updated["audio"]["input"]["turn_detection"], updated
+    await append(connection, question)
+    started = await events.next("input_audio_buffer.speech_started")
+    committed = await events.next("input_audio_buffer.committed")
+    item_id = committed["item_id"]
+    assert started["item_id"] == item_id
+    added = await events.next("conversation.item.added")
+    assert added["item"]["id"] == item_id and added["item"]["role"] == "user", added
+    completed = await events.next(f"{TRANSCRIBED}.completed")
+    assert completed["item_id"] == item_id
+    assert "moon" in completed["transcript"].lower().split(), completed
+    deltas = [e for e in events.of(f"{TRANSCRIBED}.delta") if e["item_id"] == item_id]
+    assert deltas and all(e["delta"] for e in deltas), events.types()
+    usage = completed["usage"]
+    assert usage["type"] == "duration" and 0.8 < usage["seconds"] < len(question) / 48_000, usage
+    error = await refused(events, {"type": "response.create"})
+    assert error["code"] == "invalid_value" and error["param"] == "type", error
+    assert answered(events.seen) == [], events.types()
+
+
+async def refused(events: Events, event: dict[str, Any]) -> dict[str, Any]:
+    await events.connection.send_raw(json.dumps(event))
+    error: dict[str, Any] = (await events.next("error"))["error"]
+    return error
+
+
+async def test_push_to_talk_commit_is_transcribed(transcribing: Events, question: bytes) -> None:
+    events, connection = transcribing, transcribing.connection
+    ptt = {"type": "transcription", "audio": {"input": {"turn_detection": None}}}
+    await connection.session.update(session=ptt)  # type: ignore[arg-type]
+    assert (await events.next("session.updated"))["session"]["audio"]["input"][
+        "turn_detection"
+    ] is None
+    await append(connection, question)
+    await connection.input_audio_buffer.commit()
+    committed = await events.next("input_audio_buffer.committed")
+    completed = await events.next(f"{TRANSCRIBED}.completed")
+    assert completed["item_id"] == committed["item_id"]
+    assert "moon" in completed["transcript"].lower().split(), completed
+    assert completed["usage"]["seconds"] == pytest.approx(len(question) / 48_000, abs=0.05)
+    assert "input_audio_buffer.speech_started" not in events.types()
+    assert answered(events.seen) == [], events.types()
+
+
+async def test_a_session_keeps_its_type(transcribing: Events, stack: Stack) -> None:
+    realtime = {"type": "session.update", "session": {"type": "realtime", "instructions": "Hi"}}
+    error = await refused(transcribing, realtime)
+    assert error["param"] == "session.type" and "not allowed" in error["message"], error
+    answering = {"turn_detection": {"type": "server_vad", "create_response": True}}
+    update = {"type": "transcription", "audio": {"input": answering}}
+    error = await refused(transcribing, {"type": "session.update", "session": update})
+    assert error["param"] == "session.audio.input.turn_detection.create_response", error
+    client = openai_client(stack.base_url(0), API_KEY)
+    async with client.realtime.connect(model="gpt-realtime") as connection:
+        events = Events(connection)
+        await events.next("session.created")
+        error = await refused(events, {"type": "session.update", "session": TRANSCRIPTION_SESSION})
+        assert error["code"] == "invalid_value" and error["param"] == "session.type", error
+
+
+async def test_a_client_secret_for_a_transcription_session_transcribes_a_webrtc_call(
+    stack: Stack,
+) -> None:
+    client = openai_client(stack.base_url(0), API_KEY)
+    secret = await client.realtime.client_secrets.create(session=TRANSCRIPTION_SESSION)  # type: ignore[arg-type]
+    assert secret.session.type == "transcription", secret
+    tts = PiperTextToSpeech(PiperConfig(noise_scale=0.0, noise_w_scale=0.0))
+    await tts.start()
+    try:
+        spoken = silence(500) + await speak(tts, "Tell me about the moon.") + silence(1500)
+    finally:
+        await tts.aclose()
+    peer = RealtimeClient()
+    try:
+        async with httpx.AsyncClient(timeout=60) as http:
+            auth = {"Authorization": f"Bearer {secret.value}"}
+            response = await call(peer, http, stack.base_url(0), auth)
+        assert response.status_code == 201, response.text
+        assert peer.events[0]["session"]["type"] == "transcription", peer.events[0]
+        peer.mic.say(spoken)
+        completed = await peer.wait_for(f"{TRANSCRIBED}.completed", timeout_s=60)
+        assert "moon" in completed["transcript"].lower().split(), completed
+        item_id = completed["item_id"]
+        assert [e for e in peer.events if e["type"] == f"{TRANSCRIBED}.delta"], peer.types()
+        assert completed["usage"]["type"] == "duration" and completed["usage"]["seconds"] > 0.8
+        peer.send({"type": "response.create", "event_id": "r1"})
+        error = await peer.wait_for("error")
+        assert error["error"]["event_id"] == "r1" and error["error"]["param"] == "type", error
+        peer.send({"type": "conversation.item.retrieve", "item_id": item_id})
+        retrieved = await peer.wait_for("conversation.item.retrieved")
+        assert retrieved["item"]["content"][0]["transcript"] == completed["transcript"]
+        assert answered(peer.events) == [], peer.types()
+        for event in peer.events:
+            assert SERVER_EVENT.validate_python(event).type == event["type"], event
+    finally:
+        await peer.close()
+
+
+async def test_a_failed_transcription_is_reported_on_its_item_and_the_session_goes_on(
+    failing_stt: str, server: FakeOpenAIServer, question: bytes
+) -> None:
+    await server.reset()
+    await server.control(fail={"transcriptions": [400]})
+    client = openai_client(failing_stt, API_KEY)
+    try:
+        intent = {"intent": "transcription"}
+        async with client.realtime.connect(extra_query=intent) as connection:
+            events = Events(connection)
+            await events.next("session.created")
+            await append(connection, question)
+            committed = await events.next("input_audio_buffer.committed")
+            failed = await events.next(f"{TRANSCRIBED}.failed")
+            assert failed["item_id"] == committed["item_id"], failed
+            assert failed["error"]["type"] == "server_error", failed
+            assert committed["item_id"] in failed["error"]["message"], failed
+            await append(connection, question)  # the fake transcribes this one
+            completed = await events.next(f"{TRANSCRIBED}.completed")
+            assert completed["item_id"] != committed["item_id"]
+            assert completed["transcript"].startswith("heard "), completed
+            assert "error" not in events.types(), events.seen
+            assert answered(events.seen) == [], events.types()
+    finally:
+        await server.reset()

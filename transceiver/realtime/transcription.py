@@ -1,0 +1,296 @@
+"""Transcription sessions (``session.type: "transcription"``): the speech-to-text stage alone.
+
+A transcription session is a ``RealtimeSession`` with this contract at its edge
+(``RealtimeSession.use_contract``): the same engine, VAD and speech-to-text, with
+``create_response`` off, so a user turn is heard, committed and transcribed and never answered.
+The client gets what OpenAI sends for one: ``input_audio_buffer.speech_started/stopped``,
+``.committed``, ``conversation.item.added/done`` (the user audio item),
+``conversation.item.input_audio_transcription.delta`` (the speech-to-text's partial results, as
+they grow), ``.completed`` with ``usage`` (``{"type": "duration", "seconds": …}``: the audio
+transcribed) and ``.failed`` (the speech-to-text failed on that item) instead of an ``error``.
+
+A session becomes one when it starts (OpenAI's rule: the type is fixed, a session.update of the
+other type is refused): the WebSocket's ``intent=transcription``, or a client secret minted for
+a transcription session (WebSocket or ``POST /v1/realtime/calls``). Its config is OpenAI's
+``RealtimeTranscriptionSessionCreateRequest`` (``type``, ``audio.input``, ``include``):
+``as_realtime`` reads it as the Realtime session fields it sets, validated by the same parser,
+so errors name the same paths. Refused: ``idle_timeout_ms`` and ``create_response: true`` (they
+answer, and nothing answers here), ``transcription: null`` (it is what the session does), and the
+``include`` of logprobs (the speech-to-text has none to give).
+
+Client events: audio appends, ``input_audio_buffer.commit``/``.clear`` (push-to-talk with
+``turn_detection: null``), ``conversation.item.retrieve``/``.delete`` and ``session.update``
+(transcription-shaped) work as in a Realtime session. Anything that makes or changes a
+response or the conversation (``response.create``, ``response.cancel``,
+``conversation.item.create``/``.truncate``, ``output_audio_buffer.clear``) is refused as an
+event this session does not take: ``invalid_value`` on ``type``, naming those it does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any, TypeGuard
+
+from pipeline import events as ev
+from pipeline.untrusted_json import JsonInputError, decode
+from transceiver.realtime.client_events import (
+    AudioAppend,
+    BufferCommand,
+    EventError,
+    ItemDelete,
+    ItemRetrieve,
+    SessionConfig,
+    event_object,
+    new_id,
+    parse_client_event,
+)
+from transceiver.realtime.policy import session_update_from
+from transceiver.realtime.server_events import error_event, server_event
+from transceiver.realtime.session import RealtimeSession
+
+TRANSCRIPTION = "transcription"  # the session type, and its stored contract's
+SESSION_KEYS = frozenset({"type", "audio", "include"})
+ACCEPTED_EVENTS = (
+    "session.update",
+    "input_audio_buffer.append",
+    "input_audio_buffer.commit",
+    "input_audio_buffer.clear",
+    "conversation.item.retrieve",
+    "conversation.item.delete",
+)
+# OpenAI's words (its update of the other type is refused the same way, in ``client_events``)
+MISMATCHED_UPDATE = (
+    "Passing a realtime session update event to a transcription session is not allowed."
+)
+ANSWERING_KNOBS = ("create_response", "idle_timeout_ms")  # they answer the user
+Event = dict[str, Any]
+Sessions = Callable[[Mapping[str, Any] | None], RealtimeSession]
+
+
+def is_transcription(session: Mapping[str, Any] | None) -> TypeGuard[Mapping[str, Any]]:
+    """Whether a requested session config (a client secret's, a call's) is a transcription's."""
+    return session is not None and session.get("type") == TRANSCRIPTION
+
+
+def as_realtime(session: Mapping[str, Any]) -> dict[str, Any]:
+    """The Realtime session fields a transcription ``session`` object sets (EventError naming
+    the field when it is not one); its turn detection never answers."""
+    if session.get("type") != TRANSCRIPTION:  # OpenAI's words: a session's type is fixed
+        message = "Passing a realtime session update event to a transcription session is "
+        raise EventError("invalid_value", message + "not allowed.", "session.type")
+    _known(session, SESSION_KEYS, "session.")
+    _check_include(session.get("include", []))
+    audio = _object(session.get("audio", {}), "session.audio")
+    _known(audio, frozenset({"input"}), "session.audio.")
+    audio_in = dict(_object(audio.get("input", {}), "session.audio.input"))
+    if "transcription" in audio_in and audio_in["transcription"] is None:
+        message = "a transcription session transcribes: audio.input.transcription cannot be null"
+        raise EventError("invalid_value", message, "session.audio.input.transcription")
+    detection = audio_in.get("turn_detection")
+    if detection is not None:
+        audio_in["turn_detection"] = _not_answering(detection)
+    return {"audio": {"input": audio_in}}
+
+
+def _check_include(include: Any) -> None:
+    if not isinstance(include, list):
+        raise EventError("invalid_type", "session.include must be an array", "session.include")
+    if include:  # the one value OpenAI takes asks for logprobs
+        message = "logprobs are not available: this speech-to-text gives none"
+        raise EventError("invalid_value", message, "session.include")
+
+
+def _not_answering(detection: Any) -> dict[str, Any]:
+    path = "session.audio.input.turn_detection"
+    knobs = dict(_object(detection, path))
+    for knob in ANSWERING_KNOBS:
+        if knobs.get(knob) not in (None, False):
+            message = f"{knob} answers the user: a transcription session makes no responses"
+            raise EventError("invalid_value", message, f"{path}.{knob}")
+        knobs.pop(knob, None)
+    return {"type": "server_vad", **knobs, "create_response": False, "interrupt_response": False}
+
+
+def _object(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise EventError("invalid_type", f"{path} must be an object", path)
+    return value
+
+
+def _known(obj: Mapping[str, Any], keys: frozenset[str], path: str) -> None:
+    for key in obj:
+        if key not in keys:
+            name = f"{path}{key}"
+            raise EventError("unknown_parameter", f"Unknown parameter: '{name}'.", name)
+
+
+def session_json(config: SessionConfig) -> Event:
+    """The session as OpenAI reports a transcription session
+    (``RealtimeTranscriptionSessionCreateResponse``)."""
+    audio_in = config.to_json()["audio"]["input"]
+    detection = audio_in["turn_detection"]
+    if detection is not None:
+        for knob in (*ANSWERING_KNOBS, "interrupt_response"):
+            detection.pop(knob, None)
+    return {
+        "type": TRANSCRIPTION,
+        "object": "realtime.transcription_session",
+        "id": config.id,
+        "include": [],
+        "audio": {"input": audio_in},
+    }
+
+
+def requested_config(session: Mapping[str, Any]) -> SessionConfig:
+    """The config a transcription ``session`` object asks for, as a new session would start
+    with it before the deployment's defaults (a client secret reports it); EventError."""
+    update = session_update_from(as_realtime(session))
+    return update.apply(SessionConfig(new_id("sess")))
+
+
+def transcription_session(
+    sessions: Sessions, requested: Mapping[str, Any] | None
+) -> RealtimeSession:
+    """A new transcription session (``requested``: its config, None for the defaults) made by
+    ``sessions``, the Realtime session factory; EventError when the config is not valid."""
+    fields = as_realtime(requested or {"type": TRANSCRIPTION})
+    session = sessions(fields)
+    transcribing(session)
+    return session
+
+
+def transcribing(session: RealtimeSession) -> None:
+    """``session`` (new, not started) is a transcription session from now on: its turn
+    detection (the deployment's, or the one asked for) answers nothing."""
+    detection = session.config.turn_detection
+    if detection is not None:
+        quiet = replace(detection, create_response=False, interrupt_response=False)
+        session.reconfigure(replace(session.config, turn_detection=quiet))
+    session.use_contract(TranscriptionContract(session))
+
+
+class TranscriptionContract:
+    """What a transcription session says to its client (``ClientContract``)."""
+
+    def __init__(self, session: RealtimeSession) -> None:
+        self.session = session
+        self.translator = session.translator
+        self._items: dict[int, str] = {}  # turn -> its user audio item
+        self._audio_ms: dict[int, int] = {}  # turn -> the audio it committed
+        self._started_ms: dict[int, int] = {}
+
+    @property
+    def done_engine_response_id(self) -> str:
+        return self.translator.done_engine_response_id
+
+    def stored(self) -> Mapping[str, Any]:
+        return {"type": TRANSCRIPTION}
+
+    def opened(self) -> list[Event]:
+        return [server_event("session.created", session=session_json(self.session.config))]
+
+    def audio_delta(self, engine_response_id: str, pcm: bytes) -> list[Event]:
+        return []  # no responses, no audio out
+
+    def error(self, error: EventError, client_event_id: str | None, error_type: str) -> Event:
+        return error_event(error, client_event_id, error_type=error_type)
+
+    # --- engine -> client -----------------------------------------------------------------
+
+    def translate(self, event: ev.EngineEvent) -> list[Event]:
+        if isinstance(event, ev.EngineError) and event.turn in self._items:
+            self._audio_ms.pop(event.turn, None)
+            return [self._failed(self._items.pop(event.turn), event.message)]
+        events = self.translator.translate(event)
+        self._note_turn(event, events)
+        if isinstance(event, ev.InputTranscript) and event.final:
+            seconds = self._audio_ms.pop(event.turn, 0) / 1000
+            self._items.pop(event.turn, None)
+            for sent in events:
+                if sent["type"].endswith("input_audio_transcription.completed"):
+                    sent["usage"] = {"type": "duration", "seconds": seconds}
+        return events
+
+    def _note_turn(self, event: ev.EngineEvent, events: list[Event]) -> None:
+        """Each turn's item (from the events it made) and the audio it committed."""
+        if isinstance(event, ev.SpeechStartedEvent):
+            self._started_ms[event.turn] = event.audio_start_ms
+        elif isinstance(event, ev.SpeechStoppedEvent):
+            start_ms = self._started_ms.pop(event.turn, event.audio_end_ms)
+            self._audio_ms[event.turn] = event.audio_end_ms - start_ms
+        elif isinstance(event, ev.InputCommitted):
+            self._audio_ms[event.turn] = event.audio_ms
+        else:
+            return
+        item_id = next((e["item_id"] for e in events if "item_id" in e), None)
+        if item_id is not None:
+            self._items[event.turn] = item_id
+
+    def _failed(self, item_id: str, cause: str) -> Event:
+        """OpenAI's event and words for a failed transcription, and the cause."""
+        message = f"Input transcription failed for item '{item_id}': {cause}"
+        error = {"type": "server_error", "code": None, "message": message, "param": None}
+        return server_event(
+            "conversation.item.input_audio_transcription.failed",
+            item_id=item_id,
+            content_index=0,
+            error=error,
+        )
+
+    # --- client -> server -----------------------------------------------------------------
+
+    def on_message(self, data: str | bytes) -> None:
+        session = self.session
+        try:
+            raw = event_object(data, session.max_event_bytes)
+            kind = str(raw.get("type"))
+            event = (
+                None
+                if kind == "session.update"
+                else parse_client_event(data, session.max_event_bytes)
+            )
+        except EventError as error:
+            session.metrics.client_event("invalid")
+            session.send_error(error, _event_id_of(data))
+            return
+        session.metrics.client_event(kind)
+        try:
+            if event is None:
+                self._update(raw)
+            elif _taken(event):
+                session.handle(event)
+            else:
+                raise EventError("invalid_value", _not_taken(kind), "type")
+        except EventError as error:
+            session.send_error(error, _event_id_of(data))
+
+    def _update(self, raw: Mapping[str, Any]) -> None:
+        """A transcription-shaped session.update, applied whole or not at all."""
+        _known(raw, frozenset({"type", "event_id", "session"}), "")
+        requested = _object(raw.get("session"), "session")
+        update = session_update_from(as_realtime(requested))
+        self.session.reconfigure(update.apply(self.session.config))
+        updated = session_json(self.session.config)
+        self.session.send(server_event("session.updated", session=updated))
+
+
+def _taken(event: object) -> bool:
+    if isinstance(event, BufferCommand):
+        return event.type != "output_audio_buffer.clear"
+    return isinstance(event, AudioAppend | ItemRetrieve | ItemDelete)
+
+
+def _not_taken(kind: Any) -> str:
+    """OpenAI's words for an event type outside those a session takes."""
+    supported = ", ".join(repr(name) for name in ACCEPTED_EVENTS)
+    return f"Invalid value: {kind!r}. A transcription session takes: {supported}."
+
+
+def _event_id_of(data: str | bytes) -> str | None:
+    try:
+        raw = decode(data)
+    except JsonInputError:
+        return None
+    event_id = raw.get("event_id") if isinstance(raw, dict) else None
+    return event_id if isinstance(event_id, str) else None
