@@ -22,7 +22,7 @@ import pytest_asyncio
 
 from loadtest.voice_audio import silence_pcm, spoken_pcm, tone_pcm
 from pipeline.config import EngineConfig, VadConfig
-from pipeline.end_of_turn import EndOfTurn, Verdict, shared_end_of_turn
+from pipeline.end_of_turn import EndOfTurn, Verdict, end_of_turn_asker, shared_end_of_turn
 from pipeline.engine import ConversationEngine
 from pipeline.espeak_tts import EspeakTextToSpeech
 from pipeline.knowledge import load_knowledge
@@ -356,3 +356,22 @@ async def test_a_semantic_vad_session_update_ends_the_engines_turn_at_the_short_
         await engine.wait_idle(timeout_s=60)
     # asked at the 200 ms pause, its verdict read on the next frame or the one after
     assert window_end_ms - 300 <= semantic_end_ms <= window_end_ms - 260
+
+
+def test_without_a_checked_model_semantic_vad_falls_back_to_the_window_and_says_why(
+    model_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert end_of_turn_asker(False, SAMPLE_RATE_HZ) is None  # server_vad: never loaded
+    assert end_of_turn_asker(True, 8000) is None
+    assert "needs 16 kHz input, not 8000 Hz" in caplog.text
+    tampered = tmp_path / "smart-turn.onnx"
+    tampered.write_bytes(model_path.read_bytes()[:-1] + b"\0")
+    monkeypatch.setenv("PIPELINE_SMART_TURN_MODEL", str(tampered))
+    assert end_of_turn_asker(True, SAMPLE_RATE_HZ) is None
+    assert "semantic turn detection off, the silence window decides" in caplog.text
+    assert f"{tampered}: sha256" in caplog.text
+    monkeypatch.setenv("PIPELINE_SMART_TURN_MODEL", str(model_path))
+    assert end_of_turn_asker(True, SAMPLE_RATE_HZ) is not None
