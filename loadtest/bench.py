@@ -1,8 +1,9 @@
 """``make bench``: the relay benchmark, then the pipeline, failover and browser end-to-end
 benchmarks.
 
-Prints progress as it goes, then the tables; writes ``bench-results/bench.json`` and
-``bench-results/bench.png``. ``--quick`` is a short smoke run of the same code (one failover
+Prints progress as it goes, then the tables; writes ``bench-results/bench.json``,
+``bench-results/bench.png`` and (the browser's turns by stage, per media path)
+``bench-results/turn-stages.png``. ``--quick`` is a short smoke run of the same code (one failover
 run per figure, no browser).
 
     .venv/bin/python -m loadtest.bench [--quick] [--out DIR]
@@ -75,12 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     results["failover"] = run_optional(
         progress, "bench_failover", "run_failover_bench", quick=args.quick, progress=progress
     )
+    e2e_paths: dict[str, Any] = {}
     if not args.quick:
-        results["e2e"] = run_optional(progress, "bench_e2e", "run_e2e_bench")
+        e2e_paths = run_optional(progress, "bench_e2e", "run_e2e_bench")
+        default = e2e_paths.get("aiortc", e2e_paths)  # the default media path, flat
+        results["e2e"] = {k: v for k, v in default.items() if not isinstance(v, dict)}
+        results["e2e_by_media_path"] = e2e_paths
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     png = report.plot(results, args.out / "bench.png")
     print("\n" + report.render(results))
+    if "skipped" not in e2e_paths and e2e_paths:
+        from loadtest.bench_e2e import e2e_report
+
+        print("\n" + e2e_report(e2e_paths, args.out))
     elapsed_s = time.monotonic() - progress.started
     print(f"\nwrote {args.out / 'bench.json'} and {png} in {elapsed_s:.0f} s")
     return 0

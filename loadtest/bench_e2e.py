@@ -6,13 +6,19 @@ client from the transceiver, its fake microphone playing questions spoken by pip
 followed by enough silence for the answer.
 
 An init script in the page meters, on one AudioContext clock, the local microphone (speech
-segments) and the remote audio (answer onsets). Per turn: ``e2e_ms`` = first answer onset after
-a question's end - that end. The server's ``voicerelay.turn.metrics`` event gives its own
-window (speech stopped -> first frame out) and the pipeline's overhead in it, hence the provider
-time; everything else in ``e2e_ms`` (VAD end-of-speech wait, network, jitter buffers, pipeline
-overhead) is "outside providers".
+segments) and the remote audio (answer onsets); each segment also carries the Unix ms at which
+its first and last loud blocks reached the page's audio graph, the clock of the transport split
+(``loadtest.bench_transport``) and of the barge-ins (``loadtest.bench_bargein``).
+Per turn: ``e2e_ms`` = first answer onset after a question's end - that end. The server's
+``voicerelay.turn.metrics`` event gives its own window (speech stopped -> first frame out) and
+the pipeline's overhead in it, hence the provider time; everything else in ``e2e_ms`` (VAD
+end-of-speech wait, network, jitter buffers, pipeline overhead) is "outside providers".
 
-    .venv/bin/python -m loadtest.bench_e2e [--turns N]
+Each media path (``TRANSCEIVER_MEDIA_PATH``: aiortc, lean) runs its own stack: a call of
+questions, then a call of barge-ins.
+
+    .venv/bin/python -m loadtest.bench_e2e [--turns N] [--barge-ins N] [--media-path P]...
+        [--jitter-target-ms MS]
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from deploy.launched import launched
+from loadtest import bench_bargein as bargein
+from loadtest import bench_transport as transport
 from loadtest.browser import chromium
 from loadtest.voice_audio import Speaker, Utterance
 
@@ -62,8 +70,12 @@ METER_JS = """
       for (let i = 0; i < x.length; i++) sum += x[i] * x[i];
       if (Math.sqrt(sum / x.length) < LOUD) return;
       const t = e.playbackTime, end = t + x.length / meter.ctx.sampleRate;
-      if (last < 0 || t - last > HANGOVER) segments.push([t, end]);
-      else segments[segments.length - 1][1] = end;
+      // [2], [3]: Unix ms at which the block reached the page's audio graph (its callback,
+      // less the block), the clock the transport split and the barge-in bench read.
+      const now = performance.timeOrigin + performance.now();
+      const entered = now - (1000 * x.length) / meter.ctx.sampleRate;
+      if (last < 0 || t - last > HANGOVER) segments.push([t, end, entered, now]);
+      else Object.assign(segments[segments.length - 1], { 1: end, 3: now });
       last = end;
     };
     source.connect(node);
@@ -77,9 +89,12 @@ METER_JS = """
   };
   const Native = window.RTCPeerConnection;
   window.RTCPeerConnection = function (...args) {
-    const pc = new Native(...args);
-    pc.addEventListener("track", (e) =>
-      watch("remote", e.streams[0] || new MediaStream([e.track])));
+    const pc = new Native(...(meter.configure ? meter.configure(args) : args));
+    if (meter.onPeer) meter.onPeer(pc);
+    pc.addEventListener("track", (e) => {
+      watch("remote", e.streams[0] || new MediaStream([e.track]));
+      if (meter.onRemote) meter.onRemote(e);
+    });
     return pc;
   };
   window.RTCPeerConnection.prototype = Native.prototype;
@@ -99,39 +114,56 @@ async def _questions_wav(path: Path, turns: int) -> list[Utterance]:
         return await speaker.wav(path, parts)
 
 
-async def _run_page(url: str, wav: Path, turns: int, timeout_s: float) -> dict[str, Any]:
+async def _run_page(
+    url: str, wav: Path, done_js: str, timeout_s: float, jitter_target_ms: float | None
+) -> dict[str, Any]:
+    """One call whose microphone plays ``wav``, until ``done_js`` holds: what the page measured."""
     async with chromium(wav) as browser:
         page = await browser.new_page()
         script = METER_JS % {"hangover": SEGMENT_HANGOVER_S, "loud": LOUD_RMS}
-        await page.add_init_script(script=script)
+        await page.add_init_script(script=script + transport.transport_script(jitter_target_ms))
         await page.goto(url)
         await page.wait_for_function("window.voicerelay !== undefined", timeout=10_000)
+        await page.evaluate(bargein.STAMP_JS)
         await page.evaluate("window.voicerelay.connect()")
-        # The metrics event follows response.done: the answer's onset was metered before it.
-        await page.wait_for_function(
-            f"{METRICS_JS}.length >= {turns}", timeout=timeout_s * 1000, polling=250
-        )
+        await page.wait_for_function(done_js, timeout=timeout_s * 1000, polling=250)
         result: dict[str, Any] = await page.evaluate(
-            f"({{mic: window.__meter.mic, remote: window.__meter.remote, metrics: {METRICS_JS},"
-            f" session: {SESSION_JS}}})"
+            "({mic: __meter.mic, remote: __meter.remote, packets: __meter.packets,"
+            " stats: __meter.stats,"
+            " stamps: __stamps, latency_s: [__meter.ctx.baseLatency, __meter.ctx.outputLatency],"
+            f" metrics: {METRICS_JS}, session: {SESSION_JS}}})"
         )
         await page.evaluate("window.voicerelay.hangup()")
     return result
 
 
-def turn_latencies(page: dict[str, Any]) -> list[dict[str, Any]]:
-    """Pair each question (mic segment) with the first answer onset after it and its metrics."""
+def turn_latencies(page: dict[str, Any], server_lines: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Pair each question (mic segment) with the first answer onset after it and its metrics;
+    with the transceiver's log lines, split first frame out -> heard (``bench_transport``)."""
     mic, remote, metrics = page["mic"], page["remote"], page["metrics"]
     detection = page["session"]["audio"]["input"]["turn_detection"] or {}
     vad_wait_ms = float(detection.get("silence_duration_ms", 0))
+    firsts = transport.server_first_audio(server_lines)
     turns = []
-    for (_, speech_end_s), metric in zip(mic, metrics, strict=False):
-        onsets = [start for start, _ in remote if start >= speech_end_s]
-        if not onsets:
+    for question, metric in zip(mic, metrics, strict=False):
+        answers = [answer for answer in remote if answer[0] >= question[1]]
+        if not answers:
             break
-        e2e_ms = (onsets[0] - speech_end_s) * 1000
-        turns.append(_split(e2e_ms, metric, vad_wait_ms))
+        e2e_ms = (answers[0][0] - question[1]) * 1000
+        turn = _split(e2e_ms, metric, vad_wait_ms)
+        turn.update(_transport(page, firsts, question[3], answers[0][2]))
+        turns.append(turn)
     return turns
+
+
+def _transport(
+    page: dict[str, Any], firsts: list[dict[str, Any]], speech_end_ms: float, heard_ms: float
+) -> dict[str, Any]:
+    """The answer's first frame out -> heard, by stage, for the answer heard at ``heard_ms``."""
+    inside = [f for f in firsts if speech_end_ms <= f["loud_unix_ms"] <= heard_ms]
+    server = inside[-1] if inside else None
+    packets, stats = page.get("packets") or [], page.get("stats") or []
+    return transport.split_turn(server, packets, stats, heard_ms)
 
 
 def _split(e2e_ms: float, metric: dict[str, Any], vad_wait_ms: float) -> dict[str, Any]:
@@ -162,6 +194,9 @@ def _p90(values: Sequence[float]) -> float:
     return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
+TRANSPORT_FIELDS = ("frame_out_to_heard_ms", *transport.STAGES, "target_ms")
+
+
 def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
     e2e = [t["e2e_ms"] for t in turns]
     shares = [t["outside_share"] for t in turns if t["outside_share"] is not None]
@@ -178,34 +213,80 @@ def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
         "outside_providers_share_median": round(statistics.median(shares), 3) if shares else None,
         "server_window_median_ms": round(statistics.median(server), 1) if server else None,
         "transport_and_buffers_median_ms": round(statistics.median(rest), 1) if rest else None,
+        "frame_out_to_heard_median": transport.medians(turns, TRANSPORT_FIELDS),
         "per_turn": turns,
     }
 
 
-async def _bench(turns: int) -> dict[str, Any]:
+async def _bench(
+    turns: int, barge_ins: int, media_path: str, jitter_target_ms: float | None
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="voicerelay-bench-e2e-") as tmp:
-        wav = Path(tmp) / "questions.wav"
+        wav, barge_wav = Path(tmp) / "questions.wav", Path(tmp) / "barge-in.wav"
         spoken = await _questions_wav(wav, turns)
+        await bargein.barge_in_wav(barge_wav, barge_ins)
         timeout_s = spoken[-1].end_s + GAP_S + 30.0
-        with launched(["--agent", "pipeline", "--no-redis"]) as stack:
-            page = await _run_page(stack.url, wav, turns, timeout_s)
-    result = summarise(turn_latencies(page))
+        env = {"TRANSCEIVER_MEDIA_PATH": media_path}
+        with launched(["--agent", "pipeline", "--no-redis"], env=env) as stack:
+            done = f"{METRICS_JS}.length >= {turns}"
+            page = await _run_page(stack.url, wav, done, timeout_s, jitter_target_ms)
+            barge_timeout_s = barge_ins * 30.0 + 30.0
+            barged = await _run_page(
+                stack.url, barge_wav, bargein.done_js(barge_ins), barge_timeout_s, jitter_target_ms
+            )
+    result = summarise(turn_latencies(page, stack.lines))
+    result["media_path"], result["jitter_target_ms"] = media_path, jitter_target_ms
+    result["receiver"] = transport.concealment(page.get("stats") or [])
+    result["receiver"]["audio_context_latency_s"] = page.get("latency_s")
+    result["barge_in"] = bargein.summarise(bargein.barge_ins(barged), barge_ins)
     result["method"] = "browser mic speech end -> first remote audio onset (one AudioContext clock)"
     return result
 
 
-def run_e2e_bench(turns: int = 6) -> dict[str, Any]:
-    """Median and p90 of the browser-seen turn latency, and the share outside providers."""
-    return asyncio.run(_bench(turns))
+def run_e2e_bench(
+    turns: int = 6,
+    barge_ins: int = 3,
+    media_paths: Sequence[str] = ("aiortc", "lean"),
+    jitter_target_ms: float | None = None,
+) -> dict[str, Any]:
+    """Per media path: median and p90 of the browser-seen turn latency, the share outside
+    providers, and first frame out -> heard by stage."""
+    return {
+        path: asyncio.run(_bench(turns, barge_ins, path, jitter_target_ms)) for path in media_paths
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench_e2e", description=__doc__)
     parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--barge-ins", type=int, default=3)
+    parser.add_argument("--media-path", action="append", choices=("aiortc", "lean"))
+    parser.add_argument("--jitter-target-ms", type=float, default=None)
     args = parser.parse_args(argv)
-    print(json.dumps(run_e2e_bench(args.turns), indent=2))
+    paths = args.media_path or ("aiortc", "lean")
+    result = run_e2e_bench(args.turns, args.barge_ins, paths, args.jitter_target_ms)
+    print(json.dumps(result, indent=2))
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def e2e_report(paths: dict[str, Any], out_dir: Path) -> str:
+    """The per-path tables (turns by stage, barge-ins) as text; the stage figure written to
+    ``out_dir/turn-stages.png`` when there is anything to draw."""
+    from loadtest import figures
+
+    measured = {name: result for name, result in paths.items() if "per_turn" in result}
+    parts = [transport.table(measured)]
+    for name, result in measured.items():
+        if "barge_in" in result:
+            parts.append(bargein.text(name, result["barge_in"]))
+    figure = figures.turn_stages_figure(measured)
+    if figure is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        figure.savefig(out_dir / "turn-stages.png", dpi=figures.DPI)
+        figures.close(figure)
+        parts.append(f"wrote {out_dir / 'turn-stages.png'}")
+    return "\n".join(parts)

@@ -361,6 +361,11 @@ def _discard(figure: Any) -> None:
     _pyplot().close(figure)
 
 
+def close(figure: Any) -> None:
+    """Close a figure once written."""
+    _pyplot().close(figure)
+
+
 FIGURES: dict[str, Callable[[Report], Any | None]] = {
     "sessions": sessions_figure,
     "latency": latency_figure,
@@ -705,3 +710,53 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --- The browser benchmark's turns, by stage (``loadtest.bench_e2e``) -----------------------
+
+TURN_STAGES = (  # (label, colour): a turn's end of speech -> heard, bottom to top
+    ("end-of-turn wait + uplink", "tab:gray"),
+    ("STT final", "tab:blue"),
+    ("LLM first token", "tab:cyan"),
+    ("TTS first audio", "tab:green"),
+    ("-> first frame out", "tab:olive"),
+    ("send (encode, SRTP, relay)", "tab:orange"),
+    ("Chromium jitter buffer", "tab:red"),
+    ("voice's quiet lead-in", "tab:pink"),
+    ("Chromium playout + meter", "tab:purple"),
+)
+
+
+def turn_stage_ms(turn: Row) -> list[float] | None:
+    """A turn's ``TURN_STAGES`` in ms, or None when a stage is missing (no server split)."""
+    marks = ("stt_final_ms", "llm_first_token_ms", "first_audio_ms", "server_window_ms")
+    tail = ("send_ms", "neteq_ms", "quiet_lead_ms", "playout_ms")
+    names = (*marks, *tail, "frame_out_to_heard_ms", "e2e_ms")
+    if any(turn.get(name) is None for name in names):
+        return None
+    at = [float(turn[name]) for name in marks]
+    steps = [at[0]] + [b - a for a, b in zip(at, at[1:], strict=False)]
+    before = float(turn["e2e_ms"]) - float(turn["frame_out_to_heard_ms"]) - at[-1]
+    return [before, *steps, *(float(turn[name]) for name in tail)]
+
+
+def turn_stages_figure(paths: dict[str, Row]) -> Any | None:
+    """One panel per media path: a stacked bar per turn of ``TURN_STAGES``; None without data."""
+    drawable = {
+        name: [s for t in result.get("per_turn", []) if (s := turn_stage_ms(t)) is not None]
+        for name, result in paths.items()
+    }
+    drawable = {name: stacks for name, stacks in drawable.items() if stacks}
+    if not drawable:
+        return None
+    report = {"scenario": "browser end to end"}
+    figure, panels = _figure(report, "end of speech -> heard, by stage", len(drawable))
+    for axes, (name, stacks) in zip(panels, drawable.items(), strict=True):
+        bottoms = np.zeros(len(stacks))
+        for index, (label, colour) in enumerate(TURN_STAGES):
+            heights = np.array([stack[index] for stack in stacks])
+            axes.bar(range(1, len(stacks) + 1), heights, bottom=bottoms, color=colour, label=label)
+            bottoms += heights
+        axes.set_title(f"media path: {name}")
+        _label(axes, "turn", "ms")
+    return figure

@@ -8,7 +8,9 @@ soxr resamples.
   itself (a :class:`PcmSource`: the lean media path's) pushes straight to it instead.
 - :class:`AgentVoiceTrack` is the outgoing track: one 20 ms frame per 20 ms of the loop clock,
   the engine's frames while an answer plays and silence otherwise; :meth:`clear` drops what is
-  queued at once (barge-in). It notes when each response's first frame left for the encoder.
+  queued at once (barge-in). It notes when each response's first frame left for the encoder,
+  and logs when its first loud one did (``first answer audio``: ``loadtest.bench_transport``
+  reads it).
   The lean media path's tick takes its frames with :meth:`AgentVoiceTrack.take` instead of
   ``recv`` (nothing while no answer plays), with the same bookkeeping.
 """
@@ -17,8 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -28,6 +33,9 @@ from av import AudioFrame
 
 FIRST_FRAME_MEMORY = 64  # responses whose first-frame time is kept until the turn is reported
 MAX_QUEUED_FRAMES = 500  # 10 s: the engine paces in real time, so this is only a safety net
+LOUD_FRAME_RMS = 328  # 0.01 of full scale: the browser meter's "loud" (loadtest.bench_e2e)
+
+logger = logging.getLogger(__name__)
 
 
 class InputResampler:
@@ -86,6 +94,21 @@ async def audio_frames(track: MediaStreamTrack) -> AsyncIterator[AudioFrame]:
             yield frame
 
 
+@dataclass
+class AnswerStart:
+    """An answer's first frame: queued, then taken for the encoder (``time.monotonic()``)."""
+
+    queued_s: float
+    taken_s: float | None = None
+
+
+def is_loud(pcm: bytes) -> bool:
+    """16-bit PCM whose RMS reaches ``LOUD_FRAME_RMS`` (integer sums: no BLAS)."""
+    samples = np.frombuffer(pcm, np.int16)
+    energy = int(np.square(samples, dtype=np.int64).sum())
+    return energy >= LOUD_FRAME_RMS * LOUD_FRAME_RMS * max(1, samples.size)
+
+
 class AgentVoiceTrack(MediaStreamTrack):
     """The agent's voice: queued response frames, else silence, paced by the loop clock."""
 
@@ -102,11 +125,16 @@ class AgentVoiceTrack(MediaStreamTrack):
         self._sent_samples = 0
         self.first_frame_sent_s: dict[str, float] = {}
         self.frames_played = 0
+        self._answer_starts: dict[str, AnswerStart] = {}  # until the answer's first loud frame
 
     def play(self, response_id: str, pcm: bytes) -> None:
         """Queue one frame of ``response_id`` (16-bit mono, exactly one frame long)."""
         if len(pcm) != len(self._silence):
             raise ValueError(f"agent frames must be {len(self._silence)} bytes, got {len(pcm)}")
+        if response_id not in self.first_frame_sent_s and response_id not in self._answer_starts:
+            if len(self._answer_starts) >= FIRST_FRAME_MEMORY:
+                self._answer_starts.pop(next(iter(self._answer_starts)))
+            self._answer_starts[response_id] = AnswerStart(time.monotonic())
         self._queue.append((response_id, pcm))
 
     def clear(self) -> int:
@@ -150,8 +178,28 @@ class AgentVoiceTrack(MediaStreamTrack):
         response_id, pcm = self._queue.popleft()
         if response_id not in self.first_frame_sent_s:
             self._remember_first_frame(response_id)
+        if response_id in self._answer_starts:
+            self._note_start(response_id, pcm)
         self.frames_played += 1
         return pcm
+
+    def _note_start(self, response_id: str, pcm: bytes) -> None:
+        """Log when the answer's first loud frame leaves, for the transport split
+        (``loadtest.bench_transport``): the first frame's wait in the queue, the quiet lead-in."""
+        start = self._answer_starts[response_id]
+        now_s = time.monotonic()
+        if start.taken_s is None:
+            start.taken_s = now_s
+        if not is_loud(pcm):
+            return
+        del self._answer_starts[response_id]
+        logger.info(
+            "first answer audio %s: queued_wait_ms=%.1f loud_after_ms=%.1f loud_unix_s=%.6f",
+            response_id,
+            (start.taken_s - start.queued_s) * 1000,
+            (now_s - start.taken_s) * 1000,
+            time.time(),
+        )
 
     def _remember_first_frame(self, response_id: str) -> None:
         if len(self.first_frame_sent_s) >= FIRST_FRAME_MEMORY:

@@ -1,0 +1,122 @@
+"""Barge-in as the browser hears it: the user speaks over a long answer; how soon does it stop?
+
+Used by ``loadtest.bench_e2e`` (a second call on the same stack). The fake microphone asks a
+question whose answer is long, then speaks again ``BARGE_AFTER_S`` after the question ends
+(while the answer plays, unless the server took longer than that to start it). Per barge-in,
+on one clock (Unix ms; the meter's segments carry it, ``bench_e2e.METER_JS``):
+
+- ``onset``: the interrupting speech starts (the mic meter);
+- ``speech_started``: the page receives ``input_audio_buffer.speech_started``;
+- ``cleared``: the page receives ``output_audio_buffer.cleared`` (the server dropped the
+  answer's queued audio and stopped sending it);
+- ``stopped``: the last audible sample of the answer in the page (the end of the remote
+  segment the onset falls in).
+
+``onset_to_stopped_ms`` is the figure the issue sets (<= 150 ms p50), split into
+``detect_ms`` (onset -> speech_started: VAD onset window, uplink, data channel),
+``clear_ms`` (-> cleared) and ``drain_ms`` (cleared -> stopped: audio already sent, in
+Chromium's jitter buffer and playout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loadtest import bench_transport as transport
+from loadtest.voice_audio import Speaker
+
+LEAD_S = 3.0
+LONG_QUESTION = "Tell me about the moon."  # three sentences: about eight seconds of answer
+INTERRUPTION = "What time is it?"
+BARGE_AFTER_S = 6.0  # after the question ends: inside the answer if it started within ~6 s
+GAP_S = 8.0  # after the interruption: its own answer, then quiet
+
+# Stamps every server event as the page receives it (Unix ms); run once the client is loaded.
+STAMP_JS = """
+(() => {
+  const epoch = () => performance.timeOrigin + performance.now();
+  window.__stamps = [];
+  window.voicerelay.on("*", (e) => window.__stamps.push([e.type, epoch()]));
+})()
+"""
+
+
+async def barge_in_wav(path: Path, count: int) -> None:
+    parts: list[str | float] = [LEAD_S]
+    for _ in range(count):
+        parts += [LONG_QUESTION, BARGE_AFTER_S, INTERRUPTION, GAP_S]
+    async with Speaker() as speaker:
+        await speaker.wav(path, parts)
+
+
+def barge_ins(page: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each interruption (every second mic segment) that fell inside an answer, by stage."""
+    stamps = page.get("stamps") or []
+    found = []
+    for interruption in page["mic"][1::2]:
+        onset_ms = interruption[2]
+        playing = [answer[3] for answer in page["remote"] if answer[2] <= onset_ms <= answer[3]]
+        if playing:
+            found.append(_stages(onset_ms, playing[0], stamps))
+    return found
+
+
+def _stages(onset_ms: float, stopped_ms: float, stamps: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    started = _first_after(stamps, "input_audio_buffer.speech_started", onset_ms - 1000)
+    cleared = _first_after(stamps, "output_audio_buffer.cleared", onset_ms - 1000)
+    return {
+        "onset_to_stopped_ms": round(stopped_ms - onset_ms, 1),
+        "detect_ms": _since(onset_ms, started),
+        "clear_ms": _since(started, cleared),
+        "drain_ms": _since(cleared, stopped_ms),
+    }
+
+
+def _first_after(stamps: Sequence[Sequence[Any]], kind: str, after_ms: float) -> float | None:
+    times = [float(at) for name, at in stamps if name == kind and at >= after_ms]
+    return min(times) if times else None
+
+
+def _since(start_ms: float | None, end_ms: float | None) -> float | None:
+    return None if start_ms is None or end_ms is None else round(end_ms - start_ms, 1)
+
+
+FIELDS = ("onset_to_stopped_ms", "detect_ms", "clear_ms", "drain_ms")
+
+
+def summarise(found: list[dict[str, Any]], asked: int) -> dict[str, Any]:
+    return {
+        "asked": asked,
+        "inside_an_answer": len(found),
+        "median": transport.medians(found, FIELDS),
+        "per_barge_in": found,
+    }
+
+
+def done_js(count: int) -> str:
+    """The page has heard every question and interruption, and the last one's answer time."""
+    segments = 2 * count
+    return (
+        f"__meter.mic.length >= {segments} && __meter.ctx.currentTime"
+        f" - __meter.mic[__meter.mic.length - 1][1] > {GAP_S - 2}"
+    )
+
+
+def text(path: str, summary: dict[str, Any]) -> str:
+    """One line per barge-in and the medians, ms."""
+    lines = [
+        f"Barge-in, {path}: onset -> answer audio stopped in the page, ms"
+        f" ({summary['inside_an_answer']} of {summary['asked']} fell inside an answer)"
+    ]
+    rows = [*summary["per_barge_in"], summary["median"]]
+    for index, row in enumerate(rows, 1):
+        name = "p50" if index == len(rows) else str(index)
+        cells = "  ".join(f"{key.removesuffix('_ms')} {_cell(row.get(key))}" for key in FIELDS)
+        lines.append(f"  {name:>3}  {cells}")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else f"{value:.0f}"

@@ -1,0 +1,88 @@
+"""The browser benchmark's arithmetic (loadtest/bench_transport.py, loadtest/bench_bargein.py):
+first frame out -> heard by stage, and barge-in onset -> stopped, from what a page recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loadtest import bench_bargein, bench_transport, figures
+from loadtest.bench_e2e import e2e_report
+
+SERVER = {"response": "resp_1", "queued_wait_ms": 12.0, "quiet_lead_ms": 40.0}
+
+
+def stats_row(at_ms: float, delay_s: float, emitted: int, concealed: int = 0) -> dict[str, Any]:
+    return {
+        "at_ms": at_ms,
+        "jitterBufferDelay": delay_s,
+        "jitterBufferEmittedCount": emitted,
+        "jitterBufferTargetDelay": 0.04 * emitted,
+        "concealedSamples": concealed,
+        "silentConcealedSamples": 0,
+        "totalSamplesReceived": emitted,
+    }
+
+
+def test_first_frame_out_to_heard_is_split_into_stages_that_add_up() -> None:
+    taken_ms = 5_000.0
+    server = {**SERVER, "loud_unix_ms": taken_ms + 40}
+    packets = [{"at_ms": taken_ms - 900}, {"at_ms": taken_ms + 3}]  # an earlier answer's, ours
+    stats = [stats_row(taken_ms, 1000.0, 48_000), stats_row(taken_ms + 600, 3400.0, 96_000, 480)]
+    split = bench_transport.split_turn(server, packets, stats, heard_unix_ms=taken_ms + 200)
+    assert split["send_ms"] == 3.0 and split["neteq_ms"] == 50.0 and split["target_ms"] == 40.0
+    assert split["concealed_samples"] == 480
+    stages = ("send_ms", "neteq_ms", "quiet_lead_ms", "playout_ms")
+    assert sum(split[s] for s in stages) == split["frame_out_to_heard_ms"] == 200.0
+
+
+def test_a_turn_without_its_packet_or_server_line_has_no_split() -> None:
+    assert bench_transport.split_turn(None, [], [], 1.0)["send_ms"] is None
+    server = {**SERVER, "loud_unix_ms": 5_040.0}
+    split = bench_transport.split_turn(server, [{"at_ms": 100.0}], [], 5_200.0)
+    assert split["send_ms"] is None and split["frame_out_to_heard_ms"] == 200.0
+
+
+def test_a_barge_in_is_split_from_onset_to_the_answer_s_last_audible_sample() -> None:
+    def segment(start_s: float, end_s: float) -> list[float]:  # context s, then Unix ms
+        return [start_s, end_s, 1_000_000 + 1000 * start_s, 1_000_000 + 1000 * end_s]
+
+    page = {
+        "mic": [segment(1, 2), segment(6, 7), segment(20, 21), segment(40, 41)],
+        "remote": [segment(3, 6.25), segment(22, 30)],  # the second interruption: after it
+        "stamps": [
+            ["input_audio_buffer.speech_started", 1_006_090.0],
+            ["output_audio_buffer.cleared", 1_006_110.0],
+        ],
+    }
+    (found,) = bench_bargein.barge_ins(page)
+    assert found == {
+        "onset_to_stopped_ms": 250.0,
+        "detect_ms": 90.0,
+        "clear_ms": 20.0,
+        "drain_ms": 140.0,
+    }
+    summary = bench_bargein.summarise([found], asked=2)
+    assert summary["median"]["onset_to_stopped_ms"] == 250.0
+    assert "1 of 2 fell inside an answer" in bench_bargein.text("lean", summary)
+
+
+def test_the_report_draws_a_stage_stack_per_turn(tmp_path: Path) -> None:
+    turn = {
+        "e2e_ms": 1200.0,
+        "stt_final_ms": 100.0,
+        "llm_first_token_ms": 110.0,
+        "first_audio_ms": 400.0,
+        "server_window_ms": 420.0,
+        "frame_out_to_heard_ms": 200.0,
+        "send_ms": 3.0,
+        "neteq_ms": 50.0,
+        "quiet_lead_ms": 40.0,
+        "playout_ms": 107.0,
+    }
+    stack = figures.turn_stage_ms(turn)
+    assert stack is not None and sum(stack) == 1200.0 and stack[0] == 580.0
+    assert figures.turn_stage_ms({**turn, "send_ms": None}) is None
+    paths = {"aiortc": {"per_turn": [turn], "receiver": {}}}
+    text = e2e_report(paths, tmp_path)
+    assert "aiortc" in text and (tmp_path / "turn-stages.png").stat().st_size > 0
