@@ -6,7 +6,8 @@ is sent; ``translation`` turns pipeline events into server events; ``policy`` ho
 session's configuration rules (defaults, limits, what ``session.update`` may change);
 ``responses`` reads what a ``response.create`` asks of its response, ``side_responses`` runs
 the out-of-band ones, ``idle`` is the idle timeout (``idle_timeout_ms``); ``limits`` the
-session's own timings and bounds (``TRANSCEIVER_REALTIME_*``);
+session's own timings and bounds (``TRANSCEIVER_REALTIME_*``); ``transcription`` is the contract
+of a transcription session (``type: "transcription"``: heard and transcribed, never answered);
 ``session`` is the live session (engine, tasks, persistence); ``pipeline_agent`` makes one
 per call; ``call_recording`` turns a session's events and turns into its call record,
 and ``call_tracing`` into OpenTelemetry spans (when ``OTEL_*`` asks).
