@@ -7,10 +7,11 @@ soxr resamples.
   stereo) and pushes 16-bit mono PCM at the engine's input rate; a track that decodes to PCM
   itself (a :class:`PcmSource`: the lean media path's) pushes straight to it instead.
 - :class:`AgentVoiceTrack` is the outgoing track: one 20 ms frame per 20 ms of the loop clock,
-  the engine's frames while an answer plays and silence otherwise; :meth:`clear` drops what is
-  queued at once (barge-in). It notes when each response's first frame left for the encoder,
-  and logs when its first loud one did (``first answer audio``: ``loadtest.bench_transport``
-  reads it).
+  the engine's frames while an answer plays and silence otherwise, handed to aiortc at its
+  encoder's rate and layout (:class:`EncoderFrames`: no frame held back in its resampler);
+  :meth:`clear` drops what is queued at once (barge-in). It notes when each response's first
+  frame left for the encoder, and logs when its first loud one did (``first answer audio``:
+  ``loadtest.bench_transport`` reads it).
   The lean media path's tick takes its frames with :meth:`AgentVoiceTrack.take` instead of
   ``recv`` (nothing while no answer plays), with the same bookkeeping.
 """
@@ -29,10 +30,11 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import soxr
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from av import AudioFrame
+from av import AudioFrame, AudioResampler
 
 FIRST_FRAME_MEMORY = 64  # responses whose first-frame time is kept until the turn is reported
 MAX_QUEUED_FRAMES = 500  # 10 s: the engine paces in real time, so this is only a safety net
+ENCODER_RATE_HZ = 48000  # aiortc's Opus encoder's rate; with stereo s16, frames pass through it
 LOUD_FRAME_RMS = 328  # 0.01 of full scale: the browser meter's "loud" (loadtest.bench_e2e)
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,39 @@ async def audio_frames(track: MediaStreamTrack) -> AsyncIterator[AudioFrame]:
             yield frame
 
 
+class EncoderFrames:
+    """Mono 16-bit PCM at one rate -> packed s16 stereo frames at ``ENCODER_RATE_HZ``, one frame
+    out for each frame in.
+
+    aiortc's Opus encoder passes such frames straight on; any other it resamples through a
+    buffer of whole 20 ms frames, and as its resampler's delay (32 samples) leaves the first
+    output short, every frame then waits there for the next one: 20 ms more before an answer's
+    first sound leaves. Here the same resampler (libswresample, through PyAV; mono to stereo at
+    -3 dB as aiortc's) pays that delay once: zeros in front of the first frame.
+    """
+
+    def __init__(self, input_rate_hz: int, frame_ms: int) -> None:
+        self.input_rate_hz = input_rate_hz
+        self.frame_samples = ENCODER_RATE_HZ * frame_ms // 1000
+        self._frame_bytes = 4 * self.frame_samples
+        self._resampler = AudioResampler(format="s16", layout="stereo", rate=ENCODER_RATE_HZ)
+        self._pending = b""
+        self._pts = 0
+
+    def convert(self, pcm: bytes) -> bytes:
+        """One frame of mono PCM -> one frame of stereo at ``ENCODER_RATE_HZ`` (bytes)."""
+        frame = AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
+        frame.planes[0].update(pcm)
+        frame.sample_rate, frame.pts = self.input_rate_hz, self._pts
+        frame.time_base = fractions.Fraction(1, self.input_rate_hz)
+        self._pts += frame.samples
+        out = [bytes(o.planes[0])[: 4 * o.samples] for o in self._resampler.resample(frame)]
+        pending = self._pending + b"".join(out)
+        pending = pending.rjust(self._frame_bytes, b"\0")  # short: the first frame only
+        frame_bytes, self._pending = pending[: self._frame_bytes], pending[self._frame_bytes :]
+        return frame_bytes
+
+
 @dataclass
 class AnswerStart:
     """An answer's first frame: queued, then taken for the encoder (``time.monotonic()``)."""
@@ -120,9 +155,10 @@ class AgentVoiceTrack(MediaStreamTrack):
         self.frame_samples = sample_rate_hz * frame_ms // 1000
         self._silence = bytes(2 * self.frame_samples)
         self._queue: deque[tuple[str, bytes]] = deque(maxlen=MAX_QUEUED_FRAMES)
-        self._time_base = fractions.Fraction(1, sample_rate_hz)
+        self._encoder_frames = EncoderFrames(sample_rate_hz, frame_ms)
+        self._time_base = fractions.Fraction(1, ENCODER_RATE_HZ)
         self._start_s: float | None = None
-        self._sent_samples = 0
+        self._sent_samples = 0  # at sample_rate_hz
         self.first_frame_sent_s: dict[str, float] = {}
         self.frames_played = 0
         self._answer_starts: dict[str, AnswerStart] = {}  # until the answer's first loud frame
@@ -147,11 +183,11 @@ class AgentVoiceTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         await self._pace()
-        pcm = self._next_pcm()
-        frame = AudioFrame(format="s16", layout="mono", samples=self.frame_samples)
-        frame.planes[0].update(pcm)
-        frame.sample_rate = self.sample_rate_hz
-        frame.pts = self._sent_samples
+        samples = self._encoder_frames.frame_samples
+        frame = AudioFrame(format="s16", layout="stereo", samples=samples)
+        frame.planes[0].update(self._encoder_frames.convert(self._next_pcm()))
+        frame.sample_rate = ENCODER_RATE_HZ
+        frame.pts = self._sent_samples // self.frame_samples * samples
         frame.time_base = self._time_base
         self._sent_samples += self.frame_samples
         return frame
