@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from aiortc.codecs.opus import OpusDecoder, OpusEncoder
 from aiortc.jitterbuffer import JitterFrame
+from av import AudioFrame
 
 from loadtest.bench_transport import server_first_audio
 from transceiver.webrtc.audio import ENCODER_RATE_HZ, AgentVoiceTrack, EncoderFrames
@@ -35,7 +36,10 @@ def rms(pcm: bytes) -> float:
 def decoded_rms(decoder: OpusDecoder, payloads: list[bytes]) -> float:
     assert len(payloads) == 1, "one Opus packet per 20 ms frame"
     frames = decoder.decode(JitterFrame(data=payloads[0], timestamp=0))
-    return rms(b"".join(bytes(frame.planes[0]) for frame in frames))
+    assert all(isinstance(frame, AudioFrame) for frame in frames)
+    return rms(
+        b"".join(bytes(frame.planes[0]) for frame in frames if isinstance(frame, AudioFrame))
+    )
 
 
 async def test_the_answer_s_first_frame_is_in_the_next_packet_aiortc_encodes() -> None:
