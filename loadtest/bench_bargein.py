@@ -32,6 +32,8 @@ LONG_QUESTION = "Tell me about the moon."  # three sentences: about eight second
 INTERRUPTION = "What time is it?"
 BARGE_AFTER_S = 6.0  # after the question ends: inside the answer if it started within ~6 s
 GAP_S = 8.0  # after the interruption: its own answer, then quiet
+SENTENCE_PAUSE_MS = 600.0  # the voice's pauses between sentences are shorter
+NEXT_ANSWER_AFTER_MS = 1200.0  # the interruption is longer than this, then VAD and the answer
 
 # Stamps every server event as the page receives it (Unix ms); run once the client is loaded.
 STAMP_JS = """
@@ -56,16 +58,29 @@ def barge_ins(page: dict[str, Any]) -> list[dict[str, Any]]:
     stamps = page.get("stamps") or []
     found = []
     for interruption in page["mic"][1::2]:
-        onset_ms = interruption[2]
-        playing = [answer[3] for answer in page["remote"] if answer[2] <= onset_ms <= answer[3]]
-        if playing:
-            found.append(_stages(onset_ms, playing[0], stamps))
+        stopped_ms = answer_stopped_ms(page["remote"], interruption[2])
+        if stopped_ms is not None:
+            found.append(_stages(interruption[2], stopped_ms, stamps))
     return found
 
 
+def answer_stopped_ms(remote: Sequence[Sequence[float]], onset_ms: float) -> float | None:
+    """The answer's last audible moment (Unix ms) if one was playing at ``onset_ms``, else None.
+
+    Playing: a remote segment began before the onset and ended at most a pause between two
+    sentences before it (``SENTENCE_PAUSE_MS``). Its last audible moment: the end of the last
+    segment that began before ``onset_ms + NEXT_ANSWER_AFTER_MS`` (a pause between sentences
+    ends the meter's segment; the next answer cannot start that soon)."""
+    playing = [s for s in remote if s[2] <= onset_ms <= s[3] + SENTENCE_PAUSE_MS]
+    if not playing:
+        return None
+    ends = [s[3] for s in remote if playing[0][2] <= s[2] <= onset_ms + NEXT_ANSWER_AFTER_MS]
+    return max(ends)
+
+
 def _stages(onset_ms: float, stopped_ms: float, stamps: Sequence[Sequence[Any]]) -> dict[str, Any]:
-    started = _first_after(stamps, "input_audio_buffer.speech_started", onset_ms - 1000)
-    cleared = _first_after(stamps, "output_audio_buffer.cleared", onset_ms - 1000)
+    started = _first_after(stamps, "input_audio_buffer.speech_started", onset_ms - 300)
+    cleared = _first_after(stamps, "output_audio_buffer.cleared", onset_ms - 300)
     return {
         "onset_to_stopped_ms": round(stopped_ms - onset_ms, 1),
         "detect_ms": _since(onset_ms, started),

@@ -49,7 +49,8 @@ def test_a_barge_in_is_split_from_onset_to_the_answer_s_last_audible_sample() ->
 
     page = {
         "mic": [segment(1, 2), segment(6, 7), segment(20, 21), segment(40, 41)],
-        "remote": [segment(3, 6.25), segment(22, 30)],  # the second interruption: after it
+        # a pause between sentences just before the onset; the second interruption: too late
+        "remote": [segment(3, 5.8), segment(6.1, 6.25), segment(8.5, 9), segment(22, 30)],
         "stamps": [
             ["input_audio_buffer.speech_started", 1_006_090.0],
             ["output_audio_buffer.cleared", 1_006_110.0],
