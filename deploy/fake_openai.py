@@ -1,8 +1,9 @@
 """A small OpenAI-compatible HTTP server for tests and local load runs, on loopback (uvicorn).
 
 The only fake in the suite: it stands in for the paid OpenAI API. It speaks the real wire
-shapes (SSE chat chunks with tool-call deltas and usage, raw PCM speech, multipart
-transcription) and validates requests the way the API does, so a wrong mapping fails here.
+shapes (SSE chat chunks with tool-call deltas and usage, the Responses API's streamed events
+(``deploy.fake_responses``), raw PCM speech, multipart transcription) and validates requests
+the way the API does, so a wrong mapping fails here.
 
 Control endpoints (tests drive them through ``FakeOpenAIServer``):
   POST /__control  {"fail": {route: [status, ...]}, "hold": [route], "stall_s": {route: s},
@@ -10,7 +11,8 @@ Control endpoints (tests drive them through ``FakeOpenAIServer``):
   POST /__release  {"route": route}  -- let a held stream continue after its first chunk
   POST /__reset
   GET  /__stats    hits, finished and disconnected streams, last request per route
-Routes: "chat", "speech", "transcriptions"; a failure key "route:model" fails only that model.
+Routes: "chat", "responses", "speech", "transcriptions"; a failure key "route:model" fails
+only that model.
 
 Run as a script it binds 127.0.0.1 on a free port and prints the port on stdout.
 """
@@ -42,6 +44,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from deploy.fake_responses import responses_problem, responses_sse
 from deploy.waiting import poll
 
 SPEECH_SAMPLES_PER_WORD = 2_400  # 0.1 s at 24 kHz
@@ -245,6 +248,22 @@ def _usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": words + completion_tokens,
     }
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+@app.post("/v1/responses", response_model=None)
+async def responses(request: Request) -> Response:
+    body = await request.json()
+    if (failure := _injected_failure("responses", body.get("model"))) is not None:
+        return failure
+    state.last_request["responses"] = body
+    problem = responses_problem(body)
+    if problem:
+        return _error(400, problem)
+    events = responses_sse(body)
+    return StreamingResponse(_paced("responses", events), media_type="text/event-stream")
 
 
 # --- speech ---------------------------------------------------------------------------------

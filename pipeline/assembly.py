@@ -127,11 +127,11 @@ async def _language_model(
     if config.llm != "openai":
         return local
     from pipeline.openai_providers import OpenAILanguageModel
+    from pipeline.openai_responses import OpenAIResponsesLanguageModel
     from pipeline.resilience import harden_llm
 
-    return harden_llm(
-        OpenAILanguageModel(client, config.openai_llm_model), local if config.fallback else None
-    )
+    api = OpenAIResponsesLanguageModel if config.llm_api == "responses" else OpenAILanguageModel
+    return harden_llm(api(client, config.openai_llm_model), local if config.fallback else None)
 
 
 async def _local_model(

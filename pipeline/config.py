@@ -16,6 +16,8 @@ are validated at load with a message naming the variable. Provider choice per st
   place when the extra is missing or the model does not load.
 - Unset stages default to offline (pocketsphinx, rule, piper), unless ``OPENAI_API_KEY`` or
   ``OPENAI_BASE_URL`` is set: then to ``openai``.
+- ``llm_api``: ``chat`` (Chat Completions, the default) | ``responses`` (the Responses API,
+  ``pipeline.openai_responses``): how the ``openai`` language model asks its backend.
 - With ``fallback`` on, an OpenAI stage is hardened (timeout, retry budget, circuit breaker)
   with the offline provider of the same stage behind it.
 """
@@ -36,6 +38,7 @@ CHOICES = {
     "llm": ("rule", "local", "openai"),
     "tts": ("piper", "espeak", "openai"),
 }
+LLM_APIS = ("chat", "responses")  # the openai language model: /chat/completions or /responses
 
 
 class ConfigError(ValueError):
@@ -240,6 +243,7 @@ class PipelineConfig:
     fallback: bool = True
     openai_stt_model: str = "gpt-4o-mini-transcribe"
     openai_llm_model: str = "gpt-4o-mini"
+    llm_api: str = "chat"  # the openai language model's API: "chat" or "responses"
     openai_tts_model: str = "gpt-4o-mini-tts"
     openai_tts_voice: str = "alloy"
     vad_threshold: float = 0.5
@@ -276,6 +280,10 @@ class PipelineConfig:
                     f"{ENV_PREFIX}{stage.upper()} must be one of {', '.join(allowed)}; "
                     f"got {getattr(self, stage)!r}"
                 )
+        if self.llm_api not in LLM_APIS:
+            raise ConfigError(
+                f"{ENV_PREFIX}LLM_API must be one of {', '.join(LLM_APIS)}; got {self.llm_api!r}"
+            )
         try:
             self.engine_config()
             self.pocketsphinx_config()

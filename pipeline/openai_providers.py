@@ -9,6 +9,7 @@ inside the SDK behind the retry budget's back.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -52,7 +53,7 @@ SPEECH_VOICES = (
 SPEECH_SAMPLE_RATE_HZ = 24_000  # response_format="pcm": 24 kHz, 16-bit signed LE, mono
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 
-_TRANSPORT_ERRORS = (httpx2.TransportError, httpx.TransportError)
+TRANSPORT_ERRORS = (httpx2.TransportError, httpx.TransportError)
 
 
 def provider_error(provider: str, error: Exception) -> ProviderError:
@@ -61,14 +62,14 @@ def provider_error(provider: str, error: Exception) -> ProviderError:
         status = error.status_code
         retryable = status in RETRYABLE_STATUS or status >= 500
         return ProviderError(provider, f"HTTP {status}: {error.message}", retryable=retryable)
-    if isinstance(error, (openai.APIConnectionError, *_TRANSPORT_ERRORS)):
+    if isinstance(error, (openai.APIConnectionError, *TRANSPORT_ERRORS)):
         return ProviderError(provider, f"{type(error).__name__}: {error}", retryable=True)
     # An error event inside an otherwise healthy stream is the server's failure, not ours.
     retryable = type(error) is openai.APIError
     return ProviderError(provider, f"{type(error).__name__}: {error}", retryable=retryable)
 
 
-def _without_sdk_retries(client: openai.AsyncOpenAI) -> openai.AsyncOpenAI:
+def without_sdk_retries(client: openai.AsyncOpenAI) -> openai.AsyncOpenAI:
     return client.with_options(max_retries=0)
 
 
@@ -79,7 +80,7 @@ class OpenAISpeechToText:
     """One utterance in, one WAV upload; partials when the server streams transcript deltas."""
 
     def __init__(self, client: openai.AsyncOpenAI, model: str = "gpt-4o-mini-transcribe") -> None:
-        self._client = _without_sdk_retries(client)
+        self._client = without_sdk_retries(client)
         self.model = model
         self.name = f"openai-stt/{model}"
 
@@ -94,7 +95,7 @@ class OpenAISpeechToText:
         try:
             async for transcript in self._request(wav_bytes(pcm, sample_rate_hz), hints):
                 yield transcript
-        except (openai.OpenAIError, *_TRANSPORT_ERRORS) as error:
+        except (openai.OpenAIError, *TRANSPORT_ERRORS) as error:
             raise provider_error(self.name, error) from error
 
     async def _collect(self, audio: AsyncIterator[AudioChunk]) -> tuple[bytes, int]:
@@ -145,12 +146,19 @@ def _transcript_text(body: bytes, content_type: str) -> str:
 
 
 class OpenAILanguageModel:
-    """Chat completions, streamed: text deltas as they come, tool calls once complete, usage."""
+    """Chat completions, streamed: text deltas as they come, tool calls once complete, usage.
+    ``pipeline.openai_responses`` is the same over the Responses API."""
 
     def __init__(self, client: openai.AsyncOpenAI, model: str = "gpt-4o-mini") -> None:
-        self._client = _without_sdk_retries(client)
+        self._client = without_sdk_retries(client)
         self.model = model
         self.name = f"openai-llm/{model}"
+
+    def as_model(self, model: str) -> OpenAILanguageModel:
+        """This provider sending ``model`` instead of its own (``providers.answering_as``)."""
+        view = copy.copy(self)
+        view.model, view.name = model, f"openai-llm/{model}"
+        return view
 
     async def generate(
         self, messages: Sequence[Message], tools: Sequence[ToolSpec], choice: ToolChoice = "auto"
@@ -180,7 +188,7 @@ class OpenAILanguageModel:
             async with stream:
                 async for event in _events(stream):
                     yield event
-        except (openai.OpenAIError, *_TRANSPORT_ERRORS) as error:
+        except (openai.OpenAIError, *TRANSPORT_ERRORS) as error:
             raise provider_error(self.name, error) from error
 
 
@@ -282,7 +290,7 @@ class OpenAITextToSpeech:
     def __init__(
         self, client: openai.AsyncOpenAI, model: str = "gpt-4o-mini-tts", voice: str = "alloy"
     ) -> None:
-        self._client = _without_sdk_retries(client)
+        self._client = without_sdk_retries(client)
         self.model = model
         self.voice = voice
         self.voices = (voice, *(name for name in SPEECH_VOICES if name != voice))
@@ -304,7 +312,7 @@ class OpenAITextToSpeech:
             ) as response:
                 async for pcm in even_length(response.iter_bytes()):
                     yield AudioChunk(pcm, SPEECH_SAMPLE_RATE_HZ)
-        except (openai.OpenAIError, *_TRANSPORT_ERRORS) as error:
+        except (openai.OpenAIError, *TRANSPORT_ERRORS) as error:
             raise provider_error(self.name, error) from error
 
 

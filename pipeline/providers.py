@@ -164,6 +164,21 @@ def generate_with(
     return stream
 
 
+def answering_as(llm: LanguageModel, model: str) -> LanguageModel:
+    """``llm`` for a session that names the model it wants (GPT-Live's delegation ``model``).
+
+    A provider that serves models by name has ``as_model(model)``: a view of itself that sends
+    that name with each request (the same client, breaker and budget; nothing global changes).
+    Any other (the rule-based agent, the local model) is an alias for every name and answers
+    as itself: a client written for OpenAI names OpenAI's models, and refusing them would turn
+    away every such client of an offline deployment."""
+    bind = getattr(llm, "as_model", None)
+    if bind is None:
+        return llm
+    bound: LanguageModel = bind(model)
+    return bound
+
+
 # --- text to speech -------------------------------------------------------------------------
 
 

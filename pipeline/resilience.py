@@ -59,6 +59,7 @@ from pipeline.providers import (
     ToolSpec,
     Transcript,
     TranscriptionHints,
+    answering_as,
     generate_with,
     synthesize_with,
     transcribe_with,
@@ -344,6 +345,15 @@ def _transcribe(
 
 
 class HardenedLanguageModel(_Hardened[LanguageModel]):
+    def as_model(self, model: str) -> HardenedLanguageModel:
+        """The primary sending ``model`` (``providers.answering_as``); its breaker, budget and
+        counters shared; the fallback as it is."""
+        view = copy.copy(self)
+        primary = answering_as(self._providers[0], model)
+        view._providers = [primary, *self._providers[1:]]
+        view.name = primary.name
+        return view
+
     def generate(
         self, messages: Sequence[Message], tools: Sequence[ToolSpec], choice: ToolChoice = "auto"
     ) -> AsyncGenerator[LanguageModelEvent, None]:

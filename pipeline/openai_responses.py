@@ -1,0 +1,189 @@
+"""The language model over OpenAI's Responses API (``POST /v1/responses``, streamed), for a
+backend that has it (``PIPELINE_LLM_API=responses``); ``pipeline.openai_providers`` speaks Chat
+Completions.
+
+I/O layer, like its sibling: one streaming method, the SDK's exceptions mapped to
+``ProviderError`` and nothing more (the client has ``max_retries=0``; retries are the
+resilience wrapper's). Each request carries the whole conversation, as the chat request does:
+
+- leading system messages are the request's ``instructions``; the rest are ``input`` items:
+  user and assistant ``message``s, an assistant's tool calls as ``function_call`` items and
+  their results as ``function_call_output`` (a later system message stays a ``system``
+  message);
+- tools are function tools in the flat Responses shape, ``strict: false`` (as a chat tool is:
+  a client's schema need not be a strict one); a tool choice other than "auto" is sent;
+- ``store: false``: the backend keeps nothing, as nothing refers to it later;
+- the response's own ``max_output_tokens`` is not sent: the engine counts the stream and stops
+  reading at the session's limit, for either API (the Responses minimum of 16 would refuse a
+  smaller limit a session may set).
+
+The stream's events: ``response.output_text.delta`` is text; a ``function_call`` output item
+is a tool call once ``response.output_item.done`` carries it whole (its arguments from
+``response.function_call_arguments.delta``/``done`` are checked against it);
+``response.completed`` or ``response.incomplete`` end it with the usage; ``response.failed``
+and ``error`` are the server's failure (retryable); a stream that ends without any of them too.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+
+import openai
+from openai.types.responses import (
+    EasyInputMessageParam,
+    FunctionToolParam,
+    ResponseFunctionToolCall,
+    ResponseInputItemParam,
+    ResponseStreamEvent,
+    ToolChoiceFunctionParam,
+)
+from openai.types.responses.response_create_params import ToolChoice as ToolChoiceParam
+from openai.types.responses.response_input_item_param import FunctionCallOutput
+
+from pipeline.openai_providers import TRANSPORT_ERRORS, provider_error, without_sdk_retries
+from pipeline.providers import (
+    ForcedTool,
+    LanguageModelEvent,
+    Message,
+    ProviderError,
+    TextDelta,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
+    Usage,
+)
+
+
+class OpenAIResponsesLanguageModel:
+    """The Responses API, streamed: text deltas as they come, tool calls once complete, usage."""
+
+    def __init__(self, client: openai.AsyncOpenAI, model: str = "gpt-4o-mini") -> None:
+        self._client = without_sdk_retries(client)
+        self.model = model
+        self.name = f"openai-responses/{model}"
+
+    def as_model(self, model: str) -> OpenAIResponsesLanguageModel:
+        """This provider sending ``model`` instead of its own (``providers.answering_as``)."""
+        view = copy.copy(self)
+        view.model, view.name = model, f"openai-responses/{model}"
+        return view
+
+    async def generate(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec], choice: ToolChoice = "auto"
+    ) -> AsyncGenerator[LanguageModelEvent, None]:
+        instructions, rest = split_instructions(messages)
+        try:
+            stream = await self._client.responses.create(
+                model=self.model,
+                input=input_items(rest),
+                instructions=instructions if instructions else openai.omit,
+                tools=[function_tool(tool) for tool in tools] if tools else openai.omit,
+                tool_choice=openai.omit if choice == "auto" or not tools else choice_param(choice),
+                store=False,
+                stream=True,
+            )
+            async with stream:
+                async for event in self._events(stream):
+                    yield event
+        except (openai.OpenAIError, *TRANSPORT_ERRORS) as error:
+            raise provider_error(self.name, error) from error
+
+    async def _events(
+        self, stream: AsyncIterator[ResponseStreamEvent]
+    ) -> AsyncIterator[LanguageModelEvent]:
+        arguments: dict[str, str] = {}  # function_call item id -> its arguments as streamed
+        async for event in stream:
+            if event.type == "response.output_text.delta":
+                yield TextDelta(event.delta)
+            elif event.type == "response.function_call_arguments.delta":
+                arguments[event.item_id] = arguments.get(event.item_id, "") + event.delta
+            elif event.type == "response.function_call_arguments.done":
+                arguments[event.item_id] = event.arguments
+            elif event.type == "response.output_item.done":
+                if isinstance(event.item, ResponseFunctionToolCall):
+                    yield self._tool_call(event.item, arguments)
+            elif event.type == "response.completed" or event.type == "response.incomplete":
+                usage = event.response.usage
+                if usage is not None:
+                    yield Usage(usage.input_tokens, usage.output_tokens)
+                return
+            elif event.type in ("response.failed", "error"):
+                raise ProviderError(self.name, _failure(event), retryable=True)
+        raise ProviderError(self.name, "stream ended without response.completed", retryable=True)
+
+    def _tool_call(self, item: ResponseFunctionToolCall, streamed: dict[str, str]) -> ToolCall:
+        """The call as its done item carries it; streamed arguments that differ are an error."""
+        if item.id is not None and streamed.get(item.id, item.arguments) != item.arguments:
+            message = f"function call {item.call_id}: streamed arguments differ from the item's"
+            raise ProviderError(self.name, message, retryable=True)
+        return ToolCall(item.call_id, item.name, item.arguments)
+
+
+def _failure(event: ResponseStreamEvent) -> str:
+    if event.type == "error":
+        return f"error event: {event.code}: {event.message}"
+    if event.type == "response.failed" and event.response.error is not None:
+        error = event.response.error
+        return f"response.failed: {error.code}: {error.message}"
+    return event.type
+
+
+# --- the request ----------------------------------------------------------------------------
+
+
+def split_instructions(messages: Sequence[Message]) -> tuple[str, Sequence[Message]]:
+    """The leading system messages, joined (the request's ``instructions``), and the rest."""
+    lead = 0
+    while lead < len(messages) and messages[lead].role == "system":
+        lead += 1
+    return "\n\n".join(m.content for m in messages[:lead] if m.content), messages[lead:]
+
+
+def input_items(messages: Sequence[Message]) -> list[ResponseInputItemParam]:
+    """The conversation as Responses ``input`` items."""
+    return [item for message in messages for item in _items(message)]
+
+
+def _items(message: Message) -> Iterator[ResponseInputItemParam]:
+    if message.role == "tool":
+        output: FunctionCallOutput = {
+            "type": "function_call_output",
+            "call_id": message.tool_call_id,
+            "output": message.content,
+        }
+        yield output
+        return
+    if message.content or not message.tool_calls:
+        text: EasyInputMessageParam = {
+            "type": "message",
+            "role": message.role,
+            "content": message.content,
+        }
+        yield text
+    for call in message.tool_calls:
+        yield {
+            "type": "function_call",
+            "call_id": call.call_id,
+            "name": call.name,
+            "arguments": call.arguments,
+        }
+
+
+def function_tool(tool: ToolSpec) -> FunctionToolParam:
+    """A ``ToolSpec`` as a Responses function tool (flat: no nested ``function``)."""
+    return {
+        "type": "function",
+        "name": tool.name,
+        "description": tool.description,
+        "parameters": dict(tool.parameters),
+        "strict": False,
+    }
+
+
+def choice_param(choice: ToolChoice) -> ToolChoiceParam:
+    """A tool choice in the Responses shape."""
+    if isinstance(choice, ForcedTool):
+        forced: ToolChoiceFunctionParam = {"type": "function", "name": choice.name}
+        return forced
+    return choice

@@ -1,0 +1,166 @@
+"""The language model over the Responses API (``pipeline.openai_responses``) against the fake
+OpenAI server's streamed ``/v1/responses``; a session's model per request (``answering_as``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import openai
+import pydantic
+import pytest
+from openai.types.responses import ResponseStreamEvent
+
+from deploy.fake_openai import FakeOpenAIServer
+from pipeline.config import ConfigError, PipelineConfig
+from pipeline.knowledge import load_knowledge
+from pipeline.local_agent import LocalRuleBasedAgent
+from pipeline.openai_providers import OpenAILanguageModel
+from pipeline.openai_responses import OpenAIResponsesLanguageModel
+from pipeline.providers import (
+    ForcedTool,
+    LanguageModel,
+    LanguageModelEvent,
+    Message,
+    ProviderError,
+    TextDelta,
+    ToolCall,
+    ToolSpec,
+    Usage,
+    answering_as,
+    generate_with,
+)
+from pipeline.resilience import harden_llm
+
+LOOKUP = ToolSpec(
+    "lookup",
+    "Look a word up in the knowledge file.",
+    {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+)
+STREAM_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
+
+
+async def answer(llm: LanguageModel, messages: list[Message], **kw: Any) -> list[Any]:
+    events: list[LanguageModelEvent] = []
+    async for event in generate_with(llm, messages, kw.get("tools", []), kw.get("choice", "auto")):
+        events.append(event)
+    return events
+
+
+def text_of(events: list[Any]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+async def sent(server: FakeOpenAIServer) -> dict[str, Any]:
+    request: dict[str, Any] = (await server.stats())["last_request"]["responses"]
+    return request
+
+
+async def test_a_text_answer_streams_with_instructions_and_input_items(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    llm = OpenAIResponsesLanguageModel(client, "gpt-5-mini")
+    assert isinstance(llm, LanguageModel)
+    messages = [Message("system", "Be brief."), Message("user", "hello there")]
+    events = await answer(llm, messages)
+    assert text_of(events) == "You said: hello there"
+    assert isinstance(events[-1], Usage) and events[-1].output_tokens == 4
+    request = await sent(server)
+    assert (request["model"], request["instructions"], request["store"]) == (
+        "gpt-5-mini", "Be brief.", False,
+    )  # fmt: skip
+    assert request["input"] == [{"type": "message", "role": "user", "content": "hello there"}]
+    assert "tools" not in request and "tool_choice" not in request
+
+
+async def test_a_tool_round_trip_sends_function_call_items(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    llm = OpenAIResponsesLanguageModel(client)
+    history = [Message("user", "please lookup the moon")]
+    events = await answer(llm, history, tools=[LOOKUP])
+    (call,) = [e for e in events if isinstance(e, ToolCall)]
+    assert (call.name, json.loads(call.arguments)) == ("lookup", {"query": history[0].content})
+    tool = (await sent(server))["tools"][0]
+    assert tool == {"type": "function", "name": "lookup", "description": LOOKUP.description,
+                    "parameters": dict(LOOKUP.parameters), "strict": False}  # fmt: skip
+    history += [Message("assistant", tool_calls=(call,)), Message("tool", "full", (), call.call_id)]
+    events = await answer(llm, history, tools=[LOOKUP])
+    assert text_of(events) == "The lookup tool says full."
+    assert [item["type"] for item in (await sent(server))["input"]] == [
+        "message", "function_call", "function_call_output",
+    ]  # fmt: skip
+    items = (await sent(server))["input"]
+    assert items[1] == {"type": "function_call", "call_id": call.call_id, "name": "lookup",
+                        "arguments": call.arguments}  # fmt: skip
+    assert items[2] == {"type": "function_call_output", "call_id": call.call_id, "output": "full"}
+
+
+async def test_a_forced_tool_choice_is_sent_in_the_responses_shape(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    llm = OpenAIResponsesLanguageModel(client)
+    events = await answer(llm, [Message("user", "hi")], tools=[LOOKUP], choice=ForcedTool("lookup"))
+    assert [e.name for e in events if isinstance(e, ToolCall)] == ["lookup"]
+    assert (await sent(server))["tool_choice"] == {"type": "function", "name": "lookup"}
+
+
+async def test_the_fakes_events_are_the_sdks_types(server: FakeOpenAIServer) -> None:
+    """Every event the fake streams validates as the SDK's ``ResponseStreamEvent``."""
+    lookup = {"type": "function", "name": "lookup", "parameters": {}, "strict": False}
+    body = {"model": "m", "stream": True, "input": [{"role": "user", "content": "call lookup"}]}
+    for tools in ([lookup], []):
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
+            response = await http.post("/v1/responses", json={**body, "tools": tools})
+        data = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        kinds = [STREAM_EVENT.validate_json(item).type for item in data]
+        assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
+        assert ("response.function_call_arguments.done" in kinds) is bool(tools), kinds
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable"), [(429, True), (500, True), (400, False), (401, False)]
+)
+async def test_http_errors_map_to_provider_errors(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI, status: int, retryable: bool
+) -> None:
+    await server.control(fail={"responses": [status]})
+    llm = OpenAIResponsesLanguageModel(client)
+    with pytest.raises(ProviderError) as caught:
+        await answer(llm, [Message("user", "hi")])
+    assert (caught.value.retryable, caught.value.provider) == (retryable, llm.name)
+    assert f"HTTP {status}" in str(caught.value)
+    assert (await server.stats())["hits"]["responses"] == 1  # the SDK did not retry
+
+
+async def test_a_tool_output_without_its_call_is_refused_by_the_server(
+    client: openai.AsyncOpenAI,
+) -> None:
+    llm = OpenAIResponsesLanguageModel(client)
+    with pytest.raises(ProviderError) as caught:
+        await answer(llm, [Message("user", "hi"), Message("tool", "x", (), "call_nowhere")])
+    assert "HTTP 400" in str(caught.value) and "no function_call before it" in str(caught.value)
+    assert not caught.value.retryable
+
+
+@pytest.mark.parametrize("route", ["chat", "responses"])
+async def test_a_session_model_is_sent_per_request_and_the_deployments_stays(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI, route: str
+) -> None:
+    api = OpenAIResponsesLanguageModel if route == "responses" else OpenAILanguageModel
+    base = harden_llm(api(client, "gpt-4o-mini"), LocalRuleBasedAgent(load_knowledge()))
+    session = answering_as(base, "gpt-5-mini")
+    assert session.name.endswith("/gpt-5-mini") and base.name.endswith("/gpt-4o-mini")
+    for llm, model in ((session, "gpt-5-mini"), (base, "gpt-4o-mini")):
+        await answer(llm, [Message("user", "hi")])
+        assert (await server.stats())["last_request"][route]["model"] == model
+    local = LocalRuleBasedAgent(load_knowledge())
+    assert answering_as(local, "gpt-5-mini") is local  # an alias for every name
+
+
+def test_the_llm_api_is_a_setting() -> None:
+    assert PipelineConfig.from_env({}).llm_api == "chat"
+    assert PipelineConfig.from_env({"PIPELINE_LLM_API": "responses"}).llm_api == "responses"
+    with pytest.raises(ConfigError, match="PIPELINE_LLM_API must be one of chat, responses"):
+        PipelineConfig.from_env({"PIPELINE_LLM_API": "completions"})
