@@ -34,6 +34,13 @@ from transceiver.webrtc.calls import CallAgent, CallLimits, Calls
 from transceiver.webrtc.echo import EchoAgent
 from transceiver.webrtc.lean_media import TICK_SAMPLES, LeanMedia, OpusDecoder, parse_rtp
 from transceiver.webrtc.link import Link
+from transceiver.webrtc.rtp_extensions import (
+    AUDIO_LEVEL_URI,
+    MID_URI,
+    SILENT_LEVEL_DBOV,
+    audio_level,
+    rtp_extensions,
+)
 
 TIMEOUT_S = 15.0
 KEYS = random_keys()
@@ -216,6 +223,23 @@ def keepalives_after_the_last_talkspurt(sent: list[bytes]) -> list[float]:
     return [level for gap, level in levels if gap]
 
 
+def assert_levels_carried(lean: LeanMedia, sent: list[bytes], voiced_dbov: int) -> None:
+    """Every packet carries the MID and its frame's audio level (RFC 6464) at the ids the
+    answer negotiated: the agent's voice with the V bit at its level (the median frame: a
+    talkspurt's ends are partial), silence without it at 127."""
+    (call,) = lean.calls
+    ids = {e.uri: e.id for e in call.send_parameters.headerExtensions}
+    levels = []
+    for packet in sent:
+        elements = dict(rtp_extensions(packet) or [])
+        assert elements.keys() == {ids[MID_URI], ids[AUDIO_LEVEL_URI]}, elements
+        assert elements[ids[MID_URI]] == call.send_parameters.muxId.encode()
+        levels.append(audio_level(elements[ids[AUDIO_LEVEL_URI]]))
+    voiced = sorted(level for voice, level in filter(None, levels) if voice)
+    assert voiced and voiced[len(voiced) // 2] == voiced_dbov, voiced
+    assert (False, SILENT_LEVEL_DBOV) in levels and None not in levels
+
+
 async def test_audio_both_ways_barge_in_and_the_next_answer() -> None:
     VoiceAgent.made.clear()
     async with lean_calls(VoiceAgent) as calls, tone_client(calls) as client:
@@ -251,6 +275,7 @@ async def test_audio_both_ways_barge_in_and_the_next_answer() -> None:
         await eventually(lambda: lean.counters["rtp_keepalive"] >= keepalives + 2, TIMEOUT_S, "")
         after = keepalives_after_the_last_talkspurt(packets)
         assert len(after) >= 2 and max(after) < 0.01, after
+        assert_levels_carried(lean, packets, voiced_dbov=15)  # the tone: 8 000 peak, RMS -15 dBov
         assert lean.counters["srtp_rejected"] == 0
     assert not lean.calls  # the call's media ended with it
 

@@ -22,6 +22,7 @@ from aiortc.rtcpeerconnection import RTCPeerConnection as PeerConnectionClass
 from deploy.waiting import eventually
 from transceiver import config
 from transceiver.webrtc import calls, ice, lean_media
+from transceiver.webrtc.rtp_extensions import AUDIO_LEVEL_URI, MID_URI
 
 
 def test_pinned_versions() -> None:
@@ -113,7 +114,7 @@ async def test_a_live_call_has_the_shapes_lean_media_reads() -> None:
         assert lean_media._is_opus(parameters.codecs[0]) and parameters.codecs[0].payloadType
         assert parameters.muxId == transceiver.mid and parameters.rtcp.cname
         uris = {extension.uri: extension.id for extension in parameters.headerExtensions}
-        assert lean_media.MID_URI in uris
+        assert MID_URI in uris and AUDIO_LEVEL_URI in uris
         received = answerer._RTCPeerConnection__remoteRtp(transceiver)
         assert any(lean_media._is_opus(c) for c in received.codecs)
     finally:

@@ -4,11 +4,12 @@
 HELLO, routes); ``ice`` confines the aioice hooks; ``sdp`` rewrites answers to carry the relay's
 candidate; ``calls`` owns every call, its admission and its watcher; ``audio`` bridges Opus and
 PCM in 20 ms frames; ``rtp_tuning`` holds the aiortc tunings; ``lean_media`` carries a call's
-audio itself once DTLS is up (``TRANSCEIVER_MEDIA_PATH=lean``); ``echo`` is the diagnostic agent;
+audio itself once DTLS is up (``TRANSCEIVER_MEDIA_PATH=lean``), with the RTP header extensions of
+``rtp_extensions``; ``echo`` is the diagnostic agent;
 ``link_policy`` holds the link's timings and bounds as data.
 A call runs an agent given to it (the Realtime session, or echo): this package knows no agent,
 no Redis and no Realtime event.
 
 May import: relay.wire, transceiver.background, transceiver.restarts
-Pure: sdp, keyed_relays, link_policy
+Pure: sdp, keyed_relays, link_policy, rtp_extensions
 """

@@ -38,7 +38,11 @@ Why ctypes libopus and not PyAV's codec API (measured here, 2 vCPUs, load ~1.2, 
 of 2 000 frames): encode 76 vs 102 us a frame, decode 25 us (16 kHz out) vs 39 us (48 kHz out);
 PyAV builds a frame object per packet and offers no FEC decode.
 
-Not carried: NACK/RTX, BWE, jitter-buffer playout, header extensions other than MID,
+Header extensions (``rtp_extensions``): each packet sent carries the MID and the audio level
+of its frame (RFC 6464: -dBov, V set on a frame of the agent's voice that is not silent) when
+the answer negotiated them, as Chromium sends and reads; the caller's are skipped unread.
+
+Not carried: NACK/RTX, BWE, jitter-buffer playout, header extensions other than those two,
 renegotiation (the first parameters stay), more than one audio track. A bug here is logged
 with its traceback, counted in ``transceiver_task_crashes_total{task="lean media"}`` and ends
 that call's media: its input track fails, so the agent's audio task crashes and the call ends.
@@ -55,6 +59,7 @@ import ctypes
 import fractions
 import glob
 import logging
+import math
 import os
 import random
 import struct
@@ -72,6 +77,15 @@ from av import AudioFrame
 
 from transceiver.background import report_crash
 from transceiver.webrtc.audio import InputResampler, audio_frames
+from transceiver.webrtc.rtp_extensions import (
+    AUDIO_LEVEL_URI,
+    MID_URI,
+    SILENT_LEVEL_DBOV,
+    Element,
+    OutgoingExtensions,
+    audio_level_byte,
+    one_byte_block,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,10 +104,10 @@ RTCP_INTERVAL_TICKS = 100  # ~2 s
 SILENCE_KEEPALIVE_TICKS = 20  # while silent, one frame of silence every 400 ms (as Opus DTX)
 LATE_TICK_S = 0.1  # the tick fell this far behind (a blocked loop): restart its clock
 MAX_QUEUED_FRAMES = 50  # frames waiting for a recv() consumer, or pulled from a track
-MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
 NTP_EPOCH_OFFSET_S = 2_208_988_800
 RTCP_SR, RTCP_RR, RTCP_SDES = 200, 201, 202
 _RTP = struct.Struct("!BBHII")
+_FULL_SCALE = 32_768.0
 _RTCP_HEAD = struct.Struct("!BBHI")
 _BLOCK = struct.Struct("!IIIIII")
 
@@ -255,12 +269,23 @@ def rtp_header(marker: bool, payload_type: int, sequence: int, timestamp: int, s
 
 def mid_extension(extension_id: int, mid: str) -> bytes:
     """An RFC 8285 one-byte-header extension block carrying the MID, padded to 32 bits."""
-    value = mid.encode("ascii")
-    if not 1 <= extension_id <= 14 or not 1 <= len(value) <= 16:
-        raise ValueError(f"no one-byte MID extension for id {extension_id} and mid {mid!r}")
-    element = bytes([(extension_id << 4) | (len(value) - 1)]) + value
-    element += b"\0" * (-len(element) % 4)
-    return b"\xbe\xde" + (len(element) // 4).to_bytes(2, "big") + element
+    try:
+        return one_byte_block([Element(extension_id, mid.encode("ascii"))])
+    except (ValueError, UnicodeEncodeError) as error:
+        raise ValueError(
+            f"no one-byte MID extension for id {extension_id} and mid {mid!r}"
+        ) from error
+
+
+def level_dbov(pcm: bytes) -> int:
+    """The level of s16 mono PCM as RFC 6465 Appendix A computes it: the RMS in dB of full
+    scale, negated and rounded; 127 for silence or an empty frame (integer sums: no BLAS)."""
+    samples = np.frombuffer(pcm, dtype=np.int16).astype(np.int64)
+    energy = int(np.sum(samples * samples))
+    if energy == 0:
+        return SILENT_LEVEL_DBOV
+    power = energy / (len(samples) * _FULL_SCALE * _FULL_SCALE)
+    return max(0, min(SILENT_LEVEL_DBOV, round(-10 * math.log10(power))))
 
 
 def with_extension(header: bytes, extension: bytes) -> bytes:
@@ -624,7 +649,7 @@ class LeanCall:
         # outbound
         self.ssrc = int(transceiver.sender._ssrc)
         self._payload_type = 0
-        self._extension = b""
+        self._extensions = OutgoingExtensions(None, "", None)
         self._cname = ""
         self._encoder: OpusEncoder | None = None
         self._encoder_resampler: Any = None
@@ -683,9 +708,9 @@ class LeanCall:
             raise RuntimeError(f"lean media sends Opus only, not {codec.mimeType}")
         self._payload_type = codec.payloadType
         self._cname = parameters.rtcp.cname or ""
-        for extension in parameters.headerExtensions:
-            if extension.uri == MID_URI and parameters.muxId:
-                self._extension = mid_extension(extension.id, parameters.muxId)
+        ids = {extension.uri: extension.id for extension in parameters.headerExtensions}
+        mid = parameters.muxId or ""
+        self._extensions = OutgoingExtensions(ids.get(MID_URI), mid, ids.get(AUDIO_LEVEL_URI))
         voice = self.voice_track
         if voice is None:
             return
@@ -845,7 +870,10 @@ class LeanCall:
             header = rtp_header(
                 not self._talking, self._payload_type, self._sequence, self._timestamp, self.ssrc
             )
-            self._send(with_extension(header, self._extension) + payload)
+            extensions = self._extensions
+            level = level_dbov(pcm) if extensions.carries_level else SILENT_LEVEL_DBOV
+            block = extensions.block(audio_level_byte(level, level < SILENT_LEVEL_DBOV))
+            self._send(with_extension(header, block) + payload)
             self._sequence = (self._sequence + 1) & 0xFFFF
             self.packets_sent += 1
             self.octets_sent += len(payload)
@@ -866,7 +894,8 @@ class LeanCall:
             return
         payload = self._encoder.encode(bytes(self._encoder_bytes))
         header = rtp_header(False, self._payload_type, self._sequence, self._timestamp, self.ssrc)
-        self._send(with_extension(header, self._extension) + payload)
+        block = self._extensions.block(audio_level_byte(SILENT_LEVEL_DBOV, False))
+        self._send(with_extension(header, block) + payload)
         self._sequence = (self._sequence + 1) & 0xFFFF
         self.packets_sent += 1
         self.octets_sent += len(payload)
