@@ -25,7 +25,7 @@ COMPILE = $(PYPI_ONLY) $(LOCK_TOOLS)/bin/pip-compile -q --generate-hashes --allo
 UPGRADE ?=
 UPGRADE_FLAGS = $(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p)))
 
-.PHONY: all run test lint typecheck bench clean venv sysdeps lock loadtest image-smoke
+.PHONY: all run test lint typecheck bench clean venv sysdeps lock loadtest image-smoke models
 
 all: test
 
@@ -46,6 +46,7 @@ lock: $(LOCK_TOOLS)/.stamp
 	grep -E '^[A-Za-z0-9][^ ]*==' $(LOCK) | sed 's/ .*//' > build/dev-pins.txt
 	rm -f $(RUNTIME_LOCK)
 	$(COMPILE) -c build/dev-pins.txt -o $(RUNTIME_LOCK) pyproject.toml requirements/build.in
+	$(PYPI_ONLY) $(LOCK_TOOLS)/bin/python -m pipeline.smart_turn_file --repin
 
 # Debian packages the suite needs: gcc (the C reference forwarder in the benchmarks) and
 # chromium (the browser tests; Playwright drives Debian's build, it never downloads its own).
@@ -75,7 +76,16 @@ typecheck: $(STAMP)
 # The suite runs a test file per worker, one worker per core: most of its time is real time
 # (audio at 1x, failovers, outages), not CPU. TEST_WORKERS=0 runs it in this process alone.
 TEST_WORKERS ?= auto
-test: $(STAMP) sysdeps lint typecheck
+# The end-of-turn model (README, "Semantic end of turn"): taken out of the pipecat-ai wheel that
+# requirements/smart-turn.txt pins by hash (the wheel is never installed), its own sha256 checked.
+SMART_TURN_MODEL := build/models/smart-turn-v3.2-cpu.onnx
+$(SMART_TURN_MODEL): requirements/smart-turn.txt pipeline/smart_turn_file.py | $(STAMP)
+	$(PY) -m pipeline.smart_turn_file --model $@
+	touch $@
+
+models: $(SMART_TURN_MODEL)
+
+test: $(STAMP) sysdeps models lint typecheck
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The image's entry points (ENTRYPOINT + CMD of deploy/Dockerfile), run from a fresh venv that the
@@ -84,21 +94,21 @@ test: $(STAMP) sysdeps lint typecheck
 image-smoke: $(STAMP)
 	VOICERELAY_IMAGE_SMOKE=1 $(PY) -m pytest tests/test_deploy.py -k fresh_venv -ra
 
-bench: $(STAMP) sysdeps
+bench: $(STAMP) sysdeps models
 	$(PY) -m loadtest.bench
 
 # make run LLM=local: the voice pipeline answers with the local language model (README, "The
 # local language model"); LLM=rule (the default offline) | local | openai. The model comes with
 # the lock (requirements.txt), which $(STAMP) installs.
 LLM ?=
-run: $(STAMP) sysdeps
+run: $(STAMP) sysdeps models
 	$(PY) -m deploy.local $(if $(LLM),--llm $(LLM))
 
 # make loadtest SCENARIO=relay ARGS="--sessions 10000 --canaries 300 --processes 2"
 # SCENARIO: relay | voice | ports (README, "Load testing"); ARGS: that scenario's options (-h)
 SCENARIO ?= relay
 ARGS ?=
-loadtest: $(STAMP) sysdeps
+loadtest: $(STAMP) sysdeps models
 	$(PY) -m loadtest $(SCENARIO) $(ARGS)
 
 clean:
