@@ -175,6 +175,7 @@ async def test_the_delegations_tool_choice_and_output_limit_reach_the_model(
     assert call["name"] == "moon"  # forced: the question does not name it
     sent = (await server.stats())["last_request"]["chat"]
     assert sent["tool_choice"] == {"type": "function", "function": {"name": "moon"}}
+    assert sent["model"] == "gpt-5-mini"  # the delegation's, not the deployment's gpt-4o-mini
     limit = {"type": "responses", "responses": {"tool_choice": "auto", "max_output_tokens": 2}}
     await connection.session.update(session={"delegation": limit})
     updated = (await live.next("session.updated"))["session"]["delegation"]["responses"]

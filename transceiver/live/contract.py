@@ -10,6 +10,9 @@ session's:
   same length, as Live does, so an utterance in progress ends.
 - ``session.update``: the Responses backend's settings (model, instructions, function tools,
   tool choice) change through ``reconfigure``; ``session.updated`` carries the result.
+- The delegation's ``model`` is the engine's language model's for this session
+  (``pipeline.providers.answering_as``): an OpenAI-compatible backend (chat or Responses API)
+  is sent that name with each request; the offline models answer to any name.
 - ``session.instructions.append``: joins the language model's instructions for the rest of the
   session; ``session.instructions.appended``.
 - ``response.item.create`` (Responses delegation): a function call's output or a user message
@@ -39,7 +42,7 @@ import time
 from typing import Any, Literal
 
 from pipeline import events as ev
-from pipeline.providers import Message
+from pipeline.providers import Message, answering_as
 from transceiver.live.client_events import (
     MAX_LIVE_EVENT_BYTES,
     AudioAppend,
@@ -91,6 +94,8 @@ class LiveContract:
         )
         self.closing = False
         self._appended: list[str] = list(appended)  # session.instructions.append, in order
+        self._deployment_llm = session.engine.llm
+        self._answer_as_delegated_model()
         session.engine.history.extend(Message(_ROLES[role], text) for role, text in config.input)
 
     @property
@@ -116,6 +121,13 @@ class LiveContract:
 
     def _backend_model(self) -> str:
         return self.config.model if self.config.delegation is None else self.config.delegation.model
+
+    def _answer_as_delegated_model(self) -> None:
+        """The engine's language model asks for the delegation's model (an OpenAI-compatible
+        backend is sent its name; an offline model answers to any); without delegation the
+        deployment's own answers (the Live ``model`` names the voice model, not this one)."""
+        delegation, llm = self.config.delegation, self._deployment_llm
+        self.session.engine.llm = llm if delegation is None else answering_as(llm, delegation.model)
 
     def resource(self) -> Event:
         resource = self.config.resource(self.session_id, self._epoch_s + SESSION_LIFETIME_S)
@@ -200,10 +212,12 @@ class LiveContract:
     def _update(self, event: SessionUpdate) -> None:
         config, previous = event.apply(self.config), self.config
         self.config = config  # first: the session stores it with the Realtime config
+        self._answer_as_delegated_model()
         try:
             self._reconfigure(config, self._appended)
         except EventError:
             self.config = previous
+            self._answer_as_delegated_model()
             raise
         self.translator.model = self._backend_model()
         self._send(live_event("session.updated", event.event_id, session=self.resource()))
