@@ -723,7 +723,7 @@ TURN_STAGES = (  # (label, colour): a turn's end of speech -> heard, bottom to t
     ("send (encode, SRTP, relay)", "tab:orange"),
     ("Chromium jitter buffer", "tab:red"),
     ("voice's quiet lead-in", "tab:pink"),
-    ("Chromium playout + meter", "tab:purple"),
+    ("Chromium decode + render", "tab:purple"),
 )
 
 
@@ -741,22 +741,28 @@ def turn_stage_ms(turn: Row) -> list[float] | None:
 
 
 def turn_stages_figure(paths: dict[str, Row]) -> Any | None:
-    """One panel per media path: a stacked bar per turn of ``TURN_STAGES``; None without data."""
-    drawable = {
-        name: [s for t in result.get("per_turn", []) if (s := turn_stage_ms(t)) is not None]
-        for name, result in paths.items()
-    }
-    drawable = {name: stacks for name, stacks in drawable.items() if stacks}
+    """One panel per media path: a stacked bar per turn of ``TURN_STAGES`` (turns numbered as
+    run; a turn missing a stage is left out); None without data."""
+    drawable: dict[str, list[tuple[int, list[float]]]] = {}
+    for name, result in paths.items():
+        for number, turn in enumerate(result.get("per_turn", []), 1):
+            if (stack := turn_stage_ms(turn)) is not None:
+                drawable.setdefault(name, []).append((number, stack))
     if not drawable:
         return None
     report = {"scenario": "browser end to end"}
     figure, panels = _figure(report, "end of speech -> heard, by stage", len(drawable))
     for axes, (name, stacks) in zip(panels, drawable.items(), strict=True):
+        turns = [n for n, _ in stacks]
         bottoms = np.zeros(len(stacks))
         for index, (label, colour) in enumerate(TURN_STAGES):
-            heights = np.array([stack[index] for stack in stacks])
-            axes.bar(range(1, len(stacks) + 1), heights, bottom=bottoms, color=colour, label=label)
+            heights = np.array([stack[index] for _, stack in stacks])
+            axes.bar(turns, heights, bottom=bottoms, color=colour, label=label)
             bottoms += heights
+        axes.set_xticks(turns)
         axes.set_title(f"media path: {name}")
-        _label(axes, "turn", "ms")
+        axes.set_xlabel("turn")
+        axes.set_ylabel("ms")
+        axes.grid(True, alpha=0.3)
+    panels[0].legend(fontsize="x-small", loc="upper left")
     return figure
