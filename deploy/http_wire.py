@@ -25,9 +25,18 @@ CONTENT_LENGTH = re.compile(r"[0-9]{1,15}")
 REQUEST_HEADERS = frozenset({b"content-type", b"authorization", b"accept", b"origin"})
 REQUEST_PREFIXES = (b"x-voicerelay-", b"access-control-request-")
 RESPONSE_HEADERS = frozenset(
-    {b"content-type", b"location", b"retry-after", b"www-authenticate", b"cache-control", b"vary"}
+    {
+        b"content-type",
+        b"location",
+        b"retry-after",
+        b"retry-after-ms",
+        b"www-authenticate",
+        b"cache-control",
+        b"vary",
+    }
 )
-RESPONSE_PREFIXES = (b"x-voicerelay-", b"access-control-")
+# x-ratelimit-*: a transceiver's rate-limit state (OpenAI's headers), on refusals and answers
+RESPONSE_PREFIXES = (b"x-voicerelay-", b"access-control-", b"x-ratelimit-")
 
 
 # --- the request as received (pure) ------------------------------------------------------------

@@ -95,6 +95,8 @@ class Backend:
             "X-Voicerelay-Session": "sess_echo",
             "X-Voicerelay-Resume-Token": "tok_echo",
             "Retry-After": "4",
+            "Retry-After-Ms": "3500",
+            "X-RateLimit-Remaining-Requests": "7",
             "X-Internal-Detail": "must not leak",
             "Set-Cookie": "a=b",
         }
@@ -254,6 +256,8 @@ async def test_method_path_query_body_and_relevant_headers_pass_both_ways() -> N
     assert response.headers["x-voicerelay-session"] == "sess_echo"
     assert response.headers["x-voicerelay-resume-token"] == "tok_echo"
     assert response.headers["retry-after"] == "4"
+    assert response.headers["retry-after-ms"] == "3500"  # a transceiver's rate limits
+    assert response.headers["x-ratelimit-remaining-requests"] == "7"
     assert response.headers["content-type"] == "application/json"
     assert "x-internal-detail" not in response.headers and "set-cookie" not in response.headers
 
