@@ -164,6 +164,9 @@ def redis_command(host: str, data_dir: str) -> tuple[Command, str] | None:
     return Command("redis", argv, "Ready to accept connections"), f"redis://{host}:{port}/0"
 
 
+LOOPBACK_NETWORKS = "127.0.0.0/8,::1/128"
+
+
 def random_keyring() -> str:
     return f"1:{secrets.token_hex(32)}"
 
@@ -174,6 +177,9 @@ def commands(config: StackConfig, keys: str, redis_url: str | None) -> list[Comm
     env = {"TRANSCEIVER_SECRET_KEYS": random_keyring()}  # never given to the relay
     env |= {"REDIS_URL": redis_url} if redis_url else {}
     env |= {"PIPELINE_LLM": config.llm} if config.llm else {}
+    # Behind the front door every request comes from it: its X-Forwarded-For names the client
+    # (the per-address rate limit), trusted only from the loopback addresses it connects from.
+    env |= {"TRANSCEIVER_TRUSTED_PROXIES": LOOPBACK_NETWORKS} if config.front_door else {}
     ready_s = LOCAL_LLM_READY_TIMEOUT_S if config.llm == "local" else READY_TIMEOUT_S
     http = config.transceiver_http_addresses()
     procs: list[Command] = []
@@ -190,6 +196,7 @@ def commands(config: StackConfig, keys: str, redis_url: str | None) -> list[Comm
     if config.front_door:
         door = [py, "-m", "deploy.front_door", "--host", config.host]
         door += ["--port", str(config.http_port), "--backends", ",".join(http)]
+        door += ["--drain-timeout-s", str(config.drain_timeout_s)]
         procs.append(Command(FRONT_DOOR, door, front_door.READY_LINE))
     return procs
 

@@ -347,3 +347,22 @@ def test_shipped_keys_are_placeholders_that_neither_process_accepts(overlay: str
         TransceiverConfig.load([], shared)
     with pytest.raises(AuthConfigError, match="^TRANSCEIVER_SECRET_KEYS: key 1 secret is not"):
         AuthConfig.validated("required", "k8s-test-api-key-0123", own["TRANSCEIVER_SECRET_KEYS"])
+
+
+def test_transceivers_behind_the_front_door_trust_its_forwarded_address_only() -> None:
+    """Behind make run's front door every request arrives from it: the transceivers take the
+    client's address from its X-Forwarded-For (per-address rate limits), from loopback only."""
+    from deploy import local
+    from transceiver.config import ConfigError, _networks
+
+    keys = "1:" + "00" * 32
+    behind = local.commands(local.parse_args(["--transceivers", "2"]), keys, None)
+    door = next(c for c in behind if c.name == local.FRONT_DOOR)
+    assert door.argv[door.argv.index("--drain-timeout-s") + 1] == "2.0"
+    proxies = [c.env.get("TRANSCEIVER_TRUSTED_PROXIES") for c in behind if "transceiver" in c.name]
+    assert proxies == [local.LOOPBACK_NETWORKS] * 2
+    assert [str(n) for n in _networks(local.LOOPBACK_NETWORKS)] == ["127.0.0.0/8", "::1/128"]
+    alone = local.commands(local.parse_args([]), keys, None)  # one transceiver: no front door
+    assert all("TRANSCEIVER_TRUSTED_PROXIES" not in c.env for c in alone)
+    with pytest.raises(ConfigError):
+        _networks("127.0.0.1/40")
