@@ -2,7 +2,8 @@
 backend that has it (``PIPELINE_LLM_API=responses``); ``pipeline.openai_providers`` speaks Chat
 Completions.
 
-I/O layer, like its sibling: one streaming method, the SDK's exceptions mapped to
+I/O layer, like its sibling: one streaming method through the SDK's client (its auth, base URL
+and stream parsing into ``ResponseStreamEvent``), the SDK's exceptions mapped to
 ``ProviderError`` and nothing more (the client has ``max_retries=0``; retries are the
 resilience wrapper's). Each request carries the whole conversation, as the chat request does:
 
@@ -33,10 +34,14 @@ import openai
 from openai.types.responses import (
     EasyInputMessageParam,
     FunctionToolParam,
+    Response,
     ResponseFunctionToolCall,
     ResponseInputItemParam,
     ResponseStreamEvent,
     ToolChoiceFunctionParam,
+)
+from openai.types.responses.response_create_params import (
+    ResponseCreateParamsStreaming,
 )
 from openai.types.responses.response_create_params import ToolChoice as ToolChoiceParam
 from openai.types.responses.response_input_item_param import FunctionCallOutput
@@ -72,16 +77,16 @@ class OpenAIResponsesLanguageModel:
     async def generate(
         self, messages: Sequence[Message], tools: Sequence[ToolSpec], choice: ToolChoice = "auto"
     ) -> AsyncGenerator[LanguageModelEvent, None]:
-        instructions, rest = split_instructions(messages)
         try:
-            stream = await self._client.responses.create(
-                model=self.model,
-                input=input_items(rest),
-                instructions=instructions if instructions else openai.omit,
-                tools=[function_tool(tool) for tool in tools] if tools else openai.omit,
-                tool_choice=openai.omit if choice == "auto" or not tools else choice_param(choice),
-                store=False,
+            # Posted as is, as the chat body is (``openai_providers``): the SDK's
+            # ``responses.create`` would first walk it through its TypedDict transformer,
+            # measured at 185 ms of event-loop CPU for 300 input items on this machine.
+            stream = await self._client.post(
+                "/responses",
+                body=request_body(self.model, messages, tools, choice),
+                cast_to=Response,
                 stream=True,
+                stream_cls=openai.AsyncStream[ResponseStreamEvent],
             )
             async with stream:
                 async for event in self._events(stream):
@@ -130,6 +135,26 @@ def _failure(event: ResponseStreamEvent) -> str:
 
 
 # --- the request ----------------------------------------------------------------------------
+
+
+def request_body(
+    model: str, messages: Sequence[Message], tools: Sequence[ToolSpec], choice: ToolChoice
+) -> ResponseCreateParamsStreaming:
+    """The streamed request, in wire shape (what ``responses.create`` would send)."""
+    instructions, rest = split_instructions(messages)
+    body: ResponseCreateParamsStreaming = {
+        "model": model,
+        "input": input_items(rest),
+        "store": False,
+        "stream": True,
+    }
+    if instructions:
+        body["instructions"] = instructions
+    if tools:
+        body["tools"] = [function_tool(tool) for tool in tools]
+        if choice != "auto":
+            body["tool_choice"] = choice_param(choice)
+    return body
 
 
 def split_instructions(messages: Sequence[Message]) -> tuple[str, Sequence[Message]]:

@@ -17,7 +17,7 @@ from pipeline.config import ConfigError, PipelineConfig
 from pipeline.knowledge import load_knowledge
 from pipeline.local_agent import LocalRuleBasedAgent
 from pipeline.openai_providers import OpenAILanguageModel
-from pipeline.openai_responses import OpenAIResponsesLanguageModel
+from pipeline.openai_responses import OpenAIResponsesLanguageModel, request_body
 from pipeline.providers import (
     ForcedTool,
     LanguageModel,
@@ -95,6 +95,31 @@ async def test_a_tool_round_trip_sends_function_call_items(
     assert items[1] == {"type": "function_call", "call_id": call.call_id, "name": "lookup",
                         "arguments": call.arguments}  # fmt: skip
     assert items[2] == {"type": "function_call_output", "call_id": call.call_id, "output": "full"}
+
+
+async def test_the_body_is_what_the_sdks_own_create_would_send(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    """The request skips the SDK's transformer (its cost grows with the history): what
+    reaches the server is what ``responses.create`` sends for the same body."""
+    call = ToolCall("call_7", "lookup", '{"query": "hours"}')
+    history = [Message("system", "Be brief.")]
+    for turn in range(40):
+        history += [Message("user", f"question {turn}"), Message("assistant", f"answer {turn}")]
+    history += [
+        Message("user", "please lookup the hours"),
+        Message("assistant", "", tool_calls=(call,)),
+        Message("tool", "nine to five", tool_call_id="call_7"),
+    ]
+    llm = OpenAIResponsesLanguageModel(client, "gpt-test")
+    await answer(llm, history, tools=[LOOKUP], choice=ForcedTool("lookup"))
+    ours = await sent(server)
+    body = request_body("gpt-test", history, [LOOKUP], ForcedTool("lookup"))
+    stream = await client.responses.create(**body)
+    async with stream:
+        _ = [event async for event in stream]
+    assert ours == await sent(server)
+    assert len(ours["input"]) == len(history) - 1  # the system message is the instructions
 
 
 async def test_a_forced_tool_choice_is_sent_in_the_responses_shape(
