@@ -191,7 +191,7 @@ def cost_estimator(config: PipelineConfig) -> CostEstimator:
         usage = TurnUsage(
             stt_model=config.openai_stt_model if config.stt == "openai" else None,
             audio_in_s=record.input_audio_s,
-            llm_model=config.openai_llm_model if config.llm == "openai" else None,
+            llm_model=_llm_model(config, record),
             input_tokens=record.llm_input_tokens,
             output_tokens=record.llm_output_tokens,
             tts_model=config.openai_tts_model if config.tts == "openai" else None,
@@ -200,3 +200,12 @@ def cost_estimator(config: PipelineConfig) -> CostEstimator:
         return estimate_cost_usd(usage, prices)
 
     return estimate
+
+
+def _llm_model(config: PipelineConfig, record: TurnRecord) -> str | None:
+    """The model a turn's answer asked for: the one its provider's name carries (a session's
+    own, ``providers.answering_as``), else the deployment's; offline: none."""
+    if config.llm != "openai":
+        return None
+    _, _, model = record.llm_provider.partition("/")
+    return model or config.openai_llm_model

@@ -67,3 +67,7 @@ def test_turn_cost_prices_only_the_openai_stages() -> None:
     assert recorder.finish(interrupted=False, estimate_cost=cost_estimator(offline)).cost_usd == 0
     priced = recorder.finish(interrupted=False, estimate_cost=cost_estimator(hosted_llm))
     assert priced.cost_usd == pytest.approx(0.15)  # gpt-4o-mini input list price per 1M tokens
+    session_model = TurnRecorder(2, llm_provider="openai-responses/gpt-4.1")  # a Live delegation's
+    session_model.llm_input_tokens = 1_000_000
+    priced = session_model.finish(interrupted=False, estimate_cost=cost_estimator(hosted_llm))
+    assert priced.cost_usd == pytest.approx(2.00)  # gpt-4.1's, not the deployment's gpt-4o-mini
