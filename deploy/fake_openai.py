@@ -7,7 +7,8 @@ the way the API does, so a wrong mapping fails here.
 
 Control endpoints (tests drive them through ``FakeOpenAIServer``):
   POST /__control  {"fail": {route: [status, ...]}, "hold": [route], "stall_s": {route: s},
-                    "chunk_delay_s": s, "ignore_stream": bool}
+                    "chunk_delay_s": s, "ignore_stream": bool,
+                    "responses_ending": "completed" | "failed" | "error" | "cut"}
   POST /__release  {"route": route}  -- let a held stream continue after its first chunk
   POST /__reset
   GET  /__stats    hits, finished and disconnected streams, last request per route
@@ -59,6 +60,7 @@ class ServerState:
     stall_s: dict[str, float] = field(default_factory=dict)
     chunk_delay_s: float = 0.01
     ignore_stream: bool = False
+    responses_ending: str = "completed"  # or "failed", "error", "cut" (``fake_responses``)
     hits: Counter[str] = field(default_factory=Counter)
     finished: Counter[str] = field(default_factory=Counter)
     disconnected: Counter[str] = field(default_factory=Counter)
@@ -262,7 +264,7 @@ async def responses(request: Request) -> Response:
     problem = responses_problem(body)
     if problem:
         return _error(400, problem)
-    events = responses_sse(body)
+    events = responses_sse(body, state.responses_ending)
     return StreamingResponse(_paced("responses", events), media_type="text/event-stream")
 
 
@@ -360,6 +362,7 @@ async def control(request: Request) -> dict[str, bool]:
     state.stall_s.update(body.get("stall_s", {}))
     state.chunk_delay_s = float(body.get("chunk_delay_s", state.chunk_delay_s))
     state.ignore_stream = bool(body.get("ignore_stream", state.ignore_stream))
+    state.responses_ending = str(body.get("responses_ending", state.responses_ending))
     return {"ok": True}
 
 

@@ -70,10 +70,23 @@ def _tools_problem(body: Json) -> str:
 # --- the answer -----------------------------------------------------------------------------
 
 
-def responses_sse(body: Json) -> list[bytes]:
-    """The answer to a checked request, one SSE message per event."""
-    events = list(_numbered(_events(body)))
-    return [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events]
+def responses_sse(body: Json, ending: str = "completed") -> list[bytes]:
+    """The answer to a checked request, one SSE message per event. ``ending`` other than
+    "completed": the server fails after the output ("failed": ``response.failed``; "error":
+    an ``error`` event; "cut": the stream just stops)."""
+    events = list(_events(body))
+    if ending != "completed":
+        events = [*events[:-1], *_failure(body, ending)]
+    numbered = _numbered(iter(events))
+    return [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in numbered]
+
+
+def _failure(body: Json, ending: str) -> list[Json]:
+    error = {"code": "server_error", "message": f"injected {ending}"}
+    if ending == "failed":
+        failed = {**_response(body, "failed", [], None), "error": error}
+        return [{"type": "response.failed", "response": failed}]
+    return [{"type": "error", **error, "param": None}] if ending == "error" else []
 
 
 def _numbered(events: Iterator[Json]) -> Iterator[Json]:

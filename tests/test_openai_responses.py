@@ -159,6 +159,27 @@ async def test_http_errors_map_to_provider_errors(
     assert (await server.stats())["hits"]["responses"] == 1  # the SDK did not retry
 
 
+@pytest.mark.parametrize(
+    ("ending", "says"),
+    [
+        ("failed", "response.failed: server_error: injected failed"),
+        ("error", "error event: server_error: injected error"),
+        ("cut", "stream ended without response.completed"),
+    ],
+)
+async def test_a_stream_the_server_fails_is_a_retryable_error(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI, ending: str, says: str
+) -> None:
+    await server.control(responses_ending=ending)
+    llm = OpenAIResponsesLanguageModel(client)
+    events: list[Any] = []
+    with pytest.raises(ProviderError) as caught:
+        async for event in llm.generate([Message("user", "hi there")], []):
+            events.append(event)
+    assert text_of(events) == "You said: hi there"  # what came before the failure
+    assert caught.value.retryable and says in str(caught.value), caught.value
+
+
 async def test_a_tool_output_without_its_call_is_refused_by_the_server(
     client: openai.AsyncOpenAI,
 ) -> None:
