@@ -3,6 +3,7 @@ OpenAI server's streamed ``/v1/responses``; a session's model per request (``ans
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -31,7 +32,7 @@ from pipeline.providers import (
     answering_as,
     generate_with,
 )
-from pipeline.resilience import harden_llm
+from pipeline.resilience import HardenedLanguageModel, harden_llm
 
 LOOKUP = ToolSpec(
     "lookup",
@@ -203,6 +204,21 @@ async def test_a_session_model_is_sent_per_request_and_the_deployments_stays(
         assert (await server.stats())["last_request"][route]["model"] == model
     local = LocalRuleBasedAgent(load_knowledge())
     assert answering_as(local, "gpt-5-mini") is local  # an alias for every name
+
+
+async def test_a_sessions_model_is_retried_behind_the_deployments_breaker(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    """A failure of the session's model (``route:model``) is retried by the hardened view,
+    whose breaker and counters are the deployment's provider's."""
+    await server.control(fail={"responses:gpt-5-mini": [503]})
+    base = harden_llm(OpenAIResponsesLanguageModel(client), sleep=lambda _: asyncio.sleep(0))
+    session = answering_as(base, "gpt-5-mini")
+    assert isinstance(session, HardenedLanguageModel) and session.breaker is base.breaker
+    assert text_of(await answer(session, [Message("user", "hi")])) == "You said: hi"
+    hits = (await server.stats())["hits"]
+    assert (hits["responses:gpt-5-mini"], hits["responses"]) == (2, 2)
+    assert base.stats.retries[base.name] == 1
 
 
 def test_the_llm_api_is_a_setting() -> None:
