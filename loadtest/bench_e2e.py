@@ -224,23 +224,32 @@ async def _bench(
     with tempfile.TemporaryDirectory(prefix="voicerelay-bench-e2e-") as tmp:
         wav, barge_wav = Path(tmp) / "questions.wav", Path(tmp) / "barge-in.wav"
         spoken = await _questions_wav(wav, turns)
-        await bargein.barge_in_wav(barge_wav, barge_ins)
+        if barge_ins:
+            await bargein.barge_in_wav(barge_wav, barge_ins)
         timeout_s = spoken[-1].end_s + GAP_S + 30.0
         env = {"TRANSCEIVER_MEDIA_PATH": media_path}
         with launched(["--agent", "pipeline", "--no-redis"], env=env) as stack:
             done = f"{METRICS_JS}.length >= {turns}"
             page = await _run_page(stack.url, wav, done, timeout_s, jitter_target_ms)
-            barge_timeout_s = barge_ins * 30.0 + 30.0
-            barged = await _run_page(
-                stack.url, barge_wav, bargein.done_js(barge_ins), barge_timeout_s, jitter_target_ms
-            )
+            barged = await _barge_in_page(stack.url, barge_wav, barge_ins, jitter_target_ms)
     result = summarise(turn_latencies(page, stack.lines))
     result["media_path"], result["jitter_target_ms"] = media_path, jitter_target_ms
     result["receiver"] = transport.concealment(page.get("stats") or [])
     result["receiver"]["audio_context_latency_s"] = page.get("latency_s")
-    result["barge_in"] = bargein.summarise(bargein.barge_ins(barged), barge_ins)
+    if barged is not None:
+        result["barge_in"] = bargein.summarise(bargein.barge_ins(barged), barge_ins)
     result["method"] = "browser mic speech end -> first remote audio onset (one AudioContext clock)"
     return result
+
+
+async def _barge_in_page(
+    url: str, wav: Path, barge_ins: int, jitter_target_ms: float | None
+) -> dict[str, Any] | None:
+    """The barge-in call (``bench_bargein``), unless none was asked for."""
+    if not barge_ins:
+        return None
+    timeout_s = barge_ins * 30.0 + 30.0
+    return await _run_page(url, wav, bargein.done_js(barge_ins), timeout_s, jitter_target_ms)
 
 
 def run_e2e_bench(
