@@ -204,7 +204,10 @@ class LocalAgentConfig:
 @dataclass(frozen=True)
 class LocalLlmConfig:
     cache_dir: str = ""  # where the model file is assembled; "": ~/.cache/voicerelay/models
-    threads: int = 0  # 0: the usable cores, at most 8
+    # 0: half the usable cores (at least 1, at most 8). llama.cpp's threads wait for each other
+    # at every step, so on shared cores they stall: under a load of 9 on 2 cores, 2 threads took
+    # 24-45 s per short answer and 1 thread 3-5 s (the rest of the pipeline wants the others)
+    threads: int = 0
     context_tokens: int = 4096  # per conversation generating at once
     parallel: int = 1  # conversations generating at once (more wait their turn)
     max_tokens: int = 200  # per answer
@@ -229,7 +232,7 @@ class LocalLlmConfig:
 
     @property
     def resolved_threads(self) -> int:
-        return self.threads or min(8, usable_cores())
+        return self.threads or max(1, min(8, usable_cores() // 2))
 
 
 # --- the pipeline, as an operator sets it ----------------------------------------------------

@@ -34,6 +34,7 @@ from pipeline.local_llm_chat import (
     ToolCallGate,
     chat_messages,
     chat_tools,
+    holds_facts,
     parse_tool_calls,
     recent_history,
     system_prompt,
@@ -53,6 +54,7 @@ from pipeline.providers import (
 
 log = logging.getLogger(__name__)
 CANNOT_DO = "Sorry, I cannot do that."
+NO_ANSWER = "Sorry, I have no answer to that."
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class LlamaCppLanguageModel:
     ) -> None:
         self.config = config
         self._system = system_prompt(topics, facts)
+        # with the knowledge file in the prompt, looking it up adds nothing
+        self._known_tools = frozenset({"lookup_knowledge"} if holds_facts(facts) else ())
         self._warm_tools = tuple(warm_tools)
         self._model_path = model_path
         self._server: Any = None
@@ -141,11 +145,34 @@ class LlamaCppLanguageModel:
         *,
         max_tokens: int = 0,
     ) -> AsyncGenerator[LanguageModelEvent, None]:
+        """The answer; a call of the tool whose knowledge the prompt already holds is dropped,
+        and when it was the only call, the model answers again without tools (it calls
+        lookup_knowledge for "what is twelve times twelve?", then gives up on "not found")."""
         if self._server is None:
             raise ProviderError(self.name, "not started", retryable=False)
         if isinstance(choice, ForcedTool):  # llama.cpp takes no named tool: offer it alone
             tools = [tool for tool in tools if tool.name == choice.name]
-        request = self._request(messages, tools, max_tokens or self.config.max_tokens)
+        limit = max_tokens or self.config.max_tokens
+        dropped = called = False
+        async for event in self._answer(messages, tools, choice, limit):
+            if isinstance(event, ToolCall) and event.name in self._known_tools:
+                dropped = True
+                continue
+            called = called or isinstance(event, ToolCall)
+            if not (dropped and not called and isinstance(event, Usage)):
+                yield event
+        if dropped and not called:
+            async for event in self._answer(messages, [], "auto", limit):
+                yield event
+
+    async def _answer(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[ToolSpec],
+        choice: ToolChoice,
+        max_tokens: int,
+    ) -> AsyncGenerator[LanguageModelEvent, None]:
+        request = self._request(messages, tools, max_tokens)
         if tools and choice != "auto":
             request["tool_choice"] = "required"
         answer = _Answer(asyncio.get_running_loop())
@@ -250,6 +277,8 @@ def _ending(gate: ToolCallGate, native: _NativeCalls, tool_names: list[str]) -> 
     if gate.holding and calls is not None:  # it wrote a call, but of no tool it was offered
         return [TextDelta(CANNOT_DO)]
     text = gate.held if gate.holding else gate.finish()
+    if gate.holding and text.lstrip().startswith("<"):  # markup (an echoed <tool_response>)
+        return [TextDelta(NO_ANSWER)]
     return [TextDelta(text)] if text else []
 
 

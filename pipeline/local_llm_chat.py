@@ -42,7 +42,7 @@ MAX_FACTS_CHARS = 3000  # a larger knowledge file is only searched, not read out
 # Characters per token of English text for Qwen's tokenizer, rounded down: a safe estimate
 # when trimming the history to the context window.
 CHARS_PER_TOKEN = 3
-_OPENERS = ("```", "<tool_call>", "{", "[")
+_OPENERS = ("```", "<tool_call>", "<tool_response>", "{", "[")
 _FENCE = re.compile(r"```[a-zA-Z]*\s*(.*?)\s*```", re.DOTALL)
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
@@ -55,10 +55,14 @@ def system_prompt(
     prompt = SYSTEM_PROMPT
     if topics:
         prompt += TOOLS_PROMPT.format(topics=_spoken_list([topic.lower() for topic in topics]))
-    notes = " ".join(facts)
-    if notes and len(notes) <= MAX_FACTS_CHARS:
-        prompt += FACTS_PROMPT.format(facts=notes)
+    if holds_facts(facts):
+        prompt += FACTS_PROMPT.format(facts=" ".join(facts))
     return f"{prompt}\n\n{instructions.strip()}" if instructions.strip() else prompt
+
+
+def holds_facts(facts: Sequence[str]) -> bool:
+    """Whether the system prompt reads these facts to the model (they are short enough)."""
+    return 0 < len(" ".join(facts)) <= MAX_FACTS_CHARS
 
 
 def _spoken_list(items: Sequence[str]) -> str:

@@ -112,7 +112,12 @@ def test_text_passes_the_gate_as_soon_as_it_cannot_be_a_call() -> None:
 
 
 def test_the_gate_holds_a_fence_a_tag_or_json_until_the_end() -> None:
-    for pieces in (["``", "`json\n{", '"name"'], ["<", "tool", "_call>"], [" ", "{", "{"]):
+    for pieces in (
+        ["``", "`json\n{", '"name"'],
+        ["<", "tool", "_call>"],
+        [" ", "{", "{"],
+        ["<tool_res", "ponse>\n{}"],  # an echoed tool result: never spoken
+    ):
         gate = ToolCallGate(tools_offered=True)
         assert pushed(gate, pieces) == ""
         assert gate.holding and gate.held == "".join(pieces)
