@@ -17,6 +17,12 @@ Barge-in: ``SpeechStarted`` while a response is active stops playout at once (no
 emitted after it) and cancels the response's LLM, TTS and playout tasks; the history keeps only
 the assistant text that was heard (``PlayoutLedger``), like OpenAI's Realtime API.
 
+Generation end vs playout end (paced playout): a response is done (``ResponseDone``,
+``TurnCompleted``, its words in the history) once its audio is all made; it then plays on
+(``OutputStopped`` when it has played) while another response may start, whose audio follows
+it. A barge-in (or ``clear_output``) during that playout stops it (``OutputCleared``) and cuts
+the answer in the history to the words played, as OpenAI truncates an answer over WebRTC.
+
 Detours: with ``on_detour`` set, a turn's provider calls go through ``resilience.reporting``
 views, so each retry or fallback a call took reaches ``on_detour`` with the turn's number.
 
@@ -110,6 +116,8 @@ class ConversationEngine:
         self._recorder: TurnRecorder | None = None
         self._response: SpokenResponse | None = None
         self._response_task: asyncio.Task[None] | None = None
+        self._playing: dict[asyncio.Task[None], SpokenResponse] = {}  # done, audio still playing
+        self._answers: dict[SpokenResponse, Message] = {}  # a playing answer's history message
         self._transcription: asyncio.Task[None] | None = None
         self._committed: set[asyncio.Task[None]] = set()  # transcriptions of committed turns
         self._uncommitted = bytearray()  # push-to-talk input since the last commit
@@ -161,6 +169,11 @@ class ConversationEngine:
     @property
     def active_response_id(self) -> str | None:
         return None if self._response is None else self._response.response_id
+
+    @property
+    def output_playing(self) -> bool:
+        """A done response's audio is still playing (or waiting to)."""
+        return bool(self._playing)
 
     @property
     def input_position_ms(self) -> int:
@@ -217,10 +230,15 @@ class ConversationEngine:
         return self._start_response(recorder, config, tools)
 
     def cancel_response(self) -> str | None:
-        """Stop the active response (as a barge-in would); its id, or None if there is none."""
+        """Stop the active response and its audio; its id, or None if there is none. The audio
+        of responses already done plays on (``clear_output`` stops it)."""
         response = self._response
-        self._barge_in()
+        self._stop_active()
         return None if response is None else response.response_id
+
+    def clear_output(self) -> None:
+        """Stop every answer's audio, as a barge-in does: the active response is cancelled."""
+        self._barge_in()
 
     def clear_input(self) -> None:
         """Drop buffered input and the utterance in progress (it gets no transcript)."""
@@ -333,13 +351,34 @@ class ConversationEngine:
         )
 
     def _barge_in(self) -> None:
+        for task, response in list(self._playing.items()):
+            self._cut_playout(response)
+            task.cancel()
+        self._stop_active()
+
+    def _stop_active(self) -> None:
         response, task = self._response, self._response_task
         if response is None or task is None:
             return
         response.stop()  # from now on the player emits nothing
         if response.frames_out:
-            self._emit(ev.OutputCleared(response.response_id, response.played_ms))
+            heard = response.heard_text()
+            self._emit(ev.OutputCleared(response.response_id, response.played_ms, heard))
         task.cancel()
+
+    def _cut_playout(self, response: SpokenResponse) -> None:
+        """A done response's audio stops: its answer in the history keeps the words played."""
+        response.stop()
+        heard = response.heard_text()
+        answer = self._answers.pop(response, None)
+        if answer is not None and heard != answer.content:
+            at = next((i for i, m in enumerate(self.history) if m is answer), None)
+            if at is not None and heard:
+                self.history[at] = replace(answer, content=heard)
+            elif at is not None:
+                del self.history[at]
+        if response.frames_out or answer is not None:  # (an answer queued behind another)
+            self._emit(ev.OutputCleared(response.response_id, response.played_ms, heard))
 
     # --- speech to text -------------------------------------------------------------------
 
@@ -392,6 +431,9 @@ class ConversationEngine:
             self._emit,
             self._now,
         )
+        response.play_after = tuple(self._playing)
+        if config.realtime_playout:
+            response.on_generated = partial(self._generated, response)
         self._response = response
         self._response_task = self._spawn(self._respond(response), response.response_id)
         return response.response_id
@@ -411,20 +453,39 @@ class ConversationEngine:
             status = "failed"
             self._report(error)
         finally:
-            self._finish_response(response, status)
+            if response.finished:  # at its generation's end: its playout ended now
+                self._playing = {t: r for t, r in self._playing.items() if r is not response}
+                self._answers.pop(response, None)
+            else:
+                self._finish_response(response, status)
+
+    def _generated(self, response: SpokenResponse) -> None:
+        """Its audio is all made: the response is done, and plays on."""
+        task = self._response_task if self._response is response else None
+        limited = response.limited  # at its max_output_tokens
+        self._finish_response(response, "incomplete" if limited else "completed", generated=True)
+        if task is not None:
+            self._playing[task] = response
 
     def _finish_response(
         self,
         response: SpokenResponse,
         status: Literal["completed", "cancelled", "failed", "incomplete"],
+        *,
+        generated: bool = False,
     ) -> None:
+        """``generated``: done at the end of its generation, its audio still to play."""
+        response.finished = True
         recorder = response.recorder
-        heard = response.heard_text()
-        recorder.heard_text, recorder.output_audio_s = heard, response.played_ms / 1000
+        heard = response.generated_text() if generated else response.heard_text()
+        audio_ms = response.ledger.total_ms if generated else float(response.played_ms)
+        recorder.heard_text, recorder.output_audio_s = heard, audio_ms / 1000
         if heard:
-            self.history.append(Message("assistant", heard))
+            self.history.append(answer := Message("assistant", heard))
+            if generated:
+                self._answers[response] = answer
         recorder.mark("response_done", self._now())
-        self._emit(ev.ResponseDone(response.response_id, status, heard))
+        self._emit(ev.ResponseDone(response.response_id, status, heard, audio_ms))
         interrupted = status == "cancelled"  # (incomplete: cut by its own token limit)
         record = recorder.finish(interrupted=interrupted, estimate_cost=self._estimate_cost)
         self._emit(ev.TurnCompleted(record))

@@ -14,10 +14,13 @@ ToolCallStarted            response.function_call_arguments.done
 ClientToolCallRequested    response.function_call_arguments.done (the response ends; the client
                            runs the tool and answers: ``add_tool_output`` + ``create_response``)
 ToolCallCompleted          conversation.item.create (function_call_output)
-OutputStarted / Stopped    output_audio_buffer.started / .stopped
-OutputCleared              output_audio_buffer.cleared (barge-in)
+OutputStarted / Stopped    output_audio_buffer.started / .stopped (paced playout: after the
+                           response's ResponseDone and TurnCompleted, when its audio has played)
+OutputCleared              output_audio_buffer.cleared (barge-in; after ResponseDone, the answer
+                           in the history is cut to ``heard_text``)
 OutputAudio                one output frame (20 ms of PCM), the media track
-ResponseDone               response.done (status completed / cancelled / failed)
+ResponseDone               response.done (status completed / cancelled / failed) when generation
+                           ends
 TurnCompleted              the turn's latency record
 EngineError                error
 =========================  ====================================================================
@@ -113,6 +116,7 @@ class OutputStopped:
 class OutputCleared:
     response_id: str
     audio_end_ms: int  # how much of the answer was played before the interruption
+    heard_text: str = ""  # the words played by then
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,7 @@ class ResponseDone:
     # incomplete: stopped at the response's max_output_tokens
     status: Literal["completed", "cancelled", "failed", "incomplete"]
     heard_text: str
+    audio_ms: float = 0.0  # the answer's audio, all of it made (played or not)
 
 
 @dataclass(frozen=True)

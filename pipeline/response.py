@@ -11,6 +11,12 @@ only (the TTS and playout stages see no text, no frame is made); ``max_output_to
 reading the model after that many tokens, counted as the stream's text deltas and tool calls
 (a chat-completions stream sends one token per delta), closing the stream (the generation
 stops upstream) and marking the response ``limited``.
+
+Generation and playout end apart (paced playout, ``realtime_playout``): once the model has
+written and the TTS has spoken everything, ``on_generated`` is called while the audio still
+plays (OpenAI's ``response.done`` before ``output_audio_buffer.stopped``), once its first frame
+has played unless earlier audio still plays; ``play_after`` holds this response's first frame
+until the earlier responses' audio has played.
 """
 
 from __future__ import annotations
@@ -65,6 +71,10 @@ class SpokenResponse:
         self.text = ""  # everything the model wrote
         self.tokens = 0  # text deltas and tool calls read from the model
         self.limited = False  # stopped at max_output_tokens
+        self.on_generated: Callable[[], None] | None = None  # paced playout: audio all made
+        self.play_after: tuple[asyncio.Task[None], ...] = ()  # earlier responses still playing
+        self.finished = False  # the engine has ended it (ResponseDone)
+        self._first_frame = asyncio.Event()
 
     @property
     def played_ms(self) -> int:
@@ -75,6 +85,12 @@ class SpokenResponse:
         if not self.config.speak:
             return self.text.strip()
         return self.ledger.heard_text(self.played_ms)
+
+    def generated_text(self) -> str:
+        """What the response made: all its spoken words (or all the text of a text answer)."""
+        if not self.config.speak:
+            return self.text.strip()
+        return self.ledger.heard_text(self.ledger.total_ms)
 
     def stop(self) -> None:
         self.stop_requested = True
@@ -186,6 +202,13 @@ class SpokenResponse:
             self.ledger.begin(text)
             await self._speak_chunk(text, audio)
         audio.put_nowait(None)
+        generated = self.on_generated if self.config.realtime_playout else None
+        if generated is None:
+            return
+        if self.ledger.total_ms and all(task.done() for task in self.play_after):
+            await self._first_frame.wait()  # its audio starts before its response is done
+        if not self.stop_requested:
+            generated()
 
     async def _speak_chunk(self, text: str, audio: asyncio.Queue[bytes | None]) -> None:
         out_rate_hz = self.config.output_sample_rate_hz
@@ -208,6 +231,8 @@ class SpokenResponse:
     async def _play(self, audio: asyncio.Queue[bytes | None]) -> None:
         frame_bytes = self.config.output_sample_rate_hz * self.config.frame_ms // 500
         slicer = FrameSlicer(frame_bytes)
+        if self.play_after:  # one output buffer: this audio follows what is still playing
+            await asyncio.wait(self.play_after)
         while (pcm := await audio.get()) is not None:
             for frame in slicer.push(pcm):
                 await self._play_frame(frame)
@@ -224,6 +249,7 @@ class SpokenResponse:
         if not self.frames_out:
             self.recorder.mark("first_frame_out", self._now())
             self._emit(ev.OutputStarted(self.response_id))
+            self._first_frame.set()
         self.frames_out += 1
         self._emit(ev.OutputAudio(self.response_id, frame, self.config.output_sample_rate_hz))
 

@@ -1,6 +1,12 @@
 """The ``oai-events`` protocol against a real transceiver process running the offline pipeline:
 bad input gets ``error`` events naming the problem and the session goes on; text turns, cancel,
 buffer commands and item commands answer in OpenAI's GA shapes. The client stays silent.
+
+Over WebRTC a response is done when its generation ends and its audio plays on, as OpenAI's:
+``response.done`` first, ``output_audio_buffer.stopped`` when it has played ("emitted after the
+full response data has been sent to the client (response.done)", OpenAI's reference); a
+``response.create`` meanwhile starts the next response, and ``output_audio_buffer.clear`` cuts
+the answers to what was played. A played answer's item is truncated as over WebSocket.
 """
 
 from __future__ import annotations
@@ -112,3 +118,73 @@ async def test_a_text_turn_in_ga_order_then_cancel_and_item_commands(
     client.send({"type": "output_audio_buffer.clear"})
     await client.wait_for("output_audio_buffer.cleared", after=start)
     json.dumps(client.events)  # every event was plain JSON
+
+
+async def test_a_response_is_done_before_its_audio_has_played_and_the_next_may_start(
+    client: RealtimeClient,
+) -> None:
+    start = len(client.events)
+    client.send(user_text("Tell me about the moon."))
+    client.send({"type": "response.create"})
+    first = await client.wait_for("response.done", after=start, timeout_s=30)
+    body = first["response"]
+    assert body["status"] == "completed", body
+    full = body["output"][0]["content"][0]["transcript"]
+    item_id = body["output"][0]["id"]
+    assert full.startswith("The moon"), full
+    client.send(user_text("Tell me about water."))
+    client.send({"type": "response.create"})  # while the moon answer plays: OpenAI starts it
+    second = await client.wait_for("response.created", after=client.index(first))
+    second_id = second["response"]["id"]
+    assert "error" not in client.types(client.index(first)), client.events[client.index(first) :]
+    types = client.types(start)
+    assert "output_audio_buffer.started" in types[: types.index("response.done")]
+    assert "output_audio_buffer.stopped" not in client.types(start)[: client.index(second) - start]
+    done = await client.wait_for(
+        "response.done", lambda e: e["response"]["id"] == second_id, timeout_s=30
+    )
+    assert done["response"]["status"] == "completed", done
+
+    mark = len(client.events)
+    client.send({"type": "output_audio_buffer.clear"})
+    cleared = await client.wait_for("output_audio_buffer.cleared", after=mark)
+    assert cleared["response_id"] == body["id"]
+    truncated = await client.wait_for(
+        "conversation.item.truncated", lambda e: e["item_id"] == item_id, after=mark
+    )
+    assert truncated["audio_end_ms"] > 0
+    queued = await client.wait_for(  # the water answer had not begun to play
+        "output_audio_buffer.cleared", lambda e: e["response_id"] == second_id, after=mark
+    )
+    client.send({"type": "conversation.item.retrieve", "item_id": item_id})
+    retrieved = await client.wait_for("conversation.item.retrieved", after=client.index(queued))
+    cut = retrieved["item"]["content"][0]["transcript"]
+    assert full.startswith(cut) and len(cut) < len(full), (cut, full)
+    assert "output_audio_buffer.stopped" not in client.types(start)
+
+
+async def test_a_played_answer_is_truncated_to_the_words_heard_over_webrtc(
+    client: RealtimeClient,
+) -> None:
+    start = len(client.events)
+    client.send(user_text("Tell me about water."))
+    client.send({"type": "response.create"})
+    done = await client.wait_for("response.done", after=start, timeout_s=30)
+    (item,) = done["response"]["output"]
+    response_id, full = done["response"]["id"], item["content"][0]["transcript"]
+    await client.wait_for(
+        "output_audio_buffer.stopped", lambda e: e["response_id"] == response_id, timeout_s=60
+    )
+    assert client.types(start).index("response.done") < client.types(start).index(
+        "output_audio_buffer.stopped"
+    )
+    past = {"type": "conversation.item.truncate", "item_id": item["id"], "content_index": 0}
+    too_far = await error_for(client, {**past, "audio_end_ms": 600_000})
+    assert (too_far["code"], too_far["param"]) == ("invalid_value", "audio_end_ms")
+    mark = len(client.events)
+    client.send({**past, "audio_end_ms": 1500})
+    await client.wait_for("conversation.item.truncated", after=mark)
+    client.send({"type": "conversation.item.retrieve", "item_id": item["id"]})
+    retrieved = await client.wait_for("conversation.item.retrieved", after=mark)
+    cut = retrieved["item"]["content"][0]["transcript"]
+    assert cut and full.startswith(cut) and len(cut) < len(full), (cut, full)

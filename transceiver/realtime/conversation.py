@@ -54,8 +54,10 @@ class ItemMessages:
         """Tie each untied item (in conversation order) to the first untied message it
         matches; several function calls may share one message."""
         known = {item["id"] for item in items}
-        for gone in self._tied.keys() - known:  # forgotten items
-            del self._tied[gone]
+        present = {id(m) for m in self.history}
+        for item_id, message in list(self._tied.items()):
+            if item_id not in known or id(message) not in present:  # forgotten, or its message
+                del self._tied[item_id]  # replaced by the engine (an answer cut by a barge-in)
         taken = {id(m) for m in self._tied.values()}
         for item in items:
             if item["id"] in self._tied:

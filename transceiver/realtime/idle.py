@@ -1,7 +1,8 @@
 """OpenAI's ``idle_timeout_ms`` (server_vad): silence after an answer makes the server answer.
 
 I/O layer (one loop timer). The timeout runs from the end of the last answer's audio: over
-WebRTC the answer ends when it has played; over WebSocket the client plays the audio after
+WebRTC from its ``OutputStopped`` (the response is done before its audio has played, so while
+it plays nothing is quiet); over WebSocket the client plays the audio after
 ``response.done``, so its duration is added. Speech, a commit or another response stops it;
 when it runs out while the user is silent and no response runs, ``fire`` is called with the
 input audio's offsets (``audio_start_ms``, ``audio_end_ms``) of the silent stretch.
@@ -36,6 +37,8 @@ class IdleTimeout:
         if isinstance(event, ev.TurnCompleted) and self._quiet():
             playing_s = event.record.output_audio_s if self.audio_after_done else 0.0
             self._arm(playing_s)
+        elif isinstance(event, ev.OutputStopped):  # over WebRTC, after the response was done
+            self._arm(0.0)  # (``_due`` checks that all is quiet then)
         elif isinstance(event, _STOPS):
             self.cancel()
 

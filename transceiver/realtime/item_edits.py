@@ -107,7 +107,8 @@ class ItemEdits:
         self._changed()
 
     def truncate(self, item_id: str, audio_end_ms: int) -> None:
-        """An answer whose audio went out in deltas keeps only the words heard."""
+        """An answer keeps only the words heard (its audio went out in deltas, or over WebRTC
+        on the media track)."""
         self.sync()
         cut = self.translator.truncate(item_id, audio_end_ms)
         if cut is not None:

@@ -28,7 +28,13 @@ WebSocket (``use_websocket``): the same session with its audio in the events. Ap
 base64 PCM16 at 24 kHz is resampled to the engine's input rate and feeds the same VAD; the
 engine's frames go out as ``response.output_audio.delta`` as fast as they are made (the client
 plays them, as with OpenAI), so ``response.done`` marks the end of generation; a client's
-``conversation.item.truncate`` of an answer cuts the model's history to the words heard.
+``conversation.item.truncate`` of an answer cuts the model's history to the words heard (over
+WebRTC too: the item knows its audio's length).
+
+Over WebRTC a response is done (``response.done``) when its generation ends and its audio plays
+on (``output_audio_buffer.stopped`` after); meanwhile ``response.create`` starts the next one
+(its audio follows), and a barge-in or ``output_audio_buffer.clear`` stops the audio and cuts
+the answer the model sees to the words played.
 
 Another contract (``use_contract``): the same session and engine speaking a different event
 vocabulary at its edge (GPT-Live, ``transceiver.live``). A ``ClientContract`` then makes the
@@ -539,7 +545,9 @@ class RealtimeSession:
         self.config = config
 
     def _quiet(self) -> bool:
-        return self.engine.active_response_id is None and not self.engine.user_speaking
+        engine = self.engine
+        idle = engine.active_response_id is None and not engine.output_playing
+        return idle and not engine.user_speaking
 
     def _idle_turn(self, audio_start_ms: int, audio_end_ms: int) -> None:
         """The idle timeout ran out: the silence is committed and answered (OpenAI's rule)."""
@@ -706,13 +714,15 @@ class RealtimeSession:
         engine.finish_input()
 
     def _clear_output(self) -> None:
-        active = self.engine.active_response_id
+        """Every answer's audio stops (the active response is cancelled): ``cleared`` names
+        each response whose audio had started, or none when nothing was playing."""
+        active, playing = self.engine.active_response_id, self.engine.output_playing
         if active is not None:
             self.translator.cancelled_by_client(active)
             self.recorder.client_cancelled(active)
-        self.engine.cancel_response()
+        self.engine.clear_output()
         self.voice.clear()
-        if active is None:
+        if active is None and not playing:
             self.send(server_event("output_audio_buffer.cleared", response_id=None))
 
 

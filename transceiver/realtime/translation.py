@@ -9,9 +9,15 @@ tools (the built-ins) stay inside the server, as OpenAI's own do; client tools b
 A user turn: speech_started, speech_stopped, committed, conversation.item.added/done (user
 audio), input_audio_transcription.delta*/completed. A response: response.created,
 output_item.added + conversation.item.added + content_part.added, output_audio_buffer.started,
-output_audio_transcript.delta*, (output_audio_buffer.stopped or .cleared), transcript.done,
-output_audio.done, content_part.done, output_item.done + conversation.item.done, response.done
-(with usage), then the ``voicerelay.turn.metrics`` extension.
+output_audio_transcript.delta*, transcript.done, output_audio.done, content_part.done,
+output_item.done + conversation.item.done, response.done (with usage), then the
+``voicerelay.turn.metrics`` extension, all when generation ends; then, when its audio has
+played, output_audio_buffer.stopped (OpenAI: "emitted after the full response data has been
+sent to the client (response.done)"). A barge-in before that: output_audio_buffer.cleared and
+conversation.item.truncated, the item's transcript cut to the words played (a cancelled
+response's item is cut in its own response.done). Over WebRTC an answer's item knows its
+audio's length (``ResponseDone.audio_ms``), so a client's ``truncate`` cuts it as over
+WebSocket.
 
 Over WebSocket (``media_track=False``) the audio rides in the events: ``audio_delta`` makes
 ``response.output_audio.delta`` (base64 PCM16 at 24 kHz) and there is no output audio buffer,
@@ -49,6 +55,7 @@ from transceiver.realtime.server_events import function_call_item, message_item,
 Event = dict[str, Any]
 FirstFrameLookup = Callable[[str], float | None]
 MAX_ITEMS_KEPT = 256
+MAX_TAILS = 8  # done responses whose audio may still be playing
 AUDIO_FORMAT = {"type": "audio/pcm", "rate": AUDIO_RATE_HZ}
 _STATUS_REASON = {
     "cancelled": "turn_detected",
@@ -77,6 +84,7 @@ class _Response:
     status: str = "in_progress"
     cancel_reason: str = "turn_detected"
     audio: bool = True  # False: a text-only answer
+    played: bool = False  # its audio has left the output buffer (stopped or cleared)
 
     def position(self, item_id: str) -> dict[str, Any]:
         index = next(i for i, item in enumerate(self.output) if item["id"] == item_id)
@@ -133,6 +141,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         self.conversation_id = new_id("conv")
         self.shape = ResponseShape()  # of responses no response.create shaped: the session's
         self._shapes: dict[str, ResponseShape] = {}  # engine response id -> its own
+        self._tails: dict[str, _Response] = {}  # done responses whose audio still plays
 
     def shape_response(self, engine_response_id: str, shape: ResponseShape) -> None:
         """How the response the engine is starting reports itself (before it starts)."""
@@ -363,18 +372,33 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         self.items[item["id"]] = item
         return [done, server_event("conversation.item.done", previous_item_id=previous, item=item)]
 
-    def _audio_buffer(self, kind: str, engine_response_id: str) -> list[Event]:
+    def _buffered(self, engine_response_id: str, *, ended: bool) -> _Response | None:
+        """The response whose output buffer event this is (None: it has no buffer events);
+        ``ended``: its audio leaves the buffer (stopped or cleared)."""
         response = self._responses.get(engine_response_id)
+        if response is None:  # done: its audio may start after its response.done
+            tails, name = self._tails, engine_response_id
+            response = tails.pop(name, None) if ended else tails.get(name)
         if response is None or not self.media_track or not response.shape.in_conversation:
+            return None
+        response.played = ended
+        return response
+
+    def _audio_buffer(self, kind: str, engine_response_id: str) -> list[Event]:
+        response = self._buffered(engine_response_id, ended=kind != "started")
+        if response is None:
             return []
         return [server_event(f"output_audio_buffer.{kind}", response_id=response.id)]
 
     def _cleared(self, event: ev.OutputCleared) -> list[Event]:
-        response = self._responses.get(event.response_id)
-        if response is None or not self.media_track or not response.shape.in_conversation:
+        done = event.response_id in self._tails  # after its response.done
+        response = self._buffered(event.response_id, ended=True)
+        if response is None:
             return []
         events = [server_event("output_audio_buffer.cleared", response_id=response.id)]
         if response.message_id is not None:
+            if done:
+                self._cut(response.message_id, event)
             events.append(
                 server_event(
                     "conversation.item.truncated",
@@ -385,10 +409,20 @@ class EngineEventTranslator(ResponseLedger[_Response]):
             )
         return events
 
+    def _cut(self, item_id: str, event: ev.OutputCleared) -> None:
+        """A done answer's item after a barge-in: the words played, its audio's length."""
+        item = self.items.get(item_id)
+        if item is not None and item.get("content"):
+            item["content"][0]["transcript"] = event.heard_text
+        if item_id in self.audio_ms:
+            self.audio_ms[item_id] = float(event.audio_end_ms)
+
     def _response_done(self, event: ev.ResponseDone) -> list[Event]:
         response = self._ended(event)
         if response is None or response.message_id is None:
             return []
+        if self.media_track and response.audio and response.shape.in_conversation:
+            self.audio_ms[response.message_id] = event.audio_ms  # for truncate
         where = response.position(response.message_id)
         heard = event.heard_text if event.status == "cancelled" else response.text
         audio = response.audio
@@ -423,6 +457,11 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         response, engine_id = self._completed()
         if response is None:
             return []
+        if response.audio and response.message_id is not None and not response.played:
+            # its audio plays on: output_audio_buffer.started/.stopped or .cleared come later
+            self._tails[engine_id] = response
+            while len(self._tails) > MAX_TAILS:
+                self._tails.pop(next(iter(self._tails)))
         record = event.record
         body = _body(response, self.conversation_id, record)
         metrics = turn_metrics_event(response.id, record, self._first_frame_sent_s(engine_id))
