@@ -132,7 +132,7 @@ async def spoken_turn(
     await netns.run(_say(client, question))
     if stack.path.impairment.outage_ms:
         await eventually(
-            lambda: _loud_frames(client.heard[heard_from:]) >= HEARD_BEFORE_OUTAGE_FRAMES,
+            lambda: loud_frames(client.heard[heard_from:]) >= HEARD_BEFORE_OUTAGE_FRAMES,
             TURN_TIMEOUT_S,
             "the answer's audio before the outage",
         )
@@ -149,7 +149,8 @@ async def _say(client: RealtimeClient, pcm: bytes) -> None:
     client.mic.say(pcm)  # on the client's loop, which plays it out
 
 
-def _loud_frames(frames: list[bytes]) -> int:
+def loud_frames(frames: list[bytes]) -> int:
+    """How many of the 20 ms frames are audible (answer, not silence)."""
     return sum(1 for frame in frames if np.abs(np.frombuffer(frame, np.int16)).max() > 500)
 
 

@@ -33,9 +33,11 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from aiortc.jitterbuffer import JitterBuffer
+from playwright.async_api import Page
 from test_browser_e2e import events_of, open_client, recorded_seconds, wait_event, wait_recorded
 from test_lean_media import client_sends_fec
 
+from deploy.waiting import poll
 from loadtest.browser import recorded_audio
 from loadtest.impaired_call import ImpairedStack, chromium_in, impaired_stack, spoken_turn
 from loadtest.impairment import CONDITIONS, LOSS, Impairment, nft_available
@@ -62,9 +64,14 @@ __all__ = ["client_sends_fec"]  # the fixture, imported to be used here
 # (question, a word its transcript must hold, words of the rule-based agent's answer)
 TURNS = (
     ("Tell me about coffee.", "coffee", {"coffee", "beans", "plant", "people", "awake", "roasted"}),
-    ("Tell me about water.", "water",
-     {"water", "covers", "seventy", "percent", "earth", "boils", "hundred", "degrees"}),
+    ("Tell me about the moon.", "moon",
+     {"moon", "thousand", "kilometres", "earth", "days", "air", "weather", "around"}),
 )  # fmt: skip
+# Chromium's microphone plays a file: the second question comes this long after the first,
+# when the first answer (about 6 s) is over even on a loaded machine (seen: 10 s apart, the
+# second question once barged in on the first answer; "Tell me about water.", a shorter
+# answer, was once not recognised through the loss).
+CHROMIUM_QUESTIONS_APART_S = 13.0
 
 
 @module_fixture
@@ -148,7 +155,7 @@ async def questions_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Chromium's microphone: both questions, the second once the first answer is over."""
     path = tmp_path_factory.mktemp("wav") / "questions.wav"
     async with Speaker() as speaker:
-        await speaker.wav(path, [2.0, TURNS[0][0], 10.0, TURNS[1][0], 14.0])
+        await speaker.wav(path, [2.0, TURNS[0][0], CHROMIUM_QUESTIONS_APART_S, TURNS[1][0], 14.0])
     return path
 
 
@@ -162,10 +169,8 @@ async def test_a_chromium_two_turn_call_is_understood_through_five_percent_loss(
         page, errors = await open_client(browser, stack.base_url + "/")
         await page.evaluate("window.voicerelay.connect({record: true})")
         await wait_event(page, "e.type === 'session.created'", 30.0)
-        dones = "window.voicerelay.events.filter((e) => e.type === 'response.done').length >= 2"
-        await page.wait_for_function(dones, timeout=CHROMIUM_CALL_TIMEOUT_S * 1000, polling=200)
-        stops = "window.voicerelay.events.filter((e) => e.type === 'output_audio_buffer.stopped')"
-        await page.wait_for_function(f"{stops}.length >= 2", timeout=30_000, polling=200)
+        await events_seen(page, "response.done", len(TURNS), CHROMIUM_CALL_TIMEOUT_S)
+        await events_seen(page, "output_audio_buffer.stopped", len(TURNS), 30.0)
         await wait_recorded(page, await recorded_seconds(page) + 1.0, timeout_s=10.0)
         samples, rate_hz = await recorded_audio(page)
         asked = await events_of(page, "conversation.item.input_audio_transcription.completed")
@@ -174,11 +179,24 @@ async def test_a_chromium_two_turn_call_is_understood_through_five_percent_loss(
         assert errors == []
     assert [d["response"]["status"] for d in done] == ["completed", "completed"], done
     keys = [word for _, word, _ in TURNS]
-    assert len(asked) == len(keys), asked
+    assert len(asked) == len(keys), [a["transcript"] for a in asked]
     heard_asked = [k in a["transcript"].lower().split() for k, a in zip(keys, asked, strict=True)]
-    assert all(heard_asked), asked
+    assert all(heard_asked), [a["transcript"] for a in asked]
     words = set(await hear(sphinx, pcm16(voiced(samples, rate_hz)), rate_hz))
     assert [len(expected & words) >= 2 for _, _, expected in TURNS] == [True, True], words
     hits = await stack.path.hits()
     print(f"chromium, {LOSS.name}: {hits}; lean media: {await stack.lean_events()}")
     assert hits.to_host >= 1 and hits.from_host >= 1, hits
+
+
+async def events_seen(page: Page, kind: str, count: int, timeout_s: float) -> None:
+    """Wait until the page has received ``count`` events of ``kind``; else fail naming all."""
+
+    async def types() -> list[str]:
+        seen: list[str] = await page.evaluate("window.voicerelay.events.map((e) => e.type)")
+        return seen
+
+    def failure(seen: list[str]) -> str:
+        return f"{count} {kind} not received in {timeout_s} s; received: {seen}"
+
+    await poll(types, lambda seen: seen.count(kind) >= count, timeout_s, failure, 0.2)
