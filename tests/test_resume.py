@@ -3,6 +3,8 @@ and an aiortc Realtime client. The client asks a knowledge question on transceiv
 SIGKILLed; the client posts a new offer naming its session (with its resume token) through the
 relay to transceiver B and asks "what did I just ask?" - B answers from the stored history.
 A wrong or missing resume token is refused (401/403) and leaves the stored session alone.
+Conversation edits (an item created then deleted, a played answer truncated over WebRTC) are
+stored, so after a SIGKILL the resumed session and its model see the edited conversation.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -28,11 +31,13 @@ from loadtest.realtime_client import (
     SESSION_HEADER,
     TOKEN_HEADER,
     RealtimeClient,
+    acknowledged,
     ask,
     audible,
     call,
     opened,
     resume,
+    user_text,
 )
 
 pytestmark = [
@@ -41,6 +46,7 @@ pytestmark = [
     pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server"),
 ]
 Event = dict[str, object]
+Item = dict[str, Any]
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -119,3 +125,64 @@ async def test_resume_without_or_with_a_wrong_token_is_refused_and_the_session_u
     finally:
         await owner.close()
         await stranger.close()
+
+
+async def test_conversation_edits_survive_a_kill_and_resume_elsewhere(survival: Survival) -> None:
+    stack = survival.stack
+    if not stack.transceivers[0].alive():  # killed by the first test: a new one in its place
+        await stack.transceivers[0].start().ready(timeout_s=90)
+    first, second = RealtimeClient(), RealtimeClient()
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            session_id, token = await opened(first, http, stack.base_url(1))
+            answer, full = await answered_and_played(first, "Tell me about water.")
+            cut = await edited(first, answer)
+            moon = ("user", "Tell me about the moon.")
+            state = await stored_until(
+                survival, session_id, lambda st: ("assistant", cut) in contents(st)
+            )
+            assert moon not in contents(state) and ("assistant", full) not in contents(state)
+
+            stack.transceivers[1].send_signal(signal.SIGKILL)
+            await stack.transceivers[1].exited(10)
+            resumed = await resume(second, http, stack.base_url(0), session_id, token)
+            assert resumed.status_code == 201, resumed.text
+            await second.wait_for("session.updated")
+            recall = await ask(second, "What did I just ask?")
+            told = acknowledged(second)  # the stored conversation came before the answer
+        assert ("assistant", cut) in told and moon not in told, told  # the edited conversation
+        assert recall == "You asked: Tell me about water.", recall  # not the deleted question
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def answered_and_played(client: RealtimeClient, words: str) -> tuple[Item, str]:
+    """A text turn whose answer has played out: (its answer item, its transcript)."""
+    start = len(client.events)
+    await ask(client, words)
+    done = await client.wait_for("response.done", after=start)
+    response_id = done["response"]["id"]
+    await client.wait_for(
+        "output_audio_buffer.stopped", lambda e: e["response_id"] == response_id, timeout_s=60
+    )
+    (item,) = done["response"]["output"]
+    return item, item["content"][0]["transcript"]
+
+
+async def edited(client: RealtimeClient, answer: Item) -> str:
+    """A user item created then deleted, and ``answer`` truncated at 1.5 s: its words left."""
+    start = len(client.events)
+    client.send(user_text("Tell me about the moon."))
+    moon = (await client.wait_for("conversation.item.done", after=start))["item"]["id"]
+    client.send({"type": "conversation.item.delete", "item_id": moon})
+    await client.wait_for("conversation.item.deleted", after=start)
+    cut = {"item_id": answer["id"], "content_index": 0, "audio_end_ms": 1500}
+    client.send({"type": "conversation.item.truncate", **cut})
+    await client.wait_for("conversation.item.truncated", after=start)
+    client.send({"type": "conversation.item.retrieve", "item_id": answer["id"]})
+    retrieved = await client.wait_for("conversation.item.retrieved", after=start)
+    words = str(retrieved["item"]["content"][0]["transcript"])
+    full = str(answer["content"][0]["transcript"])
+    assert words and full.startswith(words) and len(words) < len(full), (words, full)
+    return words

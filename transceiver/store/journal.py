@@ -4,6 +4,12 @@ I/O layer over the write-behind queue. ``message_to_item`` and ``item_to_message
 engine's history to stored items and back; ``SessionJournal`` queues a session's items, config
 and turn (never waiting on Redis), catches up what a full queue refused, and is told when the
 session is lost here. ``persistence`` owns the journals (``JournalOwner``).
+
+The history grows by appends (one ``AppendItem`` per new message); an edit of what was stored
+(a client's insert, delete or truncate, an answer cut by a barge-in after it was done) is
+noticed by identity (a stored message is no longer the same object at its place) and stored
+as one ``ReplaceItems`` of the whole history, so a resumed session sees the edited
+conversation.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from transceiver.store.write_behind import (
     EndSession,
     PendingWrite,
     QueueFullError,
+    ReplaceItems,
     UpdateConfig,
     WriteBehindQueue,
 )
@@ -86,7 +93,10 @@ class SessionJournal:
         self._session_id = session_id
         self.lease = lease  # None: not stored yet (Redis was down when the call began)
         self.credential = credential
-        self.messages: Sequence[Message] = ()  # the engine's (append-only) history
+        self.messages: Sequence[Message] = ()  # the engine's history
+        self._stored: list[Message] | None = None  # the messages written, in order (None:
+        # a resumed journal's, taken from the first history it is given)
+        self._rewrite_behind = False  # an edit's ReplaceItems waits for room in the queue
         self.latest_config: Mapping[str, Any] = {}
         self._latest_turn = base_turn
         self._written = stored_messages  # history messages already in Redis
@@ -117,23 +127,46 @@ class SessionJournal:
     def behind(self) -> bool:
         """Some of what this session committed is not queued yet (a full queue refused it)."""
         pending = self._written < len(self.messages) or self._config_behind or self._turn_behind
+        pending = pending or self._rewrite_behind
         return pending and self.lease is not None and not self.lost
 
     def history(self, messages: Sequence[Message]) -> None:
-        """Store the messages appended to the (append-only) history since the last call, and
-        whatever a full queue refused before (in order: a refused item stops the rest)."""
+        """Store the messages appended to the history since the last call, or the whole
+        history when what was stored changed, and whatever a full queue refused before (in
+        order: a refused item stops the rest)."""
         self.messages = messages
         if self.lease is None:
             return  # written by ``stored`` once the session is in Redis
         if self._config_behind:
             self._config_behind = not self._submit(UpdateConfig(self.latest_config))
-        while self._written < len(messages):
+        if self._stored is None:
+            self._stored = list(messages[: self._written])
+        if self._rewrite_behind or self._edited(messages):
+            self._rewrite(messages)
+        while not self._rewrite_behind and self._written < len(messages):
             item_id = f"h{self._id_offset + self._written + 1}"
             if not self._submit(AppendItem(message_to_item(item_id, messages[self._written]))):
                 break
+            self._stored.append(messages[self._written])
             self._written += 1
         if self._turn_behind:
             self._turn_behind = not self._submit(AdvanceTurn(self._latest_turn))
+
+    def _edited(self, messages: Sequence[Message]) -> bool:
+        """A stored message is not at its place any more (edited, moved or taken out)."""
+        stored = self._stored or []
+        if len(messages) < len(stored):
+            return True
+        return any(old is not new for old, new in zip(stored, messages, strict=False))
+
+    def _rewrite(self, messages: Sequence[Message]) -> None:
+        items = [
+            message_to_item(f"h{self._id_offset + i + 1}", message)
+            for i, message in enumerate(messages)
+        ]
+        self._rewrite_behind = not self._submit(ReplaceItems(tuple(items), self._id_offset))
+        if not self._rewrite_behind:
+            self._stored, self._written = list(messages), len(messages)
 
     def config(self, config: Mapping[str, Any]) -> None:
         self.latest_config = config
@@ -154,6 +187,7 @@ class SessionJournal:
         """Its record is gone from Redis (emptied, or expired): write it all again later."""
         self.lease = None
         self._written = 0
+        self._stored, self._rewrite_behind = [], False
 
     def mark_lost(self, why: str) -> None:
         """Stop writing; tell the session (once) so it can hang up."""

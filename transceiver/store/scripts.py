@@ -163,6 +163,31 @@ return {1, seq}
 """,
 )
 
+# ARGV: owner, token, ttl_ms, max_items, first_seq_offset, then item id and JSON per item, oldest
+# first. The whole history again (it was edited): list and ids replaced, item i's sequence
+# number first_seq_offset + i, seq the last; the cap as in append_item. A repeat changes nothing.
+REPLACE_ITEMS = _script(
+    "replace_items",
+    """
+redis.call('DEL', KEYS[2], KEYS[3])
+local offset = tonumber(ARGV[5])
+local count = (#ARGV - 5) / 2
+for i = 1, count do
+  redis.call('RPUSH', KEYS[2], ARGV[5 + 2 * i])
+  redis.call('ZADD', KEYS[3], offset + i, ARGV[4 + 2 * i])
+end
+redis.call('HSET', KEYS[1], 'seq', offset + count)
+local over = count - tonumber(ARGV[4])
+if over > 0 then
+  redis.call('LTRIM', KEYS[2], over, -1)
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, over - 1)
+  redis.call('HINCRBY', KEYS[1], 'trimmed', over)
+end
+touch(ARGV[3])
+return count
+""",
+)
+
 # ARGV: owner, token, ttl_ms, config_json
 UPDATE_CONFIG = _script(
     "update_config",

@@ -67,6 +67,7 @@ from transceiver.store.scripts import (
     END,
     RELEASE,
     RENEW,
+    REPLACE_ITEMS,
     UPDATE_CONFIG,
     LuaScript,
 )
@@ -101,6 +102,10 @@ class SessionStore(Protocol):
     async def end(self, lease: Lease) -> WriteAck: ...
 
     async def append_item(self, lease: Lease, item: Mapping[str, Any]) -> AppendAck: ...
+
+    async def replace_items(
+        self, lease: Lease, items: Sequence[Mapping[str, Any]], first_seq_offset: int
+    ) -> WriteAck: ...
 
     async def update_config(self, lease: Lease, config: Mapping[str, Any]) -> WriteAck: ...
 
@@ -197,6 +202,16 @@ class RedisSessionStore:
         )
         appended, seq = reply
         return AppendAck(int(seq), bool(appended), acked)
+
+    async def replace_items(
+        self, lease: Lease, items: Sequence[Mapping[str, Any]], first_seq_offset: int
+    ) -> WriteAck:
+        """The whole history again (edited), in place of the stored one; the cap applies."""
+        args: list[Arg] = [self._config.max_items, int(first_seq_offset)]
+        for item in items:
+            args.extend(encode_item(item))
+        _, acked = await self._fenced(REPLACE_ITEMS, lease, args)
+        return WriteAck(acked)
 
     async def update_config(self, lease: Lease, config: Mapping[str, Any]) -> WriteAck:
         _, acked = await self._fenced(UPDATE_CONFIG, lease, [_config_json(config)])

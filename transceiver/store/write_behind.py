@@ -3,12 +3,12 @@
 I/O layer. ``submit`` never waits on Redis: it queues the write and wakes the one flusher task,
 which writes each session's queue oldest first. On a retryable error (Redis down, replicas
 behind) the flusher keeps the write at the head and tries again after ``retry_interval_s``, so
-nothing is lost or reordered; since every store write is idempotent (items by id, the turn as a
-maximum, the config as a whole), a write that reached Redis before its reply was lost is
-harmless to repeat. A non-retryable error (this transceiver lost the session: stale token, or
-the session is gone) drops the writes made under that lease and reports it through
-``on_dropped``; writes under a newer lease of the same session (resumed again on this
-transceiver) stay queued.
+nothing is lost or reordered; since every store write is idempotent (items by id, an edited
+history as a whole, the turn as a maximum, the config as a whole), a write that reached Redis
+before its reply was lost is harmless to repeat. A non-retryable error (this transceiver lost
+the session: stale token, or the session is gone) drops the writes made under that lease and
+reports it through ``on_dropped``; writes under a newer lease of the same session (resumed
+again on this transceiver) stay queued.
 
 Bounded: at most ``max_pending`` writes in all. When full, ``submit`` raises ``QueueFullError``
 rather than silently dropping an older committed write; the caller decides (typically: tell the
@@ -40,6 +40,15 @@ class AppendItem:
 
 
 @dataclass(frozen=True)
+class ReplaceItems:
+    """The whole history again (it was edited): ``items`` after the ``first_seq_offset`` items
+    the store's cap trimmed before them."""
+
+    items: tuple[Mapping[str, Any], ...]
+    first_seq_offset: int
+
+
+@dataclass(frozen=True)
 class UpdateConfig:
     config: Mapping[str, Any]
 
@@ -54,7 +63,7 @@ class EndSession:
     """The caller hung up: the session ends in the store (after its earlier writes)."""
 
 
-PendingWrite = AppendItem | UpdateConfig | AdvanceTurn | EndSession
+PendingWrite = AppendItem | ReplaceItems | UpdateConfig | AdvanceTurn | EndSession
 
 
 class QueueFullError(Exception):
@@ -171,6 +180,8 @@ class WriteBehindQueue(BackgroundLoop):
     async def _apply(self, lease: Lease, write: PendingWrite) -> None:
         if isinstance(write, AppendItem):
             await self._store.append_item(lease, write.item)
+        elif isinstance(write, ReplaceItems):
+            await self._store.replace_items(lease, write.items, write.first_seq_offset)
         elif isinstance(write, UpdateConfig):
             await self._store.update_config(lease, write.config)
         elif isinstance(write, AdvanceTurn):
@@ -197,5 +208,8 @@ class WriteBehindQueue(BackgroundLoop):
 def _validate(write: PendingWrite) -> None:
     if isinstance(write, AppendItem):
         encode_item(write.item)
+    elif isinstance(write, ReplaceItems):
+        for item in write.items:
+            encode_item(item)
     elif isinstance(write, UpdateConfig):
         encode_json(write.config, MAX_CONFIG_BYTES, "session config")
