@@ -8,6 +8,7 @@ SIGKILL of the primary, and the write-behind queue across a Redis restart.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import time
 import uuid
@@ -93,6 +94,28 @@ async def test_append_is_idempotent_by_item_id(store: RedisSessionStore) -> None
     again = await store.append_item(lease, item(1, "a retry with other text"))
     assert (again.seq, again.appended) == (first.seq, False)
     assert (await store.load(lease.session_id)).items == (item(1), item(2))
+
+
+async def test_an_edited_history_replaces_the_stored_one(server: RedisServer) -> None:
+    config = config_for(server, max_items=3)
+    async with RedisSessionStore.from_config(config) as store:
+        lease, _ = await new_session(store)
+        for n in (1, 2, 3):
+            await store.append_item(lease, item(n))
+        edited = (item(1), item(3, "cut short"))  # item 2 deleted, item 3 truncated
+        await store.replace_items(lease, edited, 0)
+        await store.replace_items(lease, edited, 0)  # a retry changes nothing
+        state = await store.load(lease.session_id)
+        after = await store.append_item(lease, item(4))
+        retry = await store.append_item(lease, item(3, "an old append again"))
+        longer = (*edited, item(4), item(5), item(6))
+        await store.replace_items(lease, longer, 0)  # over the cap: the oldest trimmed
+        capped = await store.load(lease.session_id)
+        with pytest.raises(StaleOwnerError):  # fenced as every write
+            await store.replace_items(dataclasses.replace(lease, token=99), edited, 0)
+    assert (state.items, state.first_seq) == (edited, 1)
+    assert (after.seq, after.appended) == (3, True) and not retry.appended
+    assert (capped.items, capped.first_seq) == (longer[2:], 3)
 
 
 async def test_every_key_expires(server: RedisServer) -> None:
