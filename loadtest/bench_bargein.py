@@ -59,7 +59,7 @@ def barge_ins(page: dict[str, Any]) -> list[dict[str, Any]]:
     found = []
     for interruption in page["mic"][1::2]:
         stopped_ms = answer_stopped_ms(page["remote"], interruption[2])
-        if stopped_ms is not None:
+        if stopped_ms is not None and stopped_ms > interruption[2]:  # not silent already
             found.append(_stages(interruption[2], stopped_ms, stamps))
     return found
 

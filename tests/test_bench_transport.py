@@ -48,9 +48,11 @@ def test_a_barge_in_is_split_from_onset_to_the_answer_s_last_audible_sample() ->
         return [start_s, end_s, 1_000_000 + 1000 * start_s, 1_000_000 + 1000 * end_s]
 
     page = {
-        "mic": [segment(1, 2), segment(6, 7), segment(20, 21), segment(40, 41)],
+        "mic": [segment(1, 2), segment(6, 7), segment(20, 21), segment(40, 41)]
+        + [segment(50, 51), segment(52.1, 53)],  # the third: the answer had just gone quiet
         # a pause between sentences just before the onset; the second interruption: too late
-        "remote": [segment(3, 5.8), segment(6.1, 6.25), segment(8.5, 9), segment(22, 30)],
+        "remote": [segment(3, 5.8), segment(6.1, 6.25), segment(8.5, 9), segment(22, 30)]
+        + [segment(51.5, 52)],
         "stamps": [
             ["input_audio_buffer.speech_started", 1_006_090.0],
             ["output_audio_buffer.cleared", 1_006_110.0],
@@ -63,9 +65,9 @@ def test_a_barge_in_is_split_from_onset_to_the_answer_s_last_audible_sample() ->
         "clear_ms": 20.0,
         "drain_ms": 140.0,
     }
-    summary = bench_bargein.summarise([found], asked=2)
+    summary = bench_bargein.summarise([found], asked=3)
     assert summary["median"]["onset_to_stopped_ms"] == 250.0
-    assert "1 of 2 fell inside an answer" in bench_bargein.text("lean", summary)
+    assert "1 of 3 fell inside an answer" in bench_bargein.text("lean", summary)
 
 
 def test_the_report_draws_a_stage_stack_per_turn(tmp_path: Path) -> None:
