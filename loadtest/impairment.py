@@ -27,6 +27,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -323,7 +324,8 @@ def nft_available() -> str | None:
         return "network namespaces need Linux and root"
     if not Path("/proc/net/netfilter/nfnetlink_queue").exists():
         return "the kernel has no nfnetlink_queue (/proc/net/netfilter/nfnetlink_queue)"
-    for tool in ("ip", "nft"):
-        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
-            return f"no {tool} on PATH (Debian: iproute2, nftables)"
+    tools = {"ip": "iproute2", "nft": "nftables", "iptables-restore": "iptables"}
+    for tool, package in tools.items():
+        if shutil.which(tool) is None:
+            return f"no {tool} on PATH (Debian package {package})"
     return None
