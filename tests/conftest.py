@@ -3,6 +3,7 @@ tests) and piper speaking questions (the offline pipeline tests)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import openai
@@ -15,6 +16,14 @@ from pipeline.native_threads import pin_native_threads
 from pipeline.piper_tts import PiperTextToSpeech
 
 pin_native_threads()  # the test process too, before any test module imports numpy
+
+# Admission by measured CPU (TRANSCEIVER_CPU_BUDGET_CORES, default 0.85 of a core) refuses a call
+# when the process's CPU per call says one more would not fit. An offline pipeline call costs a
+# good part of a core while it listens and speaks, so a test transceiver running two such calls
+# would refuse a third that no test meant to refuse. The processes the tests start (they inherit
+# this environment) admit by capacity alone unless a test sets a budget, as the admission tests
+# in test_transceiver_http.py and test_transceiver_cpu_cost.py do.
+os.environ.setdefault("TRANSCEIVER_CPU_BUDGET_CORES", "0")
 
 
 @pytest.fixture(scope="module")
