@@ -78,10 +78,10 @@ def test_libopus_has_what_the_path_calls() -> None:
 def test_the_setting_and_the_calls_agree_on_the_paths() -> None:
     assert config.MEDIA_PATHS == calls.MEDIA_PATHS
     keys = {"TRANSCEIVER_KEYS": "3:" + "ab" * 32}
-    assert config.TransceiverConfig.load([], keys).media_path == "aiortc"
-    lean = config.TransceiverConfig.load([], keys | {"TRANSCEIVER_MEDIA_PATH": "lean"})
-    assert lean.media_path == "lean"
-    assert config.TransceiverConfig.load(["--media-path", "lean"], keys).media_path == "lean"
+    assert config.TransceiverConfig.load([], keys).media_path == "lean"
+    stock = config.TransceiverConfig.load([], keys | {"TRANSCEIVER_MEDIA_PATH": "aiortc"})
+    assert stock.media_path == "aiortc"
+    assert config.TransceiverConfig.load(["--media-path", "aiortc"], keys).media_path == "aiortc"
     with pytest.raises(config.ConfigError, match="TRANSCEIVER_MEDIA_PATH='fast'"):
         config.TransceiverConfig.load([], keys | {"TRANSCEIVER_MEDIA_PATH": "fast"})
 

@@ -72,10 +72,10 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
         "or echo (plays the caller's audio back, diagnostics)",
     ),
     "media_path": (
-        "aiortc",
-        "what carries a call's audio once DTLS is up: aiortc (its RTP tasks, codec threads and "
-        "jitter buffer) or lean (transceiver.webrtc.lean_media: one shared 20 ms tick, inline "
-        "Opus with FEC/PLC, minimal RTCP)",
+        "lean",
+        "what carries a call's audio once DTLS is up: lean (transceiver.webrtc.lean_media: one "
+        "shared 20 ms tick, inline Opus with FEC/PLC, minimal RTCP) or aiortc (its RTP tasks, "
+        "codec threads and jitter buffer)",
     ),
     "lease_s": ("6", "a session's Redis lease; a killed owner's sessions lapse after it"),
     "health_interval_s": ("1", "seconds between Redis pings and catch-up passes"),
@@ -148,7 +148,7 @@ class TransceiverConfig:
     connect_timeout_s: float
     drain_timeout_s: float
     agent: str
-    media_path: str = "aiortc"
+    media_path: str = "lean"
     survival: SurvivalPolicy = field(default_factory=SurvivalPolicy)
     link_policy: LinkPolicy = field(default_factory=LinkPolicy)
     realtime: RealtimeLimits = field(default_factory=RealtimeLimits)
@@ -189,7 +189,7 @@ class TransceiverConfig:
             connect_timeout_s=_number(values, "connect_timeout_s", float, minimum=0.1),
             drain_timeout_s=_number(values, "drain_timeout_s", float, minimum=0.0),
             agent=_agent(_required(values, "agent")),
-            media_path=_media_path(values.get("media_path") or "aiortc"),
+            media_path=_media_path(values.get("media_path") or "lean"),
             survival=_survival(values),
             link_policy=_link_policy(values),
             realtime=_realtime(values),
