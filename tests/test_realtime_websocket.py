@@ -101,6 +101,34 @@ async def test_a_text_turn_answers_in_text_and_audio(events: Events) -> None:
     assert "error" not in kinds, events.seen
 
 
+async def test_our_extension_events_come_only_when_asked(transceiver: str) -> None:
+    """``voicerelay.turn.metrics`` follows ``response.done`` only on a socket opened with
+    ``voicerelay_events=true``: server-side SDKs check every event against their own types."""
+    for asked in (False, True):
+        query = {"voicerelay_events": "true"} if asked else {}
+        client = sdk(transceiver).realtime
+        async with client.connect(model="gpt-realtime", extra_query=query) as connection:
+            events = Events(connection)
+            await events.next("session.created")
+            await connection.conversation.item.create(
+                item={
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "hi there"}],
+                }
+            )
+            await connection.response.create()
+            done = await events.next("response.done")
+            # sent with response.done when asked for: before anything answered after it
+            await connection.session.update(session={"type": "realtime", "instructions": "Hi."})
+            await events.next("session.updated")
+            metrics = [e for e in events.seen if e["type"] == "voicerelay.turn.metrics"]
+            if asked:
+                assert [m["response_id"] for m in metrics] == [done["response"]["id"]], metrics
+            else:
+                assert not metrics, metrics
+
+
 async def test_an_appended_spoken_question_is_heard_and_answered(
     events: Events, question: bytes
 ) -> None:

@@ -17,6 +17,10 @@ The handshake, as OpenAI's and as the official SDKs make it:
   (``transceiver.realtime.transcription``); a secret for a realtime session with that intent is
   refused with ``400``. With ``call_id`` the socket is not a new session but the
   sideband of a running call (``sideband``: joined, not admitted here).
+- ``voicerelay_events=true`` asks for our extension events (``voicerelay.turn.metrics``); without
+  it a WebSocket session sends OpenAI's events only, as server-side SDKs that check every event
+  against their types (the Agents SDK's runner) expect. WebRTC calls keep them: the web client
+  draws them.
 - Capacity: a session holds one of the transceiver's call slots (``Calls.reserve``) for as long
   as it is open, so WebSocket sessions and calls share ``TRANSCEIVER_CAPACITY``; full or
   draining: ``503`` with ``Retry-After`` before the upgrade.
@@ -142,6 +146,7 @@ def add_realtime_websocket(
             subject = await rate_limited(websocket, limits)
             with calls.reserve():  # held while the session is open: it counts as a call
                 session = _session(sessions, granted, websocket.query_params.get("intent", ""))
+                session.translator.extension_events = _wants_extensions(websocket)
                 metered(session, limits.meter(subject))
                 await run_session(websocket, session)
 
@@ -188,6 +193,10 @@ async def rate_limited(websocket: WebSocket, limits: RateLimiting) -> str:
     except RateLimited as exc:
         raise Refused(exc.response()) from None
     return admission.subject
+
+
+def _wants_extensions(websocket: WebSocket) -> bool:
+    return websocket.query_params.get("voicerelay_events", "").lower() in ("1", "true", "yes")
 
 
 def authorization_of(websocket: WebSocket) -> str | None:

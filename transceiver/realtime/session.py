@@ -327,7 +327,8 @@ class RealtimeSession:
             await self.journal.release()
         session_id = self.config.id if self.journal is None else self.journal.session_id
         reconnect = {"session_id": session_id, "reason": "draining"}
-        self.send(server_event("voicerelay.session.reconnect", **reconnect))
+        if self.translator.extension_events:  # a WebSocket that did not ask: closed, no notice
+            self.send(server_event("voicerelay.session.reconnect", **reconnect))
 
     def _hold(self, journal: SessionJournal) -> None:
         self.journal = journal

@@ -133,6 +133,9 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         self._first_frame_sent_s = first_frame_sent_s
         self.media_track = media_track  # False: WebSocket, the audio is in the events
         self.transcription = True  # False: no input transcription events
+        # False: none of our voicerelay.* events (the official SDKs check every event against
+        # their own types: the Agents SDK turns ours into error events)
+        self.extension_events = True
         self.audio_ms: dict[str, float] = {}  # assistant item id -> audio sent in deltas
         self._user_items: dict[int, str] = {}
         self._partials: dict[int, str] = {}
@@ -464,8 +467,11 @@ class EngineEventTranslator(ResponseLedger[_Response]):
                 self._tails.pop(next(iter(self._tails)))
         record = event.record
         body = _body(response, self.conversation_id, record)
+        done = server_event("response.done", response=body)
+        if not self.extension_events:
+            return [done]
         metrics = turn_metrics_event(response.id, record, self._first_frame_sent_s(engine_id))
-        return [server_event("response.done", response=body), metrics]
+        return [done, metrics]
 
     def _engine_error(self, event: ev.EngineError) -> list[Event]:
         code = "provider_error_retryable" if event.retryable else "provider_error"
