@@ -113,8 +113,9 @@ def client_skips_lost_packets(monkeypatch: pytest.MonkeyPatch) -> None:
 # Loss is the browser's call below (its Opus FEC and NetEq are what loss is about; the aiortc
 # client decodes neither): with VOICERELAY_IMPAIRED_EVERY_CLIENT=1 the aiortc client takes it too.
 EVERY_CLIENT = os.environ.get("VOICERELAY_IMPAIRED_EVERY_CLIENT") == "1"
+CHROMIUMS = "loss is the Chromium call's (VOICERELAY_IMPAIRED_EVERY_CLIENT=1: aiortc's too)"
 AIORTC_CONDITIONS = [
-    pytest.param(c, marks=pytest.mark.skipif(c is LOSS and not EVERY_CLIENT, reason="Chromium's"))
+    pytest.param(c, marks=pytest.mark.skipif(c is LOSS and not EVERY_CLIENT, reason=CHROMIUMS))
     for c in CONDITIONS
 ]
 
