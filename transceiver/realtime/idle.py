@@ -37,8 +37,8 @@ class IdleTimeout:
         if isinstance(event, ev.TurnCompleted) and self._quiet():
             playing_s = event.record.output_audio_s if self.audio_after_done else 0.0
             self._arm(playing_s)
-        elif isinstance(event, ev.OutputStopped):  # over WebRTC, after the response was done
-            self._arm(0.0)  # (``_due`` checks that all is quiet then)
+        elif isinstance(event, ev.OutputStopped) and not self.audio_after_done:
+            self._arm(0.0)  # over WebRTC, after the response was done (``_due`` checks quiet)
         elif isinstance(event, _STOPS):
             self.cancel()
 
