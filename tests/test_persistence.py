@@ -1,7 +1,8 @@
 """transceiver.store.persistence against a real redis-server: a session that began while Redis was
 down is stored once Redis is back, with the history, config and turn it had meanwhile; a create
 whose reply was lost is adopted, not lost; a Redis that comes back empty gets the live session again
-from memory (it is not hung up); writes a full queue refused are queued again later, in order.
+from memory (it is not hung up); writes a full queue refused are queued again later, in order;
+edits are stored as the whole history, also when a full queue refused them first.
 """
 
 from __future__ import annotations
@@ -199,3 +200,47 @@ async def test_writes_a_full_queue_refused_are_queued_again_in_order(
         (f"h{n + 1}", "user" if n % 2 == 0 else "assistant", f"line {n}") for n in range(7)
     ]
     assert state.turn == 3 and not journal.behind and not journal.lost
+
+
+@pytest.mark.parametrize("max_pending", [2])
+@pytest.mark.parametrize("redis_args", [("--appendonly", "yes", "--appendfsync", "always")])
+async def test_edits_are_stored_as_the_whole_history_even_past_a_full_queue(
+    persistence: tuple[SessionPersistence, RedisServer],
+) -> None:
+    manager, server = persistence
+    store, session_id, journal = await new_session(manager)
+    history = [
+        Message("user", "Tell me about water."),
+        Message("assistant", "Water is wet and covers the earth."),
+        Message("user", "And the moon?"),
+    ]
+    journal.history(history)
+    await eventually(lambda: stored_items(store, session_id, 3), 5.0, "the first turn stored")
+    server.stop()
+    del history[2]  # an item deleted: the whole history again (queued)
+    journal.history(history)
+    history[1] = Message("assistant", "Water is wet")  # an answer truncated (queued: now full)
+    journal.history(history)
+    history.insert(0, Message("system", "Be kind."))  # an item inserted: refused, waits
+    journal.history(history)
+    assert manager.queue.pending == 2 and journal.behind
+
+    server.start()  # from its append-only file: the session as it was before the edits
+    edited = [
+        ("h1", "system", "Be kind."),
+        ("h2", "user", "Tell me about water."),
+        ("h3", "assistant", "Water is wet"),
+    ]
+    await eventually(lambda: stored_as(store, session_id, edited), 15.0, "the edits stored")
+    history.append(Message("user", "And the sun?"))  # appends go on after it
+    journal.history(history)
+    await eventually(lambda: stored_items(store, session_id, 4), 5.0, "the next item stored")
+    assert spoken(await store.load(session_id))[-1] == ("h4", "user", "And the sun?")
+    assert not journal.behind and not journal.lost
+
+
+async def stored_as(
+    store: RedisSessionStore, session_id: str, items: list[tuple[str, str, str]]
+) -> bool:
+    state = await stored(store, session_id)
+    return state is not None and spoken(state) == items
