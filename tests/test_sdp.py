@@ -139,9 +139,11 @@ AIORTC_ANSWER = "\r\n".join(
         "s=-",
         "t=0 0",
         "a=group:BUNDLE 0 1",
-        "m=audio 40000 UDP/TLS/RTP/SAVPF 111",
+        "m=audio 40000 UDP/TLS/RTP/SAVPF 111 0",
         "c=IN IP4 10.9.9.9",
         "a=sendrecv",
+        "a=rtpmap:111 opus/48000/2",
+        "a=rtpmap:0 PCMU/8000",
         "a=mid:0",
         "a=ice-ufrag:AQcEfwAAAcI0G5fO0yrdeveSdeaXeQV+kteM",
         "a=ice-pwd:ZiEiNngwiB/gmb6bETlvZv+l13tLeFm9",
@@ -166,7 +168,10 @@ def test_answer_carries_exactly_the_relay_candidates() -> None:
     assert candidate_addresses(answer) == public * 2  # audio and data sections
     assert f"a=candidate:1 1 udp {HOST_PRIORITY} 198.51.100.7 3478 typ host" in answer
     assert f"a=candidate:2 1 udp {HOST_PRIORITY} 2001:db8::7 3478 typ host" in answer
-    assert "m=audio 3478 UDP/TLS/RTP/SAVPF 111" in answer
+    assert "m=audio 3478 UDP/TLS/RTP/SAVPF 111 0" in answer
+    # Opus asks for in-band FEC (aiortc writes no fmtp; browsers send FEC only when asked)
+    assert "a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n" in answer
+    assert answer.count("a=fmtp:") == 1  # PCMU gets none
     assert "10.9.9.9" not in answer and "srflx" not in answer
     assert answer.count("c=IN IP4 198.51.100.7") == 2
     assert answer.count("a=end-of-candidates") == 2
@@ -174,6 +179,14 @@ def test_answer_carries_exactly_the_relay_candidates() -> None:
     assert (
         answer.split("m=video")[1] == " 0 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:2\r\n"
     )
+
+
+def test_an_opus_format_line_already_there_is_kept() -> None:
+    given = AIORTC_ANSWER.replace(
+        "a=rtpmap:111 opus/48000/2\r\n", "a=rtpmap:111 opus/48000/2\r\na=fmtp:111 stereo=1\r\n"
+    )
+    answer = answer_with_candidates(given, [("198.51.100.7", 3478)])
+    assert "a=fmtp:111 stereo=1\r\n" in answer and answer.count("a=fmtp:") == 1
 
 
 def test_answer_for_an_ipv6_only_relay() -> None:

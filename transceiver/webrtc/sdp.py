@@ -109,6 +109,9 @@ def _validate_bundle(session: Section, media: Sequence[Section]) -> None:
         raise SdpError("bundle_required", "offer must bundle every m= section (a=group:BUNDLE)")
 
 
+OPUS_FMTP = "minptime=10;useinbandfec=1"  # 10 ms frames at least, in-band FEC wanted
+
+
 def host_candidate(address: Address, foundation: int) -> str:
     host, port = address
     return f"a=candidate:{foundation} 1 udp {HOST_PRIORITY} {host} {port} typ host"
@@ -136,10 +139,32 @@ def _rewrite_section(section: Section, public: Sequence[Address]) -> list[str]:
     if media_fields[1] == "0":  # a rejected section keeps port 0 and gets no candidates
         return list(section.lines)
     lines = [" ".join([media_fields[0], str(port), *media_fields[2:]])]
-    for line in section.lines[1:]:
+    for line in _with_opus_fec(section.lines[1:]):
         lines.append(f"c=IN {family} {host}" if line.startswith("c=") else line)
     candidates = [host_candidate(a, i + 1) for i, a in enumerate(public)]
     return lines + candidates + ["a=end-of-candidates"]
+
+
+def _with_opus_fec(lines: Sequence[str]) -> list[str]:
+    """Each Opus payload type without a format line gets ``useinbandfec=1`` (RFC 7587 section
+    7: the answerer asks to receive in-band FEC). aiortc writes no ``a=fmtp`` for Opus, and a
+    browser sends FEC only when the answer asks, so without it the caller's audio had none."""
+    have = {line.split(" ")[0][len("a=fmtp:") :] for line in lines if line.startswith("a=fmtp:")}
+    out: list[str] = []
+    for line in lines:
+        out.append(line)
+        if _is_opus_rtpmap(line) and (pt := line.split(" ")[0][len("a=rtpmap:") :]) not in have:
+            out.append(f"a=fmtp:{pt} {OPUS_FMTP}")
+    return out
+
+
+def _is_opus_rtpmap(line: str) -> bool:
+    fields = line.split(" ")
+    return (
+        line.startswith("a=rtpmap:")
+        and len(fields) == 2
+        and fields[1].lower().startswith("opus/48000")
+    )
 
 
 def candidate_addresses(text: str) -> list[Address]:
