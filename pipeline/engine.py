@@ -485,7 +485,8 @@ class ConversationEngine:
             if generated:
                 self._answers[response] = answer
         recorder.mark("response_done", self._now())
-        self._emit(ev.ResponseDone(response.response_id, status, heard, audio_ms))
+        playing = generated and audio_ms > 0  # an OutputStopped or OutputCleared follows
+        self._emit(ev.ResponseDone(response.response_id, status, heard, audio_ms, playing))
         interrupted = status == "cancelled"  # (incomplete: cut by its own token limit)
         record = recorder.finish(interrupted=interrupted, estimate_cost=self._estimate_cost)
         self._emit(ev.TurnCompleted(record))

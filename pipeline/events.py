@@ -126,6 +126,7 @@ class ResponseDone:
     status: Literal["completed", "cancelled", "failed", "incomplete"]
     heard_text: str
     audio_ms: float = 0.0  # the answer's audio, all of it made (played or not)
+    playing: bool = False  # done before its audio played: OutputStopped or OutputCleared follows
 
 
 @dataclass(frozen=True)

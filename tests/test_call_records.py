@@ -95,6 +95,8 @@ async def test_a_resumed_call_leaves_one_record_readable_listed_exported_and_ann
             )
             first_call = created.headers["Location"].rsplit("/", 1)[1]
             answer = await ask(first, "Tell me about water.")
+            # A turn is recorded once its answer has played (response.done comes before that)
+            await first.wait_for("output_audio_buffer.stopped", timeout_s=60)
             first.send({"type": "session.update", "session": {"instructions": "Be brief."}})
             await record_when(http, base_b, session_id, lambda r: len(r["config_versions"]) == 2)
 

@@ -95,10 +95,7 @@ async def make_the_call(page: Page, http: httpx.AsyncClient, base_url: str) -> s
     session_id: str = await page.evaluate("window.voicerelay.resumeInfo().sessionId")
 
     first = (await wait_event(page, "e.type === 'response.created'"))["response"]["id"]
-    await wait_event(
-        page, f"e.type === 'response.done' && e.response.id === '{first}'"
-        " && e.response.status === 'cancelled'",
-    )  # fmt: skip
+    await wait_event(page, cut_short(first))  # by the barge-in
     answered = await wait_event(
         page, f"e.type === 'response.done' && e.response.id !== '{first}'"
         " && e.response.status === 'completed'",
@@ -129,7 +126,8 @@ async def heard_reported(page: Page, *response_ids: str) -> None:
 
 
 async def typed_and_cancelled(page: Page) -> None:
-    """A typed question whose answer the client cancels once the page has heard it."""
+    """A typed question whose answer the client stops once the page has heard it (WebRTC's
+    ``output_audio_buffer.clear``, which also cancels it while it is generated)."""
     item = {"type": "message", "role": "user"}
     item["content"] = [{"type": "input_text", "text": "Tell me about coffee."}]
     before = await page.evaluate(
@@ -143,9 +141,18 @@ async def typed_and_cancelled(page: Page) -> None:
     created = f"e.type === 'response.created' && !{before!r}.includes(e.response.id)"
     typed = (await wait_event(page, created))["response"]["id"]
     await heard_reported(page, typed)  # armed by its output_audio_buffer.started
-    await page.evaluate("window.voicerelay.send({type: 'response.cancel'})")
-    await wait_event(page, f"e.type === 'response.done' && e.response.id === '{typed}'"
-                     " && e.response.status === 'cancelled'")  # fmt: skip
+    await page.evaluate("window.voicerelay.send({type: 'output_audio_buffer.clear'})")
+    await wait_event(page, cut_short(typed))
+
+
+def cut_short(response_id: str) -> str:
+    """The answer was cut: cancelled while generated, or its audio cleared after its
+    response.done (over WebRTC a response is done when generated, as OpenAI's)."""
+    return (
+        f"(e.type === 'response.done' && e.response.id === '{response_id}'"
+        " && e.response.status === 'cancelled') ||"
+        f" (e.type === 'output_audio_buffer.cleared' && e.response_id === '{response_id}')"
+    )
 
 
 async def ended_record(http: httpx.AsyncClient, base_url: str, session_id: str) -> dict[str, Any]:

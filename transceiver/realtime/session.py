@@ -76,6 +76,7 @@ from pipeline import events as ev
 from pipeline.engine import ConversationEngine
 from pipeline.playout import PcmResampler
 from pipeline.providers import Message
+from pipeline.turns import TurnRecord
 from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.background import report_crash
 from transceiver.metrics import RealtimeMetrics
@@ -213,6 +214,8 @@ class RealtimeSession:
         self.spoke = False  # assistant audio went out: the voice is fixed (OpenAI's rule)
         self.idle = IdleTimeout(self._idle_turn, self._quiet, lambda: engine.input_position_ms)
         self.side = SideResponses(engine, self._side_event)  # out-of-band responses
+        # Done responses whose audio still plays: their turn, once it completed (WebRTC).
+        self._unplayed: dict[str, _Unplayed | None] = {}
         self._side_pcm: dict[str, PcmResampler] = {}  # WebSocket: their audio -> deltas
         self.rate_meter: RateMeter | None = None  # its API key's limits (http.rate_limiting)
         self.edits = ItemEdits(engine, self.translator, self.send, self._history_changed)
@@ -303,6 +306,7 @@ class RealtimeSession:
         if self.journal is not None:
             self.journal.history(self.engine.history)
             await self._close_journal(self.journal)
+        self._record_unplayed()
         told = self._call_end or ("hangup" if self._hung_up else self.hangup_reason)
         self.recorder.end(end_reason(told, self._handed_over))
 
@@ -460,13 +464,44 @@ class RealtimeSession:
             self.spoke = True
         elif isinstance(event, ev.OutputCleared):
             self.voice.clear()
+            self._record_played(event)
+        elif isinstance(event, ev.OutputStopped):
+            self._record_played(event)
+        elif isinstance(event, ev.ResponseDone) and event.playing:
+            self._unplayed[event.response_id] = None
         elif isinstance(event, ev.TurnCompleted):
             done = (self.contract or self.translator).done_engine_response_id
             self.metrics.turn(event.record, self.voice.first_frame_sent_s.get(done))
             sent_s = self.voice.first_frame_sent_s.get(done)
-            self.recorder.turn(event.record, done, sent_s, self.engine.history)
+            if done in self._unplayed:  # recorded once its audio has played or been cut
+                self._unplayed[done] = (event.record, sent_s, tuple(self.engine.history))
+            else:
+                self.recorder.turn(event.record, done, sent_s, self.engine.history)
         elif isinstance(event, ev.EngineError):  # the engine logged it, with its traceback
             self.metrics.provider_error(event.retryable)
+
+    def _record_played(self, event: ev.OutputStopped | ev.OutputCleared) -> None:
+        """A turn done before its audio played goes into the call record now: cut short
+        (interrupted, the words played) when its audio was cleared."""
+        pending = self._unplayed.pop(event.response_id, None)
+        if pending is None:
+            return
+        record, sent_s, history = pending  # the history as it was when the turn completed
+        sent_s = self.voice.first_frame_sent_s.get(event.response_id) or sent_s  # (queued audio)
+        if isinstance(event, ev.OutputCleared):
+            played_s = event.audio_end_ms / 1000
+            record = replace(
+                record, interrupted=True, heard_text=event.heard_text, output_audio_s=played_s
+            )
+        self.recorder.turn(record, event.response_id, sent_s, history)
+
+    def _record_unplayed(self) -> None:
+        """Turns whose audio was still playing at the end, into the call record as they are."""
+        for engine_id, pending in self._unplayed.items():
+            if pending is not None:
+                record, sent_s, history = pending
+                self.recorder.turn(record, engine_id, sent_s, history)
+        self._unplayed.clear()
 
     def _journal(self, event: ev.EngineEvent) -> None:
         if self.journal is None:
@@ -721,10 +756,15 @@ class RealtimeSession:
         if active is not None:
             self.translator.cancelled_by_client(active)
             self.recorder.client_cancelled(active)
+        for engine_id in self._unplayed:  # their audio is cut by the client
+            self.recorder.client_cancelled(engine_id)
         self.engine.clear_output()
         self.voice.clear()
         if active is None and not playing:
             self.send(server_event("output_audio_buffer.cleared", response_id=None))
+
+
+_Unplayed = tuple[TurnRecord, float | None, tuple[Message, ...]]  # turn, first frame sent, history
 
 
 def _check_storable(event: ConversationItemCreate) -> None:

@@ -151,7 +151,8 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         self._shapes[engine_response_id] = shape
 
     def response_id(self, engine_response_id: str) -> str | None:
-        response = self._responses.get(engine_response_id)
+        """The client's id of a response still running, or done with its audio still playing."""
+        response = self._responses.get(engine_response_id) or self._tails.get(engine_response_id)
         return None if response is None else response.id
 
     def cancelled_by_client(self, engine_response_id: str) -> None:
