@@ -35,7 +35,7 @@ from pipeline.knowledge import load_knowledge
 from pipeline.local_agent import LocalRuleBasedAgent
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 from pipeline.providers import ProviderError
-from pipeline.turns import TurnRecord
+from pipeline.response import SpokenResponse
 from relay.wire.redis_config import RedisConfig
 from relay.wire.ufrag import Keyring
 from transceiver.metrics import RealtimeMetrics, TaskCrashCollector
@@ -56,25 +56,21 @@ class Bug(TypeError):
 
 
 class FaultyEngine(ConversationEngine):
-    """The offline engine; ``push_audio`` raises once ``audio_bug`` is set."""
+    """The offline engine; ``push_audio`` raises once ``audio_bug`` is set, and the task that
+    runs a response fails outside the engine's own turn handling once ``response_bug`` is."""
 
     audio_bug = False
+    response_bug = False
 
     def push_audio(self, pcm: bytes) -> None:
         if self.audio_bug:
             raise Bug("push_audio called with the wrong arguments")
         super().push_audio(pcm)
 
-
-class FaultyCost:
-    """A cost estimator (called as a response ends) that raises once ``armed``."""
-
-    armed = False
-
-    def __call__(self, record: TurnRecord) -> float:
-        if self.armed:
-            raise Bug("estimate_cost called with the wrong arguments")
-        return 0.0
+    async def _respond(self, response: SpokenResponse) -> None:
+        if self.response_bug:
+            raise Bug("_respond called with the wrong arguments")
+        await super()._respond(response)
 
 
 class FailingModel:
@@ -93,7 +89,6 @@ class Stack:
     registry: CollectorRegistry
     agents: list[RealtimeSession]
     engines: list[FaultyEngine]
-    cost: FaultyCost
     persistence: SessionPersistence | None
 
 
@@ -145,7 +140,7 @@ async def stack(redis_config: RedisConfig | None) -> AsyncIterator[Stack]:
                 registry,
                 lambda requested: new_session(built, requested, tts, metrics),
             ),
-            registry, [], [], FaultyCost(), persistence,
+            registry, [], [], persistence,
         )  # fmt: skip
         closing.push_async_callback(built.sessions.aclose)
         yield built
@@ -163,7 +158,6 @@ def new_session(
         LocalRuleBasedAgent(load_knowledge()),
         tts,
         classify=lambda _: False,
-        estimate_cost=stack.cost,
     )
     policy = SessionPolicy(CONFIG, voices=tts.voices)  # the voices of the TTS it speaks with
     session = RealtimeSession(engine, policy, policy.initial(requested), metrics, stack.persistence)
@@ -239,7 +233,7 @@ async def test_a_crashed_engine_task_reaches_the_forwarder_and_ends_the_session(
     stack: Stack, client: RealtimeClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     await call(stack, client)
-    stack.cost.armed = True  # the response ends in a bug outside the engine's turn handler
+    stack.engines[-1].response_bug = True  # a bug outside the engine's turn handling
     client.send({"type": "response.create"})
     record = await assert_failed_and_hung_up(stack, client, caplog, "session engine events")
     assert record.exc_info is not None and isinstance(record.exc_info[1], EngineTaskCrashed)
