@@ -146,7 +146,8 @@ async def test_an_answer_ends_when_packets_stop_as_well_as_when_they_go_quiet() 
     assert meter.last_packet_s is not None
     meter.idle(meter.last_packet_s + QUIET_GAP_S / 2)
     assert not meter.quiet.is_set()  # a gap shorter than the rule: still playing
-    meter.idle(meter.last_packet_s + QUIET_GAP_S)
+    # (a whole gap past the last packet, kept clear of float rounding: (t + g) - t < g for some t)
+    meter.idle(meter.last_packet_s + QUIET_GAP_S * 1.001)
     assert meter.quiet.is_set()
     for _ in range(QUIET_PACKETS):  # and the packet rule still holds on its own
         await meter.handle_rtp_packet(_rtp(10))
