@@ -43,12 +43,11 @@ from transceiver.http.websocket import (
 from transceiver.live.client_events import (
     MAX_LIVE_EVENT_BYTES,
     SessionStart,
-    event_id_of,
     parse_live_event,
 )
 from transceiver.live.contract import LiveContract
 from transceiver.live.translation import live_error
-from transceiver.realtime.client_events import EventError
+from transceiver.realtime.client_events import EventError, event_id_of
 from transceiver.realtime.session import RealtimeSession
 from transceiver.webrtc.calls import Calls
 

@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.realtime.client_events import (
     AUDIO_RATE_HZ,
     MAX_OUTPUT_TOKENS,
@@ -272,16 +271,6 @@ def parse_stored(contract: Json) -> tuple[LiveConfig, tuple[str, ...]]:
         where = "voicerelay_contract.instructions_appended"
         raise EventError("invalid_type", f"{where} must be strings", where)
     return _parse_start({"session": session}, None).config, tuple(appended)
-
-
-def event_id_of(data: str | bytes) -> str | None:
-    """The client's event_id, when the message is a JSON object that has one (for errors)."""
-    try:
-        raw = decode(data)
-    except JsonInputError:
-        return None
-    event_id = raw.get("event_id") if isinstance(raw, dict) else None
-    return event_id if isinstance(event_id, str) else None
 
 
 # --- fields ---------------------------------------------------------------------------------

@@ -54,11 +54,10 @@ from transceiver.live.client_events import (
     SessionStart,
     SessionUpdate,
     ToolOutput,
-    event_id_of,
     parse_live_event,
 )
 from transceiver.live.translation import Event, LiveTranslator, live_error, live_event
-from transceiver.realtime.client_events import EventError
+from transceiver.realtime.client_events import EventError, event_id_of
 from transceiver.realtime.policy import session_update_from
 from transceiver.realtime.session import RealtimeSession
 

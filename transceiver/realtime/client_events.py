@@ -332,6 +332,16 @@ def event_object(data: str | bytes, max_bytes: int) -> dict[str, Any]:
     return raw
 
 
+def event_id_of(data: str | bytes) -> str | None:
+    """The client's event_id, when the message is a JSON object that has one (for errors)."""
+    try:
+        raw = decode(data)
+    except JsonInputError:
+        return None
+    event_id = raw.get("event_id") if isinstance(raw, dict) else None
+    return event_id if isinstance(event_id, str) else None
+
+
 def audio_bytes(encoded: str) -> bytes:
     """The PCM of an audio append's base64 ``audio`` (strict: no stray characters)."""
     try:

@@ -77,7 +77,6 @@ from pipeline.engine import ConversationEngine
 from pipeline.playout import PcmResampler
 from pipeline.providers import Message
 from pipeline.turns import TurnRecord
-from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.background import report_crash
 from transceiver.metrics import RealtimeMetrics
 from transceiver.realtime.call_recording import end_reason, recorder_for
@@ -102,6 +101,7 @@ from transceiver.realtime.client_events import (
     SessionUpdate,
     TurnHeard,
     UserAudio,
+    event_id_of,
     parse_client_event,
 )
 from transceiver.realtime.idle import IdleTimeout
@@ -520,7 +520,7 @@ class RealtimeSession:
             event = parse_client_event(data, self.max_event_bytes)
         except EventError as error:
             self.metrics.client_event("invalid")
-            self.send_error(error, _event_id_of(data))
+            self.send_error(error, event_id_of(data))
             return
         kind = event.type if isinstance(event, BufferCommand) else _TYPES[type(event)]
         self.metrics.client_event(kind)
@@ -787,13 +787,3 @@ def _check_storable(event: ConversationItemCreate) -> None:
 
 def _loop_time() -> float:
     return asyncio.get_running_loop().time()
-
-
-def _event_id_of(data: str | bytes) -> str | None:
-    """The client's event_id, when the event is a JSON object that has one (for errors)."""
-    try:
-        raw = decode(data)
-    except JsonInputError:
-        return None
-    event_id = raw.get("event_id") if isinstance(raw, dict) else None
-    return event_id if isinstance(event_id, str) else None

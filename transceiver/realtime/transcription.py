@@ -33,7 +33,6 @@ from dataclasses import replace
 from typing import Any, TypeGuard
 
 from pipeline import events as ev
-from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.realtime.client_events import (
     AudioAppend,
     BufferCommand,
@@ -41,6 +40,7 @@ from transceiver.realtime.client_events import (
     ItemDelete,
     ItemRetrieve,
     SessionConfig,
+    event_id_of,
     event_object,
     new_id,
     parse_client_event,
@@ -252,7 +252,7 @@ class TranscriptionContract:
             )
         except EventError as error:
             session.metrics.client_event("invalid")
-            session.send_error(error, _event_id_of(data))
+            session.send_error(error, event_id_of(data))
             return
         session.metrics.client_event(kind)
         try:
@@ -263,7 +263,7 @@ class TranscriptionContract:
             else:
                 raise EventError("invalid_value", _not_taken(kind), "type")
         except EventError as error:
-            session.send_error(error, _event_id_of(data))
+            session.send_error(error, event_id_of(data))
 
     def _update(self, raw: Mapping[str, Any]) -> None:
         """A transcription-shaped session.update, applied whole or not at all."""
@@ -285,12 +285,3 @@ def _not_taken(kind: Any) -> str:
     """OpenAI's words for an event type outside those a session takes."""
     supported = ", ".join(repr(name) for name in ACCEPTED_EVENTS)
     return f"Invalid value: {kind!r}. A transcription session takes: {supported}."
-
-
-def _event_id_of(data: str | bytes) -> str | None:
-    try:
-        raw = decode(data)
-    except JsonInputError:
-        return None
-    event_id = raw.get("event_id") if isinstance(raw, dict) else None
-    return event_id if isinstance(event_id, str) else None
