@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import httpx2
@@ -145,20 +145,27 @@ def _transcript_text(body: bytes, content_type: str) -> str:
 # --- language model -------------------------------------------------------------------------
 
 
-class OpenAILanguageModel:
-    """Chat completions, streamed: text deltas as they come, tool calls once complete, usage.
-    ``pipeline.openai_responses`` is the same over the Responses API."""
+class OpenAIModelClient:
+    """What the OpenAI language models share: a client without the SDK's own retries, the model
+    they name in each request, and a view of them naming another one."""
+
+    KIND = "openai-llm"  # the provider's name is KIND/model
 
     def __init__(self, client: openai.AsyncOpenAI, model: str = "gpt-4o-mini") -> None:
         self._client = without_sdk_retries(client)
         self.model = model
-        self.name = f"openai-llm/{model}"
+        self.name = f"{self.KIND}/{model}"
 
-    def as_model(self, model: str) -> OpenAILanguageModel:
+    def as_model(self, model: str) -> Self:
         """This provider sending ``model`` instead of its own (``providers.answering_as``)."""
         view = copy.copy(self)
-        view.model, view.name = model, f"openai-llm/{model}"
+        view.model, view.name = model, f"{self.KIND}/{model}"
         return view
+
+
+class OpenAILanguageModel(OpenAIModelClient):
+    """Chat completions, streamed: text deltas as they come, tool calls once complete, usage.
+    ``pipeline.openai_responses`` is the same over the Responses API."""
 
     async def generate(
         self, messages: Sequence[Message], tools: Sequence[ToolSpec], choice: ToolChoice = "auto"

@@ -27,7 +27,6 @@ and ``error`` are the server's failure (retryable); a stream that ends without a
 
 from __future__ import annotations
 
-import copy
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 
 import openai
@@ -46,7 +45,7 @@ from openai.types.responses.response_create_params import (
 from openai.types.responses.response_create_params import ToolChoice as ToolChoiceParam
 from openai.types.responses.response_input_item_param import FunctionCallOutput
 
-from pipeline.openai_providers import TRANSPORT_ERRORS, provider_error, without_sdk_retries
+from pipeline.openai_providers import TRANSPORT_ERRORS, OpenAIModelClient, provider_error
 from pipeline.providers import (
     ForcedTool,
     LanguageModelEvent,
@@ -60,19 +59,10 @@ from pipeline.providers import (
 )
 
 
-class OpenAIResponsesLanguageModel:
+class OpenAIResponsesLanguageModel(OpenAIModelClient):
     """The Responses API, streamed: text deltas as they come, tool calls once complete, usage."""
 
-    def __init__(self, client: openai.AsyncOpenAI, model: str = "gpt-4o-mini") -> None:
-        self._client = without_sdk_retries(client)
-        self.model = model
-        self.name = f"openai-responses/{model}"
-
-    def as_model(self, model: str) -> OpenAIResponsesLanguageModel:
-        """This provider sending ``model`` instead of its own (``providers.answering_as``)."""
-        view = copy.copy(self)
-        view.model, view.name = model, f"openai-responses/{model}"
-        return view
+    KIND = "openai-responses"
 
     async def generate(
         self, messages: Sequence[Message], tools: Sequence[ToolSpec], choice: ToolChoice = "auto"
