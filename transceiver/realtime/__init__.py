@@ -14,5 +14,5 @@ and ``call_tracing`` into OpenTelemetry spans (when ``OTEL_*`` asks).
 
 May import: pipeline, transceiver.metrics, transceiver.background, transceiver.store,
     transceiver.webrtc.audio
-Pure: client_events, server_events, translation, limits, call_recording, responses
+Pure: client_events, event_errors, server_events, translation, limits, call_recording, responses
 """

@@ -15,22 +15,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeline.untrusted_json import JsonInputError, decode
+from transceiver.realtime.event_errors import EventError as EventError  # its home; re-exported
 
 MAX_EVENT_BYTES = 256 * 1024
 # Over WebSocket the client's audio rides in the events (base64 PCM16 in
 # ``input_audio_buffer.append``): 4 MiB holds about 60 s of 24 kHz audio in one event.
 MAX_WEBSOCKET_EVENT_BYTES = 4 * 1024 * 1024
 AUDIO_RATE_HZ = 24000
-
-
-class EventError(ValueError):
-    """A client event that cannot be accepted; becomes an ``error`` event."""
-
-    def __init__(self, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.param = param
 
 
 def new_id(prefix: str) -> str:
