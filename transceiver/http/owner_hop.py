@@ -1,4 +1,6 @@
-"""Forward a sideband WebSocket to the transceiver that runs its session.
+"""Forward a sideband WebSocket to the transceiver that runs its session; and a plain HTTP
+request to the process that answers it (``forward_request``: a pod's follow-ups,
+``worker_routing``).
 
 I/O layer (Starlette WebSocket towards the client, ``websockets`` towards the owner). The design
 and why (``sideband`` says when a hop is made):
@@ -35,7 +37,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi import WebSocket
+import httpx
+from fastapi import Request, Response, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 from websockets.asyncio.client import ClientConnection, connect
@@ -52,6 +55,30 @@ BAD_GATEWAY = 1014
 OWNER_GONE = "the session's transceiver went away; resume the session, then attach again"
 UNSENDABLE_CODES = frozenset({1005, 1006, 1015})  # reserved: never put in a close frame
 Address = tuple[str, int]
+HOP_BY_HOP = frozenset(
+    {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "upgrade"}
+)
+
+
+async def forward_request(
+    http: httpx.AsyncClient, request: Request, address: Address, hop: Mapping[str, str]
+) -> Response | None:
+    """``request`` as it came (method, path, query, headers with ``hop`` added, body), sent
+    to ``address``; its answer as it is, or None when nothing answered."""
+    host, port = address
+    url = f"http://{host}:{port}{request.url.path}"
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+    headers.update(hop)
+    try:
+        answer = await http.request(
+            request.method, url, params=str(request.query_params),
+            headers=headers, content=await request.body(),
+        )  # fmt: skip
+    except httpx.HTTPError:
+        return None
+    kept = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
+    kept.pop("content-encoding", None)  # httpx has decoded the body
+    return Response(answer.content, answer.status_code, kept)
 
 
 class HopRefused(Exception):

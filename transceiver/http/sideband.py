@@ -62,6 +62,14 @@ from transceiver.http.auth import Authenticator, AuthError
 from transceiver.http.errors import error_response
 from transceiver.http.hop_signature import HOP_HEADER, HopError, HopKeys
 from transceiver.http.owner_hop import HopRefused, OwnerUnreachable, open_hop, relay_frames
+from transceiver.http.owner_routing import (
+    BETWEEN_TRANSCEIVERS,
+    LIVE,
+    REALTIME,
+    WITHIN_POD,
+    Kind,
+    _signed,
+)
 from transceiver.http.websocket import (
     NORMAL_CLOSE,
     SUBPROTOCOL,
@@ -82,22 +90,7 @@ from transceiver.workers.seats import Seat
 
 logger = logging.getLogger(__name__)
 SLOW_READER_CLOSE = 1008
-BETWEEN_TRANSCEIVERS, WITHIN_POD = "", ":pod"  # a hop's stage, the end of what it signs
 Address = tuple[str, int]
-
-
-@dataclass(frozen=True)
-class Kind:
-    """What one endpoint calls its target, and the query parameters it takes."""
-
-    name: str  # "realtime" or "live": the hop's signed target is "<name>:<id>"
-    not_found: str  # the 404's code
-    param: str  # the parameter that names the target
-    query: frozenset[str]
-
-
-REALTIME = Kind("realtime", "call_not_found", "call_id", frozenset({"call_id", "model"}))
-LIVE = Kind("live", "session_not_found", "session_id", frozenset({"graceful_close"}))
 
 
 @dataclass(frozen=True)
@@ -338,8 +331,3 @@ async def _commands(websocket: WebSocket, session: RealtimeSession) -> None:
             session.on_message(data)
         except Exception as exc:
             raise HandlerCrashed("handling a sideband event failed") from exc
-
-
-def _signed(kind: Kind, target_id: str, stage: str) -> str:
-    """What a hop's header signs: the endpoint, the session and the hop's stage."""
-    return f"{kind.name}:{target_id}{stage}"

@@ -25,13 +25,11 @@ import httpx
 from fastapi import Request, Response
 
 from transceiver.http.errors import error_response
+from transceiver.http.owner_hop import forward_request
 from transceiver.workers.seats import HOP_HEADER, Seat
 
 FORWARD_TIMEOUT_S = 30.0  # an offer's answer waits for ICE gathering and the agent's start
 SPILL_MAX_BYTES = 4 * 64 * 1024  # offers larger than this are answered here, not spilled
-HOP_BY_HOP = frozenset(
-    {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "upgrade"}
-)
 
 
 class WorkerRouting:
@@ -82,17 +80,5 @@ class WorkerRouting:
         return None
 
     async def _send(self, request: Request, address: tuple[str, int]) -> Response | None:
-        host, port = address
-        url = f"http://{host}:{port}{request.url.path}"
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        headers[HOP_HEADER] = str(self.seat.index)
-        try:
-            answer = await self._http.request(
-                request.method, url, params=str(request.query_params),
-                headers=headers, content=await request.body(),
-            )  # fmt: skip
-        except httpx.HTTPError:
-            return None
-        kept = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
-        kept.pop("content-encoding", None)  # httpx has decoded the body
-        return Response(answer.content, answer.status_code, kept)
+        hop = {HOP_HEADER: str(self.seat.index)}
+        return await forward_request(self._http, request, address, hop)
