@@ -4,7 +4,8 @@
 ``transceiver_process_with(...)`` runs one transceiver process (``--agent pipeline``, auth
 required) whose language model and speech are the fake OpenAI server and whose speech-to-text is
 pocketsphinx, and yields its HTTP base URL; it must stop cleanly, with no traceback in its log.
-``spoken_question()`` is a question spoken by piper between silences; ``EventLog`` keeps every
+``spoken_question()`` is a question spoken by piper between silences, ``heard_words()`` what
+pocketsphinx recognises in an answer's audio; ``EventLog`` keeps every
 event a connection receives, with waits on a type (never on a time).
 """
 
@@ -21,9 +22,10 @@ from typing import Any, Generic, Protocol, TypeVar
 import openai
 
 from deploy.processes import Process, free_port, random_keys, text, transceiver_process
-from loadtest.voice_audio import silence_pcm, spoken_pcm
+from loadtest.voice_audio import recognised, silence_pcm, spoken_pcm
 from pipeline.config import PiperConfig
 from pipeline.piper_tts import PiperTextToSpeech
+from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 
 EVENT_TIMEOUT_S = 30.0
 RATE_HZ = 24_000  # the PCM16 of the events, both ways
@@ -65,19 +67,30 @@ def transceiver_process_with(
     assert "Traceback" not in (log_dir / "transceiver.log").read_text(), process.log_tail()
 
 
-def spoken_question() -> bytes:
+def spoken_question(question: str = "Tell me about the moon.") -> bytes:
     """A spoken question (piper, noise off) between silences, PCM16 at ``RATE_HZ``."""
 
     async def speak() -> bytes:
         tts = PiperTextToSpeech(PiperConfig(noise_scale=0.0, noise_w_scale=0.0))
         await tts.start()
         try:
-            words = await spoken_pcm(tts, "Tell me about the moon.", RATE_HZ)
+            words = await spoken_pcm(tts, question, RATE_HZ)
         finally:
             await tts.aclose()
         return silence_pcm(0.5, RATE_HZ) + words + silence_pcm(1.5, RATE_HZ)
 
     return asyncio.run(speak())
+
+
+async def heard_words(pcm: bytes) -> list[str]:
+    """The words pocketsphinx recognises in an answer's audio (PCM16 at ``RATE_HZ``)."""
+    stt = PocketsphinxSpeechToText()
+    await stt.start()
+    try:
+        finals = await recognised(stt, pcm, RATE_HZ)
+    finally:
+        await stt.aclose()
+    return " ".join(finals).split()
 
 
 def openai_client(base_url: str, api_key: str) -> openai.AsyncOpenAI:
