@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,8 @@ from loadtest.voice_audio import silence_pcm, write_wav
 from pipeline.config import PiperConfig
 from pipeline.piper_tts import PiperTextToSpeech
 from relay.wire.redis_config import RedisConfig
-from transceiver.http.hop_signature import HOP_HEADER
+from relay.wire.ufrag import Keyring
+from transceiver.http.hop_signature import HOP_HEADER, HopKeys
 from transceiver.http.owner_hop import BAD_GATEWAY, OWNER_GONE
 from transceiver.store.sideband_directory import directory_key
 
@@ -336,6 +338,32 @@ async def page_event(page: Page, predicate: str) -> Any:
     script = f"window.voicerelay.events.find((e) => {predicate}) || null"
     handle = await page.wait_for_function(script, timeout=TURN_TIMEOUT_S * 1000, polling=100)
     return await handle.json_value()
+
+
+async def test_a_hang_up_on_another_transceiver_reaches_the_call(
+    running: Running, peer: RealtimeClient
+) -> None:
+    """A hang-up for A's call sent to B is forwarded to A, which ends the call. Before it: a
+    forged hop header is refused, and a hop that B verifies as already between transceivers
+    is not forwarded again (404), so the call runs on."""
+    call_id = await realtime_call(running, peer)
+    path = f"/v1/realtime/calls/{call_id}"
+    base_a, base_b = running.stack.base_url(0), running.stack.base_url(1)
+    keys = HopKeys(Keyring.parse(running.stack.secret_keys))
+    hopped = keys.sign(f"hangup:{call_id}", AUTH["Authorization"], time.time())
+    async with httpx.AsyncClient(timeout=30) as http:
+        forged = await http.delete(base_b + path, headers={**AUTH, HOP_HEADER: "1.4.9.forged"})
+        looped = await http.delete(base_b + path, headers={**AUTH, HOP_HEADER: hopped})
+        unauthorised = await http.delete(base_b + path)
+        hung_up = await http.post(base_b + path + "/hangup", headers=AUTH)
+        gone_at_a = await http.delete(base_a + path, headers=AUTH)
+        gone_at_b = await http.delete(base_b + path, headers=AUTH)
+    assert (forged.status_code, forged.json()["error"]["code"]) == (403, "invalid_hop")
+    assert (looped.status_code, looped.json()["error"]["code"]) == (404, "call_not_found")
+    assert unauthorised.status_code == 401
+    assert hung_up.status_code == 204, hung_up.text  # only A runs the call: A ended it
+    for gone in (gone_at_a, gone_at_b):
+        assert (gone.status_code, gone.json()["error"]["code"]) == (404, "call_not_found")
 
 
 async def test_the_owner_dying_closes_a_forwarded_sideband_which_attaches_again_once_resumed(

@@ -29,7 +29,10 @@ On success the stored config (not the request's) and conversation continue.
 
 In a pod of worker processes (``routing``, ``worker_routing``): a hang-up for another worker's
 call is forwarded to it, ``/readyz`` and ``/metrics`` answer for the whole pod, and an offer
-this worker has no room for is offered to the others. A session resumes
+this worker has no room for is offered to the others. A hang-up for a call that runs on another
+transceiver is forwarded to it as a sideband is (``owner_routing``: found in the directory, a
+signed hop that is never forwarded again; a hop header that does not verify is ``403
+invalid_hop``), and the owner's answer is the caller's. A session resumes
 through its own contract's endpoint only (a GPT-Live session at ``POST /v1/live/sessions``, a
 Realtime one here): the other answers 409 ``session_contract_mismatch``.
 ``/readyz`` says ``"redis": "ok"|"degraded"`` and stays 200 while Redis is away (calls work
@@ -56,11 +59,13 @@ from transceiver.http import client_secrets
 from transceiver.http.auth import Authenticator, AuthError
 from transceiver.http.calls_api import add_call_records
 from transceiver.http.errors import ApiError, add_error_handlers, error_response, unavailable
-from transceiver.http.hop_signature import HopKeys
+from transceiver.http.hop_signature import HOP_HEADER, HopKeys
 from transceiver.http.live_calls import add_live_calls
 from transceiver.http.live_websocket import add_live_websocket
 from transceiver.http.offer_tracing import traced_offer
 from transceiver.http.offers import json_object, read_offer
+from transceiver.http.owner_hop import forward_to_owner
+from transceiver.http.owner_routing import HANGUP, OwnerRouting, not_found
 from transceiver.http.rate_limiting import (
     EXPOSED_HEADERS,
     RateLimitCollector,
@@ -69,7 +74,7 @@ from transceiver.http.rate_limiting import (
     metered,
 )
 from transceiver.http.sideband import Sidebands
-from transceiver.http.websocket import WebSocketSessions, add_realtime_websocket
+from transceiver.http.websocket import Refused, WebSocketSessions, add_realtime_websocket
 from transceiver.http.worker_routing import WorkerRouting
 from transceiver.live.contract import LIVE_CONTRACT
 from transceiver.metrics import CapacityCollector, CapacityReadings
@@ -217,9 +222,13 @@ def create_app(
         if routing is not None and owner is not None:
             return await routing.forward(request, owner)  # the call is another worker's
         _authorise(auth.check_call, request)
-        if not await calls.hangup(call_id):
-            raise ApiError(404, "call_not_found", f"no live call {call_id!r}")
-        return Response(status_code=204)
+        try:
+            came = _hop_stage(sidebands.owners, call_id, request)
+            if await calls.hangup(call_id):
+                return Response(status_code=204)
+            return await _hang_up_at_owner(sidebands.owners, call_id, request, came)
+        except Refused as refused:  # a hop that does not verify, no owner, no directory
+            return refused.response
 
     app.add_api_route(CALLS_PATH + "/{call_id}", hangup, methods=["DELETE"])
     app.add_api_route(CALLS_PATH + "/{call_id}/hangup", hangup, methods=["POST"])
@@ -228,6 +237,24 @@ def create_app(
     store = None if records is None else records.store
     add_call_records(app, lambda request: _authorise(auth.check_api_key, request), store)
     return app
+
+
+def _hop_stage(owners: OwnerRouting, call_id: str, request: Request) -> str | None:
+    """The stage of a hang-up forwarded by another transceiver (None: the client's own)."""
+    headers = request.headers
+    return owners.stage_of(headers.get(HOP_HEADER), HANGUP, call_id, headers.get("authorization"))
+
+
+async def _hang_up_at_owner(
+    owners: OwnerRouting, call_id: str, request: Request, came: str | None
+) -> Response:
+    """A hang-up for a call not running here, as its owner answers it (``owner_routing``);
+    Refused (404) when no owner answers."""
+    hop = await owners.hop(HANGUP, call_id, request.headers.get("authorization"), came)
+    answer = await forward_to_owner(request, hop.address, {HOP_HEADER: hop.header})
+    if answer is None:
+        raise not_found(HANGUP, call_id, "ran on a transceiver that does not answer")
+    return answer
 
 
 async def _resumed_agent(

@@ -49,6 +49,7 @@ from transceiver.http.hop_signature import HOP_HEADER
 
 logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
+FORWARD_TIMEOUT_S = 10.0  # a follow-up's answer (a hang-up ends its call at once)
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # uvicorn's ws_max_size: what a direct sideband may send
 MAX_QUEUED_FRAMES = 16
 BAD_GATEWAY = 1014
@@ -79,6 +80,14 @@ async def forward_request(
     kept = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
     kept.pop("content-encoding", None)  # httpx has decoded the body
     return Response(answer.content, answer.status_code, kept)
+
+
+async def forward_to_owner(
+    request: Request, address: Address, hop: Mapping[str, str]
+) -> Response | None:
+    """``forward_request`` on a client of its own: a follow-up across transceivers is rare."""
+    async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT_S, verify=False, trust_env=False) as http:
+        return await forward_request(http, request, address, hop)
 
 
 class HopRefused(Exception):

@@ -1,31 +1,147 @@
-"""Where a request for a session goes when the process it lands on does not run it.
+"""Where a request for a session goes when the process it lands on does not run it: the one
+seam a sideband (``sideband``, over ``owner_hop``'s WebSocket) and a hang-up (``app``, over
+``owner_hop.forward_request``) take to the session's owner.
 
-I/O layer (the directory is Redis). The names a forwarded request's hop is signed for: the
-endpoint's kind and the target's id, and the hop's stage (``BETWEEN_TRANSCEIVERS`` or
-``WITHIN_POD``).
+I/O layer (the directory is Redis). The owner is found in this order: in a pod of workers, a
+call id names its worker (``transceiver.workers.seats``); else the directory
+(``transceiver.store.sideband_directory``) names the owner's internal HTTP address, and in a
+pod the worker. The hop there carries a header signed with the transceivers' shared key
+(``hop_signature``) over the endpoint's kind, the target's id, the hop's stage and the
+forwarded credential. The stage is the loop guard: a hop between transceivers
+(``BETWEEN_TRANSCEIVERS``) may go on once within the pod it reached; a hop within a pod
+(``WITHIN_POD``) never goes further, so no request loops on a stale record. A header that does
+not verify is ``403 invalid_hop``. Without hop keys (no ``TRANSCEIVER_SECRET_KEYS``) or
+without the directory (no Redis), nothing is forwarded: the target's ``404``.
+
+The owner checks the forwarded credential again: a hop proves where a request came from, never
+who sent it.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from transceiver.http.errors import error_response
+from transceiver.http.hop_signature import HOP_HEADER, HopError, HopKeys
+from transceiver.http.websocket import Refused
+from transceiver.store.errors import StoreUnavailableError
+from transceiver.store.sideband_directory import Owner, SidebandDirectory
+from transceiver.workers.seats import Seat
+
 BETWEEN_TRANSCEIVERS, WITHIN_POD = "", ":pod"  # a hop's stage, the end of what it signs
+Address = tuple[str, int]
 
 
 @dataclass(frozen=True)
 class Kind:
     """What one endpoint calls its target, and the query parameters it takes."""
 
-    name: str  # "realtime" or "live": the hop's signed target is "<name>:<id>"
+    name: str  # "realtime", "live", "hangup": the hop's signed target is "<name>:<id>"
     not_found: str  # the 404's code
     param: str  # the parameter that names the target
     query: frozenset[str]
+    what: str = "call"  # the target, in an error's message
+    call_ids: bool = True  # its targets are call ids, which name their worker in a pod
 
 
 REALTIME = Kind("realtime", "call_not_found", "call_id", frozenset({"call_id", "model"}))
-LIVE = Kind("live", "session_not_found", "session_id", frozenset({"graceful_close"}))
+LIVE = Kind(
+    "live", "session_not_found", "session_id", frozenset({"graceful_close"}), "Live session", False
+)
+HANGUP = Kind("hangup", "call_not_found", "call_id", frozenset())
 
 
-def _signed(kind: Kind, target_id: str, stage: str) -> str:
+@dataclass(frozen=True)
+class Hop:
+    """Where the owner answers, and the signed header that says the request is a hop."""
+
+    address: Address
+    header: str
+
+
+class OwnerRouting:
+    """Finds a target's owner and signs or verifies the hop to it."""
+
+    def __init__(
+        self,
+        directory: SidebandDirectory | None = None,
+        hops: HopKeys | None = None,
+        seat: Seat | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``seat``: this worker's place in a pod of workers (``transceiver.workers``)."""
+        self._directory, self._hops, self._seat, self._clock = directory, hops, seat, clock
+
+    def stage_of(
+        self, hop: str | None, kind: Kind, target_id: str, authorization: str | None
+    ) -> str | None:
+        """The stage a request's hop header verifies for (None: no header, the client's own
+        request); Refused (403) when it verifies for none."""
+        if hop is None:
+            return None
+        hops, now_s, reason = self._hops, self._clock(), "no_hop_keys"
+        for stage in (BETWEEN_TRANSCEIVERS, WITHIN_POD):
+            try:
+                if hops is not None:
+                    hops.verify(hop, signed_target(kind, target_id, stage), authorization, now_s)
+                    return stage
+            except HopError as exc:
+                reason = exc.reason
+        message = f"the {HOP_HEADER} header does not verify ({reason})"
+        raise Refused(error_response(403, "invalid_hop", message))
+
+    async def hop(
+        self, kind: Kind, target_id: str, authorization: str | None, came: str | None
+    ) -> Hop:
+        """The hop towards the target's owner; Refused (404) if there is none, (503) when the
+        directory cannot be read. A request that ``came`` between transceivers may go on once
+        within the pod it reached, never further."""
+        if self._hops is None or not target_id or came == WITHIN_POD:
+            raise not_found(kind, target_id, "is not running here")
+        address, stage = await self._route(kind, target_id)
+        if came == BETWEEN_TRANSCEIVERS and stage != WITHIN_POD:
+            raise not_found(kind, target_id, "is not running on its transceiver")
+        header = self._hops.sign(
+            signed_target(kind, target_id, stage), authorization, self._clock()
+        )
+        return Hop(address, header)
+
+    async def _route(self, kind: Kind, target_id: str) -> tuple[Address, str]:
+        """Where the target runs, and the stage of the hop there: a sibling worker of this
+        pod (a call id names its worker; the directory names a Live session's) or another
+        transceiver (the directory)."""
+        seat = self._seat
+        if kind.call_ids and seat is not None:
+            worker = seat.owner_of(target_id)
+            if worker is not None and worker != seat.index:
+                return seat.private_address(worker), WITHIN_POD
+        owner = await self._owner(kind, target_id)
+        assert self._directory is not None  # _owner found one
+        if owner.address != self._directory.me.address:
+            return owner.address, BETWEEN_TRANSCEIVERS
+        if seat is None or owner.worker is None or owner.worker == seat.index:
+            raise not_found(kind, target_id, "is not running")  # a stale record of ours
+        return seat.private_address(owner.worker), WITHIN_POD
+
+    async def _owner(self, kind: Kind, target_id: str) -> Owner:
+        if self._directory is None:
+            raise not_found(kind, target_id, "is not running on this transceiver")
+        try:
+            owner = await self._directory.locate(target_id)
+        except StoreUnavailableError as exc:
+            raise Refused(error_response(503, "store_unavailable", str(exc))) from None
+        if owner is None:
+            raise not_found(kind, target_id, "is not running")
+        return owner
+
+
+def not_found(kind: Kind, target_id: str, why: str) -> Refused:
+    message = f"{kind.what} {target_id!r} {why}"
+    return Refused(error_response(404, kind.not_found, message, param=kind.param))
+
+
+def signed_target(kind: Kind, target_id: str, stage: str) -> str:
     """What a hop's header signs: the endpoint, the session and the hop's stage."""
     return f"{kind.name}:{target_id}{stage}"

@@ -39,7 +39,9 @@ address, each has a private loopback port) a sideband may reach a worker that do
 session: a Realtime call's id names its worker, the directory's record names a Live session's,
 and the sideband goes on to that worker's private port, a hop of the stage ``WITHIN_POD``. The
 stage is part of what the hop header signs: a hop between transceivers may go on once within
-the pod it reached; a hop within a pod never goes further (404), so no sideband loops.
+the pod it reached; a hop within a pod never goes further (404), so no sideband loops. Where
+the owner is and how a hop is signed and checked is ``owner_routing``'s, which a hang-up that
+lands on the wrong transceiver takes too (``app``).
 """
 
 from __future__ import annotations
@@ -60,16 +62,9 @@ from websockets.asyncio.client import ClientConnection
 from transceiver.background import report_crash
 from transceiver.http.auth import Authenticator, AuthError
 from transceiver.http.errors import error_response
-from transceiver.http.hop_signature import HOP_HEADER, HopError, HopKeys
+from transceiver.http.hop_signature import HOP_HEADER, HopKeys
 from transceiver.http.owner_hop import HopRefused, OwnerUnreachable, open_hop, relay_frames
-from transceiver.http.owner_routing import (
-    BETWEEN_TRANSCEIVERS,
-    LIVE,
-    REALTIME,
-    WITHIN_POD,
-    Kind,
-    _signed,
-)
+from transceiver.http.owner_routing import LIVE, REALTIME, Kind, OwnerRouting, not_found
 from transceiver.http.websocket import (
     NORMAL_CLOSE,
     SUBPROTOCOL,
@@ -83,14 +78,12 @@ from transceiver.live.contract import LiveContract
 from transceiver.live.sessions import LiveSessions, RunningLive
 from transceiver.realtime.client_events import EventError
 from transceiver.realtime.session import RealtimeSession
-from transceiver.store.errors import StoreUnavailableError
-from transceiver.store.sideband_directory import Owner, SidebandDirectory
+from transceiver.store.sideband_directory import SidebandDirectory
 from transceiver.webrtc.calls import Call, Calls
 from transceiver.workers.seats import Seat
 
 logger = logging.getLogger(__name__)
 SLOW_READER_CLOSE = 1008
-Address = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -128,8 +121,8 @@ class Sidebands:
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``seat``: this worker's place in a pod of workers (``transceiver.workers``)."""
-        self._calls, self._auth = calls, auth
-        self._directory, self._hops, self._seat, self._clock = directory, hops, seat, clock
+        self._calls, self._auth, self._directory = calls, auth, directory
+        self.owners = OwnerRouting(directory, hops, seat, clock)
         self.live = AnnouncedLiveSessions(directory)
 
     def call_began(self, call: Call) -> None:
@@ -189,23 +182,8 @@ class Sidebands:
         except AuthError as exc:
             challenge = {"WWW-Authenticate": 'Bearer realm="voicerelay"'}
             raise Refused(error_response(401, exc.code, exc.message, challenge)) from None
-        hop = headers.get(HOP_HEADER)
-        if hop is None:
-            return authorization, None
-        return authorization, self._stage(hop, kind, target_id, authorization)
-
-    def _stage(self, hop: str, kind: Kind, target_id: str, authorization: str | None) -> str:
-        """The stage a hop header verifies for; Refused (403) when it verifies for none."""
-        hops, now_s, reason = self._hops, self._clock(), "no_hop_keys"
-        for stage in (BETWEEN_TRANSCEIVERS, WITHIN_POD):
-            try:
-                if hops is not None:
-                    hops.verify(hop, _signed(kind, target_id, stage), authorization, now_s)
-                    return stage
-            except HopError as exc:
-                reason = exc.reason
-        message = f"the {HOP_HEADER} header does not verify ({reason})"
-        raise Refused(error_response(403, "invalid_hop", message))
+        stage = self.owners.stage_of(headers.get(HOP_HEADER), kind, target_id, authorization)
+        return authorization, stage
 
     async def _forward(
         self,
@@ -215,57 +193,18 @@ class Sidebands:
         authorization: str | None,
         came: str | None,
     ) -> ClientConnection:
-        """The sideband's hop towards the session, open; Refused (404) if there is none. A hop
-        between transceivers may go on once within the pod it reached, never further."""
-        if self._hops is None or not target_id or came == WITHIN_POD:
-            raise self._not_found(kind, target_id, "is not running here")
-        address, stage = await self._route(kind, target_id)
-        if came == BETWEEN_TRANSCEIVERS and stage != WITHIN_POD:
-            raise self._not_found(kind, target_id, "is not running on its transceiver")
+        """The sideband's hop towards the session (``owner_routing``), open; Refused (404) if
+        there is none."""
+        hop = await self.owners.hop(kind, target_id, authorization, came)
         path = websocket.url.path + (f"?{websocket.url.query}" if websocket.url.query else "")
-        hop = self._hops.sign(_signed(kind, target_id, stage), authorization, self._clock())
         wanted = [p for p in websocket.scope.get("subprotocols", []) if p == SUBPROTOCOL]
         try:
-            return await open_hop(address, path, authorization, hop, wanted)
+            return await open_hop(hop.address, path, authorization, hop.header, wanted)
         except HopRefused as refused:
             raise Refused(refused.response) from None
         except OwnerUnreachable:
             why = "ran on a transceiver that does not answer"
-            raise self._not_found(kind, target_id, why) from None
-
-    async def _route(self, kind: Kind, target_id: str) -> tuple[Address, str]:
-        """Where the session runs, and the stage of the hop there: a sibling worker of this
-        pod (a call id names its worker; the directory names a Live session's) or another
-        transceiver (the directory)."""
-        seat = self._seat
-        if kind is REALTIME and seat is not None:
-            worker = seat.owner_of(target_id)
-            if worker is not None and worker != seat.index:
-                return seat.private_address(worker), WITHIN_POD
-        owner = await self._owner(kind, target_id)
-        assert self._directory is not None  # _owner found one
-        if owner.address != self._directory.me.address:
-            return owner.address, BETWEEN_TRANSCEIVERS
-        if seat is None or owner.worker is None or owner.worker == seat.index:
-            raise self._not_found(kind, target_id, "is not running")  # a stale record of ours
-        return seat.private_address(owner.worker), WITHIN_POD
-
-    async def _owner(self, kind: Kind, target_id: str) -> Owner:
-        if self._directory is None:
-            raise self._not_found(kind, target_id, "is not running on this transceiver")
-        try:
-            owner = await self._directory.locate(target_id)
-        except StoreUnavailableError as exc:
-            raise Refused(error_response(503, "store_unavailable", str(exc))) from None
-        if owner is None:
-            raise self._not_found(kind, target_id, "is not running")
-        return owner
-
-    @staticmethod
-    def _not_found(kind: Kind, target_id: str, why: str) -> Refused:
-        what = "call" if kind is REALTIME else "Live session"
-        message = f"{what} {target_id!r} {why}"
-        return Refused(error_response(404, kind.not_found, message, param=kind.param))
+            raise not_found(kind, target_id, why) from None
 
 
 async def observe(websocket: WebSocket, target: Target) -> None:
