@@ -104,6 +104,9 @@ class EngineConfig:
     tool_choice: ToolChoice = "auto"  # of the first round of a response (tools offered)
     speed: float = 1.0  # the TTS's speaking rate, a multiple of its normal one
     transcription: TranscriptionHints = NO_HINTS  # language and prompt for the STT
+    # semantic_vad: start the answer at the pause the end-of-turn model is asked about (held
+    # until the turn ends; thrown away unheard if the user goes on)
+    answer_early: bool = True
     vad: VadConfig = field(default_factory=VadConfig)
     chunker: ChunkerConfig = field(default_factory=ChunkerConfig)
 
@@ -275,6 +278,7 @@ class PipelineConfig:
     local_llm_parallel: int = 1
     local_llm_max_tokens: int = 200
     local_llm_temperature: float = 0.0
+    answer_early: bool = True
 
     def __post_init__(self) -> None:
         for stage, allowed in CHOICES.items():
@@ -320,6 +324,7 @@ class PipelineConfig:
             realtime_playout=self.realtime_playout,
             max_tool_rounds=self.max_tool_rounds,
             instructions=self.instructions,
+            answer_early=self.answer_early,
             vad=vad,
             chunker=ChunkerConfig(),
         )

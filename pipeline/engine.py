@@ -13,6 +13,14 @@ Push-to-talk (``turn_detection`` off): no VAD runs; the input is kept (the newes
 (``InputCommitted``, then its transcription). A response waits for the transcriptions of
 the turns committed before it started, so it answers the words just spoken.
 
+Semantic end of turn (``semantic_vad``): at the pause the end-of-turn model is asked about, the
+stretch of speech so far is transcribed to its end while the model decides, and the turn ends
+only once those words are in, so the final transcript is there when the turn is decided. With
+``answer_early`` the answer starts on those words too, held (no event out, nothing in the
+history) until the turn ends: then it is released; if the user goes on, it is thrown away
+unheard (counted in the turn's ``early_answers_discarded``) and the next stretch's words join
+the turn's transcript.
+
 Barge-in: ``SpeechStarted`` while a response is active stops playout at once (no frame is
 emitted after it) and cancels the response's LLM, TTS and playout tasks; the history keeps only
 the assistant text that was heard (``PlayoutLedger``), like OpenAI's Realtime API.
@@ -41,7 +49,7 @@ import itertools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal, TypeVar
 
@@ -58,15 +66,17 @@ from pipeline.providers import (
     transcribe_with,
 )
 from pipeline.resilience import Detour, reporting
-from pipeline.response import SpokenResponse, timed
+from pipeline.response import HeldEvents, SpokenResponse, timed
 from pipeline.tools import ToolRegistry
 from pipeline.turns import CostEstimator, TurnRecorder, free_of_charge
 from pipeline.vad import (
+    AskEndOfTurn,
     SpeechStarted,
     SpeechStopped,
     TurnCommitted,
     TurnDetector,
     VadEvent,
+    Verdict,
     webrtc_classifier,
 )
 
@@ -85,6 +95,29 @@ class EngineTaskCrashed(RuntimeError):
 class _Crash:
     task_name: str
     error: BaseException
+
+
+@dataclass(eq=False)
+class _Heard:
+    """A user turn's speech to text: stretches of speech, each transcribed to its end at the
+    pause the end-of-turn model is asked about, their words joined."""
+
+    recorder: TurnRecorder
+    texts: list[str] = field(default_factory=list)  # the stretches' final words
+    audio: asyncio.Queue[AudioChunk | None] | None = None  # the open stretch's; None: paused
+    held: list[bytes] = field(default_factory=list)  # frames since the pause
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # a transcription a stretch
+    pending: int = 0  # stretches with no final words yet
+    ended: bool = False  # the turn ended (speech stopped, or committed)
+    failed: bool = False  # a stretch's transcription failed: the turn gets no answer
+    finished: bool = False  # its final transcript is out
+    answer_early: bool = False  # answer the words before this pause while the model decides
+    early: SpokenResponse | None = None  # that answer, held
+    early_task: asyncio.Task[None] | None = None
+
+    @property
+    def words(self) -> str:
+        return " ".join(self.texts)
 
 
 class ConversationEngine:
@@ -112,13 +145,14 @@ class ConversationEngine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._pending_input = bytearray()
-        self._stt_audio: asyncio.Queue[AudioChunk | None] | None = None
+        self._heard: _Heard | None = None  # the open turn's
+        self._voiced = False  # the last frame the detector heard was speech
+        self.early_answers_discarded = 0
         self._recorder: TurnRecorder | None = None
         self._response: SpokenResponse | None = None
         self._response_task: asyncio.Task[None] | None = None
         self._playing: dict[asyncio.Task[None], SpokenResponse] = {}  # done, audio still playing
         self._answers: dict[SpokenResponse, Message] = {}  # a playing answer's history message
-        self._transcription: asyncio.Task[None] | None = None
         self._committed: set[asyncio.Task[None]] = set()  # transcriptions of committed turns
         self._uncommitted = bytearray()  # push-to-talk input since the last commit
         self._overflowed = False  # push-to-talk input over its bound: its start was dropped
@@ -138,8 +172,8 @@ class ConversationEngine:
     async def start(self) -> None:
         self._clock = self._clock or asyncio.get_running_loop().time
         rate_hz = self.config.input_sample_rate_hz
-        classify = self._classify or webrtc_classifier(self.config.vad, rate_hz)
-        ask = end_of_turn_asker(self.config.vad.semantic, rate_hz)  # semantic_vad's model
+        classify = self._noting(self._classify or webrtc_classifier(self.config.vad, rate_hz))
+        ask = self._asking(end_of_turn_asker(self.config.vad.semantic, rate_hz))
         self._detector = TurnDetector(self.config.vad, rate_hz, classify, self._clock, ask)
         self._idle.set()
 
@@ -181,6 +215,13 @@ class ConversationEngine:
         return 0 if self._detector is None else self._detector.position_ms
 
     @property
+    def words_pending(self) -> bool:
+        """The words before the user's pause are still being transcribed (semantic_vad: the
+        turn cannot end there before they are in)."""
+        heard = self._heard
+        return heard is not None and heard.audio is None and heard.pending > 0
+
+    @property
     def user_speaking(self) -> bool:
         return self._detector is not None and self._detector.in_speech
 
@@ -196,8 +237,9 @@ class ConversationEngine:
             self._uncommitted.clear()
         if self._detector is not None and config.vad != self.config.vad:
             rate_hz = config.input_sample_rate_hz
-            ask = end_of_turn_asker(config.vad.semantic, rate_hz)
-            self._detector.reconfigure(config.vad, webrtc_classifier(config.vad, rate_hz), ask)
+            ask = self._asking(end_of_turn_asker(config.vad.semantic, rate_hz))
+            classify = self._noting(webrtc_classifier(config.vad, rate_hz))
+            self._detector.reconfigure(config.vad, classify, ask)
         self.config = config
 
     def add_user_text(self, text: str) -> None:
@@ -246,9 +288,11 @@ class ConversationEngine:
         self._uncommitted.clear()
         if self._detector is not None:
             self._detector.reset()
-        if self._transcription is not None:
-            self._transcription.cancel()
-        self._stt_audio, self._recorder, self._transcription = None, None, None
+        if (heard := self._heard) is not None:
+            self._discard_early(heard)
+            for task in heard.tasks:
+                task.cancel()
+        self._heard, self._recorder = None, None
 
     # --- input ----------------------------------------------------------------------------
 
@@ -294,11 +338,9 @@ class ConversationEngine:
         recorder.input_audio_s = audio_ms / 1000
         self._recorder = recorder
         self._emit(ev.InputCommitted(audio_ms, turn))
-        audio: asyncio.Queue[AudioChunk | None] = asyncio.Queue()
-        audio.put_nowait(AudioChunk(pcm, self.config.input_sample_rate_hz))
-        audio.put_nowait(None)
-        task = self._spawn(self._transcribe(recorder, audio), f"transcription {turn}")
-        self._commit(task)
+        heard = _Heard(recorder)
+        self._open_stretch(heard, [pcm])
+        self._end_heard(heard)
         return True
 
     def _commit(self, transcription: asyncio.Task[None]) -> None:
@@ -314,12 +356,58 @@ class ConversationEngine:
 
     def _on_frame(self, frame: bytes) -> None:
         assert self._detector is not None
-        feeding = self._stt_audio
+        heard = self._heard
         events = self._detector.push(frame)
-        if feeding is not None and not any(isinstance(e, SpeechStarted) for e in events):
-            feeding.put_nowait(AudioChunk(frame, self.config.input_sample_rate_hz))
+        if heard is not None and not any(isinstance(e, SpeechStarted) for e in events):
+            self._listen(heard, frame)
         for event in events:
             self._on_vad(event)
+
+    def _listen(self, heard: _Heard, frame: bytes) -> None:
+        """The frame goes to the open stretch; after a pause, speech opens the next one."""
+        if heard.audio is not None:
+            heard.audio.put_nowait(AudioChunk(frame, self.config.input_sample_rate_hz))
+            return
+        heard.held.append(frame)
+        if self._voiced:  # the user went on after the pause: its early answer is void
+            self._discard_early(heard)
+            self._open_stretch(heard, heard.held)
+
+    def _noting(self, classify: Callable[[bytes], bool]) -> Callable[[bytes], bool]:
+        """The detector's classifier, its last answer kept (speech after a pause)."""
+
+        def voiced(frame: bytes) -> bool:
+            self._voiced = classify(frame)
+            return self._voiced
+
+        return voiced
+
+    def _asking(self, ask: AskEndOfTurn | None) -> AskEndOfTurn | None:
+        """The end-of-turn question, asked at a pause: the stretch before it is transcribed
+        (and answered early) meanwhile, and "complete" holds back until its words are in."""
+        if ask is None:
+            return None
+
+        def asked(pcm: bytes) -> Verdict:
+            verdict, heard = ask(pcm), self._heard
+            if heard is None:
+                return verdict
+            self._on_pause(heard)
+            return partial(_complete_with_words, verdict, heard)
+
+        return asked
+
+    def _on_pause(self, heard: _Heard) -> None:
+        if heard.audio is None:
+            return
+        heard.audio.put_nowait(None)  # the stretch is transcribed to its end
+        heard.audio, heard.held = None, []
+        config, response = self.config, self._response
+        heard.answer_early = (
+            config.answer_early
+            and config.create_response
+            and (response is None or response.stop_requested)
+        )
 
     def _on_vad(self, event: VadEvent) -> None:
         if isinstance(event, SpeechStarted):
@@ -330,13 +418,11 @@ class ConversationEngine:
             self._begin_turn(event, turn)
         elif isinstance(event, SpeechStopped) and self._recorder is not None:
             self._recorder.mark("speech_stopped", event.at_s)
-            if self._stt_audio is not None:
-                self._stt_audio.put_nowait(None)
-            self._stt_audio = None
-            if self._transcription is not None:
-                self._commit(self._transcription)
+            heard, self._heard = self._heard, None
             turn = self._recorder.turn
             self._emit(ev.SpeechStoppedEvent(event.at_s, event.audio_end_ms, turn))
+            if heard is not None:
+                self._end_heard(heard)
         elif isinstance(event, TurnCommitted) and self._recorder is not None:
             self._recorder.input_audio_s = event.duration_ms / 1000
 
@@ -344,11 +430,8 @@ class ConversationEngine:
         recorder = TurnRecorder(turn, self.stt.name, self.llm.name, self.tts.name)
         recorder.mark("speech_started", event.at_s)
         self._recorder = recorder
-        self._stt_audio = asyncio.Queue()
-        self._stt_audio.put_nowait(AudioChunk(event.prefix_pcm, self.config.input_sample_rate_hz))
-        self._transcription = self._spawn(
-            self._transcribe(recorder, self._stt_audio), f"transcription {recorder.turn}"
-        )
+        self._heard = _Heard(recorder)
+        self._open_stretch(self._heard, [event.prefix_pcm])
 
     def _barge_in(self) -> None:
         for task, response in list(self._playing.items()):
@@ -382,67 +465,170 @@ class ConversationEngine:
 
     # --- speech to text -------------------------------------------------------------------
 
-    async def _transcribe(
-        self, recorder: TurnRecorder, audio: asyncio.Queue[AudioChunk | None]
-    ) -> None:
+    def _open_stretch(self, heard: _Heard, pcms: list[bytes]) -> None:
+        audio: asyncio.Queue[AudioChunk | None] = asyncio.Queue()
+        for pcm in pcms:
+            audio.put_nowait(AudioChunk(pcm, self.config.input_sample_rate_hz))
+        heard.audio, heard.held = audio, []
+        heard.pending += 1
+        name = f"transcription {heard.recorder.turn}"
+        heard.tasks.append(self._spawn(self._transcribe(heard, audio), name))
+
+    def _end_heard(self, heard: _Heard) -> None:
+        """The turn ended: its open stretch is transcribed to its end (responses started from
+        now on wait for it); words already in make the final transcript at once."""
+        heard.ended = True
+        if heard.audio is not None:
+            heard.audio.put_nowait(None)
+        heard.audio, heard.held = None, []
+        for task in heard.tasks:
+            if not task.done():
+                self._commit(task)
+        self._heard_all(heard)
+
+    async def _transcribe(self, heard: _Heard, audio: asyncio.Queue[AudioChunk | None]) -> None:
         async def utterance() -> AsyncIterator[AudioChunk]:
             while (chunk := await audio.get()) is not None:
                 yield chunk
 
-        final = ""
+        recorder, final = heard.recorder, False
         try:
             stt = self._reporting(self.stt, recorder.turn)
-            heard = transcribe_with(stt, utterance(), self.config.transcription)
-            transcripts = timed(heard, recorder, self._now)
+            words = transcribe_with(stt, utterance(), self.config.transcription)
+            transcripts = timed(words, recorder, self._now)
             async with aclosing(transcripts):
                 async for transcript in transcripts:
-                    self._emit(ev.InputTranscript(recorder.turn, transcript.text, transcript.final))
-                    if transcript.final:
-                        final = transcript.text.strip()
-                        recorder.mark("stt_final", self._now())
+                    final = final or transcript.final
+                    self._on_transcript(heard, transcript.text.strip(), transcript.final)
         except Exception as error:
+            heard.failed = True
             self._report(error, recorder.turn)
-            return
-        self._after_transcript(recorder, final)
+        finally:
+            heard.pending -= not final
+        self._heard_all(heard)
 
-    def _after_transcript(self, recorder: TurnRecorder, final: str) -> None:
+    def _on_transcript(self, heard: _Heard, text: str, final: bool) -> None:
+        """A stretch's words: partial ones as the turn's words so far; final ones join them."""
+        turn = heard.recorder.turn
         if not final:
+            self._emit(ev.InputTranscript(turn, " ".join([*heard.texts, text]).strip(), False))
+            return
+        heard.pending -= 1
+        heard.recorder.mark("stt_final", self._now(), overwrite=True)
+        if text:
+            heard.texts.append(text)
+        if heard.ended:
+            self._heard_all(heard)
+        elif heard.answer_early and not heard.pending and heard.early is None:
+            self._answer_early(heard)
+
+    def _heard_all(self, heard: _Heard) -> None:
+        """Once the turn has ended and every stretch is transcribed: the final transcript."""
+        if heard.finished or heard.failed or not heard.ended or heard.pending:
+            return
+        heard.finished = True
+        self._emit(ev.InputTranscript(heard.recorder.turn, heard.words, True))
+        self._after_transcript(heard)
+
+    def _after_transcript(self, heard: _Heard) -> None:
+        recorder, final = heard.recorder, heard.words
+        if not final:
+            self._discard_early(heard)
             return  # nothing recognisable was said: no answer
         recorder.transcript = final
-        self.history.append(Message("user", final))
         if self.user_speaking or not self.config.create_response:
+            self._discard_early(heard)
+            self.history.append(Message("user", final))
             return  # the user went on (the next turn answers both), or the client decides
-        if self._response is None or self._response.stop_requested:
+        if self._response is not None and not self._response.stop_requested:
+            self._discard_early(heard)
+            self.history.append(Message("user", final))
+        elif not self._adopt_early(heard):
+            self.history.append(Message("user", final))
             self._start_response(recorder, self.config)
+
+    # --- early answer (semantic_vad: started at the pause, held until the turn ends) -------
+
+    def _answer_early(self, heard: _Heard) -> None:
+        turn = heard.recorder.turn
+        recorder = TurnRecorder(turn, self.stt.name, self.llm.name, self.tts.name)
+        history = [*self.history, Message("user", heard.words)]
+        held = HeldEvents(self._emit)
+        response = self._response_for(recorder, self.config, None, history, held)
+        heard.early = response
+        heard.early_task = self._spawn(self._respond(response), f"early answer {turn}")
+
+    def _adopt_early(self, heard: _Heard) -> bool:
+        """The turn ended on the words the early answer took: it becomes the turn's answer."""
+        response, task = heard.early, heard.early_task
+        said = len(self.history)
+        if (
+            response is None
+            or task is None
+            or task.done()
+            or response.history[:said] != self.history
+        ):
+            self._discard_early(heard)  # (the conversation changed meanwhile)
+            return False
+        heard.early = heard.early_task = None
+        response.recorder.absorb(heard.recorder)
+        if self._recorder is heard.recorder:
+            self._recorder = response.recorder
+        self.history.extend(response.history[said:])  # the user's words, tool calls so far
+        response.history = self.history
+        response.response_id = f"resp_{next(self._responses)}"
+        response.play_after = tuple(self._playing)
+        self._response, self._response_task = response, task
+        assert response.held is not None
+        response.held.release(response.response_id)
+        return True
+
+    def _discard_early(self, heard: _Heard) -> None:
+        response, task = heard.early, heard.early_task
+        heard.early = heard.early_task = None
+        heard.answer_early = False
+        if response is None or task is None:
+            return
+        response.stop()
+        task.cancel()
+        heard.recorder.early_answers_discarded += 1
+        self.early_answers_discarded += 1
 
     def _start_response(
         self, recorder: TurnRecorder, config: EngineConfig, tools: ToolRegistry | None = None
     ) -> str:
-        response = SpokenResponse(
-            f"resp_{next(self._responses)}",
-            recorder,
-            config,
-            (
-                self._reporting(self.llm, recorder.turn),
-                self._reporting(self.tts, recorder.turn),
-                self.tools if tools is None else tools,
-            ),
-            self.history,
-            self._emit,
-            self._now,
-        )
+        response = self._response_for(recorder, config, tools, self.history, self._emit)
+        response.response_id = f"resp_{next(self._responses)}"
         response.play_after = tuple(self._playing)
-        if config.realtime_playout:
-            response.on_generated = partial(self._generated, response)
         self._response = response
         self._response_task = self._spawn(self._respond(response), response.response_id)
         return response.response_id
+
+    def _response_for(
+        self,
+        recorder: TurnRecorder,
+        config: EngineConfig,
+        tools: ToolRegistry | None,
+        history: list[Message],
+        emit: Callable[[ev.EngineEvent], None],
+    ) -> SpokenResponse:
+        providers = (
+            self._reporting(self.llm, recorder.turn),
+            self._reporting(self.tts, recorder.turn),
+            self.tools if tools is None else tools,
+        )
+        response = SpokenResponse(
+            "resp_early", recorder, config, providers, history, emit, self._now
+        )
+        if config.realtime_playout:
+            response.on_generated = partial(self._generated, response)
+        return response
 
     # --- response -------------------------------------------------------------------------
 
     async def _respond(self, response: SpokenResponse) -> None:
         turn, audio = response.recorder.turn, response.config.speak
-        self._emit(ev.ResponseStarted(response.response_id, turn, audio))
+        response.emit(ev.ResponseStarted(response.response_id, turn, audio))
         status: Literal["completed", "cancelled", "failed", "incomplete"] = "cancelled"
         try:
             if self._committed:  # the words just committed are part of what this answers
@@ -451,13 +637,23 @@ class ConversationEngine:
             status = "incomplete" if response.limited else "completed"
         except Exception as error:
             status = "failed"
-            self._report(error)
+            if _released(response):  # (an early answer's failure: it is not used)
+                self._report(error)
         finally:
-            if response.finished:  # at its generation's end: its playout ended now
-                self._playing = {t: r for t, r in self._playing.items() if r is not response}
-                self._answers.pop(response, None)
-            else:
-                self._finish_response(response, status)
+            self._end_response(response, status)
+
+    def _end_response(
+        self,
+        response: SpokenResponse,
+        status: Literal["completed", "cancelled", "failed", "incomplete"],
+    ) -> None:
+        if not _released(response):
+            return  # an early answer thrown away (or failed unheard): nothing of it is said
+        if response.finished:  # at its generation's end: its playout ended now
+            self._playing = {t: r for t, r in self._playing.items() if r is not response}
+            self._answers.pop(response, None)
+        else:
+            self._finish_response(response, status)
 
     def _generated(self, response: SpokenResponse) -> None:
         """Its audio is all made: the response is done, and plays on."""
@@ -534,3 +730,16 @@ class ConversationEngine:
     def _now(self) -> float:
         assert self._clock is not None
         return self._clock()
+
+
+def _released(response: SpokenResponse) -> bool:
+    """Not an early answer still held (or thrown away)."""
+    return response.held is None or response.held.released.is_set()
+
+
+def _complete_with_words(verdict: Verdict, heard: _Heard) -> bool | None:
+    """The model's verdict, "complete" only once the words before the pause are in."""
+    said = verdict()
+    if not said:
+        return said
+    return True if heard.pending == 0 or heard.failed else None

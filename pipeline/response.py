@@ -17,6 +17,10 @@ written and the TTS has spoken everything, ``on_generated`` is called while the 
 plays (OpenAI's ``response.done`` before ``output_audio_buffer.stopped``), once its first frame
 has played unless earlier audio still plays; ``play_after`` holds this response's first frame
 until the earlier responses' audio has played.
+
+An answer started before its turn has ended (at a pause, while the end-of-turn model decides)
+is ``held`` (:class:`HeldEvents`): it writes and speaks, but its events wait, and it plays and
+ends only once released (the user was done); if the user goes on it is cancelled unheard.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from typing import TypeVar
+from dataclasses import replace
+from typing import Any, TypeVar
 
 from pipeline import events as ev
 from pipeline.chunker import SpeechChunker
@@ -46,6 +51,32 @@ from pipeline.turns import TurnRecorder
 T = TypeVar("T")
 
 
+class HeldEvents:
+    """An early answer's events, kept until ``release`` names its response; from then on they
+    pass straight through. Never released: none of them goes out."""
+
+    def __init__(self, emit: Callable[[ev.EngineEvent], None]) -> None:
+        self._emit = emit
+        self._events: list[ev.EngineEvent] = []
+        self.released = asyncio.Event()
+
+    def __call__(self, event: ev.EngineEvent) -> None:
+        if self.released.is_set():
+            self._emit(event)
+        else:
+            self._events.append(event)
+
+    def release(self, response_id: str) -> None:
+        """Send the events kept so far, as ``response_id``'s."""
+        self.released.set()
+        events, self._events = self._events, []
+        for event in events:
+            if hasattr(event, "response_id"):  # (it was made before it had its id)
+                named: Any = event
+                event = replace(named, response_id=response_id)
+            self._emit(event)
+
+
 class SpokenResponse:
     def __init__(
         self,
@@ -62,7 +93,8 @@ class SpokenResponse:
         self.config = config
         self.llm, self.tts, self.tools = providers
         self.history = history  # the conversation: tool calls and results are appended
-        self._emit = emit
+        self._emit = self.emit = emit
+        self.held = emit if isinstance(emit, HeldEvents) else None  # an early answer
         self._now = clock
         self.ledger = PlayoutLedger()
         self.frames_out = 0
@@ -102,6 +134,12 @@ class SpokenResponse:
             group.create_task(self._generate(chunks))
             group.create_task(self._speak(chunks, audio))
             group.create_task(self._play(audio))
+        await self._released()
+
+    async def _released(self) -> None:
+        """An early answer plays, and ends, only once its turn has (``HeldEvents.release``)."""
+        if self.held is not None:
+            await self.held.released.wait()
 
     async def _generate(self, chunks: asyncio.Queue[str | None]) -> None:
         chunker = SpeechChunker(self.config.chunker)
@@ -205,6 +243,7 @@ class SpokenResponse:
         generated = self.on_generated if self.config.realtime_playout else None
         if generated is None:
             return
+        await self._released()
         if self.ledger.total_ms and all(task.done() for task in self.play_after):
             await self._first_frame.wait()  # its audio starts before its response is done
         if not self.stop_requested:
@@ -231,6 +270,7 @@ class SpokenResponse:
     async def _play(self, audio: asyncio.Queue[bytes | None]) -> None:
         frame_bytes = self.config.output_sample_rate_hz * self.config.frame_ms // 500
         slicer = FrameSlicer(frame_bytes)
+        await self._released()
         if self.play_after:  # one output buffer: this audio follows what is still playing
             await asyncio.wait(self.play_after)
         while (pcm := await audio.get()) is not None:

@@ -65,6 +65,10 @@ class TurnRecord:
     tts_chars: int
     output_audio_s: float  # audio actually played
     cost_usd: float = 0.0
+    # answers started at a pause (before the turn ended): thrown away when the user went on,
+    # and whether the one that answered was started so
+    early_answers_discarded: int = 0
+    answered_early: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +95,8 @@ class TurnRecorder:
     tool_calls: int = 0
     tts_chars: int = 0
     output_audio_s: float = 0.0
+    early_answers_discarded: int = 0
+    answered_early: bool = False
     moments: dict[str, float] = field(default_factory=dict)
     busy: list[tuple[float, float]] = field(default_factory=list)
 
@@ -102,6 +108,16 @@ class TurnRecorder:
 
     def provider_busy(self, start_s: float, end_s: float) -> None:
         self.busy.append((start_s, end_s))
+
+    def absorb(self, turn: TurnRecorder) -> None:
+        """This recorder's answer was started before ``turn`` ended: take in the turn's own
+        record (its moments, transcript, input and the time spent transcribing it)."""
+        for moment, at_s in turn.moments.items():
+            self.mark(moment, at_s)
+        self.transcript, self.input_audio_s = turn.transcript, turn.input_audio_s
+        self.busy.extend(turn.busy)
+        self.early_answers_discarded += turn.early_answers_discarded
+        self.answered_early = True
 
     def finish(
         self, *, interrupted: bool, estimate_cost: CostEstimator = free_of_charge
@@ -140,6 +156,8 @@ class TurnRecorder:
             tool_calls=self.tool_calls,
             tts_chars=self.tts_chars,
             output_audio_s=self.output_audio_s,
+            early_answers_discarded=self.early_answers_discarded,
+            answered_early=self.answered_early,
         )
         return replace(record, cost_usd=estimate_cost(record))
 

@@ -6,6 +6,7 @@ fixture fetches it when the checkout has none)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 import pytest_asyncio
 
 from loadtest.voice_audio import silence_pcm, spoken_pcm, tone_pcm
+from pipeline import events as ev
 from pipeline.config import EngineConfig, VadConfig
 from pipeline.end_of_turn import EndOfTurn, Verdict, end_of_turn_asker, shared_end_of_turn
 from pipeline.engine import ConversationEngine
@@ -321,20 +323,28 @@ def engine_config(turn_detection: dict[str, Any]) -> EngineConfig:
     return policy.engine_config(session_update_from(update).apply(policy.initial()))
 
 
-def turn_end_ms(engine: ConversationEngine, pcm: bytes, model: EndOfTurn) -> int:
-    """Feeds ``pcm`` frame by frame, each after the decisions asked before it are done (so
-    the turn ends at the same frame however loaded the machine); where in ``pcm`` the turn
-    ended."""
+async def turn_end_ms(engine: ConversationEngine, pcm: bytes, model: EndOfTurn) -> int:
+    """Feeds ``pcm`` frame by frame, each after the decisions asked before it are done and
+    the words before a pause are transcribed (so the turn ends at the same frame however
+    loaded the machine); where in ``pcm`` the turn ended."""
     frame_bytes = SAMPLE_RATE_HZ * 20 // 500
     start_ms = engine.input_position_ms
     was_speaking = False
     for start in range(0, len(pcm) - frame_bytes + 1, frame_bytes):
         model.wait_decided(timeout_s=60)
+        await words_in(engine)
         engine.push_audio(pcm[start : start + frame_bytes])
         if was_speaking and not engine.user_speaking:
             return engine.input_position_ms - start_ms
         was_speaking = engine.user_speaking
     raise AssertionError("the turn did not end")
+
+
+async def words_in(engine: ConversationEngine, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while engine.words_pending:
+        assert time.monotonic() < deadline, "the words before the pause never came"
+        await asyncio.sleep(0.005)  # polling a condition with a deadline
 
 
 @on_module_loop
@@ -351,12 +361,95 @@ async def test_a_semantic_vad_session_update_ends_the_engines_turn_at_the_short_
     agent = LocalRuleBasedAgent(load_knowledge())
     engine = ConversationEngine(server, sphinx, agent, EspeakTextToSpeech())
     async with engine:
-        window_end_ms = turn_end_ms(engine, pcm, model)
+        window_end_ms = await turn_end_ms(engine, pcm, model)
         engine.reconfigure(semantic)
-        semantic_end_ms = turn_end_ms(engine, pcm, model)
+        semantic_end_ms = await turn_end_ms(engine, pcm, model)
         await engine.wait_idle(timeout_s=60)
     # asked at the 200 ms pause, its verdict read on the next frame or the one after
     assert window_end_ms - 300 <= semantic_end_ms <= window_end_ms - 260
+
+
+async def converse(engine: ConversationEngine, pcm: bytes, model: EndOfTurn) -> list[Any]:
+    """Feeds ``pcm`` to a started engine as ``turn_end_ms`` does, to its end; the engine's
+    events once it is idle."""
+    events: list[Any] = []
+
+    async def collect() -> None:
+        async for event in engine.events():
+            events.append(event)
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(collect())
+        frame_bytes = SAMPLE_RATE_HZ * 20 // 500
+        for start in range(0, len(pcm) - frame_bytes + 1, frame_bytes):
+            model.wait_decided(timeout_s=60)
+            await words_in(engine)
+            engine.push_audio(pcm[start : start + frame_bytes])
+        await engine.wait_idle(timeout_s=120)
+        await engine.aclose()
+    return events
+
+
+def semantic_engine(
+    sphinx: PocketsphinxSpeechToText, piper: PiperTextToSpeech
+) -> ConversationEngine:
+    config = engine_config({"type": "semantic_vad"})
+    agent = LocalRuleBasedAgent(load_knowledge())
+    return ConversationEngine(config, sphinx, agent, piper)
+
+
+@on_module_loop
+async def test_the_final_transcript_is_in_when_the_turn_is_decided_and_answered_at_once(
+    piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText, model_path: Path
+) -> None:
+    """The words before the pause are transcribed while the model decides, and the answer
+    started on them: the turn's end is followed at once by its final transcript, then by that
+    answer (held until then, so it is the answer's first event out)."""
+    pcm = await utterance(piper, "Where is the nearest train station?")
+    engine = semantic_engine(sphinx, piper)
+    await engine.start()
+    events = await converse(engine, pcm, shared_end_of_turn(model_path))
+    kinds = [type(event) for event in events]
+    stopped = kinds.index(ev.SpeechStoppedEvent)
+    final = events[stopped + 1]
+    assert isinstance(final, ev.InputTranscript) and final.final and "station" in final.text
+    assert kinds[stopped + 2] is ev.ResponseStarted
+    assert kinds.count(ev.ResponseStarted) == 1 and ev.InputTranscript not in kinds[stopped + 2 :]
+    (done,) = [event for event in events if isinstance(event, ev.TurnCompleted)]
+    assert done.record.answered_early and done.record.early_answers_discarded == 0
+    assert done.record.transcript == final.text
+    assert [m.role for m in engine.history] == ["user", "assistant"]
+
+
+@on_module_loop
+async def test_an_early_answer_is_thrown_away_unheard_when_the_user_goes_on(
+    piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText, model_path: Path
+) -> None:
+    """At the mid-sentence pause the answer starts on the words so far; the user goes on, so
+    it is dropped: the whole sentence is one turn with one answer, and nothing of the dropped
+    one is in the events or the conversation (only its count, in the turn's record)."""
+    first, rest = "So I was thinking that maybe we could", "go to the beach tomorrow."
+    pcm = await utterance(piper, first, rest)
+    engine = semantic_engine(sphinx, piper)
+    await engine.start()
+    events = await converse(engine, pcm, shared_end_of_turn(model_path))
+    kinds = [type(event) for event in events]
+    assert kinds.count(ev.SpeechStoppedEvent) == 1 and kinds.count(ev.ResponseStarted) == 1
+    (final,) = [e for e in events if isinstance(e, ev.InputTranscript) and e.final]
+    assert "beach" in final.text and "thinking" in final.text  # both stretches' words
+    (done,) = [event for event in events if isinstance(event, ev.TurnCompleted)]
+    assert done.record.early_answers_discarded >= 1 and engine.early_answers_discarded >= 1
+    assert done.record.transcript == final.text
+    ids = {e.response_id for e in events if hasattr(e, "response_id")}
+    assert ids == {"resp_1"}
+    (started,) = [e for e in events if isinstance(e, ev.ResponseStarted)]
+    assert kinds.index(ev.ResponseStarted) > kinds.index(ev.SpeechStoppedEvent)
+    said = "".join(e.text for e in events if isinstance(e, ev.ResponseTextDelta))
+    assert [(m.role, m.content) for m in engine.history] == [
+        ("user", final.text),
+        ("assistant", said.strip()),
+    ]
+    assert started.turn == done.record.turn
 
 
 def test_without_a_checked_model_semantic_vad_falls_back_to_the_window_and_says_why(
