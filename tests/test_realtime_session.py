@@ -7,9 +7,11 @@ every GA event in order, a client-executed tool round trip, and barge-in.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 
 import httpx
+import numpy as np
 import pytest
 import pytest_asyncio
 
@@ -117,11 +119,24 @@ async def test_a_spoken_question_gets_ga_events_in_order_and_an_audible_answer(
 
     words = await hear(sphinx, b"".join(client.heard[heard_from:]))
     assert len({"coffee", "beans", "plant", "people", "awake", "roasted"} & set(words)) >= 2, words
+    usage = response["usage"]
+    spoken_ms = round(completed["usage"]["seconds"] * 1000)  # the question's audio: 1 a 100 ms
+    assert usage["input_token_details"]["audio_tokens"] == math.ceil(spoken_ms / 100), usage
+    answer_ms = usage["output_token_details"]["audio_tokens"] * 50  # the answer's: 1 a 50 ms
+    played_ms = loud_span_ms(client.heard[heard_from:])
+    assert 0.6 * played_ms - 200 < answer_ms < 1.4 * played_ms + 400, (usage, played_ms)
     async with httpx.AsyncClient(timeout=10) as http:
         exposition = (await http.get(server.base_url + "/metrics")).text
     assert metric_values(exposition, "transceiver_turn_stage_seconds_count")
     events = metric_values(exposition, "transceiver_realtime_events_total")
     assert events, exposition
+
+
+def loud_span_ms(frames: list[bytes]) -> float:
+    """From the first to the last loud frame heard (48 kHz PCM16), in ms."""
+    loud = [i for i, f in enumerate(frames) if np.abs(np.frombuffer(f, np.int16)).max() > 500]
+    assert loud, "nothing loud was heard"
+    return sum(len(f) for f in frames[loud[0] : loud[-1] + 1]) / 96
 
 
 async def test_a_client_executed_tool_round_trip(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -35,14 +36,12 @@ from pipeline.piper_tts import PiperTextToSpeech
 pytestmark = pytest.mark.slow
 API_KEY = "vr-settings-" + os.urandom(12).hex()
 SERVER_EVENT = pydantic.TypeAdapter(RealtimeServerEvent)
-# A known gap (docs/realtime-compat.md): transcription.completed has no ``usage`` yet.
-NOT_CHECKED = {"conversation.item.input_audio_transcription.completed"}
 
 
 class Events(EventLog[AsyncRealtimeConnection]):
     def check(self, event: dict[str, Any]) -> None:
         kind = event["type"]
-        if not kind.startswith("voicerelay.") and kind not in NOT_CHECKED:
+        if not kind.startswith("voicerelay."):
             SERVER_EVENT.validate_python(event)
 
 
@@ -214,6 +213,51 @@ async def test_push_to_talk_commits_what_was_heard_and_answers_it(
     assert not [k for k in kinds if k.startswith("input_audio_buffer.speech_")], kinds
     assert kinds.count("input_audio_buffer.committed") == 1
     assert kinds.count("response.created") == 1  # no response of its own accord
+
+
+async def test_usage_counts_the_audio_at_openais_rates_and_transcription_has_its_seconds(
+    events: Events, question: bytes
+) -> None:
+    session = {"type": "realtime", "audio": {"input": {"turn_detection": None}}}
+    await events.connection.session.update(session=session)  # type: ignore[arg-type]
+    await events.next("session.updated")
+    await _append(events, question)
+    await events.connection.input_audio_buffer.commit()
+    await events.connection.response.create()
+    heard = await events.next("conversation.item.input_audio_transcription.completed")
+    assert heard["usage"]["type"] == "duration", heard
+    assert heard["usage"]["seconds"] == pytest.approx(len(question) / (2 * RATE_HZ), abs=0.05)
+    first = (await events.next("response.done"))["response"]
+    spoken_in = math.ceil(round(heard["usage"]["seconds"] * 1000) / 100)  # 1 a 100 ms
+    answer_ms = _audio_ms(events, first["id"])
+    assert answer_ms > 0
+    _check_usage(first["usage"], audio_in=spoken_in, audio_out=math.ceil(round(answer_ms) / 50))
+    await events.connection.conversation.item.create(item=_user("and the sun?"))  # type: ignore[arg-type]
+    await events.connection.response.create(response={"output_modalities": ["text"]})
+    second = (await events.next("response.done"))["response"]
+    # its input: the question heard and the answer spoken (1 token a 50 ms), no audio made
+    _check_usage(
+        second["usage"], audio_in=spoken_in + math.ceil(round(answer_ms) / 50), audio_out=0
+    )
+
+
+def _audio_ms(events: Events, response_id: str) -> float:
+    """The audio the response's deltas carried, in ms."""
+    deltas = [
+        e for e in events.of("response.output_audio.delta") if e["response_id"] == response_id
+    ]
+    return sum(len(base64.b64decode(e["delta"])) for e in deltas) * 1000 / (2 * RATE_HZ)
+
+
+def _check_usage(usage: dict[str, Any], *, audio_in: int, audio_out: int) -> None:
+    """The usage's audio tokens, its text tokens the model's, and its totals their sums."""
+    details_in, details_out = usage["input_token_details"], usage["output_token_details"]
+    assert (details_in["audio_tokens"], details_out["audio_tokens"]) == (audio_in, audio_out), usage
+    assert details_in["text_tokens"] > 0 and details_out["text_tokens"] > 0, usage
+    assert usage["input_tokens"] == details_in["text_tokens"] + audio_in, usage
+    assert usage["output_tokens"] == details_out["text_tokens"] + audio_out, usage
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"], usage
+    assert details_in["cached_tokens"] == 0, usage
 
 
 def _update(session: dict[str, Any]) -> str:
@@ -493,6 +537,8 @@ async def test_an_out_of_band_response_answers_spoken_words_in_its_own_voice(
     assert (done["status"], done["output_modalities"]) == ("completed", ["audio"]), done
     transcript = done["output"][0]["content"][0]["transcript"]
     assert "moon" in transcript.lower(), transcript  # the spoken words it was given
+    spoken_in = math.ceil(round(heard["usage"]["seconds"] * 1000) / 100)  # its input: the item
+    assert done["usage"]["input_token_details"]["audio_tokens"] == spoken_in, done["usage"]
     deltas = events.of("response.output_audio.delta")
     assert deltas and {delta["response_id"] for delta in deltas} == {done["id"]}
     assert (await server.stats())["last_request"]["speech"]["voice"] == "ash"

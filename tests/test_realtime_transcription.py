@@ -8,7 +8,8 @@ WebRTC call through the relay. Piper's spoken sentence must come back as transcr
 and a completed transcript with the right words and a duration ``usage``, and nothing may
 answer: no ``response.*`` event, and ``response.create`` is refused. A second transceiver whose
 speech-to-text is the fake OpenAI server's, told to fail, shows ``.failed`` on the item, and the
-session going on. Every event received must validate as the SDK's ``RealtimeServerEvent``.
+session going on; a Realtime session on it does the same (and answers the next turn). Every
+event received must validate as the SDK's ``RealtimeServerEvent``.
 """
 
 from __future__ import annotations
@@ -264,5 +265,41 @@ async def test_a_failed_transcription_is_reported_on_its_item_and_the_session_go
             assert completed["transcript"].startswith("heard "), completed
             assert "error" not in events.types(), events.seen
             assert answered(events.seen) == [], events.types()
+    finally:
+        await server.reset()
+
+
+async def test_a_realtime_sessions_failed_transcription_is_failed_on_its_item_and_not_answered(
+    failing_stt: str, server: FakeOpenAIServer, question: bytes
+) -> None:
+    """In a Realtime session too: the spoken turn and a created audio item whose transcription
+    fails get ``.failed`` (no ``error``, no answer); the next spoken turn is heard and answered."""
+    await server.reset()
+    await server.control(fail={"transcriptions": [400, 400]})
+    client = openai_client(failing_stt, API_KEY)
+    try:
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            events = Events(connection)
+            await events.next("session.created")
+            await append(connection, question)
+            committed = await events.next("input_audio_buffer.committed")
+            failed = await events.next(f"{TRANSCRIBED}.failed")
+            assert failed["item_id"] == committed["item_id"], failed
+            assert failed["error"]["type"] == "server_error", failed
+            assert f"item '{committed['item_id']}'" in failed["error"]["message"], failed
+            audio = base64.b64encode(question).decode()
+            content = [{"type": "input_audio", "audio": audio}]
+            item = {"type": "message", "role": "user", "content": content}
+            await connection.conversation.item.create(item=item)  # type: ignore[arg-type]
+            created = (await events.next("conversation.item.added"))["item"]
+            failed = await events.next(f"{TRANSCRIBED}.failed")
+            assert failed["item_id"] == created["id"], failed
+            await append(connection, question)  # the fake transcribes this one
+            completed = await events.next(f"{TRANSCRIBED}.completed")
+            assert completed["transcript"].startswith("heard "), completed
+            done = (await events.next("response.done"))["response"]
+            assert done["status"] == "completed", done
+            assert "error" not in events.types(), events.seen
+            assert events.types().count("response.created") == 1, events.types()
     finally:
         await server.reset()

@@ -5,19 +5,21 @@ next (the engine's history, through ``conversation.ItemMessages``).
 I/O layer: a created user ``input_audio`` item is transcribed by the engine's speech-to-text
 in a task this object owns (``aclose`` cancels and awaits them); its words join the history at
 the item's place, and with transcription on the client gets
-``conversation.item.input_audio_transcription.completed``. A response asked for meanwhile
+``conversation.item.input_audio_transcription.completed`` (its ``usage``: the item's seconds of
+audio), or ``.failed`` when the speech-to-text fails on it. A response asked for meanwhile
 waits for them (``heard``), as one after a commit waits for its transcription.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pipeline.engine import ConversationEngine
 from pipeline.playout import PcmResampler
-from pipeline.providers import AudioChunk, Message, ToolCall, transcribe_with
+from pipeline.providers import AudioChunk, Message, ProviderError, ToolCall, transcribe_with
 from transceiver.realtime.client_events import (
     AUDIO_RATE_HZ,
     AssistantText,
@@ -36,10 +38,15 @@ from transceiver.realtime.server_events import (
     message_item,
     server_event,
 )
-from transceiver.realtime.translation import EngineEventTranslator
+from transceiver.realtime.translation import (
+    EngineEventTranslator,
+    transcription_failed,
+    transcription_usage,
+)
 
 Event = dict[str, Any]
 ROOT = "root"
+log = logging.getLogger(__name__)
 
 
 class ItemEdits:
@@ -69,6 +76,7 @@ class ItemEdits:
         for added in self.translator.added(body, previous, last=last):
             self._send(added)
         if isinstance(event.item, UserAudio):
+            self.translator.audio_ms[event.item_id] = _audio_ms(event.item.pcm)
             self._spawn_hearing(event.item_id, event.item)
         self._changed()
 
@@ -137,7 +145,11 @@ class ItemEdits:
         task.add_done_callback(self._hearing.discard)
 
     async def _hear(self, item_id: str, item: UserAudio) -> None:
-        words = await self._transcribe(item.pcm)
+        try:
+            words = await self._transcribe(item.pcm)
+        except ProviderError as error:
+            self._not_heard(item_id, f"{type(error).__name__}: {error}")
+            return
         body = self.translator.items.get(item_id)
         if body is None:  # deleted meanwhile
             return
@@ -150,6 +162,7 @@ class ItemEdits:
                     item_id=item_id,
                     content_index=0,
                     transcript=words,
+                    usage=transcription_usage(_audio_ms(item.pcm)),
                 )
             )
         if words:
@@ -157,6 +170,15 @@ class ItemEdits:
             previous = self.translator.previous_of(item_id)
             self.messages.insert(self.translator.order, previous, item_id, Message("user", words))
             self._changed()
+
+    def _not_heard(self, item_id: str, cause: str) -> None:
+        """The speech-to-text failed on a created item: its words never reach the model."""
+        log.warning("created audio item %s not transcribed: %s", item_id, cause)
+        if self.translator.transcription:
+            self._send(transcription_failed(item_id, cause))
+        else:
+            error = {"type": "server_error", "code": "provider_error", "message": cause}
+            self._send(server_event("error", error={**error, "param": None, "event_id": None}))
 
     async def _transcribe(self, pcm: bytes) -> str:
         rate_hz = self.engine.config.input_sample_rate_hz
@@ -172,6 +194,11 @@ class ItemEdits:
             if transcript.final:
                 final = transcript.text.strip()
         return final
+
+
+def _audio_ms(pcm: bytes) -> float:
+    """The length of PCM16 mono at ``AUDIO_RATE_HZ``."""
+    return len(pcm) * 500 / AUDIO_RATE_HZ
 
 
 def _message_and_body(item_id: str, item: NewItem) -> tuple[Message | None, Event]:

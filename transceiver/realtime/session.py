@@ -628,7 +628,7 @@ class RealtimeSession:
             message = f"Conversation already has an active response in progress: {active}."
             raise EventError("conversation_already_has_active_response", message)
         shape = (not plan.out_of_band, plan.metadata, config.voice, config.max_output_tokens)
-        self.translator.shape_response(response_id, ResponseShape(*shape))
+        self.translator.shape_response(response_id, ResponseShape(*shape, _items_of(plan.input)))
 
     async def _create_when_heard(self, event: ResponseCreate) -> None:
         await self.edits.heard()
@@ -787,3 +787,11 @@ def _check_storable(event: ConversationItemCreate) -> None:
 
 def _loop_time() -> float:
     return asyncio.get_running_loop().time()
+
+
+def _items_of(entries: tuple[Message | ItemReference, ...] | None) -> tuple[str, ...] | None:
+    """The session items a response's own ``input`` refers to (None: it has none, its input is
+    the conversation)."""
+    if entries is None:
+        return None
+    return tuple(e.id for e in entries if isinstance(e, ItemReference))

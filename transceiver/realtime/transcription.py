@@ -176,9 +176,6 @@ class TranscriptionContract:
     def __init__(self, session: RealtimeSession) -> None:
         self.session = session
         self.translator = session.translator
-        self._items: dict[int, str] = {}  # turn -> its user audio item
-        self._audio_ms: dict[int, int] = {}  # turn -> the audio it committed
-        self._started_ms: dict[int, int] = {}
 
     @property
     def done_engine_response_id(self) -> str:
@@ -199,44 +196,9 @@ class TranscriptionContract:
     # --- engine -> client -----------------------------------------------------------------
 
     def translate(self, event: ev.EngineEvent) -> list[Event]:
-        if isinstance(event, ev.EngineError) and event.turn in self._items:
-            self._audio_ms.pop(event.turn, None)
-            return [self._failed(self._items.pop(event.turn), event.message)]
-        events = self.translator.translate(event)
-        self._note_turn(event, events)
-        if isinstance(event, ev.InputTranscript) and event.final:
-            seconds = self._audio_ms.pop(event.turn, 0) / 1000
-            self._items.pop(event.turn, None)
-            for sent in events:
-                if sent["type"].endswith("input_audio_transcription.completed"):
-                    sent["usage"] = {"type": "duration", "seconds": seconds}
-        return events
-
-    def _note_turn(self, event: ev.EngineEvent, events: list[Event]) -> None:
-        """Each turn's item (from the events it made) and the audio it committed."""
-        if isinstance(event, ev.SpeechStartedEvent):
-            self._started_ms[event.turn] = event.audio_start_ms
-        elif isinstance(event, ev.SpeechStoppedEvent):
-            start_ms = self._started_ms.pop(event.turn, event.audio_end_ms)
-            self._audio_ms[event.turn] = event.audio_end_ms - start_ms
-        elif isinstance(event, ev.InputCommitted):
-            self._audio_ms[event.turn] = event.audio_ms
-        else:
-            return
-        item_id = next((e["item_id"] for e in events if "item_id" in e), None)
-        if item_id is not None:
-            self._items[event.turn] = item_id
-
-    def _failed(self, item_id: str, cause: str) -> Event:
-        """OpenAI's event and words for a failed transcription, and the cause."""
-        message = f"Input transcription failed for item '{item_id}': {cause}"
-        error = {"type": "server_error", "code": None, "message": message, "param": None}
-        return server_event(
-            "conversation.item.input_audio_transcription.failed",
-            item_id=item_id,
-            content_index=0,
-            error=error,
-        )
+        """The Realtime translator's events: ``.completed`` has its ``usage`` and a failed
+        transcription is ``.failed`` there too."""
+        return self.translator.translate(event)
 
     # --- client -> server -----------------------------------------------------------------
 

@@ -38,11 +38,20 @@ A text-only response (``output_modalities: ["text"]``) has an ``output_text`` pa
 (``transcription = False``) the transcription events are not sent and a user audio item's
 transcript stays null. A push-to-talk commit (``InputCommitted``) is
 ``input_audio_buffer.committed`` and the user audio item, without speech events.
+
+``input_audio_transcription.completed`` carries ``usage`` (``{"type": "duration", "seconds"}``:
+the audio the turn committed); a turn whose transcription failed gets ``.failed`` on its item
+(OpenAI's words, the cause after them) instead of an ``error``, and is not answered. A
+response's ``usage`` counts the language model's tokens as text and the audio as OpenAI's
+model would bill it (``MS_PER_AUDIO_TOKEN``): input audio tokens for the audio items of its
+input (the conversation's, or those its own ``input`` refers to; user audio heard or created,
+answers' audio made), output audio tokens for the audio it made (over WebSocket: sent).
 """
 
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
@@ -56,6 +65,10 @@ Event = dict[str, Any]
 FirstFrameLookup = Callable[[str], float | None]
 MAX_ITEMS_KEPT = 256
 MAX_TAILS = 8  # done responses whose audio may still be playing
+# OpenAI's audio tokens (developers.openai.com/api/docs/guides/realtime-costs): "Audio tokens
+# in user messages are 1 token per 100 ms of audio, while audio tokens in assistant messages
+# are 1 token per 50ms of audio."
+MS_PER_AUDIO_TOKEN = {"user": 100, "assistant": 50}
 AUDIO_FORMAT = {"type": "audio/pcm", "rate": AUDIO_RATE_HZ}
 _STATUS_REASON = {
     "cancelled": "turn_detected",
@@ -72,6 +85,7 @@ class ResponseShape:
     metadata: Mapping[str, str] | None = None
     voice: str | None = None  # None: the session's
     max_output_tokens: int | None = None  # None: "inf"
+    input_items: tuple[str, ...] | None = None  # its input's items (None: the conversation's)
 
 
 @dataclass
@@ -85,6 +99,8 @@ class _Response:
     cancel_reason: str = "turn_detected"
     audio: bool = True  # False: a text-only answer
     played: bool = False  # its audio has left the output buffer (stopped or cleared)
+    input_audio_tokens: int = 0  # the audio of its input's items
+    output_audio_tokens: int = 0  # the audio it made
 
     def position(self, item_id: str) -> dict[str, Any]:
         index = next(i for i, item in enumerate(self.output) if item["id"] == item_id)
@@ -136,8 +152,12 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         # False: none of our voicerelay.* events (the official SDKs check every event against
         # their own types: the Agents SDK turns ours into error events)
         self.extension_events = True
-        self.audio_ms: dict[str, float] = {}  # assistant item id -> audio sent in deltas
-        self._user_items: dict[int, str] = {}
+        # audio item id -> its audio: a user's heard or created, an answer's made (over
+        # WebSocket: sent in deltas)
+        self.audio_ms: dict[str, float] = {}
+        self._user_items: dict[int, str] = {}  # turn -> its user audio item, until transcribed
+        self._started_ms: dict[int, int] = {}  # turn -> where its speech started
+        self._turn_audio_ms: dict[int, int] = {}  # turn -> the audio it committed
         self._partials: dict[int, str] = {}
         self.order: list[str] = []  # the conversation's item ids, in order
         self.items: dict[str, Event] = {}  # the latest body of each recent item, by id
@@ -239,6 +259,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
 
     def _speech_started(self, event: ev.SpeechStartedEvent) -> list[Event]:
         item_id = self._user_items[event.turn] = new_id("item")
+        self._started_ms[event.turn] = event.audio_start_ms
         return [
             server_event(
                 "input_audio_buffer.speech_started",
@@ -251,6 +272,8 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         item_id = self._user_items.get(event.turn)
         if item_id is None:
             return []
+        started_ms = self._started_ms.pop(event.turn, event.audio_end_ms)
+        self._heard(event.turn, item_id, event.audio_end_ms - started_ms)
         stopped = server_event(
             "input_audio_buffer.speech_stopped", audio_end_ms=event.audio_end_ms, item_id=item_id
         )
@@ -258,7 +281,13 @@ class EngineEventTranslator(ResponseLedger[_Response]):
 
     def _input_committed(self, event: ev.InputCommitted) -> list[Event]:
         item_id = self._user_items[event.turn] = new_id("item")
+        self._heard(event.turn, item_id, event.audio_ms)
         return self._committed(item_id)
+
+    def _heard(self, turn: int, item_id: str, audio_ms: int) -> None:
+        """A user turn committed ``audio_ms`` of audio into ``item_id``."""
+        self._turn_audio_ms[turn] = audio_ms
+        self.audio_ms[item_id] = float(audio_ms)
 
     def timed_out(self, audio_start_ms: int, audio_end_ms: int) -> list[Event]:
         """The idle timeout ran out: ``input_audio_buffer.timeout_triggered``, then the silent
@@ -270,6 +299,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
             audio_end_ms=audio_end_ms,
             item_id=item_id,
         )
+        self.audio_ms[item_id] = float(audio_end_ms - audio_start_ms)
         return [triggered, *self._committed(item_id)]
 
     def _committed(self, item_id: str) -> list[Event]:
@@ -285,6 +315,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
 
     def _transcript(self, event: ev.InputTranscript) -> list[Event]:
         item_id = self._user_items.get(event.turn)
+        audio_ms = self._transcribed(event.turn) if event.final else 0
         if item_id is None or not self.transcription:
             return []
         sent = self._partials.get(event.turn, "")
@@ -297,7 +328,8 @@ class EngineEventTranslator(ResponseLedger[_Response]):
             self._partials.pop(event.turn, None)
             if (item := self.items.get(item_id)) is not None:
                 item["content"][0]["transcript"] = event.text
-            events.append(_transcription("completed", item_id, transcript=event.text))
+            usage = transcription_usage(audio_ms)
+            events.append(_transcription("completed", item_id, transcript=event.text, usage=usage))
         return events
 
     # --- the response ---------------------------------------------------------------------
@@ -307,9 +339,18 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         if shape.voice is None:
             shape = replace(shape, voice=self.shape.voice)
         response = _Response(new_id("resp"), shape, audio=event.audio)
+        items = self.order if shape.input_items is None else shape.input_items
+        response.input_audio_tokens = sum(self._audio_tokens(item_id) for item_id in items)
         self._responses[event.response_id] = response
         body = _body(response, self.conversation_id)
         return [server_event("response.created", response=body)]
+
+    def _audio_tokens(self, item_id: str) -> int:
+        """The audio tokens of an item of a response's input, at OpenAI's rates (0: no audio)."""
+        audio_ms, item = self.audio_ms.get(item_id), self.items.get(item_id)
+        if not audio_ms or item is None or item.get("role") not in MS_PER_AUDIO_TOKEN:
+            return 0
+        return audio_tokens(audio_ms, item["role"])
 
     def _text_delta(self, event: ev.ResponseTextDelta) -> list[Event]:
         response = self._responses.get(event.response_id)
@@ -427,6 +468,9 @@ class EngineEventTranslator(ResponseLedger[_Response]):
             return []
         if self.media_track and response.audio and response.shape.in_conversation:
             self.audio_ms[response.message_id] = event.audio_ms  # for truncate
+        if response.audio:  # over WebSocket: the audio sent; else all the audio made
+            made_ms = event.audio_ms if self.media_track else self.audio_ms.get(response.message_id)
+            response.output_audio_tokens = audio_tokens(made_ms or 0.0, "assistant")
         where = response.position(response.message_id)
         heard = event.heard_text if event.status == "cancelled" else response.text
         audio = response.audio
@@ -475,9 +519,26 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         return [done, metrics]
 
     def _engine_error(self, event: ev.EngineError) -> list[Event]:
+        if failed := self._transcription_failed(event.turn, event.message):
+            return failed
         code = "provider_error_retryable" if event.retryable else "provider_error"
         error = {"type": "server_error", "code": code, "message": event.message, "param": None}
         return [server_event("error", error={**error, "event_id": None})]
+
+    def _transcription_failed(self, turn: int | None, cause: str) -> list[Event]:
+        """When ``turn`` is a transcription's (it failed, the turn is not answered): ``.failed``
+        on its item; else, or with transcription off, nothing (the ``error`` tells it)."""
+        item_id = None if turn is None else self._user_items.get(turn)
+        if turn is None or item_id is None:
+            return []
+        self._transcribed(turn)
+        self._partials.pop(turn, None)
+        return [transcription_failed(item_id, cause)] if self.transcription else []
+
+    def _transcribed(self, turn: int) -> int:
+        """The turn's transcription ended: it is forgotten; the audio it committed."""
+        self._user_items.pop(turn, None)
+        return self._turn_audio_ms.pop(turn, 0)
 
 
 def _heard_part(text: str, fraction: float) -> str:
@@ -493,6 +554,24 @@ def _heard_part(text: str, fraction: float) -> str:
             break
         words.append(word)
     return " ".join(words)
+
+
+def audio_tokens(audio_ms: float, role: str) -> int:
+    """Tokens for ``audio_ms`` of a ``role``'s audio at OpenAI's rates (a token begun counts)."""
+    return math.ceil(round(audio_ms) / MS_PER_AUDIO_TOKEN[role])
+
+
+def transcription_usage(audio_ms: float) -> Event:
+    """A transcription's ``usage``: the seconds of audio transcribed (``"type": "duration"``,
+    as OpenAI reports for a speech-to-text that bills by the second)."""
+    return {"type": "duration", "seconds": round(audio_ms / 1000, 3)}
+
+
+def transcription_failed(item_id: str, cause: str) -> Event:
+    """OpenAI's event and words for a failed transcription of ``item_id``, and the cause."""
+    message = f"Input transcription failed for item '{item_id}': {cause}"
+    error = {"type": "server_error", "code": None, "message": message, "param": None}
+    return _transcription("failed", item_id, error=error)
 
 
 def _part(audio: bool, text: str) -> Event:
@@ -528,18 +607,29 @@ def _body(response: _Response, conversation_id: str, record: TurnRecord | None =
         reason = response.cancel_reason if response.status == "cancelled" else reason
         body["status_details"] = {"type": response.status, "reason": reason}
     if record is not None:
-        body["usage"] = _usage(record)
+        body["usage"] = _usage(record, response)
     return body
 
 
-def _usage(record: TurnRecord) -> dict[str, Any]:
-    inputs, outputs = record.llm_input_tokens, record.llm_output_tokens
+def _usage(record: TurnRecord, response: _Response) -> dict[str, Any]:
+    """The language model's tokens as text, the audio of the input's items and of the answer
+    as audio tokens (what OpenAI's model would bill for them); nothing is cached."""
+    text_in, text_out = record.llm_input_tokens, record.llm_output_tokens
+    audio_in, audio_out = response.input_audio_tokens, response.output_audio_tokens
+    inputs, outputs = text_in + audio_in, text_out + audio_out
+    cached = {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0}
     return {
         "total_tokens": inputs + outputs,
         "input_tokens": inputs,
         "output_tokens": outputs,
-        "input_token_details": {"text_tokens": inputs, "audio_tokens": 0, "cached_tokens": 0},
-        "output_token_details": {"text_tokens": outputs, "audio_tokens": 0},
+        "input_token_details": {
+            "text_tokens": text_in,
+            "audio_tokens": audio_in,
+            "image_tokens": 0,
+            "cached_tokens": 0,
+            "cached_tokens_details": cached,
+        },
+        "output_token_details": {"text_tokens": text_out, "audio_tokens": audio_out},
     }
 
 
