@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from pipeline.context_window import ContextWindow
 from pipeline.providers import NO_HINTS, ToolChoice, TranscriptionHints
 
 ENV_PREFIX = "PIPELINE_"
@@ -104,6 +105,7 @@ class EngineConfig:
     tool_choice: ToolChoice = "auto"  # of the first round of a response (tools offered)
     speed: float = 1.0  # the TTS's speaking rate, a multiple of its normal one
     transcription: TranscriptionHints = NO_HINTS  # language and prompt for the STT
+    context: ContextWindow = ContextWindow()  # how much conversation the model is sent
     # semantic_vad: start the answer at the pause the end-of-turn model is asked about (held
     # until the turn ends; thrown away unheard if the user goes on)
     answer_early: bool = True

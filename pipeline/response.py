@@ -143,7 +143,7 @@ class SpokenResponse:
 
     async def _generate(self, chunks: asyncio.Queue[str | None]) -> None:
         chunker = SpeechChunker(self.config.chunker)
-        messages = list(self.history)
+        messages = self.config.context.view(self.history)  # truncation
         if self.config.instructions:
             messages.insert(0, Message("system", self.config.instructions))
         for round_index in range(self.config.max_tool_rounds + 1):

@@ -1,9 +1,11 @@
 """The Realtime session: OpenAI's Realtime GA events on the ``oai-events`` data channel, driving
 the voice pipeline of one call.
 
-``client_events`` parses and validates what the client sends; ``server_events`` builds what it
-is sent; ``translation`` turns pipeline events into server events; ``policy`` holds the
-session's configuration rules (defaults, limits, what ``session.update`` may change);
+``client_events`` parses and validates what the client sends (``session_fields``: the
+session's truncation, reasoning, tracing, prompt and include; ``event_errors``: its errors);
+``server_events`` builds what it is sent; ``translation`` turns pipeline events into server
+events; ``policy`` holds the session's configuration rules (defaults, limits, what
+``session.update`` may change);
 ``responses`` reads what a ``response.create`` asks of its response, ``side_responses`` runs
 the out-of-band ones, ``idle`` is the idle timeout (``idle_timeout_ms``); ``limits`` the
 session's own timings and bounds (``TRANSCEIVER_REALTIME_*``); ``transcription`` is the contract
@@ -14,5 +16,6 @@ and ``call_tracing`` into OpenTelemetry spans (when ``OTEL_*`` asks).
 
 May import: pipeline, transceiver.metrics, transceiver.background, transceiver.store,
     transceiver.webrtc.audio
-Pure: client_events, event_errors, server_events, translation, limits, call_recording, responses
+Pure: client_events, event_errors, session_fields, server_events, translation, limits,
+    call_recording, responses
 """

@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.realtime.event_errors import EventError as EventError  # its home; re-exported
+from transceiver.realtime.session_fields import Truncation, parse_fields
 
 MAX_EVENT_BYTES = 256 * 1024
 # Over WebSocket the client's audio rides in the events (base64 PCM16 in
@@ -63,17 +64,23 @@ class TurnDetection:
 @dataclass(frozen=True)
 class Transcription:
     """Input transcription as the client asked for it (``model`` is reported, the deployment's
-    speech-to-text runs); ``language`` and ``prompt`` go to a speech-to-text that takes them."""
+    speech-to-text runs); ``language`` and ``prompt`` go to a speech-to-text that takes them,
+    ``keywords`` after the prompt and ``languages`` as the language when it names one alone
+    (``policy``); ``delay`` is reported, no speech-to-text here has such a knob."""
 
     model: str = "pocketsphinx"
     language: str | None = None
     prompt: str | None = None
+    keywords: tuple[str, ...] | None = None
+    languages: tuple[str, ...] | None = None
+    delay: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model}
-        for key in ("language", "prompt"):
-            if getattr(self, key) is not None:
-                body[key] = getattr(self, key)
+        for key in ("language", "prompt", "keywords", "languages", "delay"):
+            value = getattr(self, key)
+            if value is not None:
+                body[key] = list(value) if isinstance(value, tuple) else value
         return body
 
 
@@ -123,6 +130,9 @@ class SessionConfig:
     max_output_tokens: int | None = None  # None: "inf"
     speed: float = 1.0
     noise_reduction: str | None = None  # "near_field", "far_field"; None: off
+    truncation: Truncation = Truncation()  # see session_fields
+    reasoning_effort: str | None = None  # reported; None: no reasoning object
+    tracing: str | dict[str, Any] | None = None  # reported as set
 
     def to_json(self) -> dict[str, Any]:
         audio_format = {"type": "audio/pcm", "rate": AUDIO_RATE_HZ}
@@ -150,6 +160,19 @@ class SessionConfig:
                 },
                 "output": {"format": audio_format, "voice": self.voice, "speed": self.speed},
             },
+            **self._fields_json(),
+        }
+
+    def _fields_json(self) -> dict[str, Any]:
+        """The session_fields' part; a session here never expires (``expires_at`` null)."""
+        effort = self.reasoning_effort
+        return {
+            "truncation": self.truncation.to_json(),
+            "reasoning": None if effort is None else {"effort": effort},
+            "tracing": self.tracing,
+            "prompt": None,
+            "include": None,
+            "expires_at": None,
         }
 
 
@@ -398,6 +421,7 @@ TOOL_CHOICES = ("auto", "none", "required")
 SPEED_RANGE = (0.25, 1.5)  # OpenAI's bounds for audio.output.speed
 IDLE_TIMEOUT_MS_RANGE = (5_000, 30_000)  # OpenAI's bounds for idle_timeout_ms
 TRANSCRIPTION_KEYS = frozenset({"model", "language", "prompt", "keywords", "languages", "delay"})
+TRANSCRIPTION_DELAYS = ("minimal", "low", "medium", "high", "xhigh")
 SERVER_VAD_KEYS = frozenset({
     "type", "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response",
     "interrupt_response", "idle_timeout_ms",
@@ -434,6 +458,7 @@ def _parse_session_update(raw: Mapping[str, Any], event_id: str | None) -> Sessi
         changes["output_modalities"] = _parse_modalities(session["output_modalities"])
     if "max_output_tokens" in session:
         changes["max_output_tokens"] = _parse_max_tokens(session["max_output_tokens"])
+    changes.update(parse_fields(session))
     audio = _obj(session, "audio", "session.") or {}
     _known(audio, AUDIO_KEYS, "session.audio.")
     changes.update(_parse_audio_input(_obj(audio, "input", "session.audio.") or {}))
@@ -521,11 +546,26 @@ def _parse_transcription(value: Any, path: str) -> Transcription | None:
     transcription: Mapping[str, Any] = value
     path += "transcription."
     _known(transcription, TRANSCRIPTION_KEYS, path)
+    delay = _str(transcription, "delay", path=path)
+    if delay is not None and delay not in TRANSCRIPTION_DELAYS:
+        raise EventError("invalid_value", _invalid(delay, TRANSCRIPTION_DELAYS), path + "delay")
     return Transcription(
         _str(transcription, "model", path=path) or Transcription.model,
         _str(transcription, "language", path=path),
         _str(transcription, "prompt", path=path),
+        _strings(transcription, "keywords", path),
+        _strings(transcription, "languages", path),
+        delay,
     )
+
+
+def _strings(obj: Mapping[str, Any], key: str, path: str) -> tuple[str, ...] | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise EventError("invalid_type", f"{path}{key} must be an array of strings", path + key)
+    return tuple(value)
 
 
 def _parse_turn_detection(value: Any, path: str) -> TurnDetection | None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline.config import EngineConfig
+from pipeline.context_window import ContextWindow
 from pipeline.providers import ForcedTool, ToolChoice, ToolSpec, TranscriptionHints
 from pipeline.tools import Tool, ToolRegistry
 from transceiver.realtime.client_events import (
@@ -38,6 +39,7 @@ from transceiver.realtime.client_events import (
     FunctionTool,
     SessionConfig,
     SessionUpdate,
+    Transcription,
     TurnDetection,
     new_id,
     parse_client_event,
@@ -104,10 +106,6 @@ class SessionPolicy:
                 silence_duration_ms=silence_ms,
                 semantic=detection.type == "semantic_vad",
             )
-        transcription = config.transcription
-        hints = TranscriptionHints()
-        if transcription is not None:
-            hints = TranscriptionHints(transcription.language, transcription.prompt)
         return replace(
             self.base,
             instructions=config.instructions,
@@ -121,7 +119,10 @@ class SessionPolicy:
             max_output_tokens=config.max_output_tokens,
             tool_choice=_engine_choice(config),
             speed=config.speed,
-            transcription=hints,
+            transcription=transcription_hints(config.transcription),
+            context=ContextWindow(
+                config.truncation.budget_tokens, config.truncation.retention_ratio
+            ),
         )
 
     def tools(self, config: SessionConfig) -> ToolRegistry:
@@ -141,6 +142,19 @@ class SessionPolicy:
     def _builtin(self, declared: FunctionTool) -> Tool | None:
         listed = (tool for tool in self.builtin_tools if _listed(tool) == declared)
         return next(listed, None)
+
+
+def transcription_hints(transcription: Transcription | None) -> TranscriptionHints:
+    """What the speech-to-text is told: the language (or the one ``languages`` names), and the
+    prompt with the ``keywords`` after it."""
+    if transcription is None:
+        return TranscriptionHints()
+    language = transcription.language
+    if language is None and transcription.languages and len(transcription.languages) == 1:
+        language = transcription.languages[0]
+    parts = [transcription.prompt or "", ", ".join(transcription.keywords or ())]
+    prompt = " ".join(part for part in parts if part) or None
+    return TranscriptionHints(language, prompt)
 
 
 def _listed(tool: Tool) -> FunctionTool:
@@ -167,7 +181,7 @@ def session_update_from(session: Mapping[str, Any]) -> SessionUpdate:
     return event
 
 
-RESPONSE_ONLY_KEYS = ("object", "id")  # in a session as reported, never in a request
+RESPONSE_ONLY_KEYS = ("object", "id", "expires_at")  # in a session as reported, never in a request
 
 
 def stored_session_update(stored: Mapping[str, Any]) -> SessionUpdate:

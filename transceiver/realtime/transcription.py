@@ -138,6 +138,7 @@ def session_json(config: SessionConfig) -> Event:
         "object": "realtime.transcription_session",
         "id": config.id,
         "include": [],
+        "expires_at": None,  # a session here never expires
         "audio": {"input": audio_in},
     }
 
