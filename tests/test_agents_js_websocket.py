@@ -32,7 +32,7 @@ API_KEY = "vr-agents-js-" + os.urandom(12).hex()
 CAPACITY = 1
 QUESTION = "What is the weather in Paris?"
 STEP_TIMEOUT_S = 60.0
-RUN_TIMEOUT_S = 150.0  # the script's own steps time out first (connect, then three steps)
+RUN_TIMEOUT_S = 4 * STEP_TIMEOUT_S + 30.0  # the script's own steps (four) time out first
 
 
 @pytest.fixture(scope="module")

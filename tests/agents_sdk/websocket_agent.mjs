@@ -51,6 +51,15 @@ function weatherTool() {
   });
 }
 
+// `promise`, or a rejection once stepTimeoutMs have passed.
+function withDeadline(step, promise) {
+  let timer;
+  const deadline = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timeout: ${step}`)), options.stepTimeoutMs);
+  });
+  return Promise.race([promise, deadline]).finally(() => clearTimeout(timer));
+}
+
 // Resolves once check() is true, checked on every session event; rejects at the deadline.
 function until(step, check) {
   return new Promise((resolve, reject) => {
@@ -107,7 +116,7 @@ function sendSpeech(session, pcm) {
 }
 
 async function converse(session) {
-  await session.connect({ apiKey: options.apiKey, url: options.url });
+  await withDeadline("connected", session.connect({ apiKey: options.apiKey, url: options.url }));
   emit("step", { name: "connected" });
   session.sendMessage(options.text);
   await until("text answered", () => messageDoneCount() >= 1);
