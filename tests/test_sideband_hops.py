@@ -1,5 +1,6 @@
 """The pieces of a forwarded sideband on their own: the hop header (pure) and the directory of
-session owners on a real redis-server (announce, refresh, withdraw, another owner's record)."""
+session owners on a real redis-server (announce, refresh, withdraw, another owner's record);
+and a pod's own hops (its seat's key, ``owner_routing``'s stages), without processes."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from deploy.redis_server import RedisServer, redis_server_binary
 from deploy.waiting import poll
 from relay.wire.redis_config import RedisConfig
 from relay.wire.ufrag import Keyring
-from transceiver.http.hop_signature import HOP_TTL_S, HopError, HopKeys
+from transceiver.http.hop_signature import HOP_TTL_S, HopError, HopKeys, pod_keys, pod_target
+from transceiver.http.owner_routing import BETWEEN_TRANSCEIVERS, HANGUP, WITHIN_POD, OwnerRouting
+from transceiver.http.websocket import Refused
 from transceiver.store.connection import open_redis
 from transceiver.store.sideband_directory import Owner, SidebandDirectory, directory_key
+from transceiver.workers.seats import Seat
 
 OLD, NEW = Keyring(1, {1: b"o" * 32}), Keyring(2, {2: b"n" * 32, 1: b"o" * 32})
 TARGET, AUTH, NOW_S = "realtime:rtc_0011", "Bearer key-0123456789abcdef", 1_000_000.0
@@ -129,3 +133,45 @@ async def test_another_owners_record_is_left_alone(server: RedisServer, client: 
             await owner_of(old, "sess_2", ME)
         assert await new.locate("sess_1") == other
         assert await new.locate("sess_2") is None  # withdrawn at the old owner's exit
+
+
+POD_KEY = "9a" * 32
+POD_SEAT = Seat(1, (41000, 41001), 40999, 7, POD_KEY)
+SIBLINGS_CALL = "rtc_00" + "ab" * 11  # a call id naming worker 0, this seat's sibling
+FROM_HERE = f"hangup:{SIBLINGS_CALL}"  # what a hang-up's hop for it signs (and its stage)
+
+
+def pod_routing(shared: Keyring | None = None) -> OwnerRouting:
+    return OwnerRouting(None, None if shared is None else HopKeys(shared), POD_SEAT, lambda: NOW_S)
+
+
+def stage(routing: OwnerRouting, header: str) -> str | None:
+    return routing.stage_of(header, HANGUP, SIBLINGS_CALL, AUTH)
+
+
+def test_a_pod_signs_its_own_hops_with_its_seat_s_key() -> None:
+    """Within a pod the seat's key signs and verifies (no keyring needed); a hop within the
+    pod signed with the shared keyring verifies too; the pod's key never passes for a hop
+    between transceivers, and a hop within the pod goes no further."""
+    routing, pod = pod_routing(), pod_keys(POD_KEY)
+    assert stage(routing, pod.sign(FROM_HERE + WITHIN_POD, AUTH, NOW_S)) == WITHIN_POD
+    assert stage(pod_routing(OLD), HopKeys(OLD).sign(FROM_HERE + WITHIN_POD, AUTH, NOW_S)) == (
+        WITHIN_POD
+    )
+    with pytest.raises(Refused) as refused:
+        stage(pod_routing(OLD), pod.sign(FROM_HERE + BETWEEN_TRANSCEIVERS, AUTH, NOW_S))
+    assert refused.value.response.status_code == 403
+    hop = asyncio.run(routing.hop(HANGUP, SIBLINGS_CALL, AUTH, None))
+    assert (hop.address, hop.stage) == (POD_SEAT.private_address(0), WITHIN_POD)
+    assert stage(routing, hop.header) == WITHIN_POD
+    with pytest.raises(Refused) as again:
+        asyncio.run(routing.hop(HANGUP, SIBLINGS_CALL, AUTH, WITHIN_POD))
+    assert again.value.response.status_code == 404
+
+
+def test_pod_wide_requests_and_seats_carry_the_pod_s_key() -> None:
+    pod = pod_keys(POD_KEY)
+    pod.verify(pod.sign(pod_target("/readyz"), None, NOW_S), "pod:/readyz:pod", None, NOW_S)
+    assert Seat.from_env(POD_SEAT.to_env()) == POD_SEAT
+    with pytest.raises(ValueError):
+        pod_keys("")  # a seat without a key routes nothing

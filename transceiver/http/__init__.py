@@ -5,10 +5,11 @@
 Layers: protocol (``client_secrets``, ``auth``: pure) and I/O (FastAPI): ``app`` (the routes),
 ``offers`` (a calls request's SDP offer and session), ``errors`` (every error as JSON),
 ``websocket`` (the Realtime WebSocket), ``live_websocket`` (GPT-Live's), ``sideband`` (a
-trusted server joining a running session, for both contracts), ``owner_hop`` (a sideband
-forwarded to the transceiver running its session) and ``hop_signature`` (the forwarded hop's
-proof, pure). It is the top of the transceiver: it turns requests into calls on ``webrtc``,
-``realtime``, ``live`` and ``store``.
+trusted server joining a running session, for both contracts), ``owner_routing`` (where a
+sideband or a hang-up goes when its session runs elsewhere: another worker of the pod, another
+transceiver), ``owner_hop`` (the forwarded WebSocket or request), ``worker_routing`` (a pod's
+health and spilled offers) and ``hop_signature`` (a hop's proof, pure). It is the top of the
+transceiver: it turns requests into calls on ``webrtc``, ``realtime``, ``live`` and ``store``.
 
 May import: transceiver, relay.wire, pipeline.untrusted_json
 Pure: auth, client_secrets, hop_signature

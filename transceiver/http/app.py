@@ -27,12 +27,13 @@ session is untouched in each case (capacity is reserved before the session is cl
 session whose caller hung up (``DELETE``) is ended: its resume answers 410 ``session_ended``.
 On success the stored config (not the request's) and conversation continue.
 
-In a pod of worker processes (``routing``, ``worker_routing``): a hang-up for another worker's
-call is forwarded to it, ``/readyz`` and ``/metrics`` answer for the whole pod, and an offer
-this worker has no room for is offered to the others. A hang-up for a call that runs on another
-transceiver is forwarded to it as a sideband is (``owner_routing``: found in the directory, a
-signed hop that is never forwarded again; a hop header that does not verify is ``403
-invalid_hop``), and the owner's answer is the caller's. A session resumes
+In a pod of worker processes (``routing``, ``worker_routing``): ``/readyz`` and ``/metrics``
+answer for the whole pod, and an offer this worker has no room for is offered to the others. A
+hang-up for a call that runs on another worker of the pod, or on another transceiver, is
+forwarded to it as a sideband is (``owner_routing``: the call id names its worker, the
+directory its transceiver; a signed hop, never forwarded again; a hop header that does not
+verify is ``403 invalid_hop``), and the owner's answer is the caller's (a worker of the pod
+that does not answer: ``503 worker_unavailable``). A session resumes
 through its own contract's endpoint only (a GPT-Live session at ``POST /v1/live/sessions``, a
 Realtime one here): the other answers 409 ``session_contract_mismatch``.
 ``/readyz`` says ``"redis": "ok"|"degraded"`` and stays 200 while Redis is away (calls work
@@ -65,7 +66,7 @@ from transceiver.http.live_websocket import add_live_websocket
 from transceiver.http.offer_tracing import traced_offer
 from transceiver.http.offers import json_object, read_offer
 from transceiver.http.owner_hop import forward_to_owner
-from transceiver.http.owner_routing import HANGUP, OwnerRouting, not_found
+from transceiver.http.owner_routing import HANGUP, WITHIN_POD, OwnerRouting, not_found
 from transceiver.http.rate_limiting import (
     EXPOSED_HEADERS,
     RateLimitCollector,
@@ -218,9 +219,6 @@ def create_app(
         return Response(answer, 201, headers, media_type="application/sdp")
 
     async def hangup(call_id: str, request: Request) -> Response:
-        owner = None if routing is None else routing.owner_elsewhere(call_id, request)
-        if routing is not None and owner is not None:
-            return await routing.forward(request, owner)  # the call is another worker's
         _authorise(auth.check_call, request)
         try:
             came = _hop_stage(sidebands.owners, call_id, request)
@@ -248,10 +246,13 @@ def _hop_stage(owners: OwnerRouting, call_id: str, request: Request) -> str | No
 async def _hang_up_at_owner(
     owners: OwnerRouting, call_id: str, request: Request, came: str | None
 ) -> Response:
-    """A hang-up for a call not running here, as its owner answers it (``owner_routing``);
-    Refused (404) when no owner answers."""
+    """A hang-up for a call not running here, as its owner answers it (``owner_routing``: a
+    worker of this pod or another transceiver); Refused (404) when no owner answers."""
     hop = await owners.hop(HANGUP, call_id, request.headers.get("authorization"), came)
     answer = await forward_to_owner(request, hop.address, {HOP_HEADER: hop.header})
+    if answer is None and hop.stage == WITHIN_POD:  # restarting: it answers again soon
+        message = "the call's worker of this transceiver does not answer; try again"
+        return error_response(503, "worker_unavailable", message, {"Retry-After": "1"})
     if answer is None:
         raise not_found(HANGUP, call_id, "ran on a transceiver that does not answer")
     return answer

@@ -1,19 +1,26 @@
-"""The signed header a transceiver puts on a sideband it forwards to the session's owner.
+"""The signed header a transceiver puts on a request it forwards to the session's owner.
 
-Protocol layer (pure). A sideband that lands on a transceiver not running its session is
-forwarded to the one that does (``owner_hop``); the owner must tell that hop from a client's
-own request, because a hop is never forwarded again (a stale directory record could otherwise
-bounce a sideband between transceivers). A client could write any header, so the hop proves
-itself: ``X-Voicerelay-Sideband-Hop: 1.<key id>.<expires, unix s>.<MAC>``, an HMAC-SHA256
-over the key id, the expiry, the target (``realtime:<call id>`` or ``live:<session id>``) and
-the SHA-256 of the forwarded ``Authorization`` header, so a captured header opens nothing else
-and lapses within ``HOP_TTL_S``. It proves where the request came from, not who the caller
-is: the owner checks the forwarded credential itself, as for any sideband.
+Protocol layer (pure). A sideband or a hang-up that lands on a transceiver not running its
+session is forwarded to the one that does (``owner_routing``, ``owner_hop``); the owner must
+tell that hop from a client's own request, because a hop is never forwarded again (a stale
+directory record could otherwise bounce a request between transceivers). A client could
+write any header, so the hop proves itself: ``X-Voicerelay-Sideband-Hop: 1.<key id>.<expires,
+unix s>.<MAC>`` (its name is older than its uses), an HMAC-SHA256 over the key id, the expiry,
+the target (``realtime:<call id>``, ``live:<session id>``, ``hangup:<call id>``, each with its
+stage) and the SHA-256 of the forwarded ``Authorization`` header, so a captured header opens
+nothing else and lapses within ``HOP_TTL_S``. It proves where the request came from, not who
+the caller is: the owner checks the forwarded credential itself, as for any request.
 
 The key is derived from the ``ek_`` secret keyring (``TRANSCEIVER_SECRET_KEYS``), which the
 transceivers share and nobody else holds (not the relays: see ``auth``); it is a key of its own
 (HMAC of each secret with a fixed label), never the secret's own signing key. Every key of the
 ring verifies, the current one signs, so the ring rotates as it does for secrets.
+
+Within a pod of workers (``transceiver.workers``) the same header marks the requests the pod
+sends itself (a follow-up to the worker that owns it, an offer passed to a worker with room,
+the supervisor's asks for ``/readyz`` and ``/metrics``), signed with the pod's own key
+(``pod_keys``: 32 random bytes its supervisor makes at start and hands each worker in its seat),
+so a pod needs no keyring of its own to route. A pod-wide request's target is ``pod_target``.
 """
 
 from __future__ import annotations
@@ -75,3 +82,13 @@ def _mac(key: bytes, key_id: int, expires_s: int, target: str, authorization: st
     signed = f"{VERSION}\n{key_id}\n{expires_s}\n{target}\n{credential}".encode()
     digest = hmac.new(key, signed, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def pod_keys(secret_hex: str) -> HopKeys:
+    """The hop keys of a pod's own secret (hex, as its seat carries it)."""
+    return HopKeys(Keyring(0, {0: bytes.fromhex(secret_hex)}))
+
+
+def pod_target(path: str) -> str:
+    """What a pod-wide request's hop signs (its stage is always within the pod)."""
+    return f"pod:{path}:pod"

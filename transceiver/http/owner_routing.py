@@ -5,13 +5,15 @@ seam a sideband (``sideband``, over ``owner_hop``'s WebSocket) and a hang-up (``
 I/O layer (the directory is Redis). The owner is found in this order: in a pod of workers, a
 call id names its worker (``transceiver.workers.seats``); else the directory
 (``transceiver.store.sideband_directory``) names the owner's internal HTTP address, and in a
-pod the worker. The hop there carries a header signed with the transceivers' shared key
-(``hop_signature``) over the endpoint's kind, the target's id, the hop's stage and the
-forwarded credential. The stage is the loop guard: a hop between transceivers
-(``BETWEEN_TRANSCEIVERS``) may go on once within the pod it reached; a hop within a pod
-(``WITHIN_POD``) never goes further, so no request loops on a stale record. A header that does
-not verify is ``403 invalid_hop``. Without hop keys (no ``TRANSCEIVER_SECRET_KEYS``) or
-without the directory (no Redis), nothing is forwarded: the target's ``404``.
+pod the worker. The hop there carries one header (``hop_signature``) signed over the
+endpoint's kind, the target's id, the hop's stage and the forwarded credential: with the
+transceivers' shared key between transceivers, with the pod's own key (its seat's) within a
+pod (a hop within a pod signed with the shared key verifies too). The stage is the loop guard:
+a hop between transceivers (``BETWEEN_TRANSCEIVERS``) may go on once within the pod it
+reached; a hop within a pod (``WITHIN_POD``) never goes further, so no request loops on a stale
+record. A header that does not verify is ``403 invalid_hop``. Without the shared key (no
+``TRANSCEIVER_SECRET_KEYS``) or without the directory (no Redis), nothing leaves the pod (or
+the transceiver): the target's ``404``.
 
 The owner checks the forwarded credential again: a hop proves where a request came from, never
 who sent it.
@@ -24,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from transceiver.http.errors import error_response
-from transceiver.http.hop_signature import HOP_HEADER, HopError, HopKeys
+from transceiver.http.hop_signature import HOP_HEADER, HopError, HopKeys, pod_keys
 from transceiver.http.websocket import Refused
 from transceiver.store.errors import StoreUnavailableError
 from transceiver.store.sideband_directory import Owner, SidebandDirectory
@@ -55,10 +57,11 @@ HANGUP = Kind("hangup", "call_not_found", "call_id", frozenset())
 
 @dataclass(frozen=True)
 class Hop:
-    """Where the owner answers, and the signed header that says the request is a hop."""
+    """Where the owner answers, the signed header that says the request is a hop, its stage."""
 
     address: Address
     header: str
+    stage: str
 
 
 class OwnerRouting:
@@ -71,8 +74,12 @@ class OwnerRouting:
         seat: Seat | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``seat``: this worker's place in a pod of workers (``transceiver.workers``)."""
-        self._directory, self._hops, self._seat, self._clock = directory, hops, seat, clock
+        """``hops``: the transceivers' shared keys; ``seat``: this worker's place in a pod of
+        workers (``transceiver.workers``), with the pod's own key."""
+        self._directory, self._seat, self._clock = directory, seat, clock
+        pod = None if seat is None or not seat.hop_key else pod_keys(seat.hop_key)
+        self._keys = {BETWEEN_TRANSCEIVERS: hops, WITHIN_POD: pod or hops}  # sign with
+        self._verifiers = {BETWEEN_TRANSCEIVERS: [hops], WITHIN_POD: [pod, hops]}
 
     def stage_of(
         self, hop: str | None, kind: Kind, target_id: str, authorization: str | None
@@ -81,14 +88,15 @@ class OwnerRouting:
         request); Refused (403) when it verifies for none."""
         if hop is None:
             return None
-        hops, now_s, reason = self._hops, self._clock(), "no_hop_keys"
-        for stage in (BETWEEN_TRANSCEIVERS, WITHIN_POD):
-            try:
-                if hops is not None:
-                    hops.verify(hop, signed_target(kind, target_id, stage), authorization, now_s)
+        now_s, reason = self._clock(), "no_hop_keys"
+        for stage, verifiers in self._verifiers.items():
+            signed = signed_target(kind, target_id, stage)
+            for keys in filter(None, verifiers):
+                try:
+                    keys.verify(hop, signed, authorization, now_s)
                     return stage
-            except HopError as exc:
-                reason = exc.reason
+                except HopError as exc:
+                    reason = exc.reason
         message = f"the {HOP_HEADER} header does not verify ({reason})"
         raise Refused(error_response(403, "invalid_hop", message))
 
@@ -98,15 +106,14 @@ class OwnerRouting:
         """The hop towards the target's owner; Refused (404) if there is none, (503) when the
         directory cannot be read. A request that ``came`` between transceivers may go on once
         within the pod it reached, never further."""
-        if self._hops is None or not target_id or came == WITHIN_POD:
+        if self._keys[WITHIN_POD] is None or not target_id or came == WITHIN_POD:
             raise not_found(kind, target_id, "is not running here")
         address, stage = await self._route(kind, target_id)
-        if came == BETWEEN_TRANSCEIVERS and stage != WITHIN_POD:
+        keys = self._keys[stage]
+        if keys is None or (came == BETWEEN_TRANSCEIVERS and stage != WITHIN_POD):
             raise not_found(kind, target_id, "is not running on its transceiver")
-        header = self._hops.sign(
-            signed_target(kind, target_id, stage), authorization, self._clock()
-        )
-        return Hop(address, header)
+        signed = signed_target(kind, target_id, stage)
+        return Hop(address, keys.sign(signed, authorization, self._clock()), stage)
 
     async def _route(self, kind: Kind, target_id: str) -> tuple[Address, str]:
         """Where the target runs, and the stage of the hop there: a sibling worker of this

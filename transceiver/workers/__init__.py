@@ -10,9 +10,12 @@ contract between them (which worker a call id names, where each worker answers p
 Signalling: every worker binds the public HTTP port with SO_REUSEPORT (the kernel spreads new
 connections evenly; the supervisor carries no request, and a dead worker's share goes to the
 others at once), and a private loopback port the supervisor holds open across its restarts.
-Follow-ups are routed explicitly (``transceiver.http.worker_routing``): SO_REUSEPORT hashes a
-new connection to any worker, so a hang-up reaches the owner only about 1/N of the time.
+Follow-ups are routed explicitly (``transceiver.http.owner_routing``, ``worker_routing``):
+SO_REUSEPORT hashes a new connection to any worker, so a hang-up reaches the owner only about
+1/N of the time. The requests the pod sends itself carry the hop header signed with the pod's
+own key (``transceiver.http.hop_signature``), which the supervisor makes and the seats carry.
 
-May import: transceiver.config, transceiver.background, transceiver.restarts
+May import: transceiver.config, transceiver.background, transceiver.restarts,
+    transceiver.http.hop_signature
 Pure: seats
 """

@@ -5,6 +5,9 @@ worker's index, every worker's private loopback HTTP port (the supervisor keeps 
 open, so a restarted worker answers on the same port), the supervisor's own port (pod-wide
 ``/readyz`` and ``/metrics``) and the descriptor of the worker's private listening socket.
 
+The seat also carries the pod's own hop key (hex; ``transceiver.http.hop_signature``): the
+requests the pod sends itself are signed with it, and a worker tells them from a client's by it.
+
 Call ids name their owner (``transceiver.webrtc.calls.new_call_id``): ``rtc_`` then two hex
 digits, the worker's index. As with the ufrag naming the transceiver, the owner of a follow-up
 is read from the id itself: no lookup, no map to keep in step with restarts.
@@ -16,7 +19,6 @@ import json
 from dataclasses import dataclass
 
 SEAT_ENV = "TRANSCEIVER_POD_SEAT"
-HOP_HEADER = "X-Voicerelay-Worker-Hop"  # a request the pod sent itself: answered where it lands
 LOOPBACK = "127.0.0.1"
 CALL_PREFIX = "rtc_"
 Address = tuple[str, int]
@@ -32,6 +34,7 @@ class Seat:
     private_ports: tuple[int, ...]  # worker i answers privately on LOOPBACK:private_ports[i]
     supervisor_port: int
     private_fd: int
+    hop_key: str = ""  # hex: the pod's own key for the hops between its processes
 
     @property
     def workers(self) -> int:
@@ -66,6 +69,7 @@ class Seat:
                 "private_ports": list(self.private_ports),
                 "supervisor_port": self.supervisor_port,
                 "private_fd": self.private_fd,
+                "hop_key": self.hop_key,
             }
         )
 
@@ -78,6 +82,7 @@ class Seat:
                 private_ports=tuple(int(port) for port in raw["private_ports"]),
                 supervisor_port=int(raw["supervisor_port"]),
                 private_fd=int(raw["private_fd"]),
+                hop_key=str(raw.get("hop_key", "")),
             )
         except (ValueError, TypeError, KeyError) as exc:
             raise SeatError(f"{SEAT_ENV} is not a pod seat: {exc}") from None

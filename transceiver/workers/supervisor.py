@@ -26,9 +26,11 @@ import contextlib
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +44,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from transceiver.background import RestartBackoff
 from transceiver.config import TransceiverConfig
+from transceiver.http.hop_signature import HOP_HEADER, pod_keys, pod_target
 from transceiver.workers.pod_metrics import exposition, fold
-from transceiver.workers.seats import HOP_HEADER, LOOPBACK, SEAT_ENV, Seat, worker_link
+from transceiver.workers.seats import LOOPBACK, SEAT_ENV, Seat, worker_link
 
 logger = logging.getLogger("transceiver.workers")
 WORKER_READY = "transceiver worker "  # + "<index> ready ..." on a worker's stdout
@@ -85,9 +88,9 @@ class Pod:
         self.restarts: collections.Counter[int] = collections.Counter()
         self._own: socket.socket | None = None
         self._failed = asyncio.Event()  # a worker ended before its first ready line
-        self._http = httpx.AsyncClient(
-            timeout=ASK_TIMEOUT_S, headers={HOP_HEADER: "pod"}, verify=False, trust_env=False
-        )
+        self.hop_key = secrets.token_hex(32)  # the pod's own: signs the hops between its processes
+        self._hops = pod_keys(self.hop_key)
+        self._http = httpx.AsyncClient(timeout=ASK_TIMEOUT_S, verify=False, trust_env=False)
 
     @property
     def links(self) -> list[tuple[str, int]]:
@@ -167,6 +170,7 @@ class Pod:
             tuple(w.private.getsockname()[1] for w in self.workers),
             self._own.getsockname()[1],
             worker.private.fileno(),
+            self.hop_key,
         )
         env = {**os.environ, SEAT_ENV: seat.to_env()}
         process = await asyncio.create_subprocess_exec(
@@ -212,8 +216,9 @@ class Pod:
 
         async def one(worker: Worker) -> httpx.Response | None:
             port = worker.private.getsockname()[1]
+            hop = {HOP_HEADER: self._hops.sign(pod_target(path), None, time.time())}
             try:
-                return await self._http.get(f"http://{LOOPBACK}:{port}{path}")
+                return await self._http.get(f"http://{LOOPBACK}:{port}{path}", headers=hop)
             except httpx.HTTPError:
                 return None
 
