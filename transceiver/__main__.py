@@ -129,6 +129,7 @@ async def serve(
                 sideband_directory,
                 routing=routing,
                 rate_limits=RateLimiting(config.rate_limits, rate_limit_store),
+                describe=agents.describe,
             )
             try:
                 return await _serve(config, calls, app, link_address, stop, seat)

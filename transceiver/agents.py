@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from pipeline.config import PipelineConfig
 from relay.wire.redis_config import RedisConfig
 from transceiver.config import TransceiverConfig
-from transceiver.http.app import Resume
+from transceiver.http.app import Resume, SessionDescriber
 from transceiver.http.websocket import WebSocketSessions
 from transceiver.metrics import LeaseCollector, RedisHealthCollector
 from transceiver.realtime.client_events import EventError
@@ -38,6 +38,7 @@ class Agents:
     resume: Resume | None = None
     websocket: WebSocketSessions | None = None  # Realtime sessions over WebSocket (pipeline)
     overload: Callable[[], str | None] | None = None  # why calls are refused now (pipeline pool)
+    describe: SessionDescriber | None = None  # the session a request starts (client secrets)
 
 
 @contextlib.asynccontextmanager
@@ -60,7 +61,9 @@ async def open_agents(
             registry.register(LeaseCollector(persistence.heartbeat.held_count))
         resume = None if persistence is None else agents.resume
         factory = invalid_session_refused(agents)
-        yield Agents(factory, persistence, resume, agents.websocket, agents.overload)
+        yield Agents(
+            factory, persistence, resume, agents.websocket, agents.overload, agents.describe
+        )
 
 
 def invalid_session_refused(

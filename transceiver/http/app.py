@@ -13,7 +13,8 @@ sideband attaches at ``/v1/live/sessions/{id}/attach``). ``POST /v1/live/session
 session over WebRTC (``live_calls``: a call, made and run as the Realtime ones below).
 ``POST /v1/realtime/client_secrets`` mints a short-lived ``ek_`` secret (see ``auth``).
 ``GET /v1/calls`` and ``GET /v1/calls/{id}`` read call records (``calls_api``). The web
-client (``transceiver/http/static``) is served at ``/`` and ``/static/``. Every error is JSON:
+client (``transceiver/http/static``) is served at ``/`` and ``/static/``. SIP call control and
+translation sessions are refused by name (``refusals``). Every error is JSON:
 ``{"error": {"type": ..., "code": ..., "message": ..., "param": ...}}``.
 
 Session survival (when Redis is configured): the 201 answer carries ``X-Voicerelay-Session``
@@ -74,6 +75,7 @@ from transceiver.http.rate_limiting import (
     add_rate_limit_errors,
     metered,
 )
+from transceiver.http.refusals import add_refusals
 from transceiver.http.sideband import Sidebands
 from transceiver.http.websocket import Refused, WebSocketSessions, add_realtime_websocket
 from transceiver.http.worker_routing import WorkerRouting
@@ -112,6 +114,8 @@ T = TypeVar("T")
 # (session id, resume credential, client contract) -> the stored session's agent, claimed
 # here; ResumeRefused (also when the session was stored with another contract)
 Resume = Callable[[str, str | None, str], Awaitable[CallAgent]]
+# a requested session config -> the session it starts, as session.created reports it (EventError)
+SessionDescriber = Callable[[Mapping[str, Any] | None], Mapping[str, Any]]
 
 
 class LinkCollector(Collector):
@@ -160,6 +164,7 @@ def create_app(
     sideband_directory: SidebandDirectory | None = None,
     routing: WorkerRouting | None = None,
     rate_limits: RateLimiting | None = None,
+    describe: SessionDescriber | None = None,
 ) -> FastAPI:
     app = FastAPI(title="voicerelay transceiver", docs_url=None, redoc_url=None)
     registry.register(LinkCollector(link))
@@ -169,7 +174,7 @@ def create_app(
     add_rate_limit_errors(app)
     _add_cors(app)
     _add_web_client(app)
-    _add_client_secrets(app, auth, limits)
+    _add_client_secrets(app, auth, limits, describe or _requested_only)
     secret_keys = auth.config.secret_keys  # shared by the transceivers: hops are signed with it
     hops = None if secret_keys is None else HopKeys(secret_keys)
     seat = None if routing is None else routing.seat  # a pod's worker: sidebands go on to siblings
@@ -230,6 +235,7 @@ def create_app(
 
     app.add_api_route(CALLS_PATH + "/{call_id}", hangup, methods=["DELETE"])
     app.add_api_route(CALLS_PATH + "/{call_id}/hangup", hangup, methods=["POST"])
+    add_refusals(app, CALLS_PATH)  # SIP call control and translation sessions, by name
     _add_health(app, calls, registry, persistence, routing)
     records = None if persistence is None else persistence.records
     store = None if records is None else records.store
@@ -348,7 +354,12 @@ def _add_web_client(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
-def _add_client_secrets(app: FastAPI, auth: Authenticator, limits: RateLimiting) -> None:
+def _add_client_secrets(
+    app: FastAPI, auth: Authenticator, limits: RateLimiting, describe: SessionDescriber
+) -> None:
+    """``POST /v1/realtime/client_secrets``: the secret, and the session it starts as the
+    agents report it (the deployment's defaults under the request's fields)."""
+
     @app.post(SECRETS_PATH)
     async def create_client_secret(request: Request) -> JSONResponse:
         _authorise(auth.check_api_key, request)
@@ -359,12 +370,19 @@ def _add_client_secrets(app: FastAPI, auth: Authenticator, limits: RateLimiting)
             secret = auth.mint(ttl_s, session)
         except client_secrets.ClientSecretError as exc:
             raise ApiError(400, exc.reason, str(exc)) from None
-        effective = _session_update(session or {}).apply(SessionConfig(id=new_id("sess")))
-        reported = effective.to_json()
-        if is_transcription(session):
-            reported = transcription_json(effective)
+        try:
+            reported = describe(session)
+        except EventError as exc:
+            raise ApiError(400, exc.code, exc.message, None, exc.param) from None
         body = {"value": secret.value, "expires_at": secret.expires_at}
         return JSONResponse({**body, "session": reported}, 200, admission.headers)
+
+
+def _requested_only(session: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The session a request asks for over the session defaults (a transceiver whose calls run
+    the echo agent has no Realtime session of its own to report)."""
+    effective = _session_update(session or {}).apply(SessionConfig(id=new_id("sess")))
+    return transcription_json(effective) if is_transcription(session) else effective.to_json()
 
 
 def _authorise(check: Callable[[str | None], T], request: Request) -> T:

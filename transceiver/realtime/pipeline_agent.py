@@ -30,6 +30,8 @@ from transceiver.realtime.client_events import EventError, SessionConfig
 from transceiver.realtime.limits import RealtimeLimits
 from transceiver.realtime.policy import SessionPolicy, stored_session_update
 from transceiver.realtime.session import RealtimeSession
+from transceiver.realtime.transcription import as_realtime, is_transcription
+from transceiver.realtime.transcription import session_json as transcription_json
 from transceiver.store.contracts import REALTIME, split_contract
 from transceiver.store.persistence import ResumeRefused, SessionPersistence
 
@@ -68,6 +70,14 @@ class PipelineAgents:
         return RealtimeSession(
             engine, self.policy, session, self.metrics, self.persistence, limits=self.limits
         )
+
+    def describe(self, requested: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The session a new session asking for ``requested`` starts with, as its
+        ``session.created`` reports it (its id aside: each session has its own); what a client
+        secret reports. EventError when ``requested`` is not a valid session."""
+        if is_transcription(requested):
+            return transcription_json(self.policy.initial(as_realtime(requested)))
+        return self.policy.initial(requested).to_json()
 
     def websocket(self, requested: Mapping[str, Any] | None = None) -> RealtimeSession:
         """A session whose audio rides in its events (WebSocket): the same engine, with its

@@ -1,0 +1,306 @@
+"""The GA session object field by field, client secrets, and the endpoints refused by name,
+driven by the official ``openai`` SDK (unchanged but for its base URL) against a real
+transceiver process (``websocket_harness``): its language model, speech and speech-to-text are
+the fake OpenAI server's, so what each request asked of them can be read back.
+
+Every ``session`` reported (``session.created``/``updated``, a client secret's) has every field
+of the SDK's session type and no other, and validates as it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pydantic
+import pytest
+import websockets
+from openai.resources.realtime.realtime import AsyncRealtimeConnection
+from openai.types.realtime import (
+    RealtimeServerEvent,
+    RealtimeSessionCreateResponse,
+    RealtimeTranscriptionSessionCreateResponse,
+)
+from websocket_harness import (
+    EventLog,
+    error_for,
+    openai_client,
+    spoken_question,
+    transceiver_process_with,
+)
+
+from deploy.fake_openai import FakeOpenAIServer
+from pipeline.config import EngineConfig
+from pipeline.context_window import ContextWindow
+from pipeline.providers import Message, ToolCall
+from transceiver.realtime.client_events import SessionConfig
+from transceiver.realtime.policy import SessionPolicy
+from transceiver.realtime.session_fields import AUTO_BUDGET_TOKENS
+
+pytestmark = pytest.mark.slow
+API_KEY = "vr-fields-" + os.urandom(12).hex()
+SERVER_EVENT = pydantic.TypeAdapter(RealtimeServerEvent)
+LOGPROBS = "item.input_audio_transcription.logprobs"
+CALLS = "/v1/realtime/calls"
+
+
+class Events(EventLog[AsyncRealtimeConnection]):
+    def check(self, event: dict[str, Any]) -> None:
+        if not event["type"].startswith("voicerelay."):
+            SERVER_EVENT.validate_python(event)
+
+
+@pytest.fixture(scope="module")
+def transceiver(
+    server: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    log_dir = tmp_path_factory.mktemp("session-fields")
+    env = {"PIPELINE_STT": "openai", "PIPELINE_FALLBACK": "false"}
+    with transceiver_process_with(server.base_url, API_KEY, 2, log_dir, env) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def question() -> bytes:
+    return spoken_question()
+
+
+@pytest.fixture
+def client(transceiver: str) -> openai.AsyncOpenAI:
+    return openai_client(transceiver, API_KEY)
+
+
+@pytest.fixture
+async def events(client: openai.AsyncOpenAI) -> AsyncIterator[Events]:
+    async with client.realtime.connect(model="gpt-realtime") as connection:
+        log = Events(connection)
+        await log.next("session.created")
+        yield log
+
+
+def assert_every_field(session: dict[str, Any], model: type[pydantic.BaseModel]) -> None:
+    """``session`` validates as the SDK's ``model`` and has each of its fields, no other."""
+    model.model_validate(session)
+    assert set(session) == set(model.model_fields), set(session) ^ set(model.model_fields)
+
+
+def _update(session: dict[str, Any]) -> str:
+    return json.dumps({"type": "session.update", "session": {"type": "realtime", **session}})
+
+
+async def _session(events: Events, session: dict[str, Any]) -> dict[str, Any]:
+    await events.connection.send_raw(_update(session))
+    updated: dict[str, Any] = (await events.next("session.updated"))["session"]
+    return updated
+
+
+async def _say(events: Events, text: str) -> None:
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    await events.connection.conversation.item.create(item=item)  # type: ignore[arg-type]
+    await events.connection.response.create()
+    done = await events.next("response.done")
+    assert done["response"]["status"] == "completed", done
+
+
+async def _chat_texts(server: FakeOpenAIServer) -> list[str]:
+    """The contents of the messages the model's last chat request was sent."""
+    messages = (await server.stats())["last_request"]["chat"]["messages"]
+    return [str(message.get("content") or "") for message in messages]
+
+
+async def test_session_created_has_every_field_of_the_sdks_session(events: Events) -> None:
+    session = events.of("session.created")[0]["session"]
+    assert_every_field(session, RealtimeSessionCreateResponse)
+    assert session["truncation"] == "auto"
+    assert (session["reasoning"], session["tracing"], session["prompt"]) == (None, None, None)
+    assert (session["include"], session["expires_at"]) == (None, None)  # a session never expires
+    updated = await _session(events, {"instructions": "Be brief."})
+    assert_every_field(updated, RealtimeSessionCreateResponse)
+
+
+async def test_client_secret_reports_the_session_its_connection_starts(
+    client: openai.AsyncOpenAI, transceiver: str
+) -> None:
+    asked = {"type": "realtime", "instructions": "From the secret.", "truncation": "disabled"}
+    raw = await client.realtime.client_secrets.with_raw_response.create(
+        session=asked,  # type: ignore[arg-type]
+        expires_after={"anchor": "created_at", "seconds": 60},
+    )
+    secret = raw.parse()
+    body = raw.http_response.json()
+    assert_every_field(body["session"], RealtimeSessionCreateResponse)
+    assert secret.value.startswith("ek_") and secret.session.type == "realtime"
+    async with openai_client(transceiver, secret.value).realtime.connect(model="m") as connection:
+        created = (await Events(connection).next("session.created"))["session"]
+    reported = body["session"]
+    assert reported["id"] != created["id"]  # a secret opens any number of sessions
+    assert {**reported, "id": None} == {**created, "id": None}
+    assert reported["audio"]["output"]["voice"] == "alloy"  # the deployment's TTS, not a default
+    assert [tool["name"] for tool in reported["tools"]] == ["current_time", "lookup_knowledge"]
+    assert (reported["instructions"], reported["truncation"]) == ("From the secret.", "disabled")
+
+
+async def test_a_transcription_secret_reports_its_transcription_session(
+    client: openai.AsyncOpenAI, transceiver: str
+) -> None:
+    asked = {"type": "transcription", "audio": {"input": {"transcription": {"language": "en"}}}}
+    raw = await client.realtime.client_secrets.with_raw_response.create(session=asked)  # type: ignore[arg-type]
+    body = raw.http_response.json()
+    assert_every_field(body["session"], RealtimeTranscriptionSessionCreateResponse)
+    async with openai_client(transceiver, body["value"]).realtime.connect(model="m") as connection:
+        created = (await Events(connection).next("session.created"))["session"]
+    assert {**body["session"], "id": None} == {**created, "id": None}
+
+
+async def test_a_client_secrets_expiry_is_bounded_as_openais(client: openai.AsyncOpenAI) -> None:
+    for seconds in (10, 7200):
+        before = int(time.time())
+        secret = await client.realtime.client_secrets.create(
+            expires_after={"anchor": "created_at", "seconds": seconds}
+        )
+        assert before + seconds <= secret.expires_at <= int(time.time()) + seconds
+    before = int(time.time())
+    default = await client.realtime.client_secrets.create()
+    assert before + 600 <= default.expires_at <= int(time.time()) + 600
+    for expires_after, param in [
+        ({"anchor": "created_at", "seconds": 9}, "expires_after.seconds"),
+        ({"anchor": "created_at", "seconds": 7201}, "expires_after.seconds"),
+        ({"anchor": "now", "seconds": 60}, "expires_after.anchor"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.realtime.client_secrets.create(expires_after=expires_after)  # type: ignore[arg-type]
+        assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.realtime.client_secrets.create(
+            session={"type": "realtime", "audio": {"output": {"voice": "nobody"}}}
+        )
+    assert refused.value.body["param"] == "session.audio.output.voice"  # type: ignore[index]
+
+
+async def test_truncation_cuts_what_the_model_is_sent(
+    events: Events, server: FakeOpenAIServer
+) -> None:
+    budget = {"post_instructions": 45}
+    truncation: dict[str, Any] = {"type": "retention_ratio", "retention_ratio": 0.5}
+    truncation["token_limits"] = budget
+    session = await _session(events, {"instructions": "", "truncation": truncation})
+    assert session["truncation"] == truncation
+    first = "The first question is about the moon and its many craters."
+    second = "The second question is about the stars and their colours."
+    await _say(events, first)
+    await _say(events, second)
+    # The first question (~19 estimated tokens), its answer and the second question are over
+    # 45, so the oldest are left out until at most 22 remain: the second question alone.
+    assert await _chat_texts(server) == [second]
+    assert (await _session(events, {"truncation": "disabled"}))["truncation"] == "disabled"
+    await _say(events, "And the third?")
+    sent = await _chat_texts(server)
+    assert sent[0] == first and sent[2] == second and sent[-1] == "And the third?", sent
+    assert len(sent) == 5, sent  # three questions, two answers: nothing left out
+    assert (await _session(events, {"truncation": "auto"}))["truncation"] == "auto"
+    for bad, param in [
+        ("sometimes", "session.truncation"),
+        ({**truncation, "retention_ratio": 1.5}, "session.truncation.retention_ratio"),
+        ({**truncation, "token_limits": {"post_instructions": 0}},
+         "session.truncation.token_limits.post_instructions"),
+        ({"type": "tokens"}, "session.truncation.type"),
+    ]:  # fmt: skip
+        error = await error_for(events, _update({"truncation": bad}))
+        assert (error["code"], error["param"]) == ("invalid_value", param), error
+
+
+def test_auto_truncation_cuts_at_its_budget_and_never_inside_a_tool_round() -> None:
+    window = SessionPolicy(EngineConfig()).engine_config(SessionConfig("sess_1")).context
+    assert (window.budget_tokens, window.retention_ratio) == (AUTO_BUDGET_TOKENS, 1.0)
+    history = [Message("user", "word " * 2000) for _ in range(20)]  # ~2,500 tokens each
+    kept = window.view(history)
+    assert 1 < len(kept) < len(history) and kept == history[-len(kept) :]
+    call = ToolCall("call_1", "current_time", "{}")
+    rounds = [
+        Message("user", "x" * 400), Message("assistant", tool_calls=(call,)),
+        Message("tool", "noon", tool_call_id="call_1"), Message("user", "y" * 40),
+    ]  # fmt: skip
+    assert ContextWindow(20, 1.0).view(rounds) == rounds[-1:]  # not the orphaned result
+    assert ContextWindow(30, 1.0).view(rounds) == rounds[1:]  # the call with its result
+    assert ContextWindow(None).view(history) == history  # "disabled"
+
+
+async def test_reasoning_and_tracing_are_reported_prompt_and_include_refused(
+    events: Events,
+) -> None:
+    fields = {"reasoning": {"effort": "low"}, "tracing": {"workflow_name": "support"}}
+    session = await _session(events, {**fields, "parallel_tool_calls": False})
+    assert (session["reasoning"], session["tracing"]) == (fields["reasoning"], fields["tracing"])
+    assert (await _session(events, {"tracing": "auto"}))["tracing"] == "auto"
+    refused: list[tuple[dict[str, Any], str, str]] = [
+        ({"prompt": {"id": "pmpt_123"}}, "invalid_value", "session.prompt"),
+        ({"include": [LOGPROBS]}, "invalid_value", "session.include"),
+        ({"reasoning": {"effort": "max"}}, "invalid_value", "session.reasoning.effort"),
+        ({"parallel_tool_calls": "yes"}, "invalid_type", "session.parallel_tool_calls"),
+        ({"tracing": {"workflow": "x"}}, "unknown_parameter", "session.tracing.workflow"),
+    ]
+    for bad, code, param in refused:
+        error = await error_for(events, _update({"instructions": "Lost.", **bad}))
+        assert (error["code"], error["param"]) == (code, param), error
+    kept = await _session(events, {"prompt": None, "include": []})
+    assert kept["instructions"] != "Lost." and kept["reasoning"] == {"effort": "low"}
+
+
+async def test_transcription_keywords_and_languages_reach_the_speech_to_text(
+    events: Events, server: FakeOpenAIServer, question: bytes
+) -> None:
+    transcription = {
+        "model": "gpt-transcribe", "prompt": "Astronomy.", "keywords": ["moon", "crater"],
+        "languages": ["en"], "delay": "low",
+    }  # fmt: skip
+    session = await _session(events, {"audio": {"input": {"transcription": transcription}}})
+    assert session["audio"]["input"]["transcription"] == transcription
+    for start in range(0, len(question), 9600):
+        chunk = question[start : start + 9600]
+        await events.connection.input_audio_buffer.append(audio=base64.b64encode(chunk).decode())
+    await events.next("conversation.item.input_audio_transcription.completed")
+    sent = (await server.stats())["last_request"]["transcriptions"]
+    assert (sent["language"], sent["prompt"]) == ("en", "Astronomy. moon, crater"), sent
+    bad = {**transcription, "delay": "never"}
+    error = await error_for(events, _update({"audio": {"input": {"transcription": bad}}}))
+    assert error["param"] == "session.audio.input.transcription.delay", error
+
+
+async def test_sip_and_translation_endpoints_are_refused_by_name(
+    client: openai.AsyncOpenAI, transceiver: str
+) -> None:
+    for action, call in [
+        ("accept", client.realtime.calls.accept("rtc_x", type="realtime")),
+        ("reject", client.realtime.calls.reject("rtc_x", status_code=486)),
+        ("refer", client.realtime.calls.refer("rtc_x", target_uri="tel:+14155550123")),
+    ]:
+        with pytest.raises(openai.NotFoundError) as refused:
+            await call
+        assert refused.value.body["code"] == "sip_unavailable", (action, refused.value.body)  # type: ignore[index]
+    session = {"model": "gpt-realtime-translate", "audio": {"output": {"language": "fr"}}}
+    with pytest.raises(openai.NotFoundError) as refused:
+        await client.realtime.translations.client_secrets.create(session=session)  # type: ignore[arg-type]
+    assert refused.value.body["code"] == "translation_unavailable"  # type: ignore[index]
+    with pytest.raises(websockets.InvalidStatus) as denied:
+        manager = client.realtime.translations.connect(model="gpt-realtime-translate")
+        async with manager:
+            pass
+    assert denied.value.response.status_code == 404
+    error = json.loads(denied.value.response.body)["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "translation_unavailable")
+    async with httpx.AsyncClient(base_url=transceiver, timeout=10) as http:
+        for path, status, code in [
+            ("/v1/nowhere", 404, "not_found"), (CALLS, 405, "method_not_allowed"),
+        ]:  # fmt: skip
+            response = await http.get(path, headers={"Authorization": f"Bearer {API_KEY}"})
+            assert response.status_code == status, response.text
+            error = response.json()["error"]
+            assert (error["type"], error["code"], error["param"]) == (
+                "invalid_request_error", code, None
+            ), error  # fmt: skip
