@@ -32,7 +32,8 @@ forwarded credential again and never forwards a hop on. A hop header that does n
 ``403 invalid_hop``. No session here, none announced: ``404`` (Realtime ``call_not_found``,
 Live ``session_not_found``); Redis unreachable for the lookup: ``503 store_unavailable``.
 Without Redis, or without ``TRANSCEIVER_SECRET_KEYS`` to sign hops with, sidebands reach the
-sessions of the transceiver they land on only.
+sessions of the transceiver they land on only (in a pod, the pod's: its hops are signed with
+the pod's own key, ``owner_routing``).
 
 In a pod of workers (``transceiver.workers``: they share the public port and the advertised
 address, each has a private loopback port) a sideband may reach a worker that does not run its
