@@ -31,9 +31,10 @@ hop header signed with a key the transceivers share (``hop_signature``); the own
 forwarded credential again and never forwards a hop on. A hop header that does not verify is
 ``403 invalid_hop``. No session here, none announced: ``404`` (Realtime ``call_not_found``,
 Live ``session_not_found``); Redis unreachable for the lookup: ``503 store_unavailable``.
-Without Redis, or without ``TRANSCEIVER_SECRET_KEYS`` to sign hops with, sidebands reach the
-sessions of the transceiver they land on only (in a pod, the pod's: its hops are signed with
-the pod's own key, ``owner_routing``).
+Without Redis, or without ``TRANSCEIVER_SECRET_KEYS`` to sign hops with, a sideband never
+leaves the transceiver (or pod) it lands on. Within a pod its hops are signed with the pod's own
+key (``owner_routing``): a Realtime call's worker is named by its id, a Live session's is found
+in the directory (with Redis).
 
 In a pod of workers (``transceiver.workers``: they share the public port and the advertised
 address, each has a private loopback port) a sideband may reach a worker that does not run its
