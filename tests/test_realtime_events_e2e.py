@@ -163,6 +163,35 @@ async def test_a_response_is_done_before_its_audio_has_played_and_the_next_may_s
     assert "output_audio_buffer.stopped" not in client.types(start)
 
 
+async def test_a_cancel_and_a_clear_at_once_cut_the_answer_once(client: RealtimeClient) -> None:
+    """agents-js's ``interrupt()`` sends ``response.cancel`` and ``output_audio_buffer.clear``
+    together: one ``output_audio_buffer.cleared`` and one ``conversation.item.truncated`` for
+    the answer, whether it was still generated (the cancel cuts it) or done and playing."""
+    start = len(client.events)
+    client.send(user_text("Tell me about the moon."))
+    client.send({"type": "response.create"})
+    response_id = (await client.wait_for("response.created", after=start))["response"]["id"]
+    await client.wait_for("output_audio_buffer.started", after=start)
+    client.send({"type": "response.cancel"})
+    client.send({"type": "output_audio_buffer.clear"})
+    done = await client.wait_for(
+        "response.done", lambda e: e["response"]["id"] == response_id, after=start
+    )
+    item_id = done["response"]["output"][0]["id"]
+    await client.wait_for("output_audio_buffer.cleared", after=start)
+    mark = len(client.events)
+    client.send(user_text("Tell me about water."))
+    client.send({"type": "response.create"})
+    await client.wait_for("response.created", after=mark)  # after anything the cut made
+    cuts = [
+        e["type"]
+        for e in client.events[start:]
+        if e.get("response_id") == response_id or e.get("item_id") == item_id
+    ]
+    assert cuts.count("output_audio_buffer.cleared") == 1, cuts
+    assert cuts.count("conversation.item.truncated") == 1, cuts
+
+
 async def test_a_played_answer_is_truncated_to_the_words_heard_over_webrtc(
     client: RealtimeClient,
 ) -> None:

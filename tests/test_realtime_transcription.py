@@ -78,9 +78,9 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
 async def failing_stt(
     server: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[str]:
-    """A transceiver whose speech-to-text is the fake OpenAI server's: its HTTP base URL. Its
-    log may hold the injected failure's traceback (a provider failure is logged with it), and
-    no other."""
+    """A transceiver whose speech-to-text and language model are the fake OpenAI server's: its
+    HTTP base URL. Its log may hold the injected failures' tracebacks (a provider failure is
+    logged with it), and no other."""
     log_dir = tmp_path_factory.mktemp("transcription-openai-stt")
     link, http = ("127.0.0.1", free_port()), ("127.0.0.1", free_port(socket.SOCK_STREAM))
     env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url + "/v1"}
@@ -97,7 +97,8 @@ async def failing_stt(
         assert await process.stop() == 0, process.log_tail()
     records = re.split(r"\n(?=\d{4}-\d\d-\d\d )", (log_dir / "transceiver.log").read_text())
     for record in records:
-        assert "Traceback" not in record or "injected 400 on transcriptions" in record, record
+        injected = ("injected 400 on transcriptions", "injected 400 on chat")
+        assert "Traceback" not in record or any(i in record for i in injected), record
 
 
 @pytest.fixture(scope="module")
@@ -301,5 +302,35 @@ async def test_a_realtime_sessions_failed_transcription_is_failed_on_its_item_an
             assert done["status"] == "completed", done
             assert "error" not in events.types(), events.seen
             assert events.types().count("response.created") == 1, events.types()
+    finally:
+        await server.reset()
+
+
+async def test_a_failed_response_says_why_in_openais_shape(
+    failing_stt: str, server: FakeOpenAIServer
+) -> None:
+    """The language model fails: ``response.done`` ``failed`` with ``status_details.error``
+    (its type and code; the SDK's ``RealtimeResponseStatus`` has no reason for it), after the
+    ``error``; the next response completes."""
+    await server.reset()
+    await server.control(fail={"chat": [400]})
+    client = openai_client(failing_stt, API_KEY)
+    try:
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            events = Events(connection)
+            await events.next("session.created")
+            text = {"type": "input_text", "text": "Hello?"}
+            item = {"type": "message", "role": "user", "content": [text]}
+            await connection.conversation.item.create(item=item)  # type: ignore[arg-type]
+            await connection.response.create()
+            error = (await events.next("error"))["error"]
+            failed = (await events.next("response.done"))["response"]
+            assert failed["status"] == "failed", failed
+            details = {"type": "failed", "error": {"type": "server_error", "code": error["code"]}}
+            assert failed["status_details"] == details, failed
+            assert error["code"] == "provider_error", error
+            await connection.response.create()
+            done = (await events.next("response.done"))["response"]
+            assert (done["status"], done["status_details"]) == ("completed", None), done
     finally:
         await server.reset()

@@ -53,7 +53,7 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 from pipeline import events as ev
@@ -70,11 +70,7 @@ MAX_TAILS = 8  # done responses whose audio may still be playing
 # are 1 token per 50ms of audio."
 MS_PER_AUDIO_TOKEN = {"user": 100, "assistant": 50}
 AUDIO_FORMAT = {"type": "audio/pcm", "rate": AUDIO_RATE_HZ}
-_STATUS_REASON = {
-    "cancelled": "turn_detected",
-    "failed": "error",
-    "incomplete": "max_output_tokens",
-}
+_STATUS_REASON = {"cancelled": "turn_detected", "incomplete": "max_output_tokens"}
 
 
 @dataclass(frozen=True)
@@ -101,6 +97,7 @@ class _Response:
     played: bool = False  # its audio has left the output buffer (stopped or cleared)
     input_audio_tokens: int = 0  # the audio of its input's items
     output_audio_tokens: int = 0  # the audio it made
+    error: Event | None = None  # failed: the error's type and code
 
     def position(self, item_id: str) -> dict[str, Any]:
         index = next(i for i, item in enumerate(self.output) if item["id"] == item_id)
@@ -165,6 +162,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         self.shape = ResponseShape()  # of responses no response.create shaped: the session's
         self._shapes: dict[str, ResponseShape] = {}  # engine response id -> its own
         self._tails: dict[str, _Response] = {}  # done responses whose audio still plays
+        self._last_error: Event = {"type": "server_error", "code": None}  # a failure's cause
 
     def shape_response(self, engine_response_id: str, shape: ResponseShape) -> None:
         """How the response the engine is starting reports itself (before it starts)."""
@@ -426,6 +424,8 @@ class EngineEventTranslator(ResponseLedger[_Response]):
             response = tails.pop(name, None) if ended else tails.get(name)
         if response is None or not self.media_track or not response.shape.in_conversation:
             return None
+        if ended and response.played:  # it left already (a cancel's cut, then a clear's)
+            return None
         response.played = ended
         return response
 
@@ -464,6 +464,10 @@ class EngineEventTranslator(ResponseLedger[_Response]):
 
     def _response_done(self, event: ev.ResponseDone) -> list[Event]:
         response = self._ended(event)
+        if response is not None and event.status == "failed":  # the engine's error came first
+            response.error = self._last_error
+            if event.refused is not None:  # refused before it ran: why, in OpenAI's words
+                response.error = asdict(event.refused)
         if response is None or response.message_id is None:
             return []
         if self.media_track and response.audio and response.shape.in_conversation:
@@ -522,6 +526,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         if failed := self._transcription_failed(event.turn, event.message):
             return failed
         code = "provider_error_retryable" if event.retryable else "provider_error"
+        self._last_error = {"type": "server_error", "code": code}
         error = {"type": "server_error", "code": code, "message": event.message, "param": None}
         return [server_event("error", error={**error, "event_id": None})]
 
@@ -602,7 +607,9 @@ def _body(response: _Response, conversation_id: str, record: TurnRecord | None =
         "metadata": None if shape.metadata is None else dict(shape.metadata),
         "usage": None,
     }
-    if response.status in _STATUS_REASON:
+    if response.status == "failed":  # OpenAI's shape: the error's type and code, no reason
+        body["status_details"] = {"type": "failed", "error": response.error}
+    elif response.status in _STATUS_REASON:
         reason = _STATUS_REASON[response.status]
         reason = response.cancel_reason if response.status == "cancelled" else reason
         body["status_details"] = {"type": response.status, "reason": reason}
