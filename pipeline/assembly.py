@@ -102,7 +102,11 @@ async def _started(provider: Any, stack: AsyncExitStack) -> Any:
 async def _speech_to_text(
     config: PipelineConfig, stack: AsyncExitStack, client: Any, pool: PipelinePool
 ) -> SpeechToText:
-    def offline() -> PocketsphinxSpeechToText:
+    def offline() -> SpeechToText:
+        if config.stt == "moonshine":  # loaded only when chosen: ~150 MB a model
+            from pipeline.moonshine_stt import MoonshineSpeechToText
+
+            return MoonshineSpeechToText(config.moonshine_config(), pool.stt)
         return PocketsphinxSpeechToText(config.pocketsphinx_config(), pool.stt)
 
     if config.stt != "openai":

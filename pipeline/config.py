@@ -2,18 +2,18 @@
 them, loaded from ``PIPELINE_*`` variables.
 
 Policy layer, pure. The components' settings (``VadConfig``, ``ChunkerConfig``,
-``EngineConfig``, ``PocketsphinxConfig``, ``PiperConfig``, ``EspeakConfig``,
+``EngineConfig``, ``PocketsphinxConfig``, ``MoonshineConfig``, ``PiperConfig``, ``EspeakConfig``,
 ``LocalAgentConfig``, ``LocalLlmConfig``, ``PoolPolicy``: the process's pool for the heavy
 offline stages) are validated when built; the modules that run the components import
 them from here. ``PipelineConfig`` is what an operator sets: every field ``name`` is read from
 ``PIPELINE_<NAME>`` and mirrored by the CLI flag ``--<name-with-dashes>`` (flags win). Values
 are validated at load with a message naming the variable. Provider choice per stage:
 
-- ``stt``: ``pocketsphinx`` | ``openai``;  ``llm``: ``rule`` | ``local`` | ``openai``;
-  ``tts``: ``piper`` | ``espeak`` | ``openai``. ``rule`` is the rule-based agent
-  (``pipeline.local_agent``); ``local`` a language model run in the process
-  (``pipeline.llama_llm``, the ``local-llm`` install extra), with the rule-based agent in its
-  place when the extra is missing or the model does not load.
+- ``stt``: ``pocketsphinx`` | ``moonshine`` (``pipeline.moonshine_stt``) | ``openai``;
+  ``llm``: ``rule`` | ``local`` | ``openai``; ``tts``: ``piper`` | ``espeak`` | ``openai``.
+  ``rule`` is the rule-based agent (``pipeline.local_agent``); ``local`` a language model run
+  in the process (``pipeline.llama_llm``, the ``local-llm`` install extra), with the rule-based
+  agent in its place when the extra is missing or the model does not load.
 - Unset stages default to offline (pocketsphinx, rule, piper), unless ``OPENAI_API_KEY`` or
   ``OPENAI_BASE_URL`` is set: then to ``openai``.
 - ``llm_api``: ``chat`` (Chat Completions, the default) | ``responses`` (the Responses API,
@@ -35,7 +35,7 @@ from pipeline.providers import NO_HINTS, ToolChoice, TranscriptionHints
 
 ENV_PREFIX = "PIPELINE_"
 CHOICES = {
-    "stt": ("pocketsphinx", "openai"),
+    "stt": ("pocketsphinx", "moonshine", "openai"),
     "llm": ("rule", "local", "openai"),
     "tts": ("piper", "espeak", "openai"),
 }
@@ -143,6 +143,19 @@ class PocketsphinxConfig:
             raise ValueError("pocketsphinx partial_interval_ms must be > 0")
         if self.stall_release_ms <= 0:
             raise ValueError("pocketsphinx stall_release_ms must be > 0")
+
+
+@dataclass(frozen=True)
+class MoonshineConfig:
+    workers: int = 1  # loaded models (~150 MB each), one thread each
+    partial_interval_ms: int = 1000  # a partial after this much new audio; 0: none
+    model_dir: str = ""  # "": the model inside the installed moonshine-voice wheel
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"moonshine workers must be within 1..64, got {self.workers}")
+        if self.partial_interval_ms < 0:
+            raise ValueError("moonshine partial_interval_ms must be >= 0")
 
 
 def usable_cores() -> int:
@@ -264,7 +277,8 @@ class PipelineConfig:
     max_tool_rounds: int = 4
     instructions: str = ""
     knowledge_file: str = ""  # "" = the sample shipped in pipeline/data/knowledge.md
-    stt_workers: int = 0  # pocketsphinx decoder processes; 0: pool_size
+    stt_workers: int = 0  # pocketsphinx decoder processes, moonshine models; 0: pool_size
+    moonshine_partial_interval_ms: int = 1000  # 0: no partial transcripts
     stt_stall_release_ms: int = 1000
     pool_size: int = 0  # slots per heavy offline stage (STT, TTS); 0: the usable cores
     pool_max_wait_ms: int = 500  # a job waited longer for a slot: the pool is saturated
@@ -296,6 +310,7 @@ class PipelineConfig:
         try:
             self.engine_config()
             self.pocketsphinx_config()
+            self.moonshine_config()
             self.pool_policy()
             self.piper_config()
             self.local_agent_config()
@@ -337,6 +352,10 @@ class PipelineConfig:
     def pocketsphinx_config(self) -> PocketsphinxConfig:
         workers = self.stt_workers or min(64, self.pool_policy().resolved().size)
         return PocketsphinxConfig(workers=workers, stall_release_ms=self.stt_stall_release_ms)
+
+    def moonshine_config(self) -> MoonshineConfig:
+        workers = self.stt_workers or min(64, self.pool_policy().resolved().size)
+        return MoonshineConfig(workers, self.moonshine_partial_interval_ms)
 
     def piper_config(self) -> PiperConfig:
         return PiperConfig(

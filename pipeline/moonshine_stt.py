@@ -1,0 +1,350 @@
+"""MoonshineSpeechToText: Moonshine tiny-en (MIT, Moonshine AI) speech recognition, offline.
+
+I/O layer: ctypes into the native library of the ``moonshine-voice`` wheel, which brings its own
+onnxruntime. Version 0.0.4 of that wheel is the last to ship the tiny English model; its three
+files' sizes and sha256 are pinned here (``TINY_EN``). They are read once, checked, and the
+checked bytes are what the library loads (``moonshine_load_transcriber_from_memory``): a file
+that differs is refused, never loaded, and nothing is read from disk after the check.
+
+Decoding: Moonshine transcribes a whole stretch of audio at once, in time proportional to its
+length. An utterance's audio is kept as it arrives; the final transcript is one pass over all
+of it once the input ends, on a stream of its own (created, fed, asked once, freed: the
+library's non-streaming call keeps state between calls, and an utterance's words then
+depended on the one before: a "Yes." or "You" came first, and audio under ~75 ms failed in
+onnxruntime). The model is loaded with an automatic transcription interval longer than any
+utterance, so a stream transcribes only when asked. A partial is the same pass over the audio
+so far, after each ``partial_interval_ms`` of new audio, and only when a decoder is idle at
+that moment: partials never queue in front of finals (0 turns them off).
+
+Threads: ctypes releases the GIL for the native calls. A decoder is one loaded model (~150 MB)
+with one thread of its own (a model handle keeps its transcript between calls, so its calls
+must not overlap); ``workers`` decoders per process, shared by every caller. The library's
+onnxruntime sizes its own intra-op pool by the cores; version 0.0.4 has no option to change it
+(its options: ``skip_transcription``, ``transcription_interval``, ``vad_threshold``). Those
+threads were measured idle between decodes (``/proc/<pid>/task/*/stat``: no CPU time while no
+decode runs), so they do not spin as numpy's BLAS threads did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import moonshine_voice
+import numpy as np
+import soxr
+
+from pipeline.config import MoonshineConfig
+from pipeline.pool import StageLoad
+from pipeline.providers import NO_HINTS, AudioChunk, ProviderError, Transcript, TranscriptionHints
+
+log = logging.getLogger(__name__)
+SAMPLE_RATE_HZ = 16000
+HEADER_VERSION = 20000  # the C API version of moonshine-voice 0.0.4
+MODEL_ARCH_TINY = 0
+FORCE_UPDATE = 1  # moonshine_transcribe_stream: transcribe now, whatever the interval
+# A stream transcribes by itself after this much audio: never, for our utterances
+OPTIONS = ((b"transcription_interval", b"3600"),)
+PROVIDER = "moonshine"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    name: str
+    size_bytes: int
+    sha256: str
+
+
+TINY_EN = (
+    ModelFile(
+        "encoder_model.ort",
+        13_238_168,
+        "e091ae52fc2a912197af8f7b7ae2e8365b656ff58463313e0660cce59d9e81d3",
+    ),
+    ModelFile(
+        "decoder_model_merged.ort",
+        58_327_168,
+        "b40193912d8f4af041f2f3e9f7ff23d45b63a1c15a9c7d35fcbebeab3c4273b2",
+    ),
+    ModelFile(
+        "tokenizer.bin", 249_974, "6884b35fd6377d4c4d32336a0bc152f36b64d1e45b6503683cdc238250a8472d"
+    ),
+)
+
+
+class MoonshineModelError(Exception):
+    """The model's files are missing or not the pinned ones, or the library refused them."""
+
+
+def package_folder() -> Path:
+    return Path(moonshine_voice.__file__).resolve().parent
+
+
+def default_model_folder() -> Path:
+    """The tiny English model inside the installed wheel."""
+    return package_folder() / "assets" / "tiny-en"
+
+
+def read_verified(folder: Path, files: tuple[ModelFile, ...] = TINY_EN) -> dict[str, bytes]:
+    """Each file's bytes, once checked against its pinned size and sha256."""
+    contents: dict[str, bytes] = {}
+    for pinned in files:
+        path = folder / pinned.name
+        try:
+            content = path.read_bytes()
+        except OSError as error:
+            raise MoonshineModelError(f"{path}: cannot read: {error.strerror}") from None
+        if len(content) != pinned.size_bytes:
+            raise MoonshineModelError(
+                f"{path}: {len(content)} bytes, the pinned file has {pinned.size_bytes}"
+            )
+        digest = hashlib.sha256(content).hexdigest()
+        if digest != pinned.sha256:
+            raise MoonshineModelError(
+                f"{path}: sha256 {digest}, the pinned file has {pinned.sha256}"
+            )
+        contents[pinned.name] = content
+    return contents
+
+
+class _Line(ctypes.Structure):
+    _fields_ = [
+        ("text", ctypes.c_char_p),
+        ("audio_data", ctypes.POINTER(ctypes.c_float)),
+        ("audio_data_count", ctypes.c_size_t),
+        ("start_time", ctypes.c_float),
+        ("duration", ctypes.c_float),
+        ("id", ctypes.c_uint64),
+        ("is_complete", ctypes.c_int8),
+        ("is_updated", ctypes.c_int8),
+        ("is_new", ctypes.c_int8),
+        ("has_text_changed", ctypes.c_int8),
+    ]
+
+
+class _Transcript(ctypes.Structure):
+    _fields_ = [("lines", ctypes.POINTER(_Line)), ("line_count", ctypes.c_uint64)]
+
+
+class _Option(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
+
+
+_HANDLE = ctypes.c_int32
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {  # name: (result, arguments), C API 2.0
+    "moonshine_load_transcriber_from_memory": (_HANDLE, [
+        *(ctypes.c_char_p, ctypes.c_size_t) * 3,  # encoder, decoder, tokenizer
+        ctypes.c_uint32, ctypes.POINTER(_Option), ctypes.c_uint64, ctypes.c_int32,
+    ]),  # architecture, options, option count, header version
+    "moonshine_free_transcriber": (None, [_HANDLE]),
+    "moonshine_error_to_string": (ctypes.c_char_p, [ctypes.c_int32]),
+    "moonshine_create_stream": (_HANDLE, [_HANDLE, ctypes.c_uint32]),
+    "moonshine_start_stream": (ctypes.c_int32, [_HANDLE, _HANDLE]),
+    "moonshine_stop_stream": (ctypes.c_int32, [_HANDLE, _HANDLE]),
+    "moonshine_free_stream": (ctypes.c_int32, [_HANDLE, _HANDLE]),
+    "moonshine_transcribe_add_audio_to_stream": (ctypes.c_int32, [
+        _HANDLE, _HANDLE, ctypes.POINTER(ctypes.c_float), ctypes.c_uint64, ctypes.c_int32,
+        ctypes.c_uint32,
+    ]),
+    "moonshine_transcribe_stream": (ctypes.c_int32, [
+        _HANDLE, _HANDLE, ctypes.c_uint32, ctypes.POINTER(ctypes.POINTER(_Transcript)),
+    ]),
+}  # fmt: skip
+
+
+def _library() -> Any:
+    """The wheel's libmoonshine with the signatures of the calls used here."""
+    lib = ctypes.CDLL(str(package_folder() / "libmoonshine.so"))
+    for name, (result, arguments) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = result, arguments
+    return lib
+
+
+class MoonshineModel:
+    """One loaded model. Not thread-safe: one caller at a time (a decoder's own thread)."""
+
+    def __init__(self, contents: dict[str, bytes]) -> None:
+        self._lib = _library()
+        blobs = [contents[pinned.name] for pinned in TINY_EN]
+        arguments = [part for blob in blobs for part in (blob, len(blob))]
+        options = (_Option * len(OPTIONS))(*(_Option(*option) for option in OPTIONS))
+        load = self._lib.moonshine_load_transcriber_from_memory
+        handle = load(*arguments, MODEL_ARCH_TINY, options, len(OPTIONS), HEADER_VERSION)
+        if handle < 0:
+            raise MoonshineModelError(f"the library refused the model: {self._error(handle)}")
+        self._handle: int | None = handle
+
+    def _error(self, code: int) -> str:
+        text = self._lib.moonshine_error_to_string(code)
+        return f"{text.decode(errors='replace') if text else 'unknown error'} ({code})"
+
+    def transcribe(self, samples: np.ndarray) -> str:
+        """The words in ``samples`` (16 kHz float32 in -1..1), on a stream of their own."""
+        if self._handle is None:
+            raise ProviderError(PROVIDER, "model closed", retryable=False)
+        stream = self._call("moonshine_create_stream", self._handle, 0)
+        try:
+            self._call("moonshine_start_stream", self._handle, stream)
+            return self._stream_text(stream, np.ascontiguousarray(samples, dtype=np.float32))
+        finally:
+            self._lib.moonshine_stop_stream(self._handle, stream)
+            self._lib.moonshine_free_stream(self._handle, stream)
+
+    def _stream_text(self, stream: int, audio: np.ndarray) -> str:
+        pointer = audio.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        add = "moonshine_transcribe_add_audio_to_stream"
+        self._call(add, self._handle, stream, pointer, len(audio), SAMPLE_RATE_HZ, 0)
+        out = ctypes.POINTER(_Transcript)()
+        transcribe = "moonshine_transcribe_stream"
+        self._call(transcribe, self._handle, stream, FORCE_UPDATE, ctypes.byref(out))
+        return _text(out)
+
+    def _call(self, name: str, *arguments: Any) -> int:
+        """The native call's result; ProviderError when it is an error code (< 0)."""
+        code: int = getattr(self._lib, name)(*arguments)
+        if code < 0:
+            raise ProviderError(PROVIDER, f"{name}: {self._error(code)}", retryable=False)
+        return code
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._lib.moonshine_free_transcriber(self._handle)
+            self._handle = None
+
+
+def _text(out: Any) -> str:
+    """A stream's lines (its own voice detector splits the audio at pauses), joined."""
+    if not out:
+        return ""
+    transcript = out.contents
+    lines = (transcript.lines[index] for index in range(transcript.line_count))
+    texts = (line.text.decode(errors="replace").strip() for line in lines if line.text)
+    return " ".join(text for text in texts if text)
+
+
+class _Decoder:
+    """A model and the one thread that runs it."""
+
+    def __init__(self, model: MoonshineModel) -> None:
+        self.model = model
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moonshine")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.model.close()
+
+
+class MoonshineSpeechToText:
+    """``workers`` decoders shared by every caller; ``load`` (the process pool's STT stage)
+    counts finals waiting for and holding one."""
+
+    name = PROVIDER
+
+    def __init__(self, config: MoonshineConfig | None = None, load: StageLoad | None = None):
+        self.config = config or MoonshineConfig()
+        self.load = load or StageLoad("stt", self.config.workers)
+        self._idle: asyncio.Queue[_Decoder] = asyncio.Queue()
+        self._all: list[_Decoder] = []
+
+    async def start(self) -> None:
+        folder = Path(self.config.model_dir) if self.config.model_dir else default_model_folder()
+        contents = await asyncio.to_thread(read_verified, folder)
+        for _ in range(self.config.workers):
+            decoder = _Decoder(await asyncio.to_thread(MoonshineModel, contents))
+            self._all.append(decoder)
+            self._idle.put_nowait(decoder)
+
+    async def aclose(self) -> None:
+        decoders, self._all = self._all, []
+        for decoder in decoders:
+            await asyncio.to_thread(decoder.close)
+
+    async def transcribe(
+        self, audio: AsyncIterator[AudioChunk], hints: TranscriptionHints = NO_HINTS
+    ) -> AsyncIterator[Transcript]:
+        """``hints`` are taken and not used: one English model, which takes no prompt."""
+        if not self._all:
+            raise ProviderError(PROVIDER, "not started", retryable=False)
+        heard = _Samples()
+        partial_every = self.config.partial_interval_ms * SAMPLE_RATE_HZ // 1000
+        last_partial, partial_at = "", partial_every
+        async for chunk in audio:
+            heard.add(chunk)
+            if partial_every and heard.count >= partial_at and not self._idle.empty():
+                partial_at = heard.count + partial_every
+                text = await self._partial(heard.all())
+                if text and text != last_partial:
+                    last_partial = text
+                    yield Transcript(text, final=False)
+        yield Transcript(await self._final(heard.all()), final=True)
+
+    async def _partial(self, samples: np.ndarray) -> str:
+        try:
+            return await self._decode(self._idle.get_nowait(), samples)
+        except ProviderError as error:  # the final decides; this one is only logged
+            log.warning("moonshine partial transcript failed: %s", error)
+            return ""
+
+    async def _final(self, samples: np.ndarray) -> str:
+        if not len(samples):
+            return ""
+        ticket = self.load.queued()
+        try:
+            decoder = await self._idle.get()
+        except BaseException:
+            self.load.abandoned(ticket)
+            raise
+        self.load.started(ticket)
+        try:
+            return await self._decode(decoder, samples)
+        finally:
+            self.load.finished()
+
+    async def _decode(self, decoder: _Decoder, samples: np.ndarray) -> str:
+        """Runs on the decoder's thread; the decoder is idle again when the run ends, even if
+        the caller stopped waiting for it (barge-in, a cancelled turn)."""
+        future = decoder.executor.submit(decoder.model.transcribe, samples)
+        future.add_done_callback(self._returner(decoder))
+        return await asyncio.wrap_future(future)
+
+    def _returner(self, decoder: _Decoder) -> Callable[[Future[str]], None]:
+        loop = asyncio.get_running_loop()
+
+        def back(_: Future[str]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+                loop.call_soon_threadsafe(self._idle.put_nowait, decoder)
+
+        return back
+
+
+class _Samples:
+    """An utterance's audio so far, at 16 kHz as float32."""
+
+    def __init__(self) -> None:
+        self._parts: list[np.ndarray] = []
+        self._resampler: Any = None
+        self.count = 0
+
+    def add(self, chunk: AudioChunk) -> None:
+        pcm = np.frombuffer(chunk.pcm, np.int16)
+        if chunk.sample_rate_hz != SAMPLE_RATE_HZ:
+            self._resampler = self._resampler or soxr.ResampleStream(
+                chunk.sample_rate_hz, SAMPLE_RATE_HZ, 1, dtype="int16"
+            )
+            pcm = self._resampler.resample_chunk(pcm)
+        self._parts.append(pcm.astype(np.float32) / 32768.0)
+        self.count += len(pcm)
+
+    def all(self) -> np.ndarray:
+        if len(self._parts) > 1:
+            self._parts = [np.concatenate(self._parts)]
+        return self._parts[0] if self._parts else np.zeros(0, np.float32)

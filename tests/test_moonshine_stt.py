@@ -1,0 +1,138 @@
+"""Moonshine tiny-en behind the speech-to-text Protocol, with the real model: it recognises a
+piper sentence and a recorded person; a model file that is not the pinned one is never loaded.
+And the recorded speech the benchmarks use: fetched out of its pinned archive, each file checked.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tarfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from loadtest import recorded_speech
+from loadtest.voice_audio import spoken_pcm
+from pipeline.config import MoonshineConfig, PipelineConfig
+from pipeline.moonshine_stt import (
+    TINY_EN,
+    MoonshineModelError,
+    MoonshineSpeechToText,
+    default_model_folder,
+)
+from pipeline.piper_tts import PiperTextToSpeech
+from pipeline.providers import AudioChunk, Transcript
+
+on_module_loop = pytest.mark.asyncio(loop_scope="module")
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z' ]", " ", text.lower().replace("-", " ")).split()
+
+
+async def frames(pcm: bytes, rate_hz: int = 16000) -> AsyncIterator[AudioChunk]:
+    step = rate_hz * 2 // 50
+    for start in range(0, len(pcm), step):
+        yield AudioChunk(pcm[start : start + step], rate_hz)
+
+
+async def transcripts(stt: MoonshineSpeechToText, pcm: bytes, rate_hz: int) -> list[Transcript]:
+    return [transcript async for transcript in stt.transcribe(frames(pcm, rate_hz))]
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def moonshine() -> AsyncIterator[MoonshineSpeechToText]:
+    stt = MoonshineSpeechToText(MoonshineConfig(workers=1, partial_interval_ms=1000))
+    await stt.start()
+    yield stt
+    await stt.aclose()
+
+
+@pytest.fixture(scope="module")
+def recordings() -> Path:
+    """The recordings (``make models`` fetched them; else they are fetched here, once)."""
+    return recorded_speech.fetch()
+
+
+@on_module_loop
+async def test_a_piper_sentence_is_recognised_with_partials_first(
+    piper: PiperTextToSpeech, moonshine: MoonshineSpeechToText
+) -> None:
+    text = "Please book me a table for two at seven tonight."
+    pcm = await spoken_pcm(piper, text, 24000)  # at the engine's other rate: resampled
+    heard = await transcripts(moonshine, pcm, 24000)
+    assert [t.final for t in heard] == [False] * (len(heard) - 1) + [True]
+    assert len(heard) >= 2, "a 2.5 s sentence gives a partial at 1 s"
+    assert words(heard[-1].text) == words(text)
+
+
+@on_module_loop
+async def test_a_recorded_person_is_recognised(
+    recordings: Path, moonshine: MoonshineSpeechToText
+) -> None:
+    recording = next(r for r in recorded_speech.RECORDINGS if r.name == "librivox-0930")
+    heard = await transcripts(moonshine, recorded_speech.read_pcm(recording, recordings), 16000)
+    assert words(heard[-1].text) == words(recording.transcript)
+
+
+@on_module_loop
+async def test_silence_and_nothing_give_an_empty_final(moonshine: MoonshineSpeechToText) -> None:
+    assert await transcripts(moonshine, b"", 16000) == [Transcript("", final=True)]
+    assert await transcripts(moonshine, bytes(1600), 16000) == [Transcript("", final=True)]
+
+
+@on_module_loop
+async def test_a_tampered_model_file_is_refused(tmp_path: Path) -> None:
+    for pinned in TINY_EN:
+        shutil.copyfile(default_model_folder() / pinned.name, tmp_path / pinned.name)
+    tokenizer = tmp_path / "tokenizer.bin"
+    content = bytearray(tokenizer.read_bytes())
+    content[1000] ^= 1
+    tokenizer.write_bytes(bytes(content))
+    stt = MoonshineSpeechToText(MoonshineConfig(model_dir=str(tmp_path)))
+    with pytest.raises(
+        MoonshineModelError, match=r"tokenizer.bin: sha256 [0-9a-f]{64}, the pinned"
+    ):
+        await stt.start()
+    tokenizer.write_bytes(bytes(content[:-1]))
+    with pytest.raises(MoonshineModelError, match="249973 bytes, the pinned file has 249974"):
+        await stt.start()
+    tokenizer.unlink()
+    with pytest.raises(MoonshineModelError, match="tokenizer.bin: cannot read"):
+        await stt.start()
+
+
+def test_moonshine_is_chosen_by_name_and_checked() -> None:
+    config = PipelineConfig(stt="moonshine", stt_workers=2, moonshine_partial_interval_ms=0)
+    assert config.moonshine_config() == MoonshineConfig(workers=2, partial_interval_ms=0)
+    with pytest.raises(ValueError, match="partial_interval_ms must be >= 0"):
+        MoonshineConfig(partial_interval_ms=-1)
+
+
+def test_the_recordings_are_checked_by_hash(recordings: Path, tmp_path: Path) -> None:
+    assert recorded_speech.present(recordings)
+    for recording in recorded_speech.RECORDINGS:
+        copy = recorded_speech.path_of(recording, tmp_path)
+        shutil.copyfile(recorded_speech.path_of(recording, recordings), copy)
+    first = recorded_speech.RECORDINGS[0]
+    copy = recorded_speech.path_of(first, tmp_path)
+    copy.write_bytes(copy.read_bytes()[:-2] + b"\x00\x01")
+    assert not recorded_speech.present(tmp_path)
+    with pytest.raises(recorded_speech.RecordingError, match=r"sha256 [0-9a-f]{64}, the pinned"):
+        recorded_speech.read_pcm(first, tmp_path)
+
+
+def test_an_archive_with_another_recording_is_refused(tmp_path: Path) -> None:
+    """What is written out is what was pinned: a differing member is refused, not copied."""
+    member = tmp_path / "member.wav"
+    member.write_bytes(b"RIFF not the recording")
+    archive = tmp_path / "pocketsphinx-5.1.1.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(member, recorded_speech.ARCHIVE_PREFIX + recorded_speech.LICENCE_MEMBER)
+        tar.add(member, recorded_speech.ARCHIVE_PREFIX + recorded_speech.RECORDINGS[0].member)
+    with pytest.raises(recorded_speech.RecordingError, match="sha256 .*, the pinned recording"):
+        recorded_speech.extract(archive, tmp_path / "out")
+    assert not recorded_speech.path_of(recorded_speech.RECORDINGS[0], tmp_path / "out").exists()
