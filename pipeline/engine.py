@@ -159,6 +159,9 @@ class ConversationEngine:
         self._turns = itertools.count(1)
         self._responses = itertools.count(1)
         self.on_detour: Callable[[int, Detour], None] | None = None  # (turn, retry or fallback)
+        # Asked as each response starts: a refusal ends it failed before the model is asked
+        # (the consumer's policy, e.g. its API key's rate limit); None lets it run.
+        self.refuse_response: Callable[[], ev.ResponseRefusal | None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -630,7 +633,11 @@ class ConversationEngine:
         turn, audio = response.recorder.turn, response.config.speak
         response.emit(ev.ResponseStarted(response.response_id, turn, audio))
         status: Literal["completed", "cancelled", "failed", "incomplete"] = "cancelled"
+        refused = self.refusal()
         try:
+            if refused is not None:
+                status = "failed"
+                return  # the model is not asked
             if self._committed:  # the words just committed are part of what this answers
                 await asyncio.wait(list(self._committed))
             await response.run()
@@ -640,12 +647,17 @@ class ConversationEngine:
             if _released(response):  # (an early answer's failure: it is not used)
                 self._report(error)
         finally:
-            self._end_response(response, status)
+            self._end_response(response, status, refused)
+
+    def refusal(self) -> ev.ResponseRefusal | None:
+        """Why a response may not run now (``refuse_response``), or None."""
+        return None if self.refuse_response is None else self.refuse_response()
 
     def _end_response(
         self,
         response: SpokenResponse,
         status: Literal["completed", "cancelled", "failed", "incomplete"],
+        refused: ev.ResponseRefusal | None = None,
     ) -> None:
         if not _released(response):
             return  # an early answer thrown away (or failed unheard): nothing of it is said
@@ -653,7 +665,7 @@ class ConversationEngine:
             self._playing = {t: r for t, r in self._playing.items() if r is not response}
             self._answers.pop(response, None)
         else:
-            self._finish_response(response, status)
+            self._finish_response(response, status, refused=refused)
 
     def _generated(self, response: SpokenResponse) -> None:
         """Its audio is all made: the response is done, and plays on."""
@@ -669,8 +681,10 @@ class ConversationEngine:
         status: Literal["completed", "cancelled", "failed", "incomplete"],
         *,
         generated: bool = False,
+        refused: ev.ResponseRefusal | None = None,
     ) -> None:
-        """``generated``: done at the end of its generation, its audio still to play."""
+        """``generated``: done at the end of its generation, its audio still to play;
+        ``refused``: failed before it ran, and why."""
         response.finished = True
         recorder = response.recorder
         heard = response.generated_text() if generated else response.heard_text()
@@ -682,7 +696,8 @@ class ConversationEngine:
                 self._answers[response] = answer
         recorder.mark("response_done", self._now())
         playing = generated and audio_ms > 0  # an OutputStopped or OutputCleared follows
-        self._emit(ev.ResponseDone(response.response_id, status, heard, audio_ms, playing))
+        done = ev.ResponseDone(response.response_id, status, heard, audio_ms, playing, refused)
+        self._emit(done)
         interrupted = status == "cancelled"  # (incomplete: cut by its own token limit)
         record = recorder.finish(interrupted=interrupted, estimate_cost=self._estimate_cost)
         self._emit(ev.TurnCompleted(record))

@@ -20,7 +20,8 @@ OutputCleared              output_audio_buffer.cleared (barge-in; after Response
                            in the history is cut to ``heard_text``)
 OutputAudio                one output frame (20 ms of PCM), the media track
 ResponseDone               response.done (status completed / cancelled / failed) when generation
-                           ends
+                           ends; ``refused``: a response the engine's ``refuse_response`` did not
+                           let run (failed at once, its ``ResponseRefusal`` says why)
 TurnCompleted              the turn's latency record
 EngineError                error
 =========================  ====================================================================
@@ -120,6 +121,16 @@ class OutputCleared:
 
 
 @dataclass(frozen=True)
+class ResponseRefusal:
+    """Why a response may not run now (e.g. its API key's tokens are spent), in the words of
+    OpenAI's error object: ``type``, ``code``, ``message``."""
+
+    type: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
 class ResponseDone:
     response_id: str
     # incomplete: stopped at the response's max_output_tokens
@@ -127,6 +138,7 @@ class ResponseDone:
     heard_text: str
     audio_ms: float = 0.0  # the answer's audio, all of it made (played or not)
     playing: bool = False  # done before its audio played: OutputStopped or OutputCleared follows
+    refused: ResponseRefusal | None = None  # failed without running: why
 
 
 @dataclass(frozen=True)

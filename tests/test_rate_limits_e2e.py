@@ -5,11 +5,16 @@ redis-server; each key's requests, each client address's sessions and each key's
 one bucket for both. Auth is off so that each test speaks with a key of its own (every bearer
 is its own key then); the trusted proxy is 127.0.0.1, so a request from 127.0.0.1 names its
 client in X-Forwarded-For and one from 127.0.0.2 (an untrusted peer on loopback) cannot.
+While a key's tokens are spent, its responses (a ``response.create``'s, a server-VAD turn's)
+end as OpenAI ends them: ``response.done`` ``failed``, ``status_details.error`` of type
+``tokens`` and code ``rate_limit_exceeded``. Client secrets and GPT-Live's offer and WebSocket
+take from the same requests bucket and answer 429 the same way (the SDK's ``RateLimitError``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import socket
@@ -17,14 +22,19 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
+import pydantic
 import pytest
 import pytest_asyncio
 import websockets
+from openai.resources.realtime.realtime import AsyncRealtimeConnection
 from openai.types.realtime import RateLimitsUpdatedEvent
+from openai.types.realtime.realtime_server_event import RealtimeServerEvent
 from test_sdp import CHROME_OFFER
-from websocket_harness import EventLog, openai_client
+from websocket_harness import EventLog, openai_client, spoken_question
 
 from deploy.fake_openai import FakeOpenAIServer
 from deploy.processes import free_port, metric_values, random_keys, text, transceiver_process
@@ -37,6 +47,8 @@ pytestmark = [
 REQUESTS, SESSIONS, TOKENS, WINDOW_S = 3, 2, 20, 45
 UNTRUSTED_PEER = "127.0.0.2"
 DEADLINE_S = 120.0
+SERVER_EVENT = pydantic.TypeAdapter(RealtimeServerEvent)
+TRANSCRIBED = "conversation.item.input_audio_transcription"
 
 
 @dataclass
@@ -90,6 +102,12 @@ def stack(server: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory) ->
             yield Stack((first, second))
     finally:
         redis.stop()
+
+
+@pytest.fixture(scope="module")
+def question() -> bytes:
+    """ "Tell me about the moon." (piper, noise off) between silences, PCM16 at 24 kHz."""
+    return spoken_question()
 
 
 @pytest_asyncio.fixture
@@ -194,12 +212,12 @@ async def test_a_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored(
     assert response.headers["x-ratelimit-remaining-sessions"] == "0"
 
 
-async def test_rate_limits_updated_follows_a_response_and_spent_tokens_refuse_the_next(
-    stack: Stack,
+async def test_rate_limits_updated_follows_a_response_and_spent_tokens_fail_the_next(
+    stack: Stack, question: bytes
 ) -> None:
     client = openai_client(stack.urls[1], new_key())
     async with client.realtime.connect(model="gpt-realtime") as connection:
-        events = EventLog(connection)
+        events = Events(connection)
         await events.next("session.created")
         long = "Answer in the fewest words you can. " * 20  # over the tokens limit by itself
         await connection.session.update(session={"type": "realtime", "instructions": long})
@@ -222,7 +240,78 @@ async def test_rate_limits_updated_follows_a_response_and_spent_tokens_refuse_th
         requests = limits["requests"]
         assert requests.limit == REQUESTS and requests.remaining is not None
         assert REQUESTS - 1 <= requests.remaining <= REQUESTS
-        await connection.response.create()
-        error = (await events.next("error"))["error"]
-        assert error["code"] == "rate_limit_exceeded", error
-        assert "tokens" in error["message"]
+        spent = len(events.seen)
+        await connection.response.create()  # the key's tokens are spent
+        assert_failed_for_tokens(await events.next("response.done"), events)
+        await append(connection, question)  # a server-VAD turn: heard, transcribed, not answered
+        heard = await events.next(f"{TRANSCRIBED}.completed", timeout_s=DEADLINE_S)
+        assert "moon" in heard["transcript"].lower().split(), heard
+        assert_failed_for_tokens(await events.next("response.done"), events)
+        after = [e["type"] for e in events.seen[spent:]]
+        assert "error" not in after and "response.output_item.added" not in after, after
+
+
+def assert_failed_for_tokens(done: dict[str, Any], events: Events) -> None:
+    """``done`` is OpenAI's failed response of a key whose tokens are spent: created first, no
+    output, the error's type ``tokens`` and code ``rate_limit_exceeded``; no tokens used."""
+    response = done["response"]
+    assert response["status"] == "failed", response
+    error = response["status_details"]["error"]
+    assert (error["type"], error["code"]) == ("tokens", "rate_limit_exceeded"), error
+    assert "Rate limit reached on tokens" in error["message"], error
+    created = [e["response"]["id"] for e in events.of("response.created")]
+    assert created[-1] == response["id"] and response["output"] == [], response
+    assert response["usage"]["total_tokens"] == 0, response
+
+
+class Events(EventLog[AsyncRealtimeConnection]):
+    def check(self, event: dict[str, Any]) -> None:
+        assert SERVER_EVENT.validate_python(event).type == event["type"], event
+
+
+async def append(connection: AsyncRealtimeConnection, pcm: bytes) -> None:
+    step = 24_000 * 2 // 5  # 200 ms per append, as a microphone would send
+    for start in range(0, len(pcm), step):
+        chunk = base64.b64encode(pcm[start : start + step]).decode()
+        await connection.input_audio_buffer.append(audio=chunk)
+
+
+async def test_client_secrets_are_refused_in_openais_shape_once_the_keys_requests_are_spent(
+    stack: Stack,
+) -> None:
+    client = openai_client(stack.urls[0], new_key())
+    for spent in range(1, REQUESTS + 1):
+        minted = await client.realtime.client_secrets.with_raw_response.create()
+        assert minted.status_code == 200, minted.text
+        assert minted.headers["x-ratelimit-remaining-requests"] == str(REQUESTS - spent)
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client.realtime.client_secrets.create()
+    assert_refused(refused.value.response, "requests", "requests")
+    assert "x-ratelimit-limit-sessions" not in refused.value.response.headers  # no session
+
+
+async def test_live_sessions_and_their_websocket_are_refused_once_the_keys_requests_are_spent(
+    stack: Stack,
+) -> None:
+    key = new_key()
+    client = openai_client(stack.urls[1], key)
+    for _ in range(REQUESTS):  # the key's requests, spent on either transceiver
+        assert (await openai_client(stack.urls[0], key).realtime.client_secrets.create()).value
+    offer = {"type": "webrtc", "sdp": CHROME_OFFER}
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client.live.create(session={"model": "gpt-live-1"}, transport=offer)  # type: ignore[arg-type]
+    assert_refused(refused.value.response, "requests", "requests")
+    assert refused.value.code == "rate_limit_exceeded"
+    host, port = stack.urls[0].removeprefix("http://").rsplit(":", 1)
+    with pytest.raises(websockets.InvalidStatus) as handshake:
+        async with websockets.connect(
+            f"ws://{host}:{port}/v1/live/sessions",
+            additional_headers={"Authorization": f"Bearer {key}"},
+        ):
+            pass
+    response = handshake.value.response
+    assert response.status_code == 429
+    error = json.loads(response.body)["error"]
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded"), error
+    assert response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(response.headers["retry-after-ms"]) > 0

@@ -15,8 +15,11 @@ sessions are reported as ``requests``) and headers (``retry-after``, ``retry-aft
 ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*``, ``x-ratelimit-reset-*`` in OpenAI's
 duration format, ``6m0s``/``1.5s``/``12ms``); a WebSocket gets it before the upgrade. Admitted
 requests carry the same ``x-ratelimit-*`` headers. Inside a session, ``TokenMeter`` (one per
-session, for its API key) refuses ``response.create`` while the key's tokens are spent and turns
-each response's usage into the ``rate_limits.updated`` event's list.
+session, for its API key) refuses every response while the key's tokens are spent (a
+``response.create``'s, a server-VAD turn's, an out-of-band one's: OpenAI's ``response.done``
+``failed``, ``status_details.error`` ``{"type": "tokens", "code": "rate_limit_exceeded"}``, the
+model never asked) and turns each response's usage into the ``rate_limits.updated`` event's
+list.
 
 Redis down: fail open. A voice call refused because the limiter's store is away would be an
 outage of the service for a protection against abuse; the limits are about fairness and cost,

@@ -121,6 +121,7 @@ from transceiver.webrtc.audio import AgentVoiceTrack, pump_input
 
 logger = logging.getLogger(__name__)
 EVENTS_LABEL = "oai-events"
+RATE_LIMITED = "rate_limit_exceeded"  # OpenAI's code for a limit reached
 LONGEST_STORED_ITEM_ID = "h" + "9" * 19  # the journal names items h1, h2, ...
 Event = dict[str, Any]
 _TYPES: Mapping[type, str] = {
@@ -205,6 +206,7 @@ class RealtimeSession:
         self.recorder = recorder_for(persistence, config.id, _loop_time, time.time, traced)
         self.recorder.client_response_id = self.translator.response_id
         engine.on_detour = self.recorder.detour  # each turn's retries and fallbacks
+        engine.refuse_response = self._rate_limited  # a spent key's responses fail at once
         self._call_end: str | None = None
         self._handed_over = False
         self.contract: ClientContract | None = None  # None: the Realtime events
@@ -452,6 +454,12 @@ class RealtimeSession:
         tokens = int(usage.get("total_tokens") or 0)
         self._spawn(self._rate_limits_updated(self.rate_meter, tokens), "session rate limits")
 
+    def _rate_limited(self) -> ev.ResponseRefusal | None:
+        """Why a response may not run: its key's tokens are spent (OpenAI ends it with
+        ``response.done`` ``failed``, the error's type ``tokens``, code ``rate_limit_exceeded``)."""
+        refused = None if self.rate_meter is None else self.rate_meter.refusal()
+        return None if refused is None else ev.ResponseRefusal("tokens", RATE_LIMITED, refused)
+
     async def _rate_limits_updated(self, meter: RateMeter, tokens: int) -> None:
         rate_limits = await meter.spent(tokens)
         if rate_limits:
@@ -605,8 +613,6 @@ class RealtimeSession:
         """A response with its own settings (``responses``): in the conversation, or beside it
         (out of band) on the conversation's context or its own ``input``. One in the
         conversation waits for the created audio items' words."""
-        if self.rate_meter is not None and (refused := self.rate_meter.refusal()) is not None:
-            raise EventError("rate_limit_exceeded", refused)
         plan = plan_response(event.response)
         if self.edits.hearing and not plan.out_of_band:
             self._spawn(self._create_when_heard(event), "response after item audio")

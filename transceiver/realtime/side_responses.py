@@ -77,7 +77,11 @@ class SideResponses:
     async def _run(self, response: SpokenResponse) -> None:
         self._emit(ev.ResponseStarted(response.response_id, 0, response.config.speak))
         status: Status = "cancelled"
+        refused = self._engine.refusal()  # as the engine's own responses are refused
         try:
+            if refused is not None:
+                status = "failed"
+                return
             await response.run()
             status = "incomplete" if response.limited else "completed"
         except Exception as error:  # a provider's failure: said, and the session goes on
@@ -86,11 +90,13 @@ class SideResponses:
             retryable = isinstance(error, ProviderError) and error.retryable
             self._emit(ev.EngineError(f"{type(error).__name__}: {error}", retryable))
         finally:
-            self._finish(response, status)
+            self._finish(response, status, refused)
 
-    def _finish(self, response: SpokenResponse, status: Status) -> None:
+    def _finish(
+        self, response: SpokenResponse, status: Status, refused: ev.ResponseRefusal | None
+    ) -> None:
         recorder = response.recorder
         heard = response.heard_text()
         recorder.heard_text, recorder.output_audio_s = heard, response.played_ms / 1000
-        self._emit(ev.ResponseDone(response.response_id, status, heard))
+        self._emit(ev.ResponseDone(response.response_id, status, heard, refused=refused))
         self._emit(ev.TurnCompleted(recorder.finish(interrupted=status == "cancelled")))

@@ -468,6 +468,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
             response.error = self._last_error
             if event.refused is not None:  # refused before it ran: why, in OpenAI's words
                 response.error = asdict(event.refused)
+                response.input_audio_tokens = 0  # its input was given to no model
         if response is None or response.message_id is None:
             return []
         if self.media_track and response.audio and response.shape.in_conversation:
