@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import zlib
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from transceiver.http import client_secrets
 from transceiver.http.client_secrets import ClientSecretError, mint, signing_key, verify
 
 KEY = signing_key(b"k" * 32)
@@ -58,3 +62,22 @@ def test_ttl_out_of_range_is_refused(ttl_s: int) -> None:
 def test_arbitrary_text_never_verifies(value: str) -> None:
     with pytest.raises(ClientSecretError):
         verify(KEY, value, NOW)
+
+
+def test_a_session_of_realistic_size_rides_deflated() -> None:
+    prose = (Path(__file__).resolve().parent.parent / "ARCHITECTURE.md").read_text()[:8000]
+    session = {"type": "realtime", "instructions": prose}  # over 8 KB: once refused at 4.4 KB
+    secret = mint(KEY, NOW, 60, session)
+    assert verify(KEY, secret.value, NOW).session == session
+
+
+def test_a_plain_json_payload_minted_before_deflating_still_verifies() -> None:
+    payload = client_secrets._b64(b'{"exp":1800000060,"session":{"instructions":"Hi."}}')
+    value = f"ek_{payload}.{client_secrets._mac(KEY, payload)}"
+    assert verify(KEY, value, NOW).session == {"instructions": "Hi."}
+
+
+def test_a_payload_inflating_past_its_bound_is_refused() -> None:
+    body = b'{"exp":1800000060,"session":{"x":"' + b"a" * 70_000 + b'"}}'
+    payload = client_secrets._b64(zlib.compress(body, 9))
+    assert reason(f"ek_{payload}.{client_secrets._mac(KEY, payload)}") == "format"

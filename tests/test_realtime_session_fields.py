@@ -36,12 +36,13 @@ from websocket_harness import (
 )
 
 from deploy.fake_openai import FakeOpenAIServer
+from deploy.processes import ROOT
 from pipeline.config import EngineConfig
 from pipeline.context_window import ContextWindow
 from pipeline.providers import Message, ToolCall
 from transceiver.realtime.client_events import SessionConfig
-from transceiver.realtime.policy import SessionPolicy
-from transceiver.realtime.session_fields import AUTO_BUDGET_TOKENS
+from transceiver.realtime.policy import SessionPolicy, stored_session_update
+from transceiver.realtime.session_fields import AUTO_BUDGET_TOKENS, Truncation
 
 pytestmark = pytest.mark.slow
 API_KEY = "vr-fields-" + os.urandom(12).hex()
@@ -304,3 +305,34 @@ async def test_sip_and_translation_endpoints_are_refused_by_name(
             assert (error["type"], error["code"], error["param"]) == (
                 "invalid_request_error", code, None
             ), error  # fmt: skip
+
+
+async def test_a_secret_carries_a_session_of_realistic_size(
+    client: openai.AsyncOpenAI, transceiver: str
+) -> None:
+    prose = (ROOT / "ARCHITECTURE.md").read_text()[:8000]  # once over the secret's bound
+    tool = {"type": "function", "name": "order_status", "description": prose[:300]}
+    asked = {"type": "realtime", "instructions": prose, "tools": [tool]}
+    secret = await client.realtime.client_secrets.create(session=asked)  # type: ignore[arg-type]
+    async with openai_client(transceiver, secret.value).realtime.connect(model="m") as connection:
+        created = (await Events(connection).next("session.created"))["session"]
+    assert created["instructions"] == prose
+    assert [tool["name"] for tool in created["tools"]] == ["order_status"]
+
+
+async def test_an_image_part_and_an_mcp_approval_are_refused_by_name(events: Events) -> None:
+    image = {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="}
+    for item, param in [
+        ({"type": "message", "role": "user", "content": [image]}, "item.content[0].type"),
+        ({"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": True},
+         "item.type"),
+    ]:  # fmt: skip
+        event = {"type": "conversation.item.create", "item": item}
+        error = await error_for(events, json.dumps(event))
+        assert (error["code"], error["param"]) == ("invalid_value", param), error
+
+
+def test_a_stored_session_reads_back_with_its_fields() -> None:
+    truncation = Truncation("retention_ratio", 0.5, 100)
+    config = SessionConfig("sess_1", truncation=truncation, reasoning_effort="low", tracing="auto")
+    assert stored_session_update(config.to_json()).apply(SessionConfig("sess_1")) == config

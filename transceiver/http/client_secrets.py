@@ -4,12 +4,15 @@ Pure: bytes and numbers in, values out; the clock is passed in. A secret is stat
 self-contained, so any transceiver that shares the signing key accepts it, whichever one minted
 it::
 
-    ek_ + base64url(JSON {"exp": unix seconds, "session": {...} | null}) + "." + base64url(MAC)
+    ek_ + base64url(deflate(JSON {"exp": unix s, "session": {...} | null})) + "." + base64url(MAC)
 
 The MAC is HMAC-SHA256 (truncated to 128 bits) under a key derived, for this purpose only, from
 a secret of ``TRANSCEIVER_SECRET_KEYS`` (``transceiver.http.auth``), which the relays never hold.
 The optional session config rides inside the secret, so the calls endpoint can apply it without
-any shared store.
+any shared store; deflated, so a session of realistic instructions and tools fits
+(``MAX_SECRET_CHARS`` bounds the secret, one HTTP header; prose and JSON schemas deflate to
+about a third). A payload that is plain JSON (``{`` first) is read as it is: the secrets
+minted before the payload was deflated stay valid until they expire.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +33,7 @@ MIN_TTL_S = 10
 MAX_TTL_S = 7200
 DEFAULT_TTL_S = 600
 MAX_SECRET_CHARS = 6000  # fits comfortably in one HTTP header
+MAX_PAYLOAD_BYTES = 64 * 1024  # a payload inflating past this is no secret of ours
 
 
 class ClientSecretError(ValueError):
@@ -69,7 +74,7 @@ def mint(
         raise ClientSecretError("ttl", f"expires_after.seconds must be {MIN_TTL_S}..{MAX_TTL_S}")
     expires_at = int(now_s) + ttl_s
     body = json.dumps({"exp": expires_at, "session": session}, separators=(",", ":"))
-    payload = _b64(body.encode())
+    payload = _b64(zlib.compress(body.encode(), 9))
     value = f"{PREFIX}{payload}.{_mac(key, payload)}"
     if len(value) > MAX_SECRET_CHARS:
         raise ClientSecretError("too_large", "the session config is too large for a secret")
@@ -89,10 +94,21 @@ def verify(key: bytes, value: str, now_s: float) -> ClientSecret:
     return ClientSecret(value, body["exp"], body["session"])
 
 
+def _inflated(data: bytes) -> bytes:
+    """The JSON a payload holds: deflated, or plain (``{`` first) as older secrets had it."""
+    if data.startswith(b"{"):
+        return data
+    inflater = zlib.decompressobj()
+    body = inflater.decompress(data, MAX_PAYLOAD_BYTES)
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise ValueError("client secret payload is not whole or too large")
+    return body
+
+
 def _decode(payload: str) -> dict[str, Any]:
     try:
-        body = json.loads(_unb64(payload))
-    except (ValueError, binascii.Error):
+        body = json.loads(_inflated(_unb64(payload)))
+    except (ValueError, binascii.Error, zlib.error):
         raise ClientSecretError("format", "client secret payload is unreadable") from None
     if not isinstance(body, dict) or not isinstance(body.get("exp"), int):
         raise ClientSecretError("format", "client secret payload lacks an expiry")
