@@ -5,6 +5,9 @@ relay to transceiver B and asks "what did I just ask?" - B answers from the stor
 A wrong or missing resume token is refused (401/403) and leaves the stored session alone.
 Conversation edits (an item created then deleted, a played answer truncated over WebRTC) are
 stored, so after a SIGKILL the resumed session and its model see the edited conversation.
+A transcription session (its ``ek_`` secret minted by the SDK's ``client_secrets.create``)
+resumes after a SIGKILL as a transcription session with its stored config, transcribes the next
+utterance and never answers; resumed as the other kind (either way round) it is 409.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import pytest_asyncio
 
@@ -37,8 +41,13 @@ from loadtest.realtime_client import (
     call,
     opened,
     resume,
+    silence,
+    speak,
     user_text,
 )
+from pipeline.config import PiperConfig
+from pipeline.piper_tts import PiperTextToSpeech
+from transceiver.store.contracts import CONTRACT_KEY
 
 pytestmark = [
     pytest.mark.slow,
@@ -47,6 +56,16 @@ pytestmark = [
 ]
 Event = dict[str, object]
 Item = dict[str, Any]
+TRANSCRIBED = "conversation.item.input_audio_transcription.completed"
+TRANSCRIPTION = {
+    "type": "transcription",
+    "audio": {
+        "input": {
+            "transcription": {"model": "gpt-4o-transcribe", "language": "en"},
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 700},
+        }
+    },
+}
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -186,3 +205,80 @@ async def edited(client: RealtimeClient, answer: Item) -> str:
     full = str(answer["content"][0]["transcript"])
     assert words and full.startswith(words) and len(words) < len(full), (words, full)
     return words
+
+
+async def test_a_transcription_session_resumes_elsewhere_as_one_and_only_as_one(
+    survival: Survival,
+) -> None:
+    stack = survival.stack
+    for process in stack.transceivers:  # killed by the tests before: new ones in their place
+        if not process.alive():
+            await process.start().ready(timeout_s=90)
+    sdk = openai.AsyncOpenAI(api_key="unused", base_url=stack.base_url(0) + "/v1", max_retries=0)
+    secret = (await sdk.realtime.client_secrets.create(session=TRANSCRIPTION)).value  # type: ignore[arg-type]
+    bearer = {"Authorization": f"Bearer {secret}"}
+    moon, ocean = await spoken("Tell me about the moon.", "Tell me about the ocean.")
+    first, second, stranger, other = (RealtimeClient() for _ in range(4))
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            created = await call(first, http, stack.base_url(0), bearer)
+            assert created.status_code == 201, created.text
+            session_id, token = created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
+            hello = first.events[0]
+            assert hello["session"]["type"] == "transcription", hello
+            assert hello["voicerelay"] == {"session_id": session_id, "resume_token": token}
+            asked = hello["session"]["audio"]["input"]
+            assert asked["transcription"] == {"model": "gpt-4o-transcribe", "language": "en"}
+            assert asked["turn_detection"]["silence_duration_ms"] == 700
+            asked = hello["session"]["audio"]["input"]
+            assert asked["transcription"] == {"model": "gpt-4o-transcribe", "language": "en"}
+            assert asked["turn_detection"]["silence_duration_ms"] == 700
+            assert "moon" in await transcribed(first, moon)
+            state = await stored_until(survival, session_id, lambda st: bool(st.items))
+            assert state.config[CONTRACT_KEY] == {"type": "transcription"}
+
+            stack.transceivers[0].send_signal(signal.SIGKILL)
+            await stack.transceivers[0].exited(10)
+            as_realtime = await resume(stranger, http, stack.base_url(1), session_id, token)
+            assert as_realtime.status_code == 409, as_realtime.text
+            assert as_realtime.json()["error"]["code"] == "session_contract_mismatch"
+            resumed = await call(
+                second, http, stack.base_url(1), {**bearer, TOKEN_HEADER: token},
+                {"session_id": session_id},
+            )  # fmt: skip
+            assert resumed.status_code == 201, resumed.text
+            assert second.events[0]["session"] == hello["session"]  # the stored config
+            assert "ocean" in await transcribed(second, ocean)
+            assert not [e for e in second.events if e["type"].startswith("response.")]
+
+            realtime_id, realtime_token = await opened(stranger, http, stack.base_url(1))
+            before = await stored(survival, realtime_id)
+            as_transcription = await call(
+                other, http, stack.base_url(1), {**bearer, TOKEN_HEADER: realtime_token},
+                {"session_id": realtime_id},
+            )  # fmt: skip
+        assert as_transcription.status_code == 409, as_transcription.text
+        assert as_transcription.json()["error"]["code"] == "session_contract_mismatch"
+        after = await stored(survival, realtime_id)
+        assert (after.owner_id, after.token) == (before.owner_id, before.token)
+    finally:
+        for client in (first, second, stranger, other):
+            await client.close()
+
+
+async def spoken(*sentences: str) -> list[bytes]:
+    """Each sentence (piper, noise off) between silences, at the peer's 48 kHz."""
+    tts = PiperTextToSpeech(PiperConfig(noise_scale=0.0, noise_w_scale=0.0))
+    await tts.start()
+    try:
+        return [silence(500) + await speak(tts, words) + silence(1500) for words in sentences]
+    finally:
+        await tts.aclose()
+
+
+async def transcribed(client: RealtimeClient, pcm: bytes) -> list[str]:
+    """The words of the transcript of ``pcm`` spoken into the client's microphone."""
+    start = len(client.events)
+    client.mic.say(pcm)
+    completed = await client.wait_for(TRANSCRIBED, after=start, timeout_s=60)
+    return str(completed["transcript"]).lower().replace(".", "").split()

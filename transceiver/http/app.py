@@ -36,7 +36,11 @@ directory its transceiver; a signed hop, never forwarded again; a hop header tha
 verify is ``403 invalid_hop``), and the owner's answer is the caller's (a worker of the pod
 that does not answer: ``503 worker_unavailable``). A session resumes
 through its own contract's endpoint only (a GPT-Live session at ``POST /v1/live/sessions``, a
-Realtime one here): the other answers 409 ``session_contract_mismatch``.
+Realtime one here): the other answers 409 ``session_contract_mismatch``. A transcription
+session resumes here too, by a request that asks for one (an ``ek_`` secret minted for a
+transcription session, or its own ``session.type``): it speaks transcription again with its
+stored config; a Realtime session asked for as a transcription one, or the other way round, is
+409 ``session_contract_mismatch``.
 ``/readyz`` says ``"redis": "ok"|"degraded"`` and stays 200 while Redis is away (calls work
 without it, see ``persistence``); it turns 503 ``task_failing`` when an owned loop keeps crashing.
 """
@@ -206,9 +210,7 @@ def create_app(
             _session_update(requested)  # 400 naming the field, as a session.update would get
         try:
             with calls.reserve() as slot:  # before a resumed session is claimed
-                agent = await _resumed_agent(request, resume, REALTIME)
-                if agent is None and is_transcription(requested):
-                    agent, requested = await _transcription_agent(calls, requested), None
+                agent, requested = await _call_agent(calls, request, resume, requested)
                 with offer_step("voicerelay.answer"):
                     call, answer = await calls.create(slot, offer, requested, agent)
         except AdmissionError as exc:
@@ -454,6 +456,28 @@ def _session_update(session: Mapping[str, Any]) -> SessionUpdate:
         raise ApiError(400, exc.code, exc.message, None, exc.param) from None
     assert isinstance(update, SessionUpdate)
     return update
+
+
+async def _call_agent(
+    calls: Calls, request: Request, resume: Resume | None, requested: Mapping[str, Any] | None
+) -> tuple[CallAgent | None, Mapping[str, Any] | None]:
+    """A call's agent unless it is a new Realtime session (None), and the config left for one.
+    A resumed session is asked for in the contract the request speaks: a transcription's (its
+    ``ek_`` secret's or its own ``session.type``), else Realtime's; the other is 409."""
+    transcription = is_transcription(requested)
+    agent = await _resumed_agent(request, resume, TRANSCRIPTION if transcription else REALTIME)
+    if agent is not None and transcription:
+        return _transcribing(agent), None  # its stored config, not the request's
+    if agent is None and is_transcription(requested):
+        return await _transcription_agent(calls, requested), None
+    return agent, requested
+
+
+def _transcribing(agent: CallAgent) -> CallAgent:
+    """A resumed transcription session's agent, speaking transcription again."""
+    assert isinstance(agent, RealtimeSession), agent  # only the pipeline's sessions are stored
+    transcribing(agent)
+    return agent
 
 
 async def _transcription_agent(calls: Calls, requested: Mapping[str, Any]) -> CallAgent:

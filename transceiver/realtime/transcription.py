@@ -11,7 +11,10 @@ transcribed) and ``.failed`` (the speech-to-text failed on that item) instead of
 
 A session becomes one when it starts (OpenAI's rule: the type is fixed, a session.update of the
 other type is refused): the WebSocket's ``intent=transcription``, or a client secret minted for
-a transcription session (WebSocket or ``POST /v1/realtime/calls``). Its config is OpenAI's
+a transcription session (WebSocket or ``POST /v1/realtime/calls``). It is stored with this
+contract's name (``stored``), so a resume over WebRTC that asks for a transcription session
+(``transceiver.http.app``) speaks it again with the stored config; one that asks for a Realtime
+session is refused, as is a Realtime session resumed as a transcription one. Its config is OpenAI's
 ``RealtimeTranscriptionSessionCreateRequest`` (``type``, ``audio.input``, ``include``):
 ``as_realtime`` reads it as the Realtime session fields it sets, validated by the same parser,
 so errors name the same paths. Refused: ``idle_timeout_ms`` and ``create_response: true`` (they
@@ -162,13 +165,14 @@ def transcription_session(
 
 
 def transcribing(session: RealtimeSession) -> None:
-    """``session`` (new, not started) is a transcription session from now on: its turn
-    detection (the deployment's, or the one asked for) answers nothing."""
+    """``session`` (new or resumed, not started) is a transcription session from now on: its
+    turn detection (the deployment's, the one asked for, the stored one) answers nothing. The
+    contract comes first, so a resumed session's config is stored with it again."""
+    session.use_contract(TranscriptionContract(session))
     detection = session.config.turn_detection
-    if detection is not None:
+    if detection is not None and (detection.create_response or detection.interrupt_response):
         quiet = replace(detection, create_response=False, interrupt_response=False)
         session.reconfigure(replace(session.config, turn_detection=quiet))
-    session.use_contract(TranscriptionContract(session))
 
 
 class TranscriptionContract:
@@ -186,7 +190,12 @@ class TranscriptionContract:
         return {"type": TRANSCRIPTION}
 
     def opened(self) -> list[Event]:
-        return [server_event("session.created", session=session_json(self.session.config))]
+        """``session.created``; with Redis, its id and resume token as a Realtime session's
+        (``voicerelay``), to resume it elsewhere."""
+        journal = self.session.journal
+        extension = {} if journal is None else {"voicerelay": journal.extension()}
+        session = session_json(self.session.config)
+        return [server_event("session.created", session=session, **extension)]
 
     def audio_delta(self, engine_response_id: str, pcm: bytes) -> list[Event]:
         return []  # no responses, no audio out
