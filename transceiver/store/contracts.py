@@ -4,7 +4,9 @@ session, so a resume on any transceiver speaks it again.
 Protocol layer (pure). A Realtime session stores ``SessionConfig.to_json()``. A session with
 another contract at its edge (GPT-Live, ``transceiver.live``) adds that contract's own config
 under ``CONTRACT_KEY``: ``{"type": "live", ...}``, whatever the contract needs to be rebuilt (its
-session config, instructions appended since). ``split_contract`` takes a stored config apart
+session config, instructions appended since). A transcription session
+(``transceiver.realtime.transcription``) needs its name only, ``{"type": "transcription"}``: its
+config is the Realtime session's fields it sets. ``split_contract`` takes a stored config apart
 again: the Realtime session to validate as ever, and the contract's part (None: Realtime).
 """
 
