@@ -364,6 +364,44 @@ def test_mutated_events_at_the_size_limit_parse_or_get_their_error(data: bytes) 
         assert len(data) <= MAX_EVENT_BYTES
 
 
+def test_the_known_event_item_and_part_fields_are_the_sdks() -> None:
+    """What ``unknown_parameter`` refuses in the other client events, their items and parts
+    is exactly what OpenAI's GA event params do not have."""
+    from openai.types import realtime as rt
+
+    from transceiver.realtime import client_events as ce
+
+    def keys(typed: Any) -> frozenset[str]:
+        return frozenset(typed.__required_keys__ | typed.__optional_keys__)
+
+    events = {
+        "input_audio_buffer.append": rt.InputAudioBufferAppendEventParam,
+        "input_audio_buffer.clear": rt.InputAudioBufferClearEventParam,
+        "input_audio_buffer.commit": rt.InputAudioBufferCommitEventParam,
+        "output_audio_buffer.clear": rt.OutputAudioBufferClearEventParam,
+        "response.cancel": rt.ResponseCancelEventParam,
+        "conversation.item.create": rt.ConversationItemCreateEventParam,
+        "conversation.item.retrieve": rt.ConversationItemRetrieveEventParam,
+        "conversation.item.delete": rt.ConversationItemDeleteEventParam,
+        "conversation.item.truncate": rt.ConversationItemTruncateEventParam,
+    }
+    assert {kind: keys(typed) for kind, typed in events.items()} == ce.EVENT_KEYS
+    assert {
+        "message": keys(rt.RealtimeConversationItemUserMessageParam),
+        "function_call": keys(rt.RealtimeConversationItemFunctionCallParam),
+        "function_call_output": keys(rt.RealtimeConversationItemFunctionCallOutputParam),
+    } == ce.ITEM_KEYS
+    assert {
+        "user": keys(rt.realtime_conversation_item_user_message_param.Content),
+        "system": keys(rt.realtime_conversation_item_system_message_param.Content),
+        "assistant": keys(rt.realtime_conversation_item_assistant_message_param.Content),
+    } == ce.PART_KEYS
+    stray = {"type": "response.cancel", "event_id": "e1", "reason": "x"}
+    with pytest.raises(EventError) as refused:
+        parse_client_event(json.dumps(stray))
+    assert (refused.value.code, refused.value.param) == ("unknown_parameter", "reason")
+
+
 def test_the_known_session_fields_are_the_sdks() -> None:
     """What ``unknown_parameter`` refuses is exactly what OpenAI's GA session does not have."""
     from openai.types.realtime import (

@@ -224,6 +224,19 @@ async def test_bad_input_gets_openai_errors_and_the_session_goes_on(events: Even
     assert (await error_for(events, not_base64))["param"] == "audio"
     missing = await error_for(events, json.dumps({"type": "input_audio_buffer.append"}))
     assert (missing["code"], missing["param"]) == ("missing_required_parameter", "audio")
+    part = {"type": "input_text", "text": "hi"}
+    item = {"type": "message", "role": "user", "content": [part]}
+    for stray, param in (
+        ({"type": "response.cancel", "reason": "x"}, "reason"),
+        ({"type": "conversation.item.create", "item": {**item, "name": "me"}}, "item.name"),
+        (
+            {"type": "conversation.item.create", "item": {**item, "content": [{**part, "x": 1}]}},
+            "item.content[0].x",
+        ),
+    ):
+        error = await error_for(events, json.dumps(stray))
+        assert (error["code"], error["param"]) == ("unknown_parameter", param), error
+        assert error["message"] == f"Unknown parameter: '{param}'.", error
     binary = await error_for(events, b"\x00\x01binary")
     assert binary["code"] == "invalid_event"
     prefix, suffix = '{"type": "input_audio_buffer.append", "audio": "', '"}'
@@ -241,7 +254,7 @@ async def test_bad_input_gets_openai_errors_and_the_session_goes_on(events: Even
     )
     added = await events.next("conversation.item.added")
     assert added["item"]["content"][0]["text"] == "still here"
-    assert sum(e["type"] == "error" for e in events.seen) == 6, events.seen  # none for at_limit
+    assert sum(e["type"] == "error" for e in events.seen) == 9, events.seen  # none for at_limit
 
 
 async def test_auth_is_bearer_or_an_ek_secret(transceiver: str) -> None:

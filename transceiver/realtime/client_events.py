@@ -328,6 +328,8 @@ def parse_client_event(data: str | bytes, max_bytes: int = MAX_EVENT_BYTES) -> C
         supported = ", ".join(repr(name) for name in _PARSERS)
         message = f"Invalid value: {kind!r}. Supported values are: {supported}."
         raise EventError("invalid_value", message, "type")
+    if (keys := EVENT_KEYS.get(kind or "")) is not None:  # (the others check their own)
+        _known(raw, keys, "")
     return parser(raw, _str(raw, "event_id"))
 
 
@@ -429,6 +431,34 @@ SERVER_VAD_KEYS = frozenset({
 SEMANTIC_VAD_KEYS = frozenset({"type", "eagerness", "create_response", "interrupt_response"})
 FUNCTION_TOOL_KEYS = frozenset({"type", "name", "description", "parameters"})
 MAX_OUTPUT_TOKENS = 4096  # OpenAI's bound: an integer in [1, 4096], or "inf"
+
+
+# The fields of each client event (OpenAI's: ``unknown_parameter`` for any other), of its item
+# by type and of a message's content parts by role; session.update, response.create and our
+# voicerelay.turn.heard check theirs as they parse.
+_BARE = frozenset({"type", "event_id"})
+EVENT_KEYS = {
+    "input_audio_buffer.append": _BARE | {"audio"},
+    "input_audio_buffer.clear": _BARE,
+    "input_audio_buffer.commit": _BARE,
+    "output_audio_buffer.clear": _BARE,
+    "response.cancel": _BARE | {"response_id"},
+    "conversation.item.create": _BARE | {"item", "previous_item_id"},
+    "conversation.item.retrieve": _BARE | {"item_id"},
+    "conversation.item.delete": _BARE | {"item_id"},
+    "conversation.item.truncate": _BARE | {"item_id", "content_index", "audio_end_ms"},
+}
+_ITEM = frozenset({"type", "id", "object", "status"})
+ITEM_KEYS = {
+    "message": _ITEM | {"role", "content"},
+    "function_call": _ITEM | {"call_id", "name", "arguments"},
+    "function_call_output": _ITEM | {"call_id", "output"},
+}
+PART_KEYS = {
+    "user": frozenset({"type", "text", "audio", "transcript", "image_url", "detail"}),
+    "system": frozenset({"type", "text"}),
+    "assistant": frozenset({"type", "text", "audio", "transcript"}),
+}
 
 
 def _known(obj: Mapping[str, Any], keys: frozenset[str], path: str) -> None:
@@ -630,6 +660,8 @@ def _parse_item_create(raw: Mapping[str, Any], event_id: str | None) -> Conversa
 
 def _new_item(item: Mapping[str, Any]) -> NewItem:
     kind = _str(item, "type", required=True, path="item.")
+    if kind in ITEM_KEYS:
+        _known(item, ITEM_KEYS[kind], "item.")
     if kind == "function_call_output":
         call_id = _str(item, "call_id", required=True, path="item.") or ""
         return FunctionCallOutput(call_id, _str(item, "output", required=True, path="item.") or "")
@@ -655,6 +687,8 @@ def _message(item: Mapping[str, Any]) -> NewItem:
     if role not in _PART_TYPES:
         raise EventError("invalid_value", _invalid(role, tuple(_PART_TYPES)), "item.role")
     parts = _parts(item, _PART_TYPES[role])
+    for i, part in enumerate(parts):
+        _known(part, PART_KEYS[role], f"item.content[{i}].")
     kinds = {part["type"] for part in parts}
     if "input_audio" in kinds:
         if len(kinds) > 1:
