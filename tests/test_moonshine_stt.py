@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +29,7 @@ from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.providers import AudioChunk, Transcript
 
 on_module_loop = pytest.mark.asyncio(loop_scope="module")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def words(text: str) -> list[str]:
@@ -146,3 +149,38 @@ def test_the_benchmark_counts_word_errors_not_spelling() -> None:
     assert word_errors("put me at table", "book me a table") == 2  # two substitutions
     assert word_errors("", "he was not") == 3
     assert word_errors("he was not not", "he was not") == 1
+
+
+THREADS_PROBE = """
+import os
+from pathlib import Path
+import numpy as np
+from pipeline.moonshine_stt import MoonshineModel, default_model_folder, read_verified
+
+def states():
+    found = {}
+    for task in os.listdir("/proc/self/task"):
+        stat = Path(f"/proc/self/task/{task}/stat").read_text()
+        found[task] = stat[stat.rindex(")") + 2]
+    return found
+
+before = states()
+model = MoonshineModel(read_verified(default_model_folder()))
+noise = (np.random.default_rng(1).standard_normal(32000) * 0.1).astype(np.float32)
+model.transcribe(noise)
+after = states()
+others = [state for task, state in after.items() if task != str(os.getpid())]
+print(len(before), len(after), "".join(others))
+"""
+
+
+def test_the_model_threads_sleep_between_decodes() -> None:
+    """The library's onnxruntime pool (sized by the cores; no option sets it in 0.0.4) starts
+    with the model, and its threads are asleep (``S``) once a decode is done: none spins."""
+    done = subprocess.run(
+        [sys.executable, "-c", THREADS_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    before, after, other_states = done.stdout.split()
+    assert int(after) > int(before)  # the pool's threads (this machine: 2)
+    assert set(other_states) == {"S"}
