@@ -115,9 +115,13 @@ async def _chat_texts(server: FakeOpenAIServer) -> list[str]:
     return [str(message.get("content") or "") for message in messages]
 
 
-async def test_session_created_has_every_field_of_the_sdks_session(events: Events) -> None:
+async def test_session_created_has_every_field_of_the_sdks_session(
+    events: Events, server: FakeOpenAIServer
+) -> None:
     session = events.of("session.created")[0]["session"]
     assert_every_field(session, RealtimeSessionCreateResponse)
+    await _say(events, "Which model answers?")
+    assert session["model"] == (await server.stats())["last_request"]["chat"]["model"]
     assert session["truncation"] == "auto"
     assert (session["reasoning"], session["tracing"], session["prompt"]) == (None, None, None)
     assert (session["include"], session["expires_at"]) == (None, None)  # a session never expires

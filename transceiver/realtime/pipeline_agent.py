@@ -54,7 +54,9 @@ class PipelineAgents:
         if self.pool is not None:
             registry.register(PipelinePoolCollector(self.pool, registry))
         tools = builtin_tools(providers.knowledge)
-        self.policy = SessionPolicy(self.config.engine_config(), tools, voices=providers.tts.voices)
+        self.policy = SessionPolicy(
+            self.config.engine_config(), tools, answering_model(config), providers.tts.voices
+        )
         self.persistence = persistence
         self.limits = limits or RealtimeLimits()
 
@@ -106,7 +108,8 @@ class PipelineAgents:
         journal, state = await self.persistence.resume(session_id, credential, contract)
         try:
             realtime, _ = split_contract(state.config)  # the contract's part: the caller's
-            stored = stored_session_update(realtime).apply(SessionConfig(session_id))
+            base = SessionConfig(session_id, model=self.policy.model)
+            stored = stored_session_update(realtime).apply(base)
         except (EventError, ValueError) as exc:
             await journal.release()  # claimed for nothing: hand it back, stop renewing
             journal.close()
@@ -117,6 +120,12 @@ class PipelineAgents:
         return RealtimeSession(
             engine, self.policy, stored, self.metrics, self.persistence, resumed, self.limits
         )
+
+
+def answering_model(config: PipelineConfig) -> str:
+    """The model a session reports (``session.model``): the language model that answers, or
+    ``voicerelay-local`` for the offline ones (the rule-based agent, the local model)."""
+    return config.openai_llm_model if config.llm == "openai" else SessionPolicy.model
 
 
 @asynccontextmanager
