@@ -38,6 +38,12 @@ Why ctypes libopus and not PyAV's codec API (measured here, 2 vCPUs, load ~1.2, 
 of 2 000 frames): encode 76 vs 102 us a frame, decode 25 us (16 kHz out) vs 39 us (48 kHz out);
 PyAV builds a frame object per packet and offers no FEC decode.
 
+The encoder is Opus's ``audio`` application, not ``voip``: the agent's voice is clean synthetic
+speech, and at 32 kbit/s ``audio`` codes it with CELT alone, about a third of the CPU (24 kHz
+TTS speech, a µ-benchmark under load ~9: 53 against 165 us a frame at complexity 5; a frame of
+silence 25 against 128 us, 3 bytes against 32). In-band FEC stays on: once the caller's RTCP
+reports enough loss (10 % here) the encoder moves to hybrid frames that carry it.
+
 Header extensions (``rtp_extensions``): each packet sent carries the MID and the audio level
 of its frame (RFC 6464: -dBov, V set on a frame of the agent's voice that is not silent) when
 the answer negotiated them, as Chromium sends and reads; the caller's are skipped unread.
@@ -114,7 +120,7 @@ _BLOCK = struct.Struct("!IIIIII")
 
 # --- libopus, PyAV's own copy, through ctypes ------------------------------------------------
 
-_OPUS_APPLICATION_VOIP = 2048
+_OPUS_APPLICATION_AUDIO = 2049
 _OPUS_SET_BITRATE = 4002
 _OPUS_SET_COMPLEXITY = 4010
 _OPUS_SET_INBAND_FEC = 4012
@@ -148,11 +154,12 @@ OPUS = _load_opus()
 
 
 class OpusEncoder:
-    """Mono Opus (voip, 32 kbit/s, complexity 5, in-band FEC) of one frame size."""
+    """Mono Opus (the ``audio`` application, 32 kbit/s, complexity 5, in-band FEC) of one frame
+    size."""
 
     def __init__(self, rate_hz: int, frame_samples: int) -> None:
         error = ctypes.c_int()
-        self._state = OPUS.opus_encoder_create(rate_hz, 1, _OPUS_APPLICATION_VOIP, error)
+        self._state = OPUS.opus_encoder_create(rate_hz, 1, _OPUS_APPLICATION_AUDIO, error)
         if not self._state or error.value != 0:
             raise RuntimeError(f"opus_encoder_create({rate_hz}) failed: {error.value}")
         for request, value in (
@@ -172,7 +179,7 @@ class OpusEncoder:
         size = OPUS.opus_encode(self._state, pcm, self.frame_samples, self._out, 1500)
         if size < 0:
             raise RuntimeError(f"opus_encode failed: {size}")
-        return self._out.raw[:size]
+        return ctypes.string_at(self._out, size)  # not .raw: a copy of the whole buffer
 
     def close(self) -> None:
         if self._state:
@@ -200,7 +207,7 @@ class OpusDecoder:
         if samples < 0:
             return None
         self.last_samples = samples
-        return self._pcm.raw[: 2 * samples]
+        return ctypes.string_at(self._pcm, 2 * samples)
 
     def recover(self, following: bytes | None) -> bytes | None:
         """One lost frame: from ``following``'s in-band FEC if given, else concealed (PLC)."""
@@ -210,7 +217,7 @@ class OpusDecoder:
             samples = OPUS.opus_decode(
                 self._state, following, len(following), self._pcm, self.last_samples, 1
             )
-        return None if samples < 0 else self._pcm.raw[: 2 * samples]
+        return None if samples < 0 else ctypes.string_at(self._pcm, 2 * samples)
 
     def close(self) -> None:
         if self._state:
@@ -801,9 +808,12 @@ class LeanCall:
             self._deliver(pcm)
 
     def _new_decoder(self, rate_hz: int) -> OpusDecoder:
-        # At 48 kHz, then soxr, as aiortc's path does (``audio.InputResampler``): libopus
-        # decoding straight at 16 kHz is cheaper, but pocketsphinx heard "moment" for "moon"
-        # in it, twice, in the Chromium and Agents SDK tests (48 kHz + soxr: "moon", both).
+        # At 48 kHz, then soxr, as aiortc's path does (``audio.InputResampler``). Decoding
+        # straight at 16 kHz would be the largest cut left on this path (``loadtest.media_stages``
+        # ablation: decode 44 + soxr 27 of 90 us a packet, against ~30 us decoding at 16 kHz),
+        # and offline pocketsphinx hears the same words from both, but with Chromium's stream
+        # it heard "moment" for "moon" in the Chromium and Agents SDK tests each time it was
+        # tried (three runs over two sessions; 48 kHz + soxr: "moon" every time).
         if rate_hz != RTP_CLOCK_HZ:
             self._resampler = soxr.ResampleStream(RTP_CLOCK_HZ, rate_hz, 1, dtype="int16")
         self._decoder = OpusDecoder(RTP_CLOCK_HZ)
