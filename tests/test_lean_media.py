@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,7 +33,15 @@ from transceiver.webrtc import ice
 from transceiver.webrtc.audio import AgentVoiceTrack, pump_input
 from transceiver.webrtc.calls import CallAgent, CallLimits, Calls
 from transceiver.webrtc.echo import EchoAgent
-from transceiver.webrtc.lean_media import TICK_SAMPLES, LeanMedia, OpusDecoder, parse_rtp
+from transceiver.webrtc.lean_media import (
+    FRAME_MS,
+    KEEPALIVE_S,
+    TICK_SAMPLES,
+    LeanMedia,
+    OpusDecoder,
+    keepalive_due,
+    parse_rtp,
+)
 from transceiver.webrtc.link import Link
 from transceiver.webrtc.rtp_extensions import (
     AUDIO_LEVEL_URI,
@@ -240,6 +249,29 @@ def assert_levels_carried(lean: LeanMedia, sent: list[bytes], voiced_dbov: int) 
     assert (False, SILENT_LEVEL_DBOV) in levels and None not in levels
 
 
+async def a_stall_is_followed_by_a_keepalive_at_once(lean: LeanMedia) -> None:
+    """The loop blocked for ``STALL_S`` while the agent is silent: the first tick after it
+    sends a keepalive (not the tick a count of ticks would reach, up to 200 ms later)."""
+    (call,) = lean.calls
+    keepalive_ticks: list[int] = []
+    send_silence = call._send_silence
+
+    def noted(kind: str, now_s: float) -> None:
+        if kind == "rtp_keepalive":
+            keepalive_ticks.append(lean.ticks)
+        send_silence(kind, now_s)
+
+    call._send_silence = noted  # type: ignore[method-assign]
+    try:
+        await eventually(lambda: len(keepalive_ticks) >= 1, TIMEOUT_S, "a keepalive")
+        block_the_loop(STALL_S)
+        stalled_at = lean.ticks
+        await eventually(lambda: lean.ticks > stalled_at, TIMEOUT_S, "a tick after the stall")
+    finally:
+        del call._send_silence  # the class's own again
+    assert stalled_at + 1 in keepalive_ticks, (stalled_at, keepalive_ticks)
+
+
 async def test_audio_both_ways_barge_in_and_the_next_answer() -> None:
     VoiceAgent.made.clear()
     async with lean_calls(VoiceAgent) as calls, tone_client(calls) as client:
@@ -251,6 +283,7 @@ async def test_audio_both_ways_barge_in_and_the_next_answer() -> None:
         await eventually(lambda: lean.counters["rtp_keepalive"] >= 2, TIMEOUT_S, "keepalives")
         assert client.frames_received <= lean.counters["rtp_keepalive"]  # ...only silence
         assert not client_hears(client, AGENT_HZ)
+        await a_stall_is_followed_by_a_keepalive_at_once(lean)
 
         agent.say("resp_1", 10.0)  # a long answer...
         await eventually(lambda: client_hears(client, AGENT_HZ), TIMEOUT_S, "the agent's tone")
@@ -333,3 +366,27 @@ async def test_five_percent_loss_is_recovered_by_fec_and_concealed(
         assert metrics['transceiver_lean_media_events_total{kind="lost"}'] >= 2
         assert metrics['transceiver_lean_media_events_total{kind="recovered_fec"}'] >= 2
         assert metrics['transceiver_lean_media_events_total{kind="srtp_rejected"}'] == 0
+
+
+STALL_S = 0.6  # a stall of the transceiver's loop that a client's 1 s dead-media rule survives
+
+
+def block_the_loop(seconds: float) -> None:
+    """The stall itself: called from the loop, it runs nothing else meanwhile (no tick)."""
+    time.sleep(seconds)
+
+
+def test_a_silent_agent_sends_every_200_ms_and_at_once_after_a_stall() -> None:
+    tick_s = FRAME_MS / 1000
+    now_s, last_s, sent_at = 1000.0, 1000.0, []
+    for tick in range(1, 101):  # 2 s of ticks on a float clock, as the loop's
+        now_s += tick_s
+        if keepalive_due(now_s, last_s):
+            sent_at.append(tick)
+            last_s = now_s
+    assert sent_at == list(range(10, 101, 10))  # every 200 ms, never a tick early or late
+    assert not keepalive_due(last_s + KEEPALIVE_S - tick_s, last_s)
+    # The first tick after a stall sends: the gap is the stall plus at most KEEPALIVE_S
+    # before it and a tick after it, under a 1 s dead-media rule.
+    assert keepalive_due(last_s + STALL_S, last_s)
+    assert KEEPALIVE_S + STALL_S + 2 * tick_s < 1.0

@@ -27,9 +27,10 @@ next frame of the agent's voice (``AgentVoiceTrack.take``, whose bookkeeping of
 Opus-encoded inline, given a 12-byte RTP header and the negotiated MID header extension,
 protected with ``_tx_srtp`` and sent on the nominated pair's transport. A talkspurt ends
 with one frame of encoded silence (it carries the encoder's tail of the last speech); while the
-agent is silent only a frame of encoded silence goes out every 400 ms (what Opus DTX sends in
-WebRTC), so a receiver can tell a silent agent from a dead path; the RTP timestamp keeps
-advancing and the next talkspurt's first packet has the marker bit. RTCP: every ~2 s an SR
+agent is silent a frame of encoded silence goes out once ``KEEPALIVE_S`` (200 ms) has passed
+without one, by the loop's clock, so a receiver can tell a silent agent from a dead path (see
+``KEEPALIVE_S`` for why not Opus DTX's 400 ms); the RTP timestamp keeps advancing and the next
+talkspurt's first packet has the marker bit. RTCP: every ~2 s an SR
 (an RR before anything was sent) with one report block for the caller's stream, plus SDES
 CNAME; inbound SR/RR give the round-trip time and the caller's reported loss, which sets the
 encoder's expected loss (its FEC).
@@ -107,7 +108,14 @@ REORDER_WINDOW = 2  # packets held past a gap before it is declared lost (20 ms 
 STALE_TICKS = 3  # a held packet older than this is released even if nothing follows it
 RESYNC_PACKETS = 3000  # a sequence jump larger than this is a new stream, not loss
 RTCP_INTERVAL_TICKS = 100  # ~2 s
-SILENCE_KEEPALIVE_TICKS = 20  # while silent, one frame of silence every 400 ms (as Opus DTX)
+# While the agent is silent, a frame of encoded silence goes out when this long has passed since
+# the last RTP packet (by the loop's clock, so the first tick after a stall sends one at once).
+# A client that takes 1 s without media for a dead server (loadtest.voice_calls) then still
+# hears one through a 600 ms stall of this process: the gap is at most 200 ms before the stall,
+# the stall, and the first tick after it (<= 840 ms with a tick's 20 ms and another 20 ms of
+# backlog). Opus DTX's 400 ms, counted in ticks (which a stall does not advance), made it up to
+# 400 + 600 + 400 ms: a dead path to that client.
+KEEPALIVE_S = 0.2
 LATE_TICK_S = 0.1  # the tick fell this far behind (a blocked loop): restart its clock
 MAX_QUEUED_FRAMES = 50  # frames waiting for a recv() consumer, or pulled from a track
 NTP_EPOCH_OFFSET_S = 2_208_988_800
@@ -665,7 +673,7 @@ class LeanCall:
         self._sequence = random.getrandbits(16)
         self._timestamp = random.getrandbits(32)
         self._talking = False
-        self._silent_ticks = 0
+        self._last_rtp_s = 0.0  # loop time of the last RTP packet sent
         self.packets_sent = 0
         self.octets_sent = 0
         self._rtcp_countdown = random.randint(RTCP_INTERVAL_TICKS // 2, RTCP_INTERVAL_TICKS)
@@ -853,28 +861,25 @@ class LeanCall:
 
     # outbound, from the shared tick
 
-    def tick(self, ticks: int) -> None:
+    def tick(self, ticks: int, now_s: float) -> None:
         if self._reorder.held and ticks - self._held_since_tick >= STALE_TICKS:
             self._play(self._reorder.release_all())
-        self._send_frame()
+        self._send_frame(now_s)
         self._rtcp_countdown -= 1
         if self._rtcp_countdown <= 0:
             self._rtcp_countdown = RTCP_INTERVAL_TICKS
             self._send_rtcp()
 
-    def _send_frame(self) -> None:
+    def _send_frame(self, now_s: float) -> None:
         pcm = self._next_pcm()
         if pcm is None:
             if self._talking:  # the talkspurt's end: its last frame of silence goes out now
                 self._talking = False
-                self._silent_ticks = 0
-                self._send_silence("rtp_talkspurt_end")
-            else:
-                self._silent_ticks += 1
-                if self._silent_ticks % SILENCE_KEEPALIVE_TICKS == 0:
-                    self._send_silence("rtp_keepalive")
+                self._send_silence("rtp_talkspurt_end", now_s)
+            elif keepalive_due(now_s, self._last_rtp_s):
+                self._send_silence("rtp_keepalive", now_s)
         else:
-            self._silent_ticks = 0
+            self._last_rtp_s = now_s
             assert self._encoder is not None
             payload = self._encoder.encode(pcm)
             header = rtp_header(
@@ -891,7 +896,7 @@ class LeanCall:
             self.counters["rtp_out"] += 1
         self._timestamp = (self._timestamp + TICK_SAMPLES) & 0xFFFFFFFF
 
-    def _send_silence(self, kind: str) -> None:
+    def _send_silence(self, kind: str, now_s: float) -> None:
         """One frame of encoded silence, no marker: the path is alive, the agent quiet.
 
         Sent right after a talkspurt too: the encoder carries the end of the last frame it
@@ -902,6 +907,7 @@ class LeanCall:
         stopped, which a receiver hears (and the load tester took for the next answer)."""
         if self._encoder is None:
             return
+        self._last_rtp_s = now_s
         payload = self._encoder.encode(bytes(self._encoder_bytes))
         header = rtp_header(False, self._payload_type, self._sequence, self._timestamp, self.ssrc)
         block = self._extensions.block(audio_level_byte(SILENT_LEVEL_DBOV, False))
@@ -972,6 +978,12 @@ class LeanCall:
         self.heard.end(failure)
 
 
+def keepalive_due(now_s: float, last_rtp_s: float) -> bool:
+    """Whether a silent call's tick at ``now_s`` sends a keepalive: ``KEEPALIVE_S`` since its
+    last RTP packet, less half a tick (the ticks' times are sums of floats)."""
+    return now_s - last_rtp_s >= KEEPALIVE_S - FRAME_MS / 2000
+
+
 def _is_opus(codec: Any) -> bool:
     return str(codec.mimeType).lower() == "audio/opus" and codec.clockRate == RTP_CLOCK_HZ
 
@@ -1020,15 +1032,16 @@ class LeanMedia:
 
     def _tick(self) -> None:
         self.ticks += 1
+        loop = asyncio.get_running_loop()
+        now_s = loop.time()  # after a stall, its length: a keepalive is due at once
         for call in list(self.calls):
             try:
-                call.tick(self.ticks)
+                call.tick(self.ticks, now_s)
             except Exception as error:
                 call.fail(error)
         if not self.calls:
             self._timer = None
             return
-        loop = asyncio.get_running_loop()
         self._next_s += FRAME_MS / 1000
         if loop.time() - self._next_s > LATE_TICK_S:
             self.counters["tick_restarts"] += 1
