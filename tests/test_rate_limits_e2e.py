@@ -5,10 +5,11 @@ redis-server; each key's requests, each client address's sessions and each key's
 one bucket for both. Auth is off so that each test speaks with a key of its own (every bearer
 is its own key then); the trusted proxy is 127.0.0.1, so a request from 127.0.0.1 names its
 client in X-Forwarded-For and one from 127.0.0.2 (an untrusted peer on loopback) cannot.
-While a key's tokens are spent, its responses (a ``response.create``'s, a server-VAD turn's)
-end as OpenAI ends them: ``response.done`` ``failed``, ``status_details.error`` of type
-``tokens`` and code ``rate_limit_exceeded``. Client secrets and GPT-Live's offer and WebSocket
-take from the same requests bucket and answer 429 the same way (the SDK's ``RateLimitError``).
+While a key's tokens are spent, its responses (a ``response.create``'s, a server-VAD turn's,
+an out-of-band one's) end as OpenAI ends them: ``response.done`` ``failed``,
+``status_details.error`` of type ``tokens`` and code ``rate_limit_exceeded``. Client secrets
+and GPT-Live's offer and WebSocket take from the same requests bucket and answer 429 the same
+way (the SDK's ``RateLimitError``).
 """
 
 from __future__ import annotations
@@ -247,6 +248,10 @@ async def test_rate_limits_updated_follows_a_response_and_spent_tokens_fail_the_
         heard = await events.next(f"{TRANSCRIBED}.completed", timeout_s=DEADLINE_S)
         assert "moon" in heard["transcript"].lower().split(), heard
         assert_failed_for_tokens(await events.next("response.done"), events)
+        await connection.response.create(response={"conversation": "none"})  # out of band
+        beside = await events.next("response.done")
+        assert_failed_for_tokens(beside, events)
+        assert beside["response"]["conversation_id"] is None, beside
         after = [e["type"] for e in events.seen[spent:]]
         assert "error" not in after and "response.output_item.added" not in after, after
 
