@@ -6,7 +6,9 @@ and ``semantic_vad`` (auto: the model asked at a 200 ms pause, 700 ms window), t
 answering at once so that where a turn ends depends on the audio alone. Prints, per complete
 sentence, how much sooner its turn ends; per sentence with a 600 ms mid-sentence pause, whether
 semantic_vad cut it there (the model called it complete); and the model's time per decision
-(wall clock, on this machine's load at the time).
+(wall clock, on this machine's load at the time). All of it for each pause at which the model
+is asked (``DECISION_PAUSES_MS``): a shorter one ends a turn sooner, if the model, hearing less
+of the pause, does not cut more sentences.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from loadtest.voice_audio import silence_pcm, spoken_pcm
 from pipeline.config import PiperConfig, VadConfig
@@ -51,6 +53,7 @@ PAUSED = (
 )
 SERVER_VAD = VadConfig()
 SEMANTIC_VAD = VadConfig(semantic=True, decision_pause_ms=200, silence_duration_ms=700)
+DECISION_PAUSES_MS = (100, 150, 200)  # the pause at which the model is asked, compared
 FRAME_BYTES = SAMPLE_RATE_HZ * 20 // 500
 
 
@@ -86,36 +89,50 @@ async def speak(tts: PiperTextToSpeech, parts: Sequence[str]) -> bytes:
     return edge + silence_pcm(0.6, SAMPLE_RATE_HZ).join(spoken) + edge * 5
 
 
-async def run() -> None:
+async def run(pauses_ms: Sequence[int] = DECISION_PAUSES_MS) -> None:
     tts = PiperTextToSpeech(PiperConfig(noise_scale=0.0, noise_w_scale=0.0))
     await tts.start()
     model = EndOfTurn(default_model_path())
-    spent_s: list[float] = []
-    sooner_ms: list[int] = []
     try:
-        for text in COMPLETE:
-            pcm = await speak(tts, [text])
-            window = segment(pcm, SERVER_VAD, model, spent_s)
-            semantic = segment(pcm, SEMANTIC_VAD, model, spent_s)
-            sooner_ms.append(window.ends_ms[-1] - semantic.ends_ms[-1])
-            said = [round(p, 3) for p in semantic.probabilities]
-            print(f"complete  {sooner_ms[-1]:+5d} ms sooner  P={said}  {text}")
-        cut = 0
-        for parts in PAUSED:
-            pcm = await speak(tts, parts)
-            semantic = segment(pcm, SEMANTIC_VAD, model, spent_s)
-            window = segment(pcm, SERVER_VAD, model, spent_s)
-            cut += len(semantic.ends_ms) > 1
-            verdict = "CUT at the pause" if len(semantic.ends_ms) > 1 else "kept whole"
-            said = [round(p, 3) for p in semantic.probabilities]
-            print(f"paused    {verdict:16}  window turns={len(window.ends_ms)}  "
-                  f"P={said}  {' | '.join(parts)}")  # fmt: skip
+        complete = [(text, await speak(tts, [text])) for text in COMPLETE]
+        paused = [(parts, await speak(tts, parts)) for parts in PAUSED]
+        for pause_ms in pauses_ms:
+            config = replace(SEMANTIC_VAD, decision_pause_ms=pause_ms)
+            print(f"--- semantic_vad asking at a {pause_ms} ms pause")
+            compare(complete, paused, config, model)
     finally:
         await tts.aclose()
         model.close()
+
+
+def compare(
+    complete: Sequence[tuple[str, bytes]],
+    paused: Sequence[tuple[Sequence[str], bytes]],
+    config: VadConfig,
+    model: EndOfTurn,
+) -> None:
+    """How much sooner complete sentences end than with the 500 ms window, and how many
+    mid-sentence pauses ``config`` cuts."""
+    spent_s: list[float] = []
+    sooner_ms: list[int] = []
+    for text, pcm in complete:
+        window = segment(pcm, SERVER_VAD, model, spent_s)
+        semantic = segment(pcm, config, model, spent_s)
+        sooner_ms.append(window.ends_ms[-1] - semantic.ends_ms[-1])
+        said = [round(p, 3) for p in semantic.probabilities]
+        print(f"complete  {sooner_ms[-1]:+5d} ms sooner  P={said}  {text}")
+    cut = 0
+    for parts, pcm in paused:
+        semantic = segment(pcm, config, model, spent_s)
+        window = segment(pcm, SERVER_VAD, model, spent_s)
+        cut += len(semantic.ends_ms) > 1
+        verdict = "CUT at the pause" if len(semantic.ends_ms) > 1 else "kept whole"
+        said = [round(p, 3) for p in semantic.probabilities]
+        print(f"paused    {verdict:16}  window turns={len(window.ends_ms)}  "
+              f"P={said}  {' | '.join(parts)}")  # fmt: skip
     print(f"complete turns end sooner: median {statistics.median(sooner_ms)} ms, "
           f"min {min(sooner_ms)} ms, over {len(sooner_ms)}")  # fmt: skip
-    print(f"mid-sentence pauses cut by semantic_vad: {cut} of {len(PAUSED)}")
+    print(f"mid-sentence pauses cut by semantic_vad: {cut} of {len(paused)}")
     print(f"model per decision: median {statistics.median(spent_s) * 1000:.1f} ms, "
           f"max {max(spent_s) * 1000:.1f} ms, over {len(spent_s)} (wall clock)")  # fmt: skip
 
