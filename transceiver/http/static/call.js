@@ -62,7 +62,9 @@ export class Call {
   }
 
   // resume: {sessionId, token} of an earlier call to continue (null: a new session).
-  async connect({ key = "", baseUrl = "", resume = null } = {}) {
+  // session: the session a new call asks for (OpenAI's multipart offer: sdp + session JSON);
+  // a resumed one keeps its stored config.
+  async connect({ key = "", baseUrl = "", resume = null, session = null } = {}) {
     this.mic = await navigator.mediaDevices.getUserMedia({ audio: true });
     const pc = (this.pc = new RTCPeerConnection({ iceServers: [] }));
     pc.addEventListener("connectionstatechange", () => this.handlers.onState("connection", pc.connectionState));
@@ -72,12 +74,20 @@ export class Call {
     await pc.setLocalDescription(await pc.createOffer());
     await gatheringDone(pc, GATHER_TIMEOUT_MS);
     this.key = key;
-    const headers = { "Content-Type": "application/sdp", ...this.auth() };
+    const headers = { ...this.auth() };
+    let body = pc.localDescription.sdp;
     if (resume) {
       headers[SESSION_HEADER] = resume.sessionId;
       headers[RESUME_TOKEN_HEADER] = resume.token;
     }
-    const resp = await fetch(baseUrl + CALLS_PATH, { method: "POST", headers, body: pc.localDescription.sdp });
+    if (session && !resume) {
+      body = new FormData(); // fetch sets the multipart Content-Type with its boundary
+      body.set("sdp", pc.localDescription.sdp);
+      body.set("session", JSON.stringify(session));
+    } else {
+      headers["Content-Type"] = "application/sdp";
+    }
+    const resp = await fetch(baseUrl + CALLS_PATH, { method: "POST", headers, body });
     if (resp.status !== 201) throw new Error(`offer refused: ${await refusal(resp)}`);
     const sessionId = resp.headers.get(SESSION_HEADER);
     const token = resp.headers.get(RESUME_TOKEN_HEADER);
