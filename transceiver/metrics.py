@@ -79,13 +79,22 @@ class RealtimeMetrics:
             ["retryable"],
             registry=registry,
         )
+        self.early_answers = Counter(
+            "transceiver_early_answers",
+            "Answers started at a pause before the turn ended (semantic_vad): used (the turn "
+            "ended there) or discarded unheard (the user went on)",
+            ["outcome"],
+            registry=registry,
+        )
 
     def turn(self, record: TurnRecord, first_frame_sent_s: float | None) -> None:
         self.turns.labels(str(record.interrupted).lower()).inc()
+        self.early_answers.labels("used").inc(record.answered_early)
+        self.early_answers.labels("discarded").inc(record.early_answers_discarded)
         for stage, name in STAGES.items():
             value_ms = getattr(record, name)
-            if value_ms is not None:
-                self.stage_s.labels(stage).observe(value_ms / 1000)
+            if value_ms is not None:  # (an early answer's stages may precede speech end: 0)
+                self.stage_s.labels(stage).observe(max(0.0, value_ms) / 1000)
         first_out_s = first_frame_sent_s or record.first_frame_out_s
         if record.speech_stopped_s is not None and first_out_s is not None:
             waited_s = first_out_s - record.speech_stopped_s
