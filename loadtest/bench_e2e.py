@@ -15,10 +15,14 @@ the pipeline's overhead in it, hence the provider time; everything else in ``e2e
 end-of-speech wait, network, jitter buffers, pipeline overhead) is "outside providers".
 
 Each media path (``TRANSCEIVER_MEDIA_PATH``: aiortc, lean) runs its own stack: a call of
-questions, then a call of barge-ins.
+questions, then a call of barge-ins; with ``--local-llm-path P`` one more stack on path P answers
+with the local language model (``PIPELINE_LLM=local``), reported as ``P+local-llm``. The page
+asks for the web client's session (semantic_vad: the turn decided by the end-of-turn model);
+``turn_decision_ms`` is what is left of ``e2e_ms`` once the server's window and first frame out
+-> heard are taken out: the wait for the decision, and the microphone's uplink.
 
     .venv/bin/python -m loadtest.bench_e2e [--turns N] [--barge-ins N] [--media-path P]...
-        [--jitter-target-ms MS]
+        [--jitter-target-ms MS] [--local-llm-path P]
 """
 
 from __future__ import annotations
@@ -152,6 +156,7 @@ def turn_latencies(page: dict[str, Any], server_lines: Sequence[str] = ()) -> li
         e2e_ms = (answers[0][0] - question[1]) * 1000
         turn = _split(e2e_ms, metric, vad_wait_ms)
         turn.update(_transport(page, firsts, question[3], answers[0][2]))
+        turn["turn_decision_ms"] = _decision_ms(turn)
         turns.append(turn)
     return turns
 
@@ -164,6 +169,14 @@ def _transport(
     server = inside[-1] if inside else None
     packets, stats = page.get("packets") or [], page.get("stats") or []
     return transport.split_turn(server, packets, stats, heard_ms)
+
+
+def _decision_ms(turn: dict[str, Any]) -> float | None:
+    """End of speech -> the server's speech_stopped: the turn decision (and the uplink)."""
+    server_ms, heard_ms = turn.get("server_window_ms"), turn.get("frame_out_to_heard_ms")
+    if server_ms is None or heard_ms is None:
+        return None
+    return round(float(turn["e2e_ms"]) - float(server_ms) - float(heard_ms), 1)
 
 
 def _split(e2e_ms: float, metric: dict[str, Any], vad_wait_ms: float) -> dict[str, Any]:
@@ -219,7 +232,11 @@ def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def _bench(
-    turns: int, barge_ins: int, media_path: str, jitter_target_ms: float | None
+    turns: int,
+    barge_ins: int,
+    media_path: str,
+    jitter_target_ms: float | None,
+    llm: str = "rule",
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="voicerelay-bench-e2e-") as tmp:
         wav, barge_wav = Path(tmp) / "questions.wav", Path(tmp) / "barge-in.wav"
@@ -227,13 +244,14 @@ async def _bench(
         if barge_ins:
             await bargein.barge_in_wav(barge_wav, barge_ins)
         timeout_s = spoken[-1].end_s + GAP_S + 30.0
-        env = {"TRANSCEIVER_MEDIA_PATH": media_path}
+        env = {"TRANSCEIVER_MEDIA_PATH": media_path, "PIPELINE_LLM": llm}
         with launched(["--agent", "pipeline", "--no-redis"], env=env) as stack:
             done = f"{METRICS_JS}.length >= {turns}"
             page = await _run_page(stack.url, wav, done, timeout_s, jitter_target_ms)
             barged = await _barge_in_page(stack.url, barge_wav, barge_ins, jitter_target_ms)
     result = summarise(turn_latencies(page, stack.lines))
     result["media_path"], result["jitter_target_ms"] = media_path, jitter_target_ms
+    result["llm"], result["loadavg"] = llm, _loadavg()
     result["receiver"] = transport.concealment(page.get("stats") or [])
     result["receiver"]["audio_context_latency_s"] = page.get("latency_s")
     if barged is not None:
@@ -252,17 +270,31 @@ async def _barge_in_page(
     return await _run_page(url, wav, bargein.done_js(barge_ins), timeout_s, jitter_target_ms)
 
 
+def _loadavg() -> str:
+    """The machine's load at the end of a run (``/proc/loadavg``'s 1, 5 and 15 min)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def run_e2e_bench(
     turns: int = 6,
     barge_ins: int = 3,
     media_paths: Sequence[str] = ("aiortc", "lean"),
     jitter_target_ms: float | None = None,
+    local_llm_path: str | None = "lean",
 ) -> dict[str, Any]:
     """Per media path: median and p90 of the browser-seen turn latency, the share outside
-    providers, and first frame out -> heard by stage."""
-    return {
+    providers, and first frame out -> heard by stage; then, on ``local_llm_path``, the same
+    with the local language model answering (no barge-ins)."""
+    results = {
         path: asyncio.run(_bench(turns, barge_ins, path, jitter_target_ms)) for path in media_paths
     }
+    if local_llm_path is not None:
+        local = _bench(turns, 0, local_llm_path, jitter_target_ms, llm="local")
+        results[f"{local_llm_path}+local-llm"] = asyncio.run(local)
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -271,9 +303,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--barge-ins", type=int, default=3)
     parser.add_argument("--media-path", action="append", choices=("aiortc", "lean"))
     parser.add_argument("--jitter-target-ms", type=float, default=None)
+    parser.add_argument("--local-llm-path", choices=("aiortc", "lean"), default=None)
     args = parser.parse_args(argv)
     paths = args.media_path or ("aiortc", "lean")
-    result = run_e2e_bench(args.turns, args.barge_ins, paths, args.jitter_target_ms)
+    result = run_e2e_bench(
+        args.turns, args.barge_ins, paths, args.jitter_target_ms, args.local_llm_path
+    )
     print(json.dumps(result, indent=2))
     return 0
 

@@ -220,7 +220,11 @@ def _mean_delay_ms(row: dict[str, Any]) -> float | None:
 
 TABLE_COLUMNS = (
     ("e2e", "e2e_ms"),
+    ("decision", "turn_decision_ms"),
     ("server", "server_window_ms"),
+    ("stt", "stt_final_ms"),
+    ("llm 1st", "llm_first_token_ms"),
+    ("tts 1st", "first_audio_ms"),
     ("out->heard", "frame_out_to_heard_ms"),
     ("track wait", "track_wait_ms"),
     ("send", "send_ms"),
@@ -245,7 +249,12 @@ def table(paths: dict[str, dict[str, Any]]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     notes = [_receiver_note(path, result.get("receiver") or {}) for path, result in paths.items()]
     return "\n".join(
-        ["End of speech -> heard in Chromium, ms (first frame out -> heard split)"] + lines + notes
+        [
+            "End of speech -> heard in Chromium, ms (first frame out -> heard split; stt, llm 1st"
+            " and tts 1st after the turn's decision, negative when done before it)"
+        ]
+        + lines
+        + notes
     )
 
 
