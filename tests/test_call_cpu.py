@@ -126,7 +126,7 @@ async def test_a_pipeline_call_costs_each_part_at_most_a_fifth_of_a_core(
     ):
         # Ready: ``connected`` waited for session.created (DTLS and the data channel up), and
         # the agent's media path is up once a first frame arrives. How often a silent agent
-        # sends is the media path's choice (aiortc: every 20 ms; lean: every 400 ms, as DTX).
+        # sends is the media path's choice (aiortc: every 20 ms; lean: every 200 ms).
         await client.wait_for("session.created")
         await eventually(lambda: len(client.heard) >= 1, MEDIA_TIMEOUT_S, "the agent's audio")
         assert descendants(stack.transceivers[0].pid), "the pipeline started no worker"
