@@ -3,14 +3,17 @@
 ``python -m loadtest.bench_stt`` (and ``make bench``) runs each engine behind the pipeline's
 Protocol, one decoder each, on the same utterances: people reading (``loadtest.recorded_speech``)
 and piper's sentences (the end-of-turn benchmark's, noise off). Audio goes in 20 ms chunks at
-the pace it is spoken, as a call's does, so a streaming decoder works while the words come.
+the pace it is spoken, as a call's does, so a streaming decoder works while the words come, and
+ends with the 500 ms of silence ``server_vad`` waits for (the engine streams it to the
+speech-to-text before the turn ends).
 Per engine and set:
 
 - word error rate against the transcripts (words lower-cased, punctuation and hyphens dropped,
   "mr" read as "mister" and numbers under 20 as words, so spelling is not counted as an error);
 - CPU per second of audio: this process's CPU time (Moonshine's threads) plus that of its child
   processes (pocketsphinx's decoders), from /proc, over the whole set;
-- the final's latency: from the last chunk to the final transcript (wall clock, median).
+- the final's latency: from the last chunk (the turn's end) to the final transcript (wall
+  clock, median).
 
 Moonshine runs twice: with its partials (a pass over the audio so far each second, as calls get
 it by default) and with finals only (``partial_interval_ms`` 0), its cost floor.
@@ -33,7 +36,7 @@ from typing import Any
 
 from loadtest import recorded_speech
 from loadtest.bench_end_of_turn import COMPLETE
-from loadtest.voice_audio import spoken_pcm
+from loadtest.voice_audio import silence_pcm, spoken_pcm
 from pipeline.config import MoonshineConfig, PiperConfig, PocketsphinxConfig
 from pipeline.moonshine_stt import MoonshineSpeechToText
 from pipeline.piper_tts import PiperTextToSpeech
@@ -42,6 +45,7 @@ from pipeline.providers import AudioChunk, SpeechToText
 
 RATE_HZ = 16000
 CHUNK_BYTES = RATE_HZ * 2 // 50  # 20 ms
+VAD_WINDOW_SILENCE = silence_pcm(0.5, RATE_HZ)
 NUMBERS_TEXT = "zero one two three four five six seven eight nine ten eleven twelve thirteen \
 fourteen fifteen sixteen seventeen eighteen nineteen"
 SPELLINGS = {"mr": "mister", "mrs": "missus"}
@@ -139,7 +143,8 @@ async def run_engine(
         finished: list[float] = []
         cpu_before_s = cpu_s()
         final = ""
-        async for transcript in stt.transcribe(paced(utterance.pcm, finished)):
+        audio = paced(utterance.pcm + VAD_WINDOW_SILENCE, finished)
+        async for transcript in stt.transcribe(audio):
             final = transcript.text if transcript.final else final
         result.final_latency_ms.append((loop.time() - finished[0]) * 1000)
         result.cpu_s += cpu_s() - cpu_before_s

@@ -151,12 +151,18 @@ class MoonshineConfig:
     workers: int = 1  # loaded models (~150 MB each), one thread each
     partial_interval_ms: int = 1000  # a partial after this much new audio; 0: none
     model_dir: str = ""  # "": the model inside the installed moonshine-voice wheel
+    # the speech paused this long (under quiet_level, RMS of full scale): decode it now, and
+    # that decode is the final if only quiet audio follows; 0: decode only at the end
+    quiet_decode_ms: int = 200
+    quiet_level: float = 0.005
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= 64:
             raise ValueError(f"moonshine workers must be within 1..64, got {self.workers}")
-        if self.partial_interval_ms < 0:
-            raise ValueError("moonshine partial_interval_ms must be >= 0")
+        if self.partial_interval_ms < 0 or self.quiet_decode_ms < 0:
+            raise ValueError("moonshine partial_interval_ms and quiet_decode_ms must be >= 0")
+        if not 0 < self.quiet_level < 1:
+            raise ValueError(f"moonshine quiet_level must be within 0..1, got {self.quiet_level}")
 
 
 def usable_cores() -> int:

@@ -14,7 +14,11 @@ depended on the one before: a "Yes." or "You" came first, and audio under ~75 ms
 onnxruntime). The model is loaded with an automatic transcription interval longer than any
 utterance, so a stream transcribes only when asked. A partial is the same pass over the audio
 so far, after each ``partial_interval_ms`` of new audio, and only when a decoder is idle at
-that moment: partials never queue in front of finals (0 turns them off).
+that moment: partials never queue in front of finals (0 turns them off). Unlike a streaming
+recogniser, it would start the final only when the input ends, after the VAD's silence window:
+so once the speech pauses (``quiet_decode_ms`` of audio under ``quiet_level`` after louder
+audio) the utterance so far is decoded at once, while the window runs out, and if nothing loud
+came after it by the end, that decode is the final: no pass is left to make at the end.
 
 Threads: ctypes releases the GIL for the native calls. A decoder is one loaded model (~150 MB)
 with one thread of its own (a model handle keeps its transcript between calls, so its calls
@@ -274,18 +278,40 @@ class MoonshineSpeechToText:
         """``hints`` are taken and not used: one English model, which takes no prompt."""
         if not self._all:
             raise ProviderError(PROVIDER, "not started", retryable=False)
-        heard = _Samples()
-        partial_every = self.config.partial_interval_ms * SAMPLE_RATE_HZ // 1000
+        heard = _Samples(self.config.quiet_level)
+        early: tuple[int, str] | None = None  # (loud audio it heard, its words)
+        partial_every = self._every(self.config.partial_interval_ms)
         last_partial, partial_at = "", partial_every
         async for chunk in audio:
             heard.add(chunk)
-            if partial_every and heard.count >= partial_at and not self._idle.empty():
+            if self._early_due(heard, early):
+                early = (heard.loud_until, await self._final(heard.all()))
+                text = early[1]
+            elif partial_every and heard.count >= partial_at and not self._idle.empty():
                 partial_at = heard.count + partial_every
                 text = await self._partial(heard.all())
-                if text and text != last_partial:
-                    last_partial = text
-                    yield Transcript(text, final=False)
+            else:
+                continue
+            if text and text != last_partial:
+                last_partial = text
+                yield Transcript(text, final=False)
+        if early is not None and early[0] == heard.loud_until:  # only quiet since: the same
+            yield Transcript(early[1], final=True)
+            return
         yield Transcript(await self._final(heard.all()), final=True)
+
+    @staticmethod
+    def _every(interval_ms: int) -> int:
+        return interval_ms * SAMPLE_RATE_HZ // 1000
+
+    def _early_due(self, heard: _Samples, early: tuple[int, str] | None) -> bool:
+        """The speech has paused (``quiet_decode_ms`` of quiet after loud audio) and no
+        decode has heard it all yet: decode now, while the silence window runs out, and the
+        final is this decode's words if nothing loud comes before the input ends."""
+        quiet_for = self._every(self.config.quiet_decode_ms)
+        if not quiet_for or not heard.loud_until or heard.count - heard.loud_until < quiet_for:
+            return False
+        return early is None or early[0] != heard.loud_until
 
     async def _partial(self, samples: np.ndarray) -> str:
         try:
@@ -327,12 +353,15 @@ class MoonshineSpeechToText:
 
 
 class _Samples:
-    """An utterance's audio so far, at 16 kHz as float32."""
+    """An utterance's audio so far, at 16 kHz as float32; ``loud_until``: the samples up to
+    the end of its last chunk above ``quiet_level`` (RMS, full scale 1)."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet_level: float) -> None:
         self._parts: list[np.ndarray] = []
         self._resampler: Any = None
+        self._quiet_level = quiet_level
         self.count = 0
+        self.loud_until = 0
 
     def add(self, chunk: AudioChunk) -> None:
         pcm = np.frombuffer(chunk.pcm, np.int16)
@@ -341,8 +370,11 @@ class _Samples:
                 chunk.sample_rate_hz, SAMPLE_RATE_HZ, 1, dtype="int16"
             )
             pcm = self._resampler.resample_chunk(pcm)
-        self._parts.append(pcm.astype(np.float32) / 32768.0)
-        self.count += len(pcm)
+        samples = pcm.astype(np.float32) / 32768.0
+        self._parts.append(samples)
+        self.count += len(samples)
+        if len(samples) and float(np.sqrt(np.mean(np.square(samples)))) >= self._quiet_level:
+            self.loud_until = self.count
 
     def all(self) -> np.ndarray:
         if len(self._parts) > 1:

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from loadtest import recorded_speech
-from loadtest.voice_audio import spoken_pcm
+from loadtest.voice_audio import silence_pcm, spoken_pcm
 from pipeline.config import MoonshineConfig, PipelineConfig
 from pipeline.moonshine_stt import (
     TINY_EN,
@@ -82,6 +82,24 @@ async def test_a_recorded_person_is_recognised(
 
 
 @on_module_loop
+async def test_a_pause_is_decoded_at_once_and_that_decode_is_the_final(
+    recordings: Path, moonshine: MoonshineSpeechToText
+) -> None:
+    """The VAD's silence window streams quiet audio after the words: they are decoded once,
+    as the pause starts (a partial), and that decode is the final; speech after the pause is
+    decoded again, with it."""
+    recording = next(r for r in recorded_speech.RECORDINGS if r.name == "cards-001")
+    speech = recorded_speech.read_pcm(recording, recordings)
+    jobs = moonshine.load.jobs
+    heard = await transcripts(moonshine, speech + silence_pcm(0.5, 16000), 16000)
+    assert moonshine.load.jobs == jobs + 1  # one pass that counts: partials are not counted
+    assert heard[-1].final and heard[-2].text == heard[-1].text
+    assert words(heard[-1].text) == words(recording.transcript)
+    again = await transcripts(moonshine, speech + silence_pcm(0.5, 16000) + speech, 16000)
+    assert words(again[-1].text) == words(recording.transcript) * 2
+
+
+@on_module_loop
 async def test_silence_and_nothing_give_an_empty_final(moonshine: MoonshineSpeechToText) -> None:
     assert await transcripts(moonshine, b"", 16000) == [Transcript("", final=True)]
     assert await transcripts(moonshine, bytes(1600), 16000) == [Transcript("", final=True)]
@@ -111,7 +129,7 @@ async def test_a_tampered_model_file_is_refused(tmp_path: Path) -> None:
 def test_moonshine_is_chosen_by_name_and_checked() -> None:
     config = PipelineConfig(stt="moonshine", stt_workers=2, moonshine_partial_interval_ms=0)
     assert config.moonshine_config() == MoonshineConfig(workers=2, partial_interval_ms=0)
-    with pytest.raises(ValueError, match="partial_interval_ms must be >= 0"):
+    with pytest.raises(ValueError, match="partial_interval_ms and quiet_decode_ms must be >= 0"):
         MoonshineConfig(partial_interval_ms=-1)
 
 
