@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import os
 from collections.abc import AsyncIterator, Iterator
 
@@ -207,6 +208,9 @@ async def test_truncate_cuts_what_the_model_heard(events: Events) -> None:
                            "content_index": 0, "audio_end_ms": audio_ms * 2})  # fmt: skip
     past = await events.next("error")
     assert (past["error"]["code"], past["error"]["param"]) == ("invalid_value", "audio_end_ms")
+    await connection.response.create(response={"output_modalities": ["text"]})
+    after = (await events.next("response.done"))["response"]["usage"]["input_token_details"]
+    assert after["audio_tokens"] == math.ceil(audio_ms // 2 / 50), after  # what is left of it
 
 
 async def test_bad_input_gets_openai_errors_and_the_session_goes_on(events: Events) -> None:

@@ -240,8 +240,8 @@ class EngineEventTranslator(ResponseLedger[_Response]):
     def truncate(self, item_id: str, audio_end_ms: int) -> tuple[str, str] | None:
         """(full text, text heard in ``audio_end_ms``) of an assistant item whose audio went out
         in deltas; None for any other item. The cut is proportional to the audio (at a word
-        boundary): the text-to-audio ledger ends with its response. Raises EventError when
-        ``audio_end_ms`` is past the item's audio."""
+        boundary): the text-to-audio ledger ends with its response; the item's audio is that
+        long from now on. Raises EventError when ``audio_end_ms`` is past the item's audio."""
         sent_ms = self.audio_ms.get(item_id)
         item = self.items.get(item_id)
         if sent_ms is None or item is None or item.get("role") != "assistant":
@@ -253,6 +253,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         heard = _heard_part(full, audio_end_ms / sent_ms if sent_ms else 0.0)
         if item["content"]:
             item["content"][0]["transcript"] = heard
+        self.audio_ms[item_id] = min(sent_ms, float(audio_end_ms))  # the audio left in it
         return full, heard
 
     def _speech_started(self, event: ev.SpeechStartedEvent) -> list[Event]:
