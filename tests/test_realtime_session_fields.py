@@ -255,6 +255,13 @@ async def test_reasoning_and_tracing_are_reported_prompt_and_include_refused(
         assert (error["code"], error["param"]) == (code, param), error
     kept = await _session(events, {"prompt": None, "include": []})
     assert kept["instructions"] != "Lost." and kept["reasoning"] == {"effort": "low"}
+    for response, param in [
+        ({"prompt": {"id": "pmpt_123"}}, "response.prompt"),
+        ({"reasoning": {"effort": "max"}}, "response.reasoning.effort"),
+    ]:  # a response's own are read as a session's
+        create = {"type": "response.create", "response": response}
+        error = await error_for(events, json.dumps(create))
+        assert (error["code"], error["param"]) == ("invalid_value", param), error
 
 
 async def test_transcription_keywords_and_languages_reach_the_speech_to_text(

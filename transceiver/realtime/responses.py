@@ -13,8 +13,9 @@ Pure protocol layer. ``plan_response`` reads the object as OpenAI's GA API defin
   (system, user, assistant text) and ``item_reference``s to items of the session;
 - ``metadata``: up to 16 string pairs, reported back in ``response.created``/``done``.
 
-``parallel_tool_calls``, ``prompt`` and ``reasoning`` are accepted and have no effect, as in a
-session; any other key is ``unknown_parameter``.
+``parallel_tool_calls``, ``prompt`` and ``reasoning`` are read as a session's
+(``session_fields``): the first and the last validated and without effect, a saved prompt
+refused; any other key is ``unknown_parameter``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ RESPONSE_KEYS = frozenset({
     "audio", "conversation", "input", "instructions", "max_output_tokens", "metadata",
     "output_modalities", "parallel_tool_calls", "prompt", "reasoning", "tool_choice", "tools",
 })  # fmt: skip
-AS_IN_A_SESSION = ("instructions", "tools", "tool_choice", "output_modalities", "max_output_tokens")
+AS_IN_A_SESSION = (
+    "instructions", "tools", "tool_choice", "output_modalities", "max_output_tokens",
+    "parallel_tool_calls", "prompt", "reasoning",
+)  # fmt: skip
 MAX_METADATA_PAIRS = 16  # OpenAI's bounds: keys up to 64 characters, values up to 512
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
