@@ -4,16 +4,19 @@ Pure. When the conversation (everything after the instructions) holds more than
 ``budget_tokens``, its oldest messages are left out until it holds at most
 ``retention_ratio`` of the budget, so the next turns fit without another cut; the newest
 message is always sent. A cut never starts the context inside a tool round: a tool result
-whose call was left out is left out too. The conversation itself keeps every message (the
-client's items, the stored history); only what one model request is sent is cut.
+whose call was left out is left out too (the newest one keeps its call). The conversation
+itself keeps every message (the client's items, the stored history); only what one model
+request is sent is cut.
 
 Tokens are estimated, not counted with the model's tokenizer: ``CHARS_PER_TOKEN`` characters
 of a message's text, tool calls and arguments per token, and ``MESSAGE_OVERHEAD_TOKENS`` for
 each message's framing (OpenAI's rule of thumb for English text is four characters a token).
 
-Each request is cut afresh from the whole conversation: one that is over the budget is cut to
-the retained share every time (OpenAI keeps the point it cut at, so its context grows back to
-the budget before the next cut).
+The cut is where OpenAI's would be had a model request followed every message: the context
+grows back to the budget before it is cut again, so its start stays put between cuts (and
+the model's prompt cache with it). Reckoned from the whole conversation at each request, it
+needs no state, and an edited conversation (an item deleted, inserted, truncated) is cut as
+it now is.
 """
 
 from __future__ import annotations
@@ -40,21 +43,28 @@ class ContextWindow:
 
     def view(self, history: Sequence[Message]) -> list[Message]:
         """The messages a model request is sent, oldest first."""
-        kept = list(history)
-        if self.budget_tokens is None or _tokens(kept) <= self.budget_tokens:
-            return kept
-        target = self.retention_ratio * self.budget_tokens
-        total = _tokens(kept)
-        while len(kept) > 1 and (total > target or kept[0].role == "tool"):
-            total -= estimated_tokens(kept.pop(0))
-        return kept
+        if self.budget_tokens is None:
+            return list(history)
+        return list(history[self._start(history, self.budget_tokens) :])
+
+    def _start(self, history: Sequence[Message], budget_tokens: int) -> int:
+        """The first message kept: each message in turn is added, and once the kept ones are
+        over the budget the oldest are left out until the retained share remains."""
+        target = self.retention_ratio * budget_tokens
+        start, total = 0, 0
+        for end, message in enumerate(history):
+            total += estimated_tokens(message)
+            if total <= budget_tokens:
+                continue
+            while start < end and (total > target or history[start].role == "tool"):
+                total -= estimated_tokens(history[start])
+                start += 1
+        while start > 0 and history[start].role == "tool":  # the newest: keep its call
+            start -= 1
+        return start
 
 
 def estimated_tokens(message: Message) -> int:
     chars = len(message.content)
     chars += sum(len(call.name) + len(call.arguments) for call in message.tool_calls)
     return MESSAGE_OVERHEAD_TOKENS + -(-chars // CHARS_PER_TOKEN)
-
-
-def _tokens(messages: Sequence[Message]) -> int:
-    return sum(estimated_tokens(message) for message in messages)
