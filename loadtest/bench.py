@@ -89,10 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         results["e2e_by_media_path"] = e2e_paths
         # turn latency through a network namespace: 5 % loss, 40 +- 8 ms delay, a 300 ms outage
         results["impaired"] = run_optional(progress, "bench_impaired", "run_impaired_bench")
+        # the transceiver's CPU per call-second, lean against aiortc in the same run (a ratio)
+        results["media_cost"] = run_optional(progress, "media_cost", "run_media_cost_bench")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     png = report.plot(results, args.out / "bench.png")
     print("\n" + report.render(results))
+    if "media_cost" in results:
+        title = "Transceiver CPU per call-second, API-offloaded calls (1000 / it = calls per core)"
+        print("\n" + report.metrics_text(title, results["media_cost"]))
     if "skipped" not in e2e_paths and e2e_paths:
         from loadtest.bench_e2e import e2e_report
 

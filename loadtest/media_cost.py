@@ -3,18 +3,20 @@
 For each media path asked (``--paths lean,aiortc``, in that order, in the same run): the local
 stack with the OpenAI-compatible providers against the fake OpenAI server (``voice_scenario``'s
 ``--local api``), ``--calls`` lean load-test calls (``voice_calls.VoiceCall``: pre-encoded
-Opus, a packet every 20 ms, speech or silence) asking questions back to back, and, after
-``--warmup-s``, a window of ``--window-s`` over which the transceiver's CPU is read from /proc
-per thread (utime + stime of ``/proc/PID/task/*/stat``: native threads of onnxruntime, BLAS or
-libopus show up by name) and of its child processes. The primary figure is
-``cpu_ms_per_call_s`` (1000 / it = calls per core); beside it the turn latency (speech end ->
-the answer's first loud packet, at the client) of the turns answered in the window, failed
+Opus, a packet every 20 ms, speech or silence) each asking a question every ``--turn-every-s``
+(8 s; later if its last turn is not over, so that the work per call-second does not follow the
+latency), and, after ``--warmup-s``, a window of ``--window-s`` over which the transceiver's CPU
+is read from /proc per thread (utime + stime of ``/proc/PID/task/*/stat``: native threads of
+onnxruntime, BLAS or libopus show up by name) and of its child processes. The primary figure
+is ``cpu_ms_per_call_s`` (1000 / it = calls per core); beside it the turn latency (speech end
+-> the answer's first loud packet, at the client) of the turns answered in the window, failed
 turns, and ``/proc/loadavg`` before and after (the machine is shared).
 
 ``--sample-stacks DIR`` has the transceiver sample its own Python stacks
 (``loadtest.stack_sampler``, started by a ``sitecustomize`` this puts first on its
 ``PYTHONPATH``) during the window: ``DIR/<path>.collapsed``, one ``frame;frame;... count``
-line per stack (flame-graph input), and the top of it by leaf function is printed.
+line per stack (flame-graph input); the result gives the share of each of ``STAGES`` in ms per
+call-second, and the top functions.
 
 The client runs on this machine too: its CPU is not the server's and is not counted.
 """
@@ -55,6 +57,7 @@ BUDGET_ENV = "TRANSCEIVER_CPU_BUDGET_CORES"  # 0: admission by measured CPU off 
 SAMPLE_ENV = "VOICERELAY_STACK_SAMPLES"  # read by loadtest.stack_sampler in the transceiver
 SETUP_SPREAD_S = 0.05  # between two calls' offers: setup is not what is measured
 STOP_TIMEOUT_S = 30.0  # for the calls' tasks to end once told
+TURN_EVERY_S = 8.0  # each call asks a question this often (a turn takes ~3 s unloaded)
 
 
 # Stages of a call's CPU, by a frame on the sampled stack (the first listed that is on it).
@@ -132,10 +135,17 @@ class Window:
     turns_all: int = 0
 
 
-async def _ask(call: VoiceCall, questions: Questions, first: int, window: Window) -> None:
-    """Questions back to back until cancelled; a failed turn ends the call."""
+async def _ask(
+    call: VoiceCall, questions: Questions, first: int, window: Window, every_s: float
+) -> None:
+    """A question every ``every_s`` (or as soon as the last turn is over, if later) until
+    cancelled: the same work per call-second whatever the latency. A failed turn ends the call."""
     count = len(questions.questions)
+    loop = asyncio.get_running_loop()
+    due_s = loop.time()
     while True:
+        await asyncio.sleep(max(0.0, due_s - loop.time()))  # pacing the workload
+        due_s = max(due_s + every_s, loop.time())
         try:
             result = await call.turn(questions.questions[(first + call.turns_done) % count])
         except CallFailed as failure:
@@ -171,6 +181,7 @@ async def measure_calls(
     warmup_s: float,
     window_s: float,
     samples: Path | None = None,
+    turn_every_s: float = TURN_EVERY_S,
 ) -> dict[str, Any]:
     """Connect ``calls``, let them talk ``warmup_s``, then read the CPU over ``window_s``
     (and, with ``samples``, have the transceiver sample its stacks meanwhile)."""
@@ -178,7 +189,10 @@ async def measure_calls(
     async with httpx.AsyncClient(timeout=SETUP_TIMEOUT_S) as http:
         made = await _connect_all(url, questions, calls, http, metronome)
         loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(_ask(c, questions, i, window)) for i, c in enumerate(made)]
+        tasks = [
+            loop.create_task(_ask(c, questions, i, window, turn_every_s))
+            for i, c in enumerate(made)
+        ]
         try:
             await asyncio.sleep(warmup_s)  # a measuring window's start, not a synchronisation
             before, load_before, began = thread_cpu_s(pid), load_average(), time.monotonic()
@@ -276,7 +290,14 @@ def run_path(path: str, questions: Questions, args: argparse.Namespace) -> dict[
         pid = target.transceivers[0].pid
         result = asyncio.run(
             measure_calls(
-                target.url, pid, questions, args.calls, args.warmup_s, args.window_s, samples
+                target.url,
+                pid,
+                questions,
+                args.calls,
+                args.warmup_s,
+                args.window_s,
+                samples,
+                args.turn_every_s,
             )
         )
     result["media_path"] = path
@@ -293,12 +314,35 @@ def run_path(path: str, questions: Questions, args: argparse.Namespace) -> dict[
     return result
 
 
+BENCH_CALLS = 16
+BENCH_PATHS = ("lean", "aiortc")  # aiortc: the reference the lean path's ratio is taken against
+
+
+def run_media_cost_bench(calls: int = BENCH_CALLS) -> dict[str, Any]:
+    """``make bench``'s figures: CPU per call-second and calls per core of each media path, in
+    one run, and the lean path's CPU as a ratio of aiortc's (the same calls, the same load)."""
+    args = argparse.Namespace(
+        calls=calls, warmup_s=10.0, window_s=30.0, sample_stacks=None, turn_every_s=TURN_EVERY_S
+    )
+    questions = asyncio.run(spoken_questions())
+    figures: dict[str, Any] = {"calls": calls}
+    for path in BENCH_PATHS:
+        result = run_path(path, questions, args)
+        for key in ("cpu_ms_per_call_s", "calls_per_core", "turn_ms_p95", "loadavg_before"):
+            figures[f"{path}_{key}"] = result[key]
+        figures[f"{path}_failed_turns"] = sum(result["failed_turns"].values())
+    lean, reference = figures["lean_cpu_ms_per_call_s"], figures["aiortc_cpu_ms_per_call_s"]
+    figures["lean_to_aiortc_cpu_ratio"] = round(lean / reference, 3) if reference else None
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.media_cost", description=__doc__)
     parser.add_argument("--paths", default="lean,aiortc", help="media paths, in order")
     parser.add_argument("--calls", type=int, default=16)
     parser.add_argument("--warmup-s", type=float, default=10.0)
     parser.add_argument("--window-s", type=float, default=30.0)
+    parser.add_argument("--turn-every-s", type=float, default=TURN_EVERY_S)
     parser.add_argument("--sample-stacks", type=Path, default=None, metavar="DIR")
     parser.add_argument("--out", type=Path, default=None, help="write the results (JSON)")
     args = parser.parse_args(argv)
