@@ -56,10 +56,11 @@ class VadConfig:
     silence_duration_ms: int = 500
     min_speech_ms: int = 60
     # semantic_vad: at a pause this long the end-of-turn model decides (pipeline.end_of_turn);
-    # "not done" waits on up to silence_duration_ms. 100 ms, not 200: as few sentences cut at
-    # a mid-sentence pause, 100 ms sooner (python -m loadtest.bench_end_of_turn)
+    # "not done" waits on up to silence_duration_ms. 200 ms: asked sooner, at 150 or 100 ms,
+    # it splits people's complete sentences at their breaths (3 and 7 of 10 recorded ones:
+    # python -m loadtest.bench_end_of_turn_recorded), though not piper's
     semantic: bool = False
-    decision_pause_ms: int = 100
+    decision_pause_ms: int = 200
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:

@@ -365,8 +365,8 @@ async def test_a_semantic_vad_session_update_ends_the_engines_turn_at_the_short_
         engine.reconfigure(semantic)
         semantic_end_ms = await turn_end_ms(engine, pcm, model)
         await engine.wait_idle(timeout_s=60)
-    # asked at the 100 ms pause, its verdict read on the next frame or the one after
-    assert window_end_ms - 400 <= semantic_end_ms <= window_end_ms - 360
+    # asked at the 200 ms pause, its verdict read on the next frame or the one after
+    assert window_end_ms - 300 <= semantic_end_ms <= window_end_ms - 260
 
 
 async def converse(engine: ConversationEngine, pcm: bytes, model: EndOfTurn) -> list[Any]:

@@ -34,11 +34,12 @@ const SILENT_RESUME_MS = 2500;
 const SILENCE_POLL_MS = 250;
 const RESUME_ATTEMPTS = 5;
 const RESUME_BACKOFF_MS = 500;
-// The session a new call asks for. semantic_vad: the end-of-turn model decides at a 100 ms
+// The session a new call asks for. semantic_vad: the end-of-turn model decides at a 200 ms
 // pause (its "not yet" waits for eagerness auto's 700 ms window), so a finished question is
-// answered ~400 ms sooner than with server_vad's 500 ms window, and a sentence paused in the
-// middle is cut less often (python -m loadtest.bench_end_of_turn). ?turn_detection=server_vad
-// asks for the window alone; ?eagerness= sets semantic_vad's.
+// answered ~300 ms sooner than with server_vad's 500 ms window, and a sentence paused in the
+// middle is cut less often (python -m loadtest.bench_end_of_turn, and _recorded for people's
+// speech). ?turn_detection=server_vad asks for the window alone; ?eagerness= sets
+// semantic_vad's.
 const SESSION = {
   type: "realtime",
   audio: { input: { turn_detection: turnDetection(params) } },
