@@ -14,7 +14,7 @@ are validated at load with a message naming the variable. Provider choice per st
   ``rule`` is the rule-based agent (``pipeline.local_agent``); ``local`` a language model run
   in the process (``pipeline.llama_llm``, the ``local-llm`` install extra), with the rule-based
   agent in its place when the extra is missing or the model does not load.
-- Unset stages default to offline (pocketsphinx, rule, piper), unless ``OPENAI_API_KEY`` or
+- Unset stages default to offline (moonshine, rule, piper), unless ``OPENAI_API_KEY`` or
   ``OPENAI_BASE_URL`` is set: then to ``openai``.
 - ``llm_api``: ``chat`` (Chat Completions, the default) | ``responses`` (the Responses API,
   ``pipeline.openai_responses``): how the ``openai`` language model asks its backend.
@@ -150,7 +150,9 @@ class PocketsphinxConfig:
 @dataclass(frozen=True)
 class MoonshineConfig:
     workers: int = 1  # loaded models (~150 MB each), one thread each
-    partial_interval_ms: int = 1000  # a partial after this much new audio; 0: none
+    # a partial after this much new audio (each costs a pass over the audio so far); 0: none,
+    # but the one at each pause (quiet_decode_ms)
+    partial_interval_ms: int = 0
     model_dir: str = ""  # "": the model inside the installed moonshine-voice wheel
     # the speech paused this long (under quiet_level, RMS of full scale): decode it now, and
     # that decode is the final if only quiet audio follows; 0: decode only at the end
@@ -286,7 +288,7 @@ class PipelineConfig:
     instructions: str = ""
     knowledge_file: str = ""  # "" = the sample shipped in pipeline/data/knowledge.md
     stt_workers: int = 0  # pocketsphinx decoder processes, moonshine models; 0: pool_size
-    moonshine_partial_interval_ms: int = 1000  # 0: no partial transcripts
+    moonshine_partial_interval_ms: int = 0  # 0: partials only at pauses
     stt_stall_release_ms: int = 1000
     pool_size: int = 0  # slots per heavy offline stage (STT, TTS); 0: the usable cores
     pool_max_wait_ms: int = 500  # a job waited longer for a slot: the pool is saturated
@@ -331,7 +333,7 @@ class PipelineConfig:
         hosted = bool(environ.get("OPENAI_API_KEY") or environ.get("OPENAI_BASE_URL"))
         return replace(
             self,
-            stt=self.stt or ("openai" if hosted else "pocketsphinx"),
+            stt=self.stt or ("openai" if hosted else "moonshine"),  # loadtest/bench_stt.py
             llm=self.llm or ("openai" if hosted else "rule"),
             tts=self.tts or ("openai" if hosted else "piper"),
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -198,7 +199,7 @@ async def test_spoken_question_is_transcribed_answered_and_heard(voice_page: Pag
     await wait_event(page, "e.type === 'input_audio_buffer.speech_stopped'")
     done = "e.type === 'conversation.item.input_audio_transcription.completed'"
     transcript = (await wait_event(page, done))["transcript"]
-    assert "moon" in transcript.lower().split(), transcript
+    assert "moon" in re.findall(r"[a-z']+", transcript.lower()), transcript
     response = await wait_event(page, "e.type === 'response.done'")
     assert response["response"]["status"] == "completed", response
     await wait_event(page, "e.type === 'output_audio_buffer.stopped'")
@@ -228,7 +229,7 @@ async def test_barge_in_clears_the_answer_and_answers_the_new_question(voice_pag
     await wait_event(page, done)
     transcripts = await events_of(page, "conversation.item.input_audio_transcription.completed")
     assert len(transcripts) >= 2, transcripts
-    assert "time" in transcripts[-1]["transcript"].lower().split(), transcripts
+    assert "time" in re.findall(r"[a-z']+", transcripts[-1]["transcript"].lower()), transcripts
     first_done = [
         e for e in await events_of(page, "response.done") if e["response"]["id"] == first_id
     ]

@@ -15,6 +15,7 @@ while the call itself costs a few hundredths of one.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -129,7 +130,8 @@ async def test_a_pipeline_call_costs_each_part_at_most_a_fifth_of_a_core(
         # sends is the media path's choice (aiortc: every 20 ms; lean: every 200 ms).
         await client.wait_for("session.created")
         await eventually(lambda: len(client.heard) >= 1, MEDIA_TIMEOUT_S, "the agent's audio")
-        assert descendants(stack.transceivers[0].pid), "the pipeline started no worker"
+        # the default speech-to-text (Moonshine) decodes on threads of the transceiver itself;
+        # pocketsphinx's decoder processes would be counted as its descendants
         asked = len(client.events)
 
         async def ask() -> None:
@@ -138,5 +140,5 @@ async def test_a_pipeline_call_costs_each_part_at_most_a_fifth_of_a_core(
 
         used = await measured(stack, ask)  # asked, recognised, answered within the window
     heard = await client.wait_for("conversation.item.input_audio_transcription.completed")
-    assert "coffee" in heard["transcript"].split(), heard
+    assert "coffee" in re.findall(r"[a-z']+", heard["transcript"].lower()), heard
     assert_within_bound(used)

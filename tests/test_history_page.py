@@ -242,7 +242,7 @@ def check_a_spoken_turn(turn: dict[str, Any]) -> None:
     assert heard["after_origin_ms"] == heard["after_speech_stopped_ms"], heard
     assert turn["timeline_ms"]["first_frame_out"] == latency["voice_to_voice"]
     stages = turn["stages"]
-    assert stages["stt"] == {"provider": "pocketsphinx", "model": None}, stages
+    assert stages["stt"] == {"provider": "moonshine", "model": None}, stages
     assert stages["llm"] == {"provider": "local-rule-based", "model": None}, stages
     assert stages["tts"]["provider"].startswith("piper"), stages
     usage = turn["usage"]

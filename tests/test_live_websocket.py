@@ -14,6 +14,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -107,7 +108,7 @@ async def test_a_spoken_turn_is_heard_answered_and_the_session_closes(
     assert session["audio"]["format"] == {"type": "audio/pcm", "rate": RATE_HZ}
     await speak(connection, question)
     heard = await live.next("session.input_transcript.delta")
-    assert "moon" in heard["delta"].lower().split(), heard
+    assert "moon" in re.findall(r"[a-z']+", heard["delta"].lower()), heard
     await live.next("session.usage.updated")
     said = "".join(e["delta"] for e in live.of("session.output_transcript.delta"))
     assert said.startswith("You said:") and "moon" in said.lower(), said

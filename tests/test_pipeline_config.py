@@ -11,7 +11,7 @@ from pipeline.config import ConfigError, PipelineConfig, add_config_flags, confi
 
 def test_defaults_are_offline_without_openai_settings() -> None:
     config = PipelineConfig.from_env({}).resolved({})
-    assert (config.stt, config.llm, config.tts) == ("pocketsphinx", "rule", "piper")
+    assert (config.stt, config.llm, config.tts) == ("moonshine", "rule", "piper")
 
 
 @pytest.mark.parametrize("variable", ["OPENAI_API_KEY", "OPENAI_BASE_URL"])

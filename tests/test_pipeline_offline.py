@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import wave
@@ -144,7 +145,7 @@ async def test_round_trip_answer_is_heard_and_every_timestamp_is_in_order(
         engine.push_audio(silence(300) + question + silence(1000))
         seen = await collect_until(engine, turn_done(1))
     (record,) = records(seen)
-    assert "moon" in record.transcript.split()
+    assert "moon" in re.findall(r"[a-z']+", record.transcript.lower())
     assert record.heard_text == MOON.answer and not record.interrupted
     stamps = [getattr(record, f"{moment}_s") for moment in MOMENTS if moment != "llm_last_token"]
     assert None not in stamps and stamps == sorted(stamps)
@@ -328,7 +329,7 @@ async def test_cli_runs_a_two_turn_conversation_from_a_wav_file(
     first, second = [json.loads(line) for line in done.stdout.splitlines()]
     assert (first["turn"], second["turn"]) == (1, 2)
     assert "coffee" in first["transcript"] and first["heard_text"].startswith("Coffee is made")
-    assert second["heard_text"] == f"You asked: {first['transcript']}."
+    assert second["heard_text"] == f"You asked: {first['transcript'].rstrip('?.! ')}."
     with wave.open(str(tmp_path / "answer.wav")) as answer:
         assert answer.getframerate() == OUT_RATE_HZ and answer.getnframes() > OUT_RATE_HZ * 3
 
@@ -340,7 +341,8 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
     invalid = run_cli("--in", str(tmp_path / "text.wav"), "--out", str(tmp_path / "a.wav"))
     assert invalid.returncode == 2 and "not a readable WAV file" in invalid.stderr
     bad = run_cli("--in", str(tmp_path / "text.wav"), "--out", "x", env={"PIPELINE_STT": "vosk"})
-    assert bad.returncode == 2 and "PIPELINE_STT must be one of pocketsphinx, openai" in bad.stderr
+    choices = "PIPELINE_STT must be one of pocketsphinx, moonshine, openai"
+    assert bad.returncode == 2 and choices in bad.stderr
     flag = run_cli("--in", "x", "--out", "y", "--vad-threshold", "loud")
     assert (
         flag.returncode == 2 and "PIPELINE_VAD_THRESHOLD" in flag.stderr and "'loud'" in flag.stderr

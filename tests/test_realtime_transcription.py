@@ -155,7 +155,7 @@ async def test_a_spoken_sentence_is_transcribed_in_deltas_and_never_answered(
     assert added["item"]["id"] == item_id and added["item"]["role"] == "user", added
     completed = await events.next(f"{TRANSCRIBED}.completed")
     assert completed["item_id"] == item_id
-    assert "moon" in completed["transcript"].lower().split(), completed
+    assert "moon" in re.findall(r"[a-z']+", completed["transcript"].lower()), completed
     deltas = [e for e in events.of(f"{TRANSCRIBED}.delta") if e["item_id"] == item_id]
     assert deltas and all(e["delta"] for e in deltas), events.types()
     usage = completed["usage"]
@@ -183,7 +183,7 @@ async def test_push_to_talk_commit_is_transcribed(transcribing: Events, question
     committed = await events.next("input_audio_buffer.committed")
     completed = await events.next(f"{TRANSCRIBED}.completed")
     assert completed["item_id"] == committed["item_id"]
-    assert "moon" in completed["transcript"].lower().split(), completed
+    assert "moon" in re.findall(r"[a-z']+", completed["transcript"].lower()), completed
     assert completed["usage"]["seconds"] == pytest.approx(len(question) / 48_000, abs=0.05)
     assert "input_audio_buffer.speech_started" not in events.types()
     assert answered(events.seen) == [], events.types()
@@ -226,7 +226,7 @@ async def test_a_client_secret_for_a_transcription_session_transcribes_a_webrtc_
         assert peer.events[0]["session"]["type"] == "transcription", peer.events[0]
         peer.mic.say(spoken)
         completed = await peer.wait_for(f"{TRANSCRIBED}.completed", timeout_s=60)
-        assert "moon" in completed["transcript"].lower().split(), completed
+        assert "moon" in re.findall(r"[a-z']+", completed["transcript"].lower()), completed
         item_id = completed["item_id"]
         assert [e for e in peer.events if e["type"] == f"{TRANSCRIBED}.delta"], peer.types()
         assert completed["usage"]["type"] == "duration" and completed["usage"]["seconds"] > 0.8
