@@ -19,8 +19,9 @@ has played unless earlier audio still plays; ``play_after`` holds this response'
 until the earlier responses' audio has played.
 
 An answer started before its turn has ended (at a pause, while the end-of-turn model decides)
-is ``held`` (:class:`HeldEvents`): it writes and speaks, but its events wait, and it plays and
-ends only once released (the user was done); if the user goes on it is cancelled unheard.
+is ``held`` (:class:`HeldEvents`): it writes and speaks its first chunk, but its events wait,
+and it speaks on, plays and ends only once released (the user was done); if the user goes on
+it is cancelled unheard.
 """
 
 from __future__ import annotations
@@ -235,6 +236,8 @@ class SpokenResponse:
         audio: asyncio.Queue[bytes | None],
     ) -> None:
         while (text := await chunks.get()) is not None:
+            if self.ledger.total_ms:  # held, an early answer speaks its first chunk only
+                await self._released()  # (leaving the cores to the turn's decision)
             self.recorder.mark("first_tts_request", self._now())
             self.recorder.tts_chars += len(text)
             self.ledger.begin(text)
