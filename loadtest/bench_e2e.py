@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -231,12 +232,22 @@ def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Variant:
+    """What a run changes from the defaults: the page's query (the session it asks for) and
+    the stack's environment."""
+
+    query: str = ""  # e.g. "?turn_detection=server_vad"
+    env: dict[str, str] = field(default_factory=dict)  # e.g. PIPELINE_ANSWER_EARLY=false
+
+
 async def _bench(
     turns: int,
     barge_ins: int,
     media_path: str,
     jitter_target_ms: float | None,
     llm: str = "rule",
+    variant: Variant = Variant(),
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="voicerelay-bench-e2e-") as tmp:
         wav, barge_wav = Path(tmp) / "questions.wav", Path(tmp) / "barge-in.wav"
@@ -244,11 +255,12 @@ async def _bench(
         if barge_ins:
             await bargein.barge_in_wav(barge_wav, barge_ins)
         timeout_s = spoken[-1].end_s + GAP_S + 30.0
-        env = {"TRANSCEIVER_MEDIA_PATH": media_path, "PIPELINE_LLM": llm}
+        env = {"TRANSCEIVER_MEDIA_PATH": media_path, "PIPELINE_LLM": llm, **variant.env}
         with launched(["--agent", "pipeline", "--no-redis"], env=env) as stack:
             done = f"{METRICS_JS}.length >= {turns}"
-            page = await _run_page(stack.url, wav, done, timeout_s, jitter_target_ms)
-            barged = await _barge_in_page(stack.url, barge_wav, barge_ins, jitter_target_ms)
+            url = stack.url + variant.query
+            page = await _run_page(url, wav, done, timeout_s, jitter_target_ms)
+            barged = await _barge_in_page(url, barge_wav, barge_ins, jitter_target_ms)
     result = summarise(turn_latencies(page, stack.lines))
     result["media_path"], result["jitter_target_ms"] = media_path, jitter_target_ms
     result["llm"], result["loadavg"] = llm, _loadavg()
@@ -284,15 +296,17 @@ def run_e2e_bench(
     media_paths: Sequence[str] = ("aiortc", "lean"),
     jitter_target_ms: float | None = None,
     local_llm_path: str | None = "lean",
+    variant: Variant = Variant(),
 ) -> dict[str, Any]:
     """Per media path: median and p90 of the browser-seen turn latency, the share outside
     providers, and first frame out -> heard by stage; then, on ``local_llm_path``, the same
     with the local language model answering (no barge-ins)."""
     results = {
-        path: asyncio.run(_bench(turns, barge_ins, path, jitter_target_ms)) for path in media_paths
+        path: asyncio.run(_bench(turns, barge_ins, path, jitter_target_ms, "rule", variant))
+        for path in media_paths
     }
     if local_llm_path is not None:
-        local = _bench(turns, 0, local_llm_path, jitter_target_ms, llm="local")
+        local = _bench(turns, 0, local_llm_path, jitter_target_ms, "local", variant)
         results[f"{local_llm_path}+local-llm"] = asyncio.run(local)
     return results
 
@@ -304,10 +318,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--media-path", action="append", choices=("aiortc", "lean"))
     parser.add_argument("--jitter-target-ms", type=float, default=None)
     parser.add_argument("--local-llm-path", choices=("aiortc", "lean"), default=None)
+    parser.add_argument("--query", default="", help="the page's query, e.g. ?eagerness=high")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the stack")
     args = parser.parse_args(argv)
     paths = args.media_path or ("aiortc", "lean")
+    variant = Variant(args.query, dict(item.split("=", 1) for item in args.env))
     result = run_e2e_bench(
-        args.turns, args.barge_ins, paths, args.jitter_target_ms, args.local_llm_path
+        args.turns, args.barge_ins, paths, args.jitter_target_ms, args.local_llm_path, variant
     )
     print(json.dumps(result, indent=2))
     return 0
