@@ -24,6 +24,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -364,13 +365,14 @@ async def test_page_resumes_its_session_on_another_transceiver_after_a_sigkill(
         f"\nkill to first answer audio heard in the page: {first_audio_ms:.0f} ms"
         f" (heard: {' '.join(words)!r})"
     )
-    assert "water" in first.question.lower().split(), first
+    assert "water" in re.findall(r"[a-z']+", first.question.lower()), first
     assert first.answer.startswith("Water covers"), first
     assert [state for _, state in timeline][-1] == "resumed", timeline
     assert any(f"{kill.address} refused POST {CALLS_PATH}" in line for line in stack.lines)
-    assert "ask" in second.question.lower().split(), second
+    assert "ask" in re.findall(r"[a-z']+", second.question.lower()), second
     assert second.answer == f"You asked: {first.question.rstrip('?.! ')}.", second
-    assert second.answer.lower() == "you asked: tell me about water.", second
+    # the words of the question as heard (Moonshine hears piper's "about water" as "the bout water")
+    assert "water" in re.findall(r"[a-z']+", second.answer.lower()), second
     assert len(ANSWER_WORDS & set(words)) >= 2, words
     assert after.owner_id != before.owner_id and after.token > before.token
     assert contents(after)[: len(before.items)] == contents(before)
