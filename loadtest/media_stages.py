@@ -2,12 +2,13 @@
 
 A µ-benchmark beside ``loadtest.media_cost`` (which measures whole calls): the same code a
 call runs, without the network. A ``LeanCall`` is given real pylibsrtp sessions (a random key,
-the profile DTLS-SRTP negotiates with browsers) and the pipeline's per-frame consumer (a
-``TurnDetector`` with webrtcvad, at 16 kHz), and is fed SRTP packets of piper's speech encoded
-as a browser sends it (mono voip Opus, 32 kbit/s); outbound, its tick encodes the agent's voice
-(24 kHz, as the TTS gives it). Each stage is timed alone, then the whole inbound path
-(``LeanCall.on_media``: unprotect, parse, reorder, decode, resample, VAD), and an ablation of
-it: the stages taken away one by one, which gives each one's cost in place.
+AES-256-GCM: the profile aiortc's DTLS-SRTP offers first) and the pipeline's per-frame consumer
+(a ``TurnDetector`` with webrtcvad at 16 kHz, the rate the path decodes at), and is fed SRTP
+packets of piper's speech encoded as a browser sends it (mono voip Opus, 32 kbit/s); outbound,
+the stages of a tick that sends the agent's voice (24 kHz, as the TTS gives it). Each stage is
+timed alone, then the whole inbound path (``LeanCall.on_media``: unprotect, parse, reorder,
+decode, VAD), and an ablation of it: as it was (48 kHz and soxr), then its stages taken away
+one by one, which gives each one's cost in place.
 
 CPU time of this process (``time.process_time``), per packet, in µs: a shared machine's other
 load shows up as noise, not as our cost (the machine's load average is printed beside).
@@ -98,6 +99,7 @@ def inbound_stages(packets: list[bytes], runs: int) -> dict[str, float]:
     call = receiving_call(receiver, detector)
     whole = per_run_us(lambda i: call.on_media(srtp[i]), runs)
     decoder = lean_media.OpusDecoder(lean_media.RTP_CLOCK_HZ)
+    decoder16 = lean_media.OpusDecoder(INPUT_RATE_HZ)
     decoded = [decoder.decode(p) or b"" for p in packets]
     resampler = soxr.ResampleStream(lean_media.RTP_CLOCK_HZ, INPUT_RATE_HZ, 1, dtype="int16")
     pcm16 = b"".join(lean_media._resample(resampler, pcm) for pcm in decoded)
@@ -110,6 +112,9 @@ def inbound_stages(packets: list[bytes], runs: int) -> dict[str, float]:
         "srtp unprotect": per_run_us(lambda i: receiver3.unprotect(again[i]), runs),
         "rtp parse": per_run_us(lambda i: lean_media.parse_rtp(plain[i]), runs),
         "opus decode 48 kHz": per_run_us(lambda i: decoder.decode(packets[i % len(packets)]), runs),
+        "opus decode 16 kHz (what the path does)": per_run_us(
+            lambda i: decoder16.decode(packets[i % len(packets)]), runs
+        ),
         "resample 48 -> 16 kHz (soxr)": per_run_us(
             lambda i: lean_media._resample(resampler, decoded[i % len(decoded)]), runs
         ),
@@ -121,17 +126,23 @@ def inbound_stages(packets: list[bytes], runs: int) -> dict[str, float]:
 
 
 def inbound_ablation(packets: list[bytes], runs: int, rounds: int = 5) -> dict[str, float]:
-    """The whole inbound path with its stages taken away one by one (cumulative), each variant
-    on a fresh call, the variants interleaved ``rounds`` times: the median µs per packet. The
+    """The whole inbound path as it is (decoding at 16 kHz) and as it was (48 kHz, then soxr),
+    then with its stages taken away one by one (the consumer, then the decode), each variant on
+    a fresh call, the variants interleaved ``rounds`` times: the median µs per packet. The
     differences are each stage's cost in place (its caches shared with the others), which the
     stages timed alone understate."""
-    steps = ("whole inbound path", "- consumer (VAD, turns)", "- soxr", "- opus decode")
+    steps = (
+        "whole inbound path",
+        "whole, decoded at 48 kHz + soxr",
+        "- consumer (VAD, turns)",
+        "- opus decode",
+    )
     timings: dict[str, list[float]] = {step: [] for step in steps}
     for _ in range(rounds):
-        for depth, step in enumerate(steps):
+        for step in steps:
             sender, receiver = srtp_pair()
             srtp = protected([packets[i % len(packets)] for i in range(runs)], sender)
-            call = _ablated(receiver, depth)
+            call = _ablated(receiver, step)
             timings[step].append(per_run_us(_feeding(call, srtp), runs))
     return {f"ablation: {step}": statistics.median(us) for step, us in timings.items()}
 
@@ -140,16 +151,19 @@ def _feeding(call: lean_media.LeanCall, srtp: list[bytes]) -> Callable[[int], No
     return lambda index: call.on_media(srtp[index])
 
 
-def _ablated(receiver: pylibsrtp.Session, depth: int) -> lean_media.LeanCall:
+def _ablated(receiver: pylibsrtp.Session, step: str) -> lean_media.LeanCall:
     config = VadConfig()
     classify = webrtc_classifier(config, INPUT_RATE_HZ)
     call = receiving_call(receiver, TurnDetector(config, INPUT_RATE_HZ, classify, time.monotonic))
-    if depth >= 1:
-        call.heard.push = lambda pcm: None
     decoder = call._new_decoder(INPUT_RATE_HZ)
-    if depth >= 2:
-        call._resampler = None
-    if depth >= 3:
+    if step == "whole, decoded at 48 kHz + soxr":
+        call._decoder = lean_media.OpusDecoder(lean_media.RTP_CLOCK_HZ)
+        call._resampler = soxr.ResampleStream(
+            lean_media.RTP_CLOCK_HZ, INPUT_RATE_HZ, 1, dtype="int16"
+        )
+    if step.startswith("-"):
+        call.heard.push = lambda pcm: None
+    if step == "- opus decode":
         frame = bytes(2 * INPUT_RATE_HZ // 50)
         decoder.decode = lambda payload: frame  # type: ignore[method-assign]
     return call

@@ -17,9 +17,10 @@ Inbound, per datagram, straight from the nominated aioice ``StunProtocol.datagra
 transport's own pylibsrtp session (``_rx_srtp``), the RTP header read (:func:`parse_rtp`), the
 packet put in order by a small reorder window (:class:`Reorder`); a lost packet is rebuilt with
 Opus in-band FEC from the next one when it carries LBRR data, else concealed (Opus PLC); the
-payload is decoded inline by libopus (PyAV's bundled copy, through ctypes) at 48 kHz, resampled
-by soxr to the consumer's rate and pushed to it: the same ``push`` that ``audio.pump_input``
-feeds (see ``audio.PcmSource``), or queued as frames for a ``recv()`` consumer (the echo agent).
+payload is decoded inline by libopus (PyAV's bundled copy, through ctypes) straight at the
+consumer's rate when Opus decodes at it (8, 12, 16, 24 or 48 kHz: the pipeline's 16 kHz; else
+at 48 kHz, then soxr) and pushed to it: the same ``push`` that ``audio.pump_input`` feeds (see
+``audio.PcmSource``), or queued as frames for a ``recv()`` consumer (the echo agent).
 
 Outbound: one process-wide 20 ms loop timer (:class:`LeanMedia`) sends for every lean call: the
 next frame of the agent's voice (``AgentVoiceTrack.take``, whose bookkeeping of
@@ -816,15 +817,17 @@ class LeanCall:
             self._deliver(pcm)
 
     def _new_decoder(self, rate_hz: int) -> OpusDecoder:
-        # At 48 kHz, then soxr, as aiortc's path does (``audio.InputResampler``). Decoding
-        # straight at 16 kHz would be the largest cut left on this path (``loadtest.media_stages``
-        # ablation: decode 44 + soxr 27 of 90 us a packet, against ~30 us decoding at 16 kHz),
-        # and offline pocketsphinx hears the same words from both, but with Chromium's stream
-        # it heard "moment" for "moon" in the Chromium and Agents SDK tests each time it was
-        # tried (three runs over two sessions; 48 kHz + soxr: "moon" every time).
-        if rate_hz != RTP_CLOCK_HZ:
-            self._resampler = soxr.ResampleStream(RTP_CLOCK_HZ, rate_hz, 1, dtype="int16")
-        self._decoder = OpusDecoder(RTP_CLOCK_HZ)
+        # Straight at the consumer's rate when libopus decodes at it (the pipeline's 16 kHz), else
+        # at 48 kHz and then soxr: the whole inbound path 54 against 96 us a packet
+        # (``loadtest.media_stages``; alone, decoding 29 against 42 us, plus soxr's 9). Of
+        # the offline speech-to-text models, Moonshine (the default) heard the Chromium and Agents
+        # SDK tests' questions either way; pocketsphinx heard "moment" for "moon" from a 16 kHz
+        # decode of Chromium's stream each of the three times it was tried (from 48 kHz + soxr:
+        # "moon"; offline, on the load tester's questions, the same words from both).
+        decode_hz = rate_hz if rate_hz in OPUS_RATES_HZ else RTP_CLOCK_HZ
+        if decode_hz != rate_hz:
+            self._resampler = soxr.ResampleStream(decode_hz, rate_hz, 1, dtype="int16")
+        self._decoder = OpusDecoder(decode_hz)
         return self._decoder
 
     def _deliver(self, pcm: bytes | None) -> None:
