@@ -12,6 +12,7 @@ utterance and never answers; resumed as the other kind (either way round) it is 
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -281,4 +282,4 @@ async def transcribed(client: RealtimeClient, pcm: bytes) -> list[str]:
     start = len(client.events)
     client.mic.say(pcm)
     completed = await client.wait_for(TRANSCRIBED, after=start, timeout_s=60)
-    return str(completed["transcript"]).lower().replace(".", "").split()
+    return re.findall(r"[a-z']+", str(completed["transcript"]).lower())
