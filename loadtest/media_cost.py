@@ -41,7 +41,7 @@ from typing import Any
 
 import httpx
 
-from loadtest.hosts import CLOCK_TICKS_PER_S, PROC, process_tree
+from loadtest.hosts import CLOCK_TICKS_PER_S, PROC, metric_samples, process_tree
 from loadtest.voice_calls import (
     SETUP_TIMEOUT_S,
     CallFailed,
@@ -182,6 +182,7 @@ async def measure_calls(
     window_s: float,
     samples: Path | None = None,
     turn_every_s: float = TURN_EVERY_S,
+    metrics_url: str = "",
 ) -> dict[str, Any]:
     """Connect ``calls``, let them talk ``warmup_s``, then read the CPU over ``window_s``
     (and, with ``samples``, have the transceiver sample its stacks meanwhile)."""
@@ -195,6 +196,7 @@ async def measure_calls(
         ]
         try:
             await asyncio.sleep(warmup_s)  # a measuring window's start, not a synchronisation
+            packets_before = await lean_packets(http, metrics_url)  # its CPU outside the window
             before, load_before, began = thread_cpu_s(pid), load_average(), time.monotonic()
             window.open = True
             if samples is not None:
@@ -202,6 +204,7 @@ async def measure_calls(
             await asyncio.sleep(window_s)  # the window itself
             window.open = False
             after, wall_s = thread_cpu_s(pid), time.monotonic() - began
+            packets_after = await lean_packets(http, metrics_url)
             if samples is not None:
                 os.kill(pid, signal.SIGUSR2)  # stop and write
                 await _written(samples)
@@ -212,7 +215,28 @@ async def measure_calls(
             for call in made:
                 await call.close()
             metronome.close()
-    return _figures(calls, before, after, wall_s, window, load_before)
+    figures = _figures(calls, before, after, wall_s, window, load_before)
+    for kind, count in packets_after.items():  # the load the CPU carried: ~50 in a second
+        moved = count - packets_before.get(kind, 0.0)
+        figures[f"lean_{kind}_per_call_s"] = round(moved / (calls * wall_s), 1)
+    return figures
+
+
+LEAN_EVENTS = "transceiver_lean_media_events_total"
+PACKET_KINDS = {"rtp_in": ("rtp_in",), "rtp_out": ("rtp_out", "rtp_keepalive", "rtp_talkspurt_end")}
+
+
+async def lean_packets(http: httpx.AsyncClient, metrics_url: str) -> dict[str, float]:
+    """The lean path's RTP packets in and out so far (its /metrics); {} on the aiortc path."""
+    if not metrics_url:
+        return {}
+    text = (await http.get(metrics_url)).text
+    events = metric_samples(text, LEAN_EVENTS)
+    counts = {
+        name: sum(events.get(f"{LEAN_EVENTS}{{kind={kind}}}", 0.0) for kind in kinds)
+        for name, kinds in PACKET_KINDS.items()
+    }
+    return counts if any(counts.values()) else {}
 
 
 async def _written(path: Path) -> None:
@@ -298,6 +322,7 @@ def run_path(path: str, questions: Questions, args: argparse.Namespace) -> dict[
                 args.window_s,
                 samples,
                 args.turn_every_s,
+                target.transceivers[0].url.rstrip("/") + "/metrics",
             )
         )
     result["media_path"] = path
