@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from pipeline.playout import FrameSlicer, PlayoutLedger
 from pipeline.turns import TurnRecorder
+from transceiver.metrics import RealtimeMetrics
 
 
 def test_durations_and_overhead_come_from_the_marks_and_provider_time() -> None:
@@ -67,3 +69,36 @@ def test_frames_are_cut_exactly_and_the_tail_is_padded() -> None:
     assert slicer.flush() == [b"ij\0\0"] and slicer.flush() == []
     with pytest.raises(ValueError, match="positive even number"):
         FrameSlicer(3)
+
+
+def test_an_early_answers_record_takes_in_the_turns_and_is_counted() -> None:
+    """The answer started before the turn ended keeps its own moments (written before the
+    turn's end: negative stages) and takes the turn's; the turn's discarded answers count."""
+    turn = TurnRecorder(3, "stt", "llm", "tts", transcript="hello there", input_audio_s=1.2)
+    turn.mark("speech_started", 10.0)
+    turn.mark("stt_final", 11.1)
+    turn.mark("speech_stopped", 11.3)
+    turn.provider_busy(10.5, 11.1)
+    turn.early_answers_discarded = 2
+    answer = TurnRecorder(3, "stt", "llm", "tts")
+    answer.mark("llm_first_token", 11.15)
+    answer.mark("first_tts_request", 11.15)
+    answer.absorb(turn)
+    answer.mark("first_tts_audio", 11.35)
+    answer.mark("first_frame_out", 11.36)
+    record = answer.finish(interrupted=False)
+    assert record.answered_early and record.early_answers_discarded == 2
+    assert (record.transcript, record.input_audio_s) == ("hello there", 1.2)
+    assert record.stt_ms == pytest.approx(-200) and record.llm_first_token_ms == pytest.approx(50)
+    assert record.speech_stopped_to_first_frame_ms == pytest.approx(60)
+    registry = CollectorRegistry()
+    metrics = RealtimeMetrics(registry)
+    metrics.turn(record, None)
+    metrics.turn(TurnRecorder(4).finish(interrupted=False), None)
+
+    def early(outcome: str) -> float | None:
+        return registry.get_sample_value("transceiver_early_answers_total", {"outcome": outcome})
+
+    assert (early("used"), early("discarded")) == (1, 2)
+    stt = {"stage": "stt"}
+    assert registry.get_sample_value("transceiver_turn_stage_seconds_sum", stt) == 0  # not < 0
