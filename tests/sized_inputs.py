@@ -9,6 +9,8 @@ text of exactly ``size`` bytes, the room between prefix and suffix filled with a
 
 from __future__ import annotations
 
+import hashlib
+
 from hypothesis import strategies as st
 
 
@@ -30,12 +32,19 @@ def mutated(draw: st.DrawFn, payload: bytes, max_changes: int = 8) -> bytes:
     return bytes(data)
 
 
-def padded_json(prefix: str, suffix: str, size: int) -> bytes:
-    """``prefix + '"xxx…"' + suffix`` of exactly ``size`` bytes (ASCII)."""
+def padded_json(prefix: str, suffix: str, size: int, *, varied: bool = False) -> bytes:
+    """``prefix + '"xxx…"' + suffix`` of exactly ``size`` bytes (ASCII). ``varied`` pads with
+    hex digits that do not repeat, so the string does not shrink when compressed."""
     room = size - len(prefix) - len(suffix) - 2
     if room < 0:
         raise ValueError(f"{size} bytes is too small for {prefix!r}…{suffix!r}")
-    return f'{prefix}"{"x" * room}"{suffix}'.encode("ascii")
+    filler = _varied_hex(room) if varied else "x" * room
+    return f'{prefix}"{filler}"{suffix}'.encode("ascii")
+
+
+def _varied_hex(length: int) -> str:
+    blocks = (hashlib.sha256(str(i).encode()).hexdigest() for i in range(length // 64 + 1))
+    return "".join(blocks)[:length]
 
 
 @st.composite

@@ -145,7 +145,9 @@ async def test_multipart_nested_as_deep_as_the_limit_allows_is_400(
 async def test_secret_bodies_at_the_limit_get_their_normal_error_and_one_byte_more_is_413(
     base_url: str, http: httpx.AsyncClient
 ) -> None:
-    at_limit = padded_json('{"session": {"instructions": ', "}}", MAX_SECRET_REQUEST_BYTES)
+    at_limit = padded_json(
+        '{"session": {"instructions": ', "}}", MAX_SECRET_REQUEST_BYTES, varied=True
+    )
     response = await post(http, base_url, SECRETS, at_limit, "application/json")
     assert error(response, 400)["code"] == "too_large"  # too large for an ek_ secret
     over = padded_json('{"session": {"instructions": ', "}}", MAX_SECRET_REQUEST_BYTES + 1)
