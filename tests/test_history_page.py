@@ -181,7 +181,9 @@ async def test_a_spoken_call_with_a_barge_in_and_a_tool_is_recorded_announced_an
         live = await browser.new_page()
         live_errors: list[str] = []
         live.on("pageerror", lambda exc: live_errors.append(str(exc)))
-        await live.goto(base + "/")
+        # The server's 500 ms window, so the record's vad_silence is a number to check (the
+        # page asks for semantic_vad by default, whose turns end at the model's decision).
+        await live.goto(base + "/?turn_detection=server_vad")
         await live.wait_for_function("window.voicerelay !== undefined", timeout=10_000)
         session_id = await make_the_call(live, http, base)
         assert live_errors == []
