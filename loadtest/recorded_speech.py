@@ -18,7 +18,6 @@ copies are already there).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import wave
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.pinned_bytes import mismatch
 
 ROOT = Path(__file__).resolve().parents[1]
 PINS_FILE = ROOT / "requirements" / "recorded-speech.txt"
@@ -113,11 +114,9 @@ class RecordingError(Exception):
 
 
 def check(content: bytes, recording: Recording, where: str) -> None:
-    digest = hashlib.sha256(content).hexdigest()
-    if digest != recording.sha256:
-        raise RecordingError(
-            f"{where}: sha256 {digest}, the pinned recording has {recording.sha256}"
-        )
+    problem = mismatch(content, recording.sha256, what="recording")
+    if problem is not None:
+        raise RecordingError(f"{where}: {problem}")
 
 
 def path_of(recording: Recording, folder: Path = RECORDINGS_DIR) -> Path:

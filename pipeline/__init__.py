@@ -7,7 +7,7 @@ dataclasses). Imports nothing from ``relay`` or ``transceiver``.
 
 May import: (nothing of ours)
 Pure: providers, events, turns, chunker, pricing, knowledge, untrusted_json, native_threads,
-    config, local_llm_chat, context_window
+    config, local_llm_chat, context_window, pinned_bytes
 """
 
 from pipeline.native_threads import pin_native_threads

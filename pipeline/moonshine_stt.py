@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +46,7 @@ import numpy as np
 import soxr
 
 from pipeline.config import MoonshineConfig
+from pipeline.pinned_bytes import mismatch
 from pipeline.pool import StageLoad
 from pipeline.providers import NO_HINTS, AudioChunk, ProviderError, Transcript, TranscriptionHints
 
@@ -106,15 +106,9 @@ def read_verified(folder: Path, files: tuple[ModelFile, ...] = TINY_EN) -> dict[
             content = path.read_bytes()
         except OSError as error:
             raise MoonshineModelError(f"{path}: cannot read: {error.strerror}") from None
-        if len(content) != pinned.size_bytes:
-            raise MoonshineModelError(
-                f"{path}: {len(content)} bytes, the pinned file has {pinned.size_bytes}"
-            )
-        digest = hashlib.sha256(content).hexdigest()
-        if digest != pinned.sha256:
-            raise MoonshineModelError(
-                f"{path}: sha256 {digest}, the pinned file has {pinned.sha256}"
-            )
+        problem = mismatch(content, pinned.sha256, pinned.size_bytes)
+        if problem is not None:
+            raise MoonshineModelError(f"{path}: {problem}")
         contents[pinned.name] = content
     return contents
 

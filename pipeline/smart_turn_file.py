@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.pinned_bytes import mismatch
+
 ROOT = Path(__file__).resolve().parents[1]
 PINS_FILE = ROOT / "requirements" / "smart-turn.txt"
 WHEELS_DIR = ROOT / "build" / "wheels"
@@ -76,15 +78,9 @@ def default_model_path() -> Path:
 
 def check(content: bytes, model: WheelModel, where: str) -> None:
     """SmartTurnFileError unless ``content`` is the pinned model, byte for byte."""
-    if len(content) != model.size_bytes:
-        raise SmartTurnFileError(
-            f"{where}: {len(content)} bytes, the pinned {model.file_name} has {model.size_bytes}"
-        )
-    digest = hashlib.sha256(content).hexdigest()
-    if digest != model.sha256:
-        raise SmartTurnFileError(
-            f"{where}: sha256 {digest}, the pinned {model.file_name} has {model.sha256}"
-        )
+    problem = mismatch(content, model.sha256, model.size_bytes, model.file_name)
+    if problem is not None:
+        raise SmartTurnFileError(f"{where}: {problem}")
 
 
 def read_verified(path: Path, model: WheelModel = SMART_TURN_V3_2) -> bytes:
