@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transceiver.http import client_secrets
+from transceiver.http.auth import AuthConfig, Authenticator
 from transceiver.http.client_secrets import ClientSecretError, mint, signing_key, verify
 
 KEY = signing_key(b"k" * 32)
@@ -81,3 +83,40 @@ def test_a_payload_inflating_past_its_bound_is_refused() -> None:
     body = b'{"exp":1800000060,"session":{"x":"' + b"a" * 70_000 + b'"}}'
     payload = client_secrets._b64(zlib.compress(body, 9))
     assert reason(f"ek_{payload}.{client_secrets._mac(KEY, payload)}") == "format"
+
+
+def test_a_reference_secret_names_its_stored_session_and_carries_none() -> None:
+    secret = client_secrets.mint_reference(KEY, NOW, 60, "r" * 22, {"instructions": "Long."})
+    back = verify(KEY, secret.value, NOW + 59)
+    assert (back.reference, back.session, back.expires_at) == ("r" * 22, None, int(NOW) + 60)
+    assert reason(secret.value, now=NOW + 60) == "expired"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"exp":1800000060,"ref":"short"}', b'{"exp":1800000060,"ref":7}',
+     b'{"exp":1800000060,"ref":"' + b"r" * 22 + b'","session":{"instructions":"Hi."}}'],
+)  # fmt: skip
+def test_a_malformed_reference_is_refused(body: bytes) -> None:
+    payload = client_secrets._b64(zlib.compress(body, 9))
+    assert reason(f"ek_{payload}.{client_secrets._mac(KEY, payload)}") == "format"
+
+
+def random_prose(size_bytes: int) -> str:
+    return " ".join(os.urandom(4).hex() for _ in range(size_bytes // 9))
+
+
+def test_a_session_too_large_to_carry_says_how_large() -> None:
+    with pytest.raises(ClientSecretError) as info:
+        mint(KEY, NOW, 60, {"instructions": random_prose(40_000)})
+    assert info.value.reason == "too_large"
+    assert f"over the {client_secrets.MAX_SECRET_CHARS} one secret carries" in str(info.value)
+
+
+async def test_without_a_session_store_a_large_session_is_refused_with_what_to_do() -> None:
+    auth = Authenticator(AuthConfig.validated("off", None, None))
+    with pytest.raises(ClientSecretError) as info:
+        await auth.mint(60, {"instructions": random_prose(40_000)})
+    assert info.value.reason == "too_large" and "REDIS_URL" in str(info.value)
+    assert "session.update" in str(info.value)
+    assert (await auth.mint(60, {"instructions": "Short."})).reference is None

@@ -186,11 +186,11 @@ def test_auth_required_needs_a_strong_secret_keyring(spec: str | None, message: 
         AuthConfig.validated("required", API_KEY, spec)
 
 
-def test_auth_off_without_secret_keys_signs_with_a_key_of_its_own() -> None:
+async def test_auth_off_without_secret_keys_signs_with_a_key_of_its_own() -> None:
     config = AuthConfig.validated("off", None, None)
     assert config.secret_keys is None
     first, second = Authenticator(config), Authenticator(config)
-    secret = first.mint(60, None)
+    secret = await first.mint(60, None)
     assert first.verify_secret(secret.value).expires_at == secret.expires_at
     with pytest.raises(AuthError, match="signature"):
         second.verify_secret(secret.value)

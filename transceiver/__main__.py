@@ -53,6 +53,7 @@ from transceiver.store.connection import open_redis
 from transceiver.store.errors import StoreError
 from transceiver.store.rate_limit_store import open_rate_limits
 from transceiver.store.route_publishing import RoutePublishing
+from transceiver.store.secret_sessions import open_secret_sessions
 from transceiver.store.sideband_directory import open_sideband_directory
 from transceiver.webhooks import call_ended_webhooks
 from transceiver.webrtc import ice, rtp_tuning
@@ -98,6 +99,7 @@ async def serve(
             None if seat is None else seat.index,
         ) as sideband_directory,
         open_rate_limits(redis if config.rate_limits.enabled else None) as rate_limit_store,
+        open_secret_sessions(redis) as secret_sessions,  # large ek_ secrets' sessions
     ):
         records = None if agents.persistence is None else agents.persistence.records
         if records is not None:
@@ -122,7 +124,7 @@ async def serve(
                 calls,
                 link,
                 registry,
-                Authenticator(auth),
+                Authenticator(auth, secret_sessions=secret_sessions),
                 agents.persistence,
                 agents.resume,
                 agents.websocket,

@@ -189,7 +189,7 @@ def create_app(
         app,
         calls,
         sidebands.live,
-        lambda request: _authorise(auth.check_call, request),
+        lambda request: _authorised_call(auth, request),
         lambda request: _resumed_agent(request, resume, LIVE_CONTRACT),
         websocket_sessions is not None,
         limits,
@@ -202,7 +202,7 @@ def create_app(
             spilled = await routing.spill(request)  # another worker of the pod has room
             if spilled is not None:
                 return spilled
-        granted = _authorise(auth.check_call, request)
+        granted = await _authorised_call(auth, request)
         admission = await limits.admit_connection(request, request.headers.get("authorization"))
         offer, asked = await read_offer(request, calls)
         requested = merged_session(granted, asked)
@@ -226,7 +226,7 @@ def create_app(
         return Response(answer, 201, headers, media_type="application/sdp")
 
     async def hangup(call_id: str, request: Request) -> Response:
-        _authorise(auth.check_call, request)
+        await _authorised_call(auth, request)
         try:
             came = _hop_stage(sidebands.owners, call_id, request)
             if await calls.hangup(call_id):
@@ -369,9 +369,11 @@ def _add_client_secrets(
         admission = await limits.admit_connection(request, authorization, session=False)
         ttl_s, session = secret_request(await _json_body(request))
         try:
-            secret = auth.mint(ttl_s, session)
+            secret = await auth.mint(ttl_s, session)  # a large session kept in Redis
         except client_secrets.ClientSecretError as exc:
             raise ApiError(400, exc.reason, str(exc)) from None
+        except AuthError as exc:  # the session store is unreachable
+            raise ApiError(exc.status, exc.code, exc.message) from None
         try:
             reported = describe(session)
         except EventError as exc:
@@ -391,8 +393,20 @@ def _authorise(check: Callable[[str | None], T], request: Request) -> T:
     try:
         return check(request.headers.get("authorization"))
     except AuthError as exc:
-        headers = {"WWW-Authenticate": 'Bearer realm="voicerelay"'}
-        raise ApiError(401, exc.code, exc.message, headers) from None
+        raise _refused(exc) from None
+
+
+async def _authorised_call(auth: Authenticator, request: Request) -> Mapping[str, Any] | None:
+    """The session config of the call's ``ek_`` secret (None: none); ApiError when refused."""
+    try:
+        return await auth.check_call(request.headers.get("authorization"))
+    except AuthError as exc:
+        raise _refused(exc) from None
+
+
+def _refused(exc: AuthError) -> ApiError:
+    headers = {"WWW-Authenticate": 'Bearer realm="voicerelay"'} if exc.status == 401 else {}
+    return ApiError(exc.status, exc.code, exc.message, headers)
 
 
 async def _json_body(request: Request) -> Mapping[str, Any]:

@@ -17,6 +17,13 @@ and by nobody else. It is not the ufrag keyring (``TRANSCEIVER_KEYS``) because e
 that one: a compromised relay could otherwise mint secrets. Required when auth is on; with auth
 off and no keyring set, each process signs with a random key of its own (a secret then opens
 calls with its session config only on the transceiver that minted it).
+
+A secret whose session is too large to carry (``client_secrets``: ``too_large``) is minted
+naming it in the session store instead (``SecretSessionStore``: with Redis,
+``transceiver.store.secret_sessions``), and opening a call with it loads the session back: a
+session no longer stored is refused as an expired secret is (401 ``client_secret_expired``),
+an unreachable store is 503 ``session_store_unavailable``. Without a store such a session is
+refused (400 ``too_large``) with the reason and what to do.
 """
 
 from __future__ import annotations
@@ -28,11 +35,12 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from relay.wire.ufrag import GENERATE_HINT, MIN_SECRET_BYTES, Keyring
 from transceiver.http import client_secrets
 from transceiver.http.client_secrets import ClientSecret, ClientSecretError
+from transceiver.store.errors import StoreError
 
 ENV_MODE = "TRANSCEIVER_AUTH"
 ENV_API_KEY = "TRANSCEIVER_API_KEY"
@@ -44,6 +52,11 @@ WARNING_LINES = (
     "Anyone who can reach the HTTP port can open calls and mint client secrets.",
     "Local development only: set TRANSCEIVER_API_KEY, TRANSCEIVER_AUTH=required.",
 )
+NO_STORE_ADVICE = (
+    "A larger session is kept in the session store, which this deployment does not have "
+    "(set REDIS_URL on the transceivers); or mint the secret with a shorter session and send "
+    "the rest with session.update once connected"
+)
 WARNING = "\n".join(["!" * 82, *(f"!! {line:<76} !!" for line in WARNING_LINES), "!" * 82])
 
 
@@ -52,11 +65,20 @@ class AuthConfigError(ValueError):
 
 
 class AuthError(Exception):
-    """A request that is not authorised; ``code`` is a stable machine-readable reason."""
+    """A request that is not authorised; ``code`` is a stable machine-readable reason and
+    ``status`` the HTTP status it answers (401; 503 when the session store cannot be read)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, status: int = 401) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.status = code, message, status
+
+
+class SecretSessionStore(Protocol):
+    """Where the sessions of secrets too large to carry them are kept (StoreError)."""
+
+    async def put(self, session: Mapping[str, Any], ttl_s: int) -> str: ...
+
+    async def load(self, reference: str) -> Mapping[str, Any] | None: ...
 
 
 @dataclass(frozen=True)
@@ -162,9 +184,15 @@ def bearer_token(authorization: str | None) -> str | None:
 class Authenticator:
     """Checks API keys and ``ek_`` secrets; mints secrets. ``clock`` gives unix seconds."""
 
-    def __init__(self, config: AuthConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: AuthConfig,
+        clock: Callable[[], float] = time.time,
+        secret_sessions: SecretSessionStore | None = None,
+    ) -> None:
         self.config = config
         self._clock = clock
+        self._secret_sessions = secret_sessions
         keyring = config.secret_keys or Keyring(0, {0: os.urandom(MIN_SECRET_BYTES)})
         self._signing_key = client_secrets.signing_key(keyring.secrets[keyring.current_id])
         self._verify_keys = [client_secrets.signing_key(s) for s in keyring.secrets.values()]
@@ -179,11 +207,11 @@ class Authenticator:
         if not self._is_api_key(token):
             raise AuthError("invalid_api_key", "the API key is not valid for this server")
 
-    def check_call(self, authorization: str | None) -> Mapping[str, Any] | None:
-        """For opening a call: the session config carried by an ``ek_`` secret, if any."""
+    async def check_call(self, authorization: str | None) -> Mapping[str, Any] | None:
+        """For opening a call: the session config of an ``ek_`` secret (carried or stored)."""
         token = bearer_token(authorization) if self.config.required else _lenient(authorization)
         if token is not None and token.startswith(client_secrets.PREFIX):
-            return self._secret_session(token)
+            return await self._secret_session(token)
         if not self.config.required:
             return None
         if token is None:
@@ -192,13 +220,42 @@ class Authenticator:
             raise AuthError("invalid_api_key", "neither the API key nor an ek_ client secret")
         return None
 
-    def _secret_session(self, token: str) -> Mapping[str, Any] | None:
+    async def _secret_session(self, token: str) -> Mapping[str, Any] | None:
         try:
-            return self.verify_secret(token).session
-        except AuthError:
-            if self.config.required:
+            return await self.secret_session(self.verify_secret(token))
+        except AuthError as exc:
+            if self.config.required or exc.status != 401:
                 raise
             return None  # auth off: a stale or foreign secret opens the call with defaults
+
+    async def secret_session(self, secret: ClientSecret) -> Mapping[str, Any] | None:
+        """The session a verified secret grants: its own, or the one it names in the store."""
+        if secret.reference is None:
+            return secret.session
+        if self._secret_sessions is None:
+            raise AuthError(
+                "client_secret_expired",
+                "the client secret names a session kept in the session store, and this "
+                "transceiver has none: give it the REDIS_URL of the transceiver that minted it",
+            )
+        session = await self._stored_session(self._secret_sessions, secret.reference)
+        if session is None:
+            raise AuthError(
+                "client_secret_expired",
+                "the client secret's session is no longer stored (the secret expired, or the "
+                "session store lost it): mint a new client secret",
+            )
+        return session
+
+    async def _stored_session(
+        self, store: SecretSessionStore, reference: str
+    ) -> Mapping[str, Any] | None:
+        try:
+            return await store.load(reference)
+        except StoreError as exc:
+            raise _store_unavailable(exc) from None
+        except ValueError as exc:  # not written by us
+            raise AuthError("client_secret_format", f"unreadable stored session: {exc}") from None
 
     def verify_secret(self, value: str) -> ClientSecret:
         now_s = self._clock()
@@ -213,8 +270,29 @@ class Authenticator:
         assert last is not None
         raise AuthError(f"client_secret_{last.reason}", str(last)) from None
 
-    def mint(self, ttl_s: int, session: Mapping[str, Any] | None) -> ClientSecret:
-        return client_secrets.mint(self._signing_key, self._clock(), ttl_s, session)
+    async def mint(self, ttl_s: int, session: Mapping[str, Any] | None) -> ClientSecret:
+        """A secret carrying ``session``, else naming it in the session store (too large to
+        carry); ClientSecretError (400), AuthError 503 (the store is unreachable)."""
+        try:
+            return client_secrets.mint(self._signing_key, self._clock(), ttl_s, session)
+        except ClientSecretError as exc:
+            if exc.reason != "too_large" or session is None:
+                raise
+            if self._secret_sessions is None:
+                raise ClientSecretError("too_large", f"{exc}. {NO_STORE_ADVICE}") from None
+        return await self._mint_stored(self._secret_sessions, ttl_s, session)
+
+    async def _mint_stored(
+        self, store: SecretSessionStore, ttl_s: int, session: Mapping[str, Any]
+    ) -> ClientSecret:
+        try:
+            reference = await store.put(session, ttl_s)
+        except StoreError as exc:
+            raise _store_unavailable(exc) from None
+        except ValueError as exc:
+            raise ClientSecretError("too_large", str(exc)) from None
+        now_s = self._clock()
+        return client_secrets.mint_reference(self._signing_key, now_s, ttl_s, reference, session)
 
     def _is_api_key(self, token: str) -> bool:
         key = self.config.api_key
@@ -226,6 +304,11 @@ def _lenient(authorization: str | None) -> str | None:
         return bearer_token(authorization)
     except AuthError:
         return None
+
+
+def _store_unavailable(exc: StoreError) -> AuthError:
+    message = f"the session store keeping large client secret sessions is unavailable: {exc}"
+    return AuthError("session_store_unavailable", message, 503)
 
 
 def _missing() -> AuthError:

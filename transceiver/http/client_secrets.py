@@ -13,6 +13,11 @@ any shared store; deflated, so a session of realistic instructions and tools fit
 (``MAX_SECRET_CHARS`` bounds the secret, one HTTP header; prose and JSON schemas deflate to
 about a third). A payload that is plain JSON (``{`` first) is read as it is: the secrets
 minted before the payload was deflated stay valid until they expire.
+
+A session too large to ride (``too_large`` from ``mint``) can be kept by the deployment's
+session store instead (``transceiver.store.secret_sessions``, with Redis): the secret then
+carries only its reference, ``{"exp": unix s, "ref": id}`` (``mint_reference``), and whoever
+verifies it loads the session by that id (``ClientSecret.reference``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +40,7 @@ MAX_TTL_S = 7200
 DEFAULT_TTL_S = 600
 MAX_SECRET_CHARS = 6000  # fits comfortably in one HTTP header
 MAX_PAYLOAD_BYTES = 64 * 1024  # a payload inflating past this is no secret of ours
+REFERENCE = re.compile(r"[A-Za-z0-9_-]{16,64}")  # a stored session's id, as the store mints it
 
 
 class ClientSecretError(ValueError):
@@ -49,6 +56,7 @@ class ClientSecret:
     value: str
     expires_at: int
     session: Mapping[str, Any] | None
+    reference: str | None = None  # the stored session this secret names, when it carries none
 
 
 def signing_key(deployment_secret: bytes) -> bytes:
@@ -73,12 +81,32 @@ def mint(
     if not MIN_TTL_S <= ttl_s <= MAX_TTL_S:
         raise ClientSecretError("ttl", f"expires_after.seconds must be {MIN_TTL_S}..{MAX_TTL_S}")
     expires_at = int(now_s) + ttl_s
-    body = json.dumps({"exp": expires_at, "session": session}, separators=(",", ":"))
-    payload = _b64(zlib.compress(body.encode(), 9))
-    value = f"{PREFIX}{payload}.{_mac(key, payload)}"
+    value = _signed(key, {"exp": expires_at, "session": session})
     if len(value) > MAX_SECRET_CHARS:
-        raise ClientSecretError("too_large", "the session config is too large for a secret")
+        raise ClientSecretError(
+            "too_large",
+            f"the session config takes {len(value)} characters deflated in a secret, over the "
+            f"{MAX_SECRET_CHARS} one secret carries",
+        )
     return ClientSecret(value, expires_at, session)
+
+
+def mint_reference(
+    key: bytes, now_s: float, ttl_s: int, reference: str, session: Mapping[str, Any]
+) -> ClientSecret:
+    """A secret naming ``session`` by the id the session store keeps it under (``reference``)."""
+    if not MIN_TTL_S <= ttl_s <= MAX_TTL_S:
+        raise ClientSecretError("ttl", f"expires_after.seconds must be {MIN_TTL_S}..{MAX_TTL_S}")
+    if not REFERENCE.fullmatch(reference):
+        raise ValueError(f"session reference {reference!r} is not {REFERENCE.pattern}")
+    expires_at = int(now_s) + ttl_s
+    value = _signed(key, {"exp": expires_at, "ref": reference})
+    return ClientSecret(value, expires_at, session, reference)
+
+
+def _signed(key: bytes, body: Mapping[str, Any]) -> str:
+    payload = _b64(zlib.compress(json.dumps(body, separators=(",", ":")).encode(), 9))
+    return f"{PREFIX}{payload}.{_mac(key, payload)}"
 
 
 def verify(key: bytes, value: str, now_s: float) -> ClientSecret:
@@ -91,7 +119,7 @@ def verify(key: bytes, value: str, now_s: float) -> ClientSecret:
     body = _decode(payload)
     if body["exp"] <= now_s:
         raise ClientSecretError("expired", "client secret has expired")
-    return ClientSecret(value, body["exp"], body["session"])
+    return ClientSecret(value, body["exp"], body.get("session"), body.get("ref"))
 
 
 def _inflated(data: bytes) -> bytes:
@@ -114,4 +142,14 @@ def _decode(payload: str) -> dict[str, Any]:
         raise ClientSecretError("format", "client secret payload lacks an expiry")
     if body.get("session") is not None and not isinstance(body["session"], dict):
         raise ClientSecretError("format", "client secret session is not an object")
+    if "ref" in body:
+        _check_reference(body)
     return body
+
+
+def _check_reference(body: Mapping[str, Any]) -> None:
+    reference = body["ref"]
+    if not isinstance(reference, str) or not REFERENCE.fullmatch(reference):
+        raise ClientSecretError("format", "client secret session reference is malformed")
+    if body.get("session") is not None:
+        raise ClientSecretError("format", "client secret carries a session and a reference")

@@ -47,7 +47,7 @@ from transceiver.webrtc.sdp import SdpError, sanitise_offer
 LIVE_PATH = "/v1/live/sessions"
 MAX_CREATE_BYTES = 4 * MAX_OFFER_BYTES  # the offer and the session config (instructions, input)
 # request -> the ek_ secret's session config (or None); ApiError 401 when refused
-Authorise = Callable[[Request], Mapping[str, Any] | None]
+Authorise = Callable[[Request], Awaitable[Mapping[str, Any] | None]]
 # request -> the resumed session's agent when the request names one, else None; ApiError
 Resumed = Callable[[Request], Awaitable[CallAgent | None]]
 
@@ -64,7 +64,7 @@ def add_live_calls(
     @app.post(LIVE_PATH, status_code=201)
     @traced_offer("live", calls)
     async def create_live_session(request: Request) -> JSONResponse:
-        granted = authorise(request)
+        granted = await authorise(request)
         admission = await limits.admit_connection(request, request.headers.get("authorization"))
         if not runs_sessions:
             message = "this transceiver runs no Live sessions (it runs the echo agent)"

@@ -70,7 +70,7 @@ def add_live_websocket(
     @app.websocket(LIVE_PATH)
     async def primary(websocket: WebSocket) -> None:
         async with refusals(websocket):
-            granted = admitted(websocket, auth, sessions)
+            granted = await admitted(websocket, auth, sessions)
             subject = await rate_limited(websocket, limits)
             assert sessions is not None
             with calls.reserve():  # held while the socket is open: it counts as a call

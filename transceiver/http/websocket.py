@@ -142,7 +142,7 @@ def add_realtime_websocket(
             await join_call(websocket)
             return
         async with refusals(websocket):
-            granted = admitted(websocket, auth, sessions)
+            granted = await admitted(websocket, auth, sessions)
             subject = await rate_limited(websocket, limits)
             with calls.reserve():  # held while the session is open: it counts as a call
                 session = _session(sessions, granted, websocket.query_params.get("intent", ""))
@@ -166,7 +166,7 @@ async def refusals(websocket: WebSocket) -> AsyncIterator[None]:
         await refuse(websocket, refused.response)
 
 
-def admitted(
+async def admitted(
     websocket: WebSocket, auth: Authenticator, sessions: WebSocketSessions | None
 ) -> Mapping[str, Any] | None:
     """The ek_ secret's session config (or None); Refused when the upgrade may not go on."""
@@ -175,10 +175,10 @@ def admitted(
         message = f"intent {query.get('intent')!r} is not supported: realtime or transcription"
         raise Refused(error_response(400, "invalid_value", message, param="intent"))
     try:
-        granted = auth.check_call(authorization_of(websocket))
+        granted = await auth.check_call(authorization_of(websocket))
     except AuthError as exc:
-        headers = {"WWW-Authenticate": 'Bearer realm="voicerelay"'}
-        raise Refused(error_response(401, exc.code, exc.message, headers)) from None
+        headers = {"WWW-Authenticate": 'Bearer realm="voicerelay"'} if exc.status == 401 else {}
+        raise Refused(error_response(exc.status, exc.code, exc.message, headers)) from None
     if sessions is None:
         message = "this transceiver runs no Realtime sessions (it runs the echo agent)"
         raise Refused(error_response(404, "realtime_unavailable", message))

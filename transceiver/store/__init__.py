@@ -11,7 +11,8 @@ writes; ``catch_up`` stores the sessions begun while Redis was away; ``health`` 
 ``sideband_directory`` where each session a sideband may attach to runs. ``call_records``
 (keys, Lua, shapes) and ``call_log`` (the writer and the reads) keep a record of every call.
 ``rate_limits`` (the limits, token-bucket arithmetic and keys) and ``rate_limit_store`` (its
-Lua run on Redis) are the rate limits every transceiver shares.
+Lua run on Redis) are the rate limits every transceiver shares. ``secret_sessions`` keeps the
+sessions of ``ek_`` client secrets too large to carry them, for as long as each secret lives.
 
 May import: relay.wire, transceiver.background, transceiver.restarts, pipeline.providers
 Pure: keys, errors, scripts, survival, call_records, contracts, rate_limits
