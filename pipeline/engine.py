@@ -340,7 +340,7 @@ class ConversationEngine:
         recorder.mark("speech_stopped", self._now())  # the commit ends the user's speech
         recorder.input_audio_s = audio_ms / 1000
         self._recorder = recorder
-        self._emit(ev.InputCommitted(audio_ms, turn))
+        self._emit(ev.InputCommitted(audio_ms, turn, pcm, self.config.input_sample_rate_hz))
         heard = _Heard(recorder)
         self._open_stretch(heard, [pcm])
         self._end_heard(heard)
@@ -423,7 +423,8 @@ class ConversationEngine:
             self._recorder.mark("speech_stopped", event.at_s)
             heard, self._heard = self._heard, None
             turn = self._recorder.turn
-            self._emit(ev.SpeechStoppedEvent(event.at_s, event.audio_end_ms, turn))
+            end_ms, rate_hz = event.audio_end_ms, self.config.input_sample_rate_hz
+            self._emit(ev.SpeechStoppedEvent(event.at_s, end_ms, turn, event.pcm, rate_hz))
             if heard is not None:
                 self._end_heard(heard)
         elif isinstance(event, TurnCommitted) and self._recorder is not None:

@@ -29,7 +29,7 @@ EngineError                error
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.providers import ToolCall, ToolResult
@@ -48,6 +48,8 @@ class SpeechStoppedEvent:
     at_s: float
     audio_end_ms: int
     turn: int = 0
+    pcm: bytes = field(default=b"", repr=False)  # the committed utterance, 16-bit mono
+    sample_rate_hz: int = 16000  # of ``pcm``
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class InputCommitted:
 
     audio_ms: int
     turn: int
+    pcm: bytes = field(default=b"", repr=False)  # the committed input, 16-bit mono
+    sample_rate_hz: int = 16000  # of ``pcm``
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.config import VadConfig
 
@@ -52,6 +52,7 @@ class SpeechStarted:
 class SpeechStopped:
     at_s: float
     audio_end_ms: int
+    pcm: bytes = field(default=b"", repr=False)  # the utterance to its end, prefix included
 
 
 @dataclass(frozen=True)
@@ -207,8 +208,10 @@ class TurnDetector:
         self._voiced_run_ms = 0
         self._verdict, self._pause_judged = None, False
         duration_ms = self._position_ms - self._utterance_start_ms
+        end_ms = self._position_ms - self._silence_run_ms
+        spoken_bytes = (end_ms - self._utterance_start_ms) * self.sample_rate_hz // 500
         return [
-            SpeechStopped(now, self._position_ms - self._silence_run_ms),
+            SpeechStopped(now, end_ms, pcm[:spoken_bytes]),
             TurnCommitted(now, pcm, duration_ms),
         ]
 
