@@ -204,3 +204,54 @@ async def test_a_response_while_one_is_active_is_refused_as_openai_does(
     )
     done = (await events.next("response.done"))["response"]
     assert (done["id"], done["status"]) == (created["id"], "completed")
+
+
+def _words(text: str) -> list[str]:
+    return "".join(c for c in text.lower() if c.isalnum() or c.isspace()).split()
+
+
+async def _retrieved_audio(events: Events, item_id: str) -> tuple[dict[str, Any], bytes]:
+    await events.connection.conversation.item.retrieve(item_id=item_id)
+    item = (await events.next("conversation.item.retrieved"))["item"]
+    assert item["id"] == item_id, item
+    return item, base64.b64decode(item["content"][0]["audio"])
+
+
+async def test_retrieved_items_carry_their_audio(events: Events, question: bytes) -> None:
+    """The user's committed utterance (as the VAD cut it) and the answer's audio, as OpenAI's
+    retrieved items carry them: PCM16 at 24 kHz; a truncated answer keeps what is left."""
+    await events.connection.session.update(
+        session={"type": "realtime", "output_modalities": ["audio"]}
+    )
+    await events.next("session.updated")
+    step = 24_000 * 2 // 5  # 200 ms per append
+    for start in range(0, len(question), step):
+        chunk = base64.b64encode(question[start : start + step]).decode("ascii")
+        await events.connection.input_audio_buffer.append(audio=chunk)
+    started = await events.next("input_audio_buffer.speech_started")
+    stopped = await events.next("input_audio_buffer.speech_stopped")
+    heard = await events.next("conversation.item.input_audio_transcription.completed")
+    done = await events.next("response.done")
+    user, user_pcm = await _retrieved_audio(events, stopped["item_id"])
+    assert user["content"][0]["type"] == "input_audio"
+    assert user["content"][0]["transcript"] == heard["transcript"]
+    span_ms = stopped["audio_end_ms"] - started["audio_start_ms"]
+    assert abs(len(user_pcm) * 500 / 24_000 - span_ms) <= 40, (len(user_pcm), span_ms)
+    answer_id = done["response"]["output"][0]["id"]
+    deltas = [e for e in events.of("response.output_audio.delta") if e["item_id"] == answer_id]
+    sent = b"".join(base64.b64decode(e["delta"]) for e in deltas)
+    answer, answer_pcm = await _retrieved_audio(events, answer_id)
+    assert answer["content"][0]["type"] == "output_audio" and sent and answer_pcm == sent
+    half_ms = len(sent) * 250 // 24_000
+    await events.connection.conversation.item.truncate(
+        item_id=answer_id, content_index=0, audio_end_ms=half_ms
+    )
+    await events.next("conversation.item.truncated")
+    _, left = await _retrieved_audio(events, answer_id)
+    assert left == sent[: half_ms * 48], (len(left), half_ms)
+    audio = base64.b64encode(user_pcm).decode("ascii")
+    item = {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": audio}]}
+    await _create(events, item)  # the server's speech-to-text hears the retrieved audio again
+    again = await events.next("conversation.item.input_audio_transcription.completed")
+    assert _words(again["transcript"]) == _words(heard["transcript"]), (again, heard)
+    assert "moon" in _words(heard["transcript"]), heard

@@ -6,7 +6,8 @@ The survival timings and bounds (leases, Redis health, queues, restarts) load in
 ``SurvivalPolicy`` (``transceiver.store.survival``) under ``survival``; the link's (worker
 choice, forgetting, relay trust, ICE rechecks) into a ``LinkPolicy``
 (``transceiver.webrtc.link_policy``) under ``link_policy``; a Realtime session's (error notice
-before a hang-up, events kept for a channel not yet open) into a ``RealtimeLimits``
+before a hang-up, events kept for a channel not yet open, the items' audio kept for
+retrieve) into a ``RealtimeLimits``
 (``transceiver.realtime.limits``) under ``realtime``. What calls leave behind: a
 ``CallRecordPolicy`` (``transceiver.store.call_records``, retention and bounds) under
 ``survival.records``, and the ``call.ended`` webhook's ``WebhookPolicy``
@@ -96,6 +97,7 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
     "link_max_rechecks": ("16", "ICE checks resent early, per connection (0: none)"),
     "realtime_lost_notice_s": ("0.25", "an ending session lets its error event leave this long"),
     "realtime_max_pending_events": ("512", "server events kept until the client opens its channel"),
+    "realtime_item_audio_s": ("60", "seconds of the items' audio kept for retrieve, in all"),
     "call_record_ttl_s": ("604800", "a call record expires this long after its last write"),
     "call_record_max_turns": ("500", "turns kept per call record; the oldest are trimmed"),
     "call_record_transcripts": (
@@ -330,6 +332,7 @@ def _realtime(values: Mapping[str, str | None]) -> RealtimeLimits:
     return RealtimeLimits(
         lost_notice_s=_number(values, "realtime_lost_notice_s", float, minimum=0.0),
         max_pending_events=_number(values, "realtime_max_pending_events", int, minimum=1),
+        item_audio_s=_number(values, "realtime_item_audio_s", float, minimum=0.0),
     )
 
 

@@ -7,9 +7,10 @@ session's truncation, reasoning, tracing, prompt and include; ``event_errors``: 
 events; ``policy`` holds the session's configuration rules (defaults, limits, what
 ``session.update`` may change);
 ``responses`` reads what a ``response.create`` asks of its response, ``side_responses`` runs
-the out-of-band ones, ``idle`` is the idle timeout (``idle_timeout_ms``); ``limits`` the
-session's own timings and bounds (``TRANSCEIVER_REALTIME_*``); ``transcription`` is the contract
-of a transcription session (``type: "transcription"``: heard and transcribed, never answered);
+the out-of-band ones, ``item_audio`` keeps the recent items' audio for retrieve, ``idle`` is
+the idle timeout (``idle_timeout_ms``); ``limits`` the session's own timings and bounds
+(``TRANSCEIVER_REALTIME_*``); ``transcription`` is the contract of a transcription session
+(``type: "transcription"``: heard and transcribed, never answered);
 ``session`` is the live session (engine, tasks, persistence); ``pipeline_agent`` makes one
 per call; ``call_recording`` turns a session's events and turns into its call record,
 and ``call_tracing`` into OpenTelemetry spans (when ``OTEL_*`` asks).
@@ -17,5 +18,5 @@ and ``call_tracing`` into OpenTelemetry spans (when ``OTEL_*`` asks).
 May import: pipeline, transceiver.metrics, transceiver.background, transceiver.store,
     transceiver.webrtc.audio
 Pure: client_events, event_errors, session_fields, server_events, translation, limits,
-    call_recording, responses
+    call_recording, responses, item_audio
 """

@@ -77,6 +77,7 @@ class ItemEdits:
             self._send(added)
         if isinstance(event.item, UserAudio):
             self.translator.audio_ms[event.item_id] = _audio_ms(event.item.pcm)
+            self.translator.audio.keep(event.item_id, event.item.pcm, AUDIO_RATE_HZ)
             self._spawn_hearing(event.item_id, event.item)
         self._changed()
 

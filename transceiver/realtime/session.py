@@ -181,6 +181,7 @@ class RealtimeSession:
         self.metrics = metrics
         self.voice = AgentVoiceTrack(engine.config.output_sample_rate_hz, engine.config.frame_ms)
         self.translator = EngineEventTranslator(self.voice.first_frame_sent_s.get)
+        self.translator.audio.max_audio_s = self.limits.item_audio_s
         self._remote: MediaStreamTrack | None = None
         self._channel: Any = None
         self._pending: list[Event] = []
@@ -433,18 +434,28 @@ class RealtimeSession:
         async with aclosing(self.engine.events()) as events:
             async for event in events:
                 if isinstance(event, ev.OutputAudio):
-                    if self._pcm_out is not None:
-                        pcm = self._pcm_out.push(event.pcm)
-                        for delta in edge.audio_delta(event.response_id, pcm):
-                            self.send(delta)
-                    elif self._remote is not None:  # else the client has no audio to hear it on
-                        self.voice.play(event.response_id, event.pcm)
+                    self._output_audio(edge, event)
                     continue
                 self._observe(event)
                 self._journal(event)
                 for server in edge.translate(event):
                     self.send(server)
                     self._rate_limits_after(server)
+
+    def _output_audio(
+        self, edge: ClientContract | EngineEventTranslator, event: ev.OutputAudio
+    ) -> None:
+        """An answer's frame: to the client (WebSocket deltas, or the media track), and kept
+        with its item for ``conversation.item.retrieve``."""
+        if self._pcm_out is not None:
+            pcm = self._pcm_out.push(event.pcm)
+            for delta in edge.audio_delta(event.response_id, pcm):
+                self.send(delta)
+            self.translator.output_audio(event.response_id, pcm, AUDIO_RATE_HZ)
+            return
+        if self._remote is not None:  # else the client has no audio to hear it on
+            self.voice.play(event.response_id, event.pcm)
+        self.translator.output_audio(event.response_id, event.pcm, event.sample_rate_hz)
 
     def _rate_limits_after(self, event: Event) -> None:
         """After each ``response.done``: its tokens spent, then ``rate_limits.updated``."""
@@ -703,6 +714,7 @@ class RealtimeSession:
         if item is None:
             raise EventError("item_not_found", f"no item {event.item_id!r}", "item_id")
         if isinstance(event, ItemRetrieve):
+            item = self.translator.retrieved(event.item_id, _at_audio_rate) or item
             self.send(server_event("conversation.item.retrieved", item=item))
         elif isinstance(event, ItemDelete):
             self.edits.delete(event.item_id)
@@ -801,3 +813,9 @@ def _items_of(entries: tuple[Message | ItemReference, ...] | None) -> tuple[str,
     if entries is None:
         return None
     return tuple(e.id for e in entries if isinstance(e, ItemReference))
+
+
+def _at_audio_rate(pcm: bytes, sample_rate_hz: int) -> bytes:
+    """PCM16 mono at ``sample_rate_hz``, resampled to the session's ``AUDIO_RATE_HZ``."""
+    resampler = PcmResampler(sample_rate_hz, AUDIO_RATE_HZ)
+    return resampler.push(pcm) + resampler.flush()

@@ -46,6 +46,11 @@ response's ``usage`` counts the language model's tokens as text and the audio as
 model would bill it (``MS_PER_AUDIO_TOKEN``): input audio tokens for the audio items of its
 input (the conversation's, or those its own ``input`` refers to; user audio heard or created,
 answers' audio made), output audio tokens for the audio it made (over WebSocket: sent).
+
+``conversation.item.retrieved`` (``retrieved``) carries an audio item's ``audio`` while the
+session keeps it (``item_audio``, the newest ``RealtimeLimits.item_audio_s`` across items): a
+user turn's utterance (``SpeechStoppedEvent.pcm``, ``InputCommitted.pcm``) and an answer's
+frames (``output_audio``), cut where the answer is truncated or cleared.
 """
 
 from __future__ import annotations
@@ -59,10 +64,12 @@ from typing import Any, Generic, Protocol, TypeVar
 from pipeline import events as ev
 from pipeline.turns import TurnRecord
 from transceiver.realtime.client_events import AUDIO_RATE_HZ, EventError, new_id
+from transceiver.realtime.item_audio import ItemAudio
 from transceiver.realtime.server_events import function_call_item, message_item, server_event
 
 Event = dict[str, Any]
 FirstFrameLookup = Callable[[str], float | None]
+Resample = Callable[[bytes, int], bytes]  # PCM16 at a rate -> at AUDIO_RATE_HZ
 MAX_ITEMS_KEPT = 256
 MAX_TAILS = 8  # done responses whose audio may still be playing
 # OpenAI's audio tokens (developers.openai.com/api/docs/guides/realtime-costs): "Audio tokens
@@ -70,6 +77,7 @@ MAX_TAILS = 8  # done responses whose audio may still be playing
 # are 1 token per 50ms of audio."
 MS_PER_AUDIO_TOKEN = {"user": 100, "assistant": 50}
 AUDIO_FORMAT = {"type": "audio/pcm", "rate": AUDIO_RATE_HZ}
+_AUDIO_PARTS = ("input_audio", "output_audio")  # a retrieved item's part that carries audio
 _STATUS_REASON = {"cancelled": "turn_detected", "incomplete": "max_output_tokens"}
 
 
@@ -158,6 +166,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         self._partials: dict[int, str] = {}
         self.order: list[str] = []  # the conversation's item ids, in order
         self.items: dict[str, Event] = {}  # the latest body of each recent item, by id
+        self.audio = ItemAudio()  # their audio, the newest of it (``item_audio``)
         self.conversation_id = new_id("conv")
         self.shape = ResponseShape()  # of responses no response.create shaped: the session's
         self._shapes: dict[str, ResponseShape] = {}  # engine response id -> its own
@@ -213,12 +222,14 @@ class EngineEventTranslator(ResponseLedger[_Response]):
             forgotten = self.order.pop(0)
             self.items.pop(forgotten, None)
             self.audio_ms.pop(forgotten, None)
+            self.audio.forget(forgotten)
         return previous
 
     def forget(self, item_id: str) -> bool:
         if item_id in self.order:
             self.order.remove(item_id)
         self.audio_ms.pop(item_id, None)
+        self.audio.forget(item_id)
         return self.items.pop(item_id, None) is not None
 
     def audio_delta(self, engine_response_id: str, pcm: bytes) -> list[Event]:
@@ -237,6 +248,28 @@ class EngineEventTranslator(ResponseLedger[_Response]):
             server_event("response.output_audio.delta", **where, content_index=0, delta=delta),
         ]
 
+    def output_audio(self, engine_response_id: str, pcm: bytes, sample_rate_hz: int) -> None:
+        """An answer's audio as it is made (over WebSocket: as sent; over WebRTC: as played),
+        kept with its item for ``retrieved`` (an out-of-band answer's is not)."""
+        response = self._responses.get(engine_response_id) or self._tails.get(engine_response_id)
+        if response is None or response.message_id is None or not response.shape.in_conversation:
+            return
+        self.audio.keep(response.message_id, pcm, sample_rate_hz)
+
+    def retrieved(self, item_id: str, resample: Resample) -> Event | None:
+        """The item as ``conversation.item.retrieved`` shows it: its audio part with its
+        ``audio`` (base64 PCM16 at ``AUDIO_RATE_HZ``, ``resample`` makes it so) while it is
+        kept; None: no such item."""
+        item = self.items.get(item_id)
+        if item is None:
+            return None
+        clip = self.audio.clip(item_id)
+        content = item.get("content")
+        if clip is None or not content or content[0].get("type") not in _AUDIO_PARTS:
+            return item
+        audio = base64.b64encode(resample(*clip)).decode("ascii")
+        return {**item, "content": [{**content[0], "audio": audio}, *content[1:]]}
+
     def truncate(self, item_id: str, audio_end_ms: int) -> tuple[str, str] | None:
         """(full text, text heard in ``audio_end_ms``) of an assistant item whose audio went out
         in deltas; None for any other item. The cut is proportional to the audio (at a word
@@ -254,6 +287,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         if item["content"]:
             item["content"][0]["transcript"] = heard
         self.audio_ms[item_id] = min(sent_ms, float(audio_end_ms))  # the audio left in it
+        self.audio.cut(item_id, audio_end_ms)
         return full, heard
 
     def _speech_started(self, event: ev.SpeechStartedEvent) -> list[Event]:
@@ -273,6 +307,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
             return []
         started_ms = self._started_ms.pop(event.turn, event.audio_end_ms)
         self._heard(event.turn, item_id, event.audio_end_ms - started_ms)
+        self.audio.keep(item_id, event.pcm, event.sample_rate_hz)
         stopped = server_event(
             "input_audio_buffer.speech_stopped", audio_end_ms=event.audio_end_ms, item_id=item_id
         )
@@ -281,6 +316,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
     def _input_committed(self, event: ev.InputCommitted) -> list[Event]:
         item_id = self._user_items[event.turn] = new_id("item")
         self._heard(event.turn, item_id, event.audio_ms)
+        self.audio.keep(item_id, event.pcm, event.sample_rate_hz)
         return self._committed(item_id)
 
     def _heard(self, turn: int, item_id: str, audio_ms: int) -> None:
@@ -462,6 +498,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
             item["content"][0]["transcript"] = event.heard_text
         if item_id in self.audio_ms:
             self.audio_ms[item_id] = float(event.audio_end_ms)
+        self.audio.cut(item_id, event.audio_end_ms)
 
     def _response_done(self, event: ev.ResponseDone) -> list[Event]:
         response = self._ended(event)
