@@ -8,7 +8,10 @@ the way the API does, so a wrong mapping fails here.
 Control endpoints (tests drive them through ``FakeOpenAIServer``):
   POST /__control  {"fail": {route: [status, ...]}, "hold": [route], "stall_s": {route: s},
                     "chunk_delay_s": s, "ignore_stream": bool,
-                    "responses_ending": "completed" | "failed" | "error" | "cut"}
+                    "responses_ending": "completed" | "failed" | "error" | "cut",
+                    "calls_per_turn": n}  -- a chat turn that calls a tool calls it n times,
+                    whatever parallel_tool_calls says (n > 1: ids numbered on from the
+                    conversation's calls, so each is new; 1: call_fake_1)
   POST /__release  {"route": route}  -- let a held stream continue after its first chunk
   POST /__reset
   GET  /__stats    hits, finished and disconnected streams, last request per route
@@ -61,6 +64,7 @@ class ServerState:
     chunk_delay_s: float = 0.01
     ignore_stream: bool = False
     responses_ending: str = "completed"  # or "failed", "error", "cut" (``fake_responses``)
+    calls_per_turn: int = 1  # a chat tool call made this many times in one turn
     hits: Counter[str] = field(default_factory=Counter)
     finished: Counter[str] = field(default_factory=Counter)
     disconnected: Counter[str] = field(default_factory=Counter)
@@ -154,6 +158,8 @@ def _chat_problem(body: dict[str, Any]) -> str:
 
 
 def _tool_choice_problem(body: dict[str, Any]) -> str:
+    if "parallel_tool_calls" in body and not body.get("tools"):
+        return "parallel_tool_calls is only allowed when 'tools' are specified"
     choice = body.get("tool_choice")
     if choice is None:
         return ""
@@ -226,20 +232,17 @@ def _text_chunks(body: dict[str, Any], text: str) -> Iterator[dict[str, Any]]:
 
 
 def _tool_call_chunks(body: dict[str, Any], name: str, arguments: str) -> Iterator[dict[str, Any]]:
-    first = {"index": 0, "id": "call_fake_1", "type": "function"}
-    yield _chunk(
-        body,
-        _choice(
-            {
-                "role": "assistant",
-                "tool_calls": [{**first, "function": {"name": name, "arguments": ""}}],
-            }
-        ),
-    )
-    third = len(arguments) // 3 + 1
-    for start in range(0, len(arguments), third):
-        piece = {"index": 0, "function": {"arguments": arguments[start : start + third]}}
-        yield _chunk(body, _choice({"tool_calls": [piece]}))
+    many = state.calls_per_turn > 1
+    earlier = sum(len(m.get("tool_calls") or ()) for m in body["messages"]) if many else 0
+    for index in range(state.calls_per_turn):
+        first = {"index": index, "id": f"call_fake_{earlier + index + 1}", "type": "function"}
+        role = {"role": "assistant"} if index == 0 else {}
+        call = {**first, "function": {"name": name, "arguments": ""}}
+        yield _chunk(body, _choice({**role, "tool_calls": [call]}))
+        third = len(arguments) // 3 + 1
+        for start in range(0, len(arguments), third):
+            piece = {"index": index, "function": {"arguments": arguments[start : start + third]}}
+            yield _chunk(body, _choice({"tool_calls": [piece]}))
     yield _chunk(body, _choice({}, "tool_calls"))
 
 
@@ -363,6 +366,7 @@ async def control(request: Request) -> dict[str, bool]:
     state.chunk_delay_s = float(body.get("chunk_delay_s", state.chunk_delay_s))
     state.ignore_stream = bool(body.get("ignore_stream", state.ignore_stream))
     state.responses_ending = str(body.get("responses_ending", state.responses_ending))
+    state.calls_per_turn = int(body.get("calls_per_turn", state.calls_per_turn))
     return {"ok": True}
 
 

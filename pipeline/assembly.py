@@ -135,7 +135,8 @@ async def _language_model(
     from pipeline.resilience import harden_llm
 
     api = OpenAIResponsesLanguageModel if config.llm_api == "responses" else OpenAILanguageModel
-    return harden_llm(api(client, config.openai_llm_model), local if config.fallback else None)
+    model = api(client, config.openai_llm_model, reasoning=config.openai_llm_reasoning)
+    return harden_llm(model, local if config.fallback else None)
 
 
 async def _local_model(

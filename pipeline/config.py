@@ -18,6 +18,8 @@ are validated at load with a message naming the variable. Provider choice per st
   ``OPENAI_BASE_URL`` is set: then to ``openai``.
 - ``llm_api``: ``chat`` (Chat Completions, the default) | ``responses`` (the Responses API,
   ``pipeline.openai_responses``): how the ``openai`` language model asks its backend.
+  ``openai_llm_reasoning``: its model takes a reasoning effort (an operator's statement: a
+  compatible server's model names say nothing reliable), so a session's effort is sent.
 - With ``fallback`` on, an OpenAI stage is hardened (timeout, retry budget, circuit breaker)
   with the offline provider of the same stage behind it.
 """
@@ -31,7 +33,13 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from pipeline.context_window import ContextWindow
-from pipeline.providers import NO_HINTS, ToolChoice, TranscriptionHints
+from pipeline.providers import (
+    DEFAULT_OPTIONS,
+    NO_HINTS,
+    ModelOptions,
+    ToolChoice,
+    TranscriptionHints,
+)
 
 ENV_PREFIX = "PIPELINE_"
 CHOICES = {
@@ -105,6 +113,9 @@ class EngineConfig:
     speak: bool = True  # False: answers are text only (no TTS, no audio)
     max_output_tokens: int | None = None  # None: no limit
     tool_choice: ToolChoice = "auto"  # of the first round of a response (tools offered)
+    # asked of the model (``providers.ModelOptions``); without parallel calls the engine runs
+    # at most one call a model turn makes
+    model_options: ModelOptions = DEFAULT_OPTIONS
     speed: float = 1.0  # the TTS's speaking rate, a multiple of its normal one
     transcription: TranscriptionHints = NO_HINTS  # language and prompt for the STT
     context: ContextWindow = ContextWindow()  # how much conversation the model is sent
@@ -275,6 +286,9 @@ class PipelineConfig:
     openai_stt_model: str = "gpt-4o-mini-transcribe"
     openai_llm_model: str = "gpt-4o-mini"
     llm_api: str = "chat"  # the openai language model's API: "chat" or "responses"
+    # the openai language model takes a reasoning effort (o-series, gpt-5): a session's
+    # reasoning.effort is sent; off, it is reported and not sent (a model without it refuses it)
+    openai_llm_reasoning: bool = False
     openai_tts_model: str = "gpt-4o-mini-tts"
     openai_tts_voice: str = "alloy"
     vad_threshold: float = 0.5

@@ -64,6 +64,7 @@ from pipeline.providers import (
     SpeechToText,
     TextToSpeech,
     transcribe_with,
+    with_options,
 )
 from pipeline.resilience import Detour, reporting
 from pipeline.response import HeldEvents, SpokenResponse, timed
@@ -617,7 +618,7 @@ class ConversationEngine:
         emit: Callable[[ev.EngineEvent], None],
     ) -> SpokenResponse:
         providers = (
-            self._reporting(self.llm, recorder.turn),
+            with_options(self._reporting(self.llm, recorder.turn), config.model_options),
             self._reporting(self.tts, recorder.turn),
             self.tools if tools is None else tools,
         )

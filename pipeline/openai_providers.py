@@ -29,11 +29,13 @@ from openai.types.chat.chat_completion_message_function_tool_call_param import F
 from openai.types.shared_params import FunctionDefinition
 
 from pipeline.providers import (
+    DEFAULT_OPTIONS,
     NO_HINTS,
     AudioChunk,
     ForcedTool,
     LanguageModelEvent,
     Message,
+    ModelOptions,
     ProviderError,
     TextDelta,
     ToolCall,
@@ -147,14 +149,44 @@ def _transcript_text(body: bytes, content_type: str) -> str:
 
 class OpenAIModelClient:
     """What the OpenAI language models share: a client without the SDK's own retries, the model
-    they name in each request, and a view of them naming another one."""
+    they name in each request, and views of them naming another one or asking with a response's
+    options.
+
+    The options in a request: ``parallel_tool_calls: false`` when the response asks for one
+    call per turn and tools are offered (OpenAI refuses it without tools; OpenAI's model then
+    makes one call); the reasoning effort only when ``reasoning`` says the model takes one (a
+    model without it refuses the field), else it is not sent."""
 
     KIND = "openai-llm"  # the provider's name is KIND/model
 
-    def __init__(self, client: openai.AsyncOpenAI, model: str = "gpt-4o-mini") -> None:
+    def __init__(
+        self, client: openai.AsyncOpenAI, model: str = "gpt-4o-mini", *, reasoning: bool = False
+    ) -> None:
         self._client = without_sdk_retries(client)
         self.model = model
         self.name = f"{self.KIND}/{model}"
+        self.reasoning = reasoning
+        self.options = DEFAULT_OPTIONS
+
+    def with_model_options(self, options: ModelOptions) -> Self:
+        """This provider asking with ``options`` (``providers.with_options``)."""
+        view = copy.copy(self)
+        view.options = options
+        return view
+
+    def option_fields(self, tools: Sequence[ToolSpec]) -> dict[str, Any]:
+        """The request's fields for its options (none when they are the defaults)."""
+        fields: dict[str, Any] = {}
+        if tools and not self.options.parallel_tool_calls:
+            fields["parallel_tool_calls"] = False
+        effort = self.options.reasoning_effort
+        if self.reasoning and effort is not None:
+            fields.update(self.effort_field(effort))
+        return fields
+
+    def effort_field(self, effort: str) -> dict[str, Any]:
+        """A reasoning effort as the API takes it (chat completions: ``reasoning_effort``)."""
+        return {"reasoning_effort": effort}
 
     def as_model(self, model: str) -> Self:
         """This provider sending ``model`` instead of its own (``providers.answering_as``)."""
@@ -180,6 +212,7 @@ class OpenAILanguageModel(OpenAIModelClient):
             body["tools"] = [tool_param(tool) for tool in tools]
             if choice != "auto":
                 body["tool_choice"] = tool_choice_param(choice)
+        body.update(self.option_fields(tools))
         try:
             # The SDK's ``chat.completions.create`` first walks the whole body through its
             # TypedDict transformer: ~0.2 ms of CPU per message on this machine, 130 ms on the

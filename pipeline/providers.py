@@ -164,6 +164,32 @@ def generate_with(
     return stream
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """What a response asks of the model beyond its messages, tools and tool choice: whether it
+    may call several tools in one turn, and how hard to reason (None: the model's default)."""
+
+    parallel_tool_calls: bool = True
+    reasoning_effort: str | None = None
+
+
+DEFAULT_OPTIONS = ModelOptions()
+
+
+def with_options(llm: LanguageModel, options: ModelOptions) -> LanguageModel:
+    """``llm`` for a response with these ``options``.
+
+    A provider that sends them has ``with_model_options(options)``: a view of itself that puts
+    them in each request (the OpenAI models; the resilience wrapper hands them to its
+    providers). Any other (the rule-based agent, the local model) answers as itself: it has no
+    such settings, and the engine keeps to one call per turn itself (``pipeline.response``)."""
+    bind = getattr(llm, "with_model_options", None)
+    if bind is None or options == DEFAULT_OPTIONS:
+        return llm
+    bound: LanguageModel = bind(options)
+    return bound
+
+
 def answering_as(llm: LanguageModel, model: str) -> LanguageModel:
     """``llm`` for a session that names the model it wants (GPT-Live's delegation ``model``).
 

@@ -52,6 +52,7 @@ from pipeline.providers import (
     LanguageModel,
     LanguageModelEvent,
     Message,
+    ModelOptions,
     ProviderError,
     SpeechToText,
     TextToSpeech,
@@ -63,6 +64,7 @@ from pipeline.providers import (
     generate_with,
     synthesize_with,
     transcribe_with,
+    with_options,
 )
 
 __all__ = [
@@ -352,6 +354,12 @@ class HardenedLanguageModel(_Hardened[LanguageModel]):
         primary = answering_as(self._providers[0], model)
         view._providers = [primary, *self._providers[1:]]
         view.name = primary.name
+        return view
+
+    def with_model_options(self, options: ModelOptions) -> HardenedLanguageModel:
+        """Each provider with ``options`` (``providers.with_options``); the rest shared."""
+        view = copy.copy(self)
+        view._providers = [with_options(provider, options) for provider in self._providers]
         return view
 
     def generate(

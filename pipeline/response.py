@@ -6,8 +6,11 @@ the first audio while TTS still speaks. Cancelling ``run()`` cancels all three (
 iterators are closed in ``finally``). ``stop()`` is the barge-in: no frame is emitted after it,
 even before the cancellation has reached the tasks.
 
-Per response (``EngineConfig``): ``voice`` is handed to the TTS; ``speak=False`` answers in text
-only (the TTS and playout stages see no text, no frame is made); ``max_output_tokens`` stops
+Per response (``EngineConfig``): ``model_options`` go to the model (``providers.with_options``)
+and, without parallel tool calls, only the first call of a model turn that makes several is
+made (logged; the others never reach the conversation); ``voice`` is handed to the TTS;
+``speak=False`` answers in text only (the TTS and playout stages see no text, no frame is
+made); ``max_output_tokens`` stops
 reading the model after that many tokens, counted as the stream's text deltas and tool calls
 (a chat-completions stream sends one token per delta), closing the stream (the generation
 stops upstream) and marking the response ``limited``.
@@ -27,6 +30,7 @@ it is cancelled unheard.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import replace
@@ -50,6 +54,7 @@ from pipeline.tools import ToolRegistry
 from pipeline.turns import TurnRecorder
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class HeldEvents:
@@ -186,7 +191,16 @@ class SpokenResponse:
                     self._on_text(event.text, chunker, chunks)
                 elif isinstance(event, ToolCall):
                     calls.append(event)
-        return calls
+        return self._one_call_unless_parallel(calls)
+
+    def _one_call_unless_parallel(self, calls: list[ToolCall]) -> list[ToolCall]:
+        """Without parallel calls (``parallel_tool_calls: false``), only a turn's first call is
+        made (and kept in the conversation), whatever the model returned."""
+        if self.config.model_options.parallel_tool_calls or len(calls) < 2:
+            return calls
+        names = ", ".join(call.name for call in calls[1:])
+        log.warning("%s: one call per turn; not made: %s", self.response_id, names)
+        return calls[:1]
 
     def _on_text(
         self,

@@ -39,7 +39,9 @@ from deploy.fake_openai import FakeOpenAIServer
 from deploy.processes import ROOT
 from pipeline.config import EngineConfig
 from pipeline.context_window import ContextWindow
-from pipeline.providers import Message, ToolCall
+from pipeline.openai_providers import OpenAILanguageModel
+from pipeline.openai_responses import OpenAIResponsesLanguageModel
+from pipeline.providers import Message, ModelOptions, ToolCall, ToolSpec, with_options
 from transceiver.realtime.client_events import SessionConfig
 from transceiver.realtime.policy import SessionPolicy, stored_session_update
 from transceiver.realtime.session_fields import AUTO_BUDGET_TOKENS, Truncation
@@ -63,6 +65,7 @@ def transceiver(
 ) -> Iterator[str]:
     log_dir = tmp_path_factory.mktemp("session-fields")
     env = {"PIPELINE_STT": "openai", "PIPELINE_FALLBACK": "false"}
+    env["PIPELINE_OPENAI_LLM_REASONING"] = "true"  # its model takes a reasoning effort
     with transceiver_process_with(server.base_url, API_KEY, 2, log_dir, env) as base_url:
         yield base_url
 
@@ -262,6 +265,71 @@ async def test_reasoning_and_tracing_are_reported_prompt_and_include_refused(
         create = {"type": "response.create", "response": response}
         error = await error_for(events, json.dumps(create))
         assert (error["code"], error["param"]) == ("invalid_value", param), error
+
+
+LOOKUP = {"type": "function", "name": "lookup", "description": "Looks things up.",
+          "parameters": {"type": "object", "properties": {}}}  # fmt: skip
+
+
+async def _calls(events: Events, text: str, response: dict[str, Any]) -> list[str]:
+    """The call ids of the function calls the answer to ``text`` made (each then answered)."""
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    await events.connection.conversation.item.create(item=item)  # type: ignore[arg-type]
+    await events.connection.send_raw(json.dumps({"type": "response.create", "response": response}))
+    done = await events.next("response.done")
+    calls = [item for item in done["response"]["output"] if item["type"] == "function_call"]
+    for call in calls:
+        output = {"type": "function_call_output", "call_id": call["call_id"], "output": "ok"}
+        await events.connection.conversation.item.create(item=output)  # type: ignore[arg-type]
+        await events.next("conversation.item.done")
+    return [call["call_id"] for call in calls]
+
+
+OPTION_KEYS = ("parallel_tool_calls", "reasoning_effort", "reasoning")
+
+
+async def _options_sent(server: FakeOpenAIServer, route: str = "chat") -> dict[str, Any]:
+    """The model options the last request on ``route`` carried."""
+    sent = (await server.stats())["last_request"][route]
+    return {key: sent[key] for key in OPTION_KEYS if key in sent}
+
+
+async def test_parallel_tool_calls_and_reasoning_effort_reach_the_model(
+    events: Events, server: FakeOpenAIServer
+) -> None:
+    await server.control(calls_per_turn=2)  # a model that calls twice, whatever it is told
+    try:
+        await _session(events, {"tools": [LOOKUP], "reasoning": {"effort": "low"}})
+        assert len(await _calls(events, "Please lookup the tides.", {})) == 2
+        assert await _options_sent(server) == {"reasoning_effort": "low"}
+        await _session(events, {"parallel_tool_calls": False})
+        assert await _calls(events, "Please lookup the moon.", {}) == ["call_fake_3"]
+        sent = {"parallel_tool_calls": False, "reasoning_effort": "low"}
+        assert await _options_sent(server) == sent
+        own = {"parallel_tool_calls": True, "reasoning": {"effort": "high"}}
+        assert len(await _calls(events, "Please lookup the sun.", own)) == 2  # this one only
+        assert await _options_sent(server) == {"reasoning_effort": "high"}
+        assert len(await _calls(events, "Please lookup Mars.", {})) == 1
+    finally:
+        await server.control(calls_per_turn=1)
+
+
+async def test_the_options_reach_either_api_the_effort_only_when_the_model_takes_it(
+    server: FakeOpenAIServer,
+) -> None:
+    options = ModelOptions(parallel_tool_calls=False, reasoning_effort="minimal")
+    apis: list[tuple[type[OpenAILanguageModel | OpenAIResponsesLanguageModel], str, Any]] = [
+        (OpenAILanguageModel, "chat", {"reasoning_effort": "minimal"}),
+        (OpenAIResponsesLanguageModel, "responses", {"reasoning": {"effort": "minimal"}}),
+    ]
+    async with server.openai_client() as client:
+        for api, route, effort in apis:
+            for reasoning, tools in [(False, [ToolSpec("lookup", "Looks.")]), (True, [])]:
+                model = with_options(api(client, reasoning=reasoning), options)
+                answer = model.generate([Message("user", "Hello there.")], tools)
+                assert [event async for event in answer], (api, reasoning)
+                wanted = dict(effort) if reasoning else {"parallel_tool_calls": False}
+                assert await _options_sent(server, route) == wanted, (api, reasoning)
 
 
 async def test_transcription_keywords_and_languages_reach_the_speech_to_text(

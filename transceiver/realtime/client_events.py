@@ -132,6 +132,7 @@ class SessionConfig:
     noise_reduction: str | None = None  # "near_field", "far_field"; None: off
     truncation: Truncation = Truncation()  # see session_fields
     reasoning_effort: str | None = None  # reported; None: no reasoning object
+    parallel_tool_calls: bool = True  # not reported (OpenAI's session object has no such field)
     tracing: str | dict[str, Any] | None = None  # reported as set
 
     def to_json(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any
 
 from pipeline.config import EngineConfig
 from pipeline.context_window import ContextWindow
-from pipeline.providers import ForcedTool, ToolChoice, ToolSpec, TranscriptionHints
+from pipeline.providers import ForcedTool, ModelOptions, ToolChoice, ToolSpec, TranscriptionHints
 from pipeline.tools import Tool, ToolRegistry
 from transceiver.realtime.client_events import (
     EventError,
@@ -118,6 +118,7 @@ class SessionPolicy:
             speak="audio" in config.output_modalities,
             max_output_tokens=config.max_output_tokens,
             tool_choice=_engine_choice(config),
+            model_options=ModelOptions(config.parallel_tool_calls, config.reasoning_effort),
             speed=config.speed,
             transcription=transcription_hints(config.transcription),
             context=ContextWindow(

@@ -14,8 +14,8 @@ Pure protocol layer. ``plan_response`` reads the object as OpenAI's GA API defin
 - ``metadata``: up to 16 string pairs, reported back in ``response.created``/``done``.
 
 ``parallel_tool_calls``, ``prompt`` and ``reasoning`` are read as a session's
-(``session_fields``): the first and the last validated and without effect, a saved prompt
-refused; any other key is ``unknown_parameter``.
+(``session_fields``): the first and the last hold for this response, a saved prompt refused;
+any other key is ``unknown_parameter``.
 """
 
 from __future__ import annotations

@@ -9,10 +9,13 @@ Pure protocol layer: a ``session`` object's values in, validated settings out, a
   "retention_ratio", "token_limits": {"post_instructions"}}``: how much of the conversation the
   model is sent (``pipeline.context_window``; ``policy`` maps it). ``auto`` cuts at
   ``AUTO_BUDGET_TOKENS``, keeping all it can; ``disabled`` never cuts.
-- ``reasoning`` ``{effort}``: validated and reported; the deployment's language model is asked
-  as it is configured, whatever the effort.
-- ``parallel_tool_calls``: a boolean, accepted; the engine runs every call a model turn makes,
-  one after another, either way (OpenAI's session object does not report it).
+- ``reasoning`` ``{effort}``: validated and reported; sent to an OpenAI-compatible language
+  model only when the deployment says its model takes an effort
+  (``PIPELINE_OPENAI_LLM_REASONING``), else not sent; the offline models ignore it.
+- ``parallel_tool_calls``: a boolean; ``false`` is sent to an OpenAI-compatible model with the
+  tools, and the engine makes only the first call of a model turn that still makes several
+  (``pipeline.response``); ``true`` (the default) runs every call, one after another.
+  OpenAI's session object does not report it.
 - ``tracing``: ``"auto"``, ``{workflow_name, group_id, metadata}`` or ``null``, reported as
   set; traces go to OpenTelemetry when ``OTEL_*`` asks, never to OpenAI's dashboard.
 - ``prompt``: a saved prompt lives on OpenAI's platform, which this server does not reach:
@@ -67,7 +70,7 @@ def parse_fields(session: Mapping[str, Any]) -> dict[str, Any]:
     if "reasoning" in session:
         changes["reasoning_effort"] = _reasoning(session["reasoning"])
     if session.get("parallel_tool_calls") is not None:
-        _boolean(session, "parallel_tool_calls")  # accepted; see the module's docstring
+        changes["parallel_tool_calls"] = _boolean(session, "parallel_tool_calls")
     if "tracing" in session:
         changes["tracing"] = _tracing(session["tracing"])
     if session.get("prompt") is not None:
@@ -127,9 +130,11 @@ def _reasoning(value: Any) -> str | None:
     return str(effort) if effort is not None else None
 
 
-def _boolean(session: Mapping[str, Any], key: str) -> None:
-    if not isinstance(session[key], bool):
+def _boolean(session: Mapping[str, Any], key: str) -> bool:
+    value = session[key]
+    if not isinstance(value, bool):
         raise EventError("invalid_type", f"session.{key} must be a boolean", f"session.{key}")
+    return value
 
 
 def _tracing(value: Any) -> str | dict[str, Any] | None:
