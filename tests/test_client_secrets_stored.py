@@ -3,7 +3,8 @@
 Two pipeline transceivers (auth required, one secret keyring, one redis-server; the fake
 OpenAI server is the model and the voice). A session of ~40 KB of instructions does not fit in
 an ``ek_`` secret, so the secret names it in Redis, for as long as the secret lives; a session
-opened with that secret on either transceiver starts with those instructions. A secret naming a
+opened with that secret on either transceiver starts with those instructions, and a WebRTC
+offer with it is answered (and hung up with it). A secret naming a
 session no longer stored, or expired, is refused as an expired secret is. Driven by the
 official ``openai`` SDK, unchanged but for its base URL.
 """
@@ -113,6 +114,12 @@ async def test_a_large_session_is_kept_in_redis_and_opens_sessions_on_any_transc
     assert 0 < ttl_s <= 120  # kept as long as the secret lives, no longer
     for base_url in (minter, other):
         assert (await created_session(base_url, secret.value))["instructions"] == instructions
+    offered = await call_with(other, secret.value)  # a WebRTC offer takes it too
+    assert offered.status_code == 201, offered.text
+    headers = {"Authorization": f"Bearer {secret.value}"}
+    async with httpx.AsyncClient(timeout=30) as http:
+        hung_up = await http.delete(other + offered.headers["location"], headers=headers)
+    assert hung_up.status_code == 204, hung_up.text
 
 
 async def test_a_secret_whose_session_is_no_longer_stored_is_refused_as_expired(
