@@ -6,13 +6,18 @@ Over WebRTC a response is done when its generation ends and its audio plays on, 
 ``response.done`` first, ``output_audio_buffer.stopped`` when it has played ("emitted after the
 full response data has been sent to the client (response.done)", OpenAI's reference); a
 ``response.create`` meanwhile starts the next response, and ``output_audio_buffer.clear`` cuts
-the answers to what was played. A played answer's item is truncated as over WebSocket.
+the answers to what was played. A played answer's item is truncated as over WebSocket, and
+retrieved with its audio as played (PCM16 at 24 kHz), cut to what is left; audio more than a
+data channel message carries is refused by name (the item retrieved without it).
 """
 
 from __future__ import annotations
 
+import array
+import base64
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -210,10 +215,25 @@ async def test_a_played_answer_is_truncated_to_the_words_heard_over_webrtc(
     past = {"type": "conversation.item.truncate", "item_id": item["id"], "content_index": 0}
     too_far = await error_for(client, {**past, "audio_end_ms": 600_000})
     assert (too_far["code"], too_far["param"]) == ("invalid_value", "audio_end_ms")
+    audio_ms = int(too_far["message"].split("the item's ")[1].split(" ms")[0])
+    assert audio_ms > 4500, too_far  # more audio than one data channel message carries
+    *errors, whole = await _retrieved(client, item["id"])
+    assert [e["error"]["code"] for e in errors] == ["item_audio_too_large"], errors
+    assert "audio" not in whole["item"]["content"][0], whole  # (base64: 256 KiB is ~4 s)
     mark = len(client.events)
     client.send({**past, "audio_end_ms": 1500})
     await client.wait_for("conversation.item.truncated", after=mark)
-    client.send({"type": "conversation.item.retrieve", "item_id": item["id"]})
-    retrieved = await client.wait_for("conversation.item.retrieved", after=mark)
+    *_, retrieved = await _retrieved(client, item["id"])
     cut = retrieved["item"]["content"][0]["transcript"]
     assert cut and full.startswith(cut) and len(cut) < len(full), (cut, full)
+    left = base64.b64decode(retrieved["item"]["content"][0]["audio"])
+    assert len(left) == 1500 * 48, len(left)  # what is left of it, PCM16 at 24 kHz
+    assert max(map(abs, array.array("h", left))) > 1000  # speech, not silence
+
+
+async def _retrieved(client: RealtimeClient, item_id: str) -> list[dict[str, Any]]:
+    """The events a retrieve of ``item_id`` gets, up to its ``conversation.item.retrieved``."""
+    mark = len(client.events)
+    client.send({"type": "conversation.item.retrieve", "item_id": item_id})
+    await client.wait_for("conversation.item.retrieved", after=mark)
+    return client.events[mark:]

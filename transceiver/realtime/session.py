@@ -714,8 +714,7 @@ class RealtimeSession:
         if item is None:
             raise EventError("item_not_found", f"no item {event.item_id!r}", "item_id")
         if isinstance(event, ItemRetrieve):
-            item = self.translator.retrieved(event.item_id, _at_audio_rate) or item
-            self.send(server_event("conversation.item.retrieved", item=item))
+            self._retrieve(event, item)
         elif isinstance(event, ItemDelete):
             self.edits.delete(event.item_id)
             self.send(server_event("conversation.item.deleted", item_id=event.item_id))
@@ -725,6 +724,24 @@ class RealtimeSession:
             self.send(
                 server_event("conversation.item.truncated", item_id=event.item_id, **truncated)
             )
+
+    def _retrieve(self, event: ItemRetrieve, item: Event) -> None:
+        """The item with its audio (``translation``); an event with audio larger than this
+        connection carries (``max_event_bytes``; over WebRTC the data channel's 256 KiB
+        message, about 4 s of audio) gets an ``error`` and the item goes without it."""
+        retrieved = server_event(
+            "conversation.item.retrieved",
+            item=self.translator.retrieved(event.item_id, _at_audio_rate) or item,
+        )
+        size_bytes = len(json.dumps(retrieved))
+        if size_bytes > self.max_event_bytes:
+            message = (
+                f"item {event.item_id!r} with its audio is a {size_bytes}-byte event, over the "
+                f"{self.max_event_bytes} bytes this connection carries: retrieved without it"
+            )
+            self.send_error(EventError("item_audio_too_large", message, "item_id"), event.event_id)
+            retrieved = server_event("conversation.item.retrieved", item=item)
+        self.send(retrieved)
 
     def append_audio(self, pcm: bytes) -> None:
         """The client's PCM16 at ``AUDIO_RATE_HZ`` into the engine (WebSocket sessions)."""
