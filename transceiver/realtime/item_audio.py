@@ -65,6 +65,8 @@ class ItemAudio:
         self._bound()
 
     def _bound(self) -> None:
+        if self._audio_s <= self.max_audio_s:
+            return  # (each frame of an answer: no walk)
         for clip in list(self._clips.values()):
             if self._audio_s <= self.max_audio_s:
                 return
