@@ -6,7 +6,8 @@ opens a transcription session over the WebSocket (``client.realtime.connect`` wi
 ``intent=transcription``) and mints a client secret for one, with which an aiortc peer makes a
 WebRTC call through the relay. Piper's spoken sentence must come back as transcription deltas
 and a completed transcript with the right words and a duration ``usage``, and nothing may
-answer: no ``response.*`` event, and ``response.create`` is refused. A second transceiver whose
+answer: no ``response.*`` event, and ``response.create`` is refused; over WebRTC the retrieved
+item carries the committed utterance's audio. A second transceiver whose
 speech-to-text is the fake OpenAI server's, told to fail, shows ``.failed`` on the item, and the
 session going on; a Realtime session on it does the same (and answers the next turn). Every
 event received must validate as the SDK's ``RealtimeServerEvent``.
@@ -19,7 +20,7 @@ import json
 import os
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +237,11 @@ async def test_a_client_secret_for_a_transcription_session_transcribes_a_webrtc_
         peer.send({"type": "conversation.item.retrieve", "item_id": item_id})
         retrieved = await peer.wait_for("conversation.item.retrieved")
         assert retrieved["item"]["content"][0]["transcript"] == completed["transcript"]
+        started = await peer.wait_for("input_audio_buffer.speech_started", _of(item_id))
+        stopped = await peer.wait_for("input_audio_buffer.speech_stopped", _of(item_id))
+        heard_ms = stopped["audio_end_ms"] - started["audio_start_ms"]
+        audio = base64.b64decode(retrieved["item"]["content"][0]["audio"])  # PCM16, 24 kHz
+        assert abs(len(audio) / 48 - heard_ms) <= 40, (len(audio), heard_ms)
         assert answered(peer.events) == [], peer.types()
         for event in peer.events:
             assert SERVER_EVENT.validate_python(event).type == event["type"], event
@@ -334,3 +340,7 @@ async def test_a_failed_response_says_why_in_openais_shape(
             assert (done["status"], done["status_details"]) == ("completed", None), done
     finally:
         await server.reset()
+
+
+def _of(item_id: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda event: event.get("item_id") == item_id
