@@ -90,8 +90,9 @@ async def test_a_session_taken_over_hangs_up_the_old_connection_and_replays_the_
 
             recall = await ask(second, "What did I just ask?")
         assert recall == "You asked: Tell me about water.", recall
+        # The answer is stored after the question (its own write): wait for both.
         state = await stored_until(
-            survival, session_id, lambda st: ("user", "What did I just ask?") in contents(st)
+            survival, session_id, lambda st: ("assistant", recall) in contents(st)
         )
         spoken = [(role, text) for role, text in contents(state) if role != "tool" and text]
         assert spoken == [
