@@ -93,8 +93,9 @@ $(RECORDINGS): requirements/recorded-speech.txt loadtest/recorded_speech.py | $(
 
 models: $(SMART_TURN_MODEL) $(RECORDINGS)
 
+# --durations: every run lists its slowest tests, to keep the suite within its 15 minutes.
 test: $(STAMP) sysdeps models lint typecheck
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 # The image's entry points (ENTRYPOINT + CMD of deploy/Dockerfile), run from a fresh venv that the
 # Dockerfile's own build-stage commands install from requirements/runtime.txt: what the image
