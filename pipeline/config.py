@@ -98,6 +98,38 @@ class ChunkerConfig:
             )
 
 
+# audio.input.noise_reduction (pipeline.noise_reduction): what each kind of microphone gets
+NOISE_REDUCTION_KINDS = ("near_field", "far_field")
+DEFAULT_STRENGTH = 0.5
+_FLOOR_DB_AT_FULL = {"near_field": -24.0, "far_field": -18.0}
+_OVER = {"near_field": 3.0, "far_field": 2.0}
+_RISE_DB_PER_S = {"near_field": 6.0, "far_field": 3.0}
+
+
+@dataclass(frozen=True)
+class NoiseReduction:
+    kind: str = "near_field"
+    strength: float = DEFAULT_STRENGTH  # 0: the floor at 0 dB (nothing removed); 1: the deepest
+
+    def __post_init__(self) -> None:
+        if self.kind not in NOISE_REDUCTION_KINDS:
+            raise ValueError(f"noise reduction kind must be one of {NOISE_REDUCTION_KINDS}")
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"noise reduction strength must be within 0..1: {self.strength}")
+
+    @property
+    def floor_gain(self) -> float:
+        return float(10.0 ** (_FLOOR_DB_AT_FULL[self.kind] * self.strength / 20.0))
+
+    def rise_per_frame(self, frame_ms: int) -> float:
+        """The factor the floor's power may grow by in one frame."""
+        return float(10.0 ** (_RISE_DB_PER_S[self.kind] * frame_ms / 1000.0 / 10.0))
+
+
+def over_subtraction(config: NoiseReduction) -> float:
+    return _OVER[config.kind]
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     input_sample_rate_hz: int = 16000
@@ -123,6 +155,7 @@ class EngineConfig:
     # until the turn ends; thrown away unheard if the user goes on)
     answer_early: bool = True
     vad: VadConfig = field(default_factory=VadConfig)
+    noise_reduction: NoiseReduction | None = None  # None: the input is not filtered
     chunker: ChunkerConfig = field(default_factory=ChunkerConfig)
 
     def __post_init__(self) -> None:

@@ -56,6 +56,7 @@ from typing import Any, Literal, TypeVar
 from pipeline import events as ev
 from pipeline.config import EngineConfig
 from pipeline.end_of_turn import end_of_turn_asker
+from pipeline.noise_reduction import NoiseSuppressor
 from pipeline.providers import (
     AudioChunk,
     LanguageModel,
@@ -142,6 +143,7 @@ class ConversationEngine:
         self._classify = classify
         self._estimate_cost = estimate_cost
         self._detector: TurnDetector | None = None
+        self._suppressor = _suppressor_for(config)
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -239,6 +241,8 @@ class ConversationEngine:
             self.finish_input()
         if config.turn_detection:
             self._uncommitted.clear()
+        if config.noise_reduction != self.config.noise_reduction:
+            self._suppressor = _suppressor_for(config)
         if self._detector is not None and config.vad != self.config.vad:
             rate_hz = config.input_sample_rate_hz
             ask = self._asking(end_of_turn_asker(config.vad.semantic, rate_hz))
@@ -360,6 +364,8 @@ class ConversationEngine:
 
     def _on_frame(self, frame: bytes) -> None:
         assert self._detector is not None
+        if self._suppressor is not None:  # what the VAD, the STT and the turn's audio get
+            frame = self._suppressor.process(frame)
         heard = self._heard
         events = self._detector.push(frame)
         if heard is not None and not any(isinstance(e, SpeechStarted) for e in events):
@@ -747,6 +753,13 @@ class ConversationEngine:
     def _now(self) -> float:
         assert self._clock is not None
         return self._clock()
+
+
+def _suppressor_for(config: EngineConfig) -> NoiseSuppressor | None:
+    if config.noise_reduction is None:
+        return None
+    rate_hz, frame_ms = config.input_sample_rate_hz, config.frame_ms
+    return NoiseSuppressor(config.noise_reduction, rate_hz, frame_ms)
 
 
 def _released(response: SpokenResponse) -> bool:

@@ -16,10 +16,11 @@ makes the first model call of a response call one, a forced function makes it ca
 Turn detection: ``semantic_vad`` runs the same webrtcvad detector, its ``eagerness`` choosing
 the silence that ends a turn (``EAGERNESS_SILENCE_MS``), and asks the end-of-turn model at a
 shorter pause (``VadConfig.semantic``, ``pipeline.end_of_turn``): a turn it calls complete
-ends there. ``noise_reduction`` filters nothing
-here: it makes the detector one webrtcvad step stricter (``threshold`` + 0.25), so noise
-starts fewer turns. ``speed`` and the transcription's ``language``/``prompt`` go to the TTS and
-the speech-to-text that take them.
+ends there. ``noise_reduction`` filters the input before the VAD
+(``pipeline.noise_reduction``, at its default strength) and also makes the detector one
+webrtcvad step stricter (``threshold`` + 0.25), so noise starts fewer turns. ``speed`` and
+the transcription's ``language``/``prompt`` go to the TTS and the speech-to-text that take
+them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline.config import EngineConfig
+from pipeline.config import EngineConfig, NoiseReduction
 from pipeline.context_window import ContextWindow
 from pipeline.providers import ForcedTool, ModelOptions, ToolChoice, ToolSpec, TranscriptionHints
 from pipeline.tools import Tool, ToolRegistry
@@ -110,6 +111,9 @@ class SessionPolicy:
             self.base,
             instructions=config.instructions,
             vad=vad,
+            noise_reduction=None
+            if config.noise_reduction is None
+            else NoiseReduction(config.noise_reduction),
             turn_detection=detection is not None,
             create_response=detection is not None and detection.create_response,
             interrupt_response=detection is not None and detection.interrupt_response,
