@@ -384,10 +384,14 @@ class ConversationEngine:
             self._open_stretch(heard, heard.held)
 
     def _noting(self, classify: Callable[[bytes], bool]) -> Callable[[bytes], bool]:
-        """The detector's classifier, its last answer kept (speech after a pause)."""
+        """The detector's classifier, its last answer kept (speech after a pause). While the
+        noise filter settles, it hears no speech (webrtcvad still hears the frames and learns
+        the noise: at a stream's start, noise alone would otherwise start a short turn)."""
 
         def voiced(frame: bytes) -> bool:
-            self._voiced = classify(frame)
+            suppressor = self._suppressor
+            settled = suppressor is None or suppressor.settled or self.user_speaking
+            self._voiced = classify(frame) and settled
             return self._voiced
 
         return voiced

@@ -21,6 +21,12 @@ The kinds: ``near_field`` (a headset: speech well above the noise) gates harder,
 6 dB/s; ``far_field`` (a laptop or room microphone: quieter, reverberant speech whose tails a
 fast floor would learn as noise) is gentler, its floor at ``-18 dB * strength`` (-9 dB),
 ``over`` 2.0, rising up to 3 dB/s.
+
+Settling: webrtcvad, fed a stream that starts in noise, calls its first few hundred ms speech
+whatever the filter leaves (its own noise model adapts meanwhile), so a call opening on steady
+noise would start a short turn. For a suppressor's first ``SETTLE_MS`` (``settled`` false) the
+engine lets the VAD hear the frames but takes no speech from it (a turn starting just after
+keeps its prefix padding of the audio before).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import numpy.typing as npt
 
 from pipeline.config import NoiseReduction, over_subtraction
 
+SETTLE_MS = 500  # the VAD's first moments on a filtered stream: see ``settled``
 _SMOOTHING = 0.7  # of the power the floor follows, per frame
 _EPSILON = 1e-3  # power below this is silence (int16 scale), never divided by
 
@@ -61,12 +68,19 @@ class NoiseSuppressor:
         self._sum = np.zeros(size + self._hop, f64)
         self._pcm = np.zeros(size, np.int16)
         self._started = False
+        self._unsettled_frames = SETTLE_MS // frame_ms
+
+    @property
+    def settled(self) -> bool:
+        """Past its first ``SETTLE_MS``, in which the VAD should hear no speech."""
+        return self._unsettled_frames <= 0
 
     def process(self, frame: bytes) -> bytes:
         """The frame filtered (lagging one hop); ValueError for a frame of another size."""
         if len(frame) != 2 * self._size:
             raise ValueError(f"noise reduction frame must be {2 * self._size} bytes: {len(frame)}")
         hop = self._hop
+        self._unsettled_frames -= 1
         self._input[:hop] = self._input[self._size :]
         self._input[hop:] = np.frombuffer(frame, np.int16)
         np.multiply(self._frames, self._window, out=self._windowed)
