@@ -100,8 +100,8 @@ class ChunkerConfig:
 
 # audio.input.noise_reduction (pipeline.noise_reduction): what each kind of microphone gets
 NOISE_REDUCTION_KINDS = ("near_field", "far_field")
-DEFAULT_STRENGTH = 0.5
-_FLOOR_DB_AT_FULL = {"near_field": -24.0, "far_field": -18.0}
+DEFAULT_STRENGTH = 1.0  # OpenAI's default
+_FLOOR_DB_AT_FULL = {"near_field": -12.0, "far_field": -9.0}
 _OVER = {"near_field": 3.0, "far_field": 2.0}
 _RISE_DB_PER_S = {"near_field": 6.0, "far_field": 3.0}
 

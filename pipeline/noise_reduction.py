@@ -17,9 +17,9 @@ and goes in every bin, lifts it little. ``over`` makes up for a minimum lying be
 noise's mean.
 
 The kinds: ``near_field`` (a headset: speech well above the noise) gates harder, its floor at
-``-24 dB * strength`` (the default strength 0.5: -12 dB), ``over`` 3.0, its floor rising up to
+``-12 dB * strength`` (at OpenAI's default strength, 1), ``over`` 3.0, its floor rising up to
 6 dB/s; ``far_field`` (a laptop or room microphone: quieter, reverberant speech whose tails a
-fast floor would learn as noise) is gentler, its floor at ``-18 dB * strength`` (-9 dB),
+fast floor would learn as noise) is gentler, its floor at ``-9 dB * strength``,
 ``over`` 2.0, rising up to 3 dB/s.
 
 Settling: webrtcvad, fed a stream that starts in noise, calls its first few hundred ms speech

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import EngineConfig
+from pipeline.config import EngineConfig, NoiseReduction
 from pipeline.providers import ForcedTool, ToolSpec, TranscriptionHints
 from pipeline.tools import Tool
 from transceiver.realtime.client_events import EventError, SessionConfig
@@ -45,6 +45,20 @@ def test_server_vad_keeps_its_own_silence_and_noise_reduction_makes_it_stricter(
     reduced = configured({**detection(type="server_vad"), "audio": {
         "input": {"noise_reduction": {"type": "near_field"}}}})  # fmt: skip
     assert POLICY.engine_config(reduced).vad.aggressiveness == 3
+
+
+def test_noise_reduction_reaches_the_engine_its_strength_kept_until_changed() -> None:
+    assert POLICY.engine_config(configured({})).noise_reduction is None
+    near = {"audio": {"input": {"noise_reduction": {"type": "near_field"}}}}
+    config = configured(near)
+    assert POLICY.engine_config(config).noise_reduction == NoiseReduction("near_field", 1.0)
+    gentle = {"audio": {"input": {"noise_reduction": {"type": "far_field", "strength": 0.4}}}}
+    config = session_update_from({"type": "realtime", **gentle}).apply(config)
+    assert POLICY.engine_config(config).noise_reduction == NoiseReduction("far_field", 0.4)
+    config = session_update_from({"type": "realtime", **near}).apply(config)
+    assert POLICY.engine_config(config).noise_reduction == NoiseReduction("near_field", 0.4)
+    reported = config.to_json()["audio"]["input"]["noise_reduction"]
+    assert reported == {"type": "near_field", "strength": 0.4}
 
 
 def test_hints_speed_and_tool_choice_reach_the_engine() -> None:

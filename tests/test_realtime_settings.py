@@ -394,7 +394,7 @@ async def test_transcription_hints_and_speed_reach_the_providers(
         audio = {"input": audio_in, "output": {"speed": 1.25}}
         session = (await _session(events, {"audio": audio}))["audio"]
         assert session["input"]["transcription"] == transcription
-        assert session["input"]["noise_reduction"] == {"type": "far_field"}
+        assert session["input"]["noise_reduction"] == {"type": "far_field", "strength": 1.0}
         assert session["output"]["speed"] == 1.25
         await _append(events, question)
         heard = await events.next("conversation.item.input_audio_transcription.completed")
@@ -444,7 +444,8 @@ async def test_noise_reduction_hears_a_noisy_question_as_one_turn(
     transcript misses the words; see docs/realtime-compat.md.)"""
     audio_in = {"noise_reduction": {"type": "near_field"}}
     session = await _session(events, {"audio": {"input": audio_in}})
-    assert session["audio"]["input"]["noise_reduction"] == {"type": "near_field"}
+    expected = {"type": "near_field", "strength": 1.0}  # OpenAI's default strength
+    assert session["audio"]["input"]["noise_reduction"] == expected
     pcm, words_end_ms = noisy_question
     await _append(events, pcm)
     heard = await events.next("conversation.item.input_audio_transcription.completed")

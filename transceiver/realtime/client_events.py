@@ -130,6 +130,7 @@ class SessionConfig:
     max_output_tokens: int | None = None  # None: "inf"
     speed: float = 1.0
     noise_reduction: str | None = None  # "near_field", "far_field"; None: off
+    noise_reduction_strength: float = 1.0  # OpenAI's default; an update without one keeps it
     truncation: Truncation = Truncation()  # see session_fields
     reasoning_effort: str | None = None  # reported; None: no reasoning object
     parallel_tool_calls: bool = True  # not reported (OpenAI's session object has no such field)
@@ -153,7 +154,7 @@ class SessionConfig:
                     "format": audio_format,
                     "noise_reduction": None
                     if self.noise_reduction is None
-                    else {"type": self.noise_reduction},
+                    else {"type": self.noise_reduction, "strength": self.noise_reduction_strength},
                     "turn_detection": detection,
                     "transcription": None
                     if self.transcription is None
@@ -550,22 +551,26 @@ def _parse_audio_input(audio_in: Mapping[str, Any]) -> dict[str, Any]:
     if "transcription" in audio_in:
         changes["transcription"] = _parse_transcription(audio_in["transcription"], path)
     if "noise_reduction" in audio_in:
-        changes["noise_reduction"] = _parse_noise_reduction(audio_in["noise_reduction"], path)
+        changes.update(_parse_noise_reduction(audio_in["noise_reduction"], path))
     return changes
 
 
-def _parse_noise_reduction(value: Any, path: str) -> str | None:
+def _parse_noise_reduction(value: Any, path: str) -> dict[str, Any]:
+    """The changes: its type (None: off) and its strength when given (else kept)."""
     if value is None:
-        return None
+        return {"noise_reduction": None}
     path += "noise_reduction"
     if not isinstance(value, dict):
         raise EventError("invalid_type", f"{path} must be an object or null", path)
     _known(value, NOISE_REDUCTION_KEYS, path + ".")
-    _number(value, "strength", path + ".", 0.0, 1.0)  # accepted; see docs/realtime-compat.md
+    strength = _number(value, "strength", path + ".", 0.0, 1.0)
     kind = value.get("type")
     if kind not in NOISE_REDUCTION_TYPES:
         raise EventError("invalid_value", _invalid(kind, NOISE_REDUCTION_TYPES), path + ".type")
-    return str(kind)
+    changes: dict[str, Any] = {"noise_reduction": str(kind)}
+    if strength is not None:
+        changes["noise_reduction_strength"] = strength
+    return changes
 
 
 def _parse_transcription(value: Any, path: str) -> Transcription | None:

@@ -17,7 +17,7 @@ Turn detection: ``semantic_vad`` runs the same webrtcvad detector, its ``eagerne
 the silence that ends a turn (``EAGERNESS_SILENCE_MS``), and asks the end-of-turn model at a
 shorter pause (``VadConfig.semantic``, ``pipeline.end_of_turn``): a turn it calls complete
 ends there. ``noise_reduction`` filters the input before the VAD
-(``pipeline.noise_reduction``, at its default strength) and also makes the detector one
+(``pipeline.noise_reduction``, at the session's ``strength``) and also makes the detector one
 webrtcvad step stricter (``threshold`` + 0.25), so noise starts fewer turns. ``speed`` and
 the transcription's ``language``/``prompt`` go to the TTS and the speech-to-text that take
 them.
@@ -113,7 +113,7 @@ class SessionPolicy:
             vad=vad,
             noise_reduction=None
             if config.noise_reduction is None
-            else NoiseReduction(config.noise_reduction),
+            else NoiseReduction(config.noise_reduction, config.noise_reduction_strength),
             turn_detection=detection is not None,
             create_response=detection is not None and detection.create_response,
             interrupt_response=detection is not None and detection.interrupt_response,
