@@ -436,12 +436,31 @@ def noisy_question() -> tuple[bytes, int]:
     return np.clip(signal, -32768, 32767).astype(np.int16).tobytes(), end_ms
 
 
+@pytest.fixture
+def fresh_transceiver(
+    server: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A transceiver whose pocketsphinx has heard nothing yet: a decoder adapts to what it
+    hears, so the words it makes of noisy speech depend on the calls before."""
+    log_dir = tmp_path_factory.mktemp("fresh")
+    with transceiver_process_with(server.base_url, API_KEY, 1, log_dir) as base_url:
+        yield base_url
+
+
 async def test_noise_reduction_hears_a_noisy_question_as_one_turn(
-    events: Events, noisy_question: tuple[bytes, int]
+    fresh_transceiver: str, noisy_question: tuple[bytes, int]
 ) -> None:
     """near_field: the noise alone starts no turn; the question in it is one turn, heard. (The
     same input without noise_reduction, here: a turn that starts in the noise or one whose
     transcript misses the words; see docs/realtime-compat.md.)"""
+    client = openai_client(fresh_transceiver, API_KEY)
+    async with client.realtime.connect(model="gpt-realtime") as connection:
+        events = Events(connection)
+        await events.next("session.created")
+        await _hear_noisy_question(events, noisy_question)
+
+
+async def _hear_noisy_question(events: Events, noisy_question: tuple[bytes, int]) -> None:
     audio_in = {"noise_reduction": {"type": "near_field"}}
     session = await _session(events, {"audio": {"input": audio_in}})
     expected = {"type": "near_field", "strength": 1.0}  # OpenAI's default strength
