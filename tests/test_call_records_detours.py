@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 from openai.resources.realtime.realtime import AsyncRealtimeConnection
-from websocket_harness import EventLog, openai_client, transceiver_process_with
+from websocket_harness import EventLog, ask_in_text, openai_client, transceiver_process_with
 
 from deploy.fake_openai import FakeOpenAIServer
 from deploy.redis_server import RedisServer, redis_server_binary
@@ -62,14 +62,7 @@ async def test_a_turns_retry_and_fallback_are_in_its_record(
     async with sdk.realtime.connect(model="gpt-realtime") as connection:
         events = EventLog[AsyncRealtimeConnection](connection)
         session_id = (await events.next("session.created"))["session"]["id"]
-        await connection.conversation.item.create(
-            item={
-                "type": "message",
-                "role": "user",
-                "content": [{"type": "input_text", "text": "Tell me about the moon."}],
-            }
-        )
-        await connection.response.create()
+        await ask_in_text(connection, "Tell me about the moon.")
         done = await events.next("response.done")
         assert done["response"]["status"] == "completed", done
         assert "error" not in events.types(), events.seen

@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.websockets import WebSocketDisconnect
-from websocket_harness import EventLog, openai_client, transceiver_process_with
+from websocket_harness import EventLog, ask_in_text, openai_client, transceiver_process_with
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
@@ -947,14 +947,7 @@ async def test_the_sdk_talks_to_a_transceiver_through_the_front_door(transceiver
         async with client.realtime.connect(model="gpt-realtime") as connection:
             events = EventLog(connection)
             await events.next("session.created")
-            await connection.conversation.item.create(
-                item={
-                    "type": "message",
-                    "role": "user",
-                    "content": [{"type": "input_text", "text": "hi there"}],
-                }
-            )
-            await connection.response.create()
+            await ask_in_text(connection, "hi there")
             done = await events.next("response.done")
         counts = door.tunnels
         await eventually(lambda: counts.open == 0, 30, "the tunnel to be closed")

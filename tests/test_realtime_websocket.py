@@ -24,6 +24,7 @@ from openai.resources.realtime.realtime import AsyncRealtimeConnection
 from websocket_harness import (
     RATE_HZ,
     EventLog,
+    ask_in_text,
     error_for,
     openai_client,
     spoken_question,
@@ -80,14 +81,7 @@ async def test_a_text_turn_answers_in_text_and_audio(events: Events) -> None:
     await connection.session.update(session={"type": "realtime", "instructions": "Be brief."})
     updated = await events.next("session.updated")
     assert updated["session"]["instructions"] == "Be brief."
-    await connection.conversation.item.create(
-        item={
-            "type": "message",
-            "role": "user",
-            "content": [{"type": "input_text", "text": "hi there"}],
-        }
-    )
-    await connection.response.create()
+    await ask_in_text(connection, "hi there")
     done = await events.next("response.done")
     assert done["response"]["status"] == "completed", done
     (item,) = done["response"]["output"]
@@ -111,14 +105,7 @@ async def test_our_extension_events_come_only_when_asked(transceiver: str) -> No
         async with client.connect(model="gpt-realtime", extra_query=query) as connection:
             events = Events(connection)
             await events.next("session.created")
-            await connection.conversation.item.create(
-                item={
-                    "type": "message",
-                    "role": "user",
-                    "content": [{"type": "input_text", "text": "hi there"}],
-                }
-            )
-            await connection.response.create()
+            await ask_in_text(connection, "hi there")
             done = await events.next("response.done")
             # sent with response.done when asked for: before anything answered after it
             await connection.session.update(session={"type": "realtime", "instructions": "Hi."})
@@ -157,14 +144,7 @@ async def test_a_function_tool_round_trip(events: Events) -> None:
     await connection.session.update(session={"type": "realtime", "tools": [TOOL]})
     assert (await events.next("session.updated"))["session"]["tools"][0]["name"] == "get_weather"
     question = "Use get_weather for Oslo"
-    await connection.conversation.item.create(
-        item={
-            "type": "message",
-            "role": "user",
-            "content": [{"type": "input_text", "text": question}],
-        }
-    )
-    await connection.response.create()
+    await ask_in_text(connection, question)
     called = await events.next("response.function_call_arguments.done")
     assert called["name"] == "get_weather" and json.loads(called["arguments"]) == {
         "query": question
@@ -316,14 +296,7 @@ async def test_speech_while_a_response_is_generated_cancels_it(
     connection = events.connection
     await server.control(hold=["chat"])  # the answer stops after its first word
     try:
-        await connection.conversation.item.create(
-            item={
-                "type": "message",
-                "role": "user",
-                "content": [{"type": "input_text", "text": "hi"}],
-            }
-        )
-        await connection.response.create()
+        await ask_in_text(connection, "hi")
         await events.next("response.output_audio_transcript.delta")
         audio = base64.b64encode(question).decode()
         await connection.input_audio_buffer.append(audio=audio)

@@ -38,6 +38,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from websocket_harness import (
     EventLog,
+    ask_in_text,
     openai_client,
     spoken_question,
     transceiver_process_with,
@@ -177,14 +178,7 @@ async def test_a_call_sends_its_span_tree_to_the_otlp_receiver(
             await connection.input_audio_buffer.append(audio=chunk)
         await events.next("conversation.item.input_audio_transcription.completed")
         assert (await events.next("response.done"))["response"]["status"] == "completed"
-        await connection.conversation.item.create(
-            item={
-                "type": "message",
-                "role": "user",
-                "content": [{"type": "input_text", "text": "Use get_weather for Oslo"}],
-            }
-        )
-        await connection.response.create()
+        await ask_in_text(connection, "Use get_weather for Oslo")
         called = await events.next("response.function_call_arguments.done")
         await events.next("response.done")
         output = {"type": "function_call_output", "call_id": called["call_id"], "output": "ok"}

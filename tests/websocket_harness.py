@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import openai
+from openai.resources.realtime.realtime import AsyncRealtimeConnection
 
 from deploy.processes import Process, free_port, random_keys, text, transceiver_process
 from loadtest.voice_audio import recognised, silence_pcm, spoken_pcm
@@ -91,6 +92,18 @@ async def heard_words(pcm: bytes) -> list[str]:
     finally:
         await stt.aclose()
     return " ".join(finals).split()
+
+
+async def ask_in_text(connection: AsyncRealtimeConnection, text: str) -> None:
+    """A typed turn over the SDK's connection: the user's message, then ``response.create``."""
+    await connection.conversation.item.create(
+        item={
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": text}],
+        }
+    )
+    await connection.response.create()
 
 
 def openai_client(base_url: str, api_key: str) -> openai.AsyncOpenAI:
