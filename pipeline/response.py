@@ -198,8 +198,13 @@ class SpokenResponse:
         made (and kept in the conversation), whatever the model returned."""
         if self.config.model_options.parallel_tool_calls or len(calls) < 2:
             return calls
-        names = ", ".join(call.name for call in calls[1:])
-        log.warning("%s: one call per turn; not made: %s", self.response_id, names)
+        dropped = calls[1:]
+        self.recorder.tool_calls_dropped += len(dropped)
+        named = ", ".join(f"{call.name} ({call.call_id})" for call in dropped)
+        log.warning(
+            "%s: parallel_tool_calls is false: made %s (%s); not made: %s",
+            self.response_id, calls[0].name, calls[0].call_id, named,
+        )  # fmt: skip
         return calls[:1]
 
     def _on_text(

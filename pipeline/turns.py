@@ -69,6 +69,9 @@ class TurnRecord:
     # and whether the one that answered was started so
     early_answers_discarded: int = 0
     answered_early: bool = False
+    # calls the model made beyond a turn's first when it was asked for one (parallel_tool_calls
+    # false): not made, and not kept in the conversation
+    tool_calls_dropped: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +100,7 @@ class TurnRecorder:
     output_audio_s: float = 0.0
     early_answers_discarded: int = 0
     answered_early: bool = False
+    tool_calls_dropped: int = 0
     moments: dict[str, float] = field(default_factory=dict)
     busy: list[tuple[float, float]] = field(default_factory=list)
 
@@ -158,6 +162,7 @@ class TurnRecorder:
             output_audio_s=self.output_audio_s,
             early_answers_discarded=self.early_answers_discarded,
             answered_early=self.answered_early,
+            tool_calls_dropped=self.tool_calls_dropped,
         )
         return replace(record, cost_usd=estimate_cost(record))
 

@@ -27,6 +27,7 @@ from openai.types.realtime import (
     RealtimeSessionCreateResponse,
     RealtimeTranscriptionSessionCreateResponse,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from websocket_harness import (
     EventLog,
     error_for,
@@ -37,6 +38,7 @@ from websocket_harness import (
 
 from deploy.fake_openai import FakeOpenAIServer
 from deploy.processes import ROOT
+from deploy.waiting import poll
 from pipeline.config import EngineConfig
 from pipeline.context_window import ContextWindow
 from pipeline.openai_providers import OpenAILanguageModel
@@ -294,16 +296,43 @@ async def _options_sent(server: FakeOpenAIServer, route: str = "chat") -> dict[s
     return {key: sent[key] for key in OPTION_KEYS if key in sent}
 
 
+DROPPED = "transceiver_tool_calls_dropped_total"
+
+
+async def _metric(transceiver: str, name: str) -> float:
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"{transceiver}/metrics")
+    response.raise_for_status()
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return 0.0
+
+
+async def _metric_reaches(transceiver: str, name: str, value: float) -> float:
+    """The metric once it is at least ``value`` (it is counted just after the response's done
+    event is sent); AssertionError if it is not within the deadline."""
+    return await poll(
+        lambda: _metric(transceiver, name),
+        lambda seen: seen >= value,
+        20.0,
+        lambda seen: f"{name} is {seen}, not {value}",
+    )
+
+
 async def test_parallel_tool_calls_and_reasoning_effort_reach_the_model(
-    events: Events, server: FakeOpenAIServer
+    events: Events, server: FakeOpenAIServer, transceiver: str
 ) -> None:
     await server.control(calls_per_turn=2)  # a model that calls twice, whatever it is told
     try:
         await _session(events, {"tools": [LOOKUP], "reasoning": {"effort": "low"}})
         assert len(await _calls(events, "Please lookup the tides.", {})) == 2
         assert await _options_sent(server) == {"reasoning_effort": "low"}
+        dropped = await _metric(transceiver, DROPPED)
         await _session(events, {"parallel_tool_calls": False})
         assert await _calls(events, "Please lookup the moon.", {}) == ["call_fake_3"]
+        assert await _metric_reaches(transceiver, DROPPED, dropped + 1) == dropped + 1
         sent = {"parallel_tool_calls": False, "reasoning_effort": "low"}
         assert await _options_sent(server) == sent
         own = {"parallel_tool_calls": True, "reasoning": {"effort": "high"}}

@@ -86,11 +86,18 @@ class RealtimeMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.tool_calls_dropped = Counter(
+            "transceiver_tool_calls_dropped",
+            "Function calls a model made beyond a turn's first when the response asked for one "
+            "call a turn (parallel_tool_calls false): not made, not kept in the conversation",
+            registry=registry,
+        )
 
     def turn(self, record: TurnRecord, first_frame_sent_s: float | None) -> None:
         self.turns.labels(str(record.interrupted).lower()).inc()
         self.early_answers.labels("used").inc(record.answered_early)
         self.early_answers.labels("discarded").inc(record.early_answers_discarded)
+        self.tool_calls_dropped.inc(record.tool_calls_dropped)
         for stage, name in STAGES.items():
             value_ms = getattr(record, name)
             if value_ms is not None:  # (an early answer's stages may precede speech end: 0)
