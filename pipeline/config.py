@@ -18,8 +18,10 @@ are validated at load with a message naming the variable. Provider choice per st
   ``OPENAI_BASE_URL`` is set: then to ``openai``.
 - ``llm_api``: ``chat`` (Chat Completions, the default) | ``responses`` (the Responses API,
   ``pipeline.openai_responses``): how the ``openai`` language model asks its backend.
-  ``openai_llm_reasoning``: its model takes a reasoning effort (an operator's statement: a
-  compatible server's model names say nothing reliable), so a session's effort is sent.
+  ``openai_llm_reasoning``: whether its model takes a reasoning effort, so that a session's
+  effort is sent (``true``/``false``: the operator's word, for a compatible server whose model
+  names say nothing reliable); unset or ``auto``, the model's name decides (OpenAI's o1, o3,
+  o4 and gpt-5 families take one: ``openai_providers.takes_reasoning``).
 - With ``fallback`` on, an OpenAI stage is hardened (timeout, retry budget, circuit breaker)
   with the offline provider of the same stage behind it.
 """
@@ -320,8 +322,9 @@ class PipelineConfig:
     openai_llm_model: str = "gpt-4o-mini"
     llm_api: str = "chat"  # the openai language model's API: "chat" or "responses"
     # the openai language model takes a reasoning effort (o-series, gpt-5): a session's
-    # reasoning.effort is sent; off, it is reported and not sent (a model without it refuses it)
-    openai_llm_reasoning: bool = False
+    # reasoning.effort is sent; off, it is reported and not sent (a model without it refuses it);
+    # None ("" or "auto"): its name decides
+    openai_llm_reasoning: bool | None = None
     openai_tts_model: str = "gpt-4o-mini-tts"
     openai_tts_voice: str = "alloy"
     vad_threshold: float = 0.5
@@ -466,6 +469,7 @@ def _parse(type_name: str, text: str, where: str) -> Any:
         "float": float,
         "bool": _parse_bool,
         "float | None": lambda value: None if value.strip() == "" else float(value),
+        "bool | None": lambda value: None if value.strip() in ("", "auto") else _parse_bool(value),
     }
     try:
         return parsers[type_name](text)

@@ -154,19 +154,32 @@ class OpenAIModelClient:
 
     The options in a request: ``parallel_tool_calls: false`` when the response asks for one
     call per turn and tools are offered (OpenAI refuses it without tools; OpenAI's model then
-    makes one call); the reasoning effort only when ``reasoning`` says the model takes one (a
-    model without it refuses the field), else it is not sent."""
+    makes one call); the reasoning effort only when the model takes one (a model without it
+    refuses the field), else it is not sent. Whether it does: ``reasoning`` when the deployment
+    says (True or False), else (None) its name's family (``takes_reasoning``), the name of the
+    model each request names (a view ``as_model`` asks by its own)."""
 
     KIND = "openai-llm"  # the provider's name is KIND/model
 
     def __init__(
-        self, client: openai.AsyncOpenAI, model: str = "gpt-4o-mini", *, reasoning: bool = False
+        self,
+        client: openai.AsyncOpenAI,
+        model: str = "gpt-4o-mini",
+        *,
+        reasoning: bool | None = None,
     ) -> None:
         self._client = without_sdk_retries(client)
         self.model = model
         self.name = f"{self.KIND}/{model}"
-        self.reasoning = reasoning
+        self.reasoning_said = reasoning
         self.options = DEFAULT_OPTIONS
+
+    @property
+    def reasoning(self) -> bool:
+        """Whether the model takes a reasoning effort."""
+        if self.reasoning_said is not None:
+            return self.reasoning_said
+        return takes_reasoning(self.model)
 
     def with_model_options(self, options: ModelOptions) -> Self:
         """This provider asking with ``options`` (``providers.with_options``)."""
@@ -193,6 +206,22 @@ class OpenAIModelClient:
         view = copy.copy(self)
         view.model, view.name = model, f"{self.KIND}/{model}"
         return view
+
+
+# OpenAI's model families that take a reasoning effort; a model's name is one of them, or
+# one of them and a variant after "-" or "." (o4-mini, gpt-5.1, o3-2025-04-16).
+REASONING_FAMILIES = ("o1", "o3", "o4", "gpt-5")
+# variants of those that take none: o1's first previews, the chat-tuned gpt-5 models
+UNREASONING_VARIANTS = ("o1-mini", "o1-preview", "-chat")
+
+
+def takes_reasoning(model: str) -> bool:
+    """Whether OpenAI's model of this name takes a reasoning effort, by its family's name (a
+    compatible server's own model names say nothing: the deployment says, or none is sent)."""
+    name = model.rsplit("/", 1)[-1].lower()
+    if any(variant in name for variant in UNREASONING_VARIANTS):
+        return False
+    return any(name == f or name.startswith((f + "-", f + ".")) for f in REASONING_FAMILIES)
 
 
 class OpenAILanguageModel(OpenAIModelClient):

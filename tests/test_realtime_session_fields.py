@@ -39,9 +39,9 @@ from websocket_harness import (
 from deploy.fake_openai import FakeOpenAIServer
 from deploy.processes import ROOT
 from deploy.waiting import poll
-from pipeline.config import EngineConfig
+from pipeline.config import ConfigError, EngineConfig, PipelineConfig
 from pipeline.context_window import ContextWindow
-from pipeline.openai_providers import OpenAILanguageModel
+from pipeline.openai_providers import OpenAILanguageModel, takes_reasoning
 from pipeline.openai_responses import OpenAIResponsesLanguageModel
 from pipeline.providers import Message, ModelOptions, ToolCall, ToolSpec, with_options
 from transceiver.realtime.client_events import SessionConfig
@@ -351,14 +351,39 @@ async def test_the_options_reach_either_api_the_effort_only_when_the_model_takes
         (OpenAILanguageModel, "chat", {"reasoning_effort": "minimal"}),
         (OpenAIResponsesLanguageModel, "responses", {"reasoning": {"effort": "minimal"}}),
     ]
+    said: list[tuple[bool | None, str]] = [
+        (False, "gpt-5"), (True, "gpt-4o-mini"),  # the deployment's word wins
+        (None, "o4-mini"), (None, "gpt-5.1"), (None, "gpt-4o-mini"),  # else the model's name
+    ]  # fmt: skip
     async with server.openai_client() as client:
         for api, route, effort in apis:
-            for reasoning, tools in [(False, [ToolSpec("lookup", "Looks.")]), (True, [])]:
-                model = with_options(api(client, reasoning=reasoning), options)
-                answer = model.generate([Message("user", "Hello there.")], tools)
+            for reasoning, name in said:
+                model = with_options(api(client, name, reasoning=reasoning), options)
+                answer = model.generate([Message("user", "Hello there.")], [LOOKUP_SPEC])
                 assert [event async for event in answer], (api, reasoning)
-                wanted = dict(effort) if reasoning else {"parallel_tool_calls": False}
-                assert await _options_sent(server, route) == wanted, (api, reasoning)
+                wanted = {"parallel_tool_calls": False}
+                if reasoning or (reasoning is None and name != "gpt-4o-mini"):
+                    wanted.update(effort)
+                assert await _options_sent(server, route) == wanted, (api, reasoning, name)
+                assert (await server.stats())["last_request"][route]["model"] == name
+
+
+LOOKUP_SPEC = ToolSpec("lookup", "Looks.")
+
+
+def test_the_model_name_decides_the_reasoning_effort_unless_the_deployment_says() -> None:
+    takes = ["o1", "o3", "o3-2025-04-16", "o4-mini", "gpt-5", "gpt-5-mini", "gpt-5.1",
+             "openai/gpt-5-nano"]  # fmt: skip
+    takes_none = ["gpt-4o-mini", "gpt-4.1", "o1-mini", "o1-preview", "gpt-5-chat-latest",
+                  "gpt-50", "llama-3-o3", "gpt-realtime"]  # fmt: skip
+    assert [takes_reasoning(name) for name in takes] == [True] * len(takes)
+    assert [takes_reasoning(name) for name in takes_none] == [False] * len(takes_none)
+    variable = "PIPELINE_OPENAI_LLM_REASONING"
+    for text, wanted in [("", None), ("auto", None), ("true", True), ("off", False)]:
+        assert PipelineConfig.from_env({variable: text}).openai_llm_reasoning is wanted
+    assert PipelineConfig.from_env({}).openai_llm_reasoning is None
+    with pytest.raises(ConfigError, match=variable):
+        PipelineConfig.from_env({variable: "sometimes"})
 
 
 async def test_transcription_keywords_and_languages_reach_the_speech_to_text(
