@@ -3,7 +3,7 @@ its base URL): the call runs on transceiver A, the sideband lands on transceiver
 forwards it to A (``transceiver.http.sideband``, ``owner_hop``).
 
 Real processes: redis-server, a relay, two pipeline transceivers (offline providers, the API key
-required, sessions announced in Redis). The calls are aiortc peers through the relay: a
+required, sessions found through Redis). The calls are aiortc peers through the relay: a
 Realtime call (``POST /v1/realtime/calls``) whose tool call is answered by a sideband
 (``client.realtime.connect(call_id=...)``) and the answer spoken on the call; a GPT-Live call
 (``client.live.create``) watched and steered by ``client.live.sideband.connect``; the web client
@@ -59,7 +59,8 @@ from relay.wire.redis_config import RedisConfig
 from relay.wire.ufrag import Keyring
 from transceiver.http.hop_signature import HOP_HEADER, HopKeys
 from transceiver.http.owner_hop import BAD_GATEWAY, OWNER_GONE
-from transceiver.store.sideband_directory import directory_key
+from transceiver.store.journal import SESSION_HEADER
+from transceiver.store.sideband_directory import locate_owner
 
 pytestmark = [
     pytest.mark.slow,
@@ -136,32 +137,45 @@ class LiveSideband(EventLog[AsyncSidebandConnection]):
 
 
 async def announced(running: Running, target_id: str) -> None:
-    """Wait until the directory in Redis names the session's owner (published within ms of
-    the call's answer; a sideband that comes sooner would get its 404)."""
-    key = directory_key(RedisConfig(url=running.redis.url).key_prefix, target_id)
+    """Wait until Redis leads from ``target_id`` to its owner (the call's record, written
+    within ms of the call's answer, the session's lease, the owner's address record; a
+    sideband that comes sooner would get its 404)."""
+    prefix = RedisConfig(url=running.redis.url).key_prefix
     client = aioredis.Redis.from_url(running.redis.url)
     try:
-        await poll(lambda: client.get(key), lambda v: v is not None, 10, lambda _: key, 0.02)
+        found = await poll(
+            lambda: locate_owner(client, prefix, target_id), lambda o: o is not None, 10, repr, 0.02
+        )
     finally:
         await client.aclose()
+    assert found is not None and found.worker is None, found
 
 
-async def realtime_call(running: Running, peer: RealtimeClient) -> str:
-    """A Realtime call from ``peer`` on transceiver A; its call id, once connected (a generous
-    deadline: ICE and DTLS through the relay take seconds on a loaded machine) and announced."""
+async def realtime_call(
+    running: Running, peer: RealtimeClient, index: int = 0, headers: dict[str, str] | None = None
+) -> str:
+    """A Realtime call from ``peer`` on transceiver ``index`` (A; ``headers``: a resume's);
+    its call id, once connected (a generous deadline: ICE and DTLS through the relay take
+    seconds on a loaded machine) and found through Redis."""
+    created = await answered_call(running, peer, index, headers)
+    return created.headers["Location"].rsplit("/", 1)[1]
+
+
+async def answered_call(
+    running: Running, peer: RealtimeClient, index: int = 0, headers: dict[str, str] | None = None
+) -> httpx.Response:
     await peer.pc.setLocalDescription(await peer.pc.createOffer())
     async with httpx.AsyncClient(timeout=30) as http:
         created = await http.post(
-            running.stack.base_url(0) + "/v1/realtime/calls",
+            running.stack.base_url(index) + "/v1/realtime/calls",
             content=peer.pc.localDescription.sdp,
-            headers={"Content-Type": "application/sdp", **AUTH},
+            headers={"Content-Type": "application/sdp", **AUTH, **(headers or {})},
         )
     assert created.status_code == 201, created.text
     await peer.pc.setRemoteDescription(RTCSessionDescription(created.text, "answer"))
     await peer.wait_for("session.created", timeout_s=CONNECT_TIMEOUT_S)
-    call_id = created.headers["Location"].rsplit("/", 1)[1]
-    await announced(running, call_id)
-    return call_id
+    await announced(running, created.headers["Location"].rsplit("/", 1)[1])
+    return created
 
 
 def spoken(events: list[dict[str, Any]], response_id: str) -> str:
@@ -363,6 +377,26 @@ async def test_a_hang_up_on_another_transceiver_reaches_the_call(
     assert hung_up.status_code == 204, hung_up.text  # only A runs the call: A ended it
     for gone in (gone_at_a, gone_at_b):
         assert (gone.status_code, gone.json()["error"]["code"]) == (404, "call_not_found")
+
+
+async def test_an_earlier_call_s_id_reaches_its_session_resumed_on_another_transceiver(
+    running: Running, peer: RealtimeClient
+) -> None:
+    """A Realtime call on A, resumed by a new call on B: a sideband naming the first call's id,
+    landing on A, reaches the session on B (the call's record names the session, its lease B)."""
+    first = await answered_call(running, peer)
+    first_id = first.headers["Location"].rsplit("/", 1)[1]
+    resume = {name: first.headers[name] for name in (SESSION_HEADER, TOKEN_HEADER)}
+    resumed = RealtimeClient()
+    try:
+        second_id = await realtime_call(running, resumed, 1, resume)
+        assert second_id != first_id
+        async with sdk(running.stack.base_url(0)).realtime.connect(call_id=first_id) as connection:
+            await connection.session.update(session={"type": "realtime", "instructions": "Hi."})
+            assert (await RealtimeSideband(connection).next("session.updated"))["session"]
+            await resumed.wait_for("session.updated")  # the resumed call's client is told
+    finally:
+        await resumed.close()
 
 
 async def test_the_owner_dying_closes_a_forwarded_sideband_which_attaches_again_once_resumed(

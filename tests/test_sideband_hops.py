@@ -1,5 +1,6 @@
 """The pieces of a forwarded sideband on their own: the hop header (pure) and the directory of
-session owners on a real redis-server (announce, refresh, withdraw, another owner's record);
+session owners on a real redis-server (a call's session, its lease's owner, the owner's address;
+the previous release's records);
 and a pod's own hops (its seat's key, ``owner_routing``'s stages), without processes."""
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from transceiver.http.hop_signature import HOP_TTL_S, HopError, HopKeys, pod_key
 from transceiver.http.owner_routing import BETWEEN_TRANSCEIVERS, HANGUP, WITHIN_POD, OwnerRouting
 from transceiver.http.websocket import Refused
 from transceiver.store.connection import open_redis
-from transceiver.store.sideband_directory import Owner, SidebandDirectory, directory_key
+from transceiver.store.keys import SessionKeys
+from transceiver.store.sideband_directory import (
+    Owner,
+    SidebandDirectory,
+    call_key,
+    locate_owner,
+    owner_key,
+    previous_release_key,
+)
 from transceiver.workers.seats import Seat
 
 OLD, NEW = Keyring(1, {1: b"o" * 32}), Keyring(2, {2: b"n" * 32, 1: b"o" * 32})
@@ -91,7 +100,7 @@ async def client(server: RedisServer) -> AsyncIterator[Redis]:
 
 
 def directory(server: RedisServer, me: Owner = ME, ttl_s: float = 0.6) -> SidebandDirectory:
-    return SidebandDirectory(open_redis(RedisConfig(url=server.url)), PREFIX, me, ttl_s)
+    return SidebandDirectory(open_redis(RedisConfig(url=server.url)), PREFIX, me, ttl_s, 30.0)
 
 
 async def owner_of(published: SidebandDirectory, target: str, owner: Owner | None) -> None:
@@ -99,40 +108,49 @@ async def owner_of(published: SidebandDirectory, target: str, owner: Owner | Non
     await poll(lambda: published.locate(target), lambda found: found == owner, 5, repr, 0.02)
 
 
+async def lease(client: Redis, session_id: str, owner: Owner) -> None:
+    """What the lease heartbeat writes: the session's lease names its owner."""
+    await client.set(SessionKeys.of(PREFIX, session_id).lease, owner.owner_id, px=30_000)
+
+
 @needs_redis
-async def test_announced_sessions_are_found_refreshed_and_withdrawn_when_they_end(
+async def test_a_call_leads_to_its_session_s_lease_and_the_owner_s_address(
     server: RedisServer, client: Redis
 ) -> None:
-    ended = asyncio.Event()
-    async with directory(server) as published:
-        published.announce("rtc_1", ended)
-        await owner_of(published, "rtc_1", ME)
-        assert await published.locate("rtc_2") is None
-        key = directory_key(PREFIX, "rtc_1")
-        first_ms = await client.pttl(key)
-        assert 0 < first_ms <= 600  # the time to live
-        await poll(lambda: client.pttl(key), lambda ms: ms > first_ms, 5, repr, 0.02)  # renewed
-        ended.set()
-        await owner_of(published, "rtc_1", None)  # withdrawn
+    """One record per process, refreshed and withdrawn at exit; one per call, written once,
+    with the session's time to live; the owner is the lease's, so a resume moves it."""
+    other = Owner("host-b-5678", ("10.0.0.6", 8080), 1)
+    async with directory(server, other, ttl_s=30):
+        async with directory(server) as published:
+            published.alias("rtc_1", "sess_1")
+            await poll(lambda: client.get(call_key(PREFIX, "rtc_1")), bool, 5, repr, 0.02)
+            assert 0 < await client.pttl(call_key(PREFIX, "rtc_1")) <= 30_000
+            assert await published.locate("rtc_1") is None  # no lease: not running
+            await lease(client, "sess_1", ME)
+            assert await published.locate("rtc_1") == ME
+            assert await published.locate("sess_1") == ME  # a Live session's id is its own
+            key = owner_key(PREFIX, ME.owner_id)
+            first_ms = await client.pttl(key)
+            assert 0 < first_ms <= 600  # the lease's time to live
+            await poll(lambda: client.pttl(key), lambda ms: ms > first_ms, 5, repr, 0.02)
+            await lease(client, "sess_1", other)  # resumed on the other transceiver
+            assert await published.locate("rtc_1") == other
+            await lease(client, "sess_1", ME)
+        assert await client.get(key) is None  # withdrawn at exit
+        assert await client.get(owner_key(PREFIX, other.owner_id)) is not None
+        assert await locate_owner(client, PREFIX, "rtc_1") is None
+        assert await locate_owner(client, PREFIX, "rtc_2") is None
 
 
 @needs_redis
-async def test_another_owners_record_is_left_alone(server: RedisServer, client: Redis) -> None:
-    """A Live session resumed on another transceiver is that one's: its old owner's end does
-    not withdraw it, and neither does its old owner's exit."""
-    other = Owner("host-b-5678", ("10.0.0.6", 8080))
-    ended = asyncio.Event()
-    async with directory(server, other, ttl_s=30) as new:
-        async with directory(server, ttl_s=30) as old:
-            old.announce("sess_1", ended)
-            await owner_of(old, "sess_1", ME)
-            new.announce("sess_1", asyncio.Event())
-            await owner_of(old, "sess_1", other)
-            ended.set()
-            old.announce("sess_2", asyncio.Event())  # a pass after the end has run
-            await owner_of(old, "sess_2", ME)
-        assert await new.locate("sess_1") == other
-        assert await new.locate("sess_2") is None  # withdrawn at the old owner's exit
+async def test_the_previous_release_s_records_are_still_read(client: Redis) -> None:
+    """An owner not yet upgraded published ``P:sideband:{id}``: read when nothing newer names
+    an owner; a malformed one names nobody."""
+    old = Owner("host-c-9", ("10.0.0.7", 8080))
+    await client.set(previous_release_key(PREFIX, "rtc_9"), old.value())
+    assert await locate_owner(client, PREFIX, "rtc_9") == old
+    await client.set(previous_release_key(PREFIX, "rtc_9"), "garbage")
+    assert await locate_owner(client, PREFIX, "rtc_9") is None
 
 
 POD_KEY = "9a" * 32

@@ -45,7 +45,7 @@ from loadtest.realtime_client import RealtimeClient
 from relay.wire.redis_config import RedisConfig
 from relay.wire.ufrag import Keyring
 from transceiver.http.hop_signature import HOP_HEADER, HopKeys
-from transceiver.store.sideband_directory import Owner, directory_key
+from transceiver.store.sideband_directory import locate_owner
 
 pytestmark = [
     pytest.mark.slow,
@@ -195,12 +195,17 @@ async def test_a_live_sideband_on_the_other_worker_reaches_the_session(
     session_id = await live_call(pod, peer)
     client = Redis.from_url(pod.redis.url)
     try:
-        key = directory_key(RedisConfig(url=pod.redis.url).key_prefix, session_id)
-        record = await poll(lambda: client.get(key), lambda v: v is not None, 10, repr, 0.02)
+        prefix = RedisConfig(url=pod.redis.url).key_prefix
+        owner = await poll(
+            lambda: locate_owner(client, prefix, session_id),
+            lambda o: o is not None,
+            10,
+            repr,
+            0.02,
+        )
     finally:
         await client.aclose()
-    owner = Owner.parse(record.decode())
-    assert owner.worker in (0, 1), owner
+    assert owner is not None and owner.worker in (0, 1), owner
     other = pod.private_urls[1 - owner.worker]
     async with sdk(other).live.sideband.connect(session_id=session_id) as connection:
         await connection.session.instructions.append(content="Hi.", delegation_id=None)

@@ -4,8 +4,9 @@ seam a sideband (``sideband``, over ``owner_hop``'s WebSocket) and a hang-up (``
 
 I/O layer (the directory is Redis). The owner is found in this order: in a pod of workers, a
 call id names its worker (``transceiver.workers.seats``); else the directory
-(``transceiver.store.sideband_directory``) names the owner's internal HTTP address, and in a
-pod the worker. The hop there carries one header (``hop_signature``) signed over the
+(``transceiver.store.sideband_directory``: a call's stored session, that session's lease, the
+lease owner's record) names the owner's internal HTTP address, and in a pod the worker.
+The hop there carries one header (``hop_signature``) signed over the
 endpoint's kind, the target's id, the hop's stage and the forwarded credential: with the
 transceivers' shared key between transceivers, with the pod's own key (its seat's) within a
 pod (a hop within a pod signed with the shared key verifies too). The stage is the loop guard:

@@ -23,13 +23,14 @@ commands...; a bad one's ``error`` goes to the client and every sideband alike, 
 sends it). The sideband leaving leaves the session running; the session ending closes the
 sideband (1000, ``session ended``); a sideband reading too slowly is closed 1008.
 
-Across transceivers: with Redis, each transceiver announces the sessions it runs in the
-``SidebandDirectory`` (``transceiver.store.sideband_directory``) under their sideband id. A
-sideband that lands on a transceiver that does not run its session is forwarded to the one that
-does (``owner_hop``: why a proxy and not pub/sub, and how closes and failures pass), carrying a
+Across transceivers: with Redis, a session's owner is found through the
+``SidebandDirectory`` (``transceiver.store.sideband_directory``): a call's record names its
+stored session, the session's lease its owner, the owner's record its address. A sideband that
+lands on a transceiver that does not run its session is forwarded to the one that does
+(``owner_hop``: why a proxy and not pub/sub, and how closes and failures pass), carrying a
 hop header signed with a key the transceivers share (``hop_signature``); the owner checks the
 forwarded credential again and never forwards a hop on. A hop header that does not verify is
-``403 invalid_hop``. No session here, none announced: ``404`` (Realtime ``call_not_found``,
+``403 invalid_hop``. No session here, no owner found: ``404`` (Realtime ``call_not_found``,
 Live ``session_not_found``); Redis unreachable for the lookup: ``503 store_unavailable``.
 Without Redis, or without ``TRANSCEIVER_SECRET_KEYS`` to sign hops with, a sideband never
 leaves the transceiver (or pod) it lands on. Within a pod its hops are signed with the pod's own
@@ -38,12 +39,13 @@ in the directory (with Redis).
 
 In a pod of workers (``transceiver.workers``: they share the public port and the advertised
 address, each has a private loopback port) a sideband may reach a worker that does not run its
-session: a Realtime call's id names its worker, the directory's record names a Live session's,
-and the sideband goes on to that worker's private port, a hop of the stage ``WITHIN_POD``. The
-stage is part of what the hop header signs: a hop between transceivers may go on once within
-the pod it reached; a hop within a pod never goes further (404), so no sideband loops. Where
-the owner is and how a hop is signed and checked is ``owner_routing``'s, which a hang-up that
-lands on the wrong transceiver takes too (``app``).
+session: a Realtime call's id names its worker, the owner's record names a Live session's,
+and the sideband goes on to that worker's private port, a hop of the stage ``WITHIN_POD``.
+A sideband for an earlier call of a session since resumed reaches the session's owner (the lease
+moved) and attaches to the call that runs it there. The stage is part of what the hop header signs:
+a hop between transceivers may go on once within the pod it reached; a hop within a pod never goes
+further (404), so no sideband loops. Where the owner is and how a hop is signed and checked is
+``owner_routing``'s, which a hang-up that lands on the wrong transceiver takes too (``app``).
 """
 
 from __future__ import annotations
@@ -76,10 +78,10 @@ from transceiver.http.websocket import (
     authorization_of,
     refusals,
 )
-from transceiver.live.contract import LiveContract
-from transceiver.live.sessions import LiveSessions, RunningLive
+from transceiver.live.sessions import LiveSessions
 from transceiver.realtime.client_events import EventError
 from transceiver.realtime.session import RealtimeSession
+from transceiver.store.errors import StoreUnavailableError
 from transceiver.store.sideband_directory import SidebandDirectory
 from transceiver.webrtc.calls import Call, Calls
 from transceiver.workers.seats import Seat
@@ -94,20 +96,6 @@ class Target:
 
     session: RealtimeSession
     ended: asyncio.Event
-
-
-class AnnouncedLiveSessions(LiveSessions):
-    """The Live sessions running here, each also announced in the sideband directory."""
-
-    def __init__(self, directory: SidebandDirectory | None) -> None:
-        super().__init__()
-        self._directory = directory
-
-    def add(self, contract: LiveContract, ended: asyncio.Event) -> RunningLive:
-        running = super().add(contract, ended)
-        if self._directory is not None:
-            self._directory.announce(contract.session_id, ended)
-        return running
 
 
 class Sidebands:
@@ -125,12 +113,21 @@ class Sidebands:
         """``seat``: this worker's place in a pod of workers (``transceiver.workers``)."""
         self._calls, self._auth, self._directory = calls, auth, directory
         self.owners = OwnerRouting(directory, hops, seat, clock)
-        self.live = AnnouncedLiveSessions(directory)
+        self.live = LiveSessions()
+        self._by_session: dict[str, Call] = {}  # stored session id -> its call here
 
     def call_began(self, call: Call) -> None:
-        """A Realtime call was answered here: announce it (with Redis)."""
-        if self._directory is not None and self._realtime(call.call_id) is not None:
-            self._directory.announce(call.call_id, call.ended)
+        """A Realtime call was answered here: record which stored session it runs (with
+        Redis), so its call id, and any earlier call's of the same session, lead here."""
+        target = self._realtime(call.call_id)
+        journal = None if target is None else target.session.journal
+        if self._directory is None or journal is None:
+            return
+        for session_id, running in list(self._by_session.items()):
+            if running.ended.is_set():
+                del self._by_session[session_id]
+        self._by_session[journal.session_id] = call
+        self._directory.alias(call.call_id, journal.session_id)
 
     async def attach_realtime(self, websocket: WebSocket) -> None:
         await self._attach(websocket, REALTIME, websocket.query_params.get("call_id", ""))
@@ -152,11 +149,25 @@ class Sidebands:
             return None
         return Target(call.agent, call.ended)
 
+    async def _resumed(self, call_id: str) -> Target | None:
+        """The call here that runs the session an earlier call ``call_id`` ran (a hop came
+        for it: the session was resumed here), or None."""
+        if self._directory is None:
+            return None
+        try:
+            session_id = await self._directory.session_of(call_id)
+        except StoreUnavailableError:
+            return None
+        call = None if session_id is None else self._by_session.get(session_id)
+        return None if call is None else self._realtime(call.call_id)
+
     async def _attach(self, websocket: WebSocket, kind: Kind, target_id: str) -> None:
         upstream: ClientConnection | None = None
         async with refusals(websocket):
             authorization, stage = self._admitted(websocket, kind, target_id)
             target = self._local(kind, target_id)
+            if target is None and kind is REALTIME:
+                target = await self._resumed(target_id)
             if target is not None:
                 subprotocols = websocket.scope.get("subprotocols", [])
                 await websocket.accept(SUBPROTOCOL if SUBPROTOCOL in subprotocols else None)
