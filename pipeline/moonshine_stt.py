@@ -49,6 +49,7 @@ from pipeline.config import MoonshineConfig
 from pipeline.pinned_bytes import mismatch
 from pipeline.pool import StageLoad
 from pipeline.providers import NO_HINTS, AudioChunk, ProviderError, Transcript, TranscriptionHints
+from pipeline.thread_names import named_executor
 
 log = logging.getLogger(__name__)
 SAMPLE_RATE_HZ = 16000
@@ -230,11 +231,22 @@ def _text(out: Any) -> str:
 
 
 class _Decoder:
-    """A model and the one thread that runs it."""
+    """A model and the one thread that runs it, named ``moonshine`` for the kernel too: the
+    model is loaded on it, so onnxruntime's own threads inherit the name."""
 
-    def __init__(self, model: MoonshineModel) -> None:
+    def __init__(self, model: MoonshineModel, executor: ThreadPoolExecutor) -> None:
         self.model = model
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moonshine")
+        self.executor = executor
+
+    @classmethod
+    async def load(cls, contents: dict[str, bytes]) -> _Decoder:
+        executor = named_executor(1, "moonshine")
+        try:
+            model = await asyncio.wrap_future(executor.submit(MoonshineModel, contents))
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(model, executor)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -257,7 +269,7 @@ class MoonshineSpeechToText:
         folder = Path(self.config.model_dir) if self.config.model_dir else default_model_folder()
         contents = await asyncio.to_thread(read_verified, folder)
         for _ in range(self.config.workers):
-            decoder = _Decoder(await asyncio.to_thread(MoonshineModel, contents))
+            decoder = await _Decoder.load(contents)
             self._all.append(decoder)
             self._idle.put_nowait(decoder)
 

@@ -19,7 +19,7 @@ import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -28,6 +28,7 @@ import numpy as np
 from pipeline.config import PiperConfig
 from pipeline.pool import PipelinePool, StageLoad
 from pipeline.providers import AudioChunk, ProviderError
+from pipeline.thread_names import named_executor
 
 T = TypeVar("T")
 
@@ -110,7 +111,7 @@ class PiperTextToSpeech:
         if self._pool is not None:
             self._executor = self._pool.executor
         else:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piper")
+            self._executor = named_executor(1, "piper")
         loop = asyncio.get_running_loop()
         self._voice = await loop.run_in_executor(
             self._executor, load_piper_voice, self.config.onnx_threads

@@ -26,9 +26,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.config import PoolPolicy
+from pipeline.thread_names import named_executor
 
 # (stage, seconds a job waited for a slot)
 WaitObserver = Callable[[str, float], None]
@@ -102,7 +102,7 @@ class PipelinePool:
         self.stt = StageLoad("stt", self.size, clock)
         self.tts = StageLoad("tts", self.size, clock)
         self.stages = (self.stt, self.tts)
-        self.executor = ThreadPoolExecutor(self.size, thread_name_prefix="pipeline-pool")
+        self.executor = named_executor(self.size, "pipeline-pool")
 
     def observe_waits(self, observer: WaitObserver) -> None:
         for stage in self.stages:

@@ -202,3 +202,16 @@ def test_the_model_threads_sleep_between_decodes() -> None:
     before, after, other_states = done.stdout.split()
     assert int(after) > int(before)  # the pool's threads (this machine: 2)
     assert set(other_states) == {"S"}
+
+
+def thread_names() -> list[str]:
+    return [Path(task, "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+
+
+@on_module_loop
+async def test_the_decoder_and_its_onnxruntime_threads_are_named(
+    moonshine: MoonshineSpeechToText,
+) -> None:
+    """The model is loaded on its decoder's thread (``moonshine`` in /proc), so the library's
+    onnxruntime threads started with it carry that name too: per-thread CPU reads them so."""
+    assert thread_names().count("moonshine") >= 2  # the decoder and its onnxruntime threads
