@@ -57,7 +57,7 @@ from pipeline.config import PiperConfig
 from pipeline.piper_tts import PiperTextToSpeech
 from relay.wire.redis_config import RedisConfig
 from relay.wire.ufrag import Keyring
-from transceiver.http.hop_signature import HOP_HEADER, HopKeys
+from transceiver.http.hop_signature import HOP_HEADER, PREVIOUS_HOP_HEADER, HopKeys
 from transceiver.http.owner_hop import BAD_GATEWAY, OWNER_GONE
 from transceiver.store.journal import SESSION_HEADER
 from transceiver.store.sideband_directory import locate_owner
@@ -358,7 +358,8 @@ async def test_a_hang_up_on_another_transceiver_reaches_the_call(
 ) -> None:
     """A hang-up for A's call sent to B is forwarded to A, which ends the call. Before it: a
     forged hop header is refused, and a hop that B verifies as already between transceivers
-    is not forwarded again (404), so the call runs on."""
+    is not forwarded again (404), so the call runs on: under the header's name and, for one
+    release, its previous one."""
     call_id = await realtime_call(running, peer)
     path = f"/v1/realtime/calls/{call_id}"
     base_a, base_b = running.stack.base_url(0), running.stack.base_url(1)
@@ -367,12 +368,19 @@ async def test_a_hang_up_on_another_transceiver_reaches_the_call(
     async with httpx.AsyncClient(timeout=30) as http:
         forged = await http.delete(base_b + path, headers={**AUTH, HOP_HEADER: "1.4.9.forged"})
         looped = await http.delete(base_b + path, headers={**AUTH, HOP_HEADER: hopped})
+        old_forged = {**AUTH, PREVIOUS_HOP_HEADER: "1.4.9.forged"}
+        forged_as_before = await http.delete(base_b + path, headers=old_forged)
+        looped_as_before = await http.delete(
+            base_b + path, headers={**AUTH, PREVIOUS_HOP_HEADER: hopped}
+        )
         unauthorised = await http.delete(base_b + path)
         hung_up = await http.post(base_b + path + "/hangup", headers=AUTH)
         gone_at_a = await http.delete(base_a + path, headers=AUTH)
         gone_at_b = await http.delete(base_b + path, headers=AUTH)
-    assert (forged.status_code, forged.json()["error"]["code"]) == (403, "invalid_hop")
-    assert (looped.status_code, looped.json()["error"]["code"]) == (404, "call_not_found")
+    for refused in (forged, forged_as_before):
+        assert (refused.status_code, refused.json()["error"]["code"]) == (403, "invalid_hop")
+    for stopped in (looped, looped_as_before):
+        assert (stopped.status_code, stopped.json()["error"]["code"]) == (404, "call_not_found")
     assert unauthorised.status_code == 401
     assert hung_up.status_code == 204, hung_up.text  # only A runs the call: A ended it
     for gone in (gone_at_a, gone_at_b):

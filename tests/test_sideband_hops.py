@@ -15,7 +15,15 @@ from deploy.redis_server import RedisServer, redis_server_binary
 from deploy.waiting import poll
 from relay.wire.redis_config import RedisConfig
 from relay.wire.ufrag import Keyring
-from transceiver.http.hop_signature import HOP_TTL_S, HopError, HopKeys, pod_keys, pod_target
+from transceiver.http.hop_signature import (
+    HOP_TTL_S,
+    HopError,
+    HopKeys,
+    hop_header_of,
+    hop_headers,
+    pod_keys,
+    pod_target,
+)
 from transceiver.http.owner_routing import BETWEEN_TRANSCEIVERS, HANGUP, WITHIN_POD, OwnerRouting
 from transceiver.http.websocket import Refused
 from transceiver.store.connection import open_redis
@@ -63,6 +71,18 @@ def test_the_keyring_rotates_and_a_stranger_s_key_is_refused() -> None:
     assert refusal(HopKeys(OLD), HopKeys(NEW).sign(TARGET, AUTH, NOW_S)) == "unknown_key"
     stranger = HopKeys(Keyring(1, {1: b"s" * 32}))
     assert refusal(HopKeys(OLD), stranger.sign(TARGET, AUTH, NOW_S)) == "signature"
+
+
+def test_a_hop_carries_and_is_read_under_both_names_for_one_release() -> None:
+    """``X-Voicerelay-Hop``, and ``X-Voicerelay-Sideband-Hop`` (its name before) beside it."""
+    assert hop_headers("1.1.5.x") == {
+        "x-voicerelay-hop": "1.1.5.x",
+        "x-voicerelay-sideband-hop": "1.1.5.x",
+    }
+    assert hop_header_of({"x-voicerelay-hop": "new"}) == "new"
+    assert hop_header_of({"x-voicerelay-sideband-hop": "old"}) == "old"
+    assert hop_header_of({"x-voicerelay-hop": "new", "x-voicerelay-sideband-hop": "old"}) == "new"
+    assert hop_header_of({"authorization": "Bearer x"}) is None
 
 
 @pytest.mark.parametrize(

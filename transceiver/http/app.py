@@ -65,7 +65,7 @@ from transceiver.http import client_secrets
 from transceiver.http.auth import Authenticator, AuthError
 from transceiver.http.calls_api import add_call_records
 from transceiver.http.errors import ApiError, add_error_handlers, error_response, unavailable
-from transceiver.http.hop_signature import HOP_HEADER, HopKeys
+from transceiver.http.hop_signature import HopKeys, hop_header_of, hop_headers
 from transceiver.http.live_calls import add_live_calls
 from transceiver.http.live_websocket import add_live_websocket
 from transceiver.http.offer_tracing import traced_offer
@@ -248,7 +248,7 @@ def create_app(
 def _hop_stage(owners: OwnerRouting, call_id: str, request: Request) -> str | None:
     """The stage of a hang-up forwarded by another transceiver (None: the client's own)."""
     headers = request.headers
-    return owners.stage_of(headers.get(HOP_HEADER), HANGUP, call_id, headers.get("authorization"))
+    return owners.stage_of(hop_header_of(headers), HANGUP, call_id, headers.get("authorization"))
 
 
 async def _hang_up_at_owner(
@@ -257,7 +257,7 @@ async def _hang_up_at_owner(
     """A hang-up for a call not running here, as its owner answers it (``owner_routing``: a
     worker of this pod or another transceiver); Refused (404) when no owner answers."""
     hop = await owners.hop(HANGUP, call_id, request.headers.get("authorization"), came)
-    answer = await forward_to_owner(request, hop.address, {HOP_HEADER: hop.header})
+    answer = await forward_to_owner(request, hop.address, hop_headers(hop.header))
     if answer is None and hop.stage == WITHIN_POD:  # restarting: it answers again soon
         message = "the call's worker of this transceiver does not answer; try again"
         return error_response(503, "worker_unavailable", message, {"Retry-After": "1"})

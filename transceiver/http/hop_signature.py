@@ -4,8 +4,8 @@ Protocol layer (pure). A sideband or a hang-up that lands on a transceiver not r
 session is forwarded to the one that does (``owner_routing``, ``owner_hop``); the owner must
 tell that hop from a client's own request, because a hop is never forwarded again (a stale
 directory record could otherwise bounce a request between transceivers). A client could
-write any header, so the hop proves itself: ``X-Voicerelay-Sideband-Hop: 1.<key id>.<expires,
-unix s>.<MAC>`` (its name is older than its uses), an HMAC-SHA256 over the key id, the expiry,
+write any header, so the hop proves itself: ``X-Voicerelay-Hop: 1.<key id>.<expires, unix
+s>.<MAC>``, an HMAC-SHA256 over the key id, the expiry,
 the target (``realtime:<call id>``, ``live:<session id>``, ``hangup:<call id>``, each with its
 stage) and the SHA-256 of the forwarded ``Authorization`` header, so a captured header opens
 nothing else and lapses within ``HOP_TTL_S``. It proves where the request came from, not who
@@ -21,6 +21,12 @@ sends itself (a follow-up to the worker that owns it, an offer passed to a worke
 the supervisor's asks for ``/readyz`` and ``/metrics``), signed with the pod's own key
 (``pod_keys``: 32 random bytes its supervisor makes at start and hands each worker in its seat),
 so a pod needs no keyring of its own to route. A pod-wide request's target is ``pod_target``.
+
+The header was named ``X-Voicerelay-Sideband-Hop`` when only sidebands hopped. For one release
+(rolling upgrades) a hop carries it under both names (``hop_headers``) and either is read
+(``hop_header_of``, the new name first), so a transceiver not yet upgraded still tells a hop from
+a client's request, and an upgraded one a hop from one not yet upgraded. The next release drops
+``PREVIOUS_HOP_HEADER``. The key's label keeps its old words: changing it would change the keys.
 """
 
 from __future__ import annotations
@@ -32,10 +38,22 @@ from collections.abc import Mapping
 
 from relay.wire.ufrag import Keyring
 
-HOP_HEADER = "x-voicerelay-sideband-hop"
+HOP_HEADER = "x-voicerelay-hop"
+PREVIOUS_HOP_HEADER = "x-voicerelay-sideband-hop"  # read and sent for one release
 HOP_TTL_S = 30
 VERSION = "1"
 _LABEL = b"voicerelay sideband hop"
+
+
+def hop_headers(header: str) -> dict[str, str]:
+    """The headers a hop carries: ``header`` under its name, and for one release its old one."""
+    return {HOP_HEADER: header, PREVIOUS_HOP_HEADER: header}
+
+
+def hop_header_of(headers: Mapping[str, str]) -> str | None:
+    """A request's hop header under either name, the new name first (None: not a hop)."""
+    found = headers.get(HOP_HEADER)
+    return headers.get(PREVIOUS_HOP_HEADER) if found is None else found
 
 
 class HopError(Exception):

@@ -45,7 +45,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from transceiver.http.errors import error_response
-from transceiver.http.hop_signature import HOP_HEADER
+from transceiver.http.hop_signature import hop_headers
 
 logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
@@ -109,9 +109,7 @@ async def open_hop(
     OwnerUnreachable."""
     host, port = address
     url = f"ws://[{host}]:{port}{path}" if ":" in host else f"ws://{host}:{port}{path}"
-    headers = {HOP_HEADER: hop} | (
-        {} if authorization is None else {"Authorization": authorization}
-    )
+    headers = hop_headers(hop) | ({} if authorization is None else {"Authorization": authorization})
     try:
         return await connect(
             url, additional_headers=headers, subprotocols=subprotocols or None,  # type: ignore[arg-type]

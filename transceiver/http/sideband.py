@@ -66,7 +66,7 @@ from websockets.asyncio.client import ClientConnection
 from transceiver.background import report_crash
 from transceiver.http.auth import Authenticator, AuthError
 from transceiver.http.errors import error_response
-from transceiver.http.hop_signature import HOP_HEADER, HopKeys
+from transceiver.http.hop_signature import HopKeys, hop_header_of
 from transceiver.http.owner_hop import HopRefused, OwnerUnreachable, open_hop, relay_frames
 from transceiver.http.owner_routing import LIVE, REALTIME, Kind, OwnerRouting, not_found
 from transceiver.http.websocket import (
@@ -195,7 +195,7 @@ class Sidebands:
         except AuthError as exc:
             challenge = {"WWW-Authenticate": 'Bearer realm="voicerelay"'}
             raise Refused(error_response(401, exc.code, exc.message, challenge)) from None
-        stage = self.owners.stage_of(headers.get(HOP_HEADER), kind, target_id, authorization)
+        stage = self.owners.stage_of(hop_header_of(headers), kind, target_id, authorization)
         return authorization, stage
 
     async def _forward(

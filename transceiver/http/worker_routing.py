@@ -23,7 +23,13 @@ import httpx
 from fastapi import Request, Response
 
 from transceiver.http.errors import error_response
-from transceiver.http.hop_signature import HOP_HEADER, HopError, pod_keys, pod_target
+from transceiver.http.hop_signature import (
+    HopError,
+    hop_header_of,
+    hop_headers,
+    pod_keys,
+    pod_target,
+)
 from transceiver.http.owner_hop import forward_request
 from transceiver.workers.seats import Seat
 
@@ -44,7 +50,7 @@ class WorkerRouting:
 
     def is_hop(self, request: Request) -> bool:
         """Whether the pod sent ``request`` itself (its hop header verifies with the pod's key)."""
-        header = request.headers.get(HOP_HEADER)
+        header = hop_header_of(request.headers)
         if header is None:
             return False
         target, authorization = pod_target(request.url.path), request.headers.get("authorization")
@@ -74,5 +80,5 @@ class WorkerRouting:
 
     async def _send(self, request: Request, address: tuple[str, int]) -> Response | None:
         target, authorization = pod_target(request.url.path), request.headers.get("authorization")
-        hop = {HOP_HEADER: self._hops.sign(target, authorization, time.time())}
+        hop = hop_headers(self._hops.sign(target, authorization, time.time()))
         return await forward_request(self._http, request, address, hop)

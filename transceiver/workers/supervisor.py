@@ -44,7 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from transceiver.background import RestartBackoff
 from transceiver.config import TransceiverConfig
-from transceiver.http.hop_signature import HOP_HEADER, pod_keys, pod_target
+from transceiver.http.hop_signature import hop_headers, pod_keys, pod_target
 from transceiver.workers.pod_metrics import exposition, fold
 from transceiver.workers.seats import LOOPBACK, SEAT_ENV, Seat, worker_link
 
@@ -216,7 +216,7 @@ class Pod:
 
         async def one(worker: Worker) -> httpx.Response | None:
             port = worker.private.getsockname()[1]
-            hop = {HOP_HEADER: self._hops.sign(pod_target(path), None, time.time())}
+            hop = hop_headers(self._hops.sign(pod_target(path), None, time.time()))
             try:
                 return await self._http.get(f"http://{LOOPBACK}:{port}{path}", headers=hop)
             except httpx.HTTPError:
