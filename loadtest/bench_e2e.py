@@ -19,7 +19,15 @@ questions, then a call of barge-ins; with ``--local-llm-path P`` one more stack 
 with the local language model (``PIPELINE_LLM=local``), reported as ``P+local-llm``. The page
 asks for the web client's session (semantic_vad: the turn decided by the end-of-turn model);
 ``turn_decision_ms`` is what is left of ``e2e_ms`` once the server's window and first frame out
--> heard are taken out: the wait for the decision, and the microphone's uplink.
+-> heard are taken out: the wait for the decision, and the microphone's uplink. The server's
+record splits it (``decision_stages``): ``to_last_voiced_ms`` (the uplink and webrtcvad's own
+hangover: it calls the voice's quiet tail and some silence after it speech), ``pause_ms`` (the
+last voiced frame -> the model asked: the pause it is asked at), ``after_asked_ms`` (-> the turn
+ended: the rest of the decision's pause, the model's run, the words before the pause still being
+transcribed), with the model's own time (``model_total_ms``: queued, features, run, on its
+thread) and when the words were in (``words_after_asked_ms``). ``vad_tail_ms`` is measured on
+the questions' audio alone, without the stack: the last loud block (the meter's threshold) ->
+the end of the last frame webrtcvad calls speech; it does not depend on the machine's load.
 
     .venv/bin/python -m loadtest.bench_e2e [--turns N] [--barge-ins N] [--media-path P]...
         [--jitter-target-ms MS] [--local-llm-path P]
@@ -33,16 +41,20 @@ import json
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from deploy.launched import launched
 from loadtest import bench_bargein as bargein
 from loadtest import bench_transport as transport
 from loadtest.browser import chromium
 from loadtest.voice_audio import Speaker, Utterance
+from pipeline.config import VadConfig
+from pipeline.vad import webrtc_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = (
@@ -56,6 +68,7 @@ QUESTIONS = (
 LEAD_S, GAP_S = 3.0, 9.0
 SEGMENT_HANGOVER_S = 0.4  # quieter than this for longer ends a segment
 LOUD_RMS = 0.01
+VAD_RATE_HZ = 16000  # what the server's VAD hears
 
 # Runs before the page's own scripts: meters the microphone and every remote track.
 METER_JS = """
@@ -111,12 +124,32 @@ METRICS_JS = "window.voicerelay.events.filter((e) => e.type === 'voicerelay.turn
 SESSION_JS = "window.voicerelay.events.find((e) => e.type === 'session.created').session"
 
 
-async def _questions_wav(path: Path, turns: int) -> list[Utterance]:
+async def _questions_wav(path: Path, turns: int) -> tuple[list[Utterance], list[float]]:
+    """The questions' microphone file; its utterances, and each question's ``vad_tail_ms``."""
     parts: list[str | float] = [LEAD_S]
     for i in range(turns):
         parts += [QUESTIONS[i % len(QUESTIONS)], GAP_S]
     async with Speaker() as speaker:
-        return await speaker.wav(path, parts)
+        spoken = await speaker.wav(path, parts)
+        said = [await speaker.speak(u.text, VAD_RATE_HZ) for u in spoken]
+    return spoken, [vad_tail_ms(pcm) for pcm in said]
+
+
+def vad_tail_ms(pcm: bytes, rate_hz: int = VAD_RATE_HZ) -> float:
+    """How long after the speech's last loud 20 ms block (``LOUD_RMS``) webrtcvad, as the
+    server runs it, still calls a frame speech (silence appended, so the tail is complete)."""
+    frame_bytes = rate_hz // 50 * 2
+    padded = pcm + bytes(frame_bytes * 25)
+    frames = [
+        padded[i : i + frame_bytes] for i in range(0, len(padded) - frame_bytes + 1, frame_bytes)
+    ]
+    classify = webrtc_classifier(VadConfig(), rate_hz)
+    voiced = [i for i, frame in enumerate(frames) if classify(frame)]
+    levels = [np.sqrt(np.mean((np.frombuffer(f, "<i2") / 32768.0) ** 2)) for f in frames]
+    loud = [i for i, level in enumerate(levels) if level >= LOUD_RMS]
+    if not voiced or not loud:
+        return 0.0
+    return float((voiced[-1] - loud[-1]) * 20)
 
 
 async def _run_page(
@@ -158,8 +191,51 @@ def turn_latencies(page: dict[str, Any], server_lines: Sequence[str] = ()) -> li
         turn = _split(e2e_ms, metric, vad_wait_ms)
         turn.update(_transport(page, firsts, question[3], answers[0][2]))
         turn["turn_decision_ms"] = _decision_ms(turn)
+        turn["decision_stages"] = decision_stages(turn["turn_decision_ms"], metric)
         turns.append(turn)
     return turns
+
+
+def decision_stages(decision_ms: float | None, metric: dict[str, Any]) -> dict[str, Any] | None:
+    """``turn_decision_ms`` by stage, from the server's record (times after speech stopped);
+    None for a turn the model was not asked about (the silence window ended it)."""
+    last_voiced, asked = metric.get("last_voiced_ms"), metric.get("turn_asked_ms")
+    timing, words = metric.get("turn_decision") or {}, metric.get("stt_final_ms")
+    if last_voiced is None or asked is None or decision_ms is None:
+        return None
+    model_ms = sum(timing.get(name, 0.0) for name in ("queued_ms", "features_ms", "model_ms"))
+    return {
+        "to_last_voiced_ms": round(decision_ms + last_voiced, 1),
+        "pause_ms": round(asked - last_voiced, 1),
+        "after_asked_ms": round(-asked, 1),
+        "model_total_ms": round(model_ms, 1),
+        "model_queued_ms": timing.get("queued_ms"),
+        "model_features_ms": timing.get("features_ms"),
+        "model_run_ms": timing.get("model_ms"),
+        "asked": timing.get("asked"),
+        "words_after_asked_ms": None if words is None else round(words - asked, 1),
+    }
+
+
+DECISION_FIELDS = (
+    "to_last_voiced_ms",
+    "pause_ms",
+    "after_asked_ms",
+    "model_total_ms",
+    "model_features_ms",
+    "model_run_ms",
+    "words_after_asked_ms",
+)
+
+
+def decision_medians(turns: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Each decision stage's median over the turns the model decided."""
+    staged = [t["decision_stages"] for t in turns if t.get("decision_stages")]
+    medians: dict[str, float | None] = {}
+    for name in DECISION_FIELDS:
+        values = [s[name] for s in staged if s.get(name) is not None]
+        medians[name] = round(statistics.median(values), 1) if values else None
+    return medians
 
 
 def _transport(
@@ -203,6 +279,11 @@ def _split(e2e_ms: float, metric: dict[str, Any], vad_wait_ms: float) -> dict[st
     }
 
 
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return round(statistics.median(present), 1) if present else None
+
+
 def _p90(values: Sequence[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
@@ -228,6 +309,8 @@ def summarise(turns: list[dict[str, Any]]) -> dict[str, Any]:
         "server_window_median_ms": round(statistics.median(server), 1) if server else None,
         "transport_and_buffers_median_ms": round(statistics.median(rest), 1) if rest else None,
         "frame_out_to_heard_median": transport.medians(turns, TRANSPORT_FIELDS),
+        "turn_decision_median_ms": _median(t.get("turn_decision_ms") for t in turns),
+        "decision_stages_median": decision_medians(turns),
         "per_turn": turns,
     }
 
@@ -251,7 +334,7 @@ async def _bench(
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="voicerelay-bench-e2e-") as tmp:
         wav, barge_wav = Path(tmp) / "questions.wav", Path(tmp) / "barge-in.wav"
-        spoken = await _questions_wav(wav, turns)
+        spoken, tails_ms = await _questions_wav(wav, turns)
         if barge_ins:
             await bargein.barge_in_wav(barge_wav, barge_ins)
         timeout_s = spoken[-1].end_s + GAP_S + 30.0
@@ -262,6 +345,7 @@ async def _bench(
             page = await _run_page(url, wav, done, timeout_s, jitter_target_ms)
             barged = await _barge_in_page(url, barge_wav, barge_ins, jitter_target_ms)
     result = summarise(turn_latencies(page, stack.lines))
+    result["vad_tail_ms"] = {"per_question": tails_ms, "median": statistics.median(tails_ms)}
     result["media_path"], result["jitter_target_ms"] = media_path, jitter_target_ms
     result["llm"], result["loadavg"] = llm, _loadavg()
     result["receiver"] = transport.concealment(page.get("stats") or [])

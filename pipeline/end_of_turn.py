@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,45 @@ COMPLETE_THRESHOLD = 0.5  # smart-turn's own: P(complete) above it ends the turn
 INPUT_NAME = "input_features"
 
 Verdict = Callable[[], bool | None]  # True: complete, False: not yet, None: still deciding
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One decision: the model's answer and where its time went (wall clock, on the decision
+    thread: ``queued_ms`` waiting for it, then the features, then the model's run)."""
+
+    probability: float
+    complete: bool
+    queued_ms: float
+    features_ms: float
+    model_ms: float
+
+
+class Decision:
+    """A decision asked of the decision thread. Called, it is a ``Verdict``: None while the
+    model runs, then whether the speaker is done (a failed decision says "not yet": the
+    silence window then ends the turn); ``scored`` once it is done and did not fail."""
+
+    def __init__(self, future: Future[Scored]) -> None:
+        self._future = future
+        self._told = False  # its failure logged
+
+    def __call__(self) -> bool | None:
+        if not self._future.done():
+            return None
+        scored = self.scored
+        return False if scored is None else scored.complete
+
+    @property
+    def scored(self) -> Scored | None:
+        if not self._future.done():
+            return None
+        if (error := self._future.exception()) is not None:
+            if not self._told:
+                self._told = True
+                log.error("end-of-turn decision failed; the silence window decides: %r", error)
+            return None
+        return self._future.result()
 
 
 def session_options() -> Any:
@@ -64,18 +105,32 @@ class EndOfTurn:
 
     def probability_complete(self, pcm: bytes) -> float:
         """P(the speaker is done) for 16 kHz 16-bit mono ``pcm`` ending now."""
-        features = log_mel_features(pcm16_to_float(pcm))[np.newaxis]
-        (scores,) = self._session.run(None, {INPUT_NAME: features})
-        return float(scores[0][0])
+        return self.score(pcm).probability
 
     def is_complete(self, pcm: bytes) -> bool:
         return self.probability_complete(pcm) > self.threshold
 
-    def ask(self, pcm: bytes) -> Verdict:
+    def score(self, pcm: bytes, asked_s: float | None = None) -> Scored:
+        """``probability_complete``, timed (``asked_s``: ``time.perf_counter()`` when asked)."""
+        started_s = time.perf_counter()
+        features = log_mel_features(pcm16_to_float(pcm))[np.newaxis]
+        featured_s = time.perf_counter()
+        (scores,) = self._session.run(None, {INPUT_NAME: features})
+        ran_s = time.perf_counter()
+        probability = float(scores[0][0])
+        queued_ms = 0.0 if asked_s is None else (started_s - asked_s) * 1000
+        return Scored(
+            probability,
+            probability > self.threshold,
+            queued_ms,
+            (featured_s - started_s) * 1000,
+            (ran_s - featured_s) * 1000,
+        )
+
+    def ask(self, pcm: bytes) -> Decision:
         """Start deciding on the decision thread; the returned poll gives the verdict when
-        it is ready (a failed decision says "not yet": the silence window then ends the turn)."""
-        decision = self._thread.submit(self.is_complete, pcm)
-        return functools.partial(_verdict_of, decision)
+        it is ready."""
+        return Decision(self._thread.submit(self.score, pcm, time.perf_counter()))
 
     def wait_decided(self, timeout_s: float) -> None:
         """Returns once every decision asked before this call is done (one thread, in order);
@@ -84,15 +139,6 @@ class EndOfTurn:
 
     def close(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
-
-
-def _verdict_of(decision: Future[bool]) -> bool | None:
-    if not decision.done():
-        return None
-    if (error := decision.exception()) is not None:
-        log.error("end-of-turn decision failed; the silence window decides: %r", error)
-        return False
-    return decision.result()
 
 
 @functools.cache

@@ -55,7 +55,7 @@ from typing import Any, Literal, TypeVar
 
 from pipeline import events as ev
 from pipeline.config import EngineConfig
-from pipeline.end_of_turn import end_of_turn_asker
+from pipeline.end_of_turn import Decision, end_of_turn_asker
 from pipeline.noise_reduction import NoiseSuppressor
 from pipeline.providers import (
     AudioChunk,
@@ -70,7 +70,7 @@ from pipeline.providers import (
 from pipeline.resilience import Detour, reporting
 from pipeline.response import HeldEvents, SpokenResponse, timed
 from pipeline.tools import ToolRegistry
-from pipeline.turns import CostEstimator, TurnRecorder, free_of_charge
+from pipeline.turns import CostEstimator, DecisionTiming, TurnRecorder, free_of_charge
 from pipeline.vad import (
     AskEndOfTurn,
     SpeechStarted,
@@ -150,6 +150,8 @@ class ConversationEngine:
         self._pending_input = bytearray()
         self._heard: _Heard | None = None  # the open turn's
         self._voiced = False  # the last frame the detector heard was speech
+        self._last_voiced_s = 0.0  # when that frame came
+        self._asked: list[tuple[float, Verdict]] = []  # the pause's questions, and when
         self.early_answers_discarded = 0
         self._recorder: TurnRecorder | None = None
         self._response: SpokenResponse | None = None
@@ -368,6 +370,8 @@ class ConversationEngine:
             frame = self._suppressor.process(frame)
         heard = self._heard
         events = self._detector.push(frame)
+        if self._voiced:
+            self._last_voiced_s, self._asked = self._now(), []
         if heard is not None and not any(isinstance(e, SpeechStarted) for e in events):
             self._listen(heard, frame)
         for event in events:
@@ -404,6 +408,7 @@ class ConversationEngine:
 
         def asked(pcm: bytes) -> Verdict:
             verdict, heard = ask(pcm), self._heard
+            self._asked.append((self._now(), verdict))
             if heard is None:
                 return verdict
             self._on_pause(heard)
@@ -432,6 +437,7 @@ class ConversationEngine:
             self._begin_turn(event, turn)
         elif isinstance(event, SpeechStopped) and self._recorder is not None:
             self._recorder.mark("speech_stopped", event.at_s)
+            self._note_decision(self._recorder)
             heard, self._heard = self._heard, None
             turn = self._recorder.turn
             end_ms, rate_hz = event.audio_end_ms, self.config.input_sample_rate_hz
@@ -440,6 +446,22 @@ class ConversationEngine:
                 self._end_heard(heard)
         elif isinstance(event, TurnCommitted) and self._recorder is not None:
             self._recorder.input_audio_s = event.duration_ms / 1000
+
+    def _note_decision(self, recorder: TurnRecorder) -> None:
+        """How the turn's end was decided: its last voiced frame, the questions its last
+        pause asked the end-of-turn model, and the model's time for the last of them."""
+        recorder.mark("last_voiced", self._last_voiced_s)
+        if not self._asked:
+            return
+        recorder.mark("turn_asked", self._asked[0][0])
+        last = self._asked[-1][1]
+        scored = last.scored if isinstance(last, Decision) else None
+        timing = DecisionTiming(asked=len(self._asked))
+        if scored is not None:
+            timing = DecisionTiming(
+                scored.queued_ms, scored.features_ms, scored.model_ms, timing.asked
+            )
+        recorder.decision = timing
 
     def _begin_turn(self, event: SpeechStarted, turn: int) -> None:
         recorder = TurnRecorder(turn, self.stt.name, self.llm.name, self.tts.name)

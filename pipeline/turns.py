@@ -7,6 +7,9 @@ durations and the pipeline's own overhead on the critical path:
     overhead_ms = (first frame out - speech stopped) - provider time within that window
 
 Provider intervals overlap (the LLM writes while TTS speaks), so their union is used.
+With ``semantic_vad``, the turn's decision: its last voiced frame, the model first asked in
+its last pause, and the model's own time for the question that ended it (``DecisionTiming``).
+
 The cost comes from an injected estimator (``pipeline.pricing`` for paid providers); offline
 providers cost nothing, which is the default.
 """
@@ -19,6 +22,8 @@ from typing import Any
 
 MOMENTS = (
     "speech_started",
+    "last_voiced",  # the utterance's last frame the VAD called speech, as it arrived
+    "turn_asked",  # semantic_vad: the end-of-turn model first asked, in the turn's last pause
     "speech_stopped",
     "stt_final",
     "llm_first_token",
@@ -28,6 +33,17 @@ MOMENTS = (
     "llm_last_token",
     "response_done",
 )
+
+
+@dataclass(frozen=True)
+class DecisionTiming:
+    """The end-of-turn model's run for the question that ended the turn (wall clock, on its
+    thread), and how many questions the turn's last pause asked."""
+
+    queued_ms: float = 0.0
+    features_ms: float = 0.0
+    model_ms: float = 0.0
+    asked: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,10 @@ class TurnRecord:
     # calls the model made beyond a turn's first when it was asked for one (parallel_tool_calls
     # false): not made, and not kept in the conversation
     tool_calls_dropped: int = 0
+    # semantic_vad's decision (loop-clock seconds; the model's own time)
+    last_voiced_s: float | None = None
+    turn_asked_s: float | None = None
+    decision: DecisionTiming | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +121,7 @@ class TurnRecorder:
     early_answers_discarded: int = 0
     answered_early: bool = False
     tool_calls_dropped: int = 0
+    decision: DecisionTiming | None = None
     moments: dict[str, float] = field(default_factory=dict)
     busy: list[tuple[float, float]] = field(default_factory=list)
 
@@ -121,6 +142,7 @@ class TurnRecorder:
         self.transcript, self.input_audio_s = turn.transcript, turn.input_audio_s
         self.busy.extend(turn.busy)
         self.early_answers_discarded += turn.early_answers_discarded
+        self.decision = self.decision or turn.decision
         self.answered_early = True
 
     def finish(
@@ -163,6 +185,9 @@ class TurnRecorder:
             early_answers_discarded=self.early_answers_discarded,
             answered_early=self.answered_early,
             tool_calls_dropped=self.tool_calls_dropped,
+            last_voiced_s=at("last_voiced"),
+            turn_asked_s=at("turn_asked"),
+            decision=self.decision,
         )
         return replace(record, cost_usd=estimate_cost(record))
 

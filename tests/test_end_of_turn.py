@@ -52,6 +52,7 @@ from pipeline.smart_turn_file import (
 )
 from pipeline.vad import TurnCommitted, TurnDetector, webrtc_classifier
 from transceiver.realtime.policy import SessionPolicy, session_update_from
+from transceiver.realtime.translation import turn_metrics_event
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -419,6 +420,15 @@ async def test_the_final_transcript_is_in_when_the_turn_is_decided_and_answered_
     assert done.record.answered_early and done.record.early_answers_discarded == 0
     assert done.record.transcript == final.text
     assert [m.role for m in engine.history] == ["user", "assistant"]
+    record = done.record  # how the turn's end was decided: asked ahead, once, and timed
+    assert record.last_voiced_s is not None and record.turn_asked_s is not None
+    assert record.speech_stopped_s is not None
+    assert record.last_voiced_s < record.turn_asked_s <= record.speech_stopped_s
+    assert record.decision is not None and record.decision.asked == 1
+    assert record.decision.features_ms > 0 and record.decision.model_ms > 0
+    metrics = turn_metrics_event("resp_1", record, None)
+    assert metrics["last_voiced_ms"] < metrics["turn_asked_ms"] <= 0
+    assert metrics["turn_decision"]["asked"] == 1
 
 
 @on_module_loop

@@ -700,6 +700,9 @@ def turn_metrics_event(
         first_audio_ms=since(record.first_tts_audio_s),
         first_frame_out_ms=since(first_out),
         overhead_ms=None if record.overhead_ms is None else round(record.overhead_ms, 1),
+        last_voiced_ms=since(record.last_voiced_s),
+        turn_asked_ms=since(record.turn_asked_s),
+        turn_decision=None if record.decision is None else asdict(record.decision),
     )
 
 
