@@ -6,10 +6,12 @@ and a pod's own hops (its seat's key, ``owner_routing``'s stages), without proce
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from redis.asyncio import Redis
+from starlette.requests import Request
 
 from deploy.redis_server import RedisServer, redis_server_binary
 from deploy.waiting import poll
@@ -24,6 +26,7 @@ from transceiver.http.hop_signature import (
     pod_keys,
     pod_target,
 )
+from transceiver.http.owner_hop import OwnerForwarder
 from transceiver.http.owner_routing import BETWEEN_TRANSCEIVERS, HANGUP, WITHIN_POD, OwnerRouting
 from transceiver.http.websocket import Refused
 from transceiver.store.connection import open_redis
@@ -213,3 +216,61 @@ def test_pod_wide_requests_and_seats_carry_the_pod_s_key() -> None:
     assert Seat.from_env(POD_SEAT.to_env()) == POD_SEAT
     with pytest.raises(ValueError):
         pod_keys("")  # a seat without a key routes nothing
+
+
+def hang_up(call_id: str) -> Request:
+    """A client's ``DELETE /v1/realtime/calls/{call_id}``, as the app receives it."""
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {
+        "type": "http",
+        "method": "DELETE",
+        "path": f"/v1/realtime/calls/{call_id}",
+        "query_string": b"",
+        "headers": [(b"authorization", AUTH.encode()), (b"host", b"front.example")],
+    }
+    return Request(scope, receive)
+
+
+async def test_forwarded_hang_ups_share_the_forwarder_s_kept_alive_connection() -> None:
+    """Two hang-ups forwarded to one owner (a real socket answering HTTP/1.1) go over one
+    connection, each with its path, credential and hop header; a dead owner is None."""
+    accepted: list[int] = []
+    heads: list[bytes] = []
+    finished = asyncio.Event()
+
+    async def owner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer.get_extra_info("peername")[1])
+        for _ in range(10):  # requests on this connection
+            try:
+                heads.append(await reader.readuntil(b"\r\n\r\n"))
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+        writer.close()
+        finished.set()
+
+    server = await asyncio.start_server(owner, "127.0.0.1", 0)
+    address = server.sockets[0].getsockname()[:2]
+    with socket.socket() as closed:  # a port nothing listens on: a dead owner
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()[:2]
+    forwarder = OwnerForwarder()
+    try:
+        for call_id in ("rtc_1", "rtc_2"):
+            answer = await forwarder.forward(hang_up(call_id), address, hop_headers("1.1.5.x"))
+            assert answer is not None and answer.status_code == 204
+        assert await forwarder.forward(hang_up("rtc_3"), dead, hop_headers("h")) is None
+    finally:
+        await forwarder.aclose()
+        server.close()
+        await asyncio.wait_for(finished.wait(), 10)  # the owner saw the connection close
+    assert len(accepted) == 1, accepted  # the second hang-up reused the first's connection
+    assert [head.split(b" ")[1] for head in heads] == [
+        b"/v1/realtime/calls/rtc_1",
+        b"/v1/realtime/calls/rtc_2",
+    ]
+    assert all(b"x-voicerelay-hop: 1.1.5.x" in head and AUTH.encode() in head for head in heads)

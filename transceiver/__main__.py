@@ -44,6 +44,7 @@ from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.cpu_cost import CpuBudget, CpuMeter
 from transceiver.http.app import capacity_collector, create_app
 from transceiver.http.auth import AuthConfig, AuthConfigError, Authenticator, auth_flags
+from transceiver.http.owner_hop import OwnerForwarder
 from transceiver.http.rate_limiting import RateLimiting
 from transceiver.http.worker_routing import WorkerRouting
 from transceiver.metrics import TaskCrashCollector
@@ -120,6 +121,7 @@ async def serve(
         try:
             calls = _calls(config, link, registry, agents, None if seat is None else seat.index)
             routing = None if seat is None else WorkerRouting(seat)
+            forwarder = OwnerForwarder()  # hang-ups for calls on other transceivers
             app = create_app(
                 calls,
                 link,
@@ -132,10 +134,12 @@ async def serve(
                 routing=routing,
                 rate_limits=RateLimiting(config.rate_limits, rate_limit_store),
                 describe=agents.describe,
+                forwarder=forwarder,
             )
             try:
                 return await _serve(config, calls, app, link_address, stop, seat)
             finally:
+                await forwarder.aclose()
                 if routing is not None:
                     await routing.aclose()
         finally:

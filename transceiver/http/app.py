@@ -70,7 +70,7 @@ from transceiver.http.live_calls import add_live_calls
 from transceiver.http.live_websocket import add_live_websocket
 from transceiver.http.offer_tracing import traced_offer
 from transceiver.http.offers import json_object, read_offer
-from transceiver.http.owner_hop import forward_to_owner
+from transceiver.http.owner_hop import OwnerForwarder
 from transceiver.http.owner_routing import HANGUP, WITHIN_POD, OwnerRouting, not_found
 from transceiver.http.rate_limiting import (
     EXPOSED_HEADERS,
@@ -169,7 +169,11 @@ def create_app(
     routing: WorkerRouting | None = None,
     rate_limits: RateLimiting | None = None,
     describe: SessionDescriber | None = None,
+    forwarder: OwnerForwarder | None = None,
 ) -> FastAPI:
+    """``forwarder``: the client hang-ups for calls running elsewhere go on with, its caller's
+    to close (without one, the app makes its own, closed with the process)."""
+    forwarder = forwarder or OwnerForwarder()
     app = FastAPI(title="voicerelay transceiver", docs_url=None, redoc_url=None)
     registry.register(LinkCollector(link))
     limits = rate_limits or RateLimiting(RateLimitPolicy(), None)  # transceiver.http.rate_limiting
@@ -231,7 +235,7 @@ def create_app(
             came = _hop_stage(sidebands.owners, call_id, request)
             if await calls.hangup(call_id):
                 return Response(status_code=204)
-            return await _hang_up_at_owner(sidebands.owners, call_id, request, came)
+            return await _hang_up_at_owner(sidebands.owners, forwarder, call_id, request, came)
         except Refused as refused:  # a hop that does not verify, no owner, no directory
             return refused.response
 
@@ -252,12 +256,16 @@ def _hop_stage(owners: OwnerRouting, call_id: str, request: Request) -> str | No
 
 
 async def _hang_up_at_owner(
-    owners: OwnerRouting, call_id: str, request: Request, came: str | None
+    owners: OwnerRouting,
+    forwarder: OwnerForwarder,
+    call_id: str,
+    request: Request,
+    came: str | None,
 ) -> Response:
     """A hang-up for a call not running here, as its owner answers it (``owner_routing``: a
     worker of this pod or another transceiver); Refused (404) when no owner answers."""
     hop = await owners.hop(HANGUP, call_id, request.headers.get("authorization"), came)
-    answer = await forward_to_owner(request, hop.address, hop_headers(hop.header))
+    answer = await forwarder.forward(request, hop.address, hop_headers(hop.header))
     if answer is None and hop.stage == WITHIN_POD:  # restarting: it answers again soon
         message = "the call's worker of this transceiver does not answer; try again"
         return error_response(503, "worker_unavailable", message, {"Retry-After": "1"})

@@ -52,6 +52,7 @@ CONNECT_TIMEOUT_S = 5.0
 FORWARD_TIMEOUT_S = 10.0  # a follow-up's answer (a hang-up ends its call at once)
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # uvicorn's ws_max_size: what a direct sideband may send
 MAX_QUEUED_FRAMES = 16
+MAX_FORWARD_CONNECTIONS = 32  # hang-ups forwarded at once; more wait for a connection
 BAD_GATEWAY = 1014
 OWNER_GONE = "the session's transceiver went away; resume the session, then attach again"
 UNSENDABLE_CODES = frozenset({1005, 1006, 1015})  # reserved: never put in a close frame
@@ -82,12 +83,25 @@ async def forward_request(
     return Response(answer.content, answer.status_code, kept)
 
 
-async def forward_to_owner(
-    request: Request, address: Address, hop: Mapping[str, str]
-) -> Response | None:
-    """``forward_request`` on a client of its own: a follow-up across transceivers is rare."""
-    async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT_S, verify=False, trust_env=False) as http:
-        return await forward_request(http, request, address, hop)
+class OwnerForwarder:
+    """The one HTTP client a process forwards follow-ups to their owners with (a hang-up that
+    landed on the wrong transceiver): its connections kept alive between hang-ups, at most
+    ``MAX_FORWARD_CONNECTIONS``, every step bounded (``CONNECT_TIMEOUT_S``, then
+    ``FORWARD_TIMEOUT_S``). Its owner (``transceiver.__main__``) closes it at shutdown."""
+
+    def __init__(self) -> None:
+        timeout = httpx.Timeout(FORWARD_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+        limits = httpx.Limits(max_connections=MAX_FORWARD_CONNECTIONS)
+        self._http = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+
+    async def forward(
+        self, request: Request, address: Address, hop: Mapping[str, str]
+    ) -> Response | None:
+        """``forward_request`` on the shared client."""
+        return await forward_request(self._http, request, address, hop)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
 
 
 class HopRefused(Exception):
