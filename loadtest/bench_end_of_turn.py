@@ -6,9 +6,11 @@ and ``semantic_vad`` (auto: the model asked at a 200 ms pause, 700 ms window), t
 answering at once so that where a turn ends depends on the audio alone. Prints, per complete
 sentence, how much sooner its turn ends; per sentence with a 600 ms mid-sentence pause, whether
 semantic_vad cut it there (the model called it complete); and the model's time per decision
-(wall clock, on this machine's load at the time). All of it for each pause at which the model
-is asked (``DECISION_PAUSES_MS``): a shorter one ends a turn sooner, if the model, hearing less
-of the pause, does not cut more sentences.
+(wall clock, on this machine's load at the time). All of it for each pair of pauses
+(``PAUSES_MS``: the model asked at the first, its verdict able to end the turn from the second):
+asked and decided at a shorter pause a turn ends sooner, if the model, hearing less of the
+pause, does not cut more sentences; asked ahead (100, then 200 ms) the turn ends where it does
+at 200 ms, and the model's time and the words' come before that moment instead of after it.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ PAUSED = (
 )
 SERVER_VAD = VadConfig()
 SEMANTIC_VAD = VadConfig(semantic=True, decision_pause_ms=200, silence_duration_ms=700)
-DECISION_PAUSES_MS = (100, 150, 200)  # the pause at which the model is asked, compared
+# (asked at, decided from): the model asked at the first pause, its verdict read from the
+# second; "not yet" from a question asked ahead is asked again there (pipeline.vad)
+PAUSES_MS = ((100, 100), (150, 150), (200, 200), (100, 200))
 FRAME_BYTES = SAMPLE_RATE_HZ * 20 // 500
 
 
@@ -89,17 +93,21 @@ async def speak(tts: PiperTextToSpeech, parts: Sequence[str]) -> bytes:
     return edge + silence_pcm(0.6, SAMPLE_RATE_HZ).join(spoken) + edge * 5
 
 
-async def run(pauses_ms: Sequence[int] = DECISION_PAUSES_MS) -> None:
+def asking(ask_ms: int, decide_ms: int) -> VadConfig:
+    """semantic_vad asking the model at ``ask_ms`` of pause, deciding from ``decide_ms``."""
+    return replace(SEMANTIC_VAD, ask_pause_ms=ask_ms, decision_pause_ms=decide_ms)
+
+
+async def run(pauses_ms: Sequence[tuple[int, int]] = PAUSES_MS) -> None:
     tts = PiperTextToSpeech(PiperConfig(noise_scale=0.0, noise_w_scale=0.0))
     await tts.start()
     model = EndOfTurn(default_model_path())
     try:
         complete = [(text, await speak(tts, [text])) for text in COMPLETE]
         paused = [(parts, await speak(tts, parts)) for parts in PAUSED]
-        for pause_ms in pauses_ms:
-            config = replace(SEMANTIC_VAD, decision_pause_ms=pause_ms)
-            print(f"--- semantic_vad asking at a {pause_ms} ms pause")
-            compare(complete, paused, config, model)
+        for ask_ms, decide_ms in pauses_ms:
+            print(f"--- semantic_vad asking at a {ask_ms} ms pause, deciding from {decide_ms}")
+            compare(complete, paused, asking(ask_ms, decide_ms), model)
     finally:
         await tts.aclose()
         model.close()

@@ -3,8 +3,9 @@ the recordings of ``loadtest.recorded_speech`` instead of piper's voice.
 
 ``python -m loadtest.bench_end_of_turn_recorded`` segments each recording twice with webrtcvad,
 as the synthetic benchmark does (``segment``): ``server_vad``'s 500 ms window, and
-``semantic_vad`` with the model asked at a short pause (each of ``DECISION_PAUSES_MS``),
-answering at once, so where a turn ends depends on the audio alone.
+``semantic_vad`` with the model asked at a short pause and deciding from it, or asked ahead
+(each of ``ASKED_MS``: asked at, decided from), answering at once, so where a turn ends depends
+on the audio alone.
 
 - Complete turns: the ten recordings as read (five LibriVox sentences, five card names), each
   followed by silence: how much sooner than the window each turn ends.
@@ -21,17 +22,17 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from loadtest import recorded_speech
-from loadtest.bench_end_of_turn import SEMANTIC_VAD, SERVER_VAD, segment
+from loadtest.bench_end_of_turn import SERVER_VAD, asking, segment
 from loadtest.voice_audio import silence_pcm
 from pipeline.config import VadConfig
 from pipeline.end_of_turn import EndOfTurn
 from pipeline.log_mel import SAMPLE_RATE_HZ
 from pipeline.smart_turn_file import default_model_path
 
-DECISION_PAUSES_MS = (100, 200)
+ASKED_MS = ((100, 100), (200, 200), (100, 200))  # (the model asked at, decided from)
 PAUSE_S = 0.6
 TRAILING_SILENCE_S = 1.5
 # recording: (the reader's pause, in ms from the start, and the words on either side)
@@ -72,10 +73,10 @@ def samples() -> tuple[list[Sample], list[Sample]]:
 
 
 def compare(
-    complete: Sequence[Sample], paused: Sequence[Sample], pause_ms: int
+    complete: Sequence[Sample], paused: Sequence[Sample], pauses_ms: tuple[int, int]
 ) -> dict[str, float]:
     model = EndOfTurn(default_model_path())
-    config = replace(SEMANTIC_VAD, decision_pause_ms=pause_ms)
+    config = asking(*pauses_ms)
     spent_s: list[float] = []
     splits: list[bool] = []
     try:
@@ -127,14 +128,17 @@ def _cut(sample: Sample, config: VadConfig, model: EndOfTurn, spent_s: list[floa
     return cut
 
 
-def run(pauses_ms: Sequence[int] = DECISION_PAUSES_MS) -> dict[int, dict[str, float]]:
+def run(
+    pauses_ms: Sequence[tuple[int, int]] = ASKED_MS,
+) -> dict[tuple[int, int], dict[str, float]]:
     complete, paused = samples()
     results = {}
-    for pause_ms in pauses_ms:
-        print(f"--- semantic_vad asking at a {pause_ms} ms pause (recorded speech)")
+    for ask_ms, decide_ms in pauses_ms:
+        print(f"--- semantic_vad asking at a {ask_ms} ms pause, deciding from {decide_ms} "
+              "(recorded speech)")  # fmt: skip
         started_s = time.perf_counter()
-        results[pause_ms] = compare(complete, paused, pause_ms)
-        results[pause_ms]["wall_s"] = time.perf_counter() - started_s
+        results[ask_ms, decide_ms] = compare(complete, paused, (ask_ms, decide_ms))
+        results[ask_ms, decide_ms]["wall_s"] = time.perf_counter() - started_s
     return results
 
 

@@ -71,11 +71,20 @@ class VadConfig:
     # python -m loadtest.bench_end_of_turn_recorded), though not piper's
     semantic: bool = False
     decision_pause_ms: int = 200
+    # the model is asked ahead, at this shorter pause, and the words so far transcribed then,
+    # so both are in when the decision's pause is reached; >= decision_pause_ms: not ahead
+    ask_pause_ms: int = 100
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"vad threshold must be within 0..1, got {self.threshold}")
-        names = ("prefix_padding_ms", "silence_duration_ms", "min_speech_ms", "decision_pause_ms")
+        names = (
+            "prefix_padding_ms",
+            "silence_duration_ms",
+            "min_speech_ms",
+            "decision_pause_ms",
+            "ask_pause_ms",
+        )
         for name in names:
             if getattr(self, name) < 0:
                 raise ValueError(f"vad {name} must be >= 0, got {getattr(self, name)}")

@@ -17,12 +17,16 @@ The knobs are OpenAI's ``server_vad`` ones:
 also the barge-in reaction time: the engine stops playout on ``SpeechStarted``.
 
 Semantic end of turn (``semantic_vad``; ``VadConfig.semantic``): at a pause of
-``decision_pause_ms`` the detector asks an injected ``ask_end_of_turn(pcm)`` whether the user
+``ask_pause_ms`` the detector asks an injected ``ask_end_of_turn(pcm)`` whether the user
 is done, passing the last ``DECISION_WINDOW_MS`` of the utterance. It answers with a poll,
-which the detector reads on each following frame of that pause: "complete" ends the turn at
-that frame; "not yet" (or speech coming back) leaves it to ``silence_duration_ms``, the longer
-window. Asked once per pause. The poll keeps the model's ~50 ms off the caller's thread; a poll
-that answers at once makes segmentation a function of the audio alone.
+which the detector reads on each frame of that pause from ``decision_pause_ms`` on: "complete"
+ends the turn at that frame, never sooner; "not yet" from a question asked before
+``decision_pause_ms`` is asked again there, of the longer pause; "not yet" then (or speech
+coming back) leaves it to ``silence_duration_ms``, the longer window. Asking ahead puts the
+model's ~50 ms (and the caller's transcription of the words so far) before the decision's
+moment rather than after it; a breath shorter than ``decision_pause_ms`` still ends no turn.
+The poll keeps the model off the caller's thread; a poll that answers at once makes
+segmentation a function of the audio alone.
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ class TurnDetector:
         self._classify = classify
         self._ask_end_of_turn = ask_end_of_turn
         self._verdict: Verdict | None = None  # the pause's decision, while it is pending
-        self._pause_judged = False  # asked once per pause
+        self._asks = 0  # questions asked in this pause (at most two: ahead, then at the pause)
         self._clock = clock
         self._position_ms = 0
         self._recent: deque[tuple[bytes, bool]] = deque()  # prefix padding + onset window
@@ -131,7 +135,7 @@ class TurnDetector:
         self._utterance = []
         self._recent.clear()
         self._recent_ms = self._voiced_run_ms = self._silence_run_ms = 0
-        self._verdict, self._pause_judged = None, False
+        self._verdict, self._asks = None, 0
 
     def push(self, frame: bytes) -> list[VadEvent]:
         """Feed one frame; returns the events it caused (usually none)."""
@@ -166,7 +170,7 @@ class TurnDetector:
         self._utterance.append(frame)
         self._silence_run_ms = 0 if voiced else self._silence_run_ms + duration_ms
         if voiced:
-            self._verdict, self._pause_judged = None, False  # a pause ended: its question too
+            self._verdict, self._asks = None, 0  # a pause ended: its questions too
         if self._silence_run_ms >= max(self.config.silence_duration_ms, duration_ms):
             return self._stop()
         if self._judged_complete():
@@ -174,19 +178,34 @@ class TurnDetector:
         return []
 
     def _judged_complete(self) -> bool:
-        """Semantic end of turn: asks at the pause's start, then reads the verdict."""
-        ask = self._ask_end_of_turn
-        if ask is None or not self.config.semantic or not self._silence_run_ms:
+        """Semantic end of turn: asks ahead, reads the verdict from the decision's pause on,
+        and asks once more there if the question ahead heard "not yet"."""
+        if self._ask_end_of_turn is None or not self.config.semantic or not self._silence_run_ms:
             return False
-        if self._silence_run_ms < max(self.config.decision_pause_ms, 1):
+        decide_ms = max(self.config.decision_pause_ms, 1)
+        ahead = min(max(self.config.ask_pause_ms, 1), decide_ms) < decide_ms
+        if not self._asks and self._silence_run_ms >= (
+            self.config.ask_pause_ms if ahead else decide_ms
+        ):
+            self._ask()
+        if self._silence_run_ms < decide_ms:
             return False
-        if not self._pause_judged:
-            self._pause_judged = True
-            self._verdict = ask(self._decision_pcm())
+        verdict = self._read_verdict()
+        if verdict is False and ahead and self._asks == 1:
+            self._ask()  # of the pause as long as a decision's, the model may hear it end
+            verdict = self._read_verdict()
+        return bool(verdict)
+
+    def _ask(self) -> None:
+        assert self._ask_end_of_turn is not None
+        self._asks += 1
+        self._verdict = self._ask_end_of_turn(self._decision_pcm())
+
+    def _read_verdict(self) -> bool | None:
         verdict = self._verdict() if self._verdict is not None else None
         if verdict is not None:
             self._verdict = None
-        return bool(verdict)
+        return verdict
 
     def _decision_pcm(self) -> bytes:
         """The utterance's last ``DECISION_WINDOW_MS`` (joined from its newest frames only)."""
@@ -206,7 +225,7 @@ class TurnDetector:
         self.in_speech = False
         self._utterance = []
         self._voiced_run_ms = 0
-        self._verdict, self._pause_judged = None, False
+        self._verdict, self._asks = None, 0
         duration_ms = self._position_ms - self._utterance_start_ms
         end_ms = self._position_ms - self._silence_run_ms
         spoken_bytes = (end_ms - self._utterance_start_ms) * self.sample_rate_hz // 500

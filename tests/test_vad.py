@@ -152,8 +152,10 @@ class Judge:
 
 
 def semantic_detector(judge: Judge, **knobs: int) -> tuple[TurnDetector, Clock]:
+    """Asked at the decision's pause (200 ms) unless ``ask_pause_ms`` says sooner."""
     clock = Clock()
-    config = VadConfig(semantic=True, decision_pause_ms=200, silence_duration_ms=700, **knobs)
+    knobs = {"decision_pause_ms": 200, "ask_pause_ms": 200, **knobs}
+    config = VadConfig(semantic=True, silence_duration_ms=700, **knobs)
     vad = TurnDetector(config, RATE_HZ, lambda frame: frame[0] != 0, clock, judge)
     return vad, clock
 
@@ -198,6 +200,56 @@ def test_speech_coming_back_drops_the_question_and_the_next_pause_asks_again() -
     judge.verdict = True  # the first pause's answer comes too late: speech resumed
     assert feed(vad, clock, [SILENT] * 9) == [] and len(judge.asked) == 1
     assert len(feed(vad, clock, [SILENT])) == 2 and len(judge.asked) == 2
+
+
+class Answers(Judge):
+    """Each question gets the next of ``answers`` at once."""
+
+    def __init__(self, *answers: bool) -> None:
+        super().__init__()
+        self.answers = list(answers)
+
+    def __call__(self, pcm: bytes) -> Callable[[], bool | None]:
+        self.asked.append(pcm)
+        answer = self.answers.pop(0)
+        return lambda: answer
+
+
+def test_asked_ahead_a_complete_verdict_ends_the_turn_at_the_decisions_pause_not_sooner() -> None:
+    judge = Answers(True)
+    vad, clock = semantic_detector(judge, ask_pause_ms=100)
+    assert len(feed(vad, clock, [VOICED] * 20 + [SILENT] * 5)) == 1  # started; asked at 100 ms
+    (asked,) = judge.asked
+    assert asked.endswith(VOICED + SILENT * 5)
+    assert feed(vad, clock, [SILENT] * 4) == []  # 180 ms: the verdict waits for the pause
+    stopped, _ = feed(vad, clock, [SILENT])
+    assert isinstance(stopped, SpeechStopped) and vad.position_ms == (20 + 10) * 20
+    assert len(judge.asked) == 1
+
+
+def test_asked_ahead_not_yet_is_asked_again_of_the_decisions_pause() -> None:
+    judge = Answers(False, True)
+    vad, clock = semantic_detector(judge, ask_pause_ms=100)
+    feed(vad, clock, [VOICED] * 20 + [SILENT] * 9)
+    stopped, _ = feed(vad, clock, [SILENT])  # 200 ms: asked again, "complete"
+    assert isinstance(stopped, SpeechStopped) and len(judge.asked) == 2
+    assert judge.asked[1].endswith(VOICED + SILENT * 10)
+
+
+def test_asked_ahead_twice_not_yet_leaves_it_to_the_window() -> None:
+    judge = Answers(False, False)
+    vad, clock = semantic_detector(judge, ask_pause_ms=100)
+    assert len(feed(vad, clock, [VOICED] * 20 + [SILENT] * 34)) == 1
+    stopped, _ = feed(vad, clock, [SILENT])  # 700 ms of silence
+    assert isinstance(stopped, SpeechStopped) and len(judge.asked) == 2
+
+
+def test_a_breath_shorter_than_the_decisions_pause_ends_no_turn_whatever_was_said_ahead() -> None:
+    judge = Answers(True, True)
+    vad, clock = semantic_detector(judge, ask_pause_ms=100)
+    events = feed(vad, clock, [VOICED] * 20 + [SILENT] * 8 + [VOICED] * 5 + [SILENT] * 9)
+    assert len(events) == 1 and len(judge.asked) == 2 and vad.in_speech  # asked in each pause
+    assert len(feed(vad, clock, [SILENT])) == 2  # the second pause reaches 200 ms
 
 
 def test_the_model_hears_at_most_the_last_eight_seconds() -> None:
