@@ -165,21 +165,15 @@ class Confinement:
         return [int(pid) for pid in text.split()]
 
     def throttling(self) -> dict[str, float]:
-        """The group's ``cpu.stat`` since it was made: periods, periods throttled, ms throttled
-        (v2 counts microseconds, v1 nanoseconds); {} when the group has no quota."""
-        stat = self._cpu_dir() / "cpu.stat" if self.limit.cores and self.dirs else None
-        if stat is None:
-            return {}
-        values = dict(line.split() for line in stat.read_text().splitlines() if line.strip())
-        if "throttled_usec" in values:
-            throttled_ms = int(values["throttled_usec"]) / 1000
-        else:
-            throttled_ms = int(values.get("throttled_time", 0)) / 1e6
-        periods, throttled = int(values.get("nr_periods", 0)), int(values.get("nr_throttled", 0))
-        return {"periods": periods, "throttled": throttled, "throttled_ms": round(throttled_ms, 1)}
+        """The group's throttling since it was made (``read_throttling``); {} without a quota."""
+        return read_throttling(self.stat_path)
 
-    def _cpu_dir(self) -> Path:
-        return next((d for d in self.dirs if d.parent.name != "cpuset"), self.dirs[0])
+    @property
+    def stat_path(self) -> str:
+        """The group's ``cpu.stat`` ("" when it has no quota)."""
+        if not (self.limit.cores and self.dirs):
+            return ""
+        return str(next(d for d in self.dirs if d.parent.name != "cpuset") / "cpu.stat")
 
     def describe(self) -> dict[str, object]:
         """What the report says about the confinement."""
@@ -200,6 +194,24 @@ class Confinement:
                     break
                 time.sleep(REMOVE_WAIT_S)  # a member forking while it was moved: look again
         self.dirs = [group for group in self.dirs if group.exists()]
+
+
+def read_throttling(stat_path: str) -> dict[str, float]:
+    """A group's ``cpu.stat``: periods, periods throttled, ms throttled (v2 counts microseconds,
+    v1 nanoseconds); {} for "" or a group gone."""
+    try:
+        text = Path(stat_path).read_text() if stat_path else ""
+    except OSError:
+        return {}
+    values = dict(line.split()[:2] for line in text.splitlines() if len(line.split()) >= 2)
+    if not values:
+        return {}
+    if "throttled_usec" in values:
+        throttled_ms = int(values["throttled_usec"]) / 1000
+    else:
+        throttled_ms = int(values.get("throttled_time", 0)) / 1e6
+    periods, throttled = int(values.get("nr_periods", 0)), int(values.get("nr_throttled", 0))
+    return {"periods": periods, "throttled": throttled, "throttled_ms": round(throttled_ms, 1)}
 
 
 def _evacuated_and_removed(group: Path) -> bool:

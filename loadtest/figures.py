@@ -766,3 +766,34 @@ def turn_stages_figure(paths: dict[str, Row]) -> Any | None:
         axes.grid(True, alpha=0.3)
     panels[0].legend(fontsize="x-small", loc="upper left")
     return figure
+
+
+# --- The voice knee, one curve per media path (``loadtest.voice_paths``) --------------------
+
+
+def knee_paths_figure(runs: list[tuple[str, Row]]) -> Any | None:
+    """Two panels against calls held: each step's turn p95 (a failed step hollow, each run's
+    threshold dotted) and its transceiver CPU in cores (the confined cores dashed); one curve
+    per run (``(label, voice report)``); None when no run has steps."""
+    drawable = [(label, report) for label, report in runs if report.get("steps")]
+    if not drawable:
+        return None
+    figure, (latency, cpu) = _figure({"scenario": "voice"}, "knee by media path", 2)
+    for index, (label, report) in enumerate(drawable):
+        colour = f"C{index}"
+        steps = sorted(report["steps"], key=lambda step: int(step["sessions"]))
+        calls = [int(step["sessions"]) for step in steps]
+        p95 = [_get(step, ("turn_ms", "p95")) for step in steps]
+        cores = [_get(step, ("server_cpu_cores",)) for step in steps]
+        latency.plot(calls, p95, "-", color=colour, label=label)
+        for x, y, step in zip(calls, p95, steps, strict=True):
+            latency.plot(x, y, "o", color=colour, fillstyle="full" if step["ok"] else "none")
+        if limit := (report.get("config") or {}).get("knee_threshold_ms"):
+            latency.axhline(limit, color=colour, linestyle=":", linewidth=1)
+        cpu.plot(calls, cores, "o-", color=colour, label=label, markersize=4)
+        confined = ((report.get("config") or {}).get("confinement") or {}).get("confined_cores")
+        if confined:
+            cpu.axhline(confined, color=colour, linestyle="--", linewidth=1)
+    _label(latency, "calls held", "turn p95 (ms); dotted: 1.5x one call")
+    _label(cpu, "calls held", "transceiver CPU (cores); dashed: confined to")
+    return figure

@@ -35,6 +35,7 @@ from locust import LoadTestShape, User, constant, events, task
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
+from loadtest.cpu_confinement import read_throttling
 from loadtest.voice_report import (
     Histograms,
     Knee,
@@ -72,6 +73,9 @@ def _options(parser: Any) -> None:
     group.add_argument(
         "--voice-silence-s", type=float, default=1.0, help="no media this long: resume (0: never)"
     )
+    group.add_argument("--voice-refine", type=int, default=0, help="knee: bisect to this")
+    group.add_argument("--voice-cgroup-stat", default="", help="the transceivers' cpu.stat")
+    group.add_argument("--voice-confined-cores", type=float, default=0.0)
 
 
 # --- worker side: the driver child and the figures it produces -------------------------------
@@ -280,6 +284,9 @@ class Master:
 
     def sample(self) -> None:
         server = self.sampler.sample()
+        options = options_of(self.environment)
+        if options.voice_cgroup_stat:
+            server["throttling"] = read_throttling(options.voice_cgroup_stat)
         sessions = self.environment.runner.user_count if self.environment.runner else 0
         row = {
             "t_s": round(time.monotonic() - self.started, 1),
@@ -323,6 +330,8 @@ def knee_plan(options: Any) -> KneePlan:
         spawn_rate=options.voice_spawn_rate,
         threshold=options.voice_threshold,
         baseline_ms=options.voice_baseline_ms or None,
+        refine=options.voice_refine,
+        confined_cores=options.voice_confined_cores or None,
     )
 
 

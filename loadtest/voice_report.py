@@ -182,6 +182,8 @@ class KneePlan:
     spawn_rate: float
     threshold: float  # a step fails when its turn p95 > threshold x the one-call p95
     baseline_ms: float | None  # the one-call p95, if known; else the first step's
+    refine: int = 0  # past the first failed step, bisect until good and failed are this close
+    confined_cores: float | None = None  # the CPU the transceivers were given (a cgroup)
 
     @property
     def threshold_ms(self) -> float | None:
@@ -195,6 +197,15 @@ class _Step:
     failures_at_start: int
     hist: Hist = field(default_factory=Hist)
     cpu_cores: list[float] = field(default_factory=list)
+    throttling: list[dict[str, float]] = field(default_factory=list)  # cgroup cpu.stat reads
+
+    def throttled_share(self) -> float | None:
+        """The share of the step's quota periods in which the transceivers were throttled."""
+        if len(self.throttling) < 2:
+            return None
+        first, last = self.throttling[0], self.throttling[-1]
+        periods = last["periods"] - first["periods"]
+        return round((last["throttled"] - first["throttled"]) / periods, 3) if periods else None
 
     def measuring(self, now_s: float, settle_s: float) -> bool:
         return now_s >= self.started_s + settle_s
@@ -202,7 +213,9 @@ class _Step:
 
 class Knee:
     """Steps of sessions, each held ``step_s``; stops at the first step whose turn p95 passes
-    the threshold or that saw any failure. The knee is the last step that held."""
+    the threshold or that saw any failure, or, with ``refine``, bisects between the highest
+    step that held and the lowest that did not until they are ``refine`` sessions apart. The
+    knee is the highest step that held."""
 
     def __init__(self, plan: KneePlan) -> None:
         self.plan = plan
@@ -210,6 +223,7 @@ class Knee:
         self.steps: list[dict[str, Any]] = []
         self._step: _Step | None = None
         self._index = 0
+        self._sessions = list(plan.sessions)  # the steps to come (bisection appends)
 
     def add(self, encoded: dict[str, str], now_s: float) -> None:
         if self._step is not None and self._step.measuring(now_s, self.plan.settle_s):
@@ -219,20 +233,34 @@ class Knee:
         if self._step is not None and self._step.measuring(now_s, self.plan.settle_s):
             cores = server.get("cpu_cores", {})
             self._step.cpu_cores.append(sum(v for k, v in cores.items() if "transceiver" in k))
+            if server.get("throttling"):
+                self._step.throttling.append(server["throttling"])
 
     def tick(self, now_s: float, failures: int) -> tuple[int, float] | None:
         """The sessions to hold now; None once the knee is found (or the plan is done)."""
         if self._step is None:
-            if self._index >= len(self.plan.sessions):
+            if self._index >= len(self._sessions):
                 return None
-            self._step = _Step(self.plan.sessions[self._index], now_s, failures)
+            self._step = _Step(self._sessions[self._index], now_s, failures)
         elif now_s - self._step.started_s >= self.plan.step_s:
-            if not self._finish(failures):
-                self._index = len(self.plan.sessions)  # stop here
+            self._finish(failures)
             self._index += 1
+            self._plan_next()
             self._step = None
             return self.tick(now_s, failures)
         return self._step.sessions, self.plan.spawn_rate
+
+    def _plan_next(self) -> None:
+        """Once a step failed: no more planned steps; with ``refine``, the midpoint of the
+        highest step that held and the lowest that failed, while they are further apart."""
+        failed = [step["sessions"] for step in self.steps if not step["ok"]]
+        if not failed:
+            return
+        del self._sessions[self._index :]
+        held = [step["sessions"] for step in self.steps if step["ok"]]
+        low, high = max(held, default=0), min(failed)
+        if self.plan.refine and held and high - low > self.plan.refine:
+            self._sessions.append((low + high) // 2)
 
     def _finish(self, failures: int) -> bool:
         assert self._step is not None
@@ -253,17 +281,26 @@ class Knee:
                 "sessions_per_core": round(step.sessions / cores, 2) if cores else None,
                 "ok": ok,
             }
+            | self._confined(step)
         )
         return ok
+
+    def _confined(self, step: _Step) -> dict[str, Any]:
+        confined = self.plan.confined_cores
+        if not confined:
+            return {}
+        per_core = round(step.sessions / confined, 2)
+        return {"sessions_per_confined_core": per_core, "throttled_share": step.throttled_share()}
 
     @property
     def knee(self) -> dict[str, Any] | None:
         held = [step for step in self.steps if step["ok"]]
         if not held:
             return None
-        last = held[-1]
-        keys = ("sessions", "sessions_per_core", "turn_ms", "server_cpu_cores")
-        return {k: last[k] for k in keys}
+        best = max(held, key=lambda step: int(step["sessions"]))
+        keys: tuple[str, ...] = ("sessions", "sessions_per_core", "turn_ms", "server_cpu_cores")
+        keys += ("sessions_per_confined_core", "throttled_share")
+        return {k: best[k] for k in keys if k in best}
 
 
 # --- the report -----------------------------------------------------------------------------

@@ -23,6 +23,16 @@ the first answer audio of the re-asked question; what was lost: the turn cut, wh
 stored conversation came back (``conversation.item.added`` replayed on resume, against two
 items per answered turn), the calls that could not resume and why. Its p50/p99 are printed.
 
+**Calls per core.** ``--confine-cores C`` (and/or ``--confine-cpus LIST``) puts the local
+stack's transceivers in a cgroup of their own (``loadtest.cpu_confinement``: a quota of C cores
+per ``--confine-period-us``, 10 ms by default so a throttled stall stays short, and the cores
+of the cpuset), and ``--generator-cpus LIST`` pins Locust and its driver children elsewhere: the
+knee is then in calls per confined core (knee calls / confined cores), with the group's
+throttling per step. Where cgroups cannot be written it says so and measures unconfined.
+``--media-paths lean,aiortc`` runs the knee once per media path (``TRANSCEIVER_MEDIA_PATH``),
+each on a fresh stack, in the order given (repeat a path to interleave), side by side in one
+``paths.json`` and one figure (``loadtest.voice_paths``).
+
 Locust runs as a subprocess (``python -m locust -f loadtest/locust_voice.py --headless``); this
 module never imports it. The questions are spoken by piper and encoded to Opus once per run.
 Writes ``--report-dir``: ``voice.json`` (the report), Locust's CSV and HTML, the figures and
@@ -43,7 +53,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +62,16 @@ import httpx
 from deploy.fake_openai import FakeOpenAIServer
 from deploy.launched import launched
 from deploy.processes import free_port
+from loadtest.cpu_confinement import (
+    DEFAULT_PERIOD_US,
+    CgroupUnavailable,
+    Confinement,
+    CpuLimit,
+    parse_cpus,
+)
 from loadtest.hosts import metric_samples, process_tree
 from loadtest.voice_calls import SILENCE_RESUME_S, spoken_questions
+from transceiver.config import MEDIA_PATHS
 
 LOCUSTFILE = Path(__file__).resolve().with_name("locust_voice.py")
 REPORT_NAME = "voice.json"
@@ -64,6 +82,7 @@ START_TIMEOUT_S = 180.0  # Locust starts its test within this
 HOLDER_TIMEOUT_S = 60.0  # after S, a transceiver holds a call within this, or nothing is killed
 POLL_S = 0.1
 SESSIONS_METRIC = "transceiver_link_sessions"
+MEDIA_PATH_ENV = "TRANSCEIVER_MEDIA_PATH"
 CREATED_METRIC = "transceiver_realtime_events_total{direction=server,type=session.created}"
 
 
@@ -75,24 +94,38 @@ class Transceiver:
 
 
 @dataclass(frozen=True)
+class Confined:
+    """The transceivers' cgroup, as the Locust master reads it."""
+
+    cores: float  # the CPU they were given (quota, else the cpuset's cores)
+    stat_path: str  # the group's cpu.stat ("" without a quota)
+    described: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Target:
     url: str
     server_pids: str  # "name=pid,..." of processes on this host, or ""
     providers_pid: int | None = None  # the fake OpenAI server's, when we started one
     transceivers: tuple[Transceiver, ...] = ()  # when we started the stack
+    confined: Confined | None = None  # the transceivers' cgroup, when they were confined
+    unconfined_why: str = ""  # why they could not be, when asked
 
 
 @contextlib.contextmanager
-def local_stack(mode: str, transceivers: int = 1) -> Iterator[Target]:
+def local_stack(mode: str, transceivers: int = 1, media_path: str = "") -> Iterator[Target]:
     """``make run``'s stack on free loopback ports, the pipeline agent offline or against the
     fake OpenAI server (which is then a provider, not part of the server measured); with
-    several transceivers, behind deploy.local's front door (``Target.url``)."""
+    several transceivers, behind deploy.local's front door (``Target.url``); ``media_path``:
+    the transceivers' ``TRANSCEIVER_MEDIA_PATH`` ("" leaves the environment's)."""
     with contextlib.ExitStack() as held:
         env = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}
         fake = None
         if mode == "api":
             fake = held.enter_context(FakeOpenAIServer())
             env = {"OPENAI_API_KEY": "sk-local-load", "OPENAI_BASE_URL": fake.base_url + "/v1"}
+        if media_path:
+            env["TRANSCEIVER_MEDIA_PATH"] = media_path
         flags = ["--agent", "pipeline", "--transceivers", str(transceivers)]
         stack = held.enter_context(launched(flags, env=env))
         named = {n: p for n, p in stack.child_pids.items() if n.startswith(SERVER_NAMES)}
@@ -143,6 +176,13 @@ def _parser() -> argparse.ArgumentParser:
         default=SILENCE_RESUME_S,
         help="a call resumes elsewhere after this long without media (0: never)",
     )
+    parser.add_argument("--refine", type=int, default=0, help="knee: bisect to this many calls")
+    confine = parser.add_argument_group("calls per core (with --local; cgroups, as root)")
+    confine.add_argument("--confine-cores", type=float, default=0.0, help="transceiver quota")
+    confine.add_argument("--confine-period-us", type=int, default=DEFAULT_PERIOD_US)
+    confine.add_argument("--confine-cpus", default="", help="transceiver cpuset, e.g. 1")
+    confine.add_argument("--generator-cpus", default="", help="Locust's cores (taskset), e.g. 0")
+    confine.add_argument("--media-paths", default="", help="knee per path, e.g. lean,aiortc")
     return parser
 
 
@@ -158,7 +198,8 @@ def run_time_s(args: argparse.Namespace) -> float:
 
 def locust_argv(args: argparse.Namespace, target: Target, questions: Path) -> list[str]:
     out = args.report_dir
-    argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless"]
+    pinned = ["taskset", "-c", args.generator_cpus] if args.generator_cpus else []
+    argv = [*pinned, sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless"]
     argv += ["--csv", str(out / "locust"), "--html", str(out / "locust.html")]
     argv += ["--run-time", f"{int(run_time_s(args))}s", "--stop-timeout", "10"]
     argv += ["--loglevel", args.loglevel]
@@ -186,6 +227,7 @@ def locust_argv(args: argparse.Namespace, target: Target, questions: Path) -> li
         config["transceivers"] = len(target.transceivers)
     if args.fault:
         config |= {"fault": args.fault, "silence_s": args.silence_s}
+    config |= _confinement_config(args, target)
     argv += ["--voice-url", target.url, "--voice-questions", str(questions)]
     argv += ["--voice-turns", str(args.turns), "--voice-calls", str(args.calls)]
     argv += ["--voice-spawn-rate", str(args.spawn_rate)]
@@ -195,7 +237,23 @@ def locust_argv(args: argparse.Namespace, target: Target, questions: Path) -> li
     argv += ["--voice-silence-s", str(args.silence_s)]
     argv += ["--voice-server-pids", target.server_pids, "--voice-config", json.dumps(config)]
     argv += ["--voice-report", str(out / REPORT_NAME)] + (["--voice-knee"] if args.knee else [])
+    argv += ["--voice-refine", str(args.refine)]
+    if target.confined is not None:
+        argv += ["--voice-cgroup-stat", target.confined.stat_path]
+        argv += ["--voice-confined-cores", str(target.confined.cores)]
     return argv
+
+
+def _confinement_config(args: argparse.Namespace, target: Target) -> dict[str, Any]:
+    """What the report's config says of the media path, the confinement and the pinning."""
+    config: dict[str, Any] = {"media_path": args.media_path or os.environ.get(MEDIA_PATH_ENV, "")}
+    if args.generator_cpus:
+        config["generator_cpus"] = args.generator_cpus
+    if target.confined is not None:
+        config["confinement"] = target.confined.described
+    elif args.confine_cores or args.confine_cpus:
+        config["confinement"] = {"unavailable": target.unconfined_why}
+    return config
 
 
 def _load_average() -> str:
@@ -345,6 +403,18 @@ def fault_injected(args: argparse.Namespace, target: Target) -> Iterator[None]:
 
 def _check(args: argparse.Namespace) -> None:
     parser = _parser()
+    if (args.confine_cores or args.confine_cpus or args.media_paths) and not args.local:
+        parser.error("--confine-* and --media-paths are for the stack --local starts")
+    unknown = set(filter(None, args.media_paths.split(","))) - set(MEDIA_PATHS)
+    if unknown:
+        parser.error(f"--media-paths: {', '.join(sorted(unknown))} not in {MEDIA_PATHS}")
+    try:
+        if args.confine_cores or args.confine_cpus:
+            CpuLimit(args.confine_cores, args.confine_period_us, args.confine_cpus)
+        for cpus in filter(None, (args.confine_cpus, args.generator_cpus)):
+            parse_cpus(cpus)
+    except ValueError as error:
+        parser.error(f"confinement: {error}")
     if not (args.url or args.local or args.master):
         parser.error("give --url of a running stack or --local offline|api")
     if args.transceivers and not args.local:
@@ -357,13 +427,30 @@ def _check(args: argparse.Namespace) -> None:
             parser.error("--fault needs --transceivers 2 or more (a survivor to resume on)")
 
 
-def main(argv: Sequence[str]) -> int:
-    args = _parser().parse_args(argv)
-    _check(args)
+def confine(args: argparse.Namespace, target: Target, held: contextlib.ExitStack) -> Target:
+    """The transceivers moved into a cgroup of their own (held until the run ends), when asked
+    to; a host that cannot is said so (stderr and the report) and measured unconfined."""
+    if not (args.confine_cores or args.confine_cpus):
+        return target
+    limit = CpuLimit(args.confine_cores, args.confine_period_us, args.confine_cpus)
+    try:
+        group = held.enter_context(Confinement(limit, f"voicerelay-transceivers-{os.getpid()}"))
+    except CgroupUnavailable as why:
+        print(f"confinement unavailable ({why}): transceivers unconfined", file=sys.stderr)
+        return replace(target, unconfined_why=str(why))
+    moved = [pid for t in target.transceivers for pid in group.add(t.pid)]
+    described = group.describe() | {"pids": moved}
+    print(f"confined: {described}", flush=True)
+    return replace(target, confined=Confined(limit.confined_cores, group.stat_path, described))
+
+
+def run_once(args: argparse.Namespace) -> int:
+    """One shape against one stack (started here with --local), then its summary."""
     transceivers = args.transceivers or (2 if args.fault else 1)
     with contextlib.ExitStack() as held:
         if args.local and not args.worker:
-            target = held.enter_context(local_stack(args.local, transceivers))
+            target = held.enter_context(local_stack(args.local, transceivers, args.media_path))
+            target = confine(args, target, held)
         else:
             target = Target(args.url, args.server_pids)
         with fault_injected(args, target):
@@ -371,6 +458,26 @@ def main(argv: Sequence[str]) -> int:
     if not args.worker:
         summarise(args.report_dir)
     return code
+
+
+def main(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(argv)
+    _check(args)
+    paths = [path for path in args.media_paths.split(",") if path]
+    if not paths:
+        args.media_path = ""
+        return run_once(args)
+    runs: list[tuple[str, Path]] = []
+    codes = []
+    for index, path in enumerate(paths, start=1):
+        one = argparse.Namespace(**vars(args))
+        one.media_path, one.report_dir = path, args.report_dir / f"{index}-{path}"
+        codes.append(run_once(one))
+        runs.append((path, one.report_dir / REPORT_NAME))
+    from loadtest.voice_paths import compare_paths
+
+    print(compare_paths(runs, args.report_dir))
+    return max(codes)
 
 
 if __name__ == "__main__":

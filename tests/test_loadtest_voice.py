@@ -18,6 +18,7 @@ import pytest
 from aiortc.rtp import RtpPacket
 
 from loadtest.voice_calls import QUIET_GAP_S, QUIET_PACKETS, AnswerMeter, Metronome
+from loadtest.voice_paths import compare_paths
 from loadtest.voice_report import Hist, Knee, KneePlan, fault_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,3 +178,65 @@ def test_the_faults_section_counts_the_calls_the_kill_cut() -> None:
     assert section["not_resumed"] == {"resume_http_503:no_capacity": 1}
     assert section["other_resumes"] == 1 and section["history_kept"] == 1
     assert section["gap_ms"] == {"p50": 1200.0, "p99": 1200.0, "max": 1200.0}
+
+
+def _held(knee: Knee, at_s: float, latencies_ms: list[float]) -> tuple[int, float] | None:
+    """Hold the step ``knee`` asks for now with these turn latencies; the step asked for next."""
+    hist = Hist()
+    for ms in latencies_ms:
+        hist.record(ms)
+    knee.add({"turn": hist.take()}, at_s + 5)
+    stat = {"periods": 1000.0 * at_s, "throttled": 10.0 * at_s, "throttled_ms": 0.0}
+    for t_s in (at_s + 5, at_s + 9):  # throttled in 10% of the periods over the step
+        server = {"cpu_cores": {"transceiver-0": 0.25}, "throttling": stat}
+        knee.sample(server, t_s)
+        stat = {k: v + 4000 * (k == "periods") + 400 * (k == "throttled") for k, v in stat.items()}
+    return knee.tick(at_s + 10, 0)
+
+
+def test_the_knee_bisects_past_the_first_failed_step_in_calls_per_confined_core() -> None:
+    """Steps 1, 8, 32: 32 fails, so 20 (holds), 26 (fails), 23 (holds), 24 (fails): 23 and 24
+    are ``refine`` = 1 apart, the knee is 23 calls = 92 per confined quarter core."""
+    plan = KneePlan([1, 8, 32], step_s=10, settle_s=2, spawn_rate=4, threshold=1.5,
+                    baseline_ms=None, refine=1, confined_cores=0.25)  # fmt: skip
+    knee = Knee(plan)
+    asked = [knee.tick(0.0, 0)]
+    for i, p95_ms in enumerate([700, 800, 2000, 900, 1500, 1000, 1100]):
+        asked.append(_held(knee, 10.0 * i, [p95_ms]))
+    assert [a[0] if a else None for a in asked] == [1, 8, 32, 20, 26, 23, 24, None]
+    assert [s["ok"] for s in knee.steps] == [True, True, False, True, False, True, False]
+    assert knee.knee is not None and knee.knee["sessions"] == 23
+    assert knee.knee["sessions_per_confined_core"] == 92.0
+    assert knee.knee["throttled_share"] == 0.1
+
+
+def test_the_paths_compared_side_by_side(tmp_path: Path) -> None:
+    """Two runs' reports make ``paths.json``, one text line each and a PNG of both curves."""
+    runs = []
+    for index, (path, knee_calls) in enumerate([("lean", 24), ("aiortc", 4)], start=1):
+        steps: list[dict[str, Any]] = [
+            {"sessions": n, "turn_ms": {"p50": 500.0, "p95": 600.0 + 20 * n}, "ok": n <= knee_calls,
+             "server_cpu_cores": 0.01 * n, "sessions_per_confined_core": 4.0 * n}
+            for n in (1, 4, 16, 24, 32) if n <= 2 * knee_calls
+        ]  # fmt: skip
+        report = {
+            "scenario": "voice",
+            "config": {"knee_threshold_ms": 930.0, "load_average": "1.0 1.0 1.0 1/1 1",
+                       "confinement": {"confined_cores": 0.25}},
+            "steps": steps,
+            "knee": max((s for s in steps if s["ok"]), key=lambda s: s["sessions"]),
+            "client": {"cpu_ms_per_call_s": 9.5},
+        }  # fmt: skip
+        (run_dir := tmp_path / f"{index}-{path}").mkdir()
+        (run_dir / "voice.json").write_text(json.dumps(report))
+        runs.append((path, run_dir / "voice.json"))
+    runs.append(("lean", tmp_path / "3-lean" / "voice.json"))  # a run that wrote no report
+    text = compare_paths(runs, tmp_path)
+    lean, aiortc, missing = text.splitlines()
+    assert lean.startswith("lean: knee 24 calls = 96 calls per confined core (0.25 core)")
+    assert aiortc.startswith("aiortc: knee 4 calls = 16 calls per confined core")
+    assert missing == f"no report at {tmp_path / '3-lean' / 'voice.json'}"
+    rows = json.loads((tmp_path / "paths.json").read_text())
+    assert [row["media_path"] for row in rows] == ["lean", "aiortc"]
+    assert rows[0]["baseline_p95_ms"] == 620.0
+    assert (tmp_path / "knee_paths.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
