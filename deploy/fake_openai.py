@@ -154,7 +154,36 @@ def _chat_problem(body: dict[str, Any]) -> str:
             known_calls[call["id"]] = call["function"]["name"]
         if message["role"] == "tool" and message.get("tool_call_id") not in known_calls:
             return f"messages[{index}].tool_call_id: no preceding assistant tool call has it"
+        if problem := _parts_problem(message, f"messages[{index}].content"):
+            return problem
     return _tool_choice_problem(body)
+
+
+def _parts_problem(message: dict[str, Any], where: str) -> str:
+    """Content parts as OpenAI checks them: text, and (in a user message) images."""
+    if not isinstance(message.get("content"), list):
+        return ""
+    for index, part in enumerate(message["content"]):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            continue
+        if kind != "image_url" or message["role"] != "user":
+            return f"{where}[{index}]: invalid content part"
+        image = part.get("image_url") or {}
+        if not str(image.get("url", "")).startswith("data:image/"):
+            return f"{where}[{index}].image_url.url: invalid image URL"
+        if image.get("detail", "auto") not in ("auto", "low", "high"):
+            return f"{where}[{index}].image_url.detail: invalid"
+    return ""
+
+
+def content_text(content: Any) -> str:
+    """A message's words; a list of parts: its text parts', and how many images it shows."""
+    if not isinstance(content, list):
+        return str(content or "")
+    text = " ".join(str(part.get("text", "")) for part in content if part["type"] == "text")
+    images = sum(part["type"] in ("image_url", "input_image") for part in content)
+    return f"{text} (and {images} image{'s' * (images != 1)})" if images else text
 
 
 def _tool_choice_problem(body: dict[str, Any]) -> str:
@@ -180,11 +209,12 @@ def _chat_chunks(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         name = _tool_name(messages, last["tool_call_id"])
         yield from _text_chunks(body, f"The {name} tool says {last['content']}.")
         return
-    tool = _requested_tool(body, str(last.get("content") or ""))
+    said = content_text(last.get("content"))
+    tool = _requested_tool(body, said)
     if tool:
-        yield from _tool_call_chunks(body, tool, json.dumps({"query": last["content"]}))
+        yield from _tool_call_chunks(body, tool, json.dumps({"query": said}))
         return
-    yield from _text_chunks(body, f"You said: {last.get('content')}")
+    yield from _text_chunks(body, f"You said: {said}")
 
 
 def _tool_name(messages: list[dict[str, Any]], call_id: str) -> str:

@@ -44,12 +44,31 @@ def _input_problem(items: list[Any]) -> str:
             return f"input[{index}]: unknown item type {kind!r}"
         if kind == "message" and (item.get("role") not in ROLES or "content" not in item):
             return f"input[{index}]: a message needs a role and content"
+        if kind == "message" and (problem := _parts_problem(item, f"input[{index}].content")):
+            return problem
         if kind == "function_call":
             if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
                 return f"input[{index}]: a function_call needs call_id, name and arguments"
             calls.add(item["call_id"])
         if kind == "function_call_output" and item.get("call_id") not in calls:
             return f"input[{index}].call_id: no function_call before it has it"
+    return ""
+
+
+def _parts_problem(item: Json, where: str) -> str:
+    """A message's content parts: text, and in a user message images as data URLs."""
+    if not isinstance(item["content"], list):
+        return ""
+    for index, part in enumerate(item["content"]):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text") and isinstance(part.get("text"), str):
+            continue
+        if kind != "input_image" or item["role"] != "user":
+            return f"{where}[{index}]: invalid content part"
+        if not str(part.get("image_url", "")).startswith("data:image/"):
+            return f"{where}[{index}].image_url: invalid image URL"
+        if part.get("detail") not in ("auto", "low", "high"):
+            return f"{where}[{index}].detail: invalid"
     return ""
 
 
@@ -118,10 +137,13 @@ def _answer(body: Json) -> Iterator[Json]:
 
 
 def _text(item: Json) -> str:
+    """A message's words; a list of parts: its ``input_text``s', and how many images it shows."""
     content = item.get("content")
     if isinstance(content, str):
         return content
-    return " ".join(str(part.get("text", "")) for part in content or [])
+    text = " ".join(str(part.get("text", "")) for part in content or [] if "text" in part)
+    images = sum(part.get("type") == "input_image" for part in content or [])
+    return f"{text} (and {images} image{'s' * (images != 1)})" if images else text
 
 
 def _call_name(items: list[Json], call_id: str) -> str:

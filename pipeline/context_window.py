@@ -10,7 +10,9 @@ request is sent is cut.
 
 Tokens are estimated, not counted with the model's tokenizer: ``CHARS_PER_TOKEN`` characters
 of a message's text, tool calls and arguments per token, and ``MESSAGE_OVERHEAD_TOKENS`` for
-each message's framing (OpenAI's rule of thumb for English text is four characters a token).
+each message's framing (OpenAI's rule of thumb for English text is four characters a token);
+an image is ``IMAGE_TOKENS`` by its detail (OpenAI's: 85 at low detail, 85 and 170 a 512-pixel
+tile at high: 765 for a 1024-pixel square, taken for high and auto alike).
 
 The cut is where OpenAI's would be had a model request followed every message: the context
 grows back to the budget before it is cut again, so its start stays put between cuts (and
@@ -28,6 +30,7 @@ from pipeline.providers import Message
 
 CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD_TOKENS = 4
+IMAGE_TOKENS = {"low": 85, "high": 765, "auto": 765}
 
 
 @dataclass(frozen=True)
@@ -67,4 +70,5 @@ class ContextWindow:
 def estimated_tokens(message: Message) -> int:
     chars = len(message.content)
     chars += sum(len(call.name) + len(call.arguments) for call in message.tool_calls)
-    return MESSAGE_OVERHEAD_TOKENS + -(-chars // CHARS_PER_TOKEN)
+    images = sum(IMAGE_TOKENS[image.detail] for image in message.images)
+    return MESSAGE_OVERHEAD_TOKENS + images + -(-chars // CHARS_PER_TOKEN)

@@ -20,6 +20,7 @@ import openai
 from openai.types.chat import (
     ChatCompletion,
     ChatCompletionChunk,
+    ChatCompletionContentPartParam,
     ChatCompletionFunctionToolParam,
     ChatCompletionMessageFunctionToolCallParam,
     ChatCompletionMessageParam,
@@ -160,6 +161,7 @@ class OpenAIModelClient:
     model each request names (a view ``as_model`` asks by its own)."""
 
     KIND = "openai-llm"  # the provider's name is KIND/model
+    sees_images = True  # a user message's images are sent as image parts
 
     def __init__(
         self,
@@ -325,7 +327,20 @@ def message_param(message: Message) -> ChatCompletionMessageParam:
         }
     if message.role == "system":
         return {"role": "system", "content": message.content}
+    if message.images:
+        return {"role": "user", "content": _user_parts(message)}
     return {"role": "user", "content": message.content}
+
+
+def _user_parts(message: Message) -> list[ChatCompletionContentPartParam]:
+    """A user message's text, then its images, as chat ``content`` parts."""
+    parts: list[ChatCompletionContentPartParam] = []
+    if message.content:
+        parts.append({"type": "text", "text": message.content})
+    for image in message.images:
+        detail: Any = image.detail
+        parts.append({"type": "image_url", "image_url": {"url": image.data_url, "detail": detail}})
+    return parts
 
 
 def _tool_call_param(call: ToolCall) -> ChatCompletionMessageFunctionToolCallParam:

@@ -8,7 +8,8 @@ and stream parsing into ``ResponseStreamEvent``), the SDK's exceptions mapped to
 resilience wrapper's). Each request carries the whole conversation, as the chat request does:
 
 - leading system messages are the request's ``instructions``; the rest are ``input`` items:
-  user and assistant ``message``s, an assistant's tool calls as ``function_call`` items and
+  user and assistant ``message``s (a user's images as ``input_image`` parts after its
+  ``input_text``), an assistant's tool calls as ``function_call`` items and
   their results as ``function_call_output`` (a later system message stays a ``system``
   message);
 - tools are function tools in the flat Responses shape, ``strict: false`` (as a chat tool is:
@@ -39,6 +40,7 @@ from openai.types.responses import (
     Response,
     ResponseFunctionToolCall,
     ResponseInputItemParam,
+    ResponseInputMessageContentListParam,
     ResponseStreamEvent,
     ToolChoiceFunctionParam,
 )
@@ -179,7 +181,9 @@ def _items(message: Message) -> Iterator[ResponseInputItemParam]:
         }
         yield output
         return
-    if message.content or not message.tool_calls:
+    if message.images:
+        yield {"type": "message", "role": "user", "content": _user_content(message)}
+    elif message.content or not message.tool_calls:
         text: EasyInputMessageParam = {
             "type": "message",
             "role": message.role,
@@ -193,6 +197,17 @@ def _items(message: Message) -> Iterator[ResponseInputItemParam]:
             "name": call.name,
             "arguments": call.arguments,
         }
+
+
+def _user_content(message: Message) -> ResponseInputMessageContentListParam:
+    """A user message's text, then its images, as ``input_text`` and ``input_image`` parts."""
+    content: ResponseInputMessageContentListParam = []
+    if message.content:
+        content.append({"type": "input_text", "text": message.content})
+    for image in message.images:
+        detail: Any = image.detail
+        content.append({"type": "input_image", "image_url": image.data_url, "detail": detail})
+    return content
 
 
 def function_tool(tool: ToolSpec) -> FunctionToolParam:

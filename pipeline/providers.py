@@ -95,12 +95,28 @@ class ToolResult:
     ok: bool
 
 
+IMAGE_DETAILS = ("auto", "low", "high")  # how closely the model looks (OpenAI's ``detail``)
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """An image the user shows the model: a data URL (``data:image/png;base64,...``), already
+    checked, and its ``detail`` (one of ``IMAGE_DETAILS``)."""
+
+    data_url: str
+    detail: str = "auto"
+
+
 @dataclass(frozen=True)
 class Message:
+    """One message of the conversation; a user's may show images after its text (only a
+    model that ``sees_images`` is sent one)."""
+
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str = ""  # for role == "tool": the call this is the result of
+    images: tuple[ImagePart, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,6 +178,12 @@ def generate_with(
     generate: Any = llm.generate  # a model that honours choices takes it third
     stream: AsyncIterator[LanguageModelEvent] = generate(messages, tools, tool_choice)
     return stream
+
+
+def sees_images(llm: object) -> bool:
+    """Whether ``llm`` takes a user message's images (its ``sees_images``: the OpenAI models;
+    the offline ones take text alone)."""
+    return bool(getattr(llm, "sees_images", False))
 
 
 @dataclass(frozen=True)

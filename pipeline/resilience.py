@@ -62,6 +62,7 @@ from pipeline.providers import (
     TranscriptionHints,
     answering_as,
     generate_with,
+    sees_images,
     synthesize_with,
     transcribe_with,
     with_options,
@@ -347,6 +348,11 @@ def _transcribe(
 
 
 class HardenedLanguageModel(_Hardened[LanguageModel]):
+    @property
+    def sees_images(self) -> bool:
+        """The primary's (the fallback answers from a message's text)."""
+        return sees_images(self._providers[0])
+
     def as_model(self, model: str) -> HardenedLanguageModel:
         """The primary sending ``model`` (``providers.answering_as``); its breaker, budget and
         counters shared; the fallback as it is."""

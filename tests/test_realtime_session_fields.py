@@ -28,6 +28,7 @@ from openai.types.realtime import (
     RealtimeTranscriptionSessionCreateResponse,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from test_image_parts import PNG_SIGNATURE, data_url, png_bytes
 from websocket_harness import (
     EventLog,
     error_for,
@@ -43,8 +44,17 @@ from pipeline.config import ConfigError, EngineConfig, PipelineConfig
 from pipeline.context_window import ContextWindow
 from pipeline.openai_providers import OpenAILanguageModel, takes_reasoning
 from pipeline.openai_responses import OpenAIResponsesLanguageModel
-from pipeline.providers import Message, ModelOptions, ToolCall, ToolSpec, with_options
+from pipeline.providers import (
+    ImagePart,
+    Message,
+    ModelOptions,
+    TextDelta,
+    ToolCall,
+    ToolSpec,
+    with_options,
+)
 from transceiver.realtime.client_events import SessionConfig
+from transceiver.realtime.image_urls import MAX_IMAGE_BYTES
 from transceiver.realtime.policy import SessionPolicy, stored_session_update
 from transceiver.realtime.session_fields import AUTO_BUDGET_TOKENS, Truncation
 
@@ -453,16 +463,69 @@ async def test_a_secret_carries_a_session_of_realistic_size(
     assert [tool["name"] for tool in created["tools"]] == ["order_status"]
 
 
-async def test_an_image_part_and_an_mcp_approval_are_refused_by_name(events: Events) -> None:
-    image = {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="}
-    for item, param in [
-        ({"type": "message", "role": "user", "content": [image]}, "item.content[0].type"),
-        ({"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": True},
-         "item.type"),
+async def test_an_mcp_approval_is_refused_by_name(events: Events) -> None:
+    item = {"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": True}
+    event = {"type": "conversation.item.create", "item": item}
+    error = await error_for(events, json.dumps(event))
+    assert (error["code"], error["param"]) == ("invalid_value", "item.type"), error
+
+
+async def _show(events: Events, url: str, detail: str) -> dict[str, Any]:
+    """The item created for a question with an image, as ``conversation.item.added`` says."""
+    image = {"type": "input_image", "image_url": url, "detail": detail}
+    text = {"type": "input_text", "text": "What is in this picture?"}
+    item = {"type": "message", "role": "user", "content": [text, image]}
+    await events.connection.conversation.item.create(item=item)  # type: ignore[arg-type]
+    added: dict[str, Any] = (await events.next("conversation.item.added"))["item"]
+    return added
+
+
+async def test_an_image_reaches_the_model_is_retrieved_and_is_cut_as_any_message(
+    events: Events, server: FakeOpenAIServer
+) -> None:
+    url = data_url(png_bytes(4, 4))
+    image = {"type": "input_image", "image_url": url, "detail": "low"}
+    budget = {"type": "retention_ratio", "retention_ratio": 0.5,
+              "token_limits": {"post_instructions": 110}}  # fmt: skip
+    await _session(events, {"truncation": budget, "instructions": "Look."})
+    added = await _show(events, url, "low")
+    assert added["content"][1] == image, added
+    await events.connection.response.create()
+    done = await events.next("response.done")
+    said = done["response"]["output"][0]["content"][0]["transcript"].strip()
+    assert said == "You said: What is in this picture? (and 1 image)", done
+    sent = (await server.stats())["last_request"]["chat"]["messages"][-1]["content"]
+    assert sent[1] == {"type": "image_url", "image_url": {"url": url, "detail": "low"}}, sent
+    await events.connection.conversation.item.retrieve(item_id=added["id"])
+    retrieved = (await events.next("conversation.item.retrieved"))["item"]
+    assert retrieved["content"] == added["content"], retrieved
+    await _say(events, "And now?")  # the image's 85 tokens are over the budget: it is cut
+    assert [text.strip() for text in await _chat_texts(server)] == ["Look.", said, "And now?"]
+
+
+async def test_a_bad_image_is_refused_by_name_and_the_responses_api_sends_a_good_one(
+    events: Events, server: FakeOpenAIServer
+) -> None:
+    for url, code, wanted in [
+        ("https://example.com/cat.png", "invalid_value", "must be a data URL"),
+        (data_url(png_bytes(), "image/bmp"), "invalid_value", "'image/bmp' is not taken"),
+        (data_url(b"GIF89a"), "invalid_value", "not those of image/png"),
+        (data_url(PNG_SIGNATURE + bytes(MAX_IMAGE_BYTES)), "image_too_large", "over"),
     ]:  # fmt: skip
-        event = {"type": "conversation.item.create", "item": item}
-        error = await error_for(events, json.dumps(event))
-        assert (error["code"], error["param"]) == ("invalid_value", param), error
+        image = {"type": "input_image", "image_url": url}
+        item = {"type": "message", "role": "user", "content": [image]}
+        event = json.dumps({"type": "conversation.item.create", "item": item})
+        error = await error_for(events, event)
+        assert (error["code"], error["param"]) == (code, "item.content[0].image_url"), error
+        assert wanted in error["message"], error
+    url = data_url(png_bytes())
+    question = Message("user", "What is this?", images=(ImagePart(url, "high"),))
+    async with server.openai_client() as client:
+        answer = OpenAIResponsesLanguageModel(client).generate([question], [])
+        deltas = [e.text async for e in answer if isinstance(e, TextDelta)]
+    assert "".join(deltas).strip() == "You said: What is this? (and 1 image)"
+    sent = (await server.stats())["last_request"]["responses"]["input"][0]["content"]
+    assert sent[1] == {"type": "input_image", "image_url": url, "detail": "high"}, sent
 
 
 def test_a_stored_session_reads_back_with_its_fields() -> None:

@@ -2,7 +2,8 @@
 the voice pipeline of one call.
 
 ``client_events`` parses and validates what the client sends (``session_fields``: the
-session's truncation, reasoning, tracing, prompt and include; ``event_errors``: its errors);
+session's truncation, reasoning, tracing, prompt and include; ``image_urls``: a user
+message's images; ``event_errors``: its errors);
 ``server_events`` builds what it is sent; ``translation`` turns pipeline events into server
 events; ``policy`` holds the session's configuration rules (defaults, limits, what
 ``session.update`` may change);
@@ -18,5 +19,5 @@ and ``call_tracing`` into OpenTelemetry spans (when ``OTEL_*`` asks).
 May import: pipeline, transceiver.metrics, transceiver.background, transceiver.store,
     transceiver.webrtc.audio
 Pure: client_events, event_errors, session_fields, server_events, translation, limits,
-    call_recording, responses, item_audio
+    call_recording, responses, item_audio, image_urls
 """

@@ -14,8 +14,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pipeline.providers import ImagePart
 from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.realtime.event_errors import EventError as EventError  # its home; re-exported
+from transceiver.realtime.image_urls import image_part
 from transceiver.realtime.session_fields import Truncation, parse_fields
 
 MAX_EVENT_BYTES = 256 * 1024
@@ -196,7 +198,12 @@ class SessionUpdate:
 
 @dataclass(frozen=True)
 class UserText:
+    """A user message's words, and its images (``input_image`` parts, checked:
+    ``image_urls``), the first at ``item.content[first_image]``."""
+
     text: str
+    images: tuple[ImagePart, ...] = ()
+    first_image: int = 0
 
 
 @dataclass(frozen=True)
@@ -682,7 +689,7 @@ def _new_item(item: Mapping[str, Any]) -> NewItem:
 
 
 _PART_TYPES = {
-    "user": ("input_text", "input_audio", "text"),
+    "user": ("input_text", "input_audio", "input_image", "text"),
     "system": ("input_text",),
     "assistant": ("output_text", "output_audio"),
 }
@@ -701,6 +708,8 @@ def _message(item: Mapping[str, Any]) -> NewItem:
             message = "a user message is either input_audio or input_text parts"
             raise EventError("invalid_value", message, "item.content")
         return _user_audio(parts)
+    if "input_image" in kinds:
+        return _user_with_images(parts)
     texts = [_part_text(part, f"item.content[{i}].") for i, part in enumerate(parts)]
     if role == "system":
         return SystemText(" ".join(texts))
@@ -718,6 +727,18 @@ def _parts(item: Mapping[str, Any], allowed: tuple[str, ...]) -> list[Mapping[st
             kind = part.get("type") if isinstance(part, dict) else part
             raise EventError("invalid_value", _invalid(kind, allowed), f"item.content[{i}].type")
     return content
+
+
+def _user_with_images(parts: list[Mapping[str, Any]]) -> UserText:
+    texts, images = [], []
+    for i, part in enumerate(parts):
+        path = f"item.content[{i}]."
+        if part["type"] == "input_image":
+            images.append(image_part(part, path))
+        else:
+            texts.append(_part_text(part, path))
+    first = next(i for i, part in enumerate(parts) if part["type"] == "input_image")
+    return UserText(" ".join(texts), tuple(images), first)
 
 
 def _part_text(part: Mapping[str, Any], path: str) -> str:

@@ -19,7 +19,14 @@ from typing import Any
 
 from pipeline.engine import ConversationEngine
 from pipeline.playout import PcmResampler
-from pipeline.providers import AudioChunk, Message, ProviderError, ToolCall, transcribe_with
+from pipeline.providers import (
+    AudioChunk,
+    Message,
+    ProviderError,
+    ToolCall,
+    sees_images,
+    transcribe_with,
+)
 from transceiver.realtime.client_events import (
     AUDIO_RATE_HZ,
     AssistantText,
@@ -30,6 +37,7 @@ from transceiver.realtime.client_events import (
     NewItem,
     SystemText,
     UserAudio,
+    UserText,
 )
 from transceiver.realtime.conversation import ItemMessages
 from transceiver.realtime.server_events import (
@@ -67,6 +75,7 @@ class ItemEdits:
     def create(self, event: ConversationItemCreate) -> None:
         """The item at its place (EventError, nothing changed, when it cannot be made)."""
         previous = self._previous(event.previous_item_id)
+        self._check_seen(event.item)
         message, body = _message_and_body(event.item_id, event.item)
         if isinstance(event.item, FunctionCallOutput):
             self._check_output(event.item.call_id)
@@ -88,6 +97,15 @@ class ItemEdits:
             message = f"previous_item_id {previous_item_id!r} is not an item of this conversation"
             raise EventError("invalid_value", message, "previous_item_id")
         return previous_item_id
+
+    def _check_seen(self, item: NewItem) -> None:
+        """An image only for a model that sees (the offline ones take text alone)."""
+        if isinstance(item, UserText) and item.images and not sees_images(self.engine.llm):
+            message = (
+                f"the language model here ({self.engine.llm.name}) takes no images; "
+                "describe the image in input_text instead"
+            )
+            raise EventError("invalid_value", message, f"item.content[{item.first_image}].type")
 
     def _check_output(self, call_id: str) -> None:
         history = self.engine.history
@@ -221,4 +239,16 @@ def _message_and_body(item_id: str, item: NewItem) -> tuple[Message | None, Even
     if isinstance(item, AssistantText):
         body = message_item(item_id, "assistant", item.text, audio=item.audio)
         return Message("assistant", item.text), body
-    return Message("user", item.text), message_item(item_id, "user", item.text, audio=False)
+    body = message_item(item_id, "user", item.text, audio=False)
+    if item.images:
+        body["content"] = [*body["content"][: 1 if item.text else 0], *_image_parts(item)]
+    return Message("user", item.text, images=item.images), body
+
+
+def _image_parts(item: UserText) -> list[Event]:
+    """A user item's images as its ``input_image`` parts (after its text, as the model is
+    sent them)."""
+    return [
+        {"type": "input_image", "image_url": image.data_url, "detail": image.detail}
+        for image in item.images
+    ]
