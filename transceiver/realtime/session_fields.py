@@ -10,8 +10,8 @@ Pure protocol layer: a ``session`` object's values in, validated settings out, a
   model is sent (``pipeline.context_window``; ``policy`` maps it). ``auto`` cuts at
   ``AUTO_BUDGET_TOKENS``, keeping all it can; ``disabled`` never cuts.
 - ``reasoning`` ``{effort}``: validated and reported; sent to an OpenAI-compatible language
-  model only when the deployment says its model takes an effort
-  (``PIPELINE_OPENAI_LLM_REASONING``), else not sent; the offline models ignore it.
+  model that takes an effort (by its name's family, unless the deployment says:
+  ``PIPELINE_OPENAI_LLM_REASONING``), else not sent; the offline models ignore it.
 - ``parallel_tool_calls``: a boolean; ``false`` is sent to an OpenAI-compatible model with the
   tools, and the engine makes only the first call of a model turn that still makes several
   (``pipeline.response``); ``true`` (the default) runs every call, one after another.
