@@ -39,13 +39,15 @@ Verdict = Callable[[], bool | None]  # True: complete, False: not yet, None: sti
 @dataclass(frozen=True)
 class Scored:
     """One decision: the model's answer and where its time went (wall clock, on the decision
-    thread: ``queued_ms`` waiting for it, then the features, then the model's run)."""
+    thread: ``queued_ms`` waiting for it, then the features, then the model's run; ``cpu_ms``:
+    the thread's CPU time for both, which the machine's load hardly changes)."""
 
     probability: float
     complete: bool
     queued_ms: float
     features_ms: float
     model_ms: float
+    cpu_ms: float = 0.0
 
 
 class Decision:
@@ -112,7 +114,7 @@ class EndOfTurn:
 
     def score(self, pcm: bytes, asked_s: float | None = None) -> Scored:
         """``probability_complete``, timed (``asked_s``: ``time.perf_counter()`` when asked)."""
-        started_s = time.perf_counter()
+        started_s, cpu_s = time.perf_counter(), time.thread_time()
         features = log_mel_features(pcm16_to_float(pcm))[np.newaxis]
         featured_s = time.perf_counter()
         (scores,) = self._session.run(None, {INPUT_NAME: features})
@@ -125,6 +127,7 @@ class EndOfTurn:
             queued_ms,
             (featured_s - started_s) * 1000,
             (ran_s - featured_s) * 1000,
+            (time.thread_time() - cpu_s) * 1000,
         )
 
     def ask(self, pcm: bytes) -> Decision:
