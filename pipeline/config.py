@@ -257,10 +257,13 @@ class PiperConfig:
     noise_w_scale: float | None = None
     length_scale: float | None = None
     onnx_threads: int = 1
+    cache_bytes: int = 32 << 20  # synthesized speech kept by text (pipeline.speech_cache); 0: none
 
     def __post_init__(self) -> None:
         if self.onnx_threads < 1:
             raise ValueError(f"piper onnx_threads must be >= 1, got {self.onnx_threads}")
+        if self.cache_bytes < 0:
+            raise ValueError(f"piper cache_bytes must be >= 0, got {self.cache_bytes}")
 
 
 @dataclass(frozen=True)
@@ -355,6 +358,7 @@ class PipelineConfig:
     piper_noise_scale: float | None = None
     piper_noise_w_scale: float | None = None
     piper_length_scale: float | None = None
+    piper_cache_mb: float = 32.0  # synthesized speech kept by text, shared by calls; 0: none
     espeak_voice: str = "en-us"
     local_agent_tokens_per_s: float = 0.0
     local_llm_cache_dir: str = ""
@@ -428,7 +432,10 @@ class PipelineConfig:
 
     def piper_config(self) -> PiperConfig:
         return PiperConfig(
-            self.piper_noise_scale, self.piper_noise_w_scale, self.piper_length_scale
+            self.piper_noise_scale,
+            self.piper_noise_w_scale,
+            self.piper_length_scale,
+            cache_bytes=int(self.piper_cache_mb * (1 << 20)),
         )
 
     def espeak_config(self) -> EspeakConfig:

@@ -11,6 +11,12 @@ run side by side, each costs one core at most.
 
 ``noise_scale=0`` and ``noise_w_scale=0`` make the voice deterministic (the same text gives the
 same samples), which the tests rely on.
+
+Each text's audio is kept once synthesized in full (``pipeline.speech_cache``, bounded by
+``PiperConfig.cache_bytes``, shared by the process's calls): the same text in the same voice at
+the same speed is played from it, no job queued. A rule-based agent's answers repeat; with
+the default voice's own noise scales a repeated sentence then sounds the same each time,
+instead of varying slightly.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 from pipeline.config import PiperConfig
 from pipeline.pool import PipelinePool, StageLoad
 from pipeline.providers import AudioChunk, ProviderError
+from pipeline.speech_cache import SpeechCache, SpeechKey
 from pipeline.thread_names import named_executor
 
 T = TypeVar("T")
@@ -94,6 +101,7 @@ class PiperTextToSpeech:
     def __init__(self, config: PiperConfig | None = None, pool: PipelinePool | None = None):
         self.config = config or PiperConfig()
         self.load = pool.tts if pool is not None else StageLoad("tts", 1)
+        self.cache = SpeechCache(self.config.cache_bytes)  # shared by the process's calls
         self._pool = pool
         self._executor: Executor | None = None
         self._voice: Any = None
@@ -140,10 +148,17 @@ class PiperTextToSpeech:
         if speed != 1.0:  # unset: the voice's own length_scale
             scale = synthesis.length_scale or self._voice.config.length_scale
             synthesis = replace(synthesis, length_scale=scale / speed)
-        sentences = await self._job(_phonemize, self._voice, text)
-        for phonemes in sentences:
-            pcm = await self._job(_sentence_pcm, self._voice, phonemes, synthesis)
-            yield AudioChunk(pcm, rate_hz)
+        key = SpeechKey(voice or self.voices[0], synthesis.length_scale, text)
+        kept = self.cache.get(key)
+        if kept is not None:
+            for pcm in kept:
+                yield AudioChunk(pcm, rate_hz)
+            return
+        parts: list[bytes] = []
+        for phonemes in await self._job(_phonemize, self._voice, text):
+            parts.append(await self._job(_sentence_pcm, self._voice, phonemes, synthesis))
+            yield AudioChunk(parts[-1], rate_hz)
+        self.cache.put(key, tuple(parts))  # only once all of it was synthesized
 
     async def _job(self, work: Callable[..., T], *args: Any) -> T:
         """``work`` on a synthesis thread, its wait for one counted."""
