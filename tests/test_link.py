@@ -74,10 +74,13 @@ class Clock:
 
 
 @pytest.fixture
-async def parts() -> AsyncIterator[tuple[Link, Clock, Endpoint, Endpoint]]:
+async def parts(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[Link, Clock, Endpoint, Endpoint]]:
     loop = asyncio.get_running_loop()
     clock = Clock()
-    link = Link(("127.0.0.1", 0), KEYRING, clock=clock, policy=POLICY)
+    policy = getattr(request, "param", POLICY)
+    link = Link(("127.0.0.1", 0), KEYRING, clock=clock, policy=policy)
     await link.start()
     workers = [Endpoint(), Endpoint()]
     for worker in workers:
@@ -314,3 +317,68 @@ async def test_a_datagram_at_the_size_limit_is_delivered_and_one_byte_more_is_dr
     assert await v4.next() == (at_limit, CLIENT)
     assert link.counters["drop_oversized"] == 1
     assert v4.received.empty()
+
+
+READ_WHEN_READABLE = LinkPolicy(read_interval_s=0.0)
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [POLICY, READ_WHEN_READABLE],
+    indirect=True,
+    ids=["read_interval", "read_when_readable"],
+)
+async def test_bursts_each_way_arrive_whole_and_in_order(parts: Any) -> None:
+    """What one loop pass sends goes out in batches (sendmmsg), what waits is drained in
+    batches (recvmmsg), read every ``read_interval_s`` while busy or whenever readable: a burst
+    of several batches, each way, all of it in order."""
+    link, _, worker, _ = parts
+    session, v4, _ = attach(link)
+    await routes(worker, link)
+    count = 3 * POLICY.io_batch + 5
+    for i in range(count):
+        session.send(b"\x17out %d" % i, CLIENT)
+    assert [(await worker.next())[0][HEADER_BYTES:] for _ in range(count)] == [
+        b"\x17out %d" % i for i in range(count)
+    ]
+    for i in range(count):
+        worker.send(header_for(CLIENT) + b"\x17in %d" % i, link.address)
+    assert [await v4.next() for _ in range(count)] == [
+        (b"\x17in %d" % i, CLIENT) for i in range(count)
+    ]
+
+
+class Choking:
+    """The link's own socket I/O, but a full buffer (EAGAIN) after ``per_call`` datagrams, the
+    first ``chokes`` times: loopback never fills a UDP send buffer (the kernel hands each
+    datagram on at once), so the full buffer is told, not provoked."""
+
+    def __init__(self, io: Any, per_call: int, chokes: int) -> None:
+        self.io, self.per_call, self.chokes = io, per_call, chokes
+
+    def send(self, datagrams: Any) -> Any:
+        if self.chokes <= 0:
+            return self.io.send(datagrams)
+        self.chokes -= 1
+        outcome = self.io.send(datagrams[: self.per_call])
+        return outcome._replace(blocked=True)
+
+    def receive(self) -> Any:
+        return self.io.receive()
+
+
+async def test_a_full_send_buffer_holds_the_rest_until_the_socket_is_writable(
+    parts: Any,
+) -> None:
+    link, _, worker, _ = parts
+    session, _, _ = attach(link)
+    await routes(worker, link)
+    link._io = Choking(link._io, per_call=3, chokes=4)
+    for i in range(20):
+        session.send(b"\x17held %d" % i, CLIENT)
+    assert [(await worker.next())[0][HEADER_BYTES:] for _ in range(20)] == [
+        b"\x17held %d" % i for i in range(20)
+    ]
+    assert link.counters["send_blocked"] == 4
+    session.send(b"\x17after", CLIENT)  # writable again: sent on the next pass, as before
+    assert (await worker.next())[0].endswith(b"\x17after")

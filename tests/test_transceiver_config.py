@@ -53,9 +53,11 @@ def test_survival_policy_from_environment_and_flags() -> None:
 def test_link_policy_from_environment_and_flags() -> None:
     assert TransceiverConfig.load([], {"TRANSCEIVER_KEYS": KEYS}).link_policy == LinkPolicy()
     env = {"TRANSCEIVER_KEYS": KEYS, "TRANSCEIVER_LINK_HEARD_WINDOW_S": "0.5"}
-    flags = ["--link-keyed-ttl-s", "5", "--link-max-rechecks", "0"]
+    flags = ["--link-keyed-ttl-s", "5", "--link-max-rechecks", "0", "--link-read-interval-s", "0"]
     policy = TransceiverConfig.load(flags, env).link_policy
-    assert policy == LinkPolicy(heard_window_s=0.5, keyed_ttl_s=5.0, max_rechecks=0)
+    assert policy == LinkPolicy(
+        heard_window_s=0.5, keyed_ttl_s=5.0, max_rechecks=0, read_interval_s=0.0
+    )
     with pytest.raises(ConfigError, match="TRANSCEIVER_LINK_MAX_TRANSACTIONS=0 is below 1"):
         TransceiverConfig.load(["--link-max-transactions", "0"], {"TRANSCEIVER_KEYS": KEYS})
     with pytest.raises(ValueError, match="link policy: keyed_ttl_s must be above 0"):

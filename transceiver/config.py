@@ -95,6 +95,9 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
     "link_housekeeping_interval_s": ("1", "seconds between the link's forgetting passes"),
     "link_keyed_ttl_s": ("30", "stop hearing a relay whose last good HELLO is this old"),
     "link_max_rechecks": ("16", "ICE checks resent early, per connection (0: none)"),
+    "link_io_batch": ("64", "datagrams the link moves per system call (1: one each)"),
+    "link_read_interval_s": ("0.01", "busy link: read it this often, not per datagram (0: each)"),
+    "link_max_queued_datagrams": ("4096", "datagrams waiting for a full send buffer, at most"),
     "realtime_lost_notice_s": ("0.25", "an ending session lets its error event leave this long"),
     "realtime_max_pending_events": ("512", "server events kept until the client opens its channel"),
     "realtime_item_audio_s": ("60", "seconds of the items' audio kept for retrieve, in all"),
@@ -325,6 +328,9 @@ def _link_policy(values: Mapping[str, str | None]) -> LinkPolicy:
         housekeeping_interval_s=number("housekeeping_interval_s", float, minimum=0.01),
         keyed_ttl_s=number("keyed_ttl_s", float, minimum=0.01),
         max_rechecks=number("max_rechecks", int, minimum=0),
+        io_batch=number("io_batch", int, minimum=1),
+        read_interval_s=number("read_interval_s", float, minimum=0.0),
+        max_queued_datagrams=number("max_queued_datagrams", int, minimum=1),
     )
 
 

@@ -29,6 +29,12 @@ be one the client never sends from; keyed by address, it kept answering a dead w
 relay restart until the window (3 s by default) ran out (measured: 1.6-1.8 s recovery instead of
 ~0.1 s).
 
+Datagrams move in batches (``mmsg``; ``LinkPolicy.io_batch`` per system call, 1: one each):
+everything sent during one event-loop pass (the lean media tick's packets for all calls, the
+answers to one batch received) is queued and sent at the end of the pass with ``sendmmsg``; a
+readable socket is drained with ``recvmmsg``, a few batches per wake. A full send buffer keeps
+the rest queued (bounded by ``max_queued_datagrams``) until the socket is writable.
+
 Given a ``RoutePublisher`` (with Redis: ``transceiver.store.route_publishing``, built by
 ``python -m transceiver``), the link tells it every client address it learns and every one it
 forgets, so the route cache holds ``client -> this link`` and a relay that never saw the session
@@ -44,10 +50,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from relay.wire.header import (
     FLAG_CONTROL,
@@ -68,9 +75,11 @@ from transceiver.background import BackgroundLoop
 from transceiver.restarts import RestartPolicy
 from transceiver.webrtc.keyed_relays import KeyedRelays
 from transceiver.webrtc.link_policy import LinkPolicy
+from transceiver.webrtc.mmsg import Datagram, Datagrams, datagrams_for
 
 Address = tuple[str, int]
 Clock = Callable[[], float]
+READ_BATCHES_PER_WAKE = 4  # batches drained per readiness of the socket
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +181,7 @@ class SessionTransport(asyncio.DatagramTransport):
         return 0
 
 
-class Link(asyncio.DatagramProtocol):
+class Link:
     """The link socket: demux in, worker choice out, HELLO/ROUTES/GONE. ``policy``: its timings
     and bounds; ``restarts``: how its housekeeping loop is restarted after a crash."""
 
@@ -196,7 +205,13 @@ class Link(asyncio.DatagramProtocol):
         self._keyed_sources = self.keyed.sources  # the hot path's membership test
         self._clock = clock
         self._wall_clock = wall_clock  # HELLO timestamps are the relay host's wall clock
-        self._transport: asyncio.DatagramTransport | None = None
+        self._socket: socket.socket | None = None
+        self._io: Datagrams | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: list[Datagram] = []  # sent at the end of this loop pass, in one batch
+        self._flush_due = False  # a flush is scheduled, or waits for the socket to be writable
+        self._waiting_writable = False
+        self._poller: asyncio.TimerHandle | None = None
         self._by_ufrag: dict[bytes, LinkSession] = {}
         self._by_key: dict[bytes, LinkSession] = {}
         self._transactions: dict[bytes, tuple[LinkSession, float]] = {}
@@ -205,11 +220,12 @@ class Link(asyncio.DatagramProtocol):
         self.housekeeping = LinkHousekeeping(self.expire, policy.housekeeping_interval_s, restarts)
 
     async def start(self) -> Address:
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._clock = self._clock or loop.time
-        await loop.create_datagram_endpoint(lambda: self, local_addr=self.address)
-        assert self._transport is not None
-        host, port = self._transport.get_extra_info("sockname")[:2]
+        self._socket = sock = await _bound_socket(self.address)
+        self._io = datagrams_for(sock, self.policy.io_batch, MAX_LINK_DATAGRAM_BYTES)
+        loop.add_reader(sock.fileno(), self._readable)
+        host, port = sock.getsockname()[:2]
         self.address = (host, port)
         self.housekeeping.start()
         self._start_route_publishing()
@@ -238,8 +254,23 @@ class Link(asyncio.DatagramProtocol):
         await self.housekeeping.aclose()
         if self.routes is not None:
             await self.routes.aclose()
-        if self._transport is not None:
-            self._transport.close()
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        sock, loop = self._socket, self._loop
+        if sock is None or loop is None:
+            return
+        self._flush()  # the GONEs just queued, as far as the buffer takes them
+        loop.remove_reader(sock.fileno())
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+        loop.remove_writer(sock.fileno())
+        sock.close()
+        self._socket = self._io = None
+        if self._outbox:
+            self.counters["drop_closed"] += len(self._outbox)
+            self._outbox.clear()
 
     def open_session(self, ufrag: str) -> LinkSession:
         raw = ufrag.encode("ascii")
@@ -254,11 +285,52 @@ class Link(asyncio.DatagramProtocol):
 
     # inbound
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.DatagramTransport, transport)
+    def _readable(self) -> None:
+        """The socket is readable: read it now, then (with ``read_interval_s``) not before
+        that interval has passed, and on readiness again once a read finds nothing."""
+        self._drain()
+        interval_s = self.policy.read_interval_s
+        if interval_s > 0 and self._socket is not None and self._loop is not None:
+            self._loop.remove_reader(self._socket.fileno())
+            self._poller = self._loop.call_later(interval_s, self._poll)
 
-    def error_received(self, exc: Exception) -> None:
-        self.counters["socket_error"] += 1
+    def _poll(self) -> None:
+        self._poller = None
+        if self._socket is None or self._loop is None:
+            return
+        if self._drain():  # still busy: read again after the interval
+            self._poller = self._loop.call_later(self.policy.read_interval_s, self._poll)
+        else:
+            self._loop.add_reader(self._socket.fileno(), self._readable)
+
+    def _drain(self) -> int:
+        """Read what waits, in batches: at most ``READ_BATCHES_PER_WAKE`` of them, so that a
+        flood cannot hold the loop (what is left is read on the next pass). How many were read."""
+        read = 0
+        for _ in range(READ_BATCHES_PER_WAKE):
+            if self._io is None:
+                return read
+            try:
+                received = self._io.receive()
+            except OSError as error:
+                self.counters["socket_error"] += 1
+                log.debug("link receive: %s", error)
+                return read
+            self.counters["drop_oversized"] += received.oversized
+            for data, src in received.datagrams:
+                self._received(data, src)
+            got = len(received.datagrams) + received.oversized
+            read += got
+            if got < self.policy.io_batch:
+                return read
+        return read
+
+    def _received(self, data: bytes, src: Address) -> None:
+        try:
+            self.datagram_received(data, src)
+        except Exception:  # a bug on one datagram: seen, and the batch's others still go on
+            self.counters["receive_errors"] += 1
+            log.exception("link: a datagram from %s failed", src)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if len(data) > MAX_LINK_DATAGRAM_BYTES:  # larger than any relay forwards: dropped whole
@@ -333,8 +405,11 @@ class Link(asyncio.DatagramProtocol):
     def send(self, session: LinkSession, header: bytes, payload: bytes) -> None:
         key = header[2:HEADER_BYTES]
         worker = self._worker_for(session)
-        if worker is None or self._transport is None:
+        if worker is None or self._socket is None:
             self.counters["drop_no_relay"] += 1
+            return
+        if len(payload) > MAX_LINK_DATAGRAM_BYTES - HEADER_BYTES:
+            self.counters["drop_send_oversized"] += 1
             return
         kind = message_class(payload) if payload[:1] < b"\x04" else None
         if kind != CLASS_ERROR and key not in session.clients:
@@ -342,7 +417,43 @@ class Link(asyncio.DatagramProtocol):
         if kind == CLASS_REQUEST:
             self._record_transaction(session, payload[8:20])
         self.counters["datagrams_out"] += 1
-        self._transport.sendto(header + payload, worker)
+        self._queue(header + payload, worker)
+
+    def _queue(self, data: bytes, to: Address) -> None:
+        """Send ``data`` at the end of this loop pass, batched with whatever else is sent in it
+        (the media tick's packets for every call go out in one system call)."""
+        if len(self._outbox) >= self.policy.max_queued_datagrams:
+            self.counters["drop_send_backlog"] += 1
+            return
+        self._outbox.append((data, to))
+        if not self._flush_due and self._loop is not None:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send the outbox; when the socket's buffer is full, the rest when it is writable."""
+        outbox, io = self._outbox, self._io
+        while outbox and io is not None:  # each pass sends or refuses one at least, or returns
+            outcome = io.send(outbox)
+            del outbox[: outcome.sent]
+            if outcome.refused:
+                self.counters["socket_error"] += len(outcome.refused)
+                log.debug("link send refused: %s", outcome.refused[0])
+            if outcome.blocked:
+                self.counters["send_blocked"] += 1
+                self._wait_writable(True)
+                return
+        self._flush_due = False
+        self._wait_writable(False)
+
+    def _wait_writable(self, waiting: bool) -> None:
+        if waiting == self._waiting_writable or self._socket is None or self._loop is None:
+            return
+        self._waiting_writable = waiting
+        if waiting:
+            self._loop.add_writer(self._socket.fileno(), self._flush)
+        else:
+            self._loop.remove_writer(self._socket.fileno())
 
     def _worker_for(self, session: LinkSession) -> Address | None:
         assert self._clock is not None
@@ -395,11 +506,11 @@ class Link(asyncio.DatagramProtocol):
             for i in range(0, len(routes), MAX_ROUTES_PER_MESSAGE)
         ]
         messages = [bytes(ControlMessage(kind, tuple(c))) for c in chunks or [[]]]
-        if self._transport is None:
+        if self._socket is None:
             return
         for worker in workers:
             for message in messages:
-                self._transport.sendto(message, worker)
+                self._queue(message, worker)
         self.counters[f"sent_{kind.name.lower()}"] += len(workers) * len(messages)
 
     def expire(self) -> None:
@@ -415,6 +526,24 @@ class Link(asyncio.DatagramProtocol):
             del self._workers[worker]
         if self._latest is not None and self._latest not in self._workers:
             self._latest = None
+
+
+async def _bound_socket(address: Address) -> socket.socket:
+    """A non-blocking UDP socket bound to ``address`` (the first family that binds)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(*address, type=socket.SOCK_DGRAM, proto=socket.IPPROTO_UDP)
+    error: OSError = OSError(f"no address for {address}")
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.bind(sockaddr)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        return sock
+    raise error
 
 
 class LinkHousekeeping(BackgroundLoop):

@@ -25,14 +25,26 @@ class LinkPolicy:
     # one a second).
     keyed_ttl_s: float = 30.0
     max_rechecks: int = 16  # ICE checks resent per connection; those that matter come first
+    # Datagrams moved per system call (sendmmsg/recvmmsg); 1: one sendto/recvfrom each.
+    io_batch: int = 64
+    # A readable socket is read at once, then not again before this interval, as long as each
+    # read finds datagrams: a busy link costs a loop wake per interval, not one per datagram
+    # (``loadtest.link_cost``), for at most this much delay. 0: read whenever readable.
+    read_interval_s: float = 0.01
+    # Datagrams waiting to be sent (the socket's buffer full); more are dropped and counted.
+    max_queued_datagrams: int = 4096
 
     def __post_init__(self) -> None:
         times = ("heard_window_s", "worker_forget_s", "transaction_ttl_s")
         for name in (*times, "housekeeping_interval_s", "keyed_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"link policy: {name} must be above 0, got {self}")
-        for name in ("max_transactions", "max_clients_per_session"):
+        for name in ("max_transactions", "max_clients_per_session", "io_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"link policy: {name} must be at least 1, got {self}")
+        if self.max_queued_datagrams < 1:
+            raise ValueError(f"link policy: max_queued_datagrams must be at least 1, got {self}")
+        if not 0 <= self.read_interval_s <= 1:
+            raise ValueError(f"link policy: read_interval_s must be 0 to 1, got {self}")
         if self.max_rechecks < 0:
             raise ValueError(f"link policy: max_rechecks must be at least 0, got {self}")
