@@ -23,10 +23,10 @@ came after it by the end, that decode is the final: no pass is left to make at t
 Threads: ctypes releases the GIL for the native calls. A decoder is one loaded model (~150 MB)
 with one thread of its own (a model handle keeps its transcript between calls, so its calls
 must not overlap); ``workers`` decoders per process, shared by every caller. The library's
-onnxruntime sizes its own intra-op pool by the cores; version 0.0.4 has no option to change it
-(its options: ``skip_transcription``, ``transcription_interval``, ``vad_threshold``). Those
-threads were measured idle between decodes (``/proc/<pid>/task/*/stat``: no CPU time while no
-decode runs), so they do not spin as numpy's BLAS threads did.
+onnxruntime would size its own intra-op pool by the cores (version 0.0.4 has no option to
+change it), whose threads busy-wait between a decode's operators: a 3 s question cost 0.34-1.1
+CPU-s so, against 0.18-0.27 on the decoder's thread alone (``/proc`` per thread, load 12-17).
+``pipeline.moonshine_threads`` makes its sessions single-threaded before any model is loaded.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import numpy as np
 import soxr
 
 from pipeline.config import MoonshineConfig
+from pipeline.moonshine_threads import limit_session_threads, onnxruntime_library
 from pipeline.pinned_bytes import mismatch
 from pipeline.pool import StageLoad
 from pipeline.providers import NO_HINTS, AudioChunk, ProviderError, Transcript, TranscriptionHints
@@ -160,7 +161,11 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {  # name: (result, arguments), 
 
 
 def _library() -> Any:
-    """The wheel's libmoonshine with the signatures of the calls used here."""
+    """The wheel's libmoonshine with the signatures of the calls used here; the sessions it
+    creates run on their caller's thread alone (``pipeline.moonshine_threads``)."""
+    runtime = onnxruntime_library(package_folder())
+    if runtime is None or not limit_session_threads(runtime):
+        log.warning("moonshine's onnxruntime keeps its own thread pool (busy-waiting per decode)")
     lib = ctypes.CDLL(str(package_folder() / "libmoonshine.so"))
     for name, (result, arguments) in _SIGNATURES.items():
         function = getattr(lib, name)
