@@ -459,8 +459,9 @@ class ConversationEngine:
         timing = DecisionTiming(asked=len(self._asked))
         if scored is not None:
             timing = DecisionTiming(
-                scored.queued_ms, scored.features_ms, scored.model_ms, timing.asked
-            )
+                scored.queued_ms, scored.features_ms, scored.model_ms, timing.asked,
+                scored.probability, scored.complete,
+            )  # fmt: skip
         recorder.decision = timing
 
     def _begin_turn(self, event: SpeechStarted, turn: int) -> None:

@@ -38,12 +38,17 @@ MOMENTS = (
 @dataclass(frozen=True)
 class DecisionTiming:
     """The end-of-turn model's run for the question that ended the turn (wall clock, on its
-    thread), and how many questions the turn's last pause asked."""
+    thread), and how many questions the turn's last pause asked; the last answer's probability
+    that the speaker was done and whether it said so (None: the model had not answered, or
+    failed)."""
 
     queued_ms: float = 0.0
     features_ms: float = 0.0
     model_ms: float = 0.0
     asked: int = 0
+    probability: float | None = None
+    complete: bool | None = None
+    cpu_ms: float | None = None  # the decision thread's CPU time for it (load hardly moves it)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from deploy.waiting import eventually
 from pipeline import events as ev
 from pipeline.pricing import DEFAULT_PRICES, PriceTable
 from pipeline.providers import Message, ToolCall, ToolResult
-from pipeline.turns import TurnRecord, TurnRecorder
+from pipeline.turns import DecisionTiming, TurnRecord, TurnRecorder
 from relay.wire.redis_config import RedisConfig
 from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.realtime.call_recording import CallRecorder, Untraced, end_reason
@@ -306,6 +306,40 @@ async def test_every_key_expires_with_the_retention_and_the_list_forgets_expired
         await eventually(forgotten, 10, "the record to expire")
     finally:
         await connection.aclose()
+
+
+def ended_by(detection: dict[str, object] | None, record: TurnRecord) -> object:
+    """The ``end_of_turn`` a recorder configured with ``detection`` writes for ``record``."""
+    clocks = Clocks()
+    made = recorder(clocks, "sess_end", "rtc_end")
+    audio = {**SESSION["audio"], "input": {"turn_detection": detection}}  # type: ignore[dict-item]
+    made.start({**SESSION, "audio": audio}, STAGES)
+    made.turn(record, "r1", None, [Message("user", USER)])
+    (turn,) = [w.turn for w in clocks.writes if isinstance(w, AppendTurn)]
+    return turn["end_of_turn"]
+
+
+def test_a_turn_says_what_ended_it() -> None:
+    """The silence window (server_vad, or semantic_vad's when the model said not yet), the
+    end-of-turn model (its probability, the pause it ended), the client's commit; nothing for a
+    turn without speech."""
+    spoken = turn_record(1, 100.0)
+    server = {"type": "server_vad", "silence_duration_ms": 500}
+    assert ended_by(server, spoken) == {"kind": "server_vad", "silence_ms": 500}
+    semantic = {"type": "semantic_vad", "silence_duration_ms": 1200}
+    decided = DecisionTiming(1.0, 9.0, 40.0, 2, 0.93456, True)
+    by_model = replace(spoken, decision=decided, last_voiced_s=99.7)
+    assert ended_by(semantic, by_model) == {
+        "kind": "semantic_vad", "silence_ms": 300.0, "model_probability": 0.935,
+    }  # fmt: skip
+    not_yet = replace(by_model, decision=replace(decided, probability=0.2, complete=False))
+    assert ended_by(semantic, not_yet) == {
+        "kind": "semantic_vad_timeout", "silence_ms": 300.0, "model_probability": 0.2,
+    }  # fmt: skip
+    assert ended_by(semantic, spoken)["kind"] == "semantic_vad_timeout"  # type: ignore[index]
+    assert ended_by(None, spoken) == {"kind": "commit", "silence_ms": None}
+    typed = replace(spoken, speech_started_s=None, speech_stopped_s=None)
+    assert ended_by(server, typed) is None
 
 
 async def test_a_turn_costs_at_most_2_kb_in_redis(store: CallRecordStore) -> None:

@@ -426,6 +426,7 @@ async def test_the_final_transcript_is_in_when_the_turn_is_decided_and_answered_
     assert record.last_voiced_s < record.turn_asked_s <= record.speech_stopped_s
     assert record.decision is not None and record.decision.asked == 1
     assert record.decision.features_ms > 0 and record.decision.model_ms > 0
+    assert record.decision.complete and 0.5 < (record.decision.probability or 0) <= 1  # it ended it
     metrics = turn_metrics_event("resp_1", record, None)
     assert metrics["last_voiced_ms"] < metrics["turn_asked_ms"] <= 0
     assert metrics["turn_decision"]["asked"] == 1

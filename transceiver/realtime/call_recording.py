@@ -12,7 +12,15 @@ the recorder hands ``transceiver.store.call_records`` writes to a sink (the proc
   ``llm_first_token``: transcript to the model's first token; ``tts_first_audio``: first
   synthesis request to its first audio; ``voice_to_voice``: speech stopped to the first frame
   sent), the provider time and the pipeline's own overhead on that path, and ``vad_silence``
-  (the silence the VAD waits for before it calls the speech over, from the turn detection);
+  (the silence window of the turn detection, as configured; kept for the readers of records
+  written before ``end_of_turn``);
+- ``end_of_turn``: ``null`` for a turn without speech, else what ended it: ``kind``
+  (``server_vad``: the silence window; ``semantic_vad``: the end-of-turn model said the
+  speaker was done; ``semantic_vad_timeout``: semantic_vad's silence window, the model having
+  said not yet or not answered; ``commit``: the client committed the input, no turn
+  detection), ``silence_ms`` (server_vad: its window; semantic_vad: the pause from the last
+  voiced frame to the turn's end, as the frames arrived) and, when the model was asked,
+  ``model_probability`` (its last answer's);
 - ``timeline_ms``: each moment in ms after ``origin`` (the live page's waterfall):
   ``speech_stopped``, or for a turn without speech (typed, or a tool's continuation)
   ``response_created``, when the session started the response; ``voice_to_voice`` is then
@@ -48,7 +56,7 @@ from typing import Any, Protocol
 from pipeline import events as ev
 from pipeline.pricing import PriceTable, TurnUsage, estimate_cost_usd, load_prices
 from pipeline.providers import Message
-from pipeline.turns import TurnRecord
+from pipeline.turns import DecisionTiming, TurnRecord
 from transceiver.realtime.client_events import EventError, TurnHeard
 from transceiver.store.call_records import (
     AppendTurn,
@@ -248,6 +256,7 @@ class CallRecorder:
     call_id: str = ""
     _config_hash: str = ""
     _vad_silence_ms: float | None = None
+    _turn_detection: str | None = None  # its type; None: the client commits
     _seq: int = 0
     _begun: bool = False
     _ended: bool = False
@@ -287,6 +296,8 @@ class CallRecorder:
         detection = session.get("audio", {}).get("input", {}).get("turn_detection") or {}
         silence = detection.get("silence_duration_ms")
         self._vad_silence_ms = float(silence) if isinstance(silence, int | float) else None
+        kind = detection.get("type")
+        self._turn_detection = kind if isinstance(kind, str) else None
         if not self._begun:
             return
         config = recorded_config(session, stages)
@@ -349,6 +360,20 @@ class CallRecorder:
         """A client tool's output arrived (its duration ends here)."""
         self._tool_done(call_id, True)
 
+    def _end_of_turn(self, record: TurnRecord) -> Json | None:
+        """What ended a spoken turn (module docstring); None without speech."""
+        if record.speech_stopped_s is None:
+            return None
+        if self._turn_detection is None:
+            return {"kind": "commit", "silence_ms": None}
+        if self._turn_detection != "semantic_vad":
+            return {"kind": self._turn_detection, "silence_ms": self._vad_silence_ms}
+        decision = record.decision or DecisionTiming()
+        probability = None if decision.probability is None else round(decision.probability, 3)
+        kind = "semantic_vad" if decision.complete else "semantic_vad_timeout"
+        silence_ms = _since_ms(record.last_voiced_s, record.speech_stopped_s)
+        return {"kind": kind, "silence_ms": silence_ms, "model_probability": probability}
+
     def _tool_done(self, call_id: str, ok: bool) -> None:
         tool = self._open_tools.pop(call_id, None)
         if tool is None or len(self._done_tools) >= MAX_TOOLS_PER_TURN:
@@ -400,6 +425,7 @@ class CallRecorder:
                 "provider": _round(record.provider_ms),
                 "overhead": _round(record.overhead_ms),
             },
+            "end_of_turn": self._end_of_turn(record),
             "origin": origin_name,
             "timeline_ms": {
                 **{name: since(getattr(record, name + "_s")) for name in _TIMELINE},
@@ -500,6 +526,10 @@ def _text(text: str, mode: str) -> str | None:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
+
+
+def _since_ms(start_s: float | None, end_s: float | None) -> float | None:
+    return None if start_s is None or end_s is None else round((end_s - start_s) * 1000, 1)
 
 
 def _user_text(new_messages: Sequence[Message]) -> str:

@@ -147,11 +147,28 @@ function said(role, text, chars) {
   return entry;
 }
 
+const END_OF_TURN = {
+  server_vad: "ended by the silence window",
+  semantic_vad: "ended by the end-of-turn model",
+  semantic_vad_timeout: "ended by semantic_vad's silence window",
+  commit: "committed by the client",
+};
+
+// What ended a spoken turn (records written before end_of_turn: the VAD's silence window).
+function endOfTurnText(end, vadSilence) {
+  if (end === undefined) return `VAD silence wait ${msText(vadSilence)}`;
+  if (end === null) return "no speech";
+  const said = END_OF_TURN[end.kind] || `ended by ${end.kind}`;
+  const silence = num(end.silence_ms) === null ? "" : ` after ${msText(end.silence_ms)} of silence`;
+  const p = num(end.model_probability) === null ? "" : ` (p ${end.model_probability})`;
+  return `${said}${silence}${p}`;
+}
+
 function stageLine(turn) {
   const parts = Object.entries(turn.stages || {}).map(([stage, s]) => `${stage} ${s.provider}${s.model ? `/${s.model}` : ""}`);
   const lat = turn.latency_ms || {};
   const extra = [
-    `VAD silence wait ${msText(lat.vad_silence)}`,
+    endOfTurnText(turn.end_of_turn, lat.vad_silence),
     `provider ${msText(lat.provider)}`,
     `overhead ${msText(lat.overhead)}`,
   ];
