@@ -102,6 +102,8 @@ class PiperTextToSpeech:
         self.config = config or PiperConfig()
         self.load = pool.tts if pool is not None else StageLoad("tts", 1)
         self.cache = SpeechCache(self.config.cache_bytes)  # shared by the process's calls
+        if pool is not None:
+            pool.speech_cache = self.cache  # served with the pool's metrics
         self._pool = pool
         self._executor: Executor | None = None
         self._voice: Any = None

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 
 from pipeline.config import PoolPolicy
+from pipeline.speech_cache import SpeechCache
 from pipeline.thread_names import named_executor
 
 # (stage, seconds a job waited for a slot)
@@ -103,6 +104,7 @@ class PipelinePool:
         self.tts = StageLoad("tts", self.size, clock)
         self.stages = (self.stt, self.tts)
         self.executor = named_executor(self.size, "pipeline-pool")
+        self.speech_cache: SpeechCache | None = None  # the TTS's, when it keeps speech (piper)
 
     def observe_waits(self, observer: WaitObserver) -> None:
         for stage in self.stages:

@@ -8,10 +8,14 @@ from contextlib import aclosing
 from typing import cast
 
 import pytest
+from metric_samples import served_samples
+from prometheus_client import CollectorRegistry
 
 from pipeline.piper_tts import PiperTextToSpeech
+from pipeline.pool import PipelinePool
 from pipeline.providers import AudioChunk
 from pipeline.speech_cache import SpeechCache, SpeechKey
+from transceiver.metrics import PipelinePoolCollector
 
 on_module_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -66,6 +70,15 @@ def test_speed_and_voice_are_part_of_the_key_and_zero_keeps_nothing() -> None:
         SpeechCache(-1)
 
 
+@on_module_loop
+async def test_a_piper_on_a_pool_lends_it_its_cache() -> None:
+    pool = PipelinePool()
+    try:
+        assert PiperTextToSpeech(pool=pool).cache is pool.speech_cache
+    finally:
+        pool.close()
+
+
 async def spoken(tts: PiperTextToSpeech, text: str, speed: float = 1.0) -> list[bytes]:
     return [chunk.pcm async for chunk in tts.synthesize(text, speed=speed)]
 
@@ -94,3 +107,24 @@ async def test_an_answer_cut_off_before_its_end_is_not_kept(piper: PiperTextToSp
     misses = piper.cache.misses
     assert len(await spoken(piper, text)) == 2
     assert piper.cache.misses == misses + 1  # synthesized again, whole this time
+
+
+def test_the_pool_serves_the_cache_it_was_given() -> None:
+    pool = PipelinePool()
+    registry = CollectorRegistry()
+    try:
+        registry.register(PipelinePoolCollector(pool, registry))
+        assert not any("speech_cache" in name for name in served_samples(registry))
+        pool.speech_cache = cache = SpeechCache(10)
+        cache.get(key("a"))
+        cache.put(key("a"), (b"aaaa",))
+        cache.get(key("a"))
+        cache.put(key("b"), (b"bbbbbbb",))
+        served = served_samples(registry)
+    finally:
+        pool.close()
+    prefix = "transceiver_pipeline_speech_cache"
+    assert served[f'{prefix}_lookups_total{{result="hit"}}'] == 1
+    assert served[f'{prefix}_lookups_total{{result="miss"}}'] == 1
+    assert served[f"{prefix}_evictions_total"] == 1
+    assert served[f"{prefix}_bytes"] == 7

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pipeline.pool import PipelinePool
+from pipeline.speech_cache import SpeechCache
 from pipeline.turns import TurnRecord
 from transceiver import background
 from transceiver.cpu_cost import CpuMeter
@@ -351,3 +352,27 @@ class PipelinePoolCollector(Collector):
             "or more than PIPELINE_POOL_MAX_QUEUE wait): new calls get 503 and /readyz is red",
             value=float(pool.saturation() is not None),
         )
+        if pool.speech_cache is not None:
+            yield from speech_cache_metrics(pool.speech_cache)
+
+
+def speech_cache_metrics(cache: SpeechCache) -> Iterator[Metric]:
+    """The offline TTS's kept speech (``pipeline.speech_cache``): lookups and what it holds."""
+    lookups = CounterMetricFamily(
+        "transceiver_pipeline_speech_cache_lookups",
+        "Texts looked up in the synthesized-speech cache, by result (hit: played from it)",
+        labels=["result"],
+    )
+    lookups.add_metric(["hit"], cache.hits)
+    lookups.add_metric(["miss"], cache.misses)
+    yield lookups
+    yield CounterMetricFamily(
+        "transceiver_pipeline_speech_cache_evictions",
+        "Kept texts dropped to stay within PIPELINE_PIPER_CACHE_MB",
+        value=cache.evictions,
+    )
+    yield GaugeMetricFamily(
+        "transceiver_pipeline_speech_cache_bytes",
+        "Synthesized speech kept (PCM bytes); the bound is PIPELINE_PIPER_CACHE_MB",
+        value=cache.bytes,
+    )
