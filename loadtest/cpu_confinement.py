@@ -4,7 +4,9 @@ against whatever the load generator left it on a shared machine.
 
 - **cgroup v1** (``/sys/fs/cgroup/cpu`` and ``/sys/fs/cgroup/cpuset`` hierarchies): the quota
   in ``cpu.cfs_quota_us`` per ``cpu.cfs_period_us``, ``cpu.shares`` so the group gets its quota
-  whenever it wants it (a quota only caps), ``cpuset.cpus`` to pin it to cores.
+  whenever it wants it (a quota only caps), ``cpuset.cpus`` to pin it to cores. A *favoured*
+  group has the highest ``cpu.shares`` and no quota: on a machine shared with other work, what
+  it holds (the load generator and the rest of the stack) runs first.
 - **cgroup v2** (a unified hierarchy whose root lists the ``cpu`` controller): ``cpu.max``
   ("quota period"), ``cpu.weight`` and ``cpuset.cpus``.
 
@@ -48,6 +50,7 @@ class CpuLimit:
     cores: float = 0.0  # the quota in cores (0: no quota)
     period_us: int = DEFAULT_PERIOD_US
     cpus: str = ""  # a cpuset list such as "1" or "0-1" ("": every core)
+    favoured: bool = False  # the highest weight with no quota: first to run, never capped
 
     def __post_init__(self) -> None:
         if self.cores < 0:
@@ -56,8 +59,10 @@ class CpuLimit:
             raise ValueError(f"period_us must be in {MIN_PERIOD_US}..{MAX_PERIOD_US}")
         if self.cores and self.quota_us < MIN_PERIOD_US:
             raise ValueError(f"a quota of {self.quota_us} us is under the kernel's 1000 us")
-        if not (self.cores or self.cpus):
-            raise ValueError("a limit needs cores (a quota) or cpus (a cpuset), or both")
+        if self.favoured and self.cores:
+            raise ValueError("a favoured group has no quota (cores=0)")
+        if not (self.cores or self.cpus or self.favoured):
+            raise ValueError("a limit needs cores (a quota) or cpus (a cpuset), or favoured")
 
     @property
     def quota_us(self) -> int:
@@ -128,6 +133,7 @@ class Confinement:
         if self.limit.cores:
             _write(cpu / "cpu.cfs_period_us", self.limit.period_us)
             _write(cpu / "cpu.cfs_quota_us", self.limit.quota_us)
+        if self.limit.cores or self.limit.favoured:
             _write(cpu / "cpu.shares", V1_MAX_SHARES)
         if self.limit.cpus:
             cpuset = self._make(self.root / "cpuset" / self.name)
@@ -140,6 +146,7 @@ class Confinement:
         group = self._make(self.root / self.name)
         if self.limit.cores:
             _write(group / "cpu.max", f"{self.limit.quota_us} {self.limit.period_us}")
+        if self.limit.cores or self.limit.favoured:
             _write(group / "cpu.weight", V2_MAX_WEIGHT)
         if self.limit.cpus:
             _write(group / "cpuset.cpus", self.limit.cpus)
@@ -183,6 +190,7 @@ class Confinement:
             "period_us": self.limit.period_us if self.limit.cores else None,
             "quota_us": self.limit.quota_us if self.limit.cores else None,
             "cpus": self.limit.cpus or None,
+            "favoured": self.limit.favoured,
             "confined_cores": self.limit.confined_cores,
         }
 

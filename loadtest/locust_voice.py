@@ -74,6 +74,7 @@ def _options(parser: Any) -> None:
         "--voice-silence-s", type=float, default=1.0, help="no media this long: resume (0: never)"
     )
     group.add_argument("--voice-refine", type=int, default=0, help="knee: bisect to this")
+    group.add_argument("--voice-client", default="aiortc", help="the calls' media: aiortc, lean")
     group.add_argument("--voice-cgroup-stat", default="", help="the transceivers' cpu.stat")
     group.add_argument("--voice-confined-cores", type=float, default=0.0)
 
@@ -89,7 +90,7 @@ class DriverLink:
         options = options_of(environment)
         argv = [sys.executable, "-m", "loadtest.voice_calls", "--url", options.voice_url]
         argv += ["--questions", options.voice_questions] if options.voice_questions else []
-        argv += ["--silence-s", str(options.voice_silence_s)]
+        argv += ["--silence-s", str(options.voice_silence_s), "--client", options.voice_client]
         if options.voice_long_call:
             argv += ["--server-pids", _pids_text(options.voice_server_pids, "transceiver")]
         self.process = subprocess.Popen(

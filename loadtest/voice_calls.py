@@ -10,6 +10,10 @@ cheap where a load generator can be:
   a turn.
 - Sending is **batched on one clock**: every call's track waits on the same ``Metronome`` tick,
   so the loop wakes once per 20 ms for all calls, not once per call.
+- With ``--client lean`` (``loadtest.lean_client``), its audio leaves aiortc once DTLS is up:
+  one 20 ms timer sends every call's next packet (RTP header, SRTP, ``sendto``) and received
+  RTP is unprotected and read for its audio level straight off the ICE socket; with
+  ``--client aiortc`` aiortc's sender tasks send it and its RTP path receives.
 - It **decodes nothing**: aiortc's receive path (jitter buffer, decoder thread, frame queue)
   is bypassed per receiver. The answer's onset is read from the RFC 6465 audio level the
   server puts in every RTP header; only when a packet lacks it is that packet decoded (and
@@ -62,6 +66,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtp import RtpPacket
 
 from loadtest.hosts import process_tree, rss_mb
+from loadtest.lean_client import LeanClientMedia, LeanLeg
 
 RATE_HZ = 48_000
 FRAME_SAMPLES = 960  # 20 ms
@@ -81,6 +86,7 @@ STALL_S = 0.3  # a look this late: the driver's own loop stalled, packets may wa
 RESUME_ATTEMPTS = 3  # a refused connection, 502 or 503 is tried again, RESUME_RETRY_S apart
 RESUME_RETRY_S = 0.5
 MAX_TURN_EVENTS = 60  # server events kept per turn for a failed turn's report row
+CLIENTS = ("aiortc", "lean")  # the calls' media path (``--client``)
 SESSION_HEADER = "X-Voicerelay-Session"
 TOKEN_HEADER = "X-Voicerelay-Resume-Token"
 Event = dict[str, Any]
@@ -209,12 +215,14 @@ class OpusSpeechTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         now_s = await self._metronome.next_tick()
-        packet = av.Packet(self._next_payload(now_s))
+        packet = av.Packet(self.next_payload(now_s))
         packet.pts, packet.time_base = self._pts, TIME_BASE
         self._pts += FRAME_SAMPLES
         return packet
 
-    def _next_payload(self, now_s: float) -> bytes:
+    def next_payload(self, now_s: float) -> bytes:
+        """This tick's packet: the queued question's next, else silence (``now_s``: when it
+        goes out, the question's end if it is its last)."""
         if self._next >= len(self._speech):
             return self._silence
         payload = self._speech[self._next]
@@ -248,12 +256,17 @@ class AnswerMeter:
         return self.onset
 
     async def handle_rtp_packet(self, packet: RtpPacket, arrival_time_ms: int = 0) -> None:
+        level = packet.extensions.audio_level
+        self.heard(None if level is None else level[1], packet.payload)
+
+    def heard(self, level: int | None, payload: bytes) -> None:
+        """A packet of the answer's stream: its RFC 6464 level (-dBov) if it had one."""
         self.packets += 1
         self.last_packet_s = now_s = asyncio.get_running_loop().time()
         if self.first_packet_s is None:
             self.first_packet_s = now_s
         waiting = self.onset is not None and not self.onset.done()
-        if self._loud(packet, decode=waiting or not self.quiet.is_set()):
+        if self._loud(level, payload, decode=waiting or not self.quiet.is_set()):
             self._quiet_run = 0
             self.quiet.clear()
             if self.onset is not None and not self.onset.done():
@@ -268,11 +281,10 @@ class AnswerMeter:
         if self.last_packet_s is not None and now_s - self.last_packet_s >= QUIET_GAP_S:
             self.quiet.set()
 
-    def _loud(self, packet: RtpPacket, decode: bool) -> bool:
-        level = packet.extensions.audio_level
+    def _loud(self, level: int | None, payload: bytes, decode: bool) -> bool:
         if level is not None:
-            return bool(level[1] <= LOUD_LEVEL)
-        return decode and self._decoded_rms(packet.payload) > 10 ** (-LOUD_LEVEL / 20)
+            return level <= LOUD_LEVEL
+        return decode and self._decoded_rms(payload) > 10 ** (-LOUD_LEVEL / 20)
 
     def _decoded_rms(self, payload: bytes) -> float:
         if self._decoder is None:
@@ -383,9 +395,11 @@ class VoiceCall:
     ever_connected: bool = False
     legs: int = 0
     stage: str = "idle"  # of the turn in flight: question, answer_wait, answer; else idle
+    lean: LeanClientMedia | None = None  # the lean client media, else aiortc's RTP path
 
     def __post_init__(self) -> None:
         self._closing: set[asyncio.Task[None]] = set()  # legs left behind, closing
+        self._lean_leg: LeanLeg | None = None
         self._open_leg()
 
     def _open_leg(self) -> None:
@@ -396,7 +410,14 @@ class VoiceCall:
         self.track = OpusSpeechTrack(self.metronome, self.questions.silence)
         self.meter = AnswerMeter()
         transceiver = pc.addTransceiver(self.track, direction="sendrecv")
-        transceiver.receiver._handle_rtp_packet = self.meter.handle_rtp_packet  # type: ignore[method-assign]
+        if self._lean_leg is not None:
+            self._lean_leg.close()  # the leg left behind sends no more
+        if self.lean is not None:
+            self._lean_leg = self.lean.take_over(
+                transceiver, self.track.next_payload, self.meter.heard
+            )
+        else:
+            transceiver.receiver._handle_rtp_packet = self.meter.handle_rtp_packet  # type: ignore[method-assign]
         self.channel = pc.createDataChannel("oai-events")
         self.channel.on("message", lambda data: self._on_message(leg, data))
         self._created: asyncio.Future[Event] = loop.create_future()
@@ -581,6 +602,8 @@ class VoiceCall:
         }
 
     async def close(self) -> None:
+        if self._lean_leg is not None:
+            self._lean_leg.close()
         await _close_quietly(self.pc)
         await asyncio.gather(*self._closing, return_exceptions=True)
 
@@ -672,11 +695,13 @@ class Driver:
         headers: dict[str, str],
         server_pids: Sequence[int] = (),
         silence_s: float = SILENCE_RESUME_S,
+        client: str = "aiortc",
     ) -> None:
         self.base_url, self.questions, self.headers = base_url, questions, headers
         self.server_pids = list(server_pids)
         self.silence_s = silence_s
         self.metronome = Metronome()
+        self.lean = LeanClientMedia() if client == "lean" else None
         self.calls: dict[int, asyncio.Task[None]] = {}
         self.live: dict[int, VoiceCall] = {}
         self._http: httpx.AsyncClient | None = None
@@ -704,6 +729,8 @@ class Driver:
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         self.metronome.close()
+        if self.lean is not None:
+            self.lean.close()
 
     async def _watch(self) -> None:
         """Every WATCH_S: has any call's media stopped? (One timer for all calls.)"""
@@ -734,7 +761,7 @@ class Driver:
 
     async def _call(self, call_id: int, order: dict[str, Any]) -> None:
         turns, first = int(order.get("turns", 0)), int(order.get("first_question", call_id))
-        call = VoiceCall(self.metronome, self.questions, self.headers)
+        call = VoiceCall(self.metronome, self.questions, self.headers, lean=self.lean)
         self.live[call_id] = call
         resumed: dict[str, Any] | None = None  # a resume whose re-asked turn is not over yet
         outcome = "call_ended"  # what became of that turn, if the call ends first
@@ -851,7 +878,7 @@ async def _drive(args: argparse.Namespace) -> None:
     api_key = os.environ.get(args.api_key_env, "")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     pids = [int(p) for p in args.server_pids.split(",") if p]
-    driver = Driver(args.url, questions, headers, pids, args.silence_s)
+    driver = Driver(args.url, questions, headers, pids, args.silence_s, args.client)
     await driver.run(await _stdin())
 
 
@@ -868,6 +895,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=SILENCE_RESUME_S,
         help="no media from the server this long: resume the session elsewhere (0: never)",
+    )
+    parser.add_argument(
+        "--client",
+        choices=CLIENTS,
+        default="aiortc",
+        help="the calls' media: aiortc's RTP path, or the lean one (loadtest.lean_client)",
     )
     asyncio.run(_drive(parser.parse_args(argv)))
     return 0

@@ -70,7 +70,7 @@ from loadtest.cpu_confinement import (
     parse_cpus,
 )
 from loadtest.hosts import metric_samples, process_tree
-from loadtest.voice_calls import SILENCE_RESUME_S, spoken_questions
+from loadtest.voice_calls import CLIENTS, SILENCE_RESUME_S, spoken_questions
 from transceiver.config import MEDIA_PATHS
 
 LOCUSTFILE = Path(__file__).resolve().with_name("locust_voice.py")
@@ -110,6 +110,7 @@ class Target:
     transceivers: tuple[Transceiver, ...] = ()  # when we started the stack
     confined: Confined | None = None  # the transceivers' cgroup, when they were confined
     unconfined_why: str = ""  # why they could not be, when asked
+    favoured: str = ""  # --favour-stack: how many processes were favoured, or why none
 
 
 @contextlib.contextmanager
@@ -177,11 +178,20 @@ def _parser() -> argparse.ArgumentParser:
         help="a call resumes elsewhere after this long without media (0: never)",
     )
     parser.add_argument("--refine", type=int, default=0, help="knee: bisect to this many calls")
+    parser.add_argument(
+        "--client", choices=CLIENTS, default="lean", help="the calls' media (voice_calls)"
+    )
     confine = parser.add_argument_group("calls per core (with --local; cgroups, as root)")
     confine.add_argument("--confine-cores", type=float, default=0.0, help="transceiver quota")
     confine.add_argument("--confine-period-us", type=int, default=DEFAULT_PERIOD_US)
     confine.add_argument("--confine-cpus", default="", help="transceiver cpuset, e.g. 1")
     confine.add_argument("--generator-cpus", default="", help="Locust's cores (taskset), e.g. 0")
+    confine.add_argument(
+        "--favour-stack",
+        action="store_true",
+        help="this process, Locust and the stack (the transceivers too, unless confined) in a "
+        "cgroup of the highest weight: on a shared machine they run before other work",
+    )
     confine.add_argument("--media-paths", default="", help="knee per path, e.g. lean,aiortc")
     return parser
 
@@ -222,6 +232,7 @@ def locust_argv(args: argparse.Namespace, target: Target, questions: Path) -> li
         "workers": args.processes if not (args.master or args.worker) else args.expect_workers,
         "server_pids": target.server_pids,
         "load_average": _load_average(),
+        "client": args.client,
     }
     if target.transceivers:
         config["transceivers"] = len(target.transceivers)
@@ -237,7 +248,7 @@ def locust_argv(args: argparse.Namespace, target: Target, questions: Path) -> li
     argv += ["--voice-silence-s", str(args.silence_s)]
     argv += ["--voice-server-pids", target.server_pids, "--voice-config", json.dumps(config)]
     argv += ["--voice-report", str(out / REPORT_NAME)] + (["--voice-knee"] if args.knee else [])
-    argv += ["--voice-refine", str(args.refine)]
+    argv += ["--voice-refine", str(args.refine), "--voice-client", args.client]
     if target.confined is not None:
         argv += ["--voice-cgroup-stat", target.confined.stat_path]
         argv += ["--voice-confined-cores", str(target.confined.cores)]
@@ -249,6 +260,8 @@ def _confinement_config(args: argparse.Namespace, target: Target) -> dict[str, A
     config: dict[str, Any] = {"media_path": args.media_path or os.environ.get(MEDIA_PATH_ENV, "")}
     if args.generator_cpus:
         config["generator_cpus"] = args.generator_cpus
+    if target.favoured:
+        config["favoured_stack"] = target.favoured
     if target.confined is not None:
         config["confinement"] = target.confined.described
     elif args.confine_cores or args.confine_cpus:
@@ -427,9 +440,27 @@ def _check(args: argparse.Namespace) -> None:
             parser.error("--fault needs --transceivers 2 or more (a survivor to resume on)")
 
 
+def favour(args: argparse.Namespace, held: contextlib.ExitStack) -> str:
+    """With ``--favour-stack``: this process and its children (the stack, and Locust started
+    later) in a favoured cgroup until the run ends; "" or why it could not be."""
+    if not args.favour_stack:
+        return ""
+    try:
+        group = held.enter_context(
+            Confinement(CpuLimit(favoured=True), f"voicerelay-stack-{os.getpid()}")
+        )
+    except CgroupUnavailable as why:
+        print(f"--favour-stack unavailable ({why})", file=sys.stderr)
+        return f"unavailable: {why}"
+    return f"{len(group.add(os.getpid()))} processes"
+
+
 def confine(args: argparse.Namespace, target: Target, held: contextlib.ExitStack) -> Target:
     """The transceivers moved into a cgroup of their own (held until the run ends), when asked
     to; a host that cannot is said so (stderr and the report) and measured unconfined."""
+    favoured = favour(args, held)
+    if favoured:
+        target = replace(target, favoured=favoured)
     if not (args.confine_cores or args.confine_cpus):
         return target
     limit = CpuLimit(args.confine_cores, args.confine_period_us, args.confine_cpus)

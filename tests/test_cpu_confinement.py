@@ -98,7 +98,7 @@ def test_a_limit_says_what_it_confines_to() -> None:
     assert parse_cpus("0-2,5") == [0, 1, 2, 5]
     with pytest.raises(ValueError, match="not a cpuset list: 'x'"):
         parse_cpus("x")
-    with pytest.raises(ValueError, match="needs cores"):
+    with pytest.raises(ValueError, match="needs cores .a quota. or cpus .a cpuset., or favoured"):
         CpuLimit()
     with pytest.raises(ValueError, match="under the kernel's 1000 us"):
         CpuLimit(cores=0.05, period_us=10_000)
