@@ -344,15 +344,54 @@ async def transcriptions(request: Request) -> Response:
         text = _describe_wav(fields["file"])
     except (wave.Error, EOFError, ValueError) as error:
         return _error(400, f"file: not a 16-bit mono WAV ({error})")
+    if (problem := _transcription_problem(fields)) is not None:
+        return _error(400, problem)
+    logprobs = fields.get("include[]") == b"logprobs"
+    diarized = fields.get("response_format") == b"diarized_json"
     if fields.get("stream") == b"true" and not state.ignore_stream:
+        events = _diarized_events(text) if diarized else _transcript_events(text, logprobs)
         return StreamingResponse(
-            _paced("transcriptions", _sse(_transcript_events(text), done=False)),
-            media_type="text/event-stream",
+            _paced("transcriptions", _sse(events, done=False)), media_type="text/event-stream"
         )
     state.finished["transcriptions"] += 1
     if fields.get("response_format") == b"text":
         return PlainTextResponse(text + "\n")
     return JSONResponse({"text": text})
+
+
+LOGPROBS_MODELS = (
+    b"gpt-4o-transcribe", b"gpt-4o-mini-transcribe", b"gpt-4o-mini-transcribe-2025-12-15",
+)  # fmt: skip
+DIARIZE_MODEL = b"gpt-4o-transcribe-diarize"
+DIARIZE_FORMATS = (b"json", b"text", b"diarized_json")
+DIARIZE_REFUSES = ("prompt", "include[]", "timestamp_granularities[]")
+
+
+def _transcription_problem(fields: dict[str, bytes]) -> str | None:
+    """What OpenAI refuses in a transcription request (``TranscriptionCreateParams``): logprobs
+    but from the gpt-4o-transcribe models in JSON; with the diarizing model a prompt, logprobs,
+    timestamps, another format, or over 30 s of audio without a chunking strategy."""
+    model, response_format = fields["model"], fields.get("response_format", b"json")
+    if model == DIARIZE_MODEL:
+        refused = [key for key in DIARIZE_REFUSES if key in fields]
+        if refused:
+            return f"{refused[0]} is not supported with {DIARIZE_MODEL.decode()}"
+        if response_format not in DIARIZE_FORMATS:
+            return f"response_format {response_format.decode()!r} is not supported"
+        if "chunking_strategy" not in fields and _duration_ms(fields["file"]) > 30_000:
+            return "chunking_strategy is required for audio longer than 30 seconds"
+        return None
+    if response_format == b"diarized_json":
+        return f"diarized_json is only supported with {DIARIZE_MODEL.decode()}"
+    logprobs = fields.get("include[]") == b"logprobs"
+    if logprobs and (model not in LOGPROBS_MODELS or response_format != b"json"):
+        return "logprobs are only supported with gpt-4o-transcribe models in json"
+    return None
+
+
+def _duration_ms(data: bytes) -> int:
+    with wave.open(io.BytesIO(data), "rb") as wav:
+        return round(1000 * wav.getnframes() / wav.getframerate())
 
 
 def _multipart_fields(content_type: str, body: bytes) -> dict[str, bytes]:
@@ -374,13 +413,42 @@ def _describe_wav(data: bytes) -> str:
         return f"heard {duration_ms} milliseconds at {wav.getframerate()} hertz"
 
 
-def _transcript_events(text: str) -> list[dict[str, str]]:
+def _transcript_events(text: str, logprobs: bool = False) -> list[dict[str, Any]]:
+    """A delta a word; with ``logprobs`` each delta's token and the done event's all of them
+    (the n-th word's logprob -0.05 n)."""
+    deltas: list[dict[str, Any]] = []
+    for i, word in enumerate(text.split(" ")):
+        delta = word if i == 0 else " " + word
+        deltas.append({"type": "transcript.text.delta", "delta": delta})
+        if logprobs:
+            token = {"token": delta, "bytes": list(delta.encode()), "logprob": -0.05 * (i + 1)}
+            deltas[-1]["logprobs"] = [token]
+    done: dict[str, Any] = {"type": "transcript.text.done", "text": text}
+    if logprobs:
+        done["logprobs"] = [delta["logprobs"][0] for delta in deltas]
+    return [*deltas, done]
+
+
+def _diarized_events(text: str) -> list[dict[str, Any]]:
+    """Two speakers: "A" says the first half of the words, "B" the rest, each over its share of
+    the audio (``text`` says how long it is); each segment's deltas name it, then the segment."""
     words = text.split(" ")
-    deltas = [
-        {"type": "transcript.text.delta", "delta": word if i == 0 else " " + word}
-        for i, word in enumerate(words)
-    ]
-    return [*deltas, {"type": "transcript.text.done", "text": text}]
+    duration_s = int(words[1]) / 1000  # "heard N milliseconds ..."
+    half = len(words) // 2
+    events: list[dict[str, Any]] = []
+    for index, (speaker, part) in enumerate([("A", words[:half]), ("B", words[half:])]):
+        segment_id = f"seg_{index}"
+        for i, word in enumerate(part):
+            delta = word if index == 0 and i == 0 else " " + word
+            events.append(
+                {"type": "transcript.text.delta", "delta": delta, "segment_id": segment_id}
+            )
+        start_s, end_s = index * duration_s / 2, (index + 1) * duration_s / 2
+        events.append({
+            "type": "transcript.text.segment", "id": segment_id, "speaker": speaker,
+            "start": start_s, "end": end_s, "text": " ".join(part),
+        })  # fmt: skip
+    return [*events, {"type": "transcript.text.done", "text": text}]
 
 
 # --- control --------------------------------------------------------------------------------

@@ -62,8 +62,11 @@ from pipeline.providers import (
     LanguageModel,
     Message,
     ProviderError,
+    SpeakerSegment,
     SpeechToText,
     TextToSpeech,
+    TokenLogprob,
+    Transcript,
     transcribe_with,
     with_options,
 )
@@ -106,6 +109,8 @@ class _Heard:
 
     recorder: TurnRecorder
     texts: list[str] = field(default_factory=list)  # the stretches' final words
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, when asked for
+    segments: list[SpeakerSegment] = field(default_factory=list)  # theirs, when asked for
     audio: asyncio.Queue[AudioChunk | None] | None = None  # the open stretch's; None: paused
     held: list[bytes] = field(default_factory=list)  # frames since the pause
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # a transcription a stretch
@@ -447,6 +452,16 @@ class ConversationEngine:
         elif isinstance(event, TurnCommitted) and self._recorder is not None:
             self._recorder.input_audio_s = event.duration_ms / 1000
 
+    def _may_answer_early(self, heard: _Heard) -> bool:
+        """The words before the pause are in, and the pause is as long as a decision's: a
+        breath shorter than that starts no answer (the model is asked, and the words
+        transcribed, sooner: ``VadConfig.ask_pause_ms``), whose synthesis would take the
+        cores from the calls' media for nothing."""
+        if not heard.answer_early or heard.pending or heard.early is not None:
+            return False
+        pause_ms = 0 if self._detector is None else self._detector.pause_ms
+        return pause_ms >= self.config.vad.decision_pause_ms
+
     def _note_decision(self, recorder: TurnRecorder) -> None:
         """How the turn's end was decided: its last voiced frame, the questions its last
         pause asked the end-of-turn model, and the model's time for the last of them."""
@@ -460,7 +475,7 @@ class ConversationEngine:
         if scored is not None:
             timing = DecisionTiming(
                 scored.queued_ms, scored.features_ms, scored.model_ms, timing.asked,
-                scored.probability, scored.complete,
+                scored.probability, scored.complete, scored.cpu_ms,
             )  # fmt: skip
         recorder.decision = timing
 
@@ -537,7 +552,7 @@ class ConversationEngine:
             async with aclosing(transcripts):
                 async for transcript in transcripts:
                     final = final or transcript.final
-                    self._on_transcript(heard, transcript.text.strip(), transcript.final)
+                    self._on_transcript(heard, transcript)
         except Exception as error:
             heard.failed = True
             self._report(error, recorder.turn)
@@ -545,11 +560,15 @@ class ConversationEngine:
             heard.pending -= not final
         self._heard_all(heard)
 
-    def _on_transcript(self, heard: _Heard, text: str, final: bool) -> None:
-        """A stretch's words: partial ones as the turn's words so far; final ones join them."""
-        turn = heard.recorder.turn
-        if not final:
-            self._emit(ev.InputTranscript(turn, " ".join([*heard.texts, text]).strip(), False))
+    def _on_transcript(self, heard: _Heard, transcript: Transcript) -> None:
+        """A stretch's words: partial ones as the turn's words so far; final ones join them
+        (and so do their logprobs and speaker segments)."""
+        turn, text = heard.recorder.turn, transcript.text.strip()
+        if not transcript.final:
+            words = " ".join([*heard.texts, text]).strip()
+            logprobs = (*heard.logprobs, *transcript.logprobs)
+            segments = (*heard.segments, *transcript.segments)
+            self._emit(ev.InputTranscript(turn, words, False, logprobs, segments))
             return
         heard.pending -= 1
         heard.recorder.mark("stt_final", self._now(), overwrite=True)

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.providers import ToolCall, ToolResult
+from pipeline.providers import SpeakerSegment, TokenLogprob, ToolCall, ToolResult
 from pipeline.turns import TurnRecord
 
 
@@ -64,9 +64,14 @@ class InputCommitted:
 
 @dataclass(frozen=True)
 class InputTranscript:
+    """The turn's words so far (or all of them: ``final``), with the logprobs and speaker
+    segments so far when the speech-to-text was asked for them."""
+
     turn: int
     text: str
     final: bool
+    logprobs: tuple[TokenLogprob, ...] = ()
+    segments: tuple[SpeakerSegment, ...] = ()
 
 
 @dataclass(frozen=True)

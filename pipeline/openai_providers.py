@@ -31,6 +31,8 @@ from openai.types.shared_params import FunctionDefinition
 
 from pipeline.providers import (
     DEFAULT_OPTIONS,
+    DIARIZATION,
+    LOGPROBS,
     NO_HINTS,
     AudioChunk,
     ForcedTool,
@@ -38,7 +40,9 @@ from pipeline.providers import (
     Message,
     ModelOptions,
     ProviderError,
+    SpeakerSegment,
     TextDelta,
+    TokenLogprob,
     ToolCall,
     ToolChoice,
     ToolSpec,
@@ -57,6 +61,13 @@ SPEECH_SAMPLE_RATE_HZ = 24_000  # response_format="pcm": 24 kHz, 16-bit signed L
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 
 TRANSPORT_ERRORS = (httpx2.TransportError, httpx.TransportError)
+DIARIZE_MODEL = "gpt-4o-transcribe-diarize"  # OpenAI's one speech-to-text that tells speakers apart
+# The speech-to-text models that take ``languages`` (several the audio may be in); another is
+# told none of several, so it detects the language itself.
+LANGUAGES_MODELS = frozenset({"gpt-transcribe", "gpt-live-transcribe"})
+LOGPROBS_MODELS = frozenset(
+    {"gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-4o-mini-transcribe-2025-12-15"}
+)  # the models OpenAI gives logprobs with (``include[]``)
 
 
 def provider_error(provider: str, error: Exception) -> ProviderError:
@@ -80,12 +91,26 @@ def without_sdk_retries(client: openai.AsyncOpenAI) -> openai.AsyncOpenAI:
 
 
 class OpenAISpeechToText:
-    """One utterance in, one WAV upload; partials when the server streams transcript deltas."""
+    """One utterance in, one WAV upload; partials when the server streams transcript deltas.
 
-    def __init__(self, client: openai.AsyncOpenAI, model: str = "gpt-4o-mini-transcribe") -> None:
+    Asked for ``logprobs``, it asks the endpoint for them (``include[]=logprobs``: OpenAI
+    gives them with the gpt-4o-transcribe models, in JSON, so only a ``model`` among
+    ``LOGPROBS_MODELS`` says it gives them); asked to ``diarize``, it sends the
+    utterance to ``diarize_model`` for ``diarized_json`` and passes on its speaker segments
+    (that model takes no prompt and gives no logprobs: the session refuses those first)."""
+
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        model: str = "gpt-4o-mini-transcribe",
+        diarize_model: str = DIARIZE_MODEL,
+    ) -> None:
         self._client = without_sdk_retries(client)
         self.model = model
+        self.diarize_model = diarize_model
         self.name = f"openai-stt/{model}"
+        # what OpenAI gives beyond words with these models (``providers.transcription_details``)
+        self.details = frozenset({DIARIZATION, *([LOGPROBS] if model in LOGPROBS_MODELS else [])})
 
     async def transcribe(
         self, audio: AsyncIterator[AudioChunk], hints: TranscriptionHints = NO_HINTS
@@ -111,14 +136,28 @@ class OpenAISpeechToText:
             raise ProviderError(self.name, f"mixed sample rates {sorted(rates)}", retryable=False)
         return b"".join(parts), rates.pop() if rates else 16_000
 
+    def _fields(self, hints: TranscriptionHints) -> dict[str, Any]:
+        """The request's fields beyond the file and ``stream``."""
+        fields: dict[str, Any] = {"model": self.model}
+        if hints.language is not None:
+            fields["language"] = hints.language
+        elif hints.languages and self.model in LANGUAGES_MODELS:
+            fields["languages"] = list(hints.languages)
+        if hints.diarize:  # no prompt, no logprobs: that model refuses them
+            fields.update(
+                model=self.diarize_model, response_format="diarized_json", chunking_strategy="auto"
+            )
+            return fields
+        if hints.prompt is not None:
+            fields["prompt"] = hints.prompt
+        if hints.logprobs:
+            fields.update(include=["logprobs"], response_format="json")
+        return fields
+
     async def _request(self, wav: bytes, hints: TranscriptionHints) -> AsyncIterator[Transcript]:
-        stream = await self._client.audio.transcriptions.create(
-            file=("utterance.wav", wav, "audio/wav"),
-            model=self.model,
-            stream=True,
-            language=openai.omit if hints.language is None else hints.language,
-            prompt=openai.omit if hints.prompt is None else hints.prompt,
-        )
+        fields = self._fields(hints)
+        create: Any = self._client.audio.transcriptions.create
+        stream = await create(file=("utterance.wav", wav, "audio/wav"), stream=True, **fields)
         async with stream:
             content_type = stream.response.headers.get("content-type", "")
             if "text/event-stream" not in content_type:
@@ -126,15 +165,48 @@ class OpenAISpeechToText:
                 body = await stream.response.aread()
                 yield Transcript(_transcript_text(body, content_type), final=True)
                 return
-            text = ""
+            streamed = _StreamedTranscript()
             async for event in stream:
-                if event.type == "transcript.text.delta":
-                    text += event.delta
-                    yield Transcript(text, final=False)
-                elif event.type == "transcript.text.done":
-                    yield Transcript(event.text, final=True)
-                    return
+                if (transcript := streamed.add(event)) is not None:
+                    yield transcript
+                    if transcript.final:
+                        return
         raise ProviderError(self.name, "stream ended without transcript.text.done", retryable=True)
+
+
+class _StreamedTranscript:
+    """A transcription stream's words, logprobs and speaker segments so far."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.logprobs: list[TokenLogprob] = []
+        self.segments: list[SpeakerSegment] = []
+
+    def add(self, event: Any) -> Transcript | None:
+        """The transcript after ``event`` (None: nothing new)."""
+        if event.type == "transcript.text.delta":
+            self.text += event.delta
+            self.logprobs.extend(_logprobs(event.logprobs))
+            return self._transcript(self.text, final=False)
+        if event.type == "transcript.text.segment":
+            segment = SpeakerSegment(event.id, event.speaker, event.start, event.end, event.text)
+            self.segments.append(segment)
+            return self._transcript(self.text, final=False)
+        if event.type == "transcript.text.done":
+            if event.logprobs:  # the whole transcript's, when the server sends them again
+                self.logprobs = _logprobs(event.logprobs)
+            return self._transcript(event.text, final=True)
+        return None
+
+    def _transcript(self, text: str, final: bool) -> Transcript:
+        return Transcript(text, final, tuple(self.logprobs), tuple(self.segments))
+
+
+def _logprobs(logprobs: Sequence[Any] | None) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(item.token or "", tuple(item.bytes or ()), float(item.logprob or 0.0))
+        for item in logprobs or ()
+    ]
 
 
 def _transcript_text(body: bytes, content_type: str) -> str:

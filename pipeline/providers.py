@@ -40,18 +40,61 @@ class AudioChunk:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """How sure the speech-to-text was of one token of its transcript (natural log)."""
+
+    token: str
+    token_bytes: tuple[int, ...]  # the token's UTF-8 bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class SpeakerSegment:
+    """A stretch of one speaker's words (diarized transcription); seconds from the audio's
+    start."""
+
+    id: str
+    speaker: str  # "A", "B", ... in order of first speaking
+    start_s: float
+    end_s: float
+    text: str
+
+
+@dataclass(frozen=True)
 class Transcript:
+    """The words so far (partial) or all of them (final); ``logprobs`` and ``segments`` so
+    far, when the hints asked for them and the speech-to-text gives them (else empty)."""
+
     text: str
     final: bool
+    logprobs: tuple[TokenLogprob, ...] = ()
+    segments: tuple[SpeakerSegment, ...] = ()
 
 
 @dataclass(frozen=True)
 class TranscriptionHints:
     """What the client said about its speech: ``language`` (ISO-639-1, e.g. "en") and a
-    ``prompt`` (words or style to expect). A speech-to-text that cannot use one ignores it."""
+    ``prompt`` (words or style to expect); ``languages``, several it may be in (none named:
+    any); whether it wants each token's ``logprobs`` and the speakers told apart
+    (``diarize``). A speech-to-text that cannot use one ignores it (the session refuses what
+    its speech-to-text cannot give: ``details``)."""
 
     language: str | None = None
     prompt: str | None = None
+    languages: tuple[str, ...] = ()
+    logprobs: bool = False
+    diarize: bool = False
+
+
+LOGPROBS = "logprobs"  # a speech-to-text's ``details``: it gives each token's logprob
+DIARIZATION = "diarization"  # ... it tells speakers apart
+
+
+def transcription_details(stt: object) -> frozenset[str]:
+    """What ``stt`` can give beyond words (``LOGPROBS``, ``DIARIZATION``); none unless it
+    says (its ``details``)."""
+    details: frozenset[str] = getattr(stt, "details", frozenset())
+    return frozenset(details)
 
 
 NO_HINTS = TranscriptionHints()

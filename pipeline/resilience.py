@@ -65,6 +65,7 @@ from pipeline.providers import (
     sees_images,
     synthesize_with,
     transcribe_with,
+    transcription_details,
     with_options,
 )
 
@@ -333,6 +334,11 @@ class _Hardened(Generic[P]):
 
 
 class HardenedSpeechToText(_Hardened[SpeechToText]):
+    @property
+    def details(self) -> frozenset[str]:
+        """The primary's (an answer from the fallback may come without them)."""
+        return transcription_details(self._providers[0])
+
     def transcribe(
         self, audio: AsyncIterator[AudioChunk], hints: TranscriptionHints = NO_HINTS
     ) -> AsyncGenerator[Transcript, None]:

@@ -42,15 +42,17 @@ from deploy.processes import ROOT
 from deploy.waiting import poll
 from pipeline.config import ConfigError, EngineConfig, PipelineConfig
 from pipeline.context_window import ContextWindow
-from pipeline.openai_providers import OpenAILanguageModel, takes_reasoning
+from pipeline.openai_providers import OpenAILanguageModel, OpenAISpeechToText, takes_reasoning
 from pipeline.openai_responses import OpenAIResponsesLanguageModel
 from pipeline.providers import (
+    AudioChunk,
     ImagePart,
     Message,
     ModelOptions,
     TextDelta,
     ToolCall,
     ToolSpec,
+    TranscriptionHints,
     with_options,
 )
 from transceiver.realtime.client_events import SessionConfig
@@ -260,7 +262,6 @@ async def test_reasoning_and_tracing_are_reported_prompt_and_include_refused(
     assert (await _session(events, {"tracing": "auto"}))["tracing"] == "auto"
     refused: list[tuple[dict[str, Any], str, str]] = [
         ({"prompt": {"id": "pmpt_123"}}, "invalid_value", "session.prompt"),
-        ({"include": [LOGPROBS]}, "invalid_value", "session.include"),
         ({"reasoning": {"effort": "max"}}, "invalid_value", "session.reasoning.effort"),
         ({"parallel_tool_calls": "yes"}, "invalid_type", "session.parallel_tool_calls"),
         ({"tracing": {"workflow": "x"}}, "unknown_parameter", "session.tracing.workflow"),
@@ -532,3 +533,138 @@ def test_a_stored_session_reads_back_with_its_fields() -> None:
     truncation = Truncation("retention_ratio", 0.5, 100)
     config = SessionConfig("sess_1", truncation=truncation, reasoning_effort="low", tracing="auto")
     assert stored_session_update(config.to_json()).apply(SessionConfig("sess_1")) == config
+
+
+# --- what OpenAI's speech-to-text gives beyond words: logprobs, speakers, languages ----------
+
+DIARIZE = "gpt-4o-transcribe-diarize"
+TRANSCRIBED = "conversation.item.input_audio_transcription"
+PCM_RATE_HZ = 24_000  # the events' PCM16
+QUIET_VAD = {"type": "server_vad", "create_response": False}  # transcribed, never answered
+
+
+@pytest.fixture
+async def transcribing(client: openai.AsyncOpenAI) -> AsyncIterator[Events]:
+    """A transcription session over the SDK's WebSocket, its session.created read."""
+    async with client.realtime.connect(extra_query={"intent": "transcription"}) as connection:
+        events = Events(connection)
+        created = await events.next("session.created")
+        assert created["session"]["type"] == "transcription", created
+        yield events
+
+
+async def _updated(events: Events, session: dict[str, Any]) -> dict[str, Any]:
+    await events.connection.send_raw(json.dumps({"type": "session.update", "session": session}))
+    updated: dict[str, Any] = (await events.next("session.updated"))["session"]
+    return updated
+
+
+async def _transcribed(events: Events, pcm: bytes) -> dict[str, Any]:
+    """``pcm`` appended as a microphone would send it; its transcription's ``.completed``."""
+    step = PCM_RATE_HZ * 2 // 5  # 200 ms an append
+    for start in range(0, len(pcm), step):
+        chunk = base64.b64encode(pcm[start : start + step]).decode()
+        await events.connection.input_audio_buffer.append(audio=chunk)
+    return await events.next(f"{TRANSCRIBED}.completed")
+
+
+def _of_item(events: Events, kind: str, item_id: str) -> list[dict[str, Any]]:
+    return [event for event in events.of(f"{TRANSCRIBED}.{kind}") if event["item_id"] == item_id]
+
+
+def _tokens(logprobs: list[dict[str, Any]]) -> str:
+    for entry in logprobs:
+        assert bytes(entry["bytes"]).decode() == entry["token"] and entry["logprob"] <= 0, entry
+    return "".join(entry["token"] for entry in logprobs)
+
+
+async def _last_transcription_request(server: FakeOpenAIServer) -> dict[str, str]:
+    sent: dict[str, str] = (await server.stats())["last_request"]["transcriptions"]
+    return sent
+
+
+async def test_logprobs_come_with_each_delta_and_the_completed_transcript(
+    events: Events, transcribing: Events, server: FakeOpenAIServer, question: bytes
+) -> None:
+    quiet = {"input": {"turn_detection": QUIET_VAD}}
+    sessions: list[tuple[Events, dict[str, Any]]] = [
+        (events, {"type": "realtime", "include": [LOGPROBS], "audio": quiet}),
+        (transcribing, {"type": "transcription", "include": [LOGPROBS]}),
+    ]
+    for log, session in sessions:
+        assert (await _updated(log, session))["include"] == [LOGPROBS]
+        completed = await _transcribed(log, question)
+        sent = await _last_transcription_request(server)
+        assert (sent["include[]"], sent["response_format"]) == ("logprobs", "json"), sent
+        deltas = _of_item(log, "delta", completed["item_id"])
+        assert deltas and all(_tokens(d["logprobs"]) == d["delta"] for d in deltas), deltas
+        assert "".join(d["delta"] for d in deltas) == completed["transcript"], deltas
+        assert _tokens(completed["logprobs"]) == completed["transcript"], completed
+    # without include: none asked for, none given
+    assert (await _updated(events, {"type": "realtime", "include": []}))["include"] is None
+    completed = await _transcribed(events, question)
+    assert "include[]" not in await _last_transcription_request(server)
+    assert completed.get("logprobs") is None, completed
+    assert all(d.get("logprobs") is None for d in _of_item(events, "delta", completed["item_id"]))
+
+
+async def test_a_diarized_transcription_sends_its_speaker_segments_before_completing(
+    transcribing: Events, server: FakeOpenAIServer, question: bytes
+) -> None:
+    diarize = {"model": DIARIZE, "language": "en"}
+    session = {"type": "transcription", "audio": {"input": {"transcription": diarize}}}
+    updated = await _updated(transcribing, session)
+    assert updated["audio"]["input"]["transcription"] == diarize, updated
+    completed = await _transcribed(transcribing, question)
+    sent = await _last_transcription_request(server)
+    assert (sent["model"], sent["response_format"]) == (DIARIZE, "diarized_json"), sent
+    assert "prompt" not in sent and "include[]" not in sent, sent
+    segments = _of_item(transcribing, "segment", completed["item_id"])
+    assert [s["speaker"] for s in segments] == ["A", "B"], segments
+    assert " ".join(s["text"] for s in segments) == completed["transcript"], segments
+    audio_s = len(question) / 2 / PCM_RATE_HZ
+    assert 0 == segments[0]["start"] < segments[0]["end"] == segments[1]["start"], segments
+    assert segments[1]["end"] <= audio_s, (segments, audio_s)
+    kinds = [e["type"] for e in transcribing.seen if e.get("item_id") == completed["item_id"]]
+    assert kinds.index(f"{TRANSCRIBED}.segment") < kinds.index(f"{TRANSCRIBED}.completed")
+
+
+async def test_what_openai_refuses_with_the_diarizing_model_is_refused(
+    events: Events, transcribing: Events
+) -> None:
+    path = "session.audio.input.transcription"
+    for diarize, include, param in [
+        ({"model": DIARIZE, "prompt": "Astronomy."}, [], f"{path}.prompt"),
+        ({"model": DIARIZE, "keywords": ["moon"]}, [], f"{path}.keywords"),
+        ({"model": DIARIZE}, [LOGPROBS], "session.include"),
+    ]:
+        audio = {"input": {"transcription": diarize}}
+        for log, kind in [(events, "realtime"), (transcribing, "transcription")]:
+            update = {"type": kind, "audio": audio, "include": include}
+            event = {"type": "session.update", "session": update}
+            error = await error_for(log, json.dumps(event))
+            assert (error["code"], error["param"]) == ("invalid_value", param), error
+    bad = {"type": "realtime", "include": ["item.input_audio_transcription.words"]}
+    error = await error_for(events, json.dumps({"type": "session.update", "session": bad}))
+    assert (error["code"], error["param"]) == ("invalid_value", "session.include[0]"), error
+
+
+async def _hints_sent(server: FakeOpenAIServer, model: str, hints: TranscriptionHints) -> Any:
+    async def second() -> AsyncIterator[AudioChunk]:
+        yield AudioChunk(bytes(2 * 16_000), 16_000)
+
+    stt = OpenAISpeechToText(server.openai_client(), model)
+    async for transcript in stt.transcribe(second(), hints):
+        if transcript.final:
+            break
+    return await _last_transcription_request(server)
+
+
+async def test_several_languages_go_to_a_model_that_takes_them_and_none_to_another(
+    server: FakeOpenAIServer,
+) -> None:
+    several = TranscriptionHints(languages=("en", "fr"))
+    sent = await _hints_sent(server, "gpt-transcribe", several)
+    assert sent["languages[]"] in ("en", "fr") and "language" not in sent, sent
+    sent = await _hints_sent(server, "gpt-4o-mini-transcribe", several)
+    assert "languages[]" not in sent and "language" not in sent, sent  # it detects the language

@@ -18,7 +18,7 @@ from pipeline.providers import ImagePart
 from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.realtime.event_errors import EventError as EventError  # its home; re-exported
 from transceiver.realtime.image_urls import image_part
-from transceiver.realtime.session_fields import Truncation, parse_fields
+from transceiver.realtime.session_fields import LOGPROBS, Truncation, parse_fields
 
 MAX_EVENT_BYTES = 256 * 1024
 # Over WebSocket the client's audio rides in the events (base64 PCM16 in
@@ -137,6 +137,7 @@ class SessionConfig:
     reasoning_effort: str | None = None  # reported; None: no reasoning object
     parallel_tool_calls: bool = True  # not reported (OpenAI's session object has no such field)
     tracing: str | dict[str, Any] | None = None  # reported as set
+    include_logprobs: bool = False  # ``include``: the input transcription's logprobs
 
     def to_json(self) -> dict[str, Any]:
         audio_format = {"type": "audio/pcm", "rate": AUDIO_RATE_HZ}
@@ -175,7 +176,7 @@ class SessionConfig:
             "reasoning": None if effort is None else {"effort": effort},
             "tracing": self.tracing,
             "prompt": None,
-            "include": None,
+            "include": [LOGPROBS] if self.include_logprobs else None,
             "expires_at": None,
         }
 

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.assembly import Providers, build_engine, open_providers
 from pipeline.config import PipelineConfig
+from pipeline.providers import transcription_details
 from pipeline.tools import builtin_tools
 from transceiver.metrics import (
     PipelinePoolCollector,
@@ -55,7 +56,12 @@ class PipelineAgents:
             registry.register(PipelinePoolCollector(self.pool, registry))
         tools = builtin_tools(providers.knowledge)
         self.policy = SessionPolicy(
-            self.config.engine_config(), tools, answering_model(config), providers.tts.voices
+            self.config.engine_config(),
+            tools,
+            answering_model(config),
+            providers.tts.voices,
+            stt=providers.stt.name,
+            stt_details=transcription_details(providers.stt),
         )
         self.persistence = persistence
         self.limits = limits or RealtimeLimits()

@@ -32,7 +32,15 @@ from typing import Any
 
 from pipeline.config import EngineConfig, NoiseReduction
 from pipeline.context_window import ContextWindow
-from pipeline.providers import ForcedTool, ModelOptions, ToolChoice, ToolSpec, TranscriptionHints
+from pipeline.providers import (
+    DIARIZATION,
+    LOGPROBS,
+    ForcedTool,
+    ModelOptions,
+    ToolChoice,
+    ToolSpec,
+    TranscriptionHints,
+)
 from pipeline.tools import Tool, ToolRegistry
 from transceiver.realtime.client_events import (
     EventError,
@@ -40,7 +48,6 @@ from transceiver.realtime.client_events import (
     FunctionTool,
     SessionConfig,
     SessionUpdate,
-    Transcription,
     TurnDetection,
     new_id,
     parse_client_event,
@@ -51,6 +58,7 @@ from transceiver.store.keys import MAX_CONFIG_BYTES, encode_json
 # and 2 s for low, medium and high; a fixed window here).
 EAGERNESS_SILENCE_MS = {"low": 1200, "medium": 700, "auto": 700, "high": 350}
 NOISE_REDUCTION_THRESHOLD_STEP = 0.25  # one webrtcvad aggressiveness step
+DIARIZE_MODEL = "gpt-4o-transcribe-diarize"  # OpenAI's speech-to-text that tells speakers apart
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,30 @@ class SessionPolicy:
     builtin_tools: Sequence[Tool] = ()
     model: str = "voicerelay-local"
     voices: tuple[str, ...] = ("joe",)  # the TTS's, its default first
+    stt: str = "pocketsphinx"  # the speech-to-text's name, for the errors naming it
+    stt_details: frozenset[str] = frozenset()  # what it gives beyond words (``providers``)
+
+    def check_transcription(self, config: SessionConfig) -> None:
+        """EventError unless the speech-to-text gives what the session asks of it: logprobs
+        (``include``), speakers (the diarizing model); and unless the session asks what OpenAI
+        takes with the diarizing model (no prompt or keywords, no logprobs)."""
+        transcription = config.transcription
+        if config.include_logprobs and LOGPROBS not in self.stt_details:
+            message = f"logprobs are not available: the speech-to-text here ({self.stt}) gives none"
+            raise EventError("invalid_value", message, "session.include")
+        if transcription is None or transcription.model != DIARIZE_MODEL:
+            return
+        path = "session.audio.input.transcription"
+        if DIARIZATION not in self.stt_details:
+            message = f"the speech-to-text here ({self.stt}) does not tell speakers apart"
+            raise EventError("invalid_value", message, path + ".model")
+        for key in ("prompt", "keywords"):
+            if getattr(transcription, key):
+                message = f"{key} is not supported with the {DIARIZE_MODEL} model"
+                raise EventError("invalid_value", message, f"{path}.{key}")
+        if config.include_logprobs:
+            message = f"logprobs are not supported with the {DIARIZE_MODEL} model"
+            raise EventError("invalid_value", message, "session.include")
 
     def check_voice(self, config: SessionConfig) -> None:
         """EventError unless the session's voice is one the TTS speaks in."""
@@ -87,6 +119,7 @@ class SessionPolicy:
         if requested:
             config = session_update_from(requested).apply(config)
             self.check_voice(config)
+            self.check_transcription(config)
             check_storable(config)
         return config
 
@@ -124,7 +157,7 @@ class SessionPolicy:
             tool_choice=_engine_choice(config),
             model_options=ModelOptions(config.parallel_tool_calls, config.reasoning_effort),
             speed=config.speed,
-            transcription=transcription_hints(config.transcription),
+            transcription=transcription_hints(config),
             context=ContextWindow(
                 config.truncation.budget_tokens, config.truncation.retention_ratio
             ),
@@ -149,17 +182,20 @@ class SessionPolicy:
         return next(listed, None)
 
 
-def transcription_hints(transcription: Transcription | None) -> TranscriptionHints:
-    """What the speech-to-text is told: the language (or the one ``languages`` names), and the
-    prompt with the ``keywords`` after it."""
+def transcription_hints(config: SessionConfig) -> TranscriptionHints:
+    """What the speech-to-text is told: the language (or the one ``languages`` names; several
+    are the languages it may be in), the prompt with the ``keywords`` after it, whether to
+    give logprobs (``include``) and to tell speakers apart (the diarizing model)."""
+    transcription = config.transcription
     if transcription is None:
         return TranscriptionHints()
-    language = transcription.language
-    if language is None and transcription.languages and len(transcription.languages) == 1:
-        language = transcription.languages[0]
+    language, languages = transcription.language, transcription.languages or ()
+    if language is None and len(languages) == 1:
+        language = languages[0]
     parts = [transcription.prompt or "", ", ".join(transcription.keywords or ())]
     prompt = " ".join(part for part in parts if part) or None
-    return TranscriptionHints(language, prompt)
+    diarize = transcription.model == DIARIZE_MODEL
+    return TranscriptionHints(language, prompt, languages, config.include_logprobs, diarize)
 
 
 def _listed(tool: Tool) -> FunctionTool:

@@ -580,6 +580,7 @@ class RealtimeSession:
     def reconfigure(self, config: SessionConfig) -> None:
         """The session from now on (EventError, nothing changed, when it may not be)."""
         check_storable(config)
+        self.policy.check_transcription(config)
         self._apply(config)
         if self.journal is not None:
             self.journal.config(self.stored_config())

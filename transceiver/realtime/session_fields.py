@@ -19,8 +19,9 @@ Pure protocol layer: a ``session`` object's values in, validated settings out, a
 - ``tracing``: ``"auto"``, ``{workflow_name, group_id, metadata}`` or ``null``, reported as
   set; traces go to OpenTelemetry when ``OTEL_*`` asks, never to OpenAI's dashboard.
 - ``prompt``: a saved prompt lives on OpenAI's platform, which this server does not reach:
-  refused (``null`` is accepted). ``include``: its one value asks for logprobs, which the
-  speech-to-text does not give: refused (``[]`` and ``null`` are accepted).
+  refused (``null`` is accepted). ``include``: its one value asks for the input
+  transcription's logprobs (``[]`` and ``null``: none); the policy refuses it when the
+  deployment's speech-to-text gives none.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ AUTO_BUDGET_TOKENS = 28_224
 TRUNCATION_KEYS = frozenset({"type", "retention_ratio", "token_limits"})
 REASONING_EFFORTS = ("minimal", "low", "medium", "high", "xhigh")
 TRACING_KEYS = frozenset({"workflow_name", "group_id", "metadata"})
+LOGPROBS = "item.input_audio_transcription.logprobs"  # ``include``'s one value
 FIELDS = ("truncation", "reasoning", "parallel_tool_calls", "tracing", "prompt", "include")
 
 
@@ -76,7 +78,8 @@ def parse_fields(session: Mapping[str, Any]) -> dict[str, Any]:
     if session.get("prompt") is not None:
         message = "saved prompts are not available here: put the prompt in 'instructions'"
         raise EventError("invalid_value", message, "session.prompt")
-    _include(session.get("include"))
+    if "include" in session:
+        changes["include_logprobs"] = _include(session["include"])
     return changes
 
 
@@ -150,14 +153,24 @@ def _tracing(value: Any) -> str | dict[str, Any] | None:
     return dict(value)
 
 
-def _include(value: Any) -> None:
+def _include(value: Any) -> bool:
+    """Whether ``include`` asks for the transcription's logprobs (its one value)."""
+    return include_logprobs(value, "session.include")
+
+
+def include_logprobs(value: Any, path: str) -> bool:
+    """An ``include`` array (or null) read: whether it names ``LOGPROBS``, the one value OpenAI
+    takes (EventError naming ``path`` otherwise). Whether the speech-to-text gives them is
+    the deployment's to say (``policy``)."""
     if value is None:
-        return
+        return False
     if not isinstance(value, list):
-        raise EventError("invalid_type", "session.include must be an array", "session.include")
-    if value:  # the one value OpenAI takes asks for logprobs
-        message = "logprobs are not available: this speech-to-text gives none"
-        raise EventError("invalid_value", message, "session.include")
+        raise EventError("invalid_type", f"{path} must be an array", path)
+    for index, item in enumerate(value):
+        if item != LOGPROBS:
+            message = f"Invalid value: {item!r}. Supported values are: {LOGPROBS!r}."
+            raise EventError("invalid_value", message, f"{path}[{index}]")
+    return bool(value)
 
 
 def _known(obj: Mapping[str, Any], keys: frozenset[str], path: str) -> None:

@@ -18,8 +18,10 @@ session is refused, as is a Realtime session resumed as a transcription one. Its
 ``RealtimeTranscriptionSessionCreateRequest`` (``type``, ``audio.input``, ``include``):
 ``as_realtime`` reads it as the Realtime session fields it sets, validated by the same parser,
 so errors name the same paths. Refused: ``idle_timeout_ms`` and ``create_response: true`` (they
-answer, and nothing answers here), ``transcription: null`` (it is what the session does), and the
-``include`` of logprobs (the speech-to-text has none to give).
+answer, and nothing answers here) and ``transcription: null`` (it is what the session does).
+``include`` of the logprobs: given in ``.delta`` and ``.completed`` when the speech-to-text
+gives them (OpenAI's), refused naming it otherwise (``policy``); the diarizing model's speaker
+segments are ``.segment`` events before ``.completed``.
 
 Client events: audio appends, ``input_audio_buffer.commit``/``.clear`` (push-to-talk with
 ``turn_detection: null``), ``conversation.item.retrieve``/``.delete`` and ``session.update``
@@ -51,6 +53,7 @@ from transceiver.realtime.client_events import (
 from transceiver.realtime.policy import session_update_from
 from transceiver.realtime.server_events import error_event, server_event
 from transceiver.realtime.session import RealtimeSession
+from transceiver.realtime.session_fields import LOGPROBS, include_logprobs
 
 TRANSCRIPTION = "transcription"  # the session type, and its stored contract's
 SESSION_KEYS = frozenset({"type", "audio", "include"})
@@ -83,7 +86,7 @@ def as_realtime(session: Mapping[str, Any]) -> dict[str, Any]:
         message = "Passing a realtime session update event to a transcription session is "
         raise EventError("invalid_value", message + "not allowed.", "session.type")
     _known(session, SESSION_KEYS, "session.")
-    _check_include(session.get("include", []))
+    include = include_logprobs(session.get("include", []), "session.include")
     audio = _object(session.get("audio", {}), "session.audio")
     _known(audio, frozenset({"input"}), "session.audio.")
     audio_in = dict(_object(audio.get("input", {}), "session.audio.input"))
@@ -93,15 +96,10 @@ def as_realtime(session: Mapping[str, Any]) -> dict[str, Any]:
     detection = audio_in.get("turn_detection")
     if detection is not None:
         audio_in["turn_detection"] = _not_answering(detection)
-    return {"audio": {"input": audio_in}}
-
-
-def _check_include(include: Any) -> None:
-    if not isinstance(include, list):
-        raise EventError("invalid_type", "session.include must be an array", "session.include")
-    if include:  # the one value OpenAI takes asks for logprobs
-        message = "logprobs are not available: this speech-to-text gives none"
-        raise EventError("invalid_value", message, "session.include")
+    fields: dict[str, Any] = {"audio": {"input": audio_in}}
+    if "include" in session:
+        fields["include"] = [LOGPROBS] if include else []
+    return fields
 
 
 def _not_answering(detection: Any) -> dict[str, Any]:
@@ -140,7 +138,7 @@ def session_json(config: SessionConfig) -> Event:
         "type": TRANSCRIPTION,
         "object": "realtime.transcription_session",
         "id": config.id,
-        "include": [],
+        "include": [LOGPROBS] if config.include_logprobs else [],
         "expires_at": None,  # a session here never expires
         "audio": {"input": audio_in},
     }

@@ -62,6 +62,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 from pipeline import events as ev
+from pipeline.providers import SpeakerSegment, TokenLogprob
 from pipeline.turns import TurnRecord
 from transceiver.realtime.client_events import AUDIO_RATE_HZ, EventError, new_id
 from transceiver.realtime.item_audio import ItemAudio
@@ -164,6 +165,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         self._started_ms: dict[int, int] = {}  # turn -> where its speech started
         self._turn_audio_ms: dict[int, int] = {}  # turn -> the audio it committed
         self._partials: dict[int, str] = {}
+        self._details_sent: dict[int, tuple[int, int]] = {}  # a turn's logprobs, segments sent
         self.order: list[str] = []  # the conversation's item ids, in order
         self.items: dict[str, Event] = {}  # the latest body of each recent item, by id
         self.audio = ItemAudio()  # their audio, the newest of it (``item_audio``)
@@ -354,17 +356,23 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         if item_id is None or not self.transcription:
             return []
         sent = self._partials.get(event.turn, "")
-        events = []
+        logprobs_sent, segments_sent = self._details_sent.get(event.turn, (0, 0))
+        events = [_segment(item_id, segment) for segment in event.segments[segments_sent:]]
         if event.text.startswith(sent) and len(event.text) > len(sent):
             delta = event.text[len(sent) :]
             self._partials[event.turn] = event.text
-            events.append(_transcription("delta", item_id, delta=delta))
+            fields = _logprobs_field(event.logprobs[logprobs_sent:])
+            logprobs_sent = len(event.logprobs)
+            events.append(_transcription("delta", item_id, delta=delta, **fields))
+        self._details_sent[event.turn] = (logprobs_sent, len(event.segments))
         if event.final:
             self._partials.pop(event.turn, None)
+            self._details_sent.pop(event.turn, None)
             if (item := self.items.get(item_id)) is not None:
                 item["content"][0]["transcript"] = event.text
             usage = transcription_usage(audio_ms)
-            events.append(_transcription("completed", item_id, transcript=event.text, usage=usage))
+            fields = {"transcript": event.text, "usage": usage, **_logprobs_field(event.logprobs)}
+            events.append(_transcription("completed", item_id, **fields))
         return events
 
     # --- the response ---------------------------------------------------------------------
@@ -577,6 +585,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
             return []
         self._transcribed(turn)
         self._partials.pop(turn, None)
+        self._details_sent.pop(turn, None)
         return [transcription_failed(item_id, cause)] if self.transcription else []
 
     def _transcribed(self, turn: int) -> int:
@@ -620,6 +629,31 @@ def transcription_failed(item_id: str, cause: str) -> Event:
 
 def _part(audio: bool, text: str) -> Event:
     return {"type": "audio", "transcript": text} if audio else {"type": "text", "text": text}
+
+
+def _logprobs_field(logprobs: tuple[TokenLogprob, ...]) -> Event:
+    """A transcription event's ``logprobs`` (OpenAI's ``LogProbProperties``), when there are
+    any: the speech-to-text gives them only when the session's ``include`` asks."""
+    if not logprobs:
+        return {}
+    listed = [
+        {"token": item.token, "bytes": list(item.token_bytes), "logprob": item.logprob}
+        for item in logprobs
+    ]
+    return {"logprobs": listed}
+
+
+def _segment(item_id: str, segment: SpeakerSegment) -> Event:
+    """A diarized speaker segment of the item's audio, as OpenAI sends it."""
+    return _transcription(
+        "segment",
+        item_id,
+        id=segment.id,
+        speaker=segment.speaker,
+        start=segment.start_s,
+        end=segment.end_s,
+        text=segment.text,
+    )
 
 
 def _transcription(kind: str, item_id: str, **fields: Any) -> Event:
