@@ -504,6 +504,26 @@ async def test_an_image_reaches_the_model_is_retrieved_and_is_cut_as_any_message
     assert [text.strip() for text in await _chat_texts(server)] == ["Look.", said, "And now?"]
 
 
+async def test_an_out_of_band_response_is_shown_an_image_given_or_referenced(
+    events: Events, server: FakeOpenAIServer
+) -> None:
+    url = data_url(png_bytes(2, 2))
+    added = await _show(events, url, "high")
+    given = {"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": "And this?"},
+        {"type": "input_image", "image_url": url, "detail": "low"},
+    ]}  # fmt: skip
+    for entry, detail in [({"type": "item_reference", "id": added["id"]}, "high"), (given, "low")]:
+        response = {"conversation": "none", "output_modalities": ["text"], "input": [entry]}
+        await events.connection.send_raw(
+            json.dumps({"type": "response.create", "response": response})
+        )
+        done = await events.next("response.done")
+        assert done["response"]["status"] == "completed", done
+        sent = (await server.stats())["last_request"]["chat"]["messages"][-1]["content"]
+        assert sent[1] == {"type": "image_url", "image_url": {"url": url, "detail": detail}}
+
+
 async def test_a_bad_image_is_refused_by_name_and_the_responses_api_sends_a_good_one(
     events: Events, server: FakeOpenAIServer
 ) -> None:

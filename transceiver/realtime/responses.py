@@ -10,7 +10,8 @@ Pure protocol layer. ``plan_response`` reads the object as OpenAI's GA API defin
   it) or ``"none"`` (out of band: the output is not added to the conversation and is not
   spoken into the call);
 - ``input``: the context of an out-of-band response instead of the conversation's: messages
-  (system, user, assistant text) and ``item_reference``s to items of the session;
+  (system, user, assistant text; a user's images as in ``conversation.item.create``:
+  ``image_urls``) and ``item_reference``s to items of the session;
 - ``metadata``: up to 16 string pairs, reported back in ``response.created``/``done``.
 
 ``parallel_tool_calls``, ``prompt`` and ``reasoning`` are read as a session's
@@ -25,8 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.providers import Message
+from pipeline.providers import ImagePart, Message
 from transceiver.realtime.client_events import EventError, SessionUpdate, parse_client_event
+from transceiver.realtime.image_urls import image_part
 
 RESPONSE_KEYS = frozenset({
     "audio", "conversation", "input", "instructions", "max_output_tokens", "metadata",
@@ -39,7 +41,7 @@ AS_IN_A_SESSION = (
 MAX_METADATA_PAIRS = 16  # OpenAI's bounds: keys up to 64 characters, values up to 512
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
-TEXT_PARTS = {"system": ("input_text",), "user": ("input_text",),
+TEXT_PARTS = {"system": ("input_text",), "user": ("input_text", "input_image"),
               "assistant": ("output_text", "text")}  # fmt: skip
 
 
@@ -131,13 +133,15 @@ def _entry(item: Any, path: str) -> Message | ItemReference:
     if role not in TEXT_PARTS:
         message = f"Invalid value: {role!r}. Supported values are: 'system', 'user', 'assistant'."
         raise EventError("invalid_value", message, path + ".role")
-    return Message(role, _text(item.get("content"), TEXT_PARTS[role], path + ".content"))
+    text, images = _content(item.get("content"), TEXT_PARTS[role], path + ".content")
+    return Message(role, text, images=images)
 
 
-def _text(content: Any, kinds: tuple[str, ...], path: str) -> str:
+def _content(content: Any, kinds: tuple[str, ...], path: str) -> tuple[str, tuple[ImagePart, ...]]:
+    """A message's words, and its images (a user's ``input_image`` parts, checked)."""
     if not isinstance(content, list) or not content:
         raise EventError("invalid_type", f"{path} must be a non-empty array", path)
-    texts = []
+    texts, images = [], []
     for i, part in enumerate(content):
         where = f"{path}[{i}]"
         if not isinstance(part, dict) or part.get("type") not in kinds:
@@ -145,11 +149,14 @@ def _text(content: Any, kinds: tuple[str, ...], path: str) -> str:
             raise EventError(
                 "invalid_value", f"{where}.type must be one of {names}", where + ".type"
             )
+        if part["type"] == "input_image":
+            images.append(image_part(part, where + "."))
+            continue
         text = part.get("text")
         if not isinstance(text, str):
             raise EventError("invalid_type", f"{where}.text must be a string", where + ".text")
         texts.append(text)
-    return " ".join(texts)
+    return " ".join(texts), tuple(images)
 
 
 def _metadata(response: Mapping[str, Any]) -> Mapping[str, str] | None:

@@ -65,7 +65,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any, Protocol
@@ -75,7 +75,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from pipeline import events as ev
 from pipeline.engine import ConversationEngine
 from pipeline.playout import PcmResampler
-from pipeline.providers import Message
+from pipeline.providers import ImagePart, Message, sees_images
 from pipeline.turns import TurnRecord
 from transceiver.background import report_crash
 from transceiver.metrics import RealtimeMetrics
@@ -638,6 +638,7 @@ class RealtimeSession:
         engine_config = self.policy.engine_config(config)
         if plan.out_of_band:
             context = self.engine.history if plan.input is None else self._context(plan.input)
+            self._check_seen(context)
             response_id: str | None = self.side.start(engine_config, tools, context)
         else:
             response_id = self.engine.create_response(config=engine_config, tools=tools)
@@ -666,7 +667,18 @@ class RealtimeSession:
             raise EventError("invalid_value", message, reference.path)
         part = item["content"][0]
         text = part.get("text") or part.get("transcript") or ""
-        return Message(item["role"], str(text))
+        images = tuple(
+            ImagePart(image["image_url"], image.get("detail", "auto"))
+            for image in item["content"]
+            if image.get("type") == "input_image"
+        )
+        return Message(item["role"], str(text), images=images)
+
+    def _check_seen(self, context: Sequence[Message]) -> None:
+        """An out-of-band response's images only for a model that sees them."""
+        if any(m.images for m in context) and not sees_images(self.engine.llm):
+            message = f"the language model here ({self.engine.llm.name}) takes no images"
+            raise EventError("invalid_value", message, "response.input")
 
     def _side_event(self, event: ev.EngineEvent) -> None:
         """An out-of-band response's event: to the client only (no journal, record or voice);
