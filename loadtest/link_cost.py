@@ -7,8 +7,9 @@ independent callers' packets come; ``burst``: all N at once, as after a stall). 
 loop timer sends a datagram per session through the link, as the lean media tick does. The
 link process's CPU (``time.process_time``, so other load on the machine is noise, not cost) over
 ``--seconds`` is given per call-second and per datagram (in + out), for each ``--batches`` value
-in order (``LinkPolicy.io_batch``: 1 is one ``sendto``/``recvfrom`` per datagram), so variants
-interleave in one run: ``--batches 64,1,64,1``.
+in order (``LinkPolicy.io_batch``: 1 is one ``sendto``/``recvfrom`` per datagram; ``64@0``: with
+``read_interval_s`` 0, read whenever readable), so variants interleave in one run:
+``--batches 64,64@0,64,64@0``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ KEYRING = Keyring.parse("9:" + "5e" * 32)
 FRAME_S = 0.02
 PAYLOAD = b"\x80" + bytes(99)  # a first byte of SRTP; the size of a 32 kbit/s Opus packet's
 WARMUP_S = 1.0
+DEFAULT = LinkPolicy().read_interval_s
 
 
 def client(i: int) -> tuple[str, int]:
@@ -120,15 +122,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument(
         "--batches",
-        default="64,1,64,1",
-        help="LinkPolicy.io_batch, in order; BATCH@S: read every S seconds, not when readable",
+        default="64,64@0,64,64@0",
+        help="LinkPolicy.io_batch, in order; BATCH@S: read_interval_s S (0: whenever readable)",
     )
     parser.add_argument("--arrivals", choices=("spread", "burst"), default="spread")
     args = parser.parse_args()
     for variant in args.batches.split(","):
         batch, _, interval = variant.partition("@")
         result = asyncio.run(
-            measure(args.calls, args.seconds, int(batch), args.arrivals, float(interval or 0))
+            measure(args.calls, args.seconds, int(batch), args.arrivals, float(interval or DEFAULT))
         )
         print(json.dumps(result), flush=True)
 

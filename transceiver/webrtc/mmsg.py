@@ -163,7 +163,7 @@ class BatchedDatagrams:
         return self._send_slots(count)
 
     def _send_slots(self, count: int) -> SendOutcome:
-        done, base = 0, _pointer(self._out.headers)
+        done, base = 0, self._out.headers_address
         refused: list[OSError] = []
         while done < count:  # each pass sends at least one datagram or ends the loop
             sent = self._sendmmsg(self._fd, base + 64 * done, count - done, MSG_DONTWAIT)
@@ -193,7 +193,7 @@ class BatchedDatagrams:
         words, name_bytes = slots.header_words_32, self._name_bytes
         for i in range(self._used):  # the kernel wrote the names' lengths of the last batch
             words[16 * i + 2] = name_bytes
-        headers = _pointer(slots.headers)
+        headers = slots.headers_address
         while True:
             count = self._recvmmsg(self._fd, headers, self.batch, MSG_DONTWAIT, None)
             if count >= 0:
@@ -247,6 +247,7 @@ class _Slots:
         self.iov["base"] = _pointer(self.data) + self.offsets(slot_bytes)
         self.iov["len"] = slot_bytes
         self.headers["iov"] = _pointer(self.iov) + self.offsets(IOVEC_DTYPE.itemsize)
+        self.headers_address = _pointer(self.headers)  # once: numpy's .ctypes costs ~µs a call
         self.headers["iovlen"] = 1
         self.headers["namelen"] = name_bytes
         self.view = memoryview(self.data)  # type: ignore[arg-type]
