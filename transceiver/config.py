@@ -101,6 +101,10 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
     "realtime_lost_notice_s": ("0.25", "an ending session lets its error event leave this long"),
     "realtime_max_pending_events": ("512", "server events kept until the client opens its channel"),
     "realtime_item_audio_s": ("60", "seconds of the items' audio kept for retrieve, in all"),
+    "realtime_item_audio_bytes": (
+        "67108864",
+        "bytes of items' audio kept for retrieve across the process's sessions (0: no bound)",
+    ),
     "call_record_ttl_s": ("604800", "a call record expires this long after its last write"),
     "call_record_max_turns": ("500", "turns kept per call record; the oldest are trimmed"),
     "call_record_transcripts": (
@@ -339,6 +343,7 @@ def _realtime(values: Mapping[str, str | None]) -> RealtimeLimits:
         lost_notice_s=_number(values, "realtime_lost_notice_s", float, minimum=0.0),
         max_pending_events=_number(values, "realtime_max_pending_events", int, minimum=1),
         item_audio_s=_number(values, "realtime_item_audio_s", float, minimum=0.0),
+        item_audio_bytes=_number(values, "realtime_item_audio_bytes", int, minimum=0),
     )
 
 

@@ -15,6 +15,7 @@ class RealtimeLimits:
     lost_notice_s: float = 0.25  # an ending session lets its error event leave this long
     max_pending_events: int = 512  # server events kept until the client opens its channel
     item_audio_s: float = 60.0  # the items' audio kept for retrieve, across items (item_audio)
+    item_audio_bytes: int = 64 * 1024 * 1024  # the same, across the process's sessions (0: none)
 
     def __post_init__(self) -> None:
         if self.lost_notice_s < 0:
@@ -23,3 +24,5 @@ class RealtimeLimits:
             raise ValueError(f"realtime limits: max_pending_events must be at least 1, got {self}")
         if self.item_audio_s < 0:
             raise ValueError(f"realtime limits: item_audio_s must be 0 or above, got {self}")
+        if self.item_audio_bytes < 0:
+            raise ValueError(f"realtime limits: item_audio_bytes must be 0 or above, got {self}")

@@ -5,17 +5,20 @@ heavy providers (pocketsphinx decoders and one piper model, in the process's poo
 here and shared by every session, and ``overload`` says when that pool cannot take another
 call; each call gets its own engine (history, VAD state, tools). With Redis (``persistence``),
 sessions are stored as they go and ``resume`` continues a stored one. Every
-session gets the process's ``RealtimeLimits``.
+session gets the process's ``RealtimeLimits``, and shares its item audio's byte bound
+(``item_audio.ItemAudioBudget``: ``transceiver_item_audio_bytes``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from pipeline.assembly import Providers, build_engine, open_providers
 from pipeline.config import PipelineConfig
@@ -28,6 +31,7 @@ from transceiver.metrics import (
     SubstitutesCollector,
 )
 from transceiver.realtime.client_events import EventError, SessionConfig
+from transceiver.realtime.item_audio import ItemAudioBudget
 from transceiver.realtime.limits import RealtimeLimits
 from transceiver.realtime.policy import SessionPolicy, stored_session_update
 from transceiver.realtime.session import RealtimeSession
@@ -65,6 +69,8 @@ class PipelineAgents:
         )
         self.persistence = persistence
         self.limits = limits or RealtimeLimits()
+        self.item_audio = ItemAudioBudget(self.limits.item_audio_bytes)  # every session's
+        registry.register(ItemAudioCollector(self.item_audio))
 
     def overload(self) -> str | None:
         """Why one more call would slow the others down (the pool is saturated), or None."""
@@ -76,8 +82,9 @@ class PipelineAgents:
         session = self.policy.initial(requested)
         engine = build_engine(self.config, self.providers)
         return RealtimeSession(
-            engine, self.policy, session, self.metrics, self.persistence, limits=self.limits
-        )
+            engine, self.policy, session, self.metrics, self.persistence,
+            limits=self.limits, item_audio=self.item_audio,
+        )  # fmt: skip
 
     def describe(self, requested: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The session a new session asking for ``requested`` starts with, as its
@@ -100,6 +107,7 @@ class PipelineAgents:
             self.metrics,
             self.persistence,
             limits=self.limits,
+            item_audio=self.item_audio,
         )
         session.use_websocket()
         return session
@@ -124,7 +132,27 @@ class PipelineAgents:
         engine = build_engine(self.config, self.providers)
         resumed = (journal, state)
         return RealtimeSession(
-            engine, self.policy, stored, self.metrics, self.persistence, resumed, self.limits
+            engine, self.policy, stored, self.metrics, self.persistence, resumed, self.limits,
+            item_audio=self.item_audio,
+        )  # fmt: skip
+
+
+class ItemAudioCollector(Collector):
+    """The process's item audio (``item_audio``): the bytes held, the clips its bound took."""
+
+    def __init__(self, budget: ItemAudioBudget) -> None:
+        self._budget = budget
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "transceiver_item_audio_bytes",
+            "Bytes of conversation items' audio held for retrieve, across sessions",
+            value=self._budget.held_bytes,
+        )
+        yield CounterMetricFamily(
+            "transceiver_item_audio_dropped_clips",
+            "Items' audio dropped, oldest first, by TRANSCEIVER_REALTIME_ITEM_AUDIO_BYTES",
+            value=self._budget.dropped_clips,
         )
 
 

@@ -105,6 +105,7 @@ from transceiver.realtime.client_events import (
     parse_client_event,
 )
 from transceiver.realtime.idle import IdleTimeout
+from transceiver.realtime.item_audio import ItemAudioBudget
 from transceiver.realtime.item_edits import ItemEdits
 from transceiver.realtime.limits import RealtimeLimits
 from transceiver.realtime.policy import SessionPolicy, check_storable
@@ -173,7 +174,10 @@ class RealtimeSession:
         persistence: SessionPersistence | None = None,
         resumed: tuple[SessionJournal, SessionState] | None = None,
         limits: RealtimeLimits | None = None,
+        item_audio: ItemAudioBudget | None = None,
     ) -> None:
+        """``item_audio``: the process's bound on the items' audio, in bytes (its own, none,
+        without one)."""
         self.engine = engine
         self.policy = policy
         self.limits = limits or RealtimeLimits()
@@ -182,6 +186,7 @@ class RealtimeSession:
         self.voice = AgentVoiceTrack(engine.config.output_sample_rate_hz, engine.config.frame_ms)
         self.translator = EngineEventTranslator(self.voice.first_frame_sent_s.get)
         self.translator.audio.max_audio_s = self.limits.item_audio_s
+        self.translator.audio.budget = item_audio or ItemAudioBudget()
         self._remote: MediaStreamTrack | None = None
         self._channel: Any = None
         self._pending: list[Event] = []
@@ -310,6 +315,7 @@ class RealtimeSession:
             self.journal.history(self.engine.history)
             await self._close_journal(self.journal)
         self._record_unplayed()
+        self.translator.audio.release()  # its bytes back to the process's bound
         told = self._call_end or ("hangup" if self._hung_up else self.hangup_reason)
         self.recorder.end(end_reason(told, self._handed_over))
 
@@ -746,6 +752,11 @@ class RealtimeSession:
             "conversation.item.retrieved",
             item=self.translator.retrieved(event.item_id, _at_audio_rate) or item,
         )
+        dropped = self.translator.audio.dropped_reason(event.item_id)
+        if dropped is not None:
+            message = f"item {event.item_id!r}'s audio was dropped by {dropped}"
+            message += ": the item is retrieved without it"
+            self.send_error(EventError("item_audio_dropped", message, "item_id"), event.event_id)
         size_bytes = len(json.dumps(retrieved))
         if size_bytes > self.max_event_bytes:
             message = (
