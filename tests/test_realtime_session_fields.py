@@ -79,7 +79,9 @@ def transceiver(
 ) -> Iterator[str]:
     log_dir = tmp_path_factory.mktemp("session-fields")
     env = {"PIPELINE_STT": "openai", "PIPELINE_FALLBACK": "false"}
-    env["PIPELINE_OPENAI_LLM_REASONING"] = "true"  # its model takes a reasoning effort
+    # a model whose name says it takes a reasoning effort (PIPELINE_OPENAI_LLM_REASONING
+    # unset: the name decides), so a session's effort is sent
+    env["PIPELINE_OPENAI_LLM_MODEL"] = "gpt-5-mini"
     with transceiver_process_with(server.base_url, API_KEY, 2, log_dir, env) as base_url:
         yield base_url
 
