@@ -377,6 +377,8 @@ class ConversationEngine:
         events = self._detector.push(frame)
         if self._voiced:
             self._last_voiced_s, self._asked = self._now(), []
+        elif heard is not None and self._may_answer_early(heard):
+            self._answer_early(heard)
         if heard is not None and not any(isinstance(e, SpeechStarted) for e in events):
             self._listen(heard, frame)
         for event in events:
@@ -576,7 +578,7 @@ class ConversationEngine:
             heard.texts.append(text)
         if heard.ended:
             self._heard_all(heard)
-        elif heard.answer_early and not heard.pending and heard.early is None:
+        elif self._may_answer_early(heard):
             self._answer_early(heard)
 
     def _heard_all(self, heard: _Heard) -> None:

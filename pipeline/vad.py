@@ -118,6 +118,12 @@ class TurnDetector:
         """How much audio it has been fed."""
         return self._position_ms
 
+    @property
+    def pause_ms(self) -> int:
+        """The silence since the last voiced frame of the utterance in progress (0 outside
+        one)."""
+        return self._silence_run_ms if self.in_speech else 0
+
     def reconfigure(
         self,
         config: VadConfig,

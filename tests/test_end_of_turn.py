@@ -13,7 +13,7 @@ import sys
 import time
 import zipfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -392,22 +392,30 @@ async def converse(engine: ConversationEngine, pcm: bytes, model: EndOfTurn) -> 
 
 
 def semantic_engine(
-    sphinx: PocketsphinxSpeechToText, piper: PiperTextToSpeech
+    sphinx: PocketsphinxSpeechToText, piper: PiperTextToSpeech, ask_pause_ms: int = 100
 ) -> ConversationEngine:
     config = engine_config({"type": "semantic_vad"})
+    config = replace(config, vad=replace(config.vad, ask_pause_ms=ask_pause_ms))
     agent = LocalRuleBasedAgent(load_knowledge())
     return ConversationEngine(config, sphinx, agent, piper)
 
 
 @on_module_loop
+@pytest.mark.parametrize("ask_pause_ms", [100, 200])
 async def test_the_final_transcript_is_in_when_the_turn_is_decided_and_answered_at_once(
-    piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText, model_path: Path
+    piper: PiperTextToSpeech,
+    sphinx: PocketsphinxSpeechToText,
+    model_path: Path,
+    ask_pause_ms: int,
 ) -> None:
-    """The words before the pause are transcribed while the model decides, and the answer
-    started on them: the turn's end is followed at once by its final transcript, then by that
-    answer (held until then, so it is the answer's first event out)."""
+    """The words before the pause are transcribed while the model decides, and the turn's end
+    is followed at once by its final transcript, then by the answer. Asked at the decision's
+    pause (200 ms), the words come in after it and the answer starts on them, held until the
+    turn ends (so it is the answer's first event out); asked ahead (100 ms) they are in when
+    the pause reaches 200 ms, the model says done, and the turn ends there: answered then (an
+    answer starts early only at a pause as long as a decision's)."""
     pcm = await utterance(piper, "Where is the nearest train station?")
-    engine = semantic_engine(sphinx, piper)
+    engine = semantic_engine(sphinx, piper, ask_pause_ms)
     await engine.start()
     events = await converse(engine, pcm, shared_end_of_turn(model_path))
     kinds = [type(event) for event in events]
@@ -417,7 +425,8 @@ async def test_the_final_transcript_is_in_when_the_turn_is_decided_and_answered_
     assert kinds[stopped + 2] is ev.ResponseStarted
     assert kinds.count(ev.ResponseStarted) == 1 and ev.InputTranscript not in kinds[stopped + 2 :]
     (done,) = [event for event in events if isinstance(event, ev.TurnCompleted)]
-    assert done.record.answered_early and done.record.early_answers_discarded == 0
+    assert done.record.answered_early is (ask_pause_ms == 200)
+    assert done.record.early_answers_discarded == 0
     assert done.record.transcript == final.text
     assert [m.role for m in engine.history] == ["user", "assistant"]
     record = done.record  # how the turn's end was decided: asked ahead, once, and timed
@@ -430,6 +439,32 @@ async def test_the_final_transcript_is_in_when_the_turn_is_decided_and_answered_
     metrics = turn_metrics_event("resp_1", record, None)
     assert metrics["last_voiced_ms"] < metrics["turn_asked_ms"] <= 0
     assert metrics["turn_decision"]["asked"] == 1
+
+
+@on_module_loop
+async def test_a_pause_shorter_than_a_decisions_starts_no_early_answer(
+    piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText, model_path: Path
+) -> None:
+    """A 160 ms pause mid-sentence (a breath; silence is what the classifier here calls it, so
+    the pause is exact): the model is asked ahead and the words so far transcribed, but no
+    answer is started there, as none would be heard; one turn, one answer."""
+    pcm = await utterance(piper, "So I was thinking that", "maybe we could go.", pause_s=0.16)
+    config = engine_config({"type": "semantic_vad"})
+    agent = LocalRuleBasedAgent(load_knowledge())
+    engine = ConversationEngine(config, sphinx, agent, piper, classify=loud)
+    await engine.start()
+    events = await converse(engine, pcm, shared_end_of_turn(model_path))
+    kinds = [type(event) for event in events]
+    assert kinds.count(ev.SpeechStoppedEvent) == 1 and kinds.count(ev.ResponseStarted) == 1
+    (done,) = [event for event in events if isinstance(event, ev.TurnCompleted)]
+    assert engine.early_answers_discarded == 0 == done.record.early_answers_discarded
+    (final,) = [e for e in events if isinstance(e, ev.InputTranscript) and e.final]
+    assert "thinking" in final.text  # the words of both stretches
+
+
+def loud(frame: bytes) -> bool:
+    """Speech: any frame that is not digital silence."""
+    return any(frame)
 
 
 @on_module_loop
