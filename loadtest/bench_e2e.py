@@ -203,15 +203,19 @@ def decision_stages(decision_ms: float | None, metric: dict[str, Any]) -> dict[s
     timing, words = metric.get("turn_decision") or {}, metric.get("stt_final_ms")
     if last_voiced is None or asked is None or decision_ms is None:
         return None
-    model_ms = sum(timing.get(name, 0.0) for name in ("queued_ms", "features_ms", "model_ms"))
+    scored = timing.get("probability") is not None  # else still running as the turn ended
+    parts = [float(timing.get(name) or 0.0) for name in ("queued_ms", "features_ms", "model_ms")]
+    model_ms = round(sum(parts), 1) if scored else None
     return {
         "to_last_voiced_ms": round(decision_ms + last_voiced, 1),
         "pause_ms": round(asked - last_voiced, 1),
         "after_asked_ms": round(-asked, 1),
-        "model_total_ms": round(model_ms, 1),
-        "model_queued_ms": timing.get("queued_ms"),
-        "model_features_ms": timing.get("features_ms"),
-        "model_run_ms": timing.get("model_ms"),
+        "model_total_ms": model_ms,
+        "model_cpu_ms": timing.get("cpu_ms"),
+        "model_queued_ms": timing.get("queued_ms") if scored else None,
+        "model_features_ms": timing.get("features_ms") if scored else None,
+        "model_run_ms": timing.get("model_ms") if scored else None,
+        "model_probability": timing.get("probability"),
         "asked": timing.get("asked"),
         "words_after_asked_ms": None if words is None else round(words - asked, 1),
     }
@@ -224,6 +228,7 @@ DECISION_FIELDS = (
     "model_total_ms",
     "model_features_ms",
     "model_run_ms",
+    "model_cpu_ms",
     "words_after_asked_ms",
 )
 

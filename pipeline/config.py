@@ -343,6 +343,7 @@ class PipelineConfig:
     vad_prefix_padding_ms: int = 300
     vad_silence_duration_ms: int = 500
     vad_min_speech_ms: int = 60
+    vad_ask_pause_ms: int = 100  # semantic_vad: the model asked ahead at this pause (VadConfig)
     input_sample_rate_hz: int = 16000
     output_sample_rate_hz: int = 24000
     realtime_playout: bool = True
@@ -407,6 +408,7 @@ class PipelineConfig:
             self.vad_prefix_padding_ms,
             self.vad_silence_duration_ms,
             self.vad_min_speech_ms,
+            ask_pause_ms=self.vad_ask_pause_ms,
         )
         return EngineConfig(
             input_sample_rate_hz=self.input_sample_rate_hz,
