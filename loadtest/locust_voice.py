@@ -64,6 +64,7 @@ def _options(parser: Any) -> None:
     group.add_argument("--voice-knee", action="store_true", help="steps until the knee")
     group.add_argument("--voice-steps", default="1,2,4,6,8,10,12,16,20,24,32")
     group.add_argument("--voice-step-s", type=float, default=30.0)
+    group.add_argument("--voice-first-step-s", type=float, default=0.0)
     group.add_argument("--voice-settle-s", type=float, default=6.0)
     group.add_argument("--voice-threshold", type=float, default=1.5)
     group.add_argument("--voice-baseline-ms", type=float, default=0.0)
@@ -332,6 +333,7 @@ def knee_plan(options: Any) -> KneePlan:
         threshold=options.voice_threshold,
         baseline_ms=options.voice_baseline_ms or None,
         refine=options.voice_refine,
+        first_step_s=options.voice_first_step_s,
         confined_cores=options.voice_confined_cores or None,
     )
 

@@ -183,6 +183,7 @@ class KneePlan:
     threshold: float  # a step fails when its turn p95 > threshold x the one-call p95
     baseline_ms: float | None  # the one-call p95, if known; else the first step's
     refine: int = 0  # past the first failed step, bisect until good and failed are this close
+    first_step_s: float = 0.0  # the first step's hold (the one-call baseline), if not step_s
     confined_cores: float | None = None  # the CPU the transceivers were given (a cgroup)
 
     @property
@@ -242,13 +243,17 @@ class Knee:
             if self._index >= len(self._sessions):
                 return None
             self._step = _Step(self._sessions[self._index], now_s, failures)
-        elif now_s - self._step.started_s >= self.plan.step_s:
+        elif now_s - self._step.started_s >= self._hold_s():
             self._finish(failures)
             self._index += 1
             self._plan_next()
             self._step = None
             return self.tick(now_s, failures)
         return self._step.sessions, self.plan.spawn_rate
+
+    def _hold_s(self) -> float:
+        first = self._index == 0 and self.plan.first_step_s > 0
+        return self.plan.first_step_s if first else self.plan.step_s
 
     def _plan_next(self) -> None:
         """Once a step failed: no more planned steps; with ``refine``, the midpoint of the

@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -179,6 +180,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--refine", type=int, default=0, help="knee: bisect to this many calls")
     parser.add_argument(
+        "--first-step-s", type=float, default=0.0, help="knee: the one-call step's hold"
+    )
+    parser.add_argument(
         "--client", choices=CLIENTS, default="lean", help="the calls' media (voice_calls)"
     )
     confine = parser.add_argument_group("calls per core (with --local; cgroups, as root)")
@@ -201,7 +205,10 @@ def run_time_s(args: argparse.Namespace) -> float:
     if args.run_time_s:
         return float(args.run_time_s)
     if args.knee:
-        return len(args.steps.split(",")) * float(args.step_s) + MARGIN_S
+        steps = [int(n) for n in args.steps.split(",") if n]
+        bisections = math.ceil(math.log2(max(steps))) if args.refine and max(steps) > 1 else 0
+        held_s = (len(steps) + bisections) * float(args.step_s) + float(args.first_step_s)
+        return held_s + MARGIN_S
     turns = int(args.long_call or max(args.turns, 1))
     return turns * 30.0 + MARGIN_S
 
@@ -249,6 +256,7 @@ def locust_argv(args: argparse.Namespace, target: Target, questions: Path) -> li
     argv += ["--voice-server-pids", target.server_pids, "--voice-config", json.dumps(config)]
     argv += ["--voice-report", str(out / REPORT_NAME)] + (["--voice-knee"] if args.knee else [])
     argv += ["--voice-refine", str(args.refine), "--voice-client", args.client]
+    argv += ["--voice-first-step-s", str(args.first_step_s)]
     if target.confined is not None:
         argv += ["--voice-cgroup-stat", target.confined.stat_path]
         argv += ["--voice-confined-cores", str(target.confined.cores)]

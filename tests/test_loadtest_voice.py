@@ -247,3 +247,15 @@ def test_the_paths_compared_side_by_side(tmp_path: Path) -> None:
     assert [row["media_path"] for row in rows] == ["lean", "aiortc"]
     assert rows[0]["baseline_p95_ms"] == 620.0
     assert (tmp_path / "knee_paths.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_the_one_call_step_may_hold_longer() -> None:
+    """``first_step_s``: the baseline's step holds longer (more turns for its p95)."""
+    plan = KneePlan([1, 8], step_s=10, settle_s=2, spawn_rate=4, threshold=1.5,
+                    baseline_ms=None, first_step_s=25)  # fmt: skip
+    knee = Knee(plan)
+    assert knee.tick(0.0, 0) == (1, 4)
+    assert knee.tick(20.0, 0) == (1, 4)  # past step_s, not past first_step_s
+    _step(knee, 24.0, [700])
+    assert knee.tick(25.0, 0) == (8, 4)
+    assert knee.tick(34.0, 0) == (8, 4) and knee.tick(35.0, 0) is None
