@@ -576,6 +576,8 @@ class ConversationEngine:
         heard.recorder.mark("stt_final", self._now(), overwrite=True)
         if text:
             heard.texts.append(text)
+        heard.logprobs.extend(transcript.logprobs)
+        heard.segments.extend(transcript.segments)
         if heard.ended:
             self._heard_all(heard)
         elif self._may_answer_early(heard):
@@ -586,7 +588,8 @@ class ConversationEngine:
         if heard.finished or heard.failed or not heard.ended or heard.pending:
             return
         heard.finished = True
-        self._emit(ev.InputTranscript(heard.recorder.turn, heard.words, True))
+        logprobs, segments = tuple(heard.logprobs), tuple(heard.segments)
+        self._emit(ev.InputTranscript(heard.recorder.turn, heard.words, True, logprobs, segments))
         self._after_transcript(heard)
 
     def _after_transcript(self, heard: _Heard) -> None:
