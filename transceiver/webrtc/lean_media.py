@@ -418,6 +418,11 @@ class Reorder(Generic[T]):
         return self.highest + delta
 
     def push(self, sequence: int, item: T) -> list[tuple[int, T]]:
+        expected = self.next
+        if expected is not None and not self.held and sequence == expected & 0xFFFF:
+            # the usual packet: the one expected, nothing held (so the highest is the one before)
+            self.highest, self.next = expected, expected + 1
+            return [(0, item)]
         if self.next is None:
             self.next, self.highest = sequence + 1, sequence
             return [(0, item)]
