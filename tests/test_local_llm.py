@@ -191,6 +191,34 @@ async def test_a_barge_in_stops_the_generation_and_the_process_rests(
     assert max(share for share, _ in busiest) < 0.1, busiest
 
 
+async def test_an_answer_dropped_before_its_first_word_leaves_its_words_read_for_the_next(
+    model: LlamaCppLanguageModel,
+) -> None:
+    """An early answer (started at a pause) thrown away before its first token, as when the
+    user goes on: it stops, and the answer to the whole question reads fewer new tokens than
+    the same question asked afresh, its first words already in the KV cache."""
+    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
+    question = [Message("user", "What is the capital of France?")]
+    fresh = [e async for e in model.generate(question, tools)]
+    read_afresh = model.last_prompt_tokens.computed
+    [e async for e in model.generate([Message("user", "Say hello.")], tools)]  # forgets it
+    early = model.generate([Message("user", "What is the capital")], tools)
+    started = asyncio.ensure_future(anext(early))
+    for _ in range(1000):  # until the request is with the server (a few loop turns)
+        if model._answers:
+            break
+        await asyncio.sleep(0)
+    assert model._answers, "the early answer never reached the server"
+    started.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await started
+    assert not model._answers
+    whole = [e async for e in model.generate(question, tools)]
+    assert model.last_prompt_tokens.computed < read_afresh, (read_afresh, model.last_prompt_tokens)
+    for answer in (fresh, whole):
+        assert "Paris" in "".join(e.text for e in answer if isinstance(e, TextDelta))
+
+
 async def test_without_its_model_the_pipeline_falls_back_to_the_rule_based_agent(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
