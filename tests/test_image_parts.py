@@ -122,7 +122,7 @@ def _item_create(*parts: dict[str, Any]) -> str:
     return json.dumps({"type": "conversation.item.create", "item": item})
 
 
-def test_a_user_item_keeps_its_words_and_images_in_order_of_kind() -> None:
+def test_a_user_item_keeps_its_words_and_images_in_order() -> None:
     url = data_url(png_bytes(2, 2))
     text = {"type": "input_text", "text": "What is this?"}
     event = parse_client_event(_item_create({"type": "input_image", "image_url": url}, text))
@@ -130,6 +130,7 @@ def test_a_user_item_keeps_its_words_and_images_in_order_of_kind() -> None:
     item = event.item
     assert isinstance(item, UserText)
     assert (item.text, item.images, item.first_image) == ("What is this?", (ImagePart(url),), 0)
+    assert item.parts == (ImagePart(url), "What is this?")
 
 
 def test_the_context_window_counts_an_image_by_its_detail() -> None:

@@ -510,6 +510,14 @@ async def test_an_out_of_band_response_is_shown_an_image_given_or_referenced(
     events: Events, server: FakeOpenAIServer
 ) -> None:
     url = data_url(png_bytes(2, 2))
+    parts = [
+        {"type": "input_image", "image_url": url, "detail": "auto"},
+        {"type": "input_text", "text": "Two"},
+        {"type": "input_text", "text": "words."},
+    ]
+    item = {"type": "message", "role": "user", "content": parts}
+    await events.connection.conversation.item.create(item=item)  # type: ignore[arg-type]
+    assert (await events.next("conversation.item.added"))["item"]["content"] == parts
     added = await _show(events, url, "high")
     given = {"type": "message", "role": "user", "content": [
         {"type": "input_text", "text": "And this?"},

@@ -200,11 +200,13 @@ class SessionUpdate:
 @dataclass(frozen=True)
 class UserText:
     """A user message's words, and its images (``input_image`` parts, checked:
-    ``image_urls``), the first at ``item.content[first_image]``."""
+    ``image_urls``), the first at ``item.content[first_image]``; with images, ``parts`` are
+    its parts' words and images in the client's order."""
 
     text: str
     images: tuple[ImagePart, ...] = ()
     first_image: int = 0
+    parts: tuple[str | ImagePart, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -731,15 +733,17 @@ def _parts(item: Mapping[str, Any], allowed: tuple[str, ...]) -> list[Mapping[st
 
 
 def _user_with_images(parts: list[Mapping[str, Any]]) -> UserText:
-    texts, images = [], []
+    read: list[str | ImagePart] = []
     for i, part in enumerate(parts):
         path = f"item.content[{i}]."
         if part["type"] == "input_image":
-            images.append(image_part(part, path))
+            read.append(image_part(part, path))
         else:
-            texts.append(_part_text(part, path))
+            read.append(_part_text(part, path))
+    texts = [piece for piece in read if isinstance(piece, str)]
+    images = tuple(piece for piece in read if isinstance(piece, ImagePart))
     first = next(i for i, part in enumerate(parts) if part["type"] == "input_image")
-    return UserText(" ".join(texts), tuple(images), first)
+    return UserText(" ".join(texts), images, first, tuple(read))
 
 
 def _part_text(part: Mapping[str, Any], path: str) -> str:

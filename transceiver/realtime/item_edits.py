@@ -21,6 +21,7 @@ from pipeline.engine import ConversationEngine
 from pipeline.playout import PcmResampler
 from pipeline.providers import (
     AudioChunk,
+    ImagePart,
     Message,
     ProviderError,
     ToolCall,
@@ -241,14 +242,13 @@ def _message_and_body(item_id: str, item: NewItem) -> tuple[Message | None, Even
         return Message("assistant", item.text), body
     body = message_item(item_id, "user", item.text, audio=False)
     if item.images:
-        body["content"] = [*body["content"][: 1 if item.text else 0], *_image_parts(item)]
+        body["content"] = [_content_part(piece) for piece in item.parts]
     return Message("user", item.text, images=item.images), body
 
 
-def _image_parts(item: UserText) -> list[Event]:
-    """A user item's images as its ``input_image`` parts (after its text, as the model is
-    sent them)."""
-    return [
-        {"type": "input_image", "image_url": image.data_url, "detail": image.detail}
-        for image in item.images
-    ]
+def _content_part(piece: str | ImagePart) -> Event:
+    """A part of a user item with images, as the client sent it (the model is sent its words,
+    then its images)."""
+    if isinstance(piece, str):
+        return {"type": "input_text", "text": piece}
+    return {"type": "input_image", "image_url": piece.data_url, "detail": piece.detail}
