@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -173,8 +174,16 @@ def _library() -> Any:
     return lib
 
 
+# The library is not safe to call from two threads at once, even on two models: with three
+# models decoding speech side by side its process died (SIGSEGV in libort-utils, the library's
+# global registry of tensor views) within 240 decodes, with or without one-thread sessions,
+# and so did a transceiver under 12 calls. Every native call of it holds this lock.
+NATIVE_CALLS = threading.Lock()
+
+
 class MoonshineModel:
-    """One loaded model. Not thread-safe: one caller at a time (a decoder's own thread)."""
+    """One loaded model. Its native calls hold ``NATIVE_CALLS``: one decode at a time per
+    process, whichever model makes it."""
 
     def __init__(self, contents: dict[str, bytes]) -> None:
         self._lib = _library()
@@ -182,7 +191,8 @@ class MoonshineModel:
         arguments = [part for blob in blobs for part in (blob, len(blob))]
         options = (_Option * len(OPTIONS))(*(_Option(*option) for option in OPTIONS))
         load = self._lib.moonshine_load_transcriber_from_memory
-        handle = load(*arguments, MODEL_ARCH_TINY, options, len(OPTIONS), HEADER_VERSION)
+        with NATIVE_CALLS:
+            handle = load(*arguments, MODEL_ARCH_TINY, options, len(OPTIONS), HEADER_VERSION)
         if handle < 0:
             raise MoonshineModelError(f"the library refused the model: {self._error(handle)}")
         self._handle: int | None = handle
@@ -193,6 +203,10 @@ class MoonshineModel:
 
     def transcribe(self, samples: np.ndarray) -> str:
         """The words in ``samples`` (16 kHz float32 in -1..1), on a stream of their own."""
+        with NATIVE_CALLS:
+            return self._transcribe(samples)
+
+    def _transcribe(self, samples: np.ndarray) -> str:
         if self._handle is None:
             raise ProviderError(PROVIDER, "model closed", retryable=False)
         stream = self._call("moonshine_create_stream", self._handle, 0)
@@ -220,9 +234,10 @@ class MoonshineModel:
         return code
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._lib.moonshine_free_transcriber(self._handle)
-            self._handle = None
+        with NATIVE_CALLS:
+            if self._handle is not None:
+                self._lib.moonshine_free_transcriber(self._handle)
+                self._handle = None
 
 
 def _text(out: Any) -> str:

@@ -5,6 +5,7 @@ And the recorded speech the benchmarks use: fetched out of its pinned archive, e
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import subprocess
@@ -12,7 +13,9 @@ import sys
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import pytest_asyncio
 
@@ -20,10 +23,13 @@ from loadtest import recorded_speech
 from loadtest.voice_audio import silence_pcm, spoken_pcm
 from pipeline.config import MoonshineConfig, PipelineConfig
 from pipeline.moonshine_stt import (
+    NATIVE_CALLS,
     TINY_EN,
+    MoonshineModel,
     MoonshineModelError,
     MoonshineSpeechToText,
     default_model_folder,
+    read_verified,
 )
 from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.providers import AudioChunk, Transcript
@@ -216,3 +222,45 @@ async def test_the_decoder_and_its_onnxruntime_threads_are_named(
     """The model is loaded on its decoder's thread (``moonshine`` in /proc): any thread the
     library started with it would carry that name too; with one-thread sessions it starts none."""
     assert thread_names().count("moonshine") == 1  # its decoder's; onnxruntime starts none
+
+
+class _WatchedLibrary:
+    """The library, its decode call checked to run under ``NATIVE_CALLS``."""
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+        self.decodes = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lib, name)
+
+    def moonshine_transcribe_stream(self, *arguments: Any) -> int:
+        assert NATIVE_CALLS.locked(), "a decode outside the library's lock"
+        self.decodes += 1
+        return int(self._lib.moonshine_transcribe_stream(*arguments))
+
+
+def three(model: MoonshineModel, samples: np.ndarray) -> list[str]:
+    return [model.transcribe(samples) for _ in range(3)]
+
+
+@on_module_loop
+async def test_two_models_on_two_threads_decode_one_at_a_time(piper: PiperTextToSpeech) -> None:
+    """The library crashes its process (SIGSEGV) when two threads decode at once, even on two
+    models: every native call holds ``NATIVE_CALLS``, and both threads' words are heard."""
+    text = "When does the library open?"
+    pcm = np.frombuffer(await spoken_pcm(piper, text, 16000), np.int16)
+    samples = pcm.astype(np.float32) / 32768.0
+    contents = await asyncio.to_thread(read_verified, default_model_folder())
+    models = [await asyncio.to_thread(MoonshineModel, contents) for _ in range(2)]
+    watched = [_WatchedLibrary(model._lib) for model in models]
+    for model, lib in zip(models, watched, strict=True):
+        model._lib = lib
+    try:
+        heard = await asyncio.gather(*(asyncio.to_thread(three, m, samples) for m in models))
+    finally:
+        for model, lib in zip(models, watched, strict=True):
+            model._lib = lib._lib
+            model.close()
+    assert [lib.decodes for lib in watched] == [3, 3]
+    assert all(words(text) == words(each) for run in heard for each in run)
