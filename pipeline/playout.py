@@ -102,6 +102,55 @@ def _cut_at_word(text: str, chars: int) -> str:
     return text[:space].rstrip() if space > 0 else ""
 
 
+QUIET_LEVEL = 0.003  # RMS of full scale under which a block of a voice's lead-in is quiet
+LEAD_BLOCK_MS = 2
+LEAD_KEEP_MS = 10  # of the quiet before the voice, kept: its onset is not clipped
+LEAD_MAX_TRIM_MS = 200  # more quiet than this is left as it is: a pause meant, not a lead-in
+
+
+class LeadTrimmer:
+    """Drops an answer's quiet lead-in (piper starts each sentence with 40-60 ms of it), so its
+    first frame out is already voice: 16-bit mono PCM in, the same out from the first loud
+    block on, with ``LEAD_KEEP_MS`` before it. Quiet longer than ``LEAD_MAX_TRIM_MS`` goes out
+    untouched; after the first loud block everything passes."""
+
+    def __init__(self, sample_rate_hz: int) -> None:
+        self._block_bytes = sample_rate_hz * LEAD_BLOCK_MS // 500
+        self._keep_bytes = sample_rate_hz * LEAD_KEEP_MS // 500
+        self._max_bytes = sample_rate_hz * LEAD_MAX_TRIM_MS // 500
+        self._held = bytearray()
+        self.trimmed_bytes = 0
+        self.done = False
+
+    def push(self, pcm: bytes) -> bytes:
+        if self.done:
+            return pcm
+        self._held += pcm
+        loud_at = _first_loud_byte(bytes(self._held), self._block_bytes)
+        if loud_at is None and len(self._held) <= self._max_bytes:
+            return b""
+        cut = 0 if loud_at is None else max(0, loud_at - self._keep_bytes)
+        out = bytes(self._held[cut:])
+        self.trimmed_bytes, self.done = cut, True
+        self._held.clear()
+        return out
+
+    def flush(self) -> bytes:
+        """The end of the audio: what is held (all quiet) goes out as it is."""
+        self.done = True
+        out, self._held = bytes(self._held), bytearray()
+        return out
+
+
+def _first_loud_byte(pcm: bytes, block_bytes: int) -> int | None:
+    whole = len(pcm) - len(pcm) % block_bytes
+    if not whole:
+        return None
+    blocks = np.frombuffer(pcm[:whole], np.int16).reshape(-1, block_bytes // 2) / 32768.0
+    loud = np.flatnonzero(np.sqrt(np.mean(blocks * blocks, axis=1)) >= QUIET_LEVEL)
+    return None if not len(loud) else int(loud[0]) * block_bytes
+
+
 class PcmResampler:
     """Streaming 16-bit mono resampling (soxr); a pass-through when the rates match."""
 

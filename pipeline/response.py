@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 from pipeline import events as ev
 from pipeline.chunker import SpeechChunker
 from pipeline.config import EngineConfig
-from pipeline.playout import FrameSlicer, PcmResampler, PlayoutLedger
+from pipeline.playout import FrameSlicer, LeadTrimmer, PcmResampler, PlayoutLedger
 from pipeline.providers import (
     LanguageModel,
     Message,
@@ -272,17 +272,21 @@ class SpokenResponse:
             generated()
 
     async def _speak_chunk(self, text: str, audio: asyncio.Queue[bytes | None]) -> None:
+        """The chunk's speech, resampled; the answer's first chunk without its quiet lead-in
+        (``LeadTrimmer``), so that its first frame out is voice."""
         out_rate_hz = self.config.output_sample_rate_hz
         resampler: PcmResampler | None = None
+        lead = None if self.ledger.total_ms else LeadTrimmer(out_rate_hz)
         speech = synthesize_with(self.tts, text, self.config.voice, self.config.speed)
         stream = timed(speech, self.recorder, self._now)
         async with aclosing(stream):
             async for chunk in stream:
                 self.recorder.mark("first_tts_audio", self._now())
                 resampler = resampler or PcmResampler(chunk.sample_rate_hz, out_rate_hz)
-                self._queue_audio(resampler.push(chunk.pcm), audio)
-        if resampler is not None:
-            self._queue_audio(resampler.flush(), audio)
+                pcm = resampler.push(chunk.pcm)
+                self._queue_audio(pcm if lead is None else lead.push(pcm), audio)
+        tail = b"" if resampler is None else resampler.flush()
+        self._queue_audio(tail if lead is None else lead.push(tail) + lead.flush(), audio)
 
     def _queue_audio(self, pcm: bytes, audio: asyncio.Queue[bytes | None]) -> None:
         if pcm:
