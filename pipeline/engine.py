@@ -9,9 +9,10 @@ I/O layer; knows nothing of WebRTC. Per user turn::
                -> playout, one frame per ``frame_ms`` of real time
 
 Push-to-talk (``turn_detection`` off): no VAD runs; the input is kept (the newest
-``MAX_UNCOMMITTED_INPUT_S`` of it) until ``commit_input()`` makes it a user turn
-(``InputCommitted``, then its transcription). A response waits for the transcriptions of
-the turns committed before it started, so it answers the words just spoken.
+``MAX_UNCOMMITTED_INPUT_S`` of it, through the noise filter when there is one) until
+``commit_input()`` makes it a user turn (``InputCommitted``, then its transcription). A
+response waits for the transcriptions of the turns committed before it started, so it answers
+the words just spoken.
 
 Semantic end of turn (``semantic_vad``): at the pause the end-of-turn model is asked about, the
 stretch of speech so far is transcribed to its end while the model decides, and the turn ends
@@ -312,10 +313,11 @@ class ConversationEngine:
     # --- input ----------------------------------------------------------------------------
 
     def push_audio(self, pcm: bytes) -> None:
-        """16-bit mono PCM at ``input_sample_rate_hz``, any length; never blocks."""
+        """16-bit mono PCM at ``input_sample_rate_hz``, any length; never blocks. Push-to-talk
+        input is kept as it comes, or with a noise filter a frame at a time, filtered."""
         if self._detector is None:
             raise RuntimeError("ConversationEngine.push_audio before start()")
-        if not self.config.turn_detection:
+        if not self.config.turn_detection and self._suppressor is None:
             self._keep_uncommitted(pcm)
             return
         self._pending_input += pcm
@@ -323,7 +325,15 @@ class ConversationEngine:
         while len(self._pending_input) >= frame_bytes:
             frame = bytes(self._pending_input[:frame_bytes])
             del self._pending_input[:frame_bytes]
-            self._on_frame(frame)
+            if self.config.turn_detection:
+                self._on_frame(frame)
+            else:
+                self._keep_uncommitted(self._filtered(frame))
+
+    def _filtered(self, frame: bytes) -> bytes:
+        """The frame as the noise filter leaves it (as it is without one): what the VAD, the
+        speech-to-text and the turn's audio get."""
+        return frame if self._suppressor is None else self._suppressor.process(frame)
 
     def _keep_uncommitted(self, pcm: bytes) -> None:
         self._uncommitted += pcm
@@ -342,6 +352,9 @@ class ConversationEngine:
     def commit_input(self) -> bool:
         """Push-to-talk: the input since the last commit becomes a user turn (its transcription
         starts); False (nothing done) when there is less than ``MIN_COMMIT_MS`` of it."""
+        if self._pending_input and not self.config.turn_detection:  # under a frame: as it is
+            self._keep_uncommitted(bytes(self._pending_input))
+            self._pending_input.clear()
         if self.config.turn_detection or self.uncommitted_ms < MIN_COMMIT_MS:
             return False
         pcm, audio_ms = bytes(self._uncommitted), self.uncommitted_ms
@@ -371,8 +384,7 @@ class ConversationEngine:
 
     def _on_frame(self, frame: bytes) -> None:
         assert self._detector is not None
-        if self._suppressor is not None:  # what the VAD, the STT and the turn's audio get
-            frame = self._suppressor.process(frame)
+        frame = self._filtered(frame)
         heard = self._heard
         events = self._detector.push(frame)
         if self._voiced:

@@ -477,6 +477,36 @@ async def _hear_noisy_question(events: Events, noisy_question: tuple[bytes, int]
     await events.next("response.done")
 
 
+async def test_noise_reduction_filters_push_to_talk_input(
+    events: Events, noisy_question: tuple[bytes, int]
+) -> None:
+    """With turn_detection null the input is filtered too: the committed item's audio (as
+    conversation.item.retrieved gives it) has the noise alone at least 6 dB down (near_field's
+    floor is -12 dB) and the words' power within 3 dB of what was sent."""
+    audio_in = {"turn_detection": None, "noise_reduction": {"type": "near_field"}}
+    session = await _session(events, {"audio": {"input": audio_in}})
+    assert session["audio"]["input"]["turn_detection"] is None, session
+    pcm, words_end_ms = noisy_question
+    await _append(events, pcm)
+    await events.connection.input_audio_buffer.commit()
+    item_id = (await events.next("input_audio_buffer.committed"))["item_id"]
+    await events.connection.conversation.item.retrieve(item_id=item_id)
+    retrieved = (await events.next("conversation.item.retrieved"))["item"]
+    kept = np.frombuffer(base64.b64decode(retrieved["content"][0]["audio"]), np.int16)
+    sent = np.frombuffer(pcm, np.int16)
+    assert abs(len(kept) - len(sent)) <= RATE_HZ // 10, (len(kept), len(sent))
+    noise = slice(RATE_HZ // 2, int(NOISE_ALONE_S * RATE_HZ) - RATE_HZ // 10)  # settled
+    words = slice(int(NOISE_ALONE_S * RATE_HZ), words_end_ms * RATE_HZ // 1000)
+    assert _db(kept[noise]) <= _db(sent[noise]) - 6, (_db(kept[noise]), _db(sent[noise]))
+    assert _db(kept[words]) >= _db(sent[words]) - 3, (_db(kept[words]), _db(sent[words]))
+    assert not events.of("input_audio_buffer.speech_started")  # no VAD ran
+
+
+def _db(samples: np.ndarray[Any, Any]) -> float:
+    """The mean power of PCM16 samples, in dB."""
+    return float(10 * np.log10(np.mean(samples.astype(np.float64) ** 2) + 1e-9))
+
+
 async def test_piper_speaks_faster_at_a_higher_speed() -> None:
     tts = PiperTextToSpeech(PiperConfig(noise_scale=0.0, noise_w_scale=0.0))
     await tts.start()
