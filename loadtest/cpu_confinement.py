@@ -4,8 +4,9 @@ against whatever the load generator left it on a shared machine.
 
 - **cgroup v1** (``/sys/fs/cgroup/cpu`` and ``/sys/fs/cgroup/cpuset`` hierarchies): the quota
   in ``cpu.cfs_quota_us`` per ``cpu.cfs_period_us``, ``cpu.shares`` so the group gets its quota
-  whenever it wants it (a quota only caps), ``cpuset.cpus`` to pin it to cores. A *favoured*
-  group has the highest ``cpu.shares`` and no quota: on a machine shared with other work, what
+  whenever it wants it (a quota only caps; with a cpuset alone, the highest weight gives it
+  its cores before other work), ``cpuset.cpus`` to pin it to cores. A *favoured* group has the
+  highest ``cpu.shares`` and neither quota nor cpuset: on a machine shared with other work, what
   it holds (the load generator and the rest of the stack) runs first.
 - **cgroup v2** (a unified hierarchy whose root lists the ``cpu`` controller): ``cpu.max``
   ("quota period"), ``cpu.weight`` and ``cpuset.cpus``.
@@ -133,8 +134,7 @@ class Confinement:
         if self.limit.cores:
             _write(cpu / "cpu.cfs_period_us", self.limit.period_us)
             _write(cpu / "cpu.cfs_quota_us", self.limit.quota_us)
-        if self.limit.cores or self.limit.favoured:
-            _write(cpu / "cpu.shares", V1_MAX_SHARES)
+        _write(cpu / "cpu.shares", V1_MAX_SHARES)  # it gets what it was given, first
         if self.limit.cpus:
             cpuset = self._make(self.root / "cpuset" / self.name)
             _write(cpuset / "cpuset.mems", (cpuset.parent / "cpuset.mems").read_text().strip())
@@ -146,8 +146,7 @@ class Confinement:
         group = self._make(self.root / self.name)
         if self.limit.cores:
             _write(group / "cpu.max", f"{self.limit.quota_us} {self.limit.period_us}")
-        if self.limit.cores or self.limit.favoured:
-            _write(group / "cpu.weight", V2_MAX_WEIGHT)
+        _write(group / "cpu.weight", V2_MAX_WEIGHT)
         if self.limit.cpus:
             _write(group / "cpuset.cpus", self.limit.cpus)
 
