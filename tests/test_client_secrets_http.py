@@ -148,9 +148,6 @@ async def test_minted_secret_has_expiry_and_carries_the_session(
     assert defaults["expires_at"] - before in range(600, 602 + int(time.time()) - before)
 
 
-LOGPROBS = "item.input_audio_transcription.logprobs"
-
-
 @pytest.mark.parametrize(
     ("body", "status", "code", "param"),
     [
@@ -166,12 +163,6 @@ LOGPROBS = "item.input_audio_transcription.logprobs"
             400,
             "unknown_parameter",
             "session.instructions",
-        ),
-        (
-            {"session": {"type": "transcription", "include": [LOGPROBS]}},
-            400,
-            "invalid_value",
-            "session.include",
         ),
         ({"session": {"tools": {}}}, 400, "invalid_type", "session.tools"),
         ({"session": {"instructions": 7}}, 400, "invalid_type", "session.instructions"),

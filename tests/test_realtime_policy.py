@@ -3,12 +3,21 @@ pure, no process. The same settings are driven end to end in ``test_realtime_set
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from pipeline.config import EngineConfig, NoiseReduction
-from pipeline.providers import ForcedTool, ToolSpec, TranscriptionHints
+from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
+from pipeline.providers import (
+    DIARIZATION,
+    LOGPROBS,
+    ForcedTool,
+    ToolSpec,
+    TranscriptionHints,
+    transcription_details,
+)
 from pipeline.tools import Tool
 from transceiver.realtime.client_events import EventError, SessionConfig
 from transceiver.realtime.policy import SessionPolicy, session_update_from
@@ -93,3 +102,25 @@ def test_a_forced_function_must_be_among_the_tools() -> None:
         POLICY.tools(configured(forced))
     error = refused.value
     assert (error.code, error.param) == ("invalid_value", "session.tool_choice.name")
+
+
+def test_logprobs_and_speakers_are_refused_naming_a_speech_to_text_without_them() -> None:
+    """An offline speech-to-text gives neither: the session asking is refused by its name."""
+    offline = PocketsphinxSpeechToText()
+    details = transcription_details(offline)
+    policy = SessionPolicy(EngineConfig(), stt=offline.name, stt_details=details)
+    logprobs = {"include": ["item.input_audio_transcription.logprobs"]}
+    diarize = {"audio": {"input": {"transcription": {"model": "gpt-4o-transcribe-diarize"}}}}
+    for session, param in [
+        (logprobs, "session.include"),
+        (diarize, "session.audio.input.transcription.model"),
+    ]:
+        with pytest.raises(EventError) as refused:
+            policy.initial(session)
+        assert (refused.value.code, refused.value.param) == ("invalid_value", param)
+        assert offline.name in str(refused.value)
+    openai_stt = frozenset({LOGPROBS, DIARIZATION})
+    config = replace(policy, stt_details=openai_stt).initial(logprobs)
+    assert config.to_json()["include"] == ["item.input_audio_transcription.logprobs"]
+    hints = replace(policy, stt_details=openai_stt).engine_config(config).transcription
+    assert (hints.logprobs, hints.diarize) == (True, False)
