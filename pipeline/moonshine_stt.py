@@ -22,7 +22,9 @@ came after it by the end, that decode is the final: no pass is left to make at t
 
 Threads: ctypes releases the GIL for the native calls. A decoder is one loaded model (~150 MB)
 with one thread of its own (a model handle keeps its transcript between calls, so its calls
-must not overlap); ``workers`` decoders per process, shared by every caller. The library's
+must not overlap), shared by every caller: one per process, whatever ``workers`` says, as the
+library takes one decode at a time (``NATIVE_CALLS``) and a second model's waits would hide in
+the lock instead of showing in the pool's STT stage. The library's
 onnxruntime would size its own intra-op pool by the cores (version 0.0.4 has no option to
 change it), whose threads busy-wait between a decode's operators: a 3 s question cost 0.34-1.1
 CPU-s so, against 0.18-0.27 on the decoder's thread alone (``/proc`` per thread, load 12-17).
@@ -274,7 +276,7 @@ class _Decoder:
 
 
 class MoonshineSpeechToText:
-    """``workers`` decoders shared by every caller; ``load`` (the process pool's STT stage)
+    """One decoder shared by every caller; ``load`` (the process pool's STT stage)
     counts finals waiting for and holding one."""
 
     name = PROVIDER
@@ -288,10 +290,12 @@ class MoonshineSpeechToText:
     async def start(self) -> None:
         folder = Path(self.config.model_dir) if self.config.model_dir else default_model_folder()
         contents = await asyncio.to_thread(read_verified, folder)
-        for _ in range(self.config.workers):
-            decoder = await _Decoder.load(contents)
-            self._all.append(decoder)
-            self._idle.put_nowait(decoder)
+        if self.config.workers > 1:  # NATIVE_CALLS: a second model would only wait, unseen
+            log.info("moonshine: one model for %d workers (one decode at a time per process)",
+                     self.config.workers)  # fmt: skip
+        decoder = await _Decoder.load(contents)
+        self._all.append(decoder)
+        self._idle.put_nowait(decoder)
 
     async def aclose(self) -> None:
         decoders, self._all = self._all, []

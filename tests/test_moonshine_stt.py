@@ -264,3 +264,16 @@ async def test_two_models_on_two_threads_decode_one_at_a_time(piper: PiperTextTo
             model.close()
     assert [lib.decodes for lib in watched] == [3, 3]
     assert all(words(text) == words(each) for run in heard for each in run)
+
+
+@on_module_loop
+async def test_more_workers_still_load_one_model() -> None:
+    """One decode at a time per process (``NATIVE_CALLS``): a second model would only wait in
+    the lock, unseen by the pool's STT stage, and hold ~150 MB."""
+    before = thread_names().count("moonshine")
+    stt = MoonshineSpeechToText(MoonshineConfig(workers=2))
+    await stt.start()
+    try:
+        assert thread_names().count("moonshine") == before + 1
+    finally:
+        await stt.aclose()
