@@ -4,8 +4,9 @@ end-to-end benchmarks.
 Prints progress as it goes, then the tables; writes ``bench-results/bench.json``,
 ``bench-results/bench.png``, ``bench-results/stt.png`` (word error rate and CPU per audio second
 of each speech-to-text) and (the browser's turns by stage, per media path)
-``bench-results/turn-stages.png``. ``--quick`` is a short smoke run of the same code (one failover
-run per figure, no browser).
+``bench-results/turn-stages.png``. ``--quick`` is a short smoke run of the same code (the
+smallest sizes that still measure: one question, one utterance per speech set, one failover run
+per figure; no browser).
 
     .venv/bin/python -m loadtest.bench [--quick] [--out DIR]
 """
@@ -26,7 +27,8 @@ from typing import Any
 from loadtest import report
 from loadtest.bench_relay import RelayBenchSettings, run_relay_bench
 
-QUICK = RelayBenchSettings(flood_s=0.5, repeats=1, worker_counts=(1,), ping_rounds=300)
+# --quick (the smoke test's): every forwarder and path once, each as short as still measures
+QUICK = RelayBenchSettings(flood_s=0.3, repeats=1, clients=8, worker_counts=(1,), ping_rounds=50)
 
 
 class Progress:
@@ -73,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress()
     settings = settings_from(args)
     results = {"machine": machine(), "relay": run_relay_bench(settings, progress)}
-    results["pipeline"] = run_optional(progress, "bench_pipeline", "run_pipeline_bench")
+    results["pipeline"] = run_optional(
+        progress, "bench_pipeline", "run_pipeline_bench", quick=args.quick
+    )
     # offline speech-to-text: Moonshine against pocketsphinx on recorded and piper speech
     results["stt"] = run_optional(
         progress, "bench_stt", "run_stt_bench", quick=args.quick, out=args.out

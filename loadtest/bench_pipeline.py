@@ -173,21 +173,21 @@ async def bench_conversation(
     }
 
 
-async def _run() -> dict[str, Any]:
+async def _run(questions: tuple[str, ...], fewer: int) -> dict[str, Any]:
     tts = PiperTextToSpeech(PiperConfig(noise_scale=0.0, noise_w_scale=0.0))
     stt = PocketsphinxSpeechToText()
     await tts.start()
     await stt.start()
     try:
-        speech = [await speak(tts, text) for text in QUESTIONS]
+        speech = [await speak(tts, text) for text in questions]
         answer = load_knowledge().entries[0].answer
         results: dict[str, Any] = {
-            "VAD CPU per 20 ms frame (us)": round(bench_vad(speech), 1),
+            "VAD CPU per 20 ms frame (us)": round(bench_vad(speech, 20 // fewer), 1),
             "STT (pocketsphinx) CPU per 20 ms frame (us)": round(bench_stt(speech), 1),
             "TTS (piper, 1 thread) CPU per 20 ms of speech (us)": round(
                 await bench_tts(tts, answer), 1
             ),
-            "chunker CPU per token (us)": round(bench_chunker(answer), 2),
+            "chunker CPU per token (us)": round(bench_chunker(answer, 200 // fewer), 2),
         }
         results.update(await bench_conversation(stt, tts, speech))
         return results
@@ -196,8 +196,9 @@ async def _run() -> dict[str, Any]:
         await tts.aclose()
 
 
-def run_pipeline_bench() -> dict[str, Any]:
-    return asyncio.run(_run())
+def run_pipeline_bench(quick: bool = False) -> dict[str, Any]:
+    """``quick``: one question and a tenth of the repeats (a smoke run of the same code)."""
+    return asyncio.run(_run(QUESTIONS[:1] if quick else QUESTIONS, 10 if quick else 1))
 
 
 if __name__ == "__main__":

@@ -158,14 +158,14 @@ async def run_engine(
 
 async def audio_sets(quick: bool) -> dict[str, list[Utterance]]:
     folder = recorded_speech.fetch()
-    recordings = recorded_speech.RECORDINGS[:3] if quick else recorded_speech.RECORDINGS
+    recordings = recorded_speech.RECORDINGS[:1] if quick else recorded_speech.RECORDINGS
     recorded = [
         Utterance(r.name, recorded_speech.read_pcm(r, folder), r.transcript) for r in recordings
     ]
     tts = PiperTextToSpeech(PiperConfig(noise_scale=0.0, noise_w_scale=0.0))
     await tts.start()
     try:
-        sentences = COMPLETE[:3] if quick else COMPLETE
+        sentences = COMPLETE[:1] if quick else COMPLETE
         piper = [Utterance(s, await spoken_pcm(tts, s, RATE_HZ), s) for s in sentences]
     finally:
         await tts.aclose()
@@ -256,7 +256,7 @@ def run_stt_bench(quick: bool = False, out: Path | None = None) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench_stt", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="three utterances per set")
+    parser.add_argument("--quick", action="store_true", help="one utterance per set")
     parser.add_argument("--out", type=Path, default=None, help="write stt.png here")
     args = parser.parse_args(argv)
     run_stt_bench(args.quick, args.out)
