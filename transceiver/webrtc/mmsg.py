@@ -73,11 +73,19 @@ class Datagrams(Protocol):
     def receive(self) -> Received: ...
 
 
+def _libc() -> ctypes.CDLL:
+    """glibc by its soname; else whatever ``find_library`` finds (it runs ldconfig: slower)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 def _libc_functions() -> tuple[Any, Any] | None:
     if not sys.platform.startswith("linux") or struct.calcsize("P") != 8:
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = _libc()
         send, receive = libc.sendmmsg, libc.recvmmsg
     except (OSError, AttributeError):
         return None
