@@ -48,9 +48,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
-from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncGenerator, Callable, Coroutine
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Literal, TypeVar
 
@@ -59,20 +58,16 @@ from pipeline.config import EngineConfig
 from pipeline.end_of_turn import Decision, end_of_turn_asker
 from pipeline.noise_reduction import NoiseSuppressor
 from pipeline.providers import (
-    AudioChunk,
     LanguageModel,
     Message,
     ProviderError,
-    SpeakerSegment,
     SpeechToText,
     TextToSpeech,
-    TokenLogprob,
-    Transcript,
-    transcribe_with,
     with_options,
 )
 from pipeline.resilience import Detour, reporting
-from pipeline.response import HeldEvents, SpokenResponse, timed
+from pipeline.response import SpokenResponse
+from pipeline.stretches import HeardStretches, _complete_with_words, _Heard
 from pipeline.tools import ToolRegistry
 from pipeline.turns import CostEstimator, DecisionTiming, TurnRecorder, free_of_charge
 from pipeline.vad import (
@@ -103,32 +98,7 @@ class _Crash:
     error: BaseException
 
 
-@dataclass(eq=False)
-class _Heard:
-    """A user turn's speech to text: stretches of speech, each transcribed to its end at the
-    pause the end-of-turn model is asked about, their words joined."""
-
-    recorder: TurnRecorder
-    texts: list[str] = field(default_factory=list)  # the stretches' final words
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, when asked for
-    segments: list[SpeakerSegment] = field(default_factory=list)  # theirs, when asked for
-    audio: asyncio.Queue[AudioChunk | None] | None = None  # the open stretch's; None: paused
-    held: list[bytes] = field(default_factory=list)  # frames since the pause
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # a transcription a stretch
-    pending: int = 0  # stretches with no final words yet
-    ended: bool = False  # the turn ended (speech stopped, or committed)
-    failed: bool = False  # a stretch's transcription failed: the turn gets no answer
-    finished: bool = False  # its final transcript is out
-    answer_early: bool = False  # answer the words before this pause while the model decides
-    early: SpokenResponse | None = None  # that answer, held
-    early_task: asyncio.Task[None] | None = None
-
-    @property
-    def words(self) -> str:
-        return " ".join(self.texts)
-
-
-class ConversationEngine:
+class ConversationEngine(HeardStretches):
     def __init__(
         self,
         config: EngineConfig,
@@ -396,16 +366,6 @@ class ConversationEngine:
         for event in events:
             self._on_vad(event)
 
-    def _listen(self, heard: _Heard, frame: bytes) -> None:
-        """The frame goes to the open stretch; after a pause, speech opens the next one."""
-        if heard.audio is not None:
-            heard.audio.put_nowait(AudioChunk(frame, self.config.input_sample_rate_hz))
-            return
-        heard.held.append(frame)
-        if self._voiced:  # the user went on after the pause: its early answer is void
-            self._discard_early(heard)
-            self._open_stretch(heard, heard.held)
-
     def _noting(self, classify: Callable[[bytes], bool]) -> Callable[[bytes], bool]:
         """The detector's classifier, its last answer kept (speech after a pause). While the
         noise filter settles, it hears no speech (webrtcvad still hears the frames and learns
@@ -435,18 +395,6 @@ class ConversationEngine:
 
         return asked
 
-    def _on_pause(self, heard: _Heard) -> None:
-        if heard.audio is None:
-            return
-        heard.audio.put_nowait(None)  # the stretch is transcribed to its end
-        heard.audio, heard.held = None, []
-        config, response = self.config, self._response
-        heard.answer_early = (
-            config.answer_early
-            and config.create_response
-            and (response is None or response.stop_requested)
-        )
-
     def _on_vad(self, event: VadEvent) -> None:
         if isinstance(event, SpeechStarted):
             turn = next(self._turns)
@@ -465,16 +413,6 @@ class ConversationEngine:
                 self._end_heard(heard)
         elif isinstance(event, TurnCommitted) and self._recorder is not None:
             self._recorder.input_audio_s = event.duration_ms / 1000
-
-    def _may_answer_early(self, heard: _Heard) -> bool:
-        """The words before the pause are in, and the pause is as long as a decision's: a
-        breath shorter than that starts no answer (the model is asked, and the words
-        transcribed, sooner: ``VadConfig.ask_pause_ms``), whose synthesis would take the
-        cores from the calls' media for nothing."""
-        if not heard.answer_early or heard.pending or heard.early is not None:
-            return False
-        pause_ms = 0 if self._detector is None else self._detector.pause_ms
-        return pause_ms >= self.config.vad.decision_pause_ms
 
     def _note_decision(self, recorder: TurnRecorder) -> None:
         """How the turn's end was decided: its last voiced frame, the questions its last
@@ -530,80 +468,6 @@ class ConversationEngine:
         if response.frames_out or answer is not None:  # (an answer queued behind another)
             self._emit(ev.OutputCleared(response.response_id, response.played_ms, heard))
 
-    # --- speech to text -------------------------------------------------------------------
-
-    def _open_stretch(self, heard: _Heard, pcms: list[bytes]) -> None:
-        audio: asyncio.Queue[AudioChunk | None] = asyncio.Queue()
-        for pcm in pcms:
-            audio.put_nowait(AudioChunk(pcm, self.config.input_sample_rate_hz))
-        heard.audio, heard.held = audio, []
-        heard.pending += 1
-        name = f"transcription {heard.recorder.turn}"
-        heard.tasks.append(self._spawn(self._transcribe(heard, audio), name))
-
-    def _end_heard(self, heard: _Heard) -> None:
-        """The turn ended: its open stretch is transcribed to its end (responses started from
-        now on wait for it); words already in make the final transcript at once."""
-        heard.ended = True
-        if heard.audio is not None:
-            heard.audio.put_nowait(None)
-        heard.audio, heard.held = None, []
-        for task in heard.tasks:
-            if not task.done():
-                self._commit(task)
-        self._heard_all(heard)
-
-    async def _transcribe(self, heard: _Heard, audio: asyncio.Queue[AudioChunk | None]) -> None:
-        async def utterance() -> AsyncIterator[AudioChunk]:
-            while (chunk := await audio.get()) is not None:
-                yield chunk
-
-        recorder, final = heard.recorder, False
-        try:
-            stt = self._reporting(self.stt, recorder.turn)
-            words = transcribe_with(stt, utterance(), self.config.transcription)
-            transcripts = timed(words, recorder, self._now)
-            async with aclosing(transcripts):
-                async for transcript in transcripts:
-                    final = final or transcript.final
-                    self._on_transcript(heard, transcript)
-        except Exception as error:
-            heard.failed = True
-            self._report(error, recorder.turn)
-        finally:
-            heard.pending -= not final
-        self._heard_all(heard)
-
-    def _on_transcript(self, heard: _Heard, transcript: Transcript) -> None:
-        """A stretch's words: partial ones as the turn's words so far; final ones join them
-        (and so do their logprobs and speaker segments)."""
-        turn, text = heard.recorder.turn, transcript.text.strip()
-        if not transcript.final:
-            words = " ".join([*heard.texts, text]).strip()
-            logprobs = (*heard.logprobs, *transcript.logprobs)
-            segments = (*heard.segments, *transcript.segments)
-            self._emit(ev.InputTranscript(turn, words, False, logprobs, segments))
-            return
-        heard.pending -= 1
-        heard.recorder.mark("stt_final", self._now(), overwrite=True)
-        if text:
-            heard.texts.append(text)
-        heard.logprobs.extend(transcript.logprobs)
-        heard.segments.extend(transcript.segments)
-        if heard.ended:
-            self._heard_all(heard)
-        elif self._may_answer_early(heard):
-            self._answer_early(heard)
-
-    def _heard_all(self, heard: _Heard) -> None:
-        """Once the turn has ended and every stretch is transcribed: the final transcript."""
-        if heard.finished or heard.failed or not heard.ended or heard.pending:
-            return
-        heard.finished = True
-        logprobs, segments = tuple(heard.logprobs), tuple(heard.segments)
-        self._emit(ev.InputTranscript(heard.recorder.turn, heard.words, True, logprobs, segments))
-        self._after_transcript(heard)
-
     def _after_transcript(self, heard: _Heard) -> None:
         recorder, final = heard.recorder, heard.words
         if not final:
@@ -620,53 +484,6 @@ class ConversationEngine:
         elif not self._adopt_early(heard):
             self.history.append(Message("user", final))
             self._start_response(recorder, self.config)
-
-    # --- early answer (semantic_vad: started at the pause, held until the turn ends) -------
-
-    def _answer_early(self, heard: _Heard) -> None:
-        turn = heard.recorder.turn
-        recorder = TurnRecorder(turn, self.stt.name, self.llm.name, self.tts.name)
-        history = [*self.history, Message("user", heard.words)]
-        held = HeldEvents(self._emit)
-        response = self._response_for(recorder, self.config, None, history, held)
-        heard.early = response
-        heard.early_task = self._spawn(self._respond(response), f"early answer {turn}")
-
-    def _adopt_early(self, heard: _Heard) -> bool:
-        """The turn ended on the words the early answer took: it becomes the turn's answer."""
-        response, task = heard.early, heard.early_task
-        said = len(self.history)
-        if (
-            response is None
-            or task is None
-            or task.done()
-            or response.history[:said] != self.history
-        ):
-            self._discard_early(heard)  # (the conversation changed meanwhile)
-            return False
-        heard.early = heard.early_task = None
-        response.recorder.absorb(heard.recorder)
-        if self._recorder is heard.recorder:
-            self._recorder = response.recorder
-        self.history.extend(response.history[said:])  # the user's words, tool calls so far
-        response.history = self.history
-        response.response_id = f"resp_{next(self._responses)}"
-        response.play_after = tuple(self._playing)
-        self._response, self._response_task = response, task
-        assert response.held is not None
-        response.held.release(response.response_id)
-        return True
-
-    def _discard_early(self, heard: _Heard) -> None:
-        response, task = heard.early, heard.early_task
-        heard.early = heard.early_task = None
-        heard.answer_early = False
-        if response is None or task is None:
-            return
-        response.stop()
-        task.cancel()
-        heard.recorder.early_answers_discarded += 1
-        self.early_answers_discarded += 1
 
     def _start_response(
         self, recorder: TurnRecorder, config: EngineConfig, tools: ToolRegistry | None = None
@@ -828,11 +645,3 @@ def _suppressor_for(config: EngineConfig) -> NoiseSuppressor | None:
 def _released(response: SpokenResponse) -> bool:
     """Not an early answer still held (or thrown away)."""
     return response.held is None or response.held.released.is_set()
-
-
-def _complete_with_words(verdict: Verdict, heard: _Heard) -> bool | None:
-    """The model's verdict, "complete" only once the words before the pause are in."""
-    said = verdict()
-    if not said:
-        return said
-    return True if heard.pending == 0 or heard.failed else None
