@@ -67,7 +67,7 @@ from pipeline.providers import (
 )
 from pipeline.resilience import Detour, reporting
 from pipeline.response import SpokenResponse
-from pipeline.stretches import HeardStretches, _complete_with_words, _Heard
+from pipeline.stretches import Heard, HeardStretches, complete_with_words
 from pipeline.tools import ToolRegistry
 from pipeline.turns import CostEstimator, DecisionTiming, TurnRecorder, free_of_charge
 from pipeline.vad import (
@@ -124,7 +124,7 @@ class ConversationEngine(HeardStretches):
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._pending_input = bytearray()
-        self._heard: _Heard | None = None  # the open turn's
+        self._heard: Heard | None = None  # the open turn's
         self._voiced = False  # the last frame the detector heard was speech
         self._last_voiced_s = 0.0  # when that frame came
         self._asked: list[tuple[float, Verdict]] = []  # the pause's questions, and when
@@ -336,7 +336,7 @@ class ConversationEngine(HeardStretches):
         recorder.input_audio_s = audio_ms / 1000
         self._recorder = recorder
         self._emit(ev.InputCommitted(audio_ms, turn, pcm, self.config.input_sample_rate_hz))
-        heard = _Heard(recorder)
+        heard = Heard(recorder)
         self._open_stretch(heard, [pcm])
         self._end_heard(heard)
         return True
@@ -391,7 +391,7 @@ class ConversationEngine(HeardStretches):
             if heard is None:
                 return verdict
             self._on_pause(heard)
-            return partial(_complete_with_words, verdict, heard)
+            return partial(complete_with_words, verdict, heard)
 
         return asked
 
@@ -435,7 +435,7 @@ class ConversationEngine(HeardStretches):
         recorder = TurnRecorder(turn, self.stt.name, self.llm.name, self.tts.name)
         recorder.mark("speech_started", event.at_s)
         self._recorder = recorder
-        self._heard = _Heard(recorder)
+        self._heard = Heard(recorder)
         self._open_stretch(self._heard, [event.prefix_pcm])
 
     def _barge_in(self) -> None:
@@ -468,7 +468,7 @@ class ConversationEngine(HeardStretches):
         if response.frames_out or answer is not None:  # (an answer queued behind another)
             self._emit(ev.OutputCleared(response.response_id, response.played_ms, heard))
 
-    def _after_transcript(self, heard: _Heard) -> None:
+    def _after_transcript(self, heard: Heard) -> None:
         recorder, final = heard.recorder, heard.words
         if not final:
             self._discard_early(heard)

@@ -39,7 +39,7 @@ P = TypeVar("P")
 
 
 @dataclass(eq=False)
-class _Heard:
+class Heard:
     """A user turn's speech to text: stretches of speech, each transcribed to its end at the
     pause the end-of-turn model is asked about, their words joined."""
 
@@ -86,11 +86,11 @@ class HeardStretches:
     _now: Callable[[], float]
     _report: Callable[..., None]
     _reporting: Callable[[P, int], P]
-    _after_transcript: Callable[[_Heard], None]
+    _after_transcript: Callable[[Heard], None]
     _respond: Callable[[SpokenResponse], Coroutine[Any, Any, None]]
     _response_for: Callable[..., SpokenResponse]
 
-    def _open_stretch(self, heard: _Heard, pcms: list[bytes]) -> None:
+    def _open_stretch(self, heard: Heard, pcms: list[bytes]) -> None:
         audio: asyncio.Queue[AudioChunk | None] = asyncio.Queue()
         for pcm in pcms:
             audio.put_nowait(AudioChunk(pcm, self.config.input_sample_rate_hz))
@@ -99,7 +99,7 @@ class HeardStretches:
         name = f"transcription {heard.recorder.turn}"
         heard.tasks.append(self._spawn(self._transcribe(heard, audio), name))
 
-    def _end_heard(self, heard: _Heard) -> None:
+    def _end_heard(self, heard: Heard) -> None:
         """The turn ended: its open stretch is transcribed to its end (responses started from
         now on wait for it); words already in make the final transcript at once."""
         heard.ended = True
@@ -111,7 +111,7 @@ class HeardStretches:
                 self._commit(task)
         self._heard_all(heard)
 
-    async def _transcribe(self, heard: _Heard, audio: asyncio.Queue[AudioChunk | None]) -> None:
+    async def _transcribe(self, heard: Heard, audio: asyncio.Queue[AudioChunk | None]) -> None:
         async def utterance() -> AsyncIterator[AudioChunk]:
             while (chunk := await audio.get()) is not None:
                 yield chunk
@@ -132,7 +132,7 @@ class HeardStretches:
             heard.pending -= not final
         self._heard_all(heard)
 
-    def _on_transcript(self, heard: _Heard, transcript: Transcript) -> None:
+    def _on_transcript(self, heard: Heard, transcript: Transcript) -> None:
         """A stretch's words: partial ones as the turn's words so far; final ones join them
         (and so do their logprobs and speaker segments)."""
         turn, text = heard.recorder.turn, transcript.text.strip()
@@ -153,7 +153,7 @@ class HeardStretches:
         elif self._may_answer_early(heard):
             self._answer_early(heard)
 
-    def _heard_all(self, heard: _Heard) -> None:
+    def _heard_all(self, heard: Heard) -> None:
         """Once the turn has ended and every stretch is transcribed: the final transcript."""
         if heard.finished or heard.failed or not heard.ended or heard.pending:
             return
@@ -162,7 +162,7 @@ class HeardStretches:
         self._emit(ev.InputTranscript(heard.recorder.turn, heard.words, True, logprobs, segments))
         self._after_transcript(heard)
 
-    def _listen(self, heard: _Heard, frame: bytes) -> None:
+    def _listen(self, heard: Heard, frame: bytes) -> None:
         """The frame goes to the open stretch; after a pause, speech opens the next one."""
         if heard.audio is not None:
             heard.audio.put_nowait(AudioChunk(frame, self.config.input_sample_rate_hz))
@@ -172,7 +172,7 @@ class HeardStretches:
             self._discard_early(heard)
             self._open_stretch(heard, heard.held)
 
-    def _on_pause(self, heard: _Heard) -> None:
+    def _on_pause(self, heard: Heard) -> None:
         if heard.audio is None:
             return
         heard.audio.put_nowait(None)  # the stretch is transcribed to its end
@@ -184,7 +184,7 @@ class HeardStretches:
             and (response is None or response.stop_requested)
         )
 
-    def _may_answer_early(self, heard: _Heard) -> bool:
+    def _may_answer_early(self, heard: Heard) -> bool:
         """The words before the pause are in, and the pause is as long as a decision's: a
         breath shorter than that starts no answer (the model is asked, and the words
         transcribed, sooner: ``VadConfig.ask_pause_ms``), whose synthesis would take the
@@ -194,7 +194,7 @@ class HeardStretches:
         pause_ms = 0 if self._detector is None else self._detector.pause_ms
         return pause_ms >= self.config.vad.decision_pause_ms
 
-    def _answer_early(self, heard: _Heard) -> None:
+    def _answer_early(self, heard: Heard) -> None:
         turn = heard.recorder.turn
         recorder = TurnRecorder(turn, self.stt.name, self.llm.name, self.tts.name)
         history = [*self.history, Message("user", heard.words)]
@@ -203,7 +203,7 @@ class HeardStretches:
         heard.early = response
         heard.early_task = self._spawn(self._respond(response), f"early answer {turn}")
 
-    def _adopt_early(self, heard: _Heard) -> bool:
+    def _adopt_early(self, heard: Heard) -> bool:
         """The turn ended on the words the early answer took: it becomes the turn's answer."""
         response, task = heard.early, heard.early_task
         said = len(self.history)
@@ -228,7 +228,7 @@ class HeardStretches:
         response.held.release(response.response_id)
         return True
 
-    def _discard_early(self, heard: _Heard) -> None:
+    def _discard_early(self, heard: Heard) -> None:
         response, task = heard.early, heard.early_task
         heard.early = heard.early_task = None
         heard.answer_early = False
@@ -240,7 +240,7 @@ class HeardStretches:
         self.early_answers_discarded += 1
 
 
-def _complete_with_words(verdict: Verdict, heard: _Heard) -> bool | None:
+def complete_with_words(verdict: Verdict, heard: Heard) -> bool | None:
     """The model's verdict, "complete" only once the words before the pause are in."""
     said = verdict()
     if not said:
