@@ -16,13 +16,18 @@ import asyncio
 import base64
 import json
 import os
-from collections.abc import Iterator
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import pytest
 from agents_sdk import SDK_DIR, NodeUnavailable, node_argv
+from openai.types.realtime import RealtimeServerEvent
 from websocket_harness import heard_words, spoken_question, transceiver_process_with
 
 from deploy.fake_openai import FakeOpenAIServer
@@ -78,9 +83,11 @@ class Run:
         return b"".join(base64.b64decode(piece) for piece in pieces)
 
 
-async def run_script(argv: list[str], options: dict[str, Any]) -> Run:
+async def run_script(
+    argv: list[str], options: dict[str, Any], env: Mapping[str, str] | None = None
+) -> Run:
     process = await asyncio.create_subprocess_exec(
-        *argv, json.dumps(options), cwd=SDK_DIR,
+        *argv, json.dumps(options), cwd=SDK_DIR, env={**os.environ, **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -91,7 +98,8 @@ async def run_script(argv: list[str], options: dict[str, Any]) -> Run:
             process.kill()
             await process.wait()
     run = Run([json.loads(line) for line in out.decode().splitlines()])
-    assert process.returncode == 0, (run.of("failed"), err.decode()[-2000:])
+    kinds = [line["event"]["type"] for line in run.of("event")]
+    assert process.returncode == 0, (run.of("failed"), kinds[-40:], err.decode()[-2000:])
     return run
 
 
@@ -131,3 +139,85 @@ async def test_a_text_message_and_a_spoken_question_through_a_tool(
     assert "weather" in words, words
     (history,) = run.of("history")
     assert history["history"][-1]["content"][0]["transcript"].split()[:2] == ["The", "weather"]
+
+
+# --- openai-node's OpenAIRealtimeWS ---------------------------------------------------------
+
+SERVER_EVENT = pydantic.TypeAdapter(RealtimeServerEvent)
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key (openssl), and the key."""
+    cert, key = directory / "front.pem", directory / "front-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+@asynccontextmanager
+async def tls_in_front(target: str, directory: Path) -> AsyncIterator[tuple[str, Path]]:
+    """TLS in front of ``target`` (``host:port``), as the production ingress puts it before the
+    transceivers (``self_signed``), the bytes copied both ways. Yields the ``https`` base URL
+    and the certificate a client must trust."""
+    cert, key = await asyncio.to_thread(self_signed, directory)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    host, port = target.rsplit(":", 1)
+
+    async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65_536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(
+            copy(reader, up_writer), copy(up_reader, writer), return_exceptions=True
+        )
+
+    server = await asyncio.start_server(tunnel, "127.0.0.1", 0, ssl=context)
+    async with server:
+        yield f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}", cert
+
+
+async def test_openai_nodes_realtime_ws_takes_a_text_and_a_spoken_turn(
+    transceiver: str, question_pcm: Path, tmp_path: Path
+) -> None:
+    """The ``openai`` npm package's ``OpenAIRealtimeWS`` (Node, the ``ws`` package), unchanged
+    but for its client's ``baseURL``: a typed message is answered, and the spoken question is
+    transcribed and answered aloud."""
+    try:
+        argv = node_argv("openai_node_ws.mjs")
+    except NodeUnavailable as exc:
+        pytest.skip(str(exc))
+    async with tls_in_front(transceiver.removeprefix("http://"), tmp_path) as (url, cert):
+        options: dict[str, Any] = {"baseURL": url + "/v1", "apiKey": API_KEY}
+        options |= {"text": "hi there", "questionPcm": str(question_pcm)}
+        options |= {"stepTimeoutMs": STEP_TIMEOUT_S * 1000}
+        run = await run_script(argv, options, {"NODE_EXTRA_CA_CERTS": str(cert)})
+    steps = [step["name"] for step in run.of("step")]
+    assert steps == ["connected", "text answered", "spoken question answered"], run.of("failed")
+    assert run.of("error") == [] and run.events("error") == [], run.of("error")
+    for line in run.of("event"):
+        event = line["event"]
+        if (
+            not event["type"].startswith("voicerelay.")
+            and "output_audio.delta" not in event["type"]
+        ):
+            SERVER_EVENT.validate_python(event)
+    text_answer, spoken_answer = run.events("response.done")
+    assert transcript(text_answer) == ["You", "said:", "hi", "there"]
+    (heard,) = run.events("conversation.item.input_audio_transcription.completed")
+    assert "weather" in heard["transcript"].split(), heard
+    assert transcript(spoken_answer)[:2] == ["You", "said:"], spoken_answer
+    assert "weather" in transcript(spoken_answer), spoken_answer
+    spoken_id = spoken_answer["response"]["id"]
+    audio = run.events("response.output_audio.delta")
+    assert sum(d["delta"] for d in audio if d["response_id"] == spoken_id) > 0
