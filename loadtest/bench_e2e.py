@@ -423,13 +423,42 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
+DECISION_COLUMNS = (
+    ("decision", "turn_decision_ms"),
+    ("to voiced", "to_last_voiced_ms"),
+    ("pause", "pause_ms"),
+    ("after asked", "after_asked_ms"),
+    ("model", "model_total_ms"),
+    ("model cpu", "model_cpu_ms"),
+    ("words", "words_after_asked_ms"),
+)
+
+
+def decision_table(paths: dict[str, dict[str, Any]]) -> str:
+    """Per media path, per turn: the turn decision by stage (``decision_stages``)."""
+    rows = [["path", "turn", *(name for name, _ in DECISION_COLUMNS)]]
+    for path, result in paths.items():
+        for index, turn in enumerate(result.get("per_turn", []), 1):
+            stages = {**(turn.get("decision_stages") or {}), **turn}
+            cells = [stages.get(key) for _, key in DECISION_COLUMNS]
+            rows.append([path, str(index), *("-" if c is None else f"{c:.0f}" for c in cells)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    title = (
+        "The turn decision, ms (end of speech -> speech_stopped): to the last voiced frame"
+        " (uplink, webrtcvad's tail), the pause to the question, after it (the model's run, the"
+        " words: when they were in, after the question)"
+    )
+    return "\n".join([title, *lines])
+
+
 def e2e_report(paths: dict[str, Any], out_dir: Path) -> str:
     """The per-path tables (turns by stage, barge-ins) as text; the stage figure written to
     ``out_dir/turn-stages.png`` when there is anything to draw."""
     from loadtest import figures
 
     measured = {name: result for name, result in paths.items() if "per_turn" in result}
-    parts = [transport.table(measured)]
+    parts = [transport.table(measured), decision_table(measured)]
     for name, result in measured.items():
         if "barge_in" in result:
             parts.append(bargein.text(name, result["barge_in"]))

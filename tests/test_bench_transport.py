@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import bench_bargein, bench_transport, figures
-from loadtest.bench_e2e import e2e_report
+from loadtest.bench_e2e import decision_table, e2e_report
 
 SERVER = {"response": "resp_1", "queued_wait_ms": 12.0, "quiet_lead_ms": 40.0}
 
@@ -89,3 +89,7 @@ def test_the_report_draws_a_stage_stack_per_turn(tmp_path: Path) -> None:
     paths = {"aiortc": {"per_turn": [turn], "receiver": {}}}
     text = e2e_report(paths, tmp_path)
     assert "aiortc" in text and (tmp_path / "turn-stages.png").stat().st_size > 0
+    stages = {"to_last_voiced_ms": 140.0, "pause_ms": 120.0, "after_asked_ms": 110.0}
+    decided = {**turn, "turn_decision_ms": 370.0, "decision_stages": stages}
+    (*_, row) = decision_table({"lean": {"per_turn": [decided]}}).splitlines()
+    assert row.split() == ["lean", "1", "370", "140", "120", "110", "-", "-", "-"]
