@@ -199,6 +199,7 @@ class _Step:
     hist: Hist = field(default_factory=Hist)
     cpu_cores: list[float] = field(default_factory=list)
     throttling: list[dict[str, float]] = field(default_factory=list)  # cgroup cpu.stat reads
+    recovery_s: float = 0.0  # after a failed step: held and settled this much longer
 
     def throttled_share(self) -> float | None:
         """The share of the step's quota periods in which the transceivers were throttled."""
@@ -209,14 +210,16 @@ class _Step:
         return round((last["throttled"] - first["throttled"]) / periods, 3) if periods else None
 
     def measuring(self, now_s: float, settle_s: float) -> bool:
-        return now_s >= self.started_s + settle_s
+        return now_s >= self.started_s + settle_s + self.recovery_s
 
 
 class Knee:
     """Steps of sessions, each held ``step_s``; stops at the first step whose turn p95 passes
     the threshold or that saw any failure, or, with ``refine``, bisects between the highest
     step that held and the lowest that did not until they are ``refine`` sessions apart. The
-    knee is the highest step that held."""
+    knee is the highest step that held. A step after a failed one settles and holds half a step
+    longer: the calls hung up and the turns queued in the overload are not its own (measured:
+    the step right after a failed one failed too, worse than it, while the steps below held)."""
 
     def __init__(self, plan: KneePlan) -> None:
         self.plan = plan
@@ -242,8 +245,9 @@ class Knee:
         if self._step is None:
             if self._index >= len(self._sessions):
                 return None
-            self._step = _Step(self._sessions[self._index], now_s, failures)
-        elif now_s - self._step.started_s >= self._hold_s():
+            recovery_s = self.plan.step_s / 2 if self.steps and not self.steps[-1]["ok"] else 0.0
+            self._step = _Step(self._sessions[self._index], now_s, failures, recovery_s=recovery_s)
+        elif now_s - self._step.started_s >= self._hold_s() + self._step.recovery_s:
             self._finish(failures)
             self._index += 1
             self._plan_next()

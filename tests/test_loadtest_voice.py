@@ -187,18 +187,19 @@ def test_the_faults_section_counts_the_calls_the_kill_cut() -> None:
     assert section["gap_ms"] == {"p50": 1200.0, "p99": 1200.0, "max": 1200.0}
 
 
-def _held(knee: Knee, at_s: float, latencies_ms: list[float]) -> tuple[int, float] | None:
-    """Hold the step ``knee`` asks for now with these turn latencies; the step asked for next."""
+def _held(knee: Knee, at_s: float, hold_s: float, latencies_ms: list[float]) -> Any:
+    """Hold the step ``knee`` asks for at ``at_s`` for ``hold_s`` with these turn latencies
+    (recorded at its end, past any settling); the step asked for next."""
     hist = Hist()
     for ms in latencies_ms:
         hist.record(ms)
-    knee.add({"turn": hist.take()}, at_s + 5)
+    knee.add({"turn": hist.take()}, at_s + hold_s - 1)
     stat = {"periods": 1000.0 * at_s, "throttled": 10.0 * at_s, "throttled_ms": 0.0}
-    for t_s in (at_s + 5, at_s + 9):  # throttled in 10% of the periods over the step
+    for t_s in (at_s + hold_s - 5, at_s + hold_s - 1):  # throttled in 10% of the periods
         server = {"cpu_cores": {"transceiver-0": 0.25}, "throttling": stat}
         knee.sample(server, t_s)
         stat = {k: v + 4000 * (k == "periods") + 400 * (k == "throttled") for k, v in stat.items()}
-    return knee.tick(at_s + 10, 0)
+    return knee.tick(at_s + hold_s, 0)
 
 
 def test_the_knee_bisects_past_the_first_failed_step_in_calls_per_confined_core() -> None:
@@ -207,9 +208,11 @@ def test_the_knee_bisects_past_the_first_failed_step_in_calls_per_confined_core(
     plan = KneePlan([1, 8, 32], step_s=10, settle_s=2, spawn_rate=4, threshold=1.5,
                     baseline_ms=None, refine=1, confined_cores=0.25)  # fmt: skip
     knee = Knee(plan)
-    asked = [knee.tick(0.0, 0)]
-    for i, p95_ms in enumerate([700, 800, 2000, 900, 1500, 1000, 1100]):
-        asked.append(_held(knee, 10.0 * i, [p95_ms]))
+    asked, at_s = [knee.tick(0.0, 0)], 0.0
+    for p95_ms in [700, 800, 2000, 900, 1500, 1000, 1100]:
+        hold_s = 15.0 if knee.steps and not knee.steps[-1]["ok"] else 10.0  # after a failure
+        asked.append(_held(knee, at_s, hold_s, [p95_ms]))
+        at_s += hold_s
     assert [a[0] if a else None for a in asked] == [1, 8, 32, 20, 26, 23, 24, None]
     assert [s["ok"] for s in knee.steps] == [True, True, False, True, False, True, False]
     assert knee.knee is not None and knee.knee["sessions"] == 23
@@ -259,3 +262,21 @@ def test_the_one_call_step_may_hold_longer() -> None:
     _step(knee, 24.0, [700])
     assert knee.tick(25.0, 0) == (8, 4)
     assert knee.tick(34.0, 0) == (8, 4) and knee.tick(35.0, 0) is None
+
+
+def test_a_step_after_a_failed_one_settles_longer() -> None:
+    """After a failed step the next one's first ``settle_s + step_s / 2`` is not measured, and
+    it holds half a step longer."""
+    plan = KneePlan([1, 8], step_s=10, settle_s=2, spawn_rate=4, threshold=1.5,
+                    baseline_ms=500, refine=1)  # fmt: skip
+    knee = Knee(plan)
+    knee.tick(0.0, 0)
+    _step(knee, 5.0, [400])  # holds
+    assert knee.tick(10.0, 0) == (8, 4)
+    _step(knee, 15.0, [2000])  # fails: bisect to 4
+    assert knee.tick(20.0, 0) == (4, 4)
+    _step(knee, 25.0, [5000])  # 5 s in: still settling after the failed step, not counted
+    _step(knee, 29.0, [600])
+    assert knee.tick(34.0, 0) == (4, 4)  # held 15 s, not 10
+    assert knee.tick(35.0, 0) == (6, 4)
+    assert knee.steps[-1]["sessions"] == 4 and knee.steps[-1]["ok"]
