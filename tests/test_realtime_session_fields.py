@@ -406,7 +406,8 @@ async def test_transcription_keywords_and_languages_reach_the_speech_to_text(
         "model": "gpt-transcribe", "prompt": "Astronomy.", "keywords": ["moon", "crater"],
         "languages": ["en"], "delay": "low",
     }  # fmt: skip
-    session = await _session(events, {"audio": {"input": {"transcription": transcription}}})
+    audio_in = {"transcription": transcription, "turn_detection": QUIET_VAD}  # unanswered
+    session = await _session(events, {"audio": {"input": audio_in}})
     assert session["audio"]["input"]["transcription"] == transcription
     for start in range(0, len(question), 9600):
         chunk = question[start : start + 9600]
