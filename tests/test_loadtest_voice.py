@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +27,11 @@ REPORT_KEYS |= {"turns_by_number", "client"}
 RUN_TIMEOUT_S = 240
 
 
-def _scenario(report_dir: Path, *args: str, media_path: str = "") -> dict[str, Any]:
+def _scenario(report_dir: Path, *args: str) -> dict[str, Any]:
     argv = [sys.executable, "-m", "loadtest.voice_scenario", *args]
     argv += ["--processes", "1", "--report-dir", str(report_dir)]
-    env = os.environ | ({"TRANSCEIVER_MEDIA_PATH": media_path} if media_path else {})
     done = subprocess.run(
-        argv, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False, env=env
+        argv, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report: dict[str, Any] = json.loads((report_dir / "voice.json").read_text())
@@ -42,12 +40,9 @@ def _scenario(report_dir: Path, *args: str, media_path: str = "") -> dict[str, A
 
 @pytest.mark.slow
 def test_calls_to_the_offline_pipeline_are_set_up_and_answered(tmp_path: Path) -> None:
-    """Lean client calls (the default) to a transceiver on aiortc's media path (the long call
-    below: lean client, lean transceiver)."""
-    argv = ["--local", "offline", "--calls", "2", "--turns", "2"]
-    report = _scenario(tmp_path, *argv, media_path="aiortc")
+    """Lean client calls (the default) to the lean transceiver (the default)."""
+    report = _scenario(tmp_path, "--local", "offline", "--calls", "2", "--turns", "2")
     assert report["config"]["client"] == "lean"
-    assert report["config"]["media_path"] == "aiortc"
     assert set(report) >= REPORT_KEYS
     assert report["scenario"] == "voice"
     assert report["setup"]["attempted"] == report["setup"]["succeeded"] == 2
