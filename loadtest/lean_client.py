@@ -34,7 +34,14 @@ from typing import Any
 
 import pylibsrtp
 
-from transceiver.webrtc.lean_media import mid_extension, parse_rtp, rtp_header, with_extension
+from transceiver.webrtc.lean_media import (
+    divert_media,
+    mid_extension,
+    parse_rtp,
+    restore_media,
+    rtp_header,
+    with_extension,
+)
 from transceiver.webrtc.rtp_extensions import (
     AUDIO_LEVEL_URI,
     MID_URI,
@@ -113,16 +120,7 @@ class LeanLeg:
         self._level_id = ids.get(AUDIO_LEVEL_URI)
 
     def _hook(self, protocol: Any) -> None:
-        passed_on = protocol.datagram_received
-        on_media = self.on_media
-
-        def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
-            if data and 127 < data[0] < 192:
-                on_media(data)
-            else:
-                passed_on(data, addr)
-
-        protocol.datagram_received = datagram_received
+        divert_media(protocol, self.on_media)
         self._hooked.append(protocol)
 
     def _dtls_state_changed(self) -> None:
@@ -179,9 +177,7 @@ class LeanLeg:
             return
         self.closed = True
         self.media.remove(self)
-        for protocol in self._hooked:
-            vars(protocol).pop("datagram_received", None)  # the class's own again
-        self._hooked.clear()
+        restore_media(self._hooked)
 
 
 class LeanClientMedia:

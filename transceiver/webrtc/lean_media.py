@@ -283,6 +283,27 @@ def rtp_header(marker: bool, payload_type: int, sequence: int, timestamp: int, s
     return _RTP.pack(0x80, second, sequence & 0xFFFF, timestamp & 0xFFFFFFFF, ssrc)
 
 
+def divert_media(protocol: Any, on_media: Callable[[bytes], None]) -> None:
+    """RTP and RTCP (first byte 128-191, RFC 7983) that reach an ICE protocol go to
+    ``on_media``; STUN and DTLS go on to the protocol's own handler."""
+    passed_on = protocol.datagram_received
+
+    def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
+        if data and 127 < data[0] < 192:
+            on_media(data)
+        else:
+            passed_on(data, addr)
+
+    protocol.datagram_received = datagram_received
+
+
+def restore_media(protocols: list[Any]) -> None:
+    """Undo ``divert_media``: each protocol's class handler again; the list is emptied."""
+    for protocol in protocols:
+        vars(protocol).pop("datagram_received", None)
+    protocols.clear()
+
+
 def mid_extension(extension_id: int, mid: str) -> bytes:
     """An RFC 8285 one-byte-header extension block carrying the MID, padded to 32 bits."""
     try:
@@ -746,16 +767,7 @@ class LeanCall:
         self.voice = source
 
     def _hook(self, protocol: Any) -> None:
-        passed_on = protocol.datagram_received
-        on_media = self.on_media
-
-        def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
-            if data and 127 < data[0] < 192:
-                on_media(data)
-            else:
-                passed_on(data, addr)
-
-        protocol.datagram_received = datagram_received
+        divert_media(protocol, self.on_media)
         self._hooked.append(protocol)
 
     def _dtls_state_changed(self) -> None:
@@ -975,9 +987,7 @@ class LeanCall:
             return
         self.closed = True
         self.media.remove(self)
-        for protocol in self._hooked:
-            vars(protocol).pop("datagram_received", None)  # the class's own again
-        self._hooked.clear()
+        restore_media(self._hooked)
         if isinstance(self.voice, PulledVoice):
             self.voice.close()
         for codec in (self._encoder, self._decoder):
