@@ -27,6 +27,9 @@ import struct
 import numpy as np
 import numpy.typing as npt
 
+# struct mmsghdr and struct iovec as numpy records: the transceiver's link declares them
+from transceiver.webrtc.mmsg import HEADER_DTYPE, IOVEC_DTYPE
+
 IP_PKTINFO = 8  # <linux/in.h>; Python 3.11's socket module does not export it
 SO_TIMESTAMPNS = 35  # <asm-generic/socket.h>
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
@@ -35,16 +38,6 @@ PKTINFO_SPACE = 32  # CMSG_SPACE(sizeof(struct in_pktinfo)): 16-byte header + 12
 TIMESTAMP_SPACE = 32  # CMSG_SPACE(sizeof(struct timespec))
 SOCKADDR_IN_BYTES = 16
 
-# struct mmsghdr on x86-64/aarch64 Linux: struct msghdr (56 bytes) + unsigned msg_len, padded.
-HEADER_DTYPE = np.dtype(
-    {
-        "names": ["name", "namelen", "iov", "iovlen", "control", "controllen", "flags", "len"],
-        "formats": ["<u8", "<u4", "<u8", "<u8", "<u8", "<u8", "<i4", "<u4"],
-        "offsets": [0, 8, 16, 24, 32, 40, 48, 56],
-        "itemsize": 64,
-    }
-)
-IOVEC_DTYPE = np.dtype({"names": ["base", "len"], "formats": ["<u8", "<u8"], "itemsize": 16})
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _sendmmsg = _libc.sendmmsg
