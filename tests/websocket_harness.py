@@ -83,12 +83,18 @@ def spoken_question(question: str = "Tell me about the moon.") -> bytes:
     return asyncio.run(speak())
 
 
+LISTENERS_QUIET = bytes(2 * RATE_HZ * 300 // 1000)  # 300 ms of silence before an answer
+
+
 async def heard_words(pcm: bytes) -> list[str]:
-    """The words pocketsphinx recognises in an answer's audio (PCM16 at ``RATE_HZ``)."""
+    """The words pocketsphinx recognises in an answer's audio (PCM16 at ``RATE_HZ``), heard
+    after a quiet moment as a listener hears it: the answer's first chunk comes without its
+    quiet lead-in, and pocketsphinx, given no silence before the first word, mishears it
+    ("The weather" as "whether")."""
     stt = PocketsphinxSpeechToText()
     await stt.start()
     try:
-        finals = await recognised(stt, pcm, RATE_HZ)
+        finals = await recognised(stt, LISTENERS_QUIET + pcm, RATE_HZ)
     finally:
         await stt.aclose()
     return " ".join(finals).split()
