@@ -58,23 +58,31 @@ def barge_ins(page: dict[str, Any]) -> list[dict[str, Any]]:
     stamps = page.get("stamps") or []
     found = []
     for interruption in page["mic"][1::2]:
-        stopped_ms = answer_stopped_ms(page["remote"], interruption[2])
+        next_ms = _first_after(stamps, "output_audio_buffer.started", interruption[2])
+        stopped_ms = answer_stopped_ms(page["remote"], interruption[2], next_ms)
         if stopped_ms is not None and stopped_ms > interruption[2]:  # not silent already
             found.append(_stages(interruption[2], stopped_ms, stamps))
     return found
 
 
-def answer_stopped_ms(remote: Sequence[Sequence[float]], onset_ms: float) -> float | None:
+def answer_stopped_ms(
+    remote: Sequence[Sequence[float]], onset_ms: float, next_answer_ms: float | None = None
+) -> float | None:
     """The answer's last audible moment (Unix ms) if one was playing at ``onset_ms``, else None.
 
     Playing: a remote segment began before the onset and ended at most a pause between two
     sentences before it (``SENTENCE_PAUSE_MS``). Its last audible moment: the end of the last
-    segment that began before ``onset_ms + NEXT_ANSWER_AFTER_MS`` (a pause between sentences
-    ends the meter's segment; the next answer cannot start that soon)."""
+    segment that began before the next answer did (``next_answer_ms``: the page's first
+    ``output_audio_buffer.started`` after the onset; a pause between sentences ends the
+    meter's segment), and at most ``NEXT_ANSWER_AFTER_MS`` after the onset. The interruption's
+    own answer can begin sooner than that: a segment of it is not the old answer's."""
     playing = [s for s in remote if s[2] <= onset_ms <= s[3] + SENTENCE_PAUSE_MS]
     if not playing:
         return None
-    ends = [s[3] for s in remote if playing[0][2] <= s[2] <= onset_ms + NEXT_ANSWER_AFTER_MS]
+    bound_ms = onset_ms + NEXT_ANSWER_AFTER_MS
+    if next_answer_ms is not None:
+        bound_ms = min(bound_ms, next_answer_ms)
+    ends = [s[3] for s in remote if playing[0][2] <= s[2] < bound_ms]
     return max(ends)
 
 

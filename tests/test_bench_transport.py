@@ -70,6 +70,25 @@ def test_a_barge_in_is_split_from_onset_to_the_answer_s_last_audible_sample() ->
     assert "1 of 3 fell inside an answer" in bench_bargein.text("lean", summary)
 
 
+def test_the_interruptions_own_answer_is_not_counted_as_the_old_ones() -> None:
+    def segment(start_s: float, end_s: float) -> list[float]:  # context s, then Unix ms
+        return [start_s, end_s, 1_000_000 + 1000 * start_s, 1_000_000 + 1000 * end_s]
+
+    # the old answer stops 80 ms after the onset at 6 s; the interruption's own answer starts
+    # (its output_audio_buffer.started at 6.9 s) and is heard from 6.95 s, within 1.2 s
+    remote = [segment(3, 6.08), segment(6.95, 9.5)]
+    stamps = [
+        ["input_audio_buffer.speech_started", 1_006_040.0],
+        ["output_audio_buffer.cleared", 1_006_045.0],
+        ["output_audio_buffer.started", 1_006_900.0],
+    ]
+    page = {"mic": [segment(1, 2), segment(6, 6.8)], "remote": remote, "stamps": stamps}
+    (found,) = bench_bargein.barge_ins(page)
+    assert found["onset_to_stopped_ms"] == 80.0 and found["drain_ms"] == 35.0
+    # without the page's stamp, the old bound (1.2 s after the onset) would take both
+    assert bench_bargein.answer_stopped_ms(remote, 1_006_000.0) == 1_009_500.0
+
+
 def test_the_report_draws_a_stage_stack_per_turn(tmp_path: Path) -> None:
     turn = {
         "e2e_ms": 1200.0,
