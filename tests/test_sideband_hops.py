@@ -10,6 +10,9 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.requests import Request
 
@@ -17,6 +20,8 @@ from deploy.redis_server import RedisServer, redis_server_binary
 from deploy.waiting import poll
 from relay.wire.redis_config import RedisConfig
 from relay.wire.ufrag import Keyring
+from transceiver.http.app import create_app
+from transceiver.http.auth import AuthConfig, Authenticator
 from transceiver.http.hop_signature import (
     HOP_TTL_S,
     HopError,
@@ -39,6 +44,8 @@ from transceiver.store.sideband_directory import (
     owner_key,
     previous_release_key,
 )
+from transceiver.webrtc.calls import CallLimits, Calls
+from transceiver.webrtc.link import Link
 from transceiver.workers.seats import Seat
 
 OLD, NEW = Keyring(1, {1: b"o" * 32}), Keyring(2, {2: b"n" * 32, 1: b"o" * 32})
@@ -274,3 +281,27 @@ async def test_forwarded_hang_ups_share_the_forwarder_s_kept_alive_connection() 
         b"/v1/realtime/calls/rtc_2",
     ]
     assert all(b"x-voicerelay-hop: 1.1.5.x" in head and AUTH.encode() in head for head in heads)
+
+
+def test_an_app_closes_the_forwarder_it_made_when_its_lifespan_ends() -> None:
+    """``create_app`` without a forwarder makes its own and closes it as it stops; one it is
+    given stays its caller's to close."""
+    given = OwnerForwarder()
+    apps = [app_with(None), app_with(given)]
+    for app in apps:
+        with TestClient(app) as client:  # the lifespan: started, then ended
+            assert client.get("/livez").status_code == 200
+            assert not app.state.forwarder.closed
+    assert apps[0].state.forwarder.closed
+    assert not given.closed
+    asyncio.run(given.aclose())
+
+
+def app_with(forwarder: OwnerForwarder | None) -> FastAPI:
+    """The transceiver's app over calls that run nothing and a link never started."""
+    registry = CollectorRegistry()
+    calls = Calls(None, CallLimits(capacity=1, connect_timeout_s=1.0), registry, None)  # type: ignore[arg-type]
+    link = Link(("127.0.0.1", 0), OLD)
+    return create_app(
+        calls, link, registry, Authenticator(AuthConfig("off", None)), forwarder=forwarder
+    )

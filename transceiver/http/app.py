@@ -48,7 +48,8 @@ without it, see ``persistence``); it turns 503 ``task_failing`` when an owned lo
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -172,9 +173,16 @@ def create_app(
     forwarder: OwnerForwarder | None = None,
 ) -> FastAPI:
     """``forwarder``: the client hang-ups for calls running elsewhere go on with, its caller's
-    to close (without one, the app makes its own, closed with the process)."""
-    forwarder = forwarder or OwnerForwarder()
-    app = FastAPI(title="voicerelay transceiver", docs_url=None, redoc_url=None)
+    to close. Without one the app makes its own (``app.state.forwarder``) and closes it when
+    its lifespan ends: served with the lifespan off (as ``transceiver.__main__`` serves it),
+    pass one and close it."""
+    owned: OwnerForwarder | None = None
+    if forwarder is None:
+        forwarder = owned = OwnerForwarder()
+    app = FastAPI(
+        title="voicerelay transceiver", docs_url=None, redoc_url=None, lifespan=_closing(owned)
+    )
+    app.state.forwarder = forwarder
     registry.register(LinkCollector(link))
     limits = rate_limits or RateLimiting(RateLimitPolicy(), None)  # transceiver.http.rate_limiting
     registry.register(RateLimitCollector(limits))
@@ -247,6 +255,22 @@ def create_app(
     store = None if records is None else records.store
     add_call_records(app, lambda request: _authorise(auth.check_api_key, request), store)
     return app
+
+
+def _closing(
+    owned: OwnerForwarder | None,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's lifespan: at its end, the forwarder it made is closed."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if owned is not None:
+                await owned.aclose()
+
+    return lifespan
 
 
 def _hop_stage(owners: OwnerRouting, call_id: str, request: Request) -> str | None:

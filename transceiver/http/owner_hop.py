@@ -87,7 +87,8 @@ class OwnerForwarder:
     """The one HTTP client a process forwards follow-ups to their owners with (a hang-up that
     landed on the wrong transceiver): its connections kept alive between hang-ups, at most
     ``MAX_FORWARD_CONNECTIONS``, every step bounded (``CONNECT_TIMEOUT_S``, then
-    ``FORWARD_TIMEOUT_S``). Its owner (``transceiver.__main__``) closes it at shutdown."""
+    ``FORWARD_TIMEOUT_S``). Its owner closes it at shutdown: ``transceiver.__main__``, or the
+    app that made its own (``app.create_app``, at the end of its lifespan)."""
 
     def __init__(self) -> None:
         timeout = httpx.Timeout(FORWARD_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
@@ -99,6 +100,10 @@ class OwnerForwarder:
     ) -> Response | None:
         """``forward_request`` on the shared client."""
         return await forward_request(self._http, request, address, hop)
+
+    @property
+    def closed(self) -> bool:
+        return self._http.is_closed
 
     async def aclose(self) -> None:
         await self._http.aclose()
