@@ -42,7 +42,7 @@ from websocket_harness import EventLog
 
 from deploy.processes import Stack
 from deploy.redis_server import RedisServer, redis_server_binary
-from deploy.waiting import poll
+from deploy.waiting import eventually, poll
 from loadtest.browser import chromium, recorded_audio
 from loadtest.realtime_client import (
     TOKEN_HEADER,
@@ -391,18 +391,28 @@ async def test_an_earlier_call_s_id_reaches_its_session_resumed_on_another_trans
     running: Running, peer: RealtimeClient
 ) -> None:
     """A Realtime call on A, resumed by a new call on B: a sideband naming the first call's id,
-    landing on A, reaches the session on B (the call's record names the session, its lease B)."""
+    landing on A, reaches the session on B (the call's record names the session, its lease B);
+    so does a hang-up naming it, once A's call has ended: it ends the call on B."""
     first = await answered_call(running, peer)
     first_id = first.headers["Location"].rsplit("/", 1)[1]
     resume = {name: first.headers[name] for name in (SESSION_HEADER, TOKEN_HEADER)}
     resumed = RealtimeClient()
+    base_a, base_b = running.stack.base_url(0), running.stack.base_url(1)
     try:
         second_id = await realtime_call(running, resumed, 1, resume)
         assert second_id != first_id
-        async with sdk(running.stack.base_url(0)).realtime.connect(call_id=first_id) as connection:
+        async with sdk(base_a).realtime.connect(call_id=first_id) as connection:
             await connection.session.update(session={"type": "realtime", "instructions": "Hi."})
             assert (await RealtimeSideband(connection).next("session.updated"))["session"]
             await resumed.wait_for("session.updated")  # the resumed call's client is told
+        await peer.wait_for("error", lambda e: e["error"]["code"] == "session_taken_over")
+        await eventually(lambda: peer.pc.connectionState in ("closed", "failed"), TURN_TIMEOUT_S,
+                         "A to hang up the call it lost")  # fmt: skip
+        async with httpx.AsyncClient(timeout=30) as http:
+            hung_up = await http.delete(f"{base_a}/v1/realtime/calls/{first_id}", headers=AUTH)
+            gone = await http.delete(f"{base_b}/v1/realtime/calls/{second_id}", headers=AUTH)
+        assert hung_up.status_code == 204, hung_up.text  # through A, the call on B ended
+        assert (gone.status_code, gone.json()["error"]["code"]) == (404, "call_not_found")
     finally:
         await resumed.close()
 

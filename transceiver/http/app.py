@@ -13,8 +13,9 @@ sideband attaches at ``/v1/live/sessions/{id}/attach``). ``POST /v1/live/session
 session over WebRTC (``live_calls``: a call, made and run as the Realtime ones below).
 ``POST /v1/realtime/client_secrets`` mints a short-lived ``ek_`` secret (see ``auth``).
 ``GET /v1/calls`` and ``GET /v1/calls/{id}`` read call records (``calls_api``). The web
-client (``transceiver/http/static``) is served at ``/`` and ``/static/``. SIP call control and
-translation sessions are refused by name (``refusals``). Every error is JSON:
+client (``transceiver/http/static``) is served at ``/`` and ``/static/``. Realtime translation
+sessions (``/v1/realtime/translations``, its client secrets) are ``translation_websocket``'s;
+SIP call control is refused by name (``refusals``). Every error is JSON:
 ``{"error": {"type": ..., "code": ..., "message": ..., "param": ...}}``.
 
 Session survival (when Redis is configured): the 201 answer carries ``X-Voicerelay-Session``
@@ -34,7 +35,9 @@ hang-up for a call that runs on another worker of the pod, or on another transce
 forwarded to it as a sideband is (``owner_routing``: the call id names its worker, the
 directory its transceiver; a signed hop, never forwarded again; a hop header that does not
 verify is ``403 invalid_hop``), and the owner's answer is the caller's (a worker of the pod
-that does not answer: ``503 worker_unavailable``). A session resumes
+that does not answer: ``503 worker_unavailable``). A hang-up naming an earlier call of a
+session resumed since ends the call that runs the session now, as a sideband naming that
+call reaches it. A session resumes
 through its own contract's endpoint only (a GPT-Live session at ``POST /v1/live/sessions``, a
 Realtime one here): the other answers 409 ``session_contract_mismatch``. A transcription
 session resumes here too, by a request that asks for one (an ``ek_`` secret minted for a
@@ -82,6 +85,10 @@ from transceiver.http.rate_limiting import (
 )
 from transceiver.http.refusals import add_refusals
 from transceiver.http.sideband import Sidebands
+from transceiver.http.translation_websocket import (
+    add_translation_secrets,
+    add_translation_websocket,
+)
 from transceiver.http.websocket import Refused, WebSocketSessions, add_realtime_websocket
 from transceiver.http.worker_routing import WorkerRouting
 from transceiver.live.contract import LIVE_CONTRACT
@@ -197,6 +204,8 @@ def create_app(
     sidebands = Sidebands(calls, auth, sideband_directory, hops, seat)
     add_realtime_websocket(app, calls, auth, websocket_sessions, sidebands.attach_realtime, limits)
     add_live_websocket(app, calls, auth, websocket_sessions, sidebands, limits)
+    add_translation_websocket(app, calls, auth, websocket_sessions, limits)
+    add_translation_secrets(app, auth, limits, _ttl_s)
     add_live_calls(
         app,
         calls,
@@ -241,7 +250,7 @@ def create_app(
         await _authorised_call(auth, request)
         try:
             came = _hop_stage(sidebands.owners, call_id, request)
-            if await calls.hangup(call_id):
+            if await calls.hangup(call_id) or await _hang_up_resumed(sidebands, calls, call_id):
                 return Response(status_code=204)
             return await _hang_up_at_owner(sidebands.owners, forwarder, call_id, request, came)
         except Refused as refused:  # a hop that does not verify, no owner, no directory
@@ -249,7 +258,7 @@ def create_app(
 
     app.add_api_route(CALLS_PATH + "/{call_id}", hangup, methods=["DELETE"])
     app.add_api_route(CALLS_PATH + "/{call_id}/hangup", hangup, methods=["POST"])
-    add_refusals(app, CALLS_PATH)  # SIP call control and translation sessions, by name
+    add_refusals(app, CALLS_PATH)  # SIP call control, by name
     _add_health(app, calls, registry, persistence, routing)
     records = None if persistence is None else persistence.records
     store = None if records is None else records.store
@@ -271,6 +280,13 @@ def _closing(
                 await owned.aclose()
 
     return lifespan
+
+
+async def _hang_up_resumed(sidebands: Sidebands, calls: Calls, call_id: str) -> bool:
+    """Hang up the call here that runs the session an earlier call ``call_id`` ran (resumed
+    here since), as a sideband naming that call reaches it; False when there is none."""
+    running = await sidebands.resumed_call(call_id)
+    return running is not None and await calls.hangup(running.call_id)
 
 
 def _hop_stage(owners: OwnerRouting, call_id: str, request: Request) -> str | None:

@@ -150,8 +150,12 @@ class Sidebands:
         return Target(call.agent, call.ended)
 
     async def _resumed(self, call_id: str) -> Target | None:
-        """The call here that runs the session an earlier call ``call_id`` ran (a hop came
-        for it: the session was resumed here), or None."""
+        call = await self.resumed_call(call_id)
+        return None if call is None else self._realtime(call.call_id)
+
+    async def resumed_call(self, call_id: str) -> Call | None:
+        """The call here that runs the session an earlier call ``call_id`` ran (the session
+        was resumed here; a sideband or a hang-up names the earlier call), or None."""
         if self._directory is None:
             return None
         try:
@@ -159,7 +163,7 @@ class Sidebands:
         except StoreUnavailableError:
             return None
         call = None if session_id is None else self._by_session.get(session_id)
-        return None if call is None else self._realtime(call.call_id)
+        return None if call is None or call.ended.is_set() else call
 
     async def _attach(self, websocket: WebSocket, kind: Kind, target_id: str) -> None:
         upstream: ClientConnection | None = None
