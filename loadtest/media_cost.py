@@ -7,7 +7,8 @@ Opus, a packet every 20 ms, speech or silence) each asking a question every ``--
 (8 s; later if its last turn is not over, so that the work per call-second does not follow the
 latency), and, after ``--warmup-s``, a window of ``--window-s`` over which the transceiver's CPU
 is read from /proc per thread (utime + stime of ``/proc/PID/task/*/stat``: native threads of
-onnxruntime, BLAS or libopus show up by name) and of its child processes. The primary figure
+onnxruntime, BLAS or libopus show up by name) and of its child processes, and how often its
+main thread (the event loop) slept and woke (``main_thread_wakeups_per_s``). The primary figure
 is ``cpu_ms_per_call_s`` (1000 / it = calls per core); beside it the turn latency (speech end
 -> the answer's first loud packet, at the client) of the turns answered in the window, failed
 turns, and ``/proc/loadavg`` before and after (the machine is shared).
@@ -119,6 +120,16 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     return by_name
 
 
+def main_thread_sleeps(pid: int) -> int:
+    """How often ``pid``'s main thread has blocked (its voluntary context switches): for an
+    event loop, about one per wake-up, whose CPU a timing of Python code does not see."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in (PROC / str(pid) / "task" / str(pid) / "status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
+
+
 def load_average() -> str:
     with contextlib.suppress(OSError):
         return (PROC / "loadavg").read_text().strip()
@@ -198,12 +209,14 @@ async def measure_calls(
             await asyncio.sleep(warmup_s)  # a measuring window's start, not a synchronisation
             packets_before = await lean_packets(http, metrics_url)  # its CPU outside the window
             before, load_before, began = thread_cpu_s(pid), load_average(), time.monotonic()
+            sleeps_before = main_thread_sleeps(pid)
             window.open = True
             if samples is not None:
                 os.kill(pid, signal.SIGUSR1)  # loadtest.stack_sampler: start
             await asyncio.sleep(window_s)  # the window itself
             window.open = False
             after, wall_s = thread_cpu_s(pid), time.monotonic() - began
+            sleeps = main_thread_sleeps(pid) - sleeps_before
             packets_after = await lean_packets(http, metrics_url)
             if samples is not None:
                 os.kill(pid, signal.SIGUSR2)  # stop and write
@@ -216,6 +229,7 @@ async def measure_calls(
                 await call.close()
             metronome.close()
     figures = _figures(calls, before, after, wall_s, window, load_before)
+    figures["main_thread_wakeups_per_s"] = round(sleeps / wall_s, 1)
     for kind, count in packets_after.items():  # the load the CPU carried: ~50 in a second
         moved = count - packets_before.get(kind, 0.0)
         figures[f"lean_{kind}_per_call_s"] = round(moved / (calls * wall_s), 1)

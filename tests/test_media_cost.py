@@ -13,7 +13,7 @@ from pathlib import Path
 from types import CodeType
 
 from deploy.waiting import eventually
-from loadtest.media_cost import stage_shares, thread_cpu_s
+from loadtest.media_cost import main_thread_sleeps, stage_shares, thread_cpu_s
 from loadtest.stack_sampler import collapsed, inclusive, parse, top_leaves
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +58,14 @@ def test_thread_cpu_names_the_main_thread_of_the_process() -> None:
     used = thread_cpu_s(os.getpid())
     assert "main" in used and all(seconds >= 0 for seconds in used.values())
     assert thread_cpu_s(2**22 + 1) == {}  # no such process: nothing, not an error
+
+
+async def test_main_thread_sleeps_count_an_event_loop_waking() -> None:
+    before = main_thread_sleeps(os.getpid())
+    for _ in range(3):
+        await asyncio.sleep(0.01)  # three timer wake-ups of this loop, what is counted
+    assert main_thread_sleeps(os.getpid()) >= before + 3
+    assert main_thread_sleeps(2**22 + 1) == 0
 
 
 async def test_the_sampler_writes_the_stacks_of_a_busy_process_between_its_signals(
