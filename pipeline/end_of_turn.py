@@ -65,6 +65,11 @@ class Decision:
         scored = self.scored
         return False if scored is None else scored.complete
 
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """``callback()`` once the verdict is in, on the decision thread (at once, on the
+        caller's, if it already is)."""
+        self._future.add_done_callback(lambda _: callback())
+
     @property
     def scored(self) -> Scored | None:
         if not self._future.done():

@@ -391,6 +391,7 @@ class ConversationEngine(HeardStretches):
             if heard is None:
                 return verdict
             self._on_pause(heard)
+            self._watch_verdict(verdict, heard)
             return partial(complete_with_words, verdict, heard)
 
         return asked

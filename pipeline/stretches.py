@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from pipeline import events as ev
 from pipeline.config import EngineConfig
+from pipeline.end_of_turn import Decision
 from pipeline.providers import (
     AudioChunk,
     LanguageModel,
@@ -75,7 +76,9 @@ class HeardStretches:
     early_answers_discarded: int
     _voiced: bool
     _detector: TurnDetector | None
+    _asked: list[tuple[float, Verdict]]  # the pause's questions to the model (raw verdicts)
     _recorder: TurnRecorder | None
+    _heard: Heard | None
     _response: SpokenResponse | None
     _response_task: asyncio.Task[None] | None
     _playing: dict[asyncio.Task[None], SpokenResponse]
@@ -184,15 +187,38 @@ class HeardStretches:
             and (response is None or response.stop_requested)
         )
 
+    def _watch_verdict(self, verdict: Verdict, heard: Heard) -> None:
+        """The model's verdict reaches the event loop as soon as it is in: a "complete" starts
+        the early answer then, not on the next frame."""
+        if not isinstance(verdict, Decision):
+            return  # (a verdict that is no Decision answers on the next frame's poll)
+        loop = asyncio.get_running_loop()
+
+        def arrived() -> None:
+            try:
+                loop.call_soon_threadsafe(self._verdict_in, heard)
+            except RuntimeError:  # the loop is closed: the call is over, nothing to answer
+                return
+
+        verdict.when_done(arrived)
+
+    def _verdict_in(self, heard: Heard) -> None:
+        if heard is self._heard and not heard.ended and self._may_answer_early(heard):
+            self._answer_early(heard)
+
     def _may_answer_early(self, heard: Heard) -> bool:
-        """The words before the pause are in, and the pause is as long as a decision's: a
-        breath shorter than that starts no answer (the model is asked, and the words
-        transcribed, sooner: ``VadConfig.ask_pause_ms``), whose synthesis would take the
-        cores from the calls' media for nothing."""
+        """The words before the pause are in, and either the pause is as long as a decision's
+        or the model, asked ahead (``VadConfig.ask_pause_ms``), already said the user is done:
+        then the turn ends where the pause reaches the decision's, and the answer and its first
+        chunk's speech are made meanwhile. A breath the model heard as "not yet" and shorter
+        than a decision's pause starts no answer, whose synthesis would take the cores from the
+        calls' media for nothing."""
         if not heard.answer_early or heard.pending or heard.early is not None:
             return False
         pause_ms = 0 if self._detector is None else self._detector.pause_ms
-        return pause_ms >= self.config.vad.decision_pause_ms
+        return pause_ms >= self.config.vad.decision_pause_ms or (
+            pause_ms > 0 and any(verdict() for _, verdict in self._asked)
+        )
 
     def _answer_early(self, heard: Heard) -> None:
         turn = heard.recorder.turn
