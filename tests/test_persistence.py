@@ -13,14 +13,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from test_image_parts import data_url, png_bytes
 
 from deploy.redis_server import RedisServer, redis_server_binary
 from deploy.waiting import eventually
-from pipeline.providers import Message
+from pipeline.providers import ImagePart, Message
 from relay.wire.redis_config import RedisConfig
+from transceiver.realtime.server_events import stored_item_bodies
 from transceiver.store.errors import SessionNotFoundError, StoreError
-from transceiver.store.journal import SessionJournal
-from transceiver.store.keys import SessionState
+from transceiver.store.journal import SessionJournal, item_to_message
+from transceiver.store.keys import SessionState, image_ref
 from transceiver.store.persistence import SessionPersistence
 from transceiver.store.sessions import RedisSessionStore
 from transceiver.store.survival import SurvivalPolicy
@@ -54,13 +56,19 @@ def redis_args() -> tuple[str, ...]:
 
 
 @pytest.fixture
+def image_bytes() -> int:
+    return SurvivalPolicy().session_image_bytes
+
+
+@pytest.fixture
 async def persistence(
-    tmp_path: Path, max_pending: int, redis_args: tuple[str, ...]
+    tmp_path: Path, max_pending: int, redis_args: tuple[str, ...], image_bytes: int
 ) -> AsyncIterator[tuple[SessionPersistence, RedisServer]]:
     server = RedisServer(tmp_path, "redis", redis_args).start()
     try:
         async with RedisSessionStore.from_config(fresh_config(server)) as store:
-            persistence = SessionPersistence(store, SurvivalPolicy(max_pending_writes=max_pending))
+            policy = SurvivalPolicy(max_pending_writes=max_pending, session_image_bytes=image_bytes)
+            persistence = SessionPersistence(store, policy)
             await persistence.start()
             try:
                 yield persistence, server
@@ -244,3 +252,62 @@ async def stored_as(
 ) -> bool:
     state = await stored(store, session_id)
     return state is not None and spoken(state) == items
+
+
+IMAGES = [ImagePart(data_url(png_bytes(side, side)), "low") for side in (3, 4, 5)]
+
+
+@pytest.mark.parametrize("image_bytes", [len(IMAGES[0].data_url) + len(IMAGES[2].data_url)])
+async def test_images_are_stored_beside_their_items_the_oldest_dropped_past_the_budget(
+    persistence: tuple[SessionPersistence, RedisServer],
+) -> None:
+    """Images are stored once each (by ref) with the session's TTL, and a session resumed on
+    another transceiver gets them back in its items; past the budget the oldest are dropped
+    (logged, counted) and their items resume without them; a deleted item's image leaves."""
+    manager, server = persistence
+    store, session_id, journal = await new_session(manager)
+    a, b, c = IMAGES
+    history = [
+        Message("user", "Look at this.", images=(a,)),
+        Message("assistant", "A grey square."),
+        Message("user", "And these?", images=(b, a)),  # a again: newer than b
+        Message("user", "", images=(c,)),  # an image alone
+    ]
+    journal.history(history)
+    await eventually(lambda: stored_items(store, session_id, 4), 5.0, "the items stored")
+    assert manager.images_dropped == 1  # b: c and a fill the budget
+    other = SessionPersistence(store, SurvivalPolicy())  # another transceiver, the same Redis
+    await other.start()
+    try:
+        await resumed_with_images(other, server, session_id, journal.credential)
+    finally:
+        await other.aclose(flush_timeout_s=1.0)
+
+
+async def resumed_with_images(
+    other: SessionPersistence, server: RedisServer, session_id: str, credential: str
+) -> None:
+    a, _, c = IMAGES
+    resumed, state = await other.resume(session_id, credential)
+    messages = [item_to_message(item) for item in state.items]
+    assert [m.images for m in messages] == [(a,), (), (a,), (c,)]
+    assert state.images_missing == 1
+    bodies = [stored_item_bodies(item)[0]["content"] for item in state.items]
+    image_part = {"type": "input_image", "image_url": c.data_url, "detail": "low"}
+    assert bodies[3] == [image_part], bodies[3]
+    assert bodies[2][0] == {"type": "input_text", "text": "And these?"}, bodies[2]
+    assert [part["type"] for part in bodies[2]] == ["input_text", "input_image"]
+    with server.client() as client:
+        (images_key,) = client.keys(f"*:sess:{{{session_id}}}:images")
+        meta_key = images_key.replace(b":images", b":meta")
+        assert 0 < client.pttl(images_key) <= client.pttl(meta_key) + 1000  # the session's TTL
+    assert images_are(server, images_key, {a, c})  # each once
+    resumed.history(messages)  # as the resumed session starts
+    resumed.history(messages[:3])  # the image alone deleted: c leaves, b is gone for good
+    await eventually(lambda: images_are(server, images_key, {a}), 5.0, "c deleted")
+    assert not resumed.behind and not resumed.lost
+
+
+def images_are(server: RedisServer, key: bytes, images: set[ImagePart]) -> bool:
+    with server.client() as client:
+        return set(client.hkeys(key)) == {image_ref(i.data_url).encode() for i in images}

@@ -123,6 +123,7 @@ async def test_every_key_expires(server: RedisServer) -> None:
     async with RedisSessionStore.from_config(config) as store:
         lease, _ = await new_session(store)
         await store.append_item(lease, item(1))
+        await store.store_images(lease, ["ref1"], {"ref1": "data:image/png;base64,AA=="})
         await store.advance_turn(lease, 1)
     with server.client() as client:
         keys = client.keys(f"{config.key_prefix}:*")

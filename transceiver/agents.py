@@ -22,7 +22,7 @@ from relay.wire.redis_config import RedisConfig
 from transceiver.config import TransceiverConfig
 from transceiver.http.app import Resume, SessionDescriber
 from transceiver.http.websocket import WebSocketSessions
-from transceiver.metrics import LeaseCollector, RedisHealthCollector
+from transceiver.metrics import LeaseCollector, RedisHealthCollector, StoredImagesCollector
 from transceiver.realtime.client_events import EventError
 from transceiver.store.persistence import SessionPersistence, open_persistence
 from transceiver.webrtc.calls import AgentFactory, AgentRequestError, CallAgent
@@ -59,6 +59,7 @@ async def open_agents(
         if persistence is not None:
             registry.register(RedisHealthCollector(persistence.health.down_for_s))
             registry.register(LeaseCollector(persistence.heartbeat.held_count))
+            registry.register(StoredImagesCollector(lambda: persistence.images_dropped))
         resume = None if persistence is None else agents.resume
         factory = invalid_session_refused(agents)
         yield Agents(

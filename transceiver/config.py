@@ -83,6 +83,7 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
     "max_pending_writes": ("200", "session writes queued while Redis is away, in all"),
     "max_pending_routes": ("10000", "route changes kept between two publishing wake-ups"),
     "route_flush_timeout_s": ("1", "at exit, withdrawing published routes may take this long"),
+    "session_image_bytes": ("2097152", "a stored session's images, together; oldest dropped"),
     "restart_first_s": ("0.5", "first pause before a crashed background loop restarts"),
     "restart_max_s": ("30", "longest pause before a crashed background loop restarts"),
     "restart_healthy_after_s": ("60", "a loop run this long resets its pause and crash streak"),
@@ -261,6 +262,7 @@ def _survival(values: Mapping[str, str | None]) -> SurvivalPolicy:
         max_pending_writes=_number(values, "max_pending_writes", int, minimum=1),
         max_pending_routes=_number(values, "max_pending_routes", int, minimum=1),
         route_flush_timeout_s=_number(values, "route_flush_timeout_s", float, minimum=0.01),
+        session_image_bytes=_number(values, "session_image_bytes", int, minimum=0),
         restarts=restarts,
         records=_records(values),
     )

@@ -268,6 +268,21 @@ def _cpu(meter: CpuMeter) -> Iterator[Metric]:
     )
 
 
+class StoredImagesCollector(Collector):
+    """Images of stored sessions left out of Redis for their session's image budget."""
+
+    def __init__(self, dropped: Callable[[], int]) -> None:
+        self._dropped = dropped
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "transceiver_session_images_dropped",
+            "Images not stored with their session (TRANSCEIVER_SESSION_IMAGE_BYTES): the oldest "
+            "first; a resumed session's items show without them",
+            value=self._dropped(),
+        )
+
+
 class LeaseCollector(Collector):
     """How many stored sessions this transceiver holds the lease of (and renews)."""
 

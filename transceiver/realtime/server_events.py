@@ -84,14 +84,28 @@ def function_call_output_item(item_id: str, call_id: str, output: str) -> dict[s
     }
 
 
+def _user_item(item_id: str, text: str, images: Any) -> dict[str, Any]:
+    body = message_item(item_id, "user", text, audio=False)
+    shown = [
+        {"type": "input_image", "image_url": image["image_url"], "detail": image["detail"]}
+        for image in images
+        if "image_url" in image
+    ]
+    if shown:
+        body["content"] = body["content"][:1] if text else []
+        body["content"] += shown
+    return body
+
+
 def stored_item_bodies(item: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The conversation items a stored history item (``journal.message_to_item``) shows
     as when a resumed session replays its conversation; its id is kept (one id per call for
-    an assistant's tool calls). Unknown roles show as nothing."""
+    an assistant's tool calls). A user's images (loaded: ``keys.with_images``) follow its
+    words, as the model is sent them. Unknown roles show as nothing."""
     item_id, role = str(item.get("id", "")), item.get("role")
     text = str(item.get("content", ""))
     if role == "user":
-        return [message_item(item_id, "user", text, audio=False)]
+        return [_user_item(item_id, text, item.get("images", ()))]
     if role == "tool":
         return [function_call_output_item(item_id, str(item.get("tool_call_id", "")), text)]
     if role != "assistant":

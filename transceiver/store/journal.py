@@ -10,6 +10,16 @@ The history grows by appends (one ``AppendItem`` per new message); an edit of wh
 noticed by identity (a stored message is no longer the same object at its place) and stored
 as one ``ReplaceItems`` of the whole history, so a resumed session sees the edited
 conversation.
+
+A user message's images (each <= 180 KiB decoded, ``transceiver.realtime.image_urls``) are
+too large for an item (``keys.MAX_ITEM_BYTES``): they are stored beside the items, once each,
+by ref (``keys``: the session's ``images`` hash), and the item names them. Bounded per
+session by ``SurvivalPolicy.session_image_bytes`` of data URLs: ``kept_images`` keeps the
+newest images that fit, newest first, stopping at the first that does not, so what a resumed
+session lost is always its oldest images. A dropped image is logged and counted
+(``images_dropped``, ``transceiver_session_images_dropped``); its item resumes without it.
+The kept set is written (``StoreImages``) before the items that name a new image, so a
+resumed session finds the images of every item it loads, but for the dropped.
 """
 
 from __future__ import annotations
@@ -18,11 +28,11 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from pipeline.providers import Message, ToolCall
+from pipeline.providers import ImagePart, Message, ToolCall
 from transceiver.background import done_within
 from transceiver.store.errors import StoreError
 from transceiver.store.heartbeat import LeaseHeartbeat
-from transceiver.store.keys import Lease
+from transceiver.store.keys import Lease, image_ref
 from transceiver.store.sessions import SessionStore
 from transceiver.store.write_behind import (
     AdvanceTurn,
@@ -31,6 +41,7 @@ from transceiver.store.write_behind import (
     PendingWrite,
     QueueFullError,
     ReplaceItems,
+    StoreImages,
     UpdateConfig,
     WriteBehindQueue,
 )
@@ -51,6 +62,10 @@ def message_to_item(item_id: str, message: Message) -> Json:
         ]
     if message.tool_call_id:
         item["tool_call_id"] = message.tool_call_id
+    if message.images:
+        item["images"] = [
+            {"ref": image_ref(image.data_url), "detail": image.detail} for image in message.images
+        ]
     return item
 
 
@@ -59,9 +74,34 @@ def item_to_message(item: Mapping[str, Any]) -> Message:
         ToolCall(str(c["call_id"]), str(c["name"]), str(c["arguments"]))
         for c in item.get("tool_calls", ())
     )
-    return Message(
-        item["role"], str(item.get("content", "")), calls, str(item.get("tool_call_id", ""))
+    images = tuple(
+        ImagePart(str(image["image_url"]), str(image.get("detail", "auto")))
+        for image in item.get("images", ())
+        if "image_url" in image  # loaded (``keys.with_images``); a dropped one has only a ref
     )
+    return Message(
+        item["role"], str(item.get("content", "")), calls, str(item.get("tool_call_id", "")),
+        images,
+    )  # fmt: skip
+
+
+def kept_images(
+    messages: Sequence[Message], budget_bytes: int, ref_of: Callable[[str], str] = image_ref
+) -> dict[str, str]:
+    """The images a session keeps (ref -> data URL): the newest first, while their data URLs
+    fit in ``budget_bytes`` together; from the first that does not fit on, none (older)."""
+    kept: dict[str, str] = {}
+    total_bytes = 0
+    for message in reversed(messages):
+        for image in reversed(message.images):
+            ref = ref_of(image.data_url)
+            if ref in kept:
+                continue
+            total_bytes += len(image.data_url)
+            if total_bytes > budget_bytes:
+                return kept
+            kept[ref] = image.data_url
+    return kept
 
 
 class JournalOwner(Protocol):
@@ -73,6 +113,8 @@ class JournalOwner(Protocol):
     heartbeat: LeaseHeartbeat
     journals: dict[str, SessionJournal]
     unstored: dict[str, SessionJournal]  # began while Redis was down
+    image_budget_bytes: int  # a session's stored images' data URLs, together
+    images_dropped: int  # images not stored for the budget (a counter for metrics)
 
 
 class SessionJournal:
@@ -88,6 +130,7 @@ class SessionJournal:
         stored_messages: int = 0,
         id_offset: int = 0,
         base_turn: int = 0,
+        stored_images: frozenset[str] = frozenset(),
     ) -> None:
         self.persistence = persistence
         self._session_id = session_id
@@ -103,6 +146,9 @@ class SessionJournal:
         self._id_offset = id_offset  # items trimmed by the store's cap before them
         self._base_turn = base_turn
         self._config_behind = self._turn_behind = False
+        self._images: frozenset[str] = stored_images  # the refs stored (or queued) in Redis
+        self._dropped: set[str] = set()  # refs left out for the budget (logged once each)
+        self._refs: dict[str, str] = {}  # the history's images' data URLs -> their refs
         self.lost = False
         # Told once when the session is lost here (taken over elsewhere, or its record gone).
         self.on_lost: Callable[[str], None] | None = None
@@ -141,6 +187,7 @@ class SessionJournal:
             self._config_behind = not self._submit(UpdateConfig(self.latest_config))
         if self._stored is None:
             self._stored = list(messages[: self._written])
+        self._store_images(messages)
         if self._rewrite_behind or self._edited(messages):
             self._rewrite(messages)
         while not self._rewrite_behind and self._written < len(messages):
@@ -151,6 +198,34 @@ class SessionJournal:
             self._written += 1
         if self._turn_behind:
             self._turn_behind = not self._submit(AdvanceTurn(self._latest_turn))
+
+    def _store_images(self, messages: Sequence[Message]) -> None:
+        """Queue the images the session keeps now, when they changed (an image shown, an
+        item with images deleted); retried on the next history when the queue is full."""
+        if not self._images and not any(m.images for m in messages):
+            return
+        known, self._refs = self._refs, {}
+        for url in (image.data_url for m in messages for image in m.images):
+            self._refs[url] = known.get(url) or image_ref(url)  # each image hashed once
+        kept = kept_images(messages, self.persistence.image_budget_bytes, self._refs.__getitem__)
+        self._count_dropped(kept)
+        if frozenset(kept) == self._images:
+            return
+        added = {ref: url for ref, url in kept.items() if ref not in self._images}
+        if self._submit(StoreImages(tuple(kept), added)):
+            self._images = frozenset(kept)
+
+    def _count_dropped(self, kept: Mapping[str, str]) -> None:
+        dropped = set(self._refs.values()) - kept.keys() - self._dropped
+        if dropped:
+            self._dropped |= dropped
+            self.persistence.images_dropped += len(dropped)
+            budget = self.persistence.image_budget_bytes
+            log.warning(
+                "session %s: %d older image(s) not stored: its images are over %d bytes "
+                "(TRANSCEIVER_SESSION_IMAGE_BYTES); a resume shows their items without them",
+                self.session_id, len(dropped), budget,
+            )  # fmt: skip
 
     def _edited(self, messages: Sequence[Message]) -> bool:
         """A stored message is not at its place any more (edited, moved or taken out)."""
@@ -188,6 +263,7 @@ class SessionJournal:
         self.lease = None
         self._written = 0
         self._stored, self._rewrite_behind = [], False
+        self._images = frozenset()
 
     def mark_lost(self, why: str) -> None:
         """Stop writing; tell the session (once) so it can hang up."""

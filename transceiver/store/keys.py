@@ -13,9 +13,15 @@ may touch them all):
 - ``P:sess:{S}:ids``   sorted set item id -> sequence number, the same items as the list: it
   makes an append idempotent by item id (a retry returns the first append's sequence number).
 - ``P:sess:{S}:lease`` string: the owner id, with the lease as its TTL (server clock).
+- ``P:sess:{S}:images`` hash: image ref (``image_ref``: SHA-256 hex of its data URL) -> the
+  data URL. A user item with images names them in its JSON (``images``: ``ref`` and
+  ``detail`` each), so an item stays small (``MAX_ITEM_BYTES``) and an image shown twice is
+  kept once. Which images are kept is the writer's rule (``journal.kept_images``: the newest
+  within a byte budget); an item whose image is not kept loads without it (``decode_state``
+  counts it in ``SessionState.images_missing``).
 
-Every key expires: meta, items and ids after the session TTL, refreshed by every write and
-heartbeat; the lease after the lease time, refreshed by ``renew``.
+Every key expires: meta, items, ids and images after the session TTL, refreshed by every
+write and heartbeat; the lease after the lease time, refreshed by ``renew``.
 """
 
 from __future__ import annotations
@@ -53,15 +59,17 @@ class SessionKeys:
     items: str
     ids: str
     lease: str
+    images: str
 
     @classmethod
     def of(cls, prefix: str, session_id: str) -> SessionKeys:
         base = f"{prefix}:sess:{{{check_id('session id', session_id)}}}"
-        return cls(f"{base}:meta", f"{base}:items", f"{base}:ids", f"{base}:lease")
+        names = ("meta", "items", "ids", "lease", "images")
+        return cls(*(f"{base}:{name}" for name in names))
 
     def all(self) -> list[str]:
         """In the order every Lua script takes them as KEYS."""
-        return [self.meta, self.items, self.ids, self.lease]
+        return [self.meta, self.items, self.ids, self.lease, self.images]
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,7 @@ class SessionState:
     owner_id: str  # "" when released
     token: int  # 0 when released
     first_seq: int  # sequence number of items[0]; > 1 once the cap trimmed older items
+    images_missing: int = 0  # images the items name that were not kept (``decode_state``)
 
 
 def encode_json(value: Mapping[str, Any], limit_bytes: int, what: str) -> bytes:
@@ -110,21 +119,46 @@ def encode_item(item: Mapping[str, Any]) -> tuple[str, bytes]:
     return check_id("item id", item.get("id")), encode_json(item, MAX_ITEM_BYTES, "item")
 
 
+def image_ref(data_url: str) -> str:
+    """How a stored item names an image it shows: the SHA-256 hex of its data URL."""
+    return hashlib.sha256(data_url.encode()).hexdigest()
+
+
+def with_images(item: Json, images: Mapping[bytes, bytes]) -> tuple[Json, int]:
+    """A stored item with each image it names (``ref``) given as its ``image_url`` from the
+    session's ``images``, and how many it names that are not there (not kept: dropped)."""
+    named = item.get("images")
+    if not isinstance(named, list) or not named:
+        return item, 0
+    found = [(part, images.get(str(part.get("ref", "")).encode())) for part in named]
+    shown = [
+        {"image_url": url.decode(), "detail": str(part.get("detail", "auto"))}
+        for part, url in found
+        if url is not None
+    ]
+    return {**item, "images": shown}, len(named) - len(shown)
+
+
 def decode_state(
-    session_id: str, meta: Mapping[bytes, bytes], items: Sequence[bytes]
+    session_id: str,
+    meta: Mapping[bytes, bytes],
+    items: Sequence[bytes],
+    images: Mapping[bytes, bytes] | None = None,
 ) -> SessionState:
     def field(name: str, default: str = "") -> str:
         return meta.get(name.encode(), default.encode()).decode()
 
     token = field("token")
+    loaded = [with_images(json.loads(raw), images or {}) for raw in items]
     return SessionState(
         session_id=session_id,
         config=json.loads(field("config", "{}")),
-        items=tuple(json.loads(raw) for raw in items),
+        items=tuple(item for item, _ in loaded),
         turn=int(field("turn", "0")),
         owner_id=field("owner"),
         token=int(token) if token else 0,
         first_seq=int(field("seq", "0")) - len(items) + 1,
+        images_missing=sum(missing for _, missing in loaded),
     )
 
 

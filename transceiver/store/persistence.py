@@ -62,7 +62,7 @@ from transceiver.store.errors import (
 from transceiver.store.health import RedisHealth
 from transceiver.store.heartbeat import LeaseHeartbeat
 from transceiver.store.journal import RESUME_TOKEN_HEADER, SessionJournal
-from transceiver.store.keys import Lease, SessionState, check_id, new_credential
+from transceiver.store.keys import Lease, SessionState, check_id, image_ref, new_credential
 from transceiver.store.sessions import RedisSessionStore, SessionStore
 from transceiver.store.survival import SurvivalPolicy
 from transceiver.store.write_behind import WriteBehindQueue
@@ -97,6 +97,8 @@ class SessionPersistence:
         self.records = records  # call records (``call_log``), written behind the calls
         self.owner_id = new_owner_id()
         self.lease_s = policy.lease_s
+        self.image_budget_bytes = policy.session_image_bytes  # each session's, ``journal``
+        self.images_dropped = 0  # images not stored for that budget (metrics)
         self.journals: dict[str, SessionJournal] = {}
         self.unstored: dict[str, SessionJournal] = {}  # began while Redis was down
         restarts, every_s = policy.restarts, policy.health_interval_s
@@ -191,9 +193,15 @@ class SessionPersistence:
             raise ResumeRefused(404, "session_not_found", "the session is gone") from None
         except StoreError as error:
             raise ResumeRefused(503, "store_unavailable", str(error)) from None
+        if state.images_missing:
+            log.warning(
+                "session %s resumed without %d of its items' images (not kept: over its budget)",
+                session_id, state.images_missing,
+            )  # fmt: skip
         journal = SessionJournal(
             self, session_id, credential, lease, stored_messages=len(state.items),
             id_offset=state.first_seq - 1, base_turn=state.turn,
+            stored_images=stored_image_refs(state),
         )  # fmt: skip
         journal.latest_config = state.config
         superseded = self.journals.get(session_id)
@@ -237,6 +245,12 @@ class SessionPersistence:
         records = () if self.records is None else (self.records,)
         for loop in (self.catch_up, self.health, self.heartbeat, self.queue, *records):
             await loop.aclose()
+
+
+def stored_image_refs(state: SessionState) -> frozenset[str]:
+    """The refs of the images a loaded session's items show (those stored)."""
+    images = (image for item in state.items for image in item.get("images", ()))
+    return frozenset(image_ref(image["image_url"]) for image in images if "image_url" in image)
 
 
 def _check_contract(session_id: str, state: SessionState, contract: str) -> None:

@@ -1,8 +1,8 @@
 """The Lua scripts behind every session-store write: fencing checks and writes in one step.
 
 Protocol layer (pure text). Each script takes the session's keys in ``SessionKeys.all()`` order
-(KEYS[1] meta, KEYS[2] items, KEYS[3] ids, KEYS[4] lease) and answers with a value or an error
-reply whose first word is a code from ``store_errors``.
+(KEYS[1] meta, KEYS[2] items, KEYS[3] ids, KEYS[4] lease, KEYS[5] images) and answers with a
+value or an error reply whose first word is a code from ``store_errors``.
 
 Fencing rules:
 - ``create`` makes the session with fencing token 1 owned by its creator.
@@ -34,6 +34,7 @@ local function touch(ttl_ms)
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
   redis.call('PEXPIRE', KEYS[2], ttl_ms)
   redis.call('PEXPIRE', KEYS[3], ttl_ms)
+  redis.call('PEXPIRE', KEYS[5], ttl_ms)
 end
 local function fenced(owner, token)
   local current = redis.call('HMGET', KEYS[1], 'owner', 'token')
@@ -69,7 +70,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   end
   return redis.error_reply('SESSION_EXISTS')
 end
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[5])
 redis.call('HSET', KEYS[1], 'config', ARGV[4], 'turn', 0, 'fence', 1, 'owner', ARGV[1],
            'token', 1, 'credential', ARGV[5], 'seq', 0, 'trimmed', 0)
 redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[3])
@@ -129,7 +130,7 @@ if redis.call('HEXISTS', KEYS[1], 'ended') == 1 then return 1 end
 local refused = fenced(ARGV[1], ARGV[2])
 if refused then return redis.error_reply(refused) end
 local credential = redis.call('HGET', KEYS[1], 'credential')
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 redis.call('HSET', KEYS[1], 'ended', 1, 'credential', credential or '')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
@@ -185,6 +186,26 @@ if over > 0 then
 end
 touch(ARGV[3])
 return count
+""",
+)
+
+# ARGV: owner, token, ttl_ms, n, the n image refs to keep, then ref and data URL per image to
+# add. The session's images become those kept: any other is deleted, the added are set. A
+# repeat changes nothing.
+STORE_IMAGES = _script(
+    "store_images",
+    """
+local count = tonumber(ARGV[4])
+local keep = {}
+for i = 1, count do keep[ARGV[4 + i]] = true end
+for _, ref in ipairs(redis.call('HKEYS', KEYS[5])) do
+  if not keep[ref] then redis.call('HDEL', KEYS[5], ref) end
+end
+for i = 5 + count, #ARGV - 1, 2 do
+  redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1])
+end
+touch(ARGV[3])
+return 1
 """,
 )
 

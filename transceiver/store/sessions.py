@@ -68,6 +68,7 @@ from transceiver.store.scripts import (
     RELEASE,
     RENEW,
     REPLACE_ITEMS,
+    STORE_IMAGES,
     UPDATE_CONFIG,
     LuaScript,
 )
@@ -108,6 +109,10 @@ class SessionStore(Protocol):
     ) -> WriteAck: ...
 
     async def update_config(self, lease: Lease, config: Mapping[str, Any]) -> WriteAck: ...
+
+    async def store_images(
+        self, lease: Lease, keep: Sequence[str], add: Mapping[str, str]
+    ) -> WriteAck: ...
 
     async def advance_turn(self, lease: Lease, turn: int) -> WriteAck: ...
 
@@ -217,6 +222,17 @@ class RedisSessionStore:
         _, acked = await self._fenced(UPDATE_CONFIG, lease, [_config_json(config)])
         return WriteAck(acked)
 
+    async def store_images(
+        self, lease: Lease, keep: Sequence[str], add: Mapping[str, str]
+    ) -> WriteAck:
+        """The session's images become ``keep`` (refs, ``keys.image_ref``): the others are
+        deleted, and ``add`` (ref -> data URL) are stored."""
+        args: list[Arg] = [len(keep), *keep]
+        for ref, data_url in add.items():
+            args.extend((ref, data_url))
+        _, acked = await self._fenced(STORE_IMAGES, lease, args)
+        return WriteAck(acked)
+
     async def advance_turn(self, lease: Lease, turn: int) -> WriteAck:
         """Record that ``turn`` was reached: the stored counter only grows (idempotent)."""
         _, acked = await self._fenced(ADVANCE_TURN, lease, [int(turn)])
@@ -228,12 +244,13 @@ class RedisSessionStore:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hgetall(keys.meta)
                 pipe.lrange(keys.items, 0, -1)
-                meta, items = await pipe.execute()
+                pipe.hgetall(keys.images)
+                meta, items, images = await pipe.execute()
         if not meta:
             raise SessionNotFoundError(session_id)
         if b"ended" in meta:
             raise SessionEndedError(session_id)
-        return decode_state(session_id, meta, items)
+        return decode_state(session_id, meta, items, images)
 
     async def verify_credential(self, session_id: str, credential: str | None) -> bool:
         """Constant-time check of a resume credential; an unknown session never verifies."""

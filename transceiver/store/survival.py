@@ -20,6 +20,9 @@ class SurvivalPolicy:
     max_pending_writes: int = 200  # session writes queued while Redis is away, in all
     max_pending_routes: int = 10_000  # route changes kept between two publishing wake-ups
     route_flush_timeout_s: float = 1.0  # at exit, withdrawing routes may take this long
+    # A session's stored images (their data URLs) together; the oldest beyond it are dropped
+    # (``journal.kept_images``). 2 MiB: eight images of the largest a client may send.
+    session_image_bytes: int = 2 * 1024 * 1024
     restarts: RestartPolicy = field(default_factory=RestartPolicy)
     records: CallRecordPolicy = field(default_factory=CallRecordPolicy)  # what calls leave
 
@@ -27,5 +30,7 @@ class SurvivalPolicy:
         for name in ("lease_s", "health_interval_s", "route_flush_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"survival policy: {name} must be above 0, got {self}")
+        if self.session_image_bytes < 0:
+            raise ValueError(f"survival policy: session_image_bytes must be >= 0, got {self}")
         if self.max_pending_writes < 1 or self.max_pending_routes < 1:
             raise ValueError(f"survival policy: queue bounds must be at least 1, got {self}")

@@ -4,11 +4,11 @@ I/O layer. ``submit`` never waits on Redis: it queues the write and wakes the on
 which writes each session's queue oldest first. On a retryable error (Redis down, replicas
 behind) the flusher keeps the write at the head and tries again after ``retry_interval_s``, so
 nothing is lost or reordered; since every store write is idempotent (items by id, an edited
-history as a whole, the turn as a maximum, the config as a whole), a write that reached Redis
-before its reply was lost is harmless to repeat. A non-retryable error (this transceiver lost
-the session: stale token, or the session is gone) drops the writes made under that lease and
-reports it through ``on_dropped``; writes under a newer lease of the same session (resumed
-again on this transceiver) stay queued.
+history as a whole, the turn as a maximum, the config and the kept images as a whole), a
+write that reached Redis before its reply was lost is harmless to repeat. A non-retryable
+error (this transceiver lost the session: stale token, or the session is gone) drops the
+writes made under that lease and reports it through ``on_dropped``; writes under a newer lease
+of the same session (resumed again on this transceiver) stay queued.
 
 Bounded: at most ``max_pending`` writes in all. When full, ``submit`` raises ``QueueFullError``
 rather than silently dropping an older committed write; the caller decides (typically: tell the
@@ -54,6 +54,14 @@ class UpdateConfig:
 
 
 @dataclass(frozen=True)
+class StoreImages:
+    """The session's images become ``keep`` (refs); ``add`` (ref -> data URL) are new."""
+
+    keep: tuple[str, ...]
+    add: Mapping[str, str]
+
+
+@dataclass(frozen=True)
 class AdvanceTurn:
     turn: int
 
@@ -63,7 +71,7 @@ class EndSession:
     """The caller hung up: the session ends in the store (after its earlier writes)."""
 
 
-PendingWrite = AppendItem | ReplaceItems | UpdateConfig | AdvanceTurn | EndSession
+PendingWrite = AppendItem | ReplaceItems | UpdateConfig | StoreImages | AdvanceTurn | EndSession
 
 
 class QueueFullError(Exception):
@@ -184,6 +192,8 @@ class WriteBehindQueue(BackgroundLoop):
             await self._store.replace_items(lease, write.items, write.first_seq_offset)
         elif isinstance(write, UpdateConfig):
             await self._store.update_config(lease, write.config)
+        elif isinstance(write, StoreImages):
+            await self._store.store_images(lease, write.keep, write.add)
         elif isinstance(write, AdvanceTurn):
             await self._store.advance_turn(lease, write.turn)
         else:
