@@ -3,7 +3,8 @@
 The only fake in the suite: it stands in for the paid OpenAI API. It speaks the real wire
 shapes (SSE chat chunks with tool-call deltas and usage, the Responses API's streamed events
 (``deploy.fake_responses``), raw PCM speech, multipart transcription) and validates requests
-the way the API does, so a wrong mapping fails here.
+the way the API does, so a wrong mapping fails here. Its chat model answers "You said: …"; told
+to interpret (a translation session's instruction), "In <language>: …" with the same words.
 
 Control endpoints (tests drive them through ``FakeOpenAIServer``):
   POST /__control  {"fail": {route: [status, ...]}, "hold": [route], "stall_s": {route: s},
@@ -30,6 +31,7 @@ import email.policy
 import io
 import json
 import math
+import re
 import select
 import socket
 import subprocess
@@ -52,6 +54,7 @@ from deploy.fake_responses import responses_problem, responses_sse
 from deploy.waiting import poll
 
 SPEECH_SAMPLES_PER_WORD = 2_400  # 0.1 s at 24 kHz
+INTERPRETER = re.compile(r"You are an interpreter\. Translate what the user says into ([^.]+)\.")
 SPEECH_CHUNKS = 4
 
 
@@ -210,11 +213,26 @@ def _chat_chunks(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _text_chunks(body, f"The {name} tool says {last['content']}.")
         return
     said = content_text(last.get("content"))
+    language = _interpreting_into(messages)
+    if language:
+        yield from _text_chunks(body, f"In {language}: {said}")
+        return
     tool = _requested_tool(body, said)
     if tool:
         yield from _tool_call_chunks(body, tool, json.dumps({"query": said}))
         return
     yield from _text_chunks(body, f"You said: {said}")
+
+
+def _interpreting_into(messages: list[dict[str, Any]]) -> str:
+    """The language a translation session's instruction names (``translation_fields``), or
+    "": told to interpret, this model "translates" by saying which language and the words."""
+    for message in messages:
+        if message["role"] == "system":
+            found = INTERPRETER.search(content_text(message.get("content")))
+            if found:
+                return found.group(1)
+    return ""
 
 
 def _tool_name(messages: list[dict[str, Any]], call_id: str) -> str:

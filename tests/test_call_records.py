@@ -23,9 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import pytest_asyncio
+import websockets
 from records_stack import Receiver, recording_stack
+from websocket_harness import openai_client
 
 from deploy.processes import Stack, metric_values
 from deploy.redis_server import RedisServer, redis_server_binary
@@ -212,3 +215,17 @@ async def check_the_export(running: Running, session_id: str, tmp_path: Path) ->
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert session_id in [record["id"] for record in lines]
     assert all(len(record["turns"]) == record["turn_count"] for record in lines)
+
+
+async def test_the_rule_based_agent_refuses_translation_sessions_by_name(running: Running) -> None:
+    """This stack's language model is the offline rule-based agent, which cannot translate:
+    ``client.realtime.translations.connect`` is refused before the upgrade, saying so
+    (translation itself: ``test_realtime_translation.py``)."""
+    client: openai.AsyncOpenAI = openai_client(running.stack.base_url(0), API_KEY)
+    with pytest.raises(websockets.InvalidStatus) as denied:
+        async with client.realtime.translations.connect(model="gpt-realtime-translate"):
+            pass
+    assert denied.value.response.status_code == 404
+    error = json.loads(denied.value.response.body)["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "translation_unavailable")
+    assert "local-rule-based" in error["message"], error

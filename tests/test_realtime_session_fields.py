@@ -20,7 +20,6 @@ import httpx
 import openai
 import pydantic
 import pytest
-import websockets
 from openai.resources.realtime.realtime import AsyncRealtimeConnection
 from openai.types.realtime import (
     RealtimeServerEvent,
@@ -420,9 +419,11 @@ async def test_transcription_keywords_and_languages_reach_the_speech_to_text(
     assert error["param"] == "session.audio.input.transcription.delay", error
 
 
-async def test_sip_and_translation_endpoints_are_refused_by_name(
+async def test_sip_endpoints_are_refused_by_name(
     client: openai.AsyncOpenAI, transceiver: str
 ) -> None:
+    """SIP call control is refused by name (translation sessions are served:
+    ``test_realtime_translation.py``)."""
     for action, call in [
         ("accept", client.realtime.calls.accept("rtc_x", type="realtime")),
         ("reject", client.realtime.calls.reject("rtc_x", status_code=486)),
@@ -431,17 +432,6 @@ async def test_sip_and_translation_endpoints_are_refused_by_name(
         with pytest.raises(openai.NotFoundError) as refused:
             await call
         assert refused.value.body["code"] == "sip_unavailable", (action, refused.value.body)  # type: ignore[index]
-    session = {"model": "gpt-realtime-translate", "audio": {"output": {"language": "fr"}}}
-    with pytest.raises(openai.NotFoundError) as refused:
-        await client.realtime.translations.client_secrets.create(session=session)  # type: ignore[arg-type]
-    assert refused.value.body["code"] == "translation_unavailable"  # type: ignore[index]
-    with pytest.raises(websockets.InvalidStatus) as denied:
-        manager = client.realtime.translations.connect(model="gpt-realtime-translate")
-        async with manager:
-            pass
-    assert denied.value.response.status_code == 404
-    error = json.loads(denied.value.response.body)["error"]
-    assert (error["type"], error["code"]) == ("invalid_request_error", "translation_unavailable")
     async with httpx.AsyncClient(base_url=transceiver, timeout=10) as http:
         for path, status, code in [
             ("/v1/nowhere", 404, "not_found"), (CALLS, 405, "method_not_allowed"),

@@ -4,7 +4,8 @@
 
 Layers: protocol (``client_secrets``, ``auth``: pure) and I/O (FastAPI): ``app`` (the routes),
 ``offers`` (a calls request's SDP offer and session), ``errors`` (every error as JSON),
-``websocket`` (the Realtime WebSocket), ``live_websocket`` (GPT-Live's), ``sideband`` (a
+``websocket`` (the Realtime WebSocket), ``live_websocket`` (GPT-Live's),
+``translation_websocket`` (Realtime translation sessions and their secrets), ``sideband`` (a
 trusted server joining a running session, for both contracts), ``owner_routing`` (where a
 sideband or a hang-up goes when its session runs elsewhere: another worker of the pod, another
 transceiver), ``owner_hop`` (the forwarded WebSocket or request), ``worker_routing`` (a pod's

@@ -7,29 +7,23 @@ say why, instead of a bare "Not Found" (the SDK raises ``NotFoundError`` and doe
   (``client.realtime.calls.accept``/``reject``/``refer``): OpenAI's for a call that came in
   over SIP (its ``realtime.call.incoming`` webhook). Calls here come over WebRTC, and sessions
   over WebSocket: none waits to be accepted, rejected or referred. ``sip_unavailable``.
-- Realtime translation sessions, ``POST /v1/realtime/translations/client_secrets`` and the
-  WebSocket ``/v1/realtime/translations`` (``client.realtime.translations``): no stage here
-  translates speech. ``translation_unavailable``; the WebSocket is refused before its upgrade.
+
+(Realtime translation sessions are served: ``translation_websocket``.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from transceiver.http.errors import error_response
 
 SIP_ACTIONS = ("accept", "reject", "refer")
-TRANSLATIONS_PATH = "/v1/realtime/translations"
 SIP_MESSAGE = (
     "{action} is for calls that came in over SIP; this server takes Realtime calls over "
     "WebRTC and sessions over WebSocket, and has no SIP calls to {action}"
-)
-TRANSLATION_MESSAGE = (
-    "Realtime translation sessions are not available on this server: its pipeline hears, "
-    "answers and transcribes, and translates nothing"
 )
 
 
@@ -38,18 +32,6 @@ def add_refusals(app: FastAPI, calls_path: str) -> None:
         app.add_api_route(
             f"{calls_path}/{{call_id}}/{action}", _sip_refusal(action), methods=["POST"]
         )
-
-    @app.post(TRANSLATIONS_PATH + "/client_secrets")
-    async def translation_secret() -> JSONResponse:
-        return error_response(404, "translation_unavailable", TRANSLATION_MESSAGE)
-
-    @app.websocket(TRANSLATIONS_PATH)
-    async def translation_socket(websocket: WebSocket) -> None:
-        refusal = error_response(404, "translation_unavailable", TRANSLATION_MESSAGE)
-        try:
-            await websocket.send_denial_response(refusal)
-        except RuntimeError:  # a server without the denial extension: close before accepting
-            await websocket.close(1008)
 
 
 def _sip_refusal(action: str) -> Callable[[str], Awaitable[JSONResponse]]:

@@ -364,6 +364,11 @@ class RealtimeSession:
         await asyncio.sleep(self.limits.lost_notice_s)  # let the error event leave before the close
         self.hangup_requested.set()
 
+    def spawn(self, work: Coroutine[Any, Any, None], task_name: str) -> None:
+        """A contract's own work (``session.close`` of a translation session), owned here:
+        cancelled and awaited by ``aclose``, its crash ending the session as a failure."""
+        self._spawn(work, task_name)
+
     def _spawn(self, work: Coroutine[Any, Any, None], task_name: str) -> None:
         task = asyncio.get_running_loop().create_task(work, name=task_name)
         self._tasks.add(task)

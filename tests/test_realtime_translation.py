@@ -1,0 +1,179 @@
+"""Realtime translation sessions (``client.realtime.translations``), driven by the official
+``openai`` SDK unchanged but for its base URL, against real transceiver processes
+(``websocket_harness``): pocketsphinx hears, the fake OpenAI server's chat model "translates"
+(told to interpret, it answers "In <language>: <the words>"), piper speaks the translation.
+A transceiver whose language model is the offline rule-based agent refuses a translation
+session by name: ``test_call_records.py`` (its stack runs that agent) tries one.
+
+Every server event validates as the SDK's ``RealtimeTranslationServerEvent``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import openai
+import pydantic
+import pytest
+import websockets
+from openai.resources.realtime.translations.translations import AsyncTranslationsConnection
+from openai.types.realtime import (
+    RealtimeTranslationClientSecretCreateResponse,
+    RealtimeTranslationServerEvent,
+    RealtimeTranslationSession,
+)
+from websocket_harness import (
+    RATE_HZ,
+    EventLog,
+    error_for,
+    heard_words,
+    openai_client,
+    spoken_question,
+    transceiver_process_with,
+)
+
+from deploy.fake_openai import FakeOpenAIServer
+
+pytestmark = pytest.mark.slow
+API_KEY = "vr-translate-" + os.urandom(12).hex()
+MODEL = "gpt-realtime-translate"
+SERVER_EVENT = pydantic.TypeAdapter(RealtimeTranslationServerEvent)
+STEP_BYTES = 2 * RATE_HZ // 5  # 200 ms of PCM16 per append, as OpenAI advises
+
+
+class Events(EventLog[AsyncTranslationsConnection]):
+    def check(self, event: dict[str, Any]) -> None:
+        SERVER_EVENT.validate_python(event)
+        if "session" in event:
+            assert_every_field(event["session"])
+
+
+def assert_every_field(session: dict[str, Any]) -> None:
+    RealtimeTranslationSession.model_validate(session)
+    fields = set(RealtimeTranslationSession.model_fields)
+    assert set(session) == fields, set(session) ^ fields
+
+
+@pytest.fixture(scope="module")
+def transceiver(
+    server: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    log_dir = tmp_path_factory.mktemp("translation")
+    speech = {"PIPELINE_TTS": "piper"}
+    with transceiver_process_with(server.base_url, API_KEY, 2, log_dir, speech) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def question() -> bytes:
+    return spoken_question()
+
+
+@pytest.fixture
+def client(transceiver: str) -> openai.AsyncOpenAI:
+    return openai_client(transceiver, API_KEY)
+
+
+@pytest.fixture
+async def events(client: openai.AsyncOpenAI) -> AsyncIterator[Events]:
+    async with client.realtime.translations.connect(model=MODEL) as connection:
+        yield Events(connection)
+
+
+async def test_spoken_words_come_back_translated_in_text_and_speech(
+    events: Events, question: bytes
+) -> None:
+    created = (await events.next("session.created"))["session"]
+    assert (created["model"], created["audio"]["output"]["language"]) == (MODEL, "en")
+    connection = events.connection
+    source = {"transcription": {"model": "gpt-realtime-whisper"}}
+    await connection.session.update(
+        session={"audio": {"input": source, "output": {"language": "fr"}}}
+    )
+    updated = (await events.next("session.updated"))["session"]
+    assert updated["audio"]["input"]["transcription"] == source["transcription"], updated
+    assert (updated["id"], updated["audio"]["output"]["language"]) == (created["id"], "fr")
+    for start in range(0, len(question), STEP_BYTES):
+        chunk = base64.b64encode(question[start : start + STEP_BYTES]).decode()
+        await connection.session.input_audio_buffer.append(audio=chunk)
+    await connection.session.close()  # the utterance is translated before the session closes
+    await events.next("session.closed")
+    heard = "".join(e["delta"] for e in events.of("session.input_transcript.delta"))
+    assert "moon" in heard.lower().split(), heard
+    said = "".join(e["delta"] for e in events.of("session.output_transcript.delta"))
+    assert said.split() == ["In", "French:", *heard.split()], (said, heard)
+    deltas = events.of("session.output_audio.delta")
+    assert {(e["format"], e["sample_rate"], e["channels"]) for e in deltas} == {
+        ("pcm16", RATE_HZ, 1)
+    }
+    audio = b"".join(base64.b64decode(e["delta"]) for e in deltas)
+    words = await heard_words(audio)
+    assert "french" in words and "moon" in words, words
+    assert "error" not in events.types(), events.seen
+    with pytest.raises(websockets.ConnectionClosedOK):
+        await events.connection.recv_bytes()  # closed 1000 by the server
+
+
+async def test_bad_fields_and_events_are_refused_by_name_and_change_nothing(
+    events: Events,
+) -> None:
+    await events.next("session.created")
+    output, audio_in = "session.audio.output", "session.audio.input"
+    for session, code, param in [
+        ({"audio": {"output": {"voice": "marin"}}}, "unknown_parameter", f"{output}.voice"),
+        ({"instructions": "Be brief."}, "unknown_parameter", "session.instructions"),
+        ({"audio": {"output": {"language": 5}}}, "invalid_type", f"{output}.language"),
+        ({"audio": {"output": {"language": "French!"}}}, "invalid_value", f"{output}.language"),
+        (
+            {"audio": {"output": {"language": "fr"}, "input": {"noise_reduction": {"type": "x"}}}},
+            "invalid_value", f"{audio_in}.noise_reduction.type",
+        ),
+        (
+            {"audio": {"input": {"transcription": {}}}},
+            "invalid_value", f"{audio_in}.transcription.model",
+        ),
+    ]:  # fmt: skip
+        event = json.dumps({"type": "session.update", "session": session})
+        error = await error_for(events, event)
+        assert (error["code"], error["param"]) == (code, param), (session, error)
+    error = await error_for(events, json.dumps({"type": "response.create"}))
+    assert (error["code"], error["param"]) == ("invalid_value", "type"), error
+    append = {"type": "session.input_audio_buffer.append", "audio": "not base64!"}
+    assert (await error_for(events, json.dumps(append)))["param"] == "audio"
+    noise = {"type": "far_field", "strength": 0.5}
+    await events.connection.session.update(session={"audio": {"input": {"noise_reduction": noise}}})
+    updated = (await events.next("session.updated"))["session"]
+    assert updated["audio"]["output"]["language"] == "en", updated  # the bad updates discarded
+    assert updated["audio"]["input"]["noise_reduction"] == noise, updated
+
+
+async def test_a_client_secret_starts_its_translation_session(
+    client: openai.AsyncOpenAI, transceiver: str
+) -> None:
+    asked = {"model": MODEL, "audio": {"output": {"language": "es"}}}
+    secret = await client.realtime.translations.client_secrets.create(session=asked)  # type: ignore[arg-type]
+    body = secret.model_dump()
+    RealtimeTranslationClientSecretCreateResponse.model_validate(body)
+    assert_every_field(body["session"])
+    assert secret.value.startswith("ek_") and secret.session.audio.output.language == "es"  # type: ignore[union-attr]
+    browser = openai_client(transceiver, secret.value).realtime.translations
+    async with browser.connect(model=MODEL) as connection:
+        created = (await Events(connection).next("session.created"))["session"]
+    assert created["audio"]["output"]["language"] == "es", created
+    bad = {"model": MODEL, "audio": {"output": {"language": "French!"}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.realtime.translations.client_secrets.create(session=bad)  # type: ignore[arg-type]
+    assert refused.value.body["param"] == "session.audio.output.language"  # type: ignore[index]
+    realtime = await client.realtime.client_secrets.create(session={"type": "realtime"})
+    with pytest.raises(websockets.InvalidStatus) as denied:
+        async with openai_client(transceiver, realtime.value).realtime.translations.connect(
+            model=MODEL
+        ):
+            pass
+    assert denied.value.response.status_code == 400
+    error = json.loads(denied.value.response.body)["error"]
+    assert (error["code"], error["param"]) == ("invalid_value", "client_secret"), error

@@ -1,0 +1,268 @@
+"""Realtime translation sessions (``client.realtime.translations``): speech in, speech and text
+out in another language.
+
+A translation session is a ``RealtimeSession`` with this contract at its edge
+(``RealtimeSession.use_contract``), as a transcription session is: the same engine, its VAD
+cutting the speech into utterances, the speech-to-text hearing each, and the language model,
+told to interpret (``translation_fields.instruction``: the target language, the translation
+alone), answering every utterance when it ends, never cut off by the next; the TTS speaks it.
+Its fields are OpenAI's translation session's (``translation_fields``).
+
+Client events (the SDK's ``RealtimeTranslationClientEvent``): ``session.update``,
+``session.input_audio_buffer.append`` (base64 PCM16 at 24 kHz, as a Realtime WebSocket
+session's appends) and ``session.close``: the utterance still open is ended, the server waits
+for what is being translated to be sent (at most ``FLUSH_TIMEOUT_S``), then
+``session.closed`` and the socket closes (1000); audio appended after it is refused. Any other
+type is ``invalid_value`` on ``type``, naming those taken.
+
+Server events (``RealtimeTranslationServerEvent``): ``session.created`` first,
+``session.updated``, ``session.input_transcript.delta`` (each utterance's final transcript,
+only with ``audio.input.transcription`` set), ``session.output_transcript.delta`` (the model's
+text as it streams), ``session.output_audio.delta`` (PCM16 at 24 kHz, mono, as made),
+``session.closed`` and ``error``. Deltas are append-only: a later utterance's first delta
+starts with the space that separates it from the one before. A failed transcription or
+translation is an ``error`` (``server_error``) and the session goes on. No ``elapsed_ms``.
+
+Only a language model that can follow the instruction translates: the offline rule-based agent
+cannot, and such a session is refused by name (``check_translates``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pipeline import events as ev
+from pipeline.local_agent import LocalRuleBasedAgent
+from transceiver.realtime.client_events import (
+    AUDIO_RATE_HZ,
+    EventError,
+    SessionConfig,
+    audio_bytes,
+    event_id_of,
+    event_object,
+    new_id,
+)
+from transceiver.realtime.policy import session_update_from
+from transceiver.realtime.server_events import error_event, server_event
+from transceiver.realtime.session import RealtimeSession
+from transceiver.realtime.translation_fields import (
+    TRANSLATION,
+    TranslationConfig,
+    TranslationUpdate,
+    as_realtime,
+    created,
+    session_json,
+    updated,
+)
+
+FLUSH_TIMEOUT_S = 30.0  # session.close waits this long for the last translation to be sent
+ACCEPTED_EVENTS = ("session.update", "session.input_audio_buffer.append", "session.close")
+NOT_TRANSLATING = frozenset({LocalRuleBasedAgent.name})  # language models that cannot translate
+Event = dict[str, Any]
+Sessions = Callable[[Mapping[str, Any] | None], RealtimeSession]
+
+
+def translation_session(
+    sessions: Sessions, requested: Mapping[str, Any] | None, model: str
+) -> RealtimeSession:
+    """A new translation session made by ``sessions`` (the Realtime session factory):
+    ``requested`` is a client secret's session (None: the defaults), ``model`` the one the
+    connection names when the secret names none. EventError when the config is not valid."""
+    asked = {"model": model, **(requested or {})}
+    asked_model, update = created(asked)
+    config = update.apply(TranslationConfig(model=asked_model))
+    session = sessions(as_realtime(config, update))
+    session.use_contract(TranslationContract(session, config))
+    return session
+
+
+def described(requested: Any) -> tuple[dict[str, Any], Event]:
+    """A client secret's translation ``session`` as the secret carries it (typed
+    ``translation``, its model named) and the session it starts as reported; EventError."""
+    model, update = created(requested)
+    config = update.apply(TranslationConfig(model=model))
+    realtime = session_update_from(as_realtime(config, update)).apply(SessionConfig(new_id("sess")))
+    noise = realtime.to_json()["audio"]["input"]["noise_reduction"]
+    reported = session_json(config, realtime.id, noise, int(time.time()))
+    return {**requested, "type": TRANSLATION, "model": model}, reported
+
+
+def check_translates(session: RealtimeSession) -> None:
+    """EventError (``translation_unavailable``) when the session's language model cannot
+    translate."""
+    name = session.engine.llm.name
+    if name in NOT_TRANSLATING:
+        message = (
+            f"the language model here ({name}) cannot translate: translation sessions need an "
+            "OpenAI-compatible model (PIPELINE_LLM=openai) or the local model (PIPELINE_LLM=local)"
+        )
+        raise EventError("translation_unavailable", message)
+
+
+class TranscriptStream:
+    """Append-only text made of pieces: a new segment's first piece gets the space that
+    separates it from the text before (clients are told not to add spaces)."""
+
+    def __init__(self) -> None:
+        self._last_char = ""
+        self._segment: str | None = None
+
+    def piece(self, segment: str, text: str) -> str:
+        new_segment, self._segment = segment != self._segment, segment
+        if new_segment and self._last_char and not self._last_char.isspace():
+            text = text if text[:1].isspace() else " " + text
+        if text:
+            self._last_char = text[-1]
+        return text
+
+
+class TranslationContract:
+    """What a translation session says to its client (``ClientContract``)."""
+
+    def __init__(self, session: RealtimeSession, config: TranslationConfig) -> None:
+        self.session = session
+        self.config = config
+        self.created_s = int(time.time())
+        self.closing = False
+        self._input = TranscriptStream()
+        self._output = TranscriptStream()
+        self._done_id = ""
+        self._handlers: dict[str, Callable[[Mapping[str, Any]], None]] = {
+            "session.update": self._update,
+            "session.input_audio_buffer.append": self._append,
+            "session.close": self._close,
+        }
+
+    @property
+    def done_engine_response_id(self) -> str:
+        return self._done_id
+
+    def stored(self) -> Mapping[str, Any]:
+        config = self.config
+        return {"type": TRANSLATION, "model": config.model, "language": config.language}
+
+    def session_json(self) -> Event:
+        realtime = self.session.config.to_json()["audio"]["input"]
+        noise = realtime["noise_reduction"]
+        return session_json(self.config, self.session.config.id, noise, self.created_s)
+
+    def opened(self) -> list[Event]:
+        return [server_event("session.created", session=self.session_json())]
+
+    def audio_delta(self, engine_response_id: str, pcm: bytes) -> list[Event]:
+        if not pcm:
+            return []
+        delta = base64.b64encode(pcm).decode("ascii")
+        fields = {"format": "pcm16", "sample_rate": AUDIO_RATE_HZ, "channels": 1}
+        return [server_event("session.output_audio.delta", delta=delta, **fields)]
+
+    def error(self, error: EventError, client_event_id: str | None, error_type: str) -> Event:
+        return error_event(error, client_event_id, error_type=error_type)
+
+    # --- engine -> client -----------------------------------------------------------------
+
+    def translate(self, event: ev.EngineEvent) -> list[Event]:
+        if isinstance(event, ev.InputTranscript):
+            return self._heard(event)
+        if isinstance(event, ev.ResponseTextDelta) and event.text:
+            delta = self._output.piece(event.response_id, event.text)
+            return [server_event("session.output_transcript.delta", delta=delta)]
+        if isinstance(event, ev.ResponseDone):
+            self._done_id = event.response_id
+            return self._failed(event)
+        if isinstance(event, ev.EngineError):
+            failed = EventError("translation_failed", event.message)
+            return [error_event(failed, error_type="server_error")]
+        return []
+
+    def _heard(self, event: ev.InputTranscript) -> list[Event]:
+        if not event.final or not event.text.strip() or self.config.transcription_model is None:
+            return []
+        delta = self._input.piece(str(event.turn), event.text.strip())
+        return [server_event("session.input_transcript.delta", delta=delta)]
+
+    def _failed(self, event: ev.ResponseDone) -> list[Event]:
+        if event.status != "failed":
+            return []
+        why = event.refused.message if event.refused is not None else "the language model failed"
+        failed = EventError("translation_failed", f"an utterance was not translated: {why}")
+        return [error_event(failed, error_type="server_error")]
+
+    # --- client -> server -----------------------------------------------------------------
+
+    def on_message(self, data: str | bytes) -> None:
+        session = self.session
+        try:
+            raw = event_object(data, session.max_event_bytes)
+            kind = raw.get("type")
+            handler = self._handlers.get(kind) if isinstance(kind, str) else None
+            if handler is None:
+                raise EventError("invalid_value", _not_taken(kind), "type")
+        except EventError as error:
+            session.metrics.client_event("invalid")
+            session.send_error(error, event_id_of(data))
+            return
+        session.metrics.client_event(str(kind))
+        try:
+            handler(raw)
+        except EventError as error:
+            session.send_error(error, event_id_of(data))
+
+    def _update(self, raw: Mapping[str, Any]) -> None:
+        """Applied whole or not at all: the translation's fields and the Realtime session's."""
+        _known(raw, ("type", "event_id", "session"))
+        update: TranslationUpdate = updated(raw.get("session"))
+        config = update.apply(self.config)
+        fields = as_realtime(config, update)
+        self.session.reconfigure(session_update_from(fields).apply(self.session.config))
+        self.config = config
+        self.session.send(server_event("session.updated", session=self.session_json()))
+
+    def _append(self, raw: Mapping[str, Any]) -> None:
+        _known(raw, ("type", "event_id", "audio"))
+        audio = raw.get("audio")
+        if not isinstance(audio, str):
+            raise EventError("invalid_type", "audio must be a base64 string", "audio")
+        pcm = audio_bytes(audio)
+        if self.closing:
+            message = "the session is closing (session.close was sent): no more audio is taken"
+            raise EventError("invalid_value", message, "type")
+        self.session.append_audio(pcm)
+
+    def _close(self, raw: Mapping[str, Any]) -> None:
+        _known(raw, ("type", "event_id"))
+        if not self.closing:
+            self.closing = True
+            self.session.spawn(self._flush_and_close(), "translation session close")
+
+    async def _flush_and_close(self) -> None:
+        """The utterance still open ends; once what it and those before became is sent,
+        ``session.closed`` and the hang-up (the socket closes 1000)."""
+        engine = self.session.engine
+        engine.finish_input()
+        try:
+            await engine.wait_idle(FLUSH_TIMEOUT_S)
+        except TimeoutError:
+            message = f"the last translation took over {FLUSH_TIMEOUT_S:.0f} s: closed without it"
+            self.session.send_error(EventError("close_timeout", message), error_type="server_error")
+        # The engine's last events were queued before it went idle, and its forwarder drains a
+        # non-empty queue without waiting: one pass of the loop and they have gone out.
+        await asyncio.sleep(0)
+        self.session.send(server_event("session.closed"))
+        self.session.caller_hung_up()
+        self.session.hang_up("closed")
+
+
+def _known(raw: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+    for key in raw:
+        if key not in keys:
+            raise EventError("unknown_parameter", f"Unknown parameter: '{key}'.", key)
+
+
+def _not_taken(kind: Any) -> str:
+    supported = ", ".join(repr(name) for name in ACCEPTED_EVENTS)
+    return f"Invalid value: {kind!r}. A translation session takes: {supported}."
