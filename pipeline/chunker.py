@@ -12,6 +12,11 @@ whole answer costs latency, so the chunker cuts:
   time in proportion to the chunk's length: piper's first audio for "The library opens" came in
   about half the time of "The library opens at nine in the morning" (125 against 233 ms at
   best, on 2 loaded cores);
+- for the *first* chunk only, with ``first_words`` set, after that many whole words (or the
+  first word after them that does not lean on the next: "the", "of", "is"...). A local
+  language model writes a few tokens a second on shared cores, so the first phrase, not the
+  speech, is what the user waits for: "The capital of France" is out four tokens sooner than
+  "The capital of France is Paris.";
 - anywhere at whitespace once a chunk reaches ``max_chars`` (a run-on sentence must not stall
   speech).
 
@@ -36,6 +41,11 @@ PHRASE_PREPOSITIONS = frozenset(
     {"at", "in", "on", "from", "about", "for", "with", "by", "after", "before", "during"}
 )
 FIRST_CUT_WORDS = CLAUSE_CONJUNCTIONS | PHRASE_PREPOSITIONS
+# Words a phrase cut by its word count does not end on: each asks for the word after it
+LEANING_WORDS = frozenset(
+    {"a", "an", "the", "of", "to", "my", "your", "our", "their", "its", "his", "her", "is"}
+    | {"are", "was", "were", "be", "i", "you", "we", "they", "it", "and", "or", "very"}
+)
 NEXT_WHOLE_WORD = re.compile(r"\s+([A-Za-z]+)\s")  # a word with whitespace after it
 
 
@@ -68,7 +78,11 @@ class SpeechChunker:
         for index in range(1, min(len(text), self.config.max_chars + 1)):
             if not text[index].isspace():
                 continue
-            if self._is_boundary(text, index - 1) or self._before_conjunction(text, index):
+            if (
+                self._is_boundary(text, index - 1)
+                or self._before_conjunction(text, index)
+                or self._after_first_words(text, index)
+            ):
                 return index
         if len(text) >= self.config.max_chars:
             space = text.rfind(" ", 0, self.config.max_chars)
@@ -90,6 +104,15 @@ class SpeechChunker:
             return False
         word = NEXT_WHOLE_WORD.match(text, index)
         return word is not None and word[1].lower() in FIRST_CUT_WORDS
+
+    def _after_first_words(self, text: str, index: int) -> bool:
+        """The first chunk may end at ``index`` (whitespace after a word) once it holds
+        ``first_words`` words and its last one does not lean on the next."""
+        if self._chunks_out or not self.config.first_words or text[index - 1].isspace():
+            return False
+        words = text[:index].split()
+        last = words[-1].strip("\"'").lower()
+        return len(words) >= self.config.first_words and last not in LEANING_WORDS
 
 
 def _ends_with_abbreviation(text: str) -> bool:

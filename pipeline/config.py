@@ -102,6 +102,7 @@ class ChunkerConfig:
     first_min_chars: int = 12
     min_chars: int = 2
     max_chars: int = 200
+    first_words: int = 0  # > 0: the first chunk ends after this many words (pipeline.chunker)
 
     def __post_init__(self) -> None:
         if not 0 < self.min_chars <= self.max_chars or self.first_min_chars > self.max_chars:
@@ -109,6 +110,8 @@ class ChunkerConfig:
                 "chunker sizes must satisfy 0 < min_chars <= max_chars and "
                 f"first_min_chars <= max_chars, got {self}"
             )
+        if not 0 <= self.first_words <= 50:
+            raise ValueError(f"chunker first_words must be within 0..50, got {self.first_words}")
 
 
 # audio.input.noise_reduction (pipeline.noise_reduction): what each kind of microphone gets
@@ -370,6 +373,9 @@ class PipelineConfig:
     local_llm_parallel: int = 1
     local_llm_max_tokens: int = 200
     local_llm_temperature: float = 0.0
+    # the local model's first spoken chunk ends after this many words (0: at a clause, as
+    # for the other brains): it writes a few tokens a second on shared cores
+    local_llm_first_words: int = 3
     answer_early: bool = True
 
     def __post_init__(self) -> None:
@@ -420,7 +426,7 @@ class PipelineConfig:
             instructions=self.instructions,
             answer_early=self.answer_early,
             vad=vad,
-            chunker=ChunkerConfig(),
+            chunker=ChunkerConfig(first_words=self.local_llm_first_words * (self.llm == "local")),
         )
 
     def pool_policy(self) -> PoolPolicy:

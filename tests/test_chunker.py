@@ -76,6 +76,29 @@ def test_the_first_chunk_may_end_before_a_preposition_but_not_before_of_or_to() 
     ]
 
 
+def test_with_first_words_the_first_chunk_ends_after_them_once_the_last_is_whole() -> None:
+    chunker = SpeechChunker(ChunkerConfig(first_words=3))
+    assert chunker.push("The capital of") == []  # "of" leans on the next word
+    assert chunker.push(" France") == []  # "France" or "Frances": not yet known
+    assert chunker.push(" is Paris,") == ["The capital of France"]
+    assert chunker.push(" a city of two million people. It") == [
+        "is Paris, a city of two million people."
+    ]
+    assert chunker.flush() == ["It"]
+    assert chunk_all(words("I am sorry, I cannot set timers."), ChunkerConfig(first_words=3)) == [
+        "I am sorry,",  # a clause end still cuts sooner
+        "I cannot set timers.",
+    ]
+    assert chunk_all(words("Yes."), ChunkerConfig(first_words=3)) == ["Yes."]
+
+
+def test_without_first_words_the_first_chunk_waits_for_a_clause() -> None:
+    assert chunk_all(words("The capital of France is Paris. It is big.")) == [
+        "The capital of France is Paris.",
+        "It is big.",
+    ]
+
+
 def test_abbreviations_initials_and_decimals_do_not_end_a_sentence() -> None:
     text = "Then Dr. Smith met J. Doe. Then they left."
     assert chunk_all(words(text)) == ["Then Dr. Smith met J. Doe.", "Then they left."]
@@ -104,6 +127,8 @@ def test_bad_configuration_is_refused() -> None:
         ChunkerConfig(min_chars=0)
     with pytest.raises(ValueError, match="chunker sizes"):
         ChunkerConfig(first_min_chars=500, max_chars=100)
+    with pytest.raises(ValueError, match="first_words"):
+        ChunkerConfig(first_words=-1)
 
 
 @settings(max_examples=200, deadline=None)
@@ -112,10 +137,11 @@ def test_bad_configuration_is_refused() -> None:
         st.text(alphabet="abc .,!?;:\n", min_size=0, max_size=12),
         min_size=0,
         max_size=30,
-    )
+    ),
+    st.sampled_from([0, 2]),
 )
-def test_chunking_loses_and_reorders_nothing(deltas: list[str]) -> None:
-    chunks = chunk_all(deltas, ChunkerConfig(max_chars=40))
+def test_chunking_loses_and_reorders_nothing(deltas: list[str], first_words: int) -> None:
+    chunks = chunk_all(deltas, ChunkerConfig(max_chars=40, first_words=first_words))
 
     def letters(text: str) -> str:
         return "".join(text.split())
