@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from pipeline.context_window import ContextWindow
+from pipeline.context_window import O200K_BASE, ContextWindow, encoding_for_model
 from pipeline.providers import (
     DEFAULT_OPTIONS,
     NO_HINTS,
@@ -427,7 +427,13 @@ class PipelineConfig:
             answer_early=self.answer_early,
             vad=vad,
             chunker=ChunkerConfig(first_words=self.local_llm_first_words * (self.llm == "local")),
+            context=ContextWindow(encoding=self.token_encoding()),
         )
+
+    def token_encoding(self) -> str:
+        """The encoding truncation counts tokens in (``pipeline.context_window``): the OpenAI
+        language model's when it answers, else that of OpenAI's current models."""
+        return encoding_for_model(self.openai_llm_model) if self.llm == "openai" else O200K_BASE
 
     def pool_policy(self) -> PoolPolicy:
         return PoolPolicy(self.pool_size, self.pool_max_wait_ms / 1000, self.pool_max_queue)

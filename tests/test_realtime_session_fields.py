@@ -218,8 +218,8 @@ async def test_truncation_cuts_what_the_model_is_sent(
     second = "The second question is about the stars and their colours."
     await _say(events, first)
     await _say(events, second)
-    # The first question (~19 estimated tokens), its answer and the second question are over
-    # 45, so the oldest are left out until at most 22 remain: the second question alone.
+    # The first question (17 tokens in o200k_base), its answer (20) and the second question
+    # (15) are over 45, so the oldest are left out until at most 22 remain: the second alone.
     assert await _chat_texts(server) == [second]
     assert (await _session(events, {"truncation": "disabled"}))["truncation"] == "disabled"
     await _say(events, "And the third?")
@@ -241,7 +241,7 @@ async def test_truncation_cuts_what_the_model_is_sent(
 def test_auto_truncation_cuts_at_its_budget_and_never_inside_a_tool_round() -> None:
     window = SessionPolicy(EngineConfig()).engine_config(SessionConfig("sess_1")).context
     assert (window.budget_tokens, window.retention_ratio) == (AUTO_BUDGET_TOKENS, 1.0)
-    history = [Message("user", "word " * 2000) for _ in range(20)]  # ~2,500 tokens each
+    history = [Message("user", "word " * 2000) for _ in range(20)]  # 2,005 tokens each
     kept = window.view(history)
     assert 1 < len(kept) < len(history) and kept == history[-len(kept) :]
     call = ToolCall("call_1", "current_time", "{}")

@@ -31,7 +31,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline.config import EngineConfig, NoiseReduction
-from pipeline.context_window import ContextWindow
 from pipeline.providers import (
     DIARIZATION,
     LOGPROBS,
@@ -158,8 +157,10 @@ class SessionPolicy:
             model_options=ModelOptions(config.parallel_tool_calls, config.reasoning_effort),
             speed=config.speed,
             transcription=transcription_hints(config),
-            context=ContextWindow(
-                config.truncation.budget_tokens, config.truncation.retention_ratio
+            context=replace(  # counted in the base's encoding, the language model's
+                self.base.context,
+                budget_tokens=config.truncation.budget_tokens,
+                retention_ratio=config.truncation.retention_ratio,
             ),
         )
 
