@@ -178,7 +178,7 @@ def _tool_call(name: str, arguments: dict[str, Any]) -> ToolCall:
 
 def clock_of(result: object) -> tuple[int, int] | None:
     """Hour and minute from a ``current_time`` result, which a client's tool may have written:
-    ``{"hour": 15, "minute": 30}`` as ours does, or ``{"time": "15:30"}``; None otherwise."""
+    ``{"time": "15:30"}`` as ours does, or ``{"hour": 15, "minute": 30}``; None otherwise."""
     if not isinstance(result, dict):
         return None
     parts: tuple[object, object] = (result.get("hour"), result.get("minute"))

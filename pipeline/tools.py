@@ -126,7 +126,10 @@ def _check_type(tool: str, name: str, value: Any, expected: str | None) -> None:
 
 
 def current_time_tool(wall_clock: Callable[[], datetime] | None = None) -> Tool:
-    """The current UTC time; ``wall_clock`` is injectable so answers are testable."""
+    """The current UTC time; ``wall_clock`` is injectable so answers are testable. The result
+    is short: a local model reads it before it says a word (the 22 tokens of
+    ``{"time": "09:05", "weekday": "Monday", "timezone": "UTC"}`` against 34 with the hour and
+    minute repeated, at tens of tokens a second on shared cores)."""
     now = wall_clock or (lambda: datetime.now(UTC))
 
     def run(_: dict[str, Any]) -> str:
@@ -134,8 +137,6 @@ def current_time_tool(wall_clock: Callable[[], datetime] | None = None) -> Tool:
         return json.dumps(
             {
                 "time": moment.strftime("%H:%M"),
-                "hour": moment.hour,
-                "minute": moment.minute,
                 "weekday": moment.strftime("%A"),
                 "timezone": moment.tzname() or "UTC",
             }
