@@ -1,7 +1,8 @@
 """Realtime translation sessions (``client.realtime.translations``), driven by the official
 ``openai`` SDK unchanged but for its base URL, against real transceiver processes
 (``websocket_harness``): pocketsphinx hears, the fake OpenAI server's chat model "translates"
-(told to interpret, it answers "In <language>: <the words>"), piper speaks the translation.
+(told to interpret, it answers "In <language>: <the words>"), piper speaks the translation (and
+the question: the transceiver's own answer to a typed message).
 A transceiver whose language model is the offline rule-based agent refuses a translation
 session by name: ``test_call_records.py`` (its stack runs that agent) tries one.
 
@@ -10,6 +11,7 @@ Every server event validates as the SDK's ``RealtimeTranslationServerEvent``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -27,16 +29,18 @@ from openai.types.realtime import (
     RealtimeTranslationSession,
 )
 from websocket_harness import (
+    EVENT_TIMEOUT_S,
     RATE_HZ,
     EventLog,
+    ask_in_text,
     error_for,
     heard_words,
     openai_client,
-    spoken_question,
     transceiver_process_with,
 )
 
 from deploy.fake_openai import FakeOpenAIServer
+from loadtest.voice_audio import silence_pcm
 
 pytestmark = pytest.mark.slow
 API_KEY = "vr-translate-" + os.urandom(12).hex()
@@ -63,14 +67,32 @@ def transceiver(
     server: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     log_dir = tmp_path_factory.mktemp("translation")
-    speech = {"PIPELINE_TTS": "piper"}
+    speech = {"PIPELINE_TTS": "piper"}  # its noise off: the same words, the same audio
+    speech |= {"PIPELINE_PIPER_NOISE_SCALE": "0", "PIPELINE_PIPER_NOISE_W_SCALE": "0"}
     with transceiver_process_with(server.base_url, API_KEY, 2, log_dir, speech) as base_url:
         yield base_url
 
 
 @pytest.fixture(scope="module")
-def question() -> bytes:
-    return spoken_question()
+def question(transceiver: str) -> bytes:
+    """ "You said: Tell me about the moon." between silences, PCM16 at 24 kHz, spoken by the
+    transceiver's own piper (its answer to a typed message over the Realtime WebSocket), so
+    this process loads no piper of its own."""
+
+    async def spoken() -> bytes:
+        client = openai_client(transceiver, API_KEY)
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            await ask_in_text(connection, "Tell me about the moon.")
+            pcm = b""
+            async with asyncio.timeout(EVENT_TIMEOUT_S):
+                async for event in connection:
+                    if event.type == "response.output_audio.delta":
+                        pcm += base64.b64decode(event.delta)
+                    elif event.type == "response.done":
+                        break
+        return silence_pcm(0.5, RATE_HZ) + pcm + silence_pcm(1.5, RATE_HZ)
+
+    return asyncio.run(spoken())
 
 
 @pytest.fixture
@@ -164,6 +186,12 @@ async def test_a_client_secret_starts_its_translation_session(
     async with browser.connect(model=MODEL) as connection:
         created = (await Events(connection).next("session.created"))["session"]
     assert created["audio"]["output"]["language"] == "es", created
+    with pytest.raises(websockets.InvalidStatus) as denied:  # not a Realtime session's secret
+        async with openai_client(transceiver, secret.value).realtime.connect(model="m"):
+            pass
+    assert denied.value.response.status_code == 400
+    error = json.loads(denied.value.response.body)["error"]
+    assert (error["code"], error["param"]) == ("invalid_value", "session.type"), error
     bad = {"model": MODEL, "audio": {"output": {"language": "French!"}}}
     with pytest.raises(openai.BadRequestError) as refused:
         await client.realtime.translations.client_secrets.create(session=bad)  # type: ignore[arg-type]

@@ -488,6 +488,9 @@ def _parse_session_update(raw: Mapping[str, Any], event_id: str | None) -> Sessi
     if session.get("type") == "transcription":  # OpenAI's words: a session's type is fixed
         message = "Passing a transcription session update event to a realtime session is "
         raise EventError("invalid_value", message + "not allowed.", "session.type")
+    if session.get("type") == "translation":  # a translation session's (a client secret's)
+        message = "a translation session is not a realtime session: open it at "
+        raise EventError("invalid_value", message + "/v1/realtime/translations", "session.type")
     _known(session, SESSION_KEYS, "session.")
     changes: dict[str, Any] = {}
     if (value := _str(session, "instructions", path="session.")) is not None:
