@@ -171,6 +171,23 @@ def session_json(
     }
 
 
+class TranscriptStream:
+    """Append-only text made of pieces: a new segment's first piece gets the space that
+    separates it from the text before (clients are told not to add spaces)."""
+
+    def __init__(self) -> None:
+        self._last_char = ""
+        self._segment: str | None = None
+
+    def piece(self, segment: str, text: str) -> str:
+        new_segment, self._segment = segment != self._segment, segment
+        if new_segment and self._last_char and not self._last_char.isspace():
+            text = text if text[:1].isspace() else " " + text
+        if text:
+            self._last_char = text[-1]
+        return text
+
+
 def _object(value: Any, path: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise EventError("invalid_type", f"{path} must be an object", path)

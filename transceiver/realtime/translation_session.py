@@ -51,6 +51,7 @@ from transceiver.realtime.server_events import error_event, server_event
 from transceiver.realtime.session import RealtimeSession
 from transceiver.realtime.translation_fields import (
     TRANSLATION,
+    TranscriptStream,
     TranslationConfig,
     TranslationUpdate,
     as_realtime,
@@ -101,23 +102,6 @@ def check_translates(session: RealtimeSession) -> None:
             "OpenAI-compatible model (PIPELINE_LLM=openai) or the local model (PIPELINE_LLM=local)"
         )
         raise EventError("translation_unavailable", message)
-
-
-class TranscriptStream:
-    """Append-only text made of pieces: a new segment's first piece gets the space that
-    separates it from the text before (clients are told not to add spaces)."""
-
-    def __init__(self) -> None:
-        self._last_char = ""
-        self._segment: str | None = None
-
-    def piece(self, segment: str, text: str) -> str:
-        new_segment, self._segment = segment != self._segment, segment
-        if new_segment and self._last_char and not self._last_char.isspace():
-            text = text if text[:1].isspace() else " " + text
-        if text:
-            self._last_char = text[-1]
-        return text
 
 
 class TranslationContract:
