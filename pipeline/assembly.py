@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.config import PipelineConfig
+from pipeline.context_window import token_counter
 from pipeline.engine import ConversationEngine
 from pipeline.espeak_tts import EspeakTextToSpeech
 from pipeline.knowledge import KnowledgeBase, load_knowledge
@@ -57,6 +59,8 @@ async def open_providers(config: PipelineConfig) -> AsyncIterator[Providers]:
     knowledge = load_knowledge(config.knowledge_file or None)
     async with AsyncExitStack() as stack:
         client = _openai_client(stack) if "openai" in (config.stt, config.llm, config.tts) else None
+        if config.encoding_preload:
+            await preload_encoding(config)
         pool = PipelinePool(config.pool_policy())
         stack.push_async_callback(asyncio.to_thread, pool.close)
         stt = await _speech_to_text(config, stack, client, pool)
@@ -64,6 +68,15 @@ async def open_providers(config: PipelineConfig) -> AsyncIterator[Providers]:
         llm = await _language_model(config, knowledge, client, stack, substitutes)
         tts = await _text_to_speech(config, stack, client, pool)
         yield Providers(stt, llm, tts, knowledge, cost_estimator(config), pool, substitutes)
+
+
+async def preload_encoding(config: PipelineConfig) -> None:
+    """Truncation's token encoding, loaded now rather than in the first call that needs it."""
+    started_s = time.perf_counter()
+    loaded = await asyncio.to_thread(token_counter, config.token_encoding())
+    took_s = time.perf_counter() - started_s
+    if loaded is not None:  # else token_counter logged why
+        log.info("%s encoding loaded in %.2f s", config.token_encoding(), took_s)
 
 
 def build_engine(

@@ -377,6 +377,9 @@ class PipelineConfig:
     # for the other brains): it writes a few tokens a second on shared cores
     local_llm_first_words: int = 3
     answer_early: bool = True
+    # truncation's token encoding (pipeline.context_window) loaded as the providers open, not
+    # in a call: its first load holds the interpreter ~1 s. On in the image (deploy/Dockerfile)
+    encoding_preload: bool = False
 
     def __post_init__(self) -> None:
         for stage, allowed in CHOICES.items():

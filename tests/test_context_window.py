@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from pipeline.assembly import preload_encoding
 from pipeline.config import PipelineConfig
 from pipeline.context_window import (
     CL100K_BASE,
@@ -101,6 +102,16 @@ def test_without_its_encoding_a_message_is_estimated_and_that_is_logged_once(
         ]
     finally:
         token_counter.cache_clear()
+
+
+async def test_the_encoding_is_loaded_before_any_call_when_asked() -> None:
+    token_counter.cache_clear()
+    config = PipelineConfig.from_env({"PIPELINE_ENCODING_PRELOAD": "1", "PIPELINE_LLM": "openai",
+                                      "PIPELINE_OPENAI_LLM_MODEL": "gpt-4"})  # fmt: skip
+    await preload_encoding(config)
+    assert token_counter.cache_info().currsize == 1
+    assert token_counter(CL100K_BASE) is not None and token_counter.cache_info().hits == 1
+    assert not PipelineConfig().encoding_preload  # off unless asked (the image asks)
 
 
 def test_disabled_sends_everything() -> None:
