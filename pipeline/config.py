@@ -29,6 +29,7 @@ are validated at load with a message naming the variable. Provider choice per st
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -49,6 +50,8 @@ CHOICES = {
     "llm": ("rule", "local", "openai"),
     "tts": ("piper", "espeak", "openai"),
 }
+VAD_MODELS = ("auto", "silero", "webrtc")  # VadConfig.model
+DEFAULT_THRESHOLD = 0.5  # server_vad's, as OpenAI's
 LLM_APIS = ("chat", "responses")  # the openai language model: /chat/completions or /responses
 
 
@@ -61,7 +64,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class VadConfig:
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD
     prefix_padding_ms: int = 300
     silence_duration_ms: int = 500
     min_speech_ms: int = 60
@@ -76,10 +79,26 @@ class VadConfig:
     # 70 ms leaves the model's run (~85-95 ms CPU here) 130 ms before the decision; asked at
     # 70, 80 or 100 ms both end-of-turn benchmarks segment alike (at 60 one sentence more waits)
     ask_pause_ms: int = 70
+    # who calls a frame speech: "silero" (pipeline.silero_vad: webrtcvad gates, Silero's
+    # probability meets ``threshold``; webrtcvad alone where its file is missing), "webrtc"
+    # (``threshold`` in webrtcvad's four steps), "auto": silero for server_vad with a
+    # threshold other than the default, whose CPU it would cost every call (the module)
+    model: str = "auto"
+    # a voiced frame this far under its utterance's loudest is the voice's fading tail, and
+    # pauses count from before it (pipeline.vad: ~100 ms sooner on piper's voice); math.inf,
+    # the default: from webrtcvad's own end, whose hangover the pauses were tuned with (at the
+    # voice's end semantic_vad's model, hearing less silence, says "not yet" more often)
+    voice_end_db: float = math.inf
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"vad threshold must be within 0..1, got {self.threshold}")
+        if not self.voice_end_db > 0:
+            raise ValueError(f"vad voice_end_db must be > 0, got {self.voice_end_db}")
+        if self.model not in VAD_MODELS:
+            raise ValueError(
+                f"vad model must be one of {', '.join(VAD_MODELS)}, got {self.model!r}"
+            )
         names = (
             "prefix_padding_ms",
             "silence_duration_ms",
@@ -349,6 +368,8 @@ class PipelineConfig:
     vad_silence_duration_ms: int = 500
     vad_min_speech_ms: int = 60
     vad_ask_pause_ms: int = 70  # semantic_vad: the model asked ahead at this pause (VadConfig)
+    vad_model: str = "auto"  # auto | silero | webrtc (VadConfig.model)
+    vad_voice_end_db: float = math.inf  # VadConfig.voice_end_db; e.g. 40
     input_sample_rate_hz: int = 16000
     output_sample_rate_hz: int = 24000
     realtime_playout: bool = True
@@ -420,6 +441,8 @@ class PipelineConfig:
             self.vad_silence_duration_ms,
             self.vad_min_speech_ms,
             ask_pause_ms=self.vad_ask_pause_ms,
+            model=self.vad_model,
+            voice_end_db=self.vad_voice_end_db,
         )
         return EngineConfig(
             input_sample_rate_hz=self.input_sample_rate_hz,

@@ -67,6 +67,7 @@ from pipeline.providers import (
 )
 from pipeline.resilience import Detour, reporting
 from pipeline.response import SpokenResponse
+from pipeline.silero_vad import vad_classifier
 from pipeline.stretches import Heard, HeardStretches, complete_with_words
 from pipeline.tools import ToolRegistry
 from pipeline.turns import CostEstimator, DecisionTiming, TurnRecorder, free_of_charge
@@ -78,7 +79,6 @@ from pipeline.vad import (
     TurnDetector,
     VadEvent,
     Verdict,
-    webrtc_classifier,
 )
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class ConversationEngine(HeardStretches):
     async def start(self) -> None:
         self._clock = self._clock or asyncio.get_running_loop().time
         rate_hz = self.config.input_sample_rate_hz
-        classify = self._noting(self._classify or webrtc_classifier(self.config.vad, rate_hz))
+        classify = self._noting(self._classify or vad_classifier(self.config.vad, rate_hz))
         ask = self._asking(end_of_turn_asker(self.config.vad.semantic, rate_hz))
         self._detector = TurnDetector(self.config.vad, rate_hz, classify, self._clock, ask)
         self._idle.set()
@@ -224,7 +224,7 @@ class ConversationEngine(HeardStretches):
         if self._detector is not None and config.vad != self.config.vad:
             rate_hz = config.input_sample_rate_hz
             ask = self._asking(end_of_turn_asker(config.vad.semantic, rate_hz))
-            classify = self._noting(webrtc_classifier(config.vad, rate_hz))
+            classify = self._noting(vad_classifier(config.vad, rate_hz))
             self._detector.reconfigure(config.vad, classify, ask)
         self.config = config
 

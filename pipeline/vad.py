@@ -1,14 +1,18 @@
 """Turn detection: voice activity per frame -> speech started / speech stopped / turn committed.
 
 Protocol layer: a pure state machine. It is fed 10, 20 or 30 ms frames of 16-bit mono PCM and
-asks an injected ``classify(frame) -> bool`` whether each frame is voiced (webrtcvad by default,
-see :func:`webrtc_classifier`). Event times come from an injected clock; durations (silence,
-padding) are counted in audio, so a file fed faster than real time is segmented the same way.
+asks an injected ``classify(frame) -> bool`` whether each frame is voiced (webrtcvad; Silero
+where a session asks for its threshold: ``pipeline.silero_vad.vad_classifier``). Pauses count
+from the end of the voice itself: a voiced frame ``VadConfig.voice_end_db`` under the
+utterance's loudest is its fading tail, which webrtcvad calls speech for 100-140 ms more.
+Event times come from an injected clock; durations (silence, padding) are counted in audio, so
+a file fed faster than real time is segmented the same way.
 
 The knobs are OpenAI's ``server_vad`` ones:
 
-- ``threshold`` (0..1): how sure the detector must be that a frame is speech. Mapped onto
-  webrtcvad's aggressiveness 0..3 (higher threshold = fewer false positives in noise).
+- ``threshold`` (0..1): how sure the detector must be that a frame is speech: Silero's speech
+  probability (``pipeline.silero_vad``), as OpenAI's; also webrtcvad's aggressiveness 0..3,
+  the gate in front of the model and the whole decision without it.
 - ``prefix_padding_ms``: audio kept from before the detected onset, so the first phoneme is
   not clipped.
 - ``silence_duration_ms``: trailing silence that ends the turn.
@@ -26,20 +30,26 @@ coming back) leaves it to ``silence_duration_ms``, the longer window. Asking ahe
 model's ~50 ms (and the caller's transcription of the words so far) before the decision's
 moment rather than after it; a breath shorter than ``decision_pause_ms`` still ends no turn.
 The poll keeps the model off the caller's thread; a poll that answers at once makes
-segmentation a function of the audio alone.
+segmentation a function of the audio alone. The model's pauses count from the voice's end;
+the "not yet" window from the classifier's last voiced frame, so it waits as long as before
+the voice's end was told apart (server_vad's window counts from the voice's end).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from pipeline.config import VadConfig
 
 VALID_SAMPLE_RATES_HZ = (8000, 16000, 32000, 48000)
 VALID_FRAME_MS = (10, 20, 30)
 DECISION_WINDOW_MS = 8000  # what the end-of-turn model listens to (pipeline.log_mel)
+SILENT_DBFS = -120.0  # digital silence's level, where the logarithm has none
 
 Verdict = Callable[[], bool | None]  # True: complete, False: not yet, None: still deciding
 AskEndOfTurn = Callable[[bytes], Verdict]
@@ -108,7 +118,9 @@ class TurnDetector:
         self._recent: deque[tuple[bytes, bool]] = deque()  # prefix padding + onset window
         self._recent_ms = 0
         self._voiced_run_ms = 0
-        self._silence_run_ms = 0
+        self._silence_run_ms = 0  # since the classifier's last voiced frame
+        self._faded_run_ms = 0  # since the last frame of the voice itself (not faded)
+        self._loudest_dbfs = SILENT_DBFS  # the utterance's (or the onset run's) loudest frame
         self._utterance: list[bytes] = []
         self._utterance_start_ms = 0
         self.in_speech = False
@@ -120,9 +132,9 @@ class TurnDetector:
 
     @property
     def pause_ms(self) -> int:
-        """The silence since the last voiced frame of the utterance in progress (0 outside
-        one)."""
-        return self._silence_run_ms if self.in_speech else 0
+        """The pause since the voice of the utterance in progress last sounded (0 outside
+        one): its fading tail, which webrtcvad goes on calling speech, is part of it."""
+        return self._faded_run_ms if self.in_speech else 0
 
     def reconfigure(
         self,
@@ -140,7 +152,8 @@ class TurnDetector:
         self.in_speech = False
         self._utterance = []
         self._recent.clear()
-        self._recent_ms = self._voiced_run_ms = self._silence_run_ms = 0
+        self._recent_ms = self._voiced_run_ms = self._silence_run_ms = self._faded_run_ms = 0
+        self._loudest_dbfs = SILENT_DBFS
         self._verdict, self._asks = None, 0
 
     def push(self, frame: bytes) -> list[VadEvent]:
@@ -161,10 +174,11 @@ class TurnDetector:
     def _push_in_silence(self, frame: bytes, voiced: bool, duration_ms: int) -> list[VadEvent]:
         self._remember(frame, voiced, duration_ms)
         self._voiced_run_ms = self._voiced_run_ms + duration_ms if voiced else 0
+        self._loudest_dbfs = max(self._loudest_dbfs, level_of(frame)) if voiced else SILENT_DBFS
         if self._voiced_run_ms < max(self.config.min_speech_ms, duration_ms):
             return []
         self.in_speech = True
-        self._silence_run_ms = 0
+        self._silence_run_ms = self._faded_run_ms = 0
         self._utterance = [pcm for pcm, _ in self._recent]
         self._utterance_start_ms = self._position_ms - self._recent_ms
         prefix = b"".join(self._utterance)
@@ -175,26 +189,43 @@ class TurnDetector:
     def _push_in_speech(self, frame: bytes, voiced: bool, duration_ms: int) -> list[VadEvent]:
         self._utterance.append(frame)
         self._silence_run_ms = 0 if voiced else self._silence_run_ms + duration_ms
-        if voiced:
+        sounding = voiced and self._sounding(frame)
+        self._faded_run_ms = 0 if sounding else self._faded_run_ms + duration_ms
+        if sounding:
             self._verdict, self._asks = None, 0  # a pause ended: its questions too
-        if self._silence_run_ms >= max(self.config.silence_duration_ms, duration_ms):
+        if self._window_run_ms() >= max(self.config.silence_duration_ms, duration_ms):
             return self._stop()
         if self._judged_complete():
             return self._stop()
         return []
 
+    def _sounding(self, frame: bytes) -> bool:
+        """A voiced frame within ``voice_end_db`` of the utterance's loudest: the voice itself,
+        not its fading tail. webrtcvad calls 100-140 ms of a word's tail and the silence
+        after it speech (its hangover, ``kOverHangMax`` in its C core, not ours to tune): the
+        pauses the turn is decided at count from the voice's end instead."""
+        level_dbfs = level_of(frame)
+        self._loudest_dbfs = max(self._loudest_dbfs, level_dbfs)
+        return level_dbfs >= self._loudest_dbfs - self.config.voice_end_db
+
+    def _window_run_ms(self) -> int:
+        """The silence the window counts: server_vad's from the voice's end; semantic_vad's
+        "not yet" window from the classifier's, as long as it waited before the voice's end
+        was told apart (the model's decisions count from the voice's end)."""
+        return self._silence_run_ms if self.config.semantic else self._faded_run_ms
+
     def _judged_complete(self) -> bool:
         """Semantic end of turn: asks ahead, reads the verdict from the decision's pause on,
         and asks once more there if the question ahead heard "not yet"."""
-        if self._ask_end_of_turn is None or not self.config.semantic or not self._silence_run_ms:
+        if self._ask_end_of_turn is None or not self.config.semantic or not self._faded_run_ms:
             return False
         decide_ms = max(self.config.decision_pause_ms, 1)
         ahead = min(max(self.config.ask_pause_ms, 1), decide_ms) < decide_ms
-        if not self._asks and self._silence_run_ms >= (
+        if not self._asks and self._faded_run_ms >= (
             self.config.ask_pause_ms if ahead else decide_ms
         ):
             self._ask()
-        if self._silence_run_ms < decide_ms:
+        if self._faded_run_ms < decide_ms:
             return False
         verdict = self._read_verdict()
         if verdict is False and ahead and self._asks == 1:
@@ -231,9 +262,10 @@ class TurnDetector:
         self.in_speech = False
         self._utterance = []
         self._voiced_run_ms = 0
+        self._loudest_dbfs = SILENT_DBFS
         self._verdict, self._asks = None, 0
         duration_ms = self._position_ms - self._utterance_start_ms
-        end_ms = self._position_ms - self._silence_run_ms
+        end_ms = self._position_ms - self._faded_run_ms
         spoken_bytes = (end_ms - self._utterance_start_ms) * self.sample_rate_hz // 500
         return [
             SpeechStopped(now, end_ms, pcm[:spoken_bytes]),
@@ -250,6 +282,13 @@ class TurnDetector:
 
     def _pcm_ms(self, pcm: bytes) -> int:
         return len(pcm) * 500 // self.sample_rate_hz
+
+
+def level_of(frame: bytes) -> float:
+    """A 16-bit PCM frame's RMS level in dBFS; ``SILENT_DBFS`` for digital silence."""
+    samples = np.frombuffer(frame, "<i2").astype(np.float32)
+    power = float(np.dot(samples, samples)) / max(1, samples.size) / 32768.0**2
+    return max(SILENT_DBFS, 10.0 * math.log10(power)) if power > 0 else SILENT_DBFS
 
 
 def webrtc_classifier(config: VadConfig, sample_rate_hz: int) -> Callable[[bytes], bool]:
