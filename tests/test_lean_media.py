@@ -39,8 +39,10 @@ from transceiver.webrtc.lean_media import (
     TICK_SAMPLES,
     LeanMedia,
     OpusDecoder,
+    OpusEncoder,
     keepalive_due,
     parse_rtp,
+    silence_packet,
 )
 from transceiver.webrtc.link import Link
 from transceiver.webrtc.rtp_extensions import (
@@ -256,10 +258,10 @@ async def a_stall_is_followed_by_a_keepalive_at_once(lean: LeanMedia) -> None:
     keepalive_ticks: list[int] = []
     send_silence = call._send_silence
 
-    def noted(kind: str, now_s: float) -> None:
+    def noted(kind: str, now_s: float, payload: bytes | None = None) -> None:
         if kind == "rtp_keepalive":
             keepalive_ticks.append(lean.ticks)
-        send_silence(kind, now_s)
+        send_silence(kind, now_s, payload)
 
     call._send_silence = noted  # type: ignore[method-assign]
     try:
@@ -390,3 +392,13 @@ def test_a_silent_agent_sends_every_200_ms_and_at_once_after_a_stall() -> None:
     # before it and a tick after it, under a 1 s dead-media rule.
     assert keepalive_due(last_s + STALL_S, last_s)
     assert KEEPALIVE_S + STALL_S + 2 * tick_s < 1.0
+
+
+def test_a_keepalive_is_one_packet_of_digital_silence_encoded_once() -> None:
+    frame_samples = OUTPUT_RATE_HZ * FRAME_MS // 1000
+    packet = silence_packet(OUTPUT_RATE_HZ, frame_samples)
+    assert len(packet) <= 3
+    assert OpusEncoder(OUTPUT_RATE_HZ, frame_samples).silence is packet  # the same bytes object
+    decoder = OpusDecoder(SAMPLE_RATE_HZ)
+    for _ in range(3):
+        assert decoder.decode(packet) == bytes(2 * SAMPLE_RATE_HZ * FRAME_MS // 1000)
