@@ -131,7 +131,7 @@ def message_tokens(message: Message, encoding: str) -> int:
 def most_tokens(message: Message) -> int:
     """At least ``message_tokens`` in any byte-level encoding (a token is one byte or more),
     and at least the estimate (a role is four bytes or more)."""
-    text_bytes = sum(len(text.encode()) for text in _texts(message))
+    text_bytes = sum(len(text.encode("utf-8", "surrogatepass")) for text in _texts(message))
     return MESSAGE_OVERHEAD_TOKENS + text_bytes + _image_tokens(message)
 
 
@@ -149,7 +149,14 @@ def _texts(message: Message) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=COUNTED_MESSAGES)
 def _text_tokens(counter: TokenCounter, texts: tuple[str, ...]) -> int:
-    return sum(counter.count(text) for text in texts if text)
+    return sum(_count(counter, text) for text in texts if text)
+
+
+def _count(counter: TokenCounter, text: str) -> int:
+    try:
+        return counter.count(text)
+    except TypeError:  # a lone surrogate (JSON's "\ud800" makes one), refused: read as U+FFFD
+        return counter.count(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
 
 
 def _image_tokens(message: Message) -> int:

@@ -4,6 +4,7 @@ model's encoding (quicktok's o200k_base and cl100k_base; the counts below are ti
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -46,6 +47,13 @@ def test_a_message_is_its_roles_token_its_texts_and_three_for_its_framing() -> N
     assert message_tokens(Message("user", MIXED), CL100K_BASE) == 3 + 1 + 14
     call = ToolCall("call_1", "current_time", "{}")
     assert message_tokens(Message("assistant", tool_calls=(call,)), O200K_BASE) == 3 + 1 + 2 + 1
+
+
+def test_a_lone_surrogate_is_counted_as_the_replacement_character() -> None:
+    text = json.loads('"a\\ud800b"')  # JSON gives Python a string UTF-8 cannot encode
+    replaced = message_tokens(Message("user", "a\ufffdb"), O200K_BASE)
+    assert message_tokens(Message("user", text), O200K_BASE) == replaced
+    assert ContextWindow(5).view([Message("user", text)] * 2) == [Message("user", text)]
 
 
 def test_the_model_names_its_encoding() -> None:
