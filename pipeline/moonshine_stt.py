@@ -52,7 +52,14 @@ from pipeline.config import MoonshineConfig
 from pipeline.moonshine_threads import limit_session_threads, onnxruntime_library
 from pipeline.pinned_bytes import mismatch
 from pipeline.pool import StageLoad
-from pipeline.providers import NO_HINTS, AudioChunk, ProviderError, Transcript, TranscriptionHints
+from pipeline.providers import (
+    NO_HINTS,
+    REVISED_PARTIALS,
+    AudioChunk,
+    ProviderError,
+    Transcript,
+    TranscriptionHints,
+)
 from pipeline.thread_names import named_executor
 
 log = logging.getLogger(__name__)
@@ -280,6 +287,7 @@ class MoonshineSpeechToText:
     counts finals waiting for and holding one."""
 
     name = PROVIDER
+    details = frozenset({REVISED_PARTIALS})  # a partial is a new guess at the utterance so far
 
     def __init__(self, config: MoonshineConfig | None = None, load: StageLoad | None = None):
         self.config = config or MoonshineConfig()

@@ -46,6 +46,7 @@ from pipeline.config import PocketsphinxConfig
 from pipeline.pool import StageLoad
 from pipeline.providers import (
     NO_HINTS,
+    REVISED_PARTIALS,
     AudioChunk,
     ProviderError,
     Transcript,
@@ -169,6 +170,7 @@ class PocketsphinxSpeechToText:
     ``load`` (the process pool's STT stage) counts utterances waiting for and holding one."""
 
     name = "pocketsphinx"
+    details = frozenset({REVISED_PARTIALS})  # a partial is a new guess at the utterance so far
 
     def __init__(self, config: PocketsphinxConfig | None = None, load: StageLoad | None = None):
         self.config = config or PocketsphinxConfig()

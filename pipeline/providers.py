@@ -88,11 +88,14 @@ class TranscriptionHints:
 
 LOGPROBS = "logprobs"  # a speech-to-text's ``details``: it gives each token's logprob
 DIARIZATION = "diarization"  # ... it tells speakers apart
+# ... its partials are new guesses at the whole utterance, which may revise earlier words
+# (not only growing, as OpenAI's streamed transcript does)
+REVISED_PARTIALS = "revised_partials"
 
 
 def transcription_details(stt: object) -> frozenset[str]:
-    """What ``stt`` can give beyond words (``LOGPROBS``, ``DIARIZATION``); none unless it
-    says (its ``details``)."""
+    """What ``stt`` can give beyond words (``LOGPROBS``, ``DIARIZATION``) or how it gives
+    them (``REVISED_PARTIALS``); none unless it says (its ``details``)."""
     details: frozenset[str] = getattr(stt, "details", frozenset())
     return frozenset(details)
 

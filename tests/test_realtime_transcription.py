@@ -56,6 +56,9 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     env = {"TRANSCEIVER_SECRET_KEYS": running.secret_keys, "TRANSCEIVER_API_KEY": API_KEY}
     env |= {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}  # offline providers whatever the host
     env |= {"PIPELINE_PIPER_NOISE_SCALE": "0", "PIPELINE_PIPER_NOISE_W_SCALE": "0"}
+    # Moonshine guesses every 300 ms of speech too, not only at pauses: its partials revise
+    # one another, and the deltas must still add up (``assert_deltas_add_up``)
+    env |= {"PIPELINE_MOONSHINE_PARTIAL_INTERVAL_MS": "300"}
     http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
     running.transceivers = [
         transceiver_process(
@@ -157,13 +160,45 @@ async def test_a_spoken_sentence_is_transcribed_in_deltas_and_never_answered(
     completed = await events.next(f"{TRANSCRIBED}.completed")
     assert completed["item_id"] == item_id
     assert "moon" in re.findall(r"[a-z']+", completed["transcript"].lower()), completed
-    deltas = [e for e in events.of(f"{TRANSCRIBED}.delta") if e["item_id"] == item_id]
-    assert deltas and all(e["delta"] for e in deltas), events.types()
+    assert_deltas_add_up(events.seen, completed)
     usage = completed["usage"]
     assert usage["type"] == "duration" and 0.8 < usage["seconds"] < len(question) / 48_000, usage
     error = await refused(events, {"type": "response.create"})
     assert error["code"] == "invalid_value" and error["param"] == "type", error
     assert answered(events.seen) == [], events.types()
+
+
+def assert_deltas_add_up(seen: list[dict[str, Any]], completed: dict[str, Any]) -> None:
+    """The item's transcription deltas came before its ``.completed``, and add up to the start
+    of its transcript, or all of it (Moonshine revises its partial guesses: only words two
+    guesses agree on are sent, ``transceiver.realtime.stable_words``)."""
+    item_id, done_at = completed["item_id"], seen.index(completed)
+    kind = f"{TRANSCRIBED}.delta"
+    deltas = [(i, e["delta"]) for i, e in enumerate(seen) if e["type"] == kind and
+              e["item_id"] == item_id]  # fmt: skip
+    assert deltas and all(text for _, text in deltas), [e["type"] for e in seen]
+    assert all(i < done_at for i, _ in deltas), [e["type"] for e in seen]
+    heard = "".join(text for _, text in deltas)
+    assert completed["transcript"].startswith(heard), (heard, completed["transcript"])
+
+
+async def test_a_realtime_sessions_transcription_deltas_add_up_to_its_transcript(
+    stack: Stack, question: bytes
+) -> None:
+    """The same in a Realtime session (told not to answer: its transcription only)."""
+    heard = {"transcription": {"model": "gpt-4o-transcribe"},
+             "turn_detection": {"type": "server_vad", "create_response": False}}  # fmt: skip
+    client = openai_client(stack.base_url(0), API_KEY)
+    async with client.realtime.connect(model="gpt-realtime") as connection:
+        events = Events(connection)
+        await events.next("session.created")
+        session = {"type": "realtime", "audio": {"input": heard}}
+        await connection.session.update(session=session)  # type: ignore[arg-type]
+        await events.next("session.updated")
+        await append(connection, question)
+        completed = await events.next(f"{TRANSCRIBED}.completed")
+    assert "moon" in re.findall(r"[a-z']+", completed["transcript"].lower()), completed
+    assert_deltas_add_up(events.seen, completed)
 
 
 async def refused(events: Events, event: dict[str, Any]) -> dict[str, Any]:
@@ -229,7 +264,7 @@ async def test_a_client_secret_for_a_transcription_session_transcribes_a_webrtc_
         completed = await peer.wait_for(f"{TRANSCRIBED}.completed", timeout_s=60)
         assert "moon" in re.findall(r"[a-z']+", completed["transcript"].lower()), completed
         item_id = completed["item_id"]
-        assert [e for e in peer.events if e["type"] == f"{TRANSCRIBED}.delta"], peer.types()
+        assert_deltas_add_up(peer.events, completed)
         assert completed["usage"]["type"] == "duration" and completed["usage"]["seconds"] > 0.8
         peer.send({"type": "response.create", "event_id": "r1"})
         error = await peer.wait_for("error")

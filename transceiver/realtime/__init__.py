@@ -5,8 +5,9 @@ the voice pipeline of one call.
 session's truncation, reasoning, tracing, prompt and include; ``image_urls``: a user
 message's images; ``event_errors``: its errors);
 ``server_events`` builds what it is sent; ``translation`` turns pipeline events into server
-events; ``policy`` holds the session's configuration rules (defaults, limits, what
-``session.update`` may change);
+events (``stable_words``: the settled words of a revising recogniser's partials, which its
+transcription deltas carry); ``policy`` holds the session's configuration rules (defaults,
+limits, what ``session.update`` may change);
 ``responses`` reads what a ``response.create`` asks of its response, ``side_responses`` runs
 the out-of-band ones, ``item_audio`` keeps the recent items' audio for retrieve, ``idle`` is
 the idle timeout (``idle_timeout_ms``); ``limits`` the session's own timings and bounds
@@ -21,5 +22,5 @@ and ``call_tracing`` into OpenTelemetry spans (when ``OTEL_*`` asks).
 May import: pipeline, transceiver.metrics, transceiver.background, transceiver.store,
     transceiver.webrtc.audio
 Pure: client_events, event_errors, session_fields, server_events, translation, limits,
-    call_recording, responses, item_audio, image_urls, translation_fields
+    call_recording, responses, item_audio, image_urls, translation_fields, stable_words
 """

@@ -75,7 +75,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from pipeline import events as ev
 from pipeline.engine import ConversationEngine
 from pipeline.playout import PcmResampler
-from pipeline.providers import ImagePart, Message, sees_images
+from pipeline.providers import REVISED_PARTIALS, ImagePart, Message, sees_images
 from pipeline.turns import TurnRecord
 from transceiver.background import report_crash
 from transceiver.metrics import RealtimeMetrics
@@ -186,6 +186,7 @@ class RealtimeSession:
         self.voice = AgentVoiceTrack(engine.config.output_sample_rate_hz, engine.config.frame_ms)
         self.translator = EngineEventTranslator(self.voice.first_frame_sent_s.get)
         self.translator.audio.max_audio_s = self.limits.item_audio_s
+        self.translator.settled_partials = REVISED_PARTIALS in policy.stt_details
         self.translator.audio.budget = item_audio or ItemAudioBudget()
         self._remote: MediaStreamTrack | None = None
         self._channel: Any = None

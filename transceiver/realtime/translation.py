@@ -67,6 +67,7 @@ from pipeline.turns import TurnRecord
 from transceiver.realtime.client_events import AUDIO_RATE_HZ, EventError, new_id
 from transceiver.realtime.item_audio import ItemAudio
 from transceiver.realtime.server_events import function_call_item, message_item, server_event
+from transceiver.realtime.stable_words import StableWords
 
 Event = dict[str, Any]
 FirstFrameLookup = Callable[[str], float | None]
@@ -165,6 +166,10 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         self._started_ms: dict[int, int] = {}  # turn -> where its speech started
         self._turn_audio_ms: dict[int, int] = {}  # turn -> the audio it committed
         self._partials: dict[int, str] = {}
+        # True: the speech-to-text's partials are new guesses that may revise earlier words
+        # (``providers.REVISED_PARTIALS``): only their settled words are sent (``stable_words``)
+        self.settled_partials = False
+        self._settling: dict[int, StableWords] = {}  # turn -> its words settled so far
         self._details_sent: dict[int, tuple[int, int]] = {}  # a turn's logprobs, segments sent
         self.order: list[str] = []  # the conversation's item ids, in order
         self.items: dict[str, Event] = {}  # the latest body of each recent item, by id
@@ -358,15 +363,17 @@ class EngineEventTranslator(ResponseLedger[_Response]):
         sent = self._partials.get(event.turn, "")
         logprobs_sent, segments_sent = self._details_sent.get(event.turn, (0, 0))
         events = [_segment(item_id, segment) for segment in event.segments[segments_sent:]]
-        if event.text.startswith(sent) and len(event.text) > len(sent):
-            delta = event.text[len(sent) :]
-            self._partials[event.turn] = event.text
+        text = event.text if event.final else self._settled(event.turn, event.text)
+        if text.startswith(sent) and len(text) > len(sent):
+            delta = text[len(sent) :]
+            self._partials[event.turn] = text
             fields = _logprobs_field(event.logprobs[logprobs_sent:])
             logprobs_sent = len(event.logprobs)
             events.append(_transcription("delta", item_id, delta=delta, **fields))
         self._details_sent[event.turn] = (logprobs_sent, len(event.segments))
         if event.final:
             self._partials.pop(event.turn, None)
+            self._settling.pop(event.turn, None)
             self._details_sent.pop(event.turn, None)
             if (item := self.items.get(item_id)) is not None:
                 item["content"][0]["transcript"] = event.text
@@ -374,6 +381,12 @@ class EngineEventTranslator(ResponseLedger[_Response]):
             fields = {"transcript": event.text, "usage": usage, **_logprobs_field(event.logprobs)}
             events.append(_transcription("completed", item_id, **fields))
         return events
+
+    def _settled(self, turn: int, text: str) -> str:
+        """A partial's text to send deltas of: all of it, or only its settled words."""
+        if not self.settled_partials:
+            return text
+        return self._settling.setdefault(turn, StableWords()).guess(text)
 
     # --- the response ---------------------------------------------------------------------
 
@@ -585,6 +598,7 @@ class EngineEventTranslator(ResponseLedger[_Response]):
             return []
         self._transcribed(turn)
         self._partials.pop(turn, None)
+        self._settling.pop(turn, None)
         self._details_sent.pop(turn, None)
         return [transcription_failed(item_id, cause)] if self.transcription else []
 
