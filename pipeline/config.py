@@ -322,8 +322,13 @@ class LocalLlmConfig:
     parallel: int = 1  # conversations generating at once (more wait their turn)
     max_tokens: int = 200  # per answer
     temperature: float = 0.0  # 0: always the likeliest token (the same answer every time)
+    # its first spoken chunk ends after this many words (0: at a clause, as for the other
+    # brains): it writes a few tokens a second on shared cores (ChunkerConfig.first_words)
+    first_words: int = 3
 
     def __post_init__(self) -> None:
+        if not 0 <= self.first_words <= 50:
+            raise ValueError(f"local llm first_words must be within 0..50, got {self.first_words}")
         if not 0 <= self.threads <= 64:
             raise ValueError(f"local llm threads must be within 0..64, got {self.threads}")
         if not 512 <= self.context_tokens <= 32768:
@@ -394,9 +399,7 @@ class PipelineConfig:
     local_llm_parallel: int = 1
     local_llm_max_tokens: int = 200
     local_llm_temperature: float = 0.0
-    # the local model's first spoken chunk ends after this many words (0: at a clause, as
-    # for the other brains): it writes a few tokens a second on shared cores
-    local_llm_first_words: int = 3
+    local_llm_first_words: int = 3  # LocalLlmConfig.first_words
     answer_early: bool = True
     # truncation's token encoding (pipeline.context_window) loaded as the providers open, not
     # in a call: its first load holds the interpreter ~1 s. On in the image (deploy/Dockerfile)
@@ -452,7 +455,7 @@ class PipelineConfig:
             instructions=self.instructions,
             answer_early=self.answer_early,
             vad=vad,
-            chunker=ChunkerConfig(first_words=self.local_llm_first_words * (self.llm == "local")),
+            chunker=ChunkerConfig(first_words=self._first_words()),
             context=ContextWindow(encoding=self.token_encoding()),
         )
 
@@ -460,6 +463,9 @@ class PipelineConfig:
         """The encoding truncation counts tokens in (``pipeline.context_window``): the OpenAI
         language model's when it answers, else that of OpenAI's current models."""
         return encoding_for_model(self.openai_llm_model) if self.llm == "openai" else O200K_BASE
+
+    def _first_words(self) -> int:
+        return self.local_llm_config().first_words if self.llm == "local" else 0
 
     def pool_policy(self) -> PoolPolicy:
         return PoolPolicy(self.pool_size, self.pool_max_wait_ms / 1000, self.pool_max_queue)
@@ -494,6 +500,7 @@ class PipelineConfig:
             self.local_llm_parallel,
             self.local_llm_max_tokens,
             self.local_llm_temperature,
+            self.local_llm_first_words,
         )
 
     @classmethod

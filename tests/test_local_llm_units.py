@@ -189,6 +189,19 @@ def test_the_llm_choices_are_rule_local_and_openai() -> None:
     assert config.local_llm_config() == LocalLlmConfig(threads=3)
 
 
+def test_only_the_local_model_speaks_its_first_words_as_a_chunk_of_their_own() -> None:
+    def first_words(environ: dict[str, str]) -> int:
+        return PipelineConfig.from_env(environ).engine_config().chunker.first_words
+
+    assert first_words({"PIPELINE_LLM": "local"}) == 3
+    assert first_words({"PIPELINE_LLM": "local", "PIPELINE_LOCAL_LLM_FIRST_WORDS": "5"}) == 5
+    assert first_words({"PIPELINE_LLM": "local", "PIPELINE_LOCAL_LLM_FIRST_WORDS": "0"}) == 0
+    assert first_words({"PIPELINE_LLM": "rule"}) == 0
+    assert first_words({"PIPELINE_LLM": "openai"}) == 0
+    with pytest.raises(ConfigError, match="local llm first_words must be within 0..50"):
+        PipelineConfig.from_env({"PIPELINE_LLM": "rule", "PIPELINE_LOCAL_LLM_FIRST_WORDS": "-1"})
+
+
 # --- the model file -------------------------------------------------------------------------
 
 
