@@ -48,6 +48,12 @@ def test_survival_policy_from_environment_and_flags() -> None:
         TransceiverConfig.load(["--restart-max-s", "0.1"], {"TRANSCEIVER_KEYS": KEYS})
     with pytest.raises(ConfigError, match="TRANSCEIVER_HEALTH_INTERVAL_S='x' is not a float"):
         TransceiverConfig.load(["--health-interval-s", "x"], {"TRANSCEIVER_KEYS": KEYS})
+    images = {"TRANSCEIVER_KEYS": KEYS, "TRANSCEIVER_SESSION_IMAGE_BYTES": "1000"}
+    assert TransceiverConfig.load([], images).survival.session_image_bytes == 1000
+    flag = ["--session-image-bytes", "0"]  # none kept: a resume shows the words only
+    assert TransceiverConfig.load(flag, images).survival.session_image_bytes == 0
+    with pytest.raises(ConfigError, match="TRANSCEIVER_SESSION_IMAGE_BYTES=-1 is below 0"):
+        TransceiverConfig.load(["--session-image-bytes", "-1"], {"TRANSCEIVER_KEYS": KEYS})
 
 
 def test_link_policy_from_environment_and_flags() -> None:
