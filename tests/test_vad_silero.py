@@ -9,13 +9,14 @@ import shutil
 import statistics
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from loadtest import recorded_speech
 from loadtest.voice_audio import spoken_pcm
-from pipeline.config import ConfigError, PipelineConfig, VadConfig
+from pipeline.config import ConfigError, EngineConfig, PipelineConfig, VadConfig
 from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.silero_vad import GatedSileroClassifier, shared_model, vad_classifier
 from pipeline.silero_vad_file import (
@@ -27,6 +28,7 @@ from pipeline.silero_vad_file import (
 )
 from pipeline.smart_turn_file import PINS_FILE, WHEELS_DIR
 from pipeline.vad import SpeechStarted, SpeechStopped, TurnDetector
+from transceiver.realtime.policy import SessionPolicy, session_update_from
 
 RATE_HZ = 16000
 FRAME_BYTES = 640  # 20 ms
@@ -200,3 +202,26 @@ def test_a_pause_inside_a_sentence_keeps_the_turn_whole(
     )
     events = segmented(paused, replace(config, silence_duration_ms=500), model_path)
     assert [type(e) for e in events if isinstance(e, SpeechStarted)] == [SpeechStarted]
+
+
+def test_a_clients_threshold_runs_the_model_and_noise_reductions_step_does_not(
+    model_path: Path,
+) -> None:
+    policy = SessionPolicy(EngineConfig())
+
+    def vad(audio_input: dict[str, Any]) -> VadConfig:
+        update = session_update_from({"type": "realtime", "audio": {"input": audio_input}})
+        return policy.engine_config(update.apply(policy.initial())).vad
+
+    asked = vad({"turn_detection": {"type": "server_vad", "threshold": 0.3}})
+    assert (asked.threshold, gated_model(asked, model_path) is not None) == (0.3, True)
+    default = vad({"turn_detection": {"type": "server_vad"}})
+    assert gated_model(default, model_path) is None
+    noisy = vad({"noise_reduction": {"type": "near_field"}})  # webrtcvad's step stricter
+    assert (noisy.threshold, noisy.aggressiveness, gated_model(noisy, model_path)) == (
+        0.75,
+        3,
+        None,
+    )
+    semantic = vad({"turn_detection": {"type": "semantic_vad"}})
+    assert gated_model(replace(semantic, threshold=0.3), model_path) is None

@@ -18,7 +18,9 @@ the silence that ends a turn (``EAGERNESS_SILENCE_MS``), and asks the end-of-tur
 shorter pause (``VadConfig.semantic``, ``pipeline.end_of_turn``): a turn it calls complete
 ends there. ``noise_reduction`` filters the input before the VAD
 (``pipeline.noise_reduction``, at the session's ``strength``) and also makes the detector one
-webrtcvad step stricter (``threshold`` + 0.25), so noise starts fewer turns. ``speed`` and
+webrtcvad step stricter (``threshold`` + 0.25; webrtcvad decides then, not Silero, whose
+``threshold`` a server_vad session's otherwise is: ``pipeline.silero_vad``), so noise starts
+fewer turns. ``speed`` and
 the transcription's ``language``/``prompt`` go to the TTS and the speech-to-text that take
 them.
 """
@@ -129,12 +131,14 @@ class SessionPolicy:
             silence_ms = detection.silence_duration_ms
             if detection.type == "semantic_vad":
                 silence_ms = EAGERNESS_SILENCE_MS[detection.eagerness]
-            threshold = detection.threshold
+            threshold, model = detection.threshold, vad.model
             if config.noise_reduction is not None:
                 threshold = min(1.0, threshold + NOISE_REDUCTION_THRESHOLD_STEP)
+                model = "webrtc" if model == "auto" else model  # the step is webrtcvad's
             vad = replace(
                 vad,
                 threshold=threshold,
+                model=model,
                 prefix_padding_ms=detection.prefix_padding_ms,
                 silence_duration_ms=silence_ms,
                 semantic=detection.type == "semantic_vad",
