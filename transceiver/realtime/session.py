@@ -448,6 +448,8 @@ class RealtimeSession:
                 if isinstance(event, ev.OutputAudio):
                     self._output_audio(edge, event)
                     continue
+                if isinstance(event, ev.ResponseDone):
+                    self._last_audio(edge, event)
                 self._observe(event)
                 self._journal(event)
                 for server in edge.translate(event):
@@ -468,6 +470,21 @@ class RealtimeSession:
         if self._remote is not None:  # else the client has no audio to hear it on
             self.voice.play(event.response_id, event.pcm)
         self.translator.output_audio(event.response_id, event.pcm, event.sample_rate_hz)
+
+    def _last_audio(
+        self, edge: ClientContract | EngineEventTranslator, event: ev.ResponseDone
+    ) -> None:
+        """WebSocket: an answer's last samples, which the resampler holds (about 33 ms from
+        piper's 22.05 kHz), go out before its response is done (a cancelled one's are dropped),
+        rather than opening the next answer's audio."""
+        if self._pcm_out is None:
+            return
+        pcm = self._pcm_out.flush()
+        self._pcm_out = PcmResampler(self.engine.config.output_sample_rate_hz, AUDIO_RATE_HZ)
+        if pcm and event.status != "cancelled":
+            for delta in edge.audio_delta(event.response_id, pcm):
+                self.send(delta)
+            self.translator.output_audio(event.response_id, pcm, AUDIO_RATE_HZ)
 
     def _rate_limits_after(self, event: Event) -> None:
         """After each ``response.done``: its tokens spent, then ``rate_limits.updated``."""
