@@ -91,6 +91,8 @@ async def test_a_spoken_turn_through_five_percent_loss_both_ways_is_recognised(
         lossy_lean_transceiver(tmp_path) as lean,
         connected(lean.base_url) as client,
     ):
+        # The pipeline hears at 16 kHz: the answer asks the caller to code no wider.
+        assert ";maxplaybackrate=16000\r\n" in client.pc.remoteDescription.sdp
         await answered(client, question)
         events = await lean_events(lean.base_url)
     dropped = (lean.relay.dropped_from_client, lean.relay.dropped_to_client)

@@ -11,6 +11,7 @@ from transceiver.webrtc.sdp import (
     SdpError,
     answer_with_candidates,
     candidate_addresses,
+    opus_fmtp,
     sanitise_offer,
 )
 
@@ -187,6 +188,17 @@ def test_an_opus_format_line_already_there_is_kept() -> None:
     )
     answer = answer_with_candidates(given, [("198.51.100.7", 3478)])
     assert "a=fmtp:111 stereo=1\r\n" in answer and answer.count("a=fmtp:") == 1
+
+
+def test_an_agent_hearing_at_16_khz_asks_the_caller_for_no_wider_a_band() -> None:
+    answer = answer_with_candidates(AIORTC_ANSWER, [("198.51.100.7", 3478)], 16_000)
+    fmtp = "a=fmtp:111 minptime=10;useinbandfec=1;maxplaybackrate=16000\r\n"
+    assert "a=rtpmap:111 opus/48000/2\r\n" + fmtp in answer
+    assert answer.count("a=fmtp:") == 1  # PCMU gets none
+    assert opus_fmtp() == "minptime=10;useinbandfec=1"  # an agent of no one rate: no limit
+    for rate_hz in (7_999, 48_001):
+        with pytest.raises(ValueError, match=f"not {rate_hz}"):
+            opus_fmtp(rate_hz)
 
 
 def test_answer_for_an_ipv6_only_relay() -> None:

@@ -250,6 +250,12 @@ class RealtimeSession:
         self._remote = track
         return self.voice
 
+    @property
+    def hearing_rate_hz(self) -> int:
+        """The rate the engine hears the caller at: a call's answer asks the caller's encoder
+        for no wider a band (``transceiver.webrtc.calls.HearsAt``)."""
+        return self.engine.config.input_sample_rate_hz
+
     def attach_channel(self, channel: Any) -> None:
         if channel.label != EVENTS_LABEL or self._channel is not None:
             return

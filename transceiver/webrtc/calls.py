@@ -139,6 +139,14 @@ class CallAgent(Protocol):
 
 
 @runtime_checkable
+class HearsAt(Protocol):
+    """An agent that hears the caller at one rate (the pipeline's 16 kHz): the answer asks the
+    caller to code no wider than that (``sdp.opus_fmtp``: maxplaybackrate)."""
+
+    hearing_rate_hz: int
+
+
+@runtime_checkable
 class HandsOver(Protocol):
     """An agent whose session can move to another transceiver (see ``realtime``)."""
 
@@ -404,7 +412,8 @@ class Calls:
                 if receiver.track is not None and receiver.track.kind == "audio":
                     lower_audio_prefetch(receiver)
             await pc.setLocalDescription(await pc.createAnswer())
-        return answer_with_candidates(pc.localDescription.sdp, self._relayed.public)
+        hearing_hz = agent.hearing_rate_hz if isinstance(agent, HearsAt) else None
+        return answer_with_candidates(pc.localDescription.sdp, self._relayed.public, hearing_hz)
 
     def _attach_audio(self, pc: RTCPeerConnection, agent: CallAgent, track: Any) -> None:
         lean = self.lean_media
