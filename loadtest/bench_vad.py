@@ -39,8 +39,9 @@ LOUD_RMS = 0.01  # loadtest.bench_e2e's "last loud block" (-40 dBFS)
 # before (webrtcvad's own end, as it was), the default (the voice's end), the model
 CONFIGS = {
     "webrtcvad": VadConfig(model="webrtc", voice_end_db=math.inf),
-    "webrtcvad_voice_end": VadConfig(model="webrtc"),
-    "silero_voice_end": VadConfig(model="silero"),
+    "webrtcvad_voice_end": VadConfig(model="webrtc", voice_end_db=40.0),
+    "silero": VadConfig(model="silero"),
+    "silero_voice_end": VadConfig(model="silero", voice_end_db=40.0),
 }
 
 

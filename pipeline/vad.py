@@ -174,7 +174,7 @@ class TurnDetector:
     def _push_in_silence(self, frame: bytes, voiced: bool, duration_ms: int) -> list[VadEvent]:
         self._remember(frame, voiced, duration_ms)
         self._voiced_run_ms = self._voiced_run_ms + duration_ms if voiced else 0
-        self._loudest_dbfs = max(self._loudest_dbfs, level_of(frame)) if voiced else SILENT_DBFS
+        self._note_loudest(frame, voiced)
         if self._voiced_run_ms < max(self.config.min_speech_ms, duration_ms):
             return []
         self.in_speech = True
@@ -204,9 +204,18 @@ class TurnDetector:
         not its fading tail. webrtcvad calls 100-140 ms of a word's tail and the silence
         after it speech (its hangover, ``kOverHangMax`` in its C core, not ours to tune): the
         pauses the turn is decided at count from the voice's end instead."""
+        if math.isinf(self.config.voice_end_db):
+            return True  # off: no level is computed (a few microseconds a frame, every call)
         level_dbfs = level_of(frame)
         self._loudest_dbfs = max(self._loudest_dbfs, level_dbfs)
         return level_dbfs >= self._loudest_dbfs - self.config.voice_end_db
+
+    def _note_loudest(self, frame: bytes, voiced: bool) -> None:
+        """The onset run's loudest frame (forgotten at an unvoiced one)."""
+        if not voiced:
+            self._loudest_dbfs = SILENT_DBFS
+        elif not math.isinf(self.config.voice_end_db):
+            self._loudest_dbfs = max(self._loudest_dbfs, level_of(frame))
 
     def _window_run_ms(self) -> int:
         """The silence the window counts: server_vad's from the voice's end; semantic_vad's
