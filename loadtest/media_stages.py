@@ -5,7 +5,9 @@ call runs, without the network. A ``LeanCall`` is given real pylibsrtp sessions 
 AES-256-GCM: the profile aiortc's DTLS-SRTP offers first) and the pipeline's per-frame consumer
 (a ``TurnDetector`` with webrtcvad at 16 kHz, the rate the path decodes at), and is fed SRTP
 packets of piper's speech encoded as a browser sends it (mono voip Opus, 32 kbit/s); outbound,
-the stages of a tick that sends the agent's voice (24 kHz, as the TTS gives it). Each stage is
+the stages of a tick that sends the agent's voice (24 kHz, as the TTS gives it). The decode is
+also timed on the same speech coded no wider than wideband, as a browser codes it when the
+answer says ``maxplaybackrate=16000`` (``transceiver.webrtc.sdp.opus_fmtp``). Each stage is
 timed alone, then the whole inbound path (``LeanCall.on_media``: unprotect, parse, reorder,
 decode, VAD), and an ablation of it: as it was (48 kHz and soxr), then its stages taken away
 one by one, which gives each one's cost in place.
@@ -37,6 +39,7 @@ from transceiver.webrtc.audio import AgentVoiceTrack
 PAYLOAD_TYPE = 111
 INPUT_RATE_HZ = 16_000
 VOICE_RATE_HZ = 24_000
+WIDEBAND_CUTOFF_HZ = 8_000  # a browser told maxplaybackrate=16000 codes this wide
 # The profile aiortc offers first (and Chromium takes): AES-256-GCM, a 32-byte key, 12-byte salt.
 SRTP_PROFILE = pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_256_GCM
 SRTP_KEY_BYTES = 32 + 12
@@ -90,7 +93,7 @@ def per_run_us(work: Callable[[int], Any], runs: int) -> float:
     return (time.process_time() - started) / runs * 1e6
 
 
-def inbound_stages(packets: list[bytes], runs: int) -> dict[str, float]:
+def inbound_stages(packets: list[bytes], runs: int, wideband: list[bytes]) -> dict[str, float]:
     sender, receiver = srtp_pair()
     srtp = protected([packets[i % len(packets)] for i in range(runs)], sender)
     detector = TurnDetector(
@@ -100,6 +103,7 @@ def inbound_stages(packets: list[bytes], runs: int) -> dict[str, float]:
     whole = per_run_us(lambda i: call.on_media(srtp[i]), runs)
     decoder = lean_media.OpusDecoder(lean_media.RTP_CLOCK_HZ)
     decoder16 = lean_media.OpusDecoder(INPUT_RATE_HZ)
+    wideband_decoder = lean_media.OpusDecoder(INPUT_RATE_HZ)
     decoded = [decoder.decode(p) or b"" for p in packets]
     resampler = soxr.ResampleStream(lean_media.RTP_CLOCK_HZ, INPUT_RATE_HZ, 1, dtype="int16")
     pcm16 = b"".join(lean_media._resample(resampler, pcm) for pcm in decoded)
@@ -114,6 +118,9 @@ def inbound_stages(packets: list[bytes], runs: int) -> dict[str, float]:
         "opus decode 48 kHz": per_run_us(lambda i: decoder.decode(packets[i % len(packets)]), runs),
         "opus decode 16 kHz (what the path does)": per_run_us(
             lambda i: decoder16.decode(packets[i % len(packets)]), runs
+        ),
+        "opus decode 16 kHz, caller coding wideband (maxplaybackrate=16000)": per_run_us(
+            lambda i: wideband_decoder.decode(wideband[i % len(wideband)]), runs
         ),
         "resample 48 -> 16 kHz (soxr)": per_run_us(
             lambda i: lean_media._resample(resampler, decoded[i % len(decoded)]), runs
@@ -206,12 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.media_stages", description=__doc__)
     parser.add_argument("--packets", type=int, default=3000)
     args = parser.parse_args(argv)
-    caller = opus_packets(asyncio.run(speech(lean_media.RTP_CLOCK_HZ)))
+    said = asyncio.run(speech(lean_media.RTP_CLOCK_HZ))
+    caller, wideband = opus_packets(said), opus_packets(said, cutoff_hz=WIDEBAND_CUTOFF_HZ)
     voice = asyncio.run(speech(VOICE_RATE_HZ))
     with open("/proc/loadavg") as load:
         print(f"load average {load.read().strip()}")
     for name, us in {
-        **inbound_stages(caller, args.packets),
+        **inbound_stages(caller, args.packets, wideband),
         **inbound_ablation(caller, args.packets // 2),
         **outbound_stages(voice, args.packets),
     }.items():

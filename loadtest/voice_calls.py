@@ -123,12 +123,15 @@ class Questions:
         return cls(spoken, base64.b64decode(data["silence"]))
 
 
-def opus_packets(pcm: bytes, bitrate: int = 32_000) -> list[bytes]:
-    """48 kHz mono s16 PCM as 20 ms Opus packets (as a browser sends: mono voip)."""
+def opus_packets(pcm: bytes, bitrate: int = 32_000, cutoff_hz: int | None = None) -> list[bytes]:
+    """48 kHz mono s16 PCM as 20 ms Opus packets (as a browser sends: mono voip); with
+    ``cutoff_hz`` (8000: wideband) coded no wider, as a browser does when the answer says
+    ``maxplaybackrate`` (16000)."""
     codec: Any = av.CodecContext.create("libopus", "w")
     codec.bit_rate, codec.format, codec.layout = bitrate, "s16", "mono"
     codec.sample_rate, codec.time_base = RATE_HZ, TIME_BASE
-    codec.options = {"application": "voip"}
+    options = {"application": "voip"}
+    codec.options = options if cutoff_hz is None else {**options, "cutoff": str(cutoff_hz)}
     step = 2 * FRAME_SAMPLES
     pcm += b"\0" * (-len(pcm) % step)
     packets: list[bytes] = []

@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from aiortc.rtp import RtpPacket
 
-from loadtest.voice_calls import QUIET_GAP_S, QUIET_PACKETS, AnswerMeter, Metronome
+from loadtest.voice_calls import QUIET_GAP_S, QUIET_PACKETS, AnswerMeter, Metronome, opus_packets
 from loadtest.voice_paths import compare_paths
 from loadtest.voice_report import Hist, Knee, KneePlan, fault_section
 
@@ -92,6 +93,15 @@ def _step(knee: Knee, at_s: float, latencies_ms: list[float], failures: int = 0)
     knee.add({"turn": hist.take()}, at_s)
     knee.sample({"cpu_cores": {"transceiver-0": 0.5, "relay": 0.2}}, at_s)
     knee.tick(at_s, failures)
+
+
+def test_a_caller_told_maxplaybackrate_16000_codes_no_wider_than_wideband() -> None:
+    tone = (8000 * np.sin(np.arange(48_000) * 2 * np.pi * 300 / 48_000)).astype(np.int16)
+    bandwidths = {packet[0] >> 3 for packet in opus_packets(tone.tobytes(), cutoff_hz=8_000)}
+    # RFC 6716 section 3.1: SILK configurations 0-11 (8-11 wideband), hybrid 12-15, CELT 16-31
+    # in fours by band (20-23 wideband)
+    assert bandwidths and all(c <= 11 or 16 <= c <= 23 for c in bandwidths), bandwidths
+    assert any(c > 11 for c in {p[0] >> 3 for p in opus_packets(tone.tobytes())})  # full band
 
 
 def test_the_knee_is_the_last_step_under_the_threshold() -> None:
