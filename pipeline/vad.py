@@ -2,9 +2,10 @@
 
 Protocol layer: a pure state machine. It is fed 10, 20 or 30 ms frames of 16-bit mono PCM and
 asks an injected ``classify(frame) -> bool`` whether each frame is voiced (webrtcvad; Silero
-where a session asks for its threshold: ``pipeline.silero_vad.vad_classifier``). Pauses count
-from the end of the voice itself: a voiced frame ``VadConfig.voice_end_db`` under the
-utterance's loudest is its fading tail, which webrtcvad calls speech for 100-140 ms more.
+where a session asks for its threshold: ``pipeline.silero_vad.vad_classifier``). With
+``VadConfig.voice_end_db`` set (off by default: ``pipeline.config`` says why), pauses count from
+the end of the voice itself: a voiced frame that far under the utterance's loudest is its
+fading tail, which webrtcvad calls speech for 100-140 ms more.
 Event times come from an injected clock; durations (silence, padding) are counted in audio, so
 a file fed faster than real time is segmented the same way.
 
