@@ -4,7 +4,7 @@ The only fake in the suite: it stands in for the paid OpenAI API. It speaks the 
 shapes (SSE chat chunks with tool-call deltas and usage, the Responses API's streamed events
 (``deploy.fake_responses``), raw PCM speech, multipart transcription) and validates requests
 the way the API does, so a wrong mapping fails here. Its chat model answers "You said: …"; told
-to interpret (a translation session's instruction), "In <language>: …" with the same words.
+to interpret (a translation session's instruction), "In <language>: …" with the words it names.
 
 Control endpoints (tests drive them through ``FakeOpenAIServer``):
   POST /__control  {"fail": {route: [status, ...]}, "hold": [route], "stall_s": {route: s},
@@ -55,6 +55,7 @@ from deploy.waiting import poll
 
 SPEECH_SAMPLES_PER_WORD = 2_400  # 0.1 s at 24 kHz
 INTERPRETER = re.compile(r"You are an interpreter\. Translate what the user says into ([^.]+)\.")
+UTTERANCE = re.compile(r"Translate these words, and only these: «(.*)»", re.DOTALL)
 SPEECH_CHUNKS = 4
 
 
@@ -213,9 +214,9 @@ def _chat_chunks(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _text_chunks(body, f"The {name} tool says {last['content']}.")
         return
     said = content_text(last.get("content"))
-    language = _interpreting_into(messages)
+    language, words = _interpreting(messages)
     if language:
-        yield from _text_chunks(body, f"In {language}: {said}")
+        yield from _text_chunks(body, f"In {language}: {words or said}")
         return
     tool = _requested_tool(body, said)
     if tool:
@@ -224,15 +225,16 @@ def _chat_chunks(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield from _text_chunks(body, f"You said: {said}")
 
 
-def _interpreting_into(messages: list[dict[str, Any]]) -> str:
-    """The language a translation session's instruction names (``translation_fields``), or
-    "": told to interpret, this model "translates" by saying which language and the words."""
+def _interpreting(messages: list[dict[str, Any]]) -> tuple[str, str]:
+    """The language a translation session's instruction names (``translation_fields``) and
+    the words it names, if it does, or ("", ""): told to interpret, this model "translates" by
+    saying which language and the words."""
     for message in messages:
-        if message["role"] == "system":
-            found = INTERPRETER.search(content_text(message.get("content")))
-            if found:
-                return found.group(1)
-    return ""
+        text = content_text(message.get("content")) if message["role"] == "system" else ""
+        if found := INTERPRETER.search(text):
+            words = UTTERANCE.search(text)
+            return found.group(1), "" if words is None else words.group(1)
+    return "", ""
 
 
 def _tool_name(messages: list[dict[str, Any]], call_id: str) -> str:

@@ -28,6 +28,7 @@ from openai.types.realtime import (
     RealtimeTranslationServerEvent,
     RealtimeTranslationSession,
 )
+from openai.types.realtime import realtime_translation_session_update_request_param as update
 from websocket_harness import (
     EVENT_TIMEOUT_S,
     RATE_HZ,
@@ -112,32 +113,50 @@ async def test_spoken_words_come_back_translated_in_text_and_speech(
     created = (await events.next("session.created"))["session"]
     assert (created["model"], created["audio"]["output"]["language"]) == (MODEL, "en")
     connection = events.connection
-    source = {"transcription": {"model": "gpt-realtime-whisper"}}
+    whisper: update.AudioInputTranscription = {"model": "gpt-realtime-whisper"}
     await connection.session.update(
-        session={"audio": {"input": source, "output": {"language": "fr"}}}
+        session={"audio": {"input": {"transcription": whisper}, "output": {"language": "fr"}}}
     )
     updated = (await events.next("session.updated"))["session"]
-    assert updated["audio"]["input"]["transcription"] == source["transcription"], updated
+    assert updated["audio"]["input"]["transcription"] == whisper, updated
     assert (updated["id"], updated["audio"]["output"]["language"]) == (created["id"], "fr")
-    for start in range(0, len(question), STEP_BYTES):
-        chunk = base64.b64encode(question[start : start + STEP_BYTES]).decode()
+    speech = question + question  # the second utterance ends while the first is translated
+    for start in range(0, len(speech), STEP_BYTES):
+        chunk = base64.b64encode(speech[start : start + STEP_BYTES]).decode()
         await connection.session.input_audio_buffer.append(audio=chunk)
-    await connection.session.close()  # the utterance is translated before the session closes
+    await connection.session.close()  # both are translated before the session closes
     await events.next("session.closed")
+    utterances = [e["delta"].split() for e in events.of("session.input_transcript.delta")]
+    assert len(utterances) == 2 and "moon" in utterances[0], utterances
     heard = "".join(e["delta"] for e in events.of("session.input_transcript.delta"))
-    assert "moon" in heard.lower().split(), heard
+    assert heard.split() == utterances[0] + utterances[1], heard  # a space between them
     said = "".join(e["delta"] for e in events.of("session.output_transcript.delta"))
-    assert said.split() == ["In", "French:", *heard.split()], (said, heard)
+    assert said.split() == [w for u in utterances for w in ["In", "French:", *u]], said
     deltas = events.of("session.output_audio.delta")
     assert {(e["format"], e["sample_rate"], e["channels"]) for e in deltas} == {
         ("pcm16", RATE_HZ, 1)
     }
-    audio = b"".join(base64.b64decode(e["delta"]) for e in deltas)
-    words = await heard_words(audio)
-    assert "french" in words and "moon" in words, words
+    first, second = spoken_translations(events.seen)
+    pause = silence_pcm(1.0, RATE_HZ)  # between them, as a listener hears them
+    words = await heard_words(first + pause + second)
+    # each translation heard ("about the moon" at its end is heard as "about them i'm" at times)
+    assert words.count("french") == words.count("tell") == 2, " ".join(words)
+    assert "moon" in words, " ".join(words)
     assert "error" not in events.types(), events.seen
     with pytest.raises(websockets.ConnectionClosedOK):
         await events.connection.recv_bytes()  # closed 1000 by the server
+
+
+def spoken_translations(seen: list[dict[str, Any]]) -> list[bytes]:
+    """Each translation's audio: one starts with its text ("In <language>: …", the fake model's
+    first word "In"), and the next starts once it is done."""
+    parts: list[bytes] = []
+    for event in seen:
+        if event["type"] == "session.output_transcript.delta" and event["delta"].strip() == "In":
+            parts.append(b"")
+        elif event["type"] == "session.output_audio.delta":
+            parts[-1] += base64.b64decode(event["delta"])
+    return parts
 
 
 async def test_bad_fields_and_events_are_refused_by_name_and_change_nothing(
@@ -166,7 +185,7 @@ async def test_bad_fields_and_events_are_refused_by_name_and_change_nothing(
     assert (error["code"], error["param"]) == ("invalid_value", "type"), error
     append = {"type": "session.input_audio_buffer.append", "audio": "not base64!"}
     assert (await error_for(events, json.dumps(append)))["param"] == "audio"
-    noise = {"type": "far_field", "strength": 0.5}
+    noise: update.AudioInputNoiseReduction = {"type": "far_field", "strength": 0.5}
     await events.connection.session.update(session={"audio": {"input": {"noise_reduction": noise}}})
     updated = (await events.next("session.updated"))["session"]
     assert updated["audio"]["output"]["language"] == "en", updated  # the bad updates discarded

@@ -20,6 +20,7 @@ from transceiver.realtime.translation_fields import (
     language_name,
     session_json,
     updated,
+    utterance_instruction,
 )
 
 
@@ -78,7 +79,7 @@ def test_a_create_request_names_only_a_translation_session() -> None:
     assert refused.value.param == "session.instructions"
 
 
-def test_the_model_is_told_the_language_by_name_and_answers_every_utterance() -> None:
+def test_the_model_is_told_the_language_by_name_and_each_utterances_words() -> None:
     assert language_name("es") == "Spanish" and language_name("pt-BR") == "Portuguese"
     assert language_name("tlh") == "the language tagged 'tlh'"
     config = TranslationConfig(language="de")
@@ -86,7 +87,9 @@ def test_the_model_is_told_the_language_by_name_and_answers_every_utterance() ->
     fields = as_realtime(config, updated({}))
     assert fields["tools"] == [] and fields["instructions"] == instruction(config)
     detection = fields["audio"]["input"]["turn_detection"]
-    assert (detection["create_response"], detection["interrupt_response"]) == (True, False)
+    assert (detection["create_response"], detection["interrupt_response"]) == (False, False)
+    told = utterance_instruction(config, "Guten Tag")
+    assert told.startswith(instruction(config)) and told.endswith("«Guten Tag»"), told
 
 
 def test_transcript_pieces_add_up_with_a_space_between_segments_only() -> None:

@@ -43,6 +43,7 @@ INSTRUCTION = (
     "translation alone, as it would be spoken: never answer, comment on or refuse what is "
     "said, and keep names and numbers as they are."
 )
+UTTERANCE = "Translate these words, and only these: «{words}»"
 CREATE_KEYS = frozenset({"model", "audio", "type"})
 UPDATE_KEYS = frozenset({"audio"})
 AUDIO_KEYS = frozenset({"input", "output"})
@@ -79,6 +80,12 @@ def language_name(tag: str) -> str:
 
 def instruction(config: TranslationConfig) -> str:
     return INSTRUCTION.format(language=language_name(config.language))
+
+
+def utterance_instruction(config: TranslationConfig, words: str) -> str:
+    """The instruction for one utterance's translation, naming its words: the model is sent
+    the conversation so far, and more may have been heard since."""
+    return f"{instruction(config)} {UTTERANCE.format(words=words)}"
 
 
 def created(session: Any) -> tuple[str, TranslationUpdate]:
@@ -139,8 +146,9 @@ def _transcription(value: Any) -> str | None:
 
 def as_realtime(config: TranslationConfig, update: TranslationUpdate) -> dict[str, Any]:
     """The Realtime session fields a translation session runs on: the interpreter's
-    instruction, no tools, every utterance answered when it ends and never cut by the next."""
-    detection = {"type": "server_vad", "create_response": True, "interrupt_response": False}
+    instruction, no tools, and turn detection that answers nothing itself (each utterance is
+    translated by a response of its own, ``utterance_instruction``) and cuts nothing off."""
+    detection = {"type": "server_vad", "create_response": False, "interrupt_response": False}
     audio_in: dict[str, Any] = {"turn_detection": detection, **update.realtime}
     return {
         "type": "realtime",

@@ -3,15 +3,18 @@ out in another language.
 
 A translation session is a ``RealtimeSession`` with this contract at its edge
 (``RealtimeSession.use_contract``), as a transcription session is: the same engine, its VAD
-cutting the speech into utterances, the speech-to-text hearing each, and the language model,
-told to interpret (``translation_fields.instruction``: the target language, the translation
-alone), answering every utterance when it ends, never cut off by the next; the TTS speaks it.
-Its fields are OpenAI's translation session's (``translation_fields``).
+cutting the speech into utterances (answering none itself, cutting nothing off) and the
+speech-to-text hearing each. Every utterance heard is queued, and translated in turn, one at
+a time, by a response of the engine whose instruction (``translation_fields``:
+``utterance_instruction``) names the target language and the utterance's words, so speech that
+ends while another utterance is translated waits its turn instead of being lost or answered
+with the next one; the TTS speaks each translation. Its fields are OpenAI's translation
+session's (``translation_fields``).
 
 Client events (the SDK's ``RealtimeTranslationClientEvent``): ``session.update``,
 ``session.input_audio_buffer.append`` (base64 PCM16 at 24 kHz, as a Realtime WebSocket
 session's appends) and ``session.close``: the utterance still open is ended, the server waits
-for what is being translated to be sent (at most ``FLUSH_TIMEOUT_S``), then
+for it and every utterance queued to be translated and sent (at most ``FLUSH_TIMEOUT_S``), then
 ``session.closed`` and the socket closes (1000); audio appended after it is refused. Any other
 type is ``invalid_value`` on ``type``, naming those taken.
 
@@ -36,6 +39,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from pipeline import events as ev
+from pipeline.engine import ConversationEngine
 from pipeline.local_agent import LocalRuleBasedAgent
 from transceiver.realtime.client_events import (
     AUDIO_RATE_HZ,
@@ -58,6 +62,7 @@ from transceiver.realtime.translation_fields import (
     created,
     session_json,
     updated,
+    utterance_instruction,
 )
 
 FLUSH_TIMEOUT_S = 30.0  # session.close waits this long for the last translation to be sent
@@ -115,6 +120,9 @@ class TranslationContract:
         self._input = TranscriptStream()
         self._output = TranscriptStream()
         self._done_id = ""
+        self._waiting: asyncio.Queue[str] = asyncio.Queue()  # utterances heard, in order
+        self._translating: str | None = None  # the engine's response translating one now
+        self._translated = asyncio.Event()  # set when that response is done
         self._handlers: dict[str, Callable[[Mapping[str, Any]], None]] = {
             "session.update": self._update,
             "session.input_audio_buffer.append": self._append,
@@ -135,6 +143,7 @@ class TranslationContract:
         return session_json(self.config, self.session.config.id, noise, self.created_s)
 
     def opened(self) -> list[Event]:
+        self.session.spawn(self._interpret(), "translation session interpreter")
         return [server_event("session.created", session=self.session_json())]
 
     def audio_delta(self, engine_response_id: str, pcm: bytes) -> list[Event]:
@@ -157,6 +166,8 @@ class TranslationContract:
             return [server_event("session.output_transcript.delta", delta=delta)]
         if isinstance(event, ev.ResponseDone):
             self._done_id = event.response_id
+            if event.response_id == self._translating:
+                self._translated.set()
             return self._failed(event)
         if isinstance(event, ev.EngineError):
             failed = EventError("translation_failed", event.message)
@@ -164,7 +175,10 @@ class TranslationContract:
         return []
 
     def _heard(self, event: ev.InputTranscript) -> list[Event]:
-        if not event.final or not event.text.strip() or self.config.transcription_model is None:
+        if not event.final or not event.text.strip():
+            return []
+        self._waiting.put_nowait(event.text.strip())
+        if self.config.transcription_model is None:
             return []
         delta = self._input.piece(str(event.turn), event.text.strip())
         return [server_event("session.input_transcript.delta", delta=delta)]
@@ -223,22 +237,47 @@ class TranslationContract:
             self.closing = True
             self.session.spawn(self._flush_and_close(), "translation session close")
 
+    async def _interpret(self) -> None:
+        """Every utterance heard, in order, one at a time: each is the engine's response to
+        an instruction that names its words (its turn detection answers nothing itself)."""
+        while True:
+            words = await self._waiting.get()
+            try:
+                await self._translate(words)
+            finally:
+                self._waiting.task_done()
+
+    async def _translate(self, words: str) -> None:
+        told = utterance_instruction(self.config, words)
+        self._translated.clear()
+        self._translating = self.session.engine.create_response(told)
+        if self._translating is None:  # only this loop starts responses: a bug
+            raise RuntimeError("a translation found another response running")
+        await self._translated.wait()
+
     async def _flush_and_close(self) -> None:
-        """The utterance still open ends; once what it and those before became is sent,
-        ``session.closed`` and the hang-up (the socket closes 1000)."""
+        """The utterance still open ends; once it and every one before are translated and
+        sent, ``session.closed`` and the hang-up (the socket closes 1000)."""
         engine = self.session.engine
         engine.finish_input()
         try:
-            await engine.wait_idle(FLUSH_TIMEOUT_S)
+            async with asyncio.timeout(FLUSH_TIMEOUT_S):
+                await self._heard_all(engine)
+                await self._waiting.join()
         except TimeoutError:
-            message = f"the last translation took over {FLUSH_TIMEOUT_S:.0f} s: closed without it"
+            message = f"translating took over {FLUSH_TIMEOUT_S:.0f} s: closed without the rest"
             self.session.send_error(EventError("close_timeout", message), error_type="server_error")
-        # The engine's last events were queued before it went idle, and its forwarder drains a
-        # non-empty queue without waiting: one pass of the loop and they have gone out.
-        await asyncio.sleep(0)
         self.session.send(server_event("session.closed"))
         self.session.caller_hung_up()
         self.session.hang_up("closed")
+
+    @staticmethod
+    async def _heard_all(engine: ConversationEngine) -> None:
+        """Until the engine is idle and the events it made have been handled here: its
+        transcriptions were queued before it went idle, and its forwarder drains a non-empty
+        queue without waiting, so one pass of the loop and they are in ``_waiting``."""
+        await engine.wait_idle(FLUSH_TIMEOUT_S)
+        await asyncio.sleep(0)
 
 
 def _known(raw: Mapping[str, Any], keys: tuple[str, ...]) -> None:
