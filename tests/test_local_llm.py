@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from loadtest.voice_audio import recognised, silence_pcm, spoken_pcm
 from pipeline import events as ev
 from pipeline.assembly import build_engine, open_providers
-from pipeline.config import EngineConfig, LocalLlmConfig, PipelineConfig
+from pipeline.config import ChunkerConfig, EngineConfig, LocalLlmConfig, PipelineConfig
 from pipeline.engine import ConversationEngine
 from pipeline.knowledge import load_knowledge
 from pipeline.llama_llm import LlamaCppLanguageModel
@@ -72,7 +72,10 @@ def make_engine(
     *,
     speak: bool = True,
 ) -> ConversationEngine:
-    config = EngineConfig(RATE_HZ, OUT_RATE_HZ, realtime_playout=False, speak=speak)
+    chunker = ChunkerConfig(first_words=llm.config.first_words)  # as PIPELINE_LLM=local has it
+    config = EngineConfig(
+        RATE_HZ, OUT_RATE_HZ, realtime_playout=False, speak=speak, chunker=chunker
+    )
     tools = ToolRegistry(builtin_tools(KNOWLEDGE, lambda: NINE_AM))
     return ConversationEngine(config, stt, llm, tts, tools)
 
