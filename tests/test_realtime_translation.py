@@ -132,6 +132,12 @@ async def test_spoken_words_come_back_translated_in_text_and_speech(
     assert heard.split() == utterances[0] + utterances[1], heard  # a space between them
     said = "".join(e["delta"] for e in events.of("session.output_transcript.delta"))
     assert said.split() == [w for u in utterances for w in ["In", "French:", *u]], said
+    # aligned: each translation's deltas carry where its utterance stopped, in 200 ms steps
+    heard_at = [e["elapsed_ms"] for e in events.of("session.input_transcript.delta")]
+    assert heard_at[0] < heard_at[1] and all(ms % 200 == 0 for ms in heard_at), heard_at
+    outputs = ("session.output_transcript.delta", "session.output_audio.delta")
+    said_at = sorted({e["elapsed_ms"] for e in events.seen if e["type"] in outputs})
+    assert said_at == heard_at, (said_at, heard_at)
     deltas = events.of("session.output_audio.delta")
     assert {(e["format"], e["sample_rate"], e["channels"]) for e in deltas} == {
         ("pcm16", RATE_HZ, 1)

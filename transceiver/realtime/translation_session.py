@@ -24,7 +24,9 @@ only with ``audio.input.transcription`` set), ``session.output_transcript.delta`
 text as it streams), ``session.output_audio.delta`` (PCM16 at 24 kHz, mono, as made),
 ``session.closed`` and ``error``. Deltas are append-only: a later utterance's first delta
 starts with the space that separates it from the one before. A failed transcription or
-translation is an ``error`` (``server_error``) and the session goes on. No ``elapsed_ms``.
+translation is an ``error`` (``server_error``) and the session goes on. ``elapsed_ms``: where
+the utterance's speech stopped in the input (in 200 ms steps), on its input transcript delta and
+on its translation's deltas.
 
 Only a language model that can follow the instruction translates: the offline rule-based agent
 cannot, and such a session is refused by name (``check_translates``).
@@ -36,6 +38,7 @@ import asyncio
 import base64
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline import events as ev
@@ -65,6 +68,7 @@ from transceiver.realtime.translation_fields import (
     utterance_instruction,
 )
 
+FRAME_MS = 200  # OpenAI's translation frame: elapsed_ms advances in these steps
 FLUSH_TIMEOUT_S = 30.0  # session.close waits this long for the last translation to be sent
 ACCEPTED_EVENTS = ("session.update", "session.input_audio_buffer.append", "session.close")
 NOT_TRANSLATING = frozenset({LocalRuleBasedAgent.name})  # language models that cannot translate
@@ -120,7 +124,9 @@ class TranslationContract:
         self._input = TranscriptStream()
         self._output = TranscriptStream()
         self._done_id = ""
-        self._waiting: asyncio.Queue[str] = asyncio.Queue()  # utterances heard, in order
+        self._waiting: asyncio.Queue[_Utterance] = asyncio.Queue()  # heard, in order
+        self._ends_ms: dict[int, int] = {}  # turn -> where its speech stopped in the input
+        self._elapsed_ms: dict[str, int] = {}  # the output's alignment (``elapsed_ms``)
         self._translating: str | None = None  # the engine's response translating one now
         self._translated = asyncio.Event()  # set when that response is done
         self._handlers: dict[str, Callable[[Mapping[str, Any]], None]] = {
@@ -151,6 +157,7 @@ class TranslationContract:
             return []
         delta = base64.b64encode(pcm).decode("ascii")
         fields = {"format": "pcm16", "sample_rate": AUDIO_RATE_HZ, "channels": 1}
+        fields |= self._elapsed_ms
         return [server_event("session.output_audio.delta", delta=delta, **fields)]
 
     def error(self, error: EventError, client_event_id: str | None, error_type: str) -> Event:
@@ -161,9 +168,12 @@ class TranslationContract:
     def translate(self, event: ev.EngineEvent) -> list[Event]:
         if isinstance(event, ev.InputTranscript):
             return self._heard(event)
+        if isinstance(event, ev.SpeechStoppedEvent):
+            self._ends_ms[event.turn] = event.audio_end_ms
         if isinstance(event, ev.ResponseTextDelta) and event.text:
             delta = self._output.piece(event.response_id, event.text)
-            return [server_event("session.output_transcript.delta", delta=delta)]
+            elapsed = self._elapsed_ms
+            return [server_event("session.output_transcript.delta", delta=delta, **elapsed)]
         if isinstance(event, ev.ResponseDone):
             self._done_id = event.response_id
             if event.response_id == self._translating:
@@ -175,13 +185,16 @@ class TranslationContract:
         return []
 
     def _heard(self, event: ev.InputTranscript) -> list[Event]:
-        if not event.final or not event.text.strip():
+        if not event.final:
             return []
-        self._waiting.put_nowait(event.text.strip())
+        elapsed = _alignment(self._ends_ms.pop(event.turn, None))
+        if not event.text.strip():
+            return []
+        self._waiting.put_nowait(_Utterance(event.text.strip(), elapsed))
         if self.config.transcription_model is None:
             return []
         delta = self._input.piece(str(event.turn), event.text.strip())
-        return [server_event("session.input_transcript.delta", delta=delta)]
+        return [server_event("session.input_transcript.delta", delta=delta, **elapsed)]
 
     def _failed(self, event: ev.ResponseDone) -> list[Event]:
         if event.status != "failed":
@@ -241,14 +254,15 @@ class TranslationContract:
         """Every utterance heard, in order, one at a time: each is the engine's response to
         an instruction that names its words (its turn detection answers nothing itself)."""
         while True:
-            words = await self._waiting.get()
+            utterance = await self._waiting.get()
             try:
-                await self._translate(words)
+                await self._translate(utterance)
             finally:
                 self._waiting.task_done()
 
-    async def _translate(self, words: str) -> None:
-        told = utterance_instruction(self.config, words)
+    async def _translate(self, utterance: _Utterance) -> None:
+        told = utterance_instruction(self.config, utterance.words)
+        self._elapsed_ms = utterance.elapsed_ms
         self._translated.clear()
         self._translating = self.session.engine.create_response(told)
         if self._translating is None:  # only this loop starts responses: a bug
@@ -278,6 +292,20 @@ class TranslationContract:
         queue without waiting, so one pass of the loop and they are in ``_waiting``."""
         await engine.wait_idle(FLUSH_TIMEOUT_S)
         await asyncio.sleep(0)
+
+
+@dataclass(frozen=True)
+class _Utterance:
+    words: str
+    elapsed_ms: dict[str, int]  # ``{"elapsed_ms": …}`` of its deltas, or nothing
+
+
+def _alignment(end_ms: int | None) -> dict[str, int]:
+    """The ``elapsed_ms`` of an utterance's deltas and its translation's: where its speech
+    stopped in the input, in the 200 ms steps of OpenAI's translation frames."""
+    if end_ms is None:
+        return {}
+    return {"elapsed_ms": end_ms - end_ms % FRAME_MS}
 
 
 def _known(raw: Mapping[str, Any], keys: tuple[str, ...]) -> None:
