@@ -51,6 +51,7 @@ import fractions
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -73,6 +74,8 @@ FRAME_SAMPLES = 960  # 20 ms
 FRAME_S = FRAME_SAMPLES / RATE_HZ
 TIME_BASE = fractions.Fraction(1, RATE_HZ)
 LOUD_LEVEL = 40  # RFC 6465 level (-dBov): 40 and below is louder than -40 dBov (RMS 0.01)
+WIDEBAND_CUTOFF_HZ = 8_000  # libopus's cutoff for wideband: what maxplaybackrate=16000 asks
+MAX_PLAYBACK_RATE = re.compile(r"^a=fmtp:\d+ .*\bmaxplaybackrate=(\d+)", re.MULTILINE)
 QUIET_PACKETS = 10  # this many quiet packets in a row: the answer has stopped playing
 QUIET_GAP_S = 0.2  # or no packet at all for this long (a sender that pauses while silent)
 QUESTIONS = ("What time is it?", "Tell me about coffee.", "When does the library open?")
@@ -99,6 +102,14 @@ Event = dict[str, Any]
 class Question:
     text: str
     packets: list[bytes]  # 20 ms Opus packets
+    # the same, coded no wider than wideband: what a browser sends when the answer says
+    # maxplaybackrate=16000 (empty: the full-band packets go in any case)
+    wideband: list[bytes] = field(default_factory=list)
+
+    def coded_for(self, max_playback_rate_hz: int | None) -> list[bytes]:
+        """The packets a browser would send under the answer's ``maxplaybackrate``."""
+        narrow = max_playback_rate_hz is not None and max_playback_rate_hz <= 16_000
+        return self.wideband if narrow and self.wideband else self.packets
 
 
 @dataclass(frozen=True)
@@ -110,17 +121,34 @@ class Questions:
         def b64(data: bytes) -> str:
             return base64.b64encode(data).decode()
 
-        spoken = [{"text": q.text, "packets": [b64(p) for p in q.packets]} for q in self.questions]
+        spoken = [
+            {
+                "text": q.text,
+                "packets": [b64(p) for p in q.packets],
+                "wideband": [b64(p) for p in q.wideband],
+            }
+            for q in self.questions
+        ]
         return json.dumps({"questions": spoken, "silence": b64(self.silence)})
 
     @classmethod
     def from_json(cls, text: str) -> Questions:
         data = json.loads(text)
         spoken = [
-            Question(q["text"], [base64.b64decode(p) for p in q["packets"]])
+            Question(
+                q["text"],
+                [base64.b64decode(p) for p in q["packets"]],
+                [base64.b64decode(p) for p in q.get("wideband", [])],
+            )
             for q in data["questions"]
         ]
         return cls(spoken, base64.b64decode(data["silence"]))
+
+
+def answer_playback_rate_hz(sdp: str) -> int | None:
+    """The ``maxplaybackrate`` an answer's format line asks for (RFC 7587: Opus), else None."""
+    match = MAX_PLAYBACK_RATE.search(sdp)
+    return None if match is None else int(match.group(1))
 
 
 def opus_packets(pcm: bytes, bitrate: int = 32_000, cutoff_hz: int | None = None) -> list[bytes]:
@@ -148,7 +176,11 @@ async def spoken_questions(texts: Sequence[str] = QUESTIONS) -> Questions:
     from loadtest.voice_audio import Speaker
 
     async with Speaker() as speaker:
-        spoken = [Question(text, opus_packets(await speaker.speak(text))) for text in texts]
+        spoken = []
+        for text in texts:
+            pcm = await speaker.speak(text)
+            wideband = opus_packets(pcm, cutoff_hz=WIDEBAND_CUTOFF_HZ)
+            spoken.append(Question(text, opus_packets(pcm), wideband))
     silence = opus_packets(b"\0" * 2 * FRAME_SAMPLES * 10)[5]  # past the encoder's start-up
     return Questions(spoken, silence)
 
@@ -399,6 +431,7 @@ class VoiceCall:
     legs: int = 0
     stage: str = "idle"  # of the turn in flight: question, answer_wait, answer; else idle
     lean: LeanClientMedia | None = None  # the lean client media, else aiortc's RTP path
+    max_playback_rate_hz: int | None = None  # the answer's, for Opus: the questions' band
 
     def __post_init__(self) -> None:
         self._closing: set[asyncio.Task[None]] = set()  # legs left behind, closing
@@ -494,6 +527,7 @@ class VoiceCall:
         await self._answered(response.text, "no_session_created")
 
     async def _answered(self, sdp: str, reason: str) -> None:
+        self.max_playback_rate_hz = answer_playback_rate_hz(sdp)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
         try:
             async with asyncio.timeout(SETUP_TIMEOUT_S):
@@ -566,7 +600,7 @@ class VoiceCall:
         self.log = EventLog(loop.time())
         self._waits = waits = _Waits.new()
         onset = self.meter.expect_answer()
-        ended = self.track.say(question.packets)
+        ended = self.track.say(question.coded_for(self.max_playback_rate_hz))
         self.stage = "question"
         try:
             async with asyncio.timeout(TURN_TIMEOUT_S):

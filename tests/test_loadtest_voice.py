@@ -18,7 +18,15 @@ import numpy as np
 import pytest
 from aiortc.rtp import RtpPacket
 
-from loadtest.voice_calls import QUIET_GAP_S, QUIET_PACKETS, AnswerMeter, Metronome, opus_packets
+from loadtest.voice_calls import (
+    QUIET_GAP_S,
+    QUIET_PACKETS,
+    AnswerMeter,
+    Metronome,
+    Question,
+    answer_playback_rate_hz,
+    opus_packets,
+)
 from loadtest.voice_paths import compare_paths
 from loadtest.voice_report import Hist, Knee, KneePlan, fault_section
 
@@ -102,6 +110,15 @@ def test_a_caller_told_maxplaybackrate_16000_codes_no_wider_than_wideband() -> N
     # in fours by band (20-23 wideband)
     assert bandwidths and all(c <= 11 or 16 <= c <= 23 for c in bandwidths), bandwidths
     assert any(c > 11 for c in {p[0] >> 3 for p in opus_packets(tone.tobytes())})  # full band
+
+
+def test_the_load_tester_codes_its_questions_as_the_answer_asks() -> None:
+    asked = "a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;maxplaybackrate=16000\r\n"
+    assert answer_playback_rate_hz(asked) == 16_000
+    assert answer_playback_rate_hz("a=fmtp:111 minptime=10;useinbandfec=1\r\n") is None
+    question = Question("hello", [b"full"], [b"wide"])
+    assert question.coded_for(16_000) == [b"wide"] and question.coded_for(48_000) == [b"full"]
+    assert question.coded_for(None) == [b"full"] and Question("hi", [b"full"]).coded_for(16_000)
 
 
 def test_the_knee_is_the_last_step_under_the_threshold() -> None:
