@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, LocalLlmConfig, PipelineConfig
+from pipeline.llama_llm import passive_openmp
 from pipeline.local_llm_chat import (
     ToolCallGate,
     chat_messages,
@@ -187,6 +188,17 @@ def test_the_llm_choices_are_rule_local_and_openai() -> None:
         PipelineConfig.from_env({"PIPELINE_LOCAL_LLM_MAX_TOKENS": "4000"})
     config = PipelineConfig.from_env({"PIPELINE_LOCAL_LLM_THREADS": "3"})
     assert config.local_llm_config() == LocalLlmConfig(threads=3)
+
+
+def test_openmp_threads_are_told_to_sleep_unless_libgomp_is_already_loaded_or_told() -> None:
+    environ: dict[str, str] = {}
+    assert passive_openmp(environ, "7f00-7f01 r-xp /usr/lib/libc.so.6\n") is None
+    assert environ == {"OMP_WAIT_POLICY": "passive"}
+    told = {"OMP_WAIT_POLICY": "active"}
+    assert passive_openmp(told, "") is None and told == {"OMP_WAIT_POLICY": "active"}
+    late: dict[str, str] = {}
+    why = passive_openmp(late, "7f00-7f01 r-xp /lib/x86_64-linux-gnu/libgomp.so.1\n")
+    assert why is not None and "libgomp was loaded before" in why and late == {}
 
 
 def test_only_the_local_model_speaks_its_first_words_as_a_chunk_of_their_own() -> None:
