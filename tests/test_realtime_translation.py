@@ -196,6 +196,9 @@ async def test_bad_fields_and_events_are_refused_by_name_and_change_nothing(
     updated = (await events.next("session.updated"))["session"]
     assert updated["audio"]["output"]["language"] == "en", updated  # the bad updates discarded
     assert updated["audio"]["input"]["noise_reduction"] == noise, updated
+    await events.connection.session.close()  # nothing heard: closed at once
+    await events.next("session.closed")
+    assert not events.of("session.output_transcript.delta"), events.seen
 
 
 async def test_a_client_secret_starts_its_translation_session(
