@@ -116,6 +116,12 @@ class Question:
 class Questions:
     questions: list[Question]
     silence: bytes  # one 20 ms Opus packet of digital silence
+    wideband_silence: bytes = b""  # the same coded no wider than wideband (Question.wideband)
+
+    def silence_for(self, max_playback_rate_hz: int | None) -> bytes:
+        """The silence a browser would send under the answer's ``maxplaybackrate``."""
+        narrow = max_playback_rate_hz is not None and max_playback_rate_hz <= 16_000
+        return self.wideband_silence if narrow and self.wideband_silence else self.silence
 
     def to_json(self) -> str:
         def b64(data: bytes) -> str:
@@ -129,7 +135,8 @@ class Questions:
             }
             for q in self.questions
         ]
-        return json.dumps({"questions": spoken, "silence": b64(self.silence)})
+        silences = {"silence": b64(self.silence), "wideband_silence": b64(self.wideband_silence)}
+        return json.dumps({"questions": spoken, **silences})
 
     @classmethod
     def from_json(cls, text: str) -> Questions:
@@ -142,7 +149,8 @@ class Questions:
             )
             for q in data["questions"]
         ]
-        return cls(spoken, base64.b64decode(data["silence"]))
+        wideband_silence = base64.b64decode(data.get("wideband_silence", ""))
+        return cls(spoken, base64.b64decode(data["silence"]), wideband_silence)
 
 
 def answer_playback_rate_hz(sdp: str) -> int | None:
@@ -181,8 +189,9 @@ async def spoken_questions(texts: Sequence[str] = QUESTIONS) -> Questions:
             pcm = await speaker.speak(text)
             wideband = opus_packets(pcm, cutoff_hz=WIDEBAND_CUTOFF_HZ)
             spoken.append(Question(text, opus_packets(pcm), wideband))
-    silence = opus_packets(b"\0" * 2 * FRAME_SAMPLES * 10)[5]  # past the encoder's start-up
-    return Questions(spoken, silence)
+    quiet = b"\0" * 2 * FRAME_SAMPLES * 10
+    silence = opus_packets(quiet)[5]  # past the encoder's start-up
+    return Questions(spoken, silence, opus_packets(quiet, cutoff_hz=WIDEBAND_CUTOFF_HZ)[5])
 
 
 # --- sending: one clock for every call ----------------------------------------------------
@@ -234,7 +243,7 @@ class OpusSpeechTrack(MediaStreamTrack):
 
     def __init__(self, metronome: Metronome, silence: bytes) -> None:
         super().__init__()
-        self._metronome, self._silence = metronome, silence
+        self._metronome, self.silence = metronome, silence  # the packet sent between questions
         self._speech: list[bytes] = []
         self._next = 0
         self._pts = 0
@@ -259,7 +268,7 @@ class OpusSpeechTrack(MediaStreamTrack):
         """This tick's packet: the queued question's next, else silence (``now_s``: when it
         goes out, the question's end if it is its last)."""
         if self._next >= len(self._speech):
-            return self._silence
+            return self.silence
         payload = self._speech[self._next]
         self._next += 1
         if self._next == len(self._speech) and self.speech_ended and not self.speech_ended.done():
@@ -528,6 +537,7 @@ class VoiceCall:
 
     async def _answered(self, sdp: str, reason: str) -> None:
         self.max_playback_rate_hz = answer_playback_rate_hz(sdp)
+        self.track.silence = self.questions.silence_for(self.max_playback_rate_hz)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
         try:
             async with asyncio.timeout(SETUP_TIMEOUT_S):

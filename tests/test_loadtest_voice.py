@@ -24,6 +24,7 @@ from loadtest.voice_calls import (
     AnswerMeter,
     Metronome,
     Question,
+    Questions,
     answer_playback_rate_hz,
     opus_packets,
 )
@@ -119,6 +120,9 @@ def test_the_load_tester_codes_its_questions_as_the_answer_asks() -> None:
     question = Question("hello", [b"full"], [b"wide"])
     assert question.coded_for(16_000) == [b"wide"] and question.coded_for(48_000) == [b"full"]
     assert question.coded_for(None) == [b"full"] and Question("hi", [b"full"]).coded_for(16_000)
+    questions = Questions([question], b"quiet", b"narrow")
+    assert questions.silence_for(16_000) == b"narrow" and questions.silence_for(None) == b"quiet"
+    assert Questions.from_json(questions.to_json()) == questions
 
 
 def test_the_knee_is_the_last_step_under_the_threshold() -> None:
