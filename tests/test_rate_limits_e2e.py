@@ -32,6 +32,7 @@ import pytest
 import pytest_asyncio
 import websockets
 from openai.resources.realtime.realtime import AsyncRealtimeConnection
+from openai.resources.realtime.translations.translations import AsyncTranslationsConnection
 from openai.types.realtime import RateLimitsUpdatedEvent
 from openai.types.realtime.realtime_server_event import RealtimeServerEvent
 from test_sdp import CHROME_OFFER
@@ -279,6 +280,31 @@ async def append(connection: AsyncRealtimeConnection, pcm: bytes) -> None:
     for start in range(0, len(pcm), step):
         chunk = base64.b64encode(pcm[start : start + step]).decode()
         await connection.input_audio_buffer.append(audio=chunk)
+
+
+async def test_a_translation_spends_its_keys_tokens_and_the_next_one_fails(
+    stack: Stack, question: bytes
+) -> None:
+    """A translation session's translations take from its key's tokens too: the interpreter's
+    instruction alone is over the limit, so the utterance after the first is not translated
+    and an ``error`` says why (a translation session has no ``rate_limits.updated``)."""
+    client = openai_client(stack.urls[0], new_key()).realtime.translations
+    async with client.connect(model="gpt-realtime-translate") as connection:
+        events = EventLog(connection)
+        await events.next("session.created")
+        await append_to_translate(connection, question)
+        await events.next("session.output_transcript.delta", timeout_s=DEADLINE_S)
+        await append_to_translate(connection, question)
+        error = (await events.next("error", timeout_s=DEADLINE_S))["error"]
+        assert error["code"] == "translation_failed", error
+        assert "Rate limit reached on tokens" in error["message"], error
+
+
+async def append_to_translate(connection: AsyncTranslationsConnection, pcm: bytes) -> None:
+    step = 24_000 * 2 // 5  # 200 ms per append, as OpenAI advises
+    for start in range(0, len(pcm), step):
+        chunk = base64.b64encode(pcm[start : start + step]).decode()
+        await connection.session.input_audio_buffer.append(audio=chunk)
 
 
 async def test_client_secrets_are_refused_in_openais_shape_once_the_keys_requests_are_spent(

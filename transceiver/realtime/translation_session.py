@@ -67,6 +67,7 @@ from transceiver.realtime.translation_fields import (
     updated,
     utterance_instruction,
 )
+from transceiver.store.rate_limits import RateMeter
 
 FRAME_MS = 200  # OpenAI's translation frame: elapsed_ms advances in these steps
 FLUSH_TIMEOUT_S = 30.0  # session.close waits this long for the last translation to be sent
@@ -179,6 +180,8 @@ class TranslationContract:
             if event.response_id == self._translating:
                 self._translated.set()
             return self._failed(event)
+        if isinstance(event, ev.TurnCompleted):
+            self._spend(event.record.llm_input_tokens + event.record.llm_output_tokens)
         if isinstance(event, ev.EngineError):
             failed = EventError("translation_failed", event.message)
             return [error_event(failed, error_type="server_error")]
@@ -195,6 +198,13 @@ class TranslationContract:
             return []
         delta = self._input.piece(str(event.turn), event.text.strip())
         return [server_event("session.input_transcript.delta", delta=delta, **elapsed)]
+
+    def _spend(self, tokens: int) -> None:
+        """A translation's tokens, taken from its key's limit (a translation session's events
+        have no ``rate_limits.updated``); a spent key's next translation fails."""
+        meter = self.session.rate_meter
+        if meter is not None and tokens > 0:
+            self.session.spawn(_spent(meter, tokens), "translation session tokens")
 
     def _failed(self, event: ev.ResponseDone) -> list[Event]:
         if event.status != "failed":
@@ -292,6 +302,10 @@ class TranslationContract:
         queue without waiting, so one pass of the loop and they are in ``_waiting``."""
         await engine.wait_idle(FLUSH_TIMEOUT_S)
         await asyncio.sleep(0)
+
+
+async def _spent(meter: RateMeter, tokens: int) -> None:
+    await meter.spent(tokens)
 
 
 @dataclass(frozen=True)
