@@ -127,6 +127,8 @@ class TranslationContract:
         self._done_id = ""
         self._waiting: asyncio.Queue[_Utterance] = asyncio.Queue()  # heard, in order
         self._ends_ms: dict[int, int] = {}  # turn -> where its speech stopped in the input
+        self._spoken: list[int] = []  # turns whose speech stopped, in order, not yet queued
+        self._words: dict[int, str] = {}  # of them, those heard (transcribed), out of order
         self._elapsed_ms: dict[str, int] = {}  # the output's alignment (``elapsed_ms``)
         self._translating: str | None = None  # the engine's response translating one now
         self._translated = asyncio.Event()  # set when that response is done
@@ -167,9 +169,10 @@ class TranslationContract:
     # --- engine -> client -----------------------------------------------------------------
 
     def translate(self, event: ev.EngineEvent) -> list[Event]:
-        if isinstance(event, ev.InputTranscript):
-            return self._heard(event)
+        if isinstance(event, ev.InputTranscript) and event.final:
+            return self._heard(event.turn, event.text.strip())
         if isinstance(event, ev.SpeechStoppedEvent):
+            self._spoken.append(event.turn)
             self._ends_ms[event.turn] = event.audio_end_ms
         if isinstance(event, ev.ResponseTextDelta) and event.text:
             delta = self._output.piece(event.response_id, event.text)
@@ -184,19 +187,31 @@ class TranslationContract:
             self._spend(event.record.llm_input_tokens + event.record.llm_output_tokens)
         if isinstance(event, ev.EngineError):
             failed = EventError("translation_failed", event.message)
-            return [error_event(failed, error_type="server_error")]
+            heard = [] if event.turn is None else self._heard(event.turn, "")  # not heard
+            return [error_event(failed, error_type="server_error"), *heard]
         return []
 
-    def _heard(self, event: ev.InputTranscript) -> list[Event]:
-        if not event.final:
+    def _heard(self, turn: int, words: str) -> list[Event]:
+        """An utterance's words ("": none), and every utterance now heard in the order they
+        were spoken (their speech-to-text may finish out of order) queued for translation:
+        their input transcript deltas."""
+        if turn not in self._spoken:
+            self._spoken.append(turn)  # its end was not seen (it cannot be, with server VAD)
+        self._words[turn] = words
+        deltas: list[Event] = []
+        while self._spoken and self._spoken[0] in self._words:
+            turn = self._spoken.pop(0)
+            deltas += self._queue(turn, self._words.pop(turn))
+        return deltas
+
+    def _queue(self, turn: int, words: str) -> list[Event]:
+        elapsed = _alignment(self._ends_ms.pop(turn, None))
+        if not words:
             return []
-        elapsed = _alignment(self._ends_ms.pop(event.turn, None))
-        if not event.text.strip():
-            return []
-        self._waiting.put_nowait(_Utterance(event.text.strip(), elapsed))
+        self._waiting.put_nowait(_Utterance(words, elapsed))
         if self.config.transcription_model is None:
             return []
-        delta = self._input.piece(str(event.turn), event.text.strip())
+        delta = self._input.piece(str(turn), words)
         return [server_event("session.input_transcript.delta", delta=delta, **elapsed)]
 
     def _spend(self, tokens: int) -> None:
