@@ -29,7 +29,8 @@ def strict(node: Any) -> Any:
 
 
 def main(path: str) -> None:
-    crd = yaml.safe_load(open(path))
+    with open(path) as crd_file:
+        crd = yaml.safe_load(crd_file)
     (version,) = [v for v in crd["spec"]["versions"] if v.get("storage")]
     schema = strict(version["schema"]["openAPIV3Schema"])
     # apiVersion, kind and metadata are the API server's, checked by kind and name here.
