@@ -220,8 +220,9 @@ async def check_the_export(running: Running, session_id: str, tmp_path: Path) ->
 async def test_the_rule_based_agent_refuses_translation_sessions_by_name(running: Running) -> None:
     """This stack's language model is the offline rule-based agent, which cannot translate:
     ``client.realtime.translations.connect`` is refused before the upgrade, saying so
-    (translation itself: ``test_realtime_translation.py``)."""
-    client: openai.AsyncOpenAI = openai_client(running.stack.base_url(0), API_KEY)
+    (translation itself: ``test_realtime_translation.py``). Transceiver 1: the resume test
+    above kills transceiver 0."""
+    client: openai.AsyncOpenAI = openai_client(running.stack.base_url(1), API_KEY)
     with pytest.raises(websockets.InvalidStatus) as denied:
         async with client.realtime.translations.connect(model="gpt-realtime-translate"):
             pass
