@@ -65,6 +65,10 @@ TENS = {2: "twenty", 3: "thirty", 4: "forty", 5: "fifty"}
 
 
 Reply = str | ToolCall
+FIRST_GREETING = "Hello. Ask me a question."
+NOT_CAUGHT = "Sorry, I did not catch that."
+NOT_LOOKED_UP = "Sorry, I could not look that up."
+TIME_UNREADABLE = "Sorry, I could not read the time."
 
 
 class LocalRuleBasedAgent:
@@ -90,7 +94,7 @@ class LocalRuleBasedAgent:
             yield reply
             yield Usage(input_tokens, 1)
             return
-        pieces = [f" {word}" if index else word for index, word in enumerate(reply.split())]
+        pieces = reply_pieces(reply)
         interval_s = 1 / self.config.tokens_per_s if self.config.tokens_per_s else 0.0
         for piece in pieces:
             if interval_s:
@@ -98,10 +102,24 @@ class LocalRuleBasedAgent:
             yield TextDelta(piece)
         yield Usage(input_tokens, len(pieces))
 
+    def fixed_replies(self) -> list[str]:
+        """Every reply whose words do not depend on the moment or the conversation: the
+        greetings, each knowledge answer, the refusals (not the time, not a recall)."""
+        replies = [
+            FIRST_GREETING,
+            self._greeting(),
+            *(entry.answer for entry in self.knowledge.entries),
+            self._unknown(),
+            NOT_CAUGHT,
+            NOT_LOOKED_UP,
+            TIME_UNREADABLE,
+        ]
+        return list(dict.fromkeys(replies))
+
     def decide(self, messages: Sequence[Message], tool_names: set[str]) -> Reply:
         """The whole policy, pure: the next reply to this conversation."""
         if not messages:
-            return "Hello. Ask me a question."
+            return FIRST_GREETING
         last = messages[-1]
         if last.role == "tool":
             return self._answer_from_tools(messages)
@@ -110,7 +128,7 @@ class LocalRuleBasedAgent:
     def _answer_question(self, question: str, earlier: Sequence[Message], tools: set[str]) -> Reply:
         words = set(words_of(question))
         if not words:
-            return "Sorry, I did not catch that."
+            return NOT_CAUGHT
         if "just" in words and words & RECALL_VERBS or {"previous", "question"} <= words:
             return _recall(earlier)
         if words & TIME_WORDS:
@@ -118,7 +136,7 @@ class LocalRuleBasedAgent:
                 return _tool_call("current_time", {})
             return "Sorry, I have no clock to tell the time."
         if words & GREETINGS and len(words) <= 3:
-            return f"Hello! You can ask me about {self._topics()}, or the time."
+            return self._greeting()
         if "lookup_knowledge" in tools:
             return _tool_call("lookup_knowledge", {"query": question})
         entry = self.knowledge.search(question)
@@ -137,14 +155,17 @@ class LocalRuleBasedAgent:
         if tool_name == "current_time":
             clock = clock_of(result)
             if clock is None:
-                return "Sorry, I could not read the time."
+                return TIME_UNREADABLE
             return f"It is {spoken_time(*clock)}."
         if not isinstance(result, dict) or "error" in result:
-            return "Sorry, I could not look that up."
+            return NOT_LOOKED_UP
         if result.get("found"):
             answer = result.get("answer")
             return answer if isinstance(answer, str) and answer.strip() else self._unknown()
         return self._unknown()
+
+    def _greeting(self) -> str:
+        return f"Hello! You can ask me about {self._topics()}, or the time."
 
     def _unknown(self) -> str:
         return f"Sorry, I do not know that. I can tell you about {self._topics()}."
@@ -152,6 +173,11 @@ class LocalRuleBasedAgent:
     def _topics(self) -> str:
         titles = [title.lower() for title in self.knowledge.titles]
         return ", ".join(titles[:-1]) + f" and {titles[-1]}" if len(titles) > 1 else titles[0]
+
+
+def reply_pieces(reply: str) -> list[str]:
+    """The text deltas a reply streams as: a word each, spaced as written."""
+    return [f" {word}" if index else word for index, word in enumerate(reply.split())]
 
 
 def _recall(earlier: Sequence[Message]) -> str:
