@@ -177,6 +177,9 @@ def commands(config: StackConfig, keys: str, redis_url: str | None) -> list[Comm
     env = {"TRANSCEIVER_SECRET_KEYS": random_keyring()}  # never given to the relay
     env |= {"REDIS_URL": redis_url} if redis_url else {}
     env |= {"PIPELINE_LLM": config.llm} if config.llm else {}
+    # The rule-based agent's fixed replies are synthesized as a transceiver starts
+    # (pipeline.speech_prewarm), unless the caller's environment says otherwise.
+    env |= {"PIPELINE_SPEECH_PREWARM": os.environ.get("PIPELINE_SPEECH_PREWARM", "1")}
     # Behind the front door every request comes from it: its X-Forwarded-For names the client
     # (the per-address rate limit), trusted only from the loopback addresses it connects from.
     env |= {"TRANSCEIVER_TRUSTED_PROXIES": LOOPBACK_NETWORKS} if config.front_door else {}

@@ -33,6 +33,7 @@ from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 from pipeline.pool import PipelinePool
 from pipeline.providers import LanguageModel, SpeechToText, TextToSpeech
+from pipeline.speech_prewarm import prewarm, reply_chunks
 from pipeline.tools import ToolRegistry, builtin_tools
 from pipeline.turns import CostEstimator, TurnRecord
 
@@ -67,7 +68,31 @@ async def open_providers(config: PipelineConfig) -> AsyncIterator[Providers]:
         substitutes: dict[str, str] = {}
         llm = await _language_model(config, knowledge, client, stack, substitutes)
         tts = await _text_to_speech(config, stack, client, pool)
+        if config.speech_prewarm and isinstance(llm, LocalRuleBasedAgent):
+            _start_prewarm(stack, tts, speech_chunks(llm, config))
         yield Providers(stt, llm, tts, knowledge, cost_estimator(config), pool, substitutes)
+
+
+def speech_chunks(agent: LocalRuleBasedAgent, config: PipelineConfig) -> list[str]:
+    return reply_chunks(agent.fixed_replies(), config.engine_config().chunker)
+
+
+def _start_prewarm(stack: AsyncExitStack, tts: TextToSpeech, chunks: list[str]) -> None:
+    """``speech_prewarm.prewarm`` in the background, owned: cancelled as the providers close,
+    its failure logged with its traceback (the calls then synthesize as they would anyway)."""
+    task = asyncio.create_task(prewarm(tts, chunks), name="speech prewarm")
+
+    def reported(done: asyncio.Task[float]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            log.error("speech prewarm failed", exc_info=done.exception())
+
+    task.add_done_callback(reported)
+
+    async def cancelled() -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    stack.push_async_callback(cancelled)
 
 
 async def preload_encoding(config: PipelineConfig) -> None:

@@ -404,6 +404,9 @@ class PipelineConfig:
     # truncation's token encoding (pipeline.context_window) loaded as the providers open, not
     # in a call: its first load holds the interpreter ~1 s. On in the image (deploy/Dockerfile)
     encoding_preload: bool = False
+    # the rule-based agent's fixed replies synthesized as the providers open
+    # (pipeline.speech_prewarm); on in make run, the benchmarks' stacks and the image
+    speech_prewarm: bool = False
 
     def __post_init__(self) -> None:
         for stage, allowed in CHOICES.items():
