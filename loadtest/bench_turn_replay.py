@@ -63,12 +63,12 @@ def _ms(start_s: float | None, end_s: float | None) -> int | None:
     return None if start_s is None or end_s is None else round((end_s - start_s) * 1000)
 
 
-async def replay(rounds: int) -> list[dict[str, Any]]:
+async def replay(rounds: int, asked: Sequence[str] = QUESTIONS) -> list[dict[str, Any]]:
     env = dict(os.environ, PIPELINE_PIPER_CACHE_MB="0")
     config = PipelineConfig.from_env(env).resolved(env)
     rows: list[dict[str, Any]] = []
     async with open_providers(config) as providers:
-        questions = [await spoken(providers.tts, text) for text in dict.fromkeys(QUESTIONS)]
+        questions = [await spoken(providers.tts, text) for text in dict.fromkeys(asked)]
         engine = build_engine(config, providers)
         vad = replace(engine.config.vad, semantic=True, silence_duration_ms=700)  # the web client's
         engine.reconfigure(replace(engine.config, vad=vad))
