@@ -17,6 +17,7 @@ from typing import Any
 from pipeline.providers import ImagePart
 from pipeline.untrusted_json import JsonInputError, decode
 from transceiver.realtime.event_errors import EventError as EventError  # its home; re-exported
+from transceiver.realtime.event_errors import refuse_unknown
 from transceiver.realtime.image_urls import image_part
 from transceiver.realtime.session_fields import LOGPROBS, Truncation, parse_fields
 
@@ -341,7 +342,7 @@ def parse_client_event(data: str | bytes, max_bytes: int = MAX_EVENT_BYTES) -> C
         message = f"Invalid value: {kind!r}. Supported values are: {supported}."
         raise EventError("invalid_value", message, "type")
     if (keys := EVENT_KEYS.get(kind or "")) is not None:  # (the others check their own)
-        _known(raw, keys, "")
+        refuse_unknown(raw, keys, "")
     return parser(raw, _str(raw, "event_id"))
 
 
@@ -473,15 +474,8 @@ PART_KEYS = {
 }
 
 
-def _known(obj: Mapping[str, Any], keys: frozenset[str], path: str) -> None:
-    for key in obj:
-        if key not in keys:
-            name = f"{path}{key}"
-            raise EventError("unknown_parameter", f"Unknown parameter: '{name}'.", name)
-
-
 def _parse_session_update(raw: Mapping[str, Any], event_id: str | None) -> SessionUpdate:
-    _known(raw, frozenset({"type", "event_id", "session"}), "")
+    refuse_unknown(raw, frozenset({"type", "event_id", "session"}), "")
     session = _obj(raw, "session")
     if session is None:
         raise EventError("missing_required_parameter", "missing session", "session")
@@ -491,7 +485,7 @@ def _parse_session_update(raw: Mapping[str, Any], event_id: str | None) -> Sessi
     if session.get("type") == "translation":  # a translation session's (a client secret's)
         message = "a translation session is not a realtime session: open it at "
         raise EventError("invalid_value", message + "/v1/realtime/translations", "session.type")
-    _known(session, SESSION_KEYS, "session.")
+    refuse_unknown(session, SESSION_KEYS, "session.")
     changes: dict[str, Any] = {}
     if (value := _str(session, "instructions", path="session.")) is not None:
         changes["instructions"] = value
@@ -505,10 +499,10 @@ def _parse_session_update(raw: Mapping[str, Any], event_id: str | None) -> Sessi
         changes["max_output_tokens"] = _parse_max_tokens(session["max_output_tokens"])
     changes.update(parse_fields(session))
     audio = _obj(session, "audio", "session.") or {}
-    _known(audio, AUDIO_KEYS, "session.audio.")
+    refuse_unknown(audio, AUDIO_KEYS, "session.audio.")
     changes.update(_parse_audio_input(_obj(audio, "input", "session.audio.") or {}))
     output = _obj(audio, "output", "session.audio.") or {}
-    _known(output, AUDIO_OUTPUT_KEYS, "session.audio.output.")
+    refuse_unknown(output, AUDIO_OUTPUT_KEYS, "session.audio.output.")
     if (voice := _str(output, "voice", path="session.audio.output.")) is not None:
         changes["voice"] = voice
     if (speed := _number(output, "speed", "session.audio.output.", *SPEED_RANGE)) is not None:
@@ -528,7 +522,7 @@ def _parse_tool_choice(value: Any) -> ToolChoiceSetting:
         raise EventError(
             "invalid_value", _invalid(value.get("type"), ("function",)), path + ".type"
         )
-    _known(value, frozenset({"type", "name"}), path + ".")
+    refuse_unknown(value, frozenset({"type", "name"}), path + ".")
     return ForcedFunction(_str(value, "name", required=True, path=path + ".") or "")
 
 
@@ -557,7 +551,7 @@ def _parse_max_tokens(value: Any) -> int | None:
 
 def _parse_audio_input(audio_in: Mapping[str, Any]) -> dict[str, Any]:
     path = "session.audio.input."
-    _known(audio_in, AUDIO_INPUT_KEYS, path)
+    refuse_unknown(audio_in, AUDIO_INPUT_KEYS, path)
     changes: dict[str, Any] = {}
     if "turn_detection" in audio_in:
         changes["turn_detection"] = _parse_turn_detection(audio_in["turn_detection"], path)
@@ -575,7 +569,7 @@ def _parse_noise_reduction(value: Any, path: str) -> dict[str, Any]:
     path += "noise_reduction"
     if not isinstance(value, dict):
         raise EventError("invalid_type", f"{path} must be an object or null", path)
-    _known(value, NOISE_REDUCTION_KEYS, path + ".")
+    refuse_unknown(value, NOISE_REDUCTION_KEYS, path + ".")
     strength = _number(value, "strength", path + ".", 0.0, 1.0)
     kind = value.get("type")
     if kind not in NOISE_REDUCTION_TYPES:
@@ -594,7 +588,7 @@ def _parse_transcription(value: Any, path: str) -> Transcription | None:
         raise EventError("invalid_type", message, path + "transcription")
     transcription: Mapping[str, Any] = value
     path += "transcription."
-    _known(transcription, TRANSCRIPTION_KEYS, path)
+    refuse_unknown(transcription, TRANSCRIPTION_KEYS, path)
     delay = _str(transcription, "delay", path=path)
     if delay is not None and delay not in TRANSCRIPTION_DELAYS:
         raise EventError("invalid_value", _invalid(delay, TRANSCRIPTION_DELAYS), path + "delay")
@@ -630,7 +624,7 @@ def _parse_turn_detection(value: Any, path: str) -> TurnDetection | None:
         raise EventError(
             "invalid_value", "turn detection must be server_vad or semantic_vad", path + "type"
         )
-    _known(value, SERVER_VAD_KEYS if kind == "server_vad" else SEMANTIC_VAD_KEYS, path)
+    refuse_unknown(value, SERVER_VAD_KEYS if kind == "server_vad" else SEMANTIC_VAD_KEYS, path)
     knobs: dict[str, Any] = {}
     if (threshold := _number(value, "threshold", path, 0.0, 1.0)) is not None:
         knobs["threshold"] = threshold
@@ -662,7 +656,7 @@ def _parse_tool(tool: Any, path: str) -> FunctionTool:
         raise EventError("invalid_type", f"{path[:-1]} must be an object", path[:-1])
     if tool.get("type", "function") != "function":  # e.g. "mcp": no MCP client here
         raise EventError("invalid_value", _invalid(tool.get("type"), ("function",)), path + "type")
-    _known(tool, FUNCTION_TOOL_KEYS, path)
+    refuse_unknown(tool, FUNCTION_TOOL_KEYS, path)
     name = _str(tool, "name", required=True, path=path) or ""
     parameters = _obj(tool, "parameters", path) or {"type": "object", "properties": {}}
     return FunctionTool(name, _str(tool, "description", path=path) or "", parameters)
@@ -680,7 +674,7 @@ def _parse_item_create(raw: Mapping[str, Any], event_id: str | None) -> Conversa
 def _new_item(item: Mapping[str, Any]) -> NewItem:
     kind = _str(item, "type", required=True, path="item.")
     if kind in ITEM_KEYS:
-        _known(item, ITEM_KEYS[kind], "item.")
+        refuse_unknown(item, ITEM_KEYS[kind], "item.")
     if kind == "function_call_output":
         call_id = _str(item, "call_id", required=True, path="item.") or ""
         return FunctionCallOutput(call_id, _str(item, "output", required=True, path="item.") or "")
@@ -707,7 +701,7 @@ def _message(item: Mapping[str, Any]) -> NewItem:
         raise EventError("invalid_value", _invalid(role, tuple(_PART_TYPES)), "item.role")
     parts = _parts(item, _PART_TYPES[role])
     for i, part in enumerate(parts):
-        _known(part, PART_KEYS[role], f"item.content[{i}].")
+        refuse_unknown(part, PART_KEYS[role], f"item.content[{i}].")
     kinds = {part["type"] for part in parts}
     if "input_audio" in kinds:
         if len(kinds) > 1:
@@ -769,7 +763,7 @@ def _user_audio(parts: list[Mapping[str, Any]]) -> UserAudio:
 
 
 def _parse_response_create(raw: Mapping[str, Any], event_id: str | None) -> ResponseCreate:
-    _known(raw, frozenset({"type", "event_id", "response"}), "")
+    refuse_unknown(raw, frozenset({"type", "event_id", "response"}), "")
     response = _obj(raw, "response") or {}
     return ResponseCreate(event_id, _str(response, "instructions", path="response."), response)
 
@@ -802,7 +796,7 @@ _RESPONSE_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuv
 
 
 def _parse_turn_heard(raw: Mapping[str, Any], event_id: str | None) -> TurnHeard:
-    _known(raw, HEARD_KEYS, "")
+    refuse_unknown(raw, HEARD_KEYS, "")
     response_id = _str(raw, "response_id", required=True) or ""
     if not 0 < len(response_id) <= 64 or not set(response_id) <= _RESPONSE_ID_CHARS:
         message = "response_id must be 1-64 of A-Z a-z 0-9 _ -"

@@ -6,6 +6,9 @@ it back as an ``error`` server event (the HTTP endpoints as a 4xx JSON body), an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class EventError(ValueError):
     """A client event that cannot be accepted; becomes an ``error`` event."""
@@ -15,3 +18,18 @@ class EventError(ValueError):
         self.code = code
         self.message = message
         self.param = param
+
+
+def refuse_unknown(obj: Mapping[str, Any], keys: frozenset[str], path: str) -> None:
+    """``unknown_parameter`` naming the first key of ``obj`` (at ``path``) not in ``keys``."""
+    for key in obj:
+        if key not in keys:
+            name = f"{path}{key}"
+            raise EventError("unknown_parameter", f"Unknown parameter: '{name}'.", name)
+
+
+def json_object(value: Any, path: str) -> Mapping[str, Any]:
+    """``value`` if it is a JSON object, else ``invalid_type`` on ``path``."""
+    if not isinstance(value, dict):
+        raise EventError("invalid_type", f"{path} must be an object", path)
+    return value

@@ -28,6 +28,7 @@ from typing import Any
 
 from pipeline.providers import ImagePart, Message
 from transceiver.realtime.client_events import EventError, SessionUpdate, parse_client_event
+from transceiver.realtime.event_errors import refuse_unknown
 from transceiver.realtime.image_urls import image_part
 
 RESPONSE_KEYS = frozenset({
@@ -63,7 +64,7 @@ class ResponsePlan:
 
 def plan_response(response: Mapping[str, Any]) -> ResponsePlan:
     """The plan for a response.create's ``response`` object (EventError naming the field)."""
-    _known(response, RESPONSE_KEYS, "response.")
+    refuse_unknown(response, RESPONSE_KEYS, "response.")
     conversation = response.get("conversation", "auto")
     if conversation not in ("auto", "none"):
         message = f"Invalid value: {conversation!r}. Supported values are: 'auto', 'none'."
@@ -82,12 +83,12 @@ def _overrides(response: Mapping[str, Any]) -> Mapping[str, Any]:
     if audio is not None:
         if not isinstance(audio, dict):
             raise EventError("invalid_type", "response.audio must be an object", "response.audio")
-        _known(audio, frozenset({"output"}), "response.audio.")
+        refuse_unknown(audio, frozenset({"output"}), "response.audio.")
         output = audio.get("output") or {}
         if not isinstance(output, dict):
             path = "response.audio.output"
             raise EventError("invalid_type", f"{path} must be an object", path)
-        _known(output, frozenset({"format", "voice"}), "response.audio.output.")
+        refuse_unknown(output, frozenset({"format", "voice"}), "response.audio.output.")
         if "voice" in output:
             session["audio"] = {"output": {"voice": output["voice"]}}
     event = {"type": "session.update", "session": {"type": "realtime", **session}}
@@ -119,7 +120,7 @@ def _entry(item: Any, path: str) -> Message | ItemReference:
         raise EventError("invalid_type", f"{path} must be an object", path)
     kind = item.get("type")
     if kind == "item_reference":
-        _known(item, frozenset({"type", "id"}), path + ".")
+        refuse_unknown(item, frozenset({"type", "id"}), path + ".")
         reference = item.get("id")
         if not isinstance(reference, str):
             raise EventError("invalid_type", f"{path}.id must be a string", path + ".id")
@@ -128,7 +129,9 @@ def _entry(item: Any, path: str) -> Message | ItemReference:
         supported = "'message', 'item_reference'"
         message = f"Invalid value: {kind!r}. Supported values are: {supported}."
         raise EventError("invalid_value", message, path + ".type")
-    _known(item, frozenset({"type", "id", "object", "role", "content", "status"}), path + ".")
+    refuse_unknown(
+        item, frozenset({"type", "id", "object", "role", "content", "status"}), path + "."
+    )
     role = item.get("role")
     if role not in TEXT_PARTS:
         message = f"Invalid value: {role!r}. Supported values are: 'system', 'user', 'assistant'."
@@ -176,10 +179,3 @@ def _metadata(response: Mapping[str, Any]) -> Mapping[str, str] | None:
             )
             raise EventError("invalid_value", message, f"{path}.{key}")
     return dict(value)
-
-
-def _known(obj: Mapping[str, Any], keys: frozenset[str], path: str) -> None:
-    for key in obj:
-        if key not in keys:
-            name = f"{path}{key}"
-            raise EventError("unknown_parameter", f"Unknown parameter: '{name}'.", name)

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from transceiver.realtime.event_errors import EventError
+from transceiver.realtime.event_errors import EventError, refuse_unknown
 
 # OpenAI's example in the SDK: a 32k-token model with 4,096 output tokens keeps 28,224 tokens
 # of conversation after the instructions.
@@ -90,7 +90,7 @@ def _truncation(value: Any) -> Truncation:
     if not isinstance(value, dict):
         supported = "'auto', 'disabled' or a retention_ratio object"
         raise EventError("invalid_value", f"{path} must be {supported}", path)
-    _known(value, TRUNCATION_KEYS, path + ".")
+    refuse_unknown(value, TRUNCATION_KEYS, path + ".")
     if value.get("type") != "retention_ratio":
         message = f"Invalid value: {value.get('type')!r}. Supported values are: 'retention_ratio'."
         raise EventError("invalid_value", message, path + ".type")
@@ -108,7 +108,7 @@ def _post_instructions(value: Mapping[str, Any], path: str) -> int | None:
     path += ".token_limits"
     if not isinstance(limits, dict):
         raise EventError("invalid_type", f"{path} must be an object", path)
-    _known(limits, frozenset({"post_instructions"}), path + ".")
+    refuse_unknown(limits, frozenset({"post_instructions"}), path + ".")
     tokens = limits.get("post_instructions")
     if tokens is None:
         return None
@@ -124,7 +124,7 @@ def _reasoning(value: Any) -> str | None:
         return None
     if not isinstance(value, dict):
         raise EventError("invalid_type", f"{path} must be an object or null", path)
-    _known(value, frozenset({"effort"}), path + ".")
+    refuse_unknown(value, frozenset({"effort"}), path + ".")
     effort = value.get("effort")
     if effort is not None and effort not in REASONING_EFFORTS:
         names = ", ".join(repr(name) for name in REASONING_EFFORTS)
@@ -146,7 +146,7 @@ def _tracing(value: Any) -> str | dict[str, Any] | None:
         return value  # type: ignore[no-any-return]
     if not isinstance(value, dict):
         raise EventError("invalid_value", f"{path} must be 'auto', an object or null", path)
-    _known(value, TRACING_KEYS, path + ".")
+    refuse_unknown(value, TRACING_KEYS, path + ".")
     for key in ("workflow_name", "group_id"):
         if value.get(key) is not None and not isinstance(value[key], str):
             raise EventError("invalid_type", f"{path}.{key} must be a string", f"{path}.{key}")
@@ -171,10 +171,3 @@ def include_logprobs(value: Any, path: str) -> bool:
             message = f"Invalid value: {item!r}. Supported values are: {LOGPROBS!r}."
             raise EventError("invalid_value", message, f"{path}[{index}]")
     return bool(value)
-
-
-def _known(obj: Mapping[str, Any], keys: frozenset[str], path: str) -> None:
-    for key in obj:
-        if key not in keys:
-            name = f"{path}{key}"
-            raise EventError("unknown_parameter", f"Unknown parameter: '{name}'.", name)

@@ -50,6 +50,7 @@ from transceiver.realtime.client_events import (
     new_id,
     parse_client_event,
 )
+from transceiver.realtime.event_errors import json_object, refuse_unknown
 from transceiver.realtime.policy import session_update_from
 from transceiver.realtime.server_events import error_event, server_event
 from transceiver.realtime.session import RealtimeSession
@@ -85,11 +86,11 @@ def as_realtime(session: Mapping[str, Any]) -> dict[str, Any]:
     if session.get("type") != TRANSCRIPTION:  # OpenAI's words: a session's type is fixed
         message = "Passing a realtime session update event to a transcription session is "
         raise EventError("invalid_value", message + "not allowed.", "session.type")
-    _known(session, SESSION_KEYS, "session.")
+    refuse_unknown(session, SESSION_KEYS, "session.")
     include = include_logprobs(session.get("include", []), "session.include")
-    audio = _object(session.get("audio", {}), "session.audio")
-    _known(audio, frozenset({"input"}), "session.audio.")
-    audio_in = dict(_object(audio.get("input", {}), "session.audio.input"))
+    audio = json_object(session.get("audio", {}), "session.audio")
+    refuse_unknown(audio, frozenset({"input"}), "session.audio.")
+    audio_in = dict(json_object(audio.get("input", {}), "session.audio.input"))
     if "transcription" in audio_in and audio_in["transcription"] is None:
         message = "a transcription session transcribes: audio.input.transcription cannot be null"
         raise EventError("invalid_value", message, "session.audio.input.transcription")
@@ -104,26 +105,13 @@ def as_realtime(session: Mapping[str, Any]) -> dict[str, Any]:
 
 def _not_answering(detection: Any) -> dict[str, Any]:
     path = "session.audio.input.turn_detection"
-    knobs = dict(_object(detection, path))
+    knobs = dict(json_object(detection, path))
     for knob in ANSWERING_KNOBS:
         if knobs.get(knob) not in (None, False):
             message = f"{knob} answers the user: a transcription session makes no responses"
             raise EventError("invalid_value", message, f"{path}.{knob}")
         knobs.pop(knob, None)
     return {"type": "server_vad", **knobs, "create_response": False, "interrupt_response": False}
-
-
-def _object(value: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise EventError("invalid_type", f"{path} must be an object", path)
-    return value
-
-
-def _known(obj: Mapping[str, Any], keys: frozenset[str], path: str) -> None:
-    for key in obj:
-        if key not in keys:
-            name = f"{path}{key}"
-            raise EventError("unknown_parameter", f"Unknown parameter: '{name}'.", name)
 
 
 def session_json(config: SessionConfig) -> Event:
@@ -237,8 +225,8 @@ class TranscriptionContract:
 
     def _update(self, raw: Mapping[str, Any]) -> None:
         """A transcription-shaped session.update, applied whole or not at all."""
-        _known(raw, frozenset({"type", "event_id", "session"}), "")
-        requested = _object(raw.get("session"), "session")
+        refuse_unknown(raw, frozenset({"type", "event_id", "session"}), "")
+        requested = json_object(raw.get("session"), "session")
         update = session_update_from(as_realtime(requested))
         self.session.reconfigure(update.apply(self.session.config))
         updated = session_json(self.session.config)

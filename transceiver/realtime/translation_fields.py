@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from transceiver.realtime.event_errors import EventError
+from transceiver.realtime.event_errors import EventError, json_object, refuse_unknown
 
 TRANSLATION = "translation"  # the session type, and its stored contract's
 DEFAULT_MODEL = "gpt-realtime-translate"
@@ -90,8 +90,8 @@ def utterance_instruction(config: TranslationConfig, words: str) -> str:
 
 def created(session: Any) -> tuple[str, TranslationUpdate]:
     """A create request's ``session`` (a client secret's): its model and fields (EventError)."""
-    fields = _object(session, "session")
-    _known(fields, CREATE_KEYS, "session.")
+    fields = json_object(session, "session")
+    refuse_unknown(fields, CREATE_KEYS, "session.")
     if fields.get("type", TRANSLATION) != TRANSLATION:
         message = (
             f"Invalid value: {fields['type']!r}. A translation session's type is 'translation'."
@@ -106,14 +106,14 @@ def created(session: Any) -> tuple[str, TranslationUpdate]:
 
 def updated(session: Any) -> TranslationUpdate:
     """A ``session.update``'s ``session``, validated whole (EventError naming the field)."""
-    fields = _object(session, "session")
-    _known(fields, UPDATE_KEYS, "session.")
-    audio = _object(fields.get("audio", {}), "session.audio")
-    _known(audio, AUDIO_KEYS, "session.audio.")
-    audio_in = _object(audio.get("input", {}), "session.audio.input")
-    _known(audio_in, INPUT_KEYS, "session.audio.input.")
-    output = _object(audio.get("output", {}), "session.audio.output")
-    _known(output, frozenset({"language"}), "session.audio.output.")
+    fields = json_object(session, "session")
+    refuse_unknown(fields, UPDATE_KEYS, "session.")
+    audio = json_object(fields.get("audio", {}), "session.audio")
+    refuse_unknown(audio, AUDIO_KEYS, "session.audio.")
+    audio_in = json_object(audio.get("input", {}), "session.audio.input")
+    refuse_unknown(audio_in, INPUT_KEYS, "session.audio.input.")
+    output = json_object(audio.get("output", {}), "session.audio.output")
+    refuse_unknown(output, frozenset({"language"}), "session.audio.output.")
     changes: dict[str, Any] = {}
     if "language" in output:
         changes["language"] = _language(output["language"])
@@ -137,7 +137,7 @@ def _transcription(value: Any) -> str | None:
     path = "session.audio.input.transcription"
     if value is None:
         return None
-    _known(_object(value, path), frozenset({"model"}), path + ".")
+    refuse_unknown(json_object(value, path), frozenset({"model"}), path + ".")
     model = value.get("model")
     if not isinstance(model, str) or not model:
         raise EventError("invalid_value", f"{path}.model must be a model name", path + ".model")
@@ -194,16 +194,3 @@ class TranscriptStream:
         if text:
             self._last_char = text[-1]
         return text
-
-
-def _object(value: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise EventError("invalid_type", f"{path} must be an object", path)
-    return value
-
-
-def _known(obj: Mapping[str, Any], keys: frozenset[str], path: str) -> None:
-    for key in obj:
-        if key not in keys:
-            name = f"{path}{key}"
-            raise EventError("unknown_parameter", f"Unknown parameter: '{name}'.", name)
