@@ -155,7 +155,7 @@ def test_the_real_wheel_extracts_to_the_same_file(model_path: Path, tmp_path: Pa
 # --- threads -------------------------------------------------------------------------------
 
 THREADS_PROBE = """
-import os, sys
+import os, sys, time
 from pathlib import Path
 import numpy, onnxruntime  # onnxruntime's import starts a thread of its own (asleep)
 from pipeline.end_of_turn import EndOfTurn
@@ -173,7 +173,13 @@ loaded = threads()
 verdicts = [model.ask(b"\\0\\0" * 16000 * n) for n in (1, 2, 3)]
 while any(verdict() is None for verdict in verdicts):
     os.sched_yield()
-after = threads()
+# A verdict is set just before its thread goes back to wait: it may still be running for a
+# moment. A thread that spins never sleeps; one that waits is seen asleep within 2 s.
+for _ in range(200):
+    after = threads()
+    if all(state == "S" for task, state in after.items() if task != str(os.getpid())):
+        break
+    time.sleep(0.01)
 new = {task: state for task, state in after.items() if task not in before}
 others = {task: state for task, state in after.items() if task != str(os.getpid())}
 print(len(before), len(loaded), len(after), "".join(new.values()), "".join(others.values()))
