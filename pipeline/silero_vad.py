@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DEFAULT_THRESHOLD, VadConfig
+from pipeline.end_of_turn import session_options
 from pipeline.silero_vad_file import SileroFileError, default_model_path, read_verified
 from pipeline.vad import webrtc_classifier
 
@@ -63,12 +64,7 @@ class SileroModel:
     def __init__(self, content: bytes) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        options = session_options()  # the end-of-turn model's: one thread, no pool, no spinning
         self._session = ort.InferenceSession(content, options, providers=["CPUExecutionProvider"])
         names = {i.name for i in self._session.get_inputs()}
         if names != {"input", "state", "sr"}:
