@@ -191,6 +191,14 @@ async def test_bad_fields_and_events_are_refused_by_name_and_change_nothing(
     assert (error["code"], error["param"]) == ("invalid_value", "type"), error
     append = {"type": "session.input_audio_buffer.append", "audio": "not base64!"}
     assert (await error_for(events, json.dumps(append)))["param"] == "audio"
+    for extra, key in [
+        ({"type": "session.update", "session": {}, "voice": "marin"}, "voice"),
+        ({**append, "audio": "", "at": 1}, "at"),
+        ({"type": "session.close", "at": 1}, "at"),  # refused: the session stays open
+    ]:
+        error = await error_for(events, json.dumps(extra))
+        refused = ("unknown_parameter", key, f"Unknown parameter: '{key}'.")
+        assert (error["code"], error["param"], error["message"]) == refused, error
     noise: update.AudioInputNoiseReduction = {"type": "far_field", "strength": 0.5}
     await events.connection.session.update(session={"audio": {"input": {"noise_reduction": noise}}})
     updated = (await events.next("session.updated"))["session"]

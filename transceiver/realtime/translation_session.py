@@ -53,6 +53,7 @@ from transceiver.realtime.client_events import (
     event_object,
     new_id,
 )
+from transceiver.realtime.event_errors import refuse_unknown
 from transceiver.realtime.policy import session_update_from
 from transceiver.realtime.server_events import error_event, server_event
 from transceiver.realtime.session import RealtimeSession
@@ -72,6 +73,9 @@ from transceiver.store.rate_limits import RateMeter
 FRAME_MS = 200  # OpenAI's translation frame: elapsed_ms advances in these steps
 FLUSH_TIMEOUT_S = 30.0  # session.close waits this long for the last translation to be sent
 ACCEPTED_EVENTS = ("session.update", "session.input_audio_buffer.append", "session.close")
+CLOSE_EVENT_KEYS = frozenset({"type", "event_id"})  # each client event's fields
+UPDATE_EVENT_KEYS = CLOSE_EVENT_KEYS | {"session"}
+APPEND_EVENT_KEYS = CLOSE_EVENT_KEYS | {"audio"}
 NOT_TRANSLATING = frozenset({LocalRuleBasedAgent.name})  # language models that cannot translate
 Event = dict[str, Any]
 Sessions = Callable[[Mapping[str, Any] | None], RealtimeSession]
@@ -250,7 +254,7 @@ class TranslationContract:
 
     def _update(self, raw: Mapping[str, Any]) -> None:
         """Applied whole or not at all: the translation's fields and the Realtime session's."""
-        _known(raw, ("type", "event_id", "session"))
+        refuse_unknown(raw, UPDATE_EVENT_KEYS, "")
         update: TranslationUpdate = updated(raw.get("session"))
         config = update.apply(self.config)
         fields = as_realtime(config, update)
@@ -259,7 +263,7 @@ class TranslationContract:
         self.session.send(server_event("session.updated", session=self.session_json()))
 
     def _append(self, raw: Mapping[str, Any]) -> None:
-        _known(raw, ("type", "event_id", "audio"))
+        refuse_unknown(raw, APPEND_EVENT_KEYS, "")
         audio = raw.get("audio")
         if not isinstance(audio, str):
             raise EventError("invalid_type", "audio must be a base64 string", "audio")
@@ -270,7 +274,7 @@ class TranslationContract:
         self.session.append_audio(pcm)
 
     def _close(self, raw: Mapping[str, Any]) -> None:
-        _known(raw, ("type", "event_id"))
+        refuse_unknown(raw, CLOSE_EVENT_KEYS, "")
         if not self.closing:
             self.closing = True
             self.session.spawn(self._flush_and_close(), "translation session close")
@@ -335,12 +339,6 @@ def _alignment(end_ms: int | None) -> dict[str, int]:
     if end_ms is None:
         return {}
     return {"elapsed_ms": end_ms - end_ms % FRAME_MS}
-
-
-def _known(raw: Mapping[str, Any], keys: tuple[str, ...]) -> None:
-    for key in raw:
-        if key not in keys:
-            raise EventError("unknown_parameter", f"Unknown parameter: '{key}'.", key)
 
 
 def _not_taken(kind: Any) -> str:
