@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import subprocess
-import sys
 import time
 import zipfile
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import pytest_asyncio
+from thread_states import run_probe
 
 from loadtest.voice_audio import silence_pcm, spoken_pcm, tone_pcm
 from pipeline import events as ev
@@ -53,8 +52,6 @@ from pipeline.smart_turn_file import (
 from pipeline.vad import TurnCommitted, TurnDetector, webrtc_classifier
 from transceiver.realtime.policy import SessionPolicy, session_update_from
 from transceiver.realtime.translation import turn_metrics_event
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -159,13 +156,7 @@ import os, sys, time
 from pathlib import Path
 import numpy, onnxruntime  # onnxruntime's import starts a thread of its own (asleep)
 from pipeline.end_of_turn import EndOfTurn
-
-def threads():
-    states = {}
-    for task in os.listdir("/proc/self/task"):
-        stat = Path(f"/proc/self/task/{task}/stat").read_text()
-        states[task] = stat[stat.rindex(")") + 2]
-    return states
+from thread_states import others, states as threads
 
 before = threads()
 model = EndOfTurn(Path(sys.argv[1]))
@@ -177,24 +168,19 @@ while any(verdict() is None for verdict in verdicts):
 # moment. A thread that spins never sleeps; one that waits is seen asleep within 2 s.
 for _ in range(200):
     after = threads()
-    if all(state == "S" for task, state in after.items() if task != str(os.getpid())):
+    if all(state == "S" for state in others(after).values()):
         break
     time.sleep(0.01)
 new = {task: state for task, state in after.items() if task not in before}
-others = {task: state for task, state in after.items() if task != str(os.getpid())}
-print(len(before), len(loaded), len(after), "".join(new.values()), "".join(others.values()))
+print(len(before), len(loaded), len(after), "".join(new.values()), "".join(others(after).values()))
 """
 
 
 def test_decisions_run_on_one_thread_that_sleeps_between_them(model_path: Path) -> None:
     """onnxruntime starts no pool (one thread per run) and its one decision thread is asleep
     (``S``, not running ``R``) once the decisions are done: nothing spins between them."""
-    done = subprocess.run(
-        [sys.executable, "-c", THREADS_PROBE, str(model_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    before, loaded, after, new_states, other_states = done.stdout.split()
+    probed = run_probe(THREADS_PROBE, str(model_path))
+    before, loaded, after, new_states, other_states = probed.split()
     assert int(loaded) == int(before)  # loading started no thread
     assert int(after) == int(before) + 1 and new_states == "S"  # the decision thread
     assert set(other_states) == {"S"}  # no thread but the main one is running

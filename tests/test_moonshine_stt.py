@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import subprocess
-import sys
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import pytest_asyncio
+from thread_states import run_probe
 
 from loadtest import recorded_speech
 from loadtest.voice_audio import silence_pcm, spoken_pcm
@@ -176,25 +175,16 @@ def test_the_benchmark_counts_word_errors_not_spelling() -> None:
 
 
 THREADS_PROBE = """
-import os
-from pathlib import Path
 import numpy as np
 from pipeline.moonshine_stt import MoonshineModel, default_model_folder, read_verified
-
-def states():
-    found = {}
-    for task in os.listdir("/proc/self/task"):
-        stat = Path(f"/proc/self/task/{task}/stat").read_text()
-        found[task] = stat[stat.rindex(")") + 2]
-    return found
+from thread_states import others, states
 
 before = states()
 model = MoonshineModel(read_verified(default_model_folder()))
 noise = (np.random.default_rng(1).standard_normal(32000) * 0.1).astype(np.float32)
 model.transcribe(noise)
 after = states()
-others = [state for task, state in after.items() if task != str(os.getpid())]
-print(len(before), len(after), "".join(others) or "-")
+print(len(before), len(after), "".join(others(after).values()) or "-")
 """
 
 
@@ -203,11 +193,7 @@ def test_a_model_starts_no_thread_and_decodes_on_its_callers_alone() -> None:
     no option of 0.0.4 sets it) whose threads busy-wait through a decode;
     ``pipeline.moonshine_threads`` makes each session single-threaded: loading a model and
     decoding with it start no thread at all (the other tests hear the words)."""
-    done = subprocess.run(
-        [sys.executable, "-c", THREADS_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    before, after, _ = done.stdout.split(maxsplit=2)
+    before, after, _ = run_probe(THREADS_PROBE).split(maxsplit=2)
     assert int(after) == int(before)
 
 

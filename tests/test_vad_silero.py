@@ -7,14 +7,13 @@ import logging
 import math
 import shutil
 import statistics
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from thread_states import run_probe
 
 from loadtest import recorded_speech
 from loadtest.voice_audio import spoken_pcm
@@ -230,18 +229,12 @@ def test_a_clients_threshold_runs_the_model_and_noise_reductions_step_does_not(
 
 
 RUNS_ON_THE_CALLERS_THREAD = """
-import os, sys
+import sys
 from pathlib import Path
 import numpy, onnxruntime  # their imports start their own threads (asleep) before we count
 from pipeline.config import VadConfig
 from pipeline.silero_vad import vad_classifier
-
-def states():
-    found = {}
-    for task in os.listdir("/proc/self/task"):
-        stat = Path(f"/proc/self/task/{task}/stat").read_text()
-        found[task] = stat[stat.rindex(")") + 2]
-    return found
+from thread_states import others, states
 
 before = states()
 classify = vad_classifier(VadConfig(model="silero"), 16000, Path(sys.argv[1]))
@@ -250,21 +243,14 @@ pcm = noise.astype("<i2").tobytes()
 for start in range(0, len(pcm), 640):
     classify(pcm[start : start + 640])
 after = states()
-others = "".join(s for task, s in after.items() if task != str(os.getpid()))
-print(len(before), len(after), classify.stream.windows_run, others or "-")
+print(len(before), len(after), classify.stream.windows_run, "".join(others(after).values()) or "-")
 """
 
 
 def test_the_model_runs_on_the_callers_thread_and_leaves_none_running(model_path: Path) -> None:
     """One intra-op thread: onnxruntime starts no pool of its own (a pool's spinning thread
     would cost a core), and no thread but the caller's runs once the windows are done."""
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(
-        [sys.executable, "-c", RUNS_ON_THE_CALLERS_THREAD, str(model_path)],
-        cwd=root, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    before, after, windows, others = done.stdout.split()
+    before, after, windows, others = run_probe(RUNS_ON_THE_CALLERS_THREAD, str(model_path)).split()
     assert int(windows) > 0  # the noise opened webrtcvad's gate: the model ran
     assert int(after) == int(before)
     assert set(others) <= {"S", "-"}, others
