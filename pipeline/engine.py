@@ -110,6 +110,7 @@ class ConversationEngine(HeardStretches):
         clock: Callable[[], float] | None = None,
         classify: Callable[[bytes], bool] | None = None,
         estimate_cost: CostEstimator = free_of_charge,
+        end_of_turn: Callable[[bool, int], AskEndOfTurn | None] = end_of_turn_asker,
     ) -> None:
         self.config = config
         self.stt, self.llm, self.tts = stt, llm, tts
@@ -117,6 +118,7 @@ class ConversationEngine(HeardStretches):
         self.history: list[Message] = []
         self._clock = clock
         self._classify = classify
+        self._end_of_turn = end_of_turn  # (semantic, rate_hz) -> what a pause asks, or None
         self._estimate_cost = estimate_cost
         self._detector: TurnDetector | None = None
         self._suppressor = _suppressor_for(config)
@@ -129,6 +131,7 @@ class ConversationEngine(HeardStretches):
         self._last_voiced_s = 0.0  # when that frame came
         self._asked: list[tuple[float, Verdict]] = []  # the pause's questions, and when
         self.early_answers_discarded = 0
+        self.early_answers_wasted_ms = 0.0  # their providers' time (the thrown answers')
         self._recorder: TurnRecorder | None = None
         self._response: SpokenResponse | None = None
         self._response_task: asyncio.Task[None] | None = None
@@ -157,7 +160,7 @@ class ConversationEngine(HeardStretches):
         self._clock = self._clock or asyncio.get_running_loop().time
         rate_hz = self.config.input_sample_rate_hz
         classify = self._noting(self._classify or vad_classifier(self.config.vad, rate_hz))
-        ask = self._asking(end_of_turn_asker(self.config.vad.semantic, rate_hz))
+        ask = self._asking(self._end_of_turn(self.config.vad.semantic, rate_hz))
         self._detector = TurnDetector(self.config.vad, rate_hz, classify, self._clock, ask)
         self._idle.set()
 
@@ -223,7 +226,7 @@ class ConversationEngine(HeardStretches):
             self._suppressor = _suppressor_for(config)
         if self._detector is not None and config.vad != self.config.vad:
             rate_hz = config.input_sample_rate_hz
-            ask = self._asking(end_of_turn_asker(config.vad.semantic, rate_hz))
+            ask = self._asking(self._end_of_turn(config.vad.semantic, rate_hz))
             classify = self._noting(vad_classifier(config.vad, rate_hz))
             self._detector.reconfigure(config.vad, classify, ask)
         self.config = config

@@ -74,6 +74,7 @@ class HeardStretches:
     tts: TextToSpeech
     history: list[Message]
     early_answers_discarded: int
+    early_answers_wasted_ms: float
     _voiced: bool
     _detector: TurnDetector | None
     _asked: list[tuple[float, Verdict]]  # the pause's questions to the model (raw verdicts)
@@ -90,6 +91,7 @@ class HeardStretches:
     _report: Callable[..., None]
     _reporting: Callable[[P, int], P]
     _after_transcript: Callable[[Heard], None]
+    _read_ahead: Callable[[str], None]
     _respond: Callable[[SpokenResponse], Coroutine[Any, Any, None]]
     _response_for: Callable[..., SpokenResponse]
 
@@ -144,6 +146,7 @@ class HeardStretches:
             logprobs = (*heard.logprobs, *transcript.logprobs)
             segments = (*heard.segments, *transcript.segments)
             self._emit(ev.InputTranscript(turn, words, False, logprobs, segments))
+            self._read_ahead(words)
             return
         heard.pending -= 1
         heard.recorder.mark("stt_final", self._now(), overwrite=True)
@@ -210,14 +213,20 @@ class HeardStretches:
         """The words before the pause are in, and either the pause is as long as a decision's
         or the model, asked ahead (``VadConfig.ask_pause_ms``), already said the user is done:
         then the turn ends where the pause reaches the decision's, and the answer and its first
-        chunk's speech are made meanwhile. A breath the model heard as "not yet" and shorter
-        than a decision's pause starts no answer, whose synthesis would take the cores from the
-        calls' media for nothing."""
+        chunk's speech are made meanwhile. With ``answer_before_verdict`` the answer starts on
+        the words alone, while the model decides: its first chunk is ready sooner when the turn
+        ends, and a breath the user goes on after throws it away (its providers' time counted,
+        ``early_answers_wasted_ms``). Without it, a breath the model heard as "not yet" starts
+        no answer, whose synthesis would take the cores from the calls' media for nothing."""
         if not heard.answer_early or heard.pending or heard.early is not None:
             return False
         pause_ms = 0 if self._detector is None else self._detector.pause_ms
-        return pause_ms >= self.config.vad.decision_pause_ms or (
-            pause_ms > 0 and any(verdict() for _, verdict in self._asked)
+        if pause_ms <= 0:
+            return False
+        return (
+            self.config.answer_before_verdict
+            or pause_ms >= self.config.vad.decision_pause_ms
+            or any(verdict() for _, verdict in self._asked)
         )
 
     def _answer_early(self, heard: Heard) -> None:
@@ -264,6 +273,14 @@ class HeardStretches:
         task.cancel()
         heard.recorder.early_answers_discarded += 1
         self.early_answers_discarded += 1
+        task.add_done_callback(lambda _: self._count_wasted(heard.recorder, response.recorder))
+
+    def _count_wasted(self, turn: TurnRecorder, thrown: TurnRecorder) -> None:
+        """A thrown-away answer has stopped: its providers' time (the model's, the first
+        chunk's speech) is the turn's, and the engine's, waste."""
+        wasted_ms = thrown.busy_ms()
+        turn.early_answers_wasted_ms += wasted_ms
+        self.early_answers_wasted_ms += wasted_ms
 
 
 def complete_with_words(verdict: Verdict, heard: Heard) -> bool | None:

@@ -90,6 +90,7 @@ class TurnRecord:
     # and whether the one that answered was started so
     early_answers_discarded: int = 0
     answered_early: bool = False
+    early_answers_wasted_ms: float = 0.0  # the discarded answers' providers' time (union)
     # calls the model made beyond a turn's first when it was asked for one (parallel_tool_calls
     # false): not made, and not kept in the conversation
     tool_calls_dropped: int = 0
@@ -125,6 +126,7 @@ class TurnRecorder:
     output_audio_s: float = 0.0
     early_answers_discarded: int = 0
     answered_early: bool = False
+    early_answers_wasted_ms: float = 0.0
     tool_calls_dropped: int = 0
     decision: DecisionTiming | None = None
     moments: dict[str, float] = field(default_factory=dict)
@@ -139,6 +141,13 @@ class TurnRecorder:
     def provider_busy(self, start_s: float, end_s: float) -> None:
         self.busy.append((start_s, end_s))
 
+    def busy_ms(self) -> float:
+        """The union of the time spent awaiting providers, whenever it was."""
+        if not self.busy:
+            return 0.0
+        window = (min(s for s, _ in self.busy), max(e for _, e in self.busy))
+        return _union_ms(self.busy, window) or 0.0
+
     def absorb(self, turn: TurnRecorder) -> None:
         """This recorder's answer was started before ``turn`` ended: take in the turn's own
         record (its moments, transcript, input and the time spent transcribing it)."""
@@ -147,6 +156,7 @@ class TurnRecorder:
         self.transcript, self.input_audio_s = turn.transcript, turn.input_audio_s
         self.busy.extend(turn.busy)
         self.early_answers_discarded += turn.early_answers_discarded
+        self.early_answers_wasted_ms += turn.early_answers_wasted_ms
         self.decision = self.decision or turn.decision
         self.answered_early = True
 
@@ -189,6 +199,7 @@ class TurnRecorder:
             output_audio_s=self.output_audio_s,
             early_answers_discarded=self.early_answers_discarded,
             answered_early=self.answered_early,
+            early_answers_wasted_ms=self.early_answers_wasted_ms,
             tool_calls_dropped=self.tool_calls_dropped,
             last_voiced_s=at("last_voiced"),
             turn_asked_s=at("turn_asked"),

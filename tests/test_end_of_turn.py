@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import time
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from pipeline.log_mel import (
 )
 from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
+from pipeline.providers import AudioChunk
 from pipeline.smart_turn_file import (
     PINS_FILE,
     SMART_TURN_V3_2,
@@ -435,6 +436,7 @@ async def test_the_final_transcript_is_in_when_the_turn_is_decided_and_answered_
 
 
 @on_module_loop
+@pytest.mark.parametrize("before_verdict", [False, True])
 @pytest.mark.parametrize(
     ("parts", "word", "said_done"),
     [
@@ -449,14 +451,17 @@ async def test_a_short_pause_starts_an_early_answer_only_when_the_model_says_don
     parts: tuple[str, str],
     word: str,
     said_done: bool,
+    before_verdict: bool,
 ) -> None:
     """A 160 ms pause (a breath; silence is what the classifier here calls it, so the pause
     is exact), shorter than a decision's: the model is asked ahead and the words so far
     transcribed. Heard as "not yet", no answer starts there; heard as "complete", the answer
     starts on the words so far (the turn would end at 200 ms), and the user going on drops it
-    unheard. Either way one turn, one answer, on the words of both stretches."""
+    unheard. With ``answer_before_verdict`` the answer starts on the words whatever the model
+    says, and the user going on drops it, its providers' time counted as wasted. Either way
+    one turn, one answer, on the words of both stretches."""
     pcm = await utterance(piper, *parts, pause_s=0.16)
-    config = engine_config({"type": "semantic_vad"})
+    config = replace(engine_config({"type": "semantic_vad"}), answer_before_verdict=before_verdict)
     agent = LocalRuleBasedAgent(load_knowledge())
     engine = ConversationEngine(config, sphinx, agent, piper, classify=loud)
     await engine.start()
@@ -464,7 +469,10 @@ async def test_a_short_pause_starts_an_early_answer_only_when_the_model_says_don
     kinds = [type(event) for event in events]
     assert kinds.count(ev.SpeechStoppedEvent) == 1 and kinds.count(ev.ResponseStarted) == 1
     (done,) = [event for event in events if isinstance(event, ev.TurnCompleted)]
-    assert engine.early_answers_discarded == said_done == done.record.early_answers_discarded
+    dropped = said_done or before_verdict
+    assert engine.early_answers_discarded == dropped == done.record.early_answers_discarded
+    assert (done.record.early_answers_wasted_ms > 0) == dropped
+    assert engine.early_answers_wasted_ms == done.record.early_answers_wasted_ms
     (final,) = [e for e in events if isinstance(e, ev.InputTranscript) and e.final]
     assert word in final.text and len(final.text.split()) > len(parts[0].split())  # both
     assert {e.response_id for e in events if hasattr(e, "response_id")} == {"resp_1"}
@@ -473,6 +481,90 @@ async def test_a_short_pause_starts_an_early_answer_only_when_the_model_says_don
 def loud(frame: bytes) -> bool:
     """Speech: any frame that is not digital silence."""
     return any(frame)
+
+
+class SpokenChunks:
+    """Piper, noting the text of each chunk it is asked to speak."""
+
+    def __init__(self, tts: PiperTextToSpeech) -> None:
+        self.tts, self.name, self.asked = tts, tts.name, list[str]()
+
+    @property
+    def voices(self) -> tuple[str, ...]:
+        return self.tts.voices
+
+    def synthesize(self, text: str, voice: str | None = None) -> AsyncIterator[AudioChunk]:
+        self.asked.append(text)
+        return self.tts.synthesize(text, voice)
+
+
+class HeldVerdicts:
+    """The real model asked at a pause, its verdict kept from the engine until ``release``."""
+
+    def __init__(self, model: EndOfTurn) -> None:
+        self.model, self.released, self.asked = model, False, 0
+
+    def asker(self, semantic: bool, rate_hz: int) -> Callable[[bytes], Verdict] | None:
+        assert semantic and rate_hz == SAMPLE_RATE_HZ
+        return self.ask
+
+    def ask(self, pcm: bytes) -> Verdict:
+        self.asked += 1
+        decision = self.model.ask(pcm)
+        return lambda: decision() if self.released else None
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.005)  # polling a condition with a deadline
+
+
+@on_module_loop
+async def test_before_the_verdict_the_answer_starts_on_the_words_and_the_verdict_releases_it(
+    piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText, model_path: Path
+) -> None:
+    """With ``answer_before_verdict``, the model's verdict held back at a 120 ms pause (before
+    the decision's 200): the words before it are in, and the answer has started and asked for
+    its first chunk's speech, unheard. The verdict ("complete") ends the turn, and that held
+    answer is the turn's one answer, released."""
+    pcm = await utterance(piper, "Where is the nearest train station?")
+    frame_bytes = SAMPLE_RATE_HZ * 20 // 500
+    frames = [pcm[at : at + frame_bytes] for at in range(0, len(pcm), frame_bytes)]
+    pause_at = max(i for i, frame in enumerate(frames) if any(frame)) + 1 + 6  # 120 ms in
+    config = replace(engine_config({"type": "semantic_vad"}), answer_before_verdict=True)
+    tts, held = SpokenChunks(piper), HeldVerdicts(shared_end_of_turn(model_path))
+    agent = LocalRuleBasedAgent(load_knowledge())
+    engine = ConversationEngine(config, sphinx, agent, tts, classify=loud, end_of_turn=held.asker)
+    await engine.start()
+    events: list[Any] = []
+
+    async def collect() -> None:
+        async for event in engine.events():
+            events.append(event)
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(collect())
+        for frame in frames[:pause_at]:
+            await words_in(engine)
+            engine.push_audio(frame)
+        await until(lambda: bool(tts.asked))  # the first chunk asked for, the verdict held
+        assert held.asked == 1 and engine.user_speaking
+        assert not {ev.SpeechStoppedEvent, ev.ResponseStarted} & {type(e) for e in events}
+        held.model.wait_decided(timeout_s=60)
+        held.released = True
+        for frame in frames[pause_at:]:
+            engine.push_audio(frame)
+        await engine.wait_idle(timeout_s=120)
+        await engine.aclose()
+    kinds = [type(event) for event in events]
+    assert kinds.count(ev.ResponseStarted) == 1
+    assert kinds.index(ev.ResponseStarted) > kinds.index(ev.SpeechStoppedEvent)
+    (done,) = [event for event in events if isinstance(event, ev.TurnCompleted)]
+    assert done.record.answered_early and done.record.early_answers_discarded == 0
+    assert held.asked == 1  # "complete", at once: no second question at 200 ms
+    assert [m.role for m in engine.history] == ["user", "assistant"]
 
 
 @on_module_loop

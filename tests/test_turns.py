@@ -80,6 +80,10 @@ def test_an_early_answers_record_takes_in_the_turns_and_is_counted() -> None:
     turn.mark("speech_stopped", 11.3)
     turn.provider_busy(10.5, 11.1)
     turn.early_answers_discarded = 2
+    thrown = TurnRecorder(3)  # an answer started at an earlier pause, thrown away
+    thrown.provider_busy(10.6, 10.7)
+    thrown.provider_busy(10.65, 10.75)  # (the model still writing while the first chunk speaks)
+    turn.early_answers_wasted_ms += thrown.busy_ms()
     answer = TurnRecorder(3, "stt", "llm", "tts")
     answer.mark("llm_first_token", 11.15)
     answer.mark("first_tts_request", 11.15)
@@ -88,6 +92,7 @@ def test_an_early_answers_record_takes_in_the_turns_and_is_counted() -> None:
     answer.mark("first_frame_out", 11.36)
     record = answer.finish(interrupted=False)
     assert record.answered_early and record.early_answers_discarded == 2
+    assert record.early_answers_wasted_ms == pytest.approx(150)
     assert (record.transcript, record.input_audio_s) == ("hello there", 1.2)
     assert record.stt_ms == pytest.approx(-200) and record.llm_first_token_ms == pytest.approx(50)
     assert record.speech_stopped_to_first_frame_ms == pytest.approx(60)
