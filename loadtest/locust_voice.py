@@ -44,6 +44,7 @@ from loadtest.voice_report import (
     RunTotals,
     build_report,
     cpu_seconds,
+    scrape_loop_metrics,
 )
 
 FLUSH_TIMEOUT_S = 10.0
@@ -78,6 +79,9 @@ def _options(parser: Any) -> None:
     group.add_argument("--voice-client", default="aiortc", help="the calls' media: aiortc, lean")
     group.add_argument("--voice-cgroup-stat", default="", help="the transceivers' cpu.stat")
     group.add_argument("--voice-confined-cores", type=float, default=0.0)
+    group.add_argument(
+        "--voice-metrics-urls", default="", help="transceivers' base URLs: loop lag per step"
+    )
 
 
 # --- worker side: the driver child and the figures it produces -------------------------------
@@ -128,6 +132,7 @@ class DriverLink:
         self.totals.turn(event["ok"], event.get("reason", ""), event)
         if event["ok"]:
             self.hist.turn.record(ms)
+            self.hist.stage(event.get("stages"))
         _fire(self.environment, "TURN", "turn", ms, event)
 
     def _on_resume(self, event: dict[str, Any]) -> None:
@@ -298,7 +303,9 @@ class Master:
             "generator": {"cpu_cores": round(sum(self._generator_cores.values()), 3)},
         }
         self.series.append(row)
-        self.knee.sample(server, time.monotonic())
+        urls = [url for url in options.voice_metrics_urls.split(",") if url]
+        metrics = scrape_loop_metrics(urls) if urls else None
+        self.knee.sample(server, time.monotonic(), metrics)
 
     def totals(self) -> RunTotals:
         merged = RunTotals()

@@ -366,6 +366,27 @@ class TurnResult:
     answer: str  # the answer's transcript
     server_first_frame_ms: float | None = None  # the server's own speech-stopped -> first frame
     onset_s: float = 0.0  # loop time of the answer's first loud packet
+    stages: dict[str, float] = field(default_factory=dict)  # turn_stages
+
+
+def turn_stages(metrics: Event, latency_ms: float) -> dict[str, float]:
+    """Where a turn's latency went, in ms, from the server's ``voicerelay.turn.metrics``:
+    ``decision`` (its last voiced frame -> speech stopped: the silence window or the end-of-turn
+    model), ``server`` (speech stopped -> first frame sent), its parts from speech stopped
+    (``stt``, ``llm``: first token, ``tts``: first audio), and ``outside``: the rest of the
+    client's latency (the question's tail after its last voiced frame, both ways on the wire,
+    the link's reads and the client's own loop). A stage the event lacks is left out."""
+    stages: dict[str, float] = {}
+    last_voiced, first_out = metrics.get("last_voiced_ms"), metrics.get("first_frame_out_ms")
+    named = {"stt": "stt_final_ms", "llm": "llm_first_token_ms", "tts": "first_audio_ms"}
+    for stage, key in (("server", "first_frame_out_ms"), *named.items()):
+        if isinstance(metrics.get(key), int | float):
+            stages[stage] = float(metrics[key])
+    if isinstance(last_voiced, int | float):
+        stages["decision"] = -float(last_voiced)
+        if isinstance(first_out, int | float):
+            stages["outside"] = latency_ms - (float(first_out) - float(last_voiced))
+    return stages
 
 
 @dataclass
@@ -632,8 +653,10 @@ class VoiceCall:
         self.turns_done += 1
         self.stage = "idle"
         server_ms = metrics.get("first_frame_out_ms")
-        answer = _answer(done)
-        return TurnResult(self.turns_done, latency_ms, heard, answer, server_ms, onset.result())
+        answer, stages = _answer(done), turn_stages(metrics, latency_ms)
+        return TurnResult(
+            self.turns_done, latency_ms, heard, answer, server_ms, onset.result(), stages
+        )
 
     def diagnosis(self) -> dict[str, Any]:
         """What the client saw of the turn in flight: for the report row of a failed turn."""
@@ -906,6 +929,7 @@ class Driver:
             heard=result.heard,
             answer=result.answer,
             server_ms=result.server_first_frame_ms,
+            stages={k: round(v, 1) for k, v in result.stages.items()},
             server_rss_mb=server_rss_mb(self.server_pids) if self.server_pids else None,
         )
 

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
-from loadtest.hosts import ProcessCpu, read_stat
+from loadtest.hosts import ProcessCpu, metric_samples, read_stat
 
 HIGHEST_MS = 600_000
 SIGNIFICANT_DIGITS = 3
@@ -56,23 +57,125 @@ class Hist:
 
 
 class Histograms:
-    """Turn latency and call set-up time."""
+    """Turn latency and call set-up time; and each answered turn's stages (``stages``: stage ->
+    ms, from ``voice_calls.turn_stages``; kept as values, since one, ``outside``, may be
+    negative), shipped with the histograms."""
 
     def __init__(self) -> None:
         self.turn, self.setup = Hist(), Hist()
+        self.stages: dict[str, list[float]] = {}
 
-    def take(self) -> dict[str, str]:
-        return {"turn": self.turn.take(), "setup": self.setup.take()}
+    def stage(self, stages: dict[str, float] | None) -> None:
+        for name, ms in (stages or {}).items():
+            self.stages.setdefault(name, []).append(float(ms))
 
-    def add(self, encoded: dict[str, str]) -> None:
+    def take(self) -> dict[str, Any]:
+        stages, self.stages = self.stages, {}
+        return {"turn": self.turn.take(), "setup": self.setup.take(), "stages": stages}
+
+    def add(self, encoded: dict[str, Any]) -> None:
         self.turn.add(encoded.get("turn", ""))
         self.setup.add(encoded.get("setup", ""))
+        self.stage_lists(encoded.get("stages") or {})
+
+    def stage_lists(self, stages: dict[str, list[float]]) -> None:
+        for name, values in stages.items():
+            self.stages.setdefault(name, []).extend(values)
 
     def take_turn_percentiles(self) -> dict[str, float] | None:
         turn = self.turn.percentiles()
         self.turn.h.reset()
         self.setup.h.reset()
+        self.stages = {}
         return turn
+
+
+def stage_percentiles(stages: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Each stage's p50 and p95 (ms, numpy's interpolated percentiles)."""
+    return {
+        name: {
+            "p50": round(float(np.percentile(values, 50)), 1),
+            "p95": round(float(np.percentile(values, 95)), 1),
+        }
+        for name, values in sorted(stages.items())
+        if values
+    }
+
+
+def histogram_delta(first: dict[str, float], last: dict[str, float], name: str) -> dict[str, Any]:
+    """A Prometheus histogram's observations between two scrapes (``metric_samples`` keys,
+    summed over processes and any other label): count, sum and the count above each bound."""
+
+    def summed(samples: dict[str, float], suffix: str) -> dict[str, float]:
+        found: dict[str, float] = {}
+        for key, value in samples.items():
+            metric, _, labels = key.partition("{")
+            if metric != name + suffix:
+                continue
+            le = next((p[3:] for p in labels.rstrip("}").split(",") if p.startswith("le=")), "")
+            found[le] = found.get(le, 0.0) + value
+        return found
+
+    def delta(suffix: str) -> dict[str, float]:
+        before = summed(first, suffix)
+        return {k: v - before.get(k, 0.0) for k, v in summed(last, suffix).items()}
+
+    count, total, buckets = (
+        delta("_count").get("", 0.0),
+        delta("_sum").get("", 0.0),
+        delta("_bucket"),
+    )
+    above = {le: count - n for le, n in buckets.items() if le not in ("+Inf", "inf")}
+    return {"count": count, "sum_s": total, "above": above}
+
+
+LOOP_METRICS = ("transceiver_event_loop_lag_seconds", "transceiver_gc_pause_seconds")
+SCRAPE_TIMEOUT_S = 2.0
+
+
+def scrape_loop_metrics(urls: Sequence[str]) -> dict[str, float]:
+    """The ``LOOP_METRICS`` samples of each transceiver's /metrics, summed over them; a
+    transceiver that does not answer is left out (a step then reads only the others)."""
+    summed: dict[str, float] = {}
+    for url in urls:
+        try:
+            text = httpx.get(url.rstrip("/") + "/metrics", timeout=SCRAPE_TIMEOUT_S).text
+        except httpx.HTTPError:
+            continue
+        for prefix in LOOP_METRICS:
+            for key, value in metric_samples(text, prefix).items():
+                summed[key] = summed.get(key, 0.0) + value
+    return summed
+
+
+def loop_lag(first: dict[str, float], last: dict[str, float], wall_s: float) -> dict[str, Any]:
+    """The transceivers' event-loop lag (``transceiver_event_loop_lag_seconds``: how late each
+    50 ms tick ran) and garbage-collector pauses (``transceiver_gc_pause_seconds``, by
+    generation) between two scrapes ``wall_s`` apart."""
+    lag = histogram_delta(first, last, "transceiver_event_loop_lag_seconds")
+    ticks = lag["count"]
+    out: dict[str, Any] = {
+        "ticks": int(ticks),
+        "mean_ms": round(1000 * lag["sum_s"] / ticks, 2) if ticks else None,
+        "late_share": {
+            f">{float(le) * 1000:g}ms": round(n / ticks, 4)
+            for le, n in sorted(lag["above"].items(), key=lambda item: float(item[0]))
+            if ticks and float(le) >= 0.005
+        },
+    }
+    for generation in ("0", "1", "2"):
+        gc_first = {k: v for k, v in first.items() if f"generation={generation}" in k}
+        gc_last = {k: v for k, v in last.items() if f"generation={generation}" in k}
+        pauses = histogram_delta(gc_first, gc_last, "transceiver_gc_pause_seconds")
+        if pauses["count"]:
+            out[f"gc{generation}"] = {
+                "per_s": round(pauses["count"] / wall_s, 2) if wall_s > 0 else None,
+                "mean_ms": round(1000 * pauses["sum_s"] / pauses["count"], 2),
+                "ms_per_s": round(1000 * pauses["sum_s"] / wall_s, 2) if wall_s > 0 else None,
+                "over_10ms": int(pauses["above"].get("0.01", 0)),
+                "over_50ms": int(pauses["above"].get("0.05", 0)),
+            }
+    return out
 
 
 @dataclass
@@ -197,6 +300,8 @@ class _Step:
     started_s: float
     failures_at_start: int
     hist: Hist = field(default_factory=Hist)
+    stages: dict[str, list[float]] = field(default_factory=dict)
+    scrapes: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # (t, /metrics)
     cpu_cores: list[float] = field(default_factory=list)
     throttling: list[dict[str, float]] = field(default_factory=list)  # cgroup cpu.stat reads
     recovery_s: float = 0.0  # after a failed step: held and settled this much longer
@@ -229,12 +334,19 @@ class Knee:
         self._index = 0
         self._sessions = list(plan.sessions)  # the steps to come (bisection appends)
 
-    def add(self, encoded: dict[str, str], now_s: float) -> None:
+    def add(self, encoded: dict[str, Any], now_s: float) -> None:
         if self._step is not None and self._step.measuring(now_s, self.plan.settle_s):
             self._step.hist.add(encoded.get("turn", ""))
+            for name, values in (encoded.get("stages") or {}).items():
+                self._step.stages.setdefault(name, []).extend(values)
 
-    def sample(self, server: dict[str, dict[str, float]], now_s: float) -> None:
+    def sample(
+        self, server: dict[str, Any], now_s: float, metrics: dict[str, float] | None = None
+    ) -> None:
+        """``metrics``: the transceivers' /metrics samples, summed (``metric_samples`` keys)."""
         if self._step is not None and self._step.measuring(now_s, self.plan.settle_s):
+            if metrics:
+                self._step.scrapes.append((now_s, metrics))
             cores = server.get("cpu_cores", {})
             self._step.cpu_cores.append(sum(v for k, v in cores.items() if "transceiver" in k))
             if server.get("throttling"):
@@ -289,10 +401,19 @@ class Knee:
                 "server_cpu_cores": None if cores is None else round(cores, 3),
                 "sessions_per_core": round(step.sessions / cores, 2) if cores else None,
                 "ok": ok,
+                "stages_ms": stage_percentiles(step.stages),
             }
             | self._confined(step)
+            | self._loop(step)
         )
         return ok
+
+    @staticmethod
+    def _loop(step: _Step) -> dict[str, Any]:
+        if len(step.scrapes) < 2:
+            return {}
+        (first_s, first), (last_s, last) = step.scrapes[0], step.scrapes[-1]
+        return {"loop": loop_lag(first, last, last_s - first_s)}
 
     def _confined(self, step: _Step) -> dict[str, Any]:
         confined = self.plan.confined_cores
@@ -310,6 +431,30 @@ class Knee:
         keys: tuple[str, ...] = ("sessions", "sessions_per_core", "turn_ms", "server_cpu_cores")
         keys += ("sessions_per_confined_core", "throttled_share")
         return {k: best[k] for k in keys if k in best}
+
+
+STAGE_COLUMNS = ("decision", "stt", "llm", "tts", "server", "outside")
+
+
+def where_time_goes(steps: Sequence[dict[str, Any]]) -> str:
+    """Per knee step: each stage's p50/p95 (ms), the loop's mean lag and share of ticks later
+    than 10 and 50 ms, and the collector's gen-2 pauses: the text beside the summary."""
+    head = ["sessions"] + [f"{name} p50/p95" for name in STAGE_COLUMNS]
+    head += ["lag mean", ">10ms", ">50ms", "gc2 /s", "gc2 ms"]
+    lines = ["where the turn time goes (ms; loop lag and gc from the transceivers' /metrics):"]
+    lines.append("  ".join(head))
+    for step in steps:
+        stages, loop = step.get("stages_ms") or {}, step.get("loop") or {}
+        cells = [str(step["sessions"])]
+        for name in STAGE_COLUMNS:
+            got = stages.get(name)
+            cells.append("-" if got is None else f"{got['p50']:.0f}/{got['p95']:.0f}")
+        late, gc2 = loop.get("late_share") or {}, loop.get("gc2") or {}
+        cells += [str(loop.get("mean_ms", "-")), str(late.get(">10ms", "-"))]
+        cells += [str(late.get(">50ms", "-")), str(gc2.get("per_s", "-"))]
+        cells.append(str(gc2.get("mean_ms", "-")))
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
 
 
 # --- the report -----------------------------------------------------------------------------

@@ -257,6 +257,8 @@ def locust_argv(args: argparse.Namespace, target: Target, questions: Path) -> li
     argv += ["--voice-report", str(out / REPORT_NAME)] + (["--voice-knee"] if args.knee else [])
     argv += ["--voice-refine", str(args.refine), "--voice-client", args.client]
     argv += ["--voice-first-step-s", str(args.first_step_s)]
+    if target.transceivers:
+        argv += ["--voice-metrics-urls", ",".join(t.url for t in target.transceivers)]
     if target.confined is not None:
         argv += ["--voice-cgroup-stat", target.confined.stat_path]
         argv += ["--voice-confined-cores", str(target.confined.cores)]
@@ -312,6 +314,10 @@ def summarise(report_dir: Path) -> None:
     for drawn in figures.draw(report, report_dir):
         print(f"wrote {drawn}")
     text = figures.summary(report)
+    if report.get("steps"):
+        from loadtest.voice_report import where_time_goes
+
+        text += "\n" + where_time_goes(report["steps"])
     (report_dir / "summary.txt").write_text(text + "\n")
     print(text)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gc
 import json
 import subprocess
 import sys
@@ -17,7 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 from aiortc.rtp import RtpPacket
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from loadtest.hosts import metric_samples
 from loadtest.voice_calls import (
     QUIET_GAP_S,
     QUIET_PACKETS,
@@ -27,9 +30,12 @@ from loadtest.voice_calls import (
     Questions,
     answer_playback_rate_hz,
     opus_packets,
+    turn_stages,
 )
 from loadtest.voice_paths import compare_paths
-from loadtest.voice_report import Hist, Knee, KneePlan, fault_section
+from loadtest.voice_report import Hist, Knee, KneePlan, fault_section, where_time_goes
+from relay.loop_lag import BUCKETS_S
+from transceiver.metrics import GC_PAUSE_BUCKETS_S, GcPauses
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT_KEYS = {"scenario", "config", "setup", "turns", "series", "steps", "knee"}
@@ -306,3 +312,57 @@ def test_a_step_after_a_failed_one_settles_longer() -> None:
     assert knee.tick(34.0, 0) == (4, 4)  # held 15 s, not 10
     assert knee.tick(35.0, 0) == (6, 4)
     assert knee.steps[-1]["sessions"] == 4 and knee.steps[-1]["ok"]
+
+
+def test_a_turns_latency_is_split_into_the_servers_stages() -> None:
+    metrics = {"type": "voicerelay.turn.metrics", "speech_stopped_ms": 0.0,
+               "last_voiced_ms": -230.0, "stt_final_ms": 40.0, "llm_first_token_ms": 90.0,
+               "first_audio_ms": 150.0, "first_frame_out_ms": 170.0}  # fmt: skip
+    stages = turn_stages(metrics, latency_ms=520.0)
+    assert stages == {"decision": 230.0, "server": 170.0, "stt": 40.0, "llm": 90.0,
+                      "tts": 150.0, "outside": 120.0}  # fmt: skip
+    assert turn_stages({"first_frame_out_ms": None}, 500.0) == {}  # nothing the event lacks
+
+
+def _loop_metrics(lags_s: list[float], pauses_s: list[float]) -> dict[str, float]:
+    """A transceiver's loop-lag and gc-pause histograms, as its /metrics would show them."""
+    registry = CollectorRegistry()
+    lag = Histogram("transceiver_event_loop_lag_seconds", "", buckets=BUCKETS_S,
+                    registry=registry)  # fmt: skip
+    for lag_s in lags_s:
+        lag.observe(lag_s)
+    pause = Histogram("transceiver_gc_pause_seconds", "", ["generation"],
+                      buckets=GC_PAUSE_BUCKETS_S, registry=registry)  # fmt: skip
+    for pause_s in pauses_s:
+        pause.labels("2").observe(pause_s)
+    return metric_samples(generate_latest(registry).decode())
+
+
+def test_a_knee_step_says_where_its_turn_time_went() -> None:
+    plan = KneePlan([1], step_s=10, settle_s=0, spawn_rate=1, threshold=1.5, baseline_ms=None)
+    knee = Knee(plan)
+    knee.tick(0.0, 0)
+    knee.add({"turn": "", "stages": {"decision": [200.0, 240.0], "outside": [-5.0, 15.0]}}, 1.0)
+    knee.sample({"cpu_cores": {}}, 1.0, _loop_metrics([0.001] * 10, [0.02]))
+    lags_s = [0.001] * 10 + [0.002] * 15 + [0.03] * 4 + [0.2]  # 20 ticks since the first scrape
+    knee.sample({"cpu_cores": {}}, 5.0, _loop_metrics(lags_s, [0.02, 0.08, 0.004]))
+    _step(knee, 6.0, [600])
+    knee.tick(10.0, 0)
+    (step,) = knee.steps
+    assert step["stages_ms"]["decision"] == {"p50": 220.0, "p95": 238.0}
+    assert step["stages_ms"]["outside"]["p50"] == 5.0  # a negative stage is kept as it is
+    loop = step["loop"]
+    assert loop["ticks"] == 20 and loop["late_share"][">10ms"] == 0.25  # 5 of 20
+    assert loop["late_share"][">100ms"] == 0.05
+    assert loop["gc2"]["per_s"] == 0.5 and loop["gc2"]["over_50ms"] == 1  # 2 in 4 s
+    assert "decision p50/p95" in where_time_goes(knee.steps)
+
+
+def test_the_collectors_pauses_are_observed_by_generation() -> None:
+    registry = CollectorRegistry()
+    with GcPauses(registry):
+        gc.collect()
+    gc.collect()  # outside: not observed
+    samples = metric_samples(generate_latest(registry).decode(), "transceiver_gc_pause")
+    assert samples["transceiver_gc_pause_seconds_count{generation=2}"] == 1
+    assert samples["transceiver_gc_pause_seconds_sum{generation=2}"] > 0

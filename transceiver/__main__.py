@@ -47,7 +47,7 @@ from transceiver.http.auth import AuthConfig, AuthConfigError, Authenticator, au
 from transceiver.http.owner_hop import OwnerForwarder
 from transceiver.http.rate_limiting import RateLimiting
 from transceiver.http.worker_routing import WorkerRouting
-from transceiver.metrics import TaskCrashCollector
+from transceiver.metrics import GcPauses, TaskCrashCollector
 from transceiver.store.call_log import CallRecordCollector, CallRecordStore
 from transceiver.store.call_records import CallRecordPolicy
 from transceiver.store.connection import open_redis
@@ -148,7 +148,8 @@ async def serve(
 
 @contextlib.asynccontextmanager
 async def _loop_lag(config: TransceiverConfig, registry: CollectorRegistry) -> AsyncIterator[None]:
-    """The event-loop lag histogram, and warnings naming what blocked the loop."""
+    """The event-loop lag histogram, warnings naming what blocked the loop, and the garbage
+    collector's pauses (``transceiver_gc_pause_seconds``)."""
     lag = Histogram(
         "transceiver_event_loop_lag_seconds",
         "How late the event loop ran a 50 ms tick (a stall: everything on the loop waited)",
@@ -157,7 +158,8 @@ async def _loop_lag(config: TransceiverConfig, registry: CollectorRegistry) -> A
     )
     policy = LoopLagPolicy(warn_s=config.loop_lag_warn_s)
     async with LoopLagMonitor(policy, lag.observe, logger, "transceiver event loop"):
-        yield
+        with GcPauses(registry):
+            yield
 
 
 def _stop_on_signals() -> asyncio.Event:
