@@ -266,6 +266,8 @@ class CallRecorder:
     _client_cancelled: set[str] = field(default_factory=set)
     _history_seen: int = 0  # history messages already looked at for a text turn's words
     _responses: dict[str, float] = field(default_factory=dict)  # engine response -> started
+    # engine response -> its first frame played (a turn done before it is recorded without)
+    _output_started: dict[str, float] = field(default_factory=dict)
     # The client's id of an engine response, while the session's translator knows it.
     client_response_id: Callable[[str], str | None] = _no_client_ids
     _detours: dict[int, list[Json]] = field(default_factory=dict)  # engine turn -> its detours
@@ -318,8 +320,10 @@ class CallRecorder:
             self._tool_done(event.result.call.call_id, event.result.ok)
         elif isinstance(event, ev.ResponseStarted):
             self._responses[event.response_id] = now
-            while len(self._responses) > 8:
-                self._responses.pop(next(iter(self._responses)))
+            _keep_newest(self._responses, RECENT)
+        elif isinstance(event, ev.OutputStarted):
+            self._output_started[event.response_id] = now
+            _keep_newest(self._output_started, RECENT)
         elif isinstance(event, ev.OutputCleared):
             self._cleared[event.response_id] = (event.audio_end_ms, self.wall())
             while len(self._cleared) > 8:
@@ -398,7 +402,11 @@ class CallRecorder:
         origin, origin_name = record.speech_stopped_s, "speech_stopped"
         if origin is None:
             origin, origin_name = self._responses.get(engine_response_id), "response_created"
-        first_out = record.first_frame_out_s if first_frame_sent_s is None else first_frame_sent_s
+        played_s = self._output_started.pop(engine_response_id, None)
+        first_out = next(
+            (s for s in (first_frame_sent_s, record.first_frame_out_s, played_s) if s is not None),
+            None,
+        )  # sent by the track, else played by the engine (before, or after, the turn completed)
 
         def since(at_s: float | None) -> float | None:
             return None if origin is None or at_s is None else round((at_s - origin) * 1000, 1)
