@@ -63,10 +63,11 @@ from pipeline.providers import (
     ProviderError,
     SpeechToText,
     TextToSpeech,
+    warm_with,
     with_options,
 )
 from pipeline.resilience import Detour, reporting
-from pipeline.response import SpokenResponse
+from pipeline.response import SpokenResponse, model_messages
 from pipeline.silero_vad import vad_classifier
 from pipeline.stretches import Heard, HeardStretches, complete_with_words
 from pipeline.tools import ToolRegistry
@@ -488,6 +489,17 @@ class ConversationEngine(HeardStretches):
         elif not self._adopt_early(heard):
             self.history.append(Message("user", final))
             self._start_response(recorder, self.config)
+
+    def _read_ahead(self, words: str) -> None:
+        """The user's words so far, from a partial transcript: a model with a prompt cache may
+        read them, but the last (a re-guess most often changes it), before the turn ends
+        (``warm_with``), unless a response of this call is running."""
+        head = words.rsplit(maxsplit=1)[0] if len(words.split()) > 1 else ""
+        if not head or not self.config.create_response or self._response is not None:
+            return
+        messages = model_messages(self.config, [*self.history, Message("user", head)])
+        specs = self.tools.specs() if self.config.max_tool_rounds else []
+        warm_with(self.llm, messages, specs)
 
     def _start_response(
         self, recorder: TurnRecorder, config: EngineConfig, tools: ToolRegistry | None = None

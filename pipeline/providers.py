@@ -226,6 +226,16 @@ def generate_with(
     return stream
 
 
+def warm_with(llm: LanguageModel, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> None:
+    """Let ``llm`` read the start of the request it will get (the user's words so far) while
+    the user still speaks: a model with a prompt cache has ``warm(messages, tools)`` (the local
+    model), which returns at once and decides itself whether and when to read. Any other has
+    nothing to gain and is not asked."""
+    warm = getattr(llm, "warm", None)
+    if warm is not None:
+        warm(messages, tools)
+
+
 def sees_images(llm: object) -> bool:
     """Whether ``llm`` takes a user message's images (its ``sees_images``: the OpenAI models;
     the offline ones take text alone)."""

@@ -149,9 +149,7 @@ class SpokenResponse:
 
     async def _generate(self, chunks: asyncio.Queue[str | None]) -> None:
         chunker = SpeechChunker(self.config.chunker)
-        messages = self.config.context.view(self.history)  # truncation
-        if self.config.instructions:
-            messages.insert(0, Message("system", self.config.instructions))
+        messages = model_messages(self.config, self.history)
         for round_index in range(self.config.max_tool_rounds + 1):
             calls = await self._generate_round(messages, chunker, chunks, round_index)
             if not calls or self.limited or not await self._run_tools(calls, messages):
@@ -348,3 +346,12 @@ async def timed(
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def model_messages(config: EngineConfig, history: list[Message]) -> list[Message]:
+    """What the model is given for ``history``: the context window's view of it (truncation),
+    the session's instructions first."""
+    messages = config.context.view(history)
+    if config.instructions:
+        messages.insert(0, Message("system", config.instructions))
+    return messages
