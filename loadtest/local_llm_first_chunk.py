@@ -5,12 +5,18 @@ less), from the start of its answer.
 The local model (``pipeline.llama_llm``, ``PIPELINE_LOCAL_LLM_*`` from the environment, or
 ``--model`` for another GGUF file, loaded unchecked) is given the knowledge file and the
 built-in tools as a transceiver gives them, and answers ``loadtest.bench_e2e``'s questions,
-each in a new conversation, ``--rounds`` times over (later rounds reword them a little, so
-their tokens are read again rather than found in the cache). Each answer's text deltas are
-timed once; the chunker is replayed on that one stream with ``first_words`` 0 (the first
-clause) and ``--first-words``, so the two are compared on the same tokens. A tool call is
+each in a new conversation, ``--rounds`` times over (each round opens them with its own
+word, "So, ...", so their tokens are read again rather than found in the cache). Each
+answer's text deltas are timed once; the chunker is replayed on that one stream with
+``first_words`` 0 (the first clause) and ``--first-words``, so the two are compared on the
+same tokens. A tool call is
 made and its result read, and the timing restarts there. One JSON line per answer, then one
 with the medians and ``/proc/loadavg``.
+
+``--read-ahead`` alternates rounds without and with a warm-up (``LlamaCppLanguageModel.warm``)
+of the question but its last word, finished before the answer is asked, as the engine reads a
+partial transcript ahead while the user speaks: the answer's timing is then what is left after
+the turn's end; medians are given for each mode.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class Timed:
     deltas: list[tuple[float, float, str]] = field(default_factory=list)
     calls: list[ToolCall] = field(default_factory=list)
     read_tokens: int = 0
+    warm_read_tokens: int = 0  # the warm-up's, before the answer
 
     @property
     def text(self) -> str:
@@ -75,10 +82,18 @@ async def timed_round(
     return timed
 
 
-async def answer(llm: LlamaCppLanguageModel, question: str, tools: ToolRegistry) -> Timed:
-    """The answer's last round (after any tool's result)."""
-    messages = [Message("user", question)]
+async def answer(
+    llm: LlamaCppLanguageModel, question: str, tools: ToolRegistry, read_ahead: bool = False
+) -> Timed:
+    """The answer's last round (after any tool's result); with ``read_ahead``, the question
+    but its last word read into the cache first."""
+    messages, warm_read = [Message("user", question)], 0
+    if read_ahead:
+        llm.warm([Message("user", question.rsplit(maxsplit=1)[0])], tools.specs())
+        await llm.warm_up_done()
+        warm_read = llm.last_warm_tokens.computed
     timed = await timed_round(llm, messages, tools)
+    timed.warm_read_tokens = warm_read
     for _ in range(2):
         if not timed.calls:
             break
@@ -96,7 +111,11 @@ def row(question: str, timed: Timed, first_words: int) -> dict[str, Any]:
         "chunk_clause": first_chunk_at(timed, 0),
         "chunk_words": first_chunk_at(timed, first_words),
     }
-    out: dict[str, Any] = {"question": question, "read_tokens": timed.read_tokens}
+    out: dict[str, Any] = {
+        "question": question,
+        "read_tokens": timed.read_tokens,
+        "warm_read_tokens": timed.warm_read_tokens,
+    }
     for name, at in ms.items():
         out[f"{name}_ms"] = None if at is None else round(at[0] * 1000)
         out[f"{name}_cpu_ms"] = None if at is None else round(at[1] * 1000)
@@ -104,16 +123,30 @@ def row(question: str, timed: Timed, first_words: int) -> dict[str, Any]:
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = [key for key in rows[0] if key.endswith("_ms")] if rows else []
+    keys = [key for key in rows[0] if key.endswith(("_ms", "tokens"))] if rows else []
+    modes = sorted({bool(r.get("read_ahead")) for r in rows})
     medians = {
-        key: statistics.median(values)
-        for key in keys
-        if (values := [r[key] for r in rows if r[key] is not None])
+        f"read_ahead={mode}": {
+            key: statistics.median(values)
+            for key in keys
+            if (values := [r[key] for r in rows if r[key] is not None and r["read_ahead"] == mode])
+        }
+        for mode in modes
     }
     return {"median": medians, "answers": len(rows), "loadavg": Path("/proc/loadavg").read_text()}
 
 
-async def run(model: Path | None, rounds: int, first_words: int) -> None:
+ROUND_OPENERS = ("", "So, ", "Now, ", "Then, ", "Well, ", "Okay, ", "Right, ", "And ")
+
+
+def asked_in_round(question: str, round_index: int) -> str:
+    """The question as asked in this round: its own first word, so no round's tokens are in the
+    cache from another's."""
+    opener = ROUND_OPENERS[round_index % len(ROUND_OPENERS)]
+    return f"{opener}{question[0].lower()}{question[1:]}" if opener else question
+
+
+async def run(model: Path | None, rounds: int, first_words: int, read_ahead: bool) -> None:
     knowledge = load_knowledge()
     specs = [tool.spec for tool in builtin_tools(knowledge)]
     facts = [f"{entry.title}: {entry.answer}" for entry in knowledge.entries]
@@ -125,9 +158,11 @@ async def run(model: Path | None, rounds: int, first_words: int) -> None:
     tools, rows = ToolRegistry(builtin_tools(knowledge)), []
     try:
         for round_index in range(rounds):
+            warm = read_ahead and round_index % 2 == 1
             for question in dict.fromkeys(QUESTIONS):
-                asked = question if round_index == 0 else f"{question[:-1]} {question[-1]}"
-                rows.append(row(asked, await answer(llm, asked, tools), first_words))
+                asked = asked_in_round(question, round_index)
+                timed = await answer(llm, asked, tools, warm)
+                rows.append(row(asked, timed, first_words) | {"read_ahead": warm})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
         await llm.aclose()
@@ -139,8 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None, help="another GGUF file (unchecked)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--first-words", type=int, default=LocalLlmConfig().first_words)
+    parser.add_argument(
+        "--read-ahead", action="store_true", help="odd rounds warm up on all but the last word"
+    )
     args = parser.parse_args(argv)
-    asyncio.run(run(args.model, args.rounds, args.first_words))
+    asyncio.run(run(args.model, args.rounds, args.first_words, args.read_ahead))
     return 0
 
 

@@ -7,6 +7,11 @@ definitions are the start of every request, so computing them once leaves them i
 and each answer only reads the conversation's new tokens (first token in ~0.3 s instead of
 several seconds). ``aclose()`` stops any answer still running and frees the server.
 
+While the user speaks, ``warm(messages, tools)`` reads the request's start (the conversation
+and the user's words so far) into the same cache, so at the turn's end only the last words and
+the assistant's header are left to read (measured: 7-9 tokens instead of 11-13, ~40 ms each on
+2 cores). One warm-up at a time, at most every ``WARM_EVERY_S``, none while an answer runs.
+
 Each answer runs the server's blocking streaming call in a thread of the provider's own pool;
 the tokens cross to the event loop through a queue. Closing or abandoning the iterator (a
 barge-in) sets a flag the next token's callback returns, which makes llama.cpp stop generating
@@ -24,8 +29,9 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import AsyncGenerator, MutableMapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +62,7 @@ from pipeline.providers import (
 log = logging.getLogger(__name__)
 CANNOT_DO = "Sorry, I cannot do that."
 NO_ANSWER = "Sorry, I have no answer to that."
+WARM_EVERY_S = 0.25  # a warm-up starts at most this often (partial transcripts come faster)
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,19 @@ class _Answer:
             self.stop.set()
 
 
+@dataclass(eq=False)
+class _WarmUp:
+    """One warm-up read: its thread's future, its stop flag and what it read."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    done: Future[None] = field(default_factory=Future)  # the pool's, once submitted
+    prompt_tokens: PromptTokens | None = None
+
+    def on_chunk(self, chunk: dict[str, Any]) -> bool:
+        self.prompt_tokens = _prompt_tokens(chunk) or self.prompt_tokens
+        return self.stop.is_set()
+
+
 class LlamaCppLanguageModel:
     name = "local-llm/qwen2.5-coder-1.5b"
 
@@ -114,6 +134,11 @@ class LlamaCppLanguageModel:
         self._threads = ThreadPoolExecutor(config.parallel + 1, thread_name_prefix="local-llm")
         self._answers: set[_Answer] = set()
         self.last_prompt_tokens = PromptTokens()
+        self._warm_up: _WarmUp | None = None
+        self._warmed_at_s = -WARM_EVERY_S
+        self._warmed_request: dict[str, Any] | None = None
+        self.warm_ups = 0  # started
+        self.last_warm_tokens = PromptTokens()  # how the last finished warm-up read its prompt
 
     async def start(self) -> None:
         path = self._model_path
@@ -127,6 +152,8 @@ class LlamaCppLanguageModel:
     async def aclose(self) -> None:
         for answer in self._answers:
             answer.stop.set()
+        if self._warm_up is not None:
+            self._warm_up.stop.set()
         held, self._server = [self._server], None
         await asyncio.to_thread(self._threads.shutdown, wait=True)
         # Freed off the loop: the server's threads end when it is (under a second, GIL held).
@@ -137,6 +164,43 @@ class LlamaCppLanguageModel:
         warm = [Message("user", "Hello.")]
         async for _ in self.generate(warm, self._warm_tools, max_tokens=1):
             pass
+
+    def warm(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> None:
+        """Read ``messages`` and ``tools`` (a request's, with the user's words so far) into the KV
+        cache, writing nothing; returns at once. Skipped while an answer runs (a turn's answer
+        never waits behind a warm-up it did not need) or a warm-up does, within
+        ``WARM_EVERY_S`` of the last one, and for the prompt read last."""
+        if self._server is None or self._answers or self.warming:
+            return
+        now_s = time.monotonic()
+        request = self._request(messages, tools, self.config.max_tokens)
+        request["max_tokens"] = 0  # llama.cpp reads the prompt and stops before a token
+        if now_s - self._warmed_at_s < WARM_EVERY_S or self._warmed_request == request:
+            return
+        self._warmed_at_s, self._warmed_request = now_s, request
+        self.warm_ups += 1
+        warm_up = _WarmUp()
+        warm_up.done = self._threads.submit(self._run_warm_up, request, warm_up)
+        self._warm_up = warm_up
+
+    @property
+    def warming(self) -> bool:
+        """A warm-up is reading."""
+        return self._warm_up is not None and not self._warm_up.done.done()
+
+    async def warm_up_done(self) -> None:
+        """Returns once no warm-up is reading."""
+        if self._warm_up is not None:
+            await asyncio.wrap_future(self._warm_up.done)
+
+    def _run_warm_up(self, request: dict[str, Any], warm_up: _WarmUp) -> None:
+        """On a pool thread: the prompt read; a failure is logged (no answer depends on it)."""
+        try:
+            self._server.handle_chat_completions(request, warm_up.on_chunk)
+        except Exception as error:  # the server's own validation (ValueError, RuntimeError)
+            log.warning("local model: a warm-up failed: %s: %s", type(error).__name__, error)
+        if warm_up.prompt_tokens is not None:
+            self.last_warm_tokens = warm_up.prompt_tokens
 
     async def generate(
         self,
@@ -178,6 +242,8 @@ class LlamaCppLanguageModel:
             request["tool_choice"] = "required"
         answer = _Answer(asyncio.get_running_loop())
         self._answers.add(answer)
+        if self._warm_up is not None:  # it stops after the prompt it is reading
+            self._warm_up.stop.set()
         running = answer.loop.run_in_executor(self._threads, self._run, request, answer)
         try:
             async for event in _events(answer, [tool.name for tool in tools]):

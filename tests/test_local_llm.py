@@ -118,7 +118,7 @@ async def test_a_spoken_question_is_answered_and_a_follow_up_uses_the_previous_t
     model: LlamaCppLanguageModel, piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText
 ) -> None:
     question = await spoken_pcm(piper, "What is the capital of France?", RATE_HZ)
-    engine = make_engine(sphinx, model, piper)
+    engine, warm_ups = make_engine(sphinx, model, piper), model.warm_ups
     async with engine:
         engine.push_audio(silence_pcm(0.3, RATE_HZ) + question + silence_pcm(1.0, RATE_HZ))
         seen = await collect_until(engine, turn_done(1))
@@ -126,6 +126,7 @@ async def test_a_spoken_question_is_answered_and_a_follow_up_uses_the_previous_t
         engine.create_response()
         seen += await collect_until(engine, turn_done(2))
     first, second = [e.record for e in seen if isinstance(e, ev.TurnCompleted)]
+    assert model.warm_ups > warm_ups  # the partial transcripts' words were read ahead
     assert "france" in re.findall(r"[a-z']+", first.transcript.lower())
     assert "Paris" in first.heard_text and not first.interrupted
     assert "Berlin" in second.heard_text
@@ -220,6 +221,31 @@ async def test_an_answer_dropped_before_its_first_word_leaves_its_words_read_for
     assert model.last_prompt_tokens.computed < read_afresh, (read_afresh, model.last_prompt_tokens)
     for answer in (fresh, whole):
         assert "Paris" in "".join(e.text for e in answer if isinstance(e, TextDelta))
+
+
+async def test_a_warm_up_reads_the_words_so_far_and_the_answer_only_the_rest(
+    model: LlamaCppLanguageModel,
+) -> None:
+    """While the user speaks, a warm-up reads the request with the words so far into the KV
+    cache (one at a time); the turn's answer then reads only the words after them and the
+    assistant's header (the runtime's own counters). No warm-up starts while an answer runs."""
+    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
+    started = model.warm_ups
+    model.warm([Message("user", "Which planet is the")], tools)
+    model.warm([Message("user", "Which planet is the big")], tools)  # one at a time
+    assert model.warm_ups == started + 1
+    await asyncio.wait_for(model.warm_up_done(), timeout=60)
+    warm = model.last_warm_tokens
+    assert warm.computed >= 4 + 5, warm  # its four words, "<|im_end|>\n<|im_start|>assistant\n"
+    answer = []
+    async for event in model.generate([Message("user", "Which planet is the largest?")], tools):
+        answer.append(event)
+        model.warm([Message("user", "Something else entirely")], tools)
+        assert model.warm_ups == started + 1 and not model.warming
+    assert "Jupiter" in "".join(e.text for e in answer if isinstance(e, TextDelta)), answer
+    read = model.last_prompt_tokens
+    assert read.cached >= warm.cached + 4, (warm, read)  # the warm-up's words were reused
+    assert read.computed <= 8, (warm, read)  # " largest", "?" and the header, as tokenized
 
 
 async def test_without_its_model_the_pipeline_falls_back_to_the_rule_based_agent(
