@@ -328,6 +328,9 @@ class LocalLlmConfig:
     # its first spoken chunk ends after this many words (0: at a clause, as for the other
     # brains): it writes a few tokens a second on shared cores (ChunkerConfig.first_words)
     first_words: int = 3
+    # the user's words so far read into the model's cache while they speak, so the turn's end
+    # leaves only the last words to read (LlamaCppLanguageModel.warm)
+    read_ahead: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.first_words <= 50:
@@ -403,6 +406,7 @@ class PipelineConfig:
     local_llm_max_tokens: int = 200
     local_llm_temperature: float = 0.0
     local_llm_first_words: int = 3  # LocalLlmConfig.first_words
+    local_llm_read_ahead: bool = True  # LocalLlmConfig.read_ahead
     answer_early: bool = True
     # EngineConfig.answer_before_verdict; unset or "auto": on for the offline language models
     # (an answer thrown away costs a little CPU), off for openai (it would be paid for)
@@ -516,6 +520,7 @@ class PipelineConfig:
             self.local_llm_max_tokens,
             self.local_llm_temperature,
             self.local_llm_first_words,
+            self.local_llm_read_ahead,
         )
 
     @classmethod

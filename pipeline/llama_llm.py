@@ -169,8 +169,9 @@ class LlamaCppLanguageModel:
         """Read ``messages`` and ``tools`` (a request's, with the user's words so far) into the KV
         cache, writing nothing; returns at once. Skipped while an answer runs (a turn's answer
         never waits behind a warm-up it did not need) or a warm-up does, within
-        ``WARM_EVERY_S`` of the last one, and for the prompt read last."""
-        if self._server is None or self._answers or self.warming:
+        ``WARM_EVERY_S`` of the last one, for the prompt read last, and when the configuration
+        says not to (``read_ahead``)."""
+        if not self.config.read_ahead or self._server is None or self._answers or self.warming:
             return
         now_s = time.monotonic()
         request = self._request(messages, tools, self.config.max_tokens)
