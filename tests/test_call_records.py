@@ -183,6 +183,8 @@ async def check_retention(running: Running, session_id: str) -> None:
 async def check_lag_metrics(http: httpx.AsyncClient, stack: Stack, base_url: str) -> None:
     served = (await http.get(base_url + "/metrics")).text
     assert metric_values(served, "transceiver_event_loop_lag_seconds_count")[""] > 0
+    assert metric_values(served, "transceiver_gc_frozen_objects")[""] > 0  # TRANSCEIVER_GC_FREEZE
+    assert sum(metric_values(served, "transceiver_gc_pause_seconds_count").values()) > 0
     written = metric_values(served, "transceiver_call_record_writes_total")
     assert written["written"] > 0 and written["failed"] == written["dropped"] == 0
     relay = metric_values(await stack.relay_metrics(http), "relay_event_loop_lag_seconds_count")

@@ -35,6 +35,7 @@ def test_defaults_environment_and_flags() -> None:
     flags = ["--connect-timeout-s", "2.5", "--drain-timeout-s", "0"]
     config = TransceiverConfig.load(flags, env)
     assert (config.connect_timeout_s, config.drain_timeout_s) == (2.5, 0.0)
+    assert config.gc_freeze and not TransceiverConfig.load(["--gc-freeze", "0"], env).gc_freeze
 
 
 def test_survival_policy_from_environment_and_flags() -> None:
@@ -97,6 +98,7 @@ def test_realtime_limits_from_environment_and_flags() -> None:
         (["--keys", KEYS, "--http", "127.0.0.1"], "TRANSCEIVER_HTTP='127.0.0.1' is not host:port"),
         (["--keys", KEYS, "--public", "1.2.3.4:1,5.6.7.8:2"], "give one address per family"),
         (["--keys", KEYS, "--public", "1.2.3.4:0"], "port 0 cannot be advertised"),
+        (["--keys", KEYS, "--gc-freeze", "yes"], "TRANSCEIVER_GC_FREEZE='yes' is not 0 or 1"),
         (
             ["--keys", KEYS, "--agent", "parrot"],
             "TRANSCEIVER_AGENT='parrot' is not one of pipeline, echo",

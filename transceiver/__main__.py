@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import logging
 import os
@@ -136,6 +137,8 @@ async def serve(
                 describe=agents.describe,
                 forwarder=forwarder,
             )
+            if config.gc_freeze:
+                _freeze_start_up_heap()
             try:
                 return await _serve(config, calls, app, link_address, stop, seat)
             finally:
@@ -160,6 +163,15 @@ async def _loop_lag(config: TransceiverConfig, registry: CollectorRegistry) -> A
     async with LoopLagMonitor(policy, lag.observe, logger, "transceiver event loop"):
         with GcPauses(registry):
             yield
+
+
+def _freeze_start_up_heap() -> None:
+    """Collect, then move every object start-up made (modules, the providers' and models'
+    Python objects, the app) into the collector's permanent generation: a full collection
+    otherwise walks all of it, with the event loop stopped (measured at 45 calls on the lean
+    path: a 152 ms pause every ~14 s). Calls and turns made later are collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 def _stop_on_signals() -> asyncio.Event:

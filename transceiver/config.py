@@ -129,6 +129,11 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
     ),
     "webhook_poll_s": ("2", "how often a transceiver looks for webhooks others left"),
     "loop_lag_warn_ms": ("100", "warn, with what blocked it, of an event-loop tick this late"),
+    "gc_freeze": (
+        "1",
+        "1: what start-up built is kept out of the garbage collector's full collections "
+        "(gc.freeze); 0: every full collection walks it",
+    ),
     "rate_limit_requests": (
         "0",
         "requests per window per API key: offers, client secrets, WebSocket handshakes (0: off)",
@@ -164,6 +169,7 @@ class TransceiverConfig:
     realtime: RealtimeLimits = field(default_factory=RealtimeLimits)
     webhook: WebhookPolicy | None = None
     loop_lag_warn_s: float = 0.1
+    gc_freeze: bool = True
     http_advertise: Address | None = None  # None: sidebands are not forwarded here
     workers: int = 1  # 0: the cores this process may use (transceiver.workers)
     cpu_budget_cores: float = 0.85
@@ -205,6 +211,7 @@ class TransceiverConfig:
             realtime=_realtime(values),
             webhook=_webhook(values),
             loop_lag_warn_s=_number(values, "loop_lag_warn_ms", float, minimum=1.0) / 1000,
+            gc_freeze=_switch(values, "gc_freeze"),
             http_advertise=_http_advertise(values),
             workers=_workers(values.get("workers") or "1"),
             cpu_budget_cores=_number(values, "cpu_budget_cores", float, minimum=0.0),
@@ -372,6 +379,13 @@ def _required(values: Mapping[str, str | None], name: str) -> str:
 def _number(values: Mapping[str, str | None], name: str, kind: type[N], minimum: N) -> N:
     text = _required(values, name)
     return parse_number(text, f"{ENV_PREFIX}{name.upper()}", kind, minimum, ConfigError)
+
+
+def _switch(values: Mapping[str, str | None], name: str) -> bool:
+    text = _required(values, name).strip()
+    if text not in ("0", "1"):
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={text!r} is not 0 or 1")
+    return text == "1"
 
 
 def _keyring(spec: str) -> Keyring:
