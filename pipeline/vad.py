@@ -33,7 +33,10 @@ moment rather than after it; a breath shorter than ``decision_pause_ms`` still e
 The poll keeps the model off the caller's thread; a poll that answers at once makes
 segmentation a function of the audio alone. The model's pauses count from the voice's end;
 the "not yet" window from the classifier's last voiced frame, so it waits as long as before
-the voice's end was told apart (server_vad's window counts from the voice's end).
+the voice's end was told apart (server_vad's window counts from the voice's end). The model
+hears the utterance with ``model_pad_ms`` of digital silence after it: counting from the
+voice's end, it is asked ~100 ms sooner into the pause than with webrtcvad's tail inside it,
+and the padding gives it back the silence it was tuned to hear.
 """
 
 from __future__ import annotations
@@ -246,7 +249,8 @@ class TurnDetector:
     def _ask(self) -> None:
         assert self._ask_end_of_turn is not None
         self._asks += 1
-        self._verdict = self._ask_end_of_turn(self._decision_pcm())
+        padding = bytes(self.config.model_pad_ms * self.sample_rate_hz // 500)
+        self._verdict = self._ask_end_of_turn(self._decision_pcm() + padding)
 
     def _read_verdict(self) -> bool | None:
         verdict = self._verdict() if self._verdict is not None else None

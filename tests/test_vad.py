@@ -252,6 +252,15 @@ def test_a_breath_shorter_than_the_decisions_pause_ends_no_turn_whatever_was_sai
     assert len(feed(vad, clock, [SILENT])) == 2  # the second pause reaches 200 ms
 
 
+def test_the_model_hears_the_pause_with_its_padding_after_it() -> None:
+    judge = Answers(True)
+    vad, clock = semantic_detector(judge, ask_pause_ms=100, model_pad_ms=120)
+    feed(vad, clock, [VOICED] * 20 + [SILENT] * 5)  # asked at 100 ms
+    (asked,) = judge.asked
+    assert asked.endswith(VOICED + SILENT * (5 + 6))  # the pause, then 120 ms of padding
+    assert len(asked) == (20 + 5 + 6) * FRAME_BYTES  # the utterance as fed, and the padding
+
+
 def test_the_model_hears_at_most_the_last_eight_seconds() -> None:
     judge = Judge()
     judge.verdict = True
