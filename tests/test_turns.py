@@ -105,5 +105,7 @@ def test_an_early_answers_record_takes_in_the_turns_and_is_counted() -> None:
         return registry.get_sample_value("transceiver_early_answers_total", {"outcome": outcome})
 
     assert (early("used"), early("discarded")) == (1, 2)
+    wasted_s = registry.get_sample_value("transceiver_early_answers_wasted_seconds_total")
+    assert wasted_s == pytest.approx(0.15)
     stt = {"stage": "stt"}
     assert registry.get_sample_value("transceiver_turn_stage_seconds_sum", stt) == 0  # not < 0

@@ -92,6 +92,12 @@ class RealtimeMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.early_answers_wasted_s = Counter(
+            "transceiver_early_answers_wasted_seconds",
+            "Providers' time (model, first chunk's speech) spent on early answers discarded "
+            "unheard",
+            registry=registry,
+        )
         self.tool_calls_dropped = Counter(
             "transceiver_tool_calls_dropped",
             "Function calls a model made beyond a turn's first when the response asked for one "
@@ -103,6 +109,7 @@ class RealtimeMetrics:
         self.turns.labels(str(record.interrupted).lower()).inc()
         self.early_answers.labels("used").inc(record.answered_early)
         self.early_answers.labels("discarded").inc(record.early_answers_discarded)
+        self.early_answers_wasted_s.inc(record.early_answers_wasted_ms / 1000)
         self.tool_calls_dropped.inc(record.tool_calls_dropped)
         for stage, name in STAGES.items():
             value_ms = getattr(record, name)
