@@ -123,10 +123,10 @@ def build_engine(
 
 
 def _openai_client(stack: AsyncExitStack) -> Any:
-    import openai
+    from pipeline.openai_providers import openai_client
 
     # OPENAI_BASE_URL alone (vLLM, Ollama, llama.cpp) is enough; the SDK insists on some key.
-    client = openai.AsyncOpenAI(api_key=os.environ.get("OPENAI_API_KEY") or "not-needed")
+    client = openai_client(os.environ.get("OPENAI_API_KEY") or "not-needed")
     stack.push_async_callback(client.close)
     return client
 

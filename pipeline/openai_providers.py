@@ -70,6 +70,33 @@ LOGPROBS_MODELS = frozenset(
 )  # the models OpenAI gives logprobs with (``include[]``)
 
 
+class WholeBodyTransport(httpx2.AsyncBaseTransport):
+    """Sends a request's body in one socket write. httpx writes a streamed body a piece at a
+    time, and a multipart form is streamed: each field's boundary, headers and value apart,
+    ~22 writes for a transcription request, each a system call that on loopback also runs
+    the receiver's side (measured: 6.7 of the request's 9.2 CPU-ms on the event loop). The
+    bodies here are small (an utterance's WAV, a chat request), so each is read whole first."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        await request.aread()  # the stream becomes one piece: the joined body
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def openai_client(api_key: str) -> openai.AsyncOpenAI:
+    """The SDK's client (its base URL from ``OPENAI_BASE_URL``) with its default limits and
+    timeouts, sending each body in one write (``WholeBodyTransport``)."""
+    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)  # the SDK's
+    transport = WholeBodyTransport(httpx2.AsyncHTTPTransport(limits=limits))
+    http_client = openai.DefaultAsyncHttpxClient(transport=transport)
+    return openai.AsyncOpenAI(api_key=api_key, http_client=http_client)
+
+
 def provider_error(provider: str, error: Exception) -> ProviderError:
     """Map an SDK or transport exception: 408/409/429/5xx, connection errors, timeouts retry."""
     if isinstance(error, openai.APIStatusError):

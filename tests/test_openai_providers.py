@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
+import httpx2
 import openai
 import pytest
 
@@ -14,8 +16,10 @@ from pipeline.openai_providers import (
     OpenAILanguageModel,
     OpenAISpeechToText,
     OpenAITextToSpeech,
+    WholeBodyTransport,
     even_length,
     message_param,
+    openai_client,
     tool_param,
 )
 from pipeline.providers import (
@@ -233,6 +237,41 @@ async def test_transcription_streams_partials_then_one_final(
         "model": "gpt-4o-mini-transcribe",
         "stream": "true",
     }
+
+
+async def test_a_transcription_body_goes_to_the_wire_in_one_piece() -> None:
+    """The SDK's multipart form reaches the transport in pieces (each a socket write); through
+    ``WholeBodyTransport`` it is one piece, the same bytes. Under it, a transport that keeps
+    the pieces as a connection would be handed them, and answers."""
+    bodies: dict[str, list[bytes]] = {}
+
+    class Pieces(httpx2.AsyncBaseTransport):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+            stream: Any = request.stream
+            bodies[self.name] = [piece async for piece in stream]
+            return httpx2.Response(200, json={"text": "heard"})
+
+    for name, wrap in (("sdk", False), ("whole", True)):
+        transport = WholeBodyTransport(Pieces(name)) if wrap else Pieces(name)
+        http = openai.DefaultAsyncHttpxClient(transport=transport)
+        sdk = openai.AsyncOpenAI(api_key="sk-test", base_url="http://x/v1", http_client=http)
+        async with sdk:
+            (heard,) = [t async for t in OpenAISpeechToText(sdk).transcribe(utterance(200))]
+            assert heard.text == "heard" and heard.final
+    assert len(bodies["sdk"]) > 5 and len(bodies["whole"]) == 1
+    assert bodies["whole"][0].count(b"Content-Disposition") == 3  # model, stream and the file
+    assert len(bodies["whole"][0]) == sum(len(piece) for piece in bodies["sdk"])
+
+
+async def test_the_pipelines_client_talks_to_the_server(server: FakeOpenAIServer) -> None:
+    async with openai_client("sk-test").with_options(base_url=f"{server.base_url}/v1") as sdk:
+        transcripts = [t async for t in OpenAISpeechToText(sdk).transcribe(utterance(500))]
+        assert transcripts[-1].text == "heard 500 milliseconds at 16000 hertz"
+        words = [e async for e in OpenAILanguageModel(sdk).generate([Message("user", "hi")], [])]
+        assert words
 
 
 async def test_transcription_from_a_server_that_does_not_stream(
