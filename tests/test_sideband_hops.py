@@ -217,6 +217,39 @@ def test_a_pod_signs_its_own_hops_with_its_seat_s_key() -> None:
     assert again.value.response.status_code == 404
 
 
+@needs_redis
+async def test_a_call_id_leads_where_its_session_runs_now_not_where_it_began(
+    server: RedisServer, client: Redis
+) -> None:
+    """Worker 2 of a pod of three, for a call that began on worker 0 (its id names it): the
+    directory goes first, so a session resumed since on worker 1 (or another transceiver) is
+    reached there, where the call id would lead to worker 0, which does not run it and may
+    not forward a hop within the pod further (404). Until the directory names an owner (the
+    call answered a moment ago), the worker the id names."""
+    seat = Seat(2, (41000, 41001, 41002), 40999, 7, POD_KEY)
+    pod = ("10.0.0.5", 8080)  # the pod's workers share its address
+    began, resumed = Owner("pod-w0", pod, 0), Owner("pod-w1", pod, 1)
+    elsewhere = Owner("host-b-5678", ("10.0.0.6", 8080))
+    async with directory(server, Owner("pod-w2", pod, 2), ttl_s=30) as published:
+        routing = OwnerRouting(published, HopKeys(OLD), seat, lambda: NOW_S)
+
+        async def route() -> tuple[tuple[str, int], str]:
+            hop = await routing.hop(HANGUP, SIBLINGS_CALL, AUTH, None)
+            return hop.address, hop.stage
+
+        assert await route() == (seat.private_address(0), WITHIN_POD)  # not in Redis yet
+        others = (directory(server, owner, 30) for owner in (began, resumed, elsewhere))
+        async with next(others), next(others), next(others):
+            published.alias(SIBLINGS_CALL, "sess_pod")
+            await lease(client, "sess_pod", resumed)  # resumed on worker 1
+            await owner_of(published, SIBLINGS_CALL, resumed)
+            assert await route() == (seat.private_address(1), WITHIN_POD)
+            await lease(client, "sess_pod", elsewhere)  # resumed on another transceiver
+            assert await route() == (elsewhere.address, BETWEEN_TRANSCEIVERS)
+            await lease(client, "sess_pod", began)
+            assert await route() == (seat.private_address(0), WITHIN_POD)
+
+
 def test_pod_wide_requests_and_seats_carry_the_pod_s_key() -> None:
     pod = pod_keys(POD_KEY)
     pod.verify(pod.sign(pod_target("/readyz"), None, NOW_S), "pod:/readyz:pod", None, NOW_S)

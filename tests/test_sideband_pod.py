@@ -41,7 +41,7 @@ from deploy.processes import (
 from deploy.redis_server import RedisServer, redis_server_binary
 from deploy.survival import redis_env
 from deploy.waiting import poll
-from loadtest.realtime_client import RealtimeClient
+from loadtest.realtime_client import SESSION_HEADER, TOKEN_HEADER, RealtimeClient
 from relay.wire.redis_config import RedisConfig
 from relay.wire.ufrag import Keyring
 from transceiver.http.hop_signature import HOP_HEADER, HopKeys
@@ -57,6 +57,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 WORKER_LINE = re.compile(r"transceiver worker (\d+) ready .* private=(\S+)")
 CONNECT_TIMEOUT_S = 60.0
 EVENT_TIMEOUT_S = 30.0
+LINGER_S = 60.0  # a call whose session was taken over hangs up this long after its notice
 
 
 @dataclass
@@ -80,6 +81,7 @@ async def pod(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
     relay = relay_process(text(public), links, keys, relay_http, log_dir, workers=1)
     env = {**redis_env(RedisConfig(url=redis.url)), "OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}
     env |= {"TRANSCEIVER_API_KEY": API_KEY, "TRANSCEIVER_SECRET_KEYS": secret_keys}
+    env["TRANSCEIVER_REALTIME_LOST_NOTICE_S"] = str(LINGER_S)  # a taken-over call lingers
     transceiver = transceiver_process(
         "pod", links[0], http, text(public), keys, log_dir, env,
         agent="pipeline", auth="required", workers=2, capacity=2,
@@ -211,3 +213,77 @@ async def test_a_live_sideband_on_the_other_worker_reaches_the_session(
         await connection.session.instructions.append(content="Hi.", delegation_id=None)
         await next_event(connection, "session.instructions.appended")
     await peer.wait_for("session.instructions.appended")  # the session's client saw it too
+
+
+async def answered(
+    url: str, peer: RealtimeClient, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    """A Realtime call from ``peer`` offered at ``url`` (a worker's private URL picks the
+    worker; ``headers``: a resume's), once its session began."""
+    await peer.pc.setLocalDescription(await peer.pc.createOffer())
+    asked = {"Content-Type": "application/sdp", **AUTH, **(headers or {})}
+    async with httpx.AsyncClient(timeout=30) as http:
+        created = await http.post(
+            url + "/v1/realtime/calls", content=peer.pc.localDescription.sdp, headers=asked
+        )
+    assert created.status_code == 201, created.text
+    await peer.pc.setRemoteDescription(RTCSessionDescription(created.text, "answer"))
+    await peer.wait_for("session.created", timeout_s=CONNECT_TIMEOUT_S)
+    return created
+
+
+async def run_by(pod: Pod, call_id: str, worker: int) -> None:
+    """Until the directory leads from ``call_id`` to ``worker`` (the session's lease moved)."""
+    client = Redis.from_url(pod.redis.url)
+    prefix = RedisConfig(url=pod.redis.url).key_prefix
+    try:
+        await poll(
+            lambda: locate_owner(client, prefix, call_id),
+            lambda o: o is not None and o.worker == worker,
+            10,
+            repr,
+            0.02,
+        )
+    finally:
+        await client.aclose()
+
+
+async def test_an_earlier_call_s_id_reaches_its_session_resumed_on_the_other_worker(
+    pod: Pod,
+) -> None:
+    """A call on one worker, resumed by a new call on the other: a sideband naming the first
+    call's id reaches the session through either worker (the one the id names forwards it), and
+    so does a hang-up, through the worker the id names: it ends the resumed call. All while the
+    first call lingers, its session taken over (``LINGER_S``): neither stops at it."""
+    first_peer, resumed = RealtimeClient(), RealtimeClient()
+    try:
+        first = await answered(pod.base_url, first_peer)
+        first_id = first.headers["Location"].rsplit("/", 1)[1]
+        named = int(first_id[4:6], 16)  # the worker the first call's id names
+        resume = {name: first.headers[name] for name in (SESSION_HEADER, TOKEN_HEADER)}
+        second = await answered(pod.private_urls[1 - named], resumed, resume)
+        second_id = second.headers["Location"].rsplit("/", 1)[1]
+        assert int(second_id[4:6], 16) == 1 - named, (first_id, second_id)
+        await first_peer.wait_for("error", lambda e: e["error"]["code"] == "session_taken_over")
+        await run_by(pod, first_id, 1 - named)
+        for worker in (named, 1 - named):
+            said = f"Hi from {worker}."
+            async with sdk(pod.private_urls[worker]).realtime.connect(call_id=first_id) as side:
+                await side.session.update(session={"type": "realtime", "instructions": said})
+                updated = await next_event(side, "session.updated")
+                assert updated["session"]["instructions"] == said, updated
+            told = lambda e, said=said: e["session"]["instructions"] == said  # noqa: E731
+            try:
+                await resumed.wait_for("session.updated", told)  # its client is told: one session
+            except TimeoutError:
+                raise AssertionError(f"through worker {worker}: not the resumed session") from None
+        async with httpx.AsyncClient(timeout=30) as http:
+            url = pod.private_urls[named] + "/v1/realtime/calls/"
+            hung_up = await http.delete(url + first_id, headers=AUTH)
+            gone = await http.delete(url + second_id, headers=AUTH)
+        assert hung_up.status_code == 204, hung_up.text  # the resumed call ended
+        assert (gone.status_code, gone.json()["error"]["code"]) == (404, "call_not_found")
+        assert first_peer.pc.connectionState == "connected"  # all the while the first lingered
+    finally:
+        await first_peer.close()
+        await resumed.close()

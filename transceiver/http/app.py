@@ -32,12 +32,13 @@ On success the stored config (not the request's) and conversation continue.
 In a pod of worker processes (``routing``, ``worker_routing``): ``/readyz`` and ``/metrics``
 answer for the whole pod, and an offer this worker has no room for is offered to the others. A
 hang-up for a call that runs on another worker of the pod, or on another transceiver, is
-forwarded to it as a sideband is (``owner_routing``: the call id names its worker, the
-directory its transceiver; a signed hop, never forwarded again; a hop header that does not
+forwarded to it as a sideband is (``owner_routing``: the directory names its owner, else the
+call id its worker; a signed hop, never forwarded again; a hop header that does not
 verify is ``403 invalid_hop``), and the owner's answer is the caller's (a worker of the pod
 that does not answer: ``503 worker_unavailable``). A hang-up naming an earlier call of a
 session resumed since ends the call that runs the session now, as a sideband naming that
-call reaches it. A session resumes
+call reaches it (not the earlier call, while it lingers to tell its client the session was
+taken over). A session resumes
 through its own contract's endpoint only (a GPT-Live session at ``POST /v1/live/sessions``, a
 Realtime one here): the other answers 409 ``session_contract_mismatch``. A transcription
 session resumes here too, by a request that asks for one (an ``ek_`` secret minted for a
@@ -250,7 +251,7 @@ def create_app(
         await _authorised_call(auth, request)
         try:
             came = _hop_stage(sidebands.owners, call_id, request)
-            if await calls.hangup(call_id) or await _hang_up_resumed(sidebands, calls, call_id):
+            if await sidebands.hang_up_here(call_id):
                 return Response(status_code=204)
             return await _hang_up_at_owner(sidebands.owners, forwarder, call_id, request, came)
         except Refused as refused:  # a hop that does not verify, no owner, no directory
@@ -280,13 +281,6 @@ def _closing(
                 await owned.aclose()
 
     return lifespan
-
-
-async def _hang_up_resumed(sidebands: Sidebands, calls: Calls, call_id: str) -> bool:
-    """Hang up the call here that runs the session an earlier call ``call_id`` ran (resumed
-    here since), as a sideband naming that call reaches it; False when there is none."""
-    running = await sidebands.resumed_call(call_id)
-    return running is not None and await calls.hangup(running.call_id)
 
 
 def _hop_stage(owners: OwnerRouting, call_id: str, request: Request) -> str | None:

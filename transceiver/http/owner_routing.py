@@ -2,10 +2,12 @@
 seam a sideband (``sideband``, over ``owner_hop``'s WebSocket) and a hang-up (``app``, over
 ``owner_hop.forward_request``) take to the session's owner.
 
-I/O layer (the directory is Redis). The owner is found in this order: in a pod of workers, a
-call id names its worker (``transceiver.workers.seats``); else the directory
+I/O layer (the directory is Redis). The owner is the directory's
 (``transceiver.store.sideband_directory``: a call's stored session, that session's lease, the
-lease owner's record) names the owner's internal HTTP address, and in a pod the worker.
+lease owner's record), which names the owner's internal HTTP address, and in a pod the worker:
+a session resumed since its call began runs elsewhere than the worker its call id names. When
+the directory names no owner (no Redis, Redis away, a call answered a moment ago), a call id of
+a pod's call names its worker (``transceiver.workers.seats``).
 The hop there carries one header (``hop_signature``) signed over the
 endpoint's kind, the target's id, the hop's stage and the forwarded credential: with the
 transceivers' shared key between transceivers, with the pod's own key (its seat's) within a
@@ -117,21 +119,36 @@ class OwnerRouting:
         return Hop(address, keys.sign(signed, authorization, self._clock()), stage)
 
     async def _route(self, kind: Kind, target_id: str) -> tuple[Address, str]:
-        """Where the target runs, and the stage of the hop there: a sibling worker of this
-        pod (a call id names its worker; the directory names a Live session's) or another
-        transceiver (the directory)."""
-        seat = self._seat
-        if kind.call_ids and seat is not None:
-            worker = seat.owner_of(target_id)
-            if worker is not None and worker != seat.index:
-                return seat.private_address(worker), WITHIN_POD
-        owner = await self._owner(kind, target_id)
+        """Where the target runs, and the stage of the hop there: where the directory's owner
+        is (a sibling worker of this pod, or another transceiver); without one, the sibling a
+        call id names (its call's own worker: the directory has no record of it yet, or no
+        Redis). A call id names the worker its call began on, not the one its session was
+        resumed on since, so the directory goes first."""
+        named = self._named_sibling(kind, target_id)
+        try:
+            owner = await self._owner(kind, target_id)
+        except Refused:
+            if named is None:
+                raise
+            return named
         assert self._directory is not None  # _owner found one
+        seat = self._seat
         if owner.address != self._directory.me.address:
             return owner.address, BETWEEN_TRANSCEIVERS
-        if seat is None or owner.worker is None or owner.worker == seat.index:
-            raise not_found(kind, target_id, "is not running")  # a stale record of ours
-        return seat.private_address(owner.worker), WITHIN_POD
+        if seat is not None and owner.worker is not None and owner.worker != seat.index:
+            return seat.private_address(owner.worker), WITHIN_POD
+        if named is not None:
+            return named
+        raise not_found(kind, target_id, "is not running")  # a stale record of ours
+
+    def _named_sibling(self, kind: Kind, target_id: str) -> tuple[Address, str] | None:
+        """The hop to the sibling worker a call id names (None: not a call id of another
+        worker of this pod)."""
+        seat = self._seat
+        worker = None if seat is None or not kind.call_ids else seat.owner_of(target_id)
+        if seat is None or worker is None or worker == seat.index:
+            return None
+        return seat.private_address(worker), WITHIN_POD
 
     async def _owner(self, kind: Kind, target_id: str) -> Owner:
         if self._directory is None:

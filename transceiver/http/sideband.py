@@ -34,18 +34,22 @@ forwarded credential again and never forwards a hop on. A hop header that does n
 Live ``session_not_found``); Redis unreachable for the lookup: ``503 store_unavailable``.
 Without Redis, or without ``TRANSCEIVER_SECRET_KEYS`` to sign hops with, a sideband never
 leaves the transceiver (or pod) it lands on. Within a pod its hops are signed with the pod's own
-key (``owner_routing``): a Realtime call's worker is named by its id, a Live session's is found
-in the directory (with Redis).
+key (``owner_routing``): a session's worker is found in the directory (with Redis), else a
+Realtime call's is named by its id.
 
 In a pod of workers (``transceiver.workers``: they share the public port and the advertised
 address, each has a private loopback port) a sideband may reach a worker that does not run its
-session: a Realtime call's id names its worker, the owner's record names a Live session's,
-and the sideband goes on to that worker's private port, a hop of the stage ``WITHIN_POD``.
+session: the owner's record names the session's worker (without one, a Realtime call's id
+names its own), and the sideband goes on to that worker's private port, a hop of the stage
+``WITHIN_POD``.
 A sideband for an earlier call of a session since resumed reaches the session's owner (the lease
-moved) and attaches to the call that runs it there. The stage is part of what the hop header signs:
-a hop between transceivers may go on once within the pod it reached; a hop within a pod never goes
-further (404), so no sideband loops. Where the owner is and how a hop is signed and checked is
-``owner_routing``'s, which a hang-up that lands on the wrong transceiver takes too (``app``).
+moved) and attaches to the call that runs it there, even on a sibling worker of the call's own
+(the directory goes before the worker a call id names); the earlier call, while it lingers to
+tell its client the session was taken over, is not where it stops, nor is a hang-up naming it.
+The stage is part of what the hop header signs: a hop between transceivers may go on once within
+the pod it reached; a hop within a pod never goes further (404), so no sideband loops. Where the
+owner is and how a hop is signed and checked is ``owner_routing``'s, which a hang-up that lands
+on the wrong transceiver takes too (``app``).
 """
 
 from __future__ import annotations
@@ -88,6 +92,13 @@ from transceiver.workers.seats import Seat
 
 logger = logging.getLogger(__name__)
 SLOW_READER_CLOSE = 1008
+TAKEN_OVER = "taken_over"  # a session's hang-up reason when a resume elsewhere took it over
+
+
+def moved(call: Call) -> bool:
+    """Whether the call's session was taken over by a resume elsewhere: the call lingers until
+    its client has been told (``RealtimeLimits.lost_notice_s``), but its session runs on."""
+    return getattr(call.agent, "hangup_reason", None) == TAKEN_OVER
 
 
 @dataclass(frozen=True)
@@ -143,7 +154,9 @@ class Sidebands:
 
     def _realtime(self, call_id: str) -> Target | None:
         call = self._calls.get(call_id)
-        if call is None or call.ended.is_set() or not isinstance(call.agent, RealtimeSession):
+        if call is None or call.ended.is_set() or moved(call):
+            return None
+        if not isinstance(call.agent, RealtimeSession):
             return None
         if call.agent.contract is not None:  # a GPT-Live call: its own sideband
             return None
@@ -152,6 +165,16 @@ class Sidebands:
     async def _resumed(self, call_id: str) -> Target | None:
         call = await self.resumed_call(call_id)
         return None if call is None else self._realtime(call.call_id)
+
+    async def hang_up_here(self, call_id: str) -> bool:
+        """Hang up the call ``call_id`` names, if it runs here and its session has not moved;
+        else the call here that runs the session it ran (resumed here since). False: neither
+        runs here (the owner may be a sibling worker or another transceiver)."""
+        call = self._calls.get(call_id)
+        if call is not None and not moved(call) and await self._calls.hangup(call_id):
+            return True
+        running = await self.resumed_call(call_id)
+        return running is not None and await self._calls.hangup(running.call_id)
 
     async def resumed_call(self, call_id: str) -> Call | None:
         """The call here that runs the session an earlier call ``call_id`` ran (the session
@@ -163,7 +186,7 @@ class Sidebands:
         except StoreUnavailableError:
             return None
         call = None if session_id is None else self._by_session.get(session_id)
-        return None if call is None or call.ended.is_set() else call
+        return None if call is None or call.ended.is_set() or moved(call) else call
 
     async def _attach(self, websocket: WebSocket, kind: Kind, target_id: str) -> None:
         upstream: ClientConnection | None = None

@@ -9,8 +9,10 @@ The seat also carries the pod's own hop key (hex; ``transceiver.http.hop_signatu
 requests the pod sends itself are signed with it, and a worker tells them from a client's by it.
 
 Call ids name their owner (``transceiver.webrtc.calls.new_call_id``): ``rtc_`` then two hex
-digits, the worker's index. As with the ufrag naming the transceiver, the owner of a follow-up
-is read from the id itself: no lookup, no map to keep in step with restarts.
+digits, the worker's index. As with the ufrag naming the transceiver, the worker a call began
+on is read from the id itself: no lookup, no map to keep in step with restarts. A session
+resumed since runs elsewhere: with Redis, a follow-up asks the directory first
+(``transceiver.http.owner_routing``) and the id's worker is what it goes to without an answer.
 """
 
 from __future__ import annotations
