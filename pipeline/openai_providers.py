@@ -181,9 +181,17 @@ class OpenAISpeechToText:
         return fields
 
     async def _request(self, wav: bytes, hints: TranscriptionHints) -> AsyncIterator[Transcript]:
-        fields = self._fields(hints)
-        create: Any = self._client.audio.transcriptions.create
-        stream = await create(file=("utterance.wav", wav, "audio/wav"), stream=True, **fields)
+        # The request ``audio.transcriptions.create`` makes, with its events read as the JSON
+        # objects they are (the SDK's model of each cost more than the rest of reading it).
+        stream: openai.AsyncStream[Any] = await self._client.post(
+            "/audio/transcriptions",
+            body={**self._fields(hints), "stream": True},
+            files=[("file", ("utterance.wav", wav, "audio/wav"))],
+            options={"headers": {"Content-Type": "multipart/form-data"}},
+            cast_to=object,
+            stream=True,
+            stream_cls=openai.AsyncStream[object],
+        )
         async with stream:
             content_type = stream.response.headers.get("content-type", "")
             if "text/event-stream" not in content_type:
@@ -208,29 +216,40 @@ class _StreamedTranscript:
         self.logprobs: list[TokenLogprob] = []
         self.segments: list[SpeakerSegment] = []
 
-    def add(self, event: Any) -> Transcript | None:
-        """The transcript after ``event`` (None: nothing new)."""
-        if event.type == "transcript.text.delta":
-            self.text += event.delta
-            self.logprobs.extend(_logprobs(event.logprobs))
+    def add(self, event: dict[str, Any]) -> Transcript | None:
+        """The transcript after ``event`` (a JSON object; None: nothing new)."""
+        kind = event.get("type")
+        if kind == "transcript.text.delta":
+            self.text += str(event.get("delta") or "")
+            self.logprobs.extend(_logprobs(event.get("logprobs")))
             return self._transcript(self.text, final=False)
-        if event.type == "transcript.text.segment":
-            segment = SpeakerSegment(event.id, event.speaker, event.start, event.end, event.text)
-            self.segments.append(segment)
+        if kind == "transcript.text.segment":
+            self.segments.append(_segment(event))
             return self._transcript(self.text, final=False)
-        if event.type == "transcript.text.done":
-            if event.logprobs:  # the whole transcript's, when the server sends them again
-                self.logprobs = _logprobs(event.logprobs)
-            return self._transcript(event.text, final=True)
+        if kind == "transcript.text.done":
+            if event.get("logprobs"):  # the whole transcript's, when the server sends them again
+                self.logprobs = _logprobs(event["logprobs"])
+            return self._transcript(str(event.get("text") or ""), final=True)
         return None
 
     def _transcript(self, text: str, final: bool) -> Transcript:
         return Transcript(text, final, tuple(self.logprobs), tuple(self.segments))
 
 
-def _logprobs(logprobs: Sequence[Any] | None) -> list[TokenLogprob]:
+def _segment(event: dict[str, Any]) -> SpeakerSegment:
+    """A ``transcript.text.segment`` event's speaker segment."""
+    start_s, end_s = float(event.get("start") or 0), float(event.get("end") or 0)
+    text = str(event.get("text") or "")
+    return SpeakerSegment(
+        str(event.get("id") or ""), str(event.get("speaker") or ""), start_s, end_s, text
+    )
+
+
+def _logprobs(logprobs: Sequence[dict[str, Any]] | None) -> list[TokenLogprob]:
     return [
-        TokenLogprob(item.token or "", tuple(item.bytes or ()), float(item.logprob or 0.0))
+        TokenLogprob(
+            item.get("token") or "", tuple(item.get("bytes") or ()), float(item.get("logprob") or 0)
+        )
         for item in logprobs or ()
     ]
 
