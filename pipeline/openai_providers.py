@@ -199,13 +199,15 @@ class OpenAISpeechToText:
                 body = await stream.response.aread()
                 yield Transcript(_transcript_text(body, content_type), final=True)
                 return
-            streamed = _StreamedTranscript()
-            async for event in stream:
-                if (transcript := streamed.add(event)) is not None:
+            streamed, final = _StreamedTranscript(), False
+            async for event in stream:  # to its end: a connection left mid-body is not reused
+                if not final and (transcript := streamed.add(event)) is not None:
+                    final = transcript.final
                     yield transcript
-                    if transcript.final:
-                        return
-        raise ProviderError(self.name, "stream ended without transcript.text.done", retryable=True)
+        if not final:
+            raise ProviderError(
+                self.name, "stream ended without transcript.text.done", retryable=True
+            )
 
 
 class _StreamedTranscript:

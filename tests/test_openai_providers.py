@@ -266,6 +266,34 @@ async def test_a_transcription_body_goes_to_the_wire_in_one_piece() -> None:
     assert len(bodies["whole"][0]) == sum(len(piece) for piece in bodies["sdk"])
 
 
+async def test_transcriptions_one_after_another_share_a_connection(
+    server: FakeOpenAIServer,
+) -> None:
+    """Each transcription's stream is read to its end, so its connection goes back to the
+    pool and the next request rides it (left mid-body, it was closed: a connect a turn)."""
+    streams: list[object] = []
+
+    class Noting(httpx2.AsyncBaseTransport):
+        def __init__(self) -> None:
+            self.inner = httpx2.AsyncHTTPTransport()
+
+        async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+            response = await self.inner.handle_async_request(request)
+            streams.append(response.extensions["network_stream"])
+            return response
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    http = openai.DefaultAsyncHttpxClient(transport=Noting())
+    base_url = f"{server.base_url}/v1"
+    async with openai.AsyncOpenAI(api_key="sk-test", base_url=base_url, http_client=http) as sdk:
+        for _ in range(2):
+            heard = [t async for t in OpenAISpeechToText(sdk).transcribe(utterance(300))]
+            assert heard[-1].final and heard[-1].text.startswith("heard 300")
+    assert len(streams) == 2 and streams[0] is streams[1]
+
+
 async def test_the_pipelines_client_talks_to_the_server(server: FakeOpenAIServer) -> None:
     async with openai_client("sk-test").with_options(base_url=f"{server.base_url}/v1") as sdk:
         transcripts = [t async for t in OpenAISpeechToText(sdk).transcribe(utterance(500))]
