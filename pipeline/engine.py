@@ -493,9 +493,13 @@ class ConversationEngine(HeardStretches):
     def _read_ahead(self, words: str) -> None:
         """The user's words so far, from a partial transcript: a model with a prompt cache may
         read them, but the last (a re-guess most often changes it), before the turn ends
-        (``warm_with``), unless a response of this call is running."""
+        (``warm_with``), while the user is heard speaking and no response of this call runs.
+        Not in a pause: the turn's answer may start any moment then, and would wait for the
+        read (llama.cpp does not cut a prompt's reading short)."""
         head = words.rsplit(maxsplit=1)[0] if len(words.split()) > 1 else ""
-        if not head or not self.config.create_response or self._response is not None:
+        if not head or not self._voiced or not self.config.create_response:
+            return
+        if self._response is not None:
             return
         messages = model_messages(self.config, [*self.history, Message("user", head)])
         specs = self.tools.specs() if self.config.max_tool_rounds else []

@@ -176,6 +176,9 @@ class LlamaCppLanguageModel:
         now_s = time.monotonic()
         request = self._request(messages, tools, self.config.max_tokens)
         request["max_tokens"] = 0  # llama.cpp reads the prompt and stops before a token
+        # the user's message ends there ("<|im_end|>\n"): the assistant's header (3 tokens) is
+        # read with the turn's last words, once, not at every warm-up
+        request["add_generation_prompt"] = False
         if now_s - self._warmed_at_s < WARM_EVERY_S or self._warmed_request == request:
             return
         self._warmed_at_s, self._warmed_request = now_s, request
