@@ -198,7 +198,7 @@ class EngineConfig:
     # until the turn ends; thrown away unheard if the user goes on)
     answer_early: bool = True
     # ... as soon as the words before that pause are in, not once the model has said the user
-    # is done: the answer's first chunk is made while the model decides (pipeline.stretches)
+    # is done or the pause reached the decision's (pipeline.stretches; PipelineConfig: off)
     answer_before_verdict: bool = False
     vad: VadConfig = field(default_factory=VadConfig)
     noise_reduction: NoiseReduction | None = None  # None: the input is not filtered
@@ -417,9 +417,12 @@ class PipelineConfig:
     local_llm_first_words: int = 3  # LocalLlmConfig.first_words
     local_llm_read_ahead: bool = True  # LocalLlmConfig.read_ahead
     answer_early: bool = True
-    # EngineConfig.answer_before_verdict; unset or "auto": on for the offline language models
-    # (an answer thrown away costs a little CPU), off for openai (it would be paid for)
-    answer_before_verdict: bool | None = None
+    # EngineConfig.answer_before_verdict. Off: the early answer already starts at the
+    # decision's pause (200 ms) if the verdict is not in by then, so starting on the words
+    # gains only when they come in before both (python -m loadtest.bench_turn_replay: 11 of
+    # 80 turns, 3-48 ms sooner), and a breath heard as "not yet" starts an answer thrown away
+    # (with openai, paid for)
+    answer_before_verdict: bool = False
     # truncation's token encoding (pipeline.context_window) loaded as the providers open, not
     # in a call: its first load holds the interpreter ~1 s. On in the image (deploy/Dockerfile)
     encoding_preload: bool = False
@@ -477,7 +480,7 @@ class PipelineConfig:
             max_tool_rounds=self.max_tool_rounds,
             instructions=self.instructions,
             answer_early=self.answer_early,
-            answer_before_verdict=self._answer_before_verdict(),
+            answer_before_verdict=self.answer_before_verdict,
             vad=vad,
             chunker=ChunkerConfig(first_words=self._first_words()),
             context=ContextWindow(encoding=self.token_encoding()),
@@ -487,11 +490,6 @@ class PipelineConfig:
         """The encoding truncation counts tokens in (``pipeline.context_window``): the OpenAI
         language model's when it answers, else that of OpenAI's current models."""
         return encoding_for_model(self.openai_llm_model) if self.llm == "openai" else O200K_BASE
-
-    def _answer_before_verdict(self) -> bool:
-        if self.answer_before_verdict is not None:
-            return self.answer_before_verdict
-        return self.llm in ("rule", "local")
 
     def _first_words(self) -> int:
         return self.local_llm_config().first_words if self.llm == "local" else 0

@@ -17,10 +17,12 @@ the words just spoken.
 Semantic end of turn (``semantic_vad``): at the pause the end-of-turn model is asked about, the
 stretch of speech so far is transcribed to its end while the model decides, and the turn ends
 only once those words are in, so the final transcript is there when the turn is decided. With
-``answer_early`` the answer starts on those words too, held (no event out, nothing in the
-history) until the turn ends: then it is released; if the user goes on, it is thrown away
-unheard (counted in the turn's ``early_answers_discarded``) and the next stretch's words join
-the turn's transcript.
+``answer_early`` the answer starts on those words too (as they come in with
+``answer_before_verdict``, else once the model has said "complete" or the pause is a
+decision's), held (no event out, nothing in the history) until the turn ends: then it is
+released; if the user goes on, it is thrown away unheard (counted in the turn's
+``early_answers_discarded``, its providers' time in ``early_answers_wasted_ms``) and the next
+stretch's words join the turn's transcript.
 
 Barge-in: ``SpeechStarted`` while a response is active stops playout at once (no frame is
 emitted after it) and cancels the response's LLM, TTS and playout tasks; the history keeps only

@@ -3,7 +3,8 @@
 I/O layer, part of ``pipeline.engine.ConversationEngine`` (its base class): at the pause the
 end-of-turn model is asked about, the stretch of speech so far is transcribed to its end while
 the model decides (``_on_pause``), and the turn ends only once those words are in. With
-``answer_early`` the answer starts on those words too (``_answer_early``), held: the turn's
+``answer_early`` the answer starts on those words too (``_answer_early``; when,
+``_may_answer_early`` says), held: the turn's
 end releases it (``_adopt_early``); speech coming back drops it unheard (``_discard_early``)
 and opens the next stretch (``_listen``), whose words join the turn's transcript.
 

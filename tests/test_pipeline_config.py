@@ -37,15 +37,12 @@ def test_values_are_parsed_and_mirrored_by_flags() -> None:
 @pytest.mark.parametrize(
     ("environ", "before_verdict"),
     [
-        ({}, True),  # the rule brain: a thrown-away answer costs a little CPU
-        ({"PIPELINE_LLM": "local"}, True),
-        ({"OPENAI_API_KEY": "x"}, False),  # it would be paid for
-        ({"OPENAI_API_KEY": "x", "PIPELINE_ANSWER_BEFORE_VERDICT": "on"}, True),
-        ({"PIPELINE_ANSWER_BEFORE_VERDICT": "off"}, False),
-        ({"PIPELINE_ANSWER_BEFORE_VERDICT": "auto"}, True),
+        ({}, False),
+        ({"PIPELINE_ANSWER_BEFORE_VERDICT": "on"}, True),
+        ({"PIPELINE_LLM": "local", "PIPELINE_ANSWER_BEFORE_VERDICT": "1"}, True),
     ],
 )
-def test_an_answer_starts_before_the_verdict_with_an_offline_model_unless_told(
+def test_an_answer_starts_before_the_verdict_only_when_told(
     environ: dict[str, str], before_verdict: bool
 ) -> None:
     config = PipelineConfig.from_env(environ).resolved(environ)
