@@ -9,8 +9,11 @@ Per turn, from the turn's record: ``decided_ms`` (its last voiced frame -> the t
 decision's pause, 200 ms, and whatever the model's verdict or the words came after it; 700
 when the window ended it) and ``window_ms`` (the turn ended -> first frame out: what of the
 answer and its first chunk's speech was not made by then), whether it was answered early,
-early answers dropped. No network, no browser: the machine's load still moves both, so compare
-variants interleaved (A/B/A/B) in one sitting.
+early answers dropped and their providers' time (``early_wasted_ms``: what answers started
+at a pause the user went on after cost for nothing). ``--paused``: ``bench_end_of_turn``'s
+sentences with a 600 ms pause mid-sentence instead, where every early answer is thrown away.
+No network, no browser: the machine's load still moves both, so compare variants interleaved
+(A/B/A/B) in one sitting (``PIPELINE_ANSWER_BEFORE_VERDICT=0|1``, ``PIPELINE_VAD_*``).
 """
 
 from __future__ import annotations
@@ -27,15 +30,19 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.bench_e2e import QUESTIONS
+from loadtest.bench_end_of_turn import PAUSED
 from loadtest.offline_turn_cpu import silence, spoken
 from pipeline import events as ev
 from pipeline.assembly import build_engine, open_providers
 from pipeline.config import PipelineConfig
 from pipeline.engine import ConversationEngine
+from pipeline.providers import TextToSpeech
 from pipeline.turns import TurnRecord
 
 FRAME_S = 0.02
 LEAD_S, TAIL_S = 0.5, 3.0
+MID_PAUSE_S = 0.6  # between an utterance's parts
+Utterance = str | tuple[str, ...]  # a tuple: its parts, with MID_PAUSE_S between them
 
 
 async def play(engine: ConversationEngine, pcm: bytes, rate_hz: int) -> None:
@@ -50,25 +57,48 @@ async def play(engine: ConversationEngine, pcm: bytes, rate_hz: int) -> None:
 
 
 def row(record: TurnRecord) -> dict[str, Any]:
+    voiced_s = record.last_voiced_s
     return {
-        "decided_ms": _ms(record.last_voiced_s, record.speech_stopped_s),
+        "decided_ms": _ms(voiced_s, record.speech_stopped_s),
         "window_ms": _ms(record.speech_stopped_s, record.first_frame_out_s),
+        # from the last voiced frame: the words before the pause in, the answer's first
+        # token, its first chunk's first audio (before decided_ms: made while deciding)
+        "words_ms": _ms(voiced_s, record.stt_final_s),
+        "first_token_ms": _ms(voiced_s, record.llm_first_token_s),
+        "first_audio_ms": _ms(voiced_s, record.first_tts_audio_s),
+        "verdict_ms": _verdict_ms(record),
         "answered_early": record.answered_early,
         "early_dropped": record.early_answers_discarded,
+        "early_wasted_ms": round(record.early_answers_wasted_ms),
         "transcript": record.transcript,
     }
+
+
+def _verdict_ms(record: TurnRecord) -> int | None:
+    """The last voiced frame -> the model's verdict in: asked, then its queue, features and
+    run (None unless the pause asked once and the model answered)."""
+    decision, asked_s = record.decision, record.turn_asked_s
+    if decision is None or decision.complete is None or asked_s is None or decision.asked != 1:
+        return None
+    took_ms = decision.queued_ms + decision.features_ms + decision.model_ms
+    return _ms(record.last_voiced_s, asked_s + took_ms / 1000)
 
 
 def _ms(start_s: float | None, end_s: float | None) -> int | None:
     return None if start_s is None or end_s is None else round((end_s - start_s) * 1000)
 
 
-async def replay(rounds: int, asked: Sequence[str] = QUESTIONS) -> list[dict[str, Any]]:
+async def speak(tts: TextToSpeech, said: Utterance) -> bytes:
+    parts = (said,) if isinstance(said, str) else said
+    return silence(MID_PAUSE_S).join([await spoken(tts, part) for part in parts])
+
+
+async def replay(rounds: int, asked: Sequence[Utterance] = QUESTIONS) -> list[dict[str, Any]]:
     env = dict(os.environ, PIPELINE_PIPER_CACHE_MB="0")
     config = PipelineConfig.from_env(env).resolved(env)
     rows: list[dict[str, Any]] = []
     async with open_providers(config) as providers:
-        questions = [await spoken(providers.tts, text) for text in dict.fromkeys(asked)]
+        questions = [await speak(providers.tts, said) for said in dict.fromkeys(asked)]
         engine = build_engine(config, providers)
         vad = replace(engine.config.vad, semantic=True, silence_duration_ms=700)  # the web client's
         engine.reconfigure(replace(engine.config, vad=vad))
@@ -96,10 +126,20 @@ def summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "turns": len(rows),
         "decided_median_ms": statistics.median(decided) if decided else None,
         "window_median_ms": statistics.median(windows) if windows else None,
+        **{f"{key}_median": _median(rows, key) for key in STAGES},
         "answered_early": sum(r["answered_early"] for r in rows),
         "early_dropped": sum(r["early_dropped"] for r in rows),
+        "early_wasted_ms": sum(r["early_wasted_ms"] for r in rows),
         "per_turn": list(rows),
     }
+
+
+STAGES = ("words_ms", "verdict_ms", "first_token_ms", "first_audio_ms")
+
+
+def _median(rows: Sequence[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r[key] is not None]
+    return statistics.median(values) if values else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,8 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m loadtest.bench_turn_replay", description=__doc__
     )
     parser.add_argument("--rounds", type=int, default=2, help="times through the questions")
+    parser.add_argument(
+        "--paused", action="store_true", help="sentences with a 600 ms pause mid-sentence"
+    )
     args = parser.parse_args(argv)
-    print(json.dumps(summary(asyncio.run(replay(args.rounds))), indent=2))
+    asked = PAUSED if args.paused else QUESTIONS
+    print(json.dumps(summary(asyncio.run(replay(args.rounds, asked))), indent=2))
     return 0
 
 
