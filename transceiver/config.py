@@ -97,7 +97,7 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
     "link_keyed_ttl_s": ("30", "stop hearing a relay whose last good HELLO is this old"),
     "link_max_rechecks": ("16", "ICE checks resent early, per connection (0: none)"),
     "link_io_batch": ("64", "datagrams the link moves per system call (1: one each)"),
-    "link_read_interval_s": ("0.01", "busy link: read it this often, not per datagram (0: each)"),
+    "link_read_interval_s": ("0.002", "busy link: read it this often, not per datagram (0: each)"),
     "link_max_queued_datagrams": ("4096", "datagrams waiting for a full send buffer, at most"),
     "realtime_lost_notice_s": ("0.25", "an ending session lets its error event leave this long"),
     "realtime_max_pending_events": ("512", "server events kept until the client opens its channel"),
