@@ -132,6 +132,7 @@ class ConversationEngine(HeardStretches):
         self._heard: Heard | None = None  # the open turn's
         self._voiced = False  # the last frame the detector heard was speech
         self._last_voiced_s = 0.0  # when that frame came
+        self._speaking = False  # ... and it was the voice, not its fading tail
         self._asked: list[tuple[float, Verdict]] = []  # the pause's questions, and when
         self.early_answers_discarded = 0
         self.early_answers_wasted_ms = 0.0  # their providers' time (the thrown answers')
@@ -364,7 +365,11 @@ class ConversationEngine(HeardStretches):
         heard = self._heard
         events = self._detector.push(frame)
         if self._voiced:
-            self._last_voiced_s, self._asked = self._now(), []
+            self._last_voiced_s = self._now()
+        # the voice itself, not its fading tail (VadConfig.voice_end_db): a pause is over
+        self._speaking = self._voiced and self._detector.pause_ms == 0
+        if self._speaking:
+            self._asked = []
         elif heard is not None and self._may_answer_early(heard):
             self._answer_early(heard)
         if heard is not None and not any(isinstance(e, SpeechStarted) for e in events):

@@ -76,7 +76,7 @@ class HeardStretches:
     history: list[Message]
     early_answers_discarded: int
     early_answers_wasted_ms: float
-    _voiced: bool
+    _speaking: bool  # the last frame was the voice (a voiced frame in a pause is its tail)
     _detector: TurnDetector | None
     _asked: list[tuple[float, Verdict]]  # the pause's questions to the model (raw verdicts)
     _recorder: TurnRecorder | None
@@ -175,7 +175,7 @@ class HeardStretches:
             heard.audio.put_nowait(AudioChunk(frame, self.config.input_sample_rate_hz))
             return
         heard.held.append(frame)
-        if self._voiced:  # the user went on after the pause: its early answer is void
+        if self._speaking:  # the user went on after the pause: its early answer is void
             self._discard_early(heard)
             self._open_stretch(heard, heard.held)
 

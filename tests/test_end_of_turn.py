@@ -483,6 +483,28 @@ def loud(frame: bytes) -> bool:
     return any(frame)
 
 
+@on_module_loop
+async def test_counted_from_the_voices_end_its_fading_tail_does_not_reopen_the_pause(
+    piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText, model_path: Path
+) -> None:
+    """With ``voice_end_db`` the model is asked while webrtcvad still calls the voice's fading
+    tail speech: those frames are the pause, not the user going on, so the words before it
+    stay one stretch, the model's "complete" (asked once) ends the turn, and the answer
+    started on them is the turn's."""
+    pcm = await utterance(piper, "Where is the nearest train station?")
+    config = engine_config({"type": "semantic_vad"})
+    vad = replace(config.vad, voice_end_db=40.0, model_pad_ms=120)
+    agent = LocalRuleBasedAgent(load_knowledge())
+    engine = ConversationEngine(replace(config, vad=vad), sphinx, agent, piper)
+    await engine.start()
+    events = await converse(engine, pcm, shared_end_of_turn(model_path))
+    (done,) = [event for event in events if isinstance(event, ev.TurnCompleted)]
+    decision = done.record.decision
+    assert decision is not None and decision.asked == 1 and decision.complete
+    assert done.record.answered_early and done.record.early_answers_discarded == 0
+    assert [m.role for m in engine.history] == ["user", "assistant"]
+
+
 class SpokenChunks:
     """Piper, noting the text of each chunk it is asked to speak."""
 
