@@ -28,7 +28,7 @@ import os
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,7 @@ async def run(model: Path | None, rounds: int, first_words: int, read_ahead: boo
     specs = [tool.spec for tool in builtin_tools(knowledge)]
     facts = [f"{entry.title}: {entry.answer}" for entry in knowledge.entries]
     config = PipelineConfig.from_env(os.environ).local_llm_config()
+    config = replace(config, read_ahead=config.read_ahead or read_ahead)
     llm = LlamaCppLanguageModel(
         config, topics=knowledge.titles, facts=facts, warm_tools=specs, model_path=model
     )

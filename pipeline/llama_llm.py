@@ -108,6 +108,8 @@ class _WarmUp:
     prompt_tokens: PromptTokens | None = None
 
     def on_chunk(self, chunk: dict[str, Any]) -> bool:
+        if "error" in chunk:  # (no answer depends on it: logged, not raised)
+            log.warning("local model: a warm-up failed: %s", chunk["error"].get("message", chunk))
         self.prompt_tokens = _prompt_tokens(chunk) or self.prompt_tokens
         return self.stop.is_set()
 
@@ -174,12 +176,14 @@ class LlamaCppLanguageModel:
         if not self.config.read_ahead or self._server is None or self._answers or self.warming:
             return
         now_s = time.monotonic()
+        if now_s - self._warmed_at_s < WARM_EVERY_S:
+            return
         request = self._request(messages, tools, self.config.max_tokens)
         request["max_tokens"] = 0  # llama.cpp reads the prompt and stops before a token
         # the user's message ends there ("<|im_end|>\n"): the assistant's header (3 tokens) is
         # read with the turn's last words, once, not at every warm-up
         request["add_generation_prompt"] = False
-        if now_s - self._warmed_at_s < WARM_EVERY_S or self._warmed_request == request:
+        if self._warmed_request == request:
             return
         self._warmed_at_s, self._warmed_request = now_s, request
         self.warm_ups += 1

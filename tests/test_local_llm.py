@@ -50,9 +50,8 @@ CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 async def model() -> AsyncIterator[LlamaCppLanguageModel]:
     tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
     facts = [f"{entry.title}: {entry.answer}" for entry in KNOWLEDGE.entries]
-    llm = LlamaCppLanguageModel(
-        LocalLlmConfig(), topics=KNOWLEDGE.titles, facts=facts, warm_tools=tools
-    )
+    config = LocalLlmConfig(read_ahead=True)  # (off by default)
+    llm = LlamaCppLanguageModel(config, topics=KNOWLEDGE.titles, facts=facts, warm_tools=tools)
     await llm.start()
     yield llm
     await llm.aclose()

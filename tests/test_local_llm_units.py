@@ -214,13 +214,13 @@ def test_only_the_local_model_speaks_its_first_words_as_a_chunk_of_their_own() -
         PipelineConfig.from_env({"PIPELINE_LLM": "rule", "PIPELINE_LOCAL_LLM_FIRST_WORDS": "-1"})
 
 
-def test_the_local_model_reads_the_words_ahead_unless_told_not_to() -> None:
+def test_the_local_model_reads_the_words_ahead_only_when_told_to() -> None:
     def read_ahead(environ: dict[str, str]) -> bool:
         return PipelineConfig.from_env(environ).local_llm_config().read_ahead
 
-    assert read_ahead({}) is True
-    assert read_ahead({"PIPELINE_LOCAL_LLM_READ_AHEAD": "0"}) is False
-    assert read_ahead({"PIPELINE_LOCAL_LLM_READ_AHEAD": "true"}) is True
+    assert read_ahead({}) is False
+    assert read_ahead({"PIPELINE_LOCAL_LLM_READ_AHEAD": "1"}) is True
+    assert read_ahead({"PIPELINE_LOCAL_LLM_READ_AHEAD": "false"}) is False
 
 
 # --- the model file -------------------------------------------------------------------------
