@@ -334,11 +334,17 @@ async def turn_end_ms(engine: ConversationEngine, pcm: bytes, model: EndOfTurn) 
     raise AssertionError("the turn did not end")
 
 
-async def words_in(engine: ConversationEngine, timeout_s: float = 60.0) -> None:
+async def until(
+    condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "the condition"
+) -> None:
     deadline = time.monotonic() + timeout_s
-    while engine.words_pending:
-        assert time.monotonic() < deadline, "the words before the pause never came"
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} never held"
         await asyncio.sleep(0.005)  # polling a condition with a deadline
+
+
+async def words_in(engine: ConversationEngine, timeout_s: float = 60.0) -> None:
+    await until(lambda: not engine.words_pending, timeout_s, "the words before the pause came")
 
 
 @on_module_loop
@@ -534,13 +540,6 @@ class HeldVerdicts:
         self.asked += 1
         decision = self.model.ask(pcm)
         return lambda: decision() if self.released else None
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        await asyncio.sleep(0.005)  # polling a condition with a deadline
 
 
 @on_module_loop
