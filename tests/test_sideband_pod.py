@@ -252,9 +252,10 @@ async def test_an_earlier_call_s_id_reaches_its_session_resumed_on_the_other_wor
     pod: Pod,
 ) -> None:
     """A call on one worker, resumed by a new call on the other: a sideband naming the first
-    call's id reaches the session through either worker (the one the id names forwards it), and
-    so does a hang-up, through the worker the id names: it ends the resumed call. All while the
-    first call lingers, its session taken over (``LINGER_S``): neither stops at it."""
+    call's id reaches the session through either worker (the one the id names forwards it) while
+    the first call lingers, its session taken over (``LINGER_S``): no sideband stops at it. A
+    hang-up naming the lingering call ends it alone (its own client's late hang-up), and the
+    resumed call, still running, is hung up through the worker the first id names."""
     first_peer, resumed = RealtimeClient(), RealtimeClient()
     try:
         first = await answered(pod.base_url, first_peer)
@@ -277,13 +278,15 @@ async def test_an_earlier_call_s_id_reaches_its_session_resumed_on_the_other_wor
                 await resumed.wait_for("session.updated", told)  # its client is told: one session
             except TimeoutError:
                 raise AssertionError(f"through worker {worker}: not the resumed session") from None
+        assert first_peer.pc.connectionState == "connected"  # all the while the first lingered
         async with httpx.AsyncClient(timeout=30) as http:
             url = pod.private_urls[named] + "/v1/realtime/calls/"
-            hung_up = await http.delete(url + first_id, headers=AUTH)
+            own = await http.delete(url + first_id, headers=AUTH)  # the lingering call's client
+            hung_up = await http.delete(url + second_id, headers=AUTH)  # forwarded to its worker
             gone = await http.delete(url + second_id, headers=AUTH)
-        assert hung_up.status_code == 204, hung_up.text  # the resumed call ended
+        assert own.status_code == 204, own.text  # the lingering call alone ended...
+        assert hung_up.status_code == 204, hung_up.text  # ...the resumed one still ran
         assert (gone.status_code, gone.json()["error"]["code"]) == (404, "call_not_found")
-        assert first_peer.pc.connectionState == "connected"  # all the while the first lingered
     finally:
         await first_peer.close()
         await resumed.close()

@@ -33,21 +33,20 @@ In a pod of worker processes (``routing``, ``worker_routing``): ``/readyz`` and 
 answer for the whole pod, and an offer this worker has no room for is offered to the others. A
 hang-up for a call that runs on another worker of the pod, or on another transceiver, is
 forwarded to it as a sideband is (``owner_routing``: the directory names its owner, else the
-call id its worker; a signed hop, never forwarded again; a hop header that does not
-verify is ``403 invalid_hop``), and the owner's answer is the caller's (a worker of the pod
-that does not answer: ``503 worker_unavailable``). A hang-up naming an earlier call of a
-session resumed since ends the call that runs the session now, as a sideband naming that
-call reaches it (not the earlier call, while it lingers to tell its client the session was
-taken over). A session resumes
-through its own contract's endpoint only (a GPT-Live session at ``POST /v1/live/sessions``, a
-Realtime one here): the other answers 409 ``session_contract_mismatch``. A transcription
-session resumes here too, by a request that asks for one (an ``ek_`` secret minted for a
-transcription session, or its own ``session.type``): it speaks transcription again with its
-stored config; a Realtime session asked for as a transcription one, or the other way round, is
-409 ``session_contract_mismatch``.
-``/readyz`` says ``"redis": "ok"|"degraded"`` and stays 200 while Redis is away (calls work
-without it, see ``persistence``); it turns 503 ``task_failing`` when an owned loop keeps crashing.
-"""
+call id its worker; a signed hop, never forwarded again; a hop header that does not verify is
+``403 invalid_hop``), and the owner's answer is the caller's (a worker of the pod that does not
+answer: ``503 worker_unavailable``). A hang-up naming an earlier call of a session resumed since
+ends the call that runs the session now, as a sideband naming that call reaches it (while the
+earlier call lingers to tell its client the session was taken over, a hang-up naming it here
+ends that call alone: its client's own late hang-up). A session resumes through its own
+contract's endpoint only (a GPT-Live session at ``POST /v1/live/sessions``, a Realtime one
+here): the other answers 409 ``session_contract_mismatch``. A transcription session resumes here
+too, by a request that asks for one (an ``ek_`` secret minted for a transcription session, or
+its own ``session.type``): it speaks transcription again with its stored config; a Realtime
+session asked for as a transcription one, or the other way round, is 409
+``session_contract_mismatch``. ``/readyz`` says ``"redis": "ok"|"degraded"`` and stays 200 while
+Redis is away (calls work without it, see ``persistence``); it turns 503 ``task_failing`` when
+an owned loop keeps crashing."""
 
 from __future__ import annotations
 

@@ -167,11 +167,12 @@ class Sidebands:
         return None if call is None else self._realtime(call.call_id)
 
     async def hang_up_here(self, call_id: str) -> bool:
-        """Hang up the call ``call_id`` names, if it runs here and its session has not moved;
-        else the call here that runs the session it ran (resumed here since). False: neither
-        runs here (the owner may be a sibling worker or another transceiver)."""
-        call = self._calls.get(call_id)
-        if call is not None and not moved(call) and await self._calls.hangup(call_id):
+        """Hang up the call ``call_id`` names, if it runs here (one whose session was taken
+        over and that lingers to tell its client included: its own client's late hang-up ends
+        it, not the session that moved on); else the call here that runs the session it ran
+        (resumed here since). False: neither runs here (the owner may be a sibling worker or
+        another transceiver)."""
+        if await self._calls.hangup(call_id):
             return True
         running = await self.resumed_call(call_id)
         return running is not None and await self._calls.hangup(running.call_id)
