@@ -369,17 +369,18 @@ async def test_a_semantic_vad_session_update_ends_the_engines_turn_at_the_short_
     assert semantic_end_ms == window_end_ms - 300
 
 
+async def collect(engine: ConversationEngine, events: list[Any]) -> None:
+    """Appends the engine's events to ``events`` until its stream ends."""
+    async for event in engine.events():
+        events.append(event)
+
+
 async def converse(engine: ConversationEngine, pcm: bytes, model: EndOfTurn) -> list[Any]:
     """Feeds ``pcm`` to a started engine as ``turn_end_ms`` does, to its end; the engine's
     events once it is idle."""
     events: list[Any] = []
-
-    async def collect() -> None:
-        async for event in engine.events():
-            events.append(event)
-
     async with asyncio.TaskGroup() as group:
-        group.create_task(collect())
+        group.create_task(collect(engine, events))
         frame_bytes = SAMPLE_RATE_HZ * 20 // 500
         for start in range(0, len(pcm) - frame_bytes + 1, frame_bytes):
             model.wait_decided(timeout_s=60)
@@ -560,13 +561,8 @@ async def test_before_the_verdict_the_answer_starts_on_the_words_and_the_verdict
     engine = ConversationEngine(config, sphinx, agent, tts, classify=loud, end_of_turn=held.asker)
     await engine.start()
     events: list[Any] = []
-
-    async def collect() -> None:
-        async for event in engine.events():
-            events.append(event)
-
     async with asyncio.TaskGroup() as group:
-        group.create_task(collect())
+        group.create_task(collect(engine, events))
         for frame in frames[:pause_at]:
             await words_in(engine)
             engine.push_audio(frame)
