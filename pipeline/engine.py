@@ -506,8 +506,8 @@ class ConversationEngine(HeardStretches):
         head = words.rsplit(maxsplit=1)[0] if len(words.split()) > 1 else ""
         if not head or not self._voiced or not self.config.create_response:
             return
-        if self._response is not None:
-            return
+        if self._response is not None or not getattr(self.llm, "warm", None):
+            return  # (a model with nothing to warm: no request is built for it)
         messages = model_messages(self.config, [*self.history, Message("user", head)])
         specs = self.tools.specs() if self.config.max_tool_rounds else []
         warm_with(self.llm, messages, specs)
