@@ -21,8 +21,8 @@ only once those words are in, so the final transcript is there when the turn is 
 ``answer_before_verdict``, else once the model has said "complete" or the pause is a
 decision's), held (no event out, nothing in the history) until the turn ends: then it is
 released; if the user goes on, it is thrown away unheard (counted in the turn's
-``early_answers_discarded``, its providers' time in ``early_answers_wasted_ms``) and the next
-stretch's words join the turn's transcript.
+``early_answers_discarded``, its providers' time in ``early_answers_wasted_ms``), and so are
+the words before the pause: the whole utterance is transcribed again, as one stretch.
 
 Barge-in: ``SpeechStarted`` while a response is active stops playout at once (no frame is
 emitted after it) and cancels the response's LLM, TTS and playout tasks; the history keeps only
@@ -343,8 +343,8 @@ class ConversationEngine(HeardStretches):
         recorder.input_audio_s = audio_ms / 1000
         self._recorder = recorder
         self._emit(ev.InputCommitted(audio_ms, turn, pcm, self.config.input_sample_rate_hz))
-        heard = Heard(recorder)
-        self._open_stretch(heard, [pcm])
+        heard = Heard(recorder, [pcm])
+        self._open_stretch(heard)
         self._end_heard(heard)
         return True
 
@@ -447,8 +447,8 @@ class ConversationEngine(HeardStretches):
         recorder = TurnRecorder(turn, self.stt.name, self.llm.name, self.tts.name)
         recorder.mark("speech_started", event.at_s)
         self._recorder = recorder
-        self._heard = Heard(recorder)
-        self._open_stretch(self._heard, [event.prefix_pcm])
+        self._heard = Heard(recorder, [event.prefix_pcm])
+        self._open_stretch(self._heard)
 
     def _barge_in(self) -> None:
         for task, response in list(self._playing.items()):

@@ -5,8 +5,13 @@ end-of-turn model is asked about, the stretch of speech so far is transcribed to
 the model decides (``_on_pause``), and the turn ends only once those words are in. With
 ``answer_early`` the answer starts on those words too (``_answer_early``; when,
 ``_may_answer_early`` says), held: the turn's
-end releases it (``_adopt_early``); speech coming back drops it unheard (``_discard_early``)
-and opens the next stretch (``_listen``), whose words join the turn's transcript.
+end releases it (``_adopt_early``). Speech coming back drops it unheard (``_discard_early``),
+and the stretch's words with it (``_go_on``): the next stretch is the whole utterance so far,
+transcribed again from its start, so the turn's transcript is always one transcription of all
+its audio. Words joined from stretches cut at a gap inside a sentence were each a fragment's
+guess ("Tell me about. The mood." for "Tell me about the moon."). The cost: the utterance's
+start is heard twice (a streaming recogniser hears it again while the user goes on; Moonshine,
+which decodes a stretch whole, in its final pass, a few ms per second of speech).
 
 ``HeardStretches`` declares what of the engine it uses; the engine defines them.
 """
@@ -43,14 +48,15 @@ P = TypeVar("P")
 @dataclass(eq=False)
 class Heard:
     """A user turn's speech to text: stretches of speech, each transcribed to its end at the
-    pause the end-of-turn model is asked about, their words joined."""
+    pause the end-of-turn model is asked about; each stretch after the first is the whole
+    utterance again (the module docstring), so the last one's words are the turn's."""
 
     recorder: TurnRecorder
-    texts: list[str] = field(default_factory=list)  # the stretches' final words
+    pcm: list[bytes] = field(default_factory=list)  # the utterance so far, prefix included
+    texts: list[str] = field(default_factory=list)  # the stretch's final words
     logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, when asked for
     segments: list[SpeakerSegment] = field(default_factory=list)  # theirs, when asked for
     audio: asyncio.Queue[AudioChunk | None] | None = None  # the open stretch's; None: paused
-    held: list[bytes] = field(default_factory=list)  # frames since the pause
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # a transcription a stretch
     pending: int = 0  # stretches with no final words yet
     ended: bool = False  # the turn ended (speech stopped, or committed)
@@ -96,11 +102,12 @@ class HeardStretches:
     _respond: Callable[[SpokenResponse], Coroutine[Any, Any, None]]
     _response_for: Callable[..., SpokenResponse]
 
-    def _open_stretch(self, heard: Heard, pcms: list[bytes]) -> None:
+    def _open_stretch(self, heard: Heard) -> None:
+        """A transcription of the utterance so far (one chunk), fed each frame from now on."""
         audio: asyncio.Queue[AudioChunk | None] = asyncio.Queue()
-        for pcm in pcms:
-            audio.put_nowait(AudioChunk(pcm, self.config.input_sample_rate_hz))
-        heard.audio, heard.held = audio, []
+        heard.pcm = [b"".join(heard.pcm)]
+        audio.put_nowait(AudioChunk(heard.pcm[0], self.config.input_sample_rate_hz))
+        heard.audio = audio
         heard.pending += 1
         name = f"transcription {heard.recorder.turn}"
         heard.tasks.append(self._spawn(self._transcribe(heard, audio), name))
@@ -111,7 +118,7 @@ class HeardStretches:
         heard.ended = True
         if heard.audio is not None:
             heard.audio.put_nowait(None)
-        heard.audio, heard.held = None, []
+        heard.audio = None
         for task in heard.tasks:
             if not task.done():
                 self._commit(task)
@@ -170,20 +177,29 @@ class HeardStretches:
         self._after_transcript(heard)
 
     def _listen(self, heard: Heard, frame: bytes) -> None:
-        """The frame goes to the open stretch; after a pause, speech opens the next one."""
+        """The frame joins the utterance and goes to the open stretch; after a pause, speech
+        opens the next one, the whole utterance again."""
+        heard.pcm.append(frame)
         if heard.audio is not None:
             heard.audio.put_nowait(AudioChunk(frame, self.config.input_sample_rate_hz))
-            return
-        heard.held.append(frame)
-        if self._speaking:  # the user went on after the pause: its early answer is void
-            self._discard_early(heard)
-            self._open_stretch(heard, heard.held)
+        elif self._speaking:  # the user went on after the pause
+            self._go_on(heard)
+
+    def _go_on(self, heard: Heard) -> None:
+        """The words before the pause, and the early answer on them, are void: a fragment's
+        words are not the sentence's (the module docstring). Its transcription is stopped
+        (a final one already in is dropped) and the whole utterance's begins."""
+        self._discard_early(heard)
+        for task in heard.tasks:
+            task.cancel()  # (its count of pending words is settled as it ends)
+        heard.texts, heard.logprobs, heard.segments = [], [], []
+        self._open_stretch(heard)
 
     def _on_pause(self, heard: Heard) -> None:
         if heard.audio is None:
             return
         heard.audio.put_nowait(None)  # the stretch is transcribed to its end
-        heard.audio, heard.held = None, []
+        heard.audio = None
         config, response = self.config, self._response
         heard.answer_early = (
             config.answer_early

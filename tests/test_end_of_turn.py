@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,7 +23,7 @@ from thread_states import run_probe
 
 from loadtest.voice_audio import silence_pcm, spoken_pcm, tone_pcm
 from pipeline import events as ev
-from pipeline.config import EngineConfig, VadConfig
+from pipeline.config import EngineConfig, MoonshineConfig, VadConfig
 from pipeline.end_of_turn import EndOfTurn, Verdict, end_of_turn_asker, shared_end_of_turn
 from pipeline.engine import ConversationEngine
 from pipeline.espeak_tts import EspeakTextToSpeech
@@ -36,9 +37,10 @@ from pipeline.log_mel import (
     mel_band_of,
     pcm16_to_float,
 )
+from pipeline.moonshine_stt import MoonshineSpeechToText
 from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
-from pipeline.providers import AudioChunk
+from pipeline.providers import AudioChunk, Message, Transcript
 from pipeline.smart_turn_file import (
     PINS_FILE,
     SMART_TURN_V3_2,
@@ -50,7 +52,7 @@ from pipeline.smart_turn_file import (
     pinned_version,
     read_verified,
 )
-from pipeline.vad import TurnCommitted, TurnDetector, webrtc_classifier
+from pipeline.vad import TurnCommitted, TurnDetector, level_of, webrtc_classifier
 from transceiver.realtime.policy import SessionPolicy, session_update_from
 from transceiver.realtime.translation import turn_metrics_event
 
@@ -613,6 +615,83 @@ async def test_an_early_answer_is_thrown_away_unheard_when_the_user_goes_on(
         ("assistant", said.strip()),
     ]
     assert started.turn == done.record.turn
+
+
+class HeardAudio:
+    """A speech-to-text, noting the audio each transcription was fed and its final words."""
+
+    def __init__(self, stt: MoonshineSpeechToText) -> None:
+        self.stt, self.name = stt, stt.name
+        self.heard: list[tuple[bytearray, list[str]]] = []
+
+    async def transcribe(self, audio: AsyncIterator[AudioChunk]) -> AsyncIterator[Transcript]:
+        fed, finals = bytearray(), list[str]()
+        self.heard.append((fed, finals))
+
+        async def noted() -> AsyncIterator[AudioChunk]:
+            async for chunk in audio:
+                fed.extend(chunk.pcm)
+                yield chunk
+
+        async for transcript in self.stt.transcribe(noted()):
+            if transcript.final:
+                finals.append(transcript.text)
+            yield transcript
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def moonshine() -> AsyncIterator[MoonshineSpeechToText]:
+    stt = MoonshineSpeechToText(MoonshineConfig(workers=1))
+    await stt.start()
+    yield stt
+    await stt.aclose()
+
+
+async def transcribed_at_once(stt: MoonshineSpeechToText, pcm: bytes) -> str:
+    async def whole() -> AsyncIterator[AudioChunk]:
+        yield AudioChunk(pcm, SAMPLE_RATE_HZ)
+
+    return [transcript.text async for transcript in stt.transcribe(whole())][-1]
+
+
+def with_gap(pcm: bytes, gap_s: float) -> bytes:
+    """``gap_s`` of silence inserted at the quietest 20 ms within the middle of ``pcm``
+    (between two of a sentence's words)."""
+    frame_bytes = SAMPLE_RATE_HZ * 20 // 500
+    frames = range(len(pcm) // frame_bytes * 35 // 100, len(pcm) // frame_bytes * 70 // 100)
+    at = min(frames, key=lambda i: level_of(pcm[i * frame_bytes : (i + 1) * frame_bytes]))
+    cut = at * frame_bytes
+    return pcm[:cut] + silence_pcm(gap_s, SAMPLE_RATE_HZ) + pcm[cut:]
+
+
+@on_module_loop
+async def test_a_sentence_the_user_goes_on_with_after_a_short_gap_is_transcribed_whole(
+    piper: PiperTextToSpeech, moonshine: MoonshineSpeechToText, model_path: Path
+) -> None:
+    """make run's turn detection (the voice's end, 40 dB; the model's 120 ms of padding) and
+    "Tell me about the moon." with a short gap inside: the model is asked at the gap and the
+    words before it transcribed ("Tell me about."), then the user goes on. Those words are
+    dropped, not joined: the turn's transcript is one transcription of the whole utterance,
+    one sentence (joined, it was "Tell me about. The moon.", in Chromium "The mood.")."""
+    pcm = await utterance(piper, "Tell me about the moon.")
+    pcm = with_gap(pcm, 0.06)
+    config = engine_config({"type": "semantic_vad", "create_response": False})
+    vad = replace(config.vad, voice_end_db=40.0, model_pad_ms=120)
+    stt = HeardAudio(moonshine)
+    agent = LocalRuleBasedAgent(load_knowledge())
+    engine = ConversationEngine(replace(config, vad=vad), stt, agent, piper)
+    await engine.start()
+    events = await converse(engine, pcm, shared_end_of_turn(model_path))
+    (stopped,) = [e for e in events if isinstance(e, ev.SpeechStoppedEvent)]
+    (final,) = [e for e in events if isinstance(e, ev.InputTranscript) and e.final]
+    assert len(stt.heard) >= 2, "the gap cut no stretch: the test would test nothing"
+    fed, finals = stt.heard[-1]  # the last transcription: all the utterance's audio
+    assert finals == [final.text]
+    assert fed.startswith(stopped.pcm)
+    assert final.text == await transcribed_at_once(moonshine, bytes(fed))
+    assert engine.history == [Message("user", final.text)]
+    assert "moon" in re.findall(r"[a-z']+", final.text.lower())
+    assert not re.search(r"[.?!] ", final.text), final.text  # one sentence
 
 
 def test_without_a_checked_model_semantic_vad_falls_back_to_the_window_and_says_why(
