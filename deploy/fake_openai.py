@@ -10,9 +10,12 @@ Control endpoints (tests drive them through ``FakeOpenAIServer``):
   POST /__control  {"fail": {route: [status, ...]}, "hold": [route], "stall_s": {route: s},
                     "chunk_delay_s": s, "ignore_stream": bool,
                     "responses_ending": "completed" | "failed" | "error" | "cut",
-                    "calls_per_turn": n}  -- a chat turn that calls a tool calls it n times,
+                    "calls_per_turn": n,  -- a chat turn that calls a tool calls it n times,
                     whatever parallel_tool_calls says (n > 1: ids numbered on from the
                     conversation's calls, so each is new; 1: call_fake_1)
+                    "raw": {route: [{"body_base64": b64, "content_type": type}, ...]}}  -- the
+                    next requests on route are answered 200 with these bodies byte for byte
+                    (a malformed stream: not UTF-8, not JSON, or JSON of the wrong shape)
   POST /__release  {"route": route}  -- let a held stream continue after its first chunk
   POST /__reset
   GET  /__stats    hits, finished and disconnected streams, last request per route
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import base64
 import email.parser
 import email.policy
 import io
@@ -62,6 +66,7 @@ SPEECH_CHUNKS = 4
 @dataclass
 class ServerState:
     failures: dict[str, deque[int]] = field(default_factory=dict)
+    raw: dict[str, deque[tuple[bytes, str]]] = field(default_factory=dict)  # body, content type
     hold: set[str] = field(default_factory=set)
     released: dict[str, asyncio.Event] = field(default_factory=dict)
     stall_s: dict[str, float] = field(default_factory=dict)
@@ -87,8 +92,9 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def _injected_failure(route: str, model: object) -> JSONResponse | None:
-    """Count the request; answer with the next injected status for "route:model" or "route"."""
+def _injected_failure(route: str, model: object) -> Response | None:
+    """Count the request; answer with the next injected status for "route:model" or "route",
+    else the next raw body for route."""
     state.hits[route] += 1
     state.hits[f"{route}:{model}"] += 1
     for key in (f"{route}:{model}", route):
@@ -96,6 +102,9 @@ def _injected_failure(route: str, model: object) -> JSONResponse | None:
         if queue:
             status = queue.popleft()
             return _error(status, f"injected {status} on {key}")
+    if raw := state.raw.get(route):
+        body, content_type = raw.popleft()
+        return Response(body, media_type=content_type)
     return None
 
 
@@ -479,6 +488,9 @@ async def control(request: Request) -> dict[str, bool]:
     body = await request.json()
     for route, statuses in body.get("fail", {}).items():
         state.failures.setdefault(route, deque()).extend(int(s) for s in statuses)
+    for route, answers in body.get("raw", {}).items():
+        bodies = ((base64.b64decode(a["body_base64"]), str(a["content_type"])) for a in answers)
+        state.raw.setdefault(route, deque()).extend(bodies)
     state.hold.update(body.get("hold", []))
     state.stall_s.update(body.get("stall_s", {}))
     state.chunk_delay_s = float(body.get("chunk_delay_s", state.chunk_delay_s))

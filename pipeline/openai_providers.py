@@ -49,6 +49,15 @@ from pipeline.providers import (
     TranscriptionHints,
     Usage,
 )
+from pipeline.streamed_json import (
+    StreamShapeError,
+    count_field,
+    json_object,
+    list_field,
+    number_field,
+    object_field,
+    text_field,
+)
 from pipeline.wav import wav_bytes
 
 # The built-in voices of the speech endpoint (``openai.types.audio.speech_create_params``).
@@ -104,6 +113,8 @@ def provider_error(provider: str, error: Exception) -> ProviderError:
         return ProviderError(provider, f"HTTP {status}: {error.message}", retryable=retryable)
     if isinstance(error, (openai.APIConnectionError, *TRANSPORT_ERRORS)):
         return ProviderError(provider, f"{type(error).__name__}: {error}", retryable=True)
+    if isinstance(error, StreamShapeError):  # the server's answer is not the API's shape
+        return ProviderError(provider, f"malformed answer: {error}", retryable=False)
     # An error event inside an otherwise healthy stream is the server's failure, not ours.
     retryable = type(error) is openai.APIError
     return ProviderError(provider, f"{type(error).__name__}: {error}", retryable=retryable)
@@ -149,7 +160,7 @@ class OpenAISpeechToText:
         try:
             async for transcript in self._request(wav_bytes(pcm, sample_rate_hz), hints):
                 yield transcript
-        except (openai.OpenAIError, *TRANSPORT_ERRORS) as error:
+        except (openai.OpenAIError, StreamShapeError, *TRANSPORT_ERRORS) as error:
             raise provider_error(self.name, error) from error
 
     async def _collect(self, audio: AsyncIterator[AudioChunk]) -> tuple[bytes, int]:
@@ -200,7 +211,8 @@ class OpenAISpeechToText:
                 yield Transcript(_transcript_text(body, content_type), final=True)
                 return
             streamed, final = _StreamedTranscript(), False
-            async for event in stream:  # to its end: a connection left mid-body is not reused
+            events = decoded(stream, "transcription event")
+            async for event in events:  # to its end: a connection left mid-body is not reused
                 if not final and (transcript := streamed.add(event)) is not None:
                     final = transcript.final
                     yield transcript
@@ -218,20 +230,23 @@ class _StreamedTranscript:
         self.logprobs: list[TokenLogprob] = []
         self.segments: list[SpeakerSegment] = []
 
-    def add(self, event: dict[str, Any]) -> Transcript | None:
-        """The transcript after ``event`` (a JSON object; None: nothing new)."""
-        kind = event.get("type")
+    def add(self, value: object) -> Transcript | None:
+        """The transcript after the event ``value`` (None: nothing new; StreamShapeError:
+        not an event of the documented shape)."""
+        where = "transcription event"
+        event = json_object(value, where)
+        kind = text_field(event, "type", where)
         if kind == "transcript.text.delta":
-            self.text += str(event.get("delta") or "")
-            self.logprobs.extend(_logprobs(event.get("logprobs")))
+            self.text += text_field(event, "delta", where)
+            self.logprobs.extend(_logprobs(event, where))
             return self._transcript(self.text, final=False)
         if kind == "transcript.text.segment":
             self.segments.append(_segment(event))
             return self._transcript(self.text, final=False)
         if kind == "transcript.text.done":
-            if event.get("logprobs"):  # the whole transcript's, when the server sends them again
-                self.logprobs = _logprobs(event["logprobs"])
-            return self._transcript(str(event.get("text") or ""), final=True)
+            if logprobs := _logprobs(event, where):  # the whole transcript's, sent again
+                self.logprobs = logprobs
+            return self._transcript(text_field(event, "text", where), final=True)
         return None
 
     def _transcript(self, text: str, final: bool) -> Transcript:
@@ -240,28 +255,56 @@ class _StreamedTranscript:
 
 def _segment(event: dict[str, Any]) -> SpeakerSegment:
     """A ``transcript.text.segment`` event's speaker segment."""
-    start_s, end_s = float(event.get("start") or 0), float(event.get("end") or 0)
-    text = str(event.get("text") or "")
-    return SpeakerSegment(
-        str(event.get("id") or ""), str(event.get("speaker") or ""), start_s, end_s, text
-    )
+    where = "transcript.text.segment"
+    start_s, end_s = number_field(event, "start", where), number_field(event, "end", where)
+    speaker = text_field(event, "speaker", where)
+    text = text_field(event, "text", where)
+    return SpeakerSegment(text_field(event, "id", where), speaker, start_s, end_s, text)
 
 
-def _logprobs(logprobs: Sequence[dict[str, Any]] | None) -> list[TokenLogprob]:
-    return [
-        TokenLogprob(
-            item.get("token") or "", tuple(item.get("bytes") or ()), float(item.get("logprob") or 0)
-        )
-        for item in logprobs or ()
-    ]
+def _logprobs(event: dict[str, Any], where: str) -> list[TokenLogprob]:
+    """The event's ``logprobs`` ([] when it has none)."""
+    logprobs = []
+    for number, value in enumerate(list_field(event, "logprobs", where)):
+        at = f"{where}.logprobs[{number}]"
+        item = json_object(value, at)
+        token, logprob = text_field(item, "token", at), number_field(item, "logprob", at)
+        logprobs.append(TokenLogprob(token, _bytes(item, at), logprob))
+    return logprobs
+
+
+def _bytes(item: dict[str, Any], where: str) -> tuple[int, ...]:
+    """A logprob's token ``bytes``: each an integer 0-255."""
+    values = list_field(item, "bytes", where)
+    if not all(type(byte) is int and 0 <= byte <= 255 for byte in values):
+        raise StreamShapeError(f"{where}.bytes holds something other than bytes (0-255)")
+    return tuple(values)
 
 
 def _transcript_text(body: bytes, content_type: str) -> str:
-    text = body.decode("utf-8")
-    if "json" not in content_type:
-        return text.strip()
-    value = json.loads(text)
-    return str(value["text"]) if isinstance(value, dict) and "text" in value else ""
+    """The transcript of a body that is not a stream: text, or a JSON object's ``text``."""
+    try:
+        text = body.decode("utf-8")
+        if "json" not in content_type:
+            return text.strip()
+        value = json.loads(text)
+    except ValueError as error:  # not UTF-8, not JSON
+        raise StreamShapeError(f"transcription body is not {content_type}: {error}") from None
+    return text_field(json_object(value, "transcription body"), "text", "transcription body")
+
+
+async def decoded(stream: AsyncIterator[object], what: str) -> AsyncIterator[object]:
+    """The SDK's stream of JSON values, its text that is not JSON (or not UTF-8) a
+    StreamShapeError rather than the decoder's ValueError."""
+    values = aiter(stream)
+    while True:
+        try:
+            value = await anext(values)
+        except StopAsyncIteration:
+            return
+        except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError, a huge integer
+            raise StreamShapeError(f"{what} is not JSON: {error}") from None
+        yield value
 
 
 # --- language model -------------------------------------------------------------------------
@@ -378,44 +421,58 @@ class OpenAILanguageModel(OpenAIModelClient):
                 stream_cls=openai.AsyncStream[object],
             )
             async with stream:
-                async for event in _events(stream):
+                async for event in chat_events(decoded(stream, "chat chunk")):
                     yield event
-        except (openai.OpenAIError, *TRANSPORT_ERRORS) as error:
+        except (openai.OpenAIError, StreamShapeError, *TRANSPORT_ERRORS) as error:
             raise provider_error(self.name, error) from error
 
 
-async def _events(chunks: AsyncIterator[Any]) -> AsyncIterator[LanguageModelEvent]:
-    """The streamed chunks (``chat.completion.chunk`` JSON objects) as our events."""
+async def chat_events(chunks: AsyncIterator[object]) -> AsyncIterator[LanguageModelEvent]:
+    """The streamed chunks (``chat.completion.chunk`` JSON objects) as our events;
+    StreamShapeError at the first value that is not such a chunk."""
     calls = ToolCallAssembler()
     usage: Usage | None = None
-    async for chunk in chunks:
+    async for value in chunks:
+        chunk = json_object(value, "chat chunk")
         for event in _chunk_events(chunk, calls):
             yield event
-        if (used := chunk.get("usage")) is not None:
-            usage = Usage(int(used.get("prompt_tokens", 0)), int(used.get("completion_tokens", 0)))
+        if chunk.get("usage") is not None:
+            usage = _usage(object_field(chunk, "usage", "chat chunk"))
     for call in calls.flush():
         yield call
     if usage is not None:
         yield usage
 
 
+def _usage(used: dict[str, Any]) -> Usage:
+    where = "chat chunk.usage"
+    return Usage(
+        count_field(used, "prompt_tokens", where), count_field(used, "completion_tokens", where)
+    )
+
+
 def _chunk_events(
     chunk: dict[str, Any], calls: ToolCallAssembler
 ) -> Iterator[ToolCall | TextDelta]:
-    for choice in (chunk.get("choices") or ())[:1]:
-        delta = choice.get("delta") or {}
-        if content := delta.get("content"):
+    for value in list_field(chunk, "choices", "chat chunk")[:1]:
+        choice = json_object(value, "chat chunk.choices[0]")
+        delta = object_field(choice, "delta", "chat chunk.choices[0]")
+        where = "chat chunk.choices[0].delta"
+        if content := text_field(delta, "content", where):
             yield TextDelta(content)
-        for part in delta.get("tool_calls") or ():
-            function = part.get("function") or {}
-            calls.add(
-                int(part.get("index") or 0),
-                part.get("id"),
-                function.get("name"),
-                function.get("arguments"),
-            )
+        for number, part in enumerate(list_field(delta, "tool_calls", where)):
+            _add_tool_call(json_object(part, f"{where}.tool_calls[{number}]"), calls)
         if choice.get("finish_reason") is not None:
             yield from calls.flush()
+
+
+def _add_tool_call(part: dict[str, Any], calls: ToolCallAssembler) -> None:
+    """A streamed tool call's fragment, added to the calls being assembled."""
+    where = "chat chunk's tool call"
+    function = object_field(part, "function", where)
+    name = text_field(function, "name", f"{where}.function")
+    arguments = text_field(function, "arguments", f"{where}.function")
+    calls.add(count_field(part, "index", where), text_field(part, "id", where), name, arguments)
 
 
 class ToolCallAssembler:

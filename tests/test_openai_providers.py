@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -354,3 +355,127 @@ async def test_a_refused_connection_is_retryable() -> None:
         with pytest.raises(ProviderError) as caught:
             _ = [e async for e in OpenAILanguageModel(closed).generate([Message("user", "hi")], [])]
     assert caught.value.retryable
+
+
+# --- a server's answer of the wrong shape -----------------------------------------------------
+
+
+def raw(body: bytes, content_type: str) -> dict[str, str]:
+    """An answer for the fake server to send as it is."""
+    return {"body_base64": base64.b64encode(body).decode(), "content_type": content_type}
+
+
+def sse(*data: str | bytes) -> dict[str, str]:
+    """A raw answer for the fake server: each piece as one SSE event's data, as it is."""
+    pieces = (piece.encode() if isinstance(piece, str) else piece for piece in data)
+    return raw(b"".join(b"data: " + piece + b"\n\n" for piece in pieces), "text/event-stream")
+
+
+GOOD_CHUNK = json.dumps({"choices": [{"index": 0, "delta": {"content": "Hi"}}]})
+
+
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        ("[1, 2]", "chat chunk is an array, not an object"),
+        ("42", "chat chunk is a number, not an object"),
+        ("null", "chat chunk is null, not an object"),
+        ('"text"', "chat chunk is a string, not an object"),
+        ("{not json", "chat chunk is not JSON: "),
+        ('{"choices": {"0": {}}}', "chat chunk.choices is an object, not an array"),
+        ('{"choices": [7]}', "chat chunk.choices[0] is a number, not an object"),
+        ('{"choices": [{"delta": []}]}', "chat chunk.choices[0].delta is an array, not an"),
+        ('{"choices": [{"delta": {"content": 5}}]}', ".delta.content is a number, not a string"),
+        ('{"choices": [{"delta": {"content": ["a"]}}]}', ".content is an array, not a string"),
+        ('{"choices": [{"delta": {"tool_calls": {}}}]}', ".tool_calls is an object, not an array"),
+        ('{"choices": [{"delta": {"tool_calls": [null]}}]}', "tool_calls[0] is null, not an"),
+        ('{"choices": [{"delta": {"tool_calls": [{"index": "0"}]}}]}', ".index is a string"),
+        ('{"choices": [{"delta": {"tool_calls": [{"index": -1}]}}]}', "not a non-negative"),
+        ('{"choices": [{"delta": {"tool_calls": [{"function": 3}]}}]}', ".function is a number"),
+        ('{"choices": [{"delta": {"tool_calls": [{"function": {"name": 1}}]}}]}', ".name is a"),
+        ('{"choices": [], "usage": {"prompt_tokens": "2"}}', "usage.prompt_tokens is a string"),
+        ('{"choices": [], "usage": [2, 5]}', "chat chunk.usage is an array, not an object"),
+    ],
+)
+async def test_a_chat_chunk_of_the_wrong_shape_is_the_providers_failure_naming_it(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI, data: str, said: str
+) -> None:
+    """Whatever the server streams, reading it raises a ProviderError that names what was
+    wrong (not an AttributeError or TypeError from inside the reader), after what came
+    before it; the next request on the same client is answered."""
+    await server.control(raw={"chat": [sse(GOOD_CHUNK, data, "[DONE]")]})
+    llm = OpenAILanguageModel(client)
+    events: list[object] = []
+    with pytest.raises(ProviderError) as caught:
+        async for event in llm.generate([Message("user", "hello")], []):
+            events.append(event)
+    assert events == [TextDelta("Hi")]
+    assert said in str(caught.value), caught.value
+    assert str(caught.value).startswith(f"{llm.name}: malformed answer: ")
+    assert caught.value.provider == llm.name and not caught.value.retryable
+    after = [e async for e in llm.generate([Message("user", "hello")], [])]
+    assert "".join(e.text for e in after if isinstance(e, TextDelta)) == "You said: hello "
+
+
+async def test_a_chat_stream_that_is_not_utf8_is_the_providers_failure(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    await server.control(raw={"chat": [sse(b'{"choices": [{"delta": {"content": "\xff"}}]}')]})
+    with pytest.raises(ProviderError) as caught:
+        _ = [e async for e in OpenAILanguageModel(client).generate([Message("user", "hi")], [])]
+    assert "malformed answer: chat chunk is not JSON: " in str(caught.value), caught.value
+    assert "utf-8" in str(caught.value)
+
+
+TRANSCRIPT_DELTA = {"type": "transcript.text.delta", "delta": "heard"}
+
+
+@pytest.mark.parametrize(
+    ("event", "said"),
+    [
+        ([TRANSCRIPT_DELTA], "transcription event is an array, not an object"),
+        (None, "transcription event is null, not an object"),
+        ("transcript.text.done", "transcription event is a string, not an object"),
+        ({"type": 1}, "transcription event.type is a number, not a string"),
+        ({"type": "transcript.text.delta", "delta": 3}, "event.delta is a number, not a string"),
+        ({"type": "transcript.text.done", "text": {}}, "event.text is an object, not a string"),
+        ({**TRANSCRIPT_DELTA, "logprobs": {}}, "event.logprobs is an object, not an array"),
+        ({**TRANSCRIPT_DELTA, "logprobs": ["a"]}, "logprobs[0] is a string, not an object"),
+        ({**TRANSCRIPT_DELTA, "logprobs": [{"logprob": "-1"}]}, ".logprob is a string, not a"),
+        ({**TRANSCRIPT_DELTA, "logprobs": [{"token": 7}]}, "logprobs[0].token is a number"),
+        ({**TRANSCRIPT_DELTA, "logprobs": [{"bytes": [300]}]}, "other than bytes (0-255)"),
+        ({"type": "transcript.text.segment", "start": "0"}, "segment.start is a string, not a"),
+        ({"type": "transcript.text.segment", "speaker": []}, "segment.speaker is an array"),
+    ],
+)
+async def test_a_transcription_event_of_the_wrong_shape_is_the_providers_failure_naming_it(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI, event: object, said: str
+) -> None:
+    await server.control(raw={"transcriptions": [sse(json.dumps(event))]})
+    stt = OpenAISpeechToText(client)
+    with pytest.raises(ProviderError) as caught:
+        _ = [t async for t in stt.transcribe(utterance(200))]
+    assert said in str(caught.value), caught.value
+    assert str(caught.value).startswith(f"{stt.name}: malformed answer: ")
+    assert not caught.value.retryable
+    heard = [t async for t in stt.transcribe(utterance(200))]
+    assert heard[-1].text == "heard 200 milliseconds at 16000 hertz"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "said"),
+    [
+        (b'["heard"]', "application/json", "transcription body is an array, not an object"),
+        (b'{"text": 5}', "application/json", "transcription body.text is a number, not a string"),
+        (b"{heard", "application/json", "transcription body is not application/json"),
+        (b"\xffheard", "text/plain", "transcription body is not text/plain"),
+    ],
+)
+async def test_a_transcription_body_of_the_wrong_shape_is_the_providers_failure_naming_it(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI, body: bytes, content_type: str, said: str
+) -> None:
+    """A server that does not stream (whisper-1) answers one body: it too is checked."""
+    await server.control(raw={"transcriptions": [raw(body, content_type)]})
+    with pytest.raises(ProviderError) as caught:
+        _ = [t async for t in OpenAISpeechToText(client, "whisper-1").transcribe(utterance(200))]
+    assert said in str(caught.value), caught.value

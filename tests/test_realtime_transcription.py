@@ -101,7 +101,7 @@ async def failing_stt(
         assert await process.stop() == 0, process.log_tail()
     records = re.split(r"\n(?=\d{4}-\d\d-\d\d )", (log_dir / "transceiver.log").read_text())
     for record in records:
-        injected = ("injected 400 on transcriptions", "injected 400 on chat")
+        injected = ("injected 400 on transcriptions", "injected 400 on chat", "malformed answer")
         assert "Traceback" not in record or any(i in record for i in injected), record
 
 
@@ -370,6 +370,44 @@ async def test_a_failed_response_says_why_in_openais_shape(
             details = {"type": "failed", "error": {"type": "server_error", "code": error["code"]}}
             assert failed["status_details"] == details, failed
             assert error["code"] == "provider_error", error
+            await connection.response.create()
+            done = (await events.next("response.done"))["response"]
+            assert (done["status"], done["status_details"]) == ("completed", None), done
+    finally:
+        await server.reset()
+
+
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        (b"[]", "chat chunk is an array, not an object"),
+        (b'{"choices": [{"delta": {"content": 5}}]}', "delta.content is a number, not a string"),
+    ],
+)
+async def test_a_chat_stream_of_the_wrong_shape_fails_the_response_and_the_session_goes_on(
+    failing_stt: str, server: FakeOpenAIServer, data: bytes, said: str
+) -> None:
+    """The language model's server streams JSON that is not a chat chunk: the response fails
+    as the provider's (an ``error`` naming what was wrong, ``response.done`` failed, no bug in
+    the transceiver's log: the fixture checks), and the next response completes."""
+    await server.reset()
+    stream = b"data: " + data + b"\n\ndata: [DONE]\n\n"
+    raw = {"body_base64": base64.b64encode(stream).decode(), "content_type": "text/event-stream"}
+    await server.control(raw={"chat": [raw]})
+    client = openai_client(failing_stt, API_KEY)
+    try:
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            events = Events(connection)
+            await events.next("session.created")
+            text = {"type": "input_text", "text": "Hello?"}
+            item = {"type": "message", "role": "user", "content": [text]}
+            await connection.conversation.item.create(item=item)  # type: ignore[arg-type]
+            await connection.response.create()
+            error = (await events.next("error"))["error"]
+            assert error["code"] == "provider_error", error
+            assert "ProviderError" in error["message"] and said in error["message"], error
+            failed = (await events.next("response.done"))["response"]
+            assert failed["status"] == "failed", failed
             await connection.response.create()
             done = (await events.next("response.done"))["response"]
             assert (done["status"], done["status_details"]) == ("completed", None), done
