@@ -290,3 +290,39 @@ async def test_an_earlier_call_s_id_reaches_its_session_resumed_on_the_other_wor
     finally:
         await first_peer.close()
         await resumed.close()
+
+
+async def test_the_lingering_calls_hang_up_on_the_resumed_calls_worker_ends_it_alone(
+    pod: Pod,
+) -> None:
+    """A call on one worker, resumed by a new call on the other: the first call's client's late
+    hang-up, landing on the resumed call's worker (the pod's port spreads connections over the
+    workers) while the first call lingers, ends the first call alone; the resumed call goes on
+    (a sideband still drives it). Once the first call is gone, a hang-up naming it there ends
+    the resumed call."""
+    first_peer, resumed = RealtimeClient(), RealtimeClient()
+    try:
+        first = await answered(pod.base_url, first_peer)
+        first_id = first.headers["Location"].rsplit("/", 1)[1]
+        named = int(first_id[4:6], 16)
+        resume = {name: first.headers[name] for name in (SESSION_HEADER, TOKEN_HEADER)}
+        second = await answered(pod.private_urls[1 - named], resumed, resume)
+        second_id = second.headers["Location"].rsplit("/", 1)[1]
+        await first_peer.wait_for("error", lambda e: e["error"]["code"] == "session_taken_over")
+        await run_by(pod, first_id, 1 - named)
+        url = pod.private_urls[1 - named] + "/v1/realtime/calls/"
+        async with httpx.AsyncClient(timeout=30) as http:
+            late = await http.delete(url + first_id, headers=AUTH)  # the lingering call's client
+        assert late.status_code == 204, late.text
+        async with sdk(pod.private_urls[1 - named]).realtime.connect(call_id=second_id) as side:
+            await side.session.update(session={"type": "realtime", "instructions": "Still."})
+            updated = await next_event(side, "session.updated")
+            assert updated["session"]["instructions"] == "Still.", updated
+        async with httpx.AsyncClient(timeout=30) as http:
+            resumed_ended = await http.delete(url + first_id, headers=AUTH)
+            gone = await http.delete(url + second_id, headers=AUTH)
+        assert resumed_ended.status_code == 204, resumed_ended.text
+        assert (gone.status_code, gone.json()["error"]["code"]) == (404, "call_not_found")
+    finally:
+        await first_peer.close()
+        await resumed.close()

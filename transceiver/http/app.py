@@ -37,16 +37,17 @@ call id its worker; a signed hop, never forwarded again; a hop header that does 
 ``403 invalid_hop``), and the owner's answer is the caller's (a worker of the pod that does not
 answer: ``503 worker_unavailable``). A hang-up naming an earlier call of a session resumed since
 ends the call that runs the session now, as a sideband naming that call reaches it (while the
-earlier call lingers to tell its client the session was taken over, a hang-up naming it here
-ends that call alone: its client's own late hang-up). A session resumes through its own
-contract's endpoint only (a GPT-Live session at ``POST /v1/live/sessions``, a Realtime one
-here): the other answers 409 ``session_contract_mismatch``. A transcription session resumes here
-too, by a request that asks for one (an ``ek_`` secret minted for a transcription session, or
-its own ``session.type``): it speaks transcription again with its stored config; a Realtime
-session asked for as a transcription one, or the other way round, is 409
-``session_contract_mismatch``. ``/readyz`` says ``"redis": "ok"|"degraded"`` and stays 200 while
-Redis is away (calls work without it, see ``persistence``); it turns 503 ``task_failing`` when
-an owned loop keeps crashing."""
+earlier call lingers to tell its client the session was taken over, a hang-up naming it ends
+that call alone: its client's own late hang-up; in a pod, the worker the call id names is asked
+first, wherever the hang-up lands, and only its 404 leads on to the session's new call). A
+session resumes through its own contract's endpoint only (a GPT-Live session at ``POST
+/v1/live/sessions``, a Realtime one here): the other answers 409 ``session_contract_mismatch``.
+A transcription session resumes here too, by a request that asks for one (an ``ek_`` secret
+minted for a transcription session, or its own ``session.type``): it speaks transcription again
+with its stored config; a Realtime session asked for as a transcription one, or the other way
+round, is 409 ``session_contract_mismatch``. ``/readyz`` says ``"redis": "ok"|"degraded"``
+and stays 200 while Redis is away (calls work without it, see ``persistence``); it turns 503
+``task_failing`` when an owned loop keeps crashing."""
 
 from __future__ import annotations
 
@@ -250,6 +251,8 @@ def create_app(
         await _authorised_call(auth, request)
         try:
             came = _hop_stage(sidebands.owners, call_id, request)
+            if ended := await _hang_up_at_its_worker(forwarder, sidebands, call_id, request, came):
+                return ended
             if await sidebands.hang_up_here(call_id):
                 return Response(status_code=204)
             return await _hang_up_at_owner(sidebands.owners, forwarder, call_id, request, came)
@@ -286,6 +289,25 @@ def _hop_stage(owners: OwnerRouting, call_id: str, request: Request) -> str | No
     """The stage of a hang-up forwarded by another transceiver (None: the client's own)."""
     headers = request.headers
     return owners.stage_of(hop_header_of(headers), HANGUP, call_id, headers.get("authorization"))
+
+
+async def _hang_up_at_its_worker(
+    forwarder: OwnerForwarder,
+    sidebands: Sidebands,
+    call_id: str,
+    request: Request,
+    came: str | None,
+) -> Response | None:
+    """A hang-up for a call another worker of the pod began, as that worker answers it when
+    the call still runs there: one whose session was taken over lingers there to tell its
+    client, and its client's late hang-up ends it alone, wherever it lands (the directory and
+    this worker's calls lead to the session's new call). None: it does not run there (404),
+    or that worker does not answer (the directory's owner is asked next)."""
+    hop = sidebands.owners.named_hop(HANGUP, call_id, request.headers.get("authorization"), came)
+    if hop is None:
+        return None
+    answer = await forwarder.forward(request, hop.address, hop_headers(hop.header))
+    return None if answer is None or answer.status_code == 404 else answer
 
 
 async def _hang_up_at_owner(

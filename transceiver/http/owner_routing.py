@@ -118,6 +118,19 @@ class OwnerRouting:
         signed = signed_target(kind, target_id, stage)
         return Hop(address, keys.sign(signed, authorization, self._clock()), stage)
 
+    def named_hop(
+        self, kind: Kind, target_id: str, authorization: str | None, came: str | None
+    ) -> Hop | None:
+        """The hop to the sibling worker a call id names, whatever the directory says (None:
+        the id names this worker or none of the pod's, or the request may go no further)."""
+        named = self._named_sibling(kind, target_id)
+        keys = self._keys[WITHIN_POD]
+        if named is None or keys is None or came == WITHIN_POD:
+            return None
+        address, stage = named
+        signed = signed_target(kind, target_id, stage)
+        return Hop(address, keys.sign(signed, authorization, self._clock()), stage)
+
     async def _route(self, kind: Kind, target_id: str) -> tuple[Address, str]:
         """Where the target runs, and the stage of the hop there: where the directory's owner
         is (a sibling worker of this pod, or another transceiver); without one, the sibling a
