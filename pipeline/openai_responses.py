@@ -26,6 +26,9 @@ is a tool call once ``response.output_item.done`` carries it whole (its argument
 ``response.function_call_arguments.delta``/``done`` are checked against it);
 ``response.completed`` or ``response.incomplete`` end it with the usage; ``response.failed``
 and ``error`` are the server's failure (retryable); a stream that ends without any of them too.
+The SDK builds each event without checking it: an event that is not a JSON object, or a field
+read here of another type than the API's, is the server's failure too (``streamed_json``: not
+retryable, the message names the field).
 """
 
 from __future__ import annotations
@@ -49,8 +52,14 @@ from openai.types.responses.response_create_params import (
 )
 from openai.types.responses.response_create_params import ToolChoice as ToolChoiceParam
 from openai.types.responses.response_input_item_param import FunctionCallOutput
+from pydantic import BaseModel
 
-from pipeline.openai_providers import TRANSPORT_ERRORS, OpenAIModelClient, provider_error
+from pipeline.openai_providers import (
+    TRANSPORT_ERRORS,
+    OpenAIModelClient,
+    decoded,
+    provider_error,
+)
 from pipeline.providers import (
     ForcedTool,
     LanguageModelEvent,
@@ -62,6 +71,7 @@ from pipeline.providers import (
     ToolSpec,
     Usage,
 )
+from pipeline.streamed_json import StreamShapeError, count_of, kind, text_of
 
 
 class OpenAIResponsesLanguageModel(OpenAIModelClient):
@@ -91,49 +101,84 @@ class OpenAIResponsesLanguageModel(OpenAIModelClient):
                 stream_cls=openai.AsyncStream[ResponseStreamEvent],
             )
             async with stream:
-                async for event in self._events(stream):
+                async for event in self._events(decoded(stream, "Responses event")):
                     yield event
-        except (openai.OpenAIError, *TRANSPORT_ERRORS) as error:
+        except (openai.OpenAIError, StreamShapeError, *TRANSPORT_ERRORS) as error:
             raise provider_error(self.name, error) from error
 
-    async def _events(
-        self, stream: AsyncIterator[ResponseStreamEvent]
-    ) -> AsyncIterator[LanguageModelEvent]:
+    async def _events(self, stream: AsyncIterator[object]) -> AsyncIterator[LanguageModelEvent]:
         arguments: dict[str, str] = {}  # function_call item id -> its arguments as streamed
-        async for event in stream:
-            if event.type == "response.output_text.delta":
-                yield TextDelta(event.delta)
-            elif event.type == "response.function_call_arguments.delta":
-                arguments[event.item_id] = arguments.get(event.item_id, "") + event.delta
-            elif event.type == "response.function_call_arguments.done":
-                arguments[event.item_id] = event.arguments
-            elif event.type == "response.output_item.done":
-                if isinstance(event.item, ResponseFunctionToolCall):
-                    yield self._tool_call(event.item, arguments)
-            elif event.type == "response.completed" or event.type == "response.incomplete":
-                usage = event.response.usage
-                if usage is not None:
-                    yield Usage(usage.input_tokens, usage.output_tokens)
+        async for value in stream:
+            event, kind = _event(value)
+            if kind == "response.output_text.delta":
+                yield TextDelta(_text(event, "delta"))
+            elif kind == "response.function_call_arguments.delta":
+                item_id = _text(event, "item_id")
+                arguments[item_id] = arguments.get(item_id, "") + _text(event, "delta")
+            elif kind == "response.function_call_arguments.done":
+                arguments[_text(event, "item_id")] = _text(event, "arguments")
+            elif kind == "response.output_item.done":
+                item = getattr(event, "item", None)
+                if isinstance(item, ResponseFunctionToolCall):
+                    yield self._tool_call(item, arguments)
+            elif kind in ("response.completed", "response.incomplete"):
+                if (usage := _usage(event)) is not None:
+                    yield usage
                 return
-            elif event.type in ("response.failed", "error"):
-                raise ProviderError(self.name, _failure(event), retryable=True)
+            elif kind in ("response.failed", "error"):
+                raise ProviderError(self.name, _failure(event, kind), retryable=True)
         raise ProviderError(self.name, "stream ended without response.completed", retryable=True)
 
     def _tool_call(self, item: ResponseFunctionToolCall, streamed: dict[str, str]) -> ToolCall:
         """The call as its done item carries it; streamed arguments that differ are an error."""
-        if item.id is not None and streamed.get(item.id, item.arguments) != item.arguments:
-            message = f"function call {item.call_id}: streamed arguments differ from the item's"
+        call_id, name, arguments = (_text(item, f) for f in ("call_id", "name", "arguments"))
+        item_id = _text(item, "id") or None
+        if item_id is not None and streamed.get(item_id, arguments) != arguments:
+            message = f"function call {call_id}: streamed arguments differ from the item's"
             raise ProviderError(self.name, message, retryable=True)
-        return ToolCall(item.call_id, item.name, item.arguments)
+        return ToolCall(call_id, name, arguments)
 
 
-def _failure(event: ResponseStreamEvent) -> str:
-    if event.type == "error":
-        return f"error event: {event.code}: {event.message}"
-    if event.type == "response.failed" and event.response.error is not None:
-        error = event.response.error
-        return f"response.failed: {error.code}: {error.message}"
-    return event.type
+def _event(value: object) -> tuple[BaseModel, str]:
+    """A streamed event as the SDK built it, and its type; StreamShapeError when the server's
+    JSON was not an object with a string ``type``."""
+    if not isinstance(value, BaseModel):
+        raise StreamShapeError(f"Responses event is {kind(value)}, not an object")
+    return value, text_of(getattr(value, "type", None), "Responses event.type")
+
+
+def _text(model: BaseModel, name: str) -> str:
+    """A string field of an event or item ("" when absent or null)."""
+    where = f"{text_of(getattr(model, 'type', None), 'type')}.{name}"
+    return text_of(getattr(model, name, None), where)
+
+
+def _usage(event: BaseModel) -> Usage | None:
+    """The usage a ``response.completed`` or ``response.incomplete`` event carries, if any."""
+    response = getattr(event, "response", None)
+    if response is not None and not isinstance(response, BaseModel):
+        raise StreamShapeError(
+            f"{_text(event, 'type')}.response is {kind(response)}, not an object"
+        )
+    usage = getattr(response, "usage", None)
+    if usage is None:
+        return None
+    if not isinstance(usage, BaseModel):
+        raise StreamShapeError(f"the response's usage is {kind(usage)}, not an object")
+    where = "the response's usage"
+    input_tokens = count_of(getattr(usage, "input_tokens", None), f"{where}.input_tokens")
+    output_tokens = count_of(getattr(usage, "output_tokens", None), f"{where}.output_tokens")
+    return Usage(input_tokens, output_tokens)
+
+
+def _failure(event: BaseModel, kind: str) -> str:
+    """What a ``response.failed`` or ``error`` event says went wrong (its fields as sent)."""
+    if kind == "error":
+        return f"error event: {getattr(event, 'code', None)}: {getattr(event, 'message', None)}"
+    error = getattr(getattr(event, "response", None), "error", None)
+    if error is not None:
+        return f"response.failed: {getattr(error, 'code', None)}: {getattr(error, 'message', None)}"
+    return kind
 
 
 # --- the request ----------------------------------------------------------------------------

@@ -44,12 +44,16 @@ def list_field(value: dict[str, Any], key: str, where: str) -> list[Any]:
 
 def text_field(value: dict[str, Any], key: str, where: str) -> str:
     """The string at ``key`` ("" when absent or null)."""
-    field = value.get(key)
-    if field is None:
+    return text_of(value.get(key), f"{where}.{key}")
+
+
+def text_of(value: object, where: str) -> str:
+    """``value`` if it is a string, "" if it is None (absent or null), else StreamShapeError."""
+    if value is None:
         return ""
-    if not isinstance(field, str):
-        raise StreamShapeError(f"{where}.{key} is {kind(field)}, not a string")
-    return field
+    if not isinstance(value, str):
+        raise StreamShapeError(f"{where} is {kind(value)}, not a string")
+    return value
 
 
 def number_field(value: dict[str, Any], key: str, where: str) -> float:
@@ -64,12 +68,16 @@ def number_field(value: dict[str, Any], key: str, where: str) -> float:
 
 def count_field(value: dict[str, Any], key: str, where: str) -> int:
     """The non-negative integer at ``key`` (0 when absent or null)."""
-    field = value.get(key)
-    if field is None:
+    return count_of(value.get(key), f"{where}.{key}")
+
+
+def count_of(value: object, where: str) -> int:
+    """``value`` if it is a non-negative integer, 0 if it is None, else StreamShapeError."""
+    if value is None:
         return 0
-    if isinstance(field, bool) or not isinstance(field, int) or field < 0:
-        raise StreamShapeError(f"{where}.{key} is {kind(field)}, not a non-negative integer")
-    return field
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StreamShapeError(f"{where} is {kind(value)}, not a non-negative integer")
+    return value
 
 
 def kind(value: object) -> str:

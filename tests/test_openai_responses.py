@@ -4,6 +4,7 @@ OpenAI server's streamed ``/v1/responses``; a session's model per request (``ans
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from typing import Any
 
@@ -226,3 +227,61 @@ def test_the_llm_api_is_a_setting() -> None:
     assert PipelineConfig.from_env({"PIPELINE_LLM_API": "responses"}).llm_api == "responses"
     with pytest.raises(ConfigError, match="PIPELINE_LLM_API must be one of chat, responses"):
         PipelineConfig.from_env({"PIPELINE_LLM_API": "completions"})
+
+
+DELTA = {"type": "response.output_text.delta", "item_id": "m", "output_index": 0, "delta": "Hi"}
+CALL = {"type": "function_call", "id": "fc", "call_id": "c", "name": "lookup", "arguments": "{}"}
+
+
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        (b"[]", "Responses event is an array, not an object"),
+        (b"null", "Responses event is null, not an object"),
+        (b"{bad", "Responses event is not JSON: "),
+        (b'{"type": 3}', "Responses event.type is a number, not a string"),
+        (json.dumps({**DELTA, "delta": 5}), "output_text.delta.delta is a number, not a string"),
+        (
+            json.dumps(
+                {"type": "response.function_call_arguments.delta", "item_id": [], "delta": ""}
+            ),
+            "response.function_call_arguments.delta.item_id is an array, not a string",
+        ),
+        (
+            json.dumps({"type": "response.output_item.done", "item": {**CALL, "arguments": 5}}),
+            "function_call.arguments is a number, not a string",
+        ),
+        (
+            json.dumps({"type": "response.completed", "response": 7}),
+            "response.completed.response is a number, not an object",
+        ),
+        (
+            json.dumps({"type": "response.completed", "response": {"usage": [1, 2]}}),
+            "the response's usage is an array, not an object",
+        ),
+        (
+            json.dumps(
+                {"type": "response.completed", "response": {"usage": {"input_tokens": "2"}}}
+            ),
+            "the response's usage.input_tokens is a string, not a non-negative integer",
+        ),
+    ],
+)
+async def test_an_event_of_the_wrong_shape_is_the_providers_failure_naming_it(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI, data: str | bytes, said: str
+) -> None:
+    """The SDK builds each event without checking it: an event that is not an object, or a
+    field of another type, is a ProviderError naming it (not an AttributeError or a TypeError
+    further on), after what came before it."""
+    body = b"data: " + json.dumps(DELTA).encode() + b"\n\ndata: "
+    body += (data.encode() if isinstance(data, str) else data) + b"\n\n"
+    raw = {"body_base64": base64.b64encode(body).decode(), "content_type": "text/event-stream"}
+    await server.control(raw={"responses": [raw]})
+    llm = OpenAIResponsesLanguageModel(client)
+    events: list[Any] = []
+    with pytest.raises(ProviderError) as caught:
+        async for event in llm.generate([Message("user", "hi there")], [LOOKUP]):
+            events.append(event)
+    assert events == [TextDelta("Hi")]
+    assert str(caught.value).startswith(f"{llm.name}: malformed answer: "), caught.value
+    assert said in str(caught.value) and not caught.value.retryable, caught.value
