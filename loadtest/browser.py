@@ -38,6 +38,37 @@ async ([seconds]) => {
 }
 """
 
+# Installed before the page's scripts: getUserMedia answers with a clone of one WebAudio
+# stream (silence until a clip plays), and __testMic.say(wav_b64) plays a clip into it,
+# resolving once it has been played.
+MIC_JS = """
+(() => {
+  const ctx = new AudioContext({ sampleRate: 48000 });
+  const out = ctx.createMediaStreamDestination();
+  // Chromium sends no audio at all while nothing plays into the destination: keep a silent
+  // source connected so that the microphone sends silence between questions, as a real one.
+  const hush = new ConstantSourceNode(ctx, { offset: 0 });
+  hush.connect(out);
+  hush.start();
+  window.__testMic = {
+    async say(b64) {
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      const buffer = await ctx.decodeAudioData(bytes.buffer);
+      await ctx.resume();
+      const source = ctx.createBufferSource();
+      source.buffer = buffer;
+      source.connect(out);
+      const ended = new Promise((done) => { source.onended = done; });
+      source.start();
+      await ended;
+      return buffer.duration;
+    },
+  };
+  navigator.mediaDevices.getUserMedia = async () =>
+    new MediaStream(out.stream.getAudioTracks().map((track) => track.clone()));
+})();
+"""
+
 
 def chromium_args(fake_audio: Path | None) -> list[str]:
     args = [

@@ -14,8 +14,8 @@ page's **Hang up** button does (a resume with its token then answers 410 ``sessi
 The microphone: Chromium's file-backed fake device plays one WAV from the moment the page opens
 the microphone, and the page opens it again when it resumes (restarting the file). So the page's
 getUserMedia is pointed at a WebAudio stream instead, and the test speaks each question into it
-when the conversation is ready for it (``MIC_JS``). Everything after the microphone is the
-client's own code path.
+when the conversation is ready for it (``loadtest.browser.MIC_JS``). Everything after the
+microphone is the client's own code path.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from test_sdp import CHROME_OFFER
 from deploy.launched import Launched, launched
 from deploy.redis_server import redis_server_binary
 from deploy.waiting import poll
-from loadtest.browser import chromium, recorded_audio
+from loadtest.browser import MIC_JS, chromium, recorded_audio
 from loadtest.voice_audio import Speaker, hear, voiced, write_wav
 from relay.wire.redis_config import RedisConfig
 from transceiver.store.errors import SessionEndedError
@@ -70,37 +70,6 @@ STACK_ENV = {
     "PIPELINE_PIPER_NOISE_SCALE": "0",  # deterministic speech, easier to recognise
     "PIPELINE_PIPER_NOISE_W_SCALE": "0",
 }
-
-# Installed before the page's scripts: getUserMedia answers with a clone of one WebAudio
-# stream (silence until a clip plays), and __testMic.say(wav_b64) plays a clip into it,
-# resolving once it has been played.
-MIC_JS = """
-(() => {
-  const ctx = new AudioContext({ sampleRate: 48000 });
-  const out = ctx.createMediaStreamDestination();
-  // Chromium sends no audio at all while nothing plays into the destination: keep a silent
-  // source connected so that the microphone sends silence between questions, as a real one.
-  const hush = new ConstantSourceNode(ctx, { offset: 0 });
-  hush.connect(out);
-  hush.start();
-  window.__testMic = {
-    async say(b64) {
-      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-      const buffer = await ctx.decodeAudioData(bytes.buffer);
-      await ctx.resume();
-      const source = ctx.createBufferSource();
-      source.buffer = buffer;
-      source.connect(out);
-      const ended = new Promise((done) => { source.onended = done; });
-      source.start();
-      await ended;
-      return buffer.duration;
-    },
-  };
-  navigator.mediaDevices.getUserMedia = async () =>
-    new MediaStream(out.stream.getAudioTracks().map((track) => track.clone()));
-})();
-"""
 
 
 # --- the page ----------------------------------------------------------------------------------
