@@ -1,10 +1,11 @@
 """OpenAI (or any OpenAI-compatible server) behind the three provider Protocols.
 
 I/O layer. Each provider is one small streaming method; it maps the ``openai`` package's
-exceptions to ``ProviderError`` and nothing more. Retries, timeouts, circuit breaking and
-fallback belong to ``pipeline.resilience``: the client is therefore used with
-``max_retries=0``, so a failing call reaches the wrapper once instead of being retried twice
-inside the SDK behind the retry budget's back.
+exceptions, and an answer not of the API's shape (``streamed_json``: a chunk or event that is
+not a JSON object, a field of another type), to ``ProviderError`` and nothing more. Retries,
+timeouts, circuit breaking and fallback belong to ``pipeline.resilience``: the client is
+therefore used with ``max_retries=0``, so a failing call reaches the wrapper once instead of
+being retried twice inside the SDK behind the retry budget's back.
 """
 
 from __future__ import annotations
