@@ -460,11 +460,18 @@ class Reorder(Generic[T]):
         delta = ((sequence - self.highest + 0x8000) & 0xFFFF) - 0x8000
         return self.highest + delta
 
-    def push(self, sequence: int, item: T) -> list[tuple[int, T]]:
+    def take_next(self, sequence: int) -> bool:
+        """The usual packet: if ``sequence`` is the one expected and nothing is held, take it
+        (it may go on at once, nothing missing before it) and say so; else change nothing and
+        say no (``push`` it)."""
         expected = self.next
-        if expected is not None and not self.held and sequence == expected & 0xFFFF:
-            # the usual packet: the one expected, nothing held (so the highest is the one before)
-            self.highest, self.next = expected, expected + 1
+        if expected is None or self.held or sequence != expected & 0xFFFF:
+            return False
+        self.highest, self.next = expected, expected + 1  # nothing held: the highest was before
+        return True
+
+    def push(self, sequence: int, item: T) -> list[tuple[int, T]]:
+        if self.take_next(sequence):
             return [(0, item)]
         if self.next is None:
             self.next, self.highest = sequence + 1, sequence
@@ -821,10 +828,16 @@ class LeanCall:
             counters["rtp_dropped"] += 1
             return
         counters["rtp_in"] += 1
-        stats = self._stats
+        stats, reorder = self._stats, self._reorder
+        if view.ssrc == stats.ssrc and reorder.take_next(view.sequence):
+            # the usual packet, the next one with nothing held: decoded at once, without a
+            # list of releases or the lateness and hold bookkeeping (of the ~7 us a packet
+            # costs outside the codec, ~0.4 us: tests/test_lean_media_inbound.py's path)
+            stats.packet(view.ssrc, reorder.highest, view.timestamp, time.monotonic())
+            self._play_next(packet[view.start : view.end])
+            return
         if view.ssrc != stats.ssrc:
-            self._reorder = Reorder()  # a new stream (first packet, or the caller changed SSRC)
-        reorder = self._reorder
+            self._reorder = reorder = Reorder()  # a new stream (first packet, or a new SSRC)
         late_before, held_before = reorder.late, len(reorder.held)
         released = reorder.push(view.sequence, packet[view.start : view.end])
         stats.packet(view.ssrc, reorder.extend(view.sequence), view.timestamp, time.monotonic())
@@ -832,6 +845,20 @@ class LeanCall:
         if reorder.held and (released or not held_before):
             self._held_since_tick = self.media.ticks  # the oldest held packet is this recent
         self._play(released)
+
+    def _play_next(self, payload: bytes) -> None:
+        """``_play`` of one packet with nothing missing before it."""
+        decoder = self._decoder
+        if decoder is None:
+            if self.heard.rate_hz is None:
+                self.counters["rtp_unheard"] += 1
+                return
+            decoder = self._new_decoder(self.heard.rate_hz)
+        pcm = decoder.decode(payload)
+        if pcm is None:
+            self.counters["decode_errors"] += 1
+            return
+        self._deliver(pcm)
 
     def _play(self, released: list[tuple[int, bytes]]) -> None:
         heard = self.heard
