@@ -155,11 +155,13 @@ def loud_frames(frames: list[bytes]) -> int:
 
 
 @asynccontextmanager
-async def chromium_in(path: ImpairedPath, fake_audio: Path, origin: str) -> AsyncIterator[Browser]:
+async def chromium_in(
+    path: ImpairedPath, fake_audio: Path | None, origin: str
+) -> AsyncIterator[Browser]:
     """Headless Chromium running in the path's namespace (``ip netns exec`` in front of it;
     Playwright drives it over pipes, which cross namespaces), its microphone playing
-    ``fake_audio``; the web client's ``origin`` (plain HTTP, not loopback) counts as secure,
-    as getUserMedia requires."""
+    ``fake_audio`` (None: Chromium's fake device, for a page that scripts its own); the web
+    client's ``origin`` (plain HTTP, not loopback) counts as secure, as getUserMedia requires."""
     wrapper = path.log_dir / "chromium-in-netns"
     wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {path.netns} {CHROMIUM} "$@"\n')
     wrapper.chmod(0o755)
@@ -173,7 +175,7 @@ async def chromium_in(path: ImpairedPath, fake_audio: Path, origin: str) -> Asyn
             await browser.close()
 
 
-def _args(fake_audio: Path, host: str, origin: str) -> list[str]:
+def _args(fake_audio: Path | None, host: str, origin: str) -> list[str]:
     """``loadtest.browser``'s flags; the host's address reachable as 127.0.0.1 is there."""
     rules = "--host-resolver-rules="
     args = [

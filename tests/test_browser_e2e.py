@@ -89,10 +89,15 @@ async def mint(stack: Launched, session: dict[str, Any] | None = None) -> str:
 # --- the page --------------------------------------------------------------------------------
 
 
-async def open_client(browser: Browser, url: str) -> tuple[Page, list[str]]:
+async def open_client(
+    browser: Browser, url: str, init_script: str | None = None
+) -> tuple[Page, list[str]]:
+    """The web client loaded (``init_script`` run before its own scripts); its page errors."""
     page = await browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    if init_script is not None:
+        await page.add_init_script(init_script)
     await page.goto(url)
     await page.wait_for_function("window.voicerelay !== undefined", timeout=10_000)
     return page, errors
