@@ -167,6 +167,18 @@ def redis_command(host: str, data_dir: str) -> tuple[Command, str] | None:
 LOOPBACK_NETWORKS = "127.0.0.0/8,::1/128"
 
 
+# The rule-based agent's fixed replies are synthesized as a transceiver starts
+# (pipeline.speech_prewarm); pauses count from the voice's end, not webrtcvad's hangover after
+# it, and the end-of-turn model hears the silence that hangover gave it (pipeline.vad): turns
+# end ~110 ms sooner in Chromium (README, the rule brain's numbers). Off:
+# PIPELINE_VAD_VOICE_END_DB=inf PIPELINE_VAD_MODEL_PAD_MS=0. The image sets the same.
+OFFLINE_DEFAULTS = {
+    "PIPELINE_SPEECH_PREWARM": "1",
+    "PIPELINE_VAD_VOICE_END_DB": "40",
+    "PIPELINE_VAD_MODEL_PAD_MS": "120",
+}
+
+
 def random_keyring() -> str:
     return f"1:{secrets.token_hex(32)}"
 
@@ -177,9 +189,8 @@ def commands(config: StackConfig, keys: str, redis_url: str | None) -> list[Comm
     env = {"TRANSCEIVER_SECRET_KEYS": random_keyring()}  # never given to the relay
     env |= {"REDIS_URL": redis_url} if redis_url else {}
     env |= {"PIPELINE_LLM": config.llm} if config.llm else {}
-    # The rule-based agent's fixed replies are synthesized as a transceiver starts
-    # (pipeline.speech_prewarm), unless the caller's environment says otherwise.
-    env |= {"PIPELINE_SPEECH_PREWARM": os.environ.get("PIPELINE_SPEECH_PREWARM", "1")}
+    # The offline stack's defaults, unless the caller's environment says otherwise.
+    env |= {name: os.environ.get(name, value) for name, value in OFFLINE_DEFAULTS.items()}
     # Behind the front door every request comes from it: its X-Forwarded-For names the client
     # (the per-address rate limit), trusted only from the loopback addresses it connects from.
     env |= {"TRANSCEIVER_TRUSTED_PROXIES": LOOPBACK_NETWORKS} if config.front_door else {}

@@ -86,15 +86,17 @@ class VadConfig:
     model: str = "auto"
     # a voiced frame this far under its utterance's loudest is the voice's fading tail, and
     # pauses count from before it (pipeline.vad: ~100 ms sooner on piper's voice); math.inf,
-    # the default: from webrtcvad's own end, whose hangover the pauses were tuned with (at the
-    # voice's end semantic_vad's model, hearing less silence, says "not yet" more often)
+    # the library's default: from webrtcvad's own end, whose hangover the pauses were tuned
+    # with (at the voice's end semantic_vad's model, hearing less silence, says "not yet" more
+    # often). 40, with model_pad_ms 120, in make run's stack and the image (deploy/local.py)
     voice_end_db: float = math.inf
     # digital silence after what the end-of-turn model hears (pipeline.vad): with the pauses
-    # counted from the voice's end, the silence webrtcvad's tail used to add. Off: with
-    # voice_end_db 40 and 120 ms, piper's complete turns end 400 ms sooner than the window
-    # (300 now) and 6 of 10 mid-sentence pauses are cut as now, but not the same ones (7 at
-    # 100 ms, 8 at 150); people's recordings unchanged (their noise floor hides the voice's
-    # end); and the model is asked at gaps inside sentences it never heard before
+    # counted from the voice's end, the silence webrtcvad's tail used to add. With voice_end_db
+    # 40 and 120 ms, piper's complete turns end 400 ms sooner than the window (300 without)
+    # and 6 of 10 mid-sentence pauses are cut as without, but not the same ones (7 at 100 ms,
+    # 8 at 150); people's recordings unchanged (their noise floor hides the voice's end). The
+    # model is asked at gaps inside sentences it never was before: the words are then
+    # transcribed again whole when the user goes on (pipeline.stretches)
     model_pad_ms: int = 0
 
     def __post_init__(self) -> None:

@@ -366,3 +366,27 @@ def test_transceivers_behind_the_front_door_trust_its_forwarded_address_only() -
     assert all("TRANSCEIVER_TRUSTED_PROXIES" not in c.env for c in alone)
     with pytest.raises(ConfigError):
         _networks("127.0.0.1/40")
+
+
+def test_make_runs_stack_and_the_image_set_the_same_offline_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The transceivers of make run's stack and the image's environment: the prewarmed replies
+    and the pauses counted from the voice's end (VadConfig.voice_end_db, model_pad_ms); the
+    caller's environment overrides make run's."""
+    from deploy import local
+    from pipeline.config import PipelineConfig
+
+    keys = "1:" + "00" * 32
+    for name in local.OFFLINE_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    (transceiver,) = [c for c in local.commands(local.parse_args([]), keys, None) if c.env]
+    final = stages(DOCKERFILE.read_text())[-1]
+    image = dict(item.split("=", 1) for rest in final.all("ENV") for item in shlex.split(rest))
+    for env in (transceiver.env, image):
+        assert {name: env.get(name) for name in local.OFFLINE_DEFAULTS} == local.OFFLINE_DEFAULTS
+        vad = PipelineConfig.from_env(env).engine_config().vad
+        assert (vad.voice_end_db, vad.model_pad_ms) == (40.0, 120)
+    monkeypatch.setenv("PIPELINE_VAD_VOICE_END_DB", "inf")
+    (transceiver,) = [c for c in local.commands(local.parse_args([]), keys, None) if c.env]
+    assert transceiver.env["PIPELINE_VAD_VOICE_END_DB"] == "inf"
