@@ -11,7 +11,7 @@ transcribed again from its start, so the turn's transcript is always one transcr
 its audio. Words joined from stretches cut at a gap inside a sentence were each a fragment's
 guess ("Tell me about. The mood." for "Tell me about the moon."). The cost: the utterance's
 start is heard twice (a streaming recogniser hears it again while the user goes on; Moonshine,
-which decodes a stretch whole, in its final pass, a few ms per second of speech).
+which decodes a stretch at once, in its final pass, whose time grows with the audio's length).
 
 ``HeardStretches`` declares what of the engine it uses; the engine defines them.
 """
