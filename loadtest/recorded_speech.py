@@ -172,7 +172,10 @@ def _write_whole(target: Path, content: bytes) -> None:
 def download(pins: Path, folder: Path) -> Path:
     """``pip download`` the pinned archive (its hash checked by pip) into ``folder``."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes"]
-    command += ["--no-binary", ":all:", "-r", str(pins), "-d", str(folder)]
+    # the source archive of pocketsphinx alone: with ":all:", the build backend pip reads its
+    # metadata through (scikit-build-core, Cython) was built from source too, minutes on a
+    # fresh machine against ~12 s from their wheels
+    command += ["--no-binary", "pocketsphinx", "-r", str(pins), "-d", str(folder)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
     if done.returncode:
         raise RecordingError(f"pip download -r {pins} failed:\n{done.stderr.strip()}")
