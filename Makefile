@@ -69,9 +69,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check relay transceiver pipeline loadtest deploy tests requirements
 	$(VENV)/bin/ruff format --check relay transceiver pipeline loadtest deploy tests requirements
 
+TYPECHECK := $(VENV)/bin/mypy && $(VENV)/bin/mypy requirements/sync.py
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy
-	$(VENV)/bin/mypy requirements/sync.py
+	$(TYPECHECK)
 
 # The suite runs a test file per worker, one worker per core: most of its time is real time
 # (audio at 1x, failovers, outages), not CPU. TEST_WORKERS=0 runs it in this process alone.
@@ -101,8 +101,13 @@ $(RECORDINGS): requirements/recorded-speech.txt loadtest/recorded_speech.py | $(
 models: $(SMART_TURN_MODEL) $(SILERO_VAD_MODEL) $(RECORDINGS)
 
 # --durations: every run lists its slowest tests, to keep the suite within its 15 minutes.
-test: $(STAMP) sysdeps models lint typecheck
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
+# mypy (half a minute on a fresh clone, most of the suite's time is real time) runs beside the
+# tests: its output comes after theirs, and either failing fails the target.
+test: $(STAMP) sysdeps models lint
+	log=$$(mktemp); ($(TYPECHECK)) > $$log 2>&1 & typecheck=$$!; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS); tests=$$?; \
+	wait $$typecheck; typed=$$?; echo "--- $(TYPECHECK)"; cat $$log; rm -f $$log; \
+	[ $$tests -eq 0 ] && [ $$typed -eq 0 ]
 
 # The image's entry points (ENTRYPOINT + CMD of deploy/Dockerfile), run from a fresh venv that the
 # Dockerfile's own build-stage commands install from requirements/runtime.txt: what the image
