@@ -88,6 +88,9 @@ async def impaired_stack(log_dir: Path, media_path: str = "aiortc") -> AsyncIter
         relay_http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
         env = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}  # offline, whatever the host
         env |= {"PIPELINE_PIPER_NOISE_SCALE": "0", "PIPELINE_PIPER_NOISE_W_SCALE": "0"}
+        # no drain at the stop: a call whose client is gone (a failed test's browser closed
+        # without hanging up) would hold the transceiver for its 30 s, past Process.stop's 15
+        env["TRANSCEIVER_DRAIN_TIMEOUT_S"] = "0"
         transceiver = transceiver_process(
             "transceiver", link, http, public, keys, log_dir, env,
             agent="pipeline", media_path=media_path,
