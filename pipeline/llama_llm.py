@@ -11,6 +11,8 @@ While the user speaks, ``warm(messages, tools)`` reads the request's start (the 
 and the user's words so far) into the same cache, so at the turn's end only the last words and
 the assistant's header are left to read (measured: 7-9 tokens instead of 11-13, ~40 ms each on
 2 cores). One warm-up at a time, at most every ``WARM_EVERY_S``, none while an answer runs.
+Once an answer is written, the same kind of read takes the next turn's start (the answer as
+the conversation keeps it, and the user message's header), while the answer still plays.
 
 Each answer runs the server's blocking streaming call in a thread of the provider's own pool;
 the tokens cross to the event loop through a queue. Closing or abandoning the iterator (a
@@ -140,6 +142,7 @@ class LlamaCppLanguageModel:
         self._warmed_at_s = -WARM_EVERY_S
         self._warmed_request: dict[str, Any] | None = None
         self.warm_ups = 0  # started
+        self.header_reads = 0  # next turns' headers read after an answer (_read_next_header)
         self.last_warm_tokens = PromptTokens()  # how the last finished warm-up read its prompt
 
     async def start(self) -> None:
@@ -164,8 +167,8 @@ class LlamaCppLanguageModel:
     async def _warm(self) -> None:
         """The fixed start of every request, computed once into the KV cache."""
         warm = [Message("user", "Hello.")]
-        async for _ in self.generate(warm, self._warm_tools, max_tokens=1):
-            pass
+        async for _ in self._answer(warm, self._warm_tools, "auto", 1):
+            pass  # (not generate: no turn follows this one, so no header is read after it)
 
     def warm(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> None:
         """Read ``messages`` and ``tools`` (a request's, with the user's words so far) into the KV
@@ -178,17 +181,41 @@ class LlamaCppLanguageModel:
         now_s = time.monotonic()
         if now_s - self._warmed_at_s < WARM_EVERY_S:
             return
+        request = self._prompt_only(messages, tools)
+        if self._warmed_request == request:
+            return
+        self._warmed_at_s, self._warmed_request = now_s, request
+        self.warm_ups += 1
+        self._start_warm_up(request)
+
+    def _read_next_header(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec], text: str
+    ) -> None:
+        """After an answer read to its end: the conversation as the next turn will send it (this
+        answer as written, then the user's header, "<|im_end|>\n<|im_start|>user\n") read into
+        the KV cache while the answer plays, so the next turn reads only its words and the
+        assistant's header (a five-word question: 10 new tokens, not 15). Nothing after a tool
+        call (the next round follows at once) or while an answer or a warm-up runs."""
+        if not text.strip() or self._server is None or self._answers or self.warming:
+            return
+        following = [*messages, Message("assistant", text.strip()), Message("user", "")]
+        self.header_reads += 1
+        self._start_warm_up(self._prompt_only(following, tools))
+
+    def _prompt_only(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+    ) -> dict[str, Any]:
+        """The request for ``messages``, to be read into the cache and not answered."""
         request = self._request(messages, tools, self.config.max_tokens)
         request["max_tokens"] = 0  # llama.cpp reads the prompt and stops before a token
         # the user's message ends there ("<|im_end|>\n"): the assistant's header (3 tokens) is
         # read with the turn's last words, once, not at every warm-up
         request["add_generation_prompt"] = False
-        if self._warmed_request == request:
-            return
-        self._warmed_at_s, self._warmed_request = now_s, request
-        self.warm_ups += 1
+        return request
+
+    def _start_warm_up(self, request: dict[str, Any]) -> None:
         warm_up = _WarmUp()
-        warm_up.done = self._threads.submit(self._run_warm_up, request, warm_up)
+        warm_up.done = self._threads.submit(self._run_warm_up, self._server, request, warm_up)
         self._warm_up = warm_up
 
     @property
@@ -201,10 +228,13 @@ class LlamaCppLanguageModel:
         if self._warm_up is not None:
             await asyncio.wrap_future(self._warm_up.done)
 
-    def _run_warm_up(self, request: dict[str, Any], warm_up: _WarmUp) -> None:
-        """On a pool thread: the prompt read; a failure is logged (no answer depends on it)."""
+    def _run_warm_up(self, server: Any, request: dict[str, Any], warm_up: _WarmUp) -> None:
+        """On a pool thread: the prompt read, unless an answer (or the close) came first; a
+        failure is logged (no answer depends on it)."""
+        if warm_up.stop.is_set():
+            return
         try:
-            self._server.handle_chat_completions(request, warm_up.on_chunk)
+            server.handle_chat_completions(request, warm_up.on_chunk)
         except Exception as error:  # the server's own validation (ValueError, RuntimeError)
             log.warning("local model: a warm-up failed: %s: %s", type(error).__name__, error)
         if warm_up.prompt_tokens is not None:
@@ -227,16 +257,22 @@ class LlamaCppLanguageModel:
             tools = [tool for tool in tools if tool.name == choice.name]
         limit = max_tokens or self.config.max_tokens
         dropped = called = False
+        said: list[str] = []
         async for event in self._answer(messages, tools, choice, limit):
             if isinstance(event, ToolCall) and event.name in self._known_tools:
                 dropped = True
                 continue
             called = called or isinstance(event, ToolCall)
+            said += [event.text] if isinstance(event, TextDelta) else []
             if not (dropped and not called and isinstance(event, Usage)):
                 yield event
         if dropped and not called:
+            said.clear()
             async for event in self._answer(messages, [], "auto", limit):
+                said += [event.text] if isinstance(event, TextDelta) else []
                 yield event
+        if not called:  # (here only when the answer was read to its end)
+            self._read_next_header(messages, tools, "".join(said))
 
     async def _answer(
         self,
@@ -250,17 +286,28 @@ class LlamaCppLanguageModel:
             request["tool_choice"] = "required"
         answer = _Answer(asyncio.get_running_loop())
         self._answers.add(answer)
-        if self._warm_up is not None:  # it stops after the prompt it is reading
-            self._warm_up.stop.set()
-        running = answer.loop.run_in_executor(self._threads, self._run, request, answer)
+        running: asyncio.Future[None] | None = None
         try:
+            await self._after_warm_up()
+            running = answer.loop.run_in_executor(self._threads, self._run, request, answer)
             async for event in _events(answer, [tool.name for tool in tools]):
                 yield event
         finally:
             answer.stop.set()
             self._answers.discard(answer)
-            await asyncio.shield(running)
+            if running is not None:
+                await asyncio.shield(running)
             self.last_prompt_tokens = answer.prompt_tokens or self.last_prompt_tokens
+
+    async def _after_warm_up(self) -> None:
+        """Stop any warm-up after the prompt it is reading (one not begun never begins), and
+        return once it has: an answer goes to the server after it, never before, as a read
+        of an older request coming after the answer would leave the cache on a path no turn
+        takes (the next would read its whole conversation again)."""
+        if self._warm_up is not None:
+            self._warm_up.stop.set()
+        if self.warming and self._warm_up is not None:
+            await asyncio.shield(asyncio.wrap_future(self._warm_up.done))
 
     def _request(
         self, messages: Sequence[Message], tools: Sequence[ToolSpec], max_tokens: int

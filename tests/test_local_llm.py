@@ -132,6 +132,10 @@ async def test_a_spoken_question_is_answered_and_a_follow_up_uses_the_previous_t
     assert "france" in re.findall(r"[a-z']+", first.transcript.lower())
     assert "Paris" in first.heard_text and not first.interrupted
     assert "Berlin" in second.heard_text
+    # the answer as the engine kept it matched the model's own tokens: after the header read
+    # once the answer was written, the follow-up read only "And of Germany?" and the
+    # assistant's header (9 tokens; 14 with the user's header, the whole answer again if not)
+    assert model.last_prompt_tokens.computed <= 9, model.last_prompt_tokens
     # The answer is spoken: pocketsphinx hears its words, if not well ("The capital of France
     # is Paris." came back as "the cap pope francis parents").
     heard = " ".join(await recognised(sphinx, answer_audio(seen, "resp_1"), OUT_RATE_HZ))
@@ -182,16 +186,52 @@ async def test_the_time_is_asked_of_the_tool_and_its_result_spoken(
     assert "```" not in record.heard_text and "{" not in record.heard_text
 
 
+async def test_once_an_answer_is_written_the_next_turns_start_is_read_ahead(
+    model: LlamaCppLanguageModel,
+) -> None:
+    """An answer read to its end: the conversation with it and the next user message's header
+    are read into the KV cache while it plays, and the follow-up reads only its own words and
+    the assistant's header. A tool call is followed by no such read (its result comes at once)."""
+    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
+    await asyncio.wait_for(model.warm_up_done(), timeout=60)
+    reads = model.header_reads
+    asked = [e async for e in model.generate([Message("user", "What time is it?")], tools)]
+    assert any(isinstance(e, ToolCall) for e in asked) and model.header_reads == reads
+    conversation = [Message("user", "What is the capital of Italy?")]
+    answer = "".join(
+        [e.text async for e in model.generate(conversation, tools) if isinstance(e, TextDelta)]
+    )
+    assert "Rome" in answer and model.header_reads == reads + 1
+    await asyncio.wait_for(model.warm_up_done(), timeout=60)
+    # "<|im_end|>\n<|im_start|>user\n", and the empty message's "<|im_end|>\n"
+    assert model.last_warm_tokens.computed == 7, model.last_warm_tokens
+    read = []
+    for question, city in [("And of Spain?", "Madrid"), ("And France?", "Paris"), ("Japan?", "")]:
+        conversation += [Message("assistant", answer.strip()), Message("user", question)]
+        answer = "".join(
+            [e.text async for e in model.generate(conversation, tools) if isinstance(e, TextDelta)]
+        )
+        assert city in answer, (question, answer)
+        read.append(model.last_prompt_tokens.computed)
+    # "And of Spain?" as 4 tokens, "<|im_end|>\n<|im_start|>assistant\n" as 5. The next two
+    # are asked at once: the header read after each answer is then either dropped or waited
+    # for, so it never lands after the next answer (the one after that would read the whole
+    # conversation again); each reads at most its own header too
+    assert read[0] <= 9 and max(read[1:]) <= 14, read
+
+
 async def test_a_barge_in_stops_the_generation_and_the_process_rests(
     model: LlamaCppLanguageModel,
 ) -> None:
     """Closing the stream after its first words stops llama.cpp: the process goes quiet long
     before a 1000-token answer could have been written, and stays quiet (no thread spins)."""
     story = [Message("user", "Tell me a very long story about a dragon and a knight.")]
-    stream = model.generate(story, [], max_tokens=1000)
+    await asyncio.wait_for(model.warm_up_done(), timeout=60)
+    reads, stream = model.header_reads, model.generate(story, [], max_tokens=1000)
     async with aclosing(stream):
         first = await anext(stream)
     assert isinstance(first, TextDelta)
+    assert model.header_reads == reads  # an answer cut short is not what the next turn sends
     await until_quiet(deadline_s=20)
     busiest = [await cpu_share_of_busiest_thread(window_s=1.0) for _ in range(3)]
     assert max(share for share, _ in busiest) < 0.1, busiest
@@ -208,6 +248,7 @@ async def test_an_answer_dropped_before_its_first_word_leaves_its_words_read_for
     fresh = [e async for e in model.generate(question, tools)]
     read_afresh = model.last_prompt_tokens.computed
     [e async for e in model.generate([Message("user", "Say hello.")], tools)]  # forgets it
+    await asyncio.wait_for(model.warm_up_done(), timeout=60)  # (the header read after it)
     early = model.generate([Message("user", "What is the capital")], tools)
     started = asyncio.ensure_future(anext(early))
     for _ in range(1000):  # until the request is with the server (a few loop turns)
@@ -232,6 +273,7 @@ async def test_a_warm_up_reads_the_words_so_far_and_the_answer_only_the_rest(
     cache (one at a time); the turn's answer then reads only the words after them and the
     assistant's header (the runtime's own counters). No warm-up starts while an answer runs."""
     tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
+    await asyncio.wait_for(model.warm_up_done(), timeout=60)  # (an earlier answer's, if any)
     started = model.warm_ups
     model.warm([Message("user", "Which planet is the")], tools)
     model.warm([Message("user", "Which planet is the big")], tools)  # one at a time
