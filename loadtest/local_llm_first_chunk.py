@@ -13,6 +13,10 @@ same tokens. A tool call is
 made and its result read, and the timing restarts there. One JSON line per answer, then one
 with the medians and ``/proc/loadavg``.
 
+``--conversation`` asks each round's questions in one conversation, as ``loadtest.bench_e2e``
+does, ``--gap-s`` apart (the answer playing): a turn then reads only what is new since the last
+answer, and what was read in that gap (the next turn's header) is not timed.
+
 ``--read-ahead`` alternates rounds without and with a warm-up (``LlamaCppLanguageModel.warm``)
 of the question but its last word, finished before the answer is asked, as the engine reads a
 partial transcript ahead while the user speaks: the answer's timing is then what is left after
@@ -83,13 +87,21 @@ async def timed_round(
 
 
 async def answer(
-    llm: LlamaCppLanguageModel, question: str, tools: ToolRegistry, read_ahead: bool = False
+    llm: LlamaCppLanguageModel,
+    question: str,
+    tools: ToolRegistry,
+    read_ahead: bool = False,
+    history: list[Message] | None = None,
 ) -> Timed:
     """The answer's last round (after any tool's result); with ``read_ahead``, the question
-    but its last word read into the cache first."""
-    messages, warm_read = [Message("user", question)], 0
+    but its last word read into the cache first. ``history``: the conversation so far, to
+    which the question, any tool rounds and the answer are added."""
+    messages = history if history is not None else []
+    earlier, warm_read = list(messages), 0
+    messages.append(Message("user", question))
     if read_ahead:
-        llm.warm([Message("user", question.rsplit(maxsplit=1)[0])], tools.specs())
+        words = question.rsplit(maxsplit=1)[0]
+        llm.warm([*earlier, Message("user", words)], tools.specs())
         await llm.warm_up_done()
         warm_read = llm.last_warm_tokens.computed
     timed = await timed_round(llm, messages, tools)
@@ -102,6 +114,7 @@ async def answer(
             result = await tools.execute(call)
             messages.append(Message("tool", result.output, tool_call_id=call.call_id))
         timed = await timed_round(llm, messages, tools)
+    messages.append(Message("assistant", timed.text.strip()))
     return timed
 
 
@@ -146,7 +159,13 @@ def asked_in_round(question: str, round_index: int) -> str:
     return f"{opener}{question[0].lower()}{question[1:]}" if opener else question
 
 
-async def run(model: Path | None, rounds: int, first_words: int, read_ahead: bool) -> None:
+async def run(
+    model: Path | None,
+    rounds: int,
+    first_words: int,
+    read_ahead: bool,
+    conversation_gap_s: float | None = None,
+) -> None:
     knowledge = load_knowledge()
     specs = [tool.spec for tool in builtin_tools(knowledge)]
     facts = [f"{entry.title}: {entry.answer}" for entry in knowledge.entries]
@@ -160,9 +179,12 @@ async def run(model: Path | None, rounds: int, first_words: int, read_ahead: boo
     try:
         for round_index in range(rounds):
             warm = read_ahead and round_index % 2 == 1
+            history: list[Message] | None = None if conversation_gap_s is None else []
             for question in dict.fromkeys(QUESTIONS):
                 asked = asked_in_round(question, round_index)
-                timed = await answer(llm, asked, tools, warm)
+                timed = await answer(llm, asked, tools, warm, history)
+                if conversation_gap_s is not None:  # the answer playing (not a synchronisation)
+                    await asyncio.sleep(conversation_gap_s)
                 rows.append(row(asked, timed, first_words) | {"read_ahead": warm})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -178,8 +200,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--read-ahead", action="store_true", help="odd rounds warm up on all but the last word"
     )
+    parser.add_argument(
+        "--conversation", action="store_true", help="each round's questions in one conversation"
+    )
+    parser.add_argument("--gap-s", type=float, default=2.0, help="between its turns")
     args = parser.parse_args(argv)
-    asyncio.run(run(args.model, args.rounds, args.first_words, args.read_ahead))
+    if not 0 <= args.gap_s <= 60:
+        parser.error(f"--gap-s must be within 0..60, got {args.gap_s}")
+    gap_s = args.gap_s if args.conversation else None
+    asyncio.run(run(args.model, args.rounds, args.first_words, args.read_ahead, gap_s))
     return 0
 
 

@@ -23,6 +23,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry, generate_latest
 
+from loadtest import local_llm_first_chunk as first_chunk
 from loadtest.bench_turn_replay import play
 from loadtest.voice_audio import recognised, silence_pcm, spoken_pcm
 from pipeline import events as ev
@@ -218,6 +219,21 @@ async def test_once_an_answer_is_written_the_next_turns_start_is_read_ahead(
     # for, so it never lands after the next answer (the one after that would read the whole
     # conversation again); each reads at most its own header too
     assert read[0] <= 9 and max(read[1:]) <= 14, read
+
+
+async def test_the_first_chunk_bench_can_ask_in_one_conversation(
+    model: LlamaCppLanguageModel,
+) -> None:
+    """``local_llm_first_chunk --conversation``: each question and its answer, as written, go
+    into one history, and a follow-up is answered from it."""
+    tools = ToolRegistry(builtin_tools(KNOWLEDGE, lambda: NINE_AM))
+    history: list[Message] = []
+    await first_chunk.answer(model, "What is the capital of Italy?", tools, history=history)
+    timed = await first_chunk.answer(model, "And of Spain?", tools, history=history)
+    assert [m.role for m in history] == ["user", "assistant", "user", "assistant"]
+    assert "Madrid" in timed.text and history[-1].content == timed.text.strip(), history
+    with pytest.raises(SystemExit):
+        first_chunk.main(["--conversation", "--gap-s", "61"])
 
 
 async def test_a_barge_in_stops_the_generation_and_the_process_rests(
