@@ -142,7 +142,8 @@ class HeardStretches:
             heard.failed = True
             self._report(error, recorder.turn)
         finally:
-            heard.pending -= not final
+            if asyncio.current_task() in heard.tasks:  # (not a stretch _go_on voided)
+                heard.pending -= not final
         self._heard_all(heard)
 
     def _on_transcript(self, heard: Heard, transcript: Transcript) -> None:
@@ -188,10 +189,12 @@ class HeardStretches:
     def _go_on(self, heard: Heard) -> None:
         """The words before the pause, and the early answer on them, are void: a fragment's
         words are not the sentence's (the module docstring). Its transcription is stopped
-        (a final one already in is dropped) and the whole utterance's begins."""
+        (a final one already in is dropped) and the whole utterance's begins. Its count of
+        pending words goes with it here: one cancelled before it ever ran never settles it."""
         self._discard_early(heard)
         for task in heard.tasks:
-            task.cancel()  # (its count of pending words is settled as it ends)
+            task.cancel()
+        heard.tasks, heard.pending = [], 0
         heard.texts, heard.logprobs, heard.segments = [], [], []
         self._open_stretch(heard)
 

@@ -52,6 +52,7 @@ from pipeline.smart_turn_file import (
     pinned_version,
     read_verified,
 )
+from pipeline.stretches import Heard
 from pipeline.vad import TurnCommitted, TurnDetector, level_of, webrtc_classifier
 from transceiver.realtime.policy import SessionPolicy, session_update_from
 from transceiver.realtime.translation import turn_metrics_event
@@ -620,7 +621,7 @@ async def test_an_early_answer_is_thrown_away_unheard_when_the_user_goes_on(
 class HeardAudio:
     """A speech-to-text, noting the audio each transcription was fed and its final words."""
 
-    def __init__(self, stt: MoonshineSpeechToText) -> None:
+    def __init__(self, stt: MoonshineSpeechToText | PocketsphinxSpeechToText) -> None:
         self.stt, self.name = stt, stt.name
         self.heard: list[tuple[bytearray, list[str]]] = []
 
@@ -692,6 +693,44 @@ async def test_a_sentence_the_user_goes_on_with_after_a_short_gap_is_transcribed
     assert engine.history == [Message("user", final.text)]
     assert "moon" in re.findall(r"[a-z']+", final.text.lower())
     assert not re.search(r"[.?!] ", final.text), final.text  # one sentence
+
+
+class GoingOn(ConversationEngine):
+    """The engine, counting the stretches the user went on after."""
+
+    went_on = 0
+
+    def _go_on(self, heard: Heard) -> None:
+        self.went_on += 1
+        super()._go_on(heard)
+
+
+@on_module_loop
+async def test_a_gap_the_user_goes_on_after_within_one_push_still_gets_its_transcript(
+    piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText, model_path: Path
+) -> None:
+    """The same sentence with its gap pushed at once (a client's big append): the stretch
+    opened at the speech's start, cut at the gap and voided when the user goes on, all before
+    its transcription ever ran. The turn still gets its final transcript and answer (the
+    voided one, cancelled unstarted, left a pending stretch: the turn waited for it forever)."""
+    pcm = with_gap(await utterance(piper, "Tell me about the moon."), 0.06)
+    config = engine_config({"type": "semantic_vad"})
+    vad = replace(config.vad, voice_end_db=40.0, model_pad_ms=120)
+    agent = LocalRuleBasedAgent(load_knowledge())
+    engine = GoingOn(replace(config, vad=vad), sphinx, agent, piper)
+    await engine.start()
+    events: list[Any] = []
+    async with asyncio.TaskGroup() as group:
+        group.create_task(collect(engine, events))
+        engine.push_audio(pcm)
+        engine.finish_input()
+        await engine.wait_idle(timeout_s=120)
+        await engine.aclose()
+    assert engine.went_on, "the gap cut no stretch: the test would test nothing"
+    (final,) = [e for e in events if isinstance(e, ev.InputTranscript) and e.final]
+    assert "moon" in final.text.lower()
+    assert engine.history[0] == Message("user", final.text)
+    assert len(engine.history) == 2, engine.history  # and the answer
 
 
 def test_without_a_checked_model_semantic_vad_falls_back_to_the_window_and_says_why(
