@@ -12,6 +12,9 @@ its audio. Words joined from stretches cut at a gap inside a sentence were each 
 guess ("Tell me about. The mood." for "Tell me about the moon."). The cost: the utterance's
 start is heard twice (a streaming recogniser hears it again while the user goes on; Moonshine,
 which decodes a stretch at once, in its final pass, whose time grows with the audio's length).
+So that cost is bounded: once the utterance is past ``MAX_REHEARD_S``, the words before each
+pause stand and the next stretch is the speech since it, its words joined to theirs (as all
+stretches' were before), and only that speech is kept.
 
 ``HeardStretches`` declares what of the engine it uses; the engine defines them.
 """
@@ -43,16 +46,20 @@ from pipeline.turns import TurnRecorder
 from pipeline.vad import TurnDetector, Verdict
 
 P = TypeVar("P")
+MAX_REHEARD_S = 30.0  # the longest utterance transcribed again whole when the user goes on
 
 
 @dataclass(eq=False)
 class Heard:
     """A user turn's speech to text: stretches of speech, each transcribed to its end at the
     pause the end-of-turn model is asked about; each stretch after the first is the whole
-    utterance again (the module docstring), so the last one's words are the turn's."""
+    utterance again (the module docstring), so the last one's words are the turn's (past
+    ``MAX_REHEARD_S``, the speech since the pause, its words joined to those before)."""
 
     recorder: TurnRecorder
     pcm: list[bytes] = field(default_factory=list)  # the utterance so far, prefix included
+    paused_at: int = 0  # len(pcm) at the last pause: pcm[paused_at:] is the speech since it
+    joining: bool = False  # past MAX_REHEARD_S: stretches' words are joined, none heard again
     texts: list[str] = field(default_factory=list)  # the stretch's final words
     logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, when asked for
     segments: list[SpeakerSegment] = field(default_factory=list)  # theirs, when asked for
@@ -190,8 +197,15 @@ class HeardStretches:
         """The words before the pause, and the early answer on them, are void: a fragment's
         words are not the sentence's (the module docstring). Its transcription is stopped
         (a final one already in is dropped) and the whole utterance's begins. Its count of
-        pending words goes with it here: one cancelled before it ever ran never settles it."""
+        pending words goes with it here: one cancelled before it ever ran never settles it.
+        Past ``MAX_REHEARD_S`` the words stand and the speech since the pause is a stretch."""
         self._discard_early(heard)
+        rate_hz = self.config.input_sample_rate_hz
+        heard.joining = heard.joining or sum(map(len, heard.pcm)) > 2 * rate_hz * MAX_REHEARD_S
+        if heard.joining:
+            heard.pcm = heard.pcm[heard.paused_at :]
+            self._open_stretch(heard)
+            return
         for task in heard.tasks:
             task.cancel()
         heard.tasks, heard.pending = [], 0
@@ -202,7 +216,7 @@ class HeardStretches:
         if heard.audio is None:
             return
         heard.audio.put_nowait(None)  # the stretch is transcribed to its end
-        heard.audio = None
+        heard.audio, heard.paused_at = None, len(heard.pcm)
         config, response = self.config, self._response
         heard.answer_early = (
             config.answer_early

@@ -23,6 +23,7 @@ from thread_states import run_probe
 
 from loadtest.voice_audio import silence_pcm, spoken_pcm, tone_pcm
 from pipeline import events as ev
+from pipeline import stretches
 from pipeline.config import EngineConfig, MoonshineConfig, VadConfig
 from pipeline.end_of_turn import EndOfTurn, Verdict, end_of_turn_asker, shared_end_of_turn
 from pipeline.engine import ConversationEngine
@@ -731,6 +732,35 @@ async def test_a_gap_the_user_goes_on_after_within_one_push_still_gets_its_trans
     assert "moon" in final.text.lower()
     assert engine.history[0] == Message("user", final.text)
     assert len(engine.history) == 2, engine.history  # and the answer
+
+
+@on_module_loop
+async def test_past_its_bound_an_utterance_is_not_heard_again_and_its_stretches_join(
+    piper: PiperTextToSpeech,
+    sphinx: PocketsphinxSpeechToText,
+    model_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sentence with its gap, the bound on an utterance heard again whole below the speech
+    before the gap: the words before the pause stand, the next stretch is fed only the speech
+    since it, and the turn's transcript is the stretches' words joined (a long monologue's
+    every pause would otherwise decode all of it again)."""
+    monkeypatch.setattr(stretches, "MAX_REHEARD_S", 0.2)
+    pcm = with_gap(await utterance(piper, "Tell me about the moon."), 0.06)
+    config = engine_config({"type": "semantic_vad", "create_response": False})
+    vad = replace(config.vad, voice_end_db=40.0, model_pad_ms=120)
+    stt = HeardAudio(sphinx)
+    agent = LocalRuleBasedAgent(load_knowledge())
+    engine = GoingOn(replace(config, vad=vad), stt, agent, piper)
+    await engine.start()
+    events = await converse(engine, pcm, shared_end_of_turn(model_path))
+    (final,) = [e for e in events if isinstance(e, ev.InputTranscript) and e.final]
+    assert engine.went_on and len(stt.heard) >= 2, "the gap cut no stretch"
+    (first, _), (last, _) = stt.heard[0], stt.heard[-1]
+    assert not last.startswith(first), "the utterance's start was heard again"
+    words = [text.strip() for _, finals in stt.heard for text in finals if text.strip()]
+    assert final.text == " ".join(words), (final.text, words)
+    assert len(words) >= 2, words  # the stretches' words, joined
 
 
 def test_without_a_checked_model_semantic_vad_falls_back_to_the_window_and_says_why(
