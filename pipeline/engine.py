@@ -22,7 +22,8 @@ only once those words are in, so the final transcript is there when the turn is 
 decision's), held (no event out, nothing in the history) until the turn ends: then it is
 released; if the user goes on, it is thrown away unheard (counted in the turn's
 ``early_answers_discarded``, its providers' time in ``early_answers_wasted_ms``), and so are
-the words before the pause: the whole utterance is transcribed again, as one stretch.
+the words before the pause: the whole utterance is transcribed again, as one stretch (within
+its first ``pipeline.stretches.MAX_REHEARD_S``; past it, the stretches' words are joined).
 
 Barge-in: ``SpeechStarted`` while a response is active stops playout at once (no frame is
 emitted after it) and cancels the response's LLM, TTS and playout tasks; the history keeps only
