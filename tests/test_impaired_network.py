@@ -217,8 +217,8 @@ async def events_seen(page: Page, kind: str, count: int, timeout_s: float) -> No
     try:
         await poll(types, lambda seen: seen.count(kind) >= count, timeout_s, failure, 0.2)
     except AssertionError as missing:
-        # what was heard, and when the call came up after the microphone started playing
-        # its file: a question the microphone played before the call was up is never heard
+        # what was heard, and how long the call took to come up after the microphone was
+        # on (a lost SYN or DTLS flight costs a second): the wait above may have been short
         asked = await events_of(page, "conversation.item.input_audio_transcription.completed")
         states = await page.evaluate("window.voicerelay.states")
         raise AssertionError(
