@@ -321,6 +321,13 @@ def engine_config(turn_detection: dict[str, Any]) -> EngineConfig:
     return policy.engine_config(session_update_from(update).apply(policy.initial()))
 
 
+def voice_end_config(turn_detection: dict[str, Any]) -> EngineConfig:
+    """``engine_config`` with make run's turn detection: pauses counted from the voice's end
+    (40 dB below its peak), the end-of-turn model hearing 120 ms of padding."""
+    config = engine_config(turn_detection)
+    return replace(config, vad=replace(config.vad, voice_end_db=40.0, model_pad_ms=120))
+
+
 async def turn_end_ms(engine: ConversationEngine, pcm: bytes, model: EndOfTurn) -> int:
     """Feeds ``pcm`` frame by frame, each after the decisions asked before it are done and
     the words before a pause are transcribed (so the turn ends at the same frame however
@@ -503,10 +510,9 @@ async def test_counted_from_the_voices_end_its_fading_tail_does_not_reopen_the_p
     stay one stretch, the model's "complete" (asked once) ends the turn, and the answer
     started on them is the turn's."""
     pcm = await utterance(piper, "Where is the nearest train station?")
-    config = engine_config({"type": "semantic_vad"})
-    vad = replace(config.vad, voice_end_db=40.0, model_pad_ms=120)
+    config = voice_end_config({"type": "semantic_vad"})
     agent = LocalRuleBasedAgent(load_knowledge())
-    engine = ConversationEngine(replace(config, vad=vad), sphinx, agent, piper)
+    engine = ConversationEngine(config, sphinx, agent, piper)
     await engine.start()
     events = await converse(engine, pcm, shared_end_of_turn(model_path))
     (done,) = [event for event in events if isinstance(event, ev.TurnCompleted)]
@@ -675,13 +681,11 @@ async def test_a_sentence_the_user_goes_on_with_after_a_short_gap_is_transcribed
     words before it transcribed ("Tell me about."), then the user goes on. Those words are
     dropped, not joined: the turn's transcript is one transcription of the whole utterance,
     one sentence (joined, it was "Tell me about. The moon.", in Chromium "The mood.")."""
-    pcm = await utterance(piper, "Tell me about the moon.")
-    pcm = with_gap(pcm, 0.06)
-    config = engine_config({"type": "semantic_vad", "create_response": False})
-    vad = replace(config.vad, voice_end_db=40.0, model_pad_ms=120)
+    pcm = with_gap(await utterance(piper, "Tell me about the moon."), 0.06)
+    config = voice_end_config({"type": "semantic_vad", "create_response": False})
     stt = HeardAudio(moonshine)
     agent = LocalRuleBasedAgent(load_knowledge())
-    engine = ConversationEngine(replace(config, vad=vad), stt, agent, piper)
+    engine = ConversationEngine(config, stt, agent, piper)
     await engine.start()
     events = await converse(engine, pcm, shared_end_of_turn(model_path))
     (stopped,) = [e for e in events if isinstance(e, ev.SpeechStoppedEvent)]
@@ -715,10 +719,9 @@ async def test_a_gap_the_user_goes_on_after_within_one_push_still_gets_its_trans
     its transcription ever ran. The turn still gets its final transcript and answer (the
     voided one, cancelled unstarted, left a pending stretch: the turn waited for it forever)."""
     pcm = with_gap(await utterance(piper, "Tell me about the moon."), 0.06)
-    config = engine_config({"type": "semantic_vad"})
-    vad = replace(config.vad, voice_end_db=40.0, model_pad_ms=120)
+    config = voice_end_config({"type": "semantic_vad"})
     agent = LocalRuleBasedAgent(load_knowledge())
-    engine = GoingOn(replace(config, vad=vad), sphinx, agent, piper)
+    engine = GoingOn(config, sphinx, agent, piper)
     await engine.start()
     events: list[Any] = []
     async with asyncio.TaskGroup() as group:
@@ -747,11 +750,10 @@ async def test_past_its_bound_an_utterance_is_not_heard_again_and_its_stretches_
     every pause would otherwise decode all of it again)."""
     monkeypatch.setattr(stretches, "MAX_REHEARD_S", 0.2)
     pcm = with_gap(await utterance(piper, "Tell me about the moon."), 0.06)
-    config = engine_config({"type": "semantic_vad", "create_response": False})
-    vad = replace(config.vad, voice_end_db=40.0, model_pad_ms=120)
+    config = voice_end_config({"type": "semantic_vad", "create_response": False})
     stt = HeardAudio(sphinx)
     agent = LocalRuleBasedAgent(load_knowledge())
-    engine = GoingOn(replace(config, vad=vad), stt, agent, piper)
+    engine = GoingOn(config, stt, agent, piper)
     await engine.start()
     events = await converse(engine, pcm, shared_end_of_turn(model_path))
     (final,) = [e for e in events if isinstance(e, ev.InputTranscript) and e.final]
