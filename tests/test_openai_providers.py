@@ -427,6 +427,44 @@ async def test_a_chat_stream_that_is_not_utf8_is_the_providers_failure(
     assert "utf-8" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        ({"message": "overloaded", "type": "server_error"}, "APIError: overloaded"),
+        ("busy", "APIError: An error occurred during streaming"),  # the SDK's words
+    ],
+)
+async def test_an_error_event_in_a_stream_is_the_servers_retryable_failure(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI, error: object, said: str
+) -> None:
+    """As the SDK's stream reads it: an event with an ``error`` is the server's failure, after
+    what came before it, and retryable."""
+    await server.control(raw={"chat": [sse(GOOD_CHUNK, json.dumps({"error": error}), GOOD_CHUNK)]})
+    llm = OpenAILanguageModel(client)
+    events: list[object] = []
+    with pytest.raises(ProviderError) as caught:
+        async for event in llm.generate([Message("user", "hello")], []):
+            events.append(event)
+    assert events == [TextDelta("Hi")]
+    assert str(caught.value) == f"{llm.name}: {said}" and caught.value.retryable
+
+
+async def test_a_stream_in_crlf_with_comments_and_split_data_reads_whole(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    """The standard's other shapes of the same events (some compatible servers send comments
+    to keep a connection alive, and CRLF): the same text; nothing after ``[DONE]`` is read."""
+    body = (
+        b": keep-alive\r\n\r\n"
+        b'data: {"choices": [{"delta":\r\ndata: {"content": "Hi "}}]}\r\n\r\n'
+        b'event: chunk\r\ndata:{"choices": [{"delta": {"content": "there"}}]}\r\n\r\n'
+        b"data: [DONE]\r\n\r\ndata: not json\r\n\r\n"
+    )
+    await server.control(raw={"chat": [raw(body, "text/event-stream")]})
+    events = [e async for e in OpenAILanguageModel(client).generate([Message("user", "hi")], [])]
+    assert events == [TextDelta("Hi "), TextDelta("there")]
+
+
 TRANSCRIPT_DELTA = {"type": "transcript.text.delta", "delta": "heard"}
 
 
