@@ -118,8 +118,7 @@ class OpenAIResponsesLanguageModel(OpenAIModelClient):
             elif kind == "response.function_call_arguments.done":
                 arguments[_text(event, "item_id")] = _text(event, "arguments")
             elif kind == "response.output_item.done":
-                item = getattr(event, "item", None)
-                if isinstance(item, ResponseFunctionToolCall):
+                if isinstance(item := _item(event), ResponseFunctionToolCall):
                     yield self._tool_call(item, arguments)
             elif kind in ("response.completed", "response.incomplete"):
                 if (usage := _usage(event)) is not None:
@@ -151,6 +150,15 @@ def _text(model: BaseModel, name: str) -> str:
     """A string field of an event or item ("" when absent or null)."""
     where = f"{text_of(getattr(model, 'type', None), 'type')}.{name}"
     return text_of(getattr(model, name, None), where)
+
+
+def _item(event: BaseModel) -> BaseModel | None:
+    """The item a ``response.output_item.done`` event carries (None when absent or null);
+    StreamShapeError when it is not an object."""
+    item = getattr(event, "item", None)
+    if item is not None and not isinstance(item, BaseModel):
+        raise StreamShapeError(f"{_text(event, 'type')}.item is {kind(item)}, not an object")
+    return item
 
 
 def _usage(event: BaseModel) -> Usage | None:

@@ -252,6 +252,14 @@ CALL = {"type": "function_call", "id": "fc", "call_id": "c", "name": "lookup", "
             "function_call.arguments is a number, not a string",
         ),
         (
+            json.dumps({"type": "response.output_item.done", "item": [CALL]}),
+            "response.output_item.done.item is an array, not an object",
+        ),
+        (
+            json.dumps({"type": "response.output_item.done", "item": 5}),
+            "response.output_item.done.item is a number, not an object",
+        ),
+        (
             json.dumps({"type": "response.completed", "response": 7}),
             "response.completed.response is a number, not an object",
         ),
