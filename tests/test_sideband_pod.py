@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -54,7 +56,7 @@ pytestmark = [
 ]
 API_KEY = "test-pod-sideband-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-WORKER_LINE = re.compile(r"transceiver worker (\d+) ready .* private=(\S+)")
+WORKER_LINE = re.compile(r"transceiver worker (\d+) ready .* pid=(\d+) private=(\S+)")
 CONNECT_TIMEOUT_S = 60.0
 EVENT_TIMEOUT_S = 30.0
 LINGER_S = 60.0  # a call whose session was taken over hangs up this long after its notice
@@ -66,6 +68,7 @@ class Pod:
     private_urls: dict[int, str]  # worker index -> its private base URL
     redis: RedisServer
     hops: HopKeys
+    pids: dict[int, int] = field(default_factory=dict)  # worker index -> its process id
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -94,7 +97,8 @@ async def pod(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
         running = Pod(f"http://{text(http)}", {}, redis, HopKeys(Keyring.parse(secret_keys)))
         for line in transceiver.lines:
             if match := WORKER_LINE.match(line):
-                running.private_urls[int(match[1])] = "http://" + match[2]
+                running.private_urls[int(match[1])] = "http://" + match[3]
+                running.pids[int(match[1])] = int(match[2])
         assert sorted(running.private_urls) == [0, 1], transceiver.lines
         await keyed(running)
         yield running
@@ -322,6 +326,51 @@ async def test_the_lingering_calls_hang_up_on_the_resumed_calls_worker_ends_it_a
             resumed_ended = await http.delete(url + first_id, headers=AUTH)
             gone = await http.delete(url + second_id, headers=AUTH)
         assert resumed_ended.status_code == 204, resumed_ended.text
+        assert (gone.status_code, gone.json()["error"]["code"]) == (404, "call_not_found")
+    finally:
+        await first_peer.close()
+        await resumed.close()
+
+
+async def test_a_hang_up_whose_named_worker_does_not_answer_ends_no_call(pod: Pod) -> None:
+    """A call on one worker, resumed by a new call on the other, the first lingering: while the
+    worker the first call's id names does not answer (stopped), a hang-up naming the first call
+    on the resumed call's worker is 503 ``worker_unavailable`` naming that worker, and ends no
+    call (the resumed call is not the one the id names, which may still linger there). Once
+    both calls are gone, a hang-up naming the first is 404 (its worker asked once)."""
+    first_peer, resumed = RealtimeClient(), RealtimeClient()
+    try:
+        first = await answered(pod.base_url, first_peer)
+        first_id = first.headers["Location"].rsplit("/", 1)[1]
+        named = int(first_id[4:6], 16)
+        resume = {name: first.headers[name] for name in (SESSION_HEADER, TOKEN_HEADER)}
+        second = await answered(pod.private_urls[1 - named], resumed, resume)
+        second_id = second.headers["Location"].rsplit("/", 1)[1]
+        await first_peer.wait_for("error", lambda e: e["error"]["code"] == "session_taken_over")
+        await run_by(pod, first_id, 1 - named)
+        url = pod.private_urls[1 - named] + "/v1/realtime/calls/"
+        os.kill(pod.pids[named], signal.SIGSTOP)  # a worker this test's pod started
+        try:
+            async with httpx.AsyncClient(timeout=30) as http:
+                late = await http.delete(url + first_id, headers=AUTH)
+        finally:
+            os.kill(pod.pids[named], signal.SIGCONT)
+        assert late.status_code == 503, late.text
+        error = late.json()["error"]
+        assert error["code"] == "worker_unavailable", error
+        assert error["message"].startswith(f"worker {named} of this transceiver"), error
+        async with sdk(pod.private_urls[1 - named]).realtime.connect(call_id=second_id) as side:
+            await side.session.update(session={"type": "realtime", "instructions": "On."})
+            updated = await next_event(side, "session.updated")
+            assert updated["session"]["instructions"] == "On.", updated
+        async with httpx.AsyncClient(timeout=30) as http:
+            ended = await http.delete(url + second_id, headers=AUTH)
+            first_gone = await http.delete(
+                pod.private_urls[named] + "/v1/realtime/calls/" + first_id, headers=AUTH
+            )
+            gone = await http.delete(url + first_id, headers=AUTH)
+        assert ended.status_code == 204, ended.text
+        assert first_gone.status_code in (204, 404), first_gone.text  # lingering, or ended since
         assert (gone.status_code, gone.json()["error"]["code"]) == (404, "call_not_found")
     finally:
         await first_peer.close()

@@ -76,7 +76,14 @@ from transceiver.http.live_websocket import add_live_websocket
 from transceiver.http.offer_tracing import traced_offer
 from transceiver.http.offers import json_object, read_offer
 from transceiver.http.owner_hop import OwnerForwarder
-from transceiver.http.owner_routing import HANGUP, WITHIN_POD, OwnerRouting, not_found
+from transceiver.http.owner_routing import (
+    HANGUP,
+    WITHIN_POD,
+    Address,
+    Hop,
+    OwnerRouting,
+    not_found,
+)
 from transceiver.http.rate_limiting import (
     EXPOSED_HEADERS,
     RateLimitCollector,
@@ -251,11 +258,13 @@ def create_app(
         await _authorised_call(auth, request)
         try:
             came = _hop_stage(sidebands.owners, call_id, request)
-            if ended := await _hang_up_at_its_worker(forwarder, sidebands, call_id, request, came):
-                return ended
+            asked = await _hang_up_at_its_worker(forwarder, sidebands, call_id, request, came)
+            if asked is not None and asked[1].status_code != 404:
+                return asked[1]  # ended there, refused there, or that worker does not answer
             if await sidebands.hang_up_here(call_id):
                 return Response(status_code=204)
-            return await _hang_up_at_owner(sidebands.owners, forwarder, call_id, request, came)
+            owners = sidebands.owners
+            return await _hang_up_at_owner(owners, forwarder, call_id, request, came, asked)
         except Refused as refused:  # a hop that does not verify, no owner, no directory
             return refused.response
 
@@ -297,17 +306,19 @@ async def _hang_up_at_its_worker(
     call_id: str,
     request: Request,
     came: str | None,
-) -> Response | None:
+) -> tuple[Address, Response] | None:
     """A hang-up for a call another worker of the pod began, as that worker answers it when
     the call still runs there: one whose session was taken over lingers there to tell its
     client, and its client's late hang-up ends it alone, wherever it lands (the directory and
-    this worker's calls lead to the session's new call). None: it does not run there (404),
-    or that worker does not answer (the directory's owner is asked next)."""
+    this worker's calls lead to the session's new call). Only its 404 (the call gone) leads on;
+    when it does not answer, 503 ``worker_unavailable`` naming it, and no call here is ended
+    (the resumed call is not the one the id names while that call may linger). None: the id
+    names no other worker of the pod, or the request may go no further."""
     hop = sidebands.owners.named_hop(HANGUP, call_id, request.headers.get("authorization"), came)
     if hop is None:
         return None
     answer = await forwarder.forward(request, hop.address, hop_headers(hop.header))
-    return None if answer is None or answer.status_code == 404 else answer
+    return hop.address, answer or _worker_unavailable(hop, call_id)
 
 
 async def _hang_up_at_owner(
@@ -316,17 +327,28 @@ async def _hang_up_at_owner(
     call_id: str,
     request: Request,
     came: str | None,
+    asked: tuple[Address, Response] | None = None,
 ) -> Response:
     """A hang-up for a call not running here, as its owner answers it (``owner_routing``: a
-    worker of this pod or another transceiver); Refused (404) when no owner answers."""
+    worker of this pod or another transceiver); Refused (404) when no owner answers. An owner
+    already ``asked`` (the worker the call id names, which answered 404) is not asked again:
+    its answer stands."""
     hop = await owners.hop(HANGUP, call_id, request.headers.get("authorization"), came)
+    if asked is not None and asked[0] == hop.address:
+        return asked[1]
     answer = await forwarder.forward(request, hop.address, hop_headers(hop.header))
     if answer is None and hop.stage == WITHIN_POD:  # restarting: it answers again soon
-        message = "the call's worker of this transceiver does not answer; try again"
-        return error_response(503, "worker_unavailable", message, {"Retry-After": "1"})
+        return _worker_unavailable(hop, call_id)
     if answer is None:
         raise not_found(HANGUP, call_id, "ran on a transceiver that does not answer")
     return answer
+
+
+def _worker_unavailable(hop: Hop, call_id: str) -> Response:
+    """503 for a hang-up whose worker of this pod does not answer (restarting, or stuck)."""
+    worker = "the call's worker" if hop.worker is None else f"worker {hop.worker}"
+    message = f"{worker} of this transceiver (call {call_id!r}) does not answer; try again"
+    return error_response(503, "worker_unavailable", message, {"Retry-After": "1"})
 
 
 async def _resumed_agent(

@@ -65,6 +65,7 @@ class Hop:
     address: Address
     header: str
     stage: str
+    worker: int | None = None  # the pod's worker it goes to, when the call id names it
 
 
 class OwnerRouting:
@@ -129,7 +130,8 @@ class OwnerRouting:
             return None
         address, stage = named
         signed = signed_target(kind, target_id, stage)
-        return Hop(address, keys.sign(signed, authorization, self._clock()), stage)
+        worker = None if self._seat is None else self._seat.owner_of(target_id)
+        return Hop(address, keys.sign(signed, authorization, self._clock()), stage, worker)
 
     async def _route(self, kind: Kind, target_id: str) -> tuple[Address, str]:
         """Where the target runs, and the stage of the hop there: where the directory's owner
