@@ -203,12 +203,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--conversation", action="store_true", help="each round's questions in one conversation"
     )
-    parser.add_argument("--gap-s", type=float, default=2.0, help="between its turns")
+    parser.add_argument("--gap-s", type=float, help="between its turns (default 2)")
     args = parser.parse_args(argv)
-    if not 0 <= args.gap_s <= 60:
-        parser.error(f"--gap-s must be within 0..60, got {args.gap_s}")
-    gap_s = args.gap_s if args.conversation else None
-    asyncio.run(run(args.model, args.rounds, args.first_words, args.read_ahead, gap_s))
+    if args.gap_s is not None and not args.conversation:
+        parser.error("--gap-s is the pause between a conversation's turns: add --conversation")
+    gap_s = 2.0 if args.gap_s is None else args.gap_s
+    if not 0 <= gap_s <= 60:
+        parser.error(f"--gap-s must be within 0..60, got {gap_s}")
+    asked_s = gap_s if args.conversation else None
+    asyncio.run(run(args.model, args.rounds, args.first_words, args.read_ahead, asked_s))
     return 0
 
 

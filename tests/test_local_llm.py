@@ -222,10 +222,11 @@ async def test_once_an_answer_is_written_the_next_turns_start_is_read_ahead(
 
 
 async def test_the_first_chunk_bench_can_ask_in_one_conversation(
-    model: LlamaCppLanguageModel,
+    model: LlamaCppLanguageModel, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``local_llm_first_chunk --conversation``: each question and its answer, as written, go
-    into one history, and a follow-up is answered from it."""
+    into one history, and a follow-up is answered from it. A gap out of range is refused, and
+    so is a gap without ``--conversation`` (it would be ignored)."""
     tools = ToolRegistry(builtin_tools(KNOWLEDGE, lambda: NINE_AM))
     history: list[Message] = []
     await first_chunk.answer(model, "What is the capital of Italy?", tools, history=history)
@@ -234,6 +235,10 @@ async def test_the_first_chunk_bench_can_ask_in_one_conversation(
     assert "Madrid" in timed.text and history[-1].content == timed.text.strip(), history
     with pytest.raises(SystemExit):
         first_chunk.main(["--conversation", "--gap-s", "61"])
+    assert "--gap-s must be within 0..60, got 61.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        first_chunk.main(["--gap-s", "1"])
+    assert "--gap-s is the pause between a conversation's turns" in capsys.readouterr().err
 
 
 async def test_a_barge_in_stops_the_generation_and_the_process_rests(
