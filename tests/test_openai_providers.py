@@ -194,6 +194,16 @@ async def test_speech_streams_pcm_before_the_server_finishes(
     }
 
 
+async def test_speech_sends_a_voice_and_speed_asked_for(
+    server: FakeOpenAIServer, client: openai.AsyncOpenAI
+) -> None:
+    """The body ``audio.speech.create`` would send: ``speed`` only when it is not 1.0."""
+    chunks = OpenAITextToSpeech(client).synthesize("one two", voice="nova", speed=1.25)
+    assert b"".join([c.pcm async for c in chunks]) == speech_pcm("one two")
+    sent = (await server.stats())["last_request"]["speech"]
+    assert (sent["voice"], sent["speed"]) == ("nova", 1.25)
+
+
 async def test_closing_the_speech_iterator_closes_the_http_stream(
     server: FakeOpenAIServer, client: openai.AsyncOpenAI
 ) -> None:
