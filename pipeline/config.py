@@ -343,6 +343,9 @@ class LocalLlmConfig:
     # model's reading after the turn (7 new tokens instead of 10), but in the pipeline, with
     # Moonshine's partials on, no gain was measured yet (README)
     read_ahead: bool = False
+    # once an answer is written to its end, the conversation with it and the next user message's
+    # header read into the cache while it plays (LlamaCppLanguageModel._read_next_header)
+    read_next_header: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.first_words <= 50:
@@ -420,6 +423,7 @@ class PipelineConfig:
     local_llm_temperature: float = 0.0
     local_llm_first_words: int = 3  # LocalLlmConfig.first_words
     local_llm_read_ahead: bool = False  # LocalLlmConfig.read_ahead
+    local_llm_read_next_header: bool = True  # LocalLlmConfig.read_next_header
     answer_early: bool = True
     # EngineConfig.answer_before_verdict. Off: the early answer already starts at the
     # decision's pause (200 ms) if the verdict is not in by then, so starting on the words
@@ -533,6 +537,7 @@ class PipelineConfig:
             self.local_llm_temperature,
             self.local_llm_first_words,
             self.local_llm_read_ahead,
+            self.local_llm_read_next_header,
         )
 
     @classmethod

@@ -195,8 +195,11 @@ class LlamaCppLanguageModel:
         answer as written, then the user's header, "<|im_end|>\n<|im_start|>user\n") read into
         the KV cache while the answer plays, so the next turn reads only its words and the
         assistant's header (a five-word question: 10 new tokens, not 15). Nothing after a tool
-        call (the next round follows at once) or while an answer or a warm-up runs."""
-        if not text.strip() or self._server is None or self._answers or self.warming:
+        call (the next round follows at once), while an answer or a warm-up runs, or when the
+        configuration says not to (``read_next_header``)."""
+        if not self.config.read_next_header or not text.strip() or self._server is None:
+            return
+        if self._answers or self.warming:
             return
         following = [*messages, Message("assistant", text.strip()), Message("user", "")]
         self.header_reads += 1

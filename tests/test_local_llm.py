@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,19 @@ async def test_once_an_answer_is_written_the_next_turns_start_is_read_ahead(
     # for, so it never lands after the next answer (the one after that would read the whole
     # conversation again); each reads at most its own header too
     assert read[0] <= 9 and max(read[1:]) <= 14, read
+
+
+async def test_told_not_to_the_model_reads_no_next_turns_start(
+    model: LlamaCppLanguageModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``PIPELINE_LOCAL_LLM_READ_NEXT_HEADER=0``: an answer read to its end is followed by no
+    read of the next turn's start (what an A/B of it needs)."""
+    monkeypatch.setattr(model, "config", replace(model.config, read_next_header=False))
+    await asyncio.wait_for(model.warm_up_done(), timeout=60)
+    reads = model.header_reads
+    asked = [Message("user", "What is the capital of Italy?")]
+    answer = "".join([e.text async for e in model.generate(asked, []) if isinstance(e, TextDelta)])
+    assert "Rome" in answer and model.header_reads == reads and not model.warming
 
 
 async def test_the_first_chunk_bench_can_ask_in_one_conversation(

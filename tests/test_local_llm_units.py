@@ -223,6 +223,15 @@ def test_the_local_model_reads_the_words_ahead_only_when_told_to() -> None:
     assert read_ahead({"PIPELINE_LOCAL_LLM_READ_AHEAD": "false"}) is False
 
 
+def test_the_local_model_reads_the_next_turns_header_unless_told_not_to() -> None:
+    def reads(environ: dict[str, str]) -> bool:
+        return PipelineConfig.from_env(environ).local_llm_config().read_next_header
+
+    assert reads({}) is True
+    assert reads({"PIPELINE_LOCAL_LLM_READ_NEXT_HEADER": "0"}) is False
+    assert reads({"PIPELINE_LOCAL_LLM_READ_NEXT_HEADER": "true"}) is True
+
+
 # --- the model file -------------------------------------------------------------------------
 
 
