@@ -252,6 +252,24 @@ async def run_by(pod: Pod, call_id: str, worker: int) -> None:
         await client.aclose()
 
 
+async def resumed_on_the_other_worker(
+    pod: Pod, first_peer: RealtimeClient, resumed: RealtimeClient
+) -> tuple[str, str, int]:
+    """A call on one worker (``first_peer``), resumed by a new call on the other (``resumed``):
+    once the first is told its session was taken over and the directory leads from its id to
+    the other worker, the first call's id, the second's, and the worker the first id names."""
+    first = await answered(pod.base_url, first_peer)
+    first_id = first.headers["Location"].rsplit("/", 1)[1]
+    named = int(first_id[4:6], 16)  # the worker the first call's id names
+    resume = {name: first.headers[name] for name in (SESSION_HEADER, TOKEN_HEADER)}
+    second = await answered(pod.private_urls[1 - named], resumed, resume)
+    second_id = second.headers["Location"].rsplit("/", 1)[1]
+    assert int(second_id[4:6], 16) == 1 - named, (first_id, second_id)
+    await first_peer.wait_for("error", lambda e: e["error"]["code"] == "session_taken_over")
+    await run_by(pod, first_id, 1 - named)
+    return first_id, second_id, named
+
+
 async def test_an_earlier_call_s_id_reaches_its_session_resumed_on_the_other_worker(
     pod: Pod,
 ) -> None:
@@ -262,15 +280,7 @@ async def test_an_earlier_call_s_id_reaches_its_session_resumed_on_the_other_wor
     resumed call, still running, is hung up through the worker the first id names."""
     first_peer, resumed = RealtimeClient(), RealtimeClient()
     try:
-        first = await answered(pod.base_url, first_peer)
-        first_id = first.headers["Location"].rsplit("/", 1)[1]
-        named = int(first_id[4:6], 16)  # the worker the first call's id names
-        resume = {name: first.headers[name] for name in (SESSION_HEADER, TOKEN_HEADER)}
-        second = await answered(pod.private_urls[1 - named], resumed, resume)
-        second_id = second.headers["Location"].rsplit("/", 1)[1]
-        assert int(second_id[4:6], 16) == 1 - named, (first_id, second_id)
-        await first_peer.wait_for("error", lambda e: e["error"]["code"] == "session_taken_over")
-        await run_by(pod, first_id, 1 - named)
+        first_id, second_id, named = await resumed_on_the_other_worker(pod, first_peer, resumed)
         for worker in (named, 1 - named):
             said = f"Hi from {worker}."
             async with sdk(pod.private_urls[worker]).realtime.connect(call_id=first_id) as side:
@@ -306,14 +316,7 @@ async def test_the_lingering_calls_hang_up_on_the_resumed_calls_worker_ends_it_a
     the resumed call."""
     first_peer, resumed = RealtimeClient(), RealtimeClient()
     try:
-        first = await answered(pod.base_url, first_peer)
-        first_id = first.headers["Location"].rsplit("/", 1)[1]
-        named = int(first_id[4:6], 16)
-        resume = {name: first.headers[name] for name in (SESSION_HEADER, TOKEN_HEADER)}
-        second = await answered(pod.private_urls[1 - named], resumed, resume)
-        second_id = second.headers["Location"].rsplit("/", 1)[1]
-        await first_peer.wait_for("error", lambda e: e["error"]["code"] == "session_taken_over")
-        await run_by(pod, first_id, 1 - named)
+        first_id, second_id, named = await resumed_on_the_other_worker(pod, first_peer, resumed)
         url = pod.private_urls[1 - named] + "/v1/realtime/calls/"
         async with httpx.AsyncClient(timeout=30) as http:
             late = await http.delete(url + first_id, headers=AUTH)  # the lingering call's client
@@ -340,14 +343,7 @@ async def test_a_hang_up_whose_named_worker_does_not_answer_ends_no_call(pod: Po
     both calls are gone, a hang-up naming the first is 404 (its worker asked once)."""
     first_peer, resumed = RealtimeClient(), RealtimeClient()
     try:
-        first = await answered(pod.base_url, first_peer)
-        first_id = first.headers["Location"].rsplit("/", 1)[1]
-        named = int(first_id[4:6], 16)
-        resume = {name: first.headers[name] for name in (SESSION_HEADER, TOKEN_HEADER)}
-        second = await answered(pod.private_urls[1 - named], resumed, resume)
-        second_id = second.headers["Location"].rsplit("/", 1)[1]
-        await first_peer.wait_for("error", lambda e: e["error"]["code"] == "session_taken_over")
-        await run_by(pod, first_id, 1 - named)
+        first_id, second_id, named = await resumed_on_the_other_worker(pod, first_peer, resumed)
         url = pod.private_urls[1 - named] + "/v1/realtime/calls/"
         os.kill(pod.pids[named], signal.SIGSTOP)  # a worker this test's pod started
         try:
