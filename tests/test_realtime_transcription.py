@@ -129,6 +129,23 @@ async def transcribing(stack: Stack) -> AsyncIterator[Events]:
         yield events
 
 
+async def hello_answered(connection: AsyncRealtimeConnection) -> Events:
+    """Once the session is created, a user's "Hello?" and a response asked for; the events."""
+    events = Events(connection)
+    await events.next("session.created")
+    text = {"type": "input_text", "text": "Hello?"}
+    item = {"type": "message", "role": "user", "content": [text]}
+    await connection.conversation.item.create(item=item)  # type: ignore[arg-type]
+    await connection.response.create()
+    return events
+
+
+async def next_response_completes(connection: AsyncRealtimeConnection, events: Events) -> None:
+    await connection.response.create()
+    done = (await events.next("response.done"))["response"]
+    assert (done["status"], done["status_details"]) == ("completed", None), done
+
+
 async def append(connection: AsyncRealtimeConnection, pcm: bytes) -> None:
     step = 24_000 * 2 // 5  # 200 ms per append, as a microphone would send
     for start in range(0, len(pcm), step):
@@ -358,21 +375,14 @@ async def test_a_failed_response_says_why_in_openais_shape(
     client = openai_client(failing_stt, API_KEY)
     try:
         async with client.realtime.connect(model="gpt-realtime") as connection:
-            events = Events(connection)
-            await events.next("session.created")
-            text = {"type": "input_text", "text": "Hello?"}
-            item = {"type": "message", "role": "user", "content": [text]}
-            await connection.conversation.item.create(item=item)  # type: ignore[arg-type]
-            await connection.response.create()
+            events = await hello_answered(connection)
             error = (await events.next("error"))["error"]
             failed = (await events.next("response.done"))["response"]
             assert failed["status"] == "failed", failed
             details = {"type": "failed", "error": {"type": "server_error", "code": error["code"]}}
             assert failed["status_details"] == details, failed
             assert error["code"] == "provider_error", error
-            await connection.response.create()
-            done = (await events.next("response.done"))["response"]
-            assert (done["status"], done["status_details"]) == ("completed", None), done
+            await next_response_completes(connection, events)
     finally:
         await server.reset()
 
@@ -397,20 +407,13 @@ async def test_a_chat_stream_of_the_wrong_shape_fails_the_response_and_the_sessi
     client = openai_client(failing_stt, API_KEY)
     try:
         async with client.realtime.connect(model="gpt-realtime") as connection:
-            events = Events(connection)
-            await events.next("session.created")
-            text = {"type": "input_text", "text": "Hello?"}
-            item = {"type": "message", "role": "user", "content": [text]}
-            await connection.conversation.item.create(item=item)  # type: ignore[arg-type]
-            await connection.response.create()
+            events = await hello_answered(connection)
             error = (await events.next("error"))["error"]
             assert error["code"] == "provider_error", error
             assert "ProviderError" in error["message"] and said in error["message"], error
             failed = (await events.next("response.done"))["response"]
             assert failed["status"] == "failed", failed
-            await connection.response.create()
-            done = (await events.next("response.done"))["response"]
-            assert (done["status"], done["status_details"]) == ("completed", None), done
+            await next_response_completes(connection, events)
     finally:
         await server.reset()
 
