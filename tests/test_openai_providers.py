@@ -415,16 +415,22 @@ async def test_a_chat_chunk_of_the_wrong_shape_is_the_providers_failure_naming_i
     before it; the next request on the same client is answered."""
     await server.control(raw={"chat": [sse(GOOD_CHUNK, data, "[DONE]")]})
     llm = OpenAILanguageModel(client)
+    events, failure = await said_before_failing(llm)
+    assert events == [TextDelta("Hi")]
+    assert said in str(failure), failure
+    assert str(failure).startswith(f"{llm.name}: malformed answer: ")
+    assert failure.provider == llm.name and not failure.retryable
+    after = [e async for e in llm.generate([Message("user", "hello")], [])]
+    assert "".join(e.text for e in after if isinstance(e, TextDelta)) == "You said: hello "
+
+
+async def said_before_failing(llm: OpenAILanguageModel) -> tuple[list[object], ProviderError]:
+    """What the model yields for "hello" before it raises, and the ProviderError it raises."""
     events: list[object] = []
     with pytest.raises(ProviderError) as caught:
         async for event in llm.generate([Message("user", "hello")], []):
             events.append(event)
-    assert events == [TextDelta("Hi")]
-    assert said in str(caught.value), caught.value
-    assert str(caught.value).startswith(f"{llm.name}: malformed answer: ")
-    assert caught.value.provider == llm.name and not caught.value.retryable
-    after = [e async for e in llm.generate([Message("user", "hello")], [])]
-    assert "".join(e.text for e in after if isinstance(e, TextDelta)) == "You said: hello "
+    return events, caught.value
 
 
 async def test_a_chat_stream_that_is_not_utf8_is_the_providers_failure(
@@ -451,12 +457,9 @@ async def test_an_error_event_in_a_stream_is_the_servers_retryable_failure(
     what came before it, and retryable."""
     await server.control(raw={"chat": [sse(GOOD_CHUNK, json.dumps({"error": error}), GOOD_CHUNK)]})
     llm = OpenAILanguageModel(client)
-    events: list[object] = []
-    with pytest.raises(ProviderError) as caught:
-        async for event in llm.generate([Message("user", "hello")], []):
-            events.append(event)
+    events, failure = await said_before_failing(llm)
     assert events == [TextDelta("Hi")]
-    assert str(caught.value) == f"{llm.name}: {said}" and caught.value.retryable
+    assert str(failure) == f"{llm.name}: {said}" and failure.retryable
 
 
 async def test_a_stream_in_crlf_with_comments_and_split_data_reads_whole(
