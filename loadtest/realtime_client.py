@@ -12,7 +12,7 @@ import asyncio
 import json
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,8 +177,11 @@ class PipelineTransceiver:
 
 
 @asynccontextmanager
-async def pipeline_transceiver(log_dir: Path) -> AsyncIterator[PipelineTransceiver]:
-    """``python -m transceiver --agent pipeline`` (offline providers) behind a LoopbackRelay."""
+async def pipeline_transceiver(
+    log_dir: Path, more_env: Mapping[str, str] | None = None
+) -> AsyncIterator[PipelineTransceiver]:
+    """``python -m transceiver --agent pipeline`` (offline providers) behind a LoopbackRelay;
+    ``more_env``: its other variables."""
     link = ("127.0.0.1", free_port())
     http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
     keys = random_keys()
@@ -186,6 +189,7 @@ async def pipeline_transceiver(log_dir: Path) -> AsyncIterator[PipelineTransceiv
     public = await relay.start()
     env = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}  # offline providers whatever the host
     env |= {"PIPELINE_PIPER_NOISE_SCALE": "0", "PIPELINE_PIPER_NOISE_W_SCALE": "0"}
+    env |= more_env or {}
     process = transceiver_process(
         "transceiver", link, http, text(public), keys, log_dir, env, agent="pipeline"
     )

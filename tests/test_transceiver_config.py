@@ -85,6 +85,22 @@ def test_realtime_limits_from_environment_and_flags() -> None:
         RealtimeLimits(lost_notice_s=-1)
 
 
+def test_the_delta_window_from_environment_and_flags() -> None:
+    assert RealtimeLimits().delta_coalesce_ms == 50.0
+    env = {"TRANSCEIVER_KEYS": KEYS, "TRANSCEIVER_REALTIME_DELTA_COALESCE_MS": "0"}
+    assert TransceiverConfig.load([], env).realtime.delta_coalesce_ms == 0.0
+    flags = ["--realtime-delta-coalesce-ms", "20"]
+    assert TransceiverConfig.load(flags, env).realtime.delta_coalesce_ms == 20.0
+    env["TRANSCEIVER_REALTIME_DELTA_COALESCE_MS"] = "-5"
+    with pytest.raises(ConfigError, match="TRANSCEIVER_REALTIME_DELTA_COALESCE_MS=-5 is below 0"):
+        TransceiverConfig.load([], env)
+    env["TRANSCEIVER_REALTIME_DELTA_COALESCE_MS"] = "soon"
+    with pytest.raises(ConfigError, match="TRANSCEIVER_REALTIME_DELTA_COALESCE_MS"):
+        TransceiverConfig.load([], env)
+    with pytest.raises(ValueError, match="realtime limits: delta_coalesce_ms must be 0 or above"):
+        RealtimeLimits(delta_coalesce_ms=-1)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -7,7 +7,7 @@ The survival timings and bounds (leases, Redis health, queues, restarts) load in
 choice, forgetting, relay trust, ICE rechecks) into a ``LinkPolicy``
 (``transceiver.webrtc.link_policy``) under ``link_policy``; a Realtime session's (error notice
 before a hang-up, events kept for a channel not yet open, the items' audio kept for
-retrieve) into a ``RealtimeLimits``
+retrieve, the window transcript deltas are joined in) into a ``RealtimeLimits``
 (``transceiver.realtime.limits``) under ``realtime``. What calls leave behind: a
 ``CallRecordPolicy`` (``transceiver.store.call_records``, retention and bounds) under
 ``survival.records``, and the ``call.ended`` webhook's ``WebhookPolicy``
@@ -105,6 +105,10 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
     "realtime_item_audio_bytes": (
         "67108864",
         "bytes of items' audio kept for retrieve across the process's sessions (0: no bound)",
+    ),
+    "realtime_delta_coalesce_ms": (
+        "50",
+        "transcript deltas joined on the data channel for at most this long (0: each alone)",
     ),
     "call_record_ttl_s": ("604800", "a call record expires this long after its last write"),
     "call_record_max_turns": ("500", "turns kept per call record; the oldest are trimmed"),
@@ -353,6 +357,7 @@ def _realtime(values: Mapping[str, str | None]) -> RealtimeLimits:
         max_pending_events=_number(values, "realtime_max_pending_events", int, minimum=1),
         item_audio_s=_number(values, "realtime_item_audio_s", float, minimum=0.0),
         item_audio_bytes=_number(values, "realtime_item_audio_bytes", int, minimum=0),
+        delta_coalesce_ms=_number(values, "realtime_delta_coalesce_ms", float, minimum=0.0),
     )
 
 

@@ -16,6 +16,9 @@ class RealtimeLimits:
     max_pending_events: int = 512  # server events kept until the client opens its channel
     item_audio_s: float = 60.0  # the items' audio kept for retrieve, across items (item_audio)
     item_audio_bytes: int = 64 * 1024 * 1024  # the same, across the process's sessions (0: none)
+    # Transcript deltas joined on the data channel for at most this long (0: each as it comes;
+    # ``delta_coalescing``).
+    delta_coalesce_ms: float = 50.0
 
     def __post_init__(self) -> None:
         if self.lost_notice_s < 0:
@@ -26,3 +29,5 @@ class RealtimeLimits:
             raise ValueError(f"realtime limits: item_audio_s must be 0 or above, got {self}")
         if self.item_audio_bytes < 0:
             raise ValueError(f"realtime limits: item_audio_bytes must be 0 or above, got {self}")
+        if self.delta_coalesce_ms < 0:
+            raise ValueError(f"realtime limits: delta_coalesce_ms must be 0 or above, got {self}")

@@ -47,6 +47,9 @@ resumed session holds what was stored (``stored_contract``) for the contract to 
 
 Observers (``observers``, a sideband: ``transceiver.http.sideband``): every event sent to the
 client is also given to each, as it is sent, whether or not the client's channel is open yet.
+The channel itself gets consecutive transcript deltas of one text joined (``delta_coalescing``):
+one is held for ``RealtimeLimits.delta_coalesce_ms`` (a task of the session lets it out), and
+any other event, a hang-up or the close lets it out first; the observers still see each delta.
 
 Responses a client creates (``response.create``): each with its own settings
 (``responses``), in the conversation (the engine's) or out of band beside it
@@ -104,6 +107,7 @@ from transceiver.realtime.client_events import (
     event_id_of,
     parse_client_event,
 )
+from transceiver.realtime.delta_coalescing import HeldDelta
 from transceiver.realtime.idle import IdleTimeout
 from transceiver.realtime.item_audio import ItemAudioBudget
 from transceiver.realtime.item_edits import ItemEdits
@@ -191,6 +195,8 @@ class RealtimeSession:
         self._remote: MediaStreamTrack | None = None
         self._channel: Any = None
         self._pending: list[Event] = []
+        self._deltas = HeldDelta()  # a transcript delta joining the next ones (its window)
+        self._delta_timer = False  # a task lets it out when its window ends
         self._tasks: set[asyncio.Task[None]] = set()
         self._persistence = persistence
         self.journal: SessionJournal | None = None
@@ -309,6 +315,7 @@ class RealtimeSession:
         self._call_end = reason
 
     async def aclose(self) -> None:
+        self._flush_deltas()
         self._closing = True  # a task that fails while cancelled spawns no hang-up
         for task in list(self._tasks):
             task.cancel()
@@ -365,6 +372,7 @@ class RealtimeSession:
         if self._closing or self.hangup_reason is not None:
             return  # already ending: the first reason stands
         self.hangup_reason = reason
+        self._flush_deltas()
         self._spawn(self._hang_up_soon(), "session hang-up")
 
     async def _hang_up_soon(self) -> None:
@@ -431,8 +439,33 @@ class RealtimeSession:
             return
         if channel.readyState != "open":
             return
+        if self.limits.delta_coalesce_ms == 0 or self._closing:  # closing: nothing is held
+            self._send_now(channel, event)
+            return
+        for ready in self._deltas.add(event):
+            self._send_now(channel, ready)
+        if self._deltas.holding and not self._delta_timer:
+            self._delta_timer = True
+            self._spawn(self._deltas_due(), "session delta flush")
+
+    def _send_now(self, channel: Any, event: Event) -> None:
         channel.send(json.dumps(event))
         self.metrics.server_event(event["type"])
+
+    async def _deltas_due(self) -> None:
+        """The held delta goes out at the end of its window (``delta_coalescing``)."""
+        try:
+            await asyncio.sleep(self.limits.delta_coalesce_ms / 1000)
+        finally:
+            self._delta_timer = False
+        self._flush_deltas()
+
+    def _flush_deltas(self) -> None:
+        """The held delta, if any, to the channel now (its window ends, or the session does)."""
+        held = self._deltas.take()
+        channel = self._channel
+        if held and channel is not None and channel.readyState == "open":
+            self._send_now(channel, held[0])
 
     def send_error(
         self,
