@@ -1,5 +1,5 @@
 """Fixtures shared by the tests: the fake OpenAI server (the OpenAI provider and resilience
-tests) and piper speaking questions (the offline pipeline tests)."""
+tests), piper speaking questions (the offline pipeline tests) and an aiortc Realtime client."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import pytest_asyncio
 
 from deploy.fake_openai import FakeOpenAIServer
+from loadtest.realtime_client import RealtimeClient
 from pipeline.config import PiperConfig
 from pipeline.native_threads import pin_native_threads
 from pipeline.piper_tts import PiperTextToSpeech
@@ -47,3 +48,13 @@ async def piper() -> AsyncIterator[PiperTextToSpeech]:
     await tts.start()
     yield tts
     await tts.aclose()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def peer() -> AsyncIterator[RealtimeClient]:
+    """An aiortc Realtime client: a microphone track and the oai-events channel."""
+    client = RealtimeClient()
+    try:
+        yield client
+    finally:
+        await client.close()

@@ -116,15 +116,6 @@ async def question() -> bytes:
         await tts.aclose()
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def peer() -> AsyncIterator[RealtimeClient]:
-    client = RealtimeClient()
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
 async def call_id_of(base_url: str, peer: RealtimeClient) -> str:
     await peer.pc.setLocalDescription(await peer.pc.createOffer())
     async with httpx.AsyncClient(timeout=30) as http:

@@ -103,15 +103,6 @@ class Sideband(EventLog[AsyncSidebandConnection]):
         assert SIDEBAND_EVENT.validate_python(event).type == event["type"], event
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def peer() -> AsyncIterator[RealtimeClient]:
-    client = RealtimeClient()  # a microphone track and the oai-events channel
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
 async def created(stack: Stack, peer: RealtimeClient, session: dict[str, Any]) -> str:
     """A Live session made by the SDK from the peer's offer; its id, once it has started."""
     await peer.pc.setLocalDescription(await peer.pc.createOffer())

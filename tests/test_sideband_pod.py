@@ -123,15 +123,6 @@ async def keyed(pod: Pod) -> None:
         await poll(relays, lambda n: min(n) >= 1, 15, lambda _: "a worker never keyed", 0.1)
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def peer() -> AsyncIterator[RealtimeClient]:
-    client = RealtimeClient()
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
 def sdk(base_url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(api_key=API_KEY, base_url=base_url + "/v1", max_retries=0)
 
