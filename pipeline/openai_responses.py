@@ -52,7 +52,6 @@ from openai.types.responses.response_create_params import (
 )
 from openai.types.responses.response_create_params import ToolChoice as ToolChoiceParam
 from openai.types.responses.response_input_item_param import FunctionCallOutput
-from pydantic import BaseModel
 
 from pipeline.openai_providers import (
     TRANSPORT_ERRORS,
@@ -138,40 +137,40 @@ class OpenAIResponsesLanguageModel(OpenAIModelClient):
         return ToolCall(call_id, name, arguments)
 
 
-def _event(value: object) -> tuple[BaseModel, str]:
+def _event(value: object) -> tuple[openai.BaseModel, str]:
     """A streamed event as the SDK built it, and its type; StreamShapeError when the server's
     JSON was not an object with a string ``type``."""
-    if not isinstance(value, BaseModel):
+    if not isinstance(value, openai.BaseModel):
         raise StreamShapeError(f"Responses event is {kind(value)}, not an object")
     return value, text_of(getattr(value, "type", None), "Responses event.type")
 
 
-def _text(model: BaseModel, name: str) -> str:
+def _text(model: openai.BaseModel, name: str) -> str:
     """A string field of an event or item ("" when absent or null)."""
     where = f"{text_of(getattr(model, 'type', None), 'type')}.{name}"
     return text_of(getattr(model, name, None), where)
 
 
-def _item(event: BaseModel) -> BaseModel | None:
+def _item(event: openai.BaseModel) -> openai.BaseModel | None:
     """The item a ``response.output_item.done`` event carries (None when absent or null);
     StreamShapeError when it is not an object."""
     item = getattr(event, "item", None)
-    if item is not None and not isinstance(item, BaseModel):
+    if item is not None and not isinstance(item, openai.BaseModel):
         raise StreamShapeError(f"{_text(event, 'type')}.item is {kind(item)}, not an object")
     return item
 
 
-def _usage(event: BaseModel) -> Usage | None:
+def _usage(event: openai.BaseModel) -> Usage | None:
     """The usage a ``response.completed`` or ``response.incomplete`` event carries, if any."""
     response = getattr(event, "response", None)
-    if response is not None and not isinstance(response, BaseModel):
+    if response is not None and not isinstance(response, openai.BaseModel):
         raise StreamShapeError(
             f"{_text(event, 'type')}.response is {kind(response)}, not an object"
         )
     usage = getattr(response, "usage", None)
     if usage is None:
         return None
-    if not isinstance(usage, BaseModel):
+    if not isinstance(usage, openai.BaseModel):
         raise StreamShapeError(f"the response's usage is {kind(usage)}, not an object")
     where = "the response's usage"
     input_tokens = count_of(getattr(usage, "input_tokens", None), f"{where}.input_tokens")
@@ -179,7 +178,7 @@ def _usage(event: BaseModel) -> Usage | None:
     return Usage(input_tokens, output_tokens)
 
 
-def _failure(event: BaseModel, kind: str) -> str:
+def _failure(event: openai.BaseModel, kind: str) -> str:
     """What a ``response.failed`` or ``error`` event says went wrong (its fields as sent)."""
     if kind == "error":
         return f"error event: {getattr(event, 'code', None)}: {getattr(event, 'message', None)}"
