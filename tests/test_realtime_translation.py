@@ -15,6 +15,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -145,9 +146,14 @@ async def test_spoken_words_come_back_translated_in_text_and_speech(
     first, second = spoken_translations(events.seen)
     pause = silence_pcm(1.0, RATE_HZ)  # between them, as a listener hears them
     words = await heard_words(first + pause + second)
-    # each translation heard ("about the moon" at its end is heard as "about them i'm" at times)
+    # each translation heard, and two thirds of the utterance's words in what was heard:
+    # pocketsphinx mishears some of piper's words ("you said" as "he said", "the moon" as "them
+    # i'm", "the mum" or "the moment"), which ones by machine (piper's audio differs slightly
+    # between CPUs, AVX-512 or AVX2)
     assert words.count("french") == words.count("tell") == 2, " ".join(words)
-    assert "moon" in words, " ".join(words)
+    uttered = [re.sub(r"[^a-z']", "", word.lower()) for word in utterances[0]]
+    unheard = [word for word in uttered if word not in words]
+    assert len(unheard) <= len(uttered) // 3, (unheard, uttered, " ".join(words))
     assert "error" not in events.types(), events.seen
     with pytest.raises(websockets.ConnectionClosedOK):
         await events.connection.recv_bytes()  # closed 1000 by the server
