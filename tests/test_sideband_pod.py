@@ -243,6 +243,14 @@ async def run_by(pod: Pod, call_id: str, worker: int) -> None:
         await client.aclose()
 
 
+async def sideband_drives(base_url: str, call_id: str, instructions: str) -> None:
+    """A sideband on ``call_id`` through ``base_url`` updates its session's instructions."""
+    async with sdk(base_url).realtime.connect(call_id=call_id) as side:
+        await side.session.update(session={"type": "realtime", "instructions": instructions})
+        updated = await next_event(side, "session.updated")
+        assert updated["session"]["instructions"] == instructions, updated
+
+
 async def resumed_on_the_other_worker(
     pod: Pod, first_peer: RealtimeClient, resumed: RealtimeClient
 ) -> tuple[str, str, int]:
@@ -274,10 +282,7 @@ async def test_an_earlier_call_s_id_reaches_its_session_resumed_on_the_other_wor
         first_id, second_id, named = await resumed_on_the_other_worker(pod, first_peer, resumed)
         for worker in (named, 1 - named):
             said = f"Hi from {worker}."
-            async with sdk(pod.private_urls[worker]).realtime.connect(call_id=first_id) as side:
-                await side.session.update(session={"type": "realtime", "instructions": said})
-                updated = await next_event(side, "session.updated")
-                assert updated["session"]["instructions"] == said, updated
+            await sideband_drives(pod.private_urls[worker], first_id, said)
             told = lambda e, said=said: e["session"]["instructions"] == said  # noqa: E731
             try:
                 await resumed.wait_for("session.updated", told)  # its client is told: one session
@@ -312,10 +317,7 @@ async def test_the_lingering_calls_hang_up_on_the_resumed_calls_worker_ends_it_a
         async with httpx.AsyncClient(timeout=30) as http:
             late = await http.delete(url + first_id, headers=AUTH)  # the lingering call's client
         assert late.status_code == 204, late.text
-        async with sdk(pod.private_urls[1 - named]).realtime.connect(call_id=second_id) as side:
-            await side.session.update(session={"type": "realtime", "instructions": "Still."})
-            updated = await next_event(side, "session.updated")
-            assert updated["session"]["instructions"] == "Still.", updated
+        await sideband_drives(pod.private_urls[1 - named], second_id, "Still.")
         async with httpx.AsyncClient(timeout=30) as http:
             resumed_ended = await http.delete(url + first_id, headers=AUTH)
             gone = await http.delete(url + second_id, headers=AUTH)
@@ -346,10 +348,7 @@ async def test_a_hang_up_whose_named_worker_does_not_answer_ends_no_call(pod: Po
         error = late.json()["error"]
         assert error["code"] == "worker_unavailable", error
         assert error["message"].startswith(f"worker {named} of this transceiver"), error
-        async with sdk(pod.private_urls[1 - named]).realtime.connect(call_id=second_id) as side:
-            await side.session.update(session={"type": "realtime", "instructions": "On."})
-            updated = await next_event(side, "session.updated")
-            assert updated["session"]["instructions"] == "On.", updated
+        await sideband_drives(pod.private_urls[1 - named], second_id, "On.")
         async with httpx.AsyncClient(timeout=30) as http:
             ended = await http.delete(url + second_id, headers=AUTH)
             first_gone = await http.delete(
