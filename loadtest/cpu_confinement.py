@@ -82,6 +82,23 @@ class CpuLimit:
         return self.cores or float(self.pinned_cores)
 
 
+def pin_threads(pids: list[int], cpus: list[int]) -> list[int]:
+    """Every thread of each process in ``pids`` allowed only ``cpus`` (threads started later
+    inherit their creator's); the PIDs pinned, without those gone meanwhile. A cpuset group is
+    not the tool here: these processes stay in their groups (a favoured one, say)."""
+    pinned = []
+    for pid in pids:
+        try:
+            threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue  # gone
+        for tid in threads:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(tid, cpus)
+        pinned.append(pid)
+    return pinned
+
+
 def parse_cpus(text: str) -> list[int]:
     """A cpuset list ("0-2,5") as core numbers; ValueError naming the text when malformed."""
     cores: list[int] = []

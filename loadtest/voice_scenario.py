@@ -26,7 +26,9 @@ items per answered turn), the calls that could not resume and why. Its p50/p99 a
 **Calls per core.** ``--confine-cores C`` (and/or ``--confine-cpus LIST``) puts the local
 stack's transceivers in a cgroup of their own (``loadtest.cpu_confinement``: a quota of C cores
 per ``--confine-period-us``, 10 ms by default so a throttled stall stays short, and the cores
-of the cpuset), and ``--generator-cpus LIST`` pins Locust and its driver children elsewhere: the
+of the cpuset), and ``--generator-cpus LIST`` pins Locust and its driver children elsewhere, and
+with the transceivers confined, this process and the rest of what it started too (the fake
+providers, Redis, the relay: their every thread), so the transceivers' cores are theirs alone: the
 knee is then in calls per confined core (knee calls / confined cores), with the group's
 throttling per step. Where cgroups cannot be written it says so and measures unconfined.
 ``--media-paths lean,aiortc`` runs the knee once per media path (``TRANSCEIVER_MEDIA_PATH``),
@@ -69,6 +71,7 @@ from loadtest.cpu_confinement import (
     Confinement,
     CpuLimit,
     parse_cpus,
+    pin_threads,
 )
 from loadtest.hosts import metric_samples, process_tree
 from loadtest.voice_calls import CLIENTS, SILENCE_RESUME_S, spoken_questions
@@ -189,7 +192,11 @@ def _parser() -> argparse.ArgumentParser:
     confine.add_argument("--confine-cores", type=float, default=0.0, help="transceiver quota")
     confine.add_argument("--confine-period-us", type=int, default=DEFAULT_PERIOD_US)
     confine.add_argument("--confine-cpus", default="", help="transceiver cpuset, e.g. 1")
-    confine.add_argument("--generator-cpus", default="", help="Locust's cores (taskset), e.g. 0")
+    confine.add_argument(
+        "--generator-cpus",
+        default="",
+        help="Locust's cores (taskset), e.g. 0; with the transceivers confined, the rest's too",
+    )
     confine.add_argument(
         "--favour-stack",
         action="store_true",
@@ -485,6 +492,9 @@ def confine(args: argparse.Namespace, target: Target, held: contextlib.ExitStack
         return replace(target, unconfined_why=str(why))
     moved = [pid for t in target.transceivers for pid in group.add(t.pid)]
     described = group.describe() | {"pids": moved}
+    if args.generator_cpus:  # the transceivers' cores are theirs alone
+        others = [pid for pid in process_tree(os.getpid()) if pid not in moved]
+        described["others_pinned"] = len(pin_threads(others, parse_cpus(args.generator_cpus)))
     print(f"confined: {described}", flush=True)
     return replace(target, confined=Confined(limit.confined_cores, group.stat_path, described))
 

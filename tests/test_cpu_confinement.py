@@ -22,6 +22,7 @@ from loadtest.cpu_confinement import (
     CpuLimit,
     cgroup_version,
     parse_cpus,
+    pin_threads,
 )
 from loadtest.hosts import read_stat
 
@@ -102,3 +103,52 @@ def test_a_limit_says_what_it_confines_to() -> None:
         CpuLimit()
     with pytest.raises(ValueError, match="under the kernel's 1000 us"):
         CpuLimit(cores=0.05, period_us=10_000)
+
+
+THREADED_CHILD = """
+import os, sys, threading
+event = threading.Event()
+for _ in range(2):
+    threading.Thread(target=event.wait, daemon=True).start()
+print("started", flush=True)
+sys.stdin.readline()
+seen = []
+later = threading.Thread(target=lambda: seen.append(sorted(os.sched_getaffinity(0))))
+later.start()
+later.join()
+print(seen[0], flush=True)
+"""
+
+
+def _allowed(pid: int) -> set[str]:
+    lists = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                lists.add(line.split(":", 1)[1].strip())
+    return lists
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin to one")
+def test_pinning_a_process_pins_every_thread_and_the_threads_it_starts_later() -> None:
+    """What ``--generator-cpus`` does to the processes that are not the transceivers."""
+    core = min(os.sched_getaffinity(0))
+    child = subprocess.Popen(
+        [sys.executable, "-c", THREADED_CHILD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "started"
+        assert len(list(Path(f"/proc/{child.pid}/task").iterdir())) == 3
+        assert _allowed(child.pid) != {str(core)}  # not pinned before
+        assert pin_threads([child.pid, 2**22 + 7], [core]) == [child.pid]  # the other is gone
+        assert _allowed(child.pid) == {str(core)}
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == f"[{core}]"
+    finally:
+        child.kill()
+        child.wait(timeout=10)
