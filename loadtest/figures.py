@@ -112,6 +112,8 @@ def _row_verdict(row: Row, cores: float) -> tuple[bool | None, list[str]]:
         int(generator.get("sndbuf_errors") or 0),
         float(generator.get("cpu_cores") or 0.0),
         cores,
+        float(generator.get("pinned_busy") or 0.0),
+        int(generator.get("pinned_cores") or 0),
     )
 
 
@@ -566,9 +568,18 @@ def _generator_lines(report: Report) -> list[str]:
     )
     cores, bad = generator_cores(report), sum(saturated(report))
     available = "" if cores is None else f" of {cores:g}"
+    pinned = [int((row.get("generator") or {}).get("pinned_cores") or 0) for row in rows]
+    busy = (
+        ""
+        if not any(pinned)
+        else (
+            f", its pinned cores busy max {_worst(_values(rows, 'generator', 'pinned_busy')):.2f}"
+            f" of {max(pinned)}"
+        )
+    )
     return [
         f"generator: tick lag p99 worst {_ms(_worst(lag))} ms, CPU max {_worst(cpu):.2f}"
-        f"{available} cores, Udp RcvbufErrors +{rcvbuf:,} SndbufErrors +{sndbuf:,}",
+        f"{available} cores{busy}, Udp RcvbufErrors +{rcvbuf:,} SndbufErrors +{sndbuf:,}",
         f"  saturated in {bad} of {len(_rows(report))} intervals",
     ]
 

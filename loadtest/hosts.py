@@ -8,6 +8,9 @@ CPU and memory.
   their descendants (a supervisor and its workers), and ``process_tree()`` to list them.
 - ``scrape_process_metrics()`` / ``ScrapedCpu``: the same figures from a Prometheus text endpoint,
   for a server on another host.
+- ``CoresBusy``: how busy some of the host's cores were between samples (``/proc/stat``), every
+  process on them counted: the cores a generator was pinned to may be filled by what shares them
+  (a fake provider, the relay) while its own processes look idle.
 - ``generator_verdict()``: whether the generator kept up, with the thresholds below.
 
 Every sampler reads its baseline when it is made, and each ``sample()``/``delta()`` returns the
@@ -181,6 +184,35 @@ class ProcessCpu:
         return sum(rss_mb(pid) for pid in self.pids())
 
 
+class CoresBusy:
+    """Busy cores (non-idle time per wall second, summed) among ``cpus`` between samples."""
+
+    IDLE_FIELDS = (3, 4)  # idle and iowait, after the "cpuN" label (proc(5))
+
+    def __init__(self, cpus: Iterable[int], stat_path: Path = PROC / "stat") -> None:
+        self.cpus = {f"cpu{cpu}" for cpu in cpus}
+        self.stat_path = stat_path
+        self.last = self._ticks()
+
+    def _ticks(self) -> tuple[int, int]:
+        """(busy, all) clock ticks of the cores, summed."""
+        busy = total = 0
+        for line in self.stat_path.read_text().splitlines():
+            label, *fields = line.split()
+            if label in self.cpus:
+                ticks = [int(field) for field in fields[:8]]  # to steal; guests are in user
+                idle = sum(ticks[i] for i in self.IDLE_FIELDS)
+                busy, total = busy + sum(ticks) - idle, total + sum(ticks)
+        return busy, total
+
+    def sample(self) -> float:
+        """Busy cores since the previous sample (0 when no tick passed)."""
+        now = self._ticks()
+        busy, total = now[0] - self.last[0], now[1] - self.last[1]
+        self.last = now
+        return len(self.cpus) * busy / total if total > 0 else 0.0
+
+
 # --- A server on another host ----------------------------------------------------------------
 
 CPU_METRIC = "process_cpu_seconds_total"
@@ -252,11 +284,15 @@ def generator_verdict(
     sndbuf_delta: int,
     cpu_cores: float,
     cores_available: float,
+    pinned_busy: float = 0.0,
+    pinned_cores: int = 0,
 ) -> tuple[bool, list[str]]:
     """(valid, reasons): the generator kept up during an interval unless its wheel ran late
     (``TICK_LAG_P99_LIMIT_MS``), its host dropped datagrams in socket buffers (any
-    ``RcvbufErrors``/``SndbufErrors``), or its workers used more than ``CPU_SHARE_LIMIT`` of
-    ``cores_available`` (the cores its worker processes may use, one per single-threaded worker).
+    ``RcvbufErrors``/``SndbufErrors``), its workers used more than ``CPU_SHARE_LIMIT`` of
+    ``cores_available`` (the cores its worker processes may use, one per single-threaded worker),
+    or the ``pinned_cores`` it was pinned to were busier than that share (``pinned_busy`` busy
+    cores, whoever used them: ``CoresBusy``).
     """
     reasons = []
     if tick_lag_p99_ms > TICK_LAG_P99_LIMIT_MS:
@@ -267,5 +303,10 @@ def generator_verdict(
     if cpu_cores > CPU_SHARE_LIMIT * cores_available:
         reasons.append(
             f"generator CPU {cpu_cores:.2f} cores > {CPU_SHARE_LIMIT:.0%} of {cores_available:g}"
+        )
+    if pinned_cores and pinned_busy > CPU_SHARE_LIMIT * pinned_cores:
+        reasons.append(
+            f"generator's {pinned_cores} pinned core(s) {pinned_busy:.2f} busy"
+            f" > {CPU_SHARE_LIMIT:.0%}"
         )
     return not reasons, reasons

@@ -35,7 +35,8 @@ from locust import LoadTestShape, User, constant, events, task
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
-from loadtest.cpu_confinement import read_throttling
+from loadtest.cpu_confinement import parse_cpus, read_throttling
+from loadtest.hosts import CoresBusy
 from loadtest.voice_report import (
     Histograms,
     Knee,
@@ -271,6 +272,8 @@ class Master:
         self.series: list[dict[str, Any]] = []
         self._generator: dict[str, tuple[float, float]] = {}  # worker -> (cpu_s, at)
         self._generator_cores: dict[str, float] = {}
+        pinned = json.loads(options.voice_config or "{}").get("generator_cpus") or ""
+        self.pinned = CoresBusy(parse_cpus(pinned)) if pinned else None
         self._sampling = gevent.spawn(self._sample_forever)
 
     def merge(self, worker: str, snapshot: dict[str, Any]) -> None:
@@ -302,6 +305,9 @@ class Master:
             "server": server,
             "generator": {"cpu_cores": round(sum(self._generator_cores.values()), 3)},
         }
+        if self.pinned is not None:  # its cores, whoever used them
+            row["generator"]["pinned_busy"] = round(self.pinned.sample(), 3)
+            row["generator"]["pinned_cores"] = len(self.pinned.cpus)
         self.series.append(row)
         urls = [url for url in options.voice_metrics_urls.split(",") if url]
         metrics = scrape_loop_metrics(urls) if urls else None

@@ -241,3 +241,17 @@ def test_the_command_redraws_a_saved_report(tmp_path: Path) -> None:
     assert "INVALID: generator saturated" in done.stdout
     assert done.stdout.count("wrote ") == len(FIGURES)
     assert_png(tmp_path / "out" / "knee.png")
+
+
+def test_a_busy_pinned_core_saturates_the_generator_and_is_summarised() -> None:
+    """The fake providers and the relay share the generator's pinned core: its processes look
+    idle while the core is full, and the interval is judged saturated all the same."""
+    report = full_report()
+    rows = report["series"]
+    for row in rows:
+        row["generator"] |= {"pinned_busy": 0.5, "pinned_cores": 1}
+    before = sum(saturated(report))
+    rows[0]["generator"]["pinned_busy"] = 0.97
+    assert sum(saturated(report)) == before + (0 not in STALLED_ROWS)
+    assert ", its pinned cores busy max 0.97 of 1, Udp" in summary(report)
+    assert "pinned cores" not in summary(full_report())

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from loadtest.hosts import (
     UDP_ERRORS,
+    CoresBusy,
     ProcessCpu,
     ScrapedCpu,
     UdpErrors,
@@ -221,10 +222,12 @@ def test_scrape_names_a_missing_metric() -> None:
         ((3.0, 7, 0, 0.5, 2), "Udp RcvbufErrors +7"),
         ((3.0, 0, 1, 0.5, 2), "Udp SndbufErrors +1"),
         ((3.0, 0, 0, 1.9, 2), "generator CPU 1.90 cores > 90% of 2"),
+        ((3.0, 0, 0, 0.3, 2, 0.95, 1), "generator's 1 pinned core(s) 0.95 busy > 90%"),
     ],
 )
 def test_generator_verdict_names_each_reason(
-    args: tuple[float, int, int, float, float], reason: str
+    args: tuple[float, int, int, float, float] | tuple[float, int, int, float, float, float, int],
+    reason: str,
 ) -> None:
     valid, reasons = generator_verdict(*args)
     assert not valid
@@ -233,4 +236,31 @@ def test_generator_verdict_names_each_reason(
 
 def test_generator_verdict_passes_a_generator_that_kept_up() -> None:
     assert generator_verdict(20.0, 0, 0, 1.8, 2) == (True, [])
+    assert generator_verdict(20.0, 0, 0, 0.3, 2, 0.9, 1) == (True, [])
     assert generator_verdict(50.0, 1, 1, 2.0, 2)[1][0].startswith("tick lag")
+
+
+STAT = """cpu  {0} 0 {1} {2} {3} 0 0 0 0 0
+cpu0 {0} 0 {1} {2} {3} 0 0 0 0 0
+cpu1 900 0 100 0 0 0 0 0 0 0
+intr 1 2 3
+"""
+
+
+def test_busy_cores_count_every_process_on_the_pinned_cores_only(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text(STAT.format(100, 50, 1000, 10))
+    busy = CoresBusy([0], stat)
+    # cpu0: user +300, system +100, idle +80, iowait +20: 400 busy ticks of 500; cpu1 ignored
+    stat.write_text(STAT.format(400, 150, 1080, 30))
+    assert busy.sample() == pytest.approx(0.8)
+    assert busy.sample() == 0.0  # no tick since
+
+
+def test_busy_cores_of_this_host_are_between_none_and_all() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    busy = CoresBusy(cpus)
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline:
+        pass  # this process keeps one core busy meanwhile
+    assert 0.0 < busy.sample() <= len(cpus)
