@@ -298,16 +298,17 @@ class Master:
         if options.voice_cgroup_stat:
             server["throttling"] = read_throttling(options.voice_cgroup_stat)
         sessions = self.environment.runner.user_count if self.environment.runner else 0
+        generator: dict[str, float] = {"cpu_cores": round(sum(self._generator_cores.values()), 3)}
+        if self.pinned is not None:  # its cores, whoever used them
+            generator["pinned_busy"] = round(self.pinned.sample(), 3)
+            generator["pinned_cores"] = len(self.pinned.cpus)
         row = {
             "t_s": round(time.monotonic() - self.started, 1),
             "sessions": sessions,
             "turn_ms": self.interval.take_turn_percentiles(),
             "server": server,
-            "generator": {"cpu_cores": round(sum(self._generator_cores.values()), 3)},
+            "generator": generator,
         }
-        if self.pinned is not None:  # its cores, whoever used them
-            row["generator"]["pinned_busy"] = round(self.pinned.sample(), 3)
-            row["generator"]["pinned_cores"] = len(self.pinned.cpus)
         self.series.append(row)
         urls = [url for url in options.voice_metrics_urls.split(",") if url]
         metrics = scrape_loop_metrics(urls) if urls else None
