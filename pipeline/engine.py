@@ -298,15 +298,23 @@ class ConversationEngine(HeardStretches):
         if not self.config.turn_detection and self._suppressor is None:
             self._keep_uncommitted(pcm)
             return
-        self._pending_input += pcm
         frame_bytes = self.config.input_sample_rate_hz * self.config.frame_ms // 500
+        if len(pcm) == frame_bytes and not self._pending_input and type(pcm) is bytes:
+            # one whole frame, nothing before it: the lean path's every packet, taken as it is
+            # (not copied into the pending input and out again)
+            self._take_frame(pcm)
+            return
+        self._pending_input += pcm
         while len(self._pending_input) >= frame_bytes:
             frame = bytes(self._pending_input[:frame_bytes])
             del self._pending_input[:frame_bytes]
-            if self.config.turn_detection:
-                self._on_frame(frame)
-            else:
-                self._keep_uncommitted(self._filtered(frame))
+            self._take_frame(frame)
+
+    def _take_frame(self, frame: bytes) -> None:
+        if self.config.turn_detection:
+            self._on_frame(frame)
+        else:
+            self._keep_uncommitted(self._filtered(frame))
 
     def _filtered(self, frame: bytes) -> bytes:
         """The frame as the noise filter leaves it (as it is without one): what the VAD, the
@@ -373,7 +381,7 @@ class ConversationEngine(HeardStretches):
             self._asked = []
         elif heard is not None and self._may_answer_early(heard):
             self._answer_early(heard)
-        if heard is not None and not any(isinstance(e, SpeechStarted) for e in events):
+        if heard is not None and not (events and any(isinstance(e, SpeechStarted) for e in events)):
             self._listen(heard, frame)
         for event in events:
             self._on_vad(event)
