@@ -58,7 +58,7 @@ from transceiver.store.route_publishing import RoutePublishing
 from transceiver.store.secret_sessions import open_secret_sessions
 from transceiver.store.sideband_directory import open_sideband_directory
 from transceiver.webhooks import call_ended_webhooks
-from transceiver.webrtc import ice, rtp_tuning
+from transceiver.webrtc import ice, rtp_tuning, sctp_bundling
 from transceiver.webrtc.calls import CallLimits, Calls
 from transceiver.webrtc.link import Address, Link, RoutePublisherFactory
 from transceiver.workers.seats import SEAT_ENV, Seat, SeatError, worker_link
@@ -82,6 +82,7 @@ async def serve(
     """One transceiver process: alone, or worker ``seat`` of a pod (``transceiver.workers``)."""
     ice.install()
     rtp_tuning.install()
+    sctp_bundling.install()
     registry = CollectorRegistry()
     registry.register(TaskCrashCollector())
     async with (

@@ -4,7 +4,8 @@
 HELLO, routes), its datagrams moved in batches by ``mmsg``; ``ice`` confines the aioice hooks;
 ``sdp`` rewrites answers to carry the relay's candidate; ``calls`` owns every call, its admission
 and its watcher; ``audio`` bridges Opus and PCM in 20 ms frames; ``rtp_tuning`` holds the aiortc
-tunings; ``lean_media`` carries a call's audio itself once DTLS is up
+tunings; ``sctp_bundling`` sends a burst of data-channel messages in one SCTP packet;
+``lean_media`` carries a call's audio itself once DTLS is up
 (``TRANSCEIVER_MEDIA_PATH=lean``), with the RTP header extensions of ``rtp_extensions``; ``echo`` is
 the diagnostic agent; ``link_policy`` holds the link's timings and bounds as data.
 A call runs an agent given to it (the Realtime session, or echo): this package knows no agent,
