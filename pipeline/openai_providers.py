@@ -28,6 +28,7 @@ from openai.types.chat import (
 from openai.types.chat.chat_completion_message_function_tool_call_param import Function
 from openai.types.shared_params import FunctionDefinition
 
+from pipeline.asyncio_network import AsyncioHTTPTransport
 from pipeline.event_stream import EventStreamReader
 from pipeline.providers import (
     DEFAULT_OPTIONS,
@@ -97,12 +98,22 @@ class WholeBodyTransport(httpx2.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def openai_client(api_key: str) -> openai.AsyncOpenAI:
+NETWORKS = ("asyncio", "anyio")  # httpcore's network backend: ours, or httpx's own (anyio)
+
+
+def openai_client(api_key: str, network: str = "asyncio") -> openai.AsyncOpenAI:
     """The SDK's client (its base URL from ``OPENAI_BASE_URL``) with its default limits and
-    timeouts, sending each body in one write (``WholeBodyTransport``)."""
+    timeouts, sending each body in one write (``WholeBodyTransport``), its connections on
+    asyncio itself (``asyncio_network``; ``network="anyio"``: httpx's own transport)."""
+    if network not in NETWORKS:
+        raise ValueError(f"network must be one of {', '.join(NETWORKS)}, not {network!r}")
     limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)  # the SDK's
-    transport = WholeBodyTransport(httpx2.AsyncHTTPTransport(limits=limits))
-    http_client = openai.DefaultAsyncHttpxClient(transport=transport)
+    inner: httpx2.AsyncBaseTransport = (
+        AsyncioHTTPTransport(limits)
+        if network == "asyncio"
+        else httpx2.AsyncHTTPTransport(limits=limits)
+    )
+    http_client = openai.DefaultAsyncHttpxClient(transport=WholeBodyTransport(inner))
     return openai.AsyncOpenAI(api_key=api_key, http_client=http_client)
 
 

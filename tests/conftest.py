@@ -14,6 +14,7 @@ from deploy.fake_openai import FakeOpenAIServer
 from loadtest.realtime_client import RealtimeClient
 from pipeline.config import PiperConfig
 from pipeline.native_threads import pin_native_threads
+from pipeline.openai_providers import openai_client
 from pipeline.piper_tts import PiperTextToSpeech
 
 pin_native_threads()  # the test process too, before any test module imports numpy
@@ -36,8 +37,10 @@ def server() -> Iterator[FakeOpenAIServer]:
 
 @pytest.fixture
 async def client(server: FakeOpenAIServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The pipeline's own client (``openai_client``: its transport on asyncio) for the server."""
     await server.reset()
-    async with server.openai_client() as opened:
+    pipelines = openai_client("sk-test").with_options(base_url=f"{server.base_url}/v1", timeout=30)
+    async with pipelines as opened:
         yield opened
 
 
