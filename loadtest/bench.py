@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     results["failover"] = run_optional(
         progress, "bench_failover", "run_failover_bench", quick=args.quick, progress=progress
     )
+    # the engine's CPU per 20 ms frame of a call's input, as a multiple of webrtcvad's (a ratio)
+    results["frame_stages"] = run_optional(
+        progress, "frame_stages", "bench_metrics", quick=args.quick
+    )
     e2e_paths: dict[str, Any] = {}
     if not args.quick:
         e2e_paths = run_optional(progress, "bench_e2e", "run_e2e_bench")
@@ -102,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if "media_cost" in results:
         title = "Transceiver CPU per call-second, API-offloaded calls (1000 / it = calls per core)"
         print("\n" + report.metrics_text(title, results["media_cost"]))
+    title = "The engine's CPU per 20 ms frame of a call's input (loadtest.frame_stages)"
+    print("\n" + report.metrics_text(title, results["frame_stages"]))
     if "skipped" not in e2e_paths and e2e_paths:
         from loadtest.bench_e2e import e2e_report
 

@@ -88,3 +88,12 @@ def test_quick_bench_measures_each_failover_once(quick: Quick) -> None:
     assert scenarios["transceiver_kill"]["recalled"] == [True]
     assert "Failover, ms over 1 run(s)" in stdout
     assert (out / "bench.png").stat().st_size > 0
+
+
+def test_the_engines_cpu_a_frame_is_measured_against_webrtcvads(quick: Quick) -> None:
+    results, stdout, _ = quick
+    frames = results["frame_stages"]
+    assert "skipped" not in frames and frames["rounds"] == 1, frames
+    assert frames["engine.push_audio, voice's end on: us a frame"] > 0, frames
+    assert frames["engine.push_audio, voice's end on: / webrtcvad"] > 0, frames
+    assert "The engine's CPU per 20 ms frame of a call's input" in stdout
