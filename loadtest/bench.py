@@ -1,5 +1,5 @@
-"""``make bench``: the relay benchmark, then the pipeline, speech-to-text, failover and browser
-end-to-end benchmarks.
+"""``make bench``: the relay benchmark, then the pipeline, provider HTTP, speech-to-text, failover
+and browser end-to-end benchmarks.
 
 Prints progress as it goes, then the tables; writes ``bench-results/bench.json``,
 ``bench-results/bench.png``, ``bench-results/stt.png`` (word error rate and CPU per audio second
@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     results["pipeline"] = run_optional(
         progress, "bench_pipeline", "run_pipeline_bench", quick=args.quick
     )
+    # CPU a provider request costs, our asyncio network under httpx against its own (a ratio)
+    results["provider_http"] = run_optional(
+        progress, "bench_provider_http", "run_provider_http_bench", quick=args.quick
+    )
     # offline speech-to-text: Moonshine against pocketsphinx on recorded and piper speech
     results["stt"] = run_optional(
         progress, "bench_stt", "run_stt_bench", quick=args.quick, out=args.out
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     png = report.plot(results, args.out / "bench.png")
     print("\n" + report.render(results))
+    title = "Provider requests: this process's CPU a request, by network (asyncio: ours)"
+    print("\n" + report.metrics_text(title, results["provider_http"]))
     if "media_cost" in results:
         title = "Transceiver CPU per call-second, API-offloaded calls (1000 / it = calls per core)"
         print("\n" + report.metrics_text(title, results["media_cost"]))
