@@ -41,11 +41,13 @@ from typing import Any
 from pipeline.config import LocalLlmConfig, usable_cores
 from pipeline.local_llm_chat import (
     ToolCallGate,
+    bare_tools,
     chat_messages,
     chat_tools,
     holds_facts,
     parse_tool_calls,
     recent_history,
+    settled_call,
     system_prompt,
 )
 from pipeline.local_llm_file import cached_model, default_cache_dir
@@ -84,6 +86,7 @@ class _Answer:
     queue: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
     stop: threading.Event = field(default_factory=threading.Event)
     prompt_tokens: PromptTokens | None = None
+    settled: bool = False  # stopped once its call was settled (local_llm_chat.settled_call)
 
     def on_chunk(self, chunk: dict[str, Any]) -> bool:
         """The server's callback, on its thread: True stops the generation."""
@@ -144,6 +147,7 @@ class LlamaCppLanguageModel:
         self.warm_ups = 0  # started
         self.header_reads = 0  # next turns' headers read after an answer (_read_next_header)
         self.last_warm_tokens = PromptTokens()  # how the last finished warm-up read its prompt
+        self.settled_calls = 0  # calls taken before the model finished writing them
 
     async def start(self) -> None:
         path = self._model_path
@@ -293,7 +297,9 @@ class LlamaCppLanguageModel:
         try:
             await self._after_warm_up()
             running = answer.loop.run_in_executor(self._threads, self._run, request, answer)
-            async for event in _events(answer, [tool.name for tool in tools]):
+            async for event in _events(answer, tools):
+                if answer.settled and isinstance(event, ToolCall):
+                    self.settled_calls += 1
                 yield event
         finally:
             answer.stop.set()
@@ -408,9 +414,13 @@ def _load_server(path: Path, config: LocalLlmConfig) -> Any:
 
 
 async def _events(
-    answer: _Answer, tool_names: list[str]
+    answer: _Answer, tools: Sequence[ToolSpec]
 ) -> AsyncGenerator[LanguageModelEvent, None]:
-    """The answer's chunks as our events: text (held while it may be a call), calls, usage."""
+    """The answer's chunks as our events: text (held while it may be a call), calls, usage.
+    A call that its first tokens settle (``settled_call``) is taken at once and the rest of
+    it is not written (its usage and prompt tokens are then not known: llama.cpp gives them
+    at the end)."""
+    tool_names, bare = [tool.name for tool in tools], bare_tools(tools)
     gate = ToolCallGate(tools_offered=bool(tool_names))
     native = _NativeCalls()
     usage: Usage | None = None
@@ -425,6 +435,11 @@ async def _events(
             native.add(delta.get("tool_calls") or [])
             if text := gate.push(delta.get("content") or ""):
                 yield TextDelta(text)
+        if gate.holding and (call := settled_call(gate.held, bare)) is not None:
+            answer.stop.set()  # llama.cpp stops at its next token
+            answer.settled = True
+            yield call
+            return
     for event in _ending(gate, native, tool_names):
         yield event
     if usage is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ CHARS_PER_TOKEN = 3
 _OPENERS = ("```", "<tool_call>", "<tool_response>", "{", "[")
 _FENCE = re.compile(r"```[a-zA-Z]*\s*(.*?)\s*```", re.DOTALL)
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+_NAMED = re.compile(r'"name"\s*:\s*"([^"\\]+)"')
 
 
 def system_prompt(
@@ -170,6 +171,27 @@ class ToolCallGate:
         return text
 
 
+def bare_tools(tools: Sequence[ToolSpec]) -> frozenset[str]:
+    """The names of the tools that take no arguments."""
+    return frozenset(tool.name for tool in tools if not tool.parameters.get("properties"))
+
+
+def settled_call(held: str, bare: Collection[str]) -> ToolCall | None:
+    """The call being written in ``held``, once nothing more the model writes can change it:
+    one call (not a list), its name complete and one of ``bare``, the tools that take no
+    arguments. None otherwise.
+
+    Qwen2.5-Coder writes a call to current_time in 20 tokens (a Markdown fence around
+    pretty-printed JSON) at a tenth of a second or more each on one shared core; about half
+    of them come after the name (``",\n  "arguments": {}\n}\n```"``)."""
+    match = _NAMED.search(held)
+    if match is None or match.group(1) not in bare or "[" in held[: match.start()]:
+        return None
+    if held.lstrip().startswith("<tool_response>"):  # an echoed result, not a call
+        return None
+    return ToolCall(_call_id(), match.group(1), "{}")
+
+
 def parse_tool_calls(text: str, tool_names: Sequence[str]) -> list[ToolCall] | None:
     """The calls of the offered tools written in ``text``; None when ``text`` holds no call.
 
@@ -213,7 +235,11 @@ def _calls_in(value: Any) -> Iterator[ToolCall]:
         name = item.get("name")
         if not isinstance(name, str) or not name:
             continue
-        yield ToolCall(f"call_{uuid.uuid4().hex[:12]}", name, _arguments(item))
+        yield ToolCall(_call_id(), name, _arguments(item))
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:12]}"
 
 
 def _arguments(item: dict[str, Any]) -> str:

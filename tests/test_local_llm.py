@@ -174,11 +174,14 @@ async def test_open_questions_get_right_answers(
 async def test_the_time_is_asked_of_the_tool_and_its_result_spoken(
     model: LlamaCppLanguageModel, piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText
 ) -> None:
-    engine = make_engine(sphinx, model, piper)
+    """The call is taken once its name is written (the model writes it in a Markdown fence,
+    20 tokens, settled after 12), its result read and spoken."""
+    engine, settled = make_engine(sphinx, model, piper), model.settled_calls
     async with engine:
         engine.add_user_text("What time is it?")
         engine.create_response()
         seen = await collect_until(engine, turn_done(1))
+    assert model.settled_calls == settled + 1
     (started,) = [e for e in seen if isinstance(e, ev.ToolCallStarted)]
     (completed,) = [e for e in seen if isinstance(e, ev.ToolCallCompleted)]
     assert started.call.name == "current_time"

@@ -17,9 +17,11 @@ from pipeline.config import ConfigError, LocalLlmConfig, PipelineConfig
 from pipeline.llama_llm import passive_openmp
 from pipeline.local_llm_chat import (
     ToolCallGate,
+    bare_tools,
     chat_messages,
     parse_tool_calls,
     recent_history,
+    settled_call,
     system_prompt,
 )
 from pipeline.local_llm_file import (
@@ -30,7 +32,7 @@ from pipeline.local_llm_file import (
     cached_model,
     verify,
 )
-from pipeline.providers import Message, ToolCall
+from pipeline.providers import Message, ToolCall, ToolSpec
 
 TOOLS = ["current_time", "lookup_knowledge"]
 
@@ -103,6 +105,30 @@ def test_unreadable_arguments_become_an_empty_object() -> None:
 
 def pushed(gate: ToolCallGate, pieces: list[str]) -> str:
     return "".join(gate.push(piece) for piece in pieces) + gate.finish()
+
+
+def test_a_call_of_a_tool_without_arguments_is_settled_once_its_name_is_written() -> None:
+    """As Qwen2.5-Coder writes it, token by token: settled after the name's closing quote,
+    never before, never for a tool that takes arguments, a list or an echoed result."""
+    lookup = ToolSpec("lookup_knowledge", "", {"type": "object", "properties": {"q": {}}})
+    bare = bare_tools([ToolSpec("current_time", ""), lookup])
+    assert bare == {"current_time"}
+    written = '```json\n{\n  "name": "current_time",\n  "arguments": {}\n}\n```'
+    end = written.index('current_time"') + len('current_time"')
+    assert [settled_call(written[:n], bare) for n in range(end)] == [None] * end
+    call = settled_call(written[:end], bare)
+    assert call is not None and (call.name, call.arguments) == ("current_time", "{}")
+    assert call.call_id.startswith("call_")
+    for held in (
+        '```json\n{"name": "lookup_knowledge", "arguments": {"q": "x"}}',
+        '[{"name": "current_time"}, {"name": "lookup_knowledge"',
+        '```json\n[\n  {"name": "current_time"',
+        '<tool_response>\n{"name": "current_time", "content": "09:00"}',
+        '{"name": "current_tim',
+    ):
+        assert settled_call(held, bare) is None, held
+    for held in ('<tool_call>\n{"name": "current_time"', '{{"name": "current_time",'):
+        assert settled_call(held, bare) is not None, held
 
 
 def test_text_passes_the_gate_as_soon_as_it_cannot_be_a_call() -> None:
