@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import replace
@@ -20,10 +21,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry, generate_latest
 
+from deploy.processes import Process, free_port, random_keys, text, transceiver_process
 from loadtest import local_llm_first_chunk as first_chunk
 from loadtest.bench_turn_replay import play
 from loadtest.voice_audio import recognised, silence_pcm, spoken_pcm
@@ -352,6 +355,42 @@ async def test_without_its_model_the_pipeline_falls_back_to_the_rule_based_agent
     assert (
         'transceiver_pipeline_stage_substituted{reason="local model unavailable: cannot' in exposed
     )
+
+
+async def test_a_transceiver_is_ready_only_once_its_local_model_is_warm(tmp_path: Path) -> None:
+    """Readiness (the ready line ``make run`` waits for, ``/readyz``) waits for the model's
+    warm-up in ``start()`` (the system prompt and the tools read into its cache): asked from
+    the process's start, ``/readyz`` answers 200 only once the model is logged warm."""
+    http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
+    env = {"PIPELINE_LLM": "local", "TRANSCEIVER_SECRET_KEYS": random_keys()}
+    process = transceiver_process(
+        "transceiver", ("127.0.0.1", free_port()), http, "127.0.0.1:3478", random_keys(),
+        tmp_path, env, agent="pipeline",
+    )  # fmt: skip
+    process.start()
+    try:
+        not_ready = await not_ready_answers(f"http://{text(http)}/readyz", process)
+        log = (tmp_path / "transceiver.log").read_text()
+        assert "loaded and warm" in log and not_ready > 0, process.log_tail()
+    finally:
+        returncode = await process.stop()
+    assert returncode == 0, process.log_tail()
+
+
+async def not_ready_answers(url: str, process: Process, deadline_s: float = 300) -> int:
+    """How often ``url`` failed or answered other than 200, asked every 100 ms until it
+    answers 200 (within ``deadline_s``, the process alive)."""
+    failed = 0
+    async with httpx.AsyncClient(timeout=10) as client, asyncio.timeout(deadline_s):
+        while True:
+            assert process.alive(), process.log_tail()
+            try:
+                if (await client.get(url)).status_code == 200:
+                    return failed
+            except httpx.TransportError:  # not listening yet
+                pass
+            failed += 1
+            await asyncio.sleep(0.1)  # the polling interval
 
 
 # --- the process's CPU, thread by thread ------------------------------------------------------
