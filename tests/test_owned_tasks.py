@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +73,9 @@ class FaultyStore(RedisSessionStore):
     faults = Faults()
     creates_while_away = 0  # creates that first meet Redis unavailable (no bug)
 
-    async def renew(self, lease: Lease, *, lease_s: float) -> Any:
+    async def renew_all(self, leases: Sequence[Lease], *, lease_s: float) -> Any:
         self.faults.hit("renew")
-        return await super().renew(lease, lease_s=lease_s)
+        return await super().renew_all(leases, lease_s=lease_s)
 
     async def append_item(self, lease: Lease, item: Mapping[str, Any]) -> Any:
         self.faults.hit("append_item")

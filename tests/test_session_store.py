@@ -12,7 +12,7 @@ import dataclasses
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +274,46 @@ async def test_renew_extends_only_the_current_token(
         assert 10_000 < client.pttl(keys.lease) <= 100_000
 
 
+async def test_renew_all_answers_each_lease_as_its_own_renew_would(
+    store: RedisSessionStore, server: RedisServer
+) -> None:
+    """One round trip for many leases; per lease, in order, what ``renew`` raises or None."""
+    live, _ = await new_session(store)
+    stale, _ = await new_session(store)
+    await store.claim(stale.session_id, "tx-b", lease_s=LEASE_S, force=True)
+    ended, _ = await new_session(store)
+    await store.end(ended)
+    released, _ = await new_session(store)
+    await store.release(released)
+    unknown = Lease(f"rtc_{uuid.uuid4().hex}", "tx-a", 1)
+    leases = [stale, live, ended, released, unknown, live]
+
+    refusals = await store.renew_all(leases, lease_s=100.0)
+
+    singles: list[type[StoreError] | None] = []
+    for lease in leases:
+        try:
+            await store.renew(lease, lease_s=100.0)
+            singles.append(None)
+        except StoreError as error:
+            singles.append(type(error))
+    assert [None if r is None else type(r) for r in refusals] == singles
+    expected = [StaleOwnerError, None, SessionNotFoundError, StaleOwnerError]
+    assert singles == [*expected, SessionNotFoundError, None]
+    assert str(refusals[0]) == f"session {stale.session_id}: token 1 is stale, current token 2"
+    with server.client() as client:
+        assert client.pttl(SessionKeys.of(store._config.key_prefix, live.session_id).lease) > 10_000
+    assert await store.renew_all([], lease_s=1.0) == []
+
+
+async def test_renew_all_without_redis_fails_alike_and_is_retryable(server: RedisServer) -> None:
+    config = dataclasses.replace(config_for(server), url="redis://127.0.0.1:9/0")
+    async with RedisSessionStore.from_config(config) as down:
+        with pytest.raises(StoreUnavailableError) as raised:
+            await down.renew_all([Lease("rtc_a", "tx-a", 1), Lease("rtc_b", "tx-a", 1)], lease_s=1)
+        assert raised.value.retryable and not down.healthy
+
+
 async def test_release_hands_over_without_force(store: RedisSessionStore) -> None:
     old, _ = await new_session(store)
     await store.release(old)
@@ -488,6 +528,81 @@ async def test_heartbeat_keeps_the_lease_and_reports_a_takeover(
         await store.claim(sid, "tx-b", lease_s=LEASE_S, force=True)
         await eventually(lambda: lost == [lease], 3.0, "the heartbeat to see the takeover")
         assert beat.held == ()
+
+
+class CountedStore(RedisSessionStore):
+    """Counts the store's round trips for renewals: per-lease ones and batched ones."""
+
+    singles = 0
+    batches: list[int]
+
+    async def renew(self, lease: Lease, *, lease_s: float) -> Any:
+        self.singles += 1
+        return await super().renew(lease, lease_s=lease_s)
+
+    async def renew_all(self, leases: Sequence[Lease], *, lease_s: float) -> Any:
+        self.batches.append(len(leases))
+        return await super().renew_all(leases, lease_s=lease_s)
+
+
+async def test_heartbeat_renews_every_held_lease_in_one_round_trip_a_beat(
+    server: RedisServer,
+) -> None:
+    """Five calls, one beat: one renewal round trip carrying five leases, none one by one; a
+    takeover of one loses that one only, the others stay held and renewed past their lease."""
+    config = config_for(server, session_ttl_s=60)
+    async with CountedStore.from_config(config) as store:
+        assert isinstance(store, CountedStore)
+        store.batches = []
+        sids = [f"rtc_{uuid.uuid4().hex}" for _ in range(5)]
+        leases = [
+            await store.create(sid, "tx-a", config=CONFIG, credential="c", lease_s=0.3)
+            for sid in sids
+        ]
+        lost: list[Lease] = []
+        async with LeaseHeartbeat(store, lease_s=0.3, on_lost=lambda g, e: lost.append(g)) as beat:
+            for lease in leases:
+                beat.hold(lease)
+            await eventually(lambda: len(store.batches) >= 3, 5.0, "three beats")
+            assert store.singles == 0 and set(store.batches[:3]) == {5}
+            await store.claim(sids[2], "tx-b", lease_s=LEASE_S, force=True)
+            await eventually(lambda: lost == [leases[2]], 3.0, "the takeover to be seen")
+            assert beat.held == (*leases[:2], *leases[3:])
+            beats = len(store.batches)
+            await eventually(lambda: len(store.batches) >= beats + 4, 5.0, "four more beats")
+            assert store.batches[-1] == 4
+            for sid in (*sids[:2], *sids[3:]):  # 0.3 s leases, well over 0.3 s ago: renewed
+                with pytest.raises(LeaseHeldError):
+                    await store.claim(sid, "tx-b", lease_s=LEASE_S)
+
+
+async def test_heartbeat_keeps_every_lease_while_redis_is_away(tmp_path: Path) -> None:
+    """A failed round trip fails each renewal retryably: nothing is lost, and once Redis is
+    back the next beat renews them all."""
+    persistent = ("--appendonly", "yes", "--appendfsync", "always")
+    redis = RedisServer(tmp_path, "away", persistent).start()
+    try:
+        config = config_for(redis, session_ttl_s=60)
+        async with CountedStore.from_config(config) as store:
+            assert isinstance(store, CountedStore)
+            store.batches = []
+            leases = [(await new_session(store))[0] for _ in range(3)]
+            lost: list[Lease] = []
+            beat = LeaseHeartbeat(
+                store, lease_s=3.0, interval_s=0.05, on_lost=lambda g, e: lost.append(g)
+            )
+            async with beat:
+                for lease in leases:
+                    beat.hold(lease)
+                redis.stop()
+                beats = len(store.batches)
+                await eventually(lambda: len(store.batches) >= beats + 3, 10.0, "beats")
+                assert not store.healthy and lost == [] and beat.held == tuple(leases)
+                redis.start()
+                await eventually(lambda: store.healthy, 10.0, "a renewal to succeed again")
+                assert lost == [] and beat.held == tuple(leases)
+    finally:
+        redis.stop()
 
 
 # --- configuration ----------------------------------------------------------------------------

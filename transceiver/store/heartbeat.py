@@ -2,10 +2,12 @@
 
 I/O layer. ``hold(lease)`` after a create or claim, ``drop(session_id)`` on release or end.
 Every ``interval_s`` (policy: a third of the lease, so two renewals may fail before it lapses)
-each held lease is renewed for ``lease_s``. A renewal refused as stale or missing means another
-transceiver took the session: the lease is dropped and ``on_lost`` is told, so the session can
-stop talking. A retryable failure (Redis down) keeps the lease and tries again next beat: the
-fencing token, not the lease, guards the writes, so an owner nobody replaced keeps its session.
+each held lease is renewed for ``lease_s``, together: one round trip (``renew_all``) for up to
+``MAX_LEASES_PER_ROUND_TRIP`` leases, not one a call. Each lease's answer is settled as its own
+renewal's would be. A renewal refused as stale or missing means another transceiver took the
+session: the lease is dropped and ``on_lost`` is told, so the session can stop talking. A
+retryable failure (Redis down) keeps the lease and tries again next beat: the fencing token, not
+the lease, guards the writes, so an owner nobody replaced keeps its session.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from transceiver.store.keys import Lease
 from transceiver.store.sessions import SessionStore
 
 log = logging.getLogger(__name__)
+
+# Bounds one pipeline (its request and its replies) however many calls the process holds.
+MAX_LEASES_PER_ROUND_TRIP = 256
 
 
 class LeaseHeartbeat(BackgroundLoop):
@@ -61,18 +66,26 @@ class LeaseHeartbeat(BackgroundLoop):
     async def _run(self) -> None:
         while not self._closing:
             await asyncio.sleep(self._interval_s)
-            for lease in self.held:
-                await self._renew(lease)
+            held = self.held
+            for start in range(0, len(held), MAX_LEASES_PER_ROUND_TRIP):
+                await self._renew(held[start : start + MAX_LEASES_PER_ROUND_TRIP])
 
-    async def _renew(self, lease: Lease) -> None:
+    async def _renew(self, leases: tuple[Lease, ...]) -> None:
+        """Renew ``leases`` together; each refusal is settled as its own renewal's would be."""
         try:
-            await self._store.renew(lease, lease_s=self._lease_s)
+            refusals = await self._store.renew_all(leases, lease_s=self._lease_s)
         except StoreError as error:
-            if error.retryable:
-                log.info("lease heartbeat: %s; next beat retries", error)
-                return
-            if self._leases.get(lease.session_id) == lease:
-                self.drop(lease.session_id)
-                log.warning("lease heartbeat: lost %s: %s", lease.session_id, error)
-                if self._on_lost is not None:
-                    self._on_lost(lease, error)
+            refusals = [error] * len(leases)
+        for lease, refusal in zip(leases, refusals, strict=True):
+            if refusal is not None:
+                self._refused(lease, refusal)
+
+    def _refused(self, lease: Lease, error: StoreError) -> None:
+        if error.retryable:
+            log.info("lease heartbeat: %s: %s; next beat retries", lease.session_id, error)
+            return
+        if self._leases.get(lease.session_id) == lease:
+            self.drop(lease.session_id)
+            log.warning("lease heartbeat: lost %s: %s", lease.session_id, error)
+            if self._on_lost is not None:
+                self._on_lost(lease, error)

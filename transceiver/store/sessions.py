@@ -98,6 +98,10 @@ class SessionStore(Protocol):
 
     async def renew(self, lease: Lease, *, lease_s: float) -> WriteAck: ...
 
+    async def renew_all(
+        self, leases: Sequence[Lease], *, lease_s: float
+    ) -> list[StoreError | None]: ...
+
     async def release(self, lease: Lease) -> WriteAck: ...
 
     async def end(self, lease: Lease) -> WriteAck: ...
@@ -186,6 +190,27 @@ class RedisSessionStore:
     async def renew(self, lease: Lease, *, lease_s: float) -> WriteAck:
         await self._fenced(RENEW, lease, [_ms(lease_s)], wait=False)
         return WriteAck(None)
+
+    async def renew_all(
+        self, leases: Sequence[Lease], *, lease_s: float
+    ) -> list[StoreError | None]:
+        """``renew`` for each lease, in one round trip (one pipeline of the same EVALs): per
+        lease, in order, ``None`` (renewed) or the error its own ``renew`` would have raised.
+        Redis unavailable fails them all alike: ``StoreUnavailableError`` is raised."""
+        if not leases:
+            return []
+        lease_ms = _ms(lease_s)
+        with self._tracking(RENEW.name):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for lease in leases:
+                    keys = SessionKeys.of(self._config.key_prefix, lease.session_id).all()
+                    fence: list[Arg] = [lease.owner_id, str(lease.token), self._ttl_ms]
+                    pipe.eval(RENEW.text, len(keys), *keys, *fence, lease_ms)
+                replies = await pipe.execute(raise_on_error=False)
+            for reply in replies:
+                if isinstance(reply, UNAVAILABLE):
+                    raise reply
+        return [_refusal(reply, lease) for reply, lease in zip(replies, leases, strict=True)]
 
     async def release(self, lease: Lease) -> WriteAck:
         _, acked = await self._fenced(RELEASE, lease, [])
@@ -312,6 +337,14 @@ class RedisSessionStore:
             self._healthy = False
             raise
         self._healthy = True
+
+
+def _refusal(reply: Any, lease: Lease) -> StoreError | None:
+    """A fenced script's reply as ``_write`` would raise it, or ``None`` for a success."""
+    if not isinstance(reply, Exception):
+        return None
+    message = str(reply)
+    return from_script_error(message, lease.session_id, lease.token) or StoreError(message)
 
 
 def _ms(seconds: float) -> int:
