@@ -366,3 +366,23 @@ def test_the_collectors_pauses_are_observed_by_generation() -> None:
     samples = metric_samples(generate_latest(registry).decode(), "transceiver_gc_pause")
     assert samples["transceiver_gc_pause_seconds_count{generation=2}"] == 1
     assert samples["transceiver_gc_pause_seconds_sum{generation=2}"] > 0
+
+
+def test_the_collectors_pauses_fall_in_the_buckets_a_prometheus_histogram_puts_them_in() -> None:
+    """The counts the callback keeps, shown at scrape time, are the histogram prometheus_client
+    would have made of the same pauses, on every bound and between them, per generation."""
+    pauses = [(0, 0.0001), (0, 0.0005), (0, 0.0006), (1, 0.005), (1, 0.3), (2, 1.0), (2, 7.5)]
+    registry, reference = CollectorRegistry(), CollectorRegistry()
+    counted = GcPauses(registry)
+    histogram = Histogram("transceiver_gc_pause_seconds", "", ["generation"],
+                          buckets=GC_PAUSE_BUCKETS_S, registry=reference)  # fmt: skip
+    for generation, pause_s in pauses:
+        counted._on_gc("start", {"generation": generation}, clock=lambda: 0.0)
+        counted._on_gc("stop", {"generation": generation}, clock=lambda p=pause_s: p)
+        histogram.labels(str(generation)).observe(pause_s)
+    name = "transceiver_gc_pause_seconds"
+    made = metric_samples(generate_latest(reference).decode(), name)
+    made = {key: value for key, value in made.items() if "_created" not in key}
+    assert metric_samples(generate_latest(registry).decode(), name) == made
+    assert made[f"{name}_bucket{{generation=0,le=0.0005}}"] == 2
+    assert made[f"{name}_bucket{{generation=2,le=+Inf}}"] == 2

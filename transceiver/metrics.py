@@ -8,16 +8,24 @@ the calls' capacity and draining, the measured CPU and the load gauge are read a
 
 from __future__ import annotations
 
+import bisect
 import gc
+import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from pipeline.pool import PipelinePool
 from pipeline.speech_cache import SpeechCache
@@ -193,29 +201,29 @@ def freeze_heap() -> int:
     return _frozen_objects
 
 
-class GcPauses:
+class GcPauses(Collector):
     """How long each of Python's cyclic garbage collections held the process, by generation
     (``gc.callbacks``): a collection runs on the thread whose allocation triggered it, most
     often the event loop's, and everything on the loop waits for it. ``with GcPauses(registry):``
-    observes while inside; a collection costs two clock reads and one histogram observation.
-    Beside them, how many objects start-up froze (``gc.freeze``)."""
+    observes while inside. The callback runs at every collection (gen 0 many times a second), so
+    it only reads the clock and adds to plain counts: two clock reads, a bisect and two list
+    updates; the histogram is built from the counts at scrape time. Beside them, how many
+    objects start-up froze (``gc.freeze``)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        pause_s = Histogram(
-            "transceiver_gc_pause_seconds",
-            "How long each cyclic garbage collection held the process, by generation",
-            ["generation"],
-            buckets=GC_PAUSE_BUCKETS_S,
-            registry=registry,
-        )
+        # Per generation: pauses per bucket (``GC_PAUSE_BUCKETS_S``, then +Inf) and their sum.
+        # Collections never overlap (one at a time, the GIL held); a scrape read between a
+        # bucket's update and the sum's sees that one pause half counted, the next scrape whole.
+        self._counts = [[0] * (len(GC_PAUSE_BUCKETS_S) + 1) for _ in GC_GENERATIONS]
+        self._sums_s = [0.0] * len(GC_GENERATIONS)
+        self._started_s = 0.0
+        registry.register(self)
         frozen = Gauge(
             "transceiver_gc_frozen_objects",
             "Objects kept out of the collector's reach after start-up (TRANSCEIVER_GC_FREEZE)",
             registry=registry,
         )
         frozen.set_function(lambda: _frozen_objects)
-        self._by_generation = [pause_s.labels(g) for g in GC_GENERATIONS]
-        self._started_s = 0.0
 
     def __enter__(self) -> GcPauses:
         gc.callbacks.append(self._on_gc)
@@ -229,11 +237,33 @@ class GcPauses:
     ) -> None:
         gc.callbacks.remove(self._on_gc)
 
-    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+    def _on_gc(
+        self,
+        phase: str,
+        info: dict[str, int],
+        clock: Callable[[], float] = time.perf_counter,
+        bucket: Callable[[Sequence[float], float], int] = bisect.bisect_left,
+    ) -> None:
         if phase == "start":
-            self._started_s = time.perf_counter()
-        else:
-            self._by_generation[info["generation"]].observe(time.perf_counter() - self._started_s)
+            self._started_s = clock()
+            return
+        pause_s = clock() - self._started_s
+        generation = info["generation"]
+        self._counts[generation][bucket(GC_PAUSE_BUCKETS_S, pause_s)] += 1  # le: bound >= pause
+        self._sums_s[generation] += pause_s
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "transceiver_gc_pause_seconds",
+            "How long each cyclic garbage collection held the process, by generation",
+            labels=["generation"],
+        )
+        bounds = [*map(floatToGoString, GC_PAUSE_BUCKETS_S), "+Inf"]
+        for generation, counts in zip(GC_GENERATIONS, self._counts, strict=True):
+            cumulative = list(itertools.accumulate(counts))
+            sum_s = self._sums_s[int(generation)]
+            family.add_metric([generation], list(zip(bounds, cumulative, strict=True)), sum_s)
+        yield family
 
 
 class TaskCrashCollector(Collector):
