@@ -31,6 +31,7 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,89 @@ def redis_status(wanted: str) -> Callable[[int, Event], bool]:
     return lambda status, body: status == 200 and body.get("redis") == wanted
 
 
+# --- what a failure keeps -------------------------------------------------------------------
+# Nothing of a CI run's logs is kept: a failed test says in its own report whether the turn
+# reached the server, where its answer stopped, and what the transceiver last logged.
+
+DIAGNOSED_EVENTS = 40  # the client's last events shown
+DIAGNOSED_LOG_LINES = 150  # each process's last log lines (a blocked loop's stack is ~15)
+
+
+@asynccontextmanager
+async def diagnosed(
+    stack: Stack, clients: list[RealtimeClient], redis: list[Path]
+) -> AsyncIterator[None]:
+    """A failure inside gets a note: each client's transport and last events, each
+    transceiver's event counts (what it received and sent), and the log tails of the
+    transceivers, the relay and the Redis servers (``redis``: their log files)."""
+    try:
+        yield
+    except Exception as error:
+        error.add_note(await diagnosis(stack, clients, redis))
+        raise
+
+
+async def diagnosis(stack: Stack, clients: list[RealtimeClient], redis: list[Path]) -> str:
+    parts = [f"--- noted at {datetime.now().isoformat(sep=' ')} (the logs' clock)"]
+    for number, client in enumerate(clients, 1):
+        parts.append(f"--- client {number}: {transport_state(client)}; its last events:")
+        first = max(0, len(client.events) - DIAGNOSED_EVENTS)
+        parts += [event_line(i, client.events[i]) for i in range(first, len(client.events))]
+    for index, process in enumerate(stack.transceivers):
+        parts += [f"--- {process.name}'s events by direction and type:"]
+        parts += await event_counts(stack.base_url(index))
+    for process in [*stack.transceivers, stack.relay]:
+        parts += [f"--- {process.name}'s log tail:", process.log_tail(DIAGNOSED_LOG_LINES)]
+    for log in redis:
+        tail = log.read_text().splitlines()[-20:] if log.exists() else ["(no log)"]
+        parts += [f"--- {log}'s tail:", *tail]
+    return "\n".join(parts)
+
+
+async def event_counts(base_url: str) -> list[str]:
+    """The transceiver's ``transceiver_realtime_events_total`` samples: beside the client's
+    events they tell a request that never arrived from an answer never sent or never heard."""
+    try:
+        async with httpx.AsyncClient(timeout=5) as http:
+            text = (await http.get(base_url + "/metrics")).text
+    except httpx.HTTPError as error:
+        return [f"(no metrics: {error!r})"]
+    return [
+        line for line in text.splitlines() if line.startswith("transceiver_realtime_events_total")
+    ]
+
+
+def event_line(index: int, event: Event) -> str:
+    """A received event with what tells a stall apart: its response's id and status, its
+    item's id and role, an error's code and message."""
+    response, item = event.get("response") or {}, event.get("item") or {}
+    error = event.get("error") or {}
+    fields = {
+        "response": response.get("id") or event.get("response_id"),
+        "status": response.get("status"),
+        "item": item.get("id") or event.get("item_id"),
+        "role": item.get("role"),
+        "code": error.get("code"),
+        "message": error.get("message"),
+    }
+    shown = " ".join(f"{name}={value}" for name, value in fields.items() if value)
+    return f"{index} {event.get('type')} {shown}".rstrip()
+
+
+def transport_state(client: RealtimeClient) -> str:
+    """The peer connection's states; and its SCTP association's retransmission timeout and
+    unacknowledged chunks (aiortc's private fields: a stalled data channel shows there)."""
+    pc, sctp = client.pc, client.pc.sctp
+    state = f"connection {pc.connectionState}, ice {pc.iceConnectionState}"
+    state += f", channel {client.channel.readyState}"
+    if sctp is not None:
+        unacked = len(getattr(sctp, "_sent_queue", ()))
+        queued = len(getattr(sctp, "_outbound_queue", ()))
+        rto = getattr(sctp, "_rto", "?")
+        state += f", sctp {sctp.state} rto {rto} s, {unacked} unacknowledged, {queued} queued"
+    return state
+
+
 # --- Sentinel failover ----------------------------------------------------------------------
 
 
@@ -192,8 +276,12 @@ async def test_a_conversation_goes_on_through_a_sentinel_failover_and_resumes(
 ) -> None:
     async with sentinel_survival(tmp_path) as (topology, survival):
         first, second = RealtimeClient(), RealtimeClient()
+        servers = [topology.primary, *topology.replicas]
         try:
-            async with httpx.AsyncClient(timeout=30) as http:
+            async with (
+                httpx.AsyncClient(timeout=30) as http,
+                diagnosed(survival.stack, [first, second], [s.log for s in servers]),
+            ):
                 await failover_conversation(topology, survival, http, first, second)
         finally:
             await first.close()
@@ -312,7 +400,10 @@ async def test_a_conversation_goes_on_while_redis_is_down_and_then_catches_up(
     async with survival_stack(tmp_path, transceivers=1, redis_args=APPEND_ONLY) as survival:
         client = RealtimeClient()
         try:
-            async with httpx.AsyncClient(timeout=30) as http:
+            async with (
+                httpx.AsyncClient(timeout=30) as http,
+                diagnosed(survival.stack, [client], [survival.redis.log]),
+            ):
                 await outage_conversation(survival, http, client, outage)
         finally:
             await client.close()
