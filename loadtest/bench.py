@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     results["frame_stages"] = run_optional(
         progress, "frame_stages", "bench_metrics", quick=args.quick
     )
+    # the CPU an answer's audio costs, per answer-second, as a multiple of its Opus encoding
+    results["answer_audio"] = run_optional(
+        progress, "answer_audio", "bench_metrics", quick=args.quick
+    )
     e2e_paths: dict[str, Any] = {}
     if not args.quick:
         e2e_paths = run_optional(progress, "bench_e2e", "run_e2e_bench")
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + report.metrics_text(title, results["media_cost"]))
     title = "The engine's CPU per 20 ms frame of a call's input (loadtest.frame_stages)"
     print("\n" + report.metrics_text(title, results["frame_stages"]))
+    title = "An answer's audio out, CPU per answer-second (loadtest.answer_audio)"
+    print("\n" + report.metrics_text(title, results["answer_audio"]))
     if "skipped" not in e2e_paths and e2e_paths:
         from loadtest.bench_e2e import e2e_report
 

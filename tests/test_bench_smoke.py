@@ -105,3 +105,12 @@ def test_the_engines_cpu_a_frame_is_measured_against_webrtcvads(quick: Quick) ->
     assert frames["engine.push_audio, voice's end on: us a frame"] > 0, frames
     assert frames["engine.push_audio, voice's end on: / webrtcvad"] > 0, frames
     assert "The engine's CPU per 20 ms frame of a call's input" in stdout
+
+
+def test_an_answers_audio_is_measured_against_its_opus_encoding(quick: Quick) -> None:
+    results, stdout, _ = quick
+    audio = results["answer_audio"]
+    assert "skipped" not in audio and audio["runs"] == 1, audio
+    assert audio["PCM taken as spoken"] is True, audio
+    assert audio["engine and loop: / opus encode"] > 0, audio
+    assert "An answer's audio out, CPU per answer-second" in stdout
