@@ -346,12 +346,21 @@ class LocalLlmConfig:
     # once an answer is written to its end, the conversation with it and the next user message's
     # header read into the cache while it plays (LlamaCppLanguageModel._read_next_header)
     read_next_header: bool = True
+    # threads reading a turn's prompt (0: twice ``threads``, within the usable cores): it is
+    # read after speech-to-text and before text-to-speech, when the other cores are free
+    # (``python -m loadtest.local_llm_first_chunk --conversation``, 2 cores, load 3.5-8.6:
+    # first token median 734 and 804 ms with 2, 1,124 and 1,167 ms with 1)
+    prompt_threads: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.first_words <= 50:
             raise ValueError(f"local llm first_words must be within 0..50, got {self.first_words}")
         if not 0 <= self.threads <= 64:
             raise ValueError(f"local llm threads must be within 0..64, got {self.threads}")
+        if not 0 <= self.prompt_threads <= 64:
+            raise ValueError(
+                f"local llm prompt_threads must be within 0..64, got {self.prompt_threads}"
+            )
         if not 512 <= self.context_tokens <= 32768:
             raise ValueError(
                 f"local llm context_tokens must be within 512..32768, got {self.context_tokens}"
@@ -424,6 +433,7 @@ class PipelineConfig:
     local_llm_first_words: int = 3  # LocalLlmConfig.first_words
     local_llm_read_ahead: bool = False  # LocalLlmConfig.read_ahead
     local_llm_read_next_header: bool = True  # LocalLlmConfig.read_next_header
+    local_llm_prompt_threads: int = 0  # LocalLlmConfig.prompt_threads
     answer_early: bool = True
     # EngineConfig.answer_before_verdict. Off: the early answer already starts at the
     # decision's pause (200 ms) if the verdict is not in by then, so starting on the words
@@ -538,6 +548,7 @@ class PipelineConfig:
             self.local_llm_first_words,
             self.local_llm_read_ahead,
             self.local_llm_read_next_header,
+            self.local_llm_prompt_threads,
         )
 
     @classmethod

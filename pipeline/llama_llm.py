@@ -358,12 +358,15 @@ def _free(held: list[Any]) -> None:
 
 
 def prompt_threads(config: LocalLlmConfig) -> int:
-    """Threads reading a prompt: twice the generation's, within the usable cores. A turn's
+    """Threads reading a prompt: ``config.prompt_threads``, or by default twice the
+    generation's, within the usable cores. A turn's
     prompt is read just after its speech-to-text is done and before text-to-speech starts, so
     the other stages leave the cores free then; reading is compute-bound and gains from each
     (generating is memory-bound and overlaps the text-to-speech, so it keeps to its share).
     Measured on 2 cores under a load of 15-19 (10 new prompt tokens, interleaved, 12 each):
     median 3.39 s with 1 thread, 2.66 s with 2 (spinning threads: 2.81 s)."""
+    if config.prompt_threads:
+        return config.prompt_threads
     return max(config.resolved_threads, min(usable_cores(), 2 * config.resolved_threads))
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, LocalLlmConfig, PipelineConfig
-from pipeline.llama_llm import passive_openmp
+from pipeline.config import ConfigError, LocalLlmConfig, PipelineConfig, usable_cores
+from pipeline.llama_llm import passive_openmp, prompt_threads
 from pipeline.local_llm_chat import (
     ToolCallGate,
     bare_tools,
@@ -214,6 +214,16 @@ def test_the_llm_choices_are_rule_local_and_openai() -> None:
         PipelineConfig.from_env({"PIPELINE_LOCAL_LLM_MAX_TOKENS": "4000"})
     config = PipelineConfig.from_env({"PIPELINE_LOCAL_LLM_THREADS": "3"})
     assert config.local_llm_config() == LocalLlmConfig(threads=3)
+
+
+def test_the_prompt_is_read_on_twice_the_threads_within_the_cores_unless_told() -> None:
+    cores = usable_cores()
+    assert prompt_threads(LocalLlmConfig(threads=1)) == min(cores, 2)
+    assert prompt_threads(LocalLlmConfig(threads=cores)) == cores
+    told = PipelineConfig.from_env({"PIPELINE_LOCAL_LLM_PROMPT_THREADS": "1"})
+    assert prompt_threads(told.local_llm_config()) == 1
+    with pytest.raises(ConfigError, match="prompt_threads must be within 0..64, got 65"):
+        PipelineConfig.from_env({"PIPELINE_LOCAL_LLM_PROMPT_THREADS": "65"})
 
 
 def test_openmp_threads_are_told_to_sleep_unless_libgomp_is_already_loaded_or_told() -> None:
