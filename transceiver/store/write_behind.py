@@ -21,57 +21,36 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 from transceiver.background import BackgroundLoop
 from transceiver.restarts import RestartPolicy
 from transceiver.store.errors import StoreError
 from transceiver.store.keys import MAX_CONFIG_BYTES, Lease, encode_item, encode_json
 from transceiver.store.sessions import SessionStore
+from transceiver.store.writes import (
+    AdvanceTurn,
+    AppendItem,
+    EndSession,
+    PendingWrite,
+    ReplaceItems,
+    StoreImages,
+    UpdateConfig,
+)
+
+__all__ = [
+    "AdvanceTurn",
+    "AppendItem",
+    "EndSession",
+    "PendingWrite",
+    "QueueFullError",
+    "ReplaceItems",
+    "StoreImages",
+    "UpdateConfig",
+    "WriteBehindQueue",
+]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AppendItem:
-    item: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class ReplaceItems:
-    """The whole history again (it was edited): ``items`` after the ``first_seq_offset`` items
-    the store's cap trimmed before them."""
-
-    items: tuple[Mapping[str, Any], ...]
-    first_seq_offset: int
-
-
-@dataclass(frozen=True)
-class UpdateConfig:
-    config: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class StoreImages:
-    """The session's images become ``keep`` (refs); ``add`` (ref -> data URL) are new."""
-
-    keep: tuple[str, ...]
-    add: Mapping[str, str]
-
-
-@dataclass(frozen=True)
-class AdvanceTurn:
-    turn: int
-
-
-@dataclass(frozen=True)
-class EndSession:
-    """The caller hung up: the session ends in the store (after its earlier writes)."""
-
-
-PendingWrite = AppendItem | ReplaceItems | UpdateConfig | StoreImages | AdvanceTurn | EndSession
 
 
 class QueueFullError(Exception):
