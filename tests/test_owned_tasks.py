@@ -44,7 +44,7 @@ from transceiver.store.route_cache import RouteCache
 from transceiver.store.route_publishing import RoutePublishing
 from transceiver.store.sessions import RedisSessionStore
 from transceiver.store.survival import SurvivalPolicy
-from transceiver.store.write_behind import AppendItem, WriteBehindQueue
+from transceiver.store.write_behind import AppendItem, PendingWrite, WriteBehindQueue
 
 pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server")
 Address = tuple[str, int]
@@ -77,9 +77,9 @@ class FaultyStore(RedisSessionStore):
         self.faults.hit("renew")
         return await super().renew_all(leases, lease_s=lease_s)
 
-    async def append_item(self, lease: Lease, item: Mapping[str, Any]) -> Any:
-        self.faults.hit("append_item")
-        return await super().append_item(lease, item)
+    async def write_all(self, lease: Lease, writes: Sequence[PendingWrite]) -> Any:
+        self.faults.hit("write_all")
+        return await super().write_all(lease, writes)
 
     async def ping(self) -> bool:
         self.faults.hit("ping")
@@ -183,7 +183,7 @@ async def test_the_write_behind_flusher_is_restarted_and_writes_what_waited(
     store: FaultyStore, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     lease = await stored_lease(store)
-    store.faults = Faults(append_item=1)
+    store.faults = Faults(write_all=1)
     queue = WriteBehindQueue(store)
     queue.submit(lease, AppendItem({"id": "h1", "role": "user", "content": "hello"}))
 

@@ -12,7 +12,7 @@ import dataclasses
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,16 @@ from transceiver.store.errors import (
 from transceiver.store.heartbeat import LeaseHeartbeat
 from transceiver.store.keys import Lease, SessionKeys, new_credential
 from transceiver.store.sessions import RedisSessionStore
-from transceiver.store.write_behind import AdvanceTurn, AppendItem, WriteBehindQueue
+from transceiver.store.write_behind import (
+    AdvanceTurn,
+    AppendItem,
+    EndSession,
+    PendingWrite,
+    ReplaceItems,
+    StoreImages,
+    UpdateConfig,
+    WriteBehindQueue,
+)
 
 CONFIG = {"instructions": "Be brief.", "voice": "joe", "turn_detection": {"type": "server_vad"}}
 LEASE_S = 10.0
@@ -389,6 +398,23 @@ async def test_too_few_replicas_is_a_retryable_error(
     assert refused.value.retryable and refused.value.replicas_acked == 1
 
 
+async def test_a_batch_of_writes_is_waited_for_once_and_retried_whole_when_too_few_ack(
+    replicated: tuple[RedisServer, RedisServer],
+) -> None:
+    primary, replica = replicated
+    enough = config_for(primary, wait_replicas=1, wait_timeout_ms=2000)
+    async with RedisSessionStore.from_config(enough) as store:
+        lease, _ = await new_session(store)
+        assert await store.write_all(lease, [AppendItem(item(1)), AdvanceTurn(1)]) == (2, None)
+    with replica.client() as client:  # acknowledged means: already on the replica
+        assert client.llen(SessionKeys.of(enough.key_prefix, lease.session_id).items) == 1
+    too_many = dataclasses.replace(enough, wait_replicas=2, wait_timeout_ms=100)
+    async with RedisSessionStore.from_config(too_many) as store:
+        applied, error = await store.write_all(lease, [AppendItem(item(2)), AdvanceTurn(2)])
+        assert applied == 0 and isinstance(error, ReplicationError) and error.retryable
+        assert (await store.load(lease.session_id)).turn == 2  # on the primary: a retry is safe
+
+
 async def test_sentinel_failover_keeps_every_acknowledged_write(tmp_path: Path) -> None:
     topology = SentinelTopology(tmp_path).start()
     try:
@@ -530,15 +556,105 @@ async def test_heartbeat_keeps_the_lease_and_reports_a_takeover(
         assert beat.held == ()
 
 
+async def test_write_all_stores_what_the_separate_writes_store(
+    store: RedisSessionStore, server: RedisServer
+) -> None:
+    """Every kind of write in one round trip, in order: the same session as written one by one;
+    a refused write stops the count there (the writes before it applied, none after it)."""
+    image = "data:image/png;base64,iVBORw0KGgo="
+    first, _ = await new_session(store)
+    second, _ = await new_session(store)
+    writes: list[PendingWrite] = [
+        AppendItem(item(1)),
+        UpdateConfig({**CONFIG, "voice": "amy"}),
+        AppendItem(item(2)),
+        ReplaceItems((item(1), item(2, "edited")), 0),
+        StoreImages(("r1",), {"r1": image}),
+        AdvanceTurn(3),
+        AppendItem(item(3)),
+    ]
+    assert await store.write_all(first, writes) == (len(writes), None)
+    await store.append_item(second, item(1))
+    await store.update_config(second, {**CONFIG, "voice": "amy"})
+    await store.append_item(second, item(2))
+    await store.replace_items(second, (item(1), item(2, "edited")), 0)
+    await store.store_images(second, ("r1",), {"r1": image})
+    await store.advance_turn(second, 3)
+    await store.append_item(second, item(3))
+    batched, separate = await store.load(first.session_id), await store.load(second.session_id)
+    assert batched.items == separate.items == (item(1), item(2, "edited"), item(3))
+    assert (batched.config, batched.turn) == (separate.config, separate.turn)
+    assert (batched.config["voice"], batched.turn, batched.first_seq) == ("amy", 3, 1)
+    with server.client() as client:
+        images = [client.hgetall(SessionKeys.of(store._config.key_prefix, lease.session_id).images)
+                  for lease in (first, second)]  # fmt: skip
+    assert images[0] == images[1] == {b"r1": image.encode()}
+    assert await store.write_all(first, []) == (0, None)
+
+    applied, error = await store.write_all(
+        first, [AdvanceTurn(4), EndSession(), AppendItem(item(4))]
+    )
+    assert applied == 2 and isinstance(error, SessionNotFoundError)  # ended by the second
+    stale, _ = await new_session(store)
+    await store.claim(stale.session_id, "tx-b", lease_s=LEASE_S, force=True)
+    applied, error = await store.write_all(stale, [AppendItem(item(1)), AdvanceTurn(1)])
+    assert applied == 0 and isinstance(error, StaleOwnerError)
+    assert (await store.load(stale.session_id)).items == ()
+
+
+async def test_a_turns_writes_queued_together_go_in_one_round_trip(server: RedisServer) -> None:
+    """A turn's user item, answer and counter, queued in one step: one round trip, in order;
+    writes queued after a refused write of the same lease are dropped with it, as before."""
+    async with CountedStore.from_config(config_for(server, session_ttl_s=60)) as store:
+        assert isinstance(store, CountedStore)
+        store.batches, store.written = [], []
+        lease, _ = await new_session(store)
+        async with WriteBehindQueue(store) as queue:
+            for write in (AppendItem(item(1)), AppendItem(item(2)), AdvanceTurn(1)):
+                queue.submit(lease, write)
+            await asyncio.wait_for(queue.drained(), 5.0)
+        assert store.written == [3] and store.singles == 0
+        state = await store.load(lease.session_id)
+        assert (state.items, state.turn) == ((item(1), item(2)), 1)
+
+        dropped: list[tuple[Lease, StoreError]] = []
+        async with WriteBehindQueue(store, on_dropped=lambda s, e: dropped.append((s, e))) as queue:
+            for write in (AppendItem(item(3)), EndSession(), AppendItem(item(4)), AdvanceTurn(2)):
+                queue.submit(lease, write)
+            await asyncio.wait_for(queue.drained(), 5.0)
+        assert [(s, type(e)) for s, e in dropped] == [(lease, SessionNotFoundError)]
+        assert store.written == [3, 4] and queue.pending == 0
+        with pytest.raises(SessionEndedError):
+            await store.load(lease.session_id)
+
+
 class CountedStore(RedisSessionStore):
-    """Counts the store's round trips for renewals: per-lease ones and batched ones."""
+    """Counts the store's round trips: renewals and writes one by one (``singles``), renewals
+    together (the leases of each) and writes together (the writes of each)."""
 
     singles = 0
     batches: list[int]
+    written: list[int]
 
     async def renew(self, lease: Lease, *, lease_s: float) -> Any:
         self.singles += 1
         return await super().renew(lease, lease_s=lease_s)
+
+    async def append_item(self, lease: Lease, item: Mapping[str, Any]) -> Any:
+        self.singles += 1
+        return await super().append_item(lease, item)
+
+    async def advance_turn(self, lease: Lease, turn: int) -> Any:
+        self.singles += 1
+        return await super().advance_turn(lease, turn)
+
+    async def end(self, lease: Lease) -> Any:
+        self.singles += 1
+        return await super().end(lease)
+
+    async def write_all(self, lease: Lease, writes: Sequence[PendingWrite]) -> Any:
+        self.written.append(len(writes))
+        return await super().write_all(lease, writes)
 
     async def renew_all(self, leases: Sequence[Lease], *, lease_s: float) -> Any:
         self.batches.append(len(leases))

@@ -12,11 +12,12 @@ go: a client reconnecting with its verified resume credential (its old connectio
 its side), or an orchestrator that saw the owner die. Without such evidence (say, the same offer
 delivered twice) the lease keeps two transceivers from taking turns at the session.
 
-Durability. With ``wait_replicas > 0`` every write except ``renew`` (a heartbeat) is followed
-by ``WAIT`` on the same connection (one pipeline); the count of replicas that acknowledged comes
-back in the ack, and too few raises ``ReplicationError`` (retryable: the write is on the primary,
-and every write is idempotent). Claims are waited for too: an unreplicated token increment lost
-in a failover would let an older token become current again.
+Durability. With ``wait_replicas > 0`` every write except ``renew`` (a heartbeat) is followed by
+``WAIT`` on the same connection (one pipeline; ``write_all``'s writes by one WAIT after the last);
+the count of replicas that acknowledged comes back in the ack, and too few raises
+``ReplicationError`` (retryable: the write is on the primary, and every write is idempotent). Claims
+are waited for too: an unreplicated token increment lost in a failover would let an older token
+become current again.
 
 Owner ids must be unique per process incarnation (host name plus a random suffix): a restarted
 process is a new owner.
@@ -72,6 +73,15 @@ from transceiver.store.scripts import (
     UPDATE_CONFIG,
     LuaScript,
 )
+from transceiver.store.writes import (
+    AdvanceTurn,
+    AppendItem,
+    EndSession,
+    PendingWrite,
+    ReplaceItems,
+    StoreImages,
+    UpdateConfig,
+)
 
 Arg = str | bytes | int
 
@@ -119,6 +129,10 @@ class SessionStore(Protocol):
     ) -> WriteAck: ...
 
     async def advance_turn(self, lease: Lease, turn: int) -> WriteAck: ...
+
+    async def write_all(
+        self, lease: Lease, writes: Sequence[PendingWrite]
+    ) -> tuple[int, StoreError | None]: ...
 
     async def load(self, session_id: str) -> SessionState: ...
 
@@ -188,7 +202,7 @@ class RedisSessionStore:
         return Lease(session_id, owner_id, int(token))
 
     async def renew(self, lease: Lease, *, lease_s: float) -> WriteAck:
-        await self._fenced(RENEW, lease, [_ms(lease_s)], wait=False)
+        await self._fenced(RENEW, [_ms(lease_s)], lease, wait=False)
         return WriteAck(None)
 
     async def renew_all(
@@ -213,7 +227,7 @@ class RedisSessionStore:
         return [_refusal(reply, lease) for reply, lease in zip(replies, leases, strict=True)]
 
     async def release(self, lease: Lease) -> WriteAck:
-        _, acked = await self._fenced(RELEASE, lease, [])
+        _, acked = await self._fenced(RELEASE, [], lease)
         return WriteAck(acked)
 
     async def end(self, lease: Lease) -> WriteAck:
@@ -221,15 +235,12 @@ class RedisSessionStore:
         is deleted; a tombstone keeps the credential hash for the session TTL, so a resume
         with it is told the session ended (``SessionEndedError`` from ``claim`` and ``load``)
         rather than that it never existed."""
-        _, acked = await self._fenced(END, lease, [])
+        _, acked = await self._fenced(*self._prepare(EndSession()), lease)
         return WriteAck(acked)
 
     async def append_item(self, lease: Lease, item: Mapping[str, Any]) -> AppendAck:
         """Append a committed item; a repeat of a stored item id changes nothing."""
-        item_id, raw = encode_item(item)
-        reply, acked = await self._fenced(
-            APPEND_ITEM, lease, [self._config.max_items, item_id, raw]
-        )
+        reply, acked = await self._fenced(*self._prepare(AppendItem(item)), lease)
         appended, seq = reply
         return AppendAck(int(seq), bool(appended), acked)
 
@@ -237,14 +248,12 @@ class RedisSessionStore:
         self, lease: Lease, items: Sequence[Mapping[str, Any]], first_seq_offset: int
     ) -> WriteAck:
         """The whole history again (edited), in place of the stored one; the cap applies."""
-        args: list[Arg] = [self._config.max_items, int(first_seq_offset)]
-        for item in items:
-            args.extend(encode_item(item))
-        _, acked = await self._fenced(REPLACE_ITEMS, lease, args)
+        write = ReplaceItems(tuple(items), first_seq_offset)
+        _, acked = await self._fenced(*self._prepare(write), lease)
         return WriteAck(acked)
 
     async def update_config(self, lease: Lease, config: Mapping[str, Any]) -> WriteAck:
-        _, acked = await self._fenced(UPDATE_CONFIG, lease, [_config_json(config)])
+        _, acked = await self._fenced(*self._prepare(UpdateConfig(config)), lease)
         return WriteAck(acked)
 
     async def store_images(
@@ -252,16 +261,66 @@ class RedisSessionStore:
     ) -> WriteAck:
         """The session's images become ``keep`` (refs, ``keys.image_ref``): the others are
         deleted, and ``add`` (ref -> data URL) are stored."""
-        args: list[Arg] = [len(keep), *keep]
-        for ref, data_url in add.items():
-            args.extend((ref, data_url))
-        _, acked = await self._fenced(STORE_IMAGES, lease, args)
+        _, acked = await self._fenced(*self._prepare(StoreImages(tuple(keep), add)), lease)
         return WriteAck(acked)
 
     async def advance_turn(self, lease: Lease, turn: int) -> WriteAck:
         """Record that ``turn`` was reached: the stored counter only grows (idempotent)."""
-        _, acked = await self._fenced(ADVANCE_TURN, lease, [int(turn)])
+        _, acked = await self._fenced(*self._prepare(AdvanceTurn(turn)), lease)
         return WriteAck(acked)
+
+    async def write_all(
+        self, lease: Lease, writes: Sequence[PendingWrite]
+    ) -> tuple[int, StoreError | None]:
+        """``writes`` under ``lease`` in one round trip, in order (one pipeline of the same
+        EVALs as each write's own method, then one WAIT): how many from the first were applied,
+        and the error the first one not applied met (``None``: all were). Redis runs every
+        EVAL of the pipeline: those after a refused one may have run too (the same lease: a
+        refused fence refuses them as well); every write is idempotent, so retrying from the
+        first not applied is safe. Too few replicas: none counts as applied (all retried)."""
+        if not writes:
+            return 0, None
+        keys = SessionKeys.of(self._config.key_prefix, lease.session_id).all()
+        fence: list[Arg] = [lease.owner_id, str(lease.token), self._ttl_ms]
+        waits = self._config.wait_replicas > 0
+        with self._tracking("write batch"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for write in writes:
+                    script, args = self._prepare(write)
+                    pipe.eval(script.text, len(keys), *keys, *fence, *args)
+                if waits:
+                    pipe.wait(self._config.wait_replicas, self._config.wait_timeout_ms)
+                replies = await pipe.execute(raise_on_error=False)
+            if isinstance(replies[0], UNAVAILABLE):
+                raise replies[0]
+        if waits and int(replies[-1]) < self._config.wait_replicas:
+            return 0, ReplicationError(int(replies[-1]), self._config.wait_replicas)
+        applied, error = _first_refused(replies[: len(writes)], lease)
+        if isinstance(error, StoreUnavailableError):
+            self._healthy = False
+        return applied, error
+
+    def _prepare(self, write: PendingWrite) -> tuple[LuaScript, list[Arg]]:
+        """A write's fenced script and its arguments after the fence (owner, token, TTL)."""
+        if isinstance(write, AppendItem):
+            return APPEND_ITEM, [self._config.max_items, *encode_item(write.item)]
+        if isinstance(write, ReplaceItems):
+            args: list[Arg] = [self._config.max_items, int(write.first_seq_offset)]
+            for item in write.items:
+                args.extend(encode_item(item))
+            return REPLACE_ITEMS, args
+        if isinstance(write, UpdateConfig):
+            return UPDATE_CONFIG, [_config_json(write.config)]
+        if isinstance(write, StoreImages):
+            images: list[Arg] = [len(write.keep), *write.keep]
+            for ref, data_url in write.add.items():
+                images.extend((ref, data_url))
+            return STORE_IMAGES, images
+        if isinstance(write, AdvanceTurn):
+            return ADVANCE_TURN, [int(write.turn)]
+        if isinstance(write, EndSession):
+            return END, []
+        raise TypeError(f"not a session write: {write!r}")
 
     async def load(self, session_id: str) -> SessionState:
         keys = SessionKeys.of(self._config.key_prefix, session_id)
@@ -286,7 +345,7 @@ class RedisSessionStore:
         return credential_matches(credential, stored_text)
 
     async def _fenced(
-        self, script: LuaScript, lease: Lease, args: Sequence[Arg], wait: bool = True
+        self, script: LuaScript, args: Sequence[Arg], lease: Lease, wait: bool = True
     ) -> tuple[Any, int | None]:
         fence: list[Arg] = [lease.owner_id, str(lease.token), self._ttl_ms]
         return await self._write(script, lease.session_id, [*fence, *args], lease.token, wait)
@@ -337,6 +396,17 @@ class RedisSessionStore:
             self._healthy = False
             raise
         self._healthy = True
+
+
+def _first_refused(replies: Sequence[Any], lease: Lease) -> tuple[int, StoreError | None]:
+    """How many replies from the first were successes, and the first refusal's error."""
+    for applied, reply in enumerate(replies):
+        refusal = _refusal(reply, lease)
+        if refusal is not None:
+            if isinstance(reply, UNAVAILABLE):
+                return applied, StoreUnavailableError(f"write batch: Redis unavailable: {reply}")
+            return applied, refusal
+    return len(replies), None
 
 
 def _refusal(reply: Any, lease: Lease) -> StoreError | None:

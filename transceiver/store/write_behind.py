@@ -1,14 +1,15 @@
 """Keep committed session writes while Redis is unreachable; write them back, in order, later.
 
 I/O layer. ``submit`` never waits on Redis: it queues the write and wakes the one flusher task,
-which writes each session's queue oldest first. On a retryable error (Redis down, replicas
-behind) the flusher keeps the write at the head and tries again after ``retry_interval_s``, so
-nothing is lost or reordered; since every store write is idempotent (items by id, an edited
-history as a whole, the turn as a maximum, the config and the kept images as a whole), a
-write that reached Redis before its reply was lost is harmless to repeat. A non-retryable
-error (this transceiver lost the session: stale token, or the session is gone) drops the
-writes made under that lease and reports it through ``on_dropped``; writes under a newer lease
-of the same session (resumed again on this transceiver) stay queued.
+which writes each session's queue oldest first, the writes of one lease queued together (a turn's
+items and its counter) in one round trip (``write_all``). On a retryable error (Redis down, replicas
+behind) the flusher keeps the writes not yet applied at the head and tries again after
+``retry_interval_s``, so nothing is lost or reordered; since every store write is idempotent (items
+by id, an edited history as a whole, the turn as a maximum, the config and the kept images as a
+whole), a write that reached Redis before its reply was lost is harmless to repeat. A non-retryable
+error (this transceiver lost the session: stale token, or the session is gone) drops the writes made
+under that lease and reports it through ``on_dropped``; writes under a newer lease of the same
+session (resumed again on this transceiver) stay queued.
 
 Bounded: at most ``max_pending`` writes in all. When full, ``submit`` raises ``QueueFullError``
 rather than silently dropping an older committed write; the caller decides (typically: tell the
@@ -19,6 +20,7 @@ session, so a retried append is still within reach of the store's idempotency wi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -51,6 +53,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# A session's writes queued together (a turn's items and its counter) go in one round trip;
+# bounded so one pipeline stays small however long Redis was away.
+MAX_WRITES_PER_ROUND_TRIP = 32
 
 
 class QueueFullError(Exception):
@@ -146,37 +152,28 @@ class WriteBehindQueue(BackgroundLoop):
         return True
 
     async def _flush_session(self, session_id: str) -> bool:
+        """Write a session's queue, oldest first, the writes of one lease in one round trip
+        (at most ``MAX_WRITES_PER_ROUND_TRIP``); False when Redis refused to take them."""
         queue = self._queues.get(session_id)
         while queue:
-            lease, write = queue[0]
+            lease, writes = _head(queue)
             try:
-                await self._apply(lease, write)
-            except StoreError as error:
-                if error.retryable:
-                    log.info("write-behind: %s; retrying", error)
-                    return False
+                applied, error = await self._store.write_all(lease, writes)
+            except StoreError as unavailable:
+                applied, error = 0, unavailable
+            if self._queues.get(session_id) is not queue and (applied or error is None):
+                return True  # discarded while the writes were in flight (after one was applied)
+            for _ in range(applied):
+                queue.popleft()
+            self._settle(applied)
+            if error is not None and error.retryable:
+                log.info("write-behind: %s; retrying", error)
+                return False
+            if error is not None:
                 self._drop(lease, error)
                 return True
-            if self._queues.get(session_id) is not queue:
-                return True  # discarded while the write was in flight
-            queue.popleft()
-            self._settle(1)
         self._queues.pop(session_id, None)
         return True
-
-    async def _apply(self, lease: Lease, write: PendingWrite) -> None:
-        if isinstance(write, AppendItem):
-            await self._store.append_item(lease, write.item)
-        elif isinstance(write, ReplaceItems):
-            await self._store.replace_items(lease, write.items, write.first_seq_offset)
-        elif isinstance(write, UpdateConfig):
-            await self._store.update_config(lease, write.config)
-        elif isinstance(write, StoreImages):
-            await self._store.store_images(lease, write.keep, write.add)
-        elif isinstance(write, AdvanceTurn):
-            await self._store.advance_turn(lease, write.turn)
-        else:
-            await self._store.end(lease)
 
     def _drop(self, lease: Lease, error: StoreError) -> None:
         log.warning("write-behind: dropping session %s's writes: %s", lease.session_id, error)
@@ -192,6 +189,13 @@ class WriteBehindQueue(BackgroundLoop):
         self._pending -= count
         if self._pending == 0:
             self._empty.set()
+
+
+def _head(queue: deque[tuple[Lease, PendingWrite]]) -> tuple[Lease, list[PendingWrite]]:
+    """The first lease of a queue and its writes in a row from the head, a round trip's worth."""
+    lease = queue[0][0]
+    run = itertools.takewhile(lambda entry: entry[0] == lease, queue)
+    return lease, [write for _, write in itertools.islice(run, MAX_WRITES_PER_ROUND_TRIP)]
 
 
 def _validate(write: PendingWrite) -> None:
