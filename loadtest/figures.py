@@ -601,6 +601,7 @@ def _knee_lines(report: Report) -> list[str]:
             else ("knee: none reported; no step held")
         )
     header = ["step sessions", "turn p50 ms", "turn p95 ms", "server cores", "sessions/core", "ok"]
+    pinned = any("generator_full_share" in s for s in steps)
     table = [
         [
             f"{s['sessions']:,}",
@@ -609,9 +610,21 @@ def _knee_lines(report: Report) -> list[str]:
             _ms(s.get("server_cpu_cores")),
             _ms(s.get("sessions_per_core")),
             "yes" if s.get("ok") else "NO",
+            *(
+                [f"{s['generator_full_share']:.0%}" if "generator_full_share" in s else "-"]
+                * pinned
+            ),
         ]
         for s in steps
     ]
+    if pinned:
+        header.append("generator full")
+        bound = [s for s in steps if not s.get("ok") and s.get("generator_full_share", 0) >= 0.5]
+        if bound:
+            line += (
+                f" (generator-bound: its pinned cores were full in half or more of the samples of"
+                f" failed step(s) {', '.join(str(s['sessions']) for s in bound)})"
+            )
     return [line, *(_table(header, table) if steps else [])]
 
 

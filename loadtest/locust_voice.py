@@ -312,7 +312,7 @@ class Master:
         self.series.append(row)
         urls = [url for url in options.voice_metrics_urls.split(",") if url]
         metrics = scrape_loop_metrics(urls) if urls else None
-        self.knee.sample(server, time.monotonic(), metrics)
+        self.knee.sample(server, time.monotonic(), metrics, generator)
 
     def totals(self) -> RunTotals:
         merged = RunTotals()

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
-from loadtest.hosts import ProcessCpu, metric_samples, read_stat
+from loadtest.hosts import CPU_SHARE_LIMIT, ProcessCpu, metric_samples, read_stat
 
 HIGHEST_MS = 600_000
 SIGNIFICANT_DIGITS = 3
@@ -304,6 +304,7 @@ class _Step:
     scrapes: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # (t, /metrics)
     cpu_cores: list[float] = field(default_factory=list)
     throttling: list[dict[str, float]] = field(default_factory=list)  # cgroup cpu.stat reads
+    generator_full: list[bool] = field(default_factory=list)  # per sample: its pinned cores full
     recovery_s: float = 0.0  # after a failed step: held and settled this much longer
 
     def throttled_share(self) -> float | None:
@@ -341,12 +342,21 @@ class Knee:
                 self._step.stages.setdefault(name, []).extend(values)
 
     def sample(
-        self, server: dict[str, Any], now_s: float, metrics: dict[str, float] | None = None
+        self,
+        server: dict[str, Any],
+        now_s: float,
+        metrics: dict[str, float] | None = None,
+        generator: dict[str, float] | None = None,
     ) -> None:
-        """``metrics``: the transceivers' /metrics samples, summed (``metric_samples`` keys)."""
+        """``metrics``: the transceivers' /metrics samples, summed (``metric_samples`` keys);
+        ``generator``: the series row's (its pinned cores' busy share, when it was pinned)."""
         if self._step is not None and self._step.measuring(now_s, self.plan.settle_s):
             if metrics:
                 self._step.scrapes.append((now_s, metrics))
+            if generator and generator.get("pinned_cores"):
+                busy = generator.get("pinned_busy") or 0.0
+                full = busy > CPU_SHARE_LIMIT * generator["pinned_cores"]
+                self._step.generator_full.append(full)
             cores = server.get("cpu_cores", {})
             self._step.cpu_cores.append(sum(v for k, v in cores.items() if "transceiver" in k))
             if server.get("throttling"):
@@ -405,8 +415,17 @@ class Knee:
             }
             | self._confined(step)
             | self._loop(step)
+            | self._generator(step)
         )
         return ok
+
+    @staticmethod
+    def _generator(step: _Step) -> dict[str, Any]:
+        """The share of the step's samples in which the generator's pinned cores were full: a
+        step that failed with them full measured the generator as much as the server."""
+        if not step.generator_full:
+            return {}
+        return {"generator_full_share": round(statistics.mean(step.generator_full), 2)}
 
     @staticmethod
     def _loop(step: _Step) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import pytest
 from aiortc.rtp import RtpPacket
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from loadtest.figures import summary
 from loadtest.hosts import metric_samples
 from loadtest.voice_calls import (
     QUIET_GAP_S,
@@ -386,3 +387,32 @@ def test_the_collectors_pauses_fall_in_the_buckets_a_prometheus_histogram_puts_t
     assert metric_samples(generate_latest(registry).decode(), name) == made
     assert made[f"{name}_bucket{{generation=0,le=0.0005}}"] == 2
     assert made[f"{name}_bucket{{generation=2,le=+Inf}}"] == 2
+
+
+def test_a_step_failed_with_the_generators_core_full_is_called_generator_bound() -> None:
+    """With --generator-cpus the fake providers, Locust, the clients and the relay share the
+    generator's core: a step that failed while that core was full measured it, and the summary
+    says so beside the knee."""
+    plan = KneePlan([1, 2, 4], step_s=10, settle_s=0, spawn_rate=1, threshold=1.5,
+                    baseline_ms=500)  # fmt: skip
+    knee = Knee(plan)
+    knee.tick(0.0, 0)
+    for at_s, p95_ms, busy in ((5.0, 400, 0.5), (15.0, 600, 0.6), (25.0, 900, 0.95)):
+        hist = Hist()
+        hist.record(p95_ms)
+        knee.add({"turn": hist.take()}, at_s)
+        for offset_s, share in ((0.0, busy), (1.0, 0.5)):  # one sample of two full, or none
+            knee.sample({"cpu_cores": {"transceiver-0": 0.5}}, at_s + offset_s, None,
+                        {"pinned_busy": share, "pinned_cores": 1})  # fmt: skip
+        knee.tick(at_s + 5.0, 0)
+    assert [s["ok"] for s in knee.steps] == [True, True, False]
+    assert [s["generator_full_share"] for s in knee.steps] == [0.0, 0.0, 0.5]
+    text = summary({"scenario": "voice", "steps": knee.steps, "knee": knee.knee})
+    assert "(generator-bound: its pinned cores were full in half or more of the samples of" in text
+    assert "failed step(s) 4)" in text and "generator full" in text
+    unpinned = Knee(plan)
+    unpinned.tick(0.0, 0)
+    _step(unpinned, 5.0, [400])  # sampled without a generator row: not pinned
+    unpinned.tick(10.0, 0)
+    assert unpinned.steps and "generator_full_share" not in unpinned.steps[0]
+    assert "generator full" not in summary({"scenario": "voice", "steps": unpinned.steps})
