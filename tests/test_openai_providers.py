@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from deploy.fake_openai import FakeOpenAIServer, speech_pcm
+from pipeline.asyncio_network import AsyncioHTTPTransport
 from pipeline.openai_providers import (
     SPEECH_SAMPLE_RATE_HZ,
     OpenAILanguageModel,
@@ -202,6 +203,56 @@ async def test_speech_sends_a_voice_and_speed_asked_for(
     assert b"".join([c.pcm async for c in chunks]) == speech_pcm("one two")
     sent = (await server.stats())["last_request"]["speech"]
     assert (sent["voice"], sent["speed"]) == ("nova", 1.25)
+
+
+class RecordingTransport(httpx2.AsyncBaseTransport):
+    """The pipeline's own transport, each request's method, URL, headers and body noted on
+    its way to the server."""
+
+    def __init__(self) -> None:
+        self._inner = WholeBodyTransport(AsyncioHTTPTransport(httpx2.Limits()))
+        self.sent: list[tuple[str, str, dict[str, str], bytes]] = []
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        body = await request.aread()
+        self.sent.append((request.method, str(request.url), dict(request.headers), body))
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@pytest.mark.parametrize("speed", [1.0, 1.25])
+async def test_speech_posts_the_request_the_sdks_own_create_would_send(
+    server: FakeOpenAIServer, speed: float
+) -> None:
+    """The request skips the SDK's transformer and streamed-response wrapper: what reaches the
+    server is, header for header and byte for byte, what
+    ``audio.speech.with_streaming_response.create`` sends (but the SDK's marker of its own
+    wrapper), and the PCM read back is the same."""
+    await server.reset()
+    transport = RecordingTransport()
+    http_client = openai.DefaultAsyncHttpxClient(transport=transport)
+    url = f"{server.base_url}/v1"
+    async with openai.AsyncOpenAI(api_key="sk-test", base_url=url, http_client=http_client) as sdk:
+        chunks = OpenAITextToSpeech(sdk).synthesize("one two three", "nova", speed)
+        ours = b"".join([chunk.pcm async for chunk in chunks])
+        async with sdk.audio.speech.with_streaming_response.create(
+            model="gpt-4o-mini-tts",
+            voice="nova",
+            input="one two three",
+            response_format="pcm",
+            speed=openai.omit if speed == 1.0 else speed,
+        ) as response:
+            sdks = b"".join([piece async for piece in response.iter_bytes()])
+    assert ours == sdks == speech_pcm("one two three")
+    (method, address, headers, body), (sdk_method, sdk_address, sdk_headers, sdk_body) = (
+        transport.sent
+    )
+    assert (method, address, body) == (sdk_method, sdk_address, sdk_body)
+    assert sdk_headers.pop("x-stainless-raw-response") == "stream"
+    assert headers == sdk_headers
+    assert headers["accept"] == "application/octet-stream"
 
 
 async def test_closing_the_speech_iterator_closes_the_http_stream(
