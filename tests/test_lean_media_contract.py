@@ -59,6 +59,15 @@ def test_srtp_sessions_and_the_datagram_path() -> None:
     assert "self.protocol = protocol" in pair and "def remote_addr(self)" in pair
     methods = {"protect", "unprotect", "protect_rtcp", "unprotect_rtcp"}
     assert methods <= set(dir(pylibsrtp.Session)) and issubclass(pylibsrtp.Error, Exception)
+    # lean_media.SrtpReceiver calls libsrtp on the session's own context and buffer, as
+    # Session.unprotect does
+    process = inspect.getsource(vars(pylibsrtp.Session)["_Session__process"])
+    assert "self._buffer[0 : len(data)] = data" in process
+    assert "_srtp_assert(func(self._srtp[0], self._cdata, len_p))" in process
+    assert "return self._buffer[0 : len_p[0]]" in process
+    assert "return self.__process(packet, lib.srtp_unprotect)" in inspect.getsource(
+        pylibsrtp.Session.unprotect
+    )
 
 
 def test_libopus_has_what_the_path_calls() -> None:

@@ -21,6 +21,7 @@ from transceiver.webrtc.lean_media import (
     LeanMedia,
     OpusDecoder,
     OpusEncoder,
+    SrtpReceiver,
     has_fec,
     rtp_header,
 )
@@ -135,3 +136,33 @@ def test_a_packet_behind_one_heard_is_late_and_not_heard_again() -> None:
     assert caller.heard == heard_in_order(packets, lost=frozenset({3}))
     assert caller.call.counters["rtp_late"] == 1
     assert caller.call.counters["lost"] == 1
+
+
+def test_the_srtp_receiver_answers_as_pylibsrtp_does() -> None:
+    """Two receiving sessions on one key, one read through ``SrtpReceiver``, the other through
+    pylibsrtp's ``unprotect``: the same packets out, the same ones refused (damaged, replayed),
+    and a packet longer than the session's buffer refused with pylibsrtp's own error."""
+    key = os.urandom(32 + 12)
+    sender, ours, theirs = (
+        pylibsrtp.Session(pylibsrtp.Policy(key, direction, PROFILE))
+        for direction in (
+            pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
+            pylibsrtp.Policy.SSRC_ANY_INBOUND,
+            pylibsrtp.Policy.SSRC_ANY_INBOUND,
+        )
+    )
+    receiver = SrtpReceiver(ours)
+    packets = [
+        sender.protect(rtp_header(False, PAYLOAD_TYPE, n, 960 * n, CALLER_SSRC) + payload)
+        for n, payload in enumerate(tone_packets(4))
+    ]
+    damaged = packets[2][:-1] + bytes([packets[2][-1] ^ 1])
+    for packet in [packets[0], packets[1], packets[1], damaged, packets[2], packets[0], packets[3]]:
+        try:
+            expected: bytes | None = theirs.unprotect(packet)
+        except pylibsrtp.Error:
+            expected = None
+        assert receiver.unprotect(packet) == expected
+    assert [receiver.unprotect(p) is None for p in packets] == [True] * 4  # all replays now
+    with pytest.raises(ValueError, match="packet is too long"):
+        receiver.unprotect(bytes(1501))
