@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     results["frame_stages"] = run_optional(
         progress, "frame_stages", "bench_metrics", quick=args.quick
     )
+    # a caller's packet through the lean path into the engine, as a multiple of its Opus decode
+    results["lean_inbound"] = run_optional(
+        progress, "lean_inbound", "bench_metrics", quick=args.quick
+    )
     # the CPU an answer's audio costs, per answer-second, as a multiple of its Opus encoding
     results["answer_audio"] = run_optional(
         progress, "answer_audio", "bench_metrics", quick=args.quick
@@ -118,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + report.metrics_text(title, results["media_cost"]))
     title = "The engine's CPU per 20 ms frame of a call's input (loadtest.frame_stages)"
     print("\n" + report.metrics_text(title, results["frame_stages"]))
+    title = "A caller's packet in, CPU a packet (loadtest.lean_inbound)"
+    print("\n" + report.metrics_text(title, results["lean_inbound"]))
     title = "An answer's audio out, CPU per answer-second (loadtest.answer_audio)"
     print("\n" + report.metrics_text(title, results["answer_audio"]))
     if "skipped" not in e2e_paths and e2e_paths:

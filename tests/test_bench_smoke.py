@@ -107,6 +107,15 @@ def test_the_engines_cpu_a_frame_is_measured_against_webrtcvads(quick: Quick) ->
     assert "The engine's CPU per 20 ms frame of a call's input" in stdout
 
 
+def test_a_callers_packet_is_measured_against_its_opus_decode(quick: Quick) -> None:
+    results, stdout, _ = quick
+    inbound = results["lean_inbound"]
+    assert "skipped" not in inbound and inbound["rounds"] == 1, inbound
+    assert inbound["whole path: us a packet"] > 0, inbound
+    assert inbound["whole path, no codec nor engine: / opus decode"] > 0, inbound
+    assert "A caller's packet in, CPU a packet" in stdout
+
+
 def test_an_answers_audio_is_measured_against_its_opus_encoding(quick: Quick) -> None:
     results, stdout, _ = quick
     audio = results["answer_audio"]
