@@ -627,7 +627,10 @@ class OpenAITextToSpeech:
             response = await self._client.post(
                 "/audio/speech",
                 body=body,
-                options={"headers": {"Accept": "application/octet-stream"}},
+                options={
+                    "headers": {"Accept": "application/octet-stream"},
+                    "security": {"bearer_auth": True},
+                },
                 cast_to=httpx2.Response,
                 stream=True,
             )
