@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import webrtcvad
 
 from loadtest import recorded_speech
+from loadtest.rounds import load_average, stage_medians
 from pipeline.config import EngineConfig, VadConfig
 from pipeline.engine import ConversationEngine
 from pipeline.providers import AudioChunk, LanguageModelEvent, Message, ToolSpec, Transcript
@@ -149,17 +149,8 @@ def run_frame_stages_bench(rounds: int = 7) -> dict[str, Any]:
     recordings = [recorded_speech.read_pcm(r, folder) for r in recorded_speech.RECORDINGS]
     frames = speech_frames(recordings)
     timings = [one_round(frames) for _ in range(rounds)]
-    stages: dict[str, dict[str, float]] = {}
-    for name in timings[0]:
-        us = [timing[name] for timing in timings]
-        ratios = [timing[name] / timing[REFERENCE] for timing in timings]
-        stages[name] = {
-            "us_per_frame": round(statistics.median(us), 2),
-            "ratio": round(statistics.median(ratios), 2),
-        }
-    with open("/proc/loadavg") as load:
-        load_average = load.read().strip()
-    return {"frames": len(frames), "rounds": rounds, "load": load_average, "stages": stages}
+    stages = stage_medians(timings, REFERENCE, "frame")
+    return {"frames": len(frames), "rounds": rounds, "load": load_average(), "stages": stages}
 
 
 def bench_metrics(quick: bool = False) -> dict[str, Any]:

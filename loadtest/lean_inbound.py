@@ -40,7 +40,6 @@ import argparse
 import asyncio
 import os
 import socket
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
@@ -55,6 +54,7 @@ from loadtest.frame_stages import (
     SilentLanguageModel,
     SilentTextToSpeech,
 )
+from loadtest.rounds import load_average, stage_medians
 from loadtest.voice_calls import opus_packets
 from pipeline.config import EngineConfig, VadConfig
 from pipeline.engine import ConversationEngine
@@ -260,17 +260,8 @@ def run_lean_inbound_bench(
         raise ValueError(f"rounds >= 1, seconds > 0, batch 1-64: {rounds}, {seconds}, {batch}")
     payloads = caller_packets(seconds)
     timings = [asyncio.run(one_round(payloads, batch)) for _ in range(rounds)]
-    stages: dict[str, dict[str, float]] = {}
-    for name in timings[0]:
-        us = [timing[name] for timing in timings]
-        ratios = [timing[name] / timing[REFERENCE] for timing in timings]
-        stages[name] = {
-            "us_per_packet": round(statistics.median(us), 2),
-            "ratio": round(statistics.median(ratios), 3),
-        }
-    with open("/proc/loadavg") as load:
-        load_average = load.read().strip()
-    return {"packets": len(payloads), "rounds": rounds, "load": load_average, "stages": stages}
+    stages = stage_medians(timings, REFERENCE, "packet", ratio_digits=3)
+    return {"packets": len(payloads), "rounds": rounds, "load": load_average(), "stages": stages}
 
 
 def bench_metrics(quick: bool = False) -> dict[str, Any]:
@@ -302,8 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.seconds <= 0:
         parser.error(f"--seconds must be > 0, got {args.seconds}")
-    with open("/proc/loadavg") as load:
-        before = load.read().strip()
+    before = load_average()
     result = run_lean_inbound_bench(args.rounds, args.seconds, args.batch)
     print(f"{result['packets']} packets, {result['rounds']} rounds")
     print(f"load average before {before}, after {result['load']}")
