@@ -225,13 +225,18 @@ async def speech_events(pcm: bytes, how: str) -> list[tuple[Any, ...]]:
     return seen
 
 
+_WHOLE: dict[bytes, list[tuple[Any, ...]]] = {}  # the reference run, once for both cases
+
+
 @pytest.mark.parametrize("how", ["bytearrays", "odd pieces"])
 async def test_the_engine_takes_whole_frames_as_it_takes_any_other_pieces(
     recordings: list[bytes], how: str
 ) -> None:
-    pcm = b"".join(speech + bytes(2 * RATE_HZ) for speech in recordings[:3])
-    whole = await speech_events(pcm, "whole frames")
-    assert [e[0] for e in whole] == ["started", "stopped"] * 3
+    pcm = b"".join(speech + bytes(2 * RATE_HZ) for speech in recordings[:2])
+    if pcm not in _WHOLE:
+        _WHOLE[pcm] = await speech_events(pcm, "whole frames")
+    whole = _WHOLE[pcm]
+    assert [e[0] for e in whole] == ["started", "stopped"] * 2
     assert await speech_events(pcm, how) == whole
 
 
