@@ -191,4 +191,6 @@ async def test_a_spoken_question_runs_the_tool_and_its_answer_is_heard(
     assert said(answer.content[0]).split() == ["The", "weather", "tool", "says", "sunny."]
     audio = [e.audio.data for e in events.seen if isinstance(e, RealtimeAudio)]
     assert {e.item_id for e in events.seen if isinstance(e, RealtimeAudio)} == {answer.item_id}
-    assert "weather" in await heard_words(b"".join(audio))
+    # "weather" and "whether" sound the same: pocketsphinx may write either (it wrote "whether"
+    # once in a fresh clone's suite, at load ~2, and "weather" in 3 of 3 runs alone)
+    assert {"weather", "whether"} & set(await heard_words(b"".join(audio)))
