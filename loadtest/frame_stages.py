@@ -33,7 +33,7 @@ from typing import Any
 import webrtcvad
 
 from loadtest import recorded_speech
-from loadtest.rounds import load_average, stage_medians
+from loadtest.rounds import flat_metrics, load_average, stage_medians
 from pipeline.config import EngineConfig, VadConfig
 from pipeline.engine import ConversationEngine
 from pipeline.providers import AudioChunk, LanguageModelEvent, Message, ToolSpec, Transcript
@@ -157,14 +157,8 @@ def bench_metrics(quick: bool = False) -> dict[str, Any]:
     """``make bench``'s figures, flat: each stage's µs a frame and its ratio to webrtcvad's, and
     whether the target ratio was met (one round when ``quick``: it runs, it measures nothing)."""
     result = run_frame_stages_bench(rounds=1 if quick else 7)
-    metrics: dict[str, Any] = {"frames": result["frames"], "rounds": result["rounds"]}
-    metrics["load average"] = result["load"]
-    for name, stage in result["stages"].items():
-        metrics[f"{name}: us a frame"] = stage["us_per_frame"]
-        metrics[f"{name}: / webrtcvad"] = stage["ratio"]
-    met = result["stages"][TARGET_STAGE]["ratio"] <= TARGET_RATIO
-    metrics[f"target: {TARGET_STAGE} <= {TARGET_RATIO}x webrtcvad"] = "met" if met else "missed"
-    return metrics
+    flat = flat_metrics(result, "frame", "webrtcvad", TARGET_STAGE, TARGET_RATIO)
+    return {"frames": result["frames"]} | flat
 
 
 def main(argv: list[str] | None = None) -> int:

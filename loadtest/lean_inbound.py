@@ -54,7 +54,7 @@ from loadtest.frame_stages import (
     SilentLanguageModel,
     SilentTextToSpeech,
 )
-from loadtest.rounds import load_average, stage_medians
+from loadtest.rounds import flat_metrics, load_average, stage_medians
 from loadtest.voice_calls import opus_packets
 from pipeline.config import EngineConfig, VadConfig
 from pipeline.engine import ConversationEngine
@@ -269,14 +269,8 @@ def bench_metrics(quick: bool = False) -> dict[str, Any]:
     and whether the target ratio was met (one round of 5 s when ``quick``: it runs, it
     measures nothing)."""
     result = run_lean_inbound_bench(rounds=1 if quick else 7, seconds=5.0 if quick else 60.0)
-    metrics: dict[str, Any] = {"packets": result["packets"], "rounds": result["rounds"]}
-    metrics["load average"] = result["load"]
-    for name, stage in result["stages"].items():
-        metrics[f"{name}: us a packet"] = stage["us_per_packet"]
-        metrics[f"{name}: / opus decode"] = stage["ratio"]
-    met = result["stages"][TARGET_STAGE]["ratio"] <= TARGET_RATIO
-    metrics[f"target: {TARGET_STAGE} <= {TARGET_RATIO}x opus decode"] = "met" if met else "missed"
-    return metrics
+    flat = flat_metrics(result, "packet", "opus decode", TARGET_STAGE, TARGET_RATIO)
+    return {"packets": result["packets"]} | flat
 
 
 def main(argv: list[str] | None = None) -> int:

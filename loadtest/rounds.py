@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from typing import Any
 
 
 def stage_medians(
@@ -27,3 +28,18 @@ def stage_medians(
 def load_average() -> str:
     """``/proc/loadavg`` as it reads now."""
     return Path("/proc/loadavg").read_text().strip()
+
+
+def flat_metrics(
+    result: dict[str, Any], per: str, reference: str, target_stage: str, target_ratio: float
+) -> dict[str, Any]:
+    """``make bench``'s flat figures from a rounds result (``stages`` as ``stage_medians`` gives
+    them, ``rounds``, ``load``): each stage's µs a ``per`` and its ratio to ``reference``, and
+    whether ``target_stage`` stayed within ``target_ratio`` of it."""
+    metrics: dict[str, Any] = {"rounds": result["rounds"], "load average": result["load"]}
+    for name, stage in result["stages"].items():
+        metrics[f"{name}: us a {per}"] = stage[f"us_per_{per}"]
+        metrics[f"{name}: / {reference}"] = stage["ratio"]
+    met = result["stages"][target_stage]["ratio"] <= target_ratio
+    metrics[f"target: {target_stage} <= {target_ratio}x {reference}"] = "met" if met else "missed"
+    return metrics
