@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +27,7 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from self_signed import self_signed
 
 from deploy.fake_openai import FakeOpenAIServer
 from pipeline.asyncio_network import (
@@ -189,18 +189,6 @@ async def test_a_body_past_the_high_water_arrives_whole(transport: Transport) ->
         again = await client.get(url)
     assert body == b"x" * size and len(again.content) == size
     assert peer.bodies[0] == b"y" * size and peer.connections == 1
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 signed by its own key (openssl), and the key."""
-    cert, key = directory / "peer.pem", directory / "peer-key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "1", "-keyout", str(key), "-out", str(cert),
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
 
 
 def server_context(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
