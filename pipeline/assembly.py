@@ -59,7 +59,8 @@ async def open_providers(config: PipelineConfig) -> AsyncIterator[Providers]:
         raise ValueError("open_providers needs a resolved config (PipelineConfig.resolved)")
     knowledge = load_knowledge(config.knowledge_file or None)
     async with AsyncExitStack() as stack:
-        client = _openai_client(stack) if "openai" in (config.stt, config.llm, config.tts) else None
+        openai_stages = "openai" in (config.stt, config.llm, config.tts)
+        client = _openai_client(stack, config.provider_http) if openai_stages else None
         if config.encoding_preload:
             await preload_encoding(config)
         pool = PipelinePool(config.pool_policy())
@@ -122,11 +123,11 @@ def build_engine(
     )
 
 
-def _openai_client(stack: AsyncExitStack) -> Any:
+def _openai_client(stack: AsyncExitStack, http: str) -> Any:
     from pipeline.openai_providers import openai_client
 
     # OPENAI_BASE_URL alone (vLLM, Ollama, llama.cpp) is enough; the SDK insists on some key.
-    client = openai_client(os.environ.get("OPENAI_API_KEY") or "not-needed")
+    client = openai_client(os.environ.get("OPENAI_API_KEY") or "not-needed", http=http)
     stack.push_async_callback(client.close)
     return client
 

@@ -9,7 +9,7 @@ shared load). ``AsyncioNetworkBackend`` implements httpcore's public
 ``AsyncNetworkBackend``/``AsyncNetworkStream`` interface on an ``asyncio.Protocol``: bytes
 that arrive wait in a buffer until read; a read that must wait does so on one future, its
 timeout one timer handle (none when the data is already there). Reading pauses only when the
-buffer is past ``HIGH_WATER_BYTES``. Connecting races the host's addresses (``_first_of``);
+buffer is past ``HIGH_WATER_BYTES``. Connecting races the host's addresses (``first_of``);
 the TLS handshake is the loop's own (``start_tls``). ``AsyncioHTTPTransport`` is httpx's
 ``AsyncHTTPTransport`` for the case the providers use (HTTP/1.1, no proxy): an httpcore
 connection pool on this backend, its errors mapped to httpx's as httpx maps them.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, cast
 
 import httpcore2
@@ -199,7 +199,7 @@ class AsyncioNetworkBackend(httpcore2.AsyncNetworkBackend):
         socket_options: Iterable[SocketOption] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
         local = None if local_address is None else (local_address, 0)
-        return await _connected(_first_of(host, port, local), timeout, socket_options)
+        return await _connected(first_of(host, port, local), timeout, socket_options)
 
     async def connect_unix_socket(
         self,
@@ -214,14 +214,20 @@ class AsyncioNetworkBackend(httpcore2.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-Connected = tuple[asyncio.BaseTransport, _Connection]
+Connected = tuple[asyncio.BaseTransport, Any]  # the protocol: ``_Connection`` unless told
 
 
-async def _first_of(host: str, port: int, local: tuple[str, int] | None) -> Connected:
-    """A connection to the first of ``host``'s addresses to answer, tried as RFC 8305 says
-    (families alternating, each attempt ``HAPPY_EYEBALLS_DELAY_S`` after the last or at once
-    when it failed): uvloop's ``create_connection`` tries them one by one and takes no
-    ``happy_eyeballs_delay``, so a black-holed IPv6 route would cost the connect timeout."""
+async def first_of(
+    host: str,
+    port: int,
+    local: tuple[str, int] | None,
+    protocol: Callable[[], asyncio.Protocol] = _Connection,
+) -> Connected:
+    """A connection (transport, ``protocol()``) to the first of ``host``'s addresses to
+    answer, tried as RFC 8305 says (families alternating, each attempt
+    ``HAPPY_EYEBALLS_DELAY_S`` after the last or at once when it failed): uvloop's
+    ``create_connection`` tries them one by one and takes no ``happy_eyeballs_delay``, so a
+    black-holed IPv6 route would cost the connect timeout."""
     loop = asyncio.get_running_loop()
     found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     addresses = iter(_interleaved([(family, address) for family, *_, address in found]))
@@ -230,7 +236,7 @@ async def _first_of(host: str, port: int, local: tuple[str, int] | None) -> Conn
     try:
         while (address := next(addresses, None)) is not None or attempts:
             if address is not None:
-                attempts.add(loop.create_task(_attempt(*address, local)))
+                attempts.add(loop.create_task(_attempt(*address, local, protocol)))
             delay_s = HAPPY_EYEBALLS_DELAY_S if address is not None else None
             done, attempts = await asyncio.wait(
                 attempts, timeout=delay_s, return_when="FIRST_COMPLETED"
@@ -247,11 +253,14 @@ async def _first_of(host: str, port: int, local: tuple[str, int] | None) -> Conn
 
 
 async def _attempt(
-    family: int, address: tuple[Any, ...], local: tuple[str, int] | None
+    family: int,
+    address: tuple[Any, ...],
+    local: tuple[str, int] | None,
+    protocol: Callable[[], asyncio.Protocol],
 ) -> Connected:
     loop = asyncio.get_running_loop()
     return await loop.create_connection(
-        _Connection, address[0], address[1], family=family, local_addr=local
+        protocol, address[0], address[1], family=family, local_addr=local
     )
 
 

@@ -22,6 +22,9 @@ are validated at load with a message naming the variable. Provider choice per st
   effort is sent (``true``/``false``: the operator's word, for a compatible server whose model
   names say nothing reliable); unset or ``auto``, the model's name decides (OpenAI's o1, o3,
   o4 and gpt-5 families take one: ``openai_providers.takes_reasoning``).
+- ``provider_http``: ``lean`` (the default: the openai providers' transcription, chat and
+  speech requests sent by ``pipeline.openai_http``, the SDK's same requests without its and
+  httpx's per-request work) | ``sdk`` (through the SDK's own request path).
 - With ``fallback`` on, an OpenAI stage is hardened (timeout, retry budget, circuit breaker)
   with the offline provider of the same stage behind it.
 """
@@ -53,6 +56,7 @@ CHOICES = {
 VAD_MODELS = ("auto", "silero", "webrtc")  # VadConfig.model
 DEFAULT_THRESHOLD = 0.5  # server_vad's, as OpenAI's
 LLM_APIS = ("chat", "responses")  # the openai language model: /chat/completions or /responses
+PROVIDER_HTTP = ("lean", "sdk")  # how the openai providers send their requests
 
 
 class ConfigError(ValueError):
@@ -392,6 +396,8 @@ class PipelineConfig:
     openai_stt_model: str = "gpt-4o-mini-transcribe"
     openai_llm_model: str = "gpt-4o-mini"
     llm_api: str = "chat"  # the openai language model's API: "chat" or "responses"
+    # the openai providers' requests: "lean" (pipeline.openai_http) or "sdk" (the SDK's path)
+    provider_http: str = "lean"
     # the openai language model takes a reasoning effort (o-series, gpt-5): a session's
     # reasoning.effort is sent; off, it is reported and not sent (a model without it refuses it);
     # None ("" or "auto"): its name decides
@@ -458,6 +464,11 @@ class PipelineConfig:
         if self.llm_api not in LLM_APIS:
             raise ConfigError(
                 f"{ENV_PREFIX}LLM_API must be one of {', '.join(LLM_APIS)}; got {self.llm_api!r}"
+            )
+        if self.provider_http not in PROVIDER_HTTP:
+            choices = ", ".join(PROVIDER_HTTP)
+            raise ConfigError(
+                f"{ENV_PREFIX}PROVIDER_HTTP must be one of {choices}; got {self.provider_http!r}"
             )
         try:
             self.engine_config()

@@ -30,6 +30,9 @@ from openai.types.shared_params import FunctionDefinition
 
 from pipeline.asyncio_network import AsyncioHTTPTransport
 from pipeline.event_stream import EventStreamReader
+from pipeline.http1 import FormFile
+from pipeline.openai_http import LeanRequests, lean_requests
+from pipeline.provider_http import ProviderHTTP, ProviderResponse
 from pipeline.providers import (
     DEFAULT_OPTIONS,
     DIARIZATION,
@@ -87,33 +90,43 @@ class WholeBodyTransport(httpx2.AsyncBaseTransport):
     the receiver's side (measured: 6.7 of the request's 9.2 CPU-ms on the event loop). The
     bodies here are small (an utterance's WAV, a chat request), so each is read whole first."""
 
-    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
+    def __init__(self, inner: httpx2.AsyncBaseTransport, lean: ProviderHTTP | None = None) -> None:
         self._inner = inner
+        self.lean = lean  # the providers' lean path (``openai_http``), closed with this
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         await request.aread()  # the stream becomes one piece: the joined body
         return await self._inner.handle_async_request(request)
 
     async def aclose(self) -> None:
+        if self.lean is not None:
+            await self.lean.aclose()
         await self._inner.aclose()
 
 
 NETWORKS = ("asyncio", "anyio")  # httpcore's network backend: ours, or httpx's own (anyio)
+PROVIDER_HTTP = ("lean", "sdk")  # the providers' requests: ``openai_http``, or the SDK's
 
 
-def openai_client(api_key: str, network: str = "asyncio") -> openai.AsyncOpenAI:
+def openai_client(api_key: str, network: str = "asyncio", http: str = "lean") -> openai.AsyncOpenAI:
     """The SDK's client (its base URL from ``OPENAI_BASE_URL``) with its default limits and
     timeouts, sending each body in one write (``WholeBodyTransport``), its connections on
-    asyncio itself (``asyncio_network``; ``network="anyio"``: httpx's own transport)."""
+    asyncio itself (``asyncio_network``; ``network="anyio"``: httpx's own transport).
+    ``http="lean"``: the providers made with it send their requests with ``openai_http``
+    (the same requests, without the SDK's and httpx's per-request work); ``"sdk"``: through
+    the SDK, as any other request of the client."""
     if network not in NETWORKS:
         raise ValueError(f"network must be one of {', '.join(NETWORKS)}, not {network!r}")
+    if http not in PROVIDER_HTTP:
+        raise ValueError(f"http must be one of {', '.join(PROVIDER_HTTP)}, not {http!r}")
     limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)  # the SDK's
     inner: httpx2.AsyncBaseTransport = (
         AsyncioHTTPTransport(limits)
         if network == "asyncio"
         else httpx2.AsyncHTTPTransport(limits=limits)
     )
-    http_client = openai.DefaultAsyncHttpxClient(transport=WholeBodyTransport(inner))
+    lean = ProviderHTTP() if http == "lean" else None
+    http_client = openai.DefaultAsyncHttpxClient(transport=WholeBodyTransport(inner, lean))
     return openai.AsyncOpenAI(api_key=api_key, http_client=http_client)
 
 
@@ -136,6 +149,34 @@ def without_sdk_retries(client: openai.AsyncOpenAI) -> openai.AsyncOpenAI:
     return client.with_options(max_retries=0)
 
 
+StreamedResponse = httpx2.Response | ProviderResponse
+
+
+async def post_streamed(
+    client: openai.AsyncOpenAI,
+    lean: LeanRequests | None,
+    path: str,
+    body: dict[str, Any],
+    *,
+    files: Sequence[FormFile] = (),
+    headers: dict[str, str] | None = None,
+    security: dict[str, bool] | None = None,
+) -> StreamedResponse:
+    """A POST's response once its head has come, its body still to read: by ``lean`` when
+    the client has one (``openai_client(http="lean")``), else as the SDK's ``client.post``
+    with ``stream=True`` (the same request; the same errors either way)."""
+    if lean is not None:
+        return await lean.post(path, body, files=files, headers=headers, security=security)
+    options: Any = {"headers": headers or {}}  # the SDK's RequestOptions
+    if security is not None:
+        options["security"] = security
+    sent = [(f.field, (f.filename, f.data, f.content_type)) for f in files] if files else None
+    response: httpx2.Response = await client.post(
+        path, body=body, files=sent, options=options, cast_to=httpx2.Response, stream=True
+    )
+    return response
+
+
 # --- speech to text -------------------------------------------------------------------------
 
 
@@ -155,6 +196,7 @@ class OpenAISpeechToText:
         diarize_model: str = DIARIZE_MODEL,
     ) -> None:
         self._client = without_sdk_retries(client)
+        self._lean = lean_requests(self._client)
         self.model = model
         self.diarize_model = diarize_model
         self.name = f"openai-stt/{model}"
@@ -206,13 +248,13 @@ class OpenAISpeechToText:
     async def _request(self, wav: bytes, hints: TranscriptionHints) -> AsyncIterator[Transcript]:
         # The request ``audio.transcriptions.create`` makes, with its events read as the JSON
         # objects they are (the SDK's model of each cost more than the rest of reading it).
-        response = await self._client.post(
+        response = await post_streamed(
+            self._client,
+            self._lean,
             "/audio/transcriptions",
-            body={**self._fields(hints), "stream": True},
-            files=[("file", ("utterance.wav", wav, "audio/wav"))],
-            options={"headers": {"Content-Type": "multipart/form-data"}},
-            cast_to=httpx2.Response,
-            stream=True,
+            {**self._fields(hints), "stream": True},
+            files=[FormFile("file", "utterance.wav", "audio/wav", wav)],
+            headers={"Content-Type": "multipart/form-data"},
         )
         try:
             async for transcript in self._read(response):
@@ -220,7 +262,7 @@ class OpenAISpeechToText:
         finally:
             await response.aclose()
 
-    async def _read(self, response: httpx2.Response) -> AsyncIterator[Transcript]:
+    async def _read(self, response: StreamedResponse) -> AsyncIterator[Transcript]:
         content_type = response.headers.get("content-type", "")
         if "text/event-stream" not in content_type:
             # The server ignored stream=True (whisper-1 does): one JSON or text body.
@@ -310,7 +352,7 @@ def _transcript_text(body: bytes, content_type: str) -> str:
     return text_field(json_object(value, "transcription body"), "text", "transcription body")
 
 
-async def event_values(response: httpx2.Response, what: str) -> AsyncIterator[object]:
+async def event_values(response: StreamedResponse, what: str) -> AsyncIterator[object]:
     """The JSON value of each server-sent event of a streamed answer, read as the SDK's
     ``AsyncStream`` reads them (same values, same errors) at less cost: its SSE decoder and
     per-event bookkeeping were ~15 % of a chat request's CPU (``event_stream``). An event
@@ -323,10 +365,10 @@ async def event_values(response: httpx2.Response, what: str) -> AsyncIterator[ob
             if data.startswith(b"[DONE]"):
                 done = True
                 break
-            yield _event_value(data, what, response.request)
+            yield _event_value(data, what, response)
 
 
-def _event_value(data: bytes, what: str, request: httpx2.Request) -> object:
+def _event_value(data: bytes, what: str, response: StreamedResponse) -> object:
     try:
         value = json.loads(data.decode("utf-8"))
     except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError, a huge integer
@@ -336,7 +378,7 @@ def _event_value(data: bytes, what: str, request: httpx2.Request) -> object:
         message = said.get("message") if isinstance(said, dict) else None
         if not isinstance(message, str) or not message:
             message = "An error occurred during streaming"  # the SDK's words
-        raise openai.APIError(message, request, body=said)
+        raise openai.APIError(message, response.request, body=said)
     return value
 
 
@@ -380,6 +422,7 @@ class OpenAIModelClient:
         reasoning: bool | None = None,
     ) -> None:
         self._client = without_sdk_retries(client)
+        self._lean = lean_requests(self._client)
         self.model = model
         self.name = f"{self.KIND}/{model}"
         self.reasoning_said = reasoning
@@ -458,12 +501,8 @@ class OpenAILanguageModel(OpenAIModelClient):
             # TypedDict transformer: ~0.2 ms of CPU per message on this machine, 130 ms on the
             # event loop at turn 300. The body is already in wire shape, so it is posted as is
             # (same client, auth, base URL and stream parsing).
-            response = await self._client.post(
-                "/chat/completions",
-                body=body,
-                cast_to=httpx2.Response,  # read here (``event_values``), not by the SDK
-                stream=True,
-            )
+            # read here (``event_values``), not by the SDK
+            response = await post_streamed(self._client, self._lean, "/chat/completions", body)
             try:
                 async for event in chat_events(event_values(response, "chat chunk")):
                     yield event
@@ -601,6 +640,7 @@ class OpenAITextToSpeech:
         self, client: openai.AsyncOpenAI, model: str = "gpt-4o-mini-tts", voice: str = "alloy"
     ) -> None:
         self._client = without_sdk_retries(client)
+        self._lean = lean_requests(self._client)
         self.model = model
         self.voice = voice
         self.voices = (voice, *(name for name in SPEECH_VOICES if name != voice))
@@ -624,15 +664,13 @@ class OpenAITextToSpeech:
             # The request ``audio.speech.with_streaming_response.create`` makes, posted as it
             # is: without the SDK's TypedDict transformer and streamed-response wrapper a
             # speech request costs 0.82-0.86 of its CPU. Each piece is handed on as it arrives.
-            response = await self._client.post(
+            response = await post_streamed(
+                self._client,
+                self._lean,
                 "/audio/speech",
-                body=body,
-                options={
-                    "headers": {"Accept": "application/octet-stream"},
-                    "security": {"bearer_auth": True},
-                },
-                cast_to=httpx2.Response,
-                stream=True,
+                body,
+                headers={"Accept": "application/octet-stream"},
+                security={"bearer_auth": True},
             )
             try:
                 async for pcm in even_length(response.aiter_bytes()):
