@@ -201,6 +201,14 @@ def test_an_agent_hearing_at_16_khz_asks_the_caller_for_no_wider_a_band() -> Non
             opus_fmtp(rate_hz)
 
 
+def test_a_lean_call_asks_the_caller_for_opus_dtx() -> None:
+    answer = answer_with_candidates(AIORTC_ANSWER, [("198.51.100.7", 3478)], 16_000, True)
+    fmtp = "a=fmtp:111 minptime=10;useinbandfec=1;maxplaybackrate=16000;usedtx=1\r\n"
+    assert "a=rtpmap:111 opus/48000/2\r\n" + fmtp in answer
+    assert opus_fmtp(caller_dtx=True) == "minptime=10;useinbandfec=1;usedtx=1"
+    assert "usedtx" not in answer_with_candidates(AIORTC_ANSWER, [("198.51.100.7", 3478)])
+
+
 def test_answer_for_an_ipv6_only_relay() -> None:
     answer = answer_with_candidates(AIORTC_ANSWER, [("::1", 4000)])
     assert candidate_addresses(answer) == [("::1", 4000)] * 2

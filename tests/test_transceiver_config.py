@@ -36,6 +36,8 @@ def test_defaults_environment_and_flags() -> None:
     config = TransceiverConfig.load(flags, env)
     assert (config.connect_timeout_s, config.drain_timeout_s) == (2.5, 0.0)
     assert config.gc_freeze and not TransceiverConfig.load(["--gc-freeze", "0"], env).gc_freeze
+    dtx_off = {**env, "TRANSCEIVER_CALLER_DTX": "0"}
+    assert config.caller_dtx and not TransceiverConfig.load([], dtx_off).caller_dtx
 
 
 def test_survival_policy_from_environment_and_flags() -> None:
@@ -115,6 +117,7 @@ def test_the_delta_window_from_environment_and_flags() -> None:
         (["--keys", KEYS, "--public", "1.2.3.4:1,5.6.7.8:2"], "give one address per family"),
         (["--keys", KEYS, "--public", "1.2.3.4:0"], "port 0 cannot be advertised"),
         (["--keys", KEYS, "--gc-freeze", "yes"], "TRANSCEIVER_GC_FREEZE='yes' is not 0 or 1"),
+        (["--keys", KEYS, "--caller-dtx", "on"], "TRANSCEIVER_CALLER_DTX='on' is not 0 or 1"),
         (
             ["--keys", KEYS, "--agent", "parrot"],
             "TRANSCEIVER_AGENT='parrot' is not one of pipeline, echo",

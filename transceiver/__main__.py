@@ -203,7 +203,15 @@ def _calls(
     meter = CpuMeter(CpuBudget(config.cpu_budget_cores, config.cpu_window_s))
     overload = agents.overload
     calls = Calls(
-        relayed, limits, registry, agents.factory, config.media_path, overload, meter, worker
+        relayed,
+        limits,
+        registry,
+        agents.factory,
+        config.media_path,
+        overload,
+        meter,
+        worker,
+        caller_dtx=config.caller_dtx,
     )
     overloaded = None if overload is None else (lambda: overload() is not None)
     registry.register(capacity_collector(calls, meter, overloaded))

@@ -78,6 +78,12 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
         "shared 20 ms tick, inline Opus with FEC/PLC, minimal RTCP) or aiortc (its RTP tasks, "
         "codec threads and jitter buffer)",
     ),
+    "caller_dtx": (
+        "1",
+        "1: on the lean media path the answer asks the caller for Opus DTX (usedtx=1: a "
+        "silent caller sends a packet every 400 ms, not 50 a second) and the engine is fed "
+        "that silence; 0: every 20 ms, as on the aiortc path",
+    ),
     "lease_s": ("6", "a session's Redis lease; a killed owner's sessions lapse after it"),
     "health_interval_s": ("1", "seconds between Redis pings and catch-up passes"),
     "max_pending_writes": ("200", "session writes queued while Redis is away, in all"),
@@ -168,6 +174,7 @@ class TransceiverConfig:
     drain_timeout_s: float
     agent: str
     media_path: str = "lean"
+    caller_dtx: bool = True  # lean path only (transceiver.webrtc.sdp.opus_fmtp)
     survival: SurvivalPolicy = field(default_factory=SurvivalPolicy)
     link_policy: LinkPolicy = field(default_factory=LinkPolicy)
     realtime: RealtimeLimits = field(default_factory=RealtimeLimits)
@@ -210,6 +217,7 @@ class TransceiverConfig:
             drain_timeout_s=_number(values, "drain_timeout_s", float, minimum=0.0),
             agent=_agent(_required(values, "agent")),
             media_path=_media_path(values.get("media_path") or "lean"),
+            caller_dtx=_switch(values, "caller_dtx"),
             survival=_survival(values),
             link_policy=_link_policy(values),
             realtime=_realtime(values),

@@ -293,11 +293,16 @@ class RealtimeSession:
         self._spawn(self._forward_engine_events(), "session engine events")
         if self._remote is not None:
             rate_hz = self.engine.config.input_sample_rate_hz
-            self._spawn(pump_input(self._remote, self._track_audio, rate_hz), "session audio input")
+            pump = pump_input(self._remote, self._track_audio, rate_hz, self._track_silence)
+            self._spawn(pump, "session audio input")
         self._answered = True
 
     def _track_audio(self, pcm: bytes) -> None:
         self.engine.push_audio(bytes(len(pcm)) if self.input_muted else pcm)
+
+    def _track_silence(self, duration_ms: int) -> bool:
+        """The caller's silence it did not send (Opus DTX, the lean media path)."""
+        return self.engine.push_silence(duration_ms)
 
     def stored_config(self) -> dict[str, Any]:
         """What the session store keeps as this session's config: the Realtime session, and

@@ -68,17 +68,27 @@ class InputResampler:
 class PcmSource(Protocol):
     """A track that decodes to mono PCM itself (``lean_media.LeanInputTrack``)."""
 
-    async def feed_pcm(self, push: Callable[[bytes], None], rate_hz: int) -> None:
-        """Push mono PCM at ``rate_hz`` to ``push`` until the track ends."""
+    async def feed_pcm(
+        self,
+        push: Callable[[bytes], None],
+        rate_hz: int,
+        silence: Callable[[int], bool] | None = None,
+    ) -> None:
+        """Push mono PCM at ``rate_hz`` to ``push`` until the track ends; the ms of silence
+        a caller in Opus DTX did not send to ``silence`` (False: not taken), if given."""
         ...
 
 
 async def pump_input(
-    track: MediaStreamTrack, push: Callable[[bytes], None], output_rate_hz: int
+    track: MediaStreamTrack,
+    push: Callable[[bytes], None],
+    output_rate_hz: int,
+    silence: Callable[[int], bool] | None = None,
 ) -> None:
-    """Until the track ends: every decoded frame, as mono PCM at ``output_rate_hz``."""
+    """Until the track ends: every decoded frame, as mono PCM at ``output_rate_hz``; a
+    ``PcmSource`` tells ``silence`` of the caller's unsent silences, if given."""
     if isinstance(track, PcmSource):
-        await track.feed_pcm(push, output_rate_hz)
+        await track.feed_pcm(push, output_rate_hz, silence)
         return
     resampler = InputResampler(output_rate_hz)
     async for frame in audio_frames(track):

@@ -34,7 +34,9 @@ calls then end as their clients leave, or at the drain timeout.
 
 Media path (``media_path``, per process): ``aiortc`` (its RTP tasks, codec threads and jitter
 buffer carry the audio) or ``lean`` (``lean_media``: once DTLS is up, one shared tick and inline
-Opus carry every call's audio; the agent gets a ``LeanInputTrack`` as the caller's audio).
+Opus carry every call's audio; the agent gets a ``LeanInputTrack`` as the caller's audio). On
+the lean path the answer asks the caller for Opus DTX (``caller_dtx``, ``sdp.opus_fmtp``):
+nothing is sent while it is silent, and the lean call feeds the agent that silence.
 
 The metric names (``transceiver_sessions…``) predate the name ``Calls`` and are kept.
 """
@@ -250,6 +252,7 @@ class Calls:
         overload: Callable[[], str | None] | None = None,
         cost: CallCost | None = None,
         worker: int | None = None,
+        caller_dtx: bool = True,
     ) -> None:
         if media_path not in MEDIA_PATHS:
             raise ValueError(f"media path {media_path!r} is not one of {', '.join(MEDIA_PATHS)}")
@@ -268,7 +271,7 @@ class Calls:
                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6),
                 registry=registry,
             )
-            self.lean_media = LeanMedia(on_rtt=rtt_s.observe)
+            self.lean_media = LeanMedia(on_rtt=rtt_s.observe, feed_silence=caller_dtx)
             registry.register(LeanMediaCollector(self.lean_media))
         self._calls: dict[str, Call] = {}
         self._reserved = 0  # slots held by calls being set up
@@ -413,7 +416,10 @@ class Calls:
                     lower_audio_prefetch(receiver)
             await pc.setLocalDescription(await pc.createAnswer())
         hearing_hz = agent.hearing_rate_hz if isinstance(agent, HearsAt) else None
-        return answer_with_candidates(pc.localDescription.sdp, self._relayed.public, hearing_hz)
+        dtx = self.lean_media is not None and self.lean_media.feed_silence
+        return answer_with_candidates(
+            pc.localDescription.sdp, self._relayed.public, hearing_hz, caller_dtx=dtx
+        )
 
     def _attach_audio(self, pc: RTCPeerConnection, agent: CallAgent, track: Any) -> None:
         lean = self.lean_media

@@ -23,6 +23,18 @@ it carries LBRR data, else concealed (Opus PLC); the payload is decoded inline b
 the same ``push`` that ``audio.pump_input`` feeds (see ``audio.PcmSource``), or queued
 as frames for a ``recv()`` consumer (the echo agent).
 
+The caller's silence (``LeanMedia.feed_silence``: the answer asked for Opus DTX, RFC 7587's
+``usedtx=1``): a silent caller sends a packet every ~400 ms, its sequence numbers
+consecutive and its RTP timestamp jumping over the gap (no loss, no PLC: the next packet
+decodes in order). So that the agent still hears the pause in real time (the turn's end is
+decided on it), once ``SILENCE_AFTER_TICKS`` ticks passed without a packet the tick feeds a
+``feed_pcm`` consumer's ``silence`` the frames since (one held back for jitter), a tick at
+a time (``ConversationEngine.push_silence``: no packet, SRTP or decode); a packet then tops
+the silence up to the frames its timestamp skipped (fewer: jitter, the timeline carries on),
+and those frames stand for any packet lost in the gap (counted ``lost_in_silence``, not
+concealed). Not after speech: the consumer refuses while its last frame was speech, so an
+outage mid-word is concealed when the packets come back, as before.
+
 Outbound: one process-wide 20 ms loop timer (:class:`LeanMedia`) sends for every lean call: the
 next frame of the agent's voice (``AgentVoiceTrack.take``, whose bookkeeping of
 ``first_frame_sent_s``, ``frames_played`` and ``clear()`` is the one aiortc's path uses) is
@@ -121,6 +133,11 @@ MAX_CONCEALED_FRAMES = 5  # a longer gap is not filled (the speech-to-text loses
 REORDER_WINDOW = 2  # packets held past a gap before it is declared lost (20 ms at 50 pkt/s)
 STALE_TICKS = 3  # a held packet older than this is released even if nothing follows it
 RESYNC_PACKETS = 3000  # a sequence jump larger than this is a new stream, not loss
+# A caller in Opus DTX sends nothing while it is silent (a packet every 400 ms): once this many
+# ticks passed without a packet, the consumer is fed silence for the frames since (one held
+# back for jitter), a tick at a time; a packet then tops it up to its RTP timestamp's gap.
+SILENCE_AFTER_TICKS = 3
+MAX_SILENCE_TOP_UP = 50  # frames: a packet's gap fed at once at most (1 s; a stalled loop)
 RTCP_INTERVAL_TICKS = 100  # ~2 s
 # While the agent is silent, a frame of encoded silence goes out when this long has passed since
 # the last RTP packet (by the loop's clock, so the first tick after a stall sends one at once).
@@ -653,6 +670,9 @@ class LeanInputTrack(MediaStreamTrack):
     def __init__(self) -> None:
         super().__init__()
         self.push: Callable[[bytes], None] | None = None
+        # a feed_pcm consumer's: ms of digital silence heard in the caller's stead; False (and
+        # nothing heard) when its last frame was speech (``ConversationEngine.push_silence``)
+        self.silence: Callable[[int], bool] | None = None
         self.rate_hz: int | None = None  # set by the first consumer
         self.failed: BaseException | None = None
         self._frames: asyncio.Queue[AudioFrame | None] = asyncio.Queue()
@@ -660,11 +680,17 @@ class LeanInputTrack(MediaStreamTrack):
         self._pts = 0
         self.dropped = 0
 
-    async def feed_pcm(self, push: Callable[[bytes], None], rate_hz: int) -> None:
-        """Push mono PCM at ``rate_hz`` to ``push`` until the call ends (``audio.PcmSource``)."""
+    async def feed_pcm(
+        self,
+        push: Callable[[bytes], None],
+        rate_hz: int,
+        silence: Callable[[int], bool] | None = None,
+    ) -> None:
+        """Push mono PCM at ``rate_hz`` to ``push`` until the call ends (``audio.PcmSource``);
+        the caller's silences in DTX to ``silence``, if given."""
         if self.rate_hz is not None:
             raise RuntimeError("the caller's audio has a consumer already")
-        self.push, self.rate_hz = push, rate_hz
+        self.push, self.rate_hz, self.silence = push, rate_hz, silence
         await self._ended.wait()
         if self.failed is not None:
             raise LeanMediaFailed("the call's lean media failed") from self.failed
@@ -782,6 +808,10 @@ class LeanCall:
         self._resampler: Any = None
         self._held_since_tick = 0
         self._srtp_in: SrtpReceiver | None = None  # made at the first packet
+        self._last_timestamp: int | None = None  # the caller's newest packet's RTP timestamp
+        self._quiet_ticks = 0  # ticks since the caller's last packet
+        self._silence_fed = 0  # frames of silence fed in the caller's stead since then
+        self._silence_covered = 0  # frames a gap's packets released next need not conceal
         # outbound
         self.ssrc = int(transceiver.sender._ssrc)
         self._payload_type = 0
@@ -899,19 +929,27 @@ class LeanCall:
             counters["rtp_dropped"] += 1
             return
         counters["rtp_in"] += 1
+        self._quiet_ticks = 0
+        if self._silence_fed:
+            self._after_silence(timestamp)
         stats, reorder = self._stats, self._reorder
         if ssrc == stats.ssrc and reorder.take_next(sequence):
             # the usual packet, the next one with nothing held: decoded at once, without a
             # list of releases or the lateness and hold bookkeeping (of the ~7 us a packet
             # costs outside the codec, ~0.4 us: tests/test_lean_media_inbound.py's path)
             stats.packet(ssrc, reorder.highest, timestamp, time.monotonic())
+            self._last_timestamp = timestamp
+            self._silence_covered = 0
             self._play_next(packet[start:end])
             return
         if ssrc != stats.ssrc:
             self._reorder = reorder = Reorder()  # a new stream (first packet, or a new SSRC)
         late_before, held_before = reorder.late, len(reorder.held)
         released = reorder.push(sequence, packet[start:end])
-        stats.packet(ssrc, reorder.extend(sequence), timestamp, time.monotonic())
+        extended = reorder.extend(sequence)
+        if extended == reorder.highest:  # the newest packet (not a late one)
+            self._last_timestamp = timestamp
+        stats.packet(ssrc, extended, timestamp, time.monotonic())
         counters["rtp_late"] += reorder.late - late_before
         if reorder.held and (released or not held_before):
             self._held_since_tick = self.media.ticks  # the oldest held packet is this recent
@@ -946,7 +984,12 @@ class LeanCall:
         for missing, payload in released:
             if missing:
                 counters["lost"] += missing
-                if missing <= MAX_CONCEALED_FRAMES:
+                # frames the silence fed already stand for (lost in a DTX gap): not concealed
+                covered = min(missing, self._silence_covered)
+                self._silence_covered -= covered
+                counters["lost_in_silence"] += covered
+                missing -= covered
+                if 0 < missing <= MAX_CONCEALED_FRAMES:
                     for _ in range(missing - 1):
                         self._deliver(decoder.recover(None))
                         counters["concealed_plc"] += 1
@@ -957,6 +1000,45 @@ class LeanCall:
             if pcm is None:
                 counters["decode_errors"] += 1
             self._deliver(pcm)
+
+    # the caller's silence (Opus DTX): fed from the tick, not decoded
+
+    def _after_silence(self, timestamp: int) -> None:
+        """The caller's first packet after silence was fed in its stead: the frames its RTP
+        timestamp skipped since its last packet, less those fed, are fed now (fewer: jitter,
+        the timeline carries on); the frames fed stand for any packet lost in the gap."""
+        last = self._last_timestamp
+        fed, self._silence_fed = self._silence_fed, 0
+        if last is None:
+            return
+        gap = (timestamp - last) & 0xFFFFFFFF
+        if gap >= 0x80000000:  # behind the newest packet: a late one
+            return
+        decoder = self._decoder
+        last_ms = FRAME_MS if decoder is None else 1000 * decoder.last_samples // decoder.rate_hz
+        skipped = (gap * 1000 // RTP_CLOCK_HZ - last_ms) // FRAME_MS
+        rest = min(skipped, MAX_SILENCE_TOP_UP) - fed
+        if rest > 0 and self._feed_silence(rest):
+            fed += rest
+        self._silence_covered = fed
+
+    def _quiet_tick(self) -> None:
+        """A tick without a packet: once ``SILENCE_AFTER_TICKS`` passed, the frames since the
+        last packet, one held back for jitter, are fed as silence (the engine still hears
+        its pause in real time while a caller in DTX sends nothing)."""
+        due = self._quiet_ticks - 1 - self._silence_fed
+        if due > 0 and self._feed_silence(due):
+            self._silence_fed += due
+
+    def _feed_silence(self, frames: int) -> bool:
+        """``frames`` of silence to the consumer, if it takes them: not before a first packet
+        (no timeline yet), nor after speech (an outage mid-word is not a pause: PLC fills
+        what ``MAX_CONCEALED_FRAMES`` allows when the packets come back, as before)."""
+        silence = self.heard.silence
+        if silence is None or self._last_timestamp is None or not silence(frames * FRAME_MS):
+            return False
+        self.counters["silence_fed"] += frames
+        return True
 
     def _new_decoder(self, rate_hz: int) -> OpusDecoder:
         # Straight at the consumer's rate when libopus decodes at it (the pipeline's 16 kHz), else
@@ -1009,6 +1091,9 @@ class LeanCall:
     def tick(self, ticks: int, now_s: float) -> None:
         if self._reorder.held and ticks - self._held_since_tick >= STALE_TICKS:
             self._play(self._reorder.release_all())
+        self._quiet_ticks += 1
+        if self._quiet_ticks >= SILENCE_AFTER_TICKS and self.media.feed_silence:
+            self._quiet_tick()
         self._send_frame(now_s)
         self._rtcp_countdown -= 1
         if self._rtcp_countdown <= 0:
@@ -1143,10 +1228,14 @@ def _resample(stream: Any, pcm: bytes) -> bytes:
 class LeanMedia:
     """Every lean call of this process, and the one 20 ms tick that sends for all of them."""
 
-    def __init__(self, on_rtt: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self, on_rtt: Callable[[float], None] | None = None, feed_silence: bool = False
+    ) -> None:
         self.calls: list[LeanCall] = []
         self.counters: Counter[str] = Counter()
         self.on_rtt = on_rtt  # each RTCP round trip measured (seconds), for the metrics
+        # the callers were asked for Opus DTX: their silences are fed to the consumers
+        self.feed_silence = feed_silence
         self.ticks = 0
         self._timer: asyncio.TimerHandle | None = None
         self._next_s = 0.0

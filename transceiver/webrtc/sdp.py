@@ -113,18 +113,26 @@ OPUS_FMTP = "minptime=10;useinbandfec=1"  # 10 ms frames at least, in-band FEC w
 OPUS_PLAYBACK_RATES_HZ = range(8_000, 48_001)  # RFC 7587 section 6.1: maxplaybackrate
 
 
-def opus_fmtp(max_playback_rate_hz: int | None = None) -> str:
+def opus_fmtp(max_playback_rate_hz: int | None = None, caller_dtx: bool = False) -> str:
     """The answer's Opus format parameters: ``OPUS_FMTP`` and, for an agent that hears the
     caller at ``max_playback_rate_hz`` (the pipeline's 16 kHz), RFC 7587's ``maxplaybackrate``.
     A browser then codes its microphone no wider (Chromium's Opus encoder sets its maximum
     bandwidth from it: SILK wideband at 16 kHz) instead of hybrid fullband, whose band above 8
     kHz a 16 kHz listener never hears; the caller's packets then decode at 16 kHz in 19
-    against 29 us (``loadtest.media_stages``), the largest cost of an idle lean call."""
-    if max_playback_rate_hz is None:
-        return OPUS_FMTP
-    if max_playback_rate_hz not in OPUS_PLAYBACK_RATES_HZ:
-        raise ValueError(f"maxplaybackrate must be 8000 to 48000 Hz, not {max_playback_rate_hz}")
-    return f"{OPUS_FMTP};maxplaybackrate={max_playback_rate_hz}"
+    against 29 us (``loadtest.media_stages``), the largest cost of an idle lean call.
+
+    ``caller_dtx``: RFC 7587's ``usedtx=1``, the receiver's wish that the caller send nothing
+    while it is silent (Opus DTX: a packet every 400 ms; Chromium turns its encoder's DTX on
+    when the answer says so). Only where the lean path hears the call: it feeds the engine
+    the silence in the gaps (``lean_media.LeanCall``); aiortc's path would not."""
+    fmtp = OPUS_FMTP
+    if max_playback_rate_hz is not None:
+        if max_playback_rate_hz not in OPUS_PLAYBACK_RATES_HZ:
+            raise ValueError(
+                f"maxplaybackrate must be 8000 to 48000 Hz, not {max_playback_rate_hz}"
+            )
+        fmtp += f";maxplaybackrate={max_playback_rate_hz}"
+    return fmtp + ";usedtx=1" if caller_dtx else fmtp
 
 
 def host_candidate(address: Address, foundation: int) -> str:
@@ -133,13 +141,16 @@ def host_candidate(address: Address, foundation: int) -> str:
 
 
 def answer_with_candidates(
-    text: str, public: Sequence[Address], max_playback_rate_hz: int | None = None
+    text: str,
+    public: Sequence[Address],
+    max_playback_rate_hz: int | None = None,
+    caller_dtx: bool = False,
 ) -> str:
     """The answer with every candidate replaced by the relay's (one host candidate each), and
     Opus format parameters where it has none (:func:`opus_fmtp`)."""
     if not public:
         raise ValueError("no relay public address to advertise")
-    fmtp = opus_fmtp(max_playback_rate_hz)
+    fmtp = opus_fmtp(max_playback_rate_hz, caller_dtx)
     lines = [line for line in split_lines(text) if not _is_candidate_line(line)]
     out: list[str] = []
     for section in sections(lines):
