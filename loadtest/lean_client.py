@@ -8,10 +8,10 @@ connects, and ``take_over`` has replaced them, on those two instances only, by c
 start a ``LeanLeg`` instead of aiortc's per-call RTP/RTCP tasks.
 
 - **Sending**: one 20 ms timer for every call of the process (``LeanClientMedia``): each call's
-  next pre-encoded Opus packet (``OpusSpeechTrack.next_payload``: the question, else silence)
-  gets a 12-byte RTP header and the negotiated MID extension, is protected with the DTLS
-  transport's own SRTP session and sent on the nominated ICE pair. No encoder, no ``av.Packet``,
-  no task or future per packet.
+  next pre-encoded Opus packet (``OpusSpeechTrack.next_payload``: the question, else silence,
+  in Opus DTX none on most ticks of silence) gets a 12-byte RTP header and the negotiated MID
+  extension, is protected with the DTLS transport's own SRTP session and sent on the
+  nominated ICE pair. No encoder, no ``av.Packet``, no task or future per packet.
 - **Receiving**: datagrams whose first byte is 128..191 (RTP/RTCP) are taken off the nominated
   aioice protocol before aioice and aiortc see them; RTP is unprotected and its RFC 6464 audio
   level read (``AnswerMeter.heard``: the answer's onset without decoding); RTCP is counted and
@@ -53,7 +53,7 @@ FRAME_S = 0.02
 TICK_SAMPLES = 960  # 20 ms at Opus's 48 kHz RTP clock
 LATE_TICK_S = 0.2  # a tick this late restarts the clock rather than bursting to catch up
 
-PayloadSource = Callable[[float], bytes]  # loop time -> the next 20 ms Opus packet
+PayloadSource = Callable[[float], bytes | None]  # loop time -> the next 20 ms packet (DTX: None)
 Heard = Callable[[int | None, bytes], None]  # (RFC 6464 level or None, Opus payload)
 
 
@@ -155,13 +155,18 @@ class LeanLeg:
         return None
 
     def tick(self, now_s: float) -> None:
-        """Send this tick's packet (once both directions are configured)."""
+        """Send this tick's packet, if the source has one (in DTX, a silent tick has none:
+        the RTP timestamp advances over it, the sequence number does not), once both
+        directions are configured."""
         if not self._payload_type:
             return
         payload = self.source(now_s)
-        header = rtp_header(False, self._payload_type, self._sequence, self._timestamp, self.ssrc)
-        self._send(with_extension(header, self._extension) + payload)
-        self._sequence = (self._sequence + 1) & 0xFFFF
+        if payload is not None:
+            header = rtp_header(
+                False, self._payload_type, self._sequence, self._timestamp, self.ssrc
+            )
+            self._send(with_extension(header, self._extension) + payload)
+            self._sequence = (self._sequence + 1) & 0xFFFF
         self._timestamp = (self._timestamp + TICK_SAMPLES) & 0xFFFFFFFF
 
     def _send(self, packet: bytes) -> None:

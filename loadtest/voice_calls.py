@@ -7,7 +7,9 @@ cheap where a load generator can be:
   (``Questions``); the track hands aiortc ``av.Packet`` s, so aiortc packs them (no encoder,
   no executor hop, no audio-level loop). Between questions it sends one pre-encoded silence
   packet per 20 ms, as a browser's microphone would: the server's VAD needs the silence to end
-  a turn.
+  a turn; or, when the answer asks for Opus DTX (``usedtx=1``: the lean media path), as a
+  browser's encoder then does: after 200 ms of silence one packet every 400 ms, sequence
+  numbers consecutive and the RTP timestamp advancing over the gaps.
 - Sending is **batched on one clock**: every call's track waits on the same ``Metronome`` tick,
   so the loop wakes once per 20 ms for all calls, not once per call.
 - With ``--client lean`` (``loadtest.lean_client``), its audio leaves aiortc once DTLS is up:
@@ -76,6 +78,11 @@ TIME_BASE = fractions.Fraction(1, RATE_HZ)
 LOUD_LEVEL = 40  # RFC 6465 level (-dBov): 40 and below is louder than -40 dBov (RMS 0.01)
 WIDEBAND_CUTOFF_HZ = 8_000  # libopus's cutoff for wideband: what maxplaybackrate=16000 asks
 MAX_PLAYBACK_RATE = re.compile(r"^a=fmtp:\d+ .*\bmaxplaybackrate=(\d+)", re.MULTILINE)
+USE_DTX = re.compile(r"^a=fmtp:\d+ .*\busedtx=1\b", re.MULTILINE)
+# Opus DTX as a browser's encoder sends it (the answer said usedtx=1): after this many packets
+# of silence (its 200 ms hangover), one every DTX_INTERVAL_PACKETS (400 ms); speech at once
+DTX_HANGOVER_PACKETS = 10
+DTX_INTERVAL_PACKETS = 20
 QUIET_PACKETS = 10  # this many quiet packets in a row: the answer has stopped playing
 QUIET_GAP_S = 0.2  # or no packet at all for this long (a sender that pauses while silent)
 QUESTIONS = ("What time is it?", "Tell me about coffee.", "When does the library open?")
@@ -151,6 +158,11 @@ class Questions:
         ]
         wideband_silence = base64.b64decode(data.get("wideband_silence", ""))
         return cls(spoken, base64.b64decode(data["silence"]), wideband_silence)
+
+
+def answer_uses_dtx(sdp: str) -> bool:
+    """Whether an answer's Opus format line asks the caller for DTX (RFC 7587 ``usedtx``)."""
+    return USE_DTX.search(sdp) is not None
 
 
 def answer_playback_rate_hz(sdp: str) -> int | None:
@@ -237,16 +249,21 @@ class Metronome:
 
 
 class OpusSpeechTrack(MediaStreamTrack):
-    """A microphone of pre-encoded packets: a queued question, else silence, one per tick."""
+    """A microphone of pre-encoded packets: a queued question, else silence, one per tick;
+    with ``dtx`` (the answer asked for it), silence as Opus DTX sends it: after
+    ``DTX_HANGOVER_PACKETS`` a packet every ``DTX_INTERVAL_PACKETS`` ticks, nothing between
+    (the RTP timestamp still advances a tick's worth at each)."""
 
     kind = "audio"
 
     def __init__(self, metronome: Metronome, silence: bytes) -> None:
         super().__init__()
         self._metronome, self.silence = metronome, silence  # the packet sent between questions
+        self.dtx = False
         self._speech: list[bytes] = []
         self._next = 0
         self._pts = 0
+        self._quiet = 0  # ticks of silence since the last speech packet
         self.speech_ended: asyncio.Future[float] | None = None
 
     def say(self, packets: list[bytes]) -> asyncio.Future[float]:
@@ -256,19 +273,29 @@ class OpusSpeechTrack(MediaStreamTrack):
         return self.speech_ended
 
     async def recv(self) -> av.Packet[Any]:
-        if self.readyState != "live":
-            raise MediaStreamError
-        now_s = await self._metronome.next_tick()
-        packet = av.Packet(self.next_payload(now_s))
-        packet.pts, packet.time_base = self._pts, TIME_BASE
-        self._pts += FRAME_SAMPLES
+        payload = None
+        for _ in range(DTX_INTERVAL_PACKETS):  # in DTX, the ticks without a packet
+            if self.readyState != "live":
+                raise MediaStreamError
+            now_s = await self._metronome.next_tick()
+            payload, pts = self.next_payload(now_s), self._pts
+            self._pts += FRAME_SAMPLES  # aiortc's RTP timestamp: over the gap too
+            if payload is not None:
+                break
+        packet = av.Packet(payload or self.silence)
+        packet.pts, packet.time_base = pts, TIME_BASE
         return packet
 
-    def next_payload(self, now_s: float) -> bytes:
-        """This tick's packet: the queued question's next, else silence (``now_s``: when it
-        goes out, the question's end if it is its last)."""
+    def next_payload(self, now_s: float) -> bytes | None:
+        """This tick's packet: the queued question's next, else silence, or in DTX nothing
+        (``now_s``: when it goes out, the question's end if it is its last)."""
         if self._next >= len(self._speech):
-            return self.silence
+            self._quiet += 1
+            if not self.dtx or self._quiet <= DTX_HANGOVER_PACKETS:
+                return self.silence
+            in_dtx = self._quiet - DTX_HANGOVER_PACKETS
+            return self.silence if in_dtx % DTX_INTERVAL_PACKETS == 0 else None
+        self._quiet = 0
         payload = self._speech[self._next]
         self._next += 1
         if self._next == len(self._speech) and self.speech_ended and not self.speech_ended.done():
@@ -559,6 +586,7 @@ class VoiceCall:
     async def _answered(self, sdp: str, reason: str) -> None:
         self.max_playback_rate_hz = answer_playback_rate_hz(sdp)
         self.track.silence = self.questions.silence_for(self.max_playback_rate_hz)
+        self.track.dtx = answer_uses_dtx(sdp)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
         try:
             async with asyncio.timeout(SETUP_TIMEOUT_S):

@@ -23,13 +23,16 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from loadtest.figures import summary
 from loadtest.hosts import metric_samples
 from loadtest.voice_calls import (
+    DTX_HANGOVER_PACKETS,
     QUIET_GAP_S,
     QUIET_PACKETS,
     AnswerMeter,
     Metronome,
+    OpusSpeechTrack,
     Question,
     Questions,
     answer_playback_rate_hz,
+    answer_uses_dtx,
     opus_packets,
     turn_stages,
 )
@@ -167,6 +170,33 @@ async def test_a_track_that_stops_waiting_leaves_the_others_their_tick() -> None
         async with asyncio.timeout(1.0):
             assert isinstance(await staying, float)
     finally:
+        metronome.close()
+
+
+async def test_a_caller_asked_for_dtx_sends_silence_as_opus_dtx_does() -> None:
+    """After the hangover, one packet of silence every 400 ms and nothing between; speech at
+    once; over aiortc's sender the packet's time (its RTP timestamp) covers the ticks skipped."""
+    assert answer_uses_dtx("a=fmtp:111 minptime=10;useinbandfec=1;usedtx=1\r\n")
+    assert not answer_uses_dtx("a=fmtp:111 minptime=10;useinbandfec=1\r\n")
+    metronome = Metronome()
+    track = OpusSpeechTrack(metronome, b"quiet")
+    try:
+        track.dtx = True
+        sent = [track.next_payload(0.0) for _ in range(DTX_HANGOVER_PACKETS + 3 * 20)]
+        assert sent[:DTX_HANGOVER_PACKETS] == [b"quiet"] * DTX_HANGOVER_PACKETS
+        every = [i for i, payload in enumerate(sent) if payload is not None]
+        assert every[DTX_HANGOVER_PACKETS:] == [29, 49, 69]  # 400 ms apart
+        track.say([b"one", b"two"])
+        assert [track.next_payload(0.0) for _ in range(3)] == [b"one", b"two", b"quiet"]
+        for _ in range(DTX_HANGOVER_PACKETS - 1):
+            track.next_payload(0.0)  # the hangover once more
+        async with asyncio.timeout(5.0):
+            packet = await track.recv()  # waits out the ticks without a packet
+        assert bytes(packet) == b"quiet" and packet.pts == 19 * 960
+        track.dtx = False
+        assert [track.next_payload(0.0) for _ in range(25)] == [b"quiet"] * 25
+    finally:
+        track.stop()
         metronome.close()
 
 
