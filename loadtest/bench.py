@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     png = report.plot(results, args.out / "bench.png")
     print("\n" + report.render(results))
-    title = "Provider requests: this process's CPU a request, by network (asyncio: ours)"
+    title = "Provider requests: this process's CPU a request, by path (lean, or the SDK's)"
     print("\n" + report.metrics_text(title, results["provider_http"]))
     if "media_cost" in results:
         title = "Transceiver CPU per call-second, API-offloaded calls (1000 / it = calls per core)"

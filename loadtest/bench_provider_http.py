@@ -1,17 +1,18 @@
-"""CPU a provider request costs this process, per kind, by the network under the HTTP stack.
+"""CPU a provider request costs this process, per kind, by the HTTP path that sends it.
 
 ``python -m loadtest.bench_provider_http`` (and ``make bench``) starts the fake OpenAI server
 (``deploy.fake_openai``, its own process) and sends it the requests a turn makes through the
 pipeline's own providers and ``openai_client``: a streamed chat completion (a 10-message
 conversation, answered in ~17 chunks), a streamed transcription (2 s of audio, ~7 events) and
 a speech request (~0.5 s of PCM in 4 pieces). Each round runs ``requests`` of a kind,
-``concurrency`` at a time, once per network (``openai_providers.NETWORKS``: ours on asyncio,
-and httpx's own on anyio, the reference), the networks' order alternating round by round; CPU
-is this process's (all threads), so the server's is not counted. The loop is uvloop's, as the
-transceiver's is. Per kind and network: the
-median over the rounds of CPU ms a request; the ratio is ours against the reference measured
-in the same run, on the same load. ``--profile NETWORK`` instead runs one network's rounds
-under cProfile and prints where the time goes.
+``concurrency`` at a time, once per path (``PATHS``): the providers' lean client
+(``openai_http``, ``http="lean"``), and the SDK's request path on httpcore over our asyncio
+backend (``asyncio``) or over httpx's own anyio one (``anyio``), the paths' order rotating
+round by round; CPU is this process's (all threads), so the server's is not counted. The loop
+is uvloop's, as the transceiver's is. Per kind and path: the median over the rounds of CPU ms
+a request, and the ratios lean / asyncio and asyncio / anyio, each measured in the same run on
+the same load. ``--profile PATH`` instead runs one path's rounds under cProfile and prints
+where the time goes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import uvloop
 
 from deploy.fake_openai import FakeOpenAIServer
 from pipeline.openai_providers import (
-    NETWORKS,
     OpenAILanguageModel,
     OpenAISpeechToText,
     OpenAITextToSpeech,
@@ -41,6 +41,17 @@ from pipeline.openai_providers import (
 from pipeline.providers import AudioChunk, Message
 
 KINDS = ("chat", "transcription", "speech")
+PATHS = ("lean", "asyncio", "anyio")  # the lean client; the SDK's path on either network
+RATIOS = (("lean", "asyncio"), ("asyncio", "anyio"))  # (measured, its reference)
+
+
+def client_of(path: str) -> openai.AsyncOpenAI:
+    """The pipeline's client sending the providers' requests by ``path``."""
+    if path == "lean":
+        return openai_client("sk-bench", "asyncio", http="lean")
+    return openai_client("sk-bench", path, http="sdk")
+
+
 SAMPLE_RATE_HZ = 16_000
 QUESTION = "Tell me about the moon and how far away it is from the earth tonight please"
 
@@ -96,21 +107,22 @@ async def cpu_ms_a_request(request: Request, requests: int, concurrency: int) ->
 async def measure(
     base_url: str, rounds: int, requests: int, concurrency: int
 ) -> dict[str, dict[str, list[float]]]:
-    """Per kind and network, each round's CPU ms a request."""
+    """Per kind and path, each round's CPU ms a request."""
     os.environ["OPENAI_BASE_URL"] = f"{base_url}/v1"
-    clients = {network: openai_client("sk-bench", network) for network in NETWORKS}
-    asked = {network: requests_of(client) for network, client in clients.items()}
-    figures: dict[str, dict[str, list[float]]] = {k: {n: [] for n in NETWORKS} for k in KINDS}
+    clients = {path: client_of(path) for path in PATHS}
+    asked = {path: requests_of(client) for path, client in clients.items()}
+    figures: dict[str, dict[str, list[float]]] = {k: {p: [] for p in PATHS} for k in KINDS}
     try:
-        for of_network in asked.values():  # the pool's connections opened, code paths warm
-            for request in of_network.values():
+        for of_path in asked.values():  # the pool's connections opened, code paths warm
+            for request in of_path.values():
                 await cpu_ms_a_request(request, 2 * concurrency, concurrency)
         for number in range(rounds):
-            order = NETWORKS if number % 2 == 0 else NETWORKS[::-1]
+            shift = number % len(PATHS)
+            order = PATHS[shift:] + PATHS[:shift]
             for kind in KINDS:
-                for network in order:
-                    cost = await cpu_ms_a_request(asked[network][kind], requests, concurrency)
-                    figures[kind][network].append(cost)
+                for path in order:
+                    cost = await cpu_ms_a_request(asked[path][kind], requests, concurrency)
+                    figures[kind][path].append(cost)
     finally:
         for client in clients.values():
             await client.close()
@@ -118,13 +130,15 @@ async def measure(
 
 
 def summary(figures: dict[str, dict[str, list[float]]]) -> dict[str, float]:
-    """Per kind: the median CPU ms a request of each network, and ours over the reference's."""
+    """Per kind: the median CPU ms a request of each path, and each ratio (``RATIOS``)."""
     result: dict[str, float] = {}
-    for kind, by_network in figures.items():
-        medians = {network: statistics.median(costs) for network, costs in by_network.items()}
-        for network, cost in medians.items():
-            result[f"{kind} CPU ms a request ({network})"] = round(cost, 3)
-        result[f"{kind} asyncio / anyio"] = round(medians["asyncio"] / medians["anyio"], 3)
+    for kind, by_path in figures.items():
+        medians = {path: statistics.median(costs) for path, costs in by_path.items()}
+        for path, cost in medians.items():
+            result[f"{kind} CPU ms a request ({path})"] = round(cost, 3)
+        for measured, reference in RATIOS:
+            ratio = medians[measured] / medians[reference]
+            result[f"{kind} {measured} / {reference}"] = round(ratio, 3)
     return result
 
 
@@ -144,12 +158,12 @@ def run_provider_http_bench(
     }
 
 
-def profile(network: str, rounds: int, requests: int, concurrency: int, top: int) -> str:
-    """cProfile's view of one network's requests (all kinds), the ``top`` by own time."""
+def profile(path: str, rounds: int, requests: int, concurrency: int, top: int) -> str:
+    """cProfile's view of one path's requests (all kinds), the ``top`` by own time."""
 
     async def run(base_url: str) -> None:
         os.environ["OPENAI_BASE_URL"] = f"{base_url}/v1"
-        client = openai_client("sk-bench", network)
+        client = client_of(path)
         asked = requests_of(client)
         for request in asked.values():
             await cpu_ms_a_request(request, 2 * concurrency, concurrency)
@@ -181,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.bench_provider_http", description=__doc__
     )
-    parser.add_argument("--rounds", type=int, default=9, help="rounds per kind and network")
+    parser.add_argument("--rounds", type=int, default=9, help="rounds per kind and path")
     parser.add_argument("--requests", type=int, default=20, help="requests a round")
     parser.add_argument("--concurrency", type=int, default=4, help="requests at a time")
-    parser.add_argument("--profile", choices=NETWORKS, help="profile this network instead")
+    parser.add_argument("--profile", choices=PATHS, help="profile this path instead")
     parser.add_argument("--top", type=int, default=40, help="functions shown by --profile")
     args = parser.parse_args(argv)
     for name in ("rounds", "requests", "concurrency", "top"):

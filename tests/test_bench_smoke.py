@@ -77,11 +77,12 @@ def test_the_pipeline_and_speech_to_text_are_measured(quick: Quick) -> None:
     assert "skipped" not in stt, stt
 
 
-def test_a_provider_requests_cpu_is_measured_on_both_networks(quick: Quick) -> None:
+def test_a_provider_requests_cpu_is_measured_on_every_path(quick: Quick) -> None:
     http = quick[0]["provider_http"]
     for kind in ("chat", "transcription", "speech"):
         assert http[f"{kind} CPU ms a request (anyio)"] > 0, http
         assert http[f"{kind} asyncio / anyio"] > 0, http
+        assert http[f"{kind} lean / asyncio"] > 0, http
     assert "Provider requests: this process's CPU a request" in quick[1]
 
 

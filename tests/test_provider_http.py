@@ -14,6 +14,7 @@ not for the host asked.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import re
 import ssl
@@ -25,6 +26,7 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
+import uvloop
 from self_signed import self_signed
 
 from deploy.fake_openai import FakeOpenAIServer
@@ -255,6 +257,30 @@ async def test_a_response_cut_mid_body_closes_its_connection() -> None:
                 _ = [c async for c in OpenAITextToSpeech(client).synthesize("x")]
         assert isinstance(caught.value.__cause__, httpx2.RemoteProtocolError), path
         assert caught.value.retryable
+
+
+async def test_a_gzip_coded_body_is_undone_as_httpx_undoes_it() -> None:
+    coded = gzip.compress(PCM)
+    answer = length_answer(b"application/octet-stream", coded).replace(
+        b"\r\n\r\n", b"\r\nContent-Encoding: gzip\r\n\r\n", 1
+    )
+    for path in PATHS:
+        peer = Scripted(lambda _: answer)
+        async with scripted(peer) as url, client_for(url, path) as client:
+            tts = OpenAITextToSpeech(client)
+            assert b"".join([c.pcm async for c in tts.synthesize("x")]) == PCM, path
+
+
+def test_a_turn_on_uvloop_as_the_transceiver_runs_it() -> None:
+    async def on_uvloop() -> tuple[Turn, int]:
+        peer = Scripted(by_path)
+        async with scripted(peer) as url, client_for(url, "lean") as client:
+            said = await turn(client)
+            said = await turn(client)
+        return said, peer.connections
+
+    said, connections = uvloop.run(on_uvloop())
+    assert said[2] == PCM and connections == 1
 
 
 # --- errors: the SDK's, by either path --------------------------------------------------------
