@@ -236,6 +236,36 @@ def test_a_response_cut_short_is_never_taken_for_whole(
         read([shortened])
 
 
+@given(
+    st.lists(st.integers(1, MAX_LINE_BYTES + 40), min_size=1, max_size=12),
+    st.lists(st.integers(0, 200_000), max_size=12),
+)
+def test_a_head_is_read_within_the_limits_and_refused_past_them_however_cut(
+    lengths: list[int], points: list[int]
+) -> None:
+    """Whatever the cuts: a head within ``MAX_HEAD_BYTES`` whose fields are each within
+    ``MAX_LINE_BYTES`` is read; past either, it is refused with the error naming which."""
+    names = [b"X-%d: " % n for n in range(len(lengths))]
+    fields = [
+        name + b"v" * max(0, size - len(name)) for name, size in zip(names, lengths, strict=True)
+    ]
+    head = b"HTTP/1.1 204 No Content\r\n" + b"".join(field + b"\r\n" for field in fields)
+    reader = ResponseReader()
+    if len(head) - 2 > MAX_HEAD_BYTES:
+        said = f"a response head over {MAX_HEAD_BYTES} bytes"
+    elif any(len(field) > MAX_LINE_BYTES for field in fields):
+        said = "a header field of"
+    else:
+        for piece in cut(head + b"\r\n", points):
+            reader.feed(piece)
+        assert reader.complete and reader.head is not None
+        assert len(reader.head.fields) == len(fields)
+        return
+    with pytest.raises(HTTPFramingError, match=said):
+        for piece in cut(head + b"\r\n", points):
+            reader.feed(piece)
+
+
 # --- request ------------------------------------------------------------------------------
 
 
