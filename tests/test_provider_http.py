@@ -38,7 +38,7 @@ from pipeline.openai_providers import (
     OpenAITextToSpeech,
     openai_client,
 )
-from pipeline.provider_http import ProviderHTTP
+from pipeline.provider_http import Origin, ProviderHTTP, Timeouts
 from pipeline.providers import (
     AudioChunk,
     LanguageModelEvent,
@@ -240,6 +240,35 @@ async def test_an_idle_connection_the_server_closed_is_not_used() -> None:
         second = b"".join([c.pcm async for c in tts.synthesize("two")])
     assert first == second == PCM
     assert peer.connections == 2 and len(peer.requests) == 2 and http.connections_made == 2
+
+
+SPEECH_REQUEST = b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+SAID_CLOSE = length_answer(b"audio/pcm", PCM).replace(b"OK\r\n", b"OK\r\nConnection: close\r\n")
+
+
+@pytest.mark.parametrize(
+    ("answer", "after", "read_whole", "reused"),
+    [
+        (length_answer(b"audio/pcm", PCM), "keep", True, True),
+        (length_answer(b"audio/pcm", PCM), "keep", False, False),  # closed before its end
+        (SAID_CLOSE, "keep", True, False),  # the server said close (and did not)
+        (b"HTTP/1.1 200 OK\r\n\r\n" + PCM, "close", True, False),  # its end: the connection's
+    ],
+)
+async def test_a_connection_is_reused_only_after_a_whole_framed_response(
+    answer: bytes, after: str, read_whole: bool, reused: bool
+) -> None:
+    peer = Scripted(lambda _: answer, after=after)
+    http = ProviderHTTP()
+    async with scripted(peer) as url:
+        origin = Origin.of(httpx2.URL(url))
+        for _ in range(2):
+            response = await http.send(origin, SPEECH_REQUEST, Timeouts())
+            if read_whole:
+                assert await response.aread() == PCM
+            await response.aclose()
+        await http.aclose()
+    assert http.connections_made == (1 if reused else 2) == peer.connections
 
 
 def _idle_ended(http: ProviderHTTP) -> bool:
