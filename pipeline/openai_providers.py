@@ -5,7 +5,9 @@ exceptions, and an answer not of the API's shape (``streamed_json``: a chunk or 
 not a JSON object, a field of another type), to ``ProviderError`` and nothing more. Retries,
 timeouts, circuit breaking and fallback belong to ``pipeline.resilience``: the client is
 therefore used with ``max_retries=0``, so a failing call reaches the wrapper once instead of
-being retried twice inside the SDK behind the retry budget's back.
+being retried twice inside the SDK behind the retry budget's back. The providers' requests go
+by the lean client (``openai_http``: the SDK's same requests and exceptions at a fraction of
+its CPU) when their client is ``openai_client``'s with ``http="lean"``, else by the SDK's.
 """
 
 from __future__ import annotations
