@@ -26,6 +26,7 @@ import pytest_asyncio
 from playwright.async_api import Browser, Page
 
 from deploy.launched import Launched, launched
+from deploy.processes import metric_values
 from deploy.waiting import poll
 from loadtest.browser import chromium, dominant_frequency_hz, recorded_audio
 from loadtest.voice_audio import Speaker, hear, silence_pcm, tone_pcm, voiced, write_wav
@@ -196,7 +197,9 @@ async def test_make_run_echo_call_through_the_relay_hears_the_440_hz_tone(
 
 
 @pytest.mark.parametrize("voice_page", ["moon"], indirect=True)
-async def test_spoken_question_is_transcribed_answered_and_heard(voice_page: Page) -> None:
+async def test_spoken_question_is_transcribed_answered_and_heard(
+    voice_page: Page, voice_stack: Launched
+) -> None:
     page = voice_page
     created = (await events_of(page, "session.created"))[0]
     assert created["session"]["instructions"] == INSTRUCTIONS  # carried by the ek_ secret
@@ -214,6 +217,19 @@ async def test_spoken_question_is_transcribed_answered_and_heard(voice_page: Pag
     assert len(MOON_WORDS & set(words)) >= 2, words
     spoken = await wait_event(page, "e.type === 'response.output_audio_transcript.done'")
     assert "moon" in spoken["transcript"].lower()
+    await assert_caller_dtx_heard(voice_stack)
+
+
+async def assert_caller_dtx_heard(stack: Launched) -> None:
+    """On the lean media path the answer asks for Opus DTX: Chromium sends next to nothing
+    while its microphone is silent, and the transceiver fed the engine that silence."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        exposition = (await http.get(stack.url + "metrics")).text
+    lean = metric_values(exposition, "transceiver_lean_media_events_total")
+    print(f"the transceiver's lean media: {lean}")
+    if lean:  # (none on the aiortc path)
+        assert lean["silence_fed"] > lean["rtp_in"], lean
+        assert lean["lost"] == lean.get("lost_in_silence", 0) == 0, lean
 
 
 @pytest.mark.parametrize("voice_page", ["barge"], indirect=True)
