@@ -76,7 +76,10 @@ STAGES = (
         ("lean_media:LeanCall._send", "rtcdtlstransport:RTCDtlsTransport._send_rtp"),
     ),
     ("tick, rtcp, voice track", ("lean_media:LeanMedia._tick", "rtcrtpsender:")),
-    ("providers (HTTP to the API)", ("openai_providers:", "_base_client:", "response:")),
+    (
+        "providers (HTTP to the API)",
+        ("openai_providers:", "_base_client:", "response:", "provider_http:", "openai_http:"),
+    ),
     (
         "data channel, events, Redis",
         ("rtcsctptransport:", "rtcdtlstransport:", "session:", "sessions:"),
