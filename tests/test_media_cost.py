@@ -54,6 +54,13 @@ def test_a_stack_is_charged_to_the_first_stage_on_it() -> None:
     }
 
 
+def test_the_lean_provider_clients_reads_are_the_providers_stage() -> None:
+    """Its reads run from the loop's data_received, under no provider's frame."""
+    read = "runners:Runner.run;provider_http:_Wire.data_received;http1:ResponseReader.feed 3\n"
+    sent = "runners:Runner.run;openai_http:LeanRequests.post 1\n"
+    assert stage_shares(read + sent) == {"providers (HTTP to the API)": 100.0}
+
+
 def test_thread_cpu_names_the_main_thread_of_the_process() -> None:
     used = thread_cpu_s(os.getpid())
     assert "main" in used and all(seconds >= 0 for seconds in used.values())
