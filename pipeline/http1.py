@@ -105,7 +105,8 @@ class ResponseReader:
         self.received_any = False
         self._bodiless = bodiless
         self._state = _HEAD
-        self._buffer = b""
+        self._buffer = b""  # a chunked-coding line or CRLF begun
+        self._held = bytearray()  # a head begun (searched from where the last search ended)
         self._left = 0  # bytes of the body (Content-Length) or of the chunk still to come
         self._trailer_bytes = 0
         self._framed = True  # the body's end is known from the bytes, not the connection's
@@ -188,11 +189,8 @@ class ResponseReader:
         return data[:end], data[end + 2 :]
 
     def _head(self, data: bytes) -> bytes:
-        end = data.find(b"\r\n\r\n")
-        if end < 0 or end > MAX_HEAD_BYTES:
-            if end > MAX_HEAD_BYTES or len(data) > MAX_HEAD_BYTES + 3:
-                raise HTTPFramingError(f"a response head over {MAX_HEAD_BYTES} bytes")
-            self._buffer = data
+        end, data = self._head_end(data)
+        if end < 0:
             return b""
         head = parse_head(data[:end])
         if 100 <= head.status < 200:  # interim (100 Continue, 103 Early Hints): the next
@@ -202,6 +200,28 @@ class ResponseReader:
         self.head = head
         self._frame(head)
         return data[end + 4 :]
+
+    def _head_end(self, data: bytes) -> tuple[int, bytes]:
+        """Where the head's blank line starts in the bytes so far (and those bytes), or -1
+        while it has not come: the bytes are then held, and only the new ones searched on the
+        next feed, so a head arriving a byte at a time costs no more than at once."""
+        held = self._held
+        start = max(0, len(held) - 3)
+        if held:
+            held += data
+            end, size = held.find(b"\r\n\r\n", start), len(held)
+        else:
+            end, size = data.find(b"\r\n\r\n"), len(data)
+        if end > MAX_HEAD_BYTES or (end < 0 and size > MAX_HEAD_BYTES + 3):
+            raise HTTPFramingError(f"a response head over {MAX_HEAD_BYTES} bytes")
+        if end < 0:
+            if not held:
+                held += data
+            return -1, b""
+        if held:
+            data = bytes(held)
+            held.clear()
+        return end, data
 
     def _frame(self, head: ResponseHead) -> None:
         """The body's framing (RFC 9112 section 6.3)."""

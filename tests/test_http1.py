@@ -149,6 +149,15 @@ def test_a_head_at_the_limit_is_read_and_one_byte_over_is_refused() -> None:
         read([head + b"v\r\n\r\n"], closed=False)
 
 
+def test_a_head_at_the_limit_arriving_a_byte_at_a_time_is_read() -> None:
+    fields = b"".join(b"X-F%05d: " % n + b"v" * 88 + b"\r\n" for n in range(650))
+    head = b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 2\r\n"
+    wire = head + b"X: " + b"v" * (MAX_HEAD_BYTES - len(head) - 3) + b"\r\n\r\nok"
+    reader, body = read([wire[at : at + 1] for at in range(len(wire))], closed=False)
+    assert reader.head is not None and len(reader.head.fields) == 652
+    assert body == b"ok" and reader.complete
+
+
 def test_a_head_that_never_ends_is_refused_once_past_the_limit() -> None:
     reader = ResponseReader()
     reader.feed(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 100)
