@@ -15,6 +15,9 @@ transport failure an ``openai.APIConnectionError``, a 4xx/5xx the ``APIStatusErr
 the SDK makes of it (``_make_status_error_from_response``: same class, message, JSON body,
 headers such as retry-after); a failure mid-body is httpx's, as through the SDK.
 
+No proxy is used, as none was through the SDK here: ``openai_client`` gives httpx its own
+transport, and httpx then reads no proxy from the environment.
+
 Only a client whose key is a plain string is served (``lean_requests``): an API key
 provider, workload identity, a provider runtime, custom auth or default query parameters
 change requests in ways the SDK does at each one, so such a client keeps the SDK's path.
