@@ -32,6 +32,7 @@ from pipeline.vad import webrtc_classifier
 from transceiver.webrtc import ice
 from transceiver.webrtc.calls import MEDIA_PATHS, CallLimits, Calls
 from transceiver.webrtc.lean_media import (
+    MAX_SILENCE_TOP_UP,
     SILENCE_AFTER_TICKS,
     TICK_SAMPLES,
     LeanCall,
@@ -192,6 +193,26 @@ async def test_an_outage_mid_speech_is_not_fed_as_silence_and_is_concealed_after
     assert counters["silence_fed"] == 0
     assert counters["lost"] == 3 and counters["concealed_plc"] + counters["recovered_fec"] == 3
     assert engine.input_position_ms == (heard + 3 + 1) * 20  # concealed in place, as before
+
+
+async def test_silence_refused_for_long_is_fed_a_bounded_while_once_taken(
+    engine: ConversationEngine, speech_packets: list[bytes]
+) -> None:
+    """A minute without packets after speech (the engine refusing its silence), then quiet
+    frames heard (the engine takes silence again): the frames due are fed, at most
+    ``MAX_SILENCE_TOP_UP`` at once (not the minute's 3,000, over what push_silence takes)."""
+    caller = DtxCaller(engine)
+    heard = mid_word(speech_packets)
+    talk(caller, speech_packets[:heard])
+    caller.tick(3_050)
+    assert caller.call.counters["silence_fed"] == 0
+    for _ in range(10):  # quiet frames from elsewhere (past webrtcvad's hangover)
+        engine.push_audio(bytes(2 * FRAME_SAMPLES))
+    caller.tick()
+    assert not caller.call.closed
+    assert caller.call.counters["silence_fed"] == MAX_SILENCE_TOP_UP
+    caller.tick()
+    assert caller.call.counters["silence_fed"] == MAX_SILENCE_TOP_UP + 1  # a tick at a time
 
 
 async def test_packets_lost_in_a_dtx_gap_are_covered_by_the_silence_fed(

@@ -137,7 +137,7 @@ RESYNC_PACKETS = 3000  # a sequence jump larger than this is a new stream, not l
 # ticks passed without a packet, the consumer is fed silence for the frames since (one held
 # back for jitter), a tick at a time; a packet then tops it up to its RTP timestamp's gap.
 SILENCE_AFTER_TICKS = 3
-MAX_SILENCE_TOP_UP = 50  # frames: a packet's gap fed at once at most (1 s; a stalled loop)
+MAX_SILENCE_TOP_UP = 50  # frames fed at once at most (1 s: a stalled loop, a long refusal)
 RTCP_INTERVAL_TICKS = 100  # ~2 s
 # While the agent is silent, a frame of encoded silence goes out when this long has passed since
 # the last RTP packet (by the loop's clock, so the first tick after a stall sends one at once).
@@ -1027,6 +1027,9 @@ class LeanCall:
         last packet, one held back for jitter, are fed as silence (the engine still hears
         its pause in real time while a caller in DTX sends nothing)."""
         due = self._quiet_ticks - 1 - self._silence_fed
+        if due > MAX_SILENCE_TOP_UP:  # refused a long while (after speech): let the rest go
+            self._silence_fed += due - MAX_SILENCE_TOP_UP
+            due = MAX_SILENCE_TOP_UP
         if due > 0 and self._feed_silence(due):
             self._silence_fed += due
 
