@@ -8,6 +8,9 @@ I/O layer; knows nothing of WebRTC. Per user turn::
                -> TextToSpeech (starts on the first chunk while the model still writes)
                -> playout, one frame per ``frame_ms`` of real time
 
+``push_silence``: silence the caller's sender left out (a codec's discontinuous transmission),
+heard exactly as zero frames pushed.
+
 Push-to-talk (``turn_detection`` off): no VAD runs; the input is kept (the newest
 ``MAX_UNCOMMITTED_INPUT_S`` of it, through the noise filter when there is one) until
 ``commit_input()`` makes it a user turn (``InputCommitted``, then its transcription). A
