@@ -38,6 +38,7 @@ from locust.runners import MasterRunner, WorkerRunner
 from loadtest.cpu_confinement import parse_cpus, read_throttling
 from loadtest.hosts import CoresBusy
 from loadtest.voice_report import (
+    RUN_LONG_S,
     Histograms,
     Knee,
     KneePlan,
@@ -45,12 +46,13 @@ from loadtest.voice_report import (
     RunTotals,
     build_report,
     cpu_seconds,
+    pause_after,
     scrape_loop_metrics,
 )
 
 FLUSH_TIMEOUT_S = 10.0
 SAMPLE_S = 3.0
-CALL_WAIT_S = 24 * 3600.0  # a call is bounded by the run, and by the driver's own timeouts
+CALL_WAIT_S = RUN_LONG_S  # a call is bounded by the run, and by the driver's own timeouts
 STARTED_FILE = "started.json"  # beside the report: when the test started (a fault counts from it)
 FAULT_FILE = "fault.json"  # beside the report: the transceiver the scenario killed, if any
 
@@ -228,10 +230,9 @@ class VoiceCaller(User):
         turns = options.voice_long_call or options.voice_turns
         waiter = link.ended[self.call_id] = AsyncResult()
         link.send(op="call", id=self.call_id, turns=turns)
-        waiter.get(timeout=CALL_WAIT_S)
+        ended = waiter.get(timeout=CALL_WAIT_S)
         self.call_id = 0
-        if not options.voice_knee:  # fixed and long-call runs: one call per user
-            gevent.sleep(CALL_WAIT_S)
+        gevent.sleep(pause_after(ended, options.voice_knee))
 
     def on_stop(self) -> None:
         if self.call_id and _link is not None:

@@ -26,6 +26,8 @@ PERCENTILES = {"p50": 50.0, "p95": 95.0, "p99": 99.0}
 MAX_FAILED_ROWS = 50
 MAX_RESUME_ROWS = 10_000
 AFTER_KILL_S = 0.5  # a packet heard this long after a kill was in flight, not sent later
+RUN_LONG_S = 24 * 3600.0  # longer than any run (a user that waits this long waits for its end)
+FAILED_CALL_PAUSE_S = 1.0  # a knee's user, after a call that failed (pause_after)
 
 
 class Hist:
@@ -612,3 +614,15 @@ def _spread(values: Sequence[float]) -> dict[str, float] | None:
         "p99": round(float(np.percentile(values, 99)), 1),
         "max": round(float(max(values)), 1),
     }
+
+
+def pause_after(ended: dict[str, Any], knee: bool) -> float:
+    """How long a user waits after its call ended before the next: for the whole run in fixed and
+    long-call runs (one call per user); in a knee, at once after a call that ended well, and
+    ``FAILED_CALL_PAUSE_S`` after one that failed, so that a server refusing calls (503 past its
+    capacity) is asked again a few times a second, not in a loop of set-ups (without the pause a
+    knee step past a transceiver's capacity made 28,000 set-ups in 3 minutes, filled the
+    generator's core, and the step's failure was put down to the generator)."""
+    if not knee:
+        return RUN_LONG_S
+    return 0.0 if ended.get("ok") else FAILED_CALL_PAUSE_S

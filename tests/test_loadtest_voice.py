@@ -37,7 +37,16 @@ from loadtest.voice_calls import (
     turn_stages,
 )
 from loadtest.voice_paths import compare_paths
-from loadtest.voice_report import Hist, Knee, KneePlan, fault_section, where_time_goes
+from loadtest.voice_report import (
+    FAILED_CALL_PAUSE_S,
+    RUN_LONG_S,
+    Hist,
+    Knee,
+    KneePlan,
+    fault_section,
+    pause_after,
+    where_time_goes,
+)
 from relay.loop_lag import BUCKETS_S
 from transceiver.metrics import GC_PAUSE_BUCKETS_S, GcPauses
 
@@ -446,3 +455,10 @@ def test_a_step_failed_with_the_generators_core_full_is_called_generator_bound()
     unpinned.tick(10.0, 0)
     assert unpinned.steps and "generator_full_share" not in unpinned.steps[0]
     assert "generator full" not in summary({"scenario": "voice", "steps": unpinned.steps})
+
+
+def test_a_knee_user_pauses_after_a_failed_call_and_a_fixed_run_user_for_the_run() -> None:
+    assert pause_after({"ok": True, "reason": ""}, knee=True) == 0.0
+    assert pause_after({"ok": False, "reason": "http_503"}, knee=True) == FAILED_CALL_PAUSE_S > 0
+    assert pause_after({"ok": True, "reason": ""}, knee=False) == RUN_LONG_S
+    assert pause_after({"ok": False, "reason": "http_503"}, knee=False) == RUN_LONG_S
