@@ -423,14 +423,16 @@ class _Waits:
     heard: asyncio.Future[str]
     done: asyncio.Future[Event]
     metrics: asyncio.Future[Event]
+    stopped: asyncio.Future[Event]  # output_audio_buffer.stopped: the answer played to its end
 
     @classmethod
     def new(cls) -> _Waits:
         loop = asyncio.get_running_loop()
-        return cls(loop.create_future(), loop.create_future(), loop.create_future())
+        futures = (loop.create_future() for _ in range(4))
+        return cls(*futures)
 
     def fail(self, reason: str) -> None:
-        for future in (self.heard, self.done, self.metrics):
+        for future in (self.heard, self.done, self.metrics, self.stopped):
             if not future.done():
                 future.set_exception(CallFailed(reason))
 
@@ -567,6 +569,8 @@ class VoiceCall:
             _resolve(waits.done, event)
         elif kind == "voicerelay.turn.metrics":
             _resolve(waits.metrics, event)
+        elif kind == "output_audio_buffer.stopped":
+            _resolve(waits.stopped, event)
         elif kind == "error":
             waits.fail("error_event:" + str(event.get("error", {}).get("code")))
 
@@ -673,7 +677,12 @@ class VoiceCall:
                     raise CallFailed(f"response_{status}")
                 heard = await _within(waits.heard, 1.0, "")
                 metrics = await _within(waits.metrics, 1.0, {})
-                await self.meter.quiet.wait()  # the answer has finished playing
+                # the answer has finished playing: the server says so, and its packets have
+                # gone quiet (quiet alone was not enough: a pause between an answer's sentences
+                # longer than QUIET_GAP_S ended the turn early, and the next question's latency
+                # was then measured to the rest of this answer, negative)
+                await waits.stopped
+                await self.meter.quiet.wait()
         except TimeoutError:
             raise CallFailed(_timeout_reason(onset, waits)) from None
         finally:
@@ -760,7 +769,9 @@ async def _within(future: asyncio.Future[Any], timeout_s: float, default: Any) -
 def _timeout_reason(onset: asyncio.Future[float], waits: _Waits) -> str:
     if not onset.done():
         return "timeout_no_answer_audio"
-    return "timeout_no_response_done" if not waits.done.done() else "timeout_answer_not_quiet"
+    if not waits.done.done():
+        return "timeout_no_response_done"
+    return "timeout_no_audio_stopped" if not waits.stopped.done() else "timeout_answer_not_quiet"
 
 
 def _answer(done: Event) -> str:

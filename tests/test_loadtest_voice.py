@@ -87,6 +87,10 @@ def test_calls_to_the_offline_pipeline_are_set_up_and_answered(tmp_path: Path) -
     assert rows[("CALL", "setup")]["Request Count"] == "2"
     assert rows[("TURN", "turn")]["Request Count"] == "4"
     assert rows[("TURN", "turn")]["Failure Count"] == "0"
+    # each turn timed from its own question's end to its own answer: a turn taken for over at
+    # a pause inside the last answer (piper's between sentences) had the next question timed to
+    # the rest of that answer, before the question's end
+    assert float(rows[("TURN", "turn")]["Min Response Time"]) > 0, rows[("TURN", "turn")]
     assert report["faults"] == [] and report["resumes"] == []
 
 
