@@ -8,9 +8,10 @@ a streamed chat 0.80-0.90 of it, a transcription 0.82-0.90, speech 0.87-0.97, on
 shared load). ``AsyncioNetworkBackend`` implements httpcore's public
 ``AsyncNetworkBackend``/``AsyncNetworkStream`` interface on an ``asyncio.Protocol``: bytes
 that arrive wait in a buffer until read; a read that must wait does so on one future, its
-timeout one timer handle (none when the data is already there). Reading pauses only when the
-buffer is past ``HIGH_WATER_BYTES``. Connecting races the host's addresses (``first_of``);
-the TLS handshake is the loop's own (``start_tls``). ``AsyncioHTTPTransport`` is httpx's
+timeout one timer handle (none when the data is already there): ``WaitingProtocol``, which
+``provider_http``'s connections share. Reading pauses only when the buffer is past
+``HIGH_WATER_BYTES``. Connecting races the host's addresses (``first_of``); the TLS handshake
+is the loop's own (``start_tls``). ``AsyncioHTTPTransport`` is httpx's
 ``AsyncHTTPTransport`` for the case the providers use (HTTP/1.1, no proxy): an httpcore
 connection pool on this backend, its errors mapped to httpx's as httpx maps them.
 """
@@ -34,18 +35,57 @@ SocketOption = (
 )
 
 
-class _Connection(asyncio.Protocol):
-    """One connection's received bytes and its state, kept for ``AsyncioStream``."""
+class WaitingProtocol(asyncio.Protocol):
+    """A connection its owner waits on: one future at a time, woken by the subclass's events
+    (``_wake``) and by the transport's write flow (``pause_writing``, ``resume_writing``)."""
 
     def __init__(self) -> None:
+        self.waiter: asyncio.Future[bool] | None = None  # a read (or a write) waiting: True
+        # when its time ran out
+        self.writing_paused = False
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(False)
+
+    async def wait(self, timeout_s: float | None, timed_out: type[Exception]) -> None:
+        """Until the next wake or ``timeout_s`` (then ``timed_out``)."""
+        loop = asyncio.get_running_loop()
+        self.waiter = waiter = loop.create_future()
+        timer = None if timeout_s is None else loop.call_later(timeout_s, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
+        if waiter.result():
+            raise timed_out(f"no progress in {timeout_s} s")
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(True)
+
+
+class _Connection(WaitingProtocol):
+    """One connection's received bytes and its state, kept for ``AsyncioStream``: a read
+    waits until data, the end or a write's resumption."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.eof = False
         self.lost: Exception | None = None  # why the connection was lost, when not cleanly
-        self.waiter: asyncio.Future[bool] | None = None  # a read (or a write) waiting: True
-        # when its time ran out
         self.paused = False  # reading paused: the buffer is full
-        self.writing_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport (uvloop's is not a subclass of asyncio.Transport, but is one)
@@ -67,36 +107,6 @@ class _Connection(asyncio.Protocol):
         self.eof = True
         self.lost = exc
         self._wake()
-
-    def pause_writing(self) -> None:
-        self.writing_paused = True
-
-    def resume_writing(self) -> None:
-        self.writing_paused = False
-        self._wake()
-
-    def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(False)
-
-    async def wait(self, timeout_s: float | None, timed_out: type[Exception]) -> None:
-        """Until data, the end, a write's resumption or ``timeout_s`` (then ``timed_out``)."""
-        loop = asyncio.get_running_loop()
-        self.waiter = waiter = loop.create_future()
-        timer = None if timeout_s is None else loop.call_later(timeout_s, _expire, waiter)
-        try:
-            await waiter
-        finally:
-            self.waiter = None
-            if timer is not None:
-                timer.cancel()
-        if waiter.result():
-            raise timed_out(f"no progress in {timeout_s} s")
-
-
-def _expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(True)
 
 
 class AsyncioStream(httpcore2.AsyncNetworkStream):

@@ -29,7 +29,7 @@ from typing import cast
 
 import httpx2
 
-from pipeline.asyncio_network import first_of
+from pipeline.asyncio_network import WaitingProtocol, first_of
 from pipeline.http1 import HTTPFramingError, ResponseHead, ResponseReader
 
 HIGH_WATER_BYTES = 256 * 1024  # reading pauses while this much of a body waits unread
@@ -61,10 +61,12 @@ class Timeouts:
     write_s: float | None = 600.0
 
 
-class _Wire(asyncio.Protocol):
-    """One connection: the reader of its response, the body bytes read and not yet taken."""
+class _Wire(WaitingProtocol):
+    """One connection: the reader of its response, the body bytes read and not yet taken; a
+    request waits on it until bytes, the end or a write's drain."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.transport: asyncio.Transport | None = None
         self.reader: ResponseReader | None = None  # None: idle
         self.pieces: list[bytes] = []
@@ -72,8 +74,7 @@ class _Wire(asyncio.Protocol):
         self.failure: Exception | None = None  # why the response cannot be read, as httpx's
         self.ended = False  # the peer's end seen, or the connection lost
         self.spoiled = False  # bytes arrived that no request asked for: never reused
-        self.paused = self.writing_paused = False
-        self.waiter: asyncio.Future[bool] | None = None
+        self.paused = False
         self.idle_since = 0.0
         self.origin: Origin | None = None  # set once connected
 
@@ -130,31 +131,6 @@ class _Wire(asyncio.Protocol):
                 self.failure = kind(said)
         self._wake()
 
-    def pause_writing(self) -> None:
-        self.writing_paused = True
-
-    def resume_writing(self) -> None:
-        self.writing_paused = False
-        self._wake()
-
-    def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(False)
-
-    async def wait(self, timeout_s: float | None, timed_out: type[Exception]) -> None:
-        """Until bytes, the end, a write's drain or ``timeout_s`` (then ``timed_out``)."""
-        loop = asyncio.get_running_loop()
-        self.waiter = waiter = loop.create_future()
-        timer = None if timeout_s is None else loop.call_later(timeout_s, _expire, waiter)
-        try:
-            await waiter
-        finally:
-            self.waiter = None
-            if timer is not None:
-                timer.cancel()
-        if waiter.result():
-            raise timed_out(f"no progress in {timeout_s} s")
-
     def usable(self, now: float, expiry_s: float) -> bool:
         """Whether an idle connection may carry a request."""
         transport = self.transport
@@ -165,11 +141,6 @@ class _Wire(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-
-
-def _expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(True)
 
 
 class ProviderResponse:
