@@ -27,6 +27,7 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from loopback_peer import HeldConnections, serving
 from self_signed import self_signed
 
 from deploy.fake_openai import FakeOpenAIServer
@@ -65,23 +66,11 @@ class Peer:
         self.big_bytes = big_bytes
         self.connections = 0
         self.bodies: list[bytes] = []
-        self.stopping = asyncio.Event()
-        self._handlers: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def stop(self) -> None:
-        """Close every connection and wait for its handler to end."""
-        self.stopping.set()
-        for writer in self._writers:
-            writer.close()
-        await asyncio.gather(*self._handlers)
+        self.held = HeldConnections()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        handler = asyncio.current_task()
-        assert handler is not None
-        self._handlers.add(handler)
-        self._writers.add(writer)
+        self.held.hold(writer)
         try:
             while head := await reader.readuntil(b"\r\n\r\n"):
                 length = _content_length(head)
@@ -96,7 +85,7 @@ class Peer:
     async def _answer(self, writer: asyncio.StreamWriter) -> bool:
         """Answer one request; False: the connection is to close."""
         if self.behaviour == "silent":
-            await self.stopping.wait()
+            await self.held.stopping.wait()
             return False
         body = b"x" * self.big_bytes if self.behaviour == "big" else b"hello"
         declared = len(body) + (100 if self.behaviour == "cut" else 0)
@@ -114,19 +103,6 @@ def _content_length(head: bytes) -> int:
 
 
 @asynccontextmanager
-async def running(peer: Peer, context: ssl.SSLContext | None = None) -> AsyncIterator[str]:
-    """The peer listening on loopback; yields its base URL."""
-    server = await asyncio.start_server(peer.serve, "127.0.0.1", 0, ssl=context)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"{'https' if context else 'http'}://127.0.0.1:{port}"
-    finally:
-        server.close()
-        await peer.stop()
-        await server.wait_closed()
-
-
-@asynccontextmanager
 async def http_client(
     transport: Transport, timeout_s: float = 10.0, context: ssl.SSLContext | None = None
 ) -> AsyncIterator[httpx2.AsyncClient]:
@@ -137,7 +113,7 @@ async def http_client(
 @TRANSPORTS
 async def test_a_kept_alive_connection_carries_the_next_request(transport: Transport) -> None:
     peer = Peer("keep")
-    async with running(peer) as url, http_client(transport) as client:
+    async with serving(peer) as url, http_client(transport) as client:
         answers = [await client.post(url, content=b"q%d" % n) for n in range(3)]
     assert [(a.status_code, a.content) for a in answers] == [(200, b"hello")] * 3
     assert peer.bodies == [b"q0", b"q1", b"q2"] and peer.connections == 1
@@ -146,7 +122,7 @@ async def test_a_kept_alive_connection_carries_the_next_request(transport: Trans
 @TRANSPORTS
 async def test_an_idle_connection_the_peer_closed_is_not_reused(transport: Transport) -> None:
     peer = Peer("close")
-    async with running(peer) as url, http_client(transport) as client:
+    async with serving(peer) as url, http_client(transport) as client:
         first = await client.get(url)
         await wait_for(lambda: peer.connections == 1 and len(peer.bodies) == 1)
         await asyncio.sleep(0.05)  # the peer's FIN reaches the pooled connection
@@ -157,21 +133,21 @@ async def test_an_idle_connection_the_peer_closed_is_not_reused(transport: Trans
 
 @TRANSPORTS
 async def test_a_peer_closing_mid_body_is_a_remote_protocol_error(transport: Transport) -> None:
-    async with running(Peer("cut")) as url, http_client(transport) as client:
+    async with serving(Peer("cut")) as url, http_client(transport) as client:
         with pytest.raises(httpx2.RemoteProtocolError):
             await client.get(url)
 
 
 @TRANSPORTS
 async def test_a_silent_peer_is_a_read_timeout(transport: Transport) -> None:
-    async with running(Peer("silent")) as url, http_client(transport, timeout_s=0.2) as client:
+    async with serving(Peer("silent")) as url, http_client(transport, timeout_s=0.2) as client:
         with pytest.raises(httpx2.ReadTimeout):
             await client.get(url)
 
 
 @TRANSPORTS
 async def test_a_refused_connection_is_a_connect_error(transport: Transport) -> None:
-    async with running(Peer("keep")) as url:
+    async with serving(Peer("keep")) as url:
         pass  # closed: nothing listens on its port now
     async with http_client(transport) as client:
         with pytest.raises(httpx2.ConnectError):
@@ -182,7 +158,7 @@ async def test_a_refused_connection_is_a_connect_error(transport: Transport) -> 
 async def test_a_body_past_the_high_water_arrives_whole(transport: Transport) -> None:
     size = 3 * HIGH_WATER_BYTES + 17
     peer = Peer("big", big_bytes=size)
-    async with running(peer) as url, http_client(transport) as client:
+    async with serving(peer) as url, http_client(transport) as client:
         async with client.stream("POST", url, content=b"y" * size) as response:
             await asyncio.sleep(0.1)  # the body waits unread: reading pauses
             body = await response.aread()
@@ -203,7 +179,7 @@ async def test_https_with_a_trusted_certificate(transport: Transport, tmp_path: 
     context, cert = server_context(tmp_path)
     peer = Peer("keep")
     trusting = ssl.create_default_context(cafile=str(cert))
-    async with running(peer, context) as url, http_client(transport, context=trusting) as client:
+    async with serving(peer, context) as url, http_client(transport, context=trusting) as client:
         answers = [await client.post(url, content=b"secret") for _ in range(2)]
         stream = answers[0].extensions["network_stream"]
         assert stream.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
@@ -217,7 +193,7 @@ async def test_https_with_an_untrusted_certificate_is_refused(
 ) -> None:
     context, _ = server_context(tmp_path)
     peer = Peer("keep")
-    async with running(peer, context) as url, http_client(transport) as client:
+    async with serving(peer, context) as url, http_client(transport) as client:
         with pytest.raises(httpx2.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             await client.get(url)
     assert peer.bodies == []
@@ -282,7 +258,7 @@ async def test_the_pipelines_client_streams_a_chat_over_https(
 async def test_the_sdk_sees_a_silent_server_as_its_timeout(network: str) -> None:
     """The SDK's own errors through our transport: a read timeout is ``APITimeoutError``, a
     refused connection ``APIConnectionError``, a status its ``APIStatusError``."""
-    async with running(Peer("silent")) as url:
+    async with serving(Peer("silent")) as url:
         sdk = openai_client("sk-test", network).with_options(
             base_url=f"{url}/v1", timeout=0.2, max_retries=0
         )
@@ -398,7 +374,7 @@ async def test_an_address_that_does_not_answer_yields_to_the_next(
         for waiting in queued:
             waiting.setblocking(False)
             waiting.connect_ex(("127.0.0.1", silent_port))
-        async with running(Peer("keep")) as url:
+        async with serving(Peer("keep")) as url:
             port = int(url.rsplit(":", 1)[1])
             answers = [
                 (V4, socket.SOCK_STREAM, 6, "", ("127.0.0.1", silent_port)),
@@ -426,12 +402,12 @@ def test_the_transport_on_uvloop_as_the_transceiver_runs_it(tmp_path: Path) -> N
 
     async def scenario() -> tuple[list[bytes], int, int]:
         kept, closing = Peer("keep"), Peer("close")
-        async with running(kept, context) as url, http_client(ours, context=trusting) as client:
+        async with serving(kept, context) as url, http_client(ours, context=trusting) as client:
             bodies = [(await client.get(url)).content for _ in range(2)]
-        async with running(Peer("silent")) as url, http_client(ours, timeout_s=0.2) as client:
+        async with serving(Peer("silent")) as url, http_client(ours, timeout_s=0.2) as client:
             with pytest.raises(httpx2.ReadTimeout):
                 await client.get(url)
-        async with running(closing) as url, http_client(ours) as client:
+        async with serving(closing) as url, http_client(ours) as client:
             await client.get(url)
             await wait_for(lambda: len(closing.bodies) == 1)
             await asyncio.sleep(0.05)

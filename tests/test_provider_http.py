@@ -19,7 +19,6 @@ import json
 import re
 import ssl
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import httpx2
 import openai
 import pytest
 import uvloop
+from loopback_peer import HeldConnections, serving
 from self_signed import self_signed
 
 from deploy.fake_openai import FakeOpenAIServer
@@ -106,16 +106,11 @@ class Scripted:
     after: str = "keep"
     requests: list[bytes] = field(default_factory=list)
     connections: int = 0
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    handlers: set[asyncio.Task[None]] = field(default_factory=set)
-    writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    held: HeldConnections = field(default_factory=HeldConnections)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        task = asyncio.current_task()
-        assert task is not None
-        self.handlers.add(task)
-        self.writers.add(writer)
+        self.held.hold(writer)
         try:
             while head := await reader.readuntil(b"\r\n\r\n"):
                 length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
@@ -123,32 +118,13 @@ class Scripted:
                 writer.write(self.answer(head))
                 await writer.drain()
                 if self.after == "hold":
-                    await self.stopping.wait()
+                    await self.held.stopping.wait()
                 if self.after != "keep":
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
-
-    async def stop(self) -> None:
-        self.stopping.set()
-        for writer in self.writers:
-            writer.close()
-        await asyncio.gather(*self.handlers)
-
-
-@asynccontextmanager
-async def scripted(peer: Scripted, context: ssl.SSLContext | None = None) -> AsyncIterator[str]:
-    """The server listening on loopback; yields its base URL."""
-    server = await asyncio.start_server(peer.serve, "127.0.0.1", 0, ssl=context)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"{'https' if context else 'http'}://127.0.0.1:{port}"
-    finally:
-        server.close()
-        await peer.stop()
-        await server.wait_closed()
 
 
 def chunked_answer(content_type: bytes, body: bytes, piece_bytes: int = 7) -> bytes:
@@ -197,7 +173,7 @@ def unbounded(request: bytes) -> bytes:
 
 async def test_each_request_is_the_sdks_byte_for_byte_and_answers_alike() -> None:
     peer = Scripted(by_path)
-    async with scripted(peer) as url:
+    async with serving(peer) as url:
         results = {}
         for path in PATHS:
             async with client_for(url, path) as client:
@@ -212,7 +188,7 @@ async def test_each_request_is_the_sdks_byte_for_byte_and_answers_alike() -> Non
 
 async def test_organization_and_project_are_sent_as_the_sdk_sends_them() -> None:
     peer = Scripted(by_path)
-    async with scripted(peer) as url:
+    async with serving(peer) as url:
         for path in PATHS:
             client = client_for(url, path).with_options(organization="org-1", project="proj-2")
             async with client:
@@ -223,7 +199,7 @@ async def test_organization_and_project_are_sent_as_the_sdk_sends_them() -> None
 
 async def test_a_kept_alive_connection_carries_every_request() -> None:
     peer = Scripted(by_path)
-    async with scripted(peer) as url, client_for(url, "lean") as client:
+    async with serving(peer) as url, client_for(url, "lean") as client:
         for _ in range(3):
             await turn(client)
         http = OpenAILanguageModel(client)._lean._http  # type: ignore[union-attr]
@@ -232,7 +208,7 @@ async def test_a_kept_alive_connection_carries_every_request() -> None:
 
 async def test_an_idle_connection_the_server_closed_is_not_used() -> None:
     peer = Scripted(by_path, after="close")
-    async with scripted(peer) as url, client_for(url, "lean") as client:
+    async with serving(peer) as url, client_for(url, "lean") as client:
         tts = OpenAITextToSpeech(client)
         first = b"".join([c.pcm async for c in tts.synthesize("one")])
         http = tts._lean._http  # type: ignore[union-attr]
@@ -260,7 +236,7 @@ async def test_a_connection_is_reused_only_after_a_whole_framed_response(
 ) -> None:
     peer = Scripted(lambda _: answer, after=after)
     http = ProviderHTTP()
-    async with scripted(peer) as url:
+    async with serving(peer) as url:
         origin = Origin.of(httpx2.URL(url))
         for _ in range(2):
             response = await http.send(origin, SPEECH_REQUEST, Timeouts())
@@ -281,7 +257,7 @@ async def test_a_response_cut_mid_body_closes_its_connection() -> None:
     cut = length_answer(b"application/octet-stream", PCM)[:-100]
     for path in PATHS:
         peer = Scripted(lambda _: cut, after="close")
-        async with scripted(peer) as url, client_for(url, path) as client:
+        async with serving(peer) as url, client_for(url, path) as client:
             with pytest.raises(ProviderError) as caught:
                 _ = [c async for c in OpenAITextToSpeech(client).synthesize("x")]
         assert isinstance(caught.value.__cause__, httpx2.RemoteProtocolError), path
@@ -295,7 +271,7 @@ async def test_a_gzip_coded_body_is_undone_as_httpx_undoes_it() -> None:
     )
     for path in PATHS:
         peer = Scripted(lambda _: answer)
-        async with scripted(peer) as url, client_for(url, path) as client:
+        async with serving(peer) as url, client_for(url, path) as client:
             tts = OpenAITextToSpeech(client)
             assert b"".join([c.pcm async for c in tts.synthesize("x")]) == PCM, path
 
@@ -303,7 +279,7 @@ async def test_a_gzip_coded_body_is_undone_as_httpx_undoes_it() -> None:
 def test_a_turn_on_uvloop_as_the_transceiver_runs_it() -> None:
     async def on_uvloop() -> tuple[Turn, int]:
         peer = Scripted(by_path)
-        async with scripted(peer) as url, client_for(url, "lean") as client:
+        async with serving(peer) as url, client_for(url, "lean") as client:
             said = await turn(client)
             said = await turn(client)
         return said, peer.connections
@@ -321,7 +297,7 @@ async def sdk_error_by_each_path(answer: bytes, after: str = "keep") -> list[Bas
     errors = []
     for path in ("sdk", "lean"):
         peer = Scripted(lambda _: answer, after=after)
-        async with scripted(peer) as url, client_for(url, path, timeout_s=0.3) as client:
+        async with serving(peer) as url, client_for(url, path, timeout_s=0.3) as client:
             with pytest.raises(ProviderError) as caught:
                 _ = [c async for c in OpenAITextToSpeech(client).synthesize("x")]
         assert caught.value.__cause__ is not None
@@ -388,7 +364,7 @@ async def test_a_server_closing_without_an_answer_is_a_connection_error() -> Non
 
 async def test_a_refused_connection_is_a_connection_error() -> None:
     peer = Scripted(by_path)
-    async with scripted(peer) as url:
+    async with serving(peer) as url:
         pass  # closed: nothing listens on its port now
     for path in PATHS:
         async with client_for(url, path) as client:
@@ -425,7 +401,7 @@ async def test_https_with_a_trusted_certificate_keeps_its_connection(tmp_path: P
     served, trusting = tls_contexts(tmp_path)
     peer = Scripted(by_path)
     http = ProviderHTTP(trusting)
-    async with scripted(peer, served) as url:
+    async with serving(peer, served) as url:
         tts = lean_over(http, url)
         for _ in range(2):
             assert b"".join([c.pcm async for c in tts.synthesize("x")]) == PCM
@@ -440,7 +416,7 @@ async def test_https_is_refused_untrusted_or_for_another_host(tmp_path: Path, ho
     served, trusting = tls_contexts(tmp_path)
     peer = Scripted(by_path)
     http = ProviderHTTP(trusting if host == "localhost" else None)
-    async with scripted(peer, served) as url:
+    async with serving(peer, served) as url:
         tts = lean_over(http, url.replace("127.0.0.1", host))
         with pytest.raises(ProviderError) as caught:
             _ = [c async for c in tts.synthesize("x")]
