@@ -17,52 +17,20 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from lean_stack import lean_stack
 
-from deploy.processes import (
-    LoopbackRelay,
-    free_port,
-    metric_values,
-    random_keys,
-    text,
-    transceiver_process,
-)
+from deploy.processes import LoopbackRelay, metric_values
 from loadtest.lean_client import LeanClientMedia
 from loadtest.voice_calls import Metronome, VoiceCall, spoken_questions
 
 pytestmark = pytest.mark.slow
-READY_TIMEOUT_S = 90.0
 EVENTS = "transceiver_lean_media_events_total"
 QUESTIONS = ("Tell me about coffee.", "When does the library open?")
-
-
-@asynccontextmanager
-async def lean_transceiver(log_dir: Path) -> AsyncIterator[str]:
-    """A pipeline transceiver on the lean media path (caller DTX on: the default)."""
-    link = ("127.0.0.1", free_port())
-    http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
-    keys = random_keys()
-    relay = LoopbackRelay(link, keys)
-    public = await relay.start()
-    env = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}  # offline providers whatever the host
-    env |= {"PIPELINE_PIPER_NOISE_SCALE": "0", "PIPELINE_PIPER_NOISE_W_SCALE": "0"}
-    process = transceiver_process(
-        "transceiver", link, http, text(public), keys, log_dir, env,
-        agent="pipeline", media_path="lean",
-    )  # fmt: skip
-    try:
-        await process.start().ready(timeout_s=READY_TIMEOUT_S)
-        yield f"http://{text(http)}"
-    finally:
-        await process.stop()
-        relay.close()
 
 
 def speech_marks(call: VoiceCall) -> list[dict[str, Any]]:
@@ -81,11 +49,11 @@ def speech_marks(call: VoiceCall) -> list[dict[str, Any]]:
 async def test_a_caller_in_dtx_is_heard_in_real_time_and_answered(tmp_path: Path) -> None:
     questions = await spoken_questions(QUESTIONS)
     metronome, lean = Metronome(), LeanClientMedia()
-    async with lean_transceiver(tmp_path) as base_url, httpx.AsyncClient(timeout=30) as http:
+    async with lean_stack(tmp_path, LoopbackRelay) as stack, httpx.AsyncClient(timeout=30) as http:
         call = VoiceCall(metronome, questions, lean=lean)
         marks = speech_marks(call)
         try:
-            await call.connect(http, base_url)
+            await call.connect(http, stack.base_url)
             assert call.track.dtx  # the answer asked for it
             first = await call.turn(questions.questions[0])
             first_end_s = call.log.speech_end_s
@@ -93,7 +61,7 @@ async def test_a_caller_in_dtx_is_heard_in_real_time_and_answered(tmp_path: Path
             await asyncio.sleep(1.0)  # a silence of the caller's, in DTX
             second_start_s = asyncio.get_running_loop().time()
             second = await call.turn(questions.questions[1])
-            events = metric_values((await http.get(base_url + "/metrics")).text, EVENTS)
+            events = metric_values((await http.get(stack.base_url + "/metrics")).text, EVENTS)
         finally:
             await call.close()
             lean.close()

@@ -16,18 +16,15 @@ concealed); tests/test_lean_media.py asserts FEC recovery with a steady tone.
 from __future__ import annotations
 
 import re
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from lean_stack import lean_stack
 from test_lean_media import LossyRelay, client_sends_fec
 
-from deploy.processes import free_port, metric_values, random_keys, text, transceiver_process
+from deploy.processes import Address, metric_values
 from loadtest.realtime_client import RealtimeClient, connected, silence, speak
 from pipeline.config import PiperConfig
 from pipeline.piper_tts import PiperTextToSpeech
@@ -35,37 +32,13 @@ from pipeline.piper_tts import PiperTextToSpeech
 pytestmark = pytest.mark.slow
 LOSS = 0.05
 TURN_TIMEOUT_S = 60.0
-READY_TIMEOUT_S = 90.0
 EVENTS = "transceiver_lean_media_events_total"
 __all__ = ["client_sends_fec"]  # the fixture, imported to be used here
 
 
-@dataclass
-class LossyLean:
-    relay: LossyRelay
-    base_url: str
-
-
-@asynccontextmanager
-async def lossy_lean_transceiver(log_dir: Path) -> AsyncIterator[LossyLean]:
-    """A pipeline transceiver on the lean media path behind a relay that loses ``LOSS``."""
-    link = ("127.0.0.1", free_port())
-    http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
-    keys = random_keys()
-    relay = LossyRelay(link, keys, LOSS)
-    public = await relay.start()
-    env = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}  # offline providers whatever the host
-    env |= {"PIPELINE_PIPER_NOISE_SCALE": "0", "PIPELINE_PIPER_NOISE_W_SCALE": "0"}
-    process = transceiver_process(
-        "transceiver", link, http, text(public), keys, log_dir, env,
-        agent="pipeline", media_path="lean",
-    )  # fmt: skip
-    try:
-        await process.start().ready(timeout_s=READY_TIMEOUT_S)
-        yield LossyLean(relay, f"http://{text(http)}")
-    finally:
-        await process.stop()
-        relay.close()
+def lossy(link: Address, keys: str) -> LossyRelay:
+    """A relay that loses ``LOSS`` of the media each way."""
+    return LossyRelay(link, keys, LOSS)
 
 
 @pytest.fixture
@@ -88,7 +61,7 @@ async def test_a_spoken_turn_through_five_percent_loss_both_ways_is_recognised(
     tmp_path: Path, question: bytes, client_sends_fec: None
 ) -> None:
     async with (
-        lossy_lean_transceiver(tmp_path) as lean,
+        lean_stack(tmp_path, lossy) as lean,
         connected(lean.base_url) as client,
     ):
         # The pipeline hears at 16 kHz: the answer asks the caller to code no wider.
