@@ -6,16 +6,15 @@ model; and it is refused while the last frame heard was speech."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
 import pytest
+from engine_feed import events_while_fed, speech_marks
 
 from loadtest import recorded_speech
 from loadtest.frame_stages import speech_frames
-from pipeline import events as ev
 from pipeline.config import EngineConfig, VadConfig
 from pipeline.engine import ConversationEngine
 from pipeline.espeak_tts import EspeakTextToSpeech
@@ -76,31 +75,16 @@ async def heard(config: EngineConfig, frames: list[bytes], dtx: bool) -> tuple[A
         end_of_turn=asking(questions),
     )
     await engine.start()
-    seen: list[tuple[Any, ...]] = []
-
-    async def collect() -> None:
-        async for event in engine.events():
-            if isinstance(event, ev.SpeechStartedEvent):
-                seen.append(("started", event.audio_start_ms))
-            elif isinstance(event, ev.SpeechStoppedEvent):
-                seen.append(("stopped", event.audio_end_ms, event.pcm))
-            elif isinstance(event, ev.InputTranscript):
-                seen.append(("transcript", event.text))
-
-    collecting = asyncio.create_task(collect())
     taken = 0
-    try:
-        for index, frame in enumerate(frames):
-            if not dtx or frame.count(0) != len(frame) or not engine.push_silence(20):
-                engine.push_audio(frame)
-            else:
-                taken += 1
-            if index % 50 == 0:
-                await asyncio.sleep(0)
-        await engine.wait_idle(timeout_s=30)
-    finally:
-        await engine.aclose()
-        await asyncio.wait_for(collecting, timeout=10)
+
+    def push(frame: bytes) -> None:
+        nonlocal taken
+        if not dtx or frame.count(0) != len(frame) or not engine.push_silence(20):
+            engine.push_audio(frame)
+        else:
+            taken += 1
+
+    seen = speech_marks(await events_while_fed(engine, frames, push, 30), transcripts=True)
     return tuple(seen), tuple(stt.stretches), tuple(questions), engine.input_position_ms, taken
 
 

@@ -7,7 +7,6 @@ and the engine takes a whole frame as it is the same as the same audio in any ot
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,10 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 import webrtcvad
+from engine_feed import events_while_fed, speech_marks
 
 from loadtest import recorded_speech
 from loadtest.frame_stages import speech_frames
-from pipeline import events as ev
 from pipeline.config import EngineConfig, VadConfig
 from pipeline.engine import ConversationEngine
 from pipeline.espeak_tts import EspeakTextToSpeech
@@ -199,30 +198,17 @@ async def speech_events(pcm: bytes, how: str) -> list[tuple[Any, ...]]:
     await stt.start()
     engine = ConversationEngine(config, stt, agent, EspeakTextToSpeech())
     await engine.start()
-    seen: list[tuple[Any, ...]] = []
 
-    async def collect() -> None:
-        async for event in engine.events():
-            if isinstance(event, ev.SpeechStartedEvent):
-                seen.append(("started", event.audio_start_ms))
-            elif isinstance(event, ev.SpeechStoppedEvent):
-                seen.append(("stopped", event.audio_end_ms, event.pcm))
+    def push(piece: bytes | bytearray) -> None:
+        engine.push_audio(piece)  # type: ignore[arg-type]  # bytearrays: a caller's
+        if isinstance(piece, bytearray):
+            piece[:] = bytes(len(piece))
 
-    collecting = asyncio.create_task(collect())
     try:
-        for index, piece in enumerate(pieces(pcm, how)):
-            engine.push_audio(piece)  # type: ignore[arg-type]  # bytearrays: a caller's
-            if isinstance(piece, bytearray):
-                piece[:] = bytes(len(piece))
-            if index % 50 == 0:
-                await asyncio.sleep(0)
-        engine.finish_input()
-        await engine.wait_idle(timeout_s=60)
+        fed = await events_while_fed(engine, pieces(pcm, how), push, 60, finish=True)
     finally:
-        await engine.aclose()
-        await asyncio.wait_for(collecting, timeout=10)
         await stt.aclose()
-    return seen
+    return speech_marks(fed, transcripts=False)
 
 
 _WHOLE: dict[bytes, list[tuple[Any, ...]]] = {}  # the reference run, once for both cases
