@@ -53,3 +53,20 @@ async def serving(peer: LoopbackPeer, context: ssl.SSLContext | None = None) -> 
         server.close()
         await peer.held.stop()
         await server.wait_closed()
+
+
+class DeafPeer:
+    """A peer that accepts each connection and neither reads nor answers until it stops: a
+    request's bytes fill the sockets' buffers and the writer's transport pauses writing."""
+
+    def __init__(self) -> None:
+        self.held = HeldConnections()
+        self.connections = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.held.hold(writer)
+        try:
+            await self.held.stopping.wait()
+        finally:
+            writer.close()

@@ -2,12 +2,13 @@
 httpcore's network stream, over real loopback sockets (plain and TLS).
 
 Each behaviour is asserted of httpx's own transport (the reference, on anyio) and of ours
-alike: a kept-alive connection reused, a peer that closes an idle connection (the next
-request opens another), a peer that closes mid-body, one that never answers (a read
-timeout, the SDK's ``APITimeoutError``), one that refuses the connection, a body past the
-buffer's high water, HTTPS with a certificate trusted or not; ours again on uvloop, the
-transceiver's loop. The stream's reads are checked on any cut of the bytes sent and any sizes
-asked (hypothesis); connecting falls through to the next address when one does not answer.
+alike: a kept-alive connection reused, a peer that closes an idle connection (the next request
+opens another), a peer that closes mid-body, one that never answers (a read timeout, the SDK's
+``APITimeoutError``), a body that must drain first, a peer that never reads it (a write
+timeout), one that refuses the connection, a body past the buffer's high water, HTTPS with a
+certificate trusted or not; ours again on uvloop, the transceiver's loop. The stream's reads
+are checked on any cut of the bytes sent and any sizes asked (hypothesis); connecting falls
+through to the next address when one does not answer.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loopback_peer import HeldConnections, serving
+from loopback_peer import DeafPeer, HeldConnections, serving
 from self_signed import self_signed
 
 from deploy.fake_openai import FakeOpenAIServer
@@ -143,6 +144,27 @@ async def test_a_silent_peer_is_a_read_timeout(transport: Transport) -> None:
     async with serving(Peer("silent")) as url, http_client(transport, timeout_s=0.2) as client:
         with pytest.raises(httpx2.ReadTimeout):
             await client.get(url)
+
+
+BIG_BODY_BYTES = 16 * 1024 * 1024  # past what loopback sockets buffer for a peer not reading
+
+
+@TRANSPORTS
+async def test_a_body_drains_before_the_answer_is_awaited_and_a_deaf_peer_times_out(
+    transport: Transport,
+) -> None:
+    """A body bigger than the sockets' buffers (writing pauses): to a silent peer, which reads
+    it, the request is sent whole and waits for its answer (a read timeout); to a peer that
+    never reads, the write's wait is a write timeout."""
+    body = b"y" * BIG_BODY_BYTES
+    silent = Peer("silent")
+    async with serving(silent) as url, http_client(transport) as client:
+        with pytest.raises(httpx2.ReadTimeout):
+            await client.post(url, content=body, timeout=httpx2.Timeout(10.0, read=0.3))
+    assert silent.bodies == [body]
+    async with serving(DeafPeer()) as url, http_client(transport) as client:
+        with pytest.raises(httpx2.WriteTimeout):
+            await client.post(url, content=body, timeout=httpx2.Timeout(10.0, write=0.3))
 
 
 @TRANSPORTS

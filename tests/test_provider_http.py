@@ -7,8 +7,9 @@ it receives: each request is the SDK's byte for byte (but a form's random bounda
 kept-alive connection carries the next request, one the server closed while idle is not
 used; chunked and Content-Length bodies; a 4xx/5xx JSON error, a 429 with retry-after, a
 silent server, one closing mid-answer: the same exception (type, message, body, headers) by
-either path. HTTPS against a server with a self-signed certificate: trusted, untrusted, or
-not for the host asked.
+either path. A body bigger than the sockets' buffers drains before its answer is awaited;
+to a server that never reads it, it is a write timeout. HTTPS against a server with a
+self-signed certificate: trusted, untrusted, or not for the host asked.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import httpx2
 import openai
 import pytest
 import uvloop
-from loopback_peer import HeldConnections, serving
+from loopback_peer import DeafPeer, HeldConnections, serving
 from self_signed import self_signed
 
 from deploy.fake_openai import FakeOpenAIServer
@@ -245,6 +246,35 @@ async def test_a_connection_is_reused_only_after_a_whole_framed_response(
             await response.aclose()
         await http.aclose()
     assert http.connections_made == (1 if reused else 2) == peer.connections
+
+
+BIG_BODY_BYTES = 16 * 1024 * 1024  # past what loopback sockets buffer for a peer not reading
+
+
+def big_request() -> bytes:
+    head = b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+    return head % BIG_BODY_BYTES + b"y" * BIG_BODY_BYTES
+
+
+async def test_a_requests_bytes_drain_before_its_answer_is_awaited() -> None:
+    """A body bigger than the sockets' buffers (writing pauses): to a peer that reads it and
+    does not answer, the request is sent whole, then waits for its answer (``ReadTimeout``,
+    not ``WriteTimeout``); to a peer that never reads, the write's wait is ``WriteTimeout``."""
+    reading, deaf = Scripted(lambda _: b"", after="hold"), DeafPeer()
+    http = ProviderHTTP()
+    try:
+        async with serving(reading) as url:
+            timeouts = Timeouts(read_s=0.3, write_s=10.0)
+            with pytest.raises(httpx2.ReadTimeout, match="no progress in 0.3 s"):
+                await http.send(Origin.of(httpx2.URL(url)), big_request(), timeouts)
+        async with serving(deaf) as url:
+            timeouts = Timeouts(read_s=10.0, write_s=0.3)
+            with pytest.raises(httpx2.WriteTimeout, match="no progress in 0.3 s"):
+                await http.send(Origin.of(httpx2.URL(url)), big_request(), timeouts)
+    finally:
+        await http.aclose()
+    assert reading.requests == [big_request()]
+    assert deaf.connections == 1 and http.connections_made == 2
 
 
 def _idle_ended(http: ProviderHTTP) -> bool:
