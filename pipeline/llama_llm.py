@@ -370,26 +370,36 @@ def prompt_threads(config: LocalLlmConfig) -> int:
     return max(config.resolved_threads, min(usable_cores(), 2 * config.resolved_threads))
 
 
-def passive_openmp(environ: MutableMapping[str, str], maps: str) -> str | None:
-    """Make OpenMP's idle threads sleep rather than spin, before libgomp is loaded (it reads
-    ``OMP_WAIT_POLICY`` once, when loaded); returns why it could not, or None.
+SPIN_COUNT = "3000"  # OpenMP's wait at a step before its thread sleeps (~0.1-0.2 ms here)
+
+
+def brief_openmp_spin(environ: MutableMapping[str, str], maps: str) -> str | None:
+    """Make OpenMP's threads wait briefly for each other at a step, then sleep, before libgomp
+    is loaded (it reads its environment once, when loaded); returns why it could not, or None.
 
     The prebuilt xllamacpp runs its threads on OpenMP, so the server's own ``poll`` setting is
-    not used: each thread spins at every step of a prompt's reading until the others reach it,
-    and on shared cores the one it waits for is often not running. Measured on 2 cores under
-    a load of 6-12 (a turn's 9-11 new tokens, two threads reading, the first token, 4 questions
-    a run): 1.0-2.8 CPU-s and 1.2-12 s spinning, 0.55-0.62 CPU-s and 0.95-1.5 s passive
-    (one thread: 0.55-0.65 CPU-s, 0.8-2.2 s)."""
+    not used. By default libgomp spins ~300,000 rounds at every step of a prompt's reading
+    until the other thread arrives; on shared cores that one is often not running, and the
+    spinning took 1.0-2.8 CPU-s and 1.2-12 s for a turn's first token under a load of 6-12
+    (2 cores). Sleeping at once (``OMP_WAIT_POLICY=passive``) ends that but pays a wake-up at
+    each of the several hundred steps of every token: on an idle Intel Xeon (AVX-512, 2 cores)
+    a turn's 11-12 new tokens took 550-690 ms to read with two threads passive and 270-300 ms
+    spinning 3,000 rounds (``GOMP_SPINCOUNT``), and with one busy core beside them both took
+    535-600 ms. In the Chromium benchmark (``python -m loadtest.bench_e2e --media-path lean
+    --local-llm-path lean``, load 0.9-1.4, interleaved) the turn's reading took 390-475 ms against
+    460-720 passive, and end of speech -> first answer audio p50 1,234 and 1,254 ms against 1,643
+    and 1,588. An operator's own ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` stands."""
     if "libgomp" in maps:
-        return "libgomp was loaded before the model: its threads keep OMP_WAIT_POLICY as it was"
-    environ.setdefault("OMP_WAIT_POLICY", "passive")  # an operator's own choice stands
+        return "libgomp was loaded before the model: its threads keep their wait policy as it was"
+    if "OMP_WAIT_POLICY" not in environ:
+        environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
     return None
 
 
 def _load_server(path: Path, config: LocalLlmConfig) -> Any:
     """The llama.cpp server with the model loaded. Seconds, run off the event loop, though it
     holds the GIL for most of them (measured: the loop stalled ~4 s at a transceiver's start)."""
-    if (why := passive_openmp(os.environ, _own_maps())) is not None:
+    if (why := brief_openmp_spin(os.environ, _own_maps())) is not None:
         log.warning("local model: %s", why)
     import xllamacpp
 
@@ -400,7 +410,7 @@ def _load_server(path: Path, config: LocalLlmConfig) -> Any:
     params.cpuparams.n_threads = config.resolved_threads
     params.cpuparams_batch.n_threads = prompt_threads(config)
     # a thread that has done its part sleeps rather than spins waiting for the next (llama.cpp's
-    # own thread pool; this build's OpenMP threads are told so by passive_openmp)
+    # own thread pool; this build's OpenMP threads wait briefly first: brief_openmp_spin)
     params.cpuparams.poll = params.cpuparams_batch.poll = 0
     # read into memory once (1.2 GB resident) rather than mapped (1.8 GB measured)
     params.load_mode = xllamacpp.llama_load_mode.LLAMA_LOAD_MODE_NONE

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, LocalLlmConfig, PipelineConfig, usable_cores
-from pipeline.llama_llm import passive_openmp, prompt_threads
+from pipeline.llama_llm import SPIN_COUNT, brief_openmp_spin, prompt_threads
 from pipeline.local_llm_chat import (
     ToolCallGate,
     bare_tools,
@@ -226,14 +226,15 @@ def test_the_prompt_is_read_on_twice_the_threads_within_the_cores_unless_told() 
         PipelineConfig.from_env({"PIPELINE_LOCAL_LLM_PROMPT_THREADS": "65"})
 
 
-def test_openmp_threads_are_told_to_sleep_unless_libgomp_is_already_loaded_or_told() -> None:
+def test_openmp_threads_wait_briefly_unless_libgomp_is_already_loaded_or_told() -> None:
     environ: dict[str, str] = {}
-    assert passive_openmp(environ, "7f00-7f01 r-xp /usr/lib/libc.so.6\n") is None
-    assert environ == {"OMP_WAIT_POLICY": "passive"}
-    told = {"OMP_WAIT_POLICY": "active"}
-    assert passive_openmp(told, "") is None and told == {"OMP_WAIT_POLICY": "active"}
+    assert brief_openmp_spin(environ, "7f00-7f01 r-xp /usr/lib/libc.so.6\n") is None
+    assert environ == {"GOMP_SPINCOUNT": SPIN_COUNT} and int(SPIN_COUNT) < 300_000
+    for told in ({"OMP_WAIT_POLICY": "passive"}, {"GOMP_SPINCOUNT": "50"}):
+        before = dict(told)
+        assert brief_openmp_spin(told, "") is None and told == before
     late: dict[str, str] = {}
-    why = passive_openmp(late, "7f00-7f01 r-xp /lib/x86_64-linux-gnu/libgomp.so.1\n")
+    why = brief_openmp_spin(late, "7f00-7f01 r-xp /lib/x86_64-linux-gnu/libgomp.so.1\n")
     assert why is not None and "libgomp was loaded before" in why and late == {}
 
 
