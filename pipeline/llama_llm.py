@@ -386,9 +386,10 @@ def brief_openmp_spin(environ: MutableMapping[str, str], maps: str) -> str | Non
     a turn's 11-12 new tokens took 550-690 ms to read with two threads passive and 270-300 ms
     spinning 3,000 rounds (``GOMP_SPINCOUNT``), and with one busy core beside them both took
     535-600 ms. In the Chromium benchmark (``python -m loadtest.bench_e2e --media-path lean
-    --local-llm-path lean``, load 0.9-1.4, run one after the other) the turn's reading took 390-475 ms against
-    460-720 passive, and end of speech -> first answer audio p50 1,234 and 1,254 ms against 1,643
-    and 1,588. An operator's own ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` stands."""
+    --local-llm-path lean``, load 0.9-1.4, run one after the other) the turn's reading took
+    390-475 ms against 460-720 passive, and end of speech -> first answer audio p50 1,234 and
+    1,254 ms against 1,643 and 1,588. An operator's own ``OMP_WAIT_POLICY`` or
+    ``GOMP_SPINCOUNT`` stands."""
     if "libgomp" in maps:
         return "libgomp was loaded before the model: its threads keep their wait policy as it was"
     if "OMP_WAIT_POLICY" not in environ:
