@@ -49,6 +49,7 @@ from pipeline.local_llm_chat import (
     recent_history,
     settled_call,
     system_prompt,
+    time_call,
 )
 from pipeline.local_llm_file import cached_model, default_cache_dir
 from pipeline.providers import (
@@ -262,6 +263,9 @@ class LlamaCppLanguageModel:
             raise ProviderError(self.name, "not started", retryable=False)
         if isinstance(choice, ForcedTool):  # llama.cpp takes no named tool: offer it alone
             tools = [tool for tool in tools if tool.name == choice.name]
+        if call := time_call(messages, [tool.name for tool in tools]):
+            yield call  # asked the time: the call the model should write, without it
+            return
         limit = max_tokens or self.config.max_tokens
         dropped = called = False
         said: list[str] = []

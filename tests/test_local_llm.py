@@ -36,6 +36,7 @@ from pipeline.config import ChunkerConfig, EngineConfig, LocalLlmConfig, Pipelin
 from pipeline.engine import ConversationEngine
 from pipeline.knowledge import load_knowledge
 from pipeline.llama_llm import LlamaCppLanguageModel
+from pipeline.local_llm_chat import time_call
 from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
 from pipeline.providers import Message, TextDelta, ToolCall
@@ -76,12 +77,13 @@ def make_engine(
     tts: PiperTextToSpeech,
     *,
     speak: bool = True,
+    clock: Callable[[], datetime] = lambda: NINE_AM,
 ) -> ConversationEngine:
     chunker = ChunkerConfig(first_words=llm.config.first_words)  # as PIPELINE_LLM=local has it
     config = EngineConfig(
         RATE_HZ, OUT_RATE_HZ, realtime_playout=False, speak=speak, chunker=chunker
     )
-    tools = ToolRegistry(builtin_tools(KNOWLEDGE, lambda: NINE_AM))
+    tools = ToolRegistry(builtin_tools(KNOWLEDGE, clock))
     return ConversationEngine(config, stt, llm, tts, tools)
 
 
@@ -174,24 +176,47 @@ async def test_open_questions_get_right_answers(
     assert wrong == {}
 
 
-async def test_the_time_is_asked_of_the_tool_and_its_result_spoken(
+async def test_the_time_is_asked_of_the_tool_each_time_and_its_result_spoken(
     model: LlamaCppLanguageModel, piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText
 ) -> None:
-    """The call is taken once its name is written (the model writes it in a Markdown fence,
-    20 tokens, settled after 12), its result read and spoken."""
-    engine, settled = make_engine(sphinx, model, piper), model.settled_calls
+    """Asked the time, the turn calls current_time without the model writing the call (it
+    writes one in ~20 tokens, and asked again in a conversation it made a time up); the
+    result is read and spoken. Asked again, with a word before the question, the tool is
+    asked again and its new time spoken."""
+    times = iter([NINE_AM, NINE_AM.replace(hour=11, minute=30)])
+    engine = make_engine(sphinx, model, piper, clock=lambda: next(times))
+    settled = model.settled_calls
     async with engine:
         engine.add_user_text("What time is it?")
         engine.create_response()
         seen = await collect_until(engine, turn_done(1))
+        engine.add_user_text("So, what's the time now?")
+        engine.create_response()
+        seen += await collect_until(engine, turn_done(2))
+    assert model.settled_calls == settled  # (no call written by the model)
+    started = [e.call.name for e in seen if isinstance(e, ev.ToolCallStarted)]
+    results = [json.loads(e.result.output) for e in seen if isinstance(e, ev.ToolCallCompleted)]
+    assert started == ["current_time"] * 2 and [r["time"] for r in results] == ["09:00", "11:30"]
+    first, second = [e.record for e in seen if isinstance(e, ev.TurnCompleted)]
+    assert "9" in first.heard_text or "nine" in first.heard_text.lower(), first.heard_text
+    assert "11" in second.heard_text or "eleven" in second.heard_text.lower(), second.heard_text
+    for record in (first, second):
+        assert "```" not in record.heard_text and "{" not in record.heard_text
+
+
+async def test_a_call_the_model_writes_is_taken_once_its_name_is_written(
+    model: LlamaCppLanguageModel,
+) -> None:
+    """A time question worded past the turn's own check ("Can you look at the clock?"): the
+    model writes the call itself, in a Markdown fence (20 tokens), and it is taken
+    once its name is settled."""
+    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
+    settled = model.settled_calls
+    question = [Message("user", "Can you look at the clock?")]
+    assert time_call(question, [tool.name for tool in tools]) is None
+    events = [e async for e in model.generate(question, tools)]
+    assert [e.name for e in events if isinstance(e, ToolCall)] == ["current_time"], events
     assert model.settled_calls == settled + 1
-    (started,) = [e for e in seen if isinstance(e, ev.ToolCallStarted)]
-    (completed,) = [e for e in seen if isinstance(e, ev.ToolCallCompleted)]
-    assert started.call.name == "current_time"
-    assert json.loads(completed.result.output)["time"] == "09:00"
-    (record,) = [e.record for e in seen if isinstance(e, ev.TurnCompleted)]
-    assert "9" in record.heard_text or "nine" in record.heard_text.lower(), record.heard_text
-    assert "```" not in record.heard_text and "{" not in record.heard_text
 
 
 async def test_once_an_answer_is_written_the_next_turns_start_is_read_ahead(

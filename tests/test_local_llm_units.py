@@ -23,6 +23,7 @@ from pipeline.local_llm_chat import (
     recent_history,
     settled_call,
     system_prompt,
+    time_call,
 )
 from pipeline.local_llm_file import (
     QWEN_CODER_1_5B,
@@ -353,3 +354,45 @@ def test_make_run_passes_the_llm_choice_to_the_transceivers() -> None:
     assert local.parse_args(["--no-redis"]).llm == os.environ.get("PIPELINE_LLM", "")
     with pytest.raises(SystemExit):
         local.parse_args(["--llm", "llama"])
+
+
+ASKING_THE_TIME = [
+    "What time is it?",
+    "So, what time is it?",
+    "what's the time now",
+    "Hey, what is the time?",
+    "Do you know what time it is?",
+    "Could you tell me the time, please?",
+    "What day is it today?",
+    "What's the date?",
+    "What is today's date?",
+    "Give me the current time.",
+    "Got the time?",
+    "What time do you have?",
+    "How late is it?",
+    "What hour is it?",
+]
+ASKING_SOMETHING_ELSE = [
+    "What time does the library open?",
+    "Tell me about the time machine.",
+    "Is it time for lunch?",
+    "What did you say the day before?",
+    "I had a great time.",
+    "Which planet is the biggest?",
+]
+
+
+def test_a_turn_asking_the_time_calls_current_time_when_it_is_offered() -> None:
+    offered = ["current_time", "lookup_knowledge"]
+    for words in ASKING_THE_TIME:
+        call = time_call([Message("system", "x"), Message("user", words)], offered)
+        assert call is not None and (call.name, call.arguments) == ("current_time", "{}"), words
+    calls = [time_call([Message("user", w)], offered) for w in ASKING_THE_TIME[:2]]
+    assert calls[0] is not None and calls[1] is not None and calls[0].call_id != calls[1].call_id
+    for words in ASKING_SOMETHING_ELSE:
+        assert time_call([Message("user", words)], offered) is None, words
+    asked = [Message("user", "What time is it?")]
+    assert time_call(asked, ["lookup_knowledge"]) is None  # not offered
+    answered = [*asked, Message("tool", '{"time": "09:00"}', tool_call_id="c1")]
+    assert time_call(answered, offered) is None  # its result is in: the model words it
+    assert time_call([Message("system", "What time is it?")], offered) is None
