@@ -140,16 +140,6 @@ def assert_png(path: Path) -> None:
     assert float(np.std(pixels[..., :3])) > 0.01  # not one flat colour
 
 
-def test_a_full_report_draws_every_figure(tmp_path: Path) -> None:
-    written = draw(full_report(), tmp_path / "figures")
-    assert [path.name for path in written] == [f"{name}.png" for name in FIGURES]
-    for path in written:
-        assert_png(path)
-    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(
-        p.name for p in written
-    )
-
-
 def test_absent_sections_draw_nothing(tmp_path: Path) -> None:
     rows = [
         {"t_s": 3.0 * i, "sessions": 100 * i, "media_sessions": 5 * i, "rtt_ms": {"p99": 1.0 + i}}
@@ -226,11 +216,14 @@ def test_the_invalid_banner_shows_only_when_invalid(valid: bool) -> None:
     assert ("verdict: valid" in text) is valid
 
 
-def test_the_command_redraws_a_saved_report(tmp_path: Path) -> None:
+def test_the_command_redraws_a_saved_report_with_every_figure(tmp_path: Path) -> None:
+    """The full report, saved and redrawn by ``python -m loadtest.figures`` (``draw`` and the
+    verdict): every figure, in order, a real PNG, and nothing else in the folder."""
     saved = tmp_path / "report.json"
     saved.write_text(json.dumps(full_report()))
+    out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "loadtest.figures", str(saved), "--out", str(tmp_path / "out")],
+        [sys.executable, "-m", "loadtest.figures", str(saved), "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -239,8 +232,12 @@ def test_the_command_redraws_a_saved_report(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "INVALID: generator saturated" in done.stdout
-    assert done.stdout.count("wrote ") == len(FIGURES)
-    assert_png(tmp_path / "out" / "knee.png")
+    written = [Path(line[6:]) for line in done.stdout.splitlines() if line.startswith("wrote ")]
+    assert [path.name for path in written] == [f"{name}.png" for name in FIGURES]
+    for path in written:
+        assert path.parent == out
+        assert_png(path)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
 
 
 def test_a_busy_pinned_core_saturates_the_generator_and_is_summarised() -> None:
