@@ -271,10 +271,14 @@ async def test_auth_off_is_explicit_and_loud(tmp_path: Path, http: httpx.AsyncCl
         minted = (await http.post(base + SECRETS, json={"session": SESSION})).json()
         response = await call(http, base, bearer(minted["value"]))
         assert response.status_code == 201, response.text
+        opened = [response.headers["Location"]]
         for stale in ("ek_garbage", "not even bearer"):  # ignored, not refused, with auth off
             headers = bearer(stale) if stale.startswith("ek_") else {"Authorization": stale}
             response = await call(http, base, headers)
             assert response.status_code == 201, response.text
+            opened.append(response.headers["Location"])
+        for location in opened:  # hung up: the stop need not drain them (10 s, connect_timeout)
+            assert (await http.delete(base + location)).status_code == 204
     finally:
         await process.stop()
     assert "AUTHENTICATION IS OFF" in process.log_path.read_text()
