@@ -196,24 +196,11 @@ def check_joined(window_ms: str, channel: list[Event], seen: list[Event]) -> Non
 
 @pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="module")
-async def test_a_text_turn_s_transcript_deltas_are_joined_and_every_other_event_kept(
-    server: tuple[str, PipelineTransceiver], peer: RealtimeClient
-) -> None:
-    window_ms, running = server
-
-    def ask() -> None:
-        peer.send(user_text("Tell me about coffee."))
-        peer.send({"type": "response.create"})
-
-    channel, seen = await watched_turn(running, peer, ask)
-    check_joined(window_ms, channel, seen)
-
-
-@pytest.mark.slow
-@pytest.mark.asyncio(loop_scope="module")
 async def test_a_voice_turn_s_deltas_heard_and_said_keep_their_text_and_order(
     server: tuple[str, PipelineTransceiver], peer: RealtimeClient, question: bytes
 ) -> None:
+    """A spoken question: the answer's transcript deltas joined (window on) or each as it came
+    (off), every other event kept in its place, and the question's own deltas whole."""
     window_ms, running = server
     channel, seen = await watched_turn(running, peer, lambda: peer.mic.say(question))
     check_joined(window_ms, channel, seen)
