@@ -36,6 +36,7 @@ from loadtest.forwarders import (
     LOOPBACK,
     RELAY,
     ForwarderSpec,
+    PortTaken,
     RunningForwarder,
     free_udp_port,
     relay_available,
@@ -60,6 +61,7 @@ PACKET_BYTES = 200
 PACKETS_PER_SESSION_EACH_WAY_PER_S = 50
 DIRECT = "direct"
 COUNTERS_TIMEOUT_S = 3.0
+PORT_ATTEMPTS = 3  # a forwarder started again on new ports when one picked was taken meanwhile
 RELAY_FORWARDED = {
     CLIENT_TO_TRANSCEIVER: "relay_forwarded_packets_total{direction=to_transceiver}",
     TRANSCEIVER_TO_CLIENT: "relay_forwarded_packets_total{direction=to_client}",
@@ -99,9 +101,19 @@ class Subject:
 def start_subject(kind: str, workers: int, settings: RelayBenchSettings, ref: Path) -> Subject:
     keys = new_keyring_spec()
     peer = LinkPeer()
-    http = (LOOPBACK, free_udp_port() if kind == RELAY else 0)
-    spec = ForwarderSpec(kind, workers, (LOOPBACK, free_udp_port()), peer.address, keys, http)
-    forwarder = start_forwarder(spec, ref, settings.work_dir / "logs")
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        http = (LOOPBACK, free_udp_port() if kind == RELAY else 0)
+        spec = ForwarderSpec(kind, workers, (LOOPBACK, free_udp_port()), peer.address, keys, http)
+        try:
+            forwarder = start_forwarder(spec, ref, settings.work_dir / "logs")
+            break
+        except PortTaken:
+            if attempt == PORT_ATTEMPTS:
+                peer.sock.close()
+                raise
+        except BaseException:
+            peer.sock.close()
+            raise
     try:
         peer.wait_for_workers(workers)
         sessions = open_sessions(peer, spec.public, Keyring.parse(keys), settings.clients)

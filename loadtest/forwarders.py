@@ -66,8 +66,14 @@ def relay_available() -> bool:
     return importlib.util.find_spec("relay.__main__") is not None
 
 
+class PortTaken(RuntimeError):
+    """The forwarder could not bind a port picked free a moment before: another process on
+    the machine took it meanwhile (a test worker's connection, say). Start again on others."""
+
+
 def free_udp_port() -> int:
-    """A port free right now on loopback (for TCP and UDP); fine for a benchmark on lo."""
+    """A port free right now on loopback for UDP; another process may take it before it is
+    bound (``PortTaken``)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind((LOOPBACK, 0))
         port: int = probe.getsockname()[1]
@@ -100,6 +106,8 @@ class RunningForwarder:
         deadline = time.monotonic() + timeout_s
         while b" ready" not in self.log.read_bytes():
             if self.process.poll() is not None:
+                if b"address already in use" in self.log.read_bytes():
+                    raise PortTaken(f"{self.spec.kind}: a port was taken; see {self.log}")
                 raise RuntimeError(f"{self.spec.kind} exited early; see {self.log}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.spec.kind} not ready in {timeout_s} s; see {self.log}")
