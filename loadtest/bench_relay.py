@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import resource
+import socket
 import statistics
 import subprocess
 import time
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from deploy.processes import free_port
 from loadtest import native
 from loadtest.forwarders import (
     BARE_PYTHON,
@@ -102,7 +104,7 @@ def start_subject(kind: str, workers: int, settings: RelayBenchSettings, ref: Pa
     keys = new_keyring_spec()
     peer = LinkPeer()
     for attempt in range(1, PORT_ATTEMPTS + 1):
-        http = (LOOPBACK, free_udp_port() if kind == RELAY else 0)
+        http = (LOOPBACK, free_port(socket.SOCK_STREAM) if kind == RELAY else 0)
         spec = ForwarderSpec(kind, workers, (LOOPBACK, free_udp_port()), peer.address, keys, http)
         try:
             forwarder = start_forwarder(spec, ref, settings.work_dir / "logs")

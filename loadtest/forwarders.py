@@ -106,7 +106,8 @@ class RunningForwarder:
         deadline = time.monotonic() + timeout_s
         while b" ready" not in self.log.read_bytes():
             if self.process.poll() is not None:
-                if b"address already in use" in self.log.read_bytes():
+                # (asyncio says "address already in use", Python's OSError and C "Address ...")
+                if b"address already in use" in self.log.read_bytes().lower():
                     raise PortTaken(f"{self.spec.kind}: a port was taken; see {self.log}")
                 raise RuntimeError(f"{self.spec.kind} exited early; see {self.log}")
             if time.monotonic() > deadline:

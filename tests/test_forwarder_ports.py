@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy.processes import free_port
 from loadtest import bench_relay
 from loadtest.bench_relay import RelayBenchSettings, start_subject
 from loadtest.forwarders import (
@@ -52,8 +53,8 @@ def test_a_relay_whose_http_port_is_taken_says_so(taken_port: int, tmp_path: Pat
 def test_the_relay_bench_starts_its_subject_again_on_new_ports(
     taken_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    picks = iter([taken_port])  # the first pick (the HTTP port's) is the taken one
-    monkeypatch.setattr(bench_relay, "free_udp_port", lambda: next(picks, 0) or free_udp_port())
+    picks = iter([taken_port])  # the HTTP port's first pick is the taken one
+    monkeypatch.setattr(bench_relay, "free_port", lambda kind: next(picks, 0) or free_port(kind))
     settings = RelayBenchSettings(clients=2, work_dir=tmp_path)
     subject = start_subject(RELAY, 1, settings, NO_REFERENCE)
     try:
