@@ -331,9 +331,7 @@ class LocalAgentConfig:
 @dataclass(frozen=True)
 class LocalLlmConfig:
     cache_dir: str = ""  # where the model file is assembled; "": ~/.cache/voicerelay/models
-    # 0: half the usable cores (at least 1, at most 8). llama.cpp's threads wait for each other
-    # at every step, so on shared cores they stall: under a load of 9 on 2 cores, 2 threads took
-    # 24-45 s per short answer and 1 thread 3-5 s (the rest of the pipeline wants the others)
+    # 0: ``default_llm_threads`` of the usable cores (half of them, at least 2 where there are)
     threads: int = 0
     context_tokens: int = 4096  # per conversation generating at once
     parallel: int = 1  # conversations generating at once (more wait their turn)
@@ -381,7 +379,21 @@ class LocalLlmConfig:
 
     @property
     def resolved_threads(self) -> int:
-        return self.threads or max(1, min(8, usable_cores() // 2))
+        return self.threads or default_llm_threads(usable_cores())
+
+
+def default_llm_threads(cores: int) -> int:
+    """Threads writing the local model's tokens: half the cores, but at least 2 where there are
+    two (at most 8). Each token reads the whole model (~1 GB) from memory, which one core does at
+    about half the speed two do: on an idle 2-core Intel Xeon a token took 166-173 ms on 1
+    thread and 85-87 ms on 2. With OpenMP's threads waiting briefly at each step
+    (``brief_openmp_spin``), two threads on busy cores lose little until the cores are very
+    busy: beside 2 busy loops 200-207 ms a token against 212-220 on 1 thread, beside 6 489-495
+    against 451-463, beside 9 803-859 against 652-660 (an earlier measurement, before that
+    brief wait, had 24-45 s per short answer on 2 threads against 3-5 s on 1, under a load of
+    9). In the Chromium benchmark, runs alternated: p50 1,483, 1,710, 1,763 and 1,675 ms with 2
+    threads against 2,559, 1,640 and 2,117 with 1 (``loadtest.bench_e2e``, load 1-2.5)."""
+    return max(1, min(cores, 8, max(2, cores // 2)))
 
 
 # --- the pipeline, as an operator sets it ----------------------------------------------------

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, LocalLlmConfig, PipelineConfig, usable_cores
+from pipeline.config import (
+    ConfigError,
+    LocalLlmConfig,
+    PipelineConfig,
+    default_llm_threads,
+    usable_cores,
+)
 from pipeline.llama_llm import SPIN_COUNT, brief_openmp_spin, prompt_threads
 from pipeline.local_llm_chat import (
     ToolCallGate,
@@ -396,3 +402,11 @@ def test_a_turn_asking_the_time_calls_current_time_when_it_is_offered() -> None:
     answered = [*asked, Message("tool", '{"time": "09:00"}', tool_call_id="c1")]
     assert time_call(answered, offered) is None  # its result is in: the model words it
     assert time_call([Message("system", "What time is it?")], offered) is None
+
+
+def test_the_model_writes_on_half_the_cores_but_two_where_there_are_two() -> None:
+    assert [default_llm_threads(cores) for cores in (1, 2, 3, 4, 6, 8, 16, 64)] == [
+        1, 2, 2, 2, 3, 4, 8, 8
+    ]  # fmt: skip
+    assert LocalLlmConfig().resolved_threads == default_llm_threads(usable_cores())
+    assert LocalLlmConfig(threads=1).resolved_threads == 1
