@@ -48,6 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from deploy import front_door
+from deploy.processes import free_port
 from transceiver.config import AGENTS
 
 READY_TIMEOUT_S = 60.0
@@ -148,17 +149,11 @@ def parse_args(argv: Sequence[str]) -> StackConfig:
     return StackConfig(**vars(args))
 
 
-def free_tcp_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def redis_command(host: str, data_dir: str) -> tuple[Command, str] | None:
     binary = shutil.which("redis-server")
     if binary is None:
         return None
-    port = free_tcp_port(host)
+    port = free_port(socket.SOCK_STREAM, host)
     argv = [binary, "--port", str(port), "--bind", host, "--dir", data_dir]
     argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
     return Command("redis", argv, "Ready to accept connections"), f"redis://{host}:{port}/0"

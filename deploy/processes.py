@@ -37,6 +37,8 @@ Address = tuple[str, int]
 
 
 def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
+    """A port free right now on ``host`` for ``kind`` (UDP by default, ``socket.SOCK_STREAM``
+    for TCP); another process may take it before it is bound."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])

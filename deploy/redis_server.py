@@ -26,6 +26,7 @@ from pathlib import Path
 
 import redis
 
+from deploy.processes import free_port
 from deploy.waiting import wait_until
 
 SERVICE = "voicerelay-test"
@@ -35,12 +36,6 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 def redis_server_binary() -> str | None:
     return os.environ.get("REDIS_SERVER_BIN") or shutil.which("redis-server")
-
-
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _die_with_parent() -> None:
@@ -58,7 +53,7 @@ class RedisServer:
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
-        self.port = free_tcp_port()
+        self.port = free_port(socket.SOCK_STREAM)
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
 

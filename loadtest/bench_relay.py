@@ -40,7 +40,6 @@ from loadtest.forwarders import (
     ForwarderSpec,
     PortTaken,
     RunningForwarder,
-    free_udp_port,
     relay_available,
     scrape_counters,
     start_forwarder,
@@ -105,7 +104,7 @@ def start_subject(kind: str, workers: int, settings: RelayBenchSettings, ref: Pa
     peer = LinkPeer()
     for attempt in range(1, PORT_ATTEMPTS + 1):
         http = (LOOPBACK, free_port(socket.SOCK_STREAM) if kind == RELAY else 0)
-        spec = ForwarderSpec(kind, workers, (LOOPBACK, free_udp_port()), peer.address, keys, http)
+        spec = ForwarderSpec(kind, workers, (LOOPBACK, free_port()), peer.address, keys, http)
         try:
             forwarder = start_forwarder(spec, ref, settings.work_dir / "logs")
             break

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -69,15 +68,6 @@ def relay_available() -> bool:
 class PortTaken(RuntimeError):
     """The forwarder could not bind a port picked free a moment before: another process on
     the machine took it meanwhile (a test worker's connection, say). Start again on others."""
-
-
-def free_udp_port() -> int:
-    """A port free right now on loopback for UDP; another process may take it before it is
-    bound (``PortTaken``)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def command_for(spec: ForwarderSpec, reference_binary: Path) -> list[str]:

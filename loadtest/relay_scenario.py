@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,13 +29,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import NoReturn
 
-from deploy.redis_server import RedisServer, free_tcp_port
+from deploy.processes import free_port
+from deploy.redis_server import RedisServer
 from loadtest.forwarders import (
     LOOPBACK,
     RELAY,
     ForwarderSpec,
     RunningForwarder,
-    free_udp_port,
     scrape_counters,
     start_forwarder,
 )
@@ -102,7 +103,7 @@ def locust_command(
     elif args.processes:
         # workers forked on this host find the master on this port: never another run's
         command += ["--processes", str(args.processes)]
-        port = str(args.master_port or free_tcp_port())
+        port = str(args.master_port or free_port(socket.SOCK_STREAM))
         command += ["--master-bind-port", port, "--master-port", port]
     return [
         *command,
@@ -176,7 +177,7 @@ def start_lab(args: argparse.Namespace, stack: ExitStack, env: dict[str, str]) -
         lab_flags = ["--redis-url", redis.url]
         relay_flags = ("--redis-url", redis.url)
     host, port, lab_pid = start_lab_transceiver(stack, env, lab_flags)
-    public = (LOOPBACK, free_udp_port())
+    public = (LOOPBACK, free_port())
     relays = []
     for number in range(args.relays):
         spec = ForwarderSpec(
@@ -185,7 +186,7 @@ def start_lab(args: argparse.Namespace, stack: ExitStack, env: dict[str, str]) -
             public,
             (host, port),
             env["LOADTEST_KEYS"],
-            http=(LOOPBACK, free_tcp_port()),
+            http=(LOOPBACK, free_port(socket.SOCK_STREAM)),
             extra=relay_flags,
         )
         relay = start_forwarder(spec, Path("/nonexistent"), workdir / f"relay-{number}")

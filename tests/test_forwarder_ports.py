@@ -19,7 +19,6 @@ from loadtest.forwarders import (
     RELAY,
     ForwarderSpec,
     PortTaken,
-    free_udp_port,
     relay_available,
     start_forwarder,
 )
@@ -40,7 +39,7 @@ def taken_port() -> Iterator[int]:
 def test_a_relay_whose_http_port_is_taken_says_so(taken_port: int, tmp_path: Path) -> None:
     peer = LinkPeer()
     try:
-        public = (LOOPBACK, free_udp_port())
+        public = (LOOPBACK, free_port())
         spec = ForwarderSpec(
             RELAY, 1, public, peer.address, new_keyring_spec(), (LOOPBACK, taken_port)
         )
@@ -54,7 +53,11 @@ def test_the_relay_bench_starts_its_subject_again_on_new_ports(
     taken_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     picks = iter([taken_port])  # the HTTP port's first pick is the taken one
-    monkeypatch.setattr(bench_relay, "free_port", lambda kind: next(picks, 0) or free_port(kind))
+
+    def pick(kind: int = socket.SOCK_DGRAM) -> int:
+        return (next(picks, 0) if kind == socket.SOCK_STREAM else 0) or free_port(kind)
+
+    monkeypatch.setattr(bench_relay, "free_port", pick)
     settings = RelayBenchSettings(clients=2, work_dir=tmp_path)
     subject = start_subject(RELAY, 1, settings, NO_REFERENCE)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -12,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from deploy.redis_server import RedisServer, free_tcp_port
+from deploy.processes import free_port
+from deploy.redis_server import RedisServer
 from deploy.waiting import eventually
 from relay.wire.redis_config import RedisConfig
 from relay.wire.route_record import RouteValueError, decode_route, encode_route, route_key
@@ -131,7 +133,9 @@ async def has(client: Redis, address: Address) -> bool:
 
 async def test_redis_down_is_a_retryable_error_and_publishing_closes() -> None:
     config = RedisConfig(
-        url=f"redis://127.0.0.1:{free_tcp_port()}/0", connect_timeout_s=0.2, route_ttl_s=0.3
+        url=f"redis://127.0.0.1:{free_port(socket.SOCK_STREAM)}/0",
+        connect_timeout_s=0.2,
+        route_ttl_s=0.3,
     )
     connection = open_redis(config)
     try:
