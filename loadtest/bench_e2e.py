@@ -280,6 +280,7 @@ def _split(e2e_ms: float, metric: dict[str, Any], vad_wait_ms: float) -> dict[st
         "outside_share": None if outside_ms is None else round(outside_ms / e2e_ms, 3),
         "stt_final_ms": metric.get("stt_final_ms"),
         "llm_first_token_ms": metric.get("llm_first_token_ms"),
+        "first_tts_request_ms": metric.get("first_tts_request_ms"),  # the first chunk cut
         "first_audio_ms": metric.get("first_audio_ms"),
     }
 

@@ -742,6 +742,7 @@ TURN_STAGES = (  # (label, colour): a turn's end of speech -> heard, bottom to t
     ("end-of-turn wait + uplink", "tab:gray"),
     ("STT final", "tab:blue"),
     ("LLM first token", "tab:cyan"),
+    ("LLM first chunk's words", "tab:brown"),
     ("TTS first audio", "tab:green"),
     ("-> first frame out", "tab:olive"),
     ("send (encode, SRTP, relay)", "tab:orange"),
@@ -753,7 +754,8 @@ TURN_STAGES = (  # (label, colour): a turn's end of speech -> heard, bottom to t
 
 def turn_stage_ms(turn: Row) -> list[float] | None:
     """A turn's ``TURN_STAGES`` in ms, or None when a stage is missing (no server split)."""
-    marks = ("stt_final_ms", "llm_first_token_ms", "first_audio_ms", "server_window_ms")
+    marks = ("stt_final_ms", "llm_first_token_ms", "first_tts_request_ms", "first_audio_ms")
+    marks += ("server_window_ms",)
     tail = ("send_ms", "neteq_ms", "quiet_lead_ms", "playout_ms")
     names = (*marks, *tail, "frame_out_to_heard_ms", "e2e_ms")
     if any(turn.get(name) is None for name in names):

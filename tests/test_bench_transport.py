@@ -94,6 +94,7 @@ def test_the_report_draws_a_stage_stack_per_turn(tmp_path: Path) -> None:
         "e2e_ms": 1200.0,
         "stt_final_ms": 100.0,
         "llm_first_token_ms": 110.0,
+        "first_tts_request_ms": 290.0,
         "first_audio_ms": 400.0,
         "server_window_ms": 420.0,
         "frame_out_to_heard_ms": 200.0,
@@ -104,6 +105,7 @@ def test_the_report_draws_a_stage_stack_per_turn(tmp_path: Path) -> None:
     }
     stack = figures.turn_stage_ms(turn)
     assert stack is not None and sum(stack) == 1200.0 and stack[0] == 580.0
+    assert stack[3:5] == [180.0, 110.0]  # the first chunk's words, then its speech
     assert figures.turn_stage_ms({**turn, "send_ms": None}) is None
     paths = {"aiortc": {"per_turn": [turn], "receiver": {}}}
     text = e2e_report(paths, tmp_path)

@@ -745,6 +745,7 @@ def turn_metrics_event(
         speech_stopped_ms=since(origin),
         stt_final_ms=since(record.stt_final_s),
         llm_first_token_ms=since(record.llm_first_token_s),
+        first_tts_request_ms=since(record.first_tts_request_s),
         first_audio_ms=since(record.first_tts_audio_s),
         first_frame_out_ms=since(first_out),
         overhead_ms=None if record.overhead_ms is None else round(record.overhead_ms, 1),
