@@ -50,13 +50,16 @@ OUT_RATE_HZ = 24000
 KNOWLEDGE = load_knowledge()
 NINE_AM = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+# The suite runs a test file per core, so the cores are never free: one thread writes there as
+# fast as two (pipeline.config.default_llm_threads) and leaves the other file its core
+THREADS = 1
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def model() -> AsyncIterator[LlamaCppLanguageModel]:
     tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
     facts = [f"{entry.title}: {entry.answer}" for entry in KNOWLEDGE.entries]
-    config = LocalLlmConfig(read_ahead=True)  # (off by default)
+    config = LocalLlmConfig(read_ahead=True, threads=THREADS)  # (read_ahead: off by default)
     llm = LlamaCppLanguageModel(config, topics=KNOWLEDGE.titles, facts=facts, warm_tools=tools)
     await llm.start()
     yield llm
@@ -388,6 +391,7 @@ async def test_a_transceiver_is_ready_only_once_its_local_model_is_warm(tmp_path
     the process's start, ``/readyz`` answers 200 only once the model is logged warm."""
     http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
     env = {"PIPELINE_LLM": "local", "TRANSCEIVER_SECRET_KEYS": random_keys()}
+    env["PIPELINE_LOCAL_LLM_THREADS"] = str(THREADS)
     process = transceiver_process(
         "transceiver", ("127.0.0.1", free_port()), http, "127.0.0.1:3478", random_keys(),
         tmp_path, env, agent="pipeline",
