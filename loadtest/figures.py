@@ -754,8 +754,10 @@ TURN_STAGES = (  # (label, colour): a turn's end of speech -> heard, bottom to t
 
 def turn_stage_ms(turn: Row) -> list[float] | None:
     """A turn's ``TURN_STAGES`` in ms, or None when a stage is missing (no server split)."""
-    marks = ("stt_final_ms", "llm_first_token_ms", "first_tts_request_ms", "first_audio_ms")
-    marks += ("server_window_ms",)
+    marks = (
+        *("stt_final_ms", "llm_first_token_ms", "first_tts_request_ms", "first_audio_ms"),
+        "server_window_ms",
+    )
     tail = ("send_ms", "neteq_ms", "quiet_lead_ms", "playout_ms")
     names = (*marks, *tail, "frame_out_to_heard_ms", "e2e_ms")
     if any(turn.get(name) is None for name in names):
