@@ -6,7 +6,7 @@ Prints progress as it goes, then the tables; writes ``bench-results/bench.json``
 of each speech-to-text) and (the browser's turns by stage, per media path)
 ``bench-results/turn-stages.png``. ``--quick`` is a short smoke run of the same code (the
 smallest sizes that still measure: one question, one utterance per speech set, each spoken into
-the pipeline and the speech-to-text 4 times as fast as real time, one failover run per figure;
+the pipeline and the speech-to-text 8 times as fast as real time, one failover run per figure;
 no browser).
 
     .venv/bin/python -m loadtest.bench [--quick] [--out DIR]

@@ -40,7 +40,7 @@ from pipeline.vad import TurnDetector, webrtc_classifier
 RATE_HZ = 16000
 FRAME_BYTES = 640  # 20 ms at 16 kHz
 QUESTIONS = ("Tell me about the moon.", "What time is it?", "Tell me about coffee.")
-QUICK_PACE = 4.0  # quick: the question goes in this many times as fast as it is spoken
+QUICK_PACE = 8.0  # quick: the question goes in this many times as fast as it is spoken
 
 
 def cpu_per_unit_us(

@@ -7,7 +7,7 @@ the pace it is spoken, as a call's does, so a streaming decoder works while the 
 ends with the 500 ms of silence ``server_vad`` waits for (the engine streams it to the
 speech-to-text before the turn ends). ``--quick`` feeds it ``QUICK_PACE`` times as fast: its
 figures then say nothing of a call's latency, and what it checks (every engine and set
-decoded, the figure drawn) waits a quarter as long.
+decoded, the figure drawn) waits an eighth as long.
 Per engine and set:
 
 - word error rate against the transcripts (words lower-cased, punctuation and hyphens dropped,
@@ -49,7 +49,7 @@ from pipeline.providers import AudioChunk, SpeechToText
 RATE_HZ = 16000
 CHUNK_BYTES = RATE_HZ * 2 // 50  # 20 ms
 VAD_WINDOW_SILENCE = silence_pcm(0.5, RATE_HZ)
-QUICK_PACE = 4.0  # --quick: the audio goes in this many times as fast as it is spoken
+QUICK_PACE = 8.0  # --quick: the audio goes in this many times as fast as it is spoken
 NUMBERS_TEXT = "zero one two three four five six seven eight nine ten eleven twelve thirteen \
 fourteen fifteen sixteen seventeen eighteen nineteen"
 SPELLINGS = {"mr": "mister", "mrs": "missus"}
