@@ -56,6 +56,7 @@ READY_TIMEOUT_S = 90.0  # a pipeline transceiver loads its speech models before 
 ANSWER_TIMEOUT_S = 30.0
 MEDIA_TIMEOUT_S = 15.0
 FRESH_FRAMES = 25  # 0.5 s of the tone after a recovery before the next run
+QUICK_FRESH_FRAMES = 10  # --quick: 0.2 s, still 5 Hz bins around the 440 Hz tone
 Progress = Callable[[str], None]
 Sample = dict[str, float]
 
@@ -238,7 +239,7 @@ async def _echo_deployment(log_dir: Path) -> AsyncIterator[tuple[Any, Any]]:
 
 
 @asynccontextmanager
-async def _tone_session(stack: Any) -> AsyncIterator[Any]:
+async def _tone_session(stack: Any, fresh_frames: int) -> AsyncIterator[Any]:
     """A connected tone client that hears its own tone back through the relay."""
     client = ToneClient(TONE_HZ)
     try:
@@ -247,17 +248,19 @@ async def _tone_session(stack: Any) -> AsyncIterator[Any]:
         if response.status_code != 201:
             raise RuntimeError(f"offer answered {response.status_code}: {response.text}")
         await client.connected(MEDIA_TIMEOUT_S)
-        await _tone_again(client)
+        await _tone_again(client, fresh_frames)
         yield client
     finally:
         await client.close()
 
 
-async def _tone_again(client: Any) -> None:
+async def _tone_again(client: Any, fresh_frames: int) -> None:
+    """The tone heard again in ``fresh_frames`` frames all received from now on."""
     mark = client.frames_received
 
     def fresh_tone() -> bool:
-        return client.frames_received > mark + FRESH_FRAMES and bool(client.hears_own_tone([]))
+        fresh = client.frames_received > mark + fresh_frames
+        return fresh and bool(client.hears_own_tone([], fresh_frames))
 
     await _eventually(fresh_tone, MEDIA_TIMEOUT_S, "the tone through the relay")
 
@@ -280,7 +283,9 @@ async def _media_back(receiver: Any, watch: OutageWatch) -> float:
         await asyncio.sleep(POLL_S)  # polling interval, bounded by the deadline above
 
 
-async def _relay_outage(stack: Any, client: Any, flags: Mapping[str, str]) -> Sample:
+async def _relay_outage(
+    stack: Any, client: Any, flags: Mapping[str, str], fresh_frames: int
+) -> Sample:
     """SIGKILL the relay, start a new one with ``flags`` at once, time the media's return."""
     receiver = client.pc.getReceivers()[0]
     killed_at = time.monotonic()
@@ -290,7 +295,7 @@ async def _relay_outage(stack: Any, client: Any, flags: Mapping[str, str]) -> Sa
         restarted = group.create_task(stack.restart_relay(**flags))
         back_at = await _media_back(receiver, watch)
     ready_at = restarted.result().ready_at
-    await _tone_again(client)
+    await _tone_again(client, fresh_frames)
     return {
         "kill_to_media_ms": 1000 * (back_at - killed_at),
         "relay_ready_to_media_ms": 1000 * (back_at - ready_at),
@@ -303,14 +308,19 @@ async def _route_cached(redis: Any) -> None:
         await _eventually(lambda: bool(client.keys("voicerelay:route:*")), 10, "a cached route")
 
 
-async def _relay_kill(runs: int, log_dir: Path, progress: Progress) -> dict[str, Any]:
+async def _relay_kill(
+    runs: int, log_dir: Path, progress: Progress, fresh_frames: int = FRESH_FRAMES
+) -> dict[str, Any]:
     samples: dict[str, list[Sample]] = {"hello": [], "cache": []}
-    async with _echo_deployment(log_dir) as (redis, stack), _tone_session(stack) as client:
+    async with (
+        _echo_deployment(log_dir) as (redis, stack),
+        _tone_session(stack, fresh_frames) as client,
+    ):
         await _route_cached(redis)
         flags = {"hello": {}, "cache": {"hello": "off", "redis_url": redis.url}}
         for run in range(runs):
             for mode, mode_samples in samples.items():  # side by side, alternating
-                sample = await _relay_outage(stack, client, flags[mode])
+                sample = await _relay_outage(stack, client, flags[mode], fresh_frames)
                 mode_samples.append(sample)
                 progress(f"failover: relay kill ({mode}) {run + 1}/{runs}: {_line(sample)}")
     return {mode: {"metrics": summarise_runs(runs_)} for mode, runs_ in samples.items()}
@@ -342,7 +352,7 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-async def _bench(runs: int, progress: Progress) -> dict[str, Any]:
+async def _bench(runs: int, progress: Progress, fresh_frames: int = FRESH_FRAMES) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="voicerelay-bench-failover-") as tmp:
         logs = [Path(tmp) / name for name in ("transceiver-kill", "relay-kill")]
         for log_dir in logs:
@@ -352,7 +362,8 @@ async def _bench(runs: int, progress: Progress) -> dict[str, Any]:
             "transceiver kill", _transceiver_kill(runs, logs[0], progress), progress
         )
         progress(f"failover: relay kill -> media again, {runs} run(s) per recovery mode")
-        relay = await _scenario("relay kill", _relay_kill(runs, logs[1], progress), progress)
+        relay_kill = _relay_kill(runs, logs[1], progress, fresh_frames)
+        relay = await _scenario("relay kill", relay_kill, progress)
     scenarios = {"transceiver_kill": transceiver}
     if "error" in relay:
         scenarios["relay_kill"] = relay
@@ -362,8 +373,11 @@ async def _bench(runs: int, progress: Progress) -> dict[str, Any]:
 
 
 def run_failover_bench(quick: bool = False, progress: Progress | None = None) -> dict[str, Any]:
-    """The two failover figures, each over RUNS runs (QUICK_RUNS with ``quick``)."""
-    return asyncio.run(_bench(QUICK_RUNS if quick else RUNS, progress or print))
+    """The two failover figures, each over RUNS runs (QUICK_RUNS with ``quick``, each
+    recovery then checked on QUICK_FRESH_FRAMES of the tone)."""
+    if quick:
+        return asyncio.run(_bench(QUICK_RUNS, progress or print, QUICK_FRESH_FRAMES))
+    return asyncio.run(_bench(RUNS, progress or print))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -374,8 +388,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=RUNS, help="runs per figure")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_RUNS} run per figure")
     args = parser.parse_args(argv)
-    runs = QUICK_RUNS if args.quick else args.runs
-    print("\n" + failover_text(asyncio.run(_bench(runs, Stamped()))))
+    runs, fresh_frames = (
+        (QUICK_RUNS, QUICK_FRESH_FRAMES) if args.quick else (args.runs, FRESH_FRAMES)
+    )
+    print("\n" + failover_text(asyncio.run(_bench(runs, Stamped(), fresh_frames))))
     return 0
 
 
