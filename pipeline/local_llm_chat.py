@@ -193,15 +193,17 @@ def settled_call(held: str, bare: Collection[str]) -> ToolCall | None:
 
 
 # A question about the time or the day, as people ask it aloud ("what time is it now", "what's
-# the time", "do you know what time it is", "what day is it today", "what's the date"), not
-# one about a time ("what time does the library open", "a time machine"). The model answered
-# "got the time?", "what time do you have?" and "how late is it?" with a made-up time.
+# the time", "do you know what time it is", "what day is it today", "what's the date", "what
+# year is it", "what's today?"), not one about a time ("what time does the library open", "a
+# time machine"). The model answered "got the time?", "what time do you have?" and "how late
+# is it?" with a made-up time, and "what year is it?" with 2023.
 _ASKS_THE_TIME = re.compile(
     r"\btime\s+is\s+it\b|\bwhat\s+time\s+it\s+is\b|\bwhat(?:'s|\s+is)\s+the\s+(?:time|date)\b|"
     r"\b(?:tell|give)\s+me\s+the\s+(?:time|date)\b|\bknow\s+the\s+(?:time|date)\b|"
     r"\bcurrent\s+(?:time|date)\b|\bwhat\s+day\s+(?:is\s+it|is\s+today|today)\b|"
     r"\b(?:what's|what\s+is)\s+today's\s+date\b|\bgot\s+the\s+time\b|"
-    r"\bwhat\s+time\s+do\s+you\s+have\b|\bhow\s+late\s+is\s+it\b|\bwhat\s+hour\s+is\s+it\b",
+    r"\bwhat\s+time\s+do\s+you\s+have\b|\bhow\s+late\s+is\s+it\b|\bwhat\s+hour\s+is\s+it\b|"
+    r"\bwhat\s+(?:year|month|date)\s+is\s+it\b|\bwhat(?:'s|\s+is)\s+today\b(?!')",
     re.IGNORECASE,
 )
 

@@ -207,6 +207,22 @@ async def test_the_time_is_asked_of_the_tool_each_time_and_its_result_spoken(
         assert "```" not in record.heard_text and "{" not in record.heard_text
 
 
+async def test_the_date_is_answered_from_the_tool(
+    model: LlamaCppLanguageModel, piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText
+) -> None:
+    """Asked the date, the turn calls current_time, whose result holds the date as it is said:
+    the answer gives the clock's day, month and year (before, the tool gave only the time and
+    the weekday, and the model answered the date with them, the year with 2023)."""
+    engine = make_engine(sphinx, model, piper, speak=False, clock=lambda: NINE_AM)
+    async with engine:
+        engine.add_user_text("What's the date today?")
+        engine.create_response()
+        seen = await collect_until(engine, turn_done(1))
+    assert [e.call.name for e in seen if isinstance(e, ev.ToolCallStarted)] == ["current_time"]
+    answer = "".join(e.text for e in seen if isinstance(e, ev.ResponseTextDelta)).lower()
+    assert "march" in answer and "2026" in answer and re.search(r"\b2\b|second", answer), answer
+
+
 async def test_a_call_the_model_writes_is_taken_once_its_name_is_written(
     model: LlamaCppLanguageModel,
 ) -> None:

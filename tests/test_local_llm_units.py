@@ -377,6 +377,9 @@ ASKING_THE_TIME = [
     "What time do you have?",
     "How late is it?",
     "What hour is it?",
+    "What year is it?",
+    "What month is it now?",
+    "So what's today?",
 ]
 ASKING_SOMETHING_ELSE = [
     "What time does the library open?",
@@ -385,6 +388,8 @@ ASKING_SOMETHING_ELSE = [
     "What did you say the day before?",
     "I had a great time.",
     "Which planet is the biggest?",
+    "What's today's weather like?",
+    "What year was the library built?",
 ]
 
 

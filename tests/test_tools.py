@@ -105,7 +105,7 @@ async def test_builtin_tools_tell_the_time_and_look_up_the_knowledge_file() -> N
     tools = ToolRegistry(builtin_tools(load_knowledge(), lambda: nine))
     assert [spec.name for spec in tools.specs()] == ["current_time", "lookup_knowledge"]
     now = json.loads((await tools.execute(call("current_time"))).output)
-    assert now == {"time": "09:05", "weekday": "Monday", "timezone": "UTC"}
+    assert now == {"time": "09:05", "date": "Monday 2 March 2026", "timezone": "UTC"}
     found = json.loads(
         (await tools.execute(call("lookup_knowledge", '{"query": "coffee beans"}'))).output
     )
