@@ -127,13 +127,13 @@ def _check_type(tool: str, name: str, value: Any, expected: str | None) -> None:
 
 def current_time_tool(wall_clock: Callable[[], datetime] | None = None) -> Tool:
     """The current UTC time and date; ``wall_clock`` is injectable so answers are testable.
-    The result is short: a local model reads it before it says a word (the 22 tokens of
-    ``{"time": "09:05", "weekday": "Monday", "timezone": "UTC"}`` against 34 with the hour and
-    minute repeated, at tens of tokens a second on shared cores). The date is given as it is
-    said, with the weekday ("Monday 2 March 2026": no model has to turn "2026-03-02" into
-    words): without it, the local model answered "what's the date?" with the time and the
-    weekday and "what year is it?" with 2023; with it, a time turn reads 72-74 tokens instead
-    of 64-66 (76-78 with the weekday apart)."""
+    The result is short, as a local model reads it before it says a word, at tens of tokens a
+    second on shared cores: ``{"time": "09:05", "date": "Monday 2 March 2026", "timezone":
+    "UTC"}``, the date as it is said (no model has to turn "2026-03-02" into words). With only
+    the time and the weekday, the local model answered "what's the date?" with them and "what
+    year is it?" with 2023; with the date, a time turn reads 72-74 tokens instead of 64-66
+    (76-78 with the weekday a field of its own; the hour and minute repeated in fields of
+    their own cost 12 more)."""
     now = wall_clock or (lambda: datetime.now(UTC))
 
     def run(_: dict[str, Any]) -> str:
