@@ -75,6 +75,8 @@ typecheck: $(STAMP)
 
 # The suite runs a test file per worker, one worker per core: most of its time is real time
 # (audio at 1x, failovers, outages), not CPU. TEST_WORKERS=0 runs it in this process alone.
+# Three workers on 2 cores were no faster (797 s of pytest against 769-831 with two) and three
+# end-to-end tests failed, slowed past what they wait for (a Redis outage, a failover, a pod).
 TEST_WORKERS ?= auto
 # The end-of-turn model (README, "Semantic end of turn"): taken out of the pipecat-ai wheel that
 # requirements/smart-turn.txt pins by hash (the wheel is never installed), its own sha256 checked.
@@ -105,7 +107,8 @@ models: $(SMART_TURN_MODEL) $(SILERO_VAD_MODEL) $(RECORDINGS)
 # tests: its output comes after theirs, and either failing fails the target.
 test: $(STAMP) sysdeps models lint
 	log=$$(mktemp); ($(TYPECHECK)) > $$log 2>&1 & typecheck=$$!; \
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS); tests=$$?; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20 \
+	  $(PYTEST_ARGS); tests=$$?; \
 	wait $$typecheck; typed=$$?; echo "--- $(TYPECHECK)"; cat $$log; rm -f $$log; \
 	[ $$tests -eq 0 ] && [ $$typed -eq 0 ]
 

@@ -28,6 +28,16 @@ pin_native_threads()  # the test process too, before any test module imports num
 os.environ.setdefault("TRANSCEIVER_CPU_BUDGET_CORES", "0")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files with end-to-end tests (marked ``slow``) first, each file's tests together and
+    in their order. ``make test`` hands a file at a time to a worker (``--dist loadfile``, in
+    this order: ``--no-loadscope-reorder``), so the long files start early and the many short
+    ones fill the end, where a worker would otherwise wait for the other's last long file
+    (pytest-xdist's own order, by number of tests, put the one-test end-to-end files last)."""
+    slow = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow)  # stable: each file's own order kept
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[FakeOpenAIServer]:
     """A local OpenAI-compatible server (uvicorn on loopback), one per test module."""
