@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from deploy import front_door
-from deploy.processes import free_port
+from deploy.processes import free_port, text
 from transceiver.config import AGENTS
 
 READY_TIMEOUT_S = 60.0
@@ -156,7 +156,8 @@ def redis_command(host: str, data_dir: str) -> tuple[Command, str] | None:
     port = free_port(socket.SOCK_STREAM, host)
     argv = [binary, "--port", str(port), "--bind", host, "--dir", data_dir]
     argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
-    return Command("redis", argv, "Ready to accept connections"), f"redis://{host}:{port}/0"
+    url = f"redis://{text((host, port))}/0"  # an IPv6 host in brackets
+    return Command("redis", argv, "Ready to accept connections"), url
 
 
 LOOPBACK_NETWORKS = "127.0.0.0/8,::1/128"

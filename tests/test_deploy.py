@@ -368,6 +368,38 @@ def test_transceivers_behind_the_front_door_trust_its_forwarded_address_only() -
         _networks("127.0.0.1/40")
 
 
+def test_make_runs_redis_is_reached_at_the_url_it_hands_out_on_an_ipv6_host(
+    tmp_path: Path,
+) -> None:
+    """STACK_HOST=::1: the transceivers' Redis URL names the host in brackets (unbracketed,
+    ``redis://::1:port/0`` has no port a client can read)."""
+    import redis
+
+    from deploy import local
+
+    made = local.redis_command("::1", str(tmp_path))
+    if made is None:
+        pytest.fail("redis-server is not installed (make sysdeps installs it)")
+    command, url = made
+    server = subprocess.Popen(command.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis.from_url(url, socket_timeout=2)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.ping() is True
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        assert client.connection_pool.connection_kwargs["host"] == "::1"
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(timeout=10)
+
+
 def test_make_runs_stack_and_the_image_set_the_same_offline_defaults(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
