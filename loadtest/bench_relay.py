@@ -102,19 +102,19 @@ class Subject:
 def start_subject(kind: str, workers: int, settings: RelayBenchSettings, ref: Path) -> Subject:
     keys = new_keyring_spec()
     peer = LinkPeer()
-    for attempt in range(1, PORT_ATTEMPTS + 1):
-        http = (LOOPBACK, free_port(socket.SOCK_STREAM) if kind == RELAY else 0)
-        spec = ForwarderSpec(kind, workers, (LOOPBACK, free_port()), peer.address, keys, http)
-        try:
-            forwarder = start_forwarder(spec, ref, settings.work_dir / "logs")
-            break
-        except PortTaken:
-            if attempt == PORT_ATTEMPTS:
-                peer.sock.close()
-                raise
-        except BaseException:
-            peer.sock.close()
-            raise
+    try:
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            http = (LOOPBACK, free_port(socket.SOCK_STREAM) if kind == RELAY else 0)
+            spec = ForwarderSpec(kind, workers, (LOOPBACK, free_port()), peer.address, keys, http)
+            try:
+                forwarder = start_forwarder(spec, ref, settings.work_dir / "logs")
+                break
+            except PortTaken:
+                if attempt == PORT_ATTEMPTS:
+                    raise
+    except BaseException:
+        peer.sock.close()
+        raise
     try:
         peer.wait_for_workers(workers)
         sessions = open_sessions(peer, spec.public, Keyring.parse(keys), settings.clients)
