@@ -3,7 +3,8 @@
 Sub-packages, one concern each: ``http`` (signalling, client secrets, auth, health, static
 files), ``webrtc`` (the link to the relays, ICE, SDP, calls and admission, audio), ``realtime``
 (the Realtime session over the data channel, driving the pipeline) and ``store`` (session state
-in Redis). The modules here: ``__main__`` (the lifecycle: load config, bind, serve, drain),
+in Redis). The modules here: ``__main__`` (load and check the config, then serve), ``server``
+(the lifecycle: bind, serve, drain; a pod's supervisor and workers),
 ``agents`` (what calls run: echo, or the Realtime session and its storage), ``webhooks``
 (``call.ended`` events, signed by ``webhook_signing``), ``config``
 (``TRANSCEIVER_*``), ``metrics``, ``background`` (owned, supervised loops) and ``restarts``

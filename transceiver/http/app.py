@@ -189,7 +189,7 @@ def create_app(
 ) -> FastAPI:
     """``forwarder``: the client hang-ups for calls running elsewhere go on with, its caller's
     to close. Without one the app makes its own (``app.state.forwarder``) and closes it when
-    its lifespan ends: served with the lifespan off (as ``transceiver.__main__`` serves it),
+    its lifespan ends: served with the lifespan off (as ``transceiver.server`` serves it),
     pass one and close it."""
     owned: OwnerForwarder | None = None
     if forwarder is None:

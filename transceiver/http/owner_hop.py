@@ -87,7 +87,7 @@ class OwnerForwarder:
     """The one HTTP client a process forwards follow-ups to their owners with (a hang-up that
     landed on the wrong transceiver): its connections kept alive between hang-ups, at most
     ``MAX_FORWARD_CONNECTIONS``, every step bounded (``CONNECT_TIMEOUT_S``, then
-    ``FORWARD_TIMEOUT_S``). Its owner closes it at shutdown: ``transceiver.__main__``, or the
+    ``FORWARD_TIMEOUT_S``). Its owner closes it at shutdown: ``transceiver.server``, or the
     app that made its own (``app.create_app``, at the end of its lifespan)."""
 
     def __init__(self) -> None:
