@@ -8,7 +8,6 @@ call records (``transceiver.store.call_log``) as JSON Lines, oldest first, and e
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
@@ -22,11 +21,12 @@ from pipeline.config import PipelineConfig
 from relay.wire.redis_config import RedisConfig, RedisConfigError, redis_flags, with_flags
 from transceiver.config import ConfigError, TransceiverConfig
 from transceiver.http.auth import AuthConfig, AuthConfigError, auth_flags
-from transceiver.server import run
-from transceiver.store.call_log import CallRecordStore
-from transceiver.store.call_records import CallRecordPolicy
-from transceiver.store.connection import open_redis
 from transceiver.store.errors import StoreError
+from transceiver.workers.seats import SEAT_ENV, Seat, SeatError, worker_link
+
+# The checks above import only config modules (argparse and dataclasses); the server, the store
+# and asyncio are imported once the configuration has passed (the server imports fastapi, aiortc,
+# the pipeline and redis: 0.8 s), so a bad setting is answered at once.
 
 
 def export_main(argv: Sequence[str], out: TextIO = sys.stdout) -> int:
@@ -48,6 +48,8 @@ def export_main(argv: Sequence[str], out: TextIO = sys.stdout) -> int:
     if redis is None:
         print("transceiver export: set REDIS_URL (or --redis-url)", file=sys.stderr)
         return 2
+    import asyncio
+
     since = None if args.since is None else round(args.since * 1000)
     until = None if args.until is None else round(args.until * 1000)
     with contextlib.ExitStack() as files:
@@ -62,6 +64,10 @@ def export_main(argv: Sequence[str], out: TextIO = sys.stdout) -> int:
 
 
 async def _export(redis: RedisConfig, since: int | None, until: int | None, out: TextIO) -> int:
+    from transceiver.store.call_log import CallRecordStore
+    from transceiver.store.call_records import CallRecordPolicy
+    from transceiver.store.connection import open_redis
+
     connection = open_redis(redis)
     count = 0
     try:
@@ -97,7 +103,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"transceiver: {exc}", file=sys.stderr)
         return 2
     auth.warn_if_open()
-    return run(config, auth, redis, args)
+    return _run(config, auth, redis, args)
+
+
+def _run(
+    config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig | None, args: list[str]
+) -> int:
+    """One process, a pod's worker (its seat handed down by the supervisor), or a pod's
+    supervisor (``TRANSCEIVER_WORKERS`` > 1), which imports no more than it runs."""
+    seat_text = os.environ.get(SEAT_ENV)
+    if seat_text is not None:
+        try:
+            seat = Seat.from_env(seat_text)
+        except SeatError as exc:
+            print(f"transceiver: {exc}", file=sys.stderr)
+            return 2
+        from transceiver.server import run_worker
+
+        return run_worker(config, auth, redis, seat)
+    from transceiver.workers.supervisor import run_pod, usable_cpus
+
+    count = config.workers or usable_cpus()
+    if count == 1:
+        from transceiver.server import run_alone
+
+        return run_alone(config, auth, redis)
+    last_port = worker_link(config.link, count - 1)[1]
+    if last_port > 65535:
+        print(f"transceiver: {count} workers need link ports to {last_port}", file=sys.stderr)
+        return 2
+    return run_pod(config, args, count)
 
 
 if __name__ == "__main__":

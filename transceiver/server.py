@@ -1,6 +1,7 @@
-"""The transceiver server: one process (bind the link and HTTP, serve, drain on SIGTERM), a
-pod's supervisor, or a pod's worker. ``python -m transceiver`` (``transceiver.__main__``) loads
-and checks the configuration first, then runs ``run``.
+"""The transceiver server: one process (bind the link and HTTP, serve, drain on SIGTERM), alone
+(``run_alone``) or as a pod's worker (``run_worker``). ``python -m transceiver``
+(``transceiver.__main__``) loads and checks the configuration first, then runs one of them, or
+a pod's supervisor (``transceiver.workers.supervisor``), which does not import this module.
 
 Lifecycle (as uvicorn/stunnerd): SIGTERM or SIGINT only sets a flag; then the transceiver stops
 admitting (``/readyz`` 503, POST 503), lets calls end for up to ``drain_timeout_s``, closes
@@ -22,7 +23,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
@@ -51,8 +51,8 @@ from transceiver.webhooks import call_ended_webhooks
 from transceiver.webrtc import ice, rtp_tuning, sctp_bundling
 from transceiver.webrtc.calls import CallLimits, Calls
 from transceiver.webrtc.link import Address, Link, RoutePublisherFactory
-from transceiver.workers.seats import SEAT_ENV, Seat, SeatError, worker_link
-from transceiver.workers.supervisor import WORKER_READY, Pod, usable_cpus
+from transceiver.workers.seats import Seat, worker_link
+from transceiver.workers.supervisor import WORKER_READY
 
 logger = logging.getLogger("transceiver")
 STARTUP_TIMEOUT_S = 10.0
@@ -327,29 +327,14 @@ def _text(address: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def run(
-    config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig | None, args: list[str]
+def run_alone(config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig | None) -> int:
+    """One transceiver process, until SIGTERM or SIGINT and its drain: its exit code."""
+    return uvloop.run(serve(config, auth, redis))
+
+
+def run_worker(
+    config: TransceiverConfig, auth: AuthConfig, redis: RedisConfig | None, seat: Seat
 ) -> int:
-    """One process, a pod's supervisor (``TRANSCEIVER_WORKERS`` > 1), or a pod's worker (its
-    seat handed down by the supervisor)."""
-    seat_text = os.environ.get(SEAT_ENV)
-    if seat_text is None:
-        count = config.workers or usable_cpus()
-        if count == 1:
-            return uvloop.run(serve(config, auth, redis))
-        last_port = worker_link(config.link, count - 1)[1]
-        if last_port > 65535:
-            print(f"transceiver: {count} workers need link ports to {last_port}", file=sys.stderr)
-            return 2
-        return uvloop.run(_run_pod(config, args, count))
-    try:
-        seat = Seat.from_env(seat_text)
-    except SeatError as exc:
-        print(f"transceiver: {exc}", file=sys.stderr)
-        return 2
+    """Worker ``seat`` of a pod (``transceiver.workers``), on its own link port."""
     worker = replace(config, link=worker_link(config.link, seat.index))
     return uvloop.run(serve(worker, auth, redis, seat))
-
-
-async def _run_pod(config: TransceiverConfig, args: list[str], count: int) -> int:
-    return await Pod(config, args, count).run(_stop_on_signals())

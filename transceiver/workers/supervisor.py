@@ -37,6 +37,7 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+import uvloop
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -77,6 +78,21 @@ class Worker:
     process: asyncio.subprocess.Process | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     started_s: float = 0.0
+
+
+def run_pod(config: TransceiverConfig, argv: Sequence[str], count: int) -> int:
+    """``python -m transceiver`` with ``count`` > 1 workers: the pod until SIGTERM or SIGINT
+    and its drain; its exit code. The supervisor imports only this module's world (fastapi,
+    uvicorn, httpx for its own port), not the server its workers run."""
+    return uvloop.run(_run_until_signalled(config, argv, count))
+
+
+async def _run_until_signalled(config: TransceiverConfig, argv: Sequence[str], count: int) -> int:
+    stop = asyncio.Event()  # SIGTERM and SIGINT set it, and nothing more
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return await Pod(config, argv, count).run(stop)
 
 
 class Pod:
