@@ -31,7 +31,7 @@ from typing import Any
 import gevent
 from gevent import subprocess
 from gevent.event import AsyncResult
-from locust import LoadTestShape, User, constant, events, task
+from locust import LoadTestShape, User, events, task
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
@@ -151,6 +151,15 @@ class DriverLink:
         self.totals.ended += 1
         if (waiter := self.ended.pop(event["id"], None)) is not None:
             waiter.set(event)
+        if not options_of(self.environment).voice_knee:
+            self._report_now()
+
+    def _report_now(self) -> None:
+        """A fixed or long-call run ends when its calls have (``VoiceShape``): the master is
+        told now, not at the next report (every ``WORKER_REPORT_INTERVAL``, 3 s, in Locust)."""
+        runner = self.environment.runner
+        if isinstance(runner, WorkerRunner):
+            runner.send_message("voice_ended", {"voice": self.snapshot()})
 
     def send(self, **order: Any) -> None:
         assert self.process.stdin is not None
@@ -182,10 +191,18 @@ _call_ids = iter(range(1, 1 << 62))
 
 
 def driver(environment: Environment) -> DriverLink:
+    """This process's driver child, started (``start_driver``) and ready."""
+    link = start_driver(environment)
+    link.ready.get(timeout=120)
+    return link
+
+
+def start_driver(environment: Environment) -> DriverLink:
+    """The driver child, started if it is not yet: a worker starts it when Locust starts it, so
+    its imports are done while the master starts the test."""
     global _link
     if _link is None:
         _link = DriverLink(environment)
-        _link.ready.get(timeout=120)
     return _link
 
 
@@ -215,12 +232,19 @@ def _pids_text(named: str, prefix: str) -> str:
 
 
 class VoiceCaller(User):
-    """One call at a time: set up, ``--voice-turns`` turns, hang up; again unless fixed."""
+    """One call at a time: set up, ``--voice-turns`` turns, hang up; again unless fixed.
 
-    wait_time = constant(0)
+    The pause after a call (``pause_after``) is the user's wait time, not a sleep in its task:
+    a waiting user is stopped at once, where one in its task is waited for up to
+    ``--stop-timeout`` (a fixed run's users, paused for the rest of the run, held every worker's
+    exit 10 s past the master's, and with it the output pipes a caller reads to their end)."""
 
     def on_start(self) -> None:
         self.call_id = 0
+        self.pause_s = 0.0
+
+    def wait_time(self) -> float:
+        return self.pause_s
 
     @task
     def call(self) -> None:
@@ -232,7 +256,7 @@ class VoiceCaller(User):
         link.send(op="call", id=self.call_id, turns=turns)
         ended = waiter.get(timeout=CALL_WAIT_S)
         self.call_id = 0
-        gevent.sleep(pause_after(ended, options.voice_knee))
+        self.pause_s = pause_after(ended, options.voice_knee)
 
     def on_stop(self) -> None:
         if self.call_id and _link is not None:
@@ -362,10 +386,12 @@ def _init(environment: Environment, **_: Any) -> None:
     if runner is None or isinstance(runner, WorkerRunner):
         if isinstance(runner, WorkerRunner):
             runner.register_message("voice_flush", _on_flush)
+            start_driver(environment)
         return
     _master = Master(environment)
     if isinstance(runner, MasterRunner):
         runner.register_message("voice_final", _on_final)
+        runner.register_message("voice_ended", _on_ended)
 
 
 def _test_start(environment: Environment, **_: Any) -> None:
@@ -389,6 +415,11 @@ def _on_final(environment: Environment, msg: Any, **_: Any) -> None:
     if _master is not None and msg.data.get("voice") is not None:
         _master.merge(msg.node_id, msg.data["voice"])
         _master.finals[msg.node_id] = msg.data["voice"]
+
+
+def _on_ended(environment: Environment, msg: Any, **_: Any) -> None:
+    if _master is not None and msg.data.get("voice") is not None:
+        _master.merge(msg.node_id, msg.data["voice"])
 
 
 def _on_worker_report(client_id: str, data: dict[str, Any], **_: Any) -> None:
