@@ -36,9 +36,10 @@ each on a fresh stack, in the order given (repeat a path to interleave), side by
 ``paths.json`` and one figure (``loadtest.voice_paths``).
 
 Locust runs as a subprocess (``python -m locust -f loadtest/locust_voice.py --headless``); this
-module never imports it. The questions are spoken by piper and encoded to Opus once per run.
-Writes ``--report-dir``: ``voice.json`` (the report), Locust's CSV and HTML, the figures and
-``summary.txt`` (the summary it prints).
+module never imports it. The questions (``--question``, else ``voice_calls.QUESTIONS``) are
+spoken by piper and encoded to Opus once per run, while the local stack starts. Writes
+``--report-dir``: ``voice.json`` (the report), Locust's CSV and HTML, the figures (not with
+``--no-figures``) and ``summary.txt`` (the summary it prints).
 """
 
 from __future__ import annotations
@@ -56,13 +57,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from deploy.fake_openai import FakeOpenAIServer
 from deploy.launched import launched
 from deploy.processes import free_port
 from loadtest.cpu_confinement import (
@@ -74,7 +75,7 @@ from loadtest.cpu_confinement import (
     pin_threads,
 )
 from loadtest.hosts import metric_samples, process_tree
-from loadtest.voice_calls import CLIENTS, SILENCE_RESUME_S, spoken_questions
+from loadtest.voice_calls import CLIENTS, QUESTIONS, SILENCE_RESUME_S, spoken_questions
 from transceiver.config import MEDIA_PATHS
 
 LOCUSTFILE = Path(__file__).resolve().with_name("locust_voice.py")
@@ -87,6 +88,7 @@ HOLDER_TIMEOUT_S = 60.0  # after S, a transceiver holds a call within this, or n
 POLL_S = 0.1
 SESSIONS_METRIC = "transceiver_link_sessions"
 MEDIA_PATH_ENV = "TRANSCEIVER_MEDIA_PATH"
+PREWARM_ENV = "PIPELINE_SPEECH_PREWARM"
 CREATED_METRIC = "transceiver_realtime_events_total{direction=server,type=session.created}"
 
 
@@ -118,19 +120,27 @@ class Target:
 
 
 @contextlib.contextmanager
-def local_stack(mode: str, transceivers: int = 1, media_path: str = "") -> Iterator[Target]:
+def local_stack(
+    mode: str, transceivers: int = 1, media_path: str = "", speech_prewarm: bool = True
+) -> Iterator[Target]:
     """``make run``'s stack on free loopback ports, the pipeline agent offline or against the
     fake OpenAI server (which is then a provider, not part of the server measured); with
     several transceivers, behind deploy.local's front door (``Target.url``); ``media_path``:
-    the transceivers' ``TRANSCEIVER_MEDIA_PATH`` ("" leaves the environment's)."""
+    the transceivers' ``TRANSCEIVER_MEDIA_PATH`` ("" leaves the environment's); not
+    ``speech_prewarm``: the offline agent's fixed replies are not spoken as a transceiver starts
+    (``PIPELINE_SPEECH_PREWARM=0``, where ``make run`` has 1)."""
     with contextlib.ExitStack() as held:
         env = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}
         fake = None
         if mode == "api":
+            from deploy.fake_openai import FakeOpenAIServer  # 1 s of imports, for "api" only
+
             fake = held.enter_context(FakeOpenAIServer())
             env = {"OPENAI_API_KEY": "sk-local-load", "OPENAI_BASE_URL": fake.base_url + "/v1"}
         if media_path:
             env["TRANSCEIVER_MEDIA_PATH"] = media_path
+        if not speech_prewarm:
+            env[PREWARM_ENV] = "0"
         flags = ["--agent", "pipeline", "--transceivers", str(transceivers)]
         stack = held.enter_context(launched(flags, env=env))
         named = {n: p for n, p in stack.child_pids.items() if n.startswith(SERVER_NAMES)}
@@ -187,6 +197,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--client", choices=CLIENTS, default="lean", help="the calls' media (voice_calls)"
+    )
+    parser.add_argument(
+        "--question",
+        action="append",
+        metavar="TEXT",
+        help="a question the calls ask, in turn (repeat for more; default: "
+        + " / ".join(QUESTIONS)
+        + ")",
+    )
+    parser.add_argument(
+        "--no-figures", action="store_true", help="the summary only, no PNG figures"
+    )
+    parser.add_argument(
+        "--no-speech-prewarm",
+        dest="speech_prewarm",
+        action="store_false",
+        help="with --local: the transceivers do not speak the offline agent's fixed replies as "
+        "they start (~5 CPU-s each, spent while the first calls run; unused by questions whose "
+        "answers are not among them, such as the time)",
     )
     confine = parser.add_argument_group("calls per core (with --local; cgroups, as root)")
     confine.add_argument("--confine-cores", type=float, default=0.0, help="transceiver quota")
@@ -250,6 +279,8 @@ def locust_argv(args: argparse.Namespace, target: Target, questions: Path) -> li
     }
     if target.transceivers:
         config["transceivers"] = len(target.transceivers)
+    if not args.speech_prewarm:
+        config["speech_prewarm"] = False  # the stack's transceivers were started without it
     if args.fault:
         config |= {"fault": args.fault, "silence_s": args.silence_s}
     config |= _confinement_config(args, target)
@@ -292,10 +323,17 @@ def _load_average() -> str:
     return ""
 
 
-def run_locust(args: argparse.Namespace, target: Target) -> int:
+def write_questions(args: argparse.Namespace) -> Path:
+    """The questions (``--question``, else ``QUESTIONS``) spoken by piper and encoded, in the
+    report directory for the driver children."""
     args.report_dir.mkdir(parents=True, exist_ok=True)
-    questions = args.report_dir / "questions.json"
-    questions.write_text(asyncio.run(spoken_questions()).to_json())
+    questions: Path = args.report_dir / "questions.json"
+    texts = args.question or QUESTIONS
+    questions.write_text(asyncio.run(spoken_questions(texts)).to_json())
+    return questions
+
+
+def run_locust(args: argparse.Namespace, target: Target, questions: Path) -> int:
     argv = locust_argv(args, target, questions)
     root = Path(__file__).resolve().parents[1]
     try:
@@ -306,8 +344,9 @@ def run_locust(args: argparse.Namespace, target: Target) -> int:
     return done.returncode
 
 
-def summarise(report_dir: Path) -> None:
-    """The figures and the verdict, when the report exists (and ``loadtest.figures`` does)."""
+def summarise(report_dir: Path, draw: bool = True) -> None:
+    """The figures (unless not ``draw``) and the verdict, when the report exists (and
+    ``loadtest.figures`` does)."""
     path = report_dir / REPORT_NAME
     if not path.exists():
         print(f"no report written at {path}", file=sys.stderr)
@@ -318,7 +357,7 @@ def summarise(report_dir: Path) -> None:
     except ImportError:
         print(json.dumps({k: report[k] for k in ("setup", "turns", "knee", "client")}, indent=2))
         return
-    for drawn in figures.draw(report, report_dir):
+    for drawn in figures.draw(report, report_dir) if draw else []:
         print(f"wrote {drawn}")
     text = figures.summary(report)
     if report.get("steps"):
@@ -451,8 +490,12 @@ def _check(args: argparse.Namespace) -> None:
         parser.error(f"confinement: {error}")
     if not (args.url or args.local or args.master):
         parser.error("give --url of a running stack or --local offline|api")
+    if any(not text.strip() for text in args.question or ()):
+        parser.error("--question: an empty question (piper would say nothing)")
     if args.transceivers and not args.local:
         parser.error("--transceivers is for the stack --local starts")
+    if not args.speech_prewarm and not args.local:
+        parser.error("--no-speech-prewarm is for the stack --local starts")
     if args.fault:
         parse_fault(args.fault)
         if not args.local or args.worker or args.master:
@@ -503,15 +546,20 @@ def run_once(args: argparse.Namespace) -> int:
     """One shape against one stack (started here with --local), then its summary."""
     transceivers = args.transceivers or (2 if args.fault else 1)
     with contextlib.ExitStack() as held:
+        # piper speaks the questions while the stack starts (its processes load their models)
+        speaking = held.enter_context(ThreadPoolExecutor(1, "questions"))
+        spoken = speaking.submit(write_questions, args)
         if args.local and not args.worker:
-            target = held.enter_context(local_stack(args.local, transceivers, args.media_path))
+            stack = local_stack(args.local, transceivers, args.media_path, args.speech_prewarm)
+            target = held.enter_context(stack)
             target = confine(args, target, held)
         else:
             target = Target(args.url, args.server_pids)
+        questions = spoken.result()
         with fault_injected(args, target):
-            code = run_locust(args, target)
+            code = run_locust(args, target, questions)
     if not args.worker:
-        summarise(args.report_dir)
+        summarise(args.report_dir, draw=not args.no_figures)
     return code
 
 

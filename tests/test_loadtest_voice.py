@@ -20,6 +20,7 @@ import pytest
 from aiortc.rtp import RtpPacket
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from loadtest import voice_scenario
 from loadtest.figures import summary
 from loadtest.hosts import metric_samples
 from loadtest.voice_calls import (
@@ -54,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REPORT_KEYS = {"scenario", "config", "setup", "turns", "series", "steps", "knee"}
 REPORT_KEYS |= {"turns_by_number", "client"}
 RUN_TIMEOUT_S = 240
+SHORT_QUESTION = "What time is it?"  # the shortest of QUESTIONS, and of the offline answers
 
 
 def _scenario(report_dir: Path, *args: str) -> dict[str, Any]:
@@ -69,17 +71,23 @@ def _scenario(report_dir: Path, *args: str) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_calls_to_the_offline_pipeline_are_set_up_and_answered(tmp_path: Path) -> None:
-    """Lean client calls (the default) to the lean transceiver (the default)."""
-    report = _scenario(tmp_path, "--local", "offline", "--calls", "2", "--turns", "2")
-    assert report["config"]["client"] == "lean"
+    """Lean client calls (the default) to the lean transceiver (the default), both at once,
+    asking the question of the shortest answer (the clock's: the turns wait for the answer's
+    audio to end), the stack without the fixed replies spoken ahead (the clock's is not one of
+    them); the summary without figures (the other run draws them)."""
+    args = ["--calls", "2", "--turns", "2", "--spawn-rate", "2", "--no-figures"]
+    args += ["--question", SHORT_QUESTION, "--no-speech-prewarm"]  # its answer is not prewarmed
+    report = _scenario(tmp_path, "--local", "offline", *args)
+    assert report["config"]["client"] == "lean" and report["config"]["speech_prewarm"] is False
     assert set(report) >= REPORT_KEYS
     assert report["scenario"] == "voice"
     assert report["setup"]["attempted"] == report["setup"]["succeeded"] == 2
     assert report["turns"]["answered"] == 4 and report["turns"]["failed"] == {}
     assert set(report["turns"]["ms"]) == {"p50", "p95", "p99", "max"}
     for said in report["transcripts"]:
-        assert said["heard"], said  # pocketsphinx heard the question
+        assert "time" in said["heard"].lower(), said  # the speech-to-text heard the question
         assert said["answer"], said  # and the agent answered it
+    assert not list(tmp_path.glob("*.png")) and (tmp_path / "summary.txt").exists()
     assert report["client"]["cpu_ms_per_call_s"] is not None
     assert any(row["server"]["cpu_cores"] for row in report["series"])
     with (tmp_path / "locust_stats.csv").open() as stats:
@@ -99,7 +107,8 @@ def test_a_long_call_reports_every_turn_and_survives_its_transceiver(tmp_path: P
     """One call of three turns on the first of two transceivers; 5 s into the run (its first
     or second turn) that transceiver is killed: the call resumes on the other one, asks the
     cut question again and finishes its turns."""
-    report = _scenario(tmp_path, "--local", "api", "--long-call", "3", "--fault", "transceiver@5")
+    args = ["--long-call", "3", "--fault", "transceiver@5", "--question", SHORT_QUESTION]
+    report = _scenario(tmp_path, "--local", "api", *args)
     turns = report["turns_by_number"]
     assert [row["turn"] for row in turns] == [1, 2, 3]
     assert all(row["server_rss_mb"] and row["latency_ms"] > 0 for row in turns)
@@ -116,6 +125,25 @@ def test_a_long_call_reports_every_turn_and_survives_its_transceiver(tmp_path: P
     assert rows[("CALL", "resume")]["Request Count"] == "1"
     assert rows[("CALL", "resume")]["Failure Count"] == "0"
     assert "1 calls affected, 1 resumed" in (tmp_path / "summary.txt").read_text()
+    assert (tmp_path / "faults.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--local", "offline", "--question", "hi", "--question", " "],
+         "--question: an empty question (piper would say nothing)"),
+        (["--url", "http://127.0.0.1:9/", "--no-speech-prewarm"],
+         "--no-speech-prewarm is for the stack --local starts"),
+    ],
+)  # fmt: skip
+def test_a_bad_option_is_refused_before_anything_starts(
+    argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as refused:
+        voice_scenario.main(argv)
+    assert refused.value.code == 2
+    assert error in capsys.readouterr().err
 
 
 def _step(knee: Knee, at_s: float, latencies_ms: list[float], failures: int = 0) -> None:
