@@ -10,10 +10,13 @@ PYTEST_ARGS ?=
 # Every Python dependency is locked, exact versions with hashes (see README, "Dependencies"):
 #   requirements.txt             everything make run/test/bench need (runtime + dev tools + build)
 #   requirements/runtime.txt     the image's subset, resolved under requirements.txt's pins (same versions)
-#   requirements/lock-tools.txt  pip-tools, which writes the two above
+#   requirements/lock-tools.txt  pip-tools, which writes the two above and the one below
+#   requirements/installer.txt   uv, which installs requirements.txt (requirements/sync.py)
 LOCK := requirements.txt
 RUNTIME_LOCK := requirements/runtime.txt
 LOCK_TOOLS := build/lock-tools
+INSTALLER := build/installer
+UV := $(INSTALLER)/bin/uv
 # Locks are resolved against PyPI alone, so their hashes are PyPI's files, whatever wheel
 # caches or extra indexes the machine that ran `make lock` has configured.
 PYPI_ONLY := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL PIP_CONFIG_FILE=/dev/null
@@ -29,16 +32,24 @@ UPGRADE_FLAGS = $(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),-
 
 all: test
 
-$(STAMP): $(LOCK) pyproject.toml requirements/sync.py | sysdeps
+$(STAMP): $(LOCK) pyproject.toml requirements/sync.py $(UV) | sysdeps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) requirements/sync.py $(PY) $(LOCK) --editable .
+	$(PY) requirements/sync.py $(PY) $(LOCK) --editable . --uv $(UV)
 	touch $(STAMP)
 
 venv: $(STAMP)
 
-$(LOCK_TOOLS)/.stamp: requirements/lock-tools.txt
+# uv installs the locks (requirements/sync.py): in parallel, each file checked against the lock's
+# hashes, and from its cache (~/.cache/uv) on a machine that installed them before (a fresh .venv
+# in seconds, where pip took about two minutes). uv itself is locked, and installed by pip.
+$(UV): requirements/installer.txt
+	rm -rf $(INSTALLER) && $(PYTHON) -m venv $(INSTALLER)
+	$(INSTALLER)/bin/pip install -q --require-hashes --no-deps --only-binary :all: -r $<
+	touch $@
+
+$(LOCK_TOOLS)/.stamp: requirements/lock-tools.txt $(UV)
 	test -x $(LOCK_TOOLS)/bin/python || $(PYTHON) -m venv $(LOCK_TOOLS)
-	$(LOCK_TOOLS)/bin/python requirements/sync.py $(LOCK_TOOLS)/bin/python $<
+	$(LOCK_TOOLS)/bin/python requirements/sync.py $(LOCK_TOOLS)/bin/python $< --uv $(UV)
 	touch $@
 
 lock: $(LOCK_TOOLS)/.stamp
@@ -46,6 +57,7 @@ lock: $(LOCK_TOOLS)/.stamp
 	grep -E '^[A-Za-z0-9][^ ]*==' $(LOCK) | sed 's/ .*//' > build/dev-pins.txt
 	rm -f $(RUNTIME_LOCK)
 	$(COMPILE) -c build/dev-pins.txt -o $(RUNTIME_LOCK) pyproject.toml requirements/build.in
+	$(COMPILE) $(UPGRADE_FLAGS) -o requirements/installer.txt requirements/installer.in
 	$(PYPI_ONLY) $(LOCK_TOOLS)/bin/python -m pipeline.smart_turn_file --repin
 
 # Debian packages the suite needs: gcc (the C reference forwarder in the benchmarks) and

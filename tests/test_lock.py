@@ -27,6 +27,8 @@ from sync import canonical, installed, pins  # noqa: E402
 
 DEV_LOCK = ROOT / "requirements.txt"
 RUNTIME_LOCK = ROOT / "requirements" / "runtime.txt"
+INSTALLER_LOCK = ROOT / "requirements" / "installer.txt"
+UV = ROOT / "build" / "installer" / "bin" / "uv"  # make installs it from INSTALLER_LOCK
 SERVICES = ("relay", "transceiver", "pipeline")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
@@ -122,7 +124,7 @@ def test_the_environment_is_exactly_the_lock() -> None:
     assert installed(sys.executable) == pins(DEV_LOCK.read_text())
 
 
-@pytest.mark.parametrize("lock", [DEV_LOCK, RUNTIME_LOCK], ids=lambda p: p.name)
+@pytest.mark.parametrize("lock", [DEV_LOCK, RUNTIME_LOCK, INSTALLER_LOCK], ids=lambda p: p.name)
 def test_every_pin_is_exact_and_hashed(lock: Path) -> None:
     blocks = locked_blocks(lock.read_text())
     assert blocks, f"{lock.name} pins nothing"
@@ -210,15 +212,18 @@ def test_the_npm_bundle_is_locked_exactly() -> None:
 
 def test_sync_removes_what_the_lock_does_not_pin(tmp_path: Path) -> None:
     """requirements/sync.py brings an environment holding an unlisted package back to the lock."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    venv = tmp_path / "venv"  # without pip: uv installs the lock's (pip freeze reads it below)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+    )
     python = str(venv / "bin" / "python")
     blocks = locked_blocks(DEV_LOCK.read_text())
     small = tmp_path / "small.lock"
     small.write_text(blocks["pip"] + blocks["setuptools"] + blocks["sniffio"])
     bigger = tmp_path / "bigger.lock"
     bigger.write_text(small.read_text() + blocks["iniconfig"])
-    sync = [python, str(ROOT / "requirements" / "sync.py"), python]
+    assert UV.exists(), f"{UV} is missing: make installs it"
+    sync = [python, str(ROOT / "requirements" / "sync.py"), python, "--uv", str(UV)]
     subprocess.run([*sync, str(bigger)], check=True, capture_output=True, timeout=300)
     assert installed(python) == pins(bigger.read_text())
     subprocess.run([*sync, str(small)], check=True, capture_output=True, timeout=300)
