@@ -545,10 +545,12 @@ def confine(args: argparse.Namespace, target: Target, held: contextlib.ExitStack
 def run_once(args: argparse.Namespace) -> int:
     """One shape against one stack (started here with --local), then its summary."""
     transceivers = args.transceivers or (2 if args.fault else 1)
+    summarised = None
     with contextlib.ExitStack() as held:
-        # piper speaks the questions while the stack starts (its processes load their models)
-        speaking = held.enter_context(ThreadPoolExecutor(1, "questions"))
-        spoken = speaking.submit(write_questions, args)
+        # beside the stack: piper speaks the questions while it starts (its processes load
+        # their models), the figures are drawn while it stops (its processes drain and exit)
+        beside = held.enter_context(ThreadPoolExecutor(1, "beside the stack"))
+        spoken = beside.submit(write_questions, args)
         if args.local and not args.worker:
             stack = local_stack(args.local, transceivers, args.media_path, args.speech_prewarm)
             target = held.enter_context(stack)
@@ -558,8 +560,10 @@ def run_once(args: argparse.Namespace) -> int:
         questions = spoken.result()
         with fault_injected(args, target):
             code = run_locust(args, target, questions)
-    if not args.worker:
-        summarise(args.report_dir, draw=not args.no_figures)
+        if not args.worker:
+            summarised = beside.submit(summarise, args.report_dir, not args.no_figures)
+    if summarised is not None:
+        summarised.result()  # its failure, raised here
     return code
 
 
