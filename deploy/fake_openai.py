@@ -47,16 +47,18 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import openai
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from deploy.fake_responses import responses_problem, responses_sse
 from deploy.waiting import poll
+
+if TYPE_CHECKING:  # the SDK's client, for tests that talk to the fake through it: 0.9 s of
+    import openai  # imports the server process does not need
 
 SPEECH_SAMPLES_PER_WORD = 2_400  # 0.1 s at 24 kHz
 INTERPRETER = re.compile(r"You are an interpreter\. Translate what the user says into ([^.]+)\.")
@@ -624,6 +626,8 @@ class FakeOpenAIServer:
         raise RuntimeError("fake OpenAI server did not report its port")
 
     def openai_client(self, timeout_s: float = 30.0) -> openai.AsyncOpenAI:
+        import openai
+
         return openai.AsyncOpenAI(
             base_url=f"{self.base_url}/v1", api_key="sk-test", max_retries=0, timeout=timeout_s
         )
