@@ -152,33 +152,6 @@ async def test_a_spoken_question_is_answered_and_a_follow_up_uses_the_previous_t
     assert len(heard.split()) >= 3, heard
 
 
-OPEN_QUESTIONS = [
-    ("What is twelve times twelve?", ("144", "hundred forty-four", "hundred and forty-four")),
-    ("Who wrote Romeo and Juliet?", ("Shakespeare",)),
-    ("What is the largest planet in our solar system?", ("Jupiter",)),
-    ("How many days are there in a week?", ("seven", "7")),
-    ("What is the boiling point of water in Celsius?", ("100", "hundred")),
-]
-
-
-async def test_open_questions_get_right_answers(
-    model: LlamaCppLanguageModel, piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText
-) -> None:
-    """Questions no knowledge file holds, each in a new conversation with the session's tools
-    (the model may look one up first: the answer is what counts)."""
-    wrong = {}
-    for question, accepted in OPEN_QUESTIONS:
-        engine = make_engine(sphinx, model, piper, speak=False)
-        async with engine:
-            engine.add_user_text(question)
-            engine.create_response()
-            seen = await collect_until(engine, turn_done(1))
-        answer = "".join(e.text for e in seen if isinstance(e, ev.ResponseTextDelta))
-        if not any(word.lower() in answer.lower() for word in accepted):
-            wrong[question] = answer
-    assert wrong == {}
-
-
 async def test_the_time_is_asked_of_the_tool_each_time_and_its_result_spoken(
     model: LlamaCppLanguageModel, piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText
 ) -> None:
@@ -375,6 +348,33 @@ async def test_a_warm_up_reads_the_words_so_far_and_the_answer_only_the_rest(
     read = model.last_prompt_tokens
     assert read.cached >= warm.cached + 4, (warm, read)  # the warm-up's words were reused
     assert read.computed <= 8, (warm, read)  # " largest", "?" and the header, as tokenized
+
+
+OPEN_QUESTIONS = [
+    ("What is twelve times twelve?", ("144", "hundred forty-four", "hundred and forty-four")),
+    ("Who wrote Romeo and Juliet?", ("Shakespeare",)),
+    ("What is the largest planet in our solar system?", ("Jupiter",)),
+    ("How many days are there in a week?", ("seven", "7")),
+    ("What is the boiling point of water in Celsius?", ("100", "hundred")),
+]
+
+
+async def test_open_questions_get_right_answers(
+    model: LlamaCppLanguageModel, piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText
+) -> None:
+    """Questions no knowledge file holds, each in a new conversation with the session's tools
+    (the model may look one up first: the answer is what counts)."""
+    wrong = {}
+    for question, accepted in OPEN_QUESTIONS:
+        engine = make_engine(sphinx, model, piper, speak=False)
+        async with engine:
+            engine.add_user_text(question)
+            engine.create_response()
+            seen = await collect_until(engine, turn_done(1))
+        answer = "".join(e.text for e in seen if isinstance(e, ev.ResponseTextDelta))
+        if not any(word.lower() in answer.lower() for word in accepted):
+            wrong[question] = answer
+    assert wrong == {}
 
 
 async def test_without_its_model_the_pipeline_falls_back_to_the_rule_based_agent(
