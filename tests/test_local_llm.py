@@ -51,7 +51,9 @@ KNOWLEDGE = load_knowledge()
 NINE_AM = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 # The suite runs a test file per core, so the cores are never free: one thread writes there as
-# fast as two (pipeline.config.default_llm_threads) and leaves the other file its core
+# fast as two (pipeline.config.default_llm_threads) and leaves the other file its core; it reads
+# prompts for less CPU too (the 299 tokens of a start's warm-up, load 5-6: 8.8 and 10.4 CPU-s
+# against 11.9 and 13.9 with two, the threads waiting for each other)
 THREADS = 1
 
 
@@ -59,7 +61,8 @@ THREADS = 1
 async def model() -> AsyncIterator[LlamaCppLanguageModel]:
     tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
     facts = [f"{entry.title}: {entry.answer}" for entry in KNOWLEDGE.entries]
-    config = LocalLlmConfig(read_ahead=True, threads=THREADS)  # (read_ahead: off by default)
+    # (read_ahead: off by default)
+    config = LocalLlmConfig(read_ahead=True, threads=THREADS, prompt_threads=THREADS)
     llm = LlamaCppLanguageModel(config, topics=KNOWLEDGE.titles, facts=facts, warm_tools=tools)
     await llm.start()
     yield llm
@@ -231,11 +234,11 @@ async def test_once_an_answer_is_written_the_next_turns_start_is_read_ahead(
     # "<|im_end|>\n<|im_start|>user\n", and the empty message's "<|im_end|>\n"
     assert model.last_warm_tokens.computed == 7, model.last_warm_tokens
     read = []
-    for question, city in [("And of Spain?", "Madrid"), ("And France?", "Paris"), ("Japan?", "")]:
+    follow_ups = [("And of Spain?", "Madrid", 0), ("And France?", "Paris", 0), ("Japan?", "", 1)]
+    for question, city, max_tokens in follow_ups:  # (the last answer unread: one token)
         conversation += [Message("assistant", answer.strip()), Message("user", question)]
-        answer = "".join(
-            [e.text async for e in model.generate(conversation, tools) if isinstance(e, TextDelta)]
-        )
+        stream = model.generate(conversation, tools, max_tokens=max_tokens)
+        answer = "".join([e.text async for e in stream if isinstance(e, TextDelta)])
         assert city in answer, (question, answer)
         read.append(model.last_prompt_tokens.computed)
     # "And of Spain?" as 4 tokens, "<|im_end|>\n<|im_start|>assistant\n" as 5. The next two
@@ -251,10 +254,13 @@ async def test_told_not_to_the_model_reads_no_next_turns_start(
     """``PIPELINE_LOCAL_LLM_READ_NEXT_HEADER=0``: an answer read to its end is followed by no
     read of the next turn's start (what an A/B of it needs)."""
     monkeypatch.setattr(model, "config", replace(model.config, read_next_header=False))
+    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]  # (the cache's start stays theirs)
     await asyncio.wait_for(model.warm_up_done(), timeout=60)
     reads = model.header_reads
     asked = [Message("user", "What is the capital of Italy?")]
-    answer = "".join([e.text async for e in model.generate(asked, []) if isinstance(e, TextDelta)])
+    answer = "".join(
+        [e.text async for e in model.generate(asked, tools) if isinstance(e, TextDelta)]
+    )
     assert "Rome" in answer and model.header_reads == reads and not model.warming
 
 
@@ -284,8 +290,9 @@ async def test_a_barge_in_stops_the_generation_and_the_process_rests(
     """Closing the stream after its first words stops llama.cpp: the process goes quiet long
     before a 1000-token answer could have been written, and stays quiet (no thread spins)."""
     story = [Message("user", "Tell me a very long story about a dragon and a knight.")]
+    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]  # (the cache's start stays theirs)
     await asyncio.wait_for(model.warm_up_done(), timeout=60)
-    reads, stream = model.header_reads, model.generate(story, [], max_tokens=1000)
+    reads, stream = model.header_reads, model.generate(story, tools, max_tokens=1000)
     async with aclosing(stream):
         first = await anext(stream)
     assert isinstance(first, TextDelta)
@@ -305,7 +312,8 @@ async def test_an_answer_dropped_before_its_first_word_leaves_its_words_read_for
     question = [Message("user", "What is the capital of France?")]
     fresh = [e async for e in model.generate(question, tools)]
     read_afresh = model.last_prompt_tokens.computed
-    [e async for e in model.generate([Message("user", "Say hello.")], tools)]  # forgets it
+    forget = [Message("user", "Say hello.")]  # its answer unread: one token
+    [e async for e in model.generate(forget, tools, max_tokens=1)]  # forgets it
     await asyncio.wait_for(model.warm_up_done(), timeout=60)  # (the header read after it)
     early = model.generate([Message("user", "What is the capital")], tools)
     started = asyncio.ensure_future(anext(early))
@@ -350,20 +358,30 @@ async def test_a_warm_up_reads_the_words_so_far_and_the_answer_only_the_rest(
     assert read.computed <= 8, (warm, read)  # " largest", "?" and the header, as tokenized
 
 
+# Asked last of the model's tests, and "twelve times twelve" last of them: the model looks that
+# one up, and asked again without the tools (LlamaCppLanguageModel.generate), it leaves the KV
+# cache on the system prompt alone; the next request with the tools read them all again (~210
+# tokens, 10 CPU-s on 2 shared cores)
 OPEN_QUESTIONS = [
-    ("What is twelve times twelve?", ("144", "hundred forty-four", "hundred and forty-four")),
     ("Who wrote Romeo and Juliet?", ("Shakespeare",)),
     ("What is the largest planet in our solar system?", ("Jupiter",)),
     ("How many days are there in a week?", ("seven", "7")),
     ("What is the boiling point of water in Celsius?", ("100", "hundred")),
+    ("What is twelve times twelve?", ("144", "hundred forty-four", "hundred and forty-four")),
 ]
 
 
 async def test_open_questions_get_right_answers(
-    model: LlamaCppLanguageModel, piper: PiperTextToSpeech, sphinx: PocketsphinxSpeechToText
+    model: LlamaCppLanguageModel,
+    piper: PiperTextToSpeech,
+    sphinx: PocketsphinxSpeechToText,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Questions no knowledge file holds, each in a new conversation with the session's tools
     (the model may look one up first: the answer is what counts)."""
+    # no conversation has a next turn: its header is not read (after the last answer, given
+    # without the tools, that read would read the tools again)
+    monkeypatch.setattr(model, "config", replace(model.config, read_next_header=False))
     wrong = {}
     for question, accepted in OPEN_QUESTIONS:
         engine = make_engine(sphinx, model, piper, speak=False)
@@ -406,8 +424,16 @@ async def test_a_transceiver_is_ready_only_once_its_local_model_is_warm(tmp_path
     warm-up in ``start()`` (the system prompt and the tools read into its cache): asked from
     the process's start, ``/readyz`` answers 200 only once the model is logged warm."""
     http = ("127.0.0.1", free_port(socket.SOCK_STREAM))
+    knowledge = tmp_path / "knowledge.md"
+    knowledge.write_text("## Tea\nTea is made from leaves.\n")
     env = {"PIPELINE_LLM": "local", "TRANSCEIVER_SECRET_KEYS": random_keys()}
     env["PIPELINE_LOCAL_LLM_THREADS"] = str(THREADS)
+    env |= {
+        "PIPELINE_STT": "pocketsphinx",
+        "PIPELINE_TTS": "espeak",
+        "PIPELINE_VAD_MODEL": "webrtc",
+    }
+    env["PIPELINE_KNOWLEDGE_FILE"] = str(knowledge)
     process = transceiver_process(
         "transceiver", ("127.0.0.1", free_port()), http, "127.0.0.1:3478", random_keys(),
         tmp_path, env, agent="pipeline",
