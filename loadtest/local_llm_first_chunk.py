@@ -74,10 +74,10 @@ def first_chunk_at(timed: Timed, first_words: int) -> tuple[float, float] | None
 
 
 async def timed_round(
-    llm: LlamaCppLanguageModel, messages: list[Message], tools: ToolRegistry
+    llm: LlamaCppLanguageModel, messages: list[Message], tools: ToolRegistry, max_tokens: int = 0
 ) -> Timed:
     timed, wall0, cpu0 = Timed(), time.perf_counter(), cpu_s()
-    async for event in llm.generate(messages, tools.specs()):
+    async for event in llm.generate(messages, tools.specs(), max_tokens=max_tokens):
         if isinstance(event, TextDelta):
             timed.deltas.append((time.perf_counter() - wall0, cpu_s() - cpu0, event.text))
         elif isinstance(event, ToolCall):
@@ -92,10 +92,12 @@ async def answer(
     tools: ToolRegistry,
     read_ahead: bool = False,
     history: list[Message] | None = None,
+    max_tokens: int = 0,
 ) -> Timed:
     """The answer's last round (after any tool's result); with ``read_ahead``, the question
     but its last word read into the cache first. ``history``: the conversation so far, to
-    which the question, any tool rounds and the answer are added."""
+    which the question, any tool rounds and the answer are added. ``max_tokens``: each
+    round's limit (0: the model's configured one)."""
     messages = history if history is not None else []
     earlier, warm_read = list(messages), 0
     messages.append(Message("user", question))
@@ -104,7 +106,7 @@ async def answer(
         llm.warm([*earlier, Message("user", words)], tools.specs())
         await llm.warm_up_done()
         warm_read = llm.last_warm_tokens.computed
-    timed = await timed_round(llm, messages, tools)
+    timed = await timed_round(llm, messages, tools, max_tokens)
     timed.warm_read_tokens = warm_read
     for _ in range(2):
         if not timed.calls:
@@ -113,7 +115,7 @@ async def answer(
         for call in timed.calls:
             result = await tools.execute(call)
             messages.append(Message("tool", result.output, tool_call_id=call.call_id))
-        timed = await timed_round(llm, messages, tools)
+        timed = await timed_round(llm, messages, tools, max_tokens)
     messages.append(Message("assistant", timed.text.strip()))
     return timed
 

@@ -219,28 +219,33 @@ async def test_once_an_answer_is_written_the_next_turns_start_is_read_ahead(
 ) -> None:
     """An answer read to its end: the conversation with it and the next user message's header
     are read into the KV cache while it plays, and the follow-up reads only its own words and
-    the assistant's header. A tool call is followed by no such read (its result comes at once)."""
-    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
+    the assistant's header. A tool call is followed by no such read (its result comes at once).
+    The conversation is asked as ``local_llm_first_chunk --conversation`` asks it: each
+    question and its answer, as written, go into one history, and a follow-up is answered
+    from it."""
+    tools = ToolRegistry(builtin_tools(KNOWLEDGE, lambda: NINE_AM))
     await asyncio.wait_for(model.warm_up_done(), timeout=60)
     reads = model.header_reads
-    asked = [e async for e in model.generate([Message("user", "What time is it?")], tools)]
+    time_asked = [Message("user", "What time is it?")]
+    asked = [e async for e in model.generate(time_asked, tools.specs())]
     assert any(isinstance(e, ToolCall) for e in asked) and model.header_reads == reads
-    conversation = [Message("user", "What is the capital of Italy?")]
-    answer = "".join(
-        [e.text async for e in model.generate(conversation, tools) if isinstance(e, TextDelta)]
-    )
-    assert "Rome" in answer and model.header_reads == reads + 1
+    history: list[Message] = []
+    rome = await first_chunk.answer(model, "What is the capital of Italy?", tools, history=history)
+    assert "Rome" in rome.text and model.header_reads == reads + 1
     await asyncio.wait_for(model.warm_up_done(), timeout=60)
     # "<|im_end|>\n<|im_start|>user\n", and the empty message's "<|im_end|>\n"
     assert model.last_warm_tokens.computed == 7, model.last_warm_tokens
-    read = []
+    read, answers = [], [rome.text.strip()]
     follow_ups = [("And of Spain?", "Madrid", 0), ("And France?", "Paris", 0), ("Japan?", "", 1)]
     for question, city, max_tokens in follow_ups:  # (the last answer unread: one token)
-        conversation += [Message("assistant", answer.strip()), Message("user", question)]
-        stream = model.generate(conversation, tools, max_tokens=max_tokens)
-        answer = "".join([e.text async for e in stream if isinstance(e, TextDelta)])
-        assert city in answer, (question, answer)
-        read.append(model.last_prompt_tokens.computed)
+        timed = await first_chunk.answer(
+            model, question, tools, history=history, max_tokens=max_tokens
+        )
+        assert city in timed.text, (question, timed.text)
+        read.append(timed.read_tokens)
+        answers.append(timed.text.strip())
+    assert [m.role for m in history] == ["user", "assistant"] * 4, history
+    assert [m.content for m in history[1::2]] == answers, history
     # "And of Spain?" as 4 tokens, "<|im_end|>\n<|im_start|>assistant\n" as 5. The next two
     # are asked at once: the header read after each answer is then either dropped or waited
     # for, so it never lands after the next answer (the one after that would read the whole
@@ -264,18 +269,12 @@ async def test_told_not_to_the_model_reads_no_next_turns_start(
     assert "Rome" in answer and model.header_reads == reads and not model.warming
 
 
-async def test_the_first_chunk_bench_can_ask_in_one_conversation(
-    model: LlamaCppLanguageModel, capsys: pytest.CaptureFixture[str]
+async def test_the_first_chunk_bench_refuses_a_gap_it_would_not_use(
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """``local_llm_first_chunk --conversation``: each question and its answer, as written, go
-    into one history, and a follow-up is answered from it. A gap out of range is refused, and
-    so is a gap without ``--conversation`` (it would be ignored)."""
-    tools = ToolRegistry(builtin_tools(KNOWLEDGE, lambda: NINE_AM))
-    history: list[Message] = []
-    await first_chunk.answer(model, "What is the capital of Italy?", tools, history=history)
-    timed = await first_chunk.answer(model, "And of Spain?", tools, history=history)
-    assert [m.role for m in history] == ["user", "assistant", "user", "assistant"]
-    assert "Madrid" in timed.text and history[-1].content == timed.text.strip(), history
+    """``local_llm_first_chunk``: a gap out of range is refused, and so is a gap without
+    ``--conversation`` (it would be ignored). (Its conversation is asked in
+    test_once_an_answer_is_written_the_next_turns_start_is_read_ahead.)"""
     with pytest.raises(SystemExit):
         first_chunk.main(["--conversation", "--gap-s", "61"])
     assert "--gap-s must be within 0..60, got 61.0" in capsys.readouterr().err
