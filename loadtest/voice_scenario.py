@@ -133,7 +133,7 @@ def local_stack(
         env = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}
         fake = None
         if mode == "api":
-            from deploy.fake_openai import FakeOpenAIServer  # 1 s of imports, for "api" only
+            from deploy.fake_openai import FakeOpenAIServer  # its imports (fastapi): "api" only
 
             fake = held.enter_context(FakeOpenAIServer())
             env = {"OPENAI_API_KEY": "sk-local-load", "OPENAI_BASE_URL": fake.base_url + "/v1"}
