@@ -56,8 +56,10 @@ def installed(python: str) -> dict[str, str]:
 
 def sync(uv: str, python: str, lock: Path, editable: Path | None) -> None:
     target = ["-q", "--python", python]
+    # --compile-bytecode: the .pyc files written now, as pip does (where PYTHONDONTWRITEBYTECODE
+    # is set, as on CI machines, every process would compile what it imports, every time)
     subprocess.run([uv, "pip", "sync", *target, "--require-hashes", "--only-binary", ":all:",
-                    str(lock)], check=True)  # fmt: skip
+                    "--compile-bytecode", str(lock)], check=True)  # fmt: skip
     if editable is not None:
         subprocess.run([uv, "pip", "install", *target, "--no-deps", "--no-build-isolation",
                         "-e", str(editable)], check=True)  # fmt: skip
