@@ -489,7 +489,12 @@ async def test_a_short_pause_starts_an_early_answer_only_when_the_model_says_don
     (done,) = [event for event in events if isinstance(event, ev.TurnCompleted)]
     dropped = said_done or before_verdict
     assert engine.early_answers_discarded == dropped == done.record.early_answers_discarded
-    assert (done.record.early_answers_wasted_ms > 0) == dropped
+    if before_verdict:  # started on the words, it met its providers while the model decided
+        assert done.record.early_answers_wasted_ms > 0
+    elif not dropped:
+        assert done.record.early_answers_wasted_ms == 0
+    # (started on the verdict, ~150 ms into a 160 ms pause, a dropped answer may not have reached
+    # its providers yet: nothing wasted, as a loaded CI machine showed)
     assert engine.early_answers_wasted_ms == done.record.early_answers_wasted_ms
     (final,) = [e for e in events if isinstance(e, ev.InputTranscript) and e.final]
     assert word in final.text and len(final.text.split()) > len(parts[0].split())  # both
