@@ -42,7 +42,9 @@ def bundle() -> str:
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Launched]:
     args = ["--agent", "pipeline", "--auth", "required"]
-    with launched(args, env={"TRANSCEIVER_API_KEY": API_KEY}) as running:
+    # the fixed replies not spoken ahead (tests/test_speech_prewarm.py tests that): ~5 CPU-s
+    env = {"TRANSCEIVER_API_KEY": API_KEY, "PIPELINE_SPEECH_PREWARM": "0"}
+    with launched(args, env=env) as running:
         yield running
     assert running.process.returncode == 0 and not running.left_running, running.tail()
 

@@ -69,6 +69,9 @@ STACK_ENV = {
     "OPENAI_BASE_URL": "",
     "PIPELINE_PIPER_NOISE_SCALE": "0",  # deterministic speech, easier to recognise
     "PIPELINE_PIPER_NOISE_W_SCALE": "0",
+    # the fixed replies not spoken ahead as each transceiver starts (tests/test_speech_prewarm.py
+    # tests that): ~5 CPU-s each, spent while the page's call runs
+    "PIPELINE_SPEECH_PREWARM": "0",
 }
 
 
