@@ -382,8 +382,9 @@ def test_make_runs_redis_is_reached_at_the_url_it_hands_out_on_an_ipv6_host(
         pytest.fail("redis-server is not installed (make sysdeps installs it)")
     command, url = made
     server = subprocess.Popen(command.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis.from_url(url, socket_timeout=2)
+    client = None
     try:
+        client = redis.Redis.from_url(url, socket_timeout=2)  # (an unreadable URL fails here)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -395,7 +396,8 @@ def test_make_runs_redis_is_reached_at_the_url_it_hands_out_on_an_ipv6_host(
                 time.sleep(0.05)
         assert client.connection_pool.connection_kwargs["host"] == "::1"
     finally:
-        client.close()
+        if client is not None:
+            client.close()
         server.terminate()
         server.wait(timeout=10)
 
