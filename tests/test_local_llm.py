@@ -48,6 +48,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 RATE_HZ = 16000
 OUT_RATE_HZ = 24000
 KNOWLEDGE = load_knowledge()
+TOOLS = [tool.spec for tool in builtin_tools(KNOWLEDGE)]  # as the model is warmed with them
 NINE_AM = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 # The suite runs a test file per core, so the cores are never free: one thread writes there as
@@ -59,11 +60,10 @@ THREADS = 1
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def model() -> AsyncIterator[LlamaCppLanguageModel]:
-    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
     facts = [f"{entry.title}: {entry.answer}" for entry in KNOWLEDGE.entries]
     # (read_ahead: off by default)
     config = LocalLlmConfig(read_ahead=True, threads=THREADS, prompt_threads=THREADS)
-    llm = LlamaCppLanguageModel(config, topics=KNOWLEDGE.titles, facts=facts, warm_tools=tools)
+    llm = LlamaCppLanguageModel(config, topics=KNOWLEDGE.titles, facts=facts, warm_tools=TOOLS)
     await llm.start()
     yield llm
     await llm.aclose()
@@ -120,8 +120,7 @@ async def test_the_system_prompt_stays_warm_between_conversations(
 ) -> None:
     """The first conversation after start computes only its own tokens: the system prompt and
     the tools' definitions (hundreds of tokens) were put in the KV cache by start()."""
-    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
-    events = [e async for e in model.generate([Message("user", "Say hello.")], tools)]
+    events = [e async for e in model.generate([Message("user", "Say hello.")], TOOLS)]
     assert not any(isinstance(e, ToolCall) for e in events)
     assert model.last_prompt_tokens.cached > 300
     assert model.last_prompt_tokens.computed < 40
@@ -205,11 +204,10 @@ async def test_a_call_the_model_writes_is_taken_once_its_name_is_written(
     """A time question worded past the turn's own check ("Can you look at the clock?"): the
     model writes the call itself, in a Markdown fence (20 tokens), and it is taken
     once its name is settled."""
-    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
     settled = model.settled_calls
     question = [Message("user", "Can you look at the clock?")]
-    assert time_call(question, [tool.name for tool in tools]) is None
-    events = [e async for e in model.generate(question, tools)]
+    assert time_call(question, [tool.name for tool in TOOLS]) is None
+    events = [e async for e in model.generate(question, TOOLS)]
     assert [e.name for e in events if isinstance(e, ToolCall)] == ["current_time"], events
     assert model.settled_calls == settled + 1
 
@@ -259,12 +257,11 @@ async def test_told_not_to_the_model_reads_no_next_turns_start(
     """``PIPELINE_LOCAL_LLM_READ_NEXT_HEADER=0``: an answer read to its end is followed by no
     read of the next turn's start (what an A/B of it needs)."""
     monkeypatch.setattr(model, "config", replace(model.config, read_next_header=False))
-    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]  # (the cache's start stays theirs)
     await asyncio.wait_for(model.warm_up_done(), timeout=60)
     reads = model.header_reads
     asked = [Message("user", "What is the capital of Italy?")]
     answer = "".join(
-        [e.text async for e in model.generate(asked, tools) if isinstance(e, TextDelta)]
+        [e.text async for e in model.generate(asked, TOOLS) if isinstance(e, TextDelta)]
     )
     assert "Rome" in answer and model.header_reads == reads and not model.warming
 
@@ -289,9 +286,8 @@ async def test_a_barge_in_stops_the_generation_and_the_process_rests(
     """Closing the stream after its first words stops llama.cpp: the process goes quiet long
     before a 1000-token answer could have been written, and stays quiet (no thread spins)."""
     story = [Message("user", "Tell me a very long story about a dragon and a knight.")]
-    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]  # (the cache's start stays theirs)
     await asyncio.wait_for(model.warm_up_done(), timeout=60)
-    reads, stream = model.header_reads, model.generate(story, tools, max_tokens=1000)
+    reads, stream = model.header_reads, model.generate(story, TOOLS, max_tokens=1000)
     async with aclosing(stream):
         first = await anext(stream)
     assert isinstance(first, TextDelta)
@@ -307,14 +303,13 @@ async def test_an_answer_dropped_before_its_first_word_leaves_its_words_read_for
     """An early answer (started at a pause) thrown away before its first token, as when the
     user goes on: it stops, and the answer to the whole question reads fewer new tokens than
     the same question asked afresh, its first words already in the KV cache."""
-    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
     question = [Message("user", "What is the capital of France?")]
-    fresh = [e async for e in model.generate(question, tools)]
+    fresh = [e async for e in model.generate(question, TOOLS)]
     read_afresh = model.last_prompt_tokens.computed
     forget = [Message("user", "Say hello.")]  # its answer unread: one token
-    [e async for e in model.generate(forget, tools, max_tokens=1)]  # forgets it
+    [e async for e in model.generate(forget, TOOLS, max_tokens=1)]  # forgets it
     await asyncio.wait_for(model.warm_up_done(), timeout=60)  # (the header read after it)
-    early = model.generate([Message("user", "What is the capital")], tools)
+    early = model.generate([Message("user", "What is the capital")], TOOLS)
     started = asyncio.ensure_future(anext(early))
     for _ in range(1000):  # until the request is with the server (a few loop turns)
         if model._answers:
@@ -325,7 +320,7 @@ async def test_an_answer_dropped_before_its_first_word_leaves_its_words_read_for
     with pytest.raises(asyncio.CancelledError):
         await started
     assert not model._answers
-    whole = [e async for e in model.generate(question, tools)]
+    whole = [e async for e in model.generate(question, TOOLS)]
     assert model.last_prompt_tokens.computed < read_afresh, (read_afresh, model.last_prompt_tokens)
     for answer in (fresh, whole):
         assert "Paris" in "".join(e.text for e in answer if isinstance(e, TextDelta))
@@ -337,19 +332,18 @@ async def test_a_warm_up_reads_the_words_so_far_and_the_answer_only_the_rest(
     """While the user speaks, a warm-up reads the request with the words so far into the KV
     cache (one at a time); the turn's answer then reads only the words after them and the
     assistant's header (the runtime's own counters). No warm-up starts while an answer runs."""
-    tools = [tool.spec for tool in builtin_tools(KNOWLEDGE)]
     await asyncio.wait_for(model.warm_up_done(), timeout=60)  # (an earlier answer's, if any)
     started = model.warm_ups
-    model.warm([Message("user", "Which planet is the")], tools)
-    model.warm([Message("user", "Which planet is the big")], tools)  # one at a time
+    model.warm([Message("user", "Which planet is the")], TOOLS)
+    model.warm([Message("user", "Which planet is the big")], TOOLS)  # one at a time
     assert model.warm_ups == started + 1
     await asyncio.wait_for(model.warm_up_done(), timeout=60)
     warm = model.last_warm_tokens
     assert warm.computed >= 4 + 2, warm  # its four words and "<|im_end|>\n"
     answer = []
-    async for event in model.generate([Message("user", "Which planet is the largest?")], tools):
+    async for event in model.generate([Message("user", "Which planet is the largest?")], TOOLS):
         answer.append(event)
-        model.warm([Message("user", "Something else entirely")], tools)
+        model.warm([Message("user", "Something else entirely")], TOOLS)
         assert model.warm_ups == started + 1 and not model.warming
     assert "Jupiter" in "".join(e.text for e in answer if isinstance(e, TextDelta)), answer
     read = model.last_prompt_tokens
