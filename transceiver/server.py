@@ -21,7 +21,6 @@ import contextlib
 import functools
 import logging
 import os
-import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -52,7 +51,7 @@ from transceiver.webrtc import ice, rtp_tuning, sctp_bundling
 from transceiver.webrtc.calls import CallLimits, Calls
 from transceiver.webrtc.link import Address, Link, RoutePublisherFactory
 from transceiver.workers.seats import Seat, worker_link
-from transceiver.workers.supervisor import WORKER_READY
+from transceiver.workers.supervisor import WORKER_READY, stop_on_signals
 
 logger = logging.getLogger("transceiver")
 STARTUP_TIMEOUT_S = 10.0
@@ -97,7 +96,7 @@ async def serve(
         records = None if agents.persistence is None else agents.persistence.records
         if records is not None:
             registry.register(CallRecordCollector(records))
-        stop = _stop_on_signals()
+        stop = stop_on_signals()
         link = Link(
             config.link,
             config.keyring,
@@ -162,15 +161,6 @@ def _freeze_start_up_heap() -> None:
     otherwise walks all of it, with the event loop stopped (measured at 45 calls on the lean
     path: a 152 ms pause every ~14 s). Calls and turns made later are collected as before."""
     freeze_heap()
-
-
-def _stop_on_signals() -> asyncio.Event:
-    """An event SIGTERM and SIGINT set, and nothing more."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    return stop
 
 
 def _route_publisher(

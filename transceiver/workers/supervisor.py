@@ -88,11 +88,16 @@ def run_pod(config: TransceiverConfig, argv: Sequence[str], count: int) -> int:
 
 
 async def _run_until_signalled(config: TransceiverConfig, argv: Sequence[str], count: int) -> int:
-    stop = asyncio.Event()  # SIGTERM and SIGINT set it, and nothing more
+    return await Pod(config, argv, count).run(stop_on_signals())
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM and SIGINT set, and nothing more (a pod's and a server's stop)."""
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    return await Pod(config, argv, count).run(stop)
+    return stop
 
 
 class Pod:
