@@ -11,7 +11,8 @@ question while Redis fails under it.
   brings the data back), or SIGSTOPped and later continued; it is away for longer than the
   session's lease. The conversation goes on, ``/readyz`` says "degraded" and stays 200 the
   whole time (a Redis outage must not refuse calls fleet-wide), and once Redis is back the
-  turns spoken meanwhile are caught up in order, with the same owner and fencing token.
+  turns spoken meanwhile are caught up in order, with the same owner and fencing token. The
+  two outages share one redis-server and transceiver (each test its own session).
 
 "Acknowledged": a message the server told the client is part of the conversation: every
 ``conversation.item.done`` message item the client received (its own text messages, and the
@@ -37,6 +38,7 @@ from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 
 from deploy.processes import Process, Stack
 from deploy.redis_server import (
@@ -397,20 +399,42 @@ OUTAGES: dict[str, tuple[Callable[[RedisServer], object], Callable[[RedisServer]
 }
 
 
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def outage_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Survival]:
+    """One redis-server (append-only) and one transceiver for both outages: each test has its
+    own session, and leaves Redis answering again (``redis_answering``)."""
+    log_dir = tmp_path_factory.mktemp("outage")
+    async with survival_stack(log_dir, transceivers=1, redis_args=APPEND_ONLY) as survival:
+        yield survival
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def redis_answering(outage_stack: Survival) -> AsyncIterator[Survival]:
+    """The shared stack; Redis continued or restarted after the test, however it ended."""
+    try:
+        yield outage_stack
+    finally:
+        redis = outage_stack.redis
+        if redis.process is not None and redis.process.poll() is None:
+            redis.unpause()  # SIGCONT: nothing if it was not stopped
+        else:
+            redis.start()
+
+
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("outage", list(OUTAGES))
 async def test_a_conversation_goes_on_while_redis_is_down_and_then_catches_up(
-    tmp_path: Path, outage: str
+    redis_answering: Survival, outage: str
 ) -> None:
-    async with survival_stack(tmp_path, transceivers=1, redis_args=APPEND_ONLY) as survival:
-        client = RealtimeClient()
-        try:
-            async with (
-                httpx.AsyncClient(timeout=30) as http,
-                diagnosed(survival.stack, [client], [survival.redis.log]),
-            ):
-                await outage_conversation(survival, http, client, outage)
-        finally:
-            await client.close()
+    survival, client = redis_answering, RealtimeClient()
+    try:
+        async with (
+            httpx.AsyncClient(timeout=30) as http,
+            diagnosed(survival.stack, [client], [survival.redis.log]),
+        ):
+            await outage_conversation(survival, http, client, outage)
+    finally:
+        await client.close()
 
 
 async def outage_conversation(
