@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import pytest_asyncio
 from agents_sdk import NodeUnavailable, agents_page_html, build_agents_bundle
 from playwright.async_api import Browser, Page
 
@@ -24,6 +25,7 @@ from deploy.processes import Stack, metric_values
 from deploy.waiting import eventually
 from loadtest.browser import chromium, recorded_audio
 
+pytestmark = pytest.mark.asyncio(loop_scope="module")  # the module's browser is on its loop
 STATIC_DIR = Path(__file__).resolve().parents[1] / "transceiver" / "http" / "static"
 CALLS_PATH = "/v1/realtime/calls"
 
@@ -116,10 +118,21 @@ def base_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def shared_browser() -> AsyncIterator[Browser]:
+    """One Chromium for the module (a start costs ~1 CPU-s); each test gets its own context."""
     async with chromium() as running:
         yield running
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def browser(shared_browser: Browser) -> AsyncIterator[Browser]:
+    """The module's Chromium; the pages (each in its own context) a test opened are closed
+    after it, so no test sees another's cookies, storage or calls."""
+    before = set(shared_browser.contexts)
+    yield shared_browser
+    for context in set(shared_browser.contexts) - before:
+        await context.close()
 
 
 class PageErrors:
@@ -311,36 +324,35 @@ async def test_error_events_are_shown(browser: Browser, base_url: str) -> None:
 
 
 @pytest.mark.slow
-async def test_echo_mode_call_through_the_relay(tmp_path: Path) -> None:
+async def test_echo_mode_call_through_the_relay(browser: Browser, tmp_path: Path) -> None:
     """A real call (relay + echo transceiver): no events needed, the page plays the echo."""
     stack = Stack(tmp_path, transceivers=1, workers=1)
     try:
         await stack.start()
         forwarded: list[tuple[str, str, dict[str, str]]] = []
         with static_server(upstream=stack.base_url(0), forwarded=forwarded) as url:
-            async with chromium() as browser:
-                page, errors = await open_client(browser, url + "/?record=1&key=ek_test")
-                await page.evaluate("window.voicerelay.connect()")
-                assert await page.text_content("#state-connection") == "connected"
-                assert await page.is_enabled("#hangup")
-                await page.wait_for_function(
-                    "window.voicerelay.recording().pcm16_b64.length > 4 * 48000", timeout=15_000
-                )
-                samples, rate_hz = await recorded_audio(page)
-                # The in-page meter times the first audible sound after speech stopped.
-                stopped = ev("input_audio_buffer.speech_stopped", item_id="item_1", audio_end_ms=0)
-                await inject(page, [stopped])
-                await page.wait_for_function("window.voicerelay.turns[0].heard_ms !== null")
-                await page.evaluate("window.voicerelay.hangup()")  # resolves once answered
-                assert await page.text_content("#state-connection") == "idle"
-                await eventually(lambda: len(forwarded) == 2, 5.0, "the hang-up DELETE")
-                assert errors.errors == []
-                # The page closed its connection after the DELETE, not before: a peer that
-                # just leaves is not a hang-up (its stored session would stay resumable).
-                async with httpx.AsyncClient(timeout=5) as http:
-                    metrics = (await http.get(stack.base_url(0) + "/metrics")).text
-                ended = metric_values(metrics, "transceiver_sessions_ended_total")
-                assert ended == {"hangup": 1.0}, ended
+            page, errors = await open_client(browser, url + "/?record=1&key=ek_test")
+            await page.evaluate("window.voicerelay.connect()")
+            assert await page.text_content("#state-connection") == "connected"
+            assert await page.is_enabled("#hangup")
+            await page.wait_for_function(
+                "window.voicerelay.recording().pcm16_b64.length > 4 * 48000", timeout=15_000
+            )
+            samples, rate_hz = await recorded_audio(page)
+            # The in-page meter times the first audible sound after speech stopped.
+            stopped = ev("input_audio_buffer.speech_stopped", item_id="item_1", audio_end_ms=0)
+            await inject(page, [stopped])
+            await page.wait_for_function("window.voicerelay.turns[0].heard_ms !== null")
+            await page.evaluate("window.voicerelay.hangup()")  # resolves once answered
+            assert await page.text_content("#state-connection") == "idle"
+            await eventually(lambda: len(forwarded) == 2, 5.0, "the hang-up DELETE")
+            assert errors.errors == []
+            # The page closed its connection after the DELETE, not before: a peer that
+            # just leaves is not a hang-up (its stored session would stay resumable).
+            async with httpx.AsyncClient(timeout=5) as http:
+                metrics = (await http.get(stack.base_url(0) + "/metrics")).text
+            ended = metric_values(metrics, "transceiver_sessions_ended_total")
+            assert ended == {"hangup": 1.0}, ended
     finally:
         await stack.stop()
     (post, path, headers), (delete, call_path, _) = forwarded
