@@ -31,7 +31,7 @@ from transceiver.http.hop_signature import (
     pod_keys,
     pod_target,
 )
-from transceiver.http.owner_hop import OwnerForwarder
+from transceiver.http.owner_hop import FORWARD_TIMEOUT_S, OwnerForwarder
 from transceiver.http.owner_routing import BETWEEN_TRANSCEIVERS, HANGUP, WITHIN_POD, OwnerRouting
 from transceiver.http.websocket import Refused
 from transceiver.store.connection import open_redis
@@ -314,6 +314,27 @@ async def test_forwarded_hang_ups_share_the_forwarder_s_kept_alive_connection() 
         b"/v1/realtime/calls/rtc_2",
     ]
     assert all(b"x-voicerelay-hop: 1.1.5.x" in head and AUTH.encode() in head for head in heads)
+
+
+async def test_a_forwarded_hang_up_gives_up_on_an_owner_that_never_answers() -> None:
+    """An owner that takes the connection and never answers (a stopped worker: the kernel
+    accepts for it) is None once the forwarder's own timeout ends, well before the default's."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # read nothing, answer nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    address = server.sockets[0].getsockname()[:2]
+    forwarder = OwnerForwarder(timeout_s=0.2)
+    try:
+        async with asyncio.timeout(FORWARD_TIMEOUT_S / 2):  # the default would outlast it
+            assert await forwarder.forward(hang_up("rtc_4"), address, hop_headers("h")) is None
+    finally:
+        await forwarder.aclose()
+        for writer in held:
+            writer.close()
+        server.close()
 
 
 def test_an_app_closes_the_forwarder_it_made_when_its_lifespan_ends() -> None:

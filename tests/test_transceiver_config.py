@@ -103,6 +103,15 @@ def test_the_delta_window_from_environment_and_flags() -> None:
         RealtimeLimits(delta_coalesce_ms=-1)
 
 
+def test_the_forward_timeout_from_environment_and_flags() -> None:
+    assert TransceiverConfig.load([], {"TRANSCEIVER_KEYS": KEYS}).forward_timeout_s == 10.0
+    env = {"TRANSCEIVER_KEYS": KEYS, "TRANSCEIVER_FORWARD_TIMEOUT_S": "3"}
+    assert TransceiverConfig.load([], env).forward_timeout_s == 3.0
+    assert TransceiverConfig.load(["--forward-timeout-s", "2.5"], env).forward_timeout_s == 2.5
+    with pytest.raises(ConfigError, match="TRANSCEIVER_FORWARD_TIMEOUT_S=0 is below 0.1"):
+        TransceiverConfig.load(["--forward-timeout-s", "0"], env)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -155,6 +155,11 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
         "",
         "CIDRs of proxies whose X-Forwarded-For names the client address (empty: none)",
     ),
+    "forward_timeout_s": (
+        "10",
+        "a hang-up forwarded to its call's owner (a worker of this pod or another transceiver) "
+        "waits this long for the answer",
+    ),
 }
 ENV_WEBHOOK_SECRET = ENV_PREFIX + "WEBHOOK_SECRET"
 
@@ -186,6 +191,7 @@ class TransceiverConfig:
     cpu_budget_cores: float = 0.85
     cpu_window_s: float = 10.0
     rate_limits: RateLimitPolicy = field(default_factory=RateLimitPolicy)
+    forward_timeout_s: float = 10.0
 
     @classmethod
     def load(
@@ -229,6 +235,7 @@ class TransceiverConfig:
             cpu_budget_cores=_number(values, "cpu_budget_cores", float, minimum=0.0),
             cpu_window_s=_number(values, "cpu_window_s", float, minimum=1.0),
             rate_limits=_rate_limits(values),
+            forward_timeout_s=_number(values, "forward_timeout_s", float, minimum=0.1),
         )
 
 

@@ -112,7 +112,8 @@ async def serve(
         try:
             calls = _calls(config, link, registry, agents, None if seat is None else seat.index)
             routing = None if seat is None else WorkerRouting(seat)
-            forwarder = OwnerForwarder()  # hang-ups for calls on other transceivers
+            # hang-ups for calls on other transceivers
+            forwarder = OwnerForwarder(config.forward_timeout_s)
             app = create_app(
                 calls,
                 link,

@@ -49,7 +49,7 @@ from transceiver.http.hop_signature import hop_headers
 
 logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
-FORWARD_TIMEOUT_S = 10.0  # a follow-up's answer (a hang-up ends its call at once)
+FORWARD_TIMEOUT_S = 10.0  # a follow-up's answer, by default (a hang-up ends its call at once)
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # uvicorn's ws_max_size: what a direct sideband may send
 MAX_QUEUED_FRAMES = 16
 MAX_FORWARD_CONNECTIONS = 32  # hang-ups forwarded at once; more wait for a connection
@@ -87,11 +87,12 @@ class OwnerForwarder:
     """The one HTTP client a process forwards follow-ups to their owners with (a hang-up that
     landed on the wrong transceiver): its connections kept alive between hang-ups, at most
     ``MAX_FORWARD_CONNECTIONS``, every step bounded (``CONNECT_TIMEOUT_S``, then
-    ``FORWARD_TIMEOUT_S``). Its owner closes it at shutdown: ``transceiver.server``, or the
-    app that made its own (``app.create_app``, at the end of its lifespan)."""
+    ``timeout_s``: ``TRANSCEIVER_FORWARD_TIMEOUT_S``). Its owner closes it at shutdown:
+    ``transceiver.server``, or the app that made its own (``app.create_app``, at the end of its
+    lifespan)."""
 
-    def __init__(self) -> None:
-        timeout = httpx.Timeout(FORWARD_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+    def __init__(self, timeout_s: float = FORWARD_TIMEOUT_S) -> None:
+        timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
         limits = httpx.Limits(max_connections=MAX_FORWARD_CONNECTIONS)
         self._http = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
 
