@@ -60,6 +60,7 @@ WORKER_LINE = re.compile(r"transceiver worker (\d+) ready .* pid=(\d+) private=(
 CONNECT_TIMEOUT_S = 60.0
 EVENT_TIMEOUT_S = 30.0
 LINGER_S = 60.0  # a call whose session was taken over hangs up this long after its notice
+FORWARD_TIMEOUT_S = 5.0  # a hang-up forwarded to a stopped worker is 503 after this (default 10)
 
 
 @dataclass
@@ -85,6 +86,7 @@ async def pod(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pod]:
     env = {**redis_env(RedisConfig(url=redis.url)), "OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}
     env |= {"TRANSCEIVER_API_KEY": API_KEY, "TRANSCEIVER_SECRET_KEYS": secret_keys}
     env["TRANSCEIVER_REALTIME_LOST_NOTICE_S"] = str(LINGER_S)  # a taken-over call lingers
+    env["TRANSCEIVER_FORWARD_TIMEOUT_S"] = str(FORWARD_TIMEOUT_S)
     transceiver = transceiver_process(
         "pod", links[0], http, text(public), keys, log_dir, env,
         agent="pipeline", auth="required", workers=2, capacity=2,
