@@ -9,7 +9,7 @@ Real redis-server, relay, two pipeline transceivers taking one session each, aio
 - The caller's hang-up (``DELETE`` or ``POST .../hangup``) ends the stored session: its resume
   answers 410 ``session_ended``.
 - A connection its peer closes without hanging up stays resumable. (So do killed, drained and
-  taken-over sessions: test_resume, test_drain_handover, test_takeover.)
+  taken-over sessions: test_resume, test_drain_handover.)
 """
 
 from __future__ import annotations
