@@ -1,7 +1,8 @@
 """A user message's image survives a resume on another transceiver.
 
-Real processes: redis-server, a relay, two pipeline transceivers whose language model is the
-fake OpenAI server (a model that sees images; the API key required). An aiortc client shows
+Real processes: redis-server, a relay, two pipeline transceivers whose stages are the fake
+OpenAI server (a language model that sees images; no local model loaded, as nothing is spoken;
+the API key required). An aiortc client shows
 the model an image on transceiver A (``conversation.item.create`` with an ``input_image``
 part); a second client resumes the session on B: the replayed item has its image, so has
 ``conversation.item.retrieve``, and B's request to the model carries it.
@@ -53,7 +54,7 @@ async def stack(
         "OPENAI_BASE_URL": server.base_url + "/v1",
         "PIPELINE_LLM": "openai",
         "PIPELINE_TTS": "openai",
-        "PIPELINE_STT": "pocketsphinx",
+        "PIPELINE_STT": "openai",  # unused (no speech): no decoder processes started
         "PIPELINE_FALLBACK": "false",
     }
     try:
