@@ -3,6 +3,9 @@
 Six aiortc clients in this process each send their own tone through the relay and must hear
 back only their own tone. Then: one SIGKILLed transceiver, a SIGKILLed and restarted relay,
 and forged traffic on the public port, while the other sessions keep carrying media.
+
+The tests share one stack (a process start each is most of their CPU); each test has its own
+six clients, and a process an earlier test killed is started again before the next one.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
+import pytest_asyncio
 from aioice import stun
 
 from deploy.processes import Stack, metric_values, udp_socket_count
@@ -26,29 +29,43 @@ from loadtest.tones import ToneClient
 from relay.wire.ufrag import Keyring, mint_ufrag
 from transceiver.webrtc.sdp import candidate_addresses
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 TONES_HZ = [330.0, 470.0, 620.0, 780.0, 950.0, 1130.0]
 MEDIA_TIMEOUT_S = 15.0
 RECOVERY_LIMIT_S = 2.0
 
 
-@pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    running = Stack(tmp_path, transceivers=2, workers=2, dual_stack=True)
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """One stack for the module's tests: a relay and transceivers start once, not per test."""
+    started = Stack(tmp_path_factory.mktemp("stack"), transceivers=2, workers=2, dual_stack=True)
     try:
-        yield await running.start()
+        yield await started.start()
     finally:
-        await running.stop()
+        await started.stop()
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
+async def stack(running: Stack) -> Stack:
+    """The module's stack made whole for each test: a transceiver or relay an earlier test
+    killed is started again (same ports, same keys) and every worker keys every transceiver."""
+    for process in running.transceivers:
+        if not process.alive():
+            await process.start().ready()
+    if not running.relay.alive():
+        await running.restart_relay()
+    await running.keyed()
+    return running
+
+
+@pytest_asyncio.fixture(loop_scope="module")
 async def http() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=10) as client:
         yield client
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def clients(stack: Stack, http: httpx.AsyncClient) -> AsyncIterator[list[ToneClient]]:
     """Six connected tone clients, alternating between the two transceivers."""
     tone_clients = [ToneClient(hz) for hz in TONES_HZ]
