@@ -1,9 +1,14 @@
 """The product in a real browser: `make run`'s stack, headless Chromium, the web client.
 
 Everything is real: ``python -m deploy.local`` (what `make run` runs) starts Redis, the relay
-and a transceiver; Chromium loads the web client from the transceiver, its fake microphone plays
-a WAV (a tone, or questions spoken by piper), and the call goes through the relay. The stack is
+and a transceiver; Chromium loads the web client from the transceiver, its microphone plays a
+WAV (a tone, or questions spoken by piper), and the call goes through the relay. The stack is
 stopped with SIGINT (Ctrl-C) and every process it started must be gone.
+
+One Chromium serves the module, a context of its own per test. The page's getUserMedia answers
+with a WebAudio stream (``loadtest.browser.MIC_JS``; silence until a clip plays) into which each
+test plays its WAV once its call is up: no lead-in of silence waited out, and one browser for
+every test's recording (Chromium's file-backed fake device takes its file at launch).
 
 The voice tests run the stack as in production (auth required): each page connects with an
 ``ek_`` secret minted by ``/v1/realtime/client_secrets`` carrying the session's instructions.
@@ -11,7 +16,7 @@ The voice tests run the stack as in production (auth required): each page connec
 
 from __future__ import annotations
 
-import asyncio
+import base64
 import json
 import os
 import re
@@ -28,10 +33,10 @@ from playwright.async_api import Browser, Page
 from deploy.launched import Launched, launched
 from deploy.processes import metric_values
 from deploy.waiting import poll
-from loadtest.browser import chromium, dominant_frequency_hz, recorded_audio
-from loadtest.voice_audio import Speaker, hear, silence_pcm, tone_pcm, voiced, write_wav
+from loadtest.browser import MIC_JS, chromium, dominant_frequency_hz, recorded_audio
+from loadtest.voice_audio import Speaker, hear, tone_pcm, voiced, write_wav
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 API_KEY = "vr-e2e-" + os.urandom(12).hex()
 INSTRUCTIONS = "Answer from the knowledge file, briefly."
 MOON_WORDS = {"moon", "earth", "days", "air", "weather", "kilometres", "thousand"}
@@ -51,28 +56,40 @@ def assert_stopped_cleanly(stack: Launched) -> None:
 def voice_stack() -> Iterator[Launched]:
     """`make run` with the voice pipeline, auth required (production mode)."""
     args = ["--agent", "pipeline", "--auth", "required"]
-    with launched(args, env={"TRANSCEIVER_API_KEY": API_KEY}) as stack:
+    # the fixed replies not spoken ahead as the transceiver starts (tests/test_speech_prewarm.py
+    # tests that): ~5 CPU-s, spent while the first call runs
+    env = {"TRANSCEIVER_API_KEY": API_KEY, "PIPELINE_SPEECH_PREWARM": "0"}
+    with launched(args, env=env) as stack:
         yield stack
     assert_stopped_cleanly(stack)
 
 
-@pytest.fixture(scope="module")
-def wavs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The fake microphone's recordings (question timing: see each test)."""
-    out = tmp_path_factory.mktemp("wavs")
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """What each test says into the microphone once its call is up, as base64 WAVs. The
+    barge-in: the second question 3.5 s after the first, while its answer plays; the first
+    2 s after session.created, about where 3 s of silence from connect put it when a file
+    fed the microphone (on a loaded machine the call's start slows its first turn)."""
+    out = tmp_path_factory.mktemp("clips")
+    async with Speaker() as speaker:
+        await speaker.wav(out / "moon.wav", [0.5, "Tell me about the moon."])
+        await speaker.wav(
+            out / "barge.wav", [2.0, "Tell me about the moon.", 3.5, "What time is it?"]
+        )
+    return {name: base64.b64encode((out / f"{name}.wav").read_bytes()).decode()
+            for name in ("moon", "barge")}  # fmt: skip
 
-    async def build() -> dict[str, Path]:
-        async with Speaker() as speaker:
-            await speaker.wav(out / "moon.wav", [3.0, "Tell me about the moon.", 14.0])
-            await speaker.wav(
-                out / "barge.wav",
-                [3.0, "Tell me about the moon.", 3.5, "What time is it?", 14.0],
-            )
-        return {name: out / f"{name}.wav" for name in ("moon", "barge")}
 
-    paths = asyncio.run(build())
-    paths["silence"] = write_wav(out / "silence.wav", silence_pcm(60.0))
-    return paths
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """One Chromium for the module (each start costs ~1 CPU-s); every page has its own context."""
+    async with chromium() as running:
+        yield running
+
+
+async def say(page: Page, clip_b64: str) -> None:
+    """Start playing a clip into the page's microphone (``MIC_JS``); returns at once."""
+    await page.evaluate("(clip) => { window.__testMic.say(clip); }", clip_b64)
 
 
 async def mint(stack: Launched, session: dict[str, Any] | None = None) -> str:
@@ -94,7 +111,7 @@ async def open_client(
     browser: Browser, url: str, init_script: str | None = None
 ) -> tuple[Page, list[str]]:
     """The web client loaded (``init_script`` run before its own scripts); its page errors."""
-    page = await browser.new_page()
+    page = await browser.new_page()  # in a context of its own (closing it closes the page)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     if init_script is not None:
@@ -104,20 +121,24 @@ async def open_client(
     return page, errors
 
 
-@pytest_asyncio.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def voice_page(
-    request: pytest.FixtureRequest, voice_stack: Launched, wavs: dict[str, Path]
+    request: pytest.FixtureRequest, voice_stack: Launched, browser: Browser, clips: dict[str, str]
 ) -> AsyncIterator[Page]:
-    """A connected page whose microphone plays ``wavs[request.param]`` (default: silence)."""
-    wav = wavs[getattr(request, "param", "silence")]
-    async with chromium(wav) as browser:
-        page, errors = await open_client(browser, voice_stack.url)
+    """A connected page; once its session is created its microphone plays
+    ``clips[request.param]`` (default: it stays silent)."""
+    page, errors = await open_client(browser, voice_stack.url, MIC_JS)
+    try:
         key = await mint(voice_stack)
         await page.evaluate("(key) => window.voicerelay.connect({key, record: true})", key)
         await wait_event(page, "e.type === 'session.created'", 10.0)
+        if hasattr(request, "param"):
+            await say(page, clips[request.param])
         yield page
         await page.evaluate("window.voicerelay.hangup()")
         assert errors == []
+    finally:
+        await page.context.close()
 
 
 async def wait_event(page: Page, predicate: str, timeout_s: float = TURN_TIMEOUT_S) -> Any:
@@ -177,19 +198,22 @@ def user_text(text: str) -> dict[str, Any]:
 
 
 async def test_make_run_echo_call_through_the_relay_hears_the_440_hz_tone(
-    tmp_path: Path,
+    browser: Browser, tmp_path: Path
 ) -> None:
     """Proves the browser path: page from the transceiver, media through the real relay."""
-    wav = write_wav(tmp_path / "tone.wav", tone_pcm(440.0, 6.0))
+    tone = write_wav(tmp_path / "tone.wav", tone_pcm(440.0, 6.0)).read_bytes()
     with launched(["--agent", "echo"]) as stack:
-        async with chromium(wav) as browser:
-            page, errors = await open_client(browser, stack.url)
+        page, errors = await open_client(browser, stack.url, MIC_JS)
+        try:
             await page.evaluate("window.voicerelay.connect({record: true})")
             assert await page.text_content("#state-connection") == "connected"
+            await say(page, base64.b64encode(tone).decode())
             await wait_recorded(page, 3.0, timeout_s=20.0)
             samples, rate_hz = await recorded_audio(page)
             await page.evaluate("window.voicerelay.hangup()")
             assert errors == []
+        finally:
+            await page.context.close()
     assert_stopped_cleanly(stack)
     heard = loud_part(samples, rate_hz)
     assert len(heard) > rate_hz, "less than a second of the tone came back"
