@@ -1,10 +1,11 @@
 """Transcript deltas joined on the data channel (``transceiver.realtime.delta_coalescing``).
 
 The rules on their own (pure), then over the real thing: an aiortc client calls a pipeline
-transceiver (offline providers, ``LoopbackRelay``) with the window on (the default, 50 ms) and
-off (0), and a sideband on the same call sees every event as it is sent. What the client's
-channel got is compared with what the sideband saw: the same events in the same order but for
-the deltas, whose joined text is the same and the ``.done`` transcript.
+transceiver (``LoopbackRelay``; pocketsphinx hears, the local OpenAI-compatible server writes
+the answer a word a chunk and speaks it) with the window on (the default, 50 ms) and off (0),
+and a sideband on the same call sees every event as it is sent. What the client's channel got
+is compared with what the sideband saw: the same events in the same order but for the deltas,
+whose joined text is the same and the ``.done`` transcript.
 """
 
 from __future__ import annotations
@@ -96,11 +97,17 @@ def test_an_input_transcription_delta_with_logprobs_is_never_joined() -> None:
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module", params=["50", "0"])
-async def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+async def transceiver(
+    request: pytest.FixtureRequest,
+    server: FakeOpenAIServer,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[tuple[str, PipelineTransceiver]]:
+    """A transceiver with the window at ``request.param`` ms, whose model and voice are the
+    local OpenAI-compatible server (which can hold its answer after the first chunk)."""
     window_ms: str = request.param
     env = {"TRANSCEIVER_REALTIME_DELTA_COALESCE_MS": window_ms}
+    env |= {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url + "/v1"}
+    env |= {"PIPELINE_STT": "pocketsphinx", "PIPELINE_LLM": "openai", "PIPELINE_TTS": "openai"}
     async with pipeline_transceiver(tmp_path_factory.mktemp("deltas"), env) as running:
         yield window_ms, running
 
@@ -197,11 +204,11 @@ def check_joined(window_ms: str, channel: list[Event], seen: list[Event]) -> Non
 @pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_voice_turn_s_deltas_heard_and_said_keep_their_text_and_order(
-    server: tuple[str, PipelineTransceiver], peer: RealtimeClient, question: bytes
+    transceiver: tuple[str, PipelineTransceiver], peer: RealtimeClient, question: bytes
 ) -> None:
     """A spoken question: the answer's transcript deltas joined (window on) or each as it came
     (off), every other event kept in its place, and the question's own deltas whole."""
-    window_ms, running = server
+    window_ms, running = transceiver
     channel, seen = await watched_turn(running, peer, lambda: peer.mic.say(question))
     check_joined(window_ms, channel, seen)
     (heard,) = [e for e in seen if e["type"] == HEARD_DONE]
@@ -209,35 +216,26 @@ async def test_a_voice_turn_s_deltas_heard_and_said_keep_their_text_and_order(
     assert partials in (None, heard["transcript"]), (partials, heard)
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def api_server(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[tuple[FakeOpenAIServer, PipelineTransceiver]]:
-    """A transceiver (the window on, by default) whose model is the local OpenAI-compatible
-    server, which can hold its answer after the first chunk."""
-    with FakeOpenAIServer() as fake:
-        env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": fake.base_url + "/v1"}
-        env |= {"PIPELINE_STT": "pocketsphinx", "PIPELINE_LLM": "openai", "PIPELINE_TTS": "openai"}
-        async with pipeline_transceiver(tmp_path_factory.mktemp("api"), env) as running:
-            yield fake, running
-
-
 @pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("transceiver", ["50"], indirect=True)  # the window on: the default
 async def test_a_held_delta_leaves_when_its_window_ends_while_the_model_pauses(
-    api_server: tuple[FakeOpenAIServer, PipelineTransceiver], peer: RealtimeClient
+    transceiver: tuple[str, PipelineTransceiver], server: FakeOpenAIServer, peer: RealtimeClient
 ) -> None:
-    fake, running = api_server
+    _, running = transceiver
     await call_id_of(running.base_url, peer)
-    await fake.control(hold=["chat"])  # the model says its first word, then waits
-    start = len(peer.events)
-    peer.send(user_text("Tell me about coffee."))
-    peer.send({"type": "response.create"})
-    first = await peer.wait_for(TRANSCRIPT, after=start, timeout_s=TURN_TIMEOUT_S)
-    assert first["delta"] == "You ", first
-    assert peer.types(peer.index(first)) == [TRANSCRIPT]  # no other event let it out
-    assert (await fake.stats())["finished"].get("chat", 0) == 0  # the answer was still held
-    await fake.release("chat")
+    finished = (await server.stats())["finished"].get("chat", 0)  # the module's calls before
+    await server.control(hold=["chat"])  # the model says its first word, then waits
+    try:
+        start = len(peer.events)
+        peer.send(user_text("Tell me about coffee."))
+        peer.send({"type": "response.create"})
+        first = await peer.wait_for(TRANSCRIPT, after=start, timeout_s=TURN_TIMEOUT_S)
+        assert first["delta"] == "You ", first
+        assert peer.types(peer.index(first)) == [TRANSCRIPT]  # no other event let it out
+        assert (await server.stats())["finished"].get("chat", 0) == finished  # still held
+    finally:
+        await server.release("chat")  # the module's other turns answer at once
     done = await peer.wait_for("response.output_audio_transcript.done", after=start)
     said = deltas_by_text(peer.events[start:])[(TRANSCRIPT, done["item_id"])]
     assert said == done["transcript"] and said.startswith("You said:"), said
