@@ -256,8 +256,9 @@ class LlamaCppLanguageModel:
         *,
         max_tokens: int = 0,
     ) -> AsyncGenerator[LanguageModelEvent, None]:
-        """The answer; a call of the tool whose knowledge the prompt already holds is dropped,
-        and when it was the only call, the model answers again without tools (it calls
+        """The answer; a call of the tool whose knowledge the prompt already holds is dropped
+        (taken once its name is written, its arguments never written: ``_events``), and when
+        it was the only call, the model answers again without tools (it calls
         lookup_knowledge for "what is twelve times twelve?", then gives up on "not found")."""
         if self._server is None:
             raise ProviderError(self.name, "not started", retryable=False)
@@ -301,7 +302,7 @@ class LlamaCppLanguageModel:
         try:
             await self._after_warm_up()
             running = answer.loop.run_in_executor(self._threads, self._run, request, answer)
-            async for event in _events(answer, tools):
+            async for event in _events(answer, tools, self._known_tools):
                 if answer.settled and isinstance(event, ToolCall):
                     self.settled_calls += 1
                 yield event
@@ -432,13 +433,16 @@ def _load_server(path: Path, config: LocalLlmConfig) -> Any:
 
 
 async def _events(
-    answer: _Answer, tools: Sequence[ToolSpec]
+    answer: _Answer, tools: Sequence[ToolSpec], dropped: frozenset[str] = frozenset()
 ) -> AsyncGenerator[LanguageModelEvent, None]:
     """The answer's chunks as our events: text (held while it may be a call), calls, usage.
     A call that its first tokens settle (``settled_call``) is taken at once and the rest of
     it is not written (its usage and prompt tokens are then not known: llama.cpp gives them
-    at the end)."""
-    tool_names, bare = [tool.name for tool in tools], bare_tools(tools)
+    at the end). Settled so too: a call of one of ``dropped``, the tools whose calls the
+    caller drops whatever their arguments (``generate``: lookup_knowledge's ~20 tokens are
+    not written when the knowledge is in the prompt)."""
+    tool_names = [tool.name for tool in tools]
+    bare = bare_tools(tools) | dropped.intersection(tool_names)
     gate = ToolCallGate(tools_offered=bool(tool_names))
     native = _NativeCalls()
     usage: Usage | None = None

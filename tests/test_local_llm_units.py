@@ -6,10 +6,12 @@ No model is loaded here (tests/test_local_llm.py loads the real one)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +22,7 @@ from pipeline.config import (
     default_llm_threads,
     usable_cores,
 )
-from pipeline.llama_llm import SPIN_COUNT, brief_openmp_spin, prompt_threads
+from pipeline.llama_llm import SPIN_COUNT, _Answer, _events, brief_openmp_spin, prompt_threads
 from pipeline.local_llm_chat import (
     ToolCallGate,
     bare_tools,
@@ -136,6 +138,50 @@ def test_a_call_of_a_tool_without_arguments_is_settled_once_its_name_is_written(
         assert settled_call(held, bare) is None, held
     for held in ('<tool_call>\n{"name": "current_time"', '{{"name": "current_time",'):
         assert settled_call(held, bare) is not None, held
+
+
+async def streamed(pieces: list[str], dropped: frozenset[str]) -> tuple[list[Any], bool]:
+    """The events ``pieces``, streamed as llama.cpp's chunks, become with the session's tools
+    offered and ``dropped`` the tools whose calls are dropped; and whether the stream was told
+    to stop."""
+    answer = _Answer(asyncio.get_running_loop())
+    for piece in pieces:
+        answer.queue.put_nowait({"choices": [{"delta": {"content": piece}}]})
+    answer.queue.put_nowait(None)
+    tools = [ToolSpec("current_time", ""), ToolSpec("lookup_knowledge", "", LOOKUP_PARAMETERS)]
+    return [event async for event in _events(answer, tools, dropped)], answer.stop.is_set()
+
+
+LOOKUP_PARAMETERS = {"type": "object", "properties": {"query": {"type": "string"}}}
+# as Qwen2.5-Coder writes a lookup, token by token (shortened)
+LOOKUP_WRITTEN = ["```", "json", "\n{\n", '  "', "name", '":', ' "', "lookup", "_knowledge", '",']
+LOOKUP_WRITTEN += [
+    '\n  "',
+    "arguments",
+    '":',
+    ' {"',
+    "query",
+    '":',
+    ' "',
+    "planets",
+    '"}\n}',
+    "\n```",
+]
+
+
+async def test_a_call_the_caller_drops_is_taken_once_its_name_is_written() -> None:
+    """lookup_knowledge, when its calls are dropped anyway (the knowledge is in the prompt): the
+    stream stops at the name's closing quote, its arguments never waited for; when they are
+    not, the whole call is read, arguments and all."""
+    events, stopped = await streamed(LOOKUP_WRITTEN, frozenset({"lookup_knowledge"}))
+    assert stopped and [(e.name, e.arguments) for e in events] == [("lookup_knowledge", "{}")]
+    events, stopped = await streamed(LOOKUP_WRITTEN, frozenset())
+    assert not stopped
+    assert [(e.name, json.loads(e.arguments)) for e in events] == [
+        ("lookup_knowledge", {"query": "planets"})
+    ]
+    events, stopped = await streamed(["The ", "answer ", "is ", "144."], frozenset(TOOLS))
+    assert not stopped and "".join(e.text for e in events) == "The answer is 144."
 
 
 def test_text_passes_the_gate_as_soon_as_it_cannot_be_a_call() -> None:
