@@ -75,6 +75,7 @@ def _options(parser: Any) -> None:
     group.add_argument("--lt-server-pids", default="", help="NAME:PID,... sampled from /proc")
     group.add_argument("--lt-server-metrics", default="", help="NAME=URL,... /metrics scraped")
     group.add_argument("--lt-fault", default="", help="what the driver will kill, for the report")
+    group.add_argument("--lt-no-figures", action="store_true", help="the report without PNGs")
 
 
 class _Worker:
@@ -274,6 +275,7 @@ def _on_init(environment: Environment, **_: Any) -> None:
             if name.startswith("lt_")
         },
         servers=parse_servers(options.lt_server_pids, options.lt_server_metrics),
+        figures=not options.lt_no_figures,
     )
     gevent.spawn(_sample_forever)
 

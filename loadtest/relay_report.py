@@ -80,8 +80,15 @@ class Window:
 
 
 class RelayReport:
-    def __init__(self, report_dir: Path, config: dict[str, Any], servers: list[Server]) -> None:
+    def __init__(
+        self,
+        report_dir: Path,
+        config: dict[str, Any],
+        servers: list[Server],
+        figures: bool = True,
+    ) -> None:
         self.report_dir = report_dir
+        self.figures = figures  # draw the PNG figures beside the report
         self.config = config
         self.servers = servers
         self.interval_s = INTERVAL_S
@@ -447,7 +454,8 @@ class RelayReport:
         report = self.build()
         path = self.report_dir / "report.json"
         path.write_text(json.dumps(report, indent=1))
-        figures.draw(report, self.report_dir)
+        if self.figures:
+            figures.draw(report, self.report_dir)
         text = figures.summary(report)
         (self.report_dir / "summary.txt").write_text(text + "\n")
         print(text, flush=True)

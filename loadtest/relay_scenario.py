@@ -78,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--server-pids", default="", help="NAME:PID,... to sample from /proc")
     p.add_argument("--server-metrics", default="", help="NAME=HOST:PORT,... /metrics to scrape")
     p.add_argument("--report-dir", type=Path, default=Path("loadtest-report/relay"))
+    p.add_argument(
+        "--no-figures", action="store_true", help="the JSON report and summary, no PNG figures"
+    )
     return p
 
 
@@ -114,6 +117,7 @@ def locust_command(
         *("--lt-consent-s", str(args.consent_s), "--lt-report-dir", str(args.report_dir)),
         *("--lt-server-pids", servers, "--lt-server-metrics", args.server_metrics),
         *("--lt-fault", args.fault),
+        *(["--lt-no-figures"] if args.no_figures else []),
     ]
 
 

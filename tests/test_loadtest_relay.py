@@ -330,7 +330,7 @@ def test_a_short_real_run_through_a_relay_on_a_locust_master_and_two_workers(
     report = run_relay_scenario(
         report_dir,
         *("--sessions", "300", "--canaries", "20", "--spawn-rate", "300", "--hold-s", "4"),
-        *("--consent-s", "1", "--processes", "2"),
+        *("--consent-s", "1", "--processes", "2", "--no-figures"),  # the fault run draws them
     )
     assert report["setup"]["attempted"] == report["setup"]["succeeded"] == 300
     assert report["peak_sessions"] == 300
@@ -347,6 +347,7 @@ def test_a_short_real_run_through_a_relay_on_a_locust_master_and_two_workers(
     assert stats["setup"]["Request Count"] == "300"
     assert stats["setup"]["Failure Count"] == "0"
     assert (report_dir / "locust.html").stat().st_size > 0
+    assert not list(report_dir.glob("*.png")) and (report_dir / "summary.txt").exists()
     assert report["config"]["payload_bytes"] >= MIN_PAYLOAD_BYTES
     assert report["relay_drops"] == {}  # the relay's own counters: nothing dropped
 
@@ -375,6 +376,8 @@ def test_killing_one_of_two_relays_moves_media_to_the_survivor_and_loses_nothing
     assert fault["lost_after"] == 0, fault
     assert report["media"]["packets_received"] > 0.9 * report["media"]["packets_sent"]
     assert set(report["relay_drops"]) <= {"unknown_address"}  # the survivor, before its lookup
+    for figure in ("sessions", "latency", "loss_jitter", "generator"):
+        assert (report_dir / f"{figure}.png").read_bytes().startswith(b"\x89PNG"), figure
     if fault["affected"]:
         assert fault["media_back_ms"]["max"] > 0
         assert (report_dir / "faults.png").exists()
