@@ -426,6 +426,7 @@ async def test_a_transceiver_is_ready_only_once_its_local_model_is_warm(tmp_path
     env["PIPELINE_LOCAL_LLM_THREADS"] = str(THREADS)
     env |= {
         "PIPELINE_STT": "pocketsphinx",
+        "PIPELINE_STT_WORKERS": "1",  # (one decoder process, not one per core: no call is made)
         "PIPELINE_TTS": "espeak",
         "PIPELINE_VAD_MODEL": "webrtc",
     }
