@@ -14,7 +14,9 @@
   the first RTP packet the client receives after the outage, and the new relay's ready line ->
   that packet.
 
-Each figure is the median (with min, max and every sample) of several runs. The processes are the
+Each figure is the median (with min, max and every sample) of several runs. ``--quick`` (the
+smoke test's) runs each once, asks "Tell me the time." (a shorter answer to hear out) and
+gives the killed relay one worker. The processes are the
 local deployment's launchers (``deploy.processes``, ``deploy.survival``): each started here, ended
 by PID; every wait has a deadline. Times are printed and returned, never asserted.
 
@@ -49,6 +51,8 @@ from loadtest.tones import ToneClient
 ROOT = Path(__file__).resolve().parents[1]
 RUNS, QUICK_RUNS = 5, 1
 QUESTION, RECALL_QUESTION = "Tell me about water.", "What did I just ask?"
+QUICK_QUESTION = "Tell me the time."  # --quick: the clock's answer, ~1.5 s of speech, not ~6 s
+RELAY_WORKERS, QUICK_RELAY_WORKERS = 2, 1  # the relay-kill relay's workers (--quick: 1)
 TONE_HZ = 440.0
 POLL_S = 0.005  # how often the client's frames and packet counters are looked at
 OUTAGE_GAP_S = 0.2  # packets stop for longer than this when the relay dies; a restart is slower
@@ -59,6 +63,20 @@ FRESH_FRAMES = 25  # 0.5 s of the tone after a recovery before the next run
 QUICK_FRESH_FRAMES = 10  # --quick: 0.2 s, still 5 Hz bins around the 440 Hz tone
 Progress = Callable[[str], None]
 Sample = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each figure runs: ``make bench``'s sizes, or ``QUICK`` (it runs, it measures
+    nothing: one run each, recoveries checked on fewer frames, a shorter answer, one worker)."""
+
+    runs: int = RUNS
+    fresh_frames: int = FRESH_FRAMES
+    question: str = QUESTION
+    relay_workers: int = RELAY_WORKERS
+
+
+QUICK = Sizes(QUICK_RUNS, QUICK_FRESH_FRAMES, QUICK_QUESTION, QUICK_RELAY_WORKERS)
 
 
 # --- pure: statistics and the two detectors ---------------------------------------------------
@@ -129,6 +147,7 @@ class Killed:
     session_id: str
     resume_token: str
     killed_at: float
+    question: str
 
 
 @asynccontextmanager
@@ -140,12 +159,14 @@ async def _realtime_clients(count: int) -> AsyncIterator[list[Any]]:
         await asyncio.gather(*(client.close() for client in clients))
 
 
-async def _talk_then_kill(survival: Any, http: httpx.AsyncClient, client: Any) -> Killed:
+async def _talk_then_kill(
+    survival: Any, http: httpx.AsyncClient, client: Any, question: str
+) -> Killed:
     """A session on transceiver A has asked its question, heard the answer and stored it; then
     A is SIGKILLed. The client stays open (a real client has not noticed yet)."""
     await client.connect(http, survival.stack.base_url(0))
     ids = (await client.wait_for("session.created"))["voicerelay"]
-    answer = await ask(client, QUESTION)
+    answer = await ask(client, question)
     await _eventually(FirstSound(client.heard).heard, ANSWER_TIMEOUT_S, "the first answer")
 
     def answer_stored(state: Any) -> bool:
@@ -156,7 +177,7 @@ async def _talk_then_kill(survival: Any, http: httpx.AsyncClient, client: Any) -
     killed_at = time.monotonic()
     transceiver.send_signal(signal.SIGKILL)
     await transceiver.exited(10)
-    return Killed(ids["session_id"], ids["resume_token"], killed_at)
+    return Killed(ids["session_id"], ids["resume_token"], killed_at, question)
 
 
 async def _resume_on_b(
@@ -177,7 +198,7 @@ async def _resume_on_b(
             FirstSound(client.heard).heard, ANSWER_TIMEOUT_S, "first audio after the resume"
         )
     marks = [killed.killed_at, offered_at, responses_at[-1], created_at, sounded_at]
-    return _resume_sample(marks), asking.result() == f"You asked: {QUESTION}"
+    return _resume_sample(marks), asking.result() == f"You asked: {killed.question}"
 
 
 def _resume_sample(marks: Sequence[float]) -> Sample:
@@ -197,7 +218,9 @@ async def _restart(process: Any, progress: Progress) -> None:
     progress(f"failover: {process.name} restarted, ready in {time.monotonic() - started:.1f} s")
 
 
-async def _transceiver_kill(runs: int, log_dir: Path, progress: Progress) -> dict[str, Any]:
+async def _transceiver_kill(
+    runs: int, log_dir: Path, progress: Progress, question: str = QUESTION
+) -> dict[str, Any]:
     samples, recalled = [], []
     responses_at: list[float] = []  # when each HTTP answer's headers arrived
 
@@ -213,7 +236,7 @@ async def _transceiver_kill(runs: int, log_dir: Path, progress: Progress) -> dic
             if run:
                 await _restart(survival.stack.transceivers[0], progress)
             async with _realtime_clients(2) as (first, second):
-                killed = await _talk_then_kill(survival, http, first)
+                killed = await _talk_then_kill(survival, http, first, question)
                 sample, ok = await _resume_on_b(survival, http, responses_at, second, killed)
             samples.append(sample)
             recalled.append(ok)
@@ -225,11 +248,13 @@ async def _transceiver_kill(runs: int, log_dir: Path, progress: Progress) -> dic
 
 
 @asynccontextmanager
-async def _echo_deployment(log_dir: Path) -> AsyncIterator[tuple[Any, Any]]:
-    """redis-server, then a relay (2 workers) in front of one echo transceiver that publishes
-    its client routes to Redis."""
+async def _echo_deployment(
+    log_dir: Path, workers: int = RELAY_WORKERS
+) -> AsyncIterator[tuple[Any, Any]]:
+    """redis-server, then a relay (``workers`` workers) in front of one echo transceiver that
+    publishes its client routes to Redis."""
     redis = await asyncio.to_thread(RedisServer(log_dir, "redis").start)
-    stack = Stack(log_dir, transceivers=1, workers=2, agent="echo")
+    stack = Stack(log_dir, transceivers=1, workers=workers, agent="echo")
     stack.transceivers[0].env["REDIS_URL"] = redis.url
     try:
         yield redis, await stack.start()
@@ -308,12 +333,11 @@ async def _route_cached(redis: Any) -> None:
         await _eventually(lambda: bool(client.keys("voicerelay:route:*")), 10, "a cached route")
 
 
-async def _relay_kill(
-    runs: int, log_dir: Path, progress: Progress, fresh_frames: int = FRESH_FRAMES
-) -> dict[str, Any]:
+async def _relay_kill(sizes: Sizes, log_dir: Path, progress: Progress) -> dict[str, Any]:
+    runs, fresh_frames = sizes.runs, sizes.fresh_frames
     samples: dict[str, list[Sample]] = {"hello": [], "cache": []}
     async with (
-        _echo_deployment(log_dir) as (redis, stack),
+        _echo_deployment(log_dir, sizes.relay_workers) as (redis, stack),
         _tone_session(stack, fresh_frames) as client,
     ):
         await _route_cached(redis)
@@ -352,17 +376,17 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-async def _bench(runs: int, progress: Progress, fresh_frames: int = FRESH_FRAMES) -> dict[str, Any]:
+async def _bench(sizes: Sizes, progress: Progress) -> dict[str, Any]:
+    runs = sizes.runs
     with tempfile.TemporaryDirectory(prefix="voicerelay-bench-failover-") as tmp:
         logs = [Path(tmp) / name for name in ("transceiver-kill", "relay-kill")]
         for log_dir in logs:
             log_dir.mkdir()
         progress(f"failover: transceiver kill -> first audio elsewhere, {runs} run(s)")
-        transceiver = await _scenario(
-            "transceiver kill", _transceiver_kill(runs, logs[0], progress), progress
-        )
+        transceiver_kill = _transceiver_kill(runs, logs[0], progress, sizes.question)
+        transceiver = await _scenario("transceiver kill", transceiver_kill, progress)
         progress(f"failover: relay kill -> media again, {runs} run(s) per recovery mode")
-        relay_kill = _relay_kill(runs, logs[1], progress, fresh_frames)
+        relay_kill = _relay_kill(sizes, logs[1], progress)
         relay = await _scenario("relay kill", relay_kill, progress)
     scenarios = {"transceiver_kill": transceiver}
     if "error" in relay:
@@ -373,11 +397,8 @@ async def _bench(runs: int, progress: Progress, fresh_frames: int = FRESH_FRAMES
 
 
 def run_failover_bench(quick: bool = False, progress: Progress | None = None) -> dict[str, Any]:
-    """The two failover figures, each over RUNS runs (QUICK_RUNS with ``quick``, each
-    recovery then checked on QUICK_FRESH_FRAMES of the tone)."""
-    if quick:
-        return asyncio.run(_bench(QUICK_RUNS, progress or print, QUICK_FRESH_FRAMES))
-    return asyncio.run(_bench(RUNS, progress or print))
+    """The two failover figures, each over RUNS runs (with ``quick``, at the ``QUICK`` sizes)."""
+    return asyncio.run(_bench(QUICK if quick else Sizes(), progress or print))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -388,10 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=RUNS, help="runs per figure")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_RUNS} run per figure")
     args = parser.parse_args(argv)
-    runs, fresh_frames = (
-        (QUICK_RUNS, QUICK_FRESH_FRAMES) if args.quick else (args.runs, FRESH_FRAMES)
-    )
-    print("\n" + failover_text(asyncio.run(_bench(runs, Stamped(), fresh_frames))))
+    sizes = QUICK if args.quick else Sizes(runs=args.runs)
+    print("\n" + failover_text(asyncio.run(_bench(sizes, Stamped()))))
     return 0
 
 
