@@ -30,7 +30,7 @@ from loadtest.voice_calls import Metronome, VoiceCall, spoken_questions
 
 pytestmark = pytest.mark.slow
 EVENTS = "transceiver_lean_media_events_total"
-QUESTIONS = ("Tell me about coffee.", "When does the library open?")
+QUESTIONS = ("Tell me about coffee.", "Tell me about water.")  # the shortest answers: 5.7, 4.9 s
 
 
 def speech_marks(call: VoiceCall) -> list[dict[str, Any]]:
@@ -67,7 +67,7 @@ async def test_a_caller_in_dtx_is_heard_in_real_time_and_answered(tmp_path: Path
             lean.close()
             metronome.close()
     assert "coffee" in re.findall(r"[a-z']+", first.heard.lower()), first
-    assert "library" in re.findall(r"[a-z']+", second.heard.lower()), second
+    assert "water" in re.findall(r"[a-z']+", second.heard.lower()), second
     assert first.answer and second.answer
     print(f"the transceiver's lean media: {events}; speech marks: {marks}")
     assert events["silence_fed"] > 0, events
