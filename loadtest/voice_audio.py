@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 import pipeline.wav
-from pipeline.config import PiperConfig
+from pipeline.config import PiperConfig, PocketsphinxConfig
 from pipeline.piper_tts import PiperTextToSpeech
 from pipeline.playout import PcmResampler
 from pipeline.pocketsphinx_stt import PocketsphinxSpeechToText
@@ -115,9 +115,12 @@ def voiced(
 
 
 async def hear(samples: np.ndarray[Any, Any], rate_hz: int) -> list[str]:
-    """The words pocketsphinx recognises in float samples (one utterance)."""
+    """The words pocketsphinx recognises in float samples (one utterance). The whole of it is
+    decoded at once, so its final transcript may take longer than a live turn's (the product's
+    10 s): an 8.4 s answer took 12.6 s to decode at a load of 7. The deadline grows with it."""
     pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
-    stt = PocketsphinxSpeechToText()
+    seconds = len(samples) / rate_hz
+    stt = PocketsphinxSpeechToText(PocketsphinxConfig(final_timeout_s=max(10.0, 6 * seconds)))
     await stt.start()
     try:
         finals = await recognised(stt, pcm, rate_hz)
