@@ -107,8 +107,7 @@ async def test_an_echo_call_costs_each_part_at_most_a_fifth_of_a_core(tmp_path: 
     assert_within_bound(used)
 
 
-@pytest.fixture
-async def question() -> bytes:
+async def spoken_question() -> bytes:
     """A spoken question, made before the call so the test's own piper costs nothing in it."""
     tts = PiperTextToSpeech(PiperConfig(noise_scale=0.0, noise_w_scale=0.0))
     await tts.start()
@@ -118,27 +117,30 @@ async def question() -> bytes:
         await tts.aclose()
 
 
-async def test_a_pipeline_call_costs_each_part_at_most_a_fifth_of_a_core(
-    tmp_path: Path, question: bytes
-) -> None:
-    async with (
-        running_stack(tmp_path, "pipeline") as stack,
-        connected(stack.base_url(0)) as client,
-    ):
-        # Ready: ``connected`` waited for session.created (DTLS and the data channel up), and
-        # the agent's media path is up once a first frame arrives. How often a silent agent
-        # sends is the media path's choice (aiortc: every 20 ms; lean: every 200 ms).
-        await client.wait_for("session.created")
-        await eventually(lambda: len(client.heard) >= 1, MEDIA_TIMEOUT_S, "the agent's audio")
-        # the default speech-to-text (Moonshine) decodes on threads of the transceiver itself;
-        # pocketsphinx's decoder processes would be counted as its descendants
-        asked = len(client.events)
+async def test_a_pipeline_call_costs_each_part_at_most_a_fifth_of_a_core(tmp_path: Path) -> None:
+    # the question is spoken while the stack starts: piper on threads of this process, the
+    # stack in processes of its own, which the test waits for anyway
+    async with asyncio.TaskGroup() as tasks:
+        speaking = tasks.create_task(spoken_question())
+        async with (
+            running_stack(tmp_path, "pipeline") as stack,
+            connected(stack.base_url(0)) as client,
+        ):
+            question = await speaking
+            # Ready: ``connected`` waited for session.created (DTLS and the data channel up),
+            # and the agent's media path is up once a first frame arrives. How often a silent
+            # agent sends is the media path's choice (aiortc: every 20 ms; lean: every 200 ms).
+            await client.wait_for("session.created")
+            await eventually(lambda: len(client.heard) >= 1, MEDIA_TIMEOUT_S, "the agent's audio")
+            # the default speech-to-text (Moonshine) decodes on threads of the transceiver
+            # itself; pocketsphinx's decoder processes would be counted as its descendants
+            asked = len(client.events)
 
-        async def ask() -> None:
-            client.mic.say(question)
-            await client.wait_for("output_audio_buffer.started", after=asked)
+            async def ask() -> None:
+                client.mic.say(question)
+                await client.wait_for("output_audio_buffer.started", after=asked)
 
-        used = await measured(stack, ask)  # asked, recognised, answered within the window
+            used = await measured(stack, ask)  # asked, recognised, answered within the window
     heard = await client.wait_for("conversation.item.input_audio_transcription.completed")
     assert "coffee" in re.findall(r"[a-z']+", heard["transcript"].lower()), heard
     assert_within_bound(used)
