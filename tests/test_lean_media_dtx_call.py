@@ -30,7 +30,8 @@ from loadtest.voice_calls import Metronome, VoiceCall, spoken_questions
 
 pytestmark = pytest.mark.slow
 EVENTS = "transceiver_lean_media_events_total"
-QUESTIONS = ("Tell me about coffee.", "Tell me about water.")  # the shortest answers: 5.7, 4.9 s
+# the shortest answers: the clock's (~1.5 s, "It is ten past three.") and water's (4.9 s)
+QUESTIONS = ("What time is it?", "Tell me about water.")
 
 
 def speech_marks(call: VoiceCall) -> list[dict[str, Any]]:
@@ -66,7 +67,7 @@ async def test_a_caller_in_dtx_is_heard_in_real_time_and_answered(tmp_path: Path
             await call.close()
             lean.close()
             metronome.close()
-    assert "coffee" in re.findall(r"[a-z']+", first.heard.lower()), first
+    assert "time" in re.findall(r"[a-z']+", first.heard.lower()), first
     assert "water" in re.findall(r"[a-z']+", second.heard.lower()), second
     assert first.answer and second.answer
     print(f"the transceiver's lean media: {events}; speech marks: {marks}")
