@@ -382,6 +382,18 @@ class Stack:
 
             await poll(keyed, lambda counts: min(counts) >= self.workers, timeout_s, unkeyed, 0.05)
 
+    async def heal(self, ready_timeout_s: float = 20.0) -> Stack:
+        """The stack made whole again after a step killed part of it (tests sharing one stack):
+        each dead transceiver and a dead relay started again in its place (same ports, same
+        keys), then every transceiver keyed by every relay worker."""
+        for process in self.transceivers:
+            if not process.alive():
+                await process.start().ready(ready_timeout_s)
+        if not self.relay.alive():
+            await self.restart_relay()
+        await self.keyed()
+        return self
+
     async def restart_relay(self, **flags: Any) -> Process:
         """Start a fresh relay on the same public and HTTP ports (extra relay ``flags``)."""
         self.relay = self._relay(**flags)

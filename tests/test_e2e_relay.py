@@ -50,13 +50,7 @@ async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Sta
 async def stack(running: Stack) -> Stack:
     """The module's stack made whole for each test: a transceiver or relay an earlier test
     killed is started again (same ports, same keys) and every worker keys every transceiver."""
-    for process in running.transceivers:
-        if not process.alive():
-            await process.start().ready()
-    if not running.relay.alive():
-        await running.restart_relay()
-    await running.keyed()
-    return running
+    return await running.heal()
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -86,17 +86,10 @@ async def survival(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Su
         yield running
 
 
-async def all_running(survival: Survival) -> None:
-    """Transceivers killed by the tests before (in any order) started again in their place."""
-    for process in survival.stack.transceivers:
-        if not process.alive():
-            await process.start().ready(timeout_s=90)
-
-
 async def test_a_session_taken_over_hangs_up_the_old_connection_and_replays_the_items(
     survival: Survival,
 ) -> None:
-    await all_running(survival)
+    await survival.stack.heal(ready_timeout_s=90)
     first, second = RealtimeClient(), RealtimeClient()
     try:
         async with httpx.AsyncClient(timeout=30) as http:
@@ -162,7 +155,7 @@ async def test_a_session_resumed_on_its_own_transceiver_outlives_its_old_connect
     transceiver that already holds the session: the old connection is told and hung up as after
     a take-over, and its late hang-up leaves the session now live there alone (its lease still
     renewed, its writes stored)."""
-    await all_running(survival)
+    await survival.stack.heal(ready_timeout_s=90)
     first, second = RealtimeClient(), RealtimeClient()
     base = survival.stack.base_url(0)
     try:
@@ -194,7 +187,7 @@ async def test_a_late_hang_up_of_the_old_connection_does_not_end_a_moved_session
     """The old connection's hang-up reaches its transceiver after the session moved on (before
     or after that transceiver noticed): the store refuses the old token's end, and the session
     goes on where it is now."""
-    await all_running(survival)
+    await survival.stack.heal(ready_timeout_s=90)
     first, second = RealtimeClient(), RealtimeClient()
     old, new = survival.stack.base_url(0), survival.stack.base_url(1)
     try:
@@ -239,7 +232,7 @@ async def let_go(process: Process, session_id: str) -> None:
 async def test_a_killed_transceivers_session_resumes_elsewhere_with_its_conversation(
     survival: Survival,
 ) -> None:
-    await all_running(survival)
+    await survival.stack.heal(ready_timeout_s=90)
     first, second = RealtimeClient(), RealtimeClient()
     try:
         async with httpx.AsyncClient(timeout=30) as http:
@@ -278,7 +271,7 @@ async def test_a_killed_transceivers_session_resumes_elsewhere_with_its_conversa
 async def test_resume_without_or_with_a_wrong_token_is_refused_and_the_session_untouched(
     survival: Survival,
 ) -> None:
-    await all_running(survival)
+    await survival.stack.heal(ready_timeout_s=90)
     owner = RealtimeClient()
     stranger = RealtimeClient()
     try:
@@ -312,7 +305,7 @@ async def test_resume_without_or_with_a_wrong_token_is_refused_and_the_session_u
 
 async def test_conversation_edits_survive_a_kill_and_resume_elsewhere(survival: Survival) -> None:
     stack = survival.stack
-    await all_running(survival)
+    await survival.stack.heal(ready_timeout_s=90)
     first, second = RealtimeClient(), RealtimeClient()
     try:
         async with httpx.AsyncClient(timeout=30) as http:
@@ -374,7 +367,7 @@ async def test_a_transcription_session_resumes_elsewhere_as_one_and_only_as_one(
     survival: Survival,
 ) -> None:
     stack = survival.stack
-    await all_running(survival)
+    await survival.stack.heal(ready_timeout_s=90)
     sdk = openai.AsyncOpenAI(api_key="unused", base_url=stack.base_url(0) + "/v1", max_retries=0)
     secret = (await sdk.realtime.client_secrets.create(session=TRANSCRIPTION)).value  # type: ignore[arg-type]
     bearer = {"Authorization": f"Bearer {secret}"}
