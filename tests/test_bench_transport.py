@@ -6,8 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from loadtest import bench_bargein, bench_transport, figures
 from loadtest.bench_e2e import decision_table, e2e_report
+from loadtest.voice_audio import WAV_RATE_HZ, Speaker
+from pipeline.knowledge import load_knowledge
 
 SERVER = {"response": "resp_1", "queued_wait_ms": 12.0, "quiet_lead_ms": 40.0}
 
@@ -87,6 +91,38 @@ def test_the_interruptions_own_answer_is_not_counted_as_the_old_ones() -> None:
     assert found["onset_to_stopped_ms"] == 80.0 and found["drain_ms"] == 35.0
     # without the page's stamp, the old bound (1.2 s after the onset) would take both
     assert bench_bargein.answer_stopped_ms(remote, 1_006_000.0) == 1_009_500.0
+
+
+def spoken_spans_ms(pcm: bytes, rate_hz: int, gap_ms: int = 100) -> list[tuple[int, int]]:
+    """Where 16-bit speech is audible, ms: 20 ms blocks above a quiet level, gaps under
+    ``gap_ms`` (stops inside a word) closed."""
+    block = rate_hz // 50
+    samples = np.frombuffer(pcm, np.int16).astype(np.float64)
+    blocks = samples[: len(samples) // block * block].reshape(-1, block)
+    loud = np.sqrt(np.mean(blocks**2, axis=1)) > 300
+    spans: list[tuple[int, int]] = []
+    for index in np.flatnonzero(loud):
+        start_ms = int(index) * 20
+        if spans and start_ms - spans[-1][1] < gap_ms:
+            spans[-1] = (spans[-1][0], start_ms + 20)
+        else:
+            spans.append((start_ms, start_ms + 20))
+    return spans
+
+
+async def test_the_interruption_falls_inside_a_sentence_of_the_long_answer() -> None:
+    """The barge-in call speaks over the knowledge file's long answer ``BARGE_AFTER_S`` after
+    its question: that moment must be inside a spoken sentence, not a pause between two, for an
+    answer that starts 0.1-1.5 s after the question (an onset in a pause has nothing audible
+    to stop and is not counted; at 6.0 s the aiortc path counted 0 of 3)."""
+    entry = load_knowledge().search(bench_bargein.LONG_QUESTION)
+    assert entry is not None
+    async with Speaker() as speaker:
+        spans = spoken_spans_ms(await speaker.speak(entry.answer), WAV_RATE_HZ)
+    assert len(spans) >= 3  # its three sentences, with pauses between them
+    for started_ms in range(100, 1501, 50):
+        onset_ms = bench_bargein.BARGE_AFTER_S * 1000 - started_ms
+        assert any(start + 150 <= onset_ms <= end - 150 for start, end in spans), started_ms
 
 
 def test_the_report_draws_a_stage_stack_per_turn(tmp_path: Path) -> None:
