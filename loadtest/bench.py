@@ -27,6 +27,7 @@ from typing import Any
 
 from loadtest import report
 from loadtest.bench_relay import RelayBenchSettings, run_relay_bench
+from transceiver.config import DEFAULT_MEDIA_PATH
 
 # --quick (the smoke test's): every forwarder and path once, each as short as still measures
 QUICK = RelayBenchSettings(flood_s=0.3, repeats=1, clients=8, worker_counts=(1,), ping_rounds=50)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     e2e_paths: dict[str, Any] = {}
     if not args.quick:
         e2e_paths = run_optional(progress, "bench_e2e", "run_e2e_bench")
-        default = e2e_paths.get("aiortc", e2e_paths)  # the default media path, flat
+        default = e2e_paths.get(DEFAULT_MEDIA_PATH, e2e_paths)  # the default path's, flat
         results["e2e"] = {k: v for k, v in default.items() if not isinstance(v, dict)}
         results["e2e_by_media_path"] = e2e_paths
         # turn latency through a network namespace: 5 % loss, 40 +- 8 ms delay, a 300 ms outage

@@ -164,6 +164,9 @@ _SETTINGS: dict[str, tuple[str | None, str]] = {
 ENV_WEBHOOK_SECRET = ENV_PREFIX + "WEBHOOK_SECRET"
 
 
+DEFAULT_MEDIA_PATH = "lean"  # a call's audio once DTLS is up: "lean" or "aiortc" (README)
+
+
 class ConfigError(ValueError):
     """A setting that does not validate; the message names the variable."""
 
@@ -178,7 +181,7 @@ class TransceiverConfig:
     connect_timeout_s: float
     drain_timeout_s: float
     agent: str
-    media_path: str = "lean"
+    media_path: str = DEFAULT_MEDIA_PATH
     caller_dtx: bool = True  # lean path only (transceiver.webrtc.sdp.opus_fmtp)
     survival: SurvivalPolicy = field(default_factory=SurvivalPolicy)
     link_policy: LinkPolicy = field(default_factory=LinkPolicy)
@@ -222,7 +225,7 @@ class TransceiverConfig:
             connect_timeout_s=_number(values, "connect_timeout_s", float, minimum=0.1),
             drain_timeout_s=_number(values, "drain_timeout_s", float, minimum=0.0),
             agent=_agent(_required(values, "agent")),
-            media_path=_media_path(values.get("media_path") or "lean"),
+            media_path=_media_path(values.get("media_path") or DEFAULT_MEDIA_PATH),
             caller_dtx=_switch(values, "caller_dtx"),
             survival=_survival(values),
             link_policy=_link_policy(values),
