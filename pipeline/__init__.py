@@ -7,7 +7,8 @@ dataclasses). Imports nothing from ``relay`` or ``transceiver``.
 
 May import: (nothing of ours)
 Pure: providers, events, turns, chunker, pricing, knowledge, untrusted_json, native_threads,
-    config, local_llm_chat, context_window, pinned_bytes, streamed_json, event_stream, http1
+    config, local_llm_chat, context_window, pinned_bytes, streamed_json, event_stream, http1,
+    clock_words
 """
 
 from pipeline.native_threads import pin_native_threads
