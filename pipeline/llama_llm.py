@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import LocalLlmConfig, usable_cores
+from pipeline.local_agent import reply_pieces
 from pipeline.local_llm_chat import (
     ToolCallGate,
     bare_tools,
@@ -49,6 +50,7 @@ from pipeline.local_llm_chat import (
     recent_history,
     settled_call,
     system_prompt,
+    time_answer,
     time_call,
 )
 from pipeline.local_llm_file import cached_model, default_cache_dir
@@ -149,6 +151,7 @@ class LlamaCppLanguageModel:
         self.header_reads = 0  # next turns' headers read after an answer (_read_next_header)
         self.last_warm_tokens = PromptTokens()  # how the last finished warm-up read its prompt
         self.settled_calls = 0  # calls taken before the model finished writing them
+        self.time_answers = 0  # time turns worded from the tool's result, not by the model
 
     async def start(self) -> None:
         path = self._model_path
@@ -259,13 +262,21 @@ class LlamaCppLanguageModel:
         """The answer; a call of the tool whose knowledge the prompt already holds is dropped
         (taken once its name is written, its arguments never written: ``_events``), and when
         it was the only call, the model answers again without tools (it calls
-        lookup_knowledge for "what is twelve times twelve?", then gives up on "not found")."""
+        lookup_knowledge for "what is twelve times twelve?", then gives up on "not found").
+        A turn asking the time is given the call (``time_call``) and, its result in, the answer
+        worded from it (``time_answer``), neither written by the model."""
         if self._server is None:
             raise ProviderError(self.name, "not started", retryable=False)
         if isinstance(choice, ForcedTool):  # llama.cpp takes no named tool: offer it alone
             tools = [tool for tool in tools if tool.name == choice.name]
         if call := time_call(messages, [tool.name for tool in tools]):
             yield call  # asked the time: the call the model should write, without it
+            return
+        if answer := time_answer(messages):  # and its result in: worded without the model
+            self.time_answers += 1
+            for piece in reply_pieces(answer):
+                yield TextDelta(piece)
+            self._read_next_header(messages, tools, answer)
             return
         limit = max_tokens or self.config.max_tokens
         dropped = called = False

@@ -31,6 +31,7 @@ from pipeline.local_llm_chat import (
     recent_history,
     settled_call,
     system_prompt,
+    time_answer,
     time_call,
 )
 from pipeline.local_llm_file import (
@@ -453,6 +454,56 @@ def test_a_turn_asking_the_time_calls_current_time_when_it_is_offered() -> None:
     answered = [*asked, Message("tool", '{"time": "09:00"}', tool_call_id="c1")]
     assert time_call(answered, offered) is None  # its result is in: the model words it
     assert time_call([Message("system", "What time is it?")], offered) is None
+
+
+def time_turn(question: str, result: str, extra: tuple[Message, ...] = ()) -> list[Message]:
+    """A turn ``time_call`` took: the question, our call, and the tool's ``result``."""
+    call = ToolCall("c1", "current_time", "{}")
+    return [
+        *extra,
+        Message("user", question),
+        Message("assistant", "", tool_calls=(call,)),
+        Message("tool", result, tool_call_id="c1"),
+    ]
+
+
+OUR_RESULT = '{"time": "13:05", "date": "Monday 2 March 2026", "timezone": "UTC"}'
+
+
+def test_a_time_turn_is_answered_from_the_tools_result_by_what_it_asked() -> None:
+    asked = {
+        "What time is it?": "It is one oh five in the afternoon, UTC.",
+        "So, what's the time now?": "It is one oh five in the afternoon, UTC.",
+        "What year is it?": "It is 2026.",
+        "What month is it now?": "It is March 2026.",
+        "What's the date today?": "Today is Monday 2 March 2026.",
+        "What day is it?": "Today is Monday 2 March 2026.",
+        "So what's today?": "Today is Monday 2 March 2026.",
+    }
+    for question, answer in asked.items():
+        assert time_answer(time_turn(question, OUR_RESULT)) == answer, question
+    for question in ASKING_THE_TIME:
+        assert time_answer(time_turn(question, OUR_RESULT)) is not None, question
+
+
+def test_a_time_turn_is_left_to_the_model_where_a_fixed_answer_would_not_do() -> None:
+    assert time_answer([Message("user", "What time is it?")]) is None  # no result yet
+    instructed = (Message("system", "Always answer in French."),)
+    assert time_answer(time_turn("What time is it?", OUR_RESULT, instructed)) is None
+    assert time_answer(time_turn("What time is it in Tokyo?", OUR_RESULT)) is None
+    for words in ASKING_SOMETHING_ELSE:  # the model's own call of the tool
+        assert time_answer(time_turn(words, OUR_RESULT)) is None, words
+    for result in (
+        '{"hour": 13, "minute": 5}',  # a client's own tool: no date as ours says it
+        '{"time": "13:05", "date": "2026-03-02"}',
+        '{"time": "25:05", "date": "Monday 2 March 2026"}',
+        "not json",
+        '["13:05"]',
+    ):
+        assert time_answer(time_turn("What time is it?", result)) is None, result
+    looked_up = time_turn("What time is it?", OUR_RESULT)
+    looked_up[1] = Message("assistant", "", tool_calls=(ToolCall("c1", "lookup_knowledge", "{}"),))
+    assert time_answer(looked_up) is None
 
 
 def test_the_model_writes_on_half_the_cores_but_two_where_there_are_two() -> None:
