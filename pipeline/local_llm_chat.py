@@ -225,17 +225,16 @@ def time_call(messages: Sequence[Message], tools: Collection[str]) -> ToolCall |
 
 def time_answer(messages: Sequence[Message]) -> str | None:
     """The answer to a turn that asked the time (``time_call``'s words), worded from the
-    ``current_time`` result that ends ``messages``; None where the model should word it: the
+    ``current_time`` result that ends ``messages``: "It is nine oh five in the morning, UTC.",
+    "Today is Monday 2 March 2026.", "It is 2026."; None where the model should word it: the
     session has instructions of its own (a language, a persona), the question names a place
     ("what time is it in Tokyo?"), or the result is not in our tool's shape (a client's own
-    tool). "What year is it?" -> "It is 2026.", "what's the
-    date?" -> "Today is Monday 2 March 2026.", the time -> "It is nine oh five in the
-    morning, UTC."
+    tool).
 
-    The model read the call and its result (~70 tokens) before its first word, a time turn
-    the slowest of all (first token ~0.95 s after the turn on an AMD EPYC, 2-4 s on an Intel
-    Xeon), and then read the result out whole ("The current time is 06:09, it is a Monday 7
-    December 2026, and the timezone is UTC.")."""
+    The model read the call and its result (~70 tokens) before its first word, which made a
+    time turn the slowest of all (its first token ~0.95 s after the turn on an AMD EPYC, ~2 s
+    on an Intel Xeon), and then read the result out whole ("The current time is 06:09, it is
+    a Monday 7 December 2026, and the timezone is UTC.")."""
     if any(m.role == "system" and m.content.strip() for m in messages):
         return None
     if len(messages) < 3 or messages[-1].role != "tool":
@@ -258,15 +257,16 @@ def time_answer(messages: Sequence[Message]) -> str | None:
     if clock is None or len(words) != 4 or not re.fullmatch(r"\d{4}", words[3]):
         return None
     question = asked.content.lower()
+    zone = value.get("timezone")
+    zone_said = f", {zone}" if isinstance(zone, str) and zone.isalpha() and len(zone) < 8 else ""
+    time_said = f"It is {spoken_time(*clock)}{zone_said}"
     if re.search(r"\byear\b", question):
         return f"It is {words[3]}."
     if re.search(r"\bmonth\b", question):
         return f"It is {words[2]} {words[3]}."
     if re.search(r"\b(?:date|day|today)\b", question):
-        return f"Today is {date}."
-    zone = value.get("timezone")
-    zone_said = f", {zone}" if isinstance(zone, str) and zone.isalpha() and len(zone) < 8 else ""
-    return f"It is {spoken_time(*clock)}{zone_said}."
+        return f"{time_said}, {date}." if re.search(r"\btime\b", question) else f"Today is {date}."
+    return f"{time_said}."
 
 
 def parse_tool_calls(text: str, tool_names: Sequence[str]) -> list[ToolCall] | None:

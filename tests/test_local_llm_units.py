@@ -479,6 +479,9 @@ def test_a_time_turn_is_answered_from_the_tools_result_by_what_it_asked() -> Non
         "What's the date today?": "Today is Monday 2 March 2026.",
         "What day is it?": "Today is Monday 2 March 2026.",
         "So what's today?": "Today is Monday 2 March 2026.",
+        "What's the date and time?": (
+            "It is one oh five in the afternoon, UTC, Monday 2 March 2026."
+        ),
     }
     for question, answer in asked.items():
         assert time_answer(time_turn(question, OUR_RESULT)) == answer, question
