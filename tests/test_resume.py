@@ -86,126 +86,118 @@ async def survival(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Su
         yield running
 
 
-async def test_a_session_taken_over_hangs_up_the_old_connection_and_replays_the_items(
-    survival: Survival,
-) -> None:
+@pytest_asyncio.fixture(loop_scope="module")
+async def clients(survival: Survival) -> AsyncIterator[tuple[RealtimeClient, RealtimeClient]]:
+    """Two clients for a test, once an earlier test's kills are healed; closed after it."""
     await survival.stack.heal(ready_timeout_s=90)
     first, second = RealtimeClient(), RealtimeClient()
     try:
-        async with httpx.AsyncClient(timeout=30) as http:
-            ended_before = await taken_over(http, survival.stack.base_url(0))
-            session_id, token = await opened(first, http, survival.stack.base_url(0))
-            answer, _ = await answered_and_stored(
-                survival, first, session_id, "Tell me about water."
-            )
-
-            resumed = await resume(second, http, survival.stack.base_url(1), session_id, token)
-            assert resumed.status_code == 201, resumed.text
-            updated = await second.wait_for("session.updated")
-            await second.wait_for(
-                "conversation.item.done",
-                lambda e: e["item"].get("role") == "assistant",
-                after=second.index(updated),
-            )
-            assert acknowledged(second, second.index(updated)) == [
-                ("user", "Tell me about water."),
-                ("assistant", answer),
-            ]
-            kinds = [
-                e["item"]["type"] for e in second.events if e["type"] == "conversation.item.done"
-            ]
-            assert kinds == ["message", "function_call", "function_call_output", "message"]
-
-            taken = await first.wait_for(
-                "error",
-                lambda e: e["error"]["code"] == "session_taken_over",
-                timeout_s=HANG_UP_TIMEOUT_S,
-            )
-            assert taken["error"]["type"] == "invalid_request_error"
-            await eventually(
-                lambda: first.pc.connectionState in ("closed", "failed"),
-                HANG_UP_TIMEOUT_S,
-                "the old connection to be hung up",
-            )
-            # this session's end (the count is the process's: other tests' take-overs in it)
-            assert await taken_over(http, survival.stack.base_url(0)) == ended_before + 1
-
-            recall = await ask(second, "What did I just ask?")
-        assert recall == "You asked: Tell me about water.", recall
-        # The answer is stored after the question (its own write): wait for both.
-        state = await stored_until(
-            survival, session_id, lambda st: ("assistant", recall) in contents(st)
-        )
-        spoken = [(role, text) for role, text in contents(state) if role != "tool" and text]
-        assert spoken == [
-            ("user", "Tell me about water."),
-            ("assistant", answer),
-            ("user", "What did I just ask?"),
-            ("assistant", recall),
-        ]
+        yield first, second
     finally:
         await first.close()
         await second.close()
 
 
+async def test_a_session_taken_over_hangs_up_the_old_connection_and_replays_the_items(
+    survival: Survival,
+    clients: tuple[RealtimeClient, RealtimeClient],
+) -> None:
+    first, second = clients
+    async with httpx.AsyncClient(timeout=30) as http:
+        ended_before = await taken_over(http, survival.stack.base_url(0))
+        session_id, token = await opened(first, http, survival.stack.base_url(0))
+        answer, _ = await answered_and_stored(survival, first, session_id, "Tell me about water.")
+
+        resumed = await resume(second, http, survival.stack.base_url(1), session_id, token)
+        assert resumed.status_code == 201, resumed.text
+        updated = await second.wait_for("session.updated")
+        await second.wait_for(
+            "conversation.item.done",
+            lambda e: e["item"].get("role") == "assistant",
+            after=second.index(updated),
+        )
+        assert acknowledged(second, second.index(updated)) == [
+            ("user", "Tell me about water."),
+            ("assistant", answer),
+        ]
+        kinds = [e["item"]["type"] for e in second.events if e["type"] == "conversation.item.done"]
+        assert kinds == ["message", "function_call", "function_call_output", "message"]
+
+        taken = await first.wait_for(
+            "error",
+            lambda e: e["error"]["code"] == "session_taken_over",
+            timeout_s=HANG_UP_TIMEOUT_S,
+        )
+        assert taken["error"]["type"] == "invalid_request_error"
+        await eventually(
+            lambda: first.pc.connectionState in ("closed", "failed"),
+            HANG_UP_TIMEOUT_S,
+            "the old connection to be hung up",
+        )
+        # this session's end (the count is the process's: other tests' take-overs in it)
+        assert await taken_over(http, survival.stack.base_url(0)) == ended_before + 1
+
+        recall = await ask(second, "What did I just ask?")
+    assert recall == "You asked: Tell me about water.", recall
+    # The answer is stored after the question (its own write): wait for both.
+    state = await stored_until(
+        survival, session_id, lambda st: ("assistant", recall) in contents(st)
+    )
+    spoken = [(role, text) for role, text in contents(state) if role != "tool" and text]
+    assert spoken == [
+        ("user", "Tell me about water."),
+        ("assistant", answer),
+        ("user", "What did I just ask?"),
+        ("assistant", recall),
+    ]
+
+
 async def test_a_session_resumed_on_its_own_transceiver_outlives_its_old_connection(
     survival: Survival,
+    clients: tuple[RealtimeClient, RealtimeClient],
 ) -> None:
     """The client moves while its old connection is still up, and the resume lands on the
     transceiver that already holds the session: the old connection is told and hung up as after
     a take-over, and its late hang-up leaves the session now live there alone (its lease still
     renewed, its writes stored)."""
-    await survival.stack.heal(ready_timeout_s=90)
-    first, second = RealtimeClient(), RealtimeClient()
+    first, second = clients
     base = survival.stack.base_url(0)
-    try:
-        async with httpx.AsyncClient(timeout=30) as http:
-            created = await call(first, http, base)
-            session_id, token = created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
-            resumed = await resume(second, http, base, session_id, token)
-            assert resumed.status_code == 201, resumed.text
-            await first.wait_for(
-                "error",
-                lambda e: e["error"]["code"] == "session_taken_over",
-                timeout_s=HANG_UP_TIMEOUT_S,
-            )
-            stale = await http.delete(base + created.headers["Location"])
-            assert stale.status_code in (204, 404), stale.text  # 404: already hung up
-            assert await leases(http, base) == 1.0  # the live session's, still renewed
-            _, state = await answered_and_stored(
-                survival, second, session_id, "Tell me about water."
-            )
-        assert state.token == 2
-    finally:
-        await first.close()
-        await second.close()
+    async with httpx.AsyncClient(timeout=30) as http:
+        created = await call(first, http, base)
+        session_id, token = created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
+        resumed = await resume(second, http, base, session_id, token)
+        assert resumed.status_code == 201, resumed.text
+        await first.wait_for(
+            "error",
+            lambda e: e["error"]["code"] == "session_taken_over",
+            timeout_s=HANG_UP_TIMEOUT_S,
+        )
+        stale = await http.delete(base + created.headers["Location"])
+        assert stale.status_code in (204, 404), stale.text  # 404: already hung up
+        assert await leases(http, base) == 1.0  # the live session's, still renewed
+        _, state = await answered_and_stored(survival, second, session_id, "Tell me about water.")
+    assert state.token == 2
 
 
 async def test_a_late_hang_up_of_the_old_connection_does_not_end_a_moved_session(
     survival: Survival,
+    clients: tuple[RealtimeClient, RealtimeClient],
 ) -> None:
     """The old connection's hang-up reaches its transceiver after the session moved on (before
     or after that transceiver noticed): the store refuses the old token's end, and the session
     goes on where it is now."""
-    await survival.stack.heal(ready_timeout_s=90)
-    first, second = RealtimeClient(), RealtimeClient()
+    first, second = clients
     old, new = survival.stack.base_url(0), survival.stack.base_url(1)
-    try:
-        async with httpx.AsyncClient(timeout=30) as http:
-            created = await call(first, http, old)
-            session_id, token = created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
-            resumed = await resume(second, http, new, session_id, token)
-            assert resumed.status_code == 201, resumed.text
-            stale = await http.delete(old + created.headers["Location"])
-            assert stale.status_code in (204, 404), stale.text  # 404: already hung up
-            await let_go(survival.stack.transceivers[0], session_id)
-            _, state = await answered_and_stored(
-                survival, second, session_id, "Tell me about water."
-            )
-        assert state.token == 2
-    finally:
-        await first.close()
-        await second.close()
+    async with httpx.AsyncClient(timeout=30) as http:
+        created = await call(first, http, old)
+        session_id, token = created.headers[SESSION_HEADER], created.headers[TOKEN_HEADER]
+        resumed = await resume(second, http, new, session_id, token)
+        assert resumed.status_code == 201, resumed.text
+        stale = await http.delete(old + created.headers["Location"])
+        assert stale.status_code in (204, 404), stale.text  # 404: already hung up
+        await let_go(survival.stack.transceivers[0], session_id)
+        _, state = await answered_and_stored(survival, second, session_id, "Tell me about water.")
+    assert state.token == 2
 
 
 async def leases(http: httpx.AsyncClient, base_url: str) -> float:
@@ -231,41 +223,37 @@ async def let_go(process: Process, session_id: str) -> None:
 
 async def test_a_killed_transceivers_session_resumes_elsewhere_with_its_conversation(
     survival: Survival,
+    clients: tuple[RealtimeClient, RealtimeClient],
 ) -> None:
-    await survival.stack.heal(ready_timeout_s=90)
-    first, second = RealtimeClient(), RealtimeClient()
-    try:
-        async with httpx.AsyncClient(timeout=30) as http:
-            session_id, token = await opened(first, http, survival.stack.base_url(0))
-            hello = await first.wait_for("session.created")
-            assert hello["voicerelay"] == {"session_id": session_id, "resume_token": token}
-            answer = await ask(first, "Tell me about water.")
-            assert answer.startswith("Water covers"), answer
+    first, second = clients
+    async with httpx.AsyncClient(timeout=30) as http:
+        session_id, token = await opened(first, http, survival.stack.base_url(0))
+        hello = await first.wait_for("session.created")
+        assert hello["voicerelay"] == {"session_id": session_id, "resume_token": token}
+        answer = await ask(first, "Tell me about water.")
+        assert answer.startswith("Water covers"), answer
 
-            state = await stored_until(
-                survival, session_id, lambda st: ("assistant", answer) in contents(st)
-            )
-            before = contents(state)
+        state = await stored_until(
+            survival, session_id, lambda st: ("assistant", answer) in contents(st)
+        )
+        before = contents(state)
 
-            killed_at = time.monotonic()
-            survival.stack.transceivers[0].send_signal(signal.SIGKILL)
-            await survival.stack.transceivers[0].exited(10)
-            resumed = await resume(second, http, survival.stack.base_url(1), session_id, token)
-            assert resumed.status_code == 201, resumed.text
-            assert resumed.headers[SESSION_HEADER] == session_id
-            await second.wait_for("session.updated")
-            recall = await ask(second, "What did I just ask?")
-            await eventually(lambda: audible(second), 30, "the resumed session's first audio")
-            print(f"\ntransceiver kill to first audio on the new one: "
-                  f"{(time.monotonic() - killed_at) * 1000:.0f} ms")  # fmt: skip
-        assert recall == "You asked: Tell me about water.", recall
-        after = await stored(survival, session_id)
-        assert contents(after)[: len(before)] == before  # no committed item lost
-        assert ("user", "What did I just ask?") in contents(after)
-        assert after.owner_id != state.owner_id and after.token > state.token
-    finally:
-        await first.close()
-        await second.close()
+        killed_at = time.monotonic()
+        survival.stack.transceivers[0].send_signal(signal.SIGKILL)
+        await survival.stack.transceivers[0].exited(10)
+        resumed = await resume(second, http, survival.stack.base_url(1), session_id, token)
+        assert resumed.status_code == 201, resumed.text
+        assert resumed.headers[SESSION_HEADER] == session_id
+        await second.wait_for("session.updated")
+        recall = await ask(second, "What did I just ask?")
+        await eventually(lambda: audible(second), 30, "the resumed session's first audio")
+        print(f"\ntransceiver kill to first audio on the new one: "
+              f"{(time.monotonic() - killed_at) * 1000:.0f} ms")  # fmt: skip
+    assert recall == "You asked: Tell me about water.", recall
+    after = await stored(survival, session_id)
+    assert contents(after)[: len(before)] == before  # no committed item lost
+    assert ("user", "What did I just ask?") in contents(after)
+    assert after.owner_id != state.owner_id and after.token > state.token
 
 
 async def test_resume_without_or_with_a_wrong_token_is_refused_and_the_session_untouched(
@@ -303,33 +291,30 @@ async def test_resume_without_or_with_a_wrong_token_is_refused_and_the_session_u
         await stranger.close()
 
 
-async def test_conversation_edits_survive_a_kill_and_resume_elsewhere(survival: Survival) -> None:
+async def test_conversation_edits_survive_a_kill_and_resume_elsewhere(
+    survival: Survival, clients: tuple[RealtimeClient, RealtimeClient]
+) -> None:
     stack = survival.stack
-    await survival.stack.heal(ready_timeout_s=90)
-    first, second = RealtimeClient(), RealtimeClient()
-    try:
-        async with httpx.AsyncClient(timeout=30) as http:
-            session_id, token = await opened(first, http, stack.base_url(1))
-            answer, full = await answered_and_played(first, "Tell me about water.")
-            cut = await edited(first, answer)
-            moon = ("user", "Tell me about the moon.")
-            state = await stored_until(
-                survival, session_id, lambda st: ("assistant", cut) in contents(st)
-            )
-            assert moon not in contents(state) and ("assistant", full) not in contents(state)
+    first, second = clients
+    async with httpx.AsyncClient(timeout=30) as http:
+        session_id, token = await opened(first, http, stack.base_url(1))
+        answer, full = await answered_and_played(first, "Tell me about water.")
+        cut = await edited(first, answer)
+        moon = ("user", "Tell me about the moon.")
+        state = await stored_until(
+            survival, session_id, lambda st: ("assistant", cut) in contents(st)
+        )
+        assert moon not in contents(state) and ("assistant", full) not in contents(state)
 
-            stack.transceivers[1].send_signal(signal.SIGKILL)
-            await stack.transceivers[1].exited(10)
-            resumed = await resume(second, http, stack.base_url(0), session_id, token)
-            assert resumed.status_code == 201, resumed.text
-            await second.wait_for("session.updated")
-            recall = await ask(second, "What did I just ask?")
-            told = acknowledged(second)  # the stored conversation came before the answer
-        assert ("assistant", cut) in told and moon not in told, told  # the edited conversation
-        assert recall == "You asked: Tell me about water.", recall  # not the deleted question
-    finally:
-        await first.close()
-        await second.close()
+        stack.transceivers[1].send_signal(signal.SIGKILL)
+        await stack.transceivers[1].exited(10)
+        resumed = await resume(second, http, stack.base_url(0), session_id, token)
+        assert resumed.status_code == 201, resumed.text
+        await second.wait_for("session.updated")
+        recall = await ask(second, "What did I just ask?")
+        told = acknowledged(second)  # the stored conversation came before the answer
+    assert ("assistant", cut) in told and moon not in told, told  # the edited conversation
+    assert recall == "You asked: Tell me about water.", recall  # not the deleted question
 
 
 async def answered_and_played(client: RealtimeClient, words: str) -> tuple[Item, str]:
