@@ -235,9 +235,9 @@ def time_answer(messages: Sequence[Message]) -> str | None:
     time turn the slowest of all (its first token ~0.95 s after the turn on an AMD EPYC, ~2 s
     on an Intel Xeon), and then read the result out whole ("The current time is 06:09, it is
     a Monday 7 December 2026, and the timezone is UTC.")."""
-    if any(m.role == "system" and m.content.strip() for m in messages):
+    if len(messages) < 3 or messages[-1].role != "tool":  # (every answer asks: this first)
         return None
-    if len(messages) < 3 or messages[-1].role != "tool":
+    if any(m.role == "system" and m.content.strip() for m in messages):
         return None
     result, call, asked = messages[-1], messages[-2], messages[-3]
     calls = {c.call_id: c.name for c in call.tool_calls}
